@@ -1,0 +1,83 @@
+"""The device seam: every attention implementation speaks this interface.
+
+A step's batch is flat: `T` tokens from `S` sequences laid end to end, no padding. Sequence
+`i` owns query rows `query_start_loc[i] : query_start_loc[i + 1]`; those rows are its tokens at
+positions `seq_lens[i] - query_len_i ... seq_lens[i] - 1` (everything before them is already in
+the paged cache). A decode is simply a sequence with query length 1; a (chunked) prefill has
+more. Attention is causal within each sequence and never crosses sequences.
+
+KV cache layout, one tensor per layer: `[2, num_blocks, block_size, num_kv_heads, head_dim]`
+(index 0 = K, 1 = V). Token `j` of sequence `i` lives in block `block_tables[i, j // block_size]`
+at offset `j % block_size`; its flat slot is `block * block_size + offset`. A slot of -1 in
+`slot_mapping` means "do not write" (used to pad CUDA-graph batches).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class AttentionMetadata:
+    """Built once per step by the model runner; read by every layer."""
+
+    # [S + 1] int32, device: prefix sums of query lengths.
+    query_start_loc: torch.Tensor
+    # [S] int32, device: context length of each sequence *including* this step's tokens.
+    seq_lens: torch.Tensor
+    # [S, max_blocks_per_seq] int32, device: padded with 0 past each sequence's last block.
+    block_tables: torch.Tensor
+    # [T] int64, device: cache slot for each new token (-1 = skip).
+    slot_mapping: torch.Tensor
+    max_query_len: int
+    max_seq_len: int
+    # Host copies so CPU-side code can loop without device syncs.
+    query_start_loc_cpu: list[int]
+    seq_lens_cpu: list[int]
+    block_size: int
+    # True when every sequence is a decode (query length 1): lets backends take a fast path.
+    is_pure_decode: bool = False
+    # Per-step scratch space a backend fills on the first layer and reuses on the others
+    # (index tensors, kernel launch plans). Keyed by backend name.
+    backend_cache: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_lens_cpu)
+
+
+class AttentionBackend(ABC):
+    """Computes causal attention for a flat batch and writes the new K/V into the cache."""
+
+    name: str = "base"
+
+    @abstractmethod
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, num_heads, head_dim]
+        k: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        v: torch.Tensor,  # [T, num_kv_heads, head_dim]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+        metadata: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> torch.Tensor:  # [T, num_heads, head_dim]
+        """Store k/v at `metadata.slot_mapping`, then attend each query over its sequence's
+        cached keys (positions <= its own; within `sliding_window` of it when set)."""
+
+
+def write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    """Scatter this step's K/V into their cache slots (PyTorch version; slot -1 skipped)."""
+    num_blocks, block_size = kv_cache.shape[1], kv_cache.shape[2]
+    flat = kv_cache.view(2, num_blocks * block_size, *kv_cache.shape[3:])
+    if bool((slot_mapping < 0).any()):
+        keep = slot_mapping >= 0
+        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
+    flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))
+    flat[1].index_copy_(0, slot_mapping, v.to(kv_cache.dtype))

@@ -1,0 +1,184 @@
+"""Engine configuration. Pure Python: no torch import here.
+
+`ModelConfig` is the architecture description every model class reads. It is built from an
+HF `config.json` dict (GGUF metadata is first translated into the same dict shape by
+`kvserve.loader.gguf`), so there is exactly one place that knows HF's field names.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+# HF `architectures` entries we implement, mapped to the model family that runs them.
+SUPPORTED_ARCHITECTURES: dict[str, str] = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "Qwen2ForCausalLM": "llama",
+    "Qwen3ForCausalLM": "llama",
+    "GPT2LMHeadModel": "gpt2",
+}
+
+SUPPORTED_DTYPES = ("auto", "float32", "float16", "bfloat16")
+_DTYPE_ALIASES = {
+    "fp32": "float32", "float": "float32", "float32": "float32",
+    "fp16": "float16", "half": "float16", "float16": "float16",
+    "bf16": "bfloat16", "bfloat16": "bfloat16",
+    "auto": "auto",
+}
+
+
+def normalize_dtype(dtype: str) -> str:
+    """Map user spellings ('bf16', 'half', ...) onto a canonical dtype name."""
+    if not isinstance(dtype, str) or dtype.lower() not in _DTYPE_ALIASES:
+        raise ValueError(
+            f"dtype must be one of {sorted(_DTYPE_ALIASES)} (got {dtype!r})"
+        )
+    return _DTYPE_ALIASES[dtype.lower()]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    architecture: str
+    family: str  # "llama" | "gpt2"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # bias on q/k/v projections (Qwen2)
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
+    hidden_act: str = "silu"
+    sliding_window: int | None = None
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    torch_dtype: str | None = None  # checkpoint dtype, used for dtype="auto"
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def kv_bytes_per_token_per_layer(self) -> int:
+        """K and V elements per token per layer (multiply by the element size)."""
+        return 2 * self.num_kv_heads * self.head_dim
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        archs = d.get("architectures") or []
+        arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+        if arch is None:
+            mt = d.get("model_type")
+            by_type = {
+                "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
+                "gpt2": "GPT2LMHeadModel",
+            }
+            arch = by_type.get(mt)
+        if arch is None:
+            raise ValueError(
+                f"unsupported model architecture {archs or d.get('model_type')!r}; "
+                f"supported: {sorted(SUPPORTED_ARCHITECTURES)}"
+            )
+        family = SUPPORTED_ARCHITECTURES[arch]
+        eos = d.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        if family == "gpt2":
+            hidden = d["n_embd"]
+            heads = d["n_head"]
+            return cls(
+                architecture=arch, family=family, vocab_size=d["vocab_size"],
+                hidden_size=hidden, intermediate_size=d.get("n_inner") or 4 * hidden,
+                num_layers=d["n_layer"], num_heads=heads, num_kv_heads=heads,
+                head_dim=hidden // heads, max_position_embeddings=d["n_positions"],
+                norm_eps=d.get("layer_norm_epsilon", 1e-5), tie_word_embeddings=True,
+                attention_bias=True, o_bias=True, mlp_bias=True,
+                hidden_act=d.get("activation_function", "gelu_new"),
+                bos_token_id=d.get("bos_token_id"), eos_token_ids=eos_ids,
+                torch_dtype=_dtype_name(d), raw=dict(d),
+            )
+        heads = d["num_attention_heads"]
+        head_dim = d.get("head_dim") or d["hidden_size"] // heads
+        rope_scaling = d.get("rope_scaling")
+        rope_theta = d.get("rope_theta")
+        # transformers >= 5 folds rope settings into `rope_parameters`.
+        rp = d.get("rope_parameters")
+        if isinstance(rp, dict):
+            rope_theta = rope_theta or rp.get("rope_theta")
+            if rope_scaling is None and rp.get("rope_type", "default") != "default":
+                rope_scaling = dict(rp)
+        if rope_scaling is not None:
+            rope_scaling = dict(rope_scaling)
+            rtype = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+            if rtype not in ("default", "llama3", "linear"):
+                raise ValueError(
+                    f"unsupported rope_scaling type {rtype!r}; supported: default, linear, llama3"
+                )
+            rope_scaling["rope_type"] = rtype
+            if rtype == "default":
+                rope_scaling = None
+        sliding = d.get("sliding_window") if d.get("use_sliding_window", arch == "MistralForCausalLM") else None
+        return cls(
+            architecture=arch, family=family, vocab_size=d["vocab_size"],
+            hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
+            num_layers=d["num_hidden_layers"], num_heads=heads,
+            num_kv_heads=d.get("num_key_value_heads") or heads, head_dim=head_dim,
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+            rope_scaling=rope_scaling,
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=bool(d.get("attention_bias", arch == "Qwen2ForCausalLM")),
+            o_bias=False,
+            mlp_bias=bool(d.get("mlp_bias", False)),
+            qk_norm=arch == "Qwen3ForCausalLM",
+            hidden_act=d.get("hidden_act", "silu"),
+            sliding_window=sliding,
+            bos_token_id=d.get("bos_token_id"), eos_token_ids=eos_ids,
+            torch_dtype=_dtype_name(d), raw=dict(d),
+        )
+
+
+def _dtype_name(d: dict[str, Any]) -> str | None:
+    t = d.get("torch_dtype") or d.get("dtype")
+    return str(t).replace("torch.", "") if t else None
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    block_size: int = 16
+    num_blocks: int = 0  # 0 = derive from kv_cache_memory / gpu_memory_utilization
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1 or self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two >= 1 (got {self.block_size})")
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int = 2048
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_num_seqs < 1:
+            raise ValueError(f"max_num_seqs must be >= 1 (got {self.max_num_seqs})")
+        if self.max_model_len < 1:
+            raise ValueError(f"max_model_len must be >= 1 (got {self.max_model_len})")
+        if self.max_num_batched_tokens < 1:
+            raise ValueError(
+                f"max_num_batched_tokens must be >= 1 (got {self.max_num_batched_tokens})"
+            )
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(
+                "max_num_batched_tokens must be >= max_model_len when chunked prefill is off "
+                f"(got {self.max_num_batched_tokens} < {self.max_model_len})"
+            )

@@ -1,0 +1,141 @@
+"""Per-request sampling settings (vLLM's names and defaults). Pure Python.
+
+Every field is validated at construction; a bad value raises `ValueError` naming the field and
+its allowed range.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+_GREEDY_EPS = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    """How to pick each next token and when to stop.
+
+    n: number of independent completions for the prompt (they share the prompt's KV blocks).
+    temperature: 0 means greedy (argmax); higher flattens the distribution. >= 0.
+    top_p: keep the smallest set of tokens whose probability reaches top_p (the token that
+        crosses the threshold is kept). In (0, 1].
+    top_k: keep the k most likely tokens; -1 or 0 disables.
+    min_p: drop tokens whose probability is below min_p times the top token's. In [0, 1].
+    repetition_penalty: divide positive (multiply negative) logits of tokens seen in the prompt
+        or output by this. > 0; 1 disables.
+    presence_penalty: subtract this from logits of tokens already generated. In [-2, 2].
+    frequency_penalty: subtract this times the count of each generated token. In [-2, 2].
+    logit_bias: {token_id: bias} added to logits before sampling; bias in [-100, 100].
+    seed: per-request RNG seed: the same seeded request yields the same tokens whatever else
+        is in the batch.
+    max_tokens: maximum number of generated tokens (>= 1; None = up to the context window).
+    min_tokens: EOS and stop_token_ids are suppressed until this many tokens are generated.
+    stop: strings that end generation; the match is trimmed from the text unless
+        include_stop_str_in_output.
+    stop_token_ids: token ids that end generation (in addition to EOS).
+    ignore_eos: keep generating past EOS (benchmarks).
+    skip_special_tokens: drop special tokens from the returned text.
+    include_stop_str_in_output: keep the matched stop string in the text.
+    logprobs: number of top alternatives (besides the chosen token) to return per generated
+        token; None = no logprobs.
+    prompt_logprobs: like logprobs, for every prompt token after the first.
+    """
+
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
+    seed: int | None = None
+    max_tokens: int | None = 16
+    min_tokens: int = 0
+    stop: list[str] | str | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool = False
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    # Filled by the engine from the tokenizer/generation config; not user settings.
+    all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.logit_bias:
+            try:
+                self.logit_bias = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except (TypeError, ValueError) as e:
+                raise ValueError(f"logit_bias must map token ids to numbers ({e})") from e
+        self._validate()
+        if self.top_k == 0:
+            self.top_k = -1
+        self.all_stop_token_ids = set(self.stop_token_ids)
+
+    def _validate(self) -> None:
+        def bad(field_name: str, rule: str) -> ValueError:
+            return ValueError(f"{field_name} must be {rule} (got {getattr(self, field_name)!r})")
+
+        if not isinstance(self.n, int) or self.n < 1:
+            raise bad("n", "an integer >= 1")
+        if not _is_number(self.temperature) or self.temperature < 0:
+            raise bad("temperature", ">= 0")
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
+            raise bad("top_p", "in (0, 1]")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise bad("top_k", "-1 or 0 (disabled) or a positive integer")
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            raise bad("min_p", "in [0, 1]")
+        if not _is_number(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "> 0")
+        if not _is_number(self.presence_penalty) or not -2 <= self.presence_penalty <= 2:
+            raise bad("presence_penalty", "in [-2, 2]")
+        if not _is_number(self.frequency_penalty) or not -2 <= self.frequency_penalty <= 2:
+            raise bad("frequency_penalty", "in [-2, 2]")
+        if self.logit_bias:
+            for tok, b in self.logit_bias.items():
+                if tok < 0 or not -100 <= b <= 100:
+                    raise ValueError(
+                        "logit_bias must map token ids >= 0 to biases in [-100, 100] "
+                        f"(got {tok}: {b})"
+                    )
+        if self.seed is not None and not isinstance(self.seed, int):
+            raise bad("seed", "an integer or None")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            raise bad("max_tokens", "an integer >= 1 or None")
+        if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
+            raise bad("min_tokens", "an integer >= 0")
+        if self.max_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens must be <= max_tokens (got {self.min_tokens} > {self.max_tokens})"
+            )
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            raise ValueError(f"stop must be a list of non-empty strings (got {self.stop!r})")
+        if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
+            raise bad("stop_token_ids", "a list of token ids >= 0")
+        for name in ("logprobs", "prompt_logprobs"):
+            val = getattr(self, name)
+            if val is not None and (not isinstance(val, int) or not 0 <= val <= 20):
+                raise bad(name, "None or an integer in [0, 20]")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _GREEDY_EPS
+
+    def clone(self, **changes: Any) -> SamplingParams:
+        kwargs = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "all_stop_token_ids"}
+        kwargs.update(changes)
+        sp = SamplingParams(**kwargs)
+        sp.all_stop_token_ids = set(self.all_stop_token_ids) | sp.all_stop_token_ids
+        return sp
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # rejects NaN
