@@ -1,0 +1,286 @@
+"""Paged decode attention (one query token per sequence), flash-decoding style.
+
+Grid `(S, num_kv_heads, num_splits)`. A program owns one sequence, one KV head and *all* query
+heads of that head's group (padded to at least 16 rows so the score product runs on tensor
+cores), so each K/V tile crosses memory once per group rather than once per query head.
+
+Long contexts are split across `num_splits` programs. Split `j` takes key tiles
+`j, j + num_splits, j + 2 * num_splits, ...` (strided rather than contiguous ranges) so that the
+split count never depends on the sequence lengths: a CUDA graph captured at one context length
+stays correct at any other. Each split writes its unnormalised accumulator with its running max
+and denominator; a small reduce kernel merges them. With one split the decode kernel writes the
+output directly and no reduce runs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_kernel(
+    q_ptr,
+    cache_ptr,
+    out_ptr,
+    part_acc_ptr,  # [S, num_heads, num_splits, HEAD_DIM] fp32
+    part_m_ptr,  # [S, num_heads, num_splits] fp32 (log2 units)
+    part_l_ptr,  # [S, num_heads, num_splits] fp32
+    block_tables_ptr,
+    seq_lens_ptr,
+    query_start_loc_ptr,
+    qk_scale,
+    sliding_window,
+    num_splits,
+    num_heads,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    stride_plane,
+    stride_slot,
+    stride_head,
+    G: tl.constexpr,
+    G_PAD: tl.constexpr,  # >= 16
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    SLIDING: tl.constexpr,
+    MIXED: tl.constexpr,  # batch also holds prefills: find the row via query_start_loc
+    DIRECT: tl.constexpr,  # num_splits == 1: normalise and write the output here
+    DOT_PREC: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    if MIXED:
+        q_row = tl.load(query_start_loc_ptr + seq)
+        q_len = tl.load(query_start_loc_ptr + seq + 1) - q_row
+        if q_len != 1:
+            return
+    else:
+        q_row = seq  # a pure-decode batch has query_start_loc == arange(S + 1)
+    seq_len = tl.load(seq_lens_ptr + seq)
+
+    offs_g = tl.arange(0, G_PAD)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    head = kvh * G + offs_g  # [G_PAD]
+    head_valid = offs_g < G
+    q_row64 = q_row.to(tl.int64)
+    q = tl.load(
+        q_ptr + q_row64 * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+        mask=head_valid[:, None],
+        other=0.0,
+    )  # [G_PAD, HEAD_DIM]
+
+    m_i = tl.full([G_PAD], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([G_PAD], dtype=tl.float32)
+    acc = tl.zeros([G_PAD, HEAD_DIM], dtype=tl.float32)
+
+    k_base = cache_ptr + kvh * stride_head
+    v_base = k_base + stride_plane
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    num_tiles = tl.cdiv(seq_len, BLOCK_N)
+    first_tile = 0
+    if SLIDING:
+        first_tile = tl.maximum(seq_len - sliding_window, 0) // BLOCK_N
+    for tile in range(first_tile + split, num_tiles, num_splits):
+        pos = tile * BLOCK_N + offs_n  # [BLOCK_N]
+        in_range = pos < seq_len
+        if SLIDING:
+            in_range = in_range & (pos >= seq_len - sliding_window)
+        blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=in_range, other=0)
+        slot = blk.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
+        kv_off = slot[:, None] * stride_slot + offs_d[None, :]  # [BLOCK_N, HEAD_DIM]
+        k = tl.load(k_base + kv_off, mask=in_range[:, None], other=0.0)
+        v = tl.load(v_base + kv_off, mask=in_range[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * qk_scale  # [G_PAD, BLOCK_N]
+        s = tl.where(in_range[None, :], s, float("-inf"))
+        # Finite -1e30 start: an all-masked tile yields p = 0, alpha = 1, never NaN.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+        m_i = m_new
+
+    if DIRECT:
+        # seq_len 0 only occurs for CUDA-graph padding rows: write zeros rather than NaN.
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+        tl.store(
+            out_ptr + q_row64 * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+            (acc / l_safe[:, None]).to(out_ptr.dtype.element_ty),
+            mask=head_valid[:, None],
+        )
+    else:
+        part = (seq.to(tl.int64) * num_heads + head) * num_splits + split  # [G_PAD]
+        tl.store(part_m_ptr + part, m_i, mask=head_valid)
+        tl.store(part_l_ptr + part, l_i, mask=head_valid)
+        tl.store(
+            part_acc_ptr + part[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=head_valid[:, None]
+        )
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    out_ptr,
+    part_acc_ptr,
+    part_m_ptr,
+    part_l_ptr,
+    query_start_loc_ptr,
+    num_splits,
+    num_heads,
+    stride_ot,
+    stride_oh,
+    SPLITS_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    MIXED: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    if MIXED:
+        q_row = tl.load(query_start_loc_ptr + seq)
+        if tl.load(query_start_loc_ptr + seq + 1) - q_row != 1:
+            return
+    else:
+        q_row = seq
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_DIM)
+    valid = offs_s < num_splits
+    base = (seq.to(tl.int64) * num_heads + head) * num_splits
+    # Empty splits hold m = -1e30, l = 0, acc = 0, so they add nothing below.
+    m = tl.load(part_m_ptr + base + offs_s, mask=valid, other=-1.0e30)  # [SPLITS_PAD]
+    l = tl.load(part_l_ptr + base + offs_s, mask=valid, other=0.0)
+    acc = tl.load(
+        part_acc_ptr + (base + offs_s)[:, None] * HEAD_DIM + offs_d[None, :],
+        mask=valid[:, None],
+        other=0.0,
+    )  # [SPLITS_PAD, HEAD_DIM]
+    m_max = tl.max(m, 0)
+    w = tl.math.exp2(m - m_max)  # [SPLITS_PAD]
+    denom = tl.sum(w * l, 0)
+    denom = tl.where(denom > 0.0, denom, 1.0)
+    out = tl.sum(w[:, None] * acc, 0) / denom  # [HEAD_DIM]
+    tl.store(
+        out_ptr + q_row.to(tl.int64) * stride_ot + head * stride_oh + offs_d,
+        out.to(out_ptr.dtype.element_ty),
+    )
+
+
+def _decode_config(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages)."""
+    if dtype == torch.float32 or head_dim > 128:
+        return 32, 4, 2
+    return 64, 4, 3
+
+
+def choose_num_splits(
+    num_seqs: int,
+    num_kv_heads: int,
+    num_sms: int,
+    max_seq_len: int | None,
+    block_n: int = 64,
+    waves: float = 2.0,
+    max_splits: int = 64,
+) -> int:
+    """Enough programs to fill the GPU `waves` times over. `max_seq_len=None` (CUDA-graph
+    capture) ignores context lengths, so the captured split count suits any later length."""
+    programs = max(num_seqs * num_kv_heads, 1)
+    splits = max(1, min(max_splits, -(-int(waves * num_sms) // programs)))
+    if max_seq_len is not None:
+        splits = min(splits, max(1, -(-max_seq_len // block_n)))
+    return triton.next_power_of_2(splits) if splits > 1 else 1
+
+
+def decode_attention(
+    q: torch.Tensor,  # [T, num_heads, head_dim]
+    kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
+    out: torch.Tensor,  # [T, num_heads, head_dim]
+    block_tables: torch.Tensor,  # [S, max_blocks] int32
+    seq_lens: torch.Tensor,  # [S] int32
+    query_start_loc: torch.Tensor,  # [S + 1] int32
+    num_seqs: int,
+    scale: float,
+    num_splits: int,
+    sliding_window: int | None = None,
+    mixed: bool = False,
+    partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    config: tuple[int, int, int] | None = None,
+) -> None:
+    """`partials` = (acc [S, H, splits, D] fp32, m [S, H, splits], l [S, H, splits]) scratch,
+    allocated here when not given (callers reuse one set across layers)."""
+    _, num_heads, head_dim = q.shape
+    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
+    group = num_heads // num_kv_heads
+    block_n, warps, stages = config or _decode_config(head_dim, q.dtype)
+    direct = num_splits == 1
+    if direct:
+        part_acc = part_m = part_l = out  # unused by the kernel in this mode
+    else:
+        if partials is None:
+            partials = alloc_partials(num_seqs, num_heads, num_splits, head_dim, q.device)
+        part_acc, part_m, part_l = partials
+    _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+        q,
+        kv_cache,
+        out,
+        part_acc,
+        part_m,
+        part_l,
+        block_tables,
+        seq_lens,
+        query_start_loc,
+        scale * _LOG2E,
+        sliding_window or 0,
+        num_splits,
+        num_heads,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        block_tables.stride(0),
+        kv_cache.stride(0),
+        kv_cache.stride(2),
+        kv_cache.stride(3),
+        G=group,
+        G_PAD=max(16, triton.next_power_of_2(group)),
+        BLOCK_N=block_n,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        SLIDING=sliding_window is not None,
+        MIXED=mixed,
+        DIRECT=direct,
+        DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=warps,
+        num_stages=stages,
+    )
+    if not direct:
+        _decode_reduce_kernel[(num_seqs, num_heads)](
+            out,
+            part_acc,
+            part_m,
+            part_l,
+            query_start_loc,
+            num_splits,
+            num_heads,
+            out.stride(0),
+            out.stride(1),
+            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            HEAD_DIM=head_dim,
+            MIXED=mixed,
+            num_warps=4 if head_dim >= 128 else 2,
+        )
+
+
+def alloc_partials(
+    num_seqs: int, num_heads: int, num_splits: int, head_dim: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    acc = torch.empty(num_seqs, num_heads, num_splits, head_dim, dtype=torch.float32, device=device)
+    m = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=device)
+    l = torch.empty(num_seqs, num_heads, num_splits, dtype=torch.float32, device=device)
+    return acc, m, l

@@ -1,0 +1,207 @@
+"""Continuous batching with chunked prefill and preemption by recompute. Pure Python.
+
+Each step the scheduler decides how many tokens of which requests to compute and hands the
+runner a `SchedulerOutput`. Prefill, chunked prefill and decode are not separate modes: a
+request is simply asked to compute `num_tokens - num_computed_tokens` more tokens, capped by
+the step's token budget. Running requests are served first (oldest first); when the pool runs
+dry the newest running request is preempted (its blocks freed, its progress reset) and put back
+at the front of the waiting queue, to be recomputed later — nothing is ever dropped.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from kvserve.core.config import CacheConfig, SchedulerConfig
+from kvserve.core.kv_cache_manager import KVCacheManager
+from kvserve.core.request import Request, RequestStatus
+from kvserve.core.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class NewRequestData:
+    """A request the runner has no state for (first admission or resumed after preemption)."""
+
+    req_id: str
+    token_ids: list[int]  # prompt + tokens generated so far
+    num_prompt_tokens: int
+    sampling_params: SamplingParams
+    block_ids: list[int]
+    num_computed_tokens: int  # prefix-cache hits
+
+
+@dataclass(slots=True)
+class CachedRequestData:
+    """A request the runner already holds: only what changed."""
+
+    req_id: str
+    new_block_ids: list[int]
+    num_computed_tokens: int
+
+
+@dataclass
+class SchedulerOutput:
+    new_requests: list[NewRequestData] = field(default_factory=list)
+    cached_requests: list[CachedRequestData] = field(default_factory=list)
+    num_scheduled_tokens: dict[str, int] = field(default_factory=dict)
+    # Requests that left since the last step (finished, aborted or preempted): drop their state.
+    finished_req_ids: set[str] = field(default_factory=set)
+    preempted_req_ids: set[str] = field(default_factory=set)
+
+    @property
+    def total_num_scheduled_tokens(self) -> int:
+        return sum(self.num_scheduled_tokens.values())
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.num_scheduled_tokens
+
+
+class Scheduler:
+    def __init__(self, sched: SchedulerConfig, cache: CacheConfig, num_blocks: int) -> None:
+        if num_blocks * cache.block_size < sched.max_model_len:
+            raise ValueError(
+                f"the KV cache holds {num_blocks * cache.block_size} tokens, fewer than "
+                f"max_model_len={sched.max_model_len}: give it more memory or lower max_model_len"
+            )
+        self.config = sched
+        self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.requests: dict[str, Request] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._finished_since_last: set[str] = set()
+        self.num_preemptions = 0
+
+    # -- queue management -------------------------------------------------------------------
+    def add_request(self, req: Request) -> None:
+        if req.request_id in self.requests:
+            raise ValueError(f"request_id {req.request_id!r} is already in use")
+        self.requests[req.request_id] = req
+        self.waiting.append(req)
+
+    def finish_requests(self, req_ids: Iterable[str], status: RequestStatus) -> list[Request]:
+        """End requests now (abort, or a stop string found by the detokenizer) and free
+        their blocks. Unknown or already finished ids are ignored."""
+        done = []
+        for rid in req_ids:
+            req = self.requests.get(rid)
+            if req is None or req.status.finished:
+                continue
+            if req.status == RequestStatus.RUNNING:
+                self.running.remove(req)
+            else:
+                self.waiting.remove(req)
+            req.status = status
+            self._retire(req)
+            done.append(req)
+        return done
+
+    def _retire(self, req: Request) -> None:
+        self.kv.free(req)
+        self.requests.pop(req.request_id, None)
+        self._finished_since_last.add(req.request_id)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    # -- one step ---------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput(finished_req_ids=self._finished_since_last)
+        self._finished_since_last = set()
+        budget = self.config.max_num_batched_tokens
+        preempted = False
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            new_blocks = self.kv.allocate_slots(req, num_new)
+            while new_blocks is None:
+                victim = self.running.pop()  # the newest request yields first
+                self._preempt(victim, out)
+                preempted = True
+                if victim is req:
+                    break
+                new_blocks = self.kv.allocate_slots(req, num_new)
+            if new_blocks is None:
+                break
+            out.cached_requests.append(CachedRequestData(req.request_id, new_blocks, req.num_computed_tokens))
+            out.num_scheduled_tokens[req.request_id] = num_new
+            budget -= num_new
+            i += 1
+
+        # Admitting new work right after a preemption would only thrash the cache.
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            hits, num_hit = self.kv.get_computed_blocks(req)
+            num_new = req.num_tokens - num_hit
+            if num_new > budget:
+                if not self.config.enable_chunked_prefill:
+                    break
+                num_new = budget
+            req.num_computed_tokens = 0
+            new_blocks = self.kv.allocate_slots(req, num_new, hits)
+            if new_blocks is None:
+                break
+            self.waiting.popleft()
+            req.num_computed_tokens = num_hit
+            req.num_cached_tokens = num_hit
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.new_requests.append(
+                NewRequestData(
+                    req.request_id, list(req.all_token_ids), req.num_prompt_tokens,
+                    req.sampling_params, list(req.block_ids), num_hit,
+                )
+            )
+            out.num_scheduled_tokens[req.request_id] = num_new
+            budget -= num_new
+        return out
+
+    def _preempt(self, req: Request, out: SchedulerOutput) -> None:
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(req)
+        out.preempted_req_ids.add(req.request_id)
+        out.cached_requests = [c for c in out.cached_requests if c.req_id != req.request_id]
+        out.num_scheduled_tokens.pop(req.request_id, None)
+
+    def update_from_output(
+        self, out: SchedulerOutput, sampled: dict[str, list[int]]
+    ) -> tuple[list[Request], list[Request]]:
+        """Advance progress by the computed tokens and append sampled ones.
+        Returns (requests that got new tokens, requests that finished)."""
+        updated: list[Request] = []
+        finished: list[Request] = []
+        max_len = self.config.max_model_len
+        for rid, n in out.num_scheduled_tokens.items():
+            req = self.requests.get(rid)
+            if req is None or req.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            req.num_computed_tokens += n
+            tokens = sampled.get(rid)
+            if not tokens:
+                continue  # a prefill chunk that is not the prompt's last
+            for tok in tokens:
+                req.append_output_token(tok)
+                if req.check_stop(max_len):
+                    break
+            updated.append(req)
+            if req.status.finished:
+                self.running.remove(req)
+                self._retire(req)
+                finished.append(req)
+        return updated, finished

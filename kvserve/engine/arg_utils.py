@@ -1,0 +1,73 @@
+"""User-facing engine options, shared by `LLM(...)`, the CLI and the server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from kvserve.core.config import normalize_dtype
+from kvserve.loader.resolve import DEFAULT_MODEL
+
+GiB = 1 << 30
+
+
+@dataclass
+class EngineArgs:
+    """model: built-in name ('smollm2'), a local HF folder, a .gguf file, or an HF Hub id.
+    dtype: 'auto' | 'float32' | 'bfloat16' | 'float16' (and short forms).
+    device: 'auto' (CUDA when present) | 'cpu' | 'cuda' | 'cuda:N'.
+    max_model_len: context window (prompt + output); default: the model's, capped by what the
+        KV cache holds.
+    max_num_seqs: most requests decoded together in one step.
+    max_num_batched_tokens: token budget of one step (chunked prefill splits longer prompts).
+    block_size: tokens per KV-cache block.
+    kv_cache_memory: bytes of KV cache on CPU (default 2 GiB, at most a quarter of RAM).
+    gpu_memory_utilization: fraction of GPU memory for weights + activations + KV cache.
+    num_kv_blocks: fixed number of KV blocks (overrides the memory-based sizing; tests).
+    enable_prefix_caching: share KV blocks of identical prompt prefixes.
+    enable_chunked_prefill: split long prompts across steps, mixed with decodes.
+    seed: seed of the shared generator used by unseeded random requests.
+    attention_backend: 'auto' | 'torch' | 'triton'.
+    enforce_eager: never capture CUDA graphs.
+    """
+
+    model: str = DEFAULT_MODEL
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int | None = None
+    block_size: int = 16
+    kv_cache_memory: int | None = None
+    gpu_memory_utilization: float = 0.9
+    num_kv_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    enable_chunked_prefill: bool = True
+    seed: int = 0
+    attention_backend: str = "auto"
+    enforce_eager: bool = False
+    tokenizer: str | None = None
+    served_model_name: str | None = None
+
+    def __post_init__(self) -> None:
+        normalize_dtype(self.dtype)
+        for name in ("max_num_seqs", "block_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be an integer >= 1 (got {v!r})")
+        for name in ("max_model_len", "max_num_batched_tokens", "kv_cache_memory", "num_kv_blocks"):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be an integer >= 1 or None (got {v!r})")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1] (got {self.gpu_memory_utilization})")
+        if self.attention_backend not in ("auto", "torch", "triton"):
+            raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton' (got {self.attention_backend!r})")
+
+    @classmethod
+    def from_kwargs(cls, model: str, **kwargs: Any) -> EngineArgs:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise ValueError(f"unknown engine option(s) {unknown}; known: {sorted(known)}")
+        return cls(model=model, **kwargs)

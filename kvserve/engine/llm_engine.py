@@ -1,0 +1,353 @@
+"""The synchronous engine: add_request / step / abort.
+
+One `step()` = schedule -> run the model -> advance requests -> detokenize -> report. A user
+request with `n > 1` becomes n child requests that share the prompt's KV blocks through the
+prefix cache; their results are gathered back into one `RequestOutput`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import torch
+
+from kvserve.attention.base import AttentionBackend
+from kvserve.core.config import CacheConfig, SchedulerConfig
+from kvserve.core.request import Request, RequestStatus
+from kvserve.core.sampling_params import SamplingParams
+from kvserve.core.scheduler import Scheduler
+from kvserve.engine.arg_utils import EngineArgs, GiB
+from kvserve.engine.detokenizer import IncrementalDetokenizer
+from kvserve.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
+from kvserve.loader.model_loader import LoadedModel, load_model, resolve_device
+from kvserve.loader.resolve import resolve_model
+from kvserve.runner.model_runner import ModelRunner, RunnerOutput
+
+logger = logging.getLogger(__name__)
+
+PromptType = str | list[int] | dict[str, Any]
+
+
+@dataclass
+class _Group:
+    """Engine-side state of one user request (with its n children)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    child_ids: list[str]
+    outputs: list[CompletionOutput]
+    detoks: list[IncrementalDetokenizer | None]
+    metrics: RequestMetrics
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    finished_children: set[int] = field(default_factory=set)
+
+    @property
+    def finished(self) -> bool:
+        return len(self.finished_children) == len(self.child_ids)
+
+
+class LLMEngine:
+    def __init__(self, args: EngineArgs) -> None:
+        self.args = args
+        resolved = resolve_model(args.model)
+        self.model_name = args.served_model_name or resolved.name
+        device = resolve_device(args.device)
+        self.backend = _make_backend(args.attention_backend, device)
+        loaded = load_model(resolved, dtype=args.dtype, device=device, backend=self.backend)
+        self.loaded: LoadedModel = loaded
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        if args.tokenizer:
+            from kvserve.loader.tokenizer import Tokenizer
+
+            self.tokenizer = Tokenizer.from_folder(resolve_model(args.tokenizer).folder)
+        self.eos_token_ids = frozenset(loaded.eos_token_ids)
+
+        cfg = loaded.config
+        bs = args.block_size
+        bytes_per_block = ModelRunner.kv_bytes_per_block(cfg, bs, loaded.dtype)
+        if args.max_model_len is not None and args.max_model_len > cfg.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len={args.max_model_len} exceeds the model's context window "
+                f"({cfg.max_position_embeddings} positions)"
+            )
+        want_len = args.max_model_len or cfg.max_position_embeddings
+        num_blocks = self._num_blocks(bytes_per_block, device, want_len)
+        capacity = num_blocks * bs
+        if args.max_model_len is None and capacity < want_len:
+            logger.warning("KV cache holds %d tokens: max_model_len lowered from %d", capacity, want_len)
+            want_len = capacity
+        self.max_model_len = want_len
+        chunked = args.enable_chunked_prefill
+        default_budget = 8192 if device.type == "cuda" else 2048
+        budget = args.max_num_batched_tokens or (default_budget if chunked else max(default_budget, want_len))
+        self.scheduler_config = SchedulerConfig(
+            max_num_seqs=args.max_num_seqs, max_num_batched_tokens=budget,
+            max_model_len=want_len, enable_chunked_prefill=chunked,
+        )
+        self.cache_config = CacheConfig(bs, num_blocks, args.enable_prefix_caching)
+        self.scheduler = Scheduler(self.scheduler_config, self.cache_config, num_blocks)
+        self.runner = ModelRunner(
+            loaded.model, cfg, self.cache_config, num_blocks, loaded.dtype, device,
+            self.backend, set(self.eos_token_ids), seed=args.seed,
+        )
+        logger.info(
+            "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); max_model_len %d",
+            num_blocks, bs, capacity, num_blocks * bytes_per_block / GiB, want_len,
+        )
+        self.groups: dict[str, _Group] = {}
+        self._child_to_group: dict[str, tuple[_Group, int]] = {}
+        self._counter = 0
+
+    # -- sizing -----------------------------------------------------------------------------
+    def _num_blocks(self, bytes_per_block: int, device: torch.device, max_len: int) -> int:
+        args = self.args
+        if args.num_kv_blocks is not None:
+            return args.num_kv_blocks
+        if device.type == "cuda":
+            from kvserve.runner.profiling import cuda_kv_budget
+
+            budget = cuda_kv_budget(args.gpu_memory_utilization)
+        else:
+            budget = args.kv_cache_memory or min(2 * GiB, _total_ram() // 4)
+        n = max(1, budget // bytes_per_block)
+        # Beyond this many blocks no schedule can use them all at once.
+        cap = -(-args.max_num_seqs * max_len // args.block_size) + 1
+        return int(min(n, cap))
+
+    # -- requests ---------------------------------------------------------------------------
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, dict):
+            if "prompt_token_ids" in prompt:
+                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
+            if "prompt" in prompt:
+                prompt = prompt["prompt"]
+            else:
+                raise ValueError("prompt dict must have 'prompt' or 'prompt_token_ids'")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model has no tokenizer: pass {'prompt_token_ids': [...]}")
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)):
+            return None, list(prompt)
+        raise ValueError(f"prompt must be a string, a list of token ids or a dict (got {type(prompt).__name__})")
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: PromptType,
+        params: SamplingParams | None = None,
+        arrival_time: float | None = None,
+    ) -> None:
+        params = params or SamplingParams()
+        if request_id in self.groups:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, ids = self.tokenize_prompt(prompt)
+        self.validate_prompt(ids)
+        room = self.max_model_len - len(ids)
+        max_tokens = min(params.max_tokens or room, room)
+        if params.min_tokens > max_tokens:
+            raise ValueError(
+                f"min_tokens={params.min_tokens} cannot be reached: only {max_tokens} tokens fit after the prompt"
+            )
+        arrival = arrival_time or time.time()
+        n = params.n
+        child_ids = [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
+        group = _Group(
+            request_id, text, ids, params, child_ids,
+            outputs=[CompletionOutput(i, "", []) for i in range(n)],
+            detoks=[self._detokenizer(ids, params) for _ in range(n)],
+            metrics=RequestMetrics(arrival_time=arrival),
+        )
+        self.groups[request_id] = group
+        for i, cid in enumerate(child_ids):
+            child_params = params
+            if n > 1 and params.seed is not None:
+                child_params = params.clone(seed=params.seed + i, n=1)
+            req = Request(
+                cid, ids, child_params, eos_token_ids=self.eos_token_ids,
+                max_tokens=max_tokens, arrival_time=arrival,
+            )
+            self._child_to_group[cid] = (group, i)
+            self.scheduler.add_request(req)
+
+    def validate_prompt(self, ids: list[int]) -> None:
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt is {len(ids)} tokens, but max_model_len is {self.max_model_len}: "
+                "it must be shorter to leave room for at least one generated token"
+            )
+        vocab = self.model_config.vocab_size
+        bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"prompt_token_ids must be integers in [0, {vocab}) (got {bad!r})")
+
+    def _detokenizer(self, prompt_ids: list[int], params: SamplingParams) -> IncrementalDetokenizer | None:
+        if self.tokenizer is None:
+            return None
+        return IncrementalDetokenizer(
+            self.tokenizer, prompt_ids, skip_special_tokens=params.skip_special_tokens,
+            stop=params.stop, include_stop_str_in_output=params.include_stop_str_in_output,
+        )
+
+    def abort_request(self, request_ids: str | Iterable[str]) -> None:
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        for rid in request_ids:
+            group = self.groups.pop(rid, None)
+            if group is None:
+                continue
+            self.scheduler.finish_requests(group.child_ids, RequestStatus.FINISHED_ABORTED)
+            for cid in group.child_ids:
+                self._child_to_group.pop(cid, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.groups)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.groups)
+
+    # -- one step ---------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        so = self.scheduler.schedule()
+        ro = self.runner.execute(so)
+        if so.is_empty:
+            return []
+        updated, _finished = self.scheduler.update_from_output(so, ro.sampled)
+        touched: dict[str, _Group] = {}
+        for rid, lps in ro.prompt_logprobs.items():
+            group, idx = self._child_to_group[rid]
+            if idx == 0:
+                self._add_prompt_logprobs(group, lps)
+        for req in updated:
+            group, idx = self._child_to_group[req.request_id]
+            self._advance(group, idx, req, ro)
+            touched[group.request_id] = group
+        outputs = []
+        for group in touched.values():
+            outputs.append(self._make_output(group))
+            if group.finished:
+                self.groups.pop(group.request_id, None)
+                for cid in group.child_ids:
+                    self._child_to_group.pop(cid, None)
+        return outputs
+
+    def _advance(self, group: _Group, idx: int, req: Request, ro: RunnerOutput) -> None:
+        comp = group.outputs[idx]
+        new_ids = ro.sampled[req.request_id][: req.num_output_tokens - len(comp.token_ids)]
+        comp.token_ids.extend(new_ids)
+        comp.delta_token_ids = list(new_ids)
+        if group.metrics.first_token_time is None:
+            group.metrics.first_token_time = req.first_token_time
+        if req.num_cached_tokens > group.metrics.num_cached_tokens:
+            group.metrics.num_cached_tokens = req.num_cached_tokens
+        group.metrics.num_preemptions = max(group.metrics.num_preemptions, req.num_preemptions)
+        lps = ro.logprobs.get(req.request_id)
+        if lps is not None:
+            if comp.logprobs is None:
+                comp.logprobs, comp.cumulative_logprob = [], 0.0
+            for tok, entry in zip(new_ids, lps):
+                comp.logprobs.append(self._logprob_dict(tok, entry))
+                comp.cumulative_logprob += entry[0]
+        detok = group.detoks[idx]
+        if detok is not None:
+            stop_str = detok.add_tokens(new_ids)
+            if stop_str is not None and not req.status.finished:
+                self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
+                req.stop_reason = stop_str
+            if req.status.finished:
+                detok.finish()
+            comp.delta_text = detok.get_delta()
+            comp.text = detok.output_text
+        if req.status.finished:
+            comp.finish_reason = req.status.finish_reason
+            comp.stop_reason = req.stop_reason
+            group.finished_children.add(idx)
+            group.metrics.finished_time = time.time()
+
+    def _logprob_dict(self, token: int, entry: tuple[float, int, list[int], list[float]]) -> dict[int, Logprob]:
+        lp, rank, top_ids, top_lps = entry
+        out = {token: Logprob(lp, rank, self._token_text(token))}
+        for r, (tid, tlp) in enumerate(zip(top_ids, top_lps), start=1):
+            if tid not in out:
+                out[tid] = Logprob(tlp, r, self._token_text(tid))
+        return out
+
+    def _token_text(self, token: int) -> str | None:
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode([token], skip_special_tokens=False)
+
+    def _add_prompt_logprobs(self, group: _Group, lps: list[tuple[float, int, list[int], list[float]]]) -> None:
+        if group.prompt_logprobs is None:
+            group.prompt_logprobs = [None]  # the first prompt token has no logprob
+        start = len(group.prompt_logprobs)
+        for j, entry in enumerate(lps):
+            group.prompt_logprobs.append(self._logprob_dict(group.prompt_token_ids[start + j], entry))
+
+    def _make_output(self, group: _Group) -> RequestOutput:
+        outs = [
+            CompletionOutput(
+                c.index, c.text, list(c.token_ids), c.cumulative_logprob,
+                list(c.logprobs) if c.logprobs is not None else None,
+                c.finish_reason, c.stop_reason, c.delta_text, list(c.delta_token_ids),
+            )
+            for c in group.outputs
+        ]
+        for c in group.outputs:  # deltas are reported once
+            c.delta_text, c.delta_token_ids = "", []
+        return RequestOutput(
+            group.request_id, group.prompt, group.prompt_token_ids, outs, group.finished,
+            prompt_logprobs=group.prompt_logprobs, metrics=group.metrics,
+            num_cached_tokens=group.metrics.num_cached_tokens,
+        )
+
+    def new_request_id(self) -> str:
+        self._counter += 1
+        return str(self._counter)
+
+    # -- introspection ----------------------------------------------------------------------
+    def stats(self) -> dict[str, float]:
+        kv = self.scheduler.kv
+        return {
+            "num_running": self.scheduler.num_running,
+            "num_waiting": self.scheduler.num_waiting,
+            "kv_blocks_total": kv.num_blocks,
+            "kv_blocks_free": kv.num_free_blocks,
+            "kv_usage": kv.usage,
+            "prefix_queries": kv.prefix_queries,
+            "prefix_hits": kv.prefix_hits,
+            "num_preemptions": self.scheduler.num_preemptions,
+        }
+
+
+def _make_backend(name: str, device: torch.device) -> AttentionBackend:
+    if name == "triton" or (name == "auto" and device.type == "cuda"):
+        try:
+            from kvserve.attention.triton import TritonBackend, is_available
+        except ImportError:
+            is_available = None
+        if is_available is not None and is_available() and device.type == "cuda":
+            return TritonBackend()
+        if name == "triton":
+            raise ValueError("attention_backend='triton' needs CUDA and the triton package")
+    from kvserve.attention.torch_ref import TorchRefBackend
+
+    return TorchRefBackend()
+
+
+def _total_ram() -> int:
+    try:
+        import os
+
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
+        return 8 * GiB

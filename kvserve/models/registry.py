@@ -1,0 +1,35 @@
+"""Model classes by HF `architectures` name (GGUF files are mapped onto the same names)."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+
+from kvserve.attention.base import AttentionBackend
+from kvserve.core.config import ModelConfig
+from kvserve.models.gpt2 import GPT2LMHeadModel
+from kvserve.models.llama import LlamaForCausalLM
+
+_REGISTRY: dict[str, type[nn.Module]] = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": LlamaForCausalLM,
+    "GPT2LMHeadModel": GPT2LMHeadModel,
+}
+
+
+def register_model(architecture: str, cls: type[nn.Module]) -> None:
+    _REGISTRY[architecture] = cls
+
+
+def model_class(architecture: str) -> type[nn.Module]:
+    try:
+        return _REGISTRY[architecture]
+    except KeyError:
+        raise ValueError(
+            f"unsupported architecture {architecture!r}; supported: {sorted(_REGISTRY)}"
+        ) from None
+
+
+def build_model(cfg: ModelConfig, backend: AttentionBackend) -> nn.Module:
+    return model_class(cfg.architecture)(cfg, backend)
