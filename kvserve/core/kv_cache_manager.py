@@ -103,8 +103,8 @@ class KVCacheManager:
         self._blocks: dict[str, list[KVBlock]] = {}
         # Per request: how many of its leading blocks were already offered to the cache.
         self._num_cached: dict[str, int] = {}
-        self.prefix_queries = 0  # prompt tokens looked up in the prefix cache
-        self.prefix_hits = 0  # of which served from it
+        self.prefix_queries = 0  # tokens of admitted requests looked up in the prefix cache
+        self.prefix_hits = 0  # of which were served from it
 
     # -- stats ------------------------------------------------------------------------------
     @property
@@ -147,8 +147,6 @@ class KVCacheManager:
             if blk is None:
                 break
             hits.append(blk)
-        self.prefix_queries += req.num_tokens
-        self.prefix_hits += len(hits) * bs
         return hits, len(hits) * bs
 
     # -- allocation -------------------------------------------------------------------------

@@ -156,6 +156,9 @@ class Scheduler:
             self.waiting.popleft()
             req.num_computed_tokens = num_hit
             req.num_cached_tokens = num_hit
+            if self.kv.enable_prefix_caching:
+                self.kv.prefix_queries += req.num_tokens
+                self.kv.prefix_hits += num_hit
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.new_requests.append(

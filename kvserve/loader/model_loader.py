@@ -100,6 +100,7 @@ def load_model(
     # Materialize on the target device in the compute dtype, then fill from the checkpoint;
     # rotary tables are recomputed because meta buffers hold no data.
     model = model.to_empty(device=device).to(torch_dtype)
+    model.tie_weights()  # to_empty gives each use of a shared parameter its own storage
     _reset_rotary(model)
     model.load_weights(weights)
     model.eval()

@@ -1,0 +1,7 @@
+"""`python -m kvserve` = the `kvserve` command."""
+
+import sys
+
+from kvserve.entrypoints.cli import main
+
+sys.exit(main())
