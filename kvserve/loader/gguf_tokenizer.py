@@ -1,0 +1,182 @@
+"""Build a `tokenizers.Tokenizer` from the vocabulary a GGUF file embeds.
+
+`tokenizer.ggml.model == "gpt2"` (byte-level BPE: GPT-2, Llama 3, Qwen, SmolLM, ...) is built
+here directly from `tokenizer.ggml.tokens` and `tokenizer.ggml.merges`, with the pre-tokenizer
+llama.cpp uses for the file's `tokenizer.ggml.pre` (the split regex the merges were learned on).
+Sentencepiece vocabularies (`"llama"`) go through transformers' GGUF converter.
+
+Token types (llama.cpp's `tokenizer.ggml.token_type`): 1 normal, 2 unknown, 3 control,
+4 user-defined, 5 unused, 6 byte. Control tokens become special added tokens and user-defined
+ones plain added tokens: llama.cpp matches both whole in the input text.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer as _HFTokenizer
+
+from kvserve.loader.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from kvserve.loader.gguf import GGUFFile
+
+logger = logging.getLogger(__name__)
+
+_NORMAL, _CONTROL, _USER_DEFINED = 1, 3, 4
+
+# llama.cpp's split regexes by `tokenizer.ggml.pre` (llama-vocab.cpp), in `tokenizers` syntax.
+# llama.cpp spells the contractions as explicit [sS] classes rather than (?i:...): Unicode case
+# folding would also let (?i:'s) match "'ſ".
+_CONTRACTIONS = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+_LLAMA3_SPLIT = (
+    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = (
+    _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Llama-3-style vocabularies: llama.cpp takes a pre-token that is itself in the vocab as one
+# token without running the merges (HF's tokenizer.json says the same: "ignore_merges": true),
+# and adds BOS unless the file says otherwise.
+_LLAMA3_PRE = {
+    "llama3", "llama-v3", "llama-bpe", "falcon3", "falcon-h1", "pixtral", "midm-2.0", "lfm2",
+    "jina-v5-nano",
+}
+_LLAMA3_REGEX_PRE = _LLAMA3_PRE | {"dbrx", "smaug-bpe"}
+_QWEN2_PRE = {"qwen2", "deepseek-r1-qwen", "stablelm2"}
+# StarCoder-family vocabularies split every numeric character off first (llama.cpp: "\p{N}";
+# their HF tokenizer.json: Digits(individual_digits=True)), then apply GPT-2's regex.
+_DIGITS_PRE = {"starcoder", "refact", "command-r", "smollm", "codeshell", "exaone", "minerva"}
+# GPT-2's regex. ("default" is approximated by it: llama.cpp's own default adds punctuation and
+# digit-run splits, but only old conversions without a `pre` name use it.)
+_GPT2_PRE = {"default", "gpt-2", "gpt2", "phi-2", "olmo", "jais", "mpt", "trillion"}
+
+
+def _byte_alphabet() -> dict[int, str]:
+    """GPT-2's byte -> printable character table: printable Latin-1 bytes stand for
+    themselves, the other 68 are shifted to U+0100 onwards (space -> 'Ġ', newline -> 'Ċ')."""
+    keep = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]  # '!'..'~', '¡'..'¬', '®'..'ÿ'
+    table = {b: chr(b) for b in keep}
+    shifted = 0
+    for b in range(256):
+        if b not in table:
+            table[b] = chr(256 + shifted)
+            shifted += 1
+    return table
+
+
+def _pre_tokenizer(pre: str | None) -> pre_tokenizers.PreTokenizer:
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # GPT-2 regex
+    if pre in _DIGITS_PRE:
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    split = _LLAMA3_SPLIT if pre in _LLAMA3_REGEX_PRE else _QWEN2_SPLIT if pre in _QWEN2_PRE else None
+    if split is not None:
+        return pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ])
+    if pre not in _GPT2_PRE and pre is not None:
+        logger.warning("unknown tokenizer.ggml.pre %r: using GPT-2's pre-tokenizer", pre)
+    return byte_level
+
+
+def _byte_level_bpe(gf: GGUFFile, tokens: list[str], types: list[int]) -> _HFTokenizer:
+    spell = _byte_alphabet()
+    alphabet = set(spell.values())
+    vocab: dict[str, int] = {}
+    for i, (tok, ttype) in enumerate(zip(tokens, types)):
+        # Normal tokens are stored in the byte alphabet; a few converters wrote raw text instead.
+        if ttype not in (_CONTROL, _USER_DEFINED) and not set(tok) <= alphabet:
+            tok = "".join(spell[b] for b in tok.encode("utf-8"))
+        if vocab.setdefault(tok, i) != i:
+            logger.debug("%s: duplicate token %r at id %d (keeping id %d)", gf.path, tok, i, vocab[tok])
+    merges: list[tuple[str, str]] = []
+    for m in gf.get("tokenizer.ggml.merges") or []:
+        parts = m.split(" ")
+        if len(parts) != 2:
+            raise ValueError(f"{gf.path}: malformed merge {m!r} in tokenizer.ggml.merges")
+        merges.append((parts[0], parts[1]))
+    pre = gf.get("tokenizer.ggml.pre")
+    try:
+        bpe = models.BPE(
+            vocab, merges, fuse_unk=False, byte_fallback=False, ignore_merges=pre in _LLAMA3_PRE
+        )
+    except Exception as e:  # tokenizers raises on merges that reference unknown tokens
+        raise ValueError(f"{gf.path}: inconsistent BPE vocab/merges: {e}") from e
+    backend = _HFTokenizer(bpe)
+    backend.pre_tokenizer = _pre_tokenizer(pre)
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _sentencepiece_via_transformers(gf: GGUFFile, tokens: list[str], types: list[int]) -> _HFTokenizer:
+    try:
+        from transformers.integrations.gguf import convert_gguf_tokenizer
+    except ImportError:  # transformers 4.x kept it in integrations/ggml.py
+        from transformers.integrations.ggml import convert_gguf_tokenizer
+    spec: dict[str, Any] = {"tokenizer_type": "llama", "tokens": tokens, "token_type": types}
+    for key, name in (
+        ("pre", "pre_tokenizer_type"), ("scores", "scores"), ("merges", "merges"),
+        ("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"),
+        ("unknown_token_id", "unk_token_id"), ("padding_token_id", "pad_token_id"),
+        ("add_space_prefix", "add_prefix_space"),
+    ):
+        value = gf.get(f"tokenizer.ggml.{key}")
+        if value is not None:
+            spec[name] = value
+    backend, _ = convert_gguf_tokenizer(gf.architecture, spec)
+    backend.post_processor = None  # BOS comes from Tokenizer.add_bos_token, as the file says
+    return backend
+
+
+def build_gguf_tokenizer(gf: GGUFFile) -> Tokenizer:
+    kind = gf.get("tokenizer.ggml.model")
+    tokens = gf.get("tokenizer.ggml.tokens")
+    if kind is None or not tokens:
+        raise ValueError(f"{gf.path} has no embedded tokenizer (tokenizer.ggml.model/tokens)")
+    types = gf.get("tokenizer.ggml.token_type") or [_NORMAL] * len(tokens)
+    if len(types) != len(tokens):
+        raise ValueError(f"{gf.path}: {len(types)} token types for {len(tokens)} tokens")
+    pre = gf.get("tokenizer.ggml.pre")
+    if kind == "gpt2":
+        backend = _byte_level_bpe(gf, tokens, types)
+        default_bos = pre in _LLAMA3_PRE
+    elif kind == "llama":
+        backend = _sentencepiece_via_transformers(gf, tokens, types)
+        default_bos = True  # llama.cpp adds BOS to sentencepiece vocabularies unless told not to
+    else:
+        raise ValueError(
+            f"{gf.path}: unsupported tokenizer.ggml.model {kind!r}; supported: 'gpt2', 'llama'"
+        )
+    control = [t for t, ty in zip(tokens, types) if ty == _CONTROL]
+    user = [t for t, ty in zip(tokens, types) if ty == _USER_DEFINED]
+    if control:
+        backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in control])
+    if user:
+        backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
+    if backend.get_vocab_size(with_added_tokens=True) != len(tokens):
+        logger.warning(
+            "%s: tokenizer has %d entries for %d GGUF tokens", gf.path,
+            backend.get_vocab_size(with_added_tokens=True), len(tokens),
+        )
+
+    def special(key: str) -> str | None:
+        token_id = gf.get(f"tokenizer.ggml.{key}")
+        return None if token_id is None else backend.id_to_token(int(token_id))
+
+    extra_eos = [gf.get(f"tokenizer.ggml.{k}") for k in ("eot_token_id", "eom_token_id")]
+    extra_eos += list(gf.get("tokenizer.ggml.eos_token_ids") or [])
+    add_bos = gf.get("tokenizer.ggml.add_bos_token")
+    return Tokenizer(
+        backend,
+        bos_token=special("bos_token_id"),
+        eos_token=special("eos_token_id"),
+        pad_token=special("padding_token_id"),
+        chat_template=gf.get("tokenizer.chat_template"),
+        add_bos_token=default_bos if add_bos is None else bool(add_bos),
+        extra_eos_token_ids=[int(e) for e in extra_eos if e is not None],
+    )
