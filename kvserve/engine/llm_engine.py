@@ -259,7 +259,15 @@ class LLMEngine:
                 comp.cumulative_logprob += entry[0]
         detok = group.detoks[idx]
         if detok is not None:
-            stop_str = detok.add_tokens(new_ids)
+            text_ids = new_ids
+            if (
+                req.status == RequestStatus.FINISHED_STOPPED
+                and text_ids
+                and not req.sampling_params.include_stop_str_in_output
+            ):
+                # The EOS / stop token that ended the request is not part of the text.
+                text_ids = text_ids[:-1]
+            stop_str = detok.add_tokens(text_ids)
             if stop_str is not None and not req.status.finished:
                 self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
                 req.stop_reason = stop_str

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -23,9 +24,13 @@ def _prompts() -> list[list[int]]:
 
 def hf_greedy(model, prompt: list[int], n: int) -> tuple[list[int], list[float], list[float]]:
     """HF's greedy tokens, their logprobs, and the top-two logprob margin at each step."""
+    # No EOS at all (rather than min_new_tokens, whose processor would mask EOS and change
+    # HF's choice where ours, with ignore_eos, may legitimately pick it).
+    cfg = copy.deepcopy(model.generation_config)
+    cfg.eos_token_id = []
     out = model.generate(
         torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        max_new_tokens=n, min_new_tokens=n, do_sample=False, output_logits=True,
+        generation_config=cfg, max_new_tokens=n, do_sample=False, output_logits=True,
         return_dict_in_generate=True, pad_token_id=0,
     )
     tokens = out.sequences[0, len(prompt):].tolist()
