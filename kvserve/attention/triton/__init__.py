@@ -18,7 +18,10 @@ __all__ = ["TritonBackend", "is_available"]
 
 def is_available() -> bool:
     """True when Triton is installed and a CUDA device is visible."""
-    if importlib.util.find_spec("triton") is None:
+    try:
+        if importlib.util.find_spec("triton") is None:
+            return False
+    except (ImportError, ValueError):  # e.g. sys.modules["triton"] set to None
         return False
     import torch
 

@@ -4,7 +4,10 @@ Per layer call: one launch writes the new K/V into the cache, then
 - pure-decode batches: the split-K decode kernel (+ its reduce when the context is split);
 - batches with prefill chunks: the varlen prefill kernel; decode rows of a mixed batch go to the
   decode kernel (`route_decodes=True`, the default: it splits long contexts across programs,
-  which the prefill kernel cannot) and the prefill kernel skips them.
+  which the prefill kernel cannot) and the prefill kernel skips them. Measured on an H200 with
+  Llama-3.1-8B shapes: 2 x 1024-token prefills + 64 decodes at 1k-8k took 746-799 us routed
+  against 953-1041 us through the prefill kernel alone; 512-token chunk + 128 decodes at 4k,
+  717-782 against 1055.
 
 No host syncs: every launch parameter comes from metadata's host-side ints and lists, and the
 per-step plan (split count, scratch buffers) is built once and kept in
@@ -15,6 +18,7 @@ stay correct.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -25,16 +29,17 @@ from kvserve.attention.triton.kv_write import write_kv_cache_triton
 from kvserve.attention.triton.prefill import prefill_attention
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_NUM_SMS: dict[int, int] = {}
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 132  # only reached under TRITON_INTERPRET on the CPU
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _NUM_SMS:
-        _NUM_SMS[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _NUM_SMS[index]
+    return _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 @dataclass
@@ -123,7 +128,7 @@ class TritonBackend(AttentionBackend):
             return None
         key = (q.shape[1], q.shape[2])
         if key not in plan.partials:
-            plan.partials[key] = alloc_partials(num_seqs, *key, plan.num_splits, q.device)
+            plan.partials[key] = alloc_partials(num_seqs, key[0], plan.num_splits, key[1], q.device)
         return plan.partials[key]
 
     @staticmethod

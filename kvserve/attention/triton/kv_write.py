@@ -32,8 +32,10 @@ def _write_kv_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     mask = (offs_h < num_kv_heads)[:, None]
     tok64 = tok.to(tl.int64)
-    k = tl.load(k_ptr + tok64 * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
-    v = tl.load(v_ptr + tok64 * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+    k_src = k_ptr + tok64 * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :]
+    v_src = v_ptr + tok64 * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :]
+    k = tl.load(k_src, mask=mask)  # [H_PAD, HEAD_DIM]
+    v = tl.load(v_src, mask=mask)
     dst = cache_ptr + slot * stride_slot + offs_h[:, None] * stride_head + offs_d[None, :]
     tl.store(dst, k.to(cache_ptr.dtype.element_ty), mask=mask)
     tl.store(dst + stride_plane, v.to(cache_ptr.dtype.element_ty), mask=mask)
