@@ -41,6 +41,8 @@ class AttentionMetadata:
     block_size: int
     # True when every sequence is a decode (query length 1): lets backends take a fast path.
     is_pure_decode: bool = False
+    # True when slot_mapping holds -1 entries (padded CUDA-graph batches).
+    has_padding: bool = False
     # Per-step scratch space a backend fills on the first layer and reuses on the others
     # (index tensors, kernel launch plans). Keyed by backend name.
     backend_cache: dict[str, Any] = field(default_factory=dict)
@@ -71,12 +73,19 @@ class AttentionBackend(ABC):
 
 
 def write_kv_cache(
-    k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    k: torch.Tensor,
+    v: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    has_padding: bool | None = None,
 ) -> None:
-    """Scatter this step's K/V into their cache slots (PyTorch version; slot -1 skipped)."""
+    """Scatter this step's K/V into their cache slots (PyTorch version; slot -1 skipped).
+    `has_padding=None` checks the slots for -1 itself (a device sync)."""
     num_blocks, block_size = kv_cache.shape[1], kv_cache.shape[2]
     flat = kv_cache.view(2, num_blocks * block_size, *kv_cache.shape[3:])
-    if bool((slot_mapping < 0).any()):
+    if has_padding is None:
+        has_padding = bool((slot_mapping < 0).any())
+    if has_padding:
         keep = slot_mapping >= 0
         k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
     flat[0].index_copy_(0, slot_mapping, k.to(kv_cache.dtype))

@@ -26,8 +26,8 @@ class TorchRefBackend(AttentionBackend):
         scale: float,
         sliding_window: int | None = None,
     ) -> torch.Tensor:
-        write_kv_cache(k, v, kv_cache, metadata.slot_mapping)
-        plan = _plan(metadata, kv_cache.device)
+        write_kv_cache(k, v, kv_cache, metadata.slot_mapping, metadata.has_padding)
+        plan = _plan(metadata, kv_cache.device, sliding_window is not None)
         out = torch.empty_like(q)
         if plan.decode_rows is not None:
             out[plan.decode_rows] = _decode(
@@ -44,17 +44,19 @@ class TorchRefBackend(AttentionBackend):
 class _Plan:
     """Per-step index tensors shared by every layer (built on the first layer's call)."""
 
-    __slots__ = ("decode_rows", "decode_slots", "decode_mask", "decode_pos", "prefills")
+    __slots__ = ("decode_rows", "decode_tables", "decode_len", "decode_mask", "decode_pos", "prefills")
 
     def __init__(self) -> None:
         self.decode_rows: torch.Tensor | None = None  # [B] query rows of the decodes
-        self.decode_slots: torch.Tensor | None = None  # [B, maxL] cache slot of each key
-        self.decode_mask: torch.Tensor | None = None  # [B, maxL] True = key is valid
+        self.decode_tables: torch.Tensor | None = None  # [B, nblk] block ids
+        self.decode_len = 0  # longest decode context
+        # [B, maxL] True = key is valid; None when no key needs masking (a single sequence).
+        self.decode_mask: torch.Tensor | None = None
         self.decode_pos: torch.Tensor | None = None  # [B] position of each decode query
         self.prefills: list[tuple[int, int, int, int]] = []  # (row0, row1, ctx_len, seq)
 
 
-def _plan(md: AttentionMetadata, device: torch.device) -> _Plan:
+def _plan(md: AttentionMetadata, device: torch.device, sliding: bool) -> _Plan:
     cached = md.backend_cache.get("torch_ref")
     if cached is not None:
         return cached
@@ -71,16 +73,16 @@ def _plan(md: AttentionMetadata, device: torch.device) -> _Plan:
             plan.prefills.append((qsl[i], qsl[i + 1], lens[i] - ql, i))
     if dec_rows:
         max_len = max(lens[i] for i in dec_seqs)
-        seq_idx = torch.tensor(dec_seqs, device=device)
-        seq_lens = md.seq_lens.to(device)[seq_idx].long()  # [B]
-        pos = torch.arange(max_len, device=device)  # [maxL]
         nblk = (max_len + bs - 1) // bs
-        tables = md.block_tables[seq_idx, :nblk].long()  # [B, nblk]
-        slots = tables[:, pos // bs] * bs + pos % bs  # [B, maxL]
+        seq_idx = torch.tensor(dec_seqs, device=device)
         plan.decode_rows = torch.tensor(dec_rows, device=device)
-        plan.decode_mask = pos[None, :] < seq_lens[:, None]
-        plan.decode_slots = torch.where(plan.decode_mask, slots, 0)
-        plan.decode_pos = seq_lens - 1
+        plan.decode_tables = md.block_tables[seq_idx, :nblk].long()  # [B, nblk]
+        plan.decode_len = max_len
+        if len(dec_seqs) > 1 or sliding:
+            seq_lens = md.seq_lens.to(device)[seq_idx].long()  # [B]
+            pos = torch.arange(max_len, device=device)  # [maxL]
+            plan.decode_mask = pos[None, :] < seq_lens[:, None]  # [B, maxL]
+            plan.decode_pos = seq_lens - 1
     md.backend_cache["torch_ref"] = plan
     return plan
 
@@ -92,18 +94,19 @@ def _decode(
     scale: float,
     sliding_window: int | None,
 ) -> torch.Tensor:
-    num_blocks, block_size, hkv, d = kv_cache.shape[1:]
-    flat = kv_cache.view(2, num_blocks * block_size, hkv, d)
-    keys = flat[0][plan.decode_slots].transpose(1, 2)  # [B, Hkv, maxL, D]
-    vals = flat[1][plan.decode_slots].transpose(1, 2)  # [B, Hkv, maxL, D]
+    hkv, d = kv_cache.shape[3:]
+    b = plan.decode_tables.shape[0]
+    # Gather whole blocks (one index per block, not per token), then trim to the longest context.
+    keys = kv_cache[0][plan.decode_tables].view(b, -1, hkv, d)[:, : plan.decode_len]  # [B, maxL, Hkv, D]
+    vals = kv_cache[1][plan.decode_tables].view(b, -1, hkv, d)[:, : plan.decode_len]
     mask = plan.decode_mask
     if sliding_window is not None:
         pos = torch.arange(mask.shape[1], device=mask.device)
         mask = mask & (pos[None, :] > plan.decode_pos[:, None] - sliding_window)
     out = F.scaled_dot_product_attention(
         q.unsqueeze(2).to(keys.dtype),  # [B, Hq, 1, D]
-        keys, vals,
-        attn_mask=mask[:, None, None, :],  # [B, 1, 1, maxL]
+        keys.transpose(1, 2), vals.transpose(1, 2),  # [B, Hkv, maxL, D]
+        attn_mask=None if mask is None else mask[:, None, None, :],  # [B, 1, 1, maxL]
         scale=scale,
         enable_gqa=q.shape[1] != hkv,
     )

@@ -107,6 +107,10 @@ def load_model(
     model.load_weights(weights)
     model.eval()
     model.requires_grad_(False)
+    from kvserve.models.cpu_linear import prepack_linears, prepack_supported
+
+    if prepack_supported(device, torch_dtype):
+        prepack_linears(model)
 
     eos: set[int] = set(cfg.eos_token_ids)
     gen_eos = gen_defaults.get("eos_token_id")
