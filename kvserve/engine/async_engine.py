@@ -1,0 +1,267 @@
+"""asyncio front for `LLMEngine`: the step loop runs in a background thread.
+
+`LLMEngine.step()` is blocking torch work and the engine is not thread-safe, so one dedicated
+thread owns it. Everything else talks to that thread through a thread-safe command queue (add,
+abort, stop) that it drains between steps; results travel back to the asyncio loop with one
+`loop.call_soon_threadsafe` per step, into one `asyncio.Queue` per request. When no request is
+unfinished the thread blocks on the command queue (no busy spin).
+
+Invariants:
+- every request added ends on its stream with a finished `RequestOutput`, an exception, or
+  (when its consumer aborted it) nothing more: a waiting consumer never hangs. A failed step
+  fails every request then in the engine; a dead engine thread or `shutdown()` fails every
+  request still waiting and every later `add_request`.
+- `abort(request_id)` frees the request's KV blocks before the thread next blocks or steps.
+- `stats()` is a snapshot taken by the engine thread after each step and before it idles.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from typing import Any, AsyncIterator
+
+from kvserve.core.sampling_params import SamplingParams
+from kvserve.engine.llm_engine import LLMEngine, PromptType
+from kvserve.engine.outputs import RequestOutput
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine thread has stopped (shut down or crashed); no request can be served."""
+
+
+class EngineStepError(RuntimeError):
+    """A step of the engine failed while this request was in it (a server-side error)."""
+
+
+class RequestStream:
+    """Async iterator over one request's outputs (cumulative `RequestOutput`s, last one
+    finished). Raises whatever error the engine thread delivered for it."""
+
+    def __init__(self, request_id: str, n: int = 1) -> None:
+        self.request_id = request_id
+        self.n = n  # completions the request carries
+        self.queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self.finished = False
+
+    def __aiter__(self) -> RequestStream:
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item.finished:
+            self.finished = True
+        return item
+
+    def put(self, item: RequestOutput | BaseException) -> None:
+        self.queue.put_nowait(item)
+
+
+class AsyncLLMEngine:
+    """Serve an `LLMEngine` to asyncio code. Call `start()` from inside the running loop."""
+
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.model_name = engine.model_name
+        self.max_model_len = engine.max_model_len
+        self.vocab_size = engine.model_config.vocab_size
+        self._commands: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._dead: BaseException | None = None
+        self._stats: dict[str, float] = dict(engine.stats())
+        # Owned by the engine thread: the streams of requests now in the engine.
+        self._active: dict[str, RequestStream] = {}
+        self.last_step_time = 0.0
+
+    # -- lifecycle --------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._run, name="kvserve-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and self._dead is None
+
+    @property
+    def dead_error(self) -> BaseException | None:
+        return self._dead
+
+    def stop(self) -> None:
+        """Ask the engine thread to stop after its current step (thread-safe, returns at once);
+        requests still in it get `EngineDeadError`."""
+        self._commands.put(("stop",))
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        """`stop()`, then wait for the engine thread to end."""
+        thread = self._thread
+        if thread is None:
+            return
+        self.stop()
+        await asyncio.to_thread(thread.join, timeout)
+        if thread.is_alive():
+            logger.warning("engine thread did not stop within %.0f s", timeout)
+
+    # -- requests ---------------------------------------------------------------------------
+    async def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams) -> RequestStream:
+        """Queue a request; returns once the engine thread has accepted it. Raises ValueError
+        for input the engine refuses and EngineDeadError when the engine is not running."""
+        self._check_alive()
+        stream = RequestStream(request_id, params.n)
+        accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._commands.put(("add", request_id, prompt, params, stream, accepted))
+        try:
+            await accepted
+        except asyncio.CancelledError:
+            self.abort(request_id)  # the client left before the engine saw the request
+            raise
+        return stream
+
+    async def generate(
+        self, prompt: PromptType, params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """Yield this request's outputs until it finishes. Closing or cancelling the iterator
+        aborts the request."""
+        stream = await self.add_request(request_id, prompt, params)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            if not stream.finished:
+                self.abort(request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Stop decoding the request and free its blocks (no-op if it is already done)."""
+        self._commands.put(("abort", request_id))
+
+    def stats(self) -> dict[str, float]:
+        return self._stats
+
+    def _check_alive(self) -> None:
+        if self._thread is None:
+            raise EngineDeadError("the engine has not been started")
+        if self._dead is not None or not self._thread.is_alive():
+            raise EngineDeadError(f"the engine is not running ({self._dead or 'stopped'})")
+
+    # -- the engine thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        try:
+            while True:
+                if not self._drain_commands(block=not self.engine.has_unfinished_requests()):
+                    break
+                if not self.engine.has_unfinished_requests():
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    outputs = self.engine.step()
+                except Exception as e:  # a bug or a device error: fail the batch, keep serving
+                    logger.exception("engine step failed; failing %d request(s)", len(self._active))
+                    self._fail_all(EngineStepError(f"engine step failed: {type(e).__name__}: {e}"))
+                    continue
+                self.last_step_time = time.perf_counter() - t0
+                self._deliver(outputs)
+                self._stats = dict(self.engine.stats())
+            self._dead = EngineDeadError("the engine was shut down")
+        except BaseException as e:  # pragma: no cover - the thread itself broke
+            logger.exception("engine thread died")
+            self._dead = EngineDeadError(f"the engine thread died: {type(e).__name__}: {e}")
+        finally:
+            self._fail_all(self._dead or EngineDeadError("the engine stopped"))
+
+    def _drain_commands(self, block: bool) -> bool:
+        """Apply queued commands; wait for one first when `block`. False means stop."""
+        if block:
+            self._stats = dict(self.engine.stats())
+            cmds = [self._commands.get()]
+        else:
+            cmds = []
+        while True:
+            try:
+                cmds.append(self._commands.get_nowait())
+            except queue.Empty:
+                break
+        for cmd in cmds:
+            kind = cmd[0]
+            if kind == "stop":
+                return False
+            if kind == "add":
+                self._add(*cmd[1:])
+            elif kind == "abort":
+                rid = cmd[1]
+                if self._active.pop(rid, None) is not None:
+                    self.engine.abort_request(rid)
+        if cmds and not self.engine.has_unfinished_requests():
+            self._stats = dict(self.engine.stats())
+        return True
+
+    def _add(self, rid: str, prompt: PromptType, params: SamplingParams, stream: RequestStream,
+             accepted: asyncio.Future[None]) -> None:
+        try:
+            if rid in self._active:
+                raise ValueError(f"request id {rid!r} is already in use")
+            self.engine.add_request(rid, prompt, params)
+        except Exception as e:
+            self._call(_resolve, accepted, e)
+            return
+        self._active[rid] = stream
+        self._call(_resolve, accepted, None)
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        batch = []
+        for out in outputs:
+            stream = self._active.get(out.request_id)
+            if stream is None:
+                continue
+            if out.finished:
+                del self._active[out.request_id]
+            batch.append((stream, out))
+        if batch:
+            self._call(_put_all, batch)
+
+    def _fail_all(self, error: BaseException) -> None:
+        if not self._active:
+            return
+        streams = list(self._active.items())
+        self._active.clear()
+        try:
+            self.engine.abort_request([rid for rid, _ in streams])
+        except Exception:  # pragma: no cover - the engine is already broken
+            logger.exception("aborting failed requests also failed")
+        self._call(_put_all, [(s, error) for _, s in streams])
+
+    def _call(self, fn: Any, *args: Any) -> None:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        try:
+            loop.call_soon_threadsafe(fn, *args)
+        except RuntimeError:  # the loop closed meanwhile
+            pass
+
+
+def _resolve(fut: asyncio.Future[None], error: BaseException | None) -> None:
+    if fut.done():
+        return
+    if error is None:
+        fut.set_result(None)
+    else:
+        fut.set_exception(error)
+
+
+def _put_all(batch: list[tuple[RequestStream, RequestOutput | BaseException]]) -> None:
+    for stream, item in batch:
+        stream.put(item)

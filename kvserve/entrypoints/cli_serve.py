@@ -1,0 +1,75 @@
+"""`kvserve serve`: the OpenAI-compatible HTTP server (FastAPI + uvicorn)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+logger = logging.getLogger(__name__)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from kvserve.entrypoints.cli import add_engine_args
+
+    p = sub.add_parser("serve", help="serve the model over an OpenAI-compatible HTTP API")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port to bind (default: %(default)s)")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $KVSERVE_API_KEY, else none)")
+    p.add_argument("--served-model-name", nargs="+", default=None,
+                   help="model name(s) clients use; the first is reported in responses (default: --model)")
+    p.add_argument("--allow-request-chat-template", action="store_true",
+                   help="let requests carry their own chat_template (runs client-supplied Jinja in a sandbox)")
+    p.add_argument("--cors-origin", action="append", default=None, metavar="ORIGIN",
+                   help="allow browser requests from ORIGIN (repeatable; '*' for any). CORS is off by default")
+    p.add_argument("--max-request-body-mb", type=float, default=8.0,
+                   help="larger request bodies get 413 (default: %(default)s)")
+    p.add_argument("--shutdown-timeout", type=float, default=10.0,
+                   help="on SIGINT/SIGTERM, seconds in-flight requests get to finish; those still running then "
+                        "end with an error (default: %(default)s)")
+    p.add_argument("--uvicorn-log-level", default="info", help="uvicorn's log level (default: %(default)s)")
+    p.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    add_engine_args(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from kvserve.engine.arg_utils import EngineArgs
+    from kvserve.engine.async_engine import AsyncLLMEngine
+    from kvserve.engine.llm_engine import LLMEngine
+    from kvserve.entrypoints.cli import engine_kwargs
+    from kvserve.entrypoints.server import build_app
+    from kvserve.entrypoints.server.uvicorn_server import HARD_STOP_MARGIN_S, GracefulServer
+
+    if not 0 <= args.port < 65536:
+        raise ValueError(f"--port must be in [0, 65535] (got {args.port})")
+    if args.max_request_body_mb <= 0:
+        raise ValueError(f"--max-request-body-mb must be > 0 (got {args.max_request_body_mb})")
+    if args.shutdown_timeout < 0:
+        raise ValueError(f"--shutdown-timeout must be >= 0 (got {args.shutdown_timeout})")
+    api_key = args.api_key or os.environ.get("KVSERVE_API_KEY") or None
+    names = args.served_model_name or [args.model]
+    engine = LLMEngine(EngineArgs.from_kwargs(args.model, served_model_name=names[0], **engine_kwargs(args)))
+    async_engine = AsyncLLMEngine(engine)
+    app = build_app(
+        async_engine, served_model_name=names, api_key=api_key,
+        allow_request_chat_template=args.allow_request_chat_template, cors_origins=args.cors_origin,
+        max_body_bytes=int(args.max_request_body_mb * (1 << 20)),
+    )
+    print(
+        f"kvserve: serving {names[0]!r} on http://{args.host}:{args.port} "
+        f"(max_model_len {engine.max_model_len}, API key {'required' if api_key else 'off'})",
+        file=sys.stderr, flush=True,
+    )
+    config = uvicorn.Config(
+        app, host=args.host, port=args.port, log_level=args.uvicorn_log_level.lower(),
+        access_log=args.access_log, timeout_graceful_shutdown=args.shutdown_timeout + HARD_STOP_MARGIN_S,
+        # One HTTP request's handling never blocks the loop; the engine steps in its own thread.
+        loop="asyncio", http="h11", lifespan="on",
+    )
+    GracefulServer(config, async_engine, args.shutdown_timeout).run()
+    return 0

@@ -1,0 +1,329 @@
+"""What the completion and chat handlers share: reading the body, checking the model name,
+building SamplingParams, checking the context window, adding requests, following several
+engine streams at once, and noticing a client that went away."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from contextlib import aclosing
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, TypeVar
+
+from fastapi import Request
+from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+from pydantic import BaseModel, ValidationError
+
+from kvserve.core.sampling_params import SamplingParams
+from kvserve.engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
+from kvserve.engine.outputs import RequestOutput
+from kvserve.entrypoints.server.errors import APIError, bad_request, from_validation_error, from_value_error
+from kvserve.entrypoints.server.metrics import ServerMetrics
+from kvserve.entrypoints.server.protocol import SamplingRequest
+
+logger = logging.getLogger(__name__)
+
+M = TypeVar("M", bound=BaseModel)
+
+MAX_N = 128  # most completions one request may ask for (n x prompts)
+_SEED_MIN, _SEED_MAX = -(1 << 63), (1 << 63) - 1
+_SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+@dataclass
+class ServerState:
+    engine: AsyncLLMEngine
+    served_model_names: list[str]
+    metrics: ServerMetrics
+    allow_request_chat_template: bool = False
+    max_body_bytes: int = 8 << 20
+    generation_defaults: dict[str, Any] = field(default_factory=dict)
+    model_root: str | None = None
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_names[0]
+
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name not in self.served_model_names:
+            raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
+
+
+# -- request body -------------------------------------------------------------------------------
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+async def read_body(request: Request, state: ServerState) -> bytes:
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > state.max_body_bytes:
+        raise body_too_large(state.max_body_bytes)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > state.max_body_bytes:
+            raise body_too_large(state.max_body_bytes)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def body_too_large(limit: int) -> APIError:
+    return APIError(413, f"request body is larger than {limit} bytes", code="request_too_large")
+
+
+async def parse_request(request: Request, state: ServerState, model: type[M]) -> M:
+    body = await read_body(request, state)
+    try:
+        data = json.loads(body, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise bad_request(f"request body is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise bad_request("request body must be a JSON object")
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise from_validation_error(e) from None
+
+
+# -- sampling params ----------------------------------------------------------------------------
+def build_sampling_params(
+    req: SamplingRequest,
+    state: ServerState,
+    *,
+    max_tokens: int | None,
+    logprobs: int | None,
+    prompt_logprobs: int | None = None,
+) -> SamplingParams:
+    vocab = state.engine.vocab_size
+    if req.best_of is not None and req.best_of != req.n:
+        raise bad_request("best_of is not supported (only best_of == n)", param="best_of")
+    if isinstance(req.n, int) and req.n > MAX_N:
+        raise bad_request(f"n must be <= {MAX_N} (got {req.n})", param="n")
+    if req.seed is not None and not _SEED_MIN <= req.seed <= _SEED_MAX:
+        raise bad_request(f"seed must be a 64-bit signed integer (got {req.seed})", param="seed")
+    if req.logit_bias:
+        for key in req.logit_bias:
+            if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab:
+                raise bad_request(f"logit_bias keys must be token ids in [0, {vocab}) (got {key!r})", param="logit_bias")
+    defaults = state.generation_defaults
+    top_k = req.top_k if req.top_k is not None else defaults.get("top_k", -1)
+    if isinstance(top_k, int) and top_k > vocab:
+        top_k = -1  # keeping more tokens than exist is the same as keeping all of them
+    kwargs: dict[str, Any] = dict(
+        n=req.n,
+        temperature=_pick(req.temperature, defaults, "temperature", 1.0),
+        top_p=_pick(req.top_p, defaults, "top_p", 1.0),
+        top_k=top_k,
+        min_p=_pick(req.min_p, defaults, "min_p", 0.0),
+        repetition_penalty=_pick(req.repetition_penalty, defaults, "repetition_penalty", 1.0),
+        presence_penalty=req.presence_penalty or 0.0,
+        frequency_penalty=req.frequency_penalty or 0.0,
+        logit_bias={int(k): v for k, v in req.logit_bias.items()} if req.logit_bias else None,
+        seed=req.seed,
+        max_tokens=max_tokens,
+        min_tokens=req.min_tokens,
+        stop=req.stop,
+        stop_token_ids=req.stop_token_ids,
+        ignore_eos=req.ignore_eos,
+        skip_special_tokens=req.skip_special_tokens,
+        include_stop_str_in_output=req.include_stop_str_in_output,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+    )
+    try:
+        return SamplingParams(**kwargs)
+    except ValueError as e:
+        raise from_value_error(e) from None
+
+
+def _pick(value: Any, defaults: dict[str, Any], key: str, fallback: Any) -> Any:
+    if value is not None:
+        return value
+    d = defaults.get(key)
+    return fallback if d is None else d
+
+
+def generation_defaults(engine: Any) -> dict[str, Any]:
+    """Sampling defaults from the checkpoint's generation_config.json (as LLM does)."""
+    gen = getattr(getattr(engine, "loaded", None), "generation_defaults", None) or {}
+    out = {k: gen[k] for k in _SAMPLING_DEFAULT_KEYS if gen.get(k) is not None}
+    if gen.get("do_sample") is False:
+        out["temperature"] = 0.0
+    return out
+
+
+def check_context(state: ServerState, num_prompt_tokens: int, max_tokens: int | None, min_tokens: int,
+                  what: str = "prompt") -> None:
+    """OpenAI/vLLM behaviour: a prompt (plus the requested completion) that does not fit the
+    context window is a 400, not a silently shortened completion."""
+    limit = state.engine.max_model_len
+    if num_prompt_tokens >= limit:
+        raise bad_request(
+            f"This model's maximum context length is {limit} tokens. However, your {what} is "
+            f"{num_prompt_tokens} tokens, which leaves no room for a completion. "
+            f"Please reduce the length of the {what}.",
+            param="messages" if what == "messages" else "prompt", code="context_length_exceeded",
+        )
+    if max_tokens is not None and num_prompt_tokens + max_tokens > limit:
+        raise bad_request(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the {what}, "
+            f"{max_tokens} in the completion). Please reduce the length of the {what} or completion.",
+            param="max_tokens", code="context_length_exceeded",
+        )
+    if min_tokens and num_prompt_tokens + min_tokens > limit:
+        raise bad_request(
+            f"min_tokens={min_tokens} cannot be reached: only {limit - num_prompt_tokens} tokens fit "
+            f"after the {what}", param="min_tokens",
+        )
+
+
+def check_token_ids(state: ServerState, ids: list[int], param: str) -> None:
+    vocab = state.engine.vocab_size
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise bad_request(f"{param} must hold token ids in [0, {vocab}) (got {bad})", param=param)
+
+
+def check_stream_options(req: SamplingRequest) -> bool:
+    """Whether to send a final usage chunk."""
+    if req.stream_options is not None and not req.stream:
+        raise bad_request("stream_options is only allowed with stream=true", param="stream_options")
+    return bool(req.stream and req.stream_options and req.stream_options.include_usage)
+
+
+# -- engine requests ----------------------------------------------------------------------------
+async def add_requests(
+    state: ServerState, items: list[tuple[str, dict[str, Any], SamplingParams]]
+) -> list[RequestStream]:
+    """Add every request or none: a refusal aborts those already added and becomes a 400."""
+    streams: list[RequestStream] = []
+    try:
+        for rid, prompt, params in items:
+            streams.append(await state.engine.add_request(rid, prompt, params))
+    except ValueError as e:
+        abort_all(state, streams)
+        raise from_value_error(e, default_param="prompt") from None
+    except EngineDeadError as e:
+        abort_all(state, streams)
+        raise APIError(503, str(e)) from None
+    except BaseException:
+        abort_all(state, streams)
+        raise
+    return streams
+
+
+def abort_all(state: ServerState, streams: list[RequestStream]) -> None:
+    """Abort every stream that has not finished (the client left, or the request failed)."""
+    for s in streams:
+        if not s.finished:
+            s.finished = True
+            state.engine.abort(s.request_id)
+            state.metrics.count_abort(s.n)
+
+
+async def merge_streams(streams: list[RequestStream]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Outputs of several streams as they come, tagged with the stream's index."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(i: int, stream: RequestStream) -> None:
+        try:
+            async for out in stream:
+                queue.put_nowait((i, out))
+        except Exception as e:
+            queue.put_nowait((i, e))
+        queue.put_nowait((i, None))
+
+    tasks = [asyncio.create_task(pump(i, s)) for i, s in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            i, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+async def collect_final(
+    request: Request, state: ServerState, streams: list[RequestStream], tracker_list: list[Any]
+) -> list[RequestOutput] | None:
+    """Run the streams to completion; None if the client disconnected first (then every
+    stream is aborted, freeing its blocks)."""
+    finals: list[RequestOutput | None] = [None] * len(streams)
+
+    async def consume() -> None:
+        async with aclosing(merge_streams(streams)) as outputs:
+            async for i, out in outputs:
+                tracker_list[i].observe(out)
+                finals[i] = out
+
+    work = asyncio.create_task(consume())
+    watch = asyncio.create_task(wait_for_disconnect(request))
+    try:
+        await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not work.done():
+            work.cancel()
+            abort_all(state, streams)
+        watch.cancel()
+    if not work.done() or work.cancelled():
+        return None
+    work.result()  # re-raise an engine error
+    return [f for f in finals if f is not None]
+
+
+async def wait_for_disconnect(request: Request) -> None:
+    """Returns when the client closes the connection (the body was already read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+# -- server-sent events ------------------------------------------------------------------------------
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+SSE_DONE = "data: [DONE]\n\n"
+
+
+def to_sse(chunk: BaseModel) -> str:
+    """One `data:` event. A chunk's `usage` is left out unless set, and a chat delta shows only
+    the fields it carries (as OpenAI sends them)."""
+    data = chunk.model_dump()
+    if data.get("usage") is None:
+        data.pop("usage", None)
+    for choice in data.get("choices", ()):
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            choice["delta"] = {k: v for k, v in delta.items() if v is not None}
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class SSEResponse(StreamingResponse):
+    """A text/event-stream response that always closes its event generator, so the
+    generator's cleanup (aborting its engine requests) runs as soon as the client leaves,
+    wherever the generator was suspended."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, content: AsyncIterator[str]) -> None:
+        super().__init__(content, media_type=self.media_type, headers=SSE_HEADERS)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
