@@ -149,12 +149,13 @@ class ModelRunner:
             out.prompt_logprobs[rid] = compute_logprobs(logits, targets, [st.sampling_params.prompt_logprobs] * n)
         if sample_rows:
             logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])  # [N, V]
-            batch = SamplingBatch(
-                params=[self.states[r].sampling_params for r in sample_reqs],
+            states = [self.states[r] for r in sample_reqs]
+            batch = SamplingBatch(  # token lists are passed, not sliced: only penalty rows read them
+                params=[st.sampling_params for st in states],
                 generators=[self.generators.get(r) for r in sample_reqs],
-                prompt_token_ids=[self.states[r].token_ids[: self.states[r].num_prompt_tokens] for r in sample_reqs],
-                output_token_ids=[self.states[r].token_ids[self.states[r].num_prompt_tokens :] for r in sample_reqs],
-                eos_token_ids=[self.eos_token_ids] * len(sample_reqs),
+                token_ids=[st.token_ids for st in states],
+                num_prompt_tokens=[st.num_prompt_tokens for st in states],
+                eos_token_ids=self.eos_token_ids,
             )
             result = self.sampler(logits, batch)
             for i, rid in enumerate(sample_reqs):

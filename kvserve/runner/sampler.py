@@ -1,41 +1,83 @@
 """Batched sampling: each row gets its own settings in one pass over the batch.
 
-Tensors are built only for the knobs some row uses; an all-greedy batch with no penalties is a
-single argmax. Random rows draw with the exponential-race trick (argmax of p / Exp(1) noise,
-equivalent to sampling from p) so each seeded row can take its noise from its own generator:
-a seeded request yields the same tokens whatever else shares the batch.
-Logprobs are reported from the model's raw distribution (before penalties/temperature), as
-vLLM and the OpenAI API do.
+Work is done only for the rows, and only with the tensors, that a knob needs: an all-greedy batch
+with no penalties is one argmax; penalties, logit_bias and min_tokens touch only the rows that set
+them; top-k / top-p need a partial sort of the rows that set them (top-p first tries the few
+hundred most likely tokens and falls back to a wider sort only for rows whose nucleus is wider).
+
+A random row draws ONE uniform number per step, from its own generator when seeded, and picks the
+token by inverse CDF over the kept tokens in vocabulary order. So a seeded request yields the same
+tokens whatever else shares the batch (the kept set depends only on the row's own values, never
+on the batch's sort widths or tie order), and a preempted request resumes its stream exactly. The
+CDF is accumulated in float64 through per-block sums, so no token's probability is lost to fp32
+rounding of a 50k-long running sum.
+
+Order of operations (as in vLLM): repetition penalty -> presence/frequency penalties ->
+logit_bias -> min_tokens ban -> (random rows) temperature -> min_p / top-k / top-p -> draw.
+Logprobs are reported from the model's raw distribution (before any of this), as vLLM and the
+OpenAI API do.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from kvserve.core.sampling_params import SamplingParams
+
+# Top-p rows first try this many sorted candidates, then the next width, then a full sort.
+_TOP_P_WIDTHS = (256, 4096)
+# Vocabulary block size of the two-level (block sums, then one block) inverse CDF.
+_CDF_BLOCK = 256
+
+# (chosen token logprob, its rank (1 = most likely), top ids, top logprobs)
+LogprobEntry = tuple[float, int, list[int], list[float]]
 
 
 @dataclass
 class SamplingBatch:
+    """One row per request sampled this step."""
+
     params: list[SamplingParams]
-    generators: list[torch.Generator | None]  # per row; None = the runner's shared generator
-    prompt_token_ids: list[list[int]]  # for repetition_penalty
-    output_token_ids: list[list[int]]  # for penalties and min_tokens
-    eos_token_ids: list[frozenset[int]]
+    generators: list[torch.Generator | None]  # per row; None = the sampler's shared generator
+    token_ids: list[list[int]]  # per row: prompt + output so far (read, never copied or changed)
+    num_prompt_tokens: list[int]
+    eos_token_ids: frozenset[int] = frozenset()
+
+    @classmethod
+    def from_lists(
+        cls,
+        params: list[SamplingParams],
+        prompt_token_ids: list[list[int]],
+        output_token_ids: list[list[int]],
+        eos_token_ids: frozenset[int] | set[int] = frozenset(),
+        generators: list[torch.Generator | None] | None = None,
+    ) -> SamplingBatch:
+        return cls(
+            params, generators or [None] * len(params),
+            [list(p) + list(o) for p, o in zip(prompt_token_ids, output_token_ids)],
+            [len(p) for p in prompt_token_ids], frozenset(eos_token_ids),
+        )
 
     @property
     def all_greedy(self) -> bool:
         return all(p.greedy for p in self.params)
+
+    def num_output_tokens(self, i: int) -> int:
+        return len(self.token_ids[i]) - self.num_prompt_tokens[i]
+
+    def output_ids(self, i: int) -> list[int]:
+        return self.token_ids[i][self.num_prompt_tokens[i] :]
 
 
 @dataclass
 class SamplerOutput:
     token_ids: list[int]
     # Present only when some row asked for logprobs (rows that did not hold None).
-    logprobs: list[tuple[float, int, list[int], list[float]] | None] = field(default_factory=list)
-    # each: (chosen token logprob, its rank (1 = most likely), top ids, top logprobs)
+    logprobs: list[LogprobEntry | None] = field(default_factory=list)
 
 
 class Sampler:
@@ -46,122 +88,255 @@ class Sampler:
         # logits: [N, V] fp32
         raw = logits
         logits = self.process_logits(logits, batch)
-        if batch.all_greedy:
-            tokens = logits.argmax(dim=-1)
-        else:
-            tokens = self._sample(logits, batch)
-        token_list = tokens.tolist()
-        out = SamplerOutput(token_list)
-        if any(p.logprobs is not None for p in batch.params):
-            out.logprobs = compute_logprobs(raw, tokens, [p.logprobs for p in batch.params])
+        tokens = logits.argmax(dim=-1) if batch.all_greedy else self.sample(logits, batch)  # [N]
+        out = SamplerOutput(tokens.tolist())
+        lp_rows = [i for i, p in enumerate(batch.params) if p.logprobs is not None]
+        if lp_rows:
+            idx = _index(lp_rows, raw.device)
+            entries = compute_logprobs(
+                _rows(raw, lp_rows, idx), tokens[idx], [batch.params[i].logprobs for i in lp_rows]
+            )
+            out.logprobs = [None] * len(tokens)
+            for i, entry in zip(lp_rows, entries):
+                out.logprobs[i] = entry
         return out
 
     # -- logits processing ------------------------------------------------------------------
     def process_logits(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Penalties, logit_bias and the min_tokens ban, each only on the rows that use it.
+        Returns `logits` itself when no row does, else a processed copy (the input is kept)."""
         params = batch.params
-        needs_copy = any(
-            p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
-            or p.logit_bias or p.min_tokens for p in params
-        )
-        if not needs_copy:
+        n_out = [batch.num_output_tokens(i) for i in range(len(params))]
+        rep = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
+        pres_freq = [i for i, p in enumerate(params) if (p.presence_penalty or p.frequency_penalty) and n_out[i]]
+        bias = [i for i, p in enumerate(params) if p.logit_bias]
+        ban = [i for i, p in enumerate(params) if n_out[i] < p.min_tokens]
+        if not (rep or pres_freq or bias or ban):
             return logits
         logits = logits.clone()
-        vocab = logits.shape[1]
-        for i, p in enumerate(params):
-            out_ids = batch.output_token_ids[i]
-            row = logits[i]
-            if p.repetition_penalty != 1.0:
-                seen = torch.tensor(sorted(set(batch.prompt_token_ids[i]) | set(out_ids)), dtype=torch.long, device=row.device)
-                seen = seen[seen < vocab]
-                vals = row[seen]
-                row[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-            if (p.presence_penalty or p.frequency_penalty) and out_ids:
-                ids = torch.tensor(out_ids, dtype=torch.long, device=row.device)
-                counts = torch.bincount(ids, minlength=vocab)[:vocab].to(row.dtype)
-                row -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(row.dtype)
-            if p.logit_bias:
-                ids = torch.tensor([t for t in p.logit_bias if t < vocab], dtype=torch.long, device=row.device)
-                bias = torch.tensor([p.logit_bias[t] for t in p.logit_bias if t < vocab], dtype=row.dtype, device=row.device)
-                row.index_add_(0, ids, bias)
-            if p.min_tokens and len(out_ids) < p.min_tokens:
-                banned = [t for t in (set(batch.eos_token_ids[i]) | p.all_stop_token_ids) if t < vocab]
-                if p.ignore_eos:
-                    banned = [t for t in p.all_stop_token_ids if t < vocab]
-                if banned:
-                    row[torch.tensor(banned, dtype=torch.long, device=row.device)] = float("-inf")
+        vocab, dev, dt = logits.shape[1], logits.device, logits.dtype
+        # Penalties touch only the (row, token) cells of tokens that occurred: O(tokens), not O(V).
+        if rep:
+            # Tokens seen in the prompt or the output: positive logits divided, negative multiplied.
+            local, toks = _flatten([batch.token_ids[i] for i in rep], vocab, dev)
+            pen = torch.tensor([params[i].repetition_penalty for i in rep], dtype=dt, device=dev)[local]
+            rows = _index(rep, dev)[local]
+            vals = logits[rows, toks]
+            # Repeated cells all write the same value, so duplicates are harmless.
+            logits[rows, toks] = torch.where(vals > 0, vals / pen, vals * pen)
+        if pres_freq:
+            rows, toks = _flatten([batch.output_ids(i) for i in pres_freq], vocab, dev)
+            cells, counts = torch.unique(rows * vocab + toks, return_counts=True)
+            rows, toks = cells // vocab, cells % vocab
+            freq = torch.tensor([params[i].frequency_penalty for i in pres_freq], dtype=dt, device=dev)[rows]
+            pres = torch.tensor([params[i].presence_penalty for i in pres_freq], dtype=dt, device=dev)[rows]
+            rows = _index(pres_freq, dev)[rows]
+            logits[rows, toks] -= freq * counts.to(dt) + pres
+        if bias:
+            cells = [(i, t, b) for i in bias for t, b in params[i].logit_bias.items() if t < vocab]
+            if cells:
+                r, t, b = zip(*cells)
+                logits.index_put_(
+                    (_index(r, dev), _index(t, dev)), torch.tensor(b, dtype=dt, device=dev), accumulate=True
+                )
+        if ban:
+            cells = []
+            for i in ban:
+                p = params[i]
+                stops = p.all_stop_token_ids if p.ignore_eos else p.all_stop_token_ids | batch.eos_token_ids
+                cells.extend((i, t) for t in stops if t < vocab)
+            if cells:
+                r, t = zip(*cells)
+                logits.index_put_((_index(r, dev), _index(t, dev)), torch.tensor(float("-inf"), dtype=dt, device=dev))
         return logits
 
-    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    # -- drawing ----------------------------------------------------------------------------
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Tokens for processed logits [N, V]: greedy rows take the argmax, the others a draw."""
         params = batch.params
-        n, vocab = logits.shape
-        temps = torch.tensor([p.temperature if not p.greedy else 1.0 for p in params], device=logits.device)
-        probs = torch.softmax(logits / temps[:, None], dim=-1)  # [N, V]
-        probs = apply_top_k_top_p_min_p(probs, params)
-        # Exponential race: argmax(p / E), E ~ Exp(1) i.i.d., is a draw from p.
-        noise = torch.empty_like(probs)
-        shared = self.default_generator
-        for i, p in enumerate(params):
-            if not p.greedy:
-                gen = batch.generators[i] or shared
-                noise[i].exponential_(generator=gen)
-        sampled = (probs / noise).argmax(dim=-1)
-        greedy_rows = torch.tensor([p.greedy for p in params], device=logits.device)
-        if bool(greedy_rows.any()):
-            sampled = torch.where(greedy_rows, logits.argmax(dim=-1), sampled)
-        return sampled
+        n = logits.shape[0]
+        dev = logits.device
+        tokens = torch.empty(n, dtype=torch.long, device=dev)
+        greedy = [i for i, p in enumerate(params) if p.greedy]
+        if greedy:
+            g_idx = _index(greedy, dev)
+            tokens[g_idx] = _rows(logits, greedy, g_idx).argmax(dim=-1)
+        rand = [i for i, p in enumerate(params) if not p.greedy]
+        if not rand:
+            return tokens
+        r_idx = _index(rand, dev)
+        sub = _rows(logits, rand, r_idx)  # [R, V]
+        # Unnormalized probabilities with the row's top token at exactly 1 (so min_p is a plain
+        # threshold on w and nothing needs normalizing): w = exp((l - max l) / T), built in place.
+        w = sub - sub.amax(dim=-1, keepdim=True)  # [R, V]
+        temps = [params[i].temperature for i in rand]
+        if any(t != 1.0 for t in temps):
+            w.div_(torch.tensor(temps, dtype=w.dtype, device=dev)[:, None])
+        w.exp_()
+        trunc = [j for j, i in enumerate(rand) if _truncates(params[i])]
+        if trunc:
+            t_idx = _index(trunc, dev)
+            wt = _rows(w, trunc, t_idx)  # [T, V] (w itself when every row truncates)
+            cut = truncation_cutoffs(wt, [params[rand[j]] for j in trunc])  # [T]
+            wt.masked_fill_(wt < cut[:, None], 0.0)
+            if wt is not w:
+                w.index_copy_(0, t_idx, wt)
+        tokens[r_idx] = inverse_cdf(w, self._uniforms(batch, rand, dev))
+        return tokens
+
+    def _uniforms(self, batch: SamplingBatch, rows: list[int], dev: torch.device) -> torch.Tensor:
+        """One U[0, 1) float64 per row: seeded rows from their own generator, the rest from the
+        shared one (in a single call)."""
+        gens = [batch.generators[i] for i in rows]
+        shared = [j for j, g in enumerate(gens) if g is None]
+        u = torch.empty(len(rows), dtype=torch.float64, device=dev)
+        if shared:
+            draws = torch.rand(len(shared), generator=self.default_generator, dtype=torch.float64, device=dev)
+            if len(shared) == len(rows):
+                return draws
+            u[_index(shared, dev)] = draws
+        for j, g in enumerate(gens):
+            if g is not None:
+                u[j : j + 1] = torch.rand(1, generator=g, dtype=torch.float64, device=dev)
+        return u
 
 
-def apply_top_k_top_p_min_p(probs: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """Zero out tokens outside each row's top-k / nucleus / min-p set (no renormalization is
-    needed: the exponential race samples proportionally to what remains)."""
-    use_k = any(p.top_k > 0 for p in params)
-    use_p = any(p.top_p < 1.0 for p in params)
-    use_min_p = any(p.min_p > 0 for p in params)
-    if not (use_k or use_p or use_min_p):
-        return probs
-    n, vocab = probs.shape
-    dev = probs.device
-    if use_min_p:
-        min_p = torch.tensor([p.min_p for p in params], device=dev, dtype=probs.dtype)
-        threshold = probs.max(dim=-1, keepdim=True).values * min_p[:, None]
-        probs = probs.masked_fill(probs < threshold, 0.0)
-    if use_k or use_p:
-        sorted_p, order = probs.sort(dim=-1, descending=True)  # [N, V]
-        keep = torch.ones_like(sorted_p, dtype=torch.bool)
-        if use_k:
-            k = torch.tensor([p.top_k if p.top_k > 0 else vocab for p in params], device=dev)
-            kth = sorted_p.gather(1, (k.clamp(max=vocab) - 1)[:, None])  # [N, 1]
-            keep &= sorted_p >= kth  # ties with the k-th value are kept
-        if use_p:
-            top_p = torch.tensor([p.top_p for p in params], device=dev, dtype=probs.dtype)
-            masked = sorted_p * keep
-            # Renormalize over what top-k kept, then keep each token whose preceding mass is
-            # below top_p: the token that crosses the threshold stays.
-            masked = masked / masked.sum(dim=-1, keepdim=True)
-            before = masked.cumsum(dim=-1) - masked
-            keep &= before < top_p[:, None]
-            keep[:, 0] = True
-        sorted_p = sorted_p * keep
-        probs = torch.zeros_like(probs).scatter_(1, order, sorted_p)
-    return probs
+def _truncates(p: SamplingParams) -> bool:
+    return p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0
+
+
+def truncation_cutoffs(w: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Per row, the smallest weight that min_p / top-k / top-p keep: the kept set is
+    `w >= cutoff`. w: [T, V] unnormalized probabilities whose row max is 1.
+
+    min_p keeps p >= min_p * p_max, i.e. w >= min_p. top-k keeps the k largest; top-p keeps the
+    smallest most-likely prefix (within what min_p and top-k allow) whose mass reaches top_p,
+    including the token that crosses it. Tokens tied with the last kept one are kept too, so
+    the set depends only on the row's values."""
+    t, vocab = w.shape
+    dev = w.device
+    cut = torch.tensor([p.min_p for p in params], dtype=w.dtype, device=dev)  # [T]
+    k_of = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
+    sort_rows = [j for j, p in enumerate(params) if k_of[j] < vocab or p.top_p < 1.0]
+    if not sort_rows:
+        return cut
+    limit = torch.tensor([k_of[j] for j in sort_rows], device=dev)  # [S] kept prefix before top-p
+    top_p = [params[j].top_p for j in sort_rows]
+    min_p = [params[j].min_p for j in sort_rows]
+    s_idx = _index(sort_rows, dev)
+    ws = _rows(w, sort_rows, s_idx)  # [S, V]
+    allowed = None
+    if any(mp > 0 and tp < 1.0 for mp, tp in zip(min_p, top_p)):
+        allowed = ws >= torch.tensor(min_p, dtype=w.dtype, device=dev)[:, None]  # [S, V]
+        limit = torch.minimum(limit, allowed.sum(dim=-1))
+    limit_l = limit.tolist()
+    found = torch.empty(len(sort_rows), dtype=w.dtype, device=dev)
+    todo = list(range(len(sort_rows)))
+    for width in (*[wd for wd in _TOP_P_WIDTHS if wd < vocab], vocab):
+        # A row without top_p, or with top_k, needs exactly its limit; a top-p-only row tries
+        # `width` candidates first.
+        k = max(limit_l[j] if top_p[j] >= 1.0 or k_of[sort_rows[j]] < vocab else min(limit_l[j], width) for j in todo)
+        idx = _index(todo, dev)
+        sub = _rows(ws, todo, idx)
+        lim = limit[idx].clamp(max=k)  # [M]
+        vals = sub.topk(k, dim=-1).values  # [M, K] descending
+        keep = lim  # kept prefix length
+        covered = torch.ones(len(todo), dtype=torch.bool, device=dev)
+        p_t = torch.tensor([top_p[j] for j in todo], dtype=torch.float64, device=dev)  # [M]
+        if bool((p_t < 1.0).any()):
+            pos = torch.arange(k, device=dev)
+            vals_in = vals.masked_fill(pos[None, :] >= lim[:, None], 0.0)
+            cum = vals_in.cumsum(dim=-1, dtype=torch.float64)  # [M, K]
+            mass = cum.gather(1, (lim - 1)[:, None]).squeeze(1)  # the allowed set's mass
+            wide = [m for m, j in enumerate(todo) if limit_l[j] > k]
+            if wide:  # top-p-only rows whose allowed set is wider than the candidates
+                w_idx = _index(wide, dev)
+                rows_w = sub[w_idx]
+                if allowed is not None:
+                    rows_w = rows_w * allowed[idx[w_idx]]
+                mass[w_idx] = rows_w.sum(dim=-1).double()
+            thr = p_t * mass  # [M]
+            before = F.pad(cum[:, :-1], (1, 0))  # mass strictly before each position
+            # Position j is kept while the mass before it is below top_p: the crossing token stays.
+            n_keep = (before < thr[:, None]).sum(dim=-1).clamp(min=1)
+            keep = torch.where(p_t < 1.0, torch.minimum(n_keep, lim), lim)
+            covered = (limit[idx] <= k) | (cum[:, -1] >= thr)
+        row_cut = vals.gather(1, (keep - 1)[:, None]).squeeze(1)  # [M]
+        done = covered.tolist()
+        d_rows = [m for m, ok in enumerate(done) if ok]
+        found[idx[_index(d_rows, dev)]] = row_cut[_index(d_rows, dev)]
+        todo = [j for j, ok in zip(todo, done) if not ok]
+        if not todo:
+            break
+    cut[s_idx] = torch.maximum(cut[s_idx], found)
+    return cut
+
+
+def inverse_cdf(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """One token per row, drawn with probability w / w.sum(): the first index whose cumulative
+    weight exceeds u * total, in vocabulary order. w: [R, V] >= 0 with a positive entry per
+    row; u: [R] float64 in [0, 1). Two levels: the running sum is over block sums and then
+    within one block, in float64, so no token's share is lost to the rounding of a 50k-long
+    fp32 running sum. A zero-weight token is never picked."""
+    r, vocab = w.shape
+    nb = -(-vocab // _CDF_BLOCK)
+    if nb * _CDF_BLOCK != vocab:
+        w = F.pad(w, (0, nb * _CDF_BLOCK - vocab))
+    blocks = w.view(r, nb, _CDF_BLOCK)  # [R, NB, B]
+    bcum = blocks.sum(dim=-1).double().cumsum(dim=-1)  # [R, NB]
+    total = bcum[:, -1:]
+    # x in [0, total): the upper clamp guards u * total rounding up to total.
+    x = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))  # [R, 1]
+    b = torch.searchsorted(bcum, x, right=True).clamp_(max=nb - 1)  # [R, 1]
+    base = torch.where(b > 0, bcum.gather(1, (b - 1).clamp(min=0)), torch.zeros_like(x))
+    inner = blocks.gather(1, b[:, :, None].expand(r, 1, _CDF_BLOCK)).squeeze(1)  # [R, B]
+    icum = inner.cumsum(dim=-1, dtype=torch.float64)  # [R, B]
+    rem = torch.minimum(x - base, torch.nextafter(icum[:, -1:], torch.zeros_like(x)))
+    j = torch.searchsorted(icum, rem, right=True).clamp_(max=_CDF_BLOCK - 1)
+    return (b * _CDF_BLOCK + j).squeeze(1)
 
 
 def compute_logprobs(
     raw_logits: torch.Tensor, tokens: torch.Tensor, num_top: list[int | None]
-) -> list[tuple[float, int, list[int], list[float]] | None]:
+) -> list[LogprobEntry | None]:
     """Chosen-token logprob, its rank and the top-k alternatives for rows that asked."""
     logprobs = torch.log_softmax(raw_logits, dim=-1)  # [N, V]
     chosen = logprobs.gather(1, tokens[:, None]).squeeze(1)  # [N]
     ranks = (logprobs > chosen[:, None]).sum(dim=-1) + 1
     k_max = max((k for k in num_top if k), default=0)
-    top_vals, top_ids = (logprobs.topk(k_max, dim=-1) if k_max else (None, None))
+    top_vals, top_ids = logprobs.topk(k_max, dim=-1) if k_max else (None, None)
     chosen_l, ranks_l = chosen.tolist(), ranks.tolist()
-    out: list[tuple[float, int, list[int], list[float]] | None] = []
+    top_ids_l = top_ids.tolist() if k_max else None
+    top_vals_l = top_vals.tolist() if k_max else None
+    out: list[LogprobEntry | None] = []
     for i, k in enumerate(num_top):
         if k is None:
             out.append(None)
         elif k == 0:
             out.append((chosen_l[i], ranks_l[i], [], []))
         else:
-            out.append((chosen_l[i], ranks_l[i], top_ids[i, :k].tolist(), top_vals[i, :k].tolist()))
+            out.append((chosen_l[i], ranks_l[i], top_ids_l[i][:k], top_vals_l[i][:k]))
     return out
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _index(rows: list[int] | tuple[int, ...], dev: torch.device) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.long, device=dev)
+
+
+def _rows(x: torch.Tensor, rows: list[int], idx: torch.Tensor) -> torch.Tensor:
+    """x[rows], without a copy when rows are all of x in order."""
+    if len(rows) == x.shape[0] and rows == list(range(len(rows))):
+        return x
+    return x.index_select(0, idx)
+
+
+def _flatten(lists: list[list[int]], vocab: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row indices and token ids of every (row, token) pair, built without a per-token loop."""
+    lengths = torch.tensor([len(x) for x in lists], dtype=torch.long)
+    toks = torch.tensor(list(itertools.chain.from_iterable(lists)), dtype=torch.long)
+    rows = torch.repeat_interleave(torch.arange(len(lists)), lengths)
+    if toks.numel() and int(toks.max()) >= vocab:  # padded/extra vocab ids cannot be penalized
+        keep = toks < vocab
+        rows, toks = rows[keep], toks[keep]
+    return rows.to(dev), toks.to(dev)
