@@ -29,6 +29,7 @@ class EngineArgs:
     seed: seed of the shared generator used by unseeded random requests.
     attention_backend: 'auto' | 'torch' | 'triton'.
     enforce_eager: never capture CUDA graphs.
+    load_format: 'auto' (read the checkpoint) | 'dummy' (random weights at the config's shapes).
     """
 
     model: str = DEFAULT_MODEL
@@ -48,6 +49,7 @@ class EngineArgs:
     enforce_eager: bool = False
     tokenizer: str | None = None
     served_model_name: str | None = None
+    load_format: str = "auto"
 
     def __post_init__(self) -> None:
         normalize_dtype(self.dtype)
@@ -61,6 +63,8 @@ class EngineArgs:
                 raise ValueError(f"{name} must be an integer >= 1 or None (got {v!r})")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1] (got {self.gpu_memory_utilization})")
+        if self.load_format not in ("auto", "dummy"):
+            raise ValueError(f"load_format must be 'auto' or 'dummy' (got {self.load_format!r})")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton' (got {self.attention_backend!r})")
 

@@ -58,7 +58,7 @@ class LLMEngine:
         self.model_name = args.served_model_name or resolved.name
         device = resolve_device(args.device)
         self.backend = _make_backend(args.attention_backend, device)
-        loaded = load_model(resolved, dtype=args.dtype, device=device, backend=self.backend)
+        loaded = load_model(resolved, dtype=args.dtype, device=device, backend=self.backend, load_format=args.load_format)
         self.loaded: LoadedModel = loaded
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer

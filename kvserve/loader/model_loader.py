@@ -70,7 +70,10 @@ def load_model(
     device: torch.device,
     backend: AttentionBackend,
     load_tokenizer: bool = True,
+    load_format: str = "auto",
 ) -> LoadedModel:
+    """load_format 'dummy' skips the checkpoint and fills random weights (speed work at real
+    shapes from a config.json alone)."""
     t0 = time.perf_counter()
     gen_defaults: dict[str, Any] = {}
     if resolved.kind == "gguf":
@@ -95,7 +98,7 @@ def load_model(
         gen_path = folder / "generation_config.json"
         if gen_path.is_file():
             gen_defaults = json.loads(gen_path.read_text())
-        weights = iter_weights(folder, torch_dtype)
+        weights = iter_weights(folder, torch_dtype) if load_format != "dummy" else iter(())
 
     with torch.device("meta"):
         model = build_model(cfg, backend)
@@ -104,7 +107,10 @@ def load_model(
     model = model.to_empty(device=device).to(torch_dtype)
     model.tie_weights()  # to_empty gives each use of a shared parameter its own storage
     _reset_rotary(model)
-    model.load_weights(weights)
+    if load_format == "dummy":
+        _random_init(model)
+    else:
+        model.load_weights(weights)
     model.eval()
     model.requires_grad_(False)
     from kvserve.models.cpu_linear import prepack_linears, prepack_supported
@@ -125,6 +131,18 @@ def load_model(
         resolved.name, cfg.architecture, cfg.num_layers, torch_dtype, device, time.perf_counter() - t0,
     )
     return LoadedModel(model, cfg, tokenizer, torch_dtype, device, eos, gen_defaults)
+
+
+@torch.no_grad()
+def _random_init(model: nn.Module) -> None:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight") or ".ln_" in name or name.startswith("ln_f"):
+            p.fill_(1.0)
+        elif p.dim() == 1:
+            p.zero_()
+        else:
+            p.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype))
 
 
 def _folder_tokenizer(folder) -> Tokenizer | None:
