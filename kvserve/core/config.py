@@ -167,6 +167,9 @@ class SchedulerConfig:
     max_num_batched_tokens: int = 2048
     max_model_len: int = 2048
     enable_chunked_prefill: bool = True
+    # False = the KV-cache ablation: every step recomputes each request's whole context
+    # (what generation costs without a cache). Outputs are identical, only slower.
+    enable_kv_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

@@ -73,6 +73,7 @@ class Scheduler:
         self.running: list[Request] = []
         self._finished_since_last: set[str] = set()
         self.num_preemptions = 0
+        self._sampled_last_step: set[str] = set()
 
     # -- queue management -------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -120,6 +121,8 @@ class Scheduler:
         self._finished_since_last = set()
         budget = self.config.max_num_batched_tokens
         preempted = False
+        if not self.config.enable_kv_cache:
+            self._drop_cache_of_running(out)
 
         i = 0
         while i < len(self.running) and budget > 0:
@@ -171,6 +174,19 @@ class Scheduler:
             budget -= num_new
         return out
 
+    def _drop_cache_of_running(self, out: SchedulerOutput) -> None:
+        """KV-cache ablation: forget every running request's cached K/V, so this step
+        recomputes its whole context (a prefill of all its tokens) before sampling."""
+        for req in reversed(self.running):
+            if req.request_id not in self._sampled_last_step:
+                continue  # still inside a chunked (re)computation: keep its progress
+            self.kv.free(req)
+            req.num_computed_tokens = 0
+            req.status = RequestStatus.WAITING
+            self.waiting.appendleft(req)
+            out.preempted_req_ids.add(req.request_id)
+        self.running = [r for r in self.running if r.status == RequestStatus.RUNNING]
+
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
@@ -189,6 +205,7 @@ class Scheduler:
         Returns (requests that got new tokens, requests that finished)."""
         updated: list[Request] = []
         finished: list[Request] = []
+        self._sampled_last_step = set(sampled)
         max_len = self.config.max_model_len
         for rid, n in out.num_scheduled_tokens.items():
             req = self.requests.get(rid)

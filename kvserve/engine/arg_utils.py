@@ -30,6 +30,9 @@ class EngineArgs:
     attention_backend: 'auto' | 'torch' | 'triton'.
     enforce_eager: never capture CUDA graphs.
     load_format: 'auto' (read the checkpoint) | 'dummy' (random weights at the config's shapes).
+    enable_kv_cache: False recomputes every request's whole context at every step (the
+        KV-cache ablation; identical outputs, for teaching and measurement). Implies no
+        prefix caching.
     """
 
     model: str = DEFAULT_MODEL
@@ -50,6 +53,7 @@ class EngineArgs:
     tokenizer: str | None = None
     served_model_name: str | None = None
     load_format: str = "auto"
+    enable_kv_cache: bool = True
 
     def __post_init__(self) -> None:
         normalize_dtype(self.dtype)

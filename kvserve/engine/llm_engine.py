@@ -89,8 +89,10 @@ class LLMEngine:
         self.scheduler_config = SchedulerConfig(
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=budget,
             max_model_len=want_len, enable_chunked_prefill=chunked,
+            enable_kv_cache=args.enable_kv_cache,
         )
-        self.cache_config = CacheConfig(bs, num_blocks, args.enable_prefix_caching)
+        prefix = args.enable_prefix_caching and args.enable_kv_cache
+        self.cache_config = CacheConfig(bs, num_blocks, prefix)
         self.scheduler = Scheduler(self.scheduler_config, self.cache_config, num_blocks)
         self.runner = ModelRunner(
             loaded.model, cfg, self.cache_config, num_blocks, loaded.dtype, device,

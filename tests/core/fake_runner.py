@@ -77,6 +77,7 @@ def run_all(
     prefix_caching: bool = True,
     chunked: bool = True,
     arrivals: list[int] | None = None,
+    kv_cache: bool = True,
 ) -> tuple[dict[str, list[int]], Scheduler, FakeRunner]:
     """Run requests to completion; `arrivals[i]` is the step at which request i is added."""
     if isinstance(max_tokens, int):
@@ -84,7 +85,8 @@ def run_all(
     arrivals = arrivals or [0] * len(prompts)
     sched = Scheduler(
         SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=budget,
-                        max_model_len=max_model_len, enable_chunked_prefill=chunked),
+                        max_model_len=max_model_len, enable_chunked_prefill=chunked,
+                        enable_kv_cache=kv_cache),
         CacheConfig(block_size=block_size, enable_prefix_caching=prefix_caching),
         num_blocks,
     )

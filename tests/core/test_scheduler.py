@@ -158,3 +158,15 @@ def test_block_pool_lru_and_refcounts():
     assert n == 4  # freed blocks keep their cached prefix until evicted
     with pytest.raises(ValueError):
         KVCacheManager(num_blocks=0, block_size=2)
+
+
+def test_no_kv_cache_recomputes_everything_with_same_outputs():
+    prompts = _random_prompts(4, seed=21, lo=5, hi=20)
+    cached, _, r_cached = run_all(prompts, 10)
+    recomputed, sched, r_nc = run_all(prompts, 10, kv_cache=False, prefix_caching=False)
+    assert recomputed == cached == _expected(prompts, 10)
+    # Without a cache each step recomputes the whole context: quadratic total work.
+    expected_work = sum(sum(len(p) + i for i in range(10)) for p in prompts)
+    assert r_nc.tokens_computed == expected_work
+    assert r_cached.tokens_computed == sum(len(p) + 9 for p in prompts)
+    assert sched.kv.num_free_blocks == sched.kv.num_blocks

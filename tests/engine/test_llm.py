@@ -158,3 +158,8 @@ def test_bad_engine_options(llama_dir, tmp_path):
         LLM(llama_dir, device="cpu", max_model_len=10**6)
     with pytest.raises(ValueError, match="unknown engine option"):
         LLM(llama_dir, device="cpu", bogus=1)
+
+
+def test_no_kv_cache_ablation_same_tokens(llama_dir, baseline):
+    ablation = LLM(llama_dir, dtype="float32", device="cpu", num_kv_blocks=256, enable_kv_cache=False)
+    assert _tokens(ablation, _prompts()) == baseline
