@@ -10,6 +10,7 @@ import sys
 # Subcommand modules; each defines register(subparsers) and sets `func` on its parser.
 _SUBCOMMANDS = [
     "kvserve.entrypoints.cli_generate",
+    "kvserve.entrypoints.cli_chat",
     "kvserve.entrypoints.cli_serve",
 ]
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any, Iterator, Sequence
 
 from kvserve.core.sampling_params import SamplingParams
+from kvserve.engine.chat_template import render_chat, validate_messages
 from kvserve.engine.arg_utils import EngineArgs
 from kvserve.engine.llm_engine import LLMEngine, PromptType
 from kvserve.engine.outputs import RequestOutput
@@ -14,6 +16,7 @@ from kvserve.loader.resolve import DEFAULT_MODEL
 logger = logging.getLogger(__name__)
 
 _SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+_RESERVED_TEMPLATE_VARS = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token", "tools", "template"})
 
 
 class LLM:
@@ -72,6 +75,68 @@ class LLM:
             if ids:  # the consumer stopped early: free the requests' blocks
                 self.engine.abort_request(list(ids))
 
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of ``{"role", "content"}`` messages) or
+        to a list of conversations; results come back in input order.
+
+        Each conversation is rendered with the model's own chat template (or ``chat_template``)
+        in a sandbox and tokenized without adding special tokens again, as transformers'
+        ``apply_chat_template(tokenize=True)`` does. A malformed or unsafe template raises
+        ``ChatTemplateError`` (a ValueError); a malformed message raises ValueError naming the
+        field, e.g. ``messages[1].role``.
+        """
+        conversations = _as_conversations(messages)
+        prompts = []
+        for i, conv in enumerate(conversations):
+            try:
+                prompts.append(self.chat_prompt(
+                    conv, add_generation_prompt=add_generation_prompt, chat_template=chat_template,
+                    chat_template_kwargs=chat_template_kwargs,
+                ))
+            except ValueError as e:
+                if len(conversations) == 1:
+                    raise
+                raise type(e)(f"conversations[{i}]: {e}") from e
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def chat_prompt(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """One conversation -> ``{"prompt": text, "prompt_token_ids": ids}``, ready for
+        `generate` / `generate_stream` (what `chat` sends)."""
+        tok = self.engine.tokenizer
+        if tok is None:
+            raise ValueError("this model has no tokenizer, so chat is not available")
+        msgs = validate_messages(messages)
+        extra = dict(chat_template_kwargs or {})
+        clash = sorted(_RESERVED_TEMPLATE_VARS & set(extra))
+        if clash:
+            raise ValueError(f"chat_template_kwargs cannot set {clash}")
+        template = chat_template if chat_template is not None else tok.chat_template
+        text = render_chat(
+            template, msgs, add_generation_prompt=add_generation_prompt,
+            bos_token=tok.bos_token, eos_token=tok.eos_token, **extra,
+        )
+        # The template writes any BOS itself; adding special tokens again would double it.
+        ids = tok.encode(text, add_special_tokens=False)
+        if not ids:
+            raise ValueError("messages rendered to an empty prompt")
+        return {"prompt": text, "prompt_token_ids": ids}
+
     # -- helpers ----------------------------------------------------------------------------
     def _params_list(
         self, sampling_params: SamplingParams | Sequence[SamplingParams] | None, n: int
@@ -88,15 +153,19 @@ class LLM:
         return params
 
     def _add(self, prompts: list[PromptType], params: list[SamplingParams]) -> list[str]:
-        # Validate everything before queuing anything, so a bad prompt leaves nothing behind.
+        # Tokenize and validate everything before queuing anything, so a bad prompt leaves
+        # nothing behind.
+        tokenized = []
         for i, p in enumerate(prompts):
             try:
-                self.engine.validate_prompt(self.engine.tokenize_prompt(p)[1])
+                text, token_ids = self.engine.tokenize_prompt(p)
+                self.engine.validate_prompt(token_ids)
             except ValueError as e:
                 raise ValueError(f"prompts[{i}]: {e}") from None
+            tokenized.append({"prompt": text, "prompt_token_ids": token_ids})
         ids = []
         try:
-            for prompt, sp in zip(prompts, params):
+            for prompt, sp in zip(tokenized, params):
                 rid = self.engine.new_request_id()
                 self.engine.add_request(rid, prompt, sp)
                 ids.append(rid)
@@ -139,3 +208,12 @@ def _as_prompt_list(prompts: PromptType | Sequence[PromptType]) -> list[PromptTy
     if not prompts:
         raise ValueError("prompts must not be empty")
     return prompts
+
+
+def _as_conversations(messages: Any) -> list[Any]:
+    """One conversation (a list of message dicts) or a list of them -> a list of them."""
+    if not isinstance(messages, Sequence) or isinstance(messages, (str, bytes)) or not messages:
+        raise ValueError("messages must be a non-empty list of messages or a list of conversations")
+    if all(isinstance(m, Sequence) and not isinstance(m, (str, bytes)) for m in messages):
+        return list(messages)
+    return [messages]

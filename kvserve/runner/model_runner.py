@@ -64,6 +64,9 @@ class ModelRunner:
         # Seeded requests keep their generator across preemptions, so a recomputed request
         # continues its random stream where it left off.
         self.generators: dict[str, torch.Generator] = {}
+        # Prompt positions whose logprobs were already reported, per request: a preempted
+        # request recomputes its prompt, and must not report those positions twice.
+        self.prompt_lp_done: dict[str, int] = {}
         shared = torch.Generator(device=device)
         shared.manual_seed(seed)
         self.sampler = Sampler(shared)
@@ -78,6 +81,7 @@ class ModelRunner:
         for rid in so.finished_req_ids:
             self.states.pop(rid, None)
             self.generators.pop(rid, None)
+            self.prompt_lp_done.pop(rid, None)
         for rid in so.preempted_req_ids:
             self.states.pop(rid, None)
         for nr in so.new_requests:
@@ -112,7 +116,7 @@ class ModelRunner:
         tables: list[list[int]] = []
         sample_rows: list[int] = []  # row of the hidden state whose logits are sampled
         sample_reqs: list[str] = []
-        prompt_lp: list[tuple[str, int, int]] = []  # (req, first row, num rows) for prompt logprobs
+        prompt_lp: list[tuple[str, int, int, int]] = []  # (req, first row, its position, num rows)
         for rid in order:
             st = self.states[rid]
             n = so.num_scheduled_tokens[rid]
@@ -127,10 +131,13 @@ class ModelRunner:
             seq_lens.append(end)
             tables.append(blocks)
             if st.sampling_params.prompt_logprobs is not None and start < st.num_prompt_tokens:
-                # Rows predicting prompt tokens start+1 .. min(end, num_prompt) - 1.
-                upto = min(end, st.num_prompt_tokens) - 1
-                if upto > start:
-                    prompt_lp.append((rid, row0, upto - start))
+                # Positions first .. upto-1 predict prompt tokens first+1 .. upto (the chunk's
+                # last row included: it predicts the next chunk's first token).
+                first = max(start, self.prompt_lp_done.get(rid, 0))
+                upto = min(end, st.num_prompt_tokens - 1)
+                if upto > first:
+                    prompt_lp.append((rid, row0 + first - start, first, upto - first))
+                    self.prompt_lp_done[rid] = upto
             if end == len(st.token_ids):
                 sample_rows.append(row0 + n - 1)
                 sample_reqs.append(rid)
@@ -141,11 +148,10 @@ class ModelRunner:
         hidden = self.model(ids_t, pos_t, self.kv_caches, md)  # [T, hidden]
 
         out = RunnerOutput()
-        for rid, row0, n in prompt_lp:
+        for rid, row0, first, n in prompt_lp:
             st = self.states[rid]
-            start = st.num_computed_tokens
             logits = self.model.compute_logits(hidden[row0 : row0 + n])
-            targets = torch.tensor(st.token_ids[start + 1 : start + 1 + n], device=dev)
+            targets = torch.tensor(st.token_ids[first + 1 : first + 1 + n], device=dev)
             out.prompt_logprobs[rid] = compute_logprobs(logits, targets, [st.sampling_params.prompt_logprobs] * n)
         if sample_rows:
             logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])  # [N, V]
