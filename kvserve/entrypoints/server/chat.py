@@ -3,6 +3,7 @@ logprobs in the chat format; streaming with role / content deltas."""
 
 from __future__ import annotations
 
+import time
 from typing import Any, AsyncIterator
 
 from fastapi import Request
@@ -118,7 +119,8 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     streams = await add_requests(state, [(rid, {"prompt_token_ids": ids, "prompt": text}, params)])
     tok = state.engine.tokenizer
     if req.stream:
-        return SSEResponse(_stream(state, rid, streams, trackers, params.n, top, echo, include_usage, len(ids)))
+        return SSEResponse(_stream(state, rid, req.model or state.model_name, streams, trackers, params.n, top, echo,
+                                    include_usage, len(ids)))
     state.metrics.in_flight += 1
     try:
         finals = await collect_final(request, state, streams, trackers)
@@ -137,7 +139,7 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     ]
     completion_tokens = sum(len(c.token_ids) for c in out.outputs)
     resp = ChatCompletionResponse(
-        id=rid, model=state.model_name, choices=choices,
+        id=rid, model=req.model or state.model_name, choices=choices,
         usage=UsageInfo(prompt_tokens=len(ids), completion_tokens=completion_tokens,
                         total_tokens=len(ids) + completion_tokens),
     )
@@ -164,16 +166,17 @@ def _top_logprobs(req: ChatCompletionRequest) -> int | None:
     return (req.top_logprobs or 0) if req.logprobs else None
 
 
-async def _stream(state: ServerState, rid: str, streams: list, trackers: list, n: int, top: int | None,
+async def _stream(state: ServerState, rid: str, model: str, streams: list, trackers: list, n: int, top: int | None,
                   echo: str, include_usage: bool, prompt_tokens: int) -> AsyncIterator[str]:
     state.metrics.in_flight += 1
     tok = state.engine.tokenizer
     finished = [False] * n
     lp_sent = [0] * n
     completion_tokens = 0
+    created = int(time.time())
 
     def chunk(choice: ChatCompletionResponseStreamChoice) -> str:
-        return to_sse(ChatCompletionStreamResponse(id=rid, model=state.model_name, choices=[choice]))
+        return to_sse(ChatCompletionStreamResponse(id=rid, created=created, model=model, choices=[choice]))
 
     try:
         for i in range(n):
@@ -202,7 +205,7 @@ async def _stream(state: ServerState, rid: str, streams: list, trackers: list, n
         if include_usage:
             usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                               total_tokens=prompt_tokens + completion_tokens)
-            yield to_sse(ChatCompletionStreamResponse(id=rid, model=state.model_name, choices=[], usage=usage))
+            yield to_sse(ChatCompletionStreamResponse(id=rid, created=created, model=model, choices=[], usage=usage))
     except EngineDeadError as e:
         yield APIError(503, str(e)).sse()
     except Exception as e:  # an engine step failed: tell the client in-band (status is already 200)

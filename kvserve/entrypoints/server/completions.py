@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import time
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -120,7 +121,7 @@ async def create_completion(request: Request, state: ServerState) -> Response:
     completion_tokens = 0 if scoring else sum(len(c.token_ids) for out in finals for c in out.outputs)
     prompt_tokens = sum(len(p.ids) for p in prompts)
     resp = CompletionResponse(
-        id=base_id, model=state.model_name, choices=choices,
+        id=base_id, model=fmt.model, choices=choices,
         usage=UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                         total_tokens=prompt_tokens + completion_tokens),
     )
@@ -134,6 +135,7 @@ class _Formatter:
                  scoring: bool) -> None:
         self.req, self.prompts, self.n, self.scoring = req, prompts, n, scoring
         self.tok = state.engine.tokenizer
+        self.model = req.model or state.model_name
         self.echo = bool(req.echo)
         self.want_logprobs = req.logprobs is not None
         k = len(prompts) * n
@@ -209,6 +211,7 @@ def _prompt_entries(out: RequestOutput, num_prompt: int) -> list:
 async def _stream(state: ServerState, base_id: str, streams: list, trackers: list,
                   fmt: _Formatter, include_usage: bool) -> AsyncIterator[str]:
     state.metrics.in_flight += 1
+    created = int(time.time())
     completion_tokens = [0] * len(streams)
     try:
         async with aclosing(merge_streams(streams)) as outputs:
@@ -219,12 +222,13 @@ async def _stream(state: ServerState, base_id: str, streams: list, trackers: lis
                 for c in out.outputs:  # one event per choice, as OpenAI streams n > 1
                     ch = fmt.stream_choice(i, out, c)
                     if ch is not None:
-                        yield to_sse(CompletionStreamResponse(id=base_id, model=state.model_name, choices=[ch]))
+                        yield to_sse(CompletionStreamResponse(id=base_id, created=created, model=fmt.model, choices=[ch]))
         if include_usage:
             prompt_tokens = sum(len(p.ids) for p in fmt.prompts)
             usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=sum(completion_tokens),
                               total_tokens=prompt_tokens + sum(completion_tokens))
-            yield to_sse(CompletionStreamResponse(id=base_id, model=state.model_name, choices=[], usage=usage))
+            yield to_sse(CompletionStreamResponse(id=base_id, created=created, model=fmt.model, choices=[],
+                                                  usage=usage))
     except EngineDeadError as e:
         yield APIError(503, str(e)).sse()
     except Exception as e:  # an engine step failed: tell the client in-band (status is already 200)
