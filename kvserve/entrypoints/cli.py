@@ -12,6 +12,7 @@ _SUBCOMMANDS = [
     "kvserve.entrypoints.cli_generate",
     "kvserve.entrypoints.cli_chat",
     "kvserve.entrypoints.cli_serve",
+    "kvserve.entrypoints.cli_trace",
 ]
 
 
