@@ -21,7 +21,6 @@ import asyncio
 import logging
 import queue
 import threading
-import time
 from typing import Any, AsyncIterator
 
 from kvserve.core.sampling_params import SamplingParams
@@ -80,10 +79,11 @@ class AsyncLLMEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._dead: BaseException | None = None
+        self._lock = threading.Lock()  # orders "the thread is ending" against new adds
         self._stats: dict[str, float] = dict(engine.stats())
         # Owned by the engine thread: the streams of requests now in the engine.
         self._active: dict[str, RequestStream] = {}
-        self.last_step_time = 0.0
+        self._leftover: list[tuple[Any, ...]] = []  # commands after "stop"
 
     # -- lifecycle --------------------------------------------------------------------------
     def start(self) -> None:
@@ -120,10 +120,11 @@ class AsyncLLMEngine:
     async def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams) -> RequestStream:
         """Queue a request; returns once the engine thread has accepted it. Raises ValueError
         for input the engine refuses and EngineDeadError when the engine is not running."""
-        self._check_alive()
         stream = RequestStream(request_id, params.n)
         accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._commands.put(("add", request_id, prompt, params, stream, accepted))
+        with self._lock:  # the thread cannot end between this check and the put
+            self._check_alive()
+            self._commands.put(("add", request_id, prompt, params, stream, accepted))
         try:
             await accepted
         except asyncio.CancelledError:
@@ -165,14 +166,12 @@ class AsyncLLMEngine:
                     break
                 if not self.engine.has_unfinished_requests():
                     continue
-                t0 = time.perf_counter()
                 try:
                     outputs = self.engine.step()
                 except Exception as e:  # a bug or a device error: fail the batch, keep serving
                     logger.exception("engine step failed; failing %d request(s)", len(self._active))
                     self._fail_all(EngineStepError(f"engine step failed: {type(e).__name__}: {e}"))
                     continue
-                self.last_step_time = time.perf_counter() - t0
                 self._deliver(outputs)
                 self._stats = dict(self.engine.stats())
             self._dead = EngineDeadError("the engine was shut down")
@@ -180,7 +179,26 @@ class AsyncLLMEngine:
             logger.exception("engine thread died")
             self._dead = EngineDeadError(f"the engine thread died: {type(e).__name__}: {e}")
         finally:
-            self._fail_all(self._dead or EngineDeadError("the engine stopped"))
+            with self._lock:
+                error = self._dead = self._dead or EngineDeadError("the engine stopped")
+                self._fail_all(error)
+                self._reject_queued(error)
+            try:
+                self._stats = dict(self.engine.stats())
+            except Exception:  # pragma: no cover - a broken engine keeps its last snapshot
+                pass
+
+    def _reject_queued(self, error: BaseException) -> None:
+        """Adds that will never be applied: fail them so their callers do not wait forever."""
+        cmds = self._leftover
+        while True:
+            try:
+                cmds.append(self._commands.get_nowait())
+            except queue.Empty:
+                break
+        for cmd in cmds:
+            if cmd[0] == "add":
+                self._call(_resolve, cmd[5], error)
 
     def _drain_commands(self, block: bool) -> bool:
         """Apply queued commands; wait for one first when `block`. False means stop."""
@@ -194,9 +212,10 @@ class AsyncLLMEngine:
                 cmds.append(self._commands.get_nowait())
             except queue.Empty:
                 break
-        for cmd in cmds:
+        for i, cmd in enumerate(cmds):
             kind = cmd[0]
             if kind == "stop":
+                self._leftover = cmds[i + 1:]
                 return False
             if kind == "add":
                 self._add(*cmd[1:])

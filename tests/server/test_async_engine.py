@@ -168,3 +168,26 @@ def test_shutdown_fails_pending_and_later_requests(llm_engine):
 
     asyncio.run(asyncio.wait_for(main(), 20))
     assert not llm_engine.has_unfinished_requests()
+
+
+def test_add_racing_stop_never_hangs(llm_engine):
+    async def main():
+        for i in range(20):
+            engine = AsyncLLMEngine(llm_engine)
+            engine.start()
+            engine.stop()  # returns at once; the add below races the thread's exit
+            try:
+                stream = await asyncio.wait_for(engine.add_request(f"race-{i}", "Hi", _greedy(2)), 5)
+            except EngineDeadError:
+                pass
+            else:  # accepted before the stop was seen: it must still end, not hang
+                with pytest.raises(EngineDeadError):
+                    await asyncio.wait_for(_drain(stream), 5)
+            await engine.shutdown()
+
+    async def _drain(stream):
+        async for _ in stream:
+            pass
+
+    asyncio.run(main())
+    assert not llm_engine.has_unfinished_requests()
