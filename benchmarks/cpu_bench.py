@@ -92,7 +92,14 @@ def bench_hf(dtype: str, reqs, decode_tokens: int, prefill_len: int, batch_size:
 
     path = smollm2_path()
     tdtype = getattr(torch, dtype)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=tdtype).eval()
+    # transformers keeps GGUF weights quantized (computing through fp32 kernels); for a dense
+    # bf16/fp32 baseline, copy the dequantized weights into a plain model of the same config.
+    packed = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(packed.config, dtype=tdtype)
+    model.load_state_dict({k: v.to(tdtype) for k, v in packed.state_dict().items()}, strict=False)
+    model.tie_weights()
+    model = model.eval()
+    del packed
     res = {}
 
     def gen(batch: list[list[int]], new: int):
