@@ -2,8 +2,9 @@
 
 Work is done only for the rows, and only with the tensors, that a knob needs: an all-greedy batch
 with no penalties is one argmax; penalties, logit_bias and min_tokens touch only the rows that set
-them; top-k / top-p need a partial sort of the rows that set them (top-p first tries the few
-hundred most likely tokens and falls back to a wider sort only for rows whose nucleus is wider).
+them; top-k / top-p need a partial sort (topk) of the rows that set them, and a top-p row whose
+nucleus is wider than a few hundred tokens finds its cutoff by a radix select, never a full sort.
+Nothing loops in Python over the vocabulary or over rows that use no knob.
 
 A random row draws ONE uniform number per step, from its own generator when seeded, and picks the
 token by inverse CDF over the kept tokens in vocabulary order. So a seeded request yields the same
@@ -28,8 +29,9 @@ import torch.nn.functional as F
 
 from kvserve.core.sampling_params import SamplingParams
 
-# Top-p rows first try this many sorted candidates, then the next width, then a full sort.
-_TOP_P_WIDTHS = (256, 4096)
+# Top-p rows first look for the crossing token among this many most likely tokens; rows whose
+# nucleus is wider find it by a radix select over the whole vocabulary instead of a full sort.
+_TOP_P_CANDIDATES = 256
 # Vocabulary block size of the two-level (block sums, then one block) inverse CDF.
 _CDF_BLOCK = 256
 
@@ -207,12 +209,12 @@ def _truncates(p: SamplingParams) -> bool:
 
 def truncation_cutoffs(w: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Per row, the smallest weight that min_p / top-k / top-p keep: the kept set is
-    `w >= cutoff`. w: [T, V] unnormalized probabilities whose row max is 1.
+    `w >= cutoff`. w: [T, V] fp32 unnormalized probabilities whose row max is 1.
 
     min_p keeps p >= min_p * p_max, i.e. w >= min_p. top-k keeps the k largest; top-p keeps the
     smallest most-likely prefix (within what min_p and top-k allow) whose mass reaches top_p,
     including the token that crosses it. Tokens tied with the last kept one are kept too, so
-    the set depends only on the row's values."""
+    the set depends only on the row's own values (never on the batch)."""
     t, vocab = w.shape
     dev = w.device
     cut = torch.tensor([p.min_p for p in params], dtype=w.dtype, device=dev)  # [T]
@@ -220,56 +222,87 @@ def truncation_cutoffs(w: torch.Tensor, params: list[SamplingParams]) -> torch.T
     sort_rows = [j for j, p in enumerate(params) if k_of[j] < vocab or p.top_p < 1.0]
     if not sort_rows:
         return cut
-    limit = torch.tensor([k_of[j] for j in sort_rows], device=dev)  # [S] kept prefix before top-p
-    top_p = [params[j].top_p for j in sort_rows]
-    min_p = [params[j].min_p for j in sort_rows]
     s_idx = _index(sort_rows, dev)
     ws = _rows(w, sort_rows, s_idx)  # [S, V]
-    allowed = None
-    if any(mp > 0 and tp < 1.0 for mp, tp in zip(min_p, top_p)):
-        allowed = ws >= torch.tensor(min_p, dtype=w.dtype, device=dev)[:, None]  # [S, V]
-        limit = torch.minimum(limit, allowed.sum(dim=-1))
+    top_p = torch.tensor([params[j].top_p for j in sort_rows], dtype=torch.float64, device=dev)  # [S]
+    min_p = torch.tensor([params[j].min_p for j in sort_rows], dtype=w.dtype, device=dev)
+    limit = torch.tensor([k_of[j] for j in sort_rows], device=dev)  # allowed prefix before top-p
+    uses_p = [params[j].top_p < 1.0 for j in sort_rows]
+    with_min_p = [params[j].min_p > 0.0 and params[j].top_p < 1.0 for j in sort_rows]
+    if any(with_min_p):  # top-p works within what min_p allows
+        limit = torch.minimum(limit, (ws >= min_p[:, None]).sum(dim=-1))
     limit_l = limit.tolist()
-    found = torch.empty(len(sort_rows), dtype=w.dtype, device=dev)
-    todo = list(range(len(sort_rows)))
-    for width in (*[wd for wd in _TOP_P_WIDTHS if wd < vocab], vocab):
-        # A row without top_p, or with top_k, needs exactly its limit; a top-p-only row tries
-        # `width` candidates first.
-        k = max(limit_l[j] if top_p[j] >= 1.0 or k_of[sort_rows[j]] < vocab else min(limit_l[j], width) for j in todo)
-        idx = _index(todo, dev)
-        sub = _rows(ws, todo, idx)
-        lim = limit[idx].clamp(max=k)  # [M]
-        vals = sub.topk(k, dim=-1).values  # [M, K] descending
-        keep = lim  # kept prefix length
-        covered = torch.ones(len(todo), dtype=torch.bool, device=dev)
-        p_t = torch.tensor([top_p[j] for j in todo], dtype=torch.float64, device=dev)  # [M]
-        if bool((p_t < 1.0).any()):
-            pos = torch.arange(k, device=dev)
-            vals_in = vals.masked_fill(pos[None, :] >= lim[:, None], 0.0)
-            cum = vals_in.cumsum(dim=-1, dtype=torch.float64)  # [M, K]
-            mass = cum.gather(1, (lim - 1)[:, None]).squeeze(1)  # the allowed set's mass
-            wide = [m for m, j in enumerate(todo) if limit_l[j] > k]
-            if wide:  # top-p-only rows whose allowed set is wider than the candidates
-                w_idx = _index(wide, dev)
-                rows_w = sub[w_idx]
-                if allowed is not None:
-                    rows_w = rows_w * allowed[idx[w_idx]]
-                mass[w_idx] = rows_w.sum(dim=-1).double()
-            thr = p_t * mass  # [M]
-            before = F.pad(cum[:, :-1], (1, 0))  # mass strictly before each position
-            # Position j is kept while the mass before it is below top_p: the crossing token stays.
-            n_keep = (before < thr[:, None]).sum(dim=-1).clamp(min=1)
-            keep = torch.where(p_t < 1.0, torch.minimum(n_keep, lim), lim)
-            covered = (limit[idx] <= k) | (cum[:, -1] >= thr)
-        row_cut = vals.gather(1, (keep - 1)[:, None]).squeeze(1)  # [M]
-        done = covered.tolist()
-        d_rows = [m for m, ok in enumerate(done) if ok]
-        found[idx[_index(d_rows, dev)]] = row_cut[_index(d_rows, dev)]
-        todo = [j for j, ok in zip(todo, done) if not ok]
-        if not todo:
-            break
+    # Top-p-only rows look at the most likely _TOP_P_CANDIDATES first; the rest need exactly
+    # their limit (top_k, or min_p's count).
+    only_p = [up and k_of[j] == vocab for up, j in zip(uses_p, sort_rows)]
+    k = max(min(lim, _TOP_P_CANDIDATES) if op else lim for lim, op in zip(limit_l, only_p))
+    vals = ws.topk(k, dim=-1).values  # [S, K] descending
+    lim = limit.clamp(max=k)
+    keep = lim  # kept prefix length
+    if any(uses_p):
+        vals_in = vals.masked_fill(torch.arange(k, device=dev)[None, :] >= lim[:, None], 0.0)
+        cum = vals_in.cumsum(dim=-1, dtype=torch.float64)  # [S, K]
+        mass = cum.gather(1, (lim - 1)[:, None]).squeeze(1)  # the allowed set's mass
+        wide = [m for m, lim_m in enumerate(limit_l) if lim_m > k]  # allowed set wider than K
+        if wide:
+            w_idx = _index(wide, dev)
+            mass[w_idx] = _allowed(ws[w_idx], min_p[w_idx]).sum(dim=-1).double()
+        thr = top_p * mass
+        before = F.pad(cum[:, :-1], (1, 0))  # mass strictly before each position
+        # Position j is kept while the mass before it is below top_p: the crossing token stays.
+        n_keep = (before < thr[:, None]).sum(dim=-1).clamp(min=1)
+        keep = torch.where(top_p < 1.0, torch.minimum(n_keep, lim), lim)
+        # Rows whose crossing token lies beyond the K candidates.
+        missed = ((cum[:, -1] < thr) & (limit > k)).nonzero().flatten().tolist()
+    found = vals.gather(1, (keep - 1)[:, None]).squeeze(1)  # [S]
+    if any(uses_p) and missed:
+        m_idx = _index(missed, dev)
+        found[m_idx] = nucleus_cutoff(_allowed(ws[m_idx], min_p[m_idx]), top_p[m_idx])
     cut[s_idx] = torch.maximum(cut[s_idx], found)
     return cut
+
+
+def nucleus_cutoff(w: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """The largest weight c such that the weights >= c hold at least top_p of their row's mass
+    (the weight of the token that crosses top_p), without sorting: a radix select on the fp32
+    bit patterns, which order like the values for w >= 0. A mass histogram over the top 11
+    bits finds the bucket holding c; the few keys in that bucket settle the other 20 bits.
+    w: [M, V] fp32 >= 0; top_p: [M] float64. Returns [M] fp32."""
+    m = w.shape[0]
+    dev = w.device
+    w = w.contiguous()
+    keys = w.view(torch.int32)  # [M, V]
+    top = (keys >> 20).long()  # [M, V] sign + exponent + 3 mantissa bits
+    hist = torch.zeros(m, 1 << 11, dtype=w.dtype, device=dev).scatter_add_(1, top, w).double()
+    thr = top_p * hist.sum(dim=-1)  # [M]
+    above = torch.zeros(m, dtype=torch.float64, device=dev)  # mass of keys above the prefix
+    prefix, above = _radix_digit(hist, above, thr)
+    # Only keys in the chosen bucket matter from here on: gather them (sparse, small).
+    rows, cols = (top == prefix[:, None]).nonzero(as_tuple=True)
+    sub_keys, sub_w = keys[rows, cols], w[rows, cols]  # [n]
+    for shift in (10, 0):
+        digit = (sub_keys >> shift) & 1023
+        live = (sub_keys >> (shift + 10)) == prefix[rows]  # [n]: still matches the prefix
+        flat = rows[live] * 1024 + digit[live].long()
+        hist = torch.zeros(m * 1024, dtype=w.dtype, device=dev).index_add_(0, flat, sub_w[live])
+        d, above = _radix_digit(hist.view(m, 1024).double(), above, thr)
+        prefix = (prefix << 10) | d
+    return prefix.to(torch.int32).view(w.dtype)
+
+
+def _radix_digit(hist: torch.Tensor, above: torch.Tensor, thr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """hist: [M, D] mass per digit among keys matching the prefix so far; above: [M] mass of keys
+    beyond the prefix. Returns the largest digit that still leaves >= thr of the mass at or
+    above it, and the mass strictly above that digit."""
+    tail = hist.flip(-1).cumsum(dim=-1).flip(-1)  # [M, D]: mass at digits >= d
+    d = ((above[:, None] + tail) >= thr[:, None]).sum(dim=-1).sub_(1).clamp_(min=0)  # [M]
+    above = above + F.pad(tail, (0, 1)).gather(1, (d + 1)[:, None]).squeeze(1)
+    return d, above
+
+
+def _allowed(w: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """w with the tokens that min_p drops zeroed."""
+    return w.masked_fill(w < min_p[:, None], 0.0) if bool((min_p > 0).any()) else w
 
 
 def inverse_cdf(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

@@ -277,3 +277,20 @@ def test_seeded_request_in_mixed_batch_of_16(llm):
         assert len(o.outputs[0].token_ids) == p.max_tokens
     (other,) = llm.generate(prompt, seeded.clone(seed=4321), use_tqdm=False)
     assert other.outputs[0].token_ids != alone.outputs[0].token_ids
+
+
+def test_nucleus_radix_select_matches_sort():
+    from kvserve.runner.sampler import nucleus_cutoff
+
+    gen = torch.Generator().manual_seed(9)
+    w = (torch.randn(6, 3000, generator=gen) * torch.tensor([0.1, 1.0, 3.0, 0.5, 2.0, 0.0])[:, None]).exp()
+    w = w / w.amax(dim=-1, keepdim=True)
+    w[3, ::7] = 0.0  # zeros (banned tokens) carry no mass
+    w[4, :500] = w[4, 0]  # a plateau of ties
+    top_p = torch.tensor([0.9, 0.5, 0.99, 0.7, 0.3, 0.95], dtype=torch.float64)
+    got = nucleus_cutoff(w, top_p)
+    for r in range(6):
+        vals = w[r].double().sort(descending=True).values
+        before = torch.cat([torch.zeros(1, dtype=torch.float64), vals.cumsum(0)[:-1]])
+        crossing = int((before < top_p[r] * vals.sum()).sum()) - 1
+        assert got[r].item() == vals[crossing].float().item(), r
