@@ -253,13 +253,13 @@ def test_min_tokens_end_to_end(llm):
 
 
 def test_seeded_request_in_mixed_batch_of_16(llm):
-    seeded = SamplingParams(max_tokens=12, temperature=0.9, top_k=50, top_p=0.95, seed=1234, ignore_eos=True, logprobs=2)
+    seeded = SamplingParams(max_tokens=8, temperature=0.9, top_k=50, top_p=0.95, seed=1234, ignore_eos=True, logprobs=2)
     prompt = _prompts(1, seed=21)[0]
     (alone,) = llm.generate(prompt, seeded, use_tqdm=False)
     rng = random.Random(5)
     others = [
         SamplingParams(
-            max_tokens=rng.randint(3, 16), ignore_eos=True,
+            max_tokens=rng.randint(2, 10), ignore_eos=True,
             temperature=rng.choice([0.0, 0.7, 1.3]), top_k=rng.choice([-1, 5, 100]),
             top_p=rng.choice([1.0, 0.8]), min_p=rng.choice([0.0, 0.1]),
             repetition_penalty=rng.choice([1.0, 1.2]), presence_penalty=rng.choice([0.0, 0.5]),
