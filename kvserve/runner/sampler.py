@@ -2,8 +2,10 @@
 
 Work is done only for the rows, and only with the tensors, that a knob needs: an all-greedy batch
 with no penalties is one argmax; penalties, logit_bias and min_tokens touch only the rows that set
-them; top-k / top-p need a partial sort (topk) of the rows that set them, and a top-p row whose
-nucleus is wider than a few hundred tokens finds its cutoff by a radix select, never a full sort.
+them; top-k / top-p need a partial sort (topk) of the rows that set them. On CPU a top-p row
+whose nucleus is wider than a few hundred tokens finds its cutoff by a radix select, never a
+full sort; on a GPU top-p rows are sorted, which is cheap there, and `process_logits` + `sample`
+queue their work without a single host sync (host data goes up through pinned memory).
 Nothing loops in Python over the vocabulary or over rows that use no knob.
 
 A random row draws ONE uniform number per step, from its own generator when seeded, and picks the
@@ -121,17 +123,18 @@ class Sampler:
         if rep:
             # Tokens seen in the prompt or the output: positive logits divided, negative multiplied.
             local, toks = _flatten([batch.token_ids[i] for i in rep], vocab, dev)
-            pen = torch.tensor([params[i].repetition_penalty for i in rep], dtype=dt, device=dev)[local]
+            pen = _tensor([params[i].repetition_penalty for i in rep], dt, dev)[local]
             rows = _index(rep, dev)[local]
             vals = logits[rows, toks]
             # Repeated cells all write the same value, so duplicates are harmless.
             logits[rows, toks] = torch.where(vals > 0, vals / pen, vals * pen)
         if pres_freq:
-            rows, toks = _flatten([batch.output_ids(i) for i in pres_freq], vocab, dev)
+            rows, toks = _flatten([batch.output_ids(i) for i in pres_freq], vocab, torch.device("cpu"))
+            # Counted on the host: unique() on a GPU would wait for the device.
             cells, counts = torch.unique(rows * vocab + toks, return_counts=True)
-            rows, toks = cells // vocab, cells % vocab
-            freq = torch.tensor([params[i].frequency_penalty for i in pres_freq], dtype=dt, device=dev)[rows]
-            pres = torch.tensor([params[i].presence_penalty for i in pres_freq], dtype=dt, device=dev)[rows]
+            rows, toks, counts = _to(cells // vocab, dev), _to(cells % vocab, dev), _to(counts, dev)
+            freq = _tensor([params[i].frequency_penalty for i in pres_freq], dt, dev)[rows]
+            pres = _tensor([params[i].presence_penalty for i in pres_freq], dt, dev)[rows]
             rows = _index(pres_freq, dev)[rows]
             logits[rows, toks] -= freq * counts.to(dt) + pres
         if bias:
@@ -139,7 +142,7 @@ class Sampler:
             if cells:
                 r, t, b = zip(*cells)
                 logits.index_put_(
-                    (_index(r, dev), _index(t, dev)), torch.tensor(b, dtype=dt, device=dev), accumulate=True
+                    (_index(r, dev), _index(t, dev)), _tensor(b, dt, dev), accumulate=True
                 )
         if ban:
             cells = []
@@ -149,7 +152,7 @@ class Sampler:
                 cells.extend((i, t) for t in stops if t < vocab)
             if cells:
                 r, t = zip(*cells)
-                logits.index_put_((_index(r, dev), _index(t, dev)), torch.tensor(float("-inf"), dtype=dt, device=dev))
+                logits.index_put_((_index(r, dev), _index(t, dev)), _tensor(float("-inf"), dt, dev))
         return logits
 
     # -- drawing ----------------------------------------------------------------------------
@@ -173,7 +176,7 @@ class Sampler:
         w = sub - sub.amax(dim=-1, keepdim=True)  # [R, V]
         temps = [params[i].temperature for i in rand]
         if any(t != 1.0 for t in temps):
-            w.div_(torch.tensor(temps, dtype=w.dtype, device=dev)[:, None])
+            w.div_(_tensor(temps, w.dtype, dev)[:, None])
         w.exp_()
         trunc = [j for j, i in enumerate(rand) if _truncates(params[i])]
         if trunc:
@@ -217,47 +220,51 @@ def truncation_cutoffs(w: torch.Tensor, params: list[SamplingParams]) -> torch.T
     the set depends only on the row's own values (never on the batch)."""
     t, vocab = w.shape
     dev = w.device
-    cut = torch.tensor([p.min_p for p in params], dtype=w.dtype, device=dev)  # [T]
+    cut = _tensor([p.min_p for p in params], w.dtype, dev)  # [T]
     k_of = [p.top_k if 0 < p.top_k < vocab else vocab for p in params]
     sort_rows = [j for j, p in enumerate(params) if k_of[j] < vocab or p.top_p < 1.0]
     if not sort_rows:
         return cut
     s_idx = _index(sort_rows, dev)
     ws = _rows(w, sort_rows, s_idx)  # [S, V]
-    top_p = torch.tensor([params[j].top_p for j in sort_rows], dtype=torch.float64, device=dev)  # [S]
-    min_p = torch.tensor([params[j].min_p for j in sort_rows], dtype=w.dtype, device=dev)
-    limit = torch.tensor([k_of[j] for j in sort_rows], device=dev)  # allowed prefix before top-p
-    uses_p = [params[j].top_p < 1.0 for j in sort_rows]
-    with_min_p = [params[j].min_p > 0.0 and params[j].top_p < 1.0 for j in sort_rows]
-    if any(with_min_p):  # top-p works within what min_p allows
+    p_list = [params[j].top_p for j in sort_rows]
+    mp_list = [params[j].min_p if params[j].top_p < 1.0 else 0.0 for j in sort_rows]
+    top_p = _tensor(p_list, torch.float64, dev)  # [S]
+    min_p = _tensor(mp_list, w.dtype, dev)  # [S], only where top-p needs it
+    # The allowed prefix before top-p: top_k, narrowed by min_p where top-p works within it.
+    limit = _tensor([k_of[j] for j in sort_rows], torch.long, dev)  # [S]
+    if any(mp_list):
         limit = torch.minimum(limit, (ws >= min_p[:, None]).sum(dim=-1))
-    limit_l = limit.tolist()
-    # Top-p-only rows look at the most likely _TOP_P_CANDIDATES first; the rest need exactly
-    # their limit (top_k, or min_p's count).
-    only_p = [up and k_of[j] == vocab for up, j in zip(uses_p, sort_rows)]
-    k = max(min(lim, _TOP_P_CANDIDATES) if op else lim for lim, op in zip(limit_l, only_p))
+    # Top-p-only rows: on CPU, look for the crossing token among the most likely
+    # _TOP_P_CANDIDATES and radix-select the rest; on a GPU a full sort is cheap and, unlike
+    # that fallback, needs no host sync.
+    only_p = [p < 1.0 and k_of[j] == vocab for p, j in zip(p_list, sort_rows)]
+    p_width = vocab if dev.type != "cpu" else min(vocab, _TOP_P_CANDIDATES)
+    k = max(p_width if op else k_of[j] for op, j in zip(only_p, sort_rows))
     vals = ws.topk(k, dim=-1).values  # [S, K] descending
     lim = limit.clamp(max=k)
     keep = lim  # kept prefix length
-    if any(uses_p):
+    missed: list[int] = []
+    if any(p < 1.0 for p in p_list):
         vals_in = vals.masked_fill(torch.arange(k, device=dev)[None, :] >= lim[:, None], 0.0)
         cum = vals_in.cumsum(dim=-1, dtype=torch.float64)  # [S, K]
         mass = cum.gather(1, (lim - 1)[:, None]).squeeze(1)  # the allowed set's mass
-        wide = [m for m, lim_m in enumerate(limit_l) if lim_m > k]  # allowed set wider than K
-        if wide:
+        wide = [m for m, op in enumerate(only_p) if op] if k < vocab else []
+        if wide:  # their allowed set may reach past the candidates
             w_idx = _index(wide, dev)
-            mass[w_idx] = _allowed(ws[w_idx], min_p[w_idx]).sum(dim=-1).double()
+            mass[w_idx] = _allowed(ws[w_idx], min_p[w_idx], [mp_list[m] for m in wide]).sum(dim=-1).double()
         thr = top_p * mass
         before = F.pad(cum[:, :-1], (1, 0))  # mass strictly before each position
         # Position j is kept while the mass before it is below top_p: the crossing token stays.
         n_keep = (before < thr[:, None]).sum(dim=-1).clamp(min=1)
         keep = torch.where(top_p < 1.0, torch.minimum(n_keep, lim), lim)
-        # Rows whose crossing token lies beyond the K candidates.
-        missed = ((cum[:, -1] < thr) & (limit > k)).nonzero().flatten().tolist()
+        if wide:  # rows whose crossing token lies beyond the candidates (a host sync, on CPU)
+            missed = [m for m, miss in zip(wide, (cum[w_idx, -1] < thr[w_idx]).tolist()) if miss]
     found = vals.gather(1, (keep - 1)[:, None]).squeeze(1)  # [S]
-    if any(uses_p) and missed:
+    if missed:
         m_idx = _index(missed, dev)
-        found[m_idx] = nucleus_cutoff(_allowed(ws[m_idx], min_p[m_idx]), top_p[m_idx])
+        allowed = _allowed(ws[m_idx], min_p[m_idx], [mp_list[m] for m in missed])
+        found[m_idx] = nucleus_cutoff(allowed, top_p[m_idx])
     cut[s_idx] = torch.maximum(cut[s_idx], found)
     return cut
 
@@ -300,9 +307,9 @@ def _radix_digit(hist: torch.Tensor, above: torch.Tensor, thr: torch.Tensor) -> 
     return d, above
 
 
-def _allowed(w: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+def _allowed(w: torch.Tensor, min_p: torch.Tensor, min_p_list: list[float]) -> torch.Tensor:
     """w with the tokens that min_p drops zeroed."""
-    return w.masked_fill(w < min_p[:, None], 0.0) if bool((min_p > 0).any()) else w
+    return w.masked_fill(w < min_p[:, None], 0.0) if any(min_p_list) else w
 
 
 def inverse_cdf(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -354,7 +361,19 @@ def compute_logprobs(
 
 # -- helpers ------------------------------------------------------------------------------------
 def _index(rows: list[int] | tuple[int, ...], dev: torch.device) -> torch.Tensor:
-    return torch.tensor(rows, dtype=torch.long, device=dev)
+    return _tensor(rows, torch.long, dev)
+
+
+def _tensor(data: object, dtype: torch.dtype, dev: torch.device) -> torch.Tensor:
+    return _to(torch.tensor(data, dtype=dtype), dev)
+
+
+def _to(t: torch.Tensor, dev: torch.device) -> torch.Tensor:
+    """A host tensor on `dev`; to a GPU through pinned memory, so the host never waits for the
+    device (the sampler queues its work without a sync until the tokens are read)."""
+    if dev.type == "cpu":
+        return t
+    return t.pin_memory().to(dev, non_blocking=True)
 
 
 def _rows(x: torch.Tensor, rows: list[int], idx: torch.Tensor) -> torch.Tensor:
@@ -372,4 +391,4 @@ def _flatten(lists: list[list[int]], vocab: int, dev: torch.device) -> tuple[tor
     if toks.numel() and int(toks.max()) >= vocab:  # padded/extra vocab ids cannot be penalized
         keep = toks < vocab
         rows, toks = rows[keep], toks[keep]
-    return rows.to(dev), toks.to(dev)
+    return _to(rows, dev), _to(toks, dev)

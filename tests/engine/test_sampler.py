@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from kvserve import LLM, SamplingParams
+import kvserve.runner.sampler as sampler_module
 from kvserve.runner.sampler import Sampler, SamplingBatch, inverse_cdf, truncation_cutoffs
 from tests.conftest import TINY_VOCAB
 
@@ -151,9 +152,11 @@ def test_sampled_frequencies_match_truncated_distribution(name):
         assert kept == {0, 1} and counts[1] > 0.3 * sum(counts.values())
 
 
-def test_cutoffs_match_reference_on_random_rows():
-    """Large vocabularies and flat rows exercise the wide-nucleus fallback past the first
-    candidate width; the kept set must be exactly the reference's."""
+@pytest.mark.parametrize("candidates", [256, 10**9])  # 10**9: the full-sort (GPU) path
+def test_cutoffs_match_reference_on_random_rows(candidates, monkeypatch):
+    """Large vocabularies and flat rows exercise the radix select past the top-p candidates;
+    the kept set must be exactly the reference's."""
+    monkeypatch.setattr(sampler_module, "_TOP_P_CANDIDATES", candidates)
     rng = random.Random(3)
     gen = torch.Generator().manual_seed(3)
     for vocab, scale in ((50, 3.0), (600, 0.5), (5000, 0.3), (5000, 4.0)):
