@@ -16,7 +16,9 @@ from kvserve.loader.resolve import DEFAULT_MODEL
 logger = logging.getLogger(__name__)
 
 _SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-_RESERVED_TEMPLATE_VARS = frozenset({"messages", "add_generation_prompt", "bos_token", "eos_token", "tools", "template"})
+_RESERVED_TEMPLATE_VARS = frozenset(
+    {"messages", "add_generation_prompt", "bos_token", "eos_token", "tools", "template"}
+)
 
 
 class LLM:

@@ -122,7 +122,8 @@ def test_cli_chat_streams_replies_and_resets(tiny_dir, llm):
 def test_cli_chat_exits_cleanly_on_eof(tiny_dir, llm, monkeypatch, capsys):
     from kvserve.entrypoints.cli import main
 
-    (expected,) = llm.chat([{"role": "user", "content": "hi"}], SamplingParams(max_tokens=5, temperature=0), use_tqdm=False)
+    greedy = SamplingParams(max_tokens=5, temperature=0)
+    (expected,) = llm.chat([{"role": "user", "content": "hi"}], greedy, use_tqdm=False)
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi\n"))  # no /exit: the input just ends
     argv = ["chat", "--model", str(tiny_dir), "--device", "cpu", "--dtype", "float32", "--temperature", "0",
             "--max-tokens", "5", "--kv-cache-memory-gib", "0.01"]

@@ -111,7 +111,8 @@ def test_prompt_logprobs_survive_chunking_and_preemption(tiny_model_factory, var
         llm = LLM(str(folder), dtype="float32", device="cpu", num_kv_blocks=6, max_model_len=96)
     rng = random.Random(4)
     prompts = [[rng.randrange(3, TINY_VOCAB) for _ in range(40)] for _ in range(4 if variant == "preempted" else 2)]
-    params = SamplingParams(max_tokens=24 if variant == "preempted" else 2, temperature=0, ignore_eos=True, prompt_logprobs=0)
+    new = 24 if variant == "preempted" else 2
+    params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True, prompt_logprobs=0)
     outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     for prompt, out in zip(prompts, outs):
         plp = out.prompt_logprobs

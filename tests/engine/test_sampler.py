@@ -177,6 +177,22 @@ def test_cutoffs_match_reference_on_random_rows(candidates, monkeypatch):
             assert got == want, (vocab, row, p)
 
 
+def test_large_vocab_frequencies():
+    """Probability spread over many CDF blocks (and the padded last one): tokens 5, 700, 1500
+    and 2999 of 3000, plus a tail of 2996 tokens holding 10% of the mass in all."""
+    vocab = 3000
+    probs = torch.full((vocab,), 0.10 / (vocab - 4), dtype=torch.float64)
+    heads = {5: 0.40, 700: 0.25, 1500: 0.15, 2999: 0.10}
+    for t, q in heads.items():
+        probs[t] = q
+    counts = _draw(probs.log().float(), SamplingParams(temperature=1.0), 40_000, seed=5)
+    tail = sum(c for t, c in counts.items() if t not in heads)
+    grouped = Counter({t: counts[t] for t in heads})
+    grouped[-1] = tail
+    assert _chi_square_p(grouped, {**heads, -1: 0.10}) > 1e-3, grouped
+    assert len([t for t in counts if t not in heads]) > 1000  # the tail is really sampled
+
+
 def test_inverse_cdf_never_picks_zero_weight():
     w = torch.zeros(4, 1000)
     w[:, 0] = 0.0
