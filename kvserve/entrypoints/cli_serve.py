@@ -40,7 +40,6 @@ def run(args: argparse.Namespace) -> int:
 
     from kvserve.engine.arg_utils import EngineArgs
     from kvserve.engine.async_engine import AsyncLLMEngine
-    from kvserve.engine.llm_engine import LLMEngine
     from kvserve.entrypoints.cli import engine_kwargs
     from kvserve.entrypoints.server import build_app
     from kvserve.entrypoints.server.uvicorn_server import HARD_STOP_MARGIN_S, GracefulServer
@@ -53,8 +52,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--shutdown-timeout must be >= 0 (got {args.shutdown_timeout})")
     api_key = args.api_key or os.environ.get("KVSERVE_API_KEY") or None
     names = args.served_model_name or [args.model]
-    engine = LLMEngine(EngineArgs.from_kwargs(args.model, served_model_name=names[0], **engine_kwargs(args)))
-    async_engine = AsyncLLMEngine(engine)
+    # The engine is built on its own thread, which then runs every step (see AsyncLLMEngine).
+    async_engine = AsyncLLMEngine.from_engine_args(
+        EngineArgs.from_kwargs(args.model, served_model_name=names[0], **engine_kwargs(args))
+    )
     app = build_app(
         async_engine, served_model_name=names, api_key=api_key,
         allow_request_chat_template=args.allow_request_chat_template, cors_origins=args.cors_origin,
@@ -62,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
     )
     print(
         f"kvserve: serving {names[0]!r} on http://{args.host}:{args.port} "
-        f"(max_model_len {engine.max_model_len}, API key {'required' if api_key else 'off'})",
+        f"(max_model_len {async_engine.max_model_len}, API key {'required' if api_key else 'off'})",
         file=sys.stderr, flush=True,
     )
     config = uvicorn.Config(

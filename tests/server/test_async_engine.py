@@ -191,3 +191,22 @@ def test_add_racing_stop_never_hangs(llm_engine):
 
     asyncio.run(main())
     assert not llm_engine.has_unfinished_requests()
+
+
+def test_from_engine_args_builds_on_the_engine_thread(tiny_model_dir):
+    with pytest.raises(FileNotFoundError):
+        AsyncLLMEngine.from_engine_args(EngineArgs(model=str(tiny_model_dir / "missing"), device="cpu"))
+    engine = AsyncLLMEngine.from_engine_args(EngineArgs(model=str(tiny_model_dir), device="cpu", dtype="float32"))
+    assert engine.max_model_len == 512 and engine.tokenizer is not None
+
+    async def main():
+        with pytest.raises(EngineDeadError, match="not been started"):
+            await engine.add_request("early", "Hi", _greedy(2))
+        engine.start()
+        try:
+            return await _collect(engine, "Hello", _greedy(4), "x")
+        finally:
+            await engine.shutdown()
+
+    out = asyncio.run(main())
+    assert out.finished and len(out.outputs[0].token_ids) == 4
