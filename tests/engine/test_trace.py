@@ -21,16 +21,19 @@ SHAPES = {"gpt2": (4, 4, 16, 2, 64), "llama": (4, 2, 16, 2, 64), "smollm2": (6, 
 
 @pytest.fixture(scope="module")
 def engines(tiny_model_factory):
-    made: dict[tuple[str, bool], LLM] = {}
+    made: dict[tuple[str, bool, bool], LLM] = {}
 
-    def get(arch: str, kv_cache: bool = True) -> LLM:
-        if (arch, kv_cache) not in made:
+    def get(arch: str, kv_cache: bool = True, prefix_caching: bool = False) -> LLM:
+        # Prefix caching is off unless asked for, so that tracing a prompt again still
+        # shows its full prefill.
+        key = (arch, kv_cache, prefix_caching)
+        if key not in made:
             folder = str(tiny_model_factory(arch)[0])
-            made[arch, kv_cache] = LLM(
+            made[key] = LLM(
                 folder, dtype="float32", device="cpu", num_kv_blocks=32, block_size=BLOCK,
-                max_num_seqs=1, enable_kv_cache=kv_cache,
+                max_num_seqs=1, enable_kv_cache=kv_cache, enable_prefix_caching=prefix_caching,
             )
-        return made[arch, kv_cache]
+        return made[key]
 
     return get
 
@@ -88,6 +91,19 @@ def test_no_kv_cache_every_step_is_a_prefill_of_the_whole_context(engines, arch)
         assert s.scores == [1, hq, ctx, ctx]
     cached = trace_generation(engines(arch).engine, PROMPT, steps=STEPS)
     assert tr.generated_token_ids == cached.generated_token_ids
+
+
+def test_prefix_cache_hit_shows_as_cached_keys(engines):
+    eng = engines("llama", prefix_caching=True).engine
+    first = trace_generation(eng, PROMPT, steps=2)
+    again = trace_generation(eng, PROMPT, steps=2)
+    assert first.steps[0].tokens_computed == 7 and first.steps[0].cached_before == 0
+    # The prompt's first full block (4 tokens) is shared: only the other 3 are computed, and
+    # attention still reads K/V for all 7.
+    s = again.steps[0]
+    assert (s.stage, s.tokens_computed, s.cached_before, s.context_len) == ("prefill", 3, 4, 7)
+    assert s.q == [1, 4, 3, 16] and s.k_new == [1, 2, 3, 16] and s.k_cache == [1, 2, 7, 16]
+    assert again.generated_token_ids == first.generated_token_ids
 
 
 def test_flops_match_hand_computed_numbers():
