@@ -4,7 +4,8 @@ Reports, per concurrency level: TTFT, TPOT = (E2E - TTFT) / (output tokens - 1),
 between streamed chunks) and E2E latency as mean / p50 / p99, plus output tok/s over the run.
 
 Requests are random token-id prompts (`/v1/completions` accepts token ids on kvserve and vLLM)
-with `ignore_eos`, greedy, fixed seed, so every run and every server does the same work.
+with `ignore_eos`, greedy, fixed seeds, so every run and every server does the same work; each
+repeat and each concurrency level gets a fresh request set, so none hits the prefix cache of another.
 
     # start kvserve itself (CPU, SmolLM2) and sweep concurrency
     python benchmarks/serve_bench.py --model smollm2 --device cpu --concurrency 1,8,32
@@ -210,20 +211,20 @@ def engine_kwargs(args: argparse.Namespace, max_num_seqs: int) -> dict:
 
 
 class Offline:
-    """`LLM.generate` on the same requests, in this process (loaded once, idle between runs)."""
+    """`LLM.generate` in this process (loaded once, idle between runs)."""
 
-    def __init__(self, args: argparse.Namespace, reqs, max_num_seqs: int) -> None:
+    def __init__(self, args: argparse.Namespace, warmup, max_num_seqs: int) -> None:
         from kvserve import LLM, SamplingParams
 
+        self.sp = SamplingParams
         self.llm = LLM(args.model, **engine_kwargs(args, max_num_seqs))
-        self.prompts = [{"prompt_token_ids": p} for p, _ in reqs]
-        self.params = [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for _, o in reqs]
-        self.llm.generate(self.prompts[:2], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True), use_tqdm=False)
+        self.run(warmup)
 
-    def run(self) -> dict:
-        self.llm.engine.scheduler.kv.reset_prefix_cache()
+    def run(self, reqs) -> dict:
+        prompts = [{"prompt_token_ids": p} for p, _ in reqs]
+        params = [self.sp(max_tokens=o, temperature=0, ignore_eos=True) for _, o in reqs]
         t0 = time.perf_counter()
-        outs = self.llm.generate(self.prompts, self.params, use_tqdm=False)
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
         dt = time.perf_counter() - t0
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         return {"duration_s": dt, "output_tokens": tokens, "output_tok_s": tokens / dt}
@@ -249,12 +250,18 @@ def main() -> int:
     p.add_argument("--compare-offline", action="store_true",
                    help="also run offline LLM.generate (max_num_seqs = first concurrency) and compare throughput")
     p.add_argument("--repeats", type=int, default=1,
-                   help="with --compare-offline: alternate offline and server runs this many times (shared CPUs are noisy)")
+                   help="with --compare-offline: alternate offline and server runs this many times, each on a fresh "
+                        "request set (shared CPUs are noisy; the best of each side is compared)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write all results to this file")
     args = p.parse_args()
     levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    reqs = make_requests(args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.vocab, args.seed)
+
+    def request_set(i: int):  # a fresh set per repeat: no run may hit the prefix cache of another
+        return make_requests(args.num_prompts, args.input_len, args.output_len, args.range_ratio, args.vocab,
+                             args.seed + 1000 * i)
+
+    warmup = request_set(-1)[:2]
 
     print(f"machine: {machine()}")
     print(f"settings: {args.num_prompts} requests, input {args.input_len} / output {args.output_len} tokens "
@@ -265,19 +272,22 @@ def main() -> int:
 
     if args.compare_offline and args.url:
         p.error("--compare-offline starts its own server; leave out --url")
-    offline = Offline(args, reqs, max_num_seqs=levels[0]) if args.compare_offline else None
+    offline = Offline(args, warmup, max_num_seqs=levels[0]) if args.compare_offline else None
     server = None if args.url else LocalServer(args)
     base = args.url or server.url
     report["offline_runs"], report["server_runs"] = [], []
     try:
-        asyncio.run(run_load(base, args.model_name, reqs[:2], 2, args.api_key))  # warm-up
+        asyncio.run(run_load(base, args.model_name, warmup, 2, args.api_key))
         for rep in range(args.repeats if offline else 1):
+            reqs = request_set(rep)
             if offline is not None:
-                off = offline.run()
+                off = offline.run(reqs)
                 report["offline_runs"].append(off)
                 print(f"\n== offline LLM.generate (max_num_seqs={levels[0]}), run {rep + 1}: {off['output_tokens']} "
                       f"tokens in {off['duration_s']:.2f} s = {off['output_tok_s']:.1f} tok/s")
-            for c in levels if rep == 0 else levels[:1]:
+            for j, c in enumerate(levels if rep == 0 else levels[:1]):
+                if j:
+                    reqs = request_set(100 + j)
                 results, duration = asyncio.run(run_load(base, args.model_name, reqs, c, args.api_key))
                 s = summarize(results, duration)
                 report["server"].setdefault(c, s)
