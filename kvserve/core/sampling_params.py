@@ -106,8 +106,10 @@ class SamplingParams:
                         "logit_bias must map token ids >= 0 to biases in [-100, 100] "
                         f"(got {tok}: {b})"
                     )
-        if self.seed is not None and not isinstance(self.seed, int):
-            raise bad("seed", "an integer or None")
+        if self.seed is not None and (
+            not isinstance(self.seed, int) or isinstance(self.seed, bool) or not 0 <= self.seed < 2**63
+        ):
+            raise bad("seed", "None or an integer in [0, 2**63)")
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             raise bad("max_tokens", "an integer >= 1 or None")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:

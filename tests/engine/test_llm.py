@@ -142,6 +142,8 @@ def test_bad_prompts(llm, prompt, params, match):
         ({"top_p": 0}, "top_p"),
         ({"n": 0}, "n"),
         ({"logprobs": 50}, "logprobs"),
+        ({"seed": 2**64}, "seed"),
+        ({"seed": -1}, "seed"),
     ],
 )
 def test_bad_sampling_params(kwargs, field):
@@ -163,3 +165,11 @@ def test_bad_engine_options(llama_dir, tmp_path):
 def test_no_kv_cache_ablation_same_tokens(llama_dir, baseline):
     ablation = LLM(llama_dir, dtype="float32", device="cpu", num_kv_blocks=256, enable_kv_cache=False)
     assert _tokens(ablation, _prompts()) == baseline
+
+
+def test_model_dependent_param_checks(llm):
+    with pytest.raises(ValueError, match="logit_bias"):
+        llm.generate({"prompt_token_ids": [5]}, SamplingParams(logit_bias={TINY_VOCAB + 1: 1.0}), use_tqdm=False)
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        llm.generate({"prompt_token_ids": [5]}, SamplingParams(stop_token_ids=[TINY_VOCAB]), use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
