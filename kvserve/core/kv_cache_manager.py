@@ -119,6 +119,11 @@ class KVCacheManager:
     def usage(self) -> float:
         return 1.0 - self.pool.num_free / self.pool.num_blocks
 
+    def block_owners(self) -> dict[str, list[int]]:
+        """Block ids held by each request that holds any (a block shared through the prefix
+        cache is listed under every request holding it). A copy: safe to keep."""
+        return {rid: [b.block_id for b in blocks] for rid, blocks in self._blocks.items() if blocks}
+
     def blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 

@@ -13,6 +13,8 @@ Invariants:
   request still waiting and every later `add_request`.
 - `abort(request_id)` frees the request's KV blocks before the thread next blocks or steps.
 - `stats()` is a snapshot taken by the engine thread after each step and before it idles.
+- `call_in_engine_thread(fn)` runs `fn(engine)` on the engine thread between steps: the one
+  safe way to read scheduler or KV-cache state from asyncio code (the dashboard uses it).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import asyncio
 import logging
 import queue
 import threading
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable, TypeVar
 
 from kvserve.core.sampling_params import SamplingParams
 from kvserve.engine.arg_utils import EngineArgs
@@ -29,6 +31,8 @@ from kvserve.engine.llm_engine import LLMEngine, PromptType
 from kvserve.engine.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class EngineDeadError(RuntimeError):
@@ -87,6 +91,8 @@ class AsyncLLMEngine:
         # Owned by the engine thread: the streams of requests now in the engine.
         self._active: dict[str, RequestStream] = {}
         self._leftover: list[tuple[Any, ...]] = []  # commands after "stop"
+        # Tokens generated so far (written by the engine thread only; read anywhere).
+        self.num_generated_tokens = 0
         if engine is not None:
             self._bind(engine)
 
@@ -192,6 +198,16 @@ class AsyncLLMEngine:
     def stats(self) -> dict[str, float]:
         return self._stats
 
+    async def call_in_engine_thread(self, fn: Callable[[LLMEngine], T], timeout: float = 10.0) -> T:
+        """Run `fn(engine)` on the engine thread between two steps and return its result
+        (`fn` must be quick and must not change the engine). Raises EngineDeadError when the
+        engine is not running and TimeoutError when no step boundary came within `timeout`."""
+        done: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        with self._lock:
+            self._check_alive()
+            self._commands.put(("call", fn, done))
+        return await asyncio.wait_for(done, timeout)
+
     def _check_alive(self) -> None:
         if self._thread is None or self._loop is None:
             raise EngineDeadError("the engine has not been started")
@@ -239,6 +255,8 @@ class AsyncLLMEngine:
         for cmd in cmds:
             if cmd[0] == "add":
                 self._call(_resolve, cmd[5], error)
+            elif cmd[0] == "call":
+                self._call(_resolve, cmd[2], error)
 
     def _drain_commands(self, block: bool) -> bool:
         """Apply queued commands; wait for one first when `block`. False means stop."""
@@ -263,6 +281,8 @@ class AsyncLLMEngine:
                 rid = cmd[1]
                 if self._active.pop(rid, None) is not None:
                     self.engine.abort_request(rid)
+            elif kind == "call":
+                self._run_call(cmd[1], cmd[2])
         if cmds and not self.engine.has_unfinished_requests():
             self._stats = dict(self.engine.stats())
         return True
@@ -279,9 +299,18 @@ class AsyncLLMEngine:
         self._active[rid] = stream
         self._call(_resolve, accepted, None)
 
+    def _run_call(self, fn: Callable[[LLMEngine], Any], done: asyncio.Future[Any]) -> None:
+        try:
+            result = fn(self.engine)
+        except Exception as e:  # the caller's error, not the engine's
+            self._call(_resolve, done, e)
+            return
+        self._call(_set_result, done, result)
+
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         batch = []
         for out in outputs:
+            self.num_generated_tokens += sum(len(c.delta_token_ids) for c in out.outputs)
             stream = self._active.get(out.request_id)
             if stream is None:
                 continue
@@ -319,6 +348,11 @@ def _resolve(fut: asyncio.Future[None], error: BaseException | None) -> None:
         fut.set_result(None)
     else:
         fut.set_exception(error)
+
+
+def _set_result(fut: asyncio.Future[Any], result: Any) -> None:
+    if not fut.done():
+        fut.set_result(result)
 
 
 def _put_all(batch: list[tuple[RequestStream, RequestOutput | BaseException]]) -> None:

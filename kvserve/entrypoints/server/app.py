@@ -18,6 +18,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from kvserve.engine.async_engine import AsyncLLMEngine
 from kvserve.entrypoints.server.chat import create_chat_completion, render_messages
 from kvserve.entrypoints.server.completions import create_completion
+from kvserve.entrypoints.server.dashboard import Dashboard, add_dashboard_routes
 from kvserve.entrypoints.server.errors import APIError, bad_request, install_error_handlers
 from kvserve.entrypoints.server.metrics import ServerMetrics
 from kvserve.entrypoints.server.protocol import (
@@ -104,6 +105,7 @@ def build_app(
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_credentials=False,
                            allow_methods=["GET", "POST", "OPTIONS"], allow_headers=["*"])
     _add_routes(app, state)
+    add_dashboard_routes(app, Dashboard(engine, names[0]))
     return app
 
 
