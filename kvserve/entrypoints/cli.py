@@ -13,6 +13,7 @@ _SUBCOMMANDS = [
     "kvserve.entrypoints.cli_chat",
     "kvserve.entrypoints.cli_serve",
     "kvserve.entrypoints.cli_trace",
+    "kvserve.entrypoints.cli_bench",
 ]
 
 

@@ -1,0 +1,160 @@
+"""`kvserve bench throughput | latency | serve | prefix | kv-ablation`.
+
+Every command prints its settings and the machine, then a table; `--json-out` appends one JSON
+line per result row, `--report-dir` writes report.md + PNG plots (needs matplotlib)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+COMMANDS = ("throughput", "latency", "serve", "prefix", "kv-ablation")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from kvserve.bench import kv_ablation
+    from kvserve.entrypoints.cli import add_engine_args
+    from kvserve.entrypoints.cli_bench_cmds import run_kv_ablation, run_latency, run_prefix, run_serve, run_throughput
+
+    p = sub.add_parser("bench", help="benchmarks: " + " | ".join(COMMANDS))
+    bsub = p.add_subparsers(dest="bench_command", required=True)
+
+    def common(q: argparse.ArgumentParser, engine: bool = True) -> None:
+        q.add_argument("--seed", type=int, default=0, help="workload seed (default: %(default)s)")
+        q.add_argument("--json-out", default=None, help="append one JSON line per result row to this file")
+        q.add_argument("--report-dir", default=None, help="write report.md and PNG plots here (needs matplotlib)")
+        q.add_argument("--no-progress", action="store_true", help="no progress bar")
+        if engine:
+            q.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                           help="dummy = random weights from config.json (default: %(default)s)")
+            q.add_argument("--peers", default="hf,llamacpp",
+                           help="comma list of hf, llamacpp; '' for none (default: %(default)s)")
+            add_engine_args(q)
+
+    q = bsub.add_parser("throughput", help="offline throughput: N random-token requests, lengths uniform in [100, 1024]")
+    q.add_argument("--num-requests", type=int, default=256)
+    q.add_argument("--scale", type=float, default=1.0, help="shrink the [100, 1024] lengths by this factor (CPUs: 0.25)")
+    q.add_argument("--input-len", type=int, default=None, help="fixed prompt length instead (e.g. 1024)")
+    q.add_argument("--output-len", type=int, default=None, help="fixed output length instead (e.g. 128)")
+    q.add_argument("--hf-batch-size", type=int, default=32, help="HF generate batch size (default: %(default)s)")
+    common(q)
+    q.set_defaults(func=run_throughput)
+
+    q = bsub.add_parser("latency", help="batch-1 / small-batch decode ms/token, prefill time, bandwidth floor")
+    q.add_argument("--prompt-len", type=int, default=512, help="prefill prompt length (default: %(default)s)")
+    q.add_argument("--decode-tokens", type=int, default=128, help="tokens per decode run (default: %(default)s)")
+    q.add_argument("--batch-sizes", default="1,4", help="decode batch sizes (default: %(default)s)")
+    q.add_argument("--floor-mib", type=int, default=256, help="matrix size for the bandwidth probe (default: %(default)s)")
+    common(q)
+    q.set_defaults(func=run_latency)
+
+    q = bsub.add_parser("serve", help="streaming clients against a running OpenAI-compatible server")
+    q.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
+    q.add_argument("--model-name", default=None, help="'model' field (default: the server's first /v1/models entry)")
+    q.add_argument("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY)")
+    q.add_argument("--concurrency", default="1,4,16", help="comma-separated levels (default: %(default)s)")
+    q.add_argument("--request-rate", default=None, help="comma-separated Poisson rates (req/s) instead of concurrency")
+    q.add_argument("--num-prompts", type=int, default=64, help="requests per level (default: %(default)s)")
+    q.add_argument("--dataset", default="random", choices=["random", "chat"],
+                   help="random: fixed lengths; chat: log-normal lengths, mean ~200 in / ~180 out")
+    q.add_argument("--input-len", type=int, default=1024)
+    q.add_argument("--output-len", type=int, default=128)
+    q.add_argument("--scale", type=float, default=1.0, help="shrink lengths by this factor")
+    q.add_argument("--vocab", type=int, default=10000, help="random ids are drawn below this (default: %(default)s)")
+    q.add_argument("--slo-ttft-ms", type=float, default=2000.0, help="goodput SLO on TTFT (default: %(default)s)")
+    q.add_argument("--slo-tpot-ms", type=float, default=200.0, help="goodput SLO on TPOT (default: %(default)s)")
+    common(q, engine=False)
+    q.set_defaults(func=run_serve)
+
+    q = bsub.add_parser("prefix", help="requests sharing a long system prompt, with vs without prefix caching")
+    q.add_argument("--num-requests", type=int, default=32)
+    q.add_argument("--prefix-len", type=int, default=1024, help="shared system prompt tokens (default: %(default)s)")
+    q.add_argument("--suffix-len", type=int, default=32, help="per-request question tokens (default: %(default)s)")
+    q.add_argument("--output-len", type=int, default=32)
+    common(q)
+    q.set_defaults(func=run_prefix, peers="")
+
+    q = bsub.add_parser("kv-ablation", help="the same generation with and without the KV cache")
+    kv_ablation.add_args(q)
+    q.add_argument("--json-out", default=None, help="append the result as one JSON line to this file")
+    q.add_argument("--report-dir", default=None, help="write report.md and the PNG here")
+    q.set_defaults(func=run_kv_ablation, out="")
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _start(args: argparse.Namespace, command: str, settings: dict) -> dict:
+    from kvserve.bench.machine import describe, machine_info
+
+    if args.report_dir:
+        from kvserve.bench.report import require_matplotlib
+
+        require_matplotlib()
+    m = machine_info()
+    print(f"# kvserve bench {command}")
+    print(f"# machine: {describe(m)}")
+    print(f"# settings: {json.dumps(settings)}")
+    return m
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in ("func",) and not callable(v)}
+
+
+def _bar(args: argparse.Namespace, total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, disable=args.no_progress, file=sys.stderr)
+
+
+def _emit(args: argparse.Namespace, command: str, machine: dict, rows: list[dict]) -> None:
+    if not args.json_out:
+        return
+    Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.json_out, "a") as f:
+        for r in rows:
+            rec = {"command": command, "time": time.time(), **{k: v for k, v in r.items() if k != "samples"},
+                   "machine": machine}
+            f.write(json.dumps(rec, default=str) + "\n")
+
+
+def print_table(rows: list[dict], cols: list[str]) -> None:
+    widths = [max(len(c), *(len(_fmt(r.get(c, ""))) for r in rows)) for c in cols]
+    print()
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths)))
+    print("  ".join("-" * w for w in widths))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['engine'].ljust(widths[0])}  error: {r['error']}")
+            continue
+        print("  ".join(_fmt(r.get(c, "")).ljust(w) for c, w in zip(cols, widths)))
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def _ratios(rows: list[dict], key: str, higher_is_better: bool = True) -> None:
+    """Add `vs_kvserve` (= kvserve's advantage: >1 means kvserve is better) to each peer row."""
+    ours = next((r for r in rows if r["engine"] == "kvserve" and key in r), None)
+    for r in rows:
+        if ours and key in r and r is not ours and r[key]:
+            r["kvserve_x"] = ours[key] / r[key] if higher_is_better else r[key] / ours[key]
+
+
+def _kvserve(args: argparse.Namespace, **overrides: Any):
+    from kvserve.bench.offline import KvserveRunner
+    from kvserve.entrypoints.cli import engine_kwargs
+
+    return KvserveRunner(args.model, load_format=args.load_format, **{**engine_kwargs(args), **overrides})
+
+
+def _peer_names(args: argparse.Namespace) -> list[str]:
+    names = [p.strip() for p in (args.peers or "").split(",") if p.strip()]
+    bad = [n for n in names if n not in ("hf", "llamacpp")]
+    if bad:
+        raise ValueError(f"--peers: unknown peer(s) {bad}; allowed: hf, llamacpp")
+    return names
