@@ -4,9 +4,11 @@ JSON lines and a report with PNGs, and a broken peer is reported without failing
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from kvserve.entrypoints.cli import main
@@ -116,8 +118,18 @@ def test_serve_against_a_real_server(model_dir, tmp_path):
                    "--scale", "0.05", "--num-prompts", "4", "--vocab", "500", "--no-progress",
                    "--json-out", str(out)])
         assert rc == 0 and read_jsonl(out)[-1]["rate"] == 100
+        assert_dashboard_metrics_exist(httpx.get(server.url + "/metrics", timeout=10).text)
     finally:
         server.stop()
+
+
+def assert_dashboard_metrics_exist(metrics_text: str) -> None:
+    """Every series the Grafana dashboard queries is one the server exports."""
+    dash = json.loads((Path(__file__).parents[2] / "benchmarks/grafana/kvserve.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"kvserve:[a-z_]+", e)}
+    exported = set(re.findall(r"^(kvserve:[a-z_]+)", metrics_text, re.M))
+    assert len(used) >= 15 and used <= exported, used - exported
 
 
 def test_kv_ablation(model_dir, tmp_path):
