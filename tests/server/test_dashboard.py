@@ -12,12 +12,14 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import httpx
 import pytest
 
-from kvserve.entrypoints.server.dashboard import CACHED, FREE, _aggregate
+from kvserve.core.request import RequestStatus
+from kvserve.entrypoints.server.dashboard import CACHED, FREE, _aggregate, engine_snapshot
 from tests.server.conftest import API_KEY, ServerProcess, wait_idle
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
@@ -31,6 +33,52 @@ def test_aggregate_shows_majority_holder_and_fill() -> None:
     cells, fill = _aggregate(state, 4)
     assert cells == [0, CACHED, 1]  # request 0 holds most of cell 0; cell 1 only caches
     assert fill == "709"  # in-use fraction in ninths, rounded up
+
+
+def _scheduler(num_blocks: int, max_num_seqs: int = 2):
+    from kvserve.core.config import CacheConfig, SchedulerConfig
+    from kvserve.core.scheduler import Scheduler
+
+    return Scheduler(SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=256, max_model_len=64),
+                     CacheConfig(block_size=4), num_blocks)
+
+
+def _add(sched, rid: str, prompt: list[int]) -> None:
+    from kvserve.core.request import Request
+    from kvserve.core.sampling_params import SamplingParams
+
+    sched.add_request(Request(rid, prompt, SamplingParams(max_tokens=4, ignore_eos=True), max_tokens=4))
+
+
+def test_snapshot_marks_owners_shared_and_cached_blocks() -> None:
+    sched = _scheduler(64)
+    shared = list(range(100, 108))  # two full blocks both requests share
+    _add(sched, "a", shared + [1, 2, 3])
+    _add(sched, "b", shared + [4, 5, 6])
+    _add(sched, "c", [7, 8, 9])  # max_num_seqs=2: waits
+    sched.schedule()
+    snap = engine_snapshot(SimpleNamespace(scheduler=sched))
+    assert snap["blocks_per_cell"] == 1 and len(snap["cells"]) == 64 and snap["fill"] is None
+    assert snap["owners"] == ["a", "b"] and [r["id"] for r in snap["running"]] == ["a", "b"]
+    assert [r["id"] for r in snap["waiting"]] == ["c"] and snap["num_waiting"] == 1
+    assert snap["blocks_used"] == 4 == sum(c >= 0 for c in snap["cells"])  # 2 shared + 1 tail each
+    assert snap["blocks_shared"] == 2 and len(snap["shared_cells"]) == 2
+    assert all(snap["cells"][i] == 0 for i in snap["shared_cells"])  # drawn in the first holder's colour
+    sched.finish_requests(["a", "b", "c"], RequestStatus.FINISHED_ABORTED)
+    snap = engine_snapshot(SimpleNamespace(scheduler=sched))
+    assert snap["blocks_used"] == 0 and snap["owners"] == [] and snap["running"] == []
+    assert snap["blocks_cached_free"] == 2 == snap["cells"].count(CACHED)
+    assert snap["blocks_free"] == 62 == snap["cells"].count(FREE)
+
+
+def test_snapshot_aggregates_big_pools() -> None:
+    sched = _scheduler(10_000)
+    _add(sched, "a", list(range(40)))
+    sched.schedule()
+    snap = engine_snapshot(SimpleNamespace(scheduler=sched), max_cells=4096)
+    assert snap["blocks_per_cell"] == 3 and len(snap["cells"]) == 3334 == len(snap["fill"])
+    assert snap["blocks_used"] == 10  # 40 tokens in blocks of 4
+    assert snap["cells"][:4] == [0, 0, 0, 0] and snap["fill"][:4] == "9993"
 
 
 class DevTools:
