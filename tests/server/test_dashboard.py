@@ -227,3 +227,22 @@ def test_dashboard_shows_blocks_live(small_server, browser) -> None:
     assert idle["cached"] > 0  # the prompts' full blocks stay cached after their requests end
     final = httpx.get(url + "/dashboard/state", timeout=10).json()
     assert final["blocks_used"] == 0 and final["prefix_hits"] > 0 and final["generation_tokens_total"] >= 300
+
+
+def test_dashboard_aggregates_a_big_pool(server, browser, http) -> None:
+    """The shared module server keeps the default max_num_seqs (256): thousands of blocks, drawn
+    as at most 4096 cells, and the page says how many blocks a cell stands for."""
+    http.post("/v1/completions", json={"prompt": PROMPT, "max_tokens": 8, "temperature": 0}).raise_for_status()
+    state = httpx.get(server.url + "/dashboard/state", timeout=10).json()
+    assert state["num_blocks"] > 4096 and state["blocks_per_cell"] >= 2
+    assert len(state["cells"]) == len(state["fill"]) <= 4096
+    browser.call("Page.navigate", url=server.url + "/dashboard")
+    js = """(() => ({cells: document.querySelectorAll('#grid .cell').length,
+                    cached: document.querySelectorAll('#grid .cell.cached').length,
+                    note: document.getElementById('grid-note').textContent}))()"""
+    shown = wait_for(lambda: (s := browser.eval(js)) and s["cells"] > 0 and s, 20, "the grid")
+    assert shown["cells"] == len(state["cells"]) and shown["cached"] > 0
+    assert f"each cell is {state['blocks_per_cell']} consecutive blocks" in shown["note"]
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = browser.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+    (ARTIFACTS / "dashboard-aggregated.png").write_bytes(base64.b64decode(shot["data"]))
