@@ -4,7 +4,8 @@ polls about twice a second).
 The state is read on the engine thread between two steps (`AsyncLLMEngine.call_in_engine_thread`),
 never from the asyncio thread while the engine mutates it. Reading it costs O(blocks) Python work,
 so it is done only when a dashboard asks, and one snapshot serves every poll within
-`_MIN_INTERVAL_S`.
+`_MIN_INTERVAL_S`, or within 20x the time the last snapshot took on the engine thread, whichever
+is longer (so even a huge pool costs the engine at most ~5% of its time).
 
 The block grid: one cell per KV block, up to `MAX_CELLS` cells. A bigger pool is aggregated,
 `blocks_per_cell` consecutive blocks per cell; such a cell shows the request holding most of its
@@ -37,12 +38,14 @@ MAX_CELLS = 4096
 MAX_LISTED = 64  # requests listed per table (the counts are always exact)
 FREE, CACHED = -1, -2  # cell codes; a code >= 0 is an index into the owners list
 _MIN_INTERVAL_S = 0.2
+_MAX_ENGINE_SHARE = 0.05  # of the engine thread's time spent on snapshots, at most
 _RATE_WINDOW_S = 3.0
 
 
 def engine_snapshot(engine: LLMEngine, max_cells: int = MAX_CELLS) -> dict[str, Any]:
     """Block grid, running and waiting requests and prefix-cache counters of `engine`. Call it
     on the engine thread only."""
+    t0 = time.perf_counter()
     sched = engine.scheduler
     kv = sched.kv
     pool = kv.pool
@@ -99,6 +102,7 @@ def engine_snapshot(engine: LLMEngine, max_cells: int = MAX_CELLS) -> dict[str, 
         "prefix_hits": kv.prefix_hits,
         "prefix_hit_rate": kv.prefix_hits / kv.prefix_queries if kv.prefix_queries else 0.0,
         "num_preemptions": sched.num_preemptions,
+        "snapshot_ms": 1e3 * (time.perf_counter() - t0),
     }
 
 
@@ -144,22 +148,26 @@ class Dashboard:
         self.html = (resources.files("kvserve.entrypoints.server") / "static" / "dashboard.html").read_text("utf-8")
         self._last: dict[str, Any] | None = None
         self._last_at = 0.0
+        self._interval = _MIN_INTERVAL_S
         self._lock = asyncio.Lock()
         self._samples: deque[tuple[float, int]] = deque()  # (monotonic time, tokens generated)
 
     def tokens_per_s(self, now: float) -> float:
         """Generation tokens/s over the last few seconds of polls."""
         total = self.engine.num_generated_tokens
-        self._samples.append((now, total))
-        while len(self._samples) > 2 and now - self._samples[1][0] >= _RATE_WINDOW_S:
-            self._samples.popleft()
-        t0, n0 = self._samples[0]
+        samples = self._samples
+        if samples and now - samples[-1][0] > 3 * _RATE_WINDOW_S:
+            samples.clear()  # nobody watched for a while: no average over the gap
+        samples.append((now, total))
+        while len(samples) > 2 and now - samples[1][0] >= _RATE_WINDOW_S:
+            samples.popleft()
+        t0, n0 = samples[0]
         return (total - n0) / (now - t0) if now > t0 else 0.0
 
     async def state(self) -> dict[str, Any]:
         async with self._lock:  # concurrent polls share one engine-thread snapshot
             now = time.monotonic()
-            if self._last is None or now - self._last_at >= _MIN_INTERVAL_S:
+            if self._last is None or now - self._last_at >= self._interval:
                 if not self.engine.is_running:
                     raise APIError(503, f"engine is not running: {self.engine.dead_error or 'not started'}")
                 try:
@@ -169,6 +177,7 @@ class Dashboard:
                 except asyncio.TimeoutError as e:
                     raise APIError(503, "the engine did not finish its step in time; try again") from e
                 now = time.monotonic()
+                self._interval = max(_MIN_INTERVAL_S, snap["snapshot_ms"] / 1e3 / _MAX_ENGINE_SHARE)
                 snap["model"] = self.model_name
                 snap["generation_tokens_total"] = self.engine.num_generated_tokens
                 snap["tokens_per_s"] = self.tokens_per_s(now)
