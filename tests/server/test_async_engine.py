@@ -210,3 +210,30 @@ def test_from_engine_args_builds_on_the_engine_thread(tiny_model_dir):
 
     out = asyncio.run(main())
     assert out.finished and len(out.outputs[0].token_ids) == 4
+
+
+def test_call_in_engine_thread(llm_engine):
+    """Runs on the engine thread between steps (also while requests run); the function's error
+    reaches the caller, the engine keeps serving; a stopped engine refuses calls."""
+    import threading
+
+    async def main():
+        engine = AsyncLLMEngine(llm_engine)
+        engine.start()
+        try:
+            task = asyncio.create_task(_collect(engine, "Hello world", _greedy(24), "call-0"))
+            await asyncio.sleep(0)
+            name, running = await engine.call_in_engine_thread(
+                lambda e: (threading.current_thread().name, e.scheduler.num_running))
+            assert name == "kvserve-engine" and running in (0, 1)
+            with pytest.raises(ZeroDivisionError):
+                await engine.call_in_engine_thread(lambda e: 1 / 0)
+            final = await task
+            assert len(final.outputs[0].token_ids) == 24
+            assert engine.num_generated_tokens >= 24
+        finally:
+            await engine.shutdown()
+        with pytest.raises(EngineDeadError):
+            await engine.call_in_engine_thread(lambda e: None)
+
+    asyncio.run(main())
