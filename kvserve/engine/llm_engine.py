@@ -18,13 +18,13 @@ from kvserve.attention.base import AttentionBackend
 from kvserve.core.config import CacheConfig, SchedulerConfig
 from kvserve.core.request import Request, RequestStatus
 from kvserve.core.sampling_params import SamplingParams
-from kvserve.core.scheduler import Scheduler
+from kvserve.core.scheduler import Scheduler, SchedulerOutput
 from kvserve.engine.arg_utils import EngineArgs, GiB
 from kvserve.engine.detokenizer import IncrementalDetokenizer
 from kvserve.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from kvserve.loader.model_loader import LoadedModel, load_model, resolve_device
 from kvserve.loader.resolve import resolve_model
-from kvserve.runner.model_runner import ModelRunner, RunnerOutput
+from kvserve.runner.model_runner import ModelRunner, PendingStep, RunnerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,11 @@ class LLMEngine:
         self.runner = ModelRunner(
             loaded.model, cfg, self.cache_config, num_blocks, loaded.dtype, device,
             self.backend, set(self.eos_token_ids), seed=args.seed,
+            max_num_seqs=args.max_num_seqs, max_model_len=want_len, use_cuda_graphs=not args.enforce_eager,
         )
+        # On CUDA the next step is launched before this step's outputs are built (see step()).
+        self._overlap = device.type == "cuda"
+        self._inflight: tuple[SchedulerOutput, PendingStep] | None = None
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); max_model_len %d",
             num_blocks, bs, capacity, num_blocks * bytes_per_block / GiB, want_len,
@@ -112,9 +116,19 @@ class LLMEngine:
         if args.num_kv_blocks is not None:
             return args.num_kv_blocks
         if device.type == "cuda":
-            from kvserve.runner.profiling import cuda_kv_budget
+            from kvserve.runner import profiling
 
-            budget = cuda_kv_budget(args.gpu_memory_utilization)
+            # The profiled step: the largest token budget a step can have (see __init__).
+            chunked = args.enable_chunked_prefill
+            tokens = args.max_num_batched_tokens or (8192 if chunked else max(8192, max_len))
+            peak = profiling.profile_peak_activations(
+                self.loaded.model, self.loaded.config, self.loaded.dtype, device, tokens,
+                max_len, args.max_num_seqs, args.block_size,
+            )
+            graphs = 0 if args.enforce_eager else profiling.graph_pool_estimate(
+                peak, tokens, min(args.max_num_seqs, 512), self.loaded.config.vocab_size
+            )
+            budget = profiling.cuda_kv_budget(args.gpu_memory_utilization, peak, graphs, device)
         else:
             budget = args.kv_cache_memory or min(2 * GiB, _total_ram() // 4)
         n = max(1, budget // bytes_per_block)
@@ -219,14 +233,40 @@ class LLMEngine:
 
     # -- one step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self._overlap:
+            return self._step_overlapped()
         so = self.scheduler.schedule()
         ro = self.runner.execute(so)
         if so.is_empty:
             return []
         updated, _finished = self.scheduler.update_from_output(so, ro.sampled)
+        return self._outputs(updated, ro)
+
+    def _step_overlapped(self) -> list[RequestOutput]:
+        """Wait for the step in flight (or launch one), advance the scheduler, launch the next
+        step, and only then detokenize and build this step's outputs: the GPU runs step N+1
+        while the CPU does step N's bookkeeping. Step N+1 was scheduled before the stop strings
+        and aborts found here, so it may compute one token for a request that is already
+        finished; the scheduler drops that token (the request is no longer running) and its
+        blocks are reused only by steps queued after it."""
+        if self._inflight is None:
+            so = self.scheduler.schedule()
+            self._inflight = (so, self.runner.execute_async(so))
+        so, pending = self._inflight
+        self._inflight = None
+        ro = pending.result()
+        if so.is_empty:
+            return []
+        updated, _finished = self.scheduler.update_from_output(so, ro.sampled)
+        if self.scheduler.has_unfinished_requests():
+            nxt = self.scheduler.schedule()
+            self._inflight = (nxt, self.runner.execute_async(nxt))
+        return self._outputs(updated, ro)
+
+    def _outputs(self, updated: list[Request], ro: RunnerOutput) -> list[RequestOutput]:
         touched: dict[str, _Group] = {}
         for rid, lps in ro.prompt_logprobs.items():
-            group, idx = self._child_to_group[rid]
+            group, idx = self._child_to_group.get(rid, (None, -1))  # None: aborted meanwhile
             if idx == 0:
                 self._add_prompt_logprobs(group, lps)
         for req in updated:

@@ -224,10 +224,15 @@ class _Tracer:
     def __enter__(self) -> _Tracer:
         self._original = self.module.backend
         self.module.backend = RecordingBackend(self._original, self._on_call)
+        # One engine step per recorded step: no step launched ahead (CUDA overlap) and no
+        # CUDA-graph replays, which would bypass the recording backend.
+        self._saved = (self.engine._overlap, self.engine.runner.graphs)
+        self.engine._overlap, self.engine.runner.graphs = False, None
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.module.backend = self._original
+        self.engine._overlap, self.engine.runner.graphs = self._saved
 
     def _on_call(self, call: AttentionCall) -> None:
         # The scheduler allocated this step's blocks before the runner ran: snapshot them now,

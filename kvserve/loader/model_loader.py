@@ -49,12 +49,13 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, checkpoint_dtype: str | None, device: torch.device) -> torch.dtype:
-    """'auto' keeps an fp32 checkpoint in fp32 and runs 16-bit/quantized ones in bf16
-    (fp16 on CUDA only when the checkpoint is fp16: CPUs have no fast fp16 matmul)."""
+    """'auto' on CUDA runs bf16 (fp16 when the checkpoint is fp16); on the CPU it keeps an
+    fp32 checkpoint in fp32 and runs 16-bit/quantized ones in bf16 (CPUs have no fast fp16
+    matmul). 'float32' / 'float16' / 'bfloat16' are honoured everywhere."""
     name = normalize_dtype(dtype)
     if name == "auto":
         ckpt = normalize_dtype(checkpoint_dtype) if checkpoint_dtype in _TORCH_DTYPES or checkpoint_dtype in ("fp16", "bf16", "fp32") else None
-        if ckpt == "float32":
+        if ckpt == "float32" and device.type != "cuda":
             name = "float32"
         elif ckpt == "float16" and device.type == "cuda":
             name = "float16"
@@ -135,14 +136,19 @@ def load_model(
 
 @torch.no_grad()
 def _random_init(model: nn.Module) -> None:
-    gen = torch.Generator(device="cpu").manual_seed(0)
+    # Drawn on the parameters' device: an 8B model's weights take seconds on a GPU, minutes
+    # on the host.
+    gens: dict[torch.device, torch.Generator] = {}
     for name, p in model.named_parameters():
         if name.endswith("norm.weight") or ".ln_" in name or name.startswith("ln_f"):
             p.fill_(1.0)
         elif p.dim() == 1:
             p.zero_()
         else:
-            p.copy_((torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype))
+            gen = gens.get(p.device)
+            if gen is None:
+                gen = gens[p.device] = torch.Generator(device=p.device).manual_seed(0)
+            p.copy_((torch.randn(p.shape, generator=gen, device=p.device) * 0.02).to(p.dtype))
 
 
 def _folder_tokenizer(folder) -> Tokenizer | None:

@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kvserve.models import fused_ops
+
 
 class RMSNorm(nn.Module):
     """RMSNorm computed in fp32 and cast back (HF's formula, so fp32 results match bit for bit)."""
@@ -19,6 +21,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_ops.enabled_for(x):
+            return fused_ops.rmsnorm(x, self.weight, self.eps)
         dtype = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -28,12 +32,16 @@ class RMSNorm(nn.Module):
         self, x: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (norm(x + residual), x + residual): the pre-norm block's add-then-norm."""
+        if fused_ops.enabled_for(x):
+            return fused_ops.add_rmsnorm(x, residual, self.weight, self.eps)
         residual = x + residual
         return self.forward(residual), residual
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """[T, 2I] (gate ‖ up) -> [T, I]: silu(gate) * up."""
+    if fused_ops.enabled_for(x):
+        return fused_ops.silu_and_mul(x)
     gate, up = x.chunk(2, dim=-1)
     return F.silu(gate) * up
 
@@ -71,12 +79,29 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
 
 class RotaryEmbedding(nn.Module):
     """Non-interleaved RoPE (rotate_half). One instance per model: cos/sin are computed once
-    per step for the step's positions and shared by every layer."""
+    per step for the step's positions and shared by every layer. On CUDA a cos/sin table for
+    every position is built once and a fused kernel rotates q and k in place."""
 
-    def __init__(self, head_dim: int, theta: float, scaling: dict[str, Any] | None) -> None:
+    def __init__(
+        self, head_dim: int, theta: float, scaling: dict[str, Any] | None, max_positions: int = 0
+    ) -> None:
         super().__init__()
         self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
+        self.max_positions = max_positions
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
+        # Plain attribute, not a buffer: `model.to(dtype)` must not round it.
+        self._cos_sin_table: torch.Tensor | None = None
+
+    def for_step(self, positions: torch.Tensor, dtype: torch.dtype) -> StepRope:
+        """What every layer of one step needs to rotate its q and k."""
+        if self.max_positions and self.head_dim & (self.head_dim - 1) == 0 and fused_ops.enabled_for(positions):
+            table = self._cos_sin_table
+            if table is None or table.device != positions.device:
+                # Built on the first (eager) step, before any CUDA graph is captured.
+                table = self._cos_sin_table = fused_ops.build_cos_sin(self.inv_freq, self.max_positions)
+            return StepRope(positions=positions, cos_sin_table=table)
+        cos, sin = self.cos_sin(positions, dtype)
+        return StepRope(cos=cos, sin=sin)
 
     def reset_parameters(self) -> None:
         """Recompute `inv_freq` (after materializing a model built on the meta device)."""
@@ -86,6 +111,26 @@ class RotaryEmbedding(nn.Module):
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2], fp32 like HF
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
         return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+class StepRope:
+    """One step's rotary state: (cos, sin) [T, 1, D] for the PyTorch path, or the step's
+    positions and the fp32 cos/sin table for the fused CUDA kernel."""
+
+    __slots__ = ("cos", "sin", "positions", "cos_sin_table")
+
+    def __init__(
+        self,
+        cos: torch.Tensor | None = None,
+        sin: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+        cos_sin_table: torch.Tensor | None = None,
+    ) -> None:
+        self.cos, self.sin, self.positions, self.cos_sin_table = cos, sin, positions, cos_sin_table
+
+    @property
+    def fused(self) -> bool:
+        return self.cos_sin_table is not None
 
 
 def apply_rotary(

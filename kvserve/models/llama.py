@@ -14,7 +14,8 @@ import torch.nn as nn
 
 from kvserve.attention.base import AttentionBackend, AttentionMetadata
 from kvserve.core.config import ModelConfig
-from kvserve.models.layers import RMSNorm, RotaryEmbedding, apply_rotary, silu_and_mul
+from kvserve.models import fused_ops
+from kvserve.models.layers import RMSNorm, RotaryEmbedding, StepRope, apply_rotary, silu_and_mul
 from kvserve.models.loading import FusedWeightLoader
 
 
@@ -36,20 +37,26 @@ class LlamaAttention(nn.Module):
 
     def forward(
         self,
-        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin: [T, 1, D] each
+        rope: StepRope,
         x: torch.Tensor,  # [T, hidden]
         kv_cache: torch.Tensor,
         md: AttentionMetadata,
     ) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
+        if rope.fused:  # CUDA: q/k norm + rotation in one kernel, in place inside qkv
+            fused_ops.rope_qk_(
+                qkv, rope.positions, rope.cos_sin_table, self.num_heads, self.num_kv_heads,
+                self.head_dim, self.q_norm, self.k_norm,
+            )
         q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
         q = q.view(t, self.num_heads, self.head_dim)
         k = k.view(t, self.num_kv_heads, self.head_dim)
         v = v.view(t, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, k, *rope)
+        if not rope.fused:
+            if self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = apply_rotary(q, k, rope.cos, rope.sin)
         o = self.backend.forward(q, k, v, kv_cache, md, self.scale, self.sliding_window)
         return self.o_proj(o.reshape(t, self.q_size))  # [T, hidden]
 
@@ -76,7 +83,7 @@ class LlamaDecoderLayer(nn.Module):
 
     def forward(
         self,
-        rope: tuple[torch.Tensor, torch.Tensor],
+        rope: StepRope,
         x: torch.Tensor,
         residual: torch.Tensor | None,
         kv_cache: torch.Tensor,
@@ -108,7 +115,9 @@ class LlamaForCausalLM(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, backend) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
+        self.rotary = RotaryEmbedding(
+            cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_positions=cfg.max_position_embeddings
+        )
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.tie_weights()
 
@@ -125,7 +134,7 @@ class LlamaForCausalLM(nn.Module):
         md: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden]
         h = self.embed_tokens(input_ids)
-        rope = self.rotary.cos_sin(positions, h.dtype)
+        rope = self.rotary.for_step(positions, h.dtype)
         residual = None
         for layer, cache in zip(self.layers, kv_caches):
             h, residual = layer(rope, h, residual, cache, md)

@@ -1,7 +1,14 @@
 """SchedulerOutput -> input tensors -> forward -> sampled tokens.
 
-The runner keeps its own copy of each running request's token ids and block table, updated
-from the scheduler's deltas, so a step's input costs O(scheduled tokens) to build.
+The runner keeps its own copy of each running request's token ids and block table (a row of a
+host-side table), updated from the scheduler's deltas, so a step's input costs O(scheduled
+tokens) to build. Every input tensor of a step is built on the host first, in pinned memory,
+and sent with non-blocking copies before the forward is launched.
+
+`execute_async` launches a step and returns at once (on CUDA the forward, the logits and the
+sampling are only queued); `PendingStep.result()` waits for the sampled ids, the step's one
+host sync. Pure-decode steps replay a captured CUDA graph (`cuda_graphs.py`); prefill and mixed
+steps run eagerly.
 """
 
 from __future__ import annotations
@@ -9,15 +16,19 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from kvserve.attention.base import AttentionBackend, AttentionMetadata
 from kvserve.core.config import CacheConfig, ModelConfig
 from kvserve.core.sampling_params import SamplingParams
 from kvserve.core.scheduler import SchedulerOutput
+from kvserve.runner.inputs import HostTables, StagingBuffers
 from kvserve.runner.sampler import Sampler, SamplingBatch, compute_logprobs
 
 logger = logging.getLogger(__name__)
+
+LogprobEntry = tuple[float, int, list[int], list[float]]
 
 
 @dataclass(slots=True)
@@ -27,15 +38,51 @@ class _ReqState:
     sampling_params: SamplingParams
     block_ids: list[int]
     num_computed_tokens: int
+    row: int  # this request's row in the host block table
 
 
 @dataclass
 class RunnerOutput:
     sampled: dict[str, list[int]] = field(default_factory=dict)
     # req_id -> per sampled token: (logprob, rank, top ids, top logprobs)
-    logprobs: dict[str, list[tuple[float, int, list[int], list[float]]]] = field(default_factory=dict)
+    logprobs: dict[str, list[LogprobEntry]] = field(default_factory=dict)
     # req_id -> for prompt positions 1.. of this step's chunk: same tuples
-    prompt_logprobs: dict[str, list[tuple[float, int, list[int], list[float]]]] = field(default_factory=dict)
+    prompt_logprobs: dict[str, list[LogprobEntry]] = field(default_factory=dict)
+
+
+class PendingStep:
+    """A launched step. `result()` waits for its sampled ids (once) and records them."""
+
+    def __init__(
+        self,
+        runner: ModelRunner | None,
+        out: RunnerOutput,
+        reqs: list[str] | None = None,
+        tokens: torch.Tensor | None = None,  # [N] on the host (pinned) or the CPU device
+        done: torch.cuda.Event | None = None,
+        logprob_job: tuple[torch.Tensor, torch.Tensor, list[int], list[int | None]] | None = None,
+    ) -> None:
+        self._runner, self._out, self._reqs, self._tokens = runner, out, reqs, tokens
+        self._done, self._logprob_job = done, logprob_job
+        self._finished = runner is None
+
+    def result(self) -> RunnerOutput:
+        if self._finished:
+            return self._out
+        self._finished = True
+        if self._done is not None:
+            self._done.synchronize()  # the step's one wait: sampled ids are in pinned memory
+        ids = self._tokens.tolist()
+        runner, out = self._runner, self._out
+        for rid, tok in zip(self._reqs, ids):
+            runner.states[rid].token_ids.append(tok)
+            out.sampled[rid] = [tok]
+        if self._logprob_job is not None:  # only when a request asked for logprobs
+            raw, toks, rows, ks = self._logprob_job
+            for i, entry in zip(rows, compute_logprobs(raw, toks, ks)):
+                out.logprobs[self._reqs[i]] = [entry]
+        runner._pending = None
+        return out
 
 
 class ModelRunner:
@@ -50,6 +97,9 @@ class ModelRunner:
         backend: AttentionBackend,
         eos_token_ids: set[int],
         seed: int = 0,
+        max_num_seqs: int = 256,
+        max_model_len: int | None = None,
+        use_cuda_graphs: bool = True,
     ) -> None:
         self.model = model
         self.config = model_config
@@ -70,6 +120,18 @@ class ModelRunner:
         shared = torch.Generator(device=device)
         shared.manual_seed(seed)
         self.sampler = Sampler(shared)
+        self.max_model_len = max_model_len or model_config.max_position_embeddings
+        self.max_blocks_per_seq = -(-self.max_model_len // self.block_size) + 1
+        self.tables = HostTables(max_num_seqs + 1, self.max_blocks_per_seq)
+        self.staging = StagingBuffers(device)
+        self._pending: PendingStep | None = None
+        self.num_graph_steps = 0  # decode steps served by a CUDA graph (tests, stats)
+        self.graphs = None
+        if use_cuda_graphs and device.type == "cuda" and backend.name == "triton":
+            from kvserve.runner.cuda_graphs import DecodeGraphs
+
+            self.graphs = DecodeGraphs(self, min(max_num_seqs, 512))
+            self.graphs.capture()
 
     @staticmethod
     def kv_bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -77,17 +139,25 @@ class ModelRunner:
         return cfg.num_layers * 2 * block_size * cfg.num_kv_heads * cfg.head_dim * elem
 
     # -- state ------------------------------------------------------------------------------
+    def _drop(self, rid: str) -> None:
+        st = self.states.pop(rid, None)
+        if st is not None:
+            self.tables.release(st.row)
+
     def _update_states(self, so: SchedulerOutput) -> None:
         for rid in so.finished_req_ids:
-            self.states.pop(rid, None)
+            self._drop(rid)
             self.generators.pop(rid, None)
             self.prompt_lp_done.pop(rid, None)
         for rid in so.preempted_req_ids:
-            self.states.pop(rid, None)
+            self._drop(rid)
         for nr in so.new_requests:
+            self._drop(nr.req_id)
+            row = self.tables.acquire()
+            self.tables.set_blocks(row, 0, nr.block_ids)
             self.states[nr.req_id] = _ReqState(
                 list(nr.token_ids), nr.num_prompt_tokens, nr.sampling_params,
-                list(nr.block_ids), nr.num_computed_tokens,
+                list(nr.block_ids), nr.num_computed_tokens, row,
             )
             sp = nr.sampling_params
             if sp.seed is not None and nr.req_id not in self.generators:
@@ -96,40 +166,36 @@ class ModelRunner:
                 self.generators[nr.req_id] = g
         for cr in so.cached_requests:
             st = self.states[cr.req_id]
-            st.block_ids.extend(cr.new_block_ids)
+            if cr.new_block_ids:
+                self.tables.set_blocks(st.row, len(st.block_ids), cr.new_block_ids)
+                st.block_ids.extend(cr.new_block_ids)
             st.num_computed_tokens = cr.num_computed_tokens
 
     # -- one step ---------------------------------------------------------------------------
-    @torch.inference_mode()
     def execute(self, so: SchedulerOutput) -> RunnerOutput:
+        return self.execute_async(so).result()
+
+    @torch.inference_mode()
+    def execute_async(self, so: SchedulerOutput) -> PendingStep:
+        if self._pending is not None:  # the previous step's tokens are inputs of this one
+            self._pending.result()
         self._update_states(so)
         if so.is_empty:
-            return RunnerOutput()
-        bs = self.block_size
+            return PendingStep(None, RunnerOutput())
         # Decodes first, so the backend finds them in one contiguous run.
         order = sorted(so.num_scheduled_tokens, key=lambda r: so.num_scheduled_tokens[r] != 1)
-        input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        qsl = [0]
-        seq_lens: list[int] = []
-        tables: list[list[int]] = []
-        sample_rows: list[int] = []  # row of the hidden state whose logits are sampled
+        states = [self.states[r] for r in order]
+        nums = [so.num_scheduled_tokens[r] for r in order]
+        starts = [st.num_computed_tokens for st in states]
+        num_tokens = sum(nums)
+        pure_decode = num_tokens == len(order)
+        out = RunnerOutput()
         sample_reqs: list[str] = []
+        sample_rows: list[int] = []  # row of the hidden state whose logits are sampled
         prompt_lp: list[tuple[str, int, int, int]] = []  # (req, first row, its position, num rows)
-        for rid in order:
-            st = self.states[rid]
-            n = so.num_scheduled_tokens[rid]
-            start = st.num_computed_tokens
+        row0 = 0
+        for rid, st, n, start in zip(order, states, nums, starts):
             end = start + n
-            row0 = len(input_ids)
-            input_ids.extend(st.token_ids[start:end])
-            positions.extend(range(start, end))
-            blocks = st.block_ids
-            slots.extend(blocks[p // bs] * bs + p % bs for p in range(start, end))
-            qsl.append(row0 + n)
-            seq_lens.append(end)
-            tables.append(blocks)
             if st.sampling_params.prompt_logprobs is not None and start < st.num_prompt_tokens:
                 # Positions first .. upto-1 predict prompt tokens first+1 .. upto (the chunk's
                 # last row included: it predicts the next chunk's first token).
@@ -141,53 +207,115 @@ class ModelRunner:
             if end == len(st.token_ids):
                 sample_rows.append(row0 + n - 1)
                 sample_reqs.append(rid)
-        md = self._metadata(qsl, seq_lens, tables, slots)
-        dev = self.device
-        ids_t = torch.tensor(input_ids, dtype=torch.long, device=dev)
-        pos_t = torch.tensor(positions, dtype=torch.long, device=dev)
-        hidden = self.model(ids_t, pos_t, self.kv_caches, md)  # [T, hidden]
+            row0 += n
 
-        out = RunnerOutput()
-        for rid, row0, first, n in prompt_lp:
-            st = self.states[rid]
-            logits = self.model.compute_logits(hidden[row0 : row0 + n])
-            targets = torch.tensor(st.token_ids[first + 1 : first + 1 + n], device=dev)
-            out.prompt_logprobs[rid] = compute_logprobs(logits, targets, [st.sampling_params.prompt_logprobs] * n)
-        if sample_rows:
-            logits = self.model.compute_logits(hidden[torch.tensor(sample_rows, device=dev)])  # [N, V]
-            states = [self.states[r] for r in sample_reqs]
-            batch = SamplingBatch(  # token lists are passed, not sliced: only penalty rows read them
-                params=[st.sampling_params for st in states],
-                generators=[self.generators.get(r) for r in sample_reqs],
-                token_ids=[st.token_ids for st in states],
-                num_prompt_tokens=[st.num_prompt_tokens for st in states],
-                eos_token_ids=self.eos_token_ids,
-            )
-            result = self.sampler(logits, batch)
-            for i, rid in enumerate(sample_reqs):
-                tok = result.token_ids[i]
-                self.states[rid].token_ids.append(tok)
-                out.sampled[rid] = [tok]
-                if result.logprobs and result.logprobs[i] is not None:
-                    out.logprobs[rid] = [result.logprobs[i]]
-        return out
+        graph_bs = None
+        # Graphs compute logits for every row: only when each row is a sampled decode (a
+        # one-token prefill chunk in mid-prompt is query length 1 but samples nothing).
+        if pure_decode and len(sample_reqs) == len(order) and not prompt_lp and self.graphs is not None:
+            graph_bs = self.graphs.padded_size(len(order))
+        if graph_bs is not None:
+            self.num_graph_steps += 1
+            buf = self.staging.next()
+            self.graphs.load_inputs(buf, states, graph_bs, self.tables, self.block_size)
+            logits = self.graphs.replay(graph_bs)[: len(order)]  # [N, V]: every decode samples
+        else:
+            buf = self.staging.next()
+            ids_t, pos_t, md, sample_idx = self._eager_inputs(buf, states, nums, starts, num_tokens, sample_rows)
+            hidden = self.model(ids_t, pos_t, self.kv_caches, md)  # [T, hidden]
+            for rid, r0, first, n in prompt_lp:
+                st = self.states[rid]
+                lp_logits = self.model.compute_logits(hidden[r0 : r0 + n])
+                targets = torch.tensor(st.token_ids[first + 1 : first + 1 + n], device=self.device)
+                out.prompt_logprobs[rid] = compute_logprobs(
+                    lp_logits, targets, [st.sampling_params.prompt_logprobs] * n
+                )
+            logits = None
+            if sample_rows:
+                if len(sample_rows) == num_tokens:
+                    logits = self.model.compute_logits(hidden)
+                else:
+                    logits = self.model.compute_logits(hidden.index_select(0, sample_idx))  # [N, V]
+        if not sample_reqs:
+            return PendingStep(self, out, [], torch.empty(0, dtype=torch.long))
+        return self._sample(out, buf, logits, sample_reqs)
 
-    def _metadata(
-        self, qsl: list[int], seq_lens: list[int], tables: list[list[int]], slots: list[int]
-    ) -> AttentionMetadata:
-        dev = self.device
-        width = max(len(t) for t in tables)
-        padded = [t + [0] * (width - len(t)) for t in tables]
-        qlens = [qsl[i + 1] - qsl[i] for i in range(len(seq_lens))]
-        return AttentionMetadata(
-            query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(padded, dtype=torch.int32, device=dev),
-            slot_mapping=torch.tensor(slots, dtype=torch.long, device=dev),
-            max_query_len=max(qlens),
-            max_seq_len=max(seq_lens),
-            query_start_loc_cpu=qsl,
-            seq_lens_cpu=seq_lens,
-            block_size=self.block_size,
-            is_pure_decode=all(q == 1 for q in qlens),
+    def _eager_inputs(
+        self,
+        buf,
+        states: list[_ReqState],
+        nums: list[int],
+        starts: list[int],
+        num_tokens: int,
+        sample_rows: list[int],
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        bs = self.block_size
+        num_seqs = len(states)
+        ends = [s + n for s, n in zip(starts, nums)]
+        width = max(-(-e // bs) for e in ends)
+        i64, i32 = buf.host(3 * num_tokens, (num_seqs + 1) + num_seqs + len(sample_rows) + num_seqs * width)
+        ids = i64[:num_tokens]
+        if num_tokens == num_seqs:  # all decodes: one token each
+            ids[:] = [st.token_ids[s] for st, s in zip(states, starts)]
+        else:
+            flat: list[int] = []
+            for st, s, e in zip(states, starts, ends):
+                flat.extend(st.token_ids[s:e])
+            ids[:] = flat
+        qsl = i32[: num_seqs + 1]
+        qsl[0] = 0
+        np.cumsum(nums, out=qsl[1:])
+        rows = np.fromiter((st.row for st in states), dtype=np.int64, count=num_seqs)
+        nums_np = np.asarray(nums, dtype=np.int64)
+        # Position of each token: its index in the step minus its sequence's first row, plus
+        # the sequence's computed prefix.
+        pos = i64[num_tokens : 2 * num_tokens]
+        pos[:] = np.arange(num_tokens) - np.repeat(qsl[:-1].astype(np.int64) - np.asarray(starts), nums_np)
+        tok_rows = np.repeat(rows, nums_np)
+        blocks = self.tables.table[tok_rows, pos // bs]
+        i64[2 * num_tokens : 3 * num_tokens] = blocks * bs + pos % bs
+        o = num_seqs + 1
+        i32[o : o + num_seqs] = ends
+        o += num_seqs
+        i32[o : o + len(sample_rows)] = sample_rows
+        o += len(sample_rows)
+        i32[o : o + num_seqs * width].reshape(num_seqs, width)[:] = self.tables.table[rows, :width]
+        d64, d32 = buf.upload()
+        o = 2 * num_seqs + 1
+        md = AttentionMetadata(
+            query_start_loc=d32[: num_seqs + 1],
+            seq_lens=d32[num_seqs + 1 : o],
+            block_tables=d32[o + len(sample_rows) : o + len(sample_rows) + num_seqs * width].view(num_seqs, width),
+            slot_mapping=d64[2 * num_tokens : 3 * num_tokens],
+            max_query_len=max(nums),
+            max_seq_len=max(ends),
+            query_start_loc_cpu=qsl.tolist(),
+            seq_lens_cpu=ends,
+            block_size=bs,
+            is_pure_decode=num_tokens == num_seqs,
         )
+        return d64[:num_tokens], d64[num_tokens : 2 * num_tokens], md, d32[o : o + len(sample_rows)]
+
+    def _sample(self, out: RunnerOutput, buf, logits: torch.Tensor, reqs: list[str]) -> PendingStep:
+        """Queue sampling and the copy of the ids to pinned memory; nothing here waits."""
+        states = [self.states[r] for r in reqs]
+        batch = SamplingBatch(  # token lists are passed, not sliced: only penalty rows read them
+            params=[st.sampling_params for st in states],
+            generators=[self.generators.get(r) for r in reqs],
+            token_ids=[st.token_ids for st in states],
+            num_prompt_tokens=[st.num_prompt_tokens for st in states],
+            eos_token_ids=self.eos_token_ids,
+        )
+        # Sampler.__call__ reads the ids back itself; its two halves do not, so the wait is
+        # left to PendingStep.result() (same tokens as Sampler.__call__).
+        processed = self.sampler.process_logits(logits, batch)
+        tokens = processed.argmax(dim=-1) if batch.all_greedy else self.sampler.sample(processed, batch)  # [N]
+        lp_rows = [i for i, st in enumerate(states) if st.sampling_params.logprobs is not None]
+        job = None
+        if lp_rows:
+            idx = torch.tensor(lp_rows, device=logits.device)
+            job = (logits[idx], tokens[idx], lp_rows, [states[i].sampling_params.logprobs for i in lp_rows])
+        host, event = buf.download(tokens)
+        pending = PendingStep(self, out, reqs, host, event, job)
+        self._pending = pending
+        return pending

@@ -1,0 +1,165 @@
+"""Triton kernels for the elementwise/row-wise parts of a Llama layer (imported only on CUDA).
+
+Each kernel replaces 3-8 PyTorch launches (and their intermediate tensors) by one, reading
+its inputs once. Rounding follows the PyTorch code in `layers.py` step by step (the residual
+sum, the normalized value and the SiLU output are each rounded to the model dtype where PyTorch
+rounds them), so bf16 results differ from the unfused path only by reduction order and fused
+multiply-adds.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _rmsnorm_kernel(
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    out_ptr,
+    res_out_ptr,
+    stride_x,
+    stride_r,
+    stride_o,
+    stride_ro,
+    n_cols,
+    eps,
+    HAS_RES: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RES:
+        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        # Rounded to the model dtype before the norm reads it, as `x + residual` is in PyTorch.
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(res_out_ptr.dtype.element_ty)
+        tl.store(res_out_ptr + row * stride_ro + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, 0) / n_cols
+    normed = (xf * (1.0 / tl.sqrt_rn(var + eps))).to(out_ptr.dtype.element_ty)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    out = w.to(tl.float32) * normed.to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rmsnorm(
+    x: torch.Tensor,  # [T, H], last dim contiguous
+    weight: torch.Tensor,  # [H]
+    eps: float,
+    residual: torch.Tensor | None = None,  # [T, H]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(norm(x + residual), x + residual) or (norm(x), None): one read of each input."""
+    n_rows, n_cols = x.shape
+    out = torch.empty_like(x)
+    res_out = torch.empty_like(x) if residual is not None else None
+    if n_rows == 0:
+        return out, res_out
+    block = triton.next_power_of_2(n_cols)
+    _rmsnorm_kernel[(n_rows,)](
+        x, residual if residual is not None else x, weight, out,
+        res_out if res_out is not None else out,
+        x.stride(0), residual.stride(0) if residual is not None else 0,
+        out.stride(0), res_out.stride(0) if res_out is not None else 0,
+        n_cols, eps,
+        HAS_RES=residual is not None, BLOCK=block,
+        num_warps=min(max(block // 256, 1), 16),
+    )
+    return out, res_out
+
+
+@triton.jit
+def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    g = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0)
+    # F.silu rounds its output to the input dtype before the product: so do we.
+    s = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty)
+    out = s.to(tl.float32) * u.to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """[T, 2I] (gate ‖ up) -> [T, I]: silu(gate) * up."""
+    n_rows, width = x.shape
+    n_cols = width // 2
+    out = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    if n_rows == 0:
+        return out
+    block = min(triton.next_power_of_2(n_cols), 2048)
+    _silu_mul_kernel[(n_rows, triton.cdiv(n_cols, block))](
+        x, out, x.stride(0), out.stride(0), n_cols, BLOCK=block, num_warps=4 if block >= 1024 else 2,
+    )
+    return out
+
+
+@triton.jit
+def _rope_qk_kernel(
+    qkv_ptr,
+    pos_ptr,
+    cos_sin_ptr,  # [max_pos, 2 * HALF] fp32: cos ‖ sin
+    qw_ptr,
+    kw_ptr,
+    stride_t,
+    stride_cs,
+    num_q_heads,
+    num_heads,  # q heads + k heads (they are adjacent in a fused qkv row)
+    eps,
+    HALF: tl.constexpr,
+    H_PAD: tl.constexpr,
+    NORM: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    h = tl.arange(0, H_PAD)
+    d = tl.arange(0, HALF)
+    hmask = (h < num_heads)[:, None]
+    ptr1 = qkv_ptr + t * stride_t + h[:, None] * (2 * HALF) + d[None, :]  # [H_PAD, HALF]
+    x1 = tl.load(ptr1, mask=hmask, other=0.0)
+    x2 = tl.load(ptr1 + HALF, mask=hmask, other=0.0)
+    dtype = x1.dtype
+    x1 = x1.to(tl.float32)
+    x2 = x2.to(tl.float32)
+    if NORM:  # Qwen3: per-head RMSNorm of q (q weight) and k (k weight) before the rotation
+        inv = 1.0 / tl.sqrt_rn((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)  # [H_PAD]
+        is_q = (h < num_q_heads)[:, None]
+        w1 = tl.where(is_q, tl.load(qw_ptr + d)[None, :], tl.load(kw_ptr + d)[None, :]).to(tl.float32)
+        w2 = tl.where(is_q, tl.load(qw_ptr + HALF + d)[None, :], tl.load(kw_ptr + HALF + d)[None, :])
+        x1 = (w1 * (x1 * inv[:, None]).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        x2 = (w2.to(tl.float32) * (x2 * inv[:, None]).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+    c = tl.load(cos_sin_ptr + pos * stride_cs + d)[None, :]  # [1, HALF]
+    s = tl.load(cos_sin_ptr + pos * stride_cs + HALF + d)[None, :]
+    tl.store(ptr1, (x1 * c - x2 * s).to(dtype), mask=hmask)
+    tl.store(ptr1 + HALF, (x2 * c + x1 * s).to(dtype), mask=hmask)
+
+
+def rope_qk_(
+    qkv: torch.Tensor,  # [T, (Hq + 2 Hkv) * D]: q and k rotated in place, v untouched
+    positions: torch.Tensor,  # [T]
+    cos_sin: torch.Tensor,  # [max_pos, D] fp32
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    q_weight: torch.Tensor | None = None,  # [D] q/k RMSNorm weights (Qwen3), or None
+    k_weight: torch.Tensor | None = None,
+    eps: float = 1e-6,
+) -> None:
+    n_tokens = qkv.shape[0]
+    if n_tokens == 0:
+        return
+    heads = num_q_heads + num_kv_heads
+    norm = q_weight is not None
+    h_pad = triton.next_power_of_2(heads)
+    _rope_qk_kernel[(n_tokens,)](
+        qkv, positions, cos_sin,
+        q_weight if norm else cos_sin, k_weight if norm else cos_sin,
+        qkv.stride(0), cos_sin.stride(0), num_q_heads, heads, eps,
+        HALF=head_dim // 2, H_PAD=h_pad, NORM=norm,
+        num_warps=min(max(h_pad * head_dim // 1024, 1), 8),
+    )

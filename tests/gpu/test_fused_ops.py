@@ -1,0 +1,82 @@
+"""Fused RMSNorm(+residual), SiLU·mul and RoPE(+q/k norm) kernels against the PyTorch code of
+`kvserve.models.layers`, on fresh random inputs, with poisoned outputs where the kernel writes
+into a fresh tensor (every element must be written)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+from kvserve.models import fused_ops, triton_ops  # noqa: E402
+from kvserve.models.layers import RotaryEmbedding, apply_rotary  # noqa: E402
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    assert not torch.isnan(a).any()
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def _rmsnorm_ref(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 1024), (37, 4096), (513, 3000), (4, 576)])
+def test_rmsnorm(dtype, shape):
+    g = torch.Generator(device="cuda").manual_seed(hash(shape) % 1000)
+    x = torch.randn(shape, generator=g, device="cuda").to(dtype)
+    r = torch.randn(shape, generator=g, device="cuda").to(dtype)
+    w = (1 + 0.1 * torch.randn(shape[1], generator=g, device="cuda")).to(dtype)
+    out = fused_ops.rmsnorm(x, w, 1e-6)
+    assert _rel(out, _rmsnorm_ref(x, w, 1e-6)) < TOL[dtype]
+    out, res = fused_ops.add_rmsnorm(x, r, w, 1e-5)
+    assert torch.equal(res, x + r)  # one rounding, as in PyTorch
+    assert _rel(out, _rmsnorm_ref(x + r, w, 1e-5)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 2 * 8192), (65, 2 * 3072), (300, 2 * 1000)])
+def test_silu_and_mul(dtype, shape):
+    x = torch.randn(shape, device="cuda").to(dtype)
+    gate, up = x.chunk(2, dim=-1)
+    assert _rel(fused_ops.silu_and_mul(x), F.silu(gate) * up) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(32, 8, 128), (16, 8, 128), (32, 8, 64), (9, 3, 64), (4, 4, 16)])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rope_qk(dtype, heads, kv_heads, head_dim, qk_norm):
+    t = 77
+    rot = RotaryEmbedding(head_dim, 500000.0, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+                          max_positions=40000).cuda()
+    rot.reset_parameters()
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * head_dim, device="cuda").to(dtype)
+    pos = torch.randint(0, 40000, (t,), device="cuda")
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    q = q.reshape(t, heads, head_dim)
+    k = k.reshape(t, kv_heads, head_dim)
+    qw = (1 + 0.1 * torch.randn(head_dim, device="cuda")).to(dtype)
+    kw = (1 + 0.1 * torch.randn(head_dim, device="cuda")).to(dtype)
+    if qk_norm:
+        q, k = _rmsnorm_ref(q, qw, 1e-6), _rmsnorm_ref(k, kw, 1e-6)
+    cos, sin = rot.cos_sin(pos, dtype)
+    rq, rk = apply_rotary(q, k, cos, sin)
+    out = qkv.clone()
+    table = fused_ops.build_cos_sin(rot.inv_freq, 40000)
+    triton_ops.rope_qk_(out, pos, table, heads, kv_heads, head_dim,
+                        qw if qk_norm else None, kw if qk_norm else None, 1e-6)
+    oq, ok, ov = out.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    # fp32 tables vs the reference's cos/sin rounded to the dtype: a few ulps in bf16/fp16.
+    assert _rel(oq.reshape(t, heads, head_dim), rq) < 2 * TOL[dtype]
+    assert _rel(ok.reshape(t, kv_heads, head_dim), rk) < 2 * TOL[dtype]
+    assert torch.equal(ov, v)  # v untouched
