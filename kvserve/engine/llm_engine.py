@@ -165,6 +165,7 @@ class LLMEngine:
             raise ValueError(f"request_id {request_id!r} is already in use")
         text, ids = self.tokenize_prompt(prompt)
         self.validate_prompt(ids)
+        self.validate_params(params)
         room = self.max_model_len - len(ids)
         max_tokens = min(params.max_tokens or room, room)
         if params.min_tokens > max_tokens:
@@ -184,7 +185,7 @@ class LLMEngine:
         for i, cid in enumerate(child_ids):
             child_params = params
             if n > 1 and params.seed is not None:
-                child_params = params.clone(seed=params.seed + i, n=1)
+                child_params = params.clone(seed=(params.seed + i) % 2**63, n=1)
             req = Request(
                 cid, ids, child_params, eos_token_ids=self.eos_token_ids,
                 max_tokens=max_tokens, arrival_time=arrival,
@@ -204,6 +205,16 @@ class LLMEngine:
         bad = next((t for t in ids if not isinstance(t, int) or not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"prompt_token_ids must be integers in [0, {vocab}) (got {bad!r})")
+
+    def validate_params(self, params: SamplingParams) -> None:
+        """Checks that need the model: token ids must exist in its vocabulary."""
+        vocab = self.model_config.vocab_size
+        bad = [t for t in (params.logit_bias or {}) if t >= vocab]
+        if bad:
+            raise ValueError(f"logit_bias token ids must be < vocab size {vocab} (got {bad[:5]})")
+        bad = [t for t in params.stop_token_ids if t >= vocab]
+        if bad:
+            raise ValueError(f"stop_token_ids must be < vocab size {vocab} (got {bad[:5]})")
 
     def _detokenizer(self, prompt_ids: list[int], params: SamplingParams) -> IncrementalDetokenizer | None:
         if self.tokenizer is None:
