@@ -1,5 +1,8 @@
 """kvserve vs HF transformers (and llama.cpp when installed) on the built-in SmolLM2, on CPU.
 
+The engines, peers and machine record live in `kvserve.bench` (`kvserve bench throughput |
+latency` is the general command); this script keeps issue 2's fixed workload.
+
 Workloads (issue 2):
   throughput  N requests, prompt lengths U[64, 512], outputs U[32, 256], random token ids,
               ignore_eos, fixed seed -> total output tok/s.
@@ -18,155 +21,57 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import sys
 import time
 
-import torch
+from kvserve.bench.machine import describe, machine_info
+from kvserve.bench.offline import KvserveRunner
+from kvserve.bench.peers import HFPeer, LlamaCppPeer, guarded
+from kvserve.bench.workloads import BenchRequest
 
 
 def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({torch.get_num_threads()} threads), Python {platform.python_version()}"
+    return describe(machine_info())
 
 
-def workload(n: int, seed: int, vocab: int = 10000) -> list[tuple[list[int], int]]:
+def workload(n: int, seed: int, vocab: int = 10000) -> list[BenchRequest]:
     rng = random.Random(seed)
     return [
-        ([rng.randrange(100, vocab) for _ in range(rng.randint(64, 512))], rng.randint(32, 256))
+        BenchRequest([rng.randrange(100, vocab) for _ in range(rng.randint(64, 512))], rng.randint(32, 256))
         for _ in range(n)
     ]
 
 
-# -- kvserve -----------------------------------------------------------------------------------
+def measure(engine, reqs: list[BenchRequest], decode_tokens: int, prefill_len: int, throughput) -> dict:
+    """The three numbers for one engine (kvserve or a peer from kvserve.bench.peers)."""
+    prompt = list(range(100, 100 + prefill_len))
+    res = {"prefill_tok_s": prefill_len / engine.prefill_s(prompt)}
+    res["decode_tok_s"] = 1e3 / engine.decode_ms_per_token([list(range(200, 232))], decode_tokens + 1)
+    t = throughput()
+    res["throughput_tok_s"], res["throughput_s"] = t["output_tok_s"], t["duration_s"]
+    return res
+
+
 def bench_kvserve(dtype: str, reqs, decode_tokens: int, prefill_len: int) -> dict:
-    from kvserve import LLM, SamplingParams
+    runner = KvserveRunner("smollm2", dtype=dtype, device="cpu")
+    runner.run(workload(1, -1)[:1])  # warm-up
 
-    llm = LLM("smollm2", dtype=dtype, device="cpu")
-    res = {}
-    # Warm-up
-    llm.generate({"prompt_token_ids": list(range(100, 164))}, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True), use_tqdm=False)
-    prompt = {"prompt_token_ids": list(range(100, 100 + prefill_len))}
-    llm.engine.scheduler.kv.reset_prefix_cache()
-    t0 = time.perf_counter()
-    llm.generate(prompt, SamplingParams(max_tokens=1, temperature=0, ignore_eos=True), use_tqdm=False)
-    res["prefill_tok_s"] = prefill_len / (time.perf_counter() - t0)
+    def throughput() -> dict:
+        runner.reset_prefix_cache()
+        return runner.run(reqs)
 
-    t_first = None
-    t0 = time.perf_counter()
-    n = 0
-    for out in llm.generate_stream({"prompt_token_ids": list(range(200, 232))}, SamplingParams(max_tokens=decode_tokens + 1, temperature=0, ignore_eos=True)):
-        if t_first is None:
-            t_first = time.perf_counter()
-        n = len(out.outputs[0].token_ids)
-    res["decode_tok_s"] = (n - 1) / (time.perf_counter() - t_first)
-
-    llm.engine.scheduler.kv.reset_prefix_cache()
-    prompts = [{"prompt_token_ids": p} for p, _ in reqs]
-    params = [SamplingParams(max_tokens=o, temperature=0, ignore_eos=True) for _, o in reqs]
-    t0 = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    dt = time.perf_counter() - t0
-    total = sum(len(o.outputs[0].token_ids) for o in outs)
-    assert total == sum(o for _, o in reqs)
-    res["throughput_tok_s"] = total / dt
-    res["throughput_s"] = dt
-    return res
+    return measure(runner, reqs, decode_tokens, prefill_len, throughput)
 
 
-# -- HF transformers ---------------------------------------------------------------------------
 def bench_hf(dtype: str, reqs, decode_tokens: int, prefill_len: int, batch_size: int) -> dict:
-    from transformers import AutoModelForCausalLM
-
-    from kvserve.loader.resolve import smollm2_path
-
-    path = smollm2_path()
-    tdtype = getattr(torch, dtype)
-    # transformers keeps GGUF weights quantized (computing through fp32 kernels); for a dense
-    # bf16/fp32 baseline, copy the dequantized weights into a plain model of the same config.
-    packed = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    model = AutoModelForCausalLM.from_config(packed.config, dtype=tdtype)
-    model.load_state_dict({k: v.to(tdtype) for k, v in packed.state_dict().items()}, strict=False)
-    model.tie_weights()
-    model = model.eval()
-    del packed
-    res = {}
-
-    def gen(batch: list[list[int]], new: int):
-        width = max(len(p) for p in batch)
-        ids = torch.tensor([[0] * (width - len(p)) + p for p in batch])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch])
-        with torch.inference_mode():
-            return model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                                  do_sample=False, pad_token_id=0)
-
-    gen([list(range(100, 164))], 8)
-    t0 = time.perf_counter()
-    gen([list(range(100, 100 + prefill_len))], 1)
-    res["prefill_tok_s"] = prefill_len / (time.perf_counter() - t0)
-    p = list(range(200, 232))
-    t0 = time.perf_counter()
-    gen([p], 1)
-    t1 = time.perf_counter()
-    gen([p], decode_tokens + 1)
-    t2 = time.perf_counter()
-    res["decode_tok_s"] = decode_tokens / ((t2 - t1) - (t1 - t0))
-
-    order = sorted(range(len(reqs)), key=lambda i: len(reqs[i][0]))
-    t0 = time.perf_counter()
-    for b in range(0, len(order), batch_size):
-        idx = order[b : b + batch_size]
-        gen([reqs[i][0] for i in idx], max(reqs[i][1] for i in idx))
-    dt = time.perf_counter() - t0
-    res["throughput_tok_s"] = sum(o for _, o in reqs) / dt
-    res["throughput_s"] = dt
-    return res
+    hf = HFPeer("smollm2", dtype, "cpu")
+    return measure(hf, reqs, decode_tokens, prefill_len, lambda: hf.throughput(reqs, batch_size))
 
 
-# -- llama.cpp ---------------------------------------------------------------------------------
 def bench_llamacpp(reqs, decode_tokens: int, prefill_len: int) -> dict:
-    from llama_cpp import Llama
-
-    from kvserve.loader.resolve import smollm2_path
-
-    llm = Llama(str(smollm2_path()), n_ctx=2048, n_threads=os.cpu_count(), flash_attn=True, verbose=False, logits_all=False)
-    res = {}
-
-    def run(prompt: list[int], new: int) -> tuple[float, float]:
-        llm.reset()
-        t0 = time.perf_counter()
-        t_first = None
-        n = 0
-        for tok in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
-            n += 1
-            if t_first is None:
-                t_first = time.perf_counter()
-            if n >= new:
-                break
-        return t_first - t0, time.perf_counter() - t_first
-
-    run(list(range(100, 164)), 4)
-    ttft, _ = run(list(range(100, 100 + prefill_len)), 1)
-    res["prefill_tok_s"] = prefill_len / ttft
-    _, dec = run(list(range(200, 232)), decode_tokens + 1)
-    res["decode_tok_s"] = decode_tokens / dec
-    t0 = time.perf_counter()
-    for prompt, out in reqs:
-        run(prompt, out)
-    dt = time.perf_counter() - t0
-    res["throughput_tok_s"] = sum(o for _, o in reqs) / dt
-    res["throughput_s"] = dt
-    return res
+    peer = LlamaCppPeer("smollm2", n_ctx=2048)
+    return measure(peer, reqs, decode_tokens, prefill_len, lambda: peer.throughput(reqs))
 
 
 def main() -> int:
@@ -183,25 +88,19 @@ def main() -> int:
 
     reqs = workload(args.num_requests, args.seed)
     print(f"machine: {machine()}")
-    print(f"settings: {vars(args)}; prompt tokens {sum(len(p) for p, _ in reqs)}, output tokens {sum(o for _, o in reqs)}")
+    print(f"settings: {vars(args)}; prompt tokens {sum(len(r.prompt) for r in reqs)}, "
+          f"output tokens {sum(r.output_len for r in reqs)}")
     rows = []
     peers = [p for p in args.peers.split(",") if p]
     for dtype in args.dtypes.split(","):
         rows.append(("kvserve", dtype, bench_kvserve(dtype, reqs, args.decode_tokens, args.prefill_len)))
         print(rows[-1], flush=True)
         if "hf" in peers:
-            try:
-                rows.append(("hf-transformers", dtype, bench_hf(dtype, reqs, args.decode_tokens, args.prefill_len, args.hf_batch_size)))
-            except Exception as e:  # a peer failing is reported, not fatal
-                rows.append(("hf-transformers", dtype, {"error": f"{type(e).__name__}: {e}"}))
+            r = guarded("hf-transformers", lambda: bench_hf(dtype, reqs, args.decode_tokens, args.prefill_len, args.hf_batch_size))
+            rows.append(("hf-transformers", dtype, r))  # a peer failing is reported, not fatal
             print(rows[-1], flush=True)
     if "llamacpp" in peers:
-        try:
-            rows.append(("llama.cpp", "Q4_1", bench_llamacpp(reqs, args.decode_tokens, args.prefill_len)))
-        except ImportError:
-            rows.append(("llama.cpp", "Q4_1", {"error": "llama-cpp-python not installed"}))
-        except Exception as e:
-            rows.append(("llama.cpp", "Q4_1", {"error": f"{type(e).__name__}: {e}"}))
+        rows.append(("llama.cpp", "Q4_1", guarded("llama.cpp", lambda: bench_llamacpp(reqs, args.decode_tokens, args.prefill_len))))
         print(rows[-1], flush=True)
 
     print()

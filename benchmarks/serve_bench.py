@@ -1,5 +1,9 @@
 """Serving benchmark: N concurrent streaming clients against an OpenAI-compatible server.
 
+(The client, metrics and workload code live in `kvserve.bench`; `kvserve bench serve` is the
+general command, with p90, goodput, request rates and reports. This script keeps its own
+`--compare-offline` check.)
+
 Reports, per concurrency level: TTFT, TPOT = (E2E - TTFT) / (output tokens - 1), ITL (time
 between streamed chunks) and E2E latency as mean / p50 / p99, plus output tok/s over the run.
 
@@ -24,129 +28,47 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import random
 import signal
 import socket
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 
 import httpx
-import numpy as np
+
+from kvserve.bench.machine import describe, machine_info
+from kvserve.bench.serve import Result
+from kvserve.bench.serve import run_load as _run_load
+from kvserve.bench.serve import summarize as _summarize
+from kvserve.bench.workloads import BenchRequest
 
 
 def machine() -> str:
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
-    except OSError:
-        pass
-    try:
-        import torch
-
-        extra = f", torch {torch.__version__} ({torch.get_num_threads()} threads)"
-        if torch.cuda.is_available():
-            extra += f", GPU {torch.cuda.get_device_name(0)}"
-    except ImportError:
-        extra = ""
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return f"{cpu}, {os.cpu_count()} cores{extra}, Python {platform.python_version()}, load avg {load:.2f} at start"
+    m = machine_info()
+    return f"{describe(m)}, load avg {m['load_avg_at_start']:.2f} at start"
 
 
-def make_requests(n: int, input_len: int, output_len: int, ratio: float, vocab: int, seed: int) -> list[tuple[list[int], int]]:
+def make_requests(n: int, input_len: int, output_len: int, ratio: float, vocab: int, seed: int) -> list[BenchRequest]:
     rng = random.Random(seed)
 
     def length(mean: int) -> int:
         return max(1, rng.randint(int(mean * (1 - ratio)), int(mean * (1 + ratio))))
 
-    return [([rng.randrange(100, vocab) for _ in range(length(input_len))], length(output_len)) for _ in range(n)]
+    return [BenchRequest([rng.randrange(100, vocab) for _ in range(length(input_len))], length(output_len))
+            for _ in range(n)]
 
 
-# -- one streaming client -------------------------------------------------------------------------
-@dataclass
-class Result:
-    ok: bool
-    ttft: float = 0.0
-    e2e: float = 0.0
-    output_tokens: int = 0
-    itl: list[float] = field(default_factory=list)
-    error: str = ""
-
-
-async def one_request(client: httpx.AsyncClient, url: str, model: str, prompt: list[int], max_tokens: int) -> Result:
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter()
-    last = None
-    res = Result(ok=False)
-    chunks = 0
-    try:
-        async with client.stream("POST", url, json=body) as r:
-            if r.status_code != 200:
-                res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
-                return res
-            async for line in r.aiter_lines():
-                if not line.startswith("data: ") or line == "data: [DONE]":
-                    continue
-                data = json.loads(line[6:])
-                now = time.perf_counter()
-                if "error" in data:
-                    res.error = str(data["error"])
-                    return res
-                if data.get("choices"):
-                    chunks += 1
-                    if last is None:
-                        res.ttft = now - t0
-                    else:
-                        res.itl.append(now - last)
-                    last = now
-                if data.get("usage"):
-                    res.output_tokens = data["usage"]["completion_tokens"]
-    except httpx.HTTPError as e:
-        res.error = f"{type(e).__name__}: {e}"
-        return res
-    res.e2e = time.perf_counter() - t0
-    res.output_tokens = res.output_tokens or chunks
-    res.ok = last is not None
-    return res
-
-
-async def run_load(base_url: str, model: str, reqs, concurrency: int, api_key: str | None) -> tuple[list[Result], float]:
-    sem = asyncio.Semaphore(concurrency)
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
-    async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=httpx.Timeout(3600.0), limits=limits) as client:
-
-        async def go(prompt, max_tokens):
-            async with sem:
-                return await one_request(client, "/v1/completions", model, prompt, max_tokens)
-
-        t0 = time.perf_counter()
-        results = await asyncio.gather(*(go(p, o) for p, o in reqs))
-        return list(results), time.perf_counter() - t0
+async def run_load(base_url: str, model: str, reqs: list[BenchRequest], concurrency: int,
+                   api_key: str | None) -> tuple[list[Result], float]:
+    results, duration, _ = await _run_load(base_url, model, reqs, concurrency=concurrency, api_key=api_key)
+    return results, duration
 
 
 def summarize(results: list[Result], duration: float) -> dict:
-    ok = [r for r in results if r.ok]
-    out = {"requests": len(results), "failed": len(results) - len(ok), "duration_s": duration}
-    if not ok:
-        return out
-    tokens = sum(r.output_tokens for r in ok)
-    out["output_tokens"] = tokens
-    out["output_tok_s"] = tokens / duration
-    series = {
-        "ttft_ms": [r.ttft * 1e3 for r in ok],
-        "tpot_ms": [(r.e2e - r.ttft) / (r.output_tokens - 1) * 1e3 for r in ok if r.output_tokens > 1],
-        "itl_ms": [x * 1e3 for r in ok for x in r.itl],
-        "e2e_ms": [r.e2e * 1e3 for r in ok],
-    }
-    for name, xs in series.items():
-        if xs:
-            out[name] = {"mean": float(np.mean(xs)), "p50": float(np.percentile(xs, 50)), "p99": float(np.percentile(xs, 99))}
-    return out
+    s = _summarize(results, duration, slo_ttft_ms=float("inf"), slo_tpot_ms=float("inf"))
+    s.pop("samples", None)
+    return s
 
 
 def print_summary(label: str, s: dict) -> None:
@@ -221,8 +143,8 @@ class Offline:
         self.run(warmup)
 
     def run(self, reqs) -> dict:
-        prompts = [{"prompt_token_ids": p} for p, _ in reqs]
-        params = [self.sp(max_tokens=o, temperature=0, ignore_eos=True) for _, o in reqs]
+        prompts = [{"prompt_token_ids": r.prompt} for r in reqs]
+        params = [self.sp(max_tokens=r.output_len, temperature=0, ignore_eos=True) for r in reqs]
         t0 = time.perf_counter()
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         dt = time.perf_counter() - t0
