@@ -63,23 +63,39 @@ def plot_timeline(timeline: list[dict], path: Path, title: str) -> None:
 
 
 def plot_serve(levels: list[dict], path_tp: Path, path_dist: Path) -> None:
+    """Output tok/s per load level, and TTFT / TPOT histograms per level."""
     plt = _plt()
     ok = [lv for lv in levels if "output_tok_s" in lv]
+    plot_distributions(ok, path_dist)
     fig, ax = plt.subplots(figsize=(6, 3.5))
     x = [lv["label"] for lv in ok]
     ax.plot(x, [lv["output_tok_s"] for lv in ok], marker="o", label="output tok/s")
     ax.set(xlabel="concurrency / request rate", ylabel="output tok/s", title="throughput vs load")
     ax.grid(alpha=0.3)
+    lat = ax.twinx()  # what the throughput costs each request
+    lat.plot(x, [lv.get("ttft_ms", {}).get("p99", float("nan")) for lv in ok], marker="s", ls="--", color="tab:red",
+             label="TTFT p99 (ms)")
+    lat.plot(x, [lv.get("tpot_ms", {}).get("p50", float("nan")) for lv in ok], marker="^", ls=":", color="tab:green",
+             label="TPOT p50 (ms)")
+    lat.set(ylabel="ms")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = lat.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, fontsize=8, loc="upper left")
     fig.tight_layout()
     fig.savefig(path_tp, dpi=90)
     plt.close(fig)
+
+
+def plot_distributions(ok: list[dict], path_dist: Path) -> None:
+    """Histograms of `samples["ttft_ms"]` and `samples["tpot_ms"]`, one series per entry."""
+    plt = _plt()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
     for ax, key in zip(axes, ("ttft_ms", "tpot_ms")):
         for lv in ok:
             xs = lv.get("samples", {}).get(key, [])
             if xs:
                 ax.hist(xs, bins=30, alpha=0.5, label=str(lv["label"]))
-        ax.set(xlabel=key.replace("_ms", " (ms)").upper(), ylabel="requests", title=f"{key[:-3].upper()} distribution")
+        ax.set(xlabel=f"{key[:-3].upper()} (ms)", ylabel="requests", title=f"{key[:-3].upper()} distribution")
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
         ax.grid(alpha=0.3)

@@ -73,12 +73,13 @@ def run_throughput(args: argparse.Namespace) -> int:
         d.mkdir(parents=True, exist_ok=True)
         report.plot_engines(rows, "output_tok_s", "output tok/s", d / "throughput.png")
         report.plot_timeline(runner.timeline, d / "kv_timeline.png", "kvserve: KV cache and requests per engine step")
-        report.plot_serve([{"label": "offline", "output_tok_s": r["output_tok_s"], "samples": {"ttft_ms": ttft, "tpot_ms": []}}],
-                          d / "offline_throughput.png", d / "ttft.png")
+        tpot = [(e - f) / (q.output_len - 1) * 1e3 for e, f, q in zip(r["e2e_s"], r["ttft_s"], reqs) if q.output_len > 1]
+        report.plot_distributions([{"label": "kvserve offline", "samples": {"ttft_ms": ttft, "tpot_ms": tpot}}],
+                                  d / "ttft.png")
         path = report.write_report(d, "throughput", machine, _settings(args), rows, cols,
                                    {"Output throughput by engine": "throughput.png",
                                     "KV-cache usage and running/waiting requests over time": "kv_timeline.png",
-                                    "Time to first token (offline, all requests queued at t=0)": "ttft.png"})
+                                    "TTFT and TPOT (offline, all requests queued at t=0)": "ttft.png"})
         print(f"# report: {path}")
     return 0
 
