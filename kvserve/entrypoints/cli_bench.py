@@ -49,6 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--decode-tokens", type=int, default=128, help="tokens per decode run (default: %(default)s)")
     q.add_argument("--batch-sizes", default="1,4", help="decode batch sizes (default: %(default)s)")
     q.add_argument("--floor-mib", type=int, default=256, help="matrix size for the bandwidth probe (default: %(default)s)")
+    q.add_argument("--repeats", type=int, default=3, help="report the best of N runs of each measurement (default: %(default)s)")
     common(q)
     q.set_defaults(func=run_latency)
 

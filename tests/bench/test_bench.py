@@ -77,7 +77,7 @@ def test_throughput_fixed_lengths_is_reproducible(model_dir, tmp_path, capsys):
 def test_latency_with_hf_peer_and_floor(model_dir, tmp_path):
     out = tmp_path / "r.jsonl"
     rc = main(["bench", "latency", "-m", str(model_dir), *ENGINE, "--prompt-len", "32", "--decode-tokens", "4",
-               "--batch-sizes", "1,2", "--floor-mib", "8", "--peers", "hf", "--json-out", str(out),
+               "--batch-sizes", "1,2", "--floor-mib", "8", "--repeats", "2", "--peers", "hf", "--json-out", str(out),
                "--report-dir", str(tmp_path / "rep")])
     assert rc == 0
     rows = {r["engine"]: r for r in read_jsonl(out)}
