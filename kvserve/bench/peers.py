@@ -99,11 +99,16 @@ class HFPeer:
         cfg = GenerationConfig(max_new_tokens=max_out, do_sample=False, eos_token_id=-1, pad_token_id=0)
         kw: dict[str, Any] = {}
         try:  # size its paged cache to the workload (its default probes free memory, slowly on CPU)
+            import inspect
+
             from transformers.generation.configuration_utils import ContinuousBatchingConfig
 
-            page = 256
-            blocks = sum(-(-(len(r.prompt) + max_out) // page) for r in reqs) + 4
-            kw["continuous_batching_config"] = ContinuousBatchingConfig(page_size=page, num_blocks=blocks)
+            fields = inspect.signature(ContinuousBatchingConfig).parameters
+            page_field = next((f for f in ("page_size", "block_size") if f in fields), None)
+            if page_field and "num_blocks" in fields:  # the fields differ between transformers releases
+                page = 256
+                blocks = sum(-(-(len(r.prompt) + max_out) // page) for r in reqs) + 4
+                kw["continuous_batching_config"] = ContinuousBatchingConfig(**{page_field: page, "num_blocks": blocks})
         except ImportError:
             pass
         t0 = time.perf_counter()

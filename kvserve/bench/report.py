@@ -140,6 +140,9 @@ def write_report(report_dir: str | Path, command: str, machine: dict, settings: 
           f"- machine: {describe(machine)}", f"- settings: `{settings}`", ""]
     if columns:
         md += [_table(rows, columns), ""]
+    for r in rows:  # failed peers: reported, never dropped
+        if "error" in r:
+            md.append(f"- {r.get('engine', '?')} {r.get('mode', '')}: error: {r['error']}")
     for n in notes or []:
         md.append(f"- {n}")
     for caption, name in plots.items():

@@ -59,7 +59,8 @@ def test_throughput_reports_a_broken_peer(model_dir, tmp_path, monkeypatch, caps
     assert "peer exploded" in hf["error"]
     assert any(r["engine"] == "llama.cpp" for r in rows)  # reported, installed or not
     assert "peer exploded" in capsys.readouterr().out
-    assert_report(tmp_path / "rep", "throughput.png", "kv_timeline.png", "ttft.png")
+    md = assert_report(tmp_path / "rep", "throughput.png", "kv_timeline.png", "ttft.png")
+    assert "error: RuntimeError: peer exploded" in md
 
 
 def test_throughput_fixed_lengths_is_reproducible(model_dir, tmp_path, capsys):
