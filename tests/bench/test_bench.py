@@ -19,6 +19,17 @@ pytest.importorskip("matplotlib")
 ENGINE = ["--dtype", "float32", "--device", "cpu", "--kv-cache-memory-gib", "0.01", "--no-progress"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny matmuls gain nothing from threads, and on a shared 2-core CI box they lose a lot."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def model_dir(tiny_model_factory) -> Path:
     return tiny_model_factory("llama")[0]
