@@ -44,7 +44,10 @@ class TorchRefBackend(AttentionBackend):
 class _Plan:
     """Per-step index tensors shared by every layer (built on the first layer's call)."""
 
-    __slots__ = ("decode_rows", "decode_tables", "decode_len", "decode_mask", "decode_pos", "prefills")
+    __slots__ = (
+        "decode_rows", "decode_tables", "decode_len", "decode_mask", "decode_pos",
+        "decode_head_idx", "prefills",
+    )
 
     def __init__(self) -> None:
         self.decode_rows: torch.Tensor | None = None  # [B] query rows of the decodes
@@ -53,6 +56,9 @@ class _Plan:
         # [B, maxL] True = key is valid; None when no key needs masking (a single sequence).
         self.decode_mask: torch.Tensor | None = None
         self.decode_pos: torch.Tensor | None = None  # [B] position of each decode query
+        # [B, Hkv, maxL] row of each (sequence, KV head, position) in the cache viewed as
+        # [slots * Hkv, D]: one gather yields keys already in [B, Hkv, L, D] order.
+        self.decode_head_idx: torch.Tensor | None = None
         self.prefills: list[tuple[int, int, int, int]] = []  # (row0, row1, ctx_len, seq)
 
 
@@ -96,21 +102,38 @@ def _decode(
 ) -> torch.Tensor:
     hkv, d = kv_cache.shape[3:]
     b = plan.decode_tables.shape[0]
-    # Gather whole blocks (one index per block, not per token), then trim to the longest context.
-    keys = kv_cache[0][plan.decode_tables].view(b, -1, hkv, d)[:, : plan.decode_len]  # [B, maxL, Hkv, D]
-    vals = kv_cache[1][plan.decode_tables].view(b, -1, hkv, d)[:, : plan.decode_len]
     mask = plan.decode_mask
+    if mask is None:  # one sequence, every key valid: gather whole blocks and trim
+        keys = kv_cache[0][plan.decode_tables].view(b, -1, hkv, d)[:, : plan.decode_len]  # [1, L, Hkv, D]
+        vals = kv_cache[1][plan.decode_tables].view(b, -1, hkv, d)[:, : plan.decode_len]
+        out = F.scaled_dot_product_attention(
+            q.unsqueeze(2).to(keys.dtype),  # [1, Hq, 1, D]
+            keys.transpose(1, 2), vals.transpose(1, 2),  # [1, Hkv, L, D]
+            scale=scale,
+            enable_gqa=q.shape[1] != hkv,
+        )
+        return out.squeeze(2).to(q.dtype)  # [1, Hq, D]
     if sliding_window is not None:
         pos = torch.arange(mask.shape[1], device=mask.device)
         mask = mask & (pos[None, :] > plan.decode_pos[:, None] - sliding_window)
-    out = F.scaled_dot_product_attention(
-        q.unsqueeze(2).to(keys.dtype),  # [B, Hq, 1, D]
-        keys.transpose(1, 2), vals.transpose(1, 2),  # [B, Hkv, maxL, D]
-        attn_mask=None if mask is None else mask[:, None, None, :],  # [B, 1, 1, maxL]
-        scale=scale,
-        enable_gqa=q.shape[1] != hkv,
-    )
-    return out.squeeze(2).to(q.dtype)  # [B, Hq, D]
+    if plan.decode_head_idx is None:
+        bs = kv_cache.shape[2]
+        pos = torch.arange(plan.decode_len, device=q.device)
+        slots = plan.decode_tables[:, pos // bs] * bs + pos % bs  # [B, L]
+        slots = torch.where(plan.decode_mask, slots, 0)
+        heads = torch.arange(hkv, device=q.device)
+        plan.decode_head_idx = slots[:, None, :] * hkv + heads[None, :, None]  # [B, Hkv, L]
+    keys = kv_cache[0].view(-1, d)[plan.decode_head_idx]  # [B, Hkv, L, D]
+    vals = kv_cache[1].view(-1, d)[plan.decode_head_idx]
+    # Several sequences: CPU SDPA with a padding mask and one query row is many times slower
+    # than two batched GEMVs, so do them directly, grouping the query heads of each KV head.
+    group = q.shape[1] // hkv
+    qg = q.to(keys.dtype).view(b, hkv, group, d)  # [B, Hkv, G, D]
+    scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * scale  # [B, Hkv, G, L]
+    scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(vals.dtype)
+    out = torch.matmul(probs, vals)  # [B, Hkv, G, D]
+    return out.reshape(b, hkv * group, d).to(q.dtype)  # [B, Hq, D]
 
 
 def _prefill_one(
