@@ -71,6 +71,8 @@ def _tiny_config(arch: str):
         })
     if arch == "mistral":
         return tf.MistralConfig(**common, sliding_window=None)
+    if arch == "mistral_sw":  # a window shorter than the longer prompts
+        return tf.MistralConfig(**common, sliding_window=8)
     if arch == "qwen2":
         return tf.Qwen2Config(**common)
     if arch == "qwen3":
@@ -84,7 +86,7 @@ def _tiny_config(arch: str):
     raise KeyError(arch)
 
 
-TINY_ARCHS = ["llama", "llama3", "mistral", "qwen2", "qwen3", "smollm2", "gpt2"]
+TINY_ARCHS = ["llama", "llama3", "mistral", "mistral_sw", "qwen2", "qwen3", "smollm2", "gpt2"]
 
 
 @pytest.fixture(scope="session")
