@@ -30,6 +30,9 @@ class EngineArgs:
     attention_backend: 'auto' | 'torch' | 'triton'.
     enforce_eager: never capture CUDA graphs.
     load_format: 'auto' (read the checkpoint) | 'dummy' (random weights at the config's shapes).
+    tensor_parallel_size: split the model across this many ranks (one process per rank; NCCL on
+        GPUs, one GPU per rank; gloo on CPU). Started by the engine on one machine, or by
+        torchrun across machines (then WORLD_SIZE must equal it). See docs/architecture.md.
     enable_kv_cache: False recomputes every request's whole context at every step (the
         KV-cache ablation; identical outputs, for teaching and measurement). Implies no
         prefix caching.
@@ -54,10 +57,11 @@ class EngineArgs:
     served_model_name: str | None = None
     load_format: str = "auto"
     enable_kv_cache: bool = True
+    tensor_parallel_size: int = 1
 
     def __post_init__(self) -> None:
         normalize_dtype(self.dtype)
-        for name in ("max_num_seqs", "block_size"):
+        for name in ("max_num_seqs", "block_size", "tensor_parallel_size"):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1 (got {v!r})")

@@ -7,10 +7,12 @@ prefix cache; their results are gathered back into one `RequestOutput`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
+import weakref
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 
@@ -25,6 +27,9 @@ from kvserve.engine.outputs import CompletionOutput, Logprob, RequestMetrics, Re
 from kvserve.loader.model_loader import LoadedModel, load_model, resolve_device
 from kvserve.loader.resolve import resolve_model
 from kvserve.runner.model_runner import ModelRunner, PendingStep, RunnerOutput
+
+if TYPE_CHECKING:
+    from kvserve.distributed.launch import TPGroup
 
 logger = logging.getLogger(__name__)
 
@@ -52,25 +57,70 @@ class _Group:
 
 
 class LLMEngine:
-    def __init__(self, args: EngineArgs) -> None:
+    def __init__(self, args: EngineArgs, _tp_group: TPGroup | None = None) -> None:
+        """With `tensor_parallel_size > 1` this process becomes rank 0 of the group: it spawns
+        the other ranks (or, under torchrun, joins them; there ranks other than 0 never return
+        from here: they serve rank 0 until it shuts down, then exit). `_tp_group` is set only
+        when a worker rank builds its engine."""
         self.args = args
+        self.tp_group: TPGroup | None = _tp_group
+        self._last_sampled: dict[str, list[int]] = {}
         resolved = resolve_model(args.model)
+        if args.tensor_parallel_size > 1 and _tp_group is None:
+            from kvserve.distributed import launch
+            from kvserve.distributed.parallel_state import check_divisible
+            from kvserve.loader.model_loader import read_model_config
+
+            c = read_model_config(resolved)
+            check_divisible(
+                num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
+                intermediate_size=c.intermediate_size, family=c.family, tp_size=args.tensor_parallel_size,
+            )
+            self.tp_group = launch.start(args, run_tp_worker)
+        if self.tp_group is None:
+            self._build(args, resolved)
+            return
+        try:
+            self._build(args, resolved)
+            if self.tp_group.rank == 0:
+                self.tp_group.wait_ready()
+        except BaseException as e:
+            self.tp_group.startup_failed(e)
+            raise
+        if self.tp_group.rank == 0:
+            # Stops the workers when the engine is collected or the interpreter exits.
+            self._finalizer = weakref.finalize(self, self.tp_group.close)
+
+    def _build(self, args: EngineArgs, resolved) -> None:
+        tp = self.tp_group
         self.model_name = args.served_model_name or resolved.name
-        device = resolve_device(args.device)
+        device = tp.device if tp is not None else resolve_device(args.device)
         self.backend = _make_backend(args.attention_backend, device)
-        loaded = load_model(resolved, dtype=args.dtype, device=device, backend=self.backend, load_format=args.load_format)
+        driver = tp is None or tp.rank == 0
+        loaded = load_model(
+            resolved, dtype=args.dtype, device=device, backend=self.backend,
+            load_tokenizer=driver, load_format=args.load_format,
+        )
+        if tp is not None:
+            tp.barrier()  # every rank loaded its shard (gloo: fails at once if a rank died)
         self.loaded: LoadedModel = loaded
         self.model_config = loaded.config
         self.tokenizer = loaded.tokenizer
-        if args.tokenizer:
+        if args.tokenizer and driver:
             from kvserve.loader.tokenizer import Tokenizer
 
             self.tokenizer = Tokenizer.from_folder(resolve_model(args.tokenizer).folder)
         self.eos_token_ids = frozenset(loaded.eos_token_ids)
 
         cfg = loaded.config
+        # What this rank holds: its share of the KV heads (the KV cache is split like them).
+        self._rank_config = cfg
+        if tp is not None:
+            from kvserve.distributed.parallel_state import kv_head_shard
+
+            self._rank_config = dataclasses.replace(cfg, num_kv_heads=kv_head_shard(cfg.num_kv_heads)[1])
         bs = args.block_size
-        bytes_per_block = ModelRunner.kv_bytes_per_block(cfg, bs, loaded.dtype)
+        bytes_per_block = ModelRunner.kv_bytes_per_block(self._rank_config, bs, loaded.dtype)
         if args.max_model_len is not None and args.max_model_len > cfg.max_position_embeddings:
             raise ValueError(
                 f"max_model_len={args.max_model_len} exceeds the model's context window "
@@ -78,6 +128,8 @@ class LLMEngine:
             )
         want_len = args.max_model_len or cfg.max_position_embeddings
         num_blocks = self._num_blocks(bytes_per_block, device, want_len)
+        if tp is not None:
+            num_blocks = tp.min_over_ranks(num_blocks)  # every rank must hold the same blocks
         capacity = num_blocks * bs
         if args.max_model_len is None and capacity < want_len:
             logger.warning("KV cache holds %d tokens: max_model_len lowered from %d", capacity, want_len)
@@ -95,7 +147,7 @@ class LLMEngine:
         self.cache_config = CacheConfig(bs, num_blocks, prefix)
         self.scheduler = Scheduler(self.scheduler_config, self.cache_config, num_blocks)
         self.runner = ModelRunner(
-            loaded.model, cfg, self.cache_config, num_blocks, loaded.dtype, device,
+            loaded.model, self._rank_config, self.cache_config, num_blocks, loaded.dtype, device,
             self.backend, set(self.eos_token_ids), seed=args.seed,
             max_num_seqs=args.max_num_seqs, max_model_len=want_len, use_cuda_graphs=not args.enforce_eager,
         )
@@ -122,7 +174,7 @@ class LLMEngine:
             chunked = args.enable_chunked_prefill
             tokens = args.max_num_batched_tokens or (8192 if chunked else max(8192, max_len))
             peak = profiling.profile_peak_activations(
-                self.loaded.model, self.loaded.config, self.loaded.dtype, device, tokens,
+                self.loaded.model, self._rank_config, self.loaded.dtype, device, tokens,
                 max_len, args.max_num_seqs, args.block_size,
             )
             graphs = 0 if args.enforce_eager else profiling.graph_pool_estimate(
@@ -244,10 +296,29 @@ class LLMEngine:
 
     # -- one step ---------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        if self.tp_group is not None:
+            with self.tp_group.step_guard():  # a dead rank -> RankFailedError, all ranks stopped
+                return self._step_overlapped() if self._overlap else self._step()
         if self._overlap:
             return self._step_overlapped()
+        return self._step()
+
+    def _launch(self, so: SchedulerOutput) -> PendingStep:
+        """Start a step on every rank: the plan (with the ids rank 0 sampled in the step
+        before, which the other ranks append to their copies of the requests) goes out
+        first, then this rank runs its share of the forward."""
+        if self.tp_group is not None:
+            self.tp_group.send_plan((so, self._last_sampled))
+        return self.runner.execute_async(so)
+
+    def _collect(self, pending: PendingStep) -> RunnerOutput:
+        ro = pending.result()
+        self._last_sampled = ro.sampled
+        return ro
+
+    def _step(self) -> list[RequestOutput]:
         so = self.scheduler.schedule()
-        ro = self.runner.execute(so)
+        ro = self._collect(self._launch(so))
         if so.is_empty:
             return []
         updated, _finished = self.scheduler.update_from_output(so, ro.sampled)
@@ -262,16 +333,16 @@ class LLMEngine:
         blocks are reused only by steps queued after it."""
         if self._inflight is None:
             so = self.scheduler.schedule()
-            self._inflight = (so, self.runner.execute_async(so))
+            self._inflight = (so, self._launch(so))
         so, pending = self._inflight
         self._inflight = None
-        ro = pending.result()
+        ro = self._collect(pending)
         if so.is_empty:
             return []
         updated, _finished = self.scheduler.update_from_output(so, ro.sampled)
         if self.scheduler.has_unfinished_requests():
             nxt = self.scheduler.schedule()
-            self._inflight = (nxt, self.runner.execute_async(nxt))
+            self._inflight = (nxt, self._launch(nxt))
         return self._outputs(updated, ro)
 
     def _outputs(self, updated: list[Request], ro: RunnerOutput) -> list[RequestOutput]:
@@ -375,6 +446,11 @@ class LLMEngine:
         self._counter += 1
         return str(self._counter)
 
+    def shutdown(self) -> None:
+        """Stop the other tensor-parallel ranks (no-op without tensor parallelism)."""
+        if self.tp_group is not None and self.tp_group.rank == 0:
+            self._finalizer()
+
     # -- introspection ----------------------------------------------------------------------
     def stats(self) -> dict[str, float]:
         kv = self.scheduler.kv
@@ -388,6 +464,22 @@ class LLMEngine:
             "prefix_hits": kv.prefix_hits,
             "num_preemptions": self.scheduler.num_preemptions,
         }
+
+
+def run_tp_worker(args: EngineArgs, group: TPGroup) -> None:
+    """A tensor-parallel rank other than 0: build the same engine (the same collectives in the
+    same order as rank 0), then run every step rank 0 broadcasts until it sends None."""
+    engine = LLMEngine(args, _tp_group=group)
+    runner = engine.runner
+    runner.is_driver = False
+    group.report_ready()
+    while True:
+        plan = group.recv_plan()
+        if plan is None:
+            return
+        so, sampled = plan
+        runner.append_sampled(sampled)
+        runner.execute_async(so)
 
 
 def _make_backend(name: str, device: torch.device) -> AttentionBackend:

@@ -64,6 +64,15 @@ def resolve_dtype(dtype: str, checkpoint_dtype: str | None, device: torch.device
     return _TORCH_DTYPES[name]
 
 
+def read_model_config(resolved: ResolvedModel) -> ModelConfig:
+    """The architecture alone (no weights, no tokenizer): to check a model before ranks start."""
+    if resolved.kind == "gguf":
+        from kvserve.loader import gguf
+
+        return ModelConfig.from_hf_dict(gguf.load_gguf_config(gguf.GGUFFile(resolved.path)))
+    return ModelConfig.from_hf_dict(json.loads((resolved.path / "config.json").read_text()))
+
+
 def load_model(
     resolved: ResolvedModel,
     *,
@@ -87,7 +96,12 @@ def load_model(
         # about half as fast on CPUs; ask for it explicitly).
         torch_dtype = resolve_dtype(dtype, None, device)
         tokenizer = gguf.load_gguf_tokenizer(gf) if load_tokenizer else None
-        weights = gguf.iter_gguf_weights(gf, torch_dtype)
+
+        def read_weights(shard):
+            # GGUF tensors are dequantized whole, then sliced (one tensor at a time).
+            from kvserve.loader.safetensors import narrow
+
+            return ((n, narrow(t, n, shard)) for n, t in gguf.iter_gguf_weights(gf, torch_dtype))
     else:
         from kvserve.loader.safetensors import iter_weights
 
@@ -99,10 +113,14 @@ def load_model(
         gen_path = folder / "generation_config.json"
         if gen_path.is_file():
             gen_defaults = json.loads(gen_path.read_text())
-        weights = iter_weights(folder, torch_dtype) if load_format != "dummy" else iter(())
+
+        def read_weights(shard):
+            return iter_weights(folder, torch_dtype, shard) if load_format != "dummy" else iter(())
 
     with torch.device("meta"):
         model = build_model(cfg, backend)
+    shard = getattr(model, "weight_shard", None)
+    weights = read_weights(shard)
     # Materialize on the target device in the compute dtype, then fill from the checkpoint;
     # rotary tables are recomputed because meta buffers hold no data.
     model = model.to_empty(device=device).to(torch_dtype)

@@ -5,11 +5,27 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 logger = logging.getLogger(__name__)
+
+# (checkpoint name, full shape) -> (dim, start, length) of the slice this rank loads, or None
+# for the whole tensor (tensor parallelism; see LlamaForCausalLM.weight_shard).
+ShardFn = Callable[[str, tuple[int, ...]], "tuple[int, int, int] | None"]
+
+
+def narrow(tensor: torch.Tensor, name: str, shard: ShardFn | None) -> torch.Tensor:
+    """Slice an in-memory (or memory-mapped) tensor to this rank's shard."""
+    if shard is None:
+        return tensor
+    spec = shard(name, tuple(tensor.shape))
+    if spec is None:
+        return tensor
+    dim, start, length = spec
+    length = max(0, min(length, tensor.shape[dim] - start))
+    return tensor.narrow(dim, start, length)
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -34,18 +50,32 @@ def weight_files(folder: Path) -> list[Path]:
     raise FileNotFoundError(f"no *.safetensors or pytorch_model*.bin weights in {folder}")
 
 
-def iter_weights(folder: Path, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (name, tensor) from every checkpoint file, cast to `dtype`, one file at a time."""
+def iter_weights(
+    folder: Path, dtype: torch.dtype, shard: ShardFn | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, tensor) from every checkpoint file, cast to `dtype`, one file at a time.
+    With `shard`, only each tensor's slice for this rank is read (safetensors slices lazily;
+    `.bin` files are memory-mapped and narrowed before the copy)."""
     from safetensors import safe_open
 
     for path in weight_files(folder):
         if path.suffix == ".safetensors":
             with safe_open(str(path), framework="pt") as f:
                 for name in f.keys():
-                    yield name, f.get_tensor(name).to(dtype)
+                    spec = None
+                    if shard is not None:
+                        sl = f.get_slice(name)
+                        spec = shard(name, tuple(sl.get_shape()))
+                    if spec is None:
+                        yield name, f.get_tensor(name).to(dtype)
+                        continue
+                    dim, start, length = spec
+                    end = min(start + length, sl.get_shape()[dim])
+                    index = (slice(start, end),) if dim == 0 else (slice(None), slice(start, end))
+                    yield name, sl[index].to(dtype)
         else:
             # Pickles can run code on load: only plain tensors are accepted.
             state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
             for name, tensor in state.items():
-                yield name, tensor.to(dtype)
+                yield name, narrow(tensor, name, shard).to(dtype)
             del state

@@ -3,6 +3,11 @@
 Input is a flat, unpadded batch of tokens from many sequences; attention goes through the
 backend seam with the step's metadata. Checkpoint q/k/v and gate/up projections are loaded
 into fused `qkv_proj` and `gate_up_proj` parameters.
+
+Tensor parallelism (`kvserve.distributed`): qkv_proj and gate_up_proj are column-parallel (each
+rank holds its query heads, its KV heads and its slice of the MLP), o_proj and down_proj are
+row-parallel with one all-reduce each, the embedding and LM head are split by vocabulary. Every
+projection stays a plain `nn.Linear` of the local shape; the loader slices the checkpoint.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ import torch.nn as nn
 
 from kvserve.attention.base import AttentionBackend, AttentionMetadata
 from kvserve.core.config import ModelConfig
+from kvserve.distributed import parallel_state as ps
+from kvserve.distributed.layers import VocabParallelEmbedding
 from kvserve.models import fused_ops
 from kvserve.models.layers import RMSNorm, RotaryEmbedding, StepRope, apply_rotary, silu_and_mul
 from kvserve.models.loading import FusedWeightLoader
@@ -22,11 +29,13 @@ from kvserve.models.loading import FusedWeightLoader
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
         super().__init__()
-        self.num_heads = cfg.num_heads
-        self.num_kv_heads = cfg.num_kv_heads
+        tp = ps.get_tp()
+        self.tp_size = tp.size
+        self.num_heads = cfg.num_heads // tp.size  # this rank's query heads
+        self.num_kv_heads = ps.kv_head_shard(cfg.num_kv_heads)[1]
         self.head_dim = cfg.head_dim
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.q_size = self.num_heads * cfg.head_dim
+        self.kv_size = self.num_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim**-0.5
         self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
@@ -58,7 +67,8 @@ class LlamaAttention(nn.Module):
                 q, k = self.q_norm(q), self.k_norm(k)
             q, k = apply_rotary(q, k, rope.cos, rope.sin)
         o = self.backend.forward(q, k, v, kv_cache, md, self.scale, self.sliding_window)
-        return self.o_proj(o.reshape(t, self.q_size))  # [T, hidden]
+        out = self.o_proj(o.reshape(t, self.q_size))  # [T, hidden] (a partial sum under TP)
+        return ps.all_reduce(out) if self.tp_size > 1 else out
 
 
 class LlamaMLP(nn.Module):
@@ -66,11 +76,14 @@ class LlamaMLP(nn.Module):
         super().__init__()
         if cfg.hidden_act != "silu":
             raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r} for {cfg.architecture}")
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.tp_size = ps.get_tp().size
+        inter = cfg.intermediate_size // self.tp_size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * inter, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        out = self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return ps.all_reduce(out) if self.tp_size > 1 else out
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -112,13 +125,23 @@ class LlamaForCausalLM(nn.Module):
     def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
         super().__init__()
         self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.tp = ps.get_tp()
+        ps.check_divisible(
+            num_heads=cfg.num_heads, num_kv_heads=cfg.num_kv_heads,
+            intermediate_size=cfg.intermediate_size, family=cfg.family, tp_size=self.tp.size,
+        )
+        if self.tp.enabled:
+            self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
+            vocab_rows = self.embed_tokens.per_rank
+        else:
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+            vocab_rows = cfg.vocab_size
         self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, backend) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.rotary = RotaryEmbedding(
             cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_positions=cfg.max_position_embeddings
         )
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, vocab_rows, bias=False)
         self.tie_weights()
 
     def tie_weights(self) -> None:
@@ -142,13 +165,46 @@ class LlamaForCausalLM(nn.Module):
         return h
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden).float()  # [N, vocab]
+        logits = self.lm_head(hidden).float()  # [N, vocab] ([N, vocab / tp] under TP)
+        if self.tp.enabled:
+            # Collective: every rank calls this for the same rows (see ModelRunner).
+            logits = ps.gather_vocab(logits, self.config.vocab_size)
+        return logits
 
     def shard_sizes(self, fused: str) -> list[int]:
-        c = self.config
+        """Rows of each checkpoint tensor inside a fused parameter (this rank's shard)."""
+        c, tp = self.config, self.tp.size
         if fused == "qkv_proj":
-            return [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
-        return [c.intermediate_size, c.intermediate_size]
+            kv = ps.kv_head_shard(c.num_kv_heads, self.tp)[1] * c.head_dim
+            return [c.num_heads // tp * c.head_dim, kv, kv]
+        return [c.intermediate_size // tp] * 2
+
+    def weight_shard(self, name: str, shape: tuple[int, ...]) -> tuple[int, int, int] | None:
+        """The slice (dim, start, length) of checkpoint tensor `name` this rank loads, or None
+        for the whole tensor. The loader applies it while reading, so no rank ever holds the
+        full model. Lengths may run past the end (the last vocabulary shard): clamp them."""
+        tp = self.tp
+        if not tp.enabled or len(shape) == 0:
+            return None
+        c = self.config
+        mapped = self.checkpoint_name(name) or ""
+        leaf = mapped.rsplit(".", 2)[-2] if mapped.count(".") >= 1 else mapped
+        if mapped in ("embed_tokens.weight", "lm_head.weight"):
+            start, per = ps.vocab_shard(c.vocab_size, tp)
+            return 0, start, per
+        if leaf == "q_proj":
+            per = c.num_heads // tp.size * c.head_dim
+            return 0, tp.rank * per, per
+        if leaf in ("k_proj", "v_proj"):
+            first, n = ps.kv_head_shard(c.num_kv_heads, tp)
+            return 0, first * c.head_dim, n * c.head_dim
+        if leaf in ("gate_proj", "up_proj"):
+            per = c.intermediate_size // tp.size
+            return 0, tp.rank * per, per
+        if leaf in ("o_proj", "down_proj") and mapped.endswith(".weight"):
+            per = shape[1] // tp.size  # input features: this rank's heads / MLP slice
+            return 1, tp.rank * per, per
+        return None  # norms, and row-parallel biases (added once: see load_weights)
 
     @staticmethod
     def checkpoint_name(name: str) -> str | None:
@@ -166,6 +222,19 @@ class LlamaForCausalLM(nn.Module):
             mapped = self.checkpoint_name(name)
             if tied and mapped == "lm_head.weight":
                 continue  # the head is the embedding; a stored copy is redundant
-            if mapped is not None:
-                loader.load(mapped, tensor)
+            if mapped is None:
+                continue
+            if self.tp.rank > 0 and mapped.endswith(("o_proj.bias", "down_proj.bias")):
+                tensor = torch.zeros_like(tensor)  # the all-reduce sums one copy of the bias
+            if self.tp.enabled and mapped in ("embed_tokens.weight", "lm_head.weight"):
+                tensor = _pad_rows(tensor, self.embed_tokens.per_rank)
+            loader.load(mapped, tensor)
         loader.finish(tied={"lm_head.weight"} if self.config.tie_word_embeddings else set())
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """The last vocabulary shard is short when tp does not divide the vocabulary: zero rows
+    (never looked up, their logits are cut off after the gather)."""
+    if t.shape[0] == rows:
+        return t
+    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])

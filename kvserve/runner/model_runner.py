@@ -125,6 +125,9 @@ class ModelRunner:
         self.tables = HostTables(max_num_seqs + 1, self.max_blocks_per_seq)
         self.staging = StagingBuffers(device)
         self._pending: PendingStep | None = None
+        # Tensor parallelism: only rank 0 (the driver) samples; the other ranks run the same
+        # forward and logits (collectives) and learn the sampled ids from the next step's plan.
+        self.is_driver = True
         self.num_graph_steps = 0  # decode steps served by a CUDA graph (tests, stats)
         self.graphs = None
         if use_cuda_graphs and device.type == "cuda" and backend.name == "triton":
@@ -170,6 +173,12 @@ class ModelRunner:
                 self.tables.set_blocks(st.row, len(st.block_ids), cr.new_block_ids)
                 st.block_ids.extend(cr.new_block_ids)
             st.num_computed_tokens = cr.num_computed_tokens
+
+    def append_sampled(self, sampled: dict[str, list[int]]) -> None:
+        """Non-driver ranks: record the ids rank 0 sampled last step (as `PendingStep.result`
+        does on rank 0), before the next step's inputs are built from them."""
+        for rid, toks in sampled.items():
+            self.states[rid].token_ids.extend(toks)
 
     # -- one step ---------------------------------------------------------------------------
     def execute(self, so: SchedulerOutput) -> RunnerOutput:
@@ -226,6 +235,8 @@ class ModelRunner:
             for rid, r0, first, n in prompt_lp:
                 st = self.states[rid]
                 lp_logits = self.model.compute_logits(hidden[r0 : r0 + n])
+                if not self.is_driver:
+                    continue
                 targets = torch.tensor(st.token_ids[first + 1 : first + 1 + n], device=self.device)
                 out.prompt_logprobs[rid] = compute_logprobs(
                     lp_logits, targets, [st.sampling_params.prompt_logprobs] * n
@@ -238,6 +249,8 @@ class ModelRunner:
                     logits = self.model.compute_logits(hidden.index_select(0, sample_idx))  # [N, V]
         if not sample_reqs:
             return PendingStep(self, out, [], torch.empty(0, dtype=torch.long))
+        if not self.is_driver:
+            return PendingStep(None, out)
         return self._sample(out, buf, logits, sample_reqs)
 
     def _eager_inputs(

@@ -1,0 +1,110 @@
+"""This process's place in the tensor-parallel group, and the collectives the model uses.
+
+One process per rank. The state is set once per process by `kvserve.distributed.launch`
+(before the model is built) and read by the model's layers; at tensor_parallel_size 1 it is
+`TPState()` (rank 0 of 1, no group) and every helper here is a no-op, so a single-device model
+runs exactly the code it ran before tensor parallelism existed.
+
+Two groups: `group` runs the model's collectives on the compute device (NCCL on CUDA, gloo on
+CPU); `cpu_group` is always gloo and carries the per-step plan rank 0 broadcasts (pickled
+Python objects, which NCCL cannot send without a device copy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class TPState:
+    rank: int = 0
+    size: int = 1
+    group: Any = None  # torch.distributed ProcessGroup of the model's collectives
+    cpu_group: Any = None  # gloo group for the step plan
+
+    @property
+    def enabled(self) -> bool:
+        return self.size > 1
+
+
+_STATE = TPState()
+
+
+def get_tp() -> TPState:
+    return _STATE
+
+
+def set_tp(state: TPState) -> None:
+    global _STATE
+    _STATE = state
+
+
+def reset_tp() -> None:
+    set_tp(TPState())
+
+
+def all_reduce(x: torch.Tensor) -> torch.Tensor:
+    """Sum `x` over the ranks, in place (the row-parallel layers' one collective)."""
+    tp = _STATE
+    if tp.size > 1:
+        dist.all_reduce(x, group=tp.group)
+    return x
+
+
+def gather_vocab(x: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """[N, V/tp] logits of this rank's vocabulary shard -> [N, vocab_size] on every rank.
+
+    An all-gather rather than a gather to rank 0: it is one NCCL collective that CUDA graphs
+    capture, and for the few rows that sample its cost is the same.
+    """
+    tp = _STATE
+    if tp.size == 1:
+        return x
+    n, v_local = x.shape
+    out = torch.empty(tp.size * n, v_local, dtype=x.dtype, device=x.device)  # [tp * N, V/tp]
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(out, x.contiguous(), group=tp.group)
+    # Rank-major blocks of rows -> each row's vocabulary shards side by side.
+    full = out.view(tp.size, n, v_local).permute(1, 0, 2).reshape(n, tp.size * v_local)
+    return full[:, :vocab_size]
+
+
+def vocab_shard(vocab_size: int, tp: TPState | None = None) -> tuple[int, int]:
+    """(first row, rows per rank) of this rank's slice of a vocabulary-parallel table. Every
+    rank holds the same number of rows (the last one padded) so logits gather evenly."""
+    tp = tp or _STATE
+    per = -(-vocab_size // tp.size)
+    return tp.rank * per, per
+
+
+def kv_head_shard(num_kv_heads: int, tp: TPState | None = None) -> tuple[int, int]:
+    """(first KV head, KV heads) of this rank. With fewer KV heads than ranks each head is
+    replicated on tp/num_kv_heads consecutive ranks: exactly the ranks whose query heads use it."""
+    tp = tp or _STATE
+    if num_kv_heads >= tp.size:
+        per = num_kv_heads // tp.size
+        return tp.rank * per, per
+    return tp.rank // (tp.size // num_kv_heads), 1
+
+
+def check_divisible(
+    *, num_heads: int, num_kv_heads: int, intermediate_size: int, family: str, tp_size: int
+) -> None:
+    """Raise ValueError (naming tensor_parallel_size) if a model cannot be split `tp_size` ways."""
+    if tp_size == 1:
+        return
+    name = f"tensor_parallel_size={tp_size}"
+    if family != "llama":
+        raise ValueError(f"{name}: tensor parallelism supports the Llama family only (not {family})")
+    if num_heads % tp_size:
+        raise ValueError(f"{name} must divide the number of attention heads ({num_heads})")
+    if num_kv_heads % tp_size and tp_size % num_kv_heads:
+        raise ValueError(
+            f"{name} must divide the number of KV heads ({num_kv_heads}) or be a multiple of it"
+        )
+    if intermediate_size % tp_size:
+        raise ValueError(f"{name} must divide the MLP intermediate size ({intermediate_size})")
