@@ -1,0 +1,66 @@
+/* bf16 matrix-vector products for CPU decode (x86-64 with AVX512-BF16).
+ *
+ * y[m, o] = sum_i x[m, i] * W[o, i] (+ bias[o]) for a handful of input rows m. W is the
+ * plain row-major [O, I] bf16 weight of an nn.Linear. Decode is bound by reading W from
+ * memory once, so each thread walks one contiguous half of W front to back (one sequential
+ * stream the hardware prefetcher follows), multiplying every weight row by all M input rows
+ * while the row is in L1. Products accumulate in fp32 (vdpbf16ps) and round to bf16 (RNE).
+ *
+ * Built on first use by kvserve/models/cpu_gemv.py with the system C compiler and loaded with
+ * ctypes; OpenMP threads come from the libgomp PyTorch already loaded, so
+ * torch.set_num_threads applies here too.
+ */
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+
+static inline uint16_t to_bf16(float s) {
+    uint32_t u;
+    __builtin_memcpy(&u, &s, 4);
+    u += 0x7FFF + ((u >> 16) & 1);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    __builtin_memcpy(&f, &u, 4);
+    return f;
+}
+
+int kv_gemv_abi_version(void) { return 1; }
+
+void kv_gemv_bf16(const uint16_t *W, const uint16_t *x, uint16_t *y, const uint16_t *bias,
+                  int M, int O, int I) {
+    const int nfull = I / 32, rem = I % 32;
+    const __mmask32 rmask = (__mmask32)((1ull << rem) - 1);
+#pragma omp parallel
+    {
+        const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+        const int per = (O + nt - 1) / nt;
+        const int lo = tid * per, hi = lo + per < O ? lo + per : O;
+        for (int o = lo; o < hi; ++o) {
+            const uint16_t *w = W + (int64_t)o * I;
+            for (int m = 0; m < M; ++m) {
+                const uint16_t *xm = x + (int64_t)m * I;
+                __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+                int b = 0;
+                for (; b + 1 < nfull; b += 2) {  /* two accumulators hide the FMA latency */
+                    a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + b * 32),
+                                          (__m512bh)_mm512_loadu_si512(xm + b * 32));
+                    a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_loadu_si512(w + b * 32 + 32),
+                                          (__m512bh)_mm512_loadu_si512(xm + b * 32 + 32));
+                }
+                if (b < nfull)
+                    a0 = _mm512_dpbf16_ps(a0, (__m512bh)_mm512_loadu_si512(w + b * 32),
+                                          (__m512bh)_mm512_loadu_si512(xm + b * 32));
+                if (rem)
+                    a1 = _mm512_dpbf16_ps(a1, (__m512bh)_mm512_maskz_loadu_epi16(rmask, w + nfull * 32),
+                                          (__m512bh)_mm512_maskz_loadu_epi16(rmask, xm + nfull * 32));
+                float s = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+                if (bias) s += from_bf16(bias[o]);
+                y[(int64_t)m * O + o] = to_bf16(s);
+            }
+        }
+    }
+}
