@@ -31,6 +31,7 @@ import logging
 import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
+import pickle
 import socket
 import sys
 import threading
@@ -52,6 +53,7 @@ _COLLECTIVE_TIMEOUT = timedelta(minutes=10)
 # The plan broadcast waits as long as the engine is idle (a server may idle for days).
 _PLAN_TIMEOUT = timedelta(days=365)
 _ABORT_GRACE_S = 10.0
+_PLAN_HEAD = 4096  # bytes of the first plan broadcast (a decode step's plan fits)
 _NOTICE_WAIT_S = 3.0
 # Test hook: a rank listed here raises during start-up (after joining the group).
 FAIL_AT_START_ENV = "KVSERVE_TP_FAIL_AT_START"
@@ -150,12 +152,11 @@ class TPGroup:
     def _on_worker_death(self, w: _Worker) -> None:
         code = w.process.exitcode
         how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
-        msg = f"tensor-parallel rank {w.rank} (pid {w.process.pid}) {how}"
-        if w.error:
-            msg += f"; its error:\n{w.error.rstrip()}"
+        head = f"tensor-parallel rank {w.rank} (pid {w.process.pid}) {how}"
+        msg = f"{head}; its error:\n{w.error.rstrip()}" if w.error else head
         if self.failure is None:
             self.failure = msg
-            logger.error("%s; shutting down all ranks", msg.splitlines()[0])
+            logger.error("%s; shutting down all ranks", head)
             self._failed_event.set()
             self._terminate_workers()
             if self._busy:
@@ -235,13 +236,33 @@ class TPGroup:
         raise error
 
     def send_plan(self, plan: Any) -> None:
-        dist.broadcast_object_list([plan], src=0, group=ps.get_tp().cpu_group)
+        """Broadcast one step's plan. A decode step's plan is a few hundred bytes: it goes out
+        in ONE fixed-size gloo broadcast (broadcast_object_list takes two round trips, one
+        for the size); a larger plan (new prompts) follows in a second one."""
+        data = pickle.dumps(plan, protocol=pickle.HIGHEST_PROTOCOL)
+        head = torch.zeros(_PLAN_HEAD, dtype=torch.uint8)
+        head[:8] = torch.frombuffer(bytearray(len(data).to_bytes(8, "little")), dtype=torch.uint8)
+        first = min(len(data), _PLAN_HEAD - 8)
+        head[8 : 8 + first] = torch.frombuffer(bytearray(data[:first]), dtype=torch.uint8)
+        group = ps.get_tp().cpu_group
+        dist.broadcast(head, src=0, group=group)
+        if len(data) > first:
+            dist.broadcast(torch.frombuffer(bytearray(data[first:]), dtype=torch.uint8), src=0, group=group)
 
     # -- workers -----------------------------------------------------------------------------------
     def recv_plan(self) -> Any:
-        box = [None]
-        dist.broadcast_object_list(box, src=0, group=ps.get_tp().cpu_group)
-        return box[0]
+        group = ps.get_tp().cpu_group
+        head = torch.empty(_PLAN_HEAD, dtype=torch.uint8)
+        dist.broadcast(head, src=0, group=group)
+        raw = head.numpy().tobytes()
+        n = int.from_bytes(raw[:8], "little")
+        first = min(n, _PLAN_HEAD - 8)
+        data = raw[8 : 8 + first]
+        if n > first:
+            rest = torch.empty(n - first, dtype=torch.uint8)
+            dist.broadcast(rest, src=0, group=group)
+            data += rest.numpy().tobytes()
+        return pickle.loads(data)
 
     def report_ready(self) -> None:
         if self._conn is not None:
@@ -297,6 +318,10 @@ def _init_group(rank: int, size: int, device: torch.device, init_method: str | N
     kwargs: dict[str, Any] = dict(backend=backend, rank=rank, world_size=size, timeout=_COLLECTIVE_TIMEOUT)
     if init_method is not None:
         kwargs["init_method"] = init_method
+    if device.type == "cuda":
+        # Binds the communicator to this GPU and creates it now, not lazily inside the first
+        # collective (which may be a CUDA graph capture).
+        kwargs["device_id"] = device
     dist.init_process_group(**kwargs)
     cpu_group = dist.new_group(backend="gloo", timeout=_PLAN_TIMEOUT)
     ps.set_tp(ps.TPState(rank=rank, size=size, group=dist.group.WORLD, cpu_group=cpu_group))
@@ -337,7 +362,11 @@ def start(args: Any, worker_main: Callable[[Any, TPGroup], None]) -> TPGroup:
             code = 1
         finally:
             group.close()
-        raise SystemExit(code)
+        # os._exit, not SystemExit: the engine may be built on a thread (the server's engine
+        # thread), where SystemExit would end only that thread.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
     device = rank_device(args.device, 0, size, spawned=True)
     port = _free_port()
@@ -377,6 +406,8 @@ def start(args: Any, worker_main: Callable[[Any, TPGroup], None]) -> TPGroup:
     if joined and joined[0] is not None:
         group.close()
         raise joined[0]
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the join thread's setting is per thread
     return group
 
 
