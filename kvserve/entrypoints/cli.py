@@ -35,7 +35,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-chunked-prefill", action="store_true", help="disable chunked prefill")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     g.add_argument("--enforce-eager", action="store_true", help="never capture CUDA graphs")
-    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1,
+    g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
                    help="split the model across N ranks: N GPUs of this machine (NCCL) or N CPU processes (gloo); "
                         "under torchrun, N = WORLD_SIZE across machines (default: %(default)s)")
     g.add_argument("--engine-seed", type=int, default=0, help="seed for unseeded sampling (default: %(default)s)")
