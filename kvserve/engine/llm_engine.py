@@ -472,6 +472,7 @@ def run_tp_worker(args: EngineArgs, group: TPGroup) -> None:
     engine = LLMEngine(args, _tp_group=group)
     runner = engine.runner
     runner.is_driver = False
+    cuda = runner.device.type == "cuda"
     group.report_ready()
     while True:
         plan = group.recv_plan()
@@ -480,6 +481,11 @@ def run_tp_worker(args: EngineArgs, group: TPGroup) -> None:
         so, sampled = plan
         runner.append_sampled(sampled)
         runner.execute_async(so)
+        if cuda:
+            # Rank 0 waits for each sampling step through its sampled ids; a worker samples
+            # nothing, so it waits here, and its staging buffers are refilled only after their
+            # copies ran. Free in practice: rank 0 sends the next plan only after its own wait.
+            torch.cuda.synchronize(runner.device)
 
 
 def _make_backend(name: str, device: torch.device) -> AttentionBackend:
