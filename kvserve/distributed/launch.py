@@ -150,6 +150,7 @@ class TPGroup:
                     self._on_worker_death(w)
 
     def _on_worker_death(self, w: _Worker) -> None:
+        w.process.join(2.0)  # the sentinel can fire a moment before the exit code is reapable
         code = w.process.exitcode
         how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
         head = f"tensor-parallel rank {w.rank} (pid {w.process.pid}) {how}"
