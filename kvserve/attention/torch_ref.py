@@ -1,8 +1,11 @@
 """Pure-PyTorch paged attention: runs on any device and is the oracle for the GPU kernels.
 
-Decodes (query length 1) are gathered into one padded batch and run as a single SDPA call;
-prefill chunks run one sequence at a time with an explicit causal mask offset by the cached
-context. Padding exists only inside this function (for keys); the model never sees it.
+Decodes (query length 1) run together: with a bf16 cache on a CPU that has AVX512-BF16, one
+call of the C kernel in `kvserve/csrc/decode_attn_bf16.c` reads keys and values in place
+through the block tables; otherwise the sequences' blocks are gathered whole and attention
+runs as one SDPA call (a single sequence) or batched matmuls with a padding mask. Prefill
+chunks run one sequence at a time with an explicit causal mask offset by the cached context.
+Padding exists only inside this module (for keys); the model never sees it.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kvserve.attention.base import AttentionBackend, AttentionMetadata, write_kv_cache
+from kvserve.models import cpu_kernels
 
 
 class TorchRefBackend(AttentionBackend):
@@ -28,6 +32,8 @@ class TorchRefBackend(AttentionBackend):
     ) -> torch.Tensor:
         write_kv_cache(k, v, kv_cache, metadata.slot_mapping, metadata.has_padding)
         plan = _plan(metadata, kv_cache.device, sliding_window is not None)
+        if plan.all_decode:  # every row is a decode, in order: no row scatter needed
+            return _decode(q, kv_cache, plan, scale, sliding_window)
         out = torch.empty_like(q)
         if plan.decode_rows is not None:
             out[plan.decode_rows] = _decode(
@@ -46,20 +52,21 @@ class _Plan:
 
     __slots__ = (
         "decode_rows", "decode_tables", "decode_len", "decode_mask", "decode_pos",
-        "decode_head_idx", "prefills",
+        "prefills", "all_decode", "decode_tables_i32", "decode_lens_i32",
     )
 
     def __init__(self) -> None:
         self.decode_rows: torch.Tensor | None = None  # [B] query rows of the decodes
-        self.decode_tables: torch.Tensor | None = None  # [B, nblk] block ids
+        self.decode_tables: torch.Tensor | None = None  # [B * nblk] block ids, row-major
         self.decode_len = 0  # longest decode context
         # [B, maxL] True = key is valid; None when no key needs masking (a single sequence).
         self.decode_mask: torch.Tensor | None = None
         self.decode_pos: torch.Tensor | None = None  # [B] position of each decode query
-        # [B, Hkv, maxL] row of each (sequence, KV head, position) in the cache viewed as
-        # [slots * Hkv, D]: one gather yields keys already in [B, Hkv, L, D] order.
-        self.decode_head_idx: torch.Tensor | None = None
         self.prefills: list[tuple[int, int, int, int]] = []  # (row0, row1, ctx_len, seq)
+        self.all_decode = False  # the step's rows are exactly the decodes, in order
+        # For the C kernel (bf16 cache on CPU): [B, nblk] int32 block tables, [B] int32 lengths.
+        self.decode_tables_i32: torch.Tensor | None = None
+        self.decode_lens_i32: torch.Tensor | None = None
 
 
 def _plan(md: AttentionMetadata, device: torch.device, sliding: bool) -> _Plan:
@@ -82,7 +89,11 @@ def _plan(md: AttentionMetadata, device: torch.device, sliding: bool) -> _Plan:
         nblk = (max_len + bs - 1) // bs
         seq_idx = torch.tensor(dec_seqs, device=device)
         plan.decode_rows = torch.tensor(dec_rows, device=device)
-        plan.decode_tables = md.block_tables[seq_idx, :nblk].long()  # [B, nblk]
+        plan.decode_tables = md.block_tables[seq_idx, :nblk].long().reshape(-1)  # [B * nblk]
+        plan.all_decode = not plan.prefills and dec_rows == list(range(qsl[-1]))
+        if device.type == "cpu":
+            plan.decode_tables_i32 = md.block_tables[seq_idx, :nblk].to(torch.int32).contiguous()
+            plan.decode_lens_i32 = torch.tensor([lens[i] for i in dec_seqs], dtype=torch.int32)
         plan.decode_len = max_len
         if len(dec_seqs) > 1 or sliding:
             seq_lens = md.seq_lens.to(device)[seq_idx].long()  # [B]
@@ -100,15 +111,29 @@ def _decode(
     scale: float,
     sliding_window: int | None,
 ) -> torch.Tensor:
-    hkv, d = kv_cache.shape[3:]
-    b = plan.decode_tables.shape[0]
+    """One query row per sequence. The sequences' blocks are gathered whole (one contiguous
+    block_size * Hkv * D copy each, for K and V at once), then attention runs as batched
+    matmuls; keys past a sequence's length are masked."""
+    _, num_blocks, bs, hkv, d = kv_cache.shape
+    b = q.shape[0]
+    if (
+        plan.decode_tables_i32 is not None
+        and kv_cache.dtype == torch.bfloat16
+        and q.dtype == torch.bfloat16
+        and d <= 128
+        and kv_cache.is_contiguous()
+        and cpu_kernels.attention_available()
+    ):
+        return cpu_kernels.decode_attention(
+            q, kv_cache, plan.decode_tables_i32, plan.decode_lens_i32, scale, sliding_window
+        )
+    # [2, B * nblk, bs, Hkv, D] -> [2, B, nblk * bs, Hkv, D], trimmed to the longest context
+    kv = kv_cache.index_select(1, plan.decode_tables).view(2, b, -1, hkv, d)[:, :, : plan.decode_len]
     mask = plan.decode_mask
-    if mask is None:  # one sequence, every key valid: gather whole blocks and trim
-        keys = kv_cache[0][plan.decode_tables].view(b, -1, hkv, d)[:, : plan.decode_len]  # [1, L, Hkv, D]
-        vals = kv_cache[1][plan.decode_tables].view(b, -1, hkv, d)[:, : plan.decode_len]
+    if mask is None:  # one sequence, every key valid
         out = F.scaled_dot_product_attention(
-            q.unsqueeze(2).to(keys.dtype),  # [1, Hq, 1, D]
-            keys.transpose(1, 2), vals.transpose(1, 2),  # [1, Hkv, L, D]
+            q.unsqueeze(2).to(kv.dtype),  # [1, Hq, 1, D]
+            kv[0].transpose(1, 2), kv[1].transpose(1, 2),  # [1, Hkv, L, D]
             scale=scale,
             enable_gqa=q.shape[1] != hkv,
         )
@@ -116,23 +141,15 @@ def _decode(
     if sliding_window is not None:
         pos = torch.arange(mask.shape[1], device=mask.device)
         mask = mask & (pos[None, :] > plan.decode_pos[:, None] - sliding_window)
-    if plan.decode_head_idx is None:
-        bs = kv_cache.shape[2]
-        pos = torch.arange(plan.decode_len, device=q.device)
-        slots = plan.decode_tables[:, pos // bs] * bs + pos % bs  # [B, L]
-        slots = torch.where(plan.decode_mask, slots, 0)
-        heads = torch.arange(hkv, device=q.device)
-        plan.decode_head_idx = slots[:, None, :] * hkv + heads[None, :, None]  # [B, Hkv, L]
-    keys = kv_cache[0].view(-1, d)[plan.decode_head_idx]  # [B, Hkv, L, D]
-    vals = kv_cache[1].view(-1, d)[plan.decode_head_idx]
+    kv = kv.transpose(2, 3).contiguous()  # [2, B, Hkv, L, D]
     # Several sequences: CPU SDPA with a padding mask and one query row is many times slower
     # than two batched GEMVs, so do them directly, grouping the query heads of each KV head.
     group = q.shape[1] // hkv
-    qg = q.to(keys.dtype).view(b, hkv, group, d)  # [B, Hkv, G, D]
-    scores = torch.matmul(qg, keys.transpose(-1, -2)).float() * scale  # [B, Hkv, G, L]
+    qg = q.to(kv.dtype).view(b, hkv, group, d)  # [B, Hkv, G, D]
+    scores = torch.matmul(qg, kv[0].transpose(-1, -2)).float() * scale  # [B, Hkv, G, L]
     scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(vals.dtype)
-    out = torch.matmul(probs, vals)  # [B, Hkv, G, D]
+    probs = torch.softmax(scores, dim=-1).to(kv.dtype)
+    out = torch.matmul(probs, kv[1])  # [B, Hkv, G, D]
     return out.reshape(b, hkv * group, d).to(q.dtype)  # [B, Hq, D]
 
 

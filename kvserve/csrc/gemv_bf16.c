@@ -6,7 +6,7 @@
  * stream the hardware prefetcher follows), multiplying every weight row by all M input rows
  * while the row is in L1. Products accumulate in fp32 (vdpbf16ps) and round to bf16 (RNE).
  *
- * Built on first use by kvserve/models/cpu_gemv.py with the system C compiler and loaded with
+ * Built on first use by kvserve/models/cpu_kernels.py with the system C compiler and loaded with
  * ctypes; OpenMP threads come from the libgomp PyTorch already loaded, so
  * torch.set_num_threads applies here too.
  */

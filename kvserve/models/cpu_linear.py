@@ -5,8 +5,8 @@ small-batch matmuls of decode about twice as slow as reading the weight once; pr
 weight into oneDNN's blocked layout up front removes that (identical results, measured in
 benchmarks/RESULTS.md). Large-batch (prefill) matmuls run at the same speed either way.
 
-Products of at most `cpu_gemv.MAX_ROWS` rows (batch-1 and small-batch decode) go to the
-streaming GEMV kernel of `cpu_gemv` where the CPU has AVX512-BF16, which reads the plain weight
+Products of at most `cpu_kernels.MAX_ROWS` rows (batch-1 and small-batch decode) go to the
+streaming GEMV kernel of `cpu_kernels` where the CPU has AVX512-BF16, which reads the plain weight
 at close to the memory bandwidth; the layer then keeps the plain weight as well as the packed
 one (twice the bf16 weight memory, for the speed of decode).
 """
@@ -18,7 +18,7 @@ import logging
 import torch
 import torch.nn as nn
 
-from kvserve.models import cpu_gemv
+from kvserve.models import cpu_kernels
 
 logger = logging.getLogger(__name__)
 
@@ -43,15 +43,15 @@ class PackedLinear(nn.Module):
         # The batch-size hint only tunes the layout; any batch size is accepted.
         self.register_buffer("packed_weight", torch.ops.mkldnn._reorder_linear_weight(w, 1), persistent=False)
         self.bias = linear.bias
-        self._gemv = cpu_gemv.load()
+        self._gemv = cpu_kernels.load()
         # The plain [out, in] weight for the GEMV kernel (shared with a tied embedding).
         self.weight = w.contiguous() if self._gemv is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)
-        if self._gemv is not None and x2.shape[0] <= cpu_gemv.MAX_ROWS and x2.dtype == torch.bfloat16:
-            out = cpu_gemv.gemv(self._gemv, self.weight, x2, self.bias)
+        if self._gemv is not None and x2.shape[0] <= cpu_kernels.MAX_ROWS and x2.dtype == torch.bfloat16:
+            out = cpu_kernels.gemv(self._gemv, self.weight, x2, self.bias)
         else:
             out = torch.ops.mkldnn._linear_pointwise(x2, self.packed_weight, self.bias, "none", [], "")
         return out.view(*shape[:-1], self.out_features)

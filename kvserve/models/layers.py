@@ -23,10 +23,9 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fused_ops.enabled_for(x):
             return fused_ops.rmsnorm(x, self.weight, self.eps)
-        dtype = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+        # One op; in fp32 bit-identical to HF's `weight * (x * rsqrt(mean(x^2) + eps))`. In
+        # bf16/fp16 it rounds once where HF rounds twice (at most one ulp apart).
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
     def forward_with_residual(
         self, x: torch.Tensor, residual: torch.Tensor
@@ -101,7 +100,9 @@ class RotaryEmbedding(nn.Module):
                 table = self._cos_sin_table = fused_ops.build_cos_sin(self.inv_freq, self.max_positions)
             return StepRope(positions=positions, cos_sin_table=table)
         cos, sin = self.cos_sin(positions, dtype)
-        return StepRope(cos=cos, sin=sin)
+        half = self.head_dim // 2
+        sin_signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        return StepRope(cos=cos, sin=sin, sin_signed=sin_signed)
 
     def reset_parameters(self) -> None:
         """Recompute `inv_freq` (after materializing a model built on the meta device)."""
@@ -114,10 +115,10 @@ class RotaryEmbedding(nn.Module):
 
 
 class StepRope:
-    """One step's rotary state: (cos, sin) [T, 1, D] for the PyTorch path, or the step's
-    positions and the fp32 cos/sin table for the fused CUDA kernel."""
+    """One step's rotary state: (cos, sin, sin with its first half negated) [T, 1, D] for the
+    PyTorch path, or the step's positions and the fp32 cos/sin table for the fused CUDA kernel."""
 
-    __slots__ = ("cos", "sin", "positions", "cos_sin_table")
+    __slots__ = ("cos", "sin", "sin_signed", "positions", "cos_sin_table")
 
     def __init__(
         self,
@@ -125,8 +126,10 @@ class StepRope:
         sin: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         cos_sin_table: torch.Tensor | None = None,
+        sin_signed: torch.Tensor | None = None,
     ) -> None:
         self.cos, self.sin, self.positions, self.cos_sin_table = cos, sin, positions, cos_sin_table
+        self.sin_signed = sin_signed
 
     @property
     def fused(self) -> bool:
@@ -138,6 +141,13 @@ def apply_rotary(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     # q: [T, Hq, D], k: [T, Hkv, D], cos/sin: [T, 1, D]
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+def rotate(x: torch.Tensor, rope: StepRope) -> torch.Tensor:
+    """RoPE on x [T, H, D] (any heads: q and k side by side rotate in one go) in four ops.
+    `roll` by D/2 gives (x2, x1); times (-sin, sin) that is rotate_half(x) * sin exactly, so
+    the result equals HF's `x * cos + rotate_half(x) * sin` bit for bit."""
+    return x * rope.cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * rope.sin_signed
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

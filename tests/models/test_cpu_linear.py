@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kvserve import LLM, SamplingParams
-from kvserve.models import cpu_gemv, cpu_linear
+from kvserve.models import cpu_kernels, cpu_linear
 
 pytestmark = pytest.mark.skipif(
     not cpu_linear.prepack_supported(torch.device("cpu"), torch.bfloat16),
@@ -15,12 +15,12 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-needs_gemv = pytest.mark.skipif(cpu_gemv.load() is None, reason="no AVX512-BF16 CPU or C compiler")
+needs_gemv = pytest.mark.skipif(cpu_kernels.load() is None, reason="no AVX512-BF16 CPU or C compiler")
 
 
 @pytest.fixture
 def no_gemv(monkeypatch):
-    monkeypatch.setattr(cpu_gemv, "load", lambda: None)
+    monkeypatch.setattr(cpu_kernels, "load", lambda: None)
 
 
 def test_packed_linear_equals_linear(no_gemv):
@@ -38,7 +38,7 @@ def test_packed_linear_above_gemv_rows_equals_linear():
     torch.manual_seed(0)
     lin = torch.nn.Linear(96, 160, bias=True).to(torch.bfloat16)
     packed = cpu_linear.PackedLinear(lin)
-    x = torch.randn(cpu_gemv.MAX_ROWS + 1, 96, dtype=torch.bfloat16)
+    x = torch.randn(cpu_kernels.MAX_ROWS + 1, 96, dtype=torch.bfloat16)
     assert torch.equal(packed(x), lin(x))
 
 
@@ -60,7 +60,7 @@ def test_gemv_kernel_matches_fp32_math(in_f, out_f, threads):
         for bias in (False, True):
             lin = torch.nn.Linear(in_f, out_f, bias=bias).to(torch.bfloat16)
             packed = cpu_linear.PackedLinear(lin)
-            for rows in range(1, cpu_gemv.MAX_ROWS + 1):
+            for rows in range(1, cpu_kernels.MAX_ROWS + 1):
                 x = torch.randn(rows, in_f, dtype=torch.bfloat16)
                 exact = x.float() @ lin.weight.float().T + (lin.bias.float() if bias else 0)
                 magnitude = x.float().abs() @ lin.weight.float().abs().T
@@ -80,12 +80,12 @@ def test_bf16_engine_uses_gemv_and_agrees_with_onednn(tiny_llama, monkeypatch):
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=1)
     prompts = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (3, 20)]
     calls = []
-    real = cpu_gemv.gemv
-    monkeypatch.setattr(cpu_gemv, "gemv", lambda *a: calls.append(1) or real(*a))
+    real = cpu_kernels.gemv
+    monkeypatch.setattr(cpu_kernels, "gemv", lambda *a: calls.append(1) or real(*a))
     fast = LLM(folder, dtype="bfloat16", device="cpu", num_kv_blocks=64)
     a = fast.generate(prompts, params, use_tqdm=False)
     assert calls, "decode steps did not use the GEMV kernel"
-    monkeypatch.setattr(cpu_gemv, "load", lambda: None)
+    monkeypatch.setattr(cpu_kernels, "load", lambda: None)
     b = LLM(folder, dtype="bfloat16", device="cpu", num_kv_blocks=64).generate(prompts, params, use_tqdm=False)
     for x, y in zip(a, b):
         # Same tokens until the reference's top-two margin is a bf16 near-tie.
