@@ -69,8 +69,9 @@ def _tiny_config(arch: str):
             "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
             "high_freq_factor": 4.0, "original_max_position_embeddings": 64,
         })
-    if arch == "llama_kv1":  # one KV head (multi-query): fewer KV heads than tensor-parallel ranks
-        return tf.LlamaConfig(**{**common, "num_key_value_heads": 1})
+    if arch == "llama_kv1":  # one KV head (multi-query): fewer KV heads than tensor-parallel ranks;
+        # an odd vocabulary (3 ids past the tokenizer's) so vocabulary shards need padding
+        return tf.LlamaConfig(**{**common, "num_key_value_heads": 1, "vocab_size": TINY_VOCAB + 3})
     if arch == "mistral":
         return tf.MistralConfig(**common, sliding_window=None)
     if arch == "mistral_sw":  # a window shorter than the longer prompts

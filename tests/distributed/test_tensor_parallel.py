@@ -77,7 +77,7 @@ def test_tp2_matches_tp1(tiny_model_factory, arch):
         attn = model.layers[0].self_attn
         assert attn.num_heads == cfg.num_heads // 2
         assert attn.num_kv_heads == max(1, cfg.num_kv_heads // 2)
-        assert model.embed_tokens.weight.shape[0] == cfg.vocab_size // 2
+        assert model.embed_tokens.weight.shape[0] == -(-cfg.vocab_size // 2)
         assert llm.engine.runner.kv_caches[0].shape[3] == attn.num_kv_heads
         got = _run(llm)
         _assert_same(got, want)
