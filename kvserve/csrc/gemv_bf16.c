@@ -12,6 +12,7 @@
  */
 #include <immintrin.h>
 #include <omp.h>
+#include <math.h>
 #include <stdint.h>
 
 static inline uint16_t to_bf16(float s) {
@@ -28,7 +29,7 @@ static inline float from_bf16(uint16_t h) {
     return f;
 }
 
-int kv_gemv_abi_version(void) { return 1; }
+int kv_gemv_abi_version(void) { return 2; }
 
 void kv_gemv_bf16(const uint16_t *W, const uint16_t *x, uint16_t *y, const uint16_t *bias,
                   int M, int O, int I) {
@@ -62,5 +63,60 @@ void kv_gemv_bf16(const uint16_t *W, const uint16_t *x, uint16_t *y, const uint1
                 y[(int64_t)m * O + o] = to_bf16(s);
             }
         }
+    }
+}
+
+/* The MLP's first half for a few rows: y[m, o] = silu(x_m . G_o) * (x_m . U_o), where W is
+ * the fused [2 * N, I] gate/up weight (gate rows 0..N-1, up rows N..2N-1). Each thread streams
+ * its share of gate rows and the matching up rows. */
+void kv_gemv_silu_mul_bf16(const uint16_t *W, const uint16_t *x, uint16_t *y, int M, int N, int I) {
+    const int nfull = I / 32, rem = I % 32;
+    const __mmask32 rmask = (__mmask32)((1ull << rem) - 1);
+#pragma omp parallel
+    {
+        const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+        const int per = (N + nt - 1) / nt;
+        const int lo = tid * per, hi = lo + per < N ? lo + per : N;
+        for (int o = lo; o < hi; ++o) {
+            const uint16_t *wg = W + (int64_t)o * I, *wu = W + (int64_t)(o + N) * I;
+            for (int m = 0; m < M; ++m) {
+                const uint16_t *xm = x + (int64_t)m * I;
+                __m512 ag = _mm512_setzero_ps(), au = _mm512_setzero_ps();
+                for (int b = 0; b < nfull; ++b) {
+                    __m512bh xv = (__m512bh)_mm512_loadu_si512(xm + b * 32);
+                    ag = _mm512_dpbf16_ps(ag, (__m512bh)_mm512_loadu_si512(wg + b * 32), xv);
+                    au = _mm512_dpbf16_ps(au, (__m512bh)_mm512_loadu_si512(wu + b * 32), xv);
+                }
+                if (rem) {
+                    __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(rmask, xm + nfull * 32);
+                    ag = _mm512_dpbf16_ps(ag, (__m512bh)_mm512_maskz_loadu_epi16(rmask, wg + nfull * 32), xv);
+                    au = _mm512_dpbf16_ps(au, (__m512bh)_mm512_maskz_loadu_epi16(rmask, wu + nfull * 32), xv);
+                }
+                /* round gate and up to bf16 first, as the unfused linear + silu * mul does */
+                float g = from_bf16(to_bf16(_mm512_reduce_add_ps(ag)));
+                float u = from_bf16(to_bf16(_mm512_reduce_add_ps(au)));
+                y[(int64_t)m * N + o] = to_bf16(g / (1.f + expf(-g)) * u);
+            }
+        }
+    }
+}
+
+/* sum <- x + residual (rounded to bf16, as the unfused add); out <- rmsnorm(sum) * w, computed
+ * in fp32 and rounded once. M rows of length N, all contiguous. */
+void kv_add_rmsnorm_bf16(const uint16_t *x, const uint16_t *residual, const uint16_t *w, uint16_t *out,
+                         uint16_t *sum, int M, int N, float eps) {
+    for (int m = 0; m < M; ++m) {
+        const uint16_t *xm = x + (int64_t)m * N, *res = residual + (int64_t)m * N;
+        uint16_t *rm = sum + (int64_t)m * N;
+        uint16_t *om = out + (int64_t)m * N;
+        float ss = 0.f;
+        for (int i = 0; i < N; ++i) {
+            uint16_t r = to_bf16(from_bf16(xm[i]) + from_bf16(res[i]));
+            rm[i] = r;
+            float f = from_bf16(r);
+            ss += f * f;
+        }
+        const float inv = 1.f / sqrtf(ss / (float)N + eps);
+        for (int i = 0; i < N; ++i) om[i] = to_bf16(from_bf16(rm[i]) * inv * from_bf16(w[i]));
     }
 }

@@ -91,13 +91,17 @@ def _library() -> ctypes.CDLL | None:
             _build(lib_path)
         torch.zeros(1).add_(1)  # make sure PyTorch's OpenMP runtime is loaded first (shared)
         lib = ctypes.CDLL(str(lib_path))
-        if lib.kv_gemv_abi_version() != 1 or lib.kv_decode_attn_abi_version() != 1:
+        if lib.kv_gemv_abi_version() != 2 or lib.kv_decode_attn_abi_version() != 1:
             raise RuntimeError("stale kernel build")
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         logger.warning("CPU C kernels unavailable (%s); using PyTorch", e)
         return None
     lib.kv_gemv_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 3
     lib.kv_gemv_bf16.restype = None
+    lib.kv_gemv_silu_mul_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3
+    lib.kv_gemv_silu_mul_bf16.restype = None
+    lib.kv_add_rmsnorm_bf16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2 + [ctypes.c_float]
+    lib.kv_add_rmsnorm_bf16.restype = None
     lib.kv_decode_attn_bf16.argtypes = (
         [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
         + [ctypes.c_int] * 5 + [ctypes.c_float, ctypes.c_int]
@@ -115,6 +119,39 @@ def load() -> ctypes._CFuncPtr | None:
 
 def attention_available() -> bool:
     return _library() is not None
+
+
+def usable(x: torch.Tensor) -> bool:
+    """True for a few bf16 rows on the CPU, where the kernels beat PyTorch's op-per-step costs."""
+    return (
+        x.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and x.numel() <= MAX_ROWS * x.shape[-1]
+        and _library() is not None
+    )
+
+
+def gemv_silu_mul(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """silu(x @ gate.T) * (x @ up.T) for the fused [2N, I] gate/up `weight`: [M, I] -> [M, N]."""
+    x = x.contiguous()
+    m, n = x.shape[0], weight.shape[0] // 2
+    out = torch.empty((m, n), dtype=torch.bfloat16)
+    _library().kv_gemv_silu_mul_bf16(weight.data_ptr(), x.data_ptr(), out.data_ptr(), m, n, weight.shape[1])
+    return out
+
+
+def add_rmsnorm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rmsnorm(x + residual) * weight, x + residual) for bf16 rows, in one pass."""
+    x, residual, weight = x.contiguous(), residual.contiguous(), weight.contiguous()
+    out, total = torch.empty_like(x), torch.empty_like(x)
+    n = x.shape[-1]
+    _library().kv_add_rmsnorm_bf16(
+        x.data_ptr(), residual.data_ptr(), weight.data_ptr(), out.data_ptr(), total.data_ptr(),
+        x.numel() // n, n, eps,
+    )
+    return out, total
 
 
 def gemv(

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from kvserve.models import cpu_kernels
+from kvserve.models.layers import silu_and_mul
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,13 @@ class PackedLinear(nn.Module):
         else:
             out = torch.ops.mkldnn._linear_pointwise(x2, self.packed_weight, self.bias, "none", [], "")
         return out.view(*shape[:-1], self.out_features)
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up of this fused gate/up projection's output, in one kernel for a few
+        rows (the [T, 2I] product is never materialized)."""
+        if self._gemv is not None and self.bias is None and cpu_kernels.usable(x):
+            return cpu_kernels.gemv_silu_mul(self.weight, x.reshape(-1, self.in_features))
+        return silu_and_mul(self(x))
 
 
 def prepack_linears(model: nn.Module) -> int:

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kvserve.models import fused_ops
+from kvserve.models import cpu_kernels, fused_ops
 
 
 class RMSNorm(nn.Module):
@@ -33,8 +33,17 @@ class RMSNorm(nn.Module):
         """Return (norm(x + residual), x + residual): the pre-norm block's add-then-norm."""
         if fused_ops.enabled_for(x):
             return fused_ops.add_rmsnorm(x, residual, self.weight, self.eps)
+        if cpu_kernels.usable(x) and self.weight.dtype == torch.bfloat16:  # CPU decode: one call
+            return cpu_kernels.add_rmsnorm(x, residual, self.weight, self.eps)
         residual = x + residual
         return self.forward(residual), residual
+
+
+def gate_up_silu_and_mul(gate_up: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of a fused gate/up projection, fused into the projection where the layer
+    can (CPU bf16 decode: `PackedLinear.silu_and_mul`)."""
+    fused = getattr(gate_up, "silu_and_mul", None)
+    return fused(x) if fused is not None else silu_and_mul(gate_up(x))
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:

@@ -22,7 +22,7 @@ from kvserve.core.config import ModelConfig
 from kvserve.distributed import parallel_state as ps
 from kvserve.distributed.layers import VocabParallelEmbedding
 from kvserve.models import fused_ops
-from kvserve.models.layers import RMSNorm, RotaryEmbedding, StepRope, rotate, silu_and_mul
+from kvserve.models.layers import RMSNorm, RotaryEmbedding, StepRope, gate_up_silu_and_mul, rotate
 from kvserve.models.loading import FusedWeightLoader
 
 
@@ -85,7 +85,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        out = self.down_proj(gate_up_silu_and_mul(self.gate_up_proj, x))
         return ps.all_reduce(out) if self.tp_size > 1 else out
 
 

@@ -94,3 +94,32 @@ def test_backend_uses_kernel_and_agrees_with_torch_path(num_seqs, monkeypatch):
     monkeypatch.setattr(cpu_kernels, "attention_available", lambda: False)
     slow = TorchRefBackend().forward(q, k, v, kv_cache.clone(), metadata(), d**-0.5)
     torch.testing.assert_close(fast.float(), slow.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 4])
+@pytest.mark.parametrize("hidden,inter", [(576, 1536), (96, 40), (100, 37)])
+def test_gemv_silu_mul_matches_unfused(rows, hidden, inter):
+    torch.manual_seed(rows + hidden)
+    w = (torch.randn(2 * inter, hidden) / hidden**0.5).to(torch.bfloat16)
+    x = torch.randn(rows, hidden).to(torch.bfloat16)
+    gate_up = (x.float() @ w.float().T).to(torch.bfloat16).float()  # the unfused linear's bf16 output
+    want = torch.nn.functional.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+    got = cpu_kernels.gemv_silu_mul(w, x)
+    assert got.shape == (rows, inter) and got.dtype == torch.bfloat16
+    # gate/up may round differently by one ulp (fp32 summation order), then silu * up rounds once
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("n", [576, 64, 37])
+def test_add_rmsnorm_matches_unfused(rows, n):
+    torch.manual_seed(rows * n)
+    x, res = torch.randn(rows, n).to(torch.bfloat16), torch.randn(rows, n).to(torch.bfloat16)
+    w = torch.randn(n).to(torch.bfloat16)
+    x0, res0 = x.clone(), res.clone()
+    out, total = cpu_kernels.add_rmsnorm(x, res, w, 1e-5)
+    assert torch.equal(x, x0) and torch.equal(res, res0)  # inputs untouched
+    assert torch.equal(total, x + res)  # the bf16 add, exactly
+    t = total.float()
+    want = t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-5) * w.float()
+    torch.testing.assert_close(out.float(), want, rtol=1e-2, atol=1e-2)
