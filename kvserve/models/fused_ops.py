@@ -83,6 +83,34 @@ def rope_qk_(
     )
 
 
+def _linear_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if x.dim() == 2 and x.shape[0] == 1 and x.dtype == module.weight.dtype and x.stride(1) == 1:
+        from kvserve.models import triton_ops
+
+        return triton_ops.gemv(x, module.weight, module.bias)
+    return torch.nn.functional.linear(x, module.weight, module.bias)
+
+
+def use_triton_gemv(model: torch.nn.Module) -> int:
+    """Send the one-row products of the model's 16-bit CUDA `nn.Linear` layers (batch-1
+    decode, and the LM head of a step that samples one row) to the Triton GEMV, which reads
+    the weights faster than cuBLAS at every Llama shape measured (see `triton_ops.gemv_config`).
+    Other row counts keep `F.linear`. Returns how many layers were routed."""
+    n = 0
+    for module in model.modules():
+        w = getattr(module, "weight", None)
+        if (
+            type(module) is torch.nn.Linear
+            and w is not None
+            and enabled_for(w)
+            and w.dtype in (torch.float16, torch.bfloat16)
+            and w.stride(1) == 1
+        ):
+            module.forward = functools.partial(_linear_forward, module)
+            n += 1
+    return n
+
+
 def build_cos_sin(inv_freq: torch.Tensor, max_positions: int) -> torch.Tensor:
     """[max_positions, head_dim] fp32 table, cos ‖ sin, with the same arithmetic as
     `RotaryEmbedding.cos_sin` (positions in fp32 times inv_freq)."""

@@ -99,7 +99,8 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@triton.jit
+# positions are a slice of the step's staging buffer whose 16-byte alignment varies per step.
+@triton.jit(do_not_specialize_on_alignment=["pos_ptr"])
 def _rope_qk_kernel(
     qkv_ptr,
     pos_ptr,
@@ -163,3 +164,65 @@ def rope_qk_(
         HALF=head_dim // 2, H_PAD=h_pad, NORM=norm,
         num_warps=min(max(h_pad * head_dim // 1024, 1), 8),
     )
+
+
+@triton.jit
+def _gemv_kernel(
+    x_ptr,  # [K]
+    w_ptr,  # [N, K], rows contiguous
+    b_ptr,  # [N] or unused
+    out_ptr,  # [N]
+    N,
+    K,
+    stride_w,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows64 = tl.where(row_ok, rows, 0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        c = k0 + cols
+        if EVEN_K:
+            x = tl.load(x_ptr + c)
+            w = tl.load(w_ptr + rows64[:, None] * stride_w + c[None, :])
+        else:
+            x = tl.load(x_ptr + c, mask=c < K, other=0.0)
+            w = tl.load(w_ptr + rows64[:, None] * stride_w + c[None, :], mask=(c < K)[None, :], other=0.0)
+        acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    out = tl.sum(acc, 1)  # [BLOCK_N]
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+def gemv(
+    x: torch.Tensor,  # [1, K]
+    weight: torch.Tensor,  # [N, K]
+    bias: torch.Tensor | None = None,
+    config: tuple[int, int, int] | None = None,  # (BLOCK_N, BLOCK_K, num_warps)
+) -> torch.Tensor:  # [1, N]
+    """One row times a weight matrix (x @ weight.T + bias): every program streams BLOCK_N whole
+    rows of the weight, with many 16-byte loads in flight."""
+    n, k = weight.shape
+    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    block_n, block_k, warps = config or gemv_config(n, k)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
+        num_warps=warps,
+    )
+    return out
+
+
+def gemv_config(n: int, k: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps). `python -m benchmarks.gpu_gemv` on an H100 (2026-11-27,
+    inside CUDA graphs, us): (2, 1024, 4) was best or within 3% of the best of 16 configs at
+    every Llama-3.2-1B and 3.1-8B shape, and beat cuBLAS at all of them: 8B o_proj 13.4 vs
+    16.0, qkv 18.9 vs 21.4, gate_up 78.2 vs 88.0 (3.0 vs 2.67 TB/s), down 43.0 vs 44.5;
+    1B o_proj 4.8 vs 6.4, down 13.9 vs 15.9."""
+    return 2, min(1024, triton.next_power_of_2(k)), 4

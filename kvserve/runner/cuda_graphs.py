@@ -7,6 +7,12 @@ input buffers: token ids, positions, cache slots, sequence lengths, block tables
 next ladder size >= B; the padding rows get slot -1 (no cache write, `has_padding=True`) and
 sequence length 0 (the decode kernel writes zeros for them), and their logits are ignored.
 
+A step is captured as several graphs, cut before layers 1, 2, 4, 8, ... and replayed one after
+another: the host's launch of a graph costs time in proportion to its kernels (hundreds per
+step), and the GPU starts on the first small graph while the host still launches the rest, so a
+batch-1 decode no longer waits for the launch of the whole step after every sampled token.
+`KVSERVE_GRAPH_SPLIT=0` captures one graph per step instead.
+
 Ladder: 1, 2, 4, 8, 16, then every 32 up to max_num_seqs (at most 512): padding wastes at most
 31 rows of matmul work per step, and 256 sequences need 13 graphs. All graphs share one memory
 pool (captured largest first, so smaller ones reuse its memory): only one runs at a time and
@@ -17,9 +23,11 @@ from __future__ import annotations
 
 import bisect
 import logging
+import os
 import time
 from typing import TYPE_CHECKING, Callable
 
+import numpy as np
 import torch
 
 from kvserve.attention.base import AttentionMetadata
@@ -52,22 +60,53 @@ class _EagerGraph:
         self.output.copy_(self.fn())
 
 
+class _SplitGraph:
+    """One decode step captured as several graphs, replayed in capture order."""
+
+    def __init__(self, graphs: list[torch.cuda.CUDAGraph]) -> None:
+        self.parts = graphs
+
+    def replay(self) -> None:
+        for g in self.parts:
+            g.replay()
+
+
 class DecodeGraphs:
-    def __init__(self, runner: ModelRunner, max_bs: int, eager: bool = False) -> None:
+    def __init__(
+        self, runner: ModelRunner, max_bs: int, eager: bool = False, split: bool | None = None
+    ) -> None:
         self.runner = runner
+        if split is None:
+            split = os.environ.get("KVSERVE_GRAPH_SPLIT", "1") != "0"
+        self.split = split
         self.max_bs = max_bs
         self.sizes = ladder(max_bs)
         self.eager = eager
         dev = runner.device
         width = runner.max_blocks_per_seq
         self.width = width
-        # Static inputs. ids | positions | slots in one int64 buffer so one copy fills them.
-        self.i64 = torch.zeros(3 * max_bs, dtype=torch.int64, device=dev)
-        self.seq_lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
+        # Static inputs, all in one device buffer so that one copy fills them:
+        # [ids | positions | slots] int64 (3 x max_bs), seq_lens int32 (max_bs, padded to 16 B),
+        # block tables int32 [max_bs, width]. Each host-to-device copy costs the host tens of
+        # microseconds on the lent H100s (more than the bytes), on the critical path of a decode.
+        n64, n_sl = 3 * max_bs, -(-max_bs // 4) * 4
+        self._o32 = 2 * n64  # in int32 units
+        self._obt = self._o32 + n_sl
+        total32 = self._obt + max_bs * width
+        self.static = torch.zeros(total32, dtype=torch.int32, device=dev)
+        self.i64 = self.static[: self._o32].view(torch.int64)
+        self.seq_lens = self.static[self._o32 : self._o32 + max_bs]
+        self.block_tables = self.static[self._obt :].view(max_bs, width)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
-        self.block_tables = torch.zeros(max_bs, width, dtype=torch.int32, device=dev)
-        self.graphs: dict[int, torch.cuda.CUDAGraph | _EagerGraph] = {}
+        # Two pinned host mirrors of `static`, used alternately.
+        pin = dev.type == "cuda"
+        self._host = [torch.zeros(total32, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
+        self._host_np = [h.numpy() for h in self._host]
+        self._host_i = 0
+        self.graphs: dict[int, _SplitGraph | _EagerGraph] = {}
+        self._stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
         self.outputs: dict[int, torch.Tensor] = {}
+        self.capture_s = 0.0
 
     def padded_size(self, n: int) -> int | None:
         i = bisect.bisect_left(self.sizes, n)
@@ -114,27 +153,61 @@ class DecodeGraphs:
         for bs in reversed(self.sizes):
             self._step(bs)  # warm-up: compiles kernels, creates cuBLAS workspaces, rope table
             torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
-                out = self._step(bs)
-            self.graphs[bs] = graph
-            self.outputs[bs] = out
+            self.graphs[bs], self.outputs[bs] = self._capture_split(bs, pool)
         torch.cuda.synchronize()
+        self.capture_s = time.perf_counter() - t0
         logger.info(
             "captured %d decode CUDA graphs (batch sizes %s) in %.1fs using %.2f GiB",
             len(self.sizes), self.sizes, time.perf_counter() - t0,
             (free_before - torch.cuda.mem_get_info()[0]) / 2**30,
         )
 
+    def _split_points(self) -> list[int]:
+        """Layers before which a new graph starts: 1, 2, 4, 8, ... (see the module docstring)."""
+        layers = getattr(self.runner.model, "layers", None)
+        if not self.split or not isinstance(layers, torch.nn.ModuleList):
+            return []
+        points, i = [], 1
+        while i < len(layers):
+            points.append(i)
+            i *= 2
+        return points
+
+    def _capture_split(self, bs: int, pool) -> tuple[_SplitGraph, torch.Tensor]:
+        """Capture one step as consecutive graphs cut before the layers of `_split_points`
+        (forward pre-hooks end one capture and begin the next on the same stream and pool)."""
+        graphs = [torch.cuda.CUDAGraph()]
+
+        def cut(_module, _args) -> None:
+            graphs[-1].capture_end()
+            graphs.append(torch.cuda.CUDAGraph())
+            graphs[-1].capture_begin(pool=pool)
+
+        layers = getattr(self.runner.model, "layers", None)
+        hooks = [layers[i].register_forward_pre_hook(cut) for i in self._split_points()]
+        try:
+            with torch.cuda.stream(self._stream):
+                graphs[0].capture_begin(pool=pool)
+                out = self._step(bs)
+                graphs[-1].capture_end()
+        finally:
+            for h in hooks:
+                h.remove()
+        torch.cuda.synchronize()
+        return _SplitGraph(graphs), out
+
     def load_inputs(
         self, buf: _Buffers, states: list[_ReqState], bs: int, tables: HostTables, block_size: int
     ) -> None:
-        """Fill the static inputs for `len(states)` decodes padded to `bs` (copies queued)."""
+        """Fill the static inputs for `len(states)` decodes padded to `bs`: written into a pinned
+        mirror of the static buffer and sent with one copy (queued). `buf` is unused."""
         n = len(states)
         m = self.max_bs
+        host_t, host = self._host[self._host_i], self._host_np[self._host_i]
+        self._host_i ^= 1
         starts = [st.num_computed_tokens for st in states]
-        width = max(p // block_size for p in starts) + 1
-        i64, i32 = buf.host(3 * m, bs + n * width)
+        width = max(starts) // block_size + 1
+        i64 = host[: self._o32].view(np.int64)
         i64[:n] = [st.token_ids[p] for st, p in zip(states, starts)]
         i64[n:bs] = 0
         pos = i64[m : m + n]
@@ -144,18 +217,15 @@ class DecodeGraphs:
         blocks = tables.table[rows, pos // block_size]
         i64[2 * m : 2 * m + n] = blocks * block_size + pos % block_size
         i64[2 * m + n : 2 * m + bs] = -1
-        i32[:n] = pos + 1
-        i32[n:bs] = 0
-        i32[bs:].reshape(n, width)[:] = tables.table[rows, :width]
-        src64, src32 = buf.i64[: 3 * m], buf.i32[: bs + n * width]
-        self.i64.copy_(src64, non_blocking=True)
-        self.seq_lens[:bs].copy_(src32[:bs], non_blocking=True)
-        slab = src32[bs:].view(n, width)
-        if width == self.width:
-            self.block_tables[:n].copy_(slab, non_blocking=True)
-        else:
-            # Pinned -> contiguous device copy, then a strided device copy into the static table.
-            self.block_tables[:n, :width].copy_(slab.to(self.i64.device, non_blocking=True))
+        sl = host[self._o32 : self._o32 + bs]
+        sl[:n] = pos + 1
+        sl[n:] = 0  # padding rows: no keys
+        # Rows past `n` and columns past `width` keep stale ids: the kernels never read them
+        # (a row reads only the blocks under its sequence length).
+        bt = host[self._obt :].reshape(m, self.width)
+        bt[:n, :width] = tables.table[rows, :width]
+        end = self._obt + n * self.width
+        self.static[:end].copy_(host_t[:end], non_blocking=True)
 
     def replay(self, bs: int) -> torch.Tensor:
         self.graphs[bs].replay()

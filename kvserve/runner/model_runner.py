@@ -130,6 +130,13 @@ class ModelRunner:
         self.is_driver = True
         self.num_graph_steps = 0  # decode steps served by a CUDA graph (tests, stats)
         self.graphs = None
+        self.warmup_s = 0.0  # start-up kernel compilation (runner/warmup.py)
+        if device.type == "cuda" and backend.name == "triton":
+            from kvserve.models.fused_ops import use_triton_gemv
+            from kvserve.runner.warmup import warm_up_kernels
+
+            use_triton_gemv(model)  # batch-1 linears: a Triton GEMV beats cuBLAS there
+            self.warmup_s = warm_up_kernels(model, self.kv_caches, self.block_size, self.max_model_len, device)
         if use_cuda_graphs and device.type == "cuda" and backend.name == "triton":
             from kvserve.runner.cuda_graphs import DecodeGraphs
 

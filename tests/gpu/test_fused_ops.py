@@ -80,3 +80,33 @@ def test_rope_qk(dtype, heads, kv_heads, head_dim, qk_norm):
     assert _rel(oq.reshape(t, heads, head_dim), rq) < 2 * TOL[dtype]
     assert _rel(ok.reshape(t, kv_heads, head_dim), rk) < 2 * TOL[dtype]
     assert torch.equal(ov, v)  # v untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(4096, 4096), (6144, 4096), (4096, 14336), (151936, 1024), (1000, 576), (3, 100)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv(dtype, shape, bias):
+    n, k = shape
+    g = torch.Generator(device="cuda").manual_seed(n + k + bias)
+    w = torch.randn(shape, generator=g, device="cuda").to(dtype)
+    x = torch.randn(1, k, generator=g, device="cuda").to(dtype)
+    b = torch.randn(n, generator=g, device="cuda").to(dtype) if bias else None
+    ref = x.double() @ w.double().t() + (b.double() if bias else 0)
+    out = triton_ops.gemv(x, w, b)
+    assert out.shape == (1, n) and out.dtype == dtype
+    assert _rel(out, ref) < TOL[dtype]
+
+
+def test_use_triton_gemv_routes_one_row_only():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(512, 768), torch.nn.Linear(768, 256, bias=False))
+    model = model.to("cuda", torch.bfloat16)
+    ref = model[1].weight.clone()
+    assert fused_ops.use_triton_gemv(model) == 2
+    assert torch.equal(model[1].weight, ref)  # weights untouched
+    for rows in (1, 5):
+        x = torch.randn(rows, 512, device="cuda", dtype=torch.bfloat16)
+        expect = F.linear(F.linear(x, model[0].weight, model[0].bias), model[1].weight)
+        assert _rel(model(x), expect) < 1e-2
+    # fp32 layers keep cuBLAS
+    assert fused_ops.use_triton_gemv(torch.nn.Linear(8, 8).cuda()) == 0

@@ -21,7 +21,13 @@ import triton.language as tl
 _LOG2E = 1.4426950408889634
 
 
-@triton.jit
+# Arguments that change from step to step are not specialized (Triton would otherwise compile a
+# new variant the first time one of them is 1, a multiple of 16, or a pointer off 16-byte
+# alignment), so the few variants the engine uses are all compiled by its start-up warm-up.
+_VARYING = ["block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr", "num_splits", "stride_bt"]
+
+
+@triton.jit(do_not_specialize=_VARYING[3:], do_not_specialize_on_alignment=_VARYING[:3])
 def _decode_kernel(
     q_ptr,
     cache_ptr,
@@ -126,7 +132,7 @@ def _decode_kernel(
         )
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"], do_not_specialize_on_alignment=["query_start_loc_ptr"])
 def _decode_reduce_kernel(
     out_ptr,
     part_acc_ptr,
@@ -272,7 +278,8 @@ def decode_attention(
             num_heads,
             out.stride(0),
             out.stride(1),
-            SPLITS_PAD=triton.next_power_of_2(num_splits),
+            # One padded width for every split count up to 64: a single compiled variant.
+            SPLITS_PAD=max(64, triton.next_power_of_2(num_splits)),
             HEAD_DIM=head_dim,
             MIXED=mixed,
             num_warps=4 if head_dim >= 128 else 2,

@@ -75,7 +75,11 @@ def _attend_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+# Per-step values are not specialized on (see decode.py): one compiled variant per SKIP_DECODES.
+@triton.jit(
+    do_not_specialize=["num_seqs", "stride_bt"],
+    do_not_specialize_on_alignment=["block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr"],
+)
 def _prefill_kernel(
     q_ptr,
     cache_ptr,

@@ -1,0 +1,239 @@
+"""Where a batch-1 decode step's time goes (Llama-3.2-1B / Llama-3.1-8B shapes, random weights).
+
+    python -m benchmarks.gpu_decode_profile [--models Llama-3.1-8B]
+
+For each model: end-to-end ms/token through the engine; the captured decode graph replayed
+back to back (GPU time of one step, no host turn); the per-kernel durations of one step from
+torch.profiler (grouped by kernel name); and the read bandwidth cuBLAS reaches on each of the
+model's weight shapes alone (several copies rotated so they are not served from L2), against
+the large-GEMV ceiling the decode floor uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import gc
+import json
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.gpu_bench import ceilings, kv_bytes_per_token, kvserve_decode, log, model_folder, weight_read_bytes
+from kvserve import LLM, SamplingParams
+
+
+def events_time(fn, reps: int = 50) -> float:
+    """Median seconds of fn() over `reps` calls timed back to back in groups of 10."""
+    fn()
+    torch.cuda.synchronize()
+    out = []
+    for _ in range(reps // 10):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(10):
+            fn()
+        b.record()
+        b.synchronize()
+        out.append(a.elapsed_time(b) / 1e3 / 10)
+    out.sort()
+    return out[len(out) // 2]
+
+
+def gemv_bw(n: int, k: int) -> float:
+    """bf16 [1, k] @ [n, k]^T read bandwidth (B/s), rotating >= 256 MiB of weight copies."""
+    copies = max(2, -(-(256 << 20) // (n * k * 2)))
+    ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    i = [0]
+
+    def f() -> None:
+        i[0] = (i[0] + 1) % copies
+        x @ ws[i[0]].t()
+    t = events_time(f, 200)
+    del ws
+    return n * k * 2 / t
+
+
+def kernel_table(prof, steps: int) -> list[tuple[str, int, float]]:
+    """(kernel name, launches per step, µs per step) for the profiled region."""
+    agg: dict[str, list[float]] = collections.defaultdict(list)
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            agg[e.name].append(e.time_range.elapsed_us())
+    rows = [(name[:90], len(v) // steps, sum(v) / steps) for name, v in agg.items()]
+    rows.sort(key=lambda r: -r[2])
+    return rows
+
+
+def host_phases(llm: LLM, new: int = 128) -> dict[str, float]:
+    """Host µs per step of each engine phase of a batch-1 decode (timers wrapped around them)."""
+    from kvserve.runner import model_runner
+
+    eng = llm.engine
+    acc: dict[str, float] = collections.defaultdict(float)
+    undo = []
+
+    def wrap(obj, attr: str, label: str) -> None:
+        orig = getattr(obj, attr)
+
+        def timed(*a, **k):
+            t = time.perf_counter()
+            try:
+                return orig(*a, **k)
+            finally:
+                acc[label] += time.perf_counter() - t
+        setattr(obj, attr, timed)
+        undo.append((obj, attr, orig))
+    wrap(eng.scheduler, "schedule", "schedule")
+    wrap(eng.scheduler, "update_from_output", "update_from_output")
+    wrap(eng.runner, "execute_async", "execute_async (inputs, replay launch, sampling launch)")
+    wrap(eng.runner.graphs, "replay", "  of which graph replay launch")
+    wrap(eng.runner.graphs, "load_inputs", "  of which load_inputs")
+    wrap(eng.runner, "_sample", "  of which _sample")
+    wrap(eng, "_outputs", "_outputs (overlapped with the GPU)")
+    wrap(model_runner.PendingStep, "result", "PendingStep.result (waits for the GPU)")
+    rng = random.Random(9)
+    eng.add_request("h", [rng.randrange(10000) for _ in range(128)],
+                    SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True))
+    eng.step()
+    acc.clear()
+    t0 = time.perf_counter()
+    steps = 0
+    while eng.has_unfinished_requests():
+        eng.step()
+        steps += 1
+    acc["total step() wall"] = time.perf_counter() - t0
+    for obj, attr, orig in reversed(undo):
+        if obj is model_runner.PendingStep:
+            setattr(obj, attr, orig)
+        else:
+            delattr(obj, attr) if attr in vars(obj) else setattr(obj, attr, orig)
+    return {k: v / steps * 1e6 for k, v in acc.items()}
+
+
+def launch_host_time(graphs) -> tuple[float, float]:
+    """(host µs of one replay() call with the GPU idle, µs from that call to the GPU finishing)."""
+    host, wall = [], []
+    for _ in range(20):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        graphs.replay(1)
+        host.append(time.perf_counter() - t)
+        torch.cuda.synchronize()
+        wall.append(time.perf_counter() - t)
+    host.sort()
+    wall.sort()
+    return host[10] * 1e6, wall[10] * 1e6
+
+
+def profile_model(name: str, root: Path, bw: float, results: dict) -> None:
+    llm = LLM(model_folder(name, root), load_format="dummy", max_model_len=4096, max_num_seqs=8,
+              enable_prefix_caching=False, gpu_memory_utilization=0.6)
+    eng, runner = llm.engine, llm.engine.runner
+    cfg = eng.model_config
+    wbytes = weight_read_bytes(runner.model)
+    floor = (wbytes + kv_bytes_per_token(cfg) * 256) / bw
+    e2e = kvserve_decode(llm)
+    # Leave a request mid-decode at context ~256 so the static graph inputs hold a real step.
+    rng = random.Random(5)
+    eng.add_request("p", [rng.randrange(10000) for _ in range(128)],
+                    SamplingParams(max_tokens=129, temperature=0.0, ignore_eos=True))
+    for _ in range(128):
+        eng.step()
+    graphs = runner.graphs
+    replay = events_time(lambda: graphs.replay(1), 100)
+    launch_host, launch_wall = launch_host_time(graphs)
+    out1 = graphs.outputs[1]
+
+    def replay_sample() -> None:
+        graphs.replay(1)
+        out1.argmax(-1)
+    replay_arg = events_time(replay_sample, 100)
+    with torch.inference_mode():
+        eager = events_time(lambda: graphs._step(1), 20)
+    while eng.has_unfinished_requests():
+        eng.step()
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            graphs.replay(1)
+        torch.cuda.synchronize()
+    table = kernel_table(prof, 5)
+    kern_sum = sum(r[2] for r in table)
+    n_kern = sum(r[1] for r in table)
+    log(f"\n== {name}: weights {wbytes / 1e9:.2f} GB, floor {floor * 1e3:.3f} ms at {bw / 1e9:.0f} GB/s")
+    log(f"e2e {e2e * 1e3:.3f} ms/tok ({100 * floor / e2e:.1f}%); graph replay {replay * 1e3:.3f} ms "
+        f"({100 * floor / replay:.1f}%); replay+argmax {replay_arg * 1e3:.3f} ms; eager step {eager * 1e3:.3f} ms")
+    log(f"replay() from idle: host {launch_host:.0f} us, until the GPU is done {launch_wall:.0f} us "
+        f"({len(getattr(graphs.graphs[1], 'parts', [1]))} graphs per step)")
+    phases = host_phases(llm)
+    for k, v in phases.items():
+        log(f"  host per step: {k:60s} {v:8.1f} us")
+    # The same with one graph per step (no split), for comparison.
+    from kvserve.runner.cuda_graphs import DecodeGraphs
+
+    cur_split = runner_split(llm)
+    runner.graphs = None
+    del graphs
+    gc.collect()
+    runner.graphs = DecodeGraphs(runner, 8, split=not cur_split)
+    runner.graphs.capture()
+    e2e_alt = kvserve_decode(llm)
+    lh_alt, lw_alt = launch_host_time(runner.graphs)
+    log(f"with split={runner.graphs.split}: e2e {e2e_alt * 1e3:.3f} ms/tok ({100 * floor / e2e_alt:.1f}%); replay() "
+        f"from idle: host {lh_alt:.0f} us, until done {lw_alt:.0f} us")
+    log(f"profiled graph step: {n_kern} kernels, {kern_sum / 1e3:.3f} ms of kernel time; gaps "
+        f"{replay * 1e3 - kern_sum / 1e3:.3f} ms")
+    log(f"{'kernel':90s} {'n/step':>6s} {'us/step':>8s} {'us each':>8s}")
+    for k, n, us in table[:25]:
+        log(f"{k:90s} {n:6d} {us:8.1f} {us / max(n, 1):8.2f}")
+    h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+    shapes = {"qkv": (qkv, h), "o_proj": (h, cfg.num_heads * cfg.head_dim), "gate_up": (2 * i, h),
+              "down": (h, i), "lm_head": (v, h)}
+    gemv = {}
+    for sname, (n, k) in shapes.items():
+        b = gemv_bw(n, k)
+        gemv[sname] = b / 1e9
+        log(f"cuBLAS GEMV {sname:8s} [{n} x {k}]: {b / 1e9:.0f} GB/s ({100 * b / bw:.1f}% of the ceiling), "
+            f"{n * k * 2 / b * 1e6:.1f} us")
+    results[name] = {"e2e_other_split_ms": e2e_alt * 1e3, "launch_host_us": launch_host,
+                     "launch_wall_us": launch_wall, "host_phases_us": phases,
+                     "floor_ms": floor * 1e3, "e2e_ms": e2e * 1e3, "replay_ms": replay * 1e3,
+                     "replay_argmax_ms": replay_arg * 1e3, "eager_ms": eager * 1e3,
+                     "kernel_ms": kern_sum / 1e3, "kernels": n_kern, "table": table, "gemv_GBps": gemv}
+    del llm, eng, runner
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def runner_split(llm: LLM) -> bool:
+    return bool(getattr(llm.engine.runner.graphs, "split", False))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", default="Llama-3.2-1B,Llama-3.1-8B")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    log(f"card: {torch.cuda.get_device_name(0)}")
+    bw, _ = ceilings()
+    from benchmarks.gpu_bench import RESULTS
+
+    log(f"GEMV ceiling {bw / 1e9:.0f} GB/s (best of {RESULTS['ceiling_gemvs_GBps']})")
+    results: dict = {"gemv_ceiling_GBps": bw / 1e9, "card": torch.cuda.get_device_name(0)}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            profile_model(name, Path(tmp), bw, results)
+            Path(args.out, "decode_profile.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
