@@ -17,9 +17,9 @@ Failure handling. A monitor thread on rank 0 waits on the spawned workers' proce
 and pipes. When a worker dies it logs which rank and its exit code at once and terminates the
 other workers. On gloo, a collective blocked on the dead peer fails immediately ("connection
 closed by peer"); the engine turns that into `RankFailedError` naming the rank and exit code.
-An NCCL collective does not notice a dead peer, so when rank 0 is inside a step the monitor
-aborts the NCCL group and, as a last resort if the step still has not returned after
-`_ABORT_GRACE_S`, ends the process with the error (a hung process is worse). Workers watch
+An NCCL collective does not notice a dead peer, so the monitor aborts the NCCL group and, as
+a last resort if a step of rank 0 is still blocked `_ABORT_GRACE_S` later, ends the process
+with the error (a hung process is worse). Workers watch
 their parent and exit if it disappears; under torchrun, torchrun itself stops the other ranks
 when one fails.
 """
@@ -107,6 +107,7 @@ class TPGroup:
         self._failed_event = threading.Event()
         self._stopping = False
         self._busy = 0  # > 0 while rank 0 is inside a step (collectives may block)
+        self._step_started = 0.0
         self._closed = False
         self._monitor: threading.Thread | None = None
 
@@ -160,25 +161,27 @@ class TPGroup:
             logger.error("%s; shutting down all ranks", head)
             self._failed_event.set()
             self._terminate_workers()
-            if self._busy:
-                threading.Thread(target=self._unblock, args=(msg,), daemon=True).start()
+            threading.Thread(target=self._unblock, args=(msg,), name="kvserve-tp-unblock", daemon=True).start()
 
     def _unblock(self, msg: str) -> None:
-        """Rank 0 is inside a step whose collectives wait on the dead rank: gloo fails them by
-        itself; NCCL needs an abort, and if even that leaves the step hanging, exit."""
+        """A step of rank 0 may be waiting on the dead rank: the one in progress, or (on CUDA,
+        where the next step is launched before the last one's outputs are built) one whose
+        NCCL kernels were queued before the death. gloo fails such collectives by itself;
+        NCCL needs an abort, and if even that leaves a step blocked for `_ABORT_GRACE_S`, the
+        process ends with the error. No new step starts after a failure (`step_guard`)."""
+        failed_at = time.monotonic()
         tp = ps.get_tp()
-        if tp.group is not None and dist.get_backend(tp.group) == "nccl":
+        if tp.group is not None and dist.is_initialized() and dist.get_backend(tp.group) == "nccl":
             abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
             if abort is not None:
                 with contextlib.suppress(Exception):
                     abort(tp.group)
-        deadline = time.monotonic() + _ABORT_GRACE_S
-        while time.monotonic() < deadline:
-            if not self._busy:
-                return
+        while not self._closed:
+            if self._busy and time.monotonic() - max(failed_at, self._step_started) > _ABORT_GRACE_S:
+                print(f"kvserve: fatal: {msg}\nkvserve: a collective is still blocked; exiting",
+                      file=sys.stderr, flush=True)
+                os._exit(1)
             time.sleep(0.1)
-        print(f"kvserve: fatal: {msg}\nkvserve: a collective is still blocked; exiting", file=sys.stderr, flush=True)
-        os._exit(1)
 
     def _terminate_workers(self) -> None:
         for w in self.workers:
@@ -218,6 +221,7 @@ class TPGroup:
         if self.failure is not None:
             self.raise_failure()
         self._busy += 1
+        self._step_started = time.monotonic()
         try:
             yield
         except Exception as e:
