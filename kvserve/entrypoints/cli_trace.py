@@ -40,6 +40,10 @@ def run(args: argparse.Namespace) -> int:
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1 (got {args.steps})")
+    if args.tensor_parallel_size != 1:
+        # The trace hooks one process's attention layers and switches its CUDA graphs off,
+        # which the other ranks would not follow.
+        raise ValueError("kvserve trace runs on one rank: --tensor-parallel-size must be 1")
     llm = LLM(args.model, **engine_kwargs(args), enable_kv_cache=not args.no_kv_cache)
     trace = trace_generation(llm.engine, prompt, steps=args.steps, layer=args.layer)
     if args.json:
