@@ -109,7 +109,6 @@ def gemv_read_bw(n: int, k: int, reps: int = 50, triton_gemv: bool = False) -> f
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) / 1e3 / 10)
-    del w
     return n * k * 2 / statistics.median(times)
 
 
@@ -129,7 +128,6 @@ def ceilings() -> tuple[float, float]:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     flops = 2 * 8192**3 / bench(lambda: a @ b, 20)
-    del a, b
     return bw, flops
 
 

@@ -55,7 +55,6 @@ def gemv_bw(n: int, k: int) -> float:
         i[0] = (i[0] + 1) % copies
         x @ ws[i[0]].t()
     t = events_time(f, 200)
-    del ws
     return n * k * 2 / t
 
 
@@ -181,7 +180,7 @@ def profile_model(name: str, root: Path, bw: float, results: dict) -> None:
 
     cur_split = runner_split(llm)
     runner.graphs = None
-    del graphs
+    graphs = None  # noqa: F841 (frees the old graphs' pool; closures above hold the name)
     gc.collect()
     runner.graphs = DecodeGraphs(runner, 8, split=not cur_split)
     runner.graphs.capture()
