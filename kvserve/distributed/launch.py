@@ -109,6 +109,7 @@ class TPGroup:
         self._busy = 0  # > 0 while rank 0 is inside a step (collectives may block)
         self._step_started = 0.0
         self._closed = False
+        self._serving = False  # rank 0: every worker is in its loop, waiting for plans
         self._monitor: threading.Thread | None = None
 
     # -- rank 0 ----------------------------------------------------------------------------------
@@ -200,6 +201,7 @@ class TPGroup:
             if self.failure is not None:
                 self.raise_failure()
             self._failed_event.wait(0.05)
+        self._serving = True
 
     def raise_failure(self, cause: BaseException | None = None) -> None:
         self.close()
@@ -208,10 +210,14 @@ class TPGroup:
     def startup_failed(self, exc: BaseException) -> None:
         """Rank 0's own start-up raised. If a worker failed (its collective then fails here),
         raise that worker's error; otherwise stop the workers and let `exc` propagate."""
-        if self.rank == 0 and self.workers:
+        # A collective failing (RuntimeError) may mean a worker died: wait for its report.
+        # Anything else (a ValueError about the options, ...) is rank 0's own and is raised
+        # as is; the workers, which hit the same error or wait in a collective, are stopped.
+        if self.rank == 0 and self.workers and isinstance(exc, RuntimeError):
             self._failed_event.wait(_NOTICE_WAIT_S)
-            if self.failure is not None:
-                self.raise_failure(exc)
+        if self.failure is not None and not isinstance(exc, (ValueError, FileNotFoundError)):
+            self.raise_failure(exc)
+        self._stopping = True
         self.close()
 
     @contextlib.contextmanager
@@ -288,11 +294,12 @@ class TPGroup:
         if self._closed:
             return
         self._closed = True
-        if self.rank == 0 and self.failure is None and dist.is_initialized():
+        if self.rank == 0 and self._serving and self.failure is None and dist.is_initialized():
             with contextlib.suppress(Exception):
                 self.send_plan(None)  # the workers' loop ends
         self._stopping = True
-        deadline = time.monotonic() + 10.0
+        # Serving workers leave their loop and exit by themselves; others are terminated.
+        deadline = time.monotonic() + (10.0 if self._serving else 0.0)
         for w in self.workers:
             w.process.join(max(0.0, deadline - time.monotonic()))
         self._terminate_workers()

@@ -71,11 +71,13 @@ class LLMEngine:
             from kvserve.distributed.parallel_state import check_divisible
             from kvserve.loader.model_loader import read_model_config
 
+            # What can be checked before any process starts, is.
             c = read_model_config(resolved)
             check_divisible(
                 num_heads=c.num_heads, num_kv_heads=c.num_kv_heads,
                 intermediate_size=c.intermediate_size, family=c.family, tp_size=args.tensor_parallel_size,
             )
+            _check_max_model_len(args.max_model_len, c)
             self.tp_group = launch.start(args, run_tp_worker)
         if self.tp_group is None:
             self._build(args, resolved)
@@ -121,11 +123,7 @@ class LLMEngine:
             self._rank_config = dataclasses.replace(cfg, num_kv_heads=kv_head_shard(cfg.num_kv_heads)[1])
         bs = args.block_size
         bytes_per_block = ModelRunner.kv_bytes_per_block(self._rank_config, bs, loaded.dtype)
-        if args.max_model_len is not None and args.max_model_len > cfg.max_position_embeddings:
-            raise ValueError(
-                f"max_model_len={args.max_model_len} exceeds the model's context window "
-                f"({cfg.max_position_embeddings} positions)"
-            )
+        _check_max_model_len(args.max_model_len, cfg)
         want_len = args.max_model_len or cfg.max_position_embeddings
         num_blocks = self._num_blocks(bytes_per_block, device, want_len)
         if tp is not None:
@@ -464,6 +462,14 @@ class LLMEngine:
             "prefix_hits": kv.prefix_hits,
             "num_preemptions": self.scheduler.num_preemptions,
         }
+
+
+def _check_max_model_len(max_model_len: int | None, cfg) -> None:
+    if max_model_len is not None and max_model_len > cfg.max_position_embeddings:
+        raise ValueError(
+            f"max_model_len={max_model_len} exceeds the model's context window "
+            f"({cfg.max_position_embeddings} positions)"
+        )
 
 
 def run_tp_worker(args: EngineArgs, group: TPGroup) -> None:

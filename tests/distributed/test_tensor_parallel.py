@@ -110,6 +110,8 @@ def test_bad_tensor_parallel_size(tiny_model_factory, monkeypatch):
         LLM(str(folder), tensor_parallel_size=3, **COMMON)
     with pytest.raises(ValueError, match="tensor_parallel_size"):
         LLM(str(folder), tensor_parallel_size=0, **COMMON)
+    with pytest.raises(ValueError, match="max_model_len=4096 exceeds"):  # checked before ranks start
+        LLM(str(folder), tensor_parallel_size=2, **{**COMMON, "max_model_len": 4096})
     gpt2, _ = tiny_model_factory("gpt2")
     with pytest.raises(ValueError, match="tensor_parallel_size=2.*Llama family"):
         LLM(str(gpt2), tensor_parallel_size=2, **COMMON)
