@@ -30,8 +30,14 @@ class TorchRefBackend(AttentionBackend):
         scale: float,
         sliding_window: int | None = None,
     ) -> torch.Tensor:
-        write_kv_cache(k, v, kv_cache, metadata.slot_mapping, metadata.has_padding)
         plan = _plan(metadata, kv_cache.device, sliding_window is not None)
+        if plan.all_decode and _use_kernel(q, kv_cache, plan):
+            # CPU bf16 decode: K/V write and attention in one C call
+            return cpu_kernels.decode_attention(
+                q, kv_cache, plan.decode_tables_i32, plan.decode_lens_i32, scale, sliding_window,
+                new_kv=(k, v, metadata.slot_mapping),
+            )
+        write_kv_cache(k, v, kv_cache, metadata.slot_mapping, metadata.has_padding)
         if plan.all_decode:  # every row is a decode, in order: no row scatter needed
             return _decode(q, kv_cache, plan, scale, sliding_window)
         out = torch.empty_like(q)
@@ -104,6 +110,18 @@ def _plan(md: AttentionMetadata, device: torch.device, sliding: bool) -> _Plan:
     return plan
 
 
+def _use_kernel(q: torch.Tensor, kv_cache: torch.Tensor, plan: _Plan) -> bool:
+    """The C decode kernel applies: bf16 cache and queries on a CPU with AVX512-BF16."""
+    return (
+        plan.decode_tables_i32 is not None
+        and kv_cache.dtype == torch.bfloat16
+        and q.dtype == torch.bfloat16
+        and kv_cache.shape[-1] <= 128
+        and kv_cache.is_contiguous()
+        and cpu_kernels.attention_available()
+    )
+
+
 def _decode(
     q: torch.Tensor,  # [B, Hq, D]
     kv_cache: torch.Tensor,
@@ -116,14 +134,7 @@ def _decode(
     matmuls; keys past a sequence's length are masked."""
     _, num_blocks, bs, hkv, d = kv_cache.shape
     b = q.shape[0]
-    if (
-        plan.decode_tables_i32 is not None
-        and kv_cache.dtype == torch.bfloat16
-        and q.dtype == torch.bfloat16
-        and d <= 128
-        and kv_cache.is_contiguous()
-        and cpu_kernels.attention_available()
-    ):
+    if _use_kernel(q, kv_cache, plan):
         return cpu_kernels.decode_attention(
             q, kv_cache, plan.decode_tables_i32, plan.decode_lens_i32, scale, sliding_window
         )

@@ -25,18 +25,29 @@ static inline __m512 load16_bf16(const uint16_t *p, __mmask16 m) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 
-int kv_decode_attn_abi_version(void) { return 1; }
+int kv_decode_attn_abi_version(void) { return 2; }
 
 /* q: [B, Hq, D] with row stride q_stride (elements) between sequences; out: [B, Hq, D]
  * contiguous. tables: [B, tab_stride] int32 block ids; lens: [B] int32 context lengths
- * (including the new token, already written to the cache). window <= 0: no sliding window.
- * Returns 0, or -1 if a scratch allocation failed. */
-int kv_decode_attn_bf16(const uint16_t *kc, const uint16_t *vc, const uint16_t *q, int64_t q_stride,
+ * (including the new token). window <= 0: no sliding window. If slots is not NULL, the
+ * step's new keys and values (k_new/v_new rows, k_stride/v_stride elements apart, heads
+ * contiguous) are first written to cache slots[b] (a slot < 0 is skipped); otherwise they must
+ * already be in the cache. Returns 0, or -1 if a scratch allocation failed. */
+int kv_decode_attn_bf16(uint16_t *kc, uint16_t *vc, const uint16_t *q, int64_t q_stride,
                         uint16_t *out, const int32_t *tables, int tab_stride, const int32_t *lens,
-                        int B, int Hq, int Hkv, int D, int bs, float scale, int window) {
+                        int B, int Hq, int Hkv, int D, int bs, float scale, int window,
+                        const uint16_t *k_new, int64_t k_stride, const uint16_t *v_new,
+                        int64_t v_stride, const int64_t *slots) {
     const int G = Hq / Hkv;
     const int nd32 = (D + 31) / 32, nd16 = (D + 15) / 16;
     int failed = 0;
+    if (slots) {
+        for (int b = 0; b < B; ++b) {
+            if (slots[b] < 0) continue;
+            __builtin_memcpy(kc + slots[b] * Hkv * D, k_new + (int64_t)b * k_stride, sizeof(uint16_t) * Hkv * D);
+            __builtin_memcpy(vc + slots[b] * Hkv * D, v_new + (int64_t)b * v_stride, sizeof(uint16_t) * Hkv * D);
+        }
+    }
 #pragma omp parallel for collapse(2) schedule(dynamic, 1)
     for (int b = 0; b < B; ++b) {
         for (int h = 0; h < Hkv; ++h) {

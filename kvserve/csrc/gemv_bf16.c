@@ -120,3 +120,24 @@ void kv_add_rmsnorm_bf16(const uint16_t *x, const uint16_t *residual, const uint
         for (int i = 0; i < N; ++i) om[i] = to_bf16(from_bf16(rm[i]) * inv * from_bf16(w[i]));
     }
 }
+
+/* RoPE (rotate_half layout) of T rows of H heads: out = x * cos + roll(x, D/2) * sin_signed,
+ * with sin_signed = (-sin, sin) halves, each product and the sum rounded to bf16 exactly as the
+ * PyTorch ops do. x rows are x_stride elements apart (heads contiguous within a row); cos and
+ * sin_signed are [T, D]; out is [T, H, D] contiguous. */
+void kv_rope_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *cos, const uint16_t *ssin,
+                  uint16_t *out, int T, int H, int D) {
+    const int half = D / 2;
+    for (int t = 0; t < T; ++t) {
+        const uint16_t *c = cos + (int64_t)t * D, *s = ssin + (int64_t)t * D;
+        for (int h = 0; h < H; ++h) {
+            const uint16_t *xh = x + (int64_t)t * x_stride + (int64_t)h * D;
+            uint16_t *oh = out + ((int64_t)t * H + h) * D;
+            for (int i = 0; i < D; ++i) {
+                const float a = from_bf16(to_bf16(from_bf16(xh[i]) * from_bf16(c[i])));
+                const float r = from_bf16(to_bf16(from_bf16(xh[(i + half) % D]) * from_bf16(s[i])));
+                oh[i] = to_bf16(a + r);
+            }
+        }
+    }
+}

@@ -91,7 +91,7 @@ def _library() -> ctypes.CDLL | None:
             _build(lib_path)
         torch.zeros(1).add_(1)  # make sure PyTorch's OpenMP runtime is loaded first (shared)
         lib = ctypes.CDLL(str(lib_path))
-        if lib.kv_gemv_abi_version() != 2 or lib.kv_decode_attn_abi_version() != 1:
+        if lib.kv_gemv_abi_version() != 2 or lib.kv_decode_attn_abi_version() != 2:
             raise RuntimeError("stale kernel build")
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         logger.warning("CPU C kernels unavailable (%s); using PyTorch", e)
@@ -102,9 +102,12 @@ def _library() -> ctypes.CDLL | None:
     lib.kv_gemv_silu_mul_bf16.restype = None
     lib.kv_add_rmsnorm_bf16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2 + [ctypes.c_float]
     lib.kv_add_rmsnorm_bf16.restype = None
+    lib.kv_rope_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3
+    lib.kv_rope_bf16.restype = None
     lib.kv_decode_attn_bf16.argtypes = (
         [ctypes.c_void_p] * 3 + [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
         + [ctypes.c_int] * 5 + [ctypes.c_float, ctypes.c_int]
+        + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     )
     lib.kv_decode_attn_bf16.restype = ctypes.c_int
     logger.info("CPU C kernels loaded from %s", lib_path)
@@ -137,6 +140,18 @@ def gemv_silu_mul(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     m, n = x.shape[0], weight.shape[0] // 2
     out = torch.empty((m, n), dtype=torch.bfloat16)
     _library().kv_gemv_silu_mul_bf16(weight.data_ptr(), x.data_ptr(), out.data_ptr(), m, n, weight.shape[1])
+    return out
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """`layers.rotate` for bf16 rows: x [T, H, D] (heads contiguous in a row) with cos and
+    sin_signed [T, 1, D] -> a new [T, H, D], bit for bit what the PyTorch ops give."""
+    t, h, d = x.shape
+    if x.stride(2) != 1 or x.stride(1) != d:
+        x = x.contiguous()
+    cos, sin_signed = cos.contiguous(), sin_signed.contiguous()
+    out = torch.empty((t, h, d), dtype=torch.bfloat16)
+    _library().kv_rope_bf16(x.data_ptr(), x.stride(0), cos.data_ptr(), sin_signed.data_ptr(), out.data_ptr(), t, h, d)
     return out
 
 
@@ -173,7 +188,11 @@ def decode_attention(
     lens: torch.Tensor,  # [B] int32
     scale: float,
     sliding_window: int | None,
+    new_kv: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:  # [B, Hq, D] bf16
+    """One query row per sequence over the paged cache. `new_kv` = (k [B, Hkv, D], v, slots
+    [B] int64): this step's keys and values, written to their slots (-1 = skip) first, in the
+    same call; without it they must already be in the cache."""
     lib = _library()
     b, hq, d = q.shape
     _, num_blocks, bs, hkv, _ = kv_cache.shape
@@ -182,9 +201,16 @@ def decode_attention(
     out = torch.empty((b, hq, d), dtype=torch.bfloat16)
     k_ptr = kv_cache.data_ptr()
     v_ptr = k_ptr + num_blocks * bs * hkv * d * kv_cache.element_size()
+    write = (None, 0, None, 0, None)
+    if new_kv is not None:
+        k, v, slots = new_kv
+        k = k if k.stride(2) == 1 and k.stride(1) == d else k.contiguous()
+        v = v if v.stride(2) == 1 and v.stride(1) == d else v.contiguous()
+        slots = slots.to(torch.int64).contiguous()
+        write = (k.data_ptr(), k.stride(0), v.data_ptr(), v.stride(0), slots.data_ptr())
     rc = lib.kv_decode_attn_bf16(
         k_ptr, v_ptr, q.data_ptr(), q.stride(0), out.data_ptr(), tables.data_ptr(), tables.stride(0),
-        lens.data_ptr(), b, hq, hkv, d, bs, scale, sliding_window or 0,
+        lens.data_ptr(), b, hq, hkv, d, bs, scale, sliding_window or 0, *write,
     )
     if rc != 0:
         raise MemoryError("decode attention: scratch allocation failed")

@@ -156,6 +156,8 @@ def rotate(x: torch.Tensor, rope: StepRope) -> torch.Tensor:
     """RoPE on x [T, H, D] (any heads: q and k side by side rotate in one go) in four ops.
     `roll` by D/2 gives (x2, x1); times (-sin, sin) that is rotate_half(x) * sin exactly, so
     the result equals HF's `x * cos + rotate_half(x) * sin` bit for bit."""
+    if cpu_kernels.usable(x) and rope.cos.dtype == torch.bfloat16:  # CPU decode: one call
+        return cpu_kernels.rope(x, rope.cos, rope.sin_signed)
     return x * rope.cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * rope.sin_signed
 
 

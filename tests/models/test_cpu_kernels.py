@@ -88,11 +88,14 @@ def test_backend_uses_kernel_and_agrees_with_torch_path(num_seqs, monkeypatch):
     v = torch.randn(num_seqs, hkv, d).to(torch.bfloat16)
     calls = []
     real = cpu_kernels.decode_attention
-    monkeypatch.setattr(cpu_kernels, "decode_attention", lambda *a: calls.append(1) or real(*a))
-    fast = TorchRefBackend().forward(q, k, v, kv_cache.clone(), metadata(), d**-0.5)
+    monkeypatch.setattr(cpu_kernels, "decode_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    fast_cache, slow_cache = kv_cache.clone(), kv_cache.clone()
+    fast = TorchRefBackend().forward(q, k, v, fast_cache, metadata(), d**-0.5)
     assert calls
     monkeypatch.setattr(cpu_kernels, "attention_available", lambda: False)
-    slow = TorchRefBackend().forward(q, k, v, kv_cache.clone(), metadata(), d**-0.5)
+    slow = TorchRefBackend().forward(q, k, v, slow_cache, metadata(), d**-0.5)
+    assert torch.equal(fast_cache, slow_cache)  # the kernel wrote the new K/V to their slots
+    assert not torch.equal(fast_cache, kv_cache)
     torch.testing.assert_close(fast.float(), slow.float(), rtol=2e-2, atol=2e-2)
 
 
@@ -123,3 +126,17 @@ def test_add_rmsnorm_matches_unfused(rows, n):
     t = total.float()
     want = t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + 1e-5) * w.float()
     torch.testing.assert_close(out.float(), want, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("heads,d", [(12, 64), (3, 128), (2, 80)])
+def test_rope_kernel_bit_identical_to_torch_ops(rows, heads, d):
+    from kvserve.models.layers import RotaryEmbedding
+
+    torch.manual_seed(heads * d)
+    rot = RotaryEmbedding(d, 10000.0, None)
+    step = rot.for_step(torch.tensor([5, 1000][:rows]), torch.bfloat16)
+    qkv = torch.randn(rows, (heads + 3) * d).to(torch.bfloat16)
+    x = qkv[:, : heads * d].view(rows, heads, d)  # strided rows, as the model passes them
+    want = x * step.cos + torch.roll(x, d // 2, dims=-1) * step.sin_signed
+    assert torch.equal(cpu_kernels.rope(x, step.cos, step.sin_signed), want)
