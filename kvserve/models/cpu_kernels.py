@@ -125,11 +125,12 @@ def attention_available() -> bool:
 
 
 def usable(x: torch.Tensor) -> bool:
-    """True for a few bf16 rows on the CPU, where the kernels beat PyTorch's op-per-step costs."""
+    """True for a few bf16 tokens (rows of dim 0) on the CPU, where the kernels beat PyTorch's
+    op-per-step costs."""
     return (
         x.dtype == torch.bfloat16
         and x.device.type == "cpu"
-        and x.numel() <= MAX_ROWS * x.shape[-1]
+        and x.shape[0] <= MAX_ROWS
         and _library() is not None
     )
 

@@ -140,3 +140,22 @@ def test_rope_kernel_bit_identical_to_torch_ops(rows, heads, d):
     x = qkv[:, : heads * d].view(rows, heads, d)  # strided rows, as the model passes them
     want = x * step.cos + torch.roll(x, d // 2, dims=-1) * step.sin_signed
     assert torch.equal(cpu_kernels.rope(x, step.cos, step.sin_signed), want)
+
+
+def test_model_layers_take_the_kernels_for_decode_rows(monkeypatch):
+    """RMSNorm(+residual), RoPE and the fused gate/up route a decode row to the C kernels."""
+    from kvserve.models import cpu_linear
+    from kvserve.models.layers import RMSNorm, RotaryEmbedding, gate_up_silu_and_mul, rotate
+
+    used = []
+    for name in ("rope", "add_rmsnorm", "gemv_silu_mul"):
+        real = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, _r=real, _n=name: used.append(_n) or _r(*a))
+    x = torch.randn(1, 64).to(torch.bfloat16)
+    norm = RMSNorm(64, 1e-5).to(torch.bfloat16)
+    norm.forward_with_residual(x, x)
+    step = RotaryEmbedding(32, 10000.0, None).for_step(torch.tensor([7]), torch.bfloat16)
+    rotate(torch.randn(1, 6, 32).to(torch.bfloat16), step)
+    gate_up = cpu_linear.PackedLinear(torch.nn.Linear(64, 96, bias=False).to(torch.bfloat16))
+    assert gate_up_silu_and_mul(gate_up, x).shape == (1, 48)
+    assert used == ["add_rmsnorm", "rope", "gemv_silu_mul"]
