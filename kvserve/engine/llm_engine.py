@@ -26,6 +26,7 @@ from kvserve.engine.detokenizer import IncrementalDetokenizer
 from kvserve.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from kvserve.loader.model_loader import LoadedModel, load_model, resolve_device
 from kvserve.loader.resolve import resolve_model
+from kvserve.runner.cpu_memory import tune_malloc
 from kvserve.runner.model_runner import ModelRunner, PendingStep, RunnerOutput
 
 if TYPE_CHECKING:
@@ -97,6 +98,8 @@ class LLMEngine:
         tp = self.tp_group
         self.model_name = args.served_model_name or resolved.name
         device = tp.device if tp is not None else resolve_device(args.device)
+        if device.type == "cpu":
+            tune_malloc()  # steps must not re-fault their activation pages (runner/cpu_memory.py)
         self.backend = _make_backend(args.attention_backend, device)
         driver = tp is None or tp.rank == 0
         loaded = load_model(

@@ -1,0 +1,33 @@
+"""runner/cpu_memory.py: malloc is tuned once on glibc CPU engines, and the opt-outs hold."""
+
+from __future__ import annotations
+
+import platform
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only"
+)
+
+_PROBE = "from kvserve.runner import cpu_memory as m; print(m.tune_malloc(), m.tune_malloc())"
+
+
+def _run(env_extra: dict[str, str]) -> str:
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not (k.startswith("MALLOC_") and k.endswith("_"))}
+    env.update(env_extra)
+    return subprocess.run([sys.executable, "-c", _PROBE], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+def test_tuned_once():
+    assert _run({}) == "True True"
+
+
+def test_opt_outs():
+    assert _run({"KVSERVE_TUNE_MALLOC": "0"}) == "False False"
+    assert _run({"MALLOC_MMAP_THRESHOLD_": "131072"}) == "False False"  # the user's own settings win
