@@ -30,7 +30,8 @@ class SamplingParams:
     seed: per-request RNG seed: the same seeded request yields the same tokens whatever else
         is in the batch.
     max_tokens: maximum number of generated tokens (>= 1; None = up to the context window).
-    min_tokens: EOS and stop_token_ids are suppressed until this many tokens are generated.
+    min_tokens: EOS and stop_token_ids are suppressed, and stop strings not matched, until this
+        many tokens are generated.
     stop: strings that end generation; the match is trimmed from the text unless
         include_stop_str_in_output.
     stop_token_ids: token ids that end generation (in addition to EOS).

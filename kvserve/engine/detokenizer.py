@@ -114,14 +114,16 @@ class IncrementalDetokenizer:
             self._parts = ["".join(self._parts)]
         return self._parts[0] if self._parts else ""
 
-    def add_tokens(self, token_ids: Sequence[int]) -> str | None:
-        """Append generated ids; return the stop string they completed, or None."""
+    def add_tokens(self, token_ids: Sequence[int], check_stop: bool = True) -> str | None:
+        """Append generated ids; return the stop string they completed, or None.
+        `check_stop=False` (before `min_tokens` are reached) appends without looking for stop
+        strings; a later check still finds a match that ends in its new text."""
         if self.finished:
             why = f"stop string {self.stop_str!r} matched" if self.stop_str else "finish() called"
             raise RuntimeError(f"add_tokens() on a finished detokenizer ({why})")
         self.token_ids.extend(token_ids)
         self._ids.extend(t for t in token_ids if t not in self._special)
-        return self._append_text(self._decode_new(final=False))
+        return self._append_text(self._decode_new(final=False), check_stop)
 
     def finish(self) -> None:
         """Generation ended: decode anything pending and release held-back text."""
@@ -173,7 +175,7 @@ class IncrementalDetokenizer:
         return delta
 
     # -- text and stop strings ----------------------------------------------------------------
-    def _append_text(self, new_text: str) -> str | None:
+    def _append_text(self, new_text: str, check_stop: bool = True) -> str | None:
         if not new_text:
             return None
         tail = self._tail
@@ -184,6 +186,8 @@ class IncrementalDetokenizer:
             return None
         window = tail + new_text
         self._tail = window[-(self._max_stop_len - 1) :] if self._max_stop_len > 1 else ""
+        if not check_stop:
+            return None
         match = self._find_stop(window, len(tail))
         if match is None:
             return None

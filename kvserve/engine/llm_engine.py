@@ -392,7 +392,8 @@ class LLMEngine:
             ):
                 # The EOS / stop token that ended the request is not part of the text.
                 text_ids = text_ids[:-1]
-            stop_str = detok.add_tokens(text_ids)
+            # As in vLLM, stop strings count only once min_tokens tokens exist.
+            stop_str = detok.add_tokens(text_ids, check_stop=req.num_output_tokens >= req.sampling_params.min_tokens)
             if stop_str is not None and not req.status.finished:
                 self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
                 req.stop_reason = stop_str

@@ -356,3 +356,23 @@ def test_special_token_text_as_stop_string(byte_level: Tokenizer) -> None:
 def test_rejects_empty_stop_string(byte_level: Tokenizer) -> None:
     with pytest.raises(ValueError, match=r"stop\[1\]"):
         IncrementalDetokenizer(byte_level, [], stop=["ok", ""])
+
+
+def test_stop_strings_wait_for_check_stop(byte_level: Tokenizer) -> None:
+    """Before min_tokens (check_stop=False) a stop string is text like any other; once checks
+    start, a match that ends in new text stops, one wholly in the earlier text does not."""
+    gen = byte_level.encode("ab STOP cd STOP ef", add_special_tokens=False)
+    det = IncrementalDetokenizer(byte_level, [], stop=["STOP"])
+    first = byte_level.encode("ab STOP cd", add_special_tokens=False)
+    n = len(first)
+    assert gen[:n] == first
+    for t in gen[:n]:
+        assert det.add_tokens([t], check_stop=False) is None
+    assert det.output_text == "ab STOP cd" and not det.finished
+    matched = None
+    for t in gen[n:]:
+        matched = det.add_tokens([t])
+        if matched:
+            break
+    assert matched == "STOP"
+    assert det.output_text == "ab STOP cd "

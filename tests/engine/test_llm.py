@@ -173,3 +173,26 @@ def test_model_dependent_param_checks(llm):
     with pytest.raises(ValueError, match="stop_token_ids"):
         llm.generate({"prompt_token_ids": [5]}, SamplingParams(stop_token_ids=[TINY_VOCAB]), use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_stop_strings_wait_for_min_tokens(llm):
+    """A stop string in the first min_tokens tokens does not end the request (vLLM's rule)."""
+    prompt = _prompts()[1]
+    (base,) = llm.generate(prompt, GREEDY, use_tqdm=False)
+    ids, text = base.outputs[0].token_ids, base.outputs[0].text
+    tok = llm.get_tokenizer()
+    prefixes = [tok.decode(ids[:k]) for k in range(len(ids) + 1)]
+    # the first early token whose text is clean and new: it becomes the stop string
+    k = next((k for k in range(1, 6) if (new := prefixes[k][len(prefixes[k - 1]):]).strip()
+              and "\ufffd" not in new and new not in prefixes[k - 1]), None)
+    if k is None:
+        pytest.skip("the tiny model's first tokens have no usable text")
+    stop = prefixes[k][len(prefixes[k - 1]):]
+    early = llm.generate(prompt, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=[stop]), use_tqdm=False)[0]
+    assert early.outputs[0].finish_reason == "stop" and len(early.outputs[0].token_ids) == k
+    late = llm.generate(
+        prompt, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, stop=[stop], min_tokens=k + 6), use_tqdm=False
+    )[0].outputs[0]
+    assert len(late.token_ids) >= k + 6
+    assert late.token_ids == ids[: len(late.token_ids)]
+    assert text.startswith(late.text)
