@@ -304,11 +304,26 @@ class TPGroup:
             w.process.join(max(0.0, deadline - time.monotonic()))
         self._terminate_workers()
         if dist.is_initialized():
-            with contextlib.suppress(Exception):
-                dist.destroy_process_group()
+            _destroy_group(timeout_s=10.0)
         ps.reset_tp()
 
     shutdown = close
+
+
+def _destroy_group(timeout_s: float) -> None:
+    """`destroy_process_group`, given up after `timeout_s`: with NCCL it can block for good once
+    the peers are gone (seen on 2 GPUs: a TP=2 process that had printed its results never
+    exited). It runs on a daemon thread so a stuck destroy cannot keep the process alive."""
+
+    def destroy() -> None:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+
+    t = threading.Thread(target=destroy, name="kvserve-tp-destroy", daemon=True)
+    t.start()
+    t.join(timeout_s)
+    if t.is_alive():
+        logger.warning("tensor parallel: destroy_process_group still blocked after %.0f s; leaving it", timeout_s)
 
 
 def _looks_like_peer_failure(e: BaseException) -> bool:
