@@ -132,7 +132,7 @@ def _decode(
     """One query row per sequence. The sequences' blocks are gathered whole (one contiguous
     block_size * Hkv * D copy each, for K and V at once), then attention runs as batched
     matmuls; keys past a sequence's length are masked."""
-    _, num_blocks, bs, hkv, d = kv_cache.shape
+    hkv, d = kv_cache.shape[3:]
     b = q.shape[0]
     if _use_kernel(q, kv_cache, plan):
         return cpu_kernels.decode_attention(

@@ -29,6 +29,14 @@ static inline float from_bf16(uint16_t h) {
     return f;
 }
 
+/* This OpenMP thread's contiguous share [lo, hi) of n weight rows: one sequential stream each. */
+static inline void thread_rows(int n, int *lo, int *hi) {
+    const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int per = (n + nt - 1) / nt;
+    *lo = tid * per < n ? tid * per : n;
+    *hi = *lo + per < n ? *lo + per : n;
+}
+
 int kv_gemv_abi_version(void) { return 2; }
 
 void kv_gemv_bf16(const uint16_t *W, const uint16_t *x, uint16_t *y, const uint16_t *bias,
@@ -37,9 +45,8 @@ void kv_gemv_bf16(const uint16_t *W, const uint16_t *x, uint16_t *y, const uint1
     const __mmask32 rmask = (__mmask32)((1ull << rem) - 1);
 #pragma omp parallel
     {
-        const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
-        const int per = (O + nt - 1) / nt;
-        const int lo = tid * per, hi = lo + per < O ? lo + per : O;
+        int lo, hi;
+        thread_rows(O, &lo, &hi);
         for (int o = lo; o < hi; ++o) {
             const uint16_t *w = W + (int64_t)o * I;
             for (int m = 0; m < M; ++m) {
@@ -74,9 +81,8 @@ void kv_gemv_silu_mul_bf16(const uint16_t *W, const uint16_t *x, uint16_t *y, in
     const __mmask32 rmask = (__mmask32)((1ull << rem) - 1);
 #pragma omp parallel
     {
-        const int nt = omp_get_num_threads(), tid = omp_get_thread_num();
-        const int per = (N + nt - 1) / nt;
-        const int lo = tid * per, hi = lo + per < N ? lo + per : N;
+        int lo, hi;
+        thread_rows(N, &lo, &hi);
         for (int o = lo; o < hi; ++o) {
             const uint16_t *wg = W + (int64_t)o * I, *wu = W + (int64_t)(o + N) * I;
             for (int m = 0; m < M; ++m) {

@@ -13,7 +13,8 @@ from kvserve.models import cpu_kernels, fused_ops
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32 and cast back (HF's formula, so fp32 results match bit for bit)."""
+    """RMSNorm: fused Triton on CUDA, the C kernel for CPU bf16 decode rows, else `F.rms_norm`
+    (bit-identical to HF's formula in fp32)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -111,7 +112,7 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self.cos_sin(positions, dtype)
         half = self.head_dim // 2
         sin_signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        return StepRope(cos=cos, sin=sin, sin_signed=sin_signed)
+        return StepRope(cos=cos, sin_signed=sin_signed)
 
     def reset_parameters(self) -> None:
         """Recompute `inv_freq` (after materializing a model built on the meta device)."""
@@ -124,32 +125,24 @@ class RotaryEmbedding(nn.Module):
 
 
 class StepRope:
-    """One step's rotary state: (cos, sin, sin with its first half negated) [T, 1, D] for the
+    """One step's rotary state: cos and sin with its first half negated, [T, 1, D], for the
     PyTorch path, or the step's positions and the fp32 cos/sin table for the fused CUDA kernel."""
 
-    __slots__ = ("cos", "sin", "sin_signed", "positions", "cos_sin_table")
+    __slots__ = ("cos", "sin_signed", "positions", "cos_sin_table")
 
     def __init__(
         self,
         cos: torch.Tensor | None = None,
-        sin: torch.Tensor | None = None,
+        sin_signed: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
         cos_sin_table: torch.Tensor | None = None,
-        sin_signed: torch.Tensor | None = None,
     ) -> None:
-        self.cos, self.sin, self.positions, self.cos_sin_table = cos, sin, positions, cos_sin_table
-        self.sin_signed = sin_signed
+        self.cos, self.sin_signed = cos, sin_signed
+        self.positions, self.cos_sin_table = positions, cos_sin_table
 
     @property
     def fused(self) -> bool:
         return self.cos_sin_table is not None
-
-
-def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    # q: [T, Hq, D], k: [T, Hkv, D], cos/sin: [T, 1, D]
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
 def rotate(x: torch.Tensor, rope: StepRope) -> torch.Tensor:
@@ -159,11 +152,6 @@ def rotate(x: torch.Tensor, rope: StepRope) -> torch.Tensor:
     if cpu_kernels.usable(x) and rope.cos.dtype == torch.bfloat16:  # CPU decode: one call
         return cpu_kernels.rope(x, rope.cos, rope.sin_signed)
     return x * rope.cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * rope.sin_signed
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
 class WeightLoadError(ValueError):

@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
 _MMAP_THRESHOLD = 1 << 30
-_TRIM_THRESHOLD = 1 << 40
+_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: about 2 GiB, in effect never
 
 _done = False
 
@@ -40,7 +40,7 @@ def tune_malloc() -> bool:
     try:
         libc = ctypes.CDLL("libc.so.6")
         ok = libc.mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) == 1
-        ok = libc.mallopt(_M_TRIM_THRESHOLD, ctypes.c_int(min(_TRIM_THRESHOLD, 2**31 - 1))) == 1 and ok
+        ok = libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1 and ok
     except (OSError, AttributeError):
         return False
     _done = ok

@@ -31,3 +31,19 @@ def test_tuned_once():
 def test_opt_outs():
     assert _run({"KVSERVE_TUNE_MALLOC": "0"}) == "False False"
     assert _run({"MALLOC_MMAP_THRESHOLD_": "131072"}) == "False False"  # the user's own settings win
+
+
+def test_cpu_engine_tunes_malloc(tiny_llama, monkeypatch):
+    import os
+
+    from kvserve import LLM
+    from kvserve.runner import cpu_memory
+
+    if os.environ.get("KVSERVE_TUNE_MALLOC") == "0" or any(k.startswith("MALLOC_") and k.endswith("_") for k in os.environ):
+        pytest.skip("malloc tuning opted out in this environment")
+    calls = []
+    monkeypatch.setattr(cpu_memory, "_done", False)
+    real = cpu_memory.tune_malloc
+    monkeypatch.setattr("kvserve.engine.llm_engine.tune_malloc", lambda: calls.append(1) or real())
+    LLM(str(tiny_llama[0]), dtype="float32", device="cpu", num_kv_blocks=16)
+    assert calls and cpu_memory._done

@@ -12,11 +12,17 @@ pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 from kvserve.models import fused_ops, triton_ops  # noqa: E402
-from kvserve.models.layers import RotaryEmbedding, apply_rotary  # noqa: E402
+from kvserve.models.layers import RotaryEmbedding  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
+
+
+def _rope_ref(x, cos, sin):
+    """HF's rotate_half RoPE: x * cos + (-x2, x1) * sin."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     assert not torch.isnan(a).any()
@@ -70,7 +76,7 @@ def test_rope_qk(dtype, heads, kv_heads, head_dim, qk_norm):
     if qk_norm:
         q, k = _rmsnorm_ref(q, qw, 1e-6), _rmsnorm_ref(k, kw, 1e-6)
     cos, sin = rot.cos_sin(pos, dtype)
-    rq, rk = apply_rotary(q, k, cos, sin)
+    rq, rk = _rope_ref(q, cos, sin), _rope_ref(k, cos, sin)
     out = qkv.clone()
     table = fused_ops.build_cos_sin(rot.inv_freq, 40000)
     triton_ops.rope_qk_(out, pos, table, heads, kv_heads, head_dim,
