@@ -32,7 +32,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = [CSRC / "gemv_bf16.c", CSRC / "decode_attn_bf16.c"]
+SOURCES = [CSRC / "gemv_bf16.c", CSRC / "decode_attn_bf16.c", CSRC / "decoder_stack_bf16.c"]
+HEADERS = [CSRC / "bf16_kernels.h"]
 FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopenmp", "-shared", "-fPIC"]
 # Up to this many input rows the kernel beats oneDNN (it multiplies each weight row by every
 # input row while the row is in L1); above it, matmuls are compute-bound and oneDNN wins.
@@ -84,14 +85,14 @@ def _library() -> ctypes.CDLL | None:
     if not _cpu_has_avx512_bf16():
         logger.info("CPU C kernels not used: this CPU has no AVX512-BF16; using PyTorch")
         return None
-    blob = b"".join(p.read_bytes() for p in SOURCES) + " ".join(FLAGS).encode()
+    blob = b"".join(p.read_bytes() for p in SOURCES + HEADERS) + " ".join(FLAGS).encode()
     lib_path = _cache_dir() / f"kvserve_cpu-{hashlib.sha256(blob).hexdigest()[:16]}.so"
     try:
         if not lib_path.exists():
             _build(lib_path)
         torch.zeros(1).add_(1)  # make sure PyTorch's OpenMP runtime is loaded first (shared)
         lib = ctypes.CDLL(str(lib_path))
-        if lib.kv_gemv_abi_version() != 2 or lib.kv_decode_attn_abi_version() != 2:
+        if (lib.kv_gemv_abi_version(), lib.kv_decode_attn_abi_version(), lib.kv_decoder_stack_abi_version()) != (3, 3, 1):
             raise RuntimeError("stale kernel build")
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         logger.warning("CPU C kernels unavailable (%s); using PyTorch", e)
@@ -110,8 +111,20 @@ def _library() -> ctypes.CDLL | None:
         + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]
     )
     lib.kv_decode_attn_bf16.restype = ctypes.c_int
+    lib.kv_decoder_stack_scratch.argtypes = [ctypes.c_int] * 6
+    lib.kv_decoder_stack_scratch.restype = ctypes.c_int64
+    lib.kv_decoder_stack_bf16.argtypes = (
+        [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 6 + [ctypes.c_void_p, ctypes.c_int]
+        + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.c_float]
+    )
+    lib.kv_decoder_stack_bf16.restype = ctypes.c_int
     logger.info("CPU C kernels loaded from %s", lib_path)
     return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel library, or None (with the reason logged once) where it can't run."""
+    return _library()
 
 
 def load() -> ctypes._CFuncPtr | None:

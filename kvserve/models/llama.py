@@ -21,7 +21,8 @@ from kvserve.attention.base import AttentionBackend, AttentionMetadata
 from kvserve.core.config import ModelConfig
 from kvserve.distributed import parallel_state as ps
 from kvserve.distributed.layers import VocabParallelEmbedding
-from kvserve.models import fused_ops
+from kvserve.models import cpu_kernels, fused_ops
+from kvserve.models.cpu_decoder import DecoderStack
 from kvserve.models.layers import RMSNorm, RotaryEmbedding, StepRope, gate_up_silu_and_mul, rotate
 from kvserve.models.loading import FusedWeightLoader
 
@@ -146,6 +147,10 @@ class LlamaForCausalLM(nn.Module):
         )
         self.lm_head = nn.Linear(cfg.hidden_size, vocab_rows, bias=False)
         self.tie_weights()
+        # CPU bf16 decode: every layer in one C call (models/cpu_decoder.py). None until the
+        # first decode-sized bf16 CPU step builds it (the weights are loaded and prepacked by
+        # then); False where it does not apply, or to force the op-by-op path.
+        self.cpu_decoder: DecoderStack | bool | None = None
 
     def tie_weights(self) -> None:
         """Share the embedding with the LM head (again after `to_empty`, which unties)."""
@@ -161,11 +166,21 @@ class LlamaForCausalLM(nn.Module):
     ) -> torch.Tensor:  # [T, hidden]
         h = self.embed_tokens(input_ids)
         rope = self.rotary.for_step(positions, h.dtype)
+        stack = self._cpu_decoder(h)
+        if stack is not None and stack.applies(h.shape[0], rope, kv_caches, md):
+            return stack(h, self.layers[0].input_layernorm(h), rope, md)
         residual = None
         for layer, cache in zip(self.layers, kv_caches):
             h, residual = layer(rope, h, residual, cache, md)
         h, _ = self.norm.forward_with_residual(h, residual)
         return h
+
+    def _cpu_decoder(self, h: torch.Tensor) -> DecoderStack | None:
+        if self.cpu_decoder is False or h.shape[0] > cpu_kernels.MAX_ROWS or h.device.type != "cpu":
+            return None
+        if self.cpu_decoder is None:
+            self.cpu_decoder = DecoderStack.build(self) or False
+        return self.cpu_decoder or None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden).float()  # [N, vocab] ([N, vocab / tp] under TP)
