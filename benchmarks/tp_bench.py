@@ -3,6 +3,7 @@
     python benchmarks/tp_bench.py                        # both sections, TP=1 then TP=2
     python benchmarks/tp_bench.py --num-requests 64      # a shorter throughput run
     python benchmarks/tp_bench.py --only decode          # batch-1 decode only
+    python benchmarks/tp_bench.py --tp 1,2,2nccl --profile   # + TP=2 on NCCL only; kernel table
 
 (a) batch-1 decode: 128-token prompt, 256 new tokens, greedy: ms/token (median of 3 runs).
 (b) offline throughput: N requests (default 256), random ids in [0, 10000), prompt and output
@@ -13,6 +14,11 @@ still reports the other), one engine per TP size serving both sections. The whol
 by --time-budget seconds (default 450): each child gets a share and is killed past it; results
 measured before the cut still print. Prints a table with the cards and the TP=2 / TP=1 speedup
 and writes tp_bench.json to --out (default $OUT or .).
+
+A size written `Nnccl` runs TP=N with every all-reduce on NCCL (`KVSERVE_TP_ALL_REDUCE=nccl`)
+instead of the one-shot symmetric-memory kernel used for small tensors by default. `--profile`
+also prints, per size, rank 0's GPU kernel time by kernel over 64 decode steps next to their
+wall time (torch.profiler; kernels inside CUDA graphs included).
 """
 
 from __future__ import annotations
@@ -44,10 +50,44 @@ def log(msg: str) -> None:
 
 
 # -- child: one TP size ---------------------------------------------------------------------------
-def run_child(tp: int, sections: set[str], num_requests: int, out_path: Path, smoke: bool) -> None:
+def profile_decode(llm, tp: int, steps: int = 64) -> dict:
+    """Rank 0's kernels over `steps` batch-1 decode steps: total GPU time per kernel name."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from kvserve import SamplingParams
+
+    eng = llm.engine
+    eng.add_request("prof", list(range(1, 129)), SamplingParams(max_tokens=steps + 8, ignore_eos=True))
+    for _ in range(8):  # prefill and the first decode steps, unprofiled
+        eng.step()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            eng.step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - t0
+    while eng.has_unfinished_requests():
+        eng.step()
+    per_kernel: dict[str, float] = {}
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            per_kernel[ev.name] = per_kernel.get(ev.name, 0.0) + ev.device_time_total
+    busy = sum(per_kernel.values())
+    log(f"[tp={tp}] profile: {steps} decode steps, wall {wall / steps * 1e6:.0f} us/step, "
+        f"rank-0 kernels {busy / steps:.0f} us/step")
+    for name, us in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]:
+        log(f"    {us / steps:8.1f} us/step  {name[:110]}")
+    return {"wall_us_per_step": wall / steps * 1e6, "kernel_us_per_step": busy / steps,
+            "top_kernels_us_per_step": {k[:110]: v / steps for k, v in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]}}
+
+
+def run_child(tp: int, sections: set[str], num_requests: int, out_path: Path, smoke: bool,
+              profile: bool = False) -> None:
     import torch
 
     from kvserve import LLM, SamplingParams
+    from kvserve.distributed import parallel_state as ps
 
     cards = ["cpu"] * tp if smoke else [torch.cuda.get_device_name(i) for i in range(tp)]
     result: dict[str, object] = {"tp": tp, "cards": cards}
@@ -70,7 +110,11 @@ def run_child(tp: int, sections: set[str], num_requests: int, out_path: Path, sm
         eng = llm.engine
         result["startup_s"] = time.perf_counter() - t0
         result["kv_tokens"] = eng.cache_config.num_blocks * eng.cache_config.block_size
-        log(f"[tp={tp}] engine up in {result['startup_s']:.0f}s; KV cache {result['kv_tokens']} tokens per rank")
+        tp_state = ps.get_tp()
+        result["all_reduce"] = ("-" if tp == 1 else "one-shot" if tp_state.one_shot is not None
+                                else torch.distributed.get_backend(tp_state.group))
+        log(f"[tp={tp}] engine up in {result['startup_s']:.0f}s; KV cache {result['kv_tokens']} tokens per rank; "
+            f"all-reduce {result['all_reduce']}")
         save()
         if "decode" in sections:
             # 128-token prompt, 256 new tokens, median of 3
@@ -78,6 +122,9 @@ def run_child(tp: int, sections: set[str], num_requests: int, out_path: Path, sm
             result["decode_ms"] = s * 1e3
             log(f"[tp={tp}] batch-1 decode: {s * 1e3:.3f} ms/token ({1 / s:.0f} tok/s)")
             save()
+            if profile and not smoke:
+                result["profile"] = profile_decode(llm, tp)
+                save()
         if "throughput" in sections:
             prompts, outs = gpu_bench.workload(num_requests)
             if smoke:
@@ -106,12 +153,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="decode,throughput", help="sections: decode, throughput")
     ap.add_argument("--num-requests", type=int, default=256, help="throughput requests (default: %(default)s)")
-    ap.add_argument("--tp", default="1,2", help="TP sizes to run, in order (default: %(default)s)")
+    ap.add_argument("--tp", default="1,2", help="TP sizes to run, in order; 'Nnccl' = TP=N on NCCL only "
+                    "(default: %(default)s)")
+    ap.add_argument("--profile", action="store_true", help="also print rank 0's kernel times over 64 decode steps")
     ap.add_argument("--time-budget", type=float, default=450.0,
                     help="seconds for the whole run; each TP size gets its share (default: %(default)s)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks the script itself, no GPU")
     ap.add_argument("--_child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--_label", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--_result", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     sections = set(args.only.split(","))
@@ -120,23 +170,31 @@ def main() -> None:
     if args.time_budget <= 0:
         ap.error("--time-budget must be > 0")
     if args._child is not None:
-        run_child(args._child, sections, args.num_requests, Path(args._result), args.smoke)
+        run_child(args._child, sections, args.num_requests, Path(args._result), args.smoke, args.profile)
         return
 
-    sizes = [int(x) for x in args.tp.split(",")]
+    labels = [x.strip() for x in args.tp.split(",")]
+    for label in labels:
+        if not label.removesuffix("nccl").isdigit():
+            ap.error(f"--tp: {label!r} is not a size (N or Nnccl)")
     start = time.monotonic()
-    rows: dict[int, dict] = {}
-    env = dict(os.environ)
+    rows: dict[str, dict] = {}
+    base_env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    for i, tp in enumerate(sizes):
+    base_env["PYTHONPATH"] = root + os.pathsep + base_env.get("PYTHONPATH", "")
+    for i, label in enumerate(labels):
+        tp = int(label.removesuffix("nccl"))
+        env = dict(base_env)
+        if label.endswith("nccl"):
+            env["KVSERVE_TP_ALL_REDUCE"] = "nccl"
         left = args.time_budget - (time.monotonic() - start)
-        share = left / (len(sizes) - i)
+        share = left / (len(labels) - i)
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
             result_path = Path(f.name)
         cmd = [sys.executable, str(Path(__file__).resolve()), "--_child", str(tp), "--_result", str(result_path),
-               "--only", args.only, "--num-requests", str(args.num_requests)] + (["--smoke"] if args.smoke else [])
-        log(f"== TP={tp} (up to {share:.0f}s)")
+               "--only", args.only, "--num-requests", str(args.num_requests)] + (["--smoke"] if args.smoke else []) \
+            + (["--profile"] if args.profile else [])
+        log(f"== TP={label} (up to {share:.0f}s)")
         status = "ok"
         try:
             proc = subprocess.run(cmd, env=env, timeout=share)
@@ -145,23 +203,24 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             status = f"cut at {share:.0f}s"
         try:
-            rows[tp] = json.loads(result_path.read_text() or "{}")
+            rows[label] = json.loads(result_path.read_text() or "{}")
         except (OSError, json.JSONDecodeError):
-            rows[tp] = {}
-        rows[tp]["status"] = status
+            rows[label] = {}
+        rows[label]["status"] = status
         result_path.unlink(missing_ok=True)
 
     def fmt(v, spec: str) -> str:
         return format(v, spec) if isinstance(v, (int, float)) else "-"
 
     log(f"\n{'tiny (smoke, CPU)' if args.smoke else MODEL} shapes, {'fp32' if args.smoke else 'bf16'} random weights; total {time.monotonic() - start:.0f}s")
-    log("| TP | cards | batch-1 decode ms/token | throughput out tok/s | requests | start-up s | status |")
-    log("|---|---|---|---|---|---|---|")
-    for tp, r in rows.items():
+    log("| TP | all-reduce | cards | batch-1 decode ms/token | throughput out tok/s | requests | start-up s | status |")
+    log("|---|---|---|---|---|---|---|---|")
+    for label, r in rows.items():
         cards = " + ".join(r.get("cards", [])) or "-"
-        log(f"| {tp} | {cards} | {fmt(r.get('decode_ms'), '.3f')} | {fmt(r.get('throughput_tok_s'), '.0f')} | "
-            f"{r.get('requests', '-')} | {fmt(r.get('startup_s'), '.0f')} | {r['status']} |")
-    one, two = rows.get(1, {}), rows.get(2, {})
+        log(f"| {label.removesuffix('nccl')} | {r.get('all_reduce', '-')} | {cards} | {fmt(r.get('decode_ms'), '.3f')} | "
+            f"{fmt(r.get('throughput_tok_s'), '.0f')} | {r.get('requests', '-')} | {fmt(r.get('startup_s'), '.0f')} | "
+            f"{r['status']} |")
+    one, two = rows.get("1", {}), rows.get("2", {})
     speed = {}
     if one.get("decode_ms") and two.get("decode_ms"):
         speed["decode"] = one["decode_ms"] / two["decode_ms"]

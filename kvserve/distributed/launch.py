@@ -44,6 +44,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from kvserve.distributed import one_shot as _one_shot
 from kvserve.distributed import parallel_state as ps
 
 logger = logging.getLogger(__name__)
@@ -111,6 +112,8 @@ class TPGroup:
         self._closed = False
         self._serving = False  # rank 0: every worker is in its loop, waiting for plans
         self._monitor: threading.Thread | None = None
+        # Run by close() before the group is destroyed (the engine releases its CUDA graphs).
+        self.before_destroy: list[Callable[[], None]] = []
 
     # -- rank 0 ----------------------------------------------------------------------------------
     @property
@@ -298,22 +301,31 @@ class TPGroup:
             with contextlib.suppress(Exception):
                 self.send_plan(None)  # the workers' loop ends
         self._stopping = True
-        # Serving workers leave their loop and exit by themselves; others are terminated.
         deadline = time.monotonic() + (10.0 if self._serving else 0.0)
+        for fn in self.before_destroy:
+            with contextlib.suppress(Exception):
+                fn()
+        if self.device.type == "cuda":
+            with contextlib.suppress(Exception):
+                torch.cuda.synchronize(self.device)
+        # Every rank destroys the group at the same time: NCCL's teardown is not purely local,
+        # and a rank 0 that first waited for the workers to exit left them blocked in theirs.
+        if dist.is_initialized():
+            _destroy_group(timeout_s=10.0)
+        # Serving workers leave their loop and exit by themselves; others are terminated.
         for w in self.workers:
             w.process.join(max(0.0, deadline - time.monotonic()))
         self._terminate_workers()
-        if dist.is_initialized():
-            _destroy_group(timeout_s=10.0)
         ps.reset_tp()
 
     shutdown = close
 
 
 def _destroy_group(timeout_s: float) -> None:
-    """`destroy_process_group`, given up after `timeout_s`: with NCCL it can block for good once
-    the peers are gone (seen on 2 GPUs: a TP=2 process that had printed its results never
-    exited). It runs on a daemon thread so a stuck destroy cannot keep the process alive."""
+    """`destroy_process_group`, given up after `timeout_s`: with NCCL it can block for good,
+    e.g. once the peers are gone or while captured CUDA graphs still hold the communicator
+    (pytorch#115388; `close` releases the engine's graphs first). It runs on a daemon thread so
+    a stuck destroy cannot keep the process alive."""
 
     def destroy() -> None:
         with contextlib.suppress(Exception):
@@ -351,7 +363,8 @@ def _init_group(rank: int, size: int, device: torch.device, init_method: str | N
         kwargs["device_id"] = device
     dist.init_process_group(**kwargs)
     cpu_group = dist.new_group(backend="gloo", timeout=_PLAN_TIMEOUT)
-    ps.set_tp(ps.TPState(rank=rank, size=size, group=dist.group.WORLD, cpu_group=cpu_group))
+    one_shot = _one_shot.create(dist.group.WORLD, cpu_group, device) if device.type == "cuda" else None
+    ps.set_tp(ps.TPState(rank=rank, size=size, group=dist.group.WORLD, cpu_group=cpu_group, one_shot=one_shot))
 
 
 def _fail_hook(rank: int) -> None:

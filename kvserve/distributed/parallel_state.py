@@ -25,6 +25,7 @@ class TPState:
     size: int = 1
     group: Any = None  # torch.distributed ProcessGroup of the model's collectives
     cpu_group: Any = None  # gloo group for the step plan
+    one_shot: Any = None  # one_shot.OneShotAllReduce for small CUDA all-reduces, or None
 
     @property
     def enabled(self) -> bool:
@@ -48,9 +49,10 @@ def reset_tp() -> None:
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:
-    """Sum `x` over the ranks, in place (the row-parallel layers' one collective)."""
+    """Sum `x` over the ranks, in place (the row-parallel layers' one collective): through the
+    one-shot symmetric-memory kernel when it is set up and `x` is small enough, else NCCL/gloo."""
     tp = _STATE
-    if tp.size > 1:
+    if tp.size > 1 and not (tp.one_shot is not None and tp.one_shot(x)):
         dist.all_reduce(x, group=tp.group)
     return x
 

@@ -90,6 +90,8 @@ class LLMEngine:
         except BaseException as e:
             self.tp_group.startup_failed(e)
             raise
+        # Captured graphs hold the NCCL communicator (destroying the group waits for them).
+        self.tp_group.before_destroy.append(self.runner.release_graphs)
         if self.tp_group.rank == 0:
             # Stops the workers when the engine is collected or the interpreter exits.
             self._finalizer = weakref.finalize(self, self.tp_group.close)

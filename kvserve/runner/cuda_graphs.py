@@ -108,6 +108,14 @@ class DecodeGraphs:
         self.outputs: dict[int, torch.Tensor] = {}
         self.capture_s = 0.0
 
+    def release(self) -> None:
+        """Free every captured graph and its outputs."""
+        for g in self.graphs.values():
+            for part in getattr(g, "parts", ()):
+                part.reset()
+        self.graphs.clear()
+        self.outputs.clear()
+
     def padded_size(self, n: int) -> int | None:
         i = bisect.bisect_left(self.sizes, n)
         return self.sizes[i] if i < len(self.sizes) else None

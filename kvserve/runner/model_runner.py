@@ -181,6 +181,14 @@ class ModelRunner:
                 st.block_ids.extend(cr.new_block_ids)
             st.num_computed_tokens = cr.num_computed_tokens
 
+    def release_graphs(self) -> None:
+        """Free the captured decode graphs (later decode steps run eagerly). Tensor-parallel
+        shutdown calls it before destroying the NCCL group, which waits for graphs that
+        captured its collectives."""
+        if self.graphs is not None:
+            self.graphs.release()
+            self.graphs = None
+
     def append_sampled(self, sampled: dict[str, list[int]]) -> None:
         """Non-driver ranks: record the ids rank 0 sampled last step (as `PendingStep.result`
         does on rank 0), before the next step's inputs are built from them."""

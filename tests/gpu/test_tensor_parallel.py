@@ -1,7 +1,8 @@
 """Tensor parallelism on 2 GPUs (NCCL): TP=2 equals TP=1.
 
 fp32 tiny models: greedy tokens are identical, with CUDA graphs (decode steps captured with
-their all-reduces and the logits all-gather) and without. bf16: the first tokens agree and the
+their all-reduces and the logits all-gather) and without, on the one-shot symmetric-memory
+all-reduce and on NCCL. bf16: the first tokens agree and the
 logprobs agree within bf16 tolerance. A worker killed mid-run ends the run with a clear error.
 Skipped without 2 CUDA devices.
 
@@ -78,6 +79,27 @@ def test_tp2_bf16_within_tolerance(tiny_model_factory, graphs):
         assert g0.logprobs[0][tok].logprob == pytest.approx(w0.logprobs[0][tok].logprob, abs=0.1)
     agree = sum(a == b for g, w in zip(got, want) for a, b in zip(g.outputs[0].token_ids, w.outputs[0].token_ids))
     assert agree >= 0.8 * MAX_TOKENS * len(prompts)
+
+
+def test_tp2_one_shot_all_reduce_and_nccl_agree(tiny_model_factory, monkeypatch):
+    """Small all-reduces take the one-shot symmetric-memory kernel where the GPUs can reach
+    each other; with KVSERVE_TP_ALL_REDUCE=nccl they take NCCL. Both give TP=1's tokens."""
+    folder, _ = tiny_model_factory("llama")
+    prompts = _prompts(5, seed=3)
+    args = dict(device="cuda", dtype="float32", **COMMON)
+    want = _ids(_generate(LLM(str(folder), **args), prompts))
+    for mode in ("auto", "nccl"):
+        monkeypatch.setenv("KVSERVE_TP_ALL_REDUCE", mode)
+        llm = LLM(str(folder), tensor_parallel_size=2, **args)
+        try:
+            one_shot = ps.get_tp().one_shot
+            if mode == "nccl":
+                assert one_shot is None
+            elif torch.cuda.can_device_access_peer(0, 1):
+                assert one_shot is not None
+            assert _ids(_generate(llm, prompts)) == want, mode
+        finally:
+            llm.engine.shutdown()
 
 
 def test_tp2_killed_rank_fails_fast(tiny_model_factory):
