@@ -122,6 +122,22 @@ static inline void add_rmsnorm_rows(const uint16_t *x, const uint16_t *residual,
     }
 }
 
+/* out <- rmsnorm(x) * w for M contiguous rows of length N: F.rms_norm's formula (fp32, rounded
+ * once), with the sum of squares taken in order as add_rmsnorm_rows does. */
+static inline void rmsnorm_rows(const uint16_t *x, const uint16_t *w, uint16_t *out, int M, int N, float eps) {
+    for (int m = 0; m < M; ++m) {
+        const uint16_t *xm = x + (int64_t)m * N;
+        uint16_t *om = out + (int64_t)m * N;
+        float ss = 0.f;
+        for (int i = 0; i < N; ++i) {
+            float f = from_bf16(xm[i]);
+            ss += f * f;
+        }
+        const float inv = 1.f / sqrtf(ss / (float)N + eps);
+        for (int i = 0; i < N; ++i) om[i] = to_bf16(from_bf16(xm[i]) * inv * from_bf16(w[i]));
+    }
+}
+
 /* RoPE (rotate_half layout) of T rows of H heads: out = x * cos + roll(x, D/2) * sin_signed,
  * with sin_signed = (-sin, sin) halves, each product and the sum rounded to bf16 exactly as the
  * PyTorch ops do. x rows are x_stride elements apart (heads contiguous within a row); cos and

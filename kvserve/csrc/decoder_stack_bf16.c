@@ -9,11 +9,12 @@
  * Every phase is the same code as the one-op kernels (bf16_kernels.h), so the result is bit
  * for bit that of the op-by-op path:
  *
- *   h = input_norm(x + residual)  (layer 0: norm(embeddings), computed by the caller)
+ *   residual = embeddings(ids);  h = input_norm(residual)         (layer 0)
+ *   h = input_norm(x + residual), residual = x + residual          (later layers)
  *   qkv = h W_qkv (+ b);  q, k = rope(q, k);  cache[slot] = k, v;  a = attention(q)
- *   o = a W_o (+ b);  h = post_norm(o + residual)
+ *   o = a W_o (+ b);  h = post_norm(o + residual), residual = o + residual
  *   x = (silu(h W_gate) * (h W_up)) W_down
- *   ... and after the last layer, out = final_norm(x + residual)
+ *   and after the last layer, out = final_norm(x + residual)
  */
 #include <stdlib.h>
 #include <string.h>
@@ -27,21 +28,21 @@ enum {
     P_K_CACHE, P_V_CACHE, P_COUNT
 };
 
-int kv_decoder_stack_abi_version(void) { return 1; }
+int kv_decoder_stack_abi_version(void) { return 2; }
 
 /* bf16 elements of scratch the stack needs for M rows. */
 int64_t kv_decoder_stack_scratch(int M, int H, int Hq, int Hkv, int D, int I) {
     return (int64_t)M * (3 * (int64_t)H + (Hq + 2 * Hkv) * D + (Hq + Hkv) * D + Hq * D + I);
 }
 
-/* x: [M, H] the embeddings (layer 0's residual); h0: [M, H] layer 0's input_norm(x);
- * final_norm: [H]; out: [M, H]. cos, ssin: [M, D] RoPE factors (see rope_rows). tables:
- * [M, tab_stride] int32 block ids; lens: [M] int32 context lengths including this token;
- * slots: [M] int64 cache slots of this token (-1 = don't write). scratch: see
+/* ids: [M] int64 token ids (< vocab) whose rows of embed [vocab, H] start the residual
+ * stream; final_norm: [H]; out: [M, H]. cos, ssin: [M, D] RoPE factors (see rope_rows).
+ * tables: [M, tab_stride] int32 block ids; lens: [M] int32 context lengths including this
+ * token; slots: [M] int64 cache slots of this token (-1 = don't write). scratch: see
  * kv_decoder_stack_scratch. H hidden size, Hq / Hkv query / KV heads, D head dim (<= 128),
- * I MLP width, bs block size, window <= 0 for none. Returns 0, or -1 if an allocation failed
- * (nothing computed). */
-int kv_decoder_stack_bf16(const int64_t *ptrs, int L, const uint16_t *x, const uint16_t *h0,
+ * I MLP width, bs block size, window <= 0 for none. Returns 0; -1 if an allocation failed,
+ * -2 for a token id out of range (nothing computed). */
+int kv_decoder_stack_bf16(const int64_t *ptrs, int L, const int64_t *ids, const uint16_t *embed, int64_t vocab,
                           const uint16_t *final_norm, uint16_t *out, const uint16_t *cos,
                           const uint16_t *ssin, const int32_t *tables, int tab_stride,
                           const int32_t *lens, const int64_t *slots, uint16_t *scratch,
@@ -58,28 +59,29 @@ int kv_decoder_stack_bf16(const int64_t *ptrs, int L, const uint16_t *x, const u
 
     int span = 1;  /* longest attention span: sizes each thread's score scratch */
     for (int b = 0; b < M; ++b) {
+        if (ids[b] < 0 || ids[b] >= vocab) return -2;
         const int n = attn_span(lens[b], window);
         span = n > span ? n : span;
     }
     const int nthreads = omp_get_max_threads();
     float *scores = (float *)malloc(sizeof(float) * (size_t)nthreads * (size_t)G * (size_t)span);
     if (!scores) return -1;
-    memcpy(res, x, sizeof(uint16_t) * (size_t)M * H);
+    /* the embeddings are the first residual; layer 0's block input is their plain RMSNorm */
+    for (int b = 0; b < M; ++b) memcpy(res + (int64_t)b * H, embed + ids[b] * H, sizeof(uint16_t) * (size_t)H);
+    rmsnorm_rows(res, (const uint16_t *)ptrs[P_INPUT_NORM], h, M, H, eps);
 
 #pragma omp parallel num_threads(nthreads)
     {
         float *sc = scores + (size_t)omp_get_thread_num() * G * span;
         for (int l = 0; l < L; ++l) {
             const int64_t *p = ptrs + (int64_t)l * P_COUNT;
-            const uint16_t *hin = h0;
             int lo, hi;
             if (l > 0) {
 #pragma omp single
                 add_rmsnorm_rows(xo, res, (const uint16_t *)p[P_INPUT_NORM], h, res, M, H, eps);
-                hin = h;
             }
             thread_rows(Oqkv, &lo, &hi);
-            gemv_rows((const uint16_t *)p[P_QKV_W], hin, qkv, (const uint16_t *)p[P_QKV_B], M, Oqkv, H, lo, hi);
+            gemv_rows((const uint16_t *)p[P_QKV_W], h, qkv, (const uint16_t *)p[P_QKV_B], M, Oqkv, H, lo, hi);
 #pragma omp barrier
 #pragma omp single
             {

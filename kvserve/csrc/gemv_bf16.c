@@ -14,7 +14,7 @@
  */
 #include "bf16_kernels.h"
 
-int kv_gemv_abi_version(void) { return 3; }
+int kv_gemv_abi_version(void) { return 4; }
 
 void kv_gemv_bf16(const uint16_t *W, const uint16_t *x, uint16_t *y, const uint16_t *bias,
                   int M, int O, int I) {
@@ -36,6 +36,10 @@ void kv_gemv_silu_mul_bf16(const uint16_t *W, const uint16_t *x, uint16_t *y, in
         thread_rows(N, &lo, &hi);
         gemv_silu_mul_rows(W, x, y, M, N, I, lo, hi);
     }
+}
+
+void kv_rmsnorm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *out, int M, int N, float eps) {
+    rmsnorm_rows(x, w, out, M, N, eps);
 }
 
 void kv_add_rmsnorm_bf16(const uint16_t *x, const uint16_t *residual, const uint16_t *w, uint16_t *out,

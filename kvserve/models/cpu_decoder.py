@@ -53,6 +53,7 @@ class DecoderStack:
         self.scale, self.window = attn0.scale, attn0.sliding_window or 0
         self.attn = [layer.self_attn for layer in model.layers]
         self.final_norm = model.norm.weight
+        self.embed = model.embed_tokens.weight  # [vocab, hidden]
         # [layers, 10] int64: weight pointers now, cache pointers once the caches are known.
         # The model's parameters keep the weights alive; the table is rebuilt if caches change.
         self.table = torch.zeros((self.num_layers, _NUM_PTRS), dtype=torch.int64)
@@ -103,23 +104,22 @@ class DecoderStack:
                 return "linears are not prepacked with plain weights"
         return None
 
-    def applies(self, rows: int, rope: StepRope, kv_caches: list[torch.Tensor], md: AttentionMetadata) -> bool:
+    def applies(self, input_ids: torch.Tensor, kv_caches: list[torch.Tensor], md: AttentionMetadata) -> bool:
         """This step is all decodes (each with a cached context), at most MAX_ROWS of them, and
         every layer still uses the torch_ref backend the stack stands in for."""
         if (
-            rows > cpu_kernels.MAX_ROWS
+            input_ids.shape[0] > cpu_kernels.MAX_ROWS
             or not md.is_pure_decode
             or md.has_padding
-            or rope.cos is None
             or min(md.seq_lens_cpu) < 2  # a one-token prompt is a prefill to the backend
         ):
             return False
         # The runner's inputs are contiguous views of its int32 / int64 staging buffers.
         tables, lens, slots = md.block_tables, md.seq_lens, md.slot_mapping
         if not (
-            tables.dtype == torch.int32 and tables.stride(1) == 1 and lens.dtype == torch.int32
+            input_ids.dtype == torch.int64 and input_ids.is_contiguous()
+            and tables.dtype == torch.int32 and tables.stride(1) == 1 and lens.dtype == torch.int32
             and lens.is_contiguous() and slots.dtype == torch.int64 and slots.is_contiguous()
-            and rope.cos.is_contiguous() and rope.sin_signed.is_contiguous()
         ):
             return False
         if not all(type(a.backend) is TorchRefBackend for a in self.attn):
@@ -144,22 +144,23 @@ class DecoderStack:
 
     def __call__(
         self,
-        x: torch.Tensor,  # [M, hidden] the embeddings
-        h0: torch.Tensor,  # [M, hidden] layer 0's input_layernorm(x)
-        rope: StepRope,
+        input_ids: torch.Tensor,  # [M] int64
+        rope: StepRope,  # cos and sin_signed [M, 1, D] bf16
         md: AttentionMetadata,
-    ) -> torch.Tensor:  # [M, hidden] final norm(x_L + residual), as the model's forward returns
-        m = x.shape[0]
+    ) -> torch.Tensor:  # [M, hidden]: the final norm's output, as the model's forward returns
+        m = input_ids.shape[0]
         out = torch.empty((m, self.hidden), dtype=torch.bfloat16)
         # [M, width] block tables, [M] lengths and slots: the step's sequences are its decodes, in order
         tables, lens, slots = md.block_tables, md.seq_lens, md.slot_mapping
         rc = self._lib.kv_decoder_stack_bf16(
-            self.table.data_ptr(), self.num_layers, x.data_ptr(), h0.data_ptr(), self.final_norm.data_ptr(),
-            out.data_ptr(), rope.cos.data_ptr(), rope.sin_signed.data_ptr(), tables.data_ptr(),
-            tables.stride(0), lens.data_ptr(), slots.data_ptr(), self.scratch.data_ptr(),
-            m, self.hidden, self.num_heads, self.num_kv_heads, self.head_dim, self.inter,
-            self.block_size, self.scale, self.window, self.eps,
+            self.table.data_ptr(), self.num_layers, input_ids.data_ptr(), self.embed.data_ptr(),
+            self.embed.shape[0], self.final_norm.data_ptr(), out.data_ptr(), rope.cos.data_ptr(),
+            rope.sin_signed.data_ptr(), tables.data_ptr(), tables.stride(0), lens.data_ptr(), slots.data_ptr(),
+            self.scratch.data_ptr(), m, self.hidden, self.num_heads, self.num_kv_heads, self.head_dim,
+            self.inter, self.block_size, self.scale, self.window, self.eps,
         )
+        if rc == -2:
+            raise IndexError(f"token id out of range in {input_ids.tolist()}")
         if rc != 0:
             raise MemoryError("decoder stack: scratch allocation failed")
         self.num_steps += 1

@@ -92,7 +92,7 @@ def _library() -> ctypes.CDLL | None:
             _build(lib_path)
         torch.zeros(1).add_(1)  # make sure PyTorch's OpenMP runtime is loaded first (shared)
         lib = ctypes.CDLL(str(lib_path))
-        if (lib.kv_gemv_abi_version(), lib.kv_decode_attn_abi_version(), lib.kv_decoder_stack_abi_version()) != (3, 3, 1):
+        if (lib.kv_gemv_abi_version(), lib.kv_decode_attn_abi_version(), lib.kv_decoder_stack_abi_version()) != (4, 3, 2):
             raise RuntimeError("stale kernel build")
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         logger.warning("CPU C kernels unavailable (%s); using PyTorch", e)
@@ -101,6 +101,8 @@ def _library() -> ctypes.CDLL | None:
     lib.kv_gemv_bf16.restype = None
     lib.kv_gemv_silu_mul_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3
     lib.kv_gemv_silu_mul_bf16.restype = None
+    lib.kv_rmsnorm_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int] * 2 + [ctypes.c_float]
+    lib.kv_rmsnorm_bf16.restype = None
     lib.kv_add_rmsnorm_bf16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2 + [ctypes.c_float]
     lib.kv_add_rmsnorm_bf16.restype = None
     lib.kv_rope_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3
@@ -114,7 +116,8 @@ def _library() -> ctypes.CDLL | None:
     lib.kv_decoder_stack_scratch.argtypes = [ctypes.c_int] * 6
     lib.kv_decoder_stack_scratch.restype = ctypes.c_int64
     lib.kv_decoder_stack_bf16.argtypes = (
-        [ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 6 + [ctypes.c_void_p, ctypes.c_int]
+        [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        + [ctypes.c_void_p] * 5 + [ctypes.c_int]
         + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 7 + [ctypes.c_float, ctypes.c_int, ctypes.c_float]
     )
     lib.kv_decoder_stack_bf16.restype = ctypes.c_int
@@ -166,6 +169,16 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.
     cos, sin_signed = cos.contiguous(), sin_signed.contiguous()
     out = torch.empty((t, h, d), dtype=torch.bfloat16)
     _library().kv_rope_bf16(x.data_ptr(), x.stride(0), cos.data_ptr(), sin_signed.data_ptr(), out.data_ptr(), t, h, d)
+    return out
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rmsnorm(x) * weight for bf16 rows: `F.rms_norm`'s formula in one pass (fp32, rounded once;
+    the sum of squares in the same order as `add_rmsnorm`, so the two agree bit for bit)."""
+    x, weight = x.contiguous(), weight.contiguous()
+    out = torch.empty_like(x)
+    n = x.shape[-1]
+    _library().kv_rmsnorm_bf16(x.data_ptr(), weight.data_ptr(), out.data_ptr(), x.numel() // n, n, eps)
     return out
 
 

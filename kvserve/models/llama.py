@@ -164,19 +164,19 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[torch.Tensor],
         md: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden]
+        stack = self._cpu_decoder(input_ids)
+        if stack is not None and stack.applies(input_ids, kv_caches, md):
+            return stack(input_ids, self.rotary.for_step(positions, torch.bfloat16), md)
         h = self.embed_tokens(input_ids)
         rope = self.rotary.for_step(positions, h.dtype)
-        stack = self._cpu_decoder(h)
-        if stack is not None and stack.applies(h.shape[0], rope, kv_caches, md):
-            return stack(h, self.layers[0].input_layernorm(h), rope, md)
         residual = None
         for layer, cache in zip(self.layers, kv_caches):
             h, residual = layer(rope, h, residual, cache, md)
         h, _ = self.norm.forward_with_residual(h, residual)
         return h
 
-    def _cpu_decoder(self, h: torch.Tensor) -> DecoderStack | None:
-        if self.cpu_decoder is False or h.shape[0] > cpu_kernels.MAX_ROWS or h.device.type != "cpu":
+    def _cpu_decoder(self, input_ids: torch.Tensor) -> DecoderStack | None:
+        if self.cpu_decoder is False or input_ids.shape[0] > cpu_kernels.MAX_ROWS or input_ids.device.type != "cpu":
             return None
         if self.cpu_decoder is None:
             self.cpu_decoder = DecoderStack.build(self) or False

@@ -128,6 +128,22 @@ def test_add_rmsnorm_matches_unfused(rows, n):
     torch.testing.assert_close(out.float(), want, rtol=1e-2, atol=1e-2)
 
 
+@pytest.mark.parametrize("rows", [1, 4])
+@pytest.mark.parametrize("n", [576, 37])
+def test_rmsnorm_matches_fp32_and_the_residual_kernel(rows, n):
+    torch.manual_seed(rows + n)
+    x, w = torch.randn(rows, n).to(torch.bfloat16), torch.randn(n).to(torch.bfloat16)
+    got = cpu_kernels.rmsnorm(x, w, 1e-5)
+    xf = x.float()
+    want = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * w.float()
+    torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
+    # F.rms_norm's formula rounded once: at most one bf16 ulp from it (sum order may differ)
+    ref = torch.nn.functional.rms_norm(x, (n,), w, 1e-5)
+    assert ((got.view(torch.int16) - ref.view(torch.int16)).abs() <= 1).all()
+    # The same sum of squares as add_rmsnorm: with a zero residual the two are equal bit for bit
+    assert torch.equal(got, cpu_kernels.add_rmsnorm(x, torch.zeros_like(x), w, 1e-5)[0])
+
+
 @pytest.mark.parametrize("rows", [1, 2])
 @pytest.mark.parametrize("heads,d", [(12, 64), (3, 128), (2, 80)])
 def test_rope_kernel_bit_identical_to_torch_ops(rows, heads, d):
@@ -143,19 +159,21 @@ def test_rope_kernel_bit_identical_to_torch_ops(rows, heads, d):
 
 
 def test_model_layers_take_the_kernels_for_decode_rows(monkeypatch):
-    """RMSNorm(+residual), RoPE and the fused gate/up route a decode row to the C kernels."""
+    """RMSNorm (with and without residual), RoPE and the fused gate/up route a decode row to the
+    C kernels."""
     from kvserve.models import cpu_linear
     from kvserve.models.layers import RMSNorm, RotaryEmbedding, gate_up_silu_and_mul, rotate
 
     used = []
-    for name in ("rope", "add_rmsnorm", "gemv_silu_mul"):
+    for name in ("rmsnorm", "rope", "add_rmsnorm", "gemv_silu_mul"):
         real = getattr(cpu_kernels, name)
         monkeypatch.setattr(cpu_kernels, name, lambda *a, _r=real, _n=name: used.append(_n) or _r(*a))
     x = torch.randn(1, 64).to(torch.bfloat16)
     norm = RMSNorm(64, 1e-5).to(torch.bfloat16)
+    norm(x)
     norm.forward_with_residual(x, x)
     step = RotaryEmbedding(32, 10000.0, None).for_step(torch.tensor([7]), torch.bfloat16)
     rotate(torch.randn(1, 6, 32).to(torch.bfloat16), step)
     gate_up = cpu_linear.PackedLinear(torch.nn.Linear(64, 96, bias=False).to(torch.bfloat16))
     assert gate_up_silu_and_mul(gate_up, x).shape == (1, 48)
-    assert used == ["add_rmsnorm", "rope", "gemv_silu_mul"]
+    assert used == ["rmsnorm", "add_rmsnorm", "rope", "gemv_silu_mul"]
