@@ -51,6 +51,9 @@ class _Buffers:
         self.pin = device.type == "cuda"
         self.i64 = self._alloc(1 << 14, torch.int64)
         self.i32 = self._alloc(1 << 14, torch.int32)
+        # numpy views of the whole buffers, made once: slicing them is cheaper than slicing the
+        # tensors and converting every step (that counts in a CPU decode step)
+        self.np64, self.np32 = self.i64.numpy(), self.i32.numpy()
         self.tokens = self._alloc(1024, torch.int64)
         self.n64 = self.n32 = 0
         self.event: torch.cuda.Event | None = None
@@ -62,10 +65,12 @@ class _Buffers:
         """Writable numpy views of the first n64 int64 and n32 int32 staging elements."""
         if n64 > self.i64.numel():
             self.i64 = self._alloc(max(n64, 2 * self.i64.numel()), torch.int64)
+            self.np64 = self.i64.numpy()
         if n32 > self.i32.numel():
             self.i32 = self._alloc(max(n32, 2 * self.i32.numel()), torch.int32)
+            self.np32 = self.i32.numpy()
         self.n64, self.n32 = n64, n32
-        return self.i64[:n64].numpy(), self.i32[:n32].numpy()
+        return self.np64[:n64], self.np32[:n32]
 
     def upload(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Device copies of what `host()` handed out (queued, not waited for)."""
