@@ -7,6 +7,9 @@
 - `decode_attention`: paged decode attention over a bf16 cache, reading keys and values in
   place through the block table (PyTorch needs a gather copy and then several small matmuls
   whose fixed costs dominate at decode sizes).
+- `rmsnorm`, `add_rmsnorm`, `rope`, `gemv_silu_mul`: the row ops of a decode step, one pass each.
+- `kv_decoder_stack_bf16`: all of a Llama model's layers for a decode step in one call, bound
+  and driven by `models/cpu_decoder.py` (`library()` hands it the loaded library).
 
 They need an x86-64 CPU with AVX512-BF16 and a C compiler (`$CC`, else `cc`); they are
 compiled once into `$KVSERVE_CACHE_DIR` (default `~/.cache/kvserve`) and loaded with ctypes.
