@@ -152,6 +152,7 @@ class DecoderStack:
         out = torch.empty((m, self.hidden), dtype=torch.bfloat16)
         # [M, width] block tables, [M] lengths and slots: the step's sequences are its decodes, in order
         tables, lens, slots = md.block_tables, md.seq_lens, md.slot_mapping
+        # (rope's cos and sin_signed are fresh contiguous tensors from RotaryEmbedding.for_step)
         rc = self._lib.kv_decoder_stack_bf16(
             self.table.data_ptr(), self.num_layers, input_ids.data_ptr(), self.embed.data_ptr(),
             self.embed.shape[0], self.final_norm.data_ptr(), out.data_ptr(), rope.cos.data_ptr(),

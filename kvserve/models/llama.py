@@ -164,7 +164,7 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[torch.Tensor],
         md: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden]
-        stack = self._cpu_decoder(input_ids)
+        stack = self._cpu_decoder(input_ids)  # CPU bf16 decode of a few rows: one C call
         if stack is not None and stack.applies(input_ids, kv_caches, md):
             return stack(input_ids, self.rotary.for_step(positions, torch.bfloat16), md)
         h = self.embed_tokens(input_ids)
@@ -176,6 +176,7 @@ class LlamaForCausalLM(nn.Module):
         return h
 
     def _cpu_decoder(self, input_ids: torch.Tensor) -> DecoderStack | None:
+        """The one-call decoder stack for a step of these rows, built on first use, or None."""
         if self.cpu_decoder is False or input_ids.shape[0] > cpu_kernels.MAX_ROWS or input_ids.device.type != "cpu":
             return None
         if self.cpu_decoder is None:
