@@ -91,19 +91,27 @@ def _agree(ok: bool, cpu_group: Any) -> bool:
     return bool(t.item())
 
 
-def create(group: Any, cpu_group: Any, device: torch.device, max_bytes: int = DEFAULT_MAX_BYTES):
-    """The one-shot all-reduce for this rank, or None (NCCL only) with one log line saying why.
-    Collective: every rank of the group must call it, in the same order as the other start-up
-    collectives."""
-    if device.type != "cuda":
-        return None
+# Set once a group of this process used symmetric memory. PyTorch keeps per-process state
+# keyed by group name, and a later engine's group (a new store, the same name "0") would
+# rendezvous against the stale one while its freshly spawned peers use the new one: a hang.
+# So a second TP engine in one process (tests do that) stays on NCCL.
+_USED_IN_THIS_PROCESS = False
+
+
+def decide(cpu_group: Any) -> tuple[bool, str | None]:
+    """(use symmetric memory, why not): the same answer on every rank. Collective over the
+    gloo group; every rank runs the same collectives in the same order whatever it finds
+    locally (a rank that skipped one would leave its peers waiting in it)."""
     choice = os.environ.get(ENV, "auto").strip().lower()
     if choice not in ("auto", "nccl"):
         raise ValueError(f"{ENV}={choice!r}: expected 'auto' or 'nccl'")
+    same_host = _same_host(cpu_group)
     reason = None
     if choice == "nccl":
         reason = f"{ENV}=nccl"
-    elif not _same_host(cpu_group):
+    elif _USED_IN_THIS_PROCESS:
+        reason = "an earlier engine of this process set symmetric memory up (it is set up once per process)"
+    elif not same_host:
         reason = "the ranks are on different hosts"
     else:
         try:
@@ -114,8 +122,22 @@ def create(group: Any, cpu_group: Any, device: torch.device, max_bytes: int = DE
         except (ImportError, AttributeError, RuntimeError) as e:
             reason = f"symmetric memory is unavailable ({e})"
     if not _agree(reason is None, cpu_group):
-        logger.info("tensor parallel: all-reduce on NCCL (%s)", reason or "another rank cannot use symmetric memory")
+        return False, reason or "another rank cannot use symmetric memory"
+    return True, None
+
+
+def create(group: Any, cpu_group: Any, device: torch.device, max_bytes: int = DEFAULT_MAX_BYTES):
+    """The one-shot all-reduce for this rank, or None (NCCL only) with one log line saying why.
+    Collective: every rank of the group must call it, in the same order as the other start-up
+    collectives."""
+    global _USED_IN_THIS_PROCESS
+    if device.type != "cuda":
         return None
+    ok, reason = decide(cpu_group)
+    if not ok:
+        logger.info("tensor parallel: all-reduce on NCCL (%s)", reason)
+        return None
+    _USED_IN_THIS_PROCESS = True
     ar = None
     try:
         ar = OneShotAllReduce(group, device, max_bytes)

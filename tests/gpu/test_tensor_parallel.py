@@ -42,6 +42,29 @@ def _ids(outs) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outs]
 
 
+def test_tp2_one_shot_all_reduce_and_nccl_agree(tiny_model_factory, monkeypatch):
+    """Small all-reduces take the one-shot symmetric-memory kernel where the GPUs can reach
+    each other; with KVSERVE_TP_ALL_REDUCE=nccl they take NCCL. Both give TP=1's tokens.
+    First in this file: symmetric memory is set up once per process (one_shot.py), so only
+    the first TP engine of the pytest process can use it."""
+    folder, _ = tiny_model_factory("llama")
+    prompts = _prompts(5, seed=3)
+    args = dict(device="cuda", dtype="float32", **COMMON)
+    want = _ids(_generate(LLM(str(folder), **args), prompts))
+    for mode in ("nccl", "auto"):
+        monkeypatch.setenv("KVSERVE_TP_ALL_REDUCE", mode)
+        llm = LLM(str(folder), tensor_parallel_size=2, **args)
+        try:
+            one_shot = ps.get_tp().one_shot
+            if mode == "nccl":
+                assert one_shot is None
+            elif torch.cuda.can_device_access_peer(0, 1):
+                assert one_shot is not None
+            assert _ids(_generate(llm, prompts)) == want, mode
+        finally:
+            llm.engine.shutdown()
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "llama_kv1"])
 @pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
 def test_tp2_greedy_matches_tp1_fp32(tiny_model_factory, arch, graphs):
@@ -79,27 +102,6 @@ def test_tp2_bf16_within_tolerance(tiny_model_factory, graphs):
         assert g0.logprobs[0][tok].logprob == pytest.approx(w0.logprobs[0][tok].logprob, abs=0.1)
     agree = sum(a == b for g, w in zip(got, want) for a, b in zip(g.outputs[0].token_ids, w.outputs[0].token_ids))
     assert agree >= 0.8 * MAX_TOKENS * len(prompts)
-
-
-def test_tp2_one_shot_all_reduce_and_nccl_agree(tiny_model_factory, monkeypatch):
-    """Small all-reduces take the one-shot symmetric-memory kernel where the GPUs can reach
-    each other; with KVSERVE_TP_ALL_REDUCE=nccl they take NCCL. Both give TP=1's tokens."""
-    folder, _ = tiny_model_factory("llama")
-    prompts = _prompts(5, seed=3)
-    args = dict(device="cuda", dtype="float32", **COMMON)
-    want = _ids(_generate(LLM(str(folder), **args), prompts))
-    for mode in ("auto", "nccl"):
-        monkeypatch.setenv("KVSERVE_TP_ALL_REDUCE", mode)
-        llm = LLM(str(folder), tensor_parallel_size=2, **args)
-        try:
-            one_shot = ps.get_tp().one_shot
-            if mode == "nccl":
-                assert one_shot is None
-            elif torch.cuda.can_device_access_peer(0, 1):
-                assert one_shot is not None
-            assert _ids(_generate(llm, prompts)) == want, mode
-        finally:
-            llm.engine.shutdown()
 
 
 def test_tp2_killed_rank_fails_fast(tiny_model_factory):
