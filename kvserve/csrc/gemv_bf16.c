@@ -14,7 +14,7 @@
  */
 #include "bf16_kernels.h"
 
-int kv_gemv_abi_version(void) { return 4; }
+int kv_gemv_abi_version(void) { return 5; }
 
 void kv_gemv_bf16(const uint16_t *W, const uint16_t *x, uint16_t *y, const uint16_t *bias,
                   int M, int O, int I) {
@@ -45,6 +45,23 @@ void kv_rmsnorm_bf16(const uint16_t *x, const uint16_t *w, uint16_t *out, int M,
 void kv_add_rmsnorm_bf16(const uint16_t *x, const uint16_t *residual, const uint16_t *w, uint16_t *out,
                          uint16_t *sum, int M, int N, float eps) {
     add_rmsnorm_rows(x, residual, w, out, sum, M, N, eps);
+}
+
+/* RoPE factors of T positions for head dim D (rotate_half layout): cos[t] = cos(a), ssin[t] =
+ * (-sin(a[:D/2]), sin(a[D/2:])) with a[i] = pos_t * inv_freq[i % (D/2)] (the fp32 product, as
+ * PyTorch forms it), rounded to bf16; cos and ssin are [T, D]. */
+void kv_rope_factors_bf16(const int64_t *pos, const float *inv_freq, uint16_t *cos_out, uint16_t *ssin_out,
+                          int T, int D) {
+    const int half = D / 2;
+    for (int t = 0; t < T; ++t) {
+        const float p = (float)pos[t];
+        for (int i = 0; i < half; ++i) {
+            const float a = p * inv_freq[i], c = cosf(a), s = sinf(a);
+            cos_out[(int64_t)t * D + i] = cos_out[(int64_t)t * D + half + i] = to_bf16(c);
+            ssin_out[(int64_t)t * D + i] = to_bf16(-s);
+            ssin_out[(int64_t)t * D + half + i] = to_bf16(s);
+        }
+    }
 }
 
 void kv_rope_bf16(const uint16_t *x, int64_t x_stride, const uint16_t *cos, const uint16_t *ssin,

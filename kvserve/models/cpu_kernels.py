@@ -95,7 +95,7 @@ def _library() -> ctypes.CDLL | None:
             _build(lib_path)
         torch.zeros(1).add_(1)  # make sure PyTorch's OpenMP runtime is loaded first (shared)
         lib = ctypes.CDLL(str(lib_path))
-        if (lib.kv_gemv_abi_version(), lib.kv_decode_attn_abi_version(), lib.kv_decoder_stack_abi_version()) != (4, 3, 2):
+        if (lib.kv_gemv_abi_version(), lib.kv_decode_attn_abi_version(), lib.kv_decoder_stack_abi_version()) != (5, 3, 2):
             raise RuntimeError("stale kernel build")
     except (OSError, RuntimeError, subprocess.SubprocessError) as e:
         logger.warning("CPU C kernels unavailable (%s); using PyTorch", e)
@@ -108,6 +108,8 @@ def _library() -> ctypes.CDLL | None:
     lib.kv_rmsnorm_bf16.restype = None
     lib.kv_add_rmsnorm_bf16.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 2 + [ctypes.c_float]
     lib.kv_add_rmsnorm_bf16.restype = None
+    lib.kv_rope_factors_bf16.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 2
+    lib.kv_rope_factors_bf16.restype = None
     lib.kv_rope_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 3 + [ctypes.c_int] * 3
     lib.kv_rope_bf16.restype = None
     lib.kv_decode_attn_bf16.argtypes = (
@@ -161,6 +163,17 @@ def gemv_silu_mul(weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     out = torch.empty((m, n), dtype=torch.bfloat16)
     _library().kv_gemv_silu_mul_bf16(weight.data_ptr(), x.data_ptr(), out.data_ptr(), m, n, weight.shape[1])
     return out
+
+
+def rope_factors(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin_signed) [T, 1, D] bf16 for int64 `positions` [T] and fp32 `inv_freq` [D/2]: what
+    `RotaryEmbedding.for_step` builds in a dozen PyTorch ops, in one call (libm's sinf/cosf
+    where PyTorch uses its vectorized ones: the bf16 results agree to within one ulp)."""
+    positions, inv_freq = positions.contiguous(), inv_freq.float().contiguous()
+    t, d = positions.shape[0], 2 * inv_freq.shape[0]
+    cos, sin_signed = torch.empty((t, 1, d), dtype=torch.bfloat16), torch.empty((t, 1, d), dtype=torch.bfloat16)
+    _library().kv_rope_factors_bf16(positions.data_ptr(), inv_freq.data_ptr(), cos.data_ptr(), sin_signed.data_ptr(), t, d)
+    return cos, sin_signed
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:

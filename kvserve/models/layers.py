@@ -91,7 +91,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
 class RotaryEmbedding(nn.Module):
     """Non-interleaved RoPE (rotate_half). One instance per model: cos/sin are computed once
     per step for the step's positions and shared by every layer. On CUDA a cos/sin table for
-    every position is built once and a fused kernel rotates q and k in place."""
+    every position is built once and a fused kernel rotates q and k in place; for a few bf16
+    rows on a CPU with the C kernels, one C call computes the step's cos/sin."""
 
     def __init__(
         self, head_dim: int, theta: float, scaling: dict[str, Any] | None, max_positions: int = 0
@@ -111,6 +112,12 @@ class RotaryEmbedding(nn.Module):
                 # Built on the first (eager) step, before any CUDA graph is captured.
                 table = self._cos_sin_table = fused_ops.build_cos_sin(self.inv_freq, self.max_positions)
             return StepRope(positions=positions, cos_sin_table=table)
+        if (
+            dtype == torch.bfloat16 and positions.device.type == "cpu" and positions.dtype == torch.int64
+            and positions.shape[0] <= cpu_kernels.MAX_ROWS and cpu_kernels.library() is not None
+        ):  # CPU decode: one call (a dozen PyTorch ops cost ~0.1 ms of a batch-1 step)
+            cos, sin_signed = cpu_kernels.rope_factors(positions, self.inv_freq)
+            return StepRope(cos=cos, sin_signed=sin_signed)
         cos, sin = self.cos_sin(positions, dtype)
         half = self.head_dim // 2
         sin_signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)

@@ -158,14 +158,36 @@ def test_rope_kernel_bit_identical_to_torch_ops(rows, heads, d):
     assert torch.equal(cpu_kernels.rope(x, step.cos, step.sin_signed), want)
 
 
+@pytest.mark.parametrize("d,theta,scaling", [
+    (64, 100000.0, None),
+    (128, 500000.0, {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    (80, 10000.0, None),
+])
+def test_rope_factors_match_torch_within_one_ulp(d, theta, scaling):
+    """One C call against RotaryEmbedding's PyTorch ops (libm vs vectorized sin/cos: the bf16
+    factors may differ by one ulp, rarely)."""
+    from kvserve.models.layers import RotaryEmbedding
+
+    rot = RotaryEmbedding(d, theta, scaling)
+    pos = torch.arange(0, 32768, 7)
+    cos, sin = rot.cos_sin(pos, torch.bfloat16)
+    sin_signed = torch.cat((-sin[..., : d // 2], sin[..., d // 2 :]), dim=-1)
+    got_cos, got_sin = cpu_kernels.rope_factors(pos, rot.inv_freq)
+    assert got_cos.shape == got_sin.shape == (len(pos), 1, d) and got_cos.dtype == torch.bfloat16
+    for got, want in ((got_cos, cos), (got_sin, sin_signed)):
+        ulps = (got.view(torch.int16).int() - want.view(torch.int16).int()).abs()
+        assert ulps.max() <= 1 and (ulps > 0).float().mean() < 1e-3
+
+
 def test_model_layers_take_the_kernels_for_decode_rows(monkeypatch):
-    """RMSNorm (with and without residual), RoPE and the fused gate/up route a decode row to the
-    C kernels."""
+    """RMSNorm (with and without residual), RoPE (factors and rotation) and the fused gate/up
+    route a decode row to the C kernels."""
     from kvserve.models import cpu_linear
     from kvserve.models.layers import RMSNorm, RotaryEmbedding, gate_up_silu_and_mul, rotate
 
     used = []
-    for name in ("rmsnorm", "rope", "add_rmsnorm", "gemv_silu_mul"):
+    for name in ("rmsnorm", "rope_factors", "rope", "add_rmsnorm", "gemv_silu_mul"):
         real = getattr(cpu_kernels, name)
         monkeypatch.setattr(cpu_kernels, name, lambda *a, _r=real, _n=name: used.append(_n) or _r(*a))
     x = torch.randn(1, 64).to(torch.bfloat16)
@@ -176,4 +198,4 @@ def test_model_layers_take_the_kernels_for_decode_rows(monkeypatch):
     rotate(torch.randn(1, 6, 32).to(torch.bfloat16), step)
     gate_up = cpu_linear.PackedLinear(torch.nn.Linear(64, 96, bias=False).to(torch.bfloat16))
     assert gate_up_silu_and_mul(gate_up, x).shape == (1, 48)
-    assert used == ["rmsnorm", "add_rmsnorm", "rope", "gemv_silu_mul"]
+    assert used == ["rmsnorm", "add_rmsnorm", "rope_factors", "rope", "gemv_silu_mul"]
