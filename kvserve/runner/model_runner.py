@@ -24,7 +24,7 @@ from kvserve.core.config import CacheConfig, ModelConfig
 from kvserve.core.sampling_params import SamplingParams
 from kvserve.core.scheduler import SchedulerOutput
 from kvserve.runner.inputs import HostTables, StagingBuffers
-from kvserve.runner.sampler import Sampler, SamplingBatch, compute_logprobs
+from kvserve.runner.sampler import Sampler, SamplingBatch, compute_logprobs, greedy_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -337,7 +337,7 @@ class ModelRunner:
         # Sampler.__call__ reads the ids back itself; its two halves do not, so the wait is
         # left to PendingStep.result() (same tokens as Sampler.__call__).
         processed = self.sampler.process_logits(logits, batch)
-        tokens = processed.argmax(dim=-1) if batch.all_greedy else self.sampler.sample(processed, batch)  # [N]
+        tokens = greedy_tokens(processed) if batch.all_greedy else self.sampler.sample(processed, batch)  # [N]
         lp_rows = [i for i, st in enumerate(states) if st.sampling_params.logprobs is not None]
         job = None
         if lp_rows:

@@ -84,6 +84,15 @@ class SamplerOutput:
     logprobs: list[LogprobEntry | None] = field(default_factory=list)
 
 
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """The argmax of each row of [N, V] logits -> [N] int64 (the first of equal maxima). One row
+    is reduced flat: on CPU PyTorch's row-wise argmax over a single long row takes about twice
+    as long (80 vs 45 us for a 49k vocabulary), once per step of batch-1 decode."""
+    if logits.shape[0] == 1:
+        return logits.reshape(-1).argmax().view(1)
+    return logits.argmax(dim=-1)
+
+
 class Sampler:
     def __init__(self, default_generator: torch.Generator | None = None) -> None:
         self.default_generator = default_generator
@@ -92,7 +101,7 @@ class Sampler:
         # logits: [N, V] fp32
         raw = logits
         logits = self.process_logits(logits, batch)
-        tokens = logits.argmax(dim=-1) if batch.all_greedy else self.sample(logits, batch)  # [N]
+        tokens = greedy_tokens(logits) if batch.all_greedy else self.sample(logits, batch)  # [N]
         out = SamplerOutput(tokens.tolist())
         lp_rows = [i for i, p in enumerate(batch.params) if p.logprobs is not None]
         if lp_rows:
@@ -165,7 +174,7 @@ class Sampler:
         greedy = [i for i, p in enumerate(params) if p.greedy]
         if greedy:
             g_idx = _index(greedy, dev)
-            tokens[g_idx] = _rows(logits, greedy, g_idx).argmax(dim=-1)
+            tokens[g_idx] = greedy_tokens(_rows(logits, greedy, g_idx))
         rand = [i for i, p in enumerate(params) if not p.greedy]
         if not rand:
             return tokens

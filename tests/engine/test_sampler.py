@@ -13,7 +13,7 @@ import torch
 
 from kvserve import LLM, SamplingParams
 import kvserve.runner.sampler as sampler_module
-from kvserve.runner.sampler import Sampler, SamplingBatch, inverse_cdf, truncation_cutoffs
+from kvserve.runner.sampler import Sampler, SamplingBatch, greedy_tokens, inverse_cdf, truncation_cutoffs
 from tests.conftest import TINY_VOCAB
 
 EOS = 1
@@ -313,3 +313,16 @@ def test_nucleus_radix_select_matches_sort():
         before = torch.cat([torch.zeros(1, dtype=torch.float64), vals.cumsum(0)[:-1]])
         crossing = int((before < top_p[r] * vals.sum()).sum()) - 1
         assert got[r].item() == vals[crossing].float().item(), r
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_greedy_tokens_is_the_first_row_argmax(rows):
+    torch.manual_seed(rows)
+    logits = torch.randn(rows, 49152)
+    logits[:, 7] = logits[:, 40000] = 10.0  # a tie: the first index wins, as torch.argmax
+    logits[-1, 123] = 11.0
+    got = greedy_tokens(logits)
+    assert got.dtype == torch.int64 and got.shape == (rows,)
+    assert torch.equal(got, logits.argmax(dim=-1))
+    assert got.tolist() == [7] * (rows - 1) + [123]
+    assert greedy_tokens(logits[-1:]).tolist() == [123]  # a one-row view of a batch
