@@ -282,32 +282,36 @@ class ModelRunner:
         ends = [s + n for s, n in zip(starts, nums)]
         width = max(-(-e // bs) for e in ends)
         i64, i32 = buf.host(3 * num_tokens, (num_seqs + 1) + num_seqs + len(sample_rows) + num_seqs * width)
-        ids = i64[:num_tokens]
-        if num_tokens == num_seqs:  # all decodes: one token each
+        ids, pos, slots = i64[:num_tokens], i64[num_tokens : 2 * num_tokens], i64[2 * num_tokens :]
+        qsl = i32[: num_seqs + 1]
+        table = self.tables.table
+        if num_tokens == num_seqs:
+            # All decodes: one token per sequence, at position `start`. Plain Python over the
+            # rows: a handful of numpy calls cost more than these loops in a batch-1 CPU step.
             ids[:] = [st.token_ids[s] for st, s in zip(states, starts)]
+            pos[:] = starts
+            slots[:] = [int(table[st.row, s // bs]) * bs + s % bs for st, s in zip(states, starts)]
+            qsl[:] = range(num_seqs + 1)
         else:
             flat: list[int] = []
             for st, s, e in zip(states, starts, ends):
                 flat.extend(st.token_ids[s:e])
             ids[:] = flat
-        qsl = i32[: num_seqs + 1]
-        qsl[0] = 0
-        np.cumsum(nums, out=qsl[1:])
-        rows = np.fromiter((st.row for st in states), dtype=np.int64, count=num_seqs)
-        nums_np = np.asarray(nums, dtype=np.int64)
-        # Position of each token: its index in the step minus its sequence's first row, plus
-        # the sequence's computed prefix.
-        pos = i64[num_tokens : 2 * num_tokens]
-        pos[:] = np.arange(num_tokens) - np.repeat(qsl[:-1].astype(np.int64) - np.asarray(starts), nums_np)
-        tok_rows = np.repeat(rows, nums_np)
-        blocks = self.tables.table[tok_rows, pos // bs]
-        i64[2 * num_tokens : 3 * num_tokens] = blocks * bs + pos % bs
+            qsl[0] = 0
+            np.cumsum(nums, out=qsl[1:])
+            rows_np = np.fromiter((st.row for st in states), dtype=np.int64, count=num_seqs)
+            nums_np = np.asarray(nums, dtype=np.int64)
+            # Position of each token: its index in the step minus its sequence's first row, plus
+            # the sequence's computed prefix.
+            pos[:] = np.arange(num_tokens) - np.repeat(qsl[:-1].astype(np.int64) - np.asarray(starts), nums_np)
+            blocks = table[np.repeat(rows_np, nums_np), pos // bs]
+            slots[:] = blocks * bs + pos % bs
         o = num_seqs + 1
         i32[o : o + num_seqs] = ends
         o += num_seqs
         i32[o : o + len(sample_rows)] = sample_rows
         o += len(sample_rows)
-        i32[o : o + num_seqs * width].reshape(num_seqs, width)[:] = self.tables.table[rows, :width]
+        i32[o : o + num_seqs * width].reshape(num_seqs, width)[:] = table[[st.row for st in states], :width]
         d64, d32 = buf.upload()
         o = 2 * num_seqs + 1
         md = AttentionMetadata(
