@@ -172,14 +172,20 @@ class TPGroup:
         where the next step is launched before the last one's outputs are built) one whose
         NCCL kernels were queued before the death. gloo fails such collectives by itself;
         NCCL needs an abort, and if even that leaves a step blocked for `_ABORT_GRACE_S`, the
-        process ends with the error. No new step starts after a failure (`step_guard`)."""
+        process ends with the error. The abort runs on its own thread: it can block too (the
+        one-shot all-reduce kernel spins on the dead peer's signal and NCCL cannot stop it),
+        and the deadline must still fire. No new step starts after a failure (`step_guard`)."""
         failed_at = time.monotonic()
         tp = ps.get_tp()
         if tp.group is not None and dist.is_initialized() and dist.get_backend(tp.group) == "nccl":
             abort = getattr(dist.distributed_c10d, "_abort_process_group", None)
             if abort is not None:
-                with contextlib.suppress(Exception):
-                    abort(tp.group)
+
+                def run_abort() -> None:
+                    with contextlib.suppress(Exception):
+                        abort(tp.group)
+
+                threading.Thread(target=run_abort, name="kvserve-tp-abort", daemon=True).start()
         while not self._closed:
             if self._busy and time.monotonic() - max(failed_at, self._step_started) > _ABORT_GRACE_S:
                 print(f"kvserve: fatal: {msg}\nkvserve: a collective is still blocked; exiting",
