@@ -59,6 +59,10 @@ class OneShotAllReduce:
         self._op = torch.ops.symm_mem.one_shot_all_reduce_copy_out
 
     def eligible(self, x: torch.Tensor) -> bool:
+        # Every rank must decide the same for the same call, or one would wait in NCCL for a
+        # peer waiting in this kernel: each test depends only on the shape, dtype, strides and
+        # view offset (the caching allocator's blocks are 512-byte aligned), all equal on every
+        # rank because every rank runs the same code on the same shapes.
         nbytes = x.numel() * x.element_size()
         return (
             x.is_cuda
