@@ -133,3 +133,24 @@ def test_models_it_does_not_support_keep_the_layers(tiny_model_factory, arch, dt
     with torch.inference_mode():
         model(*_decode_step(1, 7, model.config, getattr(torch, dtype)))
     assert model.cpu_decoder is False
+
+
+def test_stack_result_does_not_depend_on_the_thread_count(tiny_model_factory):
+    """Threads split weight rows and attention items, never a sum: 1 and 3 threads agree bit for
+    bit with the default."""
+    model = _model(tiny_model_factory, "smollm2")
+    ids, pos, caches, md = _decode_step(3, seed=11, cfg=model.config)
+    results = []
+    default = torch.get_num_threads()
+    try:
+        for n in (default, 1, 3):
+            torch.set_num_threads(n)
+            step_caches = [c.clone() for c in caches]
+            with torch.inference_mode():
+                results.append((model(ids, pos, step_caches, _fresh(md)), step_caches))
+    finally:
+        torch.set_num_threads(default)
+    assert model.cpu_decoder.num_steps == 3
+    for hidden, step_caches in results[1:]:
+        assert torch.equal(hidden, results[0][0])
+        assert all(torch.equal(a, b) for a, b in zip(step_caches, results[0][1]))
