@@ -14,6 +14,7 @@ from kvserve.attention.base import AttentionMetadata
 from kvserve.engine.trace import RecordingBackend
 from kvserve.models import cpu_kernels
 from kvserve.models.cpu_decoder import DecoderStack
+from tests.models.decode_metadata import decode_metadata
 
 pytestmark = pytest.mark.skipif(cpu_kernels.library() is None, reason="no AVX512-BF16 CPU or C compiler")
 
@@ -38,18 +39,7 @@ def _decode_step(rows: int, seed: int, cfg, dtype=torch.bfloat16):
     for i, n in enumerate(lens):
         tables[i, -(-n // BS):] = 0  # past a sequence's last block, as the runner pads
     slots = torch.tensor([int(tables[i, (n - 1) // BS]) * BS + (n - 1) % BS for i, n in enumerate(lens)])
-    md = AttentionMetadata(
-        query_start_loc=torch.arange(rows + 1, dtype=torch.int32),
-        seq_lens=torch.tensor(lens, dtype=torch.int32),
-        block_tables=tables,
-        slot_mapping=slots,
-        max_query_len=1,
-        max_seq_len=max(lens),
-        query_start_loc_cpu=list(range(rows + 1)),
-        seq_lens_cpu=lens,
-        block_size=BS,
-        is_pure_decode=True,
-    )
+    md = decode_metadata(tables, lens, slots, BS)
     ids = torch.randint(0, cfg.vocab_size, (rows,))
     return ids, torch.tensor(lens) - 1, caches, md
 

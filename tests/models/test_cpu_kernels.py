@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
-from kvserve.attention.base import AttentionMetadata
 from kvserve.attention.torch_ref import TorchRefBackend
 from kvserve.models import cpu_kernels
+from tests.models.decode_metadata import decode_metadata
 
 pytestmark = pytest.mark.skipif(
     not cpu_kernels.attention_available(), reason="no AVX512-BF16 CPU or C compiler"
@@ -70,18 +70,7 @@ def test_backend_uses_kernel_and_agrees_with_torch_path(num_seqs, monkeypatch):
     slots = torch.tensor([tables[i, (n - 1) // bs].item() * bs + (n - 1) % bs for i, n in enumerate(lens)])
 
     def metadata():
-        return AttentionMetadata(
-            query_start_loc=torch.arange(num_seqs + 1, dtype=torch.int32),
-            seq_lens=torch.tensor(lens, dtype=torch.int32),
-            block_tables=tables,
-            slot_mapping=slots,
-            max_query_len=1,
-            max_seq_len=max(lens),
-            query_start_loc_cpu=list(range(num_seqs + 1)),
-            seq_lens_cpu=lens,
-            block_size=bs,
-            is_pure_decode=True,
-        )
+        return decode_metadata(tables, lens, slots, bs)
 
     q = torch.randn(num_seqs, hq, d).to(torch.bfloat16)
     k = torch.randn(num_seqs, hkv, d).to(torch.bfloat16)
