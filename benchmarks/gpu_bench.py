@@ -98,18 +98,24 @@ def gemv_read_bw(n: int, k: int, reps: int = 50, triton_gemv: bool = False) -> f
             triton_ops.gemv(x, w[i[0]])
         else:
             x @ w[i[0]].t()
-    gemv()
+    return n * k * 2 / events_time(gemv, reps)
+
+
+def events_time(fn, reps: int = 50) -> float:
+    """Median seconds of fn() over `reps` calls, timed with CUDA events in groups of 10 back to
+    back (no idle gap between launches)."""
+    fn()
     torch.cuda.synchronize()
     times = []
-    for _ in range(reps // 10):  # 10 back to back per timing: no idle gap between launches
+    for _ in range(reps // 10):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         for _ in range(10):
-            gemv()
+            fn()
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) / 1e3 / 10)
-    return n * k * 2 / statistics.median(times)
+    return statistics.median(times)
 
 
 # Large GEMVs (512 MiB - 1 GiB each): the ceiling is the best of them (cuBLAS and Triton). cuBLAS picks a different

@@ -23,25 +23,16 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.gpu_bench import ceilings, kv_bytes_per_token, kvserve_decode, log, model_folder, weight_read_bytes
+from benchmarks.gpu_bench import (
+    ceilings,
+    events_time,
+    kv_bytes_per_token,
+    kvserve_decode,
+    log,
+    model_folder,
+    weight_read_bytes,
+)
 from kvserve import LLM, SamplingParams
-
-
-def events_time(fn, reps: int = 50) -> float:
-    """Median seconds of fn() over `reps` calls timed back to back in groups of 10."""
-    fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps // 10):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(10):
-            fn()
-        b.record()
-        b.synchronize()
-        out.append(a.elapsed_time(b) / 1e3 / 10)
-    out.sort()
-    return out[len(out) // 2]
 
 
 def gemv_bw(n: int, k: int) -> float:
