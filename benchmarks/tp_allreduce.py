@@ -1,12 +1,14 @@
-"""All-reduce latency on the GPUs of one host: NCCL vs kvserve's one-shot symmetric-memory path.
+"""All-reduce latency on the GPUs of one host: NCCL vs kvserve's one-shot symmetric-memory path,
+and the all-reduce + residual add + RMSNorm pair that every TP layer runs after a row-parallel
+projection: unfused (one-shot all-reduce, then the Triton add-and-norm) vs the fused kernel.
 
     python benchmarks/tp_allreduce.py              # 2 GPUs
     python benchmarks/tp_allreduce.py --ranks 4
 
 The decode step of a TP model makes two all-reduces per layer of `rows x hidden` bf16. This
-times exactly that: for each size, a CUDA graph of 64 back-to-back in-place all-reduces is
-captured once per path and replayed; the table shows microseconds per all-reduce (median of 5
-timed replays after 3 warm-up ones) and checks that both paths give the same sums.
+times exactly that: for each size, a CUDA graph of 64 back-to-back calls is captured once per
+path and replayed; the table shows microseconds per call (median of 5 timed replays after 3
+warm-up ones) and checks that the paths give the same results.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ def _time_graph(fn, device) -> float:
 
 def worker(rank: int, size: int, port: int, hidden: int, rows_list: list[int], q) -> None:
     from kvserve.distributed import one_shot
+    from kvserve.models import triton_ops
 
     device = torch.device("cuda", rank)
     torch.cuda.set_device(device)
@@ -74,9 +77,27 @@ def worker(rank: int, size: int, port: int, hidden: int, rows_list: list[int], q
         y = x.clone()
         nccl_us = _time_graph(lambda: dist.all_reduce(y), device)
         one_us = _time_graph(lambda: ar(y), device) if used else float("nan")
-        results.append((rows, rows * hidden * 2, nccl_us, one_us, err))
+        # The layer's pair: all-reduce, then residual add + RMSNorm.
+        res = torch.randn(rows, hidden, dtype=torch.bfloat16, device=device)
+        w = torch.randn(hidden, dtype=torch.bfloat16, device=device)
+        unfused_us = fused_us = float("nan")
+        same = "-"
+        if used:
+            def unfused():
+                ar(y)
+                return triton_ops.rmsnorm(y, w, 1e-5, res)
+
+            unfused_us = _time_graph(unfused, device)
+        if used and ar.norm is not None:
+            fused_us = _time_graph(lambda: ar.norm(y, res, w, 1e-5), device)
+            z = x.clone()
+            out, summed = ar.norm(z, res, w, 1e-5)
+            ar(z)
+            want_out, want_res = triton_ops.rmsnorm(z, w, 1e-5, res)
+            same = "yes" if torch.equal(out, want_out) and torch.equal(summed, want_res) else "NO"
+        results.append((rows, rows * hidden * 2, nccl_us, one_us, err, unfused_us, fused_us, same))
     if rank == 0:
-        q.put((torch.cuda.get_device_name(0), ar is not None, results))
+        q.put((torch.cuda.get_device_name(0), ar is not None and ar.norm is not None, results))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -102,11 +123,13 @@ def main() -> None:
     for p in procs:
         p.join(60)
     print(f"{args.ranks} x {card}, torch {torch.__version__}, bf16 rows x {args.hidden}, "
-          f"graph of {CALLS} in-place all-reduces, median of 5 replays; one-shot enabled: {enabled}")
-    print("| rows | KiB | NCCL us | one-shot us | max abs diff vs fp32 NCCL |")
-    print("|---|---|---|---|---|")
-    for rows_, nbytes, nccl_us, one_us, err in results:
-        print(f"| {rows_} | {nbytes >> 10} | {nccl_us:.1f} | {one_us:.1f} | {err:.3g} |")
+          f"graph of {CALLS} calls, median of 5 replays; fused all-reduce + RMSNorm enabled: {enabled}")
+    print("| rows | KiB | NCCL us | one-shot us | max abs diff vs fp32 NCCL | one-shot + add&norm us "
+          "| fused us | fused == unfused |")
+    print("|---|---|---|---|---|---|---|---|")
+    for rows_, nbytes, nccl_us, one_us, err, unfused_us, fused_us, same in results:
+        print(f"| {rows_} | {nbytes >> 10} | {nccl_us:.1f} | {one_us:.1f} | {err:.3g} | {unfused_us:.1f} "
+              f"| {fused_us:.1f} | {same} |")
 
 
 if __name__ == "__main__":

@@ -70,16 +70,35 @@ def profile_decode(llm, tp: int, steps: int = 64) -> dict:
     while eng.has_unfinished_requests():
         eng.step()
     per_kernel: dict[str, float] = {}
+    spans: list[tuple[float, float]] = []  # (start, end) of every kernel, µs
     for ev in prof.events():
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             per_kernel[ev.name] = per_kernel.get(ev.name, 0.0) + ev.device_time_total
+            spans.append((ev.time_range.start, ev.time_range.end))
     busy = sum(per_kernel.values())
+    # Idle time between kernels, by gap length: short gaps are the GPU's own dispatch between
+    # the kernels of a graph; long ones are the host (sampling wait, scheduling, plan, launch).
+    spans.sort()
+    buckets = {"<3us": 0.0, "3-10us": 0.0, "10-50us": 0.0, ">=50us": 0.0}
+    counts = dict.fromkeys(buckets, 0)
+    end = spans[0][1] if spans else 0.0
+    for a, b in spans[1:]:
+        gap = a - end
+        if gap > 0:
+            key = "<3us" if gap < 3 else "3-10us" if gap < 10 else "10-50us" if gap < 50 else ">=50us"
+            buckets[key] += gap
+            counts[key] += 1
+        end = max(end, b)
     log(f"[tp={tp}] profile: {steps} decode steps, wall {wall / steps * 1e6:.0f} us/step, "
-        f"rank-0 kernels {busy / steps:.0f} us/step")
-    for name, us in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]:
+        f"rank-0 kernels {busy / steps:.0f} us/step, {len(spans) / steps:.0f} kernels/step")
+    log(f"    idle between kernels, us/step (gaps/step): "
+        + ", ".join(f"{k} {v / steps:.0f} ({counts[k] / steps:.1f})" for k, v in buckets.items()))
+    for name, us in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:16]:
         log(f"    {us / steps:8.1f} us/step  {name[:110]}")
     return {"wall_us_per_step": wall / steps * 1e6, "kernel_us_per_step": busy / steps,
-            "top_kernels_us_per_step": {k[:110]: v / steps for k, v in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:12]}}
+            "kernels_per_step": len(spans) / steps,
+            "idle_us_per_step": {k: v / steps for k, v in buckets.items()},
+            "top_kernels_us_per_step": {k[:110]: v / steps for k, v in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:16]}}
 
 
 def run_child(tp: int, sections: set[str], num_requests: int, out_path: Path, smoke: bool,

@@ -3,7 +3,8 @@
 Column- and row-parallel projections are plain `nn.Linear`s of the local shard's shape (so CPU
 weight prepacking and every fused GPU path apply to them unchanged); the model adds one
 `all_reduce` after each row-parallel projection, and the loader slices the checkpoint (see
-`LlamaForCausalLM.weight_shard`). Only the vocabulary-parallel embedding needs its own module.
+`LlamaForCausalLM.weight_shard`), fused with the RMSNorm after it where it can
+(`parallel_state.all_reduce_rmsnorm`). Only the vocabulary-parallel embedding needs its own module.
 At tensor_parallel_size 1 the models build `nn.Embedding` instead.
 """
 
@@ -18,7 +19,8 @@ from kvserve.distributed import parallel_state as ps
 
 class VocabParallelEmbedding(nn.Module):
     """Rows [start, start + per) of the embedding table; ids outside them give zeros, and the
-    all-reduce sums the one rank that owns each id."""
+    all-reduce sums the one rank that owns each id. `partial()` leaves that all-reduce to the
+    caller (the model fuses it with the first layer's RMSNorm)."""
 
     def __init__(self, vocab_size: int, hidden_size: int) -> None:
         super().__init__()
@@ -27,8 +29,11 @@ class VocabParallelEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(self.per_rank, hidden_size))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, hidden]
+        return ps.all_reduce(self.partial(input_ids))
+
+    def partial(self, input_ids: torch.Tensor) -> torch.Tensor:  # [T] -> this rank's rows only
         local = input_ids - self.start
         outside = (local < 0) | (local >= self.per_rank)
         h = F.embedding(local.masked_fill(outside, 0), self.weight)
         h.masked_fill_(outside[:, None], 0)
-        return ps.all_reduce(h)
+        return h

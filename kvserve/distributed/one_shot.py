@@ -33,6 +33,7 @@ import torch.distributed as dist
 logger = logging.getLogger(__name__)
 
 ENV = "KVSERVE_TP_ALL_REDUCE"  # "auto" (default) or "nccl"
+NORM_ENV = "KVSERVE_TP_FUSED_NORM"  # "1" (default) or "0": all-reduce and RMSNorm as two kernels
 # The buffer (per rank) and so the largest tensor sent this way. Decode graphs reach
 # max_num_seqs rows: 256 rows of a 4096-wide bf16 hidden state are 2 MiB.
 DEFAULT_MAX_BYTES = 2 << 20
@@ -57,6 +58,9 @@ class OneShotAllReduce:
         self.buffer = symm_mem.empty(max_bytes, dtype=torch.uint8, device=device)
         symm_mem.rendezvous(self.buffer, group=self.group_name)
         self._op = torch.ops.symm_mem.one_shot_all_reduce_copy_out
+        # All-reduce + residual add + RMSNorm in one kernel (one_shot_norm.py), set by create()
+        # once every rank has it working; None: all-reduce here, then the separate norm.
+        self.norm: Any = None
 
     def eligible(self, x: torch.Tensor) -> bool:
         # Every rank must decide the same for the same call, or one would wait in NCCL for a
@@ -159,6 +163,50 @@ def create(group: Any, cpu_group: Any, device: torch.device, max_bytes: int = DE
     if not _agree(ar is not None, cpu_group):
         logger.warning("tensor parallel: all-reduce on NCCL (%s)", reason or "symmetric memory failed on another rank")
         return None
-    logger.info("tensor parallel: one-shot all-reduce over symmetric memory for tensors up to %d KiB",
-                max_bytes >> 10)
+    ar.norm = _create_norm(group, cpu_group, device, max_bytes)
+    logger.info("tensor parallel: one-shot all-reduce over symmetric memory for tensors up to %d KiB%s",
+                max_bytes >> 10, ", fused with the following RMSNorm" if ar.norm is not None else "")
     return ar
+
+
+def _create_norm(group: Any, cpu_group: Any, device: torch.device, max_bytes: int):
+    """The fused all-reduce + RMSNorm (one_shot_norm.py), or None. Collective, in three agreed
+    stages so that no rank launches the kernel (which waits for its peers' flags) unless every
+    rank has compiled it: set-up, compile, a test call against the known answer."""
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
+    fused, reason = None, None
+    if not _agree(os.environ.get(NORM_ENV, "1").strip() != "0", cpu_group):
+        logger.info("tensor parallel: all-reduce and RMSNorm stay separate (%s=0)", NORM_ENV)
+        return None
+    try:
+        from kvserve.distributed.one_shot_norm import AllReduceRMSNorm
+
+        fused = AllReduceRMSNorm(group.group_name, size, device, max_bytes)
+    except Exception as e:  # noqa: BLE001 - any failure: the unfused path
+        reason, fused = f"{type(e).__name__}: {e}", None
+    if not _agree(fused is not None, cpu_group):
+        logger.info("tensor parallel: all-reduce and RMSNorm stay separate (%s)", reason or "another rank")
+        return None
+    x = torch.full((2, 1000), float(rank + 1), dtype=torch.bfloat16, device=device)
+    res = torch.ones_like(x)
+    w = torch.ones(1000, dtype=torch.bfloat16, device=device)
+    try:
+        fused.compile(x, res, w)
+    except Exception as e:  # noqa: BLE001
+        reason, fused = f"{type(e).__name__}: {e}", None
+    if not _agree(fused is not None, cpu_group):
+        logger.warning("tensor parallel: all-reduce and RMSNorm stay separate (%s)", reason or "another rank")
+        return None
+    try:
+        want = size * (size + 1) / 2 + 1
+        for _ in range(3):  # both buffer slots, and one reuse
+            out, summed = fused(x, res, w, 1e-6)
+        torch.cuda.synchronize(device)
+        if not bool((summed == want).all()) or not bool(((out.float() - 1).abs() < 1e-2).all()):
+            raise RuntimeError("test all-reduce + RMSNorm gave a wrong result")
+    except Exception as e:  # noqa: BLE001
+        reason, fused = f"{type(e).__name__}: {e}", None
+    if not _agree(fused is not None, cpu_group):
+        logger.warning("tensor parallel: all-reduce and RMSNorm stay separate (%s)", reason or "another rank")
+        return None
+    return fused

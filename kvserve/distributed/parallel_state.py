@@ -57,6 +57,24 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def all_reduce_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, norm: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(norm(sum + residual), sum + residual) where sum is `x` summed over the ranks; with
+    `residual` None, (norm(sum), sum). `norm` is the layer's RMSNorm module. The pre-norm
+    block's add-and-norm after a row-parallel projection: one kernel on the fused one-shot path
+    (`one_shot_norm.py`), else the all-reduce followed by the norm. At TP=1 just the norm."""
+    tp = _STATE
+    if tp.size > 1:
+        fused = tp.one_shot.norm if tp.one_shot is not None else None
+        if fused is not None:
+            done = fused(x, residual, norm.weight, norm.eps)
+            if done is not None:
+                return done
+        x = all_reduce(x)
+    if residual is None:
+        return norm(x), x
+    return norm.forward_with_residual(x, residual)
+
+
 def gather_vocab(x: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """[N, V/tp] logits of this rank's vocabulary shard -> [N, vocab_size] on every rank.
 

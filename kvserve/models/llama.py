@@ -6,7 +6,9 @@ into fused `qkv_proj` and `gate_up_proj` parameters.
 
 Tensor parallelism (`kvserve.distributed`): qkv_proj and gate_up_proj are column-parallel (each
 rank holds its query heads, its KV heads and its slice of the MLP), o_proj and down_proj are
-row-parallel with one all-reduce each, the embedding and LM head are split by vocabulary. Every
+row-parallel with one all-reduce each, the embedding and LM head are split by vocabulary. Each
+all-reduce is done by the RMSNorm after it (`parallel_state.all_reduce_rmsnorm`), in one kernel
+on GPUs of one host. Every
 projection stays a plain `nn.Linear` of the local shape; the loader slices the checkpoint.
 """
 
@@ -71,8 +73,7 @@ class LlamaAttention(nn.Module):
             if not rope.fused:
                 q, k = rotate(self.q_norm(q), rope), rotate(self.k_norm(k), rope)
         o = self.backend.forward(q, k, v, kv_cache, md, self.scale, self.sliding_window)
-        out = self.o_proj(o.reshape(t, self.q_size))  # [T, hidden] (a partial sum under TP)
-        return ps.all_reduce(out) if self.tp_size > 1 else out
+        return self.o_proj(o.reshape(t, self.q_size))  # [T, hidden]: a partial sum under TP
 
 
 class LlamaMLP(nn.Module):
@@ -85,9 +86,8 @@ class LlamaMLP(nn.Module):
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * inter, bias=cfg.mlp_bias)
         self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=cfg.mlp_bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.down_proj(gate_up_silu_and_mul(self.gate_up_proj, x))
-        return ps.all_reduce(out) if self.tp_size > 1 else out
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # a partial sum under TP
+        return self.down_proj(gate_up_silu_and_mul(self.gate_up_proj, x))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -106,13 +106,11 @@ class LlamaDecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         md: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if residual is None:
-            residual = x
-            h = self.input_layernorm(x)
-        else:
-            h, residual = self.input_layernorm.forward_with_residual(x, residual)
+        # Under TP, `x` and the attention's output are partial sums: each is all-reduced
+        # together with the add-and-norm that follows it (one kernel where it can be).
+        h, residual = ps.all_reduce_rmsnorm(x, residual, self.input_layernorm)
         h = self.self_attn(rope, h, kv_cache, md)
-        h, residual = self.post_attention_layernorm.forward_with_residual(h, residual)
+        h, residual = ps.all_reduce_rmsnorm(h, residual, self.post_attention_layernorm)
         return self.mlp(h), residual
 
 
@@ -167,12 +165,14 @@ class LlamaForCausalLM(nn.Module):
         stack = self._cpu_decoder(input_ids)  # CPU bf16 decode of a few rows: one C call
         if stack is not None and stack.applies(input_ids, kv_caches, md):
             return stack(input_ids, self.rotary.for_step(positions, torch.bfloat16), md)
-        h = self.embed_tokens(input_ids)
+        # Under TP the embedding's rows are partial (this rank's vocabulary shard): the first
+        # layer's norm all-reduces them, as every layer does its inputs.
+        h = self.embed_tokens.partial(input_ids) if self.tp.enabled else self.embed_tokens(input_ids)
         rope = self.rotary.for_step(positions, h.dtype)
         residual = None
         for layer, cache in zip(self.layers, kv_caches):
             h, residual = layer(rope, h, residual, cache, md)
-        h, _ = self.norm.forward_with_residual(h, residual)
+        h, _ = ps.all_reduce_rmsnorm(h, residual, self.norm)
         return h
 
     def _cpu_decoder(self, input_ids: torch.Tensor) -> DecoderStack | None:
