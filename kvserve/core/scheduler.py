@@ -6,6 +6,13 @@ request is simply asked to compute `num_tokens - num_computed_tokens` more token
 the step's token budget. Running requests are served first (oldest first); when the pool runs
 dry the newest running request is preempted (its blocks freed, its progress reset) and put back
 at the front of the waiting queue, to be recomputed later — nothing is ever dropped.
+
+Asynchronous scheduling: while step N runs, `schedule_ahead(N)` may plan step N+1 before N's
+sampled tokens are known. It only does so for a pure decode continuation that cannot change
+what `schedule()` would have done: every running request samples in N, nobody waits, every
+request's next slot fits without preemption, no request can end at N for lack of room, and no
+request samples with its token history on the host (penalties, `min_tokens`). Each row of N+1
+then computes the token N samples (a placeholder until N's result is back).
 """
 
 from __future__ import annotations
@@ -172,6 +179,52 @@ class Scheduler:
             )
             out.num_scheduled_tokens[req.request_id] = num_new
             budget -= num_new
+        return out
+
+    def schedule_ahead(self, inflight: SchedulerOutput) -> SchedulerOutput | None:
+        """Plan the step after `inflight` (the one step still running, whose tokens are not
+        back yet): one decode of each running request, its input the token `inflight` samples.
+        None when that is not certainly what `schedule()` would plan after `inflight`'s
+        update (see the module docstring); then the caller waits and calls `schedule()`.
+
+        Progress is not advanced here: `update_from_output(inflight)` and then
+        `update_from_output(this plan)` each add their own scheduled tokens."""
+        cfg = self.config
+        if not cfg.enable_kv_cache or self.waiting or not self.running:
+            return None
+        if len(self.running) > cfg.max_num_batched_tokens:
+            return None
+        new_blocks = 0
+        for req in self.running:
+            n = inflight.num_scheduled_tokens.get(req.request_id)
+            if n is None or req.num_computed_tokens + n != req.num_tokens:
+                return None  # not sampled by `inflight` (mid-prefill, or left out by the budget)
+            sp = req.sampling_params
+            # The host copy of the history lacks the placeholder: samplers that read it wait.
+            if sp.repetition_penalty != 1.0 or sp.presence_penalty or sp.frequency_penalty:
+                return None
+            if req.num_output_tokens < sp.min_tokens:
+                return None
+            # The in-flight token may end the request by length: nothing to plan after it.
+            if req.num_output_tokens + 1 >= req.max_tokens or req.num_tokens + 1 >= cfg.max_model_len:
+                return None
+            if self.kv.blocks_needed(req.num_tokens + 1) > len(req.block_ids):
+                new_blocks += 1
+        # All or nothing, and never a preemption: a block for every placeholder that starts one.
+        if new_blocks > self.kv.num_free_blocks:
+            return None
+        out = SchedulerOutput(finished_req_ids=self._finished_since_last)
+        self._finished_since_last = set()
+        for req in self.running:
+            added: list[int] = []
+            if self.kv.blocks_needed(req.num_tokens + 1) > len(req.block_ids):
+                # The placeholder (position num_tokens) opens a new block, so the blocks this
+                # allocation fills hold real tokens only: their prefix hashes are right.
+                added = self.kv.allocate_slots(req, req.num_tokens + 1 - req.num_computed_tokens)
+                if added is None:  # pragma: no cover - counted above
+                    raise RuntimeError("schedule_ahead: block pool changed while planning")
+            out.cached_requests.append(CachedRequestData(req.request_id, added, req.num_tokens))
+            out.num_scheduled_tokens[req.request_id] = 1
         return out
 
     def _drop_cache_of_running(self, out: SchedulerOutput) -> None:

@@ -36,6 +36,11 @@ class EngineArgs:
     enable_kv_cache: False recomputes every request's whole context at every step (the
         KV-cache ablation; identical outputs, for teaching and measurement). Implies no
         prefix caching.
+    async_scheduling: plan and launch the next decode step before the current step's sampled
+        tokens are back on the host (its inputs come from the device), so the host's
+        scheduling and input building overlap the GPU. None (default): on for CUDA, off on CPU
+        (a CPU forward is synchronous: nothing to overlap). Falls back to waiting whenever a
+        request needs it (new prompts, penalties, min_tokens, a request about to end by length).
     """
 
     model: str = DEFAULT_MODEL
@@ -58,6 +63,7 @@ class EngineArgs:
     load_format: str = "auto"
     enable_kv_cache: bool = True
     tensor_parallel_size: int = 1
+    async_scheduling: bool | None = None
 
     def __post_init__(self) -> None:
         normalize_dtype(self.dtype)
@@ -73,6 +79,8 @@ class EngineArgs:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1] (got {self.gpu_memory_utilization})")
         if self.load_format not in ("auto", "dummy"):
             raise ValueError(f"load_format must be 'auto' or 'dummy' (got {self.load_format!r})")
+        if self.async_scheduling not in (None, True, False):
+            raise ValueError(f"async_scheduling must be True, False or None (got {self.async_scheduling!r})")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton' (got {self.attention_backend!r})")
 

@@ -65,7 +65,6 @@ class LLMEngine:
         when a worker rank builds its engine."""
         self.args = args
         self.tp_group: TPGroup | None = _tp_group
-        self._last_sampled: dict[str, list[int]] = {}
         resolved = resolve_model(args.model)
         if args.tensor_parallel_size > 1 and _tp_group is None:
             from kvserve.distributed import launch
@@ -154,8 +153,12 @@ class LLMEngine:
             self.backend, set(self.eos_token_ids), seed=args.seed,
             max_num_seqs=args.max_num_seqs, max_model_len=want_len, use_cuda_graphs=not args.enforce_eager,
         )
-        # On CUDA the next step is launched before this step's outputs are built (see step()).
-        self._overlap = device.type == "cuda"
+        # On CUDA the next step is launched before this step's outputs are built (see step()),
+        # and with asynchronous scheduling even before this step's tokens are back. On CPU the
+        # forward is synchronous, so neither gains anything there (both can be forced on: tests).
+        cuda = device.type == "cuda"
+        self.async_scheduling = cuda if args.async_scheduling is None else args.async_scheduling
+        self._overlap = cuda or self.async_scheduling
         self._inflight: tuple[SchedulerOutput, PendingStep] | None = None
         logger.info(
             "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); max_model_len %d",
@@ -306,44 +309,56 @@ class LLMEngine:
             return self._step_overlapped()
         return self._step()
 
-    def _launch(self, so: SchedulerOutput) -> PendingStep:
-        """Start a step on every rank: the plan (with the ids rank 0 sampled in the step
-        before, which the other ranks append to their copies of the requests) goes out
-        first, then this rank runs its share of the forward."""
-        if self.tp_group is not None:
-            self.tp_group.send_plan((so, self._last_sampled))
-        return self.runner.execute_async(so)
+    @property
+    def num_ahead_steps(self) -> int:
+        """Steps launched before the previous step's tokens were back (asynchronous scheduling)."""
+        return self.runner.num_ahead_steps
 
-    def _collect(self, pending: PendingStep) -> RunnerOutput:
-        ro = pending.result()
-        self._last_sampled = ro.sampled
-        return ro
+    def _launch(self, so: SchedulerOutput, ahead: bool = False) -> PendingStep:
+        """Start a step on every rank: the plan goes out first, then this rank runs its share
+        of the forward. `ahead`: planned by `Scheduler.schedule_ahead` while the last launched
+        step still runs (its inputs are that step's sampled ids, on the device)."""
+        if self.tp_group is not None:
+            self.tp_group.send_plan((so, ahead))
+        return self.runner.execute_async(so, ahead=ahead)
 
     def _step(self) -> list[RequestOutput]:
         so = self.scheduler.schedule()
-        ro = self._collect(self._launch(so))
+        ro = self._launch(so).result()
         if so.is_empty:
             return []
         updated, _finished = self.scheduler.update_from_output(so, ro.sampled)
         return self._outputs(updated, ro)
 
     def _step_overlapped(self) -> list[RequestOutput]:
-        """Wait for the step in flight (or launch one), advance the scheduler, launch the next
-        step, and only then detokenize and build this step's outputs: the GPU runs step N+1
-        while the CPU does step N's bookkeeping. Step N+1 was scheduled before the stop strings
-        and aborts found here, so it may compute one token for a request that is already
-        finished; the scheduler drops that token (the request is no longer running) and its
-        blocks are reused only by steps queued after it."""
+        """Complete step N (the one in flight, or a new one) and return its outputs, keeping
+        the GPU busy meanwhile:
+
+        - asynchronous scheduling: if `Scheduler.schedule_ahead` can plan step N+1 without
+          N's tokens, N+1 is launched first (its inputs are N's sampled ids, on the device),
+          then N's tokens are read and the scheduler advanced;
+        - otherwise (or with it off): N's tokens are read, the scheduler advanced, and N+1
+          scheduled and launched;
+
+        and only then are N's outputs detokenized and built, while the GPU runs N+1. Step N+1
+        may thus compute one token for a request that N or its bookkeeping ends (EOS, length
+        is excluded by `schedule_ahead`, a stop string, an abort); the scheduler drops that
+        token (the request is no longer running) and the request's blocks are reused only by
+        steps queued after N+1."""
         if self._inflight is None:
             so = self.scheduler.schedule()
             self._inflight = (so, self._launch(so))
         so, pending = self._inflight
         self._inflight = None
-        ro = self._collect(pending)
+        if self.async_scheduling and not so.is_empty:
+            nxt = self.scheduler.schedule_ahead(so)
+            if nxt is not None:
+                self._inflight = (nxt, self._launch(nxt, ahead=True))
+        ro = pending.result()
         if so.is_empty:
             return []
         updated, _finished = self.scheduler.update_from_output(so, ro.sampled)
-        if self.scheduler.has_unfinished_requests():
+        if self._inflight is None and self.scheduler.has_unfinished_requests():
             nxt = self.scheduler.schedule()
             self._inflight = (nxt, self._launch(nxt))
         return self._outputs(updated, ro)
@@ -484,20 +499,16 @@ def run_tp_worker(args: EngineArgs, group: TPGroup) -> None:
     engine = LLMEngine(args, _tp_group=group)
     runner = engine.runner
     runner.is_driver = False
-    cuda = runner.device.type == "cuda"
     group.report_ready()
     while True:
         plan = group.recv_plan()
         if plan is None:
             return
-        so, sampled = plan
-        runner.append_sampled(sampled)
-        runner.execute_async(so)
-        if cuda:
-            # Rank 0 waits for each sampling step through its sampled ids; a worker samples
-            # nothing, so it waits here, and its staging buffers are refilled only after their
-            # copies ran. Free in practice: rank 0 sends the next plan only after its own wait.
-            torch.cuda.synchronize(runner.device)
+        so, ahead = plan
+        # No wait here: the runner reads back the sampled ids (broadcast by rank 0 on the
+        # device) when a later step needs them on the host, and refills a staging buffer only
+        # after its copies ran, so this rank can launch an ahead step while the last one runs.
+        runner.execute_async(so, ahead=ahead)
 
 
 def _make_backend(name: str, device: torch.device) -> AttentionBackend:

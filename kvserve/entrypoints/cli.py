@@ -35,6 +35,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--no-chunked-prefill", action="store_true", help="disable chunked prefill")
     g.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"])
     g.add_argument("--enforce-eager", action="store_true", help="never capture CUDA graphs")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="launch the next decode step before this step's tokens are back "
+                        "(default: on with CUDA, off on CPU)")
     g.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
                    help="split the model across N ranks: N GPUs of this machine (NCCL) or N CPU processes (gloo); "
                         "under torchrun, N = WORLD_SIZE across machines (default: %(default)s)")
@@ -52,6 +55,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         enable_chunked_prefill=not args.no_chunked_prefill,
         attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
         seed=args.engine_seed, tensor_parallel_size=args.tensor_parallel_size,
+        async_scheduling=args.async_scheduling,
     )
 
 

@@ -103,6 +103,9 @@ class DecodeGraphs:
         self._host = [torch.zeros(total32, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
         self._host_np = [h.numpy() for h in self._host]
         self._host_i = 0
+        # Per mirror: recorded after its last copy was queued. A mirror is refilled only once
+        # that copy ran (two steps may be in flight under asynchronous scheduling).
+        self._host_events: list[torch.cuda.Event | None] = [None, None]
         self.graphs: dict[int, _SplitGraph | _EagerGraph] = {}
         self._stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
         self.outputs: dict[int, torch.Tensor] = {}
@@ -205,18 +208,28 @@ class DecodeGraphs:
         return _SplitGraph(graphs), out
 
     def load_inputs(
-        self, buf: _Buffers, states: list[_ReqState], bs: int, tables: HostTables, block_size: int
+        self, buf: _Buffers, states: list[_ReqState], bs: int, tables: HostTables, block_size: int,
+        ahead: bool = False,
     ) -> None:
         """Fill the static inputs for `len(states)` decodes padded to `bs`: written into a pinned
-        mirror of the static buffer and sent with one copy (queued). `buf` is unused."""
+        mirror of the static buffer and sent with one copy (queued). `buf` is unused. `ahead`:
+        the input ids are not on the host yet; the caller writes them into `i64[:n]` on the
+        device after this copy (they are zeros here)."""
         n = len(states)
         m = self.max_bs
-        host_t, host = self._host[self._host_i], self._host_np[self._host_i]
+        i = self._host_i
+        host_t, host = self._host[i], self._host_np[i]
         self._host_i ^= 1
+        if self._host_events[i] is not None:
+            self._host_events[i].synchronize()  # its previous copy ran (at once in practice)
+            self._host_events[i] = None
         starts = [st.num_computed_tokens for st in states]
         width = max(starts) // block_size + 1
         i64 = host[: self._o32].view(np.int64)
-        i64[:n] = [st.token_ids[p] for st, p in zip(states, starts)]
+        if ahead:
+            i64[:n] = 0
+        else:
+            i64[:n] = [st.token_ids[p] for st, p in zip(states, starts)]
         i64[n:bs] = 0
         pos = i64[m : m + n]
         pos[:] = starts
@@ -234,6 +247,9 @@ class DecodeGraphs:
         bt[:n, :width] = tables.table[rows, :width]
         end = self._obt + n * self.width
         self.static[:end].copy_(host_t[:end], non_blocking=True)
+        if self._stream is not None:
+            self._host_events[i] = torch.cuda.Event()
+            self._host_events[i].record()
 
     def replay(self, bs: int) -> torch.Tensor:
         self.graphs[bs].replay()

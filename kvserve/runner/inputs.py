@@ -4,8 +4,10 @@ A step's integer inputs are written into numpy views of pinned host tensors and 
 GPU with non-blocking copies (one per dtype); the sampled ids come back the same way. Two sets
 of buffers alternate between steps, so the host can fill step N+1's inputs while step N's
 copies may still be queued behind the GPU's work. Before a set is refilled, the event recorded
-after its last use is waited on; the engine has already read that step's results, so the wait
-returns at once.
+after its last use (its upload, or the download of the sampled ids after it) is waited on. At
+most two steps are in flight (a step and the ahead step behind it) and the engine reads a step
+before it launches the one two after it, so on rank 0 the wait returns at once; a
+tensor-parallel worker, which reads nothing, waits there for its GPU to catch up.
 """
 
 from __future__ import annotations
@@ -81,6 +83,8 @@ class _Buffers:
         d32 = torch.empty(self.n32, dtype=torch.int32, device=self.device)
         d64.copy_(self.i64[: self.n64], non_blocking=True)
         d32.copy_(self.i32[: self.n32], non_blocking=True)
+        self.event = torch.cuda.Event()
+        self.event.record()
         return d64, d32
 
     def download(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:

@@ -9,6 +9,16 @@ and sent with non-blocking copies before the forward is launched.
 sampling are only queued); `PendingStep.result()` waits for the sampled ids, the step's one
 host sync. Pure-decode steps replay a captured CUDA graph (`cuda_graphs.py`); prefill and mixed
 steps run eagerly.
+
+Ahead steps (asynchronous scheduling): `execute_async(so, ahead=True)` launches a pure-decode
+step while the previous step is still running, without waiting for it. Each row's input token
+is the one the previous step sampled: it is gathered on the device from that step's sampled-id
+tensor, after the host-to-device copy of the other inputs; the host copy of the request's token
+ids gets it later, when the previous step's `result()` runs.
+
+Tensor parallelism: only rank 0 samples; it broadcasts each step's sampled ids on the device
+over the model group, and the other ranks read them back lazily (the same `PendingStep`), so
+every rank can feed an ahead step and extend its copies of the requests.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from kvserve.attention.base import AttentionBackend, AttentionMetadata
 from kvserve.core.config import CacheConfig, ModelConfig
 from kvserve.core.sampling_params import SamplingParams
 from kvserve.core.scheduler import SchedulerOutput
+from kvserve.distributed import parallel_state as ps
 from kvserve.runner.inputs import HostTables, StagingBuffers
 from kvserve.runner.sampler import Sampler, SamplingBatch, compute_logprobs, greedy_tokens
 
@@ -70,18 +81,21 @@ class PendingStep:
         if self._finished:
             return self._out
         self._finished = True
+        runner, out = self._runner, self._out
+        runner._pending.remove(self)
         if self._done is not None:
             self._done.synchronize()  # the step's one wait: sampled ids are in pinned memory
         ids = self._tokens.tolist()
-        runner, out = self._runner, self._out
+        states = runner.states
         for rid, tok in zip(self._reqs, ids):
-            runner.states[rid].token_ids.append(tok)
+            st = states.get(rid)
+            if st is not None:  # None: finished meanwhile (an ahead step's plan dropped it)
+                st.token_ids.append(tok)
             out.sampled[rid] = [tok]
         if self._logprob_job is not None:  # only when a request asked for logprobs
             raw, toks, rows, ks = self._logprob_job
             for i, entry in zip(rows, compute_logprobs(raw, toks, ks)):
                 out.logprobs[self._reqs[i]] = [entry]
-        runner._pending = None
         return out
 
 
@@ -124,11 +138,17 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-self.max_model_len // self.block_size) + 1
         self.tables = HostTables(max_num_seqs + 1, self.max_blocks_per_seq)
         self.staging = StagingBuffers(device)
-        self._pending: PendingStep | None = None
+        # Launched steps whose ids are not read back yet, oldest first (at most two: a step
+        # and the ahead step launched behind it).
+        self._pending: list[PendingStep] = []
+        # The last launched step's sampled ids on the device, and the request of each row:
+        # the inputs of an ahead step.
+        self._last_tokens: tuple[list[str], torch.Tensor] | None = None
         # Tensor parallelism: only rank 0 (the driver) samples; the other ranks run the same
-        # forward and logits (collectives) and learn the sampled ids from the next step's plan.
+        # forward and logits (collectives) and receive the sampled ids (`_share_tokens`).
         self.is_driver = True
         self.num_graph_steps = 0  # decode steps served by a CUDA graph (tests, stats)
+        self.num_ahead_steps = 0  # steps launched before the previous one's ids were back
         self.graphs = None
         self.warmup_s = 0.0  # start-up kernel compilation (runner/warmup.py)
         if device.type == "cuda" and backend.name == "triton":
@@ -189,23 +209,30 @@ class ModelRunner:
             self.graphs.release()
             self.graphs = None
 
-    def append_sampled(self, sampled: dict[str, list[int]]) -> None:
-        """Non-driver ranks: record the ids rank 0 sampled last step (as `PendingStep.result`
-        does on rank 0), before the next step's inputs are built from them."""
-        for rid, toks in sampled.items():
-            self.states[rid].token_ids.extend(toks)
-
     # -- one step ---------------------------------------------------------------------------
     def execute(self, so: SchedulerOutput) -> RunnerOutput:
         return self.execute_async(so).result()
 
     @torch.inference_mode()
-    def execute_async(self, so: SchedulerOutput) -> PendingStep:
-        if self._pending is not None:  # the previous step's tokens are inputs of this one
-            self._pending.result()
+    def execute_async(self, so: SchedulerOutput, ahead: bool = False) -> PendingStep:
+        """Launch one step. `ahead`: `so` is a pure-decode plan made while the last launched
+        step was still running (`Scheduler.schedule_ahead`); every row's input is the token
+        that step sampled for the request, taken from the device, and nothing waits for it."""
+        if ahead:
+            # Steps before the last one are long done on rank 0 (the engine read them); a
+            # worker reads them here, which also bounds how far it runs ahead of its GPU.
+            while len(self._pending) > 1:
+                self._pending[0].result()
+        else:
+            while self._pending:  # earlier steps' tokens are inputs of this one
+                self._pending[0].result()
+        prev = self._last_tokens
+        self._last_tokens = None
         self._update_states(so)
         if so.is_empty:
             return PendingStep(None, RunnerOutput())
+        if ahead:
+            return self._execute_ahead(so, prev)
         # Decodes first, so the backend finds them in one contiguous run.
         order = sorted(so.num_scheduled_tokens, key=lambda r: so.num_scheduled_tokens[r] != 1)
         states = [self.states[r] for r in order]
@@ -263,10 +290,46 @@ class ModelRunner:
                 else:
                     logits = self.model.compute_logits(hidden.index_select(0, sample_idx))  # [N, V]
         if not sample_reqs:
-            return PendingStep(self, out, [], torch.empty(0, dtype=torch.long))
-        if not self.is_driver:
             return PendingStep(None, out)
         return self._sample(out, buf, logits, sample_reqs)
+
+    def _execute_ahead(self, so: SchedulerOutput, prev: tuple[list[str], torch.Tensor] | None) -> PendingStep:
+        order = list(so.num_scheduled_tokens)
+        if prev is None or any(so.num_scheduled_tokens[r] != 1 for r in order):
+            raise RuntimeError("an ahead step must follow a sampling step and decode one token per request")
+        prev_reqs, prev_tokens = prev
+        where = {rid: i for i, rid in enumerate(prev_reqs)}
+        idx = [where[rid] for rid in order]  # KeyError: the scheduler planned a row not sampled
+        states = [self.states[r] for r in order]
+        n = len(order)
+        self.num_ahead_steps += 1
+        buf = self.staging.next()
+        graph_bs = self.graphs.padded_size(n) if self.graphs is not None else None
+        if graph_bs is not None:
+            self.num_graph_steps += 1
+            self.graphs.load_inputs(buf, states, graph_bs, self.tables, self.block_size, ahead=True)
+            self.graphs.i64[:n].copy_(self._gather(prev_tokens, idx, buf))  # after the static copy
+            logits = self.graphs.replay(graph_bs)[:n]  # [N, V]
+        else:
+            starts = [st.num_computed_tokens for st in states]
+            ids_t, pos_t, md, _ = self._eager_inputs(
+                buf, states, [1] * n, starts, n, list(range(n)), ahead_ids=(prev_tokens, idx)
+            )
+            hidden = self.model(ids_t, pos_t, self.kv_caches, md)  # [N, hidden]
+            logits = self.model.compute_logits(hidden)  # [N, V]
+        return self._sample(RunnerOutput(), buf, logits, order)
+
+    def _gather(self, tokens: torch.Tensor, idx: list[int], buf) -> torch.Tensor:
+        """tokens[idx] on the device: a slice when the rows are consecutive (the usual case:
+        the same requests in the same order), else an index_select with the index uploaded
+        through the staging buffer `buf`."""
+        n = len(idx)
+        if idx == list(range(idx[0], idx[0] + n)):
+            return tokens[idx[0] : idx[0] + n]
+        i64, _ = buf.host(n, 0)
+        i64[:] = idx
+        d64, _ = buf.upload()
+        return tokens.index_select(0, d64)
 
     def _eager_inputs(
         self,
@@ -276,19 +339,34 @@ class ModelRunner:
         starts: list[int],
         num_tokens: int,
         sample_rows: list[int],
+        ahead_ids: tuple[torch.Tensor, list[int]] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """`ahead_ids` (an all-decode ahead step): the input ids are `tokens[idx]`, gathered on
+        the device after the upload instead of read from the host copies."""
         bs = self.block_size
         num_seqs = len(states)
         ends = [s + n for s, n in zip(starts, nums)]
         width = max(-(-e // bs) for e in ends)
-        i64, i32 = buf.host(3 * num_tokens, (num_seqs + 1) + num_seqs + len(sample_rows) + num_seqs * width)
-        ids, pos, slots = i64[:num_tokens], i64[num_tokens : 2 * num_tokens], i64[2 * num_tokens :]
+        gather = None
+        if ahead_ids is not None:
+            idx = ahead_ids[1]
+            if idx != list(range(idx[0], idx[0] + num_tokens)):
+                gather = idx  # uploaded after the slots; else the ids are a slice
+        n_gather = len(gather) if gather is not None else 0
+        i64, i32 = buf.host(3 * num_tokens + n_gather, (num_seqs + 1) + num_seqs + len(sample_rows) + num_seqs * width)
+        ids, pos = i64[:num_tokens], i64[num_tokens : 2 * num_tokens]
+        slots = i64[2 * num_tokens : 3 * num_tokens]
         qsl = i32[: num_seqs + 1]
         table = self.tables.table
         if num_tokens == num_seqs:
             # All decodes: one token per sequence, at position `start`. Plain Python over the
             # rows: a handful of numpy calls cost more than these loops in a batch-1 CPU step.
-            ids[:] = [st.token_ids[s] for st, s in zip(states, starts)]
+            if ahead_ids is None:
+                ids[:] = [st.token_ids[s] for st, s in zip(states, starts)]
+            else:
+                ids[:] = 0  # filled on the device below
+                if gather is not None:
+                    i64[3 * num_tokens :] = gather
             pos[:] = starts
             slots[:] = [int(table[st.row, s // bs]) * bs + s % bs for st, s in zip(states, starts)]
             qsl[:] = range(num_seqs + 1)
@@ -313,6 +391,12 @@ class ModelRunner:
         o += len(sample_rows)
         i32[o : o + num_seqs * width].reshape(num_seqs, width)[:] = table[[st.row for st in states], :width]
         d64, d32 = buf.upload()
+        if ahead_ids is not None:
+            tokens, idx = ahead_ids
+            if gather is None:
+                d64[:num_tokens].copy_(tokens[idx[0] : idx[0] + num_tokens])
+            else:
+                d64[:num_tokens].copy_(tokens.index_select(0, d64[3 * num_tokens :]))
         o = 2 * num_seqs + 1
         md = AttentionMetadata(
             query_start_loc=d32[: num_seqs + 1],
@@ -329,7 +413,14 @@ class ModelRunner:
         return d64[:num_tokens], d64[num_tokens : 2 * num_tokens], md, d32[o : o + len(sample_rows)]
 
     def _sample(self, out: RunnerOutput, buf, logits: torch.Tensor, reqs: list[str]) -> PendingStep:
-        """Queue sampling and the copy of the ids to pinned memory; nothing here waits."""
+        """Queue sampling and the copy of the ids to pinned memory; nothing here waits.
+        Under tensor parallelism rank 0 broadcasts the ids [N] on the device and the other
+        ranks receive them here (every rank at this same point of every sampling step)."""
+        tp = ps.get_tp()
+        if not self.is_driver:
+            tokens = torch.empty(len(reqs), dtype=torch.long, device=self.device)
+            torch.distributed.broadcast(tokens, src=0, group=tp.group)
+            return self._queue_result(out, buf, reqs, tokens, None)
         states = [self.states[r] for r in reqs]
         batch = SamplingBatch(  # token lists are passed, not sliced: only penalty rows read them
             params=[st.sampling_params for st in states],
@@ -347,7 +438,14 @@ class ModelRunner:
         if lp_rows:
             idx = torch.tensor(lp_rows, device=logits.device)
             job = (logits[idx], tokens[idx], lp_rows, [states[i].sampling_params.logprobs for i in lp_rows])
+        if tp.size > 1:
+            tokens = tokens.to(torch.long).contiguous()
+            torch.distributed.broadcast(tokens, src=0, group=tp.group)
+        return self._queue_result(out, buf, reqs, tokens, job)
+
+    def _queue_result(self, out: RunnerOutput, buf, reqs: list[str], tokens: torch.Tensor, job) -> PendingStep:
         host, event = buf.download(tokens)
         pending = PendingStep(self, out, reqs, host, event, job)
-        self._pending = pending
+        self._pending.append(pending)
+        self._last_tokens = (reqs, tokens)
         return pending
