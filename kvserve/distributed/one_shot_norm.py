@@ -3,26 +3,26 @@
 In a tensor-parallel Llama layer every row-parallel projection (o_proj, down_proj, and the
 vocabulary-parallel embedding) ends in an all-reduce, and the very next op is the pre-norm
 block's `residual += x; h = rmsnorm(residual)`. At batch 1 a decode step of an 8B model makes
-65 such pairs, and each is two launches of a few microseconds. This kernel does both:
+65 such pairs. This kernel does each pair in one launch, with one one-way trip over NVLink:
 
 1. each program (one row of the hidden state) writes its row of the local partial sum into
-   every rank's symmetric buffer, in the slot reserved for this rank (remote stores over
-   NVLink/P2P, posted: no round trip);
-2. it makes those stores visible system-wide (`fence.acq_rel.sys`), meets the other threads of
-   the program at a barrier, and raises a flag in every rank's buffer (`st.release.sys`);
-3. it waits for the flag of every rank in its own buffer (`ld.acquire.sys`), reads the rows the
-   ranks pushed (local memory now) and sums them in rank order in fp32, so every rank computes
-   bit-identical sums;
-4. residual add and RMSNorm, exactly as `models/triton_ops._rmsnorm_kernel` does them.
+   every rank's symmetric buffer, in the part of the current slot reserved for this rank
+   (remote stores, posted: nothing waits for them);
+2. it reads the rows of every rank from its own buffer, spinning until none of their elements
+   is the "empty" marker, and sums them in rank order in fp32, so every rank computes the same
+   bits; then it writes the marker back over what it read;
+3. residual add and RMSNorm, exactly as `models/triton_ops._rmsnorm_kernel` does them.
 
-No barrier is needed to reuse the buffer. A flag holds the number of the call (the epoch, kept
-per program in a local counter that the kernel itself advances, so CUDA graph replays advance
-it too), and buffers and flags alternate between two slots by the epoch's parity. Rank q writes
-slot s again at call e + 2 only after it saw every rank's flag of call e + 1; a rank raises that
-flag only after its call e (which read slot s) finished, since calls run in stream order. Flags
-are compared for equality, so the counter can wrap (it cycles through 1..2^30).
+The marker is negative zero (bit pattern 0x8000 in bf16 and fp16; fp32 keeps the unfused
+path), and writers send negative zeros as positive zeros, so a value can never look empty and
+each element is checked on its own (no flag, no fence, no barrier: the data is its own signal,
+as in the "Lamport" one-shot all-reduce of TensorRT-LLM). Buffers rotate over three slots, by a
+per-program counter that the kernel itself advances (so CUDA graph replays advance it too).
+Slot s is written again three calls later, and a rank writes call e + 3 only after it read
+every rank's data of call e + 2, which each rank wrote after its call e (which emptied slot s)
+had finished: stream order.
 
-Every program signals before it waits, so the kernel cannot deadlock even when its programs do
+Every program writes before it waits, so the kernel cannot deadlock even when its programs do
 not all fit on the GPU at once. Eligibility depends only on shapes and dtypes, which are the
 same on every rank for the same call (ranks run the same code in lockstep).
 """
@@ -33,42 +33,10 @@ import torch
 import triton
 import triton.language as tl
 
-MAX_ROWS = 1024  # programs (rows) per call, and flags per (slot, rank)
+MAX_ROWS = 1024  # programs (rows) per call
 MAX_COLS = 16384  # one program holds a whole row
-_EPOCH_MOD = 1 << 30
-
-
-@triton.jit
-def _fence_sys(dummy):
-    return tl.inline_asm_elementwise(
-        "fence.acq_rel.sys; mov.u32 $0, 0;", "=r,r", [dummy], dtype=tl.int32, is_pure=False, pack=1
-    )
-
-
-@triton.jit
-def _store_release_sys(addr, value):
-    return tl.inline_asm_elementwise(
-        "st.release.sys.global.u32 [$1], $2; mov.u32 $0, 0;",
-        "=r,l,r", [addr, value], dtype=tl.int32, is_pure=False, pack=1,
-    )
-
-
-@triton.jit
-def _wait_equal_acquire_sys(addr, value):
-    return tl.inline_asm_elementwise(
-        """
-        {
-        .reg .u32 %seen;
-        .reg .pred %p;
-        spin:
-            ld.acquire.sys.global.u32 %seen, [$1];
-            setp.ne.u32 %p, %seen, $2;
-            @%p bra spin;
-            mov.u32 $0, %seen;
-        }
-        """,
-        "=r,l,r", [addr, value], dtype=tl.int32, is_pure=False, pack=1,
-    )
+SLOTS = 3
+_EMPTY = -32768  # int16 view of the marker: 0x8000, -0.0 in bf16 and fp16
 
 
 @triton.jit
@@ -78,19 +46,17 @@ def _all_reduce_rmsnorm_kernel(
     w_ptr,  # [H] norm weight
     out_ptr,  # [T, H] norm(sum + residual)
     res_out_ptr,  # [T, H] sum + residual (or the sum)
-    data_ptrs,  # int64[WORLD]: each rank's data region, mapped here
-    flag_ptrs,  # int64[WORLD]: each rank's flag region, mapped here
-    counter_ptr,  # int32[MAX_ROWS]: this rank's epoch per program
+    data_ptrs,  # int64[WORLD]: each rank's buffer, mapped into this process
+    counter_ptr,  # int32[MAX_ROWS]: this rank's slot per program
     rank,
     n_cols,
-    src_stride,  # elements between two ranks' slots in a data region
+    src_stride,  # elements between two ranks' parts of a slot
     stride_x,
     stride_r,
     stride_o,
     stride_ro,
     eps,
     WORLD: tl.constexpr,
-    MAX_PROGS: tl.constexpr,
     HAS_RES: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -98,33 +64,26 @@ def _all_reduce_rmsnorm_kernel(
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     dt = x_ptr.dtype.element_ty
-    one = tl.zeros([1], dtype=tl.int32)  # [1] blocks: the flag ops run in every thread
-    epoch = tl.load(counter_ptr + row) % 1073741824 + 1
-    slot = epoch % 2
+    slot = tl.load(counter_ptr + row)
     x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0)
+    x = tl.where(x == 0, 0.0, x).to(dt)  # -0.0 would read as "empty"
     # 1. push this rank's row into every rank's buffer
     mine = (slot * WORLD + rank).to(tl.int64) * src_stride + row.to(tl.int64) * n_cols
     for p in tl.static_range(WORLD):
         dst = tl.load(data_ptrs + p).to(tl.pointer_type(dt))
         tl.store(dst + mine + cols, x, mask=mask)
-    # 2. stores visible everywhere, then this rank's flag in every buffer
-    _fence_sys(one)
-    tl.debug_barrier()
-    flag = (slot * WORLD + rank) * MAX_PROGS + row
-    for p in tl.static_range(WORLD):
-        fp = tl.load(flag_ptrs + p).to(tl.pointer_type(tl.int32))
-        _store_release_sys(fp + flag + one, epoch + one)
-    # 3. every rank's row, in rank order
-    my_flags = tl.load(flag_ptrs + rank).to(tl.pointer_type(tl.int32))
-    my_data = tl.load(data_ptrs + rank).to(tl.pointer_type(dt))
+    # 2. every rank's row, in rank order, once it has arrived; then empty it again
+    here = tl.load(data_ptrs + rank).to(tl.pointer_type(tl.int16))
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for q in tl.static_range(WORLD):
-        _wait_equal_acquire_sys(my_flags + (slot * WORLD + q) * MAX_PROGS + row + one, epoch + one)
-        src = (slot * WORLD + q).to(tl.int64) * src_stride + row.to(tl.int64) * n_cols
-        v = tl.load(my_data + src + cols, mask=mask, other=0.0, cache_modifier=".cg")
-        acc += v.to(tl.float32)
+        src = here + (slot * WORLD + q).to(tl.int64) * src_stride + row.to(tl.int64) * n_cols + cols
+        v = tl.load(src, mask=mask, other=0, volatile=True)
+        while tl.max(((v == _EMPTY) & mask).to(tl.int32), 0) > 0:
+            v = tl.load(src, mask=mask, other=0, volatile=True)
+        acc += v.to(dt, bitcast=True).to(tl.float32)
+        tl.store(src, tl.full([BLOCK], _EMPTY, tl.int16), mask=mask)
     s = acc.to(dt)  # the all-reduce's result, rounded as the unfused all-reduce returns it
-    # 4. residual add and RMSNorm (models/triton_ops._rmsnorm_kernel's arithmetic)
+    # 3. residual add and RMSNorm (models/triton_ops._rmsnorm_kernel's arithmetic)
     if HAS_RES:
         r = tl.load(res_ptr + row.to(tl.int64) * stride_r + cols, mask=mask, other=0.0)
         s = (s.to(tl.float32) + r.to(tl.float32)).to(dt)
@@ -135,7 +94,7 @@ def _all_reduce_rmsnorm_kernel(
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     out = w.to(tl.float32) * normed.to(tl.float32)
     tl.store(out_ptr + row.to(tl.int64) * stride_o + cols, out.to(dt), mask=mask)
-    tl.store(counter_ptr + row, epoch)
+    tl.store(counter_ptr + row, (slot + 1) % 3)
 
 
 class AllReduceRMSNorm:
@@ -150,23 +109,19 @@ class AllReduceRMSNorm:
 
         self.max_bytes = max_bytes
         self.world = world
-        data_bytes = 2 * world * max_bytes
-        flag_bytes = 2 * world * MAX_ROWS * 4
-        self.buffer = symm_mem.empty(data_bytes + flag_bytes, dtype=torch.uint8, device=device)
-        self.buffer.zero_()  # flags start below every epoch
+        self.buffer = symm_mem.empty(SLOTS * world * max_bytes // 2, dtype=torch.int16, device=device)
+        self.buffer.fill_(_EMPTY)
         torch.cuda.synchronize(device)
-        handle = symm_mem.rendezvous(self.buffer, group=group_name)  # collective: all zeroed by now
+        handle = symm_mem.rendezvous(self.buffer, group=group_name)  # collective: all emptied by now
         self.rank = handle.rank
         offset = self.buffer.data_ptr() - handle.buffer_ptrs[handle.rank]
-        bases = [p + offset for p in handle.buffer_ptrs]
-        self.data_ptrs = torch.tensor(bases, dtype=torch.int64, device=device)
-        self.flag_ptrs = torch.tensor([b + data_bytes for b in bases], dtype=torch.int64, device=device)
+        self.data_ptrs = torch.tensor([p + offset for p in handle.buffer_ptrs], dtype=torch.int64, device=device)
         self.counters = torch.zeros(MAX_ROWS, dtype=torch.int32, device=device)
         self._handle = handle  # keeps the peers' mappings alive
 
     def eligible(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
         # Shapes, dtypes and strides only: the same answer on every rank for the same call.
-        if not (x.is_cuda and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16, torch.float32)):
+        if not (x.is_cuda and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16)):
             return False
         rows, cols = x.shape
         if not (0 < rows <= MAX_ROWS and 0 < cols <= MAX_COLS and rows * cols * x.element_size() <= self.max_bytes):
@@ -188,7 +143,7 @@ class AllReduceRMSNorm:
 
     def compile(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> None:
         """Compile the variant for these arguments without running it (start-up: a rank whose
-        compile failed would otherwise leave its peers spinning on its flags)."""
+        compile failed would otherwise leave its peers waiting for its rows)."""
         self._launch(x, residual, weight, 1e-6, torch.empty_like(x), torch.empty_like(x), compile_only=True)
 
     def _launch(self, x, residual, weight, eps, out, res_out, compile_only: bool) -> None:
@@ -196,12 +151,12 @@ class AllReduceRMSNorm:
         block = triton.next_power_of_2(cols)
         args = (
             x, residual if residual is not None else x, weight, out, res_out,
-            self.data_ptrs, self.flag_ptrs, self.counters,
+            self.data_ptrs, self.counters,
             self.rank, cols, self.max_bytes // x.element_size(),
             x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), res_out.stride(0),
             eps,
         )
-        meta = dict(WORLD=self.world, MAX_PROGS=MAX_ROWS, HAS_RES=residual is not None, BLOCK=block,
+        meta = dict(WORLD=self.world, HAS_RES=residual is not None, BLOCK=block,
                     num_warps=min(max(block // 256, 1), 16))
         if compile_only:
             _all_reduce_rmsnorm_kernel.warmup(*args, grid=(rows,), **meta)

@@ -1,8 +1,8 @@
 """Tensor parallelism on 2 GPUs (NCCL): TP=2 equals TP=1.
 
 fp32 tiny models: greedy tokens are identical, with CUDA graphs (decode steps captured with
-their all-reduces and the logits all-gather) and without, on the one-shot symmetric-memory
-all-reduce and on NCCL. bf16: the first tokens agree and the
+their all-reduces and the logits all-gather) and without, on NCCL. bf16 (also on the one-shot
+all-reduce fused with the RMSNorm after it): the first tokens agree and the
 logprobs agree within bf16 tolerance. A worker killed mid-run ends the run with a clear error.
 Skipped without 2 CUDA devices.
 
@@ -42,27 +42,36 @@ def _ids(outs) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outs]
 
 
-def test_tp2_one_shot_all_reduce_and_nccl_agree(tiny_model_factory, monkeypatch):
-    """Small all-reduces take the one-shot symmetric-memory kernel where the GPUs can reach
-    each other; with KVSERVE_TP_ALL_REDUCE=nccl they take NCCL. Both give TP=1's tokens.
-    First in this file: symmetric memory is set up once per process (one_shot.py), so only
-    the first TP engine of the pytest process can use it."""
+def test_tp2_one_shot_fused_norm_and_nccl_agree(tiny_model_factory, monkeypatch):
+    """With KVSERVE_TP_ALL_REDUCE=nccl every all-reduce takes NCCL, and TP=2 gives TP=1's fp32
+    tokens. By default, where the GPUs can reach each other, small all-reduces take the one-shot
+    symmetric-memory kernel and, in bf16, are fused with the RMSNorm after them
+    (one_shot_norm.py): within bf16 tolerance of TP=1. First in this file: symmetric memory is
+    set up once per process (one_shot.py), so only the first TP engine of the pytest process
+    can use it."""
     folder, _ = tiny_model_factory("llama")
     prompts = _prompts(5, seed=3)
     args = dict(device="cuda", dtype="float32", **COMMON)
     want = _ids(_generate(LLM(str(folder), **args), prompts))
-    for mode in ("nccl", "auto"):
-        monkeypatch.setenv("KVSERVE_TP_ALL_REDUCE", mode)
-        llm = LLM(str(folder), tensor_parallel_size=2, **args)
-        try:
-            one_shot = ps.get_tp().one_shot
-            if mode == "nccl":
-                assert one_shot is None
-            elif torch.cuda.can_device_access_peer(0, 1):
-                assert one_shot is not None
-            assert _ids(_generate(llm, prompts)) == want, mode
-        finally:
-            llm.engine.shutdown()
+    monkeypatch.setenv("KVSERVE_TP_ALL_REDUCE", "nccl")
+    llm = LLM(str(folder), tensor_parallel_size=2, **args)
+    try:
+        assert ps.get_tp().one_shot is None
+        assert _ids(_generate(llm, prompts)) == want
+    finally:
+        llm.engine.shutdown()
+    monkeypatch.setenv("KVSERVE_TP_ALL_REDUCE", "auto")
+    args["dtype"] = "bfloat16"
+    want = _generate(LLM(str(folder), **args), prompts, logprobs=1)
+    llm = LLM(str(folder), tensor_parallel_size=2, **args)
+    try:
+        one_shot = ps.get_tp().one_shot
+        if torch.cuda.can_device_access_peer(0, 1):
+            assert one_shot is not None and one_shot.norm is not None
+        got = _generate(llm, prompts, logprobs=1)
+    finally:
+        llm.engine.shutdown()
+    _assert_bf16_close(got, want, len(prompts))
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "llama_kv1"])
@@ -93,6 +102,10 @@ def test_tp2_bf16_within_tolerance(tiny_model_factory, graphs):
         got = _generate(llm, prompts, logprobs=1)
     finally:
         llm.engine.shutdown()
+    _assert_bf16_close(got, want, len(prompts))
+
+
+def _assert_bf16_close(got, want, num_prompts: int) -> None:
     for g, w in zip(got, want):
         g0, w0 = g.outputs[0], w.outputs[0]
         # bf16 partial sums are rounded differently: greedy paths may part after a near-tie,
@@ -101,7 +114,7 @@ def test_tp2_bf16_within_tolerance(tiny_model_factory, graphs):
         tok = w0.token_ids[0]
         assert g0.logprobs[0][tok].logprob == pytest.approx(w0.logprobs[0][tok].logprob, abs=0.1)
     agree = sum(a == b for g, w in zip(got, want) for a, b in zip(g.outputs[0].token_ids, w.outputs[0].token_ids))
-    assert agree >= 0.8 * MAX_TOKENS * len(prompts)
+    assert agree >= 0.8 * MAX_TOKENS * num_prompts
 
 
 def test_tp2_killed_rank_fails_fast(tiny_model_factory):
