@@ -9,7 +9,7 @@ same function applied to the plain token list.
 from __future__ import annotations
 
 from kvserve.core.config import CacheConfig, SchedulerConfig
-from kvserve.core.request import Request
+from kvserve.core.request import Request, RequestStatus
 from kvserve.core.sampling_params import SamplingParams
 from kvserve.core.scheduler import Scheduler, SchedulerOutput
 
@@ -78,8 +78,16 @@ def run_all(
     chunked: bool = True,
     arrivals: list[int] | None = None,
     kv_cache: bool = True,
+    ahead: bool = False,
+    aborts: dict[int, str] | None = None,
+    params: list[SamplingParams] | None = None,
 ) -> tuple[dict[str, list[int]], Scheduler, FakeRunner]:
-    """Run requests to completion; `arrivals[i]` is the step at which request i is added."""
+    """Run requests to completion; `arrivals[i]` is the step at which request i is added.
+
+    `ahead`: drive the scheduler like the engine's asynchronous loop: while step N is "in
+    flight", `schedule_ahead(N)` may plan N+1, which the (synchronous) runner executes before
+    the scheduler sees N's tokens. `aborts[step]` is aborted before that step; `params[i]`
+    replaces request i's default SamplingParams. `sched.num_ahead` counts the ahead plans."""
     if isinstance(max_tokens, int):
         max_tokens = [max_tokens] * len(prompts)
     arrivals = arrivals or [0] * len(prompts)
@@ -94,16 +102,31 @@ def run_all(
     results: dict[str, list[int]] = {}
     pending = list(range(len(prompts)))
     step = 0
+    sched.num_ahead = 0
+    inflight = None
     while pending or sched.has_unfinished_requests():
         for i in [i for i in pending if arrivals[i] <= step]:
-            sp = SamplingParams(max_tokens=max_tokens[i], ignore_eos=True)
+            sp = params[i] if params else SamplingParams(max_tokens=max_tokens[i], ignore_eos=True)
             sched.add_request(Request(str(i), list(prompts[i]), sp, max_tokens=max_tokens[i]))
             pending.remove(i)
-        so = sched.schedule()
-        sampled = runner.execute(so)
+        if aborts and step in aborts:
+            sched.finish_requests([aborts[step]], RequestStatus.FINISHED_ABORTED)
+        if inflight is None:
+            so = sched.schedule()
+            inflight = (so, runner.execute(so))
+        so, sampled = inflight
+        inflight = None
+        if ahead:
+            nxt = sched.schedule_ahead(so)
+            if nxt is not None:
+                sched.num_ahead += 1
+                inflight = (nxt, runner.execute(nxt))
         _, finished = sched.update_from_output(so, sampled)
         for req in finished:
             results[req.request_id] = list(req.output_token_ids)
+        if inflight is None and ahead and sched.has_unfinished_requests():
+            nxt = sched.schedule()
+            inflight = (nxt, runner.execute(nxt))
         step += 1
         if step > 100_000:
             raise RuntimeError("scheduler made no progress")

@@ -170,3 +170,109 @@ def test_no_kv_cache_recomputes_everything_with_same_outputs():
     assert r_nc.tokens_computed == expected_work
     assert r_cached.tokens_computed == sum(len(p) + 9 for p in prompts)
     assert sched.kv.num_free_blocks == sched.kv.num_blocks
+
+
+# -- asynchronous scheduling (schedule_ahead) ---------------------------------------------------
+@pytest.mark.parametrize("seed", range(6))
+def test_ahead_random_workloads_match_reference(seed):
+    """The engine's asynchronous loop over the cache-reading fake runner: same outputs, every
+    block back, and ahead plans really made. Block size 4 puts placeholders on every block
+    boundary (a wrong prefix hash of a placeholder block would give stale hits later)."""
+    rng = random.Random(seed)
+    prompts = _random_prompts(16, seed=200 + seed, lo=1, hi=30)
+    prompts += [prompts[0][:9] + p for p in _random_prompts(4, seed=300 + seed)]  # shared prefixes
+    max_tokens = [rng.randint(1, 20) for _ in prompts]
+    arrivals = [rng.choice([0, 0, rng.randint(0, 40)]) for _ in prompts]
+    results, sched, _ = run_all(
+        prompts, max_tokens, num_blocks=rng.choice([20, 40, 400]), block_size=4,
+        budget=rng.choice([5, 16, 100]), max_num_seqs=rng.choice([2, 8]), max_model_len=72,
+        arrivals=arrivals, ahead=True,
+    )
+    assert results == {str(i): reference(p, m) for i, (p, m) in enumerate(zip(prompts, max_tokens))}
+    assert sched.kv.num_free_blocks == sched.kv.num_blocks
+    assert sched.num_ahead > 0
+
+
+def test_ahead_plan_shape_and_progress():
+    sched = Scheduler(SchedulerConfig(max_model_len=64), CacheConfig(block_size=4), 64)
+    sched.add_request(Request("a", list(range(7)), SamplingParams(max_tokens=10), max_tokens=10))
+    sched.add_request(Request("b", list(range(8)), SamplingParams(max_tokens=10), max_tokens=10))
+    so = sched.schedule()  # the prompts; each samples one token
+    a, b = sched.requests["a"], sched.requests["b"]
+    nxt = sched.schedule_ahead(so)
+    assert nxt.num_scheduled_tokens == {"a": 1, "b": 1}
+    cr = {c.req_id: c for c in nxt.cached_requests}
+    assert cr["a"].num_computed_tokens == 7 and cr["b"].num_computed_tokens == 8  # placeholders
+    assert cr["a"].new_block_ids == [] and len(a.block_ids) == 2  # position 7: in block 1
+    assert len(cr["b"].new_block_ids) == 1 and len(b.block_ids) == 3  # position 8 opens block 2
+    assert a.num_computed_tokens == 0  # nothing advanced until the updates
+    sched.update_from_output(so, {"a": [100], "b": [200]})
+    nxt2 = sched.schedule_ahead(nxt)  # N+1 in flight, N applied
+    assert nxt2 is not None and {c.num_computed_tokens for c in nxt2.cached_requests} == {8, 9}
+    sched.update_from_output(nxt, {"a": [101], "b": [201]})
+    sched.update_from_output(nxt2, {"a": [102], "b": [202]})
+    assert a.num_computed_tokens == 9 and a.output_token_ids == [100, 101, 102]
+    assert b.num_computed_tokens == 10 and b.output_token_ids == [200, 201, 202]
+
+
+def _one_running(sp: SamplingParams, max_tokens: int = 10, max_model_len: int = 64, **cfg):
+    sched = Scheduler(SchedulerConfig(max_model_len=max_model_len, **cfg), CacheConfig(block_size=4), 64)
+    sched.add_request(Request("a", list(range(5)), sp, max_tokens=max_tokens))
+    return sched, sched.schedule()
+
+
+def test_ahead_refuses_what_it_cannot_plan_exactly():
+    greedy = SamplingParams(temperature=0)
+    sched, so = _one_running(greedy)
+    assert sched.schedule_ahead(so) is not None
+    for sp in (SamplingParams(repetition_penalty=1.1), SamplingParams(presence_penalty=0.5),
+               SamplingParams(frequency_penalty=0.5), SamplingParams(min_tokens=3)):
+        sched, so = _one_running(sp)
+        assert sched.schedule_ahead(so) is None, sp
+    sched, so = _one_running(greedy, max_tokens=1)  # the in-flight token is the last one
+    assert sched.schedule_ahead(so) is None
+    sched, so = _one_running(greedy, max_model_len=6)  # 5 + the in-flight token fill the context
+    assert sched.schedule_ahead(so) is None
+    sched, so = _one_running(greedy, enable_kv_cache=False)
+    assert sched.schedule_ahead(so) is None
+    sched, so = _one_running(greedy)
+    sched.add_request(Request("w", [1, 2], greedy, max_tokens=4))  # someone waits
+    assert sched.schedule_ahead(so) is None
+    # Mid-prefill (chunked): the step samples nothing for it.
+    sched = Scheduler(SchedulerConfig(max_model_len=64, max_num_batched_tokens=4), CacheConfig(block_size=4), 64)
+    sched.add_request(Request("a", list(range(10)), greedy, max_tokens=4))
+    assert sched.schedule_ahead(sched.schedule()) is None
+
+
+def test_ahead_never_preempts_and_takes_nothing_when_short():
+    greedy = SamplingParams(temperature=0)
+    # 4 blocks of 4: two 8-token prompts fill them; each placeholder would open a new block.
+    sched = Scheduler(SchedulerConfig(max_model_len=16), CacheConfig(block_size=4), 4)
+    for rid, start in (("a", 0), ("b", 10)):
+        sched.add_request(Request(rid, list(range(start, start + 8)), greedy, max_tokens=4))
+    so = sched.schedule()
+    assert sched.kv.num_free_blocks == 0
+    assert sched.schedule_ahead(so) is None
+    assert sched.kv.num_free_blocks == 0 and sched.num_preemptions == 0
+    assert [len(r.block_ids) for r in sched.running] == [2, 2]
+
+
+def test_ahead_abort_and_finish_in_flight():
+    """A request aborted while N and N+1 are in flight gives no more tokens, its blocks come
+    back, and the others are unaffected (fake-runner loop)."""
+    prompts = _random_prompts(4, seed=7)
+    results, sched, _ = run_all(prompts, 12, ahead=True, aborts={5: "1"})
+    assert "1" not in results
+    assert {k: v for k, v in results.items()} == {str(i): reference(p, 12) for i, p in enumerate(prompts) if i != 1}
+    assert sched.kv.num_free_blocks == sched.kv.num_blocks
+    assert sched.num_ahead > 0
+
+
+def test_ahead_with_penalties_mixed_in_falls_back():
+    prompts = _random_prompts(3, seed=9)
+    params = [SamplingParams(max_tokens=8, ignore_eos=True, temperature=0) for _ in prompts]
+    params[1] = SamplingParams(max_tokens=8, ignore_eos=True, temperature=0, repetition_penalty=1.2)
+    results, sched, _ = run_all(prompts, 8, ahead=True, params=params, arrivals=[0, 3, 0])
+    assert results == {str(i): reference(p, 8) for i, p in enumerate(prompts)}
+    # Ahead before request 1 arrives and after it finishes, never while it runs.
+    assert sched.num_ahead > 0
