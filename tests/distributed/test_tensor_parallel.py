@@ -88,6 +88,45 @@ def test_tp2_matches_tp1(tiny_model_factory, arch):
     assert got[2][0] == want[2][0]
 
 
+def test_tp2_async_scheduling_matches_tp1(tiny_model_factory):
+    """Asynchronous scheduling forced on: rank 0 launches decode step N+1 before N's ids are
+    back, and the worker feeds it from the ids rank 0 broadcast on the device. Same tokens and
+    logprobs as a synchronous single rank, across ahead steps, fall-backs (chunked prompts, a
+    request ending mid-flight on a stop token) and a second batch on the same engine."""
+    folder, _ = tiny_model_factory("llama")
+    params = [
+        SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True, logprobs=3),
+        SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True, prompt_logprobs=2),
+        SamplingParams(max_tokens=14, temperature=0.8, seed=7, ignore_eos=True),
+    ]
+
+    def run(llm, ps_):
+        outs = llm.generate(PROMPTS, ps_, use_tqdm=False)
+        return [
+            (o.outputs[0].token_ids,
+             [{t: lp.logprob for t, lp in d.items()} for d in o.outputs[0].logprobs or []],
+             [{t: lp.logprob for t, lp in d.items()} if d else None for d in o.prompt_logprobs or []])
+            for o in outs
+        ]
+
+    tp1 = LLM(str(folder), **COMMON)
+    want = run(tp1, params)
+    stop = want[0][0][4]  # request 0 stops at its 5th token, with an ahead step in flight
+    stopping = [SamplingParams(max_tokens=14, temperature=0.0, stop_token_ids=[stop], logprobs=1)] + params[1:]
+    want_stop = run(tp1, stopping)
+    llm = LLM(str(folder), tensor_parallel_size=2, async_scheduling=True, **COMMON)
+    try:
+        got = run(llm, params)
+        ahead = llm.engine.num_ahead_steps
+        got_stop = run(llm, stopping)
+    finally:
+        llm.engine.shutdown()
+    _assert_same(got, want)
+    _assert_same(got_stop, want_stop)
+    assert got[2][0] == want[2][0]  # seeded random: rank 0 samples from the same logits
+    assert ahead > 5 and llm.engine.num_ahead_steps > ahead
+
+
 def test_tp2_bf16_cpu_prepacks(tiny_model_factory):
     """bf16 on CPU: the local shards are plain nn.Linear, so oneDNN prepacking still applies."""
     from kvserve.models.cpu_linear import PackedLinear, prepack_supported
