@@ -1,7 +1,8 @@
 """One-row products (batch-1 decode linears): cuBLAS against the Triton GEMV of
 `kvserve/models/triton_ops.py` over its block configurations, at Llama-3.2-1B / 3.1-8B shapes.
 
-    python -m benchmarks.gpu_gemv
+    python -m benchmarks.gpu_gemv            # every shape
+    python -m benchmarks.gpu_gemv 8B/2 lm    # only the shapes whose name contains one of these
 
 Each shape is checked against a float64 reference on fresh random data (output poisoned first)
 and timed inside a CUDA graph over enough weight copies (>= 256 MiB) that no run is served from L2.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -21,6 +23,9 @@ from kvserve.models import triton_ops
 SHAPES = {  # name: (N, K)
     "8B o_proj": (4096, 4096), "8B qkv": (6144, 4096), "8B down": (4096, 14336), "8B gate_up": (28672, 4096),
     "1B o_proj": (2048, 2048), "1B qkv": (3072, 2048), "1B down": (2048, 8192), "1B gate_up": (16384, 2048),
+    # One rank's shards at tensor_parallel_size 2, and the vocabulary-parallel LM heads.
+    "8B/2 o_proj": (4096, 2048), "8B/2 qkv": (3072, 4096), "8B/2 down": (4096, 7168), "8B/2 gate_up": (14336, 4096),
+    "8B lm_head": (128256, 4096), "8B/2 lm_head": (64128, 4096),
 }
 CONFIGS = [(2, 1024, 4), (4, 512, 4), (4, 1024, 4), (4, 2048, 8), (8, 512, 4), (8, 1024, 8), (8, 256, 4),
            (16, 256, 4), (16, 512, 8), (2, 2048, 4), (4, 1024, 8), (8, 1024, 4), (1, 4096, 4), (2, 4096, 8),
@@ -55,7 +60,10 @@ def main() -> None:
     out_dir = os.environ.get("OUT", ".")
     print(f"card: {torch.cuda.get_device_name(0)}", flush=True)
     results = {}
+    wanted = sys.argv[1:]
     for name, (n, k) in SHAPES.items():
+        if wanted and not any(w in name for w in wanted):
+            continue
         copies = max(2, -(-(256 << 20) // (n * k * 2)))
         ws = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(copies)]
         x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)

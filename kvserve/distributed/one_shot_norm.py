@@ -36,7 +36,8 @@ import triton.language as tl
 MAX_ROWS = 1024  # programs (rows) per call
 MAX_COLS = 16384  # one program holds a whole row
 SLOTS = 3
-_EMPTY = -32768  # int16 view of the marker: 0x8000, -0.0 in bf16 and fp16
+EMPTY_BITS = -32768  # int16 view of the marker: 0x8000, -0.0 in bf16 and fp16
+_EMPTY = tl.constexpr(EMPTY_BITS)
 
 
 @triton.jit
@@ -110,7 +111,7 @@ class AllReduceRMSNorm:
         self.max_bytes = max_bytes
         self.world = world
         self.buffer = symm_mem.empty(SLOTS * world * max_bytes // 2, dtype=torch.int16, device=device)
-        self.buffer.fill_(_EMPTY)
+        self.buffer.fill_(EMPTY_BITS)
         torch.cuda.synchronize(device)
         handle = symm_mem.rendezvous(self.buffer, group=group_name)  # collective: all emptied by now
         self.rank = handle.rank
