@@ -9,9 +9,10 @@ Two ways in:
   MASTER_ADDR / MASTER_PORT from the environment; rank 0 continues into the engine, CLI or
   server, the others run the worker loop and exit when rank 0 shuts down.
 
-Rank 0 schedules; before every step it broadcasts the step's plan (the `SchedulerOutput` plus
-the ids it sampled last step) over a gloo group; every rank then runs the same forward. Model
-collectives run on NCCL (CUDA) or gloo (CPU).
+Rank 0 schedules; before every step it broadcasts the step's plan (the `SchedulerOutput` and
+whether it is an ahead step) over a gloo group; every rank then runs the same forward, and
+rank 0 broadcasts the ids it sampled on the device (`ModelRunner._sample`). Model collectives
+run on NCCL (CUDA) or gloo (CPU).
 
 Failure handling. A monitor thread on rank 0 waits on the spawned workers' process sentinels
 and pipes. When a worker dies it logs which rank and its exit code at once and terminates the
