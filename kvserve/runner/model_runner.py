@@ -145,7 +145,7 @@ class ModelRunner:
         # the inputs of an ahead step.
         self._last_tokens: tuple[list[str], torch.Tensor] | None = None
         # Tensor parallelism: only rank 0 (the driver) samples; the other ranks run the same
-        # forward and logits (collectives) and receive the sampled ids (`_share_tokens`).
+        # forward and logits (collectives) and receive the sampled ids (`_sample`).
         self.is_driver = True
         self.num_graph_steps = 0  # decode steps served by a CUDA graph (tests, stats)
         self.num_ahead_steps = 0  # steps launched before the previous one's ids were back
@@ -436,7 +436,9 @@ class ModelRunner:
         lp_rows = [i for i, st in enumerate(states) if st.sampling_params.logprobs is not None]
         job = None
         if lp_rows:
-            idx = torch.tensor(lp_rows, device=logits.device)
+            idx = torch.tensor(lp_rows)
+            if idx.device != logits.device:  # through pinned memory: a pageable copy would wait
+                idx = idx.pin_memory().to(logits.device, non_blocking=True)
             job = (logits[idx], tokens[idx], lp_rows, [states[i].sampling_params.logprobs for i in lp_rows])
         if tp.size > 1:
             tokens = tokens.to(torch.long).contiguous()
