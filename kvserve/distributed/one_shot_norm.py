@@ -59,6 +59,7 @@ def _all_reduce_rmsnorm_kernel(
     eps,
     WORLD: tl.constexpr,
     HAS_RES: tl.constexpr,
+    PUSHED: tl.constexpr,  # the GEMV that produced x already wrote it to every buffer
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0)
@@ -66,13 +67,14 @@ def _all_reduce_rmsnorm_kernel(
     mask = cols < n_cols
     dt = x_ptr.dtype.element_ty
     slot = tl.load(counter_ptr + row)
-    x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0)
-    x = tl.where(x == 0, 0.0, x).to(dt)  # -0.0 would read as "empty"
-    # 1. push this rank's row into every rank's buffer
-    mine = (slot * WORLD + rank).to(tl.int64) * src_stride + row.to(tl.int64) * n_cols
-    for p in tl.static_range(WORLD):
-        dst = tl.load(data_ptrs + p).to(tl.pointer_type(dt))
-        tl.store(dst + mine + cols, x, mask=mask)
+    if not PUSHED:
+        x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0)
+        x = tl.where(x == 0, 0.0, x).to(dt)  # -0.0 would read as "empty"
+        # 1. push this rank's row into every rank's buffer
+        mine = (slot * WORLD + rank).to(tl.int64) * src_stride + row.to(tl.int64) * n_cols
+        for p in tl.static_range(WORLD):
+            dst = tl.load(data_ptrs + p).to(tl.pointer_type(dt))
+            tl.store(dst + mine + cols, x, mask=mask)
     # 2. every rank's row, in rank order, once it has arrived; then empty it again
     here = tl.load(data_ptrs + rank).to(tl.pointer_type(tl.int16))
     acc = tl.zeros([BLOCK], dtype=tl.float32)
@@ -119,6 +121,26 @@ class AllReduceRMSNorm:
         self.data_ptrs = torch.tensor([p + offset for p in handle.buffer_ptrs], dtype=torch.int64, device=device)
         self.counters = torch.zeros(MAX_ROWS, dtype=torch.int32, device=device)
         self._handle = handle  # keeps the peers' mappings alive
+        self._pushed: torch.Tensor | None = None  # output of the last pushing GEMV, not yet reduced
+
+    def linear_push(self, linear: torch.nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """`linear(x)` for one row on the Triton GEMV, which also writes its output into every
+        rank's buffer, so the `__call__` that reduces it only waits for the peers' rows (the
+        transfer overlaps the GEMV's end). None when not eligible: the caller runs `linear(x)`.
+        The result must go to this object's `__call__` next, as its `x`."""
+        from kvserve.models import fused_ops, triton_ops
+
+        w = getattr(linear, "weight", None)
+        if not (
+            type(linear) is torch.nn.Linear and w is not None and w.dim() == 2 and w.stride(1) == 1
+            and x.dim() == 2 and x.shape[0] == 1 and x.stride(1) == 1 and x.dtype == w.dtype
+            and fused_ops.enabled_for(x) and self.eligible(x.new_empty((1, w.shape[0])), None)
+        ):
+            return None
+        out = triton_ops.gemv(x, w, linear.bias,
+                              push=(self.data_ptrs, self.counters, self.rank, self.max_bytes // x.element_size(), self.world))
+        self._pushed = out
+        return out
 
     def eligible(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
         # Shapes, dtypes and strides only: the same answer on every rank for the same call.
@@ -136,10 +158,13 @@ class AllReduceRMSNorm:
     def __call__(
         self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        pushed, self._pushed = x is self._pushed, None
         if not self.eligible(x, residual):
+            if pushed:  # its rows sit in the buffers: this call must take them
+                raise RuntimeError("a pushed GEMV output reached an ineligible fused all-reduce")
             return None
         out, res_out = torch.empty_like(x), torch.empty_like(x)
-        self._launch(x, residual, weight, eps, out, res_out, compile_only=False)
+        self._launch(x, residual, weight, eps, out, res_out, compile_only=False, pushed=pushed)
         return out, res_out
 
     def compile(self, x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor) -> None:
@@ -147,7 +172,7 @@ class AllReduceRMSNorm:
         compile failed would otherwise leave its peers waiting for its rows)."""
         self._launch(x, residual, weight, 1e-6, torch.empty_like(x), torch.empty_like(x), compile_only=True)
 
-    def _launch(self, x, residual, weight, eps, out, res_out, compile_only: bool) -> None:
+    def _launch(self, x, residual, weight, eps, out, res_out, compile_only: bool, pushed: bool = False) -> None:
         rows, cols = x.shape
         block = triton.next_power_of_2(cols)
         args = (
@@ -157,7 +182,7 @@ class AllReduceRMSNorm:
             x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), res_out.stride(0),
             eps,
         )
-        meta = dict(WORLD=self.world, HAS_RES=residual is not None, BLOCK=block,
+        meta = dict(WORLD=self.world, HAS_RES=residual is not None, PUSHED=pushed, BLOCK=block,
                     num_warps=min(max(block // 256, 1), 16))
         if compile_only:
             _all_reduce_rmsnorm_kernel.warmup(*args, grid=(rows,), **meta)

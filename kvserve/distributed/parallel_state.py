@@ -57,6 +57,18 @@ def all_reduce(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def row_parallel_linear(linear: Any, x: torch.Tensor) -> torch.Tensor:
+    """`linear(x)` of a row-parallel projection: a partial sum under TP, to be reduced by the
+    `all_reduce_rmsnorm` that comes next. On the fused path a one-row product also sends its
+    output to every rank's all-reduce buffer as it is computed (`one_shot_norm.py`)."""
+    tp = _STATE
+    if tp.size > 1 and tp.one_shot is not None and tp.one_shot.norm is not None:
+        out = tp.one_shot.norm.linear_push(linear, x)
+        if out is not None:
+            return out
+    return linear(x)
+
+
 def all_reduce_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, norm: Any) -> tuple[torch.Tensor, torch.Tensor]:
     """(norm(sum + residual), sum + residual) where sum is `x` summed over the ranks; with
     `residual` None, (norm(sum), sum). `norm` is the layer's RMSNorm module. The pre-norm

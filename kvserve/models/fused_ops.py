@@ -94,10 +94,11 @@ def _linear_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 def use_triton_gemv(model: torch.nn.Module) -> int:
     """Send the one-row products of the model's 16-bit CUDA `nn.Linear` layers (batch-1
     decode, and the LM head of a step that samples one row) to the Triton GEMV, which reads
-    the weights faster than cuBLAS at every Llama shape measured (see `triton_ops.gemv_config`).
-    Other row counts keep `F.linear`. Returns how many layers were routed."""
+    the weights faster than cuBLAS at every Llama shape measured (see `triton_ops.gemv_config`);
+    a fused gate/up projection also gets the GEMV with SiLU·mul in its epilogue. Other row
+    counts keep `F.linear`. Returns how many layers were routed."""
     n = 0
-    for module in model.modules():
+    for name, module in model.named_modules():
         w = getattr(module, "weight", None)
         if (
             type(module) is torch.nn.Linear
@@ -107,8 +108,20 @@ def use_triton_gemv(model: torch.nn.Module) -> int:
             and w.stride(1) == 1
         ):
             module.forward = functools.partial(_linear_forward, module)
+            if name.endswith("gate_up_proj"):  # read by layers.gate_up_silu_and_mul
+                module.silu_and_mul = functools.partial(_gate_up_silu_forward, module)
             n += 1
     return n
+
+
+def _gate_up_silu_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up of a fused gate/up projection: one kernel for one row, else the
+    projection then the SiLU·mul kernel (the same bits)."""
+    if x.dim() == 2 and x.shape[0] == 1 and x.dtype == module.weight.dtype and x.stride(1) == 1:
+        from kvserve.models import triton_ops
+
+        return triton_ops.gemv_silu_mul(x, module.weight, module.bias)
+    return silu_and_mul(module(x))
 
 
 def build_cos_sin(inv_freq: torch.Tensor, max_positions: int) -> torch.Tensor:

@@ -73,7 +73,7 @@ class LlamaAttention(nn.Module):
             if not rope.fused:
                 q, k = rotate(self.q_norm(q), rope), rotate(self.k_norm(k), rope)
         o = self.backend.forward(q, k, v, kv_cache, md, self.scale, self.sliding_window)
-        return self.o_proj(o.reshape(t, self.q_size))  # [T, hidden]: a partial sum under TP
+        return ps.row_parallel_linear(self.o_proj, o.reshape(t, self.q_size))  # [T, hidden]: partial under TP
 
 
 class LlamaMLP(nn.Module):
@@ -87,7 +87,7 @@ class LlamaMLP(nn.Module):
         self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # a partial sum under TP
-        return self.down_proj(gate_up_silu_and_mul(self.gate_up_proj, x))
+        return ps.row_parallel_linear(self.down_proj, gate_up_silu_and_mul(self.gate_up_proj, x))
 
 
 class LlamaDecoderLayer(nn.Module):

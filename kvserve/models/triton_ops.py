@@ -175,13 +175,40 @@ def _gemv_kernel(
     N,
     K,
     stride_w,
+    push_ptrs,  # PUSH: int64[WORLD], each rank's all-reduce buffer (distributed/one_shot_norm.py)
+    push_slot_ptr,  # PUSH: int32, the slot the next fused all-reduce of row 0 uses
+    push_rank,
+    push_stride,  # PUSH: elements between two ranks' parts of a slot
     HAS_BIAS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0
+    PUSH: tl.constexpr,  # also send the output to every rank's all-reduce buffer
+    WORLD: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
+    out = _gemv_rows(x_ptr, w_ptr, rows, row_ok, K, stride_w, BLOCK_N, BLOCK_K, EVEN_K)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+    dt = out_ptr.dtype.element_ty
+    tl.store(out_ptr + rows, out.to(dt), mask=row_ok)
+    if PUSH:
+        # The row-parallel partial sum goes straight to the ranks' buffers, in the format of
+        # one_shot_norm's kernel (-0.0 marks "empty", so it is sent as +0.0); that kernel then
+        # only waits for the peers' rows.
+        v = out.to(dt)
+        v = tl.where(v == 0, 0.0, v).to(dt)
+        base = (tl.load(push_slot_ptr) * WORLD + push_rank).to(tl.int64) * push_stride
+        for p in tl.static_range(WORLD):
+            dst = tl.load(push_ptrs + p).to(tl.pointer_type(dt))
+            tl.store(dst + base + rows, v, mask=row_ok)
+
+
+@triton.jit
+def _gemv_rows(x_ptr, w_ptr, rows, row_ok, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+               EVEN_K: tl.constexpr):
+    """fp32 dot products of weight rows `rows` with x."""
     rows64 = tl.where(row_ok, rows, 0).to(tl.int64)
     cols = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -194,10 +221,36 @@ def _gemv_kernel(
             x = tl.load(x_ptr + c, mask=c < K, other=0.0)
             w = tl.load(w_ptr + rows64[:, None] * stride_w + c[None, :], mask=(c < K)[None, :], other=0.0)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-    out = tl.sum(acc, 1)  # [BLOCK_N]
+    return tl.sum(acc, 1)  # [BLOCK_N]
+
+
+@triton.jit
+def _gemv_silu_mul_kernel(
+    x_ptr,  # [K]
+    w_ptr,  # [2I, K]: gate rows, then up rows
+    b_ptr,  # [2I] or unused
+    out_ptr,  # [I]
+    I,
+    K,
+    stride_w,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < I
+    g = _gemv_rows(x_ptr, w_ptr, rows, row_ok, K, stride_w, BLOCK_N, BLOCK_K, EVEN_K)
+    u = _gemv_rows(x_ptr, w_ptr + I.to(tl.int64) * stride_w, rows, row_ok, K, stride_w, BLOCK_N, BLOCK_K, EVEN_K)
     if HAS_BIAS:
-        out += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows, out.to(out_ptr.dtype.element_ty), mask=row_ok)
+        g += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        u += tl.load(b_ptr + I + rows, mask=row_ok, other=0.0).to(tl.float32)
+    dt = out_ptr.dtype.element_ty
+    # Rounded where the unfused path rounds: the projection's output, then _silu_mul_kernel.
+    g = g.to(dt).to(tl.float32)
+    u = u.to(dt).to(tl.float32)
+    s = (g / (1.0 + tl.exp(-g))).to(dt)
+    tl.store(out_ptr + rows, (s.to(tl.float32) * u).to(dt), mask=row_ok)
 
 
 def gemv(
@@ -205,14 +258,35 @@ def gemv(
     weight: torch.Tensor,  # [N, K]
     bias: torch.Tensor | None = None,
     config: tuple[int, int, int] | None = None,  # (BLOCK_N, BLOCK_K, num_warps)
+    push: tuple[torch.Tensor, torch.Tensor, int, int, int] | None = None,
 ) -> torch.Tensor:  # [1, N]
     """One row times a weight matrix (x @ weight.T + bias): every program streams BLOCK_N whole
-    rows of the weight, with many 16-byte loads in flight."""
+    rows of the weight, with many 16-byte loads in flight. `push` = (buffer pointers, slot
+    counter, rank, rank stride, world size) of a fused all-reduce (distributed/one_shot_norm.py):
+    the output is also written into every rank's buffer."""
     n, k = weight.shape
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     block_n, block_k, warps = config or gemv_config(n, k)
+    ptrs, slot, rank, stride, world = push if push is not None else (weight, weight, 0, 0, 1)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
+        ptrs, slot, rank, stride,
+        HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
+        PUSH=push is not None, WORLD=world, num_warps=warps,
+    )
+    return out
+
+
+def gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(gate) * up of a fused gate/up projection of one row ([1, K] x [2I, K] -> [1, I]),
+    in one kernel: each program computes BLOCK_N gate rows and the matching up rows. The same
+    bits as `silu_and_mul(gemv(x, weight, bias))`."""
+    n2, k = weight.shape
+    i = n2 // 2
+    out = torch.empty((1, i), dtype=x.dtype, device=x.device)
+    block_n, block_k, warps = gemv_config(n2, k)
+    _gemv_silu_mul_kernel[(triton.cdiv(i, block_n),)](
+        x, weight, bias if bias is not None else weight, out, i, k, weight.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
         num_warps=warps,
     )

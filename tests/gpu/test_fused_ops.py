@@ -116,3 +116,36 @@ def test_use_triton_gemv_routes_one_row_only():
         assert _rel(model(x), expect) < 1e-2
     # fp32 layers keep cuBLAS
     assert fused_ops.use_triton_gemv(torch.nn.Linear(8, 8).cuda()) == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(28672, 4096), (14336, 4096), (2 * 1536, 576), (2 * 7, 100)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv_silu_mul_equals_gemv_then_silu_mul(dtype, shape, bias):
+    """The gate/up GEMV with SiLU·mul in its epilogue gives the unfused path's bits."""
+    n, k = shape
+    g = torch.Generator(device="cuda").manual_seed(n + k + bias)
+    w = torch.randn(shape, generator=g, device="cuda").to(dtype)
+    x = torch.randn(1, k, generator=g, device="cuda").to(dtype)
+    b = torch.randn(n, generator=g, device="cuda").to(dtype) if bias else None
+    got = triton_ops.gemv_silu_mul(x, w, b)
+    assert got.shape == (1, n // 2) and got.dtype == dtype
+    assert torch.equal(got, triton_ops.silu_and_mul(triton_ops.gemv(x, w, b)))
+
+
+def test_use_triton_gemv_fuses_silu_into_gate_up():
+    from kvserve.models.layers import gate_up_silu_and_mul
+
+    class MLP(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gate_up_proj = torch.nn.Linear(256, 2 * 384, bias=False)
+
+    mlp = MLP().to("cuda", torch.bfloat16)
+    fused_ops.use_triton_gemv(mlp)
+    assert hasattr(mlp.gate_up_proj, "silu_and_mul")
+    for rows in (1, 3):
+        x = torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16)
+        h = F.linear(x, mlp.gate_up_proj.weight)
+        expect = F.silu(h[:, :384]) * h[:, 384:]
+        assert _rel(gate_up_silu_and_mul(mlp.gate_up_proj, x), expect) < 1e-2

@@ -2,7 +2,8 @@
 
 It must give exactly what the unfused path gives (the all-reduce, then the Triton add-and-norm),
 the same bits on every rank, call after call (its rotating buffer slots, emptied after each
-read), eagerly and replayed from a CUDA graph, for one row and for many, for a hidden size that
+read), eagerly and replayed from a CUDA graph, for one row and for many, after a GEMV that
+pushed its output itself (`linear_push`), for a hidden size that
 is not a power of two, with and without a residual, in bf16 and fp16; fp32 is not eligible
 (the caller then all-reduces and normalizes separately). Skipped without 2 CUDA GPUs.
 
@@ -105,6 +106,25 @@ def _worker(rank: int, port: int, q) -> None:
                     for out, summed in outs:
                         mismatches += int(not torch.equal(out, want_out)) + int(not torch.equal(summed, want_res))
                 report["cases"].append((rows, cols, str(dtype), with_res, mismatches, sums))
+            # A one-row GEMV that pushes its output (row_parallel_linear), then the reduction.
+            for k, n, dtype in ((2048, 4096, torch.bfloat16), (7168, 4096, torch.bfloat16), (300, 1000, torch.float16)):
+                g = torch.Generator(device=device).manual_seed(5 + rank + n + k)
+                shared = torch.Generator(device=device).manual_seed(11 + n + k)
+                lin = torch.nn.Linear(k, n, bias=False).to(device, dtype)
+                with torch.no_grad():
+                    lin.weight.copy_(torch.randn(n, k, generator=g, device=device).to(dtype) / k**0.5)
+                mismatches = 0
+                for call in range(4):
+                    x = torch.randn(1, k, generator=g, device=device).to(dtype)
+                    res = torch.randn(1, n, generator=shared, device=device).to(dtype)
+                    w = torch.randn(n, generator=shared, device=device).to(dtype)
+                    ref = _reference_sum(ar, triton_ops.gemv(x, lin.weight))
+                    want_out, want_res = triton_ops.rmsnorm(ref, w, 1e-5, res)
+                    y = ar.norm.linear_push(lin, x)
+                    assert y is not None
+                    out, summed = ar.norm(y, res, w, 1e-5)
+                    mismatches += int(not torch.equal(out, want_out)) + int(not torch.equal(summed, want_res))
+                report["cases"].append((1, n, f"push {k}->{n} {dtype}", True, mismatches, [0.0]))
             x32 = torch.ones(2, 64, device=device)
             report["fp32_declined"] = ar.norm(x32, x32, torch.ones(64, device=device), 1e-5) is None
         torch.cuda.synchronize(device)
