@@ -148,16 +148,20 @@ class LLMEngine:
         prefix = args.enable_prefix_caching and args.enable_kv_cache
         self.cache_config = CacheConfig(bs, num_blocks, prefix)
         self.scheduler = Scheduler(self.scheduler_config, self.cache_config, num_blocks)
-        self.runner = ModelRunner(
-            loaded.model, self._rank_config, self.cache_config, num_blocks, loaded.dtype, device,
-            self.backend, set(self.eos_token_ids), seed=args.seed,
-            max_num_seqs=args.max_num_seqs, max_model_len=want_len, use_cuda_graphs=not args.enforce_eager,
-        )
         # On CUDA the next step is launched before this step's outputs are built (see step()),
         # and with asynchronous scheduling even before this step's tokens are back. On CPU the
         # forward is synchronous, so neither gains anything there (both can be forced on: tests).
         cuda = device.type == "cuda"
         self.async_scheduling = cuda if args.async_scheduling is None else args.async_scheduling
+        self.runner = ModelRunner(
+            loaded.model, self._rank_config, self.cache_config, num_blocks, loaded.dtype, device,
+            self.backend, set(self.eos_token_ids), seed=args.seed,
+            max_num_seqs=args.max_num_seqs, max_model_len=want_len, use_cuda_graphs=not args.enforce_eager,
+            # Split decode graphs let the GPU start while the host still launches the step; with
+            # the step launched ahead of time the host is not on the GPU's path, and one graph
+            # per step saves the launch gaps between the pieces.
+            split_graphs=None if not self.async_scheduling else False,
+        )
         self._overlap = cuda or self.async_scheduling
         self._inflight: tuple[SchedulerOutput, PendingStep] | None = None
         logger.info(

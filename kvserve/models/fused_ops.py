@@ -68,9 +68,13 @@ def rope_qk_(
     head_dim: int,
     q_norm: torch.nn.Module | None = None,
     k_norm: torch.nn.Module | None = None,
+    kv_cache: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
 ) -> None:
     """Rotate q and k inside the fused qkv projection output, in place (after the per-head
-    q/k RMSNorm when `q_norm`/`k_norm` are given)."""
+    q/k RMSNorm when `q_norm`/`k_norm` are given). With `kv_cache` and `slot_mapping` it also
+    stores this step's k and v in the paged cache (for a backend that then skips its own
+    write: `TritonBackend.forward(..., kv_written=True)`)."""
     from kvserve.models import triton_ops
 
     if qkv.stride(-1) != 1:
@@ -80,6 +84,7 @@ def rope_qk_(
         q_norm.weight if q_norm is not None else None,
         k_norm.weight if k_norm is not None else None,
         q_norm.eps if q_norm is not None else 1e-6,
+        kv_cache=kv_cache, slot_mapping=slot_mapping,
     )
 
 

@@ -56,10 +56,13 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
+        # The Triton backend lets that kernel also store k and v in the cache (one launch less).
+        kv_written = rope.fused and getattr(self.backend, "fuses_kv_write", False)
         if rope.fused:  # CUDA: q/k norm + rotation in one kernel, in place inside qkv
             fused_ops.rope_qk_(
                 qkv, rope.positions, rope.cos_sin_table, self.num_heads, self.num_kv_heads,
                 self.head_dim, self.q_norm, self.k_norm,
+                kv_cache=kv_cache if kv_written else None, slot_mapping=md.slot_mapping if kv_written else None,
             )
         if not rope.fused and self.q_norm is None:  # rotate q and k together: fewer CPU ops
             qk = rotate(qkv[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim), rope)
@@ -72,7 +75,10 @@ class LlamaAttention(nn.Module):
             v = v.view(t, self.num_kv_heads, self.head_dim)
             if not rope.fused:
                 q, k = rotate(self.q_norm(q), rope), rotate(self.k_norm(k), rope)
-        o = self.backend.forward(q, k, v, kv_cache, md, self.scale, self.sliding_window)
+        if kv_written:
+            o = self.backend.forward(q, k, v, kv_cache, md, self.scale, self.sliding_window, kv_written=True)
+        else:
+            o = self.backend.forward(q, k, v, kv_cache, md, self.scale, self.sliding_window)
         return ps.row_parallel_linear(self.o_proj, o.reshape(t, self.q_size))  # [T, hidden]: partial under TP
 
 

@@ -100,21 +100,29 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 
 
 # positions are a slice of the step's staging buffer whose 16-byte alignment varies per step.
-@triton.jit(do_not_specialize_on_alignment=["pos_ptr"])
+@triton.jit(do_not_specialize_on_alignment=["pos_ptr", "slot_ptr"])
 def _rope_qk_kernel(
     qkv_ptr,
     pos_ptr,
     cos_sin_ptr,  # [max_pos, 2 * HALF] fp32: cos ‖ sin
     qw_ptr,
     kw_ptr,
+    cache_ptr,  # WRITE_KV: [2, blocks, block_size, kv_heads, 2 * HALF]
+    slot_ptr,  # WRITE_KV: [T] int64, -1 = no write
     stride_t,
     stride_cs,
     num_q_heads,
     num_heads,  # q heads + k heads (they are adjacent in a fused qkv row)
+    num_kv_heads,
+    stride_plane,
+    stride_slot,
+    stride_head,
     eps,
     HALF: tl.constexpr,
     H_PAD: tl.constexpr,
+    KV_PAD: tl.constexpr,
     NORM: tl.constexpr,
+    WRITE_KV: tl.constexpr,  # also store the rotated k and the v of this token in the paged cache
 ):
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
@@ -136,8 +144,24 @@ def _rope_qk_kernel(
         x2 = (w2.to(tl.float32) * (x2 * inv[:, None]).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     c = tl.load(cos_sin_ptr + pos * stride_cs + d)[None, :]  # [1, HALF]
     s = tl.load(cos_sin_ptr + pos * stride_cs + HALF + d)[None, :]
-    tl.store(ptr1, (x1 * c - x2 * s).to(dtype), mask=hmask)
-    tl.store(ptr1 + HALF, (x2 * c + x1 * s).to(dtype), mask=hmask)
+    r1 = (x1 * c - x2 * s).to(dtype)
+    r2 = (x2 * c + x1 * s).to(dtype)
+    tl.store(ptr1, r1, mask=hmask)
+    tl.store(ptr1 + HALF, r2, mask=hmask)
+    if WRITE_KV:  # what attention/triton/kv_write.py would store after this kernel
+        slot = tl.load(slot_ptr + t)
+        if slot >= 0:  # padding rows of a CUDA-graph batch write nothing
+            cdt = cache_ptr.dtype.element_ty
+            is_k = ((h >= num_q_heads) & (h < num_heads))[:, None]
+            kdst = cache_ptr + slot * stride_slot + (h - num_q_heads)[:, None] * stride_head + d[None, :]
+            tl.store(kdst, r1.to(cdt), mask=is_k)
+            tl.store(kdst + HALF, r2.to(cdt), mask=is_k)
+            hv = tl.arange(0, KV_PAD)
+            dd = tl.arange(0, 2 * HALF)
+            vmask = (hv < num_kv_heads)[:, None]
+            v = tl.load(qkv_ptr + t * stride_t + (num_heads + hv)[:, None] * (2 * HALF) + dd[None, :], mask=vmask)
+            vdst = cache_ptr + stride_plane + slot * stride_slot + hv[:, None] * stride_head + dd[None, :]
+            tl.store(vdst, v.to(cdt), mask=vmask)
 
 
 def rope_qk_(
@@ -150,6 +174,8 @@ def rope_qk_(
     q_weight: torch.Tensor | None = None,  # [D] q/k RMSNorm weights (Qwen3), or None
     k_weight: torch.Tensor | None = None,
     eps: float = 1e-6,
+    kv_cache: torch.Tensor | None = None,  # [2, blocks, block_size, kv_heads, D]: also write k, v
+    slot_mapping: torch.Tensor | None = None,  # [T] int64, -1 = skip
 ) -> None:
     n_tokens = qkv.shape[0]
     if n_tokens == 0:
@@ -157,11 +183,15 @@ def rope_qk_(
     heads = num_q_heads + num_kv_heads
     norm = q_weight is not None
     h_pad = triton.next_power_of_2(heads)
+    write = kv_cache is not None
     _rope_qk_kernel[(n_tokens,)](
         qkv, positions, cos_sin,
         q_weight if norm else cos_sin, k_weight if norm else cos_sin,
-        qkv.stride(0), cos_sin.stride(0), num_q_heads, heads, eps,
-        HALF=head_dim // 2, H_PAD=h_pad, NORM=norm,
+        kv_cache if write else qkv, slot_mapping if write else positions,
+        qkv.stride(0), cos_sin.stride(0), num_q_heads, heads, num_kv_heads,
+        kv_cache.stride(0) if write else 0, kv_cache.stride(2) if write else 0, kv_cache.stride(3) if write else 0,
+        eps,
+        HALF=head_dim // 2, H_PAD=h_pad, KV_PAD=triton.next_power_of_2(num_kv_heads), NORM=norm, WRITE_KV=write,
         num_warps=min(max(h_pad * head_dim // 1024, 1), 8),
     )
 
@@ -234,14 +264,32 @@ def _gemv_silu_mul_kernel(
     K,
     stride_w,
     HAS_BIAS: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # gate rows per program (and as many up rows)
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < I
-    g = _gemv_rows(x_ptr, w_ptr, rows, row_ok, K, stride_w, BLOCK_N, BLOCK_K, EVEN_K)
-    u = _gemv_rows(x_ptr, w_ptr + I.to(tl.int64) * stride_w, rows, row_ok, K, stride_w, BLOCK_N, BLOCK_K, EVEN_K)
+    g_rows = tl.where(row_ok, rows, 0).to(tl.int64)
+    u_rows = g_rows + I
+    cols = tl.arange(0, BLOCK_K)
+    acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):  # one loop over both halves: their loads in flight together
+        c = k0 + cols
+        if EVEN_K:
+            x = tl.load(x_ptr + c)
+            wg = tl.load(w_ptr + g_rows[:, None] * stride_w + c[None, :])
+            wu = tl.load(w_ptr + u_rows[:, None] * stride_w + c[None, :])
+        else:
+            x = tl.load(x_ptr + c, mask=c < K, other=0.0)
+            wg = tl.load(w_ptr + g_rows[:, None] * stride_w + c[None, :], mask=(c < K)[None, :], other=0.0)
+            wu = tl.load(w_ptr + u_rows[:, None] * stride_w + c[None, :], mask=(c < K)[None, :], other=0.0)
+        xf = x.to(tl.float32)[None, :]
+        acc_g += wg.to(tl.float32) * xf
+        acc_u += wu.to(tl.float32) * xf
+    g = tl.sum(acc_g, 1)
+    u = tl.sum(acc_u, 1)
     if HAS_BIAS:
         g += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         u += tl.load(b_ptr + I + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -285,6 +333,7 @@ def gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     i = n2 // 2
     out = torch.empty((1, i), dtype=x.dtype, device=x.device)
     block_n, block_k, warps = gemv_config(n2, k)
+    block_n = max(1, block_n // 2)  # as many weight rows per program as the plain GEMV reads
     _gemv_silu_mul_kernel[(triton.cdiv(i, block_n),)](
         x, weight, bias if bias is not None else weight, out, i, k, weight.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,

@@ -11,7 +11,9 @@ A step is captured as several graphs, cut before layers 1, 2, 4, 8, ... and repl
 another: the host's launch of a graph costs time in proportion to its kernels (hundreds per
 step), and the GPU starts on the first small graph while the host still launches the rest, so a
 batch-1 decode no longer waits for the launch of the whole step after every sampled token.
-`KVSERVE_GRAPH_SPLIT=0` captures one graph per step instead.
+`KVSERVE_GRAPH_SPLIT=0` captures one graph per step instead; so does an engine with asynchronous
+scheduling, whose host launches a step while the previous one runs (the pieces only add launch
+gaps then).
 
 Ladder: 1, 2, 4, 8, 16, then every 32 up to max_num_seqs (at most 512): padding wastes at most
 31 rows of matmul work per step, and 256 sequences need 13 graphs. All graphs share one memory

@@ -114,6 +114,7 @@ class ModelRunner:
         max_num_seqs: int = 256,
         max_model_len: int | None = None,
         use_cuda_graphs: bool = True,
+        split_graphs: bool | None = None,  # None: KVSERVE_GRAPH_SPLIT decides (cuda_graphs.py)
     ) -> None:
         self.model = model
         self.config = model_config
@@ -160,7 +161,7 @@ class ModelRunner:
         if use_cuda_graphs and device.type == "cuda" and backend.name == "triton":
             from kvserve.runner.cuda_graphs import DecodeGraphs
 
-            self.graphs = DecodeGraphs(self, min(max_num_seqs, 512))
+            self.graphs = DecodeGraphs(self, min(max_num_seqs, 512), split=split_graphs)
             self.graphs.capture()
 
     @staticmethod

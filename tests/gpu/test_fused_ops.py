@@ -149,3 +149,34 @@ def test_use_triton_gemv_fuses_silu_into_gate_up():
         h = F.linear(x, mlp.gate_up_proj.weight)
         expect = F.silu(h[:, :384]) * h[:, 384:]
         assert _rel(gate_up_silu_and_mul(mlp.gate_up_proj, x), expect) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,norm", [(32, 8, 128, False), (16, 4, 128, True), (9, 3, 64, False),
+                                                          (4, 1, 64, True)])
+def test_rope_with_kv_write_equals_rope_then_kv_write(dtype, heads, kv_heads, head_dim, norm):
+    """rope_qk_(kv_cache=...) stores exactly what the separate KV-write kernel would store after
+    it, skips slot -1 rows, and leaves q, k, v in qkv as rope_qk_ alone does."""
+    from kvserve.attention.triton.kv_write import write_kv_cache_triton
+
+    g = torch.Generator(device="cuda").manual_seed(heads * head_dim + norm)
+    t, block_size, blocks = 7, 16, 6
+    qkv = torch.randn(t, (heads + 2 * kv_heads) * head_dim, generator=g, device="cuda").to(dtype)
+    positions = torch.tensor([0, 5, 17, 31, 64, 90, 3], device="cuda")
+    slots = torch.tensor([3, -1, 40, 41, 17, -1, 90], device="cuda")
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device="cuda").float() / head_dim))
+    cos_sin = fused_ops.build_cos_sin(inv_freq, 128)
+    wq = torch.randn(head_dim, generator=g, device="cuda").to(dtype) if norm else None
+    wk = torch.randn(head_dim, generator=g, device="cuda").to(dtype) if norm else None
+    args = (positions, cos_sin, heads, kv_heads, head_dim, wq, wk, 1e-6)
+    cache_ref = torch.randn(2, blocks, block_size, kv_heads, head_dim, generator=g, device="cuda").to(dtype)
+    cache = cache_ref.clone()
+    ref = qkv.clone()
+    triton_ops.rope_qk_(ref, *args)
+    q_sz, kv_sz = heads * head_dim, kv_heads * head_dim
+    write_kv_cache_triton(ref[:, q_sz:q_sz + kv_sz].view(t, kv_heads, head_dim),
+                          ref[:, q_sz + kv_sz:].view(t, kv_heads, head_dim), cache_ref, slots)
+    got = qkv.clone()
+    triton_ops.rope_qk_(got, *args, kv_cache=cache, slot_mapping=slots)
+    assert torch.equal(got, ref)
+    assert torch.equal(cache, cache_ref)

@@ -56,6 +56,9 @@ class _StepPlan:
 
 class TritonBackend(AttentionBackend):
     name = "triton"
+    # The model's fused RoPE kernel may store the step's k and v itself (models/triton_ops.py
+    # `rope_qk_(kv_cache=...)`) and then call forward(..., kv_written=True).
+    fuses_kv_write = True
 
     def __init__(self, route_decodes: bool = True, decode_waves: float = 2.0) -> None:
         self.route_decodes = route_decodes
@@ -71,9 +74,11 @@ class TritonBackend(AttentionBackend):
         scale: float,
         sliding_window: int | None = None,
         out: torch.Tensor | None = None,  # [T, num_heads, head_dim], optional destination
+        kv_written: bool = False,  # the caller already stored k and v at the slot mapping
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         self._check(q, kv_cache, metadata, sliding_window)
-        write_kv_cache_triton(k, v, kv_cache, metadata.slot_mapping)
+        if not kv_written:
+            write_kv_cache_triton(k, v, kv_cache, metadata.slot_mapping)
         if q.stride(2) != 1:
             q = q.contiguous()
         if out is None:
