@@ -9,8 +9,8 @@ block's `residual += x; h = rmsnorm(residual)`. At batch 1 a decode step of an 8
    every rank's symmetric buffer, in the part of the current slot reserved for this rank
    (remote stores, posted: nothing waits for them);
 2. it reads the rows of every rank from its own buffer, spinning until none of their elements
-   is the "empty" marker, and sums them in fp32 in one fixed order, so every rank computes the
-   same bits; then it writes the marker back over what it read;
+   is the "empty" marker, and sums them in rank order in fp32, so every rank computes the same
+   bits; then it writes the marker back over what it read;
 3. residual add and RMSNorm, exactly as `models/triton_ops._rmsnorm_kernel` does them.
 
 The marker is negative zero (bit pattern 0x8000 in bf16 and fp16; fp32 keeps the unfused
@@ -58,7 +58,6 @@ def _all_reduce_rmsnorm_kernel(
     stride_ro,
     eps,
     WORLD: tl.constexpr,
-    WORLD_PAD: tl.constexpr,  # next power of two
     HAS_RES: tl.constexpr,
     PUSHED: tl.constexpr,  # the GEMV that produced x already wrote it to every buffer
     BLOCK: tl.constexpr,
@@ -80,19 +79,19 @@ def _all_reduce_rmsnorm_kernel(
     # is x_ptr, read and unused).
     r = tl.load(res_ptr + row.to(tl.int64) * stride_r + cols, mask=mask, other=0.0)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    # 2. every rank's row, once all have arrived (one load and one check for all of them);
-    #    then empty them again
+    # 2. every rank's row, in rank order, once it has arrived; then empty it again. (A variant
+    #    that loaded and checked all ranks' rows as one 2-D tile and summed over the ranks'
+    #    axis gave wrong sums now and then in tests/gpu/test_one_shot_norm.py, 64 rows; the
+    #    cause was not pinned down.)
     here = tl.load(data_ptrs + rank).to(tl.pointer_type(tl.int16))
-    ranks = tl.arange(0, WORLD_PAD)
-    src = (here + (slot * WORLD + ranks).to(tl.int64)[:, None] * src_stride + row.to(tl.int64) * n_cols
-           + cols[None, :])  # [WORLD, BLOCK]
-    m2 = (ranks[:, None] < WORLD) & mask[None, :]
-    v = tl.load(src, mask=m2, other=0, volatile=True)
-    while tl.max(tl.max((v == _EMPTY).to(tl.int32), 1), 0) > 0:
-        v = tl.load(src, mask=m2, other=0, volatile=True)
-    tl.store(src, tl.full([WORLD_PAD, BLOCK], _EMPTY, tl.int16), mask=m2)
-    # Summed over the ranks in one fixed order on every rank: the same bits everywhere.
-    acc = tl.sum(v.to(dt, bitcast=True).to(tl.float32), 0)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for q in tl.static_range(WORLD):
+        src = here + (slot * WORLD + q).to(tl.int64) * src_stride + row.to(tl.int64) * n_cols + cols
+        v = tl.load(src, mask=mask, other=0, volatile=True)
+        while tl.max(((v == _EMPTY) & mask).to(tl.int32), 0) > 0:
+            v = tl.load(src, mask=mask, other=0, volatile=True)
+        acc += v.to(dt, bitcast=True).to(tl.float32)
+        tl.store(src, tl.full([BLOCK], _EMPTY, tl.int16), mask=mask)
     s = acc.to(dt)  # the all-reduce's result, rounded as the unfused all-reduce returns it
     # 3. residual add and RMSNorm (models/triton_ops._rmsnorm_kernel's arithmetic)
     if HAS_RES:
@@ -188,7 +187,7 @@ class AllReduceRMSNorm:
             x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), res_out.stride(0),
             eps,
         )
-        meta = dict(WORLD=self.world, WORLD_PAD=triton.next_power_of_2(self.world), HAS_RES=residual is not None, PUSHED=pushed, BLOCK=block,
+        meta = dict(WORLD=self.world, HAS_RES=residual is not None, PUSHED=pushed, BLOCK=block,
                     num_warps=min(max(block // 256, 1), 16))
         if compile_only:
             _all_reduce_rmsnorm_kernel.warmup(*args, grid=(rows,), **meta)
