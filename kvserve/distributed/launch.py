@@ -111,6 +111,7 @@ class TPGroup:
         self._busy = 0  # > 0 while rank 0 is inside a step (collectives may block)
         self._step_started = 0.0
         self._closed = False
+        self._close_done = False  # close() has returned (it can block on the GPU after a failure)
         self._serving = False  # rank 0: every worker is in its loop, waiting for plans
         self._monitor: threading.Thread | None = None
         # Run by close() before the group is destroyed (the engine releases its CUDA graphs).
@@ -175,7 +176,10 @@ class TPGroup:
         NCCL needs an abort, and if even that leaves a step blocked for `_ABORT_GRACE_S`, the
         process ends with the error. The abort runs on its own thread: it can block too (the
         one-shot all-reduce kernel spins on the dead peer's signal and NCCL cannot stop it),
-        and the deadline must still fire. No new step starts after a failure (`step_guard`)."""
+        and the deadline must still fire. The deadline also covers `close()` after the failure:
+        with asynchronous scheduling rank 0 usually meets the death in the plan broadcast (gloo,
+        which fails at once) and then closes, and the close waits for the GPU, where a kernel
+        may spin on the dead peer for good. No new step starts after a failure (`step_guard`)."""
         failed_at = time.monotonic()
         tp = ps.get_tp()
         if tp.group is not None and dist.is_initialized() and dist.get_backend(tp.group) == "nccl":
@@ -187,8 +191,9 @@ class TPGroup:
                         abort(tp.group)
 
                 threading.Thread(target=run_abort, name="kvserve-tp-abort", daemon=True).start()
-        while not self._closed:
-            if self._busy and time.monotonic() - max(failed_at, self._step_started) > _ABORT_GRACE_S:
+        while not self._close_done:
+            blocked = self._busy or self._closed  # inside a step, or closing
+            if blocked and time.monotonic() - max(failed_at, self._step_started) > _ABORT_GRACE_S:
                 print(f"kvserve: fatal: {msg}\nkvserve: a collective is still blocked; exiting",
                       file=sys.stderr, flush=True)
                 os._exit(1)
@@ -324,6 +329,7 @@ class TPGroup:
             w.process.join(max(0.0, deadline - time.monotonic()))
         self._terminate_workers()
         ps.reset_tp()
+        self._close_done = True
 
     shutdown = close
 
