@@ -88,15 +88,22 @@ def test_rope_qk(dtype, heads, kv_heads, head_dim, qk_norm):
     assert torch.equal(ov, v)  # v untouched
 
 
+def _gemv_inputs(shape: tuple[int, int], dtype: torch.dtype, bias: bool, device: str = "cuda"):
+    """(weight [N, K], x [1, K], bias [N] or None), seeded by the shape."""
+    n, k = shape
+    g = torch.Generator(device=device).manual_seed(n + k + bias)
+    w = torch.randn(shape, generator=g, device=device).to(dtype)
+    x = torch.randn(1, k, generator=g, device=device).to(dtype)
+    b = torch.randn(n, generator=g, device=device).to(dtype) if bias else None
+    return w, x, b
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(4096, 4096), (6144, 4096), (4096, 14336), (151936, 1024), (1000, 576), (3, 100)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_gemv(dtype, shape, bias):
     n, k = shape
-    g = torch.Generator(device="cuda").manual_seed(n + k + bias)
-    w = torch.randn(shape, generator=g, device="cuda").to(dtype)
-    x = torch.randn(1, k, generator=g, device="cuda").to(dtype)
-    b = torch.randn(n, generator=g, device="cuda").to(dtype) if bias else None
+    w, x, b = _gemv_inputs(shape, dtype, bias)
     ref = x.double() @ w.double().t() + (b.double() if bias else 0)
     out = triton_ops.gemv(x, w, b)
     assert out.shape == (1, n) and out.dtype == dtype
@@ -123,11 +130,8 @@ def test_use_triton_gemv_routes_one_row_only():
 @pytest.mark.parametrize("bias", [False, True])
 def test_gemv_silu_mul_equals_gemv_then_silu_mul(dtype, shape, bias):
     """The gate/up GEMV with SiLU·mul in its epilogue gives the unfused path's bits."""
-    n, k = shape
-    g = torch.Generator(device="cuda").manual_seed(n + k + bias)
-    w = torch.randn(shape, generator=g, device="cuda").to(dtype)
-    x = torch.randn(1, k, generator=g, device="cuda").to(dtype)
-    b = torch.randn(n, generator=g, device="cuda").to(dtype) if bias else None
+    n, _ = shape
+    w, x, b = _gemv_inputs(shape, dtype, bias)
     got = triton_ops.gemv_silu_mul(x, w, b)
     assert got.shape == (1, n // 2) and got.dtype == dtype
     assert torch.equal(got, triton_ops.silu_and_mul(triton_ops.gemv(x, w, b)))
