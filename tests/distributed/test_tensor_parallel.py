@@ -180,6 +180,8 @@ _SCRIPT = textwrap.dedent(
         sp = SamplingParams(max_tokens=100, temperature=0.0, ignore_eos=True)
         prompts = [{"prompt_token_ids": [5 + i, 6, 7]} for i in range(4)]
         pid = llm.engine.tp_group.worker_pids[1]
+        if mode == "kill-stuck-close":  # the shutdown after the failure blocks (as on a GPU
+            llm.engine.tp_group.before_destroy.insert(0, lambda: time.sleep(120))  # kernel spinning on the dead peer)
         for i, out in enumerate(llm.generate_stream(prompts, sp)):
             if i == 3:  # mid-run: rank 1 is killed between two steps of a running batch
                 t0 = time.monotonic()
@@ -219,6 +221,17 @@ def test_killed_rank_fails_fast(tiny_model_factory):
     r = _run_script(folder, "kill")
     assert "tensor-parallel rank 1" in r["error"] and "killed by signal 9" in r["error"], r["error"]
     assert r["seconds"] < 10, r  # from the kill to the error
+
+
+def test_killed_rank_with_stuck_shutdown_still_ends(tiny_model_factory):
+    """On CUDA the shutdown that follows a rank's death can block for good (it waits for the
+    GPU, where a kernel may spin on the dead peer): the exit deadline must cover it, ending
+    the process with the error instead of hanging."""
+    folder, _ = tiny_model_factory("llama")
+    r = _run_script(folder, "kill-stuck-close")
+    assert "tensor-parallel rank 1" in r["error"] and "killed by signal 9" in r["error"], r["error"]
+    assert "kvserve: fatal:" in r["error"]  # the last resort, not a clean raise
+    assert r["seconds"] < 20, r
 
 
 def test_startup_error_on_rank1_surfaces_on_rank0(tiny_model_factory):
