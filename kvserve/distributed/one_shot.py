@@ -113,6 +113,7 @@ def decide(cpu_group: Any) -> tuple[bool, str | None]:
     choice = os.environ.get(ENV, "auto").strip().lower()
     if choice not in ("auto", "nccl"):
         raise ValueError(f"{ENV}={choice!r}: expected 'auto' or 'nccl'")
+    _norm_choice()  # checked here too: before any collective
     same_host = _same_host(cpu_group)
     reason = None
     if choice == "nccl":
@@ -169,44 +170,47 @@ def create(group: Any, cpu_group: Any, device: torch.device, max_bytes: int = DE
     return ar
 
 
+def _norm_choice() -> bool:
+    """KVSERVE_TP_FUSED_NORM: True for "1" (default), False for "0"; anything else is an error."""
+    choice = os.environ.get(NORM_ENV, "1").strip()
+    if choice not in ("0", "1"):
+        raise ValueError(f"{NORM_ENV}={choice!r}: expected '1' or '0'")
+    return choice == "1"
+
+
 def _create_norm(group: Any, cpu_group: Any, device: torch.device, max_bytes: int):
-    """The fused all-reduce + RMSNorm (one_shot_norm.py), or None. Collective, in three agreed
-    stages so that no rank launches the kernel (which waits for its peers' flags) unless every
-    rank has compiled it: set-up, compile, a test call against the known answer."""
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
-    fused, reason = None, None
-    if not _agree(os.environ.get(NORM_ENV, "1").strip() != "0", cpu_group):
+    """The fused all-reduce + RMSNorm (one_shot_norm.py), or None. Collective, in stages that
+    every rank runs and agrees on (set-up, compile, a test call against the known answer), so
+    that no rank launches the kernel, which waits for its peers' rows, unless all can."""
+    if not _agree(_norm_choice(), cpu_group):
         logger.info("tensor parallel: all-reduce and RMSNorm stay separate (%s=0)", NORM_ENV)
         return None
-    try:
-        from kvserve.distributed.one_shot_norm import AllReduceRMSNorm
-
-        fused = AllReduceRMSNorm(group.group_name, size, device, max_bytes)
-    except Exception as e:  # noqa: BLE001 - any failure: the unfused path
-        reason, fused = f"{type(e).__name__}: {e}", None
-    if not _agree(fused is not None, cpu_group):
-        logger.info("tensor parallel: all-reduce and RMSNorm stay separate (%s)", reason or "another rank")
-        return None
+    size, rank = dist.get_world_size(group), dist.get_rank(group)
     x = torch.full((2, 1000), float(rank + 1), dtype=torch.bfloat16, device=device)
     res = torch.ones_like(x)
     w = torch.ones(1000, dtype=torch.bfloat16, device=device)
-    try:
-        fused.compile(x, res, w)
-    except Exception as e:  # noqa: BLE001
-        reason, fused = f"{type(e).__name__}: {e}", None
-    if not _agree(fused is not None, cpu_group):
-        logger.warning("tensor parallel: all-reduce and RMSNorm stay separate (%s)", reason or "another rank")
-        return None
-    try:
+    made: list[Any] = []
+
+    def set_up() -> None:
+        from kvserve.distributed.one_shot_norm import AllReduceRMSNorm
+
+        made.append(AllReduceRMSNorm(group.group_name, size, device, max_bytes))
+
+    def test_call() -> None:
         want = size * (size + 1) / 2 + 1
-        for _ in range(3):  # both buffer slots, and one reuse
-            out, summed = fused(x, res, w, 1e-6)
+        for _ in range(4):  # every buffer slot, and one reuse
+            out, summed = made[0](x, res, w, 1e-6)
         torch.cuda.synchronize(device)
         if not bool((summed == want).all()) or not bool(((out.float() - 1).abs() < 1e-2).all()):
             raise RuntimeError("test all-reduce + RMSNorm gave a wrong result")
-    except Exception as e:  # noqa: BLE001
-        reason, fused = f"{type(e).__name__}: {e}", None
-    if not _agree(fused is not None, cpu_group):
-        logger.warning("tensor parallel: all-reduce and RMSNorm stay separate (%s)", reason or "another rank")
-        return None
-    return fused
+
+    for stage in (set_up, lambda: made[0].compile(x, res, w), test_call):
+        reason = None
+        try:
+            stage()
+        except Exception as e:  # noqa: BLE001 - any failure: the unfused path
+            reason = f"{type(e).__name__}: {e}"
+        if not _agree(reason is None, cpu_group):
+            logger.warning("tensor parallel: all-reduce and RMSNorm stay separate (%s)", reason or "another rank")
+            return None
+    return made[0]

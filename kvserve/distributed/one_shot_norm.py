@@ -139,7 +139,7 @@ class AllReduceRMSNorm:
         if not (
             type(linear) is torch.nn.Linear and w is not None and w.dim() == 2 and w.stride(1) == 1
             and x.dim() == 2 and x.shape[0] == 1 and x.stride(1) == 1 and x.dtype == w.dtype
-            and fused_ops.enabled_for(x) and self.eligible(x.new_empty((1, w.shape[0])), None)
+            and fused_ops.enabled_for(x) and self._fits(1, w.shape[0], x.dtype)
         ):
             return None
         out = triton_ops.gemv(x, w, linear.bias,
@@ -147,14 +147,15 @@ class AllReduceRMSNorm:
         self._pushed = out
         return out
 
+    def _fits(self, rows: int, cols: int, dtype: torch.dtype) -> bool:
+        return (
+            dtype in (torch.bfloat16, torch.float16)
+            and 0 < rows <= MAX_ROWS and 0 < cols <= MAX_COLS and rows * cols * 2 <= self.max_bytes
+        )
+
     def eligible(self, x: torch.Tensor, residual: torch.Tensor | None) -> bool:
         # Shapes, dtypes and strides only: the same answer on every rank for the same call.
-        if not (x.is_cuda and x.dim() == 2 and x.dtype in (torch.bfloat16, torch.float16)):
-            return False
-        rows, cols = x.shape
-        if not (0 < rows <= MAX_ROWS and 0 < cols <= MAX_COLS and rows * cols * x.element_size() <= self.max_bytes):
-            return False
-        if x.stride(1) != 1:
+        if not (x.is_cuda and x.dim() == 2 and self._fits(x.shape[0], x.shape[1], x.dtype) and x.stride(1) == 1):
             return False
         if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype or residual.stride(1) != 1):
             return False

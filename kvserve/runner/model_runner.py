@@ -325,7 +325,7 @@ class ModelRunner:
         the same requests in the same order), else an index_select with the index uploaded
         through the staging buffer `buf`."""
         n = len(idx)
-        if idx == list(range(idx[0], idx[0] + n)):
+        if _consecutive(idx):
             return tokens[idx[0] : idx[0] + n]
         i64, _ = buf.host(n, 0)
         i64[:] = idx
@@ -351,7 +351,7 @@ class ModelRunner:
         gather = None
         if ahead_ids is not None:
             idx = ahead_ids[1]
-            if idx != list(range(idx[0], idx[0] + num_tokens)):
+            if not _consecutive(idx):
                 gather = idx  # uploaded after the slots; else the ids are a slice
         n_gather = len(gather) if gather is not None else 0
         i64, i32 = buf.host(3 * num_tokens + n_gather, (num_seqs + 1) + num_seqs + len(sample_rows) + num_seqs * width)
@@ -452,3 +452,8 @@ class ModelRunner:
         self._pending.append(pending)
         self._last_tokens = (reqs, tokens)
         return pending
+
+
+def _consecutive(idx: list[int]) -> bool:
+    """idx is idx[0], idx[0] + 1, ...: the rows are a slice (same requests, same order)."""
+    return idx == list(range(idx[0], idx[0] + len(idx)))

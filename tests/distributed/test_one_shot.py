@@ -77,3 +77,10 @@ def test_bad_choice_is_a_value_error(monkeypatch):
     monkeypatch.setenv(one_shot.ENV, "fast")
     with pytest.raises(ValueError, match=one_shot.ENV):
         one_shot.decide(None)
+
+
+def test_bad_fused_norm_choice_is_a_value_error(monkeypatch):
+    """Checked before any collective (decide() gets no group here)."""
+    monkeypatch.setenv(one_shot.NORM_ENV, "yes")
+    with pytest.raises(ValueError, match=one_shot.NORM_ENV):
+        one_shot.decide(None)

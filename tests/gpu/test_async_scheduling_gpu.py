@@ -70,6 +70,8 @@ def test_async_equals_sync(folder, graphs):
     eng = llm.engine
     assert eng.num_ahead_steps >= 20
     assert (eng.runner.num_graph_steps > 0) == graphs
+    if graphs:  # the host is off the GPU's path: one graph per step, not split pieces
+        assert eng.runner.graphs.split is False
     assert eng.scheduler.kv.num_free_blocks == eng.scheduler.kv.num_blocks
     # A stop token and a stop string end requests while an ahead step is in flight.
     stop_tok = want[0][0][3]
