@@ -16,7 +16,9 @@ measured before the cut still print. Prints a table with the cards and the TP=2 
 and writes tp_bench.json to --out (default $OUT or .).
 
 A size written `Nnccl` runs TP=N with every all-reduce on NCCL (`KVSERVE_TP_ALL_REDUCE=nccl`)
-instead of the one-shot symmetric-memory kernel used for small tensors by default. `--profile`
+instead of the one-shot symmetric-memory kernel used for small tensors by default; `Nnopdl`
+launches every kernel without programmatic dependent launch (`KVSERVE_PDL=0`, models/pdl.py);
+the suffixes combine (`2nccl-nopdl`). `--profile`
 also prints, per size, rank 0's GPU kernel time by kernel over 64 decode steps next to their
 wall time (torch.profiler; kernels inside CUDA graphs included).
 """
@@ -27,6 +29,7 @@ import argparse
 import gc
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -168,6 +171,9 @@ def run_child(tp: int, sections: set[str], num_requests: int, out_path: Path, sm
 
 
 # -- parent ---------------------------------------------------------------------------------------
+_LABEL = r"(\d+)((?:nccl)?-?(?:nopdl)?)"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="decode,throughput", help="sections: decode, throughput")
@@ -194,18 +200,21 @@ def main() -> None:
 
     labels = [x.strip() for x in args.tp.split(",")]
     for label in labels:
-        if not label.removesuffix("nccl").isdigit():
-            ap.error(f"--tp: {label!r} is not a size (N or Nnccl)")
+        if not re.fullmatch(_LABEL, label):
+            ap.error(f"--tp: {label!r} is not a size (N, Nnccl, Nnopdl or Nnccl-nopdl)")
     start = time.monotonic()
     rows: dict[str, dict] = {}
     base_env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
     base_env["PYTHONPATH"] = root + os.pathsep + base_env.get("PYTHONPATH", "")
     for i, label in enumerate(labels):
-        tp = int(label.removesuffix("nccl"))
+        size, suffix = re.fullmatch(_LABEL, label).groups()
+        tp = int(size)
         env = dict(base_env)
-        if label.endswith("nccl"):
+        if "nccl" in suffix:
             env["KVSERVE_TP_ALL_REDUCE"] = "nccl"
+        if "nopdl" in suffix:
+            env["KVSERVE_PDL"] = "0"
         left = args.time_budget - (time.monotonic() - start)
         share = left / (len(labels) - i)
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
@@ -232,11 +241,11 @@ def main() -> None:
         return format(v, spec) if isinstance(v, (int, float)) else "-"
 
     log(f"\n{'tiny (smoke, CPU)' if args.smoke else MODEL} shapes, {'fp32' if args.smoke else 'bf16'} random weights; total {time.monotonic() - start:.0f}s")
-    log("| TP | all-reduce | cards | batch-1 decode ms/token | throughput out tok/s | requests | start-up s | status |")
+    log("| TP (label) | all-reduce | cards | batch-1 decode ms/token | throughput out tok/s | requests | start-up s | status |")
     log("|---|---|---|---|---|---|---|---|")
     for label, r in rows.items():
         cards = " + ".join(r.get("cards", [])) or "-"
-        log(f"| {label.removesuffix('nccl')} | {r.get('all_reduce', '-')} | {cards} | {fmt(r.get('decode_ms'), '.3f')} | "
+        log(f"| {label} | {r.get('all_reduce', '-')} | {cards} | {fmt(r.get('decode_ms'), '.3f')} | "
             f"{fmt(r.get('throughput_tok_s'), '.0f')} | {r.get('requests', '-')} | {fmt(r.get('startup_s'), '.0f')} | "
             f"{r['status']} |")
     one, two = rows.get("1", {}), rows.get("2", {})
@@ -245,6 +254,9 @@ def main() -> None:
         speed["decode"] = one["decode_ms"] / two["decode_ms"]
     if one.get("throughput_tok_s") and two.get("throughput_tok_s"):
         speed["throughput"] = two["throughput_tok_s"] / one["throughput_tok_s"]
+    off1, off2 = rows.get("1nopdl", {}), rows.get("2nopdl", {})
+    if off1.get("decode_ms") and off2.get("decode_ms"):
+        speed["decode without PDL"] = off1["decode_ms"] / off2["decode_ms"]
     for k, v in speed.items():
         log(f"speedup TP=2 / TP=1, {k}: {v:.2f}x" + ("  (target >= 1.6x)" if k == "decode" else ""))
     Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvserve.models import pdl
+
 MAX_ROWS = 1024  # programs (rows) per call
 MAX_COLS = 16384  # one program holds a whole row
 SLOTS = 3
@@ -61,11 +63,14 @@ def _all_reduce_rmsnorm_kernel(
     HAS_RES: tl.constexpr,
     PUSHED: tl.constexpr,  # the GEMV that produced x already wrote it to every buffer
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     dt = x_ptr.dtype.element_ty
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)  # a weight: no kernel writes it
+    pdl.wait(PDL)  # models/pdl.py: the slot protocol below relies on stream order, which it keeps
     slot = tl.load(counter_ptr + row)
     if not PUSHED:
         x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0)
@@ -78,7 +83,6 @@ def _all_reduce_rmsnorm_kernel(
     # Independent of the peers: in flight while we wait for them (without a residual, res_ptr
     # is x_ptr, read and unused).
     r = tl.load(res_ptr + row.to(tl.int64) * stride_r + cols, mask=mask, other=0.0)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     # 2. every rank's row, in rank order, once it has arrived; then empty it again. (A variant
     #    that loaded and checked all ranks' rows as one 2-D tile and summed over the ranks'
     #    axis gave wrong sums now and then in tests/gpu/test_one_shot_norm.py, 64 rows; the
@@ -188,8 +192,9 @@ class AllReduceRMSNorm:
             x.stride(0), residual.stride(0) if residual is not None else 0, out.stride(0), res_out.stride(0),
             eps,
         )
-        meta = dict(WORLD=self.world, HAS_RES=residual is not None, PUSHED=pushed, BLOCK=block,
-                    num_warps=min(max(block // 256, 1), 16))
+        use_pdl = pdl.enabled(x.device)
+        meta = dict(WORLD=self.world, HAS_RES=residual is not None, PUSHED=pushed, BLOCK=block, PDL=use_pdl,
+                    num_warps=min(max(block // 256, 1), 16), launch_pdl=use_pdl)
         if compile_only:
             _all_reduce_rmsnorm_kernel.warmup(*args, grid=(rows,), **meta)
         else:

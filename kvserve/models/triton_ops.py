@@ -9,9 +9,13 @@ multiply-adds.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
+
+from kvserve.models import pdl
 
 
 @triton.jit
@@ -29,10 +33,13 @@ def _rmsnorm_kernel(
     eps,
     HAS_RES: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)  # a weight: no kernel writes it
+    pdl.wait(PDL)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RES:
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0)
@@ -42,7 +49,6 @@ def _rmsnorm_kernel(
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, 0) / n_cols
     normed = (xf * (1.0 / tl.sqrt_rn(var + eps))).to(out_ptr.dtype.element_ty)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     out = w.to(tl.float32) * normed.to(tl.float32)
     tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -60,20 +66,22 @@ def rmsnorm(
     if n_rows == 0:
         return out, res_out
     block = triton.next_power_of_2(n_cols)
+    use_pdl = pdl.enabled(x.device)
     _rmsnorm_kernel[(n_rows,)](
         x, residual if residual is not None else x, weight, out,
         res_out if res_out is not None else out,
         x.stride(0), residual.stride(0) if residual is not None else 0,
         out.stride(0), res_out.stride(0) if res_out is not None else 0,
         n_cols, eps,
-        HAS_RES=residual is not None, BLOCK=block,
-        num_warps=min(max(block // 256, 1), 16),
+        HAS_RES=residual is not None, BLOCK=block, PDL=use_pdl,
+        num_warps=min(max(block // 256, 1), 16), launch_pdl=use_pdl,
     )
     return out, res_out
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr):
+def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    pdl.wait(PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -93,8 +101,10 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if n_rows == 0:
         return out
     block = min(triton.next_power_of_2(n_cols), 2048)
+    use_pdl = pdl.enabled(x.device)
     _silu_mul_kernel[(n_rows, triton.cdiv(n_cols, block))](
-        x, out, x.stride(0), out.stride(0), n_cols, BLOCK=block, num_warps=4 if block >= 1024 else 2,
+        x, out, x.stride(0), out.stride(0), n_cols, BLOCK=block, PDL=use_pdl,
+        num_warps=4 if block >= 1024 else 2, launch_pdl=use_pdl,
     )
     return out
 
@@ -123,7 +133,9 @@ def _rope_qk_kernel(
     KV_PAD: tl.constexpr,
     NORM: tl.constexpr,
     WRITE_KV: tl.constexpr,  # also store the rotated k and the v of this token in the paged cache
+    PDL: tl.constexpr,
 ):
+    pdl.wait(PDL)
     t = tl.program_id(0).to(tl.int64)
     pos = tl.load(pos_ptr + t).to(tl.int64)
     h = tl.arange(0, H_PAD)
@@ -184,6 +196,7 @@ def rope_qk_(
     norm = q_weight is not None
     h_pad = triton.next_power_of_2(heads)
     write = kv_cache is not None
+    use_pdl = pdl.enabled(qkv.device)
     _rope_qk_kernel[(n_tokens,)](
         qkv, positions, cos_sin,
         q_weight if norm else cos_sin, k_weight if norm else cos_sin,
@@ -192,7 +205,7 @@ def rope_qk_(
         kv_cache.stride(0) if write else 0, kv_cache.stride(2) if write else 0, kv_cache.stride(3) if write else 0,
         eps,
         HALF=head_dim // 2, H_PAD=h_pad, KV_PAD=triton.next_power_of_2(num_kv_heads), NORM=norm, WRITE_KV=write,
-        num_warps=min(max(h_pad * head_dim // 1024, 1), 8),
+        PDL=use_pdl, num_warps=min(max(h_pad * head_dim // 1024, 1), 8), launch_pdl=use_pdl,
     )
 
 
@@ -215,10 +228,12 @@ def _gemv_kernel(
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0
     PUSH: tl.constexpr,  # also send the output to every rank's all-reduce buffer
     WORLD: tl.constexpr,
+    PRE: tl.constexpr,  # weight tiles loaded before waiting for the previous kernel (0-4)
+    PDL: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    out = _gemv_rows(x_ptr, w_ptr, rows, row_ok, K, stride_w, BLOCK_N, BLOCK_K, EVEN_K)
+    out = _gemv_rows(x_ptr, w_ptr, rows, row_ok, K, stride_w, BLOCK_N, BLOCK_K, EVEN_K, PRE, PDL)
     if HAS_BIAS:
         out += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     dt = out_ptr.dtype.element_ty
@@ -237,12 +252,31 @@ def _gemv_kernel(
 
 @triton.jit
 def _gemv_rows(x_ptr, w_ptr, rows, row_ok, K, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-               EVEN_K: tl.constexpr):
-    """fp32 dot products of weight rows `rows` with x."""
+               EVEN_K: tl.constexpr, PRE: tl.constexpr, PDL: tl.constexpr):
+    """fp32 dot products of weight rows `rows` with x. The first PRE tiles of the rows (whole
+    tiles) are requested before the PDL wait; the sums are the same, in the same order."""
     rows64 = tl.where(row_ok, rows, 0).to(tl.int64)
     cols = tl.arange(0, BLOCK_K)
+    w_tile = w_ptr + rows64[:, None] * stride_w + cols[None, :]
+    if PRE > 0:
+        w0 = tl.load(w_tile)
+    if PRE > 1:
+        w1 = tl.load(w_tile + BLOCK_K)
+    if PRE > 2:
+        w2 = tl.load(w_tile + 2 * BLOCK_K)
+    if PRE > 3:
+        w3 = tl.load(w_tile + 3 * BLOCK_K)
+    pdl.wait(PDL)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    if PRE > 0:
+        acc += w0.to(tl.float32) * tl.load(x_ptr + cols).to(tl.float32)[None, :]
+    if PRE > 1:
+        acc += w1.to(tl.float32) * tl.load(x_ptr + BLOCK_K + cols).to(tl.float32)[None, :]
+    if PRE > 2:
+        acc += w2.to(tl.float32) * tl.load(x_ptr + 2 * BLOCK_K + cols).to(tl.float32)[None, :]
+    if PRE > 3:
+        acc += w3.to(tl.float32) * tl.load(x_ptr + 3 * BLOCK_K + cols).to(tl.float32)[None, :]
+    for k0 in range(PRE * BLOCK_K, K, BLOCK_K):
         c = k0 + cols
         if EVEN_K:
             x = tl.load(x_ptr + c)
@@ -267,15 +301,48 @@ def _gemv_silu_mul_kernel(
     BLOCK_N: tl.constexpr,  # gate rows per program (and as many up rows)
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
+    PRE: tl.constexpr,  # tiles of each half loaded before waiting for the previous kernel (0-4)
+    PDL: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < I
     g_rows = tl.where(row_ok, rows, 0).to(tl.int64)
     u_rows = g_rows + I
     cols = tl.arange(0, BLOCK_K)
+    g_tile = w_ptr + g_rows[:, None] * stride_w + cols[None, :]
+    u_tile = w_ptr + u_rows[:, None] * stride_w + cols[None, :]
+    if PRE > 0:
+        g0 = tl.load(g_tile)
+        u0 = tl.load(u_tile)
+    if PRE > 1:
+        g1 = tl.load(g_tile + BLOCK_K)
+        u1 = tl.load(u_tile + BLOCK_K)
+    if PRE > 2:
+        g2 = tl.load(g_tile + 2 * BLOCK_K)
+        u2 = tl.load(u_tile + 2 * BLOCK_K)
+    if PRE > 3:
+        g3 = tl.load(g_tile + 3 * BLOCK_K)
+        u3 = tl.load(u_tile + 3 * BLOCK_K)
+    pdl.wait(PDL)
     acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):  # one loop over both halves: their loads in flight together
+    if PRE > 0:
+        xf = tl.load(x_ptr + cols).to(tl.float32)[None, :]
+        acc_g += g0.to(tl.float32) * xf
+        acc_u += u0.to(tl.float32) * xf
+    if PRE > 1:
+        xf = tl.load(x_ptr + BLOCK_K + cols).to(tl.float32)[None, :]
+        acc_g += g1.to(tl.float32) * xf
+        acc_u += u1.to(tl.float32) * xf
+    if PRE > 2:
+        xf = tl.load(x_ptr + 2 * BLOCK_K + cols).to(tl.float32)[None, :]
+        acc_g += g2.to(tl.float32) * xf
+        acc_u += u2.to(tl.float32) * xf
+    if PRE > 3:
+        xf = tl.load(x_ptr + 3 * BLOCK_K + cols).to(tl.float32)[None, :]
+        acc_g += g3.to(tl.float32) * xf
+        acc_u += u3.to(tl.float32) * xf
+    for k0 in range(PRE * BLOCK_K, K, BLOCK_K):  # one loop over both halves: their loads in flight together
         c = k0 + cols
         if EVEN_K:
             x = tl.load(x_ptr + c)
@@ -316,11 +383,13 @@ def gemv(
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     block_n, block_k, warps = config or gemv_config(n, k)
     ptrs, slot, rank, stride, world = push if push is not None else (weight, weight, 0, 0, 1)
+    use_pdl = pdl.enabled(x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
         ptrs, slot, rank, stride,
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-        PUSH=push is not None, WORLD=world, num_warps=warps,
+        PUSH=push is not None, WORLD=world, PRE=_preload_tiles(use_pdl, k, block_k), PDL=use_pdl,
+        num_warps=warps, launch_pdl=use_pdl,
     )
     return out
 
@@ -334,12 +403,22 @@ def gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     out = torch.empty((1, i), dtype=x.dtype, device=x.device)
     block_n, block_k, warps = gemv_config(n2, k)
     block_n = max(1, block_n // 2)  # as many weight rows per program as the plain GEMV reads
+    use_pdl = pdl.enabled(x.device)
     _gemv_silu_mul_kernel[(triton.cdiv(i, block_n),)](
         x, weight, bias if bias is not None else weight, out, i, k, weight.stride(0),
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-        num_warps=warps,
+        PRE=_preload_tiles(use_pdl, k, block_k), PDL=use_pdl, num_warps=warps, launch_pdl=use_pdl,
     )
     return out
+
+
+# Weight tiles a GEMV program requests before its PDL wait (at most 4: the kernels unroll them).
+# KVSERVE_PDL_PRELOAD overrides it for measurements (benchmarks/tp_bench.py).
+PRELOAD_TILES = int(os.environ.get("KVSERVE_PDL_PRELOAD", "4"))
+
+
+def _preload_tiles(use_pdl: bool, k: int, block_k: int) -> int:
+    return min(PRELOAD_TILES, 4, k // block_k) if use_pdl else 0
 
 
 def gemv_config(n: int, k: int) -> tuple[int, int, int]:

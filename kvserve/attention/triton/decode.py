@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvserve.models import pdl
+
 _LOG2E = 1.4426950408889634
 
 
@@ -59,7 +61,9 @@ def _decode_kernel(
     MIXED: tl.constexpr,  # batch also holds prefills: find the row via query_start_loc
     DIRECT: tl.constexpr,  # num_splits == 1: normalise and write the output here
     DOT_PREC: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.wait(PDL)
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -146,7 +150,9 @@ def _decode_reduce_kernel(
     SPLITS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     MIXED: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    pdl.wait(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
     if MIXED:
@@ -233,6 +239,7 @@ def decode_attention(
         if partials is None:
             partials = alloc_partials(num_seqs, num_heads, num_splits, head_dim, q.device)
         part_acc, part_m, part_l = partials
+    use_pdl = pdl.enabled(q.device)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
         kv_cache,
@@ -264,8 +271,10 @@ def decode_attention(
         MIXED=mixed,
         DIRECT=direct,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        PDL=use_pdl,
         num_warps=warps,
         num_stages=stages,
+        launch_pdl=use_pdl,
     )
     if not direct:
         _decode_reduce_kernel[(num_seqs, num_heads)](
@@ -282,7 +291,9 @@ def decode_attention(
             SPLITS_PAD=max(64, triton.next_power_of_2(num_splits)),
             HEAD_DIM=head_dim,
             MIXED=mixed,
+            PDL=use_pdl,
             num_warps=4 if head_dim >= 128 else 2,
+            launch_pdl=use_pdl,
         )
 
 
