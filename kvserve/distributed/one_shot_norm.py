@@ -83,19 +83,29 @@ def _all_reduce_rmsnorm_kernel(
     # Independent of the peers: in flight while we wait for them (without a residual, res_ptr
     # is x_ptr, read and unused).
     r = tl.load(res_ptr + row.to(tl.int64) * stride_r + cols, mask=mask, other=0.0)
-    # 2. every rank's row, in rank order, once it has arrived; then empty it again. (A variant
-    #    that loaded and checked all ranks' rows as one 2-D tile and summed over the ranks'
-    #    axis gave wrong sums now and then in tests/gpu/test_one_shot_norm.py, 64 rows; the
-    #    cause was not pinned down.)
+    # 2. every rank's row, in rank order, once it has arrived; then empty it again. The next
+    #    rank's row is requested before this one is checked, so the first look at every row
+    #    costs one round trip, not one per rank (a non-empty element is always this call's
+    #    data however early it is read: slots are emptied after every read). (A variant that
+    #    loaded all ranks' rows as one 2-D tile, in another thread layout than the stores,
+    #    gave wrong sums now and then in tests/gpu/test_one_shot_norm.py at 64 rows; the
+    #    cause was not pinned down, and this one keeps the layout of the stores.)
     here = tl.load(data_ptrs + rank).to(tl.pointer_type(tl.int16))
+    row_base = here + row.to(tl.int64) * n_cols + cols
+    src = row_base + (slot * WORLD).to(tl.int64) * src_stride
+    v = tl.load(src, mask=mask, other=0, volatile=True)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for q in tl.static_range(WORLD):
-        src = here + (slot * WORLD + q).to(tl.int64) * src_stride + row.to(tl.int64) * n_cols + cols
-        v = tl.load(src, mask=mask, other=0, volatile=True)
+        if q + 1 < WORLD:
+            src_next = row_base + (slot * WORLD + q + 1).to(tl.int64) * src_stride
+            v_next = tl.load(src_next, mask=mask, other=0, volatile=True)
         while tl.max(((v == _EMPTY) & mask).to(tl.int32), 0) > 0:
             v = tl.load(src, mask=mask, other=0, volatile=True)
         acc += v.to(dt, bitcast=True).to(tl.float32)
         tl.store(src, tl.full([BLOCK], _EMPTY, tl.int16), mask=mask)
+        if q + 1 < WORLD:
+            src = src_next
+            v = v_next
     s = acc.to(dt)  # the all-reduce's result, rounded as the unfused all-reduce returns it
     # 3. residual add and RMSNorm (models/triton_ops._rmsnorm_kernel's arithmetic)
     if HAS_RES:
