@@ -115,6 +115,8 @@ def use_triton_gemv(model: torch.nn.Module) -> int:
             module.forward = functools.partial(_linear_forward, module)
             if name.endswith("gate_up_proj"):  # read by layers.gate_up_silu_and_mul
                 module.silu_and_mul = functools.partial(_gate_up_silu_forward, module)
+            if name.endswith("qkv_proj"):  # read by qkv_rope_ (llama.LlamaAttention)
+                module.gemv_rope_ = functools.partial(_qkv_rope_forward, module)
             n += 1
     return n
 
@@ -127,6 +129,35 @@ def _gate_up_silu_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Ten
 
         return triton_ops.gemv_silu_mul(x, module.weight, module.bias)
     return silu_and_mul(module(x))
+
+
+def _qkv_rope_forward(module: torch.nn.Linear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor | None:
+    if x.dim() == 2 and x.shape[0] == 1 and x.dtype == module.weight.dtype and x.stride(1) == 1:
+        from kvserve.models import triton_ops
+
+        return triton_ops.gemv_rope_(x, module.weight, module.bias, *args, **kwargs)
+    return None
+
+
+def qkv_rope_(
+    qkv_proj: torch.nn.Module,
+    x: torch.Tensor,  # [T, hidden]
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    kv_cache: torch.Tensor | None = None,
+    slot_mapping: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """The fused q/k/v projection of one row with q and k rotated (and, with `kv_cache`, k
+    and v stored in the cache) in one kernel: the bits of `qkv_proj(x)` then `rope_qk_`
+    without q/k norm. None when the projection is not on the Triton GEMV (see
+    `use_triton_gemv`) or `x` is not one contiguous row: the caller runs the two steps."""
+    fused = getattr(qkv_proj, "gemv_rope_", None)
+    if fused is None:
+        return None
+    return fused(x, positions, cos_sin, num_heads, num_kv_heads, head_dim, kv_cache, slot_mapping)
 
 
 def build_cos_sin(inv_freq: torch.Tensor, max_positions: int) -> torch.Tensor:

@@ -55,15 +55,23 @@ class LlamaAttention(nn.Module):
         md: AttentionMetadata,
     ) -> torch.Tensor:
         t = x.shape[0]
-        qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
-        # The Triton backend lets that kernel also store k and v in the cache (one launch less).
+        # The Triton backend lets the RoPE kernel also store k and v in the cache (one launch less).
         kv_written = rope.fused and getattr(self.backend, "fuses_kv_write", False)
-        if rope.fused:  # CUDA: q/k norm + rotation in one kernel, in place inside qkv
-            fused_ops.rope_qk_(
-                qkv, rope.positions, rope.cos_sin_table, self.num_heads, self.num_kv_heads,
-                self.head_dim, self.q_norm, self.k_norm,
-                kv_cache=kv_cache if kv_written else None, slot_mapping=md.slot_mapping if kv_written else None,
+        qkv = None
+        if rope.fused and self.q_norm is None:  # one row on CUDA: projection + RoPE in one kernel
+            qkv = fused_ops.qkv_rope_(
+                self.qkv_proj, x, rope.positions, rope.cos_sin_table, self.num_heads, self.num_kv_heads,
+                self.head_dim, kv_cache if kv_written else None, md.slot_mapping if kv_written else None,
             )
+        if qkv is None:
+            qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
+            if rope.fused:  # CUDA: q/k norm + rotation in one kernel, in place inside qkv
+                fused_ops.rope_qk_(
+                    qkv, rope.positions, rope.cos_sin_table, self.num_heads, self.num_kv_heads,
+                    self.head_dim, self.q_norm, self.k_norm,
+                    kv_cache=kv_cache if kv_written else None,
+                    slot_mapping=md.slot_mapping if kv_written else None,
+                )
         if not rope.fused and self.q_norm is None:  # rotate q and k together: fewer CPU ops
             qk = rotate(qkv[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim), rope)
             q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]

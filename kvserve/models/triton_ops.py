@@ -109,6 +109,13 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+@triton.jit
+def _rotate(x1, x2, c, s):
+    """RoPE of the pair (x1, x2) in fp32, with explicit FMAs: every kernel that rotates gets
+    the same bits whatever the compiler would contract."""
+    return tl.fma(x1, c, -(x2 * s)), tl.fma(x2, c, x1 * s)
+
+
 # positions are a slice of the step's staging buffer whose 16-byte alignment varies per step.
 @triton.jit(do_not_specialize_on_alignment=["pos_ptr", "slot_ptr"])
 def _rope_qk_kernel(
@@ -156,8 +163,9 @@ def _rope_qk_kernel(
         x2 = (w2.to(tl.float32) * (x2 * inv[:, None]).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     c = tl.load(cos_sin_ptr + pos * stride_cs + d)[None, :]  # [1, HALF]
     s = tl.load(cos_sin_ptr + pos * stride_cs + HALF + d)[None, :]
-    r1 = (x1 * c - x2 * s).to(dtype)
-    r2 = (x2 * c + x1 * s).to(dtype)
+    r1, r2 = _rotate(x1, x2, c, s)
+    r1 = r1.to(dtype)
+    r2 = r2.to(dtype)
     tl.store(ptr1, r1, mask=hmask)
     tl.store(ptr1 + HALF, r2, mask=hmask)
     if WRITE_KV:  # what attention/triton/kv_write.py would store after this kernel
@@ -286,6 +294,65 @@ def _gemv_rows(x_ptr, w_ptr, rows, row_ok, K, stride_w, BLOCK_N: tl.constexpr, B
             w = tl.load(w_ptr + rows64[:, None] * stride_w + c[None, :], mask=(c < K)[None, :], other=0.0)
         acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
     return tl.sum(acc, 1)  # [BLOCK_N]
+
+
+# positions and slots are slices of the step's staging buffer (alignment varies per step).
+@triton.jit(do_not_specialize_on_alignment=["pos_ptr", "slot_ptr"])
+def _gemv_rope_kernel(
+    x_ptr,  # [K]
+    w_ptr,  # [(Hq + 2 Hkv) * 2 HALF, K]: the fused q, k, v projection
+    b_ptr,  # [N] or unused
+    out_ptr,  # [N]: q and k rotated, v as computed
+    pos_ptr,  # [1]
+    cos_sin_ptr,  # [max_pos, 2 * HALF] fp32: cos ‖ sin
+    cache_ptr,  # WRITE_KV: [2, blocks, block_size, kv_heads, 2 * HALF]
+    slot_ptr,  # WRITE_KV: [1] int64, -1 = no write
+    K,
+    stride_w,
+    stride_cs,
+    num_q_heads,
+    num_heads,  # q heads + k heads: the heads that are rotated
+    stride_plane,
+    stride_slot,
+    stride_head,
+    HAS_BIAS: tl.constexpr,
+    HALF: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    WRITE_KV: tl.constexpr,
+    PRE: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """One program computes the two rows of a head that RoPE pairs (d and d + HALF), so the
+    rotation (and the k/v store into the paged cache) happens in the epilogue: the QKV GEMV and
+    `_rope_qk_kernel` in one launch, with the same bits (each row's dot product is the plain
+    GEMV's, rounded to the model dtype before it is rotated as `_rope_qk_kernel` rotates)."""
+    p = tl.program_id(0)
+    head = p // HALF
+    j = p % HALF
+    pair = tl.arange(0, 2)
+    rows = head * (2 * HALF) + j + pair * HALF  # [2]
+    acc = _gemv_rows(x_ptr, w_ptr, rows, rows >= 0, K, stride_w, 2, BLOCK_K, EVEN_K, PRE, PDL)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rows).to(tl.float32)
+    dt = out_ptr.dtype.element_ty
+    o = acc.to(dt)
+    of = o.to(tl.float32)
+    x1 = tl.sum(tl.where(pair == 0, of, 0.0), 0)
+    x2 = tl.sum(tl.where(pair == 1, of, 0.0), 0)
+    pos = tl.load(pos_ptr).to(tl.int64)
+    c = tl.load(cos_sin_ptr + pos * stride_cs + j)
+    s = tl.load(cos_sin_ptr + pos * stride_cs + HALF + j)
+    r1, r2 = _rotate(x1, x2, c, s)
+    o = tl.where(head < num_heads, tl.where(pair == 0, r1.to(dt), r2.to(dt)), o)
+    tl.store(out_ptr + rows, o)
+    if WRITE_KV:
+        slot = tl.load(slot_ptr)
+        if (slot >= 0) & (head >= num_q_heads):  # k or v, and not a padding row
+            is_v = head >= num_heads
+            kv_head = tl.where(is_v, head - num_heads, head - num_q_heads).to(tl.int64)
+            dst = cache_ptr + is_v.to(tl.int64) * stride_plane + slot * stride_slot + kv_head * stride_head
+            tl.store(dst + j + pair * HALF, o.to(cache_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -419,6 +486,37 @@ PRELOAD_TILES = int(os.environ.get("KVSERVE_PDL_PRELOAD", "4"))
 
 def _preload_tiles(use_pdl: bool, k: int, block_k: int) -> int:
     return min(PRELOAD_TILES, 4, k // block_k) if use_pdl else 0
+
+
+def gemv_rope_(
+    x: torch.Tensor,  # [1, K]
+    weight: torch.Tensor,  # [(Hq + 2 Hkv) * D, K]
+    bias: torch.Tensor | None,
+    positions: torch.Tensor,  # [1]
+    cos_sin: torch.Tensor,  # [max_pos, D] fp32
+    num_q_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    kv_cache: torch.Tensor | None = None,  # [2, blocks, block_size, kv_heads, D]: also store k, v
+    slot_mapping: torch.Tensor | None = None,  # [1] int64, -1 = skip
+) -> torch.Tensor:  # [1, (Hq + 2 Hkv) * D]
+    """`rope_qk_(gemv(x, weight, bias), ...)` (without q/k norm) in one kernel: the same bits."""
+    n, k = weight.shape
+    if n != (num_q_heads + 2 * num_kv_heads) * head_dim or head_dim % 2:
+        raise ValueError(f"gemv_rope_: weight of {n} rows is not q, k and v heads of even size {head_dim}")
+    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    _, block_k, warps = gemv_config(n, k)
+    write = kv_cache is not None
+    use_pdl = pdl.enabled(x.device)
+    _gemv_rope_kernel[(n // 2,)](
+        x, weight, bias if bias is not None else weight, out, positions, cos_sin,
+        kv_cache if write else weight, slot_mapping if write else positions,
+        k, weight.stride(0), cos_sin.stride(0), num_q_heads, num_q_heads + num_kv_heads,
+        kv_cache.stride(0) if write else 0, kv_cache.stride(2) if write else 0, kv_cache.stride(3) if write else 0,
+        HAS_BIAS=bias is not None, HALF=head_dim // 2, BLOCK_K=block_k, EVEN_K=k % block_k == 0, WRITE_KV=write,
+        PRE=_preload_tiles(use_pdl, k, block_k), PDL=use_pdl, num_warps=warps, launch_pdl=use_pdl,
+    )
+    return out
 
 
 def gemv_config(n: int, k: int) -> tuple[int, int, int]:

@@ -184,3 +184,52 @@ def test_rope_with_kv_write_equals_rope_then_kv_write(dtype, heads, kv_heads, he
     triton_ops.rope_qk_(got, *args, kv_cache=cache, slot_mapping=slots)
     assert torch.equal(got, ref)
     assert torch.equal(cache, cache_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim,hidden,bias", [(16, 4, 128, 4096, False), (32, 8, 64, 2048, False),
+                                                                 (9, 3, 64, 576, True), (4, 1, 128, 1000, False)])
+@pytest.mark.parametrize("slot", [37, -1, None])
+def test_gemv_rope_equals_gemv_then_rope(dtype, heads, kv_heads, head_dim, hidden, bias, slot):
+    """The QKV GEMV with RoPE (and the k/v cache store) in its epilogue gives the bits of the
+    plain GEMV followed by rope_qk_ (with the same cache store), for one row; slot -1 stores
+    nothing, and without a cache only qkv is written."""
+    n = (heads + 2 * kv_heads) * head_dim
+    w, x, b = _gemv_inputs((n, hidden), dtype, bias)
+    g = torch.Generator(device="cuda").manual_seed(n)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, device="cuda").float() / head_dim))
+    cos_sin = fused_ops.build_cos_sin(inv_freq, 256)
+    positions = torch.tensor([201], device="cuda")
+    cache_ref = torch.randn(2, 6, 16, kv_heads, head_dim, generator=g, device="cuda").to(dtype)
+    cache = cache_ref.clone()
+    kv = {} if slot is None else {"slot_mapping": torch.tensor([slot], device="cuda")}
+    ref = triton_ops.gemv(x, w, b)
+    triton_ops.rope_qk_(ref, positions, cos_sin, heads, kv_heads, head_dim,
+                        kv_cache=cache_ref if kv else None, **kv)
+    got = triton_ops.gemv_rope_(x, w, b, positions, cos_sin, heads, kv_heads, head_dim,
+                                kv_cache=cache if kv else None, **kv)
+    assert got.shape == (1, n) and got.dtype == dtype
+    assert torch.equal(got, ref)
+    assert torch.equal(cache, cache_ref)
+    if slot is not None and slot >= 0:  # the store really happened (not only left alone on both sides)
+        k_ref = ref[0, heads * head_dim:(heads + kv_heads) * head_dim].view(kv_heads, head_dim)
+        assert torch.equal(cache[0].view(-1, kv_heads, head_dim)[slot], k_ref)
+
+
+def test_llama_decode_row_uses_gemv_rope():
+    """A Llama attention layer with the Triton GEMV routed sends a one-row step's projection
+    through qkv_rope_ (one kernel), and models with q/k norm keep the two-step path."""
+    proj = torch.nn.Linear(256, (4 + 2 * 2) * 32, bias=False).to("cuda", torch.bfloat16)
+    holder = torch.nn.Module()
+    holder.qkv_proj = proj
+    assert fused_ops.use_triton_gemv(holder) == 1
+    x = torch.randn(1, 256, device="cuda", dtype=torch.bfloat16)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 32, 2, device="cuda").float() / 32))
+    cos_sin = fused_ops.build_cos_sin(inv_freq, 64)
+    pos = torch.tensor([3], device="cuda")
+    got = fused_ops.qkv_rope_(proj, x, pos, cos_sin, 4, 2, 32)
+    ref = proj(x)
+    fused_ops.rope_qk_(ref, pos, cos_sin, 4, 2, 32)
+    assert got is not None and torch.equal(got, ref)
+    assert fused_ops.qkv_rope_(proj, torch.randn(3, 256, device="cuda", dtype=torch.bfloat16), pos, cos_sin, 4, 2, 32) is None
+    assert fused_ops.qkv_rope_(torch.nn.Linear(256, 256).cuda(), x.float(), pos, cos_sin, 4, 2, 32) is None
