@@ -264,17 +264,35 @@ def _gemv_rows(x_ptr, w_ptr, rows, row_ok, K, stride_w, BLOCK_N: tl.constexpr, B
     """fp32 dot products of weight rows `rows` with x. The first PRE tiles of the rows (whole
     tiles) are requested before the PDL wait; the sums are the same, in the same order."""
     rows64 = tl.where(row_ok, rows, 0).to(tl.int64)
-    cols = tl.arange(0, BLOCK_K)
-    w_tile = w_ptr + rows64[:, None] * stride_w + cols[None, :]
+    w0, w1, w2, w3 = _gemv_preload(w_ptr, rows64, stride_w, BLOCK_N, BLOCK_K, PRE)
+    pdl.wait(PDL)
+    return _gemv_finish(x_ptr, w_ptr, rows64, K, stride_w, w0, w1, w2, w3, BLOCK_N, BLOCK_K, EVEN_K, PRE)
+
+
+@triton.jit
+def _gemv_preload(w_ptr, rows64, stride_w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRE: tl.constexpr):
+    """The first PRE (0-4) weight tiles of the rows; the others are placeholders, never read."""
+    w_tile = w_ptr + rows64[:, None] * stride_w + tl.arange(0, BLOCK_K)[None, :]
+    w0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=w_ptr.dtype.element_ty)
     if PRE > 0:
         w0 = tl.load(w_tile)
+    w1 = w0
+    w2 = w0
+    w3 = w0
     if PRE > 1:
         w1 = tl.load(w_tile + BLOCK_K)
     if PRE > 2:
         w2 = tl.load(w_tile + 2 * BLOCK_K)
     if PRE > 3:
         w3 = tl.load(w_tile + 3 * BLOCK_K)
-    pdl.wait(PDL)
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _gemv_finish(x_ptr, w_ptr, rows64, K, stride_w, w0, w1, w2, w3, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 EVEN_K: tl.constexpr, PRE: tl.constexpr):
+    """The dot products, from the PRE preloaded tiles and then the rest of the rows."""
+    cols = tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     if PRE > 0:
         acc += w0.to(tl.float32) * tl.load(x_ptr + cols).to(tl.float32)[None, :]
@@ -331,23 +349,29 @@ def _gemv_rope_kernel(
     head = p // HALF
     j = p % HALF
     pair = tl.arange(0, 2)
-    rows = head * (2 * HALF) + j + pair * HALF  # [2]
-    acc = _gemv_rows(x_ptr, w_ptr, rows, rows >= 0, K, stride_w, 2, BLOCK_K, EVEN_K, PRE, PDL)
+    rows = (head * (2 * HALF) + j + pair * HALF).to(tl.int64)  # [2]
+    w0, w1, w2, w3 = _gemv_preload(w_ptr, rows, stride_w, 2, BLOCK_K, PRE)
+    pdl.wait(PDL)
+    # The epilogue's inputs are requested first: in flight during the dot products.
+    pos = tl.load(pos_ptr).to(tl.int64)
+    c = tl.load(cos_sin_ptr + pos * stride_cs + j)
+    s = tl.load(cos_sin_ptr + pos * stride_cs + HALF + j)
+    if WRITE_KV:
+        slot = tl.load(slot_ptr)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + rows).to(tl.float32)
+        b = tl.load(b_ptr + rows).to(tl.float32)
+    acc = _gemv_finish(x_ptr, w_ptr, rows, K, stride_w, w0, w1, w2, w3, 2, BLOCK_K, EVEN_K, PRE)
+    if HAS_BIAS:
+        acc += b
     dt = out_ptr.dtype.element_ty
     o = acc.to(dt)
     of = o.to(tl.float32)
     x1 = tl.sum(tl.where(pair == 0, of, 0.0), 0)
     x2 = tl.sum(tl.where(pair == 1, of, 0.0), 0)
-    pos = tl.load(pos_ptr).to(tl.int64)
-    c = tl.load(cos_sin_ptr + pos * stride_cs + j)
-    s = tl.load(cos_sin_ptr + pos * stride_cs + HALF + j)
     r1, r2 = _rotate(x1, x2, c, s)
     o = tl.where(head < num_heads, tl.where(pair == 0, r1.to(dt), r2.to(dt)), o)
     tl.store(out_ptr + rows, o)
     if WRITE_KV:
-        slot = tl.load(slot_ptr)
         if (slot >= 0) & (head >= num_q_heads):  # k or v, and not a padding row
             is_v = head >= num_heads
             kv_head = tl.where(is_v, head - num_heads, head - num_q_heads).to(tl.int64)
