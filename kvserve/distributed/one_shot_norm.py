@@ -63,29 +63,14 @@ def _all_reduce_rmsnorm_kernel(
     HAS_RES: tl.constexpr,
     PUSHED: tl.constexpr,  # the GEMV that produced x already wrote it to every buffer
     BLOCK: tl.constexpr,
-    SPEC: tl.constexpr,  # PUSHED, 2 ranks: read both ranks' rows in all 3 slots before the slot is known
     PDL: tl.constexpr,
 ):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     dt = x_ptr.dtype.element_ty
-    # Set up once, never written by a kernel: loaded before the wait.
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    here = tl.load(data_ptrs + rank).to(tl.pointer_type(tl.int16))
-    row_base = here + row.to(tl.int64) * n_cols + cols
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)  # a weight: no kernel writes it
     pdl.wait(PDL)  # models/pdl.py: the slot protocol below relies on stream order, which it keeps
-    if SPEC:
-        # Every slot's rows are requested together with the slot counter, so the wait for the
-        # counter does not come before the first look at the rows. Only the current slot's
-        # values are used: read at any time after the wait, its non-empty elements are this
-        # call's data (the other slots' reads are discarded).
-        a0 = tl.load(row_base, mask=mask, other=0, volatile=True)
-        b0 = tl.load(row_base + src_stride, mask=mask, other=0, volatile=True)
-        a1 = tl.load(row_base + 2 * src_stride, mask=mask, other=0, volatile=True)
-        b1 = tl.load(row_base + 3 * src_stride, mask=mask, other=0, volatile=True)
-        a2 = tl.load(row_base + 4 * src_stride, mask=mask, other=0, volatile=True)
-        b2 = tl.load(row_base + 5 * src_stride, mask=mask, other=0, volatile=True)
     slot = tl.load(counter_ptr + row)
     if not PUSHED:
         x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=0.0)
@@ -105,20 +90,15 @@ def _all_reduce_rmsnorm_kernel(
     #    loaded all ranks' rows as one 2-D tile, in another thread layout than the stores,
     #    gave wrong sums now and then in tests/gpu/test_one_shot_norm.py at 64 rows; the
     #    cause was not pinned down, and this one keeps the layout of the stores.)
+    here = tl.load(data_ptrs + rank).to(tl.pointer_type(tl.int16))
+    row_base = here + row.to(tl.int64) * n_cols + cols
     src = row_base + (slot * WORLD).to(tl.int64) * src_stride
-    if SPEC:
-        v = tl.where(slot == 0, a0, tl.where(slot == 1, a1, a2))
-        v_spec = tl.where(slot == 0, b0, tl.where(slot == 1, b1, b2))
-    else:
-        v = tl.load(src, mask=mask, other=0, volatile=True)
+    v = tl.load(src, mask=mask, other=0, volatile=True)
     acc = tl.zeros([BLOCK], dtype=tl.float32)
     for q in tl.static_range(WORLD):
         if q + 1 < WORLD:
             src_next = row_base + (slot * WORLD + q + 1).to(tl.int64) * src_stride
-            if SPEC:
-                v_next = v_spec
-            else:
-                v_next = tl.load(src_next, mask=mask, other=0, volatile=True)
+            v_next = tl.load(src_next, mask=mask, other=0, volatile=True)
         while tl.max(((v == _EMPTY) & mask).to(tl.int32), 0) > 0:
             v = tl.load(src, mask=mask, other=0, volatile=True)
         acc += v.to(dt, bitcast=True).to(tl.float32)
@@ -223,8 +203,7 @@ class AllReduceRMSNorm:
             eps,
         )
         use_pdl = pdl.enabled(x.device)
-        spec = pushed and self.world == 2 and block <= 8192
-        meta = dict(WORLD=self.world, HAS_RES=residual is not None, PUSHED=pushed, BLOCK=block, SPEC=spec, PDL=use_pdl,
+        meta = dict(WORLD=self.world, HAS_RES=residual is not None, PUSHED=pushed, BLOCK=block, PDL=use_pdl,
                     num_warps=min(max(block // 256, 1), 16), launch_pdl=use_pdl)
         if compile_only:
             _all_reduce_rmsnorm_kernel.warmup(*args, grid=(rows,), **meta)

@@ -236,21 +236,12 @@ def _gemv_kernel(
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0
     PUSH: tl.constexpr,  # also send the output to every rank's all-reduce buffer
     WORLD: tl.constexpr,
-    WORLD_PAD: tl.constexpr,  # next power of two
     PRE: tl.constexpr,  # weight tiles loaded before waiting for the previous kernel (0-4)
     PDL: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
-    rows64 = tl.where(row_ok, rows, 0).to(tl.int64)
-    w0, w1, w2, w3 = _gemv_preload(w_ptr, rows64, stride_w, BLOCK_N, BLOCK_K, PRE)
-    if PUSH:  # the buffers' addresses are set up once (no kernel writes them): before the wait
-        peers = tl.arange(0, WORLD_PAD)
-        peer_ptrs = tl.load(push_ptrs + peers, mask=peers < WORLD, other=0)
-    pdl.wait(PDL)
-    if PUSH:  # requested now, in flight during the dot products
-        push_slot = tl.load(push_slot_ptr)
-    out = _gemv_finish(x_ptr, w_ptr, rows64, K, stride_w, w0, w1, w2, w3, BLOCK_N, BLOCK_K, EVEN_K, PRE)
+    out = _gemv_rows(x_ptr, w_ptr, rows, row_ok, K, stride_w, BLOCK_N, BLOCK_K, EVEN_K, PRE, PDL)
     if HAS_BIAS:
         out += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
     dt = out_ptr.dtype.element_ty
@@ -261,9 +252,9 @@ def _gemv_kernel(
         # only waits for the peers' rows.
         v = out.to(dt)
         v = tl.where(v == 0, 0.0, v).to(dt)
-        base = (push_slot * WORLD + push_rank).to(tl.int64) * push_stride
+        base = (tl.load(push_slot_ptr) * WORLD + push_rank).to(tl.int64) * push_stride
         for p in tl.static_range(WORLD):
-            dst = tl.sum(tl.where(peers == p, peer_ptrs, 0), 0).to(tl.pointer_type(dt))
+            dst = tl.load(push_ptrs + p).to(tl.pointer_type(dt))
             tl.store(dst + base + rows, v, mask=row_ok)
 
 
@@ -488,7 +479,7 @@ def gemv(
         x, weight, bias if bias is not None else weight, out, n, k, weight.stride(0),
         ptrs, slot, rank, stride,
         HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-        PUSH=push is not None, WORLD=world, WORLD_PAD=triton.next_power_of_2(world), PRE=_preload_tiles(use_pdl, k, block_k), PDL=use_pdl,
+        PUSH=push is not None, WORLD=world, PRE=_preload_tiles(use_pdl, k, block_k), PDL=use_pdl,
         num_warps=warps, launch_pdl=use_pdl,
     )
     return out
