@@ -503,9 +503,16 @@ def gemv_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return out
 
 
+def _preload_setting() -> int:
+    value = os.environ.get("KVSERVE_PDL_PRELOAD", "4")
+    if value not in ("0", "1", "2", "3", "4"):
+        raise ValueError(f"KVSERVE_PDL_PRELOAD must be an integer from 0 to 4, got {value!r}")
+    return int(value)
+
+
 # Weight tiles a GEMV program requests before its PDL wait (at most 4: the kernels unroll them).
-# KVSERVE_PDL_PRELOAD overrides it for measurements (benchmarks/tp_bench.py).
-PRELOAD_TILES = int(os.environ.get("KVSERVE_PDL_PRELOAD", "4"))
+# KVSERVE_PDL_PRELOAD=0..4 overrides it for measurements (e.g. around benchmarks/tp_bench.py).
+PRELOAD_TILES = _preload_setting()
 
 
 def _preload_tiles(use_pdl: bool, k: int, block_k: int) -> int:

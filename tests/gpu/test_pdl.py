@@ -114,3 +114,13 @@ def test_graph_of_pdl_kernels_equals_ordinary_launches(dtype, monkeypatch):
         ex, er = run()
         gx, gr, gc = got[step]
         assert torch.equal(gx, ex) and torch.equal(gr, er) and torch.equal(gc, cache), f"replay {step}"
+
+
+def test_invalid_preload_setting_is_a_value_error(monkeypatch):
+    from kvserve.models import triton_ops
+
+    monkeypatch.setenv("KVSERVE_PDL_PRELOAD", "8")
+    with pytest.raises(ValueError, match="KVSERVE_PDL_PRELOAD"):
+        triton_ops._preload_setting()
+    monkeypatch.setenv("KVSERVE_PDL_PRELOAD", "2")
+    assert triton_ops._preload_setting() == 2
