@@ -54,7 +54,8 @@ def log(msg: str) -> None:
 
 # -- child: one TP size ---------------------------------------------------------------------------
 def profile_decode(llm, tp: int, steps: int = 64) -> dict:
-    """Rank 0's kernels over `steps` batch-1 decode steps: total GPU time per kernel name."""
+    """Rank 0's kernels over `steps` batch-1 decode steps: GPU time per kernel name (exclusive and
+    total, see `split_timeline`) and idle gaps."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
@@ -72,36 +73,49 @@ def profile_decode(llm, tp: int, steps: int = 64) -> dict:
         wall = time.perf_counter() - t0
     while eng.has_unfinished_requests():
         eng.step()
-    per_kernel: dict[str, float] = {}
-    spans: list[tuple[float, float]] = []  # (start, end) of every kernel, µs
-    for ev in prof.events():
-        if ev.device_type == torch.autograd.DeviceType.CUDA:
-            per_kernel[ev.name] = per_kernel.get(ev.name, 0.0) + ev.device_time_total
-            spans.append((ev.time_range.start, ev.time_range.end))
-    busy = sum(per_kernel.values())
-    # Idle time between kernels, by gap length: short gaps are the GPU's own dispatch between
-    # the kernels of a graph; long ones are the host (sampling wait, scheduling, plan, launch).
-    spans.sort()
-    buckets = {"<3us": 0.0, "3-10us": 0.0, "10-50us": 0.0, ">=50us": 0.0}
-    counts = dict.fromkeys(buckets, 0)
-    end = spans[0][1] if spans else 0.0
-    for a, b in spans[1:]:
-        gap = a - end
-        if gap > 0:
-            key = "<3us" if gap < 3 else "3-10us" if gap < 10 else "10-50us" if gap < 50 else ">=50us"
-            buckets[key] += gap
-            counts[key] += 1
-        end = max(end, b)
+    kernels = [(ev.time_range.start, ev.time_range.end, ev.name) for ev in prof.events()
+               if ev.device_type == torch.autograd.DeviceType.CUDA]
+    split = split_timeline(kernels)
+    busy, idle, counts = split["busy"], split["idle"], split["idle_gaps"]
     log(f"[tp={tp}] profile: {steps} decode steps, wall {wall / steps * 1e6:.0f} us/step, "
-        f"rank-0 kernels {busy / steps:.0f} us/step, {len(spans) / steps:.0f} kernels/step")
+        f"rank-0 GPU busy {busy / steps:.0f} us/step, {len(kernels) / steps:.0f} kernels/step")
     log(f"    idle between kernels, us/step (gaps/step): "
-        + ", ".join(f"{k} {v / steps:.0f} ({counts[k] / steps:.1f})" for k, v in buckets.items()))
-    for name, us in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:16]:
-        log(f"    {us / steps:8.1f} us/step  {name[:110]}")
-    return {"wall_us_per_step": wall / steps * 1e6, "kernel_us_per_step": busy / steps,
-            "kernels_per_step": len(spans) / steps,
-            "idle_us_per_step": {k: v / steps for k, v in buckets.items()},
-            "top_kernels_us_per_step": {k[:110]: v / steps for k, v in sorted(per_kernel.items(), key=lambda kv: -kv[1])[:16]}}
+        + ", ".join(f"{k} {v / steps:.0f} ({counts[k] / steps:.1f})" for k, v in idle.items()))
+    log("    us/step by kernel: exclusive (what it adds to the busy timeline after the kernels that "
+        "started before it) / total (its own duration; under PDL it includes its wait)")
+    top = sorted(split["exclusive"].items(), key=lambda kv: -kv[1])[:16]
+    for name, us in top:
+        log(f"    {us / steps:8.1f} / {split['total'][name] / steps:8.1f}  {name[:100]}")
+    return {"wall_us_per_step": wall / steps * 1e6, "busy_us_per_step": busy / steps,
+            "kernels_per_step": len(kernels) / steps,
+            "idle_us_per_step": {k: v / steps for k, v in idle.items()},
+            "top_kernels_exclusive_us_per_step": {k[:110]: v / steps for k, v in top}}
+
+
+def split_timeline(kernels: list[tuple[float, float, str]]) -> dict:
+    """Kernels as (start, end, name), any order, in µs -> per name its `total` duration and its
+    `exclusive` time: the part of [start, end] after every kernel that started before it had
+    ended, i.e. what it adds to the GPU's busy timeline. Exclusive times sum to `busy` (the
+    union of the kernels' intervals), so they stay a breakdown of the step when kernels overlap
+    (programmatic dependent launch starts a kernel before the previous one ends; its own
+    duration then includes its wait). `idle` sums the gaps between busy stretches by length:
+    short ones are the GPU's dispatch between the kernels of a graph, long ones the host."""
+    total: dict[str, float] = {}
+    exclusive: dict[str, float] = {}
+    idle = {"<3us": 0.0, "3-10us": 0.0, "10-50us": 0.0, ">=50us": 0.0}
+    gaps = dict.fromkeys(idle, 0)
+    covered = None  # end of the busy timeline so far
+    for start, end, name in sorted(kernels):
+        total[name] = total.get(name, 0.0) + (end - start)
+        if covered is not None and start > covered:
+            gap = start - covered
+            key = "<3us" if gap < 3 else "3-10us" if gap < 10 else "10-50us" if gap < 50 else ">=50us"
+            idle[key] += gap
+            gaps[key] += 1
+        begin = start if covered is None else max(start, covered)
+        exclusive[name] = exclusive.get(name, 0.0) + max(0.0, end - begin)
+        covered = end if covered is None else max(covered, end)
+    return {"total": total, "exclusive": exclusive, "busy": sum(exclusive.values()), "idle": idle, "idle_gaps": gaps}
 
 
 def run_child(tp: int, sections: set[str], num_requests: int, out_path: Path, smoke: bool,
