@@ -54,7 +54,7 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if fused_ops.enabled_for(x):
         return fused_ops.silu_and_mul(x)
     gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return F.silu(gate).mul_(up)  # into silu's fresh output: no third [T, I] tensor, same bits
 
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
