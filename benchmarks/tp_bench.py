@@ -185,7 +185,7 @@ def run_child(tp: int, sections: set[str], num_requests: int, out_path: Path, sm
 
 
 # -- parent ---------------------------------------------------------------------------------------
-_LABEL = r"(\d+)((?:nccl)?-?(?:nopdl)?)"
+_LABEL = r"(\d+)(nccl|nopdl|nccl-nopdl)?"
 
 
 def main() -> None:
@@ -222,7 +222,7 @@ def main() -> None:
     root = str(Path(__file__).resolve().parent.parent)
     base_env["PYTHONPATH"] = root + os.pathsep + base_env.get("PYTHONPATH", "")
     for i, label in enumerate(labels):
-        size, suffix = re.fullmatch(_LABEL, label).groups()
+        size, suffix = re.fullmatch(_LABEL, label).groups(default="")
         tp = int(size)
         env = dict(base_env)
         if "nccl" in suffix:

@@ -88,8 +88,13 @@ def rope_qk_(
     )
 
 
+def _one_row(module: torch.nn.Linear, x: torch.Tensor) -> bool:
+    """x is one contiguous row in the layer's dtype: the Triton GEMV kernels apply."""
+    return x.dim() == 2 and x.shape[0] == 1 and x.dtype == module.weight.dtype and x.stride(1) == 1
+
+
 def _linear_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if x.dim() == 2 and x.shape[0] == 1 and x.dtype == module.weight.dtype and x.stride(1) == 1:
+    if _one_row(module, x):
         from kvserve.models import triton_ops
 
         return triton_ops.gemv(x, module.weight, module.bias)
@@ -124,7 +129,7 @@ def use_triton_gemv(model: torch.nn.Module) -> int:
 def _gate_up_silu_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up of a fused gate/up projection: one kernel for one row, else the
     projection then the SiLU·mul kernel (the same bits)."""
-    if x.dim() == 2 and x.shape[0] == 1 and x.dtype == module.weight.dtype and x.stride(1) == 1:
+    if _one_row(module, x):
         from kvserve.models import triton_ops
 
         return triton_ops.gemv_silu_mul(x, module.weight, module.bias)
@@ -132,7 +137,7 @@ def _gate_up_silu_forward(module: torch.nn.Linear, x: torch.Tensor) -> torch.Ten
 
 
 def _qkv_rope_forward(module: torch.nn.Linear, x: torch.Tensor, *args, **kwargs) -> torch.Tensor | None:
-    if x.dim() == 2 and x.shape[0] == 1 and x.dtype == module.weight.dtype and x.stride(1) == 1:
+    if _one_row(module, x):
         from kvserve.models import triton_ops
 
         return triton_ops.gemv_rope_(x, module.weight, module.bias, *args, **kwargs)

@@ -216,9 +216,10 @@ def test_gemv_rope_equals_gemv_then_rope(dtype, heads, kv_heads, head_dim, hidde
         assert torch.equal(cache[0].view(-1, kv_heads, head_dim)[slot], k_ref)
 
 
-def test_llama_decode_row_uses_gemv_rope():
-    """A Llama attention layer with the Triton GEMV routed sends a one-row step's projection
-    through qkv_rope_ (one kernel), and models with q/k norm keep the two-step path."""
+def test_qkv_rope_routes_one_row_only():
+    """A qkv_proj routed by use_triton_gemv gets the GEMV+RoPE hook: one row goes through it
+    (the bits of the projection then rope_qk_), other row counts and layers without the hook
+    return None so the caller runs the two steps."""
     proj = torch.nn.Linear(256, (4 + 2 * 2) * 32, bias=False).to("cuda", torch.bfloat16)
     holder = torch.nn.Module()
     holder.qkv_proj = proj
