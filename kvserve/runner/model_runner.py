@@ -416,13 +416,18 @@ class ModelRunner:
     def _sample(self, out: RunnerOutput, buf, logits: torch.Tensor, reqs: list[str]) -> PendingStep:
         """Queue sampling and the copy of the ids to pinned memory; nothing here waits.
         Under tensor parallelism rank 0 broadcasts the ids [N] on the device and the other
-        ranks receive them here (every rank at this same point of every sampling step)."""
+        ranks receive them here (every rank at this same point of every sampling step), except
+        in a plain greedy step (`_plain_greedy`): every rank holds the same gathered logits, so
+        each takes the same argmax itself and no collective runs."""
         tp = ps.get_tp()
+        states = [self.states[r] for r in reqs]
+        local = tp.size > 1 and _plain_greedy([st.sampling_params for st in states])
         if not self.is_driver:
+            if local:
+                return self._queue_result(out, buf, reqs, greedy_tokens(logits), None)
             tokens = torch.empty(len(reqs), dtype=torch.long, device=self.device)
             torch.distributed.broadcast(tokens, src=0, group=tp.group)
             return self._queue_result(out, buf, reqs, tokens, None)
-        states = [self.states[r] for r in reqs]
         batch = SamplingBatch(  # token lists are passed, not sliced: only penalty rows read them
             params=[st.sampling_params for st in states],
             generators=[self.generators.get(r) for r in reqs],
@@ -441,7 +446,7 @@ class ModelRunner:
             if idx.device != logits.device:  # through pinned memory: a pageable copy would wait
                 idx = idx.pin_memory().to(logits.device, non_blocking=True)
             job = (logits[idx], tokens[idx], lp_rows, [states[i].sampling_params.logprobs for i in lp_rows])
-        if tp.size > 1:
+        if tp.size > 1 and not local:
             tokens = tokens.to(torch.long).contiguous()
             torch.distributed.broadcast(tokens, src=0, group=tp.group)
         return self._queue_result(out, buf, reqs, tokens, job)
@@ -452,6 +457,21 @@ class ModelRunner:
         self._pending.append(pending)
         self._last_tokens = (reqs, tokens)
         return pending
+
+
+def _plain_greedy(params: list[SamplingParams]) -> bool:
+    """Every row takes the argmax of its logits as they come (no penalty, bias or min_tokens
+    ban changes them). Decided from the parameters alone, which every rank holds, never from the
+    token histories: all ranks must agree on whether the step's broadcast runs."""
+    return all(
+        p.greedy
+        and p.repetition_penalty == 1.0
+        and not p.presence_penalty
+        and not p.frequency_penalty
+        and not p.logit_bias
+        and p.min_tokens == 0
+        for p in params
+    )
 
 
 def _consecutive(idx: list[int]) -> bool:

@@ -114,15 +114,25 @@ def test_tp2_async_scheduling_matches_tp1(tiny_model_factory):
     stop = want[0][0][4]  # request 0 stops at its 5th token, with an ahead step in flight
     stopping = [SamplingParams(max_tokens=14, temperature=0.0, stop_token_ids=[stop], logprobs=1)] + params[1:]
     want_stop = run(tp1, stopping)
+    # Greedy only: while the penalised request runs rank 0 broadcasts its ids; after it ends
+    # every step is plain greedy and each rank takes the argmax itself (no broadcast).
+    greedy = [
+        SamplingParams(max_tokens=14, temperature=0.0, ignore_eos=True, logprobs=2),
+        SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True),
+        SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, repetition_penalty=1.5),
+    ]
+    want_greedy = run(tp1, greedy)
     llm = LLM(str(folder), tensor_parallel_size=2, async_scheduling=True, **COMMON)
     try:
         got = run(llm, params)
         ahead = llm.engine.num_ahead_steps
         got_stop = run(llm, stopping)
+        got_greedy = run(llm, greedy)
     finally:
         llm.engine.shutdown()
     _assert_same(got, want)
     _assert_same(got_stop, want_stop)
+    _assert_same(got_greedy, want_greedy)
     assert got[2][0] == want[2][0]  # seeded random: rank 0 samples from the same logits
     assert ahead > 5 and llm.engine.num_ahead_steps > ahead
 

@@ -205,6 +205,39 @@ def test_decode_split_counts(num_splits: int) -> None:
     assert_close(out, ref, torch.bfloat16)
 
 
+@pytest.mark.parametrize("window", [None, 100], ids=["full", "window100"])
+def test_decode_spare_splits_same_bits(window: int | None) -> None:
+    """A split count above a context's key tiles (a graph captured for any length) gives the same
+    bits as the count capped at its tiles (an eager step): the spare splits do nothing. A length-0
+    padding row reads as zeros."""
+    from kvserve.attention.triton.decode import decode_attention
+
+    lens = [1, 64, 65, 200, 700, 1500]
+    q, k, v, cache, _, md = make_batch(
+        [(n - 1, 1) for n in lens], 32, 8, 128, 16, torch.bfloat16, seed=5
+    )
+    scale = 128**-0.5
+    write_kv_cache(k, v, cache, md.slot_mapping)
+    out = torch.full_like(q, float("nan"))
+    decode_attention(
+        q, cache, out, md.block_tables, md.seq_lens, md.query_start_loc, md.num_seqs, scale, 64,
+        sliding_window=window,
+    )
+    one = torch.tensor([0, 1], dtype=torch.int32, device="cuda")
+    for i, n in enumerate(lens):
+        tiles = -(-n // 64) - (max(n - window, 0) // 64 if window else 0)
+        alone = torch.full_like(q[i : i + 1], float("nan"))
+        decode_attention(
+            q[i : i + 1], cache, alone, md.block_tables[i : i + 1], md.seq_lens[i : i + 1], one, 1,
+            scale, min(64, tiles), sliding_window=window,
+        )
+        assert torch.equal(out[i : i + 1], alone), f"context {n}"
+    zero = torch.zeros(1, dtype=torch.int32, device="cuda")
+    pad = torch.full_like(q[:1], float("nan"))
+    decode_attention(q[:1], cache, pad, md.block_tables[:1], zero, one, 1, scale, 64)
+    assert torch.equal(pad, torch.zeros_like(pad))
+
+
 def test_prefill_long_and_prefix_sharing() -> None:
     seqs = [(4096, 512), (4096, 1024), (0, 2048), (7000, 1192)]
     run_backend_case(seqs, 32, 8, 128, 16, seed=3, share_prefix=True)

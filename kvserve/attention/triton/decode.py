@@ -10,6 +10,13 @@ split count never depends on the sequence lengths: a CUDA graph captured at one 
 stays correct at any other. Each split writes its unnormalised accumulator with its running max
 and denominator; a small reduce kernel merges them. With one split the decode kernel writes the
 output directly and no reduce runs.
+
+`num_splits` is an upper bound: a sequence whose context has fewer key tiles than that uses one
+split per tile (`_live_splits`, computed on the device from its length), so a graph captured
+with many splits does not pay for empty ones at short contexts: the spare programs exit at once,
+a sequence left with one split is written directly, and the reduce reads only the live splits.
+An eager step, which caps the count at the longest context's tiles, gets the same live count for
+every sequence as a replay of a graph captured at its batch size, so the two give the same bits.
 """
 
 from __future__ import annotations
@@ -27,6 +34,18 @@ _LOG2E = 1.4426950408889634
 # new variant the first time one of them is 1, a multiple of 16, or a pointer off 16-byte
 # alignment), so the few variants the engine uses are all compiled by its start-up warm-up.
 _VARYING = ["block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr", "num_splits", "stride_bt"]
+
+
+@triton.jit
+def _live_splits(seq_len, sliding_window, num_splits, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr):
+    """(first key tile, key tiles, splits actually used) of a context of `seq_len` tokens: at
+    most one split per key tile, at least one (a padding row of length 0 has no tile)."""
+    num_tiles = tl.cdiv(seq_len, BLOCK_N)
+    first_tile = num_tiles * 0
+    if SLIDING:
+        first_tile = tl.maximum(seq_len - sliding_window, 0) // BLOCK_N
+    live = tl.maximum(tl.minimum(num_tiles - first_tile, num_splits), 1)
+    return first_tile, num_tiles, live
 
 
 @triton.jit(do_not_specialize=_VARYING[3:], do_not_specialize_on_alignment=_VARYING[:3])
@@ -75,6 +94,9 @@ def _decode_kernel(
     else:
         q_row = seq  # a pure-decode batch has query_start_loc == arange(S + 1)
     seq_len = tl.load(seq_lens_ptr + seq)
+    first_tile, num_tiles, live = _live_splits(seq_len, sliding_window, num_splits, BLOCK_N, SLIDING)
+    if split >= live:
+        return  # a spare split of a short context: the reduce does not read its slot
 
     offs_g = tl.arange(0, G_PAD)
     offs_n = tl.arange(0, BLOCK_N)
@@ -95,11 +117,7 @@ def _decode_kernel(
     k_base = cache_ptr + kvh * stride_head
     v_base = k_base + stride_plane
     bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    num_tiles = tl.cdiv(seq_len, BLOCK_N)
-    first_tile = 0
-    if SLIDING:
-        first_tile = tl.maximum(seq_len - sliding_window, 0) // BLOCK_N
-    for tile in range(first_tile + split, num_tiles, num_splits):
+    for tile in range(first_tile + split, num_tiles, live):
         pos = tile * BLOCK_N + offs_n  # [BLOCK_N]
         in_range = pos < seq_len
         if SLIDING:
@@ -119,7 +137,7 @@ def _decode_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
         m_i = m_new
 
-    if DIRECT:
+    if DIRECT or live == 1:
         # seq_len 0 only occurs for CUDA-graph padding rows: write zeros rather than NaN.
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         tl.store(
@@ -136,19 +154,26 @@ def _decode_kernel(
         )
 
 
-@triton.jit(do_not_specialize=["num_splits"], do_not_specialize_on_alignment=["query_start_loc_ptr"])
+@triton.jit(
+    do_not_specialize=["num_splits"],
+    do_not_specialize_on_alignment=["seq_lens_ptr", "query_start_loc_ptr"],
+)
 def _decode_reduce_kernel(
     out_ptr,
     part_acc_ptr,
     part_m_ptr,
     part_l_ptr,
+    seq_lens_ptr,
     query_start_loc_ptr,
+    sliding_window,
     num_splits,
     num_heads,
     stride_ot,
     stride_oh,
     SPLITS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    SLIDING: tl.constexpr,
     MIXED: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -161,11 +186,14 @@ def _decode_reduce_kernel(
             return
     else:
         q_row = seq
+    _, _, live = _live_splits(tl.load(seq_lens_ptr + seq), sliding_window, num_splits, BLOCK_N, SLIDING)
+    if live == 1:
+        return  # the decode kernel wrote this sequence's output itself
     offs_s = tl.arange(0, SPLITS_PAD)
     offs_d = tl.arange(0, HEAD_DIM)
-    valid = offs_s < num_splits
+    valid = offs_s < live
     base = (seq.to(tl.int64) * num_heads + head) * num_splits
-    # Empty splits hold m = -1e30, l = 0, acc = 0, so they add nothing below.
+    # Every live split has at least one key tile, so every slot read here was written.
     m = tl.load(part_m_ptr + base + offs_s, mask=valid, other=-1.0e30)  # [SPLITS_PAD]
     l = tl.load(part_l_ptr + base + offs_s, mask=valid, other=0.0)
     acc = tl.load(
@@ -282,7 +310,9 @@ def decode_attention(
             part_acc,
             part_m,
             part_l,
+            seq_lens,
             query_start_loc,
+            sliding_window or 0,
             num_splits,
             num_heads,
             out.stride(0),
@@ -290,6 +320,8 @@ def decode_attention(
             # One padded width for every split count up to 64: a single compiled variant.
             SPLITS_PAD=max(64, triton.next_power_of_2(num_splits)),
             HEAD_DIM=head_dim,
+            BLOCK_N=block_n,
+            SLIDING=sliding_window is not None,
             MIXED=mixed,
             PDL=use_pdl,
             num_warps=4 if head_dim >= 128 else 2,
