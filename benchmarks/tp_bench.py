@@ -19,7 +19,7 @@ A size written `Nnccl` runs TP=N with every all-reduce on NCCL (`KVSERVE_TP_ALL_
 instead of the one-shot symmetric-memory kernel used for small tensors by default; `Nnopdl`
 launches every kernel without programmatic dependent launch (`KVSERVE_PDL=0`, models/pdl.py);
 the suffixes combine (`2nccl-nopdl`). `--profile`
-also prints, per size, rank 0's GPU kernel time by kernel over 64 decode steps next to their
+also prints, per size, rank 0's GPU kernel time by kernel over 64 greedy decode steps next to their
 wall time (torch.profiler; kernels inside CUDA graphs included).
 """
 
@@ -54,15 +54,15 @@ def log(msg: str) -> None:
 
 # -- child: one TP size ---------------------------------------------------------------------------
 def profile_decode(llm, tp: int, steps: int = 64) -> dict:
-    """Rank 0's kernels over `steps` batch-1 decode steps: GPU time per kernel name (exclusive and
-    total, see `split_timeline`) and idle gaps."""
+    """Rank 0's kernels over `steps` greedy batch-1 decode steps (as in the decode section): GPU
+    time per kernel name (exclusive and total, see `split_timeline`) and idle gaps."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
     from kvserve import SamplingParams
 
     eng = llm.engine
-    eng.add_request("prof", list(range(1, 129)), SamplingParams(max_tokens=steps + 8, ignore_eos=True))
+    eng.add_request("prof", list(range(1, 129)), SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True))
     for _ in range(8):  # prefill and the first decode steps, unprofiled
         eng.step()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:

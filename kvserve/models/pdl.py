@@ -9,8 +9,13 @@ step. With PDL a kernel may start while the one before it in the stream is still
   previous kernel has finished and its writes are visible; as every such kernel waits, the
   previous kernel had itself waited for the one before, so stream order holds for the whole
   chain, CUDA graphs included (captured as programmatic edges);
-- before the wait a kernel loads only what no kernel ever writes (weights): the GEMVs request
-  their first weight tiles there, so the weight stream starts during the previous kernel;
+- before the wait a kernel loads only what no kernel of the step writes: weights (the GEMVs
+  request their first weight tiles there, so the weight stream starts during the previous
+  kernel) and the step's inputs that are copied in before its first kernel (decode attention
+  reads the sequence lengths and block tables there). A kernel starts only after the one before
+  it has started, so no kernel of the step starts before those copies are done. A kernel never
+  exits before its wait: the next kernel's wait covers this kernel only, and it covers the
+  earlier ones only because this one waited for them;
 - `wait` first signals "launch dependents", so the next kernel is launched as soon as every
   program of this one is running, and its programs fill the SMs as this kernel's retire.
 

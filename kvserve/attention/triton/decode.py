@@ -48,6 +48,38 @@ def _live_splits(seq_len, sliding_window, num_splits, BLOCK_N: tl.constexpr, SLI
     return first_tile, num_tiles, live
 
 
+@triton.jit
+def _tile_positions(tile, seq_len, sliding_window, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr):
+    """Key positions [BLOCK_N] of key tile `tile` and which of them the query attends to."""
+    pos = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    in_range = pos < seq_len
+    if SLIDING:
+        in_range = in_range & (pos >= seq_len - sliding_window)
+    return pos, in_range
+
+
+@triton.jit
+def _attend_tile(
+    q, k_base, v_base, blk, pos, in_range, m_i, l_i, acc, qk_scale, stride_slot,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """One key tile (its cache blocks `blk`, one per position) folded into the running max
+    `m_i`, denominator `l_i` and accumulator `acc` of the query heads `q` [G_PAD, HEAD_DIM]."""
+    slot = blk.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
+    kv_off = slot[:, None] * stride_slot + tl.arange(0, HEAD_DIM)[None, :]  # [BLOCK_N, HEAD_DIM]
+    k = tl.load(k_base + kv_off, mask=in_range[:, None], other=0.0)
+    v = tl.load(v_base + kv_off, mask=in_range[:, None], other=0.0)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [G_PAD, BLOCK_N], unscaled
+    s = tl.where(in_range[None, :], s, float("-inf"))
+    # Finite -1e30 start: an all-masked tile yields p = 0, alpha = 1, never NaN.
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    alpha = tl.math.exp2(m_i - m_new)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    return m_new, l_i, acc
+
+
 @triton.jit(do_not_specialize=_VARYING[3:], do_not_specialize_on_alignment=_VARYING[:3])
 def _decode_kernel(
     q_ptr,
@@ -82,24 +114,30 @@ def _decode_kernel(
     DOT_PREC: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl.wait(PDL)
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    # Before the wait: the step's inputs (lengths, block tables), uploaded before its first
+    # kernel started, and this split's first block-table entries; the exits come after it.
     if MIXED:
         q_row = tl.load(query_start_loc_ptr + seq)
         q_len = tl.load(query_start_loc_ptr + seq + 1) - q_row
-        if q_len != 1:
-            return
     else:
         q_row = seq  # a pure-decode batch has query_start_loc == arange(S + 1)
     seq_len = tl.load(seq_lens_ptr + seq)
     first_tile, num_tiles, live = _live_splits(seq_len, sliding_window, num_splits, BLOCK_N, SLIDING)
+    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    tile = first_tile + split
+    pos, in_range = _tile_positions(tile, seq_len, sliding_window, BLOCK_N, SLIDING)
+    blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=in_range, other=0)
+    pdl.wait(PDL)
+    if MIXED:
+        if q_len != 1:
+            return
     if split >= live:
         return  # a spare split of a short context: the reduce does not read its slot
 
     offs_g = tl.arange(0, G_PAD)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     head = kvh * G + offs_g  # [G_PAD]
     head_valid = offs_g < G
@@ -113,29 +151,16 @@ def _decode_kernel(
     m_i = tl.full([G_PAD], -1.0e30, dtype=tl.float32)
     l_i = tl.zeros([G_PAD], dtype=tl.float32)
     acc = tl.zeros([G_PAD, HEAD_DIM], dtype=tl.float32)
-
     k_base = cache_ptr + kvh * stride_head
     v_base = k_base + stride_plane
-    bt_row = block_tables_ptr + seq.to(tl.int64) * stride_bt
-    for tile in range(first_tile + split, num_tiles, live):
-        pos = tile * BLOCK_N + offs_n  # [BLOCK_N]
-        in_range = pos < seq_len
-        if SLIDING:
-            in_range = in_range & (pos >= seq_len - sliding_window)
+    # The first tile (a length-0 padding row's is all masked and adds nothing), then the rest.
+    m_i, l_i, acc = _attend_tile(q, k_base, v_base, blk, pos, in_range, m_i, l_i, acc, qk_scale,
+                                 stride_slot, HEAD_DIM, BLOCK_SIZE, DOT_PREC)
+    for tile in range(first_tile + split + live, num_tiles, live):
+        pos, in_range = _tile_positions(tile, seq_len, sliding_window, BLOCK_N, SLIDING)
         blk = tl.load(bt_row + pos // BLOCK_SIZE, mask=in_range, other=0)
-        slot = blk.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
-        kv_off = slot[:, None] * stride_slot + offs_d[None, :]  # [BLOCK_N, HEAD_DIM]
-        k = tl.load(k_base + kv_off, mask=in_range[:, None], other=0.0)
-        v = tl.load(v_base + kv_off, mask=in_range[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [G_PAD, BLOCK_N], unscaled
-        s = tl.where(in_range[None, :], s, float("-inf"))
-        # Finite -1e30 start: an all-masked tile yields p = 0, alpha = 1, never NaN.
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s * qk_scale - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-        m_i = m_new
+        m_i, l_i, acc = _attend_tile(q, k_base, v_base, blk, pos, in_range, m_i, l_i, acc, qk_scale,
+                                     stride_slot, HEAD_DIM, BLOCK_SIZE, DOT_PREC)
 
     if DIRECT or live == 1:
         # seq_len 0 only occurs for CUDA-graph padding rows: write zeros rather than NaN.
@@ -177,16 +202,19 @@ def _decode_reduce_kernel(
     MIXED: tl.constexpr,
     PDL: tl.constexpr,
 ):
-    pdl.wait(PDL)
     seq = tl.program_id(0)
     head = tl.program_id(1)
+    # The step's inputs before the wait (as in _decode_kernel); the exits after it.
     if MIXED:
         q_row = tl.load(query_start_loc_ptr + seq)
-        if tl.load(query_start_loc_ptr + seq + 1) - q_row != 1:
-            return
+        q_len = tl.load(query_start_loc_ptr + seq + 1) - q_row
     else:
         q_row = seq
     _, _, live = _live_splits(tl.load(seq_lens_ptr + seq), sliding_window, num_splits, BLOCK_N, SLIDING)
+    pdl.wait(PDL)
+    if MIXED:
+        if q_len != 1:
+            return
     if live == 1:
         return  # the decode kernel wrote this sequence's output itself
     offs_s = tl.arange(0, SPLITS_PAD)
