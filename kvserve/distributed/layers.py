@@ -15,6 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kvserve.distributed import parallel_state as ps
+from kvserve.models import fused_ops
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -32,6 +33,10 @@ class VocabParallelEmbedding(nn.Module):
         return ps.all_reduce(self.partial(input_ids))
 
     def partial(self, input_ids: torch.Tensor) -> torch.Tensor:  # [T] -> this rank's rows only
+        if fused_ops.enabled_for(input_ids) and self.weight.stride(1) == 1:
+            from kvserve.models import triton_ops
+
+            return triton_ops.embedding_shard(input_ids, self.weight, self.start)  # one kernel, same bits
         local = input_ids - self.start
         outside = (local < 0) | (local >= self.per_rank)
         h = F.embedding(local.masked_fill(outside, 0), self.weight)

@@ -557,3 +557,96 @@ def gemv_config(n: int, k: int) -> tuple[int, int, int]:
     16.0, qkv 18.9 vs 21.4, gate_up 78.2 vs 88.0 (3.0 vs 2.67 TB/s), down 43.0 vs 44.5;
     1B o_proj 4.8 vs 6.4, down 13.9 vs 15.9."""
     return 2, min(1024, triton.next_power_of_2(k)), 4
+
+
+# -- greedy argmax and the vocabulary-parallel embedding lookup ------------------------------
+@triton.jit
+def _argmax_chunk_kernel(x_ptr, val_ptr, idx_ptr, n_cols, stride_x, n_chunks, BLOCK: tl.constexpr):
+    """Max and index of one chunk of one row; a NaN wins (as in torch.argmax), the first one."""
+    row = tl.program_id(0)
+    chunk = tl.program_id(1)
+    cols = chunk * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row.to(tl.int64) * stride_x + cols, mask=mask, other=float("-inf"))
+    nan = x != x
+    first_nan = tl.min(tl.where(nan, cols, n_cols), 0)
+    clean = tl.where(nan, float("-inf"), x)
+    best = tl.argmax(clean, 0, tie_break_left=True)  # an all -inf chunk gives its first column
+    best_val = tl.max(clean, 0)
+    has_nan = first_nan < n_cols
+    out = row * n_chunks + chunk
+    tl.store(val_ptr + out, tl.where(has_nan, float("nan"), best_val))
+    tl.store(idx_ptr + out, tl.where(has_nan, first_nan, chunk * BLOCK + best))
+
+
+@triton.jit
+def _argmax_merge_kernel(val_ptr, idx_ptr, out_ptr, n_chunks, CHUNKS_PAD: tl.constexpr):
+    """The first chunk holding a NaN, else the first chunk holding the row's maximum: chunks
+    are in column order, so this is the first index of the maximum."""
+    row = tl.program_id(0)
+    offs = tl.arange(0, CHUNKS_PAD)
+    valid = offs < n_chunks
+    v = tl.load(val_ptr + row * n_chunks + offs, mask=valid, other=float("-inf"))
+    nan = (v != v) & valid
+    first_nan = tl.min(tl.where(nan, offs, n_chunks), 0)
+    best = tl.argmax(tl.where(nan, float("-inf"), v), 0, tie_break_left=True)
+    pick = tl.where(first_nan < n_chunks, first_nan, best)
+    tl.store(out_ptr + row, tl.load(idx_ptr + row * n_chunks + pick).to(tl.int64))
+
+
+_ARGMAX_BLOCK = 4096
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """[N, V] -> [N] int64: each row's `torch.argmax` (the first index of the maximum; a NaN
+    counts as the maximum) in two short kernels. For one 128k-vocabulary row PyTorch's reduction
+    takes ~27 us on an H200 (tp_bench --profile), about a hundredth of a decode step of an 8B
+    model; this splits the row over many programs."""
+    n_rows, n_cols = x.shape
+    out = torch.empty(n_rows, dtype=torch.int64, device=x.device)
+    if n_rows == 0:
+        return out
+    if n_cols == 0:
+        raise ValueError("argmax_rows: rows of zero length have no maximum")
+    n_chunks = triton.cdiv(n_cols, _ARGMAX_BLOCK)
+    vals = torch.empty(n_rows * n_chunks, dtype=torch.float32, device=x.device)
+    idxs = torch.empty(n_rows * n_chunks, dtype=torch.int32, device=x.device)
+    _argmax_chunk_kernel[(n_rows, n_chunks)](
+        x, vals, idxs, n_cols, x.stride(0), n_chunks, BLOCK=_ARGMAX_BLOCK, num_warps=8
+    )
+    _argmax_merge_kernel[(n_rows,)](
+        vals, idxs, out, n_chunks, CHUNKS_PAD=max(16, triton.next_power_of_2(n_chunks)), num_warps=1
+    )
+    return out
+
+
+@triton.jit
+def _embedding_shard_kernel(
+    ids_ptr, w_ptr, out_ptr, start, per_rank, n_cols, stride_w, stride_o,
+    BLOCK: tl.constexpr, PDL: tl.constexpr,
+):
+    pdl.wait(PDL)
+    row = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    local = tl.load(ids_ptr + row) - start
+    inside = (local >= 0) & (local < per_rank)
+    src = tl.where(inside, local, 0).to(tl.int64) * stride_w
+    v = tl.load(w_ptr + src + cols, mask=mask & inside, other=0.0)
+    tl.store(out_ptr + row.to(tl.int64) * stride_o + cols, v, mask=mask)
+
+
+def embedding_shard(ids: torch.Tensor, weight: torch.Tensor, start: int) -> torch.Tensor:
+    """[T] ids -> [T, H]: row `id - start` of this rank's slice of the table, zeros for ids
+    outside it (the vocabulary-parallel embedding before its all-reduce), in one kernel."""
+    n_rows, (per_rank, n_cols) = ids.shape[0], weight.shape
+    out = torch.empty((n_rows, n_cols), dtype=weight.dtype, device=weight.device)
+    if n_rows == 0:
+        return out
+    block = min(triton.next_power_of_2(n_cols), 4096)
+    use_pdl = pdl.enabled(weight.device)
+    _embedding_shard_kernel[(n_rows, triton.cdiv(n_cols, block))](
+        ids, weight, out, start, per_rank, n_cols, weight.stride(0), out.stride(0),
+        BLOCK=block, PDL=use_pdl, num_warps=4, launch_pdl=use_pdl,
+    )
+    return out

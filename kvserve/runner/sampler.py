@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from kvserve.core.sampling_params import SamplingParams
+from kvserve.models import fused_ops
 
 # Top-p rows first look for the crossing token among this many most likely tokens; rows whose
 # nucleus is wider find it by a radix select over the whole vocabulary instead of a full sort.
@@ -88,6 +89,10 @@ def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
     """The argmax of each row of [N, V] logits -> [N] int64 (the first of equal maxima). One row
     is reduced flat: on CPU PyTorch's row-wise argmax over a single long row takes about twice
     as long (80 vs 45 us for a 49k vocabulary), once per step of batch-1 decode."""
+    if logits.is_cuda and logits.dim() == 2 and logits.stride(-1) == 1 and fused_ops.enabled_for(logits):
+        from kvserve.models import triton_ops
+
+        return triton_ops.argmax_rows(logits)  # the same ids, in a few us rather than ~27 (128k vocab)
     if logits.shape[0] == 1:
         return logits.reshape(-1).argmax().view(1)
     return logits.argmax(dim=-1)

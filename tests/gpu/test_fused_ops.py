@@ -234,3 +234,39 @@ def test_qkv_rope_routes_one_row_only():
     assert got is not None and torch.equal(got, ref)
     assert fused_ops.qkv_rope_(proj, torch.randn(3, 256, device="cuda", dtype=torch.bfloat16), pos, cos_sin, 4, 2, 32) is None
     assert fused_ops.qkv_rope_(torch.nn.Linear(256, 256).cuda(), x.float(), pos, cos_sin, 4, 2, 32) is None
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 128256), (3, 49152), (64, 151936), (2, 100), (4, 4097)])
+def test_argmax_rows_equals_torch(rows: int, vocab: int) -> None:
+    """The greedy argmax kernel gives torch.argmax's index exactly: the first of tied maxima,
+    the first NaN, an all -inf row, and rows read through a stride (the TP gather's slice)."""
+    from kvserve.runner.sampler import greedy_tokens
+
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+    wide = torch.randn(rows, vocab + 64, device="cuda", generator=gen)
+    x = wide[:, :vocab]  # rows stride past the last column, as gather_vocab's view
+    x[0, 5] = x[0, vocab - 1] = 40.0  # a tie across chunks: the first wins
+    if rows > 1:
+        x[1, vocab // 2] = x[1, vocab - 2] = float("nan")
+        x[1, 0] = float("inf")
+    if rows > 2:
+        x[2] = float("-inf")
+    want = x.argmax(dim=-1)
+    assert torch.equal(triton_ops.argmax_rows(x), want)
+    assert torch.equal(greedy_tokens(x), want)  # the sampler's greedy path takes the kernel
+    assert torch.equal(greedy_tokens(x[:1]), want[:1])
+
+
+def test_embedding_shard_equals_masked_lookup() -> None:
+    """The vocabulary-parallel embedding's kernel: this rank's rows, zeros elsewhere, same bits
+    as the PyTorch masking it replaces (VocabParallelEmbedding.partial)."""
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    start, per, hidden = 1000, 1000, 4096
+    w = torch.randn(per, hidden, device="cuda", generator=gen).to(torch.bfloat16)
+    ids = torch.tensor([0, 999, 1000, 1001, 1999, 2000, 5, 1500] * 5, device="cuda")
+    local = ids - start
+    outside = (local < 0) | (local >= per)
+    want = F.embedding(local.masked_fill(outside, 0), w)
+    want.masked_fill_(outside[:, None], 0)
+    assert torch.equal(triton_ops.embedding_shard(ids, w, start), want)
+    assert triton_ops.embedding_shard(ids[:0], w, start).shape == (0, hidden)
