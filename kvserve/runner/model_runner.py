@@ -18,7 +18,8 @@ ids gets it later, when the previous step's `result()` runs.
 
 Tensor parallelism: only rank 0 samples; it broadcasts each step's sampled ids on the device
 over the model group, and the other ranks read them back lazily (the same `PendingStep`), so
-every rank can feed an ahead step and extend its copies of the requests.
+every rank can feed an ahead step and extend its copies of the requests. A plain greedy step
+(`_plain_greedy`) needs no broadcast: every rank takes the argmax of the same gathered logits.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvserve.attention.triton.online_softmax import fold_tile
 from kvserve.models import pdl
 
 _LOG2E = 1.4426950408889634
@@ -71,13 +72,7 @@ def _attend_tile(
     v = tl.load(v_base + kv_off, mask=in_range[:, None], other=0.0)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)  # [G_PAD, BLOCK_N], unscaled
     s = tl.where(in_range[None, :], s, float("-inf"))
-    # Finite -1e30 start: an all-masked tile yields p = 0, alpha = 1, never NaN.
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s * qk_scale - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
-    return m_new, l_i, acc
+    return fold_tile(s, v, m_i, l_i, acc, qk_scale, DOT_PREC)
 
 
 @triton.jit(do_not_specialize=_VARYING[3:], do_not_specialize_on_alignment=_VARYING[:3])

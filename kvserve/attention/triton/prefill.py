@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvserve.attention.triton.online_softmax import fold_tile
+
 _LOG2E = 1.4426950408889634
 
 
@@ -64,14 +66,7 @@ def _attend_tile(
         if SLIDING:
             visible = visible & (pos[None, :] > q_pos[:, None] - sliding_window)
         s = tl.where(visible, s, float("-inf"))
-    # The scale (> 0) is applied inside exp2's argument so it fuses into one FMA per score.
-    # m_i starts at a finite -1e30 (not -inf), so a row whose keys in this tile are all masked
-    # gets p = 0 and alpha = 1 instead of NaN from (-inf) - (-inf).
-    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-    alpha = tl.math.exp2(m_i - m_new)
-    p = tl.math.exp2(s * qk_scale - m_new[:, None])
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PREC)
+    m_new, l_i, acc = fold_tile(s, v, m_i, l_i, acc, qk_scale, DOT_PREC)
     return acc, m_new, l_i
 
 
