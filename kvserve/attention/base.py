@@ -56,6 +56,9 @@ class AttentionBackend(ABC):
     """Computes causal attention for a flat batch and writes the new K/V into the cache."""
 
     name: str = "base"
+    # True when the model may store k/v itself (fused into its RoPE kernel) and then call
+    # forward(..., kv_written=True); a backend without it never receives kv_written=True.
+    fuses_kv_write: bool = False
 
     @abstractmethod
     def forward(
@@ -67,9 +70,11 @@ class AttentionBackend(ABC):
         metadata: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
+        kv_written: bool = False,  # the caller already stored k and v at the slot mapping
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
-        """Store k/v at `metadata.slot_mapping`, then attend each query over its sequence's
-        cached keys (positions <= its own; within `sliding_window` of it when set)."""
+        """Store k/v at `metadata.slot_mapping` (unless `kv_written`), then attend each query
+        over its sequence's cached keys (positions <= its own; within `sliding_window` of it
+        when set)."""
 
 
 def write_kv_cache(

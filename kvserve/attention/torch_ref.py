@@ -29,15 +29,17 @@ class TorchRefBackend(AttentionBackend):
         metadata: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
+        kv_written: bool = False,
     ) -> torch.Tensor:
         plan = _plan(metadata, kv_cache.device, sliding_window is not None)
         if plan.all_decode and _use_kernel(q, kv_cache, plan):
             # CPU bf16 decode: K/V write and attention in one C call
             return cpu_kernels.decode_attention(
                 q, kv_cache, plan.decode_tables_i32, plan.decode_lens_i32, scale, sliding_window,
-                new_kv=(k, v, metadata.slot_mapping),
+                new_kv=None if kv_written else (k, v, metadata.slot_mapping),
             )
-        write_kv_cache(k, v, kv_cache, metadata.slot_mapping, metadata.has_padding)
+        if not kv_written:
+            write_kv_cache(k, v, kv_cache, metadata.slot_mapping, metadata.has_padding)
         if plan.all_decode:  # every row is a decode, in order: no row scatter needed
             return _decode(q, kv_cache, plan, scale, sliding_window)
         out = torch.empty_like(q)

@@ -132,6 +132,20 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
 
+    @property
+    def modifies_logits(self) -> bool:
+        """Whether the sampler may change this request's logits before it picks a token
+        (penalties, logit_bias, the min_tokens ban: `Sampler.process_logits`). A new knob that
+        does must be added here: tensor-parallel ranks skip the token broadcast of a greedy
+        step only when no row's logits are modified."""
+        return bool(
+            self.repetition_penalty != 1.0
+            or self.presence_penalty
+            or self.frequency_penalty
+            or self.logit_bias
+            or self.min_tokens
+        )
+
     def clone(self, **changes: Any) -> SamplingParams:
         kwargs = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "all_stop_token_ids"}
         kwargs.update(changes)

@@ -119,6 +119,7 @@ class RecordingBackend(AttentionBackend):
     def __init__(self, inner: AttentionBackend, on_call: Callable[[AttentionCall], None]) -> None:
         self.inner = inner
         self.name = inner.name  # backends key their per-step scratch space by name
+        self.fuses_kv_write = inner.fuses_kv_write
         self.on_call = on_call
 
     def forward(
@@ -130,6 +131,7 @@ class RecordingBackend(AttentionBackend):
         metadata: AttentionMetadata,
         scale: float,
         sliding_window: int | None = None,
+        kv_written: bool = False,
     ) -> torch.Tensor:
         qsl = metadata.query_start_loc_cpu
         self.on_call(AttentionCall(
@@ -137,7 +139,7 @@ class RecordingBackend(AttentionBackend):
             tuple(qsl[i + 1] - qsl[i] for i in range(metadata.num_seqs)),
             tuple(metadata.seq_lens_cpu),
         ))
-        return self.inner.forward(q, k, v, kv_cache, metadata, scale, sliding_window)
+        return self.inner.forward(q, k, v, kv_cache, metadata, scale, sliding_window, kv_written)
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -56,7 +56,7 @@ class LlamaAttention(nn.Module):
     ) -> torch.Tensor:
         t = x.shape[0]
         # The Triton backend lets the RoPE kernel also store k and v in the cache (one launch less).
-        kv_written = rope.fused and getattr(self.backend, "fuses_kv_write", False)
+        kv_written = rope.fused and self.backend.fuses_kv_write
         qkv = None
         if rope.fused and self.q_norm is None:  # one row on CUDA: projection + RoPE in one kernel
             qkv = fused_ops.qkv_rope_(
@@ -83,10 +83,7 @@ class LlamaAttention(nn.Module):
             v = v.view(t, self.num_kv_heads, self.head_dim)
             if not rope.fused:
                 q, k = rotate(self.q_norm(q), rope), rotate(self.k_norm(k), rope)
-        if kv_written:
-            o = self.backend.forward(q, k, v, kv_cache, md, self.scale, self.sliding_window, kv_written=True)
-        else:
-            o = self.backend.forward(q, k, v, kv_cache, md, self.scale, self.sliding_window)
+        o = self.backend.forward(q, k, v, kv_cache, md, self.scale, self.sliding_window, kv_written=kv_written)
         return ps.row_parallel_linear(self.o_proj, o.reshape(t, self.q_size))  # [T, hidden]: partial under TP
 
 

@@ -392,71 +392,27 @@ def _gemv_silu_mul_kernel(
     BLOCK_N: tl.constexpr,  # gate rows per program (and as many up rows)
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
-    PRE: tl.constexpr,  # tiles of each half loaded before waiting for the previous kernel (0-4)
+    PRE: tl.constexpr,  # weight tiles loaded before waiting for the previous kernel (0-4)
     PDL: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # One tile of 2 * BLOCK_N weight rows, the gate rows then the matching up rows, streamed
+    # by the plain GEMV's loop: both halves' loads are in flight together.
+    r = tl.arange(0, 2 * BLOCK_N)
+    is_up = r >= BLOCK_N
+    rows = tl.program_id(0) * BLOCK_N + r % BLOCK_N  # [2 * BLOCK_N]: gate row index of each
     row_ok = rows < I
-    g_rows = tl.where(row_ok, rows, 0).to(tl.int64)
-    u_rows = g_rows + I
-    cols = tl.arange(0, BLOCK_K)
-    g_tile = w_ptr + g_rows[:, None] * stride_w + cols[None, :]
-    u_tile = w_ptr + u_rows[:, None] * stride_w + cols[None, :]
-    if PRE > 0:
-        g0 = tl.load(g_tile)
-        u0 = tl.load(u_tile)
-    if PRE > 1:
-        g1 = tl.load(g_tile + BLOCK_K)
-        u1 = tl.load(u_tile + BLOCK_K)
-    if PRE > 2:
-        g2 = tl.load(g_tile + 2 * BLOCK_K)
-        u2 = tl.load(u_tile + 2 * BLOCK_K)
-    if PRE > 3:
-        g3 = tl.load(g_tile + 3 * BLOCK_K)
-        u3 = tl.load(u_tile + 3 * BLOCK_K)
-    pdl.wait(PDL)
-    acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    if PRE > 0:
-        xf = tl.load(x_ptr + cols).to(tl.float32)[None, :]
-        acc_g += g0.to(tl.float32) * xf
-        acc_u += u0.to(tl.float32) * xf
-    if PRE > 1:
-        xf = tl.load(x_ptr + BLOCK_K + cols).to(tl.float32)[None, :]
-        acc_g += g1.to(tl.float32) * xf
-        acc_u += u1.to(tl.float32) * xf
-    if PRE > 2:
-        xf = tl.load(x_ptr + 2 * BLOCK_K + cols).to(tl.float32)[None, :]
-        acc_g += g2.to(tl.float32) * xf
-        acc_u += u2.to(tl.float32) * xf
-    if PRE > 3:
-        xf = tl.load(x_ptr + 3 * BLOCK_K + cols).to(tl.float32)[None, :]
-        acc_g += g3.to(tl.float32) * xf
-        acc_u += u3.to(tl.float32) * xf
-    for k0 in range(PRE * BLOCK_K, K, BLOCK_K):  # one loop over both halves: their loads in flight together
-        c = k0 + cols
-        if EVEN_K:
-            x = tl.load(x_ptr + c)
-            wg = tl.load(w_ptr + g_rows[:, None] * stride_w + c[None, :])
-            wu = tl.load(w_ptr + u_rows[:, None] * stride_w + c[None, :])
-        else:
-            x = tl.load(x_ptr + c, mask=c < K, other=0.0)
-            wg = tl.load(w_ptr + g_rows[:, None] * stride_w + c[None, :], mask=(c < K)[None, :], other=0.0)
-            wu = tl.load(w_ptr + u_rows[:, None] * stride_w + c[None, :], mask=(c < K)[None, :], other=0.0)
-        xf = x.to(tl.float32)[None, :]
-        acc_g += wg.to(tl.float32) * xf
-        acc_u += wu.to(tl.float32) * xf
-    g = tl.sum(acc_g, 1)
-    u = tl.sum(acc_u, 1)
+    w_rows = tl.where(is_up, rows + I, rows)
+    acc = _gemv_rows(x_ptr, w_ptr, w_rows, row_ok, K, stride_w, 2 * BLOCK_N, BLOCK_K, EVEN_K, PRE, PDL)
     if HAS_BIAS:
-        g += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
-        u += tl.load(b_ptr + I + rows, mask=row_ok, other=0.0).to(tl.float32)
+        acc += tl.load(b_ptr + w_rows, mask=row_ok, other=0.0).to(tl.float32)
+    g, u = tl.split(tl.trans(tl.reshape(acc, [2, BLOCK_N])))  # [BLOCK_N] each
     dt = out_ptr.dtype.element_ty
     # Rounded where the unfused path rounds: the projection's output, then _silu_mul_kernel.
     g = g.to(dt).to(tl.float32)
     u = u.to(dt).to(tl.float32)
     s = (g / (1.0 + tl.exp(-g))).to(dt)
-    tl.store(out_ptr + rows, (s.to(tl.float32) * u).to(dt), mask=row_ok)
+    out_rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(out_ptr + out_rows, (s.to(tl.float32) * u).to(dt), mask=out_rows < I)
 
 
 def gemv(
@@ -516,7 +472,7 @@ PRELOAD_TILES = _preload_setting()
 
 
 def _preload_tiles(use_pdl: bool, k: int, block_k: int) -> int:
-    return min(PRELOAD_TILES, 4, k // block_k) if use_pdl else 0
+    return min(PRELOAD_TILES, k // block_k) if use_pdl else 0
 
 
 def gemv_rope_(

@@ -464,15 +464,7 @@ def _plain_greedy(params: list[SamplingParams]) -> bool:
     """Every row takes the argmax of its logits as they come (no penalty, bias or min_tokens
     ban changes them). Decided from the parameters alone, which every rank holds, never from the
     token histories: all ranks must agree on whether the step's broadcast runs."""
-    return all(
-        p.greedy
-        and p.repetition_penalty == 1.0
-        and not p.presence_penalty
-        and not p.frequency_penalty
-        and not p.logit_bias
-        and p.min_tokens == 0
-        for p in params
-    )
+    return all(p.greedy and not p.modifies_logits for p in params)
 
 
 def _consecutive(idx: list[int]) -> bool:

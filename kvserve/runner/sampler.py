@@ -122,7 +122,8 @@ class Sampler:
     # -- logits processing ------------------------------------------------------------------
     def process_logits(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """Penalties, logit_bias and the min_tokens ban, each only on the rows that use it.
-        Returns `logits` itself when no row does, else a processed copy (the input is kept)."""
+        Returns `logits` itself when no row does, else a processed copy (the input is kept).
+        A row with `SamplingParams.modifies_logits` False is never changed here."""
         params = batch.params
         n_out = [batch.num_output_tokens(i) for i in range(len(params))]
         rep = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]

@@ -326,3 +326,23 @@ def test_greedy_tokens_is_the_first_row_argmax(rows):
     assert torch.equal(got, logits.argmax(dim=-1))
     assert got.tolist() == [7] * (rows - 1) + [123]
     assert greedy_tokens(logits[-1:]).tolist() == [123]  # a one-row view of a batch
+
+
+@pytest.mark.parametrize(
+    "knob",
+    [{}, {"repetition_penalty": 1.3}, {"presence_penalty": 0.5}, {"frequency_penalty": 0.5},
+     {"logit_bias": {3: 2.0}}, {"min_tokens": 4}],
+    ids=["none", "repetition", "presence", "frequency", "logit_bias", "min_tokens"],
+)
+def test_modifies_logits_matches_process_logits(knob):
+    """`SamplingParams.modifies_logits` (which lets tensor-parallel ranks skip the token
+    broadcast of a greedy step) is True exactly for the knobs `process_logits` applies."""
+    params = SamplingParams(temperature=0.0, max_tokens=8, **knob)
+    logits = torch.randn(1, 20)
+    # Prompt [1, 2], outputs [3, 3]: every penalty has tokens to act on, min_tokens is not met.
+    batch = SamplingBatch([params], [None], [[1, 2, 3, 3]], [2], eos_token_ids=frozenset({0}))
+    processed = Sampler().process_logits(logits, batch)
+    assert params.modifies_logits == bool(knob)
+    assert (processed is logits) == (not knob)
+    if knob:
+        assert not torch.equal(processed, logits)

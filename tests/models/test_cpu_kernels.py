@@ -188,3 +188,30 @@ def test_model_layers_take_the_kernels_for_decode_rows(monkeypatch):
     gate_up = cpu_linear.PackedLinear(torch.nn.Linear(64, 96, bias=False).to(torch.bfloat16))
     assert gate_up_silu_and_mul(gate_up, x).shape == (1, 48)
     assert used == ["rmsnorm", "add_rmsnorm", "rope_factors", "rope", "gemv_silu_mul"]
+
+
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["c-kernel", "torch"])
+def test_backend_kv_written_reads_the_cache_as_is(use_kernel, monkeypatch):
+    """forward(kv_written=True): the caller stored k/v already, so the backend writes nothing
+    and attends over the cache as given (both the C-kernel and the PyTorch decode path)."""
+    torch.manual_seed(3)
+    bs, hq, hkv, d, num_blocks = 16, 6, 2, 64, 12
+    kv_cache = torch.randn(2, num_blocks, bs, hkv, d).to(torch.bfloat16)
+    lens = [17, 40]
+    tables = torch.arange(2 * 3, dtype=torch.int32).view(2, 3)
+    slots = torch.tensor([tables[i, (n - 1) // bs].item() * bs + (n - 1) % bs for i, n in enumerate(lens)])
+    q = torch.randn(2, hq, d).to(torch.bfloat16)
+    k = torch.randn(2, hkv, d).to(torch.bfloat16)
+    v = torch.randn(2, hkv, d).to(torch.bfloat16)
+    if not use_kernel:
+        monkeypatch.setattr(cpu_kernels, "attention_available", lambda: False)
+    written = kv_cache.clone()
+    want = TorchRefBackend().forward(q, k, v, written, decode_metadata(tables, lens, slots, bs), d**-0.5)
+    cache = written.clone()
+    # Other k/v than the ones in the cache: ignored, and the cache is left untouched.
+    got = TorchRefBackend().forward(
+        q, torch.zeros_like(k), torch.zeros_like(v), cache, decode_metadata(tables, lens, slots, bs), d**-0.5,
+        kv_written=True,
+    )
+    assert torch.equal(cache, written)
+    assert torch.equal(got, want)
