@@ -1,0 +1,309 @@
+/* Integer dot products of GGML block weights with 8-bit quantized activations: activation
+ * quantization, the per-instruction-set tile dot kernels and the GEMM drivers of kvq.h.
+ *
+ * Why this shape: decode reads every weight once per token, so the GEMM must stream the weight
+ * at memory bandwidth. Each call walks its rows [n0, n1) front to back in tiles of 4 rows and
+ * chunks of 2048 values; a tile chunk is unpacked once into the canonical form (int8 codes plus
+ * float lane scales and offsets, kvq_internal.h), which stays in L1 while every activation row
+ * is multiplied by it. So the weight is read from memory once per call whatever M is, and only
+ * the (small) quantized activations are re-read, from cache. One dot kernel per instruction set:
+ *   AVX-512 (+VNNI)  two 32-value blocks per 512-bit register, vpdpbusd or vpmaddubsw+vpmaddwd
+ *   AVX2             vpmaddubsw (u8 x s8 -> s16 pairs) + vpmaddwd, as llama.cpp does
+ *   NEON (+dotprod)  sdot on 16-value halves, else smull + sadalp
+ *   plain C          the reference, and the build forced by KVSERVE_CPU_ISA=baseline
+ * Codes are in [0, 64) for every format but Q8_0 (the offsets carry Q4_0's -8 and Q6_K's -32),
+ * so u8 x s8 products need the sign trick (|w| times x with w's sign) only for Q8_0.
+ * Each output value's arithmetic depends only on its weight row and activation row, never on
+ * the tile or thread a row landed in (the contract of kvq.h).
+ */
+#include <math.h>
+#include <stdlib.h>
+
+#include "kvq_internal.h"
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+/* KVQ_SCALAR (the baseline build) keeps to plain C even where the compiler targets SIMD. */
+#if !defined(KVQ_SCALAR) && defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define KVQ_AVX2 1
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define KVQ_AVX512 1
+#endif
+#endif
+#if !defined(KVQ_SCALAR) && defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+#define KVQ_NEON 1
+#endif
+
+const char *kvq_isa(void) {
+#if defined(KVQ_AVX512) && defined(__AVX512VNNI__)
+    return "avx512vnni";
+#elif defined(KVQ_AVX512)
+    return "avx512";
+#elif defined(KVQ_AVX2)
+    return "avx2";
+#elif defined(KVQ_NEON) && defined(__ARM_FEATURE_DOTPROD)
+    return "neon-dotprod";
+#elif defined(KVQ_NEON)
+    return "neon";
+#else
+    return "scalar";
+#endif
+}
+
+int64_t kvq_act_bytes(int qtype, int64_t M, int64_t K) {
+    const kvq_format *f = kvq_format_of(qtype);
+    if (f == NULL || M < 0 || K <= 0 || K % f->block_size != 0) return -1;
+    return M * kvq_act_stride(K);
+}
+
+/* ---- activation quantization: per 32 values d = max|x| / 127, q = round(x / d) ---- */
+
+static void quantize_act_row(const float *x, uint8_t *row, int64_t K) {
+    int64_t nb = K / KVQ_QK;
+    int8_t *q = (int8_t *)row;
+    float *d = (float *)(row + K), *s = d + nb;
+    for (int64_t b = 0; b < nb; b++) {
+        const float *xb = x + b * KVQ_QK;
+        float amax = 0.0f;
+        for (int i = 0; i < KVQ_QK; i++) amax = fmaxf(amax, fabsf(xb[i]));
+        float db = amax / 127.0f, id = db != 0.0f ? 1.0f / db : 0.0f;
+        int s0 = 0, s1 = 0;
+        for (int i = 0; i < KVQ_QK; i++) {
+            int v = (int)nearbyintf(xb[i] * id);
+            q[b * KVQ_QK + i] = (int8_t)v;
+            if (i < 16)
+                s0 += v;
+            else
+                s1 += v;
+        }
+        d[b] = db, s[2 * b] = db * (float)s0, s[2 * b + 1] = db * (float)s1;
+    }
+}
+
+void kvq_quantize_act_range(int qtype, const float *x, int64_t x_stride, void *xq, int64_t M, int64_t K, int64_t m0,
+                            int64_t m1) {
+    (void)M;
+    if (kvq_act_bytes(qtype, 1, K) < 0) return;
+    int64_t stride = kvq_act_stride(K);
+    for (int64_t m = m0; m < m1; m++) quantize_act_row(x + m * x_stride, (uint8_t *)xq + m * stride, K);
+}
+
+void kvq_quantize_act(int qtype, const float *x, int64_t x_stride, void *xq, int64_t M, int64_t K) {
+    if (kvq_act_bytes(qtype, 1, K) < 0) return;
+    int64_t stride = kvq_act_stride(K);
+#pragma omp parallel for schedule(static) if (M * K >= 65536)
+    for (int64_t m = 0; m < M; m++) quantize_act_row(x + m * x_stride, (uint8_t *)xq + m * stride, K);
+}
+
+/* ---- tile dot kernels ---- */
+
+#define TQ_STRIDE KVQ_CHUNK
+#define TSC_STRIDE (KVQ_CHUNK / KVQ_QK * 8)
+#define TOFF_STRIDE (KVQ_CHUNK / KVQ_QK * 2)
+
+typedef struct {
+    const int8_t *q;
+    const float *sc, *off;
+} tile_t;
+
+#if defined(KVQ_AVX2)
+static inline float hsum256(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* Integer dot of one 32-value block, as 8 int32 lane sums (lanes 0-3: values 0-15). */
+static inline __attribute__((always_inline)) __m256i dot32_avx2(int sgn, __m256i w, __m256i x) {
+    __m256i p = sgn ? _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w)) : _mm256_maddubs_epi16(w, x);
+    return _mm256_madd_epi16(p, _mm256_set1_epi16(1));
+}
+#endif
+
+#if defined(KVQ_AVX512)
+static inline __attribute__((always_inline)) __m512i dot64_avx512(int sgn, __m512i w, __m512i x) {
+    if (sgn) {
+        __mmask64 neg = _mm512_movepi8_mask(w);
+        x = _mm512_mask_sub_epi8(x, neg, _mm512_setzero_si512(), x);
+        w = _mm512_abs_epi8(w);
+    }
+#if defined(__AVX512VNNI__)
+    return _mm512_dpbusd_epi32(_mm512_setzero_si512(), w, x);
+#else
+    return _mm512_madd_epi16(_mm512_maddubs_epi16(w, x), _mm512_set1_epi16(1));
+#endif
+}
+#endif
+
+/* res[r] = sum over the chunk of (weight tile row r) * (activation row), for r < nr. */
+static inline __attribute__((always_inline)) void tile_dot_impl(int sgn, int has_off, int nr, tile_t t,
+                                                                const int8_t *xq, const float *xd,
+                                                                const float *xs, int64_t nb, float *res) {
+    int64_t b = 0;
+#if defined(KVQ_AVX2)
+    __m256 acc[KVQ_TILE_ROWS];
+    for (int r = 0; r < nr; r++) acc[r] = _mm256_setzero_ps();
+#if defined(KVQ_AVX512)
+    __m512 acc5[KVQ_TILE_ROWS];
+    for (int r = 0; r < nr; r++) acc5[r] = _mm512_setzero_ps();
+    for (; b + 2 <= nb; b += 2) {
+        __m512i xv = _mm512_loadu_si512((const void *)(xq + 32 * b));
+        __m512 dx = _mm512_castpd_ps(_mm512_insertf64x4(
+            _mm512_castps_pd(_mm512_castps256_ps512(_mm256_broadcast_ss(xd + b))),
+            _mm256_castps_pd(_mm256_broadcast_ss(xd + b + 1)), 1));
+        for (int r = 0; r < nr; r++) {
+            __m512i p = dot64_avx512(sgn, _mm512_loadu_si512((const void *)(t.q + r * TQ_STRIDE + 32 * b)), xv);
+            __m512 s = _mm512_mul_ps(_mm512_loadu_ps(t.sc + r * TSC_STRIDE + 8 * b), dx);
+            acc5[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s, acc5[r]);
+        }
+    }
+#endif
+    for (; b < nb; b++) {
+        __m256i xv = _mm256_loadu_si256((const __m256i *)(xq + 32 * b));
+        __m256 dx = _mm256_broadcast_ss(xd + b);
+        for (int r = 0; r < nr; r++) {
+            __m256i p = dot32_avx2(sgn, _mm256_loadu_si256((const __m256i *)(t.q + r * TQ_STRIDE + 32 * b)), xv);
+            __m256 s = _mm256_mul_ps(_mm256_loadu_ps(t.sc + r * TSC_STRIDE + 8 * b), dx);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[r]);
+        }
+    }
+    for (int r = 0; r < nr; r++) {
+        float v = hsum256(acc[r]);
+#if defined(KVQ_AVX512)
+        v += _mm512_reduce_add_ps(acc5[r]);
+#endif
+        if (has_off) {
+            const float *o = t.off + r * TOFF_STRIDE;
+            __m256 a = _mm256_setzero_ps();
+            int64_t i = 0;
+            for (; i + 8 <= 2 * nb; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(o + i), _mm256_loadu_ps(xs + i), a);
+            float tail = 0.0f;
+            for (; i < 2 * nb; i++) tail += o[i] * xs[i];
+            v += hsum256(a) + tail;
+        }
+        res[r] = v;
+    }
+#elif defined(KVQ_NEON)
+    float32x4_t acc[KVQ_TILE_ROWS];
+    for (int r = 0; r < nr; r++) acc[r] = vdupq_n_f32(0.0f);
+    for (; b < nb; b++) {
+        int8x16_t xlo = vld1q_s8(xq + 32 * b), xhi = vld1q_s8(xq + 32 * b + 16);
+        float dx = xd[b];
+        for (int r = 0; r < nr; r++) {
+            const int8_t *w = t.q + r * TQ_STRIDE + 32 * b;
+            int8x16_t wlo = vld1q_s8(w), whi = vld1q_s8(w + 16);
+#if defined(__ARM_FEATURE_DOTPROD)
+            int32x4_t i0 = vdotq_s32(vdupq_n_s32(0), wlo, xlo), i1 = vdotq_s32(vdupq_n_s32(0), whi, xhi);
+#else
+            int32x4_t i0 = vpadalq_s16(vpaddlq_s16(vmull_s8(vget_low_s8(wlo), vget_low_s8(xlo))), vmull_high_s8(wlo, xlo));
+            int32x4_t i1 = vpadalq_s16(vpaddlq_s16(vmull_s8(vget_low_s8(whi), vget_low_s8(xhi))), vmull_high_s8(whi, xhi));
+#endif
+            const float *sc = t.sc + r * TSC_STRIDE + 8 * b;
+            acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(i0), vmulq_n_f32(vld1q_f32(sc), dx));
+            acc[r] = vfmaq_f32(acc[r], vcvtq_f32_s32(i1), vmulq_n_f32(vld1q_f32(sc + 4), dx));
+        }
+    }
+    for (int r = 0; r < nr; r++) {
+        float v = vaddvq_f32(acc[r]);
+        if (has_off) {
+            const float *o = t.off + r * TOFF_STRIDE;
+            float32x4_t a = vdupq_n_f32(0.0f);
+            int64_t i = 0;
+            for (; i + 4 <= 2 * nb; i += 4) a = vfmaq_f32(a, vld1q_f32(o + i), vld1q_f32(xs + i));
+            float tail = 0.0f;
+            for (; i < 2 * nb; i++) tail += o[i] * xs[i];
+            v += vaddvq_f32(a) + tail;
+        }
+        res[r] = v;
+    }
+#else
+    (void)sgn;
+    for (int r = 0; r < nr; r++) {
+        const int8_t *w = t.q + r * TQ_STRIDE;
+        const float *sc = t.sc + r * TSC_STRIDE;
+        float v = 0.0f;
+        for (b = 0; b < nb; b++) {
+            int32_t s0 = 0, s1 = 0;
+            for (int i = 0; i < 16; i++) s0 += (int32_t)w[32 * b + i] * xq[32 * b + i];
+            for (int i = 16; i < 32; i++) s1 += (int32_t)w[32 * b + i] * xq[32 * b + i];
+            v += xd[b] * (sc[8 * b] * (float)s0 + sc[8 * b + 4] * (float)s1);
+        }
+        if (has_off) {
+            const float *o = t.off + r * TOFF_STRIDE;
+            for (int64_t i = 0; i < 2 * nb; i++) v += o[i] * xs[i];
+        }
+        res[r] = v;
+    }
+#endif
+}
+
+/* Specialisations: the full 4-row tile (unrolled, accumulators in registers) and any tail. */
+static void tile_dot(const kvq_format *f, int nr, tile_t t, const int8_t *xq, const float *xd, const float *xs,
+                     int64_t nb, float *res) {
+    if (f->is_signed) {
+        if (nr == KVQ_TILE_ROWS)
+            tile_dot_impl(1, 0, KVQ_TILE_ROWS, t, xq, xd, xs, nb, res);
+        else
+            tile_dot_impl(1, 0, nr, t, xq, xd, xs, nb, res);
+    } else {
+        if (nr == KVQ_TILE_ROWS)
+            tile_dot_impl(0, 1, KVQ_TILE_ROWS, t, xq, xd, xs, nb, res);
+        else
+            tile_dot_impl(0, 1, nr, t, xq, xd, xs, nb, res);
+    }
+}
+
+/* ---- GEMM drivers ---- */
+
+void kvq_gemm_range(int qtype, const void *w, int64_t w_row_bytes, const void *xq, const float *bias, float *out,
+                    int64_t out_stride, int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+    const kvq_format *f = kvq_format_of(qtype);
+    (void)N;
+    if (f == NULL || K % f->block_size != 0) return;
+    _Alignas(64) int8_t tq[KVQ_TILE_ROWS * TQ_STRIDE];
+    _Alignas(64) float tsc[KVQ_TILE_ROWS * TSC_STRIDE];
+    _Alignas(64) float toff[KVQ_TILE_ROWS * TOFF_STRIDE];
+    const tile_t t = {tq, tsc, toff};
+    const int64_t xstride = kvq_act_stride(K), nbk = K / KVQ_QK;
+    const uint8_t *x = (const uint8_t *)xq;
+    for (int64_t n = n0; n < n1; n += KVQ_TILE_ROWS) {
+        int nr = n1 - n < KVQ_TILE_ROWS ? (int)(n1 - n) : KVQ_TILE_ROWS;
+        for (int64_t k0 = 0; k0 < K; k0 += KVQ_CHUNK) {
+            int64_t kc = K - k0 < KVQ_CHUNK ? K - k0 : KVQ_CHUNK, nb = kc / KVQ_QK, b0 = k0 / KVQ_QK;
+            for (int r = 0; r < nr; r++)
+                kvq_unpack(f, (const uint8_t *)w + (n + r) * w_row_bytes, k0, kc, tq + r * TQ_STRIDE,
+                           tsc + r * TSC_STRIDE, toff + r * TOFF_STRIDE);
+            for (int64_t m = 0; m < M; m++) {
+                const uint8_t *row = x + m * xstride;
+                const float *xd = (const float *)(row + K);
+                float res[KVQ_TILE_ROWS];
+                tile_dot(f, nr, t, (const int8_t *)row + k0, xd + b0, xd + nbk + 2 * b0, nb, res);
+                float *o = out + m * out_stride + n;
+                for (int r = 0; r < nr; r++) o[r] = k0 == 0 ? res[r] : o[r] + res[r];
+            }
+        }
+        if (bias != NULL)
+            for (int64_t m = 0; m < M; m++)
+                for (int r = 0; r < nr; r++) out[m * out_stride + n + r] += bias[n + r];
+    }
+}
+
+void kvq_gemm(int qtype, const void *w, int64_t w_row_bytes, const void *xq, const float *bias, float *out,
+              int64_t out_stride, int64_t M, int64_t N, int64_t K) {
+    /* Each thread takes one contiguous share of whole tiles: sequential weight streams. */
+    const int64_t tiles = (N + KVQ_TILE_ROWS - 1) / KVQ_TILE_ROWS;
+#pragma omp parallel if (N * K >= 65536)
+    {
+        int64_t nt = 1, id = 0;
+#if defined(_OPENMP)
+        nt = omp_get_num_threads(), id = omp_get_thread_num();
+#endif
+        int64_t n0 = tiles * id / nt * KVQ_TILE_ROWS, n1 = tiles * (id + 1) / nt * KVQ_TILE_ROWS;
+        if (n1 > N) n1 = N;
+        if (n0 < n1) kvq_gemm_range(qtype, w, w_row_bytes, xq, bias, out, out_stride, M, N, K, n0, n1);
+    }
+}

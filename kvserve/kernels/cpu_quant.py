@@ -1,0 +1,363 @@
+"""Quantized GGML block-format matmuls on the CPU (`kvserve/csrc/quant/kvq_*.c`): build, load, call.
+
+Weights stay in their GGUF block bytes (uint8 tensors [N, row_bytes]; Q8_0, Q4_0, Q4_1, Q4_K,
+Q5_K, Q6_K) and are multiplied directly: activations are quantized to 8-bit blocks and integer
+dot products run over the blocks (as llama.cpp does). For prefill-sized inputs `linear` instead
+dequantizes the weight to fp32 and calls torch.matmul, whichever is faster (see
+`DEQUANT_MIN_ROWS`).
+
+One library is built per instruction-set level (`baseline` plain C; x86 `avx2`, `avx512`;
+aarch64 `neon`, `neon-dotprod`), compiled once into `$KVSERVE_CACHE_DIR` (default
+`~/.cache/kvserve`) and loaded with ctypes. `KVSERVE_CPU_ISA` = baseline | avx2 | avx512 |
+native (default: the best level this CPU has) caps the level; `KVSERVE_CPU_KERNELS=0` turns the
+C kernels off. Without them every function here falls back to PyTorch (dequantizing through
+the gguf package), with one log line saying why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+QUANT_DIR = Path(__file__).resolve().parent.parent / "csrc" / "quant"
+ABI_VERSION = 1
+
+QTYPES: dict[str, int] = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+# GGML id -> (values per block, bytes per block)
+_BLOCKS: dict[int, tuple[int, int]] = {2: (32, 18), 3: (32, 20), 8: (32, 34), 12: (256, 144), 13: (256, 176), 14: (256, 210)}
+_QUANTIZABLE = (2, 3, 8)
+
+# -ffp-contract=off: dequantization must round like the gguf package (no fused multiply-adds).
+_COMMON_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=off"]
+_AVX2 = ["-mavx2", "-mfma", "-mf16c"]
+_LEVEL_FLAGS: dict[str, list[str]] = {
+    "baseline": ["-DKVQ_SCALAR"],
+    "avx2": _AVX2,
+    "avx512": [*_AVX2, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
+    "neon": ["-march=armv8-a"],
+    "neon-dotprod": ["-march=armv8.2-a+dotprod"],
+}
+_ENV_LEVELS = ("baseline", "avx2", "avx512", "native")
+
+# Rows (tokens) from which `linear` dequantizes the weight and calls torch.matmul instead of the
+# int8 kernel. Measured on the 2-core AMD EPYC (Zen 3 class, AVX2, no AVX-512) reference machine,
+# SmolLM2-135M Q4_1 shapes, see benchmarks/ in the report of this change:
+# TODO(threshold) filled in from measurements below.
+DEQUANT_MIN_ROWS = 64
+
+
+# ---- build and load ----
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key = line.split(":", 1)[0].strip()
+                if key in ("flags", "Features"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def available_levels() -> list[str]:
+    """The instruction-set levels this CPU can run, lowest first."""
+    machine = platform.machine().lower()
+    flags = _cpu_flags()
+    levels = ["baseline"]
+    if machine in ("x86_64", "amd64"):
+        if {"avx2", "fma", "f16c"} <= flags:
+            levels.append("avx2")
+            if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
+                levels.append("avx512")
+    elif machine in ("aarch64", "arm64"):
+        levels.append("neon-dotprod" if "asimddp" in flags else "neon")
+    return levels
+
+
+def isa_level() -> str:
+    """The level `library()` loads: `$KVSERVE_CPU_ISA` (default native = the best available)."""
+    requested = os.environ.get("KVSERVE_CPU_ISA", "native").strip().lower() or "native"
+    levels = available_levels()
+    if requested not in _ENV_LEVELS:
+        raise ValueError(f"KVSERVE_CPU_ISA={requested!r}: expected one of {', '.join(_ENV_LEVELS)}")
+    if requested == "native":
+        return levels[-1]
+    if requested not in levels:
+        raise ValueError(
+            f"KVSERVE_CPU_ISA={requested!r}: this CPU supports only {', '.join(levels)} (or native)"
+        )
+    return requested
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("KVSERVE_CACHE_DIR") or Path.home() / ".cache" / "kvserve")
+
+
+def _sources() -> list[Path]:
+    # every .c here: the decoder stack (decoder_stack_f32.c) links against the kvq kernels
+    return sorted(QUANT_DIR.glob("*.c"))
+
+
+def _build(out: Path, flags: list[str]) -> None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError("no C compiler found (set $CC)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Compile to a temporary name, then rename: concurrent processes never load a partial file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        cmd = [cc, *_COMMON_FLAGS, *flags, *map(str, _sources()), "-o", tmp, "-lm"]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-500:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    i64, p, i = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    sigs = {
+        "kvq_abi_version": ([], i),
+        "kvq_isa": ([], ctypes.c_char_p),
+        "kvq_row_bytes": ([i, i64], i64),
+        "kvq_act_bytes": ([i, i64, i64], i64),
+        "kvq_quantize_act": ([i, p, i64, p, i64, i64], None),
+        "kvq_quantize_act_range": ([i, p, i64, p, i64, i64, i64, i64], None),
+        "kvq_gemm": ([i, p, i64, p, p, p, i64, i64, i64, i64], None),
+        "kvq_gemm_range": ([i, p, i64, p, p, p, i64, i64, i64, i64, i64, i64], None),
+        "kvq_dequantize": ([i, p, i64, p, i64, i64], None),
+        "kvq_get_rows": ([i, p, i64, i64, p, i64, i64, p], i),
+        "kvq_quantize_weights": ([i, p, p, i64, i64], i),
+    }
+    for name, (args, res) in sigs.items():
+        fn = getattr(lib, name)
+        fn.argtypes, fn.restype = args, res
+
+
+@lru_cache(maxsize=None)
+def load_library(level: str) -> ctypes.CDLL | None:
+    """Build (once) and load the library of one level; None, with one warning, if that fails.
+    Tests call this directly to compare levels; everything else goes through `library()`."""
+    if level not in _LEVEL_FLAGS:
+        raise ValueError(f"unknown CPU ISA level {level!r}; expected one of {', '.join(_LEVEL_FLAGS)}")
+    flags = _LEVEL_FLAGS[level]
+    blob = b"".join(p.read_bytes() for p in [*_sources(), *sorted(QUANT_DIR.glob("*.h"))])
+    blob += " ".join(_COMMON_FLAGS + flags).encode()
+    lib_path = _cache_dir() / f"kvq-{level}-{hashlib.sha256(blob).hexdigest()[:16]}.so"
+    try:
+        if not lib_path.exists():
+            _build(lib_path, flags)
+        torch.zeros(1).add_(1)  # make sure PyTorch's OpenMP runtime is loaded first (shared)
+        lib = ctypes.CDLL(str(lib_path))
+        if lib.kvq_abi_version() != ABI_VERSION:
+            raise RuntimeError("stale kernel build")
+        _declare(lib)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        logger.warning("quantized CPU kernels (%s) unavailable (%s); using PyTorch", level, e)
+        return None
+    logger.info("quantized CPU kernels (%s, %s) loaded from %s", level, lib.kvq_isa().decode(), lib_path)
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded library for `isa_level()`, or None where the C kernels are off or can't be built."""
+    if os.environ.get("KVSERVE_CPU_KERNELS", "1") == "0":
+        return None
+    return load_library(isa_level())
+
+
+_DEFAULT = object()
+
+
+def _lib(lib: ctypes.CDLL | None | object) -> ctypes.CDLL | None:
+    return library() if lib is _DEFAULT else lib  # type: ignore[return-value]
+
+
+# ---- formats ----
+
+
+def _qid(qtype: str | int) -> int:
+    if isinstance(qtype, str):
+        if qtype.upper() not in QTYPES:
+            raise ValueError(f"qtype {qtype!r}: expected one of {', '.join(QTYPES)}")
+        return QTYPES[qtype.upper()]
+    if qtype not in _BLOCKS:
+        raise ValueError(f"qtype {qtype}: expected a GGML id in {sorted(_BLOCKS)}")
+    return int(qtype)
+
+
+def block_size(qtype: str | int) -> int:
+    """Values per block: 32, or 256 for the K formats."""
+    return _BLOCKS[_qid(qtype)][0]
+
+
+def row_bytes(qtype: str | int, K: int) -> int:
+    """Bytes of one row of K values."""
+    bs, bb = _BLOCKS[_qid(qtype)]
+    if K <= 0 or K % bs != 0:
+        raise ValueError(f"K={K}: must be a positive multiple of the block size {bs}")
+    return K // bs * bb
+
+
+def _check_weight(q: int, w: torch.Tensor, K: int) -> None:
+    rb = row_bytes(q, K)
+    if w.dtype != torch.uint8 or w.dim() != 2 or w.shape[1] != rb or w.stride(1) != 1:
+        raise ValueError(f"w: expected uint8 [N, {rb}] with contiguous rows, got {w.dtype} {tuple(w.shape)}")
+
+
+def _gguf_type(q: int):  # noqa: ANN202 - gguf.GGMLQuantizationType
+    import gguf
+
+    return gguf.GGMLQuantizationType(q)
+
+
+# ---- API ----
+
+
+def dequantize(qtype: str | int, w: torch.Tensor, K: int, *, lib: ctypes.CDLL | None | object = _DEFAULT) -> torch.Tensor:
+    """uint8 [N, row_bytes] -> float32 [N, K], equal to gguf.quants.dequantize bit for bit."""
+    q = _qid(qtype)
+    _check_weight(q, w, K)
+    lib = _lib(lib)
+    if lib is None:
+        import gguf
+
+        return torch.from_numpy(gguf.quants.dequantize(w.contiguous().numpy(), _gguf_type(q)).astype(np.float32))
+    out = torch.empty((w.shape[0], K), dtype=torch.float32)
+    lib.kvq_dequantize(q, w.data_ptr(), w.stride(0), out.data_ptr(), w.shape[0], K)
+    return out
+
+
+def get_rows(
+    qtype: str | int, w: torch.Tensor, K: int, ids: torch.Tensor, *, lib: ctypes.CDLL | None | object = _DEFAULT
+) -> torch.Tensor:
+    """An embedding lookup: float32 [n, K] = dequantized rows `ids` [n] of w. IndexError for an
+    id outside [0, N)."""
+    q = _qid(qtype)
+    _check_weight(q, w, K)
+    ids = ids.reshape(-1).to(torch.int64).contiguous()
+    n_rows = w.shape[0]
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= n_rows):
+        bad = ids[(ids < 0) | (ids >= n_rows)][0].item()
+        raise IndexError(f"row id {bad} out of range [0, {n_rows})")
+    lib = _lib(lib)
+    if lib is None:
+        return dequantize(q, w[ids], K, lib=None)
+    out = torch.empty((ids.numel(), K), dtype=torch.float32)
+    if lib.kvq_get_rows(q, w.data_ptr(), w.stride(0), n_rows, ids.data_ptr(), ids.numel(), K, out.data_ptr()) != 0:
+        raise IndexError(f"row id out of range [0, {n_rows})")
+    return out
+
+
+def quantize_weights(qtype: str | int, x: torch.Tensor, *, lib: ctypes.CDLL | None | object = _DEFAULT) -> torch.Tensor:
+    """float32 [N, K] -> uint8 [N, row_bytes] in Q8_0, Q4_0 or Q4_1 (bytes equal gguf.quants.quantize)."""
+    q = _qid(qtype)
+    if q not in _QUANTIZABLE:
+        raise ValueError(f"qtype {qtype!r}: quantize_weights supports Q8_0, Q4_0 and Q4_1")
+    if x.dim() != 2:
+        raise ValueError(f"x: expected [N, K], got {tuple(x.shape)}")
+    n, k = x.shape
+    rb = row_bytes(q, k)
+    x = x.to(torch.float32).contiguous()
+    lib = _lib(lib)
+    if lib is None:
+        import gguf
+
+        return torch.from_numpy(np.ascontiguousarray(gguf.quants.quantize(x.numpy(), _gguf_type(q))))
+    out = torch.empty((n, rb), dtype=torch.uint8)
+    lib.kvq_quantize_weights(q, x.data_ptr(), out.data_ptr(), n, k)
+    return out
+
+
+def quantize_act_reference(x: torch.Tensor) -> torch.Tensor:
+    """The activation rounding of the int8 path, in PyTorch: x [M, K] float32 -> the float32
+    values the integer dots actually multiply (per 32 values d = max|x|/127, round(x/d)*d)."""
+    m, k = x.shape
+    xb = x.to(torch.float32).reshape(m, k // 32, 32)
+    d = xb.abs().amax(-1, keepdim=True) / 127.0
+    inv = torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
+    return (torch.round(xb * inv) * d).reshape(m, k)
+
+
+def _flatten(x: torch.Tensor, K: int) -> torch.Tensor:
+    if x.shape[-1] != K:
+        raise ValueError(f"x: last dim {x.shape[-1]} != K={K}")
+    return x.reshape(-1, K).to(torch.float32).contiguous()
+
+
+def gemm_int8(
+    qtype: str | int,
+    w: torch.Tensor,
+    K: int,
+    x: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    lib: ctypes.CDLL | None | object = _DEFAULT,
+) -> torch.Tensor:
+    """x [..., K] -> [..., N] through 8-bit activations and integer block dots."""
+    q = _qid(qtype)
+    _check_weight(q, w, K)
+    x2 = _flatten(x, K)  # [M, K]
+    m, n = x2.shape[0], w.shape[0]
+    lib = _lib(lib)
+    if lib is None:
+        out = quantize_act_reference(x2) @ dequantize(q, w, K, lib=None).T
+        if bias is not None:
+            out += bias.to(torch.float32)
+        return out.reshape(*x.shape[:-1], n)
+    out = torch.empty((m, n), dtype=torch.float32)
+    if m:
+        xq = torch.empty(lib.kvq_act_bytes(q, m, K), dtype=torch.uint8)
+        lib.kvq_quantize_act(q, x2.data_ptr(), K, xq.data_ptr(), m, K)
+        b = bias.to(torch.float32).contiguous() if bias is not None else None
+        lib.kvq_gemm(q, w.data_ptr(), w.stride(0), xq.data_ptr(), b.data_ptr() if b is not None else None,
+                     out.data_ptr(), n, m, n, K)
+    return out.reshape(*x.shape[:-1], n)
+
+
+def linear_dequant(
+    qtype: str | int,
+    w: torch.Tensor,
+    K: int,
+    x: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    lib: ctypes.CDLL | None | object = _DEFAULT,
+) -> torch.Tensor:
+    """x [..., K] -> [..., N]: the weight dequantized to fp32, then one sgemm (prefill sizes)."""
+    q = _qid(qtype)
+    _check_weight(q, w, K)
+    x2 = _flatten(x, K)
+    wf = dequantize(q, w, K, lib=lib)  # [N, K]
+    out = torch.addmm(bias.to(torch.float32), x2, wf.T) if bias is not None else x2 @ wf.T
+    return out.reshape(*x.shape[:-1], w.shape[0])
+
+
+def linear(qtype: str | int, w: torch.Tensor, K: int, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] float32 @ W[N, K].T (+ bias) -> [..., N] float32 for block-quantized W.
+
+    Few rows (decode): int8 activations and integer dots, streaming W once. From
+    DEQUANT_MIN_ROWS rows (prefill) or without the C library: dequantize W and use sgemm."""
+    lib = library()
+    rows = x.numel() // max(K, 1)
+    if lib is None or rows >= DEQUANT_MIN_ROWS:
+        return linear_dequant(qtype, w, K, x, bias, lib=lib)
+    return gemm_int8(qtype, w, K, x, bias, lib=lib)
