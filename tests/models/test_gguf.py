@@ -211,7 +211,6 @@ def quant_file(tmp_path_factory: pytest.TempPathFactory) -> tuple[GGUFFile, dict
         raw, values = _k_blocks(rng, qtype, 4)
         w.add_tensor(qtype.name, raw, raw_dtype=qtype)  # one 256-value block per row
         expected[qtype.name] = values.astype(np.float32)
-    w.add_tensor("Q8_K", np.zeros((4, 292), np.uint8), raw_dtype=Q.Q8_K)  # gguf can't decode it
     _finish(w)
     return GGUFFile(path), expected
 
@@ -248,10 +247,13 @@ def test_dequantize_k_quants_hand_built_blocks(quant_file: Any, qtype: Q) -> Non
     np.testing.assert_allclose(gf.dequantize(qtype.name), expected[qtype.name], rtol=1e-6, atol=1e-6)
 
 
-def test_unsupported_quant_type_names_tensor_and_type(quant_file: Any) -> None:
-    gf, _ = quant_file
+def test_unsupported_quant_type_names_tensor_and_type(tmp_path: Path) -> None:
+    # Refused when the file is opened (tests/models/test_gguf_errors.py has more).
+    w = gguf.GGUFWriter(str(tmp_path / "q8k.gguf"), "llama")
+    w.add_tensor("Q8_K", np.zeros((4, 292), np.uint8), raw_dtype=Q.Q8_K)
+    _finish(w)
     with pytest.raises(ValueError, match=r"'Q8_K'.*Q8_K"):
-        gf.dequantize("Q8_K")
+        GGUFFile(tmp_path / "q8k.gguf")
 
 
 # -- tiny files written here --------------------------------------------------------------------
