@@ -1,4 +1,4 @@
-"""`kvserve bench throughput | latency | serve | prefix | kv-ablation`.
+"""`kvserve bench throughput | latency | serve | prefix | kv-ablation | perplexity`.
 
 Every command prints its settings and the machine, then a table; `--json-out` appends one JSON
 line per result row, `--report-dir` writes report.md + PNG plots (needs matplotlib)."""
@@ -12,13 +12,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-COMMANDS = ("throughput", "latency", "serve", "prefix", "kv-ablation")
+COMMANDS = ("throughput", "latency", "serve", "prefix", "kv-ablation", "perplexity")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     from kvserve.bench import kv_ablation
     from kvserve.entrypoints.cli import add_engine_args
-    from kvserve.entrypoints.cli_bench_cmds import run_kv_ablation, run_latency, run_prefix, run_serve, run_throughput
+    from kvserve.entrypoints.cli_bench_cmds import (
+        run_kv_ablation, run_latency, run_perplexity, run_prefix, run_serve, run_throughput,
+    )
 
     p = sub.add_parser("bench", help="benchmarks: " + " | ".join(COMMANDS))
     bsub = p.add_subparsers(dest="bench_command", required=True)
@@ -84,6 +86,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--json-out", default=None, help="append the result as one JSON line to this file")
     q.add_argument("--report-dir", default=None, help="write report.md and the PNG here")
     q.set_defaults(func=run_kv_ablation, out="")
+
+    q = bsub.add_parser("perplexity", help="sliding-window perplexity on a bundled public-domain text (or --text)")
+    q.add_argument("--context", type=int, default=512, help="tokens per window (default: %(default)s)")
+    q.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: context/2)")
+    q.add_argument("--max-tokens-scored", type=int, default=None,
+                   help="stop after scoring this many tokens (default: the whole text)")
+    q.add_argument("--text", default=None, metavar="FILE",
+                   help="UTF-8 text file to score (default: the bundled US Constitution)")
+    q.add_argument("--peer", default=None, choices=["llama.cpp", "llamacpp"],
+                   help="also score the same token ids with llama.cpp on the same GGUF file")
+    q.add_argument("--json", action="store_true", help="print the result rows as JSON instead of a table")
+    q.add_argument("--json-out", default=None, help="append one JSON line per result row to this file")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
+                   help="dummy = random weights from config.json (default: %(default)s)")
+    add_engine_args(q)
+    q.set_defaults(func=run_perplexity, report_dir=None)
 
 
 # -- helpers -------------------------------------------------------------------------------------

@@ -301,3 +301,56 @@ def run_kv_ablation(args: argparse.Namespace) -> int:
                             {"Per-token latency and FLOPs with and without the KV cache": "kv-ablation.png"})
         print(f"# report: {path}")
     return rc
+
+
+# -- perplexity ----------------------------------------------------------------------------------
+def run_perplexity(args: argparse.Namespace) -> int:
+    from kvserve.bench.peers import guarded
+    from kvserve.bench.perplexity import check_window, llamacpp_perplexity, perplexity, plan_windows, read_text
+    from kvserve.entrypoints.cli import engine_kwargs
+    from kvserve.entrypoints.llm import LLM
+    from kvserve.loader.resolve import resolve_model
+
+    stride = check_window(args.context, args.stride)
+    label, text = read_text(args.text)
+    settings = {**_settings(args), "stride": stride, "text": label}
+    if args.json:
+        from kvserve.bench.machine import machine_info
+
+        machine = machine_info()
+    else:
+        machine = _start(args, "perplexity", settings)
+    llm = LLM(args.model, load_format=args.load_format, **engine_kwargs(args))
+    tok = llm.get_tokenizer()
+    if tok is None:
+        raise ValueError("perplexity needs the model's tokenizer (this model has none)")
+    # One tokenization, fed as ids to every engine; no BOS or other special tokens added.
+    ids = tok.encode(text, add_special_tokens=False)
+    windows = plan_windows(len(ids), args.context, stride, args.max_tokens_scored)
+    if not args.json:
+        print(f"# text: {label}, {len(text)} characters, {len(ids)} tokens; {len(windows)} windows of "
+              f"<= {args.context} tokens, stride {stride}")
+    dtype = str(llm.engine.loaded.dtype).removeprefix("torch.")
+    r = perplexity(llm, ids, args.context, stride, args.max_tokens_scored, use_tqdm=not args.no_progress)
+    rows = [{"engine": "kvserve", "dtype": dtype, **r.row()}]
+    if args.peer:
+        del llm
+        if not args.json:
+            print("# running peer: llama.cpp", file=sys.stderr)
+
+        def peer() -> dict:
+            resolved = resolve_model(args.model)
+            if resolved.kind != "gguf":
+                raise ValueError(f"llama.cpp needs a .gguf model (got a {resolved.kind} folder)")
+            return llamacpp_perplexity(resolved.path, ids, args.context, stride, args.max_tokens_scored).row()
+
+        rows.append({"dtype": "gguf", **guarded("llama.cpp", peer)})
+    for row in rows:
+        row["text"] = label
+    if args.json:
+        print(json.dumps({"command": "perplexity", "settings": settings, "rows": rows}, default=str))
+    else:
+        shown = [{**r, "perplexity": f"{r['perplexity']:.4f}"} if "perplexity" in r else r for r in rows]
+        print_table(shown, ["engine", "dtype", "tokens_scored", "perplexity", "seconds"])
+    _emit(args, "perplexity", machine, rows)
+    return 0
