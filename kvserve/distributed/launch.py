@@ -71,7 +71,7 @@ def torchrun_env() -> bool:
 
 def rank_device(device: str, local_rank: int, tp_size: int, spawned: bool) -> torch.device:
     """This rank's device: 'cpu', or 'cuda:<local rank>' for 'auto' / 'cuda' with GPUs."""
-    from kvserve.loader.model_loader import resolve_device
+    from kvserve.platform import resolve_device
 
     name = f"tensor_parallel_size={tp_size}"
     if isinstance(device, str) and device.startswith("cuda") and not torch.cuda.is_available():

@@ -30,6 +30,10 @@ class EngineArgs:
     attention_backend: 'auto' | 'torch' | 'triton'.
     enforce_eager: never capture CUDA graphs.
     load_format: 'auto' (read the checkpoint) | 'dummy' (random weights at the config's shapes).
+    quantization: None (default) keeps the checkpoint's weight format: a GGUF file's quantized
+        blocks stay quantized on the CPU (dequantized at load on CUDA); 'none' dequantizes them
+        to `dtype` (the reference path); 'q8_0' | 'q4_0' quantize an HF checkpoint's projection
+        weights into that GGML block format at load (CPU), for the speed of a quantized GGUF.
     tensor_parallel_size: split the model across this many ranks (one process per rank; NCCL on
         GPUs, one GPU per rank; gloo on CPU). Started by the engine on one machine, or by
         torchrun across machines (then WORLD_SIZE must equal it). See docs/architecture.md.
@@ -64,6 +68,7 @@ class EngineArgs:
     enable_kv_cache: bool = True
     tensor_parallel_size: int = 1
     async_scheduling: bool | None = None
+    quantization: str | None = None
 
     def __post_init__(self) -> None:
         normalize_dtype(self.dtype)
@@ -81,6 +86,8 @@ class EngineArgs:
             raise ValueError(f"load_format must be 'auto' or 'dummy' (got {self.load_format!r})")
         if self.async_scheduling not in (None, True, False):
             raise ValueError(f"async_scheduling must be True, False or None (got {self.async_scheduling!r})")
+        if self.quantization not in (None, "none", "q8_0", "q4_0"):
+            raise ValueError(f"quantization must be None, 'none', 'q8_0' or 'q4_0' (got {self.quantization!r})")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton' (got {self.attention_backend!r})")
 

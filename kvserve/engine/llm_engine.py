@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 
-from kvserve.attention.base import AttentionBackend
 from kvserve.core.config import CacheConfig, SchedulerConfig
 from kvserve.core.request import Request, RequestStatus
 from kvserve.core.sampling_params import SamplingParams
@@ -24,9 +23,9 @@ from kvserve.core.scheduler import Scheduler, SchedulerOutput
 from kvserve.engine.arg_utils import EngineArgs, GiB
 from kvserve.engine.detokenizer import IncrementalDetokenizer
 from kvserve.engine.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
-from kvserve.loader.model_loader import LoadedModel, load_model, resolve_device
+from kvserve.loader.model_loader import LoadedModel, load_model
+from kvserve.platform import get_platform, resolve_device
 from kvserve.loader.resolve import resolve_model
-from kvserve.runner.cpu_memory import tune_malloc
 from kvserve.runner.model_runner import ModelRunner, PendingStep, RunnerOutput
 
 if TYPE_CHECKING:
@@ -99,13 +98,16 @@ class LLMEngine:
         tp = self.tp_group
         self.model_name = args.served_model_name or resolved.name
         device = tp.device if tp is not None else resolve_device(args.device)
-        if device.type == "cpu":
-            tune_malloc()  # steps must not re-fault their activation pages (runner/cpu_memory.py)
-        self.backend = _make_backend(args.attention_backend, device)
+        # The one device seam: probed once, it picks every kernel and weight format.
+        self.platform = get_platform(device)
+        self.platform.log_once()
+        self.platform.tune_process()
+        self.backend = self.platform.attention_backend(args.attention_backend)
         driver = tp is None or tp.rank == 0
         loaded = load_model(
             resolved, dtype=args.dtype, device=device, backend=self.backend,
-            load_tokenizer=driver, load_format=args.load_format,
+            load_tokenizer=driver, load_format=args.load_format, platform=self.platform,
+            quantization=args.quantization,
         )
         if tp is not None:
             tp.barrier()  # every rank loaded its shard (gloo: fails at once if a rank died)
@@ -138,7 +140,7 @@ class LLMEngine:
             want_len = capacity
         self.max_model_len = want_len
         chunked = args.enable_chunked_prefill
-        default_budget = 8192 if device.type == "cuda" else 2048
+        default_budget = self.platform.default_token_budget
         budget = args.max_num_batched_tokens or (default_budget if chunked else max(default_budget, want_len))
         self.scheduler_config = SchedulerConfig(
             max_num_seqs=args.max_num_seqs, max_num_batched_tokens=budget,
@@ -182,7 +184,8 @@ class LLMEngine:
 
             # The profiled step: the largest token budget a step can have (see __init__).
             chunked = args.enable_chunked_prefill
-            tokens = args.max_num_batched_tokens or (8192 if chunked else max(8192, max_len))
+            budget = self.platform.default_token_budget
+            tokens = args.max_num_batched_tokens or (budget if chunked else max(budget, max_len))
             peak = profiling.profile_peak_activations(
                 self.loaded.model, self._rank_config, self.loaded.dtype, device, tokens,
                 max_len, args.max_num_seqs, args.block_size,
@@ -513,21 +516,6 @@ def run_tp_worker(args: EngineArgs, group: TPGroup) -> None:
         # device) when a later step needs them on the host, and refills a staging buffer only
         # after its copies ran, so this rank can launch an ahead step while the last one runs.
         runner.execute_async(so, ahead=ahead)
-
-
-def _make_backend(name: str, device: torch.device) -> AttentionBackend:
-    if name == "triton" or (name == "auto" and device.type == "cuda"):
-        try:
-            from kvserve.attention.triton import TritonBackend, is_available
-        except ImportError:
-            is_available = None
-        if is_available is not None and is_available() and device.type == "cuda":
-            return TritonBackend()
-        if name == "triton":
-            raise ValueError("attention_backend='triton' needs CUDA and the triton package")
-    from kvserve.attention.torch_ref import TorchRefBackend
-
-    return TorchRefBackend()
 
 
 def _total_ram() -> int:

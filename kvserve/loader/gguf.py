@@ -23,6 +23,7 @@ import math
 import re
 import struct
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -31,6 +32,7 @@ import torch
 
 if TYPE_CHECKING:
     from kvserve.loader.tokenizer import Tokenizer
+    from kvserve.models.linear import QuantizedTensor
 
 logger = logging.getLogger(__name__)
 
@@ -526,9 +528,12 @@ def _hf_name(arch: str, gguf_name: str) -> str | None:
     )
 
 
-def _unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
+def _unpermute_rows(w: torch.Tensor | QuantizedTensor, n_heads: int) -> torch.Tensor | QuantizedTensor:
     """Undo llama.cpp's RoPE row order: within each head, GGUF row 2j is HF row j and row 2j+1
-    is HF row j + head_dim/2 (llama.cpp rotates adjacent pairs, HF rotates halves)."""
+    is HF row j + head_dim/2 (llama.cpp rotates adjacent pairs, HF rotates halves). Whole rows
+    move, so a matrix of GGML blocks is permuted by its rows of bytes."""
+    if not isinstance(w, torch.Tensor):
+        return type(w)(w.qtype, _unpermute_rows(w.data, n_heads), w.cols)
     rows = w.shape[0]
     if rows % (2 * n_heads):
         raise ValueError(f"cannot un-permute {rows} rows over {n_heads} heads")
@@ -537,14 +542,37 @@ def _unpermute_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     return w.reshape(n_heads, rows // n_heads // 2, 2, *rest).transpose(1, 2).reshape(w.shape)
 
 
+def has_quantized_matrices(gf: GGUFFile) -> bool:
+    """Whether any projection matrix is stored in a GGML block format."""
+    from kvserve.models.linear import GGML_BLOCK
+
+    return any(len(t.shape) >= 2 and int(t.tensor_type) in GGML_BLOCK for t in gf.tensors.values())
+
+
+def _raw_blocks(gf: GGUFFile, name: str) -> QuantizedTensor:
+    """A GGML-quantized matrix as its block bytes [rows, row_bytes] (a view of the file)."""
+    from kvserve.models.linear import QuantizedTensor
+
+    t = gf.tensors[name]
+    cols, rows = int(t.shape[0]), int(np.prod(t.shape[1:]))
+    data = np.asarray(t.data).reshape(rows, -1)  # uint8 [rows, row_bytes], read-only
+    with warnings.catch_warnings():  # torch warns about read-only memory; the linear copies it
+        warnings.simplefilter("ignore", UserWarning)
+        return QuantizedTensor(int(t.tensor_type), torch.from_numpy(data), cols)
+
+
 def iter_gguf_weights(
-    src: str | Path | GGUFFile, dtype: torch.dtype = torch.float32
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield `(hf_name, tensor)` for every parameter in the file, dequantized to `dtype`.
+    src: str | Path | GGUFFile, dtype: torch.dtype = torch.float32, keep_quantized: bool = False
+) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+    """Yield `(hf_name, tensor)` for every parameter in the file, dequantized to `dtype`, or,
+    with `keep_quantized`, GGML-quantized matrices as `QuantizedTensor`s of their block bytes
+    (rows permuted like the dense ones: a row of blocks is a row of the matrix).
 
     One tensor is dequantized at a time, so peak extra memory is about one float32 tensor.
     `lm_head.weight` appears only if the file has `output.weight` (else the head is tied).
     """
+    from kvserve.models.linear import GGML_BLOCK
+
     gf = _as_gguf(src)
     arch = _require_arch(gf)
     cfg = load_gguf_config(gf)
@@ -555,7 +583,9 @@ def iter_gguf_weights(
         hf_name = _hf_name(arch, name)
         if hf_name is None:
             continue
-        w = torch.from_numpy(gf.dequantize(name))  # numpy shape: [out, in] for matrices
+        t = gf.tensors[name]
+        raw = keep_quantized and arch != "gpt2" and len(t.shape) == 2 and int(t.tensor_type) in GGML_BLOCK
+        w = _raw_blocks(gf, name) if raw else torch.from_numpy(gf.dequantize(name))  # [out, in]
         if permute and (name.endswith((".attn_q.weight", ".attn_q.bias"))):
             w = _unpermute_rows(w, cfg["num_attention_heads"])
         elif permute and (name.endswith((".attn_k.weight", ".attn_k.bias"))):
@@ -563,10 +593,11 @@ def iter_gguf_weights(
         elif arch == "gpt2" and w.dim() == 2 and name.split(".")[-2] in _GPT2_CONV1D:
             w = w.t()  # [out, in] -> Conv1D's [in, out]
         count += 1
-        yield hf_name, w.to(dtype).contiguous()
+        yield hf_name, w if raw else w.to(dtype).contiguous()
     logger.info(
-        "dequantized %d tensors from %s to %s in %.2f s (including consumer time)",
-        count, gf.path.name, dtype, time.perf_counter() - start,
+        "read %d tensors from %s (%s) in %.2f s (including consumer time)",
+        count, gf.path.name, "GGML blocks kept" if keep_quantized else f"dequantized to {dtype}",
+        time.perf_counter() - start,
     )
 
 

@@ -6,20 +6,21 @@ import json
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
 from kvserve.attention.base import AttentionBackend
-from kvserve.core.config import ModelConfig, normalize_dtype
+from kvserve.core.config import ModelConfig
 from kvserve.loader.resolve import ResolvedModel
 from kvserve.loader.tokenizer import Tokenizer
 from kvserve.models.registry import build_model
 
-logger = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from kvserve.platform import Platform
 
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,33 +36,16 @@ class LoadedModel:
 
 
 def resolve_device(device: str) -> torch.device:
-    if not isinstance(device, str):
-        raise ValueError(f"device must be a string such as 'auto', 'cpu' or 'cuda' (got {device!r})")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ValueError(f"device {device!r} is not a valid torch device ({e})") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} requested but CUDA is not available")
-    return dev
+    from kvserve.platform import resolve_device as _resolve
+
+    return _resolve(device)
 
 
 def resolve_dtype(dtype: str, checkpoint_dtype: str | None, device: torch.device) -> torch.dtype:
-    """'auto' on CUDA runs bf16 (fp16 when the checkpoint is fp16); on the CPU it keeps an
-    fp32 checkpoint in fp32 and runs 16-bit/quantized ones in bf16 (CPUs have no fast fp16
-    matmul). 'float32' / 'float16' / 'bfloat16' are honoured everywhere."""
-    name = normalize_dtype(dtype)
-    if name == "auto":
-        ckpt = normalize_dtype(checkpoint_dtype) if checkpoint_dtype in _TORCH_DTYPES or checkpoint_dtype in ("fp16", "bf16", "fp32") else None
-        if ckpt == "float32" and device.type != "cuda":
-            name = "float32"
-        elif ckpt == "float16" and device.type == "cuda":
-            name = "float16"
-        else:
-            name = "bfloat16"
-    return _TORCH_DTYPES[name]
+    """The compute dtype for `dtype` ('auto' or a name) on `device` (see the platforms)."""
+    from kvserve.platform import get_platform
+
+    return get_platform(device).resolve_dtype(dtype, checkpoint_dtype)
 
 
 def read_model_config(resolved: ResolvedModel) -> ModelConfig:
@@ -81,10 +65,17 @@ def load_model(
     backend: AttentionBackend,
     load_tokenizer: bool = True,
     load_format: str = "auto",
+    platform: Platform | None = None,
+    quantization: str | None = None,
 ) -> LoadedModel:
     """load_format 'dummy' skips the checkpoint and fills random weights (speed work at real
-    shapes from a config.json alone)."""
+    shapes from a config.json alone). `quantization`: None keeps the checkpoint's format (GGML
+    blocks stay quantized where the platform can multiply them), 'none' dequantizes GGML blocks
+    to `dtype`, 'q8_0' / 'q4_0' quantize dense projection weights at load (CPU)."""
+    from kvserve.platform import get_platform
+
     t0 = time.perf_counter()
+    platform = platform or get_platform(device)
     gen_defaults: dict[str, Any] = {}
     if resolved.kind == "gguf":
         from kvserve.loader import gguf
@@ -92,23 +83,27 @@ def load_model(
         gf = gguf.GGUFFile(resolved.path)
         hf_cfg = gguf.load_gguf_config(gf)
         cfg = ModelConfig.from_hf_dict(hf_cfg)
-        # GGUF tensors are mostly quantized: 'auto' computes in bf16 (fp32 is exact but
-        # about half as fast on CPUs; ask for it explicitly).
-        torch_dtype = resolve_dtype(dtype, None, device)
+        quantized = cfg.family == "llama" and gguf.has_quantized_matrices(gf)
+        weights = platform.weight_format(quantized, quantization)
+        torch_dtype = platform.resolve_dtype(dtype, hf_cfg.get("torch_dtype"), weights)
         tokenizer = gguf.load_gguf_tokenizer(gf) if load_tokenizer else None
+        keep = weights.kind == "ggml"
 
         def read_weights(shard):
-            # GGUF tensors are dequantized whole, then sliced (one tensor at a time).
+            # One tensor at a time: GGML blocks kept (or dequantized whole), then sliced.
             from kvserve.loader.safetensors import narrow
 
-            return ((n, narrow(t, n, shard)) for n, t in gguf.iter_gguf_weights(gf, torch_dtype))
+            return ((n, narrow(t, n, shard)) for n, t in gguf.iter_gguf_weights(gf, torch_dtype, keep_quantized=keep))
     else:
         from kvserve.loader.safetensors import iter_weights
 
         folder = resolved.path
         hf_cfg = json.loads((folder / "config.json").read_text())
         cfg = ModelConfig.from_hf_dict(hf_cfg)
-        torch_dtype = resolve_dtype(dtype, cfg.torch_dtype, device)
+        if quantization not in (None, "auto", "none") and cfg.family != "llama":
+            raise ValueError(f"quantization={quantization!r} supports the Llama family only (not {cfg.architecture})")
+        weights = platform.weight_format(False, quantization)
+        torch_dtype = platform.resolve_dtype(dtype, cfg.torch_dtype, weights)
         tokenizer = _folder_tokenizer(folder) if load_tokenizer else None
         gen_path = folder / "generation_config.json"
         if gen_path.is_file():
@@ -117,8 +112,9 @@ def load_model(
         def read_weights(shard):
             return iter_weights(folder, torch_dtype, shard) if load_format != "dummy" else iter(())
 
+    builder = platform.layer_builder(backend, torch_dtype, weights)
     with torch.device("meta"):
-        model = build_model(cfg, backend)
+        model = build_model(cfg, builder)
     shard = getattr(model, "weight_shard", None)
     weights = read_weights(shard)
     # Materialize on the target device in the compute dtype, then fill from the checkpoint;
@@ -132,10 +128,7 @@ def load_model(
         model.load_weights(weights)
     model.eval()
     model.requires_grad_(False)
-    from kvserve.models.cpu_linear import prepack_linears, prepack_supported
-
-    if prepack_supported(device, torch_dtype):
-        prepack_linears(model)
+    platform.prepare_model(model)  # repack / merge weights for the chosen kernels
 
     eos: set[int] = set(cfg.eos_token_ids)
     gen_eos = gen_defaults.get("eos_token_id")
@@ -146,10 +139,28 @@ def load_model(
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         eos.add(tokenizer.eos_token_id)
     logger.info(
-        "loaded %s (%s, %d layers) as %s on %s in %.2fs",
-        resolved.name, cfg.architecture, cfg.num_layers, torch_dtype, device, time.perf_counter() - t0,
+        "loaded %s (%s, %d layers) as %s on %s, weights %s, in %.2fs",
+        resolved.name, cfg.architecture, cfg.num_layers, torch_dtype, device, _describe_weights(model),
+        time.perf_counter() - t0,
     )
     return LoadedModel(model, cfg, tokenizer, torch_dtype, device, eos, gen_defaults)
+
+
+def _describe_weights(model: nn.Module) -> str:
+    """'dense' or the GGML formats in use, e.g. 'ggml[Q4_1 x 120, Q8_0 x 1]'."""
+    from collections import Counter
+
+    from kvserve.models.linear import GGML_NAMES, Linear
+
+    kinds: Counter[str] = Counter()
+    for m in model.modules():
+        for p in getattr(m, "parts", None) or []:
+            kinds[GGML_NAMES.get(p.qtype, "dense")] += 1
+        if isinstance(m, Linear) and m.weight is not None:
+            kinds["dense"] += 1
+    if set(kinds) <= {"dense"}:
+        return "dense"
+    return "ggml[" + ", ".join(f"{k} x {n}" for k, n in kinds.most_common()) + "]"
 
 
 @torch.no_grad()

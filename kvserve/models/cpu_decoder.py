@@ -9,7 +9,8 @@ kernels, so the tokens are bit-identical to the op-by-op path.
 
 It applies to a Llama-family model in bf16 on a CPU with the kernels (AVX512-BF16), without
 tensor parallelism, q/k norm or MLP biases (qkv and o biases are supported), head_dim <= 128,
-with every linear a `PackedLinear` holding its plain weight; and to steps of at most
+with every projection on the bf16 oneDNN method holding its plain weight for the GEMV kernel
+(`platform/cpu_linear.py`); and to steps of at most
 `cpu_kernels.MAX_ROWS` decode rows whose layers all use the torch_ref backend (a trace that
 wraps one layer's backend sends the step down the op-by-op path). Everything else runs the
 modules as usual.
@@ -25,8 +26,6 @@ import torch.nn as nn
 from kvserve.attention.base import AttentionMetadata
 from kvserve.attention.torch_ref import TorchRefBackend
 from kvserve.models import cpu_kernels
-from kvserve.models.cpu_linear import PackedLinear
-from kvserve.models.layers import StepRope
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +42,11 @@ class DecoderStack:
     """A model's layers as one C call. `build` returns None (saying why at debug level) where
     the stack does not apply; `applies` checks one step; calling it runs the step."""
 
+    max_rows = cpu_kernels.MAX_ROWS
+
     def __init__(self, model: nn.Module) -> None:
         cfg = model.config
+        self.rotary = model.rotary
         self.num_layers = len(model.layers)
         self.hidden, self.inter = cfg.hidden_size, cfg.intermediate_size
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -100,8 +102,8 @@ class DecoderStack:
             return "per-layer sliding windows"
         for layer in model.layers:
             linears = (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj)
-            if not all(isinstance(m, PackedLinear) and m.weight is not None for m in linears):
-                return "linears are not prepacked with plain weights"
+            if not all(getattr(m, "gemv", None) is not None and m.weight is not None for m in linears):
+                return "linears are not prepacked with plain weights for the GEMV kernel"
         return None
 
     def applies(self, input_ids: torch.Tensor, kv_caches: list[torch.Tensor], md: AttentionMetadata) -> bool:
@@ -145,9 +147,10 @@ class DecoderStack:
     def __call__(
         self,
         input_ids: torch.Tensor,  # [M] int64
-        rope: StepRope,  # cos and sin_signed [M, 1, D] bf16
+        positions: torch.Tensor,  # [M] int64
         md: AttentionMetadata,
     ) -> torch.Tensor:  # [M, hidden]: the final norm's output, as the model's forward returns
+        rope = self.rotary.for_step(positions, torch.bfloat16)  # cos and sin_signed [M, 1, D] bf16
         m = input_ids.shape[0]
         out = torch.empty((m, self.hidden), dtype=torch.bfloat16)
         # [M, width] block tables, [M] lengths and slots: the step's sequences are its decodes, in order

@@ -11,7 +11,8 @@
 - `kv_decoder_stack_bf16`: all of a Llama model's layers for a decode step in one call, bound
   and driven by `models/cpu_decoder.py` (`library()` hands it the loaded library).
 
-They need an x86-64 CPU with AVX512-BF16 and a C compiler (`$CC`, else `cc`); they are
+They need an x86-64 CPU with AVX512-BF16 (ISA level `avx512_bf16`, see `platform/cpuinfo.py`:
+`KVSERVE_CPU_ISA=avx2` turns them off like a CPU without it) and a C compiler (`$CC`, else `cc`); they are
 compiled once into `$KVSERVE_CACHE_DIR` (default `~/.cache/kvserve`) and loaded with ctypes.
 Wherever they can't be built, callers fall back to PyTorch (oneDNN), with one log line saying
 why. `KVSERVE_CPU_KERNELS=0` turns them off.
@@ -23,7 +24,6 @@ import ctypes
 import hashlib
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -41,19 +41,6 @@ FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopen
 # Up to this many input rows the kernel beats oneDNN (it multiplies each weight row by every
 # input row while the row is in L1); above it, matmuls are compute-bound and oneDNN wins.
 MAX_ROWS = 4
-
-
-def _cpu_has_avx512_bf16() -> bool:
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return False
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return "avx512_bf16" in line.split()
-    except OSError:
-        return False
-    return False
 
 
 def _cache_dir() -> Path:
@@ -85,8 +72,11 @@ def _library() -> ctypes.CDLL | None:
     if os.environ.get("KVSERVE_CPU_KERNELS", "1") == "0":
         logger.info("CPU C kernels off (KVSERVE_CPU_KERNELS=0)")
         return None
-    if not _cpu_has_avx512_bf16():
-        logger.info("CPU C kernels not used: this CPU has no AVX512-BF16; using PyTorch")
+    from kvserve.platform.cpuinfo import isa_level
+
+    level = isa_level()
+    if level != "avx512_bf16":
+        logger.info("bf16 C kernels not used: ISA level %s (they need AVX512-BF16); using PyTorch", level)
         return None
     blob = b"".join(p.read_bytes() for p in SOURCES + HEADERS) + " ".join(FLAGS).encode()
     lib_path = _cache_dir() / f"kvserve_cpu-{hashlib.sha256(blob).hexdigest()[:16]}.so"

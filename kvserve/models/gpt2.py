@@ -6,7 +6,7 @@ transposed into `nn.Linear`'s `[out, in]` on load.
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 import torch.nn as nn
@@ -15,6 +15,9 @@ from kvserve.attention.base import AttentionBackend, AttentionMetadata
 from kvserve.core.config import ModelConfig
 from kvserve.models.layers import gelu_new
 from kvserve.models.loading import FusedWeightLoader
+
+if TYPE_CHECKING:
+    from kvserve.platform.base import LayerBuilder
 
 _CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 
@@ -63,8 +66,9 @@ class GPT2Block(nn.Module):
 
 
 class GPT2LMHeadModel(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, cfg: ModelConfig, builder: LayerBuilder) -> None:
         super().__init__()
+        backend = builder.backend
         self.config = cfg
         self.wte = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.wpe = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)

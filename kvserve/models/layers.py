@@ -9,52 +9,34 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kvserve.models import cpu_kernels, fused_ops
+from kvserve.models.ops import Ops
+
+NATIVE_OPS = Ops()
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm: fused Triton on CUDA, the C kernel for CPU bf16 decode rows, else `F.rms_norm`
-    (bit-identical to HF's formula in fp32)."""
+    """RMSNorm through the platform's ops (a fused kernel where the platform has one, else
+    `F.rms_norm`, bit-identical to HF's formula in fp32)."""
 
-    def __init__(self, dim: int, eps: float) -> None:
+    def __init__(self, dim: int, eps: float, ops: Ops | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.ops = ops or NATIVE_OPS
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused_ops.enabled_for(x):
-            return fused_ops.rmsnorm(x, self.weight, self.eps)
-        if cpu_kernels.usable(x) and self.weight.dtype == torch.bfloat16:  # CPU decode: one call
-            return cpu_kernels.rmsnorm(x, self.weight, self.eps)
-        # One op; in fp32 bit-identical to HF's `weight * (x * rsqrt(mean(x^2) + eps))`. In
-        # bf16/fp16 it rounds once where HF rounds twice (at most one ulp apart).
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.ops.rms_norm(x, self.weight, self.eps)
 
     def forward_with_residual(
         self, x: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (norm(x + residual), x + residual): the pre-norm block's add-then-norm."""
-        if fused_ops.enabled_for(x):
-            return fused_ops.add_rmsnorm(x, residual, self.weight, self.eps)
-        if cpu_kernels.usable(x) and self.weight.dtype == torch.bfloat16:  # CPU decode: one call
-            return cpu_kernels.add_rmsnorm(x, residual, self.weight, self.eps)
-        residual = x + residual
-        return self.forward(residual), residual
-
-
-def gate_up_silu_and_mul(gate_up: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up of a fused gate/up projection, fused into the projection where the layer
-    can (CPU bf16 decode: `PackedLinear.silu_and_mul`)."""
-    fused = getattr(gate_up, "silu_and_mul", None)
-    return fused(x) if fused is not None else silu_and_mul(gate_up(x))
+        return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """[T, 2I] (gate ‖ up) -> [T, I]: silu(gate) * up."""
-    if fused_ops.enabled_for(x):
-        return fused_ops.silu_and_mul(x)
-    gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate).mul_(up)  # into silu's fresh output: no third [T, I] tensor, same bits
+    """[T, 2I] (gate ‖ up) -> [T, I]: silu(gate) * up (plain PyTorch)."""
+    return NATIVE_OPS.silu_and_mul(x)
 
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
@@ -90,38 +72,24 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -
 
 class RotaryEmbedding(nn.Module):
     """Non-interleaved RoPE (rotate_half). One instance per model: cos/sin are computed once
-    per step for the step's positions and shared by every layer. On CUDA a cos/sin table for
-    every position is built once and a fused kernel rotates q and k in place; for a few bf16
-    rows on a CPU with the C kernels, one C call computes the step's cos/sin."""
+    per step for the step's positions and shared by every layer, by the platform's ops (on
+    CUDA a cos/sin table for every position, built once, that a fused kernel reads)."""
 
     def __init__(
-        self, head_dim: int, theta: float, scaling: dict[str, Any] | None, max_positions: int = 0
+        self, head_dim: int, theta: float, scaling: dict[str, Any] | None, max_positions: int = 0,
+        ops: Ops | None = None,
     ) -> None:
         super().__init__()
         self.head_dim, self.theta, self.scaling = head_dim, theta, scaling
         self.max_positions = max_positions
+        self.ops = ops or NATIVE_OPS
         self.register_buffer("inv_freq", rope_inv_freq(head_dim, theta, scaling), persistent=False)
         # Plain attribute, not a buffer: `model.to(dtype)` must not round it.
         self._cos_sin_table: torch.Tensor | None = None
 
     def for_step(self, positions: torch.Tensor, dtype: torch.dtype) -> StepRope:
         """What every layer of one step needs to rotate its q and k."""
-        if self.max_positions and self.head_dim & (self.head_dim - 1) == 0 and fused_ops.enabled_for(positions):
-            table = self._cos_sin_table
-            if table is None or table.device != positions.device:
-                # Built on the first (eager) step, before any CUDA graph is captured.
-                table = self._cos_sin_table = fused_ops.build_cos_sin(self.inv_freq, self.max_positions)
-            return StepRope(positions=positions, cos_sin_table=table)
-        if (
-            dtype == torch.bfloat16 and positions.device.type == "cpu" and positions.dtype == torch.int64
-            and positions.shape[0] <= cpu_kernels.MAX_ROWS and cpu_kernels.library() is not None
-        ):  # CPU decode: one call (a dozen PyTorch ops cost ~0.1 ms of a batch-1 step)
-            cos, sin_signed = cpu_kernels.rope_factors(positions, self.inv_freq)
-            return StepRope(cos=cos, sin_signed=sin_signed)
-        cos, sin = self.cos_sin(positions, dtype)
-        half = self.head_dim // 2
-        sin_signed = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
-        return StepRope(cos=cos, sin_signed=sin_signed)
+        return self.ops.rope_for_step(self, positions, dtype)
 
     def reset_parameters(self) -> None:
         """Recompute `inv_freq` (after materializing a model built on the meta device)."""
@@ -155,12 +123,8 @@ class StepRope:
 
 
 def rotate(x: torch.Tensor, rope: StepRope) -> torch.Tensor:
-    """RoPE on x [T, H, D] (any heads: q and k side by side rotate in one go) in four ops.
-    `roll` by D/2 gives (x2, x1); times (-sin, sin) that is rotate_half(x) * sin exactly, so
-    the result equals HF's `x * cos + rotate_half(x) * sin` bit for bit."""
-    if cpu_kernels.usable(x) and rope.cos.dtype == torch.bfloat16:  # CPU decode: one call
-        return cpu_kernels.rope(x, rope.cos, rope.sin_signed)
-    return x * rope.cos + torch.roll(x, x.shape[-1] // 2, dims=-1) * rope.sin_signed
+    """RoPE on x [T, H, D] in plain PyTorch (see `Ops.rotate`)."""
+    return NATIVE_OPS.rotate(x, rope)
 
 
 class WeightLoadError(ValueError):

@@ -8,29 +8,32 @@ Tensor parallelism (`kvserve.distributed`): qkv_proj and gate_up_proj are column
 rank holds its query heads, its KV heads and its slice of the MLP), o_proj and down_proj are
 row-parallel with one all-reduce each, the embedding and LM head are split by vocabulary. Each
 all-reduce is done by the RMSNorm after it (`parallel_state.all_reduce_rmsnorm`), in one kernel
-on GPUs of one host. Every
-projection stays a plain `nn.Linear` of the local shape; the loader slices the checkpoint.
+on GPUs of one host. Every projection is a `Linear` of the local shape built by the platform's
+`LayerBuilder` (which picks its weight format and kernel); the loader slices the checkpoint.
+Nothing here depends on the device: the builder's ops and linear methods carry the kernels.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 import torch.nn as nn
 
-from kvserve.attention.base import AttentionBackend, AttentionMetadata
+from kvserve.attention.base import AttentionMetadata
 from kvserve.core.config import ModelConfig
 from kvserve.distributed import parallel_state as ps
 from kvserve.distributed.layers import VocabParallelEmbedding
-from kvserve.models import cpu_kernels, fused_ops
-from kvserve.models.cpu_decoder import DecoderStack
-from kvserve.models.layers import RMSNorm, RotaryEmbedding, StepRope, gate_up_silu_and_mul, rotate
+from kvserve.models.layers import RMSNorm, RotaryEmbedding, StepRope
+from kvserve.models.linear import QuantizedTensor
 from kvserve.models.loading import FusedWeightLoader
+
+if TYPE_CHECKING:
+    from kvserve.platform.base import LayerBuilder
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, cfg: ModelConfig, b: LayerBuilder) -> None:
         super().__init__()
         tp = ps.get_tp()
         self.tp_size = tp.size
@@ -40,12 +43,13 @@ class LlamaAttention(nn.Module):
         self.q_size = self.num_heads * cfg.head_dim
         self.kv_size = self.num_kv_heads * cfg.head_dim
         self.scale = cfg.head_dim**-0.5
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps) if cfg.qk_norm else None
+        self.qkv_proj = b.linear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=cfg.attention_bias)
+        self.o_proj = b.linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, b.ops) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, b.ops) if cfg.qk_norm else None
         self.sliding_window = cfg.sliding_window
-        self.backend = backend
+        self.backend = b.backend
+        self.ops = b.ops
 
     def forward(
         self,
@@ -55,59 +59,35 @@ class LlamaAttention(nn.Module):
         md: AttentionMetadata,
     ) -> torch.Tensor:
         t = x.shape[0]
-        # The Triton backend lets the RoPE kernel also store k and v in the cache (one launch less).
-        kv_written = rope.fused and self.backend.fuses_kv_write
-        qkv = None
-        if rope.fused and self.q_norm is None:  # one row on CUDA: projection + RoPE in one kernel
-            qkv = fused_ops.qkv_rope_(
-                self.qkv_proj, x, rope.positions, rope.cos_sin_table, self.num_heads, self.num_kv_heads,
-                self.head_dim, kv_cache if kv_written else None, md.slot_mapping if kv_written else None,
-            )
-        if qkv is None:
-            qkv = self.qkv_proj(x)  # [T, (Hq + 2 Hkv) D]
-            if rope.fused:  # CUDA: q/k norm + rotation in one kernel, in place inside qkv
-                fused_ops.rope_qk_(
-                    qkv, rope.positions, rope.cos_sin_table, self.num_heads, self.num_kv_heads,
-                    self.head_dim, self.q_norm, self.k_norm,
-                    kv_cache=kv_cache if kv_written else None,
-                    slot_mapping=md.slot_mapping if kv_written else None,
-                )
-        if not rope.fused and self.q_norm is None:  # rotate q and k together: fewer CPU ops
-            qk = rotate(qkv[:, : self.q_size + self.kv_size].view(t, -1, self.head_dim), rope)
-            q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
-            v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
-        else:
-            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = q.view(t, self.num_heads, self.head_dim)
-            k = k.view(t, self.num_kv_heads, self.head_dim)
-            v = v.view(t, self.num_kv_heads, self.head_dim)
-            if not rope.fused:
-                q, k = rotate(self.q_norm(q), rope), rotate(self.k_norm(k), rope)
+        q, k, v, kv_written = self.ops.qkv_rope(
+            self.qkv_proj, x, rope, (self.num_heads, self.num_kv_heads, self.head_dim), self.q_norm, self.k_norm,
+            kv_cache, md.slot_mapping, self.backend.fuses_kv_write,
+        )
         o = self.backend.forward(q, k, v, kv_cache, md, self.scale, self.sliding_window, kv_written=kv_written)
         return ps.row_parallel_linear(self.o_proj, o.reshape(t, self.q_size))  # [T, hidden]: partial under TP
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, b: LayerBuilder) -> None:
         super().__init__()
         if cfg.hidden_act != "silu":
             raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r} for {cfg.architecture}")
         self.tp_size = ps.get_tp().size
         inter = cfg.intermediate_size // self.tp_size
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * inter, bias=cfg.mlp_bias)
-        self.down_proj = nn.Linear(inter, cfg.hidden_size, bias=cfg.mlp_bias)
+        self.gate_up_proj = b.linear(cfg.hidden_size, [inter, inter], bias=cfg.mlp_bias)
+        self.down_proj = b.linear(inter, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # a partial sum under TP
-        return ps.row_parallel_linear(self.down_proj, gate_up_silu_and_mul(self.gate_up_proj, x))
+        return ps.row_parallel_linear(self.down_proj, self.gate_up_proj.silu_and_mul(x))
 
 
 class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, cfg: ModelConfig, b: LayerBuilder) -> None:
         super().__init__()
-        self.self_attn = LlamaAttention(cfg, backend)
-        self.mlp = LlamaMLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.self_attn = LlamaAttention(cfg, b)
+        self.mlp = LlamaMLP(cfg, b)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, b.ops)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps, b.ops)
 
     def forward(
         self,
@@ -135,7 +115,7 @@ class LlamaForCausalLM(nn.Module):
         "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, cfg: ModelConfig, backend: AttentionBackend) -> None:
+    def __init__(self, cfg: ModelConfig, b: LayerBuilder) -> None:
         super().__init__()
         self.config = cfg
         self.tp = ps.get_tp()
@@ -146,24 +126,39 @@ class LlamaForCausalLM(nn.Module):
         if self.tp.enabled:
             self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size)
             vocab_rows = self.embed_tokens.per_rank
+        elif b.quantized:  # the table stays in the checkpoint's block format
+            from kvserve.platform.ggml_linear import GGMLEmbedding
+
+            self.embed_tokens = GGMLEmbedding(cfg.vocab_size, cfg.hidden_size, b.dtype)
+            vocab_rows = cfg.vocab_size
         else:
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
             vocab_rows = cfg.vocab_size
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, backend) for _ in range(cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, b) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, b.ops)
         self.rotary = RotaryEmbedding(
-            cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_positions=cfg.max_position_embeddings
+            cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_positions=cfg.max_position_embeddings, ops=b.ops
         )
-        self.lm_head = nn.Linear(cfg.hidden_size, vocab_rows, bias=False)
+        if cfg.tie_word_embeddings and not hasattr(self.embed_tokens, "as_head"):
+            self.lm_head = b.dense_linear(cfg.hidden_size, vocab_rows)  # shares the dense table
+        else:
+            self.lm_head = b.linear(cfg.hidden_size, vocab_rows, bias=False)
         self.tie_weights()
-        # CPU bf16 decode: every layer in one C call (models/cpu_decoder.py). None until the
-        # first decode-sized bf16 CPU step builds it (the weights are loaded and prepacked by
-        # then); False where it does not apply, or to force the op-by-op path.
-        self.cpu_decoder: DecoderStack | bool | None = None
+        # A whole decode step in one call (CPU: the bf16 or GGML C decoder stack), offered by the
+        # platform after loading (`decode_stack_builder`). None until the first decode-sized step
+        # builds it; False where it does not apply, or to force the op-by-op path.
+        self.decode_stack_builder: Callable[[nn.Module], Any] | None = None
+        self.cpu_decoder: Any = None
 
     def tie_weights(self) -> None:
         """Share the embedding with the LM head (again after `to_empty`, which unties)."""
-        if self.config.tie_word_embeddings:
+        if not self.config.tie_word_embeddings:
+            return
+        as_head = getattr(self.embed_tokens, "as_head", None)
+        if as_head is not None:  # a quantized table: the head multiplies by its blocks
+            if self.embed_tokens.data is not None:
+                as_head(self.lm_head)
+        else:
             self.lm_head.weight = self.embed_tokens.weight
 
     def forward(
@@ -173,9 +168,9 @@ class LlamaForCausalLM(nn.Module):
         kv_caches: list[torch.Tensor],
         md: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden]
-        stack = self._cpu_decoder(input_ids)  # CPU bf16 decode of a few rows: one C call
+        stack = self._decode_stack(input_ids)  # a few decode rows: every layer in one call
         if stack is not None and stack.applies(input_ids, kv_caches, md):
-            return stack(input_ids, self.rotary.for_step(positions, torch.bfloat16), md)
+            return stack(input_ids, positions, md)
         # Under TP the embedding's rows are partial (this rank's vocabulary shard): the first
         # layer's norm all-reduces them, as every layer does its inputs.
         h = self.embed_tokens.partial(input_ids) if self.tp.enabled else self.embed_tokens(input_ids)
@@ -186,13 +181,14 @@ class LlamaForCausalLM(nn.Module):
         h, _ = ps.all_reduce_rmsnorm(h, residual, self.norm)
         return h
 
-    def _cpu_decoder(self, input_ids: torch.Tensor) -> DecoderStack | None:
+    def _decode_stack(self, input_ids: torch.Tensor) -> Any:
         """The one-call decoder stack for a step of these rows, built on first use, or None."""
-        if self.cpu_decoder is False or input_ids.shape[0] > cpu_kernels.MAX_ROWS or input_ids.device.type != "cpu":
+        if self.cpu_decoder is False or self.decode_stack_builder is None:
             return None
         if self.cpu_decoder is None:
-            self.cpu_decoder = DecoderStack.build(self) or False
-        return self.cpu_decoder or None
+            self.cpu_decoder = self.decode_stack_builder(self) or False
+        stack = self.cpu_decoder
+        return stack if stack and input_ids.shape[0] <= stack.max_rows else None
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(hidden).float()  # [N, vocab] ([N, vocab / tp] under TP)
@@ -258,13 +254,20 @@ class LlamaForCausalLM(nn.Module):
                 tensor = torch.zeros_like(tensor)  # the all-reduce sums one copy of the bias
             if self.tp.enabled and mapped in ("embed_tokens.weight", "lm_head.weight"):
                 tensor = _pad_rows(tensor, self.embed_tokens.per_rank)
+            if mapped == "embed_tokens.weight" and hasattr(self.embed_tokens, "as_head"):
+                self.embed_tokens.load(tensor)  # kept in its block format
+                loader.filled.add((mapped, -1))
+                continue
             loader.load(mapped, tensor)
-        loader.finish(tied={"lm_head.weight"} if self.config.tie_word_embeddings else set())
+        loader.finish(tied={"lm_head.weight"} if tied else set())
+        self.tie_weights()
 
 
-def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+def _pad_rows(t: torch.Tensor | QuantizedTensor, rows: int) -> torch.Tensor | QuantizedTensor:
     """The last vocabulary shard is short when tp does not divide the vocabulary: zero rows
     (never looked up, their logits are cut off after the gather)."""
     if t.shape[0] == rows:
         return t
+    if isinstance(t, QuantizedTensor):
+        return t.pad_rows(rows)
     return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from kvserve.attention.base import AttentionBackend
+from typing import TYPE_CHECKING
 from kvserve.core.config import ModelConfig
 from kvserve.models.gpt2 import GPT2LMHeadModel
 from kvserve.models.llama import LlamaForCausalLM
+
+if TYPE_CHECKING:
+    from kvserve.platform.base import LayerBuilder
 
 _REGISTRY: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -31,5 +34,6 @@ def model_class(architecture: str) -> type[nn.Module]:
         ) from None
 
 
-def build_model(cfg: ModelConfig, backend: AttentionBackend) -> nn.Module:
-    return model_class(cfg.architecture)(cfg, backend)
+def build_model(cfg: ModelConfig, builder: LayerBuilder) -> nn.Module:
+    """The model for `cfg`, its layers built by the platform's `builder`."""
+    return model_class(cfg.architecture)(cfg, builder)

@@ -1,0 +1,47 @@
+"""16-bit projections on CUDA: the Triton GEMV for one row (batch-1 decode, and the LM head of
+a step that samples one row), which reads the weights faster than cuBLAS at every Llama shape
+measured (see `triton_ops.gemv_config`); cuBLAS (`F.linear`) for every other row count. A fused
+gate/up projection gets the GEMV with SiLU·mul in its epilogue, a fused qkv projection the GEMV
+with RoPE (and the K/V cache write) in its epilogue."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kvserve.models.linear import DenseLinearMethod, Linear
+
+
+def _one_row(layer: Linear, x: torch.Tensor) -> bool:
+    """x is one contiguous row in the layer's dtype: the Triton GEMV kernels apply."""
+    w = layer.weight
+    return (
+        x.dim() == 2 and x.shape[0] == 1 and x.dtype == w.dtype and x.stride(1) == 1
+        and w.dtype in (torch.float16, torch.bfloat16) and w.stride(1) == 1
+    )
+
+
+class TritonGemvLinearMethod(DenseLinearMethod):
+    name = "dense-triton-gemv"
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        if _one_row(layer, x):
+            from kvserve.models import triton_ops
+
+            return triton_ops.gemv(x, layer.weight, layer.bias)
+        return F.linear(x, layer.weight, layer.bias)
+
+    def apply_silu_mul(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        """One kernel for one row, else the projection then the SiLU·mul kernel (the same bits)."""
+        if _one_row(layer, x):
+            from kvserve.models import triton_ops
+
+            return triton_ops.gemv_silu_mul(x, layer.weight, layer.bias)
+        return self.ops.silu_and_mul(self.apply(layer, x))
+
+    def apply_qkv_rope(self, layer: Linear, x: torch.Tensor, *args) -> torch.Tensor | None:
+        if _one_row(layer, x):
+            from kvserve.models import triton_ops
+
+            return triton_ops.gemv_rope_(x, layer.weight, layer.bias, *args)
+        return None

@@ -1,0 +1,75 @@
+"""CUDA ops: the Triton kernels of `kvserve/models/triton_ops.py` (via `fused_ops`).
+
+RMSNorm (with the residual add), SiLU·mul and RoPE are one kernel each; RoPE reads a cos/sin
+table of every position built once per model (before any CUDA graph is captured), rotates q and
+k in place inside the fused qkv output, applies the per-head q/k norm on the way and, for an
+attention backend that allows it, stores k and v in the paged cache (one launch less). For one
+row the projection itself joins in: the qkv GEMV with RoPE in its epilogue
+(`TritonGemvLinearMethod.apply_qkv_rope`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kvserve.models import fused_ops
+from kvserve.models.layers import RotaryEmbedding, StepRope
+from kvserve.models.linear import Linear
+from kvserve.models.ops import Ops
+
+
+class CudaTritonOps(Ops):
+    name = "cuda-triton"
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        return fused_ops.rmsnorm(x, weight, eps)
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return fused_ops.add_rmsnorm(x, residual, weight, eps)
+
+    def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        return fused_ops.silu_and_mul(x)
+
+    def rope_for_step(self, rotary: RotaryEmbedding, positions: torch.Tensor, dtype: torch.dtype) -> StepRope:
+        if rotary.max_positions and rotary.head_dim & (rotary.head_dim - 1) == 0:
+            table = rotary._cos_sin_table
+            if table is None or table.device != positions.device:
+                # Built on the first (eager) step, before any CUDA graph is captured.
+                table = rotary._cos_sin_table = fused_ops.build_cos_sin(rotary.inv_freq, rotary.max_positions)
+            return StepRope(positions=positions, cos_sin_table=table)
+        return super().rope_for_step(rotary, positions, dtype)
+
+    def qkv_rope(
+        self,
+        qkv_proj: Linear,
+        x: torch.Tensor,
+        rope: StepRope,
+        heads: tuple[int, int, int],
+        q_norm: torch.nn.Module | None,
+        k_norm: torch.nn.Module | None,
+        kv_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+        backend_fuses_kv_write: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+        if not rope.fused:
+            return super().qkv_rope(qkv_proj, x, rope, heads, q_norm, k_norm, kv_cache, slot_mapping, backend_fuses_kv_write)
+        hq, hkv, d = heads
+        t = x.shape[0]
+        # The Triton backend lets the RoPE kernel also store k and v in the cache.
+        kv_written = backend_fuses_kv_write
+        cache, slots = (kv_cache, slot_mapping) if kv_written else (None, None)
+        qkv = None
+        if q_norm is None:  # one row: projection + RoPE (+ cache write) in one kernel
+            qkv = qkv_proj.method.apply_qkv_rope(
+                qkv_proj, x, rope.positions, rope.cos_sin_table, hq, hkv, d, cache, slots
+            )
+        if qkv is None:
+            qkv = qkv_proj(x)  # [T, (Hq + 2 Hkv) D]; q/k norm + rotation in one kernel, in place
+            fused_ops.rope_qk_(
+                qkv, rope.positions, rope.cos_sin_table, hq, hkv, d, q_norm, k_norm,
+                kv_cache=cache, slot_mapping=slots,
+            )
+        q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
+        return q.view(t, hq, d), k.view(t, hkv, d), v.view(t, hkv, d), kv_written
