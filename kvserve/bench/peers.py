@@ -136,11 +136,12 @@ class HFPeer:
 
 
 class LlamaCppPeer:
-    """llama.cpp through llama-cpp-python: one request at a time (no batching in that API)."""
+    """llama.cpp through llama-cpp-python: one request at a time through `Llama.generate`, or
+    all together through the low-level `llama_batch` API (`throughput_batched`)."""
 
     name = "llama.cpp"
 
-    def __init__(self, model: str, n_ctx: int = 4096) -> None:
+    def __init__(self, model: str, n_ctx: int = 4096, n_threads: int | None = None, flash_attn: bool = True) -> None:
         from llama_cpp import Llama  # ImportError -> "not installed"
 
         from kvserve.loader.resolve import resolve_model
@@ -148,7 +149,10 @@ class LlamaCppPeer:
         resolved = resolve_model(model)
         if resolved.kind != "gguf":
             raise ValueError(f"llama.cpp needs a .gguf model (got a {resolved.kind} folder)")
-        self.llm = Llama(str(resolved.path), n_ctx=n_ctx, n_threads=os.cpu_count(), flash_attn=True, verbose=False)
+        self.n_threads = n_threads or os.cpu_count() or 1
+        self.flash_attn = flash_attn
+        self.llm = Llama(str(resolved.path), n_ctx=n_ctx, n_threads=self.n_threads, n_threads_batch=self.n_threads,
+                         flash_attn=flash_attn, verbose=False)
 
     def _run(self, prompt: list[int], new: int) -> tuple[float, float]:
         self.llm.reset()
@@ -170,6 +174,102 @@ class LlamaCppPeer:
         dt = time.perf_counter() - t0
         out = sum(r.output_len for r in reqs)
         return {"mode": "sequential", "duration_s": dt, "output_tokens": out, "output_tok_s": out / dt}
+
+    def throughput_batched(self, reqs: list[BenchRequest], *, kv_unified: bool = False,
+                           n_batch: int = 2048, n_ubatch: int = 512) -> dict[str, Any]:
+        """All requests decoded together through llama.cpp's low-level `llama_batch` API: one
+        context with a sequence id per request (`n_seq_max` = len(reqs)); the prompts are
+        prefilled packed into `n_batch`-token batches (logits only at each prompt's last
+        token), then every step is one `llama_decode` carrying one token per live sequence;
+        greedy argmax over each sequence's logits; a sequence stops at its own output length
+        and its KV cells are freed. `kv_unified`: one KV buffer shared by all sequences
+        (attention runs over the whole buffer, masked) or one slice per sequence (the
+        default). Timed from the first prefill batch to the last token; the context is built
+        before the clock starts and freed after it."""
+        import llama_cpp as lc
+        import numpy as np
+
+        n = len(reqs)
+        if not 1 <= n <= lc.llama_max_parallel_sequences():
+            raise ValueError(f"throughput_batched takes 1..{lc.llama_max_parallel_sequences()} requests (got {n})")
+        pad = 256  # llama.cpp rounds context sizes up to this
+        per_seq = max(len(r.prompt) + r.output_len for r in reqs)
+        if kv_unified:
+            n_ctx = -(-sum(len(r.prompt) + r.output_len for r in reqs) // pad) * pad + pad
+        else:  # each sequence gets n_ctx / n_seq_max cells
+            n_ctx = n * (-(-per_seq // pad) * pad)
+        params = lc.llama_context_default_params()
+        params.n_ctx, params.n_batch, params.n_ubatch, params.n_seq_max = n_ctx, n_batch, min(n_ubatch, n_batch), n
+        params.n_threads = params.n_threads_batch = self.n_threads
+        params.flash_attn_type = (lc.LLAMA_FLASH_ATTN_TYPE_ENABLED if self.flash_attn
+                                  else lc.LLAMA_FLASH_ATTN_TYPE_DISABLED)
+        params.kv_unified = kv_unified
+        params.no_perf = True
+        model = self.llm.model
+        ctx = lc.llama_init_from_model(model, params)
+        if not ctx:
+            raise RuntimeError(f"llama_init_from_model failed (n_ctx {n_ctx}, n_seq_max {n})")
+        n_vocab = lc.llama_vocab_n_tokens(lc.llama_model_get_vocab(model))
+        batch = lc.llama_batch_init(max(n_batch, n), 0, 1)
+        mem = lc.llama_get_memory(ctx)
+        out: list[list[int]] = [[] for _ in reqs]
+
+        def add(token: int, pos: int, seq: int, logits: bool) -> None:
+            i = batch.n_tokens
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
+            batch.seq_id[i][0] = seq
+            batch.n_tokens = i + 1
+
+        def decode() -> None:
+            rc = lc.llama_decode(ctx, batch)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode returned {rc} (batch of {batch.n_tokens} tokens)")
+
+        def argmax(i: int) -> int:  # i: the token's index in the batch just decoded
+            return int(np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, i), shape=(n_vocab,)).argmax())
+
+        try:
+            t0 = time.perf_counter()
+            batch.n_tokens = 0
+            last: list[tuple[int, int]] = []  # (sequence, batch index) of prompt ends in this batch
+            for s, r in enumerate(reqs):
+                for pos, tok in enumerate(r.prompt):
+                    if batch.n_tokens == n_batch:
+                        decode()
+                        for seq, i in last:
+                            out[seq].append(argmax(i))
+                        last, batch.n_tokens = [], 0
+                    end = pos == len(r.prompt) - 1
+                    if end:
+                        last.append((s, batch.n_tokens))
+                    add(tok, pos, s, end)
+            decode()
+            for seq, i in last:
+                out[seq].append(argmax(i))
+            live = [s for s in range(n) if len(out[s]) < reqs[s].output_len]
+            for s in set(range(n)) - set(live):
+                lc.llama_memory_seq_rm(mem, s, -1, -1)
+            steps = 0
+            while live:
+                batch.n_tokens = 0
+                for s in live:
+                    add(out[s][-1], len(reqs[s].prompt) + len(out[s]) - 1, s, True)
+                decode()
+                steps += 1
+                for j, s in enumerate(live):
+                    out[s].append(argmax(j))
+                done = [s for s in live if len(out[s]) >= reqs[s].output_len]
+                for s in done:
+                    lc.llama_memory_seq_rm(mem, s, -1, -1)
+                live = [s for s in live if len(out[s]) < reqs[s].output_len]
+            dt = time.perf_counter() - t0
+        finally:
+            lc.llama_batch_free(batch)
+            lc.llama_free(ctx)
+        tokens = sum(len(o) for o in out)
+        self.last_batched_tokens = out
+        return {"mode": f"llama_batch, {n} sequences, kv_unified={'on' if kv_unified else 'off'}", "duration_s": dt,
+                "output_tokens": tokens, "output_tok_s": tokens / dt, "decode_steps": steps, "n_ctx": n_ctx}
 
     def prefill_s(self, prompt: list[int]) -> float:
         return self._run(prompt, 1)[0]
