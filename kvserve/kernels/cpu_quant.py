@@ -52,11 +52,16 @@ _LEVEL_FLAGS: dict[str, list[str]] = {
 }
 _ENV_LEVELS = ("baseline", "avx2", "avx512", "native")
 
-# Rows (tokens) from which `linear` dequantizes the weight and calls torch.matmul instead of the
-# int8 kernel. Measured on the 2-core AMD EPYC (Zen 3 class, AVX2, no AVX-512) reference machine,
-# SmolLM2-135M Q4_1 shapes, see benchmarks/ in the report of this change:
-# TODO(threshold) filled in from measurements below.
-DEQUANT_MIN_ROWS = 64
+# Rows (tokens) from which `linear` dequantizes the weight to fp32 and calls torch.matmul instead
+# of the int8 kernel. Measured on the 2-core AMD EPYC (Zen 3 class, AVX2+FMA+F16C, no AVX-512)
+# reference machine, one thread (the machine was shared, so 2-thread timings were unusable),
+# SmolLM2-135M shapes, int8 vs dequant+sgemm in ms:
+#   Q4_1 1536x576  M=16 0.57 vs 0.75, M=32 1.08 vs 1.08, M=64 2.11 vs 1.63, M=256 16.4 vs 9.4
+#   Q4_1 576x1536  M=16 0.50 vs 0.73, M=32 0.94 vs 1.00, M=64 1.82 vs 1.60, M=256 11.6 vs 6.5
+#   Q8_0 4096x576  M=16 1.46 vs 2.14, M=32 2.79 vs 4.95, M=64 9.44 vs 6.48, M=256 41.6 vs 26.9
+# so the crossover lies between 32 and 64 rows. (With AVX512-VNNI the int8 path does a
+# block's dot in one instruction instead of two and should win further up; not measured.)
+DEQUANT_MIN_ROWS = 48
 
 
 # ---- build and load ----

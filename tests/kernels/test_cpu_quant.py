@@ -244,6 +244,7 @@ def _model_path() -> Path | None:
     return p if p.exists() else None
 
 
+@pytest.mark.slow
 def test_real_model_tensors() -> None:
     path = _model_path()
     if path is None:
