@@ -60,8 +60,8 @@ ISA_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "av
              "amx_tile", "amx_bf16", "amx_int8")
 SMOLLM2_VOCAB = 49152
 # (metric key, column title, higher is better)
-METRICS = (("decode_tok_s", "batch-1 decode (tok/s)", True), ("throughput_tok_s", "throughput, 32 req (output tok/s)", True),
-           ("prefill_tok_s", "prefill 512 (tok/s)", True), ("peak_rss_mib", "peak RSS load+decode (MiB)", False))
+METRICS = (("decode_tok_s", "batch-1 decode (tok/s)", True), ("throughput_tok_s", "throughput (output tok/s)", True),
+           ("prefill_tok_s", "prefill (tok/s)", True), ("peak_rss_mib", "peak RSS, load + decode (MiB)", False))
 MEASURE_OF = {"decode_tok_s": "decode", "throughput_tok_s": "throughput", "prefill_tok_s": "prefill",
               "peak_rss_mib": "memory"}
 
@@ -293,9 +293,17 @@ def _cell(s: dict[str, Any], key: str) -> str:
     return text
 
 
-def format_table(summary: dict[str, dict[str, Any]], measures: list[str]) -> str:
+def column_titles(sizes: Sizes) -> dict[str, str]:
+    return {"decode_tok_s": f"batch-1 decode, {sizes.decode_prompt} + {sizes.decode_new} (tok/s)",
+            "throughput_tok_s": f"throughput, {sizes.num_requests} requests (output tok/s)",
+            "prefill_tok_s": f"prefill {sizes.prefill_len} (tok/s)",
+            "peak_rss_mib": "peak RSS, load + decode (MiB)"}
+
+
+def format_table(summary: dict[str, dict[str, Any]], measures: list[str], sizes: Sizes | None = None) -> str:
     """Markdown: one row per engine (median, per-round values in brackets), then the ratios."""
-    cols = [(k, title) for k, title, _ in METRICS if MEASURE_OF[k] in measures]
+    titles = column_titles(sizes) if sizes else {}
+    cols = [(k, titles.get(k, title)) for k, title, _ in METRICS if MEASURE_OF[k] in measures]
     lines = ["| engine | weights | " + " | ".join(t for _, t in cols) + " |", "|---|---|" + "---|" * len(cols)]
     for eng, s in summary.items():
         weights = s.get("dtype", "?")
@@ -407,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
                 log("  " + json.dumps({k: v for k, v in r.items() if not k.endswith("_runs")}))
     load_info = load_summary(load.samples, args.threads)
     summary = summarize(runs, args.engines)
-    table = format_table(summary, args.measures)
+    table = format_table(summary, args.measures, sizes)
     print()
     print(f"- date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
     print(f"- machine: {mline}")
@@ -465,6 +473,7 @@ def worker_main(config_path: str) -> int:
 
         traceback.print_exc()
         res["error"] = f"{type(e).__name__}: {e}"
+        res["traceback"] = traceback.format_exc().strip().splitlines()[-6:]
     Path(cfg["out"]).write_text(json.dumps(res))
     return 0
 
