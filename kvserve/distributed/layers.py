@@ -1,7 +1,7 @@
 """Tensor-parallel building blocks.
 
-Column- and row-parallel projections are plain `nn.Linear`s of the local shard's shape (so CPU
-weight prepacking and every fused GPU path apply to them unchanged); the model adds one
+Column- and row-parallel projections are ordinary `Linear`s of the local shard's shape (so every
+linear method — CPU prepacking, GGML blocks, the fused GPU paths — applies to them unchanged); the model adds one
 `all_reduce` after each row-parallel projection, and the loader slices the checkpoint (see
 `LlamaForCausalLM.weight_shard`), fused with the RMSNorm after it where it can
 (`parallel_state.all_reduce_rmsnorm`). Only the vocabulary-parallel embedding needs its own module.

@@ -149,9 +149,12 @@ class AllReduceRMSNorm:
         The result must go to this object's `__call__` next, as its `x`."""
         from kvserve.models import fused_ops, triton_ops
 
+        from kvserve.models.linear import DenseLinearMethod
+
         w = getattr(linear, "weight", None)
         if not (
-            type(linear) is torch.nn.Linear and w is not None and w.dim() == 2 and w.stride(1) == 1
+            isinstance(getattr(linear, "method", None), DenseLinearMethod) and w is not None
+            and w.dim() == 2 and w.stride(1) == 1
             and x.dim() == 2 and x.shape[0] == 1 and x.stride(1) == 1 and x.dtype == w.dtype
             and fused_ops.enabled_for(x) and self._fits(1, w.shape[0], x.dtype)
         ):

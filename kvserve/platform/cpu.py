@@ -41,7 +41,9 @@ class CpuPlatform(Platform):
         self.level = isa_level(self.info)
         arm_bf16 = self.info.is_arm and self.info.has("bf16") and self.level != "baseline"
         self.native_bf16 = self.level == "avx512_bf16" or arm_bf16
-        self.onednn_bf16 = self.native_bf16 and onednn_bf16_supported()
+        # oneDNN runs bf16 linears with AVX512-BW/VL/DQ or AVX-NE-CONVERT (emulated without BF16
+        # instructions): prepacking is worth it wherever it works, when bf16 is asked for.
+        self.onednn_bf16 = onednn_bf16_supported()
         self._bf16_kernels: bool | None = None  # the bf16 C kernels loaded (lazily: compiles)
 
     @property
@@ -122,7 +124,11 @@ class CpuPlatform(Platform):
         """The whole-decode-step C call for this model, or None where none applies: the bf16
         stack (AVX512-BF16, prepacked bf16 projections) or the GGML stack (quantized weights)."""
         from kvserve.models.cpu_decoder import DecoderStack
+        from kvserve.platform.ggml_linear import GGMLLinearMethod
+        from kvserve.platform.ggml_stack import GGMLDecoderStack
 
+        if isinstance(model.layers[0].self_attn.qkv_proj.method, GGMLLinearMethod):
+            return GGMLDecoderStack.build(model)
         return DecoderStack.build(model)
 
     def tune_process(self) -> None:

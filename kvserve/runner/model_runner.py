@@ -125,7 +125,7 @@ class ModelRunner:
         self.backend = backend
         self.eos_token_ids = frozenset(eos_token_ids)
         shape = (2, num_blocks, self.block_size, model_config.num_kv_heads, model_config.head_dim)
-        self.kv_caches = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(model_config.num_layers)]
+        self.kv_caches = [_zeros(shape, dtype, device) for _ in range(model_config.num_layers)]
         self.states: dict[str, _ReqState] = {}
         # Seeded requests keep their generator across preemptions, so a recomputed request
         # continues its random stream where it left off.
@@ -154,10 +154,8 @@ class ModelRunner:
         self.graphs = None
         self.warmup_s = 0.0  # start-up kernel compilation (runner/warmup.py)
         if device.type == "cuda" and backend.name == "triton":
-            from kvserve.models.fused_ops import use_triton_gemv
             from kvserve.runner.warmup import warm_up_kernels
 
-            use_triton_gemv(model)  # batch-1 linears: a Triton GEMV beats cuBLAS there
             self.warmup_s = warm_up_kernels(model, self.kv_caches, self.block_size, self.max_model_len, device)
         if use_cuda_graphs and device.type == "cuda" and backend.name == "triton":
             from kvserve.runner.cuda_graphs import DecodeGraphs
@@ -458,6 +456,19 @@ class ModelRunner:
         self._pending.append(pending)
         self._last_tokens = (reqs, tokens)
         return pending
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zero-filled cache tensor. On the CPU its pages come zeroed from the OS on first touch
+    (numpy's calloc), so resident memory grows with the blocks in use instead of the whole
+    cache being written at start-up."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    import numpy as np
+
+    elem = torch.empty((), dtype=dtype).element_size()
+    raw = np.zeros(int(np.prod(shape)) * elem, dtype=np.uint8)
+    return torch.from_numpy(raw).view(dtype).view(shape)
 
 
 def _plain_greedy(params: list[SamplingParams]) -> bool:

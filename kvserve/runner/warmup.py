@@ -62,7 +62,7 @@ def warm_up_steps(block_size: int, max_model_len: int) -> list[tuple[list[int], 
         ([short, 1], [short, short], False),  # mixed, one-split decode
         ([1, 1], [long_ctx, long_ctx], True),  # eager pure decode, split
         ([1, 1], [short, short], True),  # eager pure decode, one split
-        ([1], [long_ctx], True),  # one row: the GEMV path of the linears (fused_ops.use_triton_gemv)
+        ([1], [long_ctx], True),  # one row: the GEMV path of the linears (platform/cuda_linear.py)
     ]
 
 

@@ -110,19 +110,35 @@ def test_gemv(dtype, shape, bias):
     assert _rel(out, ref) < TOL[dtype]
 
 
-def test_use_triton_gemv_routes_one_row_only():
+def _triton_linear(in_f: int, out_sizes, bias: bool, dtype=torch.bfloat16):
+    """A Linear on the CUDA platform's Triton GEMV method, with random weights."""
+    from kvserve.models.linear import Linear
+    from kvserve.platform.cuda_linear import TritonGemvLinearMethod
+    from kvserve.platform.cuda_ops import CudaTritonOps
+
+    method = TritonGemvLinearMethod()
+    method.ops = CudaTritonOps()
+    with torch.device("cuda"):
+        layer = Linear(in_f, out_sizes, bias, method, dtype=dtype)
+    layer.weight.data.normal_(0, 0.05)
+    if bias:
+        layer.bias.data.normal_(0, 0.05)
+    return layer
+
+
+def test_triton_gemv_method_routes_one_row_only():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(512, 768), torch.nn.Linear(768, 256, bias=False))
-    model = model.to("cuda", torch.bfloat16)
-    ref = model[1].weight.clone()
-    assert fused_ops.use_triton_gemv(model) == 2
-    assert torch.equal(model[1].weight, ref)  # weights untouched
+    first, second = _triton_linear(512, 768, True), _triton_linear(768, 256, False)
     for rows in (1, 5):
         x = torch.randn(rows, 512, device="cuda", dtype=torch.bfloat16)
-        expect = F.linear(F.linear(x, model[0].weight, model[0].bias), model[1].weight)
-        assert _rel(model(x), expect) < 1e-2
-    # fp32 layers keep cuBLAS
-    assert fused_ops.use_triton_gemv(torch.nn.Linear(8, 8).cuda()) == 0
+        expect = F.linear(F.linear(x, first.weight, first.bias), second.weight)
+        assert _rel(second(first(x)), expect) < 1e-2
+    x = torch.randn(1, 512, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(first(x), triton_ops.gemv(x, first.weight, first.bias))  # the GEMV's bits
+    # fp32 rows keep cuBLAS
+    fp32 = _triton_linear(8, 8, False, torch.float32)
+    x32 = torch.randn(1, 8, device="cuda")
+    assert torch.equal(fp32(x32), F.linear(x32, fp32.weight))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -137,22 +153,15 @@ def test_gemv_silu_mul_equals_gemv_then_silu_mul(dtype, shape, bias):
     assert torch.equal(got, triton_ops.silu_and_mul(triton_ops.gemv(x, w, b)))
 
 
-def test_use_triton_gemv_fuses_silu_into_gate_up():
-    from kvserve.models.layers import gate_up_silu_and_mul
-
-    class MLP(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.gate_up_proj = torch.nn.Linear(256, 2 * 384, bias=False)
-
-    mlp = MLP().to("cuda", torch.bfloat16)
-    fused_ops.use_triton_gemv(mlp)
-    assert hasattr(mlp.gate_up_proj, "silu_and_mul")
+def test_triton_gemv_method_fuses_silu_into_gate_up():
+    gate_up = _triton_linear(256, [384, 384], False)
     for rows in (1, 3):
         x = torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16)
-        h = F.linear(x, mlp.gate_up_proj.weight)
+        h = F.linear(x, gate_up.weight)
         expect = F.silu(h[:, :384]) * h[:, 384:]
-        assert _rel(gate_up_silu_and_mul(mlp.gate_up_proj, x), expect) < 1e-2
+        assert _rel(gate_up.silu_and_mul(x), expect) < 1e-2
+    x = torch.randn(1, 256, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(gate_up.silu_and_mul(x), triton_ops.gemv_silu_mul(x, gate_up.weight, None))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -217,23 +226,26 @@ def test_gemv_rope_equals_gemv_then_rope(dtype, heads, kv_heads, head_dim, hidde
 
 
 def test_qkv_rope_routes_one_row_only():
-    """A qkv_proj routed by use_triton_gemv gets the GEMV+RoPE hook: one row goes through it
-    (the bits of the projection then rope_qk_), other row counts and layers without the hook
-    return None so the caller runs the two steps."""
-    proj = torch.nn.Linear(256, (4 + 2 * 2) * 32, bias=False).to("cuda", torch.bfloat16)
-    holder = torch.nn.Module()
-    holder.qkv_proj = proj
-    assert fused_ops.use_triton_gemv(holder) == 1
+    """The Triton GEMV method's GEMV+RoPE hook: one row goes through it (the bits of the
+    projection then rope_qk_); other row counts, and the plain dense method, return None so the
+    caller runs the two steps."""
+    from kvserve.models.linear import DenseLinearMethod, Linear
+
+    proj = _triton_linear(256, [4 * 32, 2 * 32, 2 * 32], False)
     x = torch.randn(1, 256, device="cuda", dtype=torch.bfloat16)
     inv_freq = 1.0 / (10000 ** (torch.arange(0, 32, 2, device="cuda").float() / 32))
     cos_sin = fused_ops.build_cos_sin(inv_freq, 64)
     pos = torch.tensor([3], device="cuda")
-    got = fused_ops.qkv_rope_(proj, x, pos, cos_sin, 4, 2, 32)
+    args = (pos, cos_sin, 4, 2, 32, None, None)
+    got = proj.method.apply_qkv_rope(proj, x, *args)
     ref = proj(x)
     fused_ops.rope_qk_(ref, pos, cos_sin, 4, 2, 32)
     assert got is not None and torch.equal(got, ref)
-    assert fused_ops.qkv_rope_(proj, torch.randn(3, 256, device="cuda", dtype=torch.bfloat16), pos, cos_sin, 4, 2, 32) is None
-    assert fused_ops.qkv_rope_(torch.nn.Linear(256, 256).cuda(), x.float(), pos, cos_sin, 4, 2, 32) is None
+    three = torch.randn(3, 256, device="cuda", dtype=torch.bfloat16)
+    assert proj.method.apply_qkv_rope(proj, three, *args) is None
+    with torch.device("cuda"):
+        plain = Linear(256, 256, False, DenseLinearMethod(), dtype=torch.bfloat16)
+    assert plain.method.apply_qkv_rope(plain, x, *args) is None
 
 
 @pytest.mark.parametrize("rows,vocab", [(1, 128256), (3, 49152), (64, 151936), (2, 100), (4, 4097)])

@@ -170,23 +170,32 @@ def test_rope_factors_match_torch_within_one_ulp(d, theta, scaling):
 
 
 def test_model_layers_take_the_kernels_for_decode_rows(monkeypatch):
-    """RMSNorm (with and without residual), RoPE (factors and rotation) and the fused gate/up
-    route a decode row to the C kernels."""
-    from kvserve.models import cpu_linear
-    from kvserve.models.layers import RMSNorm, RotaryEmbedding, gate_up_silu_and_mul, rotate
+    """With the CPU platform's bf16-kernel ops and linear method, RMSNorm (with and without
+    residual), RoPE (factors and rotation) and the fused gate/up route a decode row to the C
+    kernels."""
+    from kvserve.models.layers import RMSNorm, RotaryEmbedding
+    from kvserve.models.linear import Linear
+    from kvserve.platform.cpu_linear import PackedBf16LinearMethod
+    from kvserve.platform.cpu_ops import CpuBf16KernelOps
+
+    ops = CpuBf16KernelOps()
 
     used = []
     for name in ("rmsnorm", "rope_factors", "rope", "add_rmsnorm", "gemv_silu_mul"):
         real = getattr(cpu_kernels, name)
         monkeypatch.setattr(cpu_kernels, name, lambda *a, _r=real, _n=name: used.append(_n) or _r(*a))
     x = torch.randn(1, 64).to(torch.bfloat16)
-    norm = RMSNorm(64, 1e-5).to(torch.bfloat16)
+    norm = RMSNorm(64, 1e-5, ops).to(torch.bfloat16)
     norm(x)
     norm.forward_with_residual(x, x)
-    step = RotaryEmbedding(32, 10000.0, None).for_step(torch.tensor([7]), torch.bfloat16)
-    rotate(torch.randn(1, 6, 32).to(torch.bfloat16), step)
-    gate_up = cpu_linear.PackedLinear(torch.nn.Linear(64, 96, bias=False).to(torch.bfloat16))
-    assert gate_up_silu_and_mul(gate_up, x).shape == (1, 48)
+    step = RotaryEmbedding(32, 10000.0, None, ops=ops).for_step(torch.tensor([7]), torch.bfloat16)
+    ops.rotate(torch.randn(1, 6, 32).to(torch.bfloat16), step)
+    method = PackedBf16LinearMethod(use_gemv=True)
+    method.ops = ops
+    gate_up = Linear(64, [48, 48], False, method, dtype=torch.bfloat16)
+    gate_up.weight.data.copy_(torch.randn(96, 64))
+    method.finish(gate_up)
+    assert gate_up.silu_and_mul(x).shape == (1, 48)
     assert used == ["rmsnorm", "add_rmsnorm", "rope_factors", "rope", "gemv_silu_mul"]
 
 

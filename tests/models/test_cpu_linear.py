@@ -1,5 +1,7 @@
-"""CPU bf16 linears: oneDNN-prepacked (bit-identical to nn.Linear) and, for a few rows, the
-streaming GEMV kernel (fp32 accumulation rounded once, so within one bf16 ulp of fp32 math)."""
+"""CPU bf16 linears (`platform/cpu_linear.py`): oneDNN-prepacked (bit-identical to nn.Linear)
+and, for a few rows, the streaming GEMV kernel (fp32 accumulation rounded once, so within one
+bf16 ulp of fp32 math). Skipped where oneDNN has no bf16 path on this CPU (AVX2 only): there the
+platform keeps bf16 layers dense (`test_platform.py`)."""
 
 from __future__ import annotations
 
@@ -7,12 +9,25 @@ import pytest
 import torch
 
 from kvserve import LLM, SamplingParams
-from kvserve.models import cpu_kernels, cpu_linear
+from kvserve.models import cpu_kernels
+from kvserve.models.linear import Linear
+from kvserve.platform import cpu_linear
+from kvserve.platform.cpu_linear import PackedBf16LinearMethod
 
 pytestmark = pytest.mark.skipif(
-    not cpu_linear.prepack_supported(torch.device("cpu"), torch.bfloat16),
-    reason="this PyTorch build has no oneDNN bf16 linear",
+    not cpu_linear.onednn_bf16_supported(), reason="oneDNN has no bf16 linear on this CPU"
 )
+
+
+def _packed(lin: torch.nn.Linear) -> Linear:
+    """`lin` as a Linear on the prepacked bf16 method (the GEMV kernel where it loads)."""
+    method = PackedBf16LinearMethod(use_gemv=True)
+    layer = Linear(lin.in_features, lin.out_features, lin.bias is not None, method, dtype=torch.bfloat16)
+    layer.weight.data.copy_(lin.weight)
+    if lin.bias is not None:
+        layer.bias.data.copy_(lin.bias)
+    method.finish(layer)
+    return layer
 
 
 needs_gemv = pytest.mark.skipif(cpu_kernels.load() is None, reason="no AVX512-BF16 CPU or C compiler")
@@ -26,7 +41,7 @@ def no_gemv(monkeypatch):
 def test_packed_linear_equals_linear(no_gemv):
     torch.manual_seed(0)
     lin = torch.nn.Linear(96, 160, bias=True).to(torch.bfloat16)
-    packed = cpu_linear.PackedLinear(lin)
+    packed = _packed(lin)
     for rows in (1, 3, 64):
         x = torch.randn(rows, 96, dtype=torch.bfloat16)
         assert torch.equal(packed(x), lin(x))
@@ -37,7 +52,7 @@ def test_packed_linear_equals_linear(no_gemv):
 def test_packed_linear_above_gemv_rows_equals_linear():
     torch.manual_seed(0)
     lin = torch.nn.Linear(96, 160, bias=True).to(torch.bfloat16)
-    packed = cpu_linear.PackedLinear(lin)
+    packed = _packed(lin)
     x = torch.randn(cpu_kernels.MAX_ROWS + 1, 96, dtype=torch.bfloat16)
     assert torch.equal(packed(x), lin(x))
 
@@ -59,7 +74,7 @@ def test_gemv_kernel_matches_fp32_math(in_f, out_f, threads):
     try:
         for bias in (False, True):
             lin = torch.nn.Linear(in_f, out_f, bias=bias).to(torch.bfloat16)
-            packed = cpu_linear.PackedLinear(lin)
+            packed = _packed(lin)
             for rows in range(1, cpu_kernels.MAX_ROWS + 1):
                 x = torch.randn(rows, in_f, dtype=torch.bfloat16)
                 exact = x.float() @ lin.weight.float().T + (lin.bias.float() if bias else 0)
@@ -104,11 +119,11 @@ def test_bf16_engine_prepacks_and_matches_unpacked(tiny_llama, monkeypatch, no_g
     prompts = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (3, 20)]
     packed = LLM(folder, dtype="bfloat16", device="cpu", num_kv_blocks=64)
     model = packed.engine.runner.model
-    assert any(isinstance(m, cpu_linear.PackedLinear) for m in model.modules())
-    assert not any(type(m) is torch.nn.Linear for m in model.modules())
-    monkeypatch.setattr(cpu_linear, "prepack_supported", lambda device, dtype: False)
+    linears = [m for m in model.modules() if isinstance(m, Linear)]
+    assert linears and all(getattr(m, "packed_weight", None) is not None for m in linears)
+    monkeypatch.setattr(cpu_linear, "onednn_bf16_supported", lambda: False)
     plain = LLM(folder, dtype="bfloat16", device="cpu", num_kv_blocks=64)
-    assert not any(isinstance(m, cpu_linear.PackedLinear) for m in plain.engine.runner.model.modules())
+    assert not any(getattr(m, "packed_weight", None) is not None for m in plain.engine.runner.model.modules())
     a = packed.generate(prompts, params, use_tqdm=False)
     b = plain.generate(prompts, params, use_tqdm=False)
     for x, y in zip(a, b):

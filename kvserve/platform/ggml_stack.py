@@ -1,0 +1,154 @@
+"""The CPU platform's whole-decode-step hook for GGML-quantized Llama-family models: every
+layer of a decode step of a few rows in one C call (`kernels/cpu_quant_stack.py`), reading the
+same block bytes as the op-by-op projections (`platform/ggml_linear.py`).
+
+It applies to a model whose projections are all on the GGML method with quantized parts, in
+fp32, without tensor parallelism, q/k norm or MLP biases, and to steps of at most `MAX_ROWS`
+decode rows whose layers all use the torch_ref backend with fp32 caches (a trace that wraps a
+layer's backend sends the step down the op-by-op path). Everything else runs the modules.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+
+from kvserve.attention.base import AttentionMetadata
+from kvserve.attention.torch_ref import TorchRefBackend
+from kvserve.platform.ggml_linear import GGMLLinearMethod
+
+logger = logging.getLogger(__name__)
+
+# Up to this many rows one call beats the op-by-op path; above it the per-op overhead is
+# shared by enough rows that batched int8 GEMMs per projection win.
+MAX_ROWS = 8
+
+
+class GGMLDecoderStack:
+    max_rows = MAX_ROWS
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.attn = [layer.self_attn for layer in model.layers]
+        self._stack = None
+        self._caches_key: tuple[int, ...] | None = None
+        self.num_steps = 0  # steps run by this stack (tests, stats)
+
+    @classmethod
+    def build(cls, model: nn.Module) -> GGMLDecoderStack | None:
+        reason = cls._unsupported(model)
+        if reason is not None:
+            logger.debug("one-call GGML decoder stack not used: %s", reason)
+            return None
+        return cls(model)
+
+    @staticmethod
+    def _unsupported(model: nn.Module) -> str | None:
+        from kvserve.kernels import cpu_quant_stack
+
+        cfg = model.config
+        if getattr(model, "tp", None) is None or model.tp.enabled:
+            return "tensor parallelism"
+        if cfg.qk_norm or cfg.mlp_bias:
+            return "q/k norm or MLP bias"
+        if cpu_quant_stack.library() is None:
+            return "no quantized CPU kernels"
+        if model.norm.weight.dtype != torch.float32:
+            return "not an fp32 model"
+        if len({layer.self_attn.sliding_window for layer in model.layers}) != 1:
+            return "per-layer sliding windows"
+        for layer in model.layers:
+            for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
+                if not isinstance(m.method, GGMLLinearMethod) or any(p.qtype == 0 for p in m.parts):
+                    return "a projection is not GGML-quantized"
+        return None
+
+    def applies(self, input_ids: torch.Tensor, kv_caches: list[torch.Tensor], md: AttentionMetadata) -> bool:
+        """This step is all decodes (each with a cached context), at most MAX_ROWS of them, and
+        every layer still uses the torch_ref backend the stack stands in for."""
+        if (
+            input_ids.shape[0] > MAX_ROWS
+            or not md.is_pure_decode
+            or md.has_padding
+            or min(md.seq_lens_cpu) < 2  # a one-token prompt is a prefill to the backend
+        ):
+            return False
+        tables, lens, slots = md.block_tables, md.seq_lens, md.slot_mapping
+        if not (
+            input_ids.dtype == torch.int64 and input_ids.is_contiguous()
+            and tables.dtype == torch.int32 and tables.is_contiguous() and lens.dtype == torch.int32
+            and lens.is_contiguous() and slots.dtype == torch.int64 and slots.is_contiguous()
+        ):
+            return False
+        if not all(type(a.backend) is TorchRefBackend for a in self.attn):
+            return False
+        key = tuple(c.data_ptr() for c in kv_caches)
+        if key != self._caches_key:
+            return self._build_stack(kv_caches, key)
+        return True
+
+    def _build_stack(self, kv_caches: list[torch.Tensor], key: tuple[int, ...]) -> bool:
+        from kvserve.kernels.cpu_quant_stack import QuantDecoderStack, QuantLinear, StackLayer
+
+        m = self.model
+        if len(kv_caches) != len(m.layers) or not all(
+            c.dtype == torch.float32 and c.is_contiguous() for c in kv_caches
+        ):
+            return False
+        layers = []
+        for layer, cache in zip(m.layers, kv_caches):
+            a, mlp = layer.self_attn, layer.mlp
+            inter = mlp.gate_up_proj.out_sizes[0]
+            gate, up = _split_rows(mlp.gate_up_proj, inter)
+            layers.append(StackLayer(
+                input_norm=layer.input_layernorm.weight, qkv=_quant_linear(a.qkv_proj), o=_quant_linear(a.o_proj),
+                post_norm=layer.post_attention_layernorm.weight, gate=gate, up=up,
+                down=_quant_linear(mlp.down_proj), kv_cache=cache,
+            ))
+        embed = m.embed_tokens
+        a0 = m.layers[0].self_attn
+        try:
+            self._stack = QuantDecoderStack(
+                layers, embed=embed.data, embed_qtype=embed.qtype, final_norm=m.norm.weight,
+                inv_freq=m.rotary.inv_freq.float().contiguous(), num_heads=a0.num_heads,
+                num_kv_heads=a0.num_kv_heads, head_dim=a0.head_dim, eps=m.config.norm_eps, scale=a0.scale,
+                sliding_window=a0.sliding_window, max_rows=MAX_ROWS,
+            )
+        except ValueError as e:  # a shape the C stack does not take: the op-by-op path runs
+            logger.info("one-call GGML decoder stack not used: %s", e)
+            self.model.cpu_decoder = False
+            return False
+        self._caches_key = key
+        return True
+
+    def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+        out = self._stack(input_ids, positions.contiguous(), md.block_tables, md.seq_lens, md.slot_mapping)
+        self.num_steps += 1
+        return out
+
+
+def _quant_linear(layer) -> QuantLinear:  # noqa: F821 - imported lazily
+    from kvserve.kernels.cpu_quant_stack import QuantLinear
+
+    bias = None if layer.bias is None else layer.bias.detach().float().contiguous()
+    return QuantLinear(parts=[(p.qtype, p.data, layer.in_features) for p in layer.parts], bias=bias)
+
+
+def _split_rows(layer, rows: int):
+    """(gate, up) QuantLinears of a fused gate/up projection: its parts cut at output row
+    `rows` (a merged part is split into two row views, no copy)."""
+    from kvserve.kernels.cpu_quant_stack import QuantLinear
+
+    gate, up = [], []
+    for p in layer.parts:
+        lo, hi = p.offset, p.offset + p.rows
+        if hi <= rows:
+            gate.append((p.qtype, p.data, layer.in_features))
+        elif lo >= rows:
+            up.append((p.qtype, p.data, layer.in_features))
+        else:
+            gate.append((p.qtype, p.data[: rows - lo], layer.in_features))
+            up.append((p.qtype, p.data[rows - lo :], layer.in_features))
+    return QuantLinear(parts=gate), QuantLinear(parts=up)
