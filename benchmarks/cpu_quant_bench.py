@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--vocab", type=int, default=SMOLLM2_VOCAB, help="random token ids are drawn below this")
     ap.add_argument("--kvserve-env", action="append", default=[], metavar="NAME=VALUE",
                     help="environment variable for the kvserve subprocess (repeatable), e.g. KVSERVE_CPU_ISA=avx2")
+    ap.add_argument("--kvserve-kv-cache-mib", type=int, default=None,
+                    help="kvserve's KV pool in MiB (default: the engine's, 2 GiB on CPU; it counts in peak RSS)")
     ap.add_argument("--llamacpp-flash-attn", choices=("on", "off"), default="on")
     ap.add_argument("--llamacpp-kv-unified", choices=("on", "off"), default="off",
                     help="batched llama.cpp run: one KV buffer shared by all sequences (on) or one per sequence")
@@ -153,6 +155,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         ap.error(f"--threads must be >= 1 (got {args.threads})")
     if args.hf_dtype not in ("auto", "float32", "bfloat16"):
         ap.error(f"--hf-dtype must be auto, float32 or bfloat16 (got {args.hf_dtype!r})")
+    if args.kvserve_kv_cache_mib is not None and args.kvserve_kv_cache_mib < 1:
+        ap.error(f"--kvserve-kv-cache-mib must be >= 1 (got {args.kvserve_kv_cache_mib})")
     if args.vocab < 200:
         ap.error(f"--vocab must be >= 200 (got {args.vocab})")
     return args
@@ -386,14 +390,15 @@ def main(argv: list[str] | None = None) -> int:
     reqs = throughput_requests(sizes, args.seed, args.vocab)
     settings = {"engines": args.engines, "measures": args.measures, "dtype": args.dtype, "hf_dtype": args.hf_dtype,
                 "rounds": args.rounds, "threads": args.threads, "seed": args.seed, "vocab": args.vocab,
-                "model": model, "kvserve_env": args.kvserve_env, "llamacpp_flash_attn": args.llamacpp_flash_attn,
+                "model": model, "kvserve_env": args.kvserve_env,
+                "kvserve_kv_cache_mib": args.kvserve_kv_cache_mib, "llamacpp_flash_attn": args.llamacpp_flash_attn,
                 "llamacpp_kv_unified": args.llamacpp_kv_unified, "quick": args.quick, "sizes": asdict(sizes),
                 "throughput_prompt_tokens": sum(len(r.prompt) for r in reqs),
                 "throughput_output_tokens": sum(r.output_len for r in reqs)}
     print(f"machine: {mline}")
     print(f"settings: {json.dumps(settings)}", flush=True)
     base = {"model": model, "sizes": sizes, "seed": args.seed, "vocab": args.vocab, "threads": args.threads,
-            "dtype": args.dtype, "flash_attn": args.llamacpp_flash_attn == "on",
+            "dtype": args.dtype, "kv_cache_mib": args.kvserve_kv_cache_mib, "flash_attn": args.llamacpp_flash_attn == "on",
             "kv_unified": args.llamacpp_kv_unified == "on"}
     env = child_env(args.threads)
     runs: list[dict[str, Any]] = []
@@ -530,12 +535,15 @@ class KvserveEngine:
         _set_threads(cfg["threads"])
         from kvserve.bench.offline import KvserveRunner
 
-        self.runner = KvserveRunner(cfg["model"], dtype=cfg["dtype"], device="cpu")
+        kw = {"kv_cache_memory": cfg["kv_cache_mib"] << 20} if cfg.get("kv_cache_mib") else {}
+        self.runner = KvserveRunner(cfg["model"], dtype=cfg["dtype"], device="cpu", **kw)
         self.llm = self.runner.llm
         self.dtype = str(self.llm.engine.loaded.dtype).replace("torch.", "")
         env = {k: v for k, v in os.environ.items() if k.startswith("KVSERVE_")}
         if env:
             self.dtype += " " + " ".join(f"{k}={v}" for k, v in sorted(env.items()))
+        if kw:
+            self.dtype += f", KV pool {cfg['kv_cache_mib']} MiB"
 
     def _one(self, prompt: list[int], new: int) -> Any:
         from kvserve import SamplingParams

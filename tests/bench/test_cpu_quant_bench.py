@@ -42,7 +42,7 @@ def test_defaults(cq):
     assert a.engines == ["kvserve", "llama.cpp", "hf"]
     assert a.measures == ["decode", "throughput", "prefill", "memory"]
     assert (a.dtype, a.hf_dtype, a.rounds, a.threads, a.quick, a.kvserve_env) == ("auto", "auto", 2, 2, False, {})
-    assert a.llamacpp_flash_attn == "on" and a.llamacpp_kv_unified == "off"
+    assert a.llamacpp_flash_attn == "on" and a.llamacpp_kv_unified == "off" and a.kvserve_kv_cache_mib is None
 
 
 def test_engine_aliases_measures_and_env(cq):
@@ -58,7 +58,7 @@ def test_engine_aliases_measures_and_env(cq):
 @pytest.mark.parametrize("argv", [["--engines", "vllm"], ["--measures", "latency"], ["--engines", ","],
                                   ["--rounds", "0"], ["--threads", "0"], ["--kvserve-env", "NOEQUALS"],
                                   ["--kvserve-env", "=x"], ["--kvserve-env", "1A=x"], ["--hf-dtype", "float16"],
-                                  ["--llamacpp-kv-unified", "maybe"]])
+                                  ["--llamacpp-kv-unified", "maybe"], ["--kvserve-kv-cache-mib", "0"]])
 def test_bad_arguments_exit(cq, argv, capsys):
     with pytest.raises(SystemExit) as e:
         cq.parse_args(argv)
