@@ -26,7 +26,7 @@ import torch
 QUANT_TYPES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
 _PLAIN_EMBED = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}
 MAX_PARTS = 3
-ABI_VERSION = 1
+ABI_VERSION = 2
 
 # Column layout of the per-layer pointer table (the enums in decoder_stack_f32.c).
 _INPUT_NORM, _POST_NORM, _K_CACHE, _V_CACHE, _LINEARS = range(5)
@@ -99,7 +99,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p = ctypes.c_void_p
     lib.kvq_row_bytes.argtypes = [ctypes.c_int, ctypes.c_int64]
     lib.kvq_row_bytes.restype = ctypes.c_int64
-    lib.kvq_decoder_stack_scratch.argtypes = [p, ctypes.c_int]
+    lib.kvq_decoder_stack_scratch.argtypes = [p, ctypes.c_int, ctypes.c_int]
     lib.kvq_decoder_stack_scratch.restype = ctypes.c_int64
     lib.kvq_decoder_stack_f32.argtypes = [p, ctypes.c_int, p, p, p, ctypes.c_int64, p, p, p, p, ctypes.c_int64]
     lib.kvq_decoder_stack_f32.restype = ctypes.c_int
@@ -153,8 +153,8 @@ class QuantDecoderStack:
             raise ValueError("layers: at least one layer is needed")
         if num_heads < 1 or num_kv_heads < 1 or num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a positive multiple of num_kv_heads ({num_kv_heads})")
-        if head_dim < 2 or head_dim % 2 or head_dim > 256:
-            raise ValueError(f"head_dim must be even and in [2, 256], got {head_dim}")
+        if head_dim % 8 or not 8 <= head_dim <= 256:
+            raise ValueError(f"head_dim must be a multiple of 8 in [8, 256], got {head_dim}")
         if not 1 <= max_rows <= 64:
             raise ValueError(f"max_rows must be in [1, 64], got {max_rows}")
         H = final_norm.numel()
@@ -223,10 +223,18 @@ class QuantDecoderStack:
             final_norm=final_norm.data_ptr(), inv_freq=inv_freq.data_ptr(), layers=table.data_ptr(),
         )
         self._model_ref = ctypes.byref(self._model)
-        nbytes = self._lib.kvq_decoder_stack_scratch(self._model_ref, max_rows)
+        self._threads = 0
+        self._scratch = torch.empty(0, dtype=torch.uint8)
+        self._size_scratch(torch.get_num_threads())
+
+    def _size_scratch(self, threads: int) -> None:
+        # Shared buffers plus one block per OpenMP thread; the C side runs on as many threads as
+        # the scratch was sized for, at most. Also the one-time check of the model's table.
+        nbytes = self._lib.kvq_decoder_stack_scratch(self._model_ref, self.max_rows, threads)
         if nbytes < 0:
-            raise ValueError("decoder stack: unsupported shapes")
+            raise ValueError("decoder stack: the model's shapes, qtypes or row strides are not supported")
         self._scratch = torch.empty(nbytes, dtype=torch.uint8)
+        self._threads = threads
 
     def _check_weight(self, w: torch.Tensor, qtype: int, K: int, where: str) -> None:
         if qtype not in QUANT_TYPES:
@@ -258,6 +266,8 @@ class QuantDecoderStack:
             not block_tables.is_contiguous()
         ):
             raise ValueError(f"block_tables: expected a contiguous int32 tensor of shape [{m}, width]")
+        if torch.get_num_threads() > self._threads:
+            self._size_scratch(torch.get_num_threads())
         out = torch.empty((m, self.hidden), dtype=torch.float32)
         rc = self._lib.kvq_decoder_stack_f32(
             self._model_ref, m, input_ids.data_ptr(), positions.data_ptr(), block_tables.data_ptr(),

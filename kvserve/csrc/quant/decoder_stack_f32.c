@@ -30,6 +30,7 @@
 #include <string.h>
 
 #include "kvq.h"
+#include "stack_ops.h"
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -57,8 +58,6 @@ enum { KVQS_MAX_PARTS = 3, KVQS_PART_COLS = 4, KVQS_LIN_COLS = 2 + KVQS_MAX_PART
 
 enum {
     KVQS_MAX_ROWS = 64,   /* rows of one step */
-    KVQS_MAX_HEAD_DIM = 256,
-    KVQS_MAX_GROUP = 16,  /* query heads per KV head */
     KVQS_MAX_SPLITS = 8,  /* context splits of one (row, KV head) attention item */
 };
 
@@ -81,20 +80,29 @@ typedef struct {
 } kvq_stack_model;
 
 int kvq_stack_abi_version(void);
-int64_t kvq_decoder_stack_scratch(const kvq_stack_model *m, int M);
+/* Bytes of scratch for steps of up to M rows on up to `threads` OpenMP threads, or -1 if the model
+ * is not one the stack runs (shapes, qtypes, row strides, part rows). The step function trusts a
+ * model this accepted. */
+int64_t kvq_decoder_stack_scratch(const kvq_stack_model *m, int M, int threads);
+/* One decode step of M rows: ids [M] (< vocab), positions [M] (RoPE), tables [M, table_width]
+ * block ids, lens [M] context lengths including this token, slots [M] cache slots of this token
+ * (-1: not written; attention still sees the token's own k and v at position lens - 1).
+ * out [M, hidden] = final_norm(x + residual). Runs on min(omp_get_max_threads(), the threads the
+ * scratch was sized for) threads. Returns 0, or KVQS_EID for a token id out of range, KVQS_ESEQ
+ * for a length, block id or slot outside the table or cache, KVQS_EARG / KVQS_ESCRATCH for M or
+ * the scratch; on an error nothing is written. */
 int kvq_decoder_stack_f32(const kvq_stack_model *m, int M, const int64_t *ids, const int64_t *positions,
                           const int32_t *tables, int64_t table_width, const int32_t *lens, const int64_t *slots,
                           float *out, void *scratch, int64_t scratch_bytes);
 
 /* ------------------------------------------------------------------------------------------ */
 
-int kvq_stack_abi_version(void) { return 1; }
+int kvq_stack_abi_version(void) { return 2; }
 
 #define KVQS_GGML_F32 0
 #define KVQS_GGML_F16 1
 #define KVQS_GGML_BF16 30
 #define KVQS_ALIGN 64
-#define KVQS_TILE 32 /* keys per online-softmax step */
 
 static const int kQtypes[] = {KVQ_Q4_0, KVQ_Q4_1, KVQ_Q8_0, KVQ_Q4_K, KVQ_Q5_K, KVQ_Q6_K};
 
@@ -151,7 +159,7 @@ static void phase_add(phase_t *ph, const int64_t *lin, int64_t col0) {
     }
 }
 
-static void phase_build(phase_t *ph, const int64_t *layer, int which) {
+static inline void phase_build(phase_t *ph, const int64_t *layer, int which) {
     ph->nparts = ph->nacts = 0;
     phase_add(ph, layer + KVQS_LINEARS + which * KVQS_LIN_COLS, 0);
 }
@@ -172,16 +180,13 @@ static void thread_share(int64_t n, int64_t *lo, int64_t *hi) {
     *hi = *lo + per < n ? *lo + per : n;
 }
 
-/* Rows [m0, m1) of x [M, K] (row stride x_stride floats) quantized for each dot type of ph. */
-static void quantize_rows(const phase_t *ph, const float *x, int64_t x_stride, char *const *xq, int M, int64_t K,
-                          int m0, int m1) {
-    if (m0 >= m1) return;
-    for (int a = 0; a < ph->nacts; ++a)
-        kvq_quantize_act_range(ph->act_qtype[a], x, x_stride, xq[a], M, K, m0, m1);
+/* x [M, K] (row stride x_stride floats) quantized once for each dot type of ph. */
+static void quantize_rows(const phase_t *ph, const float *x, int64_t x_stride, char *const *xq, int M, int64_t K) {
+    for (int a = 0; a < ph->nacts; ++a) kvq_quantize_act_range(ph->act_qtype[a], x, x_stride, xq[a], M, K, 0, M);
 }
 
 /* out[:, col + r] for the rows r of each part that fall in [lo, hi) of the phase's rows
- * (rows are numbered across parts in order, offset by row0 for gate/up's second half). */
+ * (numbered across its parts in order). */
 static void gemm_rows(const phase_t *ph, char *const *xq, float *out, int64_t out_stride, int M, int64_t K,
                       int64_t lo, int64_t hi) {
     int64_t base = 0;
@@ -195,153 +200,32 @@ static void gemm_rows(const phase_t *ph, char *const *xq, float *out, int64_t ou
     }
 }
 
-/* residual <- x + residual (x may be NULL: residual unchanged); out <- rmsnorm(residual) * w. */
-static void add_rmsnorm(const float *x, float *residual, const float *w, float *out, int64_t n, float eps) {
-    float ss = 0.f;
-    if (x) {
-        KVQS_PRAGMA(omp simd reduction(+ : ss))
-        for (int64_t i = 0; i < n; ++i) {
-            const float r = x[i] + residual[i];
-            residual[i] = r;
-            ss += r * r;
-        }
-    } else {
-        KVQS_PRAGMA(omp simd reduction(+ : ss))
-        for (int64_t i = 0; i < n; ++i) ss += residual[i] * residual[i];
-    }
-    const float inv = 1.f / sqrtf(ss / (float)n + eps);
-    for (int64_t i = 0; i < n; ++i) out[i] = residual[i] * inv * w[i];
-}
-
-/* HF's rotate-half RoPE of nh heads of D values in place; cs = [cos | sin], D/2 each. */
-static void rope_heads(float *x, int nh, int D, const float *cs) {
-    const int half = D / 2;
-    const float *c = cs, *s = cs + half;
-    for (int h = 0; h < nh; ++h) {
-        float *x1 = x + (int64_t)h * D, *x2 = x1 + half;
-        for (int i = 0; i < half; ++i) {
-            const float a = x1[i], b = x2[i];
-            x1[i] = a * c[i] - b * s[i];
-            x2[i] = b * c[i] + a * s[i];
-        }
-    }
-}
-
-static float dot_f32(const float *a, const float *b, int n) {
-    float s = 0.f;
-    KVQS_PRAGMA(omp simd reduction(+ : s))
-    for (int i = 0; i < n; ++i) s += a[i] * b[i];
-    return s;
-}
-
-/* One attention item: the G query heads q [G, D] of KV head kvh attend over context positions
- * [t0, t1) of a sequence, read in place from the paged caches through its block table. The
- * unnormalized result goes to part [G, D + 2]: per head the weighted sum of values, then the
- * running max score and the sum of exp(score - max) (flash-decoding's partial, merged later). */
-static void attn_partial(const float *kc, const float *vc, const float *q, const int32_t *tab, int bs, int Hkv,
-                         int kvh, int D, int G, int t0, int t1, float scale, float *part) {
-    float sc[KVQS_MAX_GROUP * KVQS_TILE];
-    const int64_t stride = D + 2;
-    for (int g = 0; g < G; ++g) {
-        float *acc = part + g * stride;
-        for (int d = 0; d < D; ++d) acc[d] = 0.f;
-        acc[D] = -INFINITY;
-        acc[D + 1] = 0.f;
-    }
-    for (int ts = t0; ts < t1; ts += KVQS_TILE) {
-        const int n = t1 - ts < KVQS_TILE ? t1 - ts : KVQS_TILE;
-        for (int j = 0; j < n; ++j) {
-            const int t = ts + j;
-            const float *k = kc + (((int64_t)tab[t / bs] * bs + t % bs) * Hkv + kvh) * D;
-            for (int g = 0; g < G; ++g) sc[g * KVQS_TILE + j] = dot_f32(q + (int64_t)g * D, k, D) * scale;
-        }
-        for (int g = 0; g < G; ++g) {
-            float *acc = part + g * stride, *s = sc + g * KVQS_TILE;
-            float mx = acc[D];
-            for (int j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
-            const float alpha = expf(acc[D] - mx); /* 0 on the first tile (max was -inf) */
-            float sum = acc[D + 1] * alpha;
-            for (int j = 0; j < n; ++j) {
-                s[j] = expf(s[j] - mx);
-                sum += s[j];
-            }
-            acc[D] = mx;
-            acc[D + 1] = sum;
-            if (alpha != 1.f)
-                for (int d = 0; d < D; ++d) acc[d] *= alpha;
-        }
-        for (int j = 0; j < n; ++j) {
-            const int t = ts + j;
-            const float *v = vc + (((int64_t)tab[t / bs] * bs + t % bs) * Hkv + kvh) * D;
-            for (int g = 0; g < G; ++g) {
-                float *acc = part + g * stride;
-                const float p = sc[g * KVQS_TILE + j];
-                for (int d = 0; d < D; ++d) acc[d] += p * v[d];
-            }
-        }
-    }
-}
-
-/* out [D] <- the softmax-weighted values of one query head from its S partials (stride apart). */
-static void attn_merge(const float *part, int64_t stride, int S, int D, float *out) {
-    float mx = -INFINITY, sum = 0.f;
-    for (int s = 0; s < S; ++s) mx = part[s * stride + D] > mx ? part[s * stride + D] : mx;
-    for (int d = 0; d < D; ++d) out[d] = 0.f;
-    for (int s = 0; s < S; ++s) {
-        const float *p = part + s * stride;
-        const float w = expf(p[D] - mx);
-        sum += w * p[D + 1];
-        for (int d = 0; d < D; ++d) out[d] += w * p[d];
-    }
-    const float inv = 1.f / sum;
-    for (int d = 0; d < D; ++d) out[d] *= inv;
-}
-
-static float silu(float x) { return x / (1.f + expf(-x)); }
-
-static float half_to_float(uint16_t h) {
-    const uint32_t sign = (uint32_t)(h >> 15) << 31, exp = (h >> 10) & 0x1F, man = h & 0x3FF;
-    uint32_t u;
-    if (exp == 0x1F) {
-        u = sign | 0x7F800000u | (man << 13);
-    } else if (exp) {
-        u = sign | ((exp + 112) << 23) | (man << 13);
-    } else if (man) { /* subnormal: renormalize */
-        int e = -1;
-        uint32_t m = man;
-        do { ++e; m <<= 1; } while (!(m & 0x400));
-        u = sign | ((uint32_t)(112 - e) << 23) | ((m & 0x3FF) << 13);
-    } else {
-        u = sign;
-    }
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-/* Scratch layout for M rows (byte offsets, each region 64-byte aligned). */
+/* Scratch layout (byte offsets, each region 64-byte aligned): the shared buffers, then one block
+ * per thread. */
 typedef struct {
-    int64_t res, h, xo, qkv, att, gu, rope, part, items, xq, xq_bytes, total;
+    int64_t emb, xo, qkv, gu, rope, part, items, shared;        /* shared */
+    int64_t res, h, att, xq, xq_bytes, per_thread;             /* offsets inside a thread's block */
 } layout_t;
-
-static int attn_splits_max(void) { return KVQS_MAX_SPLITS; }
 
 static layout_t scratch_layout(const kvq_stack_model *m, int M) {
     const int64_t H = m->hidden, D = m->head_dim, Hq = m->num_heads, Hkv = m->num_kv_heads, I = m->inter;
-    const int64_t G = Hkv > 0 ? Hq / Hkv : 1, Oqkv = (Hq + 2 * Hkv) * D;
-    const int64_t items = (int64_t)M * Hkv * attn_splits_max();
+    const int64_t G = Hq / Hkv, Oqkv = (Hq + 2 * Hkv) * D;
+    const int64_t items = (int64_t)M * Hkv * KVQS_MAX_SPLITS;
     layout_t L;
     int64_t off = 0;
 #define KVQS_TAKE(field, bytes) (L.field = off, off += align_up(bytes))
-    KVQS_TAKE(res, 4 * M * H);
-    KVQS_TAKE(h, 4 * M * H);
+    KVQS_TAKE(emb, 4 * M * H);
     KVQS_TAKE(xo, 4 * M * H);
     KVQS_TAKE(qkv, 4 * M * Oqkv);
-    KVQS_TAKE(att, 4 * M * Hq * D);
     KVQS_TAKE(gu, 4 * M * 2 * I);
     KVQS_TAKE(rope, 4 * M * D);
     KVQS_TAKE(part, 4 * items * G * (D + 2));
     KVQS_TAKE(items, 4 * 2 * (int64_t)M);
+    L.shared = off;
+    off = 0;
+    KVQS_TAKE(res, 4 * M * H);
+    KVQS_TAKE(h, 4 * M * H);
+    KVQS_TAKE(att, 4 * M * Hq * D);
 #undef KVQS_TAKE
     int64_t qb = 0;
     const int64_t Ks[3] = {H, Hq * D, I};
@@ -352,39 +236,48 @@ static layout_t scratch_layout(const kvq_stack_model *m, int M) {
         }
     L.xq_bytes = align_up(qb);
     L.xq = off;
-    off += 2 * KVQS_MAX_PARTS * L.xq_bytes;
-    L.total = off + KVQS_ALIGN; /* room to align the caller's pointer */
+    L.per_thread = off + 2 * KVQS_MAX_PARTS * L.xq_bytes;
     return L;
 }
 
-int64_t kvq_decoder_stack_scratch(const kvq_stack_model *m, int M) {
-    if (M < 1 || M > KVQS_MAX_ROWS) return -1;
-    return scratch_layout(m, M).total;
-}
-
-/* Model and step checks, so that no argument can send a read or write out of bounds. */
+/* The model checks, so that no step can send a read or write out of bounds. */
 static int check_model(const kvq_stack_model *m) {
     const int D = m->head_dim;
-    if (m->num_layers < 1 || m->hidden < 1 || m->inter < 1 || D < 2 || D % 2 || D > KVQS_MAX_HEAD_DIM ||
-        m->num_kv_heads < 1 || m->num_heads < 1 || m->num_heads % m->num_kv_heads ||
-        m->num_heads / m->num_kv_heads > KVQS_MAX_GROUP || m->block_size < 1 || m->num_blocks < 1)
+    if (m->num_layers < 1 || m->hidden < 1 || m->inter < 1 || D < KVQS_LANES || D % KVQS_LANES ||
+        D > KVQS_MAX_HEAD_DIM || m->num_kv_heads < 1 || m->num_heads < 1 || m->num_heads % m->num_kv_heads ||
+        m->num_heads / m->num_kv_heads > KVQS_MAX_GROUP || m->block_size < 1 || m->num_blocks < 1 ||
+        m->vocab < 1 || !m->embed || !m->final_norm || !m->inv_freq || !m->layers)
         return 0;
+    const int eq = m->embed_qtype;
+    const int64_t erow = eq == KVQS_GGML_F32 ? 4 * (int64_t)m->hidden
+                         : eq == KVQS_GGML_F16 || eq == KVQS_GGML_BF16 ? 2 * (int64_t)m->hidden
+                         : known_qtype(eq) ? kvq_row_bytes(eq, m->hidden) : -1;
+    if (erow < 0 || m->embed_row_bytes < erow) return 0;
     const int64_t K_of[KVQS_NUM_LINEARS] = {m->hidden, (int64_t)m->num_heads * D, m->hidden, m->hidden, m->inter};
     const int64_t N_of[KVQS_NUM_LINEARS] = {(int64_t)(m->num_heads + 2 * m->num_kv_heads) * D, m->hidden, m->inter,
                                             m->inter, m->hidden};
     for (int l = 0; l < m->num_layers; ++l) {
         const int64_t *layer = m->layers + (int64_t)l * KVQS_LAYER_COLS;
+        if (!layer[KVQS_INPUT_NORM] || !layer[KVQS_POST_NORM] || !layer[KVQS_K_CACHE] || !layer[KVQS_V_CACHE])
+            return 0;
         for (int i = 0; i < KVQS_NUM_LINEARS; ++i) {
             const int64_t *lin = layer + KVQS_LINEARS + i * KVQS_LIN_COLS;
             if (lin[0] < 1 || lin[0] > KVQS_MAX_PARTS || linear_rows(lin) != N_of[i]) return 0;
             for (int p = 0; p < (int)lin[0]; ++p) {
                 const int64_t *pc = lin + 2 + p * KVQS_PART_COLS;
+                if (!known_qtype((int)pc[1]) || !pc[0] || pc[3] < 1) return 0;
                 const int64_t rb = kvq_row_bytes((int)pc[1], K_of[i]);
-                if (!known_qtype((int)pc[1]) || rb < 0 || pc[2] < rb || pc[0] == 0) return 0;
+                if (rb < 0 || pc[2] < rb) return 0;
             }
         }
     }
     return 1;
+}
+
+int64_t kvq_decoder_stack_scratch(const kvq_stack_model *m, int M, int threads) {
+    if (M < 1 || M > KVQS_MAX_ROWS || threads < 1 || !check_model(m)) return -1;
+    const layout_t L = scratch_layout(m, M);
+    return L.shared + (int64_t)threads * L.per_thread + KVQS_ALIGN; /* + room to align the pointer */
 }
 
 /* Attention work items: rows' (first item, splits) pairs; each row's Hkv * splits items are
@@ -406,14 +299,39 @@ static int plan_items(int M, int Hkv, const int32_t *lens, int window, int nthre
     return total;
 }
 
+/* Per-thread time of thread 0 in each phase, barrier waits included (tuning builds only:
+ * -DKVQS_PROFILE adds kvq_stack_profile). */
+#ifdef KVQS_PROFILE
+enum { KVQS_PROF_PHASES = 6 };
+static double g_prof[KVQS_PROF_PHASES];
+void kvq_stack_profile(double *out, int reset);
+void kvq_stack_profile(double *out, int reset) {
+    for (int i = 0; i < KVQS_PROF_PHASES; ++i) {
+        out[i] = g_prof[i];
+        if (reset) g_prof[i] = 0.0;
+    }
+}
+#define PROF_START double prof_t = omp_get_wtime();
+#define PROF(i)                                   \
+    if (omp_get_thread_num() == 0) {             \
+        const double prof_now = omp_get_wtime(); \
+        g_prof[i] += prof_now - prof_t;          \
+        prof_t = prof_now;                       \
+    }
+#else
+#define PROF_START
+#define PROF(i)
+#endif
+
 int kvq_decoder_stack_f32(const kvq_stack_model *m, int M, const int64_t *ids, const int64_t *positions,
                           const int32_t *tables, int64_t table_width, const int32_t *lens, const int64_t *slots,
                           float *out, void *scratch, int64_t scratch_bytes) {
-    if (M < 1 || M > KVQS_MAX_ROWS || !check_model(m)) return KVQS_EARG;
+    if (M < 1 || M > KVQS_MAX_ROWS) return KVQS_EARG;
     const int H = m->hidden, Hq = m->num_heads, Hkv = m->num_kv_heads, D = m->head_dim, I = m->inter;
     const int G = Hq / Hkv, bs = m->block_size, window = m->window, Oqkv = (Hq + 2 * Hkv) * D;
     const layout_t lay = scratch_layout(m, M);
-    if (scratch_bytes < lay.total) return KVQS_ESCRATCH;
+    const int64_t fit = (scratch_bytes - KVQS_ALIGN - lay.shared) / lay.per_thread;
+    if (fit < 1) return KVQS_ESCRATCH;
     for (int b = 0; b < M; ++b)
         if (ids[b] < 0 || ids[b] >= m->vocab) return KVQS_EID;
     const int64_t cache_slots = m->num_blocks * bs;
@@ -427,12 +345,9 @@ int kvq_decoder_stack_f32(const kvq_stack_model *m, int M, const int64_t *ids, c
     }
 
     char *base = (char *)(((uintptr_t)scratch + KVQS_ALIGN - 1) / KVQS_ALIGN * KVQS_ALIGN);
-    float *res = (float *)(base + lay.res), *h = (float *)(base + lay.h), *xo = (float *)(base + lay.xo);
-    float *qkv = (float *)(base + lay.qkv), *att = (float *)(base + lay.att), *gu = (float *)(base + lay.gu);
-    float *rope = (float *)(base + lay.rope), *part = (float *)(base + lay.part);
+    float *emb = (float *)(base + lay.emb), *xo = (float *)(base + lay.xo), *qkv = (float *)(base + lay.qkv);
+    float *gu = (float *)(base + lay.gu), *rope = (float *)(base + lay.rope), *part = (float *)(base + lay.part);
     int32_t *items = (int32_t *)(base + lay.items);
-    char *xq[2 * KVQS_MAX_PARTS];
-    for (int i = 0; i < 2 * KVQS_MAX_PARTS; ++i) xq[i] = base + lay.xq + i * lay.xq_bytes;
     const int64_t pstride = (int64_t)G * (D + 2); /* floats per attention item's partial */
 
     /* the embeddings are the first residual */
@@ -440,7 +355,7 @@ int kvq_decoder_stack_f32(const kvq_stack_model *m, int M, const int64_t *ids, c
     if (eq == KVQS_GGML_F32 || eq == KVQS_GGML_F16 || eq == KVQS_GGML_BF16) {
         for (int b = 0; b < M; ++b) {
             const char *row = (const char *)m->embed + ids[b] * m->embed_row_bytes;
-            float *r = res + (int64_t)b * H;
+            float *r = emb + (int64_t)b * H;
             if (eq == KVQS_GGML_F32) {
                 memcpy(r, row, sizeof(float) * (size_t)H);
             } else {
@@ -456,10 +371,10 @@ int kvq_decoder_stack_f32(const kvq_stack_model *m, int M, const int64_t *ids, c
                 }
             }
         }
-    } else if (kvq_get_rows(eq, m->embed, m->embed_row_bytes, m->vocab, ids, M, H, res) != 0) {
+    } else if (kvq_get_rows(eq, m->embed, m->embed_row_bytes, m->vocab, ids, M, H, emb) != 0) {
         return KVQS_EID;
     }
-    /* RoPE factors per row: cos and sin of position * inv_freq, fp32 as PyTorch computes them */
+    /* RoPE factors per row: cos and sin of position * inv_freq, in fp32 as PyTorch computes them */
     for (int b = 0; b < M; ++b) {
         float *cs = rope + (int64_t)b * D;
         for (int i = 0; i < D / 2; ++i) {
@@ -468,19 +383,28 @@ int kvq_decoder_stack_f32(const kvq_stack_model *m, int M, const int64_t *ids, c
             cs[D / 2 + i] = sinf(f);
         }
     }
-    const int nthreads = omp_get_max_threads();
+    const int omp_threads = omp_get_max_threads();
+    const int nthreads = omp_threads < fit ? omp_threads : (int)fit;
     const int nitems = plan_items(M, Hkv, lens, window, nthreads, items);
 
+    /* Five barriers a layer, after each phase that writes a shared buffer (qkv, attention
+     * partials, o, gate/up, down). The row ops between them (residual add, RMSNorm, merging the
+     * attention splits, activation quantization) are cheap at decode sizes, so every thread does
+     * them for all rows into its own buffers (the same arithmetic, so the same values) instead of
+     * one thread doing them between two more barriers. */
     KVQS_PRAGMA(omp parallel num_threads(nthreads))
     {
-        int64_t lo, hi, mlo, mhi;
-        thread_share(M, &mlo, &mhi); /* this thread's rows for the row ops */
-        const int m0 = (int)mlo, m1 = (int)mhi;
+        char *mine = base + lay.shared + (int64_t)omp_get_thread_num() * lay.per_thread;
+        float *res = (float *)(mine + lay.res), *h = (float *)(mine + lay.h), *att = (float *)(mine + lay.att);
+        char *xq[2 * KVQS_MAX_PARTS];
+        for (int i = 0; i < 2 * KVQS_MAX_PARTS; ++i) xq[i] = mine + lay.xq + i * lay.xq_bytes;
+        memcpy(res, emb, sizeof(float) * (size_t)M * H);
+        int64_t lo, hi;
         phase_t ph_qkv, ph_o, ph_gu, ph_down;
+        PROF_START
         for (int l = 0; l < m->num_layers; ++l) {
             const int64_t *layer = m->layers + (int64_t)l * KVQS_LAYER_COLS;
-            const float *kc = (const float *)(intptr_t)layer[KVQS_K_CACHE];
-            const float *vc = (const float *)(intptr_t)layer[KVQS_V_CACHE];
+            float *kc = (float *)(intptr_t)layer[KVQS_K_CACHE], *vc = (float *)(intptr_t)layer[KVQS_V_CACHE];
             phase_build(&ph_qkv, layer, KVQS_QKV);
             phase_build(&ph_o, layer, KVQS_O);
             phase_build(&ph_down, layer, KVQS_DOWN);
@@ -489,25 +413,17 @@ int kvq_decoder_stack_f32(const kvq_stack_model *m, int M, const int64_t *ids, c
             const int ngate = ph_gu.nparts;
             phase_add(&ph_gu, layer + KVQS_LINEARS + KVQS_UP * KVQS_LIN_COLS, I);
 
-            /* h = input_norm(x + residual), quantized for W_qkv */
-            for (int b = m0; b < m1; ++b)
+            /* h = input_norm(x + residual) (layer 0: of the embeddings), qkv = h W_qkv (+ b) */
+            for (int b = 0; b < M; ++b)
                 add_rmsnorm(l ? xo + (int64_t)b * H : NULL, res + (int64_t)b * H,
                             (const float *)(intptr_t)layer[KVQS_INPUT_NORM], h + (int64_t)b * H, H, m->eps);
-            quantize_rows(&ph_qkv, h, H, xq, M, H, m0, m1);
-            KVQS_PRAGMA(omp barrier)
+            quantize_rows(&ph_qkv, h, H, xq, M, H);
             thread_share(Oqkv, &lo, &hi);
             gemm_rows(&ph_qkv, xq, qkv, Oqkv, M, H, lo, hi);
             KVQS_PRAGMA(omp barrier)
-            /* RoPE on q and k, then k and v into the cache */
-            for (int b = m0; b < m1; ++b) {
-                float *row = qkv + (int64_t)b * Oqkv;
-                rope_heads(row, Hq + Hkv, D, rope + (int64_t)b * D);
-                if (slots[b] >= 0) {
-                    memcpy((float *)kc + slots[b] * Hkv * D, row + Hq * D, sizeof(float) * (size_t)Hkv * D);
-                    memcpy((float *)vc + slots[b] * Hkv * D, row + (Hq + Hkv) * D, sizeof(float) * (size_t)Hkv * D);
-                }
-            }
-            KVQS_PRAGMA(omp barrier)
+            PROF(0)
+            /* attention items: each rotates its q heads and k; the item holding the last position
+             * writes k and v to the cache slot */
             KVQS_PRAGMA(omp for schedule(dynamic, 1))
             for (int it = 0; it < nitems; ++it) {
                 int b = 0;
@@ -515,30 +431,38 @@ int kvq_decoder_stack_f32(const kvq_stack_model *m, int M, const int64_t *ids, c
                 const int S = items[2 * b + 1], local = it - items[2 * b], kvh = local / S, s = local % S;
                 const int L = lens[b], n = window > 0 && L > window ? window : L, start = L - n;
                 const int t0 = start + (int)((int64_t)n * s / S), t1 = start + (int)((int64_t)n * (s + 1) / S);
-                attn_partial(kc, vc, qkv + (int64_t)b * Oqkv + (int64_t)kvh * G * D, tables + b * table_width, bs,
-                             Hkv, kvh, D, G, t0, t1, m->scale, part + (int64_t)it * pstride);
+                const float *row = qkv + (int64_t)b * Oqkv, *cs = rope + (int64_t)b * D;
+                float q[KVQS_MAX_GROUP * KVQS_MAX_HEAD_DIM], knew[KVQS_MAX_HEAD_DIM];
+                const float *vnew = row + (int64_t)(Hq + Hkv + kvh) * D;
+                rope_heads(row + (int64_t)kvh * G * D, q, G, D, cs);
+                rope_heads(row + (int64_t)(Hq + kvh) * D, knew, 1, D, cs);
+                if (s == S - 1 && slots[b] >= 0) {
+                    memcpy(kc + (slots[b] * Hkv + kvh) * D, knew, sizeof(float) * (size_t)D);
+                    memcpy(vc + (slots[b] * Hkv + kvh) * D, vnew, sizeof(float) * (size_t)D);
+                }
+                attn_partial(kc, vc, q, knew, vnew, L - 1, tables + b * table_width, bs, Hkv, kvh, D, G, t0, t1,
+                             m->scale, part + (int64_t)it * pstride);
             }
-            /* (implicit barrier) merge each row's splits, quantize for W_o */
-            for (int b = m0; b < m1; ++b) {
+            PROF(1)
+            /* (implicit barrier) merge each row's splits; o = attention W_o (+ b) */
+            for (int b = 0; b < M; ++b) {
                 const int first = items[2 * b], S = items[2 * b + 1];
                 for (int kvh = 0; kvh < Hkv; ++kvh)
                     for (int g = 0; g < G; ++g)
                         attn_merge(part + (int64_t)(first + kvh * S) * pstride + g * (D + 2), pstride, S, D,
                                    att + ((int64_t)b * Hq + kvh * G + g) * D);
             }
-            quantize_rows(&ph_o, att, (int64_t)Hq * D, xq, M, (int64_t)Hq * D, m0, m1);
-            KVQS_PRAGMA(omp barrier)
+            quantize_rows(&ph_o, att, (int64_t)Hq * D, xq, M, (int64_t)Hq * D);
             thread_share(H, &lo, &hi);
             gemm_rows(&ph_o, xq, xo, H, M, (int64_t)Hq * D, lo, hi);
             KVQS_PRAGMA(omp barrier)
-            /* h = post_norm(o + residual), quantized for W_gate and W_up */
-            for (int b = m0; b < m1; ++b)
+            PROF(2)
+            /* h = post_norm(o + residual); this thread's gate and up rows, then silu(gate) * up
+             * over the same range, written over gate (gu's first I columns) */
+            for (int b = 0; b < M; ++b)
                 add_rmsnorm(xo + (int64_t)b * H, res + (int64_t)b * H, (const float *)(intptr_t)layer[KVQS_POST_NORM],
                             h + (int64_t)b * H, H, m->eps);
-            quantize_rows(&ph_gu, h, H, xq, M, H, m0, m1);
-            KVQS_PRAGMA(omp barrier)
-            /* gate and up rows [lo, hi) of this thread, then silu(gate) * up over the same range,
-             * written over gate (gu's first I columns) */
+            quantize_rows(&ph_gu, h, H, xq, M, H);
             {
                 phase_t g = ph_gu, u = ph_gu;
                 g.nparts = ngate;
@@ -547,20 +471,21 @@ int kvq_decoder_stack_f32(const kvq_stack_model *m, int M, const int64_t *ids, c
                 thread_share(I, &lo, &hi);
                 gemm_rows(&g, xq, gu, 2 * (int64_t)I, M, H, lo, hi);
                 gemm_rows(&u, xq, gu, 2 * (int64_t)I, M, H, lo, hi);
-                for (int b = 0; b < M; ++b) {
-                    float *row = gu + (int64_t)b * 2 * I;
-                    for (int64_t i = lo; i < hi; ++i) row[i] = silu(row[i]) * row[I + i];
-                }
+                for (int b = 0; b < M; ++b) silu_mul(gu + (int64_t)b * 2 * I, gu + (int64_t)b * 2 * I + I, lo, hi);
             }
             KVQS_PRAGMA(omp barrier)
-            quantize_rows(&ph_down, gu, 2 * (int64_t)I, xq, M, I, m0, m1);
-            KVQS_PRAGMA(omp barrier)
+            PROF(3)
+            /* x = act W_down */
+            quantize_rows(&ph_down, gu, 2 * (int64_t)I, xq, M, I);
             thread_share(H, &lo, &hi);
             gemm_rows(&ph_down, xq, xo, H, M, I, lo, hi);
             KVQS_PRAGMA(omp barrier)
+            PROF(4)
         }
-        for (int b = m0; b < m1; ++b)
-            add_rmsnorm(xo + (int64_t)b * H, res + (int64_t)b * H, m->final_norm, out + (int64_t)b * H, H, m->eps);
+        int64_t m0, m1;
+        thread_share(M, &m0, &m1);
+        for (int64_t b = m0; b < m1; ++b)
+            add_rmsnorm(xo + b * H, res + b * H, m->final_norm, out + b * H, H, m->eps);
     }
     return KVQS_OK;
 }
