@@ -8,9 +8,9 @@ dequantizes the weight to fp32 and calls torch.matmul, whichever is faster (see
 
 One library is built per instruction-set level (`baseline` plain C; x86 `avx2`, `avx512`;
 aarch64 `neon`, `neon-dotprod`), compiled once into `$KVSERVE_CACHE_DIR` (default
-`~/.cache/kvserve`) and loaded with ctypes. `KVSERVE_CPU_ISA` = baseline | avx2 | avx512 |
-native (default: the best level this CPU has) caps the level; `KVSERVE_CPU_KERNELS=0` turns the
-C kernels off. Without them every function here falls back to PyTorch (dequantizing through
+`~/.cache/kvserve`) and loaded with ctypes. The platform's ISA level picks the build
+(`platform/cpuinfo.py`: `KVSERVE_CPU_ISA` = baseline | avx2 | avx512 | avx512_bf16 | neon |
+dotprod | native caps it); `KVSERVE_CPU_KERNELS=0` turns the C kernels off. Without them every function here falls back to PyTorch (dequantizing through
 the gguf package), with one log line saying why.
 """
 
@@ -20,7 +20,6 @@ import ctypes
 import hashlib
 import logging
 import os
-import platform
 import shutil
 import subprocess
 import tempfile
@@ -50,7 +49,6 @@ _LEVEL_FLAGS: dict[str, list[str]] = {
     "neon": ["-march=armv8-a"],
     "neon-dotprod": ["-march=armv8.2-a+dotprod"],
 }
-_ENV_LEVELS = ("baseline", "avx2", "avx512", "native")
 
 # Rows (tokens) from which `linear` dequantizes the weight to fp32 and calls torch.matmul instead
 # of the int8 kernel. Measured on the 2-core AMD EPYC (Zen 3 class, AVX2+FMA+F16C, no AVX-512)
@@ -67,46 +65,29 @@ DEQUANT_MIN_ROWS = 48
 # ---- build and load ----
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key = line.split(":", 1)[0].strip()
-                if key in ("flags", "Features"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def available_levels() -> list[str]:
-    """The instruction-set levels this CPU can run, lowest first."""
-    machine = platform.machine().lower()
-    flags = _cpu_flags()
-    levels = ["baseline"]
-    if machine in ("x86_64", "amd64"):
-        if {"avx2", "fma", "f16c"} <= flags:
-            levels.append("avx2")
-            if {"avx512f", "avx512bw", "avx512vl", "avx512_vnni"} <= flags:
-                levels.append("avx512")
-    elif machine in ("aarch64", "arm64"):
-        levels.append("neon-dotprod" if "asimddp" in flags else "neon")
-    return levels
+    """The library builds this CPU can run, lowest first (from `platform/cpuinfo.py`'s probe)."""
+    from kvserve.platform.cpuinfo import cpu_info
+
+    return sorted({_build_for(level) for level in cpu_info().levels()}, key=list(_LEVEL_FLAGS).index)
+
+
+def _build_for(level: str) -> str:
+    """The library build for a platform ISA level (`platform/cpuinfo.py`): AVX-512 builds use
+    VNNI's dot products, so an AVX-512 CPU without VNNI takes the AVX2 build."""
+    from kvserve.platform.cpuinfo import cpu_info
+
+    if level in ("avx512", "avx512_bf16"):
+        return "avx512" if cpu_info().has("avx512_vnni") else "avx2"
+    return {"dotprod": "neon-dotprod"}.get(level, level)
 
 
 def isa_level() -> str:
-    """The level `library()` loads: `$KVSERVE_CPU_ISA` (default native = the best available)."""
-    requested = os.environ.get("KVSERVE_CPU_ISA", "native").strip().lower() or "native"
-    levels = available_levels()
-    if requested not in _ENV_LEVELS:
-        raise ValueError(f"KVSERVE_CPU_ISA={requested!r}: expected one of {', '.join(_ENV_LEVELS)}")
-    if requested == "native":
-        return levels[-1]
-    if requested not in levels:
-        raise ValueError(
-            f"KVSERVE_CPU_ISA={requested!r}: this CPU supports only {', '.join(levels)} (or native)"
-        )
-    return requested
+    """The build `library()` loads: the platform's ISA level (`KVSERVE_CPU_ISA` caps it; default
+    native, the best this CPU has), mapped onto the builds above."""
+    from kvserve.platform.cpuinfo import isa_level as platform_level
+
+    return _build_for(platform_level())
 
 
 def _cache_dir() -> Path:

@@ -129,7 +129,7 @@ class LlamaForCausalLM(nn.Module):
         elif b.quantized:  # the table stays in the checkpoint's block format
             from kvserve.platform.ggml_linear import GGMLEmbedding
 
-            self.embed_tokens = GGMLEmbedding(cfg.vocab_size, cfg.hidden_size, b.dtype)
+            self.embed_tokens = GGMLEmbedding(cfg.vocab_size, cfg.hidden_size, b.dtype, quantize_to=b.head_method and 8)
             vocab_rows = cfg.vocab_size
         else:
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
@@ -142,7 +142,7 @@ class LlamaForCausalLM(nn.Module):
         if cfg.tie_word_embeddings and not hasattr(self.embed_tokens, "as_head"):
             self.lm_head = b.dense_linear(cfg.hidden_size, vocab_rows)  # shares the dense table
         else:
-            self.lm_head = b.linear(cfg.hidden_size, vocab_rows, bias=False)
+            self.lm_head = b.lm_head(cfg.hidden_size, vocab_rows)
         self.tie_weights()
         # A whole decode step in one call (CPU: the bf16 or GGML C decoder stack), offered by the
         # platform after loading (`decode_stack_builder`). None until the first decode-sized step

@@ -51,9 +51,14 @@ class LayerBuilder:
     ops: Ops
     linear_method: LinearMethod
     dtype: torch.dtype | None = None
+    # The LM head's method where it differs (a quantized head stays 8-bit: it sets every logit).
+    head_method: LinearMethod | None = None
 
     def linear(self, in_features: int, out_sizes: list[int] | int, bias: bool = False) -> Linear:
         return Linear(in_features, out_sizes, bias, self.linear_method)
+
+    def lm_head(self, in_features: int, vocab_rows: int) -> Linear:
+        return Linear(in_features, vocab_rows, False, self.head_method or self.linear_method)
 
     def dense_linear(self, in_features: int, out_features: int) -> Linear:
         """A projection that must keep a dense weight (one tied to a dense embedding table)."""

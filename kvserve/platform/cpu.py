@@ -24,7 +24,7 @@ import torch
 from kvserve.models.linear import DenseLinearMethod
 from kvserve.models.ops import Ops
 from kvserve.platform.base import TORCH_DTYPES, LayerBuilder, Platform, WeightFormat
-from kvserve.platform.cpuinfo import CpuInfo, cpu_info, isa_level
+from kvserve.platform.cpuinfo import CpuInfo, at_least, cpu_info, isa_level
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,10 @@ class CpuPlatform(Platform):
         arm_bf16 = self.info.is_arm and self.info.has("bf16") and self.level != "baseline"
         self.native_bf16 = self.level == "avx512_bf16" or arm_bf16
         # oneDNN runs bf16 linears with AVX512-BW/VL/DQ or AVX-NE-CONVERT (emulated without BF16
-        # instructions): prepacking is worth it wherever it works, when bf16 is asked for.
-        self.onednn_bf16 = onednn_bf16_supported()
+        # instructions): prepacking is worth it wherever it works, when bf16 is asked for. Capped
+        # like every other path, so a forced `avx2` level behaves as an AVX2-only CPU would.
+        capped = self.info.is_x86 and not at_least(self.level, "avx512", self.info)
+        self.onednn_bf16 = not capped and onednn_bf16_supported()
         self._bf16_kernels: bool | None = None  # the bf16 C kernels loaded (lazily: compiles)
 
     @property
@@ -99,6 +101,10 @@ class CpuPlatform(Platform):
             from kvserve.platform.ggml_linear import GGMLLinearMethod
 
             method = GGMLLinearMethod(weights.quantize_to)
+            if weights.quantize_to is not None:  # quantized at load: embedding and head in Q8_0
+                head = GGMLLinearMethod(8)
+                head.ops = ops
+                return LayerBuilder(backend=backend, ops=ops, linear_method=method, dtype=dtype, head_method=head)
         elif dtype == torch.bfloat16 and self.onednn_bf16:
             from kvserve.platform.cpu_linear import PackedBf16LinearMethod
 

@@ -7,9 +7,11 @@ weight block is dotted with them (AVX2, AVX-512 VNNI, ARM dotprod, or plain C). 
 the quantized bytes once per token: the built-in SmolLM2 Q4_1 model reads 98 MB a step instead
 of 269 MB as bf16.
 
-A fused projection (q ‖ k ‖ v, gate ‖ up) whose parts share a format is merged into one matrix
-and one kernel call; parts in different formats (a Q4_K_M file keeps v in Q6_K) stay separate
-and fill their slices of the output. A part that arrives dense (an F32/F16 tensor in the GGUF,
+The blocks are not copied: each part is a view of the memory-mapped file (as llama.cpp maps
+it), so the weights' resident memory is the file's pages, shared with the page cache. A fused
+projection (q ‖ k ‖ v, gate ‖ up) therefore keeps one part per checkpoint tensor, each filling
+its slice of the output (parts may differ in format: a Q4_K_M file keeps v in Q6_K); the
+one-call decoder stack takes the parts as they are. A part that arrives dense (an F32/F16 tensor in the GGUF,
 or an HF checkpoint) is quantized at load to the method's `quantize_to` format (`--quantization
 q8_0|q4_0`), or kept dense when there is none.
 
@@ -58,7 +60,7 @@ class GGMLLinearMethod(LinearMethod):
         offset = 0 if shard < 0 else layer.shard_offset(shard)
         rows = tensor.shape[0]
         if isinstance(tensor, QuantizedTensor):
-            part = _Part(offset, rows, tensor.qtype, tensor.data.contiguous().clone())
+            part = _Part(offset, rows, tensor.qtype, tensor.data.contiguous())  # a view of the file
         elif self.quantize_to is not None and layer.in_features % GGML_BLOCK[self.quantize_to][0] == 0:
             data = cpu_quant.quantize_weights(self.quantize_to, tensor.detach().float().contiguous())
             part = _Part(offset, rows, self.quantize_to, data)
@@ -72,8 +74,6 @@ class GGMLLinearMethod(LinearMethod):
         if isinstance(layer.parts, list):  # already final (a head tied to a GGML embedding)
             return
         parts = sorted(layer.parts.values(), key=lambda p: p.offset)
-        if len({p.qtype for p in parts}) == 1 and len(parts) > 1:  # one matrix, one kernel call
-            parts = [_Part(0, layer.out_features, parts[0].qtype, torch.cat([p.data for p in parts]))]
         layer.parts = parts
         # The tensors the kernels read, registered so that `model.to(device)` and state dicts see
         # them; `.to(dtype)` leaves uint8 alone.
@@ -122,9 +122,12 @@ class GGMLEmbedding(nn.Module):
     """A token embedding stored in a GGML block format; a lookup dequantizes the rows it reads.
     It also serves as a tied LM head's weight (`GGMLLinearMethod.tie_to`)."""
 
-    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype) -> None:
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype, quantize_to: int | None = None
+    ) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.dtype = num_embeddings, embedding_dim, dtype
+        self.quantize_to = quantize_to  # GGML type for a dense table (`--quantization`), or None
         self.qtype = 0
         self.register_buffer("data", None, persistent=False)
 
@@ -135,7 +138,12 @@ class GGMLEmbedding(nn.Module):
                 f"{(self.num_embeddings, self.embedding_dim)}"
             )
         if isinstance(tensor, QuantizedTensor):
-            self.qtype, self.data = tensor.qtype, tensor.data.contiguous().clone()
+            self.qtype, self.data = tensor.qtype, tensor.data.contiguous()  # a view of the file
+        elif self.quantize_to is not None and self.embedding_dim % GGML_BLOCK[self.quantize_to][0] == 0:
+            from kvserve.kernels import cpu_quant
+
+            self.qtype = self.quantize_to
+            self.data = cpu_quant.quantize_weights(self.quantize_to, tensor.detach().float().contiguous())
         else:
             self.qtype, self.data = 0, tensor.detach().to(self.dtype).contiguous().clone()
 
@@ -155,9 +163,3 @@ class GGMLEmbedding(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, format={GGML_NAMES.get(self.qtype, 'dense')}"
 
-
-def ggml_weights_supported(qtype: int) -> bool:
-    return qtype in GGML_BLOCK
-
-
-__all__ = ["GGMLLinearMethod", "GGMLEmbedding", "QUANTIZE_TO", "ggml_weights_supported", "logger"]
