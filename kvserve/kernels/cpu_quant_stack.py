@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvserve.kernels import cpu_quant
+
 # GGML type ids the stack multiplies (kvq.h) and the embedding types it can look up directly.
 QUANT_TYPES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
 _PLAIN_EMBED = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}
@@ -97,8 +99,6 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     if lib.kvq_stack_abi_version() != ABI_VERSION:
         raise RuntimeError("stale kvq library: decoder stack ABI mismatch")
     p = ctypes.c_void_p
-    lib.kvq_row_bytes.argtypes = [ctypes.c_int, ctypes.c_int64]
-    lib.kvq_row_bytes.restype = ctypes.c_int64
     lib.kvq_decoder_stack_scratch.argtypes = [p, ctypes.c_int, ctypes.c_int]
     lib.kvq_decoder_stack_scratch.restype = ctypes.c_int64
     lib.kvq_decoder_stack_f32.argtypes = [p, ctypes.c_int, p, p, p, ctypes.c_int64, p, p, p, p, ctypes.c_int64]
@@ -109,15 +109,15 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 def library() -> ctypes.CDLL | None:
     """The kvq library with the stack's entry points bound, or None where it can't be built."""
-    from kvserve.kernels import cpu_quant
-
     lib = cpu_quant.library()
     return None if lib is None else _bind(lib)
 
 
 def _check_f32(t: torch.Tensor, shape: tuple[int, ...], name: str) -> None:
     if t.dtype != torch.float32 or tuple(t.shape) != shape or not t.is_contiguous():
-        raise ValueError(f"{name}: expected a contiguous float32 tensor of shape {shape}, got {t.dtype} {tuple(t.shape)}")
+        raise ValueError(
+            f"{name}: expected a contiguous float32 tensor of shape {shape}, got {t.dtype} {tuple(t.shape)}"
+        )
 
 
 class QuantDecoderStack:
@@ -125,8 +125,11 @@ class QuantDecoderStack:
 
     `__call__(input_ids, positions, block_tables, seq_lens, slot_mapping)` writes each row's new
     k and v to its slot (-1: don't write) of every layer's cache, attends over its context
-    (`seq_lens`, this token included) through its block table, and returns the final norm's
-    output `[M, H]` fp32. The stack keeps references to every tensor it was given."""
+    (`seq_lens`, this token included; the token's own k and v at its position, as its slot
+    receives them) through its block table, and returns the final norm's output `[M, H]` fp32.
+    Validation errors are ValueError, a token id outside the vocabulary IndexError; nothing is
+    written then. The stack keeps references to every tensor it was given. Runs on
+    `torch.get_num_threads()` OpenMP threads."""
 
     def __init__(
         self,
@@ -166,7 +169,9 @@ class QuantDecoderStack:
 
         if embed_qtype in _PLAIN_EMBED:
             if embed.dtype != _PLAIN_EMBED[embed_qtype] or embed.dim() != 2 or embed.shape[1] != H:
-                raise ValueError(f"embed: expected [vocab, {H}] {_PLAIN_EMBED[embed_qtype]}, got {embed.dtype} {tuple(embed.shape)}")
+                raise ValueError(
+                    f"embed: expected [vocab, {H}] {_PLAIN_EMBED[embed_qtype]}, got {embed.dtype} {tuple(embed.shape)}"
+                )
         elif embed_qtype in QUANT_TYPES:
             self._check_weight(embed, embed_qtype, H, "embed")
         else:
@@ -239,11 +244,13 @@ class QuantDecoderStack:
     def _check_weight(self, w: torch.Tensor, qtype: int, K: int, where: str) -> None:
         if qtype not in QUANT_TYPES:
             raise ValueError(f"{where}: qtype {qtype} is not one of {sorted(QUANT_TYPES)}")
-        need = self._lib.kvq_row_bytes(qtype, K)
-        if need < 0:
+        if K % cpu_quant.block_size(qtype):
             raise ValueError(f"{where}: K={K} is not a whole number of {QUANT_TYPES[qtype]} blocks")
+        need = cpu_quant.row_bytes(qtype, K)
         if w.dtype != torch.uint8 or w.dim() != 2 or w.stride(1) != 1 or w.shape[1] != need:
-            raise ValueError(f"{where}: expected uint8 [rows, {need}] with contiguous rows, got {w.dtype} {tuple(w.shape)}")
+            raise ValueError(
+                f"{where}: expected uint8 [rows, {need}] with contiguous rows, got {w.dtype} {tuple(w.shape)}"
+            )
 
     def __call__(
         self,

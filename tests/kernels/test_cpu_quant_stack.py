@@ -58,7 +58,8 @@ def _quantize(rng: np.random.Generator, qtype: QT, rows: int, k: int, std: float
             raw[..., 208:210] = (rng.uniform(0.5, 1.0, (rows, nb, 1)) * std / 1600).astype(np.float16).view(np.uint8)
         else:  # d dmin scales[12] (qh[32]) qs[128]
             levels = 15 if qtype == QT.Q4_K else 31
-            raw[..., 0:2] = (rng.uniform(0.5, 1.0, (rows, nb, 1)) * std / (20 * levels)).astype(np.float16).view(np.uint8)
+            d = rng.uniform(0.5, 1.0, (rows, nb, 1)) * std / (20 * levels)
+            raw[..., 0:2] = d.astype(np.float16).view(np.uint8)
             raw[..., 2:4] = (rng.uniform(0.5, 1.0, (rows, nb, 1)) * std / 40).astype(np.float16).view(np.uint8)
         raw = raw.reshape(rows, nb * size)
     deq = gguf_quants.dequantize(raw, qtype)
@@ -92,7 +93,7 @@ class Config:
     gate: tuple = (QT.Q4_0,)
     up: tuple = (QT.Q8_0,)
     down: QT = QT.Q4_1
-    embed: int = int(QT.Q8_0)  # or 0 for fp32
+    embed: int = int(QT.Q8_0)  # or 0 / 1 for fp32 / fp16 rows
     qkv_bias: bool = True
 
 
@@ -100,7 +101,8 @@ def build(cfg: Config, seed: int = 0):
     """(stack, reference weights, kv caches)."""
     rng = np.random.default_rng(seed)
     H, D, Hq, Hkv, I = cfg.hidden, cfg.head_dim, cfg.heads, cfg.kv_heads, cfg.inter
-    counts = {"q": Hq * D, "k": Hkv * D, "v": Hkv * D, "kv": 2 * Hkv * D, "qkv": (Hq + 2 * Hkv) * D, "qk": (Hq + Hkv) * D}
+    counts = {"q": Hq * D, "k": Hkv * D, "v": Hkv * D, "kv": 2 * Hkv * D, "qk": (Hq + Hkv) * D}
+    counts["qkv"] = (Hq + 2 * Hkv) * D
     layers, ref_layers = [], []
     for _ in range(cfg.layers):
         qkv, rq = _linear(rng, [qt for qt, _ in cfg.qkv], [counts[n] for _, n in cfg.qkv], H, bias=cfg.qkv_bias)
@@ -112,9 +114,10 @@ def build(cfg: Config, seed: int = 0):
         cache = torch.zeros((2, cfg.num_blocks, cfg.block_size, Hkv, D), dtype=torch.float32)
         layers.append(StackLayer(norms[0], qkv, o, norms[1], gate, up, down, cache))
         ref_layers.append({"in": norms[0], "post": norms[1], "qkv": rq, "o": ro, "gate": rg, "up": ru, "down": rd})
-    if cfg.embed == 0:
+    if cfg.embed in (0, 1):  # plain fp32 / fp16 rows
         embed = torch.from_numpy(rng.standard_normal((cfg.vocab, H)).astype(np.float32))
-        embed_ref = embed
+        embed = embed if cfg.embed == 0 else embed.half()
+        embed_ref = embed.float()
     else:
         embed, embed_ref = _quantize(rng, QT(cfg.embed), cfg.vocab, H, std=1.0)
     final_norm = torch.from_numpy(1 + 0.1 * rng.standard_normal(H).astype(np.float32))
@@ -263,8 +266,11 @@ def test_k_formats_mixed_parts(lib) -> None:
     assert run_steps(stack, ref, caches, prefills=[20, 3], steps=3) < REL_TOL
 
 
-def test_fp32_embedding_single_part(lib) -> None:
-    cfg = Config(qkv=((QT.Q4_1, "qkv"),), gate=(QT.Q4_1, QT.Q8_0), embed=0, qkv_bias=False, head_dim=64, heads=2, kv_heads=1)
+@pytest.mark.parametrize("embed", [0, 1])
+def test_plain_embedding_single_part(lib, embed: int) -> None:
+    cfg = Config(
+        qkv=((QT.Q4_1, "qkv"),), gate=(QT.Q4_1, QT.Q8_0), embed=embed, qkv_bias=False, head_dim=64, heads=2, kv_heads=1
+    )
     stack, ref, caches = build(cfg)
     assert run_steps(stack, ref, caches, prefills=[16], steps=2) < REL_TOL
 
@@ -285,7 +291,7 @@ def test_errors(lib) -> None:
     with pytest.raises(ValueError):  # block id outside the cache
         stack(torch.tensor([3]), pos, torch.tensor([[24, 0]], dtype=torch.int32), lens, slots)
     with pytest.raises(ValueError):  # more rows than max_rows
-        stack(torch.zeros(5, dtype=torch.int64), torch.zeros(5, dtype=torch.int64), torch.zeros((5, 2), dtype=torch.int32),
-              torch.ones(5, dtype=torch.int32), torch.zeros(5, dtype=torch.int64))
+        five = torch.zeros(5, dtype=torch.int64)
+        stack(five, five, torch.zeros((5, 2), dtype=torch.int32), torch.ones(5, dtype=torch.int32), five)
     out = stack(torch.tensor([3]), pos, tables, lens, torch.tensor([-1]))  # slot -1: nothing written
     assert torch.equal(caches[0], before) and out.shape == (1, 128) and torch.isfinite(out).all()

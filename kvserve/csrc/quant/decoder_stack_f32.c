@@ -4,10 +4,12 @@
  *
  * Batch-1 decode reads every weight once per token; what it costs beyond that is fixed per-op
  * overhead, ~100 us of Python and ctypes per layer when called op by op. Here one OpenMP
- * parallel region runs all layers; the threads split each linear's weight rows (one contiguous
- * share each, over all of the linear's parts), the row ops (norms, RoPE, the K/V write, the
- * activation quantization) are split by rows, the attention items (row x KV head x context
- * split) are shared out, and a barrier separates phases:
+ * parallel region runs all layers, with five barriers a layer: the threads split each linear's
+ * weight rows (one contiguous share each, over all of the linear's parts) and share out the
+ * attention items (row x KV head x context split; each rotates its q heads and k, and the one
+ * holding the token's position writes k and v to the cache). The cheap row ops between (residual
+ * adds, RMSNorms, merging the attention splits, activation quantization) every thread does for
+ * all rows into its own buffers, rather than one thread between two more barriers:
  *
  *   residual = embed(ids);  h = input_norm(residual)                (layer 0)
  *   residual = x + residual;  h = input_norm(residual)              (later layers)
@@ -20,9 +22,9 @@
  * (kvq_quantize_act_range), then kvq_gemm_range runs over the thread's share of rows.
  * No allocation: the caller passes scratch of kvq_decoder_stack_scratch bytes.
  *
- * Portable C (no intrinsics): the loops are written so the compiler vectorizes them for the
- * ISA level the library is built for (AVX2, AVX-512, NEON); reductions use `omp simd`.
- * Without OpenMP it runs on one thread.
+ * Portable C (no intrinsics, stack_ops.h): the loops are written for the compiler's vectorizer
+ * at the ISA level the library is built for (AVX2, AVX-512, NEON). Without OpenMP it runs on
+ * one thread.
  */
 #include <math.h>
 #include <stddef.h>
