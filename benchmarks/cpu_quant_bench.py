@@ -435,6 +435,9 @@ def main(argv: list[str] | None = None) -> int:
     modes = {LABELS[e]: s["throughput_mode"] for e, s in summary.items() if "throughput_mode" in s}
     if modes:
         print("- throughput modes: " + "; ".join(f"{k}: {v}" for k, v in modes.items()))
+    commits = sorted({r["commit"] for r in runs if "commit" in r})
+    if commits and commits != [machine["commit"]]:
+        print(f"- code measured: commits {', '.join(commits)} (the tree changed during the run)")
     print(f"- median of {args.rounds} round(s), per-round values in brackets" if args.rounds > 1 else "- one round")
     print()
     print(table)
@@ -470,7 +473,9 @@ def worker_main(config_path: str) -> int:
     cfg = json.loads(Path(config_path).read_text())
     sizes = Sizes(**cfg["sizes"])
     eng = cfg["engine"]
-    res: dict[str, Any] = {"engine": eng}
+    from kvserve.bench.machine import git_commit
+
+    res: dict[str, Any] = {"engine": eng, "commit": git_commit()}  # others may commit while a long run goes on
     try:
         res.update(_measure(cfg, sizes))
     except Exception as e:  # noqa: BLE001 - reported as the run's error, the parent goes on
