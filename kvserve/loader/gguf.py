@@ -11,8 +11,9 @@ HF shapes the rest of kvserve already speaks:
   kernels and with llama.cpp's Q/K row permutation undone, so they equal what HF transformers'
   GGUF loader produces (checked bit-exact in tests/models/test_gguf.py).
 
-Parsing the header builds a numpy view per vocab string (~2-3 s for a 49k vocab), so open the
-file once with `GGUFFile` and pass that to all three functions; each also accepts a path.
+Opening a file walks its header once (`gguf_reader.py`: tens of milliseconds, no per-string
+objects); still, open it once with `GGUFFile` and pass that to all three functions (each also
+accepts a path), so the config is built once and the vocabulary decoded once.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ import copy
 import logging
 import math
 import re
-import struct
 import time
 import warnings
 from pathlib import Path
@@ -30,13 +30,14 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 import torch
 
+from kvserve.loader.gguf_reader import FLOAT32 as GGUF_FLOAT32
+from kvserve.loader.gguf_reader import GGUFTensor, StringArray, read_gguf
+
 if TYPE_CHECKING:
     from kvserve.loader.tokenizer import Tokenizer
     from kvserve.models.linear import QuantizedTensor
 
 logger = logging.getLogger(__name__)
-
-_GGUF_MAGIC = b"GGUF"
 
 # GGUF `general.architecture` -> HF `architectures[0]`. Mistral GGUFs say "llama" too: same math,
 # and llama.cpp stores no sliding window for them, so they load as Llama.
@@ -90,26 +91,19 @@ _GLOBAL_TENSOR = re.compile(r"^([a-z0-9_]+)\.(weight|bias)$")
 
 
 class GGUFFile:
-    """One parsed GGUF file: metadata (decoded lazily, cached) and memory-mapped tensors.
+    """One parsed GGUF file: metadata and memory-mapped tensors (`gguf_reader.read_gguf`).
 
-    Tensor data stays in the page cache via `np.memmap`; nothing is dequantized until
-    `iter_gguf_weights` asks for it, one tensor at a time.
+    Tensor data stays in the page cache (one `mmap` of the file); nothing is dequantized until
+    `iter_gguf_weights` asks for it, one tensor at a time. Arrays in the metadata stay in the
+    map too, and are turned into Python lists only when `get` asks for them.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"GGUF file not found: {self.path}")
-        # Walk the header ourselves first: the gguf package's reader indexes a memmap and fails
-        # deep inside numpy (or not at all) on a cut-short or corrupt file.
-        _check_layout(self.path)
-        from gguf import GGUFReader
-
-        try:
-            self.reader = GGUFReader(self.path)
-        except Exception as e:  # anything _check_layout let through
-            raise ValueError(f"{self.path} is not a readable GGUF file: {e}") from e
-        self.tensors = {t.name: t for t in self.reader.tensors}
+        self.reader = read_gguf(self.path, SUPPORTED_TENSOR_TYPES)
+        self.tensors: dict[str, GGUFTensor] = self.reader.tensors
         self._cache: dict[str, Any] = {}
         self._config: dict[str, Any] | None = None
         arch = self.get("general.architecture")
@@ -130,32 +124,36 @@ class GGUFFile:
         field = self.reader.fields.get(key)
         if field is None:
             return default
-        from gguf import GGUFValueType
-
-        value = field.contents()
-        if field.types == [GGUFValueType.FLOAT32]:
+        value = field.value
+        if isinstance(value, (np.ndarray, StringArray)):
+            # Not cached: a vocabulary is read once, and its list would outlive the tokenizer.
+            return value.tolist()
+        if field.type == GGUF_FLOAT32:
             # 1e-5 is stored as 9.99999974e-06; give back the decimal it was written from.
             value = float(str(np.float32(value)))
         self._cache[key] = value
         return value
 
     def array_len(self, key: str) -> int | None:
-        """Length of an array field without decoding it (e.g. the vocab size from the tokens)."""
+        """Length of an array field without decoding it (e.g. the vocab size from the tokens);
+        None if the key is missing or not an array."""
         field = self.reader.fields.get(key)
-        return None if field is None else len(field.data)
+        return None if field is None or field.elem_type is None else len(field.value)
 
     def dequantize(self, name: str) -> np.ndarray:
         """One tensor as a fresh, writable float32 array in numpy (row-major) shape."""
         t = self.tensors[name]
-        from gguf import GGMLQuantizationType, quants
+        from gguf import GGMLQuantizationType as Q
+        from gguf import quants
 
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists ne0 (innermost) first
+        if t.tensor_type in (Q.F32, Q.F16, Q.F64):
+            # astype copies, and turns a big-endian file's values into native floats.
+            return t.data.astype(np.float32).reshape(shape)
+        if t.tensor_type == Q.BF16:  # the top half of a float32
+            return (t.data.astype(np.uint32) << 16).view(np.float32).reshape(shape)
         try:
-            if t.tensor_type == GGMLQuantizationType.F64:
-                out = np.asarray(t.data, dtype=np.float32)
-            else:
-                # A plain ndarray view: numpy's memmap subclass adds a hook to every slice.
-                out = quants.dequantize(np.asarray(t.data), t.tensor_type)
+            out = quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError as e:
             raise ValueError(
                 f"{self.path}: tensor {name!r} has GGML type {t.tensor_type.name}, which this "
@@ -163,171 +161,11 @@ class GGUFFile:
             ) from e
         if out.dtype != np.float32:
             out = out.astype(np.float32)
-        elif t.tensor_type == GGMLQuantizationType.F32:
-            out = out.copy()  # F32 comes back as a view of the read-only memmap
         return out.reshape(shape)
 
 
 # GGML tensor types kvserve loads (F64 is dequantized to float32 like the rest).
 SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "F64", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
-_SUPPORTED_VERSIONS = (2, 3)
-_MAX_DIMS = 4  # GGML_MAX_DIMS
-# Smallest encodings, to tell whether a count can fit in the rest of the file at all.
-_MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, a one-byte value
-_MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # name length, n_dims, one dim, type, offset
-# GGUFValueType id -> struct code of the fixed-size scalars (8 = string, 9 = array).
-_SCALAR_CODES = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
-_STRING, _ARRAY = 8, 9
-
-
-class _Cursor:
-    """Bounds-checked reads from a GGUF file's bytes; every failure names the path and the byte
-    offset where it happened."""
-
-    def __init__(self, path: Path, buf: Any, size: int) -> None:
-        self.path, self.buf, self.size = path, buf, size
-        self.pos = 0
-        self.endian = "<"
-
-    def fail(self, what: str, at: int | None = None) -> ValueError:
-        return ValueError(f"{self.path}: corrupt GGUF at byte offset {self.pos if at is None else at}: {what}")
-
-    def need(self, n: int, what: str) -> None:
-        if n > self.size - self.pos:
-            raise ValueError(
-                f"{self.path}: GGUF file is cut short: {what} at byte offset {self.pos} needs {n} "
-                f"bytes, but the file ends at byte {self.size}"
-            )
-
-    def scalar(self, code: str, what: str) -> Any:
-        n = struct.calcsize(code)
-        self.need(n, what)
-        (v,) = struct.unpack_from(self.endian + code, self.buf, self.pos)
-        self.pos += n
-        return v
-
-    def string(self, what: str) -> bytes:
-        n = self.scalar("Q", f"length of {what}")
-        self.need(n, what)
-        out = bytes(self.buf[self.pos : self.pos + n]) if n <= 256 else b""  # long values skipped
-        self.pos += n
-        return out
-
-    def skip_value(self, vtype: int, what: str, depth: int = 0) -> Any:
-        """Step over one metadata value; returns it when it is a scalar or a short string."""
-        if vtype in _SCALAR_CODES:
-            return self.scalar(_SCALAR_CODES[vtype], what)
-        if vtype == _STRING:
-            return self.string(what).decode("utf-8", "replace")
-        if vtype == _ARRAY and depth < 4:
-            at = self.pos
-            etype = self.scalar("I", f"element type of {what}")
-            count = self.scalar("Q", f"length of {what}")
-            if etype in _SCALAR_CODES:
-                n = struct.calcsize(_SCALAR_CODES[etype])
-                if count > (self.size - self.pos) // n:
-                    self.need(count * n, f"{count} elements of {what}")
-                self.pos += count * n
-            elif etype in (_STRING, _ARRAY):
-                if count > (self.size - self.pos) // 8:  # each element starts with 8 bytes
-                    raise self.fail(f"{what} claims {count} elements, more than the rest of the file "
-                                    "can hold (cut short, or a corrupt count)", at)
-                for i in range(count):
-                    self.skip_value(etype, f"{what}[{i}]", depth + 1)
-            else:
-                raise self.fail(f"{what} has unknown element type {etype}", at)
-            return None
-        raise self.fail(f"{what} has unknown value type {vtype}", self.pos - 4)
-
-
-def _check_layout(path: Path) -> None:
-    """Walk a GGUF file's header (magic, version, counts, metadata, tensor infos) with bounds
-    checks, then check that every tensor has a supported type and that its data lies inside the
-    file. Raises ValueError naming the path and the byte offset (or tensor) where it breaks."""
-    import mmap
-
-    size = path.stat().st_size
-    if size < 24:
-        with open(path, "rb") as f:
-            head = f.read(4)
-        if len(head) == 4 and head != _GGUF_MAGIC:
-            raise ValueError(f"{path} is not a GGUF file (starts with {head!r}, not b'GGUF')")
-        raise ValueError(
-            f"{path}: GGUF file is cut short: the 24-byte header at byte offset 0 needs 24 bytes, "
-            f"but the file ends at byte {size}"
-        )
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        _walk_header(_Cursor(path, buf, size))
-
-
-def _walk_header(c: _Cursor) -> None:
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    magic = bytes(c.buf[0:4])
-    if magic != _GGUF_MAGIC:
-        raise ValueError(f"{c.path} is not a GGUF file (starts with {magic!r}, not b'GGUF')")
-    c.pos = 4
-    version = c.scalar("I", "version")
-    if version not in _SUPPORTED_VERSIONS and struct.unpack(">I", struct.pack("<I", version))[0] in _SUPPORTED_VERSIONS:
-        c.endian = ">"  # a big-endian file
-        version = struct.unpack(">I", struct.pack("<I", version))[0]
-    if version not in _SUPPORTED_VERSIONS:
-        raise c.fail(f"GGUF version {version} is not supported (supported: 2, 3)", 4)
-    n_tensors = c.scalar("Q", "tensor count")
-    n_kv = c.scalar("Q", "metadata count")
-    rest = c.size - c.pos
-    if n_kv > rest // _MIN_KV_BYTES or n_tensors > rest // _MIN_TENSOR_INFO_BYTES or (
-        n_kv * _MIN_KV_BYTES + n_tensors * _MIN_TENSOR_INFO_BYTES > rest
-    ):
-        raise c.fail(
-            f"{n_tensors} tensors and {n_kv} metadata entries (header counts at byte offsets 8 and "
-            f"16) cannot fit in a file of {c.size} bytes (cut short, or a corrupt header)", 8
-        )
-
-    alignment = 32
-    for i in range(n_kv):
-        at = c.pos
-        key = c.string(f"key of metadata entry {i}").decode("utf-8", "replace")
-        vtype = c.scalar("I", f"value type of {key!r}")
-        value = c.skip_value(vtype, f"metadata {key!r}")
-        if key == "general.alignment":
-            if not isinstance(value, int) or value <= 0 or value & (value - 1):
-                raise c.fail(f"general.alignment must be a power of two (got {value!r})", at)
-            alignment = value
-
-    infos = []
-    for i in range(n_tensors):
-        at = c.pos
-        name = c.string(f"name of tensor {i}").decode("utf-8", "replace")
-        n_dims = c.scalar("I", f"dimension count of tensor {name!r}")
-        if not 1 <= n_dims <= _MAX_DIMS:
-            raise c.fail(f"tensor {name!r} has {n_dims} dimensions (1 to {_MAX_DIMS} allowed)", c.pos - 4)
-        dims = [c.scalar("Q", f"shape of tensor {name!r}") for _ in range(n_dims)]
-        ggml_type = c.scalar("I", f"type of tensor {name!r}")
-        offset = c.scalar("Q", f"data offset of tensor {name!r}")
-        try:
-            type_name = GGMLQuantizationType(ggml_type).name
-        except ValueError:
-            type_name = f"unknown type id {ggml_type}"
-        if type_name not in SUPPORTED_TENSOR_TYPES:
-            raise ValueError(
-                f"{c.path}: tensor {name!r} has GGML type {type_name}, which kvserve does not "
-                f"support; supported types: {', '.join(SUPPORTED_TENSOR_TYPES)}"
-            )
-        block, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
-        if dims[0] % block:
-            raise c.fail(f"tensor {name!r} rows of {dims[0]} values are not whole {block}-value "
-                         f"{type_name} blocks", at)
-        infos.append((name, offset, math.prod(dims) // block * block_bytes))
-
-    data_start = -(-c.pos // alignment) * alignment
-    for name, offset, nbytes in infos:
-        start = data_start + offset
-        if start + nbytes > c.size:
-            raise ValueError(
-                f"{c.path}: tensor {name!r} data at byte offsets {start}..{start + nbytes} lies past "
-                f"the end of the file ({c.size} bytes): cut short, or a corrupt tensor offset"
-            )
 
 
 def _as_gguf(src: str | Path | GGUFFile) -> GGUFFile:
