@@ -167,7 +167,7 @@ class _Cursor:
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            raise self.fail(f"{what} is not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            raise self.fail(f"{what} is not valid UTF-8 ({e.reason})", self.pos + e.start) from None
         self.pos += n
         return text
 

@@ -13,6 +13,8 @@ ones plain added tokens: llama.cpp matches both whole in the input text.
 from __future__ import annotations
 
 import logging
+import re
+from itertools import repeat
 from typing import TYPE_CHECKING, Any
 
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
@@ -69,6 +71,10 @@ def _byte_alphabet() -> dict[int, str]:
     return table
 
 
+# A character outside GPT-2's byte alphabet (the 188 printable Latin-1 characters and U+0100..U+0143).
+_OUTSIDE_ALPHABET = re.compile("[^!-~\u00a1-\u00ac\u00ae-\u00ff\u0100-\u0143]")
+
+
 def _pre_tokenizer(pre: str | None) -> pre_tokenizers.PreTokenizer:
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # GPT-2 regex
     if pre in _DIGITS_PRE:
@@ -85,21 +91,23 @@ def _pre_tokenizer(pre: str | None) -> pre_tokenizers.PreTokenizer:
 
 
 def _byte_level_bpe(gf: GGUFFile, tokens: list[str], types: list[int]) -> _HFTokenizer:
-    spell = _byte_alphabet()
-    alphabet = set(spell.values())
-    vocab: dict[str, int] = {}
-    for i, (tok, ttype) in enumerate(zip(tokens, types)):
+    # Whole-vocabulary passes (str.join, one regex search, dict(zip)) rather than a Python loop
+    # per token: this runs on every model load, over ~50k-150k tokens and merges.
+    if _OUTSIDE_ALPHABET.search("".join(tokens)):
         # Normal tokens are stored in the byte alphabet; a few converters wrote raw text instead.
-        if ttype not in (_CONTROL, _USER_DEFINED) and not set(tok) <= alphabet:
-            tok = "".join(spell[b] for b in tok.encode("utf-8"))
-        if vocab.setdefault(tok, i) != i:
-            logger.debug("%s: duplicate token %r at id %d (keeping id %d)", gf.path, tok, i, vocab[tok])
-    merges: list[tuple[str, str]] = []
-    for m in gf.get("tokenizer.ggml.merges") or []:
-        parts = m.split(" ")
-        if len(parts) != 2:
-            raise ValueError(f"{gf.path}: malformed merge {m!r} in tokenizer.ggml.merges")
-        merges.append((parts[0], parts[1]))
+        spell = _byte_alphabet()
+        tokens = [
+            "".join(spell[b] for b in tok.encode("utf-8"))
+            if ttype not in (_CONTROL, _USER_DEFINED) and _OUTSIDE_ALPHABET.search(tok) else tok
+            for tok, ttype in zip(tokens, types)
+        ]
+    # Reversed, so that a duplicated token keeps its first id.
+    vocab = dict(zip(reversed(tokens), range(len(tokens) - 1, -1, -1)))
+    if len(vocab) != len(tokens):
+        for i, tok in enumerate(tokens):
+            if vocab[tok] != i:
+                logger.debug("%s: duplicate token %r at id %d (keeping id %d)", gf.path, tok, i, vocab[tok])
+    merges = _merge_pairs(gf, gf.get("tokenizer.ggml.merges") or [])
     pre = gf.get("tokenizer.ggml.pre")
     try:
         bpe = models.BPE(
@@ -111,6 +119,17 @@ def _byte_level_bpe(gf: GGUFFile, tokens: list[str], types: list[int]) -> _HFTok
     backend.pre_tokenizer = _pre_tokenizer(pre)
     backend.decoder = decoders.ByteLevel()
     return backend
+
+
+def _merge_pairs(gf: GGUFFile, merges: list[str]) -> list[tuple[str, str]]:
+    """'a b' strings -> ('a', 'b') pairs; each merge must hold exactly one space."""
+    if set(map(str.count, merges, repeat(" "))) == {1}:
+        parts = " ".join(merges).split(" ")
+        return list(zip(parts[0::2], parts[1::2]))
+    for m in merges:
+        if m.count(" ") != 1:
+            raise ValueError(f"{gf.path}: malformed merge {m!r} in tokenizer.ggml.merges")
+    return []
 
 
 def _sentencepiece_via_transformers(gf: GGUFFile, tokens: list[str], types: list[int]) -> _HFTokenizer:
