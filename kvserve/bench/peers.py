@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable
 
 from kvserve.bench.workloads import BenchRequest
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ def guarded(engine: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 
 
 def _torch_dtype(dtype: str) -> torch.dtype:
+    import torch  # here, not at import: the llama.cpp peer's memory figure must not carry torch
+
     if dtype in ("auto", ""):
         return torch.float32
     return getattr(torch, dtype)
@@ -38,6 +41,7 @@ def _torch_dtype(dtype: str) -> torch.dtype:
 
 def load_hf_model(model: str, dtype: str, device: str = "cpu", load_format: str = "auto"):
     """The same checkpoint as a dense transformers model in `dtype`."""
+    import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from kvserve.loader.resolve import resolve_model
@@ -69,6 +73,8 @@ class HFPeer:
         self.device = next(self.model.parameters()).device
 
     def _gen(self, batch: list[list[int]], new: int) -> None:
+        import torch
+
         width = max(len(p) for p in batch)
         ids = torch.tensor([[0] * (width - len(p)) + p for p in batch], device=self.device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch], device=self.device)
@@ -93,6 +99,7 @@ class HFPeer:
         """transformers' continuous-batching `generate_batch` (paged attention)."""
         if not hasattr(self.model, "generate_batch"):
             raise RuntimeError("this transformers has no generate_batch")
+        import torch
         from transformers import GenerationConfig
 
         max_out = max(r.output_len for r in reqs)

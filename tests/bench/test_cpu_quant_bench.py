@@ -37,6 +37,15 @@ def test_import_stays_light():
     assert out.stdout.strip() == "[]"
 
 
+def test_llamacpp_peer_module_does_not_import_torch():
+    """The llama.cpp worker's peak RSS must not carry torch (kvserve.bench.peers imports it lazily)."""
+    import subprocess
+
+    code = "import sys, kvserve.bench.peers, kvserve.loader.resolve; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_defaults(cq):
     a = cq.parse_args([])
     assert a.engines == ["kvserve", "llama.cpp", "hf"]
