@@ -42,6 +42,7 @@ _MAX_ARRAY_DEPTH = 4
 # GGUF value type ids (gguf.GGUFValueType) -> struct/numpy codes of the fixed-size scalars.
 _SCALAR_CODES = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 FLOAT32, STRING, ARRAY = 6, 8, 9
+_INTEGER_TYPES = (0, 1, 2, 3, 4, 5, 10, 11)
 # Smallest encodings, to tell whether a count can fit in the rest of the file at all.
 _MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, a one-byte value
 _MIN_TENSOR_INFO_BYTES = 8 + 4 + 8 + 4 + 8  # name length, n_dims, one dim, type, offset
@@ -282,11 +283,12 @@ def _walk(c: _Cursor, supported_types: Collection[str] | None) -> GGUFContents:
         vtype = c.uint32(f"value type of {key!r}")
         value, etype = c.value(vtype, f"metadata {key!r}", base)
         if key == "general.alignment":
-            if vtype not in _SCALAR_CODES or vtype in (6, 7, 12) or value <= 0 or value & (value - 1):
+            if vtype not in _INTEGER_TYPES or value <= 0 or value & (value - 1):
                 raise c.fail(f"general.alignment must be a power of two (got {value!r})", at)
             alignment = value
         fields[key] = GGUFField(key, at, vtype, etype, value)
 
+    allowed = supported_types if supported_types is not None else [t.name for t in GGML_QUANT_SIZES]
     infos: list[tuple[int, str, list[int], GGMLQuantizationType, int]] = []
     names: set[str] = set()
     for i in range(n_tensors):
@@ -306,7 +308,6 @@ def _walk(c: _Cursor, supported_types: Collection[str] | None) -> GGUFContents:
             type_name = ggml_type.name if ggml_type in GGML_QUANT_SIZES else f"unsized type {ggml_type.name}"
         except ValueError:
             type_name = f"unknown type id {type_id}"
-        allowed = supported_types if supported_types is not None else [t.name for t in GGML_QUANT_SIZES]
         if type_name not in allowed:
             raise ValueError(
                 f"{c.path}: tensor {name!r} has GGML type {type_name}, which kvserve does not "
