@@ -257,6 +257,133 @@ static void tile_dot(const kvq_format *f, int nr, tile_t t, const int8_t *xq, co
     }
 }
 
+/* ---- direct kernels for few activation rows (decode) ----
+ *
+ * With M <= 4 the tile path spends more time unpacking a tile than the tile saves, and decode
+ * must stream the weight at memory bandwidth. So for few rows Q4_0, Q4_1 and Q8_0 are dotted
+ * straight from their block bytes: nibbles split with a shift and a mask in registers, each
+ * 32-value block dotted with the int8 activation block as 8 int32 lanes (u8 x s8; Q8_0 with the
+ * sign trick), scaled by d_w * d_x and accumulated in fp32; Q4_1's min and Q4_0's -8 * d enter
+ * as m * s, with s = d_x * (sum of the activation codes), stored per half block by
+ * quantize_act_row. NR weight rows share each activation load and MR activation rows share each
+ * unpacked weight block. Each (weight row, activation row) pair has its own accumulators and
+ * the same operation sequence whatever NR and MR are, so an output value never depends on how
+ * rows were grouped or split between threads. */
+
+#if defined(KVQ_AVX2)
+#define DIRECT_MAX_M 4
+#define DIRECT_PF 512 /* bytes ahead of each weight row to prefetch */
+
+/* u8 x s8 dot of 32 values as 8 int32 lane sums. Exact (no int16 saturation) for 4-bit codes,
+ * and for |w| <= 128 after the sign trick, so VNNI and vpmaddubsw agree bit for bit. */
+static inline __attribute__((always_inline)) __m256i dotu8_avx2(__m256i w, __m256i x) {
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__)
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
+#else
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1));
+#endif
+}
+
+/* out[a * out_stride + r] = row r of w . activation row a, for r < NR, a < MR. */
+static inline __attribute__((always_inline)) void direct_avx2(int qtype, int NR, int MR, const uint8_t *w,
+                                                              int64_t wrb, const uint8_t *const *xr, int64_t K,
+                                                              float *out, int64_t out_stride) {
+    const int64_t nb = K / KVQ_QK;
+    const int bb = qtype == KVQ_Q8_0 ? 34 : qtype == KVQ_Q4_1 ? 20 : 18;
+    const int hdr = qtype == KVQ_Q4_1 ? 4 : 2;
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    __m256 acc[DIRECT_MAX_M][KVQ_TILE_ROWS];
+    __m128 off[DIRECT_MAX_M][KVQ_TILE_ROWS];
+    const float *xd[DIRECT_MAX_M], *xs[DIRECT_MAX_M];
+    for (int a = 0; a < MR; a++) {
+        xd[a] = (const float *)(xr[a] + K), xs[a] = xd[a] + nb;
+        for (int r = 0; r < NR; r++) acc[a][r] = _mm256_setzero_ps(), off[a][r] = _mm_setzero_ps();
+    }
+    for (int64_t b = 0; b < nb; b++) {
+        __m256i xv[DIRECT_MAX_M];
+        for (int a = 0; a < MR; a++) xv[a] = _mm256_loadu_si256((const __m256i *)(xr[a] + 32 * b));
+        for (int r = 0; r < NR; r++) {
+            const uint8_t *blk = w + r * wrb + b * bb;
+            _mm_prefetch((const char *)blk + DIRECT_PF, _MM_HINT_T0);
+            if (qtype == KVQ_Q8_0) {
+                const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2));
+                const __m256i aq = _mm256_sign_epi8(q, q);
+                const __m256 dw = _mm256_set1_ps(kvq_h2f(kvq_rd16(blk)));
+                for (int a = 0; a < MR; a++) {
+                    __m256i p = dotu8_avx2(aq, _mm256_sign_epi8(xv[a], q));
+                    __m256 s = _mm256_mul_ps(dw, _mm256_broadcast_ss(xd[a] + b));
+                    acc[a][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[a][r]);
+                }
+            } else {
+                const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + hdr));
+                const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), m4);
+                int32_t hm;
+                memcpy(&hm, blk, 4); /* d, and for Q4_1 m (Q4_0: d and two code bytes) */
+                const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(hm));
+                const __m256 dw = _mm256_broadcastss_ps(dm);
+                const __m128 mv = qtype == KVQ_Q4_1 ? _mm_permute_ps(dm, 0x55)
+                                                    : _mm_mul_ps(_mm_broadcastss_ps(dm), _mm_set1_ps(-8.0f));
+                for (int a = 0; a < MR; a++) {
+                    __m256i p = dotu8_avx2(q, xv[a]);
+                    __m256 s = _mm256_mul_ps(dw, _mm256_broadcast_ss(xd[a] + b));
+                    acc[a][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[a][r]);
+                    __m128 sx = _mm_castpd_ps(_mm_load_sd((const double *)(xs[a] + 2 * b)));
+                    off[a][r] = _mm_fmadd_ps(mv, sx, off[a][r]);
+                }
+            }
+        }
+    }
+    for (int a = 0; a < MR; a++)
+        for (int r = 0; r < NR; r++) {
+            __m128 o = off[a][r];
+            out[a * out_stride + r] = hsum256(acc[a][r]) + (_mm_cvtss_f32(o) + _mm_cvtss_f32(_mm_movehdup_ps(o)));
+        }
+}
+
+/* Row groups per activation-row count: accumulators stay within the 16 ymm registers. */
+#define DIRECT_CASE(QT)                                                                                           \
+    case QT:                                                                                                      \
+        if (mr == 1 && nr == 4) direct_avx2(QT, 4, 1, w, wrb, xr, K, out, os);                                  \
+        else if (mr == 1) direct_avx2(QT, 1, 1, w, wrb, xr, K, out, os);                                        \
+        else if (mr == 2 && nr == 2) direct_avx2(QT, 2, 2, w, wrb, xr, K, out, os);                             \
+        else if (mr == 2) direct_avx2(QT, 1, 2, w, wrb, xr, K, out, os);                                        \
+        else if (mr == 3) direct_avx2(QT, 1, 3, w, wrb, xr, K, out, os);                                        \
+        else direct_avx2(QT, 1, 4, w, wrb, xr, K, out, os);                                                     \
+        break;
+
+static void direct_group(int qtype, int nr, int mr, const uint8_t *w, int64_t wrb, const uint8_t *const *xr,
+                         int64_t K, float *out, int64_t os) {
+    switch (qtype) {
+        DIRECT_CASE(KVQ_Q4_0)
+        DIRECT_CASE(KVQ_Q4_1)
+        DIRECT_CASE(KVQ_Q8_0)
+    default:
+        break;
+    }
+}
+
+static int direct_ok(int qtype, int64_t M) {
+    return M <= DIRECT_MAX_M && (qtype == KVQ_Q4_0 || qtype == KVQ_Q4_1 || qtype == KVQ_Q8_0);
+}
+
+/* Rows [n0, n1) for M <= DIRECT_MAX_M activation rows, front to back in groups of rows. */
+static void gemm_direct(int qtype, const uint8_t *w, int64_t wrb, const uint8_t *x, const float *bias, float *out,
+                        int64_t out_stride, int64_t M, int64_t K, int64_t n0, int64_t n1) {
+    const int64_t xstride = kvq_act_stride(K);
+    const uint8_t *xr[DIRECT_MAX_M];
+    for (int64_t m = 0; m < M; m++) xr[m] = x + m * xstride;
+    const int mr = (int)M, step = mr == 1 ? 4 : mr == 2 ? 2 : 1;
+    for (int64_t n = n0; n < n1;) {
+        int nr = n1 - n >= step ? step : 1;
+        direct_group(qtype, nr, mr, w + n * wrb, wrb, xr, K, out + n, out_stride);
+        if (bias != NULL)
+            for (int64_t m = 0; m < M; m++)
+                for (int r = 0; r < nr; r++) out[m * out_stride + n + r] += bias[n + r];
+        n += nr;
+    }
+}
+#endif
+
 /* ---- GEMM drivers ---- */
 
 void kvq_gemm_range(int qtype, const void *w, int64_t w_row_bytes, const void *xq, const float *bias, float *out,
@@ -264,6 +391,12 @@ void kvq_gemm_range(int qtype, const void *w, int64_t w_row_bytes, const void *x
     const kvq_format *f = kvq_format_of(qtype);
     (void)N;
     if (f == NULL || K % f->block_size != 0) return;
+#if defined(KVQ_AVX2)
+    if (direct_ok(qtype, M)) {
+        gemm_direct(qtype, (const uint8_t *)w, w_row_bytes, (const uint8_t *)xq, bias, out, out_stride, M, K, n0, n1);
+        return;
+    }
+#endif
     _Alignas(64) int8_t tq[KVQ_TILE_ROWS * TQ_STRIDE];
     _Alignas(64) float tsc[KVQ_TILE_ROWS * TSC_STRIDE];
     _Alignas(64) float toff[KVQ_TILE_ROWS * TOFF_STRIDE];
