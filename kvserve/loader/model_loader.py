@@ -84,7 +84,7 @@ def load_model(
         hf_cfg = gguf.load_gguf_config(gf)
         cfg = ModelConfig.from_hf_dict(hf_cfg)
         quantized = cfg.family == "llama" and gguf.has_quantized_matrices(gf)
-        weights = platform.weight_format(quantized, quantization)
+        weights = platform.weight_format(quantized, quantization, dtype)
         torch_dtype = platform.resolve_dtype(dtype, hf_cfg.get("torch_dtype"), weights)
         tokenizer = gguf.load_gguf_tokenizer(gf) if load_tokenizer else None
         keep = weights.kind == "ggml"
@@ -102,7 +102,7 @@ def load_model(
         cfg = ModelConfig.from_hf_dict(hf_cfg)
         if quantization not in (None, "auto", "none") and cfg.family != "llama":
             raise ValueError(f"quantization={quantization!r} supports the Llama family only (not {cfg.architecture})")
-        weights = platform.weight_format(False, quantization)
+        weights = platform.weight_format(False, quantization, dtype)
         torch_dtype = platform.resolve_dtype(dtype, cfg.torch_dtype, weights)
         tokenizer = _folder_tokenizer(folder) if load_tokenizer else None
         gen_path = folder / "generation_config.json"

@@ -46,7 +46,9 @@ def gelu_new(x: torch.Tensor) -> torch.Tensor:
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: dict[str, Any] | None) -> torch.Tensor:
     """[head_dim // 2] fp32 inverse frequencies, with linear or Llama-3 scaling applied."""
-    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+    # On the CPU even while a model is built on the meta device: meta arithmetic would pull in
+    # torch._dynamo (seconds of imports); the buffer is recomputed after materializing anyway.
+    exponents = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
     inv_freq = 1.0 / (theta**exponents)
     if scaling is None:
         return inv_freq

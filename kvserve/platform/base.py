@@ -54,6 +54,12 @@ class LayerBuilder:
     # The LM head's method where it differs (a quantized head stays 8-bit: it sets every logit).
     head_method: LinearMethod | None = None
 
+    @classmethod
+    def native(cls, backend: AttentionBackend, dtype: torch.dtype | None = None) -> LayerBuilder:
+        """Plain PyTorch layers (dense weights, native ops): the reference any platform is tested
+        against, and what a test builds a model with."""
+        return cls(backend=backend, ops=Ops(), linear_method=DenseLinearMethod(), dtype=dtype)
+
     def linear(self, in_features: int, out_sizes: list[int] | int, bias: bool = False) -> Linear:
         return Linear(in_features, out_sizes, bias, self.linear_method)
 
@@ -90,7 +96,9 @@ class Platform:
     def resolve_dtype(self, dtype: str, checkpoint_dtype: str | None, weights: WeightFormat = WeightFormat()) -> torch.dtype:
         raise NotImplementedError
 
-    def weight_format(self, checkpoint_quantized: bool, quantization: str | None) -> WeightFormat:
+    def weight_format(
+        self, checkpoint_quantized: bool, quantization: str | None, dtype: str = "auto"
+    ) -> WeightFormat:
         """How this platform keeps the checkpoint's weights (see `WeightFormat`)."""
         raise NotImplementedError
 

@@ -83,10 +83,19 @@ class CpuPlatform(Platform):
             return torch.float32
         return torch.bfloat16
 
-    def weight_format(self, checkpoint_quantized: bool, quantization: str | None) -> WeightFormat:
+    def weight_format(
+        self, checkpoint_quantized: bool, quantization: str | None, dtype: str = "auto"
+    ) -> WeightFormat:
+        """GGML blocks stay quantized (computed in fp32) unless `quantization="none"`, or a 16-bit
+        dtype is asked for explicitly: then they are dequantized to it, as that dtype's kernels
+        (the bf16 ones with AVX512-BF16) need."""
+        from kvserve.core.config import normalize_dtype
         from kvserve.platform.ggml_linear import QUANTIZE_TO
 
         if quantization in (None, "auto"):
+            if checkpoint_quantized and normalize_dtype(dtype) in ("bfloat16", "float16"):
+                logger.info("dtype=%s: GGUF blocks dequantized to it (the quantized kernels compute in fp32)", dtype)
+                return WeightFormat("dequantize")
             return WeightFormat("ggml" if checkpoint_quantized else "dense")
         if quantization == "none":
             return WeightFormat("dequantize" if checkpoint_quantized else "dense")

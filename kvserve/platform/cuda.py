@@ -45,7 +45,9 @@ class CudaPlatform(Platform):
             ckpt = None
         return torch.float16 if ckpt == "float16" else torch.bfloat16
 
-    def weight_format(self, checkpoint_quantized: bool, quantization: str | None) -> WeightFormat:
+    def weight_format(
+        self, checkpoint_quantized: bool, quantization: str | None, dtype: str = "auto"
+    ) -> WeightFormat:
         if quantization not in (None, "auto", "none"):
             raise ValueError(f"quantization={quantization!r} is not supported on CUDA yet (only on the CPU)")
         return WeightFormat("dequantize" if checkpoint_quantized else "dense")

@@ -52,10 +52,11 @@ def _cfg(**kw) -> ModelConfig:
 def test_llama_shard_shapes(as_rank):
     from kvserve.attention.torch_ref import TorchRefBackend
     from kvserve.models.llama import LlamaForCausalLM
+    from kvserve.platform.base import LayerBuilder
 
     as_rank(1, 2)
     with torch.device("meta"):
-        m = LlamaForCausalLM(_cfg(), TorchRefBackend())
+        m = LlamaForCausalLM(_cfg(), LayerBuilder.native(TorchRefBackend()))
     attn, mlp = m.layers[0].self_attn, m.layers[0].mlp
     assert (attn.num_heads, attn.num_kv_heads) == (2, 1)  # the single KV head is replicated
     assert attn.qkv_proj.weight.shape == (2 * 16 + 2 * 16, 64)

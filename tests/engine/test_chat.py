@@ -134,7 +134,7 @@ def test_cli_chat_exits_cleanly_on_eof(tiny_dir, llm, monkeypatch, capsys):
 # -- the built-in model --------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm2():
-    return LLM("smollm2", dtype="float32", device="cpu", max_model_len=512, num_kv_blocks=64)
+    return LLM("smollm2", dtype="float32", device="cpu", quantization="none", max_model_len=512, num_kv_blocks=64)
 
 
 @requires_smollm2

@@ -44,6 +44,6 @@ def test_cpu_engine_tunes_malloc(tiny_llama, monkeypatch):
     calls = []
     monkeypatch.setattr(cpu_memory, "_done", False)
     real = cpu_memory.tune_malloc
-    monkeypatch.setattr("kvserve.engine.llm_engine.tune_malloc", lambda: calls.append(1) or real())
+    monkeypatch.setattr(cpu_memory, "tune_malloc", lambda: calls.append(1) or real())  # called by the CPU platform
     LLM(str(tiny_llama[0]), dtype="float32", device="cpu", num_kv_blocks=16)
     assert calls and cpu_memory._done

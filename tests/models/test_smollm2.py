@@ -30,7 +30,7 @@ def hf_smollm2():
 
 
 def test_smollm2_greedy_matches_hf(hf_smollm2):
-    llm = LLM("smollm2", dtype="float32", device="cpu", max_model_len=512)
+    llm = LLM("smollm2", dtype="float32", device="cpu", quantization="none", max_model_len=512)
     tok = llm.get_tokenizer()
     ids = [tok.encode(p) for p in PROMPTS]
     refs = [hf_greedy(hf_smollm2, p, 32) for p in ids]
