@@ -277,3 +277,30 @@ def test_torchrun_cli_matches_tp1(tiny_model_factory):
     got = _cli_generate(folder, torchrun=True)
     assert want.strip()
     assert got == want
+
+
+@pytest.mark.parametrize("fmt", ["Q8_0", "Q4_K"])
+def test_tp2_ggml_quantized_gguf_matches_tp1(tmp_path, fmt):
+    """A GGUF kept quantized, split over 2 gloo ranks: column shards are rows of blocks; row
+    shards split the blocks of each row (Q8_0: whole blocks per rank, the same int8 products
+    summed in another order) or, where a shard boundary falls inside a block (Q4_K: 256-value
+    blocks, 128 columns per rank), are dequantized for that layer. Both give TP=1's tokens."""
+    from kvserve.models.linear import Linear
+    from tests.models.test_ggml_quantized import _write
+
+    path = _write(tmp_path / f"tp-{fmt}.gguf", fmt)
+    kw = dict(device="cpu", num_kv_blocks=48, max_model_len=128, max_num_batched_tokens=32)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, logprobs=1)
+    want = LLM(str(path), **kw).generate(PROMPTS[:2], params, use_tqdm=False)
+    llm = LLM(str(path), tensor_parallel_size=2, **kw)
+    try:
+        model = llm.engine.runner.model
+        qkv = model.layers[0].self_attn.qkv_proj
+        assert isinstance(qkv, Linear) and all(p.qtype > 0 for p in qkv.parts)  # still blocks on rank 0
+        got = llm.generate(PROMPTS[:2], params, use_tqdm=False)
+    finally:
+        llm.engine.shutdown()
+    for g, w in zip(got, want):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+        for gl, wl, t in zip(g.outputs[0].logprobs, w.outputs[0].logprobs, g.outputs[0].token_ids):
+            assert abs(gl[t].logprob - wl[t].logprob) < 0.05
