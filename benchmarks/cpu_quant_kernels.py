@@ -71,6 +71,43 @@ int64_t stream_sum(const uint8_t *p, int64_t n, int nt) {
     }
     return total;
 }
+
+#include <time.h>
+static double now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + 1e-9 * ts.tv_nsec;
+}
+
+/* Fastest single pass of `size` bytes, each pass over the next copy of the ring. */
+double stream_best(const uint8_t *ring, int64_t copies, int64_t size, int nt, int rounds) {
+    double best = 1e30;
+    volatile int64_t sink = 0;
+    for (int r = 0; r < rounds; r++)
+        for (int64_t c = 0; c < copies; c++) {
+            double t = now();
+            sink += stream_sum(ring + c * size, size / 128 * 128, nt);
+            t = now() - t;
+            if (t < best) best = t;
+        }
+    return best;
+}
+
+typedef void (*gemm_fn)(int, const void *, int64_t, const void *, const float *, float *, int64_t, int64_t, int64_t,
+                        int64_t);
+/* Fastest single kvq_gemm call, each call on the next copy of the weight in the ring. */
+double gemm_best(gemm_fn fn, int q, const uint8_t *ring, int64_t copies, int64_t size, int64_t rb, const void *xq,
+                 float *out, int64_t M, int64_t N, int64_t K, int rounds) {
+    double best = 1e30;
+    for (int r = 0; r < rounds; r++)
+        for (int64_t c = 0; c < copies; c++) {
+            double t = now();
+            fn(q, ring + c * size, rb, xq, 0, out, N, M, N, K);
+            t = now() - t;
+            if (t < best) best = t;
+        }
+    return best;
+}
 """
 
 
@@ -87,6 +124,11 @@ def _stream_lib(tmp: Path) -> ctypes.CDLL:
     lib = _compile([src], tmp / "stream.so", ["-mavx2"])
     lib.stream_sum.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int]
     lib.stream_sum.restype = ctypes.c_int64
+    i64, p, i = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.stream_best.argtypes = [p, i64, i64, i, i]
+    lib.stream_best.restype = ctypes.c_double
+    lib.gemm_best.argtypes = [p, i, p, i64, i64, i64, p, p, i64, i64, i64, i]
+    lib.gemm_best.restype = ctypes.c_double
     return lib
 
 
@@ -106,26 +148,22 @@ def _rev_lib(rev: str, tmp: Path) -> ctypes.CDLL:
     return lib
 
 
-def _best(fn, repeats: int) -> float:  # noqa: ANN001
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--m", type=int, nargs="+", default=[1, 2, 4, 32])
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--repeats", type=int, default=20, help="best of this many timed rounds over the ring")
+    ap.add_argument("--repeats", type=int, default=3, help="passes over the ring; the fastest call is kept")
     ap.add_argument("--ring-mb", type=int, default=192, help="total bytes of weight copies cycled through")
     ap.add_argument("--compare", metavar="REV", help="also time kvq_*.c as of this git revision")
     ap.add_argument("--extra", action="store_true", help="also Q4_0 and the K formats")
+    ap.add_argument("--decode", action="store_true",
+                    help="instead: LLM('smollm2', device='cpu') batch-1 greedy decode tok/s (best of --repeats)")
     ap.add_argument("--only", nargs="+", help="shape names containing any of these strings")
     args = ap.parse_args()
 
+    if args.decode:
+        _decode(args.repeats, args.threads)
+        return
     tmp = Path(tempfile.mkdtemp(prefix="kvq-bench-"))
     stream = _stream_lib(tmp)
     libs: list[tuple[str, ctypes.CDLL]] = []
@@ -150,15 +188,14 @@ def main() -> None:
         size = w1.numel()
         copies = max(2, -(-args.ring_mb * 2**20 // size))
         ring = w1.unsqueeze(0).repeat(copies, 1, 1)  # [copies, N, row_bytes], distinct addresses
-        total = copies * size
-        sbest = {t: _stream_best(stream, ring, t, args.repeats) for t in args.threads}
+        sbest = {t: stream.stream_best(ring.data_ptr(), copies, size, t, args.repeats) for t in args.threads}
         for m in args.m:
             x = torch.randn(m, k)
             for t in args.threads:
                 torch.set_num_threads(t)
-                line = f"{sname:<20}{qtype:<5}{m:>3}{t:>4}  {total / sbest[t] / 1e9:>11.1f}"
+                line = f"{sname:<20}{qtype:<5}{m:>3}{t:>4}  {size / sbest[t] / 1e9:>11.1f}"
                 for _, lb in libs:
-                    sec = _gemm_best(lb, cq.QTYPES[qtype], ring, k, x, args.repeats) / copies
+                    sec = _gemm_best(stream, lb, cq.QTYPES[qtype], ring, k, x, args.repeats)
                     line += f"  {sec * 1e6:>12.1f}{size / sec / 1e9:>7.1f}"
                 print(line, flush=True)
         del ring
@@ -182,26 +219,36 @@ def _weight(qtype: str, n: int, k: int) -> torch.Tensor:
     return raw.reshape(n, -1)
 
 
-def _stream_best(stream: ctypes.CDLL, ring: torch.Tensor, threads: int, repeats: int) -> float:
-    n = ring.numel() // 128 * 128
-    return _best(lambda: stream.stream_sum(ring.data_ptr(), n, threads), repeats)
+def _decode(repeats: int, threads: list[int]) -> None:
+    """128 greedy tokens from a short prompt after a warm-up: tok/s of the whole generate call
+    (prefill included, so a lower bound on the decode rate)."""
+    from kvserve import LLM, SamplingParams
+
+    llm = LLM("smollm2", device="cpu")
+    sp = SamplingParams(max_tokens=128, temperature=0, ignore_eos=True)
+    prompt = "The history of the printing press"
+    for t in threads:
+        torch.set_num_threads(t)
+        llm.generate([prompt], sp)
+        best = min(_timed(lambda: llm.generate([prompt], sp)) for _ in range(repeats))
+        print(f"decode threads={t}: {128 / best:.1f} tok/s (best of {repeats}, 128 tokens incl. prefill)", flush=True)
 
 
-def _gemm_best(lib: ctypes.CDLL, q: int, ring: torch.Tensor, k: int, x: torch.Tensor, repeats: int) -> float:
-    """Best time of one pass over the ring (one kvq_gemm per copy), activations quantized once."""
-    m, n, rb = x.shape[0], ring.shape[1], ring.shape[2]
+def _timed(fn) -> float:  # noqa: ANN001
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def _gemm_best(stream: ctypes.CDLL, lib: ctypes.CDLL, q: int, ring: torch.Tensor, k: int, x: torch.Tensor,
+               repeats: int) -> float:
+    """Fastest single kvq_gemm call (timed in C) over `repeats` passes of the ring."""
+    m, copies, n, rb = x.shape[0], ring.shape[0], ring.shape[1], ring.shape[2]
     xq = torch.empty(lib.kvq_act_bytes(q, m, k), dtype=torch.uint8)
     lib.kvq_quantize_act(q, x.data_ptr(), k, xq.data_ptr(), m, k)
     out = torch.empty(m, n)
-    ptrs = [ring[c].data_ptr() for c in range(ring.shape[0])]
-    fn, xp, op = lib.kvq_gemm, xq.data_ptr(), out.data_ptr()
-
-    def run() -> None:
-        for p in ptrs:
-            fn(q, p, rb, xp, None, op, n, m, n, k)
-
-    run()
-    return _best(run, repeats)
+    fn = ctypes.cast(lib.kvq_gemm, ctypes.c_void_p).value
+    return stream.gemm_best(fn, q, ring.data_ptr(), copies, n * rb, rb, xq.data_ptr(), out.data_ptr(), m, n, k, repeats)
 
 
 if __name__ == "__main__":

@@ -70,7 +70,8 @@ def gguf_dequant(qtype: str, w: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(gguf.quants.dequantize(w.numpy(), gguf.GGMLQuantizationType(cq.QTYPES[qtype])))
 
 
-def check_int8(y: torch.Tensor, x: torch.Tensor, wf: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+def check_int8(y: torch.Tensor, x: torch.Tensor, wf: torch.Tensor, bias: torch.Tensor | None = None,
+               vs_unquantized: bool = True) -> None:
     xq = cq.quantize_act_reference(x).double()
     ref = xq @ wf.double().T
     bound = xq.abs() @ wf.double().abs().T
@@ -78,6 +79,8 @@ def check_int8(y: torch.Tensor, x: torch.Tensor, wf: torch.Tensor, bias: torch.T
         ref += bias.double()
     err = (y.double() - ref).abs()
     assert bool((err <= 1e-5 * bound + 1e-6).all()), f"max err {err.max():.3g}, bound {bound.max():.3g}"
+    if not vs_unquantized:
+        return
     exact = x.double() @ wf.double().T + (bias.double() if bias is not None else 0)
     rel = (y.double() - exact).norm() / exact.norm()
     assert rel < 0.03, f"relative error vs unquantized activations {rel:.4f}"
@@ -118,20 +121,42 @@ def test_gemm_int8(qtype: str, level: str) -> None:
     check_int8(y.reshape(6, 37), x.reshape(6, k), gguf_dequant(qtype, w), bias)
 
 
+@pytest.mark.parametrize("level", ["native", "baseline"])
 @pytest.mark.parametrize("qtype", FORMATS)
-def test_rows_independent_of_split(qtype: str) -> None:
+def test_gemm_int8_few_rows(qtype: str, level: str) -> None:
+    """The decode path (M <= 4: weights dotted straight from their block bytes on AVX2/AVX-512):
+    every M it specialises, row counts that leave partial row groups, K an odd number of
+    blocks, and a bias."""
+    lib = _get_lib(level)
+    g = torch.Generator().manual_seed(11)
+    ks = (256, 768) if qtype.endswith("K") else (32, 96, 608)
+    for k in ks:
+        for n in (1, 3, 7, 13):
+            w = random_weight(qtype, n, k, seed=n + k)
+            wf = gguf_dequant(qtype, w)
+            bias = torch.randn(n, generator=g)
+            for m in (1, 2, 3, 4):
+                x = torch.randn(m, k, generator=g)
+                # (a) only: with a single block and one output, cancellation makes (b) meaningless
+                check_int8(cq.gemm_int8(qtype, w, k, x, lib=lib), x, wf, vs_unquantized=False)
+                check_int8(cq.gemm_int8(qtype, w, k, x, bias, lib=lib), x, wf, bias, vs_unquantized=False)
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("qtype", FORMATS)
+def test_rows_independent_of_split(qtype: str, m: int) -> None:
     """kvq.h: an output depends only on its weight and activation row, not on the row split."""
     lib = _get_lib("native")
-    k, n, m = 512, 45, 3
+    k, n = 512, 45
     w = random_weight(qtype, n, k, seed=2)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(3))
     q = cq.QTYPES[qtype]
     xq = torch.empty(lib.kvq_act_bytes(q, m, k), dtype=torch.uint8)
-    for m0, m1 in ((0, 1), (1, m)):  # the range form, in two pieces
+    for m0, m1 in ((0, 1), (1, m)):  # the range form, in two pieces (the second empty for m = 1)
         lib.kvq_quantize_act_range(q, x.data_ptr(), k, xq.data_ptr(), m, k, m0, m1)
     full = cq.gemm_int8(qtype, w, k, x, lib=lib)
     split = torch.empty(m, n)
-    for n0, n1 in ((0, 13), (13, 14), (14, 30), (30, n)):
+    for n0, n1 in ((0, 13), (13, 14), (14, 16), (16, 30), (30, 41), (41, n)):
         lib.kvq_gemm_range(q, w.data_ptr(), w.stride(0), xq.data_ptr(), None, split.data_ptr(), n, m, n, k, n0, n1)
     assert torch.equal(full, split)
 
@@ -141,11 +166,13 @@ def test_baseline_matches_native(qtype: str) -> None:
     native, base = _get_lib("native"), _get_lib("baseline")
     k = 512
     w = random_weight(qtype, 29, k, seed=4)
-    x = torch.randn(5, k, generator=torch.Generator().manual_seed(4))
-    a, b = cq.gemm_int8(qtype, w, k, x, lib=native), cq.gemm_int8(qtype, w, k, x, lib=base)
-    # Equal up to fp32 summation order (relative to sum |x_q| |W|, as in check_int8).
-    bound = cq.quantize_act_reference(x).abs() @ gguf_dequant(qtype, w).abs().T
-    assert bool(((a - b).abs() <= 2e-5 * bound + 1e-6).all())
+    g = torch.Generator().manual_seed(4)
+    for m in (1, 2, 3, 4, 5):  # the direct few-row path and the tile path
+        x = torch.randn(m, k, generator=g)
+        a, b = cq.gemm_int8(qtype, w, k, x, lib=native), cq.gemm_int8(qtype, w, k, x, lib=base)
+        # Equal up to fp32 summation order (relative to sum |x_q| |W|, as in check_int8).
+        bound = cq.quantize_act_reference(x).abs() @ gguf_dequant(qtype, w).abs().T
+        assert bool(((a - b).abs() <= 2e-5 * bound + 1e-6).all())
     assert torch.equal(cq.dequantize(qtype, w, k, lib=native), cq.dequantize(qtype, w, k, lib=base))
 
 

@@ -304,7 +304,7 @@ static inline __attribute__((always_inline)) void direct_avx2(int qtype, int NR,
         for (int a = 0; a < MR; a++) xv[a] = _mm256_loadu_si256((const __m256i *)(xr[a] + 32 * b));
         for (int r = 0; r < NR; r++) {
             const uint8_t *blk = w + r * wrb + b * bb;
-            _mm_prefetch((const char *)blk + DIRECT_PF, _MM_HINT_T0);
+            if (DIRECT_PF && (b & 1) == 0) _mm_prefetch((const char *)blk + DIRECT_PF, _MM_HINT_T0);
             if (qtype == KVQ_Q8_0) {
                 const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2));
                 const __m256i aq = _mm256_sign_epi8(q, q);
