@@ -218,16 +218,24 @@ def _gguf_type(q: int):  # noqa: ANN202 - gguf.GGMLQuantizationType
 # ---- API ----
 
 
-def dequantize(qtype: str | int, w: torch.Tensor, K: int, *, lib: ctypes.CDLL | None | object = _DEFAULT) -> torch.Tensor:
-    """uint8 [N, row_bytes] -> float32 [N, K], equal to gguf.quants.dequantize bit for bit."""
+def dequantize(
+    qtype: str | int, w: torch.Tensor, K: int, *, lib: ctypes.CDLL | None | object = _DEFAULT,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """uint8 [N, row_bytes] -> float32 [N, K], equal to gguf.quants.dequantize bit for bit
+    (into `out`, a contiguous float32 [N, K], when given)."""
     q = _qid(qtype)
     _check_weight(q, w, K)
     lib = _lib(lib)
+    if out is not None and (out.dtype != torch.float32 or tuple(out.shape) != (w.shape[0], K) or not out.is_contiguous()):
+        raise ValueError(f"out: expected a contiguous float32 tensor of shape {(w.shape[0], K)}")
     if lib is None:
         import gguf
 
-        return torch.from_numpy(gguf.quants.dequantize(w.contiguous().numpy(), _gguf_type(q)).astype(np.float32))
-    out = torch.empty((w.shape[0], K), dtype=torch.float32)
+        got = torch.from_numpy(gguf.quants.dequantize(w.contiguous().numpy(), _gguf_type(q)).astype(np.float32))
+        return got if out is None else out.copy_(got)
+    if out is None:
+        out = torch.empty((w.shape[0], K), dtype=torch.float32)
     lib.kvq_dequantize(q, w.data_ptr(), w.stride(0), out.data_ptr(), w.shape[0], K)
     return out
 

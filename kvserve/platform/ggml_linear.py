@@ -94,7 +94,18 @@ class GGMLLinearMethod(LinearMethod):
         if bias is not None and bias.dtype != torch.float32:
             bias = bias.float()
         parts = layer.parts
-        if len(parts) == 1:
+        if len(parts) > 1 and x2.shape[0] >= cpu_quant.DEQUANT_MIN_ROWS:
+            # Prefill sizes: the parts dequantized into one fp32 matrix, then one sgemm (the
+            # parts' separate products were narrower, less efficient matmuls).
+            w = torch.empty((layer.out_features, layer.in_features), dtype=torch.float32)
+            for p in parts:
+                rows = w[p.offset : p.offset + p.rows]
+                if p.qtype == 0:
+                    rows.copy_(p.data)
+                else:
+                    cpu_quant.dequantize(p.qtype, p.data, layer.in_features, out=rows)
+            out = torch.addmm(bias, x2, w.T) if bias is not None else x2 @ w.T
+        elif len(parts) == 1:
             p = parts[0]
             out = _part_product(cpu_quant, p, x2, layer.in_features, bias)
         else:

@@ -217,3 +217,16 @@ def test_builtin_model_kept_quantized_says_paris():
     out = llm.generate("The capital of France is", SamplingParams(max_tokens=3, temperature=0), use_tqdm=False)
     assert out[0].outputs[0].text.startswith(" Paris.")
     assert model.cpu_decoder and model.cpu_decoder.num_steps >= 1
+
+
+@pytest.mark.parametrize("name", ["Q4_1", "mixed"])
+def test_prefill_rows_dequantize_to_the_reference(files, name):
+    """From DEQUANT_MIN_ROWS rows a projection's parts are dequantized into one fp32 matrix and
+    multiplied without activation rounding: a long prompt's logprobs equal the plain fp32
+    reference's (only sgemm's blocking may differ)."""
+    score = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
+    prompt = [{"prompt_token_ids": [(11 * i + 5) % 250 + 3 for i in range(cpu_quant.DEQUANT_MIN_ROWS + 16)]}]
+    got = _llm(files[name]).generate(prompt, score, use_tqdm=False)[0].prompt_logprobs[1:]
+    want = _reference(files[name], int8=False).generate(prompt, score, use_tqdm=False)[0].prompt_logprobs[1:]
+    diffs = [abs(next(iter(a.values())).logprob - next(iter(b.values())).logprob) for a, b in zip(got, want)]
+    assert max(diffs) < 1e-3
