@@ -17,17 +17,16 @@ the gguf package), with one log line saying why.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import shutil
 import subprocess
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from kvserve.kernels import cbuild
 
 logger = logging.getLogger(__name__)
 
@@ -90,32 +89,9 @@ def isa_level() -> str:
     return _build_for(platform_level())
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("KVSERVE_CACHE_DIR") or Path.home() / ".cache" / "kvserve")
-
-
 def _sources() -> list[Path]:
     # every .c here: the decoder stack (decoder_stack_f32.c) links against the kvq kernels
     return sorted(QUANT_DIR.glob("*.c"))
-
-
-def _build(out: Path, flags: list[str]) -> None:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise RuntimeError("no C compiler found (set $CC)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Compile to a temporary name, then rename: concurrent processes never load a partial file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    try:
-        cmd = [cc, *_COMMON_FLAGS, *flags, *map(str, _sources()), "-o", tmp, "-lm"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-500:]}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _declare(lib: ctypes.CDLL) -> None:
@@ -144,13 +120,11 @@ def load_library(level: str) -> ctypes.CDLL | None:
     Tests call this directly to compare levels; everything else goes through `library()`."""
     if level not in _LEVEL_FLAGS:
         raise ValueError(f"unknown CPU ISA level {level!r}; expected one of {', '.join(_LEVEL_FLAGS)}")
-    flags = _LEVEL_FLAGS[level]
-    blob = b"".join(p.read_bytes() for p in [*_sources(), *sorted(QUANT_DIR.glob("*.h"))])
-    blob += " ".join(_COMMON_FLAGS + flags).encode()
-    lib_path = _cache_dir() / f"kvq-{level}-{hashlib.sha256(blob).hexdigest()[:16]}.so"
+    flags = [*_COMMON_FLAGS, *_LEVEL_FLAGS[level]]
+    lib_path = cbuild.library_path(f"kvq-{level}", [*_sources(), *sorted(QUANT_DIR.glob("*.h"))], flags)
     try:
         if not lib_path.exists():
-            _build(lib_path, flags)
+            cbuild.build(lib_path, _sources(), flags)
         torch.zeros(1).add_(1)  # make sure PyTorch's OpenMP runtime is loaded first (shared)
         lib = ctypes.CDLL(str(lib_path))
         if lib.kvq_abi_version() != ABI_VERSION:

@@ -38,6 +38,29 @@ def _ptr(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+def decode_step_fits(
+    input_ids: torch.Tensor, md: AttentionMetadata, max_rows: int, attn: list[nn.Module]
+) -> bool:
+    """A step a one-call decoder stack can run: all decodes, each with a cached context, at most
+    `max_rows` of them, with the runner's contiguous int32 / int64 inputs, and every layer still
+    on the torch_ref backend the stack stands in for (a trace wraps one layer's backend)."""
+    if (
+        input_ids.shape[0] > max_rows
+        or not md.is_pure_decode
+        or md.has_padding
+        or min(md.seq_lens_cpu) < 2  # a one-token prompt is a prefill to the backend
+    ):
+        return False
+    tables, lens, slots = md.block_tables, md.seq_lens, md.slot_mapping
+    if not (
+        input_ids.dtype == torch.int64 and input_ids.is_contiguous()
+        and tables.dtype == torch.int32 and tables.is_contiguous() and lens.dtype == torch.int32
+        and lens.is_contiguous() and slots.dtype == torch.int64 and slots.is_contiguous()
+    ):
+        return False
+    return all(type(a.backend) is TorchRefBackend for a in attn)
+
+
 class DecoderStack:
     """A model's layers as one C call. `build` returns None (saying why at debug level) where
     the stack does not apply; `applies` checks one step; calling it runs the step."""
@@ -107,24 +130,8 @@ class DecoderStack:
         return None
 
     def applies(self, input_ids: torch.Tensor, kv_caches: list[torch.Tensor], md: AttentionMetadata) -> bool:
-        """This step is all decodes (each with a cached context), at most MAX_ROWS of them, and
-        every layer still uses the torch_ref backend the stack stands in for."""
-        if (
-            input_ids.shape[0] > cpu_kernels.MAX_ROWS
-            or not md.is_pure_decode
-            or md.has_padding
-            or min(md.seq_lens_cpu) < 2  # a one-token prompt is a prefill to the backend
-        ):
-            return False
-        # The runner's inputs are contiguous views of its int32 / int64 staging buffers.
-        tables, lens, slots = md.block_tables, md.seq_lens, md.slot_mapping
-        if not (
-            input_ids.dtype == torch.int64 and input_ids.is_contiguous()
-            and tables.dtype == torch.int32 and tables.stride(1) == 1 and lens.dtype == torch.int32
-            and lens.is_contiguous() and slots.dtype == torch.int64 and slots.is_contiguous()
-        ):
-            return False
-        if not all(type(a.backend) is TorchRefBackend for a in self.attn):
+        """This step is one the stack can run (`decode_step_fits`) and the caches are bf16."""
+        if not decode_step_fits(input_ids, md, cpu_kernels.MAX_ROWS, self.attn):
             return False
         key = tuple(c.data_ptr() for c in kv_caches)
         if key != self._caches_key:

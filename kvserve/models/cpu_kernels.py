@@ -21,12 +21,9 @@ why. `KVSERVE_CPU_KERNELS=0` turns them off.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import logging
 import os
-import shutil
 import subprocess
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
@@ -43,30 +40,6 @@ FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-fopen
 MAX_ROWS = 4
 
 
-def _cache_dir() -> Path:
-    return Path(os.environ.get("KVSERVE_CACHE_DIR") or Path.home() / ".cache" / "kvserve")
-
-
-def _build(out: Path) -> None:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-    if cc is None:
-        raise RuntimeError("no C compiler found (set $CC)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Compile to a temporary name, then rename: concurrent processes never load a partial file.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
-    try:
-        proc = subprocess.run(
-            [cc, *FLAGS, *map(str, SOURCES), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=120
-        )
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[-500:]}")
-        os.replace(tmp, out)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 @lru_cache(maxsize=1)
 def _library() -> ctypes.CDLL | None:
     if os.environ.get("KVSERVE_CPU_KERNELS", "1") == "0":
@@ -78,11 +51,12 @@ def _library() -> ctypes.CDLL | None:
     if level != "avx512_bf16":
         logger.info("bf16 C kernels not used: ISA level %s (they need AVX512-BF16); using PyTorch", level)
         return None
-    blob = b"".join(p.read_bytes() for p in SOURCES + HEADERS) + " ".join(FLAGS).encode()
-    lib_path = _cache_dir() / f"kvserve_cpu-{hashlib.sha256(blob).hexdigest()[:16]}.so"
+    from kvserve.kernels import cbuild
+
+    lib_path = cbuild.library_path("kvserve_cpu", SOURCES + HEADERS, FLAGS)
     try:
         if not lib_path.exists():
-            _build(lib_path)
+            cbuild.build(lib_path, SOURCES, FLAGS, timeout=120)
         torch.zeros(1).add_(1)  # make sure PyTorch's OpenMP runtime is loaded first (shared)
         lib = ctypes.CDLL(str(lib_path))
         if (lib.kv_gemv_abi_version(), lib.kv_decode_attn_abi_version(), lib.kv_decoder_stack_abi_version()) != (5, 3, 2):

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from kvserve.attention.base import AttentionMetadata
-from kvserve.attention.torch_ref import TorchRefBackend
+from kvserve.models.cpu_decoder import decode_step_fits
 from kvserve.platform.ggml_linear import GGMLLinearMethod
 
 logger = logging.getLogger(__name__)
@@ -68,23 +68,8 @@ class GGMLDecoderStack:
         return None
 
     def applies(self, input_ids: torch.Tensor, kv_caches: list[torch.Tensor], md: AttentionMetadata) -> bool:
-        """This step is all decodes (each with a cached context), at most MAX_ROWS of them, and
-        every layer still uses the torch_ref backend the stack stands in for."""
-        if (
-            input_ids.shape[0] > MAX_ROWS
-            or not md.is_pure_decode
-            or md.has_padding
-            or min(md.seq_lens_cpu) < 2  # a one-token prompt is a prefill to the backend
-        ):
-            return False
-        tables, lens, slots = md.block_tables, md.seq_lens, md.slot_mapping
-        if not (
-            input_ids.dtype == torch.int64 and input_ids.is_contiguous()
-            and tables.dtype == torch.int32 and tables.is_contiguous() and lens.dtype == torch.int32
-            and lens.is_contiguous() and slots.dtype == torch.int64 and slots.is_contiguous()
-        ):
-            return False
-        if not all(type(a.backend) is TorchRefBackend for a in self.attn):
+        """This step is one the stack can run (`decode_step_fits`) and the caches are fp32."""
+        if not decode_step_fits(input_ids, md, MAX_ROWS, self.attn):
             return False
         key = tuple(c.data_ptr() for c in kv_caches)
         if key != self._caches_key:
