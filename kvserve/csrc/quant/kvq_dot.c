@@ -261,21 +261,76 @@ static void tile_dot(const kvq_format *f, int nr, tile_t t, const int8_t *xq, co
  *
  * With M <= 4 the tile path spends more time unpacking a tile than the tile saves, and decode
  * must stream the weight at memory bandwidth. So for few rows Q4_0, Q4_1 and Q8_0 are dotted
- * straight from their block bytes: nibbles split with a shift and a mask in registers, each
- * 32-value block dotted with the int8 activation block as 8 int32 lanes (u8 x s8; Q8_0 with the
- * sign trick), scaled by d_w * d_x and accumulated in fp32; Q4_1's min and Q4_0's -8 * d enter
- * as m * s, with s = d_x * (sum of the activation codes), stored per half block by
- * quantize_act_row. NR weight rows share each activation load and MR activation rows share each
- * unpacked weight block. Each (weight row, activation row) pair has its own accumulators and
- * the same operation sequence whatever NR and MR are, so an output value never depends on how
- * rows were grouped or split between threads. */
+ * straight from their block bytes, 8 blocks (256 values) of a weight row per step, with as few
+ * instructions per block as possible (the one-block-at-a-time form was compute-bound at about
+ * half the streaming-read rate):
+ *   - The activation row is first rearranged once per call (direct_prep) into what the step
+ *     loads: its codes (for Q4, two blocks' low halves, then their high halves, per 32 bytes),
+ *     its scales d_x in the lane order of the step's block sums, and the offset-term sums
+ *     (s0 + s1 per block, times -8 for Q4_0), zero-padded to whole steps.
+ *   - Q4: the 16 nibble bytes of two blocks load as one register; vpmaddubsw of the low and the
+ *     high nibbles, one 16-bit add, then 3 vphaddw and one vpmaddwd reduce 8 blocks to 8 int32
+ *     block sums (exact: at most 16 * 15 * 127 per 16-bit lane). Q8_0 (signed codes): the sign
+ *     trick, vpmaddubsw + vpmaddwd per block, then a vphaddd tree to the 8 block sums.
+ *   - The 8 blocks' fp16 headers come in with one gather and one F16C convert (d, and for Q4_1
+ *     m), the combined scale is one multiply d_w * d_x for 8 blocks, one convert and one FMA
+ *     accumulate the 8 block sums, and Q4_1's m (Q4_0's -8 d) times the stored activation block
+ *     sums is one more FMA.
+ * NR weight rows share each activation load and MR activation rows share each unpacked weight
+ * step. Each (weight row, activation row) pair has its own accumulators and the same operation
+ * sequence whatever NR and MR are, so an output value never depends on how rows were grouped or
+ * split between threads. */
 
 #if defined(KVQ_AVX2)
 #define DIRECT_MAX_M 4
-#define DIRECT_PF 512 /* bytes ahead of each weight row to prefetch */
+#define DIRECT_G 8       /* blocks per step */
+#ifndef DIRECT_PF
+#define DIRECT_PF 1024 /* bytes ahead of each weight row's step to prefetch (0: none) */
+#endif
+#define DIRECT_STACK 32768
+#ifndef DIRECT_NR1
+#define DIRECT_NR1 4
+#endif
 
-/* u8 x s8 dot of 32 values as 8 int32 lane sums. Exact (no int16 saturation) for 4-bit codes,
- * and for |w| <= 128 after the sign trick, so VNNI and vpmaddubsw agree bit for bit. */
+/* Position of block i of a step in the lane order of its block sums: Q4's vphaddw tree yields
+ * blocks 0, 2, 4, 6, 1, 3, 5, 7; Q8_0's is in order. */
+static inline int direct_pos(int qtype, int i) { return qtype == KVQ_Q8_0 ? i : (i & 1) * 4 + (i >> 1); }
+
+typedef struct {
+    const uint8_t *q; /* 256 code bytes per step */
+    const float *dx;  /* 8 scales per step */
+    const float *sx;  /* 8 offset-term sums per step */
+} dact_t;
+
+static inline int64_t direct_act_bytes(int64_t nb) { return (nb + DIRECT_G - 1) / DIRECT_G * (256 + 64); }
+
+static void direct_prep(int qtype, const uint8_t *row, int64_t K, uint8_t *buf, dact_t *da) {
+    const int64_t nb = K / KVQ_QK, ns = (nb + DIRECT_G - 1) / DIRECT_G;
+    const int8_t *q = (const int8_t *)row;
+    const float *d = (const float *)(row + K), *s = d + nb;
+    uint8_t *xq = buf;
+    float *dx = (float *)(buf + ns * 256), *sx = dx + ns * DIRECT_G;
+    memset(buf, 0, (size_t)direct_act_bytes(nb));
+    for (int64_t b = 0; b < nb; b++) {
+        int64_t o = b / DIRECT_G;
+        int i = (int)(b % DIRECT_G), pos = direct_pos(qtype, i);
+        dx[o * DIRECT_G + pos] = d[b];
+        float sb = s[2 * b] + s[2 * b + 1];
+        sx[o * DIRECT_G + pos] = qtype == KVQ_Q4_0 ? -8.0f * sb : sb;
+        uint8_t *dst = xq + o * 256;
+        if (qtype == KVQ_Q8_0) {
+            memcpy(dst + 32 * i, q + 32 * b, 32);
+        } else { /* pair j = i / 2: [lo halves of blocks 2j, 2j+1][hi halves of blocks 2j, 2j+1] */
+            int j = i >> 1, h = i & 1;
+            memcpy(dst + 64 * j + 16 * h, q + 32 * b, 16);
+            memcpy(dst + 64 * j + 32 + 16 * h, q + 32 * b + 16, 16);
+        }
+    }
+    da->q = xq, da->dx = dx, da->sx = sx;
+}
+
+/* u8 x s8 dot of 32 values as 8 int32 lane sums. Exact (no int16 saturation) for |w| <= 128
+ * after the sign trick, so VNNI and vpmaddubsw agree bit for bit. */
 static inline __attribute__((always_inline)) __m256i dotu8_avx2(__m256i w, __m256i x) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VL__)
     return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x);
@@ -284,75 +339,139 @@ static inline __attribute__((always_inline)) __m256i dotu8_avx2(__m256i w, __m25
 #endif
 }
 
-/* out[a * out_stride + r] = row r of w . activation row a, for r < NR, a < MR. */
-static inline __attribute__((always_inline)) void direct_avx2(int qtype, int NR, int MR, const uint8_t *w,
-                                                              int64_t wrb, const uint8_t *const *xr, int64_t K,
-                                                              float *out, int64_t out_stride) {
-    const int64_t nb = K / KVQ_QK;
+/* One step of nv (<= 8) blocks at block index 8 * o for NR weight rows x MR activation rows. */
+static inline __attribute__((always_inline)) void direct_step(int qtype, int NR, int MR, int nv, const uint8_t *w,
+                                                              int64_t wrb, const dact_t *xa, int64_t o,
+                                                              __m256 acc[][KVQ_TILE_ROWS]) {
     const int bb = qtype == KVQ_Q8_0 ? 34 : qtype == KVQ_Q4_1 ? 20 : 18;
     const int hdr = qtype == KVQ_Q4_1 ? 4 : 2;
-    const __m256i m4 = _mm256_set1_epi8(0x0f);
-    __m256 acc[DIRECT_MAX_M][KVQ_TILE_ROWS];
-    __m128 off[DIRECT_MAX_M][KVQ_TILE_ROWS];
-    const float *xd[DIRECT_MAX_M], *xs[DIRECT_MAX_M];
-    for (int a = 0; a < MR; a++) {
-        xd[a] = (const float *)(xr[a] + K), xs[a] = xd[a] + nb;
-        for (int r = 0; r < NR; r++) acc[a][r] = _mm256_setzero_ps(), off[a][r] = _mm_setzero_ps();
-    }
-    for (int64_t b = 0; b < nb; b++) {
-        __m256i xv[DIRECT_MAX_M];
-        for (int a = 0; a < MR; a++) xv[a] = _mm256_loadu_si256((const __m256i *)(xr[a] + 32 * b));
-        for (int r = 0; r < NR; r++) {
-            const uint8_t *blk = w + r * wrb + b * bb;
-            if (DIRECT_PF && (b & 1) == 0) _mm_prefetch((const char *)blk + DIRECT_PF, _MM_HINT_T0);
-            if (qtype == KVQ_Q8_0) {
-                const __m256i q = _mm256_loadu_si256((const __m256i *)(blk + 2));
-                const __m256i aq = _mm256_sign_epi8(q, q);
-                const __m256 dw = _mm256_set1_ps(kvq_h2f(kvq_rd16(blk)));
-                for (int a = 0; a < MR; a++) {
-                    __m256i p = dotu8_avx2(aq, _mm256_sign_epi8(xv[a], q));
-                    __m256 s = _mm256_mul_ps(dw, _mm256_broadcast_ss(xd[a] + b));
-                    acc[a][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[a][r]);
+    const __m256i ones = _mm256_set1_epi16(1);
+    /* per 128-bit lane: the 4 low 16-bit halves (d), then the 4 high ones (Q4_1's m) */
+    const __m256i dmsh = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4, 5, 8, 9, 12,
+                                          13, 2, 3, 6, 7, 10, 11, 14, 15);
+    _Pragma("GCC unroll 8")
+    for (int r = 0; r < NR; r++) {
+        const uint8_t *p = w + r * wrb + o * DIRECT_G * bb;
+        if (DIRECT_PF)
+            _Pragma("GCC unroll 8")
+            for (int l = 0; l < DIRECT_G * bb; l += 64) _mm_prefetch((const char *)p + DIRECT_PF + l, _MM_HINT_T0);
+        /* the 8 blocks' first 4 bytes (d, and Q4_1's m), block direct_pos order in the lanes */
+        __m256i g = _mm256_setzero_si256();
+        _Pragma("GCC unroll 8")
+        for (int i = 0; i < DIRECT_G; i++) {
+            if (i >= nv) continue;
+            int32_t h;
+            memcpy(&h, p + i * bb, 4);
+            const int lane = direct_pos(qtype, i);
+            g = _mm256_blend_epi32(g, _mm256_set1_epi32(h), 1 << lane);
+        }
+        const __m256i dm = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(g, dmsh), 0xd8);
+        const __m256 dw = _mm256_cvtph_ps(_mm256_castsi256_si128(dm));
+        if (qtype == KVQ_Q8_0) {
+            _Pragma("GCC unroll 8")
+            for (int a = 0; a < MR; a++) {
+                const uint8_t *xq = xa[a].q + o * 256;
+                __m256i ps[DIRECT_G];
+                _Pragma("GCC unroll 8")
+                for (int i = 0; i < DIRECT_G; i++) {
+                    if (i < nv) {
+                        const __m256i q = _mm256_loadu_si256((const __m256i *)(p + i * bb + 2));
+                        const __m256i x = _mm256_loadu_si256((const __m256i *)(xq + 32 * i));
+                        ps[i] = dotu8_avx2(_mm256_sign_epi8(q, q), _mm256_sign_epi8(x, q));
+                    } else {
+                        ps[i] = _mm256_setzero_si256();
+                    }
                 }
-            } else {
-                const __m128i raw = _mm_loadu_si128((const __m128i *)(blk + hdr));
-                const __m256i q = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(raw, 4), raw), m4);
-                int32_t hm;
-                memcpy(&hm, blk, 4); /* d, and for Q4_1 m (Q4_0: d and two code bytes) */
-                const __m128 dm = _mm_cvtph_ps(_mm_cvtsi32_si128(hm));
-                const __m256 dw = _mm256_broadcastss_ps(dm);
-                const __m128 mv = qtype == KVQ_Q4_1 ? _mm_permute_ps(dm, 0x55)
-                                                    : _mm_mul_ps(_mm_broadcastss_ps(dm), _mm_set1_ps(-8.0f));
+                /* lanes of h: blocks 0-3 (values 0-15 | values 16-31), then blocks 4-7 */
+                const __m256i h0 = _mm256_hadd_epi32(_mm256_hadd_epi32(ps[0], ps[1]), _mm256_hadd_epi32(ps[2], ps[3]));
+                const __m256i h1 = _mm256_hadd_epi32(_mm256_hadd_epi32(ps[4], ps[5]), _mm256_hadd_epi32(ps[6], ps[7]));
+                const __m256i v = _mm256_add_epi32(_mm256_permute2x128_si256(h0, h1, 0x20),
+                                                   _mm256_permute2x128_si256(h0, h1, 0x31));
+                const __m256 sc = _mm256_mul_ps(dw, _mm256_loadu_ps(xa[a].dx + o * DIRECT_G));
+                acc[a][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), sc, acc[a][r]);
+            }
+        } else {
+            const __m256i m4 = _mm256_set1_epi8(0x0f);
+            __m256i s[DIRECT_MAX_M][DIRECT_G / 2];
+            _Pragma("GCC unroll 8")
+            for (int j = 0; j < DIRECT_G / 2; j++) {
+                const uint8_t *b0 = p + 2 * j * bb + hdr;
+                __m256i raw;
+                if (2 * j + 1 < nv)
+                    raw = _mm256_loadu2_m128i((const __m128i *)(b0 + bb), (const __m128i *)b0);
+                else if (2 * j < nv)
+                    raw = _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)b0));
+                else
+                    raw = _mm256_setzero_si256();
+                const __m256i wl = _mm256_and_si256(raw, m4), wh = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+                _Pragma("GCC unroll 8")
                 for (int a = 0; a < MR; a++) {
-                    __m256i p = dotu8_avx2(q, xv[a]);
-                    __m256 s = _mm256_mul_ps(dw, _mm256_broadcast_ss(xd[a] + b));
-                    acc[a][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, acc[a][r]);
-                    __m128 sx = _mm_castpd_ps(_mm_load_sd((const double *)(xs[a] + 2 * b)));
-                    off[a][r] = _mm_fmadd_ps(mv, sx, off[a][r]);
+                    const __m256i *xq = (const __m256i *)(xa[a].q + o * 256);
+                    s[a][j] = _mm256_add_epi16(_mm256_maddubs_epi16(wl, _mm256_loadu_si256(xq + 2 * j)),
+                                               _mm256_maddubs_epi16(wh, _mm256_loadu_si256(xq + 2 * j + 1)));
                 }
+            }
+            const __m256 mw = qtype == KVQ_Q4_1 ? _mm256_cvtph_ps(_mm256_extracti128_si256(dm, 1)) : dw;
+            _Pragma("GCC unroll 8")
+            for (int a = 0; a < MR; a++) {
+                const __m256i u = _mm256_hadd_epi16(_mm256_hadd_epi16(s[a][0], s[a][1]), _mm256_hadd_epi16(s[a][2], s[a][3]));
+                const __m256i v = _mm256_madd_epi16(u, ones);
+                const __m256 sc = _mm256_mul_ps(dw, _mm256_loadu_ps(xa[a].dx + o * DIRECT_G));
+                acc[a][r] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(xa[a].sx + o * DIRECT_G), acc[a][r]);
+                acc[a][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), sc, acc[a][r]);
             }
         }
     }
+}
+
+/* out[a * out_stride + r] = row r of w . activation row a, for r < NR, a < MR. */
+static inline __attribute__((always_inline)) void direct_avx2(int qtype, int NR, int MR, const uint8_t *w,
+                                                              int64_t wrb, const dact_t *xa, int64_t nb,
+                                                              float *out, int64_t out_stride) {
+    __m256 acc[DIRECT_MAX_M][KVQ_TILE_ROWS];
+    _Pragma("GCC unroll 8")
     for (int a = 0; a < MR; a++)
-        for (int r = 0; r < NR; r++) {
-            __m128 o = off[a][r];
-            out[a * out_stride + r] = hsum256(acc[a][r]) + (_mm_cvtss_f32(o) + _mm_cvtss_f32(_mm_movehdup_ps(o)));
-        }
+        _Pragma("GCC unroll 8")
+        for (int r = 0; r < NR; r++) acc[a][r] = _mm256_setzero_ps();
+    const int64_t nfull = nb / DIRECT_G;
+    for (int64_t o = 0; o < nfull; o++) {
+#ifdef DIRECT_MCA
+        __asm volatile("# LLVM-MCA-BEGIN step");
+#endif
+        direct_step(qtype, NR, MR, DIRECT_G, w, wrb, xa, o, acc);
+#ifdef DIRECT_MCA
+        __asm volatile("# LLVM-MCA-END");
+#endif
+    }
+    switch (nb % DIRECT_G) { /* the last, partial step */
+    case 1: direct_step(qtype, NR, MR, 1, w, wrb, xa, nfull, acc); break;
+    case 2: direct_step(qtype, NR, MR, 2, w, wrb, xa, nfull, acc); break;
+    case 3: direct_step(qtype, NR, MR, 3, w, wrb, xa, nfull, acc); break;
+    case 4: direct_step(qtype, NR, MR, 4, w, wrb, xa, nfull, acc); break;
+    case 5: direct_step(qtype, NR, MR, 5, w, wrb, xa, nfull, acc); break;
+    case 6: direct_step(qtype, NR, MR, 6, w, wrb, xa, nfull, acc); break;
+    case 7: direct_step(qtype, NR, MR, 7, w, wrb, xa, nfull, acc); break;
+    default: break;
+    }
+    _Pragma("GCC unroll 8")
+    for (int a = 0; a < MR; a++)
+        _Pragma("GCC unroll 8")
+        for (int r = 0; r < NR; r++) out[a * out_stride + r] = hsum256(acc[a][r]);
 }
 
 /* Row groups per activation-row count: accumulators stay within the 16 ymm registers. */
 #define DIRECT_CASE(QT)                                                                                           \
     case QT:                                                                                                      \
-        if (mr == 1 && nr == 4) direct_avx2(QT, 4, 1, w, wrb, xr, K, out, os);                                  \
-        else if (mr == 1) direct_avx2(QT, 1, 1, w, wrb, xr, K, out, os);                                        \
-        else if (mr == 2 && nr == 2) direct_avx2(QT, 2, 2, w, wrb, xr, K, out, os);                             \
-        else if (mr == 2) direct_avx2(QT, 1, 2, w, wrb, xr, K, out, os);                                        \
-        else if (mr == 3) direct_avx2(QT, 1, 3, w, wrb, xr, K, out, os);                                        \
-        else direct_avx2(QT, 1, 4, w, wrb, xr, K, out, os);                                                     \
+        if (mr == 1 && nr == DIRECT_NR1) direct_avx2(QT, DIRECT_NR1, 1, w, wrb, xa, nb, out, os);                                 \
+        else if (mr == 1) direct_avx2(QT, 1, 1, w, wrb, xa, nb, out, os);                                       \
+        else if (mr == 2 && nr == 2) direct_avx2(QT, 2, 2, w, wrb, xa, nb, out, os);                            \
+        else if (mr == 2) direct_avx2(QT, 1, 2, w, wrb, xa, nb, out, os);                                       \
+        else if (mr == 3) direct_avx2(QT, 1, 3, w, wrb, xa, nb, out, os);                                       \
+        else direct_avx2(QT, 1, 4, w, wrb, xa, nb, out, os);                                                    \
         break;
 
-static void direct_group(int qtype, int nr, int mr, const uint8_t *w, int64_t wrb, const uint8_t *const *xr,
-                         int64_t K, float *out, int64_t os) {
+static void direct_group(int qtype, int nr, int mr, const uint8_t *w, int64_t wrb, const dact_t *xa, int64_t nb,
+                         float *out, int64_t os) {
     switch (qtype) {
         DIRECT_CASE(KVQ_Q4_0)
         DIRECT_CASE(KVQ_Q4_1)
@@ -369,18 +488,22 @@ static int direct_ok(int qtype, int64_t M) {
 /* Rows [n0, n1) for M <= DIRECT_MAX_M activation rows, front to back in groups of rows. */
 static void gemm_direct(int qtype, const uint8_t *w, int64_t wrb, const uint8_t *x, const float *bias, float *out,
                         int64_t out_stride, int64_t M, int64_t K, int64_t n0, int64_t n1) {
-    const int64_t xstride = kvq_act_stride(K);
-    const uint8_t *xr[DIRECT_MAX_M];
-    for (int64_t m = 0; m < M; m++) xr[m] = x + m * xstride;
-    const int mr = (int)M, step = mr == 1 ? 4 : mr == 2 ? 2 : 1;
+    const int64_t xstride = kvq_act_stride(K), nb = K / KVQ_QK, ab = direct_act_bytes(nb);
+    _Alignas(64) uint8_t stack[DIRECT_STACK];
+    uint8_t *buf = M * ab <= DIRECT_STACK ? stack : (uint8_t *)malloc((size_t)(M * ab));
+    if (buf == NULL) return;
+    dact_t xa[DIRECT_MAX_M];
+    for (int64_t m = 0; m < M; m++) direct_prep(qtype, x + m * xstride, K, buf + m * ab, &xa[m]);
+    const int mr = (int)M, step = mr == 1 ? DIRECT_NR1 : mr == 2 ? 2 : 1;
     for (int64_t n = n0; n < n1;) {
         int nr = n1 - n >= step ? step : 1;
-        direct_group(qtype, nr, mr, w + n * wrb, wrb, xr, K, out + n, out_stride);
+        direct_group(qtype, nr, mr, w + n * wrb, wrb, xa, nb, out + n, out_stride);
         if (bias != NULL)
             for (int64_t m = 0; m < M; m++)
                 for (int r = 0; r < nr; r++) out[m * out_stride + n + r] += bias[n + r];
         n += nr;
     }
+    if (buf != stack) free(buf);
 }
 #endif
 
