@@ -285,16 +285,19 @@ static void tile_dot(const kvq_format *f, int nr, tile_t t, const int8_t *xq, co
 #define DIRECT_MAX_M 4
 #define DIRECT_G 8       /* blocks per step */
 #ifndef DIRECT_PF
-#define DIRECT_PF 1024 /* bytes ahead of each weight row's step to prefetch (0: none) */
+#define DIRECT_PF 2048 /* at least this many bytes ahead prefetched (0: none) */
 #endif
 #define DIRECT_STACK 32768
-#ifndef DIRECT_NR1
+#ifndef DIRECT_NR1 /* weight rows per group for M = 1 */
 #define DIRECT_NR1 4
 #endif
 
 /* Position of block i of a step in the lane order of its block sums: Q4's vphaddw tree yields
  * blocks 0, 2, 4, 6, 1, 3, 5, 7; Q8_0's is in order. */
 static inline int direct_pos(int qtype, int i) { return qtype == KVQ_Q8_0 ? i : (i & 1) * 4 + (i >> 1); }
+
+/* The block in lane l (the inverse of direct_pos). */
+static inline int direct_blk(int qtype, int l) { return qtype == KVQ_Q8_0 ? l : (l & 3) * 2 + (l >> 2); }
 
 typedef struct {
     const uint8_t *q; /* 256 code bytes per step */
@@ -342,7 +345,7 @@ static inline __attribute__((always_inline)) __m256i dotu8_avx2(__m256i w, __m25
 /* One step of nv (<= 8) blocks at block index 8 * o for NR weight rows x MR activation rows. */
 static inline __attribute__((always_inline)) void direct_step(int qtype, int NR, int MR, int nv, const uint8_t *w,
                                                               int64_t wrb, const dact_t *xa, int64_t o,
-                                                              __m256 acc[][KVQ_TILE_ROWS]) {
+                                                              int64_t pfd, __m256 acc[][KVQ_TILE_ROWS]) {
     const int bb = qtype == KVQ_Q8_0 ? 34 : qtype == KVQ_Q4_1 ? 20 : 18;
     const int hdr = qtype == KVQ_Q4_1 ? 4 : 2;
     const __m256i ones = _mm256_set1_epi16(1);
@@ -354,17 +357,21 @@ static inline __attribute__((always_inline)) void direct_step(int qtype, int NR,
         const uint8_t *p = w + r * wrb + o * DIRECT_G * bb;
         if (DIRECT_PF)
             _Pragma("GCC unroll 8")
-            for (int l = 0; l < DIRECT_G * bb; l += 64) _mm_prefetch((const char *)p + DIRECT_PF + l, _MM_HINT_T0);
-        /* the 8 blocks' first 4 bytes (d, and Q4_1's m), block direct_pos order in the lanes */
-        __m256i g = _mm256_setzero_si256();
+            for (int l = 0; l < DIRECT_G * bb; l += 64) _mm_prefetch((const char *)p + pfd + l, _MM_HINT_T0);
+        /* the 8 blocks' first 4 bytes (d, and Q4_1's m) in the lanes of their sums, two blocks per
+         * 64-bit scalar load pair (general-purpose loads: cheaper here than gathers or broadcast +
+         * blend, which compete with the dot products for the vector pipes) */
+        uint64_t h2[DIRECT_G / 2];
         _Pragma("GCC unroll 8")
-        for (int i = 0; i < DIRECT_G; i++) {
-            if (i >= nv) continue;
-            int32_t h;
-            memcpy(&h, p + i * bb, 4);
-            const int lane = direct_pos(qtype, i);
-            g = _mm256_blend_epi32(g, _mm256_set1_epi32(h), 1 << lane);
+        for (int k = 0; k < DIRECT_G / 2; k++) {
+            uint32_t lo = 0, hi = 0;
+            const int i0 = direct_blk(qtype, 2 * k), i1 = direct_blk(qtype, 2 * k + 1);
+            if (i0 < nv) memcpy(&lo, p + i0 * bb, 4);
+            if (i1 < nv) memcpy(&hi, p + i1 * bb, 4);
+            h2[k] = lo | (uint64_t)hi << 32;
         }
+        const __m256i g = _mm256_set_m128i(_mm_insert_epi64(_mm_cvtsi64_si128((long long)h2[2]), (long long)h2[3], 1),
+                                           _mm_insert_epi64(_mm_cvtsi64_si128((long long)h2[0]), (long long)h2[1], 1));
         const __m256i dm = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(g, dmsh), 0xd8);
         const __m256 dw = _mm256_cvtph_ps(_mm256_castsi256_si128(dm));
         if (qtype == KVQ_Q8_0) {
@@ -427,7 +434,7 @@ static inline __attribute__((always_inline)) void direct_step(int qtype, int NR,
 /* out[a * out_stride + r] = row r of w . activation row a, for r < NR, a < MR. */
 static inline __attribute__((always_inline)) void direct_avx2(int qtype, int NR, int MR, const uint8_t *w,
                                                               int64_t wrb, const dact_t *xa, int64_t nb,
-                                                              float *out, int64_t out_stride) {
+                                                              float *out, int64_t out_stride, int64_t pfd) {
     __m256 acc[DIRECT_MAX_M][KVQ_TILE_ROWS];
     _Pragma("GCC unroll 8")
     for (int a = 0; a < MR; a++)
@@ -435,22 +442,22 @@ static inline __attribute__((always_inline)) void direct_avx2(int qtype, int NR,
         for (int r = 0; r < NR; r++) acc[a][r] = _mm256_setzero_ps();
     const int64_t nfull = nb / DIRECT_G;
     for (int64_t o = 0; o < nfull; o++) {
-#ifdef DIRECT_MCA
-        __asm volatile("# LLVM-MCA-BEGIN step");
+#ifdef DIRECT_MCA /* marks the step for llvm-mca -mcpu=znver3 (on gcc -S output) */
+        __asm volatile("# LLVM-MCA-BEGIN q%c0_nr%c1_mr%c2" ::"i"(qtype), "i"(NR), "i"(MR));
 #endif
-        direct_step(qtype, NR, MR, DIRECT_G, w, wrb, xa, o, acc);
+        direct_step(qtype, NR, MR, DIRECT_G, w, wrb, xa, o, pfd, acc);
 #ifdef DIRECT_MCA
         __asm volatile("# LLVM-MCA-END");
 #endif
     }
     switch (nb % DIRECT_G) { /* the last, partial step */
-    case 1: direct_step(qtype, NR, MR, 1, w, wrb, xa, nfull, acc); break;
-    case 2: direct_step(qtype, NR, MR, 2, w, wrb, xa, nfull, acc); break;
-    case 3: direct_step(qtype, NR, MR, 3, w, wrb, xa, nfull, acc); break;
-    case 4: direct_step(qtype, NR, MR, 4, w, wrb, xa, nfull, acc); break;
-    case 5: direct_step(qtype, NR, MR, 5, w, wrb, xa, nfull, acc); break;
-    case 6: direct_step(qtype, NR, MR, 6, w, wrb, xa, nfull, acc); break;
-    case 7: direct_step(qtype, NR, MR, 7, w, wrb, xa, nfull, acc); break;
+    case 1: direct_step(qtype, NR, MR, 1, w, wrb, xa, nfull, pfd, acc); break;
+    case 2: direct_step(qtype, NR, MR, 2, w, wrb, xa, nfull, pfd, acc); break;
+    case 3: direct_step(qtype, NR, MR, 3, w, wrb, xa, nfull, pfd, acc); break;
+    case 4: direct_step(qtype, NR, MR, 4, w, wrb, xa, nfull, pfd, acc); break;
+    case 5: direct_step(qtype, NR, MR, 5, w, wrb, xa, nfull, pfd, acc); break;
+    case 6: direct_step(qtype, NR, MR, 6, w, wrb, xa, nfull, pfd, acc); break;
+    case 7: direct_step(qtype, NR, MR, 7, w, wrb, xa, nfull, pfd, acc); break;
     default: break;
     }
     _Pragma("GCC unroll 8")
@@ -462,16 +469,16 @@ static inline __attribute__((always_inline)) void direct_avx2(int qtype, int NR,
 /* Row groups per activation-row count: accumulators stay within the 16 ymm registers. */
 #define DIRECT_CASE(QT)                                                                                           \
     case QT:                                                                                                      \
-        if (mr == 1 && nr == DIRECT_NR1) direct_avx2(QT, DIRECT_NR1, 1, w, wrb, xa, nb, out, os);                                 \
-        else if (mr == 1) direct_avx2(QT, 1, 1, w, wrb, xa, nb, out, os);                                       \
-        else if (mr == 2 && nr == 2) direct_avx2(QT, 2, 2, w, wrb, xa, nb, out, os);                            \
-        else if (mr == 2) direct_avx2(QT, 1, 2, w, wrb, xa, nb, out, os);                                       \
-        else if (mr == 3) direct_avx2(QT, 1, 3, w, wrb, xa, nb, out, os);                                       \
-        else direct_avx2(QT, 1, 4, w, wrb, xa, nb, out, os);                                                    \
+        if (mr == 1 && nr == DIRECT_NR1) direct_avx2(QT, DIRECT_NR1, 1, w, wrb, xa, nb, out, os, pfd);                                 \
+        else if (mr == 1) direct_avx2(QT, 1, 1, w, wrb, xa, nb, out, os, pfd);                                       \
+        else if (mr == 2 && nr == 2) direct_avx2(QT, 2, 2, w, wrb, xa, nb, out, os, pfd);                            \
+        else if (mr == 2) direct_avx2(QT, 1, 2, w, wrb, xa, nb, out, os, pfd);                                       \
+        else if (mr == 3) direct_avx2(QT, 1, 3, w, wrb, xa, nb, out, os, pfd);                                       \
+        else direct_avx2(QT, 1, 4, w, wrb, xa, nb, out, os, pfd);                                                    \
         break;
 
 static void direct_group(int qtype, int nr, int mr, const uint8_t *w, int64_t wrb, const dact_t *xa, int64_t nb,
-                         float *out, int64_t os) {
+                         float *out, int64_t os, int64_t pfd) {
     switch (qtype) {
         DIRECT_CASE(KVQ_Q4_0)
         DIRECT_CASE(KVQ_Q4_1)
@@ -495,9 +502,11 @@ static void gemm_direct(int qtype, const uint8_t *w, int64_t wrb, const uint8_t 
     dact_t xa[DIRECT_MAX_M];
     for (int64_t m = 0; m < M; m++) direct_prep(qtype, x + m * xstride, K, buf + m * ab, &xa[m]);
     const int mr = (int)M, step = mr == 1 ? DIRECT_NR1 : mr == 2 ? 2 : 1;
+    /* prefetch the same bytes of the row group whole groups ahead, at least DIRECT_PF bytes */
+    const int64_t gbytes = step * wrb, pfd = (DIRECT_PF + gbytes - 1) / gbytes * gbytes;
     for (int64_t n = n0; n < n1;) {
         int nr = n1 - n >= step ? step : 1;
-        direct_group(qtype, nr, mr, w + n * wrb, wrb, xa, nb, out + n, out_stride);
+        direct_group(qtype, nr, mr, w + n * wrb, wrb, xa, nb, out + n, out_stride, pfd);
         if (bias != NULL)
             for (int64_t m = 0; m < M; m++)
                 for (int r = 0; r < nr; r++) out[m * out_stride + n + r] += bias[n + r];
