@@ -126,10 +126,11 @@ def test_gemm_int8(qtype: str, level: str) -> None:
 def test_gemm_int8_few_rows(qtype: str, level: str) -> None:
     """The decode path (M <= 4: weights dotted straight from their block bytes on AVX2/AVX-512):
     every M it specialises, row counts that leave partial row groups, K an odd number of
-    blocks, and a bias."""
+    blocks, K that ends in a partial 8-block step, and a bias."""
     lib = _get_lib(level)
     g = torch.Generator().manual_seed(11)
-    ks = (256, 768) if qtype.endswith("K") else (32, 96, 608)
+    # AVX2 steps of 8 blocks: K = 576 and 608 end in a partial step of 2 and 3 blocks, 480 of 7
+    ks = (256, 768) if qtype.endswith("K") else (32, 96, 480, 576, 608)
     for k in ks:
         for n in (1, 3, 7, 13):
             w = random_weight(qtype, n, k, seed=n + k)
