@@ -288,9 +288,10 @@ static void tile_dot(const kvq_format *f, int nr, tile_t t, const int8_t *xq, co
 #define DIRECT_PF 2048 /* at least this many bytes ahead prefetched (0: none) */
 #endif
 #define DIRECT_STACK 32768
-#ifndef DIRECT_NR1 /* weight rows per group for M = 1 */
-#define DIRECT_NR1 4
+#ifndef DIRECT_NR1_Q8
+#define DIRECT_NR1_Q8 4
 #endif
+#define DIRECT_NR1(qt) ((qt) == KVQ_Q8_0 ? DIRECT_NR1_Q8 : 4) /* weight rows per group for M = 1 */
 
 /* Position of block i of a step in the lane order of its block sums: Q4's vphaddw tree yields
  * blocks 0, 2, 4, 6, 1, 3, 5, 7; Q8_0's is in order. */
@@ -469,7 +470,7 @@ static inline __attribute__((always_inline)) void direct_avx2(int qtype, int NR,
 /* Row groups per activation-row count: accumulators stay within the 16 ymm registers. */
 #define DIRECT_CASE(QT)                                                                                           \
     case QT:                                                                                                      \
-        if (mr == 1 && nr == DIRECT_NR1) direct_avx2(QT, DIRECT_NR1, 1, w, wrb, xa, nb, out, os, pfd);                                 \
+        if (mr == 1 && nr == DIRECT_NR1(QT)) direct_avx2(QT, DIRECT_NR1(QT), 1, w, wrb, xa, nb, out, os, pfd);                                 \
         else if (mr == 1) direct_avx2(QT, 1, 1, w, wrb, xa, nb, out, os, pfd);                                       \
         else if (mr == 2 && nr == 2) direct_avx2(QT, 2, 2, w, wrb, xa, nb, out, os, pfd);                            \
         else if (mr == 2) direct_avx2(QT, 1, 2, w, wrb, xa, nb, out, os, pfd);                                       \
@@ -501,7 +502,7 @@ static void gemm_direct(int qtype, const uint8_t *w, int64_t wrb, const uint8_t 
     if (buf == NULL) return;
     dact_t xa[DIRECT_MAX_M];
     for (int64_t m = 0; m < M; m++) direct_prep(qtype, x + m * xstride, K, buf + m * ab, &xa[m]);
-    const int mr = (int)M, step = mr == 1 ? DIRECT_NR1 : mr == 2 ? 2 : 1;
+    const int mr = (int)M, step = mr == 1 ? DIRECT_NR1(qtype) : mr == 2 ? 2 : 1;
     /* prefetch the same bytes of the row group whole groups ahead, at least DIRECT_PF bytes */
     const int64_t gbytes = step * wrb, pfd = (DIRECT_PF + gbytes - 1) / gbytes * gbytes;
     for (int64_t n = n0; n < n1;) {
