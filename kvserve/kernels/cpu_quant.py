@@ -35,7 +35,7 @@ ABI_VERSION = 1
 
 QTYPES: dict[str, int] = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 # GGML id -> (values per block, bytes per block)
-_BLOCKS: dict[int, tuple[int, int]] = {2: (32, 18), 3: (32, 20), 8: (32, 34), 12: (256, 144), 13: (256, 176), 14: (256, 210)}
+BLOCKS: dict[int, tuple[int, int]] = {2: (32, 18), 3: (32, 20), 8: (32, 34), 12: (256, 144), 13: (256, 176), 14: (256, 210)}
 _QUANTIZABLE = (2, 3, 8)
 
 # -ffp-contract=off: dequantization must round like the gguf package (no fused multiply-adds).
@@ -138,8 +138,15 @@ def load_library(level: str) -> ctypes.CDLL | None:
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded library for `isa_level()`, or None where the C kernels are off or can't be built."""
-    if os.environ.get("KVSERVE_CPU_KERNELS", "1") == "0":
+    """The loaded library for `isa_level()`, or None where the C kernels are off or can't be built.
+    Called on every product: the choice is cached per value of the two switches (tests change
+    them), so a call is two environment reads."""
+    return _library_for(os.environ.get("KVSERVE_CPU_KERNELS", "1"), os.environ.get("KVSERVE_CPU_ISA", ""))
+
+
+@lru_cache(maxsize=None)
+def _library_for(kernels: str, isa: str) -> ctypes.CDLL | None:
+    if kernels == "0":
         return None
     return load_library(isa_level())
 
@@ -159,19 +166,19 @@ def _qid(qtype: str | int) -> int:
         if qtype.upper() not in QTYPES:
             raise ValueError(f"qtype {qtype!r}: expected one of {', '.join(QTYPES)}")
         return QTYPES[qtype.upper()]
-    if qtype not in _BLOCKS:
-        raise ValueError(f"qtype {qtype}: expected a GGML id in {sorted(_BLOCKS)}")
+    if qtype not in BLOCKS:
+        raise ValueError(f"qtype {qtype}: expected a GGML id in {sorted(BLOCKS)}")
     return int(qtype)
 
 
 def block_size(qtype: str | int) -> int:
     """Values per block: 32, or 256 for the K formats."""
-    return _BLOCKS[_qid(qtype)][0]
+    return BLOCKS[_qid(qtype)][0]
 
 
 def row_bytes(qtype: str | int, K: int) -> int:
     """Bytes of one row of K values."""
-    bs, bb = _BLOCKS[_qid(qtype)]
+    bs, bb = BLOCKS[_qid(qtype)]
     if K <= 0 or K % bs != 0:
         raise ValueError(f"K={K}: must be a positive multiple of the block size {bs}")
     return K // bs * bb

@@ -25,7 +25,7 @@ import torch
 from kvserve.kernels import cpu_quant
 
 # GGML type ids the stack multiplies (kvq.h) and the embedding types it can look up directly.
-QUANT_TYPES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
+QUANT_TYPES = {qtype: name for name, qtype in cpu_quant.QTYPES.items()}
 _PLAIN_EMBED = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}
 MAX_PARTS = 3
 ABI_VERSION = 2

@@ -35,19 +35,6 @@ class LoadedModel:
     generation_defaults: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_device(device: str) -> torch.device:
-    from kvserve.platform import resolve_device as _resolve
-
-    return _resolve(device)
-
-
-def resolve_dtype(dtype: str, checkpoint_dtype: str | None, device: torch.device) -> torch.dtype:
-    """The compute dtype for `dtype` ('auto' or a name) on `device` (see the platforms)."""
-    from kvserve.platform import get_platform
-
-    return get_platform(device).resolve_dtype(dtype, checkpoint_dtype)
-
-
 def read_model_config(resolved: ResolvedModel) -> ModelConfig:
     """The architecture alone (no weights, no tokenizer): to check a model before ranks start."""
     if resolved.kind == "gguf":

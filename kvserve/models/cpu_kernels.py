@@ -141,7 +141,7 @@ def rope_factors(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """`layers.rotate` for bf16 rows: x [T, H, D] (heads contiguous in a row) with cos and
+    """`Ops.rotate` for bf16 rows: x [T, H, D] (heads contiguous in a row) with cos and
     sin_signed [T, 1, D] -> a new [T, H, D], bit for bit what the PyTorch ops give."""
     t, h, d = x.shape
     if x.stride(2) != 1 or x.stride(1) != d:

@@ -34,11 +34,6 @@ class RMSNorm(nn.Module):
         return self.ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """[T, 2I] (gate ‖ up) -> [T, I]: silu(gate) * up (plain PyTorch)."""
-    return NATIVE_OPS.silu_and_mul(x)
-
-
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
     """GPT-2's tanh approximation of GELU."""
     return F.gelu(x, approximate="tanh")
@@ -122,11 +117,6 @@ class StepRope:
     @property
     def fused(self) -> bool:
         return self.cos_sin_table is not None
-
-
-def rotate(x: torch.Tensor, rope: StepRope) -> torch.Tensor:
-    """RoPE on x [T, H, D] in plain PyTorch (see `Ops.rotate`)."""
-    return NATIVE_OPS.rotate(x, rope)
 
 
 class WeightLoadError(ValueError):

@@ -24,12 +24,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kvserve.kernels import cpu_quant
 from kvserve.models.layers import NATIVE_OPS, WeightLoadError, copy_into
 from kvserve.models.ops import Ops
 
-# GGML's type ids for the block formats kvserve reads (gguf.GGMLQuantizationType).
-GGML_BLOCK = {2: (32, 18), 3: (32, 20), 8: (32, 34), 12: (256, 144), 13: (256, 176), 14: (256, 210)}
-GGML_NAMES = {2: "Q4_0", 3: "Q4_1", 8: "Q8_0", 12: "Q4_K", 13: "Q5_K", 14: "Q6_K"}
+# GGML type id -> (values, bytes) per block, and -> name, for the formats the kernels take.
+GGML_BLOCK = cpu_quant.BLOCKS
+GGML_NAMES = {qtype: name for name, qtype in cpu_quant.QTYPES.items()}
 
 
 @dataclass
@@ -53,8 +54,6 @@ class QuantizedTensor:
         return 2
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        from kvserve.kernels import cpu_quant
-
         return cpu_quant.dequantize(self.qtype, self.data, self.cols).to(dtype)
 
     def narrow(self, dim: int, start: int, length: int) -> QuantizedTensor | torch.Tensor:

@@ -27,6 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from kvserve.kernels import cpu_quant
 from kvserve.models.layers import WeightLoadError
 from kvserve.models.linear import GGML_BLOCK, GGML_NAMES, Linear, LinearMethod, QuantizedTensor
 
@@ -55,8 +56,6 @@ class GGMLLinearMethod(LinearMethod):
         layer.parts = {}  # shard -> _Part, filled by load(); merged by finish()
 
     def load(self, layer: Linear, tensor: torch.Tensor | QuantizedTensor, shard: int) -> None:
-        from kvserve.kernels import cpu_quant
-
         offset = 0 if shard < 0 else layer.shard_offset(shard)
         rows = tensor.shape[0]
         if isinstance(tensor, QuantizedTensor):
@@ -84,8 +83,6 @@ class GGMLLinearMethod(LinearMethod):
             layer.register_buffer(name, p.data, persistent=False)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        from kvserve.kernels import cpu_quant
-
         shape = x.shape
         x2 = x.reshape(-1, layer.in_features)
         if x2.dtype != torch.float32:
@@ -107,12 +104,12 @@ class GGMLLinearMethod(LinearMethod):
             out = torch.addmm(bias, x2, w.T) if bias is not None else x2 @ w.T
         elif len(parts) == 1:
             p = parts[0]
-            out = _part_product(cpu_quant, p, x2, layer.in_features, bias)
+            out = _part_product(p, x2, layer.in_features, bias)
         else:
             out = torch.empty((x2.shape[0], layer.out_features), dtype=torch.float32)
             for p in parts:
                 b = None if bias is None else bias[p.offset : p.offset + p.rows]
-                out[:, p.offset : p.offset + p.rows] = _part_product(cpu_quant, p, x2, layer.in_features, b)
+                out[:, p.offset : p.offset + p.rows] = _part_product(p, x2, layer.in_features, b)
         if out.dtype != x.dtype:
             out = out.to(x.dtype)
         return out.view(*shape[:-1], layer.out_features)
@@ -123,7 +120,7 @@ class GGMLLinearMethod(LinearMethod):
         return f"{self.name}[{'+'.join(kinds)}]"
 
 
-def _part_product(cpu_quant, p: _Part, x: torch.Tensor, k: int, bias: torch.Tensor | None) -> torch.Tensor:
+def _part_product(p: _Part, x: torch.Tensor, k: int, bias: torch.Tensor | None) -> torch.Tensor:
     if p.qtype == 0:
         return F.linear(x, p.data, bias)
     return cpu_quant.linear(p.qtype, p.data, k, x, bias)
@@ -151,8 +148,6 @@ class GGMLEmbedding(nn.Module):
         if isinstance(tensor, QuantizedTensor):
             self.qtype, self.data = tensor.qtype, tensor.data.contiguous()  # a view of the file
         elif self.quantize_to is not None and self.embedding_dim % GGML_BLOCK[self.quantize_to][0] == 0:
-            from kvserve.kernels import cpu_quant
-
             self.qtype = self.quantize_to
             self.data = cpu_quant.quantize_weights(self.quantize_to, tensor.detach().float().contiguous())
         else:
@@ -161,8 +156,6 @@ class GGMLEmbedding(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:  # [T] -> [T, hidden]
         if self.qtype == 0:
             return F.embedding(input_ids, self.data)
-        from kvserve.kernels import cpu_quant
-
         rows = cpu_quant.get_rows(self.qtype, self.data, self.embedding_dim, input_ids.reshape(-1))
         return rows.to(self.dtype).view(*input_ids.shape, self.embedding_dim)
 

@@ -51,7 +51,7 @@ def random_weight(qtype: str, n: int, k: int, seed: int = 0) -> torch.Tensor:
     can't quantize the K formats, and random bytes cover every code and 6-bit scale)."""
     g = torch.Generator().manual_seed(seed)
     q = cq.QTYPES[qtype]
-    bs, bb = cq._BLOCKS[q]
+    bs, bb = cq.BLOCKS[q]
     nb = n * k // bs
     raw = torch.randint(0, 256, (nb, bb), generator=g, dtype=torch.uint8)
     if qtype in ("Q8_0", "Q4_0", "Q4_1"):
