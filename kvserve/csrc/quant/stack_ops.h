@@ -30,6 +30,55 @@
 #define KVQS_FMA(a, b, c) ((a) * (b) + (c))
 #endif
 
+/* Eight fp32 lanes for the attention loops, whose accumulators must stay in registers (arrays
+ * indexed in a loop stay in memory: the compiler cannot prove the cache rows don't alias them):
+ * one AVX2 register, two NEON registers, or plain C arrays at the baseline. */
+#if !defined(KVQ_SCALAR) && defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+typedef __m256 kvqs_v8;
+KVQS_INLINE kvqs_v8 v8_zero(void) { return _mm256_setzero_ps(); }
+KVQS_INLINE kvqs_v8 v8_load(const float *p) { return _mm256_loadu_ps(p); }
+KVQS_INLINE void v8_store(float *p, kvqs_v8 v) { _mm256_storeu_ps(p, v); }
+KVQS_INLINE kvqs_v8 v8_set1(float x) { return _mm256_set1_ps(x); }
+KVQS_INLINE kvqs_v8 v8_fma(kvqs_v8 a, kvqs_v8 b, kvqs_v8 c) { return _mm256_fmadd_ps(a, b, c); }
+KVQS_INLINE kvqs_v8 v8_mul(kvqs_v8 a, kvqs_v8 b) { return _mm256_mul_ps(a, b); }
+KVQS_INLINE float v8_sum(kvqs_v8 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+#elif !defined(KVQ_SCALAR) && defined(__aarch64__) && defined(__ARM_NEON)
+#include <arm_neon.h>
+typedef struct { float32x4_t lo, hi; } kvqs_v8;
+KVQS_INLINE kvqs_v8 v8_zero(void) { kvqs_v8 r = {vdupq_n_f32(0.f), vdupq_n_f32(0.f)}; return r; }
+KVQS_INLINE kvqs_v8 v8_load(const float *p) { kvqs_v8 r = {vld1q_f32(p), vld1q_f32(p + 4)}; return r; }
+KVQS_INLINE void v8_store(float *p, kvqs_v8 v) { vst1q_f32(p, v.lo), vst1q_f32(p + 4, v.hi); }
+KVQS_INLINE kvqs_v8 v8_set1(float x) { kvqs_v8 r = {vdupq_n_f32(x), vdupq_n_f32(x)}; return r; }
+KVQS_INLINE kvqs_v8 v8_fma(kvqs_v8 a, kvqs_v8 b, kvqs_v8 c) {
+    kvqs_v8 r = {vfmaq_f32(c.lo, a.lo, b.lo), vfmaq_f32(c.hi, a.hi, b.hi)};
+    return r;
+}
+KVQS_INLINE kvqs_v8 v8_mul(kvqs_v8 a, kvqs_v8 b) { kvqs_v8 r = {vmulq_f32(a.lo, b.lo), vmulq_f32(a.hi, b.hi)}; return r; }
+KVQS_INLINE float v8_sum(kvqs_v8 v) { return vaddvq_f32(vaddq_f32(v.lo, v.hi)); }
+#else
+typedef struct { float x[8]; } kvqs_v8;
+KVQS_INLINE kvqs_v8 v8_zero(void) { kvqs_v8 r; for (int l = 0; l < 8; ++l) r.x[l] = 0.f; return r; }
+KVQS_INLINE kvqs_v8 v8_load(const float *p) { kvqs_v8 r; memcpy(r.x, p, sizeof r.x); return r; }
+KVQS_INLINE void v8_store(float *p, kvqs_v8 v) { memcpy(p, v.x, sizeof v.x); }
+KVQS_INLINE kvqs_v8 v8_set1(float x) { kvqs_v8 r; for (int l = 0; l < 8; ++l) r.x[l] = x; return r; }
+KVQS_INLINE kvqs_v8 v8_fma(kvqs_v8 a, kvqs_v8 b, kvqs_v8 c) {
+    for (int l = 0; l < 8; ++l) c.x[l] = KVQS_FMA(a.x[l], b.x[l], c.x[l]);
+    return c;
+}
+KVQS_INLINE kvqs_v8 v8_mul(kvqs_v8 a, kvqs_v8 b) { for (int l = 0; l < 8; ++l) a.x[l] *= b.x[l]; return a; }
+KVQS_INLINE float v8_sum(kvqs_v8 v) {
+    float s = 0.f;
+    for (int l = 0; l < 8; ++l) s += v.x[l];
+    return s;
+}
+#endif
+
 enum {
     KVQS_MAX_HEAD_DIM = 256,
     KVQS_MAX_GROUP = 16, /* query heads per KV head */
@@ -94,33 +143,42 @@ static void rope_heads(const float *x, float *out, int nh, int D, const float *c
     }
 }
 
-/* Scores of up to KVQS_TILE keys for one query head: s[j] = q . k[j] * scale. Four keys at a
- * time, each over KVQS_LANES-wide partial sums: independent accumulators instead of one long
- * dependency chain per dot. */
-KVQS_INLINE void tile_scores(const float *q, const float *const *k, int n, int D, float scale, float *s) {
+/* Scores of up to KVQS_TILE keys for one query head: s[j] = q . k[j] * scale, four keys at a
+ * time in register accumulators (DV = D / 8 lane groups). */
+KVQS_INLINE void tile_scores(const float *q, const float *const *k, int n, const int DV, float scale, float *s) {
     int j = 0;
     for (; j + 4 <= n; j += 4) {
-        float a0[KVQS_LANES] = {0}, a1[KVQS_LANES] = {0}, a2[KVQS_LANES] = {0}, a3[KVQS_LANES] = {0};
+        kvqs_v8 a0 = v8_zero(), a1 = v8_zero(), a2 = v8_zero(), a3 = v8_zero();
         const float *k0 = k[j], *k1 = k[j + 1], *k2 = k[j + 2], *k3 = k[j + 3];
-        for (int d = 0; d < D; d += KVQS_LANES)
-            for (int l = 0; l < KVQS_LANES; ++l) {
-                a0[l] = KVQS_FMA(q[d + l], k0[d + l], a0[l]);
-                a1[l] = KVQS_FMA(q[d + l], k1[d + l], a1[l]);
-                a2[l] = KVQS_FMA(q[d + l], k2[d + l], a2[l]);
-                a3[l] = KVQS_FMA(q[d + l], k3[d + l], a3[l]);
-            }
-        float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-        for (int l = 0; l < KVQS_LANES; ++l) s0 += a0[l], s1 += a1[l], s2 += a2[l], s3 += a3[l];
-        s[j] = s0 * scale, s[j + 1] = s1 * scale, s[j + 2] = s2 * scale, s[j + 3] = s3 * scale;
+        for (int c = 0; c < DV; ++c) {
+            const kvqs_v8 qv = v8_load(q + 8 * c);
+            a0 = v8_fma(qv, v8_load(k0 + 8 * c), a0);
+            a1 = v8_fma(qv, v8_load(k1 + 8 * c), a1);
+            a2 = v8_fma(qv, v8_load(k2 + 8 * c), a2);
+            a3 = v8_fma(qv, v8_load(k3 + 8 * c), a3);
+        }
+        s[j] = v8_sum(a0) * scale, s[j + 1] = v8_sum(a1) * scale;
+        s[j + 2] = v8_sum(a2) * scale, s[j + 3] = v8_sum(a3) * scale;
     }
     for (; j < n; ++j) {
-        float a[KVQS_LANES] = {0};
-        for (int d = 0; d < D; d += KVQS_LANES)
-            for (int l = 0; l < KVQS_LANES; ++l) a[l] = KVQS_FMA(q[d + l], k[j][d + l], a[l]);
-        float s0 = 0.f;
-        for (int l = 0; l < KVQS_LANES; ++l) s0 += a[l];
-        s[j] = s0 * scale;
+        kvqs_v8 a = v8_zero();
+        for (int c = 0; c < DV; ++c) a = v8_fma(v8_load(q + 8 * c), v8_load(k[j] + 8 * c), a);
+        s[j] = v8_sum(a) * scale;
     }
+}
+
+/* acc [DV lane groups] += sum over j < n of p[j] * v[j]; acc stays in registers for constant DV. */
+KVQS_INLINE void accumulate_values(float *acc, const float *p, const float *const *v, int n, const int DV,
+                                   float alpha) {
+    enum { MAXV = KVQS_MAX_HEAD_DIM / 8 };
+    kvqs_v8 a[MAXV];
+    const kvqs_v8 al = v8_set1(alpha);
+    for (int c = 0; c < DV; ++c) a[c] = alpha != 1.f ? v8_mul(v8_load(acc + 8 * c), al) : v8_load(acc + 8 * c);
+    for (int j = 0; j < n; ++j) {
+        const kvqs_v8 pj = v8_set1(p[j]);
+        for (int c = 0; c < DV; ++c) a[c] = v8_fma(pj, v8_load(v[j] + 8 * c), a[c]);
+    }
+    for (int c = 0; c < DV; ++c) v8_store(acc + 8 * c, a[c]);
 }
 
 /* One attention item: the G query heads q [G, D] (rotated) of KV head kvh attend over context
@@ -128,11 +186,13 @@ KVQS_INLINE void tile_scores(const float *q, const float *const *k, int n, int D
  * except position tnew, whose key and value are knew and vnew (this step's token: what its slot
  * receives). The unnormalized result goes to part [G, D + 2]: per head the weighted sum of values,
  * the running max score and the sum of exp(score - max) (flash-decoding's partial, merged by
- * attn_merge). D is a multiple of KVQS_LANES; inlined with a constant D for the common sizes. */
+ * attn_merge). D is a multiple of 8; inlined with a constant D for the common sizes. Keys and
+ * values come in tiles of KVQS_TILE positions; a tile's rows stay in L1 while each of the G heads
+ * reads them. */
 KVQS_INLINE void attn_partial_d(const float *kc, const float *vc, const float *q, const float *knew,
                                 const float *vnew, int tnew, const int32_t *tab, int bs, int Hkv, int kvh,
                                 const int D, int G, int t0, int t1, float scale, float *part) {
-    float sc[KVQS_MAX_GROUP * KVQS_TILE];
+    float sc[KVQS_TILE];
     const float *kp[KVQS_TILE], *vp[KVQS_TILE];
     const int64_t stride = D + 2;
     for (int g = 0; g < G; ++g) {
@@ -141,36 +201,28 @@ KVQS_INLINE void attn_partial_d(const float *kc, const float *vc, const float *q
         pg[D] = -INFINITY;
         pg[D + 1] = 0.f;
     }
+    int blk = t0 / bs, in_blk = t0 % bs; /* the block-table walk advances with t: no division per key */
     for (int ts = t0; ts < t1; ts += KVQS_TILE) {
         const int n = t1 - ts < KVQS_TILE ? t1 - ts : KVQS_TILE;
         for (int j = 0; j < n; ++j) {
             const int t = ts + j;
-            const int64_t off = (((int64_t)tab[t / bs] * bs + t % bs) * Hkv + kvh) * D;
+            const int64_t off = (((int64_t)tab[blk] * bs + in_blk) * Hkv + kvh) * D;
             kp[j] = t == tnew ? knew : kc + off;
             vp[j] = t == tnew ? vnew : vc + off;
+            if (++in_blk == bs) in_blk = 0, ++blk;
         }
         for (int g = 0; g < G; ++g) {
-            float *pg = part + g * stride, *s = sc + g * KVQS_TILE;
-            tile_scores(q + (int64_t)g * D, kp, n, D, scale, s);
+            float *pg = part + g * stride;
+            tile_scores(q + (int64_t)g * D, kp, n, D / 8, scale, sc);
             float mx = pg[D];
-            for (int j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
+            for (int j = 0; j < n; ++j) mx = sc[j] > mx ? sc[j] : mx;
             const float alpha = pg[D] == -INFINITY ? 0.f : kvqs_exp(pg[D] - mx);
-            for (int j = 0; j < n; ++j) s[j] = kvqs_exp(s[j] - mx);
+            for (int j = 0; j < n; ++j) sc[j] = kvqs_exp(sc[j] - mx);
             float sum = 0.f;
-            for (int j = 0; j < n; ++j) sum += s[j];
+            for (int j = 0; j < n; ++j) sum += sc[j];
             pg[D] = mx;
             pg[D + 1] = pg[D + 1] * alpha + sum;
-            if (alpha != 1.f)
-                for (int d = 0; d < D; ++d) pg[d] *= alpha;
-        }
-        /* acc_g += p_gj v_j: each value row is read once for the G heads */
-        for (int j = 0; j < n; ++j) {
-            const float *v = vp[j];
-            for (int g = 0; g < G; ++g) {
-                float *pg = part + g * stride;
-                const float p = sc[g * KVQS_TILE + j];
-                for (int d = 0; d < D; ++d) pg[d] = KVQS_FMA(p, v[d], pg[d]);
-            }
+            accumulate_values(pg, sc, vp, n, D / 8, alpha);
         }
     }
 }
