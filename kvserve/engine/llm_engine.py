@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -176,6 +177,7 @@ class LLMEngine:
         # Structured output: the grammar cache (built with the first constrained request), and
         # requests waiting for their grammar to compile (kept out of the scheduler meanwhile).
         self._structured = None
+        self._structured_lock = threading.Lock()  # the server builds it from its own threads
         self._grammar_wait: list[tuple[Any, list[Request]]] = []
 
     # -- sizing -----------------------------------------------------------------------------
@@ -277,13 +279,13 @@ class LLMEngine:
     def structured(self):
         """The grammar cache of structured output (`kvserve.structured.manager`), built on
         first use (it loads xgrammar and indexes the vocabulary: ~0.5 s for 49k tokens)."""
-        if self._structured is None:
-            from kvserve.structured.manager import StructuredOutputManager
+        with self._structured_lock:
+            if self._structured is None:
+                from kvserve.structured.manager import StructuredOutputManager
 
-            self._structured = StructuredOutputManager(
-                self.tokenizer, self.model_config.vocab_size, self.eos_token_ids
-            )
-            self.runner.structured = self._structured
+                manager = StructuredOutputManager(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+                self.runner.structured = manager
+                self._structured = manager
         return self._structured
 
     def _admit_compiled(self) -> list[RequestOutput]:
