@@ -43,23 +43,41 @@ def _xgr():
     return xgrammar
 
 
-def check_schema_keywords(schema: Any, where: str = "") -> None:
-    """Raise ValueError if the schema uses a keyword the grammar cannot enforce."""
+def prepare_schema(schema: Any, where: str = "") -> Any:
+    """The schema as compiled: raises ValueError if it uses a keyword the grammar cannot
+    enforce, and turns length-bounded plain strings into an equivalent pattern. (xgrammar
+    0.2.x lets control characters, which JSON forbids unescaped, into strings that have
+    minLength/maxLength but no pattern; its pattern strings exclude them, and also quotes and
+    backslash escapes, so a length-bounded string holds no escaped characters.)"""
     if isinstance(schema, list):
-        for i, s in enumerate(schema):
-            check_schema_keywords(s, f"{where}[{i}]")
-        return
+        return [prepare_schema(s, f"{where}[{i}]") for i, s in enumerate(schema)]
     if not isinstance(schema, dict):
-        return
+        return schema
+    out: dict[str, Any] = {}
     for key, val in schema.items():
         if key in _UNENFORCED_KEYWORDS:
             raise ValueError(f"JSON schema keyword {key!r} (at {where or '/'}) is not supported")
-        if key in ("properties", "patternProperties", "$defs", "definitions"):
-            if isinstance(val, dict):
-                for name, sub in val.items():
-                    check_schema_keywords(sub, f"{where}/{key}/{name}")
-        elif key not in _DATA_KEYS:
-            check_schema_keywords(val, f"{where}/{key}")
+        if key in ("properties", "patternProperties", "$defs", "definitions") and isinstance(val, dict):
+            out[key] = {name: prepare_schema(sub, f"{where}/{key}/{name}") for name, sub in val.items()}
+        elif key in _DATA_KEYS:
+            out[key] = val
+        else:
+            out[key] = prepare_schema(val, f"{where}/{key}")
+    if (
+        out.get("type") == "string"
+        and ("minLength" in out or "maxLength" in out)
+        and not {"pattern", "format", "enum", "const"} & set(out)
+    ):
+        lo, hi = out.pop("minLength", 0), out.pop("maxLength", None)
+        if not isinstance(lo, int) or (hi is not None and not isinstance(hi, int)):
+            raise ValueError(f"minLength / maxLength (at {where or '/'}) must be integers")
+        out["pattern"] = f"^.{{{lo},{'' if hi is None else hi}}}$"
+    return out
+
+
+# Longest run of optional whitespace in JSON output: room for pretty-printed JSON (a newline and
+# an indent of up to 19), not for a model stuck emitting blanks until max_tokens.
+MAX_JSON_WHITESPACE = 20
 
 
 def _choice_grammar(choices: list[str]) -> str:
@@ -93,14 +111,14 @@ class GrammarCompiler:
         try:
             if kind == "json":
                 schema = json.loads(spec.json) if isinstance(spec.json, str) else spec.json
-                if schema is True:
-                    return self._compiler.compile_builtin_json_grammar()
                 if schema is False:
                     raise ValueError("the schema `false` accepts nothing")
-                check_schema_keywords(schema)
-                return self._compiler.compile_json_schema(json.dumps(schema), any_whitespace=any_ws, strict_mode=True)
+                if schema is True:
+                    schema = {}
+                schema = prepare_schema(schema)
+                return self._compile_schema(schema, any_ws, strict=True)
             if kind == "json_object":
-                return self._compiler.compile_json_schema('{"type": "object"}', any_whitespace=any_ws, strict_mode=False)
+                return self._compile_schema({"type": "object"}, any_ws, strict=False)
             if kind == "regex":
                 return self._compiler.compile_regex(spec.regex)
             if kind == "choice":
@@ -108,6 +126,13 @@ class GrammarCompiler:
             return self._compiler.compile_grammar(spec.grammar)
         except (RuntimeError, ValueError, TypeError) as e:
             raise ValueError(f"invalid {where}: {_clean(e)}") from None
+
+    def _compile_schema(self, schema: Any, any_ws: bool, strict: bool) -> Any:
+        # strict: no properties beyond those listed, unless the schema says otherwise.
+        return self._compiler.compile_json_schema(
+            json.dumps(schema), any_whitespace=any_ws, strict_mode=strict,
+            max_whitespace_cnt=MAX_JSON_WHITESPACE if any_ws else None,
+        )
 
 
 def _clean(e: BaseException) -> str:
