@@ -9,7 +9,8 @@ Request fields (one structured-output source per request):
   older `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`.
 - chat `tools` / `tool_choice` / `parallel_tool_calls`: "required" and a named function are
   enforced by a grammar (a JSON array of {name, parameters} calls; the named function's
-  parameters object); "auto" is parsed from free output by `--tool-call-parser`.
+  parameters object), written as compact JSON (`, ` and `: ` separators, no newlines); "auto"
+  is parsed from free output by `--tool-call-parser`.
 """
 
 from __future__ import annotations
@@ -144,7 +145,7 @@ def plan_tools(req: Any, state: Any) -> ToolPlan:
             raise bad_request(f"tool_choice names {name!r}, which is not in tools", param="tool_choice")
         tool = next(t for t in tools if t["function"]["name"] == name)
         schema = tool["function"].get("parameters") or {"type": "object", "properties": {}}
-        return ToolPlan("named", tools, named=name, spec=StructuredOutputsParams(json=schema))
+        return ToolPlan("named", tools, named=name, spec=StructuredOutputsParams(json=schema, disable_any_whitespace=True))
     if choice not in ("none", "auto", "required"):
         raise bad_request(f"tool_choice must be 'none', 'auto', 'required' or a named function (got {choice!r})",
                           param="tool_choice")
@@ -153,7 +154,8 @@ def plan_tools(req: Any, state: Any) -> ToolPlan:
     if choice == "none":
         return ToolPlan("none", tools or [])
     if choice == "required":
-        return ToolPlan("required", tools, spec=StructuredOutputsParams(json=_calls_schema(tools, req.parallel_tool_calls)))
+        schema = _calls_schema(tools, req.parallel_tool_calls)
+        return ToolPlan("required", tools, spec=StructuredOutputsParams(json=schema, disable_any_whitespace=True))
     if state.tool_call_parser is None:
         raise bad_request(
             "tool_choice='auto' needs the server to be started with --tool-call-parser "
@@ -199,7 +201,8 @@ def extract_calls(plan: ToolPlan, text: str) -> tuple[str | None, list[ToolCall]
             args = json.loads(text)
         except ValueError:
             return text, []
-        return None, [ToolCall(plan.named, json.dumps(args, ensure_ascii=False))] if isinstance(args, dict) else []
+        # The arguments as generated (and as streamed), once they are known to be an object.
+        return (None, [ToolCall(plan.named, text)]) if isinstance(args, dict) else (text, [])
     if plan.mode == "required":
         try:
             calls = json.loads(text)
