@@ -171,6 +171,9 @@ def test_slow_compile_does_not_stall_other_requests(llm):
         assert done["fast"].outputs[0].finish_reason == "length"
         assert done["slow"].outputs[0].finish_reason == "abort"
         assert "could not be compiled within" in done["slow"].outputs[0].stop_reason
+        # What LLM.generate and the server do: wait at most the limit, then a ValueError (a 400).
+        with pytest.raises(ValueError, match="structured_outputs.regex could not be compiled within"):
+            mgr.get(SO(regex=r"slower[0-9]"))
     finally:
         gate.set()
         mgr.compiler.compile = real
