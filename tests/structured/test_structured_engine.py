@@ -14,6 +14,7 @@ import pytest
 
 from kvserve import LLM, SamplingParams
 from kvserve.core.sampling_params import GuidedDecodingParams, StructuredOutputsParams as SO
+from tests.conftest import requires_smollm2
 from tests.structured.schemas import schemas
 
 PROMPT = {"prompt_token_ids": [5, 17, 99, 23, 42, 7]}
@@ -178,3 +179,30 @@ def test_slow_compile_does_not_stall_other_requests(llm):
         gate.set()
         mgr.compiler.compile = real
         mgr.compile_timeout = old_timeout
+
+
+@requires_smollm2
+@pytest.mark.slow
+def test_smollm2_schemas_validate():
+    """The built-in SmolLM2 (a real instruct model), greedy, seeded and n > 1, in one run."""
+    llm = LLM("smollm2", device="cpu", max_model_len=512, num_kv_blocks=64)
+    person = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+              "age": {"type": "integer", "minimum": 0, "maximum": 120},
+              "hobbies": {"type": "array", "items": {"enum": ["chess", "music", "hiking", "cooking"]}, "maxItems": 3}},
+              "required": ["name", "age", "hobbies"]}
+    city = {"$defs": {"loc": {"type": "object", "properties": {"lat": {"type": "number", "minimum": -90, "maximum": 90},
+                                                            "lon": {"type": "number", "minimum": -180, "maximum": 180}},
+                              "required": ["lat", "lon"]}},
+            "type": "object", "properties": {"city": {"type": "string", "maxLength": 24}, "where": {"$ref": "#/$defs/loc"},
+                                             "capital": {"type": "boolean"}}, "required": ["city", "where", "capital"]}
+    code = {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}-[0-9]{4}$"},
+                                             "status": {"enum": ["open", "closed"]}}, "required": ["code", "status"]}
+    prompts = ["Describe a person as JSON.", "Give the location of Paris as JSON.", "Make up a ticket as JSON."]
+    params = [SamplingParams(max_tokens=120, temperature=0, structured_outputs=SO(json=person)),
+              SamplingParams(max_tokens=120, temperature=0.8, seed=5, structured_outputs=SO(json=city)),
+              SamplingParams(max_tokens=120, temperature=0.7, n=2, seed=9, structured_outputs=SO(json=code))]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    for schema, o in zip((person, city, code), outs):
+        for c in o.outputs:
+            assert c.finish_reason == "stop", c.text
+            jsonschema.validate(json.loads(c.text), schema)
