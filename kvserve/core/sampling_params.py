@@ -6,10 +6,94 @@ its allowed range.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
 _GREEDY_EPS = 1e-5
+_STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Constrain the output to a formal language (vLLM's shape; exactly one field set).
+
+    json: a JSON schema (a dict, or a string holding one): the output is a JSON value that
+        validates against it.
+    regex: the output matches this regular expression (fully).
+    choice: the output is exactly one of these strings.
+    grammar: an EBNF grammar (GBNF syntax, rule `root` is the start symbol).
+    json_object: True: the output is any JSON object.
+    disable_any_whitespace: JSON without optional whitespace between tokens (compact output).
+
+    The grammar is compiled once per distinct spec (`key`) and cached by the engine; the output
+    ends ("stop") when the grammar is complete, or with "length" if max_tokens comes first.
+    """
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        set_fields = [k for k in _STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        if len(set_fields) != 1:
+            raise ValueError(
+                "structured_outputs must set exactly one of json, regex, choice, grammar, "
+                f"json_object (got {set_fields or 'none'})"
+            )
+        if self.json is not None:
+            if isinstance(self.json, str):
+                try:
+                    parsed = json.loads(self.json)
+                except ValueError as e:
+                    raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from None
+            else:
+                parsed = self.json
+            if not isinstance(parsed, (dict, bool)):
+                raise ValueError(
+                    f"structured_outputs.json must be a JSON schema object (got {type(parsed).__name__})"
+                )
+        if self.regex is not None and (not isinstance(self.regex, str) or not self.regex):
+            raise ValueError("structured_outputs.regex must be a non-empty string")
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar.strip()):
+            raise ValueError("structured_outputs.grammar must be a non-empty string")
+        if self.choice is not None:
+            if isinstance(self.choice, (str, bytes)) or not isinstance(self.choice, (list, tuple)):
+                raise ValueError("structured_outputs.choice must be a list of strings")
+            if not self.choice or any(not isinstance(c, str) or not c for c in self.choice):
+                raise ValueError("structured_outputs.choice must be a non-empty list of non-empty strings")
+            self.choice = list(self.choice)
+        if self.json_object not in (None, True, False):
+            raise ValueError(f"structured_outputs.json_object must be a boolean (got {self.json_object!r})")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in _STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+
+    @property
+    def field_name(self) -> str:
+        """The user-facing name of the set field, for error messages."""
+        return f"structured_outputs.{self.kind}"
+
+    @property
+    def key(self) -> tuple[str, str, bool]:
+        """Identifies the compiled grammar: equal keys share one compilation."""
+        kind = self.kind
+        value = getattr(self, kind)
+        if kind == "json":
+            value = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        elif kind == "choice":
+            value = json.dumps(value)
+        elif kind == "json_object":
+            value = ""
+        return (kind, value, self.disable_any_whitespace)
+
+
+class GuidedDecodingParams(StructuredOutputsParams):
+    """The older name of `StructuredOutputsParams` (vLLM < 0.11): same fields."""
 
 
 @dataclass
@@ -41,6 +125,8 @@ class SamplingParams:
     logprobs: number of top alternatives (besides the chosen token) to return per generated
         token; None = no logprobs.
     prompt_logprobs: like logprobs, for every prompt token after the first.
+    structured_outputs: constrain the output to a JSON schema, regex, choice list or grammar
+        (`StructuredOutputsParams`); `guided_decoding` is its older name (either may be set).
     """
 
     n: int = 1
@@ -62,6 +148,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
     prompt_logprobs: int | None = None
+    structured_outputs: StructuredOutputsParams | None = None
+    guided_decoding: StructuredOutputsParams | None = None
     # Filled by the engine from the tokenizer/generation config; not user settings.
     all_stop_token_ids: set[int] = field(default_factory=set, repr=False)
 
@@ -76,6 +164,7 @@ class SamplingParams:
             except (TypeError, ValueError) as e:
                 raise ValueError(f"logit_bias must map token ids to numbers ({e})") from e
         self._validate()
+        self._merge_structured()
         if self.top_k == 0:
             self.top_k = -1
         self.all_stop_token_ids = set(self.stop_token_ids)
@@ -128,6 +217,24 @@ class SamplingParams:
             if val is not None and (not isinstance(val, int) or not 0 <= val <= 20):
                 raise bad(name, "None or an integer in [0, 20]")
 
+    def _merge_structured(self) -> None:
+        so, gd = self.structured_outputs, self.guided_decoding
+        for name, val in (("structured_outputs", so), ("guided_decoding", gd)):
+            if val is not None and not isinstance(val, StructuredOutputsParams):
+                if isinstance(val, dict):
+                    unknown = sorted(set(val) - set(StructuredOutputsParams.__dataclass_fields__))
+                    if unknown:
+                        raise ValueError(f"{name} has unknown fields {unknown}")
+                    val = StructuredOutputsParams(**val)
+                    setattr(self, name, val)
+                else:
+                    raise ValueError(f"{name} must be a StructuredOutputsParams (got {type(val).__name__})")
+        if so is not None and gd is not None and self.structured_outputs.key != self.guided_decoding.key:
+            raise ValueError("set structured_outputs or guided_decoding, not both")
+        if self.structured_outputs is None:
+            self.structured_outputs = self.guided_decoding
+        self.guided_decoding = None
+
     @property
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
@@ -135,7 +242,8 @@ class SamplingParams:
     @property
     def modifies_logits(self) -> bool:
         """Whether the sampler may change this request's logits before it picks a token
-        (penalties, logit_bias, the min_tokens ban: `Sampler.process_logits`). A new knob that
+        (penalties, logit_bias, the min_tokens ban, a grammar's token mask:
+        `Sampler.process_logits`). A new knob that
         does must be added here: tensor-parallel ranks skip the token broadcast of a greedy
         step only when no row's logits are modified."""
         return bool(
@@ -144,6 +252,7 @@ class SamplingParams:
             or self.frequency_penalty
             or self.logit_bias
             or self.min_tokens
+            or self.structured_outputs is not None
         )
 
     def clone(self, **changes: Any) -> SamplingParams:

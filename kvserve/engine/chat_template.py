@@ -243,7 +243,31 @@ def validate_messages(messages: Any) -> list[dict[str, Any]]:
                 raise ValueError(f"{where}.content is required for a {role} message")
         else:
             clean["content"] = _flatten_content(content, f"{where}.content")
+        if clean.get("tool_calls") is not None:
+            clean["tool_calls"] = _tool_calls_for_template(clean["tool_calls"], f"{where}.tool_calls")
         out.append(clean)
+    return out
+
+
+def _tool_calls_for_template(calls: Any, where: str) -> Any:
+    """An assistant message's tool calls as chat templates read them: OpenAI sends each call's
+    `function.arguments` as JSON text, templates (Qwen, Llama 3, Hermes, Mistral) expect an
+    object they can iterate or `tojson` (vLLM converts them the same way). Calls of another
+    shape, and arguments that are not JSON, are passed on unchanged."""
+    if not isinstance(calls, (list, tuple)):
+        return calls
+    out = []
+    for call in calls:
+        if hasattr(call, "model_dump"):
+            call = call.model_dump(exclude_none=True)
+        fn = call.get("function") if isinstance(call, Mapping) else None
+        args = fn.get("arguments") if isinstance(fn, Mapping) else None
+        if isinstance(args, str):
+            try:
+                call = {**call, "function": {**fn, "arguments": json.loads(args) if args.strip() else {}}}
+            except ValueError:
+                pass
+        out.append(call)
     return out
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -173,6 +174,11 @@ class LLMEngine:
         self.groups: dict[str, _Group] = {}
         self._child_to_group: dict[str, tuple[_Group, int]] = {}
         self._counter = 0
+        # Structured output: the grammar cache (built with the first constrained request), and
+        # requests waiting for their grammar to compile (kept out of the scheduler meanwhile).
+        self._structured = None
+        self._structured_lock = threading.Lock()  # the server builds it from its own threads
+        self._grammar_wait: list[tuple[Any, list[Request]]] = []
 
     # -- sizing -----------------------------------------------------------------------------
     def _num_blocks(self, bytes_per_block: int, device: torch.device, max_len: int) -> int:
@@ -237,6 +243,11 @@ class LLMEngine:
             raise ValueError(
                 f"min_tokens={params.min_tokens} cannot be reached: only {max_tokens} tokens fit after the prompt"
             )
+        grammar = None
+        if params.structured_outputs is not None:
+            grammar = self.structured.submit(params.structured_outputs)
+            if self.structured.status(params.structured_outputs, grammar) == "error":
+                raise self.structured.error(params.structured_outputs, grammar)
         arrival = arrival_time or time.time()
         n = params.n
         child_ids = [request_id] if n == 1 else [f"{request_id}#{i}" for i in range(n)]
@@ -247,6 +258,7 @@ class LLMEngine:
             metrics=RequestMetrics(arrival_time=arrival),
         )
         self.groups[request_id] = group
+        children: list[Request] = []
         for i, cid in enumerate(child_ids):
             child_params = params
             if n > 1 and params.seed is not None:
@@ -256,7 +268,67 @@ class LLMEngine:
                 max_tokens=max_tokens, arrival_time=arrival,
             )
             self._child_to_group[cid] = (group, i)
+            children.append(req)
+        if grammar is not None and not grammar.done():
+            self._grammar_wait.append((grammar, children))
+            return
+        for req in children:
             self.scheduler.add_request(req)
+
+    @property
+    def structured(self):
+        """The grammar cache of structured output (`kvserve.structured.manager`), built on
+        first use (it loads xgrammar and indexes the vocabulary: ~0.5 s for 49k tokens)."""
+        with self._structured_lock:
+            if self._structured is None:
+                from kvserve.structured.manager import StructuredOutputManager
+
+                manager = StructuredOutputManager(self.tokenizer, self.model_config.vocab_size, self.eos_token_ids)
+                self.runner.structured = manager
+                self._structured = manager
+        return self._structured
+
+    def _admit_compiled(self) -> list[RequestOutput]:
+        """Move requests whose grammar compiled into the scheduler; end those whose grammar
+        failed or timed out (finish_reason "abort", the error as stop_reason)."""
+        if not self._grammar_wait:
+            return []
+        if not self.scheduler.has_unfinished_requests():
+            # Nothing else to run: wait here (briefly) instead of spinning on empty steps.
+            import concurrent.futures as cf
+
+            cf.wait([f for f, _ in self._grammar_wait], timeout=0.05, return_when=cf.FIRST_COMPLETED)
+        waiting, outputs = [], []
+        for fut, children in self._grammar_wait:
+            rid = children[0].request_id
+            group, _ = self._child_to_group.get(rid, (None, 0))
+            if group is None or group.request_id not in self.groups:
+                continue  # aborted while compiling
+            spec = children[0].sampling_params.structured_outputs
+            status = self.structured.status(spec, fut)
+            if status is None:
+                waiting.append((fut, children))
+            elif status == "ready":
+                for req in children:
+                    self.scheduler.add_request(req)
+            else:
+                err = str(self.structured.error(spec, fut))
+                logger.warning("request %s: %s", group.request_id, err)
+                for idx, comp in enumerate(group.outputs):
+                    comp.finish_reason, comp.stop_reason = "abort", err
+                    group.finished_children.add(idx)
+                outputs.append(self._make_output(group))
+                self.groups.pop(group.request_id, None)
+                for cid in group.child_ids:
+                    self._child_to_group.pop(cid, None)
+        self._grammar_wait = waiting
+        return outputs
+
+    def _finish_grammars(self, ro: RunnerOutput) -> None:
+        """A request whose grammar is complete stops (its last token was a stop token the
+        grammar accepted; with ignore_eos nothing else would end it)."""
+        if ro.grammar_finished:
+            self.scheduler.finish_requests(ro.grammar_finished, RequestStatus.FINISHED_STOPPED)
 
     def validate_prompt(self, ids: list[int]) -> None:
         if not ids:
@@ -330,12 +402,14 @@ class LLMEngine:
         return self.runner.execute_async(so, ahead=ahead)
 
     def _step(self) -> list[RequestOutput]:
+        failed = self._admit_compiled()
         so = self.scheduler.schedule()
         ro = self._launch(so).result()
         if so.is_empty:
-            return []
+            return failed
         updated, _finished = self.scheduler.update_from_output(so, ro.sampled)
-        return self._outputs(updated, ro)
+        self._finish_grammars(ro)
+        return failed + self._outputs(updated, ro)
 
     def _step_overlapped(self) -> list[RequestOutput]:
         """Complete step N (the one in flight, or a new one) and return its outputs, keeping
@@ -352,6 +426,7 @@ class LLMEngine:
         is excluded by `schedule_ahead`, a stop string, an abort); the scheduler drops that
         token (the request is no longer running) and the request's blocks are reused only by
         steps queued after N+1."""
+        failed = self._admit_compiled()
         if self._inflight is None:
             so = self.scheduler.schedule()
             self._inflight = (so, self._launch(so))
@@ -363,12 +438,13 @@ class LLMEngine:
                 self._inflight = (nxt, self._launch(nxt, ahead=True))
         ro = pending.result()
         if so.is_empty:
-            return []
+            return failed
         updated, _finished = self.scheduler.update_from_output(so, ro.sampled)
+        self._finish_grammars(ro)
         if self._inflight is None and self.scheduler.has_unfinished_requests():
             nxt = self.scheduler.schedule()
             self._inflight = (nxt, self._launch(nxt))
-        return self._outputs(updated, ro)
+        return failed + self._outputs(updated, ro)
 
     def _outputs(self, updated: list[Request], ro: RunnerOutput) -> list[RequestOutput]:
         touched: dict[str, _Group] = {}

@@ -29,6 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shutdown-timeout", type=float, default=10.0,
                    help="on SIGINT/SIGTERM, seconds in-flight requests get to finish; those still running then "
                         "end with an error (default: %(default)s)")
+    p.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json", "mistral"],
+                   help="parse tool calls from the output of tool_choice='auto' requests in this model family's "
+                        "format (Hermes/Qwen <tool_call>, Llama 3 JSON, Mistral [TOOL_CALLS]); without it "
+                        "tool_choice='auto' with tools is refused (400). 'required' and named tools always work")
+    p.add_argument("--enable-auto-tool-choice", action="store_true",
+                   help="accepted for vLLM compatibility: --tool-call-parser alone enables tool_choice='auto'")
     p.add_argument("--uvicorn-log-level", default="info", help="uvicorn's log level (default: %(default)s)")
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
     add_engine_args(p)
@@ -59,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     app = build_app(
         async_engine, served_model_name=names, api_key=api_key,
         allow_request_chat_template=args.allow_request_chat_template, cors_origins=args.cors_origin,
-        max_body_bytes=int(args.max_request_body_mb * (1 << 20)),
+        max_body_bytes=int(args.max_request_body_mb * (1 << 20)), tool_call_parser=args.tool_call_parser,
     )
     print(
         f"kvserve: serving {names[0]!r} on http://{args.host}:{args.port} "

@@ -165,6 +165,14 @@ class LLM:
             except ValueError as e:
                 raise ValueError(f"prompts[{i}]: {e}") from None
             tokenized.append({"prompt": text, "prompt_token_ids": token_ids})
+        # Grammars compile here (once per distinct spec), so an invalid one raises ValueError
+        # before anything is queued; the engine then finds them in its cache.
+        for i, sp in enumerate(params):
+            if sp.structured_outputs is not None:
+                try:
+                    self.engine.structured.get(sp.structured_outputs)
+                except ValueError as e:
+                    raise ValueError(f"sampling_params[{i}]: {e}") from None
         ids = []
         try:
             for prompt, sp in zip(tokenized, params):

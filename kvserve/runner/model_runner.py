@@ -60,6 +60,8 @@ class RunnerOutput:
     logprobs: dict[str, list[LogprobEntry]] = field(default_factory=dict)
     # req_id -> for prompt positions 1.. of this step's chunk: same tuples
     prompt_logprobs: dict[str, list[LogprobEntry]] = field(default_factory=dict)
+    # Requests whose grammar (structured output) completed with this step's token.
+    grammar_finished: set[str] = field(default_factory=set)
 
 
 class PendingStep:
@@ -92,6 +94,9 @@ class PendingStep:
             st = states.get(rid)
             if st is not None:  # None: finished meanwhile (an ahead step's plan dropped it)
                 st.token_ids.append(tok)
+                grammar = runner.grammars.get(rid)
+                if grammar is not None and grammar.accept(tok):
+                    out.grammar_finished.add(rid)
             out.sampled[rid] = [tok]
         if self._logprob_job is not None:  # only when a request asked for logprobs
             raw, toks, rows, ks = self._logprob_job
@@ -133,6 +138,11 @@ class ModelRunner:
         # Prompt positions whose logprobs were already reported, per request: a preempted
         # request recomputes its prompt, and must not report those positions twice.
         self.prompt_lp_done: dict[str, int] = {}
+        # Structured output (driver only): the engine's grammar cache, set when the first
+        # constrained request arrives, and each constrained request's matcher, kept across
+        # preemptions (it depends on the output tokens only) and dropped when it finishes.
+        self.structured = None
+        self.grammars: dict[str, object] = {}
         shared = torch.Generator(device=device)
         shared.manual_seed(seed)
         self.sampler = Sampler(shared)
@@ -179,6 +189,7 @@ class ModelRunner:
             self._drop(rid)
             self.generators.pop(rid, None)
             self.prompt_lp_done.pop(rid, None)
+            self.grammars.pop(rid, None)
         for rid in so.preempted_req_ids:
             self._drop(rid)
         for nr in so.new_requests:
@@ -194,6 +205,8 @@ class ModelRunner:
                 g = torch.Generator(device=self.device)
                 g.manual_seed(sp.seed)
                 self.generators[nr.req_id] = g
+            if sp.structured_outputs is not None and self.is_driver and nr.req_id not in self.grammars:
+                self.grammars[nr.req_id] = self.structured.new_matcher(sp.structured_outputs)
         for cr in so.cached_requests:
             st = self.states[cr.req_id]
             if cr.new_block_ids:
@@ -434,6 +447,8 @@ class ModelRunner:
             num_prompt_tokens=[st.num_prompt_tokens for st in states],
             eos_token_ids=self.eos_token_ids,
         )
+        if self.grammars:
+            self._grammar_bitmask(batch, reqs, logits)
         # Sampler.__call__ reads the ids back itself; its two halves do not, so the wait is
         # left to PendingStep.result() (same tokens as Sampler.__call__).
         processed = self.sampler.process_logits(logits, batch)
@@ -449,6 +464,22 @@ class ModelRunner:
             tokens = tokens.to(torch.long).contiguous()
             torch.distributed.broadcast(tokens, src=0, group=tp.group)
         return self._queue_result(out, buf, reqs, tokens, job)
+
+    def _grammar_bitmask(self, batch: SamplingBatch, reqs: list[str], logits: torch.Tensor) -> None:
+        """The allowed next tokens of each constrained row, filled on the host by its matcher
+        (which has seen every earlier token: ahead steps never run with a grammar) and sent to
+        the device through pinned memory without waiting."""
+        rows = [i for i, r in enumerate(reqs) if r in self.grammars]
+        if not rows:
+            return
+        from kvserve.structured.grammar import allocate_bitmask
+
+        mask = allocate_bitmask(len(reqs), logits.shape[1])  # [N, W]; other rows stay unread
+        for i in rows:
+            self.grammars[reqs[i]].fill_bitmask(mask, i)
+        if logits.device.type != "cpu":
+            mask = mask.pin_memory().to(logits.device, non_blocking=True)
+        batch.bitmask, batch.bitmask_rows = mask, rows
 
     def _queue_result(self, out: RunnerOutput, buf, reqs: list[str], tokens: torch.Tensor, job) -> PendingStep:
         host, event = buf.download(tokens)

@@ -15,7 +15,11 @@ on the batch's sort widths or tie order), and a preempted request resumes its st
 CDF is accumulated in float64 through per-block sums, so no token's probability is lost to fp32
 rounding of a 50k-long running sum.
 
-Order of operations (as in vLLM): repetition penalty -> presence/frequency penalties ->
+Structured output: rows with a grammar carry a token bitmask (one int32 word per 32 tokens,
+filled on the host by each request's matcher and uploaded without a sync); their disallowed
+tokens are set to -inf before anything else, so every knob below works within the grammar.
+
+Order of operations (as in vLLM): grammar mask -> repetition penalty -> presence/frequency penalties ->
 logit_bias -> min_tokens ban -> (random rows) temperature -> min_p / top-k / top-p -> draw.
 Logprobs are reported from the model's raw distribution (before any of this), as vLLM and the
 OpenAI API do.
@@ -51,6 +55,10 @@ class SamplingBatch:
     token_ids: list[list[int]]  # per row: prompt + output so far (read, never copied or changed)
     num_prompt_tokens: list[int]
     eos_token_ids: frozenset[int] = frozenset()
+    # Structured output: bitmask[i] (int32 [N, ceil(V / 32)], on the logits' device) holds the
+    # allowed tokens of row i, for each i in bitmask_rows (other rows are not read).
+    bitmask: torch.Tensor | None = None
+    bitmask_rows: list[int] = field(default_factory=list)
 
     @classmethod
     def from_lists(
@@ -121,19 +129,26 @@ class Sampler:
 
     # -- logits processing ------------------------------------------------------------------
     def process_logits(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-        """Penalties, logit_bias and the min_tokens ban, each only on the rows that use it.
-        Returns `logits` itself when no row does, else a processed copy (the input is kept).
-        A row with `SamplingParams.modifies_logits` False is never changed here."""
+        """The grammar mask, penalties, logit_bias and the min_tokens ban, each only on the rows
+        that use it. Returns `logits` itself when no row does, else a processed copy (the input
+        is kept). A row with `SamplingParams.modifies_logits` False is never changed here."""
         params = batch.params
         n_out = [batch.num_output_tokens(i) for i in range(len(params))]
         rep = [i for i, p in enumerate(params) if p.repetition_penalty != 1.0]
         pres_freq = [i for i, p in enumerate(params) if (p.presence_penalty or p.frequency_penalty) and n_out[i]]
         bias = [i for i, p in enumerate(params) if p.logit_bias]
-        ban = [i for i, p in enumerate(params) if n_out[i] < p.min_tokens]
-        if not (rep or pres_freq or bias or ban):
+        masked = set(batch.bitmask_rows) if batch.bitmask is not None else set()
+        # A grammar decides itself when EOS may come: min_tokens does not ban it there (a
+        # finished grammar allows nothing else).
+        ban = [i for i, p in enumerate(params) if n_out[i] < p.min_tokens and i not in masked]
+        if not (rep or pres_freq or bias or ban or masked):
             return logits
         logits = logits.clone()
         vocab, dev, dt = logits.shape[1], logits.device, logits.dtype
+        if masked:
+            from kvserve.structured.grammar import apply_bitmask
+
+            apply_bitmask(logits, batch.bitmask, batch.bitmask_rows)
         # Penalties touch only the (row, token) cells of tokens that occurred: O(tokens), not O(V).
         if rep:
             # Tokens seen in the prompt or the output: positive logits divided, negative multiplied.

@@ -74,6 +74,7 @@ def build_app(
     allow_request_chat_template: bool = False,
     cors_origins: list[str] | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    tool_call_parser: str | None = None,
 ) -> FastAPI:
     names = [served_model_name] if isinstance(served_model_name, str) else list(served_model_name or [])
     if not names:
@@ -83,7 +84,12 @@ def build_app(
         engine=engine, served_model_names=names, metrics=metrics,
         allow_request_chat_template=allow_request_chat_template, max_body_bytes=max_body_bytes,
         generation_defaults=generation_defaults(engine.engine), model_root=str(engine.model_name),
+        tool_call_parser=tool_call_parser,
     )
+    if tool_call_parser is not None:
+        from kvserve.structured.tool_parsers import get_tool_parser
+
+        get_tool_parser(tool_call_parser)  # an unknown name fails at start-up
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

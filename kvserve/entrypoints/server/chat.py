@@ -21,6 +21,8 @@ from kvserve.entrypoints.server.protocol import (
     ChatCompletionStreamResponse,
     ChatMessage,
     DeltaMessage,
+    FunctionCall,
+    ToolCallOut,
     UsageInfo,
     random_id,
 )
@@ -36,6 +38,16 @@ from kvserve.entrypoints.server.serving import (
     collect_final,
     parse_request,
     to_sse,
+)
+from kvserve.entrypoints.server.structured import (
+    ToolPlan,
+    ToolStream,
+    compile_spec,
+    extract_calls,
+    finish_reason,
+    new_call_id,
+    plan_tools,
+    structured_spec,
 )
 
 _RESERVED_TEMPLATE_VARS = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
@@ -96,7 +108,13 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     req = await parse_request(request, state, ChatCompletionRequest)
     state.check_model(req.model)
     include_usage = check_stream_options(req)
-    _check_unsupported(req)
+    spec, spec_param = structured_spec(req)
+    plan = plan_tools(req, state)
+    if plan.spec is not None:
+        if spec is not None:
+            raise bad_request(f"tool_choice={req.tool_choice!r} cannot be combined with {spec_param}",
+                              param=spec_param)
+        spec, spec_param = plan.spec, "tools"
     text, msgs = render_messages(
         state, req.messages, chat_template=req.chat_template, chat_template_kwargs=req.chat_template_kwargs,
         add_generation_prompt=req.add_generation_prompt, continue_final_message=req.continue_final_message,
@@ -112,6 +130,9 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     top = _top_logprobs(req)
     params = build_sampling_params(req, state, max_tokens=max_tokens, logprobs=top)
     check_context(state, len(ids), max_tokens, req.min_tokens, what="messages")
+    if spec is not None:
+        await compile_spec(state, spec, spec_param)  # a 400 for a bad schema / grammar
+        params = params.clone(structured_outputs=spec)
     echo = msgs[-1]["content"] if req.echo and msgs[-1]["role"] == "assistant" else ""
 
     rid = random_id("chatcmpl")
@@ -120,7 +141,7 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     tok = state.engine.tokenizer
     if req.stream:
         return SSEResponse(_stream(state, rid, req.model or state.model_name, streams, trackers, params.n, top, echo,
-                                    include_usage, len(ids)))
+                                    include_usage, len(ids), plan))
     state.metrics.in_flight += 1
     try:
         finals = await collect_final(request, state, streams, trackers)
@@ -131,9 +152,10 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     out = finals[0]
     choices = [
         ChatCompletionResponseChoice(
-            index=c.index, message=ChatMessage(role="assistant", content=echo + c.text),
+            index=c.index, message=_message(plan, echo, c.text),
             logprobs=chat_logprobs(c.logprobs or [], c.token_ids, top, tok) if top is not None else None,
-            finish_reason=c.finish_reason, stop_reason=c.stop_reason,
+            finish_reason=finish_reason(plan, extract_calls(plan, c.text)[1], c.finish_reason),
+            stop_reason=c.stop_reason,
         )
         for c in out.outputs
     ]
@@ -146,14 +168,16 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     return JSONResponse(resp.model_dump())
 
 
-def _check_unsupported(req: ChatCompletionRequest) -> None:
-    fmt = req.response_format
-    if fmt is not None and fmt.get("type", "text") != "text":
-        raise bad_request(f"response_format {fmt.get('type')!r} is not supported (only 'text')",
-                          param="response_format")
-    choice = req.tool_choice
-    if choice is not None and choice not in ("none", "auto"):
-        raise bad_request("tool_choice other than 'none' or 'auto' is not supported", param="tool_choice")
+def _message(plan: ToolPlan, echo: str, text: str) -> ChatMessage:
+    """The assistant message: content, and the tool calls the output holds (if tools are on)."""
+    if not plan.active:
+        return ChatMessage(role="assistant", content=echo + text)
+    content, calls = extract_calls(plan, text)
+    if not calls:
+        return ChatMessage(role="assistant", content=echo + text)
+    tool_calls = [ToolCallOut(id=new_call_id(plan), function=FunctionCall(name=c.name, arguments=c.arguments))
+                  for c in calls]
+    return ChatMessage(role="assistant", content=(echo + content) if content else None, tool_calls=tool_calls)
 
 
 def _top_logprobs(req: ChatCompletionRequest) -> int | None:
@@ -167,13 +191,14 @@ def _top_logprobs(req: ChatCompletionRequest) -> int | None:
 
 
 async def _stream(state: ServerState, rid: str, model: str, streams: list, trackers: list, n: int, top: int | None,
-                  echo: str, include_usage: bool, prompt_tokens: int) -> AsyncIterator[str]:
+                  echo: str, include_usage: bool, prompt_tokens: int, plan: ToolPlan) -> AsyncIterator[str]:
     state.metrics.in_flight += 1
     tok = state.engine.tokenizer
     finished = [False] * n
     lp_sent = [0] * n
     completion_tokens = 0
     created = int(time.time())
+    tools = [ToolStream(plan) for _ in range(n)] if plan.active else None
 
     def chunk(choice: ChatCompletionResponseStreamChoice) -> str:
         return to_sse(ChatCompletionStreamResponse(id=rid, created=created, model=model, choices=[choice]))
@@ -193,6 +218,23 @@ async def _stream(state: ServerState, rid: str, model: str, streams: list, track
                     new = c.logprobs[start:]
                     logprobs = chat_logprobs(new, c.token_ids[start: start + len(new)], top, tok)
                     lp_sent[c.index] += len(new)
+                if tools is not None:
+                    ts = tools[c.index]
+                    deltas = ts.feed(c.delta_text)
+                    reason = None
+                    if c.finish_reason is not None:
+                        finished[c.index] = True
+                        more, reason = ts.finish(c.finish_reason)
+                        deltas += more
+                    for j, d in enumerate(deltas):
+                        yield chunk(ChatCompletionResponseStreamChoice(
+                            index=c.index, delta=DeltaMessage(**d), logprobs=logprobs if j == 0 else None))
+                    if reason is not None or (logprobs is not None and not deltas):
+                        yield chunk(ChatCompletionResponseStreamChoice(
+                            index=c.index, delta=DeltaMessage(), logprobs=None if deltas else logprobs,
+                            finish_reason=reason, stop_reason=c.stop_reason if reason is not None else None,
+                        ))
+                    continue
                 if c.finish_reason is not None:
                     finished[c.index] = True
                 elif not c.delta_text and logprobs is None:

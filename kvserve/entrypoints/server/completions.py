@@ -40,6 +40,7 @@ from kvserve.entrypoints.server.serving import (
     parse_request,
     to_sse,
 )
+from kvserve.entrypoints.server.structured import compile_spec, structured_spec
 
 
 @dataclass
@@ -79,6 +80,7 @@ async def create_completion(request: Request, state: ServerState) -> Response:
     if req.suffix:
         raise bad_request("suffix is not supported", param="suffix")
     include_usage = check_stream_options(req)
+    spec, spec_param = structured_spec(req)
     prompts = _prompts(req, state)
     n = req.n if isinstance(req.n, int) and req.n > 0 else 1
     if len(prompts) * n > MAX_N:
@@ -101,6 +103,9 @@ async def create_completion(request: Request, state: ServerState) -> Response:
     )
     for p in prompts:
         check_context(state, len(p.ids), max_tokens, req.min_tokens)
+    if spec is not None and not scoring:
+        await compile_spec(state, spec, spec_param)  # a 400 for a bad schema / regex / grammar
+        params = params.clone(structured_outputs=spec)
 
     base_id = random_id("cmpl")
     trackers = [state.metrics.tracker(len(p.ids)) for p in prompts]

@@ -65,6 +65,16 @@ class SamplingRequest(OpenAIModel):
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
     spaces_between_special_tokens: bool = True  # accepted for compatibility; no effect
+    # Structured output: OpenAI's response_format, vLLM's structured_outputs and guided_* (one
+    # of them per request; checked in kvserve/entrypoints/server/structured.py).
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None  # accepted for compatibility; xgrammar is used
+    guided_whitespace_pattern: str | None = None  # accepted for compatibility; no effect
 
 
 class CompletionRequest(SamplingRequest):
@@ -84,7 +94,6 @@ class ChatCompletionRequest(SamplingRequest):
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
     # vLLM extras
     echo: bool = False
@@ -149,14 +158,29 @@ class CompletionStreamResponse(OpenAIModel):
 
 
 # -- chat completions ----------------------------------------------------------------------------
+class FunctionCall(OpenAIModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(OpenAIModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(OpenAIModel):
     role: str
     content: str | None = None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class DeltaMessage(OpenAIModel):
     role: str | None = None
     content: str | None = None
+    # OpenAI's streamed tool-call pieces: {index, id, type, function: {name, arguments}}, the
+    # id / type / name only in a call's first piece, arguments appended across pieces.
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatCompletionLogProb(OpenAIModel):

@@ -41,6 +41,7 @@ class ServerState:
     max_body_bytes: int = 8 << 20
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     model_root: str | None = None
+    tool_call_parser: str | None = None  # --tool-call-parser (tool_choice="auto")
 
     @property
     def model_name(self) -> str:

@@ -1,0 +1,286 @@
+"""Structured output and tool calling over HTTP: request fields -> StructuredOutputsParams,
+grammar compilation before the request is queued (so a bad schema is a 400), and tool calls
+out of the generated text (whole, or as OpenAI's streamed deltas).
+
+Request fields (one structured-output source per request):
+- OpenAI `response_format`: {"type": "text" | "json_object" | "json_schema", "json_schema":
+  {"name", "schema", "strict"}}; the schema is enforced whether or not `strict` is set.
+- vLLM `structured_outputs` ({"json" | "regex" | "choice" | "grammar" | "json_object"}) and the
+  older `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`.
+- chat `tools` / `tool_choice` / `parallel_tool_calls`: "required" and a named function are
+  enforced by a grammar (a JSON array of {name, parameters} calls; the named function's
+  parameters object), written as compact JSON (`, ` and `: ` separators, no newlines); "auto"
+  is parsed from free output by `--tool-call-parser`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvserve.core.sampling_params import StructuredOutputsParams
+from kvserve.entrypoints.server.errors import bad_request
+from kvserve.structured.tool_parsers import ToolCall, ToolParser, get_tool_parser
+
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+
+
+def structured_spec(req: Any) -> tuple[StructuredOutputsParams | None, str | None]:
+    """(spec, the request field it came from) from response_format / structured_outputs /
+    guided_*; a 400 naming the field for anything malformed or for two sources at once."""
+    given = [name for name in ("response_format", "structured_outputs", *_GUIDED)
+             if getattr(req, name, None) is not None]
+    fmt = getattr(req, "response_format", None)
+    if fmt is not None and fmt.get("type", "text") == "text" and set(fmt) <= {"type"}:
+        given.remove("response_format")
+    if not given:
+        return None, None
+    if len(given) > 1:
+        raise bad_request(f"set only one of {', '.join(given)}", param=given[1])
+    param = given[0]
+    try:
+        if param == "response_format":
+            return _from_response_format(fmt), param
+        if param == "structured_outputs":
+            so = req.structured_outputs
+            unknown = sorted(set(so) - set(StructuredOutputsParams.__dataclass_fields__))
+            if unknown:
+                raise ValueError(f"unknown fields {unknown}")
+            return StructuredOutputsParams(**so), param
+        value = getattr(req, param)
+        return StructuredOutputsParams(**{_GUIDED[param]: value}), param
+    except (ValueError, TypeError) as e:
+        raise bad_request(_rename(str(e), param), param=param) from None
+
+
+def _from_response_format(fmt: dict[str, Any]) -> StructuredOutputsParams:
+    kind = fmt.get("type")
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True)
+    if kind == "json_schema":
+        js = fmt.get("json_schema")
+        if not isinstance(js, dict):
+            raise ValueError("response_format.json_schema must be an object with a 'schema'")
+        schema = js.get("schema")
+        if schema is None:
+            raise ValueError("response_format.json_schema.schema is required")
+        if not isinstance(schema, dict):
+            raise ValueError("response_format.json_schema.schema must be a JSON schema object")
+        return StructuredOutputsParams(json=schema)
+    raise ValueError(
+        f"response_format.type must be 'text', 'json_object' or 'json_schema' (got {kind!r})"
+    )
+
+
+def _rename(msg: str, param: str) -> str:
+    """Errors name the request field the user wrote (`guided_json`), not the engine's."""
+    for kind in ("json_object", "json", "regex", "choice", "grammar"):
+        msg = msg.replace(f"structured_outputs.{kind}", param)
+    if param != "structured_outputs":
+        msg = msg.replace("structured_outputs", param)
+    return msg
+
+
+async def compile_spec(state: Any, spec: StructuredOutputsParams, param: str) -> None:
+    """Compile (or find cached) the grammar, in a worker thread: an invalid spec or one that
+    does not compile within the limit (10 s) is a 400; the engine keeps serving meanwhile."""
+    engine = state.engine.engine
+
+    def work() -> None:
+        engine.structured.get(spec)
+
+    try:
+        await asyncio.to_thread(work)
+    except ValueError as e:
+        raise bad_request(_rename(str(e), param), param=param) from None
+
+
+# -- tools ---------------------------------------------------------------------------------------
+@dataclass
+class ToolPlan:
+    mode: str  # "none" | "auto" | "required" | "named"
+    tools: list[dict[str, Any]] = field(default_factory=list)
+    named: str | None = None
+    parser: ToolParser | None = None
+    spec: StructuredOutputsParams | None = None  # the grammar of "required" / "named"
+
+    @property
+    def active(self) -> bool:
+        return self.mode != "none"
+
+
+def plan_tools(req: Any, state: Any) -> ToolPlan:
+    """Check tools / tool_choice and decide how calls are made and read (400s name the field)."""
+    tools = req.tools
+    choice = req.tool_choice
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise bad_request("tools must be a list of function tools", param="tools")
+        names = []
+        for i, t in enumerate(tools):
+            fn = t.get("function") if isinstance(t, dict) else None
+            if not isinstance(t, dict) or t.get("type", "function") != "function" or not isinstance(fn, dict):
+                raise bad_request(f"tools[{i}] must be {{'type': 'function', 'function': {{...}}}}", param="tools")
+            name = fn.get("name")
+            if not isinstance(name, str) or not name:
+                raise bad_request(f"tools[{i}].function.name must be a non-empty string", param="tools")
+            params = fn.get("parameters")
+            if params is not None and not isinstance(params, dict):
+                raise bad_request(f"tools[{i}].function.parameters must be a JSON schema object", param="tools")
+            names.append(name)
+        if len(set(names)) != len(names):
+            raise bad_request("tools must have distinct function names", param="tools")
+    if choice is None:
+        choice = "auto" if tools else "none"
+    if isinstance(choice, dict):
+        fn = choice.get("function") if choice.get("type", "function") == "function" else None
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if not isinstance(name, str):
+            raise bad_request("tool_choice must be 'none', 'auto', 'required' or "
+                              "{'type': 'function', 'function': {'name': ...}}", param="tool_choice")
+        if not tools or name not in [t["function"]["name"] for t in tools]:
+            raise bad_request(f"tool_choice names {name!r}, which is not in tools", param="tool_choice")
+        tool = next(t for t in tools if t["function"]["name"] == name)
+        schema = tool["function"].get("parameters") or {"type": "object", "properties": {}}
+        return ToolPlan("named", tools, named=name, spec=StructuredOutputsParams(json=schema, disable_any_whitespace=True))
+    if choice not in ("none", "auto", "required"):
+        raise bad_request(f"tool_choice must be 'none', 'auto', 'required' or a named function (got {choice!r})",
+                          param="tool_choice")
+    if choice != "none" and not tools:
+        raise bad_request(f"tool_choice={choice!r} needs tools", param="tool_choice")
+    if choice == "none":
+        return ToolPlan("none", tools or [])
+    if choice == "required":
+        schema = _calls_schema(tools, req.parallel_tool_calls)
+        return ToolPlan("required", tools, spec=StructuredOutputsParams(json=schema, disable_any_whitespace=True))
+    if state.tool_call_parser is None:
+        raise bad_request(
+            "tool_choice='auto' needs the server to be started with --tool-call-parser "
+            "(hermes, llama3_json or mistral); 'required' or a named function work without it",
+            param="tool_choice",
+        )
+    return ToolPlan("auto", tools, parser=get_tool_parser(state.tool_call_parser))
+
+
+def _calls_schema(tools: list[dict[str, Any]], parallel: bool | None) -> dict[str, Any]:
+    """A JSON array of one or more {"name": <a tool>, "parameters": <its arguments>} (one only
+    when parallel_tool_calls is false)."""
+    variants = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": t["function"]["name"]},
+                "parameters": t["function"].get("parameters") or {"type": "object", "properties": {}},
+            },
+            "required": ["name", "parameters"],
+            "additionalProperties": False,
+        }
+        for t in tools
+    ]
+    schema: dict[str, Any] = {"type": "array", "minItems": 1,
+                              "items": variants[0] if len(variants) == 1 else {"anyOf": variants}}
+    if parallel is False:
+        schema["maxItems"] = 1
+    return schema
+
+
+def new_call_id(plan: ToolPlan) -> str:
+    if plan.parser is not None and plan.parser.name == "mistral":
+        return uuid.uuid4().hex[:9]  # Mistral's templates require 9 alphanumerics
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+def extract_calls(plan: ToolPlan, text: str) -> tuple[str | None, list[ToolCall]]:
+    """(content, calls) of a finished output. Output that does not hold complete calls (cut
+    off by max_tokens, or auto output without calls) is all content."""
+    if plan.mode == "named":
+        try:
+            args = json.loads(text)
+        except ValueError:
+            return text, []
+        # The arguments as generated (and as streamed), once they are known to be an object.
+        return (None, [ToolCall(plan.named, text)]) if isinstance(args, dict) else (text, [])
+    if plan.mode == "required":
+        try:
+            calls = json.loads(text)
+            return None, [ToolCall(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in calls]
+        except (ValueError, TypeError, KeyError):
+            return text, []
+    if plan.mode == "auto":
+        return plan.parser.parse(text)
+    return text, []
+
+
+def tool_calls_json(calls: list[ToolCall], ids: list[str]) -> list[dict[str, Any]]:
+    return [{"id": i, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+            for c, i in zip(calls, ids)]
+
+
+def finish_reason(plan: ToolPlan, calls: list[ToolCall], engine_reason: str | None) -> str | None:
+    """OpenAI's: "tool_calls" when the model chose to call (auto / required); a forced named
+    function ends with "stop"; output cut by max_tokens stays "length"."""
+    if calls and plan.mode in ("auto", "required") and engine_reason == "stop":
+        return "tool_calls"
+    return engine_reason
+
+
+class ToolStream:
+    """One choice's streamed output -> OpenAI deltas. Content is sent as soon as it is certain
+    to be content; a named function's arguments stream as they are generated; other calls are
+    sent when the output ends (each as one piece with id, name and the whole arguments)."""
+
+    def __init__(self, plan: ToolPlan) -> None:
+        self.plan = plan
+        self.text = ""
+        self.sent = 0  # characters of text already sent as content
+        self.named_id: str | None = None
+        self.calls: list[ToolCall] = []
+
+    def feed(self, delta: str) -> list[dict[str, Any]]:
+        """Deltas (dicts with 'content' or 'tool_calls') for new text."""
+        self.text += delta
+        plan = self.plan
+        if plan.mode == "named":
+            out = []
+            if self.named_id is None:
+                self.named_id = new_call_id(plan)
+                out.append({"tool_calls": [{"index": 0, "id": self.named_id, "type": "function",
+                                            "function": {"name": plan.named, "arguments": ""}}]})
+            if delta:
+                out.append({"tool_calls": [{"index": 0, "function": {"arguments": delta}}]})
+            return out
+        if plan.mode == "required":
+            return []
+        if plan.mode == "auto":
+            upto = plan.parser.content_prefix_len(self.text)
+            if upto > self.sent:
+                piece = self.text[self.sent:upto]
+                self.sent = upto
+                return [{"content": piece}]
+            return []
+        return [{"content": delta}] if delta else []
+
+    def finish(self, engine_reason: str | None) -> tuple[list[dict[str, Any]], str | None]:
+        """The last deltas and the choice's finish_reason."""
+        plan = self.plan
+        if plan.mode == "named":
+            _, self.calls = extract_calls(plan, self.text)
+            return [], finish_reason(plan, self.calls, engine_reason)
+        if plan.mode not in ("auto", "required"):
+            return [], engine_reason
+        content, self.calls = extract_calls(plan, self.text)
+        out: list[dict[str, Any]] = []
+        if not self.calls:
+            rest = self.text[self.sent:]
+            if rest:
+                out.append({"content": rest})
+            return out, engine_reason
+        if content and len(content) > self.sent:
+            out.append({"content": content[self.sent:]})
+        for i, c in enumerate(self.calls):
+            out.append({"tool_calls": [{"index": i, "id": new_call_id(plan), "type": "function",
+                                        "function": {"name": c.name, "arguments": c.arguments}}]})
+        return out, finish_reason(plan, self.calls, engine_reason)

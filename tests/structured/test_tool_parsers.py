@@ -1,0 +1,76 @@
+"""Tool-call parsers (hermes, llama3_json, mistral), tool planning without a parser, and tool
+calls / tool messages reaching chat templates. Pure Python."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvserve.engine.chat_template import render_chat, validate_messages
+from kvserve.structured.tool_parsers import ToolCall, get_tool_parser
+
+
+@pytest.mark.parametrize("name, text, content, calls", [
+    ("hermes", 'Sure.\n<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>\n'
+               '<tool_call>{"name": "g", "arguments": {}}</tool_call>',
+     "Sure.\n", [ToolCall("f", '{"a": 1}'), ToolCall("g", "{}")]),
+    ("hermes", '<tool_call>{"name": "f", "arguments": {"x": "é"}}', None, [ToolCall("f", '{"x": "é"}')]),
+    ("hermes", "no calls here", "no calls here", []),
+    ("hermes", '<tool_call>{"name": "f", "arguments": {"a": 1</tool_call>', '<tool_call>{"name": "f", "arguments": {"a": 1</tool_call>', []),
+    ("llama3_json", '<|python_tag|>{"name": "f", "parameters": {"q": "x"}}; {"name": "g", "parameters": {}}',
+     None, [ToolCall("f", '{"q": "x"}'), ToolCall("g", "{}")]),
+    ("llama3_json", '{"name": "f", "arguments": {"q": 1}}', None, [ToolCall("f", '{"q": 1}')]),
+    ("llama3_json", "Hello {there}", "Hello {there}", []),
+    ("llama3_json", '{"name": "f", "parameters": {}} trailing', '{"name": "f", "parameters": {}} trailing', []),
+    ("mistral", '[TOOL_CALLS][{"name": "f", "arguments": {"a": 1}}, {"name": "g", "arguments": {"b": 2}}]',
+     None, [ToolCall("f", '{"a": 1}'), ToolCall("g", '{"b": 2}')]),
+    ("mistral", 'ok [TOOL_CALLS]f[ARGS]{"a": 1}[TOOL_CALLS]g[ARGS]{}', "ok ", [ToolCall("f", '{"a": 1}'), ToolCall("g", "{}")]),
+    ("mistral", '[TOOL_CALLS][{"arguments": {}}]', '[TOOL_CALLS][{"arguments": {}}]', []),
+])
+def test_parsers(name, text, content, calls):
+    assert get_tool_parser(name).parse(text) == (content, calls)
+
+
+def test_streaming_holds_back_possible_markers():
+    h = get_tool_parser("hermes")
+    assert h.content_prefix_len("Hello <tool") == 6
+    assert h.content_prefix_len("Hello <b>") == 9
+    assert h.content_prefix_len('Hi <tool_call>{"na') == 3
+    l3 = get_tool_parser("llama3_json")
+    assert l3.content_prefix_len("  ") == 0 and l3.content_prefix_len(' {"name"') == 0
+    assert l3.content_prefix_len("<|pyth") == 0 and l3.content_prefix_len("Sure") == 4
+    with pytest.raises(ValueError, match="tool_call_parser"):
+        get_tool_parser("nope")
+
+
+def test_auto_needs_a_parser():
+    from types import SimpleNamespace
+
+    from kvserve.entrypoints.server.errors import APIError
+    from kvserve.entrypoints.server.structured import plan_tools
+
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    req = SimpleNamespace(tools=tools, tool_choice=None, parallel_tool_calls=None)
+    with pytest.raises(APIError) as e:
+        plan_tools(req, SimpleNamespace(tool_call_parser=None))
+    assert e.value.param == "tool_choice" and "--tool-call-parser" in str(e.value)
+    assert plan_tools(req, SimpleNamespace(tool_call_parser="hermes")).mode == "auto"
+    req.tool_choice = "none"
+    assert not plan_tools(req, SimpleNamespace(tool_call_parser=None)).active
+
+
+def test_tools_and_tool_messages_reach_the_template():
+    template = (
+        "{% for t in tools %}[tool {{ t.function.name }}]{% endfor %}"
+        "{% for m in messages %}{{ m.role }}:"
+        "{% if m.tool_calls %}{% for c in m.tool_calls %}call {{ c.function.name }}"
+        "({{ c.function.arguments.city }}){% endfor %}{% endif %}"
+        "{% if m.role == 'tool' %}{{ m.tool_call_id }}={% endif %}{{ m.content }};{% endfor %}"
+    )
+    msgs = validate_messages([
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ])
+    text = render_chat(template, msgs, tools=[{"type": "function", "function": {"name": "get_weather"}}])
+    assert text == "[tool get_weather]user:weather?;assistant:call get_weather(Paris);tool:call_1=sunny;"
