@@ -155,6 +155,7 @@ class Scheduler:
     _SMALL_STEP = 8  # steps of at most this many tokens measure the fixed per-step cost
     _LARGE_STEP = 32  # steps of at least this many tokens measure the per-token cost
     _MIN_TIMED_TOKENS = 16  # the time budget never cuts a step's prefill below this
+    _UNTIMED_CAP = 64  # tokens per step until the per-token cost was measured
     _EMA = 0.3
 
     def set_step_time_budget(self, seconds: float | None) -> None:
@@ -177,14 +178,14 @@ class Scheduler:
 
     def step_token_budget(self, num_decodes: int = 0) -> int:
         """Tokens the next step may compute: `max_num_batched_tokens`, capped by the step time
-        budget when one is set (never below the decodes plus a small prefill chunk). Before any
-        large step was timed the cap is a quarter of the token budget."""
+        budget when one is set (never below the decodes plus a small prefill chunk). Until a
+        large step was timed the cap is `_UNTIMED_CAP` tokens."""
         budget = self.config.max_num_batched_tokens
         target = self.step_time_budget
         if target is None:
             return budget
         if self._token_cost is None:
-            cap = max(budget // 4, self._MIN_TIMED_TOKENS)
+            cap = self._UNTIMED_CAP
         elif self._token_cost <= 0:
             cap = budget
         else:

@@ -7,10 +7,11 @@ nothing then.
 
 `KVSERVE_FAULT_INJECT` holds comma-separated `key=value` settings:
 
-- `step_error=N`: engine step number N (1-based, counted from server start) raises
-  `InjectedFault` after its forward pass ran;
-- `step_error_count=C`: C consecutive steps from N raise (default 1; `inf` for every step
-  from N on — the engine then stops after its limit of consecutive failed steps);
+- `step_error=STEPS`: these engine steps (1-based, counted from server start) raise
+  `InjectedFault` after their forward pass ran. STEPS is one or more `/`-separated items, each
+  `N` (step N), `N-M` (steps N to M) or `N-` (step N and every later one): `step_error=3`,
+  `step_error=1-2/4-6`, `step_error=5-`. Three failed steps in a row stop the engine (see
+  `AsyncLLMEngine`);
 - `token_delay_ms=D`: every step also sleeps D ms per token it computes (a slow device: with
   the step time budget this makes long prompts prefill in several chunks).
 
@@ -38,8 +39,7 @@ class InjectedFault(RuntimeError):
 
 @dataclass
 class FaultInjector:
-    step_error: int | None = None
-    step_error_count: float = 1
+    step_error: list[tuple[int, float]] | None = None  # (first, last) step ranges
     token_delay_ms: float = 0.0
     steps: int = 0  # steps launched so far
 
@@ -54,13 +54,7 @@ class FaultInjector:
                 raise ValueError(f"{ENV_VAR}: expected key=value, got {item!r}")
             try:
                 if key == "step_error":
-                    out.step_error = int(value)
-                    if out.step_error < 1:
-                        raise ValueError
-                elif key == "step_error_count":
-                    out.step_error_count = float(value)
-                    if not out.step_error_count >= 1:
-                        raise ValueError
+                    out.step_error = [_parse_range(r) for r in value.split("/")]
                 elif key == "token_delay_ms":
                     out.token_delay_ms = float(value)
                     if not (math.isfinite(out.token_delay_ms) and out.token_delay_ms >= 0):
@@ -69,7 +63,7 @@ class FaultInjector:
                     raise KeyError(key)
             except KeyError:
                 raise ValueError(
-                    f"{ENV_VAR}: unknown setting {key!r} (known: step_error, step_error_count, token_delay_ms)"
+                    f"{ENV_VAR}: unknown setting {key!r} (known: step_error, token_delay_ms)"
                 ) from None
             except ValueError:
                 raise ValueError(f"{ENV_VAR}: bad value for {key}: {value!r}") from None
@@ -90,11 +84,19 @@ class FaultInjector:
             pending = launch(so, *args, **kwargs)
             if self.token_delay_ms:
                 time.sleep(self.token_delay_ms * so.total_num_scheduled_tokens / 1000)
-            first = self.step_error
-            if first is not None and first <= self.steps < first + self.step_error_count:
+            if self.step_error and any(lo <= self.steps <= hi for lo, hi in self.step_error):
                 pending.result()  # the step's work is done; it fails on its way back
                 raise InjectedFault(f"fault injected by {ENV_VAR} in step {self.steps}")
             return pending
 
         runner.execute_async = execute_async
         logger.warning("%s is set: engine faults are injected (%s)", ENV_VAR, self)
+
+
+def _parse_range(text: str) -> tuple[int, float]:
+    lo, dash, hi = text.strip().partition("-")
+    first = int(lo)
+    last = (math.inf if not hi.strip() else int(hi)) if dash else first
+    if first < 1 or last < first:
+        raise ValueError(text)
+    return first, last
