@@ -158,6 +158,11 @@ class Scheduler:
     _UNTIMED_CAP = 64  # tokens per step until the per-token cost was measured
     _EMA = 0.3
 
+    @property
+    def last_step_tokens(self) -> int:
+        """Tokens the step last planned (by `schedule` or `schedule_ahead`) computes."""
+        return self._last_step_tokens
+
     def set_step_time_budget(self, seconds: float | None) -> None:
         """Aim for steps of about `seconds` (None: no time cap, only `max_num_batched_tokens`)."""
         if seconds is not None and (not math.isfinite(seconds) or seconds <= 0):

@@ -305,7 +305,10 @@ class AsyncLLMEngine:
                         break
                     continue
                 self._consecutive_failures = 0
-                self.engine.scheduler.record_step(time.perf_counter() - t0)
+                elapsed = time.perf_counter() - t0
+                self.engine.scheduler.record_step(elapsed)
+                if logger.isEnabledFor(logging.DEBUG):
+                    logger.debug("step: %d tokens in %.3f s", self.engine.scheduler.last_step_tokens, elapsed)
                 self._deliver(outputs)
                 self._stats = self._snapshot()
             self._dead = self._dead or EngineDeadError("the engine was shut down")
@@ -364,7 +367,7 @@ class AsyncLLMEngine:
                 self._run_call(cmd[1], cmd[2])
         if cmds and not self.engine.has_unfinished_requests():
             self._queued_since.clear()
-        if cmds and not self.engine.has_unfinished_requests():
+        if cmds:  # the queue changed: /metrics and the waiting-requests limit see it at once
             self._stats = self._snapshot()
         return True
 

@@ -31,7 +31,8 @@ class ServerProcess:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         cmd = [
-            sys.executable, "-m", "kvserve", "serve", "--model", str(model), "--port", str(self.port),
+            sys.executable, "-m", "kvserve", *(["--log-level", os.environ["KVSERVE_TEST_LOG_LEVEL"]]
+                                              if os.environ.get("KVSERVE_TEST_LOG_LEVEL") else []), "serve", "--model", str(model), "--port", str(self.port),
             "--device", "cpu", "--dtype", "float32", "--served-model-name", MODEL_NAME,
             "--uvicorn-log-level", "warning", *extra,
         ]
