@@ -255,7 +255,7 @@ def main() -> int:
     p.add_argument("--server-pid", type=int, default=None, help="with --url: the server's pid, for RSS")
     p.add_argument("--clients", type=int, default=64)
     p.add_argument("--duration", type=float, default=600.0, help="seconds (default: %(default)s)")
-    p.add_argument("--request-timeout", type=float, default=300.0,
+    p.add_argument("--request-timeout", type=float, default=600.0,
                    help="a request without an answer after this many seconds counts as lost (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json-out", default=None, help="write the report as JSON here too")

@@ -20,7 +20,9 @@ Latency policy (what keeps an abort or a new short request from waiting behind a
   step's token budget is also capped so that the step should take about that many seconds,
   from a running estimate of the per-step overhead and the per-token cost (`record_step`).
   A long prompt is then prefilled in several short chunks, and aborts and new requests are
-  applied at every chunk boundary.
+  applied at every chunk boundary. Prompts always get at least max(16, number of decodes)
+  tokens a step, so a big decode batch on a slow machine cannot starve them (such a step takes
+  up to about twice a decode-only step).
 - **Decodes first**: every running request that needs one token gets it before any prefill
   chunk takes budget.
 - **Prefill share**: while requests wait (and could be admitted), the chunks of prompts already
@@ -183,8 +185,8 @@ class Scheduler:
 
     def step_token_budget(self, num_decodes: int = 0) -> int:
         """Tokens the next step may compute: `max_num_batched_tokens`, capped by the step time
-        budget when one is set (never below the decodes plus a small prefill chunk). Until a
-        large step was timed the cap is `_UNTIMED_CAP` tokens."""
+        budget when one is set, but never below the decodes plus max(16, decodes) prompt
+        tokens. Until a large step was timed the cap is `_UNTIMED_CAP` tokens."""
         budget = self.config.max_num_batched_tokens
         target = self.step_time_budget
         if target is None:
@@ -196,7 +198,11 @@ class Scheduler:
         else:
             left = max(target - (self._step_overhead or 0.0), 0.0)
             cap = int(left / self._token_cost)
-        return max(1, min(budget, max(cap, num_decodes + self._MIN_TIMED_TOKENS)))
+        # Prefill always gets at least max(_MIN_TIMED_TOKENS, num_decodes) tokens: when the
+        # decodes alone take the whole time budget (a big batch, a slow or busy machine), a step
+        # may take up to about twice a decode-only step rather than starve every prompt.
+        floor = num_decodes + max(self._MIN_TIMED_TOKENS, num_decodes)
+        return max(1, min(budget, max(cap, floor)))
 
     # -- one step ---------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:

@@ -131,6 +131,7 @@ class WorkerThreads:
 
     def _start(self) -> None:
         with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()]
             while len(self._threads) < self.num_threads:
                 t = threading.Thread(target=self._work, name=f"{self.name}-{len(self._threads)}", daemon=True)
                 t.start()
