@@ -12,7 +12,6 @@ by seconds:
 
 from __future__ import annotations
 
-import json
 import random
 import threading
 import time
