@@ -12,6 +12,7 @@ by seconds:
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -127,17 +128,35 @@ def test_overload_gets_429_with_retry_after(slow):
     results: list[httpx.Response] = []
     lock = threading.Lock()
 
+    stream_errors: list[dict] = []
+    failures: list[BaseException] = []
+
     def send(i: int) -> None:
-        r = httpx.post(slow.url + "/v1/completions", json={"prompt": _ids(30, 100 + i), "max_tokens": 2},
-                       headers=AUTH, timeout=60)
-        with lock:
-            results.append(r)
+        try:
+            body = {"prompt": _ids(30, 100 + i), "max_tokens": 2}
+            if i % 5 == 4:  # some streamed: a queue timeout after the 200 is an error event, then [DONE]
+                with httpx.stream("POST", slow.url + "/v1/completions", json={**body, "stream": True},
+                                  headers=AUTH, timeout=60) as r:
+                    r.read()
+                if r.status_code == 200:
+                    events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
+                    assert events[-1] == "[DONE]"
+                    with lock:
+                        stream_errors.extend(e["error"] for e in map(json.loads, events[:-1]) if "error" in e)
+                    return
+            else:
+                r = httpx.post(slow.url + "/v1/completions", json=body, headers=AUTH, timeout=60)
+            with lock:
+                results.append(r)
+        except BaseException as e:  # reported below: a thread's exception would be lost
+            failures.append(e)
 
     threads = [threading.Thread(target=send, args=(i,)) for i in range(30)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    assert not failures, failures
     codes = {}
     for r in results:
         assert r.status_code in (200, 429), r.text
@@ -150,6 +169,9 @@ def test_overload_gets_429_with_retry_after(slow):
     # at once, and some wait > 2 s.
     assert codes.get("queue_full", 0) >= 1 and codes.get("queue_timeout", 0) >= 1, codes
     assert sum(r.status_code == 200 for r in results) >= 5
+    for err in stream_errors:
+        assert err["type"] == "rate_limit_error" and err["code"] == "queue_timeout", err
+        codes["queue_timeout"] = codes.get("queue_timeout", 0) + 1
     text = httpx.get(slow.url + "/metrics").text
     counted = {line.split('reason="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
                for line in text.splitlines() if line.startswith("kvserve:request_rejected_total")}
