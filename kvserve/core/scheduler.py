@@ -13,10 +13,29 @@ what `schedule()` would have done: every running request samples in N, nobody wa
 request's next slot fits without preemption, no request can end at N for lack of room, and no
 request samples with its token history on the host (penalties, `min_tokens`, a grammar). Each row of N+1
 then computes the token N samples (a placeholder until N's result is back).
+
+Latency policy (what keeps an abort or a new short request from waiting behind a long prompt):
+
+- **Step time budget** (optional, `set_step_time_budget`; the server turns it on for CPU): the
+  step's token budget is also capped so that the step should take about that many seconds,
+  from a running estimate of the per-step overhead and the per-token cost (`record_step`).
+  A long prompt is then prefilled in several short chunks, and aborts and new requests are
+  applied at every chunk boundary. Prompts always get at least max(16, number of decodes)
+  tokens a step, so a big decode batch on a slow machine cannot starve them (such a step takes
+  up to about twice a decode-only step).
+- **Decodes first**: every running request that needs one token gets it before any prefill
+  chunk takes budget.
+- **Prefill share**: while requests wait (and could be admitted), the chunks of prompts already
+  being prefilled get at most half of what the decodes leave; the rest admits waiting requests
+  in arrival order. A waiting prompt too long for what is left is admitted with a chunk of at
+  most half of it (at least one block) when others could follow it in the same step. So a new
+  short request is admitted within a step or two of its arrival even while long prompts are
+  being prefilled, and a long prompt still advances every step.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Iterable
@@ -81,6 +100,13 @@ class Scheduler:
         self._finished_since_last: set[str] = set()
         self.num_preemptions = 0
         self._sampled_last_step: set[str] = set()
+        # Prompt tokens scheduled for computation (prefill and recompute), for metrics.
+        self.num_prefill_tokens = 0
+        # Step time budget (None: token budget only) and the cost model it is enforced with.
+        self.step_time_budget: float | None = None
+        self._step_overhead: float | None = None  # EMA of the time of steps of few tokens (s)
+        self._token_cost: float | None = None  # EMA of the time per token of larger steps (s)
+        self._last_step_tokens = 0
 
     # -- queue management -------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -111,6 +137,11 @@ class Scheduler:
         self.requests.pop(req.request_id, None)
         self._finished_since_last.add(req.request_id)
 
+    def is_queued(self, req_id: str) -> bool:
+        """True while the request waits for its first admission (never scheduled yet)."""
+        req = self.requests.get(req_id)
+        return req is not None and req.status == RequestStatus.WAITING and req.num_computed_tokens == 0
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -122,19 +153,85 @@ class Scheduler:
     def num_waiting(self) -> int:
         return len(self.waiting)
 
+    # -- step time budget ---------------------------------------------------------------------
+    _SMALL_STEP = 8  # steps of at most this many tokens measure the fixed per-step cost
+    _LARGE_STEP = 32  # steps of at least this many tokens measure the per-token cost
+    _MIN_TIMED_TOKENS = 16  # the time budget never cuts a step's prefill below this
+    _UNTIMED_CAP = 64  # tokens per step until the per-token cost was measured
+    _EMA = 0.3
+
+    @property
+    def last_step_tokens(self) -> int:
+        """Tokens the step last planned (by `schedule` or `schedule_ahead`) computes."""
+        return self._last_step_tokens
+
+    def set_step_time_budget(self, seconds: float | None) -> None:
+        """Aim for steps of about `seconds` (None: no time cap, only `max_num_batched_tokens`)."""
+        if seconds is not None and (not math.isfinite(seconds) or seconds <= 0):
+            raise ValueError(f"step_time_budget must be a positive number of seconds (got {seconds!r})")
+        self.step_time_budget = seconds
+
+    def record_step(self, seconds: float) -> None:
+        """Feed the wall time of the step last returned by `schedule()` into the cost model."""
+        n = self._last_step_tokens
+        if n <= 0 or not math.isfinite(seconds) or seconds < 0:
+            return
+        a = self._EMA
+        if n <= self._SMALL_STEP:
+            self._step_overhead = seconds if self._step_overhead is None else (1 - a) * self._step_overhead + a * seconds
+        if n >= self._LARGE_STEP:
+            per_token = max(seconds - (self._step_overhead or 0.0), 0.0) / n
+            self._token_cost = per_token if self._token_cost is None else (1 - a) * self._token_cost + a * per_token
+
+    def step_token_budget(self, num_decodes: int = 0) -> int:
+        """Tokens the next step may compute: `max_num_batched_tokens`, capped by the step time
+        budget when one is set, but never below the decodes plus max(16, decodes) prompt
+        tokens. Until a large step was timed the cap is `_UNTIMED_CAP` tokens."""
+        budget = self.config.max_num_batched_tokens
+        target = self.step_time_budget
+        if target is None:
+            return budget
+        if self._token_cost is None:
+            cap = self._UNTIMED_CAP
+        elif self._token_cost <= 0:
+            cap = budget
+        else:
+            left = max(target - (self._step_overhead or 0.0), 0.0)
+            cap = int(left / self._token_cost)
+        # Prefill always gets at least max(_MIN_TIMED_TOKENS, num_decodes) tokens: when the
+        # decodes alone take the whole time budget (a big batch, a slow or busy machine), a step
+        # may take up to about twice a decode-only step rather than starve every prompt.
+        floor = num_decodes + max(self._MIN_TIMED_TOKENS, num_decodes)
+        return max(1, min(budget, max(cap, floor)))
+
     # -- one step ---------------------------------------------------------------------------
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput(finished_req_ids=self._finished_since_last)
         self._finished_since_last = set()
-        budget = self.config.max_num_batched_tokens
         preempted = False
         if not self.config.enable_kv_cache:
             self._drop_cache_of_running(out)
+        # Decodes first: one token for each running request that only needs one is set aside.
+        decodes_left = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
+        budget = self.step_token_budget(decodes_left)
+        can_admit = bool(self.waiting) and len(self.running) < self.config.max_num_seqs
+        # Prefill share: while requests wait, running prompts' chunks get half of what is left.
+        prefill_left = max(budget - decodes_left, 0)
+        if can_admit:
+            prefill_left //= 2
 
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+            remaining = req.num_tokens - req.num_computed_tokens
+            if remaining == 1:
+                num_new = 1
+                decodes_left -= 1
+            else:
+                num_new = min(remaining, prefill_left, budget - max(decodes_left, 0))
+                if num_new <= 0:
+                    i += 1  # its prompt continues next step
+                    continue
             new_blocks = self.kv.allocate_slots(req, num_new)
             while new_blocks is None:
                 victim = self.running.pop()  # the newest request yields first
@@ -147,6 +244,9 @@ class Scheduler:
                 break
             out.cached_requests.append(CachedRequestData(req.request_id, new_blocks, req.num_computed_tokens))
             out.num_scheduled_tokens[req.request_id] = num_new
+            if remaining > 1:
+                prefill_left -= num_new
+                self.num_prefill_tokens += min(num_new, max(req.num_prompt_tokens - req.num_computed_tokens, 0))
             budget -= num_new
             i += 1
 
@@ -159,6 +259,9 @@ class Scheduler:
                 if not self.config.enable_chunked_prefill:
                     break
                 num_new = budget
+                if len(self.waiting) > 1 and len(self.running) + 1 < self.config.max_num_seqs:
+                    # Others could follow it in this step: leave them half.
+                    num_new = max(budget // 2, min(budget, self.kv.block_size))
             req.num_computed_tokens = 0
             new_blocks = self.kv.allocate_slots(req, num_new, hits)
             if new_blocks is None:
@@ -178,7 +281,9 @@ class Scheduler:
                 )
             )
             out.num_scheduled_tokens[req.request_id] = num_new
+            self.num_prefill_tokens += min(num_new, max(req.num_prompt_tokens - num_hit, 0))
             budget -= num_new
+        self._last_step_tokens = out.total_num_scheduled_tokens
         return out
 
     def schedule_ahead(self, inflight: SchedulerOutput) -> SchedulerOutput | None:
@@ -227,6 +332,7 @@ class Scheduler:
                     raise RuntimeError("schedule_ahead: block pool changed while planning")
             out.cached_requests.append(CachedRequestData(req.request_id, added, req.num_tokens))
             out.num_scheduled_tokens[req.request_id] = 1
+        self._last_step_tokens = len(self.running)
         return out
 
     def _drop_cache_of_running(self, out: SchedulerOutput) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -45,6 +46,14 @@ class EngineArgs:
         scheduling and input building overlap the GPU. None (default): on for CUDA, off on CPU
         (a CPU forward is synchronous: nothing to overlap). Falls back to waiting whenever a
         request needs it (new prompts, penalties, min_tokens, a request about to end by length).
+    max_waiting_requests: server only (AsyncLLMEngine). While this many requests wait for
+        admission, new ones are refused (HTTP 429 + Retry-After). None (default): no limit.
+    max_queue_time: server only. A request not admitted within this many seconds is refused
+        (HTTP 429 + Retry-After). None (default): no limit.
+    step_time_budget: server only. Seconds one engine step should take at most: the token
+        budget of a step is capped from measured step times, so long prompts prefill in chunks
+        and aborts and new requests wait at most about one step. None (default): 0.5 on CPU,
+        off on CUDA; 0: off.
     """
 
     model: str = DEFAULT_MODEL
@@ -69,6 +78,9 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     async_scheduling: bool | None = None
     quantization: str | None = None
+    max_waiting_requests: int | None = None
+    max_queue_time: float | None = None
+    step_time_budget: float | None = None
 
     def __post_init__(self) -> None:
         normalize_dtype(self.dtype)
@@ -80,6 +92,16 @@ class EngineArgs:
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be an integer >= 1 or None (got {v!r})")
+        if self.max_waiting_requests is not None and (
+            not isinstance(self.max_waiting_requests, int) or self.max_waiting_requests < 1
+        ):
+            raise ValueError(f"max_waiting_requests must be an integer >= 1 or None (got {self.max_waiting_requests!r})")
+        for name in ("max_queue_time", "step_time_budget"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)
+                                  or v < 0 or (v == 0 and name == "max_queue_time")):
+                low = "> 0" if name == "max_queue_time" else ">= 0"
+                raise ValueError(f"{name} must be a finite number of seconds {low}, or None (got {v!r})")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1] (got {self.gpu_memory_utilization})")
         if self.load_format not in ("auto", "dummy"):

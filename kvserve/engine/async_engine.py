@@ -15,24 +15,40 @@ Invariants:
 - `stats()` is a snapshot taken by the engine thread after each step and before it idles.
 - `call_in_engine_thread(fn)` runs `fn(engine)` on the engine thread between steps: the one
   safe way to read scheduler or KV-cache state from asyncio code (the dashboard uses it).
+- commands (add, abort) are applied in the order they were queued, at every step boundary:
+  an abort queued right after its add means the request is never scheduled.
+- a step that raises fails the requests in the engine and the loop goes on;
+  `MAX_CONSECUTIVE_STEP_FAILURES` failed steps in a row stop the engine thread (logged at
+  CRITICAL), after which `is_running` is False and every request gets `EngineDeadError`.
+- overload (off by default): with `max_waiting_requests`, `add_request` raises
+  `EngineOverloadedError` while that many requests wait for admission; with `max_queue_time`,
+  a request not yet admitted after that many seconds ends with `EngineOverloadedError`.
+- step time budget: on CPU the scheduler caps each step's tokens so a step takes about
+  `step_time_budget` seconds (default 0.5 s; see `Scheduler`), timed here around every step.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import queue
 import threading
+import time
 from typing import Any, AsyncIterator, Callable, TypeVar
 
 from kvserve.core.sampling_params import SamplingParams
 from kvserve.engine.arg_utils import EngineArgs
+from kvserve.engine.fault_inject import FaultInjector
 from kvserve.engine.llm_engine import LLMEngine, PromptType
 from kvserve.engine.outputs import RequestOutput
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+MAX_CONSECUTIVE_STEP_FAILURES = 3
+DEFAULT_CPU_STEP_TIME_BUDGET = 0.5  # seconds
 
 
 class EngineDeadError(RuntimeError):
@@ -41,6 +57,16 @@ class EngineDeadError(RuntimeError):
 
 class EngineStepError(RuntimeError):
     """A step of the engine failed while this request was in it (a server-side error)."""
+
+
+class EngineOverloadedError(RuntimeError):
+    """The engine will not queue this request now (the server answers 429 + Retry-After).
+    `reason`: 'queue_full' (max_waiting_requests) or 'queue_timeout' (max_queue_time)."""
+
+    def __init__(self, message: str, reason: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.retry_after = retry_after
 
 
 class RequestStream:
@@ -91,6 +117,13 @@ class AsyncLLMEngine:
         # Owned by the engine thread: the streams of requests now in the engine.
         self._active: dict[str, RequestStream] = {}
         self._leftover: list[tuple[Any, ...]] = []  # commands after "stop"
+        # Owned by the engine thread: when each request not yet known to have been admitted
+        # was added (insertion order = age), for the queue-time limit.
+        self._queued_since: dict[str, float] = {}
+        self._pending_adds = 0  # adds queued but not yet applied (guarded by _lock)
+        self._consecutive_failures = 0
+        self.max_waiting_requests: int | None = None
+        self.max_queue_time: float | None = None
         # Tokens generated so far (written by the engine thread only; read anywhere).
         self.num_generated_tokens = 0
         if engine is not None:
@@ -102,7 +135,23 @@ class AsyncLLMEngine:
         self.model_name = engine.model_name
         self.max_model_len = engine.max_model_len
         self.vocab_size = engine.model_config.vocab_size
-        self._stats: dict[str, float] = dict(engine.stats())
+        args = getattr(engine, "args", None)
+        self.max_waiting_requests = getattr(args, "max_waiting_requests", None)
+        self.max_queue_time = getattr(args, "max_queue_time", None)
+        budget = getattr(args, "step_time_budget", None)
+        if budget is None:
+            on_cpu = getattr(getattr(engine, "platform", None), "device", None)
+            budget = DEFAULT_CPU_STEP_TIME_BUDGET if getattr(on_cpu, "type", None) == "cpu" else 0
+        engine.scheduler.set_step_time_budget(budget or None)
+        faults = FaultInjector.from_env()
+        if faults is not None:
+            faults.install(engine)
+        self._stats: dict[str, float] = self._snapshot()
+
+    def _snapshot(self) -> dict[str, float]:
+        stats = dict(self.engine.stats())
+        stats["num_prefill_tokens"] = self.engine.scheduler.num_prefill_tokens
+        return stats
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs) -> AsyncLLMEngine:
@@ -170,6 +219,8 @@ class AsyncLLMEngine:
         accepted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         with self._lock:  # the thread cannot end between this check and the put
             self._check_alive()
+            self._check_queue_room()
+            self._pending_adds += 1
             self._commands.put(("add", request_id, prompt, params, stream, accepted))
         try:
             await accepted
@@ -208,6 +259,17 @@ class AsyncLLMEngine:
             self._commands.put(("call", fn, done))
         return await asyncio.wait_for(done, timeout)
 
+    def _check_queue_room(self) -> None:
+        limit = self.max_waiting_requests
+        if limit is None:
+            return
+        waiting = int(self._stats.get("num_waiting", 0)) + self._pending_adds
+        if waiting >= limit:
+            raise EngineOverloadedError(
+                f"the server is overloaded: {waiting} requests are already waiting (limit {limit}); "
+                "retry later", reason="queue_full", retry_after=1,
+            )
+
     def _check_alive(self) -> None:
         if self._thread is None or self._loop is None:
             raise EngineDeadError("the engine has not been started")
@@ -222,15 +284,34 @@ class AsyncLLMEngine:
                     break
                 if not self.engine.has_unfinished_requests():
                     continue
+                self._expire_queued()
+                if not self.engine.has_unfinished_requests():
+                    continue
+                t0 = time.perf_counter()
                 try:
                     outputs = self.engine.step()
                 except Exception as e:  # a bug or a device error: fail the batch, keep serving
-                    logger.exception("engine step failed; failing %d request(s)", len(self._active))
+                    self._consecutive_failures += 1
+                    logger.exception("engine step failed (%d in a row); failing %d request(s)",
+                                     self._consecutive_failures, len(self._active))
                     self._fail_all(EngineStepError(f"engine step failed: {type(e).__name__}: {e}"))
+                    if self._consecutive_failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+                        logger.critical("engine stopped: %d steps failed in a row (last: %s: %s); "
+                                        "/health now answers 503 and every request fails",
+                                        self._consecutive_failures, type(e).__name__, e)
+                        self._dead = EngineDeadError(
+                            f"the engine stopped after {self._consecutive_failures} failed steps in a row "
+                            f"(last: {type(e).__name__}: {e})")
+                        break
                     continue
+                self._consecutive_failures = 0
+                elapsed = time.perf_counter() - t0
+                self.engine.scheduler.record_step(elapsed)
+                if logger.isEnabledFor(logging.DEBUG):
+                    logger.debug("step: %d tokens in %.3f s", self.engine.scheduler.last_step_tokens, elapsed)
                 self._deliver(outputs)
-                self._stats = dict(self.engine.stats())
-            self._dead = EngineDeadError("the engine was shut down")
+                self._stats = self._snapshot()
+            self._dead = self._dead or EngineDeadError("the engine was shut down")
         except BaseException as e:  # pragma: no cover - the thread itself broke
             logger.exception("engine thread died")
             self._dead = EngineDeadError(f"the engine thread died: {type(e).__name__}: {e}")
@@ -240,7 +321,7 @@ class AsyncLLMEngine:
                 self._fail_all(error)
                 self._reject_queued(error)
             try:
-                self._stats = dict(self.engine.stats())
+                self._stats = self._snapshot()
             except Exception:  # pragma: no cover - a broken engine keeps its last snapshot
                 pass
 
@@ -261,7 +342,7 @@ class AsyncLLMEngine:
     def _drain_commands(self, block: bool) -> bool:
         """Apply queued commands; wait for one first when `block`. False means stop."""
         if block:
-            self._stats = dict(self.engine.stats())
+            self._stats = self._snapshot()
             cmds = [self._commands.get()]
         else:
             cmds = []
@@ -279,16 +360,21 @@ class AsyncLLMEngine:
                 self._add(*cmd[1:])
             elif kind == "abort":
                 rid = cmd[1]
+                self._queued_since.pop(rid, None)
                 if self._active.pop(rid, None) is not None:
                     self.engine.abort_request(rid)
             elif kind == "call":
                 self._run_call(cmd[1], cmd[2])
         if cmds and not self.engine.has_unfinished_requests():
-            self._stats = dict(self.engine.stats())
+            self._queued_since.clear()
+        if cmds:  # the queue changed: /metrics and the waiting-requests limit see it at once
+            self._stats = self._snapshot()
         return True
 
     def _add(self, rid: str, prompt: PromptType, params: SamplingParams, stream: RequestStream,
              accepted: asyncio.Future[None]) -> None:
+        with self._lock:
+            self._pending_adds -= 1
         try:
             if rid in self._active:
                 raise ValueError(f"request id {rid!r} is already in use")
@@ -297,7 +383,41 @@ class AsyncLLMEngine:
             self._call(_resolve, accepted, e)
             return
         self._active[rid] = stream
+        if self.max_queue_time is not None:
+            self._queued_since[rid] = time.monotonic()
         self._call(_resolve, accepted, None)
+
+    def _expire_queued(self) -> None:
+        """Queue-time limit: end requests still waiting for admission after `max_queue_time`
+        seconds with EngineOverloadedError (oldest first; stops at the first young one)."""
+        limit = self.max_queue_time
+        if limit is None or not self._queued_since:
+            return
+        now = time.monotonic()
+        sched = self.engine.scheduler
+        expired = []
+        for rid, since in list(self._queued_since.items()):
+            group = self.engine.groups.get(rid)
+            if group is None or rid not in self._active:
+                del self._queued_since[rid]
+                continue
+            if not all(sched.is_queued(cid) for cid in group.child_ids):
+                del self._queued_since[rid]  # admitted: it is being served
+                continue
+            if now - since < limit:
+                break
+            del self._queued_since[rid]
+            expired.append(rid)
+        if not expired:
+            return
+        retry = max(1, math.ceil(limit))
+        error = EngineOverloadedError(
+            f"the server is overloaded: the request waited {limit:g} s without being scheduled; retry later",
+            reason="queue_timeout", retry_after=retry,
+        )
+        self.engine.abort_request(expired)
+        self._call(_put_all, [(self._active.pop(rid), error) for rid in expired])
+        logger.warning("queue-time limit: %d request(s) waited over %g s and were refused", len(expired), limit)
 
     def _run_call(self, fn: Callable[[LLMEngine], Any], done: asyncio.Future[Any]) -> None:
         try:
@@ -321,6 +441,7 @@ class AsyncLLMEngine:
             self._call(_put_all, batch)
 
     def _fail_all(self, error: BaseException) -> None:
+        self._queued_since.clear()
         if not self._active:
             return
         streams = list(self._active.items())

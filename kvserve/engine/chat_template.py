@@ -5,7 +5,10 @@ run in Jinja's immutable sandbox with the same globals and settings transformers
 (``raise_exception``, ``strftime_now``, a non-escaping ``tojson``, ``trim_blocks`` and
 ``lstrip_blocks``, the loop-controls extension), plus a few guards of our own: touching any
 private or internal attribute raises instead of rendering as empty, ``namespace`` objects refuse
-underscore names, and ``*``/``**`` refuse results that would exhaust memory. Every failure
+underscore names, and ``*``/``**`` refuse results that would exhaust memory. ``render_chat``
+can also bound the render's wall time and output size (``time_limit``, ``max_chars``): the
+limits are checked at every call, ``range`` step, string ``+``/``~`` and output chunk of the
+template (the server also runs it on a worker thread it can interrupt). Every failure
 (syntax, sandbox violation, ``raise_exception``, a bug in the template) surfaces as
 ``ChatTemplateError``, a ``ValueError`` the server reports as a 400.
 """
@@ -15,6 +18,8 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import threading
+import time
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -23,7 +28,7 @@ import jinja2
 import jinja2.ext
 import jinja2.utils
 from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, safe_range
 
 logger = logging.getLogger(__name__)
 
@@ -37,9 +42,65 @@ class ChatTemplateError(ValueError):
     """The chat template is missing, malformed, unsafe, or refused the conversation."""
 
 
+class ChatTemplateLimitError(ChatTemplateError):
+    """Rendering ran past its time or output-size limit."""
+
+
+# The limits of the render running on this thread (render_chat sets them).
+_limits = threading.local()
+
+
+def _check_limits(size: int = 0) -> None:
+    deadline = getattr(_limits, "deadline", None)
+    if deadline is not None and time.monotonic() > deadline:
+        raise ChatTemplateLimitError(
+            f"chat template rendering took longer than the limit of {_limits.time_limit:g} s"
+        )
+    max_chars = getattr(_limits, "max_chars", None)
+    if max_chars is not None and size > max_chars:
+        raise ChatTemplateLimitError(
+            f"chat template output (or a string it builds) is larger than the limit of {max_chars} characters"
+        )
+
+
+class _CheckedRange:
+    """``range`` for templates: the sandbox's size cap, plus the limits checked every step."""
+
+    def __init__(self, *args: int) -> None:
+        self._range = safe_range(*args)
+
+    def __iter__(self) -> Any:
+        for i in self._range:
+            _check_limits()
+            yield i
+
+    def __len__(self) -> int:
+        return len(self._range)
+
+    def __getitem__(self, index: Any) -> Any:
+        return self._range[index]
+
+
+def _checked_range(*args: int) -> _CheckedRange:
+    return _CheckedRange(*args)
+
+
+def _checked_join(join: Any) -> Any:
+    def joined(seq: Any) -> Any:
+        out = join(seq)
+        _check_limits(len(out))
+        return out
+
+    return joined
+
+
 # -- the sandbox --------------------------------------------------------------------------------
 class _Sandbox(ImmutableSandboxedEnvironment):
-    intercepted_binops = frozenset({"*", "**"})
+    intercepted_binops = frozenset({"*", "**", "+"})
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        _check_limits()
+        return super().call(__context, __obj, *args, **kwargs)
 
     def unsafe_undefined(self, obj: Any, attribute: str) -> jinja2.Undefined:
         # The stock sandbox returns an Undefined that renders as '' until it is used further;
@@ -59,7 +120,10 @@ class _Sandbox(ImmutableSandboxedEnvironment):
         elif operator == "**" and isinstance(left, int) and isinstance(right, int):
             if right > 0 and abs(left) > 1 and abs(left).bit_length() * right > _MAX_POW_BITS:
                 raise SecurityError(f"`**` would build an integer larger than {_MAX_POW_BITS} bits")
-        return super().call_binop(context, operator, left, right)
+        result = super().call_binop(context, operator, left, right)
+        if isinstance(result, (str, list, tuple)):
+            _check_limits(len(result))
+        return result
 
 
 class _Namespace(jinja2.utils.Namespace):
@@ -127,19 +191,26 @@ def _environment() -> _Sandbox:
     env.globals["strftime_now"] = _strftime_now
     env.globals["namespace"] = _Namespace
     env.globals["dict"] = _DictFactory()
+    env.globals["range"] = _checked_range
     return env
 
 
 @functools.lru_cache(maxsize=_TEMPLATE_CACHE_SIZE)
 def _compile(template: str) -> jinja2.Template:
     try:
-        return _environment().from_string(template)
+        compiled = _environment().from_string(template)
     except TemplateSyntaxError as e:
         raise ChatTemplateError(
             f"chat template syntax error on line {e.lineno}: {e.message}"
         ) from e
     except Exception as e:  # e.g. a SecurityError raised at compile time
         raise ChatTemplateError(f"chat template could not be compiled: {_describe(e)}") from e
+    # `a ~ b` compiles to a call of these module-level names: bound its result like `+`'s.
+    namespace = compiled.root_render_func.__globals__
+    for name in ("str_join", "markup_join"):
+        if name in namespace:
+            namespace[name] = _checked_join(namespace[name])
+    return compiled
 
 
 def _describe(e: BaseException) -> str:
@@ -155,13 +226,17 @@ def render_chat(
     bos_token: str | None = None,
     eos_token: str | None = None,
     tools: list[dict[str, Any]] | None = None,
+    max_chars: int | None = None,
+    time_limit: float | None = None,
     **extra: Any,
 ) -> str:
     """Render messages with the model's chat template (same output as transformers'
     ``apply_chat_template(..., tokenize=False)``). Messages are passed as given (call
     ``validate_messages`` first for user input), converted to plain data so the template can
     reach nothing but dicts, lists, strings and numbers. ``extra`` becomes template variables
-    (e.g. ``enable_thinking=False``)."""
+    (e.g. ``enable_thinking=False``). ``max_chars`` bounds the output (and any string the
+    template builds), ``time_limit`` the seconds rendering may take: past either,
+    ``ChatTemplateLimitError``."""
     if not template or not template.strip():
         raise ChatTemplateError("model has no chat template; pass a prompt instead")
     compiled = _compile(template)
@@ -176,8 +251,20 @@ def render_chat(
         context["eos_token"] = eos_token
     for key, value in extra.items():
         context[key] = _plain(value, key)
+    _limits.max_chars = max_chars
+    _limits.time_limit = time_limit
+    _limits.deadline = None if time_limit is None else time.monotonic() + time_limit
     try:
-        return compiled.render(**context)
+        if max_chars is None and time_limit is None:
+            return compiled.render(**context)
+        parts, size = [], 0
+        for chunk in compiled.generate(**context):
+            size += len(chunk)
+            _check_limits(size)
+            parts.append(chunk)
+        return "".join(parts)
+    except ChatTemplateError:
+        raise
     except SecurityError as e:
         logger.warning("chat template blocked by the sandbox: %s", e)
         raise ChatTemplateError(f"chat template attempted an unsafe operation: {e}") from e
@@ -185,6 +272,8 @@ def render_chat(
         raise ChatTemplateError(f"chat template error: {e.message or _describe(e)}") from e
     except Exception as e:  # a broken template must never become a 500
         raise ChatTemplateError(f"chat template failed to render: {_describe(e)}") from e
+    finally:
+        _limits.max_chars = _limits.time_limit = _limits.deadline = None
 
 
 def _plain(value: Any, where: str) -> Any:

@@ -35,6 +35,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "tool_choice='auto' with tools is refused (400). 'required' and named tools always work")
     p.add_argument("--enable-auto-tool-choice", action="store_true",
                    help="accepted for vLLM compatibility: --tool-call-parser alone enables tool_choice='auto'")
+    p.add_argument("--max-waiting-requests", type=int, default=None, metavar="N",
+                   help="answer 429 + Retry-After while N requests already wait for the engine (default: no limit)")
+    p.add_argument("--max-queue-time", type=float, default=None, metavar="S",
+                   help="answer 429 + Retry-After to a request not scheduled within S seconds (default: no limit)")
+    p.add_argument("--step-time-budget", type=float, default=None, metavar="S",
+                   help="seconds one engine step should take at most, so aborts and new requests wait about "
+                        "one step (default: 0.5 on CPU, off on CUDA; 0 = off)")
     p.add_argument("--uvicorn-log-level", default="info", help="uvicorn's log level (default: %(default)s)")
     p.add_argument("--access-log", action="store_true", help="log every HTTP request")
     add_engine_args(p)
@@ -60,7 +67,10 @@ def run(args: argparse.Namespace) -> int:
     names = args.served_model_name or [args.model]
     # The engine is built on its own thread, which then runs every step (see AsyncLLMEngine).
     async_engine = AsyncLLMEngine.from_engine_args(
-        EngineArgs.from_kwargs(args.model, served_model_name=names[0], **engine_kwargs(args))
+        EngineArgs.from_kwargs(
+            args.model, served_model_name=names[0], max_waiting_requests=args.max_waiting_requests,
+            max_queue_time=args.max_queue_time, step_time_budget=args.step_time_budget, **engine_kwargs(args),
+        )
     )
     app = build_app(
         async_engine, served_model_name=names, api_key=api_key,

@@ -26,16 +26,18 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, model: Path, log_path: Path, *extra: str) -> None:
+    def __init__(self, model: Path, log_path: Path, *extra: str, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         cmd = [
-            sys.executable, "-m", "kvserve", "serve", "--model", str(model), "--port", str(self.port),
+            sys.executable, "-m", "kvserve", *(["--log-level", os.environ["KVSERVE_TEST_LOG_LEVEL"]]
+                                              if os.environ.get("KVSERVE_TEST_LOG_LEVEL") else []), "serve", "--model", str(model), "--port", str(self.port),
             "--device", "cpu", "--dtype", "float32", "--served-model-name", MODEL_NAME,
             "--uvicorn-log-level", "warning", *extra,
         ]
-        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "KVSERVE_API_KEY": ""}
+        env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "KVSERVE_API_KEY": "",
+               **(env or {})}
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env)
         self._wait_healthy(timeout=120)

@@ -29,7 +29,14 @@ from kvserve.entrypoints.server.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
-from kvserve.entrypoints.server.serving import ServerState, check_token_ids, generation_defaults, parse_request
+from kvserve.entrypoints.server.serving import (
+    ClientGone,
+    ServerState,
+    check_token_ids,
+    generation_defaults,
+    parse_request,
+    stop_client_watch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +110,10 @@ def build_app(
     app = FastAPI(title="kvserve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.kvserve = state
     install_error_handlers(app)
+
+    @app.exception_handler(ClientGone)
+    async def _client_gone(_: Request, __: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it
     if api_key:
         app.add_middleware(_APIKeyMiddleware, api_key=api_key)
     if cors_origins:
@@ -137,11 +148,17 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        return await create_completion(request, state)
+        try:
+            return await create_completion(request, state)
+        finally:
+            stop_client_watch(request)  # a streamed response watches the connection itself
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        return await create_chat_completion(request, state)
+        try:
+            return await create_chat_completion(request, state)
+        finally:
+            stop_client_watch(request)
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> JSONResponse:
@@ -153,7 +170,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         if (req.prompt is None) == (req.messages is None):
             raise bad_request("send exactly one of 'prompt' or 'messages'", param="prompt")
         if req.messages is not None:
-            text, _ = render_messages(
+            text, _ = await render_messages(
                 state, req.messages, chat_template=req.chat_template,
                 chat_template_kwargs=req.chat_template_kwargs, add_generation_prompt=req.add_generation_prompt,
                 continue_final_message=req.continue_final_message, tools=req.tools,
@@ -162,7 +179,7 @@ def _add_routes(app: FastAPI, state: ServerState) -> None:
         else:
             text = req.prompt or ""
             add_special = True if req.add_special_tokens is None else req.add_special_tokens
-        ids = tok.encode(text, add_special_tokens=add_special)
+        ids = await state.encode(text, add_special_tokens=add_special)
         strs = tok.convert_ids_to_tokens(ids) if req.return_token_strs else None
         resp = TokenizeResponse(count=len(ids), max_model_len=engine.max_model_len, tokens=ids, token_strs=strs)
         return JSONResponse(resp.model_dump())

@@ -9,9 +9,8 @@ from typing import Any, AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from kvserve.engine.async_engine import EngineDeadError
-from kvserve.engine.chat_template import ChatTemplateError, render_chat, validate_messages
-from kvserve.entrypoints.server.errors import APIError, bad_request
+from kvserve.engine.chat_template import ChatTemplateError, validate_messages
+from kvserve.entrypoints.server.errors import bad_request
 from kvserve.entrypoints.server.logprobs import chat_logprobs
 from kvserve.entrypoints.server.protocol import (
     ChatCompletionRequest,
@@ -37,6 +36,8 @@ from kvserve.entrypoints.server.serving import (
     check_stream_options,
     collect_final,
     parse_request,
+    render_chat_limited,
+    stream_error,
     to_sse,
 )
 from kvserve.entrypoints.server.structured import (
@@ -54,7 +55,7 @@ _RESERVED_TEMPLATE_VARS = {"messages", "tools", "add_generation_prompt", "bos_to
 _MAX_TOP_LOGPROBS = 20
 
 
-def render_messages(
+async def render_messages(
     state: ServerState,
     messages: Any,
     *,
@@ -90,8 +91,8 @@ def render_messages(
         raise bad_request(f"chat_template_kwargs cannot set {clash}", param="chat_template_kwargs")
     template = chat_template if chat_template is not None else tok.chat_template
     try:
-        text = render_chat(
-            template, msgs, add_generation_prompt=add_generation_prompt,
+        text = await render_chat_limited(
+            state, template, msgs, add_generation_prompt=add_generation_prompt,
             bos_token=tok.bos_token, eos_token=tok.eos_token, tools=tools, **extra,
         )
     except ChatTemplateError as e:
@@ -115,12 +116,12 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
             raise bad_request(f"tool_choice={req.tool_choice!r} cannot be combined with {spec_param}",
                               param=spec_param)
         spec, spec_param = plan.spec, "tools"
-    text, msgs = render_messages(
+    text, msgs = await render_messages(
         state, req.messages, chat_template=req.chat_template, chat_template_kwargs=req.chat_template_kwargs,
         add_generation_prompt=req.add_generation_prompt, continue_final_message=req.continue_final_message,
         tools=req.tools,
     )
-    ids = state.engine.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
+    ids = await state.encode(text, add_special_tokens=req.add_special_tokens)
     if not ids:
         raise bad_request("the rendered conversation is empty", param="messages")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
@@ -137,7 +138,7 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
 
     rid = random_id("chatcmpl")
     trackers = [state.metrics.tracker(len(ids))]
-    streams = await add_requests(state, [(rid, {"prompt_token_ids": ids, "prompt": text}, params)])
+    streams = await add_requests(state, [(rid, {"prompt_token_ids": ids, "prompt": text}, params)], request)
     tok = state.engine.tokenizer
     if req.stream:
         return SSEResponse(_stream(state, rid, req.model or state.model_name, streams, trackers, params.n, top, echo,
@@ -248,10 +249,8 @@ async def _stream(state: ServerState, rid: str, model: str, streams: list, track
             usage = UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                               total_tokens=prompt_tokens + completion_tokens)
             yield to_sse(ChatCompletionStreamResponse(id=rid, created=created, model=model, choices=[], usage=usage))
-    except EngineDeadError as e:
-        yield APIError(503, str(e)).sse()
-    except Exception as e:  # an engine step failed: tell the client in-band (status is already 200)
-        yield APIError(500, f"{type(e).__name__}: {e}").sse()
+    except Exception as e:  # the engine failed or stopped: tell the client in-band (status is already 200)
+        yield stream_error(state, e)
     finally:
         abort_all(state, streams)
         state.metrics.in_flight -= 1

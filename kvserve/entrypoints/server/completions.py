@@ -11,9 +11,8 @@ from typing import AsyncIterator
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 
-from kvserve.engine.async_engine import EngineDeadError
 from kvserve.engine.outputs import CompletionOutput, RequestOutput
-from kvserve.entrypoints.server.errors import APIError, bad_request
+from kvserve.entrypoints.server.errors import bad_request
 from kvserve.entrypoints.server.logprobs import completion_logprobs
 from kvserve.entrypoints.server.protocol import (
     CompletionRequest,
@@ -33,11 +32,13 @@ from kvserve.entrypoints.server.serving import (
     add_requests,
     build_sampling_params,
     check_context,
+    check_prompt_count,
     check_stream_options,
     check_token_ids,
     collect_final,
     merge_streams,
     parse_request,
+    stream_error,
     to_sse,
 )
 from kvserve.entrypoints.server.structured import compile_spec, structured_spec
@@ -49,12 +50,13 @@ class _Prompt:
     ids: list[int]
 
 
-def _prompts(req: CompletionRequest, state: ServerState) -> list[_Prompt]:
+async def _prompts(req: CompletionRequest, state: ServerState) -> list[_Prompt]:
     raw = req.prompt
     if isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int)):
         raw = [raw]  # type: ignore[list-item]
     if not raw:
         raise bad_request("prompt must not be empty", param="prompt")
+    check_prompt_count(raw, req.n)  # before tokenizing anything
     tok = state.engine.tokenizer
     out = []
     for i, p in enumerate(raw):
@@ -62,7 +64,7 @@ def _prompts(req: CompletionRequest, state: ServerState) -> list[_Prompt]:
         if isinstance(p, str):
             if tok is None:
                 raise bad_request("this model has no tokenizer: send token ids as the prompt", param="prompt")
-            ids = tok.encode(p, add_special_tokens=req.add_special_tokens)
+            ids = await state.encode(p, add_special_tokens=req.add_special_tokens)
             text = p
         else:
             ids = list(p)
@@ -81,7 +83,7 @@ async def create_completion(request: Request, state: ServerState) -> Response:
         raise bad_request("suffix is not supported", param="suffix")
     include_usage = check_stream_options(req)
     spec, spec_param = structured_spec(req)
-    prompts = _prompts(req, state)
+    prompts = await _prompts(req, state)
     n = req.n if isinstance(req.n, int) and req.n > 0 else 1
     if len(prompts) * n > MAX_N:
         raise bad_request(f"n x number of prompts must be <= {MAX_N} (got {len(prompts) * n})", param="n")
@@ -111,7 +113,7 @@ async def create_completion(request: Request, state: ServerState) -> Response:
     trackers = [state.metrics.tracker(len(p.ids)) for p in prompts]
     streams = await add_requests(state, [
         (f"{base_id}-{i}", {"prompt_token_ids": p.ids, "prompt": p.text}, params) for i, p in enumerate(prompts)
-    ])
+    ], request)
     fmt = _Formatter(req, state, prompts, n, scoring)
     if req.stream:
         return SSEResponse(_stream(state, base_id, streams, trackers, fmt, include_usage))
@@ -234,10 +236,8 @@ async def _stream(state: ServerState, base_id: str, streams: list, trackers: lis
                               total_tokens=prompt_tokens + sum(completion_tokens))
             yield to_sse(CompletionStreamResponse(id=base_id, created=created, model=fmt.model, choices=[],
                                                   usage=usage))
-    except EngineDeadError as e:
-        yield APIError(503, str(e)).sse()
-    except Exception as e:  # an engine step failed: tell the client in-band (status is already 200)
-        yield APIError(500, f"{type(e).__name__}: {e}").sse()
+    except Exception as e:  # the engine failed or stopped: tell the client in-band (status is already 200)
+        yield stream_error(state, e)
     finally:
         abort_all(state, streams)
         state.metrics.in_flight -= 1

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kvserve.engine.async_engine import EngineDeadError, EngineStepError
+from kvserve.engine.async_engine import EngineDeadError, EngineOverloadedError, EngineStepError
 from kvserve.entrypoints.server.protocol import ErrorInfo, ErrorResponse
 
 logger = logging.getLogger(__name__)
@@ -29,34 +29,63 @@ _TYPES = {
     404: "not_found_error",
     405: "invalid_request_error",
     413: "invalid_request_error",
+    415: "invalid_request_error",
+    429: "rate_limit_error",
     500: "server_error",
     503: "service_unavailable",
 }
 
 
+MAX_ECHO_CHARS = 200  # longest piece of user input an error message quotes
+MAX_ERROR_BODY_BYTES = 4096  # no error body is larger (messages are cut to fit)
+_MAX_MESSAGE_CHARS = 1000
+_MAX_PARAM_CHARS = 100
+
+
+def clip(value: Any, limit: int = MAX_ECHO_CHARS) -> str:
+    """`value` as text for an error message, cut to `limit` characters (user input can be huge)."""
+    text = value if isinstance(value, str) else repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 class APIError(Exception):
-    """Raise from a handler to answer with an OpenAI error body."""
+    """Raise from a handler to answer with an OpenAI error body (never over 4 KB: the message
+    and `param` are cut to fit, since they may quote user input)."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str | None = None) -> None:
+                 type: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
-        self.message = message
-        self.param = param
+        self.message = clip(message, _MAX_MESSAGE_CHARS)
+        self.param = None if param is None else clip(param, _MAX_PARAM_CHARS)
         self.code = code
         self.type = type or _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
+        self.headers = dict(headers or {})
 
     def body(self) -> dict[str, Any]:
-        info = ErrorInfo(message=self.message, type=self.type, param=self.param, code=self.code)
-        return ErrorResponse(error=info).model_dump()
+        message = self.message
+        while True:
+            info = ErrorInfo(message=message, type=self.type, param=self.param, code=self.code)
+            body = ErrorResponse(error=info).model_dump()
+            if len(message) <= 16 or len(json.dumps(body).encode()) <= MAX_ERROR_BODY_BYTES:
+                return body
+            message = message[: len(message) // 2] + "..."  # escapes made it too long
 
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(self.body(), status_code=self.status, headers=headers)
+        headers = dict(self.headers)
+        if self.status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        return JSONResponse(self.body(), status_code=self.status, headers=headers or None)
 
     def sse(self) -> str:
         """The error as a server-sent event (once a stream has started, the status is 200)."""
         return f"data: {json.dumps(self.body())}\n\n"
+
+
+def overloaded(metrics: Any, exc: EngineOverloadedError) -> APIError:
+    """429 with Retry-After for a request the engine would not queue (and count it)."""
+    metrics.count_rejected(exc.reason)
+    return APIError(429, str(exc), code=exc.reason, headers={"Retry-After": str(exc.retry_after)})
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -110,6 +139,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineDeadError)
     async def _dead(_: Request, exc: EngineDeadError) -> JSONResponse:
         return APIError(503, str(exc)).response()
+
+    @app.exception_handler(EngineOverloadedError)
+    async def _overloaded(request: Request, exc: EngineOverloadedError) -> JSONResponse:
+        return overloaded(request.app.state.kvserve.metrics, exc).response()
 
     @app.exception_handler(EngineStepError)
     async def _step(_: Request, exc: EngineStepError) -> JSONResponse:

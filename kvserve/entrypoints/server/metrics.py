@@ -60,6 +60,8 @@ class _EngineCollector(Collector):
         yield counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.", queries)
         yield counter("prefix_cache_hits", "Prompt tokens found in the prefix cache.", hits)
         yield counter("num_preemptions", "Requests preempted for lack of KV blocks.", s.get("num_preemptions", 0))
+        yield counter("engine_prefill_tokens", "Prompt tokens the engine scheduled for computation (prefill and "
+                      "recompute after preemption; prefix-cache hits excluded).", s.get("num_prefill_tokens", 0))
 
 
 class ServerMetrics:
@@ -79,6 +81,13 @@ class ServerMetrics:
                              labels, buckets=_ITL_BUCKETS, registry=reg).labels(model_name)
         self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Time from request arrival to its last token.",
                              labels, buckets=_E2E_BUCKETS, registry=reg).labels(model_name)
+        self.rejected = Counter(
+            PREFIX + "request_rejected", "Requests refused with 429 because the engine was overloaded, by reason "
+            "(queue_full: --max-waiting-requests; queue_timeout: --max-queue-time).",
+            ["model_name", "reason"], registry=reg,
+        )
+        for reason in ("queue_full", "queue_timeout"):
+            self.rejected.labels(model_name, reason)
         self.registry.register(_EngineCollector(engine, model_name, self))
 
     def render(self) -> tuple[bytes, str]:
@@ -86,6 +95,9 @@ class ServerMetrics:
 
     def count_abort(self, n: int = 1) -> None:
         self.request_success.labels(self.model_name, "abort").inc(n)
+
+    def count_rejected(self, reason: str) -> None:
+        self.rejected.labels(self.model_name, reason).inc()
 
     def tracker(self, num_prompt_tokens: int) -> RequestTracker:
         self.prompt_tokens.inc(num_prompt_tokens)

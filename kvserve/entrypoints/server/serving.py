@@ -1,12 +1,19 @@
 """What the completion and chat handlers share: reading the body, checking the model name,
 building SamplingParams, checking the context window, adding requests, following several
-engine streams at once, and noticing a client that went away."""
+engine streams at once, and noticing a client that went away.
+
+A generation request's client is watched from the moment its body has been read (`ClientWatch`):
+if it leaves while the request is prepared, queued or run, its engine requests are aborted at
+once (an abort queued behind its add means the engine never schedules it), and it is never
+added at all if it left before that. CPU work of the frontend that can take long (chat
+template rendering, tokenization) runs on worker threads, never on the event loop."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import math
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, TypeVar
@@ -17,17 +24,34 @@ from starlette.types import Receive, Scope, Send
 from pydantic import BaseModel, ValidationError
 
 from kvserve.core.sampling_params import SamplingParams
-from kvserve.engine.async_engine import AsyncLLMEngine, EngineDeadError, RequestStream
+from kvserve.engine.async_engine import AsyncLLMEngine, EngineDeadError, EngineOverloadedError, RequestStream
 from kvserve.engine.outputs import RequestOutput
-from kvserve.entrypoints.server.errors import APIError, bad_request, from_validation_error, from_value_error
+from kvserve.entrypoints.server.errors import (
+    APIError,
+    bad_request,
+    clip,
+    from_validation_error,
+    from_value_error,
+    overloaded,
+)
 from kvserve.entrypoints.server.metrics import ServerMetrics
-from kvserve.entrypoints.server.protocol import SamplingRequest
+from kvserve.entrypoints.server.protocol import CompletionRequest, SamplingRequest
+from kvserve.entrypoints.server.workers import WorkerThreads, render_chat_limited  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
 
 M = TypeVar("M", bound=BaseModel)
 
 MAX_N = 128  # most completions one request may ask for (n x prompts)
+MAX_TEMPERATURE = 2.0  # OpenAI's range is [0, 2]
+MAX_STOP = 16  # stop strings per request (OpenAI: 4)
+MAX_STOP_CHARS = 512  # characters per stop string
+MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 1024  # logit_bias entries per request
+LOGIT_BIAS_RANGE = 100.0  # OpenAI: each bias in [-100, 100]
+CHAT_TEMPLATE_TIMEOUT_S = 2.0  # wall clock for rendering one conversation
+CHAT_TEMPLATE_MIN_CHARS = 1 << 20  # rendered text may be max(1 MiB, 32 x max_model_len) characters
+CHAT_TEMPLATE_CHARS_PER_TOKEN = 32
 _SEED_MIN, _SEED_MAX = -(1 << 63), (1 << 63) - 1
 _SAMPLING_DEFAULT_KEYS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
@@ -42,6 +66,19 @@ class ServerState:
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     model_root: str | None = None
     tool_call_parser: str | None = None  # --tool-call-parser (tool_choice="auto")
+    template_timeout: float = CHAT_TEMPLATE_TIMEOUT_S
+    # Chat templates render on their own threads (a runaway one cannot hold up tokenization);
+    # tokenization on one thread (the tokenizer is not meant to be called concurrently).
+    template_workers: WorkerThreads = field(default_factory=lambda: WorkerThreads("kvserve-template", 2))
+    tokenizer_worker: WorkerThreads = field(default_factory=lambda: WorkerThreads("kvserve-tokenize", 1))
+
+    @property
+    def template_max_chars(self) -> int:
+        return max(CHAT_TEMPLATE_MIN_CHARS, CHAT_TEMPLATE_CHARS_PER_TOKEN * self.engine.max_model_len)
+
+    async def encode(self, text: str, **kwargs: Any) -> list[int]:
+        """Tokenize off the event loop (a long prompt takes seconds)."""
+        return await self.tokenizer_worker.run(self.engine.tokenizer.encode, text, **kwargs)
 
     @property
     def model_name(self) -> str:
@@ -49,7 +86,43 @@ class ServerState:
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in self.served_model_names:
-            raise APIError(404, f"The model `{name}` does not exist.", param="model", code="model_not_found")
+            raise APIError(404, f"The model `{clip(name)}` does not exist.", param="model", code="model_not_found")
+
+
+class ClientGone(Exception):
+    """The client closed its connection before its request was added (answered 499, unread)."""
+
+
+class ClientWatch:
+    """Watches one generation request's connection from the moment its body was read. When the
+    client leaves, every engine request registered here is aborted at once (and `gone` is set,
+    so `add_requests` adds nothing more). Stopped before a streamed response starts, which
+    watches the connection itself."""
+
+    def __init__(self, request: Request, state: ServerState) -> None:
+        self.state = state
+        self.gone = False
+        self.request_ids: list[str] = []
+        self.task = asyncio.create_task(self._watch(request))
+
+    async def _watch(self, request: Request) -> None:
+        await wait_for_disconnect(request)
+        self.gone = True
+        for rid in self.request_ids:
+            self.state.engine.abort(rid)
+
+    def stop(self) -> None:
+        self.task.cancel()
+
+
+def client_watch(request: Request) -> ClientWatch | None:
+    return getattr(request.state, "kvserve_watch", None)
+
+
+def stop_client_watch(request: Request) -> None:
+    watch = client_watch(request)
+    if watch is not None:
+        watch.stop()
 
 
 # -- request body -------------------------------------------------------------------------------
@@ -74,7 +147,20 @@ def body_too_large(limit: int) -> APIError:
     return APIError(413, f"request body is larger than {limit} bytes", code="request_too_large")
 
 
+def check_content_type(request: Request) -> None:
+    """JSON routes take only `application/json` bodies: a browser page can POST `text/plain`
+    (or a form) to any local server without asking first (no CORS preflight), but not JSON."""
+    ctype = request.headers.get("content-type")
+    media = (ctype or "").split(";", 1)[0].strip().lower()
+    if media != "application/json":
+        got = f"got {clip(ctype, 100)!r}" if ctype is not None else "none was sent"
+        raise APIError(415, f"Content-Type must be application/json ({got})", code="unsupported_media_type")
+
+
 async def parse_request(request: Request, state: ServerState, model: type[M]) -> M:
+    """Check the Content-Type, read and validate the body. For a generation request
+    (`SamplingRequest`) the client's connection is watched from here on (`ClientWatch`)."""
+    check_content_type(request)
     body = await read_body(request, state)
     try:
         data = json.loads(body, parse_constant=_reject_constant)
@@ -82,10 +168,27 @@ async def parse_request(request: Request, state: ServerState, model: type[M]) ->
         raise bad_request(f"request body is not valid JSON: {e}") from None
     if not isinstance(data, dict):
         raise bad_request("request body must be a JSON object")
+    if issubclass(model, CompletionRequest):
+        check_prompt_count(data.get("prompt"), data.get("n"))  # before validating 10^6 prompts
     try:
-        return model.model_validate(data)
+        req = model.model_validate(data)
     except ValidationError as e:
         raise from_validation_error(e) from None
+    if issubclass(model, SamplingRequest):
+        request.state.kvserve_watch = ClientWatch(request, state)
+    return req
+
+
+def check_prompt_count(prompt: Any, n: Any) -> None:
+    """n x number of prompts <= MAX_N, checked on the raw JSON (before any validation or
+    tokenization, which for a list of a million prompts would take seconds)."""
+    if not isinstance(prompt, list) or not prompt or isinstance(prompt[0], int):
+        count = 1
+    else:
+        count = len(prompt)
+    n = n if isinstance(n, int) and n > 0 else 1
+    if count * n > MAX_N:
+        raise bad_request(f"n x number of prompts must be <= {MAX_N} (got {count} x {n})", param="n")
 
 
 # -- sampling params ----------------------------------------------------------------------------
@@ -98,6 +201,7 @@ def build_sampling_params(
     prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     vocab = state.engine.vocab_size
+    check_sampling_limits(req)
     if req.best_of is not None and req.best_of != req.n:
         raise bad_request("best_of is not supported (only best_of == n)", param="best_of")
     if isinstance(req.n, int) and req.n > MAX_N:
@@ -107,7 +211,8 @@ def build_sampling_params(
     if req.logit_bias:
         for key in req.logit_bias:
             if not key.lstrip("-").isdigit() or not 0 <= int(key) < vocab:
-                raise bad_request(f"logit_bias keys must be token ids in [0, {vocab}) (got {key!r})", param="logit_bias")
+                raise bad_request(f"logit_bias keys must be token ids in [0, {vocab}) (got {clip(key)!r})",
+                                  param="logit_bias")
     defaults = state.generation_defaults
     top_k = req.top_k if req.top_k is not None else defaults.get("top_k", -1)
     if isinstance(top_k, int) and top_k > vocab:
@@ -137,6 +242,42 @@ def build_sampling_params(
         return SamplingParams(**kwargs)
     except ValueError as e:
         raise from_value_error(e) from None
+
+
+def check_sampling_limits(req: SamplingRequest) -> None:
+    """OpenAI's ranges and our size caps, checked before anything is built from the request."""
+
+    def in_range(name: str, value: float | None, lo: float, hi: float) -> None:
+        if value is not None and not (math.isfinite(value) and lo <= value <= hi):
+            raise bad_request(f"{name} must be in [{lo:g}, {hi:g}] (got {value})", param=name)
+
+    in_range("temperature", req.temperature, 0.0, MAX_TEMPERATURE)
+    if req.top_p is not None and not (math.isfinite(req.top_p) and 0 < req.top_p <= 1):
+        raise bad_request(f"top_p must be in (0, 1] (got {req.top_p})", param="top_p")
+    in_range("presence_penalty", req.presence_penalty, -2.0, 2.0)
+    in_range("frequency_penalty", req.frequency_penalty, -2.0, 2.0)
+    for name in ("min_p", "repetition_penalty"):
+        value = getattr(req, name)
+        if value is not None and not math.isfinite(value):
+            raise bad_request(f"{name} must be a finite number (got {value})", param=name)
+    stop = [req.stop] if isinstance(req.stop, str) else (req.stop or [])
+    if len(stop) > MAX_STOP:
+        raise bad_request(f"stop may hold at most {MAX_STOP} strings (got {len(stop)})", param="stop")
+    for s in stop:
+        if len(s) > MAX_STOP_CHARS:
+            raise bad_request(f"each stop string may be at most {MAX_STOP_CHARS} characters (got {len(s)})",
+                              param="stop")
+    if req.stop_token_ids and len(req.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise bad_request(f"stop_token_ids may hold at most {MAX_STOP_TOKEN_IDS} ids (got {len(req.stop_token_ids)})",
+                          param="stop_token_ids")
+    if req.logit_bias:
+        if len(req.logit_bias) > MAX_LOGIT_BIAS:
+            raise bad_request(f"logit_bias may hold at most {MAX_LOGIT_BIAS} entries (got {len(req.logit_bias)})",
+                              param="logit_bias")
+        for key, bias in req.logit_bias.items():
+            if not (math.isfinite(bias) and -LOGIT_BIAS_RANGE <= bias <= LOGIT_BIAS_RANGE):
+                raise bad_request(f"logit_bias values must be in [-{LOGIT_BIAS_RANGE:g}, {LOGIT_BIAS_RANGE:g}] "
+                                  f"(got {bias} for {clip(key)!r})", param="logit_bias")
 
 
 def _pick(value: Any, defaults: dict[str, Any], key: str, fallback: Any) -> Any:
@@ -197,16 +338,28 @@ def check_stream_options(req: SamplingRequest) -> bool:
 
 # -- engine requests ----------------------------------------------------------------------------
 async def add_requests(
-    state: ServerState, items: list[tuple[str, dict[str, Any], SamplingParams]]
+    state: ServerState, items: list[tuple[str, dict[str, Any], SamplingParams]], request: Request | None = None,
 ) -> list[RequestStream]:
-    """Add every request or none: a refusal aborts those already added and becomes a 400."""
+    """Add every request or none: a refusal aborts those already added and becomes a 400 (or a
+    429 when the engine is overloaded). With `request`, nothing is added once its client has
+    left (`ClientGone`), and each added request is aborted as soon as it leaves."""
     streams: list[RequestStream] = []
+    watch = client_watch(request) if request is not None else None
     try:
         for rid, prompt, params in items:
+            if watch is not None:
+                if watch.gone:
+                    raise ClientGone()
+                watch.request_ids.append(rid)
             streams.append(await state.engine.add_request(rid, prompt, params))
+        if watch is not None and watch.gone:
+            raise ClientGone()
     except ValueError as e:
         abort_all(state, streams)
         raise from_value_error(e, default_param="prompt") from None
+    except EngineOverloadedError as e:
+        abort_all(state, streams)
+        raise overloaded(state.metrics, e) from None
     except EngineDeadError as e:
         abort_all(state, streams)
         raise APIError(503, str(e)) from None
@@ -271,7 +424,8 @@ async def collect_final(
                 finals[i] = out
 
     work = asyncio.create_task(consume())
-    watch = asyncio.create_task(wait_for_disconnect(request))
+    client = client_watch(request)
+    watch = client.task if client is not None else asyncio.create_task(wait_for_disconnect(request))
     try:
         await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -294,6 +448,16 @@ async def wait_for_disconnect(request: Request) -> None:
 
 
 # -- server-sent events ------------------------------------------------------------------------------
+def stream_error(state: ServerState, e: BaseException) -> str:
+    """The error event for a failure after a stream started (its status is already 200)."""
+    if isinstance(e, EngineDeadError):
+        return APIError(503, str(e)).sse()
+    if isinstance(e, EngineOverloadedError):
+        return overloaded(state.metrics, e).sse()
+    return APIError(500, f"{type(e).__name__}: {e}").sse()
+
+
+
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 SSE_DONE = "data: [DONE]\n\n"
 
