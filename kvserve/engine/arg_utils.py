@@ -45,6 +45,10 @@ class EngineArgs:
         scheduling and input building overlap the GPU. None (default): on for CUDA, off on CPU
         (a CPU forward is synchronous: nothing to overlap). Falls back to waiting whenever a
         request needs it (new prompts, penalties, min_tokens, a request about to end by length).
+    speculative_config: None, or a dict / JSON string in vLLM's shape, e.g.
+        {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2,
+        "prompt_lookup_max": 5} or {"method": "draft_model", "model": "<name>",
+        "num_speculative_tokens": 4} (kvserve.spec_decode.SpeculativeConfig; docs/speculative.md).
     """
 
     model: str = DEFAULT_MODEL
@@ -69,6 +73,7 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     async_scheduling: bool | None = None
     quantization: str | None = None
+    speculative_config: Any = None
 
     def __post_init__(self) -> None:
         normalize_dtype(self.dtype)
@@ -88,6 +93,11 @@ class EngineArgs:
             raise ValueError(f"async_scheduling must be True, False or None (got {self.async_scheduling!r})")
         if self.quantization not in (None, "none", "q8_0", "q4_0"):
             raise ValueError(f"quantization must be None, 'none', 'q8_0' or 'q4_0' (got {self.quantization!r})")
+        from kvserve.spec_decode.config import SpeculativeConfig
+
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+        if self.speculative_config is not None and self.tensor_parallel_size > 1:
+            raise ValueError("speculative_config is not supported with tensor_parallel_size > 1 yet")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton' (got {self.attention_backend!r})")
 
