@@ -7,7 +7,11 @@ each sees exactly the positions before it, so attention stays the one-query deco
 no backend needs a multi-query-per-sequence mode. The backends write the whole step's K/V
 before any attention reads (the contract the prefix cache also relies on), which makes the
 drafts' K/V visible to the later rows. The one-call CPU decoder stacks write each row's K/V
-inside their attention loop, so a verify step is marked not-pure-decode and runs op by op.
+inside their attention loop; the GGML stack (fp32 activations, GGUF weights: the built-in
+model's CPU path) detects rows of one sequence and writes their K/V first, splitting each
+row's attention as a one-row decode would (so a verify row gives the bits of a plain decode
+of that position); with any other stack a verify step is marked not-pure-decode and runs op
+by op.
 
 Synchronous: the accepted tokens are needed on the host before the next step is planned.
 """
@@ -24,6 +28,14 @@ from kvserve.spec_decode.rejection import VerifyRow, verify
 if TYPE_CHECKING:
     from kvserve.core.scheduler import SchedulerOutput
     from kvserve.runner.model_runner import ModelRunner, RunnerOutput
+
+
+def _stack_takes_verify_rows(model, ids: torch.Tensor) -> bool:
+    """The model's one-call decoder stack (built now if it was not yet) can run rows of one
+    sequence; only the GGML stack does (`platform/ggml_stack.py`)."""
+    get = getattr(model, "_decode_stack", None)
+    stack = get(ids) if get is not None else None
+    return bool(getattr(stack, "verify_rows_ok", False))
 
 
 def _needs_history(sp) -> bool:
@@ -87,7 +99,8 @@ def execute_verify(runner: ModelRunner, so: SchedulerOutput) -> RunnerOutput:
     out = RunnerOutput()
     buf = runner.staging.next()
     ids_t, pos_t, md, sample_idx = runner._eager_inputs(buf, states, nums, starts, num_tokens, sample_rows)
-    md.is_pure_decode = False  # see the module docstring: no one-call decoder stack
+    if not _stack_takes_verify_rows(runner.model, ids_t):
+        md.is_pure_decode = False  # see the module docstring: op by op
     hidden = runner.model(ids_t, pos_t, runner.kv_caches, md)  # [T, hidden]
     for rid, r0, first, n in prompt_lp:
         st = runner.states[rid]

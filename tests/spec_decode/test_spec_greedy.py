@@ -93,3 +93,16 @@ def test_mixed_batch_with_plain_and_prefill_rows(llama_dir, plain):
     prompts = _prompts(3, seed=5) + [{"prompt_token_ids": [rng.randrange(3, TINY_VOCAB) for _ in range(30)]} for _ in range(3)]
     llm = _spec(llama_dir, num_kv_blocks=256, max_num_seqs=4)
     assert _tokens(llm, prompts) == _tokens(plain, prompts)
+
+
+def test_ngram_greedy_identical_on_ggml_decoder_stack(llama_dir):
+    """GGML weights (q8_0 at load) run decode steps in the one-call C stack; a verify step's
+    rows of one sequence go there too and give the bits of one-row decodes (batch 1)."""
+    kw = dict(dtype="float32", device="cpu", num_kv_blocks=256, quantization="q8_0")
+    a = LLM(llama_dir, **kw)
+    b = LLM(llama_dir, speculative_config=dict(NGRAM), **kw)
+    for p in _prompts(4, seed=1):
+        assert _tokens(b, [p]) == _tokens(a, [p])
+    assert b.engine.stats()["spec_accepted_tokens"] > 0
+    stack = b.engine.runner.model.cpu_decoder
+    assert stack and stack.num_steps > b.engine.stats()["spec_verify_steps"] // 2
