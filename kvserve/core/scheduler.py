@@ -265,6 +265,7 @@ class Scheduler:
                 continue  # still inside a chunked (re)computation: keep its progress
             self.kv.free(req)
             req.num_computed_tokens = 0
+            req.spec_token_ids = []
             req.status = RequestStatus.WAITING
             self.waiting.appendleft(req)
             out.preempted_req_ids.add(req.request_id)

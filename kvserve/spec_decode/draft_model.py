@@ -79,12 +79,10 @@ class DraftModelProposer:
             sh = self._shadow[req.request_id] = Request(req.request_id, req.prompt_token_ids, _GREEDY)
         old = sh.all_token_ids
         new = req.all_token_ids
-        n = min(sh.num_computed_tokens, len(new))
-        # The drafts computed last time past the accepted prefix are stale.
-        i = 0
-        limit = min(n, len(old))
-        start = max(0, limit - 2 * self.k - 2)  # only the tail can differ
-        i = start
+        # The drafts computed last time past the accepted prefix are stale; only the tail
+        # (the last call's drafts) can differ.
+        limit = min(sh.num_computed_tokens, len(new), len(old))
+        i = max(0, limit - 2 * self.k - 2)
         while i < limit and old[i] == new[i]:
             i += 1
         sh.num_computed_tokens = i
@@ -102,7 +100,6 @@ class DraftModelProposer:
             k = min(k, self.k)
             # room for the catch-up tokens and k - 1 more draft positions
             need = sh.num_tokens - sh.num_computed_tokens + k - 1
-            kept = len(sh.block_ids)
             blocks = self.kv.allocate_slots(sh, need)
             if blocks is None:
                 continue  # the draft cache is full: no drafts for this request now
@@ -111,7 +108,6 @@ class DraftModelProposer:
                 sh.request_id, list(sh.all_token_ids), req.num_prompt_tokens, _GREEDY,
                 list(sh.block_ids), sh.num_computed_tokens,
             ))
-            del kept
             so.num_scheduled_tokens[sh.request_id] = num_new
             shadows.append(sh)
             ks.append(k)
