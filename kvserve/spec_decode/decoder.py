@@ -6,6 +6,11 @@ and bought nothing, so after `f` such steps in a row the request proposes nothin
 4**f steps (at most 256), then tries again; any accepted draft resets it. A request whose
 drafts are always rejected therefore verifies in about log4(n) of its n steps, and one whose
 output copies its input keeps speculating every step.
+
+Per step, the drafts of all requests together are capped so that decode rows + drafts stay
+within `_FREE_ROWS` (at least k drafts): at batch 1 a CPU step reads the weights once for up
+to that many rows (the one-call decoder stack's limit), while at large batches every extra row
+costs compute, so a wide batch speculates a few requests at a time (rotating).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ if TYPE_CHECKING:
     from kvserve.core.scheduler import Scheduler
 
 _MAX_COOLDOWN = 256
+_FREE_ROWS = 64
 
 
 class _Backoff:
@@ -43,6 +49,7 @@ class SpecDecoder:
         self.draft_time_s = 0.0  # time spent proposing
         self.num_proposals = 0  # requests given drafts
         self.num_backed_off = 0  # request-steps skipped by the back-off
+        self._rotate = 0
 
     def propose(self, scheduler: Scheduler) -> None:
         """Set `spec_token_ids` on the running requests that speculate in the next step."""
@@ -55,7 +62,12 @@ class SpecDecoder:
         max_len = scheduler.config.max_model_len
         reqs: list[Request] = []
         ks: list[int] = []
-        for req in scheduler.running:
+        running = scheduler.running
+        room = max(cfg.num_speculative_tokens, _FREE_ROWS - len(running))
+        if running:  # who gets drafts first rotates, so a capped batch shares them
+            self._rotate = (self._rotate + 1) % len(running)
+            running = running[self._rotate :] + running[: self._rotate]
+        for req in running:
             if req.status != RequestStatus.RUNNING or req.num_computed_tokens != req.num_tokens - 1:
                 continue  # mid-prefill
             st = self._state.get(req.request_id)
@@ -84,7 +96,8 @@ class SpecDecoder:
             batch = self.proposer.propose(reqs, ks)
             for req in reqs:
                 p = batch.proposals.get(req.request_id)
-                if p is not None and p.token_ids:
-                    req.spec_token_ids = list(p.token_ids)
+                if p is not None and p.token_ids and room > 0:
+                    req.spec_token_ids = list(p.token_ids[:room])
+                    room -= len(req.spec_token_ids)
                     self.num_proposals += 1
         self.draft_time_s += time.perf_counter() - t0

@@ -67,3 +67,21 @@ def test_ngram_lookup():
     toks += [5, 1]
     # (4, 5, 1) occurred at 3..5: continuation 2, 3, 9
     assert p.lookup("x", toks, 3) == [2, 3, 9]
+
+
+def test_metrics_export_spec_counters():
+    from types import SimpleNamespace
+
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from kvserve.entrypoints.server.metrics import _EngineCollector
+
+    stats = {"spec_draft_tokens": 40, "spec_accepted_tokens": 30, "spec_verify_steps": 10,
+             "spec_acceptance_rate": 0.75, "spec_mean_accepted_length": 4.0, "spec_draft_time_s": 0.5}
+    reg = CollectorRegistry()
+    reg.register(_EngineCollector(SimpleNamespace(stats=lambda: stats), "m", SimpleNamespace(in_flight=0)))
+    text = generate_latest(reg).decode()
+    assert 'kvserve:spec_decode_acceptance_rate{model_name="m"} 0.75' in text
+    assert 'kvserve:spec_decode_num_accepted_tokens_total{model_name="m"} 30.0' in text
+    assert 'kvserve:spec_decode_mean_accepted_length{model_name="m"} 4.0' in text
+    assert "kvserve:spec_decode_draft_time_seconds_total" in text
