@@ -58,11 +58,25 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--batch-tokens", type=int, default=64)
     ap.add_argument("--skip-batch", action="store_true")
+    ap.add_argument("--skip-batch1", action="store_true")
+    ap.add_argument("--reject-all", action="store_true", help="batch section: drafts that are never accepted")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is steadier on a busy machine)")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     spec = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
+    print(f"cpu: {_cpu_name()}", flush=True)
+    if not args.skip_batch1:
+        batch1_section(args, spec)
+    if not args.skip_batch:
+        batch_section(args, spec)
+
+
+def batch1_section(args, spec) -> None:
     plain = LLM(args.model)
     fast = LLM(args.model, speculative_config=spec)
-    tok = plain.get_tokenizer()
     items = json.loads(DATA.read_text())
     prompts = [plain.chat_prompt(it["messages"]) if hasattr(plain, "chat_prompt") else it["messages"][0]["content"] for it in items]
     sp = SamplingParams(temperature=0, max_tokens=args.max_tokens)
@@ -76,7 +90,6 @@ def main() -> None:
     p = max(rows["plain"][0], rows["plain#2"][0])
     s = max(rows["ngram"][0], rows["ngram#2"][0])
     st = fast.engine.stats()
-    print(f"cpu: {_cpu_name()}")
     print(f"batch-1: plain {p:.2f} tok/s, n-gram k={args.k} {s:.2f} tok/s, speedup {s / p:.2f}x "
           f"(best of 2), greedy outputs identical: {same}")
     print(f"acceptance rate {st['spec_acceptance_rate']:.3f}, mean accepted length {st['spec_mean_accepted_length']:.2f}, "
@@ -86,21 +99,40 @@ def main() -> None:
             if a != b:
                 i = next((j for j in range(min(len(a), len(b))) if a[j] != b[j]), min(len(a), len(b)))
                 print(f"  {it['task']}: first difference at output token {i} of {len(a)}")
-    if args.skip_batch:
-        return
+
+
+class RejectAll:
+    """Test-only proposer whose drafts the model never accepts (token 1, `<|im_start|>`, which
+    SmolLM2 does not emit mid-text): the worst case the back-off must bound."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+
+    def propose(self, requests, max_tokens):
+        from kvserve.spec_decode.proposer import Proposal, ProposalBatch
+
+        return ProposalBatch({r.request_id: Proposal([1] * min(k, self.k)) for r, k in zip(requests, max_tokens)})
+
+    def drop(self, request_id):
+        pass
+
+
+def batch_section(args, spec) -> None:
     rng = random.Random(0)
-    vocab = len(tok) if hasattr(tok, "__len__") else 49152
-    rand = [{"prompt_token_ids": [rng.randrange(100, min(vocab, 49152)) for _ in range(64)]} for _ in range(args.batch)]
+    rand = [{"prompt_token_ids": [rng.randrange(100, 49152) for _ in range(64)]} for _ in range(args.batch)]
     spb = SamplingParams(temperature=0, max_tokens=args.batch_tokens, ignore_eos=True)
     fast_b = LLM(args.model, speculative_config=spec, max_num_seqs=args.batch)
+    if args.reject_all:
+        fast_b.engine.spec.proposer = RejectAll(args.k)
     plain_b = LLM(args.model, max_num_seqs=args.batch)
     res = {}
-    for name, llm in (("plain", plain_b), ("ngram", fast_b), ("plain#2", plain_b), ("ngram#2", fast_b)):
+    for name, llm in (("plain", plain_b), ("spec", fast_b), ("plain#2", plain_b), ("spec#2", fast_b)):
         res[name] = throughput(llm, rand, spb)
         print(f"{name:8s} batch-{args.batch} {res[name]:7.2f} tok/s", flush=True)
-    p, s = max(res["plain"], res["plain#2"]), max(res["ngram"], res["ngram#2"])
+    p, s = max(res["plain"], res["plain#2"]), max(res["spec"], res["spec#2"])
     st = fast_b.engine.stats()
-    print(f"batch-{args.batch} nothing-accepted workload: plain {p:.2f} tok/s, n-gram {s:.2f} tok/s "
+    kind = "reject-all proposer" if args.reject_all else "n-gram"
+    print(f"batch-{args.batch} random-token prompts: plain {p:.2f} tok/s, {kind} {s:.2f} tok/s "
           f"({(s / p - 1) * 100:+.1f}%); drafts {st['spec_draft_tokens']}, accepted {st['spec_accepted_tokens']}, "
           f"verify steps {st['spec_verify_steps']}")
 
