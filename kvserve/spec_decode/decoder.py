@@ -3,9 +3,11 @@ for every decoding request that may speculate, and back off where speculation do
 
 Back-off (per request): a verify step that accepted none of its drafts costs a wider forward
 and bought nothing, so after `f` such steps in a row the request proposes nothing for the next
-4**f steps (at most 256), then tries again; any accepted draft resets it. A request whose
-drafts are always rejected therefore verifies in about log4(n) of its n steps, and one whose
-output copies its input keeps speculating every step.
+8**f steps (at most 256), then tries again; any accepted draft resets it. The draft length
+also adapts: a request starts with one draft token, doubles it (up to k) after a step that
+accepted every draft, drops to accepted + 1 after a partial acceptance and to 1 after none.
+A request whose drafts are always rejected therefore adds about one row in each of
+log8(n) of its n steps; one whose output copies its input reaches k drafts in a few steps.
 
 Per step, the drafts of all requests together are capped so that decode rows + drafts stay
 within `_FREE_ROWS` (at least k drafts): at batch 1 a CPU step reads the weights once for up
@@ -31,10 +33,11 @@ _FREE_ROWS = 64
 
 
 class _Backoff:
-    __slots__ = ("drafts_seen", "accepted_seen", "failures", "cooldown")
+    __slots__ = ("drafts_seen", "accepted_seen", "failures", "cooldown", "k")
 
-    def __init__(self) -> None:
+    def __init__(self, k: int) -> None:
         self.drafts_seen = self.accepted_seen = self.failures = self.cooldown = 0
+        self.k = k  # draft length for the next proposal
 
 
 class SpecDecoder:
@@ -72,20 +75,24 @@ class SpecDecoder:
                 continue  # mid-prefill
             st = self._state.get(req.request_id)
             if st is None:
-                st = self._state[req.request_id] = _Backoff()
-            if req.num_draft_tokens != st.drafts_seen:  # verified since the last call
-                if req.num_accepted_tokens == st.accepted_seen:
+                st = self._state[req.request_id] = _Backoff(1 if cfg.backoff else cfg.num_speculative_tokens)
+            if req.num_draft_tokens != st.drafts_seen and cfg.backoff:  # verified since the last call
+                drafted = req.num_draft_tokens - st.drafts_seen
+                accepted = req.num_accepted_tokens - st.accepted_seen
+                if accepted == 0:
                     st.failures += 1
-                    st.cooldown = min(4**st.failures, _MAX_COOLDOWN) if cfg.backoff else 0
+                    st.cooldown = min(8**st.failures, _MAX_COOLDOWN)
+                    st.k = 1
                 else:
                     st.failures = 0
-                st.drafts_seen, st.accepted_seen = req.num_draft_tokens, req.num_accepted_tokens
+                    st.k = min(2 * st.k, cfg.num_speculative_tokens) if accepted == drafted else accepted + 1
+            st.drafts_seen, st.accepted_seen = req.num_draft_tokens, req.num_accepted_tokens
             if st.cooldown > 0:
                 st.cooldown -= 1
                 self.num_backed_off += 1
                 continue
             k = min(
-                cfg.num_speculative_tokens,
+                st.k,
                 req.max_tokens - req.num_output_tokens - 1,
                 max_len - req.num_tokens - 1,
             )

@@ -106,3 +106,33 @@ def test_ngram_greedy_identical_on_ggml_decoder_stack(llama_dir):
     assert b.engine.stats()["spec_accepted_tokens"] > 0
     stack = b.engine.runner.model.cpu_decoder
     assert stack and stack.num_steps > b.engine.stats()["spec_verify_steps"] // 2
+
+
+def test_logprobs_stop_strings_penalties_match_plain(llama_dir, plain):
+    llm = _spec(llama_dir, num_kv_blocks=256)
+    prompts = _prompts(3, seed=7)
+    lp = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, logprobs=2)
+    a = plain.generate(prompts, lp, use_tqdm=False)
+    b = llm.generate(prompts, lp, use_tqdm=False)
+    for x, y in zip(a, b):
+        ox, oy = x.outputs[0], y.outputs[0]
+        assert ox.token_ids == oy.token_ids
+        assert [sorted(d) for d in ox.logprobs] == [sorted(d) for d in oy.logprobs]
+        for dx, dy in zip(ox.logprobs, oy.logprobs):
+            for t in dx:
+                assert abs(dx[t].logprob - dy[t].logprob) < 1e-4
+    # a stop string from the middle of each plain output: same text, tokens and finish reason
+    for p, x in zip(prompts, a):
+        text = x.outputs[0].text
+        if len(text) < 12:
+            continue
+        stop = text[len(text) // 2 : len(text) // 2 + 3]
+        sp = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=[stop])
+        ox = plain.generate([p], sp, use_tqdm=False)[0].outputs[0]
+        oy = llm.generate([p], sp, use_tqdm=False)[0].outputs[0]
+        assert (oy.text, oy.token_ids, oy.finish_reason, oy.stop_reason) == (ox.text, ox.token_ids, ox.finish_reason, ox.stop_reason)
+    # penalties read the drafts as history, row by row
+    pen = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, repetition_penalty=1.3,
+                         frequency_penalty=0.5, min_tokens=5)
+    assert _tokens(llm, prompts, pen) == _tokens(plain, prompts, pen)
+    assert llm.engine.stats()["spec_accepted_tokens"] > 0
