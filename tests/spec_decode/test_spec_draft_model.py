@@ -11,7 +11,7 @@ import pytest
 from kvserve import LLM, SamplingParams
 from tests.conftest import TINY_VOCAB
 
-GREEDY = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
 
 def _prompts(n=4, seed=0):
@@ -37,8 +37,8 @@ def test_draft_model_greedy_identical(tiny_model_factory):
     st = llm.engine.stats()
     assert st["spec_draft_tokens"] > 0
     # sampled requests run through the rejection rule and finish
-    outs = llm.generate(_prompts(), SamplingParams(max_tokens=12, temperature=1.0, seed=3, ignore_eos=True), use_tqdm=False)
-    assert all(len(o.outputs[0].token_ids) == 12 for o in outs)
+    outs = llm.generate(_prompts(2), SamplingParams(max_tokens=8, temperature=1.0, seed=3, ignore_eos=True), use_tqdm=False)
+    assert all(len(o.outputs[0].token_ids) == 8 for o in outs)
 
 
 def test_draft_equal_to_target_accepts_everything(tiny_model_factory):
