@@ -15,7 +15,7 @@ from kvserve.spec_decode.proposer import Proposal, ProposalBatch
 from kvserve.spec_decode.rejection import VerifyRow, verify
 
 PROMPT = {"prompt_token_ids": [7, 8, 9, 10, 7, 8]}
-N = 1000
+N = 600
 
 
 class Adversarial:
@@ -59,7 +59,7 @@ def llama_dir(tiny_llama):
 def test_sampled_distribution_equals_plain(llama_dir):
     plain = LLM(llama_dir, dtype="float32", device="cpu", num_kv_blocks=512)
     greedy = plain.generate([PROMPT], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False)
-    spec = LLM(llama_dir, dtype="float32", device="cpu", num_kv_blocks=512, max_num_seqs=16, speculative_config={
+    spec = LLM(llama_dir, dtype="float32", device="cpu", num_kv_blocks=512, max_num_seqs=32, speculative_config={
         "method": "ngram", "num_speculative_tokens": 3, "backoff": False})
     spec.engine.spec.proposer = Adversarial(greedy[0].outputs[0].token_ids)
     params = [SamplingParams(temperature=0.8, top_k=30, max_tokens=3, seed=s, ignore_eos=True) for s in range(N)]

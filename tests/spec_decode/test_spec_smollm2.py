@@ -22,7 +22,7 @@ def test_smollm2_ngram_greedy_matches_plain():
     spec = LLM("smollm2", max_model_len=1024, num_kv_blocks=128,
                speculative_config={"method": "ngram", "num_speculative_tokens": 5, "backoff": False})
     prompt = plain.chat_prompt(item["messages"])
-    sp = SamplingParams(temperature=0, max_tokens=48, logprobs=2)
+    sp = SamplingParams(temperature=0, max_tokens=32, logprobs=2)
     a = plain.generate([prompt], sp, use_tqdm=False)[0].outputs[0]
     b = spec.generate([prompt], sp, use_tqdm=False)[0].outputs[0]
     # the first position whose top two candidates are within 0.15 nats
