@@ -181,8 +181,28 @@ class KVCacheManager:
             # Cache every block these tokens fill. Safe before the forward pass runs: each
             # layer writes the whole batch's K/V before any attention reads, so a request
             # hitting these blocks in the same step reads them after they are written.
-            self._cache_full_blocks(req, owned, num_computed + num_new_tokens)
+            # Speculative draft positions (past req.num_tokens) are never hashed: only
+            # accepted tokens reach the cache (`trim` caches them after verification).
+            self._cache_full_blocks(req, owned, min(num_computed + num_new_tokens, req.num_tokens))
         return [b.block_id for b in added]
+
+    def trim(self, req: Request, num_tokens: int) -> int:
+        """After a speculative verify step: keep only the blocks that `num_tokens` computed
+        tokens need (the rejected drafts' wholly unused tail blocks go back to the pool; their
+        slots in a kept block are overwritten later), and offer the full blocks of accepted
+        tokens to the prefix cache. Returns how many blocks were released."""
+        owned = self._blocks.get(req.request_id)
+        if owned is None:
+            return 0
+        keep = self.blocks_needed(num_tokens)
+        dropped = owned[keep:]
+        if dropped:
+            del owned[keep:]
+            del req.block_ids[keep:]
+            self.pool.release(list(reversed(dropped)))
+        if self.enable_prefix_caching:
+            self._cache_full_blocks(req, owned, min(num_tokens, req.num_tokens))
+        return len(dropped)
 
     def _cache_full_blocks(self, req: Request, owned: list[KVBlock], num_tokens: int) -> None:
         hashes = self._hashes(req, num_tokens)

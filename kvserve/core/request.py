@@ -52,6 +52,11 @@ class Request:
     num_preemptions: int = 0
     first_token_time: float | None = None
     finished_time: float | None = None
+    # Speculative decoding: draft tokens to verify in the next step (set by the engine's
+    # proposer, consumed by the scheduler), and counts for metrics.
+    spec_token_ids: list[int] = field(default_factory=list)
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

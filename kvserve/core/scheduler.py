@@ -65,6 +65,9 @@ class CachedRequestData:
     req_id: str
     new_block_ids: list[int]
     num_computed_tokens: int
+    # Blocks of the request's table before `new_block_ids` (-1: unchanged). Smaller than the
+    # runner's copy after a speculative step released rejected drafts' blocks.
+    num_kept_blocks: int = -1
 
 
 @dataclass
@@ -75,6 +78,9 @@ class SchedulerOutput:
     # Requests that left since the last step (finished, aborted or preempted): drop their state.
     finished_req_ids: set[str] = field(default_factory=set)
     preempted_req_ids: set[str] = field(default_factory=set)
+    # Speculative decoding: a request listed here computes its last token and these drafts
+    # (num_scheduled_tokens = 1 + len(drafts)) and samples at every one of those positions.
+    spec_token_ids: dict[str, list[int]] = field(default_factory=dict)
 
     @property
     def total_num_scheduled_tokens(self) -> int:
@@ -107,6 +113,10 @@ class Scheduler:
         self._step_overhead: float | None = None  # EMA of the time of steps of few tokens (s)
         self._token_cost: float | None = None  # EMA of the time per token of larger steps (s)
         self._last_step_tokens = 0
+        # Speculative decoding totals: verify steps of a request, draft tokens, accepted ones.
+        self.num_spec_verifies = 0
+        self.num_draft_tokens = 0
+        self.num_accepted_tokens = 0
 
     # -- queue management -------------------------------------------------------------------
     def add_request(self, req: Request) -> None:
@@ -224,15 +234,16 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             req = self.running[i]
             remaining = req.num_tokens - req.num_computed_tokens
-            if remaining == 1:
-                num_new = 1
+            kept = len(req.block_ids)
+            if remaining == 1:  # a decode, with its draft tokens when it speculates
                 decodes_left -= 1
+                num_new, new_blocks = self._allocate_running(req, max(1, budget - max(decodes_left, 0)))
             else:
                 num_new = min(remaining, prefill_left, budget - max(decodes_left, 0))
                 if num_new <= 0:
                     i += 1  # its prompt continues next step
                     continue
-            new_blocks = self.kv.allocate_slots(req, num_new)
+                new_blocks = self.kv.allocate_slots(req, num_new)
             while new_blocks is None:
                 victim = self.running.pop()  # the newest request yields first
                 self._preempt(victim, out)
@@ -242,11 +253,14 @@ class Scheduler:
                 new_blocks = self.kv.allocate_slots(req, num_new)
             if new_blocks is None:
                 break
-            out.cached_requests.append(CachedRequestData(req.request_id, new_blocks, req.num_computed_tokens))
+            out.cached_requests.append(CachedRequestData(req.request_id, new_blocks, req.num_computed_tokens, kept))
             out.num_scheduled_tokens[req.request_id] = num_new
             if remaining > 1:
                 prefill_left -= num_new
                 self.num_prefill_tokens += min(num_new, max(req.num_prompt_tokens - req.num_computed_tokens, 0))
+            if req.spec_token_ids:
+                out.spec_token_ids[req.request_id] = req.spec_token_ids
+                req.spec_token_ids = []
             budget -= num_new
             i += 1
 
@@ -286,6 +300,21 @@ class Scheduler:
         self._last_step_tokens = out.total_num_scheduled_tokens
         return out
 
+    def _allocate_running(self, req: Request, budget: int) -> tuple[int, list[int] | None]:
+        """Slots for a running request's next tokens, its draft tokens included (those the
+        budget leaves out are dropped; all of them when their blocks do not fit, before any
+        preemption is considered). Returns (tokens scheduled, new block ids or None)."""
+        spec = req.spec_token_ids
+        num_new = min(req.num_tokens + len(spec) - req.num_computed_tokens, budget)
+        if spec:
+            del spec[max(num_new - 1, 0) :]
+            new_blocks = self.kv.allocate_slots(req, num_new)
+            if new_blocks is not None:
+                return num_new, new_blocks
+            spec.clear()
+            num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+        return num_new, self.kv.allocate_slots(req, num_new)
+
     def schedule_ahead(self, inflight: SchedulerOutput) -> SchedulerOutput | None:
         """Plan the step after `inflight` (the one step still running, whose tokens are not
         back yet): one decode of each running request, its input the token `inflight` samples.
@@ -304,6 +333,8 @@ class Scheduler:
             n = inflight.num_scheduled_tokens.get(req.request_id)
             if n is None or req.num_computed_tokens + n != req.num_tokens:
                 return None  # not sampled by `inflight` (mid-prefill, or left out by the budget)
+            if req.spec_token_ids:
+                return None  # a verify step samples several tokens: not a one-token decode
             sp = req.sampling_params
             # The host copy of the history lacks the placeholder: samplers that read it wait.
             if sp.repetition_penalty != 1.0 or sp.presence_penalty or sp.frequency_penalty:
@@ -343,6 +374,7 @@ class Scheduler:
                 continue  # still inside a chunked (re)computation: keep its progress
             self.kv.free(req)
             req.num_computed_tokens = 0
+            req.spec_token_ids = []
             req.status = RequestStatus.WAITING
             self.waiting.appendleft(req)
             out.preempted_req_ids.add(req.request_id)
@@ -350,6 +382,8 @@ class Scheduler:
 
     def _preempt(self, req: Request, out: SchedulerOutput) -> None:
         self.kv.free(req)
+        req.spec_token_ids = []
+        out.spec_token_ids.pop(req.request_id, None)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1
@@ -380,9 +414,24 @@ class Scheduler:
                 req.append_output_token(tok)
                 if req.check_stop(max_len):
                     break
+            drafts = out.spec_token_ids.get(rid)
+            if drafts:
+                self._after_verify(req, len(drafts), len(tokens) - 1)
             updated.append(req)
             if req.status.finished:
                 self.running.remove(req)
                 self._retire(req)
                 finished.append(req)
         return updated, finished
+
+    def _after_verify(self, req: Request, num_drafts: int, num_accepted: int) -> None:
+        """A speculative step computed the last token and `num_drafts` drafts, of which
+        `num_accepted` were accepted (the token after them is the new, uncomputed last one):
+        the K/V of every token but the last is valid; the rejected drafts' slots are not."""
+        req.num_draft_tokens += num_drafts
+        req.num_accepted_tokens += num_accepted
+        self.num_spec_verifies += 1
+        self.num_draft_tokens += num_drafts
+        self.num_accepted_tokens += num_accepted
+        req.num_computed_tokens = req.num_tokens - 1
+        self.kv.trim(req, req.num_computed_tokens)

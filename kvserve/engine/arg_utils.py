@@ -54,6 +54,10 @@ class EngineArgs:
         budget of a step is capped from measured step times, so long prompts prefill in chunks
         and aborts and new requests wait at most about one step. None (default): 0.5 on CPU,
         off on CUDA; 0: off.
+    speculative_config: None, or a dict / JSON string in vLLM's shape, e.g.
+        {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 2,
+        "prompt_lookup_max": 5} or {"method": "draft_model", "model": "<name>",
+        "num_speculative_tokens": 4} (kvserve.spec_decode.SpeculativeConfig; docs/speculative.md).
     """
 
     model: str = DEFAULT_MODEL
@@ -81,6 +85,7 @@ class EngineArgs:
     max_waiting_requests: int | None = None
     max_queue_time: float | None = None
     step_time_budget: float | None = None
+    speculative_config: Any = None
 
     def __post_init__(self) -> None:
         normalize_dtype(self.dtype)
@@ -110,6 +115,11 @@ class EngineArgs:
             raise ValueError(f"async_scheduling must be True, False or None (got {self.async_scheduling!r})")
         if self.quantization not in (None, "none", "q8_0", "q4_0"):
             raise ValueError(f"quantization must be None, 'none', 'q8_0' or 'q4_0' (got {self.quantization!r})")
+        from kvserve.spec_decode.config import SpeculativeConfig
+
+        self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
+        if self.speculative_config is not None and self.tensor_parallel_size > 1:
+            raise ValueError("speculative_config is not supported with tensor_parallel_size > 1 yet")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton' (got {self.attention_backend!r})")
 

@@ -165,6 +165,13 @@ class LLMEngine:
             # per step saves the launch gaps between the pieces.
             split_graphs=None if not self.async_scheduling else False,
         )
+        self.spec = None
+        if args.speculative_config is not None:
+            from kvserve.spec_decode.setup import build_spec_decoder
+
+            # Each verify step needs its accepted tokens on the host before the next is planned.
+            self.async_scheduling = False
+            self.spec = build_spec_decoder(self, args.speculative_config)
         self._overlap = cuda or self.async_scheduling
         self._inflight: tuple[SchedulerOutput, PendingStep] | None = None
         logger.info(
@@ -409,6 +416,8 @@ class LLMEngine:
             return failed
         updated, _finished = self.scheduler.update_from_output(so, ro.sampled)
         self._finish_grammars(ro)
+        if self.spec is not None:
+            self.spec.propose(self.scheduler)
         return failed + self._outputs(updated, ro)
 
     def _step_overlapped(self) -> list[RequestOutput]:
@@ -441,6 +450,8 @@ class LLMEngine:
             return failed
         updated, _finished = self.scheduler.update_from_output(so, ro.sampled)
         self._finish_grammars(ro)
+        if self.spec is not None:
+            self.spec.propose(self.scheduler)
         if self._inflight is None and self.scheduler.has_unfinished_requests():
             nxt = self.scheduler.schedule()
             self._inflight = (nxt, self._launch(nxt))
@@ -493,7 +504,10 @@ class LLMEngine:
                 # The EOS / stop token that ended the request is not part of the text.
                 text_ids = text_ids[:-1]
             # As in vLLM, stop strings count only once min_tokens tokens exist.
-            stop_str = detok.add_tokens(text_ids, check_stop=req.num_output_tokens >= req.sampling_params.min_tokens)
+            if len(text_ids) > 1:  # a speculative step: stop at the token that completes a stop string
+                stop_str = self._add_tokens_one_by_one(comp, detok, text_ids, req)
+            else:
+                stop_str = detok.add_tokens(text_ids, check_stop=req.num_output_tokens >= req.sampling_params.min_tokens)
             if stop_str is not None and not req.status.finished:
                 self.scheduler.finish_requests([req.request_id], RequestStatus.FINISHED_STOPPED)
                 req.stop_reason = stop_str
@@ -506,6 +520,25 @@ class LLMEngine:
             comp.stop_reason = req.stop_reason
             group.finished_children.add(idx)
             group.metrics.finished_time = time.time()
+
+    def _add_tokens_one_by_one(self, comp: CompletionOutput, detok: IncrementalDetokenizer, ids: list[int], req: Request) -> str | None:
+        """Feed several new tokens to the detokenizer one at a time, as plain decoding would;
+        at a stop string, drop the tokens after the one that completed it (and their logprobs)."""
+        first_out = len(comp.token_ids) - len(comp.delta_token_ids)  # output index of ids[0]
+        min_tokens = req.sampling_params.min_tokens
+        for j, tok in enumerate(ids):
+            stop_str = detok.add_tokens([tok], check_stop=first_out + j + 1 >= min_tokens)
+            if stop_str is not None:
+                extra = len(comp.delta_token_ids) - (j + 1)  # the EOS after `ids` included
+                if extra:
+                    del comp.token_ids[len(comp.token_ids) - extra :]
+                    del comp.delta_token_ids[len(comp.delta_token_ids) - extra :]
+                    if comp.logprobs is not None:
+                        for entry in comp.logprobs[len(comp.logprobs) - extra :]:
+                            comp.cumulative_logprob -= next(iter(entry.values())).logprob
+                        del comp.logprobs[len(comp.logprobs) - extra :]
+                return stop_str
+        return None
 
     def _logprob_dict(self, token: int, entry: tuple[float, int, list[int], list[float]]) -> dict[int, Logprob]:
         lp, rank, top_ids, top_lps = entry
@@ -565,6 +598,24 @@ class LLMEngine:
             "prefix_queries": kv.prefix_queries,
             "prefix_hits": kv.prefix_hits,
             "num_preemptions": self.scheduler.num_preemptions,
+            **self.spec_stats(),
+        }
+
+    def spec_stats(self) -> dict[str, float]:
+        """Speculative decoding totals (empty without it): verify steps of a request, draft
+        and accepted tokens, acceptance rate, mean tokens per verify step (accepted + the one
+        the target adds), seconds spent proposing."""
+        if self.spec is None:
+            return {}
+        sch = self.scheduler
+        n, drafts, acc = sch.num_spec_verifies, sch.num_draft_tokens, sch.num_accepted_tokens
+        return {
+            "spec_verify_steps": n,
+            "spec_draft_tokens": drafts,
+            "spec_accepted_tokens": acc,
+            "spec_acceptance_rate": acc / drafts if drafts else 0.0,
+            "spec_mean_accepted_length": 1.0 + acc / n if n else 0.0,
+            "spec_draft_time_s": self.spec.draft_time_s,
         }
 
 

@@ -45,6 +45,9 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                    help="split the model across N ranks: N GPUs of this machine (NCCL) or N CPU processes (gloo); "
                         "under torchrun, N = WORLD_SIZE across machines (default: %(default)s)")
     g.add_argument("--engine-seed", type=int, default=0, help="seed for unseeded sampling (default: %(default)s)")
+    g.add_argument("--speculative-config", default=None, metavar="JSON",
+                   help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+                        "(see docs/speculative.md)")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -59,6 +62,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
         attention_backend=args.attention_backend, enforce_eager=args.enforce_eager,
         seed=args.engine_seed, tensor_parallel_size=args.tensor_parallel_size,
         async_scheduling=args.async_scheduling, quantization=args.quantization,
+        speculative_config=getattr(args, "speculative_config", None),
     )
 
 

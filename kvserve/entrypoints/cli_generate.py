@@ -54,4 +54,12 @@ def run(args: argparse.Namespace) -> int:
             f"[{n_tokens} tokens; time to first token {first - t0:.3f}s; decode {decode:.1f} tok/s]",
             file=sys.stderr,
         )
+        spec = llm.engine.spec_stats()
+        if spec:
+            print(
+                f"[speculative: {spec['spec_accepted_tokens']} of {spec['spec_draft_tokens']} draft tokens accepted "
+                f"({100 * spec['spec_acceptance_rate']:.1f}%); {spec['spec_mean_accepted_length']:.2f} tokens per "
+                f"verify step; draft time {1e3 * spec['spec_draft_time_s']:.1f} ms]",
+                file=sys.stderr,
+            )
     return 0

@@ -209,6 +209,9 @@ class ModelRunner:
                 self.grammars[nr.req_id] = self.structured.new_matcher(sp.structured_outputs)
         for cr in so.cached_requests:
             st = self.states[cr.req_id]
+            if 0 <= cr.num_kept_blocks < len(st.block_ids):  # a verify step released blocks
+                del st.block_ids[cr.num_kept_blocks :]
+                self.tables.table[st.row, cr.num_kept_blocks :] = 0
             if cr.new_block_ids:
                 self.tables.set_blocks(st.row, len(st.block_ids), cr.new_block_ids)
                 st.block_ids.extend(cr.new_block_ids)
@@ -246,6 +249,10 @@ class ModelRunner:
             return PendingStep(None, RunnerOutput())
         if ahead:
             return self._execute_ahead(so, prev)
+        if so.spec_token_ids:
+            from kvserve.spec_decode.verify_step import execute_verify
+
+            return PendingStep(None, execute_verify(self, so))
         # Decodes first, so the backend finds them in one contiguous run.
         order = sorted(so.num_scheduled_tokens, key=lambda r: so.num_scheduled_tokens[r] != 1)
         states = [self.states[r] for r in order]

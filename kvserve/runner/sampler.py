@@ -200,22 +200,7 @@ class Sampler:
         if not rand:
             return tokens
         r_idx = _index(rand, dev)
-        sub = _rows(logits, rand, r_idx)  # [R, V]
-        # Unnormalized probabilities with the row's top token at exactly 1 (so min_p is a plain
-        # threshold on w and nothing needs normalizing): w = exp((l - max l) / T), built in place.
-        w = sub - sub.amax(dim=-1, keepdim=True)  # [R, V]
-        temps = [params[i].temperature for i in rand]
-        if any(t != 1.0 for t in temps):
-            w.div_(_tensor(temps, w.dtype, dev)[:, None])
-        w.exp_()
-        trunc = [j for j, i in enumerate(rand) if _truncates(params[i])]
-        if trunc:
-            t_idx = _index(trunc, dev)
-            wt = _rows(w, trunc, t_idx)  # [T, V] (w itself when every row truncates)
-            cut = truncation_cutoffs(wt, [params[rand[j]] for j in trunc])  # [T]
-            wt.masked_fill_(wt < cut[:, None], 0.0)
-            if wt is not w:
-                w.index_copy_(0, t_idx, wt)
+        w = random_weights(_rows(logits, rand, r_idx), [params[i] for i in rand])  # [R, V]
         tokens[r_idx] = inverse_cdf(w, self._uniforms(batch, rand, dev))
         return tokens
 
@@ -234,6 +219,30 @@ class Sampler:
             if g is not None:
                 u[j : j + 1] = torch.rand(1, generator=g, dtype=torch.float64, device=dev)
         return u
+
+
+def random_weights(sub: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """The distribution a random row draws from, unnormalized: [R, V] processed logits ->
+    weights with each row's top token at exactly 1, temperature applied and the tokens that
+    min_p / top-k / top-p drop zeroed. (Speculative decoding verifies drafts against it.)"""
+    dev = sub.device
+    rand = range(len(params))
+    # Unnormalized probabilities with the row's top token at exactly 1 (so min_p is a plain
+    # threshold on w and nothing needs normalizing): w = exp((l - max l) / T), built in place.
+    w = sub - sub.amax(dim=-1, keepdim=True)  # [R, V]
+    temps = [params[i].temperature for i in rand]
+    if any(t != 1.0 for t in temps):
+        w.div_(_tensor(temps, w.dtype, dev)[:, None])
+    w.exp_()
+    trunc = [j for j, i in enumerate(rand) if _truncates(params[i])]
+    if trunc:
+        t_idx = _index(trunc, dev)
+        wt = _rows(w, trunc, t_idx)  # [T, V] (w itself when every row truncates)
+        cut = truncation_cutoffs(wt, [params[j] for j in trunc])  # [T]
+        wt.masked_fill_(wt < cut[:, None], 0.0)
+        if wt is not w:
+            w.index_copy_(0, t_idx, wt)
+    return w
 
 
 def _truncates(p: SamplingParams) -> bool:

@@ -285,8 +285,10 @@ int64_t kvq_decoder_stack_scratch(const kvq_stack_model *m, int M, int threads) 
 /* Attention work items: rows' (first item, splits) pairs; each row's Hkv * splits items are
  * numbered KV head major. Splits spread one row's few KV heads over the threads (SmolLM2 has 3
  * KV heads for 2 threads) but keep at least one tile of keys each. */
-static int plan_items(int M, int Hkv, const int32_t *lens, int window, int nthreads, int32_t *items) {
-    int target = (2 * nthreads + M * Hkv - 1) / (M * Hkv);
+static int plan_items(int M, int nseq, int Hkv, const int32_t *lens, int window, int nthreads, int32_t *items) {
+    /* splits per row from the number of distinct sequences, so that a speculative verify step
+     * (k + 1 rows of one sequence) splits each row as a one-row decode of it would: same sums */
+    int target = (2 * nthreads + nseq * Hkv - 1) / (nseq * Hkv);
     if (target > KVQS_MAX_SPLITS) target = KVQS_MAX_SPLITS;
     int total = 0;
     for (int b = 0; b < M; ++b) {
@@ -387,7 +389,19 @@ int kvq_decoder_stack_f32(const kvq_stack_model *m, int M, const int64_t *ids, c
     }
     const int omp_threads = omp_get_max_threads();
     const int nthreads = omp_threads < fit ? omp_threads : (int)fit;
-    const int nitems = plan_items(M, Hkv, lens, window, nthreads, items);
+    /* Rows of one sequence (a speculative verify step sends positions L-1, L, ..., one row
+     * each, with the same block table): row b continues row b-1 when its table row is the same
+     * and its length is one more. Their K/V are then all written before any attention reads
+     * the cache (a later row reads the earlier rows' positions). */
+    int nseq = 1;
+    for (int b = 1; b < M; ++b) {
+        const int same = lens[b] == lens[b - 1] + 1 &&
+                         memcmp(tables + (int64_t)b * table_width, tables + (int64_t)(b - 1) * table_width,
+                                sizeof(int32_t) * (size_t)((lens[b] + bs - 1) / bs)) == 0;
+        nseq += !same;
+    }
+    const int shared = nseq < M;
+    const int nitems = plan_items(M, nseq, Hkv, lens, window, nthreads, items);
 
     /* Five barriers a layer, after each phase that writes a shared buffer (qkv, attention
      * partials, o, gate/up, down). The row ops between them (residual add, RMSNorm, merging the
@@ -424,8 +438,21 @@ int kvq_decoder_stack_f32(const kvq_stack_model *m, int M, const int64_t *ids, c
             gemm_rows(&ph_qkv, xq, qkv, Oqkv, M, H, lo, hi);
             KVQS_PRAGMA(omp barrier)
             PROF(0)
+            if (shared) { /* every row's k and v into the cache first (implicit barrier) */
+                KVQS_PRAGMA(omp for schedule(static))
+                for (int it = 0; it < M * Hkv; ++it) {
+                    const int b = it / Hkv, kvh = it % Hkv;
+                    if (slots[b] < 0) continue;
+                    const float *row = qkv + (int64_t)b * Oqkv;
+                    float knew[KVQS_MAX_HEAD_DIM];
+                    rope_heads(row + (int64_t)(Hq + kvh) * D, knew, 1, D, rope + (int64_t)b * D);
+                    memcpy(kc + (slots[b] * Hkv + kvh) * D, knew, sizeof(float) * (size_t)D);
+                    memcpy(vc + (slots[b] * Hkv + kvh) * D, row + (int64_t)(Hq + Hkv + kvh) * D,
+                           sizeof(float) * (size_t)D);
+                }
+            }
             /* attention items: each rotates its q heads and k; the item holding the last position
-             * writes k and v to the cache slot */
+             * writes k and v to the cache slot (unless written above) */
             KVQS_PRAGMA(omp for schedule(dynamic, 1))
             for (int it = 0; it < nitems; ++it) {
                 int b = 0;
@@ -438,7 +465,7 @@ int kvq_decoder_stack_f32(const kvq_stack_model *m, int M, const int64_t *ids, c
                 const float *vnew = row + (int64_t)(Hq + Hkv + kvh) * D;
                 rope_heads(row + (int64_t)kvh * G * D, q, G, D, cs);
                 rope_heads(row + (int64_t)(Hq + kvh) * D, knew, 1, D, cs);
-                if (s == S - 1 && slots[b] >= 0) {
+                if (!shared && s == S - 1 && slots[b] >= 0) {
                     memcpy(kc + (slots[b] * Hkv + kvh) * D, knew, sizeof(float) * (size_t)D);
                     memcpy(vc + (slots[b] * Hkv + kvh) * D, vnew, sizeof(float) * (size_t)D);
                 }

@@ -102,6 +102,11 @@ def engine_snapshot(engine: LLMEngine, max_cells: int = MAX_CELLS) -> dict[str, 
         "prefix_hits": kv.prefix_hits,
         "prefix_hit_rate": kv.prefix_hits / kv.prefix_queries if kv.prefix_queries else 0.0,
         "num_preemptions": sched.num_preemptions,
+        "spec_decode": sched.num_draft_tokens > 0,
+        "spec_draft_tokens": sched.num_draft_tokens,
+        "spec_accepted_tokens": sched.num_accepted_tokens,
+        "spec_acceptance_rate": sched.num_accepted_tokens / sched.num_draft_tokens if sched.num_draft_tokens else 0.0,
+        "spec_mean_accepted_length": 1 + sched.num_accepted_tokens / sched.num_spec_verifies if sched.num_spec_verifies else 0.0,
         "snapshot_ms": 1e3 * (time.perf_counter() - t0),
     }
 

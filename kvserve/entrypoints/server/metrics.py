@@ -62,6 +62,18 @@ class _EngineCollector(Collector):
         yield counter("num_preemptions", "Requests preempted for lack of KV blocks.", s.get("num_preemptions", 0))
         yield counter("engine_prefill_tokens", "Prompt tokens the engine scheduled for computation (prefill and "
                       "recompute after preemption; prefix-cache hits excluded).", s.get("num_prefill_tokens", 0))
+        if "spec_draft_tokens" in s:  # speculative decoding is on
+            yield counter("spec_decode_num_draft_tokens", "Draft tokens proposed and verified.", s["spec_draft_tokens"])
+            yield counter("spec_decode_num_accepted_tokens", "Draft tokens accepted by the target model.",
+                          s["spec_accepted_tokens"])
+            yield counter("spec_decode_num_verify_steps", "Verify steps (one per speculating request and step).",
+                          s["spec_verify_steps"])
+            yield gauge("spec_decode_acceptance_rate", "Accepted / proposed draft tokens since start.",
+                        s["spec_acceptance_rate"])
+            yield gauge("spec_decode_mean_accepted_length",
+                        "Tokens emitted per verify step (accepted drafts + the target's token).",
+                        s["spec_mean_accepted_length"])
+            yield counter("spec_decode_draft_time_seconds", "Time spent proposing drafts.", s["spec_draft_time_s"])
 
 
 class ServerMetrics:

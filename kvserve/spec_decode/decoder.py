@@ -1,0 +1,110 @@
+"""The engine's side of speculative decoding: after each step, ask the proposer for drafts
+for every decoding request that may speculate, and back off where speculation does not pay.
+
+Back-off (per request): a verify step that accepted none of its drafts costs a wider forward
+and bought nothing, so after `f` such steps in a row the request proposes nothing for the next
+8**f steps (at most 256), then tries again; any accepted draft resets it. The draft length
+also adapts: a request starts with one draft token, doubles it (up to k) after a step that
+accepted every draft, drops to accepted + 1 after a partial acceptance and to 1 after none.
+A request whose drafts are always rejected therefore adds about one row in each of
+log8(n) of its n steps; one whose output copies its input reaches k drafts in a few steps.
+
+Per step, the drafts of all requests together are capped so that decode rows + drafts stay
+within `_FREE_ROWS` (at least k drafts): at batch 1 a CPU step reads the weights once for up
+to that many rows (the one-call decoder stack's limit), while at large batches every extra row
+costs compute, so a wide batch speculates a few requests at a time (rotating).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from kvserve.core.request import Request, RequestStatus
+from kvserve.spec_decode.config import SpeculativeConfig
+from kvserve.spec_decode.ngram import NgramProposer
+from kvserve.spec_decode.proposer import Proposer
+
+if TYPE_CHECKING:
+    from kvserve.core.scheduler import Scheduler
+
+_MAX_COOLDOWN = 256
+_FREE_ROWS = 64
+
+
+class _Backoff:
+    __slots__ = ("drafts_seen", "accepted_seen", "failures", "cooldown", "k")
+
+    def __init__(self, k: int) -> None:
+        self.drafts_seen = self.accepted_seen = self.failures = self.cooldown = 0
+        self.k = k  # draft length for the next proposal
+
+
+class SpecDecoder:
+    def __init__(self, config: SpeculativeConfig, proposer: Proposer | None = None) -> None:
+        self.config = config
+        if proposer is None:
+            if config.method != "ngram":
+                raise ValueError(f"speculative_config.method {config.method!r} needs a proposer built by the engine")
+            proposer = NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
+        self.proposer = proposer
+        self._state: dict[str, _Backoff] = {}
+        self.draft_time_s = 0.0  # time spent proposing
+        self.num_proposals = 0  # requests given drafts
+        self.num_backed_off = 0  # request-steps skipped by the back-off
+        self._rotate = 0
+
+    def propose(self, scheduler: Scheduler) -> None:
+        """Set `spec_token_ids` on the running requests that speculate in the next step."""
+        t0 = time.perf_counter()
+        live = scheduler.requests
+        for rid in [r for r in self._state if r not in live]:
+            del self._state[rid]
+            self.proposer.drop(rid)
+        cfg = self.config
+        max_len = scheduler.config.max_model_len
+        reqs: list[Request] = []
+        ks: list[int] = []
+        running = scheduler.running
+        room = max(cfg.num_speculative_tokens, _FREE_ROWS - len(running))
+        if running:  # who gets drafts first rotates, so a capped batch shares them
+            self._rotate = (self._rotate + 1) % len(running)
+            running = running[self._rotate :] + running[: self._rotate]
+        for req in running:
+            if req.status != RequestStatus.RUNNING or req.num_computed_tokens != req.num_tokens - 1:
+                continue  # mid-prefill
+            st = self._state.get(req.request_id)
+            if st is None:
+                st = self._state[req.request_id] = _Backoff(1 if cfg.backoff else cfg.num_speculative_tokens)
+            if req.num_draft_tokens != st.drafts_seen and cfg.backoff:  # verified since the last call
+                drafted = req.num_draft_tokens - st.drafts_seen
+                accepted = req.num_accepted_tokens - st.accepted_seen
+                if accepted == 0:
+                    st.failures += 1
+                    st.cooldown = min(8**st.failures, _MAX_COOLDOWN)
+                    st.k = 1
+                else:
+                    st.failures = 0
+                    st.k = min(2 * st.k, cfg.num_speculative_tokens) if accepted == drafted else accepted + 1
+            st.drafts_seen, st.accepted_seen = req.num_draft_tokens, req.num_accepted_tokens
+            if st.cooldown > 0:
+                st.cooldown -= 1
+                self.num_backed_off += 1
+                continue
+            k = min(
+                st.k,
+                req.max_tokens - req.num_output_tokens - 1,
+                max_len - req.num_tokens - 1,
+            )
+            if k > 0:
+                reqs.append(req)
+                ks.append(k)
+        if reqs:
+            batch = self.proposer.propose(reqs, ks)
+            for req in reqs:
+                p = batch.proposals.get(req.request_id)
+                if p is not None and p.token_ids and room > 0:
+                    req.spec_token_ids = list(p.token_ids[:room])
+                    room -= len(req.spec_token_ids)
+                    self.num_proposals += 1
+        self.draft_time_s += time.perf_counter() - t0
