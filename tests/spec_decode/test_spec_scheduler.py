@@ -50,7 +50,8 @@ def test_verify_step_slots_trim_and_hashes():
 
 
 def test_budget_drops_drafts():
-    s, r = _running(budget=3)
+    s, r = _running(prompt_len=2, budget=3)  # a decode (its prompt fits one step), 3 tokens a step
+    assert r.num_tokens - r.num_computed_tokens == 1
     r.spec_token_ids = [1, 2, 3, 4]
     so = s.schedule()
     assert so.num_scheduled_tokens["a"] == 3 and so.spec_token_ids["a"] == [1, 2]
