@@ -21,7 +21,9 @@ class EngineArgs:
     max_num_seqs: most requests decoded together in one step.
     max_num_batched_tokens: token budget of one step (chunked prefill splits longer prompts).
     block_size: tokens per KV-cache block.
-    kv_cache_memory: bytes of KV cache on CPU (default 2 GiB, at most a quarter of RAM).
+    kv_cache_memory: bytes of KV cache on CPU. Default: what `max_num_seqs` requests of
+        `max_model_len` tokens can use, bounded by a fraction of the RAM available at start-up
+        (`runner/cpu_memory.py`); its pages become resident only as blocks are first used.
     gpu_memory_utilization: fraction of GPU memory for weights + activations + KV cache.
     num_kv_blocks: fixed number of KV blocks (overrides the memory-based sizing; tests).
     enable_prefix_caching: share KV blocks of identical prompt prefixes.
@@ -40,6 +42,9 @@ class EngineArgs:
     enable_kv_cache: False recomputes every request's whole context at every step (the
         KV-cache ablation; identical outputs, for teaching and measurement). Implies no
         prefix caching.
+    threads: CPU threads for PyTorch and kvserve's C kernels. Default: the cores not already
+        busy at start-up (from the load average; at least 1), or `OMP_NUM_THREADS` when set;
+        see `runner/cpu_threads.py`.
     async_scheduling: plan and launch the next decode step before the current step's sampled
         tokens are back on the host (its inputs come from the device), so the host's
         scheduling and input building overlap the GPU. None (default): on for CUDA, off on CPU
@@ -69,6 +74,7 @@ class EngineArgs:
     tensor_parallel_size: int = 1
     async_scheduling: bool | None = None
     quantization: str | None = None
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         normalize_dtype(self.dtype)
@@ -76,7 +82,7 @@ class EngineArgs:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1 (got {v!r})")
-        for name in ("max_model_len", "max_num_batched_tokens", "kv_cache_memory", "num_kv_blocks"):
+        for name in ("max_model_len", "max_num_batched_tokens", "kv_cache_memory", "num_kv_blocks", "threads"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be an integer >= 1 or None (got {v!r})")

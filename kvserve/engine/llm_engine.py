@@ -102,6 +102,10 @@ class LLMEngine:
         self.platform = get_platform(device)
         self.platform.log_once()
         self.platform.tune_process()
+        if device.type == "cpu":
+            from kvserve.runner.cpu_threads import set_threads
+
+            set_threads(args.threads, args.tensor_parallel_size)
         self.backend = self.platform.attention_backend(args.attention_backend)
         driver = tp is None or tp.rank == 0
         loaded = load_model(
@@ -194,11 +198,13 @@ class LLMEngine:
                 peak, tokens, min(args.max_num_seqs, 512), self.loaded.config.vocab_size
             )
             budget = profiling.cuda_kv_budget(args.gpu_memory_utilization, peak, graphs, device)
-        else:
-            budget = args.kv_cache_memory or min(2 * GiB, _total_ram() // 4)
-        n = max(1, budget // bytes_per_block)
         # Beyond this many blocks no schedule can use them all at once.
         cap = -(-args.max_num_seqs * max_len // args.block_size) + 1
+        if device.type != "cuda":
+            from kvserve.runner.cpu_memory import default_kv_cache_bytes
+
+            budget = args.kv_cache_memory or default_kv_cache_bytes(cap * bytes_per_block)
+        n = max(1, budget // bytes_per_block)
         return int(min(n, cap))
 
     # -- requests ---------------------------------------------------------------------------
@@ -517,11 +523,3 @@ def run_tp_worker(args: EngineArgs, group: TPGroup) -> None:
         # after its copies ran, so this rank can launch an ahead step while the last one runs.
         runner.execute_async(so, ahead=ahead)
 
-
-def _total_ram() -> int:
-    try:
-        import os
-
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-        return 8 * GiB
