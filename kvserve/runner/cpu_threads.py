@@ -10,7 +10,8 @@ the others: on the 2-core reference machine with other work running (load averag
 batch-1 decode of the built-in model ran at 4 to 14 tok/s on 2 threads and at 30 to 100 tok/s
 on 1 (benchmarks/RESULTS.md, "Threads under load"). So the default is the usable cores minus the
 1-minute load average, rounded, at least 1: every core on an idle machine, fewer on a busy one.
-`OMP_NUM_THREADS` (the user's explicit choice) wins over that guess; `threads=` over both.
+`OMP_NUM_THREADS`, or a count the program already set with `torch.set_num_threads` below the
+CPU count, wins over that guess (the user's explicit choice); `threads=` over all of them.
 """
 
 from __future__ import annotations
@@ -37,12 +38,17 @@ def load_average() -> float | None:
 
 
 def default_threads(ranks: int = 1) -> int:
-    """Threads per process when none are asked for: `OMP_NUM_THREADS` if set, else the usable
-    CPUs not already busy (load average), shared among `ranks` processes; at least 1."""
+    """Threads per process when none are asked for: `OMP_NUM_THREADS` if set; PyTorch's count if
+    the program already lowered it (`torch.set_num_threads`); else the usable CPUs not already
+    busy (load average), shared among `ranks` processes; at least 1."""
+    import torch
+
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
     if env.isdigit() and int(env) > 0:
         return int(env)
     cpus = usable_cpus()
+    if torch.get_num_threads() < cpus:
+        return torch.get_num_threads()
     load = load_average() or 0.0
     free = cpus - int(load + 0.5)
     return max(1, min(cpus, free) // max(1, ranks))
