@@ -108,6 +108,7 @@ class LLMEngine:
             set_threads(args.threads, args.tensor_parallel_size)
         self.backend = self.platform.attention_backend(args.attention_backend)
         driver = tp is None or tp.rank == 0
+        t_load = time.perf_counter()
         loaded = load_model(
             resolved, dtype=args.dtype, device=device, backend=self.backend,
             load_tokenizer=driver, load_format=args.load_format, platform=self.platform,
@@ -159,6 +160,7 @@ class LLMEngine:
         # forward is synchronous, so neither gains anything there (both can be forced on: tests).
         cuda = device.type == "cuda"
         self.async_scheduling = cuda if args.async_scheduling is None else args.async_scheduling
+        t_cache = time.perf_counter()
         self.runner = ModelRunner(
             loaded.model, self._rank_config, self.cache_config, num_blocks, loaded.dtype, device,
             self.backend, set(self.eos_token_ids), seed=args.seed,
@@ -174,6 +176,9 @@ class LLMEngine:
             "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); max_model_len %d",
             num_blocks, bs, capacity, num_blocks * bytes_per_block / GiB, want_len,
         )
+        # Seconds of start-up by phase (benchmarks/startup.py): the model (weights, tokenizer,
+        # repacking) and the KV cache with the runner's buffers.
+        self.startup_s = {"load": t_cache - t_load, "kv_cache": time.perf_counter() - t_cache}
         self.groups: dict[str, _Group] = {}
         self._child_to_group: dict[str, tuple[_Group, int]] = {}
         self._counter = 0

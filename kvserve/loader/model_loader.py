@@ -103,7 +103,7 @@ def load_model(
     with torch.device("meta"):
         model = build_model(cfg, builder)
     shard = getattr(model, "weight_shard", None)
-    weights = read_weights(shard)
+    weights = _progress(read_weights(shard), len(gf.tensors) if resolved.kind == "gguf" else None, resolved.name)
     # Materialize on the target device in the compute dtype, then fill from the checkpoint;
     # rotary tables are recomputed because meta buffers hold no data.
     _materialize(model, device, torch_dtype)
@@ -131,6 +131,19 @@ def load_model(
         time.perf_counter() - t0,
     )
     return LoadedModel(model, cfg, tokenizer, torch_dtype, device, eos, gen_defaults)
+
+
+def _progress(weights, total: int | None, name: str):
+    """A progress bar over the tensors read, on a terminal only, shown once loading has taken
+    2 s (a small model loads before it would appear)."""
+    import sys
+
+    if not sys.stderr.isatty():
+        return weights
+    from tqdm.auto import tqdm
+
+    return tqdm(weights, total=total, desc=f"loading {name}", unit=" tensors", delay=2.0, leave=False,
+                dynamic_ncols=True, file=sys.stderr)
 
 
 def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
