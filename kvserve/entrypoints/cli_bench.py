@@ -18,8 +18,11 @@ COMMANDS = ("throughput", "latency", "serve", "prefix", "kv-ablation", "perplexi
 def register(sub: argparse._SubParsersAction) -> None:
     from kvserve.bench import kv_ablation
     from kvserve.entrypoints.cli import add_engine_args
-    from kvserve.entrypoints.cli_bench_cmds import (
-        run_kv_ablation, run_latency, run_perplexity, run_prefix, run_serve, run_throughput,
+
+    # The command bodies (and asyncio, httpx, ...) are imported only when a bench command runs.
+    run_throughput, run_latency, run_serve, run_prefix, run_kv_ablation, run_perplexity = (
+        _lazy(name) for name in ("run_throughput", "run_latency", "run_serve", "run_prefix",
+                                 "run_kv_ablation", "run_perplexity")
     )
 
     p = sub.add_parser("bench", help="benchmarks: " + " | ".join(COMMANDS))
@@ -109,6 +112,16 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="dummy = random weights from config.json (default: %(default)s)")
     add_engine_args(q)
     q.set_defaults(func=run_perplexity, report_dir=None)
+
+
+def _lazy(name: str):
+    def run(args: argparse.Namespace) -> int:
+        from kvserve.entrypoints import cli_bench_cmds
+
+        return getattr(cli_bench_cmds, name)(args)
+
+    run.__name__ = name
+    return run
 
 
 # -- sizing: every default run finishes in minutes on the device it runs on ----------------------

@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
-from kvserve.engine.trace import Trace, TraceStep
+if TYPE_CHECKING:  # the module imports torch: `kvserve --help` must not
+    from kvserve.engine.trace import Trace, TraceStep
 
 
 def register(sub: argparse._SubParsersAction) -> None:

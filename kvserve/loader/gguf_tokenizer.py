@@ -182,8 +182,9 @@ def _build_backend(gf: GGUFFile, kind: str) -> _HFTokenizer:
 # a 49k vocabulary on a 2-core machine, a third of the built-in model's load). The result is
 # saved as tokenizer.json under $KVSERVE_CACHE_DIR/tokenizers, keyed by the file's path, size and
 # modification time, and read back by the Rust `tokenizers` parser (~0.1 s) on later loads.
-# KVSERVE_TOKENIZER_CACHE=0 turns this off.
+# Vocabularies under 4096 tokens are not cached; KVSERVE_TOKENIZER_CACHE=0 turns this off.
 _CACHE_VERSION = 1
+_CACHE_MIN_TOKENS = 4096
 
 
 def _cache_path(gf: GGUFFile):
@@ -196,6 +197,8 @@ def _cache_path(gf: GGUFFile):
 
     if os.environ.get("KVSERVE_TOKENIZER_CACHE", "1") == "0":
         return None
+    if (gf.array_len("tokenizer.ggml.tokens") or 0) < _CACHE_MIN_TOKENS:
+        return None  # built in milliseconds: not worth a file
     try:
         st = gf.path.stat()
     except OSError:
