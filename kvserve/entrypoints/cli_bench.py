@@ -183,8 +183,8 @@ def load_warning(monitor: Any, threads: int | None = None) -> str | None:
         return None
     msg = (f"# WARNING: the load average reached {peak:.1f} during this run, above the {threads} thread"
            f"{'s' if threads != 1 else ''} in use: other processes competed for the CPU, so these timings "
-           f"(and any ratios) are lower than this machine gives when idle. Rerun on a quiet machine, or "
-           f"with fewer --threads.")
+           f"(and any ratios) are lower than this machine gives when idle. Rerun on a quiet machine"
+           f"{', or with fewer --threads' if threads > 1 else ''}.")
     print(msg)
     return msg
 
