@@ -124,13 +124,9 @@ def check_engine_args(args: argparse.Namespace) -> Any:
         from kvserve.engine.arg_utils import EngineArgs
 
         ea = EngineArgs.from_kwargs(args.model, **engine_kwargs(args))
-        from kvserve.core.config import normalize_dtype
+        from kvserve.platform import resolve_device
 
-        normalize_dtype(ea.dtype)
-        if ea.block_size & (ea.block_size - 1):
-            raise ValueError(f"block_size must be a power of two (got {ea.block_size})")
-        if ea.device not in ("auto", "cpu", "cuda") and not ea.device.startswith("cuda:"):
-            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N' (got {ea.device!r})")
+        resolve_device(ea.device)  # e.g. 'cuda' without CUDA
     except ValueError as e:
         raise ValueError(_cli_names(str(e))) from None
     from kvserve.loader.model_loader import read_model_config
