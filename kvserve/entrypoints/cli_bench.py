@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             add_engine_args(q)
 
     q = bsub.add_parser("throughput", help="offline throughput: N random-token requests, lengths uniform in [100, 1024]")
-    q.add_argument("--num-requests", type=int, default=None, help="requests (default: 256 on a GPU, 16 on a CPU)")
+    q.add_argument("--num-requests", type=int, default=None, help="requests (default: 256 on a GPU, 8 on a CPU)")
     q.add_argument("--scale", type=float, default=None,
                    help="shrink the [100, 1024] lengths by this factor (default: 1 on a GPU, 0.125 on a CPU)")
     q.add_argument("--input-len", type=int, default=None, help="fixed prompt length instead (e.g. 1024)")
@@ -128,7 +128,7 @@ def _lazy(name: str):
 # (GPU default, CPU default) per option left unset. On 2 CPU cores each command's CPU defaults,
 # peers included, run in under 3 minutes (benchmarks/RESULTS.md, "bench defaults").
 _SIZES: dict[str, dict[str, tuple[Any, Any]]] = {
-    "throughput": {"num_requests": (256, 16), "scale": (1.0, 0.125)},
+    "throughput": {"num_requests": (256, 8), "scale": (1.0, 0.125)},
     "latency": {"prompt_len": (512, 128), "decode_tokens": (128, 32), "repeats": (3, 2), "floor_mib": (256, 64)},
     "serve": {"num_prompts": (64, 8), "input_len": (1024, 256), "output_len": (128, 32), "concurrency": ("1,4,16", "1,4")},
     "prefix": {"num_requests": (32, 8), "prefix_len": (1024, 512)},
