@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     )
     server = _server_class(GracefulServer)(config, async_engine, args.shutdown_timeout)
     server.run()
-    return _exit_status(server.signals)
+    return _exit_status(getattr(server, "signals", []))
 
 
 def _server_class(base: type) -> type:
