@@ -70,24 +70,32 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     )
 
 
+_open_line = False  # a progress line without its newline is on the terminal (stderr)
+
+
+def announce_loading(model: str) -> None:
+    """The one-line progress message on a terminal, printed first thing (importing PyTorch
+    alone takes seconds), replaced by `load_llm`'s result line. Not when stderr is a file or a
+    pipe: there only the result line is written."""
+    global _open_line
+    if sys.stderr.isatty():
+        _open_line = True
+        print(f"kvserve: loading {model} ...", end="", file=sys.stderr, flush=True)
+
+
 def load_llm(model: str, kwargs: dict, **extra: Any) -> Any:
-    """`LLM(model, **kwargs, **extra)` with a one-line progress message on stderr (replaced by
-    the result on a terminal; the loader adds a progress bar when loading takes over ~2 s)."""
+    """`LLM(model, **kwargs, **extra)`, then the result of `announce_loading`'s message (the
+    loader adds a progress bar when loading takes over ~2 s)."""
     import time
 
     from kvserve.entrypoints.llm import LLM
 
-    tty = sys.stderr.isatty()
-    print(f"kvserve: loading {model} ...", end="" if tty else "\n", file=sys.stderr, flush=True)
+    global _open_line
     t0 = time.perf_counter()
-    try:
-        llm = LLM(model, **kwargs, **extra)
-    except BaseException:
-        if tty:
-            print(file=sys.stderr)
-        raise
-    print(("\r\033[K" if tty else "") + f"kvserve: {describe_engine(llm.engine)}; loaded in "
+    llm = LLM(model, **kwargs, **extra)
+    print(("\r\033[K" if _open_line else "") + f"kvserve: {describe_engine(llm.engine)}; loaded in "
           f"{time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    _open_line = False
     return llm
 
 
@@ -202,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(file=sys.stderr)
+        globals()["_open_line"] = False
         return 130
     except (ValueError, FileNotFoundError) as e:
         # The user's input: the message says what to change.
@@ -217,6 +226,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _print_error(msg: str, hint: str | None, exc: BaseException | None, more: bool = False) -> None:
+    global _open_line
+    if _open_line:
+        print(file=sys.stderr)
+        _open_line = False
     if exc is not None:
         traceback.print_exception(exc, file=sys.stderr)
     print(f"kvserve: error: {msg}", file=sys.stderr)

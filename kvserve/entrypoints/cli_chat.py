@@ -32,12 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kvserve.core.sampling_params import SamplingParams
-    from kvserve.entrypoints.cli import check_engine_args, engine_kwargs, load_llm
+    from kvserve.entrypoints.cli import announce_loading, check_engine_args, engine_kwargs, load_llm
 
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed,
     )
+    announce_loading(args.model)
     check_engine_args(args)
     llm = load_llm(args.model, engine_kwargs(args))
     tok = llm.get_tokenizer()

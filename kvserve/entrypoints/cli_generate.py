@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kvserve.core.sampling_params import SamplingParams
-    from kvserve.entrypoints.cli import check_engine_args, engine_kwargs, load_llm
+    from kvserve.entrypoints.cli import announce_loading, check_engine_args, engine_kwargs, load_llm
 
     if args.raw and args.system is not None:
         raise ValueError("--system needs the chat template: leave out --raw")
@@ -45,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos, stop=args.stop,
     )
+    announce_loading(args.model)
     check_engine_args(args)
     prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     llm = load_llm(args.model, engine_kwargs(args))

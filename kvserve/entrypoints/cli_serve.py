@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--shutdown-timeout must be >= 0 (got {args.shutdown_timeout})")
     # Everything that can fail fast does, before the model loads (seconds to minutes).
     check_port(args.host, args.port)
+    print(f"kvserve: loading {args.model} ...", file=sys.stderr, flush=True)
     check_engine_args(args)
 
     import uvicorn
@@ -57,7 +58,6 @@ def run(args: argparse.Namespace) -> int:
 
     api_key = args.api_key or os.environ.get("KVSERVE_API_KEY") or None
     names = args.served_model_name or [args.model]
-    print(f"kvserve: loading {args.model} ...", file=sys.stderr, flush=True)
     # The engine is built on its own thread, which then runs every step (see AsyncLLMEngine).
     async_engine = AsyncLLMEngine.from_engine_args(
         EngineArgs.from_kwargs(args.model, served_model_name=names[0], **engine_kwargs(args))

@@ -36,7 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kvserve.engine.trace import trace_generation
-    from kvserve.entrypoints.cli import check_engine_args, engine_kwargs, load_llm
+    from kvserve.entrypoints.cli import announce_loading, check_engine_args, engine_kwargs, load_llm
 
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1 (got {args.steps})")
@@ -44,6 +44,7 @@ def run(args: argparse.Namespace) -> int:
         # The trace hooks one process's attention layers and switches its CUDA graphs off,
         # which the other ranks would not follow.
         raise ValueError("kvserve trace runs on one rank: --tensor-parallel-size must be 1")
+    announce_loading(args.model)
     cfg = check_engine_args(args)
     if not 0 <= args.layer < cfg.num_layers:
         raise ValueError(f"--layer must be in [0, {cfg.num_layers}) for this model (got {args.layer})")

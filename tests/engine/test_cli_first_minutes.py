@@ -117,7 +117,7 @@ def test_generate_applies_the_chat_template_unless_raw(tiny_dir, llm, capsys):
     assert main(base) == 0
     out = capsys.readouterr()
     assert out.out == chat + "\n"
-    assert "kvserve: loading" in out.err and "loaded in" in out.err
+    assert "loaded in" in out.err  # (the "loading ..." line is for terminals only)
     assert main([*base, "--raw"]) == 0
     assert capsys.readouterr().out == raw + "\n"
     assert main([*base, "--raw", "--system", "be brief"]) == 2
