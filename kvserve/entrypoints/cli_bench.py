@@ -36,8 +36,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         if engine:
             q.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                            help="dummy = random weights from config.json (default: %(default)s)")
-            q.add_argument("--peers", default="hf,llamacpp",
-                           help="comma list of hf, llamacpp; '' for none (default: %(default)s)")
+            q.add_argument("--peers", default=None,
+                           help="comma list of hf, llamacpp; '' for none (default: hf,llamacpp on a GPU, "
+                                "llamacpp on a CPU, where HF's GGUF load and generate alone take minutes)")
             add_engine_args(q)
 
     q = bsub.add_parser("throughput", help="offline throughput: N random-token requests, lengths uniform in [100, 1024]")
@@ -128,8 +129,8 @@ def _lazy(name: str):
 # (GPU default, CPU default) per option left unset. On 2 CPU cores each command's CPU defaults,
 # peers included, run in under 3 minutes (benchmarks/RESULTS.md, "bench defaults").
 _SIZES: dict[str, dict[str, tuple[Any, Any]]] = {
-    "throughput": {"num_requests": (256, 8), "scale": (1.0, 0.125)},
-    "latency": {"prompt_len": (512, 128), "decode_tokens": (128, 32), "repeats": (3, 2), "floor_mib": (256, 64)},
+    "throughput": {"num_requests": (256, 8), "scale": (1.0, 0.125), "peers": ("hf,llamacpp", "llamacpp")},
+    "latency": {"peers": ("hf,llamacpp", "llamacpp"), "prompt_len": (512, 128), "decode_tokens": (128, 32), "repeats": (3, 2), "floor_mib": (256, 64)},
     "serve": {"num_prompts": (64, 8), "input_len": (1024, 256), "output_len": (128, 32), "concurrency": ("1,4,16", "1,4")},
     "prefix": {"num_requests": (32, 8), "prefix_len": (1024, 512)},
     "perplexity": {"max_tokens_scored": (None, 2048)},

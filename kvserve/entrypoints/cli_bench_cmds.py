@@ -32,8 +32,8 @@ def run_throughput(args: argparse.Namespace) -> int:
     from kvserve.bench.peers import HFPeer, LlamaCppPeer, guarded
     from kvserve.bench.workloads import random_requests, totals
 
-    peers = _peer_names(args)
     size_defaults(args, "throughput")
+    peers = _peer_names(args)
     machine = _start(args, "throughput", _settings(args))
     monitor = LoadMonitor()
     runner = _kvserve(args)
@@ -96,11 +96,11 @@ def run_latency(args: argparse.Namespace) -> int:
     from kvserve.bench.peers import HFPeer, LlamaCppPeer, guarded
     from kvserve.bench.workloads import random_requests
 
+    size_defaults(args, "latency")
     peers = _peer_names(args)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
     if not batch_sizes or min(batch_sizes) < 1:
         raise ValueError(f"--batch-sizes must be integers >= 1 (got {args.batch_sizes!r})")
-    size_defaults(args, "latency")
     for name in ("prompt_len", "decode_tokens", "repeats", "floor_mib"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")

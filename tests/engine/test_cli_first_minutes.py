@@ -269,7 +269,7 @@ def test_bench_defaults_follow_the_device():
     parser = build_parser()
     cpu = parser.parse_args(["bench", "latency", "--device", "cpu"])
     size_defaults(cpu, "latency")
-    assert (cpu.prompt_len, cpu.decode_tokens, cpu.repeats) == (128, 32, 2)
+    assert (cpu.prompt_len, cpu.decode_tokens, cpu.repeats, cpu.peers) == (128, 32, 2, "llamacpp")
     gpu = parser.parse_args(["bench", "throughput", "--device", "cuda", "--scale", "0.5"])
     size_defaults(gpu, "throughput")
     assert (gpu.num_requests, gpu.scale) == (256, 0.5)  # an explicit value is kept
