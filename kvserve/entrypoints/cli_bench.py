@@ -126,8 +126,8 @@ def _lazy(name: str):
 
 
 # -- sizing: every default run finishes in minutes on the device it runs on ----------------------
-# (GPU default, CPU default) per option left unset. On 2 CPU cores each command's CPU defaults,
-# peers included, run in under 3 minutes (benchmarks/RESULTS.md, "bench defaults").
+# (GPU default, CPU default) per option left unset. The CPU defaults aim at runs of under 3
+# minutes on 2 cores, peers included (benchmarks/RESULTS.md, issue 22, for what was measured).
 _SIZES: dict[str, dict[str, tuple[Any, Any]]] = {
     "throughput": {"num_requests": (256, 8), "scale": (1.0, 0.125), "peers": ("hf,llamacpp", "llamacpp")},
     "latency": {"peers": ("hf,llamacpp", "llamacpp"), "prompt_len": (512, 128), "decode_tokens": (128, 32), "repeats": (3, 2), "floor_mib": (256, 64)},
