@@ -207,11 +207,11 @@ def plot(rows: dict[bool, list[dict]], path: str, title: str, repeats: int) -> N
 
 def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default="smollm2")
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default=None, help="(default: bfloat16 on a GPU, float32 on a CPU)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=96)
-    ap.add_argument("--repeats", type=int, default=3, help="measured runs per mode (default: %(default)s)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="(default: 96 on a GPU, 48 on a CPU)")
+    ap.add_argument("--repeats", type=int, default=None, help="measured runs per mode (default: 3 on a GPU, 2 on a CPU)")
     ap.add_argument("--every", type=int, default=8, help="table row every N steps (default: %(default)s)")
     ap.add_argument("--out", default="docs/kv-ablation.png", help="PNG path ('' = no plot)")
     ap.add_argument("--json", default="", help="also write the per-step numbers here")
@@ -233,6 +233,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    # Sized for the device: a CPU's default run (bf16 is emulated without AVX512-BF16) must take
+    # minutes, not tens of them.
+    gpu = str(args.device).startswith("cuda")
+    for name, g, c in (("dtype", "bfloat16", "float32"), ("new_tokens", 96, 48), ("repeats", 3, 2)):
+        if getattr(args, name) is None:
+            setattr(args, name, g if gpu else c)
 
     max_len = args.prompt_len + args.new_tokens + 16
     llms = {

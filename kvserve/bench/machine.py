@@ -82,3 +82,38 @@ def describe(m: dict) -> str:
     g = f", GPU {gpu['name']} x{gpu['count']} (driver {gpu['driver']}, CUDA {gpu['cuda']})" if gpu else ", no GPU"
     v = ", ".join(f"{k} {val}" for k, val in m["versions"].items())
     return f"{m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads){g}; {v}; commit {m['commit']}"
+
+
+class LoadMonitor:
+    """The highest 1-minute load average seen while a benchmark runs (sampled every `every_s`
+    seconds on a daemon thread, and at start and stop)."""
+
+    def __init__(self, every_s: float = 2.0) -> None:
+        import threading
+
+        self._every = every_s
+        self._stop = threading.Event()
+        self.peak: float | None = _load()
+        self._thread = threading.Thread(target=self._run, name="kvserve-load-monitor", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            self._sample()
+
+    def _sample(self) -> None:
+        load = _load()
+        if load is not None and (self.peak is None or load > self.peak):
+            self.peak = load
+
+    def stop(self) -> float | None:
+        self._stop.set()
+        self._sample()
+        return self.peak
+
+
+def _load() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # pragma: no cover - not POSIX
+        return None

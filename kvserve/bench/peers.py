@@ -156,7 +156,14 @@ class LlamaCppPeer:
         resolved = resolve_model(model)
         if resolved.kind != "gguf":
             raise ValueError(f"llama.cpp needs a .gguf model (got a {resolved.kind} folder)")
-        self.n_threads = n_threads or os.cpu_count() or 1
+        if n_threads is None:
+            # The threads kvserve computes on (set by its engine: the idle cores by default), so
+            # both run on the same footing; all cores made llama.cpp's spinning threads collapse
+            # on a busy machine (3.8 tok/s in benchmarks/RESULTS.md, issue 22).
+            import torch
+
+            n_threads = torch.get_num_threads()
+        self.n_threads = n_threads
         self.flash_attn = flash_attn
         self.llm = Llama(str(resolved.path), n_ctx=n_ctx, n_threads=self.n_threads, n_threads_batch=self.n_threads,
                          flash_attn=flash_attn, verbose=False)

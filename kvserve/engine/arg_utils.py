@@ -22,7 +22,9 @@ class EngineArgs:
     max_num_seqs: most requests decoded together in one step.
     max_num_batched_tokens: token budget of one step (chunked prefill splits longer prompts).
     block_size: tokens per KV-cache block.
-    kv_cache_memory: bytes of KV cache on CPU (default 2 GiB, at most a quarter of RAM).
+    kv_cache_memory: bytes of KV cache on CPU. Default: what `max_num_seqs` requests of
+        `max_model_len` tokens can use, bounded by a fraction of the RAM available at start-up
+        (`runner/cpu_memory.py`); its pages become resident only as blocks are first used.
     gpu_memory_utilization: fraction of GPU memory for weights + activations + KV cache.
     num_kv_blocks: fixed number of KV blocks (overrides the memory-based sizing; tests).
     enable_prefix_caching: share KV blocks of identical prompt prefixes.
@@ -41,6 +43,9 @@ class EngineArgs:
     enable_kv_cache: False recomputes every request's whole context at every step (the
         KV-cache ablation; identical outputs, for teaching and measurement). Implies no
         prefix caching.
+    threads: CPU threads for PyTorch and kvserve's C kernels. Default: the cores not already
+        busy at start-up (from the load average; at least 1), or `OMP_NUM_THREADS` when set;
+        see `runner/cpu_threads.py`.
     async_scheduling: plan and launch the next decode step before the current step's sampled
         tokens are back on the host (its inputs come from the device), so the host's
         scheduling and input building overlap the GPU. None (default): on for CUDA, off on CPU
@@ -86,6 +91,7 @@ class EngineArgs:
     max_queue_time: float | None = None
     step_time_budget: float | None = None
     speculative_config: Any = None
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         normalize_dtype(self.dtype)
@@ -93,7 +99,7 @@ class EngineArgs:
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be an integer >= 1 (got {v!r})")
-        for name in ("max_model_len", "max_num_batched_tokens", "kv_cache_memory", "num_kv_blocks"):
+        for name in ("max_model_len", "max_num_batched_tokens", "kv_cache_memory", "num_kv_blocks", "threads"):
             v = getattr(self, name)
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"{name} must be an integer >= 1 or None (got {v!r})")
@@ -107,6 +113,8 @@ class EngineArgs:
                                   or v < 0 or (v == 0 and name == "max_queue_time")):
                 low = "> 0" if name == "max_queue_time" else ">= 0"
                 raise ValueError(f"{name} must be a finite number of seconds {low}, or None (got {v!r})")
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size must be a power of two (got {self.block_size})")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1] (got {self.gpu_memory_utilization})")
         if self.load_format not in ("auto", "dummy"):

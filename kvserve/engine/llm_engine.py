@@ -103,8 +103,13 @@ class LLMEngine:
         self.platform = get_platform(device)
         self.platform.log_once()
         self.platform.tune_process()
+        if device.type == "cpu":
+            from kvserve.runner.cpu_threads import set_threads
+
+            set_threads(args.threads, args.tensor_parallel_size)
         self.backend = self.platform.attention_backend(args.attention_backend)
         driver = tp is None or tp.rank == 0
+        t_load = time.perf_counter()
         loaded = load_model(
             resolved, dtype=args.dtype, device=device, backend=self.backend,
             load_tokenizer=driver, load_format=args.load_format, platform=self.platform,
@@ -156,6 +161,7 @@ class LLMEngine:
         # forward is synchronous, so neither gains anything there (both can be forced on: tests).
         cuda = device.type == "cuda"
         self.async_scheduling = cuda if args.async_scheduling is None else args.async_scheduling
+        t_cache = time.perf_counter()
         self.runner = ModelRunner(
             loaded.model, self._rank_config, self.cache_config, num_blocks, loaded.dtype, device,
             self.backend, set(self.eos_token_ids), seed=args.seed,
@@ -178,6 +184,9 @@ class LLMEngine:
             "KV cache: %d blocks x %d tokens = %d tokens (%.2f GiB); max_model_len %d",
             num_blocks, bs, capacity, num_blocks * bytes_per_block / GiB, want_len,
         )
+        # Seconds of start-up by phase (benchmarks/startup.py): the model (weights, tokenizer,
+        # repacking) and the KV cache with the runner's buffers.
+        self.startup_s = {"load": t_cache - t_load, "kv_cache": time.perf_counter() - t_cache}
         self.groups: dict[str, _Group] = {}
         self._child_to_group: dict[str, tuple[_Group, int]] = {}
         self._counter = 0
@@ -207,11 +216,13 @@ class LLMEngine:
                 peak, tokens, min(args.max_num_seqs, 512), self.loaded.config.vocab_size
             )
             budget = profiling.cuda_kv_budget(args.gpu_memory_utilization, peak, graphs, device)
-        else:
-            budget = args.kv_cache_memory or min(2 * GiB, _total_ram() // 4)
-        n = max(1, budget // bytes_per_block)
         # Beyond this many blocks no schedule can use them all at once.
         cap = -(-args.max_num_seqs * max_len // args.block_size) + 1
+        if device.type != "cuda":
+            from kvserve.runner.cpu_memory import default_kv_cache_bytes
+
+            budget = args.kv_cache_memory or default_kv_cache_bytes(cap * bytes_per_block)
+        n = max(1, budget // bytes_per_block)
         return int(min(n, cap))
 
     # -- requests ---------------------------------------------------------------------------
@@ -644,11 +655,3 @@ def run_tp_worker(args: EngineArgs, group: TPGroup) -> None:
         # after its copies ran, so this rank can launch an ahead step while the last one runs.
         runner.execute_async(so, ahead=ahead)
 
-
-def _total_ram() -> int:
-    try:
-        import os
-
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
-        return 8 * GiB

@@ -18,8 +18,11 @@ COMMANDS = ("throughput", "latency", "serve", "prefix", "kv-ablation", "perplexi
 def register(sub: argparse._SubParsersAction) -> None:
     from kvserve.bench import kv_ablation
     from kvserve.entrypoints.cli import add_engine_args
-    from kvserve.entrypoints.cli_bench_cmds import (
-        run_kv_ablation, run_latency, run_perplexity, run_prefix, run_serve, run_throughput,
+
+    # The command bodies (and asyncio, httpx, ...) are imported only when a bench command runs.
+    run_throughput, run_latency, run_serve, run_prefix, run_kv_ablation, run_perplexity = (
+        _lazy(name) for name in ("run_throughput", "run_latency", "run_serve", "run_prefix",
+                                 "run_kv_ablation", "run_perplexity")
     )
 
     p = sub.add_parser("bench", help="benchmarks: " + " | ".join(COMMANDS))
@@ -33,13 +36,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         if engine:
             q.add_argument("--load-format", default="auto", choices=["auto", "dummy"],
                            help="dummy = random weights from config.json (default: %(default)s)")
-            q.add_argument("--peers", default="hf,llamacpp",
-                           help="comma list of hf, llamacpp; '' for none (default: %(default)s)")
+            q.add_argument("--peers", default=None,
+                           help="comma list of hf, llamacpp; '' for none (default: hf,llamacpp on a GPU, "
+                                "llamacpp on a CPU, where HF's GGUF load and generate alone take minutes)")
             add_engine_args(q)
 
     q = bsub.add_parser("throughput", help="offline throughput: N random-token requests, lengths uniform in [100, 1024]")
-    q.add_argument("--num-requests", type=int, default=256)
-    q.add_argument("--scale", type=float, default=1.0, help="shrink the [100, 1024] lengths by this factor (CPUs: 0.25)")
+    q.add_argument("--num-requests", type=int, default=None, help="requests (default: 256 on a GPU, 8 on a CPU)")
+    q.add_argument("--scale", type=float, default=None,
+                   help="shrink the [100, 1024] lengths by this factor (default: 1 on a GPU, 0.125 on a CPU)")
     q.add_argument("--input-len", type=int, default=None, help="fixed prompt length instead (e.g. 1024)")
     q.add_argument("--output-len", type=int, default=None, help="fixed output length instead (e.g. 128)")
     q.add_argument("--hf-batch-size", type=int, default=32, help="HF generate batch size (default: %(default)s)")
@@ -47,11 +52,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=run_throughput)
 
     q = bsub.add_parser("latency", help="batch-1 / small-batch decode ms/token, prefill time, bandwidth floor")
-    q.add_argument("--prompt-len", type=int, default=512, help="prefill prompt length (default: %(default)s)")
-    q.add_argument("--decode-tokens", type=int, default=128, help="tokens per decode run (default: %(default)s)")
+    q.add_argument("--prompt-len", type=int, default=None, help="prefill prompt length (default: 512 on a GPU, 128 on a CPU)")
+    q.add_argument("--decode-tokens", type=int, default=None, help="tokens per decode run (default: 128 on a GPU, 32 on a CPU)")
     q.add_argument("--batch-sizes", default="1,4", help="decode batch sizes (default: %(default)s)")
-    q.add_argument("--floor-mib", type=int, default=256, help="matrix size for the bandwidth probe (default: %(default)s)")
-    q.add_argument("--repeats", type=int, default=3, help="report the best of N runs of each measurement (default: %(default)s)")
+    q.add_argument("--floor-mib", type=int, default=None,
+                   help="matrix size for the bandwidth probe (default: 256 on a GPU, 64 on a CPU)")
+    q.add_argument("--repeats", type=int, default=None,
+                   help="report the best of N runs of each measurement (default: 3 on a GPU, 2 on a CPU)")
     common(q)
     q.set_defaults(func=run_latency)
 
@@ -59,13 +66,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--url", required=True, help="server base URL, e.g. http://127.0.0.1:8000")
     q.add_argument("--model-name", default=None, help="'model' field (default: the server's first /v1/models entry)")
     q.add_argument("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY)")
-    q.add_argument("--concurrency", default="1,4,16", help="comma-separated levels (default: %(default)s)")
+    q.add_argument("--concurrency", default=None,
+                   help="comma-separated levels (default: 1,4,16 with a local GPU, 1,4 without)")
     q.add_argument("--request-rate", default=None, help="comma-separated Poisson rates (req/s) instead of concurrency")
-    q.add_argument("--num-prompts", type=int, default=64, help="requests per level (default: %(default)s)")
+    q.add_argument("--num-prompts", type=int, default=None,
+                   help="requests per level (default: 64 with a local GPU, 8 without)")
     q.add_argument("--dataset", default="random", choices=["random", "chat"],
                    help="random: fixed lengths; chat: log-normal lengths, mean ~200 in / ~180 out")
-    q.add_argument("--input-len", type=int, default=1024)
-    q.add_argument("--output-len", type=int, default=128)
+    q.add_argument("--input-len", type=int, default=None, help="(default: 1024 with a local GPU, 256 without)")
+    q.add_argument("--output-len", type=int, default=None, help="(default: 128 with a local GPU, 32 without)")
     q.add_argument("--scale", type=float, default=1.0, help="shrink lengths by this factor")
     q.add_argument("--vocab", type=int, default=10000, help="random ids are drawn below this (default: %(default)s)")
     q.add_argument("--slo-ttft-ms", type=float, default=2000.0, help="goodput SLO on TTFT (default: %(default)s)")
@@ -74,8 +83,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.set_defaults(func=run_serve)
 
     q = bsub.add_parser("prefix", help="requests sharing a long system prompt, with vs without prefix caching")
-    q.add_argument("--num-requests", type=int, default=32)
-    q.add_argument("--prefix-len", type=int, default=1024, help="shared system prompt tokens (default: %(default)s)")
+    q.add_argument("--num-requests", type=int, default=None, help="(default: 32 on a GPU, 8 on a CPU)")
+    q.add_argument("--prefix-len", type=int, default=None,
+                   help="shared system prompt tokens (default: 1024 on a GPU, 512 on a CPU)")
     q.add_argument("--suffix-len", type=int, default=32, help="per-request question tokens (default: %(default)s)")
     q.add_argument("--output-len", type=int, default=32)
     common(q)
@@ -91,7 +101,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--context", type=int, default=512, help="tokens per window (default: %(default)s)")
     q.add_argument("--stride", type=int, default=None, help="tokens between window starts (default: context/2)")
     q.add_argument("--max-tokens-scored", type=int, default=None,
-                   help="stop after scoring this many tokens (default: the whole text)")
+                   help="stop after scoring this many tokens (default: the whole text on a GPU, 2048 on a CPU)")
     q.add_argument("--text", default=None, metavar="FILE",
                    help="UTF-8 text file to score (default: the bundled US Constitution)")
     q.add_argument("--peer", default=None, choices=["llama.cpp", "llamacpp"],
@@ -103,6 +113,48 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="dummy = random weights from config.json (default: %(default)s)")
     add_engine_args(q)
     q.set_defaults(func=run_perplexity, report_dir=None)
+
+
+def _lazy(name: str):
+    def run(args: argparse.Namespace) -> int:
+        from kvserve.entrypoints import cli_bench_cmds
+
+        return getattr(cli_bench_cmds, name)(args)
+
+    run.__name__ = name
+    return run
+
+
+# -- sizing: every default run finishes in minutes on the device it runs on ----------------------
+# (GPU default, CPU default) per option left unset. The CPU defaults aim at runs of under 3
+# minutes on 2 cores, peers included (benchmarks/RESULTS.md, issue 22, for what was measured).
+_SIZES: dict[str, dict[str, tuple[Any, Any]]] = {
+    "throughput": {"num_requests": (256, 8), "scale": (1.0, 0.125), "peers": ("hf,llamacpp", "llamacpp")},
+    "latency": {"peers": ("hf,llamacpp", "llamacpp"), "prompt_len": (512, 128), "decode_tokens": (128, 32), "repeats": (3, 2), "floor_mib": (256, 64)},
+    "serve": {"num_prompts": (64, 8), "input_len": (1024, 256), "output_len": (128, 32), "concurrency": ("1,4,16", "1,4")},
+    "prefix": {"num_requests": (32, 8), "prefix_len": (1024, 512)},
+    "perplexity": {"max_tokens_scored": (None, 2048)},
+}
+
+
+def on_gpu(device: str | None) -> bool:
+    """Whether a run on `device` ('auto' | 'cpu' | 'cuda[:N]'; None: the local machine) uses a GPU."""
+    if device and device != "auto":
+        return device.startswith("cuda")
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        return False
+
+
+def size_defaults(args: argparse.Namespace, command: str) -> None:
+    """Fill the options left unset with the device's defaults (`_SIZES`)."""
+    gpu = on_gpu(getattr(args, "device", None))
+    for name, (g, c) in _SIZES.get(command, {}).items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, g if gpu else c)
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -118,6 +170,24 @@ def _start(args: argparse.Namespace, command: str, settings: dict) -> dict:
     print(f"# machine: {describe(m)}")
     print(f"# settings: {json.dumps(settings)}")
     return m
+
+
+def load_warning(monitor: Any, threads: int | None = None) -> str | None:
+    """The warning printed (to stdout, with the results) when the load average during the run
+    exceeded the threads computing: other processes took CPU time, and the timings and ratios
+    above are not the machine's. None when the run had the CPU to itself."""
+    import torch
+
+    threads = threads or torch.get_num_threads()
+    peak = monitor.stop()
+    if peak is None or peak <= threads + 0.5:
+        return None
+    msg = (f"# WARNING: the load average reached {peak:.1f} during this run, above the {threads} thread"
+           f"{'s' if threads != 1 else ''} in use: other processes competed for the CPU, so these timings "
+           f"(and any ratios) are lower than this machine gives when idle. Rerun on a quiet machine"
+           f"{', or with fewer --threads' if threads > 1 else ''}.")
+    print(msg)
+    return msg
 
 
 def _settings(args: argparse.Namespace) -> dict:
@@ -167,8 +237,9 @@ def _ratios(rows: list[dict], key: str, higher_is_better: bool = True) -> None:
 
 def _kvserve(args: argparse.Namespace, **overrides: Any):
     from kvserve.bench.offline import KvserveRunner
-    from kvserve.entrypoints.cli import engine_kwargs
+    from kvserve.entrypoints.cli import check_engine_args, engine_kwargs
 
+    check_engine_args(args)
     return KvserveRunner(args.model, load_format=args.load_format, **{**engine_kwargs(args), **overrides})
 
 

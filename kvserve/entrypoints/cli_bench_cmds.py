@@ -10,7 +10,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from kvserve.entrypoints.cli_bench import _bar, _emit, _kvserve, _peer_names, _ratios, _settings, _start, print_table
+from kvserve.bench.machine import LoadMonitor
+from kvserve.entrypoints.cli_bench import (
+    _bar, _emit, _kvserve, _peer_names, _ratios, _settings, _start, load_warning, print_table, size_defaults,
+)
 
 
 def _dtype_name(runner) -> str:
@@ -29,8 +32,10 @@ def run_throughput(args: argparse.Namespace) -> int:
     from kvserve.bench.peers import HFPeer, LlamaCppPeer, guarded
     from kvserve.bench.workloads import random_requests, totals
 
+    size_defaults(args, "throughput")
     peers = _peer_names(args)
     machine = _start(args, "throughput", _settings(args))
+    monitor = LoadMonitor()
     runner = _kvserve(args)
     reqs = random_requests(args.num_requests, args.seed, runner.vocab_size, input_len=args.input_len,
                            output_len=args.output_len, scale=args.scale)
@@ -65,6 +70,7 @@ def run_throughput(args: argparse.Namespace) -> int:
     cols = ["engine", "mode", "dtype", "output_tok_s", "duration_s", "kvserve_x"]
     print_table(rows, cols)
     print("# kvserve_x = kvserve output tok/s / peer output tok/s")
+    load_warning(monitor)
     _emit(args, "throughput", machine, rows)
     if args.report_dir:
         from kvserve.bench import report
@@ -90,9 +96,16 @@ def run_latency(args: argparse.Namespace) -> int:
     from kvserve.bench.peers import HFPeer, LlamaCppPeer, guarded
     from kvserve.bench.workloads import random_requests
 
+    size_defaults(args, "latency")
     peers = _peer_names(args)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",") if b.strip()]
+    if not batch_sizes or min(batch_sizes) < 1:
+        raise ValueError(f"--batch-sizes must be integers >= 1 (got {args.batch_sizes!r})")
+    for name in ("prompt_len", "decode_tokens", "repeats", "floor_mib"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(args, name)})")
     machine = _start(args, "latency", _settings(args))
+    monitor = LoadMonitor()
     runner = _kvserve(args)
     _warm(runner, runner.vocab_size)
     dtype = _dtype_name(runner)
@@ -104,29 +117,42 @@ def run_latency(args: argparse.Namespace) -> int:
     print(f"# bandwidth: {bw['gb_per_s']:.1f} GB/s ({bw['dtype']} matrix-vector read on {bw['device']}); "
           f"weights {wbytes / 1e6:.1f} MB -> batch-1 decode floor {floor_ms:.3f} ms/token")
 
-    def measure(engine: object) -> dict:
+    # One progress step per measurement (prefill, then each batch size; --repeats times each).
+    per_engine = args.repeats * (1 + len(batch_sizes))
+
+    def measure(engine: object, bar, name: str) -> dict:
         # best of --repeats: on a shared machine other load only ever adds time
-        out = {"prefill_ms": min(engine.prefill_s(prompt) for _ in range(args.repeats)) * 1e3}
+        bar.set_description(f"{name} prefill")
+        times = []
+        for _ in range(args.repeats):
+            times.append(engine.prefill_s(prompt))
+            bar.update(1)
+        out = {"prefill_ms": min(times) * 1e3}
         out["prefill_tok_s"] = len(prompt) / out["prefill_ms"] * 1e3
         for b in batch_sizes:
             if b > 1 and isinstance(engine, LlamaCppPeer):
+                bar.update(args.repeats)
                 continue
-            out[f"decode_ms_b{b}"] = min(engine.decode_ms_per_token(short[:b], args.decode_tokens)
-                                         for _ in range(args.repeats))
+            bar.set_description(f"{name} decode b={b}")
+            ms = []
+            for _ in range(args.repeats):
+                ms.append(engine.decode_ms_per_token(short[:b], args.decode_tokens))
+                bar.update(1)
+            out[f"decode_ms_b{b}"] = min(ms)
         return out
 
-    steps = 1 + len(peers)
-    with _bar(args, steps, "latency") as bar:
-        rows = [{"engine": "kvserve", "dtype": dtype, **measure(runner)}]
-        bar.update(1)
+    with _bar(args, per_engine * (1 + len(peers)), "kvserve") as bar:
+        rows = [{"engine": "kvserve", "dtype": dtype, **measure(runner, bar, "kvserve")}]
         del runner
         if "hf" in peers:
+            bar.set_description("hf: loading")
             rows.append({"dtype": dtype, **guarded("hf-transformers",
-                         lambda: measure(HFPeer(args.model, dtype, args.device, args.load_format)))})
-            bar.update(1)
+                         lambda: measure(HFPeer(args.model, dtype, args.device, args.load_format), bar, "hf"))})
         if "llamacpp" in peers:
-            rows.append({"dtype": "gguf", **guarded("llama.cpp", lambda: measure(LlamaCppPeer(args.model)))})
-            bar.update(1)
+            bar.set_description("llama.cpp: loading")
+            rows.append({"dtype": "gguf", **guarded("llama.cpp", lambda: measure(LlamaCppPeer(args.model), bar, "llama.cpp"))})
+        bar.n = bar.total  # a failed peer skipped its steps
+        bar.refresh()
     rows.append({"engine": "bandwidth floor", "dtype": dtype, "decode_ms_b1": floor_ms, "gb_per_s": bw["gb_per_s"],
                  "weight_bytes": wbytes})
     for r in rows:
@@ -137,6 +163,7 @@ def run_latency(args: argparse.Namespace) -> int:
     print_table(rows, cols)
     print("# floor_frac = bandwidth floor / measured batch-1 ms (1.0 = at the floor); "
           "kvserve_x = peer batch-1 ms / kvserve batch-1 ms")
+    load_warning(monitor)
     _emit(args, "latency", machine, rows)
     if args.report_dir:
         from kvserve.bench import report
@@ -159,6 +186,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from kvserve.bench.serve import run_load, summarize, wait_healthy
     from kvserve.bench.workloads import chat_requests, random_requests
 
+    size_defaults(args, "serve")
     api_key = args.api_key or os.environ.get("OPENAI_API_KEY")
     base = args.url.rstrip("/")
     wait_healthy(base)
@@ -171,6 +199,7 @@ def run_serve(args: argparse.Namespace) -> int:
     else:
         loads = [("concurrency", int(x)) for x in args.concurrency.split(",") if x.strip()]
     machine = _start(args, "serve", _settings(args))
+    monitor = LoadMonitor()
 
     def request_set(i: int):  # a fresh set per level: no level hits another's prefix cache
         if args.dataset == "chat":
@@ -206,6 +235,9 @@ def run_serve(args: argparse.Namespace) -> int:
     for r in flat:
         if r.get("failed"):
             print(f"# {r['label']}: {r['failed']} failed; first error: {r.get('first_error')}")
+    from kvserve.runner.cpu_threads import usable_cpus
+
+    load_warning(monitor, usable_cpus())  # the server's threads are not known here: all CPUs
     _emit(args, "serve", machine, flat)
     if args.report_dir:
         from kvserve.bench import report
@@ -230,7 +262,9 @@ def run_prefix(args: argparse.Namespace) -> int:
     from kvserve.bench.offline import percentiles
     from kvserve.bench.workloads import shared_prefix_requests
 
+    size_defaults(args, "prefix")
     machine = _start(args, "prefix", _settings(args))
+    monitor = LoadMonitor()
     rows, timeline = [], []
     for caching in (True, False):
         runner = _kvserve(args, enable_prefix_caching=caching)
@@ -254,6 +288,7 @@ def run_prefix(args: argparse.Namespace) -> int:
     rows[0]["speedup"] = rows[1]["duration_s"] / rows[0]["duration_s"]
     cols = ["mode", "duration_s", "output_tok_s", "ttft_mean_ms", "prefix_hit_rate", "speedup"]
     print_table([{**r, "engine": r["mode"]} for r in rows], cols)
+    load_warning(monitor)
     _emit(args, "prefix", machine, rows)
     if args.report_dir:
         from kvserve.bench import report
@@ -307,11 +342,13 @@ def run_kv_ablation(args: argparse.Namespace) -> int:
 def run_perplexity(args: argparse.Namespace) -> int:
     from kvserve.bench.peers import guarded
     from kvserve.bench.perplexity import check_window, llamacpp_perplexity, perplexity, plan_windows, read_text
-    from kvserve.entrypoints.cli import engine_kwargs
+    from kvserve.entrypoints.cli import check_engine_args, engine_kwargs
     from kvserve.entrypoints.llm import LLM
     from kvserve.loader.resolve import resolve_model
 
+    size_defaults(args, "perplexity")
     stride = check_window(args.context, args.stride)
+    check_engine_args(args)
     label, text = read_text(args.text)
     settings = {**_settings(args), "stride": stride, "text": label}
     if args.json:
@@ -320,6 +357,7 @@ def run_perplexity(args: argparse.Namespace) -> int:
         machine = machine_info()
     else:
         machine = _start(args, "perplexity", settings)
+    monitor = LoadMonitor()
     llm = LLM(args.model, load_format=args.load_format, **engine_kwargs(args))
     tok = llm.get_tokenizer()
     if tok is None:
@@ -352,5 +390,6 @@ def run_perplexity(args: argparse.Namespace) -> int:
     else:
         shown = [{**r, "perplexity": f"{r['perplexity']:.4f}"} if "perplexity" in r else r for r in rows]
         print_table(shown, ["engine", "dtype", "tokens_scored", "perplexity", "seconds"])
+        load_warning(monitor)
     _emit(args, "perplexity", machine, rows)
     return 0

@@ -26,19 +26,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=-1, help="-1 = off (default: %(default)s)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed, the same for every reply")
     add_engine_args(p)
-    p.set_defaults(func=run)
+    # One conversation: the KV cache is sized for one sequence.
+    p.set_defaults(func=run, max_num_seqs=1)
 
 
 def run(args: argparse.Namespace) -> int:
     from kvserve.core.sampling_params import SamplingParams
-    from kvserve.entrypoints.cli import engine_kwargs
-    from kvserve.entrypoints.llm import LLM
+    from kvserve.entrypoints.cli import announce_loading, check_engine_args, engine_kwargs, load_llm
 
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
         top_k=args.top_k, seed=args.seed,
     )
-    llm = LLM(args.model, **engine_kwargs(args))
+    announce_loading(args.model)
+    check_engine_args(args)
+    llm = load_llm(args.model, engine_kwargs(args))
     tok = llm.get_tokenizer()
     if tok is None or not tok.chat_template:
         raise ValueError(f"model {args.model!r} has no chat template; use `kvserve generate` instead")

@@ -49,13 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from kvserve.engine.arg_utils import EngineArgs
-    from kvserve.engine.async_engine import AsyncLLMEngine
-    from kvserve.entrypoints.cli import engine_kwargs
-    from kvserve.entrypoints.server import build_app
-    from kvserve.entrypoints.server.uvicorn_server import HARD_STOP_MARGIN_S, GracefulServer
+    from kvserve.entrypoints.cli import check_engine_args, engine_kwargs
 
     if not 0 <= args.port < 65536:
         raise ValueError(f"--port must be in [0, 65535] (got {args.port})")
@@ -63,6 +57,18 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-request-body-mb must be > 0 (got {args.max_request_body_mb})")
     if args.shutdown_timeout < 0:
         raise ValueError(f"--shutdown-timeout must be >= 0 (got {args.shutdown_timeout})")
+    # Everything that can fail fast does, before the model loads (seconds to minutes).
+    check_port(args.host, args.port)
+    print(f"kvserve: loading {args.model} ...", file=sys.stderr, flush=True)
+    check_engine_args(args)
+
+    import uvicorn
+
+    from kvserve.engine.arg_utils import EngineArgs
+    from kvserve.engine.async_engine import AsyncLLMEngine
+    from kvserve.entrypoints.server import build_app
+    from kvserve.entrypoints.server.uvicorn_server import HARD_STOP_MARGIN_S, GracefulServer
+
     api_key = args.api_key or os.environ.get("KVSERVE_API_KEY") or None
     names = args.served_model_name or [args.model]
     # The engine is built on its own thread, which then runs every step (see AsyncLLMEngine).
@@ -88,5 +94,89 @@ def run(args: argparse.Namespace) -> int:
         # One HTTP request's handling never blocks the loop; the engine steps in its own thread.
         loop="asyncio", http="h11", lifespan="on",
     )
-    GracefulServer(config, async_engine, args.shutdown_timeout).run()
-    return 0
+    server = _server_class(GracefulServer)(config, async_engine, args.shutdown_timeout)
+    server.run()
+    return _exit_status(getattr(server, "signals", []))
+
+
+def _server_class(base: type) -> type:
+    """`base` (GracefulServer) that notes the signals it handled instead of re-raising them when
+    it has shut down (uvicorn's re-raise lands in asyncio's own SIGINT handler while the loop
+    still runs, which prints tracebacks), and exits at once, quietly, on a second Ctrl-C.
+    `_exit_status` gives the process the signal's status afterwards."""
+    import contextlib
+    import signal
+    import threading
+
+    class QuietExitServer(base):  # type: ignore[misc, valid-type]
+        signals: list[int]
+
+        def handle_exit(self, sig: int, frame) -> None:
+            if self.should_exit and sig == signal.SIGINT:
+                # The second Ctrl-C: exit now. Letting uvicorn cancel the open requests' tasks
+                # instead prints one CancelledError traceback per task.
+                print("\nkvserve: second Ctrl-C: exiting now", file=sys.stderr, flush=True)
+                sys.stdout.flush()
+                os._exit(130)
+            super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self):
+            self.signals = self._captured_signals = []
+            if threading.current_thread() is not threading.main_thread():
+                yield
+                return
+            handled = [signal.SIGINT, signal.SIGTERM] + ([signal.SIGBREAK] if hasattr(signal, "SIGBREAK") else [])
+            original = {sig: signal.signal(sig, self.handle_exit) for sig in handled}
+            try:
+                yield
+            finally:
+                for sig, handler in original.items():
+                    signal.signal(sig, handler)
+
+    return QuietExitServer
+
+
+def _exit_status(signals: list[int]) -> int:
+    """0 after a clean stop; after SIGINT 130 (as for any Ctrl-C of kvserve); after SIGTERM the
+    process ends by that signal (status 143 in a shell), as it would have without a handler."""
+    import signal
+
+    if not signals:
+        return 0
+    sig = signals[0]
+    if sig == signal.SIGINT:
+        return 130
+    sys.stdout.flush()
+    sys.stderr.flush()
+    signal.signal(sig, signal.SIG_DFL)
+    os.kill(os.getpid(), sig)
+    return 128 + sig  # pragma: no cover - not reached where the signal's default action ends the process
+
+
+def check_port(host: str, port: int) -> None:
+    """Bind host:port once and let it go: a port in use (or an address this machine does not
+    have) is reported now, not after the model has loaded. Port 0 (any free port) always works."""
+    import errno
+    import socket
+
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise ValueError(f"--host {host!r} cannot be resolved: {e.strerror}") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        # As uvicorn binds: SO_REUSEADDR, so a port in TIME_WAIT after a restart is not "in use".
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise ValueError(f"--port {port}: address {host}:{port} is already in use; pick another --port") from None
+            if e.errno == errno.EADDRNOTAVAIL:
+                raise ValueError(f"--host {host!r} is not an address of this machine") from None
+            if e.errno == errno.EACCES:
+                raise ValueError(f"--port {port}: permission denied (ports below 1024 need privileges)") from None
+            raise

@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from typing import TYPE_CHECKING
 
-from kvserve.engine.trace import Trace, TraceStep
+if TYPE_CHECKING:  # the module imports torch: `kvserve --help` must not
+    from kvserve.engine.trace import Trace, TraceStep
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,17 +36,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from kvserve.engine.trace import trace_generation
-    from kvserve.entrypoints.cli import engine_kwargs
-    from kvserve.entrypoints.llm import LLM
+    from kvserve.entrypoints.cli import announce_loading, check_engine_args, engine_kwargs, load_llm
 
-    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
     if args.steps < 1:
         raise ValueError(f"--steps must be >= 1 (got {args.steps})")
     if args.tensor_parallel_size != 1:
         # The trace hooks one process's attention layers and switches its CUDA graphs off,
         # which the other ranks would not follow.
         raise ValueError("kvserve trace runs on one rank: --tensor-parallel-size must be 1")
-    llm = LLM(args.model, **engine_kwargs(args), enable_kv_cache=not args.no_kv_cache)
+    announce_loading(args.model)
+    cfg = check_engine_args(args)
+    if not 0 <= args.layer < cfg.num_layers:
+        raise ValueError(f"--layer must be in [0, {cfg.num_layers}) for this model (got {args.layer})")
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    llm = load_llm(args.model, engine_kwargs(args), enable_kv_cache=not args.no_kv_cache)
     trace = trace_generation(llm.engine, prompt, steps=args.steps, layer=args.layer)
     if args.json:
         print(json.dumps(trace.to_dict(), indent=2))

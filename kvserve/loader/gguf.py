@@ -143,8 +143,7 @@ class GGUFFile:
     def dequantize(self, name: str) -> np.ndarray:
         """One tensor as a fresh, writable float32 array in numpy (row-major) shape."""
         t = self.tensors[name]
-        from gguf import GGMLQuantizationType as Q
-        from gguf import quants
+        from kvserve.loader.gguf_reader import GGMLQuantizationType as Q
 
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists ne0 (innermost) first
         if t.tensor_type in (Q.F32, Q.F16, Q.F64):
@@ -152,6 +151,8 @@ class GGUFFile:
             return t.data.astype(np.float32).reshape(shape)
         if t.tensor_type == Q.BF16:  # the top half of a float32
             return (t.data.astype(np.uint32) << 16).view(np.float32).reshape(shape)
+        from gguf import quants  # only for block formats: importing gguf costs ~0.3 s
+
         try:
             out = quants.dequantize(t.data, t.tensor_type)
         except NotImplementedError as e:
@@ -271,7 +272,7 @@ def _build_config(gf: GGUFFile) -> dict[str, Any]:
 def _checkpoint_dtype(gf: GGUFFile) -> str:
     """The dtype `dtype="auto"` should pick: the file's float type, float32 if it is quantized
     (the dequantized values are exact in float32; HF's GGUF loader also produces float32)."""
-    from gguf import GGMLQuantizationType as Q
+    from kvserve.loader.gguf_reader import GGMLQuantizationType as Q
 
     names = {Q.F16: "float16", Q.BF16: "bfloat16"}
     kinds = {t.tensor_type for t in gf.tensors.values() if len(t.shape) >= 2}

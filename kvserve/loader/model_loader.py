@@ -103,11 +103,11 @@ def load_model(
     with torch.device("meta"):
         model = build_model(cfg, builder)
     shard = getattr(model, "weight_shard", None)
-    weights = read_weights(shard)
+    weights = _progress(read_weights(shard), len(gf.tensors) if resolved.kind == "gguf" else None, resolved.name)
     # Materialize on the target device in the compute dtype, then fill from the checkpoint;
     # rotary tables are recomputed because meta buffers hold no data.
-    model = model.to_empty(device=device).to(torch_dtype)
-    model.tie_weights()  # to_empty gives each use of a shared parameter its own storage
+    _materialize(model, device, torch_dtype)
+    model.tie_weights()  # each use of a shared parameter got its own storage
     _reset_rotary(model)
     if load_format == "dummy":
         _random_init(model)
@@ -131,6 +131,38 @@ def load_model(
         time.perf_counter() - t0,
     )
     return LoadedModel(model, cfg, tokenizer, torch_dtype, device, eos, gen_defaults)
+
+
+def _progress(weights, total: int | None, name: str):
+    """A progress bar over the tensors read, on a terminal only, shown once loading has taken
+    2 s (a small model loads before it would appear)."""
+    import sys
+
+    if not sys.stderr.isatty():
+        return weights
+    from tqdm.auto import tqdm
+
+    return tqdm(weights, total=total, desc=f"loading {name}", unit=" tensors", delay=2.0, leave=False,
+                dynamic_ncols=True, file=sys.stderr)
+
+
+def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """`model.to_empty(device=device).to(dtype)` without its costs: `to_empty` runs
+    `empty_like` on meta tensors through torch's Python decompositions, whose first use imports
+    sympy (about 1 s of start-up on a 2-core machine), and `.to(dtype)` copies every floating
+    tensor once more. Floating parameters and buffers become uninitialized `dtype` tensors on
+    `device`, others keep their dtype."""
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                module._parameters[name] = nn.Parameter(_empty(p, device, dtype), requires_grad=p.requires_grad)
+        for name, b in list(module._buffers.items()):
+            if b is not None:
+                module._buffers[name] = _empty(b, device, dtype)
+
+
+def _empty(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype, device=device)
 
 
 def _describe_weights(model: nn.Module) -> str:

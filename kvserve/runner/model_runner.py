@@ -498,15 +498,13 @@ class ModelRunner:
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A zero-filled cache tensor. On the CPU its pages come zeroed from the OS on first touch
-    (numpy's calloc), so resident memory grows with the blocks in use instead of the whole
-    cache being written at start-up."""
+    (runner/cpu_memory.py `lazy_zeros`), so resident memory grows with the blocks in use instead
+    of the whole cache being written at start-up."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
-    import numpy as np
+    from kvserve.runner.cpu_memory import lazy_zeros
 
-    elem = torch.empty((), dtype=dtype).element_size()
-    raw = np.zeros(int(np.prod(shape)) * elem, dtype=np.uint8)
-    return torch.from_numpy(raw).view(dtype).view(shape)
+    return lazy_zeros(shape, dtype)
 
 
 def _plain_greedy(params: list[SamplingParams]) -> bool:

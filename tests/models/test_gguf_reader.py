@@ -90,7 +90,7 @@ def _assert_same_as_gguf_reader(path: Path) -> None:
     assert list(ours.tensors) == [t.name for t in ref.tensors]
     for t in ref.tensors:
         mine = ours.tensors[t.name]
-        assert mine.tensor_type == t.tensor_type and isinstance(mine.tensor_type, Q)
+        assert mine.tensor_type == t.tensor_type and mine.tensor_type.name == t.tensor_type.name
         np.testing.assert_array_equal(mine.shape, t.shape)
         assert mine.shape.dtype == np.uint64
         assert (mine.n_elements, mine.n_bytes, mine.data_offset) == (t.n_elements, t.n_bytes, t.data_offset)
@@ -265,3 +265,17 @@ def test_tokenizer_reads_vocab_once(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(StringArray, "tolist", lambda self: calls.append(len(self)) or original(self))
     load_gguf_tokenizer(gf)
     assert sorted(calls) == [1, len(tokens)]
+
+
+def test_type_table_matches_the_gguf_package():
+    """The reader's own GGML type table (it avoids importing `gguf` at start-up) agrees with
+    the package on every type it names, and members of both enums are interchangeable."""
+    import gguf
+
+    from kvserve.loader import gguf_reader as r
+
+    for t in r.GGMLQuantizationType:
+        theirs = gguf.GGMLQuantizationType(int(t))
+        assert theirs.name == t.name and theirs == t and hash(theirs) == hash(t)
+        assert r.GGML_QUANT_SIZES[t] == gguf.GGML_QUANT_SIZES[theirs], t.name
+        assert gguf.GGML_QUANT_SIZES[t] == r.GGML_QUANT_SIZES[theirs]
