@@ -165,7 +165,7 @@ class GGUFFile:
 
 
 # GGML tensor types kvserve loads (F64 is dequantized to float32 like the rest).
-SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "F64", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "F64", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q5_K", "Q6_K")
 
 
 def _as_gguf(src: str | Path | GGUFFile) -> GGUFFile:
