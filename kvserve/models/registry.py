@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from typing import TYPE_CHECKING
 from kvserve.core.config import ModelConfig
+from kvserve.models.gemma3 import Gemma3ForCausalLM
 from kvserve.models.gpt2 import GPT2LMHeadModel
 from kvserve.models.llama import LlamaForCausalLM
 
@@ -18,6 +19,7 @@ _REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
     "GPT2LMHeadModel": GPT2LMHeadModel,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
 }
 
 

@@ -1,0 +1,163 @@
+"""Gemma 3 (text): Gemma3ForCausalLM, e.g. gemma-3-270m / 1b, and GGUF files of them.
+
+What differs from Llama (`models/llama.py`, whose loading, tied head and fused q/k/v and
+gate/up parameters it reuses):
+
+- Layers alternate sliding-window (local) and full (global) attention (`cfg.layer_types`: five
+  local layers, then one global, by default). Each kind has its own RoPE base (10k local, 1M
+  global; RoPE scaling, where a checkpoint has it, applies to global layers only), so a step
+  computes two sets of cos/sin. The attention backend gets the layer's window (None for global
+  layers), so the paged KV cache keeps every token and a local layer reads only the last
+  `sliding_window` keys.
+- RMSNorm scales by (1 + weight): the loader adds 1 to every norm weight once (HF checkpoints
+  store `weight`, llama.cpp stores `weight + 1`, which `loader/gguf.py` turns back into HF's
+  form), so the platform's ordinary RMSNorm ops and kernels apply. In fp32 that is HF's
+  arithmetic exactly; in 16-bit dtypes (1 + weight) is rounded once to the dtype.
+- q and k get a per-head RMSNorm before RoPE; the softmax scale is query_pre_attn_scalar^-0.5.
+- Each block is sandwiched: norm -> attention -> norm, added to the residual; norm -> MLP ->
+  norm, added. The MLP is GeGLU: gelu_tanh(gate) * up.
+- The embedding is multiplied by sqrt(hidden_size) rounded to the model dtype (as HF does), and
+  is tied to the LM head (a GGUF's quantized table stays quantized and serves as the head).
+- Optional final logit soft-capping: cap * tanh(logits / cap).
+
+Tensor parallelism and the one-call CPU decoder stacks are not implemented for this family
+(the engine refuses tensor_parallel_size > 1; decode runs layer by layer).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Iterable
+
+import torch
+import torch.nn as nn
+
+from kvserve.attention.base import AttentionMetadata
+from kvserve.core.config import ModelConfig
+from kvserve.models.layers import RMSNorm, RotaryEmbedding, StepRope
+from kvserve.models.llama import LlamaForCausalLM
+
+if TYPE_CHECKING:
+    from kvserve.platform.base import LayerBuilder
+
+SLIDING = "sliding_attention"
+GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")
+
+
+class Gemma3Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, b: LayerBuilder, sliding: bool) -> None:
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.q_size = cfg.num_heads * cfg.head_dim
+        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim**-0.5
+        self.qkv_proj = b.linear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=cfg.attention_bias)
+        self.o_proj = b.linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, b.ops)
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, b.ops)
+        self.sliding_window = cfg.sliding_window if sliding else None
+        self.backend = b.backend
+        self.ops = b.ops
+
+    def forward(self, rope: StepRope, x: torch.Tensor, kv_cache: torch.Tensor, md: AttentionMetadata) -> torch.Tensor:
+        q, k, v, kv_written = self.ops.qkv_rope(
+            self.qkv_proj, x, rope, (self.num_heads, self.num_kv_heads, self.head_dim), self.q_norm, self.k_norm,
+            kv_cache, md.slot_mapping, self.backend.fuses_kv_write,
+        )
+        o = self.backend.forward(q, k, v, kv_cache, md, self.scale, self.sliding_window, kv_written=kv_written)
+        return self.o_proj(o.reshape(x.shape[0], self.q_size))
+
+
+class Gemma3MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, b: LayerBuilder) -> None:
+        super().__init__()
+        if cfg.hidden_act not in GELU_TANH:
+            raise ValueError(f"unsupported hidden_activation {cfg.hidden_act!r} for {cfg.architecture}")
+        self.gate_up_proj = b.linear(cfg.hidden_size, [cfg.intermediate_size] * 2)
+        self.down_proj = b.linear(cfg.intermediate_size, cfg.hidden_size)
+        self.ops = b.ops
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.ops.gelu_tanh_and_mul(self.gate_up_proj(x)))
+
+
+class Gemma3DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, b: LayerBuilder, layer_type: str) -> None:
+        super().__init__()
+        self.is_sliding = layer_type == SLIDING
+        self.self_attn = Gemma3Attention(cfg, b, self.is_sliding)
+        self.mlp = Gemma3MLP(cfg, b)
+        h, eps = cfg.hidden_size, cfg.norm_eps
+        self.input_layernorm = RMSNorm(h, eps, b.ops)
+        self.post_attention_layernorm = RMSNorm(h, eps, b.ops)
+        self.pre_feedforward_layernorm = RMSNorm(h, eps, b.ops)
+        self.post_feedforward_layernorm = RMSNorm(h, eps, b.ops)
+
+    def forward(
+        self,
+        rope: StepRope,
+        x: torch.Tensor,  # the previous layer's MLP output (the embedding for layer 0)
+        residual: torch.Tensor | None,
+        kv_cache: torch.Tensor,
+        md: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            h, residual = self.input_layernorm(x), x
+        else:  # the previous layer's last residual add, with this layer's input norm
+            h, residual = self.input_layernorm.forward_with_residual(x, residual)
+        h = self.post_attention_layernorm(self.self_attn(rope, h, kv_cache, md))
+        h, residual = self.pre_feedforward_layernorm.forward_with_residual(h, residual)
+        return self.post_feedforward_layernorm(self.mlp(h)), residual
+
+
+class Gemma3ForCausalLM(LlamaForCausalLM):
+    def __init__(self, cfg: ModelConfig, b: LayerBuilder) -> None:
+        super().__init__(cfg, b)  # embedding, layers (build_layers), norm, global RoPE, tied head
+        self.local_rotary = RotaryEmbedding(
+            cfg.head_dim, cfg.local_rope_theta or 10_000.0, None, max_positions=cfg.max_position_embeddings, ops=b.ops
+        )
+        # sqrt(hidden) in the model dtype (HF: `embed_scale.to(weight.dtype)`): set at first use.
+        self._embed_scale: torch.Tensor | None = None
+        self.decode_stack_builder = None
+
+    def build_layers(self, cfg: ModelConfig, b: LayerBuilder) -> nn.ModuleList:
+        types = cfg.layer_types or (SLIDING,) * cfg.num_layers
+        return nn.ModuleList(Gemma3DecoderLayer(cfg, b, t) for t in types)
+
+    def _decode_stack(self, input_ids: torch.Tensor) -> Any:
+        return None  # the one-call CPU stacks implement the Llama block only
+
+    def embed_scale(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        s = self._embed_scale
+        if s is None or s.dtype != dtype or s.device != device:
+            s = self._embed_scale = torch.tensor(self.config.hidden_size**0.5, dtype=dtype, device=device)
+        return s
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv_caches: list[torch.Tensor],
+        md: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, hidden]
+        h = self.embed_tokens(input_ids)
+        h = h * self.embed_scale(h.dtype, h.device)
+        ropes = {
+            True: self.local_rotary.for_step(positions, h.dtype),
+            False: self.rotary.for_step(positions, h.dtype),
+        }
+        residual = None
+        for layer, cache in zip(self.layers, kv_caches):
+            h, residual = layer(ropes[layer.is_sliding], h, residual, cache, md)
+        h, _ = self.norm.forward_with_residual(h, residual)
+        return h
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = super().compute_logits(hidden)
+        cap = self.config.final_logit_softcapping
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        # Gemma's RMSNorm multiplies by (1 + weight): store the factor itself.
+        super().load_weights((n, t + 1 if n.endswith("norm.weight") else t) for n, t in weights)
