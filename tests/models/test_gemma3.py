@@ -56,7 +56,8 @@ def tiny_gemma3(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-gemma3")
     model.save_pretrained(folder)
     _save_tokenizer(folder)
-    return folder, model
+    prompts = _prompts()  # lengths 1..40: longer than the window of 8
+    return folder, model, prompts, [hf_greedy(model, p, NEW_TOKENS) for p in prompts]
 
 
 def _check(outs, refs) -> None:
@@ -67,9 +68,7 @@ def _check(outs, refs) -> None:
 
 
 def test_gemma3_greedy_matches_hf_batched_and_alone(tiny_gemma3):
-    folder, hf = tiny_gemma3
-    prompts = _prompts()  # lengths 1..40: longer than the window of 8
-    refs = [hf_greedy(hf, p, NEW_TOKENS) for p in prompts]
+    folder, _, prompts, refs = tiny_gemma3
     llm = LLM(str(folder), dtype="float32", device="cpu", num_kv_blocks=128)
     _check(llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False), refs)
     for prompt, ref in zip(prompts, refs):
@@ -80,9 +79,8 @@ def test_gemma3_greedy_matches_hf_batched_and_alone(tiny_gemma3):
 
 def test_gemma3_chunked_prefill_matches_hf(tiny_gemma3):
     """Chunks of 8 tokens: each chunk's sliding layers attend over cached keys of the window."""
-    folder, hf = tiny_gemma3
-    prompts = _prompts()[2:]
-    refs = [hf_greedy(hf, p, NEW_TOKENS) for p in prompts]
+    folder, _, prompts, refs = tiny_gemma3
+    prompts, refs = prompts[2:], refs[2:]
     llm = LLM(str(folder), dtype="float32", device="cpu", num_kv_blocks=128, max_num_batched_tokens=8,
               max_model_len=128, enable_prefix_caching=False)
     _check(llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False), refs)
@@ -91,10 +89,9 @@ def test_gemma3_chunked_prefill_matches_hf(tiny_gemma3):
 def test_gemma3_window_is_honoured(tiny_gemma3):
     """The parity test would catch a backend that ignored the window: without it HF's greedy
     tokens for the 40-token prompt differ."""
-    _, hf = tiny_gemma3
-    prompt = _prompts()[-1]
+    _, _, prompts, refs = tiny_gemma3
     wide = _hf_model(_hf_config(sliding_window=4096))
-    assert hf_greedy(wide, prompt, 8)[0] != hf_greedy(hf, prompt, 8)[0]
+    assert hf_greedy(wide, prompts[-1], 8)[0] != refs[-1][0][:8]
 
 
 def test_gemma3_config_legacy_fields():
