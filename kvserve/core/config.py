@@ -18,6 +18,7 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "Qwen3ForCausalLM": "llama",
     "GPT2LMHeadModel": "gpt2",
     "Gemma3ForCausalLM": "gemma3",
+    "Phi3ForCausalLM": "phi3",
 }
 
 SUPPORTED_DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -41,7 +42,7 @@ def normalize_dtype(dtype: str) -> str:
 @dataclass(frozen=True)
 class ModelConfig:
     architecture: str
-    family: str  # "llama" | "gpt2" | "gemma3"
+    family: str  # "llama" | "gpt2" | "gemma3" | "phi3"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -86,7 +87,7 @@ class ModelConfig:
                 "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                 "gpt2": "GPT2LMHeadModel", "gemma3_text": "Gemma3ForCausalLM",
-                "gemma3": "Gemma3ForCausalLM",
+                "gemma3": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM",
             }
             arch = by_type.get(mt)
         if arch is None:
@@ -124,8 +125,9 @@ class ModelConfig:
             if rope_scaling is None and rp.get("rope_type", "default") != "default":
                 rope_scaling = dict(rp)
         if rope_scaling is not None:
-            rope_scaling = _check_rope_scaling(rope_scaling)
-        sliding = d.get("sliding_window") if d.get("use_sliding_window", arch == "MistralForCausalLM") else None
+            rope_scaling = _check_rope_scaling(rope_scaling, ("longrope",) if family == "phi3" else ())
+        # Mistral and Phi-3 apply a configured window; Qwen2/3 only with use_sliding_window.
+        sliding = d.get("sliding_window") if d.get("use_sliding_window", family == "phi3" or arch == "MistralForCausalLM") else None
         return cls(
             architecture=arch, family=family, vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
@@ -147,14 +149,18 @@ class ModelConfig:
         )
 
 
-def _check_rope_scaling(rope_scaling: dict[str, Any] | None) -> dict[str, Any] | None:
-    """A copy with `rope_type` set, None for default RoPE; ValueError for a type we lack."""
+def _check_rope_scaling(rope_scaling: dict[str, Any] | None, extra: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """A copy with `rope_type` set, None for default RoPE; ValueError for a type we lack
+    (`extra`: types the family implements itself, e.g. Phi-3's longrope, formerly "su")."""
     if rope_scaling is None:
         return None
     rope_scaling = dict(rope_scaling)
     rtype = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-    if rtype not in ("default", "llama3", "linear"):
-        raise ValueError(f"unsupported rope_scaling type {rtype!r}; supported: default, linear, llama3")
+    if rtype == "su":
+        rtype = "longrope"
+    allowed = ("default", "linear", "llama3", *extra)
+    if rtype not in allowed:
+        raise ValueError(f"unsupported rope_scaling type {rtype!r}; supported: {', '.join(allowed)}")
     rope_scaling["rope_type"] = rtype
     rope_scaling.pop("rope_theta", None)
     return None if rtype == "default" else rope_scaling

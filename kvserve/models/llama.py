@@ -136,9 +136,7 @@ class LlamaForCausalLM(nn.Module):
             vocab_rows = cfg.vocab_size
         self.layers = self.build_layers(cfg, b)
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, b.ops)
-        self.rotary = RotaryEmbedding(
-            cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_positions=cfg.max_position_embeddings, ops=b.ops
-        )
+        self.rotary = self.build_rotary(cfg, b)
         if cfg.tie_word_embeddings and not hasattr(self.embed_tokens, "as_head"):
             self.lm_head = b.dense_linear(cfg.hidden_size, vocab_rows)  # shares the dense table
         else:
@@ -149,6 +147,11 @@ class LlamaForCausalLM(nn.Module):
         # builds it; False where it does not apply, or to force the op-by-op path.
         self.decode_stack_builder: Callable[[nn.Module], Any] | None = None
         self.cpu_decoder: Any = None
+
+    def build_rotary(self, cfg: ModelConfig, b: LayerBuilder) -> RotaryEmbedding:
+        return RotaryEmbedding(
+            cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_positions=cfg.max_position_embeddings, ops=b.ops
+        )
 
     def build_layers(self, cfg: ModelConfig, b: LayerBuilder) -> nn.ModuleList:
         """The decoder layers (a family built on this class overrides it)."""
