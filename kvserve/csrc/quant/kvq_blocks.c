@@ -237,14 +237,37 @@ static void unpack_q4(int qtype, const uint8_t *restrict b, int64_t nblk, int8_t
     }
 }
 
+/* Byte j of Q5_HI[v] is 0x10 where bit j of v is set: one qh byte -> the 5th bits of 8 codes
+ * (OR-ed into 8 codes read as one little-endian uint64: x86-64 and AArch64). */
+static uint64_t Q5_HI[256];
+
+#if defined(__GNUC__)
+__attribute__((constructor))
+#endif
+static void q5_hi_init(void) {
+    for (int v = 0; v < 256; v++) {
+        uint64_t m = 0;
+        for (int j = 0; j < 8; j++)
+            if (v >> j & 1) m |= (uint64_t)0x10 << (8 * j);
+        Q5_HI[v] = m;
+    }
+}
+
 /* Q5_0: Q4_0's nibbles plus a 5th bit per value from qh; codes in [0, 32), offset -16 d. */
 static void unpack_q5_0(const uint8_t *restrict b, int64_t nblk, int8_t *restrict q, float *restrict sc,
                         float *restrict off) {
+#if !defined(__GNUC__)
+    if (Q5_HI[1] == 0) q5_hi_init();
+#endif
     for (int64_t i = 0; i < nblk; i++, b += 22, q += 32, sc += 8, off += 2) {
         float d = kvq_h2f(kvq_rd16(b));
-        uint32_t qh = (uint32_t)b[2] | ((uint32_t)b[3] << 8) | ((uint32_t)b[4] << 16) | ((uint32_t)b[5] << 24);
         unpack_nibbles16(b + 6, q);
-        for (int l = 0; l < 32; l++) q[l] = (int8_t)(q[l] | (((qh >> l) & 1) << 4));
+        for (int j = 0; j < 4; j++) { /* codes 8j .. 8j+7 take the bits of qh byte j */
+            uint64_t v;
+            memcpy(&v, q + 8 * j, 8);
+            v |= Q5_HI[b[2 + j]];
+            memcpy(q + 8 * j, &v, 8);
+        }
         put_scales(sc, off, d, d, -16.0f * d, -16.0f * d);
     }
 }
