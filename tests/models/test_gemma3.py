@@ -168,6 +168,7 @@ def test_builtin_name_without_package_gives_install_hint(monkeypatch):
 
 @requires_gemma3
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # HF dequantizes the whole file (262k x 640 embedding): minutes on 2 busy cores
 def test_gemma3_270m_greedy_matches_hf_on_the_same_gguf():
     from transformers import AutoModelForCausalLM
 
@@ -201,3 +202,15 @@ def test_gemma3_270m_quantized_builtin():
     tok = llm.get_tokenizer()
     assert chat.prompt_token_ids == tok.encode("<start_of_turn>user\nSay hi.<end_of_turn>\n<start_of_turn>model\n")
     assert chat.outputs[0].finish_reason in ("stop", "length")
+
+
+def test_gemma3_trace(tiny_gemma3):
+    """`kvserve trace` on a sliding layer: shapes from the config, FLOPs per step."""
+    from kvserve.engine.trace import trace_generation
+
+    folder = tiny_gemma3[0]
+    llm = LLM(str(folder), dtype="float32", device="cpu", num_kv_blocks=16, max_num_seqs=1)
+    tr = trace_generation(llm.engine, [5, 9, 13, 40, 7], steps=3, layer=1)
+    assert (tr.num_heads, tr.num_kv_heads, tr.head_dim) == (3, 1, 32)
+    assert [s.stage for s in tr.steps] == ["prefill", "decode", "decode"]
+    assert tr.steps[0].q == [1, 3, 5, 32] and tr.steps[2].k_cache == [1, 1, 7, 32]
