@@ -129,7 +129,8 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
     def embed_scale(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         s = self._embed_scale
         if s is None or s.dtype != dtype or s.device != device:
-            s = self._embed_scale = torch.tensor(self.config.hidden_size**0.5, dtype=dtype, device=device)
+            s = torch.tensor(self.config.hidden_size**0.5, dtype=torch.float32, device=device).to(dtype)
+            self._embed_scale = s
         return s
 
     def forward(
