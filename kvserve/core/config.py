@@ -19,6 +19,8 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "GPT2LMHeadModel": "gpt2",
     "Gemma3ForCausalLM": "gemma3",
     "Phi3ForCausalLM": "phi3",
+    "Qwen3MoeForCausalLM": "moe",
+    "MixtralForCausalLM": "moe",
 }
 
 SUPPORTED_DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -42,7 +44,7 @@ def normalize_dtype(dtype: str) -> str:
 @dataclass(frozen=True)
 class ModelConfig:
     architecture: str
-    family: str  # "llama" | "gpt2" | "gemma3" | "phi3"
+    family: str  # "llama" | "gpt2" | "gemma3" | "phi3" | "moe"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -88,6 +90,7 @@ class ModelConfig:
                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                 "gpt2": "GPT2LMHeadModel", "gemma3_text": "Gemma3ForCausalLM",
                 "gemma3": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM",
+                "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
             }
             arch = by_type.get(mt)
         if arch is None:
@@ -127,7 +130,8 @@ class ModelConfig:
         if rope_scaling is not None:
             rope_scaling = _check_rope_scaling(rope_scaling, ("longrope",) if family == "phi3" else ())
         # Mistral and Phi-3 apply a configured window; Qwen2/3 only with use_sliding_window.
-        sliding = d.get("sliding_window") if d.get("use_sliding_window", family == "phi3" or arch == "MistralForCausalLM") else None
+        windowed = family == "phi3" or arch in ("MistralForCausalLM", "MixtralForCausalLM")
+        sliding = d.get("sliding_window") if d.get("use_sliding_window", windowed) else None
         return cls(
             architecture=arch, family=family, vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
@@ -141,7 +145,7 @@ class ModelConfig:
             attention_bias=bool(d.get("attention_bias", arch == "Qwen2ForCausalLM")),
             o_bias=False,
             mlp_bias=bool(d.get("mlp_bias", False)),
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             hidden_act=d.get("hidden_act", "silu"),
             sliding_window=sliding,
             bos_token_id=d.get("bos_token_id"), eos_token_ids=eos_ids,

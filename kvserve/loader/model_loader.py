@@ -136,7 +136,7 @@ def load_model(
 
 
 # Families whose projections are all `Linear`s built by the platform (GGML blocks can stay quantized).
-_GGML_FAMILIES = ("llama", "gemma3", "phi3")
+_GGML_FAMILIES = ("llama", "gemma3", "phi3", "moe")
 
 
 def _describe_weights(model: nn.Module) -> str:

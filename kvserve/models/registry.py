@@ -9,6 +9,7 @@ from kvserve.core.config import ModelConfig
 from kvserve.models.gemma3 import Gemma3ForCausalLM
 from kvserve.models.gpt2 import GPT2LMHeadModel
 from kvserve.models.llama import LlamaForCausalLM
+from kvserve.models.moe import MoEForCausalLM
 from kvserve.models.phi3 import Phi3ForCausalLM
 
 if TYPE_CHECKING:
@@ -22,6 +23,8 @@ _REGISTRY: dict[str, type[nn.Module]] = {
     "GPT2LMHeadModel": GPT2LMHeadModel,
     "Gemma3ForCausalLM": Gemma3ForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
+    "Qwen3MoeForCausalLM": MoEForCausalLM,
+    "MixtralForCausalLM": MoEForCausalLM,
 }
 
 
