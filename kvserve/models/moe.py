@@ -14,8 +14,11 @@ CPU path: loop over the experts that received tokens (ascending, as HF does), ga
 so the work is the active experts' only. Qwen3-MoE layers in `mlp_only_layers`, or off the
 `decoder_sparse_step` grid, keep a dense MLP.
 
-Not implemented: tensor parallelism for these families (the engine refuses
-tensor_parallel_size > 1), MoE GGUF files, a fused GPU MoE kernel, gpt-oss.
+Tensor parallelism: every rank routes the same way (the router is replicated) and holds a slice
+of every expert (gate/up rows, down columns: `inter / tp` each), so the layer's output is a
+partial sum that the next norm all-reduces, as for a dense MLP.
+
+Not implemented: MoE GGUF files, a fused GPU MoE kernel, gpt-oss.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from kvserve.core.config import ModelConfig
+from kvserve.distributed import parallel_state as ps
 from kvserve.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 
 if TYPE_CHECKING:
@@ -33,6 +37,8 @@ if TYPE_CHECKING:
 
 
 class ExpertMLP(nn.Module):
+    """One expert's gated-SiLU MLP of this rank's slice (`inter` = the expert's width / tp)."""
+
     def __init__(self, hidden: int, inter: int, b: LayerBuilder) -> None:
         super().__init__()
         self.gate_up_proj = b.linear(hidden, [inter, inter])
@@ -50,8 +56,11 @@ class SparseMoE(nn.Module):
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"num_experts_per_tok must be in [1, {num_experts}] (got {top_k})")
         self.num_experts, self.top_k, self.renorm = num_experts, top_k, renorm
-        self.gate = b.dense_linear(cfg.hidden_size, num_experts)  # the router
-        self.experts = nn.ModuleList(ExpertMLP(cfg.hidden_size, inter, b) for _ in range(num_experts))
+        tp = ps.get_tp().size
+        if inter % tp:
+            raise ValueError(f"tensor_parallel_size={tp} must divide the experts' MLP width ({inter})")
+        self.gate = b.dense_linear(cfg.hidden_size, num_experts)  # the router (every rank routes alike)
+        self.experts = nn.ModuleList(ExpertMLP(cfg.hidden_size, inter // tp, b) for _ in range(num_experts))
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """([T, k] weights in x's dtype, [T, k] expert ids)."""
@@ -61,7 +70,7 @@ class SparseMoE(nn.Module):
             weights /= weights.sum(dim=-1, keepdim=True)
         return weights.to(x.dtype), ids
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]; a partial sum under TP
         weights, ids = self.route(x)
         out = torch.zeros_like(x)
         hit = torch.bincount(ids.flatten(), minlength=self.num_experts).nonzero().flatten().tolist()
@@ -95,6 +104,7 @@ class MoEForCausalLM(LlamaForCausalLM):
         renorm = True if mixtral else bool(raw.get("norm_topk_prob", False))
         step = 1 if mixtral else int(raw.get("decoder_sparse_step", 1) or 1)
         dense = set(raw.get("mlp_only_layers") or [])
+        self.expert_inter = inter
         layers = nn.ModuleList()
         for i in range(cfg.num_layers):
             layer = LlamaDecoderLayer(cfg, b)
@@ -105,6 +115,15 @@ class MoEForCausalLM(LlamaForCausalLM):
 
     def _decode_stack(self, input_ids: torch.Tensor) -> Any:
         return None  # the one-call CPU stacks implement dense MLPs only
+
+    def weight_shard(self, name: str, shape: tuple[int, ...]) -> tuple[int, int, int] | None:
+        """Llama's slices, except that an expert's gate/up rows are split by the experts' width
+        (each rank holds a slice of every expert); the router is whole on every rank."""
+        mapped = self.checkpoint_name(name) or ""
+        if self.tp.enabled and ".experts." in mapped and mapped.endswith(("gate_proj.weight", "up_proj.weight")):
+            per = self.expert_inter // self.tp.size
+            return 0, self.tp.rank * per, per
+        return super().weight_shard(name, shape)
 
     @classmethod
     def checkpoint_name(cls, name: str) -> str | None:
