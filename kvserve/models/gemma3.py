@@ -20,8 +20,9 @@ gate/up parameters it reuses):
   is tied to the LM head (a GGUF's quantized table stays quantized and serves as the head).
 - Optional final logit soft-capping: cap * tanh(logits / cap).
 
-Tensor parallelism and the one-call CPU decoder stacks are not implemented for this family
-(the engine refuses tensor_parallel_size > 1; decode runs layer by layer).
+Tensor parallelism splits heads, KV heads, the MLP and the vocabulary as for Llama; each
+post-norm all-reduces the partial output before it (`ps.all_reduce_rmsnorm`). The one-call CPU
+decoder stacks are not implemented for this family (decode runs layer by layer).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch.nn as nn
 
 from kvserve.attention.base import AttentionMetadata
 from kvserve.core.config import ModelConfig
+from kvserve.distributed import parallel_state as ps
 from kvserve.models.layers import RMSNorm, RotaryEmbedding, StepRope
 from kvserve.models.llama import LlamaForCausalLM
 
@@ -46,9 +48,11 @@ GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")
 class Gemma3Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, b: LayerBuilder, sliding: bool) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.num_heads = cfg.num_heads // ps.get_tp().size  # this rank's query heads
+        self.num_kv_heads = ps.kv_head_shard(cfg.num_kv_heads)[1]
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * cfg.head_dim
+        self.kv_size = self.num_kv_heads * cfg.head_dim
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim**-0.5
         self.qkv_proj = b.linear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=cfg.attention_bias)
         self.o_proj = b.linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias)
@@ -64,7 +68,7 @@ class Gemma3Attention(nn.Module):
             kv_cache, md.slot_mapping, self.backend.fuses_kv_write,
         )
         o = self.backend.forward(q, k, v, kv_cache, md, self.scale, self.sliding_window, kv_written=kv_written)
-        return self.o_proj(o.reshape(x.shape[0], self.q_size))
+        return ps.row_parallel_linear(self.o_proj, o.reshape(x.shape[0], self.q_size))  # partial under TP
 
 
 class Gemma3MLP(nn.Module):
@@ -72,12 +76,13 @@ class Gemma3MLP(nn.Module):
         super().__init__()
         if cfg.hidden_act not in GELU_TANH:
             raise ValueError(f"unsupported hidden_activation {cfg.hidden_act!r} for {cfg.architecture}")
-        self.gate_up_proj = b.linear(cfg.hidden_size, [cfg.intermediate_size] * 2)
-        self.down_proj = b.linear(cfg.intermediate_size, cfg.hidden_size)
+        inter = cfg.intermediate_size // ps.get_tp().size
+        self.gate_up_proj = b.linear(cfg.hidden_size, [inter, inter])
+        self.down_proj = b.linear(inter, cfg.hidden_size)
         self.ops = b.ops
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.ops.gelu_tanh_and_mul(self.gate_up_proj(x)))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # a partial sum under TP
+        return ps.row_parallel_linear(self.down_proj, self.ops.gelu_tanh_and_mul(self.gate_up_proj(x)))
 
 
 class Gemma3DecoderLayer(nn.Module):
@@ -100,13 +105,17 @@ class Gemma3DecoderLayer(nn.Module):
         kv_cache: torch.Tensor,
         md: AttentionMetadata,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        # Under TP the attention and MLP outputs are partial sums: the post-norm after each
+        # all-reduces them (`ps.all_reduce_rmsnorm` with no residual); the adds that follow see
+        # full rows. Layer 0's input is the embedding, partial under TP (a vocabulary shard).
         if residual is None:
-            h, residual = self.input_layernorm(x), x
+            h, residual = ps.all_reduce_rmsnorm(x, None, self.input_layernorm)
         else:  # the previous layer's last residual add, with this layer's input norm
             h, residual = self.input_layernorm.forward_with_residual(x, residual)
-        h = self.post_attention_layernorm(self.self_attn(rope, h, kv_cache, md))
+        h, _ = ps.all_reduce_rmsnorm(self.self_attn(rope, h, kv_cache, md), None, self.post_attention_layernorm)
         h, residual = self.pre_feedforward_layernorm.forward_with_residual(h, residual)
-        return self.post_feedforward_layernorm(self.mlp(h)), residual
+        h, _ = ps.all_reduce_rmsnorm(self.mlp(h), None, self.post_feedforward_layernorm)
+        return h, residual
 
 
 class Gemma3ForCausalLM(LlamaForCausalLM):
@@ -140,8 +149,8 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         kv_caches: list[torch.Tensor],
         md: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden]
-        h = self.embed_tokens(input_ids)
-        h = h * self.embed_scale(h.dtype, h.device)
+        h = self.embed_tokens.partial(input_ids) if self.tp.enabled else self.embed_tokens(input_ids)
+        h = h * self.embed_scale(h.dtype, h.device)  # a partial row scales to its exact share
         ropes = {
             True: self.local_rotary.for_step(positions, h.dtype),
             False: self.rotary.for_step(positions, h.dtype),

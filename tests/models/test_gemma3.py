@@ -214,3 +214,28 @@ def test_gemma3_trace(tiny_gemma3):
     assert (tr.num_heads, tr.num_kv_heads, tr.head_dim) == (3, 1, 32)
     assert [s.stage for s in tr.steps] == ["prefill", "decode", "decode"]
     assert tr.steps[0].q == [1, 3, 5, 32] and tr.steps[2].k_cache == [1, 1, 7, 32]
+
+
+def test_gemma3_tensor_parallel_matches_tp1(tiny_gemma3):
+    """TP=2 on CPU processes (gloo): three query heads do not split two ways, so a 4-head,
+    2-KV-head variant; greedy tokens and logprobs equal TP=1's."""
+    import tempfile
+
+    cfg = _hf_config(num_attention_heads=4, num_key_value_heads=2, head_dim=24)
+    with tempfile.TemporaryDirectory() as d:
+        _hf_model(cfg).save_pretrained(d)
+        _save_tokenizer(__import__("pathlib").Path(d))
+        prompts = [{"prompt_token_ids": p} for p in _prompts()[1:5]]
+        params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=2)
+        common = dict(dtype="float32", device="cpu", num_kv_blocks=48, max_model_len=128)
+        want = LLM(d, **common).generate(prompts, params, use_tqdm=False)
+        llm = LLM(d, tensor_parallel_size=2, **common)
+        try:
+            got = llm.generate(prompts, params, use_tqdm=False)
+        finally:
+            llm.engine.shutdown()
+    for g, w in zip(got, want):
+        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+        for gd, wd in zip(g.outputs[0].logprobs, w.outputs[0].logprobs):
+            for t in wd:
+                assert abs(gd[t].logprob - wd[t].logprob) < 1e-4
