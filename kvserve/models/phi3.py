@@ -15,7 +15,8 @@
   `rotary_dim` features of each head rotate.
 
 Phi-3-mini's configs also set a `sliding_window` (passed to the attention backend). Tensor
-parallelism and the one-call CPU decoder stacks are not implemented for this family.
+parallelism splits as for Llama (the fused tensors are read whole and each part cut to the
+rank's rows at the split). The one-call CPU decoder stacks are not implemented for this family.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import torch.nn as nn
 
 from kvserve.attention.base import AttentionMetadata
 from kvserve.core.config import ModelConfig
+from kvserve.distributed import parallel_state as ps
 from kvserve.models.layers import RMSNorm, RotaryEmbedding, StepRope
 from kvserve.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
 
@@ -100,9 +102,11 @@ class LongRope(RotaryEmbedding):
 class Phi3Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, b: LayerBuilder, rotary_dim: int) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_size = cfg.num_heads * cfg.head_dim
-        self.kv_size = cfg.num_kv_heads * cfg.head_dim
+        self.num_heads = cfg.num_heads // ps.get_tp().size  # this rank's query heads
+        self.num_kv_heads = ps.kv_head_shard(cfg.num_kv_heads)[1]
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * cfg.head_dim
+        self.kv_size = self.num_kv_heads * cfg.head_dim
         self.rotary_dim = rotary_dim
         self.scale = cfg.head_dim**-0.5
         self.qkv_proj = b.linear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=cfg.attention_bias)
@@ -125,7 +129,7 @@ class Phi3Attention(nn.Module):
             q, k = qk[:, : self.num_heads], qk[:, self.num_heads :]
             v, kv_written = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, d), False
         o = self.backend.forward(q, k, v, kv_cache, md, self.scale, self.sliding_window, kv_written=kv_written)
-        return self.o_proj(o.reshape(t, self.q_size))
+        return ps.row_parallel_linear(self.o_proj, o.reshape(t, self.q_size))  # partial under TP
 
 
 class Phi3DecoderLayer(LlamaDecoderLayer):
@@ -164,32 +168,41 @@ class Phi3ForCausalLM(LlamaForCausalLM):
     def forward(
         self, input_ids: torch.Tensor, positions: torch.Tensor, kv_caches: list[torch.Tensor], md: AttentionMetadata
     ) -> torch.Tensor:
-        h = self.embed_tokens(input_ids)
+        h = self.embed_tokens.partial(input_ids) if self.tp.enabled else self.embed_tokens(input_ids)
         # Plain cos/sin tensors, built here (a platform's cos/sin table is keyed on one inv_freq);
         # the platform's ops still rotate with them.
         rope = self.rotary.for_step(positions, h.dtype, self.rotary.long_rows(md, input_ids.shape[0]))
         residual = None
         for layer, cache in zip(self.layers, kv_caches):
             h, residual = layer(rope, h, residual, cache, md)
-        h, _ = self.norm.forward_with_residual(h, residual)
+        h, _ = ps.all_reduce_rmsnorm(h, residual, self.norm)  # the last MLP output is partial under TP
         return h
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
         super().load_weights(self._split_fused(weights))
 
     def _split_fused(self, weights: Iterable[tuple[str, torch.Tensor]]) -> Iterable[tuple[str, torch.Tensor]]:
-        c = self.config
+        """Fused checkpoint tensors (read whole: `weight_shard` gives them no slice) -> their
+        parts, each cut to this rank's rows under TP (query heads, KV heads, MLP slice)."""
+        c, tp = self.config, self.tp
         q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        first_kv, n_kv = ps.kv_head_shard(c.num_kv_heads, tp)
+        q_rows = (tp.rank * q // tp.size, q // tp.size)
+        kv_rows = (first_kv * c.head_dim, n_kv * c.head_dim)
+        mlp = c.intermediate_size // tp.size
+        mlp_rows = (tp.rank * mlp, mlp)
         for name, t in weights:
             if name.endswith(".qkv_proj.weight"):
-                parts = zip(("q_proj", "k_proj", "v_proj"), _split_rows(t, [q, kv, kv]))
+                parts = zip(("q_proj", "k_proj", "v_proj"), _split_rows(t, [q, kv, kv]), (q_rows, kv_rows, kv_rows))
             elif name.endswith(".gate_up_proj.weight"):
-                parts = zip(("gate_proj", "up_proj"), _split_rows(t, [c.intermediate_size] * 2))
+                parts = zip(("gate_proj", "up_proj"), _split_rows(t, [c.intermediate_size] * 2), (mlp_rows, mlp_rows))
             else:
                 yield name, t
                 continue
             fused = name.rsplit(".", 2)[-2]
-            for part, tensor in parts:
+            for part, tensor, (start, n) in parts:
+                if tp.enabled:
+                    tensor = _split_rows(tensor, [start, n, tensor.shape[0] - start - n])[1]
                 yield name.replace(f".{fused}.", f".{part}."), tensor
 
 
