@@ -60,7 +60,7 @@ class _Plan:
 
     __slots__ = (
         "decode_rows", "decode_tables", "decode_len", "decode_mask", "decode_pos",
-        "prefills", "all_decode", "decode_tables_i32", "decode_lens_i32",
+        "prefills", "all_decode", "decode_tables_i32", "decode_lens_i32", "decode_seq_lens",
     )
 
     def __init__(self) -> None:
@@ -75,6 +75,7 @@ class _Plan:
         # For the C kernel (bf16 cache on CPU): [B, nblk] int32 block tables, [B] int32 lengths.
         self.decode_tables_i32: torch.Tensor | None = None
         self.decode_lens_i32: torch.Tensor | None = None
+        self.decode_seq_lens: torch.Tensor | None = None  # [B] their context lengths
 
 
 def _plan(md: AttentionMetadata, device: torch.device, sliding: bool) -> _Plan:
@@ -103,13 +104,19 @@ def _plan(md: AttentionMetadata, device: torch.device, sliding: bool) -> _Plan:
             plan.decode_tables_i32 = md.block_tables[seq_idx, :nblk].to(torch.int32).contiguous()
             plan.decode_lens_i32 = torch.tensor([lens[i] for i in dec_seqs], dtype=torch.int32)
         plan.decode_len = max_len
+        plan.decode_seq_lens = md.seq_lens.to(device)[seq_idx].long()  # [B]
         if len(dec_seqs) > 1 or sliding:
-            seq_lens = md.seq_lens.to(device)[seq_idx].long()  # [B]
-            pos = torch.arange(max_len, device=device)  # [maxL]
-            plan.decode_mask = pos[None, :] < seq_lens[:, None]  # [B, maxL]
-            plan.decode_pos = seq_lens - 1
+            plan.decode_mask = _decode_mask(plan)
     md.backend_cache["torch_ref"] = plan
     return plan
+
+
+def _decode_mask(plan: _Plan) -> torch.Tensor:
+    """[B, maxL] True where a decode's key is inside its sequence; sets `decode_pos`."""
+    seq_lens = plan.decode_seq_lens
+    pos = torch.arange(plan.decode_len, device=seq_lens.device)  # [maxL]
+    plan.decode_pos = seq_lens - 1
+    return pos[None, :] < seq_lens[:, None]
 
 
 def _use_kernel(q: torch.Tensor, kv_cache: torch.Tensor, plan: _Plan) -> bool:
@@ -143,6 +150,10 @@ def _decode(
     # [2, B * nblk, bs, Hkv, D] -> [2, B, nblk * bs, Hkv, D], trimmed to the longest context
     kv = kv_cache.index_select(1, plan.decode_tables).view(2, b, -1, hkv, d)[:, :, : plan.decode_len]
     mask = plan.decode_mask
+    if mask is None and sliding_window is not None and sliding_window < plan.decode_len:
+        # One sequence whose plan was built by a layer without a window (Gemma 3 interleaves
+        # global and sliding layers): this layer still masks the keys before its window.
+        mask = _decode_mask(plan)
     if mask is None:  # one sequence, every key valid
         out = F.scaled_dot_product_attention(
             q.unsqueeze(2).to(kv.dtype),  # [1, Hq, 1, D]

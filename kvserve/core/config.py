@@ -17,6 +17,10 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "Qwen2ForCausalLM": "llama",
     "Qwen3ForCausalLM": "llama",
     "GPT2LMHeadModel": "gpt2",
+    "Gemma3ForCausalLM": "gemma3",
+    "Phi3ForCausalLM": "phi3",
+    "Qwen3MoeForCausalLM": "moe",
+    "MixtralForCausalLM": "moe",
 }
 
 SUPPORTED_DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -40,7 +44,7 @@ def normalize_dtype(dtype: str) -> str:
 @dataclass(frozen=True)
 class ModelConfig:
     architecture: str
-    family: str  # "llama" | "gpt2"
+    family: str  # "llama" | "gpt2" | "gemma3" | "phi3" | "moe"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -59,6 +63,12 @@ class ModelConfig:
     qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3)
     hidden_act: str = "silu"
     sliding_window: int | None = None
+    # Per-layer attention kinds where they differ ("sliding_attention" | "full_attention", Gemma 3):
+    # a sliding layer attends within `sliding_window`, a full one over the whole context.
+    layer_types: tuple[str, ...] | None = None
+    local_rope_theta: float | None = None  # RoPE base of the sliding layers (Gemma 3)
+    attn_scale: float | None = None  # softmax scale; None = head_dim ** -0.5
+    final_logit_softcapping: float | None = None  # logits = cap * tanh(logits / cap)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     torch_dtype: str | None = None  # checkpoint dtype, used for dtype="auto"
@@ -78,7 +88,9 @@ class ModelConfig:
             by_type = {
                 "llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                 "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
-                "gpt2": "GPT2LMHeadModel",
+                "gpt2": "GPT2LMHeadModel", "gemma3_text": "Gemma3ForCausalLM",
+                "gemma3": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM",
+                "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
             }
             arch = by_type.get(mt)
         if arch is None:
@@ -103,6 +115,8 @@ class ModelConfig:
                 bos_token_id=d.get("bos_token_id"), eos_token_ids=eos_ids,
                 torch_dtype=_dtype_name(d), raw=dict(d),
             )
+        if family == "gemma3":
+            return _gemma3_config(cls, arch, d, eos_ids)
         heads = d["num_attention_heads"]
         head_dim = d.get("head_dim") or d["hidden_size"] // heads
         rope_scaling = d.get("rope_scaling")
@@ -114,16 +128,10 @@ class ModelConfig:
             if rope_scaling is None and rp.get("rope_type", "default") != "default":
                 rope_scaling = dict(rp)
         if rope_scaling is not None:
-            rope_scaling = dict(rope_scaling)
-            rtype = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
-            if rtype not in ("default", "llama3", "linear"):
-                raise ValueError(
-                    f"unsupported rope_scaling type {rtype!r}; supported: default, linear, llama3"
-                )
-            rope_scaling["rope_type"] = rtype
-            if rtype == "default":
-                rope_scaling = None
-        sliding = d.get("sliding_window") if d.get("use_sliding_window", arch == "MistralForCausalLM") else None
+            rope_scaling = _check_rope_scaling(rope_scaling, ("longrope",) if family == "phi3" else ())
+        # Mistral and Phi-3 apply a configured window; Qwen2/3 only with use_sliding_window.
+        windowed = family == "phi3" or arch in ("MistralForCausalLM", "MixtralForCausalLM")
+        sliding = d.get("sliding_window") if d.get("use_sliding_window", windowed) else None
         return cls(
             architecture=arch, family=family, vocab_size=d["vocab_size"],
             hidden_size=d["hidden_size"], intermediate_size=d["intermediate_size"],
@@ -137,12 +145,71 @@ class ModelConfig:
             attention_bias=bool(d.get("attention_bias", arch == "Qwen2ForCausalLM")),
             o_bias=False,
             mlp_bias=bool(d.get("mlp_bias", False)),
-            qk_norm=arch == "Qwen3ForCausalLM",
+            qk_norm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
             hidden_act=d.get("hidden_act", "silu"),
             sliding_window=sliding,
             bos_token_id=d.get("bos_token_id"), eos_token_ids=eos_ids,
             torch_dtype=_dtype_name(d), raw=dict(d),
         )
+
+
+def _check_rope_scaling(rope_scaling: dict[str, Any] | None, extra: tuple[str, ...] = ()) -> dict[str, Any] | None:
+    """A copy with `rope_type` set, None for default RoPE; ValueError for a type we lack
+    (`extra`: types the family implements itself, e.g. Phi-3's longrope, formerly "su")."""
+    if rope_scaling is None:
+        return None
+    rope_scaling = dict(rope_scaling)
+    rtype = rope_scaling.get("rope_type", rope_scaling.get("type", "default"))
+    if rtype == "su":
+        rtype = "longrope"
+    allowed = ("default", "linear", "llama3", *extra)
+    if rtype not in allowed:
+        raise ValueError(f"unsupported rope_scaling type {rtype!r}; supported: {', '.join(allowed)}")
+    rope_scaling["rope_type"] = rtype
+    rope_scaling.pop("rope_theta", None)
+    return None if rtype == "default" else rope_scaling
+
+
+def _gemma3_config(cls: type[ModelConfig], arch: str, d: dict[str, Any], eos_ids: tuple[int, ...]) -> ModelConfig:
+    """Gemma 3 (text): sliding and full layers (`layer_types`, or every 6th layer full), each
+    with its own RoPE base (`rope_parameters` per layer kind in transformers >= 5; older configs
+    say `rope_theta` / `rope_local_base_freq` / `rope_scaling`, the scaling for full layers)."""
+    heads, hidden, n_layers = d["num_attention_heads"], d["hidden_size"], d["num_hidden_layers"]
+    head_dim = d.get("head_dim") or hidden // heads
+    rp = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else {}
+    full = dict(rp.get("full_attention") or {})
+    local = dict(rp.get("sliding_attention") or {})
+    theta = full.get("rope_theta", d.get("rope_theta", 1_000_000.0))
+    local_theta = local.get("rope_theta", d.get("rope_local_base_freq", 10_000.0))
+    scaling = full if full.get("rope_type", "default") != "default" else d.get("rope_scaling")
+    if local.get("rope_type", "default") != "default":
+        raise ValueError(f"unsupported rope_parameters.sliding_attention type {local['rope_type']!r}")
+    types = d.get("layer_types")
+    if not types:
+        pattern = int(d.get("sliding_window_pattern", 6))
+        types = ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(n_layers)]
+    if len(types) != n_layers or set(types) - {"sliding_attention", "full_attention"}:
+        raise ValueError(f"layer_types must name sliding_attention/full_attention for each of {n_layers} layers")
+    if d.get("attn_logit_softcapping") is not None:
+        raise ValueError("attn_logit_softcapping is not supported (Gemma 2 style attention soft-capping)")
+    if d.get("use_bidirectional_attention"):
+        raise ValueError("use_bidirectional_attention is not supported (a causal LM is required)")
+    act = d.get("hidden_activation") or d.get("hidden_act") or "gelu_pytorch_tanh"
+    return cls(
+        architecture=arch, family="gemma3", vocab_size=d["vocab_size"], hidden_size=hidden,
+        intermediate_size=d["intermediate_size"], num_layers=n_layers, num_heads=heads,
+        num_kv_heads=d.get("num_key_value_heads") or heads, head_dim=head_dim,
+        max_position_embeddings=d.get("max_position_embeddings", 32768),
+        norm_eps=d.get("rms_norm_eps", 1e-6), rope_theta=float(theta),
+        rope_scaling=_check_rope_scaling(scaling), tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
+        attention_bias=bool(d.get("attention_bias", False)), qk_norm=True, hidden_act=act,
+        sliding_window=d.get("sliding_window") or 4096, layer_types=tuple(types),
+        local_rope_theta=float(local_theta),
+        attn_scale=float(d.get("query_pre_attn_scalar") or head_dim) ** -0.5,
+        final_logit_softcapping=d.get("final_logit_softcapping"),
+        bos_token_id=d.get("bos_token_id"), eos_token_ids=eos_ids,
+        torch_dtype=_dtype_name(d), raw=dict(d),
+    )
 
 
 def _dtype_name(d: dict[str, Any]) -> str | None:

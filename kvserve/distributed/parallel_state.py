@@ -130,8 +130,11 @@ def check_divisible(
     if tp_size == 1:
         return
     name = f"tensor_parallel_size={tp_size}"
-    if family != "llama":
-        raise ValueError(f"{name}: tensor parallelism supports the Llama family only (not {family})")
+    if family not in ("llama", "moe", "gemma3", "phi3"):
+        raise ValueError(
+            f"{name}: tensor parallelism supports the Llama family, its MoE models (Qwen3-MoE, Mixtral), "
+            f"Gemma 3 and Phi-3 only (not {family})"
+        )
     if num_heads % tp_size:
         raise ValueError(f"{name} must divide the number of attention heads ({num_heads})")
     if num_kv_heads % tp_size and tp_size % num_kv_heads:

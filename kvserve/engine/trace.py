@@ -86,8 +86,8 @@ def model_step_flops(cfg: ModelConfig, num_tokens: int, context_len: int, sample
     t, h = num_tokens, cfg.hidden_size
     attn = attention_flops(h, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, t, context_len)
     o_proj = 2 * t * cfg.num_heads * cfg.head_dim * h
-    # Llama: gate and up ([h -> I] each) then down; GPT-2: fc then proj.
-    mlp_mats = 3 if cfg.family == "llama" else 2
+    # Llama, Gemma 3: gate and up ([h -> I] each) then down; GPT-2: fc then proj.
+    mlp_mats = 2 if cfg.family == "gpt2" else 3
     mlp = 2 * t * h * cfg.intermediate_size * mlp_mats
     n = cfg.num_layers
     out = {

@@ -1,6 +1,6 @@
 """Quantized GGML block-format matmuls on the CPU (`kvserve/csrc/quant/kvq_*.c`): build, load, call.
 
-Weights stay in their GGUF block bytes (uint8 tensors [N, row_bytes]; Q8_0, Q4_0, Q4_1, Q4_K,
+Weights stay in their GGUF block bytes (uint8 tensors [N, row_bytes]; Q8_0, Q4_0, Q4_1, Q5_0, Q4_K,
 Q5_K, Q6_K) and are multiplied directly: activations are quantized to 8-bit blocks and integer
 dot products run over the blocks (as llama.cpp does). For prefill-sized inputs `linear` instead
 dequantizes the weight to fp32 and calls torch.matmul, whichever is faster (see
@@ -33,9 +33,9 @@ logger = logging.getLogger(__name__)
 QUANT_DIR = Path(__file__).resolve().parent.parent / "csrc" / "quant"
 ABI_VERSION = 1
 
-QTYPES: dict[str, int] = {"Q4_0": 2, "Q4_1": 3, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
+QTYPES: dict[str, int] = {"Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14}
 # GGML id -> (values per block, bytes per block)
-BLOCKS: dict[int, tuple[int, int]] = {2: (32, 18), 3: (32, 20), 8: (32, 34), 12: (256, 144), 13: (256, 176), 14: (256, 210)}
+BLOCKS: dict[int, tuple[int, int]] = {2: (32, 18), 3: (32, 20), 6: (32, 22), 8: (32, 34), 12: (256, 144), 13: (256, 176), 14: (256, 210)}
 _QUANTIZABLE = (2, 3, 8)
 
 # -ffp-contract=off: dequantization must round like the gguf package (no fused multiply-adds).

@@ -46,6 +46,7 @@ _HF_ARCHITECTURES = {
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
+    "gemma3": "Gemma3ForCausalLM",
 }
 
 # Per-layer tensor names (after `blk.N.`) -> HF names (after the layer prefix).
@@ -61,6 +62,14 @@ _LLAMA_LAYER_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
+}
+# Gemma 3 sandwiches attention and MLP between two norms each; llama.cpp's `ffn_norm` is the
+# pre-MLP one there (Llama's post_attention_layernorm plays that role).
+_GEMMA3_LAYER_NAMES = {
+    **_LLAMA_LAYER_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
 }
 _LLAMA_GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
@@ -166,7 +175,7 @@ class GGUFFile:
 
 
 # GGML tensor types kvserve loads (F64 is dequantized to float32 like the rest).
-SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "F64", "Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "F64", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q5_K", "Q6_K")
 
 
 def _as_gguf(src: str | Path | GGUFFile) -> GGUFFile:
@@ -250,6 +259,8 @@ def _build_config(gf: GGUFFile) -> dict[str, Any]:
         window = gf.get(f"{a}.attention.sliding_window")
         if window:
             cfg.update(sliding_window=window, use_sliding_window=True)
+        if arch == "gemma3":
+            _gemma3_config(gf, cfg)
         rope_scaling = _rope_scaling(gf, head_dim, cfg["rope_theta"], cfg)
         if rope_scaling is not None:
             cfg["rope_scaling"] = rope_scaling
@@ -262,11 +273,38 @@ def _build_config(gf: GGUFFile) -> dict[str, Any]:
     # Chat models end turns with EOT/EOM tokens that differ from EOS; generation stops on all.
     eos += [gf.get(f"tokenizer.ggml.{k}") for k in ("eot_token_id", "eom_token_id")]
     eos += list(gf.get("tokenizer.ggml.eos_token_ids") or [])
+    eos.append(cfg.pop("_gemma_end_of_turn", None))
     eos = list(dict.fromkeys(e for e in eos if e is not None))
     if eos:
         cfg["eos_token_id"] = eos[0] if len(eos) == 1 else eos
     cfg["torch_dtype"] = _checkpoint_dtype(gf)
     return cfg
+
+
+def _gemma3_config(gf: GGUFFile, cfg: dict[str, Any]) -> None:
+    """What a Gemma 3 GGUF leaves to llama.cpp's code (`llama-model.cpp`): every 6th layer is
+    global (the rest slide), local layers use RoPE base 10k, the softmax scale is 1/sqrt(head_dim)
+    (1/sqrt(hidden / heads) for the 62-layer 27B), and the MLP is GeGLU."""
+    a = gf.architecture
+    layers, heads = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    scalar = cfg["hidden_size"] // heads if layers == 62 else cfg["head_dim"]
+    cfg.update(
+        model_type="gemma3_text", hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=scalar,
+        rope_local_base_freq=float(gf.get(f"{a}.rope.freq_base_swa", 10000.0)),
+        layer_types=["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(layers)],
+    )
+    cfg.pop("hidden_act", None)
+    cfg.pop("use_sliding_window", None)
+    for key in ("final_logit_softcapping", "attn_logit_softcapping"):
+        if gf.get(f"{a}.{key}") is not None:
+            cfg[key] = float(gf.get(f"{a}.{key}"))
+    # Chat turns end with <end_of_turn> (HF's generation_config lists it beside <eos>); llama.cpp
+    # files do not name it as EOT, so look it up among the first (control) tokens.
+    field = gf.reader.fields.get("tokenizer.ggml.tokens")
+    if field is not None and isinstance(field.value, StringArray):
+        head = field.value.tolist(limit=1024)
+        if "<end_of_turn>" in head:
+            cfg["_gemma_end_of_turn"] = head.index("<end_of_turn>")
 
 
 def _checkpoint_dtype(gf: GGUFFile) -> str:
@@ -352,7 +390,7 @@ def _hf_name(arch: str, gguf_name: str) -> str | None:
     m = _LAYER_TENSOR.match(gguf_name)
     if m:
         layer, part, kind = m.groups()
-        table = _GPT2_LAYER_NAMES if gpt2 else _LLAMA_LAYER_NAMES
+        table = _GPT2_LAYER_NAMES if gpt2 else _GEMMA3_LAYER_NAMES if arch == "gemma3" else _LLAMA_LAYER_NAMES
         if part in table:
             prefix = "transformer.h" if gpt2 else "model.layers"
             return f"{prefix}.{layer}.{table[part]}.{kind}"
@@ -431,6 +469,8 @@ def iter_gguf_weights(
             w = _unpermute_rows(w, cfg["num_key_value_heads"])
         elif arch == "gpt2" and w.dim() == 2 and name.split(".")[-2] in _GPT2_CONV1D:
             w = w.t()  # [out, in] -> Conv1D's [in, out]
+        elif arch == "gemma3" and name.endswith("norm.weight"):
+            w = w - 1  # llama.cpp stores Gemma's (1 + weight); HF's checkpoints hold weight
         count += 1
         yield hf_name, w if raw else w.to(dtype).contiguous()
     logger.info(

@@ -123,11 +123,13 @@ class StringArray:
     def __repr__(self) -> str:
         return f"StringArray({self._count} strings at byte offset {self._start})"
 
-    def tolist(self) -> list[str]:
+    def tolist(self, limit: int | None = None) -> list[str]:
+        """The strings (the first `limit` of them, when given)."""
         # One bytes slice and one decode per item: the header walk already checked every bound.
         buf, pos, unpack = self._buf, self._start, self._len.unpack_from
-        out: list[str] = [""] * self._count
-        for i in range(self._count):
+        count = self._count if limit is None else min(limit, self._count)
+        out: list[str] = [""] * count
+        for i in range(count):
             (n,) = unpack(buf, pos)
             pos += 8
             out[i] = buf[pos : pos + n].decode("utf-8")

@@ -58,6 +58,45 @@ _DIGITS_PRE = {"starcoder", "refact", "command-r", "smollm", "codeshell", "exaon
 _GPT2_PRE = {"default", "gpt-2", "gpt2", "phi-2", "olmo", "jais", "mpt", "trillion"}
 
 
+# Chat templates for files that carry none (llama.cpp's conversion of a base model, e.g. the
+# gemma-3-270m GGUF): the family's own template, as its instruction-tuned HF release ships it.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] is string -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}"
+    "{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}"
+    "{%- set first_user_prefix = '' -%}"
+    "{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}{%- set role = 'model' -%}"
+    "{%- else -%}{%- set role = message['role'] -%}{%- endif -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{%- if message['content'] is string -%}"
+    "{{ message['content'] | trim }}"
+    "{%- elif message['content'] is iterable -%}"
+    "{%- for item in message['content'] -%}"
+    "{%- if item['type'] == 'image' -%}{{ '<start_of_image>' }}"
+    "{%- elif item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- else -%}"
+    "{{ raise_exception('Invalid content type') }}"
+    "{%- endif -%}"
+    "{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+_DEFAULT_TEMPLATES = {"gemma3": GEMMA3_CHAT_TEMPLATE}
+
+
 def _byte_alphabet() -> dict[int, str]:
     """GPT-2's byte -> printable character table: printable Latin-1 bytes stand for
     themselves, the other 68 are shifted to U+0100 onwards (space -> 'Ġ', newline -> 'Ċ')."""
@@ -262,7 +301,7 @@ def build_gguf_tokenizer(gf: GGUFFile) -> Tokenizer:
         bos_token=special("bos_token_id"),
         eos_token=special("eos_token_id"),
         pad_token=special("padding_token_id"),
-        chat_template=gf.get("tokenizer.chat_template"),
+        chat_template=gf.get("tokenizer.chat_template") or _DEFAULT_TEMPLATES.get(gf.architecture),
         add_bos_token=default_bos if add_bos is None else bool(add_bos),
         extra_eos_token_ids=[int(e) for e in extra_eos if e is not None],
     )

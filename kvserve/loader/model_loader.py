@@ -70,7 +70,7 @@ def load_model(
         gf = gguf.GGUFFile(resolved.path)
         hf_cfg = gguf.load_gguf_config(gf)
         cfg = ModelConfig.from_hf_dict(hf_cfg)
-        quantized = cfg.family == "llama" and gguf.has_quantized_matrices(gf)
+        quantized = cfg.family in _GGML_FAMILIES and gguf.has_quantized_matrices(gf)
         weights = platform.weight_format(quantized, quantization, dtype)
         torch_dtype = platform.resolve_dtype(dtype, hf_cfg.get("torch_dtype"), weights)
         tokenizer = gguf.load_gguf_tokenizer(gf) if load_tokenizer else None
@@ -87,8 +87,10 @@ def load_model(
         folder = resolved.path
         hf_cfg = json.loads((folder / "config.json").read_text())
         cfg = ModelConfig.from_hf_dict(hf_cfg)
-        if quantization not in (None, "auto", "none") and cfg.family != "llama":
-            raise ValueError(f"quantization={quantization!r} supports the Llama family only (not {cfg.architecture})")
+        if quantization not in (None, "auto", "none") and cfg.family not in _GGML_FAMILIES:
+            raise ValueError(
+                f"quantization={quantization!r} supports the Llama and Gemma 3 families only (not {cfg.architecture})"
+            )
         weights = platform.weight_format(False, quantization, dtype)
         torch_dtype = platform.resolve_dtype(dtype, cfg.torch_dtype, weights)
         tokenizer = _folder_tokenizer(folder) if load_tokenizer else None
@@ -163,6 +165,8 @@ def _materialize(model: nn.Module, device: torch.device, dtype: torch.dtype) -> 
 
 def _empty(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype, device=device)
+# Families whose projections are all `Linear`s built by the platform (GGML blocks can stay quantized).
+_GGML_FAMILIES = ("llama", "gemma3", "phi3", "moe")
 
 
 def _describe_weights(model: nn.Module) -> str:

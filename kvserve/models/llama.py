@@ -134,11 +134,9 @@ class LlamaForCausalLM(nn.Module):
         else:
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
             vocab_rows = cfg.vocab_size
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, b) for _ in range(cfg.num_layers))
+        self.layers = self.build_layers(cfg, b)
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, b.ops)
-        self.rotary = RotaryEmbedding(
-            cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_positions=cfg.max_position_embeddings, ops=b.ops
-        )
+        self.rotary = self.build_rotary(cfg, b)
         if cfg.tie_word_embeddings and not hasattr(self.embed_tokens, "as_head"):
             self.lm_head = b.dense_linear(cfg.hidden_size, vocab_rows)  # shares the dense table
         else:
@@ -149,6 +147,15 @@ class LlamaForCausalLM(nn.Module):
         # builds it; False where it does not apply, or to force the op-by-op path.
         self.decode_stack_builder: Callable[[nn.Module], Any] | None = None
         self.cpu_decoder: Any = None
+
+    def build_rotary(self, cfg: ModelConfig, b: LayerBuilder) -> RotaryEmbedding:
+        return RotaryEmbedding(
+            cfg.head_dim, cfg.rope_theta, cfg.rope_scaling, max_positions=cfg.max_position_embeddings, ops=b.ops
+        )
+
+    def build_layers(self, cfg: ModelConfig, b: LayerBuilder) -> nn.ModuleList:
+        """The decoder layers (a family built on this class overrides it)."""
+        return nn.ModuleList(LlamaDecoderLayer(cfg, b) for _ in range(cfg.num_layers))
 
     def tie_weights(self) -> None:
         """Share the embedding with the LM head (again after `to_empty`, which unties)."""

@@ -39,6 +39,11 @@ class Ops:
         gate, up = x.chunk(2, dim=-1)
         return F.silu(gate).mul_(up)  # into silu's fresh output: no third [T, I] tensor, same bits
 
+    def gelu_tanh_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        """[T, 2I] (gate ‖ up) -> [T, I]: gelu_tanh(gate) * up (GeGLU: Gemma's MLP)."""
+        gate, up = x.chunk(2, dim=-1)
+        return F.gelu(gate, approximate="tanh").mul_(up)
+
     def rope_for_step(self, rotary: RotaryEmbedding, positions: torch.Tensor, dtype: torch.dtype) -> StepRope:
         """What every layer of one step needs to rotate its q and k."""
         from kvserve.models.layers import StepRope

@@ -6,8 +6,11 @@ import torch.nn as nn
 
 from typing import TYPE_CHECKING
 from kvserve.core.config import ModelConfig
+from kvserve.models.gemma3 import Gemma3ForCausalLM
 from kvserve.models.gpt2 import GPT2LMHeadModel
 from kvserve.models.llama import LlamaForCausalLM
+from kvserve.models.moe import MoEForCausalLM
+from kvserve.models.phi3 import Phi3ForCausalLM
 
 if TYPE_CHECKING:
     from kvserve.platform.base import LayerBuilder
@@ -18,6 +21,10 @@ _REGISTRY: dict[str, type[nn.Module]] = {
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
     "GPT2LMHeadModel": GPT2LMHeadModel,
+    "Gemma3ForCausalLM": Gemma3ForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
+    "Qwen3MoeForCausalLM": MoEForCausalLM,
+    "MixtralForCausalLM": MoEForCausalLM,
 }
 
 

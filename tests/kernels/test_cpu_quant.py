@@ -54,7 +54,7 @@ def random_weight(qtype: str, n: int, k: int, seed: int = 0) -> torch.Tensor:
     bs, bb = cq.BLOCKS[q]
     nb = n * k // bs
     raw = torch.randint(0, 256, (nb, bb), generator=g, dtype=torch.uint8)
-    if qtype in ("Q8_0", "Q4_0", "Q4_1"):
+    if qtype in ("Q8_0", "Q4_0", "Q4_1", "Q5_0"):
         raw[:, 0:2] = _fp16_bytes(nb, 1e-3, 2e-2, g)
         if qtype == "Q4_1":
             raw[:, 2:4] = _fp16_bytes(nb, -0.1, 0.1, g)

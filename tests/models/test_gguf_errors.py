@@ -165,7 +165,7 @@ def test_unknown_tensor_type_id(tmp_path, good) -> None:
     _refused(_bad(tmp_path, bad), rf"tensor '{t.name}'", r"unknown type id 99", "supported types: F32")
 
 
-@pytest.mark.parametrize("qtype,block_bytes", [(Q.Q5_0, 22), (Q.IQ2_XXS, 66), (Q.Q8_K, 292), (Q.I32, 4)])
+@pytest.mark.parametrize("qtype,block_bytes", [(Q.Q5_1, 24), (Q.IQ2_XXS, 66), (Q.Q8_K, 292), (Q.I32, 4)])
 def test_unsupported_tensor_type(tmp_path, qtype, block_bytes) -> None:
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     raw = np.zeros((2, block_bytes * (256 // block)), np.uint8)  # 2 rows of 256 values
@@ -197,7 +197,7 @@ def test_unsupported_architecture_lists_supported(tmp_path) -> None:
         load_gguf_config(gf)
     msg = str(e.value)
     assert str(path) in msg and "'mamba'" in msg
-    assert "supported: gpt2, llama, qwen2, qwen3" in msg
+    assert "supported: gemma3, gpt2, llama, qwen2, qwen3" in msg
 
 
 @pytest.mark.parametrize("kind", ["truncated", "bad_magic", "not_gguf"])

@@ -3,7 +3,7 @@
  *
  * Weights: a [N, K] matrix is N rows of K/block_size GGML blocks, byte-identical to the GGUF
  * file's tensor data (row stride `w_row_bytes`, normally kvq_row_bytes(qtype, K)). qtype ids are
- * GGML's: Q4_0 = 2, Q4_1 = 3, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14.
+ * GGML's: Q4_0 = 2, Q4_1 = 3, Q5_0 = 6, Q8_0 = 8, Q4_K = 12, Q5_K = 13, Q6_K = 14.
  *
  * Activations: fp32 rows are first quantized to 8-bit blocks (the "dot type" of the weight's
  * format: 32-value blocks with a scale, and for Q4_1 the block sum as well; 256-value blocks with
@@ -28,6 +28,7 @@
 
 #define KVQ_Q4_0 2
 #define KVQ_Q4_1 3
+#define KVQ_Q5_0 6
 #define KVQ_Q8_0 8
 #define KVQ_Q4_K 12
 #define KVQ_Q5_K 13

@@ -1,4 +1,4 @@
-/* GGML block formats (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K): geometry, dequantization, embedding
+/* GGML block formats (Q8_0, Q4_0, Q4_1, Q5_0, Q4_K, Q5_K, Q6_K): geometry, dequantization, embedding
  * row lookup, weight quantization (Q8_0/Q4_0/Q4_1) and the unpacking of blocks into the
  * canonical tile that the dot kernels in kvq_gemm.c consume.
  *
@@ -12,6 +12,8 @@
  *   Q8_0  34: d, int8 q[32]                      y = d*q
  *   Q4_0  18: d, q[16] (low nibbles: values 0-15, high: 16-31)   y = d*(q-8)
  *   Q4_1  20: d, m, q[16] (same nibble order)     y = d*q + m
+ *   Q5_0  22: d, qh[4] (bit j of the LE uint32 is the 5th bit of value j), q[16] (Q4_0's nibble
+ *             order)   y = d*(q-16)
  *   Q4_K 144: d, dmin, scales[12] (8 x 6-bit scale and min), q[128]: per 64 values, 32 bytes,
  *             low nibbles are the first 32, high nibbles the next 32   y = d*sc*q - dmin*mn
  *   Q5_K 176: d, dmin, scales[12], qh[32] (bit j of qh[l] is the 5th bit of value 32j+l), q[128]
@@ -29,7 +31,7 @@
 #endif
 
 static const kvq_format FORMATS[] = {
-    {KVQ_Q4_0, 32, 18, 0, 1},   {KVQ_Q4_1, 32, 20, 0, 1},   {KVQ_Q8_0, 32, 34, 1, 0},
+    {KVQ_Q4_0, 32, 18, 0, 1},   {KVQ_Q4_1, 32, 20, 0, 1},   {KVQ_Q5_0, 32, 22, 0, 1},   {KVQ_Q8_0, 32, 34, 1, 0},
     {KVQ_Q4_K, 256, 144, 0, 1}, {KVQ_Q5_K, 256, 176, 0, 1}, {KVQ_Q6_K, 256, 210, 0, 1},
 };
 
@@ -71,6 +73,15 @@ static void dequant_block(int qtype, const uint8_t *b, float *y) {
         for (int i = 0; i < 16; i++) {
             y[i] = d * (float)((b[2 + i] & 0x0f) - 8);
             y[i + 16] = d * (float)((b[2 + i] >> 4) - 8);
+        }
+        break;
+    }
+    case KVQ_Q5_0: {
+        float d = kvq_h2f(kvq_rd16(b));
+        uint32_t qh = (uint32_t)b[2] | ((uint32_t)b[3] << 8) | ((uint32_t)b[4] << 16) | ((uint32_t)b[5] << 24);
+        for (int i = 0; i < 16; i++) {
+            y[i] = d * (float)((int)((b[6 + i] & 0x0f) | (((qh >> i) & 1) << 4)) - 16);
+            y[i + 16] = d * (float)((int)((b[6 + i] >> 4) | (((qh >> (i + 16)) & 1) << 4)) - 16);
         }
         break;
     }
@@ -226,6 +237,41 @@ static void unpack_q4(int qtype, const uint8_t *restrict b, int64_t nblk, int8_t
     }
 }
 
+/* Byte j of Q5_HI[v] is 0x10 where bit j of v is set: one qh byte -> the 5th bits of 8 codes
+ * (OR-ed into 8 codes read as one little-endian uint64: x86-64 and AArch64). */
+static uint64_t Q5_HI[256];
+
+#if defined(__GNUC__)
+__attribute__((constructor))
+#endif
+static void q5_hi_init(void) {
+    for (int v = 0; v < 256; v++) {
+        uint64_t m = 0;
+        for (int j = 0; j < 8; j++)
+            if (v >> j & 1) m |= (uint64_t)0x10 << (8 * j);
+        Q5_HI[v] = m;
+    }
+}
+
+/* Q5_0: Q4_0's nibbles plus a 5th bit per value from qh; codes in [0, 32), offset -16 d. */
+static void unpack_q5_0(const uint8_t *restrict b, int64_t nblk, int8_t *restrict q, float *restrict sc,
+                        float *restrict off) {
+#if !defined(__GNUC__)
+    if (Q5_HI[1] == 0) q5_hi_init();
+#endif
+    for (int64_t i = 0; i < nblk; i++, b += 22, q += 32, sc += 8, off += 2) {
+        float d = kvq_h2f(kvq_rd16(b));
+        unpack_nibbles16(b + 6, q);
+        for (int j = 0; j < 4; j++) { /* codes 8j .. 8j+7 take the bits of qh byte j */
+            uint64_t v;
+            memcpy(&v, q + 8 * j, 8);
+            v |= Q5_HI[b[2 + j]];
+            memcpy(q + 8 * j, &v, 8);
+        }
+        put_scales(sc, off, d, d, -16.0f * d, -16.0f * d);
+    }
+}
+
 static void unpack_q45k(int is5, const uint8_t *restrict b, int64_t nblk, int8_t *restrict q, float *restrict sc,
                         float *restrict off) {
     for (int64_t i = 0; i < nblk; i++, b += is5 ? 176 : 144) {
@@ -278,6 +324,9 @@ void kvq_unpack(const kvq_format *f, const uint8_t *row, int64_t k0, int64_t kc,
     case KVQ_Q4_0:
     case KVQ_Q4_1:
         unpack_q4(f->qtype, b, nblk, q, sc, off);
+        break;
+    case KVQ_Q5_0:
+        unpack_q5_0(b, nblk, q, sc, off);
         break;
     case KVQ_Q4_K:
     case KVQ_Q5_K:

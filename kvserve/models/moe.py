@@ -1,0 +1,133 @@
+"""Mixture-of-experts Llama-family models: Qwen3-MoE (Qwen3MoeForCausalLM) and Mixtral
+(MixtralForCausalLM).
+
+The attention block is Llama's (`models/llama.py`; Qwen3-MoE with its q/k norm). The MLP of a
+sparse layer is a router (a dense [experts, hidden] projection, kept unquantized: it picks the
+experts) and `num_experts` gated-SiLU expert MLPs, each built by the platform's `LayerBuilder`
+like any projection (so GGML / q8_0 / bf16 linear methods apply to expert weights unchanged):
+
+    probs = softmax(router(x)) in fp32;  top-k experts per token;  optionally renormalize the k
+    weights to sum to 1 (`norm_topk_prob`; Mixtral always does);  out = sum_k w_k * expert_k(x)
+
+CPU path: loop over the experts that received tokens (ascending, as HF does), gather their rows
+(`index_select`), run the expert on them, and scatter-add the weighted result (`index_add_`),
+so the work is the active experts' only. Qwen3-MoE layers in `mlp_only_layers`, or off the
+`decoder_sparse_step` grid, keep a dense MLP.
+
+Tensor parallelism: every rank routes the same way (the router is replicated) and holds a slice
+of every expert (gate/up rows, down columns: `inter / tp` each), so the layer's output is a
+partial sum that the next norm all-reduces, as for a dense MLP.
+
+Not implemented: MoE GGUF files, a fused GPU MoE kernel, gpt-oss.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+
+from kvserve.core.config import ModelConfig
+from kvserve.distributed import parallel_state as ps
+from kvserve.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+
+if TYPE_CHECKING:
+    from kvserve.platform.base import LayerBuilder
+
+
+class ExpertMLP(nn.Module):
+    """One expert's gated-SiLU MLP of this rank's slice (`inter` = the expert's width / tp)."""
+
+    def __init__(self, hidden: int, inter: int, b: LayerBuilder) -> None:
+        super().__init__()
+        self.gate_up_proj = b.linear(hidden, [inter, inter])
+        self.down_proj = b.linear(inter, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.gate_up_proj.silu_and_mul(x))
+
+
+class SparseMoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, b: LayerBuilder, num_experts: int, top_k: int, inter: int, renorm: bool) -> None:
+        super().__init__()
+        if cfg.hidden_act != "silu":
+            raise ValueError(f"unsupported hidden_act {cfg.hidden_act!r} for {cfg.architecture}")
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"num_experts_per_tok must be in [1, {num_experts}] (got {top_k})")
+        self.num_experts, self.top_k, self.renorm = num_experts, top_k, renorm
+        tp = ps.get_tp().size
+        if inter % tp:
+            raise ValueError(f"tensor_parallel_size={tp} must divide the experts' MLP width ({inter})")
+        self.gate = b.dense_linear(cfg.hidden_size, num_experts)  # the router (every rank routes alike)
+        self.experts = nn.ModuleList(ExpertMLP(cfg.hidden_size, inter // tp, b) for _ in range(num_experts))
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """([T, k] weights in x's dtype, [T, k] expert ids)."""
+        probs = torch.softmax(self.gate(x), dim=-1, dtype=torch.float)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        if self.renorm:
+            weights /= weights.sum(dim=-1, keepdim=True)
+        return weights.to(x.dtype), ids
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]; a partial sum under TP
+        weights, ids = self.route(x)
+        out = torch.zeros_like(x)
+        hit = torch.bincount(ids.flatten(), minlength=self.num_experts).nonzero().flatten().tolist()
+        ids_t = ids.t()  # [k, T]: rows taken slot-major, as HF's expert loop takes them
+        for e in hit:
+            slot, rows = torch.where(ids_t == e)
+            y = self.experts[e](x.index_select(0, rows)) * weights[rows, slot, None]
+            out.index_add_(0, rows, y.to(out.dtype))
+        return out
+
+
+class MoEForCausalLM(LlamaForCausalLM):
+    """Qwen3-MoE and Mixtral: Llama attention, sparse MoE MLPs."""
+
+    # Mixtral's checkpoint names -> the Qwen-style names the fused mapping knows.
+    _RENAMES = (
+        (".block_sparse_moe.", ".mlp."), (".w1.", ".gate_proj."), (".w3.", ".up_proj."), (".w2.", ".down_proj."),
+    )
+
+    def __init__(self, cfg: ModelConfig, b: LayerBuilder) -> None:
+        super().__init__(cfg, b)
+        self.decode_stack_builder = None
+
+    def build_layers(self, cfg: ModelConfig, b: LayerBuilder) -> nn.ModuleList:
+        raw = cfg.raw
+        mixtral = cfg.architecture == "MixtralForCausalLM"
+        # transformers >= 5 writes Qwen3-MoE's num_experts as num_local_experts, like Mixtral's.
+        num_experts = int(raw.get("num_local_experts") or raw.get("num_experts") or 0)
+        top_k = int(raw.get("num_experts_per_tok", 2))
+        inter = int(cfg.intermediate_size if mixtral else raw.get("moe_intermediate_size") or cfg.intermediate_size)
+        renorm = True if mixtral else bool(raw.get("norm_topk_prob", False))
+        step = 1 if mixtral else int(raw.get("decoder_sparse_step", 1) or 1)
+        dense = set(raw.get("mlp_only_layers") or [])
+        self.expert_inter = inter
+        layers = nn.ModuleList()
+        for i in range(cfg.num_layers):
+            layer = LlamaDecoderLayer(cfg, b)
+            if num_experts > 0 and i not in dense and (i + 1) % step == 0:
+                layer.mlp = SparseMoE(cfg, b, num_experts, top_k, inter, renorm)
+            layers.append(layer)
+        return layers
+
+    def _decode_stack(self, input_ids: torch.Tensor) -> Any:
+        return None  # the one-call CPU stacks implement dense MLPs only
+
+    def weight_shard(self, name: str, shape: tuple[int, ...]) -> tuple[int, int, int] | None:
+        """Llama's slices, except that an expert's gate/up rows are split by the experts' width
+        (each rank holds a slice of every expert); the router is whole on every rank."""
+        mapped = self.checkpoint_name(name) or ""
+        if self.tp.enabled and ".experts." in mapped and mapped.endswith(("gate_proj.weight", "up_proj.weight")):
+            per = self.expert_inter // self.tp.size
+            return 0, self.tp.rank * per, per
+        return super().weight_shard(name, shape)
+
+    @classmethod
+    def checkpoint_name(cls, name: str) -> str | None:
+        for old, new in cls._RENAMES:
+            name = name.replace(old, new)
+        return LlamaForCausalLM.checkpoint_name(name)
+
