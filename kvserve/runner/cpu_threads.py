@@ -9,7 +9,12 @@ has several per token), so a thread that shares its core with another busy proce
 the others: on the 2-core reference machine with other work running (load average 3.4 to 7),
 batch-1 decode of the built-in model ran at 4 to 14 tok/s on 2 threads and at 30 to 100 tok/s
 on 1 (benchmarks/RESULTS.md, "Threads under load"). So the default is the usable cores minus the
-1-minute load average, rounded, at least 1: every core on an idle machine, fewer on a busy one.
+cores other processes are busy on right now, at least 1: every core on an idle machine, fewer on
+a busy one. "Right now" is the kernel's count of runnable tasks (`procs_running` in /proc/stat,
+less this process, the median of a few samples over ~40 ms), not the 1-minute load average: that
+one still counts a run that ended a minute ago (the previous `kvserve generate`, a test suite),
+and would halve the threads of the next command on an idle 2-core machine. Without /proc, the
+load average stands in.
 `OMP_NUM_THREADS`, or a count the program already set with `torch.set_num_threads` below the
 CPU count, wins over that guess (the user's explicit choice); `threads=` over all of them.
 """
@@ -37,10 +42,41 @@ def load_average() -> float | None:
         return None
 
 
+def running_tasks(stat_path: str = "/proc/stat") -> int | None:
+    """Runnable tasks on the whole machine now (`procs_running`), or None without /proc/stat."""
+    try:
+        with open(stat_path) as f:
+            for line in f:
+                if line.startswith("procs_running"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def busy_cpus(samples: int = 5, interval: float = 0.01) -> float:
+    """CPUs other processes keep busy now: the median of `samples` counts of runnable tasks less
+    this process's running thread; the 1-minute load average where /proc is missing."""
+    import statistics
+    import time
+
+    counts = []
+    for i in range(samples):
+        n = running_tasks()
+        if n is None:
+            break
+        counts.append(max(n - 1, 0))
+        if i + 1 < samples:
+            time.sleep(interval)
+    if counts:
+        return float(statistics.median(counts))
+    return load_average() or 0.0
+
+
 def default_threads(ranks: int = 1) -> int:
     """Threads per process when none are asked for: `OMP_NUM_THREADS` if set; PyTorch's count if
     the program already lowered it (`torch.set_num_threads`); else the usable CPUs not already
-    busy (load average), shared among `ranks` processes; at least 1."""
+    busy (`busy_cpus`), shared among `ranks` processes; at least 1."""
     import torch
 
     env = os.environ.get("OMP_NUM_THREADS", "").strip()
@@ -49,8 +85,7 @@ def default_threads(ranks: int = 1) -> int:
     cpus = usable_cpus()
     if torch.get_num_threads() < cpus:
         return torch.get_num_threads()
-    load = load_average() or 0.0
-    free = cpus - int(load + 0.5)
+    free = cpus - int(busy_cpus() + 0.5)
     return max(1, min(cpus, free) // max(1, ranks))
 
 
@@ -68,6 +103,6 @@ def set_threads(threads: int | None, ranks: int = 1) -> int:
         torch.set_num_threads(n)
     logger.info(
         "CPU threads: %d of %d usable CPUs%s", n, usable_cpus(),
-        "" if threads is not None else f" (default; load average {load_average() or 0.0:.1f})",
+        "" if threads is not None else f" (default; {busy_cpus():.0f} CPUs busy with other work)",
     )
     return n

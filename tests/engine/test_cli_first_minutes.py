@@ -234,17 +234,34 @@ def test_default_threads_leave_busy_cores_alone(monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr(cpu_threads, "usable_cpus", lambda: 8)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 8)
-    monkeypatch.setattr(cpu_threads, "load_average", lambda: 0.2)
+    monkeypatch.setattr(cpu_threads, "busy_cpus", lambda: 0.0)
     assert cpu_threads.default_threads() == 8
-    monkeypatch.setattr(cpu_threads, "load_average", lambda: 2.6)
+    monkeypatch.setattr(cpu_threads, "busy_cpus", lambda: 2.6)
     assert cpu_threads.default_threads() == 5
     assert cpu_threads.default_threads(ranks=2) == 2
-    monkeypatch.setattr(cpu_threads, "load_average", lambda: 30.0)
+    monkeypatch.setattr(cpu_threads, "busy_cpus", lambda: 30.0)
     assert cpu_threads.default_threads() == 1
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # the program chose 3
     assert cpu_threads.default_threads() == 3
     monkeypatch.setenv("OMP_NUM_THREADS", "6")
     assert cpu_threads.default_threads() == 6
+
+
+def test_busy_cpus_counts_running_tasks_now(monkeypatch, tmp_path):
+    """Busy CPUs come from the kernel's runnable-task count now (less this process), not from the
+    1-minute load average, which still counts work that ended a minute ago."""
+    from kvserve.runner import cpu_threads
+
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  1 2 3 4\nprocs_running 3\nprocs_blocked 0\n")
+    assert cpu_threads.running_tasks(str(stat)) == 3
+    assert cpu_threads.running_tasks(str(tmp_path / "missing")) is None
+    counts = iter([1, 4, 1, 1, 9])  # this process alone, with a few blips
+    monkeypatch.setattr(cpu_threads, "running_tasks", lambda: next(counts))
+    monkeypatch.setattr(cpu_threads, "load_average", lambda: 5.0)  # stale: ignored
+    assert cpu_threads.busy_cpus(interval=0) == 0.0
+    monkeypatch.setattr(cpu_threads, "running_tasks", lambda: None)  # no /proc: the load average
+    assert cpu_threads.busy_cpus(interval=0) == 5.0
 
 
 # -- the KV cache fits the model and the context ----------------------------------------------------
