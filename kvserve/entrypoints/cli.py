@@ -25,9 +25,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", "-m", default=DEFAULT_MODEL, help="built-in name, HF folder, .gguf file or HF Hub id (default: %(default)s)")
     g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (default: %(default)s)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: %(default)s)")
-    g.add_argument("--quantization", "-q", default=None, choices=["none", "q8_0", "q4_0"],
+    g.add_argument("--quantization", "-q", default=None, choices=["none", "q8_0", "q4_0", "int8", "int4", "fp8"],
                    help="weight format: default keeps the checkpoint's (a GGUF's quantized blocks stay "
-                        "quantized on CPU); none dequantizes them; q8_0 | q4_0 quantize an HF checkpoint at load")
+                        "quantized); none dequantizes them; q8_0 | q4_0 (CPU) and int8 | int4 | fp8 (CUDA) "
+                        "quantize an HF checkpoint at load")
     g.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's, capped by the KV cache)")
     g.add_argument("--max-num-seqs", type=int, default=256, help="most requests per step (default: %(default)s)")
     g.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per step")
