@@ -60,7 +60,7 @@ def _dot_rows(x_ptr, q_ptr, s_ptr, o_ptr, rows64, K, stride_q, stride_s,
             if HAS_OFF:
                 m = tl.load(o_ptr + rows64[:, None] * stride_s + g[None, :]).to(tl.float32)
                 acc += m * tl.sum(xl + xh, 1)[None, :]
-        return tl.sum(acc, 1)
+        res = tl.sum(acc, 1)
     elif KIND == 1:
         NG: tl.constexpr = BLOCK_K // GROUP
         gi = tl.arange(0, NG)
@@ -75,7 +75,7 @@ def _dot_rows(x_ptr, q_ptr, s_ptr, o_ptr, rows64, K, stride_q, stride_s,
             if HAS_OFF:
                 m = tl.load(o_ptr + rows64[:, None] * stride_s + grp[None, :]).to(tl.float32)
                 acc += m * tl.sum(x, 1)[None, :]
-        return tl.sum(acc, 1)
+        res = tl.sum(acc, 1)
     else:
         cols = tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -83,7 +83,8 @@ def _dot_rows(x_ptr, q_ptr, s_ptr, o_ptr, rows64, K, stride_q, stride_s,
             w = tl.load(q_ptr + rows64[:, None] * stride_q + (k0 + cols)[None, :])
             x = tl.load(x_ptr + k0 + cols).to(tl.float32)
             acc += w.to(tl.float32) * x[None, :]
-        return tl.sum(acc, 1) * tl.load(s_ptr + rows64 * stride_s).to(tl.float32)
+        res = tl.sum(acc, 1) * tl.load(s_ptr + rows64 * stride_s).to(tl.float32)
+    return res
 
 
 @triton.jit
