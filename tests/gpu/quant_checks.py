@@ -5,9 +5,11 @@ TRITON_INTERPRET=1 on tiny shapes (`tests/platform/test_cuda_quant.py`)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
-from kvserve.platform.cuda_quant import QWeight, quantize, repack_ggml
+from kvserve.platform.cuda_quant import QWeight, int4_group, quantize, repack_ggml
 
 
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
@@ -111,6 +113,36 @@ def check_act_quant(device: str) -> None:
     ref_s = x.float().abs().amax(1, keepdim=True) / 448.0
     assert torch.allclose(s.cpu(), ref_s.cpu())
     assert rel_err(q.float() * s, x.float()) < 0.08  # e4m3: 3 mantissa bits
+
+
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def dequantized_folder(src: Path, scheme: str, dst: Path) -> Path:
+    """The HF checkpoint with every weight the GPU quantizes replaced by its dequantized value
+    (the LM head in int8 for int4, as the platform keeps it)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, dst / f.name)
+    for f in src.glob("*.safetensors"):
+        sd = load_file(f)
+        for name, t in sd.items():
+            k = t.shape[-1] if t.dim() == 2 else 0
+            is_proj = any(f".{p}." in name for p in PROJ)
+            if t.dim() != 2 or not (is_proj or name == "lm_head.weight"):
+                continue
+            s = "int8" if (name == "lm_head.weight" and scheme == "int4") else scheme
+            if s == "int4" and int4_group(k) is None or s != "int4" and k % 32:
+                continue
+            qw = quantize(t.float(), s, int4_group(k) or 128)
+            sd[name] = qw.dequantize(torch.float32).to(t.dtype)
+        save_file(sd, dst / f.name)
+    return dst
 
 
 def run_interpret() -> None:

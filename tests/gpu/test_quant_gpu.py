@@ -21,7 +21,6 @@ pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 from kvserve import LLM, SamplingParams  # noqa: E402
-from kvserve.platform.cuda_quant import int4_group, quantize  # noqa: E402
 from tests.gpu import quant_checks  # noqa: E402
 
 FP8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
@@ -77,7 +76,6 @@ def test_method_paths(scheme, m):
 
 
 # -- engine ---------------------------------------------------------------------------------
-PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 COMMON = dict(max_model_len=256, max_num_seqs=8)
 
 
@@ -93,38 +91,11 @@ def _greedy(llm: LLM, logprobs: int | None = None):
     return llm.generate(_prompts(), sp, use_tqdm=False)
 
 
-def _dequantized_folder(src: Path, scheme: str, dst: Path) -> Path:
-    """The HF checkpoint with every weight the GPU quantizes replaced by its dequantized value
-    (the LM head in int8 for int4, as the platform keeps it)."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.suffix != ".safetensors":
-            shutil.copy(f, dst / f.name)
-    for f in src.glob("*.safetensors"):
-        sd = load_file(f)
-        for name, t in sd.items():
-            k = t.shape[-1] if t.dim() == 2 else 0
-            is_proj = any(f".{p}." in name for p in PROJ)
-            if t.dim() != 2 or not (is_proj or name == "lm_head.weight"):
-                continue
-            s = "int8" if (name == "lm_head.weight" and scheme == "int4") else scheme
-            if s == "int4" and int4_group(k) is None or s != "int4" and k % 32:
-                continue
-            qw = quantize(t.float(), s, int4_group(k) or 128)
-            sd[name] = qw.dequantize(torch.float32).to(t.dtype)
-        save_file(sd, dst / f.name)
-    return dst
-
-
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "smollm2"])
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_engine_hf_quantized_matches_reference(tiny_model_factory, tmp_path, arch, scheme):
     folder, _ = tiny_model_factory(arch)
-    ref_folder = _dequantized_folder(folder, scheme, tmp_path / "deq")
+    ref_folder = quant_checks.dequantized_folder(folder, scheme, tmp_path / "deq")
     cpu = LLM(str(ref_folder), device="cpu", dtype="float32", **COMMON)
     want = [o.outputs[0].token_ids for o in _greedy(cpu)]
     for graphs in (True, False):
@@ -138,7 +109,7 @@ def test_engine_hf_quantized_matches_reference(tiny_model_factory, tmp_path, arc
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_engine_bf16_logprobs_near_dequantized(tiny_model_factory, tmp_path, scheme):
     folder, _ = tiny_model_factory("llama")
-    ref = LLM(str(_dequantized_folder(folder, scheme, tmp_path / "deq")), device="cuda", dtype="bfloat16", **COMMON)
+    ref = LLM(str(quant_checks.dequantized_folder(folder, scheme, tmp_path / "deq")), device="cuda", dtype="bfloat16", **COMMON)
     q = LLM(str(folder), device="cuda", dtype="bfloat16", quantization=scheme, **COMMON)
     a, b = _greedy(ref, logprobs=3), _greedy(q, logprobs=3)
     for ra, rb in zip(a, b):

@@ -158,3 +158,55 @@ def test_triton_kernels_interpreted():
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert "interpret checks passed" in r.stdout
+
+
+class _CpuQuantPlatform:
+    """The CPU platform with the CUDA quantized method (its PyTorch reference products): the
+    engine's loading path for these formats, testable without a GPU."""
+
+    def __new__(cls, scheme):
+        from kvserve.models.ops import Ops
+        from kvserve.platform.base import LayerBuilder, Platform, WeightFormat
+        from kvserve.platform.cpu import CpuPlatform
+
+        class P(CpuPlatform):
+            def weight_format(self, checkpoint_quantized, quantization, dtype="auto"):
+                return WeightFormat("ggml" if checkpoint_quantized else "dense", scheme or "gguf")
+
+            def resolve_dtype(self, dtype, checkpoint_dtype, weights=None):
+                return torch.float32
+
+            def layer_builder(self, backend, dtype, weights):
+                method = CudaQuantLinearMethod(scheme, CPU, dtype)
+                head = CudaQuantLinearMethod("int8", CPU, dtype) if scheme == "int4" else None
+                return LayerBuilder(backend=backend, ops=Ops(), linear_method=method, dtype=dtype, head_method=head)
+
+            def prepare_model(self, model):
+                Platform.prepare_model(self, model)
+
+        return P()
+
+
+@pytest.mark.parametrize("arch,scheme", [("llama", "int4"), ("smollm2", "int8"), ("llama", "fp8")])
+def test_engine_loading_matches_dequantized_checkpoint(tiny_model_factory, tmp_path, monkeypatch, arch, scheme):
+    """Fused shards, the untied head (int8 under int4), the tied head (dense), the embedding:
+    greedy ids of the engine on this method equal the engine on the dequantized checkpoint."""
+    from kvserve import LLM, SamplingParams
+    from kvserve.engine import llm_engine
+    from tests.gpu.quant_checks import dequantized_folder
+
+    folder, _ = tiny_model_factory(arch)
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompts = [{"prompt_token_ids": [5, 9, 13, 40, 7]}, {"prompt_token_ids": list(range(20, 50))}]
+    ref = LLM(str(dequantized_folder(folder, scheme, tmp_path / "deq")), device="cpu", dtype="float32", max_model_len=128)
+    want = [o.outputs[0].token_ids for o in ref.generate(prompts, sp, use_tqdm=False)]
+    monkeypatch.setattr(llm_engine, "get_platform", lambda device: _CpuQuantPlatform(scheme))
+    llm = LLM(str(folder), device="cpu", dtype="float32", max_model_len=128)
+    model = llm.engine.runner.model
+    assert model.layers[0].mlp.gate_up_proj.qweight.kind == scheme
+    head = model.lm_head
+    if arch == "smollm2":  # tied: the head is the dense embedding
+        assert head.qweight is None and head.weight is model.embed_tokens.weight
+    else:
+        assert head.qweight.kind == ("int8" if scheme == "int4" else scheme)
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)] == want
