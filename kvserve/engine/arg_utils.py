@@ -35,7 +35,7 @@ class EngineArgs:
         GPU's int8 / int4 layouts); 'none' dequantizes them to `dtype` (the reference path);
         'q8_0' | 'q4_0' (CPU) quantize an HF checkpoint's projection weights into that GGML block
         format at load; 'int8' (per channel) | 'int4' (group 128, asymmetric) | 'fp8' (e4m3, per
-        channel, compute capability 8.9+) do the same on CUDA (docs/quantization.md).
+        channel, compute capability 8.9+) do the same on CUDA (docs/gpu-quantization.md).
     tensor_parallel_size: split the model across this many ranks (one process per rank; NCCL on
         GPUs, one GPU per rank; gloo on CPU). Started by the engine on one machine, or by
         torchrun across machines (then WORLD_SIZE must equal it). See docs/architecture.md.
