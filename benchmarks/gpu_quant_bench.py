@@ -97,7 +97,7 @@ def section_kernels() -> None:
         for scheme in ("int8", "int4", "fp8"):
             qw0 = quantize(base, scheme)
             qs = _copies(lambda: quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16), scheme), qw0.nbytes)
-            configs = [None] + ([(2, 512, 4), (4, 512, 4), (4, 1024, 8), (8, 256, 4), (2, 1024, 4)] if name in ("gate_up", "down") else [])
+            configs = [None] + ([(2, 512, 4), (4, 512, 4), (8, 512, 4), (4, 1024, 8), (8, 1024, 8), (2, 1024, 4), (4, 2048, 8)] if name in ("gate_up", "down") else [])
             best = None
             for cfg in configs:
                 try:

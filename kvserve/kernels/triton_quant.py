@@ -291,7 +291,7 @@ def _launch_pdl(x: torch.Tensor) -> bool:
 
 
 # (BLOCK_N, BLOCK_K cap, num_warps) of the one-row kernel per storage kind (benchmarks/gpu_quant_bench.py).
-GEMV_CONFIG = {"int4": (4, 512, 4), "int8": (2, 1024, 4), "fp8": (2, 1024, 4)}
+GEMV_CONFIG = {"int4": (4, 1024, 4), "int8": (2, 1024, 4), "fp8": (2, 1024, 4)}
 
 
 def qgemv(x: torch.Tensor, qw, bias: torch.Tensor | None = None, silu: bool = False,
