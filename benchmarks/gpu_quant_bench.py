@@ -80,6 +80,12 @@ def rotate_time(fn, items: list, reps: int = 60) -> float:
     return statistics.median(times)
 
 
+def triton_next_pow2(m: int) -> int:
+    import triton
+
+    return triton.next_power_of_2(m)
+
+
 def section_kernels() -> None:
     from kvserve.kernels import triton_quant as tq
     from kvserve.models import triton_ops
@@ -122,25 +128,33 @@ def section_kernels() -> None:
     RESULTS["kernels/1row"] = rows
     # Several rows: the crossover between the Triton GEMM and dequantize + cuBLAS / _scaled_mm.
     many = {}
-    for name in ("gate_up", "down"):
+    for name in ("gate_up", "down", "o"):
         n, k = SHAPES_8B[name]
-        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
-        qws = {s: quantize(w, s) for s in ("int8", "int4", "fp8")}
+        ws = _copies(lambda: torch.randn(n, k, device="cuda", dtype=torch.bfloat16), n * k * 2)
+        qws = {s: [quantize(w, s) for w in ws[: len(_copies(lambda: 0, quantize(ws[0], s).nbytes))]]
+               for s in ("int8", "int4", "fp8")}
         for m in (2, 4, 16, 32, 64, 128, 256, 1024, 16384):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            r = {"bf16_cublas_us": rotate_time(lambda ww: F.linear(x, ww), [w]) * 1e6}
+            r = {"bf16_cublas_us": rotate_time(lambda ww: F.linear(x, ww), ws) * 1e6}
             for s, qw in qws.items():
-                r[f"{s}_qmm_us"] = rotate_time(lambda q: tq.qmm(x, q), [qw]) * 1e6 if m <= 1024 else float("nan")
+                r[f"{s}_qmm_us"] = rotate_time(lambda q: tq.qmm(x, q), qw) * 1e6 if m <= 1024 else float("nan")
                 if s == "fp8":
                     def fp8(q):
                         xq, xs = tq.act_quant_fp8(x)
                         return torch._scaled_mm(xq, q.q.t(), scale_a=xs, scale_b=q.scale.view(1, -1), out_dtype=x.dtype)
-                    r["fp8_scaled_mm_us"] = rotate_time(fp8, [qw]) * 1e6
+                    r["fp8_scaled_mm_us"] = rotate_time(fp8, qw) * 1e6
                 else:
-                    r[f"{s}_deq_cublas_us"] = rotate_time(lambda q: F.linear(x, tq.dequantize(q, x.dtype)), [qw]) * 1e6
+                    r[f"{s}_deq_cublas_us"] = rotate_time(lambda q: F.linear(x, tq.dequantize(q, x.dtype)), qw) * 1e6
+            if m in (4, 16, 64):  # GEMM tile sweep at decode sizes
+                for cfg in ((16, 16, 256, 4, 4), (16, 32, 256, 4, 4), (16, 64, 128, 4, 4), (16, 32, 128, 4, 3), (16, 16, 512, 4, 4)):
+                    cfg = (max(cfg[0], min(64, triton_next_pow2(m))),) + cfg[1:]
+                    try:
+                        r[f"int4_qmm_{cfg}_us"] = rotate_time(lambda q: tq.qmm(x, q, config=cfg), qws["int4"]) * 1e6
+                    except Exception as e:
+                        log(f"[kernels] qmm {cfg}: {type(e).__name__}")
             many[f"{name} m={m}"] = r
             log(f"[kernels] {name} m={m}: " + ", ".join(f"{k_} {v:.1f}" for k_, v in r.items()))
-        del w, qws
+        del ws, qws
         torch.cuda.empty_cache()
     RESULTS["kernels/rows"] = many
 
