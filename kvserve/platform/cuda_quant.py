@@ -19,7 +19,7 @@ Products (`CudaQuantLinearMethod.apply`):
 
 - one row: the quantized GEMV (dequantizes in registers), with SiLU·mul or RoPE + K/V store
   in its epilogue for fused gate/up and qkv projections, as the bf16 GEMV;
-- up to `QMM_MAX_ROWS` rows: the dequantizing Triton GEMM;
+- up to `QMM_MAX_ROWS` rows (512: every decode batch; FP8: 64): the dequantizing Triton GEMM;
 - more rows: int8 / int4 dequantized to the model dtype in one pass, then cuBLAS; FP8 with
   per-row dynamic activation scales through `torch._scaled_mm` (FP8 tensor cores).
   (`benchmarks/gpu_quant_bench.py` measured the crossover; see benchmarks/RESULTS.md.)
@@ -49,9 +49,12 @@ INT4_GROUP = 128
 # GGML type ids (kernels/cpu_quant.QTYPES) that repack exactly.
 Q4_0, Q4_1, Q8_0, Q4_K = 2, 3, 8, 12
 REPACKABLE = {Q4_0: "int4", Q4_1: "int4", Q8_0: "int8", Q4_K: "int4"}
-# Rows up to which the dequantizing Triton GEMM runs; above it, dequantize-then-cuBLAS (int) or
-# _scaled_mm (fp8). KVSERVE_QMM_MAX_ROWS overrides it (measurements).
-QMM_MAX_ROWS = int(os.environ.get("KVSERVE_QMM_MAX_ROWS", "64"))
+# Rows up to which the dequantizing Triton GEMM runs; above it, dequantize-then-cuBLAS (int8 /
+# int4: prefill) or _scaled_mm (fp8). The int limit covers every decode batch a CUDA graph
+# captures (up to 512), where dequantizing the whole weight each step would read more bytes
+# than the 16-bit model. KVSERVE_QMM_MAX_ROWS / KVSERVE_FP8_QMM_MAX_ROWS override them.
+QMM_MAX_ROWS = int(os.environ.get("KVSERVE_QMM_MAX_ROWS", "512"))
+FP8_QMM_MAX_ROWS = int(os.environ.get("KVSERVE_FP8_QMM_MAX_ROWS", "64"))
 
 
 @dataclass
@@ -313,7 +316,7 @@ class CudaQuantLinearMethod(TritonGemvLinearMethod):
             x = x.contiguous()
         if m == 1:
             return triton_quant.qgemv(x, qw, bias)
-        if m <= QMM_MAX_ROWS:
+        if m <= (FP8_QMM_MAX_ROWS if qw.kind == "fp8" else QMM_MAX_ROWS):
             return triton_quant.qmm(x, qw, bias)
         if qw.kind == "fp8" and x.dtype in (torch.bfloat16, torch.float16):
             xq, xs = triton_quant.act_quant_fp8(x)
