@@ -19,7 +19,7 @@ Products (`CudaQuantLinearMethod.apply`):
 
 - one row: the quantized GEMV (dequantizes in registers), with SiLU·mul or RoPE + K/V store
   in its epilogue for fused gate/up and qkv projections, as the bf16 GEMV;
-- up to `QMM_MAX_ROWS` rows (512: every decode batch; FP8: 64): the dequantizing Triton GEMM;
+- up to `QMM_MAX_ROWS` rows (64): the dequantizing Triton GEMM;
 - more rows: int8 / int4 dequantized to the model dtype in one pass, then cuBLAS; FP8 with
   per-row dynamic activation scales through `torch._scaled_mm` (FP8 tensor cores).
   (`benchmarks/gpu_quant_bench.py` measured the crossover; see benchmarks/RESULTS.md.)
@@ -50,10 +50,10 @@ INT4_GROUP = 128
 Q4_0, Q4_1, Q8_0, Q4_K = 2, 3, 8, 12
 REPACKABLE = {Q4_0: "int4", Q4_1: "int4", Q8_0: "int8", Q4_K: "int4"}
 # Rows up to which the dequantizing Triton GEMM runs; above it, dequantize-then-cuBLAS (int8 /
-# int4: prefill) or _scaled_mm (fp8). The int limit covers every decode batch a CUDA graph
-# captures (up to 512), where dequantizing the whole weight each step would read more bytes
-# than the 16-bit model. KVSERVE_QMM_MAX_ROWS / KVSERVE_FP8_QMM_MAX_ROWS override them.
-QMM_MAX_ROWS = int(os.environ.get("KVSERVE_QMM_MAX_ROWS", "512"))
+# int4) or _scaled_mm (fp8). On an H200 (benchmarks/RESULTS.md) the int8 GEMM beat
+# dequantize + cuBLAS up to 64 rows on every Llama-3.1-8B shape, and lost from 128 rows on two
+# of three. KVSERVE_QMM_MAX_ROWS / KVSERVE_FP8_QMM_MAX_ROWS override them.
+QMM_MAX_ROWS = int(os.environ.get("KVSERVE_QMM_MAX_ROWS", "64"))
 FP8_QMM_MAX_ROWS = int(os.environ.get("KVSERVE_FP8_QMM_MAX_ROWS", "64"))
 
 
