@@ -86,7 +86,7 @@ def triton_next_pow2(m: int) -> int:
     return triton.next_power_of_2(m)
 
 
-def section_kernels() -> None:
+def section_kernels(sweep: bool = True) -> None:
     from kvserve.kernels import triton_quant as tq
     from kvserve.models import triton_ops
     from kvserve.platform.cuda_quant import quantize
@@ -103,7 +103,7 @@ def section_kernels() -> None:
         for scheme in ("int8", "int4", "fp8"):
             qw0 = quantize(base, scheme)
             qs = _copies(lambda: quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16), scheme), qw0.nbytes)
-            configs = [None] + ([(2, 512, 4), (4, 512, 4), (8, 512, 4), (4, 1024, 8), (8, 1024, 8), (2, 1024, 4), (4, 2048, 8)] if name in ("gate_up", "down") else [])
+            configs = [None] + ([] if not sweep else [(2, 512, 4), (4, 512, 4), (8, 512, 4), (4, 1024, 8), (8, 1024, 8), (2, 1024, 4), (4, 2048, 8)] if name in ("gate_up", "down") else [])
             best = None
             for cfg in configs:
                 try:
@@ -126,6 +126,8 @@ def section_kernels() -> None:
                         for s in ("int8", "int4", "fp8")))
         torch.cuda.empty_cache()
     RESULTS["kernels/1row"] = rows
+    if not sweep:
+        return
     # Several rows: the crossover between the Triton GEMM and dequantize + cuBLAS / _scaled_mm.
     many = {}
     for name in ("gate_up", "down", "o"):
@@ -307,7 +309,7 @@ def section_peer(peer_dir: Path, bw: float, modes: list[str], prompt_len: int = 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="kernels,decode,throughput,peer")
+    ap.add_argument("--only", default="kernels,decode,throughput,peer", help="kernels, kernels1 (one-row GEMVs only), decode, throughput, peer")
     ap.add_argument("--schemes", default="bf16,int8,int4,fp8")
     ap.add_argument("--tp-schemes", default="bf16,int4,fp8")
     ap.add_argument("--peer-dir", default="peer")
@@ -328,6 +330,7 @@ def main() -> None:
         log(f"[ceilings] best large GEMV {bw / 1e9:.0f} GB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s")
     sections = [
         ("kernels", lambda: section_kernels()),
+        ("kernels1", lambda: section_kernels(sweep=False)),  # one-row GEMVs at their defaults only
         ("decode", lambda: section_decode(root, bw, flops, args.schemes.split(","))),
         ("throughput", lambda: section_throughput(root, args.tp_schemes.split(","))),
         ("peer", lambda: section_peer(Path(args.peer_dir), bw, args.peer_modes.split(","))),
