@@ -41,30 +41,25 @@ def _dot_rows(x_ptr, q_ptr, s_ptr, o_ptr, rows64, K, stride_q, stride_s,
     """fp32 dot products of the dequantized weight rows `rows64` [BLOCK_N] with x [K].
     KIND 0: 4-bit (GGML chunk order), 1: 8-bit in groups of GROUP, 2: 8-bit per channel."""
     if KIND == 0:
-        # Each chunk's 16 bytes are read as 4 int32 words; a nibble becomes a float by the
-        # exponent trick (q | 0x4B000000 is 2^23 + q as a float), integer ops and an FADD
-        # instead of an int-to-float conversion (a quarter-rate instruction that bound the
-        # first version at ~1.5 TB/s on an H200).
         NC: tl.constexpr = BLOCK_K // 32
         c = tl.arange(0, NC)
-        wi = tl.arange(0, 4)
-        s8 = tl.arange(0, 8)
-        shifts = (s8 // 2) * 8 + (s8 % 2) * 4  # nibble s8 of a word: byte s8 // 2, high half if odd
-        xoff = (wi * 4)[:, None] + ((s8 % 2) * 16 + s8 // 2)[None, :]  # [4, 8]: its column in the chunk
-        q32 = q_ptr.to(tl.pointer_type(tl.int32))
+        i = tl.arange(0, 16)
         acc = tl.zeros([BLOCK_N, NC], dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             chunk = k0 // 32 + c  # [NC]
-            words = tl.load(q32 + rows64[:, None, None] * (stride_q // 4) + (chunk * 4)[None, :, None] + wi[None, None, :])
-            nib = (words[:, :, :, None] >> shifts[None, None, None, :]) & 15  # [BN, NC, 4, 8]
-            f = (nib | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
-            xv = tl.load(x_ptr + (chunk * 32)[:, None, None] + xoff[None, :, :]).to(tl.float32)  # [NC, 4, 8]
-            p = tl.sum(tl.sum(f * xv[None, :, :, :], 3), 2)  # [BN, NC]
+            b = tl.load(q_ptr + rows64[:, None, None] * stride_q + (chunk * 16)[None, :, None] + i[None, None, :])
+            xo = (chunk * 32)[:, None] + i[None, :]  # [NC, 16]
+            xl = tl.load(x_ptr + xo).to(tl.float32)
+            xh = tl.load(x_ptr + xo + 16).to(tl.float32)
+            lo = (b & 15).to(tl.float32)
+            hi = (b >> 4).to(tl.float32)
+            p = tl.sum(lo * xl[None, :, :] + hi * xh[None, :, :], 2)  # [BLOCK_N, NC]
             g = chunk // (GROUP // 32)
-            acc += p * tl.load(s_ptr + rows64[:, None] * stride_s + g[None, :]).to(tl.float32)
+            sg = s_ptr + rows64[:, None] * stride_s + g[None, :]
+            acc += p * tl.load(sg).to(tl.float32)
             if HAS_OFF:
                 m = tl.load(o_ptr + rows64[:, None] * stride_s + g[None, :]).to(tl.float32)
-                acc += m * tl.sum(tl.sum(xv, 2), 1)[None, :]
+                acc += m * tl.sum(xl + xh, 1)[None, :]
         res = tl.sum(acc, 1)
     elif KIND == 1:
         NG: tl.constexpr = BLOCK_K // GROUP
@@ -81,21 +76,6 @@ def _dot_rows(x_ptr, q_ptr, s_ptr, o_ptr, rows64, K, stride_q, stride_s,
                 m = tl.load(o_ptr + rows64[:, None] * stride_s + grp[None, :]).to(tl.float32)
                 acc += m * tl.sum(x, 1)[None, :]
         res = tl.sum(acc, 1)
-    elif KIND == 3:
-        # int8 per channel, 4 bytes a word, each byte to float by the exponent trick:
-        # (b ^ 0x80) | 0x4B000000 is 2^23 + 128 + q.
-        NW: tl.constexpr = BLOCK_K // 4
-        wi = tl.arange(0, NW)
-        j = tl.arange(0, 4)
-        q32 = q_ptr.to(tl.pointer_type(tl.int32))
-        acc = tl.zeros([BLOCK_N, NW, 4], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            words = tl.load(q32 + rows64[:, None] * (stride_q // 4) + (k0 // 4 + wi)[None, :])  # [BN, NW]
-            u = ((words[:, :, None] >> (j * 8)[None, None, :]) & 255) ^ 128
-            f = (u | 0x4B000000).to(tl.float32, bitcast=True) - 8388736.0
-            x = tl.load(x_ptr + k0 + (wi * 4)[:, None] + j[None, :]).to(tl.float32)  # [NW, 4]
-            acc += f * x[None, :, :]
-        res = tl.sum(tl.sum(acc, 2), 1) * tl.load(s_ptr + rows64 * stride_s).to(tl.float32)
     else:
         cols = tl.arange(0, BLOCK_K)
         acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
@@ -290,13 +270,11 @@ def _act_quant_fp8_kernel(x_ptr, out_ptr, scale_ptr, K, stride_x, BLOCK: tl.cons
 KINDS = {"int4": 0, "int8": 1, "fp8": 1}
 
 
-def _kind(kind: str, group: int, k: int, gemv: bool = False) -> int:
-    """0: 4-bit; 1: 8-bit in groups; 2: 8-bit per channel (3: int8 per channel, GEMV only)."""
+def _kind(kind: str, group: int, k: int) -> int:
+    """0: 4-bit; 1: 8-bit in groups; 2: 8-bit per channel."""
     if kind == "int4":
         return 0
-    if group != k:
-        return 1
-    return 3 if gemv and kind == "int8" else 2
+    return 2 if group == k else 1
 
 
 def _block_k(k: int, cap: int, group: int) -> int:
@@ -324,7 +302,7 @@ def qgemv(x: torch.Tensor, qw, bias: torch.Tensor | None = None, silu: bool = Fa
     `silu`, silu(gate) * up of a fused gate/up weight -> [1, N / 2]."""
     n, k = qw.shape
     block_n, cap, warps = config or GEMV_CONFIG[qw.kind]
-    kind = _kind(qw.kind, qw.group, k, gemv=True)
+    kind = _kind(qw.kind, qw.group, k)
     block_k = _block_k(k, cap, qw.group if kind == 1 else 32)
     if kind == 1:
         block_k = max(block_k, qw.group)
@@ -337,7 +315,7 @@ def qgemv(x: torch.Tensor, qw, bias: torch.Tensor | None = None, silu: bool = Fa
     _qgemv_kernel[(triton.cdiv(out_n, block_n),)](
         x, qw.q, qw.scale, qw.offset if qw.offset is not None else qw.scale, bias if bias is not None else qw.scale,
         out, out_n, k, qw.q.stride(0), qw.scale.stride(0),
-        KIND=kind, HAS_OFF=qw.offset is not None, GROUP=qw.group if kind < 2 else 32, HAS_BIAS=bias is not None,
+        KIND=kind, HAS_OFF=qw.offset is not None, GROUP=qw.group if kind != 2 else 32, HAS_BIAS=bias is not None,
         SILU=silu, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, PDL=use_pdl, num_warps=warps, launch_pdl=use_pdl,
     )
     return out
@@ -349,7 +327,7 @@ def qgemv_rope_(x, qw, bias, positions, cos_sin, num_q_heads, num_kv_heads, head
     if n != (num_q_heads + 2 * num_kv_heads) * head_dim or head_dim % 2:
         raise ValueError(f"qgemv_rope_: weight of {n} rows is not q, k and v heads of even size {head_dim}")
     _, cap, warps = GEMV_CONFIG[qw.kind]
-    kind = _kind(qw.kind, qw.group, k, gemv=True)
+    kind = _kind(qw.kind, qw.group, k)
     block_k = _block_k(k, cap, 32)
     if kind == 1:
         block_k = max(block_k, qw.group)
@@ -361,7 +339,7 @@ def qgemv_rope_(x, qw, bias, positions, cos_sin, num_q_heads, num_kv_heads, head
         out, positions, cos_sin, kv_cache if write else qw.scale, slot_mapping if write else positions,
         k, qw.q.stride(0), qw.scale.stride(0), cos_sin.stride(0), num_q_heads, num_q_heads + num_kv_heads,
         kv_cache.stride(0) if write else 0, kv_cache.stride(2) if write else 0, kv_cache.stride(3) if write else 0,
-        KIND=kind, HAS_OFF=qw.offset is not None, GROUP=qw.group if kind < 2 else 32, HAS_BIAS=bias is not None,
+        KIND=kind, HAS_OFF=qw.offset is not None, GROUP=qw.group if kind != 2 else 32, HAS_BIAS=bias is not None,
         HALF=head_dim // 2, BLOCK_K=block_k, WRITE_KV=write, PDL=use_pdl, num_warps=warps, launch_pdl=use_pdl,
     )
     return out

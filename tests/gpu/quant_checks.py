@@ -93,14 +93,14 @@ def check_rope(device: str, dtype: torch.dtype, tol: float, hq: int = 4, hkv: in
         cache = torch.zeros(2, 4, 16, hkv, d, device=device, dtype=dtype)
         slot = torch.tensor([21], device=device)
         got = triton_quant.qgemv_rope_(x, qw, None, pos, cos_sin, hq, hkv, d, cache, slot)
-        y = (x.double() @ qw.dequantize(torch.float64).T).view(hq + 2 * hkv, d)
+        y = (x.double() @ qw.dequantize(torch.float64).T).view(hq + 2 * hkv, d).cpu()
         c, s = ang[37].cos(), ang[37].sin()
         rot = y.clone()
         x1, x2 = y[: hq + hkv, :half], y[: hq + hkv, half:]
         rot[: hq + hkv, :half] = x1 * c - x2 * s
         rot[: hq + hkv, half:] = x2 * c + x1 * s
         assert rel_err(got.view(hq + 2 * hkv, d), rot) < tol, name
-        kv = cache.view(2, 64, hkv, d)[:, 21]
+        kv = cache.view(2, 64, hkv, d)[:, 21].cpu()
         assert rel_err(kv[0], rot[hq : hq + hkv]) < tol and rel_err(kv[1], rot[hq + hkv :]) < tol, name
         assert cache.view(2, 64, hkv, d)[:, :21].abs().sum() == 0
 
