@@ -33,10 +33,13 @@ class EngineArgs:
     attention_backend: 'auto' | 'torch' | 'triton'.
     enforce_eager: never capture CUDA graphs.
     load_format: 'auto' (read the checkpoint) | 'dummy' (random weights at the config's shapes).
-    quantization: None (default) keeps the checkpoint's weight format: a GGUF file's quantized
-        blocks stay quantized on the CPU (dequantized at load on CUDA); 'none' dequantizes them
-        to `dtype` (the reference path); 'q8_0' | 'q4_0' quantize an HF checkpoint's projection
-        weights into that GGML block format at load (CPU), for the speed of a quantized GGUF.
+    quantization: None (default): on the CPU a GGUF file's quantized blocks stay quantized; on
+        CUDA they are dequantized to `dtype` (the bf16 kernels are still faster above batch 1).
+        'gguf' keeps them quantized on CUDA too (Q8_0 / Q4_0 / Q4_1 / Q4_K repacked exactly into
+        the GPU's int8 / int4 layouts); 'none' dequantizes them everywhere (the reference path);
+        'q8_0' | 'q4_0' (CPU) quantize an HF checkpoint's projection weights into that GGML block
+        format at load; 'int8' (per channel) | 'int4' (group 128, asymmetric) | 'fp8' (e4m3, per
+        channel, compute capability 8.9+) do the same on CUDA (docs/gpu-quantization.md).
     tensor_parallel_size: split the model across this many ranks (one process per rank; NCCL on
         GPUs, one GPU per rank; gloo on CPU). Started by the engine on one machine, or by
         torchrun across machines (then WORLD_SIZE must equal it). See docs/architecture.md.
@@ -121,8 +124,11 @@ class EngineArgs:
             raise ValueError(f"load_format must be 'auto' or 'dummy' (got {self.load_format!r})")
         if self.async_scheduling not in (None, True, False):
             raise ValueError(f"async_scheduling must be True, False or None (got {self.async_scheduling!r})")
-        if self.quantization not in (None, "none", "q8_0", "q4_0"):
-            raise ValueError(f"quantization must be None, 'none', 'q8_0' or 'q4_0' (got {self.quantization!r})")
+        if self.quantization not in (None, "none", "gguf", "q8_0", "q4_0", "int8", "int4", "fp8"):
+            raise ValueError(
+                f"quantization must be None, 'none', 'gguf', 'q8_0', 'q4_0' (CPU), 'int8', 'int4' or 'fp8' (CUDA) "
+                f"(got {self.quantization!r})"
+            )
         from kvserve.spec_decode.config import SpeculativeConfig
 
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)

@@ -27,9 +27,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", "-m", default=DEFAULT_MODEL, help="built-in name, HF folder, .gguf file or HF Hub id (default: %(default)s)")
     g.add_argument("--dtype", default="auto", help="auto | float32 | bfloat16 | float16 (default: %(default)s)")
     g.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: %(default)s)")
-    g.add_argument("--quantization", "-q", default=None, choices=["none", "q8_0", "q4_0"],
-                   help="weight format: default keeps the checkpoint's (a GGUF's quantized blocks stay "
-                        "quantized on CPU); none dequantizes them; q8_0 | q4_0 quantize an HF checkpoint at load")
+    g.add_argument("--quantization", "-q", default=None, choices=["none", "gguf", "q8_0", "q4_0", "int8", "int4", "fp8"],
+                   help="weight format. Default: on CPU a GGUF's quantized blocks stay quantized, on CUDA they "
+                        "are dequantized to --dtype; gguf keeps them quantized on CUDA too; none dequantizes them; "
+                        "q8_0 | q4_0 (CPU) and int8 | int4 | fp8 (CUDA) quantize an HF checkpoint at load")
     g.add_argument("--max-model-len", type=int, default=None, help="context window (default: the model's, capped by the KV cache)")
     g.add_argument("--max-num-seqs", type=int, default=256, help="most requests per step (default: %(default)s)")
     g.add_argument("--max-num-batched-tokens", type=int, default=None, help="token budget per step")
@@ -39,7 +40,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
                         "tokens can use, at most 40%% of the available RAM)")
     g.add_argument("--threads", "-t", type=int, default=None,
                    help="CPU threads for PyTorch and the C kernels (default: the cores not already busy, "
-                        "from the load average; $OMP_NUM_THREADS when set)")
+                        "now (runnable tasks in /proc/stat); $OMP_NUM_THREADS when set)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="GPU memory fraction (default: %(default)s)")
     g.add_argument("--no-prefix-caching", action="store_true", help="disable prefix caching")
     g.add_argument("--no-chunked-prefill", action="store_true", help="disable chunked prefill")

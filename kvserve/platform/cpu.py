@@ -92,6 +92,10 @@ class CpuPlatform(Platform):
         from kvserve.core.config import normalize_dtype
         from kvserve.platform.ggml_linear import QUANTIZE_TO
 
+        if quantization == "gguf":  # the CPU's default for a quantized GGUF, asked for explicitly
+            if not checkpoint_quantized:
+                raise ValueError("quantization='gguf' keeps a GGUF file's quantized blocks: this checkpoint has none")
+            return WeightFormat("ggml")
         if quantization in (None, "auto"):
             if checkpoint_quantized and normalize_dtype(dtype) in ("bfloat16", "float16"):
                 logger.info("dtype=%s: GGUF blocks dequantized to it (the quantized kernels compute in fp32)", dtype)
@@ -102,7 +106,7 @@ class CpuPlatform(Platform):
         if quantization in QUANTIZE_TO:
             # Quantized checkpoints keep their own blocks; dense parts are quantized at load.
             return WeightFormat("ggml", QUANTIZE_TO[quantization])
-        raise ValueError(f"quantization must be one of none, q8_0, q4_0 on the CPU (got {quantization!r})")
+        raise ValueError(f"quantization must be one of none, gguf, q8_0, q4_0 on the CPU (got {quantization!r})")
 
     def layer_builder(self, backend, dtype: torch.dtype, weights: WeightFormat) -> LayerBuilder:
         ops = self.ops(dtype)

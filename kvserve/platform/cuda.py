@@ -1,11 +1,15 @@
 """The CUDA platform: Triton kernels (norms, RoPE, SiLU·mul, the one-row GEMV with its
 epilogues, attention) where Triton is installed, cuBLAS for every larger product.
 
-GGML-quantized GGUF weights are dequantized to the model dtype at load here (quantized GPU
-kernels are not built yet); the start-up line says so.
+Quantized weights (`platform/cuda_quant.py`): `quantization="int8" | "int4" | "fp8"` quantizes
+an HF checkpoint's projections at load; a GGUF file's Q8_0 / Q4_0 / Q4_1 / Q4_K matrices are
+repacked exactly into the same int8 / int4 layouts (other GGML types are dequantized to the
+model dtype); `quantization="none"` dequantizes everything (the reference path).
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 
@@ -13,6 +17,8 @@ from kvserve.attention.base import AttentionBackend
 from kvserve.models.linear import DenseLinearMethod
 from kvserve.models.ops import Ops
 from kvserve.platform.base import TORCH_DTYPES, LayerBuilder, Platform, WeightFormat
+
+logger = logging.getLogger(__name__)
 
 
 class CudaPlatform(Platform):
@@ -29,8 +35,15 @@ class CudaPlatform(Platform):
         props = torch.cuda.get_device_properties(self.device)
         return (
             f"cuda {props.name} (sm_{props.major}{props.minor}, {props.total_memory / 2**30:.0f} GiB); "
-            f"Triton kernels: {'on' if self.triton else 'off'}; GGML weights dequantized at load"
+            f"Triton kernels: {'on' if self.triton else 'off'}; quantized weights: "
+            f"{'int8, int4, GGUF Q8_0/Q4_0/Q4_1/Q4_K' if self.triton else 'off (Triton missing)'}"
+            f"{', fp8' if self.fp8 else ''}"
         )
+
+    @property
+    def fp8(self) -> bool:
+        """FP8 tensor cores (compute capability 8.9 and later)."""
+        return self.triton and torch.cuda.get_device_capability(self.device) >= (8, 9)
 
     def resolve_dtype(self, dtype: str, checkpoint_dtype: str | None, weights: WeightFormat = WeightFormat()) -> torch.dtype:
         """'auto' runs bf16 (fp16 when the checkpoint is fp16)."""
@@ -48,9 +61,32 @@ class CudaPlatform(Platform):
     def weight_format(
         self, checkpoint_quantized: bool, quantization: str | None, dtype: str = "auto"
     ) -> WeightFormat:
-        if quantization not in (None, "auto", "none"):
-            raise ValueError(f"quantization={quantization!r} is not supported on CUDA yet (only on the CPU)")
-        return WeightFormat("dequantize" if checkpoint_quantized else "dense")
+        """GGUF blocks are dequantized to the model dtype by default (the bf16 kernels are faster
+        than the quantized ones at batch sizes above one so far: benchmarks/RESULTS.md, issue 17);
+        `quantization="gguf"` keeps Q8_0 / Q4_0 / Q4_1 / Q4_K blocks (repacked to the GPU
+        layouts). 'int8' | 'int4' | 'fp8' quantize dense projection weights at load. The quantized
+        kernels are Triton's: without Triton, "gguf" and the schemes are refused."""
+        from kvserve.platform.cuda_quant import SCHEMES
+
+        if quantization in (None, "auto", "none"):
+            return WeightFormat("dequantize" if checkpoint_quantized else "dense")
+        if quantization == "gguf":
+            if not checkpoint_quantized:
+                raise ValueError("quantization='gguf' keeps a GGUF file's quantized blocks: this checkpoint has none")
+            if not self.triton:
+                raise ValueError("quantization='gguf' needs Triton on CUDA (not installed or KVSERVE_FUSED_OPS=0)")
+            return WeightFormat("ggml", "gguf")
+        if quantization not in SCHEMES:
+            raise ValueError(
+                f"quantization must be one of none, {', '.join(SCHEMES)} on CUDA (got {quantization!r}; "
+                "q8_0 / q4_0 are the CPU's formats)"
+            )
+        if not self.triton:
+            raise ValueError(f"quantization={quantization!r} needs Triton on CUDA (not installed or KVSERVE_FUSED_OPS=0)")
+        if quantization == "fp8" and not self.fp8:
+            cap = torch.cuda.get_device_capability(self.device)
+            raise ValueError(f"quantization='fp8' needs compute capability 8.9 or later (this GPU: {cap[0]}.{cap[1]})")
+        return WeightFormat("ggml" if checkpoint_quantized else "dense", quantization)
 
     def attention_backend(self, name: str) -> AttentionBackend:
         if name in ("triton", "auto"):
@@ -70,6 +106,17 @@ class CudaPlatform(Platform):
             from kvserve.platform.cuda_ops import CudaTritonOps
 
             ops = CudaTritonOps()
+        if weights.quantize_to is not None and self.triton:
+            from kvserve.platform.cuda_quant import CudaQuantLinearMethod
+
+            scheme = None if weights.quantize_to == "gguf" else weights.quantize_to
+            qmethod = CudaQuantLinearMethod(scheme, self.device, dtype)
+            qmethod.ops = ops
+            head = None
+            if scheme == "int4":  # the LM head sets every logit: 8-bit, as the CPU keeps it
+                head = CudaQuantLinearMethod("int8", self.device, dtype)
+                head.ops = ops
+            return LayerBuilder(backend=backend, ops=ops, linear_method=qmethod, dtype=dtype, head_method=head)
         method: DenseLinearMethod = DenseLinearMethod()
         # The one-row GEMV (and its fused epilogues) goes with the Triton attention backend.
         if self.triton and backend.name == "triton" and dtype in (torch.float16, torch.bfloat16):
@@ -78,3 +125,10 @@ class CudaPlatform(Platform):
             method = TritonGemvLinearMethod()
         method.ops = ops
         return LayerBuilder(backend=backend, ops=ops, linear_method=method, dtype=dtype)
+
+    def prepare_model(self, model: torch.nn.Module) -> None:
+        super().prepare_model(model)
+        from kvserve.platform.cuda_quant import CudaQuantLinearMethod, describe_weights
+
+        if any(isinstance(getattr(m, "method", None), CudaQuantLinearMethod) for m in model.modules()):
+            logger.info("quantized projections: %s", describe_weights(model))

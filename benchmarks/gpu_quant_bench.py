@@ -1,0 +1,349 @@
+"""Quantized weights on the GPU (issue 17): kernels, engine decode / prefill / throughput, and
+gpt-fast's int8 / int4 weight-only modes at the same shapes, all in one process and run.
+
+    python -m benchmarks.gpu_quant_bench                          # every section
+    python -m benchmarks.gpu_quant_bench --only kernels,decode    # sections: kernels, decode, throughput, peer
+    python -m benchmarks.gpu_quant_bench --only peer --peer-dir peer   # gpt-fast, see below
+
+kernels: Llama-3.1-8B projection shapes; one row: the bf16 Triton GEMV and the quantized GEMVs
+    (GB/s of the bytes each reads; weights rotated over > 200 MB so L2 holds none); a few GEMV
+    configs per format; several rows: the dequantizing Triton GEMM, dequantize + cuBLAS, FP8
+    _scaled_mm, bf16 cuBLAS.
+decode: Llama-3.1-8B shapes, random weights, one engine per format (bf16, int8, int4, fp8):
+    batch-1 decode ms/token (128-token prompt, 256 new) against the floor = bytes one step
+    reads (quantized weights + KV) / the best large bf16 GEMV's read bandwidth in this run;
+    batch-16 decode ms/step; prefill 8 x 2048 tokens in one step.
+throughput: the 256-request workload of benchmarks/gpu_bench.py (Qwen3-0.6B shapes), one run
+    per format.
+peer: gpt-fast (pytorch-labs/gpt-fast: its model.py, quantize.py, tokenizer.py copied into
+    --peer-dir; not part of kvserve) Llama-3.1-8B shapes, random weights, batch-1 decode under
+    torch.compile(mode="reduce-overhead"), int8 and int4 (group 128, inner_k_tiles 8).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from benchmarks import gpu_bench as gb
+from kvserve import LLM, SamplingParams
+
+RESULTS: dict[str, object] = {}
+SHAPES_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336), "head": (128256, 4096)}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def _copies(make, nbytes: int, total: int = 256 << 20) -> list:
+    return [make() for _ in range(max(2, -(-total // nbytes)))]
+
+
+def rotate_time(fn, items: list, reps: int = 60) -> float:
+    """Median seconds of fn(item), cycling over `items` (weights past the L2), graph-captured."""
+    i = [0]
+
+    def step():
+        fn(items[i[0] % len(items)])
+        i[0] += 1
+    for _ in range(len(items)):
+        step()
+    torch.cuda.synchronize()
+    # One graph of len(items) calls: no launch gaps, every weight read once per replay.
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for it in items:
+            fn(it)
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(max(3, reps // len(items))):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / len(items))
+    return statistics.median(times)
+
+
+def triton_next_pow2(m: int) -> int:
+    import triton
+
+    return triton.next_power_of_2(m)
+
+
+def section_kernels(sweep: bool = True) -> None:
+    from kvserve.kernels import triton_quant as tq
+    from kvserve.models import triton_ops
+    from kvserve.platform.cuda_quant import quantize
+
+    rows = {}
+    x1 = torch.randn(1, 14336, device="cuda", dtype=torch.bfloat16)
+    for name, (n, k) in SHAPES_8B.items():
+        x = x1[:, :k].contiguous()
+        bf = _copies(lambda: torch.randn(n, k, device="cuda", dtype=torch.bfloat16), n * k * 2)
+        row = {"bf16_us": rotate_time(lambda w: triton_ops.gemv(x, w), bf) * 1e6}
+        row["bf16_GBps"] = n * k * 2 / row["bf16_us"] / 1e3
+        base = bf[0]
+        del bf
+        for scheme in ("int8", "int4", "fp8"):
+            qw0 = quantize(base, scheme)
+            qs = _copies(lambda: quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16), scheme), qw0.nbytes)
+            configs = [None] + ([] if not sweep else [(2, 512, 4), (4, 512, 4), (8, 512, 4), (4, 1024, 8), (8, 1024, 8), (2, 1024, 4), (4, 2048, 8)] if name in ("gate_up", "down") else [])
+            best = None
+            for cfg in configs:
+                try:
+                    t = rotate_time(lambda w: tq.qgemv(x, w, config=cfg), qs)
+                except Exception as e:  # a config that does not compile
+                    log(f"[kernels] {name} {scheme} {cfg}: {type(e).__name__}")
+                    continue
+                if cfg is None:
+                    row[f"{scheme}_us"] = t * 1e6
+                    row[f"{scheme}_GBps"] = qw0.nbytes / t / 1e9
+                if best is None or t < best[0]:
+                    best = (t, cfg)
+                if cfg is not None:
+                    row[f"{scheme}_{cfg}_us"] = t * 1e6
+            row[f"{scheme}_best"] = (best[0] * 1e6, best[1])
+            del qs
+        rows[name] = row
+        log(f"[kernels] 1 row {name} {n}x{k}: bf16 {row['bf16_us']:.1f} us ({row['bf16_GBps']:.0f} GB/s); "
+            + "; ".join(f"{s} {row[s + '_us']:.1f} us ({row[s + '_GBps']:.0f} GB/s, best {row[s + '_best'][0]:.1f} at {row[s + '_best'][1]})"
+                        for s in ("int8", "int4", "fp8")))
+        torch.cuda.empty_cache()
+    RESULTS["kernels/1row"] = rows
+    if not sweep:
+        return
+    # Several rows: the crossover between the Triton GEMM and dequantize + cuBLAS / _scaled_mm.
+    many = {}
+    for name in ("gate_up", "down", "o"):
+        n, k = SHAPES_8B[name]
+        ws = _copies(lambda: torch.randn(n, k, device="cuda", dtype=torch.bfloat16), n * k * 2)
+        qws = {s: [quantize(w, s) for w in ws[: len(_copies(lambda: 0, quantize(ws[0], s).nbytes))]]
+               for s in ("int8", "int4", "fp8")}
+        for m in (2, 4, 16, 32, 64, 128, 256, 1024, 16384):
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            r = {"bf16_cublas_us": rotate_time(lambda ww: F.linear(x, ww), ws) * 1e6}
+            for s, qw in qws.items():
+                r[f"{s}_qmm_us"] = rotate_time(lambda q: tq.qmm(x, q), qw) * 1e6 if m <= 1024 else float("nan")
+                if s == "fp8":
+                    def fp8(q):
+                        xq, xs = tq.act_quant_fp8(x)
+                        return torch._scaled_mm(xq, q.q.t(), scale_a=xs, scale_b=q.scale.view(1, -1), out_dtype=x.dtype)
+                    r["fp8_scaled_mm_us"] = rotate_time(fp8, qw) * 1e6
+                else:
+                    r[f"{s}_deq_cublas_us"] = rotate_time(lambda q: F.linear(x, tq.dequantize(q, x.dtype)), qw) * 1e6
+            if m in (4, 16, 64):  # GEMM tile sweep at decode sizes
+                for cfg in ((16, 16, 256, 4, 4), (16, 32, 256, 4, 4), (16, 64, 128, 4, 4), (16, 32, 128, 4, 3), (16, 16, 512, 4, 4)):
+                    cfg = (max(cfg[0], min(64, triton_next_pow2(m))),) + cfg[1:]
+                    try:
+                        r[f"int4_qmm_{cfg}_us"] = rotate_time(lambda q: tq.qmm(x, q, config=cfg), qws["int4"]) * 1e6
+                    except Exception as e:
+                        log(f"[kernels] qmm {cfg}: {type(e).__name__}")
+            many[f"{name} m={m}"] = r
+            log(f"[kernels] {name} m={m}: " + ", ".join(f"{k_} {v:.1f}" for k_, v in r.items()))
+        del ws, qws
+        torch.cuda.empty_cache()
+    RESULTS["kernels/rows"] = many
+
+
+def read_bytes(model: torch.nn.Module) -> int:
+    """Bytes one decode step reads: parameters and quantized buffers, less an untied embedding."""
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total += sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "qweight_" in n)
+    emb = model.embed_tokens.weight
+    if model.lm_head.weight is not emb:
+        total -= emb.numel() * emb.element_size()
+    return total
+
+
+def batch_decode(llm: LLM, batch: int = 16, prompt_len: int = 128, new: int = 128) -> float:
+    """Seconds per decode step with `batch` requests decoding together (after their prefill)."""
+    eng = llm.engine
+    rng = random.Random(3)
+    sp = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True)
+    out = []
+    for rep in range(2):
+        for i in range(batch):
+            eng.add_request(f"b{rep}-{i}", [rng.randrange(10000) for _ in range(prompt_len)], sp)
+        eng.step()  # every prompt in one step
+        eng.step()
+        t0, steps = time.perf_counter(), 0
+        while eng.has_unfinished_requests():
+            eng.step()
+            steps += 1
+        out.append((time.perf_counter() - t0) / steps)
+    return min(out)
+
+
+def section_decode(root: Path, bw: float, flops: float, schemes: list[str]) -> None:
+    name = "Llama-3.1-8B"
+    for scheme in schemes:
+        llm = LLM(gb.model_folder(name, root), load_format="dummy", max_model_len=4096, max_num_seqs=16,
+                  max_num_batched_tokens=16384, enable_prefix_caching=False, gpu_memory_utilization=0.6,
+                  quantization=None if scheme == "bf16" else scheme)
+        model = llm.engine.runner.model
+        cfg = llm.engine.model_config
+        wbytes = read_bytes(model)
+        kv = gb.kv_bytes_per_token(cfg) * (128 + 128)
+        floor = (wbytes + kv) / bw
+        s = gb.kvserve_decode(llm)
+        b16 = batch_decode(llm)
+        row = {"weight_GB": wbytes / 1e9, "floor_ms": floor * 1e3, "decode_ms": s * 1e3, "pct_floor": 100 * floor / s,
+               "batch16_step_ms": b16 * 1e3}
+        gb.RESULTS.clear()
+        gb.section_prefill(llm, flops)
+        row["prefill"] = gb.RESULTS.get("prefill/Llama-3.1-8B")
+        RESULTS[f"decode/{name}/{scheme}"] = row
+        log(f"[decode] {name} {scheme}: weights read {wbytes / 1e9:.2f} GB; batch-1 {s * 1e3:.3f} ms/tok, floor "
+            f"{floor * 1e3:.3f} ms -> {100 * floor / s:.1f}% of floor; batch-16 {b16 * 1e3:.3f} ms/step; "
+            f"prefill 8x2048 {row['prefill']['s'] * 1e3:.1f} ms")
+        del llm, model
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def section_throughput(root: Path, schemes: list[str]) -> None:
+    name = "Qwen3-0.6B"
+    folder = gb.model_folder(name, root)
+    prompts, outs = gb.workload()
+    for scheme in schemes:
+        t0 = time.perf_counter()
+        llm = LLM(folder, load_format="dummy", max_model_len=4096, gpu_memory_utilization=0.9,
+                  quantization=None if scheme == "bf16" else scheme)
+        startup = time.perf_counter() - t0
+        dt, n_out, steps = gb.run_workload(llm, prompts, outs)
+        RESULTS[f"throughput/{name}/{scheme}"] = {"startup_s": startup, "s": dt, "out_tok_s": n_out / dt, "steps": steps}
+        log(f"[throughput] {name} {scheme}: startup {startup:.1f}s; {n_out} tokens in {dt:.2f}s = {n_out / dt:.0f} out tok/s "
+            f"({steps} steps)")
+        del llm
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def section_peer(peer_dir: Path, bw: float, modes: list[str], prompt_len: int = 128, new: int = 256) -> None:
+    """gpt-fast's own model and weight-only quantizers, random weights, batch-1 decode."""
+    sys.path.insert(0, str(peer_dir.resolve()))
+    import model as gf_model  # noqa: PLC0415 - gpt-fast's model.py
+    import quantize as gf_quant  # noqa: PLC0415
+
+    for mode in modes:
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            m = gf_model.Transformer.from_name("llama-3.1-8b")
+        m = m.to(dtype=torch.bfloat16)
+        with torch.no_grad():
+            for p in m.parameters():
+                p.normal_(0, 0.02)
+        if mode == "int8":
+            for mod_name, mod in list(m.named_modules()):
+                for cname, child in list(mod.named_children()):
+                    if isinstance(child, torch.nn.Linear):
+                        q, s, _ = gf_quant.dynamically_quantize_per_channel(child.weight.float(), -128, 127, torch.int8)
+                        new_l = gf_quant.WeightOnlyInt8Linear(child.in_features, child.out_features, bias=False)
+                        new_l.weight = q
+                        new_l.scales = s.to(torch.bfloat16)
+                        setattr(mod, cname, new_l)
+        elif mode == "int4":
+            for mod_name, mod in list(m.named_modules()):
+                for cname, child in list(mod.named_children()):
+                    if isinstance(child, torch.nn.Linear):
+                        w32, sz = gf_quant.group_quantize_tensor(child.weight.to(torch.bfloat16), n_bit=4, groupsize=128)
+                        # torch >= 2.5 takes the codes packed two per byte (gpt-fast passed int32).
+                        w8 = (w32[:, ::2] << 4 | w32[:, 1::2]).to(torch.uint8)
+                        packed = torch.ops.aten._convert_weight_to_int4pack(w8, 8)
+                        new_l = gf_quant.WeightOnlyInt4Linear(child.in_features, child.out_features, bias=False,
+                                                              groupsize=128, inner_k_tiles=8, padding=False)
+                        new_l.weight = packed
+                        new_l.scales_and_zeros = sz
+                        setattr(mod, cname, new_l)
+        m = m.cuda()
+        nbytes = sum(t.numel() * t.element_size() for n_, t in list(m.named_parameters()) + list(m.named_buffers())
+                     if "tok_embeddings" not in n_ and "cache" not in n_ and "freqs" not in n_ and "mask" not in n_)
+        with torch.device("cuda"):
+            m.setup_caches(max_batch_size=1, max_seq_length=1024)
+
+        def one(tok, pos):
+            return m(tok, pos).argmax(-1)
+        step = torch.compile(one, mode="reduce-overhead", fullgraph=True)
+        t0 = time.perf_counter()
+        tok = torch.tensor([[1]], device="cuda")
+        with torch.inference_mode():
+            for p in range(3):
+                step(tok, torch.tensor([p], device="cuda")).clone()
+            torch.cuda.synchronize()
+            compile_s = time.perf_counter() - t0
+            for p in range(prompt_len):
+                tok = step(tok.view(1, 1), torch.tensor([p], device="cuda")).clone()
+            positions = [torch.tensor([p], device="cuda") for p in range(prompt_len, prompt_len + new)]
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for p in positions:
+                tok = step(tok.view(1, 1), p).clone()
+            torch.cuda.synchronize()
+        s = (time.perf_counter() - t0) / new
+        floor = nbytes / bw
+        RESULTS[f"peer/gpt-fast/{mode}"] = {"decode_ms": s * 1e3, "weight_GB": nbytes / 1e9, "compile_s": compile_s,
+                                            "pct_floor": 100 * floor / s}
+        log(f"[peer] gpt-fast {mode}: {s * 1e3:.3f} ms/tok (weights {nbytes / 1e9:.2f} GB, {100 * floor / s:.1f}% of "
+            f"its floor), compile {compile_s:.0f}s")
+        del m, step
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch._dynamo.reset()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="kernels,decode,throughput,peer", help="kernels, kernels1 (one-row GEMVs only), decode, throughput, peer")
+    ap.add_argument("--schemes", default="bf16,int8,int4,fp8")
+    ap.add_argument("--tp-schemes", default="bf16,int4,fp8")
+    ap.add_argument("--peer-dir", default="peer")
+    ap.add_argument("--peer-modes", default="int8,int4")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+    props = torch.cuda.get_device_properties(0)
+    import triton
+
+    log(f"device {props.name}, torch {torch.__version__}, triton {triton.__version__}")
+    RESULTS["device"] = props.name
+    root = Path(tempfile.mkdtemp())
+    bw = flops = None
+    if only & {"decode", "peer"}:
+        bw, flops = gb.ceilings()
+        RESULTS["ceiling_GBps"], RESULTS["matmul_TFLOPs"] = bw / 1e9, flops / 1e12
+        log(f"[ceilings] best large GEMV {bw / 1e9:.0f} GB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s")
+    sections = [
+        ("kernels", lambda: section_kernels()),
+        ("kernels1", lambda: section_kernels(sweep=False)),  # one-row GEMVs at their defaults only
+        ("decode", lambda: section_decode(root, bw, flops, args.schemes.split(","))),
+        ("throughput", lambda: section_throughput(root, args.tp_schemes.split(","))),
+        ("peer", lambda: section_peer(Path(args.peer_dir), bw, args.peer_modes.split(","))),
+    ]
+    for name, fn in sections:
+        if name in only:
+            try:
+                fn()
+            except Exception:
+                traceback.print_exc()
+            Path(args.out, "gpu_quant_bench.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+    log(json.dumps({k: v for k, v in RESULTS.items() if not k.startswith("kernels")}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()

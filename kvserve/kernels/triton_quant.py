@@ -1,0 +1,411 @@
+"""Triton kernels for weight-only quantized projections on CUDA (`platform/cuda_quant.py`).
+
+Weight layouts (one per `QWeight.kind`, all [N, K] matrices, rows contiguous):
+
+- "int8": int8 q [N, K]; scale [N, K / G] (G = K: one scale per output channel); w = s * q.
+- "fp8":  float8_e4m3fn q [N, K]; scale fp32 [N, 1]; w = s * q.
+- "int4": uint8 [N, K / 2], two 4-bit values a byte in GGML's order inside each 32-column chunk
+  (byte i of chunk c holds column 32c + i in its low nibble and 32c + 16 + i in its high one, as
+  Q4_0 / Q4_1 blocks do, so their bytes are copied as they are); scale and offset [N, K / G];
+  w = s * q + m with q in 0..15 (G = 128 for HF checkpoints, 32 for GGUF Q4_0 / Q4_1 / Q4_K).
+
+Kernels:
+
+- `qgemv` (one row: batch-1 decode, a one-row LM head): each program streams BLOCK_N weight
+  rows and dequantizes in registers: per 32-column chunk it sums q·x, then applies the chunk's
+  scale (and offset · Σx) once, so the inner loop is one convert and one FMA per weight.
+  Epilogues as the bf16 GEMV's: SiLU·mul for a fused gate/up projection (`SILU`), RoPE and the
+  paged K/V store for a fused qkv projection (`qgemv_rope_`).
+- `qmm` (2 or more rows): a dequantizing GEMM: each weight tile is dequantized in registers
+  to the activations' dtype and multiplied on the tensor cores (`tl.dot`).
+- `dequantize`: the whole matrix in the model dtype, one pass (for dequantize-then-cuBLAS).
+- `act_quant_fp8`: per-row dynamic FP8 scaling of activations (for `torch._scaled_mm`).
+
+Every kernel waits for the previous kernel (PDL) before it reads anything; no masks on the
+weight loads: K is a multiple of BLOCK_K and rows past N read row 0 (their results are dropped).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvserve.models import pdl
+
+
+@triton.jit
+def _dot_rows(x_ptr, q_ptr, s_ptr, o_ptr, rows64, K, stride_q, stride_s,
+              KIND: tl.constexpr, HAS_OFF: tl.constexpr, GROUP: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """fp32 dot products of the dequantized weight rows `rows64` [BLOCK_N] with x [K].
+    KIND 0: 4-bit (GGML chunk order), 1: 8-bit in groups of GROUP, 2: 8-bit per channel."""
+    if KIND == 0:
+        NC: tl.constexpr = BLOCK_K // 32
+        c = tl.arange(0, NC)
+        i = tl.arange(0, 16)
+        acc = tl.zeros([BLOCK_N, NC], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            chunk = k0 // 32 + c  # [NC]
+            b = tl.load(q_ptr + rows64[:, None, None] * stride_q + (chunk * 16)[None, :, None] + i[None, None, :])
+            xo = (chunk * 32)[:, None] + i[None, :]  # [NC, 16]
+            xl = tl.load(x_ptr + xo).to(tl.float32)
+            xh = tl.load(x_ptr + xo + 16).to(tl.float32)
+            lo = (b & 15).to(tl.float32)
+            hi = (b >> 4).to(tl.float32)
+            p = tl.sum(lo * xl[None, :, :] + hi * xh[None, :, :], 2)  # [BLOCK_N, NC]
+            g = chunk // (GROUP // 32)
+            sg = s_ptr + rows64[:, None] * stride_s + g[None, :]
+            acc += p * tl.load(sg).to(tl.float32)
+            if HAS_OFF:
+                m = tl.load(o_ptr + rows64[:, None] * stride_s + g[None, :]).to(tl.float32)
+                acc += m * tl.sum(xl + xh, 1)[None, :]
+        res = tl.sum(acc, 1)
+    elif KIND == 1:
+        NG: tl.constexpr = BLOCK_K // GROUP
+        gi = tl.arange(0, NG)
+        j = tl.arange(0, GROUP)
+        acc = tl.zeros([BLOCK_N, NG], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            grp = k0 // GROUP + gi
+            w = tl.load(q_ptr + rows64[:, None, None] * stride_q + (grp * GROUP)[None, :, None] + j[None, None, :])
+            x = tl.load(x_ptr + (grp * GROUP)[:, None] + j[None, :]).to(tl.float32)
+            p = tl.sum(w.to(tl.float32) * x[None, :, :], 2)
+            acc += p * tl.load(s_ptr + rows64[:, None] * stride_s + grp[None, :]).to(tl.float32)
+            if HAS_OFF:
+                m = tl.load(o_ptr + rows64[:, None] * stride_s + grp[None, :]).to(tl.float32)
+                acc += m * tl.sum(x, 1)[None, :]
+        res = tl.sum(acc, 1)
+    else:
+        cols = tl.arange(0, BLOCK_K)
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            w = tl.load(q_ptr + rows64[:, None] * stride_q + (k0 + cols)[None, :])
+            x = tl.load(x_ptr + k0 + cols).to(tl.float32)
+            acc += w.to(tl.float32) * x[None, :]
+        res = tl.sum(acc, 1) * tl.load(s_ptr + rows64 * stride_s).to(tl.float32)
+    return res
+
+
+@triton.jit
+def _qgemv_kernel(
+    x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, out_ptr,
+    N,  # output columns (SILU: the gate rows I; the weight has 2I rows)
+    K, stride_q, stride_s,
+    KIND: tl.constexpr, HAS_OFF: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SILU: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+):
+    r = tl.arange(0, ROWS)  # SILU: BLOCK_N gate rows, then the matching up rows
+    if SILU:
+        rows = tl.program_id(0) * BLOCK_N + r % BLOCK_N
+        w_rows = tl.where(r >= BLOCK_N, rows + N, rows)
+    else:
+        rows = tl.program_id(0) * BLOCK_N + r
+        w_rows = rows
+    row_ok = rows < N
+    rows64 = tl.where(row_ok, w_rows, 0).to(tl.int64)
+    if PDL:
+        pdl.wait(PDL)
+    acc = _dot_rows(x_ptr, q_ptr, s_ptr, o_ptr, rows64, K, stride_q, stride_s, KIND, HAS_OFF, GROUP, ROWS, BLOCK_K)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rows64, mask=row_ok, other=0.0).to(tl.float32)
+    dt = out_ptr.dtype.element_ty
+    if SILU:
+        g, u = tl.split(tl.trans(tl.reshape(acc, [2, BLOCK_N])))
+        # Rounded where the unfused path rounds: the projection's output, then SiLU, then the product.
+        g = g.to(dt).to(tl.float32)
+        u = u.to(dt).to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(dt)
+        out_rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(out_ptr + out_rows, (s.to(tl.float32) * u).to(dt), mask=out_rows < N)
+    else:
+        tl.store(out_ptr + rows, acc.to(dt), mask=row_ok)
+
+
+@triton.jit
+def _rotate(x1, x2, c, s):
+    # The bits of triton_ops._rotate (explicit FMAs).
+    return tl.fma(x1, c, -(x2 * s)), tl.fma(x2, c, x1 * s)
+
+
+@triton.jit(do_not_specialize_on_alignment=["pos_ptr", "slot_ptr"])
+def _qgemv_rope_kernel(
+    x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, out_ptr, pos_ptr, cos_sin_ptr, cache_ptr, slot_ptr,
+    K, stride_q, stride_s, stride_cs, num_q_heads, num_heads, stride_plane, stride_slot, stride_head,
+    KIND: tl.constexpr, HAS_OFF: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_K: tl.constexpr, WRITE_KV: tl.constexpr, PDL: tl.constexpr,
+):
+    """triton_ops._gemv_rope_kernel on quantized weights: one program computes the two rows of
+    a head that RoPE pairs (d and d + HALF), rotates them and stores k and v in the cache."""
+    p = tl.program_id(0)
+    head = p // HALF
+    j = p % HALF
+    pair = tl.arange(0, 2)
+    rows = (head * (2 * HALF) + j + pair * HALF).to(tl.int64)
+    if PDL:
+        pdl.wait(PDL)
+    pos = tl.load(pos_ptr).to(tl.int64)
+    c = tl.load(cos_sin_ptr + pos * stride_cs + j)
+    s = tl.load(cos_sin_ptr + pos * stride_cs + HALF + j)
+    acc = _dot_rows(x_ptr, q_ptr, s_ptr, o_ptr, rows, K, stride_q, stride_s, KIND, HAS_OFF, GROUP, 2, BLOCK_K)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rows).to(tl.float32)
+    dt = out_ptr.dtype.element_ty
+    o = acc.to(dt)
+    of = o.to(tl.float32)
+    x1 = tl.sum(tl.where(pair == 0, of, 0.0), 0)
+    x2 = tl.sum(tl.where(pair == 1, of, 0.0), 0)
+    r1, r2 = _rotate(x1, x2, c, s)
+    o = tl.where(head < num_heads, tl.where(pair == 0, r1.to(dt), r2.to(dt)), o)
+    tl.store(out_ptr + rows, o)
+    if WRITE_KV:
+        slot = tl.load(slot_ptr)
+        if (slot >= 0) & (head >= num_q_heads):
+            is_v = head >= num_heads
+            kv_head = tl.where(is_v, head - num_heads, head - num_q_heads).to(tl.int64)
+            dst = cache_ptr + is_v.to(tl.int64) * stride_plane + slot * stride_slot + kv_head * stride_head
+            tl.store(dst + j + pair * HALF, o.to(cache_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _deq_tile(q_ptr, s_ptr, o_ptr, rn64, k0, stride_q, stride_s,
+              KIND: tl.constexpr, HAS_OFF: tl.constexpr, GROUP: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The dequantized fp32 tile [BLOCK_N, BLOCK_K] of rows rn64 from column k0, and the column
+    of each of its elements (4-bit tiles come in the order (chunk, i, nibble))."""
+    if KIND == 0:
+        # Columns in their natural order (each byte read for both of its nibbles; the second
+        # read hits L1), so activations load and tiles store contiguously.
+        kk = k0 + tl.arange(0, BLOCK_K)
+        byte = (kk // 32) * 16 + kk % 16
+        sh = ((kk // 16) % 2) * 4
+        b = tl.load(q_ptr + rn64[:, None] * stride_q + byte[None, :]).to(tl.int32)
+        f = (((b >> sh[None, :]) & 15) | 0x4B000000).to(tl.float32, bitcast=True) - 8388608.0
+        if BLOCK_K <= GROUP:  # one group across the tile: a scale per row
+            s = tl.load(s_ptr + rn64 * stride_s + k0 // GROUP).to(tl.float32)[:, None]
+            w = f * s
+            if HAS_OFF:
+                w += tl.load(o_ptr + rn64 * stride_s + k0 // GROUP).to(tl.float32)[:, None]
+        else:
+            g = kk // GROUP
+            w = f * tl.load(s_ptr + rn64[:, None] * stride_s + g[None, :]).to(tl.float32)
+            if HAS_OFF:
+                w += tl.load(o_ptr + rn64[:, None] * stride_s + g[None, :]).to(tl.float32)
+    elif KIND == 1:
+        NG: tl.constexpr = BLOCK_K // GROUP
+        kk = k0 + tl.arange(0, BLOCK_K)
+        w = tl.load(q_ptr + rn64[:, None] * stride_q + kk[None, :]).to(tl.float32)
+        grp = k0 // GROUP + tl.arange(0, NG)
+        s = tl.load(s_ptr + rn64[:, None] * stride_s + grp[None, :]).to(tl.float32)
+        w3 = tl.reshape(w, [BLOCK_N, NG, GROUP]) * s[:, :, None]
+        if HAS_OFF:
+            w3 += tl.load(o_ptr + rn64[:, None] * stride_s + grp[None, :]).to(tl.float32)[:, :, None]
+        w = tl.reshape(w3, [BLOCK_N, BLOCK_K])
+    else:
+        kk = k0 + tl.arange(0, BLOCK_K)
+        w = tl.load(q_ptr + rn64[:, None] * stride_q + kk[None, :]).to(tl.float32)
+        w = w * tl.load(s_ptr + rn64 * stride_s).to(tl.float32)[:, None]
+    return w, kk
+
+
+@triton.jit
+def _qmm_kernel(
+    x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_q, stride_s, stride_om,
+    KIND: tl.constexpr, HAS_OFF: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
+    IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+):
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
+    n_ok = rn < N
+    m_ok = rm < M
+    rn64 = tl.where(n_ok, rn, 0).to(tl.int64)
+    rm64 = rm.to(tl.int64)
+    if PDL:
+        pdl.wait(PDL)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        w, kk = _deq_tile(q_ptr, s_ptr, o_ptr, rn64, k0, stride_q, stride_s, KIND, HAS_OFF, GROUP, BLOCK_N, BLOCK_K)
+        x = tl.load(x_ptr + rm64[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None], other=0.0)
+        if IEEE:
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rn64, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    dt = out_ptr.dtype.element_ty
+    tl.store(out_ptr + rm64[:, None] * stride_om + rn[None, :], acc.to(dt), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _dequant_kernel(q_ptr, s_ptr, o_ptr, out_ptr, N, K, stride_q, stride_s,
+                    KIND: tl.constexpr, HAS_OFF: tl.constexpr, GROUP: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < N
+    rn64 = tl.where(n_ok, rn, 0).to(tl.int64)
+    k0 = tl.program_id(1) * BLOCK_K
+    w, kk = _deq_tile(q_ptr, s_ptr, o_ptr, rn64, k0, stride_q, stride_s, KIND, HAS_OFF, GROUP, BLOCK_N, BLOCK_K)
+    tl.store(out_ptr + rn64[:, None] * K + kk[None, :], w.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
+
+
+@triton.jit
+def _act_quant_fp8_kernel(x_ptr, out_ptr, scale_ptr, K, stride_x, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    if PDL:
+        pdl.wait(PDL)
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK):
+        x = tl.load(x_ptr + row * stride_x + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.abs(x))
+    scale = tl.maximum(tl.max(amax, 0), 1e-12) / 448.0
+    tl.store(scale_ptr + row, scale)
+    for k0 in range(0, K, BLOCK):
+        x = tl.load(x_ptr + row * stride_x + k0 + cols, mask=k0 + cols < K, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+        tl.store(out_ptr + row * K + k0 + cols, q.to(out_ptr.dtype.element_ty), mask=k0 + cols < K)
+
+
+# -- host side ------------------------------------------------------------------------------
+KINDS = {"int4": 0, "int8": 1, "fp8": 1}
+
+
+def _kind(kind: str, group: int, k: int) -> int:
+    """0: 4-bit; 1: 8-bit in groups; 2: 8-bit per channel."""
+    if kind == "int4":
+        return 0
+    return 2 if group == k else 1
+
+
+def _block_k(k: int, cap: int, group: int) -> int:
+    """The largest power of two <= cap that divides k (and is a multiple of the group where
+    the kernel groups columns)."""
+    b = cap
+    while b > 32 and k % b:
+        b //= 2
+    if k % b:
+        raise ValueError(f"K={k} is not a multiple of 32")
+    return b
+
+
+def _launch_pdl(x: torch.Tensor) -> bool:
+    return pdl.enabled(x.device)
+
+
+# (BLOCK_N, BLOCK_K cap, num_warps) of the one-row kernel per storage kind (benchmarks/gpu_quant_bench.py).
+GEMV_CONFIG = {"int4": (4, 1024, 4), "int8": (2, 1024, 4), "fp8": (2, 1024, 4)}
+
+
+def qgemv(x: torch.Tensor, qw, bias: torch.Tensor | None = None, silu: bool = False,
+          config: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """x [1, K] times the quantized weight `qw` (a `QWeight`) -> [1, N] in x's dtype; with
+    `silu`, silu(gate) * up of a fused gate/up weight -> [1, N / 2]."""
+    n, k = qw.shape
+    block_n, cap, warps = config or GEMV_CONFIG[qw.kind]
+    kind = _kind(qw.kind, qw.group, k)
+    block_k = _block_k(k, cap, qw.group if kind == 1 else 32)
+    if kind == 1:
+        block_k = max(block_k, qw.group)
+    out_n = n // 2 if silu else n
+    if silu:
+        block_n = max(1, block_n // 2)  # as many weight rows per program as the plain GEMV reads
+    out = torch.empty((1, out_n), dtype=x.dtype, device=x.device)
+    use_pdl = _launch_pdl(x)
+    rows = 2 * block_n if silu else block_n
+    _qgemv_kernel[(triton.cdiv(out_n, block_n),)](
+        x, qw.q, qw.scale, qw.offset if qw.offset is not None else qw.scale, bias if bias is not None else qw.scale,
+        out, out_n, k, qw.q.stride(0), qw.scale.stride(0),
+        KIND=kind, HAS_OFF=qw.offset is not None, GROUP=qw.group if kind != 2 else 32, HAS_BIAS=bias is not None,
+        SILU=silu, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, PDL=use_pdl, num_warps=warps, launch_pdl=use_pdl,
+    )
+    return out
+
+
+def qgemv_rope_(x, qw, bias, positions, cos_sin, num_q_heads, num_kv_heads, head_dim, kv_cache=None, slot_mapping=None):
+    """`triton_ops.gemv_rope_` on a quantized qkv weight: projection + RoPE (+ K/V store)."""
+    n, k = qw.shape
+    if n != (num_q_heads + 2 * num_kv_heads) * head_dim or head_dim % 2:
+        raise ValueError(f"qgemv_rope_: weight of {n} rows is not q, k and v heads of even size {head_dim}")
+    _, cap, warps = GEMV_CONFIG[qw.kind]
+    kind = _kind(qw.kind, qw.group, k)
+    block_k = _block_k(k, cap, 32)
+    if kind == 1:
+        block_k = max(block_k, qw.group)
+    out = torch.empty((1, n), dtype=x.dtype, device=x.device)
+    write = kv_cache is not None
+    use_pdl = _launch_pdl(x)
+    _qgemv_rope_kernel[(n // 2,)](
+        x, qw.q, qw.scale, qw.offset if qw.offset is not None else qw.scale, bias if bias is not None else qw.scale,
+        out, positions, cos_sin, kv_cache if write else qw.scale, slot_mapping if write else positions,
+        k, qw.q.stride(0), qw.scale.stride(0), cos_sin.stride(0), num_q_heads, num_q_heads + num_kv_heads,
+        kv_cache.stride(0) if write else 0, kv_cache.stride(2) if write else 0, kv_cache.stride(3) if write else 0,
+        KIND=kind, HAS_OFF=qw.offset is not None, GROUP=qw.group if kind != 2 else 32, HAS_BIAS=bias is not None,
+        HALF=head_dim // 2, BLOCK_K=block_k, WRITE_KV=write, PDL=use_pdl, num_warps=warps, launch_pdl=use_pdl,
+    )
+    return out
+
+
+def qmm_config(m: int, n: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) of the dequantizing GEMM. Few rows
+    are bound by reading the weight: narrower column tiles for narrow weights keep every SM
+    streaming (a 4096-row weight in 64-row tiles is 64 programs for 132 SMs)."""
+    if m <= 64:
+        bm = 16 if m <= 16 else 32 if m <= 32 else 64
+        return bm, 64 if n >= 16384 else 32, 128, 4, 4
+    return 128, 128, 64, 8, 3
+
+
+def qmm(x: torch.Tensor, qw, bias: torch.Tensor | None = None,
+        config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+    """x [M, K] times the quantized weight -> [M, N], dequantizing each tile in registers."""
+    m, k = x.shape
+    n = qw.shape[0]
+    bm, bn, bk, warps, stages = config or qmm_config(m, n)
+    kind = _kind(qw.kind, qw.group, k)
+    if kind == 1:
+        bk = max(bk, qw.group)
+    elif kind == 0 and qw.group >= 64:
+        bk = min(bk, qw.group)  # one scale per row and tile
+    while k % bk:
+        bk //= 2
+    if bk < 32:
+        raise ValueError(f"K={k} is not a multiple of 32")
+    out = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    use_pdl = _launch_pdl(x)
+    _qmm_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
+        x, qw.q, qw.scale, qw.offset if qw.offset is not None else qw.scale, bias if bias is not None else qw.scale,
+        out, m, n, k, x.stride(0), qw.q.stride(0), qw.scale.stride(0), out.stride(0),
+        KIND=kind, HAS_OFF=qw.offset is not None, GROUP=qw.group if kind != 2 else 32, HAS_BIAS=bias is not None,
+        IEEE=x.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PDL=use_pdl,
+        num_warps=warps, num_stages=stages, launch_pdl=use_pdl,
+    )
+    return out
+
+
+def dequantize(qw, dtype: torch.dtype) -> torch.Tensor:
+    """The whole [N, K] weight in `dtype`, one pass over the quantized bytes."""
+    n, k = qw.shape
+    kind = _kind(qw.kind, qw.group, k)
+    bn, bk = 32, 128 if kind != 1 else max(128, qw.group)
+    if kind == 0 and qw.group >= 64:
+        bk = min(bk, qw.group)
+    while k % bk:
+        bk //= 2
+    out = torch.empty((n, k), dtype=dtype, device=qw.q.device)
+    _dequant_kernel[(triton.cdiv(n, bn), k // bk)](
+        qw.q, qw.scale, qw.offset if qw.offset is not None else qw.scale, out, n, k, qw.q.stride(0), qw.scale.stride(0),
+        KIND=kind, HAS_OFF=qw.offset is not None, GROUP=qw.group if kind != 2 else 32,
+        BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+    )
+    return out
+
+
+def act_quant_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (float8_e4m3fn [M, K], fp32 scales [M, 1]): each row scaled by amax / 448."""
+    m, k = x.shape
+    out = torch.empty((m, k), dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((m, 1), dtype=torch.float32, device=x.device)
+    use_pdl = _launch_pdl(x)
+    _act_quant_fp8_kernel[(m,)](x, out, scale, k, x.stride(0), BLOCK=min(4096, triton.next_power_of_2(k)),
+                                PDL=use_pdl, num_warps=4, launch_pdl=use_pdl)
+    return out, scale
