@@ -143,10 +143,19 @@ def test_option_errors():
         p.weight_format(False, "q4_0")
     assert p.weight_format(True, "none").kind == "dequantize"
     assert p.weight_format(False, "int4").quantize_to == "int4"
-    assert p.weight_format(True, None).kind == "ggml"
+    # GGUF blocks: dequantized by default on CUDA (faster above batch 1 so far); "gguf" keeps them
+    assert p.weight_format(True, None).kind == "dequantize"
+    assert (p.weight_format(True, "gguf").kind, p.weight_format(True, "gguf").quantize_to) == ("ggml", "gguf")
+    with pytest.raises(ValueError, match="gguf"):
+        p.weight_format(False, "gguf")
+    assert CpuPlatform().weight_format(True, "gguf").kind == "ggml"  # the CPU's default, by name
+    with pytest.raises(ValueError, match="gguf"):
+        CpuPlatform().weight_format(False, "gguf")
     p.triton = False
     with pytest.raises(ValueError, match="Triton"):
         p.weight_format(False, "int8")
+    with pytest.raises(ValueError, match="Triton"):
+        p.weight_format(True, "gguf")
     assert p.weight_format(True, None).kind == "dequantize"
 
 
