@@ -14,6 +14,7 @@ from kvserve import LLM, SamplingParams
 from kvserve.core.config import ModelConfig
 from tests.conftest import TINY_VOCAB, _save_tokenizer
 from tests.models.test_parity import NEW_TOKENS, _prompts, assert_matches_hf, hf_greedy
+from tests.models.tp_check import assert_tp2_matches_tp1
 
 WINDOW = 8
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=0)
@@ -225,17 +226,4 @@ def test_gemma3_tensor_parallel_matches_tp1(tiny_gemma3):
     with tempfile.TemporaryDirectory() as d:
         _hf_model(cfg).save_pretrained(d)
         _save_tokenizer(__import__("pathlib").Path(d))
-        prompts = [{"prompt_token_ids": p} for p in _prompts()[1:5]]
-        params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=2)
-        common = dict(dtype="float32", device="cpu", num_kv_blocks=48, max_model_len=128)
-        want = LLM(d, **common).generate(prompts, params, use_tqdm=False)
-        llm = LLM(d, tensor_parallel_size=2, **common)
-        try:
-            got = llm.generate(prompts, params, use_tqdm=False)
-        finally:
-            llm.engine.shutdown()
-    for g, w in zip(got, want):
-        assert g.outputs[0].token_ids == w.outputs[0].token_ids
-        for gd, wd in zip(g.outputs[0].logprobs, w.outputs[0].logprobs):
-            for t in wd:
-                assert abs(gd[t].logprob - wd[t].logprob) < 1e-4
+        assert_tp2_matches_tp1(d, _prompts()[1:5])

@@ -11,6 +11,7 @@ from kvserve import LLM, SamplingParams
 from kvserve.models.moe import SparseMoE
 from tests.conftest import TINY_VOCAB, _save_tokenizer
 from tests.models.test_parity import NEW_TOKENS, _prompts, assert_matches_hf, hf_greedy
+from tests.models.tp_check import assert_tp2_matches_tp1
 
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=0)
 COMMON = dict(vocab_size=TINY_VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -88,17 +89,4 @@ def test_moe_tensor_parallel_matches_tp1(kind, tmp_path):
                 p.mul_(4.0 if "emb" in name else 2.0)
     hf.save_pretrained(tmp_path)
     _save_tokenizer(tmp_path)
-    prompts = [{"prompt_token_ids": p} for p in _prompts()[1:4]]
-    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=2)
-    common = dict(dtype="float32", device="cpu", num_kv_blocks=48, max_model_len=128)
-    want = LLM(str(tmp_path), **common).generate(prompts, params, use_tqdm=False)
-    llm = LLM(str(tmp_path), tensor_parallel_size=2, **common)
-    try:
-        got = llm.generate(prompts, params, use_tqdm=False)
-    finally:
-        llm.engine.shutdown()
-    for g, w in zip(got, want):
-        assert g.outputs[0].token_ids == w.outputs[0].token_ids
-        for gd, wd in zip(g.outputs[0].logprobs, w.outputs[0].logprobs):
-            for t in wd:
-                assert abs(gd[t].logprob - wd[t].logprob) < 1e-4
+    assert_tp2_matches_tp1(str(tmp_path), _prompts()[1:4])

@@ -13,6 +13,7 @@ from kvserve import LLM, SamplingParams
 from kvserve.core.config import ModelConfig
 from tests.conftest import TINY_VOCAB, _save_tokenizer
 from tests.models.test_parity import NEW_TOKENS, assert_matches_hf, hf_greedy
+from tests.models.tp_check import assert_tp2_matches_tp1
 
 GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=0)
 ORIGINAL_MAX = 48  # LongRoPE's switch point
@@ -95,17 +96,4 @@ def test_phi3_tensor_parallel_matches_tp1(tmp_path):
     """TP=2 on CPU processes (gloo): the fused tensors are read whole and each part cut to the
     rank's rows; greedy tokens and logprobs equal TP=1's."""
     _model(tmp_path, num_attention_heads=4, num_key_value_heads=2, sliding_window=8)
-    prompts = [{"prompt_token_ids": p} for p in _prompts(5, 17, 40)]
-    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, logprobs=2)
-    common = dict(dtype="float32", device="cpu", num_kv_blocks=48, max_model_len=128)
-    want = LLM(str(tmp_path), **common).generate(prompts, params, use_tqdm=False)
-    llm = LLM(str(tmp_path), tensor_parallel_size=2, **common)
-    try:
-        got = llm.generate(prompts, params, use_tqdm=False)
-    finally:
-        llm.engine.shutdown()
-    for g, w in zip(got, want):
-        assert g.outputs[0].token_ids == w.outputs[0].token_ids
-        for gd, wd in zip(g.outputs[0].logprobs, w.outputs[0].logprobs):
-            for t in wd:
-                assert abs(gd[t].logprob - wd[t].logprob) < 1e-4
+    assert_tp2_matches_tp1(str(tmp_path), _prompts(5, 17, 40))
