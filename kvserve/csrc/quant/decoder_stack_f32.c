@@ -22,9 +22,9 @@
  * (kvq_quantize_act_range), then kvq_gemm_range runs over the thread's share of rows.
  * No allocation: the caller passes scratch of kvq_decoder_stack_scratch bytes.
  *
- * Portable C (no intrinsics, stack_ops.h): the loops are written for the compiler's vectorizer
- * at the ISA level the library is built for (AVX2, AVX-512, NEON). Without OpenMP it runs on
- * one thread.
+ * Portable C (stack_ops.h): the loops are written for the compiler's vectorizer at the ISA level
+ * the library is built for (AVX2, AVX-512, NEON); only the attention's 8-lane accumulators use
+ * intrinsics (AVX2 or NEON, plain C at the baseline). Without OpenMP it runs on one thread.
  */
 #include <math.h>
 #include <stddef.h>
