@@ -31,8 +31,9 @@ def _config(kind: str):
                             sliding_window=None)
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen3_moe_raw", "mixtral"])
-def test_moe_greedy_matches_hf_batched_and_alone(kind, tmp_path):
+def _save_model(kind, path):
+    """A tiny random HF model of `kind` (weights scaled up so routing and tokens are not flat),
+    saved with a tokenizer to `path`; returns the HF model."""
     import transformers as tf
 
     torch.manual_seed(0)
@@ -41,8 +42,14 @@ def test_moe_greedy_matches_hf_batched_and_alone(kind, tmp_path):
         for name, p in hf.named_parameters():
             if p.dim() >= 2:
                 p.mul_(4.0 if "emb" in name else 2.0)
-    hf.save_pretrained(tmp_path)
-    _save_tokenizer(tmp_path)
+    hf.save_pretrained(path)
+    _save_tokenizer(path)
+    return hf
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen3_moe_raw", "mixtral"])
+def test_moe_greedy_matches_hf_batched_and_alone(kind, tmp_path):
+    hf = _save_model(kind, tmp_path)
     prompts = _prompts()[1:]
     refs = [hf_greedy(hf, p, NEW_TOKENS) for p in prompts]
     llm = LLM(str(tmp_path), dtype="float32", device="cpu", num_kv_blocks=64)
@@ -79,14 +86,5 @@ def test_moe_experts_take_the_platforms_linear_method(tmp_path):
 def test_moe_tensor_parallel_matches_tp1(kind, tmp_path):
     """TP=2 on CPU processes (gloo): each rank holds half of every expert (and of the dense MLP of
     Qwen3-MoE's layer 1); greedy tokens and logprobs equal TP=1's."""
-    import transformers as tf
-
-    torch.manual_seed(0)
-    hf = tf.AutoModelForCausalLM.from_config(_config(kind)).float().eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if p.dim() >= 2:
-                p.mul_(4.0 if "emb" in name else 2.0)
-    hf.save_pretrained(tmp_path)
-    _save_tokenizer(tmp_path)
+    _save_model(kind, tmp_path)
     assert_tp2_matches_tp1(str(tmp_path), _prompts()[1:4])
