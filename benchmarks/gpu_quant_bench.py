@@ -161,6 +161,67 @@ def section_kernels(sweep: bool = True) -> None:
     RESULTS["kernels/rows"] = many
 
 
+def section_gemv() -> None:
+    """The one-row GEMVs, first version (a code at a time) against the word version, every
+    format at the Llama-3.1-8B shapes, a tile sweep of the word version, and each result
+    checked against the first version's."""
+    from kvserve.kernels import triton_quant as tq
+    from kvserve.models import triton_ops
+    from kvserve.platform.cuda_quant import quantize
+    from tests.gpu.quant_checks import formats
+
+    sweep = [(8, 512, 1), (8, 512, 2), (16, 512, 4), (32, 512, 4), (16, 256, 2), (16, 1024, 4), (32, 512, 8)]
+    rows = {}
+    x1 = torch.randn(1, 14336, device="cuda", dtype=torch.bfloat16)
+    log("| projection | format | MB | bf16 GEMV us (GB/s) | v1 us (GB/s) | v2 us (GB/s) | best v2 config us (GB/s) | max rel diff v2 vs v1 |")
+    log("|---|---|---|---|---|---|---|---|")
+    for name, (n, k) in SHAPES_8B.items():
+        x = x1[:, :k].contiguous()
+        bf = _copies(lambda: torch.randn(n, k, device="cuda", dtype=torch.bfloat16), n * k * 2)
+        bf_us = rotate_time(lambda w: triton_ops.gemv(x, w), bf) * 1e6
+        del bf
+        makers = {
+            "int8": lambda: quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05, "int8"),
+            "int4-g128": lambda: quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05, "int4"),
+        }
+        for fmt in ("Q4_0", "Q4_1", "Q8_0", "Q4_K") if name != "head" else ():
+            makers[fmt] = (lambda f: lambda: formats(n, k, "cuda", seed=int(torch.randint(1 << 20, ())), only=f)[f])(fmt)
+        for fmt, make in makers.items():
+            try:
+                qw0 = make()
+                qs = [qw0] + _copies(make, qw0.nbytes)[1:]
+                res = {}
+                tq.WORDS_GEMV = False
+                ref = tq.qgemv(x, qw0).float()
+                res["v1"] = rotate_time(lambda w: tq.qgemv(x, w), qs) * 1e6
+                tq.WORDS_GEMV = True
+                got = tq.qgemv(x, qw0).float()
+                diff = ((got - ref).abs().max() / ref.abs().max()).item()
+                res["v2"] = rotate_time(lambda w: tq.qgemv(x, w), qs) * 1e6
+                best = (res["v2"], "default")
+                if name in ("gate_up", "down") and fmt in ("int8", "int4-g128", "Q4_0", "Q8_0"):
+                    for cfg in sweep:
+                        try:
+                            t = rotate_time(lambda w: tq.qgemv(x, w, config=cfg), qs) * 1e6
+                        except Exception as e:
+                            log(f"[gemv] {name} {fmt} {cfg}: {type(e).__name__}: {str(e)[:120]}")
+                            continue
+                        res[str(cfg)] = t
+                        if t < best[0]:
+                            best = (t, cfg)
+                nb = qw0.nbytes
+                gbs = lambda us: f"{us:.1f} ({nb / us / 1e3:,.0f})"
+                log(f"| {name} {n}x{k} | {fmt} | {nb / 1e6:.1f} | {bf_us:.1f} ({n * k * 2 / bf_us / 1e3:,.0f}) | {gbs(res['v1'])} | "
+                    f"{gbs(res['v2'])} | {gbs(best[0])} {best[1]} | {diff:.2e} |")
+                rows[f"{name}/{fmt}"] = {"bytes": nb, "bf16_us": bf_us, **res, "best": best, "diff": diff}
+                del qs, qw0
+            except Exception:
+                traceback.print_exc()
+            torch.cuda.empty_cache()
+    tq.WORDS_GEMV = True
+    RESULTS["gemv"] = rows
+
+
 def read_bytes(model: torch.nn.Module) -> int:
     """Bytes one decode step reads: parameters and quantized buffers, less an untied embedding."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -309,7 +370,7 @@ def section_peer(peer_dir: Path, bw: float, modes: list[str], prompt_len: int = 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="kernels,decode,throughput,peer", help="kernels, kernels1 (one-row GEMVs only), decode, throughput, peer")
+    ap.add_argument("--only", default="kernels,decode,throughput,peer", help="kernels, kernels1 (one-row GEMVs only), gemv (GEMV versions and formats), decode, throughput, peer")
     ap.add_argument("--schemes", default="bf16,int8,int4,fp8")
     ap.add_argument("--tp-schemes", default="bf16,int4,fp8")
     ap.add_argument("--peer-dir", default="peer")
@@ -331,6 +392,7 @@ def main() -> None:
     sections = [
         ("kernels", lambda: section_kernels()),
         ("kernels1", lambda: section_kernels(sweep=False)),  # one-row GEMVs at their defaults only
+        ("gemv", section_gemv),  # one-row GEMVs: first version vs word version, every format
         ("decode", lambda: section_decode(root, bw, flops, args.schemes.split(","))),
         ("throughput", lambda: section_throughput(root, args.tp_schemes.split(","))),
         ("peer", lambda: section_peer(Path(args.peer_dir), bw, args.peer_modes.split(","))),

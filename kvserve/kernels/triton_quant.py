@@ -27,11 +27,16 @@ weight loads: K is a multiple of BLOCK_K and rows past N read row 0 (their resul
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
 from kvserve.models import pdl
+
+# Inline PTX where the kernels run on a GPU; the interpreter (TRITON_INTERPRET=1) runs none.
+_PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 
 
 @triton.jit
@@ -88,12 +93,147 @@ def _dot_rows(x_ptr, q_ptr, s_ptr, o_ptr, rows64, K, stride_q, stride_s,
 
 
 @triton.jit
+def _f16_pair(v, SUB: tl.constexpr):
+    """The two fp16 halves of int32 `v` as fp32 (low half, high half), less SUB (0, 1024 or
+    1152; subtracted in fp16, exactly, before the conversion). The PTX form lets ptxas convert
+    each half in place (HADD2.F32 with a half selector); the interpreter, which runs no PTX,
+    takes the portable form."""
+    if _PTX:
+        if SUB == 1024:
+            lo, hi = tl.inline_asm_elementwise(
+                "{ .reg .b16 l, h; .reg .b32 c, d; mov.b32 c, 0x64006400; sub.f16x2 d, $2, c; mov.b32 {l, h}, d; "
+                "cvt.f32.f16 $0, l; cvt.f32.f16 $1, h; }",
+                "=r,=r,r", [v], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+        elif SUB == 1152:
+            lo, hi = tl.inline_asm_elementwise(
+                "{ .reg .b16 l, h; .reg .b32 c, d; mov.b32 c, 0x64806480; sub.f16x2 d, $2, c; mov.b32 {l, h}, d; "
+                "cvt.f32.f16 $0, l; cvt.f32.f16 $1, h; }",
+                "=r,=r,r", [v], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+        else:
+            lo, hi = tl.inline_asm_elementwise(
+                "{ .reg .b16 l, h; mov.b32 {l, h}, $2; cvt.f32.f16 $0, l; cvt.f32.f16 $1, h; }",
+                "=r,=r,r", [v], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+    else:
+        lo = (v & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) - SUB
+        hi = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) - SUB
+    return lo, hi
+
+
+@triton.jit
+def _nibbles(w, SH: tl.constexpr, EXACT: tl.constexpr):
+    """Nibbles SH and SH + 16 of the int32 words `w` as fp32 1024 + q (q with EXACT): one
+    AND-OR makes both fp16 values (exponent 0x64 is 1024 with a unit mantissa step), then two
+    fp16 -> fp32."""
+    return _f16_pair(((w >> SH) & 0x000F000F) | 0x64006400, 1024 if EXACT else 0)
+
+
+@triton.jit
+def _bytes(w, SH: tl.constexpr, EXACT: tl.constexpr):
+    """Bytes SH / 8 and SH / 8 + 2 of the int32 words `w` (int8 codes) as fp32 1152 + q (q with
+    EXACT): the sign bit flipped and exponent 0x64 set in one AND-XOR (fp16 1024 + (q + 128))."""
+    return _f16_pair(((w >> SH) & 0x00FF00FF) ^ 0x64806480, 1152 if EXACT else 0)
+
+
+@triton.jit
+def _dot_rows_w(x_ptr, q_ptr, s_ptr, o_ptr, rows64, K, stride_q, stride_s,
+                KIND: tl.constexpr, HAS_OFF: tl.constexpr, GROUP: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EXACT: tl.constexpr):
+    """`_dot_rows` reading the codes as int32 words (q_ptr: int32, stride_q in words), with
+    no int-to-float conversion: codes become fp16 1024 + q (4-bit) or 1152 + q (8-bit) by
+    bit operations on two codes at once, are multiplied in fp32 and the constant is taken off
+    per group with the sum of x (fp32 keeps ~17 bits of the products through it)."""
+    if KIND == 0:
+        # 4-bit: a 32-column chunk is 4 words; word t holds columns 4t + (0, 2, 16, 18, 1, 3,
+        # 17, 19) at nibbles (0, 4, 1, 5, 2, 6, 3, 7) (GGML order: byte j = cols j, j + 16).
+        # Partial sums stay per word until the loop ends (no reduction inside it).
+        NC: tl.constexpr = BLOCK_K // 32
+        c = tl.arange(0, NC)
+        t = tl.arange(0, 4)
+        acc = tl.zeros([BLOCK_N, NC, 4], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            chunk = k0 // 32 + c
+            w = tl.load(q_ptr + rows64[:, None, None] * stride_q + (chunk * 4)[None, :, None] + t[None, None, :])
+            xo = x_ptr + (chunk * 32)[None, :, None] + (t * 4)[None, None, :]  # [1, NC, 4]
+            x0 = tl.load(xo).to(tl.float32)
+            x2 = tl.load(xo + 2).to(tl.float32)
+            x16 = tl.load(xo + 16).to(tl.float32)
+            x18 = tl.load(xo + 18).to(tl.float32)
+            x1 = tl.load(xo + 1).to(tl.float32)
+            x3 = tl.load(xo + 3).to(tl.float32)
+            x17 = tl.load(xo + 17).to(tl.float32)
+            x19 = tl.load(xo + 19).to(tl.float32)
+            a, b = _nibbles(w, 0, EXACT)
+            p = tl.fma(b, x2, a * x0)
+            a, b = _nibbles(w, 4, EXACT)
+            p = tl.fma(b, x18, tl.fma(a, x16, p))
+            a, b = _nibbles(w, 8, EXACT)
+            p = tl.fma(b, x3, tl.fma(a, x1, p))
+            a, b = _nibbles(w, 12, EXACT)
+            p = tl.fma(b, x19, tl.fma(a, x17, p))
+            xw = ((x0 + x1) + (x2 + x3)) + ((x16 + x17) + (x18 + x19))  # [1, NC, 4]
+            g = chunk // (GROUP // 32)
+            s = tl.load(s_ptr + rows64[:, None, None] * stride_s + g[None, :, None]).to(tl.float32)
+            m = tl.zeros_like(s) if EXACT else -1024.0 * s
+            if HAS_OFF:
+                m += tl.load(o_ptr + rows64[:, None, None] * stride_s + g[None, :, None]).to(tl.float32)
+            acc = tl.fma(xw, m, tl.fma(p, s, acc))
+        res = tl.sum(tl.sum(acc, 2), 1)
+    elif KIND == 1:
+        # 8-bit in groups of GROUP columns (GROUP / 4 words), partial sums per word.
+        NG: tl.constexpr = BLOCK_K // GROUP
+        WG: tl.constexpr = GROUP // 4
+        gi = tl.arange(0, NG)
+        u = tl.arange(0, WG)
+        acc = tl.zeros([BLOCK_N, NG, WG], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            grp = k0 // GROUP + gi
+            w = tl.load(q_ptr + rows64[:, None, None] * stride_q + (grp * WG)[None, :, None] + u[None, None, :])
+            xo = x_ptr + (grp * GROUP)[None, :, None] + (u * 4)[None, None, :]  # [1, NG, WG]
+            x0 = tl.load(xo).to(tl.float32)
+            x1 = tl.load(xo + 1).to(tl.float32)
+            x2 = tl.load(xo + 2).to(tl.float32)
+            x3 = tl.load(xo + 3).to(tl.float32)
+            a, b = _bytes(w, 0, EXACT)
+            p = tl.fma(b, x2, a * x0)
+            a, b = _bytes(w, 8, EXACT)
+            p = tl.fma(b, x3, tl.fma(a, x1, p))
+            s = tl.load(s_ptr + rows64[:, None, None] * stride_s + grp[None, :, None]).to(tl.float32)
+            m = tl.zeros_like(s) if EXACT else -1152.0 * s
+            if HAS_OFF:
+                m += tl.load(o_ptr + rows64[:, None, None] * stride_s + grp[None, :, None]).to(tl.float32)
+            acc = tl.fma((x0 + x1) + (x2 + x3), m, tl.fma(p, s, acc))
+        res = tl.sum(tl.sum(acc, 2), 1)
+    else:
+        # 8-bit, one scale per row: accumulate (1152 + q) x over K, take 1152 Σx off at the end.
+        KW: tl.constexpr = BLOCK_K // 4
+        u = tl.arange(0, KW)
+        acc = tl.zeros([BLOCK_N, KW], dtype=tl.float32)
+        xsum = tl.zeros([1, KW], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            wi = k0 // 4 + u
+            w = tl.load(q_ptr + rows64[:, None] * stride_q + wi[None, :])
+            xo = x_ptr + (wi * 4)[None, :]
+            x0 = tl.load(xo).to(tl.float32)
+            x1 = tl.load(xo + 1).to(tl.float32)
+            x2 = tl.load(xo + 2).to(tl.float32)
+            x3 = tl.load(xo + 3).to(tl.float32)
+            a, b = _bytes(w, 0, EXACT)
+            acc = tl.fma(b, x2, tl.fma(a, x0, acc))
+            a, b = _bytes(w, 8, EXACT)
+            acc = tl.fma(b, x3, tl.fma(a, x1, acc))
+            xsum += (x0 + x1) + (x2 + x3)
+        res = (tl.sum(acc, 1) - (0.0 if EXACT else 1152.0) * tl.sum(tl.sum(xsum, 1), 0)) * tl.load(s_ptr + rows64 * stride_s).to(tl.float32)
+    return res
+
+
+@triton.jit
 def _qgemv_kernel(
     x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, out_ptr,
     N,  # output columns (SILU: the gate rows I; the weight has 2I rows)
     K, stride_q, stride_s,
     KIND: tl.constexpr, HAS_OFF: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     SILU: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    WORDS: tl.constexpr = False,
 ):
     r = tl.arange(0, ROWS)  # SILU: BLOCK_N gate rows, then the matching up rows
     if SILU:
@@ -106,7 +246,11 @@ def _qgemv_kernel(
     rows64 = tl.where(row_ok, w_rows, 0).to(tl.int64)
     if PDL:
         pdl.wait(PDL)
-    acc = _dot_rows(x_ptr, q_ptr, s_ptr, o_ptr, rows64, K, stride_q, stride_s, KIND, HAS_OFF, GROUP, ROWS, BLOCK_K)
+    if WORDS:
+        acc = _dot_rows_w(x_ptr, q_ptr, s_ptr, o_ptr, rows64, K, stride_q, stride_s, KIND, HAS_OFF, GROUP, ROWS, BLOCK_K,
+                          x_ptr.dtype.element_ty == tl.float32)
+    else:
+        acc = _dot_rows(x_ptr, q_ptr, s_ptr, o_ptr, rows64, K, stride_q, stride_s, KIND, HAS_OFF, GROUP, ROWS, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rows64, mask=row_ok, other=0.0).to(tl.float32)
     dt = out_ptr.dtype.element_ty
@@ -134,6 +278,7 @@ def _qgemv_rope_kernel(
     K, stride_q, stride_s, stride_cs, num_q_heads, num_heads, stride_plane, stride_slot, stride_head,
     KIND: tl.constexpr, HAS_OFF: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     HALF: tl.constexpr, BLOCK_K: tl.constexpr, WRITE_KV: tl.constexpr, PDL: tl.constexpr,
+    WORDS: tl.constexpr = False,
 ):
     """triton_ops._gemv_rope_kernel on quantized weights: one program computes the two rows of
     a head that RoPE pairs (d and d + HALF), rotates them and stores k and v in the cache."""
@@ -147,7 +292,11 @@ def _qgemv_rope_kernel(
     pos = tl.load(pos_ptr).to(tl.int64)
     c = tl.load(cos_sin_ptr + pos * stride_cs + j)
     s = tl.load(cos_sin_ptr + pos * stride_cs + HALF + j)
-    acc = _dot_rows(x_ptr, q_ptr, s_ptr, o_ptr, rows, K, stride_q, stride_s, KIND, HAS_OFF, GROUP, 2, BLOCK_K)
+    if WORDS:
+        acc = _dot_rows_w(x_ptr, q_ptr, s_ptr, o_ptr, rows, K, stride_q, stride_s, KIND, HAS_OFF, GROUP, 2, BLOCK_K,
+                          x_ptr.dtype.element_ty == tl.float32)
+    else:
+        acc = _dot_rows(x_ptr, q_ptr, s_ptr, o_ptr, rows, K, stride_q, stride_s, KIND, HAS_OFF, GROUP, 2, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rows).to(tl.float32)
     dt = out_ptr.dtype.element_ty
@@ -293,7 +442,23 @@ def _launch_pdl(x: torch.Tensor) -> bool:
 
 
 # (BLOCK_N, BLOCK_K cap, num_warps) of the one-row kernel per storage kind (benchmarks/gpu_quant_bench.py).
-GEMV_CONFIG = {"int4": (4, 1024, 4), "int8": (2, 1024, 4), "fp8": (2, 1024, 4)}
+# int4 / int8 read their codes as int32 words (`_dot_rows_w`); fp8 converts each code.
+GEMV_CONFIG = {"int4": (16, 512, 2), "int8": (16, 512, 2), "fp8": (2, 1024, 4)}
+# The first GEMV (a code at a time, `_dot_rows`) for int4 / int8, kept for comparison
+# (`gpu_quant_bench --qgemv-v1`) with its configuration.
+WORDS_GEMV = True
+GEMV_CONFIG_V1 = {"int4": (4, 1024, 4), "int8": (2, 1024, 4), "fp8": (2, 1024, 4)}
+
+
+def _codes(qw) -> tuple[torch.Tensor, bool]:
+    """The code tensor a GEMV reads, and whether it reads int32 words of it."""
+    if WORDS_GEMV and qw.kind != "fp8":
+        return qw.q.view(torch.int32), True
+    return qw.q, False
+
+
+def _gemv_config(qw) -> tuple[int, int, int]:
+    return (GEMV_CONFIG if WORDS_GEMV else GEMV_CONFIG_V1)[qw.kind]
 
 
 def qgemv(x: torch.Tensor, qw, bias: torch.Tensor | None = None, silu: bool = False,
@@ -301,7 +466,8 @@ def qgemv(x: torch.Tensor, qw, bias: torch.Tensor | None = None, silu: bool = Fa
     """x [1, K] times the quantized weight `qw` (a `QWeight`) -> [1, N] in x's dtype; with
     `silu`, silu(gate) * up of a fused gate/up weight -> [1, N / 2]."""
     n, k = qw.shape
-    block_n, cap, warps = config or GEMV_CONFIG[qw.kind]
+    block_n, cap, warps = config or _gemv_config(qw)
+    codes, words = _codes(qw)
     kind = _kind(qw.kind, qw.group, k)
     block_k = _block_k(k, cap, qw.group if kind == 1 else 32)
     if kind == 1:
@@ -313,10 +479,11 @@ def qgemv(x: torch.Tensor, qw, bias: torch.Tensor | None = None, silu: bool = Fa
     use_pdl = _launch_pdl(x)
     rows = 2 * block_n if silu else block_n
     _qgemv_kernel[(triton.cdiv(out_n, block_n),)](
-        x, qw.q, qw.scale, qw.offset if qw.offset is not None else qw.scale, bias if bias is not None else qw.scale,
-        out, out_n, k, qw.q.stride(0), qw.scale.stride(0),
+        x, codes, qw.scale, qw.offset if qw.offset is not None else qw.scale, bias if bias is not None else qw.scale,
+        out, out_n, k, codes.stride(0), qw.scale.stride(0),
         KIND=kind, HAS_OFF=qw.offset is not None, GROUP=qw.group if kind != 2 else 32, HAS_BIAS=bias is not None,
-        SILU=silu, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, PDL=use_pdl, num_warps=warps, launch_pdl=use_pdl,
+        SILU=silu, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, PDL=use_pdl, WORDS=words,
+        num_warps=warps, launch_pdl=use_pdl,
     )
     return out
 
@@ -326,7 +493,8 @@ def qgemv_rope_(x, qw, bias, positions, cos_sin, num_q_heads, num_kv_heads, head
     n, k = qw.shape
     if n != (num_q_heads + 2 * num_kv_heads) * head_dim or head_dim % 2:
         raise ValueError(f"qgemv_rope_: weight of {n} rows is not q, k and v heads of even size {head_dim}")
-    _, cap, warps = GEMV_CONFIG[qw.kind]
+    _, cap, warps = GEMV_CONFIG_V1[qw.kind]  # two rows a program: the narrow tiles of the first GEMV
+    codes, words = _codes(qw)
     kind = _kind(qw.kind, qw.group, k)
     block_k = _block_k(k, cap, 32)
     if kind == 1:
@@ -335,12 +503,12 @@ def qgemv_rope_(x, qw, bias, positions, cos_sin, num_q_heads, num_kv_heads, head
     write = kv_cache is not None
     use_pdl = _launch_pdl(x)
     _qgemv_rope_kernel[(n // 2,)](
-        x, qw.q, qw.scale, qw.offset if qw.offset is not None else qw.scale, bias if bias is not None else qw.scale,
+        x, codes, qw.scale, qw.offset if qw.offset is not None else qw.scale, bias if bias is not None else qw.scale,
         out, positions, cos_sin, kv_cache if write else qw.scale, slot_mapping if write else positions,
-        k, qw.q.stride(0), qw.scale.stride(0), cos_sin.stride(0), num_q_heads, num_q_heads + num_kv_heads,
+        k, codes.stride(0), qw.scale.stride(0), cos_sin.stride(0), num_q_heads, num_q_heads + num_kv_heads,
         kv_cache.stride(0) if write else 0, kv_cache.stride(2) if write else 0, kv_cache.stride(3) if write else 0,
         KIND=kind, HAS_OFF=qw.offset is not None, GROUP=qw.group if kind != 2 else 32, HAS_BIAS=bias is not None,
-        HALF=head_dim // 2, BLOCK_K=block_k, WRITE_KV=write, PDL=use_pdl, num_warps=warps, launch_pdl=use_pdl,
+        HALF=head_dim // 2, BLOCK_K=block_k, WRITE_KV=write, PDL=use_pdl, WORDS=words, num_warps=warps, launch_pdl=use_pdl,
     )
     return out
 

@@ -18,21 +18,23 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     return ((got - ref).norm() / ref.norm().clamp(min=1e-30)).item()
 
 
-def formats(n: int, k: int, device: str, seed: int = 0) -> dict[str, QWeight]:
-    """One weight of every layout the kernels take, on `device`."""
+def formats(n: int, k: int, device: str, seed: int = 0, only: str | None = None) -> dict[str, QWeight]:
+    """One weight of every layout the kernels take (or the one named `only`), on `device`."""
     from kvserve.kernels import cpu_quant
     from kvserve.models.linear import QuantizedTensor
     from tests.kernels.test_cpu_quant import random_weight
 
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n, k, generator=g) * 0.05
-    out = {
+    w = None if only else torch.randn(n, k, generator=g) * 0.05
+    out = {} if only else {
         "int8": quantize(w, "int8"),
         "int4-g128": quantize(w, "int4", 128) if k % 128 == 0 else quantize(w, "int4", 32),
         "int4-g32": quantize(w, "int4", 32),
         "fp8": quantize(w, "fp8"),
     }
     for name in ("Q8_0", "Q4_0", "Q4_1", "Q4_K"):
+        if only and name != only:
+            continue
         if k % cpu_quant.BLOCKS[cpu_quant.QTYPES[name]][0] == 0:
             raw = random_weight(name, n, k, seed=seed + 1)
             out[name] = repack_ggml(QuantizedTensor(cpu_quant.QTYPES[name], raw, k))
@@ -151,6 +153,9 @@ def run_interpret() -> None:
     check_silu(4, 256, "cpu", torch.float32, tol=1e-5)
     check_rope("cpu", torch.float32, tol=1e-5, hq=2, hkv=1, d=8)
     check_act_quant("cpu")
+    # 16-bit activations take the GEMVs' folded-constant path (fp32 ones subtract it exactly).
+    check_products(8, 256, "cpu", torch.bfloat16, [1], tol=1.5e-2)
+    check_silu(4, 256, "cpu", torch.float16, tol=2e-3)
     print("interpret checks passed")
 
 
