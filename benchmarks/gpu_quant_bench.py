@@ -222,6 +222,65 @@ def section_gemv() -> None:
     RESULTS["gemv"] = rows
 
 
+def section_qmm() -> None:
+    """Several rows: the dequantizing GEMM and dequantize + cuBLAS, first version (a code at a
+    time) against the word version, next to bf16 cuBLAS; a tile sweep of the word GEMM."""
+    from kvserve.kernels import triton_quant as tq
+    from kvserve.platform.cuda_quant import quantize
+    from tests.gpu.quant_checks import formats
+
+    sweep = [(16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 32, 256, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 4),
+             (16, 64, 64, 4, 4), (16, 32, 512, 4, 3)]
+    rows = {}
+    log("| projection | format | rows | bf16 cuBLAS us | qmm v1 us | qmm v2 us | best v2 tile | deq+cuBLAS v1 us | deq+cuBLAS v2 us | rel diff v2 |")
+    log("|---|---|---|---|---|---|---|---|---|---|")
+    for name in ("gate_up", "down", "o"):
+        n, k = SHAPES_8B[name]
+        ws = _copies(lambda: torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05, n * k * 2)
+        makers = {
+            "int8": lambda: quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05, "int8"),
+            "int4-g128": lambda: quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05, "int4"),
+            "Q4_0": lambda: formats(n, k, "cuda", seed=int(torch.randint(1 << 20, ())), only="Q4_0")["Q4_0"],
+            "Q8_0": lambda: formats(n, k, "cuda", seed=int(torch.randint(1 << 20, ())), only="Q8_0")["Q8_0"],
+        }
+        for fmt, make in makers.items():
+            try:
+                qw0 = make()
+                qs = [qw0] + _copies(make, qw0.nbytes)[1:]
+                for m in (2, 16, 64, 256):
+                    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                    r = {"bf16": rotate_time(lambda ww: F.linear(x, ww), ws) * 1e6}
+                    tq.WORDS_QMM = False
+                    ref = tq.qmm(x, qw0).float()
+                    r["qmm_v1"] = rotate_time(lambda q: tq.qmm(x, q), qs) * 1e6
+                    r["deq_v1"] = rotate_time(lambda q: F.linear(x, tq.dequantize(q, x.dtype)), qs) * 1e6
+                    tq.WORDS_QMM = True
+                    got = tq.qmm(x, qw0).float()
+                    diff = ((got - ref).norm() / ref.norm()).item()
+                    r["qmm_v2"] = rotate_time(lambda q: tq.qmm(x, q), qs) * 1e6
+                    r["deq_v2"] = rotate_time(lambda q: F.linear(x, tq.dequantize(q, x.dtype)), qs) * 1e6
+                    best = (r["qmm_v2"], "default")
+                    if m == 16 and name != "o":
+                        for cfg in sweep:
+                            try:
+                                t = rotate_time(lambda q: tq.qmm(x, q, config=cfg), qs) * 1e6
+                            except Exception as e:
+                                log(f"[qmm] {cfg}: {type(e).__name__}: {str(e)[:100]}")
+                                continue
+                            if t < best[0]:
+                                best = (t, cfg)
+                    log(f"| {name} | {fmt} | {m} | {r['bf16']:.1f} | {r['qmm_v1']:.1f} | {r['qmm_v2']:.1f} | {best[0]:.1f} {best[1]} | "
+                        f"{r['deq_v1']:.1f} | {r['deq_v2']:.1f} | {diff:.1e} |")
+                    rows[f"{name}/{fmt}/{m}"] = {**r, "best": best, "diff": diff}
+                del qs, qw0
+            except Exception:
+                traceback.print_exc()
+            torch.cuda.empty_cache()
+        del ws
+    tq.WORDS_QMM = True
+    RESULTS["qmm"] = rows
+
+
 def read_bytes(model: torch.nn.Module) -> int:
     """Bytes one decode step reads: parameters and quantized buffers, less an untied embedding."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -393,6 +452,7 @@ def main() -> None:
         ("kernels", lambda: section_kernels()),
         ("kernels1", lambda: section_kernels(sweep=False)),  # one-row GEMVs at their defaults only
         ("gemv", section_gemv),  # one-row GEMVs: first version vs word version, every format
+        ("qmm", section_qmm),  # several rows: the GEMM and dequantize + cuBLAS, both versions
         ("decode", lambda: section_decode(root, bw, flops, args.schemes.split(","))),
         ("throughput", lambda: section_throughput(root, args.tp_schemes.split(","))),
         ("peer", lambda: section_peer(Path(args.peer_dir), bw, args.peer_modes.split(","))),

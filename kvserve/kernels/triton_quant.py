@@ -358,10 +358,54 @@ def _deq_tile(q_ptr, s_ptr, o_ptr, rn64, k0, stride_q, stride_s,
 
 
 @triton.jit
+def _deq_tile_w(q_ptr, s_ptr, o_ptr, rn64, k0, stride_q, stride_s,
+                KIND: tl.constexpr, HAS_OFF: tl.constexpr, GROUP: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EXACT: tl.constexpr):
+    """`_deq_tile` from int32 words (`_dot_rows_w`'s bit operations): the fp32 tile
+    [BLOCK_N, BLOCK_K] and the column of each element. 4-bit tiles come with their columns
+    permuted inside each 32-column chunk (the product takes the activations in the same order);
+    8-bit ones in natural order."""
+    W: tl.constexpr = BLOCK_K // (8 if KIND == 0 else 4)
+    u = k0 // (8 if KIND == 0 else 4) + tl.arange(0, W)  # word index in the row
+    w = tl.load(q_ptr + rn64[:, None] * stride_q + u[None, :])
+    if KIND == 0:
+        a0, b0 = _nibbles(w, 0, EXACT)  # columns +0, +2 of the word's 4t
+        a1, b1 = _nibbles(w, 4, EXACT)  # +16, +18
+        a2, b2 = _nibbles(w, 8, EXACT)  # +1, +3
+        a3, b3 = _nibbles(w, 12, EXACT)  # +17, +19
+        f = tl.join(tl.join(tl.join(a0, b0), tl.join(a1, b1)), tl.join(tl.join(a2, b2), tl.join(a3, b3)))
+        # f[n, u, d, e, m] is column 32 (u // 4) + 4 (u % 4) + 2d + 16e + m
+        p = tl.arange(0, 8)
+        off = 2 * (p // 4) + 16 * ((p // 2) % 2) + p % 2
+        kk = tl.reshape((u // 4 * 32 + u % 4 * 4)[:, None] + off[None, :], [BLOCK_K])
+        g = (u * 8) // GROUP
+        s = tl.load(s_ptr + rn64[:, None] * stride_s + g[None, :]).to(tl.float32)
+        m = tl.zeros_like(s) if EXACT else -1024.0 * s
+    else:
+        a0, b0 = _bytes(w, 0, EXACT)  # +0, +2
+        a1, b1 = _bytes(w, 8, EXACT)  # +1, +3
+        f = tl.join(tl.join(a0, b0), tl.join(a1, b1))  # f[n, u, d, e]: column 4u + 2d + e
+        kk = k0 + tl.arange(0, BLOCK_K)
+        if KIND == 2:
+            s = tl.broadcast_to(tl.load(s_ptr + rn64 * stride_s).to(tl.float32)[:, None], [BLOCK_N, W])
+        else:
+            s = tl.load(s_ptr + rn64[:, None] * stride_s + ((u * 4) // GROUP)[None, :]).to(tl.float32)
+        m = tl.zeros_like(s) if EXACT else -1152.0 * s
+    if HAS_OFF:
+        m += tl.load(o_ptr + rn64[:, None] * stride_s + ((u * (8 if KIND == 0 else 4)) // GROUP)[None, :]).to(tl.float32)
+    if KIND == 0:
+        w = f * s[:, :, None, None, None] + m[:, :, None, None, None]
+    else:
+        w = f * s[:, :, None, None] + m[:, :, None, None]
+    return tl.reshape(w, [BLOCK_N, BLOCK_K]), kk
+
+
+@triton.jit
 def _qmm_kernel(
     x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, out_ptr, M, N, K, stride_xm, stride_q, stride_s, stride_om,
     KIND: tl.constexpr, HAS_OFF: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    WORDS: tl.constexpr = False,
 ):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -373,7 +417,11 @@ def _qmm_kernel(
         pdl.wait(PDL)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        w, kk = _deq_tile(q_ptr, s_ptr, o_ptr, rn64, k0, stride_q, stride_s, KIND, HAS_OFF, GROUP, BLOCK_N, BLOCK_K)
+        if WORDS:
+            w, kk = _deq_tile_w(q_ptr, s_ptr, o_ptr, rn64, k0, stride_q, stride_s, KIND, HAS_OFF, GROUP,
+                                BLOCK_N, BLOCK_K, IEEE)
+        else:
+            w, kk = _deq_tile(q_ptr, s_ptr, o_ptr, rn64, k0, stride_q, stride_s, KIND, HAS_OFF, GROUP, BLOCK_N, BLOCK_K)
         x = tl.load(x_ptr + rm64[:, None] * stride_xm + kk[None, :], mask=m_ok[:, None], other=0.0)
         if IEEE:
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision="ieee")
@@ -388,12 +436,16 @@ def _qmm_kernel(
 @triton.jit
 def _dequant_kernel(q_ptr, s_ptr, o_ptr, out_ptr, N, K, stride_q, stride_s,
                     KIND: tl.constexpr, HAS_OFF: tl.constexpr, GROUP: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, WORDS: tl.constexpr = False):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < N
     rn64 = tl.where(n_ok, rn, 0).to(tl.int64)
     k0 = tl.program_id(1) * BLOCK_K
-    w, kk = _deq_tile(q_ptr, s_ptr, o_ptr, rn64, k0, stride_q, stride_s, KIND, HAS_OFF, GROUP, BLOCK_N, BLOCK_K)
+    if WORDS:
+        w, kk = _deq_tile_w(q_ptr, s_ptr, o_ptr, rn64, k0, stride_q, stride_s, KIND, HAS_OFF, GROUP, BLOCK_N, BLOCK_K,
+                            out_ptr.dtype.element_ty == tl.float32)
+    else:
+        w, kk = _deq_tile(q_ptr, s_ptr, o_ptr, rn64, k0, stride_q, stride_s, KIND, HAS_OFF, GROUP, BLOCK_N, BLOCK_K)
     tl.store(out_ptr + rn64[:, None] * K + kk[None, :], w.to(out_ptr.dtype.element_ty), mask=n_ok[:, None])
 
 
@@ -450,9 +502,12 @@ WORDS_GEMV = True
 GEMV_CONFIG_V1 = {"int4": (4, 1024, 4), "int8": (2, 1024, 4), "fp8": (2, 1024, 4)}
 
 
-def _codes(qw) -> tuple[torch.Tensor, bool]:
-    """The code tensor a GEMV reads, and whether it reads int32 words of it."""
-    if WORDS_GEMV and qw.kind != "fp8":
+WORDS_QMM = True  # the same for the dequantizing GEMM and the dequantize kernel
+
+
+def _codes(qw, words: bool | None = None) -> tuple[torch.Tensor, bool]:
+    """The code tensor a kernel reads, and whether it reads int32 words of it."""
+    if (WORDS_GEMV if words is None else words) and qw.kind != "fp8":
         return qw.q.view(torch.int32), True
     return qw.q, False
 
@@ -540,11 +595,12 @@ def qmm(x: torch.Tensor, qw, bias: torch.Tensor | None = None,
         raise ValueError(f"K={k} is not a multiple of 32")
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     use_pdl = _launch_pdl(x)
+    codes, words = _codes(qw, WORDS_QMM)
     _qmm_kernel[(triton.cdiv(n, bn), triton.cdiv(m, bm))](
-        x, qw.q, qw.scale, qw.offset if qw.offset is not None else qw.scale, bias if bias is not None else qw.scale,
-        out, m, n, k, x.stride(0), qw.q.stride(0), qw.scale.stride(0), out.stride(0),
+        x, codes, qw.scale, qw.offset if qw.offset is not None else qw.scale, bias if bias is not None else qw.scale,
+        out, m, n, k, x.stride(0), codes.stride(0), qw.scale.stride(0), out.stride(0),
         KIND=kind, HAS_OFF=qw.offset is not None, GROUP=qw.group if kind != 2 else 32, HAS_BIAS=bias is not None,
-        IEEE=x.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PDL=use_pdl,
+        IEEE=x.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PDL=use_pdl, WORDS=words,
         num_warps=warps, num_stages=stages, launch_pdl=use_pdl,
     )
     return out
@@ -560,10 +616,11 @@ def dequantize(qw, dtype: torch.dtype) -> torch.Tensor:
     while k % bk:
         bk //= 2
     out = torch.empty((n, k), dtype=dtype, device=qw.q.device)
+    codes, words = _codes(qw, WORDS_QMM)
     _dequant_kernel[(triton.cdiv(n, bn), k // bk)](
-        qw.q, qw.scale, qw.offset if qw.offset is not None else qw.scale, out, n, k, qw.q.stride(0), qw.scale.stride(0),
+        codes, qw.scale, qw.offset if qw.offset is not None else qw.scale, out, n, k, codes.stride(0), qw.scale.stride(0),
         KIND=kind, HAS_OFF=qw.offset is not None, GROUP=qw.group if kind != 2 else 32,
-        BLOCK_N=bn, BLOCK_K=bk, num_warps=4,
+        BLOCK_N=bn, BLOCK_K=bk, WORDS=words, num_warps=4,
     )
     return out
 
