@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
 
 from kvserve import LLM, SamplingParams
 
@@ -189,6 +190,44 @@ def section_kernel(bw: float, peak: float) -> None:
         torch.cuda.empty_cache()
 
 
+def section_sweep() -> None:
+    """Tile configs of the pairs path (gate/up and down kernels each, the other at its default)
+    at 1 and 4 tokens: µs per layer, 4 layers' weights replayed back to back."""
+    from kvserve.kernels import triton_moe
+
+    grid = [(bn, bk, w) for bn in (2, 4, 8) for bk in (256, 512, 1024) for w in (4, 8)]
+    for name, (e, k, hidden, inter, *_rest) in SHAPES.items():
+        copies = 4
+        w13 = [torch.randn(e, 2 * inter, hidden, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        w2 = [torch.randn(e, hidden, inter, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        for t in (1, 4):
+            x = torch.randn(t, hidden, device="cuda", dtype=torch.bfloat16)
+            wts, ids = torch.topk(torch.softmax(torch.randn(t, e, device="cuda"), -1), k, -1)
+            wts = wts.to(torch.bfloat16)
+            default = (triton_moe.pairs_config(inter, hidden), triton_moe.pairs_config(hidden, inter))
+            res = {}
+            for which in (0, 1):
+                for cfg in grid:
+                    if cfg[1] > triton.next_power_of_2(hidden if which == 0 else inter):
+                        continue
+                    cfgs = (cfg, default[1]) if which == 0 else (default[0], cfg)
+
+                    def run(cfgs=cfgs) -> None:
+                        for c in range(copies):
+                            triton_moe.fused_moe(x, w13[c], w2[c], wts, ids, path="pairs", pairs_configs=cfgs)
+                    try:
+                        res[(which, cfg)] = graph_time(run, 10) / copies * 1e6
+                    except Exception as exc:  # noqa: BLE001 (a config that does not compile)
+                        log(f"[sweep] {cfg}: {type(exc).__name__}")
+            for which, label in ((0, "gate_up"), (1, "down")):
+                best = sorted((v, c) for (w, c), v in res.items() if w == which)[:4]
+                base = res.get((which, default[which]))
+                log(f"[sweep] {name} T={t} {label}: default {default[which]} {base:.1f} us; best "
+                    + ", ".join(f"{c} {v:.1f}" for v, c in best))
+        del w13, w2
+        torch.cuda.empty_cache()
+
+
 # -- (b) decode and (c) throughput on the engine -------------------------------------------------
 def decode_bytes(model: torch.nn.Module, cfg_e: tuple, active_experts_per_layer: float) -> tuple[int, int]:
     """(bytes read per step with `active_experts_per_layer` experts of each sparse layer,
@@ -308,7 +347,6 @@ def main() -> None:
     ap.add_argument("--models", default="Qwen3-30B-A3B,gpt-oss-20b")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
-    import triton
 
     props = torch.cuda.get_device_properties(0)
     log(f"card: {props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs); "
@@ -323,6 +361,8 @@ def main() -> None:
     only = set(args.only.split(","))
     models = args.models.split(",")
     layers = dict(zip(SHAPES, (int(n) for n in args.layers.split(","))))
+    if "sweep" in only:
+        section_sweep()
     if "kernel" in only:
         try:
             section_kernel(bw, peak)

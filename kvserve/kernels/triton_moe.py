@@ -273,6 +273,7 @@ def fused_moe(
     topk_ids: torch.Tensor,  # [T, k]
     path: str = "auto",  # "auto" | "pairs" | "sorted"
     config: dict[str, int] | None = None,  # sorted path tiles (else `sorted_config`)
+    pairs_configs: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None,  # (gate/up, down)
 ) -> torch.Tensor:  # [T, H]
     t, hidden = x.shape
     e, two_i, _ = w13.shape
@@ -289,13 +290,14 @@ def fused_moe(
     wts = topk_weights.reshape(-1).contiguous()
     h = torch.empty((n, inter), dtype=x.dtype, device=x.device)
     if path == "pairs" or (path == "auto" and n <= PAIRS_MAX):
-        bn, bk, warps = pairs_config(inter, hidden)
+        gu_cfg, down_cfg = pairs_configs or (pairs_config(inter, hidden), pairs_config(hidden, inter))
+        bn, bk, warps = gu_cfg
         _pairs_gate_up_kernel[(n, triton.cdiv(inter, bn))](
             x, w13, ids, h, inter, hidden, x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
             TOP_K=top_k, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=hidden % bk == 0, num_warps=warps,
         )
         out = torch.empty((t, hidden), dtype=x.dtype, device=x.device)
-        bn, bk, warps = pairs_config(hidden, inter)
+        bn, bk, warps = down_cfg
         _pairs_down_kernel[(t, triton.cdiv(hidden, bn))](
             h, w2, ids, wts, out, hidden, inter, h.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
             TOP_K=top_k, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=inter % bk == 0, num_warps=warps,
