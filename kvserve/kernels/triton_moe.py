@@ -16,7 +16,8 @@ Two paths, picked by the number of (token, slot) pairs n = T * top_k:
   output columns sums w_j * (inter_j · W_down[e_j] rows) over the token's k slots, so the
   routing weight and the top-k reduction are in the epilogue. A token pair that shares an
   expert reads it twice (from L2 at these sizes).
-- **sorted** (prefill, larger decode batches): `align_by_expert` sorts the pairs by expert and
+- **sorted** (prefill, larger decode batches): `align_by_expert` (one Triton program for a
+  decode batch's pairs, torch ops for prefill) sorts the pairs by expert and
   pads each expert's run to a multiple of BLOCK_M (vLLM's moe_align_block_size idea); a grouped
   GEMM multiplies each BLOCK_M block of pairs by its expert's weight tiles with tensor-core dots
   (gate and up in two accumulators, SiLU·mul in the epilogue), a second one the down
@@ -221,18 +222,80 @@ def padded_size(num_pairs: int, num_experts: int, block_m: int) -> int:
     return triton.cdiv(p, block_m) * block_m
 
 
+@triton.jit
+def _align_kernel(
+    ids_ptr,  # [n] expert of each pair
+    sorted_ptr,  # [P] out: pair ids by expert, padding = n
+    block_expert_ptr,  # [P / BLOCK_M] out
+    num_post_ptr,  # [1] out
+    n,
+    E,
+    P,
+    BLOCK_M: tl.constexpr,
+    E_PAD: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    """`align_by_expert` in one program (a decode step's few thousand pairs at most): counts per
+    expert from one-hot chunks, padded runs by a cumulative sum, then each pair's slot = its
+    expert's cursor + the equal ids before it in the chunk (stable, no atomics)."""
+    experts = tl.arange(0, E_PAD)
+    e_ok = experts < E
+    offs = tl.arange(0, CHUNK)
+    counts = tl.zeros([E_PAD], dtype=tl.int32)
+    for c0 in range(0, n, CHUNK):
+        e = tl.load(ids_ptr + c0 + offs, mask=c0 + offs < n, other=-1).to(tl.int32)
+        counts += tl.sum((e[:, None] == experts[None, :]).to(tl.int32), 0)
+    padded = (counts + (BLOCK_M - 1)) // BLOCK_M * BLOCK_M
+    end = tl.cumsum(padded, 0)
+    cursor = end - padded
+    tl.store(num_post_ptr, tl.sum(padded, 0))
+    for b0 in range(0, P // BLOCK_M, CHUNK):
+        blocks = b0 + offs
+        first = (blocks * BLOCK_M)[:, None]
+        owner = tl.sum(((end[None, :] <= first) & e_ok[None, :]).to(tl.int32), 1)
+        tl.store(block_expert_ptr + blocks, tl.minimum(owner, E - 1), mask=blocks < P // BLOCK_M)
+    for p0 in range(0, P, CHUNK):
+        tl.store(sorted_ptr + p0 + offs, tl.zeros([CHUNK], dtype=tl.int64) + n, mask=p0 + offs < P)
+    tl.debug_barrier()  # the padding is written before any pair lands on it
+    for c0 in range(0, n, CHUNK):
+        pair = c0 + offs
+        e = tl.load(ids_ptr + pair, mask=pair < n, other=-1).to(tl.int32)
+        hot = (e[:, None] == experts[None, :]).to(tl.int32)  # [CHUNK, E_PAD]
+        before = tl.cumsum(hot, 0) - hot  # equal ids earlier in the chunk
+        dest = tl.sum(hot * (cursor[None, :] + before), 1)
+        tl.store(sorted_ptr + dest, pair.to(tl.int64), mask=pair < n)
+        cursor += tl.sum(hot, 0)
+
+
+# Pairs up to which the one-program align kernel runs (decode batches); torch ops above.
+ALIGN_KERNEL_MAX = 8192
+
+
 def align_by_expert(
-    ids: torch.Tensor, num_experts: int, block_m: int
+    ids: torch.Tensor, num_experts: int, block_m: int, use_kernel: bool | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sort the (token, slot) pairs of `ids` [T, k] by expert, each expert's run padded to a
     multiple of `block_m`: (sorted pair ids [P] (padding: T * k), expert of each block
     [P / block_m] (blocks past the total: clamped to the last expert, never computed), padded
     total [1]). Fixed shapes for a given T, no host sync: capturable. Pairs of one expert keep
-    their order (a stable sort)."""
+    their order. One Triton program up to `ALIGN_KERNEL_MAX` pairs (the torch ops below cost
+    ~20 launches: in a decode graph of 48 layers that is ~1000 tiny kernels a step), torch ops
+    (a stable sort) above."""
     flat = ids.reshape(-1).long()
     n = flat.numel()
     dev = flat.device
     size = padded_size(n, num_experts, block_m)
+    if use_kernel if use_kernel is not None else n <= ALIGN_KERNEL_MAX:
+        flat = flat.contiguous()
+        sorted_ids = torch.empty(size, dtype=torch.long, device=dev)
+        block_expert = torch.empty(size // block_m, dtype=torch.long, device=dev)
+        num_post = torch.empty(1, dtype=torch.long, device=dev)
+        e_pad = triton.next_power_of_2(num_experts)
+        _align_kernel[(1,)](
+            flat, sorted_ids, block_expert, num_post, n, num_experts, size,
+            BLOCK_M=block_m, E_PAD=e_pad, CHUNK=max(16, min(64, 8192 // e_pad)), num_warps=8,
+        )
+        return sorted_ids, block_expert, num_post
     sorted_e, order = torch.sort(flat, stable=True)
     counts = torch.zeros(num_experts, dtype=torch.long, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + (block_m - 1)) // block_m * block_m

@@ -25,9 +25,9 @@ def weights(e: int, hidden: int, inter: int, device: str, dtype: torch.dtype, se
     return w13, w2
 
 
-def check_align(t: int, e: int, k: int, block_m: int, device: str) -> None:
+def check_align(t: int, e: int, k: int, block_m: int, device: str, use_kernel: bool) -> None:
     _, ids = route(t, e, k, device, torch.float32, seed=t)
-    sorted_ids, block_expert, num_post = triton_moe.align_by_expert(ids, e, block_m)
+    sorted_ids, block_expert, num_post = triton_moe.align_by_expert(ids, e, block_m, use_kernel)
     n = t * k
     flat = ids.reshape(-1).cpu()
     s, be, total = sorted_ids.cpu(), block_expert.cpu(), int(num_post)
@@ -35,6 +35,7 @@ def check_align(t: int, e: int, k: int, block_m: int, device: str) -> None:
     real = s[s < n]
     assert sorted(real.tolist()) == list(range(n)), "every pair exactly once"
     assert (s[total:] == n).all()
+    assert (be[total // block_m :] == e - 1).all() or total == s.numel()
     for b in range(total // block_m):
         blk = s[b * block_m : (b + 1) * block_m]
         blk = blk[blk < n]
@@ -59,8 +60,9 @@ def check_fused(t: int, e: int, k: int, hidden: int, inter: int, device: str, dt
 
 def run_interpret() -> None:
     """Tiny fp32 shapes on the CPU (TRITON_INTERPRET=1): both paths, ragged sizes."""
-    for t, e, k, bm in ((5, 8, 2, 16), (3, 4, 3, 16), (40, 6, 2, 16)):
-        check_align(t, e, k, bm, "cpu")
+    for t, e, k, bm in ((5, 8, 2, 16), (3, 4, 3, 16), (40, 6, 2, 16), (70, 5, 3, 16)):
+        for use_kernel in (False, True):
+            check_align(t, e, k, bm, "cpu", use_kernel)
     cfg = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=4, num_stages=1)
     check_fused(3, 8, 2, 64, 48, "cpu", torch.float32, "pairs", 1e-5)
     check_fused(1, 4, 4, 40, 24, "cpu", torch.float32, "pairs", 1e-5)  # K not a block multiple

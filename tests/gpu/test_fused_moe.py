@@ -19,9 +19,11 @@ QWEN3 = (128, 8, 2048, 768)  # experts, top-k, hidden, expert width
 GPT_OSS = (32, 4, 2880, 2880)
 
 
-@pytest.mark.parametrize("t,e,k,bm", [(1, 128, 8, 16), (16, 128, 8, 16), (300, 128, 8, 64), (7, 32, 4, 16)])
-def test_align(t, e, k, bm):
-    moe_checks.check_align(t, e, k, bm, "cuda")
+@pytest.mark.parametrize("use_kernel", [True, False], ids=["triton", "torch"])
+@pytest.mark.parametrize("t,e,k,bm", [(1, 128, 8, 16), (16, 128, 8, 16), (300, 128, 8, 64), (7, 32, 4, 16),
+                                      (1000, 32, 4, 64), (2, 6, 2, 32)])
+def test_align(t, e, k, bm, use_kernel):
+    moe_checks.check_align(t, e, k, bm, "cuda", use_kernel)
 
 
 @pytest.mark.parametrize("shape", [QWEN3, GPT_OSS], ids=["qwen3-30b-a3b", "gpt-oss-20b"])
