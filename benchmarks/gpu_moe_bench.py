@@ -174,7 +174,7 @@ def section_kernel(bw: float, peak: float) -> None:
                 s = graph_time(run) / copies
                 row[f"{path}_us"] = s * 1e6
                 row[f"{path}_pct_floor"] = 100 * floor / s
-            auto = "pairs" if t * k <= triton_moe.PAIRS_MAX else "sorted"
+            auto = "pairs" if triton_moe.use_pairs(t, e, k) else "sorted"
             row["auto"] = auto
             c = [0]
 

@@ -8,10 +8,10 @@ Weights, stacked per layer (`platform/cuda_moe.py` builds them once after loadin
 w13 [E, 2I, H] (each expert's fused gate ‖ up rows, as its gate_up projection stores them) and
 w2 [E, H, I]. Only the selected experts' rows are ever read.
 
-Two paths, picked by the number of (token, slot) pairs n = T * top_k:
+Two paths, picked by the number of (token, slot) pairs n = T * top_k (`use_pairs`):
 
-- **pairs** (decode: n <= `PAIRS_MAX`): no sorting. One program per pair and BLOCK_N rows of
-  the expert's width streams those gate and up rows against the token's row (a GEMV, as
+- **pairs** (decode: one token, or n <= `PAIRS_MAX` and n <= E / 2): no sorting. One
+  program per pair and BLOCK_N rows of the expert's width streams those gate and up rows against the token's row (a GEMV, as
   `triton_ops.gemv`) and writes silu(gate) * up; then one program per token and BLOCK_N
   output columns sums w_j * (inter_j · W_down[e_j] rows) over the token's k slots, so the
   routing weight and the top-k reduction are in the epilogue. A token pair that shares an
@@ -327,6 +327,13 @@ def sorted_config(num_pairs: int, num_experts: int) -> dict[str, int]:
     return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=3)
 
 
+def use_pairs(tokens: int, num_experts: int, top_k: int) -> bool:
+    """The pairs path while its pairs are few and mostly on distinct experts (a shared expert
+    is read once per pair there); one token always (its k experts are distinct)."""
+    n = tokens * top_k
+    return tokens == 1 or (n <= PAIRS_MAX and 2 * n <= num_experts)
+
+
 # -- the op --------------------------------------------------------------------------------------
 def fused_moe(
     x: torch.Tensor,  # [T, H]
@@ -352,7 +359,7 @@ def fused_moe(
         ids = ids.contiguous()
     wts = topk_weights.reshape(-1).contiguous()
     h = torch.empty((n, inter), dtype=x.dtype, device=x.device)
-    if path == "pairs" or (path == "auto" and n <= PAIRS_MAX):
+    if path == "pairs" or (path == "auto" and use_pairs(t, e, top_k)):
         gu_cfg, down_cfg = pairs_configs or (pairs_config(inter, hidden), pairs_config(hidden, inter))
         bn, bk, warps = gu_cfg
         _pairs_gate_up_kernel[(n, triton.cdiv(inter, bn))](
