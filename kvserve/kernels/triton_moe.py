@@ -11,11 +11,11 @@ w2 [E, H, I]. Only the selected experts' rows are ever read.
 Two paths, picked by the number of (token, slot) pairs n = T * top_k (`use_pairs`):
 
 - **pairs** (decode: one token, or n <= `PAIRS_MAX` and n <= E / 2): no sorting. One
-  program per pair and BLOCK_N rows of the expert's width streams those gate and up rows against the token's row (a GEMV, as
-  `triton_ops.gemv`) and writes silu(gate) * up; then one program per token and BLOCK_N
-  output columns sums w_j * (inter_j · W_down[e_j] rows) over the token's k slots, so the
-  routing weight and the top-k reduction are in the epilogue. A token pair that shares an
-  expert reads it twice (from L2 at these sizes).
+  program per pair and BLOCK_N rows of the expert's width streams those gate and up rows
+  against the token's row (a GEMV, as `triton_ops.gemv`) and writes silu(gate) * up; then one
+  program per token and BLOCK_N output columns sums w_j * (inter_j · W_down[e_j] rows) over
+  the token's k slots, so the routing weight and the top-k reduction are in the epilogue.
+  Pairs that share an expert read it once each (hence the limit).
 - **sorted** (prefill, larger decode batches): `align_by_expert` (one Triton program for a
   decode batch's pairs, torch ops for prefill) sorts the pairs by expert and
   pads each expert's run to a multiple of BLOCK_M (vLLM's moe_align_block_size idea); a grouped
