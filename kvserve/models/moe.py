@@ -12,9 +12,9 @@ like any projection (so GGML / q8_0 / bf16 linear methods apply to expert weight
 CPU path: loop over the experts that received tokens (ascending, as HF does), gather their rows
 (`index_select`), run the expert on them, and scatter-add the weighted result (`index_add_`),
 so the work is the active experts' only. A platform with a fused MoE op runs the experts
-through it instead (`Ops.fused_moe`; CUDA: the Triton grouped GEMM of `kernels/triton_moe.py`,
-no host sync, so decode steps are captured in CUDA graphs). Qwen3-MoE layers in `mlp_only_layers`, or off the
-`decoder_sparse_step` grid, keep a dense MLP.
+through it instead (`Ops.fused_moe`; CUDA: the Triton kernels of `kernels/triton_moe.py`, no
+host sync, so decode steps are captured in CUDA graphs). Qwen3-MoE layers in
+`mlp_only_layers`, or off the `decoder_sparse_step` grid, keep a dense MLP.
 
 Tensor parallelism: every rank routes the same way (the router is replicated) and holds a slice
 of every expert (gate/up rows, down columns: `inter / tp` each), so the layer's output is a
