@@ -11,14 +11,16 @@ like any projection (so GGML / q8_0 / bf16 linear methods apply to expert weight
 
 CPU path: loop over the experts that received tokens (ascending, as HF does), gather their rows
 (`index_select`), run the expert on them, and scatter-add the weighted result (`index_add_`),
-so the work is the active experts' only. Qwen3-MoE layers in `mlp_only_layers`, or off the
-`decoder_sparse_step` grid, keep a dense MLP.
+so the work is the active experts' only. A platform with a fused MoE op runs the experts
+through it instead (`Ops.fused_moe`; CUDA: the Triton kernels of `kernels/triton_moe.py`, no
+host sync, so decode steps are captured in CUDA graphs). Qwen3-MoE layers in
+`mlp_only_layers`, or off the `decoder_sparse_step` grid, keep a dense MLP.
 
 Tensor parallelism: every rank routes the same way (the router is replicated) and holds a slice
 of every expert (gate/up rows, down columns: `inter / tp` each), so the layer's output is a
 partial sum that the next norm all-reduces, as for a dense MLP.
 
-Not implemented: MoE GGUF files, a fused GPU MoE kernel, gpt-oss.
+Not implemented: MoE GGUF files, quantized experts in the fused GPU kernel, gpt-oss.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class SparseMoE(nn.Module):
         tp = ps.get_tp().size
         if inter % tp:
             raise ValueError(f"tensor_parallel_size={tp} must divide the experts' MLP width ({inter})")
+        self.ops = b.ops  # the platform's fused MoE op, where it has one
         self.gate = b.dense_linear(cfg.hidden_size, num_experts)  # the router (every rank routes alike)
         self.experts = nn.ModuleList(ExpertMLP(cfg.hidden_size, inter // tp, b) for _ in range(num_experts))
 
@@ -72,6 +75,9 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]; a partial sum under TP
         weights, ids = self.route(x)
+        fused = self.ops.fused_moe(self, x, weights, ids)
+        if fused is not None:
+            return fused
         out = torch.zeros_like(x)
         hit = torch.bincount(ids.flatten(), minlength=self.num_experts).nonzero().flatten().tolist()
         ids_t = ids.t()  # [k, T]: rows taken slot-major, as HF's expert loop takes them

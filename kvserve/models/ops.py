@@ -83,3 +83,12 @@ class Ops:
         q = self.rotate(q_norm(q.view(t, hq, d)), rope)
         k = self.rotate(k_norm(k.view(t, hkv, d)), rope)
         return q, k, v.view(t, hkv, d), False
+
+    def fused_moe(
+        self, moe: torch.nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    ) -> torch.Tensor | None:
+        """A sparse MoE layer's expert MLPs as one fused op ([T, hidden] out, the routing weights
+        applied and the k experts summed) where the platform has one for `moe`'s experts (CUDA:
+        the Triton grouped GEMM over weights it stacked at load, `platform/cuda_moe.py`), else
+        None: the model runs its own loop over the experts."""
+        return None

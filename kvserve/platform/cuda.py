@@ -130,5 +130,9 @@ class CudaPlatform(Platform):
         super().prepare_model(model)
         from kvserve.platform.cuda_quant import CudaQuantLinearMethod, describe_weights
 
+        if self.triton:  # sparse MoE layers: experts stacked for the fused Triton kernels
+            from kvserve.platform.cuda_moe import stack_experts
+
+            stack_experts(model)
         if any(isinstance(getattr(m, "method", None), CudaQuantLinearMethod) for m in model.modules()):
             logger.info("quantized projections: %s", describe_weights(model))

@@ -5,7 +5,8 @@ table of every position built once per model (before any CUDA graph is captured)
 k in place inside the fused qkv output, applies the per-head q/k norm on the way and, for an
 attention backend that allows it, stores k and v in the paged cache (one launch less). For one
 row the projection itself joins in: the qkv GEMV with RoPE in its epilogue
-(`TritonGemvLinearMethod.apply_qkv_rope`).
+(`TritonGemvLinearMethod.apply_qkv_rope`). A sparse MoE layer's experts run as the fused
+Triton MoE (`kernels/triton_moe.py`) over the weights `platform/cuda_moe.py` stacked.
 """
 
 from __future__ import annotations
@@ -73,3 +74,14 @@ class CudaTritonOps(Ops):
             )
         q, k, v = qkv.split([hq * d, hkv * d, hkv * d], dim=-1)
         return q.view(t, hq, d), k.view(t, hkv, d), v.view(t, hkv, d), kv_written
+
+    def fused_moe(
+        self, moe: torch.nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+    ) -> torch.Tensor | None:
+        stacked = getattr(moe, "stacked_experts", None)  # platform/cuda_moe.py, after loading
+        if stacked is None or not x.is_cuda or x.dtype != stacked[0].dtype:
+            return None
+        from kvserve.kernels import triton_moe
+
+        w13, w2 = stacked
+        return triton_moe.fused_moe(x.contiguous(), w13, w2, topk_weights, topk_ids)

@@ -1,0 +1,385 @@
+"""Fused MoE on the GPU: Qwen3-30B-A3B and gpt-oss-20b shapes, random weights, with the floors
+measured in the same run.
+
+    python -m benchmarks.gpu_moe_bench                    # everything (< 4 min on an H100)
+    python -m benchmarks.gpu_moe_bench --only kernel      # kernel-level table only
+    python -m benchmarks.gpu_moe_bench --layers 48,24 --only decode   # full depth (memory!)
+
+(a) kernel: one sparse layer's experts (`triton_moe.fused_moe`) for 1, 16 and 256 tokens with
+    random routing, each captured in a CUDA graph and replayed back to back over 4 layers'
+    weights (so no layer's experts sit in L2 from the call before): µs per layer against the
+    floor = bytes of the experts actually selected (distinct ids) / the measured bf16 GEMV read
+    bandwidth (best of cuBLAS and kvserve's Triton GEMV on large shapes); both paths (pairs,
+    sorted) where they apply, and the unfused per-expert loop (the CPU path's algorithm, eager:
+    it syncs to find the experts) as the baseline.
+(b) decode: the engine (`LLM(load_format="dummy")`, CUDA graphs) at batch 1, 128-token prompt,
+    128 new tokens: ms/token against the floor of the bytes one step reads = every weight but
+    the unselected experts (top_k of E experts per sparse layer; the untied embedding table
+    only for its looked-up row) + the KV cache read, / the same bandwidth.
+(c) throughput: 256 requests of the standard workload (gpu_bench (b): random ids, prompt and
+    output lengths uniform in [100, 1024], ignore_eos) on the same engine: output tok/s against
+    the floor = per step, the weights of the experts expected to be hit by its running requests
+    (E * (1 - (1 - k/E)^B) experts of each layer, uniform routing) plus every other weight, plus
+    every cached token's K/V read once per decode step.
+
+Shapes: Qwen3-30B-A3B (hidden 2048, 128 experts, top-8, expert width 768, 32 q / 4 kv heads,
+head_dim 128, vocab 151936) and gpt-oss-20b (hidden 2880, 32 experts, top-4, expert width
+2880, 64 q / 8 kv heads, head_dim 64, vocab 201088). gpt-oss is run as a Qwen3-MoE-architecture
+model at its shapes: bf16 experts (its MXFP4 weights are not on the GPU path), gated SiLU
+without its clamp and biases, full attention without sinks or sliding windows — the timing is
+of the bytes and shapes. The engine sections use fewer layers than the real models (`--layers`,
+default 12 and 8) to fit the time limit; the % of floor does not depend on depth much, and the
+full-depth ms/token is projected as measured * floor(full depth) / floor(bench depth).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import statistics
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from kvserve import LLM, SamplingParams
+
+SHAPES = {
+    # name: (experts, top_k, hidden, expert width, layers, q heads, kv heads, head_dim, vocab, tied)
+    "Qwen3-30B-A3B": (128, 8, 2048, 768, 48, 32, 4, 128, 151936, False),
+    "gpt-oss-20b": (32, 4, 2880, 2880, 24, 64, 8, 64, 201088, False),
+}
+RESULTS: dict[str, object] = {}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def config(name: str, layers: int) -> dict:
+    e, k, h, i, _, hq, hkv, d, vocab, tied = SHAPES[name]
+    return dict(architectures=["Qwen3MoeForCausalLM"], model_type="qwen3_moe", hidden_size=h, intermediate_size=4 * h,
+                moe_intermediate_size=i, num_experts=e, num_experts_per_tok=k, norm_topk_prob=True,
+                num_hidden_layers=layers, num_attention_heads=hq, num_key_value_heads=hkv, head_dim=d,
+                vocab_size=vocab, tie_word_embeddings=tied, rope_theta=1000000.0, max_position_embeddings=40960,
+                rms_norm_eps=1e-6, torch_dtype="bfloat16", decoder_sparse_step=1, mlp_only_layers=[])
+
+
+# -- timing helpers --------------------------------------------------------------------------
+def events_time(fn, reps: int = 30) -> float:
+    """Median seconds of fn() in groups of 10 back to back (CUDA events)."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(max(1, reps // 10)):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(10):
+            fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / 10)
+    return statistics.median(times)
+
+
+def graph_time(fn, reps: int = 20) -> float:
+    """Median seconds of one replay of fn() captured in a CUDA graph."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return events_time(g.replay, reps)
+
+
+def gemv_bandwidth() -> float:
+    """Best read bandwidth (B/s) of large bf16 GEMVs: cuBLAS and kvserve's Triton GEMV."""
+    from kvserve.models import triton_ops
+
+    best = {}
+    for n, k in ((131072, 4096), (65536, 8192)):
+        w = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+        x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+        i = [0]
+
+        def cublas() -> None:
+            i[0] ^= 1
+            x @ w[i[0]].t()
+
+        def triton_gemv() -> None:
+            i[0] ^= 1
+            triton_ops.gemv(x, w[i[0]])
+        best[f"cuBLAS {n}x{k}"] = n * k * 2 / events_time(cublas, 50)
+        best[f"Triton {n}x{k}"] = n * k * 2 / events_time(triton_gemv, 50)
+        del w
+    RESULTS["gemv_GBps"] = {k: v / 1e9 for k, v in best.items()}
+    return max(best.values())
+
+
+# -- (a) kernel level ----------------------------------------------------------------------------
+def expert_loop(x, w13, w2, wts, ids):
+    """The unfused algorithm (moe.py's expert loop on stacked weights): gather, GEMMs, scatter."""
+    out = torch.zeros_like(x)
+    hit = torch.bincount(ids.flatten(), minlength=w13.shape[0]).nonzero().flatten().tolist()
+    for e in hit:
+        rows, slot = torch.where(ids == e)
+        gu = F.linear(x.index_select(0, rows), w13[e])
+        g, u = gu.chunk(2, -1)
+        y = F.linear(F.silu(g) * u, w2[e]) * wts[rows, slot, None]
+        out.index_add_(0, rows, y)
+    return out
+
+
+def section_kernel(bw: float, peak: float) -> None:
+    from kvserve.kernels import triton_moe
+
+    for name, (e, k, hidden, inter, *_rest) in SHAPES.items():
+        copies = 4
+        w13 = [torch.randn(e, 2 * inter, hidden, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        w2 = [torch.randn(e, hidden, inter, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        expert_bytes = 3 * hidden * inter * 2
+        for t in (1, 16, 256):
+            g = torch.Generator(device="cuda").manual_seed(t)
+            x = torch.randn(t, hidden, device="cuda", dtype=torch.bfloat16, generator=g)
+            probs = torch.softmax(torch.randn(t, e, device="cuda", generator=g), -1)
+            wts, ids = torch.topk(probs, k, -1)
+            wts = (wts / wts.sum(-1, keepdim=True)).to(torch.bfloat16)
+            distinct = int(torch.unique(ids).numel())
+            floor_mem = distinct * expert_bytes / bw
+            floor_flop = 2 * t * k * 3 * hidden * inter / peak
+            floor = max(floor_mem, floor_flop)
+            ref = triton_moe.reference_moe(x, w13[0], w2[0], wts, ids) if t <= 16 else None
+            row = {"tokens": t, "distinct_experts": distinct, "floor_us": floor * 1e6,
+                   "floor_mem_us": floor_mem * 1e6, "floor_flop_us": floor_flop * 1e6}
+            paths = ["pairs", "sorted"] if t <= 16 else ["sorted"]
+            for path in paths:
+                out = triton_moe.fused_moe(x, w13[0], w2[0], wts, ids, path=path)
+                if ref is not None:
+                    rel = ((out.float() - ref).norm() / ref.norm()).item()
+                    assert rel < 2e-2, f"{name} {path} t={t}: rel err {rel}"
+
+                def run(path=path) -> None:
+                    for c in range(copies):
+                        triton_moe.fused_moe(x, w13[c], w2[c], wts, ids, path=path)
+                s = graph_time(run) / copies
+                row[f"{path}_us"] = s * 1e6
+                row[f"{path}_pct_floor"] = 100 * floor / s
+            auto = "pairs" if triton_moe.use_pairs(t, e, k) else "sorted"
+            row["auto"] = auto
+            c = [0]
+
+            def loop() -> None:
+                c[0] = (c[0] + 1) % copies
+                expert_loop(x, w13[c[0]], w2[c[0]], wts, ids)
+            row["loop_us"] = events_time(loop, 20) * 1e6
+            RESULTS[f"kernel/{name}/T{t}"] = row
+            log(f"[kernel] {name} T={t:3d}: {distinct:3d} experts, floor {floor * 1e6:7.1f} us | "
+                + " | ".join(f"{p} {row[f'{p}_us']:7.1f} us ({row[f'{p}_pct_floor']:.0f}%)" for p in paths)
+                + f" | expert loop {row['loop_us']:8.1f} us | auto: {auto}")
+        del w13, w2
+        torch.cuda.empty_cache()
+
+
+def section_sweep() -> None:
+    """Tile configs of the pairs path (gate/up and down kernels each, the other at its default)
+    at 1 and 4 tokens: µs per layer, 4 layers' weights replayed back to back."""
+    from kvserve.kernels import triton_moe
+
+    grid = [(bn, bk, w) for bn in (2, 4, 8) for bk in (256, 512, 1024) for w in (4, 8)]
+    for name, (e, k, hidden, inter, *_rest) in SHAPES.items():
+        copies = 4
+        w13 = [torch.randn(e, 2 * inter, hidden, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        w2 = [torch.randn(e, hidden, inter, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        for t in (1, 4):
+            x = torch.randn(t, hidden, device="cuda", dtype=torch.bfloat16)
+            wts, ids = torch.topk(torch.softmax(torch.randn(t, e, device="cuda"), -1), k, -1)
+            wts = wts.to(torch.bfloat16)
+            default = (triton_moe.pairs_config(inter, hidden), triton_moe.pairs_config(hidden, inter))
+            res = {}
+            for which in (0, 1):
+                for cfg in grid:
+                    if cfg[1] > triton.next_power_of_2(hidden if which == 0 else inter):
+                        continue
+                    cfgs = (cfg, default[1]) if which == 0 else (default[0], cfg)
+
+                    def run(cfgs=cfgs) -> None:
+                        for c in range(copies):
+                            triton_moe.fused_moe(x, w13[c], w2[c], wts, ids, path="pairs", pairs_configs=cfgs)
+                    try:
+                        res[(which, cfg)] = graph_time(run, 10) / copies * 1e6
+                    except Exception as exc:  # noqa: BLE001 (a config that does not compile)
+                        log(f"[sweep] {cfg}: {type(exc).__name__}")
+            for which, label in ((0, "gate_up"), (1, "down")):
+                best = sorted((v, c) for (w, c), v in res.items() if w == which)[:4]
+                base = res.get((which, default[which]))
+                log(f"[sweep] {name} T={t} {label}: default {default[which]} {base:.1f} us; best "
+                    + ", ".join(f"{c} {v:.1f}" for v, c in best))
+        del w13, w2
+        torch.cuda.empty_cache()
+
+
+# -- (b) decode and (c) throughput on the engine -------------------------------------------------
+def decode_bytes(model: torch.nn.Module, cfg_e: tuple, active_experts_per_layer: float) -> tuple[int, int]:
+    """(bytes read per step with `active_experts_per_layer` experts of each sparse layer,
+    bytes of the sparse layers' experts in all)."""
+    e = cfg_e[0]
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    emb = model.embed_tokens.weight
+    if model.lm_head.weight is not emb:
+        total -= emb.numel() * emb.element_size()
+    experts = 0
+    for layer in model.layers:
+        stacked = getattr(layer.mlp, "stacked_experts", None)
+        if stacked is not None:
+            experts += sum(w.numel() * w.element_size() for w in stacked)
+    return int(total - experts + experts * active_experts_per_layer / e), experts
+
+
+def kv_bytes_per_token(cfg) -> int:
+    return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2
+
+
+def engine_decode(llm: LLM, prompt_len: int = 128, new: int = 128, reps: int = 3) -> float:
+    eng = llm.engine
+    rng = random.Random(0)
+    eng.add_request("warm", [rng.randrange(10000) for _ in range(prompt_len)], SamplingParams(max_tokens=8, ignore_eos=True))
+    while eng.has_unfinished_requests():
+        eng.step()
+    per_tok = []
+    for r in range(reps):
+        eng.add_request(f"r{r}", [rng.randrange(10000) for _ in range(prompt_len)],
+                        SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True))
+        first = None
+        while eng.has_unfinished_requests():
+            eng.step()
+            if first is None:
+                first = time.perf_counter()
+        per_tok.append((time.perf_counter() - first) / (new - 1))
+    return statistics.median(per_tok)
+
+
+def workload(n: int = 256, seed: int = 0) -> tuple[list[list[int]], list[int]]:
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(10000) for _ in range(rng.randint(100, 1024))] for _ in range(n)]
+    outs = [rng.randint(100, 1024) for _ in range(n)]
+    return prompts, outs
+
+
+def section_engine(name: str, layers: int, root: Path, bw: float, throughput: bool, requests: int) -> None:
+    e, k, *_rest = SHAPES[name]
+    full_layers = SHAPES[name][4]
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config(name, layers)))
+    t0 = time.perf_counter()
+    llm = LLM(str(folder), load_format="dummy", max_model_len=4096, max_num_seqs=256 if throughput else 8,
+              enable_prefix_caching=False, gpu_memory_utilization=0.9)
+    startup = time.perf_counter() - t0
+    eng = llm.engine
+    model, cfg = eng.runner.model, eng.model_config
+    stacked = sum(getattr(layer.mlp, "stacked_experts", None) is not None for layer in model.layers)
+    assert stacked == layers, f"{stacked} of {layers} layers run the fused MoE"
+    assert eng.runner.graphs is not None, "CUDA graphs are off"
+    wb, expert_total = decode_bytes(model, SHAPES[name], k)
+    kv = kv_bytes_per_token(cfg) * (128 + 64)  # mean context over the timed steps
+    floor = (wb + kv) / bw
+    s = engine_decode(llm)
+    # Projection to full depth: non-layer bytes (embedding row, norm, head) once, layers scaled.
+    layer_bytes = sum(p.numel() * p.element_size() for p in model.layers.parameters()) - expert_total * (1 - k / e)
+    head_bytes = wb - layer_bytes
+    floor_full = (head_bytes + layer_bytes * full_layers / layers + kv * full_layers / layers) / bw
+    row = {"layers": layers, "startup_s": startup, "weights_read_GB": wb / 1e9, "floor_ms": floor * 1e3,
+           "ms_per_token": s * 1e3, "pct_floor": 100 * floor / s, "full_depth_layers": full_layers,
+           "full_depth_floor_ms": floor_full * 1e3, "full_depth_projected_ms": s * floor_full / floor * 1e3,
+           "graph_steps": eng.runner.num_graph_steps}
+    RESULTS[f"decode/{name}"] = row
+    log(f"[decode] {name} ({layers} of {full_layers} layers; start-up {startup:.0f}s): batch-1 {s * 1e3:.3f} ms/token, "
+        f"floor {floor * 1e3:.3f} ms ({wb / 1e9:.2f} GB/step) -> {100 * floor / s:.1f}% of the floor; "
+        f"full depth: floor {floor_full * 1e3:.2f} ms, projected {s * floor_full / floor * 1e3:.2f} ms/token")
+    if throughput:
+        prompts, outs = workload(requests)
+        sps = [SamplingParams(max_tokens=o, temperature=0.6, ignore_eos=True) for o in outs]
+        batch: list[int] = []
+        orig = eng.step
+
+        def counted():
+            batch.append(len(eng.scheduler.running))  # requests of the step about to run (approx.)
+            return orig()
+        eng.step = counted
+        t0 = time.perf_counter()
+        res = llm.generate([{"prompt_token_ids": p} for p in prompts], sps, use_tqdm=False)
+        dt = time.perf_counter() - t0
+        eng.step = orig
+        n_out = sum(len(r.outputs[0].token_ids) for r in res)
+        kvb = kv_bytes_per_token(cfg)
+        kv_read = sum(kvb * (len(p) + i) for p, o in zip(prompts, outs) for i in range(1, o))
+        non_expert = wb - expert_total * k / e
+        w_read = sum(non_expert + expert_total * (1 - (1 - k / e) ** max(b, 1)) for b in batch)
+        tfloor = (kv_read + w_read) / bw
+        row = {"requests": requests, "s": dt, "out_tok_s": n_out / dt, "steps": len(batch),
+               "floor_s": tfloor, "floor_tok_s": n_out / tfloor, "pct_floor": 100 * tfloor / dt,
+               "kv_read_GB": kv_read / 1e9, "weights_read_GB": w_read / 1e9,
+               "preemptions": eng.stats().get("num_preemptions"), "kv_blocks": eng.cache_config.num_blocks}
+        RESULTS[f"throughput/{name}"] = row
+        log(f"[throughput] {name} ({layers} layers): {requests} requests, {n_out} tokens in {dt:.1f}s = "
+            f"{n_out / dt:.0f} out tok/s over {len(batch)} steps; floor {tfloor:.1f}s = {n_out / tfloor:.0f} tok/s "
+            f"(weights {w_read / 1e9:.0f} GB + KV {kv_read / 1e9:.0f} GB) -> {100 * tfloor / dt:.1f}% of it")
+    del llm, eng, model
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="kernel,decode,throughput")
+    ap.add_argument("--layers", default="12,8", help="engine layers for Qwen3-30B-A3B, gpt-oss-20b")
+    ap.add_argument("--requests", type=int, default=256)
+    ap.add_argument("--models", default="Qwen3-30B-A3B,gpt-oss-20b")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    args = ap.parse_args()
+
+    props = torch.cuda.get_device_properties(0)
+    log(f"card: {props.name} ({props.total_memory / 2**30:.0f} GiB, {props.multi_processor_count} SMs); "
+        f"torch {torch.__version__}, triton {triton.__version__}")
+    t_start = time.perf_counter()
+    bw = gemv_bandwidth()
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    peak = 2 * 8192**3 / events_time(lambda: a @ a, 20)
+    del a
+    RESULTS["ceilings"] = {"gemv_GBps": bw / 1e9, "matmul_TFLOPs": peak / 1e12, "card": props.name}
+    log(f"ceilings: bf16 GEMV read {bw / 1e9:.0f} GB/s ({RESULTS['gemv_GBps']}), bf16 matmul {peak / 1e12:.0f} TFLOP/s")
+    only = set(args.only.split(","))
+    models = args.models.split(",")
+    layers = dict(zip(SHAPES, (int(n) for n in args.layers.split(","))))
+    if "sweep" in only:
+        section_sweep()
+    if "kernel" in only:
+        try:
+            section_kernel(bw, peak)
+        except Exception:
+            traceback.print_exc()
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in models:
+            if "decode" in only or "throughput" in only:
+                try:
+                    section_engine(name, layers[name], Path(tmp), bw, "throughput" in only, args.requests)
+                except Exception:
+                    traceback.print_exc()
+            Path(args.out, "gpu_moe_bench.json").write_text(json.dumps(RESULTS, indent=1))
+    Path(args.out, "gpu_moe_bench.json").write_text(json.dumps(RESULTS, indent=1))
+    log(f"total {time.perf_counter() - t_start:.0f}s")
+    log(json.dumps(RESULTS, indent=1))
+
+
+if __name__ == "__main__":
+    main()

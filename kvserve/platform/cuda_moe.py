@@ -1,0 +1,66 @@
+"""The fused MoE path on CUDA: each sparse layer's expert weights stacked into two tensors after
+loading, so the Triton kernels (`kvserve/kernels/triton_moe.py`) index an expert by its id on
+the GPU and a decode step never asks the host which experts were picked.
+
+    w13 [E, 2I, H]: every expert's fused gate ‖ up rows;   w2 [E, H, I]: its down projection
+
+Each expert's own `Linear` weights become views into the stacks (the memory is not doubled; a
+layer's experts are copied once, one layer at a time), so the expert loop, tensor-parallel
+slicing and parameter counts see the same tensors. Layers whose experts are not plain 16/32-bit
+dense projections without bias (quantized formats) are left alone and keep the expert loop.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+
+from kvserve.models.linear import Linear
+
+logger = logging.getLogger(__name__)
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _plain(layer: object) -> bool:
+    from kvserve.platform.cuda_quant import CudaQuantLinearMethod
+
+    w = getattr(layer, "weight", None)
+    return (
+        isinstance(layer, Linear) and not isinstance(layer.method, CudaQuantLinearMethod) and layer.bias is None
+        and isinstance(w, torch.Tensor) and w.dtype in _FLOATS and w.is_cuda
+        and tuple(w.shape) == (layer.out_features, layer.in_features)
+    )
+
+
+def _stack(layers: list[Linear]) -> torch.Tensor:
+    """[E, out, in] copy of the layers' weights; each layer's weight becomes its slice."""
+    stacked = torch.stack([layer.weight for layer in layers])
+    for i, layer in enumerate(layers):
+        layer.weight = nn.Parameter(stacked[i], requires_grad=False)
+    return stacked
+
+
+def stack_experts(model: nn.Module) -> int:
+    """Give every sparse layer whose experts qualify `stacked_experts = (w13, w2)` (what
+    `CudaTritonOps.fused_moe` runs on); the number of such layers."""
+    done = 0
+    for module in model.modules():
+        experts = getattr(module, "experts", None)
+        if not isinstance(experts, nn.ModuleList) or len(experts) == 0:
+            continue
+        gate_up = [getattr(ex, "gate_up_proj", None) for ex in experts]
+        down = [getattr(ex, "down_proj", None) for ex in experts]
+        if not all(_plain(layer) for layer in gate_up + down):
+            continue
+        if len({(l.weight.shape, l.weight.dtype) for l in gate_up}) != 1 or len({l.weight.shape for l in down}) != 1:
+            continue
+        if gate_up[0].out_sizes != [down[0].in_features] * 2:
+            continue
+        module.stacked_experts = (_stack(gate_up), _stack(down))
+        done += 1
+    if done:
+        logger.info("fused MoE: %d sparse layers' experts stacked for the Triton grouped GEMM", done)
+    return done
