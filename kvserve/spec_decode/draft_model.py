@@ -6,8 +6,9 @@ caching) and a `ModelRunner` of its own. Each `propose` call first brings every 
 draft KV up to date (a prefill of the prompt the first time, then the tokens accepted since
 the last call: at most k + 1), sampling the first draft token in the same forward, then runs
 k - 1 one-token decode steps for all requests together. Positions of rejected drafts are
-simply recomputed next time (their slots overwritten). Under tensor parallelism the draft model is loaded and run whole on rank 0 (`ps.single_rank`):
-the drafts travel to the other ranks in the step's plan. Drafts are greedy, i.e. a point mass:
+simply recomputed next time (their slots overwritten). Under tensor parallelism the draft
+model is loaded and run whole on rank 0 (`ps.single_rank`); the drafts travel to the other
+ranks in the step's plan. Drafts are greedy, i.e. a point mass:
 the verifier's rejection rule keeps sampled requests' output distribution exact (a sampled
 request just accepts less often than with drafts sampled from the draft's distribution).
 """
