@@ -5,6 +5,13 @@ on a workload where nothing is accepted (random-token prompts: the n-gram lookup
 matches whose continuations the model rejects), to show the back-off.
 
     PYTHONPATH=. python benchmarks/spec_bench.py [--model smollm2] [--max-tokens 128] [--k 6]
+
+Peer (batch-1 section, when `llama-cpp-python` is installed and the model is a GGUF file, as
+the built-in `smollm2` is): llama.cpp on the same GGUF, plain and with its prompt-lookup
+decoding (`llama_cpp.llama_speculative.LlamaPromptLookupDecoding`, `num_pred_tokens` = k,
+`max_ngram_size` = the n-gram proposer's largest n), fed the same prompt token ids, greedy,
+the same thread count; its ids are compared with kvserve's plain ids and with its own plain
+run. `--no-llama-cpp` skips it.
 """
 
 from __future__ import annotations
@@ -61,6 +68,7 @@ def main() -> None:
     ap.add_argument("--skip-batch1", action="store_true")
     ap.add_argument("--reject-all", action="store_true", help="batch section: drafts that are never accepted")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is steadier on a busy machine)")
+    ap.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp peer")
     args = ap.parse_args()
     if args.threads:
         import torch
@@ -97,8 +105,73 @@ def batch1_section(args, spec) -> None:
     if not same:
         for a, b, it in zip(rows["plain"][1], rows["ngram"][1], items):
             if a != b:
-                i = next((j for j in range(min(len(a), len(b))) if a[j] != b[j]), min(len(a), len(b)))
-                print(f"  {it['task']}: first difference at output token {i} of {len(a)}")
+                print(f"  {it['task']}: first difference at output token {_first_diff(a, b)} of {len(a)}")
+    if not args.no_llama_cpp:
+        llama_cpp_peer(args, plain, prompts, items, rows["plain"][1], p)
+
+
+def _first_diff(a: list[int], b: list[int]) -> int:
+    return next((j for j in range(min(len(a), len(b))) if a[j] != b[j]), min(len(a), len(b)))
+
+
+def llama_cpp_peer(args, plain: LLM, prompts: list[str], items: list[dict], ours: list[list[int]], ours_tps: float) -> None:
+    """llama.cpp plain and with prompt-lookup decoding on the same GGUF and prompt ids."""
+    try:
+        import llama_cpp
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+    except ImportError:
+        print("llama.cpp peer: llama-cpp-python is not installed (skipped)")
+        return
+    from kvserve.loader.resolve import resolve_model
+
+    resolved = resolve_model(args.model)
+    if resolved.kind != "gguf":
+        print(f"llama.cpp peer: {args.model} is not a GGUF file (skipped)")
+        return
+    import os
+
+    threads = args.threads or os.cpu_count()
+    ids = [plain.generate([p], SamplingParams(max_tokens=1), use_tqdm=False)[0].prompt_token_ids for p in prompts]
+    stop = set(plain.engine.eos_token_ids)
+    n_ctx = max(len(x) for x in ids) + args.max_tokens + args.k + 16
+
+    def run(llm) -> tuple[float, list[list[int]]]:
+        toks, secs, outs = 0, 0.0, []
+        for prompt in ids:
+            out: list[int] = []
+            t_first = None
+            for tok in llm.generate(prompt, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0, reset=True):
+                if t_first is None:
+                    t_first = time.perf_counter()
+                out.append(int(tok))
+                if tok in stop or len(out) >= args.max_tokens:
+                    break
+            toks += len(out) - 1
+            secs += time.perf_counter() - t_first
+            outs.append(out)
+        return toks / secs, outs
+
+    common = dict(n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False, seed=0)
+    cpp_plain = llama_cpp.Llama(str(resolved.path), **common)
+    cpp_lookup = llama_cpp.Llama(
+        str(resolved.path), draft_model=LlamaPromptLookupDecoding(max_ngram_size=5, num_pred_tokens=args.k), **common
+    )
+    run(cpp_plain)  # warm-up
+    res = {}
+    for name, llm in (("llama.cpp", cpp_plain), ("llama.cpp lookup", cpp_lookup),
+                      ("llama.cpp#2", cpp_plain), ("llama.cpp lookup#2", cpp_lookup)):
+        res[name] = run(llm)
+        print(f"{name:18s} batch-1 decode {res[name][0]:7.2f} tok/s", flush=True)
+    cp = max(res["llama.cpp"][0], res["llama.cpp#2"][0])
+    cl = max(res["llama.cpp lookup"][0], res["llama.cpp lookup#2"][0])
+    own = res["llama.cpp"][1] == res["llama.cpp lookup"][1]
+    print(f"llama.cpp {llama_cpp.__version__}, {threads} threads: plain {cp:.2f} tok/s, prompt lookup (k={args.k}, n<=5) "
+          f"{cl:.2f} tok/s, speedup {cl / cp:.2f}x (best of 2); lookup ids equal its plain ids: {own}; "
+          f"kvserve plain {ours_tps:.2f} tok/s")
+    for a, b, it in zip(ours, res["llama.cpp"][1], items):
+        d = _first_diff(a, b)
+        same = "identical" if a == b else f"first difference at token {d}"
+        print(f"  {it['task']}: llama.cpp plain vs kvserve plain greedy ids: {same} ({len(a)} vs {len(b)} tokens)")
 
 
 class RejectAll:

@@ -12,8 +12,9 @@ Python objects, which NCCL cannot send without a device copy).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -46,6 +47,18 @@ def set_tp(state: TPState) -> None:
 
 def reset_tp() -> None:
     set_tp(TPState())
+
+
+@contextmanager
+def single_rank() -> Iterator[None]:
+    """Run as if alone (rank 0 of 1) inside the block: a model built and run here is whole on
+    this rank and runs no collective (rank 0's draft model under tensor parallelism)."""
+    saved = _STATE
+    set_tp(TPState())
+    try:
+        yield
+    finally:
+        set_tp(saved)
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:

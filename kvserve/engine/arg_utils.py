@@ -132,8 +132,6 @@ class EngineArgs:
         from kvserve.spec_decode.config import SpeculativeConfig
 
         self.speculative_config = SpeculativeConfig.parse(self.speculative_config)
-        if self.speculative_config is not None and self.tensor_parallel_size > 1:
-            raise ValueError("speculative_config is not supported with tensor_parallel_size > 1 yet")
         if self.attention_backend not in ("auto", "torch", "triton"):
             raise ValueError(f"attention_backend must be 'auto', 'torch' or 'triton' (got {self.attention_backend!r})")
 

@@ -162,6 +162,13 @@ class LLMEngine:
         cuda = device.type == "cuda"
         self.async_scheduling = cuda if args.async_scheduling is None else args.async_scheduling
         t_cache = time.perf_counter()
+        spec_cfg = args.speculative_config
+        verify_graphs = None
+        if spec_cfg is not None:
+            from kvserve.spec_decode.decoder import max_step_rows
+
+            k = spec_cfg.num_speculative_tokens
+            verify_graphs = (k + 1, max_step_rows(min(args.max_num_seqs, 512), k))
         self.runner = ModelRunner(
             loaded.model, self._rank_config, self.cache_config, num_blocks, loaded.dtype, device,
             self.backend, set(self.eos_token_ids), seed=args.seed,
@@ -170,14 +177,15 @@ class LLMEngine:
             # the step launched ahead of time the host is not on the GPU's path, and one graph
             # per step saves the launch gaps between the pieces.
             split_graphs=None if not self.async_scheduling else False,
+            verify_graphs=verify_graphs,
         )
         self.spec = None
-        if args.speculative_config is not None:
+        # Only rank 0 proposes (the drafts travel in each step's plan); under tensor
+        # parallelism its draft model runs whole on rank 0 (spec_decode/draft_model.py).
+        if spec_cfg is not None and (tp is None or tp.rank == 0):
             from kvserve.spec_decode.setup import build_spec_decoder
 
-            # Each verify step needs its accepted tokens on the host before the next is planned.
-            self.async_scheduling = False
-            self.spec = build_spec_decoder(self, args.speculative_config)
+            self.spec = build_spec_decoder(self, spec_cfg)
         self._overlap = cuda or self.async_scheduling
         self._inflight: tuple[SchedulerOutput, PendingStep] | None = None
         logger.info(
@@ -212,8 +220,13 @@ class LLMEngine:
                 self.loaded.model, self._rank_config, self.loaded.dtype, device, tokens,
                 max_len, args.max_num_seqs, args.block_size,
             )
+            graph_rows = min(args.max_num_seqs, 512)
+            if args.speculative_config is not None:
+                from kvserve.spec_decode.decoder import max_step_rows
+
+                graph_rows = max_step_rows(graph_rows, args.speculative_config.num_speculative_tokens)
             graphs = 0 if args.enforce_eager else profiling.graph_pool_estimate(
-                peak, tokens, min(args.max_num_seqs, 512), self.loaded.config.vocab_size
+                peak, tokens, graph_rows, self.loaded.config.vocab_size
             )
             budget = profiling.cuda_kv_budget(args.gpu_memory_utilization, peak, graphs, device)
         # Beyond this many blocks no schedule can use them all at once.
@@ -452,17 +465,24 @@ class LLMEngine:
             self._inflight = (so, self._launch(so))
         so, pending = self._inflight
         self._inflight = None
-        if self.async_scheduling and not so.is_empty:
+        ahead = False
+        # With speculation a step goes ahead only when nobody will be given drafts for it
+        # (every decoding request is backed off): drafts need the in-flight step's tokens.
+        if self.async_scheduling and not so.is_empty and (self.spec is None or self.spec.idle(self.scheduler)):
             nxt = self.scheduler.schedule_ahead(so)
             if nxt is not None:
                 self._inflight = (nxt, self._launch(nxt, ahead=True))
+                ahead = True
         ro = pending.result()
         if so.is_empty:
             return failed
         updated, _finished = self.scheduler.update_from_output(so, ro.sampled)
         self._finish_grammars(ro)
         if self.spec is not None:
-            self.spec.propose(self.scheduler)
+            if ahead:  # the next step is planned (without drafts): count it as a backed-off step
+                self.spec.skip(self.scheduler)
+            else:
+                self.spec.propose(self.scheduler)
         if self._inflight is None and self.scheduler.has_unfinished_requests():
             nxt = self.scheduler.schedule()
             self._inflight = (nxt, self._launch(nxt))

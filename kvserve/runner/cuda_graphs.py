@@ -19,6 +19,14 @@ Ladder: 1, 2, 4, 8, 16, then every 32 up to max_num_seqs (at most 512): padding 
 31 rows of matmul work per step, and 256 sequences need 13 graphs. All graphs share one memory
 pool (captured largest first, so smaller ones reuse its memory): only one runs at a time and
 its output is consumed before the next replay.
+
+Speculative decoding: a verify step enters each of a request's k + 1 positions as a one-token
+row of the same block table (spec_decode/verify_step.py), so a verify step of B requests is a
+decode step of B(k + 1) rows and replays the graph of that row count: the K/V of all rows is
+written before attention reads, so each row sees the drafts before it. With `verify_width`
+(k + 1) the ladder also holds b(k + 1) for each ladder size b (a graph per batch size and
+verify width; shorter drafts after a back-off pad to the next size) and reaches `max_rows`,
+the most rows a step of `max_bs` requests with drafts can have.
 """
 
 from __future__ import annotations
@@ -45,9 +53,14 @@ logger = logging.getLogger(__name__)
 _PLAN_SEQ_LEN = 1 << 30
 
 
-def ladder(max_bs: int) -> list[int]:
-    sizes = [s for s in (1, 2, 4, 8, 16) if s < max_bs] + list(range(32, max_bs, 32))
-    return sizes + [max_bs]
+def ladder(max_bs: int, verify_width: int = 1, max_rows: int | None = None) -> list[int]:
+    """Graph row counts: the decode ladder up to `max_bs`, plus, when verify steps have
+    `verify_width` rows per request, each size times that width up to `max_rows`."""
+    sizes = [s for s in (1, 2, 4, 8, 16) if s < max_bs] + list(range(32, max_bs, 32)) + [max_bs]
+    if verify_width > 1:
+        top = max_rows if max_rows is not None else max_bs * verify_width
+        sizes = sorted({*sizes, *(b * verify_width for b in sizes if b * verify_width <= top), top})
+    return sizes
 
 
 class _EagerGraph:
@@ -75,14 +88,18 @@ class _SplitGraph:
 
 class DecodeGraphs:
     def __init__(
-        self, runner: ModelRunner, max_bs: int, eager: bool = False, split: bool | None = None
+        self, runner: ModelRunner, max_bs: int, eager: bool = False, split: bool | None = None,
+        verify_width: int = 1, max_rows: int | None = None,
     ) -> None:
+        """`max_bs`: the most decoding requests; `verify_width` (k + 1) and `max_rows` (the
+        most rows of a verify step) add the verify steps' sizes (see the module docstring)."""
         self.runner = runner
         if split is None:
             split = os.environ.get("KVSERVE_GRAPH_SPLIT", "1") != "0"
         self.split = split
+        self.sizes = ladder(max_bs, verify_width, max_rows)
+        max_bs = self.sizes[-1]  # from here on: rows (the static buffers hold the largest graph)
         self.max_bs = max_bs
-        self.sizes = ladder(max_bs)
         self.eager = eager
         dev = runner.device
         width = runner.max_blocks_per_seq
@@ -211,12 +228,13 @@ class DecodeGraphs:
 
     def load_inputs(
         self, buf: _Buffers, states: list[_ReqState], bs: int, tables: HostTables, block_size: int,
-        ahead: bool = False,
+        ahead: bool = False, starts: list[int] | None = None,
     ) -> None:
         """Fill the static inputs for `len(states)` decodes padded to `bs`: written into a pinned
         mirror of the static buffer and sent with one copy (queued). `buf` is unused. `ahead`:
         the input ids are not on the host yet; the caller writes them into `i64[:n]` on the
-        device after this copy (they are zeros here)."""
+        device after this copy (they are zeros here). `starts`: each row's position (a verify
+        step: a request's rows at consecutive positions), else each state's computed length."""
         n = len(states)
         m = self.max_bs
         i = self._host_i
@@ -225,7 +243,8 @@ class DecodeGraphs:
         if self._host_events[i] is not None:
             self._host_events[i].synchronize()  # its previous copy ran (at once in practice)
             self._host_events[i] = None
-        starts = [st.num_computed_tokens for st in states]
+        if starts is None:
+            starts = [st.num_computed_tokens for st in states]
         width = max(starts) // block_size + 1
         i64 = host[: self._o32].view(np.int64)
         if ahead:

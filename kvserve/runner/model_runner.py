@@ -121,6 +121,7 @@ class ModelRunner:
         max_model_len: int | None = None,
         use_cuda_graphs: bool = True,
         split_graphs: bool | None = None,  # None: KVSERVE_GRAPH_SPLIT decides (cuda_graphs.py)
+        verify_graphs: tuple[int, int] | None = None,  # speculation: (k + 1, most rows of a step)
     ) -> None:
         self.model = model
         self.config = model_config
@@ -170,7 +171,10 @@ class ModelRunner:
         if use_cuda_graphs and device.type == "cuda" and backend.name == "triton":
             from kvserve.runner.cuda_graphs import DecodeGraphs
 
-            self.graphs = DecodeGraphs(self, min(max_num_seqs, 512), split=split_graphs)
+            width, rows = verify_graphs or (1, None)
+            self.graphs = DecodeGraphs(
+                self, min(max_num_seqs, 512), split=split_graphs, verify_width=width, max_rows=rows
+            )
             self.graphs.capture()
 
     @staticmethod

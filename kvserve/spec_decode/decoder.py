@@ -32,6 +32,12 @@ _MAX_COOLDOWN = 256
 _FREE_ROWS = 64
 
 
+def max_step_rows(max_num_seqs: int, k: int) -> int:
+    """The most rows a step of up to `max_num_seqs` decoding requests can have with up to k
+    drafts each under the per-step cap (the verify CUDA graphs' largest size)."""
+    return min(max_num_seqs * (k + 1), max(max_num_seqs + k, _FREE_ROWS))
+
+
 class _Backoff:
     __slots__ = ("drafts_seen", "accepted_seen", "failures", "cooldown", "k")
 
@@ -53,6 +59,31 @@ class SpecDecoder:
         self.num_proposals = 0  # requests given drafts
         self.num_backed_off = 0  # request-steps skipped by the back-off
         self._rotate = 0
+
+    def idle(self, scheduler: Scheduler) -> bool:
+        """The next `propose` would give nobody drafts: every running request is backed off
+        (asynchronous scheduling may then plan the next step before this one's tokens are
+        back; `skip` stands in for that `propose`)."""
+        if not self.config.backoff or not scheduler.running:
+            return False
+        for req in scheduler.running:
+            st = self._state.get(req.request_id)
+            if st is None or st.cooldown <= 0 or req.num_draft_tokens != st.drafts_seen:
+                return False
+        return True
+
+    def skip(self, scheduler: Scheduler) -> None:
+        """A step was planned without asking for drafts (after `idle()`): count it in each
+        backed-off request's cool-down as `propose` would have."""
+        live = scheduler.requests
+        for rid in [r for r in self._state if r not in live]:
+            del self._state[rid]
+            self.proposer.drop(rid)
+        for req in scheduler.running:
+            st = self._state.get(req.request_id)
+            if st is not None and st.cooldown > 0:
+                st.cooldown -= 1
+                self.num_backed_off += 1
 
     def propose(self, scheduler: Scheduler) -> None:
         """Set `spec_token_ids` on the running requests that speculate in the next step."""

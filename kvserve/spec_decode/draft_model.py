@@ -6,7 +6,9 @@ caching) and a `ModelRunner` of its own. Each `propose` call first brings every 
 draft KV up to date (a prefill of the prompt the first time, then the tokens accepted since
 the last call: at most k + 1), sampling the first draft token in the same forward, then runs
 k - 1 one-token decode steps for all requests together. Positions of rejected drafts are
-simply recomputed next time (their slots overwritten). Drafts are greedy, i.e. a point mass:
+simply recomputed next time (their slots overwritten). Under tensor parallelism the draft
+model is loaded and run whole on rank 0 (`ps.single_rank`); the drafts travel to the other
+ranks in the step's plan. Drafts are greedy, i.e. a point mass:
 the verifier's rejection rule keeps sampled requests' output distribution exact (a sampled
 request just accepts less often than with drafts sampled from the draft's distribution).
 """
@@ -21,6 +23,7 @@ from kvserve.core.kv_cache_manager import KVCacheManager
 from kvserve.core.request import Request
 from kvserve.core.sampling_params import SamplingParams
 from kvserve.core.scheduler import CachedRequestData, NewRequestData, SchedulerOutput
+from kvserve.distributed import parallel_state as ps
 from kvserve.spec_decode.config import SpeculativeConfig
 from kvserve.spec_decode.proposer import Proposal, ProposalBatch
 
@@ -43,10 +46,11 @@ class DraftModelProposer:
             resolved = resolve_model(config.model)
         except (FileNotFoundError, ValueError) as e:
             raise ValueError(f"speculative_config.model: {e}") from None
-        loaded = load_model(
-            resolved, dtype=args.dtype, device=engine.runner.device, backend=engine.backend,
-            load_tokenizer=False, platform=engine.platform, quantization=args.quantization,
-        )
+        with ps.single_rank():  # under tensor parallelism: whole, on rank 0 only
+            loaded = load_model(
+                resolved, dtype=args.dtype, device=engine.runner.device, backend=engine.backend,
+                load_tokenizer=False, platform=engine.platform, quantization=args.quantization,
+            )
         if loaded.config.vocab_size != engine.model_config.vocab_size:
             raise ValueError(
                 f"speculative_config.model: the draft model's vocabulary ({loaded.config.vocab_size} ids) "
@@ -62,11 +66,12 @@ class DraftModelProposer:
         # As many tokens as the target's cache holds (a draft block is smaller).
         num_blocks = engine.cache_config.num_blocks
         self.kv = KVCacheManager(num_blocks, bs, enable_prefix_caching=False)
-        self.runner = ModelRunner(
-            loaded.model, loaded.config, CacheConfig(bs, num_blocks, False), num_blocks, loaded.dtype,
-            engine.runner.device, engine.backend, set(), seed=0, max_num_seqs=args.max_num_seqs,
-            max_model_len=engine.max_model_len, use_cuda_graphs=False,
-        )
+        with ps.single_rank():
+            self.runner = ModelRunner(
+                loaded.model, loaded.config, CacheConfig(bs, num_blocks, False), num_blocks, loaded.dtype,
+                engine.runner.device, engine.backend, set(), seed=0, max_num_seqs=args.max_num_seqs,
+                max_model_len=engine.max_model_len, use_cuda_graphs=False,
+            )
         self._shadow: dict[str, Request] = {}
         self._known: set[str] = set()  # requests the draft runner holds state for
         self._gone: set[str] = set()
@@ -90,6 +95,10 @@ class DraftModelProposer:
         return sh
 
     def propose(self, requests: Sequence[Request], max_tokens: Sequence[int]) -> ProposalBatch:
+        with ps.single_rank():  # the draft runs whole on this rank (no collectives)
+            return self._propose(requests, max_tokens)
+
+    def _propose(self, requests: Sequence[Request], max_tokens: Sequence[int]) -> ProposalBatch:
         out = ProposalBatch()
         shadows: list[Request] = []
         ks: list[int] = []

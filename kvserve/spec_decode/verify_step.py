@@ -13,6 +13,14 @@ row's attention as a one-row decode would (so a verify row gives the bits of a p
 of that position); with any other stack a verify step is marked not-pure-decode and runs op
 by op.
 
+A step whose rows are all sampled one-token rows (decodes and verify rows, no prefill chunk)
+replays the decode CUDA graph of its row count (`runner/cuda_graphs.py`: the ladder holds
+b(k + 1) rows for each batch size b); others run eagerly.
+
+Tensor parallelism: every rank runs the forward and the logits (collectives); rank 0 verifies
+and broadcasts the emitted tokens (one tensor, a row of k + 1 slots per request, -1 past its
+tokens), so every rank cuts its copy of each request back to the accepted tokens.
+
 Synchronous: the accepted tokens are needed on the host before the next step is planned.
 """
 
@@ -22,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from kvserve.distributed import parallel_state as ps
 from kvserve.runner.sampler import SamplingBatch, compute_logprobs
 from kvserve.spec_decode.rejection import VerifyRow, verify
 
@@ -36,6 +45,14 @@ def _stack_takes_verify_rows(model, ids: torch.Tensor) -> bool:
     get = getattr(model, "_decode_stack", None)
     stack = get(ids) if get is not None else None
     return bool(getattr(stack, "verify_rows_ok", False))
+
+
+def _graph_safe(model, n: int) -> bool:
+    """A decode-graph replay of n verify rows is right: no one-call stack takes the rows, or
+    it is one that handles rows of one sequence."""
+    get = getattr(model, "_decode_stack", None)
+    stack = get(torch.empty(n, dtype=torch.long)) if get is not None else None
+    return stack is None or bool(getattr(stack, "verify_rows_ok", False))
 
 
 def _needs_history(sp) -> bool:
@@ -98,26 +115,43 @@ def execute_verify(runner: ModelRunner, so: SchedulerOutput) -> RunnerOutput:
     num_tokens = row0
     out = RunnerOutput()
     buf = runner.staging.next()
-    ids_t, pos_t, md, sample_idx = runner._eager_inputs(buf, states, nums, starts, num_tokens, sample_rows)
-    if not _stack_takes_verify_rows(runner.model, ids_t):
-        md.is_pure_decode = False  # see the module docstring: op by op
-    hidden = runner.model(ids_t, pos_t, runner.kv_caches, md)  # [T, hidden]
-    for rid, r0, first, n in prompt_lp:
-        st = runner.states[rid]
-        lp_logits = runner.model.compute_logits(hidden[r0 : r0 + n])
-        targets = torch.tensor(st.token_ids[first + 1 : first + 1 + n], device=runner.device)
-        out.prompt_logprobs[rid] = compute_logprobs(lp_logits, targets, [st.sampling_params.prompt_logprobs] * n)
-    if len(sample_rows) == num_tokens:
-        logits = runner.model.compute_logits(hidden)
+    graphs = runner.graphs
+    graph_bs = None
+    if graphs is not None and len(sample_rows) == num_tokens and not prompt_lp and _graph_safe(runner.model, num_tokens):
+        graph_bs = graphs.padded_size(num_tokens)
+    if graph_bs is not None:
+        runner.num_graph_steps += 1
+        graphs.load_inputs(buf, states, graph_bs, runner.tables, runner.block_size, starts=starts)
+        logits = graphs.replay(graph_bs)[:num_tokens]  # [T, V]: every row is sampled
     else:
-        logits = runner.model.compute_logits(hidden.index_select(0, sample_idx))  # [R, V]
-    batch = SamplingBatch(params, gens, hist, nprompt, runner.eos_token_ids)
-    processed = runner.sampler.process_logits(logits, batch)
-    rows = [
-        VerifyRow(r0, drafts, runner.states[rid].sampling_params, runner.generators.get(rid))
-        for rid, r0, drafts in sample_reqs
-    ]
-    results = verify(processed, rows, runner.sampler.default_generator)
+        ids_t, pos_t, md, sample_idx = runner._eager_inputs(buf, states, nums, starts, num_tokens, sample_rows)
+        if not _stack_takes_verify_rows(runner.model, ids_t):
+            md.is_pure_decode = False  # see the module docstring: op by op
+        hidden = runner.model(ids_t, pos_t, runner.kv_caches, md)  # [T, hidden]
+        for rid, r0, first, n in prompt_lp:
+            st = runner.states[rid]
+            lp_logits = runner.model.compute_logits(hidden[r0 : r0 + n])  # a collective under TP
+            if not runner.is_driver:
+                continue
+            targets = torch.tensor(st.token_ids[first + 1 : first + 1 + n], device=runner.device)
+            out.prompt_logprobs[rid] = compute_logprobs(lp_logits, targets, [st.sampling_params.prompt_logprobs] * n)
+        if len(sample_rows) == num_tokens:
+            logits = runner.model.compute_logits(hidden)
+        else:
+            logits = runner.model.compute_logits(hidden.index_select(0, sample_idx))  # [R, V]
+    tp = ps.get_tp()
+    if runner.is_driver:
+        batch = SamplingBatch(params, gens, hist, nprompt, runner.eos_token_ids)
+        processed = runner.sampler.process_logits(logits, batch)
+        rows = [
+            VerifyRow(r0, drafts, runner.states[rid].sampling_params, runner.generators.get(rid))
+            for rid, r0, drafts in sample_reqs
+        ]
+        results = verify(processed, rows, runner.sampler.default_generator)
+        if tp.size > 1:
+            _broadcast_results(results, sample_reqs, runner.device, tp)
+    else:
+        results = _broadcast_results(None, sample_reqs, runner.device, tp)
     for (rid, r0, drafts), toks in zip(sample_reqs, results):
         st = runner.states[rid]
         if drafts:
@@ -125,7 +159,31 @@ def execute_verify(runner: ModelRunner, so: SchedulerOutput) -> RunnerOutput:
         st.token_ids.extend(toks)
         out.sampled[rid] = toks
         k = st.sampling_params.logprobs
-        if k is not None:
+        if k is not None and runner.is_driver:
             raw = logits[r0 : r0 + len(toks)]
             out.logprobs[rid] = compute_logprobs(raw, torch.tensor(toks, device=logits.device), [k] * len(toks))
+    return out
+
+
+def _broadcast_results(
+    results: list[list[int]] | None, sample_reqs: list[tuple[str, int, list[int]]], device: torch.device, tp
+) -> list[list[int]]:
+    """Rank 0's emitted tokens to every rank (`results` on rank 0, None elsewhere): one long
+    tensor with len(drafts) + 1 slots per request, -1 past a request's tokens."""
+    widths = [len(drafts) + 1 for _, _, drafts in sample_reqs]
+    flat = torch.full((sum(widths),), -1, dtype=torch.long)
+    if results is not None:
+        o = 0
+        for w, toks in zip(widths, results):
+            flat[o : o + len(toks)] = torch.tensor(toks, dtype=torch.long)
+            o += w
+    flat = flat.to(device)
+    torch.distributed.broadcast(flat, src=0, group=tp.group)
+    if results is not None:
+        return results
+    vals = flat.tolist()
+    out, o = [], 0
+    for w in widths:
+        out.append([t for t in vals[o : o + w] if t >= 0])
+        o += w
     return out

@@ -1,0 +1,266 @@
+"""Speculative decoding on one GPU, Llama-3.1-8B shapes (bf16, random weights):
+
+    python -m benchmarks.spec_gpu_bench            # all sections, < 4 minutes on an H100
+    python -m benchmarks.spec_gpu_bench --only verify,e2e --k 4
+
+(a) verify: the cost of one verify step of k + 1 rows per request against a one-token decode
+    step, at batch 1 and batch 16 (1 vs k + 1 rows, 16 vs 16(k + 1) rows; context 1024), both
+    as CUDA-graph replays (forward + logits) of the decode graphs the engine uses. Target:
+    <= 1.15x at batch 1.
+(b) e2e: decode tok/s (first token to last) with a proposer forced to acceptance rate a
+    (`kvserve.spec_decode.oracle.OracleProposer`: draft j is the target's own greedy token
+    with probability a, else a wrong one; the references come from a plain run on the same
+    engine) against plain decoding, at batch 1 and batch 16; greedy ids compared with plain.
+    In bf16 a (k + 1)-row step and a 1-row step round differently, so at a near-tie of the
+    random-weight model the speculative ids can part from plain's; from there the references
+    are wrong and the measured acceptance falls below a: read the speedup against the
+    measured tokens per verify step (printed next to it), not against a alone.
+(c) backoff: batch-32 output tok/s with speculation on and nothing ever accepted (a = 0,
+    back-off on) against plain; the issue's bound is a drop of at most 5%.
+
+Everything runs on one engine: plain runs set `engine.spec = None`. The first run of each
+configuration is a warm-up (not timed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.gpu_bench import model_folder
+from kvserve import LLM, SamplingParams
+from kvserve.runner.cuda_graphs import DecodeGraphs
+from kvserve.spec_decode.config import SpeculativeConfig
+from kvserve.spec_decode.decoder import SpecDecoder
+from kvserve.spec_decode.oracle import OracleProposer
+
+MODEL = "Llama-3.1-8B"
+RESULTS: dict[str, object] = {}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def replay_time(g: DecodeGraphs, bs: int, reps: int = 30) -> float:
+    """Median seconds of one replay of the graph of `bs` rows (groups of 10, CUDA events)."""
+    for _ in range(3):
+        g.replay(bs)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps // 10):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(10):
+            g.replay(bs)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / 10)
+    return statistics.median(times)
+
+
+def fill_static(g: DecodeGraphs, batch: int, width: int, ctx: int, block_size: int) -> int:
+    """Static inputs of `batch` requests x `width` rows at positions ctx .. ctx + width - 1
+    (verify rows: one block table per request, context lengths ctx + 1, ctx + 2, ...)."""
+    m = g.max_bs
+    blocks_per_req = -(-(ctx + width) // block_size)
+    rows = batch * width
+    ids, pos, slots, lens = [], [], [], []
+    for r in range(batch):
+        for j in range(width):
+            p = ctx + j
+            ids.append(random.randrange(1000, 100000))
+            pos.append(p)
+            slots.append((r * blocks_per_req + p // block_size) * block_size + p % block_size)
+            lens.append(p + 1)
+    dev = g.static.device
+    g.i64[:rows] = torch.tensor(ids, device=dev)
+    g.i64[m : m + rows] = torch.tensor(pos, device=dev)
+    g.i64[2 * m : 2 * m + rows] = torch.tensor(slots, device=dev)
+    g.seq_lens[:rows] = torch.tensor(lens, dtype=torch.int32, device=dev)
+    table = torch.arange(batch * blocks_per_req, dtype=torch.int32, device=dev).view(batch, blocks_per_req)
+    g.block_tables[:rows, :blocks_per_req] = table.repeat_interleave(width, dim=0)
+    return rows
+
+
+def section_verify(llm: LLM, k: int, ctx: int = 1024) -> None:
+    runner = llm.engine.runner
+    need = 16 * -(-(ctx + k + 1) // runner.block_size)
+    if llm.engine.cache_config.num_blocks < need:
+        raise RuntimeError(f"KV cache too small for the verify section ({llm.engine.cache_config.num_blocks} < {need} blocks)")
+    # The graphs of exactly these row counts (the engine's ladder pads 80 rows to its largest size).
+    g = DecodeGraphs(runner, 16, split=False, verify_width=k + 1, max_rows=16 * (k + 1))
+    t0 = time.perf_counter()
+    g.sizes = [1, k + 1, 16, 16 * (k + 1)]
+    g.capture()
+    log(f"[verify] captured graphs of {g.sizes} rows in {time.perf_counter() - t0:.1f}s")
+    rows = []
+    for batch in (1, 16):
+        fill_static(g, batch, 1, ctx, runner.block_size)
+        t1 = replay_time(g, batch)
+        n = fill_static(g, batch, k + 1, ctx, runner.block_size)
+        tk = replay_time(g, n)
+        rows.append((batch, t1, tk))
+        RESULTS[f"verify/batch{batch}"] = {"one_token_ms": t1 * 1e3, f"verify_{k + 1}_ms": tk * 1e3, "ratio": tk / t1}
+    g.release()
+    del g
+    torch.cuda.empty_cache()
+    log(f"\n[verify] {MODEL} bf16, context {ctx}, CUDA-graph replay of forward + logits")
+    log(f"| batch | 1-token step ms | verify step ({k + 1} rows/request) ms | ratio | target |")
+    log("|---|---|---|---|---|")
+    for batch, t1, tk in rows:
+        tgt = "<= 1.15x" if batch == 1 else "-"
+        log(f"| {batch} | {t1 * 1e3:.3f} | {tk * 1e3:.3f} | {tk / t1:.3f}x | {tgt} |")
+
+
+def _prompts(n: int, length: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    return [{"prompt_token_ids": [rng.randrange(1000, 100000) for _ in range(length)]} for _ in range(n)]
+
+
+def _decode_run(llm: LLM, prompts: list[dict], sp: SamplingParams) -> tuple[float, list[list[int]]]:
+    """(output tok/s of the decode phase: tokens after the first / first to last token of the
+    batch, all requests together; the ids)."""
+    outs = llm.generate(prompts, sp, use_tqdm=False)
+    first = min(o.metrics.first_token_time for o in outs)
+    last = max(o.metrics.finished_time for o in outs)
+    n = sum(len(o.outputs[0].token_ids) - 1 for o in outs)
+    return n / (last - first), [o.outputs[0].token_ids for o in outs]
+
+
+def _use_oracle(llm: LLM, prompts, refs, a: float, k: int, backoff: bool, seed: int = 0) -> None:
+    table = {tuple(p["prompt_token_ids"]): r for p, r in zip(prompts, refs)}
+    prop = OracleProposer(table, a, llm.engine.model_config.vocab_size, seed=seed)
+    llm.engine.spec = SpecDecoder(SpeculativeConfig(num_speculative_tokens=k, backoff=backoff), prop)
+
+
+def _reset_spec_counters(llm: LLM) -> None:
+    s = llm.engine.scheduler
+    s.num_spec_verifies = s.num_draft_tokens = s.num_accepted_tokens = 0
+
+
+def section_e2e(llm: LLM, k: int, rates: list[float], new_tokens: int) -> None:
+    sp = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    table = []
+    for batch in (1, 16):
+        prompts = _prompts(batch, 128, seed=batch)
+        llm.engine.spec = None
+        _decode_run(llm, prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))  # warm-up
+        plain, refs = _decode_run(llm, prompts, sp)
+        plain2, refs2 = _decode_run(llm, prompts, sp)
+        plain = max(plain, plain2)
+        log(f"[e2e] batch {batch}: plain {plain:.1f} tok/s (plain runs identical: {refs == refs2})")
+        for a in rates:
+            _use_oracle(llm, prompts, refs, a, k, backoff=True, seed=7)
+            _decode_run(llm, prompts, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))  # warm-up
+            _reset_spec_counters(llm)
+            tps, ids = _decode_run(llm, prompts, sp)
+            st = llm.engine.stats()
+            same = sum(x == y for x, y in zip(ids, refs))
+            row = {"batch": batch, "a": a, "plain_tok_s": plain, "spec_tok_s": tps, "speedup": tps / plain,
+                   "measured_acceptance": st["spec_acceptance_rate"],
+                   "mean_accepted_len": st["spec_mean_accepted_length"], "identical": f"{same}/{batch}"}
+            table.append(row)
+            RESULTS[f"e2e/batch{batch}/a{a}"] = row
+            log(f"[e2e] batch {batch} a={a}: {tps:.1f} tok/s ({tps / plain:.2f}x), acceptance "
+                f"{st['spec_acceptance_rate']:.2f}, tokens/verify {st['spec_mean_accepted_length']:.2f}, identical {same}/{batch}")
+        llm.engine.spec = None
+    log(f"\n[e2e] {MODEL} bf16, 128-token prompts, {new_tokens} new tokens, k={k}, back-off on, oracle proposer "
+        "(acceptance measured = accepted / drafted: (a + ... + a^k) / k at k drafts; lower where the ids part from plain's)")
+    log("| batch | a (forced) | plain tok/s | spec tok/s | speedup | acceptance measured | tokens/verify | greedy identical |")
+    log("|---|---|---|---|---|---|---|---|")
+    for r in table:
+        log(f"| {r['batch']} | {r['a']} | {r['plain_tok_s']:.1f} | {r['spec_tok_s']:.1f} | {r['speedup']:.2f}x | "
+            f"{r['measured_acceptance']:.2f} | {r['mean_accepted_len']:.2f} | {r['identical']} |")
+
+
+def section_backoff(llm: LLM, k: int, new_tokens: int, batch: int = 32) -> None:
+    prompts = _prompts(batch, 128, seed=99)
+    sp = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    warm = SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+
+    def through(spec_on: bool) -> float:
+        if spec_on:
+            _use_oracle(llm, prompts, refs, 0.0, k, backoff=True)
+        else:
+            llm.engine.spec = None
+        t = time.perf_counter()
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t)
+
+    llm.engine.spec = None
+    llm.generate(prompts, warm, use_tqdm=False)
+    refs = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+    _use_oracle(llm, prompts, refs, 0.0, k, backoff=True)
+    llm.generate(prompts, warm, use_tqdm=False)
+    res = {"plain": [], "spec": []}
+    for _ in range(3):  # alternate
+        res["plain"].append(through(False))
+        _reset_spec_counters(llm)
+        res["spec"].append(through(True))
+    st = llm.engine.stats()
+    p, s = statistics.median(res["plain"]), statistics.median(res["spec"])
+    RESULTS["backoff"] = {"plain_tok_s": res["plain"], "spec_tok_s": res["spec"], "change_pct": (s / p - 1) * 100,
+                          "drafts": st["spec_draft_tokens"], "accepted": st["spec_accepted_tokens"],
+                          "ahead_steps": llm.engine.num_ahead_steps}
+    log(f"\n[backoff] batch {batch}, 128-token prompts, {new_tokens} new tokens, every draft rejected (a = 0), k={k}")
+    log("| run | plain tok/s | spec on tok/s |")
+    log("|---|---|---|")
+    for i, (a, b) in enumerate(zip(res["plain"], res["spec"])):
+        log(f"| {i + 1} | {a:.0f} | {b:.0f} |")
+    log(f"median: plain {p:.0f}, spec {s:.0f} tok/s: {(s / p - 1) * 100:+.1f}% (bound: -5%); last spec run: "
+        f"{st['spec_draft_tokens']} drafts, {st['spec_accepted_tokens']} accepted, "
+        f"{st['spec_verify_steps']} verify steps")
+    llm.engine.spec = None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", default="verify,e2e,backoff")
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--rates", default="0,0.5,0.7,0.9,1.0")
+    ap.add_argument("--new-tokens", type=int, default=256)
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+    t_start = time.perf_counter()
+    log(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    root = Path(tempfile.mkdtemp())
+    spec = {"method": "ngram", "num_speculative_tokens": args.k}
+    t0 = time.perf_counter()
+    llm = LLM(model_folder(MODEL, root), load_format="dummy", max_model_len=4096, max_num_seqs=32,
+              enable_prefix_caching=False, gpu_memory_utilization=0.85, speculative_config=spec)
+    g = llm.engine.runner.graphs
+    log(f"engine start-up {time.perf_counter() - t0:.1f}s; graphs of {g.sizes if g else None} rows; "
+        f"async scheduling {llm.engine.async_scheduling}")
+    sections = [
+        ("verify", lambda: section_verify(llm, args.k)),
+        ("e2e", lambda: section_e2e(llm, args.k, [float(x) for x in args.rates.split(",")], args.new_tokens)),
+        ("backoff", lambda: section_backoff(llm, args.k, args.new_tokens)),
+    ]
+    for name, fn in sections:
+        if name not in only:
+            continue
+        t = time.perf_counter()
+        try:
+            fn()
+        except Exception:
+            import traceback
+
+            traceback.print_exc()
+            RESULTS[name] = "failed"
+        log(f"[{name}] {time.perf_counter() - t:.1f}s")
+    log(f"total {time.perf_counter() - t_start:.1f}s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(RESULTS, indent=1))
+
+
+if __name__ == "__main__":
+    main()

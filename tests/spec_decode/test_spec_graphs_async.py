@@ -1,0 +1,178 @@
+"""Speculation with the decode-graph path, asynchronous scheduling and the back-off, on CPU:
+
+- verify steps replay the decode graph of their row count (the static-input path, through
+  `_EagerGraph` replays as in tests/engine/test_async_scheduling.py) and give plain greedy output;
+- asynchronous scheduling (forced on) with speculation: steps go ahead while every request is
+  backed off, verify steps run synchronously, output equals plain;
+- the back-off, deterministically: a proposer whose drafts are never accepted is asked for
+  drafts at the probes only (after 8, then 64 backed-off steps), each of one draft token.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from kvserve import LLM, SamplingParams
+from kvserve.spec_decode.config import SpeculativeConfig
+from kvserve.spec_decode.decoder import SpecDecoder, max_step_rows
+from kvserve.spec_decode.oracle import OracleProposer
+from tests.conftest import TINY_VOCAB
+from tests.engine.test_async_scheduling import CpuDecodeGraphs
+
+K = 4
+NGRAM = {"method": "ngram", "num_speculative_tokens": K, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+
+
+class RecordingGraphs(CpuDecodeGraphs):
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.replayed: list[int] = []
+
+    def replay(self, bs: int):
+        self.replayed.append(bs)
+        return super().replay(bs)
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_llama):
+    return str(tiny_llama[0])
+
+
+def _prompts(n: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        body = [rng.randrange(3, TINY_VOCAB) for _ in range(rng.randint(3, 16))]
+        out.append({"prompt_token_ids": body * rng.randint(1, 3)})  # repeats: n-gram hits
+    return out
+
+
+def _llm(folder: str, spec: dict | None = None, graphs: bool = False, async_: bool = False, **kw) -> LLM:
+    llm = LLM(folder, dtype="float32", device="cpu", num_kv_blocks=128, async_scheduling=async_,
+              speculative_config=spec, **kw)
+    r = llm.engine.runner
+    r.model.cpu_decoder = False  # op by op: the one-call fp32 stack does not take verify rows
+    if graphs:
+        r.graphs = RecordingGraphs(r, 8, eager=True, verify_width=K + 1, max_rows=max_step_rows(8, K))
+        r.graphs.capture()
+    return llm
+
+
+def _tokens(llm: LLM, prompts, max_tokens: int = 40) -> list[list[int]]:
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+
+
+def _oracle(llm: LLM, prompts, want, acceptance: float, backoff: bool = True) -> OracleProposer:
+    """Replace the engine's proposer with one forced to `acceptance`."""
+    refs = {tuple(p["prompt_token_ids"]): w for p, w in zip(prompts, want)}
+    prop = OracleProposer(refs, acceptance, TINY_VOCAB, seed=1)
+    llm.engine.spec = SpecDecoder(SpeculativeConfig(num_speculative_tokens=K, backoff=backoff), prop)
+    return prop
+
+
+@pytest.fixture(scope="module")
+def plain(folder):
+    return _llm(folder)
+
+
+def test_graph_ladder_holds_verify_widths(folder):
+    llm = _llm(folder, NGRAM, graphs=True)
+    sizes = llm.engine.runner.graphs.sizes
+    assert {1, 2, 4, 8, 5, 10, 20, 40} <= set(sizes)
+    assert sizes[-1] == max_step_rows(8, K) == 40
+
+
+def test_verify_steps_replay_graphs(folder, plain):
+    prompts = _prompts(4)
+    want = _tokens(plain, prompts)
+    llm = _llm(folder, {**NGRAM, "backoff": False}, graphs=True, max_num_seqs=8)
+    assert _tokens(llm, prompts) == want
+    st = llm.engine.stats()
+    assert st["spec_accepted_tokens"] > 0
+    g = llm.engine.runner.graphs
+    # some replays served more rows than requests: verify steps (at most 4 requests here)
+    assert any(bs > 4 for bs in g.replayed)
+    kv = llm.engine.scheduler.kv
+    assert kv.num_free_blocks == kv.num_blocks
+
+
+def test_verify_graphs_with_oracle_full_acceptance(folder, plain):
+    """Every draft right: each verify step is k + 1 rows per request (sizes 5, 10, ...)."""
+    prompts = _prompts(2, seed=4)
+    want = _tokens(plain, prompts)
+    llm = _llm(folder, NGRAM, graphs=True)
+    prop = _oracle(llm, prompts, want, 1.0, backoff=False)
+    assert _tokens(llm, prompts) == want
+    st = llm.engine.stats()
+    assert st["spec_acceptance_rate"] == 1.0 and prop.num_drafts > 0
+    assert 10 in llm.engine.runner.graphs.replayed
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_async_scheduling_with_backed_off_speculation(folder, plain, graphs):
+    """Nothing accepted: after the first probes every request is backed off and steps go
+    ahead again; output equals plain decoding."""
+    prompts = _prompts(3, seed=2)
+    want = _tokens(plain, prompts, 60)
+    llm = _llm(folder, NGRAM, graphs=graphs, async_=True)
+    assert llm.engine.async_scheduling
+    prop = _oracle(llm, prompts, want, 0.0)
+    assert _tokens(llm, prompts, 60) == want
+    st = llm.engine.stats()
+    assert st["spec_draft_tokens"] > 0 and st["spec_accepted_tokens"] == 0
+    assert llm.engine.num_ahead_steps > 30
+    assert prop.num_calls <= 3 * 3  # a few probes, not one call per step
+    kv = llm.engine.scheduler.kv
+    assert kv.num_free_blocks == kv.num_blocks
+
+
+def test_async_scheduling_with_accepting_speculation(folder, plain):
+    prompts = _prompts(4, seed=3)
+    want = _tokens(plain, prompts)
+    llm = _llm(folder, NGRAM, async_=True)
+    assert _tokens(llm, prompts) == want
+    assert llm.engine.stats()["spec_accepted_tokens"] > 0
+
+
+def test_backoff_stops_proposing_when_nothing_is_accepted(folder, plain):
+    """One request, drafts always wrong: drafts at step 1 (one token), then 8 steps backed
+    off, a probe, 64 steps backed off, a probe; nothing else."""
+    prompts = _prompts(1, seed=5)
+    want = _tokens(plain, prompts, 100)
+    llm = _llm(folder, NGRAM)
+    prop = _oracle(llm, prompts, want, 0.0)
+    eng = llm.engine
+    eng.add_request("r", prompts[0], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))
+    drafted_at: list[int] = []
+    step = 0
+    while eng.has_unfinished_requests():
+        before = eng.scheduler.num_draft_tokens
+        eng.step()
+        step += 1
+        if eng.scheduler.num_draft_tokens > before:
+            drafted_at.append(step)
+    assert eng.scheduler.num_draft_tokens == len(drafted_at) == 3  # one draft token per probe
+    gaps = [b - a for a, b in zip(drafted_at, drafted_at[1:])]
+    assert gaps == [9, 65]  # 8 and 64 backed-off steps between the probes
+    assert eng.spec.num_backed_off >= 8 + 64
+    assert prop.num_calls == 3
+
+
+def test_backoff_grows_drafts_when_all_are_accepted(folder, plain):
+    """The draft length doubles after each fully accepted step: 1, 2, 4, 4, ..."""
+    prompts = _prompts(1, seed=6)
+    want = _tokens(plain, prompts, 30)
+    llm = _llm(folder, NGRAM)
+    _oracle(llm, prompts, want, 1.0)
+    eng = llm.engine
+    eng.add_request("r", prompts[0], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    sizes = []
+    while eng.has_unfinished_requests():
+        before = eng.scheduler.num_draft_tokens
+        eng.step()
+        if eng.scheduler.num_draft_tokens > before:
+            sizes.append(eng.scheduler.num_draft_tokens - before)
+    assert sizes[:4] == [1, 2, 4, 4]
