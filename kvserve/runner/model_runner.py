@@ -482,8 +482,8 @@ class ModelRunner:
         from kvserve.structured.grammar import allocate_bitmask
 
         mask = allocate_bitmask(len(reqs), logits.shape[1])  # [N, W]; other rows stay unread
-        for i in rows:
-            self.grammars[reqs[i]].fill_bitmask(mask, i)
+        # The GPU is still running this step's forward: the fill overlaps it.
+        self.structured.filler.fill([self.grammars[reqs[i]] for i in rows], mask, rows)
         if logits.device.type != "cpu":
             mask = mask.pin_memory().to(logits.device, non_blocking=True)
         batch.bitmask, batch.bitmask_rows = mask, rows

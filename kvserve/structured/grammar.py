@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 from typing import Any, Iterable
 
 import torch
@@ -172,6 +173,26 @@ class RequestGrammar:
             return True
         self.terminated = self.matcher.is_terminated()
         return self.terminated
+
+
+class BitmaskFiller:
+    """Fills many requests' bitmask rows in one call, in parallel C++ threads (xgrammar's
+    BatchGrammarMatcher): a batch of 32 constrained rows costs about one row's time per
+    thread instead of 32 in a row, which matters because the fill sits in the step loop."""
+
+    def __init__(self, max_threads: int | None = None) -> None:
+        if max_threads is None:
+            max_threads = max(1, min(8, (os.cpu_count() or 2) // 2))
+        self.max_threads = max_threads
+        self._batch = _xgr().BatchGrammarMatcher(max_threads=max_threads)
+
+    def fill(self, grammars: list[RequestGrammar], bitmask: torch.Tensor, rows: list[int]) -> None:
+        """bitmask[rows[i]] <- the allowed next tokens of grammars[i]."""
+        if len(grammars) == 1 or self.max_threads == 1:
+            for g, row in zip(grammars, rows):
+                g.fill_bitmask(bitmask, row)
+            return
+        self._batch.batch_fill_next_token_bitmask([g.matcher for g in grammars], bitmask, rows)
 
 
 def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:

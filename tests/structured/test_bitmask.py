@@ -39,3 +39,32 @@ def test_matches_xgrammar_kernel():
     apply_bitmask(ours, mask, [0, 2])
     xgr.apply_token_bitmask_inplace(theirs, mask, vocab_size=4099, indices=[0, 2])
     assert torch.equal(ours, theirs)
+
+
+def test_batched_fill_equals_row_by_row(tiny_llama):
+    """BitmaskFiller's threaded batch fill writes the same rows as one matcher at a time, at
+    different positions of different grammars, and leaves unlisted rows alone."""
+    from kvserve.core.sampling_params import StructuredOutputsParams as SO
+    from kvserve.loader.tokenizer import Tokenizer
+    from kvserve.structured.grammar import BitmaskFiller, GrammarCompiler, RequestGrammar
+
+    tok = Tokenizer.from_folder(tiny_llama[0])
+    vocab = tok.vocab_size + 3
+    comp = GrammarCompiler(tok, vocab, [tok.eos_token_id])
+    specs = [SO(json={"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}),
+             SO(regex=r"[a-c]+x\d{2}"), SO(json_object=True), SO(choice=["yes", "no"])]
+    prefixes = ['{"a": "hel', "abca", '{"k', ""]
+    grammars = []
+    for spec, prefix in zip(specs, prefixes):
+        g = RequestGrammar(comp.compile(spec))
+        for t in tok.encode(prefix, add_special_tokens=False):
+            assert not g.accept(t)
+        grammars.append(g)
+    rows = [0, 2, 3, 5]
+    want = allocate_bitmask(6, vocab)
+    for g, r in zip(grammars, rows):
+        g.fill_bitmask(want, r)
+    got = allocate_bitmask(6, vocab)
+    BitmaskFiller(max_threads=2).fill(grammars, got, rows)
+    assert torch.equal(got, want)
+    assert (got[[1, 4]] == -1).all()
