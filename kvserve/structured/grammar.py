@@ -82,6 +82,13 @@ def prepare_schema(schema: Any, where: str = "") -> Any:
 MAX_JSON_WHITESPACE = 20
 
 
+def _as_ebnf(grammar: str) -> str:
+    """xgrammar's EBNF as given; a Lark grammar converted (kvserve.structured.lark_grammar)."""
+    from kvserve.structured.lark_grammar import is_ebnf, lark_to_ebnf
+
+    return grammar if is_ebnf(grammar) else lark_to_ebnf(grammar)
+
+
 def _choice_grammar(choices: list[str]) -> str:
     alts = " | ".join(json.dumps(c) for c in choices)  # JSON string escapes are EBNF's
     return f"root ::= {alts}"
@@ -125,7 +132,7 @@ class GrammarCompiler:
                 return self._compiler.compile_regex(spec.regex)
             if kind == "choice":
                 return self._compiler.compile_grammar(_choice_grammar(spec.choice))
-            return self._compiler.compile_grammar(spec.grammar)
+            return self._compiler.compile_grammar(_as_ebnf(spec.grammar))
         except (RuntimeError, ValueError, TypeError) as e:
             raise ValueError(f"invalid {where}: {_clean(e)}") from None
 
