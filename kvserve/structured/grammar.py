@@ -169,6 +169,24 @@ class RequestGrammar:
         """Write the allowed next tokens into bitmask[row] (int32, 32 tokens per word)."""
         self.matcher.fill_next_token_bitmask(bitmask, row)
 
+    def fill_bitmask_for_drafts(self, bitmask: torch.Tensor, row: int, drafts: list[int]) -> None:
+        """Rows row .. row + len(drafts) of a speculative verify step: row + j gets the tokens
+        allowed after drafts[:j]. The matcher is rolled back to where it was. Rows after a
+        draft the grammar rejects, or after a stop token, keep the tensor's fill (all allowed;
+        they are never used: such a draft has target probability 0 under its row's mask and
+        is rejected there, and a request ends at its stop token)."""
+        self.matcher.fill_next_token_bitmask(bitmask, row)
+        advanced = 0
+        for j, tok in enumerate(drafts):
+            if not self.matcher.accept_token(tok):
+                break
+            advanced += 1
+            if self.matcher.is_terminated():  # a stop token: the request ends there
+                break
+            self.matcher.fill_next_token_bitmask(bitmask, row + j + 1)
+        if advanced:
+            self.matcher.rollback(advanced)
+
     def accept(self, token: int) -> bool:
         """Advance by a sampled token; True when the grammar is now complete (or broken)."""
         if self.terminated:

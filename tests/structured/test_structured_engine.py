@@ -206,3 +206,29 @@ def test_smollm2_schemas_validate():
         for c in o.outputs:
             assert c.finish_reason == "stop", c.text
             jsonschema.validate(json.loads(c.text), schema)
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_speculative_decoding_keeps_the_grammar(tiny_llama, llm, method):
+    """Verify steps mask every draft position with the grammar after the drafts before it: greedy
+    output is token-identical to plain constrained decoding, sampled output still validates, and
+    drafts were both accepted and rejected."""
+    cfg = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3,
+           "backoff": False}
+    if method == "draft_model":  # the target as its own (unconstrained) draft: masks reject many drafts
+        cfg = {"method": "draft_model", "model": str(tiny_llama[0]), "num_speculative_tokens": 3, "backoff": False}
+    spec_llm = LLM(str(tiny_llama[0]), dtype="float32", device="cpu", num_kv_blocks=256, speculative_config=cfg)
+    all_schemas = schemas()[:12]
+    prompts = [{"prompt_token_ids": [5, 17, 99, 23, 42, 7] * 2 + [i]} for i in range(len(all_schemas))]
+    greedy = [SamplingParams(max_tokens=150, temperature=0, structured_outputs=SO(json=s)) for s in all_schemas]
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    got = spec_llm.generate(prompts, greedy, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == want
+    sampled = [SamplingParams(max_tokens=150, temperature=0.9, seed=i, structured_outputs=SO(json=s))
+               for i, s in enumerate(all_schemas)]
+    sampled_out = spec_llm.generate(prompts, sampled, use_tqdm=False)
+    for s, o in zip(all_schemas * 2, got + sampled_out):
+        assert o.outputs[0].finish_reason == "stop", o.outputs[0].text
+        jsonschema.validate(json.loads(o.outputs[0].text), s)
+    st = spec_llm.engine.stats()
+    assert st["spec_draft_tokens"] > st["spec_accepted_tokens"] > 0
