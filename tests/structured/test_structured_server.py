@@ -74,6 +74,7 @@ def test_response_format_and_vllm_fields(client, http):
     cases = [({"guided_choice": ["red", "green"]}, lambda t: t in ("red", "green")),
              ({"guided_regex": "[0-9]{3}-[a-z]{2}"}, lambda t: len(t) == 6 and t[3] == "-"),
              ({"guided_grammar": 'root ::= "x" | "y" "z"'}, lambda t: t in ("x", "yz")),
+             ({"guided_grammar": 'start: "x" | "y" Z\nZ: "z"'}, lambda t: t in ("x", "yz")),  # Lark
              ({"guided_json": schema}, lambda t: jsonschema.validate(json.loads(t), schema) is None),
              ({"structured_outputs": {"regex": "(ab){1,3}"}}, lambda t: t in ("ab", "abab", "ababab"))]
     for extra, ok in cases:
@@ -199,6 +200,8 @@ def test_openai_pydantic_function_tool(client):
     ({"guided_regex": "[a-"}, "guided_regex"),
     ({"guided_json": "{"}, "guided_json"),
     ({"guided_grammar": "root ::= ("}, "guided_grammar"),
+    ({"guided_grammar": "start: undefined_rule"}, "guided_grammar"),  # Lark
+    ({"structured_outputs": {"grammar": "start: A\nA: /a(?=b)/"}}, "structured_outputs"),
     ({"guided_choice": []}, "guided_choice"),
     ({"structured_outputs": {"json": {"type": "array", "uniqueItems": True}}}, "structured_outputs"),
     ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),
