@@ -95,7 +95,7 @@ class PendingStep:
             if st is not None:  # None: finished meanwhile (an ahead step's plan dropped it)
                 st.token_ids.append(tok)
                 grammar = runner.grammars.get(rid)
-                if grammar is not None and grammar.accept(tok):
+                if grammar is not None and grammar.defer(tok):  # taken at the next fill
                     out.grammar_finished.add(rid)
             out.sampled[rid] = [tok]
         if self._logprob_job is not None:  # only when a request asked for logprobs
@@ -482,7 +482,8 @@ class ModelRunner:
         from kvserve.structured.grammar import allocate_bitmask
 
         mask = allocate_bitmask(len(reqs), logits.shape[1])  # [N, W]; other rows stay unread
-        # The GPU is still running this step's forward: the fill overlaps it.
+        # The GPU is still running this step's forward: the matchers' advance by the last
+        # step's tokens (deferred, see RequestGrammar) and the fill overlap it.
         self.structured.filler.fill([self.grammars[reqs[i]] for i in rows], mask, rows)
         if logits.device.type != "cpu":
             mask = mask.pin_memory().to(logits.device, non_blocking=True)
