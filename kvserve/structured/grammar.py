@@ -174,7 +174,11 @@ class RequestGrammar:
         self.failed = False
 
     def defer(self, token: int) -> bool:
-        """Take a sampled token at the next fill; True if it completes the grammar."""
+        """Take a sampled token at the next fill; True if it completes the grammar. (A token
+        sampled after completion, by an ahead step planned before the request ended, is
+        dropped.)"""
+        if self.terminated or (self.pending and self.pending[-1] in self.stop_ids):
+            return False
         self.pending.append(token)
         return token in self.stop_ids
 
@@ -190,7 +194,7 @@ class RequestGrammar:
         self.flush()
         if self.failed:
             self._only_stop(bitmask, row)
-        else:
+        elif not self.terminated:  # complete: the row belongs to a request that has ended
             self.matcher.fill_next_token_bitmask(bitmask, row)
 
     def _only_stop(self, bitmask: torch.Tensor, row: int) -> None:
@@ -254,7 +258,7 @@ class BitmaskFiller:
             return
         for g in grammars:
             g.flush()
-        ok = [(g.matcher, row) for g, row in zip(grammars, rows) if not g.failed]
+        ok = [(g.matcher, row) for g, row in zip(grammars, rows) if not g.terminated]
         for g, row in zip(grammars, rows):
             if g.failed:
                 g._only_stop(bitmask, row)

@@ -232,3 +232,28 @@ def test_speculative_decoding_keeps_the_grammar(tiny_llama, llm, method):
         jsonschema.validate(json.loads(o.outputs[0].text), s)
     st = spec_llm.engine.stats()
     assert st["spec_draft_tokens"] > st["spec_accepted_tokens"] > 0
+
+
+def test_constrained_rows_run_ahead_with_asynchronous_scheduling(tiny_llama, llm):
+    """With asynchronous scheduling constrained requests take ahead steps too (the runner waits
+    for the in-flight tokens only before sampling): same tokens and finish reasons as without,
+    grammar ends with ignore_eos included."""
+    ahead = LLM(str(tiny_llama[0]), dtype="float32", device="cpu", num_kv_blocks=256, async_scheduling=True)
+    ss = schemas()[:10]
+    prompts = [{"prompt_token_ids": [5, 17, 99, 23, 42, i]} for i in range(len(ss) + 3)]
+    params = [SamplingParams(max_tokens=120, temperature=0, structured_outputs=SO(json=s)) for s in ss]
+    params += [SamplingParams(max_tokens=60, temperature=0, ignore_eos=True),
+               SamplingParams(max_tokens=30, temperature=0.8, seed=3, ignore_eos=True,
+                              structured_outputs=SO(regex="[a-z]{3,12}")),
+               SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, structured_outputs=SO(choice=["ok"]))]
+    only = ahead.generate(prompts[:4], params[:4], use_tqdm=False)  # constrained rows only
+    assert ahead.engine.num_ahead_steps > 0
+    assert [o.outputs[0].token_ids for o in only] == [o.outputs[0].token_ids
+                                                      for o in llm.generate(prompts[:4], params[:4], use_tqdm=False)]
+    got = ahead.generate(prompts, params, use_tqdm=False)
+    want = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert [o.outputs[0].finish_reason for o in got] == [o.outputs[0].finish_reason for o in want]
+    for s, o in zip(ss, got):
+        jsonschema.validate(json.loads(o.outputs[0].text), s)
+    assert re.fullmatch("[a-z]{3,12}", got[-2].outputs[0].text) and got[-1].outputs[0].text == "ok"
