@@ -19,8 +19,8 @@ Per-step numbers are medians over decode steps in which every request of the bat
 running (a constrained request may finish early: those steps are not counted), plain and
 constrained runs interleaved on the same engine. On CUDA three columns: plain (with
 asynchronous scheduling, the default: step N+1 is launched before N's tokens are back), plain
-with that run-ahead turned off, and constrained (a grammar needs the previous token on the host
-before it can build the next mask, so constrained steps never run ahead). "grammar host ms" is
+with that run-ahead turned off (for reference), and constrained (which runs ahead too: the
+runner waits for N's tokens only before N+1's sampling, N+1's forward already queued). "grammar host ms" is
 the host time spent on the grammar inside those steps: the matchers' advance by the last
 tokens and the bitmask fill (both while the GPU runs the step's forward) and the mask's apply
 (a launch on CUDA).
