@@ -1,5 +1,6 @@
-"""Structured output in the engine, on a tiny random Llama (which never writes JSON by itself):
-54 JSON schemas in one batched run (greedy, seeded, n > 1) all parse and validate; regex,
+"""Structured output in the engine, on a tiny random Llama (which never writes JSON by itself)
+and on the built-in SmolLM2: 54 JSON schemas in one batched run (greedy, seeded, n > 1) all
+parse and validate; regex,
 choice and EBNF grammars; the grammar ends requests ("stop") or max_tokens does ("length");
 a constrained row leaves the unconstrained rows of its batch unchanged; preemption, chunked
 prefill, prefix caching, logprobs and stop strings keep working; bad specs are ValueErrors."""
@@ -257,3 +258,27 @@ def test_constrained_rows_run_ahead_with_asynchronous_scheduling(tiny_llama, llm
     for s, o in zip(ss, got):
         jsonschema.validate(json.loads(o.outputs[0].text), s)
     assert re.fullmatch("[a-z]{3,12}", got[-2].outputs[0].text) and got[-1].outputs[0].text == "ok"
+
+
+@requires_smollm2
+@pytest.mark.slow
+def test_smollm2_all_schemas_validate():
+    """Every schema of tests/structured/schemas.py on the built-in SmolLM2 in one batched run:
+    greedy, seeded and n > 1; every output parses and validates."""
+    llm = LLM("smollm2", device="cpu", max_model_len=512, num_kv_blocks=1024, max_num_seqs=64)
+    all_schemas = schemas()
+    params = []
+    for i, s in enumerate(all_schemas):
+        so = SO(json=s)
+        if i % 3 == 0:
+            params.append(SamplingParams(max_tokens=300, temperature=0, structured_outputs=so))
+        elif i % 3 == 1:
+            params.append(SamplingParams(max_tokens=300, temperature=0.7, seed=i, structured_outputs=so))
+        else:
+            params.append(SamplingParams(max_tokens=300, temperature=0.7, n=2, seed=i, structured_outputs=so))
+    prompts = [f"Write one JSON value for this schema: {json.dumps(s)}" for s in all_schemas]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    for s, o in zip(all_schemas, outs):
+        for c in o.outputs:
+            assert c.finish_reason == "stop", (s, c.text)
+            jsonschema.validate(json.loads(c.text), s)
