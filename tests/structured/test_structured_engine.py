@@ -1,9 +1,9 @@
 """Structured output in the engine, on a tiny random Llama (which never writes JSON by itself)
 and on the built-in SmolLM2: 54 JSON schemas in one batched run (greedy, seeded, n > 1) all
-parse and validate; regex,
-choice and EBNF grammars; the grammar ends requests ("stop") or max_tokens does ("length");
-a constrained row leaves the unconstrained rows of its batch unchanged; preemption, chunked
-prefill, prefix caching, logprobs and stop strings keep working; bad specs are ValueErrors."""
+parse and validate; regex, choice and EBNF grammars; the grammar ends requests ("stop") or
+max_tokens does ("length"); a constrained row leaves the unconstrained rows of its batch
+unchanged; preemption, chunked prefill, prefix caching, speculative decoding, asynchronous
+scheduling, logprobs and stop strings keep working; bad specs are ValueErrors."""
 
 from __future__ import annotations
 
