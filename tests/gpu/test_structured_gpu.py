@@ -70,12 +70,11 @@ def test_speculative_verify_keeps_the_grammar(folder):
     cfg = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3,
            "backoff": False}
     llm = LLM(folder, speculative_config=cfg, **COMMON)
-    plain = LLM(folder, **COMMON)
     prompts = [{"prompt_token_ids": [5, 17, 99, 23, 42, 7] * 3 + [i]} for i in range(6)]
-    params = SamplingParams(max_tokens=150, temperature=0, structured_outputs=SO(json=SCHEMA))
-    got = llm.generate(prompts, params, use_tqdm=False)
-    want = plain.generate(prompts, params, use_tqdm=False)
-    for g, w in zip(got, want):
-        assert g.outputs[0].finish_reason == "stop"
-        _check(json.loads(g.outputs[0].text))
-        assert g.outputs[0].token_ids == w.outputs[0].token_ids
+    params = [SamplingParams(max_tokens=150, temperature=0, structured_outputs=SO(json=SCHEMA)),
+              SamplingParams(max_tokens=150, temperature=0.9, seed=1, structured_outputs=SO(json=SCHEMA))] * 3
+    for o in llm.generate(prompts, params, use_tqdm=False):
+        assert o.outputs[0].finish_reason == "stop"
+        _check(json.loads(o.outputs[0].text))
+    st = llm.engine.stats()  # (token identity with plain decoding is checked on the CPU)
+    assert st["spec_draft_tokens"] > 0
