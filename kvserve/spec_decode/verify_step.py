@@ -142,6 +142,8 @@ def execute_verify(runner: ModelRunner, so: SchedulerOutput) -> RunnerOutput:
     tp = ps.get_tp()
     if runner.is_driver:
         batch = SamplingBatch(params, gens, hist, nprompt, runner.eos_token_ids)
+        if runner.grammars:
+            _grammar_masks(runner, batch, sample_reqs, logits)
         processed = runner.sampler.process_logits(logits, batch)
         rows = [
             VerifyRow(r0, drafts, runner.states[rid].sampling_params, runner.generators.get(rid))
@@ -158,6 +160,12 @@ def execute_verify(runner: ModelRunner, so: SchedulerOutput) -> RunnerOutput:
             del st.token_ids[len(st.token_ids) - len(drafts) :]
         st.token_ids.extend(toks)
         out.sampled[rid] = toks
+        grammar = runner.grammars.get(rid)
+        if grammar is not None:
+            for tok in toks:
+                if grammar.accept(tok):
+                    out.grammar_finished.add(rid)
+                    break
         k = st.sampling_params.logprobs
         if k is not None and runner.is_driver:
             raw = logits[r0 : r0 + len(toks)]
@@ -187,3 +195,26 @@ def _broadcast_results(
         out.append([t for t in vals[o : o + w] if t >= 0])
         o += w
     return out
+
+
+def _grammar_masks(runner: ModelRunner, batch: SamplingBatch, sample_reqs: list[tuple[str, int, list[int]]],
+                   logits: torch.Tensor) -> None:
+    """Structured output in a verify step: each constrained request's k + 1 rows get the
+    masks of its grammar after 0 .. k of its drafts (a plain decode row: the current mask), so
+    rejection sampling accepts only drafts the grammar allows and resamples within it."""
+    from kvserve.structured.grammar import allocate_bitmask
+
+    mask, rows = None, []
+    for rid, r0, drafts in sample_reqs:
+        grammar = runner.grammars.get(rid)
+        if grammar is None:
+            continue
+        if mask is None:
+            mask = allocate_bitmask(logits.shape[0], logits.shape[1])  # [R, W]; other rows unread
+        grammar.fill_bitmask_for_drafts(mask, r0, drafts)
+        rows.extend(range(r0, r0 + len(drafts) + 1))
+    if mask is None:
+        return
+    if logits.device.type != "cpu":
+        mask = mask.pin_memory().to(logits.device, non_blocking=True)
+    batch.bitmask, batch.bitmask_rows = mask, rows

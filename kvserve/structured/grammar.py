@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 from typing import Any, Iterable
 
 import torch
@@ -81,6 +82,13 @@ def prepare_schema(schema: Any, where: str = "") -> Any:
 MAX_JSON_WHITESPACE = 20
 
 
+def _as_ebnf(grammar: str) -> str:
+    """xgrammar's EBNF as given; a Lark grammar converted (kvserve.structured.lark_grammar)."""
+    from kvserve.structured.lark_grammar import is_ebnf, lark_to_ebnf
+
+    return grammar if is_ebnf(grammar) else lark_to_ebnf(grammar)
+
+
 def _choice_grammar(choices: list[str]) -> str:
     alts = " | ".join(json.dumps(c) for c in choices)  # JSON string escapes are EBNF's
     return f"root ::= {alts}"
@@ -124,7 +132,7 @@ class GrammarCompiler:
                 return self._compiler.compile_regex(spec.regex)
             if kind == "choice":
                 return self._compiler.compile_grammar(_choice_grammar(spec.choice))
-            return self._compiler.compile_grammar(spec.grammar)
+            return self._compiler.compile_grammar(_as_ebnf(spec.grammar))
         except (RuntimeError, ValueError, TypeError) as e:
             raise ValueError(f"invalid {where}: {_clean(e)}") from None
 
@@ -148,30 +156,114 @@ def _clean(e: BaseException) -> str:
 
 
 class RequestGrammar:
-    """One request's position in its grammar."""
+    """One request's position in its grammar.
 
-    __slots__ = ("matcher", "terminated", "failed")
+    Sampled tokens are `defer`red: the matcher takes them at the next mask fill, which runs
+    while the GPU computes the next step's forward, instead of between reading a step's tokens
+    and launching the next step. Whether a token completes the grammar needs no matcher: under
+    the mask a stop token is sampled only where the grammar may end, and the grammar ends only
+    with a stop token."""
 
-    def __init__(self, compiled: Any) -> None:
+    __slots__ = ("matcher", "stop_ids", "pending", "terminated", "failed")
+
+    def __init__(self, compiled: Any, stop_token_ids: Iterable[int] = ()) -> None:
         self.matcher = _xgr().GrammarMatcher(compiled)
+        self.stop_ids = frozenset(stop_token_ids)
+        self.pending: list[int] = []
         self.terminated = False
         self.failed = False
 
+    def defer(self, token: int) -> bool:
+        """Take a sampled token at the next fill; True if it completes the grammar. (A token
+        sampled after completion, by an ahead step planned before the request ended, is
+        dropped.)"""
+        if self.terminated or (self.pending and self.pending[-1] in self.stop_ids):
+            return False
+        self.pending.append(token)
+        return token in self.stop_ids
+
+    def flush(self) -> None:
+        """Advance by the deferred tokens."""
+        if self.pending:
+            pending, self.pending = self.pending, []
+            for tok in pending:
+                self.accept(tok)
+
     def fill_bitmask(self, bitmask: torch.Tensor, row: int) -> None:
         """Write the allowed next tokens into bitmask[row] (int32, 32 tokens per word)."""
-        self.matcher.fill_next_token_bitmask(bitmask, row)
+        self.flush()
+        if self.failed:
+            self._only_stop(bitmask, row)
+        elif not self.terminated:  # complete: the row belongs to a request that has ended
+            self.matcher.fill_next_token_bitmask(bitmask, row)
+
+    def _only_stop(self, bitmask: torch.Tensor, row: int) -> None:
+        """A broken request may only end (its next token is a stop token, which ends it)."""
+        bitmask[row].zero_()
+        for t in self.stop_ids:
+            if t < bitmask.shape[1] * 32:
+                word = int(bitmask[row, t // 32]) | (1 << (t % 32))
+                bitmask[row, t // 32] = word - (1 << 32) if word >= 1 << 31 else word
+
+    def fill_bitmask_for_drafts(self, bitmask: torch.Tensor, row: int, drafts: list[int]) -> None:
+        """Rows row .. row + len(drafts) of a speculative verify step: row + j gets the tokens
+        allowed after drafts[:j]. The matcher is rolled back to where it was. Rows after a
+        draft the grammar rejects, or after a stop token, keep the tensor's fill (all allowed;
+        they are never used: such a draft has target probability 0 under its row's mask and
+        is rejected there, and a request ends at its stop token)."""
+        self.fill_bitmask(bitmask, row)
+        if self.failed:
+            return
+        advanced = 0
+        for j, tok in enumerate(drafts):
+            if not self.matcher.accept_token(tok):
+                break
+            advanced += 1
+            if self.matcher.is_terminated():  # a stop token: the request ends there
+                break
+            self.matcher.fill_next_token_bitmask(bitmask, row + j + 1)
+        if advanced:
+            self.matcher.rollback(advanced)
 
     def accept(self, token: int) -> bool:
-        """Advance by a sampled token; True when the grammar is now complete (or broken)."""
+        """Advance by a sampled token now; True when the grammar is now complete (or broken)."""
+        self.flush()
         if self.terminated:
             return True
         if not self.matcher.accept_token(token):
-            # Cannot happen with the mask applied; a request that gets here is ended, not crashed.
+            # Cannot happen with the mask applied; the request may then only end (`_only_stop`).
             logger.error("grammar rejected sampled token %d: ending the request", token)
             self.failed = self.terminated = True
             return True
         self.terminated = self.matcher.is_terminated()
         return self.terminated
+
+
+class BitmaskFiller:
+    """Fills many requests' bitmask rows in one call, in parallel C++ threads (xgrammar's
+    BatchGrammarMatcher): a batch of 32 constrained rows costs about one row's time per
+    thread instead of 32 in a row, which matters because the fill sits in the step loop."""
+
+    def __init__(self, max_threads: int | None = None) -> None:
+        if max_threads is None:
+            max_threads = max(1, min(8, (os.cpu_count() or 2) // 2))
+        self.max_threads = max_threads
+        self._batch = _xgr().BatchGrammarMatcher(max_threads=max_threads)
+
+    def fill(self, grammars: list[RequestGrammar], bitmask: torch.Tensor, rows: list[int]) -> None:
+        """bitmask[rows[i]] <- the allowed next tokens of grammars[i] (after their deferred tokens)."""
+        if len(grammars) == 1 or self.max_threads == 1:
+            for g, row in zip(grammars, rows):
+                g.fill_bitmask(bitmask, row)
+            return
+        for g in grammars:
+            g.flush()
+        ok = [(g.matcher, row) for g, row in zip(grammars, rows) if not g.terminated]
+        for g, row in zip(grammars, rows):
+            if g.failed:
+                g._only_stop(bitmask, row)
+        if ok:
+            self._batch.batch_fill_next_token_bitmask([m for m, _ in ok], bitmask, [r for _, r in ok])
 
 
 def allocate_bitmask(rows: int, vocab_size: int) -> torch.Tensor:

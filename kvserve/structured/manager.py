@@ -18,7 +18,7 @@ from collections import OrderedDict
 from typing import Any, Iterable
 
 from kvserve.core.sampling_params import StructuredOutputsParams
-from kvserve.structured.grammar import GrammarCompiler, RequestGrammar
+from kvserve.structured.grammar import BitmaskFiller, GrammarCompiler, RequestGrammar
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ class StructuredOutputManager:
         if tokenizer is None:
             raise ValueError("structured_outputs needs a tokenizer (this model has none)")
         self.compiler = GrammarCompiler(tokenizer, vocab_size, stop_token_ids)
+        self.filler = BitmaskFiller()
         self.vocab_size = vocab_size
         self.compile_timeout = compile_timeout
         self._cache: OrderedDict[tuple, cf.Future] = OrderedDict()
@@ -111,7 +112,7 @@ class StructuredOutputManager:
             fut = self._cache.get(spec.key)
         if fut is None:  # evicted meanwhile (the cache holds far more specs than run at once)
             fut = self.submit(spec)
-        return RequestGrammar(fut.result(timeout=self.compile_timeout))
+        return RequestGrammar(fut.result(timeout=self.compile_timeout), self.compiler.stop_token_ids)
 
     def stats(self) -> dict[str, float]:
         return {"grammar_cache_hits": self.hits, "grammar_compilations": self.misses}

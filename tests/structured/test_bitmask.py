@@ -39,3 +39,61 @@ def test_matches_xgrammar_kernel():
     apply_bitmask(ours, mask, [0, 2])
     xgr.apply_token_bitmask_inplace(theirs, mask, vocab_size=4099, indices=[0, 2])
     assert torch.equal(ours, theirs)
+
+
+def test_batched_fill_equals_row_by_row(tiny_llama):
+    """BitmaskFiller's threaded batch fill writes the same rows as one matcher at a time, at
+    different positions of different grammars, and leaves unlisted rows alone."""
+    from kvserve.core.sampling_params import StructuredOutputsParams as SO
+    from kvserve.loader.tokenizer import Tokenizer
+    from kvserve.structured.grammar import BitmaskFiller, GrammarCompiler, RequestGrammar
+
+    tok = Tokenizer.from_folder(tiny_llama[0])
+    vocab = tok.vocab_size + 3
+    comp = GrammarCompiler(tok, vocab, [tok.eos_token_id])
+    specs = [SO(json={"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}),
+             SO(regex=r"[a-c]+x\d{2}"), SO(json_object=True), SO(choice=["yes", "no"])]
+    prefixes = ['{"a": "hel', "abca", '{"k', ""]
+    grammars = []
+    for spec, prefix in zip(specs, prefixes):
+        g = RequestGrammar(comp.compile(spec))
+        for t in tok.encode(prefix, add_special_tokens=False):
+            assert not g.accept(t)
+        grammars.append(g)
+    rows = [0, 2, 3, 5]
+    want = allocate_bitmask(6, vocab)
+    for g, r in zip(grammars, rows):
+        g.fill_bitmask(want, r)
+    got = allocate_bitmask(6, vocab)
+    BitmaskFiller(max_threads=2).fill(grammars, got, rows)
+    assert torch.equal(got, want)
+    assert (got[[1, 4]] == -1).all()
+
+
+def test_deferred_tokens_and_a_broken_grammar(tiny_llama):
+    """defer() + the next fill equals accept() + fill; a stop token reports completion without
+    the matcher; a grammar that rejected a token allows only stop tokens (the request ends)."""
+    from kvserve.core.sampling_params import StructuredOutputsParams as SO
+    from kvserve.loader.tokenizer import Tokenizer
+    from kvserve.structured.grammar import GrammarCompiler, RequestGrammar
+
+    tok = Tokenizer.from_folder(tiny_llama[0])
+    vocab, eos = tok.vocab_size + 3, tok.eos_token_id
+    comp = GrammarCompiler(tok, vocab, [eos])
+    compiled = comp.compile(SO(regex=r"ab+c"))
+    ids = tok.encode("abbb", add_special_tokens=False)
+    now, later = RequestGrammar(compiled, [eos]), RequestGrammar(compiled, [eos])
+    for t in ids:
+        assert not now.accept(t)
+        assert not later.defer(t)
+    a, b = allocate_bitmask(1, vocab), allocate_bitmask(1, vocab)
+    now.fill_bitmask(a, 0)
+    later.fill_bitmask(b, 0)
+    assert torch.equal(a, b) and not later.pending
+    assert later.defer(eos)  # a stop token completes the grammar
+    broken = RequestGrammar(compiled, [eos])
+    assert broken.accept(tok.encode("z", add_special_tokens=False)[0]) and broken.failed
+    m = allocate_bitmask(1, vocab)
+    broken.fill_bitmask(m, 0)
+    bits = ((m[0, :, None] >> torch.arange(32, dtype=torch.int32)) & 1).flatten()[:vocab]
+    assert bits.nonzero().flatten().tolist() == [eos]

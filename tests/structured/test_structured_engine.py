@@ -1,8 +1,9 @@
-"""Structured output in the engine, on a tiny random Llama (which never writes JSON by itself):
-54 JSON schemas in one batched run (greedy, seeded, n > 1) all parse and validate; regex,
-choice and EBNF grammars; the grammar ends requests ("stop") or max_tokens does ("length");
-a constrained row leaves the unconstrained rows of its batch unchanged; preemption, chunked
-prefill, prefix caching, logprobs and stop strings keep working; bad specs are ValueErrors."""
+"""Structured output in the engine, on a tiny random Llama (which never writes JSON by itself)
+and on the built-in SmolLM2: 54 JSON schemas in one batched run (greedy, seeded, n > 1) all
+parse and validate; regex, choice and EBNF grammars; the grammar ends requests ("stop") or
+max_tokens does ("length"); a constrained row leaves the unconstrained rows of its batch
+unchanged; preemption, chunked prefill, prefix caching, speculative decoding, asynchronous
+scheduling, logprobs and stop strings keep working; bad specs are ValueErrors."""
 
 from __future__ import annotations
 
@@ -206,3 +207,78 @@ def test_smollm2_schemas_validate():
         for c in o.outputs:
             assert c.finish_reason == "stop", c.text
             jsonschema.validate(json.loads(c.text), schema)
+
+
+@pytest.mark.parametrize("method", ["ngram", "draft_model"])
+def test_speculative_decoding_keeps_the_grammar(tiny_llama, llm, method):
+    """Verify steps mask every draft position with the grammar after the drafts before it: greedy
+    output is token-identical to plain constrained decoding, sampled output still validates, and
+    drafts were both accepted and rejected."""
+    cfg = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3,
+           "backoff": False}
+    if method == "draft_model":  # the target as its own (unconstrained) draft: masks reject many drafts
+        cfg = {"method": "draft_model", "model": str(tiny_llama[0]), "num_speculative_tokens": 3, "backoff": False}
+    spec_llm = LLM(str(tiny_llama[0]), dtype="float32", device="cpu", num_kv_blocks=256, speculative_config=cfg)
+    all_schemas = schemas()[:12]
+    prompts = [{"prompt_token_ids": [5, 17, 99, 23, 42, 7] * 2 + [i]} for i in range(len(all_schemas))]
+    greedy = [SamplingParams(max_tokens=150, temperature=0, structured_outputs=SO(json=s)) for s in all_schemas]
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, greedy, use_tqdm=False)]
+    got = spec_llm.generate(prompts, greedy, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == want
+    sampled = [SamplingParams(max_tokens=150, temperature=0.9, seed=i, structured_outputs=SO(json=s))
+               for i, s in enumerate(all_schemas)]
+    sampled_out = spec_llm.generate(prompts, sampled, use_tqdm=False)
+    for s, o in zip(all_schemas * 2, got + sampled_out):
+        assert o.outputs[0].finish_reason == "stop", o.outputs[0].text
+        jsonschema.validate(json.loads(o.outputs[0].text), s)
+    st = spec_llm.engine.stats()
+    assert st["spec_draft_tokens"] > st["spec_accepted_tokens"] > 0
+
+
+def test_constrained_rows_run_ahead_with_asynchronous_scheduling(tiny_llama, llm):
+    """With asynchronous scheduling constrained requests take ahead steps too (the runner waits
+    for the in-flight tokens only before sampling): same tokens and finish reasons as without,
+    grammar ends with ignore_eos included."""
+    ahead = LLM(str(tiny_llama[0]), dtype="float32", device="cpu", num_kv_blocks=256, async_scheduling=True)
+    ss = schemas()[:10]
+    prompts = [{"prompt_token_ids": [5, 17, 99, 23, 42, i]} for i in range(len(ss) + 3)]
+    params = [SamplingParams(max_tokens=120, temperature=0, structured_outputs=SO(json=s)) for s in ss]
+    params += [SamplingParams(max_tokens=60, temperature=0, ignore_eos=True),
+               SamplingParams(max_tokens=30, temperature=0.8, seed=3, ignore_eos=True,
+                              structured_outputs=SO(regex="[a-z]{3,12}")),
+               SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, structured_outputs=SO(choice=["ok"]))]
+    only = ahead.generate(prompts[:4], params[:4], use_tqdm=False)  # constrained rows only
+    assert ahead.engine.num_ahead_steps > 0
+    assert [o.outputs[0].token_ids for o in only] == [o.outputs[0].token_ids
+                                                      for o in llm.generate(prompts[:4], params[:4], use_tqdm=False)]
+    got = ahead.generate(prompts, params, use_tqdm=False)
+    want = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    assert [o.outputs[0].finish_reason for o in got] == [o.outputs[0].finish_reason for o in want]
+    for s, o in zip(ss, got):
+        jsonschema.validate(json.loads(o.outputs[0].text), s)
+    assert re.fullmatch("[a-z]{3,12}", got[-2].outputs[0].text) and got[-1].outputs[0].text == "ok"
+
+
+@requires_smollm2
+@pytest.mark.slow
+def test_smollm2_all_schemas_validate():
+    """Every schema of tests/structured/schemas.py on the built-in SmolLM2 in one batched run:
+    greedy, seeded and n > 1; every output parses and validates."""
+    llm = LLM("smollm2", device="cpu", max_model_len=512, num_kv_blocks=1024, max_num_seqs=64)
+    all_schemas = schemas()
+    params = []
+    for i, s in enumerate(all_schemas):
+        so = SO(json=s)
+        if i % 3 == 0:
+            params.append(SamplingParams(max_tokens=300, temperature=0, structured_outputs=so))
+        elif i % 3 == 1:
+            params.append(SamplingParams(max_tokens=300, temperature=0.7, seed=i, structured_outputs=so))
+        else:
+            params.append(SamplingParams(max_tokens=300, temperature=0.7, n=2, seed=i, structured_outputs=so))
+    prompts = [f"Write one JSON value for this schema: {json.dumps(s)}" for s in all_schemas]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    for s, o in zip(all_schemas, outs):
+        for c in o.outputs:
+            assert c.finish_reason == "stop", (s, c.text)
+            jsonschema.validate(json.loads(c.text), s)

@@ -74,6 +74,7 @@ def test_response_format_and_vllm_fields(client, http):
     cases = [({"guided_choice": ["red", "green"]}, lambda t: t in ("red", "green")),
              ({"guided_regex": "[0-9]{3}-[a-z]{2}"}, lambda t: len(t) == 6 and t[3] == "-"),
              ({"guided_grammar": 'root ::= "x" | "y" "z"'}, lambda t: t in ("x", "yz")),
+             ({"guided_grammar": 'start: "x" | "y" Z\nZ: "z"'}, lambda t: t in ("x", "yz")),  # Lark
              ({"guided_json": schema}, lambda t: jsonschema.validate(json.loads(t), schema) is None),
              ({"structured_outputs": {"regex": "(ab){1,3}"}}, lambda t: t in ("ab", "abab", "ababab"))]
     for extra, ok in cases:
@@ -96,6 +97,8 @@ def test_response_format_and_vllm_fields(client, http):
 
 
 def _reassemble(stream) -> tuple[str | None, list[dict], str | None]:
+    """Join a streamed chat completion's deltas; each call also records its first delta and how
+    many argument fragments followed it."""
     content, calls, finish = None, {}, None
     for chunk in stream:
         for ch in chunk.choices:
@@ -103,13 +106,16 @@ def _reassemble(stream) -> tuple[str | None, list[dict], str | None]:
             if d.content:
                 content = (content or "") + d.content
             for tc in d.tool_calls or []:
-                call = calls.setdefault(tc.index, {"id": None, "name": None, "arguments": ""})
+                if tc.index not in calls:
+                    calls[tc.index] = {"id": None, "name": None, "arguments": "", "first": tc, "fragments": 0}
+                call = calls[tc.index]
                 if tc.id:
                     call["id"] = tc.id
                 if tc.function and tc.function.name:
                     call["name"] = tc.function.name
                 if tc.function and tc.function.arguments:
                     call["arguments"] += tc.function.arguments
+                    call["fragments"] += 1
             if ch.finish_reason:
                 finish = ch.finish_reason
     return content, [calls[i] for i in sorted(calls)], finish
@@ -142,7 +148,21 @@ def test_tool_calls_streamed_equal_non_streamed(client, tool_choice, extra, fini
     assert stream_finish == finish
     assert (content or None) == (msg.content or None)
     assert [(c["name"], c["arguments"]) for c in calls] == [(t.function.name, t.function.arguments) for t in msg.tool_calls]
-    assert all(c["id"] for c in calls)
+    for c in calls:  # OpenAI's shape: a header delta, then the arguments as they are generated
+        first = c["first"]
+        assert first.id and first.type == "function" and first.function.name == c["name"]
+        assert first.function.arguments == ""
+        assert c["fragments"] > 1, c
+    # The openai client's streaming helper accumulates the same message.
+    with client.chat.completions.stream(**kw, extra_body=extra) as s:
+        arg_events = sum(1 for e in s if e.type == "tool_calls.function.arguments.delta")
+        final = s.get_final_completion()
+    assert arg_events >= len(msg.tool_calls) * 2
+    fmsg = final.choices[0].message
+    assert final.choices[0].finish_reason == finish
+    assert (fmsg.content or None) == (msg.content or None)
+    assert [(t.function.name, t.function.arguments) for t in fmsg.tool_calls] == \
+        [(t.function.name, t.function.arguments) for t in msg.tool_calls]
 
 
 def test_auto_without_a_call_is_content_and_tool_messages_flow_back(client):
@@ -180,6 +200,8 @@ def test_openai_pydantic_function_tool(client):
     ({"guided_regex": "[a-"}, "guided_regex"),
     ({"guided_json": "{"}, "guided_json"),
     ({"guided_grammar": "root ::= ("}, "guided_grammar"),
+    ({"guided_grammar": "start: undefined_rule"}, "guided_grammar"),  # Lark
+    ({"structured_outputs": {"grammar": "start: A\nA: /a(?=b)/"}}, "structured_outputs"),
     ({"guided_choice": []}, "guided_choice"),
     ({"structured_outputs": {"json": {"type": "array", "uniqueItems": True}}}, "structured_outputs"),
     ({"guided_regex": "a", "guided_choice": ["a"]}, "guided_choice"),

@@ -74,3 +74,62 @@ def test_tools_and_tool_messages_reach_the_template():
     ])
     text = render_chat(template, msgs, tools=[{"type": "function", "function": {"name": "get_weather"}}])
     assert text == "[tool get_weather]user:weather?;assistant:call get_weather(Paris);tool:call_1=sunny;"
+
+
+def _stream(plan, text: str, step: int):
+    """Feed text in pieces of `step` characters; (deltas, finish_reason)."""
+    from kvserve.entrypoints.server.structured import ToolStream
+
+    ts = ToolStream(plan)
+    deltas = []
+    for i in range(0, len(text), step):
+        deltas += ts.feed(text[i:i + step])
+    more, reason = ts.finish("stop")
+    return deltas + more, reason
+
+
+def _join(deltas):
+    content, calls = None, {}
+    for d in deltas:
+        if d.get("content"):
+            content = (content or "") + d["content"]
+        for tc in d.get("tool_calls", []):
+            call = calls.setdefault(tc["index"], {"id": None, "name": None, "arguments": "", "first": tc})
+            call["id"] = tc.get("id") or call["id"]
+            call["name"] = tc.get("function", {}).get("name") or call["name"]
+            call["arguments"] += tc.get("function", {}).get("arguments", "")
+    return content, [calls[i] for i in sorted(calls)]
+
+
+@pytest.mark.parametrize("mode, parser, text", [
+    ("auto", "hermes", 'Let me check. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Par\\"is}", '
+                       '"unit": "C"}}\n</tool_call>\n<tool_call>{"name": "add", "arguments": {"a": 12, "b": [3]}}</tool_call>'),
+    ("auto", "hermes", '\n<tool_call>{"arguments": {"a": 1}, "name": "f"}</tool_call>'),  # name after the arguments
+    ("auto", "hermes", 'Plain text, <b>no</b> call.'),
+    ("auto", "llama3_json", '<|python_tag|>{"name": "f", "parameters": {"q": "x y z"}}; {"name": "g", "parameters": {}}'),
+    ("auto", "mistral", 'ok [TOOL_CALLS][{"name": "f", "arguments": {"a": 1}}, {"name": "g", "arguments": {"b": "é"}}]'),
+    ("auto", "mistral", '[TOOL_CALLS]f[ARGS]{"a": {"b": 1}}[TOOL_CALLS]g[ARGS]{}'),
+    ("auto", "hermes", '<tool_call>{"name": "f", "arguments": "{\\"a\\": 1}"}</tool_call>'),  # arguments as a string
+    ("required", None, '[{"name": "add", "parameters": {"a": 1, "b": 22}}, {"name": "get_weather", '
+                       '"parameters": {"city": "Oslo", "unit": "F"}}]'),
+    ("named", None, '{"a": 4, "b": 5}'),
+])
+@pytest.mark.parametrize("step", [1, 3, 1000])
+def test_streamed_tool_calls_are_incremental_and_join_to_the_parse(mode, parser, text, step):
+    from kvserve.entrypoints.server.structured import ToolPlan, extract_calls
+
+    plan = ToolPlan(mode, [], named="add" if mode == "named" else None,
+                    parser=get_tool_parser(parser) if parser else None)
+    content, calls = extract_calls(plan, text)
+    deltas, reason = _stream(plan, text, step)
+    got_content, got_calls = _join(deltas)
+    assert (got_content or None) == (content or None)
+    assert [(c["name"], c["arguments"]) for c in got_calls] == [(c.name, c.arguments) for c in calls]
+    for c in got_calls:  # the first delta of a call: index, id, type, name, empty arguments
+        assert c["first"]["id"] and c["first"]["type"] == "function"
+        assert c["first"]["function"] == {"name": c["name"], "arguments": ""}
+    assert reason == ("tool_calls" if calls and mode != "named" else "stop")
+    if step == 1 and calls and '"{' not in text and '{"arguments"' not in text:
+        # Arguments arrive in many fragments while they are written, not whole at the end.
+        pieces = [d for d in deltas if d.get("tool_calls") and "id" not in d["tool_calls"][0]]
+        assert len(pieces) >= sum(len(c.arguments) for c in calls) // 2

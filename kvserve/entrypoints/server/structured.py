@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
 from kvserve.core.sampling_params import StructuredOutputsParams
 from kvserve.entrypoints.server.errors import bad_request
-from kvserve.structured.tool_parsers import ToolCall, ToolParser, get_tool_parser
+from kvserve.structured.tool_parsers import PartialCall, ToolCall, ToolParser, array_calls, get_tool_parser, partial_objects
+
+logger = logging.getLogger(__name__)
 
 _GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
@@ -204,10 +207,9 @@ def extract_calls(plan: ToolPlan, text: str) -> tuple[str | None, list[ToolCall]
         # The arguments as generated (and as streamed), once they are known to be an object.
         return (None, [ToolCall(plan.named, text)]) if isinstance(args, dict) else (text, [])
     if plan.mode == "required":
-        try:
-            calls = json.loads(text)
-            return None, [ToolCall(c["name"], json.dumps(c["parameters"], ensure_ascii=False)) for c in calls]
-        except (ValueError, TypeError, KeyError):
+        try:  # the arguments as generated (and as streamed)
+            return None, array_calls(text, ("parameters",))
+        except ValueError:
             return text, []
     if plan.mode == "auto":
         return plan.parser.parse(text)
@@ -228,15 +230,20 @@ def finish_reason(plan: ToolPlan, calls: list[ToolCall], engine_reason: str | No
 
 
 class ToolStream:
-    """One choice's streamed output -> OpenAI deltas. Content is sent as soon as it is certain
-    to be content; a named function's arguments stream as they are generated; other calls are
-    sent when the output ends (each as one piece with id, name and the whole arguments)."""
+    """One choice's streamed output -> OpenAI deltas, as it is generated: content as soon as it
+    is certain to be content; each tool call's first delta (index, id, type, function.name and
+    empty arguments) as soon as its name is complete, then its arguments' text in fragments as
+    they are written. "required" output is read as the grammar writes it (a JSON array of
+    {"name", "parameters"} objects), "auto" output by the plan's parser once its marker is seen.
+    At the end the finished parse (`extract_calls`, the non-streamed result) is the reference:
+    what was not sent yet is sent, so the deltas join up to the non-streamed message."""
 
     def __init__(self, plan: ToolPlan) -> None:
         self.plan = plan
         self.text = ""
         self.sent = 0  # characters of text already sent as content
-        self.named_id: str | None = None
+        self.ids: list[str] = []  # ids of the calls announced so far
+        self.args_sent: list[str] = []  # arguments text sent so far, per call
         self.calls: list[ToolCall] = []
 
     def feed(self, delta: str) -> list[dict[str, Any]]:
@@ -244,43 +251,66 @@ class ToolStream:
         self.text += delta
         plan = self.plan
         if plan.mode == "named":
-            out = []
-            if self.named_id is None:
-                self.named_id = new_call_id(plan)
-                out.append({"tool_calls": [{"index": 0, "id": self.named_id, "type": "function",
-                                            "function": {"name": plan.named, "arguments": ""}}]})
-            if delta:
-                out.append({"tool_calls": [{"index": 0, "function": {"arguments": delta}}]})
-            return out
+            return self._call_deltas([PartialCall(plan.named, self.text)])
         if plan.mode == "required":
-            return []
+            return self._call_deltas(partial_objects(self.text, 0, ("parameters",), r"[\s,\[\]]*"))
         if plan.mode == "auto":
+            out = []
+            partial = plan.parser.partial_calls(self.text)
             upto = plan.parser.content_prefix_len(self.text)
+            if not partial:  # trailing blanks are content only if more content follows
+                upto = len(self.text[:upto].rstrip())
+            elif not self.text[:upto].strip():
+                upto = 0  # only blanks before the calls: no content (as in the parse)
             if upto > self.sent:
-                piece = self.text[self.sent:upto]
+                out.append({"content": self.text[self.sent:upto]})
                 self.sent = upto
-                return [{"content": piece}]
-            return []
+            return out + self._call_deltas(partial)
         return [{"content": delta}] if delta else []
+
+    def _call_deltas(self, partial: list[PartialCall]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for i, pc in enumerate(partial):
+            if pc.name is None:
+                break  # later calls are announced after this one
+            if i == len(self.ids):
+                self.ids.append(new_call_id(self.plan))
+                self.args_sent.append("")
+                out.append({"tool_calls": [{"index": i, "id": self.ids[i], "type": "function",
+                                            "function": {"name": pc.name, "arguments": ""}}]})
+            sent = self.args_sent[i]
+            if len(pc.arguments) > len(sent) and pc.arguments.startswith(sent):
+                out.append({"tool_calls": [{"index": i, "function": {"arguments": pc.arguments[len(sent):]}}]})
+                self.args_sent[i] = pc.arguments
+        return out
 
     def finish(self, engine_reason: str | None) -> tuple[list[dict[str, Any]], str | None]:
         """The last deltas and the choice's finish_reason."""
         plan = self.plan
-        if plan.mode == "named":
-            _, self.calls = extract_calls(plan, self.text)
-            return [], finish_reason(plan, self.calls, engine_reason)
-        if plan.mode not in ("auto", "required"):
+        if plan.mode not in ("named", "auto", "required"):
             return [], engine_reason
         content, self.calls = extract_calls(plan, self.text)
         out: list[dict[str, Any]] = []
         if not self.calls:
-            rest = self.text[self.sent:]
-            if rest:
-                out.append({"content": rest})
+            if not self.ids:  # no call was sent: the rest is content
+                rest = self.text[self.sent:]
+                if rest:
+                    out.append({"content": rest})
             return out, engine_reason
         if content and len(content) > self.sent:
             out.append({"content": content[self.sent:]})
         for i, c in enumerate(self.calls):
-            out.append({"tool_calls": [{"index": i, "id": new_call_id(plan), "type": "function",
-                                        "function": {"name": c.name, "arguments": c.arguments}}]})
+            if i < len(self.ids):
+                sent = self.args_sent[i]
+                if not c.arguments.startswith(sent):
+                    logger.warning("tool-call stream: call %d's streamed arguments differ from the final parse", i)
+                elif len(c.arguments) > len(sent):
+                    out.append({"tool_calls": [{"index": i, "function": {"arguments": c.arguments[len(sent):]}}]})
+                continue
+            self.ids.append(new_call_id(plan))
+            self.args_sent.append(c.arguments)
+            out.append({"tool_calls": [{"index": i, "id": self.ids[i], "type": "function",
+                                        "function": {"name": c.name, "arguments": ""}}]})
+            if c.arguments:
+                out.append({"tool_calls": [{"index": i, "function": {"arguments": c.arguments}}]})
         return out, finish_reason(plan, self.calls, engine_reason)
