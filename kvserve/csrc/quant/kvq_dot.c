@@ -489,25 +489,35 @@ static void direct_group(int qtype, int nr, int mr, const uint8_t *w, int64_t wr
     }
 }
 
+/* Up to DIRECT_MAX_ACT activation rows take the direct kernels, DIRECT_MAX_M at a time over
+ * each weight row group (the group's bytes are still in L1 for the next activation group, so the
+ * weight streams from memory once). Measured on one Zen 3 core (AVX2): Q4_1 at 5-16 rows this
+ * way takes 0.70-0.85x the tile path's time (which unpacks every tile into int8 first), Q8_0
+ * 0.92-1.0x (benchmarks/RESULTS.md). */
+#define DIRECT_MAX_ACT 16
+
 static int direct_ok(int qtype, int64_t M) {
-    return M <= DIRECT_MAX_M && (qtype == KVQ_Q4_0 || qtype == KVQ_Q4_1 || qtype == KVQ_Q8_0);
+    return M <= DIRECT_MAX_ACT && (qtype == KVQ_Q4_0 || qtype == KVQ_Q4_1 || qtype == KVQ_Q8_0);
 }
 
-/* Rows [n0, n1) for M <= DIRECT_MAX_M activation rows, front to back in groups of rows. */
+/* Rows [n0, n1) for M <= DIRECT_MAX_ACT activation rows, front to back in groups of rows. */
 static void gemm_direct(int qtype, const uint8_t *w, int64_t wrb, const uint8_t *x, const float *bias, float *out,
                         int64_t out_stride, int64_t M, int64_t K, int64_t n0, int64_t n1) {
     const int64_t xstride = kvq_act_stride(K), nb = K / KVQ_QK, ab = direct_act_bytes(nb);
     _Alignas(64) uint8_t stack[DIRECT_STACK];
     uint8_t *buf = M * ab <= DIRECT_STACK ? stack : (uint8_t *)malloc((size_t)(M * ab));
     if (buf == NULL) return;
-    dact_t xa[DIRECT_MAX_M];
+    dact_t xa[DIRECT_MAX_ACT];
     for (int64_t m = 0; m < M; m++) direct_prep(qtype, x + m * xstride, K, buf + m * ab, &xa[m]);
     const int mr = (int)M, step = mr == 1 ? DIRECT_NR1(qtype) : mr == 2 ? 2 : 1;
     /* prefetch the same bytes of the row group whole groups ahead, at least DIRECT_PF bytes */
     const int64_t gbytes = step * wrb, pfd = (DIRECT_PF + gbytes - 1) / gbytes * gbytes;
     for (int64_t n = n0; n < n1;) {
         int nr = n1 - n >= step ? step : 1;
-        direct_group(qtype, nr, mr, w + n * wrb, wrb, xa, nb, out + n, out_stride, pfd);
+        for (int a0 = 0; a0 < mr; a0 += DIRECT_MAX_M) {
+            const int ma = mr - a0 < DIRECT_MAX_M ? mr - a0 : DIRECT_MAX_M;
+            direct_group(qtype, nr, ma, w + n * wrb, wrb, xa + a0, nb, out + a0 * out_stride + n, out_stride, pfd);
+        }
         if (bias != NULL)
             for (int64_t m = 0; m < M; m++)
                 for (int r = 0; r < nr; r++) out[m * out_stride + n + r] += bias[n + r];
