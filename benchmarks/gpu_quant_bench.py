@@ -161,7 +161,7 @@ def section_kernels(sweep: bool = True) -> None:
     RESULTS["kernels/rows"] = many
 
 
-def section_gemv() -> None:
+def section_gemv(quick: bool = False) -> None:
     """The one-row GEMVs, first version (a code at a time) against the word version, every
     format at the Llama-3.1-8B shapes, a tile sweep of the word version, and each result
     checked against the first version's."""
@@ -184,7 +184,7 @@ def section_gemv() -> None:
             "int8": lambda: quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05, "int8"),
             "int4-g128": lambda: quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05, "int4"),
         }
-        for fmt in ("Q4_0", "Q4_1", "Q8_0", "Q4_K") if name != "head" else ():
+        for fmt in ("Q4_0",) if quick else ("Q4_0", "Q4_1", "Q8_0", "Q4_K") if name != "head" else ():
             makers[fmt] = (lambda f: lambda: formats(n, k, "cuda", seed=int(torch.randint(1 << 20, ())), only=f)[f])(fmt)
         for fmt, make in makers.items():
             try:
@@ -199,7 +199,7 @@ def section_gemv() -> None:
                 diff = ((got - ref).abs().max() / ref.abs().max()).item()
                 res["v2"] = rotate_time(lambda w: tq.qgemv(x, w), qs) * 1e6
                 best = (res["v2"], "default")
-                if name in ("gate_up", "down") and fmt in ("int8", "int4-g128", "Q4_0", "Q8_0"):
+                if not quick and name in ("gate_up", "down") and fmt in ("int8", "int4-g128", "Q4_0", "Q8_0"):
                     for cfg in sweep:
                         try:
                             t = rotate_time(lambda w: tq.qgemv(x, w, config=cfg), qs) * 1e6
@@ -452,6 +452,7 @@ def main() -> None:
         ("kernels", lambda: section_kernels()),
         ("kernels1", lambda: section_kernels(sweep=False)),  # one-row GEMVs at their defaults only
         ("gemv", section_gemv),  # one-row GEMVs: first version vs word version, every format
+        ("gemv1", lambda: section_gemv(quick=True)),  # the same for int8, int4 and Q4_0, no tile sweep
         ("qmm", section_qmm),  # several rows: the GEMM and dequantize + cuBLAS, both versions
         ("decode", lambda: section_decode(root, bw, flops, args.schemes.split(","))),
         ("throughput", lambda: section_throughput(root, args.tp_schemes.split(","))),
