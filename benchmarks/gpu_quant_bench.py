@@ -184,7 +184,7 @@ def section_gemv(quick: bool = False) -> None:
             "int8": lambda: quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05, "int8"),
             "int4-g128": lambda: quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05, "int4"),
         }
-        for fmt in ("Q4_0",) if quick else ("Q4_0", "Q4_1", "Q8_0", "Q4_K") if name != "head" else ():
+        for fmt in () if name == "head" else ("Q4_0",) if quick else ("Q4_0", "Q4_1", "Q8_0", "Q4_K"):
             makers[fmt] = (lambda f: lambda: formats(n, k, "cuda", seed=int(torch.randint(1 << 20, ())), only=f)[f])(fmt)
         for fmt, make in makers.items():
             try:
