@@ -176,6 +176,11 @@ def section_kernel(bw: float, peak: float) -> None:
                 row[f"{path}_pct_floor"] = 100 * floor / s
             auto = "pairs" if triton_moe.use_pairs(t, e, k) else "sorted"
             row["auto"] = auto
+            if "sorted" in paths:  # the expert sort alone: one Triton program vs torch ops
+                bm = triton_moe.sorted_config(t * k, e)["BLOCK_M"]
+                for kern in (True, False):
+                    row[f"align_{'triton' if kern else 'torch'}_us"] = graph_time(
+                        lambda kern=kern: triton_moe.align_by_expert(ids, e, bm, kern)) * 1e6
             c = [0]
 
             def loop() -> None:
@@ -185,7 +190,8 @@ def section_kernel(bw: float, peak: float) -> None:
             RESULTS[f"kernel/{name}/T{t}"] = row
             log(f"[kernel] {name} T={t:3d}: {distinct:3d} experts, floor {floor * 1e6:7.1f} us | "
                 + " | ".join(f"{p} {row[f'{p}_us']:7.1f} us ({row[f'{p}_pct_floor']:.0f}%)" for p in paths)
-                + f" | expert loop {row['loop_us']:8.1f} us | auto: {auto}")
+                + f" | expert loop {row['loop_us']:8.1f} us | auto: {auto}"
+                + f" | sort: Triton {row['align_triton_us']:.1f} us, torch {row['align_torch_us']:.1f} us")
         del w13, w2
         torch.cuda.empty_cache()
 

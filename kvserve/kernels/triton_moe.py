@@ -268,7 +268,8 @@ def _align_kernel(
 
 
 # Pairs up to which the one-program align kernel runs (decode batches); torch ops above.
-ALIGN_KERNEL_MAX = 8192
+# KVSERVE_MOE_ALIGN_KERNEL_MAX=0 sorts with torch ops always (for comparisons).
+ALIGN_KERNEL_MAX = int(os.environ.get("KVSERVE_MOE_ALIGN_KERNEL_MAX", "8192"))
 
 
 def align_by_expert(
