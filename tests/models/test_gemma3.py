@@ -295,6 +295,7 @@ def test_gemma3_270m_quantized_builtin():
     assert kinds == {6}  # Q5_0 kept as blocks
     (out,) = llm.generate(PROMPTS[1], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)
     assert "if n" in out.outputs[0].text
+    assert model.cpu_decoder and model.cpu_decoder.num_steps >= 11  # decode ran in the one-call C stack
     (chat,) = llm.chat([{"role": "user", "content": "Say hi."}], SamplingParams(max_tokens=48, temperature=0),
                        use_tqdm=False)
     tok = llm.get_tokenizer()
