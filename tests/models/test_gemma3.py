@@ -230,6 +230,22 @@ def test_gemma3_quantized_decoder_stack_matches_op_by_op_and_hf(tiny_gemma3_q8):
         _assert_same_greedy(*fast, *slow, None, SAME_TOL)
         _assert_same_greedy(*fast, ref[0], ref[1], ref[2], Q8_TOL)
 
+
+def test_gemma3_decoder_stack_speculative_verify_rows(tiny_gemma3_q8):
+    """n-gram drafts: a verify step's rows of one sequence run in the stack too (their K/V, q/k
+    normed and rotated, written before attention reads them) and give one-row decodes' tokens."""
+    folder, prompts, _ = tiny_gemma3_q8
+    kw = dict(dtype="float32", device="cpu", quantization="q8_0", num_kv_blocks=128, enable_prefix_caching=False)
+    ngram = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3,
+             "backoff": False}
+    plain, spec = LLM(str(folder), **kw), LLM(str(folder), speculative_config=ngram, **kw)
+    for p in prompts[1:]:
+        want = plain.generate({"prompt_token_ids": p}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+        assert spec.generate({"prompt_token_ids": p}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids == want
+    stats = spec.engine.stats()
+    assert stats["spec_accepted_tokens"] > 0
+    assert spec.engine.runner.model.cpu_decoder.num_steps > stats["spec_verify_steps"] // 2
+
 # -- the real model ---------------------------------------------------------------------------
 def _gemma3_installed() -> bool:
     return all(
