@@ -1,4 +1,4 @@
-"""A quantized Llama-family decoder stack as one C call per decode step
+"""A quantized Llama-family or Gemma 3 decoder stack as one C call per decode step
 (`csrc/quant/decoder_stack_f32.c`).
 
 Batch-1 decode on a CPU reads every weight once per token; everything else is overhead, and op
@@ -12,6 +12,8 @@ Built from plain data (tensors and ints), so it does not depend on the model cla
 the two norm weights, five linears (qkv, o, gate, up, down), each given as up to three parts
 with their own qtype whose outputs are concatenated (a GGUF "Q4_K_M" file keeps attn_v in Q6_K
 next to a Q4_K attn_q), and the layer's KV cache `[2, num_blocks, block_size, Hkv, D]` fp32.
+Gemma 3 adds per layer the q / k norms, the pre- and post-feedforward norms, its window and
+which of two RoPE sets it uses, and per model the embedding scale and GELU-tanh.
 """
 
 from __future__ import annotations
@@ -28,14 +30,20 @@ from kvserve.kernels import cpu_quant
 QUANT_TYPES = {qtype: name for name, qtype in cpu_quant.QTYPES.items()}
 _PLAIN_EMBED = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}
 MAX_PARTS = 3
-ABI_VERSION = 2
+ABI_VERSION = 3
 
 # Column layout of the per-layer pointer table (the enums in decoder_stack_f32.c).
 _INPUT_NORM, _POST_NORM, _K_CACHE, _V_CACHE, _LINEARS = range(5)
 _PART_COLS = 4
 _LIN_COLS = 2 + MAX_PARTS * _PART_COLS
 _NUM_LINEARS = 5
-_LAYER_COLS = _LINEARS + _NUM_LINEARS * _LIN_COLS
+_PRE_FF_NORM = _LINEARS + _NUM_LINEARS * _LIN_COLS
+_POST_FF_NORM, _Q_NORM, _K_NORM, _WINDOW, _ROPE_SET = range(_PRE_FF_NORM + 1, _PRE_FF_NORM + 6)
+_LAYER_COLS = _PRE_FF_NORM + 6
+
+# Model flags (KVQS_QK_NORM, KVQS_SANDWICH, KVQS_GELU_TANH).
+_QK_NORM, _SANDWICH, _GELU_TANH = 1, 2, 4
+ACTIVATIONS = {"silu": 0, "gelu_tanh": _GELU_TANH}
 
 # Return codes of kvq_decoder_stack_f32.
 _OK, _EARG, _EID, _ESEQ, _ESCRATCH = 0, -1, -2, -3, -4
@@ -57,13 +65,16 @@ class _Model(ctypes.Structure):
         ("eps", ctypes.c_float),
         ("scale", ctypes.c_float),
         ("embed_qtype", ctypes.c_int32),
-        ("reserved", ctypes.c_int32),
+        ("flags", ctypes.c_int32),
         ("vocab", ctypes.c_int64),
         ("embed_row_bytes", ctypes.c_int64),
         ("embed", ctypes.c_void_p),
         ("final_norm", ctypes.c_void_p),
         ("inv_freq", ctypes.c_void_p),
         ("layers", ctypes.c_void_p),
+        ("embed_scale", ctypes.c_float),
+        ("reserved", ctypes.c_int32),
+        ("local_inv_freq", ctypes.c_void_p),
     ]
 
 
@@ -86,11 +97,18 @@ class StackLayer:
     input_norm: torch.Tensor  # [H] fp32
     qkv: QuantLinear  # [(Hq + 2 Hkv) D, H], q and k rows in HF's rotate-half order
     o: QuantLinear  # [H, Hq D]
-    post_norm: torch.Tensor  # [H] fp32
+    post_norm: torch.Tensor  # [H] fp32 (sandwich: the attention output's own norm)
     gate: QuantLinear  # [I, H]
     up: QuantLinear  # [I, H]
     down: QuantLinear  # [H, I]
     kv_cache: torch.Tensor  # [2, num_blocks, block_size, Hkv, D] fp32
+    # Gemma 3 (each norm weight is the factor applied: 1 + Gemma's weight)
+    pre_ff_norm: torch.Tensor | None = None  # [H] fp32, sandwich: the MLP's input norm
+    post_ff_norm: torch.Tensor | None = None  # [H] fp32, sandwich: the MLP output's own norm
+    q_norm: torch.Tensor | None = None  # [D] fp32, per q head before RoPE (all layers or none)
+    k_norm: torch.Tensor | None = None  # [D] fp32, per k head before RoPE
+    window: int = 0  # this layer's sliding window; 0: the stack's `sliding_window`
+    local_rope: bool = False  # RoPE by `local_inv_freq` instead of `inv_freq`
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -121,7 +139,7 @@ def _check_f32(t: torch.Tensor, shape: tuple[int, ...], name: str) -> None:
 
 
 class QuantDecoderStack:
-    """All layers of a quantized Llama-family model for a decode step of up to `max_rows` rows.
+    """All layers of a quantized Llama-family or Gemma 3 model for a decode step of up to `max_rows` rows.
 
     `__call__(input_ids, positions, block_tables, seq_lens, slot_mapping)` writes each row's new
     k and v to its slot (-1: don't write) of every layer's cache, attends over its context
@@ -147,6 +165,10 @@ class QuantDecoderStack:
         sliding_window: int | None = None,
         max_rows: int = 8,
         lib: ctypes.CDLL | None = None,
+        local_inv_freq: torch.Tensor | None = None,  # [D / 2] fp32 of layers with local_rope
+        embed_scale: float | None = None,  # embedding rows times this (Gemma: sqrt(H) as fp32)
+        activation: str = "silu",  # or "gelu_tanh"
+        sandwich_norms: bool = False,  # Gemma's post-attention / pre- and post-feedforward norms
     ) -> None:
         lib = lib if lib is not None else library()
         if lib is None:
@@ -160,12 +182,26 @@ class QuantDecoderStack:
             raise ValueError(f"head_dim must be a multiple of 8 in [8, 256], got {head_dim}")
         if not 1 <= max_rows <= 64:
             raise ValueError(f"max_rows must be in [1, 64], got {max_rows}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        qk_norm = layers[0].q_norm is not None
+        if any((layer.q_norm is None) != (not qk_norm) or (layer.k_norm is None) != (not qk_norm) for layer in layers):
+            raise ValueError("q_norm / k_norm: every layer has both or none has either")
+        if sandwich_norms and any(layer.pre_ff_norm is None or layer.post_ff_norm is None for layer in layers):
+            raise ValueError("sandwich_norms: every layer needs pre_ff_norm and post_ff_norm")
+        if any(layer.window < 0 for layer in layers):
+            raise ValueError("window: must be >= 0")
+        if any(layer.local_rope for layer in layers) and local_inv_freq is None:
+            raise ValueError("local_inv_freq: needed by a layer with local_rope")
         H = final_norm.numel()
         I = layers[0].gate.rows
         D, Hq, Hkv = head_dim, num_heads, num_kv_heads
         _check_f32(final_norm, (H,), "final_norm")
         _check_f32(inv_freq, (D // 2,), "inv_freq")
         keep: list[torch.Tensor] = [final_norm, inv_freq]
+        if local_inv_freq is not None:
+            _check_f32(local_inv_freq, (D // 2,), "local_inv_freq")
+            keep.append(local_inv_freq)
 
         if embed_qtype in _PLAIN_EMBED:
             if embed.dtype != _PLAIN_EMBED[embed_qtype] or embed.dim() != 2 or embed.shape[1] != H:
@@ -215,6 +251,17 @@ class QuantDecoderStack:
                     keep.append(w)
                 cols += [0] * (_LIN_COLS - len(cols))
                 row += cols
+            extra = [0] * 4
+            for j, (name, t, n) in enumerate((
+                ("pre_ff_norm", layer.pre_ff_norm if sandwich_norms else None, H),
+                ("post_ff_norm", layer.post_ff_norm if sandwich_norms else None, H),
+                ("q_norm", layer.q_norm, D), ("k_norm", layer.k_norm, D),
+            )):
+                if t is not None:
+                    _check_f32(t, (n,), f"layers[{i}].{name}")
+                    extra[j] = t.data_ptr()
+                    keep.append(t)
+            row += extra + [layer.window, int(layer.local_rope)]
             table[i] = torch.tensor(row, dtype=torch.int64)
         self._table = table
         self._keep = keep
@@ -223,9 +270,12 @@ class QuantDecoderStack:
         self._model = _Model(
             num_layers=len(layers), hidden=H, num_heads=Hq, num_kv_heads=Hkv, head_dim=D, inter=I,
             block_size=self.block_size, window=sliding_window or 0, num_blocks=self.num_blocks, eps=eps,
-            scale=D**-0.5 if scale is None else scale, embed_qtype=embed_qtype, reserved=0,
+            scale=D**-0.5 if scale is None else scale, embed_qtype=embed_qtype,
+            flags=(_QK_NORM if qk_norm else 0) | (_SANDWICH if sandwich_norms else 0) | ACTIVATIONS[activation],
             vocab=embed.shape[0], embed_row_bytes=embed.stride(0) * embed.element_size(), embed=embed.data_ptr(),
             final_norm=final_norm.data_ptr(), inv_freq=inv_freq.data_ptr(), layers=table.data_ptr(),
+            embed_scale=embed_scale or 0.0, reserved=0,
+            local_inv_freq=None if local_inv_freq is None else local_inv_freq.data_ptr(),
         )
         self._model_ref = ctypes.byref(self._model)
         self._threads = 0
@@ -237,7 +287,8 @@ class QuantDecoderStack:
         # the scratch was sized for, at most. Also the one-time check of the model's table.
         nbytes = self._lib.kvq_decoder_stack_scratch(self._model_ref, self.max_rows, threads)
         if nbytes < 0:
-            raise ValueError("decoder stack: the model's shapes, qtypes or row strides are not supported")
+            raise ValueError("decoder stack: the model's shapes, qtypes, row strides or windows (two distinct at most) "
+                "are not supported")
         self._scratch = torch.empty(nbytes, dtype=torch.uint8)
         self._threads = threads
 

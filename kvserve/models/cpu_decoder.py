@@ -110,6 +110,8 @@ class DecoderStack:
     def _unsupported(model: nn.Module) -> str | None:
         """Why the stack can't run this model, or None."""
         cfg = model.config
+        if cfg.family != "llama":
+            return f"the {cfg.family} family"
         if any(p.dtype != torch.bfloat16 or p.device.type != "cpu" for p in model.parameters()):
             return "not a bf16 CPU model"
         if cpu_kernels.library() is None:

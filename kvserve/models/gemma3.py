@@ -21,13 +21,15 @@ gate/up parameters it reuses):
 - Optional final logit soft-capping: cap * tanh(logits / cap).
 
 Tensor parallelism splits heads, KV heads, the MLP and the vocabulary as for Llama; each
-post-norm all-reduces the partial output before it (`ps.all_reduce_rmsnorm`). The one-call CPU
-decoder stacks are not implemented for this family (decode runs layer by layer).
+post-norm all-reduces the partial output before it (`ps.all_reduce_rmsnorm`). On the CPU a
+GGML-quantized fp32 model runs its decode steps (up to 64 rows) in the one-call C decoder stack
+(`platform/ggml_stack.py`, Gemma's norms, GELU-tanh, windows and RoPE sets in
+`csrc/quant/decoder_stack_f32.c`); the bf16 stack implements the Llama block only.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import torch
 import torch.nn as nn
@@ -126,14 +128,10 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         )
         # sqrt(hidden) in the model dtype (HF: `embed_scale.to(weight.dtype)`): set at first use.
         self._embed_scale: torch.Tensor | None = None
-        self.decode_stack_builder = None
 
     def build_layers(self, cfg: ModelConfig, b: LayerBuilder) -> nn.ModuleList:
         types = cfg.layer_types or (SLIDING,) * cfg.num_layers
         return nn.ModuleList(Gemma3DecoderLayer(cfg, b, t) for t in types)
-
-    def _decode_stack(self, input_ids: torch.Tensor) -> Any:
-        return None  # the one-call CPU stacks implement the Llama block only
 
     def embed_scale(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         s = self._embed_scale
@@ -149,6 +147,9 @@ class Gemma3ForCausalLM(LlamaForCausalLM):
         kv_caches: list[torch.Tensor],
         md: AttentionMetadata,
     ) -> torch.Tensor:  # [T, hidden]
+        stack = self._decode_stack(input_ids)  # a few decode rows: every layer in one C call
+        if stack is not None and stack.applies(input_ids, kv_caches, md):
+            return stack(input_ids, positions, md)
         h = self.embed_tokens.partial(input_ids) if self.tp.enabled else self.embed_tokens(input_ids)
         h = h * self.embed_scale(h.dtype, h.device)  # a partial row scales to its exact share
         ropes = {

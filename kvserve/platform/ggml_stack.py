@@ -1,11 +1,14 @@
-"""The CPU platform's whole-decode-step hook for GGML-quantized Llama-family models: every
-layer of a decode step of a few rows in one C call (`kernels/cpu_quant_stack.py`), reading the
-same block bytes as the op-by-op projections (`platform/ggml_linear.py`).
+"""The CPU platform's whole-decode-step hook for GGML-quantized Llama-family and Gemma 3
+models: every layer of a decode step of a few rows in one C call (`kernels/cpu_quant_stack.py`),
+reading the same block bytes as the op-by-op projections (`platform/ggml_linear.py`).
 
 It applies to a model whose projections are all on the GGML method with quantized parts, in
-fp32, without tensor parallelism, q/k norm or MLP biases, and to steps of at most `MAX_ROWS` (64)
-decode rows whose layers all use the torch_ref backend with fp32 caches (a trace that wraps a
-layer's backend sends the step down the op-by-op path). Everything else runs the modules.
+fp32, without tensor parallelism or MLP biases (a Llama-family model: without q/k norm, one
+window for all layers; Gemma 3: its q/k norms, four norms a layer, GELU-tanh, local and global
+layers with their own window and RoPE base, the scaled embedding), and to steps of at most
+`MAX_ROWS` (64) decode rows whose layers all use the torch_ref backend with fp32 caches (a
+trace that wraps a layer's backend sends the step down the op-by-op path). Everything else runs
+the modules.
 """
 
 from __future__ import annotations
@@ -54,15 +57,21 @@ class GGMLDecoderStack:
         from kvserve.kernels import cpu_quant_stack
 
         cfg = model.config
+        gemma = cfg.family == "gemma3"
+        if cfg.family not in ("llama", "gemma3"):
+            return f"the {cfg.family} family"
         if getattr(model, "tp", None) is None or model.tp.enabled:
             return "tensor parallelism"
-        if cfg.qk_norm or cfg.mlp_bias:
+        if (cfg.qk_norm and not gemma) or cfg.mlp_bias:
             return "q/k norm or MLP bias"
+        if gemma and getattr(cfg, "attn_logit_softcapping", None):
+            return "attention logit soft-capping"
         if cpu_quant_stack.library() is None:
             return "no quantized CPU kernels"
         if model.norm.weight.dtype != torch.float32:
             return "not an fp32 model"
-        if len({layer.self_attn.sliding_window for layer in model.layers}) != 1:
+        # Gemma: its local layers' window and its global layers' None (the C stack's two plans)
+        if len({layer.self_attn.sliding_window for layer in model.layers}) > (2 if gemma else 1):
             return "per-layer sliding windows"
         for layer in model.layers:
             for m in (layer.self_attn.qkv_proj, layer.self_attn.o_proj, layer.mlp.gate_up_proj, layer.mlp.down_proj):
@@ -87,24 +96,36 @@ class GGMLDecoderStack:
             c.dtype == torch.float32 and c.is_contiguous() for c in kv_caches
         ):
             return False
+        gemma = m.config.family == "gemma3"
         layers = []
         for layer, cache in zip(m.layers, kv_caches):
             a, mlp = layer.self_attn, layer.mlp
             inter = mlp.gate_up_proj.out_sizes[0]
             gate, up = _split_rows(mlp.gate_up_proj, inter)
+            # Gemma: the norm weights already hold (1 + weight) (`Gemma3ForCausalLM.load_weights`)
+            extra = {} if not gemma else dict(
+                pre_ff_norm=layer.pre_feedforward_layernorm.weight, post_ff_norm=layer.post_feedforward_layernorm.weight,
+                q_norm=a.q_norm.weight, k_norm=a.k_norm.weight, window=a.sliding_window or 0,
+                local_rope=layer.is_sliding,
+            )
             layers.append(StackLayer(
                 input_norm=layer.input_layernorm.weight, qkv=_quant_linear(a.qkv_proj), o=_quant_linear(a.o_proj),
                 post_norm=layer.post_attention_layernorm.weight, gate=gate, up=up,
-                down=_quant_linear(mlp.down_proj), kv_cache=cache,
+                down=_quant_linear(mlp.down_proj), kv_cache=cache, **extra,
             ))
         embed = m.embed_tokens
         a0 = m.layers[0].self_attn
+        model_kw = {} if not gemma else dict(
+            local_inv_freq=m.local_rotary.inv_freq.float().contiguous(),
+            embed_scale=float(m.embed_scale(torch.float32, torch.device("cpu"))),  # sqrt(H) in fp32, as HF
+            activation="gelu_tanh", sandwich_norms=True,
+        )
         try:
             self._stack = QuantDecoderStack(
                 layers, embed=embed.data, embed_qtype=embed.qtype, final_norm=m.norm.weight,
                 inv_freq=m.rotary.inv_freq.float().contiguous(), num_heads=a0.num_heads,
                 num_kv_heads=a0.num_kv_heads, head_dim=a0.head_dim, eps=m.config.norm_eps, scale=a0.scale,
-                sliding_window=a0.sliding_window, max_rows=MAX_ROWS,
+                sliding_window=None if gemma else a0.sliding_window, max_rows=MAX_ROWS, **model_kw,
             )
         except ValueError as e:  # a shape the C stack does not take: the op-by-op path runs
             logger.info("one-call GGML decoder stack not used: %s", e)

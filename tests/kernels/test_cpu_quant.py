@@ -162,6 +162,23 @@ def test_rows_independent_of_split(qtype: str, m: int) -> None:
     assert torch.equal(full, split)
 
 
+def test_q8_0_streaming_rows_equal_row_groups() -> None:
+    """One activation row over a Q8_0 share of >= 4 MB goes one weight row at a time (one
+    stream); the same rows in small ranges go in row groups: the same values."""
+    lib = _get_lib("native")
+    k, n = 4096, 1024  # 4.25 MB of Q8_0 rows
+    w = random_weight("Q8_0", n, k, seed=5)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(6))
+    xq = torch.empty(lib.kvq_act_bytes(8, 1, k), dtype=torch.uint8)
+    lib.kvq_quantize_act_range(8, x.data_ptr(), k, xq.data_ptr(), 1, k, 0, 1)
+    full, groups = torch.empty(1, n), torch.empty(1, n)
+    lib.kvq_gemm_range(8, w.data_ptr(), w.stride(0), xq.data_ptr(), None, full.data_ptr(), n, 1, n, k, 0, n)
+    for n0 in range(0, n, 64):
+        lib.kvq_gemm_range(8, w.data_ptr(), w.stride(0), xq.data_ptr(), None, groups.data_ptr(), n, 1, n, k, n0, n0 + 64)
+    assert torch.equal(full, groups)
+    check_int8(full, x, gguf_dequant("Q8_0", w), vs_unquantized=False)
+
+
 @pytest.mark.parametrize("qtype", FORMATS)
 def test_baseline_matches_native(qtype: str) -> None:
     native, base = _get_lib("native"), _get_lib("baseline")

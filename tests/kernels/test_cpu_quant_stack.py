@@ -47,7 +47,7 @@ def lib():
 
 def _quantize(rng: np.random.Generator, qtype: QT, rows: int, k: int, std: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(GGML bytes uint8 [rows, row_bytes], dequantized fp32 [rows, k])."""
-    if qtype in (QT.Q8_0, QT.Q4_0, QT.Q4_1):
+    if qtype in (QT.Q8_0, QT.Q4_0, QT.Q4_1, QT.Q5_0):
         raw = gguf_quants.quantize((rng.standard_normal((rows, k)) * std).astype(np.float32), qtype)
     else:
         # Random valid K-format blocks: random quants and sub-block scales, small fp16 super-scales.
@@ -95,6 +95,10 @@ class Config:
     down: QT = QT.Q4_1
     embed: int = int(QT.Q8_0)  # or 0 / 1 for fp32 / fp16 rows
     qkv_bias: bool = True
+    # Gemma 3: q/k norms, sandwich norms, GELU-tanh, scaled embedding, a softmax scale of its
+    # own, and per layer a window (0: full) with the local RoPE base on windowed layers
+    gemma: bool = False
+    layer_windows: tuple[int, ...] | None = None
 
 
 def build(cfg: Config, seed: int = 0):
@@ -110,10 +114,19 @@ def build(cfg: Config, seed: int = 0):
         gate, rg = _linear(rng, list(cfg.gate), _split(I, len(cfg.gate)), H)
         up, ru = _linear(rng, list(cfg.up), _split(I, len(cfg.up)), H)
         down, rd = _linear(rng, [cfg.down], [H], I)
-        norms = [torch.from_numpy(1 + 0.1 * rng.standard_normal(H).astype(np.float32)) for _ in range(2)]
+        norms = [torch.from_numpy(1 + 0.1 * rng.standard_normal(H).astype(np.float32)) for _ in range(4)]
+        head_norms = [torch.from_numpy(1 + 0.3 * rng.standard_normal(D).astype(np.float32)) for _ in range(2)]
         cache = torch.zeros((2, cfg.num_blocks, cfg.block_size, Hkv, D), dtype=torch.float32)
-        layers.append(StackLayer(norms[0], qkv, o, norms[1], gate, up, down, cache))
-        ref_layers.append({"in": norms[0], "post": norms[1], "qkv": rq, "o": ro, "gate": rg, "up": ru, "down": rd})
+        i = len(layers)
+        window = cfg.layer_windows[i] if cfg.layer_windows else 0
+        extra = {} if not cfg.gemma else dict(
+            pre_ff_norm=norms[2], post_ff_norm=norms[3], q_norm=head_norms[0], k_norm=head_norms[1],
+            window=window, local_rope=window > 0,
+        )
+        layers.append(StackLayer(norms[0], qkv, o, norms[1], gate, up, down, cache, **extra))
+        ref_layers.append({"in": norms[0], "post": norms[1], "pre_ff": norms[2], "post_ff": norms[3],
+                           "q_norm": head_norms[0], "k_norm": head_norms[1], "window": window,
+                           "qkv": rq, "o": ro, "gate": rg, "up": ru, "down": rd})
     if cfg.embed in (0, 1):  # plain fp32 / fp16 rows
         embed = torch.from_numpy(rng.standard_normal((cfg.vocab, H)).astype(np.float32))
         embed = embed if cfg.embed == 0 else embed.half()
@@ -122,11 +135,18 @@ def build(cfg: Config, seed: int = 0):
         embed, embed_ref = _quantize(rng, QT(cfg.embed), cfg.vocab, H, std=1.0)
     final_norm = torch.from_numpy(1 + 0.1 * rng.standard_normal(H).astype(np.float32))
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, D, 2, dtype=torch.float32) / D))
+    gemma = {}
+    if cfg.gemma:  # global layers: base 1e6 with linear scaling by 8; local layers: base 1e4
+        local_inv_freq, inv_freq = inv_freq, 1.0 / (1e6 ** (torch.arange(0, D, 2, dtype=torch.float32) / D)) / 8
+        embed_scale = float(torch.tensor(H**0.5, dtype=torch.float32))
+        gemma = dict(local_inv_freq=local_inv_freq, embed_scale=embed_scale, activation="gelu_tanh",
+                     sandwich_norms=True, scale=24**-0.5)
     stack = QuantDecoderStack(
         layers, embed=embed, embed_qtype=cfg.embed, final_norm=final_norm, inv_freq=inv_freq, num_heads=Hq,
-        num_kv_heads=Hkv, head_dim=D, eps=1e-5, sliding_window=cfg.window, max_rows=4,
+        num_kv_heads=Hkv, head_dim=D, eps=1e-5, sliding_window=cfg.window, max_rows=4, **gemma,
     )
-    ref = {"layers": ref_layers, "embed": embed_ref, "norm": final_norm, "inv_freq": inv_freq, "cfg": cfg}
+    ref = {"layers": ref_layers, "embed": embed_ref, "norm": final_norm, "inv_freq": inv_freq, "cfg": cfg,
+           "gemma": gemma}
     return stack, ref, [layer.kv_cache for layer in layers]
 
 
@@ -154,24 +174,44 @@ def ref_step(ref: dict, token: int, pos: int, history: list[list[torch.Tensor]])
     the final norm's output [H] and the new (k, v) per layer."""
     cfg: Config = ref["cfg"]
     Hq, Hkv, D = cfg.heads, cfg.kv_heads, cfg.head_dim
+    gemma = ref["gemma"]
     res, x, new = ref["embed"][token].clone(), torch.zeros(cfg.hidden), []
-    for layer, hist in zip(ref["layers"], history):
+    if gemma:
+        res = res * gemma["embed_scale"]
+    for i, (layer, hist) in enumerate(zip(ref["layers"], history)):
+        if gemma and i:
+            x = _rmsnorm(x, ref["layers"][i - 1]["post_ff"])
         res = x + res
         h = _rmsnorm(res, layer["in"])
         qkv = F.linear(h, layer["qkv"]["w"], layer["qkv"]["b"])
-        q = _rope(qkv[: Hq * D].view(Hq, D), pos, ref["inv_freq"])
-        k = _rope(qkv[Hq * D : (Hq + Hkv) * D].view(Hkv, D), pos, ref["inv_freq"])
+        q, k = qkv[: Hq * D].view(Hq, D), qkv[Hq * D : (Hq + Hkv) * D].view(Hkv, D)
+        inv_freq, window = ref["inv_freq"], cfg.window
+        if gemma:
+            q, k = _rmsnorm(q, layer["q_norm"]), _rmsnorm(k, layer["k_norm"])
+            window = layer["window"]
+            inv_freq = gemma["local_inv_freq"] if window else inv_freq
+        q, k = _rope(q, pos, inv_freq), _rope(k, pos, inv_freq)
         v = qkv[(Hq + Hkv) * D :].view(Hkv, D)
         hist.append((k, v))
         new.append((k, v))
-        ctx = hist[-cfg.window :] if cfg.window else hist
+        ctx = hist[-window:] if window else hist
         keys = torch.stack([kv[0] for kv in ctx], 1).repeat_interleave(Hq // Hkv, 0)  # [Hq, T, D]
         vals = torch.stack([kv[1] for kv in ctx], 1).repeat_interleave(Hq // Hkv, 0)
-        p = torch.softmax((keys @ q.unsqueeze(-1)).squeeze(-1) * D**-0.5, -1)  # [Hq, T]
+        scale = gemma["scale"] if gemma else D**-0.5
+        p = torch.softmax((keys @ q.unsqueeze(-1)).squeeze(-1) * scale, -1)  # [Hq, T]
         a = (p.unsqueeze(1) @ vals).reshape(-1)
-        res = F.linear(a, layer["o"]["w"]) + res
-        h = _rmsnorm(res, layer["post"])
-        x = F.linear(F.silu(F.linear(h, layer["gate"]["w"])) * F.linear(h, layer["up"]["w"]), layer["down"]["w"])
+        o = F.linear(a, layer["o"]["w"])
+        if gemma:
+            res = _rmsnorm(o, layer["post"]) + res
+            h = _rmsnorm(res, layer["pre_ff"])
+            act = F.gelu(F.linear(h, layer["gate"]["w"]), approximate="tanh")
+        else:
+            res = o + res
+            h = _rmsnorm(res, layer["post"])
+            act = F.silu(F.linear(h, layer["gate"]["w"]))
+        x = F.linear(act * F.linear(h, layer["up"]["w"]), layer["down"]["w"])
+    if gemma:
+        x = _rmsnorm(x, ref["layers"][-1]["post_ff"])
     return _rmsnorm(x + res, ref["norm"]), new
 
 
@@ -273,6 +313,25 @@ def test_plain_embedding_single_part(lib, embed: int) -> None:
     )
     stack, ref, caches = build(cfg)
     assert run_steps(stack, ref, caches, prefills=[16], steps=2) < REL_TOL
+
+
+def test_gemma3_layers(lib) -> None:
+    """Gemma 3's block as a Q4_K_M file stores it at hidden 640 (K not a multiple of 256): q, k,
+    gate and up in Q5_0, v in Q8_0, o in Q4_K, down in Q6_K, a Q8_0 embedding; windowed local
+    layers (window 8, RoPE base 1e4) around a global one (base 1e6, linear scaling), contexts
+    longer than the window, one KV head for four query heads."""
+    cfg = Config(
+        layers=3, hidden=128, heads=4, kv_heads=1, head_dim=64, inter=256, num_blocks=32,
+        qkv=((QT.Q5_0, "qk"), (QT.Q8_0, "v")), o=QT.Q4_K, gate=(QT.Q5_0,), up=(QT.Q5_0,), down=QT.Q6_K,
+        qkv_bias=False, gemma=True, layer_windows=(8, 0, 8),
+    )
+    stack, ref, caches = build(cfg)
+    assert run_steps(stack, ref, caches, prefills=[3, 21, 40], steps=4) < REL_TOL
+
+
+def test_gemma3_rejects_more_than_two_windows(lib) -> None:
+    with pytest.raises(ValueError, match="windows"):
+        build(Config(layers=3, gemma=True, layer_windows=(8, 0, 4)))
 
 
 def test_errors(lib) -> None:

@@ -133,6 +133,119 @@ def test_unsupported_architecture_lists_gemma3():
         ModelConfig.from_hf_dict({"architectures": ["FalconForCausalLM"], "model_type": "falcon"})
 
 
+
+# -- the one-call GGML decoder stack (CPU, quantized) -------------------------------------------
+# The engine with --quantization q8_0 rounds every projection's input to 8-bit blocks (as
+# llama.cpp does): HF runs the same Q8_0-representable weights with its nn.Linear inputs rounded
+# the same way, and every prefill step stays under `cpu_quant.DEQUANT_MIN_ROWS` rows (from there
+# the engine multiplies unrounded). What remains is summation order, which can tip an 8-bit
+# rounding step: logprobs within Q8_TOL (~8e-3 seen), tokens equal up to a true near-tie. The
+# stack against the op-by-op path shares the block arithmetic: ~5e-7 seen.
+Q8_TOL = 0.02
+SAME_TOL = 5e-3
+
+
+def _q8_round_trip(model) -> None:
+    """Every matrix the engine quantizes (projections, the tied embedding) replaced by its Q8_0
+    blocks dequantized, so that HF multiplies the very weights the engine does."""
+    from kvserve.kernels import cpu_quant
+
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.dim() == 2:
+                p.copy_(cpu_quant.dequantize(8, cpu_quant.quantize_weights(8, p.float().contiguous()), p.shape[1]))
+
+
+def _round_linear_inputs(model) -> None:
+    """HF's nn.Linear layers multiply their input rounded as the engine's int8 kernels round it."""
+    import torch.nn.functional as F
+
+    from kvserve.kernels import cpu_quant
+
+    def forward(self, x):
+        x2 = cpu_quant.quantize_act_reference(x.reshape(-1, self.in_features))
+        return F.linear(x2, self.weight, self.bias).view(*x.shape[:-1], self.out_features)
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.forward = forward.__get__(m)
+
+
+def _assert_same_greedy(got: list[int], got_lps: list[float], want: list[int], want_lps: list[float],
+                        margins: list[float] | None, tol: float) -> None:
+    checked = 0
+    for i, (a, b) in enumerate(zip(got, want)):
+        if margins is not None and margins[i] < 1e-3:
+            break  # a true near-tie: the continuations may legitimately diverge here
+        assert a == b, f"token {i}: {a} vs {b}"
+        assert abs(got_lps[i] - want_lps[i]) < tol, f"logprob {i}: {got_lps[i]} vs {want_lps[i]}"
+        checked += 1
+    assert checked >= 4, "too few tokens compared: a near-tie at the start"
+
+
+def _tokens_and_lps(outs) -> list[tuple[list[int], list[float]]]:
+    res = []
+    for o in outs:
+        c = o.outputs[0]
+        res.append((c.token_ids, [d[t].logprob for d, t in zip(c.logprobs, c.token_ids)]))
+    return res
+
+
+@pytest.fixture(scope="module")
+def tiny_gemma3_q8(tmp_path_factory):
+    """The tiny model (a global layer, then two sliding layers whose window of 8 is shorter than
+    most prompts; linear RoPE scaling on the global layer) with Q8_0-representable weights."""
+    model = _hf_model(_hf_config())
+    _q8_round_trip(model)
+    folder = tmp_path_factory.mktemp("tiny-gemma3-q8")
+    model.save_pretrained(folder)
+    _save_tokenizer(folder)
+    _round_linear_inputs(model)
+    prompts = _prompts()
+    return folder, prompts, [hf_greedy(model, p, NEW_TOKENS) for p in prompts]
+
+
+def test_gemma3_quantized_decoder_stack_matches_op_by_op_and_hf(tiny_gemma3_q8):
+    """--quantization q8_0: decode steps run in the one-call C stack (asserted), batched and one
+    at a time; their greedy tokens equal the op-by-op Python path's and HF's in fp32."""
+    from kvserve.platform.ggml_stack import GGMLDecoderStack
+
+    folder, prompts, refs = tiny_gemma3_q8
+    llm = LLM(str(folder), dtype="float32", device="cpu", quantization="q8_0", num_kv_blocks=128,
+              enable_prefix_caching=False, max_num_batched_tokens=40)
+    model = llm.engine.runner.model
+    requests = [{"prompt_token_ids": p} for p in prompts]
+    batched = _tokens_and_lps(llm.generate(requests, GREEDY, use_tqdm=False))
+    stack = model.cpu_decoder
+    assert isinstance(stack, GGMLDecoderStack), "the GGML decoder stack was not built for Gemma 3"
+    steps = stack.num_steps
+    assert steps >= NEW_TOKENS - 1
+    alone = [_tokens_and_lps(llm.generate(r, GREEDY, use_tqdm=False))[0] for r in requests]
+    assert stack.num_steps - steps >= len(prompts) * (NEW_TOKENS - 1), "one-at-a-time decodes skipped the stack"
+
+    model.cpu_decoder = False  # the op-by-op path
+    slow_batched = _tokens_and_lps(llm.generate(requests, GREEDY, use_tqdm=False))
+    slow_alone = [_tokens_and_lps(llm.generate(r, GREEDY, use_tqdm=False))[0] for r in requests]
+    for fast, slow, ref in zip(batched + alone, slow_batched + slow_alone, refs + refs):
+        _assert_same_greedy(*fast, *slow, None, SAME_TOL)
+        _assert_same_greedy(*fast, ref[0], ref[1], ref[2], Q8_TOL)
+
+
+def test_gemma3_decoder_stack_speculative_verify_rows(tiny_gemma3_q8):
+    """n-gram drafts: a verify step's rows of one sequence run in the stack too (their K/V, q/k
+    normed and rotated, written before attention reads them) and give one-row decodes' tokens."""
+    folder, prompts, _ = tiny_gemma3_q8
+    kw = dict(dtype="float32", device="cpu", quantization="q8_0", num_kv_blocks=128, enable_prefix_caching=False)
+    ngram = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3,
+             "backoff": False}
+    plain, spec = LLM(str(folder), **kw), LLM(str(folder), speculative_config=ngram, **kw)
+    for p in prompts[1:]:
+        want = plain.generate({"prompt_token_ids": p}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids
+        assert spec.generate({"prompt_token_ids": p}, GREEDY, use_tqdm=False)[0].outputs[0].token_ids == want
+    stats = spec.engine.stats()
+    assert stats["spec_accepted_tokens"] > 0
+    assert spec.engine.runner.model.cpu_decoder.num_steps > stats["spec_verify_steps"] // 2
+
 # -- the real model ---------------------------------------------------------------------------
 def _gemma3_installed() -> bool:
     return all(
@@ -198,6 +311,7 @@ def test_gemma3_270m_quantized_builtin():
     assert kinds == {6}  # Q5_0 kept as blocks
     (out,) = llm.generate(PROMPTS[1], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True), use_tqdm=False)
     assert "if n" in out.outputs[0].text
+    assert model.cpu_decoder and model.cpu_decoder.num_steps >= 11  # decode ran in the one-call C stack
     (chat,) = llm.chat([{"role": "user", "content": "Say hi."}], SamplingParams(max_tokens=48, temperature=0),
                        use_tqdm=False)
     tok = llm.get_tokenizer()

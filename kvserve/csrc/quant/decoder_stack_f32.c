@@ -1,5 +1,5 @@
-/* The whole decoder stack of a Llama-family model (Llama, Mistral, Qwen2, SmolLM2; no q/k
- * norm) for a CPU decode step of a few rows, in one call: GGML-quantized weights multiplied in
+/* The whole decoder stack of a Llama-family model (Llama, Mistral, Qwen2, SmolLM2) or of Gemma 3
+ * (text) for a CPU decode step of a few rows, in one call: GGML-quantized weights multiplied in
  * their block bytes (kvq.h), fp32 activations, an fp32 paged KV cache.
  *
  * Batch-1 decode reads every weight once per token; what it costs beyond that is fixed per-op
@@ -18,6 +18,18 @@
  *   x = (silu(h W_gate) * (h W_up)) W_down
  *   out = final_norm(x + residual)
  *
+ * Gemma 3 (model flags): the embedding times embed_scale; q and k heads RMS-normed (q_norm,
+ * k_norm) before RoPE; "sandwich" norms: o and x are normed on their own before they join the
+ * residual, and the MLP's input norm is its own (pre_ff_norm); GELU-tanh instead of SiLU; each
+ * layer its own window (0: full) and RoPE set (local layers: local_inv_freq):
+ *
+ *   residual = post_ff_norm(x) + residual;  h = input_norm(residual)
+ *   qkv = h W_qkv;  q, k = rope(q_norm(q), k_norm(k));  ...;  a = attention(q)
+ *   residual = post_norm(a W_o) + residual;  h = pre_ff_norm(residual)
+ *   x = (gelu_tanh(h W_gate) * (h W_up)) W_down
+ *   out = final_norm(post_ff_norm(x) + residual)
+ *
+ * Norm weights are the factors applied (Gemma's 1 + weight is added by the caller).
  * Each activation is quantized once per distinct dot type of the parts that read it
  * (kvq_quantize_act_range), then kvq_gemm_range runs over the thread's share of rows.
  * No allocation: the caller passes scratch of kvq_decoder_stack_scratch bytes.
@@ -52,11 +64,30 @@ static inline int omp_get_max_threads(void) { return 1; }
  * caches ([num_blocks, block_size, Hkv, D] fp32 each), then five linears of KVQS_LIN_COLS
  * columns each: number of parts (1..3), bias pointer (fp32 [rows of all parts] or 0), then per
  * part its weight pointer, qtype, row stride in bytes and row count. A linear's output is its
- * parts' outputs concatenated; every part has the linear's input width K. */
+ * parts' outputs concatenated; every part has the linear's input width K. Then the columns
+ * the model flags read (0 where unused): the pre- and post-feedforward norms ([hidden]), the
+ * q and k norms ([head_dim]), the layer's window (> 0; 0: the model's) and its RoPE set (0 the
+ * model's inv_freq, 1 local_inv_freq). */
 enum { KVQS_INPUT_NORM, KVQS_POST_NORM, KVQS_K_CACHE, KVQS_V_CACHE, KVQS_LINEARS };
 enum { KVQS_QKV, KVQS_O, KVQS_GATE, KVQS_UP, KVQS_DOWN, KVQS_NUM_LINEARS };
 enum { KVQS_MAX_PARTS = 3, KVQS_PART_COLS = 4, KVQS_LIN_COLS = 2 + KVQS_MAX_PARTS * KVQS_PART_COLS };
-#define KVQS_LAYER_COLS (KVQS_LINEARS + KVQS_NUM_LINEARS * KVQS_LIN_COLS)
+enum {
+    KVQS_PRE_FF_NORM = KVQS_LINEARS + KVQS_NUM_LINEARS * KVQS_LIN_COLS,
+    KVQS_POST_FF_NORM,
+    KVQS_Q_NORM,
+    KVQS_K_NORM,
+    KVQS_WINDOW,
+    KVQS_ROPE_SET,
+    KVQS_LAYER_COLS
+};
+
+/* Model flags. */
+enum {
+    KVQS_QK_NORM = 1,   /* per-head RMSNorm of q and k before RoPE (q_norm, k_norm) */
+    KVQS_SANDWICH = 2,  /* Gemma's norms around attention and MLP (post_norm, pre_ff_norm, post_ff_norm) */
+    KVQS_GELU_TANH = 4, /* gelu_tanh(gate) * up instead of silu(gate) * up */
+    KVQS_FLAGS = 7
+};
 
 enum {
     KVQS_MAX_ROWS = 64,   /* rows of one step */
@@ -73,12 +104,15 @@ typedef struct {
     int32_t block_size, window;        /* window <= 0: full attention */
     int64_t num_blocks;                /* blocks of each layer's cache */
     float eps, scale;                  /* RMSNorm epsilon, attention score scale */
-    int32_t embed_qtype, reserved;     /* 0 f32, 1 f16, 30 bf16, or a kvq qtype */
+    int32_t embed_qtype, flags;        /* 0 f32, 1 f16, 30 bf16, or a kvq qtype; KVQS_* flags */
     int64_t vocab, embed_row_bytes;
     const void *embed;                 /* [vocab, embed_row_bytes] */
     const float *final_norm;           /* [hidden] */
     const float *inv_freq;             /* [head_dim / 2] */
     const int64_t *layers;             /* [num_layers, KVQS_LAYER_COLS] */
+    float embed_scale;                 /* the embedding rows times this (0 or 1: as they are) */
+    int32_t reserved;
+    const float *local_inv_freq;       /* [head_dim / 2] of layers with RoPE set 1, or NULL */
 } kvq_stack_model;
 
 int kvq_stack_abi_version(void);
@@ -99,14 +133,14 @@ int kvq_decoder_stack_f32(const kvq_stack_model *m, int M, const int64_t *ids, c
 
 /* ------------------------------------------------------------------------------------------ */
 
-int kvq_stack_abi_version(void) { return 2; }
+int kvq_stack_abi_version(void) { return 3; }
 
 #define KVQS_GGML_F32 0
 #define KVQS_GGML_F16 1
 #define KVQS_GGML_BF16 30
 #define KVQS_ALIGN 64
 
-static const int kQtypes[] = {KVQ_Q4_0, KVQ_Q4_1, KVQ_Q8_0, KVQ_Q4_K, KVQ_Q5_K, KVQ_Q6_K};
+static const int kQtypes[] = {KVQ_Q4_0, KVQ_Q4_1, KVQ_Q5_0, KVQ_Q8_0, KVQ_Q4_K, KVQ_Q5_K, KVQ_Q6_K};
 
 /* Which activation layout a weight type reads. Parts of one linear whose types share it read one
  * quantized copy. kvq.h has no query for it yet; a library that defines kvq_dot_type (returning
@@ -206,7 +240,7 @@ static void gemm_rows(const phase_t *ph, char *const *xq, float *out, int64_t ou
  * per thread. */
 typedef struct {
     int64_t emb, xo, qkv, gu, rope, part, items, shared;        /* shared */
-    int64_t res, h, att, xq, xq_bytes, per_thread;             /* offsets inside a thread's block */
+    int64_t res, h, att, tmp, xq, xq_bytes, per_thread;        /* offsets inside a thread's block */
 } layout_t;
 
 static layout_t scratch_layout(const kvq_stack_model *m, int M) {
@@ -220,14 +254,15 @@ static layout_t scratch_layout(const kvq_stack_model *m, int M) {
     KVQS_TAKE(xo, 4 * M * H);
     KVQS_TAKE(qkv, 4 * M * Oqkv);
     KVQS_TAKE(gu, 4 * M * 2 * I);
-    KVQS_TAKE(rope, 4 * M * D);
+    KVQS_TAKE(rope, 4 * 2 * M * D); /* the model's cos | sin per row, then the local set's */
     KVQS_TAKE(part, 4 * items * G * (D + 2));
-    KVQS_TAKE(items, 4 * 2 * (int64_t)M);
+    KVQS_TAKE(items, 4 * 2 * 2 * (int64_t)M); /* two item plans: for two windows */
     L.shared = off;
     off = 0;
     KVQS_TAKE(res, 4 * M * H);
     KVQS_TAKE(h, 4 * M * H);
     KVQS_TAKE(att, 4 * M * Hq * D);
+    KVQS_TAKE(tmp, 4 * M * H);
 #undef KVQS_TAKE
     int64_t qb = 0;
     const int64_t Ks[3] = {H, Hq * D, I};
@@ -242,14 +277,36 @@ static layout_t scratch_layout(const kvq_stack_model *m, int M) {
     return L;
 }
 
+/* Layer l's attention window (<= 0: full). */
+static inline int layer_window(const kvq_stack_model *m, const int64_t *layer) {
+    return layer[KVQS_WINDOW] > 0 ? (int)layer[KVQS_WINDOW] : m->window;
+}
+
+/* The distinct windows of the layers, at most two: *wa (layer 0's) and *wb (another, or wa).
+ * Returns 0 where the layers have more than two. */
+static int model_windows(const kvq_stack_model *m, int *wa, int *wb) {
+    int a = layer_window(m, m->layers), b = a;
+    for (int l = 1; l < m->num_layers; ++l) {
+        const int w = layer_window(m, m->layers + (int64_t)l * KVQS_LAYER_COLS);
+        const int full = w <= 0;
+        if (full ? a <= 0 || b <= 0 : w == a || w == b) continue;
+        if (b != a) return 0;
+        b = w;
+    }
+    *wa = a, *wb = b;
+    return 1;
+}
+
 /* The model checks, so that no step can send a read or write out of bounds. */
 static int check_model(const kvq_stack_model *m) {
     const int D = m->head_dim;
     if (m->num_layers < 1 || m->hidden < 1 || m->inter < 1 || D < KVQS_LANES || D % KVQS_LANES ||
         D > KVQS_MAX_HEAD_DIM || m->num_kv_heads < 1 || m->num_heads < 1 || m->num_heads % m->num_kv_heads ||
         m->num_heads / m->num_kv_heads > KVQS_MAX_GROUP || m->block_size < 1 || m->num_blocks < 1 ||
-        m->vocab < 1 || !m->embed || !m->final_norm || !m->inv_freq || !m->layers)
+        m->vocab < 1 || !m->embed || !m->final_norm || !m->inv_freq || !m->layers || (m->flags & ~KVQS_FLAGS))
         return 0;
+    int wa, wb;
+    if (!model_windows(m, &wa, &wb)) return 0;
     const int eq = m->embed_qtype;
     const int64_t erow = eq == KVQS_GGML_F32 ? 4 * (int64_t)m->hidden
                          : eq == KVQS_GGML_F16 || eq == KVQS_GGML_BF16 ? 2 * (int64_t)m->hidden
@@ -261,6 +318,11 @@ static int check_model(const kvq_stack_model *m) {
     for (int l = 0; l < m->num_layers; ++l) {
         const int64_t *layer = m->layers + (int64_t)l * KVQS_LAYER_COLS;
         if (!layer[KVQS_INPUT_NORM] || !layer[KVQS_POST_NORM] || !layer[KVQS_K_CACHE] || !layer[KVQS_V_CACHE])
+            return 0;
+        if ((m->flags & KVQS_QK_NORM) && (!layer[KVQS_Q_NORM] || !layer[KVQS_K_NORM])) return 0;
+        if ((m->flags & KVQS_SANDWICH) && (!layer[KVQS_PRE_FF_NORM] || !layer[KVQS_POST_FF_NORM])) return 0;
+        if (layer[KVQS_WINDOW] < 0 || layer[KVQS_WINDOW] > INT32_MAX || layer[KVQS_ROPE_SET] < 0 ||
+            layer[KVQS_ROPE_SET] > 1 || (layer[KVQS_ROPE_SET] == 1 && !m->local_inv_freq))
             return 0;
         for (int i = 0; i < KVQS_NUM_LINEARS; ++i) {
             const int64_t *lin = layer + KVQS_LINEARS + i * KVQS_LIN_COLS;
@@ -332,10 +394,16 @@ int kvq_decoder_stack_f32(const kvq_stack_model *m, int M, const int64_t *ids, c
                           float *out, void *scratch, int64_t scratch_bytes) {
     if (M < 1 || M > KVQS_MAX_ROWS) return KVQS_EARG;
     const int H = m->hidden, Hq = m->num_heads, Hkv = m->num_kv_heads, D = m->head_dim, I = m->inter;
-    const int G = Hq / Hkv, bs = m->block_size, window = m->window, Oqkv = (Hq + 2 * Hkv) * D;
+    const int G = Hq / Hkv, bs = m->block_size, Oqkv = (Hq + 2 * Hkv) * D;
+    const int qk_norm = m->flags & KVQS_QK_NORM, sandwich = m->flags & KVQS_SANDWICH;
+    const int gelu = m->flags & KVQS_GELU_TANH;
     const layout_t lay = scratch_layout(m, M);
     const int64_t fit = (scratch_bytes - KVQS_ALIGN - lay.shared) / lay.per_thread;
     if (fit < 1) return KVQS_ESCRATCH;
+    int wa, wb;
+    if (!model_windows(m, &wa, &wb)) return KVQS_EARG;
+    /* the widest window any layer reads: all of its blocks must be in the cache */
+    const int widest = wa <= 0 || wb <= 0 ? 0 : (wa > wb ? wa : wb);
     for (int b = 0; b < M; ++b)
         if (ids[b] < 0 || ids[b] >= m->vocab) return KVQS_EID;
     const int64_t cache_slots = m->num_blocks * bs;
@@ -343,7 +411,7 @@ int kvq_decoder_stack_f32(const kvq_stack_model *m, int M, const int64_t *ids, c
         const int L = lens[b];
         if (L < 1 || (L + bs - 1) / bs > table_width || slots[b] < -1 || slots[b] >= cache_slots) return KVQS_ESEQ;
         const int32_t *tab = tables + (int64_t)b * table_width;
-        const int n = window > 0 && L > window ? window : L;
+        const int n = widest > 0 && L > widest ? widest : L;
         for (int i = (L - n) / bs; i <= (L - 1) / bs; ++i)
             if (tab[i] < 0 || tab[i] >= m->num_blocks) return KVQS_ESEQ;
     }
@@ -351,7 +419,8 @@ int kvq_decoder_stack_f32(const kvq_stack_model *m, int M, const int64_t *ids, c
     char *base = (char *)(((uintptr_t)scratch + KVQS_ALIGN - 1) / KVQS_ALIGN * KVQS_ALIGN);
     float *emb = (float *)(base + lay.emb), *xo = (float *)(base + lay.xo), *qkv = (float *)(base + lay.qkv);
     float *gu = (float *)(base + lay.gu), *rope = (float *)(base + lay.rope), *part = (float *)(base + lay.part);
-    int32_t *items = (int32_t *)(base + lay.items);
+    float *rope_local = rope + (int64_t)M * D;
+    int32_t *items_a = (int32_t *)(base + lay.items), *items_b = items_a + 2 * M;
     const int64_t pstride = (int64_t)G * (D + 2); /* floats per attention item's partial */
 
     /* the embeddings are the first residual */
@@ -378,13 +447,18 @@ int kvq_decoder_stack_f32(const kvq_stack_model *m, int M, const int64_t *ids, c
     } else if (kvq_get_rows(eq, m->embed, m->embed_row_bytes, m->vocab, ids, M, H, emb) != 0) {
         return KVQS_EID;
     }
+    if (m->embed_scale != 0.f && m->embed_scale != 1.f) /* Gemma: times sqrt(hidden), as PyTorch's fp32 multiply */
+        for (int64_t i = 0; i < (int64_t)M * H; ++i) emb[i] *= m->embed_scale;
     /* RoPE factors per row: cos and sin of position * inv_freq, in fp32 as PyTorch computes them */
-    for (int b = 0; b < M; ++b) {
-        float *cs = rope + (int64_t)b * D;
-        for (int i = 0; i < D / 2; ++i) {
-            const float f = (float)positions[b] * m->inv_freq[i];
-            cs[i] = cosf(f);
-            cs[D / 2 + i] = sinf(f);
+    for (int set = 0; set < (m->local_inv_freq ? 2 : 1); ++set) {
+        const float *inv_freq = set ? m->local_inv_freq : m->inv_freq;
+        for (int b = 0; b < M; ++b) {
+            float *cs = (set ? rope_local : rope) + (int64_t)b * D;
+            for (int i = 0; i < D / 2; ++i) {
+                const float f = (float)positions[b] * inv_freq[i];
+                cs[i] = cosf(f);
+                cs[D / 2 + i] = sinf(f);
+            }
         }
     }
     const int omp_threads = omp_get_max_threads();
@@ -401,7 +475,10 @@ int kvq_decoder_stack_f32(const kvq_stack_model *m, int M, const int64_t *ids, c
         nseq += !same;
     }
     const int shared = nseq < M;
-    const int nitems = plan_items(M, nseq, Hkv, lens, window, nthreads, items);
+    /* attention items for each of the (at most two) windows of the layers */
+    const int nitems_a = plan_items(M, nseq, Hkv, lens, wa, nthreads, items_a);
+    const int nitems_b = wb == wa ? nitems_a : plan_items(M, nseq, Hkv, lens, wb, nthreads, items_b);
+    if (wb == wa) items_b = items_a;
 
     /* Five barriers a layer, after each phase that writes a shared buffer (qkv, attention
      * partials, o, gate/up, down). The row ops between them (residual add, RMSNorm, merging the
@@ -412,15 +489,22 @@ int kvq_decoder_stack_f32(const kvq_stack_model *m, int M, const int64_t *ids, c
     {
         char *mine = base + lay.shared + (int64_t)omp_get_thread_num() * lay.per_thread;
         float *res = (float *)(mine + lay.res), *h = (float *)(mine + lay.h), *att = (float *)(mine + lay.att);
+        float *tmp = (float *)(mine + lay.tmp);
         char *xq[2 * KVQS_MAX_PARTS];
         for (int i = 0; i < 2 * KVQS_MAX_PARTS; ++i) xq[i] = mine + lay.xq + i * lay.xq_bytes;
         memcpy(res, emb, sizeof(float) * (size_t)M * H);
         int64_t lo, hi;
         phase_t ph_qkv, ph_o, ph_gu, ph_down;
+        const float *post_ff = NULL; /* sandwich: the previous layer's post-feedforward norm */
         PROF_START
         for (int l = 0; l < m->num_layers; ++l) {
             const int64_t *layer = m->layers + (int64_t)l * KVQS_LAYER_COLS;
             float *kc = (float *)(intptr_t)layer[KVQS_K_CACHE], *vc = (float *)(intptr_t)layer[KVQS_V_CACHE];
+            const int window = layer_window(m, layer);
+            const int32_t *items = window == wa || (window <= 0 && wa <= 0) ? items_a : items_b;
+            const int nitems = items == items_a ? nitems_a : nitems_b;
+            const float *rope_l = layer[KVQS_ROPE_SET] == 1 ? rope_local : rope;
+            const float *qn = (const float *)(intptr_t)layer[KVQS_Q_NORM], *kn = (const float *)(intptr_t)layer[KVQS_K_NORM];
             phase_build(&ph_qkv, layer, KVQS_QKV);
             phase_build(&ph_o, layer, KVQS_O);
             phase_build(&ph_down, layer, KVQS_DOWN);
@@ -430,9 +514,15 @@ int kvq_decoder_stack_f32(const kvq_stack_model *m, int M, const int64_t *ids, c
             phase_add(&ph_gu, layer + KVQS_LINEARS + KVQS_UP * KVQS_LIN_COLS, I);
 
             /* h = input_norm(x + residual) (layer 0: of the embeddings), qkv = h W_qkv (+ b) */
-            for (int b = 0; b < M; ++b)
-                add_rmsnorm(l ? xo + (int64_t)b * H : NULL, res + (int64_t)b * H,
-                            (const float *)(intptr_t)layer[KVQS_INPUT_NORM], h + (int64_t)b * H, H, m->eps);
+            for (int b = 0; b < M; ++b) {
+                const float *x = l ? xo + (int64_t)b * H : NULL;
+                if (x && sandwich) {
+                    rmsnorm(x, post_ff, tmp + (int64_t)b * H, H, m->eps);
+                    x = tmp + (int64_t)b * H;
+                }
+                add_rmsnorm(x, res + (int64_t)b * H, (const float *)(intptr_t)layer[KVQS_INPUT_NORM],
+                            h + (int64_t)b * H, H, m->eps);
+            }
             quantize_rows(&ph_qkv, h, H, xq, M, H);
             thread_share(Oqkv, &lo, &hi);
             gemm_rows(&ph_qkv, xq, qkv, Oqkv, M, H, lo, hi);
@@ -445,7 +535,8 @@ int kvq_decoder_stack_f32(const kvq_stack_model *m, int M, const int64_t *ids, c
                     if (slots[b] < 0) continue;
                     const float *row = qkv + (int64_t)b * Oqkv;
                     float knew[KVQS_MAX_HEAD_DIM];
-                    rope_heads(row + (int64_t)(Hq + kvh) * D, knew, 1, D, rope + (int64_t)b * D);
+                    norm_rope_heads(row + (int64_t)(Hq + kvh) * D, knew, 1, D, rope_l + (int64_t)b * D,
+                                    qk_norm ? kn : NULL, m->eps);
                     memcpy(kc + (slots[b] * Hkv + kvh) * D, knew, sizeof(float) * (size_t)D);
                     memcpy(vc + (slots[b] * Hkv + kvh) * D, row + (int64_t)(Hq + Hkv + kvh) * D,
                            sizeof(float) * (size_t)D);
@@ -460,11 +551,11 @@ int kvq_decoder_stack_f32(const kvq_stack_model *m, int M, const int64_t *ids, c
                 const int S = items[2 * b + 1], local = it - items[2 * b], kvh = local / S, s = local % S;
                 const int L = lens[b], n = window > 0 && L > window ? window : L, start = L - n;
                 const int t0 = start + (int)((int64_t)n * s / S), t1 = start + (int)((int64_t)n * (s + 1) / S);
-                const float *row = qkv + (int64_t)b * Oqkv, *cs = rope + (int64_t)b * D;
+                const float *row = qkv + (int64_t)b * Oqkv, *cs = rope_l + (int64_t)b * D;
                 float q[KVQS_MAX_GROUP * KVQS_MAX_HEAD_DIM], knew[KVQS_MAX_HEAD_DIM];
                 const float *vnew = row + (int64_t)(Hq + Hkv + kvh) * D;
-                rope_heads(row + (int64_t)kvh * G * D, q, G, D, cs);
-                rope_heads(row + (int64_t)(Hq + kvh) * D, knew, 1, D, cs);
+                norm_rope_heads(row + (int64_t)kvh * G * D, q, G, D, cs, qk_norm ? qn : NULL, m->eps);
+                norm_rope_heads(row + (int64_t)(Hq + kvh) * D, knew, 1, D, cs, qk_norm ? kn : NULL, m->eps);
                 if (!shared && s == S - 1 && slots[b] >= 0) {
                     memcpy(kc + (slots[b] * Hkv + kvh) * D, knew, sizeof(float) * (size_t)D);
                     memcpy(vc + (slots[b] * Hkv + kvh) * D, vnew, sizeof(float) * (size_t)D);
@@ -486,11 +577,20 @@ int kvq_decoder_stack_f32(const kvq_stack_model *m, int M, const int64_t *ids, c
             gemm_rows(&ph_o, xq, xo, H, M, (int64_t)Hq * D, lo, hi);
             KVQS_PRAGMA(omp barrier)
             PROF(2)
-            /* h = post_norm(o + residual); this thread's gate and up rows, then silu(gate) * up
-             * over the same range, written over gate (gu's first I columns) */
-            for (int b = 0; b < M; ++b)
-                add_rmsnorm(xo + (int64_t)b * H, res + (int64_t)b * H, (const float *)(intptr_t)layer[KVQS_POST_NORM],
-                            h + (int64_t)b * H, H, m->eps);
+            /* h = post_norm(o + residual) (sandwich: residual += post_norm(o); h = pre_ff_norm(residual));
+             * this thread's gate and up rows, then act(gate) * up over the same range, written over
+             * gate (gu's first I columns) */
+            for (int b = 0; b < M; ++b) {
+                if (sandwich) {
+                    rmsnorm(xo + (int64_t)b * H, (const float *)(intptr_t)layer[KVQS_POST_NORM], tmp + (int64_t)b * H,
+                            H, m->eps);
+                    add_rmsnorm(tmp + (int64_t)b * H, res + (int64_t)b * H,
+                                (const float *)(intptr_t)layer[KVQS_PRE_FF_NORM], h + (int64_t)b * H, H, m->eps);
+                } else {
+                    add_rmsnorm(xo + (int64_t)b * H, res + (int64_t)b * H,
+                                (const float *)(intptr_t)layer[KVQS_POST_NORM], h + (int64_t)b * H, H, m->eps);
+                }
+            }
             quantize_rows(&ph_gu, h, H, xq, M, H);
             {
                 phase_t g = ph_gu, u = ph_gu;
@@ -500,7 +600,12 @@ int kvq_decoder_stack_f32(const kvq_stack_model *m, int M, const int64_t *ids, c
                 thread_share(I, &lo, &hi);
                 gemm_rows(&g, xq, gu, 2 * (int64_t)I, M, H, lo, hi);
                 gemm_rows(&u, xq, gu, 2 * (int64_t)I, M, H, lo, hi);
-                for (int b = 0; b < M; ++b) silu_mul(gu + (int64_t)b * 2 * I, gu + (int64_t)b * 2 * I + I, lo, hi);
+                for (int b = 0; b < M; ++b) {
+                    if (gelu)
+                        gelu_tanh_mul(gu + (int64_t)b * 2 * I, gu + (int64_t)b * 2 * I + I, lo, hi);
+                    else
+                        silu_mul(gu + (int64_t)b * 2 * I, gu + (int64_t)b * 2 * I + I, lo, hi);
+                }
             }
             KVQS_PRAGMA(omp barrier)
             PROF(3)
@@ -510,11 +615,18 @@ int kvq_decoder_stack_f32(const kvq_stack_model *m, int M, const int64_t *ids, c
             gemm_rows(&ph_down, xq, xo, H, M, I, lo, hi);
             KVQS_PRAGMA(omp barrier)
             PROF(4)
+            post_ff = (const float *)(intptr_t)layer[KVQS_POST_FF_NORM];
         }
         int64_t m0, m1;
         thread_share(M, &m0, &m1);
-        for (int64_t b = m0; b < m1; ++b)
-            add_rmsnorm(xo + b * H, res + b * H, m->final_norm, out + b * H, H, m->eps);
+        for (int64_t b = m0; b < m1; ++b) {
+            const float *x = xo + b * H;
+            if (sandwich) {
+                rmsnorm(x, post_ff, tmp + b * H, H, m->eps);
+                x = tmp + b * H;
+            }
+            add_rmsnorm(x, res + b * H, m->final_norm, out + b * H, H, m->eps);
+        }
     }
     return KVQS_OK;
 }

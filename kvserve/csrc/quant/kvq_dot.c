@@ -260,7 +260,7 @@ static void tile_dot(const kvq_format *f, int nr, tile_t t, const int8_t *xq, co
 /* ---- direct kernels for few activation rows (decode) ----
  *
  * With M <= 4 the tile path spends more time unpacking a tile than the tile saves, and decode
- * must stream the weight at memory bandwidth. So for few rows Q4_0, Q4_1 and Q8_0 are dotted
+ * must stream the weight at memory bandwidth. So for few rows Q4_0, Q4_1, Q5_0 and Q8_0 are dotted
  * straight from their block bytes, 8 blocks (256 values) of a weight row per step, with as few
  * instructions per block as possible (the one-block-at-a-time form was compute-bound at about
  * half the streaming-read rate):
@@ -270,7 +270,11 @@ static void tile_dot(const kvq_format *f, int nr, tile_t t, const int8_t *xq, co
  *     (s0 + s1 per block, times -8 for Q4_0), zero-padded to whole steps.
  *   - Q4: the 16 nibble bytes of two blocks load as one register; vpmaddubsw of the low and the
  *     high nibbles, one 16-bit add, then 3 vphaddw and one vpmaddwd reduce 8 blocks to 8 int32
- *     block sums (exact: at most 16 * 15 * 127 per 16-bit lane). Q8_0 (signed codes): the sign
+ *     block sums (exact: at most 16 * 15 * 127 per 16-bit lane). Q5_0 as Q4_0 with each
+ *     nibble's 5th bit from qh (two bytes of qh spread over 16 code bytes by a shuffle, a bit
+ *     mask and a compare) and offset -16 d; its codes up to 31 would overflow the 16-bit vphaddw
+ *     tree, so each pair's sums widen at once (vpmaddwd) and 3 vphaddd reduce them, in the same
+ *     lane order. Q8_0 (signed codes): the sign
  *     trick, vpmaddubsw + vpmaddwd per block, then a vphaddd tree to the 8 block sums.
  *   - The 8 blocks' fp16 headers come in with one gather and one F16C convert (d, and for Q4_1
  *     m), the combined scale is one multiply d_w * d_x for 8 blocks, one convert and one FMA
@@ -292,6 +296,14 @@ static void tile_dot(const kvq_format *f, int nr, tile_t t, const int8_t *xq, co
 #define DIRECT_NR1_Q8 4
 #endif
 #define DIRECT_NR1(qt) ((qt) == KVQ_Q8_0 ? DIRECT_NR1_Q8 : 4) /* weight rows per group for M = 1 */
+/* Q8_0 at M = 1 over a share of at least this many weight bytes (far beyond the caches) goes
+ * one row at a time: one sequential stream. Gemma 3's tied head (262144 x 640, 178 MB) took
+ * 10.8 ms instead of 18.8 on one AVX2 core (EPYC), 4096 x 4096 0.88 instead of 1.01 ms; shares
+ * that stay in the caches (1 MB: 0.084 vs 0.075 ms) keep the row groups. Same values either way
+ * (each row has its own accumulators). */
+#ifndef DIRECT_STREAM_BYTES
+#define DIRECT_STREAM_BYTES (4 << 20)
+#endif
 
 /* Position of block i of a step in the lane order of its block sums: Q4's vphaddw tree yields
  * blocks 0, 2, 4, 6, 1, 3, 5, 7; Q8_0's is in order. */
@@ -320,7 +332,7 @@ static void direct_prep(int qtype, const uint8_t *row, int64_t K, uint8_t *buf, 
         int i = (int)(b % DIRECT_G), pos = direct_pos(qtype, i);
         dx[o * DIRECT_G + pos] = d[b];
         float sb = s[2 * b] + s[2 * b + 1];
-        sx[o * DIRECT_G + pos] = qtype == KVQ_Q4_0 ? -8.0f * sb : sb;
+        sx[o * DIRECT_G + pos] = qtype == KVQ_Q4_0 ? -8.0f * sb : qtype == KVQ_Q5_0 ? -16.0f * sb : sb;
         uint8_t *dst = xq + o * 256;
         if (qtype == KVQ_Q8_0) {
             memcpy(dst + 32 * i, q + 32 * b, 32);
@@ -347,8 +359,8 @@ static inline __attribute__((always_inline)) __m256i dotu8_avx2(__m256i w, __m25
 static inline __attribute__((always_inline)) void direct_step(int qtype, int NR, int MR, int nv, const uint8_t *w,
                                                               int64_t wrb, const dact_t *xa, int64_t o,
                                                               int64_t pfd, __m256 acc[][KVQ_TILE_ROWS]) {
-    const int bb = qtype == KVQ_Q8_0 ? 34 : qtype == KVQ_Q4_1 ? 20 : 18;
-    const int hdr = qtype == KVQ_Q4_1 ? 4 : 2;
+    const int bb = qtype == KVQ_Q8_0 ? 34 : qtype == KVQ_Q4_1 ? 20 : qtype == KVQ_Q5_0 ? 22 : 18;
+    const int hdr = qtype == KVQ_Q4_1 ? 4 : qtype == KVQ_Q5_0 ? 6 : 2;
     const __m256i ones = _mm256_set1_epi16(1);
     /* per 128-bit lane: the 4 low 16-bit halves (d), then the 4 high ones (Q4_1's m) */
     const __m256i dmsh = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15, 0, 1, 4, 5, 8, 9, 12,
@@ -411,19 +423,40 @@ static inline __attribute__((always_inline)) void direct_step(int qtype, int NR,
                     raw = _mm256_zextsi128_si256(_mm_loadu_si128((const __m128i *)b0));
                 else
                     raw = _mm256_setzero_si256();
-                const __m256i wl = _mm256_and_si256(raw, m4), wh = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+                __m256i wl = _mm256_and_si256(raw, m4), wh = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+                if (qtype == KVQ_Q5_0) { /* | 16 where the value's bit of qh (LE uint32) is set */
+                    uint32_t qa = 0, qb = 0;
+                    if (2 * j < nv) memcpy(&qa, p + 2 * j * bb + 2, 4);
+                    if (2 * j + 1 < nv) memcpy(&qb, p + (2 * j + 1) * bb + 2, 4);
+                    const __m256i qh = _mm256_setr_epi32((int)qa, 0, 0, 0, (int)qb, 0, 0, 0);
+                    const __m256i lo8 = _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0,
+                                                         0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+                    const __m256i hi8 = _mm256_add_epi8(lo8, _mm256_set1_epi8(2));
+                    const __m256i bit = _mm256_set1_epi64x((long long)0x8040201008040201ULL), b16 = _mm256_set1_epi8(16);
+                    const __m256i hl = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(qh, lo8), bit), bit);
+                    const __m256i hh = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(qh, hi8), bit), bit);
+                    wl = _mm256_or_si256(wl, _mm256_and_si256(hl, b16));
+                    wh = _mm256_or_si256(wh, _mm256_and_si256(hh, b16));
+                }
                 _Pragma("GCC unroll 8")
                 for (int a = 0; a < MR; a++) {
                     const __m256i *xq = (const __m256i *)(xa[a].q + o * 256);
                     s[a][j] = _mm256_add_epi16(_mm256_maddubs_epi16(wl, _mm256_loadu_si256(xq + 2 * j)),
                                                _mm256_maddubs_epi16(wh, _mm256_loadu_si256(xq + 2 * j + 1)));
+                    if (qtype == KVQ_Q5_0) s[a][j] = _mm256_madd_epi16(s[a][j], ones); /* int32 at once */
                 }
             }
             const __m256 mw = qtype == KVQ_Q4_1 ? _mm256_cvtph_ps(_mm256_extracti128_si256(dm, 1)) : dw;
             _Pragma("GCC unroll 8")
             for (int a = 0; a < MR; a++) {
-                const __m256i u = _mm256_hadd_epi16(_mm256_hadd_epi16(s[a][0], s[a][1]), _mm256_hadd_epi16(s[a][2], s[a][3]));
-                const __m256i v = _mm256_madd_epi16(u, ones);
+                __m256i v;
+                if (qtype == KVQ_Q5_0) {
+                    v = _mm256_hadd_epi32(_mm256_hadd_epi32(s[a][0], s[a][1]), _mm256_hadd_epi32(s[a][2], s[a][3]));
+                } else {
+                    const __m256i u =
+                        _mm256_hadd_epi16(_mm256_hadd_epi16(s[a][0], s[a][1]), _mm256_hadd_epi16(s[a][2], s[a][3]));
+                    v = _mm256_madd_epi16(u, ones);
+                }
                 const __m256 sc = _mm256_mul_ps(dw, _mm256_loadu_ps(xa[a].dx + o * DIRECT_G));
                 acc[a][r] = _mm256_fmadd_ps(mw, _mm256_loadu_ps(xa[a].sx + o * DIRECT_G), acc[a][r]);
                 acc[a][r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), sc, acc[a][r]);
@@ -484,6 +517,7 @@ static void direct_group(int qtype, int nr, int mr, const uint8_t *w, int64_t wr
         DIRECT_CASE(KVQ_Q4_0)
         DIRECT_CASE(KVQ_Q4_1)
         DIRECT_CASE(KVQ_Q8_0)
+        DIRECT_CASE(KVQ_Q5_0)
     default:
         break;
     }
@@ -497,7 +531,7 @@ static void direct_group(int qtype, int nr, int mr, const uint8_t *w, int64_t wr
 #define DIRECT_MAX_ACT 16
 
 static int direct_ok(int qtype, int64_t M) {
-    return M <= DIRECT_MAX_ACT && (qtype == KVQ_Q4_0 || qtype == KVQ_Q4_1 || qtype == KVQ_Q8_0);
+    return M <= DIRECT_MAX_ACT && (qtype == KVQ_Q4_0 || qtype == KVQ_Q4_1 || qtype == KVQ_Q5_0 || qtype == KVQ_Q8_0);
 }
 
 /* Rows [n0, n1) for M <= DIRECT_MAX_ACT activation rows, front to back in groups of rows. */
@@ -509,7 +543,8 @@ static void gemm_direct(int qtype, const uint8_t *w, int64_t wrb, const uint8_t 
     if (buf == NULL) return;
     dact_t xa[DIRECT_MAX_ACT];
     for (int64_t m = 0; m < M; m++) direct_prep(qtype, x + m * xstride, K, buf + m * ab, &xa[m]);
-    const int mr = (int)M, step = mr == 1 ? DIRECT_NR1(qtype) : mr == 2 ? 2 : 1;
+    const int stream = qtype == KVQ_Q8_0 && (n1 - n0) * wrb >= DIRECT_STREAM_BYTES;
+    const int mr = (int)M, step = mr == 1 ? (stream ? 1 : DIRECT_NR1(qtype)) : mr == 2 ? 2 : 1;
     /* prefetch the same bytes of the row group whole groups ahead, at least DIRECT_PF bytes */
     const int64_t gbytes = step * wrb, pfd = (DIRECT_PF + gbytes - 1) / gbytes * gbytes;
     for (int64_t n = n0; n < n1;) {

@@ -128,6 +128,19 @@ static void add_rmsnorm(const float *x, float *residual, const float *w, float *
     for (i = 0; i < n; ++i) out[i] = residual[i] * inv * w[i];
 }
 
+/* out <- rmsnorm(x) * w (add_rmsnorm's arithmetic, x left as it is). */
+static void rmsnorm(const float *x, const float *w, float *out, int64_t n, float eps) {
+    float lanes[KVQS_LANES] = {0};
+    int64_t i = 0;
+    for (; i + KVQS_LANES <= n; i += KVQS_LANES)
+        for (int l = 0; l < KVQS_LANES; ++l) lanes[l] = KVQS_FMA(x[i + l], x[i + l], lanes[l]);
+    float ss = 0.f;
+    for (; i < n; ++i) ss += x[i] * x[i];
+    for (int l = 0; l < KVQS_LANES; ++l) ss += lanes[l];
+    const float inv = 1.f / sqrtf(ss / (float)n + eps);
+    for (i = 0; i < n; ++i) out[i] = x[i] * inv * w[i];
+}
+
 /* HF's rotate-half RoPE of nh heads of D values: out = x rotated; cs = [cos | sin], D/2 each. */
 static void rope_heads(const float *x, float *out, int nh, int D, const float *cs) {
     const int half = D / 2;
@@ -140,6 +153,19 @@ static void rope_heads(const float *x, float *out, int nh, int D, const float *c
             o1[i] = a * c[i] - b * s[i];
             o2[i] = b * c[i] + a * s[i];
         }
+    }
+}
+
+/* rope_heads after a per-head RMSNorm by w [D] (q_norm / k_norm); w NULL: rope_heads. */
+static void norm_rope_heads(const float *x, float *out, int nh, int D, const float *cs, const float *w, float eps) {
+    if (!w) {
+        rope_heads(x, out, nh, D, cs);
+        return;
+    }
+    float t[KVQS_MAX_HEAD_DIM];
+    for (int h = 0; h < nh; ++h) {
+        rmsnorm(x + (int64_t)h * D, w, t, D, eps);
+        rope_heads(t, out + (int64_t)h * D, 1, D, cs);
     }
 }
 
@@ -260,6 +286,15 @@ static void attn_merge(const float *part, int64_t stride, int S, int D, float *o
 /* row[i] <- silu(row[i]) * up[i] for i in [lo, hi). */
 static void silu_mul(float *row, const float *up, int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) row[i] = row[i] / (1.f + kvqs_exp(-row[i])) * up[i];
+}
+
+/* row[i] <- gelu_tanh(row[i]) * up[i] for i in [lo, hi). gelu_tanh(x) = x (1 + tanh(y)) / 2 with
+ * y = sqrt(2/pi) (x + 0.044715 x^3), which is x * sigmoid(2y): one vectorizable exp. */
+static void gelu_tanh_mul(float *row, const float *up, int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) {
+        const float x = row[i], y = 0.7978845608f * (x + 0.044715f * x * x * x);
+        row[i] = x / (1.f + kvqs_exp(-2.f * y)) * up[i];
+    }
 }
 
 static float half_to_float(uint16_t h) {
