@@ -132,6 +132,7 @@ class RecordingBackend(AttentionBackend):
         scale: float,
         sliding_window: int | None = None,
         kv_written: bool = False,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         qsl = metadata.query_start_loc_cpu
         self.on_call(AttentionCall(
@@ -139,7 +140,9 @@ class RecordingBackend(AttentionBackend):
             tuple(qsl[i + 1] - qsl[i] for i in range(metadata.num_seqs)),
             tuple(metadata.seq_lens_cpu),
         ))
-        return self.inner.forward(q, k, v, kv_cache, metadata, scale, sliding_window, kv_written)
+        if sinks is None:
+            return self.inner.forward(q, k, v, kv_cache, metadata, scale, sliding_window, kv_written)
+        return self.inner.forward(q, k, v, kv_cache, metadata, scale, sliding_window, kv_written, sinks=sinks)
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -1,0 +1,171 @@
+"""gpt-oss: greedy parity with HF transformers in fp32 on tiny random models (6 query heads over
+2 KV heads, 5 experts with top-2 routing, attention sinks, biases everywhere, a clamped SwiGLU
+whose limit bites, YaRN RoPE, a sliding window shorter than the prompts), batched and one at a
+time; an MXFP4 checkpoint in gpt-oss's on-disk layout (kept 4-bit) against HF on the
+dequantized weights; tensor parallelism on CPU processes against one process."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from kvserve import LLM, SamplingParams
+from kvserve.kernels import mxfp4
+from tests.conftest import TINY_VOCAB, _save_tokenizer
+from tests.models.test_parity import NEW_TOKENS, _prompts, assert_matches_hf, hf_greedy
+from tests.models.tp_check import assert_tp2_matches_tp1
+
+GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=0)
+
+
+def _config(inter: int = 32, yarn: dict | None = None):
+    import transformers as tf
+
+    kw = dict(
+        vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=inter, num_hidden_layers=3,
+        num_attention_heads=6, num_key_value_heads=2, head_dim=16, num_local_experts=5, num_experts_per_tok=2,
+        sliding_window=6, max_position_embeddings=512, swiglu_limit=0.6, eos_token_id=2, bos_token_id=1,
+        pad_token_id=0,
+    )
+    if yarn is not None:
+        kw["rope_parameters"] = yarn
+    return tf.GptOssConfig(**kw)
+
+
+def _hf_model(inter: int = 32, yarn: dict | None = None):
+    """A tiny random HF gpt-oss with weights scaled so routing, sinks, biases and the clamp matter."""
+    import transformers as tf
+
+    torch.manual_seed(0)
+    hf = tf.AutoModelForCausalLM.from_config(_config(inter, yarn)).float().eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if p.dim() >= 2:
+                p.mul_(4.0 if "emb" in name else 2.0)
+            elif name.endswith(("sinks", "router.bias")):
+                p.copy_(torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn_like(p))
+    return hf
+
+
+def _check(llm, hf, prompts):
+    refs = [hf_greedy(hf, p, NEW_TOKENS) for p in prompts]
+    batched = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
+    alone = [llm.generate({"prompt_token_ids": p}, GREEDY, use_tqdm=False)[0] for p in prompts[:2]]
+    for outs in (batched, alone):
+        for out, ref in zip(outs, refs):
+            comp = out.outputs[0]
+            assert_matches_hf(comp.token_ids, [d[t].logprob for d, t in zip(comp.logprobs, comp.token_ids)], ref)
+
+
+YARN_ACTIVE = {"rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+               "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+
+
+@pytest.mark.parametrize("yarn", [None, YARN_ACTIVE], ids=["default-rope", "yarn-ramp"])
+def test_gpt_oss_greedy_matches_hf_batched_and_alone(yarn, tmp_path):
+    from kvserve.models.gpt_oss import GptOssMoE
+
+    hf = _hf_model(yarn=yarn)
+    hf.save_pretrained(tmp_path)
+    _save_tokenizer(tmp_path)
+    # Chunked prefill (budget 24 < the 40-token prompt) and prefix caching are on.
+    llm = LLM(str(tmp_path), dtype="float32", device="cpu", num_kv_blocks=64, max_num_batched_tokens=24)
+    model = llm.engine.runner.model
+    assert isinstance(model.layers[0].mlp, GptOssMoE)
+    assert [l.self_attn.sliding_window for l in model.layers] == [6, None, 6]
+    _check(llm, hf, _prompts()[1:])
+    # A repeated prompt hits the prefix cache and still gives HF's tokens.
+    _check(llm, hf, [_prompts()[4]])
+
+
+def _write_mxfp4_checkpoint(hf, path) -> None:
+    """Quantize every expert's weights to MXFP4, put the dequantized values back into `hf` (the
+    oracle) and save a checkpoint in gpt-oss's layout: `*_blocks` [E, out, G, 16] and `*_scales`
+    [E, out, G] uint8, biases dense, `quantization_config.quant_method = "mxfp4"`."""
+    from safetensors.torch import load_file, save_file
+
+    packed: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+                continue
+            data = torch.stack([mxfp4.quantize(p[e].t()) for e in range(p.shape[0])])  # [E, out, G * 17]
+            cols = p.shape[1]
+            for e in range(p.shape[0]):
+                p[e].copy_(mxfp4.dequantize(data[e], cols).t())
+            packed[name] = data
+    hf.save_pretrained(path)
+    state = load_file(str(path / "model.safetensors"))
+    for name, data in packed.items():
+        del state[name]
+        blocks, scales = mxfp4.to_gpt_oss(data, data.shape[-1] // mxfp4.BLOCK_BYTES * mxfp4.BLOCK)
+        state[f"{name}_blocks"] = blocks.reshape(*scales.shape, 16)
+        state[f"{name}_scales"] = scales
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
+                                  "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def test_gpt_oss_mxfp4_checkpoint_stays_4bit_and_matches_hf(tmp_path):
+    from kvserve.platform.mxfp4_linear import Mxfp4LinearMethod
+
+    hf = _hf_model(inter=64)
+    _write_mxfp4_checkpoint(hf, tmp_path)
+    _save_tokenizer(tmp_path)
+    llm = LLM(str(tmp_path), dtype="float32", device="cpu", num_kv_blocks=64)
+    model = llm.engine.runner.model
+    for layer in model.layers:
+        for expert in layer.mlp.experts:
+            for proj in (expert.gate_up_proj, expert.down_proj):
+                assert isinstance(proj.method, Mxfp4LinearMethod) and proj.weight is None
+                (part,) = proj.parts
+                assert part.qtype == mxfp4.MXFP4 and part.data.dtype == torch.uint8
+                assert part.data.numel() == proj.out_features * proj.in_features // 32 * 17  # 4.25 bits a weight
+    assert not any(p.dtype == torch.uint8 for p in model.parameters())
+    _check(llm, hf, _prompts()[1:])
+
+
+def test_mxfp4_layouts_and_gguf_dequantization_agree():
+    """gpt-oss's pair -> GGML type 39 bytes -> back is the identity, and our dequantization of
+    the GGML bytes equals the gguf package's (llama.cpp's reference)."""
+    gguf = pytest.importorskip("gguf")
+    torch.manual_seed(1)
+    w = torch.randn(6, 96) * torch.logspace(-3, 2, 6)[:, None]
+    data = mxfp4.quantize(w)
+    assert data.shape == (6, 3 * 17)
+    blocks, scales = mxfp4.to_gpt_oss(data, 96)
+    assert torch.equal(mxfp4.from_gpt_oss(blocks, scales), data)
+    ref = gguf.quants.dequantize(data.numpy(), gguf.GGMLQuantizationType.MXFP4)
+    ours = mxfp4.dequantize(data, 96)
+    assert torch.equal(ours, torch.from_numpy(ref).reshape(6, 96))
+    # HF's gpt-oss dequantization of the safetensors pair (low nibble = even weight).
+    lut = torch.tensor(mxfp4.FP4_VALUES)
+    hf = torch.stack([lut[(blocks & 15).long()], lut[(blocks >> 4).long()]], -1).reshape(6, 3, 32)
+    hf = torch.ldexp(hf, scales.to(torch.int32)[..., None] - 127).reshape(6, 96)
+    assert torch.equal(ours, hf)
+    assert (ours - w).abs().max() <= w.abs().amax(dim=1, keepdim=True).max() / 4  # coarse, but a quantization
+
+
+def test_gpt_oss_tensor_parallel_matches_tp1(tmp_path):
+    """TP=2 on CPU processes (gloo): heads, KV heads and sinks split, each rank holding half of
+    every expert; greedy tokens and logprobs equal TP=1's."""
+    hf = _hf_model(inter=64)
+    _write_mxfp4_checkpoint(hf, tmp_path)  # 4-bit experts, each rank's half block-aligned (32)
+    _save_tokenizer(tmp_path)
+    assert_tp2_matches_tp1(str(tmp_path), _prompts()[1:4])
+
+
+def test_unsupported_architecture_lists_gpt_oss():
+    from kvserve.core.config import ModelConfig
+    from kvserve.models.registry import model_class
+
+    with pytest.raises(ValueError, match="GptOssForCausalLM"):
+        ModelConfig.from_hf_dict({"architectures": ["NopeForCausalLM"]})
+    with pytest.raises(ValueError, match="GptOssForCausalLM"):
+        model_class("NopeForCausalLM")
