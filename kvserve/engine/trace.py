@@ -141,8 +141,8 @@ class RecordingBackend(AttentionBackend):
             tuple(metadata.seq_lens_cpu),
         ))
         if sinks is None:
-            return self.inner.forward(q, k, v, kv_cache, metadata, scale, sliding_window, kv_written)
-        return self.inner.forward(q, k, v, kv_cache, metadata, scale, sliding_window, kv_written, sinks=sinks)
+            return self.inner.forward(q, k, v, kv_cache, metadata, scale, sliding_window, kv_written=kv_written)
+        return self.inner.forward(q, k, v, kv_cache, metadata, scale, sliding_window, kv_written=kv_written, sinks=sinks)
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:

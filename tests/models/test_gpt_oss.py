@@ -7,6 +7,10 @@ dequantized weights; tensor parallelism on CPU processes against one process."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -169,3 +173,16 @@ def test_unsupported_architecture_lists_gpt_oss():
         ModelConfig.from_hf_dict({"architectures": ["NopeForCausalLM"]})
     with pytest.raises(ValueError, match="GptOssForCausalLM"):
         model_class("NopeForCausalLM")
+
+
+def test_triton_attention_sinks_interpreted():
+    """The Triton decode (direct and split + reduce) and prefill kernels with sinks, under
+    TRITON_INTERPRET=1 on tiny shapes, against the PyTorch backend (a subprocess: the interpreter
+    is chosen when a kernel is defined)."""
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
+    r = subprocess.run([sys.executable, "-m", "tests.gpu.sink_checks"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    assert "sink checks passed" in r.stdout
