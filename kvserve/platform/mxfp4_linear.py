@@ -46,6 +46,14 @@ class Mxfp4LinearMethod(LinearMethod):
             part = _Part(offset, tensor.shape[0], 0, tensor.detach().to(layer.dense_dtype).contiguous().clone())
         layer.parts[shard] = part
 
+    def random_init(self, layer: Linear, device: torch.device) -> None:
+        """Random MXFP4 blocks (`load_format="dummy"`: speed work at real shapes): uniform codes
+        under a scale of 2^-6, so the weights have a standard deviation of about 0.04."""
+        cols = layer.in_features
+        data = torch.randint(0, 256, (layer.out_features, mxfp4.row_bytes(cols)), dtype=torch.uint8, device=device)
+        data.view(layer.out_features, cols // mxfp4.BLOCK, mxfp4.BLOCK_BYTES)[..., 0] = 127 - 6
+        layer.parts = {-1: _Part(0, layer.out_features, mxfp4.MXFP4, data)}
+
     def finish(self, layer: Linear) -> None:
         if isinstance(layer.parts, list):
             return
