@@ -85,11 +85,13 @@ class GptOssExpert(nn.Module):
         self.down_proj = make(inter, hidden, bias=True)
         self.inter, self.alpha, self.limit = inter, alpha, limit
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, hidden]
-        gu = self.gate_up_proj(x)  # [n, 2 * inter]
+    def act(self, gu: torch.Tensor) -> torch.Tensor:  # [n, 2 * inter] (gate ‖ up) -> [n, inter]
         gate = gu[:, : self.inter].clamp(max=self.limit)
         up = gu[:, self.inter :].clamp(min=-self.limit, max=self.limit)
-        return self.down_proj((up + 1) * (gate * torch.sigmoid(gate * self.alpha)))
+        return (up + 1) * (gate * torch.sigmoid(gate * self.alpha))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, hidden]
+        return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class GptOssMoE(nn.Module):
@@ -113,11 +115,19 @@ class GptOssMoE(nn.Module):
             GptOssExpert(cfg.hidden_size, cfg.intermediate_size // tp, b, alpha, limit, quantized)
             for _ in range(self.num_experts)
         )
+        # CUDA with MXFP4 experts: every expert's blocks stacked (the per-expert layers keep views),
+        # for the grouped Triton kernel. Built on the first CUDA forward; False where it does not apply.
+        self.stacked: tuple[torch.Tensor, ...] | None | bool = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]; a partial sum under TP
         logits = self.router(x)  # [T, E]
         top, ids = torch.topk(logits, self.top_k, dim=-1)  # [T, k]
         weights = torch.softmax(top, dim=-1, dtype=top.dtype)  # among the selected k only
+        stacked = self._stack() if x.is_cuda else None
+        if stacked:
+            from kvserve.kernels.triton_mxfp4_moe import moe_mxfp4
+
+            return moe_mxfp4(x, ids, weights, *stacked, self.experts[0].act)
         out = torch.zeros_like(x)
         hit = torch.bincount(ids.flatten(), minlength=self.num_experts).nonzero().flatten().tolist()
         ids_t = ids.t()  # [k, T]: rows taken slot-major, as HF's expert loop takes them
@@ -126,6 +136,32 @@ class GptOssMoE(nn.Module):
             y = self.experts[e](x.index_select(0, rows)) * weights[rows, slot, None]
             out.index_add_(0, rows, y.to(out.dtype))
         return out
+
+    def all_mxfp4(self) -> bool:
+        """Every expert's projections are one MXFP4 part each (the grouped kernel applies)."""
+        return all(
+            isinstance(p.parts, list) and len(p.parts) == 1 and p.parts[0].qtype == mxfp4.MXFP4
+            for ex in self.experts for p in (ex.gate_up_proj, ex.down_proj)
+        )
+
+    def _stack(self) -> tuple[torch.Tensor, ...] | None:
+        """(gate/up blocks [E, 2I, H/32*17], their biases [E, 2I], down blocks [E, H, I/32*17],
+        down biases [E, H]) when every expert is one MXFP4 part each; else None. The per-expert
+        layers are re-pointed at views of the stacked tensors (no second copy)."""
+        if self.stacked is None:
+            self.stacked = False
+            projs = [(ex.gate_up_proj, ex.down_proj) for ex in self.experts]
+            if self.all_mxfp4():
+                stacked = []
+                for i in range(2):
+                    layers = [pair[i] for pair in projs]
+                    w = torch.stack([layer.parts[0].data for layer in layers])
+                    for e, layer in enumerate(layers):
+                        layer.parts[0].data = w[e]
+                        layer.register_buffer("qweight0", w[e], persistent=False)
+                    stacked += [w, torch.stack([layer.bias for layer in layers])]
+                self.stacked = tuple(stacked)
+        return self.stacked or None
 
 
 class GptOssDecoderLayer(LlamaDecoderLayer):
@@ -160,6 +196,12 @@ class GptOssForCausalLM(LlamaForCausalLM):
 
     def _decode_stack(self, input_ids: torch.Tensor) -> Any:
         return None  # the one-call CPU stacks implement the dense Llama block only
+
+    @property
+    def supports_cuda_graphs(self) -> bool:
+        """MXFP4 experts run the grouped Triton kernel (no host sync, so decode graphs capture);
+        the per-expert loop of dense experts asks the host which experts were hit."""
+        return all(layer.mlp.all_mxfp4() for layer in self.layers)
 
     def weight_shard(self, name: str, shape: tuple[int, ...]) -> tuple[int, int, int] | None:
         """Llama's slices, plus this rank's sinks; expert tensors (3-D/4-D, all experts at once)

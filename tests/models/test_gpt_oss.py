@@ -175,14 +175,16 @@ def test_unsupported_architecture_lists_gpt_oss():
         model_class("NopeForCausalLM")
 
 
-def test_triton_attention_sinks_interpreted():
-    """The Triton decode (direct and split + reduce) and prefill kernels with sinks, under
-    TRITON_INTERPRET=1 on tiny shapes, against the PyTorch backend (a subprocess: the interpreter
-    is chosen when a kernel is defined)."""
+@pytest.mark.parametrize("module, done", [("sink_checks", "sink checks passed"),
+                                          ("mxfp4_moe_checks", "mxfp4 moe checks passed")])
+def test_triton_kernels_interpreted(module, done):
+    """Under TRITON_INTERPRET=1 on tiny shapes (a subprocess: the interpreter is chosen when a
+    kernel is defined): the attention kernels with sinks (decode direct and split + reduce,
+    prefill) against the PyTorch backend; the grouped MXFP4 MoE kernel against the expert loop."""
     pytest.importorskip("triton")
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    r = subprocess.run([sys.executable, "-m", "tests.gpu.sink_checks"], cwd=root, env=env,
+    r = subprocess.run([sys.executable, "-m", f"tests.gpu.{module}"], cwd=root, env=env,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    assert "sink checks passed" in r.stdout
+    assert done in r.stdout
