@@ -6,8 +6,8 @@ decode ms/token against the floor of the bytes a decode step must read.
 
 Checks: the Triton attention kernels with sinks against the PyTorch backend
 (`tests/gpu/sink_checks.py`, bf16 and fp32), MXFP4 dequantization on the GPU equal to the CPU's,
-and one MoE layer's output (the path the engine takes) against the layer computed densely from
-the dequantized weights.
+the grouped MXFP4 MoE kernel against the expert loop (`tests/gpu/mxfp4_moe_checks.py`), and one
+MoE layer of the engine's model against the layer computed densely from the dequantized weights.
 
 Floor per decode token (batch 1): every bf16 attention weight and bias, the router, the 4
 selected experts' MXFP4 bytes (4.25 bits a weight) and biases, the norms, the LM head, one
@@ -91,6 +91,10 @@ def checks() -> None:
     data = mxfp4.quantize(w)
     assert torch.equal(mxfp4.dequantize(data.cuda(), 2880, torch.bfloat16).cpu(), mxfp4.dequantize(data, 2880, torch.bfloat16))
     log("check: MXFP4 dequantization on the GPU == the CPU's   ok")
+    from tests.gpu import mxfp4_moe_checks
+
+    mxfp4_moe_checks.run("cuda")
+    log("check: grouped MXFP4 MoE kernel == the expert loop (fp32, bf16 at 2880 x 2880)   ok")
 
 
 def moe_layer_check(model) -> None:
@@ -165,7 +169,7 @@ def main() -> None:
             t0 = time.perf_counter()
             try:
                 llm = LLM(tmp, load_format="dummy", dtype="bfloat16", device="cuda", max_model_len=4096,
-                          max_num_seqs=8, enforce_eager=eager, gpu_memory_utilization=0.85)
+                          max_num_seqs=8, enforce_eager=eager, gpu_memory_utilization=0.45)
             except Exception as exc:  # noqa: BLE001 - report and go on to the next mode
                 log(f"{name}: engine failed to start: {type(exc).__name__}: {str(exc)[:300]}")
                 results[name] = {"error": str(exc)[:300]}
