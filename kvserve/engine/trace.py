@@ -89,6 +89,8 @@ def model_step_flops(cfg: ModelConfig, num_tokens: int, context_len: int, sample
     # Llama, Gemma 3: gate and up ([h -> I] each) then down; GPT-2: fc then proj.
     mlp_mats = 2 if cfg.family == "gpt2" else 3
     mlp = 2 * t * h * cfg.intermediate_size * mlp_mats
+    if cfg.family == "gpt_oss":  # each token runs its top-k experts (the router's product is small)
+        mlp *= int(cfg.raw.get("num_experts_per_tok", 4))
     n = cfg.num_layers
     out = {
         "qkv_proj": n * attn.projections,

@@ -188,3 +188,17 @@ def test_triton_kernels_interpreted(module, done):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     assert done in r.stdout
+
+
+def test_gpt_oss_trace_cli(tmp_path, capsys):
+    """`kvserve trace` on a gpt-oss model: a sliding layer's attention recorded step by step."""
+    from kvserve.entrypoints import cli
+
+    _hf_model().save_pretrained(tmp_path)
+    _save_tokenizer(tmp_path)
+    args = ["trace", "Hello world", "--json", "--model", str(tmp_path), "--dtype", "float32", "--device", "cpu",
+            "--steps", "3", "--layer", "0"]
+    assert cli.main(args) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["num_heads"] == 6 and data["num_kv_heads"] == 2
+    assert [s["stage"] for s in data["steps"]] == ["prefill", "decode", "decode"]
