@@ -17,7 +17,16 @@ any device.
 
 from __future__ import annotations
 
+import ctypes
+import logging
+import os
+import subprocess
+from functools import lru_cache
+from pathlib import Path
+
 import torch
+
+logger = logging.getLogger(__name__)
 
 MXFP4 = 39  # GGML type id
 BLOCK = 32
@@ -57,6 +66,62 @@ def dequantize(data: torch.Tensor, cols: int, dtype: torch.dtype = torch.float32
     e = blocks[..., 0].to(torch.int32) - 127
     scale = torch.ldexp(torch.ones(e.shape, dtype=torch.float32, device=data.device), e)
     return (vals * scale.to(dtype)[..., None]).reshape(rows, cols)
+
+
+_SOURCE = Path(__file__).resolve().parent.parent / "csrc" / "mxfp4_f32.c"
+_FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC"]
+
+
+@lru_cache(maxsize=1)
+def _library() -> ctypes.CDLL | None:
+    """The CPU kernels of `csrc/mxfp4_f32.c` (built on first use), or None: PyTorch then
+    dequantizes and multiplies (`KVSERVE_CPU_KERNELS=0` forces that)."""
+    if os.environ.get("KVSERVE_CPU_KERNELS", "1") == "0":
+        return None
+    from kvserve.kernels import cbuild
+    from kvserve.platform.cpuinfo import isa_level
+
+    # AVX2 + FMA where the ISA level allows (KVSERVE_CPU_ISA caps it), else portable C.
+    flags = _FLAGS + (["-mavx2", "-mfma"] if isa_level().startswith(("avx2", "avx512")) else [])
+    path = cbuild.library_path("kvserve_mxfp4", [_SOURCE], flags)
+    try:
+        if not path.exists():
+            cbuild.build(path, [_SOURCE], flags, timeout=120)
+        torch.zeros(1).add_(1)  # PyTorch's OpenMP runtime first (shared)
+        lib = ctypes.CDLL(str(path))
+        if lib.kv_mxfp4_abi_version() != 1:
+            raise RuntimeError("stale kernel build")
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        logger.warning("MXFP4 CPU kernels unavailable (%s); using PyTorch", e)
+        return None
+    vp, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.kv_mxfp4_linear_f32.argtypes = [vp, i64, i64, vp, i64, vp, vp]
+    lib.kv_mxfp4_linear_f32.restype = ctypes.c_int
+    lib.kv_mxfp4_dequant_f32.argtypes = [vp, i64, i64, vp]
+    lib.kv_mxfp4_dequant_f32.restype = ctypes.c_int
+    return lib
+
+
+def linear(data: torch.Tensor, cols: int, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [M, cols] times the MXFP4 matrix `data` [N, G * 17] transposed (+ bias) -> [M, N] in x's
+    dtype. On the CPU, up to 8 rows run the C kernel straight from the blocks (no dense copy);
+    more rows dequantize once (C) and run one sgemm; elsewhere PyTorch dequantizes."""
+    lib = _library() if data.device.type == "cpu" and x.device.type == "cpu" else None
+    if lib is None:
+        return torch.nn.functional.linear(x, dequantize(data, cols, x.dtype), bias)
+    n, m = data.shape[0], x.shape[0]
+    data = data.contiguous()
+    xf = x.float().contiguous()
+    bf = None if bias is None else bias.float().contiguous()
+    if 1 <= m <= 8:
+        out = torch.empty(m, n, dtype=torch.float32)
+        lib.kv_mxfp4_linear_f32(data.data_ptr(), n, cols, xf.data_ptr(), m, None if bf is None else bf.data_ptr(),
+                                out.data_ptr())
+    else:
+        w = torch.empty(n, cols, dtype=torch.float32)
+        lib.kv_mxfp4_dequant_f32(data.data_ptr(), n, cols, w.data_ptr())
+        out = torch.addmm(bf, xf, w.t()) if bf is not None else xf @ w.t()
+    return out.to(x.dtype)
 
 
 def from_gpt_oss(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

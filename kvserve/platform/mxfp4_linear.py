@@ -1,8 +1,9 @@
 """MXFP4 weights kept 4-bit (gpt-oss's experts), on any device.
 
 The weight stays in its blocks (`kernels/mxfp4.py`: 17 bytes per 32 weights, 4.25 bits a weight)
-as a uint8 buffer; each product dequantizes it to the activations' dtype and multiplies
-(`F.linear`). The dequantization is exact (codes times powers of two), so results equal the
+as a uint8 buffer. On the CPU a product of up to 8 rows runs the C kernel straight from the
+blocks (`csrc/mxfp4_f32.c`: decoded in L1, never stored dense); more rows dequantize once and
+run one sgemm; elsewhere PyTorch dequantizes to the activations' dtype and multiplies. The dequantization is exact (codes times powers of two), so results equal the
 dense model's on the dequantized weights. A mixture-of-experts layer calls only the experts that
 received tokens, so a step dequantizes the selected experts alone. A part that arrives dense
 (an unquantized checkpoint) is kept dense.
@@ -82,6 +83,9 @@ class Mxfp4LinearMethod(LinearMethod):
         return w
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        parts = layer.parts
+        if len(parts) == 1 and parts[0].qtype and x.dim() == 2:  # straight from the blocks
+            return mxfp4.linear(layer._buffers.get("qweight0", parts[0].data), layer.in_features, x, layer.bias)
         return F.linear(x, self.weight(layer, x.dtype), layer.bias)
 
     def describe(self, layer: Linear) -> str:

@@ -202,3 +202,18 @@ def test_gpt_oss_trace_cli(tmp_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["num_heads"] == 6 and data["num_kv_heads"] == 2
     assert [s["stage"] for s in data["steps"]] == ["prefill", "decode", "decode"]
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 20])
+def test_mxfp4_cpu_product_matches_dequantized(rows, monkeypatch):
+    """The C kernel (up to 8 rows, straight from the blocks), the dequantize-once sgemm (more
+    rows) and the PyTorch fallback all give x @ dequantize(W).T + b."""
+    torch.manual_seed(rows)
+    data = mxfp4.quantize(torch.randn(40, 96) * 0.1)
+    x, b = torch.randn(rows, 96), torch.randn(40)
+    ref = x.double() @ mxfp4.dequantize(data, 96).double().t() + b.double()
+    got = mxfp4.linear(data, 96, x, b)
+    assert got.dtype == torch.float32 and torch.allclose(got.double(), ref, rtol=1e-5, atol=1e-5)
+    assert mxfp4.linear(data, 96, x.bfloat16(), b).dtype == torch.bfloat16
+    monkeypatch.setattr(mxfp4, "_library", lambda: None)
+    assert torch.allclose(mxfp4.linear(data, 96, x, b).double(), ref, rtol=1e-5, atol=1e-5)
