@@ -39,12 +39,14 @@ class Mxfp4LinearMethod(LinearMethod):
         offset = 0 if shard < 0 else layer.shard_offset(shard)
         if shard in layer.parts:
             raise WeightLoadError(f"{layer.label}: shard {shard} loaded twice")
+        # The layer's device (its bias was materialized there); checkpoint tensors arrive on the CPU.
+        device = layer.bias.device if layer.bias is not None and layer.bias.device.type != "meta" else None
         if isinstance(tensor, QuantizedTensor) and tensor.qtype == mxfp4.MXFP4:
-            part = _Part(offset, tensor.shape[0], mxfp4.MXFP4, tensor.data.contiguous())
+            part = _Part(offset, tensor.shape[0], mxfp4.MXFP4, tensor.data.to(device=device).contiguous())
         else:
             if isinstance(tensor, QuantizedTensor):
                 tensor = tensor.dequantize(torch.float32)
-            part = _Part(offset, tensor.shape[0], 0, tensor.detach().to(layer.dense_dtype).contiguous().clone())
+            part = _Part(offset, tensor.shape[0], 0, tensor.detach().to(device=device, dtype=layer.dense_dtype).contiguous().clone())
         layer.parts[shard] = part
 
     def random_init(self, layer: Linear, device: torch.device) -> None:

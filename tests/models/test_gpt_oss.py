@@ -156,12 +156,17 @@ def test_mxfp4_layouts_and_gguf_dequantization_agree():
     assert (ours - w).abs().max() <= w.abs().amax(dim=1, keepdim=True).max() / 4  # coarse, but a quantization
 
 
-def test_gpt_oss_tensor_parallel_matches_tp1(tmp_path):
+@pytest.mark.parametrize("inter, fmt", [(64, "mxfp4"), (32, "mxfp4"), (32, "dense")])
+def test_gpt_oss_tensor_parallel_matches_tp1(inter, fmt, tmp_path):
     """TP=2 on CPU processes (gloo): heads, KV heads and sinks split, each rank holding half of
-    every expert; greedy tokens and logprobs equal TP=1's."""
-    hf = _hf_model(inter=64)
-    _write_mxfp4_checkpoint(hf, tmp_path)  # 4-bit experts, each rank's half block-aligned (32)
-    _save_tokenizer(tmp_path)
+    every expert; greedy tokens and logprobs equal TP=1's. MXFP4 experts whose half is a whole
+    number of 32-weight blocks (inter 64) stay 4-bit; a half block (inter 32) is dequantized for
+    the down projection's columns."""
+    hf = _hf_model(inter=inter)
+    if fmt == "mxfp4":
+        _write_mxfp4_checkpoint(hf, tmp_path)
+    else:
+        hf.save_pretrained(tmp_path)
     assert_tp2_matches_tp1(str(tmp_path), _prompts()[1:4])
 
 
