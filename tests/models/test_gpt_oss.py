@@ -167,6 +167,7 @@ def test_gpt_oss_tensor_parallel_matches_tp1(inter, fmt, tmp_path):
         _write_mxfp4_checkpoint(hf, tmp_path)
     else:
         hf.save_pretrained(tmp_path)
+    _save_tokenizer(tmp_path)
     assert_tp2_matches_tp1(str(tmp_path), _prompts()[1:4])
 
 
