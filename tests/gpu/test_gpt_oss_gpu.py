@@ -8,7 +8,6 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -19,6 +18,7 @@ def test_mxfp4_moe_kernel():
 
 
 def test_tiny_mxfp4_gpt_oss_cuda_matches_cpu(tmp_path):
+    pytest.importorskip("transformers")
     from kvserve import LLM, SamplingParams
     from tests.conftest import _save_tokenizer
     from tests.models.test_gpt_oss import _hf_model, _prompts, _write_mxfp4_checkpoint
