@@ -160,6 +160,11 @@ class GGUFFile:
             return t.data.astype(np.float32).reshape(shape)
         if t.tensor_type == Q.BF16:  # the top half of a float32
             return (t.data.astype(np.uint32) << 16).view(np.float32).reshape(shape)
+        if t.tensor_type == Q.MXFP4:  # gpt-oss's 4-bit format (kvserve/kernels/mxfp4.py)
+            from kvserve.kernels import mxfp4
+
+            raw = torch.from_numpy(np.array(t.data, dtype=np.uint8).reshape(-1, mxfp4.row_bytes(shape[-1])))
+            return mxfp4.dequantize(raw, shape[-1]).numpy().reshape(shape)
         from gguf import quants  # only for block formats: importing gguf costs ~0.3 s
 
         try:
@@ -175,7 +180,9 @@ class GGUFFile:
 
 
 # GGML tensor types kvserve loads (F64 is dequantized to float32 like the rest).
-SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "F64", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED_TENSOR_TYPES = (
+    "F32", "F16", "BF16", "F64", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4",
+)
 
 
 def _as_gguf(src: str | Path | GGUFFile) -> GGUFFile:

@@ -223,3 +223,22 @@ def test_mxfp4_cpu_product_matches_dequantized(rows, monkeypatch):
     assert mxfp4.linear(data, 96, x.bfloat16(), b).dtype == torch.bfloat16
     monkeypatch.setattr(mxfp4, "_library", lambda: None)
     assert torch.allclose(mxfp4.linear(data, 96, x, b).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gguf_mxfp4_tensors_read(tmp_path):
+    """GGML type 39 (MXFP4) tensors in a GGUF file open and dequantize like kvserve's blocks."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    from kvserve.loader.gguf import GGUFFile
+
+    data = mxfp4.quantize(torch.randn(3, 64))  # [3, 2 * 17]
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    w.add_tensor("m", data.numpy(), raw_dtype=gguf.GGMLQuantizationType.MXFP4)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    got = GGUFFile(tmp_path / "m.gguf").dequantize("m")
+    assert got.shape == (3, 64)
+    np.testing.assert_array_equal(got, mxfp4.dequantize(data, 64).numpy())
