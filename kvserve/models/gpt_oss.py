@@ -29,6 +29,7 @@ MoE output is a partial sum the next norm all-reduces, and o/down biases are add
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
 import torch
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from kvserve.platform.base import LayerBuilder
 
 SLIDING = "sliding_attention"
+_PER_EXPERT = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.(weight|bias)$")
 
 
 class GptOssAttention(nn.Module):
@@ -233,7 +235,15 @@ class GptOssForCausalLM(LlamaForCausalLM):
                 yield name, t
                 continue
             prefix, leaf = name.rsplit(".", 1)  # "model.layers.i.mlp.experts", "gate_up_proj_blocks"
-            if leaf.endswith(("_blocks", "_scales")):
+            per_expert = _PER_EXPERT.search(name)
+            if per_expert is not None:  # already one expert's, gate and up split (a GGUF file)
+                proj, kind = per_expert.groups()
+                if proj == "down_proj":
+                    t = t if kind == "bias" or per == t.shape[1] else t.narrow(1, lo, per)
+                else:
+                    t = QuantizedTensor(t.qtype, t.data[lo : lo + per], t.cols) if isinstance(t, QuantizedTensor) else t[lo : lo + per]
+                yield name, t
+            elif leaf.endswith(("_blocks", "_scales")):
                 proj = leaf.rsplit("_", 1)[0]
                 other = f"{prefix}.{proj}_{'scales' if leaf.endswith('_blocks') else 'blocks'}"
                 if other not in pending:

@@ -242,3 +242,85 @@ def test_gguf_mxfp4_tensors_read(tmp_path):
     got = GGUFFile(tmp_path / "m.gguf").dequantize("m")
     assert got.shape == (3, 64)
     np.testing.assert_array_equal(got, mxfp4.dequantize(data, 64).numpy())
+
+
+def _write_gguf(hf, path) -> None:
+    """`hf` (experts already on MXFP4 values) as llama.cpp lays out a gpt-oss GGUF: stacked
+    experts with gate and up split (`ffn_{gate,up,down}_exps`, MXFP4 blocks in GGML's layout),
+    `attn_sinks`, `ffn_gate_inp` (router), `post_attention_norm` (the pre-MLP norm), YaRN keys."""
+    import gguf
+
+    from tests.models.test_gguf import _tiny_vocab
+
+    cfg = hf.config
+    q = gguf.GGMLQuantizationType.MXFP4
+    w = gguf.GGUFWriter(str(path), "gpt-oss")
+    w.add_block_count(cfg.num_hidden_layers)
+    w.add_context_length(cfg.max_position_embeddings)
+    w.add_embedding_length(cfg.hidden_size)
+    w.add_feed_forward_length(cfg.intermediate_size)
+    w.add_expert_feed_forward_length(cfg.intermediate_size)
+    w.add_head_count(cfg.num_attention_heads)
+    w.add_head_count_kv(cfg.num_key_value_heads)
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
+    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(cfg.rope_parameters["factor"])
+    w.add_rope_scaling_orig_ctx_len(cfg.rope_parameters["original_max_position_embeddings"])
+    w.add_expert_count(cfg.num_local_experts)
+    w.add_expert_used_count(cfg.num_experts_per_tok)
+    w.add_sliding_window(cfg.sliding_window)
+    w.add_key_value("gpt-oss.swiglu_clamp_exp", cfg.swiglu_limit, gguf.GGUFValueType.FLOAT32)
+    tokens, _ = _tiny_vocab()
+    tokens += [f"<t{i}>" for i in range(TINY_VOCAB - len(tokens))]
+    types = [1] * TINY_VOCAB  # all normal: the engine never samples control tokens, HF would
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(["Ġ t", "h e", "Ġt he"])
+    w.add_eos_token_id(2)
+    sd = {k: v.detach().float() for k, v in hf.state_dict().items()}
+    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"].numpy())
+    w.add_tensor("output.weight", sd["lm_head.weight"].numpy())
+    w.add_tensor("output_norm.weight", sd["model.norm.weight"].numpy())
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        names = {"attn_norm.weight": "input_layernorm.weight", "post_attention_norm.weight": "post_attention_layernorm.weight",
+                 "attn_sinks.weight": "self_attn.sinks", "ffn_gate_inp.weight": "mlp.router.weight",
+                 "ffn_gate_inp.bias": "mlp.router.bias"}
+        for part in ("q", "k", "v"):
+            names[f"attn_{part}.weight"], names[f"attn_{part}.bias"] = f"self_attn.{part}_proj.weight", f"self_attn.{part}_proj.bias"
+        names["attn_output.weight"], names["attn_output.bias"] = "self_attn.o_proj.weight", "self_attn.o_proj.bias"
+        for g, h in names.items():
+            w.add_tensor(f"blk.{i}.{g}", sd[p + h].numpy())
+        gu, gu_b = sd[p + "mlp.experts.gate_up_proj"], sd[p + "mlp.experts.gate_up_proj_bias"]  # [E, H, 2I], [E, 2I]
+        dn, dn_b = sd[p + "mlp.experts.down_proj"], sd[p + "mlp.experts.down_proj_bias"]  # [E, I, H], [E, H]
+        for name, mats, bias in (("gate", [m.t()[0::2] for m in gu], gu_b[:, 0::2]), ("up", [m.t()[1::2] for m in gu], gu_b[:, 1::2]),
+                                 ("down", [m.t() for m in dn], dn_b)):
+            blocks = torch.stack([mxfp4.quantize(m) for m in mats]).numpy()  # [E, out, row_bytes]
+            w.add_tensor(f"blk.{i}.ffn_{name}_exps.weight", blocks, raw_dtype=q)
+            w.add_tensor(f"blk.{i}.ffn_{name}_exps.bias", bias.contiguous().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gpt_oss_gguf_mxfp4_matches_hf(tmp_path):
+    """A gpt-oss GGUF with MXFP4 experts: config from its metadata, experts kept 4-bit, greedy
+    tokens equal HF's on the same (dequantized) weights; TP=2 equals TP=1."""
+    pytest.importorskip("gguf")
+    from kvserve.platform.mxfp4_linear import Mxfp4LinearMethod
+
+    hf = _hf_model(inter=64)
+    _write_mxfp4_checkpoint(hf, tmp_path / "st")  # puts MXFP4-representable expert values into hf
+    _write_gguf(hf, tmp_path / "m.gguf")
+    llm = LLM(str(tmp_path / "m.gguf"), dtype="float32", device="cpu", num_kv_blocks=64)
+    model = llm.engine.runner.model
+    assert [l.self_attn.sliding_window for l in model.layers] == [6, None, 6]
+    ex = model.layers[1].mlp.experts[3]
+    assert isinstance(ex.gate_up_proj.method, Mxfp4LinearMethod) and ex.down_proj.parts[0].qtype == mxfp4.MXFP4
+    _check(llm, hf, _prompts()[1:4])
+    assert_tp2_matches_tp1(str(tmp_path / "m.gguf"), _prompts()[1:3])  # per-expert GGUF tensors sliced per rank
