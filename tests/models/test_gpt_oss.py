@@ -324,3 +324,21 @@ def test_gpt_oss_gguf_mxfp4_matches_hf(tmp_path):
     assert isinstance(ex.gate_up_proj.method, Mxfp4LinearMethod) and ex.down_proj.parts[0].qtype == mxfp4.MXFP4
     _check(llm, hf, _prompts()[1:4])
     assert_tp2_matches_tp1(str(tmp_path / "m.gguf"), _prompts()[1:3])  # per-expert GGUF tensors sliced per rank
+
+
+def test_gguf_gpt4o_pre_tokenizer_splits_like_o200k():
+    """llama.cpp's "gpt-4o" pre-tokenizer (gpt-oss GGUF files) splits as tiktoken's o200k regex."""
+    regex = pytest.importorskip("regex")
+    from tokenizers.pre_tokenizers import ByteLevel
+
+    from kvserve.loader.gguf_tokenizer import _pre_tokenizer
+
+    o200k = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+             r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?"
+             r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+    byte_level = ByteLevel(add_prefix_space=False, use_regex=False)
+    pre = _pre_tokenizer("gpt-4o")
+    for text in ["Hello World's HTTPServer isn't 1234567 ok!!\n\n  done/path", "CamelCaseWORDS they'RE  \t x",
+                 "日本語のテキスト 😀 Café, naïve"]:
+        want = [byte_level.pre_tokenize_str(m)[0][0] for m in regex.findall(o200k, text)]
+        assert [p for p, _ in pre.pre_tokenize_str(text)] == want
