@@ -141,4 +141,4 @@ def moe_mxfp4(
     y = y * weights.reshape(-1)[order, None].to(y.dtype)
     out = torch.empty_like(y)
     out[order] = y  # back to (token, slot) order
-    return out.view(t, k, -1).sum(dim=1)
+    return out.view(t, k, out.shape[1]).sum(dim=1)
