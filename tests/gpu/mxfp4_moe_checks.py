@@ -13,13 +13,18 @@ from kvserve.kernels.triton_mxfp4_moe import moe_mxfp4
 
 
 def reference(x, ids, weights, wgu, bgu, wdn, bdn, act):
+    """The expert loop in float64 on the CPU, each selected expert dequantized once."""
+    k_in, inter = x.shape[1], wdn.shape[2] // 17 * 32
+    dense: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     out = torch.zeros(x.shape[0], wdn.shape[1], dtype=torch.float64)
     for t in range(x.shape[0]):
         for j in range(ids.shape[1]):
             e = int(ids[t, j])
-            gu = x[t].double() @ mxfp4.dequantize(wgu[e].cpu(), x.shape[1]).double().t() + bgu[e].double().cpu()
+            if e not in dense:
+                dense[e] = (mxfp4.dequantize(wgu[e].cpu(), k_in).double(), mxfp4.dequantize(wdn[e].cpu(), inter).double())
+            gu = x[t].double() @ dense[e][0].t() + bgu[e].double().cpu()
             h = act(gu[None])[0]
-            y = h @ mxfp4.dequantize(wdn[e].cpu(), h.shape[0]).double().t() + bdn[e].double().cpu()
+            y = h @ dense[e][1].t() + bdn[e].double().cpu()
             out[t] += float(weights[t, j]) * y
     return out
 
