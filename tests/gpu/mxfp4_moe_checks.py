@@ -51,7 +51,34 @@ def check(t: int, device: str, dtype=torch.float32, hidden=96, inter=64, experts
     return rel
 
 
+def check_model_layer() -> None:
+    """A tiny MXFP4 gpt-oss's MoE layer: the CUDA path's pieces (experts stacked as views, the
+    kernel, the clamped SwiGLU) against the CPU expert loop of the same layer."""
+    import tempfile
+    from pathlib import Path
+
+    from kvserve import LLM
+    from tests.conftest import _save_tokenizer
+    from tests.models.test_gpt_oss import _hf_model, _write_mxfp4_checkpoint
+
+    with tempfile.TemporaryDirectory() as tmp:
+        _write_mxfp4_checkpoint(_hf_model(inter=64), Path(tmp))
+        _save_tokenizer(Path(tmp))
+        model = LLM(tmp, dtype="float32", device="cpu", num_kv_blocks=16).engine.runner.model
+    for layer in model.layers:
+        moe = layer.mlp
+        x = torch.randn(9, moe.router.in_features, generator=torch.Generator().manual_seed(3))
+        want = moe(x)  # the loop (CPU)
+        top, ids = torch.topk(moe.router(x), moe.top_k, dim=-1)
+        assert moe.all_mxfp4() and model.supports_cuda_graphs
+        got = moe_mxfp4(x, ids, torch.softmax(top, dim=-1), *moe._stack(), moe.experts[0].act)
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (got - want).abs().max()
+        assert torch.equal(moe(x), want)  # the per-expert layers read views of the stacked blocks
+
+
 def run(device: str) -> None:
+    if device == "cpu":
+        check_model_layer()
     for t in (1, 3, 40):
         check(t, device, seed=t)
     check(5, device, torch.float16, seed=2)  # (bf16 only on the GPU: the interpreter mishandles its dot)
