@@ -3,6 +3,7 @@ decode ms/token against the floor of the bytes a decode step must read.
 
     python -m benchmarks.gpt_oss_gpu_bench                 # checks + decode, eager and CUDA graphs
     python -m benchmarks.gpt_oss_gpu_bench --layers 4      # a shorter model (quick look)
+    python -m benchmarks.gpt_oss_gpu_bench --throughput 256   # + the 256-request workload
 
 Checks: the Triton attention kernels with sinks against the PyTorch backend
 (`tests/gpu/sink_checks.py`, bf16 and fp32), MXFP4 dequantization on the GPU equal to the CPU's,
@@ -13,6 +14,11 @@ Floor per decode token (batch 1): every bf16 attention weight and bias, the rout
 selected experts' MXFP4 bytes (4.25 bits a weight) and biases, the norms, the LM head, one
 embedding row and the KV cache read, divided by the read bandwidth of a large bf16 GEMV
 measured in the same run. Prints a table and writes JSON (`--json`).
+
+`--throughput N`: N requests (random ids in [0, 10000), prompt and output lengths uniform in
+[100, 1024], ignore_eos, temperature 0.6; the standard workload of `gpu_bench`), output tok/s
+against the ceiling of reading every weight once per step with `max_num_seqs` requests decoding
+(at 256 rows every expert is hit each step).
 """
 
 from __future__ import annotations
@@ -148,6 +154,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--no-graphs", action="store_true", help="eager only")
+    ap.add_argument("--throughput", type=int, default=0, help="also run this many requests (0: skip)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from kvserve import LLM
@@ -197,8 +204,43 @@ def main() -> None:
             log(f"{name:<14}{r['ms_per_token']:>10.3f}{r['pct_of_floor']:>11.1f}%{r['ttft_ms']:>10.1f}")
         elif isinstance(r, dict):
             log(f"{name:<14}  failed: {r['error'][:80]}")
+    if args.throughput:
+        try:
+            results["throughput"] = throughput(cfg, args.throughput, bw)
+        except Exception as exc:  # noqa: BLE001 - the decode numbers above still count
+            log(f"throughput failed: {type(exc).__name__}: {str(exc)[:300]}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def total_weight_bytes(cfg: dict) -> float:
+    f = floor_bytes(cfg, 0)
+    k, e = cfg["num_experts_per_tok"], cfg["num_local_experts"]
+    return f["total"] - f["kv_cache"] + f["experts"] * (e / k - 1)  # every expert, once
+
+
+def throughput(cfg: dict, n: int, bw: float, max_num_seqs: int = 256) -> dict[str, float]:
+    import random
+
+    from kvserve import LLM, SamplingParams
+
+    rng = random.Random(0)
+    prompts = [{"prompt_token_ids": [rng.randrange(10000) for _ in range(rng.randint(100, 1024))]} for _ in range(n)]
+    params = [SamplingParams(max_tokens=rng.randint(100, 1024), temperature=0.6, ignore_eos=True) for _ in range(n)]
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(cfg))
+        llm = LLM(tmp, load_format="dummy", dtype="bfloat16", device="cuda", max_model_len=4096,
+                  max_num_seqs=max_num_seqs, gpu_memory_utilization=0.85)
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        dt = time.perf_counter() - t0
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    step_s = total_weight_bytes(cfg) / bw
+    r = {"requests": n, "seconds": dt, "output_tok_s": tokens / dt, "ceiling_tok_s": max_num_seqs / step_s}
+    log(f"throughput: {n} requests, {tokens} output tokens in {dt:.1f}s = {r['output_tok_s']:.0f} tok/s; ceiling "
+        f"{r['ceiling_tok_s']:.0f} tok/s ({max_num_seqs} rows per step, every weight read once per step: "
+        f"{total_weight_bytes(cfg) / 1e9:.2f} GB at {bw / 1e9:.0f} GB/s)")
+    return r
 
 
 if __name__ == "__main__":
