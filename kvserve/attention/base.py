@@ -71,10 +71,13 @@ class AttentionBackend(ABC):
         scale: float,
         sliding_window: int | None = None,
         kv_written: bool = False,  # the caller already stored k and v at the slot mapping
+        sinks: torch.Tensor | None = None,  # [num_heads] fp32 logits (gpt-oss)
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         """Store k/v at `metadata.slot_mapping` (unless `kv_written`), then attend each query
         over its sequence's cached keys (positions <= its own; within `sliding_window` of it
-        when set)."""
+        when set). `sinks`: one learned logit per query head that joins each row's softmax
+        denominator (exp(sink) added to it) and attends to no value, so a head can put weight
+        on "nothing"; the logit is not scaled by `scale`."""
 
 
 def write_kv_cache(

@@ -6,6 +6,11 @@ through the block tables; otherwise the sequences' blocks are gathered whole and
 runs as one SDPA call (a single sequence) or batched matmuls with a padding mask. Prefill
 chunks run one sequence at a time with an explicit causal mask offset by the cached context.
 Padding exists only inside this module (for keys); the model never sees it.
+
+Attention sinks (gpt-oss: one logit per query head added to each row's softmax denominator)
+take the explicit-matmul paths: decodes through the grouped batched matmuls, prefill chunks
+through `_attend_sinks` (query rows in slices of 256, so the fp32 scores stay bounded); SDPA and
+the C kernel have no sink term.
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ class TorchRefBackend(AttentionBackend):
         scale: float,
         sliding_window: int | None = None,
         kv_written: bool = False,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         plan = _plan(metadata, kv_cache.device, sliding_window is not None)
-        if plan.all_decode and _use_kernel(q, kv_cache, plan):
+        if plan.all_decode and sinks is None and _use_kernel(q, kv_cache, plan):
             # CPU bf16 decode: K/V write and attention in one C call
             return cpu_kernels.decode_attention(
                 q, kv_cache, plan.decode_tables_i32, plan.decode_lens_i32, scale, sliding_window,
@@ -41,16 +47,16 @@ class TorchRefBackend(AttentionBackend):
         if not kv_written:
             write_kv_cache(k, v, kv_cache, metadata.slot_mapping, metadata.has_padding)
         if plan.all_decode:  # every row is a decode, in order: no row scatter needed
-            return _decode(q, kv_cache, plan, scale, sliding_window)
+            return _decode(q, kv_cache, plan, scale, sliding_window, sinks)
         out = torch.empty_like(q)
         if plan.decode_rows is not None:
             out[plan.decode_rows] = _decode(
-                q[plan.decode_rows], kv_cache, plan, scale, sliding_window
+                q[plan.decode_rows], kv_cache, plan, scale, sliding_window, sinks
             )
         for row0, row1, ctx_len, seq_idx in plan.prefills:
             out[row0:row1] = _prefill_one(
                 q[row0:row1], k[row0:row1], v[row0:row1], kv_cache, metadata,
-                seq_idx, ctx_len, scale, sliding_window,
+                seq_idx, ctx_len, scale, sliding_window, sinks,
             )
         return out
 
@@ -137,20 +143,21 @@ def _decode(
     plan: _Plan,
     scale: float,
     sliding_window: int | None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query row per sequence. The sequences' blocks are gathered whole (one contiguous
     block_size * Hkv * D copy each, for K and V at once), then attention runs as batched
     matmuls; keys past a sequence's length are masked."""
     hkv, d = kv_cache.shape[3:]
     b = q.shape[0]
-    if _use_kernel(q, kv_cache, plan):
+    if sinks is None and _use_kernel(q, kv_cache, plan):
         return cpu_kernels.decode_attention(
             q, kv_cache, plan.decode_tables_i32, plan.decode_lens_i32, scale, sliding_window
         )
     # [2, B * nblk, bs, Hkv, D] -> [2, B, nblk * bs, Hkv, D], trimmed to the longest context
     kv = kv_cache.index_select(1, plan.decode_tables).view(2, b, -1, hkv, d)[:, :, : plan.decode_len]
     mask = plan.decode_mask
-    if mask is None and sliding_window is not None and sliding_window < plan.decode_len:
+    if mask is None and (sinks is not None or sliding_window is not None and sliding_window < plan.decode_len):
         # One sequence whose plan was built by a layer without a window (Gemma 3 interleaves
         # global and sliding layers): this layer still masks the keys before its window.
         mask = _decode_mask(plan)
@@ -172,7 +179,10 @@ def _decode(
     qg = q.to(kv.dtype).view(b, hkv, group, d)  # [B, Hkv, G, D]
     scores = torch.matmul(qg, kv[0].transpose(-1, -2)).float() * scale  # [B, Hkv, G, L]
     scores = scores.masked_fill(~mask[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(kv.dtype)
+    if sinks is None:
+        probs = torch.softmax(scores, dim=-1).to(kv.dtype)
+    else:
+        probs = _softmax_with_sink(scores, sinks.view(1, hkv, group, 1)).to(kv.dtype)
     out = torch.matmul(probs, kv[1])  # [B, Hkv, G, D]
     return out.reshape(b, hkv * group, d).to(q.dtype)  # [B, Hq, D]
 
@@ -187,6 +197,7 @@ def _prefill_one(
     ctx_len: int,
     scale: float,
     sliding_window: int | None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     ql = q.shape[0]
     total = ctx_len + ql
@@ -201,6 +212,8 @@ def _prefill_one(
     qh = q.transpose(0, 1)  # [Hq, ql, D]
     kh = keys.transpose(0, 1).to(q.dtype)  # [Hkv, L, D]
     vh = vals.transpose(0, 1).to(q.dtype)
+    if sinks is not None:
+        return _attend_sinks(qh, kh, vh, ctx_len, scale, sliding_window, sinks)
     gqa = q.shape[1] != k.shape[1]
     # 4-D inputs (a batch of one): on CPU, SDPA with 3-D inputs and enable_gqa takes the math
     # path (scores materialized, 2-3x slower at 512 tokens); 4-D takes the flash kernel, as HF's
@@ -216,3 +229,43 @@ def _prefill_one(
             mask = mask & (kpos > qpos - sliding_window)
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out[0].transpose(0, 1)  # [ql, Hq, D]
+
+
+def _softmax_with_sink(scores: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
+    """softmax over [scores, sink] along the last dim, the sink's column dropped (fp32)."""
+    combined = torch.cat([scores, sink.float().expand(*scores.shape[:-1], 1)], dim=-1)
+    combined = combined - combined.amax(dim=-1, keepdim=True)
+    return torch.softmax(combined, dim=-1)[..., :-1]
+
+
+def _attend_sinks(
+    qh: torch.Tensor,  # [Hq, ql, D]
+    kh: torch.Tensor,  # [Hkv, L, D]
+    vh: torch.Tensor,  # [Hkv, L, D]
+    ctx_len: int,
+    scale: float,
+    sliding_window: int | None,
+    sinks: torch.Tensor,  # [Hq]
+    rows_per_slice: int = 256,
+) -> torch.Tensor:  # [ql, Hq, D]
+    """Causal attention of one chunk with a sink logit per head: explicit grouped matmuls, the
+    query rows in slices so the [Hq, rows, L] fp32 scores stay small."""
+    hq, ql, d = qh.shape
+    hkv, total = kh.shape[0], kh.shape[1]
+    group = hq // hkv
+    out = torch.empty(ql, hq, d, dtype=qh.dtype, device=qh.device)
+    kpos = torch.arange(total, device=qh.device)[None, :]  # [1, L]
+    sink = sinks.view(hkv, group, 1, 1)
+    for r0 in range(0, ql, rows_per_slice):
+        r1 = min(r0 + rows_per_slice, ql)
+        qg = qh[:, r0:r1].reshape(hkv, group, r1 - r0, d)  # [Hkv, G, rows, D]
+        scores = torch.matmul(qg, kh[:, None].transpose(-1, -2)).float() * scale  # [Hkv, G, rows, L]
+        qpos = torch.arange(ctx_len + r0, ctx_len + r1, device=qh.device)[:, None]  # [rows, 1]
+        mask = kpos <= qpos
+        if sliding_window is not None:
+            mask = mask & (kpos > qpos - sliding_window)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = _softmax_with_sink(scores, sink).to(vh.dtype)
+        o = torch.matmul(probs, vh[:, None])  # [Hkv, G, rows, D]
+        out[r0:r1] = o.reshape(hq, r1 - r0, d).transpose(0, 1).to(qh.dtype)
+    return out

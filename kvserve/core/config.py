@@ -21,6 +21,7 @@ SUPPORTED_ARCHITECTURES: dict[str, str] = {
     "Phi3ForCausalLM": "phi3",
     "Qwen3MoeForCausalLM": "moe",
     "MixtralForCausalLM": "moe",
+    "GptOssForCausalLM": "gpt_oss",
 }
 
 SUPPORTED_DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -44,7 +45,7 @@ def normalize_dtype(dtype: str) -> str:
 @dataclass(frozen=True)
 class ModelConfig:
     architecture: str
-    family: str  # "llama" | "gpt2" | "gemma3" | "phi3" | "moe"
+    family: str  # "llama" | "gpt2" | "gemma3" | "phi3" | "moe" | "gpt_oss"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -91,6 +92,7 @@ class ModelConfig:
                 "gpt2": "GPT2LMHeadModel", "gemma3_text": "Gemma3ForCausalLM",
                 "gemma3": "Gemma3ForCausalLM", "phi3": "Phi3ForCausalLM",
                 "qwen3_moe": "Qwen3MoeForCausalLM", "mixtral": "MixtralForCausalLM",
+                "gpt_oss": "GptOssForCausalLM",
             }
             arch = by_type.get(mt)
         if arch is None:
@@ -117,6 +119,8 @@ class ModelConfig:
             )
         if family == "gemma3":
             return _gemma3_config(cls, arch, d, eos_ids)
+        if family == "gpt_oss":
+            return _gpt_oss_config(cls, arch, d, eos_ids)
         heads = d["num_attention_heads"]
         head_dim = d.get("head_dim") or d["hidden_size"] // heads
         rope_scaling = d.get("rope_scaling")
@@ -207,6 +211,37 @@ def _gemma3_config(cls: type[ModelConfig], arch: str, d: dict[str, Any], eos_ids
         local_rope_theta=float(local_theta),
         attn_scale=float(d.get("query_pre_attn_scalar") or head_dim) ** -0.5,
         final_logit_softcapping=d.get("final_logit_softcapping"),
+        bos_token_id=d.get("bos_token_id"), eos_token_ids=eos_ids,
+        torch_dtype=_dtype_name(d), raw=dict(d),
+    )
+
+
+def _gpt_oss_config(cls: type[ModelConfig], arch: str, d: dict[str, Any], eos_ids: tuple[int, ...]) -> ModelConfig:
+    """gpt-oss: q/k/v/o biases, alternating sliding/full layers (`layer_types`, by default
+    sliding on even layers), YaRN RoPE (`rope_parameters`, by default factor 32 over 4096
+    positions, as transformers fills it in), attention sinks and MoE experts (read by the model
+    from `raw`); `intermediate_size` is each expert's width."""
+    heads, hidden, n_layers = d["num_attention_heads"], d["hidden_size"], d["num_hidden_layers"]
+    head_dim = d.get("head_dim") or hidden // heads
+    rp = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    if not rp:
+        rp = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+              "original_max_position_embeddings": 4096}
+    theta = rp.get("rope_theta", d.get("rope_theta", 150_000.0))
+    types = d.get("layer_types") or ["sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(n_layers)]
+    if len(types) != n_layers or set(types) - {"sliding_attention", "full_attention"}:
+        raise ValueError(f"layer_types must name sliding_attention/full_attention for each of {n_layers} layers")
+    bias = bool(d.get("attention_bias", True))
+    return cls(
+        architecture=arch, family="gpt_oss", vocab_size=d["vocab_size"], hidden_size=hidden,
+        intermediate_size=d["intermediate_size"], num_layers=n_layers, num_heads=heads,
+        num_kv_heads=d.get("num_key_value_heads") or heads, head_dim=head_dim,
+        max_position_embeddings=d.get("max_position_embeddings", 131072),
+        norm_eps=d.get("rms_norm_eps", 1e-5), rope_theta=float(theta),
+        rope_scaling=_check_rope_scaling(rp, ("yarn",)),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        attention_bias=bias, o_bias=bias, hidden_act=d.get("hidden_act", "silu"),
+        sliding_window=d.get("sliding_window") or 128, layer_types=tuple(types),
         bos_token_id=d.get("bos_token_id"), eos_token_ids=eos_ids,
         torch_dtype=_dtype_name(d), raw=dict(d),
     )

@@ -143,10 +143,10 @@ def check_divisible(
     if tp_size == 1:
         return
     name = f"tensor_parallel_size={tp_size}"
-    if family not in ("llama", "moe", "gemma3", "phi3"):
+    if family not in ("llama", "moe", "gemma3", "phi3", "gpt_oss"):
         raise ValueError(
             f"{name}: tensor parallelism supports the Llama family, its MoE models (Qwen3-MoE, Mixtral), "
-            f"Gemma 3 and Phi-3 only (not {family})"
+            f"Gemma 3, Phi-3 and gpt-oss only (not {family})"
         )
     if num_heads % tp_size:
         raise ValueError(f"{name} must divide the number of attention heads ({num_heads})")

@@ -89,6 +89,8 @@ def model_step_flops(cfg: ModelConfig, num_tokens: int, context_len: int, sample
     # Llama, Gemma 3: gate and up ([h -> I] each) then down; GPT-2: fc then proj.
     mlp_mats = 2 if cfg.family == "gpt2" else 3
     mlp = 2 * t * h * cfg.intermediate_size * mlp_mats
+    if cfg.family == "gpt_oss":  # each token runs its top-k experts (the router's product is small)
+        mlp *= int(cfg.raw.get("num_experts_per_tok", 4))
     n = cfg.num_layers
     out = {
         "qkv_proj": n * attn.projections,
@@ -132,6 +134,7 @@ class RecordingBackend(AttentionBackend):
         scale: float,
         sliding_window: int | None = None,
         kv_written: bool = False,
+        sinks: torch.Tensor | None = None,
     ) -> torch.Tensor:
         qsl = metadata.query_start_loc_cpu
         self.on_call(AttentionCall(
@@ -139,7 +142,9 @@ class RecordingBackend(AttentionBackend):
             tuple(qsl[i + 1] - qsl[i] for i in range(metadata.num_seqs)),
             tuple(metadata.seq_lens_cpu),
         ))
-        return self.inner.forward(q, k, v, kv_cache, metadata, scale, sliding_window, kv_written)
+        if sinks is None:
+            return self.inner.forward(q, k, v, kv_cache, metadata, scale, sliding_window, kv_written=kv_written)
+        return self.inner.forward(q, k, v, kv_cache, metadata, scale, sliding_window, kv_written=kv_written, sinks=sinks)
 
 
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from kvserve.loader.gguf_reader import FLOAT32 as GGUF_FLOAT32
-from kvserve.loader.gguf_reader import GGUFTensor, StringArray, read_gguf
+from kvserve.loader.gguf_reader import GGMLQuantizationType, GGUFTensor, StringArray, read_gguf
 
 if TYPE_CHECKING:
     from kvserve.loader.tokenizer import Tokenizer
@@ -47,6 +47,7 @@ _HF_ARCHITECTURES = {
     "qwen3": "Qwen3ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
     "gemma3": "Gemma3ForCausalLM",
+    "gpt-oss": "GptOssForCausalLM",
 }
 
 # Per-layer tensor names (after `blk.N.`) -> HF names (after the layer prefix).
@@ -71,6 +72,15 @@ _GEMMA3_LAYER_NAMES = {
     "ffn_norm": "pre_feedforward_layernorm",
     "post_ffw_norm": "post_feedforward_layernorm",
 }
+# gpt-oss: llama.cpp's `post_attention_norm` is the pre-MLP norm; experts come stacked
+# (`ffn_{gate,up,down}_exps`, gate and up already split) and are expanded per expert on reading.
+_GPT_OSS_LAYER_NAMES = {
+    **_LLAMA_LAYER_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "attn_sinks": "self_attn.sinks",
+    "ffn_gate_inp": "mlp.router",
+}
+_GPT_OSS_EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
 _LLAMA_GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -160,6 +170,11 @@ class GGUFFile:
             return t.data.astype(np.float32).reshape(shape)
         if t.tensor_type == Q.BF16:  # the top half of a float32
             return (t.data.astype(np.uint32) << 16).view(np.float32).reshape(shape)
+        if t.tensor_type == Q.MXFP4:  # gpt-oss's 4-bit format (kvserve/kernels/mxfp4.py)
+            from kvserve.kernels import mxfp4
+
+            raw = torch.from_numpy(np.array(t.data, dtype=np.uint8).reshape(-1, mxfp4.row_bytes(shape[-1])))
+            return mxfp4.dequantize(raw, shape[-1]).numpy().reshape(shape)
         from gguf import quants  # only for block formats: importing gguf costs ~0.3 s
 
         try:
@@ -175,7 +190,9 @@ class GGUFFile:
 
 
 # GGML tensor types kvserve loads (F64 is dequantized to float32 like the rest).
-SUPPORTED_TENSOR_TYPES = ("F32", "F16", "BF16", "F64", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q5_K", "Q6_K")
+SUPPORTED_TENSOR_TYPES = (
+    "F32", "F16", "BF16", "F64", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4",
+)
 
 
 def _as_gguf(src: str | Path | GGUFFile) -> GGUFFile:
@@ -246,6 +263,8 @@ def _build_config(gf: GGUFFile) -> dict[str, Any]:
         if head_dim is None and arch == "llama":
             head_dim = gf.get(f"{a}.rope.dimension_count")  # llama rotates whole heads
         head_dim = head_dim or hidden // heads
+        if arch == "gpt-oss":  # every layer's MLP is experts of this width
+            ffn = _uniform(gf, f"{a}.expert_feed_forward_length") or ffn
         if ffn is None:
             ffn = int(gf.tensors["blk.0.ffn_up.weight"].shape[-1])
         cfg.update(
@@ -264,6 +283,8 @@ def _build_config(gf: GGUFFile) -> dict[str, Any]:
         rope_scaling = _rope_scaling(gf, head_dim, cfg["rope_theta"], cfg)
         if rope_scaling is not None:
             cfg["rope_scaling"] = rope_scaling
+        if arch == "gpt-oss":
+            _gpt_oss_config(gf, cfg)
     cfg["tie_word_embeddings"] = "output.weight" not in gf.tensors
     for key, hf_key in (("bos_token_id", "bos_token_id"), ("padding_token_id", "pad_token_id")):
         v = gf.get(f"tokenizer.ggml.{key}")
@@ -305,6 +326,33 @@ def _gemma3_config(gf: GGUFFile, cfg: dict[str, Any]) -> None:
         head = field.value.tolist(limit=1024)
         if "<end_of_turn>" in head:
             cfg["_gemma_end_of_turn"] = head.index("<end_of_turn>")
+
+
+def _gpt_oss_config(gf: GGUFFile, cfg: dict[str, Any]) -> None:
+    """What a gpt-oss GGUF leaves to llama.cpp's code: even layers slide, odd ones are full; YaRN
+    over the original context without truncating its correction range (HF's gpt-oss config);
+    the experts' count, top-k and MXFP4 blocks (kept 4-bit)."""
+    a = gf.architecture
+    layers = cfg["num_hidden_layers"]
+    rope = dict(cfg.pop("rope_scaling", None) or {"rope_type": "default"})
+    if rope["rope_type"] == "yarn":
+        rope.update(
+            beta_fast=float(gf.get(f"{a}.rope.scaling.yarn_beta_fast") or 32.0),
+            beta_slow=float(gf.get(f"{a}.rope.scaling.yarn_beta_slow") or 1.0), truncate=False,
+        )
+    rope["rope_theta"] = cfg["rope_theta"]
+    cfg.pop("use_sliding_window", None)
+    cfg.update(
+        model_type="gpt_oss", rope_parameters=rope, rms_norm_eps=gf.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-5),
+        num_local_experts=_uniform(gf, f"{a}.expert_count", required=True),
+        num_experts_per_tok=_uniform(gf, f"{a}.expert_used_count", required=True),
+        layer_types=["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)],
+        sliding_window=cfg.get("sliding_window") or 128,
+        swiglu_limit=float(_uniform(gf, f"{a}.swiglu_clamp_exp") or 7.0),  # llama.cpp's default for gpt-oss
+    )
+    gate = gf.tensors.get("blk.0.ffn_gate_exps.weight")
+    if gate is not None and gate.tensor_type == GGMLQuantizationType.MXFP4:
+        cfg["quantization_config"] = {"quant_method": "mxfp4"}
 
 
 def _checkpoint_dtype(gf: GGUFFile) -> str:
@@ -390,7 +438,12 @@ def _hf_name(arch: str, gguf_name: str) -> str | None:
     m = _LAYER_TENSOR.match(gguf_name)
     if m:
         layer, part, kind = m.groups()
-        table = _GPT2_LAYER_NAMES if gpt2 else _GEMMA3_LAYER_NAMES if arch == "gemma3" else _LLAMA_LAYER_NAMES
+        table = (_GPT2_LAYER_NAMES if gpt2 else _GEMMA3_LAYER_NAMES if arch == "gemma3"
+                 else _GPT_OSS_LAYER_NAMES if arch == "gpt-oss" else _LLAMA_LAYER_NAMES)
+        if arch == "gpt-oss" and part in _GPT_OSS_EXPERTS:  # expanded per expert by the reader
+            return f"model.layers.{layer}.mlp.experts.{_GPT_OSS_EXPERTS[part]}.{kind}"
+        if part == "attn_sinks" and arch == "gpt-oss":
+            return f"model.layers.{layer}.self_attn.sinks"
         if part in table:
             prefix = "transformer.h" if gpt2 else "model.layers"
             return f"{prefix}.{layer}.{table[part]}.{kind}"
@@ -461,6 +514,10 @@ def iter_gguf_weights(
         if hf_name is None:
             continue
         t = gf.tensors[name]
+        if arch == "gpt-oss" and ".mlp.experts." in hf_name:
+            yield from _gpt_oss_experts(gf, name, hf_name, dtype)
+            count += 1
+            continue
         raw = keep_quantized and arch != "gpt2" and len(t.shape) == 2 and int(t.tensor_type) in GGML_BLOCK
         w = _raw_blocks(gf, name) if raw else torch.from_numpy(gf.dequantize(name))  # [out, in]
         if permute and (name.endswith((".attn_q.weight", ".attn_q.bias"))):
@@ -481,6 +538,28 @@ def iter_gguf_weights(
 
 
 # -- tokenizer --------------------------------------------------------------------------------
+def _gpt_oss_experts(
+    gf: GGUFFile, name: str, hf_name: str, dtype: torch.dtype
+) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
+    """A stacked expert tensor ([E, out, in] weights, [E, out] biases) -> one tensor per expert,
+    `...mlp.experts.{e}.{proj}.{weight|bias}`; MXFP4 weights stay blocks (views of the file)."""
+    from kvserve.kernels import mxfp4
+    from kvserve.models.linear import QuantizedTensor
+
+    t = gf.tensors[name]
+    prefix, proj, kind = hf_name.rsplit(".", 2)
+    if kind == "weight" and t.tensor_type == GGMLQuantizationType.MXFP4:
+        blocks = _raw_blocks(gf, name)  # [E * out, row_bytes]
+        e_count = int(t.shape[2])
+        out = blocks.data.shape[0] // e_count
+        for e in range(e_count):
+            yield f"{prefix}.{e}.{proj}.weight", QuantizedTensor(mxfp4.MXFP4, blocks.data[e * out : (e + 1) * out], blocks.cols)
+        return
+    w = torch.from_numpy(gf.dequantize(name)).to(dtype)  # [E, out, in] or [E, out]
+    for e in range(w.shape[0]):
+        yield f"{prefix}.{e}.{proj}.{kind}", w[e].contiguous()
+
+
 def load_gguf_tokenizer(src: str | Path | GGUFFile) -> Tokenizer:
     """The tokenizer embedded in a GGUF file (vocab, merges, special tokens, chat template)."""
     from kvserve.loader.gguf_tokenizer import build_gguf_tokenizer

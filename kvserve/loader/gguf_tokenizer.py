@@ -41,6 +41,13 @@ _QWEN2_SPLIT = (
     _CONTRACTIONS + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+# o200k (gpt-oss; llama.cpp's "gpt-4o"): case-aware word pieces with an optional contraction.
+_GPT4O_SPLIT = (
+    r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+" + _CONTRACTIONS + "?"
+    r"|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*" + _CONTRACTIONS + "?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_GPT4O_PRE = {"gpt-4o"}
 # Llama-3-style vocabularies: llama.cpp takes a pre-token that is itself in the vocab as one
 # token without running the merges (HF's tokenizer.json says the same: "ignore_merges": true),
 # and adds BOS unless the file says otherwise.
@@ -118,7 +125,8 @@ def _pre_tokenizer(pre: str | None) -> pre_tokenizers.PreTokenizer:
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # GPT-2 regex
     if pre in _DIGITS_PRE:
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    split = _LLAMA3_SPLIT if pre in _LLAMA3_REGEX_PRE else _QWEN2_SPLIT if pre in _QWEN2_PRE else None
+    split = (_LLAMA3_SPLIT if pre in _LLAMA3_REGEX_PRE else _QWEN2_SPLIT if pre in _QWEN2_PRE
+             else _GPT4O_SPLIT if pre in _GPT4O_PRE else None)
     if split is not None:
         return pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(split), behavior="isolated"),
@@ -150,7 +158,8 @@ def _byte_level_bpe(gf: GGUFFile, tokens: list[str], types: list[int]) -> _HFTok
     pre = gf.get("tokenizer.ggml.pre")
     try:
         bpe = models.BPE(
-            vocab, merges, fuse_unk=False, byte_fallback=False, ignore_merges=pre in _LLAMA3_PRE
+            vocab, merges, fuse_unk=False, byte_fallback=False,
+            ignore_merges=pre in _LLAMA3_PRE or pre in _GPT4O_PRE
         )
     except Exception as e:  # tokenizers raises on merges that reference unknown tokens
         raise ValueError(f"{gf.path}: inconsistent BPE vocab/merges: {e}") from e

@@ -201,6 +201,11 @@ def _random_init(model: nn.Module) -> None:
             if gen is None:
                 gen = gens[p.device] = torch.Generator(device=p.device).manual_seed(0)
             p.copy_((torch.randn(p.shape, generator=gen, device=p.device) * 0.02).to(p.dtype))
+    from kvserve.models.linear import Linear
+
+    for m in model.modules():  # weights kept outside parameters (MXFP4 blocks): the method fills them
+        if isinstance(m, Linear) and hasattr(m.method, "random_init"):
+            m.method.random_init(m, device=next(model.parameters()).device)
 
 
 def _folder_tokenizer(folder) -> Tokenizer | None:

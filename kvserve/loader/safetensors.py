@@ -67,15 +67,20 @@ def iter_weights(
                         sl = f.get_slice(name)
                         spec = shard(name, tuple(sl.get_shape()))
                     if spec is None:
-                        yield name, f.get_tensor(name).to(dtype)
+                        yield name, _cast(f.get_tensor(name), dtype)
                         continue
                     dim, start, length = spec
                     end = min(start + length, sl.get_shape()[dim])
                     index = (slice(start, end),) if dim == 0 else (slice(None), slice(start, end))
-                    yield name, sl[index].to(dtype)
+                    yield name, _cast(sl[index], dtype)
         else:
             # Pickles can run code on load: only plain tensors are accepted.
             state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
             for name, tensor in state.items():
-                yield name, narrow(tensor, name, shard).to(dtype)
+                yield name, _cast(narrow(tensor, name, shard), dtype)
             del state
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Floating tensors to the compute dtype; integer ones (MXFP4 blocks and scales) as stored."""
+    return t.to(dtype) if t.is_floating_point() else t

@@ -24,13 +24,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kvserve.kernels import cpu_quant
+from kvserve.kernels import cpu_quant, mxfp4
 from kvserve.models.layers import NATIVE_OPS, WeightLoadError, copy_into
 from kvserve.models.ops import Ops
 
 # GGML type id -> (values, bytes) per block, and -> name, for the formats the kernels take.
 GGML_BLOCK = cpu_quant.BLOCKS
-GGML_NAMES = {qtype: name for name, qtype in cpu_quant.QTYPES.items()}
+# Also MXFP4 (GGML type 39: gpt-oss's experts), which only `platform/mxfp4_linear.py` multiplies.
+_BLOCK_OF = {**GGML_BLOCK, mxfp4.MXFP4: (mxfp4.BLOCK, mxfp4.BLOCK_BYTES)}
+GGML_NAMES = {**{qtype: name for name, qtype in cpu_quant.QTYPES.items()}, mxfp4.MXFP4: "MXFP4"}
 
 
 @dataclass
@@ -54,6 +56,8 @@ class QuantizedTensor:
         return 2
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.qtype == mxfp4.MXFP4:
+            return mxfp4.dequantize(self.data, self.cols, dtype)
         return cpu_quant.dequantize(self.qtype, self.data, self.cols).to(dtype)
 
     def narrow(self, dim: int, start: int, length: int) -> QuantizedTensor | torch.Tensor:
@@ -61,7 +65,7 @@ class QuantizedTensor:
         it is dequantized first: tensor parallelism of an odd-sized row-parallel shard)."""
         if dim == 0:
             return QuantizedTensor(self.qtype, self.data.narrow(0, start, length), self.cols)
-        block, nbytes = GGML_BLOCK[self.qtype]
+        block, nbytes = _BLOCK_OF[self.qtype]
         if start % block or length % block:
             return self.dequantize().narrow(1, start, length)
         return QuantizedTensor(

@@ -20,7 +20,8 @@ Tensor parallelism: every rank routes the same way (the router is replicated) an
 of every expert (gate/up rows, down columns: `inter / tp` each), so the layer's output is a
 partial sum that the next norm all-reduces, as for a dense MLP.
 
-Not implemented: MoE GGUF files, quantized experts in the fused GPU kernel, gpt-oss.
+Not implemented: Qwen3-MoE / Mixtral GGUF files, quantized experts in the fused GPU kernel
+(gpt-oss, `models/gpt_oss.py`, has its own MXFP4 expert path).
 """
 
 from __future__ import annotations

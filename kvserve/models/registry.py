@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from kvserve.core.config import ModelConfig
 from kvserve.models.gemma3 import Gemma3ForCausalLM
 from kvserve.models.gpt2 import GPT2LMHeadModel
+from kvserve.models.gpt_oss import GptOssForCausalLM
 from kvserve.models.llama import LlamaForCausalLM
 from kvserve.models.moe import MoEForCausalLM
 from kvserve.models.phi3 import Phi3ForCausalLM
@@ -25,6 +26,7 @@ _REGISTRY: dict[str, type[nn.Module]] = {
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "Qwen3MoeForCausalLM": MoEForCausalLM,
     "MixtralForCausalLM": MoEForCausalLM,
+    "GptOssForCausalLM": GptOssForCausalLM,
 }
 
 

@@ -74,6 +74,15 @@ class LayerBuilder:
         method.ops = self.ops
         return Linear(in_features, out_features, False, method)
 
+    def mxfp4_linear(self, in_features: int, out_sizes: list[int] | int, bias: bool = False) -> Linear:
+        """A projection whose checkpoint weight is MXFP4 blocks (gpt-oss's experts): kept 4-bit
+        by `Mxfp4LinearMethod` on any device (a dense part stays dense)."""
+        from kvserve.platform.mxfp4_linear import Mxfp4LinearMethod
+
+        method = Mxfp4LinearMethod()
+        method.ops = self.ops
+        return Linear(in_features, out_sizes, bias, method, self.dtype)
+
     @property
     def quantized(self) -> bool:
         return not isinstance(self.linear_method, DenseLinearMethod)

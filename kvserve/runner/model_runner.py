@@ -187,7 +187,10 @@ class ModelRunner:
             from kvserve.runner.warmup import warm_up_kernels
 
             self.warmup_s = warm_up_kernels(model, self.kv_caches, self.block_size, self.max_model_len, device)
-        if use_cuda_graphs and device.type == "cuda" and backend.name == "triton":
+        # A model whose forward syncs with the host (gpt-oss with dense experts) runs eagerly.
+        if use_cuda_graphs and device.type == "cuda" and backend.name == "triton" and getattr(
+            model, "supports_cuda_graphs", True
+        ):
             from kvserve.runner.cuda_graphs import DecodeGraphs
 
             width, rows = verify_graphs or (1, None)

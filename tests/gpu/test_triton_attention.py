@@ -327,3 +327,15 @@ def test_rejects_unsupported_head_dim() -> None:
     q, k, v, cache, _, md = make_batch([(0, 4)], 2, 1, 16, 16, torch.float16)
     with pytest.raises(NotImplementedError, match="head_dim"):
         TritonBackend().forward(q[..., :12], k[..., :12], v[..., :12], cache[..., :12], md, 1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_attention_sinks(dtype: torch.dtype) -> None:
+    """gpt-oss's sinks in the decode (direct and split) and prefill kernels; also run on the CPU
+    under TRITON_INTERPRET=1 (`tests/gpu/sink_checks.py`)."""
+    from tests.gpu import sink_checks
+
+    if dtype == torch.float32:
+        sink_checks.run("cuda")
+    for window in (None, 128):
+        sink_checks.check_case(MIXED, window, "cuda", dtype, heads=(64, 8), head_dim=64, seed=11)

@@ -75,6 +75,7 @@ class TritonBackend(AttentionBackend):
         sliding_window: int | None = None,
         out: torch.Tensor | None = None,  # [T, num_heads, head_dim], optional destination
         kv_written: bool = False,  # the caller already stored k and v at the slot mapping
+        sinks: torch.Tensor | None = None,  # [num_heads] sink logits (gpt-oss)
     ) -> torch.Tensor:  # [T, num_heads, head_dim]
         self._check(q, kv_cache, metadata, sliding_window)
         if not kv_written:
@@ -94,13 +95,13 @@ class TritonBackend(AttentionBackend):
                 q, kv_cache, out, metadata.block_tables, metadata.seq_lens,
                 metadata.query_start_loc, num_seqs, scale, plan.num_splits,
                 sliding_window=sliding_window, mixed=mixed,
-                partials=self._partials(plan, q, num_seqs),
+                partials=self._partials(plan, q, num_seqs), sinks=sinks,
             )
         if not metadata.is_pure_decode and (plan.num_prefills > 0 or not use_decode):
             prefill_attention(
                 q, kv_cache, out, metadata.block_tables, metadata.seq_lens,
                 metadata.query_start_loc, num_seqs, scale,
-                sliding_window=sliding_window, skip_decodes=use_decode,
+                sliding_window=sliding_window, skip_decodes=use_decode, sinks=sinks,
             )
         return out
 

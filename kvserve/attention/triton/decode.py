@@ -86,6 +86,7 @@ def _decode_kernel(
     block_tables_ptr,
     seq_lens_ptr,
     query_start_loc_ptr,
+    sinks_ptr,  # [num_heads] sink logits (gpt-oss), read only when HAS_SINKS
     qk_scale,
     sliding_window,
     num_splits,
@@ -108,6 +109,7 @@ def _decode_kernel(
     DIRECT: tl.constexpr,  # num_splits == 1: normalise and write the output here
     DOT_PREC: tl.constexpr,
     PDL: tl.constexpr,
+    HAS_SINKS: tl.constexpr = False,
 ):
     seq = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -158,6 +160,9 @@ def _decode_kernel(
                                      stride_slot, HEAD_DIM, BLOCK_SIZE, DOT_PREC)
 
     if DIRECT or live == 1:
+        if HAS_SINKS:  # the sink's exp joins the denominator (log2 units, like m_i)
+            sink = tl.load(sinks_ptr + head, mask=head_valid, other=0.0).to(tl.float32) * 1.4426950408889634
+            l_i = l_i + tl.math.exp2(tl.minimum(sink - m_i, 126.0))  # capped: no inf in empty rows
         # seq_len 0 only occurs for CUDA-graph padding rows: write zeros rather than NaN.
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         tl.store(
@@ -185,6 +190,7 @@ def _decode_reduce_kernel(
     part_l_ptr,
     seq_lens_ptr,
     query_start_loc_ptr,
+    sinks_ptr,
     sliding_window,
     num_splits,
     num_heads,
@@ -196,6 +202,7 @@ def _decode_reduce_kernel(
     SLIDING: tl.constexpr,
     MIXED: tl.constexpr,
     PDL: tl.constexpr,
+    HAS_SINKS: tl.constexpr = False,
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -227,6 +234,9 @@ def _decode_reduce_kernel(
     m_max = tl.max(m, 0)
     w = tl.math.exp2(m - m_max)  # [SPLITS_PAD]
     denom = tl.sum(w * l, 0)
+    if HAS_SINKS:
+        sink = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634
+        denom += tl.math.exp2(tl.minimum(sink - m_max, 126.0))
     denom = tl.where(denom > 0.0, denom, 1.0)
     out = tl.sum(w[:, None] * acc, 0) / denom  # [HEAD_DIM]
     tl.store(
@@ -276,9 +286,12 @@ def decode_attention(
     mixed: bool = False,
     partials: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     config: tuple[int, int, int] | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> None:
     """`partials` = (acc [S, H, splits, D] fp32, m [S, H, splits], l [S, H, splits]) scratch,
-    allocated here when not given (callers reuse one set across layers)."""
+    allocated here when not given (callers reuse one set across layers). `sinks` [num_heads]:
+    per-head sink logits added to each softmax denominator (gpt-oss); None compiles the
+    kernels without them."""
     _, num_heads, head_dim = q.shape
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -301,6 +314,7 @@ def decode_attention(
         block_tables,
         seq_lens,
         query_start_loc,
+        sinks if sinks is not None else q,
         scale * _LOG2E,
         sliding_window or 0,
         num_splits,
@@ -323,6 +337,7 @@ def decode_attention(
         DIRECT=direct,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
         PDL=use_pdl,
+        HAS_SINKS=sinks is not None,
         num_warps=warps,
         num_stages=stages,
         launch_pdl=use_pdl,
@@ -335,6 +350,7 @@ def decode_attention(
             part_l,
             seq_lens,
             query_start_loc,
+            sinks if sinks is not None else out,
             sliding_window or 0,
             num_splits,
             num_heads,
@@ -347,6 +363,7 @@ def decode_attention(
             SLIDING=sliding_window is not None,
             MIXED=mixed,
             PDL=use_pdl,
+            HAS_SINKS=sinks is not None,
             num_warps=4 if head_dim >= 128 else 2,
             launch_pdl=use_pdl,
         )

@@ -82,6 +82,7 @@ def _prefill_kernel(
     block_tables_ptr,
     seq_lens_ptr,
     query_start_loc_ptr,
+    sinks_ptr,  # [num_heads] sink logits (gpt-oss), read only when HAS_SINKS
     qk_scale,
     num_seqs,
     sliding_window,
@@ -102,6 +103,7 @@ def _prefill_kernel(
     SLIDING: tl.constexpr,
     SKIP_DECODES: tl.constexpr,  # query-length-1 sequences are left to the decode kernel
     DOT_PREC: tl.constexpr,
+    HAS_SINKS: tl.constexpr = False,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * G_PAD
     pid = tl.program_id(0)
@@ -175,6 +177,9 @@ def _prefill_kernel(
             BLOCK_SIZE, True, SLIDING, DOT_PREC,
         )
 
+    if HAS_SINKS:  # the sink's exp joins the denominator (log2 units, like m_i)
+        sink = tl.load(sinks_ptr + q_head, mask=row_valid, other=0.0).to(tl.float32) * 1.4426950408889634
+        l_i = l_i + tl.math.exp2(tl.minimum(sink - m_i, 126.0))  # capped: no inf in empty rows
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]
     tl.store(
@@ -211,10 +216,11 @@ def prefill_attention(
     sliding_window: int | None = None,
     skip_decodes: bool = False,
     config: tuple[int, int, int, int] | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> None:
     """Writes `out` rows of every sequence with query length > 1 (all sequences unless
     `skip_decodes`). `config` = (BLOCK_M, BLOCK_N, num_warps, num_stages) overrides the
-    defaults (for benchmarks)."""
+    defaults (for benchmarks). `sinks` [num_heads]: per-head sink logits (gpt-oss)."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -229,6 +235,7 @@ def prefill_attention(
         block_tables,
         seq_lens,
         query_start_loc,
+        sinks if sinks is not None else q,
         scale * _LOG2E,
         num_seqs,
         sliding_window or 0,
@@ -249,6 +256,7 @@ def prefill_attention(
         SLIDING=sliding_window is not None,
         SKIP_DECODES=skip_decodes,
         DOT_PREC="ieee" if q.dtype == torch.float32 else "tf32",
+        HAS_SINKS=sinks is not None,
         num_warps=warps,
         num_stages=stages,
     )

@@ -1,0 +1,247 @@
+"""gpt-oss-20b shapes on one GPU (random weights, MXFP4 experts kept 4-bit): checks, then batch-1
+decode ms/token against the floor of the bytes a decode step must read.
+
+    python -m benchmarks.gpt_oss_gpu_bench                 # checks + decode, eager and CUDA graphs
+    python -m benchmarks.gpt_oss_gpu_bench --layers 4      # a shorter model (quick look)
+    python -m benchmarks.gpt_oss_gpu_bench --throughput 256   # + the 256-request workload
+
+Checks: the Triton attention kernels with sinks against the PyTorch backend
+(`tests/gpu/sink_checks.py`, bf16 and fp32), MXFP4 dequantization on the GPU equal to the CPU's,
+the grouped MXFP4 MoE kernel against the expert loop (`tests/gpu/mxfp4_moe_checks.py`), and one
+MoE layer of the engine's model against the layer computed densely from the dequantized weights.
+
+Floor per decode token (batch 1): every bf16 attention weight and bias, the router, the 4
+selected experts' MXFP4 bytes (4.25 bits a weight) and biases, the norms, the LM head, one
+embedding row and the KV cache read, divided by the read bandwidth of a large bf16 GEMV
+measured in the same run. Prints a table and writes JSON (`--json`).
+
+`--throughput N`: N requests (random ids in [0, 10000), prompt and output lengths uniform in
+[100, 1024], ignore_eos, temperature 0.6; the standard workload of `gpu_bench`), output tok/s
+against the ceiling of reading every weight once per step with `max_num_seqs` requests decoding
+(at 256 rows every expert is hit each step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+GPT_OSS_20B = dict(
+    architectures=["GptOssForCausalLM"], model_type="gpt_oss", hidden_size=2880, intermediate_size=2880,
+    num_hidden_layers=24, num_attention_heads=64, num_key_value_heads=8, head_dim=64, num_local_experts=32,
+    num_experts_per_tok=4, vocab_size=201088, sliding_window=128, max_position_embeddings=131072,
+    rms_norm_eps=1e-5, attention_bias=True, swiglu_limit=7.0, tie_word_embeddings=False, torch_dtype="bfloat16",
+    rope_parameters={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                     "original_max_position_embeddings": 4096, "rope_theta": 150000.0},
+    quantization_config={"quant_method": "mxfp4"}, eos_token_id=200002,
+)
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def gemv_read_bw(n: int = 16384, k: int = 16384, reps: int = 50) -> float:
+    """B/s of a bf16 [1, k] x [n, k]^T product (cuBLAS), two weights alternated."""
+    w = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    for i in range(3):
+        x @ w[i % 2].t()
+    torch.cuda.synchronize()
+    times = []
+    for r in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        x @ w[r % 2].t()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return n * k * 2 / statistics.median(times)
+
+
+def floor_bytes(cfg: dict, context: int) -> dict[str, float]:
+    h, inter, layers = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    hq, hkv, d = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    e, k, vocab = cfg["num_local_experts"], cfg["num_experts_per_tok"], cfg["vocab_size"]
+    attn = ((hq + 2 * hkv) * d * (h + 1) + h * (hq * d + 1) + hq) * 2  # qkv, o (+ biases), sinks
+    router = e * (h + 1) * 2
+    expert = (2 * inter * h + h * inter) * 4.25 / 8 + (2 * inter + h) * 2
+    norms = 2 * h * 2
+    window = cfg["sliding_window"]
+    kv = sum(min(context, window) if i % 2 == 0 else context for i in range(layers)) * 2 * hkv * d * 2
+    out = {
+        "attention": layers * attn, "router": layers * router, "experts": layers * k * expert,
+        "norms": layers * norms + h * 2, "lm_head": vocab * h * 2, "embedding_row": h * 2, "kv_cache": kv,
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def checks() -> None:
+    from kvserve.kernels import mxfp4
+    from tests.gpu import sink_checks
+
+    t0 = time.perf_counter()
+    sink_checks.run("cuda")
+    for dtype in (torch.bfloat16, torch.float32):
+        for window in (None, 128):
+            sink_checks.check_case(sink_checks.MIXED, window, "cuda", dtype, heads=(64, 8), head_dim=64, seed=11)
+    log(f"check: Triton attention with sinks == PyTorch reference (bf16, fp32)   ok ({time.perf_counter() - t0:.1f}s)")
+    w = torch.randn(512, 2880) * 0.05
+    data = mxfp4.quantize(w)
+    assert torch.equal(mxfp4.dequantize(data.cuda(), 2880, torch.bfloat16).cpu(), mxfp4.dequantize(data, 2880, torch.bfloat16))
+    log("check: MXFP4 dequantization on the GPU == the CPU's   ok")
+    from tests.gpu import mxfp4_moe_checks
+
+    mxfp4_moe_checks.run("cuda")
+    log("check: grouped MXFP4 MoE kernel == the expert loop (fp32, bf16 at 2880 x 2880)   ok")
+
+
+def moe_layer_check(model) -> None:
+    """One MoE layer (the engine's path) against the dense computation on its dequantized weights."""
+    moe = model.layers[0].mlp
+    torch.manual_seed(0)
+    x = torch.randn(7, moe.router.in_features, device="cuda", dtype=torch.bfloat16)
+    got = moe(x).float()
+    logits = moe.router(x)
+    top, ids = torch.topk(logits, moe.top_k, dim=-1)
+    wts = torch.softmax(top.float(), dim=-1)
+    ref = torch.zeros_like(got)
+    for t in range(x.shape[0]):
+        for j in range(moe.top_k):
+            ex = moe.experts[int(ids[t, j])]
+            gu = torch.nn.functional.linear(x[t : t + 1].float(), ex.gate_up_proj.method.weight(ex.gate_up_proj, torch.float32),
+                                            ex.gate_up_proj.bias.float())
+            gate, up = gu[:, : ex.inter].clamp(max=ex.limit), gu[:, ex.inter :].clamp(-ex.limit, ex.limit)
+            hdn = (up + 1) * gate * torch.sigmoid(gate * ex.alpha)
+            y = torch.nn.functional.linear(hdn, ex.down_proj.method.weight(ex.down_proj, torch.float32), ex.down_proj.bias.float())
+            ref[t] += wts[t, j] * y[0]
+    rel = ((got - ref).norm() / ref.norm()).item()
+    assert rel < 3e-2, f"MoE layer relative error {rel:.3e}"
+    log(f"check: MoE layer (engine path) vs dense fp32 on the dequantized experts: rel err {rel:.2e}   ok")
+
+
+def decode_ms(llm, prompt_len: int, new_tokens: int, runs: int = 3) -> tuple[float, float]:
+    """(ms per decode token, time to first token in ms), medians."""
+    from kvserve import SamplingParams
+
+    prompt = {"prompt_token_ids": list(range(1000, 1000 + prompt_len))}
+    one = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    many = SamplingParams(max_tokens=new_tokens + 1, temperature=0, ignore_eos=True)
+    llm.generate(prompt, many, use_tqdm=False)  # warm-up
+    firsts, totals = [], []
+    for _ in range(runs):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        llm.generate(prompt, one, use_tqdm=False)
+        firsts.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        llm.generate(prompt, many, use_tqdm=False)
+        totals.append(time.perf_counter() - t0)
+    first, total = statistics.median(firsts), statistics.median(totals)
+    return (total - first) / new_tokens * 1e3, first * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--no-graphs", action="store_true", help="eager only")
+    ap.add_argument("--throughput", type=int, default=0, help="also run this many requests (0: skip)")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    from kvserve import LLM
+
+    dev = torch.cuda.get_device_name()
+    log(f"device: {dev}; torch {torch.__version__}")
+    checks()
+    cfg = dict(GPT_OSS_20B, num_hidden_layers=args.layers)
+    cfg["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(args.layers)]
+    bw = gemv_read_bw()
+    fl = floor_bytes(cfg, args.prompt + args.tokens // 2)
+    floor_ms = fl["total"] / bw * 1e3
+    results: dict[str, object] = {"device": dev, "layers": args.layers, "gemv_read_GBps": bw / 1e9,
+                                  "floor_bytes": fl, "floor_ms": floor_ms}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(cfg))
+        modes = [("eager", True)] + ([] if args.no_graphs else [("cuda-graphs", False)])
+        for name, eager in modes:
+            t0 = time.perf_counter()
+            try:
+                llm = LLM(tmp, load_format="dummy", dtype="bfloat16", device="cuda", max_model_len=4096,
+                          max_num_seqs=8, enforce_eager=eager, gpu_memory_utilization=0.45)
+            except Exception as exc:  # noqa: BLE001 - report and go on to the next mode
+                log(f"{name}: engine failed to start: {type(exc).__name__}: {str(exc)[:300]}")
+                results[name] = {"error": str(exc)[:300]}
+                continue
+            start = time.perf_counter() - t0
+            model = llm.engine.runner.model
+            if name == "eager":
+                moe_layer_check(model)
+            ms, ttft = decode_ms(llm, args.prompt, args.tokens)
+            results[name] = {"ms_per_token": ms, "ttft_ms": ttft, "startup_s": start,
+                             "pct_of_floor": floor_ms / ms * 100}
+            log(f"{name}: start-up {start:.1f}s")
+            llm.engine.shutdown() if hasattr(llm.engine, "shutdown") else None
+            del llm, model
+            torch.cuda.empty_cache()
+    log("")
+    log(f"gpt-oss-20b shapes ({args.layers} layers), batch-1 decode, {args.prompt}-token prompt, {dev}")
+    log(f"floor: {fl['total'] / 1e9:.3f} GB/token (experts {fl['experts'] / 1e9:.3f}, attention {fl['attention'] / 1e9:.3f}, "
+        f"LM head {fl['lm_head'] / 1e9:.3f}, KV {fl['kv_cache'] / 1e6:.1f} MB) at {bw / 1e9:.0f} GB/s "
+        f"(bf16 GEMV read) = {floor_ms:.3f} ms/token")
+    log(f"{'mode':<14}{'ms/token':>10}{'% of floor':>12}{'TTFT ms':>10}")
+    for name in ("eager", "cuda-graphs"):
+        r = results.get(name)
+        if isinstance(r, dict) and "ms_per_token" in r:
+            log(f"{name:<14}{r['ms_per_token']:>10.3f}{r['pct_of_floor']:>11.1f}%{r['ttft_ms']:>10.1f}")
+        elif isinstance(r, dict):
+            log(f"{name:<14}  failed: {r['error'][:80]}")
+    if args.throughput:
+        try:
+            results["throughput"] = throughput(cfg, args.throughput, bw)
+        except Exception as exc:  # noqa: BLE001 - the decode numbers above still count
+            log(f"throughput failed: {type(exc).__name__}: {str(exc)[:300]}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+def total_weight_bytes(cfg: dict) -> float:
+    f = floor_bytes(cfg, 0)
+    k, e = cfg["num_experts_per_tok"], cfg["num_local_experts"]
+    return f["total"] - f["kv_cache"] + f["experts"] * (e / k - 1)  # every expert, once
+
+
+def throughput(cfg: dict, n: int, bw: float, max_num_seqs: int = 256) -> dict[str, float]:
+    import random
+
+    from kvserve import LLM, SamplingParams
+
+    rng = random.Random(0)
+    prompts = [{"prompt_token_ids": [rng.randrange(10000) for _ in range(rng.randint(100, 1024))]} for _ in range(n)]
+    params = [SamplingParams(max_tokens=rng.randint(100, 1024), temperature=0.6, ignore_eos=True) for _ in range(n)]
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "config.json").write_text(json.dumps(cfg))
+        llm = LLM(tmp, load_format="dummy", dtype="bfloat16", device="cuda", max_model_len=4096,
+                  max_num_seqs=max_num_seqs, gpu_memory_utilization=0.85)
+        t0 = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        dt = time.perf_counter() - t0
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    step_s = total_weight_bytes(cfg) / bw
+    r = {"requests": n, "seconds": dt, "output_tok_s": tokens / dt, "ceiling_tok_s": max_num_seqs / step_s}
+    log(f"throughput: {n} requests, {tokens} output tokens in {dt:.1f}s = {r['output_tok_s']:.0f} tok/s; ceiling "
+        f"{r['ceiling_tok_s']:.0f} tok/s ({max_num_seqs} rows per step, every weight read once per step: "
+        f"{total_weight_bytes(cfg) / 1e9:.2f} GB at {bw / 1e9:.0f} GB/s)")
+    return r
+
+
+if __name__ == "__main__":
+    main()
