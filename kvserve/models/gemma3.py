@@ -38,7 +38,7 @@ from kvserve.attention.base import AttentionMetadata
 from kvserve.core.config import ModelConfig
 from kvserve.distributed import parallel_state as ps
 from kvserve.models.layers import RMSNorm, RotaryEmbedding, StepRope
-from kvserve.models.llama import LlamaForCausalLM
+from kvserve.models.llama import LlamaForCausalLM, set_attention_sizes
 
 if TYPE_CHECKING:
     from kvserve.platform.base import LayerBuilder
@@ -50,11 +50,7 @@ GELU_TANH = ("gelu_pytorch_tanh", "gelu_tanh")
 class Gemma3Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, b: LayerBuilder, sliding: bool) -> None:
         super().__init__()
-        self.num_heads = cfg.num_heads // ps.get_tp().size  # this rank's query heads
-        self.num_kv_heads = ps.kv_head_shard(cfg.num_kv_heads)[1]
-        self.head_dim = cfg.head_dim
-        self.q_size = self.num_heads * cfg.head_dim
-        self.kv_size = self.num_kv_heads * cfg.head_dim
+        set_attention_sizes(self, cfg)
         self.scale = cfg.attn_scale if cfg.attn_scale is not None else cfg.head_dim**-0.5
         self.qkv_proj = b.linear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=cfg.attention_bias)
         self.o_proj = b.linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias)

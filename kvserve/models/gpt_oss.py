@@ -41,7 +41,8 @@ from kvserve.distributed import parallel_state as ps
 from kvserve.kernels import mxfp4
 from kvserve.models.layers import RMSNorm, RotaryEmbedding, StepRope, WeightLoadError, yarn_attention_factor
 from kvserve.models.linear import DenseLinearMethod, Linear, QuantizedTensor
-from kvserve.models.llama import LlamaDecoderLayer, LlamaForCausalLM
+from kvserve.models.llama import LlamaDecoderLayer, LlamaForCausalLM, set_attention_sizes
+from kvserve.models.moe import expert_loop
 
 if TYPE_CHECKING:
     from kvserve.platform.base import LayerBuilder
@@ -53,11 +54,7 @@ _PER_EXPERT = re.compile(r"\.experts\.\d+\.(gate_proj|up_proj|down_proj)\.(weigh
 class GptOssAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, b: LayerBuilder, sliding: bool, scale: float) -> None:
         super().__init__()
-        self.num_heads = cfg.num_heads // ps.get_tp().size  # this rank's query heads
-        self.num_kv_heads = ps.kv_head_shard(cfg.num_kv_heads)[1]
-        self.head_dim = cfg.head_dim
-        self.q_size = self.num_heads * cfg.head_dim
-        self.kv_size = self.num_kv_heads * cfg.head_dim
+        set_attention_sizes(self, cfg)
         self.scale = scale
         self.qkv_proj = b.linear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=cfg.attention_bias)
         self.o_proj = b.linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
@@ -130,14 +127,7 @@ class GptOssMoE(nn.Module):
             from kvserve.kernels.triton_mxfp4_moe import moe_mxfp4
 
             return moe_mxfp4(x, ids, weights, *stacked, self.experts[0].act)
-        out = torch.zeros_like(x)
-        hit = torch.bincount(ids.flatten(), minlength=self.num_experts).nonzero().flatten().tolist()
-        ids_t = ids.t()  # [k, T]: rows taken slot-major, as HF's expert loop takes them
-        for e in hit:
-            slot, rows = torch.where(ids_t == e)
-            y = self.experts[e](x.index_select(0, rows)) * weights[rows, slot, None]
-            out.index_add_(0, rows, y.to(out.dtype))
-        return out
+        return expert_loop(self.experts, x, weights, ids)
 
     def all_mxfp4(self) -> bool:
         """Every expert's projections are one MXFP4 part each (the grouped kernel applies)."""

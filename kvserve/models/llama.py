@@ -32,16 +32,22 @@ if TYPE_CHECKING:
     from kvserve.platform.base import LayerBuilder
 
 
+def set_attention_sizes(mod: nn.Module, cfg: ModelConfig) -> None:
+    """This rank's attention sizes on `mod` (every family's attention module): num_heads,
+    num_kv_heads (query heads split across tensor-parallel ranks, KV heads split or
+    replicated), head_dim, q_size and kv_size (their widths in the fused qkv projection)."""
+    mod.num_heads = cfg.num_heads // ps.get_tp().size
+    mod.num_kv_heads = ps.kv_head_shard(cfg.num_kv_heads)[1]
+    mod.head_dim = cfg.head_dim
+    mod.q_size = mod.num_heads * cfg.head_dim
+    mod.kv_size = mod.num_kv_heads * cfg.head_dim
+
+
 class LlamaAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, b: LayerBuilder) -> None:
         super().__init__()
-        tp = ps.get_tp()
-        self.tp_size = tp.size
-        self.num_heads = cfg.num_heads // tp.size  # this rank's query heads
-        self.num_kv_heads = ps.kv_head_shard(cfg.num_kv_heads)[1]
-        self.head_dim = cfg.head_dim
-        self.q_size = self.num_heads * cfg.head_dim
-        self.kv_size = self.num_kv_heads * cfg.head_dim
+        self.tp_size = ps.get_tp().size
+        set_attention_sizes(self, cfg)
         self.scale = cfg.head_dim**-0.5
         self.qkv_proj = b.linear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=cfg.attention_bias)
         self.o_proj = b.linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)

@@ -51,6 +51,20 @@ class ExpertMLP(nn.Module):
         return self.down_proj(self.gate_up_proj.silu_and_mul(x))
 
 
+def expert_loop(experts: nn.ModuleList, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The MoE output without a fused kernel: each expert that received tokens (ascending, as
+    HF's loop) runs on its rows; outputs are weighted and scatter-added. x [T, H], weights and
+    ids [T, k] -> [T, H]."""
+    out = torch.zeros_like(x)
+    hit = torch.bincount(ids.flatten(), minlength=len(experts)).nonzero().flatten().tolist()
+    ids_t = ids.t()  # [k, T]: rows taken slot-major, as HF's expert loop takes them
+    for e in hit:
+        slot, rows = torch.where(ids_t == e)
+        y = experts[e](x.index_select(0, rows)) * weights[rows, slot, None]
+        out.index_add_(0, rows, y.to(out.dtype))
+    return out
+
+
 class SparseMoE(nn.Module):
     def __init__(self, cfg: ModelConfig, b: LayerBuilder, num_experts: int, top_k: int, inter: int, renorm: bool) -> None:
         super().__init__()
@@ -79,14 +93,7 @@ class SparseMoE(nn.Module):
         fused = self.ops.fused_moe(self, x, weights, ids)
         if fused is not None:
             return fused
-        out = torch.zeros_like(x)
-        hit = torch.bincount(ids.flatten(), minlength=self.num_experts).nonzero().flatten().tolist()
-        ids_t = ids.t()  # [k, T]: rows taken slot-major, as HF's expert loop takes them
-        for e in hit:
-            slot, rows = torch.where(ids_t == e)
-            y = self.experts[e](x.index_select(0, rows)) * weights[rows, slot, None]
-            out.index_add_(0, rows, y.to(out.dtype))
-        return out
+        return expert_loop(self.experts, x, weights, ids)
 
 
 class MoEForCausalLM(LlamaForCausalLM):

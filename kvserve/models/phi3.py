@@ -31,7 +31,7 @@ from kvserve.attention.base import AttentionMetadata
 from kvserve.core.config import ModelConfig
 from kvserve.distributed import parallel_state as ps
 from kvserve.models.layers import RMSNorm, RotaryEmbedding, StepRope
-from kvserve.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP
+from kvserve.models.llama import LlamaDecoderLayer, LlamaForCausalLM, LlamaMLP, set_attention_sizes
 
 if TYPE_CHECKING:
     from kvserve.platform.base import LayerBuilder
@@ -102,11 +102,7 @@ class LongRope(RotaryEmbedding):
 class Phi3Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, b: LayerBuilder, rotary_dim: int) -> None:
         super().__init__()
-        self.num_heads = cfg.num_heads // ps.get_tp().size  # this rank's query heads
-        self.num_kv_heads = ps.kv_head_shard(cfg.num_kv_heads)[1]
-        self.head_dim = cfg.head_dim
-        self.q_size = self.num_heads * cfg.head_dim
-        self.kv_size = self.num_kv_heads * cfg.head_dim
+        set_attention_sizes(self, cfg)
         self.rotary_dim = rotary_dim
         self.scale = cfg.head_dim**-0.5
         self.qkv_proj = b.linear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=cfg.attention_bias)
