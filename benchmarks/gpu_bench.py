@@ -107,7 +107,7 @@ def events_time(fn, reps: int = 50) -> float:
     fn()
     torch.cuda.synchronize()
     times = []
-    for _ in range(reps // 10):
+    for _ in range(max(1, reps // 10)):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         for _ in range(10):

@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from benchmarks.gpu_bench import events_time
 from kvserve import LLM, SamplingParams
 
 SHAPES = {
@@ -73,22 +74,6 @@ def config(name: str, layers: int) -> dict:
 
 
 # -- timing helpers --------------------------------------------------------------------------
-def events_time(fn, reps: int = 30) -> float:
-    """Median seconds of fn() in groups of 10 back to back (CUDA events)."""
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(max(1, reps // 10)):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(10):
-            fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / 10)
-    return statistics.median(times)
-
-
 def graph_time(fn, reps: int = 20) -> float:
     """Median seconds of one replay of fn() captured in a CUDA graph."""
     s = torch.cuda.Stream()

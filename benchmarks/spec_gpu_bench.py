@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.gpu_bench import model_folder
+from benchmarks.gpu_bench import events_time, model_folder
 from kvserve import LLM, SamplingParams
 from kvserve.runner.cuda_graphs import DecodeGraphs
 from kvserve.spec_decode.config import SpeculativeConfig
@@ -51,19 +51,9 @@ def log(msg: str) -> None:
 
 def replay_time(g: DecodeGraphs, bs: int, reps: int = 30) -> float:
     """Median seconds of one replay of the graph of `bs` rows (groups of 10, CUDA events)."""
-    for _ in range(3):
+    for _ in range(2):
         g.replay(bs)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps // 10):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        for _ in range(10):
-            g.replay(bs)
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3 / 10)
-    return statistics.median(times)
+    return events_time(lambda: g.replay(bs), reps)
 
 
 def fill_static(g: DecodeGraphs, batch: int, width: int, ctx: int, block_size: int) -> int:
