@@ -11,7 +11,7 @@ batch-1 decode of the built-in model ran at 4 to 14 tok/s on 2 threads and at 30
 on 1 (benchmarks/RESULTS.md, "Threads under load"). So the default is the usable cores minus the
 cores other processes are busy on right now, at least 1: every core on an idle machine, fewer on
 a busy one. "Right now" is the kernel's count of runnable tasks (`procs_running` in /proc/stat,
-less this process, the median of a few samples over ~40 ms), not the 1-minute load average: that
+less this process, the median of three samples over ~10 ms), not the 1-minute load average: that
 one still counts a run that ended a minute ago (the previous `kvserve generate`, a test suite),
 and would halve the threads of the next command on an idle 2-core machine. Without /proc, the
 load average stands in.
@@ -54,7 +54,7 @@ def running_tasks(stat_path: str = "/proc/stat") -> int | None:
     return None
 
 
-def busy_cpus(samples: int = 5, interval: float = 0.01) -> float:
+def busy_cpus(samples: int = 3, interval: float = 0.005) -> float:
     """CPUs other processes keep busy now: the median of `samples` counts of runnable tasks less
     this process's running thread; the 1-minute load average where /proc is missing."""
     import statistics
