@@ -523,16 +523,26 @@ static void direct_group(int qtype, int nr, int mr, const uint8_t *w, int64_t wr
     }
 }
 
-/* Up to DIRECT_MAX_ACT activation rows take the direct kernels, DIRECT_MAX_M at a time over
- * each weight row group (the group's bytes are still in L1 for the next activation group, so the
- * weight streams from memory once). Measured on one Zen 3 core (AVX2): Q4_1 at 5-16 rows this
- * way takes 0.70-0.85x the tile path's time (which unpacks every tile into int8 first), Q8_0
- * 0.92-1.0x (benchmarks/RESULTS.md). */
-#define DIRECT_MAX_ACT 16
+/* Activation rows beyond DIRECT_MAX_M take the direct kernels DIRECT_MAX_M at a time over each
+ * weight row group (the group's bytes are still in L1 for the next activation group, so the
+ * weight streams from memory once), up to a per-format bound where that beat the tile path
+ * (which unpacks every tile into int8 first). Measured on a Zen 3 core (AVX2), µs per product:
+ * Q4_1 3072 x 576 at 5-16 rows 0.70-0.85x the tile path's time, at 24-47 rows (2 threads)
+ * 0.57-0.83x; Q4_1 576 x 1536 at 24-47 rows 0.71-1.07x; Q8_0 0.92-1.0x at 5-16 rows and
+ * 1.1-1.4x (slower) above, so Q8_0 stays at DIRECT_MAX_M (benchmarks/RESULTS.md). */
+#define DIRECT_MAX_ACT 48
 
-static int direct_ok(int qtype, int64_t M) {
-    return M <= DIRECT_MAX_ACT && (qtype == KVQ_Q4_0 || qtype == KVQ_Q4_1 || qtype == KVQ_Q5_0 || qtype == KVQ_Q8_0);
+static int direct_max_rows(int qtype) {
+    switch (qtype) {
+    case KVQ_Q4_0:
+    case KVQ_Q4_1: return DIRECT_MAX_ACT;
+    case KVQ_Q5_0: return 16;
+    case KVQ_Q8_0: return DIRECT_MAX_M;
+    default: return 0;
+    }
 }
+
+static int direct_ok(int qtype, int64_t M) { return M <= direct_max_rows(qtype); }
 
 /* Rows [n0, n1) for M <= DIRECT_MAX_ACT activation rows, front to back in groups of rows. */
 static void gemm_direct(int qtype, const uint8_t *w, int64_t wrb, const uint8_t *x, const float *bias, float *out,
