@@ -39,7 +39,6 @@ import gc
 import json
 import os
 import random
-import statistics
 import tempfile
 import time
 import traceback
@@ -49,7 +48,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from benchmarks.gpu_bench import events_time
+from benchmarks.gpu_bench import events_time, kv_bytes_per_token, kvserve_decode
 from kvserve import LLM, SamplingParams
 
 SHAPES = {
@@ -236,29 +235,6 @@ def decode_bytes(model: torch.nn.Module, cfg_e: tuple, active_experts_per_layer:
     return int(total - experts + experts * active_experts_per_layer / e), experts
 
 
-def kv_bytes_per_token(cfg) -> int:
-    return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * 2
-
-
-def engine_decode(llm: LLM, prompt_len: int = 128, new: int = 128, reps: int = 3) -> float:
-    eng = llm.engine
-    rng = random.Random(0)
-    eng.add_request("warm", [rng.randrange(10000) for _ in range(prompt_len)], SamplingParams(max_tokens=8, ignore_eos=True))
-    while eng.has_unfinished_requests():
-        eng.step()
-    per_tok = []
-    for r in range(reps):
-        eng.add_request(f"r{r}", [rng.randrange(10000) for _ in range(prompt_len)],
-                        SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True))
-        first = None
-        while eng.has_unfinished_requests():
-            eng.step()
-            if first is None:
-                first = time.perf_counter()
-        per_tok.append((time.perf_counter() - first) / (new - 1))
-    return statistics.median(per_tok)
-
-
 def workload(n: int = 256, seed: int = 0) -> tuple[list[list[int]], list[int]]:
     rng = random.Random(seed)
     prompts = [[rng.randrange(10000) for _ in range(rng.randint(100, 1024))] for _ in range(n)]
@@ -284,7 +260,7 @@ def section_engine(name: str, layers: int, root: Path, bw: float, throughput: bo
     wb, expert_total = decode_bytes(model, SHAPES[name], k)
     kv = kv_bytes_per_token(cfg) * (128 + 64)  # mean context over the timed steps
     floor = (wb + kv) / bw
-    s = engine_decode(llm)
+    s = kvserve_decode(llm, new=128)
     # Projection to full depth: non-layer bytes (embedding row, norm, head) once, layers scaled.
     layer_bytes = sum(p.numel() * p.element_size() for p in model.layers.parameters()) - expert_total * (1 - k / e)
     head_bytes = wb - layer_bytes

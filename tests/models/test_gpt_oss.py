@@ -15,13 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvserve import LLM, SamplingParams
+from kvserve import LLM
 from kvserve.kernels import mxfp4
 from tests.conftest import TINY_VOCAB, _save_tokenizer
-from tests.models.test_parity import NEW_TOKENS, _prompts, assert_matches_hf, hf_greedy
+from tests.models.test_parity import NEW_TOKENS, assert_batched_and_alone_match_hf, _prompts, hf_greedy
 from tests.models.tp_check import assert_tp2_matches_tp1
 
-GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=0)
 
 
 def _config(inter: int = 32, yarn: dict | None = None):
@@ -57,12 +56,7 @@ def _hf_model(inter: int = 32, yarn: dict | None = None):
 
 def _check(llm, hf, prompts):
     refs = [hf_greedy(hf, p, NEW_TOKENS) for p in prompts]
-    batched = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
-    alone = [llm.generate({"prompt_token_ids": p}, GREEDY, use_tqdm=False)[0] for p in prompts[:2]]
-    for outs in (batched, alone):
-        for out, ref in zip(outs, refs):
-            comp = out.outputs[0]
-            assert_matches_hf(comp.token_ids, [d[t].logprob for d, t in zip(comp.logprobs, comp.token_ids)], ref)
+    assert_batched_and_alone_match_hf(llm, prompts, refs, alone=2)
 
 
 YARN_ACTIVE = {"rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,

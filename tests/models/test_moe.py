@@ -10,10 +10,9 @@ import torch
 from kvserve import LLM, SamplingParams
 from kvserve.models.moe import SparseMoE
 from tests.conftest import TINY_VOCAB, _save_tokenizer
-from tests.models.test_parity import NEW_TOKENS, _prompts, assert_matches_hf, hf_greedy
+from tests.models.test_parity import NEW_TOKENS, assert_batched_and_alone_match_hf, _prompts, hf_greedy
 from tests.models.tp_check import assert_tp2_matches_tp1
 
-GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=0)
 COMMON = dict(vocab_size=TINY_VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=512, eos_token_id=2, bos_token_id=1, pad_token_id=0)
 
@@ -56,12 +55,7 @@ def test_moe_greedy_matches_hf_batched_and_alone(kind, tmp_path):
     layers = llm.engine.runner.model.layers
     assert isinstance(layers[0].mlp, SparseMoE)
     assert isinstance(layers[1].mlp, SparseMoE) == (kind != "qwen3_moe")
-    batched = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
-    alone = [llm.generate({"prompt_token_ids": p}, GREEDY, use_tqdm=False)[0] for p in prompts[:2]]
-    for outs in (batched, alone):
-        for out, ref in zip(outs, refs):
-            comp = out.outputs[0]
-            assert_matches_hf(comp.token_ids, [d[t].logprob for d, t in zip(comp.logprobs, comp.token_ids)], ref)
+    assert_batched_and_alone_match_hf(llm, prompts, refs, alone=2)
 
 
 def test_moe_experts_take_the_platforms_linear_method(tmp_path):

@@ -55,6 +55,20 @@ def assert_matches_hf(ours_tokens, ours_lps, ref) -> None:
     assert len(ours_tokens) == len(ref_tokens) == NEW_TOKENS
 
 
+def assert_batched_and_alone_match_hf(llm, prompts, refs, alone: int | None = None) -> None:
+    """Greedy ids and logprobs of `prompts` run together and then one at a time (the first
+    `alone` of them; all by default) equal HF's `refs`; `llm` must sample with logprobs=0."""
+    from kvserve import SamplingParams
+
+    sp = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=0)
+    batched = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
+    single = [llm.generate({"prompt_token_ids": p}, sp, use_tqdm=False)[0] for p in prompts[:alone]]
+    for outs in (batched, single):
+        for out, ref in zip(outs, refs):
+            comp = out.outputs[0]
+            assert_matches_hf(comp.token_ids, [d[t].logprob for d, t in zip(comp.logprobs, comp.token_ids)], ref)
+
+
 @pytest.mark.parametrize("arch", TINY_ARCHS)
 def test_greedy_matches_hf_batched_and_alone(arch, tiny_model_factory):
     folder, hf_model = tiny_model_factory(arch)

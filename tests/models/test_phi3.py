@@ -9,13 +9,12 @@ import random
 import pytest
 import torch
 
-from kvserve import LLM, SamplingParams
+from kvserve import LLM
 from kvserve.core.config import ModelConfig
 from tests.conftest import TINY_VOCAB, _save_tokenizer
-from tests.models.test_parity import NEW_TOKENS, assert_matches_hf, hf_greedy
+from tests.models.test_parity import NEW_TOKENS, assert_batched_and_alone_match_hf, hf_greedy
 from tests.models.tp_check import assert_tp2_matches_tp1
 
-GREEDY = SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True, logprobs=0)
 ORIGINAL_MAX = 48  # LongRoPE's switch point
 
 
@@ -46,12 +45,7 @@ def _prompts(*lengths: int) -> list[list[int]]:
 
 def _check(llm: LLM, hf, prompts: list[list[int]]) -> None:
     refs = [hf_greedy(hf, p, NEW_TOKENS) for p in prompts]
-    batched = llm.generate([{"prompt_token_ids": p} for p in prompts], GREEDY, use_tqdm=False)
-    alone = [llm.generate({"prompt_token_ids": p}, GREEDY, use_tqdm=False)[0] for p in prompts]
-    for outs in (batched, alone):
-        for out, ref in zip(outs, refs):
-            comp = out.outputs[0]
-            assert_matches_hf(comp.token_ids, [d[t].logprob for d, t in zip(comp.logprobs, comp.token_ids)], ref)
+    assert_batched_and_alone_match_hf(llm, prompts, refs)
 
 
 def test_phi3_fused_checkpoint_and_window_match_hf(tmp_path):
