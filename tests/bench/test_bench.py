@@ -154,6 +154,25 @@ def test_kv_ablation(model_dir, tmp_path):
     assert_report(tmp_path / "rep", "kv-ablation.png")
 
 
+def test_kv_ablation_fp32_check_runs_on_fp32_weights(model_dir, monkeypatch):
+    """The float32 identity check loads float32 weights (GGUF blocks dequantized): quantized
+    one-row and many-row products are different kernels, so only then must the modes agree."""
+    import kvserve
+    from kvserve.bench import kv_ablation
+
+    seen = []
+    real = kvserve.LLM
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kvserve, "LLM", spy)
+    assert kv_ablation.fp32_identical(str(model_dir), [5, 6, 7, 8], 3, 32)
+    assert [k.get("quantization") for k in seen] == ["none", "none"]
+    assert [k.get("enable_kv_cache") for k in seen] == [True, False]
+
+
 def test_report_without_matplotlib_says_how_to_install(model_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
     rc = main(["bench", "prefix", "-m", str(model_dir), *ENGINE, "--report-dir", str(tmp_path / "rep")])

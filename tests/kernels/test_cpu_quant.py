@@ -124,8 +124,10 @@ def test_gemm_int8(qtype: str, level: str) -> None:
 @pytest.mark.parametrize("level", ["native", "baseline"])
 @pytest.mark.parametrize("qtype", FORMATS)
 def test_gemm_int8_few_rows(qtype: str, level: str) -> None:
-    """The decode path (M <= 4: weights dotted straight from their block bytes on AVX2/AVX-512):
-    every M it specialises, row counts that leave partial row groups, K an odd number of
+    """The decode path (weights dotted straight from their block bytes on AVX2/AVX-512; on AVX2
+    more than 4 activation rows go 4 at a time, up to a per-format bound): every M it
+    specialises, activation counts that leave a partial group of 4 (5, 9) or need the heap
+    for their prepared rows (47), row counts that leave partial row groups, K an odd number of
     blocks, K that ends in a partial 8-block step, and a bias."""
     lib = _get_lib(level)
     g = torch.Generator().manual_seed(11)
@@ -136,14 +138,14 @@ def test_gemm_int8_few_rows(qtype: str, level: str) -> None:
             w = random_weight(qtype, n, k, seed=n + k)
             wf = gguf_dequant(qtype, w)
             bias = torch.randn(n, generator=g)
-            for m in (1, 2, 3, 4):
+            for m in (1, 2, 3, 4, 5, 9, 47):
                 x = torch.randn(m, k, generator=g)
                 # (a) only: with a single block and one output, cancellation makes (b) meaningless
                 check_int8(cq.gemm_int8(qtype, w, k, x, lib=lib), x, wf, vs_unquantized=False)
                 check_int8(cq.gemm_int8(qtype, w, k, x, bias, lib=lib), x, wf, bias, vs_unquantized=False)
 
 
-@pytest.mark.parametrize("m", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, 47])
 @pytest.mark.parametrize("qtype", FORMATS)
 def test_rows_independent_of_split(qtype: str, m: int) -> None:
     """kvq.h: an output depends only on its weight and activation row, not on the row split."""
