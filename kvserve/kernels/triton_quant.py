@@ -497,12 +497,13 @@ def _launch_pdl(x: torch.Tensor) -> bool:
 # int4 / int8 read their codes as int32 words (`_dot_rows_w`); fp8 converts each code.
 GEMV_CONFIG = {"int4": (16, 512, 2), "int8": (16, 512, 2), "fp8": (2, 1024, 4)}
 # The first GEMV (a code at a time, `_dot_rows`) for int4 / int8, kept for comparison
-# (`gpu_quant_bench --qgemv-v1`) with its configuration.
-WORDS_GEMV = True
+# (`gpu_quant_bench --only gemv`) with its configuration; KVSERVE_QGEMV_WORDS=0 makes it the default.
+WORDS_GEMV = os.environ.get("KVSERVE_QGEMV_WORDS", "1") != "0"
 GEMV_CONFIG_V1 = {"int4": (4, 1024, 4), "int8": (2, 1024, 4), "fp8": (2, 1024, 4)}
 
 
-WORDS_QMM = True  # the same for the dequantizing GEMM and the dequantize kernel
+# The same for the dequantizing GEMM and the dequantize kernel (KVSERVE_QMM_WORDS=0: the first version).
+WORDS_QMM = os.environ.get("KVSERVE_QMM_WORDS", "1") != "0"
 
 
 def _codes(qw, words: bool | None = None) -> tuple[torch.Tensor, bool]:

@@ -1,0 +1,37 @@
+#!/bin/bash
+# The lead's device calls, one per stage, each bounded to fit one 10-minute call. Run from the
+# repository root on the GPU machine: `bash benchmarks/gpu_session.sh quant|moe|spec`.
+# Full logs go to $OUT (or /tmp/gpu_session), a filtered view to stdout; carry .gpuwheels
+# (xgrammar and its deps as cp312 wheels, SmolLM2's tokenizer) and .peer (gpt-fast's files).
+OUT=${OUT:-/tmp/gpu_session}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+python -m pip install -q --no-deps --no-index .gpuwheels/*.whl >/dev/null 2>&1 || echo "no xgrammar wheels"
+# t NAME LIMIT FILTER CMD...: run CMD under LIMIT seconds into $OUT/NAME.log, print what FILTER keeps
+t() {
+  local name=$1 s=$2 filt=$3; shift 3; local t0=$SECONDS
+  echo "=== $name: $* (limit ${s}s)"
+  timeout "$s" "$@" >"$OUT/$name.log" 2>&1; local rc=$?
+  grep -E "$filt" "$OUT/$name.log" | grep -v '^ *["{}]' | tail -60
+  echo "=== $name rc $rc in $((SECONDS - t0))s"
+}
+TESTS="passed|failed|FAILED|Error|error"
+case "$1" in
+quant)  # issue 17
+  t qtests 140 "$TESTS" python -m pytest -q -p no:cacheprovider tests/gpu/test_quant_gpu.py
+  t qgemv 110 "^\||rror|device" python -m benchmarks.gpu_quant_bench --only gemv1 --out "$OUT"
+  mkdir -p "$OUT/d" "$OUT/t"
+  t qdecode 230 "^\[|rror" python -m benchmarks.gpu_quant_bench --only decode,peer --peer-dir .peer/peer --out "$OUT/d"
+  t qthroughput 100 "^\[|rror" python -m benchmarks.gpu_quant_bench --only throughput --out "$OUT/t"
+  ;;
+moe)  # issue 20
+  t mtests 90 "$TESTS" python -m pytest -q -p no:cacheprovider tests/gpu/test_fused_moe.py tests/gpu/test_gpt_oss_gpu.py
+  t moebench 240 "^\||^\[|rror" python -m benchmarks.gpu_moe_bench --out "$OUT"
+  t gptoss 220 "^\||^\[|rror" python -m benchmarks.gpt_oss_gpu_bench --json "$OUT/gpt_oss.json"
+  ;;
+spec)  # issues 19 and 18
+  t stests 110 "$TESTS" python -m pytest -q -p no:cacheprovider tests/gpu/test_spec_decode_gpu.py tests/gpu/test_async_scheduling_gpu.py tests/gpu/test_structured_gpu.py
+  t specbench 230 "^\||^\[|rror" python -m benchmarks.spec_gpu_bench --json "$OUT/spec_gpu.json"
+  t structbench 200 "^\||^\[|rror|ms" python -m benchmarks.structured_bench --device cuda --shape Llama-3.1-8B --tokenizer .gpuwheels/smollm2-tokenizer
+  ;;
+esac
