@@ -166,6 +166,7 @@ def section_gemv(quick: bool = False) -> None:
     format at the Llama-3.1-8B shapes, a tile sweep of the word version, and each result
     checked against the first version's."""
     from kvserve.kernels import triton_quant as tq
+    words0 = tq.WORDS_GEMV  # the default, restored at the end
     from kvserve.models import triton_ops
     from kvserve.platform.cuda_quant import quantize
     from tests.gpu.quant_checks import formats
@@ -218,7 +219,7 @@ def section_gemv(quick: bool = False) -> None:
             except Exception:
                 traceback.print_exc()
             torch.cuda.empty_cache()
-    tq.WORDS_GEMV = True
+    tq.WORDS_GEMV = words0
     RESULTS["gemv"] = rows
 
 
@@ -226,6 +227,7 @@ def section_qmm() -> None:
     """Several rows: the dequantizing GEMM and dequantize + cuBLAS, first version (a code at a
     time) against the word version, next to bf16 cuBLAS; a tile sweep of the word GEMM."""
     from kvserve.kernels import triton_quant as tq
+    qwords0 = tq.WORDS_QMM  # the default, restored at the end
     from kvserve.platform.cuda_quant import quantize
     from tests.gpu.quant_checks import formats
 
@@ -277,7 +279,7 @@ def section_qmm() -> None:
                 traceback.print_exc()
             torch.cuda.empty_cache()
         del ws
-    tq.WORDS_QMM = True
+    tq.WORDS_QMM = qwords0
     RESULTS["qmm"] = rows
 
 

@@ -493,17 +493,16 @@ def _launch_pdl(x: torch.Tensor) -> bool:
     return pdl.enabled(x.device)
 
 
+# Two versions of the int4 / int8 kernels. The default (`_dot_rows`, `_deq_tile`) converts a code
+# at a time. The word version (`_dot_rows_w`, `_deq_tile_w`: int32 words, two codes made fp16 per
+# bit operation) has fewer SASS instructions per code but measured slower on an H100 (2026-12-07,
+# `gpu_quant_bench --only gemv1,qmm`: one-row int4 GEMVs 2-4x, the int4 GEMM 2-10x, the int4
+# dequantize kernel 9x), so it is kept only behind KVSERVE_QGEMV_WORDS=1 / KVSERVE_QMM_WORDS=1.
 # (BLOCK_N, BLOCK_K cap, num_warps) of the one-row kernel per storage kind (benchmarks/gpu_quant_bench.py).
-# int4 / int8 read their codes as int32 words (`_dot_rows_w`); fp8 converts each code.
-GEMV_CONFIG = {"int4": (16, 512, 2), "int8": (16, 512, 2), "fp8": (2, 1024, 4)}
-# The first GEMV (a code at a time, `_dot_rows`) for int4 / int8, kept for comparison
-# (`gpu_quant_bench --only gemv`) with its configuration; KVSERVE_QGEMV_WORDS=0 makes it the default.
-WORDS_GEMV = os.environ.get("KVSERVE_QGEMV_WORDS", "1") != "0"
-GEMV_CONFIG_V1 = {"int4": (4, 1024, 4), "int8": (2, 1024, 4), "fp8": (2, 1024, 4)}
-
-
-# The same for the dequantizing GEMM and the dequantize kernel (KVSERVE_QMM_WORDS=0: the first version).
-WORDS_QMM = os.environ.get("KVSERVE_QMM_WORDS", "1") != "0"
+GEMV_CONFIG = {"int4": (16, 512, 2), "int8": (16, 512, 2), "fp8": (2, 1024, 4)}  # word version
+WORDS_GEMV = os.environ.get("KVSERVE_QGEMV_WORDS", "0") == "1"
+GEMV_CONFIG_V1 = {"int4": (4, 1024, 4), "int8": (2, 1024, 4), "fp8": (2, 1024, 4)}  # default version
+WORDS_QMM = os.environ.get("KVSERVE_QMM_WORDS", "0") == "1"
 
 
 def _codes(qw, words: bool | None = None) -> tuple[torch.Tensor, bool]:

@@ -19,7 +19,8 @@ Products (`CudaQuantLinearMethod.apply`):
 
 - one row: the quantized GEMV (dequantizes in registers), with SiLU·mul or RoPE + K/V store
   in its epilogue for fused gate/up and qkv projections, as the bf16 GEMV;
-- up to `QMM_MAX_ROWS` rows (64): the dequantizing Triton GEMM;
+- up to `QMM_MAX_ROWS` rows (64): the dequantizing Triton GEMM (not for 4-bit weights in
+  groups of 32, which measured faster dequantized);
 - more rows: int8 / int4 dequantized to the model dtype in one pass, then cuBLAS; FP8 with
   per-row dynamic activation scales through `torch._scaled_mm` (FP8 tensor cores).
   (`benchmarks/gpu_quant_bench.py` measured the crossover; see benchmarks/RESULTS.md.)
@@ -54,6 +55,10 @@ REPACKABLE = {Q4_0: "int4", Q4_1: "int4", Q8_0: "int8", Q4_K: "int4"}
 # dequantize + cuBLAS up to 64 rows on every Llama-3.1-8B shape, and lost from 128 rows on two
 # of three. KVSERVE_QMM_MAX_ROWS / KVSERVE_FP8_QMM_MAX_ROWS override them.
 QMM_MAX_ROWS = int(os.environ.get("KVSERVE_QMM_MAX_ROWS", "64"))
+# 4-bit weights in groups of 32 (GGUF Q4_0 / Q4_1 / Q4_K) skip the GEMM: on an H100 (2026-12-07,
+# `gpu_quant_bench --only qmm`, Llama-3.1-8B gate_up, 2-64 rows) it took 740-780 us where
+# dequantize + cuBLAS took 275-280 (int4 in groups of 128: 102-133 vs 215-219, GEMM kept).
+QMM_MIN_INT4_GROUP = 64
 FP8_QMM_MAX_ROWS = int(os.environ.get("KVSERVE_FP8_QMM_MAX_ROWS", "64"))
 
 
@@ -316,7 +321,9 @@ class CudaQuantLinearMethod(TritonGemvLinearMethod):
             x = x.contiguous()
         if m == 1:
             return triton_quant.qgemv(x, qw, bias)
-        if m <= (FP8_QMM_MAX_ROWS if qw.kind == "fp8" else QMM_MAX_ROWS):
+        if m <= (FP8_QMM_MAX_ROWS if qw.kind == "fp8" else QMM_MAX_ROWS) and not (
+            qw.kind == "int4" and qw.group < QMM_MIN_INT4_GROUP
+        ):
             return triton_quant.qmm(x, qw, bias)
         if qw.kind == "fp8" and x.dtype in (torch.bfloat16, torch.float16):
             xq, xs = triton_quant.act_quant_fp8(x)
