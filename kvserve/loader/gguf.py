@@ -532,11 +532,11 @@ def _hf_name(arch: str, gguf_name: str, gguf_file: GGUFFile | None = None) -> st
         return f"model.layers.{layer}.mlp.experts.{e}.{proj}_proj.weight"
     if m:
         layer, part, kind = m.groups()
-        if phi3_fused_up := (arch == "phi3" and part == "ffn_up"):
-            phi3_fused_up = not (gguf_file is not None and f"blk.{layer}.ffn_gate.weight" in gguf_file.tensors)
         table = (_GPT2_LAYER_NAMES if gpt2 else _GEMMA3_LAYER_NAMES if arch == "gemma3"
                  else _GPT_OSS_LAYER_NAMES if arch == "gpt-oss" else _MOE_LAYER_NAMES if moe
-                 else _PHI3_LAYER_NAMES if phi3_fused_up or (arch == "phi3" and part != "ffn_up") else _LLAMA_LAYER_NAMES)
+                 else _PHI3_LAYER_NAMES if arch == "phi3" else _LLAMA_LAYER_NAMES)
+        if arch == "phi3" and gguf_file is not None and f"blk.{layer}.ffn_gate.weight" in gguf_file.tensors:
+            table = {**_PHI3_LAYER_NAMES, "ffn_up": "mlp.up_proj"}  # gate and up stored apart
         if (arch == "gpt-oss" or moe) and part in _STACKED_EXPERTS:  # expanded per expert by the reader
             return f"model.layers.{layer}.mlp.experts.{_STACKED_EXPERTS[part]}.{kind}"
         if part == "attn_sinks" and arch == "gpt-oss":

@@ -348,3 +348,21 @@ def test_unsupported_gguf_architecture_lists_the_new_families(tmp_path):
     _finish(w)
     with pytest.raises(ValueError, match=r"'mamba'.*supported: .*phi3.*qwen3moe.*Mixtral"):
         load_gguf_config(path)
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+def test_quantized_gguf_tensor_parallel_matches_tp1(kind, tmp_path):
+    """TP=2 on CPU processes: each rank takes its rows of every expert's GGML blocks (and of
+    Mixtral's permuted Q/K) and its columns of the down projections."""
+    _hf_model(kind, tmp_path / "hf")
+    path = tmp_path / f"{kind}-q.gguf"
+    _write_gguf(kind, tmp_path / "hf", path, QUANT)
+    prompts = [{"prompt_token_ids": p} for p in _prompts()[1:4]]
+    common = dict(device="cpu", num_kv_blocks=48, max_model_len=128)
+    want = LLM(str(path), **common).generate(prompts, GREEDY, use_tqdm=False)
+    llm = LLM(str(path), tensor_parallel_size=2, **common)
+    try:
+        # Partial sums add up in another order: the 8-bit rounding may tip as against the reference.
+        _assert_close_runs(llm.generate(prompts, GREEDY, use_tqdm=False), want, REF_TOL)
+    finally:
+        llm.engine.shutdown()
