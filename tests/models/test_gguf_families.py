@@ -366,3 +366,18 @@ def test_quantized_gguf_tensor_parallel_matches_tp1(kind, tmp_path):
         _assert_close_runs(llm.generate(prompts, GREEDY, use_tqdm=False), want, REF_TOL)
     finally:
         llm.engine.shutdown()
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "phi4"])
+def test_trace_cli_on_gguf(kind, tmp_path, capsys):
+    """`kvserve trace` on a quantized Qwen3-MoE file and a LongRoPE Phi-4-mini-style file."""
+    from kvserve.entrypoints import cli
+
+    _hf_model(kind, tmp_path / "hf")
+    path = tmp_path / f"{kind}.gguf"
+    _write_gguf(kind, tmp_path / "hf", path, QUANT)
+    args = ["trace", "Hello world", "--json", "--model", str(path), "--device", "cpu", "--steps", "3", "--layer", "1"]
+    assert cli.main(args) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert (data["num_heads"], data["num_kv_heads"]) == ((4, 2) if kind == "qwen3_moe" else (3, 1))
+    assert [s["stage"] for s in data["steps"]] == ["prefill", "decode", "decode"]
