@@ -319,7 +319,9 @@ def _build_config(gf: GGUFFile) -> dict[str, Any]:
     eos += [gf.get(f"tokenizer.ggml.{k}") for k in ("eot_token_id", "eom_token_id")]
     eos += list(gf.get("tokenizer.ggml.eos_token_ids") or [])
     eos.append(cfg.pop("_gemma_end_of_turn", None))
-    eos = list(dict.fromkeys(e for e in eos if e is not None))
+    eos += cfg.pop("_harmony_stops", [])
+    not_eos = cfg.pop("_harmony_not_eos", None)
+    eos = list(dict.fromkeys(e for e in eos if e is not None and e != not_eos))
     if eos:
         cfg["eos_token_id"] = eos[0] if len(eos) == 1 else eos
     cfg["torch_dtype"] = _checkpoint_dtype(gf)
@@ -374,6 +376,17 @@ def _gpt_oss_config(gf: GGUFFile, cfg: dict[str, Any]) -> None:
         sliding_window=cfg.get("sliding_window") or 128,
         swiglu_limit=float(_uniform(gf, f"{a}.swiglu_clamp_exp") or 7.0),  # llama.cpp's default for gpt-oss
     )
+    # Turns end with <|return|> or <|call|> (both in HF's generation_config; files name only
+    # one as EOS); <|end|> closes one message of the reply (the analysis before the final
+    # answer), so it must not stop generation (llama.cpp drops it from its end tokens likewise).
+    field = gf.reader.fields.get("tokenizer.ggml.tokens")
+    if field is not None and isinstance(field.value, StringArray):
+        tokens = field.value.tolist()
+        where = {t: i for i, t in enumerate(tokens) if t in ("<|return|>", "<|call|>", "<|end|>")}
+        stops = [where[t] for t in ("<|return|>", "<|call|>") if t in where]
+        if stops:
+            cfg["_harmony_stops"] = stops
+            cfg["_harmony_not_eos"] = where.get("<|end|>")
     gate = gf.tensors.get("blk.0.ffn_gate_exps.weight")
     if gate is not None and gate.tensor_type == GGMLQuantizationType.MXFP4:
         cfg["quantization_config"] = {"quant_method": "mxfp4"}
