@@ -301,27 +301,29 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, logprobs=
 REF_TOL = 0.02
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "phi3"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "mixtral_per_expert", "phi3"])
 def test_quantized_gguf_keeps_expert_blocks(kind, tmp_path):
     from kvserve.kernels import cpu_quant
     from kvserve.platform.ggml_linear import GGMLLinearMethod
 
     _hf_model(kind, tmp_path / "hf")
     path = tmp_path / f"{kind}-q.gguf"
-    state = _write_gguf(kind, tmp_path / "hf", path, QUANT)
+    state = _write_gguf(kind, tmp_path / "hf", path, QUANT, stacked=kind != "mixtral_per_expert")
     llm = LLM(str(path), device="cpu", num_kv_blocks=64)
     model = llm.engine.runner.model
     layer = model.layers[0]
     if kind != "phi3":
         moe = layer.mlp
         assert isinstance(moe.gate.method, DenseLinearMethod)  # the router stays dense
-        file_bytes = GGUFFile(path).tensors["blk.0.ffn_up_exps.weight"].data
+        tensors = GGUFFile(path).tensors
         for e, ex in enumerate(moe.experts):
+            file_bytes = (tensors["blk.0.ffn_up_exps.weight"].data[e] if "blk.0.ffn_up_exps.weight" in tensors
+                          else tensors[f"blk.0.ffn_up.{e}.weight"].data)
             assert isinstance(ex.gate_up_proj.method, GGMLLinearMethod)
             assert [p.qtype for p in ex.gate_up_proj.parts] == [cpu_quant.QTYPES["Q4_0"]] * 2
             assert [p.qtype for p in ex.down_proj.parts] == [cpu_quant.QTYPES["Q4_0"]]
             # Each expert holds its rows of the stacked tensor, byte for byte.
-            assert np.array_equal(ex.gate_up_proj.parts[1].data.numpy(), file_bytes[e])
+            assert np.array_equal(ex.gate_up_proj.parts[1].data.numpy(), file_bytes)
     else:
         assert [p.qtype for p in layer.mlp.gate_up_proj.parts] == [cpu_quant.QTYPES["Q4_0"]] * 2
     assert {p.qtype for p in layer.self_attn.qkv_proj.parts} == {cpu_quant.QTYPES["Q8_0"]}
