@@ -308,7 +308,7 @@ def _build_config(gf: GGUFFile) -> dict[str, Any]:
         elif arch == "phi3":
             _phi3_config(gf, cfg)
         elif arch == "qwen3moe" or (arch == "llama" and (_uniform(gf, f"{a}.expert_count") or 0) > 0):
-            moe_config(gf, cfg)
+            _moe_config(gf, cfg)
     cfg["tie_word_embeddings"] = "output.weight" not in gf.tensors
     for key, hf_key in (("bos_token_id", "bos_token_id"), ("padding_token_id", "pad_token_id")):
         v = gf.get(f"tokenizer.ggml.{key}")
@@ -433,7 +433,7 @@ def _phi3_config(gf: GGUFFile, cfg: dict[str, Any]) -> None:
     cfg["rope_scaling"] = scaling
 
 
-def moe_config(gf: GGUFFile, cfg: dict[str, Any]) -> None:
+def _moe_config(gf: GGUFFile, cfg: dict[str, Any]) -> None:
     """Qwen3-MoE ("qwen3moe") and Mixtral ("llama" with experts): expert count, top-k and width.
     llama.cpp renormalizes the top-k weights for both (Qwen3-MoE's `norm_topk_prob`, unless the
     file says `expert_weights_norm` = false). A Qwen3-MoE layer without a router keeps a dense
