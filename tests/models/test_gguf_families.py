@@ -61,6 +61,9 @@ def _hf_model(kind: str, folder: Path):
     elif kind == "qwen3_moe_raw":  # top-3 of 5 weights as the softmax gives them
         cfg = tf.Qwen3MoeConfig(**moe, intermediate_size=96, moe_intermediate_size=32, head_dim=16, num_experts=5,
                                 num_experts_per_tok=3, norm_topk_prob=False)
+    elif kind == "qwen3_moe_tf":  # what transformers' GGUF reader can rebuild (its default widths)
+        cfg = tf.Qwen3MoeConfig(**dict(moe, num_hidden_layers=1), intermediate_size=96, moe_intermediate_size=768,
+                                head_dim=128, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True)
     elif kind.startswith("mixtral"):
         cfg = tf.MixtralConfig(**moe, intermediate_size=32, num_local_experts=5, num_experts_per_tok=2,
                                sliding_window=None)
@@ -112,7 +115,7 @@ def _write_gguf(kind: str, folder: Path, path: Path, formats: dict[str, Q] | Non
     type by its role ("attn", "mlp", "experts"; F32 when absent; norms, router, embedding and
     head stay F32, as llama.cpp keeps the router). Returns the HF state as the file holds it."""
     hf_cfg = json.loads((folder / "config.json").read_text())
-    arch = {"qwen3_moe": "qwen3moe", "qwen3_moe_raw": "qwen3moe", "phi3": "phi3", "phi4": "phi3"}.get(kind, "llama")
+    arch = {"phi3": "phi3", "phi4": "phi3"}.get(kind, "qwen3moe" if kind.startswith("qwen3_moe") else "llama")
     formats = formats or {}
     state = _state(folder)
     read_back = dict(state)
@@ -156,6 +159,7 @@ def _write_gguf(kind: str, folder: Path, path: Path, formats: dict[str, Q] | Non
     w.add_token_types([1] * TINY_VOCAB)  # all normal: HF may sample any id, so may we
     w.add_token_merges(MERGES)
     w.add_eos_token_id(2)
+    w.add_pad_token_id(0)
 
     def put(gname: str, hf_names: list[str], role: str | None, permute: int = 0) -> None:
         x = np.stack([state[n] for n in hf_names]) if len(hf_names) > 1 or gname.endswith("_exps.weight") else state[hf_names[0]]
@@ -281,6 +285,22 @@ def test_f32_gguf_matches_hf(kind, tmp_path):
         assert model.layers[0].self_attn.sliding_window is None
     prompts = _long_prompts() if kind == "phi4" else _prompts()[1:]
     _check_hf(llm, hf, prompts)
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe_tf", "phi3", "phi4"])
+def test_writer_matches_transformers_gguf_reader(kind, tmp_path):
+    """The files these tests write hold llama.cpp's names and layouts: transformers' own GGUF
+    reader rebuilds the original weights from them exactly (it has no Mixtral mapping, and it
+    ignores Phi-3's LongRoPE and rotary metadata, which the greedy tests above cover)."""
+    import transformers as tf
+
+    hf = _hf_model(kind, tmp_path)
+    _write_gguf(kind, tmp_path, tmp_path / "m.gguf")
+    theirs = tf.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).state_dict()
+    ours = hf.state_dict()
+    assert sorted(theirs) == sorted(ours)
+    for name, t in ours.items():
+        assert torch.equal(theirs[name], t), name
 
 
 @pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
