@@ -70,6 +70,8 @@ def _hf_model(kind: str, folder: Path):
     else:  # phi3: 3 query heads over 1 KV head; phi4: LongRoPE and 0.75 partial rotary
         phi = dict(common, hidden_size=96, intermediate_size=128, num_hidden_layers=2, num_attention_heads=3,
                    num_key_value_heads=1, sliding_window=8 if kind == "phi3" else None)
+        if kind == "phi3_tp":  # heads that split two ways
+            phi.update(hidden_size=128, num_attention_heads=4, num_key_value_heads=2)
         if kind == "phi4":
             phi.update(partial_rotary_factor=0.75, original_max_position_embeddings=ORIGINAL_MAX, rope_parameters={
                 "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75,
@@ -115,7 +117,7 @@ def _write_gguf(kind: str, folder: Path, path: Path, formats: dict[str, Q] | Non
     type by its role ("attn", "mlp", "experts"; F32 when absent; norms, router, embedding and
     head stay F32, as llama.cpp keeps the router). Returns the HF state as the file holds it."""
     hf_cfg = json.loads((folder / "config.json").read_text())
-    arch = {"phi3": "phi3", "phi4": "phi3"}.get(kind, "qwen3moe" if kind.startswith("qwen3_moe") else "llama")
+    arch = "phi3" if kind.startswith(("phi3", "phi4")) else "qwen3moe" if kind.startswith("qwen3_moe") else "llama"
     formats = formats or {}
     state = _state(folder)
     read_back = dict(state)
@@ -372,10 +374,11 @@ def test_unsupported_gguf_architecture_lists_the_new_families(tmp_path):
         load_gguf_config(path)
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "phi3_tp"])
 def test_quantized_gguf_tensor_parallel_matches_tp1(kind, tmp_path):
     """TP=2 on CPU processes: each rank takes its rows of every expert's GGML blocks (and of
-    Mixtral's permuted Q/K) and its columns of the down projections."""
+    Mixtral's permuted Q/K, of Phi-3's fused qkv and gate ‖ up) and its columns of the down
+    projections."""
     _hf_model(kind, tmp_path / "hf")
     path = tmp_path / f"{kind}-q.gguf"
     _write_gguf(kind, tmp_path / "hf", path, QUANT)
