@@ -3,7 +3,9 @@
 The whole conversation is re-rendered with the model's chat template every turn (the prefix
 cache keeps the earlier turns' KV blocks, so only the new tokens are computed). Commands:
 ``/reset`` forgets the conversation (the system prompt stays), ``/exit`` (or EOF, Ctrl-D, Ctrl-C
-at the prompt) quits; Ctrl-C during a reply stops that reply.
+at the prompt) quits; Ctrl-C during a reply stops that reply. A gpt-oss reply shows its final
+answer only (its analysis channel is dropped, as the model's template drops it from history;
+`engine/harmony.py`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"model {args.model!r} has no chat template; use `kvserve generate` instead")
     start: list[dict[str, Any]] = [{"role": "system", "content": args.system}] if args.system else []
     history = list(start)
+    from kvserve.engine.harmony import is_harmony_model
+
+    harmony = is_harmony_model(tok, llm.engine.model_config.architecture)
     interactive = sys.stdin.isatty()
     if interactive:
         print(f"kvserve chat with {llm.engine.model_name}. {_HELP}", file=sys.stderr)
@@ -70,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             continue
         history.append({"role": "user", "content": line})
         try:
-            reply = _stream_reply(llm, history, params)
+            reply = _stream_reply(llm, history, params, harmony)
         except ValueError as e:  # e.g. the conversation outgrew the context window
             history.pop()
             print(f"error: {e} (/reset starts over)", file=sys.stderr)
@@ -78,18 +83,24 @@ def run(args: argparse.Namespace) -> int:
         history.append({"role": "assistant", "content": reply})
 
 
-def _stream_reply(llm: Any, history: list[dict[str, Any]], params: Any) -> str:
+def _stream_reply(llm: Any, history: list[dict[str, Any]], params: Any, harmony: bool = False) -> str:
     """Print the reply as it is decoded; return its text (partial if interrupted)."""
+    from kvserve.engine.harmony import HarmonyParser
+
     prompt = llm.chat_prompt(history)
+    parser = HarmonyParser(llm.get_tokenizer()) if harmony else None
     text = ""
     stream = llm.generate_stream(prompt, params)
     try:
         for out in stream:
             comp = out.outputs[0]
-            if comp.delta_text:
-                sys.stdout.write(comp.delta_text)
+            delta = comp.delta_text
+            if parser is not None:
+                delta = parser.feed(comp.token_ids, finished=comp.finish_reason is not None)[1]
+            if delta:
+                sys.stdout.write(delta)
                 sys.stdout.flush()
-            text = comp.text
+            text = parser.content if parser is not None else comp.text
     except KeyboardInterrupt:
         stream.close()  # aborts the request and frees its blocks
         sys.stdout.write(" [interrupted]")

@@ -40,13 +40,16 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # GGUF `general.architecture` -> HF `architectures[0]`. Mistral GGUFs say "llama" too: same math,
-# and llama.cpp stores no sliding window for them, so they load as Llama.
+# and llama.cpp stores no sliding window for them, so they load as Llama. Mixtral files say
+# "llama" with `llama.expert_count` > 0 (see `_build_config`).
 _HF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "qwen3moe": "Qwen3MoeForCausalLM",
     "gpt2": "GPT2LMHeadModel",
     "gemma3": "Gemma3ForCausalLM",
+    "phi3": "Phi3ForCausalLM",
     "gpt-oss": "GptOssForCausalLM",
 }
 
@@ -80,7 +83,16 @@ _GPT_OSS_LAYER_NAMES = {
     "attn_sinks": "self_attn.sinks",
     "ffn_gate_inp": "mlp.router",
 }
-_GPT_OSS_EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+# Stacked experts ([n_expert, out, in]; gpt-oss, Qwen3-MoE, Mixtral) -> the per-expert projection
+# they are split into on reading (`gguf_experts.py`); Mixtral files written before llama.cpp
+# stacked them hold one tensor per expert, `blk.N.ffn_gate.E.weight`.
+_STACKED_EXPERTS = {"ffn_gate_exps": "gate_proj", "ffn_up_exps": "up_proj", "ffn_down_exps": "down_proj"}
+_PER_EXPERT_TENSOR = re.compile(r"^blk\.(\d+)\.ffn_(gate|up|down)\.(\d+)\.weight$")
+# Qwen3-MoE and Mixtral: the router (kept dense by the model) under Qwen's name.
+_MOE_LAYER_NAMES = {**_LLAMA_LAYER_NAMES, "ffn_gate_inp": "mlp.gate"}
+# Phi-3 stores q/k/v as one `attn_qkv` and gate ‖ up as one `ffn_up` (HF's fused names; the
+# model splits them at load).
+_PHI3_LAYER_NAMES = {**_LLAMA_LAYER_NAMES, "attn_qkv": "self_attn.qkv_proj", "ffn_up": "mlp.gate_up_proj"}
 _LLAMA_GLOBAL_NAMES = {
     "token_embd": "model.embed_tokens",
     "output_norm": "model.norm",
@@ -102,9 +114,12 @@ _GPT2_GLOBAL_NAMES = {
 }
 # HF GPT-2 uses Conv1D ([in, out]); llama.cpp stores these as Linear ([out, in]).
 _GPT2_CONV1D = {"attn_qkv", "attn_output", "ffn_up", "ffn_down"}
-# Tensors that are not parameters: RoPE frequency factors (carried into the config instead) and
-# the precomputed rotary tables of very old conversions.
-_SKIPPED_TENSORS = re.compile(r"^(rope_freqs\.weight|blk\.\d+\.attn_rot_embd(\.weight)?)$")
+# Tensors that are not parameters: RoPE frequency factors (carried into the config instead:
+# Llama 3's rope_freqs, Phi-3's LongRoPE factors) and the precomputed rotary tables of very old
+# conversions.
+_SKIPPED_TENSORS = re.compile(
+    r"^(rope_freqs\.weight|rope_factors_(long|short)\.weight|blk\.\d+\.attn_rot_embd(\.weight)?)$"
+)
 _LAYER_TENSOR = re.compile(r"^blk\.(\d+)\.([a-z0-9_]+)\.(weight|bias)$")
 _GLOBAL_TENSOR = re.compile(r"^([a-z0-9_]+)\.(weight|bias)$")
 
@@ -159,26 +174,31 @@ class GGUFFile:
         field = self.reader.fields.get(key)
         return None if field is None or field.elem_type is None else len(field.value)
 
-    def dequantize(self, name: str) -> np.ndarray:
-        """One tensor as a fresh, writable float32 array in numpy (row-major) shape."""
+    def dequantize(self, name: str, index: int | None = None) -> np.ndarray:
+        """One tensor (or, with `index`, its `index`-th slice along the outermost dimension: one
+        expert of a stacked expert tensor) as a fresh, writable float32 array in numpy
+        (row-major) shape."""
         t = self.tensors[name]
         from kvserve.loader.gguf_reader import GGMLQuantizationType as Q
 
         shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # GGUF lists ne0 (innermost) first
+        data = t.data
+        if index is not None:  # the data view is [.., ne1, ne0 or row_bytes]: slicing it is free
+            data, shape = data[index], shape[1:]
         if t.tensor_type in (Q.F32, Q.F16, Q.F64):
             # astype copies, and turns a big-endian file's values into native floats.
-            return t.data.astype(np.float32).reshape(shape)
+            return data.astype(np.float32).reshape(shape)
         if t.tensor_type == Q.BF16:  # the top half of a float32
-            return (t.data.astype(np.uint32) << 16).view(np.float32).reshape(shape)
+            return (data.astype(np.uint32) << 16).view(np.float32).reshape(shape)
         if t.tensor_type == Q.MXFP4:  # gpt-oss's 4-bit format (kvserve/kernels/mxfp4.py)
             from kvserve.kernels import mxfp4
 
-            raw = torch.from_numpy(np.array(t.data, dtype=np.uint8).reshape(-1, mxfp4.row_bytes(shape[-1])))
+            raw = torch.from_numpy(np.array(data, dtype=np.uint8).reshape(-1, mxfp4.row_bytes(shape[-1])))
             return mxfp4.dequantize(raw, shape[-1]).numpy().reshape(shape)
         from gguf import quants  # only for block formats: importing gguf costs ~0.3 s
 
         try:
-            out = quants.dequantize(t.data, t.tensor_type)
+            out = quants.dequantize(data, t.tensor_type)
         except NotImplementedError as e:
             raise ValueError(
                 f"{self.path}: tensor {name!r} has GGML type {t.tensor_type.name}, which this "
@@ -203,7 +223,7 @@ def _require_arch(gf: GGUFFile) -> str:
     if gf.architecture not in _HF_ARCHITECTURES:
         raise ValueError(
             f"{gf.path}: unsupported GGUF architecture {gf.architecture!r} (general.architecture); "
-            f"supported: {', '.join(sorted(_HF_ARCHITECTURES))} (Mistral and SmolLM files say llama)"
+            f"supported: {', '.join(sorted(_HF_ARCHITECTURES))} (Mistral, Mixtral and SmolLM files say llama)"
         )
     return gf.architecture
 
@@ -266,14 +286,14 @@ def _build_config(gf: GGUFFile) -> dict[str, Any]:
         if arch == "gpt-oss":  # every layer's MLP is experts of this width
             ffn = _uniform(gf, f"{a}.expert_feed_forward_length") or ffn
         if ffn is None:
-            ffn = int(gf.tensors["blk.0.ffn_up.weight"].shape[-1])
+            ffn = _ffn_width(gf)
         cfg.update(
             hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
             num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
             rms_norm_eps=gf.get(f"{a}.attention.layer_norm_rms_epsilon", 1e-6),
             rope_theta=float(gf.get(f"{a}.rope.freq_base", 10000.0)),
             max_position_embeddings=ctx or 2048, vocab_size=vocab, hidden_act="silu",
-            attention_bias="blk.0.attn_q.bias" in gf.tensors,
+            attention_bias="blk.0.attn_q.bias" in gf.tensors or "blk.0.attn_qkv.bias" in gf.tensors,
         )
         window = gf.get(f"{a}.attention.sliding_window")
         if window:
@@ -285,6 +305,10 @@ def _build_config(gf: GGUFFile) -> dict[str, Any]:
             cfg["rope_scaling"] = rope_scaling
         if arch == "gpt-oss":
             _gpt_oss_config(gf, cfg)
+        elif arch == "phi3":
+            _phi3_config(gf, cfg)
+        elif arch == "qwen3moe" or (arch == "llama" and (_uniform(gf, f"{a}.expert_count") or 0) > 0):
+            _moe_config(gf, cfg)
     cfg["tie_word_embeddings"] = "output.weight" not in gf.tensors
     for key, hf_key in (("bos_token_id", "bos_token_id"), ("padding_token_id", "pad_token_id")):
         v = gf.get(f"tokenizer.ggml.{key}")
@@ -295,7 +319,9 @@ def _build_config(gf: GGUFFile) -> dict[str, Any]:
     eos += [gf.get(f"tokenizer.ggml.{k}") for k in ("eot_token_id", "eom_token_id")]
     eos += list(gf.get("tokenizer.ggml.eos_token_ids") or [])
     eos.append(cfg.pop("_gemma_end_of_turn", None))
-    eos = list(dict.fromkeys(e for e in eos if e is not None))
+    eos += cfg.pop("_harmony_stops", [])
+    not_eos = cfg.pop("_harmony_not_eos", None)
+    eos = list(dict.fromkeys(e for e in eos if e is not None and e != not_eos))
     if eos:
         cfg["eos_token_id"] = eos[0] if len(eos) == 1 else eos
     cfg["torch_dtype"] = _checkpoint_dtype(gf)
@@ -350,9 +376,84 @@ def _gpt_oss_config(gf: GGUFFile, cfg: dict[str, Any]) -> None:
         sliding_window=cfg.get("sliding_window") or 128,
         swiglu_limit=float(_uniform(gf, f"{a}.swiglu_clamp_exp") or 7.0),  # llama.cpp's default for gpt-oss
     )
+    # Turns end with <|return|> or <|call|> (both in HF's generation_config; files name only
+    # one as EOS); <|end|> closes one message of the reply (the analysis before the final
+    # answer), so it must not stop generation (llama.cpp drops it from its end tokens likewise).
+    field = gf.reader.fields.get("tokenizer.ggml.tokens")
+    if field is not None and isinstance(field.value, StringArray):
+        tokens = field.value.tolist()
+        where = {t: i for i, t in enumerate(tokens) if t in ("<|return|>", "<|call|>", "<|end|>")}
+        stops = [where[t] for t in ("<|return|>", "<|call|>") if t in where]
+        if stops:
+            cfg["_harmony_stops"] = stops
+            cfg["_harmony_not_eos"] = where.get("<|end|>")
     gate = gf.tensors.get("blk.0.ffn_gate_exps.weight")
     if gate is not None and gate.tensor_type == GGMLQuantizationType.MXFP4:
         cfg["quantization_config"] = {"quant_method": "mxfp4"}
+
+
+def _ffn_width(gf: GGUFFile) -> int:
+    """The MLP width from the first layer's up projection (dense, Phi-3's gate ‖ up, stacked or
+    per-expert), for files without feed_forward_length. GGUF shapes list `in` first."""
+    for name in ("ffn_up", "ffn_up_exps", "ffn_up.0"):
+        t = gf.tensors.get(f"blk.0.{name}.weight")
+        if t is not None:
+            fused = gf.architecture == "phi3" and name == "ffn_up" and "blk.0.ffn_gate.weight" not in gf.tensors
+            return int(t.shape[1]) // (2 if fused else 1)
+    raise ValueError(f"{gf.path} has no {gf.architecture}.feed_forward_length and no blk.0.ffn_up tensor")
+
+
+def _phi3_config(gf: GGUFFile, cfg: dict[str, Any]) -> None:
+    """Phi-3 / Phi-4-mini: partial rotary (`rope.dimension_count` < head_dim) and LongRoPE, which
+    llama.cpp's converter stores as the `rope_factors_long` / `rope_factors_short` tensors beside
+    `rope.scaling.original_context_length` and `rope.scaling.attn_factor`."""
+    a = gf.architecture
+    rot = _uniform(gf, f"{a}.rope.dimension_count")
+    if rot and rot != cfg["head_dim"]:
+        cfg["partial_rotary_factor"] = rot / cfg["head_dim"]
+    orig = gf.get(f"{a}.rope.scaling.original_context_length")
+    if orig:
+        cfg["original_max_position_embeddings"] = int(orig)
+    long_t, short_t = gf.tensors.get("rope_factors_long.weight"), gf.tensors.get("rope_factors_short.weight")
+    if long_t is None and short_t is None:
+        return
+    if long_t is None or short_t is None or not orig:
+        raise ValueError(
+            f"{gf.path}: LongRoPE needs rope_factors_long, rope_factors_short and "
+            f"{a}.rope.scaling.original_context_length; the file has only some of them"
+        )
+    scaling: dict[str, Any] = {
+        "rope_type": "longrope", "original_max_position_embeddings": int(orig),
+        "long_factor": gf.dequantize("rope_factors_long.weight").reshape(-1).tolist(),
+        "short_factor": gf.dequantize("rope_factors_short.weight").reshape(-1).tolist(),
+    }
+    attn_factor = gf.get(f"{a}.rope.scaling.attn_factor")
+    if attn_factor is not None:
+        scaling["attention_factor"] = float(attn_factor)
+    cfg["rope_scaling"] = scaling
+
+
+def _moe_config(gf: GGUFFile, cfg: dict[str, Any]) -> None:
+    """Qwen3-MoE ("qwen3moe") and Mixtral ("llama" with experts): expert count, top-k and width.
+    llama.cpp renormalizes the top-k weights for both (Qwen3-MoE's `norm_topk_prob`, unless the
+    file says `expert_weights_norm` = false). A Qwen3-MoE layer without a router keeps a dense
+    MLP (`mlp_only_layers`)."""
+    a = gf.architecture
+    experts = _uniform(gf, f"{a}.expert_count", required=True)
+    top_k = _uniform(gf, f"{a}.expert_used_count", required=True)
+    width = _uniform(gf, f"{a}.expert_feed_forward_length")
+    if width is None:
+        up = gf.tensors.get("blk.0.ffn_up_exps.weight")
+        width = int(up.shape[1]) if up is not None else cfg["intermediate_size"]
+    if a == "llama":
+        cfg.update(architectures=["MixtralForCausalLM"], model_type="mixtral", intermediate_size=width,
+                   num_local_experts=experts, num_experts_per_tok=top_k)
+        return
+    dense = [i for i in range(cfg["num_hidden_layers"]) if f"blk.{i}.ffn_gate_inp.weight" not in gf.tensors]
+    cfg.update(
+        model_type="qwen3_moe", num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=width,
+        norm_topk_prob=bool(gf.get(f"{a}.expert_weights_norm", True)), decoder_sparse_step=1, mlp_only_layers=dense,
+    )
 
 
 def _checkpoint_dtype(gf: GGUFFile) -> str:
@@ -430,18 +531,27 @@ def _fit_llama3_rope(factors: np.ndarray, head_dim: int, theta: float) -> dict[s
 
 
 # -- weights ----------------------------------------------------------------------------------
-def _hf_name(arch: str, gguf_name: str) -> str | None:
-    """HF parameter name for a GGUF tensor; None for tensors that are not parameters."""
+def _hf_name(arch: str, gguf_name: str, gguf_file: GGUFFile | None = None) -> str | None:
+    """HF parameter name for a GGUF tensor; None for tensors that are not parameters.
+    (`gguf_file` tells a Phi-3 file's fused gate ‖ up `ffn_up` from a separate one.)"""
     if _SKIPPED_TENSORS.match(gguf_name):
         return None
     gpt2 = arch == "gpt2"
+    moe = arch in ("qwen3moe", "llama")  # a "llama" file with experts is Mixtral
     m = _LAYER_TENSOR.match(gguf_name)
+    per_expert = _PER_EXPERT_TENSOR.match(gguf_name) if moe else None
+    if per_expert:  # an old Mixtral file: blk.N.ffn_gate.E.weight
+        layer, proj, e = per_expert.groups()
+        return f"model.layers.{layer}.mlp.experts.{e}.{proj}_proj.weight"
     if m:
         layer, part, kind = m.groups()
         table = (_GPT2_LAYER_NAMES if gpt2 else _GEMMA3_LAYER_NAMES if arch == "gemma3"
-                 else _GPT_OSS_LAYER_NAMES if arch == "gpt-oss" else _LLAMA_LAYER_NAMES)
-        if arch == "gpt-oss" and part in _GPT_OSS_EXPERTS:  # expanded per expert by the reader
-            return f"model.layers.{layer}.mlp.experts.{_GPT_OSS_EXPERTS[part]}.{kind}"
+                 else _GPT_OSS_LAYER_NAMES if arch == "gpt-oss" else _MOE_LAYER_NAMES if moe
+                 else _PHI3_LAYER_NAMES if arch == "phi3" else _LLAMA_LAYER_NAMES)
+        if arch == "phi3" and gguf_file is not None and f"blk.{layer}.ffn_gate.weight" in gguf_file.tensors:
+            table = {**_PHI3_LAYER_NAMES, "ffn_up": "mlp.up_proj"}  # gate and up stored apart
+        if (arch == "gpt-oss" or moe) and part in _STACKED_EXPERTS:  # expanded per expert by the reader
+            return f"model.layers.{layer}.mlp.experts.{_STACKED_EXPERTS[part]}.{kind}"
         if part == "attn_sinks" and arch == "gpt-oss":
             return f"model.layers.{layer}.self_attn.sinks"
         if part in table:
@@ -453,8 +563,8 @@ def _hf_name(arch: str, gguf_name: str) -> str | None:
         if m and m.group(1) in table:
             return f"{table[m.group(1)]}.{m.group(2)}"
     raise ValueError(
-        f"GGUF tensor {gguf_name!r} has no counterpart in the {_HF_ARCHITECTURES[arch]} "
-        "implementation (MoE or another variant of the architecture?)"
+        f"GGUF tensor {gguf_name!r} has no counterpart in kvserve's {arch!r} GGUF mapping "
+        f"({_HF_ARCHITECTURES[arch]} and its variants); another variant of the architecture?"
     )
 
 
@@ -510,12 +620,14 @@ def iter_gguf_weights(
     permute = arch == "llama"
     start, count = time.perf_counter(), 0
     for name in gf.tensors:
-        hf_name = _hf_name(arch, name)
+        hf_name = _hf_name(arch, name, gf)
         if hf_name is None:
             continue
         t = gf.tensors[name]
-        if arch == "gpt-oss" and ".mlp.experts." in hf_name:
-            yield from _gpt_oss_experts(gf, name, hf_name, dtype)
+        if name.split(".")[-2] in _STACKED_EXPERTS:  # [n_expert, out, in] -> one tensor per expert
+            from kvserve.loader.gguf_experts import split_experts
+
+            yield from split_experts(gf, name, hf_name, dtype, keep_quantized)
             count += 1
             continue
         raw = keep_quantized and arch != "gpt2" and len(t.shape) == 2 and int(t.tensor_type) in GGML_BLOCK
@@ -538,28 +650,6 @@ def iter_gguf_weights(
 
 
 # -- tokenizer --------------------------------------------------------------------------------
-def _gpt_oss_experts(
-    gf: GGUFFile, name: str, hf_name: str, dtype: torch.dtype
-) -> Iterator[tuple[str, torch.Tensor | QuantizedTensor]]:
-    """A stacked expert tensor ([E, out, in] weights, [E, out] biases) -> one tensor per expert,
-    `...mlp.experts.{e}.{proj}.{weight|bias}`; MXFP4 weights stay blocks (views of the file)."""
-    from kvserve.kernels import mxfp4
-    from kvserve.models.linear import QuantizedTensor
-
-    t = gf.tensors[name]
-    prefix, proj, kind = hf_name.rsplit(".", 2)
-    if kind == "weight" and t.tensor_type == GGMLQuantizationType.MXFP4:
-        blocks = _raw_blocks(gf, name)  # [E * out, row_bytes]
-        e_count = int(t.shape[2])
-        out = blocks.data.shape[0] // e_count
-        for e in range(e_count):
-            yield f"{prefix}.{e}.{proj}.weight", QuantizedTensor(mxfp4.MXFP4, blocks.data[e * out : (e + 1) * out], blocks.cols)
-        return
-    w = torch.from_numpy(gf.dequantize(name)).to(dtype)  # [E, out, in] or [E, out]
-    for e in range(w.shape[0]):
-        yield f"{prefix}.{e}.{proj}.{kind}", w[e].contiguous()
-
-
 def load_gguf_tokenizer(src: str | Path | GGUFFile) -> Tokenizer:
     """The tokenizer embedded in a GGUF file (vocab, merges, special tokens, chat template)."""
     from kvserve.loader.gguf_tokenizer import build_gguf_tokenizer

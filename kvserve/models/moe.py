@@ -20,8 +20,12 @@ Tensor parallelism: every rank routes the same way (the router is replicated) an
 of every expert (gate/up rows, down columns: `inter / tp` each), so the layer's output is a
 partial sum that the next norm all-reduces, as for a dense MLP.
 
-Not implemented: Qwen3-MoE / Mixtral GGUF files, quantized experts in the fused GPU kernel
-(gpt-oss, `models/gpt_oss.py`, has its own MXFP4 expert path).
+GGUF files (llama.cpp's "qwen3moe", and "llama" with experts for Mixtral) store each layer's
+experts stacked; `loader/gguf_experts.py` yields one tensor per expert, so quantized experts keep
+their GGML blocks through the same linear methods. Not implemented: quantized experts in the
+fused GPU kernel (gpt-oss, `models/gpt_oss.py`, has its own MXFP4 expert path): they run the
+expert loop, which asks the host which experts were hit, so such a model decodes without CUDA
+graphs (`supports_cuda_graphs`).
 """
 
 from __future__ import annotations
@@ -129,6 +133,13 @@ class MoEForCausalLM(LlamaForCausalLM):
 
     def _decode_stack(self, input_ids: torch.Tensor) -> Any:
         return None  # the one-call CPU stacks implement dense MLPs only
+
+    @property
+    def supports_cuda_graphs(self) -> bool:
+        """Decode steps capture only where every sparse layer runs the fused kernel (its experts
+        stacked by the platform after loading); the expert loop syncs with the host."""
+        return all(getattr(layer.mlp, "stacked_experts", None) is not None
+                   for layer in self.layers if isinstance(layer.mlp, SparseMoE))
 
     def weight_shard(self, name: str, shape: tuple[int, ...]) -> tuple[int, int, int] | None:
         """Llama's slices, except that an expert's gate/up rows are split by the experts' width

@@ -197,7 +197,7 @@ def test_unsupported_architecture_lists_supported(tmp_path) -> None:
         load_gguf_config(gf)
     msg = str(e.value)
     assert str(path) in msg and "'mamba'" in msg
-    assert "supported: gemma3, gpt-oss, gpt2, llama, qwen2, qwen3" in msg
+    assert "supported: gemma3, gpt-oss, gpt2, llama, phi3, qwen2, qwen3, qwen3moe (Mistral, Mixtral" in msg
 
 
 @pytest.mark.parametrize("kind", ["truncated", "bad_magic", "not_gguf"])

@@ -1,5 +1,6 @@
 """POST /v1/chat/completions: messages -> the model's chat template -> one engine request;
-logprobs in the chat format; streaming with role / content deltas."""
+logprobs in the chat format; streaming with role / content deltas. A gpt-oss reply is split into
+its channels (`engine/harmony.py`): the analysis as `reasoning_content`, the rest as `content`."""
 
 from __future__ import annotations
 
@@ -151,15 +152,20 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     if finals is None:
         return Response(status_code=499)  # the client is gone
     out = finals[0]
-    choices = [
-        ChatCompletionResponseChoice(
-            index=c.index, message=_message(plan, echo, c.text),
+    choices = []
+    for c in out.outputs:
+        text, reasoning = c.text, None
+        harmony = state.harmony_parser()
+        if harmony is not None:
+            reasoning, text = harmony.parse(c.token_ids)
+        message = _message(plan, echo, text)
+        message.reasoning_content = reasoning or None
+        choices.append(ChatCompletionResponseChoice(
+            index=c.index, message=message,
             logprobs=chat_logprobs(c.logprobs or [], c.token_ids, top, tok) if top is not None else None,
-            finish_reason=finish_reason(plan, extract_calls(plan, c.text)[1], c.finish_reason),
+            finish_reason=finish_reason(plan, extract_calls(plan, text)[1], c.finish_reason),
             stop_reason=c.stop_reason,
-        )
-        for c in out.outputs
-    ]
+        ))
     completion_tokens = sum(len(c.token_ids) for c in out.outputs)
     resp = ChatCompletionResponse(
         id=rid, model=req.model or state.model_name, choices=choices,
@@ -200,6 +206,7 @@ async def _stream(state: ServerState, rid: str, model: str, streams: list, track
     completion_tokens = 0
     created = int(time.time())
     tools = [ToolStream(plan) for _ in range(n)] if plan.active else None
+    harmony = [state.harmony_parser() for _ in range(n)]
 
     def chunk(choice: ChatCompletionResponseStreamChoice) -> str:
         return to_sse(ChatCompletionStreamResponse(id=rid, created=created, model=model, choices=[choice]))
@@ -219,9 +226,15 @@ async def _stream(state: ServerState, rid: str, model: str, streams: list, track
                     new = c.logprobs[start:]
                     logprobs = chat_logprobs(new, c.token_ids[start: start + len(new)], top, tok)
                     lp_sent[c.index] += len(new)
+                delta = c.delta_text
+                if harmony[c.index] is not None:
+                    reasoning, delta = harmony[c.index].feed(c.token_ids, finished=c.finish_reason is not None)
+                    if reasoning:
+                        yield chunk(ChatCompletionResponseStreamChoice(
+                            index=c.index, delta=DeltaMessage(reasoning_content=reasoning)))
                 if tools is not None:
                     ts = tools[c.index]
-                    deltas = ts.feed(c.delta_text)
+                    deltas = ts.feed(delta)
                     reason = None
                     if c.finish_reason is not None:
                         finished[c.index] = True
@@ -238,10 +251,10 @@ async def _stream(state: ServerState, rid: str, model: str, streams: list, track
                     continue
                 if c.finish_reason is not None:
                     finished[c.index] = True
-                elif not c.delta_text and logprobs is None:
+                elif not delta and logprobs is None:
                     continue
                 yield chunk(ChatCompletionResponseStreamChoice(
-                    index=c.index, delta=DeltaMessage(content=c.delta_text or None),
+                    index=c.index, delta=DeltaMessage(content=delta or None),
                     logprobs=logprobs, finish_reason=c.finish_reason,
                     stop_reason=c.stop_reason if c.finish_reason is not None else None,
                 ))

@@ -172,12 +172,15 @@ class ToolCallOut(OpenAIModel):
 class ChatMessage(OpenAIModel):
     role: str
     content: str | None = None
+    # gpt-oss's analysis channel (engine/harmony.py), apart from the answer, as vLLM sends it.
+    reasoning_content: str | None = None
     tool_calls: list[ToolCallOut] | None = None
 
 
 class DeltaMessage(OpenAIModel):
     role: str | None = None
     content: str | None = None
+    reasoning_content: str | None = None
     # OpenAI's streamed tool-call pieces: {index, id, type, function: {name, arguments}}, the
     # id / type / name only in a call's first piece, arguments appended across pieces.
     tool_calls: list[dict[str, Any]] | None = None

@@ -66,6 +66,9 @@ class ServerState:
     generation_defaults: dict[str, Any] = field(default_factory=dict)
     model_root: str | None = None
     tool_call_parser: str | None = None  # --tool-call-parser (tool_choice="auto")
+    # Chat replies in gpt-oss's channels (engine/harmony.py) are split into reasoning and
+    # content; None: decided from the model on first use.
+    harmony: bool | None = None
     template_timeout: float = CHAT_TEMPLATE_TIMEOUT_S
     # Chat templates render on their own threads (a runaway one cannot hold up tokenization);
     # tokenization on one thread (the tokenizer is not meant to be called concurrently).
@@ -83,6 +86,16 @@ class ServerState:
     @property
     def model_name(self) -> str:
         return self.served_model_names[0]
+
+    def harmony_parser(self) -> Any:
+        """A fresh `HarmonyParser` for one chat reply of a gpt-oss model, else None."""
+        from kvserve.engine.harmony import HarmonyParser, is_harmony_model
+
+        tok = self.engine.tokenizer
+        if self.harmony is None:
+            config = getattr(getattr(self.engine, "engine", None), "model_config", None)
+            self.harmony = is_harmony_model(tok, getattr(config, "architecture", None))
+        return HarmonyParser(tok) if self.harmony else None
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in self.served_model_names:
