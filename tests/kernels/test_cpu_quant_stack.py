@@ -361,7 +361,8 @@ def test_verify_rows_equal_one_row_steps(lib, threads: int, window, prefill: int
         for c, s in zip(caches, snapshot):
             c.copy_(s)
         for i in range(rows):
-            one = stack(ids[i : i + 1], positions[i : i + 1], table[None], (positions[i : i + 1] + 1).int(), slots[i : i + 1])
+            pos = positions[i : i + 1]
+            one = stack(ids[i : i + 1], pos, table[None], (pos + 1).int(), slots[i : i + 1])
             assert torch.equal(one[0], joint[i]), f"row {i}"
     finally:
         torch.set_num_threads(old)

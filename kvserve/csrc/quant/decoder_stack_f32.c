@@ -7,9 +7,11 @@
  * parallel region runs all layers, with five barriers a layer: the threads split each linear's
  * weight rows (one contiguous share each, over all of the linear's parts) and share out the
  * attention items (row x KV head x context split; each rotates its q heads and k, and the one
- * holding the token's position writes k and v to the cache). The cheap row ops between (residual
- * adds, RMSNorms, merging the attention splits, activation quantization) every thread does for
- * all rows into its own buffers, rather than one thread between two more barriers:
+ * holding the token's position writes k and v to the cache; the rows of one sequence in a
+ * speculative verify step are split as their one-row decodes would be, and their items that
+ * start at the same position run as one, reading each K/V tile once). The cheap row ops between
+ * (residual adds, RMSNorms, merging the attention splits, activation quantization) every thread
+ * does for all rows into its own buffers, rather than one thread between two more barriers:
  *
  *   residual = embed(ids);  h = input_norm(residual)                (layer 0)
  *   residual = x + residual;  h = input_norm(residual)              (later layers)
@@ -598,8 +600,8 @@ int kvq_decoder_stack_f32(const kvq_stack_model *m, int M, const int64_t *ids, c
                         }
                         /* the last row's table: checked for the longest context, and equal to each
                          * earlier row's over that row's context (the rows' tables were compared) */
-                        attn_partial_rows(kc, vc, qs, ks, vn, tn, tables + (b + R - 1) * table_width, bs, Hkv, kvh, D, G, R,
-                                          t0, t1s, m->scale, pr);
+                        attn_partial_rows(kc, vc, qs, ks, vn, tn, tables + (b + R - 1) * table_width, bs, Hkv, kvh,
+                                          D, G, R, t0, t1s, m->scale, pr);
                         continue;
                     }
                 }
