@@ -69,6 +69,9 @@ def main() -> None:
     ap.add_argument("--reject-all", action="store_true", help="batch section: drafts that are never accepted")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is steadier on a busy machine)")
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp peer")
+    ap.add_argument("--prompts", type=Path, default=DATA,
+                    help="batch-1 prompts (JSON list of {task, messages}); data/spec_prompts_long.json: "
+                    "~580-token code files, where a verify step's attention reads a long context")
     args = ap.parse_args()
     if args.threads:
         import torch
@@ -85,7 +88,7 @@ def main() -> None:
 def batch1_section(args, spec) -> None:
     plain = LLM(args.model)
     fast = LLM(args.model, speculative_config=spec)
-    items = json.loads(DATA.read_text())
+    items = json.loads(args.prompts.read_text())
     prompts = [plain.chat_prompt(it["messages"]) if hasattr(plain, "chat_prompt") else it["messages"][0]["content"] for it in items]
     sp = SamplingParams(temperature=0, max_tokens=args.max_tokens)
     batch1(plain, prompts[:1], SamplingParams(temperature=0, max_tokens=8))  # warm-up

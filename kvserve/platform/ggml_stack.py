@@ -34,7 +34,8 @@ MAX_ROWS = 64
 class GGMLDecoderStack:
     max_rows = MAX_ROWS
     # Rows of one sequence (a speculative verify step's positions) are safe: the C stack
-    # writes their K/V before attention reads the cache, and splits them as one-row decodes.
+    # writes their K/V before attention reads the cache, and splits them as one-row decodes
+    # (the rows' items that start together read each K/V tile once for all of them).
     verify_rows_ok = True
 
     def __init__(self, model: nn.Module) -> None:

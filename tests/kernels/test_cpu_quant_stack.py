@@ -99,6 +99,7 @@ class Config:
     # own, and per layer a window (0: full) with the local RoPE base on windowed layers
     gemma: bool = False
     layer_windows: tuple[int, ...] | None = None
+    max_rows: int = 4
 
 
 def build(cfg: Config, seed: int = 0):
@@ -143,7 +144,7 @@ def build(cfg: Config, seed: int = 0):
                      sandwich_norms=True, scale=24**-0.5)
     stack = QuantDecoderStack(
         layers, embed=embed, embed_qtype=cfg.embed, final_norm=final_norm, inv_freq=inv_freq, num_heads=Hq,
-        num_kv_heads=Hkv, head_dim=D, eps=1e-5, sliding_window=cfg.window, max_rows=4, **gemma,
+        num_kv_heads=Hkv, head_dim=D, eps=1e-5, sliding_window=cfg.window, max_rows=cfg.max_rows, **gemma,
     )
     ref = {"layers": ref_layers, "embed": embed_ref, "norm": final_norm, "inv_freq": inv_freq, "cfg": cfg,
            "gemma": gemma}
@@ -327,6 +328,49 @@ def test_gemma3_layers(lib) -> None:
     )
     stack, ref, caches = build(cfg)
     assert run_steps(stack, ref, caches, prefills=[3, 21, 40], steps=4) < REL_TOL
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("window", [None, 8])
+@pytest.mark.parametrize("prefill,rows", [(13, 4), (40, 4), (77, 11)])
+def test_verify_rows_equal_one_row_steps(lib, threads: int, window, prefill: int, rows: int) -> None:
+    """A speculative verify step: rows of one sequence (one block table, context lengths L, L + 1,
+    ...) in one call give the same bits, outputs and cache, as one-row steps of those positions
+    in turn. Their attention items run jointly where their splits start together (each K/V tile
+    read once for all rows): 2 threads split each context in two, so rows pair up or not by
+    where their halves start; 11 rows exceed the 8 of one joint item; with a window the rows'
+    contexts start apart and run alone. Prefill 13: the rows cross a block boundary. (Q4_0 / Q4_1
+    weights: their direct kernels give each output the same sums at any row count up to 48; Q8_0
+    takes the tile path above 4 rows.)"""
+    cfg = Config(heads=6, kv_heads=2, head_dim=32, window=window, max_rows=12, num_blocks=16,
+                 qkv=((QT.Q4_0, "q"), (QT.Q4_1, "kv")), up=(QT.Q4_0,))
+    stack, ref, caches = build(cfg)
+    rng = np.random.default_rng(3)
+    seq = Seq(rng, rng.permutation(cfg.num_blocks).tolist()[:8], cfg)
+    seq.prefill(ref, caches, prefill)
+    snapshot = [c.clone() for c in caches]
+    ids = torch.tensor(rng.integers(cfg.vocab, size=rows), dtype=torch.int64)
+    table = torch.tensor(seq.blocks, dtype=torch.int32)
+    positions = torch.arange(prefill, prefill + rows, dtype=torch.int64)
+    slots = torch.tensor([seq.slot(int(p)) for p in positions], dtype=torch.int64)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        joint = stack(ids, positions, table.repeat(rows, 1).contiguous(), (positions + 1).int(), slots)
+        joint_caches = [c.clone() for c in caches]
+        for c, s in zip(caches, snapshot):
+            c.copy_(s)
+        for i in range(rows):
+            pos = positions[i : i + 1]
+            one = stack(ids[i : i + 1], pos, table[None], (pos + 1).int(), slots[i : i + 1])
+            assert torch.equal(one[0], joint[i]), f"row {i}"
+    finally:
+        torch.set_num_threads(old)
+    assert all(torch.equal(a, b) for a, b in zip(caches, joint_caches))
+    # and the rows are right: against the fp32 reference, position by position
+    for i in range(rows):
+        want, _ = ref_step(ref, int(ids[i]), prefill + i, seq.history)
+        assert _rel(joint[i], want) < REL_TOL
 
 
 def test_gemma3_rejects_more_than_two_windows(lib) -> None:

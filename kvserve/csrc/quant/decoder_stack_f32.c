@@ -7,9 +7,11 @@
  * parallel region runs all layers, with five barriers a layer: the threads split each linear's
  * weight rows (one contiguous share each, over all of the linear's parts) and share out the
  * attention items (row x KV head x context split; each rotates its q heads and k, and the one
- * holding the token's position writes k and v to the cache). The cheap row ops between (residual
- * adds, RMSNorms, merging the attention splits, activation quantization) every thread does for
- * all rows into its own buffers, rather than one thread between two more barriers:
+ * holding the token's position writes k and v to the cache; the rows of one sequence in a
+ * speculative verify step are split as their one-row decodes would be, and their items that
+ * start at the same position run as one, reading each K/V tile once). The cheap row ops between
+ * (residual adds, RMSNorms, merging the attention splits, activation quantization) every thread
+ * does for all rows into its own buffers, rather than one thread between two more barriers:
  *
  *   residual = embed(ids);  h = input_norm(residual)                (layer 0)
  *   residual = x + residual;  h = input_norm(residual)              (later layers)
@@ -92,6 +94,8 @@ enum {
 enum {
     KVQS_MAX_ROWS = 64,   /* rows of one step */
     KVQS_MAX_SPLITS = 8,  /* context splits of one (row, KV head) attention item */
+    KVQS_JOINT_ROWS = 8,  /* rows of one sequence whose attention items run as one (verify steps) */
+    KVQS_JOINT_FLOATS = 4096, /* their rotated q heads: rows * G * D at most */
 };
 
 /* Error codes of kvq_decoder_stack_f32. */
@@ -365,6 +369,20 @@ static int plan_items(int M, int nseq, int Hkv, const int32_t *lens, int window,
     return total;
 }
 
+/* First context position of split s of row b's attention (S splits; window <= 0: full). */
+static inline int item_start(const int32_t *lens, int b, int window, int S, int s) {
+    const int L = lens[b], n = window > 0 && L > window ? window : L;
+    return L - n + (int)((int64_t)n * s / S);
+}
+
+/* Row b's split s joins row b - 1's: b continues b - 1's sequence (cont), with as many splits
+ * and split s starting at the same position, so one item can read the keys for both. */
+static inline int item_joins(const uint8_t *cont, const int32_t *items, const int32_t *lens, int b, int window,
+                             int s) {
+    return b > 0 && cont[b] && items[2 * b + 1] == items[2 * b - 1] &&
+           item_start(lens, b, window, items[2 * b + 1], s) == item_start(lens, b - 1, window, items[2 * b + 1], s);
+}
+
 /* Per-thread time of thread 0 in each phase, barrier waits included (tuning builds only:
  * -DKVQS_PROFILE adds kvq_stack_profile). */
 #ifdef KVQS_PROFILE
@@ -468,13 +486,20 @@ int kvq_decoder_stack_f32(const kvq_stack_model *m, int M, const int64_t *ids, c
      * and its length is one more. Their K/V are then all written before any attention reads
      * the cache (a later row reads the earlier rows' positions). */
     int nseq = 1;
+    uint8_t cont[KVQS_MAX_ROWS] = {0}; /* row b continues row b - 1's sequence */
     for (int b = 1; b < M; ++b) {
         const int same = lens[b] == lens[b - 1] + 1 &&
                          memcmp(tables + (int64_t)b * table_width, tables + (int64_t)(b - 1) * table_width,
                                 sizeof(int32_t) * (size_t)((lens[b] + bs - 1) / bs)) == 0;
+        cont[b] = (uint8_t)same;
         nseq += !same;
     }
     const int shared = nseq < M;
+    /* Such rows' items that start at the same position run as one (attn_partial_rows), up to
+     * rjoint rows each: the first row of each run of rjoint leads, the others' items are empty. */
+    int rjoint = KVQS_JOINT_FLOATS / (G * D);
+    rjoint = rjoint < KVQS_JOINT_ROWS ? rjoint : KVQS_JOINT_ROWS;
+    if (!shared) rjoint = 1;
     /* attention items for each of the (at most two) windows of the layers */
     const int nitems_a = plan_items(M, nseq, Hkv, lens, wa, nthreads, items_a);
     const int nitems_b = wb == wa ? nitems_a : plan_items(M, nseq, Hkv, lens, wb, nthreads, items_b);
@@ -551,6 +576,35 @@ int kvq_decoder_stack_f32(const kvq_stack_model *m, int M, const int64_t *ids, c
                 const int S = items[2 * b + 1], local = it - items[2 * b], kvh = local / S, s = local % S;
                 const int L = lens[b], n = window > 0 && L > window ? window : L, start = L - n;
                 const int t0 = start + (int)((int64_t)n * s / S), t1 = start + (int)((int64_t)n * (s + 1) / S);
+                if (rjoint > 1) {
+                    int c = 0; /* place in its run of joining rows */
+                    while (b - c > 0 && item_joins(cont, items, lens, b - c, window, s)) ++c;
+                    if (c % rjoint) continue; /* a row above runs this item with its own */
+                    int R = 1;
+                    while (R < rjoint && b + R < M && item_joins(cont, items, lens, b + R, window, s)) ++R;
+                    if (R > 1) {
+                        float qs[KVQS_JOINT_FLOATS], ks[KVQS_JOINT_ROWS * KVQS_MAX_HEAD_DIM];
+                        const float *vn[KVQS_JOINT_ROWS];
+                        float *pr[KVQS_JOINT_ROWS];
+                        int tn[KVQS_JOINT_ROWS], t1s[KVQS_JOINT_ROWS];
+                        for (int r = 0; r < R; ++r) {
+                            const float *rw = qkv + (int64_t)(b + r) * Oqkv, *rc = rope_l + (int64_t)(b + r) * D;
+                            norm_rope_heads(rw + (int64_t)kvh * G * D, qs + (int64_t)r * G * D, G, D, rc,
+                                            qk_norm ? qn : NULL, m->eps);
+                            norm_rope_heads(rw + (int64_t)(Hq + kvh) * D, ks + (int64_t)r * D, 1, D, rc,
+                                            qk_norm ? kn : NULL, m->eps);
+                            vn[r] = rw + (int64_t)(Hq + Hkv + kvh) * D;
+                            tn[r] = lens[b + r] - 1;
+                            t1s[r] = item_start(lens, b + r, window, S, s + 1);
+                            pr[r] = part + (int64_t)(items[2 * (b + r)] + kvh * S + s) * pstride;
+                        }
+                        /* the last row's table: checked for the longest context, and equal to each
+                         * earlier row's over that row's context (the rows' tables were compared) */
+                        attn_partial_rows(kc, vc, qs, ks, vn, tn, tables + (b + R - 1) * table_width, bs, Hkv, kvh,
+                                          D, G, R, t0, t1s, m->scale, pr);
+                        continue;
+                    }
+                }
                 const float *row = qkv + (int64_t)b * Oqkv, *cs = rope_l + (int64_t)b * D;
                 float q[KVQS_MAX_GROUP * KVQS_MAX_HEAD_DIM], knew[KVQS_MAX_HEAD_DIM];
                 const float *vnew = row + (int64_t)(Hq + Hkv + kvh) * D;

@@ -268,6 +268,79 @@ static void attn_partial(const float *kc, const float *vc, const float *q, const
     }
 }
 
+/* attn_partial for R rows of one sequence (a speculative verify step's positions) whose items
+ * start at the same position t0: row r's G query heads are q + r * G * D, its range [t0, t1[r]),
+ * its own position tnew[r] with key knew + r * D and value vnew[r], its partial part[r]. Each
+ * row's arithmetic is attn_partial's exactly (the same tiles from t0, the same operations in the
+ * same order), so the partials are the same bits as R separate items; what is shared is the
+ * reading: a tile's keys and values are fetched once for all R rows and their G heads (a one-row
+ * split of the same context reads them R times, from memory once the cache outgrows L2). */
+KVQS_INLINE void attn_partial_rows_d(const float *kc, const float *vc, const float *q, const float *knew,
+                                     const float *const *vnew, const int *tnew, const int32_t *tab, int bs, int Hkv,
+                                     int kvh, const int D, int G, int R, int t0, const int *t1, float scale,
+                                     float *const *part) {
+    float sc[KVQS_TILE];
+    const float *kp[KVQS_TILE], *vp[KVQS_TILE];
+    const int64_t stride = D + 2;
+    int tmax = t0;
+    for (int r = 0; r < R; ++r) {
+        tmax = t1[r] > tmax ? t1[r] : tmax;
+        for (int g = 0; g < G; ++g) {
+            float *pg = part[r] + g * stride;
+            for (int d = 0; d < D; ++d) pg[d] = 0.f;
+            pg[D] = -INFINITY;
+            pg[D + 1] = 0.f;
+        }
+    }
+    int blk = t0 / bs, in_blk = t0 % bs;
+    for (int ts = t0; ts < tmax; ts += KVQS_TILE) {
+        const int nt = tmax - ts < KVQS_TILE ? tmax - ts : KVQS_TILE;
+        for (int j = 0; j < nt; ++j) {
+            const int64_t off = (((int64_t)tab[blk] * bs + in_blk) * Hkv + kvh) * D;
+            kp[j] = kc + off;
+            vp[j] = vc + off;
+            if (++in_blk == bs) in_blk = 0, ++blk;
+        }
+        for (int r = 0; r < R; ++r) {
+            const int n = t1[r] - ts < nt ? t1[r] - ts : nt;
+            if (n <= 0) continue;
+            /* this row's own position reads its new k and v, as attn_partial's does */
+            const int jn = tnew[r] - ts;
+            const float *ks = NULL, *vs = NULL;
+            if (jn >= 0 && jn < n) ks = kp[jn], vs = vp[jn], kp[jn] = knew + (int64_t)r * D, vp[jn] = vnew[r];
+            for (int g = 0; g < G; ++g) {
+                float *pg = part[r] + g * stride;
+                tile_scores(q + ((int64_t)r * G + g) * D, kp, n, D / 8, scale, sc);
+                float mx = pg[D];
+                for (int j = 0; j < n; ++j) mx = sc[j] > mx ? sc[j] : mx;
+                const float alpha = pg[D] == -INFINITY ? 0.f : kvqs_exp(pg[D] - mx);
+                for (int j = 0; j < n; ++j) sc[j] = kvqs_exp(sc[j] - mx);
+                float sum = 0.f;
+                for (int j = 0; j < n; ++j) sum += sc[j];
+                pg[D] = mx;
+                pg[D + 1] = pg[D + 1] * alpha + sum;
+                accumulate_values(pg, sc, vp, n, D / 8, alpha);
+            }
+            if (ks) kp[jn] = ks, vp[jn] = vs;
+        }
+    }
+}
+
+static void attn_partial_rows(const float *kc, const float *vc, const float *q, const float *knew,
+                              const float *const *vnew, const int *tnew, const int32_t *tab, int bs, int Hkv, int kvh,
+                              int D, int G, int R, int t0, const int *t1, float scale, float *const *part) {
+    switch (D) {
+    case 64:
+        attn_partial_rows_d(kc, vc, q, knew, vnew, tnew, tab, bs, Hkv, kvh, 64, G, R, t0, t1, scale, part);
+        break;
+    case 128:
+        attn_partial_rows_d(kc, vc, q, knew, vnew, tnew, tab, bs, Hkv, kvh, 128, G, R, t0, t1, scale, part);
+        break;
+    default:
+        attn_partial_rows_d(kc, vc, q, knew, vnew, tnew, tab, bs, Hkv, kvh, D, G, R, t0, t1, scale, part);
+    }
+}
+
 /* out [D] <- the softmax-weighted values of one query head from its S partials (stride apart). */
 static void attn_merge(const float *part, int64_t stride, int S, int D, float *out) {
     float mx = -INFINITY, sum = 0.f;
