@@ -511,7 +511,8 @@ class ModelRunner:
             return
         from kvserve.structured.grammar import allocate_bitmask
 
-        mask = allocate_bitmask(len(reqs), logits.shape[1])  # [N, W]; other rows stay unread
+        # [N, W] over the grammar's vocabulary; other rows stay unread
+        mask = allocate_bitmask(len(reqs), self.structured.compiler.vocab_size)
         # The GPU is still running this step's forward: the matchers' advance by the last
         # step's tokens (deferred, see RequestGrammar) and the fill overlap it.
         self.structured.filler.fill([self.grammars[reqs[i]] for i in rows], mask, rows)

@@ -210,7 +210,8 @@ def _grammar_masks(runner: ModelRunner, batch: SamplingBatch, sample_reqs: list[
         if grammar is None:
             continue
         if mask is None:
-            mask = allocate_bitmask(logits.shape[0], logits.shape[1])  # [R, W]; other rows unread
+            # [R, W] over the grammar's vocabulary; other rows unread
+            mask = allocate_bitmask(logits.shape[0], runner.structured.compiler.vocab_size)
         grammar.fill_bitmask_for_drafts(mask, r0, drafts)
         rows.extend(range(r0, r0 + len(drafts) + 1))
     if mask is None:

@@ -97,3 +97,39 @@ def test_deferred_tokens_and_a_broken_grammar(tiny_llama):
     broken.fill_bitmask(m, 0)
     bits = ((m[0, :, None] >> torch.arange(32, dtype=torch.int32)) & 1).flatten()[:vocab]
     assert bits.nonzero().flatten().tolist() == [eos]
+
+
+def test_mask_narrower_than_the_logits_bans_the_extra_columns():
+    """A padded LM head (more rows than the tokenizer has ids): the mask covers the grammar's
+    vocabulary only, and the listed rows' extra columns become -inf; other rows are untouched."""
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(3, 1100, generator=g)
+    mask = allocate_bitmask(3, 1000)  # 32 words: columns 1024.. are past the mask
+    mask.copy_(torch.randint(-(2**31), 2**31 - 1, mask.shape, generator=g, dtype=torch.int64).to(torch.int32))
+    bits = ((mask[:, :, None] >> torch.arange(32, dtype=torch.int32)) & 1).bool().view(3, -1)
+    for rows in ([0, 1, 2], [2]):
+        got = logits.clone()
+        apply_bitmask(got, mask, rows)
+        want = logits.clone()
+        for r in rows:
+            want[r, :1024].masked_fill_(~bits[r], float("-inf"))
+            want[r, 1024:] = float("-inf")
+        assert torch.equal(got, want)
+
+
+def test_grammar_vocabulary_is_the_tokenizers(tiny_llama):
+    """The compiler hands xgrammar the tokenizer's ids, not the padded LM head's rows."""
+    from kvserve import LLM
+
+    llm = LLM(str(tiny_llama[0]), dtype="float32", device="cpu", num_kv_blocks=64)
+    from kvserve.structured.manager import StructuredOutputManager
+
+    eng = llm.engine
+    m = StructuredOutputManager(eng.tokenizer, eng.model_config.vocab_size, eng.eos_token_ids)
+    try:
+        assert m.compiler.model_vocab_size == eng.model_config.vocab_size
+        assert m.compiler.vocab_size < eng.model_config.vocab_size  # the tiny model is padded
+        ids = max(eng.tokenizer.backend.get_vocab().values()) + 1
+        assert m.compiler.vocab_size == (ids + 31) // 32 * 32  # whole 32-token words
+    finally:
+        m.shutdown()
