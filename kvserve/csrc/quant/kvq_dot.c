@@ -614,9 +614,10 @@ static inline void kdirect_scales(const uint8_t *s, uint64_t *sc, uint64_t *mn) 
     *mn = (uint64_t)(u1 & lo6) | (uint64_t)(((u2 >> 4) & lo4) | ((u1 >> 6) & lo2) << 4) << 32;
 }
 
-/* Super-block sb of one weight row p for MR activation rows. */
+/* Super-block sb of one weight row for MR activation rows: acc[a] += d * (sum over its sub-blocks of
+ * d_x * integer dot), accm[a] += the offset term (a second chain: shorter dependencies). */
 static inline __attribute__((always_inline)) void kdirect_sb(int qtype, int MR, const uint8_t *row, int64_t sb,
-                                                             const kact_t *xa, int64_t pfd, __m256 *acc) {
+                                                             const kact_t *xa, int64_t pfd, __m256 *acc, __m256 *accm) {
     const int bb = qtype == KVQ_Q4_K ? 144 : qtype == KVQ_Q5_K ? 176 : 210;
     const uint8_t *p = row + sb * bb;
     if (DIRECT_PF)
@@ -702,8 +703,8 @@ static inline __attribute__((always_inline)) void kdirect_sb(int qtype, int MR, 
     _Pragma("GCC unroll 4")
     for (int a = 0; a < MR; a++) {
         acc[a] = _mm256_fmadd_ps(t[a], dw, acc[a]);
-        acc[a] = _mm256_fmadd_ps(off_lo, _mm256_loadu_ps(xa[a].s + 16 * sb), acc[a]);
-        acc[a] = _mm256_fmadd_ps(off_hi, _mm256_loadu_ps(xa[a].s + 16 * sb + 8), acc[a]);
+        accm[a] = _mm256_fmadd_ps(off_lo, _mm256_loadu_ps(xa[a].s + 16 * sb), accm[a]);
+        accm[a] = _mm256_fmadd_ps(off_hi, _mm256_loadu_ps(xa[a].s + 16 * sb + 8), accm[a]);
     }
 }
 
@@ -711,12 +712,20 @@ static inline __attribute__((always_inline)) void kdirect_sb(int qtype, int MR, 
 static inline __attribute__((always_inline)) void kdirect_row(int qtype, int MR, const uint8_t *row,
                                                               const kact_t *xa, int64_t nsb, float *out, int64_t os,
                                                               int64_t pfd) {
-    __m256 acc[DIRECT_MAX_M];
+    __m256 acc[DIRECT_MAX_M], accm[DIRECT_MAX_M];
     _Pragma("GCC unroll 4")
-    for (int a = 0; a < MR; a++) acc[a] = _mm256_setzero_ps();
-    for (int64_t sb = 0; sb < nsb; sb++) kdirect_sb(qtype, MR, row, sb, xa, pfd, acc);
+    for (int a = 0; a < MR; a++) acc[a] = _mm256_setzero_ps(), accm[a] = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < nsb; sb++) {
+#ifdef DIRECT_MCA
+        __asm volatile("# LLVM-MCA-BEGIN k%c0_mr%c1" ::"i"(qtype), "i"(MR));
+#endif
+        kdirect_sb(qtype, MR, row, sb, xa, pfd, acc, accm);
+#ifdef DIRECT_MCA
+        __asm volatile("# LLVM-MCA-END");
+#endif
+    }
     _Pragma("GCC unroll 4")
-    for (int a = 0; a < MR; a++) out[a * os] = hsum256(acc[a]);
+    for (int a = 0; a < MR; a++) out[a * os] = hsum256(_mm256_add_ps(acc[a], accm[a]));
 }
 
 #define KDIRECT_CASE(QT)                                                                                          \
