@@ -146,12 +146,13 @@ def test_gemm_int8_few_rows(qtype: str, level: str) -> None:
 
 
 @pytest.mark.parametrize("level", ["native", "baseline"])
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
-def test_k_formats_direct_rows_and_shapes(qtype: str, level: str) -> None:
-    """The K formats' direct kernels (AVX2: one weight row at a time, activation rows 4 at a time,
-    up to 48 rows; 49 takes the tile path): 1, 4, 5, 9, 31, 48 and 49 activation rows, K an odd
-    number of super-blocks (2304) and Gemma 3 270M's shapes (attn_output 640 x 1024, ffn_down
-    640 x 2048), with and without a bias."""
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K", "Q8_0"])
+def test_direct_many_rows_and_shapes(qtype: str, level: str) -> None:
+    """The K formats' direct kernels and Q8_0's above 4 rows (AVX2: one weight row at a time,
+    activation rows 4 at a time, up to 48 rows; 49 takes the tile path): 1, 4, 5, 9, 31, 48 and
+    49 activation rows, K an odd number of super-blocks (2304; for Q8_0 72 blocks, a partial
+    group of 8) and Gemma 3 270M's shapes (attn_output 640 x 1024, ffn_down 640 x 2048), with
+    and without a bias."""
     lib = _get_lib(level)
     g = torch.Generator().manual_seed(12)
     for n, k, ms in ((5, 2304, (1, 4, 5, 9, 48, 49)), (640, 1024, (1, 4, 9)), (640, 2048, (1, 5, 31))):

@@ -529,7 +529,8 @@ static void direct_group(int qtype, int nr, int mr, const uint8_t *w, int64_t wr
  * (which unpacks every tile into int8 first). Measured on a Zen 3 core (AVX2), µs per product:
  * Q4_1 3072 x 576 at 5-16 rows 0.70-0.85x the tile path's time, at 24-47 rows (2 threads)
  * 0.57-0.83x; Q4_1 576 x 1536 at 24-47 rows 0.71-1.07x; Q8_0 0.92-1.0x at 5-16 rows and
- * 1.1-1.4x (slower) above, so Q8_0 stays at DIRECT_MAX_M (benchmarks/RESULTS.md). */
+ * 1.1-1.4x (slower) above, so Q8_0 stays at DIRECT_MAX_M (benchmarks/RESULTS.md) here; from 5
+ * rows it takes q8rows_row below instead (0.67-0.9x the tile path's time). */
 #define DIRECT_MAX_ACT 48
 
 static int direct_max_rows(int qtype) {
@@ -593,6 +594,9 @@ static void gemm_direct(int qtype, const uint8_t *w, int64_t wrb, const uint8_t 
  * activation row) pair has its own accumulators and the same operation sequence whatever the
  * grouping, so outputs do not depend on how rows were split. */
 
+#ifndef Q8ROWS
+#define Q8ROWS 1 /* 0: Q8_0 above DIRECT_MAX_M rows takes the tile path (for timing the two) */
+#endif
 #ifndef KDIRECT_MAX_ACT
 #define KDIRECT_MAX_ACT 48
 #endif
@@ -728,6 +732,60 @@ static inline __attribute__((always_inline)) void kdirect_row(int qtype, int MR,
     for (int a = 0; a < MR; a++) out[a * os] = hsum256(_mm256_add_ps(acc[a], accm[a]));
 }
 
+/* Q8_0 for more than DIRECT_MAX_M activation rows: one weight row at a time, 4 activation rows
+ * sharing each block's |w| (the sign trick's weight half), and per 8 blocks one multiply of the 8
+ * weight scales by the activation row's 8 scales, stored and broadcast back per block (a load,
+ * not an ALU operation): per block and activation row a sign, vpmaddubsw, vpmaddwd, convert and
+ * FMA, against the tile path's 8 operations. Each activation row has its own accumulator and the
+ * same operation sequence whatever the grouping. */
+static inline __attribute__((always_inline)) void q8rows_row(int MR, const uint8_t *row, const kact_t *xa, int64_t nb,
+                                                             float *out, int64_t os, int64_t pfd) {
+    __m256 acc[DIRECT_MAX_M];
+    _Alignas(32) float sc[DIRECT_MAX_M][8];
+    const __m256i ones = _mm256_set1_epi16(1);
+    _Pragma("GCC unroll 4")
+    for (int a = 0; a < MR; a++) acc[a] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < nb; g += 8) {
+        const int nv = nb - g < 8 ? (int)(nb - g) : 8;
+        const uint8_t *p = row + g * 34;
+        if (DIRECT_PF)
+            _Pragma("GCC unroll 5")
+            for (int l = 0; l < 8 * 34; l += 64) _mm_prefetch((const char *)p + pfd + l, _MM_HINT_T0);
+        __m128i h = _mm_setzero_si128();
+        h = _mm_insert_epi16(h, kvq_rd16(p), 0);
+        if (nv > 1) h = _mm_insert_epi16(h, kvq_rd16(p + 34), 1);
+        if (nv > 2) h = _mm_insert_epi16(h, kvq_rd16(p + 68), 2);
+        if (nv > 3) h = _mm_insert_epi16(h, kvq_rd16(p + 102), 3);
+        if (nv > 4) h = _mm_insert_epi16(h, kvq_rd16(p + 136), 4);
+        if (nv > 5) h = _mm_insert_epi16(h, kvq_rd16(p + 170), 5);
+        if (nv > 6) h = _mm_insert_epi16(h, kvq_rd16(p + 204), 6);
+        if (nv > 7) h = _mm_insert_epi16(h, kvq_rd16(p + 238), 7);
+        const __m256 dw = _mm256_cvtph_ps(h);
+        _Pragma("GCC unroll 4")
+        for (int a = 0; a < MR; a++) { /* past the last block: the row's next floats, never used */
+            _mm256_store_ps(sc[a], _mm256_mul_ps(dw, _mm256_loadu_ps(xa[a].d + g)));
+        }
+        for (int b = 0; b < nv; b++) {
+#ifdef DIRECT_MCA
+            __asm volatile("# LLVM-MCA-BEGIN q8rows_mr%c0" ::"i"(MR));
+#endif
+            const __m256i w = _mm256_loadu_si256((const __m256i *)(p + 34 * b + 2));
+            const __m256i aw = _mm256_sign_epi8(w, w);
+            _Pragma("GCC unroll 4")
+            for (int a = 0; a < MR; a++) {
+                const __m256i x = _mm256_loadu_si256((const __m256i *)(xa[a].q + 32 * (g + b)));
+                const __m256i i = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w)), ones);
+                acc[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_broadcast_ss(&sc[a][b]), acc[a]);
+            }
+#ifdef DIRECT_MCA
+            __asm volatile("# LLVM-MCA-END");
+#endif
+        }
+    }
+    _Pragma("GCC unroll 4")
+    for (int a = 0; a < MR; a++) out[a * os] = hsum256(acc[a]);
+}
+
 #define KDIRECT_CASE(QT)                                                                                          \
     case QT:                                                                                                      \
         if (mr == 1) kdirect_row(QT, 1, row, xa, nsb, out, os, pfd);                                              \
@@ -742,19 +800,27 @@ static void kdirect_group(int qtype, int mr, const uint8_t *row, const kact_t *x
         KDIRECT_CASE(KVQ_Q4_K)
         KDIRECT_CASE(KVQ_Q5_K)
         KDIRECT_CASE(KVQ_Q6_K)
+    case KVQ_Q8_0:
+        if (mr == 1) q8rows_row(1, row, xa, nsb, out, os, pfd);
+        else if (mr == 2) q8rows_row(2, row, xa, nsb, out, os, pfd);
+        else if (mr == 3) q8rows_row(3, row, xa, nsb, out, os, pfd);
+        else q8rows_row(4, row, xa, nsb, out, os, pfd);
+        break;
     default:
         break;
     }
 }
 
 static int kdirect_ok(int qtype, int64_t M) {
+    if (qtype == KVQ_Q8_0) return Q8ROWS && M <= KDIRECT_MAX_ACT;
     return (qtype == KVQ_Q4_K || qtype == KVQ_Q5_K || qtype == KVQ_Q6_K) && M <= KDIRECT_MAX_ACT;
 }
 
 /* Rows [n0, n1) for M <= KDIRECT_MAX_ACT activation rows, one weight row at a time. */
 static void gemm_kdirect(int qtype, const uint8_t *w, int64_t wrb, const uint8_t *x, const float *bias, float *out,
                          int64_t out_stride, int64_t M, int64_t K, int64_t n0, int64_t n1) {
-    const int64_t xstride = kvq_act_stride(K), nb = K / KVQ_QK, nsb = K / KVQ_QK_K;
+    /* nsb: super-blocks, or for Q8_0 its 32-value blocks */
+    const int64_t xstride = kvq_act_stride(K), nb = K / KVQ_QK, nsb = qtype == KVQ_Q8_0 ? nb : K / KVQ_QK_K;
     kact_t xa[KDIRECT_MAX_ACT];
     for (int64_t m = 0; m < M; m++) {
         const uint8_t *r = x + m * xstride;
