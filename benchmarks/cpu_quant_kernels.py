@@ -45,6 +45,19 @@ EXTRA_SHAPES = [
     ("Q6_K 1536x1536", "Q6_K", 1536, 1536),
 ]
 
+# Gemma 3 270M Q4_K_M (`--model gemma3-270m`): hidden 640, intermediate 2048, 4 query heads and
+# 1 kv head of 256; the K-format tensors of its layers and its tied Q8_0 head (`--gemma`)
+GEMMA_SHAPES = [
+    ("g q 1024x640", "Q5_0", 1024, 640),
+    ("g k 256x640", "Q5_0", 256, 640),
+    ("g v 256x640", "Q8_0", 256, 640),
+    ("g o 640x1024", "Q4_K", 640, 1024),
+    ("g gate/up 2048x640", "Q5_0", 2048, 640),
+    ("g down 640x2048", "Q4_K", 640, 2048),
+    ("g down 640x2048", "Q6_K", 640, 2048),
+    ("g head 262144x640", "Q8_0", 262144, 640),
+]
+
 _STREAM_C = r"""
 #include <immintrin.h>
 #include <stdint.h>
@@ -156,6 +169,7 @@ def main() -> None:
     ap.add_argument("--ring-mb", type=int, default=192, help="total bytes of weight copies cycled through")
     ap.add_argument("--compare", metavar="REV", help="also time kvq_*.c as of this git revision")
     ap.add_argument("--extra", action="store_true", help="also Q4_0 and the K formats")
+    ap.add_argument("--gemma", action="store_true", help="instead: Gemma 3 270M's shapes and formats")
     ap.add_argument("--decode", action="store_true",
                     help="instead: LLM('smollm2', device='cpu') batch-1 greedy decode tok/s (best of --repeats)")
     ap.add_argument("--only", nargs="+", help="shape names containing any of these strings")
@@ -180,7 +194,7 @@ def main() -> None:
         hdr += f"  {name + ' us':>12}{'GB/s':>7}"
     print(hdr)
 
-    shapes = SHAPES + (EXTRA_SHAPES if args.extra else [])
+    shapes = GEMMA_SHAPES if args.gemma else SHAPES + (EXTRA_SHAPES if args.extra else [])
     if args.only:
         shapes = [s for s in shapes if any(o in s[0] for o in args.only)]
     for sname, qtype, n, k in shapes:
@@ -207,7 +221,7 @@ def _weight(qtype: str, n: int, k: int) -> torch.Tensor:
     if qtype in ("Q8_0", "Q4_0", "Q4_1"):
         return cq.quantize_weights(qtype, torch.randn(n, k) * 0.05)
     g = torch.Generator().manual_seed(0)
-    bs, bb = cq._BLOCKS[cq.QTYPES[qtype]]
+    bs, bb = cq.BLOCKS[cq.QTYPES[qtype]]
     nb = n * k // bs
     raw = torch.randint(0, 256, (nb, bb), generator=g, dtype=torch.uint8)
     scale = (torch.rand(nb, 1, generator=g) * 1.5e-3 + 5e-4).to(torch.float16).view(torch.uint8)

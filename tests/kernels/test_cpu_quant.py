@@ -145,6 +145,53 @@ def test_gemm_int8_few_rows(qtype: str, level: str) -> None:
                 check_int8(cq.gemm_int8(qtype, w, k, x, bias, lib=lib), x, wf, bias, vs_unquantized=False)
 
 
+@pytest.mark.parametrize("level", ["native", "baseline"])
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K", "Q8_0"])
+def test_direct_many_rows_and_shapes(qtype: str, level: str) -> None:
+    """The K formats' direct kernels and Q8_0's above 4 rows (AVX2: one weight row at a time,
+    activation rows 4 at a time, up to 48 rows; 49 takes the tile path): 1, 4, 5, 9, 31, 48 and
+    49 activation rows, K an odd number of super-blocks (2304; for Q8_0 72 blocks, a partial
+    group of 8) and Gemma 3 270M's shapes (attn_output 640 x 1024, ffn_down 640 x 2048), with
+    and without a bias."""
+    lib = _get_lib(level)
+    g = torch.Generator().manual_seed(12)
+    for n, k, ms in ((5, 2304, (1, 4, 5, 9, 48, 49)), (640, 1024, (1, 4, 9)), (640, 2048, (1, 5, 31))):
+        w = random_weight(qtype, n, k, seed=n + k)
+        wf = gguf_dequant(qtype, w)
+        bias = torch.randn(n, generator=g)
+        for m in ms:
+            x = torch.randn(m, k, generator=g)
+            check_int8(cq.gemm_int8(qtype, w, k, x, lib=lib), x, wf)
+            check_int8(cq.gemm_int8(qtype, w, k, x, bias, lib=lib), x, wf, bias)
+
+
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K"])
+def test_k_formats_extreme_codes(qtype: str) -> None:
+    """Every code and 6-bit scale at its maximum (the widest 16-bit pair sums the direct kernels
+    form: 2 * 63 * 127 for Q6_K) against activations that round to +-127, and the smallest
+    (Q6_K's scale -128 and codes 0), exact against the float64 reference."""
+    lib = _get_lib("native")
+    bs, bb = cq.BLOCKS[cq.QTYPES[qtype]]
+    n, k = 6, 512
+    raw = torch.full((n * k // bs, bb), 0xFF, dtype=torch.uint8)
+    one = torch.tensor([1e-3], dtype=torch.float16).view(torch.uint8)
+    if qtype == "Q6_K":
+        raw[1::2, :192] = 0  # codes 0 (-32 after the offset)
+        raw[1::2, 192:208] = 0x80  # scales -128
+        raw[:, 208:210] = one
+    else:
+        raw[:, 0:2] = one
+        raw[:, 2:4] = one
+    w = raw.reshape(n, -1)
+    wf = gguf_dequant(qtype, w)
+    x = torch.ones(5, k)
+    x[1] = -1.0
+    x[2, ::2] = -1.0  # alternating signs
+    x[3] = torch.randn(k, generator=torch.Generator().manual_seed(13)).sign()
+    x[4, 1::3] = 0.0
+    check_int8(cq.gemm_int8(qtype, w, k, x, lib=lib), x, wf, vs_unquantized=False)
+
+
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 9, 47])
 @pytest.mark.parametrize("qtype", FORMATS)
 def test_rows_independent_of_split(qtype: str, m: int) -> None:

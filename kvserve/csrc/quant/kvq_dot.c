@@ -11,6 +11,9 @@
  *   AVX2             vpmaddubsw (u8 x s8 -> s16 pairs) + vpmaddwd, as llama.cpp does
  *   NEON (+dotprod)  sdot on 16-value halves, else smull + sadalp
  *   plain C          the reference, and the build forced by KVSERVE_CPU_ISA=baseline
+ * On AVX2 (and the AVX-512 build) few activation rows skip the tile: "direct kernels" dot the
+ * block bytes as they are (Q4_0, Q4_1, Q5_0 and Q8_0 four activation rows at a time up to a
+ * per-format bound, below; Q4_K, Q5_K, Q6_K up to 48 rows and Q8_0 from 5 to 48, further below).
  * Codes are in [0, 64) for every format but Q8_0 (the offsets carry Q4_0's -8 and Q6_K's -32),
  * so u8 x s8 products need the sign trick (|w| times x with w's sign) only for Q8_0.
  * Each output value's arithmetic depends only on its weight row and activation row, never on
@@ -529,7 +532,8 @@ static void direct_group(int qtype, int nr, int mr, const uint8_t *w, int64_t wr
  * (which unpacks every tile into int8 first). Measured on a Zen 3 core (AVX2), µs per product:
  * Q4_1 3072 x 576 at 5-16 rows 0.70-0.85x the tile path's time, at 24-47 rows (2 threads)
  * 0.57-0.83x; Q4_1 576 x 1536 at 24-47 rows 0.71-1.07x; Q8_0 0.92-1.0x at 5-16 rows and
- * 1.1-1.4x (slower) above, so Q8_0 stays at DIRECT_MAX_M (benchmarks/RESULTS.md). */
+ * 1.1-1.4x (slower) above, so Q8_0 stays at DIRECT_MAX_M (benchmarks/RESULTS.md) here; from 5
+ * rows it takes q8rows_row below instead (0.67-0.9x the tile path's time). */
 #define DIRECT_MAX_ACT 48
 
 static int direct_max_rows(int qtype) {
@@ -570,6 +574,276 @@ static void gemm_direct(int qtype, const uint8_t *w, int64_t wrb, const uint8_t 
     }
     if (buf != stack) free(buf);
 }
+
+/* ---- direct kernels for the K formats (Q4_K, Q5_K, Q6_K) ----
+ *
+ * Same idea as above for the 256-value super-blocks, which the tile path unpacked at 3-5 GB/s:
+ * each 32-value sub-block's codes come out of the block bytes in a few register operations and
+ * are dotted with the activation codes as they lie in the quantized row (sub-block j of super-
+ * block b is activation block 8b + j, so no per-call rearrangement is needed):
+ *   - Q4_K: one 32-byte load holds sub-blocks 2p (low nibbles) and 2p+1 (high nibbles); Q5_K
+ *     ORs in each code's 5th bit (bit j of qh[l], brought to bit 4 by one 16-bit shift and a
+ *     mask); Q6_K builds 4 sub-blocks of 6-bit codes from 2 x 32 bytes of ql and 32 of qh.
+ *   - vpmaddubsw (codes u8 < 64 x activations s8: 16-bit pair sums, exact) and then vpmaddwd by
+ *     the sub-block's integer weight scale (Q4_K/Q5_K: its 6-bit scale in all 16 lanes; Q6_K:
+ *     the scales of its two 16-value halves, one per 128-bit lane) give 8 exact int32 partial
+ *     sums already weighted by the weight scale.
+ *   - One convert and one FMA by the activation block's scale d_x per sub-block accumulate a
+ *     super-block in float; times the super-block's d, plus the offset term (Q4_K/Q5_K:
+ *     -dmin * min_j, Q6_K: -32 d * scale_g) times the activation's stored 16-value sums (which
+ *     include d_x), two FMAs over 16 lanes.
+ * One weight row at a time, up to 4 activation rows sharing each unpacked sub-block (more rows
+ * go 4 at a time over the same weight row, which is in L1 by then); each (weight row,
+ * activation row) pair has its own accumulators and the same operation sequence whatever the
+ * grouping, so outputs do not depend on how rows were split. */
+
+#ifndef Q8ROWS
+#define Q8ROWS 1 /* 0: Q8_0 above DIRECT_MAX_M rows takes the tile path (for timing the two) */
+#endif
+/* Up to this many activation rows (the Python side dequantizes from 48). Measured on a Zen 3
+ * EPYC core (AVX2), one thread, µs per product against the tile path (cold weights,
+ * benchmarks/cpu_quant_kernels.py --gemma): Q4_K 640 x 2048 at 1 / 4 / 8 / 32 rows 58.8 / 126 /
+ * 250 / 1010 vs 183 / 286 / 423 / 1242; Q6_K 640 x 2048 75.5 / 156 / 297 / 1179 vs 189 / 296 /
+ * 432 / 1250; Q8_0 262144 x 640 (Gemma 3's head) at 8 / 32 rows 39.7 / 175 ms vs 57.3 / 187. */
+#ifndef KDIRECT_MAX_ACT
+#define KDIRECT_MAX_ACT 48
+#endif
+
+typedef struct {
+    const uint8_t *q; /* codes, K bytes */
+    const float *d;   /* one scale per 32 values */
+    const float *s;   /* d * (sum of 16 codes), per 16 values */
+} kact_t;
+
+/* 8 x 6-bit scales (lo) and mins (hi) of a Q4_K/Q5_K scales[12] field, one byte each:
+ * j < 4: sc = s[j] & 63, mn = s[j+4] & 63; j >= 4: sc = (s[j+4] & 15) | (s[j-4] >> 6) << 4,
+ * mn = (s[j+4] >> 4) | (s[j] >> 6) << 4 (kvq_scale_min in kvq_blocks.c), four at a time. */
+static inline void kdirect_scales(const uint8_t *s, uint64_t *sc, uint64_t *mn) {
+    uint32_t u0, u1, u2;
+    memcpy(&u0, s, 4), memcpy(&u1, s + 4, 4), memcpy(&u2, s + 8, 4);
+    const uint32_t lo6 = 0x3f3f3f3fu, lo4 = 0x0f0f0f0fu, lo2 = 0x03030303u;
+    *sc = (uint64_t)(u0 & lo6) | (uint64_t)((u2 & lo4) | ((u0 >> 6) & lo2) << 4) << 32;
+    *mn = (uint64_t)(u1 & lo6) | (uint64_t)(((u2 >> 4) & lo4) | ((u1 >> 6) & lo2) << 4) << 32;
+}
+
+/* Super-block sb of one weight row for MR activation rows: acc[a] += d * (sum over its sub-blocks of
+ * d_x * integer dot), accm[a] += the offset term (a second chain: shorter dependencies). */
+static inline __attribute__((always_inline)) void kdirect_sb(int qtype, int MR, const uint8_t *row, int64_t sb,
+                                                             const kact_t *xa, int64_t pfd, __m256 *acc, __m256 *accm) {
+    const int bb = qtype == KVQ_Q4_K ? 144 : qtype == KVQ_Q5_K ? 176 : 210;
+    const uint8_t *p = row + sb * bb;
+    if (DIRECT_PF)
+        _Pragma("GCC unroll 4")
+        for (int l = 0; l < bb; l += 64) _mm_prefetch((const char *)p + pfd + l, _MM_HINT_T0);
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    __m256 t[DIRECT_MAX_M];
+    _Pragma("GCC unroll 4")
+    for (int a = 0; a < MR; a++) t[a] = _mm256_setzero_ps();
+    __m256 off_lo, off_hi, dw;
+#define KDIRECT_DOT(J, W, SC)                                                                                       \
+    _Pragma("GCC unroll 4") for (int a = 0; a < MR; a++) {                                                        \
+        const __m256i x_ = _mm256_loadu_si256((const __m256i *)(xa[a].q + 256 * sb + 32 * (J)));                   \
+        const __m256i i_ = _mm256_madd_epi16(_mm256_maddubs_epi16((W), x_), (SC));                                \
+        t[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i_), _mm256_broadcast_ss(xa[a].d + 8 * sb + (J)), t[a]);          \
+    }
+    if (qtype == KVQ_Q6_K) {
+        const uint8_t *ql = p, *qh = p + 128;
+        const float d = kvq_h2f(kvq_rd16(p + 208));
+        const __m128i s8 = _mm_loadu_si128((const __m128i *)(p + 192));
+        const __m256i s16 = _mm256_cvtepi8_epi16(s8); /* dword j: scales 2j, 2j+1 */
+        /* [scale 2j x 8 | scale 2j+1 x 8] from the dword j broadcast to every lane */
+        const __m256i pick = _mm256_setr_epi8(0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 2, 3, 2, 3, 2, 3, 2, 3, 2,
+                                              3, 2, 3, 2, 3, 2, 3);
+        const __m256i m30 = _mm256_set1_epi8(0x30);
+        _Pragma("GCC unroll 2")
+        for (int h = 0; h < 2; h++) {
+            const __m256i l0 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h));
+            const __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32));
+            const __m256i hb = _mm256_loadu_si256((const __m256i *)(qh + 32 * h));
+            const __m256i w0 = _mm256_or_si256(_mm256_and_si256(l0, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 4), m30));
+            const __m256i w1 = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_and_si256(_mm256_slli_epi16(hb, 2), m30));
+            const __m256i w2 =
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(hb, m30));
+            const __m256i w3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4),
+                                               _mm256_and_si256(_mm256_srli_epi16(hb, 2), m30));
+            const __m256i c0 = _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(s16, _mm256_set1_epi32(4 * h)), pick);
+            KDIRECT_DOT(4 * h, w0, c0)
+            const __m256i c1 = _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(s16, _mm256_set1_epi32(4 * h + 1)), pick);
+            KDIRECT_DOT(4 * h + 1, w1, c1)
+            const __m256i c2 = _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(s16, _mm256_set1_epi32(4 * h + 2)), pick);
+            KDIRECT_DOT(4 * h + 2, w2, c2)
+            const __m256i c3 = _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(s16, _mm256_set1_epi32(4 * h + 3)), pick);
+            KDIRECT_DOT(4 * h + 3, w3, c3)
+        }
+        const __m256 m32 = _mm256_set1_ps(-32.0f * d);
+        off_lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(s8)), m32);
+        off_hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(s8, 8))), m32);
+        dw = _mm256_set1_ps(d);
+    } else {
+        const float d = kvq_h2f(kvq_rd16(p)), dmin = kvq_h2f(kvq_rd16(p + 2));
+        uint64_t sc, mn;
+        kdirect_scales(p + 4, &sc, &mn);
+        /* scale j in every 16-bit lane: byte j of sc (and a zero byte) broadcast */
+        const __m256i scb = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128((long long)sc)));
+        const uint8_t *qs = qtype == KVQ_Q5_K ? p + 48 : p + 16;
+        __m256i qh = _mm256_setzero_si256();
+        if (qtype == KVQ_Q5_K) qh = _mm256_loadu_si256((const __m256i *)(p + 16));
+        const __m256i m10 = _mm256_set1_epi8(0x10);
+        _Pragma("GCC unroll 4")
+        for (int j = 0; j < 8; j += 2) {
+            const __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 16 * j));
+            __m256i w0 = _mm256_and_si256(raw, m4), w1 = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+            if (qtype == KVQ_Q5_K) { /* bit j of qh[l] -> bit 4 of code l (16-bit shifts, then the mask) */
+                const __m256i h0 = j < 4 ? _mm256_slli_epi16(qh, 4 - j) : j == 4 ? qh : _mm256_srli_epi16(qh, j - 4);
+                const __m256i h1 = j + 1 < 4 ? _mm256_slli_epi16(qh, 3 - j) : j + 1 == 4 ? qh
+                                                                                      : _mm256_srli_epi16(qh, j - 3);
+                w0 = _mm256_or_si256(w0, _mm256_and_si256(h0, m10));
+                w1 = _mm256_or_si256(w1, _mm256_and_si256(h1, m10));
+            }
+            const __m256i c0 = _mm256_shuffle_epi8(scb, _mm256_set1_epi16((short)(0xff00 | (2 * j))));
+            KDIRECT_DOT(j, w0, c0)
+            const __m256i c1 = _mm256_shuffle_epi8(scb, _mm256_set1_epi16((short)(0xff00 | (2 * j + 2))));
+            KDIRECT_DOT(j + 1, w1, c1)
+        }
+        const __m128i mn2 = _mm_unpacklo_epi8(_mm_cvtsi64_si128((long long)mn), _mm_cvtsi64_si128((long long)mn));
+        const __m256 nm = _mm256_set1_ps(-dmin);
+        off_lo = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(mn2)), nm);
+        off_hi = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(mn2, 8))), nm);
+        dw = _mm256_set1_ps(d);
+    }
+#undef KDIRECT_DOT
+    _Pragma("GCC unroll 4")
+    for (int a = 0; a < MR; a++) {
+        acc[a] = _mm256_fmadd_ps(t[a], dw, acc[a]);
+        accm[a] = _mm256_fmadd_ps(off_lo, _mm256_loadu_ps(xa[a].s + 16 * sb), accm[a]);
+        accm[a] = _mm256_fmadd_ps(off_hi, _mm256_loadu_ps(xa[a].s + 16 * sb + 8), accm[a]);
+    }
+}
+
+/* out[a * os] = weight row . activation row a, for a < MR. */
+static inline __attribute__((always_inline)) void kdirect_row(int qtype, int MR, const uint8_t *row,
+                                                              const kact_t *xa, int64_t nsb, float *out, int64_t os,
+                                                              int64_t pfd) {
+    __m256 acc[DIRECT_MAX_M], accm[DIRECT_MAX_M];
+    _Pragma("GCC unroll 4")
+    for (int a = 0; a < MR; a++) acc[a] = _mm256_setzero_ps(), accm[a] = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < nsb; sb++) {
+#ifdef DIRECT_MCA
+        __asm volatile("# LLVM-MCA-BEGIN k%c0_mr%c1" ::"i"(qtype), "i"(MR));
+#endif
+        kdirect_sb(qtype, MR, row, sb, xa, pfd, acc, accm);
+#ifdef DIRECT_MCA
+        __asm volatile("# LLVM-MCA-END");
+#endif
+    }
+    _Pragma("GCC unroll 4")
+    for (int a = 0; a < MR; a++) out[a * os] = hsum256(_mm256_add_ps(acc[a], accm[a]));
+}
+
+/* Q8_0 for more than DIRECT_MAX_M activation rows: one weight row at a time, 4 activation rows
+ * sharing each block's |w| (the sign trick's weight half), and per 8 blocks one multiply of the 8
+ * weight scales by the activation row's 8 scales, stored and broadcast back per block (a load,
+ * not an ALU operation): per block and activation row a sign, vpmaddubsw, vpmaddwd, convert and
+ * FMA, against the tile path's 8 operations. Each activation row has its own accumulator and the
+ * same operation sequence whatever the grouping. */
+static inline __attribute__((always_inline)) void q8rows_row(int MR, const uint8_t *row, const kact_t *xa, int64_t nb,
+                                                             float *out, int64_t os, int64_t pfd) {
+    __m256 acc[DIRECT_MAX_M];
+    _Alignas(32) float sc[DIRECT_MAX_M][8];
+    const __m256i ones = _mm256_set1_epi16(1);
+    _Pragma("GCC unroll 4")
+    for (int a = 0; a < MR; a++) acc[a] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < nb; g += 8) {
+        const int nv = nb - g < 8 ? (int)(nb - g) : 8;
+        const uint8_t *p = row + g * 34;
+        if (DIRECT_PF)
+            _Pragma("GCC unroll 5")
+            for (int l = 0; l < 8 * 34; l += 64) _mm_prefetch((const char *)p + pfd + l, _MM_HINT_T0);
+        __m128i h = _mm_setzero_si128();
+        h = _mm_insert_epi16(h, kvq_rd16(p), 0);
+        if (nv > 1) h = _mm_insert_epi16(h, kvq_rd16(p + 34), 1);
+        if (nv > 2) h = _mm_insert_epi16(h, kvq_rd16(p + 68), 2);
+        if (nv > 3) h = _mm_insert_epi16(h, kvq_rd16(p + 102), 3);
+        if (nv > 4) h = _mm_insert_epi16(h, kvq_rd16(p + 136), 4);
+        if (nv > 5) h = _mm_insert_epi16(h, kvq_rd16(p + 170), 5);
+        if (nv > 6) h = _mm_insert_epi16(h, kvq_rd16(p + 204), 6);
+        if (nv > 7) h = _mm_insert_epi16(h, kvq_rd16(p + 238), 7);
+        const __m256 dw = _mm256_cvtph_ps(h);
+        _Pragma("GCC unroll 4")
+        for (int a = 0; a < MR; a++) { /* past the last block: the row's next floats, never used */
+            _mm256_store_ps(sc[a], _mm256_mul_ps(dw, _mm256_loadu_ps(xa[a].d + g)));
+        }
+        for (int b = 0; b < nv; b++) {
+#ifdef DIRECT_MCA
+            __asm volatile("# LLVM-MCA-BEGIN q8rows_mr%c0" ::"i"(MR));
+#endif
+            const __m256i w = _mm256_loadu_si256((const __m256i *)(p + 34 * b + 2));
+            const __m256i aw = _mm256_sign_epi8(w, w);
+            _Pragma("GCC unroll 4")
+            for (int a = 0; a < MR; a++) {
+                const __m256i x = _mm256_loadu_si256((const __m256i *)(xa[a].q + 32 * (g + b)));
+                const __m256i i = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w)), ones);
+                acc[a] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_broadcast_ss(&sc[a][b]), acc[a]);
+            }
+#ifdef DIRECT_MCA
+            __asm volatile("# LLVM-MCA-END");
+#endif
+        }
+    }
+    _Pragma("GCC unroll 4")
+    for (int a = 0; a < MR; a++) out[a * os] = hsum256(acc[a]);
+}
+
+#define KDIRECT_CASE(QT)                                                                                          \
+    case QT:                                                                                                      \
+        if (mr == 1) kdirect_row(QT, 1, row, xa, nsb, out, os, pfd);                                              \
+        else if (mr == 2) kdirect_row(QT, 2, row, xa, nsb, out, os, pfd);                                         \
+        else if (mr == 3) kdirect_row(QT, 3, row, xa, nsb, out, os, pfd);                                         \
+        else kdirect_row(QT, 4, row, xa, nsb, out, os, pfd);                                                      \
+        break;
+
+static void kdirect_group(int qtype, int mr, const uint8_t *row, const kact_t *xa, int64_t nsb, float *out, int64_t os,
+                          int64_t pfd) {
+    switch (qtype) {
+        KDIRECT_CASE(KVQ_Q4_K)
+        KDIRECT_CASE(KVQ_Q5_K)
+        KDIRECT_CASE(KVQ_Q6_K)
+    case KVQ_Q8_0:
+        if (mr == 1) q8rows_row(1, row, xa, nsb, out, os, pfd);
+        else if (mr == 2) q8rows_row(2, row, xa, nsb, out, os, pfd);
+        else if (mr == 3) q8rows_row(3, row, xa, nsb, out, os, pfd);
+        else q8rows_row(4, row, xa, nsb, out, os, pfd);
+        break;
+    default:
+        break;
+    }
+}
+
+static int kdirect_ok(int qtype, int64_t M) {
+    if (qtype == KVQ_Q8_0) return Q8ROWS && M <= KDIRECT_MAX_ACT;
+    return (qtype == KVQ_Q4_K || qtype == KVQ_Q5_K || qtype == KVQ_Q6_K) && M <= KDIRECT_MAX_ACT;
+}
+
+/* Rows [n0, n1) for M <= KDIRECT_MAX_ACT activation rows, one weight row at a time. */
+static void gemm_kdirect(int qtype, const uint8_t *w, int64_t wrb, const uint8_t *x, const float *bias, float *out,
+                         int64_t out_stride, int64_t M, int64_t K, int64_t n0, int64_t n1) {
+    /* nsb: super-blocks, or for Q8_0 its 32-value blocks */
+    const int64_t xstride = kvq_act_stride(K), nb = K / KVQ_QK, nsb = qtype == KVQ_Q8_0 ? nb : K / KVQ_QK_K;
+    kact_t xa[KDIRECT_MAX_ACT];
+    for (int64_t m = 0; m < M; m++) {
+        const uint8_t *r = x + m * xstride;
+        xa[m].q = r, xa[m].d = (const float *)(r + K), xa[m].s = xa[m].d + nb;
+    }
+    const int64_t pfd = (DIRECT_PF + wrb - 1) / wrb * wrb; /* the same bytes whole rows ahead */
+    for (int64_t n = n0; n < n1; n++) {
+        for (int64_t a0 = 0; a0 < M; a0 += DIRECT_MAX_M) {
+            const int ma = M - a0 < DIRECT_MAX_M ? (int)(M - a0) : DIRECT_MAX_M;
+            kdirect_group(qtype, ma, w + n * wrb, xa + a0, nsb, out + a0 * out_stride + n, out_stride, pfd);
+        }
+        if (bias != NULL)
+            for (int64_t m = 0; m < M; m++) out[m * out_stride + n] += bias[n];
+    }
+}
 #endif
 
 /* ---- GEMM drivers ---- */
@@ -582,6 +856,10 @@ void kvq_gemm_range(int qtype, const void *w, int64_t w_row_bytes, const void *x
 #if defined(KVQ_AVX2)
     if (direct_ok(qtype, M)) {
         gemm_direct(qtype, (const uint8_t *)w, w_row_bytes, (const uint8_t *)xq, bias, out, out_stride, M, K, n0, n1);
+        return;
+    }
+    if (kdirect_ok(qtype, M)) {
+        gemm_kdirect(qtype, (const uint8_t *)w, w_row_bytes, (const uint8_t *)xq, bias, out, out_stride, M, K, n0, n1);
         return;
     }
 #endif
