@@ -162,7 +162,7 @@ def section_e2e(llm: LLM, k: int, rates: list[float], new_tokens: int) -> None:
             log(f"[e2e] batch {batch} a={a}: {tps:.1f} tok/s ({tps / plain:.2f}x), acceptance "
                 f"{st['spec_acceptance_rate']:.2f}, tokens/verify {st['spec_mean_accepted_length']:.2f}, identical {same}/{batch}")
         llm.engine.spec = None
-    log(f"\n[e2e] {MODEL} bf16, 128-token prompts, {new_tokens} new tokens, k={k}, back-off on, oracle proposer "
+    log(f"\n[e2e] {MODEL} {llm.engine.dtype}, 128-token prompts, {new_tokens} new tokens, k={k}, back-off on, oracle proposer "
         "(acceptance measured = accepted / drafted: (a + ... + a^k) / k at k drafts; lower where the ids part from plain's)")
     log("| batch | a (forced) | plain tok/s | spec tok/s | speedup | acceptance measured | tokens/verify | greedy identical |")
     log("|---|---|---|---|---|---|---|---|")
@@ -218,6 +218,9 @@ def main() -> None:
     ap.add_argument("--rates", default="0,0.5,0.7,0.9,1.0")
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--dtype", default="bfloat16",
+                    help="model dtype; float32 for the e2e section: in bf16 a random-weight model's near-tied "
+                         "logits make the speculative ids part from the plain references at once")
     args = ap.parse_args()
     only = set(args.only.split(","))
     t_start = time.perf_counter()
@@ -225,7 +228,7 @@ def main() -> None:
     root = Path(tempfile.mkdtemp())
     spec = {"method": "ngram", "num_speculative_tokens": args.k}
     t0 = time.perf_counter()
-    llm = LLM(model_folder(MODEL, root), load_format="dummy", max_model_len=4096, max_num_seqs=32,
+    llm = LLM(model_folder(MODEL, root), load_format="dummy", dtype=args.dtype, max_model_len=4096, max_num_seqs=32,
               enable_prefix_caching=False, gpu_memory_utilization=0.85, speculative_config=spec)
     g = llm.engine.runner.graphs
     log(f"engine start-up {time.perf_counter() - t0:.1f}s; graphs of {g.sizes if g else None} rows; "
