@@ -162,7 +162,7 @@ def section_e2e(llm: LLM, k: int, rates: list[float], new_tokens: int) -> None:
             log(f"[e2e] batch {batch} a={a}: {tps:.1f} tok/s ({tps / plain:.2f}x), acceptance "
                 f"{st['spec_acceptance_rate']:.2f}, tokens/verify {st['spec_mean_accepted_length']:.2f}, identical {same}/{batch}")
         llm.engine.spec = None
-    log(f"\n[e2e] {MODEL} {llm.engine.dtype}, 128-token prompts, {new_tokens} new tokens, k={k}, back-off on, oracle proposer "
+    log(f"\n[e2e] {MODEL} {llm.engine.loaded.dtype}, 128-token prompts, {new_tokens} new tokens, k={k}, back-off on, oracle proposer "
         "(acceptance measured = accepted / drafted: (a + ... + a^k) / k at k drafts; lower where the ids part from plain's)")
     log("| batch | a (forced) | plain tok/s | spec tok/s | speedup | acceptance measured | tokens/verify | greedy identical |")
     log("|---|---|---|---|---|---|---|---|")
