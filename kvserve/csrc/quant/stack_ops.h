@@ -207,6 +207,22 @@ KVQS_INLINE void accumulate_values(float *acc, const float *p, const float *cons
     for (int c = 0; c < DV; ++c) v8_store(acc + 8 * c, a[c]);
 }
 
+/* One tile of n keys / values into a query head's running partial pg [D + 2] (weighted values,
+ * max score, sum of exp): the scores, the online-softmax rescale by the new max, the values. */
+KVQS_INLINE void tile_update(float *pg, const float *q, const float *const *kp, const float *const *vp, int n,
+                             const int D, float scale, float *sc) {
+    tile_scores(q, kp, n, D / 8, scale, sc);
+    float mx = pg[D];
+    for (int j = 0; j < n; ++j) mx = sc[j] > mx ? sc[j] : mx;
+    const float alpha = pg[D] == -INFINITY ? 0.f : kvqs_exp(pg[D] - mx);
+    for (int j = 0; j < n; ++j) sc[j] = kvqs_exp(sc[j] - mx);
+    float sum = 0.f;
+    for (int j = 0; j < n; ++j) sum += sc[j];
+    pg[D] = mx;
+    pg[D + 1] = pg[D + 1] * alpha + sum;
+    accumulate_values(pg, sc, vp, n, D / 8, alpha);
+}
+
 /* One attention item: the G query heads q [G, D] (rotated) of KV head kvh attend over context
  * positions [t0, t1) of a sequence, read in place from the paged caches through its block table,
  * except position tnew, whose key and value are knew and vnew (this step's token: what its slot
@@ -237,19 +253,7 @@ KVQS_INLINE void attn_partial_d(const float *kc, const float *vc, const float *q
             vp[j] = t == tnew ? vnew : vc + off;
             if (++in_blk == bs) in_blk = 0, ++blk;
         }
-        for (int g = 0; g < G; ++g) {
-            float *pg = part + g * stride;
-            tile_scores(q + (int64_t)g * D, kp, n, D / 8, scale, sc);
-            float mx = pg[D];
-            for (int j = 0; j < n; ++j) mx = sc[j] > mx ? sc[j] : mx;
-            const float alpha = pg[D] == -INFINITY ? 0.f : kvqs_exp(pg[D] - mx);
-            for (int j = 0; j < n; ++j) sc[j] = kvqs_exp(sc[j] - mx);
-            float sum = 0.f;
-            for (int j = 0; j < n; ++j) sum += sc[j];
-            pg[D] = mx;
-            pg[D + 1] = pg[D + 1] * alpha + sum;
-            accumulate_values(pg, sc, vp, n, D / 8, alpha);
-        }
+        for (int g = 0; g < G; ++g) tile_update(part + g * stride, q + (int64_t)g * D, kp, vp, n, D, scale, sc);
     }
 }
 
@@ -308,19 +312,8 @@ KVQS_INLINE void attn_partial_rows_d(const float *kc, const float *vc, const flo
             const int jn = tnew[r] - ts;
             const float *ks = NULL, *vs = NULL;
             if (jn >= 0 && jn < n) ks = kp[jn], vs = vp[jn], kp[jn] = knew + (int64_t)r * D, vp[jn] = vnew[r];
-            for (int g = 0; g < G; ++g) {
-                float *pg = part[r] + g * stride;
-                tile_scores(q + ((int64_t)r * G + g) * D, kp, n, D / 8, scale, sc);
-                float mx = pg[D];
-                for (int j = 0; j < n; ++j) mx = sc[j] > mx ? sc[j] : mx;
-                const float alpha = pg[D] == -INFINITY ? 0.f : kvqs_exp(pg[D] - mx);
-                for (int j = 0; j < n; ++j) sc[j] = kvqs_exp(sc[j] - mx);
-                float sum = 0.f;
-                for (int j = 0; j < n; ++j) sum += sc[j];
-                pg[D] = mx;
-                pg[D + 1] = pg[D + 1] * alpha + sum;
-                accumulate_values(pg, sc, vp, n, D / 8, alpha);
-            }
+            for (int g = 0; g < G; ++g)
+                tile_update(part[r] + g * stride, q + ((int64_t)r * G + g) * D, kp, vp, n, D, scale, sc);
             if (ks) kp[jn] = ks, vp[jn] = vs;
         }
     }
