@@ -16,8 +16,8 @@ nibble j // 4 of word j % 4) and the E8M0 scales uint8 [E, rows, K / 32] beside 
   its k experts in fp32 (routing weight and top-k sum in the epilogue).
 - **Grouped path** (prefill, larger batches): the pairs sorted by expert and padded per expert
   by `triton_moe.align_by_expert` (one program, no host sync); each BLOCK_M run of one expert's
-  pairs times BLOCK_N of its rows, the word tile decoded nibble by nibble into weights (exact)
-  for tensor-core dots; gate and up in two accumulators with the SwiGLU epilogue, then down with
+  pairs times BLOCK_N of its rows, each K-step's word tile decoded into weights in K order (exact)
+  for one tensor-core dot; gate and up in two accumulators with the SwiGLU epilogue, then down with
   bias and routing weight, and a sum over the k slots.
 
 `KVSERVE_MXFP4_MOE=legacy` keeps the first kernel (below, `moe_mxfp4`, on GGML's 17-byte blocks
@@ -376,12 +376,16 @@ def _gemv_down_kernel(
 @triton.jit
 def _dot_tile(a_rows, a_ok, codes, scales, n, n_ok, acc, K: tl.constexpr, BLOCK_M: tl.constexpr,
               BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, DOT_PREC: tl.constexpr):
-    """acc [BLOCK_M, BLOCK_N] += A rows times one expert's BLOCK_N rows, K-step by K-step: the
-    [BLOCK_N, BLOCK_G, 4] word tile decoded nibble by nibble into weights (exact in any float
-    dtype) and multiplied on tensor cores against the matching [BLOCK_M, BLOCK_G * 4] columns."""
+    """acc [BLOCK_M, BLOCK_N] += A rows [BLOCK_M, K] times one expert's BLOCK_N rows transposed,
+    BLOCK_G blocks a K-step: the [BLOCK_N, BLOCK_G, 4] word tile broadcast over the 8 nibble
+    positions ([BLOCK_N, BLOCK_G, 8, 4]: weight 4 i + w of each block, i.e. K order), decoded as
+    in `_fp4` with per-position shifts, scaled (exact in any float dtype) and multiplied on tensor
+    cores with the matching [BLOCK_M, BLOCK_G * 32] activations in one dot."""
     G: tl.constexpr = K // 32
     W: tl.constexpr = K // 8
     w4 = tl.arange(0, 4)
+    shift = (4 * tl.arange(0, 8))[None, None, :, None]
+    kk = tl.arange(0, BLOCK_G * 32)
     rows = codes + n.to(tl.int64)[:, None, None] * W
     srows = scales + n.to(tl.int64)[:, None] * G
     dt = a_rows.dtype.element_ty
@@ -391,12 +395,13 @@ def _dot_tile(a_rows, a_ok, codes, scales, n, n_ok, acc, K: tl.constexpr, BLOCK_
         q = tl.load(rows + (g * 4)[None, :, None] + w4[None, None, :], mask=n_ok[:, None, None] & g_ok[None, :, None],
                     other=0)
         s = _scale(tl.load(srows + g[None, :], mask=n_ok[:, None] & g_ok[None, :], other=0))
-        for i in tl.static_range(8):
-            w = ((_fp4(q, i) * 1.2676506002282294e30) * s[:, :, None]).to(dt)  # the weights, exact
-            a = tl.load(a_rows + (g * 32 + 4 * i)[None, :, None] + w4[None, None, :],
-                        mask=a_ok[:, None, None] & g_ok[None, :, None], other=0.0)
-            acc = tl.dot(tl.reshape(a, [BLOCK_M, BLOCK_G * 4]), tl.trans(tl.reshape(w, [BLOCK_N, BLOCK_G * 4])), acc,
-                         input_precision=DOT_PREC)
+        qq = q[:, :, None, :] >> shift  # [BLOCK_N, BLOCK_G, 8, 4]: nibble i in bits 0..3
+        bits = ((qq >> 3) << 31) | ((qq << 22) & 0x01C00000)
+        w = (bits.to(tl.float32, bitcast=True) * 1.2676506002282294e30) * s[:, :, None, None]  # the weights, exact
+        w = tl.reshape(w.to(dt), [BLOCK_N, BLOCK_G * 32])
+        k_ok = g0 * 32 + kk < K
+        a = tl.load(a_rows + g0 * 32 + kk[None, :], mask=a_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PREC)
     return acc
 
 
@@ -449,7 +454,7 @@ def _grouped_kernel(
         R = N
     codes = codes_ptr + e * R * W
     scales = scales_ptr + e * R * G
-    a_rows = a_ptr + (pairs // A_ROW_DIV).to(tl.int64)[:, None, None] * stride_a
+    a_rows = a_ptr + (pairs // A_ROW_DIV).to(tl.int64)[:, None] * stride_a
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc = _dot_tile(a_rows, m_ok, codes, scales, n, n_ok, acc, K, BLOCK_M, BLOCK_N, BLOCK_G, DOT_PREC)
     acc += tl.load(bias_ptr + e * R + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -494,10 +499,10 @@ def grouped_config(num_pairs: int, num_experts: int) -> dict[str, int]:
     """Tiles of the grouped kernel: 16 pair rows while experts get few, larger for prefill."""
     per_expert = num_pairs / num_experts
     if per_expert <= 16:
-        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_G=8, GROUP_M=1, num_warps=4)
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_G=2, GROUP_M=1, num_warps=4)
     if per_expert <= 64:
-        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_G=8, GROUP_M=4, num_warps=4)
-    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_G=8, GROUP_M=8, num_warps=8)
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_G=2, GROUP_M=4, num_warps=4)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_G=2, GROUP_M=8, num_warps=8)
 
 
 def fused_moe_mxfp4(
