@@ -194,18 +194,19 @@ def kernel_table(bw: float) -> dict[str, object]:
     floor1 = k * expert_bytes / bw * 1e6
     sweep = {}
     gu0, dn0 = tm.gemv_configs()
-    tiles = ((32, 8, 4), (16, 8, 4), (16, 8, 2), (8, 8, 2), (64, 8, 4), (32, 16, 4), (32, 4, 4), (64, 8, 8))
+    tiles = [(bn, bg, w, d) for d in (1, 0) for bn, bg, w in
+             ((32, 8, 4), (16, 8, 4), (16, 8, 2), (8, 8, 2), (64, 8, 4), (32, 16, 4), (32, 4, 4), (64, 8, 8))]
     for which, cfgs in (("gate/up", [(c, dn0) for c in tiles]), ("down", [(gu0, c) for c in tiles if c != dn0])):
         for cfg in cfgs:
-            bn, bg, warps = cfg[0] if which == "gate/up" else cfg[1]
+            bn, bg, warps, dec = cfg[0] if which == "gate/up" else cfg[1]
             try:
                 us = _graph_us(lambda i: tm.fused_moe_mxfp4(x1[i], ids1[i], w1[i], packed[i % layers], alpha, limit,
                                                             path="gemv", gemv_cfg=cfg), 8)
             except Exception as exc:  # noqa: BLE001 - a config that does not compile
-                log(f"  {which} BLOCK_N={bn} BLOCK_G={bg} warps={warps}: failed {type(exc).__name__}: {str(exc)[:100]}")
+                log(f"  {which} {bn},{bg},{warps},{dec}: failed {type(exc).__name__}: {str(exc)[:100]}")
                 continue
-            sweep[f"{which} {bn},{bg},{warps}"] = us
-            log(f"  {which:<8} BLOCK_N={bn:>2} BLOCK_G={bg:>2} warps={warps} (other kernel at its default): "
+            sweep[f"{which} {bn},{bg},{warps},{dec}"] = us
+            log(f"  {which:<8} BLOCK_N={bn:>2} BLOCK_G={bg:>2} warps={warps} DECODE={dec} (other kernel at its default): "
                 f"{us:7.1f} µs/layer at 1 token ({floor1 / us * 100:.0f}% of {floor1:.1f} µs)")
     rows["gemv_sweep_1_token"] = sweep
     del raw, packed

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from kvserve.kernels import mxfp4
+from kvserve.kernels.triton_quant import _f16_pair
 
 
 @triton.jit
@@ -256,6 +257,24 @@ def _scale(s):
 
 
 @triton.jit
+def _scale_f16(s):
+    """E8M0 bytes -> the block scale 2^(s - 127) in float32 (exact, 2^-127 included) for the
+    fp16-pair decode, whose 2^-14 the activations' 2^14 cancels."""
+    return ((s.to(tl.int32) + 1) << 23).to(tl.float32, bitcast=True) * 0.5
+
+
+@triton.jit
+def _fp4_pair(q, I: tl.constexpr):
+    """Nibbles I and I + 4 of int32 words q (bits 4I and 4I + 16) -> their E2M1 values times
+    2^-14 as two float32: both made fp16 at once (sign to bit 15 / 31, (e1 e0 m) to the exponent's
+    low bits and the mantissa's top bit: exact, a subnormal fp16 for e = 0), then each half
+    widened (`triton_quant._f16_pair`: a full-rate HADD2.F32 on the GPU). About 2.5 integer ops a
+    weight against `_fp4`'s 4."""
+    t = q >> (4 * I)
+    return _f16_pair(((t << 12) & -2147450880) | ((t << 9) & 0x0E000E00), 0)  # 0x80008000, 0x0E000E00
+
+
+@triton.jit
 def _swiglu(g, u, alpha, limit, dt: tl.constexpr):
     """gpt-oss's clamped SwiGLU of the fp32 sums; gate and up rounded to the model dtype first
     (where the unfused path rounds its product's output)."""
@@ -266,12 +285,13 @@ def _swiglu(g, u, alpha, limit, dt: tl.constexpr):
 
 @triton.jit
 def _gemv_rows(x_row, codes, scales, n, n_ok, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-               TWO: tl.constexpr, codes2, scales2):
+               TWO: tl.constexpr, codes2, scales2, DECODE: tl.constexpr):
     """sum_k W[n, k] x[k] for BLOCK_N rows of one expert (fp32 [BLOCK_N]; `TWO`: also for the rows
     at codes2/scales2, the up rows beside the gate rows, sharing the activations): each K-step
     loads a [BLOCK_N, BLOCK_G, 4] tile of words (one 16-byte vector per row and block), decodes
     its 8 nibbles against 8 [BLOCK_G, 4] slices of x (pre-scaled by 2^100), sums each block in
-    the thread that holds it, then applies the block's scale once."""
+    the thread that holds it, then applies the block's scale once. DECODE 0: each nibble straight
+    to float32 bits (`_fp4`); 1: two nibbles at once through fp16 (`_fp4_pair`)."""
     G: tl.constexpr = K // 32
     W: tl.constexpr = K // 8
     w4 = tl.arange(0, 4)
@@ -289,16 +309,35 @@ def _gemv_rows(x_row, codes, scales, n, n_ok, K: tl.constexpr, BLOCK_N: tl.const
         if TWO:
             q2 = tl.load(codes2 + qoff, mask=qmask, other=0, eviction_policy="evict_first")
             blk2 = tl.zeros([BLOCK_N, BLOCK_G, 4], dtype=tl.float32)
-        for i in tl.static_range(8):
-            xi = tl.load(x_row + (g * 32 + 4 * i)[:, None] + w4[None, :], mask=g_ok[:, None], other=0.0)
-            xi = (xi.to(tl.float32) * 1.2676506002282294e30)[None, :, :]  # x * 2^100
-            blk += _fp4(q, i) * xi
-            if TWO:
-                blk2 += _fp4(q2, i) * xi
+        if DECODE == 0:
+            for i in tl.static_range(8):
+                xi = tl.load(x_row + (g * 32 + 4 * i)[:, None] + w4[None, :], mask=g_ok[:, None], other=0.0)
+                xi = (xi.to(tl.float32) * 1.2676506002282294e30)[None, :, :]  # x * 2^100
+                blk += _fp4(q, i) * xi
+                if TWO:
+                    blk2 += _fp4(q2, i) * xi
+        else:
+            for i in tl.static_range(4):
+                xo = x_row + (g * 32 + 4 * i)[:, None] + w4[None, :]
+                xa = (tl.load(xo, mask=g_ok[:, None], other=0.0).to(tl.float32) * 16384.0)[None, :, :]  # x * 2^14
+                xb = (tl.load(xo + 16, mask=g_ok[:, None], other=0.0).to(tl.float32) * 16384.0)[None, :, :]
+                a, b = _fp4_pair(q, i)
+                blk += a * xa + b * xb
+                if TWO:
+                    a2, b2 = _fp4_pair(q2, i)
+                    blk2 += a2 * xa + b2 * xb
         smask = n_ok[:, None] & g_ok[None, :]
-        acc += tl.sum(blk, 2) * _scale(tl.load(scales + soff + g[None, :], mask=smask, other=0))
+        s1 = tl.load(scales + soff + g[None, :], mask=smask, other=0)
+        if DECODE == 0:
+            acc += tl.sum(blk, 2) * _scale(s1)
+        else:
+            acc += tl.sum(blk, 2) * _scale_f16(s1)
         if TWO:
-            acc2 += tl.sum(blk2, 2) * _scale(tl.load(scales2 + soff + g[None, :], mask=smask, other=0))
+            s2 = tl.load(scales2 + soff + g[None, :], mask=smask, other=0)
+            if DECODE == 0:
+                acc2 += tl.sum(blk2, 2) * _scale(s2)
+            else:
+                acc2 += tl.sum(blk2, 2) * _scale_f16(s2)
     return tl.sum(acc, 1), tl.sum(acc2, 1)
 
 
@@ -318,6 +357,7 @@ def _gemv_gate_up_kernel(
     TOP_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
+    DECODE: tl.constexpr,
 ):
     """One (token, expert) pair and BLOCK_N gate rows with their BLOCK_N up rows; the biases and
     the clamped SwiGLU in the epilogue."""
@@ -330,7 +370,8 @@ def _gemv_gate_up_kernel(
     G: tl.constexpr = K // 32
     codes = codes_ptr + e * (2 * I) * W
     scales = scales_ptr + e * (2 * I) * G
-    gate, up = _gemv_rows(x_row, codes, scales, n, n_ok, K, BLOCK_N, BLOCK_G, True, codes + I * W, scales + I * G)
+    gate, up = _gemv_rows(x_row, codes, scales, n, n_ok, K, BLOCK_N, BLOCK_G, True, codes + I * W, scales + I * G,
+                          DECODE)
     gate += tl.load(bias_ptr + e * (2 * I) + n, mask=n_ok, other=0.0).to(tl.float32)
     up += tl.load(bias_ptr + e * (2 * I) + I + n, mask=n_ok, other=0.0).to(tl.float32)
     dt = out_ptr.dtype.element_ty
@@ -353,6 +394,7 @@ def _gemv_down_kernel(
     TOP_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
+    DECODE: tl.constexpr,
 ):
     """One token and BLOCK_N output columns: sum_j w_j (W_down[e_j] h_j + b_down[e_j]) over its k
     pairs, in fp32, rounded once."""
@@ -367,7 +409,7 @@ def _gemv_down_kernel(
         e = tl.load(ids_ptr + pair).to(tl.int64)
         codes = codes_ptr + e * N * W
         scales = scales_ptr + e * N * G
-        y, _ = _gemv_rows(h_ptr + pair * K, codes, scales, n, n_ok, K, BLOCK_N, BLOCK_G, False, codes, scales)
+        y, _ = _gemv_rows(h_ptr + pair * K, codes, scales, n, n_ok, K, BLOCK_N, BLOCK_G, False, codes, scales, DECODE)
         y += tl.load(bias_ptr + e * N + n, mask=n_ok, other=0.0).to(tl.float32)
         out += tl.load(wts_ptr + pair).to(tl.float32) * y
     tl.store(out_ptr + tok * stride_o + n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
@@ -489,10 +531,14 @@ def _env_config(name: str, default: tuple[int, ...]) -> tuple[int, ...]:
     return cfg
 
 
-def gemv_configs() -> tuple[tuple[int, int, int], tuple[int, int, int]]:
-    """(BLOCK_N, BLOCK_G, num_warps) of the gate/up and the down GEMV kernels
-    (KVSERVE_MXFP4_GEMV_GU / KVSERVE_MXFP4_GEMV_DOWN override, e.g. "16,8,4")."""
-    return _env_config("KVSERVE_MXFP4_GEMV_GU", (32, 8, 4)), _env_config("KVSERVE_MXFP4_GEMV_DOWN", (16, 8, 4))
+GemvConfig = tuple[int, int, int, int]  # (BLOCK_N, BLOCK_G, num_warps, DECODE)
+
+
+def gemv_configs() -> tuple[GemvConfig, GemvConfig]:
+    """(BLOCK_N, BLOCK_G, num_warps, DECODE) of the gate/up and the down GEMV kernels
+    (KVSERVE_MXFP4_GEMV_GU / KVSERVE_MXFP4_GEMV_DOWN override, e.g. "16,8,4,1"). Not measured
+    on a GPU yet: `benchmarks/gpt_oss_gpu_bench.py --kernels-only` sweeps them."""
+    return _env_config("KVSERVE_MXFP4_GEMV_GU", (32, 8, 4, 1)), _env_config("KVSERVE_MXFP4_GEMV_DOWN", (16, 8, 4, 1))
 
 
 def grouped_config(num_pairs: int, num_experts: int) -> dict[str, int]:
@@ -513,7 +559,7 @@ def fused_moe_mxfp4(
     alpha: float,
     limit: float,
     path: str = "auto",  # "auto" | "gemv" | "grouped"
-    gemv_cfg: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None,
+    gemv_cfg: tuple[GemvConfig, GemvConfig] | None = None,
     grouped_cfg: dict[str, int] | None = None,
 ) -> torch.Tensor:  # [T, H] in x's dtype
     """gpt-oss's MoE layer on packed MXFP4 experts: sum_j w_j (down_j(swiglu(gate_up_j(x))) +
@@ -534,15 +580,15 @@ def fused_moe_mxfp4(
     n = t * top_k
     h = torch.empty((n, inter), dtype=x.dtype, device=x.device)
     if path == "gemv" or (path == "auto" and use_gemv(t, e, top_k)):
-        (gbn, gbg, gwarps), (dbn, dbg, dwarps) = gemv_cfg or gemv_configs()
+        (gbn, gbg, gwarps, gdec), (dbn, dbg, dwarps, ddec) = gemv_cfg or gemv_configs()
         _gemv_gate_up_kernel[(n, triton.cdiv(inter, gbn))](
             x, w.gu_codes, w.gu_scales, w.gu_bias, flat_ids, h, inter, x.stride(0), alpha, limit,
-            K=hidden, TOP_K=top_k, BLOCK_N=gbn, BLOCK_G=gbg, num_warps=gwarps,
+            K=hidden, TOP_K=top_k, BLOCK_N=gbn, BLOCK_G=gbg, DECODE=gdec, num_warps=gwarps,
         )
         out = torch.empty((t, hidden), dtype=x.dtype, device=x.device)
         _gemv_down_kernel[(t, triton.cdiv(hidden, dbn))](
             h, w.dn_codes, w.dn_scales, w.dn_bias, flat_ids, wts, out, hidden, out.stride(0),
-            K=inter, TOP_K=top_k, BLOCK_N=dbn, BLOCK_G=dbg, num_warps=dwarps,
+            K=inter, TOP_K=top_k, BLOCK_N=dbn, BLOCK_G=dbg, DECODE=ddec, num_warps=dwarps,
         )
         return out
     from kvserve.kernels.triton_moe import align_by_expert

@@ -93,7 +93,7 @@ def check_pack(device: str, rows: int = 5, cols: int = 96, seed: int = 0) -> Non
 
 
 def check_packed(t: int, device: str, dtype=torch.float32, path: str = "auto", hidden=96, inter=64, experts=6, k=2,
-                 seed=0, raw_codes=False, limit=0.6) -> float:
+                 seed=0, raw_codes=False, limit=0.6, gemv_cfg=None) -> float:
     """`fused_moe_mxfp4` on packed experts against the float64 expert loop. `raw_codes`: random
     bytes (all 16 codes, ±0 and the subnormal ±0.5 among them) under random scales 2^-9..2^-3."""
     g = torch.Generator().manual_seed(seed)
@@ -118,7 +118,8 @@ def check_packed(t: int, device: str, dtype=torch.float32, path: str = "auto", h
     else:  # gpt-oss-20b widths: fp32 on the device, each selected expert dequantized once
         ref = reference_dense(dev(x), dev(ids), dev(wts), dev(wgu), dev(bgu), dev(wdn), dev(bdn), act).double().cpu()
     packed = tm.pack_experts(dev(wgu), dev(bgu).to(dtype), dev(wdn), dev(bdn).to(dtype), hidden, inter)
-    got = tm.fused_moe_mxfp4(dev(x).to(dtype), dev(ids), dev(wts).to(dtype), packed, ALPHA, limit, path=path)
+    got = tm.fused_moe_mxfp4(dev(x).to(dtype), dev(ids), dev(wts).to(dtype), packed, ALPHA, limit, path=path,
+                             gemv_cfg=gemv_cfg)
     assert got.dtype == dtype and tuple(got.shape) == (t, hidden)
     rel = ((got.double().cpu() - ref).norm() / ref.norm()).item()
     assert rel < (1e-5 if dtype == torch.float32 else 2e-2), f"packed {path} T={t} {dtype}: relative error {rel:.3e}"
@@ -165,7 +166,9 @@ def run(device: str) -> None:
     # K-step with masked blocks (96, 64) and several (320 = 10 blocks: 8 + 2 masked)
     for t, path in ((1, "auto"), (3, "gemv"), (3, "grouped"), (40, "auto")):
         check_packed(t, device, path=path, seed=t, experts=12 if t == 3 else 6)
-    check_packed(2, device, path="gemv", hidden=320, inter=96, raw_codes=True, seed=5, limit=7.0)
+    for decode in (0, 1):  # both nibble decodes of the GEMV kernels, two tile shapes
+        cfg = ((32, 8, 4, decode), (16, 4, 2, decode)) if decode else ((16, 8, 4, decode), (8, 8, 2, decode))
+        check_packed(2, device, path="gemv", hidden=320, inter=96, raw_codes=True, seed=5, limit=7.0, gemv_cfg=cfg)
     check_packed(9, device, path="grouped", hidden=320, inter=96, raw_codes=True, seed=6, limit=7.0)
     for path in ("gemv", "grouped"):  # (bf16 only on the GPU: the interpreter mishandles its dot)
         check_packed(4, device, torch.float16, path=path, seed=2)
@@ -179,8 +182,9 @@ def run(device: str) -> None:
         for t, path in ((1, "auto"), (4, "gemv"), (4, "grouped"), (16, "auto"), (256, "auto")):
             check_packed(t, device, torch.bfloat16, path=path, hidden=2880, inter=2880, experts=32, k=4, seed=t,
                          raw_codes=True, limit=7.0)
-        check_packed(3, device, torch.float32, path="gemv", hidden=2880, inter=2880, experts=8, k=4, raw_codes=True,
-                     limit=7.0)
+        for decode in (0, 1):
+            check_packed(3, device, torch.float32, path="gemv", hidden=2880, inter=2880, experts=8, k=4, raw_codes=True,
+                         limit=7.0, gemv_cfg=((32, 8, 4, decode), (16, 8, 4, decode)))
 
 
 if __name__ == "__main__":

@@ -38,22 +38,22 @@ def _compile(fn, signature: dict[str, str], constexprs: dict[str, object], align
     return triton.compile(src, target=target, options=options.__dict__)
 
 
-def gate_up(bn: int, bg: int, warps: int):
+def gate_up(bn: int, bg: int, warps: int, decode: int):
     return _compile(
         tm._gemv_gate_up_kernel,
         {"x_ptr": "*bf16", "codes_ptr": "*i32", "scales_ptr": "*u8", "bias_ptr": "*bf16", "ids_ptr": "*i64",
          "out_ptr": "*bf16", "I": "i32", "stride_x": "i32", "alpha": "fp32", "limit": "fp32"},
-        {"K": H, "TOP_K": 4, "BLOCK_N": bn, "BLOCK_G": bg},
+        {"K": H, "TOP_K": 4, "BLOCK_N": bn, "BLOCK_G": bg, "DECODE": decode},
         ["x_ptr", "codes_ptr", "scales_ptr", "bias_ptr", "ids_ptr", "out_ptr", "I", "stride_x"], warps,
     )
 
 
-def down(bn: int, bg: int, warps: int):
+def down(bn: int, bg: int, warps: int, decode: int):
     return _compile(
         tm._gemv_down_kernel,
         {"h_ptr": "*bf16", "codes_ptr": "*i32", "scales_ptr": "*u8", "bias_ptr": "*bf16", "ids_ptr": "*i64",
          "wts_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "stride_o": "i32"},
-        {"K": I, "TOP_K": 4, "BLOCK_N": bn, "BLOCK_G": bg},
+        {"K": I, "TOP_K": 4, "BLOCK_N": bn, "BLOCK_G": bg, "DECODE": decode},
         ["h_ptr", "codes_ptr", "scales_ptr", "bias_ptr", "ids_ptr", "wts_ptr", "out_ptr", "N", "stride_o"], warps,
     )
 
@@ -82,6 +82,10 @@ def summarize(name: str, k, dump: Path | None) -> list[str]:
     print(f"  global loads: {dict(ldg)}")
     print(f"  flush-to-zero float ops: {ftz}")
     print("  SASS mix: " + ", ".join(f"{op} {n}" for op, n in ops.most_common(14)))
+    shared = {op: n for op, n in ops.items() if op.startswith(("LDS", "STS", "BAR"))}
+    print(f"  shared-memory / barrier instructions (layout conversions): {shared or 'none'}")
+    print(f"  int-to-float / float-to-float conversions: "
+          f"{ {op: n for op, n in ops.items() if op.startswith(('I2F', 'F2F', 'I2FP', 'F2FP'))} or 'none'}")
     if v4 == 0 and ldg128 == 0:
         failures.append(f"{name}: no 16-byte vector loads")
     if ftz:
@@ -95,9 +99,11 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dump", type=Path, default=None)
     args = ap.parse_args()
-    (gbn, gbg, gw), (dbn, dbg, dw) = tm.gemv_configs()
-    failures = summarize(f"gemv_gate_up_bn{gbn}_bg{gbg}_w{gw}", gate_up(gbn, gbg, gw), args.dump)
-    failures += summarize(f"gemv_down_bn{dbn}_bg{dbg}_w{dw}", down(dbn, dbg, dw), args.dump)
+    (gbn, gbg, gw, _), (dbn, dbg, dw, _) = tm.gemv_configs()
+    failures = []
+    for decode in (0, 1):  # both nibble decodes
+        failures += summarize(f"gemv_gate_up_bn{gbn}_bg{gbg}_w{gw}_dec{decode}", gate_up(gbn, gbg, gw, decode), args.dump)
+        failures += summarize(f"gemv_down_bn{dbn}_bg{dbg}_w{dw}_dec{decode}", down(dbn, dbg, dw, decode), args.dump)
     for f in failures:
         print("FAIL:", f)
     print("mxfp4 sass checks " + ("failed" if failures else "passed"))
