@@ -258,9 +258,9 @@ def _scale(s):
 
 @triton.jit
 def _scale_f16(s):
-    """E8M0 bytes -> the block scale 2^(s - 127) in float32 (exact, 2^-127 included) for the
-    fp16-pair decode, whose 2^-14 the activations' 2^14 cancels."""
-    return ((s.to(tl.int32) + 1) << 23).to(tl.float32, bitcast=True) * 0.5
+    """E8M0 bytes -> 2^(s - 113) in float32 for the fp16-pair decode: the block scale 2^(s - 127)
+    times the 2^14 that `_fp4_pair`'s values lack (exact, normal for every byte up to 240)."""
+    return ((s.to(tl.int32) + 14) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -268,10 +268,13 @@ def _fp4_pair(q, I: tl.constexpr):
     """Nibbles I and I + 4 of int32 words q (bits 4I and 4I + 16) -> their E2M1 values times
     2^-14 as two float32: both made fp16 at once (sign to bit 15 / 31, (e1 e0 m) to the exponent's
     low bits and the mantissa's top bit: exact, a subnormal fp16 for e = 0), then each half
-    widened (`triton_quant._f16_pair`: a full-rate HADD2.F32 on the GPU). About 2.5 integer ops a
-    weight against `_fp4`'s 4."""
-    t = q >> (4 * I)
-    return _f16_pair(((t << 12) & -2147450880) | ((t << 9) & 0x0E000E00), 0)  # 0x80008000, 0x0E000E00
+    widened (`triton_quant._f16_pair`: a full-rate HADD2.F32 on the GPU). Two shifts and two
+    logic ops per two weights, against `_fp4`'s four per weight."""
+    if I == 3:  # the signs are in place already
+        bits = (q & -2147450880) | ((q >> 3) & 0x0E000E00)  # 0x80008000, 0x0E000E00
+    else:
+        bits = ((q << (12 - 4 * I)) & -2147450880) | ((q << (9 - 4 * I)) & 0x0E000E00)
+    return _f16_pair(bits, 0)
 
 
 @triton.jit
@@ -289,7 +292,7 @@ def _gemv_rows(x_row, codes, scales, n, n_ok, K: tl.constexpr, BLOCK_N: tl.const
     """sum_k W[n, k] x[k] for BLOCK_N rows of one expert (fp32 [BLOCK_N]; `TWO`: also for the rows
     at codes2/scales2, the up rows beside the gate rows, sharing the activations): each K-step
     loads a [BLOCK_N, BLOCK_G, 4] tile of words (one 16-byte vector per row and block), decodes
-    its 8 nibbles against 8 [BLOCK_G, 4] slices of x (pre-scaled by 2^100), sums each block in
+    its 8 nibbles against 8 [BLOCK_G, 4] slices of x (DECODE 0: pre-scaled by 2^100), sums each block in
     the thread that holds it, then applies the block's scale once. DECODE 0: each nibble straight
     to float32 bits (`_fp4`); 1: two nibbles at once through fp16 (`_fp4_pair`)."""
     G: tl.constexpr = K // 32
@@ -319,13 +322,15 @@ def _gemv_rows(x_row, codes, scales, n, n_ok, K: tl.constexpr, BLOCK_N: tl.const
         else:
             for i in tl.static_range(4):
                 xo = x_row + (g * 32 + 4 * i)[:, None] + w4[None, :]
-                xa = (tl.load(xo, mask=g_ok[:, None], other=0.0).to(tl.float32) * 16384.0)[None, :, :]  # x * 2^14
-                xb = (tl.load(xo + 16, mask=g_ok[:, None], other=0.0).to(tl.float32) * 16384.0)[None, :, :]
-                a, b = _fp4_pair(q, i)
-                blk += a * xa + b * xb
+                xa = tl.load(xo, mask=g_ok[:, None], other=0.0).to(tl.float32)[None, :, :]
+                xb = tl.load(xo + 16, mask=g_ok[:, None], other=0.0).to(tl.float32)[None, :, :]
+                a, b = _fp4_pair(q, i)  # values times 2^-14 (`_scale_f16` puts it back per block)
+                blk += a * xa  # two FMAs (a * xa + b * xb would round the product sum first)
+                blk += b * xb
                 if TWO:
                     a2, b2 = _fp4_pair(q2, i)
-                    blk2 += a2 * xa + b2 * xb
+                    blk2 += a2 * xa
+                    blk2 += b2 * xb
         smask = n_ok[:, None] & g_ok[None, :]
         s1 = tl.load(scales + soff + g[None, :], mask=smask, other=0)
         if DECODE == 0:
@@ -538,7 +543,7 @@ def gemv_configs() -> tuple[GemvConfig, GemvConfig]:
     """(BLOCK_N, BLOCK_G, num_warps, DECODE) of the gate/up and the down GEMV kernels
     (KVSERVE_MXFP4_GEMV_GU / KVSERVE_MXFP4_GEMV_DOWN override, e.g. "16,8,4,1"). Not measured
     on a GPU yet: `benchmarks/gpt_oss_gpu_bench.py --kernels-only` sweeps them."""
-    return _env_config("KVSERVE_MXFP4_GEMV_GU", (32, 8, 4, 1)), _env_config("KVSERVE_MXFP4_GEMV_DOWN", (16, 8, 4, 1))
+    return _env_config("KVSERVE_MXFP4_GEMV_GU", (16, 8, 4, 1)), _env_config("KVSERVE_MXFP4_GEMV_DOWN", (16, 8, 4, 1))
 
 
 def grouped_config(num_pairs: int, num_experts: int) -> dict[str, int]:
