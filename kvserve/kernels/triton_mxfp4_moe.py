@@ -288,7 +288,7 @@ def _swiglu(g, u, alpha, limit, dt: tl.constexpr):
 
 @triton.jit
 def _gemv_rows(x_row, codes, scales, n, n_ok, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-               TWO: tl.constexpr, codes2, scales2, DECODE: tl.constexpr):
+               TWO: tl.constexpr, codes2, scales2, DECODE: tl.constexpr, s_step):
     """sum_k W[n, k] x[k] for BLOCK_N rows of one expert (fp32 [BLOCK_N]; `TWO`: also for the rows
     at codes2/scales2, the up rows beside the gate rows, sharing the activations): each K-step
     loads a [BLOCK_N, BLOCK_G, 4] tile of words (one 16-byte vector per row and block), decodes
@@ -332,13 +332,16 @@ def _gemv_rows(x_row, codes, scales, n, n_ok, K: tl.constexpr, BLOCK_N: tl.const
                     blk2 += a2 * xa
                     blk2 += b2 * xb
         smask = n_ok[:, None] & g_ok[None, :]
-        s1 = tl.load(scales + soff + g[None, :], mask=smask, other=0)
+        # s_step is 1 at run time, unknown to the compiler: no vectorized scale load, so the scale tile
+        # keeps the layout of the block sums (a 2-byte vector load would convert through shared memory)
+        sg = (g * s_step)[None, :]
+        s1 = tl.load(scales + soff + sg, mask=smask, other=0)
         if DECODE == 0:
             acc += tl.sum(blk, 2) * _scale(s1)
         else:
             acc += tl.sum(blk, 2) * _scale_f16(s1)
         if TWO:
-            s2 = tl.load(scales2 + soff + g[None, :], mask=smask, other=0)
+            s2 = tl.load(scales2 + soff + sg, mask=smask, other=0)
             if DECODE == 0:
                 acc2 += tl.sum(blk2, 2) * _scale(s2)
             else:
@@ -346,7 +349,7 @@ def _gemv_rows(x_row, codes, scales, n, n_ok, K: tl.constexpr, BLOCK_N: tl.const
     return tl.sum(acc, 1), tl.sum(acc2, 1)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["s_step"])
 def _gemv_gate_up_kernel(
     x_ptr,  # [T, H]
     codes_ptr,  # [E, 2I, H / 8] int32
@@ -358,6 +361,7 @@ def _gemv_gate_up_kernel(
     stride_x,
     alpha,
     limit,
+    s_step,  # 1 (see `_gemv_rows`)
     K: tl.constexpr,  # H
     TOP_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -376,7 +380,7 @@ def _gemv_gate_up_kernel(
     codes = codes_ptr + e * (2 * I) * W
     scales = scales_ptr + e * (2 * I) * G
     gate, up = _gemv_rows(x_row, codes, scales, n, n_ok, K, BLOCK_N, BLOCK_G, True, codes + I * W, scales + I * G,
-                          DECODE)
+                          DECODE, s_step)
     gate += tl.load(bias_ptr + e * (2 * I) + n, mask=n_ok, other=0.0).to(tl.float32)
     up += tl.load(bias_ptr + e * (2 * I) + I + n, mask=n_ok, other=0.0).to(tl.float32)
     dt = out_ptr.dtype.element_ty
@@ -384,7 +388,7 @@ def _gemv_gate_up_kernel(
     tl.store(out_ptr + pair.to(tl.int64) * I + n, h.to(dt), mask=n_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["s_step"])
 def _gemv_down_kernel(
     h_ptr,  # [T * TOP_K, I]
     codes_ptr,  # [E, H, I / 8] int32
@@ -395,6 +399,7 @@ def _gemv_down_kernel(
     out_ptr,  # [T, H]
     N,  # H
     stride_o,
+    s_step,  # 1 (see `_gemv_rows`)
     K: tl.constexpr,  # I
     TOP_K: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -414,7 +419,8 @@ def _gemv_down_kernel(
         e = tl.load(ids_ptr + pair).to(tl.int64)
         codes = codes_ptr + e * N * W
         scales = scales_ptr + e * N * G
-        y, _ = _gemv_rows(h_ptr + pair * K, codes, scales, n, n_ok, K, BLOCK_N, BLOCK_G, False, codes, scales, DECODE)
+        y, _ = _gemv_rows(h_ptr + pair * K, codes, scales, n, n_ok, K, BLOCK_N, BLOCK_G, False, codes, scales, DECODE,
+                          s_step)
         y += tl.load(bias_ptr + e * N + n, mask=n_ok, other=0.0).to(tl.float32)
         out += tl.load(wts_ptr + pair).to(tl.float32) * y
     tl.store(out_ptr + tok * stride_o + n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
@@ -543,7 +549,7 @@ def gemv_configs() -> tuple[GemvConfig, GemvConfig]:
     """(BLOCK_N, BLOCK_G, num_warps, DECODE) of the gate/up and the down GEMV kernels
     (KVSERVE_MXFP4_GEMV_GU / KVSERVE_MXFP4_GEMV_DOWN override, e.g. "16,8,4,1"). Not measured
     on a GPU yet: `benchmarks/gpt_oss_gpu_bench.py --kernels-only` sweeps them."""
-    return _env_config("KVSERVE_MXFP4_GEMV_GU", (16, 8, 4, 1)), _env_config("KVSERVE_MXFP4_GEMV_DOWN", (16, 8, 4, 1))
+    return _env_config("KVSERVE_MXFP4_GEMV_GU", (32, 8, 4, 1)), _env_config("KVSERVE_MXFP4_GEMV_DOWN", (16, 8, 2, 1))
 
 
 def grouped_config(num_pairs: int, num_experts: int) -> dict[str, int]:
@@ -587,12 +593,12 @@ def fused_moe_mxfp4(
     if path == "gemv" or (path == "auto" and use_gemv(t, e, top_k)):
         (gbn, gbg, gwarps, gdec), (dbn, dbg, dwarps, ddec) = gemv_cfg or gemv_configs()
         _gemv_gate_up_kernel[(n, triton.cdiv(inter, gbn))](
-            x, w.gu_codes, w.gu_scales, w.gu_bias, flat_ids, h, inter, x.stride(0), alpha, limit,
+            x, w.gu_codes, w.gu_scales, w.gu_bias, flat_ids, h, inter, x.stride(0), alpha, limit, 1,
             K=hidden, TOP_K=top_k, BLOCK_N=gbn, BLOCK_G=gbg, DECODE=gdec, num_warps=gwarps,
         )
         out = torch.empty((t, hidden), dtype=x.dtype, device=x.device)
         _gemv_down_kernel[(t, triton.cdiv(hidden, dbn))](
-            h, w.dn_codes, w.dn_scales, w.dn_bias, flat_ids, wts, out, hidden, out.stride(0),
+            h, w.dn_codes, w.dn_scales, w.dn_bias, flat_ids, wts, out, hidden, out.stride(0), 1,
             K=inter, TOP_K=top_k, BLOCK_N=dbn, BLOCK_G=dbg, DECODE=ddec, num_warps=dwarps,
         )
         return out

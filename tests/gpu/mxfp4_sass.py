@@ -42,7 +42,7 @@ def gate_up(bn: int, bg: int, warps: int, decode: int):
     return _compile(
         tm._gemv_gate_up_kernel,
         {"x_ptr": "*bf16", "codes_ptr": "*i32", "scales_ptr": "*u8", "bias_ptr": "*bf16", "ids_ptr": "*i64",
-         "out_ptr": "*bf16", "I": "i32", "stride_x": "i32", "alpha": "fp32", "limit": "fp32"},
+         "out_ptr": "*bf16", "I": "i32", "stride_x": "i32", "alpha": "fp32", "limit": "fp32", "s_step": "i32"},
         {"K": H, "TOP_K": 4, "BLOCK_N": bn, "BLOCK_G": bg, "DECODE": decode},
         ["x_ptr", "codes_ptr", "scales_ptr", "bias_ptr", "ids_ptr", "out_ptr", "I", "stride_x"], warps,
     )
@@ -52,7 +52,7 @@ def down(bn: int, bg: int, warps: int, decode: int):
     return _compile(
         tm._gemv_down_kernel,
         {"h_ptr": "*bf16", "codes_ptr": "*i32", "scales_ptr": "*u8", "bias_ptr": "*bf16", "ids_ptr": "*i64",
-         "wts_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "stride_o": "i32"},
+         "wts_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "stride_o": "i32", "s_step": "i32"},
         {"K": I, "TOP_K": 4, "BLOCK_N": bn, "BLOCK_G": bg, "DECODE": decode},
         ["h_ptr", "codes_ptr", "scales_ptr", "bias_ptr", "ids_ptr", "wts_ptr", "out_ptr", "N", "stride_o"], warps,
     )
