@@ -12,7 +12,8 @@ MoE kernels (`kernel_table`, run by default): one gpt-oss-20b MoE layer (32 expe
 `KVSERVE_MXFP4_MOE=legacy`) against the default (aligned layout: GEMV path up to 4 tokens, grouped
 above), each replayed from a CUDA graph over 4 layers' weights (so the experts come from HBM, not
 L2) with fresh routing per call; the floor is the distinct selected experts' bytes at the GEMV
-read bandwidth. Also a small sweep of the GEMV kernels' (BLOCK_N, BLOCK_G, warps) at 1 token.
+read bandwidth. Also a sweep of the GEMV kernels' (BLOCK_N, BLOCK_G, warps, DECODE) at 1 token
+(KVSERVE_MXFP4_GEMV_GU / KVSERVE_MXFP4_GEMV_DOWN select one in the engine).
 
 Checks: the Triton attention kernels with sinks against the PyTorch backend
 (`tests/gpu/sink_checks.py`, bf16 and fp32), MXFP4 dequantization on the GPU equal to the CPU's,
