@@ -4,6 +4,16 @@ decode ms/token against the floor of the bytes a decode step must read.
     python -m benchmarks.gpt_oss_gpu_bench                 # checks + decode, eager and CUDA graphs
     python -m benchmarks.gpt_oss_gpu_bench --layers 4      # a shorter model (quick look)
     python -m benchmarks.gpt_oss_gpu_bench --throughput 256   # + the 256-request workload
+    python -m benchmarks.gpt_oss_gpu_bench --kernels-only     # the MoE kernels alone (old vs new)
+    python -m benchmarks.gpt_oss_gpu_bench --compare-legacy   # + decode with the legacy MoE kernel
+
+MoE kernels (`kernel_table`, run by default): one gpt-oss-20b MoE layer (32 experts, top 4,
+2880 x 2880, random MXFP4 bytes) at 1 / 4 / 16 / 256 tokens, the legacy kernel (17-byte blocks,
+`KVSERVE_MXFP4_MOE=legacy`) against the default (aligned layout: GEMV path up to 4 tokens, grouped
+above), each replayed from a CUDA graph over 4 layers' weights (so the experts come from HBM, not
+L2) with fresh routing per call; the floor is the distinct selected experts' bytes at the GEMV
+read bandwidth. Also a sweep of the GEMV kernels' (BLOCK_N, BLOCK_G, warps, DECODE) at 1 token
+(KVSERVE_MXFP4_GEMV_GU / KVSERVE_MXFP4_GEMV_DOWN select one in the engine).
 
 Checks: the Triton attention kernels with sinks against the PyTorch backend
 (`tests/gpu/sink_checks.py`, bf16 and fp32), MXFP4 dequantization on the GPU equal to the CPU's,
@@ -103,6 +113,108 @@ def checks() -> None:
     log("check: grouped MXFP4 MoE kernel == the expert loop (fp32, bf16 at 2880 x 2880)   ok")
 
 
+def _moe_weights(layers: int, e: int = 32, h: int = 2880, inter: int = 2880, scale: int = 121):
+    """`layers` copies of one MoE layer's experts as random GGML-layout MXFP4 bytes on the GPU."""
+    out = []
+    for _ in range(layers):
+        gu = torch.randint(0, 256, (e, 2 * inter, h // 32 * 17), dtype=torch.uint8, device="cuda")
+        dn = torch.randint(0, 256, (e, h, inter // 32 * 17), dtype=torch.uint8, device="cuda")
+        gu.view(e, 2 * inter, h // 32, 17)[..., 0] = scale
+        dn.view(e, h, inter // 32, 17)[..., 0] = scale
+        bgu = torch.randn(e, 2 * inter, device="cuda", dtype=torch.bfloat16) * 0.1
+        bdn = torch.randn(e, h, device="cuda", dtype=torch.bfloat16) * 0.1
+        out.append((gu, bgu, dn, bdn))
+    return out
+
+
+def _graph_us(fn, calls: int) -> float:
+    """Mean µs per call of `fn(i)` for i in range(calls), replayed from one CUDA graph."""
+    for i in range(calls):  # warm-up / compile
+        fn(i)
+    torch.cuda.synchronize()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, stream=stream):
+            for i in range(calls):
+                fn(i)
+    torch.cuda.current_stream().wait_stream(stream)
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def kernel_table(bw: float) -> dict[str, object]:
+    """Per-layer µs of the legacy and the default MXFP4 MoE kernels at 1/4/16/256 tokens."""
+    from kvserve.kernels import mxfp4
+    from kvserve.kernels import triton_mxfp4_moe as tm
+
+    e, k, h, inter, alpha, limit = 32, 4, 2880, 2880, 1.702, 7.0
+    layers = 4
+    raw = _moe_weights(layers, e, h, inter)
+    packed = [tm.pack_experts(gu, bgu, dn, bdn, h, inter) for gu, bgu, dn, bdn in raw]
+
+    def act(gu: torch.Tensor) -> torch.Tensor:
+        gate, up = gu[:, :inter].clamp(max=limit), gu[:, inter:].clamp(-limit, limit)
+        return (up + 1) * gate * torch.sigmoid(gate * alpha)
+
+    expert_bytes = (2 * inter * mxfp4.row_bytes(h) + h * mxfp4.row_bytes(inter)) + (2 * inter + h) * 2
+    rows: dict[str, object] = {}
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    log(f"MoE layer kernels, gpt-oss-20b shapes (E={e}, top-{k}, {h} x {inter}), µs per layer (CUDA graph, "
+        f"{layers} layers' weights alternated)")
+    log(f"{'tokens':>7}{'path':>9}{'legacy µs':>11}{'new µs':>9}{'speed-up':>10}{'floor µs':>10}{'new % floor':>13}{'rel diff':>10}")
+    for t in (1, 4, 16, 256):
+        calls = 8
+        xs = [torch.randn(t, h, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(calls)]
+        idss = [torch.stack([torch.randperm(e, device="cuda", generator=gen)[:k] for _ in range(t)]) for _ in range(calls)]
+        wtss = [torch.softmax(torch.randn(t, k, device="cuda", generator=gen), -1).to(torch.bfloat16) for _ in range(calls)]
+        distinct = statistics.mean(len(torch.unique(ids)) for ids in idss)
+        floor_us = distinct * expert_bytes / bw * 1e6
+        old = _graph_us(lambda i: tm.moe_mxfp4(xs[i], idss[i], wtss[i], *raw[i % layers], act), calls)
+        new = _graph_us(lambda i: tm.fused_moe_mxfp4(xs[i], idss[i], wtss[i], packed[i % layers], alpha, limit), calls)
+        a = tm.moe_mxfp4(xs[0], idss[0], wtss[0], *raw[0], act).float()
+        b = tm.fused_moe_mxfp4(xs[0], idss[0], wtss[0], packed[0], alpha, limit).float()
+        rel = ((a - b).norm() / a.norm()).item()
+        path = "gemv" if tm.use_gemv(t, e, k) else "grouped"
+        log(f"{t:>7}{path:>9}{old:>11.1f}{new:>9.1f}{old / new:>9.2f}x{floor_us:>10.1f}{floor_us / new * 100:>12.1f}%{rel:>10.1e}")
+        rows[str(t)] = {"path": path, "legacy_us": old, "new_us": new, "floor_us": floor_us, "rel_diff": rel}
+    # the GEMV kernels' tiles at 1 token (KVSERVE_MXFP4_GEMV_GU / _DOWN pick them in the engine)
+    x1 = [torch.randn(1, h, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(8)]
+    ids1 = [torch.randperm(e, device="cuda", generator=gen)[:k][None] for _ in range(8)]
+    w1 = [torch.full((1, k), 1 / k, device="cuda", dtype=torch.bfloat16) for _ in range(8)]
+    floor1 = k * expert_bytes / bw * 1e6
+    sweep = {}
+    gu0, dn0 = tm.gemv_configs()
+    tiles = [(bn, bg, w, d) for d in (1, 0) for bn, bg, w in
+             ((32, 8, 4), (16, 8, 4), (16, 8, 2), (8, 8, 2), (64, 8, 4), (32, 16, 4), (32, 4, 4), (64, 8, 8))]
+    for which, cfgs in (("gate/up", [(c, dn0) for c in tiles]), ("down", [(gu0, c) for c in tiles if c != dn0])):
+        for cfg in cfgs:
+            bn, bg, warps, dec = cfg[0] if which == "gate/up" else cfg[1]
+            try:
+                us = _graph_us(lambda i: tm.fused_moe_mxfp4(x1[i], ids1[i], w1[i], packed[i % layers], alpha, limit,
+                                                            path="gemv", gemv_cfg=cfg), 8)
+            except Exception as exc:  # noqa: BLE001 - a config that does not compile
+                log(f"  {which} {bn},{bg},{warps},{dec}: failed {type(exc).__name__}: {str(exc)[:100]}")
+                continue
+            sweep[f"{which} {bn},{bg},{warps},{dec}"] = us
+            log(f"  {which:<8} BLOCK_N={bn:>2} BLOCK_G={bg:>2} warps={warps} DECODE={dec} (other kernel at its default): "
+                f"{us:7.1f} µs/layer at 1 token ({floor1 / us * 100:.0f}% of {floor1:.1f} µs)")
+    rows["gemv_sweep_1_token"] = sweep
+    del raw, packed
+    torch.cuda.empty_cache()
+    return rows
+
+
 def moe_layer_check(model) -> None:
     """One MoE layer (the engine's path) against the dense computation on its dequantized weights."""
     moe = model.layers[0].mlp
@@ -113,14 +225,22 @@ def moe_layer_check(model) -> None:
     top, ids = torch.topk(logits, moe.top_k, dim=-1)
     wts = torch.softmax(top.float(), dim=-1)
     ref = torch.zeros_like(got)
+    from kvserve.kernels.triton_mxfp4_moe import dequantize_packed
+
+    pk = moe.packed  # the default path released the per-expert blocks: the reference reads the packed ones
     for t in range(x.shape[0]):
         for j in range(moe.top_k):
-            ex = moe.experts[int(ids[t, j])]
-            gu = torch.nn.functional.linear(x[t : t + 1].float(), ex.gate_up_proj.method.weight(ex.gate_up_proj, torch.float32),
-                                            ex.gate_up_proj.bias.float())
+            e = int(ids[t, j])
+            ex = moe.experts[e]
+            if pk:
+                wgu, wdn = dequantize_packed(pk.gu_codes[e], pk.gu_scales[e]), dequantize_packed(pk.dn_codes[e], pk.dn_scales[e])
+            else:
+                wgu = ex.gate_up_proj.method.weight(ex.gate_up_proj, torch.float32)
+                wdn = ex.down_proj.method.weight(ex.down_proj, torch.float32)
+            gu = torch.nn.functional.linear(x[t : t + 1].float(), wgu, ex.gate_up_proj.bias.float())
             gate, up = gu[:, : ex.inter].clamp(max=ex.limit), gu[:, ex.inter :].clamp(-ex.limit, ex.limit)
             hdn = (up + 1) * gate * torch.sigmoid(gate * ex.alpha)
-            y = torch.nn.functional.linear(hdn, ex.down_proj.method.weight(ex.down_proj, torch.float32), ex.down_proj.bias.float())
+            y = torch.nn.functional.linear(hdn, wdn, ex.down_proj.bias.float())
             ref[t] += wts[t, j] * y[0]
     rel = ((got - ref).norm() / ref.norm()).item()
     assert rel < 3e-2, f"MoE layer relative error {rel:.3e}"
@@ -156,23 +276,43 @@ def main() -> None:
     ap.add_argument("--no-graphs", action="store_true", help="eager only")
     ap.add_argument("--throughput", type=int, default=0, help="also run this many requests (0: skip)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--kernels-only", action="store_true", help="only the MoE kernel table (old vs new)")
+    ap.add_argument("--no-kernels", action="store_true", help="skip the MoE kernel table")
+    ap.add_argument("--compare-legacy", action="store_true",
+                    help="also decode with CUDA graphs on the legacy MXFP4 MoE kernel (KVSERVE_MXFP4_MOE=legacy)")
     args = ap.parse_args()
     from kvserve import LLM
 
     dev = torch.cuda.get_device_name()
     log(f"device: {dev}; torch {torch.__version__}")
+    from kvserve.kernels import triton_mxfp4_moe as tm
+
+    bw = gemv_read_bw()
+    results: dict[str, object] = {"device": dev, "layers": args.layers, "gemv_read_GBps": bw / 1e9}
+    if args.kernels_only:
+        results["moe_kernels"] = kernel_table(bw)
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+        return
     checks()
+    if not args.no_kernels:
+        try:
+            results["moe_kernels"] = kernel_table(bw)
+        except Exception as exc:  # noqa: BLE001 - the engine numbers below still count
+            log(f"MoE kernel table failed: {type(exc).__name__}: {str(exc)[:300]}")
     cfg = dict(GPT_OSS_20B, num_hidden_layers=args.layers)
     cfg["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(args.layers)]
-    bw = gemv_read_bw()
     fl = floor_bytes(cfg, args.prompt + args.tokens // 2)
     floor_ms = fl["total"] / bw * 1e3
-    results: dict[str, object] = {"device": dev, "layers": args.layers, "gemv_read_GBps": bw / 1e9,
-                                  "floor_bytes": fl, "floor_ms": floor_ms}
+    results.update(floor_bytes=fl, floor_ms=floor_ms)
+    default_impl = tm.MOE_IMPL
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(cfg))
         modes = [("eager", True)] + ([] if args.no_graphs else [("cuda-graphs", False)])
+        if args.compare_legacy and default_impl != "legacy":
+            modes += [("legacy-graphs", False)]
         for name, eager in modes:
+            tm.MOE_IMPL = "legacy" if name == "legacy-graphs" else default_impl
             t0 = time.perf_counter()
             try:
                 llm = LLM(tmp, load_format="dummy", dtype="bfloat16", device="cuda", max_model_len=4096,
@@ -198,7 +338,8 @@ def main() -> None:
         f"LM head {fl['lm_head'] / 1e9:.3f}, KV {fl['kv_cache'] / 1e6:.1f} MB) at {bw / 1e9:.0f} GB/s "
         f"(bf16 GEMV read) = {floor_ms:.3f} ms/token")
     log(f"{'mode':<14}{'ms/token':>10}{'% of floor':>12}{'TTFT ms':>10}")
-    for name in ("eager", "cuda-graphs"):
+    log(f"(MoE kernels: {default_impl}{'; legacy-graphs: KVSERVE_MXFP4_MOE=legacy' if args.compare_legacy else ''})")
+    for name in ("eager", "cuda-graphs", "legacy-graphs"):
         r = results.get(name)
         if isinstance(r, dict) and "ms_per_token" in r:
             log(f"{name:<14}{r['ms_per_token']:>10.3f}{r['pct_of_floor']:>11.1f}%{r['ttft_ms']:>10.1f}")

@@ -1,20 +1,36 @@
-"""gpt-oss's MoE on the GPU with MXFP4 experts: a grouped product that reads each selected
-expert's 4-bit blocks once and dequantizes them in registers (`kernels/mxfp4.py`'s layout).
+"""gpt-oss's MoE on the GPU with MXFP4 experts kept 4-bit (4.25 bits a weight).
+
+Default (`fused_moe_mxfp4`, `GptOssMoE` on CUDA): at load each layer's experts are repacked once
+on the device (`pack`, bit-exact) into an aligned layout: the E2M1 codes as int32 words
+[E, rows, K / 8] (a 32-weight block = 4 words = one 16-byte vector, weight j of a block in
+nibble j // 4 of word j % 4) and the E8M0 scales uint8 [E, rows, K / 32] beside them.
+
+- **GEMV path** (decode: one token, or up to `GEMV_MAX_PAIRS` pairs mostly on distinct experts):
+  no sorting, two launches. Gate/up: one program per (token, expert) pair and BLOCK_N gate rows
+  plus their BLOCK_N up rows; each K-step loads a [BLOCK_N, BLOCK_G, 4] word tile (16-byte
+  loads, consecutive blocks of a row in consecutive threads), decodes each nibble with integer
+  ops straight into float32 bits (`_fp4`: the value times 2^-126, exact, no lookup, no exp2),
+  multiplies it with the activations pre-scaled by 2^100, sums each block in the thread that
+  holds it and applies the block's scale once; biases and gpt-oss's clamped SwiGLU in the
+  epilogue. Down: one program per token and BLOCK_N columns sums w_j (W_e_j h_j + b_e_j) over
+  its k experts in fp32 (routing weight and top-k sum in the epilogue).
+- **Grouped path** (prefill, larger batches): the pairs sorted by expert and padded per expert
+  by `triton_moe.align_by_expert` (one program, no host sync); each BLOCK_M run of one expert's
+  pairs times BLOCK_N of its rows, each K-step's word tile decoded into weights in K order (exact)
+  for one tensor-core dot; gate and up in two accumulators with the SwiGLU epilogue, then down with
+  bias and routing weight, and a sum over the k slots.
+
+`KVSERVE_MXFP4_MOE=legacy` keeps the first kernel (below, `moe_mxfp4`, on GGML's 17-byte blocks
+[E, N, K / 32 * 17]: byte-wise loads, exp2 decode, a 16-row dot tile even for one pair, the
+pairs sorted by ~12 torch ops) for comparisons (`benchmarks/gpt_oss_gpu_bench.py --kernels`).
 
     moe_mxfp4(x, ids, weights, w_gate_up, b_gate_up, w_down, b_down, act) -> [T, hidden]
-
-The T x k (token, expert) pairs are sorted by expert on the device (no host sync, so a decode
-step captures into a CUDA graph). Grid (expert, N-tile): a program walks its expert's pairs in
-tiles of BLOCK_P rows, and for each K-chunk decodes a [BLOCK_N, BLOCK_K] weight tile (E2M1 codes
-times the block's power-of-two scale, exact in any float dtype) and multiplies it with the
-pairs' activations on tensor cores; the bias is added at the end. Experts no pair selected exit
-at once, so a decode step reads only the k selected experts' bytes (about 4.25 bits a weight).
-The first product takes each pair's token row; the second the pair's own activation row; the k
-outputs of a token are weighted and summed in token order.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -22,6 +38,7 @@ import triton
 import triton.language as tl
 
 from kvserve.kernels import mxfp4
+from kvserve.kernels.triton_quant import _f16_pair
 
 
 @triton.jit
@@ -142,3 +159,488 @@ def moe_mxfp4(
     out = torch.empty_like(y)
     out[order] = y  # back to (token, slot) order
     return out.view(t, k, out.shape[1]).sum(dim=1)
+
+
+# ------------------------------------------------------------------------------------------------
+# The aligned layout and its kernels (the default; KVSERVE_MXFP4_MOE=legacy keeps the ones above).
+# ------------------------------------------------------------------------------------------------
+# Which kernels `GptOssMoE` runs on CUDA: "packed" (the aligned layout below) or "legacy" (the
+# 17-byte blocks above, for comparisons).
+MOE_IMPL = os.environ.get("KVSERVE_MXFP4_MOE", "packed")
+# Tokens up to which the GEMV path runs (one token always; more while their k experts mostly
+# differ: a shared expert is read once per pair there). KVSERVE_MXFP4_GEMV_MAX_PAIRS overrides.
+GEMV_MAX_PAIRS = int(os.environ.get("KVSERVE_MXFP4_GEMV_MAX_PAIRS", "16"))
+
+# Weight j of a 32-weight block sits in word j % 4, nibble j // 4 (see `pack`): byte b of the block
+# (word b // 4, nibbles 2 (b % 4) and 2 (b % 4) + 1) holds weights _LO[b] and _LO[b] + 4.
+_LO = [8 * (b % 4) + b // 4 for b in range(16)]
+
+
+@dataclass
+class PackedExperts:
+    """One layer's MXFP4 experts in the aligned layout (`pack`): per projection the codes as
+    int32 words [E, rows, K / 8] (8 E2M1 codes a word, a 32-weight block = 4 words = 16 bytes)
+    and the E8M0 scales uint8 [E, rows, K / 32] beside them; 4.25 bits a weight as before.
+    gate_up rows are [gate ‖ up] (2I of them), down rows the hidden size."""
+
+    gu_codes: torch.Tensor  # [E, 2I, H / 8] int32
+    gu_scales: torch.Tensor  # [E, 2I, H / 32] uint8
+    gu_bias: torch.Tensor  # [E, 2I]
+    dn_codes: torch.Tensor  # [E, H, I / 8] int32
+    dn_scales: torch.Tensor  # [E, H, I / 32] uint8
+    dn_bias: torch.Tensor  # [E, H]
+
+    @property
+    def hidden(self) -> int:
+        return self.gu_codes.shape[2] * 8
+
+    @property
+    def inter(self) -> int:
+        return self.dn_codes.shape[2] * 8
+
+
+def pack(data: torch.Tensor, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """GGML-layout MXFP4 bytes [..., rows, G * 17] -> (codes int32 [..., rows, cols / 8], scales
+    uint8 [..., rows, G]), bit-exact and on `data`'s device. In the codes each block's 16 bytes
+    are 4 little-endian words and weight j of the block is nibble j // 4 of word j % 4, so a
+    thread that loads a block with one 16-byte load decodes nibble i of its 4 words against the
+    4 consecutive activations 4 i .. 4 i + 3 of the block (one 8-byte load in bf16)."""
+    g = mxfp4.row_bytes(cols) // mxfp4.BLOCK_BYTES
+    b = data.reshape(*data.shape[:-1], g, mxfp4.BLOCK_BYTES)
+    scales = b[..., 0].contiguous()
+    qs = b[..., 1:]
+    codes = torch.cat([qs & 15, qs >> 4], dim=-1)  # [..., G, 32]: code of weight j
+    lo = torch.tensor(_LO, device=data.device)
+    packed = codes.index_select(-1, lo) | (codes.index_select(-1, lo + 4) << 4)  # [..., G, 16]
+    return packed.reshape(*data.shape[:-1], g * 16).contiguous().view(torch.int32), scales
+
+
+def unpack(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack`: GGML-layout bytes [..., rows, G * 17]."""
+    g = scales.shape[-1]
+    packed = codes.contiguous().view(torch.uint8).reshape(*scales.shape, 16)
+    codes32 = torch.empty(*scales.shape, 32, dtype=torch.uint8, device=codes.device)
+    lo = torch.tensor(_LO, device=codes.device)
+    codes32[..., lo] = packed & 15
+    codes32[..., lo + 4] = packed >> 4
+    qs = codes32[..., :16] | (codes32[..., 16:] << 4)
+    return torch.cat([scales[..., None], qs], dim=-1).reshape(*scales.shape[:-1], g * 17)
+
+
+def dequantize_packed(codes: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[..., rows, K] weights of a packed projection (exact; for checks)."""
+    data = unpack(codes, scales)
+    rows = data.shape[-2]
+    cols = codes.shape[-1] * 8
+    return mxfp4.dequantize(data.reshape(-1, data.shape[-1]), cols, dtype).reshape(*data.shape[:-2], rows, cols)
+
+
+@triton.jit
+def _fp4(q, I: tl.constexpr):
+    """Nibble I of int32 words q -> its E2M1 value times 2^-126, as float32: the sign moved to
+    bit 31 and (e1 e0 m) to bits 24..22 give exactly that (exponent field e, mantissa m / 2; a
+    subnormal for e = 0, which is the E2M1 subnormal too; the products with the activations'
+    2^100 are normal again). Four integer ops a weight, all int32."""
+    sign = (q >> (4 * I + 3)) << 31  # the nibble's top bit alone, at bit 31
+    if 4 * I <= 22:
+        mag = (q << (22 - 4 * I)) & 0x01C00000
+    else:
+        mag = (q >> (4 * I - 22)) & 0x01C00000
+    return (sign | mag).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _scale(s):
+    """E8M0 bytes -> 2^(s - 101) in float32 (the block scale 2^(s - 127) times the 2^26 that the
+    2^-126 of `_fp4` and the 2^100 of the activations leave)."""
+    return ((s.to(tl.int32) + 26) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _scale_f16(s):
+    """E8M0 bytes -> 2^(s - 113) in float32 for the fp16-pair decode: the block scale 2^(s - 127)
+    times the 2^14 that `_fp4_pair`'s values lack (exact, normal for every byte up to 240)."""
+    return ((s.to(tl.int32) + 14) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _fp4_pair(q, I: tl.constexpr):
+    """Nibbles I and I + 4 of int32 words q (bits 4I and 4I + 16) -> their E2M1 values times
+    2^-14 as two float32: both made fp16 at once (sign to bit 15 / 31, (e1 e0 m) to the exponent's
+    low bits and the mantissa's top bit: exact, a subnormal fp16 for e = 0), then each half
+    widened (`triton_quant._f16_pair`: a full-rate HADD2.F32 on the GPU). Two shifts and two
+    logic ops per two weights, against `_fp4`'s four per weight."""
+    if I == 3:  # the signs are in place already
+        bits = (q & -2147450880) | ((q >> 3) & 0x0E000E00)  # 0x80008000, 0x0E000E00
+    else:
+        bits = ((q << (12 - 4 * I)) & -2147450880) | ((q << (9 - 4 * I)) & 0x0E000E00)
+    return _f16_pair(bits, 0)
+
+
+@triton.jit
+def _swiglu(g, u, alpha, limit, dt: tl.constexpr):
+    """gpt-oss's clamped SwiGLU of the fp32 sums; gate and up rounded to the model dtype first
+    (where the unfused path rounds its product's output)."""
+    g = tl.minimum(g.to(dt).to(tl.float32), limit)
+    u = tl.minimum(tl.maximum(u.to(dt).to(tl.float32), -limit), limit)
+    return (u + 1.0) * (g * tl.sigmoid(g * alpha))
+
+
+@triton.jit
+def _gemv_rows(x_row, codes, scales, n, n_ok, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+               TWO: tl.constexpr, codes2, scales2, DECODE: tl.constexpr, s_step):
+    """sum_k W[n, k] x[k] for BLOCK_N rows of one expert (fp32 [BLOCK_N]; `TWO`: also for the rows
+    at codes2/scales2, the up rows beside the gate rows, sharing the activations): each K-step
+    loads a [BLOCK_N, BLOCK_G, 4] tile of words (one 16-byte vector per row and block), decodes
+    its 8 nibbles against 8 [BLOCK_G, 4] slices of x (DECODE 0: pre-scaled by 2^100), sums each block in
+    the thread that holds it, then applies the block's scale once. DECODE 0: each nibble straight
+    to float32 bits (`_fp4`); 1: two nibbles at once through fp16 (`_fp4_pair`)."""
+    G: tl.constexpr = K // 32
+    W: tl.constexpr = K // 8
+    w4 = tl.arange(0, 4)
+    woff = n.to(tl.int64)[:, None, None] * W
+    soff = n.to(tl.int64)[:, None] * G
+    acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
+    for g0 in range(0, G, BLOCK_G):
+        g = g0 + tl.arange(0, BLOCK_G)
+        g_ok = g < G
+        qoff = woff + (g * 4)[None, :, None] + w4[None, None, :]
+        qmask = n_ok[:, None, None] & g_ok[None, :, None]
+        q = tl.load(codes + qoff, mask=qmask, other=0, eviction_policy="evict_first")
+        blk = tl.zeros([BLOCK_N, BLOCK_G, 4], dtype=tl.float32)
+        if TWO:
+            q2 = tl.load(codes2 + qoff, mask=qmask, other=0, eviction_policy="evict_first")
+            blk2 = tl.zeros([BLOCK_N, BLOCK_G, 4], dtype=tl.float32)
+        if DECODE == 0:
+            for i in tl.static_range(8):
+                xi = tl.load(x_row + (g * 32 + 4 * i)[:, None] + w4[None, :], mask=g_ok[:, None], other=0.0)
+                xi = (xi.to(tl.float32) * 1.2676506002282294e30)[None, :, :]  # x * 2^100
+                blk += _fp4(q, i) * xi
+                if TWO:
+                    blk2 += _fp4(q2, i) * xi
+        else:
+            for i in tl.static_range(4):
+                xo = x_row + (g * 32 + 4 * i)[:, None] + w4[None, :]
+                xa = tl.load(xo, mask=g_ok[:, None], other=0.0).to(tl.float32)[None, :, :]
+                xb = tl.load(xo + 16, mask=g_ok[:, None], other=0.0).to(tl.float32)[None, :, :]
+                a, b = _fp4_pair(q, i)  # values times 2^-14 (`_scale_f16` puts it back per block)
+                blk += a * xa  # two FMAs (a * xa + b * xb would round the product sum first)
+                blk += b * xb
+                if TWO:
+                    a2, b2 = _fp4_pair(q2, i)
+                    blk2 += a2 * xa
+                    blk2 += b2 * xb
+        smask = n_ok[:, None] & g_ok[None, :]
+        # s_step is 1 at run time, unknown to the compiler: no vectorized scale load, so the scale tile
+        # keeps the layout of the block sums (a 2-byte vector load would convert through shared memory)
+        sg = (g * s_step)[None, :]
+        s1 = tl.load(scales + soff + sg, mask=smask, other=0)
+        if DECODE == 0:
+            acc += tl.sum(blk, 2) * _scale(s1)
+        else:
+            acc += tl.sum(blk, 2) * _scale_f16(s1)
+        if TWO:
+            s2 = tl.load(scales2 + soff + sg, mask=smask, other=0)
+            if DECODE == 0:
+                acc2 += tl.sum(blk2, 2) * _scale(s2)
+            else:
+                acc2 += tl.sum(blk2, 2) * _scale_f16(s2)
+    return tl.sum(acc, 1), tl.sum(acc2, 1)
+
+
+@triton.jit(do_not_specialize=["s_step"])
+def _gemv_gate_up_kernel(
+    x_ptr,  # [T, H]
+    codes_ptr,  # [E, 2I, H / 8] int32
+    scales_ptr,  # [E, 2I, H / 32] uint8
+    bias_ptr,  # [E, 2I]
+    ids_ptr,  # [T * TOP_K] expert of each pair
+    out_ptr,  # [T * TOP_K, I]: the activation of each pair
+    I,
+    stride_x,
+    alpha,
+    limit,
+    s_step,  # 1 (see `_gemv_rows`)
+    K: tl.constexpr,  # H
+    TOP_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    DECODE: tl.constexpr,
+):
+    """One (token, expert) pair and BLOCK_N gate rows with their BLOCK_N up rows; the biases and
+    the clamped SwiGLU in the epilogue."""
+    pair = tl.program_id(0)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < I
+    e = tl.load(ids_ptr + pair).to(tl.int64)
+    x_row = x_ptr + (pair // TOP_K).to(tl.int64) * stride_x
+    W: tl.constexpr = K // 8
+    G: tl.constexpr = K // 32
+    codes = codes_ptr + e * (2 * I) * W
+    scales = scales_ptr + e * (2 * I) * G
+    gate, up = _gemv_rows(x_row, codes, scales, n, n_ok, K, BLOCK_N, BLOCK_G, True, codes + I * W, scales + I * G,
+                          DECODE, s_step)
+    gate += tl.load(bias_ptr + e * (2 * I) + n, mask=n_ok, other=0.0).to(tl.float32)
+    up += tl.load(bias_ptr + e * (2 * I) + I + n, mask=n_ok, other=0.0).to(tl.float32)
+    dt = out_ptr.dtype.element_ty
+    h = _swiglu(gate, up, alpha, limit, dt)
+    tl.store(out_ptr + pair.to(tl.int64) * I + n, h.to(dt), mask=n_ok)
+
+
+@triton.jit(do_not_specialize=["s_step"])
+def _gemv_down_kernel(
+    h_ptr,  # [T * TOP_K, I]
+    codes_ptr,  # [E, H, I / 8] int32
+    scales_ptr,  # [E, H, I / 32] uint8
+    bias_ptr,  # [E, H]
+    ids_ptr,  # [T * TOP_K]
+    wts_ptr,  # [T * TOP_K] routing weights
+    out_ptr,  # [T, H]
+    N,  # H
+    stride_o,
+    s_step,  # 1 (see `_gemv_rows`)
+    K: tl.constexpr,  # I
+    TOP_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    DECODE: tl.constexpr,
+):
+    """One token and BLOCK_N output columns: sum_j w_j (W_down[e_j] h_j + b_down[e_j]) over its k
+    pairs, in fp32, rounded once."""
+    tok = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    W: tl.constexpr = K // 8
+    G: tl.constexpr = K // 32
+    out = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        pair = tok * TOP_K + j
+        e = tl.load(ids_ptr + pair).to(tl.int64)
+        codes = codes_ptr + e * N * W
+        scales = scales_ptr + e * N * G
+        y, _ = _gemv_rows(h_ptr + pair * K, codes, scales, n, n_ok, K, BLOCK_N, BLOCK_G, False, codes, scales, DECODE,
+                          s_step)
+        y += tl.load(bias_ptr + e * N + n, mask=n_ok, other=0.0).to(tl.float32)
+        out += tl.load(wts_ptr + pair).to(tl.float32) * y
+    tl.store(out_ptr + tok * stride_o + n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _dot_tile(a_rows, a_ok, codes, scales, n, n_ok, acc, K: tl.constexpr, BLOCK_M: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, DOT_PREC: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] += A rows [BLOCK_M, K] times one expert's BLOCK_N rows transposed,
+    BLOCK_G blocks a K-step: the [BLOCK_N, BLOCK_G, 4] word tile broadcast over the 8 nibble
+    positions ([BLOCK_N, BLOCK_G, 8, 4]: weight 4 i + w of each block, i.e. K order), decoded as
+    in `_fp4` with per-position shifts, scaled (exact in any float dtype) and multiplied on tensor
+    cores with the matching [BLOCK_M, BLOCK_G * 32] activations in one dot."""
+    G: tl.constexpr = K // 32
+    W: tl.constexpr = K // 8
+    w4 = tl.arange(0, 4)
+    shift = (4 * tl.arange(0, 8))[None, None, :, None]
+    kk = tl.arange(0, BLOCK_G * 32)
+    rows = codes + n.to(tl.int64)[:, None, None] * W
+    srows = scales + n.to(tl.int64)[:, None] * G
+    dt = a_rows.dtype.element_ty
+    for g0 in range(0, G, BLOCK_G):
+        g = g0 + tl.arange(0, BLOCK_G)
+        g_ok = g < G
+        q = tl.load(rows + (g * 4)[None, :, None] + w4[None, None, :], mask=n_ok[:, None, None] & g_ok[None, :, None],
+                    other=0)
+        s = _scale(tl.load(srows + g[None, :], mask=n_ok[:, None] & g_ok[None, :], other=0))
+        qq = q[:, :, None, :] >> shift  # [BLOCK_N, BLOCK_G, 8, 4]: nibble i in bits 0..3
+        bits = ((qq >> 3) << 31) | ((qq << 22) & 0x01C00000)
+        w = (bits.to(tl.float32, bitcast=True) * 1.2676506002282294e30) * s[:, :, None, None]  # the weights, exact
+        w = tl.reshape(w.to(dt), [BLOCK_N, BLOCK_G * 32])
+        k_ok = g0 * 32 + kk < K
+        a = tl.load(a_rows + g0 * 32 + kk[None, :], mask=a_ok[:, None] & k_ok[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PREC)
+    return acc
+
+
+@triton.jit
+def _grouped_kernel(
+    a_ptr,  # gate/up: x [T, H]; down: h [T * TOP_K, I]
+    codes_ptr,  # [E, R, K / 8] int32 (R = 2I for gate/up, H for down)
+    scales_ptr,  # [E, R, K / 32] uint8
+    bias_ptr,  # [E, R]
+    out_ptr,  # [T * TOP_K, N]
+    sorted_ptr,  # [P] pair ids sorted by expert, padding = num_pairs (`triton_moe.align_by_expert`)
+    block_expert_ptr,  # [P / BLOCK_M]
+    num_post_ptr,  # [1] padded total
+    wts_ptr,  # [T * TOP_K] routing weights (down)
+    N,  # I for gate/up, H for down
+    num_pairs,
+    num_blocks,
+    stride_a,
+    alpha,
+    limit,
+    K: tl.constexpr,
+    A_ROW_DIV: tl.constexpr,  # TOP_K for x, 1 for h
+    GATE_UP: tl.constexpr,  # gate and up accumulators, SwiGLU epilogue; else bias and weight
+    DOT_PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """Many tokens: BLOCK_M pairs of one expert (sorted, padded) times BLOCK_N of its rows."""
+    pid = tl.program_id(0)
+    num_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    group = tl.minimum(num_blocks - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % group
+    pid_n = (pid % in_group) // group
+    if pid_m * BLOCK_M >= tl.load(num_post_ptr):
+        return
+    pairs = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
+    m_ok = pairs < num_pairs
+    e = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    W: tl.constexpr = K // 8
+    G: tl.constexpr = K // 32
+    if GATE_UP:
+        R = 2 * N
+    else:
+        R = N
+    codes = codes_ptr + e * R * W
+    scales = scales_ptr + e * R * G
+    a_rows = a_ptr + (pairs // A_ROW_DIV).to(tl.int64)[:, None] * stride_a
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = _dot_tile(a_rows, m_ok, codes, scales, n, n_ok, acc, K, BLOCK_M, BLOCK_N, BLOCK_G, DOT_PREC)
+    acc += tl.load(bias_ptr + e * R + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    dt = out_ptr.dtype.element_ty
+    if GATE_UP:
+        up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        up = _dot_tile(a_rows, m_ok, codes + N * W, scales + N * G, n, n_ok, up, K, BLOCK_M, BLOCK_N, BLOCK_G, DOT_PREC)
+        up += tl.load(bias_ptr + e * R + N + n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc = _swiglu(acc, up, alpha, limit, dt)
+    else:
+        acc = acc * tl.load(wts_ptr + pairs, mask=m_ok, other=0.0).to(tl.float32)[:, None]
+    out = out_ptr + pairs.to(tl.int64)[:, None] * N + n[None, :]
+    tl.store(out, acc.to(dt), mask=m_ok[:, None] & n_ok[None, :])
+
+
+def use_gemv(tokens: int, num_experts: int, top_k: int) -> bool:
+    """The GEMV path for one token, or while the pairs are few and mostly on distinct experts."""
+    n = tokens * top_k
+    return tokens == 1 or (n <= GEMV_MAX_PAIRS and 2 * n <= num_experts)
+
+
+def _env_config(name: str, default: tuple[int, ...]) -> tuple[int, ...]:
+    raw = os.environ.get(name)
+    if not raw:
+        return default
+    try:
+        cfg = tuple(int(v) for v in raw.split(","))
+    except ValueError:
+        raise ValueError(f"{name} must be comma-separated integers (got {raw!r})") from None
+    if len(cfg) != len(default):
+        raise ValueError(f"{name} needs {len(default)} values (got {raw!r})")
+    return cfg
+
+
+GemvConfig = tuple[int, int, int, int]  # (BLOCK_N, BLOCK_G, num_warps, DECODE)
+
+
+def gemv_configs() -> tuple[GemvConfig, GemvConfig]:
+    """(BLOCK_N, BLOCK_G, num_warps, DECODE) of the gate/up and the down GEMV kernels
+    (KVSERVE_MXFP4_GEMV_GU / KVSERVE_MXFP4_GEMV_DOWN override, e.g. "16,8,4,1"). Not measured
+    on a GPU yet: `benchmarks/gpt_oss_gpu_bench.py --kernels-only` sweeps them."""
+    return _env_config("KVSERVE_MXFP4_GEMV_GU", (32, 8, 4, 1)), _env_config("KVSERVE_MXFP4_GEMV_DOWN", (16, 8, 2, 1))
+
+
+def grouped_config(num_pairs: int, num_experts: int) -> dict[str, int]:
+    """Tiles of the grouped kernel: 16 pair rows while experts get few, larger for prefill."""
+    per_expert = num_pairs / num_experts
+    if per_expert <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=64, BLOCK_G=2, GROUP_M=1, num_warps=4)
+    if per_expert <= 64:
+        return dict(BLOCK_M=32, BLOCK_N=64, BLOCK_G=2, GROUP_M=4, num_warps=4)
+    return dict(BLOCK_M=64, BLOCK_N=128, BLOCK_G=2, GROUP_M=8, num_warps=8)
+
+
+def fused_moe_mxfp4(
+    x: torch.Tensor,  # [T, H]
+    ids: torch.Tensor,  # [T, k] selected experts
+    weights: torch.Tensor,  # [T, k] their routing weights
+    w: PackedExperts,
+    alpha: float,
+    limit: float,
+    path: str = "auto",  # "auto" | "gemv" | "grouped"
+    gemv_cfg: tuple[GemvConfig, GemvConfig] | None = None,
+    grouped_cfg: dict[str, int] | None = None,
+) -> torch.Tensor:  # [T, H] in x's dtype
+    """gpt-oss's MoE layer on packed MXFP4 experts: sum_j w_j (down_j(swiglu(gate_up_j(x))) +
+    b_down_j) over each token's k experts. Two launches on the GEMV path (decode), three
+    plus the expert sort (`triton_moe.align_by_expert`, one program) on the grouped path; no
+    host sync on either, so a decode step captures into a CUDA graph."""
+    t, hidden = x.shape
+    e, two_i, _ = w.gu_codes.shape
+    inter = two_i // 2
+    top_k = ids.shape[1]
+    if hidden != w.hidden or w.inter != inter or w.dn_codes.shape[1] != hidden:
+        raise ValueError(f"packed experts {tuple(w.gu_codes.shape)}/{tuple(w.dn_codes.shape)} do not fit x {tuple(x.shape)}")
+    if t == 0:
+        return x.new_empty((0, hidden))
+    x = x.contiguous()
+    flat_ids = ids.reshape(-1).contiguous()
+    wts = weights.reshape(-1).contiguous()
+    n = t * top_k
+    h = torch.empty((n, inter), dtype=x.dtype, device=x.device)
+    if path == "gemv" or (path == "auto" and use_gemv(t, e, top_k)):
+        (gbn, gbg, gwarps, gdec), (dbn, dbg, dwarps, ddec) = gemv_cfg or gemv_configs()
+        _gemv_gate_up_kernel[(n, triton.cdiv(inter, gbn))](
+            x, w.gu_codes, w.gu_scales, w.gu_bias, flat_ids, h, inter, x.stride(0), alpha, limit, 1,
+            K=hidden, TOP_K=top_k, BLOCK_N=gbn, BLOCK_G=gbg, DECODE=gdec, num_warps=gwarps,
+        )
+        out = torch.empty((t, hidden), dtype=x.dtype, device=x.device)
+        _gemv_down_kernel[(t, triton.cdiv(hidden, dbn))](
+            h, w.dn_codes, w.dn_scales, w.dn_bias, flat_ids, wts, out, hidden, out.stride(0), 1,
+            K=inter, TOP_K=top_k, BLOCK_N=dbn, BLOCK_G=dbg, DECODE=ddec, num_warps=dwarps,
+        )
+        return out
+    from kvserve.kernels.triton_moe import align_by_expert
+
+    cfg = dict(grouped_cfg or grouped_config(n, e))
+    bm = cfg["BLOCK_M"]
+    sorted_ids, block_expert, num_post = align_by_expert(ids, e, bm)
+    blocks = sorted_ids.numel() // bm
+    prec = "ieee" if x.dtype == torch.float32 else "tf32"
+    gu = {**cfg, "BLOCK_N": max(16, cfg["BLOCK_N"] // 2)}  # two accumulators
+    _grouped_kernel[(blocks * triton.cdiv(inter, gu["BLOCK_N"]),)](
+        x, w.gu_codes, w.gu_scales, w.gu_bias, h, sorted_ids, block_expert, num_post, wts,
+        inter, n, blocks, x.stride(0), alpha, limit,
+        K=hidden, A_ROW_DIV=top_k, GATE_UP=True, DOT_PREC=prec, **gu,
+    )
+    y = torch.empty((n, hidden), dtype=x.dtype, device=x.device)
+    _grouped_kernel[(blocks * triton.cdiv(hidden, cfg["BLOCK_N"]),)](
+        h, w.dn_codes, w.dn_scales, w.dn_bias, y, sorted_ids, block_expert, num_post, wts,
+        hidden, n, blocks, h.stride(0), alpha, limit,
+        K=inter, A_ROW_DIV=1, GATE_UP=False, DOT_PREC=prec, **cfg,
+    )
+    return y.view(t, top_k, hidden).sum(1)
+
+
+def pack_experts(gu: list[torch.Tensor] | torch.Tensor, gu_bias: torch.Tensor, dn: list[torch.Tensor] | torch.Tensor,
+                 dn_bias: torch.Tensor, hidden: int, inter: int, release: bool = False) -> PackedExperts:
+    """Per-expert GGML-layout bytes (gate/up [2I, H / 32 * 17], down [H, I / 32 * 17]; a list or
+    a stacked tensor) -> `PackedExperts`, one expert at a time into preallocated tensors (the
+    transient is one expert's). `release`: empty each list entry in place after packing it."""
+    def one(datas, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = datas[0].device
+        codes = torch.empty(len(datas), rows, cols // 8, dtype=torch.int32, device=dev)
+        scales = torch.empty(len(datas), rows, cols // 32, dtype=torch.uint8, device=dev)
+        for i in range(len(datas)):
+            if tuple(datas[i].shape) != (rows, mxfp4.row_bytes(cols)):
+                raise ValueError(f"MXFP4 expert {i}: blocks {tuple(datas[i].shape)}, expected {(rows, mxfp4.row_bytes(cols))}")
+            codes[i], scales[i] = pack(datas[i], cols)
+            if release and isinstance(datas, list):
+                datas[i] = None
+        return codes, scales
+
+    gc, gs = one(gu, 2 * inter, hidden)
+    dc, ds = one(dn, hidden, inter)
+    return PackedExperts(gc, gs, gu_bias.contiguous(), dc, ds, dn_bias.contiguous())

@@ -19,7 +19,9 @@ loading), with these differences:
   The forward runs the experts that received tokens, each on its rows (as `models/moe.py`).
 - Expert weights in MXFP4 (`*_blocks` / `*_scales`, `quantization_config.quant_method ==
   "mxfp4"`) stay 4-bit: repacked at load to `kernels/mxfp4.py`'s form and multiplied by
-  `platform/mxfp4_linear.py` (dequantized per call, only for the experts a step selects).
+  `platform/mxfp4_linear.py` (dequantized per call, only for the experts a step selects). On
+  CUDA `prepare_cuda` repacks each layer's experts into `kernels/triton_mxfp4_moe.py`'s aligned
+  layout (still 4-bit) and the MoE runs its fused kernels (GEMV path for decode, grouped above).
   Unquantized checkpoints' experts take the platform's linear method like any projection.
 
 Tensor parallelism: heads, KV heads and sinks split as for Llama; the router is replicated and
@@ -114,20 +116,52 @@ class GptOssMoE(nn.Module):
             GptOssExpert(cfg.hidden_size, cfg.intermediate_size // tp, b, alpha, limit, quantized)
             for _ in range(self.num_experts)
         )
-        # CUDA with MXFP4 experts: every expert's blocks stacked (the per-expert layers keep views),
-        # for the grouped Triton kernel. Built on the first CUDA forward; False where it does not apply.
+        self.alpha, self.limit = alpha, limit
+        # CUDA with MXFP4 experts: the legacy kernel's stack of every expert's 17-byte blocks (the
+        # per-expert layers keep views; KVSERVE_MXFP4_MOE=legacy), built on the first CUDA forward;
+        # False where it does not apply.
         self.stacked: tuple[torch.Tensor, ...] | None | bool = None
+        # The default: the experts repacked into the aligned layout (`triton_mxfp4_moe.pack`) by
+        # `prepare_cuda` after loading (or on the first CUDA forward); False where it does not apply.
+        self.packed: Any = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]; a partial sum under TP
         logits = self.router(x)  # [T, E]
         top, ids = torch.topk(logits, self.top_k, dim=-1)  # [T, k]
         weights = torch.softmax(top, dim=-1, dtype=top.dtype)  # among the selected k only
-        stacked = self._stack() if x.is_cuda else None
-        if stacked:
-            from kvserve.kernels.triton_mxfp4_moe import moe_mxfp4
+        if x.is_cuda:
+            from kvserve.kernels import triton_mxfp4_moe as tm
 
-            return moe_mxfp4(x, ids, weights, *stacked, self.experts[0].act)
+            if tm.MOE_IMPL == "legacy" and not self.packed:
+                stacked = self._stack()
+                if stacked:
+                    return tm.moe_mxfp4(x, ids, weights, *stacked, self.experts[0].act)
+            elif self.prepare_cuda():
+                return tm.fused_moe_mxfp4(x, ids, weights, self.packed, self.alpha, self.limit)
         return expert_loop(self.experts, x, weights, ids)
+
+    def prepare_cuda(self) -> bool:
+        """Repack every expert's MXFP4 blocks into `triton_mxfp4_moe.PackedExperts` on their
+        device, one expert at a time, and release the per-expert 17-byte copies (the memory stays
+        4.25 bits a weight; the per-expert layers are not called again on this path). True when
+        the packed experts exist; once per layer, idempotent."""
+        if self.packed is None:
+            self.packed = False
+            gu0 = self.experts[0].gate_up_proj
+            if self.all_mxfp4() and not self.stacked and gu0.parts[0].data.is_cuda:
+                from kvserve.kernels.triton_mxfp4_moe import pack_experts
+
+                ex = self.experts
+                gu = [e.gate_up_proj._buffers.get("qweight0", e.gate_up_proj.parts[0].data) for e in ex]
+                dn = [e.down_proj._buffers.get("qweight0", e.down_proj.parts[0].data) for e in ex]
+                gu_b = torch.stack([e.gate_up_proj.bias for e in ex])
+                dn_b = torch.stack([e.down_proj.bias for e in ex])
+                for e in ex:  # the lists hold the blocks now; pack_experts drops them one by one
+                    for layer in (e.gate_up_proj, e.down_proj):
+                        layer.parts[0].data = layer.parts[0].data.new_empty(0)
+                        layer._buffers.pop("qweight0", None)
+                self.packed = pack_experts(gu, gu_b, dn, dn_b, gu0.in_features, self.experts[0].inter, release=True)
+        return bool(self.packed)
 
     def all_mxfp4(self) -> bool:
         """Every expert's projections are one MXFP4 part each (the grouped kernel applies)."""
@@ -189,9 +223,17 @@ class GptOssForCausalLM(LlamaForCausalLM):
     def _decode_stack(self, input_ids: torch.Tensor) -> Any:
         return None  # the one-call CPU stacks implement the dense Llama block only
 
+    def prepare_cuda(self) -> None:
+        """After loading on CUDA: repack every layer's MXFP4 experts for the Triton kernels."""
+        from kvserve.kernels import triton_mxfp4_moe as tm
+
+        if tm.MOE_IMPL != "legacy":
+            for layer in self.layers:
+                layer.mlp.prepare_cuda()
+
     @property
     def supports_cuda_graphs(self) -> bool:
-        """MXFP4 experts run the grouped Triton kernel (no host sync, so decode graphs capture);
+        """MXFP4 experts run the Triton kernels (no host sync, so decode graphs capture);
         the per-expert loop of dense experts asks the host which experts were hit."""
         return all(layer.mlp.all_mxfp4() for layer in self.layers)
 

@@ -134,5 +134,8 @@ class CudaPlatform(Platform):
             from kvserve.platform.cuda_moe import stack_experts
 
             stack_experts(model)
+            prepare = getattr(model, "prepare_cuda", None)  # gpt-oss: MXFP4 experts repacked for its kernels
+            if callable(prepare):
+                prepare()
         if any(isinstance(getattr(m, "method", None), CudaQuantLinearMethod) for m in model.modules()):
             logger.info("quantized projections: %s", describe_weights(model))

@@ -1,6 +1,8 @@
-"""The Triton MXFP4 MoE kernel (`kvserve/kernels/triton_mxfp4_moe.py`) against gpt-oss's
+"""The Triton MXFP4 MoE kernels (`kvserve/kernels/triton_mxfp4_moe.py`) against gpt-oss's
 expert loop on the dequantized weights: several token counts (one pair per expert up to many),
-an inner width that is not a multiple of the K-chunk, unselected experts. Shared by the GPU test
+an inner width that is not a multiple of the K-chunk, unselected experts; the default kernels
+on the aligned layout (`pack`: bit-exact both ways, every code and scale byte), their GEMV and
+grouped paths; the legacy kernel on the 17-byte blocks. Shared by the GPU test
 (`tests/gpu/test_gpt_oss_gpu.py`) and the CPU test that runs it under TRITON_INTERPRET=1
 (`tests/models/test_gpt_oss.py`; `python -m tests.gpu.mxfp4_moe_checks`)."""
 
@@ -9,7 +11,10 @@ from __future__ import annotations
 import torch
 
 from kvserve.kernels import mxfp4
+from kvserve.kernels import triton_mxfp4_moe as tm
 from kvserve.kernels.triton_mxfp4_moe import moe_mxfp4
+
+ALPHA = 1.702
 
 
 def reference(x, ids, weights, wgu, bgu, wdn, bdn, act):
@@ -51,6 +56,76 @@ def check(t: int, device: str, dtype=torch.float32, hidden=96, inter=64, experts
     return rel
 
 
+def reference_dense(x, ids, weights, wgu, bgu, wdn, bdn, act):
+    """The expert loop in float32 on x's device (for large shapes)."""
+    k_in, inter = x.shape[1], wdn.shape[2] // 17 * 32
+    out = torch.zeros(x.shape[0], wdn.shape[1], dtype=torch.float32, device=x.device)
+    for e in torch.unique(ids).tolist():
+        rows, slot = (ids == e).nonzero(as_tuple=True)
+        gu = x[rows].float() @ mxfp4.dequantize(wgu[e], k_in).t() + bgu[e].float()
+        y = act(gu) @ mxfp4.dequantize(wdn[e], inter).t() + bdn[e].float()
+        out.index_add_(0, rows, y * weights[rows, slot, None].float())
+    return out
+
+
+def gpt_oss_act(inter: int, limit: float):
+    def act(gu):
+        gate, up = gu[:, :inter].clamp(max=limit), gu[:, inter:].clamp(-limit, limit)
+        return (up + 1) * gate * torch.sigmoid(gate * ALPHA)
+
+    return act
+
+
+def check_pack(device: str, rows: int = 5, cols: int = 96, seed: int = 0) -> None:
+    """Random bytes (every code, scale bytes 0..254) survive pack -> unpack, and the packed
+    dequantization equals the GGML one."""
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, 256, (3, rows, cols // 32 * 17), generator=g, dtype=torch.uint8)
+    data.view(3, rows, cols // 32, 17)[..., 0] = torch.randint(0, 255, (3, rows, cols // 32), generator=g, dtype=torch.uint8)
+    codes, scales = tm.pack(data.to(device), cols)
+    assert codes.dtype == torch.int32 and tuple(codes.shape) == (3, rows, cols // 8)
+    assert scales.dtype == torch.uint8 and tuple(scales.shape) == (3, rows, cols // 32)
+    assert codes.numel() * 4 + scales.numel() == data.numel()  # 4.25 bits a weight, as before
+    assert torch.equal(tm.unpack(codes, scales).cpu(), data)
+    want = torch.stack([mxfp4.dequantize(d, cols) for d in data])
+    got = tm.dequantize_packed(codes, scales).cpu()
+    assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(want))
+
+
+def check_packed(t: int, device: str, dtype=torch.float32, path: str = "auto", hidden=96, inter=64, experts=6, k=2,
+                 seed=0, raw_codes=False, limit=0.6, gemv_cfg=None) -> float:
+    """`fused_moe_mxfp4` on packed experts against the float64 expert loop. `raw_codes`: random
+    bytes (all 16 codes, ±0 and the subnormal ±0.5 among them) under random scales 2^-9..2^-3."""
+    g = torch.Generator().manual_seed(seed)
+
+    def weights(rows, cols):
+        if not raw_codes:
+            return mxfp4.quantize(torch.randn(rows, cols, generator=g) * 0.1)
+        d = torch.randint(0, 256, (rows, cols // 32 * 17), generator=g, dtype=torch.uint8)
+        d.view(rows, cols // 32, 17)[..., 0] = torch.randint(118, 125, (rows, cols // 32), generator=g, dtype=torch.uint8)
+        return d
+
+    wgu = torch.stack([weights(2 * inter, hidden) for _ in range(experts)])
+    wdn = torch.stack([weights(hidden, inter) for _ in range(experts)])
+    bgu, bdn = torch.randn(experts, 2 * inter, generator=g) * 0.1, torch.randn(experts, hidden, generator=g) * 0.1
+    x = torch.randn(t, hidden, generator=g)
+    ids = torch.stack([torch.randperm(experts - 1, generator=g)[:k] for _ in range(t)])  # the last never chosen
+    wts = torch.softmax(torch.randn(t, k, generator=g), dim=-1)
+    act = gpt_oss_act(inter, limit)
+    dev = lambda a: a.to(device)  # noqa: E731
+    if hidden * inter <= 1 << 16:
+        ref = reference(x, ids, wts, wgu, bgu, wdn, bdn, act)
+    else:  # gpt-oss-20b widths: fp32 on the device, each selected expert dequantized once
+        ref = reference_dense(dev(x), dev(ids), dev(wts), dev(wgu), dev(bgu), dev(wdn), dev(bdn), act).double().cpu()
+    packed = tm.pack_experts(dev(wgu), dev(bgu).to(dtype), dev(wdn), dev(bdn).to(dtype), hidden, inter)
+    got = tm.fused_moe_mxfp4(dev(x).to(dtype), dev(ids), dev(wts).to(dtype), packed, ALPHA, limit, path=path,
+                             gemv_cfg=gemv_cfg)
+    assert got.dtype == dtype and tuple(got.shape) == (t, hidden)
+    rel = ((got.double().cpu() - ref).norm() / ref.norm()).item()
+    assert rel < (1e-5 if dtype == torch.float32 else 2e-2), f"packed {path} T={t} {dtype}: relative error {rel:.3e}"
+    return rel
+
+
 def check_model_layer() -> None:
     """A tiny MXFP4 gpt-oss's MoE layer: the CUDA path's pieces (experts stacked as views, the
     kernel, the clamped SwiGLU) against the CPU expert loop of the same layer."""
@@ -74,17 +149,42 @@ def check_model_layer() -> None:
         got = moe_mxfp4(x, ids, torch.softmax(top, dim=-1), *moe._stack(), moe.experts[0].act)
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (got - want).abs().max()
         assert torch.equal(moe(x), want)  # the per-expert layers read views of the stacked blocks
+        ex = moe.experts
+        packed = tm.pack_experts([e.gate_up_proj.parts[0].data for e in ex], torch.stack([e.gate_up_proj.bias for e in ex]),
+                                 [e.down_proj.parts[0].data for e in ex], torch.stack([e.down_proj.bias for e in ex]),
+                                 moe.router.in_features, ex[0].inter)
+        for path in ("gemv", "grouped"):
+            got = tm.fused_moe_mxfp4(x, ids, torch.softmax(top, dim=-1), packed, moe.alpha, moe.limit, path=path)
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (path, (got - want).abs().max())
 
 
 def run(device: str) -> None:
+    check_pack(device)
     if device == "cpu":
         check_model_layer()
+    # the default kernels: GEMV (1 token; 3 tokens x 2 of 12 experts) and grouped paths, one
+    # K-step with masked blocks (96, 64) and several (320 = 10 blocks: 8 + 2 masked)
+    for t, path in ((1, "auto"), (3, "gemv"), (3, "grouped"), (40, "auto")):
+        check_packed(t, device, path=path, seed=t, experts=12 if t == 3 else 6)
+    for decode in (0, 1):  # both nibble decodes of the GEMV kernels, two tile shapes
+        cfg = ((32, 8, 4, decode), (16, 4, 2, decode)) if decode else ((16, 8, 4, decode), (8, 8, 2, decode))
+        check_packed(2, device, path="gemv", hidden=320, inter=96, raw_codes=True, seed=5, limit=7.0, gemv_cfg=cfg)
+    check_packed(9, device, path="grouped", hidden=320, inter=96, raw_codes=True, seed=6, limit=7.0)
+    for path in ("gemv", "grouped"):  # (bf16 only on the GPU: the interpreter mishandles its dot)
+        check_packed(4, device, torch.float16, path=path, seed=2)
+    # the legacy kernel (KVSERVE_MXFP4_MOE=legacy)
     for t in (1, 3, 40):
         check(t, device, seed=t)
-    check(5, device, torch.float16, seed=2)  # (bf16 only on the GPU: the interpreter mishandles its dot)
+    check(5, device, torch.float16, seed=2)
     if device == "cuda":
         for t in (1, 64):
             check(t, device, torch.bfloat16, hidden=2880, inter=2880, experts=8, k=4, seed=t)
+        for t, path in ((1, "auto"), (4, "gemv"), (4, "grouped"), (16, "auto"), (256, "auto")):
+            check_packed(t, device, torch.bfloat16, path=path, hidden=2880, inter=2880, experts=32, k=4, seed=t,
+                         raw_codes=True, limit=7.0)
+        for decode in (0, 1):
+            check_packed(3, device, torch.float32, path="gemv", hidden=2880, inter=2880, experts=8, k=4, raw_codes=True,
+                         limit=7.0, gemv_cfg=((32, 8, 4, decode), (16, 8, 4, decode)))
 
 
 if __name__ == "__main__":

@@ -190,6 +190,21 @@ def test_triton_kernels_interpreted(module, done):
     assert done in r.stdout
 
 
+def test_mxfp4_moe_kernels_compile_for_sm90():
+    """The default MXFP4 MoE GEMV kernels compiled for sm_90 without a GPU (`tests/gpu/mxfp4_sass.py`):
+    16-byte vector loads of the codes, no flush-to-zero float ops (the decode makes subnormals), no
+    spills."""
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm").exists():
+        pytest.skip("triton without its bundled CUDA tools")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, "-m", "tests.gpu.mxfp4_sass"], cwd=root, env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "mxfp4 sass checks passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
 def test_gpt_oss_trace_cli(tmp_path, capsys):
     """`kvserve trace` on a gpt-oss model: a sliding layer's attention recorded step by step."""
     from kvserve.entrypoints import cli
