@@ -5,12 +5,12 @@ decode ms/token against the floor of the bytes a decode step must read.
     python -m benchmarks.gpt_oss_gpu_bench --layers 4      # a shorter model (quick look)
     python -m benchmarks.gpt_oss_gpu_bench --throughput 256   # + the 256-request workload
     python -m benchmarks.gpt_oss_gpu_bench --kernels-only     # the MoE kernels alone (old vs new)
-    python -m benchmarks.gpt_oss_gpu_bench --compare-legacy   # + decode with the legacy MoE kernel
+    python -m benchmarks.gpt_oss_gpu_bench --compare-legacy   # + decode on the other MoE kernels (packed / legacy)
 
 MoE kernels (`kernel_table`, run by default): one gpt-oss-20b MoE layer (32 experts, top 4,
 2880 x 2880, random MXFP4 bytes) at 1 / 4 / 16 / 256 tokens, the legacy kernel (17-byte blocks,
-`KVSERVE_MXFP4_MOE=legacy`) against the default (aligned layout: GEMV path up to 4 tokens, grouped
-above), each replayed from a CUDA graph over 4 layers' weights (so the experts come from HBM, not
+the default until the new one has run on a GPU) against the new one (`KVSERVE_MXFP4_MOE=packed`:
+aligned layout, GEMV path up to a few tokens, grouped above), each replayed from a CUDA graph over 4 layers' weights (so the experts come from HBM, not
 L2) with fresh routing per call; the floor is the distinct selected experts' bytes at the GEMV
 read bandwidth. Also a sweep of the GEMV kernels' (BLOCK_N, BLOCK_G, warps, DECODE) at 1 token
 (KVSERVE_MXFP4_GEMV_GU / KVSERVE_MXFP4_GEMV_DOWN select one in the engine).
@@ -279,7 +279,7 @@ def main() -> None:
     ap.add_argument("--kernels-only", action="store_true", help="only the MoE kernel table (old vs new)")
     ap.add_argument("--no-kernels", action="store_true", help="skip the MoE kernel table")
     ap.add_argument("--compare-legacy", action="store_true",
-                    help="also decode with CUDA graphs on the legacy MXFP4 MoE kernel (KVSERVE_MXFP4_MOE=legacy)")
+                    help="also decode with CUDA graphs on the other MXFP4 MoE kernels (packed vs legacy)")
     args = ap.parse_args()
     from kvserve import LLM
 
@@ -309,10 +309,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(cfg))
         modes = [("eager", True)] + ([] if args.no_graphs else [("cuda-graphs", False)])
-        if args.compare_legacy and default_impl != "legacy":
-            modes += [("legacy-graphs", False)]
+        other = "packed" if default_impl == "legacy" else "legacy"
+        if args.compare_legacy and not args.no_graphs:
+            modes += [(f"{other}-graphs", False)]
         for name, eager in modes:
-            tm.MOE_IMPL = "legacy" if name == "legacy-graphs" else default_impl
+            tm.MOE_IMPL = other if name == f"{other}-graphs" else default_impl
             t0 = time.perf_counter()
             try:
                 llm = LLM(tmp, load_format="dummy", dtype="bfloat16", device="cuda", max_model_len=4096,
@@ -338,8 +339,8 @@ def main() -> None:
         f"LM head {fl['lm_head'] / 1e9:.3f}, KV {fl['kv_cache'] / 1e6:.1f} MB) at {bw / 1e9:.0f} GB/s "
         f"(bf16 GEMV read) = {floor_ms:.3f} ms/token")
     log(f"{'mode':<14}{'ms/token':>10}{'% of floor':>12}{'TTFT ms':>10}")
-    log(f"(MoE kernels: {default_impl}{'; legacy-graphs: KVSERVE_MXFP4_MOE=legacy' if args.compare_legacy else ''})")
-    for name in ("eager", "cuda-graphs", "legacy-graphs"):
+    log(f"(MoE kernels: {default_impl}{f'; {other}-graphs: KVSERVE_MXFP4_MOE={other}' if args.compare_legacy else ''})")
+    for name in ("eager", "cuda-graphs", f"{other}-graphs"):
         r = results.get(name)
         if isinstance(r, dict) and "ms_per_token" in r:
             log(f"{name:<14}{r['ms_per_token']:>10.3f}{r['pct_of_floor']:>11.1f}%{r['ttft_ms']:>10.1f}")

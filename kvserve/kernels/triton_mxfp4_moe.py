@@ -20,7 +20,8 @@ nibble j // 4 of word j % 4) and the E8M0 scales uint8 [E, rows, K / 32] beside 
   for one tensor-core dot; gate and up in two accumulators with the SwiGLU epilogue, then down with
   bias and routing weight, and a sum over the k slots.
 
-`KVSERVE_MXFP4_MOE=legacy` keeps the first kernel (below, `moe_mxfp4`, on GGML's 17-byte blocks
+The first kernel is still the default until the packed one has run on a GPU (`KVSERVE_MXFP4_MOE=
+packed` selects the new one; `legacy`, the default, keeps `moe_mxfp4` below on GGML's 17-byte blocks
 [E, N, K / 32 * 17]: byte-wise loads, exp2 decode, a 16-row dot tile even for one pair, the
 pairs sorted by ~12 torch ops) for comparisons (`benchmarks/gpt_oss_gpu_bench.py --kernels`).
 
@@ -162,11 +163,12 @@ def moe_mxfp4(
 
 
 # ------------------------------------------------------------------------------------------------
-# The aligned layout and its kernels (the default; KVSERVE_MXFP4_MOE=legacy keeps the ones above).
+# The aligned layout and its kernels (KVSERVE_MXFP4_MOE=packed; not the default until a GPU run
+# has checked and timed them: so far only the Triton interpreter and the compiled sm_90 SASS).
 # ------------------------------------------------------------------------------------------------
-# Which kernels `GptOssMoE` runs on CUDA: "packed" (the aligned layout below) or "legacy" (the
-# 17-byte blocks above, for comparisons).
-MOE_IMPL = os.environ.get("KVSERVE_MXFP4_MOE", "packed")
+# Which kernels `GptOssMoE` runs on CUDA: "legacy" (the 17-byte blocks above: checked on an H100,
+# 2026-12-07, at 15.8% of the decode floor) or "packed" (the aligned layout below, opt-in).
+MOE_IMPL = os.environ.get("KVSERVE_MXFP4_MOE", "legacy")
 # Tokens up to which the GEMV path runs (one token always; more while their k experts mostly
 # differ: a shared expert is read once per pair there). KVSERVE_MXFP4_GEMV_MAX_PAIRS overrides.
 GEMV_MAX_PAIRS = int(os.environ.get("KVSERVE_MXFP4_GEMV_MAX_PAIRS", "16"))
