@@ -61,28 +61,28 @@ def _stats(kernel) -> dict[str, object]:
 PTRS = {"x_ptr": "*bf16", "w_ptr": "*bf16", "b_ptr": "*bf16", "out_ptr": "*bf16"}
 
 
-def plain(m: int, cfg: tuple[int, int, int], pre: int = 4):
-    bn, bk, warps = cfg
+def plain(m: int, cfg: tuple, pre: int = 4):
+    bn, bk, warps, ring = cfg
     rt = {**PTRS, "N": "i32", "K": "i32", "stride_x": "i32", "stride_w": "i32", "stride_o": "i32"}
-    ce = dict(HAS_BIAS=False, M=m, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=True, PRE=pre, PDL=True)
+    ce = dict(HAS_BIAS=False, M=m, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=True, PRE=pre, RING=ring, PDL=True)
     return _compile(triton_skinny._skinny_kernel, rt, ce, {*PTRS, "K", "stride_x", "stride_w", "stride_o"}, warps)
 
 
-def silu(m: int, cfg: tuple[int, int, int], pre: int = 4):
-    bn, bk, warps = cfg
+def silu(m: int, cfg: tuple, pre: int = 4):
+    bn, bk, warps, ring = cfg
     rt = {**PTRS, "I": "i32", "K": "i32", "stride_x": "i32", "stride_w": "i32", "stride_o": "i32"}
-    ce = dict(HAS_BIAS=False, M=m, BLOCK_N=max(1, bn // 2), BLOCK_K=bk, EVEN_K=True, PRE=pre, PDL=True)
+    ce = dict(HAS_BIAS=False, M=m, BLOCK_N=max(1, bn // 2), BLOCK_K=bk, EVEN_K=True, PRE=pre, RING=ring, PDL=True)
     return _compile(triton_skinny._skinny_silu_mul_kernel, rt, ce, {*PTRS, "I", "K", "stride_x", "stride_w", "stride_o"},
                     warps)
 
 
-def rope(m: int, cfg: tuple[int, int, int], pre: int = 4):
-    _, bk, warps = cfg
+def rope(m: int, cfg: tuple, pre: int = 4):
+    _, bk, warps, ring = cfg
     rt = {**PTRS, "pos_ptr": "*i64", "cos_sin_ptr": "*fp32", "cache_ptr": "*bf16", "slot_ptr": "*i64", "K": "i32",
           "stride_x": "i32", "stride_w": "i32", "stride_o": "i32", "stride_cs": "i32", "num_q_heads": "i32",
           "num_heads": "i32", "stride_plane": "i64", "stride_slot": "i32", "stride_head": "i32"}
     ce = dict(HAS_BIAS=False, HALF=64, M=m, M_PAD=triton.next_power_of_2(m), BLOCK_K=bk, EVEN_K=True, WRITE_KV=True,
-              PRE=pre, PDL=True)
+              PRE=pre, RING=ring, PDL=True)
     aligned = {*PTRS, "cos_sin_ptr", "cache_ptr", "K", "stride_x", "stride_w", "stride_o", "stride_cs", "stride_slot",
                "stride_head"}
     return _compile(triton_skinny._skinny_rope_kernel, rt, ce, aligned, warps)
@@ -96,8 +96,8 @@ def gemv_reference(cfg: tuple[int, int, int], pre: int = 4):
     return _compile(triton_ops._gemv_kernel, rt, ce, {"x_ptr", "w_ptr", "b_ptr", "out_ptr", "K", "stride_w"}, warps)
 
 
-SWEEP = [(2, 1024, 4), (2, 512, 4), (2, 256, 4), (4, 512, 4), (4, 256, 4), (2, 1024, 8), (4, 1024, 8), (8, 256, 4),
-         (1, 1024, 4)]
+SWEEP = [(2, 1024, 4, True), (2, 512, 4, True), (2, 256, 4, True), (4, 512, 4, True), (2, 1024, 8, True),
+         (1, 1024, 4, True), (2, 1024, 4, False), (2, 512, 4, False), (4, 512, 4, False), (8, 256, 4, False)]
 
 
 def main() -> None:

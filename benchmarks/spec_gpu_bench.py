@@ -93,8 +93,10 @@ def fill_static(g: DecodeGraphs, batch: int, width: int, ctx: int, block_size: i
 # Llama-3.1-8B projections (N, K) and the skinny kernel's block configurations swept.
 KERNEL_SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
                  "lm_head": (128256, 4096)}
-SKINNY_CONFIGS = [(2, 1024, 4), (2, 512, 4), (2, 256, 4), (4, 512, 4), (4, 256, 4), (2, 1024, 8), (4, 1024, 8),
-                  (8, 256, 4), (1, 1024, 4)]
+# (BLOCK_N, BLOCK_K, num_warps, RING: four weight tiles in flight in the loop)
+SKINNY_CONFIGS = [(2, 1024, 4, True), (2, 512, 4, True), (2, 256, 4, True), (4, 512, 4, True), (4, 256, 4, True),
+                  (2, 1024, 8, True), (1, 1024, 4, True), (2, 1024, 4, False), (2, 512, 4, False), (4, 512, 4, False),
+                  (4, 1024, 8, False), (8, 256, 4, False)]
 KERNEL_ROWS = (2, 5, 8)
 
 

@@ -11,8 +11,11 @@ PRE tiles requested before the PDL wait) and adds each tile, converted to fp32 o
 of the M activation rows into that row's own [BLOCK_N, BLOCK_K] fp32 accumulator — the one-row
 GEMV's update, term for term. M (1..8) is a constexpr: the accumulators are eight named
 variables of which the first M are used (the others are folded away), so the register cost
-grows with M, not with the padded 8. With the one-row GEMV's block configuration a row's result
-has the bits of `triton_ops.gemv` of that row alone (same tiles, same order, same reduction).
+grows with M, not with the padded 8. The accumulators' registers limit how many programs an SM
+holds, and with them the weight bytes in flight, so by default the loop keeps a ring of four
+tiles in flight per program (RING; the order of the sums is unchanged). With the one-row GEMV's
+tile shape and warps a row's result has the bits of `triton_ops.gemv` of that row alone (same
+tiles, same order, same reduction).
 
 Epilogues, as the one-row kernels: `skinny_silu_mul` (fused gate/up: silu(gate) * up, rounded
 where the unfused path rounds) and `skinny_rope_` (fused qkv: each program computes the two rows
@@ -61,10 +64,26 @@ def _acc_tile(a0, a1, a2, a3, a4, a5, a6, a7, w, x_ptr, stride_x, c, K, M: tl.co
 
 
 @triton.jit
+def _tile(w_ptr, rows64, stride_w, c, K, MASKED: tl.constexpr):
+    """Weight tile [BLOCK_N, BLOCK_K] at columns c (zeros past K where MASKED)."""
+    if MASKED:
+        w = tl.load(w_ptr + rows64[:, None] * stride_w + c[None, :], mask=(c < K)[None, :], other=0.0)
+    else:
+        w = tl.load(w_ptr + rows64[:, None] * stride_w + c[None, :])
+    return w
+
+
+@triton.jit
 def _skinny_finish(x_ptr, stride_x, w_ptr, rows64, K, stride_w, w0, w1, w2, w3, M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRE: tl.constexpr):
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PRE: tl.constexpr,
+                   RING: tl.constexpr):
     """[BLOCK_N] fp32 dot products of the weight rows with each of the M activation rows (rows
-    R >= M give zeros, never used), from the PRE preloaded tiles and then the rest of the rows."""
+    R >= M give zeros, never used), from the PRE preloaded tiles and then the rest of the rows.
+
+    RING: the loop keeps four weight tiles in flight (w0..w3: tile t is used while tiles t + 1
+    .. t + 4 load; the PRE preloaded tiles are the ring's first ones), so a thread has 4x its
+    tile in flight whatever M, instead of relying on more resident programs (which the M
+    accumulators' registers limit). The sums are the same, in the same order, either way."""
     cols = tl.arange(0, BLOCK_K)
     a0 = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     a1 = a0
@@ -74,25 +93,47 @@ def _skinny_finish(x_ptr, stride_x, w_ptr, rows64, K, stride_w, w0, w1, w2, w3, 
     a5 = a0
     a6 = a0
     a7 = a0
-    # Preloaded tiles are whole (PRE <= K // BLOCK_K): unmasked, as in the one-row GEMV.
-    if PRE > 0:
-        a0, a1, a2, a3, a4, a5, a6, a7 = _acc_tile(a0, a1, a2, a3, a4, a5, a6, a7, w0, x_ptr, stride_x, cols, K, M, True)
-    if PRE > 1:
-        a0, a1, a2, a3, a4, a5, a6, a7 = _acc_tile(a0, a1, a2, a3, a4, a5, a6, a7, w1, x_ptr, stride_x,
-                                                   BLOCK_K + cols, K, M, True)
-    if PRE > 2:
-        a0, a1, a2, a3, a4, a5, a6, a7 = _acc_tile(a0, a1, a2, a3, a4, a5, a6, a7, w2, x_ptr, stride_x,
-                                                   2 * BLOCK_K + cols, K, M, True)
-    if PRE > 3:
-        a0, a1, a2, a3, a4, a5, a6, a7 = _acc_tile(a0, a1, a2, a3, a4, a5, a6, a7, w3, x_ptr, stride_x,
-                                                   3 * BLOCK_K + cols, K, M, True)
-    for k0 in range(PRE * BLOCK_K, K, BLOCK_K):
-        c = k0 + cols
-        if EVEN_K:
-            w = tl.load(w_ptr + rows64[:, None] * stride_w + c[None, :])
-        else:
-            w = tl.load(w_ptr + rows64[:, None] * stride_w + c[None, :], mask=(c < K)[None, :], other=0.0)
-        a0, a1, a2, a3, a4, a5, a6, a7 = _acc_tile(a0, a1, a2, a3, a4, a5, a6, a7, w, x_ptr, stride_x, c, K, M, EVEN_K)
+    if RING:
+        # Fill the ring: tiles PRE..3 were not preloaded (masked: K may hold fewer than 4 tiles).
+        if PRE < 1:
+            w0 = _tile(w_ptr, rows64, stride_w, cols, K, True)
+        if PRE < 2:
+            w1 = _tile(w_ptr, rows64, stride_w, BLOCK_K + cols, K, True)
+        if PRE < 3:
+            w2 = _tile(w_ptr, rows64, stride_w, 2 * BLOCK_K + cols, K, True)
+        if PRE < 4:
+            w3 = _tile(w_ptr, rows64, stride_w, 3 * BLOCK_K + cols, K, True)
+        for k0 in range(0, K, BLOCK_K):
+            c = k0 + cols
+            w = w0
+            w0 = w1
+            w1 = w2
+            w2 = w3
+            w3 = _tile(w_ptr, rows64, stride_w, 4 * BLOCK_K + c, K, True)  # past K: no lane loads
+            a0, a1, a2, a3, a4, a5, a6, a7 = _acc_tile(a0, a1, a2, a3, a4, a5, a6, a7, w, x_ptr, stride_x, c, K, M,
+                                                       EVEN_K)
+    else:
+        # Preloaded tiles are whole (PRE <= K // BLOCK_K): unmasked, as in the one-row GEMV.
+        if PRE > 0:
+            a0, a1, a2, a3, a4, a5, a6, a7 = _acc_tile(a0, a1, a2, a3, a4, a5, a6, a7, w0, x_ptr, stride_x, cols, K, M,
+                                                       True)
+        if PRE > 1:
+            a0, a1, a2, a3, a4, a5, a6, a7 = _acc_tile(a0, a1, a2, a3, a4, a5, a6, a7, w1, x_ptr, stride_x,
+                                                       BLOCK_K + cols, K, M, True)
+        if PRE > 2:
+            a0, a1, a2, a3, a4, a5, a6, a7 = _acc_tile(a0, a1, a2, a3, a4, a5, a6, a7, w2, x_ptr, stride_x,
+                                                       2 * BLOCK_K + cols, K, M, True)
+        if PRE > 3:
+            a0, a1, a2, a3, a4, a5, a6, a7 = _acc_tile(a0, a1, a2, a3, a4, a5, a6, a7, w3, x_ptr, stride_x,
+                                                       3 * BLOCK_K + cols, K, M, True)
+        for k0 in range(PRE * BLOCK_K, K, BLOCK_K):
+            c = k0 + cols
+            if EVEN_K:
+                w = _tile(w_ptr, rows64, stride_w, c, K, False)
+            else:
+                w = _tile(w_ptr, rows64, stride_w, c, K, True)
+            a0, a1, a2, a3, a4, a5, a6, a7 = _acc_tile(a0, a1, a2, a3, a4, a5, a6, a7, w, x_ptr, stride_x, c, K, M,
+                                                       EVEN_K)
     return (tl.sum(a0, 1), tl.sum(a1, 1), tl.sum(a2, 1), tl.sum(a3, 1),
             tl.sum(a4, 1), tl.sum(a5, 1), tl.sum(a6, 1), tl.sum(a7, 1))
 
@@ -122,6 +163,7 @@ def _skinny_kernel(
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0
     PRE: tl.constexpr,  # weight tiles loaded before waiting for the previous kernel (0-4)
+    RING: tl.constexpr,  # four weight tiles in flight in the loop (`_skinny_finish`)
     PDL: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -130,7 +172,7 @@ def _skinny_kernel(
     w0, w1, w2, w3 = _gemv_preload(w_ptr, rows64, stride_w, BLOCK_N, BLOCK_K, PRE)
     pdl.wait(PDL)
     s0, s1, s2, s3, s4, s5, s6, s7 = _skinny_finish(x_ptr, stride_x, w_ptr, rows64, K, stride_w, w0, w1, w2, w3,
-                                                    M, BLOCK_N, BLOCK_K, EVEN_K, PRE)
+                                                    M, BLOCK_N, BLOCK_K, EVEN_K, PRE, RING)
     b = s0  # placeholder without a bias
     if HAS_BIAS:
         b = tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -177,6 +219,7 @@ def _skinny_silu_mul_kernel(
     BLOCK_K: tl.constexpr,
     EVEN_K: tl.constexpr,
     PRE: tl.constexpr,
+    RING: tl.constexpr,
     PDL: tl.constexpr,
 ):
     r = tl.arange(0, 2 * BLOCK_N)
@@ -188,7 +231,7 @@ def _skinny_silu_mul_kernel(
     w0, w1, w2, w3 = _gemv_preload(w_ptr, rows64, stride_w, 2 * BLOCK_N, BLOCK_K, PRE)
     pdl.wait(PDL)
     s0, s1, s2, s3, s4, s5, s6, s7 = _skinny_finish(x_ptr, stride_x, w_ptr, rows64, K, stride_w, w0, w1, w2, w3,
-                                                    M, 2 * BLOCK_N, BLOCK_K, EVEN_K, PRE)
+                                                    M, 2 * BLOCK_N, BLOCK_K, EVEN_K, PRE, RING)
     b = s0
     if HAS_BIAS:
         b = tl.load(b_ptr + w_rows, mask=row_ok, other=0.0).to(tl.float32)
@@ -263,6 +306,7 @@ def _skinny_rope_kernel(
     EVEN_K: tl.constexpr,
     WRITE_KV: tl.constexpr,
     PRE: tl.constexpr,
+    RING: tl.constexpr,
     PDL: tl.constexpr,
 ):
     """`_gemv_rope_kernel` for M rows: one program computes the two weight rows of a head that
@@ -288,7 +332,7 @@ def _skinny_rope_kernel(
     if HAS_BIAS:
         b = tl.load(b_ptr + rows).to(tl.float32)
     s0, s1, s2, s3, s4, s5, s6, s7 = _skinny_finish(x_ptr, stride_x, w_ptr, rows, K, stride_w, w0, w1, w2, w3,
-                                                    M, 2, BLOCK_K, EVEN_K, PRE)
+                                                    M, 2, BLOCK_K, EVEN_K, PRE, RING)
     _rope_row(out_ptr, stride_o, s0, b, rows, pair, c_v, s_v, slot_v, mr, head, j, num_q_heads, num_heads, cache_ptr,
               stride_plane, stride_slot, stride_head, HALF, 0, M, HAS_BIAS, WRITE_KV)
     _rope_row(out_ptr, stride_o, s1, b, rows, pair, c_v, s_v, slot_v, mr, head, j, num_q_heads, num_heads, cache_ptr,
@@ -307,14 +351,25 @@ def _skinny_rope_kernel(
               stride_plane, stride_slot, stride_head, HALF, 7, M, HAS_BIAS, WRITE_KV)
 
 
-def skinny_config(m: int, n: int, k: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) for m rows. Up to 4 rows the one-row GEMV's (2, 1024, 4)
-    (each row then has the GEMV's bits; 4 x 16 fp32 accumulators a thread); from 5 rows half the
-    tile width, so 8 rows still hold 64 accumulator registers a thread (16-byte weight loads
-    either way). Not measured yet: `benchmarks/spec_gpu_bench.py --only kernels` sweeps these
-    against others."""
+Config = tuple  # (BLOCK_N, BLOCK_K, num_warps) or (BLOCK_N, BLOCK_K, num_warps, RING)
+
+
+def skinny_config(m: int, n: int, k: int) -> tuple[int, int, int, bool]:
+    """(BLOCK_N, BLOCK_K, num_warps, RING) for m rows. Up to 4 rows the one-row GEMV's tiles
+    (2, 1024, 4) (4 x 16 fp32 accumulators a thread); from 5 rows half the tile width, so 8 rows
+    still hold 64 accumulator registers a thread (16-byte weight loads either way); four tiles
+    in flight (RING). Not measured yet: `benchmarks/spec_gpu_bench.py --only kernels` sweeps
+    these against others."""
     block_k = min(1024 if m <= 4 else 512, triton.next_power_of_2(k))
-    return 2, block_k, 4
+    return 2, block_k, 4, True
+
+
+def _config(config: Config | None, m: int, n: int, k: int) -> tuple[int, int, int, bool]:
+    if config is None:
+        return skinny_config(m, n, k)
+    if len(config) == 3:  # e.g. triton_ops.gemv_config: the GEMV's plain loop
+        return (*config, False)
+    return tuple(config)
 
 
 def _check_rows(name: str, x: torch.Tensor, weight: torch.Tensor) -> int:
@@ -331,24 +386,24 @@ def skinny(
     x: torch.Tensor,  # [M, K], M in 1..8, last dim contiguous
     weight: torch.Tensor,  # [N, K]
     bias: torch.Tensor | None = None,
-    config: tuple[int, int, int] | None = None,  # (BLOCK_N, BLOCK_K, num_warps)
+    config: Config | None = None,  # (BLOCK_N, BLOCK_K, num_warps[, RING]); None: skinny_config
 ) -> torch.Tensor:  # [M, N]
     """x @ weight.T + bias, the weight read once for all rows."""
     m = _check_rows("skinny", x, weight)
     n, k = weight.shape
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    block_n, block_k, warps = config or skinny_config(m, n, k)
+    block_n, block_k, warps, ring = _config(config, m, n, k)
     use_pdl = pdl.enabled(x.device)
     _skinny_kernel[(triton.cdiv(n, block_n),)](
         x, weight, bias if bias is not None else weight, out, n, k, x.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, M=m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-        PRE=_preload_tiles(use_pdl, k, block_k), PDL=use_pdl, num_warps=warps, launch_pdl=use_pdl,
+        PRE=_preload_tiles(use_pdl, k, block_k), RING=ring, PDL=use_pdl, num_warps=warps, launch_pdl=use_pdl,
     )
     return out
 
 
 def skinny_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                    config: tuple[int, int, int] | None = None) -> torch.Tensor:
+                    config: Config | None = None) -> torch.Tensor:
     """silu(gate) * up of a fused gate/up projection of M rows ([M, K] x [2I, K] -> [M, I]) in
     one kernel; `silu_and_mul(skinny(x, weight, bias))` up to the fused path's rounding (the
     same rounding points, so the same bits with the same configuration)."""
@@ -356,13 +411,13 @@ def skinny_silu_mul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     n2, k = weight.shape
     i = n2 // 2
     out = torch.empty((m, i), dtype=x.dtype, device=x.device)
-    block_n, block_k, warps = config or skinny_config(m, n2, k)
+    block_n, block_k, warps, ring = _config(config, m, n2, k)
     block_n = max(1, block_n // 2)  # as many weight rows per program as the plain product reads
     use_pdl = pdl.enabled(x.device)
     _skinny_silu_mul_kernel[(triton.cdiv(i, block_n),)](
         x, weight, bias if bias is not None else weight, out, i, k, x.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, M=m, BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=k % block_k == 0,
-        PRE=_preload_tiles(use_pdl, k, block_k), PDL=use_pdl, num_warps=warps, launch_pdl=use_pdl,
+        PRE=_preload_tiles(use_pdl, k, block_k), RING=ring, PDL=use_pdl, num_warps=warps, launch_pdl=use_pdl,
     )
     return out
 
@@ -378,7 +433,7 @@ def skinny_rope_(
     head_dim: int,
     kv_cache: torch.Tensor | None = None,  # [2, blocks, block_size, kv_heads, D]: also store k, v
     slot_mapping: torch.Tensor | None = None,  # [M] int64, -1 = skip
-    config: tuple[int, int, int] | None = None,  # (BLOCK_N: ignored, 2 rows a program; BLOCK_K, num_warps)
+    config: Config | None = None,  # as skinny's; BLOCK_N is ignored (2 rows a program)
 ) -> torch.Tensor:  # [M, (Hq + 2 Hkv) * D]
     """`rope_qk_(skinny(x, weight, bias), ...)` (without q/k norm) in one kernel."""
     m = _check_rows("skinny_rope_", x, weight)
@@ -388,7 +443,7 @@ def skinny_rope_(
     if positions.shape[0] < m or (slot_mapping is not None and slot_mapping.shape[0] < m):
         raise ValueError(f"skinny_rope_: positions / slot_mapping need {m} entries")
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
-    _, block_k, warps = config or skinny_config(m, n, k)
+    _, block_k, warps, ring = _config(config, m, n, k)
     write = kv_cache is not None
     use_pdl = pdl.enabled(x.device)
     _skinny_rope_kernel[(n // 2,)](
@@ -397,7 +452,7 @@ def skinny_rope_(
         k, x.stride(0), weight.stride(0), out.stride(0), cos_sin.stride(0), num_q_heads, num_q_heads + num_kv_heads,
         kv_cache.stride(0) if write else 0, kv_cache.stride(2) if write else 0, kv_cache.stride(3) if write else 0,
         HAS_BIAS=bias is not None, HALF=head_dim // 2, M=m, M_PAD=triton.next_power_of_2(m), BLOCK_K=block_k,
-        EVEN_K=k % block_k == 0, WRITE_KV=write, PRE=_preload_tiles(use_pdl, k, block_k), PDL=use_pdl,
+        EVEN_K=k % block_k == 0, WRITE_KV=write, PRE=_preload_tiles(use_pdl, k, block_k), RING=ring, PDL=use_pdl,
         num_warps=warps, launch_pdl=use_pdl,
     )
     return out

@@ -50,31 +50,35 @@ def check_products(shapes, rows, device: str, dtype: torch.dtype, tol: float, co
 
 
 def check_gemv_bits(n: int, k: int, rows, device: str, dtype: torch.dtype) -> None:
-    """With the one-row GEMV's block configuration each row has the bits of that GEMV."""
+    """With the one-row GEMV's block configuration each row has the bits of that GEMV (the
+    ring of tiles in flight changes when tiles load, not the sums)."""
     cfg = triton_ops.gemv_config(n, k)
     for m in rows:
         for bias in (False, True):
-            x, w, b = inputs(m, n, k, device, dtype, bias, seed=7)
-            out = triton_skinny.skinny(x, w, b, config=cfg)
-            for r in range(m):
-                one = triton_ops.gemv(x[r : r + 1].contiguous(), w, b, config=cfg)
-                assert torch.equal(out[r], one[0]), (n, k, m, r, bias)
+            for ring in (False, True):
+                x, w, b = inputs(m, n, k, device, dtype, bias, seed=7)
+                out = triton_skinny.skinny(x, w, b, config=(*cfg, ring))
+                for r in range(m):
+                    one = triton_ops.gemv(x[r : r + 1].contiguous(), w, b, config=cfg)
+                    assert torch.equal(out[r], one[0]), (n, k, m, r, bias, ring)
 
 
 def check_preloaded(device: str, dtype: torch.dtype, tol: float) -> None:
-    """The PRE (weight tiles requested before the PDL wait) path, launched directly: the
-    interpreter has no PDL, so the wrappers never set PRE there."""
-    n, k, block_k = 10, 160, 32  # 5 tiles: 2 preloaded, 3 in the loop (the last one ragged)
+    """The PRE (weight tiles requested before the PDL wait) path, with and without the ring of
+    tiles in flight, launched directly: the interpreter has no PDL, so the wrappers never set
+    PRE there."""
+    n, k, block_k = 10, 150, 32  # 4 whole tiles (up to 4 preloaded) and a ragged one in the loop
     for m in (1, 3, 8):
-        for pre in (1, 2, 4):
-            x, w, b = inputs(m, n, k, device, dtype, True, seed=pre)
-            out = torch.full((m, n), float("nan"), device=device, dtype=dtype)
-            triton_skinny._skinny_kernel[(triton.cdiv(n, 2),)](
-                x, w, b, out, n, k, x.stride(0), w.stride(0), out.stride(0),
-                HAS_BIAS=True, M=m, BLOCK_N=2, BLOCK_K=block_k, EVEN_K=k % block_k == 0, PRE=pre, PDL=False,
-                num_warps=4,
-            )
-            assert rel_err(out, reference(x, w, b)) < tol, (m, pre)
+        for pre in (0, 1, 2, 4):
+            for ring in (False, True):
+                x, w, b = inputs(m, n, k, device, dtype, True, seed=pre)
+                out = torch.full((m, n), float("nan"), device=device, dtype=dtype)
+                triton_skinny._skinny_kernel[(triton.cdiv(n, 2),)](
+                    x, w, b, out, n, k, x.stride(0), w.stride(0), out.stride(0),
+                    HAS_BIAS=True, M=m, BLOCK_N=2, BLOCK_K=block_k, EVEN_K=k % block_k == 0, PRE=pre, RING=ring,
+                    PDL=False, num_warps=4,
+                )
+                assert rel_err(out, reference(x, w, b)) < tol, (m, pre, ring)
 
 
 def check_silu(i: int, k: int, rows, device: str, dtype: torch.dtype, tol: float, configs=(None,)) -> None:
@@ -170,13 +174,14 @@ def run_interpret() -> None:
     """Everything above on tiny CPU shapes (run with TRITON_INTERPRET=1)."""
     rows = [1, 2, 3, 5, 8]
     small = [(10, 96), (7, 40)]  # N odd; K below and not a multiple of the tile
-    check_products(small, rows, "cpu", torch.float32, 1e-5, configs=(None, (2, 32, 4), (4, 16, 4)))
+    check_products(small, rows, "cpu", torch.float32, 1e-5,
+                   configs=(None, (2, 32, 4), (2, 16, 4, True), (4, 16, 4, False), (4, 32, 4, True)))
     check_products(small, [2, 5], "cpu", torch.float16, 2e-3, configs=(None, (2, 32, 4)))
     check_gemv_bits(10, 96, [2, 4, 8], "cpu", torch.float32)
     check_preloaded("cpu", torch.float32, 1e-5)
-    check_silu(5, 48, [2, 3, 8], "cpu", torch.float32, 1e-5, configs=(None, (2, 16, 4)))
+    check_silu(5, 48, [2, 3, 8], "cpu", torch.float32, 1e-5, configs=(None, (2, 16, 4), (4, 16, 4, True)))
     check_silu(5, 48, [4], "cpu", torch.float16, 2e-3)
-    check_rope([1, 2, 5, 8], "cpu", torch.float32, 1e-5, configs=(None, (2, 32, 4)))
+    check_rope([1, 2, 5, 8], "cpu", torch.float32, 1e-5, configs=(None, (2, 32, 4), (2, 16, 4, True)))
     check_rope([3], "cpu", torch.float16, 3e-3)
     check_errors("cpu")
     print("interpret checks passed")

@@ -26,7 +26,7 @@ def test_skinny_matches_fp64(dtype):
     checks.check_products(SHAPES, ROWS, "cuda", dtype, TOL[dtype])
 
 
-@pytest.mark.parametrize("config", [(2, 1024, 4), (2, 512, 4), (4, 512, 8), (2, 256, 2)])
+@pytest.mark.parametrize("config", [(2, 1024, 4), (2, 512, 4, True), (4, 512, 8, True), (2, 256, 2), (2, 1024, 4, True)])
 def test_skinny_configs(config):
     checks.check_products([(4096, 4096), (1000, 576)], [2, 5, 8], "cuda", torch.bfloat16, TOL[torch.bfloat16],
                           configs=(config,))
