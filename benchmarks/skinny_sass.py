@@ -51,6 +51,7 @@ def _stats(kernel) -> dict[str, object]:
         "local": int(local.group(1)) if local else None,
         "ldg128": len(re.findall(r"LDG\.E[.\w]*\.128", sass)),
         "ldg_other": len(re.findall(r"LDG\.E(?![.\w]*\.128)", sass)),
+        "ldgsts": len(re.findall(r"\bLDGSTS\b", sass)),
         "stl/ldl": len(re.findall(r"\b(?:STL|LDL)\b", sass)),
         "sts/lds": len(re.findall(r"\b(?:STS|LDS)\b", sass)),
         "ffma": len(re.findall(r"\bFFMA\b", sass)),
@@ -117,8 +118,9 @@ def main() -> None:
         variants += [("skinny", m, cfg, plain), ("skinny_silu_mul", m, cfg, silu), ("skinny_rope_", m, cfg, rope)]
         if args.sweep:
             variants += [("skinny", m, c, plain) for c in SWEEP if c != cfg]
-    print("| kernel | M | BLOCK_N, BLOCK_K, warps | regs | local B | STL/LDL | LDG.128 | other LDG | STS/LDS | FFMA |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| kernel | M | BLOCK_N, BLOCK_K, warps, RING | regs | local B | STL/LDL | LDG.128 | other LDG | LDGSTS | "
+          "STS/LDS | FFMA |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, m, cfg, build in variants:
         try:
             st = _stats(build(m, cfg) if build is not gemv_reference else build(cfg))
@@ -126,7 +128,7 @@ def main() -> None:
             print(f"| {name} | {m} | {cfg} | failed: {type(e).__name__}: {str(e)[:200]} |")
             continue
         print(f"| {name} | {m} | {cfg} | {st['regs']} | {st['local']} | {st['stl/ldl']} | {st['ldg128']} | "
-              f"{st['ldg_other']} | {st['sts/lds']} | {st['ffma']} |", flush=True)
+              f"{st['ldg_other']} | {st['ldgsts']} | {st['sts/lds']} | {st['ffma']} |", flush=True)
         if dump:
             (dump / f"{name}_M{m}_{'_'.join(map(str, cfg))}.sass").write_text(st["sass"])
 

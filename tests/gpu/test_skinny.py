@@ -142,3 +142,48 @@ def test_skinny_in_cuda_graph():
         assert torch.equal(got[key], outs[key]), key
     assert torch.equal(got_cache, cache)
     assert cache.view(2, -1, hkv, d)[0, 40].abs().sum() > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9,
+                    reason="PDL needs compute capability 9.0")
+def test_pdl_chain_of_skinny_kernels_equals_ordinary_launches(monkeypatch):
+    """Each kernel reads the previous one's output (the PDL wait must come before it); a CUDA
+    graph of PDL launches equals ordinary launches, bit for bit, K/V cache included."""
+    from kvserve.models import pdl
+
+    assert pdl.enabled(torch.device("cuda"))
+    m, hidden, inter, hq, hkv, d = 5, 4096, 2816, 8, 2, 64
+    g = torch.Generator(device="cuda").manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (scale * torch.randn(shape, generator=g, device="cuda")).to(torch.bfloat16)
+
+    qkv_w, o_w = rand((hq + 2 * hkv) * d, hidden, scale=0.02), rand(hidden, hq * d, scale=0.05)
+    gu_w, down_w = rand(2 * inter, hidden, scale=0.02), rand(hidden, inter, scale=0.02)
+    cos_sin = checks.cos_sin_table(d, 64, "cuda")
+    cache = rand(2, 4, 16, hkv, d)
+    x = rand(m, hidden)
+    pos = torch.arange(10, 10 + m, device="cuda")
+    slots = torch.tensor([10, 11, -1, 13, 14], device="cuda")
+
+    def run():
+        qkv = triton_skinny.skinny_rope_(x, qkv_w, None, pos, cos_sin, hq, hkv, d, cache, slots)
+        h = triton_skinny.skinny(qkv[:, : hq * d], o_w)
+        act = triton_skinny.skinny_silu_mul(h, gu_w)
+        return triton_skinny.skinny(act, down_w)
+
+    run()
+    torch.cuda.synchronize()
+    start = cache.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    cache.copy_(start)
+    graph.replay()
+    torch.cuda.synchronize()
+    got, got_cache = out.clone(), cache.clone()
+    monkeypatch.setattr(pdl, "_requested", lambda: False)
+    assert not pdl.enabled(torch.device("cuda"))
+    cache.copy_(start)
+    assert torch.equal(run(), got)
+    assert torch.equal(cache, got_cache)
