@@ -108,6 +108,7 @@ def _copies(n: int, k: int) -> list[torch.Tensor]:
 def section_kernels() -> None:
     import torch.nn.functional as F
 
+    from benchmarks.skinny_dot import DOT_CONFIGS, skinny_dot
     from kvserve.kernels import triton_skinny
     from kvserve.models import fused_ops, triton_ops
 
@@ -134,6 +135,19 @@ def section_kernels() -> None:
                 if best is None or t < best[1]:
                     best = (cfg, t)
             row[f"best_{m}"] = best
+            # the tensor-core alternative (benchmarks/skinny_dot.py), measurement only
+            dot_best = None
+            for cfg in DOT_CONFIGS:
+                try:
+                    err = (skinny_dot(x, ws[0], cfg).float() - ref).norm() / ref.norm()
+                    t = graph_time(lambda w: skinny_dot(x, w, cfg), ws)
+                except Exception as e:
+                    log(f"[kernels] {name} M={m} dot {cfg}: {type(e).__name__}: {str(e)[:120]}")
+                    continue
+                sweep.append({"proj": name, "M": m, "dot_config": list(cfg), "us": t, "rel_err": err.item()})
+                if err < 1e-2 and (dot_best is None or t < dot_best[1]):
+                    dot_best = (cfg, t)
+            row[f"dot_{m}"] = dot_best
         table.append((name, row))
         RESULTS[f"kernels/{name}"] = row
         log(f"[kernels] {name}: " + ", ".join(f"{key} {v:.1f}" for key, v in row.items()
@@ -153,6 +167,11 @@ def section_kernels() -> None:
         log(f"| {name} | {r['shape']} | {r['MB']:.0f} | {r['gemv_1']:.1f} | {r['cublas_2']:.1f} | {r['cublas_5']:.1f} | "
             f"{r['cublas_8']:.1f} | {r['skinny_2']:.1f} | {r['skinny_5']:.1f} | {r['skinny_8']:.1f} | "
             f"{r['MB'] * 1e3 / r['skinny_5']:.0f} | {bests} |")
+    log("\n| projection | tensor-core skinny (benchmarks/skinny_dot.py) best config and µs at M=2 / 5 / 8 |")
+    log("|---|---|")
+    for name, r in table:
+        log(f"| {name} | " + " / ".join(f"{tuple(r[f'dot_{m}'][0])} {r[f'dot_{m}'][1]:.1f}" if r[f"dot_{m}"] else "-"
+                                        for m in KERNEL_ROWS) + " |")
     total = {key: sum(r[key] * (1 if name == "lm_head" else 32) for name, r in table)
              for key in ("gemv_1", "cublas_5", "skinny_5")}
     log(f"per step (32 layers + LM head, products only): GEMV 1 row {total['gemv_1'] / 1e3:.3f} ms, "
