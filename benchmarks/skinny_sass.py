@@ -118,7 +118,7 @@ def main() -> None:
         variants += [("skinny", m, cfg, plain), ("skinny_silu_mul", m, cfg, silu), ("skinny_rope_", m, cfg, rope)]
         if args.sweep:
             variants += [("skinny", m, c, plain) for c in SWEEP if c != cfg]
-    print("| kernel | M | BLOCK_N, BLOCK_K, warps, RING | regs | local B | STL/LDL | LDG.128 | other LDG | LDGSTS | "
+    print("| kernel | M | BLOCK_N, BLOCK_K, warps, RING | regs | stack B | STL/LDL | LDG.128 | other LDG | LDGSTS | "
           "STS/LDS | FFMA |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, m, cfg, build in variants:
@@ -127,7 +127,7 @@ def main() -> None:
         except Exception as e:  # noqa: BLE001 - report and go on
             print(f"| {name} | {m} | {cfg} | failed: {type(e).__name__}: {str(e)[:200]} |")
             continue
-        print(f"| {name} | {m} | {cfg} | {st['regs']} | {st['local']} | {st['stl/ldl']} | {st['ldg128']} | "
+        print(f"| {name} | {m} | {cfg} | {st['regs']} | {st['stack']} | {st['stl/ldl']} | {st['ldg128']} | "
               f"{st['ldg_other']} | {st['ldgsts']} | {st['sts/lds']} | {st['ffma']} |", flush=True)
         if dump:
             (dump / f"{name}_M{m}_{'_'.join(map(str, cfg))}.sass").write_text(st["sass"])

@@ -37,29 +37,36 @@ MAX_ROWS = 8  # the kernels' named accumulators
 
 
 @triton.jit
-def _acc_row(acc, wf, x_ptr, stride_x, c, K, R: tl.constexpr, M: tl.constexpr, EVEN_K: tl.constexpr):
+def _acc_row(acc, wf, x_ptr, stride_x, c, K, R: tl.constexpr, M: tl.constexpr, EVEN_K: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """acc += w * x[R] (the one-row GEMV's update) where R < M; otherwise acc unchanged."""
     if R < M:
+        # x loaded as a [BLOCK_N, BLOCK_K] tile (the rows repeat the same columns): the weight
+        # tile's register layout, so no shared-memory layout conversion per row and tile (a 1D
+        # [BLOCK_K] load gets its own layout when BLOCK_K < 8 x the threads).
+        cc = tl.broadcast_to(c[None, :], [BLOCK_N, BLOCK_K])
         if EVEN_K:
-            xr = tl.load(x_ptr + R * stride_x + c)
+            xr = tl.load(x_ptr + R * stride_x + cc)
         else:
-            xr = tl.load(x_ptr + R * stride_x + c, mask=c < K, other=0.0)
-        acc += wf * xr.to(tl.float32)[None, :]
+            xr = tl.load(x_ptr + R * stride_x + cc, mask=cc < K, other=0.0)
+        acc += wf * xr.to(tl.float32)
     return acc
 
 
 @triton.jit
 def _acc_tile(a0, a1, a2, a3, a4, a5, a6, a7, w, x_ptr, stride_x, c, K, M: tl.constexpr, EVEN_K: tl.constexpr):
     """One weight tile [BLOCK_N, BLOCK_K] into the M row accumulators: converted once, used M times."""
+    BLOCK_N: tl.constexpr = w.shape[0]
+    BLOCK_K: tl.constexpr = w.shape[1]
     wf = w.to(tl.float32)
-    a0 = _acc_row(a0, wf, x_ptr, stride_x, c, K, 0, M, EVEN_K)
-    a1 = _acc_row(a1, wf, x_ptr, stride_x, c, K, 1, M, EVEN_K)
-    a2 = _acc_row(a2, wf, x_ptr, stride_x, c, K, 2, M, EVEN_K)
-    a3 = _acc_row(a3, wf, x_ptr, stride_x, c, K, 3, M, EVEN_K)
-    a4 = _acc_row(a4, wf, x_ptr, stride_x, c, K, 4, M, EVEN_K)
-    a5 = _acc_row(a5, wf, x_ptr, stride_x, c, K, 5, M, EVEN_K)
-    a6 = _acc_row(a6, wf, x_ptr, stride_x, c, K, 6, M, EVEN_K)
-    a7 = _acc_row(a7, wf, x_ptr, stride_x, c, K, 7, M, EVEN_K)
+    a0 = _acc_row(a0, wf, x_ptr, stride_x, c, K, 0, M, EVEN_K, BLOCK_N, BLOCK_K)
+    a1 = _acc_row(a1, wf, x_ptr, stride_x, c, K, 1, M, EVEN_K, BLOCK_N, BLOCK_K)
+    a2 = _acc_row(a2, wf, x_ptr, stride_x, c, K, 2, M, EVEN_K, BLOCK_N, BLOCK_K)
+    a3 = _acc_row(a3, wf, x_ptr, stride_x, c, K, 3, M, EVEN_K, BLOCK_N, BLOCK_K)
+    a4 = _acc_row(a4, wf, x_ptr, stride_x, c, K, 4, M, EVEN_K, BLOCK_N, BLOCK_K)
+    a5 = _acc_row(a5, wf, x_ptr, stride_x, c, K, 5, M, EVEN_K, BLOCK_N, BLOCK_K)
+    a6 = _acc_row(a6, wf, x_ptr, stride_x, c, K, 6, M, EVEN_K, BLOCK_N, BLOCK_K)
+    a7 = _acc_row(a7, wf, x_ptr, stride_x, c, K, 7, M, EVEN_K, BLOCK_N, BLOCK_K)
     return a0, a1, a2, a3, a4, a5, a6, a7
 
 

@@ -68,8 +68,8 @@ def check_preloaded(device: str, dtype: torch.dtype, tol: float) -> None:
     tiles in flight, launched directly: the interpreter has no PDL, so the wrappers never set
     PRE there."""
     n, k, block_k = 10, 150, 32  # 4 whole tiles (up to 4 preloaded) and a ragged one in the loop
-    for m in (1, 3, 8):
-        for pre in (0, 1, 2, 4):
+    for m in (1, 8):
+        for pre in (0, 2, 4):
             for ring in (False, True):
                 x, w, b = inputs(m, n, k, device, dtype, True, seed=pre)
                 out = torch.full((m, n), float("nan"), device=device, dtype=dtype)
@@ -171,17 +171,16 @@ def check_errors(device: str) -> None:
 
 
 def run_interpret() -> None:
-    """Everything above on tiny CPU shapes (run with TRITON_INTERPRET=1)."""
-    rows = [1, 2, 3, 5, 8]
+    """Everything above on tiny CPU shapes (run with TRITON_INTERPRET=1; ~1 minute)."""
     small = [(10, 96), (7, 40)]  # N odd; K below and not a multiple of the tile
-    check_products(small, rows, "cpu", torch.float32, 1e-5,
-                   configs=(None, (2, 32, 4), (2, 16, 4, True), (4, 16, 4, False), (4, 32, 4, True)))
-    check_products(small, [2, 5], "cpu", torch.float16, 2e-3, configs=(None, (2, 32, 4)))
-    check_gemv_bits(10, 96, [2, 4, 8], "cpu", torch.float32)
+    check_products(small[:1], [1, 3, 8], "cpu", torch.float32, 1e-5, configs=(None, (2, 16, 4, True), (4, 32, 4, False)))
+    check_products(small[1:], [2, 5], "cpu", torch.float32, 1e-5, configs=((2, 16, 4, True), (2, 32, 4)))
+    check_products(small[1:], [5], "cpu", torch.float16, 2e-3)
+    check_gemv_bits(10, 96, [3], "cpu", torch.float32)
     check_preloaded("cpu", torch.float32, 1e-5)
-    check_silu(5, 48, [2, 3, 8], "cpu", torch.float32, 1e-5, configs=(None, (2, 16, 4), (4, 16, 4, True)))
-    check_silu(5, 48, [4], "cpu", torch.float16, 2e-3)
-    check_rope([1, 2, 5, 8], "cpu", torch.float32, 1e-5, configs=(None, (2, 32, 4), (2, 16, 4, True)))
+    check_silu(5, 48, [2, 8], "cpu", torch.float32, 1e-5, configs=(None, (4, 16, 4, True)))
+    check_silu(5, 48, [3], "cpu", torch.float16, 2e-3)
+    check_rope([1, 5], "cpu", torch.float32, 1e-5, configs=(None, (2, 16, 4, True)))
     check_rope([3], "cpu", torch.float16, 3e-3)
     check_errors("cpu")
     print("interpret checks passed")
