@@ -364,9 +364,12 @@ Config = tuple  # (BLOCK_N, BLOCK_K, num_warps) or (BLOCK_N, BLOCK_K, num_warps,
 def skinny_config(m: int, n: int, k: int) -> tuple[int, int, int, bool]:
     """(BLOCK_N, BLOCK_K, num_warps, RING) for m rows. Up to 4 rows the one-row GEMV's tiles
     (2, 1024, 4) (4 x 16 fp32 accumulators a thread); from 5 rows half the tile width, so 8 rows
-    still hold 64 accumulator registers a thread (16-byte weight loads either way); four tiles
-    in flight (RING). Not measured yet: `benchmarks/spec_gpu_bench.py --only kernels` sweeps
-    these against others."""
+    still hold 64 accumulator registers a thread; four tiles in flight (RING). Compiled for
+    sm_90 (`python -m benchmarks.skinny_sass`): 16-byte loads for weights and activations, no
+    layout conversion in the loop, 89 / 130 / 85 / 125 registers at M = 2 / 4 / 5 / 8, no
+    spills. Not timed on a GPU yet: `benchmarks/spec_gpu_bench.py --only kernels` sweeps these
+    against other configurations (BLOCK_K = 256 gives 8-byte loads; (2, 1024, 4) at 8 rows
+    needs 213 registers)."""
     block_k = min(1024 if m <= 4 else 512, triton.next_power_of_2(k))
     return 2, block_k, 4, True
 
