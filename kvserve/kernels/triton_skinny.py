@@ -54,10 +54,9 @@ def _acc_row(acc, wf, x_ptr, stride_x, c, K, R: tl.constexpr, M: tl.constexpr, E
 
 
 @triton.jit
-def _acc_tile(a0, a1, a2, a3, a4, a5, a6, a7, w, x_ptr, stride_x, c, K, M: tl.constexpr, EVEN_K: tl.constexpr):
+def _acc_tile(a0, a1, a2, a3, a4, a5, a6, a7, w, x_ptr, stride_x, c, K, M: tl.constexpr, EVEN_K: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One weight tile [BLOCK_N, BLOCK_K] into the M row accumulators: converted once, used M times."""
-    BLOCK_N: tl.constexpr = w.shape[0]
-    BLOCK_K: tl.constexpr = w.shape[1]
     wf = w.to(tl.float32)
     a0 = _acc_row(a0, wf, x_ptr, stride_x, c, K, 0, M, EVEN_K, BLOCK_N, BLOCK_K)
     a1 = _acc_row(a1, wf, x_ptr, stride_x, c, K, 1, M, EVEN_K, BLOCK_N, BLOCK_K)
@@ -118,21 +117,21 @@ def _skinny_finish(x_ptr, stride_x, w_ptr, rows64, K, stride_w, w0, w1, w2, w3, 
             w2 = w3
             w3 = _tile(w_ptr, rows64, stride_w, 4 * BLOCK_K + c, K, True)  # past K: no lane loads
             a0, a1, a2, a3, a4, a5, a6, a7 = _acc_tile(a0, a1, a2, a3, a4, a5, a6, a7, w, x_ptr, stride_x, c, K, M,
-                                                       EVEN_K)
+                                                       EVEN_K, BLOCK_N, BLOCK_K)
     else:
         # Preloaded tiles are whole (PRE <= K // BLOCK_K): unmasked, as in the one-row GEMV.
         if PRE > 0:
             a0, a1, a2, a3, a4, a5, a6, a7 = _acc_tile(a0, a1, a2, a3, a4, a5, a6, a7, w0, x_ptr, stride_x, cols, K, M,
-                                                       True)
+                                                       True, BLOCK_N, BLOCK_K)
         if PRE > 1:
             a0, a1, a2, a3, a4, a5, a6, a7 = _acc_tile(a0, a1, a2, a3, a4, a5, a6, a7, w1, x_ptr, stride_x,
-                                                       BLOCK_K + cols, K, M, True)
+                                                       BLOCK_K + cols, K, M, True, BLOCK_N, BLOCK_K)
         if PRE > 2:
             a0, a1, a2, a3, a4, a5, a6, a7 = _acc_tile(a0, a1, a2, a3, a4, a5, a6, a7, w2, x_ptr, stride_x,
-                                                       2 * BLOCK_K + cols, K, M, True)
+                                                       2 * BLOCK_K + cols, K, M, True, BLOCK_N, BLOCK_K)
         if PRE > 3:
             a0, a1, a2, a3, a4, a5, a6, a7 = _acc_tile(a0, a1, a2, a3, a4, a5, a6, a7, w3, x_ptr, stride_x,
-                                                       3 * BLOCK_K + cols, K, M, True)
+                                                       3 * BLOCK_K + cols, K, M, True, BLOCK_N, BLOCK_K)
         for k0 in range(PRE * BLOCK_K, K, BLOCK_K):
             c = k0 + cols
             if EVEN_K:
@@ -140,7 +139,7 @@ def _skinny_finish(x_ptr, stride_x, w_ptr, rows64, K, stride_w, w0, w1, w2, w3, 
             else:
                 w = _tile(w_ptr, rows64, stride_w, c, K, True)
             a0, a1, a2, a3, a4, a5, a6, a7 = _acc_tile(a0, a1, a2, a3, a4, a5, a6, a7, w, x_ptr, stride_x, c, K, M,
-                                                       EVEN_K)
+                                                       EVEN_K, BLOCK_N, BLOCK_K)
     return (tl.sum(a0, 1), tl.sum(a1, 1), tl.sum(a2, 1), tl.sum(a3, 1),
             tl.sum(a4, 1), tl.sum(a5, 1), tl.sum(a6, 1), tl.sum(a7, 1))
 
