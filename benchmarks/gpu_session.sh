@@ -45,6 +45,6 @@ moe)  # issue 20
 spec)  # issues 18 and 19
   t stests 100 "$TESTS" python -m pytest -q -p no:cacheprovider tests/gpu/test_structured_gpu.py tests/gpu/test_spec_decode_gpu.py tests/gpu/test_async_scheduling_gpu.py
   t structbench 160 "^\||^\[|rror|ms" python -m benchmarks.structured_bench --device cuda --shape Llama-3.1-8B --tokenizer .gpuwheels/smollm2-tokenizer
-  t specbench 210 "^\||^\[|rror" python -m benchmarks.spec_gpu_bench --json "$OUT/spec_gpu.json"
+  t specbench 210 "^\||^\[|rror" python -m benchmarks.spec_gpu_bench --skinny on --json "$OUT/spec_gpu.json"
   ;;
 esac
