@@ -170,6 +170,41 @@ def check_errors(device: str) -> None:
         raise AssertionError("mismatched K accepted")
 
 
+def check_routing(device: str, dtype: torch.dtype) -> None:
+    """TritonGemvLinearMethod: 1 row -> the GEMV, 2..SKINNY_MAX_ROWS -> the skinny kernels (their
+    bits; the fused qkv hook too), more rows -> F.linear and no fused qkv; SKINNY_MAX_ROWS = 1
+    turns the skinny path off."""
+    from kvserve.models.linear import Linear
+    from kvserve.platform import cuda_linear
+
+    saved = cuda_linear.SKINNY_MAX_ROWS
+    try:
+        cuda_linear.SKINNY_MAX_ROWS = 8
+        with torch.device(device):
+            proj = Linear(32, [2 * 8, 8, 8], False, cuda_linear.TritonGemvLinearMethod(), dtype=dtype)
+        proj.weight.data.copy_(torch.randn(32, 32, generator=torch.Generator().manual_seed(1)).to(dtype) * 0.2)
+        cos_sin = cos_sin_table(8, 16, device)
+        for m in (1, 3, 9):
+            x = torch.randn(m, 32, generator=torch.Generator().manual_seed(m)).to(device=device, dtype=dtype)
+            args = (torch.arange(m, device=device), cos_sin, 2, 1, 8, None, None)
+            fused = proj.method.apply_qkv_rope(proj, x, *args)
+            if m == 1:
+                assert torch.equal(proj(x), triton_ops.gemv(x, proj.weight))
+                assert torch.equal(fused, triton_ops.gemv_rope_(x, proj.weight, None, *args))
+            elif m <= 8:
+                assert torch.equal(proj(x), triton_skinny.skinny(x, proj.weight))
+                assert torch.equal(fused, triton_skinny.skinny_rope_(x, proj.weight, None, *args))
+            else:
+                assert torch.equal(proj(x), torch.nn.functional.linear(x, proj.weight))
+                assert fused is None
+        cuda_linear.SKINNY_MAX_ROWS = 1
+        x = torch.randn(3, 32).to(device=device, dtype=dtype)
+        assert torch.equal(proj(x), torch.nn.functional.linear(x, proj.weight))
+        assert proj.method.apply_qkv_rope(proj, x, torch.arange(3, device=device), cos_sin, 2, 1, 8, None, None) is None
+    finally:
+        cuda_linear.SKINNY_MAX_ROWS = saved
+
+
 def run_interpret() -> None:
     """Everything above on tiny CPU shapes (run with TRITON_INTERPRET=1; ~1 minute)."""
     small = [(10, 96), (7, 40)]  # N odd; K below and not a multiple of the tile
@@ -183,6 +218,7 @@ def run_interpret() -> None:
     check_rope([1, 5], "cpu", torch.float32, 1e-5, configs=(None, (2, 16, 4, True)))
     check_rope([3], "cpu", torch.float16, 3e-3)
     check_errors("cpu")
+    check_routing("cpu", torch.float16)
     print("interpret checks passed")
 
 
