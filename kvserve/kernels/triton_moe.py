@@ -48,6 +48,17 @@ PAIRS_MAX = int(os.environ.get("KVSERVE_MOE_PAIRS_MAX", "32"))
 
 # -- the pairs path (decode) ---------------------------------------------------------------
 @triton.jit
+def grouped_pid(pid, N, num_blocks, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row block, column tile) of program `pid`: consecutive programs take GROUP_M row blocks
+    (mostly one expert's) per column tile, so its weight tile is read from L2 after the first."""
+    num_n = tl.cdiv(N, BLOCK_N)
+    in_group = GROUP_M * num_n
+    first_m = (pid // in_group) * GROUP_M
+    group = tl.minimum(num_blocks - first_m, GROUP_M)
+    return first_m + (pid % in_group) % group, (pid % in_group) // group
+
+
+@triton.jit
 def _pairs_gate_up_kernel(
     x_ptr,  # [T, K]
     w_ptr,  # [E, 2N, K]: gate rows 0..N-1, up rows N..2N-1
@@ -170,15 +181,7 @@ def _grouped_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    # Consecutive programs take GROUP_M row blocks (mostly one expert's) per column tile: its
-    # weight tile is read from L2 after the first.
-    in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
-    group = tl.minimum(num_blocks - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group
-    pid_n = (pid % in_group) // group
+    pid_m, pid_n = grouped_pid(tl.program_id(0), N, num_blocks, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_post_ptr):
         return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

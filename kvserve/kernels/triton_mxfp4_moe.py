@@ -39,6 +39,7 @@ import triton
 import triton.language as tl
 
 from kvserve.kernels import mxfp4
+from kvserve.kernels.triton_moe import grouped_pid
 from kvserve.kernels.triton_quant import _f16_pair
 
 
@@ -487,13 +488,7 @@ def _grouped_kernel(
     GROUP_M: tl.constexpr,
 ):
     """Many tokens: BLOCK_M pairs of one expert (sorted, padded) times BLOCK_N of its rows."""
-    pid = tl.program_id(0)
-    num_n = tl.cdiv(N, BLOCK_N)
-    in_group = GROUP_M * num_n
-    first_m = (pid // in_group) * GROUP_M
-    group = tl.minimum(num_blocks - first_m, GROUP_M)
-    pid_m = first_m + (pid % in_group) % group
-    pid_n = (pid % in_group) // group
+    pid_m, pid_n = grouped_pid(tl.program_id(0), N, num_blocks, BLOCK_N, GROUP_M)
     if pid_m * BLOCK_M >= tl.load(num_post_ptr):
         return
     pairs = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M))
