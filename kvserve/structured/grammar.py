@@ -109,9 +109,9 @@ class GrammarCompiler:
         # (a padded vocabulary) gets those rows banned in `apply_bitmask` instead: handing them
         # to xgrammar as extra special tokens made every mask fill ~15x slower (32 rows of a
         # 49,152-token tokenizer under 128,256 rows: 2.0 ms against 0.12 ms, one thread). Rounded
-        # up to whole 32-token words: with a vocabulary that ends inside a word, xgrammar 0.2.9
-        # allowed byte sequences that are not UTF-8 (tests/structured: a sampled string broke
-        # its schema's maxLength once decoded).
+        # up to whole 32-token words: with the unrounded size (a vocabulary ending inside a
+        # word) one sampled string in tests/structured broke its schema's maxLength once decoded
+        # (xgrammar 0.2.9; cause not traced).
         ids = hf.get_vocab().values()
         self.vocab_size = min(vocab_size, (max(ids) + 32) // 32 * 32) if ids else vocab_size
         self.model_vocab_size = vocab_size
