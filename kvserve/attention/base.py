@@ -41,6 +41,9 @@ class AttentionMetadata:
     block_size: int
     # True when every sequence is a decode (query length 1): lets backends take a fast path.
     is_pure_decode: bool = False
+    # Steps with prefill rows (None in all-decode steps): each sequence's whole prompt length,
+    # which a chunked prefill's chunk does not show (LongRoPE picks its factors by it).
+    prompt_lens_cpu: list[int] | None = None
     # True when slot_mapping holds -1 entries (padded CUDA-graph batches).
     has_padding: bool = False
     # Per-step scratch space a backend fills on the first layer and reuses on the others

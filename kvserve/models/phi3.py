@@ -8,8 +8,9 @@
   contexts up to `original_max_position_embeddings` and `long_factor` beyond, and cos/sin scaled
   by sqrt(1 + ln(factor) / ln(original_max)) (or the config's `attention_factor`). HF picks the
   factors per forward call from the largest position it sees; here each sequence of a step
-  uses the long factors when its context (including this step's tokens) exceeds
-  `original_max_position_embeddings`, which is HF's choice for a sequence run alone. Keys
+  uses the long factors when its context (including this step's tokens, and for a prefill
+  chunk its whole prompt) exceeds `original_max_position_embeddings`, which is HF's choice for
+  a sequence run alone, with or without chunked prefill. Keys
   already cached keep the rotation they were stored with (as in HF's cache).
 - Partial rotary embedding (`partial_rotary_factor`, 0.75 in Phi-4-mini): only the first
   `rotary_dim` features of each head rotate.
@@ -75,12 +76,17 @@ class LongRope(RotaryEmbedding):
         self.long_inv_freq = self._inv_freq("long_factor").to(device)
 
     def long_rows(self, md: AttentionMetadata, n: int) -> torch.Tensor | None:
-        """[T] bool: the rows of sequences whose context exceeds the original length, or None."""
-        if self.scaling is None or max(md.seq_lens_cpu, default=0) <= self.original_max:
+        """[T] bool: the rows of sequences whose context exceeds the original length, or None.
+        A prefill chunk counts its whole prompt (HF runs the prompt in one call and picks the
+        long factors for all of it when the prompt is longer)."""
+        lengths = md.seq_lens_cpu
+        if md.prompt_lens_cpu is not None:
+            lengths = [max(s, p) for s, p in zip(lengths, md.prompt_lens_cpu)]
+        if self.scaling is None or max(lengths, default=0) <= self.original_max:
             return None
         qsl = md.query_start_loc_cpu
         flags = torch.zeros(n, dtype=torch.bool)
-        for i, length in enumerate(md.seq_lens_cpu):
+        for i, length in enumerate(lengths):
             if length > self.original_max:
                 flags[qsl[i] : qsl[i + 1]] = True
         return flags

@@ -455,6 +455,7 @@ class ModelRunner:
             seq_lens_cpu=ends,
             block_size=bs,
             is_pure_decode=num_tokens == num_seqs,
+            prompt_lens_cpu=None if num_tokens == num_seqs else [st.num_prompt_tokens for st in states],
         )
         return d64[:num_tokens], d64[num_tokens : 2 * num_tokens], md, d32[o : o + len(sample_rows)]
 

@@ -69,6 +69,11 @@ def test_phi4_mini_longrope_partial_rotary_matches_hf(tmp_path):
     # Contexts that stay within the original length use the short factors throughout; a prompt
     # already longer uses the long ones from its first token (HF's choice for each).
     _check(llm, hf, _prompts(1, 5, ORIGINAL_MAX - NEW_TOKENS) + _prompts(ORIGINAL_MAX + 12))
+    # Chunked prefill: a prompt longer than the original length whose first chunks are not still
+    # takes the long factors from its first token, as HF does running the prompt in one call.
+    chunked = LLM(str(tmp_path), dtype="float32", device="cpu", num_kv_blocks=64, max_num_batched_tokens=24,
+                  enable_chunked_prefill=True)
+    _check(chunked, hf, _prompts(ORIGINAL_MAX + 12, ORIGINAL_MAX + 30))
 
 
 def test_phi3_config_errors():
