@@ -13,10 +13,17 @@ token. Decoded with special tokens skipped, all of this would read
 "analysisWe need to add...assistantfinal2 + 2 = 4."; `HarmonyParser` reads the token ids
 instead and hands out the analysis as reasoning and everything else as content, whole
 (`parse`) or as deltas while the reply streams (`feed`).
+
+With `tools=True` (a chat request with tools and tool_choice "auto"), a message addressed to a
+function (`to=functions.NAME` in its header, before or after `<|channel|>`) is a tool call
+instead of content: `calls` holds (name, arguments text as written so far) per call, the name
+as soon as the header is complete, the arguments growing with the body. Messages to other
+recipients (gpt-oss's built-in `browser.*` / `python` tools) stay content.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +32,8 @@ from typing import Any
 _START, _CHANNEL, _MESSAGE = "<|start|>", "<|channel|>", "<|message|>"
 _END, _RETURN, _CALL = "<|end|>", "<|return|>", "<|call|>"
 _REASONING_CHANNELS = frozenset({"analysis"})
+_RECIPIENT = re.compile(r"\bto=(\S+)")
+_FUNCTIONS = "functions."
 
 
 def harmony_token_ids(tokenizer: Any) -> dict[str, int] | None:
@@ -52,6 +61,7 @@ class _Message:
     header: list[int] = field(default_factory=list)
     body: list[int] = field(default_factory=list)
     sent: str = ""  # body text handed out so far
+    call: int | None = None  # index into HarmonyParser.calls when the message is a tool call
 
 
 class HarmonyParser:
@@ -59,7 +69,7 @@ class HarmonyParser:
     commentary, or text outside any header). Feed it the reply's ids so far, each call with the
     whole list (as `CompletionOutput.token_ids` grows); `feed` returns the new text of each kind."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, tools: bool = False) -> None:
         ids = harmony_token_ids(tokenizer)
         if ids is None:
             raise ValueError("the tokenizer has no harmony tokens (<|start|>, <|channel|>, <|message|>)")
@@ -71,8 +81,12 @@ class HarmonyParser:
         self._msg = _Message(channel=None)
         self._in_header = True
         self._any_body = False
+        self.tools = tools
+        # Header tokens that separate words even when no space is written around them.
+        self._separators = {self._channel} | ({c} if (c := tokenizer.backend.token_to_id("<|constrain|>")) is not None else set())
         self.reasoning = ""
         self.content = ""
+        self.calls: list[tuple[str, str]] = []  # (function name, arguments text so far)
 
     def feed(self, token_ids: list[int], finished: bool = False) -> tuple[str, str]:
         """(new reasoning text, new content text) since the last call."""
@@ -86,6 +100,10 @@ class HarmonyParser:
             elif t == self._message and self._in_header:
                 self._msg.channel = self._channel_name(self._msg.header)
                 self._in_header, self._any_body = False, True
+                name = self._function_name(self._msg.header) if self.tools else None
+                if name is not None:
+                    self._msg.call = len(self.calls)
+                    self.calls.append((name, ""))
             elif t in self._closers:
                 self._flush(reasoning, content, final=True)
                 self._msg, self._in_header = _Message(channel=None), False
@@ -117,6 +135,20 @@ class HarmonyParser:
         words = self._tok.decode(header[header.index(self._channel) + 1:]).split()
         return words[0] if words else None
 
+    def _function_name(self, header: list[int]) -> str | None:
+        """NAME of a header addressed `to=functions.NAME` (anywhere in it), else None."""
+        words, run = [], []
+        for t in [*header, self._channel]:
+            if t in self._separators:
+                words.append(self._tok.decode(run))
+                run = []
+            else:
+                run.append(t)
+        m = _RECIPIENT.search(" ".join(words))
+        if m is None or not m.group(1).startswith(_FUNCTIONS) or len(m.group(1)) == len(_FUNCTIONS):
+            return None
+        return m.group(1)[len(_FUNCTIONS):]
+
     def _flush(self, reasoning: list[str], content: list[str], final: bool) -> None:
         """Hand out the current body's new text; a trailing partial UTF-8 character waits for
         its next token unless the message is over."""
@@ -129,4 +161,8 @@ class HarmonyParser:
         if len(text) <= len(msg.sent) or not text.startswith(msg.sent):
             return
         new, msg.sent = text[len(msg.sent):], text
+        if msg.call is not None:
+            name, args = self.calls[msg.call]
+            self.calls[msg.call] = (name, args + new)
+            return
         (reasoning if msg.channel in _REASONING_CHANNELS else content).append(new)

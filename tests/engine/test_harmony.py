@@ -224,3 +224,105 @@ def test_gpt_oss_gguf_stops_on_return_and_call_not_end(tmp_path):
     w.add_tensor("blk.0.ffn_up.weight", np.zeros((32, 64), np.float32))
     _finish(w)
     assert load_gguf_config(tmp_path / "oss.gguf")["eos_token_id"] == [2, 4]
+
+
+# -- tool calls (commentary messages to functions.NAME) ------------------------------------------
+TOOL_REPLY = ("<|channel|>analysis<|message|>Need the weather in Paris.<|end|>"
+              "<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json"
+              "<|message|>{\"city\": \"Paris\", \"unit\": \"°C\"}<|call|>")
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string"}}}}}]
+
+
+def test_messages_to_functions_are_tool_calls(tok):
+    p = HarmonyParser(tok, tools=True)
+    assert p.parse(_ids(tok, TOOL_REPLY)) == ("Need the weather in Paris.", "")
+    assert p.calls == [("get_weather", '{"city": "Paris", "unit": "°C"}')]
+    # The recipient before the channel, no space before <|constrain|>, two calls, a preamble.
+    two = ("<|channel|>commentary<|message|>Checking.<|end|>"
+           "<|start|>assistant to=functions.get_time<|channel|>commentary<|constrain|>json<|message|>{}<|call|>"
+           "<|start|>assistant<|channel|>commentary to=functions.get_weather<|message|>{\"city\": \"Oslo\"}<|call|>")
+    p = HarmonyParser(tok, tools=True)
+    assert p.parse(_ids(tok, two)) == ("", "Checking.")
+    assert p.calls == [("get_time", "{}"), ("get_weather", '{"city": "Oslo"}')]
+    # Other recipients (built-in tools) stay content; without tools nothing changes.
+    p = HarmonyParser(tok, tools=True)
+    assert p.parse(_ids(tok, "<|channel|>analysis to=browser.search<|message|>q<|call|>")) == ("q", "") and not p.calls
+    p = HarmonyParser(tok)
+    assert p.parse(_ids(tok, TOOL_REPLY)) == ("Need the weather in Paris.", '{"city": "Paris", "unit": "°C"}')
+    assert p.calls == []
+
+
+def test_streamed_tool_call_grows_and_ends_complete(tok):
+    ids = _ids(tok, TOOL_REPLY)
+    p = HarmonyParser(tok, tools=True)
+    seen = []
+    for n in range(1, len(ids) + 1):
+        p.feed(ids[:n], finished=n == len(ids))
+        seen.append(list(p.calls))
+        assert all("\ufffd" not in a for _, a in p.calls)
+    named = [c for c in seen if c]
+    assert named[0] == [("get_weather", "")]  # announced once the header is complete
+    assert seen[-1] == [("get_weather", '{"city": "Paris", "unit": "°C"}')]
+    assert p.content == ""
+
+
+def _sse(client, body) -> list[dict]:
+    out = []
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as s:
+        for line in s.iter_lines():
+            if line.startswith("data: ") and line != "data: [DONE]":
+                out.extend(json.loads(line[6:])["choices"])
+    return out
+
+
+def test_server_returns_harmony_tool_calls(harmony_engine):
+    from starlette.testclient import TestClient
+
+    from kvserve.engine.async_engine import AsyncLLMEngine
+    from kvserve.entrypoints.server import build_app
+
+    engine, tok, _ = harmony_engine
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    body = {"messages": msgs, "max_tokens": 200, "temperature": 0, "tools": TOOLS}
+    args = '{"city": "Paris", "unit": "°C"}'
+    _script(engine, _ids(tok, TOOL_REPLY))
+    try:
+        # No --tool-call-parser: a harmony model's calls are read from its messages.
+        with TestClient(build_app(AsyncLLMEngine(engine), served_model_name="gpt-oss-tiny")) as client:
+            r = client.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200, r.text
+            choice = r.json()["choices"][0]
+            assert choice["finish_reason"] == "tool_calls"
+            msg = choice["message"]
+            assert msg["content"] is None and msg["reasoning_content"] == "Need the weather in Paris."
+            [call] = msg["tool_calls"]
+            assert call["type"] == "function" and call["id"].startswith("call_")
+            assert call["function"] == {"name": "get_weather", "arguments": args}
+
+            chunks = _sse(client, body)
+            calls = [tc for ch in chunks for tc in ch["delta"].get("tool_calls") or []]
+            assert calls[0]["id"].startswith("call_") and calls[0]["function"] == {"name": "get_weather", "arguments": ""}
+            assert all("id" not in tc and tc["index"] == 0 for tc in calls[1:]) and len(calls) > 2
+            assert "".join(tc["function"]["arguments"] for tc in calls) == args
+            assert "".join(ch["delta"].get("reasoning_content") or "" for ch in chunks) == "Need the weather in Paris."
+            assert not "".join(ch["delta"].get("content") or "" for ch in chunks)
+            assert [ch["finish_reason"] for ch in chunks if ch["finish_reason"]] == ["tool_calls"]
+
+            # tool_choice "none": the call's arguments stay content, as without tools.
+            r = client.post("/v1/chat/completions", json={**body, "tool_choice": "none"})
+            choice = r.json()["choices"][0]
+            assert choice["message"]["content"] == args and not choice["message"].get("tool_calls")
+            assert choice["finish_reason"] == "stop"
+
+            # A reply without a call, with tools on: content and reasoning as before.
+            _script(engine, _ids(tok, REPLY))
+            r = client.post("/v1/chat/completions", json=body)
+            choice = r.json()["choices"][0]
+            assert choice["message"]["content"] == "Bonjour ! Un café 😀 ?" and not choice["message"].get("tool_calls")
+            assert choice["finish_reason"] == "stop"
+            chunks = _sse(client, body)
+            assert "".join(ch["delta"].get("content") or "" for ch in chunks) == "Bonjour ! Un café 😀 ?"
+            assert not any(ch["delta"].get("tool_calls") for ch in chunks)
+    finally:
+        _script(engine, _ids(tok, REPLY))

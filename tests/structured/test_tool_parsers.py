@@ -51,11 +51,11 @@ def test_auto_needs_a_parser():
     tools = [{"type": "function", "function": {"name": "f"}}]
     req = SimpleNamespace(tools=tools, tool_choice=None, parallel_tool_calls=None)
     with pytest.raises(APIError) as e:
-        plan_tools(req, SimpleNamespace(tool_call_parser=None))
+        plan_tools(req, SimpleNamespace(tool_call_parser=None, is_harmony=lambda: False))
     assert e.value.param == "tool_choice" and "--tool-call-parser" in str(e.value)
-    assert plan_tools(req, SimpleNamespace(tool_call_parser="hermes")).mode == "auto"
+    assert plan_tools(req, SimpleNamespace(tool_call_parser="hermes", is_harmony=lambda: False)).mode == "auto"
     req.tool_choice = "none"
-    assert not plan_tools(req, SimpleNamespace(tool_call_parser=None)).active
+    assert not plan_tools(req, SimpleNamespace(tool_call_parser=None, is_harmony=lambda: False)).active
 
 
 def test_tools_and_tool_messages_reach_the_template():

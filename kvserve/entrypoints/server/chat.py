@@ -1,6 +1,7 @@
 """POST /v1/chat/completions: messages -> the model's chat template -> one engine request;
 logprobs in the chat format; streaming with role / content deltas. A gpt-oss reply is split into
-its channels (`engine/harmony.py`): the analysis as `reasoning_content`, the rest as `content`."""
+its channels (`engine/harmony.py`): the analysis as `reasoning_content`, the rest as `content`,
+and (with tools, tool_choice "auto") its messages to `functions.NAME` as `tool_calls`."""
 
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ from kvserve.entrypoints.server.serving import (
     stream_error,
     to_sse,
 )
+from kvserve.structured.tool_parsers import PartialCall, ToolCall
 from kvserve.entrypoints.server.structured import (
     ToolPlan,
     ToolStream,
@@ -135,6 +137,10 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     if spec is not None:
         await compile_spec(state, spec, spec_param)  # a 400 for a bad schema / grammar
         params = params.clone(structured_outputs=spec)
+    if plan.harmony:  # a harmony tool call ends the turn with <|call|>, whatever generation_config lists
+        call_id = state.engine.tokenizer.backend.token_to_id("<|call|>")
+        if call_id is not None and call_id not in params.stop_token_ids:
+            params = params.clone(stop_token_ids=[*params.stop_token_ids, call_id])
     echo = msgs[-1]["content"] if req.echo and msgs[-1]["role"] == "assistant" else ""
 
     rid = random_id("chatcmpl")
@@ -154,16 +160,19 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     out = finals[0]
     choices = []
     for c in out.outputs:
-        text, reasoning = c.text, None
-        harmony = state.harmony_parser()
+        text, reasoning, calls = c.text, None, None
+        harmony = state.harmony_parser(tools=plan.harmony)
         if harmony is not None:
             reasoning, text = harmony.parse(c.token_ids)
-        message = _message(plan, echo, text)
+            if plan.harmony:
+                calls = _harmony_calls(harmony)
+        message = _message(plan, echo, text, calls)
         message.reasoning_content = reasoning or None
         choices.append(ChatCompletionResponseChoice(
             index=c.index, message=message,
             logprobs=chat_logprobs(c.logprobs or [], c.token_ids, top, tok) if top is not None else None,
-            finish_reason=finish_reason(plan, extract_calls(plan, text)[1], c.finish_reason),
+            finish_reason=finish_reason(plan, calls if calls is not None else extract_calls(plan, text)[1],
+                                        c.finish_reason),
             stop_reason=c.stop_reason,
         ))
     completion_tokens = sum(len(c.token_ids) for c in out.outputs)
@@ -175,11 +184,19 @@ async def create_chat_completion(request: Request, state: ServerState) -> Respon
     return JSONResponse(resp.model_dump())
 
 
-def _message(plan: ToolPlan, echo: str, text: str) -> ChatMessage:
-    """The assistant message: content, and the tool calls the output holds (if tools are on)."""
+def _harmony_calls(parser: Any) -> list[ToolCall]:
+    return [ToolCall(name, args) for name, args in parser.calls]
+
+
+def _message(plan: ToolPlan, echo: str, text: str, calls: list[ToolCall] | None = None) -> ChatMessage:
+    """The assistant message: content, and the tool calls the output holds (if tools are on;
+    `calls` when already read from a harmony reply, whose `text` is then content only)."""
     if not plan.active:
         return ChatMessage(role="assistant", content=echo + text)
-    content, calls = extract_calls(plan, text)
+    if calls is None:
+        content, calls = extract_calls(plan, text)
+    else:
+        content = text
     if not calls:
         return ChatMessage(role="assistant", content=echo + text)
     tool_calls = [ToolCallOut(id=new_call_id(plan), function=FunctionCall(name=c.name, arguments=c.arguments))
@@ -206,7 +223,7 @@ async def _stream(state: ServerState, rid: str, model: str, streams: list, track
     completion_tokens = 0
     created = int(time.time())
     tools = [ToolStream(plan) for _ in range(n)] if plan.active else None
-    harmony = [state.harmony_parser() for _ in range(n)]
+    harmony = [state.harmony_parser(tools=plan.harmony) for _ in range(n)]
 
     def chunk(choice: ChatCompletionResponseStreamChoice) -> str:
         return to_sse(ChatCompletionStreamResponse(id=rid, created=created, model=model, choices=[choice]))
@@ -234,11 +251,15 @@ async def _stream(state: ServerState, rid: str, model: str, streams: list, track
                             index=c.index, delta=DeltaMessage(reasoning_content=reasoning)))
                 if tools is not None:
                     ts = tools[c.index]
-                    deltas = ts.feed(delta)
+                    hp = harmony[c.index] if plan.harmony else None
+                    if hp is not None:
+                        deltas = ts.feed_harmony(delta, [PartialCall(n_, a) for n_, a in hp.calls])
+                    else:
+                        deltas = ts.feed(delta)
                     reason = None
                     if c.finish_reason is not None:
                         finished[c.index] = True
-                        more, reason = ts.finish(c.finish_reason)
+                        more, reason = ts.finish(c.finish_reason, _harmony_calls(hp) if hp is not None else None)
                         deltas += more
                     for j, d in enumerate(deltas):
                         yield chunk(ChatCompletionResponseStreamChoice(

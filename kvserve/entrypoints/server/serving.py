@@ -87,15 +87,21 @@ class ServerState:
     def model_name(self) -> str:
         return self.served_model_names[0]
 
-    def harmony_parser(self) -> Any:
-        """A fresh `HarmonyParser` for one chat reply of a gpt-oss model, else None."""
-        from kvserve.engine.harmony import HarmonyParser, is_harmony_model
+    def is_harmony(self) -> bool:
+        """Whether the model replies in harmony channels (gpt-oss)."""
+        from kvserve.engine.harmony import is_harmony_model
 
-        tok = self.engine.tokenizer
         if self.harmony is None:
             config = getattr(getattr(self.engine, "engine", None), "model_config", None)
-            self.harmony = is_harmony_model(tok, getattr(config, "architecture", None))
-        return HarmonyParser(tok) if self.harmony else None
+            self.harmony = is_harmony_model(self.engine.tokenizer, getattr(config, "architecture", None))
+        return self.harmony
+
+    def harmony_parser(self, tools: bool = False) -> Any:
+        """A fresh `HarmonyParser` for one chat reply of a gpt-oss model, else None; with
+        `tools`, messages to `functions.NAME` are read as tool calls."""
+        from kvserve.engine.harmony import HarmonyParser
+
+        return HarmonyParser(self.engine.tokenizer, tools=tools) if self.is_harmony() else None
 
     def check_model(self, name: str | None) -> None:
         if name is not None and name not in self.served_model_names:

@@ -10,7 +10,8 @@ Request fields (one structured-output source per request):
 - chat `tools` / `tool_choice` / `parallel_tool_calls`: "required" and a named function are
   enforced by a grammar (a JSON array of {name, parameters} calls; the named function's
   parameters object), written as compact JSON (`, ` and `: ` separators, no newlines); "auto"
-  is parsed from free output by `--tool-call-parser`.
+  is parsed from free output by `--tool-call-parser`, or, for a harmony model (gpt-oss), from
+  its `commentary to=functions.NAME` messages (`engine/harmony.py`, no parser flag needed).
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ class ToolPlan:
     named: str | None = None
     parser: ToolParser | None = None
     spec: StructuredOutputsParams | None = None  # the grammar of "required" / "named"
+    harmony: bool = False  # "auto" calls read from gpt-oss's harmony messages, not from text
 
     @property
     def active(self) -> bool:
@@ -159,6 +161,8 @@ def plan_tools(req: Any, state: Any) -> ToolPlan:
     if choice == "required":
         schema = _calls_schema(tools, req.parallel_tool_calls)
         return ToolPlan("required", tools, spec=StructuredOutputsParams(json=schema, disable_any_whitespace=True))
+    if state.is_harmony():
+        return ToolPlan("auto", tools, harmony=True)
     if state.tool_call_parser is None:
         raise bad_request(
             "tool_choice='auto' needs the server to be started with --tool-call-parser "
@@ -211,9 +215,9 @@ def extract_calls(plan: ToolPlan, text: str) -> tuple[str | None, list[ToolCall]
             return None, array_calls(text, ("parameters",))
         except ValueError:
             return text, []
-    if plan.mode == "auto":
+    if plan.mode == "auto" and plan.parser is not None:
         return plan.parser.parse(text)
-    return text, []
+    return text, []  # (harmony calls come from the token ids: HarmonyParser.calls)
 
 
 def tool_calls_json(calls: list[ToolCall], ids: list[str]) -> list[dict[str, Any]]:
@@ -268,6 +272,11 @@ class ToolStream:
             return out + self._call_deltas(partial)
         return [{"content": delta}] if delta else []
 
+    def feed_harmony(self, content: str, partial: list[PartialCall]) -> list[dict[str, Any]]:
+        """Deltas of a harmony reply (plan.harmony): the parser has already told content from
+        calls, so content goes out as it comes and each call as its message is written."""
+        return ([{"content": content}] if content else []) + self._call_deltas(partial)
+
     def _call_deltas(self, partial: list[PartialCall]) -> list[dict[str, Any]]:
         out: list[dict[str, Any]] = []
         for i, pc in enumerate(partial):
@@ -284,13 +293,18 @@ class ToolStream:
                 self.args_sent[i] = pc.arguments
         return out
 
-    def finish(self, engine_reason: str | None) -> tuple[list[dict[str, Any]], str | None]:
-        """The last deltas and the choice's finish_reason."""
+    def finish(self, engine_reason: str | None,
+               harmony_calls: list[ToolCall] | None = None) -> tuple[list[dict[str, Any]], str | None]:
+        """The last deltas and the choice's finish_reason (for a harmony reply, its parser's
+        finished calls are the reference; its content was all sent by `feed_harmony`)."""
         plan = self.plan
         if plan.mode not in ("named", "auto", "required"):
             return [], engine_reason
-        content, self.calls = extract_calls(plan, self.text)
         out: list[dict[str, Any]] = []
+        if plan.harmony:
+            self.calls = harmony_calls or []
+            return out + self._rest_of_calls(), finish_reason(plan, self.calls, engine_reason)
+        content, self.calls = extract_calls(plan, self.text)
         if not self.calls:
             if not self.ids:  # no call was sent: the rest is content
                 rest = self.text[self.sent:]
@@ -299,6 +313,11 @@ class ToolStream:
             return out, engine_reason
         if content and len(content) > self.sent:
             out.append({"content": content[self.sent:]})
+        return out + self._rest_of_calls(), finish_reason(plan, self.calls, engine_reason)
+
+    def _rest_of_calls(self) -> list[dict[str, Any]]:
+        """Deltas for what the streamed calls still lack against the finished ones."""
+        out: list[dict[str, Any]] = []
         for i, c in enumerate(self.calls):
             if i < len(self.ids):
                 sent = self.args_sent[i]
@@ -307,10 +326,10 @@ class ToolStream:
                 elif len(c.arguments) > len(sent):
                     out.append({"tool_calls": [{"index": i, "function": {"arguments": c.arguments[len(sent):]}}]})
                 continue
-            self.ids.append(new_call_id(plan))
+            self.ids.append(new_call_id(self.plan))
             self.args_sent.append(c.arguments)
             out.append({"tool_calls": [{"index": i, "id": self.ids[i], "type": "function",
                                         "function": {"name": c.name, "arguments": ""}}]})
             if c.arguments:
                 out.append({"tool_calls": [{"index": i, "function": {"arguments": c.arguments}}]})
-        return out, finish_reason(plan, self.calls, engine_reason)
+        return out
