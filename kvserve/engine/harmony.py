@@ -104,6 +104,8 @@ class HarmonyParser:
                 if name is not None:
                     self._msg.call = len(self.calls)
                     self.calls.append((name, ""))
+            elif t in self._closers and self._in_header and not self._any_body:
+                continue  # no header was ever closed: the text so far is the answer (see below)
             elif t in self._closers:
                 self._flush(reasoning, content, final=True)
                 self._msg, self._in_header = _Message(channel=None), False

@@ -89,6 +89,11 @@ def test_commentary_and_headers_without_channel_are_content(tok):
 def test_reply_that_ignores_the_format_is_content(tok):
     assert HarmonyParser(tok).parse(_ids(tok, "Hello there")) == ("", "Hello there")
     assert HarmonyParser(tok).parse([]) == ("", "")
+    # ... also when it ends with a stop token (as engine output does), e.g. grammar-forced JSON
+    # (tool_choice "required" / named on gpt-oss).
+    forced = '[{"name": "f", "parameters": {}}]'
+    assert HarmonyParser(tok).parse(_ids(tok, forced + "<|return|>")) == ("", forced)
+    assert HarmonyParser(tok, tools=True).parse(_ids(tok, forced + "<|call|>")) == ("", forced)
 
 
 def test_only_harmony_models_are_detected(tok, tiny_model_factory):
@@ -324,5 +329,34 @@ def test_server_returns_harmony_tool_calls(harmony_engine):
             chunks = _sse(client, body)
             assert "".join(ch["delta"].get("content") or "" for ch in chunks) == "Bonjour ! Un café 😀 ?"
             assert not any(ch["delta"].get("tool_calls") for ch in chunks)
+    finally:
+        _script(engine, _ids(tok, REPLY))
+
+
+def test_server_required_tool_choice_on_harmony(harmony_engine):
+    """tool_choice "required": the grammar makes the model write the JSON calls without harmony
+    headers; they come back as tool_calls as for any model."""
+    from starlette.testclient import TestClient
+
+    from kvserve.engine.async_engine import AsyncLLMEngine
+    from kvserve.entrypoints.server import build_app
+
+    engine, tok, _ = harmony_engine
+    forced = '[{"name": "get_weather", "parameters": {"city": "Paris"}}]'
+    body = {"messages": [{"role": "user", "content": "Weather?"}], "max_tokens": 200, "temperature": 0,
+            "tools": TOOLS, "tool_choice": "required"}
+    _script(engine, _ids(tok, forced + "<|return|>"))
+    try:
+        with TestClient(build_app(AsyncLLMEngine(engine), served_model_name="gpt-oss-tiny")) as client:
+            r = client.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200, r.text
+            choice = r.json()["choices"][0]
+            assert choice["finish_reason"] == "tool_calls", choice
+            [call] = choice["message"]["tool_calls"]
+            assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+            chunks = _sse(client, body)
+            calls = [tc for ch in chunks for tc in ch["delta"].get("tool_calls") or []]
+            assert calls[0]["function"]["name"] == "get_weather"
+            assert "".join(tc["function"]["arguments"] for tc in calls) == '{"city": "Paris"}'
     finally:
         _script(engine, _ids(tok, REPLY))
