@@ -314,6 +314,16 @@ def test_server_returns_harmony_tool_calls(harmony_engine):
             assert not "".join(ch["delta"].get("content") or "" for ch in chunks)
             assert [ch["finish_reason"] for ch in chunks if ch["finish_reason"]] == ["tool_calls"]
 
+            # <|call|> ends the turn even for a checkpoint whose stop set lacks it.
+            eos = engine.eos_token_ids
+            engine.eos_token_ids = eos - {tok.backend.token_to_id("<|call|>")}
+            try:
+                r = client.post("/v1/chat/completions", json=body)
+            finally:
+                engine.eos_token_ids = eos
+            assert r.json()["choices"][0]["finish_reason"] == "tool_calls"
+            assert r.json()["usage"]["completion_tokens"] == len(_ids(tok, TOOL_REPLY))
+
             # tool_choice "none": the call's arguments stay content, as without tools.
             r = client.post("/v1/chat/completions", json={**body, "tool_choice": "none"})
             choice = r.json()["choices"][0]
