@@ -83,7 +83,8 @@ class HarmonyParser:
         self._any_body = False
         self.tools = tools
         # Header tokens that separate words even when no space is written around them.
-        self._separators = {self._channel} | ({c} if (c := tokenizer.backend.token_to_id("<|constrain|>")) is not None else set())
+        constrain = tokenizer.backend.token_to_id("<|constrain|>")
+        self._separators = {self._channel} | ({constrain} if constrain is not None else set())
         self.reasoning = ""
         self.content = ""
         self.calls: list[tuple[str, str]] = []  # (function name, arguments text so far)

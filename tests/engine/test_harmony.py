@@ -2,7 +2,9 @@
 from the answer whole and while streaming (multi-byte characters across tokens included), the
 server's chat replies carry it as `reasoning_content` (non-streamed and streamed), `<|end|>`
 between the analysis and the answer does not stop generation, and gpt-oss GGUF files stop on
-`<|return|>` and `<|call|>` but not on `<|end|>`.
+`<|return|>` and `<|call|>` but not on `<|end|>`. With tools, `commentary to=functions.NAME`
+messages are tool calls (parser, and the server's non-streamed and streamed `tool_calls`);
+without tools or with tool_choice "none" the reply reads as before.
 
 The model here is a tiny random gpt-oss whose sampler is scripted to write a harmony reply
 token by token (a random model would not). Its chat template is a stand-in that renders the

@@ -42,7 +42,6 @@ from kvserve.entrypoints.server.serving import (
     stream_error,
     to_sse,
 )
-from kvserve.structured.tool_parsers import PartialCall, ToolCall
 from kvserve.entrypoints.server.structured import (
     ToolPlan,
     ToolStream,
@@ -53,6 +52,7 @@ from kvserve.entrypoints.server.structured import (
     plan_tools,
     structured_spec,
 )
+from kvserve.structured.tool_parsers import PartialCall, ToolCall
 
 _RESERVED_TEMPLATE_VARS = {"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"}
 _MAX_TOP_LOGPROBS = 20
