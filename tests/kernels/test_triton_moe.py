@@ -5,24 +5,11 @@ the expert sort's invariants. The GPU runs the same checks at real shapes
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
+from tests.interpreted import run_interpreted
 
 
 def test_fused_moe_kernels_interpreted():
-    pytest.importorskip("triton")
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    r = subprocess.run([sys.executable, "-m", "tests.gpu.moe_checks"], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=120)
-    if r.returncode != 0 and "interpret" in r.stderr and "not supported" in r.stderr:
-        pytest.skip("this Triton's interpreter cannot run the kernels")
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    assert "interpret checks passed" in r.stdout
+    run_interpreted("moe_checks", timeout=120, skip_unsupported=True)
 
 
 def test_cpu_ops_have_no_fused_moe():

@@ -5,24 +5,13 @@ kernels' bits. The GPU runs the same checks at Llama shapes (`tests/gpu/test_ski
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+
+from tests.interpreted import run_interpreted
 
 
 def test_skinny_kernels_interpreted():
-    pytest.importorskip("triton")
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    r = subprocess.run([sys.executable, "-m", "tests.gpu.skinny_checks"], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=600)
-    if r.returncode != 0 and "interpret" in r.stderr and "not supported" in r.stderr:
-        pytest.skip("this Triton's interpreter cannot run the kernels")
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    assert "interpret checks passed" in r.stdout
+    run_interpreted("skinny_checks", timeout=600, skip_unsupported=True)
 
 
 def test_skinny_max_rows_setting(monkeypatch):

@@ -18,6 +18,7 @@ import torch
 from kvserve import LLM
 from kvserve.kernels import mxfp4
 from tests.conftest import TINY_VOCAB, _save_tokenizer
+from tests.interpreted import run_interpreted
 from tests.models.test_parity import NEW_TOKENS, assert_batched_and_alone_match_hf, _prompts, hf_greedy
 from tests.models.tp_check import assert_tp2_matches_tp1
 
@@ -181,13 +182,7 @@ def test_triton_kernels_interpreted(module, done):
     """Under TRITON_INTERPRET=1 on tiny shapes (a subprocess: the interpreter is chosen when a
     kernel is defined): the attention kernels with sinks (decode direct and split + reduce,
     prefill) against the PyTorch backend; the grouped MXFP4 MoE kernel against the expert loop."""
-    pytest.importorskip("triton")
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    r = subprocess.run([sys.executable, "-m", f"tests.gpu.{module}"], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    assert done in r.stdout
+    run_interpreted(module, done, timeout=600)
 
 
 def test_mxfp4_moe_kernels_compile_for_sm90():

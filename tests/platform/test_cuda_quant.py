@@ -5,11 +5,6 @@ tiny shapes (a subprocess: the interpreter is chosen when a kernel is defined)."
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,11 +12,11 @@ import torch.nn.functional as F
 from kvserve.kernels import cpu_quant
 from kvserve.models.linear import Linear, QuantizedTensor
 from kvserve.platform.cuda_quant import CudaQuantLinearMethod, int4_group, quantize, repack_ggml
+from tests.interpreted import run_interpreted
 from tests.kernels.test_cpu_quant import random_weight
 
 GGUF_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q4_K"]
 CPU = torch.device("cpu")
-
 
 @pytest.mark.parametrize("name", GGUF_TYPES)
 def test_repack_is_exact(name):
@@ -160,13 +155,7 @@ def test_option_errors():
 
 
 def test_triton_kernels_interpreted():
-    pytest.importorskip("triton")
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(root)}
-    r = subprocess.run([sys.executable, "-m", "tests.gpu.quant_checks"], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
-    assert "interpret checks passed" in r.stdout
+    run_interpreted("quant_checks", timeout=300)
 
 
 class _CpuQuantPlatform:
