@@ -170,9 +170,15 @@ def moe_mxfp4(
 # Which kernels `GptOssMoE` runs on CUDA: "legacy" (the 17-byte blocks above: checked on an H100,
 # 2026-12-07, at 15.8% of the decode floor) or "packed" (the aligned layout below, opt-in).
 MOE_IMPL = os.environ.get("KVSERVE_MXFP4_MOE", "legacy")
+if MOE_IMPL not in ("legacy", "packed"):
+    raise ValueError(f"KVSERVE_MXFP4_MOE must be 'legacy' or 'packed' (got {MOE_IMPL!r})")
 # Tokens up to which the GEMV path runs (one token always; more while their k experts mostly
 # differ: a shared expert is read once per pair there). KVSERVE_MXFP4_GEMV_MAX_PAIRS overrides.
-GEMV_MAX_PAIRS = int(os.environ.get("KVSERVE_MXFP4_GEMV_MAX_PAIRS", "16"))
+try:
+    GEMV_MAX_PAIRS = int(os.environ.get("KVSERVE_MXFP4_GEMV_MAX_PAIRS", "16"))
+except ValueError:
+    raise ValueError("KVSERVE_MXFP4_GEMV_MAX_PAIRS must be an integer "
+                     f"(got {os.environ['KVSERVE_MXFP4_GEMV_MAX_PAIRS']!r})") from None
 
 # Weight j of a 32-weight block sits in word j % 4, nibble j // 4 (see `pack`): byte b of the block
 # (word b // 4, nibbles 2 (b % 4) and 2 (b % 4) + 1) holds weights _LO[b] and _LO[b] + 4.

@@ -300,13 +300,14 @@ def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int]) 
     lut = _byte_table(logits.device, logits.dtype)  # [256, 8]
     # int32 words are little-endian: byte j of word w holds tokens 32w + 8j .. 32w + 8j + 7.
     add = lut.index_select(0, bitmask.contiguous().view(torch.uint8).reshape(-1).long())
-    add = add.view(bitmask.shape[0], -1)[:, :vocab]  # [R, V]: 0 allowed, -inf not
-    if vocab < logits.shape[1]:  # LM-head rows past the grammar's vocabulary: never allowed
-        add = torch.cat([add, add.new_full((add.shape[0], logits.shape[1] - vocab), float("-inf"))], dim=1)
+    add = add.view(bitmask.shape[0], -1)[:, :vocab]  # [R, V']: 0 allowed, -inf not
+    head, tail = logits[:, :vocab], logits[:, vocab:]  # tail: a padded LM head's rows past V'
     if every:
-        logits.add_(add)
+        head.add_(add)
+        tail.fill_(float("-inf"))
     else:
-        logits.index_add_(0, idx, add)
+        head.index_add_(0, idx, add)
+        tail.index_fill_(0, idx, float("-inf"))
 
 
 @functools.lru_cache(maxsize=8)

@@ -346,3 +346,27 @@ def test_gguf_gpt4o_pre_tokenizer_splits_like_o200k():
                  "日本語のテキスト 😀 Café, naïve"]:
         want = [byte_level.pre_tokenize_str(m)[0][0] for m in regex.findall(o200k, text)]
         assert [p for p, _ in pre.pre_tokenize_str(text)] == want
+
+
+
+def test_mxfp4_moe_env_settings_are_checked(monkeypatch):
+    """KVSERVE_MXFP4_MOE takes 'legacy' or 'packed'; a bad value is an error naming the variable."""
+    import importlib
+
+    pytest.importorskip("triton")
+    from kvserve.kernels import triton_mxfp4_moe as tm
+
+    try:
+        monkeypatch.setenv("KVSERVE_MXFP4_MOE", "fast")
+        with pytest.raises(ValueError, match="KVSERVE_MXFP4_MOE"):
+            importlib.reload(tm)
+        monkeypatch.setenv("KVSERVE_MXFP4_MOE", "packed")
+        monkeypatch.setenv("KVSERVE_MXFP4_GEMV_MAX_PAIRS", "many")
+        with pytest.raises(ValueError, match="KVSERVE_MXFP4_GEMV_MAX_PAIRS"):
+            importlib.reload(tm)
+        monkeypatch.delenv("KVSERVE_MXFP4_GEMV_MAX_PAIRS")
+        assert importlib.reload(tm).MOE_IMPL == "packed"
+    finally:
+        monkeypatch.delenv("KVSERVE_MXFP4_MOE", raising=False)
+        monkeypatch.delenv("KVSERVE_MXFP4_GEMV_MAX_PAIRS", raising=False)
+        assert importlib.reload(tm).MOE_IMPL == "legacy"

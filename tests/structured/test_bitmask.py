@@ -133,3 +133,19 @@ def test_grammar_vocabulary_is_the_tokenizers(tiny_llama):
         assert m.compiler.vocab_size == (ids + 31) // 32 * 32  # whole 32-token words
     finally:
         m.shutdown()
+
+
+def test_mask_narrower_than_half_precision_logits():
+    """The padded-head tail is set in place in 16-bit logits too (every row and a subset)."""
+    logits = torch.zeros(2, 70, dtype=torch.bfloat16)
+    mask = allocate_bitmask(2, 64)
+    mask[:, 1] = 0  # tokens 32..63 banned
+    for rows in ([0, 1], [1]):
+        got = logits.clone()
+        apply_bitmask(got, mask, rows)
+        for r in range(2):
+            banned = torch.isinf(got[r])
+            if r in rows:
+                assert banned[32:].all() and not banned[:32].any()
+            else:
+                assert not banned.any()
