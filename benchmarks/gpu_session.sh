@@ -38,6 +38,11 @@ quant)  # issue 17
   t qdecode 210 "^\[|rror" python -m benchmarks.gpu_quant_bench --only decode,peer --peer-dir .peer/peer --out "$OUT/d"
   t qthroughput 90 "^\[|rror" python -m benchmarks.gpu_quant_bench --only throughput --out "$OUT/t"
   ;;
+quantlite)  # issue 17, only what the last lease left unmeasured: the tests' fix and 256 requests on the first kernels
+  t qtests 120 "$TESTS" python -m pytest -q -p no:cacheprovider tests/gpu/test_quant_gpu.py
+  mkdir -p "$OUT/t"
+  t qthroughput 150 "^\[|rror" python -m benchmarks.gpu_quant_bench --only throughput --out "$OUT/t"
+  ;;
 moe)  # issue 20
   t mtests 150 "$TESTS" python -m pytest -q -p no:cacheprovider tests/gpu/test_fused_moe.py tests/gpu/test_gpt_oss_gpu.py tests/gpu/test_gguf_moe_gpu.py
   t moebench 200 "^\||^\[|rror" python -m benchmarks.gpu_moe_bench --out "$OUT"
