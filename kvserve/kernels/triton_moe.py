@@ -345,10 +345,16 @@ def fused_moe(
     w2: torch.Tensor,  # [E, H, I]
     topk_weights: torch.Tensor,  # [T, k]
     topk_ids: torch.Tensor,  # [T, k]
-    path: str = "auto",  # "auto" | "pairs" | "sorted"
+    path: str = "auto",  # "auto" | "pairs" | "decode" | "sorted"
     config: dict[str, int] | None = None,  # sorted path tiles (else `sorted_config`)
     pairs_configs: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None,  # (gate/up, down)
+    fused_decode: bool = False,  # "auto" takes "decode" where it would take "pairs"
 ) -> torch.Tensor:  # [T, H]
+    """`path`: "pairs" and "sorted" as the module docstring says; "decode" the pairs path's
+    kernels of `triton_moe_decode` (PDL launches, unrolled K loops, all k experts per down tile;
+    opt-in: `KVSERVE_MOE_DECODE=fused`)."""
+    if path not in ("auto", "pairs", "decode", "sorted"):
+        raise ValueError(f"path must be 'auto', 'pairs', 'decode' or 'sorted' (got {path!r})")
     t, hidden = x.shape
     e, two_i, _ = w13.shape
     inter = two_i // 2
@@ -358,6 +364,10 @@ def fused_moe(
         return x.new_empty((0, hidden))
     if x.stride(1) != 1 or w13.stride(2) != 1 or w2.stride(2) != 1:
         raise ValueError("fused_moe needs x, w13 and w2 with contiguous last dimensions")
+    if path == "decode" or (path == "auto" and fused_decode and use_pairs(t, e, top_k)):
+        from kvserve.kernels.triton_moe_decode import fused_moe_decode
+
+        return fused_moe_decode(x, w13, w2, topk_weights, topk_ids)
     ids = topk_ids.reshape(-1)
     if not ids.is_contiguous():
         ids = ids.contiguous()

@@ -86,11 +86,7 @@ class SparseMoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """([T, k] weights in x's dtype, [T, k] expert ids)."""
-        probs = torch.softmax(self.gate(x), dim=-1, dtype=torch.float)
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)
-        if self.renorm:
-            weights /= weights.sum(dim=-1, keepdim=True)
-        return weights.to(x.dtype), ids
+        return self.ops.route_experts(self.gate(x), self.top_k, self.renorm, x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]; a partial sum under TP
         weights, ids = self.route(x)

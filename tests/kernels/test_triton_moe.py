@@ -1,5 +1,6 @@
 """The fused MoE Triton kernels on the CPU under TRITON_INTERPRET=1 (tiny fp32 shapes, both the
-decode pairs path and the expert-sorted grouped GEMM, ragged sizes) against the fp32 oracle, and
+decode pairs path and the expert-sorted grouped GEMM, ragged sizes; the opt-in decode path's
+router and expert kernels, `triton_moe_decode`) against the fp32 oracle and the torch routing, and
 the expert sort's invariants. The GPU runs the same checks at real shapes
 (`tests/gpu/test_fused_moe.py`). A few seconds."""
 
@@ -20,3 +21,49 @@ def test_cpu_ops_have_no_fused_moe():
 
     x = torch.zeros(2, 8)
     assert Ops().fused_moe(torch.nn.Module(), x, x[:, :2], torch.zeros(2, 2, dtype=torch.long)) is None
+
+
+def test_moe_decode_mode_env(monkeypatch):
+    """KVSERVE_MOE_DECODE: "default" unless set; "fused" opts in; anything else is an error that
+    names the variable."""
+    import pytest
+
+    from kvserve.platform.cuda_moe import moe_decode_mode
+
+    monkeypatch.delenv("KVSERVE_MOE_DECODE", raising=False)
+    assert moe_decode_mode() == "default"
+    monkeypatch.setenv("KVSERVE_MOE_DECODE", "fused")
+    assert moe_decode_mode() == "fused"
+    monkeypatch.setenv("KVSERVE_MOE_DECODE", "Fused")
+    with pytest.raises(ValueError, match="KVSERVE_MOE_DECODE"):
+        moe_decode_mode()
+
+
+def test_route_experts_is_hf_routing():
+    """`Ops.route_experts` (what every platform's routing defaults to): softmax in fp32, top-k,
+    renormalized only when asked, cast to the model dtype."""
+    import torch
+
+    from kvserve.models.ops import Ops
+
+    logits = torch.randn(5, 7, generator=torch.Generator().manual_seed(0)).bfloat16()
+    for renorm in (True, False):
+        w, ids = Ops().route_experts(logits, 3, renorm, torch.bfloat16)
+        p = torch.softmax(logits.float(), -1)
+        top, idx = p.topk(3, -1)
+        if renorm:
+            top = top / top.sum(-1, keepdim=True)
+        assert torch.equal(ids, idx) and torch.equal(w, top.bfloat16())
+
+
+def test_fused_moe_rejects_unknown_path():
+    import pytest
+    import torch
+
+    pytest.importorskip("triton")
+    from kvserve.kernels import triton_moe
+
+    x = torch.zeros(1, 8)
+    with pytest.raises(ValueError, match="path"):
+        triton_moe.fused_moe(x, torch.zeros(2, 8, 8), torch.zeros(2, 8, 4), x[:, :1], torch.zeros(1, 1, dtype=torch.long),
+                             path="fast")
