@@ -8,7 +8,8 @@ Weights, stacked per layer (`platform/cuda_moe.py` builds them once after loadin
 w13 [E, 2I, H] (each expert's fused gate ‖ up rows, as its gate_up projection stores them) and
 w2 [E, H, I]. Only the selected experts' rows are ever read.
 
-Two paths, picked by the number of (token, slot) pairs n = T * top_k (`use_pairs`):
+Two paths, picked by the number of (token, slot) pairs n = T * top_k (`use_pairs`), and an opt-in
+variant of the first:
 
 - **pairs** (decode: one token, or n <= `PAIRS_MAX` and n <= E / 2): no sorting. One
   program per pair and BLOCK_N rows of the expert's width streams those gate and up rows
@@ -16,6 +17,9 @@ Two paths, picked by the number of (token, slot) pairs n = T * top_k (`use_pairs
   program per token and BLOCK_N output columns sums w_j * (inter_j · W_down[e_j] rows) over
   the token's k slots, so the routing weight and the top-k reduction are in the epilogue.
   Pairs that share an expert read it once each (hence the limit).
+- **decode** (opt-in, `KVSERVE_MOE_DECODE=fused`: where "auto" would take pairs): the same
+  work in the PDL kernels of `triton_moe_decode.py` (unrolled K loops; the down kernel takes all
+  k experts per tile and reads the routing and its first weight tiles before its PDL wait).
 - **sorted** (prefill, larger decode batches): `align_by_expert` (one Triton program for a
   decode batch's pairs, torch ops for prefill) sorts the pairs by expert and
   pads each expert's run to a multiple of BLOCK_M (vLLM's moe_align_block_size idea); a grouped
