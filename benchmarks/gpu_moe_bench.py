@@ -15,7 +15,7 @@ pairs / decode / sorted; and routing + experts as a layer runs them, per mode), 
 section builds one engine per mode (`--moe-decode`; the 256-request run with the first only) and
 ends with a table of both.
 
-(a) kernel: one sparse layer's experts (`triton_moe.fused_moe`) for 1, 4, 16 and 256 tokens with
+(a) kernel: one sparse layer's experts (`triton_moe.fused_moe`) for 1, 4, 8, 16 and 256 tokens with
     random routing, each captured in a CUDA graph and replayed back to back over 4 layers'
     weights (so no layer's experts sit in L2 from the call before): µs per layer against the
     floor = bytes of the experts actually selected (distinct ids) / the measured bf16 GEMV read
@@ -144,7 +144,7 @@ def section_kernel(bw: float, peak: float) -> None:
         w13 = [torch.randn(e, 2 * inter, hidden, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         w2 = [torch.randn(e, hidden, inter, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         expert_bytes = 3 * hidden * inter * 2
-        for t in (1, 4, 16, 256):
+        for t in (1, 4, 8, 16, 256):
             g = torch.Generator(device="cuda").manual_seed(t)
             x = torch.randn(t, hidden, device="cuda", dtype=torch.bfloat16, generator=g)
             logits = torch.randn(t, e, device="cuda", generator=g).to(torch.bfloat16)

@@ -73,7 +73,7 @@ def check_route(t: int, e: int, k: int, renorm: bool, device: str, dtype: torch.
     w_ref, ids_ref = Ops().route_experts(logits, k, renorm, dtype)
     assert w.shape == (t, k) and w.dtype == dtype and ids.dtype == torch.long
     assert torch.equal(ids.cpu(), ids_ref.cpu()), f"route t={t} e={e} k={k}: {ids} vs {ids_ref}"
-    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # (tl.exp is ex2.approx on the GPU)
     torch.testing.assert_close(w.float(), w_ref.float(), rtol=tol, atol=tol)
 
 
