@@ -67,3 +67,25 @@ def test_fused_moe_rejects_unknown_path():
     with pytest.raises(ValueError, match="path"):
         triton_moe.fused_moe(x, torch.zeros(2, 8, 8), torch.zeros(2, 8, 4), x[:, :1], torch.zeros(1, 1, dtype=torch.long),
                              path="fast")
+
+
+def test_moe_decode_kernels_compile_for_sm90():
+    """The opt-in decode path's kernels compiled for sm_90 without a GPU (`tests/gpu/moe_sass.py`)
+    at Qwen3-30B-A3B and gpt-oss-20b shapes: 16-byte weight loads (as many as the weights a thread
+    streams need), no spills, the K loops unrolled."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm").exists():
+        pytest.skip("triton without its bundled CUDA tools")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, "-m", "tests.gpu.moe_sass"], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0 and "moe sass checks passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
