@@ -148,7 +148,7 @@ def profile_moe(name: str, layers: int, mode: str, root: Path, bw: float, result
 
     from benchmarks.gpu_moe_bench import SHAPES, config, decode_bytes
 
-    e, k = SHAPES[name][:2]
+    k = SHAPES[name][1]
     folder = root / f"{name}-{layers}"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config(name, layers)))
