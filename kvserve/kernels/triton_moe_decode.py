@@ -123,7 +123,9 @@ def _gate_up_kernel(
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
     e = tl.load(ids_ptr + pair).to(tl.int64)
-    x_row = x_ptr + (pair // TOP_K).to(tl.int64) * stride_x
+    # x in the weight tile's shape (every row the same address): loaded as 16-byte vectors straight
+    # into the tile's layout, no shared-memory conversion (sm_90: 86 instead of 103 registers).
+    x_row = x_ptr + (pair // TOP_K).to(tl.int64) * stride_x + (rows * 0)[:, None]
     # Rows past N (a ragged last tile) read row 0 instead: no mask, so every load is a full vector.
     wg = w_ptr + e * stride_we + tl.where(row_ok, rows, 0).to(tl.int64)[:, None] * stride_wn + cols[None, :]
     wu = wg + N * stride_wn
@@ -131,16 +133,16 @@ def _gate_up_kernel(
     acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in tl.static_range(0, K, BLOCK_K):  # unrolled: every tile's loads can be in flight
         if k0 + BLOCK_K <= K:
-            x = tl.load(x_row + k0 + cols).to(tl.float32)
+            x = tl.load(x_row + k0 + cols[None, :]).to(tl.float32)
             g = tl.load(wg + k0, eviction_policy="evict_first")
             u = tl.load(wu + k0, eviction_policy="evict_first")
         else:
             k_ok = k0 + cols < K
-            x = tl.load(x_row + k0 + cols, mask=k_ok, other=0.0).to(tl.float32)
+            x = tl.load(x_row + k0 + cols[None, :], mask=k_ok[None, :], other=0.0).to(tl.float32)
             g = tl.load(wg + k0, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
             u = tl.load(wu + k0, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
-        acc_g += g.to(tl.float32) * x[None, :]
-        acc_u += u.to(tl.float32) * x[None, :]
+        acc_g += g.to(tl.float32) * x
+        acc_u += u.to(tl.float32) * x
     dt = out_ptr.dtype.element_ty
     h = _silu_mul(tl.sum(acc_g, 1), tl.sum(acc_u, 1), dt)
     tl.store(out_ptr + pair.to(tl.int64) * stride_o + rows, h.to(dt), mask=row_ok)
