@@ -158,7 +158,7 @@ def _silu_mul(g, u, dt: tl.constexpr):
 
 
 @triton.jit
-def _down_tile(w_base, k0, cols, slot_ok, K: tl.constexpr, BLOCK_K: tl.constexpr):
+def _down_tile(w_base, k0: tl.constexpr, cols, slot_ok, K: tl.constexpr, BLOCK_K: tl.constexpr):
     """The [K_PAD, BLOCK_N, BLOCK_K] weight tile at column k0 of the token's k experts."""
     if k0 + BLOCK_K <= K:
         return tl.load(w_base + k0, mask=slot_ok[:, None, None], other=0.0, eviction_policy="evict_first")
@@ -168,7 +168,7 @@ def _down_tile(w_base, k0, cols, slot_ok, K: tl.constexpr, BLOCK_K: tl.constexpr
 
 
 @triton.jit
-def _down_step(acc, w, h_base, k0, cols, slot_ok, K: tl.constexpr, BLOCK_K: tl.constexpr):
+def _down_step(acc, w, h_base, k0: tl.constexpr, cols, slot_ok, K: tl.constexpr, BLOCK_K: tl.constexpr):
     if k0 + BLOCK_K <= K:
         h = tl.load(h_base + k0, mask=slot_ok[:, None, None], other=0.0)
     else:
@@ -227,14 +227,15 @@ def _down_kernel(
     h_base = h_ptr + pairs[:, None, None] * stride_h + cols[None, None, :]
     acc = tl.zeros([K_PAD, BLOCK_N], dtype=tl.float32)
     for k0 in tl.static_range(0, K, BLOCK_K):
-        if k0 == 0 and PRE > 0:
-            w = w0
-        elif k0 == BLOCK_K and PRE > 1:
-            w = w1
-        elif k0 == 2 * BLOCK_K and PRE > 2:
-            w = w2
-        elif k0 == 3 * BLOCK_K and PRE > 3:
-            w = w3
+        if k0 < PRE * BLOCK_K:  # a preloaded tile (compile-time choice: k0 is a constant)
+            if k0 == 0:
+                w = w0
+            elif k0 == BLOCK_K:
+                w = w1
+            elif k0 == 2 * BLOCK_K:
+                w = w2
+            else:
+                w = w3
         else:
             w = _down_tile(w_base, k0, cols, slot_ok, K, BLOCK_K)
         acc = _down_step(acc, w, h_base, k0, cols, slot_ok, K, BLOCK_K)
@@ -249,14 +250,17 @@ def gate_up_config(inter: int, hidden: int) -> tuple[int, int, int]:
 
 
 def down_config(hidden: int, inter: int, top_k: int) -> tuple[int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps, PRE): a [k, BLOCK_N, BLOCK_K] tile of ~8k weights per step
-    (64 per thread at 4 warps: eight 16-byte loads), and as many whole tiles requested before
-    the wait as keep <= 192 weights (96 registers) per thread in flight (`KVSERVE_PDL_PRELOAD`
-    caps it): Qwen3-30B-A3B's down (k 8, width 768) is 3 tiles, all of them preloaded."""
+    """(BLOCK_N, BLOCK_K, num_warps, PRE): a [k, 2, BLOCK_K] tile of ~4k weights per step (32 per
+    thread at 4 warps: four 16-byte loads), and as many whole tiles requested before the wait as
+    keep <= 192 weights per thread in flight (at most 4; `KVSERVE_PDL_PRELOAD` caps it).
+    Qwen3-30B-A3B's down (k 8, width 768): 3 tiles of [8, 2, 256], all preloaded; compiled for
+    sm_90 (`tests/gpu/moe_sass.py`) that is 96 registers with Triton 3.6 and 72 with 3.9, and
+    every weight load issued before the first FMA; BLOCK_N 4 took 199 registers with 3.6 (two
+    programs per SM)."""
     from kvserve.models.triton_ops import PRELOAD_TILES
 
     k_pad = triton.next_power_of_2(top_k)
-    block_n, warps = 4, 4
+    block_n, warps = 2, 4
     block_k = max(64, min(512, 2048 // k_pad, triton.next_power_of_2(inter)))
     per_tile = k_pad * block_n * block_k // (32 * warps)
     pre = min(PRELOAD_TILES, triton.cdiv(inter, block_k), max(1, 192 // per_tile))

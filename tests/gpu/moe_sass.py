@@ -8,7 +8,9 @@ pairs path (`triton_moe._pairs_*`) at the same shapes for comparison.
 
 Checks (exit status 1 if one fails) on the default decode configs: no local memory (spills), the
 weight loads are 16-byte vectors (at least one LDG.128 per 8 bf16 weights a thread streams), no
-loop left in the expert kernels. Needs Triton's bundled ptxas/nvdisasm; no CUDA device.
+loop left in the expert kernels. Needs Triton's bundled ptxas/nvdisasm; no CUDA device. Register
+counts differ between Triton versions (the lent GPUs run 3.6): run it with that version too
+(`pip install triton==3.6.0` into a venv) before changing the tiles.
 """
 
 from __future__ import annotations
