@@ -89,3 +89,21 @@ def test_moe_decode_kernels_compile_for_sm90():
     r = subprocess.run([sys.executable, "-m", "tests.gpu.moe_sass"], cwd=root, env=env, capture_output=True,
                        text=True, timeout=600)
     assert r.returncode == 0 and "moe sass checks passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_cuda_ops_route_off_cuda_is_the_torch_chain(monkeypatch):
+    """The CUDA ops with KVSERVE_MOE_DECODE=fused still route CPU tensors with torch ops (the
+    Triton router only takes CUDA logits), and without stacked experts there is no fused MoE."""
+    import torch
+
+    from kvserve.models.ops import Ops
+    from kvserve.platform.cuda_ops import CudaTritonOps
+
+    monkeypatch.setenv("KVSERVE_MOE_DECODE", "fused")
+    ops = CudaTritonOps()
+    assert ops.moe_decode == "fused"
+    logits = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
+    for a, b in zip(ops.route_experts(logits, 2, True, torch.float32), Ops().route_experts(logits, 2, True, torch.float32)):
+        assert torch.equal(a, b)
+    w, ids = ops.route_experts(logits, 2, False, torch.float32)
+    assert ops.fused_moe(torch.nn.Module(), torch.zeros(3, 8), w, ids) is None
