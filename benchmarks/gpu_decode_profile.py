@@ -1,12 +1,23 @@
-"""Where a batch-1 decode step's time goes (Llama-3.2-1B / Llama-3.1-8B shapes, random weights).
+"""Where a batch-1 decode step's time goes (random weights).
 
     python -m benchmarks.gpu_decode_profile [--models Llama-3.1-8B]
+    python -m benchmarks.gpu_decode_profile --models Qwen3-30B-A3B --layers 4 --moe-decode default,fused
 
-For each model: end-to-end ms/token through the engine; the captured decode graph replayed
-back to back (GPU time of one step, no host turn); the per-kernel durations of one step from
-torch.profiler (grouped by kernel name); and the read bandwidth cuBLAS reaches on each of the
-model's weight shapes alone (several copies rotated so they are not served from L2), against
-the large-GEMV ceiling the decode floor uses.
+Dense models (Llama-3.2-1B / Llama-3.1-8B shapes): end-to-end ms/token through the engine; the
+captured decode graph replayed back to back (GPU time of one step, no host turn); the per-kernel
+durations of one step from torch.profiler (grouped by kernel name); and the read bandwidth cuBLAS
+reaches on each of the model's weight shapes alone (several copies rotated so they are not served
+from L2), against the large-GEMV ceiling the decode floor uses.
+
+Mixture-of-experts shapes (the names of `gpu_moe_bench.SHAPES`: Qwen3-30B-A3B, gpt-oss-20b, run as
+Qwen3-MoE models with `--layers` of their layers, bf16 experts), once per `--moe-decode` mode
+(`KVSERVE_MOE_DECODE`, set before each engine is built): the graph replay and end-to-end
+ms/token against the floor of the bytes one step reads (active experts only, as
+`gpu_moe_bench`), then ONE batch-1 decode step run eagerly under torch.profiler: every CUDA
+kernel (name shortened), launches per step, total and mean µs, and its exclusive µs (the part
+no earlier kernel covers: kernels launched with PDL start early and wait, so their own durations
+overlap), with the sums; the same summary for one graph replay. < 2 minutes on an H100 at the
+defaults; without CUDA it prints a message and exits.
 """
 
 from __future__ import annotations
@@ -17,6 +28,8 @@ import gc
 import json
 import os
 import random
+import re
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -58,6 +71,135 @@ def kernel_table(prof, steps: int) -> list[tuple[str, int, float]]:
     rows = [(name[:90], len(v) // steps, sum(v) / steps) for name, v in agg.items()]
     rows.sort(key=lambda r: -r[2])
     return rows
+
+
+# -- mixture-of-experts shapes: one step's kernels --------------------------------------------
+_GENERIC = {"BinaryFunctor", "UnaryFunctor", "AUnaryFunctor", "BUnaryFunctor", "ReduceOp"}
+
+
+def short_name(name: str, width: int = 64) -> str:
+    """A CUDA kernel name without `void`, namespaces, template arguments and parameters; a functor
+    or op named in the template arguments is kept in brackets (torch's elementwise kernels all
+    share one name): `void at::native::vectorized_elementwise_kernel<4, at::native::BinaryFunctor<
+    float, float, float, at::native::binary_internal::DivFunctor<float> >, ...>(int, ...)` ->
+    `vectorized_elementwise_kernel[DivFunctor]`."""
+    name = name.strip().replace("(anonymous namespace)::", "")
+    if name.startswith(("Memcpy", "Memset")):
+        return name[:width]
+    if name.startswith("void "):
+        name = name[5:]
+    depth, base_end = 0, len(name)
+    for i, c in enumerate(name):  # the end of the base name: the first '<' or '(' at depth 0
+        if c in "<(" and depth == 0:
+            base_end = i
+            break
+    base = name[:base_end].split("::")[-1] or name[:base_end]
+    rest = name[base_end:]
+    if rest.startswith("<"):
+        found = [f for f in re.findall(r"(\w+(?:Functor|functor|_kernel_cuda|Op|_kernel|Kernel))\b", rest)
+                 if f != base and f not in _GENERIC]
+        functors = [f for f in found if f.lower().endswith("functor")]
+        if functors or found:
+            base += f"[{functors[-1] if functors else found[0]}]"
+    return base if len(base) <= width else base[: width - 3] + "..."
+
+
+def kernel_rows(kernels: list[tuple[float, float, str]], steps: int = 1) -> list[dict]:
+    """Kernels (start µs, end µs, full name) of `steps` steps -> one row per shortened name:
+    launches, total and mean µs, exclusive µs (`tp_bench.split_timeline`), per step; by
+    exclusive time, largest first."""
+    from benchmarks.tp_bench import split_timeline
+
+    short = [(a, b, short_name(n)) for a, b, n in kernels]
+    split = split_timeline(short)
+    counts = collections.Counter(n for _, _, n in short)
+    rows = [{"kernel": n, "count": counts[n] / steps, "total_us": split["total"][n] / steps,
+             "mean_us": split["total"][n] / counts[n], "exclusive_us": split["exclusive"][n] / steps}
+            for n in counts]
+    rows.sort(key=lambda r: (-r["exclusive_us"], r["kernel"]))
+    return rows
+
+
+def format_table(rows: list[dict], title: str = "") -> str:
+    """The rows of `kernel_rows` as a fixed-width table with a sum line."""
+    width = max([len(r["kernel"]) for r in rows] + [6])
+    lines = [title] if title else []
+    lines.append(f"{'kernel':{width}s} {'n/step':>7s} {'total us':>9s} {'mean us':>8s} {'excl. us':>9s}")
+    for r in rows:
+        count = f"{r['count']:.0f}" if float(r["count"]).is_integer() else f"{r['count']:.1f}"
+        lines.append(f"{r['kernel']:{width}s} {count:>7s} {r['total_us']:9.1f} {r['mean_us']:8.2f} "
+                     f"{r['exclusive_us']:9.1f}")
+    n = sum(r["count"] for r in rows)
+    lines.append(f"{'sum':{width}s} {n:7.0f} {sum(r['total_us'] for r in rows):9.1f} {'':8s} "
+                 f"{sum(r['exclusive_us'] for r in rows):9.1f}")
+    return "\n".join(lines)
+
+
+def cuda_kernels(prof) -> list[tuple[float, float, str]]:
+    """(start µs, end µs, name) of every CUDA activity (kernels, copies) torch.profiler saw."""
+    return [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+            if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+def profile_moe(name: str, layers: int, mode: str, root: Path, bw: float, results: dict) -> None:
+    """One engine at MoE shapes with `KVSERVE_MOE_DECODE=mode`: ms/token (graph replay and end to
+    end) against the floor, then one eager decode step's kernels and one graph replay's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.gpu_moe_bench import SHAPES, config, decode_bytes
+
+    k = SHAPES[name][1]
+    folder = root / f"{name}-{layers}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config(name, layers)))
+    os.environ["KVSERVE_MOE_DECODE"] = mode
+    t0 = time.perf_counter()
+    llm = LLM(str(folder), load_format="dummy", max_model_len=2048, max_num_seqs=8, enable_prefix_caching=False,
+              gpu_memory_utilization=0.5)
+    startup = time.perf_counter() - t0
+    eng, runner = llm.engine, llm.engine.runner
+    assert runner.graphs is not None, "CUDA graphs are off"
+    wb, _ = decode_bytes(runner.model, SHAPES[name], k)
+    kv = kv_bytes_per_token(eng.model_config) * 192
+    floor = (wb + kv) / bw
+    e2e = kvserve_decode(llm, new=64, reps=2)  # also the warm-up
+    # A request left mid-decode at context ~192: the static graph inputs hold a real step.
+    rng = random.Random(5)
+    eng.add_request("p", [rng.randrange(10000) for _ in range(128)],
+                    SamplingParams(max_tokens=66, temperature=0.0, ignore_eos=True))
+    for _ in range(64):
+        eng.step()
+    graphs = runner.graphs
+    replay = events_time(lambda: graphs.replay(1), 50)
+    with torch.inference_mode():
+        graphs._step(1)  # eager warm-up (nothing new to compile: the graphs' warm-up ran it)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            graphs._step(1)
+            torch.cuda.synchronize()
+    eager_rows = kernel_rows(cuda_kernels(prof))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        graphs.replay(1)
+        torch.cuda.synchronize()
+    graph_rows = kernel_rows(cuda_kernels(prof))
+    while eng.has_unfinished_requests():
+        eng.step()
+    label = f"{name}, {layers} of {SHAPES[name][4]} layers, KVSERVE_MOE_DECODE={mode}"
+    log(f"\n== {label} (start-up {startup:.0f}s): weights read {wb / 1e9:.3f} GB/step, floor {floor * 1e3:.3f} ms "
+        f"at {bw / 1e9:.0f} GB/s")
+    log(f"graph replay {replay * 1e3:.3f} ms/token ({100 * floor / replay:.1f}% of the floor); "
+        f"end to end {e2e * 1e3:.3f} ms/token ({100 * floor / e2e:.1f}%)")
+    log(format_table(eager_rows, f"one eager decode step (batch 1), {sum(r['count'] for r in eager_rows):.0f} "
+                                 f"kernels, {layers} layers:"))
+    g_busy = sum(r["exclusive_us"] for r in graph_rows)
+    log(f"one graph replay: {sum(r['count'] for r in graph_rows):.0f} kernels, {g_busy:.1f} us busy "
+        f"(replay timed {replay * 1e6:.1f} us: {replay * 1e6 - g_busy:.1f} us idle between kernels)")
+    for r in graph_rows[:12]:
+        log(f"  {r['kernel']:64s} {r['count']:5.0f} {r['exclusive_us']:9.1f} us exclusive")
+    results[f"{name}/{mode}"] = {"layers": layers, "startup_s": startup, "floor_ms": floor * 1e3,
+                                 "replay_ms": replay * 1e3, "e2e_ms": e2e * 1e3, "pct_floor_replay": 100 * floor / replay,
+                                 "pct_floor_e2e": 100 * floor / e2e, "eager_kernels": eager_rows,
+                                 "graph_kernels": graph_rows}
 
 
 def host_phases(llm: LLM, new: int = 128) -> dict[str, float]:
@@ -210,17 +352,41 @@ def runner_split(llm: LLM) -> bool:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--models", default="Llama-3.2-1B,Llama-3.1-8B")
+    ap.add_argument("--models", default="Llama-3.2-1B,Llama-3.1-8B",
+                    help="dense (gpu_bench) or MoE (gpu_moe_bench.SHAPES) model names, comma-separated")
+    ap.add_argument("--layers", type=int, default=4, help="layers of an MoE model (its own depth is larger)")
+    ap.add_argument("--moe-decode", default="default,fused", help="KVSERVE_MOE_DECODE modes to profile, in turn")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
-    log(f"card: {torch.cuda.get_device_name(0)}")
-    bw, _ = ceilings()
-    from benchmarks.gpu_bench import RESULTS
+    if not torch.cuda.is_available():
+        print("gpu_decode_profile: no CUDA device, nothing to profile (skipped)")
+        sys.exit(0)
+    from benchmarks.gpu_moe_bench import SHAPES
 
-    log(f"GEMV ceiling {bw / 1e9:.0f} GB/s (best of {RESULTS['ceiling_gemvs_GBps']})")
-    results: dict = {"gemv_ceiling_GBps": bw / 1e9, "card": torch.cuda.get_device_name(0)}
+    log(f"card: {torch.cuda.get_device_name(0)}")
+    names = args.models.split(",")
+    results: dict = {"card": torch.cuda.get_device_name(0)}
+    if all(n in SHAPES for n in names):  # MoE only: the quick bandwidth measure of gpu_moe_bench
+        from benchmarks.gpu_moe_bench import gemv_bandwidth
+
+        bw = gemv_bandwidth()
+        log(f"bf16 GEMV read ceiling {bw / 1e9:.0f} GB/s (best of cuBLAS and Triton on two large shapes)")
+    else:
+        bw, _ = ceilings()
+        from benchmarks.gpu_bench import RESULTS
+
+        log(f"GEMV ceiling {bw / 1e9:.0f} GB/s (best of {RESULTS['ceiling_gemvs_GBps']})")
+    results["gemv_ceiling_GBps"] = bw / 1e9
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models.split(","):
+        for name in names:
+            if name in SHAPES:
+                for mode in args.moe_decode.split(","):
+                    profile_moe(name, args.layers, mode, Path(tmp), bw, results)
+                    gc.collect()  # the engine of this mode goes before the next one is built
+                    torch.cuda.empty_cache()
+                    Path(args.out, "decode_profile.json").write_text(json.dumps(results, indent=1))
+                os.environ.pop("KVSERVE_MOE_DECODE", None)
+                continue
             profile_model(name, Path(tmp), bw, results)
             Path(args.out, "decode_profile.json").write_text(json.dumps(results, indent=1))
 

@@ -1,11 +1,21 @@
 """Fused MoE on the GPU: Qwen3-30B-A3B and gpt-oss-20b shapes, random weights, with the floors
 measured in the same run.
 
-    python -m benchmarks.gpu_moe_bench                    # everything (< 4 min on an H100)
+    python -m benchmarks.gpu_moe_bench                    # everything (--time-limit 185 s: an engine
+                                                          # section that would not fit is skipped, said so)
     python -m benchmarks.gpu_moe_bench --only kernel      # kernel-level table only
+    python -m benchmarks.gpu_moe_bench --only decode --moe-decode default,fused   # engines, both paths
     python -m benchmarks.gpu_moe_bench --layers 48,24 --only decode   # full depth (memory!)
+    python -m benchmarks.gpu_moe_bench --only sweep-decode   # tile configs of the decode path's kernels
 
-(a) kernel: one sparse layer's experts (`triton_moe.fused_moe`) for 1, 16 and 256 tokens with
+Both decode paths side by side: `KVSERVE_MOE_DECODE=default` (routing as torch ops, the pairs
+kernels) and `fused` (the opt-in one-launch router and PDL expert kernels of
+`kvserve/kernels/triton_moe_decode.py`): the kernel table has a row per path (experts alone:
+pairs / decode / sorted; and routing + experts as a layer runs them, per mode), the engine
+section builds one engine per mode (`--moe-decode`; the 256-request run with the first only) and
+ends with a table of both.
+
+(a) kernel: one sparse layer's experts (`triton_moe.fused_moe`) for 1, 4, 8, 16 and 256 tokens with
     random routing, each captured in a CUDA graph and replayed back to back over 4 layers'
     weights (so no layer's experts sit in L2 from the call before): µs per layer against the
     floor = bytes of the experts actually selected (distinct ids) / the measured bf16 GEMV read
@@ -125,19 +135,20 @@ def expert_loop(x, w13, w2, wts, ids):
 
 
 def section_kernel(bw: float, peak: float) -> None:
-    from kvserve.kernels import triton_moe
+    from kvserve.kernels import triton_moe, triton_moe_decode
+    from kvserve.models.ops import Ops
 
+    table = []
     for name, (e, k, hidden, inter, *_rest) in SHAPES.items():
         copies = 4
         w13 = [torch.randn(e, 2 * inter, hidden, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         w2 = [torch.randn(e, hidden, inter, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         expert_bytes = 3 * hidden * inter * 2
-        for t in (1, 16, 256):
+        for t in (1, 4, 8, 16, 256):
             g = torch.Generator(device="cuda").manual_seed(t)
             x = torch.randn(t, hidden, device="cuda", dtype=torch.bfloat16, generator=g)
-            probs = torch.softmax(torch.randn(t, e, device="cuda", generator=g), -1)
-            wts, ids = torch.topk(probs, k, -1)
-            wts = (wts / wts.sum(-1, keepdim=True)).to(torch.bfloat16)
+            logits = torch.randn(t, e, device="cuda", generator=g).to(torch.bfloat16)
+            wts, ids = Ops().route_experts(logits, k, True, torch.bfloat16)
             distinct = int(torch.unique(ids).numel())
             floor_mem = distinct * expert_bytes / bw
             floor_flop = 2 * t * k * 3 * hidden * inter / peak
@@ -145,7 +156,8 @@ def section_kernel(bw: float, peak: float) -> None:
             ref = triton_moe.reference_moe(x, w13[0], w2[0], wts, ids) if t <= 16 else None
             row = {"tokens": t, "distinct_experts": distinct, "floor_us": floor * 1e6,
                    "floor_mem_us": floor_mem * 1e6, "floor_flop_us": floor_flop * 1e6}
-            paths = ["pairs", "sorted"] if t <= 16 else ["sorted"]
+            # "decode": the opt-in KVSERVE_MOE_DECODE=fused expert kernels (triton_moe_decode)
+            paths = ["pairs", "decode", "sorted"] if t <= 16 else ["sorted"]
             for path in paths:
                 out = triton_moe.fused_moe(x, w13[0], w2[0], wts, ids, path=path)
                 if ref is not None:
@@ -155,9 +167,28 @@ def section_kernel(bw: float, peak: float) -> None:
                 def run(path=path) -> None:
                     for c in range(copies):
                         triton_moe.fused_moe(x, w13[c], w2[c], wts, ids, path=path)
-                s = graph_time(run) / copies
-                row[f"{path}_us"] = s * 1e6
-                row[f"{path}_pct_floor"] = 100 * floor / s
+                row[f"{path}_us"] = graph_time(run) / copies * 1e6
+                row[f"{path}_pct_floor"] = 100 * floor / row[f"{path}_us"] * 1e6
+            # The routing and the experts as a model layer runs them (the router projection,
+            # the same in both, left out): default = torch ops + auto path, fused = route kernel
+            # + auto path with the decode kernels.
+            for mode in ("default", "fused"):
+                def layer(mode=mode) -> None:
+                    for c in range(copies):
+                        if mode == "fused":
+                            w_, i_ = triton_moe_decode.route(logits, k, True, torch.bfloat16)
+                        else:
+                            w_, i_ = Ops().route_experts(logits, k, True, torch.bfloat16)
+                        triton_moe.fused_moe(x, w13[c], w2[c], w_, i_, fused_decode=mode == "fused")
+                row[f"layer_{mode}_us"] = graph_time(layer) / copies * 1e6
+                row[f"layer_{mode}_pct_floor"] = 100 * floor / row[f"layer_{mode}_us"] * 1e6
+                def route(mode=mode) -> None:
+                    for _ in range(copies):
+                        if mode == "fused":
+                            triton_moe_decode.route(logits, k, True, torch.bfloat16)
+                        else:
+                            Ops().route_experts(logits, k, True, torch.bfloat16)
+                row[f"route_{mode}_us"] = graph_time(route) / copies * 1e6
             auto = "pairs" if triton_moe.use_pairs(t, e, k) else "sorted"
             row["auto"] = auto
             if "sorted" in paths:  # the expert sort alone: one Triton program vs torch ops
@@ -172,12 +203,24 @@ def section_kernel(bw: float, peak: float) -> None:
                 expert_loop(x, w13[c[0]], w2[c[0]], wts, ids)
             row["loop_us"] = events_time(loop, 20) * 1e6
             RESULTS[f"kernel/{name}/T{t}"] = row
-            log(f"[kernel] {name} T={t:3d}: {distinct:3d} experts, floor {floor * 1e6:7.1f} us | "
-                + " | ".join(f"{p} {row[f'{p}_us']:7.1f} us ({row[f'{p}_pct_floor']:.0f}%)" for p in paths)
-                + f" | expert loop {row['loop_us']:8.1f} us | auto: {auto}"
-                + f" | sort: Triton {row['align_triton_us']:.1f} us, torch {row['align_torch_us']:.1f} us")
+            for path in paths:
+                tag = {"pairs": " (auto: default)", "decode": " (auto: fused)"}.get(path, " (auto)") \
+                    if path == auto or (path == "decode" and auto == "pairs") else ""
+                table.append((name, t, distinct, floor * 1e6, f"experts: {path}{tag}", row[f"{path}_us"]))
+            for mode in ("default", "fused"):
+                label = (f"route {'torch ops' if mode == 'default' else 'Triton'} + experts "
+                         f"({'decode' if mode == 'fused' and auto == 'pairs' else auto}), KVSERVE_MOE_DECODE={mode}")
+                table.append((name, t, distinct, floor * 1e6, label, row[f"layer_{mode}_us"]))
+                table.append((name, t, distinct, 0.0, f"  of which routing ({mode})", row[f"route_{mode}_us"]))
+            table.append((name, t, distinct, floor * 1e6, "expert loop (eager, unfused)", row["loop_us"]))
+            log(f"[kernel] {name} T={t} done" + (f" | sort: Triton {row['align_triton_us']:.1f} us, torch "
+                                                  f"{row['align_torch_us']:.1f} us" if "sorted" in paths else ""))
         del w13, w2
         torch.cuda.empty_cache()
+    log("\n| shape | tokens | experts hit | floor µs | path | µs per layer | % of floor |\n|---|---|---|---|---|---|---|")
+    for name, t, distinct, floor_us, label, us in table:
+        pct = f"{100 * floor_us / us:.1f}%" if floor_us else ""
+        log(f"| {name} | {t} | {distinct} | {floor_us:.1f} | {label} | {us:.1f} | {pct} |")
 
 
 def section_sweep() -> None:
@@ -218,6 +261,50 @@ def section_sweep() -> None:
         torch.cuda.empty_cache()
 
 
+def section_sweep_decode() -> None:
+    """Tile configs of the decode path's expert kernels (`triton_moe_decode`; gate/up (BLOCK_N,
+    BLOCK_K, warps) and down (BLOCK_N, BLOCK_K, warps, PRE) each, the other at its default) at 1
+    token: µs per layer, 4 layers' weights replayed back to back. A winner goes into
+    `gate_up_config` / `down_config`."""
+    from kvserve.kernels import triton_moe_decode as tmd
+
+    gu_grid = [(bn, bk, w) for bn in (2, 4, 8) for bk in (256, 512) for w in (4, 8)]
+    dn_grid = [(bn, bk, w, 4) for bn in (2, 4, 8) for bk in (128, 256, 512) for w in (2, 4)]
+    for name, (e, k, hidden, inter, *_rest) in SHAPES.items():
+        copies = 4
+        w13 = [torch.randn(e, 2 * inter, hidden, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        w2 = [torch.randn(e, hidden, inter, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
+        x = torch.randn(1, hidden, device="cuda", dtype=torch.bfloat16)
+        wts, ids = torch.topk(torch.softmax(torch.randn(1, e, device="cuda"), -1), k, -1)
+        wts = wts.to(torch.bfloat16)
+        default = (tmd.gate_up_config(inter, hidden), tmd.down_config(hidden, inter, k))
+        for which, grid in ((0, gu_grid), (1, dn_grid)):
+            res = {}
+            extra = [(*default[1][:3], 0)] if which == 1 else []  # the default down tile without preloading
+            for cfg in grid + extra + [default[which]]:
+                kk = hidden if which == 0 else inter
+                if cfg[1] > triton.next_power_of_2(kk) or kk // cfg[1] > 16:  # (long unrolled loops compile slowly)
+                    continue
+                if which == 1:  # PRE: at most 4 whole tiles
+                    cfg = (*cfg[:3], min(cfg[3], triton.cdiv(inter, cfg[1])))
+                cfgs = (cfg, default[1]) if which == 0 else (default[0], cfg)
+
+                def run(cfgs=cfgs) -> None:
+                    for c in range(copies):
+                        tmd.fused_moe_decode(x, w13[c], w2[c], wts, ids, configs=cfgs)
+                try:
+                    res[cfg] = graph_time(run, 10) / copies * 1e6
+                except Exception as exc:  # noqa: BLE001 (a config that does not compile or fit)
+                    log(f"[sweep-decode] {cfg}: {type(exc).__name__}")
+            best = sorted((v, c) for c, v in res.items())[:5]
+            label = "gate_up" if which == 0 else "down"
+            RESULTS[f"sweep_decode/{name}/{label}"] = {str(c): v for c, v in res.items()}
+            log(f"[sweep-decode] {name} T=1 {label}: default {default[which]} {res.get(default[which], float('nan')):.1f} "
+                f"us (both kernels); best " + ", ".join(f"{c} {v:.1f}" for v, c in best))
+        del w13, w2
+        torch.cuda.empty_cache()
+
+
 # -- (b) decode and (c) throughput on the engine -------------------------------------------------
 def decode_bytes(model: torch.nn.Module, cfg_e: tuple, active_experts_per_layer: float) -> tuple[int, int]:
     """(bytes read per step with `active_experts_per_layer` experts of each sparse layer,
@@ -242,12 +329,15 @@ def workload(n: int = 256, seed: int = 0) -> tuple[list[list[int]], list[int]]:
     return prompts, outs
 
 
-def section_engine(name: str, layers: int, root: Path, bw: float, throughput: bool, requests: int) -> None:
+def section_engine(name: str, layers: int, root: Path, bw: float, throughput: bool, requests: int,
+                   mode: str = "default") -> None:
+    """The engine with `KVSERVE_MOE_DECODE=mode` (read when it is built)."""
     e, k, *_rest = SHAPES[name]
     full_layers = SHAPES[name][4]
     folder = root / name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config(name, layers)))
+    os.environ["KVSERVE_MOE_DECODE"] = mode
     t0 = time.perf_counter()
     llm = LLM(str(folder), load_format="dummy", max_model_len=4096, max_num_seqs=256 if throughput else 8,
               enable_prefix_caching=False, gpu_memory_utilization=0.9)
@@ -265,12 +355,13 @@ def section_engine(name: str, layers: int, root: Path, bw: float, throughput: bo
     layer_bytes = sum(p.numel() * p.element_size() for p in model.layers.parameters()) - expert_total * (1 - k / e)
     head_bytes = wb - layer_bytes
     floor_full = (head_bytes + layer_bytes * full_layers / layers + kv * full_layers / layers) / bw
-    row = {"layers": layers, "startup_s": startup, "weights_read_GB": wb / 1e9, "floor_ms": floor * 1e3,
+    row = {"mode": mode, "layers": layers, "startup_s": startup, "weights_read_GB": wb / 1e9, "floor_ms": floor * 1e3,
            "ms_per_token": s * 1e3, "pct_floor": 100 * floor / s, "full_depth_layers": full_layers,
            "full_depth_floor_ms": floor_full * 1e3, "full_depth_projected_ms": s * floor_full / floor * 1e3,
            "graph_steps": eng.runner.num_graph_steps}
-    RESULTS[f"decode/{name}"] = row
-    log(f"[decode] {name} ({layers} of {full_layers} layers; start-up {startup:.0f}s): batch-1 {s * 1e3:.3f} ms/token, "
+    RESULTS[f"decode/{name}/{mode}"] = row
+    log(f"[decode] {name} ({layers} of {full_layers} layers; KVSERVE_MOE_DECODE={mode}; start-up {startup:.0f}s): "
+        f"batch-1 {s * 1e3:.3f} ms/token, "
         f"floor {floor * 1e3:.3f} ms ({wb / 1e9:.2f} GB/step) -> {100 * floor / s:.1f}% of the floor; "
         f"full depth: floor {floor_full * 1e3:.2f} ms, projected {s * floor_full / floor * 1e3:.2f} ms/token")
     if throughput:
@@ -297,7 +388,7 @@ def section_engine(name: str, layers: int, root: Path, bw: float, throughput: bo
                "floor_s": tfloor, "floor_tok_s": n_out / tfloor, "pct_floor": 100 * tfloor / dt,
                "kv_read_GB": kv_read / 1e9, "weights_read_GB": w_read / 1e9,
                "preemptions": eng.stats().get("num_preemptions"), "kv_blocks": eng.cache_config.num_blocks}
-        RESULTS[f"throughput/{name}"] = row
+        RESULTS[f"throughput/{name}/{mode}"] = row
         log(f"[throughput] {name} ({layers} layers): {requests} requests, {n_out} tokens in {dt:.1f}s = "
             f"{n_out / dt:.0f} out tok/s over {len(batch)} steps; floor {tfloor:.1f}s = {n_out / tfloor:.0f} tok/s "
             f"(weights {w_read / 1e9:.0f} GB + KV {kv_read / 1e9:.0f} GB) -> {100 * tfloor / dt:.1f}% of it")
@@ -312,6 +403,10 @@ def main() -> None:
     ap.add_argument("--layers", default="12,8", help="engine layers for Qwen3-30B-A3B, gpt-oss-20b")
     ap.add_argument("--requests", type=int, default=256)
     ap.add_argument("--models", default="Qwen3-30B-A3B,gpt-oss-20b")
+    ap.add_argument("--time-limit", type=float, default=185.0,
+                    help="seconds: an engine section is skipped when the last one would not fit before it")
+    ap.add_argument("--moe-decode", default="default,fused",
+                    help="KVSERVE_MOE_DECODE modes of the engine's decode section, in turn (throughput: the first)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
 
@@ -330,19 +425,44 @@ def main() -> None:
     layers = dict(zip(SHAPES, (int(n) for n in args.layers.split(","))))
     if "sweep" in only:
         section_sweep()
+    if "sweep-decode" in only:
+        section_sweep_decode()
     if "kernel" in only:
         try:
             section_kernel(bw, peak)
         except Exception:
             traceback.print_exc()
+    modes = args.moe_decode.split(",")
+    last_engine_s = 0.0
     with tempfile.TemporaryDirectory() as tmp:
         for name in models:
-            if "decode" in only or "throughput" in only:
-                try:
-                    section_engine(name, layers[name], Path(tmp), bw, "throughput" in only, args.requests)
-                except Exception:
-                    traceback.print_exc()
-            Path(args.out, "gpu_moe_bench.json").write_text(json.dumps(RESULTS, indent=1))
+            for i, mode in enumerate(modes):
+                if "decode" in only or ("throughput" in only and i == 0):
+                    elapsed = time.perf_counter() - t_start
+                    if elapsed + last_engine_s > args.time_limit:
+                        log(f"[engine] {name} KVSERVE_MOE_DECODE={mode}: skipped ({elapsed:.0f}s elapsed, an engine "
+                            f"section took up to {last_engine_s:.0f}s, --time-limit {args.time_limit:.0f}s)")
+                        continue
+                    t_engine = time.perf_counter()
+                    try:
+                        section_engine(name, layers[name], Path(tmp), bw, "throughput" in only and i == 0,
+                                       args.requests, mode)
+                    except Exception:
+                        traceback.print_exc()
+                    gc.collect()
+                    torch.cuda.empty_cache()
+                    last_engine_s = max(last_engine_s, time.perf_counter() - t_engine)
+                Path(args.out, "gpu_moe_bench.json").write_text(json.dumps(RESULTS, indent=1))
+    os.environ.pop("KVSERVE_MOE_DECODE", None)
+    if "decode" in only:
+        log("\n| model | layers | KVSERVE_MOE_DECODE | batch-1 ms/token | floor ms | % of floor | full depth: floor / "
+            "projected ms |\n|---|---|---|---|---|---|---|")
+        for name in models:
+            for mode in modes:
+                r = RESULTS.get(f"decode/{name}/{mode}")
+                if r:
+                    log(f"| {name} | {r['layers']} | {mode} | {r['ms_per_token']:.3f} | {r['floor_ms']:.3f} | "
+                        f"{r['pct_floor']:.1f}% | {r['full_depth_floor_ms']:.2f} / {r['full_depth_projected_ms']:.2f} |")
     Path(args.out, "gpu_moe_bench.json").write_text(json.dumps(RESULTS, indent=1))
     log(f"total {time.perf_counter() - t_start:.0f}s")
     log(json.dumps(RESULTS, indent=1))

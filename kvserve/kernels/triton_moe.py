@@ -8,7 +8,8 @@ Weights, stacked per layer (`platform/cuda_moe.py` builds them once after loadin
 w13 [E, 2I, H] (each expert's fused gate ‖ up rows, as its gate_up projection stores them) and
 w2 [E, H, I]. Only the selected experts' rows are ever read.
 
-Two paths, picked by the number of (token, slot) pairs n = T * top_k (`use_pairs`):
+Two paths, picked by the number of (token, slot) pairs n = T * top_k (`use_pairs`), and an opt-in
+variant of the first:
 
 - **pairs** (decode: one token, or n <= `PAIRS_MAX` and n <= E / 2): no sorting. One
   program per pair and BLOCK_N rows of the expert's width streams those gate and up rows
@@ -16,6 +17,9 @@ Two paths, picked by the number of (token, slot) pairs n = T * top_k (`use_pairs
   program per token and BLOCK_N output columns sums w_j * (inter_j · W_down[e_j] rows) over
   the token's k slots, so the routing weight and the top-k reduction are in the epilogue.
   Pairs that share an expert read it once each (hence the limit).
+- **decode** (opt-in, `KVSERVE_MOE_DECODE=fused`: where "auto" would take pairs): the same
+  work in the PDL kernels of `triton_moe_decode.py` (unrolled K loops; the down kernel takes all
+  k experts per tile and reads the routing and its first weight tiles before its PDL wait).
 - **sorted** (prefill, larger decode batches): `align_by_expert` (one Triton program for a
   decode batch's pairs, torch ops for prefill) sorts the pairs by expert and
   pads each expert's run to a multiple of BLOCK_M (vLLM's moe_align_block_size idea); a grouped
@@ -345,10 +349,16 @@ def fused_moe(
     w2: torch.Tensor,  # [E, H, I]
     topk_weights: torch.Tensor,  # [T, k]
     topk_ids: torch.Tensor,  # [T, k]
-    path: str = "auto",  # "auto" | "pairs" | "sorted"
+    path: str = "auto",  # "auto" | "pairs" | "decode" | "sorted"
     config: dict[str, int] | None = None,  # sorted path tiles (else `sorted_config`)
     pairs_configs: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None,  # (gate/up, down)
+    fused_decode: bool = False,  # "auto" takes "decode" where it would take "pairs"
 ) -> torch.Tensor:  # [T, H]
+    """`path`: "pairs" and "sorted" as the module docstring says; "decode" the pairs path's
+    kernels of `triton_moe_decode` (PDL launches, unrolled K loops, all k experts per down tile;
+    opt-in: `KVSERVE_MOE_DECODE=fused`)."""
+    if path not in ("auto", "pairs", "decode", "sorted"):
+        raise ValueError(f"path must be 'auto', 'pairs', 'decode' or 'sorted' (got {path!r})")
     t, hidden = x.shape
     e, two_i, _ = w13.shape
     inter = two_i // 2
@@ -358,6 +368,10 @@ def fused_moe(
         return x.new_empty((0, hidden))
     if x.stride(1) != 1 or w13.stride(2) != 1 or w2.stride(2) != 1:
         raise ValueError("fused_moe needs x, w13 and w2 with contiguous last dimensions")
+    if path == "decode" or (path == "auto" and fused_decode and use_pairs(t, e, top_k)):
+        from kvserve.kernels.triton_moe_decode import fused_moe_decode
+
+        return fused_moe_decode(x, w13, w2, topk_weights, topk_ids)
     ids = topk_ids.reshape(-1)
     if not ids.is_contiguous():
         ids = ids.contiguous()

@@ -13,7 +13,9 @@ CPU path: loop over the experts that received tokens (ascending, as HF does), ga
 (`index_select`), run the expert on them, and scatter-add the weighted result (`index_add_`),
 so the work is the active experts' only. A platform with a fused MoE op runs the experts
 through it instead (`Ops.fused_moe`; CUDA: the Triton kernels of `kernels/triton_moe.py`, no
-host sync, so decode steps are captured in CUDA graphs). Qwen3-MoE layers in
+host sync, so decode steps are captured in CUDA graphs). The routing goes through the platform
+too (`Ops.route_experts`: the torch ops above; with `KVSERVE_MOE_DECODE=fused` on CUDA one Triton
+kernel, `kernels/triton_moe_decode.py`). Qwen3-MoE layers in
 `mlp_only_layers`, or off the `decoder_sparse_step` grid, keep a dense MLP.
 
 Tensor parallelism: every rank routes the same way (the router is replicated) and holds a slice
@@ -86,11 +88,7 @@ class SparseMoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """([T, k] weights in x's dtype, [T, k] expert ids)."""
-        probs = torch.softmax(self.gate(x), dim=-1, dtype=torch.float)
-        weights, ids = torch.topk(probs, self.top_k, dim=-1)
-        if self.renorm:
-            weights /= weights.sum(dim=-1, keepdim=True)
-        return weights.to(x.dtype), ids
+        return self.ops.route_experts(self.gate(x), self.top_k, self.renorm, x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]; a partial sum under TP
         weights, ids = self.route(x)

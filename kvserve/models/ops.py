@@ -84,6 +84,18 @@ class Ops:
         k = self.rotate(k_norm(k.view(t, hkv, d)), rope)
         return q, k, v.view(t, hkv, d), False
 
+    def route_experts(
+        self, logits: torch.Tensor, top_k: int, renorm: bool, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sparse MoE layer's routing: router logits [T, E] -> (weights [T, k] in `dtype`, expert
+        ids [T, k] int64): softmax in fp32, the k largest, renormalized to sum to 1 if `renorm`
+        (Qwen3-MoE's norm_topk_prob; Mixtral always), as HF's Qwen3-MoE and Mixtral blocks."""
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float)
+        weights, ids = torch.topk(probs, top_k, dim=-1)
+        if renorm:
+            weights /= weights.sum(dim=-1, keepdim=True)
+        return weights.to(dtype), ids
+
     def fused_moe(
         self, moe: torch.nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
     ) -> torch.Tensor | None:

@@ -13,6 +13,7 @@ dense projections without bias (quantized formats) are left alone and keep the e
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 import torch.nn as nn
@@ -22,6 +23,19 @@ from kvserve.models.linear import Linear
 logger = logging.getLogger(__name__)
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+MOE_DECODE_MODES = ("default", "fused")
+
+
+def moe_decode_mode() -> str:
+    """`KVSERVE_MOE_DECODE`: "default" (the routing as torch ops, the `triton_moe` pairs kernels)
+    or "fused" (opt-in until timed on a GPU: the one-launch router and the PDL expert kernels
+    of `kernels/triton_moe_decode.py`). Read when the CUDA ops are built (one engine); any
+    other value is an error."""
+    value = os.environ.get("KVSERVE_MOE_DECODE", "default")
+    if value not in MOE_DECODE_MODES:
+        raise ValueError(f"KVSERVE_MOE_DECODE must be one of {', '.join(MOE_DECODE_MODES)} (got {value!r})")
+    return value
 
 
 def _plain(layer: object) -> bool:

@@ -6,7 +6,9 @@ k in place inside the fused qkv output, applies the per-head q/k norm on the way
 attention backend that allows it, stores k and v in the paged cache (one launch less). For 1..8
 rows (`cuda_linear.SKINNY_MAX_ROWS`) the projection itself joins in: the qkv GEMV / skinny product
 with RoPE in its epilogue (`TritonGemvLinearMethod.apply_qkv_rope`). A sparse MoE layer's experts run as the fused
-Triton MoE (`kernels/triton_moe.py`) over the weights `platform/cuda_moe.py` stacked.
+Triton MoE (`kernels/triton_moe.py`) over the weights `platform/cuda_moe.py` stacked; with
+`KVSERVE_MOE_DECODE=fused` its routing is one Triton launch and decode batches take the PDL expert
+kernels of `kernels/triton_moe_decode.py`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ from kvserve.models.ops import Ops
 
 class CudaTritonOps(Ops):
     name = "cuda-triton"
+
+    def __init__(self) -> None:
+        from kvserve.platform.cuda_moe import moe_decode_mode
+
+        self.moe_decode = moe_decode_mode()  # KVSERVE_MOE_DECODE, checked when the engine is built
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return fused_ops.rmsnorm(x, weight, eps)
@@ -84,4 +91,14 @@ class CudaTritonOps(Ops):
         from kvserve.kernels import triton_moe
 
         w13, w2 = stacked
-        return triton_moe.fused_moe(x.contiguous(), w13, w2, topk_weights, topk_ids)
+        return triton_moe.fused_moe(x.contiguous(), w13, w2, topk_weights, topk_ids,
+                                    fused_decode=self.moe_decode == "fused")
+
+    def route_experts(
+        self, logits: torch.Tensor, top_k: int, renorm: bool, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.moe_decode != "fused" or not logits.is_cuda:
+            return super().route_experts(logits, top_k, renorm, dtype)
+        from kvserve.kernels import triton_moe_decode
+
+        return triton_moe_decode.route(logits, top_k, renorm, dtype)

@@ -58,6 +58,43 @@ def check_fused(t: int, e: int, k: int, hidden: int, inter: int, device: str, dt
     return rel
 
 
+def check_route(t: int, e: int, k: int, renorm: bool, device: str, dtype: torch.dtype, seed: int = 0) -> None:
+    """The one-launch router (`triton_moe_decode.route`) against the torch chain it replaces
+    (`Ops.route_experts`): the same experts in the same order (distinct logits), weights equal
+    up to the model dtype's rounding."""
+    from kvserve.kernels import triton_moe_decode
+    from kvserve.models.ops import Ops
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    # Distinct logits (a permutation, scaled): no ties, so the order of the experts is defined.
+    logits = (torch.randperm(e, generator=g).float()[None, :].repeat(t, 1) + torch.arange(t)[:, None] * 3) % e
+    logits = (logits / e * 6 - 3 + torch.rand(t, e, generator=g) * 1e-3).to(device, dtype)
+    w, ids = triton_moe_decode.route(logits, k, renorm, dtype)
+    w_ref, ids_ref = Ops().route_experts(logits, k, renorm, dtype)
+    assert w.shape == (t, k) and w.dtype == dtype and ids.dtype == torch.long
+    assert torch.equal(ids.cpu(), ids_ref.cpu()), f"route t={t} e={e} k={k}: {ids} vs {ids_ref}"
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # (tl.exp is ex2.approx on the GPU)
+    torch.testing.assert_close(w.float(), w_ref.float(), rtol=tol, atol=tol)
+
+
+def check_decode(t: int, e: int, k: int, hidden: int, inter: int, device: str, dtype: torch.dtype, tol: float,
+                 configs=None) -> float:
+    """The decode path's expert kernels (`path="decode"`) against the fp32 oracle and against the
+    pairs path (the same math)."""
+    rel = check_fused(t, e, k, hidden, inter, device, dtype, "decode", tol)
+    if configs is not None:
+        from kvserve.kernels import triton_moe_decode
+
+        x = (torch.randn(t, hidden, generator=torch.Generator().manual_seed(t + 7))).to(device, dtype)
+        w13, w2 = weights(e, hidden, inter, device, dtype)
+        w, ids = route(t, e, k, device, dtype, seed=t + 3)
+        out = triton_moe_decode.fused_moe_decode(x, w13, w2, w, ids, configs=configs)
+        ref = triton_moe.reference_moe(x, w13, w2, w, ids)
+        r = ((out.float() - ref).norm() / ref.norm()).item()
+        assert r < tol, f"decode configs {configs}: rel err {r:.2e}"
+    return rel
+
+
 def run_interpret() -> None:
     """Tiny fp32 shapes on the CPU (TRITON_INTERPRET=1): both paths, ragged sizes."""
     for t, e, k, bm in ((5, 8, 2, 16), (3, 4, 3, 16), (40, 6, 2, 16), (70, 5, 3, 16)):
@@ -68,6 +105,13 @@ def run_interpret() -> None:
     check_fused(1, 4, 4, 40, 24, "cpu", torch.float32, "pairs", 1e-5)  # K not a block multiple
     check_fused(9, 8, 2, 64, 48, "cpu", torch.float32, "sorted", 1e-5, cfg)
     check_fused(20, 4, 2, 40, 24, "cpu", torch.float32, "sorted", 1e-5, cfg)
+    # the opt-in decode path (KVSERVE_MOE_DECODE=fused): router, then experts
+    for t, e, k, renorm in ((1, 8, 2, True), (3, 5, 3, False), (2, 128, 8, True), (4, 6, 6, False)):
+        check_route(t, e, k, renorm, "cpu", torch.float32, seed=t)
+    check_decode(1, 8, 2, 64, 48, "cpu", torch.float32, 1e-5)
+    check_decode(3, 6, 3, 40, 24, "cpu", torch.float32, 1e-5)  # ragged K, k not a power of 2
+    check_decode(2, 8, 4, 60, 36, "cpu", torch.float32, 1e-5, configs=((8, 16, 4), (8, 16, 4, 2)))  # ragged N, K
+    check_decode(1, 4, 1, 64, 32, "cpu", torch.float32, 1e-5, configs=((4, 64, 4), (2, 32, 4, 0)))  # no preload
     print("interpret checks passed")
 
 

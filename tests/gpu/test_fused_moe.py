@@ -1,7 +1,10 @@
 """The fused MoE kernels (`kvserve/kernels/triton_moe.py`) on the GPU: both paths against the
 fp32 oracle at Qwen3-30B-A3B and gpt-oss-20b expert shapes, the expert sort, CUDA-graph
 capture and replay with new routing, and end to end: greedy tokens of the tiny MoE models in
-fp32 through the CUDA engine (fused experts, CUDA graphs) equal the CPU engine's expert loop."""
+fp32 through the CUDA engine (fused experts, CUDA graphs) equal the CPU engine's expert loop.
+The opt-in decode path (`KVSERVE_MOE_DECODE=fused`, `kernels/triton_moe_decode.py`): the
+one-launch router against the torch chain, the decode expert kernels against the oracle and the
+pairs path, in a CUDA graph with new routing, and the engine's greedy tokens with it."""
 
 from __future__ import annotations
 
@@ -99,3 +102,120 @@ def test_engine_greedy_matches_cpu_expert_loop(kind, tmp_path):
     # one at a time: batch-1 decode takes the pairs path
     single = [gpu.generate({"prompt_token_ids": p}, sp, use_tqdm=False)[0].outputs[0].token_ids for p in prompts[:3]]
     assert single == want[:3]
+
+
+# -- the opt-in decode path (KVSERVE_MOE_DECODE=fused) -----------------------------------------
+@pytest.mark.parametrize("renorm", [True, False])
+@pytest.mark.parametrize("t,e,k", [(1, 128, 8), (4, 128, 8), (1, 32, 4), (3, 8, 2), (2, 60, 5), (300, 128, 8)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_route_kernel_matches_torch_chain(t, e, k, renorm, dtype):
+    moe_checks.check_route(t, e, k, renorm, "cuda", dtype, seed=t + e)
+
+
+def test_route_kernel_on_bf16_router_logits():
+    """Real router outputs (bf16 logits of a random projection): the same experts as the torch
+    chain wherever the k-th and (k+1)-th probabilities differ, weights within bf16 rounding."""
+    from kvserve.kernels import triton_moe_decode
+    from kvserve.models.ops import Ops
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(64, 2048, device="cuda", generator=g).bfloat16()
+    router = (torch.randn(128, 2048, device="cuda", generator=g) * 0.02).bfloat16()
+    logits = x @ router.t()
+    w, ids = triton_moe_decode.route(logits, 8, True, torch.bfloat16)
+    w_ref, ids_ref = Ops().route_experts(logits, 8, True, torch.bfloat16)
+    probs = torch.softmax(logits.float(), -1).sort(-1, descending=True).values
+    clear = probs[:, 7] != probs[:, 8]
+    assert torch.equal(ids.sort(-1).values[clear], ids_ref.sort(-1).values[clear])
+    same = (ids == ids_ref).all(-1)
+    torch.testing.assert_close(w[same].float(), w_ref[same].float(), rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [QWEN3, GPT_OSS], ids=["qwen3-30b-a3b", "gpt-oss-20b"])
+@pytest.mark.parametrize("t", [1, 2, 4, 8])
+def test_decode_path_matches_reference_bf16(shape, t):
+    e, k, hidden, inter = shape
+    rel = moe_checks.check_decode(t, e, k, hidden, inter, "cuda", torch.bfloat16, tol=2e-2)
+    rel_pairs = moe_checks.check_fused(t, e, k, hidden, inter, "cuda", torch.bfloat16, "pairs", tol=2e-2)
+    assert rel < 2 * rel_pairs + 1e-3  # no worse than the pairs path beyond rounding
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float16, 5e-3)])
+def test_decode_path_other_dtypes_and_ragged_shapes(dtype, tol):
+    moe_checks.check_decode(3, 16, 3, 200, 72, "cuda", dtype, tol)  # k 3 (padded to 4), ragged K
+    moe_checks.check_decode(2, 8, 2, 256, 96, "cuda", dtype, tol, configs=((8, 64, 4), (8, 32, 4, 2)))
+    moe_checks.check_decode(1, 8, 8, 2048, 768, "cuda", dtype, tol, configs=((4, 512, 4), (4, 256, 4, 0)))
+
+
+def test_decode_path_equals_pairs_path_in_fp32():
+    """The same math as the pairs path: in fp32 equal up to summation order."""
+    w13, w2 = moe_checks.weights(128, 2048, 768, "cuda", torch.float32)
+    x = torch.randn(2, 2048, device="cuda")
+    w, ids = moe_checks.route(2, 128, 8, "cuda", torch.float32, seed=5)
+    a = triton_moe.fused_moe(x, w13, w2, w, ids, path="decode")
+    b = triton_moe.fused_moe(x, w13, w2, w, ids, path="pairs")
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("t", [1, 4])
+def test_decode_path_cuda_graph_follows_new_routing(t):
+    """Router kernel + decode expert kernels captured together (PDL edges on Hopper) and
+    replayed with new logits and inputs: the eager result, bit for bit."""
+    from kvserve.kernels import triton_moe_decode
+
+    e, k, hidden, inter = 128, 8, 2048, 768
+    w13, w2 = moe_checks.weights(e, hidden, inter, "cuda", torch.bfloat16)
+    x = torch.randn(t, hidden, device="cuda", dtype=torch.bfloat16)
+    logits = torch.randn(t, e, device="cuda", dtype=torch.bfloat16)
+
+    def layer() -> torch.Tensor:
+        w, ids = triton_moe_decode.route(logits, k, True, x.dtype)
+        return triton_moe.fused_moe(x, w13, w2, w, ids, fused_decode=True)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        layer()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = layer()
+    for _ in range(3):
+        logits.copy_(torch.randn_like(logits))
+        x.copy_(torch.randn_like(x))
+        g.replay()
+        torch.testing.assert_close(out, layer(), rtol=0, atol=0)
+
+
+def test_moe_decode_env_is_checked_when_the_engine_is_built(monkeypatch):
+    from kvserve.platform.cuda_ops import CudaTritonOps
+
+    monkeypatch.setenv("KVSERVE_MOE_DECODE", "fused")
+    assert CudaTritonOps().moe_decode == "fused"
+    monkeypatch.setenv("KVSERVE_MOE_DECODE", "fast")
+    with pytest.raises(ValueError, match="KVSERVE_MOE_DECODE"):
+        CudaTritonOps()
+
+
+@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen3_moe_raw", "mixtral"])
+def test_engine_greedy_with_fused_decode_matches_cpu(kind, tmp_path, monkeypatch):
+    """KVSERVE_MOE_DECODE=fused end to end (fp32, CUDA graphs): the same greedy tokens as the
+    CPU engine's expert loop, batched and one at a time."""
+    from tests.gpu.test_engine_gpu import _prompts
+    from tests.models.test_moe import _save_model
+
+    _save_model(kind, tmp_path)
+    prompts = _prompts(8, seed=4)
+    sp = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    common = dict(dtype="float32", max_model_len=256, max_num_seqs=16)
+
+    def run(llm: LLM, ps) -> list[list[int]]:
+        outs = llm.generate([{"prompt_token_ids": p} for p in ps], sp, use_tqdm=False)
+        return [o.outputs[0].token_ids for o in outs]
+
+    want = run(LLM(str(tmp_path), device="cpu", num_kv_blocks=256, **common), prompts)
+    monkeypatch.setenv("KVSERVE_MOE_DECODE", "fused")
+    gpu = LLM(str(tmp_path), device="cuda", **common)
+    assert gpu.engine.runner.model.layers[0].mlp.ops.moe_decode == "fused"
+    assert gpu.engine.runner.graphs is not None
+    assert run(gpu, prompts) == want
+    assert [run(gpu, [p])[0] for p in prompts[:3]] == want[:3]

@@ -1,5 +1,6 @@
 """The fused MoE Triton kernels on the CPU under TRITON_INTERPRET=1 (tiny fp32 shapes, both the
-decode pairs path and the expert-sorted grouped GEMM, ragged sizes) against the fp32 oracle, and
+decode pairs path and the expert-sorted grouped GEMM, ragged sizes; the opt-in decode path's
+router and expert kernels, `triton_moe_decode`) against the fp32 oracle and the torch routing, and
 the expert sort's invariants. The GPU runs the same checks at real shapes
 (`tests/gpu/test_fused_moe.py`). A few seconds."""
 
@@ -20,3 +21,89 @@ def test_cpu_ops_have_no_fused_moe():
 
     x = torch.zeros(2, 8)
     assert Ops().fused_moe(torch.nn.Module(), x, x[:, :2], torch.zeros(2, 2, dtype=torch.long)) is None
+
+
+def test_moe_decode_mode_env(monkeypatch):
+    """KVSERVE_MOE_DECODE: "default" unless set; "fused" opts in; anything else is an error that
+    names the variable."""
+    import pytest
+
+    from kvserve.platform.cuda_moe import moe_decode_mode
+
+    monkeypatch.delenv("KVSERVE_MOE_DECODE", raising=False)
+    assert moe_decode_mode() == "default"
+    monkeypatch.setenv("KVSERVE_MOE_DECODE", "fused")
+    assert moe_decode_mode() == "fused"
+    monkeypatch.setenv("KVSERVE_MOE_DECODE", "Fused")
+    with pytest.raises(ValueError, match="KVSERVE_MOE_DECODE"):
+        moe_decode_mode()
+
+
+def test_route_experts_is_hf_routing():
+    """`Ops.route_experts` (what every platform's routing defaults to): softmax in fp32, top-k,
+    renormalized only when asked, cast to the model dtype."""
+    import torch
+
+    from kvserve.models.ops import Ops
+
+    logits = torch.randn(5, 7, generator=torch.Generator().manual_seed(0)).bfloat16()
+    for renorm in (True, False):
+        w, ids = Ops().route_experts(logits, 3, renorm, torch.bfloat16)
+        p = torch.softmax(logits.float(), -1)
+        top, idx = p.topk(3, -1)
+        if renorm:
+            top = top / top.sum(-1, keepdim=True)
+        assert torch.equal(ids, idx) and torch.equal(w, top.bfloat16())
+
+
+def test_fused_moe_rejects_unknown_path():
+    import pytest
+    import torch
+
+    pytest.importorskip("triton")
+    from kvserve.kernels import triton_moe
+
+    x = torch.zeros(1, 8)
+    with pytest.raises(ValueError, match="path"):
+        triton_moe.fused_moe(x, torch.zeros(2, 8, 8), torch.zeros(2, 8, 4), x[:, :1], torch.zeros(1, 1, dtype=torch.long),
+                             path="fast")
+
+
+def test_moe_decode_kernels_compile_for_sm90():
+    """The opt-in decode path's kernels compiled for sm_90 without a GPU (`tests/gpu/moe_sass.py`)
+    at Qwen3-30B-A3B and gpt-oss-20b shapes: 16-byte weight loads (as many as the weights a thread
+    streams need), no spills, the K loops unrolled."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import pytest
+
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm").exists():
+        pytest.skip("triton without its bundled CUDA tools")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, "-m", "tests.gpu.moe_sass"], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0 and "moe sass checks passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+def test_cuda_ops_route_off_cuda_is_the_torch_chain(monkeypatch):
+    """The CUDA ops with KVSERVE_MOE_DECODE=fused still route CPU tensors with torch ops (the
+    Triton router only takes CUDA logits), and without stacked experts there is no fused MoE."""
+    import torch
+
+    from kvserve.models.ops import Ops
+    from kvserve.platform.cuda_ops import CudaTritonOps
+
+    monkeypatch.setenv("KVSERVE_MOE_DECODE", "fused")
+    ops = CudaTritonOps()
+    assert ops.moe_decode == "fused"
+    logits = torch.randn(3, 6, generator=torch.Generator().manual_seed(1))
+    for a, b in zip(ops.route_experts(logits, 2, True, torch.float32), Ops().route_experts(logits, 2, True, torch.float32)):
+        assert torch.equal(a, b)
+    w, ids = ops.route_experts(logits, 2, False, torch.float32)
+    assert ops.fused_moe(torch.nn.Module(), torch.zeros(3, 8), w, ids) is None

@@ -1,0 +1,305 @@
+"""The fused MoE decode path (opt-in, `KVSERVE_MOE_DECODE=fused`): a sparse layer of a decode
+step in three Triton launches after the router projection, every one of them a programmatic
+dependent launch (`models/pdl.py`), instead of five torch ops for the routing and the two
+`triton_moe` pairs kernels launched the ordinary way.
+
+    route:    logits [T, E] -> softmax in fp32, top-k, optional renormalization -> weights [T, k]
+              (model dtype), ids [T, k] (int64): one program per token (`route`)
+    gate/up:  one program per (pair, BLOCK_N rows of the expert's width): silu(gate) * up, as the
+              pairs path's first kernel, its K loop unrolled (K is a compile-time constant)
+    down:     one program per (token, BLOCK_N output columns): a [k, BLOCK_N, BLOCK_K] tile of
+              all k selected experts per step, the routing weights applied and the k products
+              summed in the epilogue (fp32, one rounding), so no [T, k, H] intermediate and no
+              separate combine
+
+Ordering (PDL): the router projection, the route kernel and the gate/up kernel each wait for the
+kernel before them before reading anything. The gate/up kernel lets the down kernel launch only
+*after* its own wait returned (`gdc_wait` then `gdc_launch_dependents`, the reverse of
+`pdl.wait`), i.e. once the route kernel has finished: so the down kernel may read the routing
+(ids, weights) and request its first `PRE` weight tiles before its wait, while the gate/up kernel
+still streams, and waits only before it reads the gate/up output. Without PDL (`KVSERVE_PDL=0`,
+pre-Hopper) the same code runs in plain stream order.
+
+Results: the same math as `triton_moe.fused_moe`'s pairs path and `SparseMoE`'s torch routing
+(softmax in fp32, the k largest probabilities, ties to the lower expert id, renormalized in fp32,
+rounded once to the model dtype); sums in a different order, so bf16 outputs can differ by
+rounding. `KVSERVE_MOE_DECODE` is read by the CUDA platform's ops when an engine is built
+(`platform/cuda_moe.moe_decode_mode`).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvserve.models import pdl
+
+
+# -- routing -----------------------------------------------------------------------------------
+@triton.jit
+def _route_kernel(
+    logits_ptr,  # [T, E]
+    wts_ptr,  # [T, TOP_K] out, model dtype
+    ids_ptr,  # [T, TOP_K] out, int64
+    E,
+    stride_l,
+    TOP_K: tl.constexpr,
+    K_PAD: tl.constexpr,
+    E_PAD: tl.constexpr,
+    RENORM: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    experts = tl.arange(0, E_PAD)
+    ok = experts < E
+    slots = tl.arange(0, K_PAD)
+    pdl.wait(PDL)
+    z = tl.load(logits_ptr + t * stride_l + experts, mask=ok, other=-float("inf")).to(tl.float32)
+    p = tl.exp(z - tl.max(z, 0))
+    p = p / tl.sum(p, 0)  # torch.softmax(logits, -1, dtype=float)
+    p = tl.where(ok, p, -1.0)  # probabilities are >= 0: padding is never picked
+    w = tl.zeros([K_PAD], dtype=tl.float32)
+    ids = tl.zeros([K_PAD], dtype=tl.int32)
+    for j in tl.static_range(TOP_K):
+        m = tl.max(p, 0)
+        i = tl.min(tl.where(p == m, experts, E_PAD), 0)  # ties: the lower expert id
+        w = tl.where(slots == j, m, w)
+        ids = tl.where(slots == j, i, ids)
+        p = tl.where(experts == i, -1.0, p)
+    if RENORM:
+        w = w / tl.sum(w, 0)  # slots past TOP_K hold 0
+    out = t * TOP_K + slots
+    tl.store(wts_ptr + out, w.to(wts_ptr.dtype.element_ty), mask=slots < TOP_K)
+    tl.store(ids_ptr + out, ids.to(tl.int64), mask=slots < TOP_K)
+
+
+def route(logits: torch.Tensor, top_k: int, renorm: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights [T, k] in `dtype`, ids [T, k] int64) of router logits [T, E]: the torch chain of
+    `Ops.route_experts` (softmax, topk, renormalize, cast) in one launch."""
+    t, e = logits.shape
+    if not 1 <= top_k <= e:
+        raise ValueError(f"top_k must be in [1, {e}] (got {top_k})")
+    if logits.stride(1) != 1:
+        logits = logits.contiguous()
+    wts = torch.empty((t, top_k), dtype=dtype, device=logits.device)
+    ids = torch.empty((t, top_k), dtype=torch.long, device=logits.device)
+    if t == 0:
+        return wts, ids
+    e_pad = triton.next_power_of_2(e)
+    use_pdl = pdl.enabled(logits.device)
+    _route_kernel[(t,)](
+        logits, wts, ids, e, logits.stride(0),
+        TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), E_PAD=e_pad, RENORM=renorm, PDL=use_pdl,
+        num_warps=1 if e_pad <= 256 else 4, launch_pdl=use_pdl,
+    )
+    return wts, ids
+
+
+# -- experts -----------------------------------------------------------------------------------
+@triton.jit
+def _gate_up_kernel(
+    x_ptr,  # [T, K]
+    w_ptr,  # [E, 2N, K]: gate rows 0..N-1, up rows N..2N-1
+    ids_ptr,  # [T * TOP_K]
+    out_ptr,  # [T * TOP_K, N]: silu(gate) * up of each pair
+    stride_x,
+    stride_we,
+    stride_wn,
+    stride_o,
+    N: tl.constexpr,
+    K: tl.constexpr,
+    TOP_K: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    pair = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    cols = tl.arange(0, BLOCK_K)
+    if PDL:
+        # Wait first, then let the down kernel launch: it reads the routing before its own wait.
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    e = tl.load(ids_ptr + pair).to(tl.int64)
+    # x in the weight tile's shape (every row the same address): loaded as 16-byte vectors straight
+    # into the tile's layout, no shared-memory conversion (sm_90: 86 instead of 103 registers).
+    x_row = x_ptr + (pair // TOP_K).to(tl.int64) * stride_x + (rows * 0)[:, None]
+    # Rows past N (a ragged last tile) read row 0 instead: no mask, so every load is a full vector.
+    wg = w_ptr + e * stride_we + tl.where(row_ok, rows, 0).to(tl.int64)[:, None] * stride_wn + cols[None, :]
+    wu = wg + N * stride_wn
+    acc_g = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in tl.static_range(0, K, BLOCK_K):  # unrolled: every tile's loads can be in flight
+        if k0 + BLOCK_K <= K:
+            x = tl.load(x_row + k0 + cols[None, :]).to(tl.float32)
+            g = tl.load(wg + k0, eviction_policy="evict_first")
+            u = tl.load(wu + k0, eviction_policy="evict_first")
+        else:
+            k_ok = k0 + cols < K
+            x = tl.load(x_row + k0 + cols[None, :], mask=k_ok[None, :], other=0.0).to(tl.float32)
+            g = tl.load(wg + k0, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
+            u = tl.load(wu + k0, mask=k_ok[None, :], other=0.0, eviction_policy="evict_first")
+        acc_g += g.to(tl.float32) * x
+        acc_u += u.to(tl.float32) * x
+    dt = out_ptr.dtype.element_ty
+    h = _silu_mul(tl.sum(acc_g, 1), tl.sum(acc_u, 1), dt)
+    tl.store(out_ptr + pair.to(tl.int64) * stride_o + rows, h.to(dt), mask=row_ok)
+
+
+@triton.jit
+def _silu_mul(g, u, dt: tl.constexpr):
+    """silu(g) * u from fp32 sums, rounded where `Ops.silu_and_mul` rounds (g, u, silu(g))."""
+    g = g.to(dt).to(tl.float32)
+    u = u.to(dt).to(tl.float32)
+    s = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
+    return s * u
+
+
+@triton.jit
+def _down_tile(w_base, k0: tl.constexpr, cols, slot_ok, K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The [K_PAD, BLOCK_N, BLOCK_K] weight tile at column k0 of the token's k experts."""
+    if k0 + BLOCK_K <= K:
+        return tl.load(w_base + k0, mask=slot_ok[:, None, None], other=0.0, eviction_policy="evict_first")
+    k_ok = k0 + cols < K
+    return tl.load(w_base + k0, mask=slot_ok[:, None, None] & k_ok[None, None, :], other=0.0,
+                   eviction_policy="evict_first")
+
+
+@triton.jit
+def _down_step(acc, w, h_base, k0: tl.constexpr, cols, slot_ok, K: tl.constexpr, BLOCK_K: tl.constexpr):
+    if k0 + BLOCK_K <= K:
+        h = tl.load(h_base + k0, mask=slot_ok[:, None, None], other=0.0)
+    else:
+        h = tl.load(h_base + k0, mask=slot_ok[:, None, None] & (k0 + cols < K)[None, None, :], other=0.0)
+    return acc + tl.sum(w.to(tl.float32) * h.to(tl.float32), 2)
+
+
+@triton.jit
+def _down_kernel(
+    h_ptr,  # [T * TOP_K, K]
+    w_ptr,  # [E, N, K]
+    ids_ptr,  # [T * TOP_K]
+    wts_ptr,  # [T * TOP_K]
+    out_ptr,  # [T, N]
+    stride_h,
+    stride_we,
+    stride_wn,
+    stride_o,
+    N: tl.constexpr,
+    K: tl.constexpr,
+    TOP_K: tl.constexpr,
+    K_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRE: tl.constexpr,  # weight tiles (0-4) requested before the wait
+    PDL: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    slots = tl.arange(0, K_PAD)
+    slot_ok = slots < TOP_K
+    cols = tl.arange(0, BLOCK_K)
+    pairs = tok * TOP_K + slots
+    # The routing is final here (see the module docstring): read it, and the first weight tiles,
+    # while the gate/up kernel still runs.
+    e = tl.load(ids_ptr + pairs, mask=slot_ok, other=0).to(tl.int64)
+    wt = tl.load(wts_ptr + pairs, mask=slot_ok, other=0.0).to(tl.float32)
+    w_base = (w_ptr + e[:, None, None] * stride_we
+              + tl.where(row_ok, rows, 0).to(tl.int64)[None, :, None] * stride_wn + cols[None, None, :])
+    w0 = tl.zeros([K_PAD, BLOCK_N, BLOCK_K], dtype=w_ptr.dtype.element_ty)  # placeholders: never read
+    w1 = w0
+    w2 = w0
+    w3 = w0
+    if PRE > 0:
+        w0 = _down_tile(w_base, 0, cols, slot_ok, K, BLOCK_K)
+    if PRE > 1:
+        w1 = _down_tile(w_base, BLOCK_K, cols, slot_ok, K, BLOCK_K)
+    if PRE > 2:
+        w2 = _down_tile(w_base, 2 * BLOCK_K, cols, slot_ok, K, BLOCK_K)
+    if PRE > 3:
+        w3 = _down_tile(w_base, 3 * BLOCK_K, cols, slot_ok, K, BLOCK_K)
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    h_base = h_ptr + pairs[:, None, None] * stride_h + cols[None, None, :]
+    acc = tl.zeros([K_PAD, BLOCK_N], dtype=tl.float32)
+    for k0 in tl.static_range(0, K, BLOCK_K):
+        if k0 < PRE * BLOCK_K:  # a preloaded tile (compile-time choice: k0 is a constant)
+            if k0 == 0:
+                w = w0
+            elif k0 == BLOCK_K:
+                w = w1
+            elif k0 == 2 * BLOCK_K:
+                w = w2
+            else:
+                w = w3
+        else:
+            w = _down_tile(w_base, k0, cols, slot_ok, K, BLOCK_K)
+        acc = _down_step(acc, w, h_base, k0, cols, slot_ok, K, BLOCK_K)
+    out = tl.sum(wt[:, None] * acc, 0)  # the routing weights and the top-k sum, in fp32
+    tl.store(out_ptr + tok * stride_o + rows, out.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+def gate_up_config(inter: int, hidden: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps): BLOCK_N gate and as many up rows, [BLOCK_N, BLOCK_K] per
+    load = 16 bytes per thread per row at 4 warps and BLOCK_K 512 (bf16)."""
+    return 4, min(512, triton.next_power_of_2(hidden)), 4
+
+
+def down_config(hidden: int, inter: int, top_k: int) -> tuple[int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps, PRE): a [k, 2, BLOCK_K] tile of ~4k weights per step (32 per
+    thread at 4 warps: four 16-byte loads), and as many whole tiles requested before the wait as
+    keep <= 192 weights per thread in flight (at most 4; `KVSERVE_PDL_PRELOAD` caps it).
+    Qwen3-30B-A3B's down (k 8, width 768): 3 tiles of [8, 2, 256], all preloaded; compiled for
+    sm_90 (`tests/gpu/moe_sass.py`) that is 96 registers with Triton 3.6 and 72 with 3.9, and
+    every weight load issued before the first FMA; BLOCK_N 4 took 199 registers with 3.6 (two
+    programs per SM)."""
+    from kvserve.models.triton_ops import PRELOAD_TILES
+
+    k_pad = triton.next_power_of_2(top_k)
+    block_n, warps = 2, 4
+    block_k = max(64, min(512, 2048 // k_pad, triton.next_power_of_2(inter)))
+    per_tile = k_pad * block_n * block_k // (32 * warps)
+    pre = min(PRELOAD_TILES, triton.cdiv(inter, block_k), max(1, 192 // per_tile))
+    return block_n, block_k, warps, pre
+
+
+def fused_moe_decode(
+    x: torch.Tensor,  # [T, H]
+    w13: torch.Tensor,  # [E, 2I, H]
+    w2: torch.Tensor,  # [E, H, I]
+    topk_weights: torch.Tensor,  # [T, k]
+    topk_ids: torch.Tensor,  # [T, k]
+    configs: tuple[tuple[int, int, int], tuple[int, int, int, int]] | None = None,  # (gate/up, down)
+) -> torch.Tensor:  # [T, H]
+    """The experts of the decode path: gate/up then down (routing weights and top-k sum inside).
+    As `triton_moe.fused_moe(..., path="pairs")`: pairs that share an expert read it once each."""
+    t, hidden = x.shape
+    e, two_i, _ = w13.shape
+    inter = two_i // 2
+    top_k = topk_ids.shape[1]
+    if t == 0:
+        return x.new_empty((0, hidden))
+    if x.stride(1) != 1 or w13.stride(2) != 1 or w2.stride(2) != 1:
+        raise ValueError("fused_moe_decode needs x, w13 and w2 with contiguous last dimensions")
+    ids = topk_ids.reshape(-1).contiguous()
+    wts = topk_weights.reshape(-1).contiguous()
+    n = t * top_k
+    h = torch.empty((n, inter), dtype=x.dtype, device=x.device)
+    out = torch.empty((t, hidden), dtype=x.dtype, device=x.device)
+    (bn, bk, warps), (dbn, dbk, dwarps, pre) = configs or (gate_up_config(inter, hidden),
+                                                          down_config(hidden, inter, top_k))
+    use_pdl = pdl.enabled(x.device)
+    _gate_up_kernel[(n, triton.cdiv(inter, bn))](
+        x, w13, ids, h, x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
+        N=inter, K=hidden, TOP_K=top_k, BLOCK_N=bn, BLOCK_K=bk, PDL=use_pdl, num_warps=warps, launch_pdl=use_pdl,
+    )
+    _down_kernel[(t, triton.cdiv(hidden, dbn))](
+        h, w2, ids, wts, out, h.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
+        N=hidden, K=inter, TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), BLOCK_N=dbn, BLOCK_K=dbk,
+        PRE=pre, PDL=use_pdl, num_warps=dwarps, launch_pdl=use_pdl,
+    )
+    return out
