@@ -32,6 +32,7 @@ the most rows a step of `max_bs` requests with drafts can have.
 from __future__ import annotations
 
 import bisect
+import gc
 import logging
 import os
 import time
@@ -180,10 +181,22 @@ class DecodeGraphs:
             return
         pool = torch.cuda.graph_pool_handle()
         free_before = torch.cuda.mem_get_info()[0]
-        for bs in reversed(self.sizes):
-            self._step(bs)  # warm-up: compiles kernels, creates cuBLAS workspaces, rope table
-            torch.cuda.synchronize()
-            self.graphs[bs], self.outputs[bs] = self._capture_split(bs, pool)
+        # A garbage collection inside a capture can free CUDA memory or events of an earlier
+        # engine (cudaFree / cudaEventQuery are not allowed while a stream captures), which
+        # invalidates the capture ("operation failed due to a previous error during capture").
+        # So collect first and keep the collector off until every graph is captured.
+        gc.collect()
+        torch.cuda.synchronize()
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            for bs in reversed(self.sizes):
+                self._step(bs)  # warm-up: compiles kernels, creates cuBLAS workspaces, rope table
+                torch.cuda.synchronize()
+                self.graphs[bs], self.outputs[bs] = self._capture_split(bs, pool)
+        finally:
+            if was_enabled:
+                gc.enable()
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - t0
         logger.info(
