@@ -230,7 +230,9 @@ class TokenGuard:
                 if not b:
                     nxt[:, i] = np.arange(_UTF8_STATES)
                 continue
-            for start in range(_UTF8_STATES):
+            # A token that starts with a continuation byte continues a character (states 1..7);
+            # any other starts one (state 0 only).
+            for start in range(1, _UTF8_STATES) if 0x80 <= b[0] <= 0xBF else (0,):
                 st = start
                 for j, byte in enumerate(b):
                     st = _utf8_step(st, byte)
