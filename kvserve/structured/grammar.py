@@ -78,6 +78,33 @@ def prepare_schema(schema: Any, where: str = "") -> Any:
     return out
 
 
+def prepare_structural_tag(tag: dict[str, Any] | str) -> Any:
+    """An xgrammar StructuralTag from its JSON form (`{"type": "structural_tag", "format": ...}`
+    or the format alone), each JSON-schema content passed through `prepare_schema` (so the
+    same keywords are refused and length-bounded strings hold no control characters) and,
+    unless set, given kvserve's whitespace cap."""
+    tag = json.loads(tag) if isinstance(tag, str) else tag
+    if not isinstance(tag, dict):
+        raise ValueError("a structural tag must be a JSON object")
+    if tag.get("type") != "structural_tag":
+        tag = {"type": "structural_tag", "format": tag}
+
+    def walk(node: Any, where: str) -> Any:
+        if isinstance(node, list):
+            return [walk(n, f"{where}[{i}]") for i, n in enumerate(node)]
+        if not isinstance(node, dict):
+            return node
+        if node.get("type") == "json_schema" and "json_schema" in node:
+            out = dict(node)
+            schema = node["json_schema"]
+            out["json_schema"] = prepare_schema(schema, where) if isinstance(schema, dict) else schema
+            out.setdefault("max_whitespace_cnt", MAX_JSON_WHITESPACE)
+            return out
+        return {k: walk(v, f"{where}/{k}") for k, v in node.items()}
+
+    return _xgr().StructuralTag.from_json(walk(tag, ""))
+
+
 # Longest run of optional whitespace in JSON output: room for pretty-printed JSON (a newline and
 # an indent of up to 19), not for a model stuck emitting blanks until max_tokens.
 MAX_JSON_WHITESPACE = 20
@@ -88,6 +115,9 @@ def _as_ebnf(grammar: str) -> str:
     from kvserve.structured.lark_grammar import is_ebnf, lark_to_ebnf
 
     return grammar if is_ebnf(grammar) else lark_to_ebnf(grammar)
+
+
+_NOT_TEXT = b"\xff"  # never in UTF-8: a token whose bytes start with it is not text (GrammarCompiler)
 
 
 def _choice_grammar(choices: list[str]) -> str:
@@ -115,14 +145,28 @@ class GrammarCompiler:
         self.vocab_size = min(vocab_size, max(ids) + 1) if ids else vocab_size
         self.model_vocab_size = vocab_size
         self.stop_token_ids = sorted(set(stop_token_ids))
-        self.info = xgr.TokenizerInfo.from_huggingface(
-            hf, vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids
-        )
-        self.guard = TokenGuard(self.info.decoded_vocab, self.vocab_size)
+        info = xgr.TokenizerInfo.from_huggingface(hf, vocab_size=self.vocab_size, stop_token_ids=self.stop_token_ids)
+        decoded = [bytes(b) for b in info.decoded_vocab]
+        # Special tokens (control tokens: <|im_start|>, gpt-oss's <|channel|> / <|call|>, ...) are
+        # never text to the grammar. xgrammar (0.2.9) would match each as the characters of its
+        # name, anywhere text may go (inside a JSON string, say: xgrammar issue #832), yet they
+        # are dropped from the decoded text or read as structure (harmony headers). Their bytes
+        # are handed to xgrammar behind a 0xFF byte, which no UTF-8 text holds: they match only
+        # as themselves — a stop token at the end, or a `token` element of a structural tag.
+        self.special_token_ids = sorted(i for i in getattr(tokenizer, "all_special_ids", ()) if i < self.vocab_size)
+        if self.special_token_ids:
+            marked = list(decoded)
+            for i in self.special_token_ids:
+                marked[i] = _NOT_TEXT + decoded[i]
+            info = xgr.TokenizerInfo(marked, xgr.VocabType.RAW, vocab_size=self.vocab_size,
+                                     stop_token_ids=self.stop_token_ids, add_prefix_space=info.add_prefix_space)
+        self.info = info
+        self.guard = TokenGuard(decoded, self.vocab_size)
         # Our own cache (StructuredOutputManager) keys by spec; xgrammar's would hold a second copy.
         self._compiler = xgr.GrammarCompiler(self.info, max_threads=max_threads, cache_enabled=False)
 
     def compile(self, spec: StructuredOutputsParams) -> Any:
+        xgr = _xgr()
         kind = spec.kind
         where = spec.field_name
         any_ws = not spec.disable_any_whitespace
@@ -141,8 +185,10 @@ class GrammarCompiler:
                 return self._compiler.compile_regex(spec.regex)
             if kind == "choice":
                 return self._compiler.compile_grammar(_choice_grammar(spec.choice))
+            if kind == "structural_tag":
+                return self._compiler.compile_structural_tag(prepare_structural_tag(spec.structural_tag))
             return self._compiler.compile_grammar(_as_ebnf(spec.grammar))
-        except (RuntimeError, ValueError, TypeError) as e:
+        except (RuntimeError, ValueError, TypeError, xgr.InvalidStructuralTagError) as e:
             raise ValueError(f"invalid {where}: {_clean(e)}") from None
 
     def _compile_schema(self, schema: Any, any_ws: bool, strict: bool) -> Any:
