@@ -76,13 +76,17 @@ def harmony_call_tag(tools: list[dict[str, Any]], ids: dict[str, int], stop_toke
     json_tail = [_const(" json")]  # "commentary json<|message|>" (no <|constrain|>)
     if constrain is not None:
         json_tail.insert(0, _seq({"type": "optional", "content": _const(" ")}, _token(constrain), _const("json")))
+    from kvserve.structured.grammar import prepare_schema
+
     calls = []
-    for tool in tools:
+    for i, tool in enumerate(tools):
         fn = tool["function"]
         if name is not None and fn["name"] != name:
             continue
         recipient = f"to=functions.{fn['name']}"
-        params = fn.get("parameters") or {"type": "object", "properties": {}}
+        # checked here so that an unenforceable keyword is reported against the tool
+        params = prepare_schema(fn.get("parameters") or {"type": "object", "properties": {}},
+                                f"tools[{i}].function.parameters")
         body = {"type": "json_schema", "json_schema": params}
         headers = [_seq(_const(f" {recipient}"), _token(ch), _const("commentary"), _or(*json_tail), _token(msg))]
         if constrain is not None:

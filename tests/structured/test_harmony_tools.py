@@ -156,8 +156,11 @@ def test_random_walks_through_the_masks_end_in_valid_calls(tok, setup, name):
 def test_unenforceable_schema_and_bad_tags_are_value_errors(tok, setup):
     comp, _, stops, ids = setup
     bad = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "not": {}}}}]
+    with pytest.raises(ValueError, match=r"'not' \(at tools\[0\].function.parameters\)"):
+        harmony_call_tag(bad, ids, stops)
+    tag = {"type": "structural_tag", "format": {"type": "json_schema", "json_schema": {"not": {}}}}
     with pytest.raises(ValueError, match="'not'"):
-        comp.compile(SO(structural_tag=harmony_call_tag(bad, ids, stops)))
+        comp.compile(SO(structural_tag=tag))
     with pytest.raises(ValueError, match="no tool named"):
         harmony_call_tag(TOOLS, ids, stops, "nope")
     with pytest.raises(ValueError, match="structural_tag"):

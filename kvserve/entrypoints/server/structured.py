@@ -85,7 +85,7 @@ def _from_response_format(fmt: dict[str, Any]) -> StructuredOutputsParams:
 
 def _rename(msg: str, param: str) -> str:
     """Errors name the request field the user wrote (`guided_json`), not the engine's."""
-    for kind in ("json_object", "json", "regex", "choice", "grammar"):
+    for kind in ("json_object", "json", "regex", "choice", "grammar", "structural_tag"):
         msg = msg.replace(f"structured_outputs.{kind}", param)
     if param != "structured_outputs":
         msg = msg.replace("structured_outputs", param)
