@@ -5,8 +5,9 @@ out of the generated text (whole, or as OpenAI's streamed deltas).
 Request fields (one structured-output source per request):
 - OpenAI `response_format`: {"type": "text" | "json_object" | "json_schema", "json_schema":
   {"name", "schema", "strict"}}; the schema is enforced whether or not `strict` is set.
-- vLLM `structured_outputs` ({"json" | "regex" | "choice" | "grammar" | "json_object"}) and the
-  older `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`.
+- vLLM `structured_outputs` ({"json" | "regex" | "choice" | "grammar" | "json_object" |
+  "structural_tag"}) and the older `guided_json`, `guided_regex`, `guided_choice`,
+  `guided_grammar`.
 - chat `tools` / `tool_choice` / `parallel_tool_calls`: "required" and a named function are
   enforced by a grammar (a JSON array of {name, parameters} calls; the named function's
   parameters object), written as compact JSON (`, ` and `: ` separators, no newlines); "auto"
