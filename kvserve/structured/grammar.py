@@ -258,7 +258,9 @@ class TokenGuard:
       output through a UTF-8 automaton (`RequestGrammar.utf8`) and bans the tokens that would
       make it ill-formed from the current state: only in the middle of a character (rare) or
       where some token holds an ill-formed sequence itself is a row touched. This is UTF-8
-      well-formedness, not grammar: what the grammar allows stays xgrammar's decision."""
+      well-formedness, not grammar: what the grammar allows stays xgrammar's decision (and a
+      grammar that allows nothing well-formed keeps its own mask). Special tokens are taken at
+      their names' ASCII bytes: between characters only, like any ASCII token."""
 
     def __init__(self, decoded_vocab: Any, vocab_size: int) -> None:
         import numpy as np
@@ -311,7 +313,11 @@ class TokenGuard:
             bitmask[idx, -1] &= self.tail
         for row, state in zip(rows, states):
             if state or self.check_ground:
-                bitmask[row] &= self.masks[state]
+                kept = bitmask[row] & self.masks[state]
+                # A grammar that asks for ill-formed UTF-8 outright (a class of surrogates) gets
+                # its own mask rather than none at all.
+                if kept.any():
+                    bitmask[row] = kept
 
 
 def _pack(allowed: Any) -> torch.Tensor:

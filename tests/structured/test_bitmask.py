@@ -237,3 +237,21 @@ def test_ill_formed_utf8_is_banned(tiny_llama, schema, lead, good, bad):
         g.accept(dv.index(b"\x80"))
     g.fill_bitmask(mask, 4)
     assert _bits(mask)[4, dv.index(b"a")]
+
+
+def test_a_grammar_of_surrogates_keeps_its_own_mask(tiny_llama):
+    """A grammar that allows only ill-formed UTF-8 after a lead byte (a class of surrogates)
+    keeps xgrammar's mask there instead of an empty one (which would leave nothing to sample)."""
+    from kvserve.core.sampling_params import StructuredOutputsParams as SO
+    from kvserve.loader.tokenizer import Tokenizer
+    from kvserve.structured.grammar import GrammarCompiler, RequestGrammar
+
+    tok = Tokenizer.from_folder(tiny_llama[0])
+    comp = GrammarCompiler(tok, 512, [tok.eos_token_id])
+    dv = [bytes(b) for b in comp.info.decoded_vocab]
+    g = RequestGrammar(comp.compile(SO(regex="[\\ud800-\\udfff]")), [tok.eos_token_id], comp.guard)
+    g.accept(dv.index(b"\xed"))
+    assert g.utf8
+    mask = allocate_bitmask(1, comp.vocab_size)
+    g.fill_bitmask(mask, 0)
+    assert _bits(mask)[0, dv.index(b"\xb2")]
