@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _GREEDY_EPS = 1e-5
-_STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+_STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object", "structural_tag")
 
 
 @dataclass
@@ -25,6 +25,10 @@ class StructuredOutputsParams:
     grammar: an EBNF grammar (GBNF syntax, rule `root` is the start symbol), or a Lark grammar
         (rule `start`; converted by kvserve.structured.lark_grammar).
     json_object: True: the output is any JSON object.
+    structural_tag: an xgrammar structural tag (a dict, or a string holding one as JSON:
+        `{"type": "structural_tag", "format": {...}}`, or the format alone): sequences of
+        literal text, single tokens by id, JSON-schema content, free text and alternatives.
+        kvserve builds one for gpt-oss's forced tool calls (kvserve.structured.harmony_tools).
     disable_any_whitespace: JSON without optional whitespace between tokens (compact output).
 
     The grammar is compiled once per distinct spec (`key`) and cached by the engine; the output
@@ -36,6 +40,7 @@ class StructuredOutputsParams:
     choice: list[str] | None = None
     grammar: str | None = None
     json_object: bool | None = None
+    structural_tag: dict[str, Any] | str | None = None
     disable_any_whitespace: bool = False
 
     def __post_init__(self) -> None:
@@ -43,7 +48,7 @@ class StructuredOutputsParams:
         if len(set_fields) != 1:
             raise ValueError(
                 "structured_outputs must set exactly one of json, regex, choice, grammar, "
-                f"json_object (got {set_fields or 'none'})"
+                f"json_object, structural_tag (got {set_fields or 'none'})"
             )
         if self.json is not None:
             if isinstance(self.json, str):
@@ -67,6 +72,15 @@ class StructuredOutputsParams:
             if not self.choice or any(not isinstance(c, str) or not c for c in self.choice):
                 raise ValueError("structured_outputs.choice must be a non-empty list of non-empty strings")
             self.choice = list(self.choice)
+        if self.structural_tag is not None:
+            tag = self.structural_tag
+            if isinstance(tag, str):
+                try:
+                    tag = json.loads(tag)
+                except ValueError as e:
+                    raise ValueError(f"structured_outputs.structural_tag is not valid JSON: {e}") from None
+            if not isinstance(tag, dict):
+                raise ValueError("structured_outputs.structural_tag must be a JSON object")
         if self.json_object not in (None, True, False):
             raise ValueError(f"structured_outputs.json_object must be a boolean (got {self.json_object!r})")
 
@@ -84,7 +98,7 @@ class StructuredOutputsParams:
         """Identifies the compiled grammar: equal keys share one compilation."""
         kind = self.kind
         value = getattr(self, kind)
-        if kind == "json":
+        if kind in ("json", "structural_tag"):
             value = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
         elif kind == "choice":
             value = json.dumps(value)

@@ -14,8 +14,9 @@ token. Decoded with special tokens skipped, all of this would read
 instead and hands out the analysis as reasoning and everything else as content, whole
 (`parse`) or as deltas while the reply streams (`feed`).
 
-With `tools=True` (a chat request with tools and tool_choice "auto"), a message addressed to a
-function (`to=functions.NAME` in its header, before or after `<|channel|>`) is a tool call
+With `tools=True` (a chat request with tools and tool_choice "auto", or "required" / a named
+function, whose grammar forces such a message: `structured/harmony_tools.py`), a message
+addressed to a function (`to=functions.NAME` in its header, before or after `<|channel|>`) is a tool call
 instead of content: `calls` holds (name, arguments text as written so far) per call, the name
 as soon as the header is complete, the arguments growing with the body. Messages to other
 recipients (gpt-oss's built-in `browser.*` / `python` tools) stay content.

@@ -112,7 +112,8 @@ class StructuredOutputManager:
             fut = self._cache.get(spec.key)
         if fut is None:  # evicted meanwhile (the cache holds far more specs than run at once)
             fut = self.submit(spec)
-        return RequestGrammar(fut.result(timeout=self.compile_timeout), self.compiler.stop_token_ids)
+        return RequestGrammar(fut.result(timeout=self.compile_timeout), self.compiler.stop_token_ids,
+                              self.compiler.guard)
 
     def stats(self) -> dict[str, float]:
         return {"grammar_cache_hits": self.hits, "grammar_compilations": self.misses}

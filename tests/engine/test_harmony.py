@@ -133,16 +133,20 @@ def harmony_engine(tmp_path_factory):
     return engine, tok, folder
 
 
-def _script(engine, script: list[int]) -> None:
-    """Make greedy sampling write `script`, one token per generated position."""
+def _script(engine, script: list[int], masked: bool = False) -> None:
+    """Make greedy sampling write `script`, one token per generated position (masked: only
+    where a grammar's mask allows it; elsewhere the lowest allowed id)."""
     sampler = engine.runner.sampler
-    real = sampler.process_logits
+    real = getattr(sampler, "_real_process_logits", sampler.process_logits)
+    sampler._real_process_logits = real
 
     def scripted(logits, batch):
         out = real(logits, batch)
         forced = torch.full_like(out, -1e4)
         for i, (ids, n_prompt) in enumerate(zip(batch.token_ids, batch.num_prompt_tokens)):
             forced[i, script[min(len(ids) - n_prompt, len(script) - 1)]] = 0.0
+        if masked:
+            forced.masked_fill_(out == float("-inf"), float("-inf"))
         return forced
 
     sampler.process_logits = scripted
@@ -345,30 +349,60 @@ def test_server_returns_harmony_tool_calls(harmony_engine):
         _script(engine, _ids(tok, REPLY))
 
 
-def test_server_required_tool_choice_on_harmony(harmony_engine):
-    """tool_choice "required": the grammar makes the model write the JSON calls without harmony
-    headers; they come back as tool_calls as for any model."""
+def test_server_forced_tool_choice_keeps_harmony(harmony_engine):
+    """tool_choice "required" and a named function on gpt-oss: the structural tag
+    (structured/harmony_tools.py) lets the model reason first and write its call as a harmony
+    message; the mask lets the scripted call through unchanged and it comes back as
+    tool_calls with the analysis as reasoning_content, streamed and not. A reply that would
+    answer instead is steered into a call, and an unenforceable parameters schema is a 400."""
     from starlette.testclient import TestClient
 
     from kvserve.engine.async_engine import AsyncLLMEngine
     from kvserve.entrypoints.server import build_app
 
     engine, tok, _ = harmony_engine
-    forced = '[{"name": "get_weather", "parameters": {"city": "Paris"}}]'
-    body = {"messages": [{"role": "user", "content": "Weather?"}], "max_tokens": 200, "temperature": 0,
-            "tools": TOOLS, "tool_choice": "required"}
-    _script(engine, _ids(tok, forced + "<|return|>"))
+    args = '{"city": "Paris", "unit": "°C"}'
+    other = {"type": "function", "function": {"name": "get_time", "parameters": {
+        "type": "object", "properties": {"zone": {"enum": ["UTC", "CET"]}}, "required": ["zone"]}}}
+    base = {"messages": [{"role": "user", "content": "Weather?"}], "max_tokens": 200, "temperature": 0,
+            "tools": [other, *TOOLS]}
     try:
         with TestClient(build_app(AsyncLLMEngine(engine), served_model_name="gpt-oss-tiny")) as client:
+            _script(engine, _ids(tok, TOOL_REPLY), masked=True)
+            for choice_, reason in [("required", "tool_calls"),
+                                    ({"type": "function", "function": {"name": "get_weather"}}, "stop")]:
+                body = {**base, "tool_choice": choice_}
+                r = client.post("/v1/chat/completions", json=body)
+                assert r.status_code == 200, r.text
+                choice = r.json()["choices"][0]
+                assert choice["finish_reason"] == reason, choice
+                msg = choice["message"]
+                assert msg["content"] is None and msg["reasoning_content"] == "Need the weather in Paris."
+                [call] = msg["tool_calls"]
+                assert call["function"] == {"name": "get_weather", "arguments": args}
+                assert r.json()["usage"]["completion_tokens"] == len(_ids(tok, TOOL_REPLY))
+                chunks = _sse(client, body)
+                calls = [tc for ch in chunks for tc in ch["delta"].get("tool_calls") or []]
+                assert calls[0]["function"] == {"name": "get_weather", "arguments": ""}
+                assert "".join(tc["function"]["arguments"] for tc in calls) == args
+                assert "".join(ch["delta"].get("reasoning_content") or "" for ch in chunks) == "Need the weather in Paris."
+                assert [ch["finish_reason"] for ch in chunks if ch["finish_reason"]] == [reason]
+
+            # The model would answer in the final channel: the grammar allows only a call, and
+            # the named function's at that.
+            _script(engine, _ids(tok, REPLY), masked=True)
+            body = {**base, "tool_choice": {"type": "function", "function": {"name": "get_time"}}}
             r = client.post("/v1/chat/completions", json=body)
-            assert r.status_code == 200, r.text
             choice = r.json()["choices"][0]
-            assert choice["finish_reason"] == "tool_calls", choice
-            [call] = choice["message"]["tool_calls"]
-            assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
-            chunks = _sse(client, body)
-            calls = [tc for ch in chunks for tc in ch["delta"].get("tool_calls") or []]
-            assert calls[0]["function"]["name"] == "get_weather"
-            assert "".join(tc["function"]["arguments"] for tc in calls) == '{"city": "Paris"}'
+            assert "Bonjour" not in (choice["message"]["content"] or "")
+            if choice["finish_reason"] != "length":
+                [call] = choice["message"]["tool_calls"]
+                assert call["function"]["name"] == "get_time"
+                assert json.loads(call["function"]["arguments"])["zone"] in ("UTC", "CET")
+
+            bad = {**base, "tool_choice": "required",
+                   "tools": [{"type": "function", "function": {"name": "f", "parameters": {"not": {}}}}]}
+            r = client.post("/v1/chat/completions", json=bad)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text
     finally:
         _script(engine, _ids(tok, REPLY))

@@ -4,6 +4,7 @@ agrees with xgrammar's own kernel."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from kvserve.structured.grammar import allocate_bitmask, apply_bitmask
@@ -130,7 +131,7 @@ def test_grammar_vocabulary_is_the_tokenizers(tiny_llama):
         assert m.compiler.model_vocab_size == eng.model_config.vocab_size
         assert m.compiler.vocab_size < eng.model_config.vocab_size  # the tiny model is padded
         ids = max(eng.tokenizer.backend.get_vocab().values()) + 1
-        assert m.compiler.vocab_size == (ids + 31) // 32 * 32  # whole 32-token words
+        assert ids % 32 and m.compiler.vocab_size == ids  # exactly, mid-word
     finally:
         m.shutdown()
 
@@ -149,3 +150,108 @@ def test_mask_narrower_than_half_precision_logits():
                 assert banned[32:].all() and not banned[:32].any()
             else:
                 assert not banned.any()
+
+
+def _bits(mask: torch.Tensor) -> torch.Tensor:
+    return ((mask[..., None] >> torch.arange(32, dtype=torch.int32)) & 1).bool().flatten(-2)
+
+
+def test_no_bits_past_the_vocabulary_in_any_fill(tiny_llama):
+    """xgrammar sets bits past a vocabulary that ends mid-word (the tokenizer's 442 ids) inside
+    strings; every fill path (one row, the threaded batch, speculative drafts) clears them,
+    so the padded head's columns there can never be sampled."""
+    from kvserve.core.sampling_params import StructuredOutputsParams as SO
+    from kvserve.loader.tokenizer import Tokenizer
+    from kvserve.structured.grammar import BitmaskFiller, GrammarCompiler, RequestGrammar
+
+    tok = Tokenizer.from_folder(tiny_llama[0])
+    comp = GrammarCompiler(tok, 512, [tok.eos_token_id])
+    vocab = comp.vocab_size
+    assert vocab % 32
+    compiled = comp.compile(SO(json={"type": "string"}))
+    ids = tok.encode('"hello wor', add_special_tokens=False)
+    raw = RequestGrammar(compiled)  # no guard: xgrammar's own fill
+    gs = [RequestGrammar(compiled, [tok.eos_token_id], comp.guard) for _ in range(2)]
+    for t in ids:
+        for g in [raw, *gs]:
+            g.accept(t)
+    mask = allocate_bitmask(4, vocab)
+    raw.fill_bitmask(mask, 0)
+    gs[0].fill_bitmask(mask, 1)
+    BitmaskFiller(max_threads=2).fill(gs, mask, [2, 3])
+    bits = _bits(mask)
+    assert bits[0, vocab:].any()  # what xgrammar leaves there (0.2.9)
+    assert not bits[1:, vocab:].any()
+    assert torch.equal(bits[1, :vocab], bits[0, :vocab])
+    drafts = tok.encode("ld", add_special_tokens=False)
+    dmask = allocate_bitmask(len(drafts) + 1, vocab)
+    gs[0].fill_bitmask_for_drafts(dmask, 0, drafts)
+    assert not _bits(dmask)[:, vocab:].any()
+
+
+_ANY = {"type": "string"}
+_PATTERN = {"type": "string", "pattern": "^.*$"}
+
+
+@pytest.mark.parametrize("schema, lead, good, bad", [
+    (_ANY, 0xED, 0x9F, 0xB2),  # ED A0..BF: a surrogate
+    (_PATTERN, 0xED, 0x80, 0xA0),
+    (_PATTERN, 0xE0, 0xA0, 0x9F),  # E0 80..9F: overlong
+    (_PATTERN, 0xF0, 0x90, 0x8F),  # F0 80..8F: overlong
+])
+def test_ill_formed_utf8_is_banned(tiny_llama, schema, lead, good, bad):
+    """xgrammar (0.2.9) lets some ill-formed UTF-8 into strings: after `lead` it allows the
+    second byte `bad`. The guarded fills (one row, batch, drafts) allow `good` only; the state
+    returns to 0 once the character is complete."""
+    from kvserve.core.sampling_params import StructuredOutputsParams as SO
+    from kvserve.loader.tokenizer import Tokenizer
+    from kvserve.structured.grammar import BitmaskFiller, GrammarCompiler, RequestGrammar
+
+    tok = Tokenizer.from_folder(tiny_llama[0])
+    comp = GrammarCompiler(tok, 512, [tok.eos_token_id])
+    vocab = comp.vocab_size
+    dv = [bytes(b) for b in comp.info.decoded_vocab]
+    lead_t, good_t, bad_t = dv.index(bytes([lead])), dv.index(bytes([good])), dv.index(bytes([bad]))
+    compiled = comp.compile(SO(json=schema))
+    quote = tok.encode('"', add_special_tokens=False)
+    raw = RequestGrammar(compiled)
+    gs = [RequestGrammar(compiled, [tok.eos_token_id], comp.guard) for _ in range(4)]
+    for g in [raw, *gs]:
+        for t in quote:
+            g.accept(t)
+    mask = allocate_bitmask(5, vocab)
+    raw.accept(lead_t)
+    raw.fill_bitmask(mask, 0)
+    assert _bits(mask)[0, bad_t]  # xgrammar's own fill
+    for g in gs[:3]:
+        g.accept(lead_t)
+    gs[0].fill_bitmask(mask, 1)
+    BitmaskFiller(max_threads=2).fill(gs[1:3], mask, [2, 3])
+    dmask = allocate_bitmask(2, vocab)
+    gs[3].fill_bitmask_for_drafts(dmask, 0, [lead_t])
+    bits = torch.cat([_bits(mask)[1:4], _bits(dmask)[1:]])
+    assert bits[:, good_t].all() and not bits[:, bad_t].any()
+    g = gs[0]
+    g.accept(good_t)
+    while g.utf8:  # complete the character with continuation bytes
+        g.accept(dv.index(b"\x80"))
+    g.fill_bitmask(mask, 4)
+    assert _bits(mask)[4, dv.index(b"a")]
+
+
+def test_a_grammar_of_surrogates_keeps_its_own_mask(tiny_llama):
+    """A grammar that allows only ill-formed UTF-8 after a lead byte (a class of surrogates)
+    keeps xgrammar's mask there instead of an empty one (which would leave nothing to sample)."""
+    from kvserve.core.sampling_params import StructuredOutputsParams as SO
+    from kvserve.loader.tokenizer import Tokenizer
+    from kvserve.structured.grammar import GrammarCompiler, RequestGrammar
+
+    tok = Tokenizer.from_folder(tiny_llama[0])
+    comp = GrammarCompiler(tok, 512, [tok.eos_token_id])
+    dv = [bytes(b) for b in comp.info.decoded_vocab]
+    g = RequestGrammar(comp.compile(SO(regex="[\\ud800-\\udfff]")), [tok.eos_token_id], comp.guard)
+    g.accept(dv.index(b"\xed"))
+    assert g.utf8
+    mask = allocate_bitmask(1, comp.vocab_size)
+    g.fill_bitmask(mask, 0)
+    assert _bits(mask)[0, dv.index(b"\xb2")]

@@ -75,6 +75,24 @@ def test_regex_choice_grammar_json_object(llm):
     assert re.fullmatch(r'\{"a": [0-9]\}', e)  # xgrammar's separators: ', ' and ': '
 
 
+def test_structural_tag(llm):
+    """An xgrammar structural tag (vLLM's structured_outputs.structural_tag): literal text, then a
+    JSON-schema part (its strings length-bounded as for plain schemas), then a choice."""
+    tag = {"type": "structural_tag", "format": {"type": "sequence", "elements": [
+        {"type": "const_string", "value": "ANSWER "},
+        {"type": "json_schema", "json_schema": {"type": "object", "properties": {"n": {"type": "string", "maxLength": 4}},
+                                                "required": ["n"]}},
+        {"type": "or", "elements": [{"type": "const_string", "value": " ok"}, {"type": "const_string", "value": " no"}]},
+    ]}}
+    params = [SamplingParams(max_tokens=120, temperature=1.0, seed=s, structured_outputs=SO(structural_tag=tag))
+              for s in range(6)]
+    params.append(SamplingParams(max_tokens=120, temperature=0, structured_outputs=SO(structural_tag=json.dumps(tag))))
+    for o in llm.generate([PROMPT] * len(params), params, use_tqdm=False):
+        c = o.outputs[0]
+        assert c.finish_reason == "stop" and c.text.startswith("ANSWER ") and c.text[-3:] in (" ok", " no"), c.text
+        assert len(json.loads(c.text[len("ANSWER "):-3])["n"]) <= 4
+
+
 def test_length_when_grammar_cannot_finish_and_stop_when_it_does(llm):
     # Ten digits cannot fit in 4 tokens of a vocabulary whose digits are single tokens.
     long = SamplingParams(max_tokens=4, temperature=0, structured_outputs=SO(regex=r"[0-9]{10}"))

@@ -5,13 +5,18 @@ out of the generated text (whole, or as OpenAI's streamed deltas).
 Request fields (one structured-output source per request):
 - OpenAI `response_format`: {"type": "text" | "json_object" | "json_schema", "json_schema":
   {"name", "schema", "strict"}}; the schema is enforced whether or not `strict` is set.
-- vLLM `structured_outputs` ({"json" | "regex" | "choice" | "grammar" | "json_object"}) and the
-  older `guided_json`, `guided_regex`, `guided_choice`, `guided_grammar`.
+- vLLM `structured_outputs` ({"json" | "regex" | "choice" | "grammar" | "json_object" |
+  "structural_tag"}) and the older `guided_json`, `guided_regex`, `guided_choice`,
+  `guided_grammar`.
 - chat `tools` / `tool_choice` / `parallel_tool_calls`: "required" and a named function are
   enforced by a grammar (a JSON array of {name, parameters} calls; the named function's
   parameters object), written as compact JSON (`, ` and `: ` separators, no newlines); "auto"
   is parsed from free output by `--tool-call-parser`, or, for a harmony model (gpt-oss), from
   its `commentary to=functions.NAME` messages (`engine/harmony.py`, no parser flag needed).
+  On a harmony model "required" and a named function keep the format: a structural tag
+  (`structured/harmony_tools.py`) lets the model reason in analysis messages first and then
+  forces one `commentary to=functions.NAME <|constrain|>json<|message|>{...}<|call|>` message
+  for an allowed NAME with arguments valid for its parameters, read like an "auto" call.
 """
 
 from __future__ import annotations
@@ -81,7 +86,7 @@ def _from_response_format(fmt: dict[str, Any]) -> StructuredOutputsParams:
 
 def _rename(msg: str, param: str) -> str:
     """Errors name the request field the user wrote (`guided_json`), not the engine's."""
-    for kind in ("json_object", "json", "regex", "choice", "grammar"):
+    for kind in ("json_object", "json", "regex", "choice", "grammar", "structural_tag"):
         msg = msg.replace(f"structured_outputs.{kind}", param)
     if param != "structured_outputs":
         msg = msg.replace("structured_outputs", param)
@@ -148,6 +153,8 @@ def plan_tools(req: Any, state: Any) -> ToolPlan:
                               "{'type': 'function', 'function': {'name': ...}}", param="tool_choice")
         if not tools or name not in [t["function"]["name"] for t in tools]:
             raise bad_request(f"tool_choice names {name!r}, which is not in tools", param="tool_choice")
+        if state.is_harmony():
+            return _harmony_forced("named", tools, state, name)
         tool = next(t for t in tools if t["function"]["name"] == name)
         schema = tool["function"].get("parameters") or {"type": "object", "properties": {}}
         return ToolPlan("named", tools, named=name, spec=StructuredOutputsParams(json=schema, disable_any_whitespace=True))
@@ -158,6 +165,8 @@ def plan_tools(req: Any, state: Any) -> ToolPlan:
         raise bad_request(f"tool_choice={choice!r} needs tools", param="tool_choice")
     if choice == "none":
         return ToolPlan("none", tools or [])
+    if choice == "required" and state.is_harmony():
+        return _harmony_forced("required", tools, state)
     if choice == "required":
         schema = _calls_schema(tools, req.parallel_tool_calls)
         return ToolPlan("required", tools, spec=StructuredOutputsParams(json=schema, disable_any_whitespace=True))
@@ -170,6 +179,20 @@ def plan_tools(req: Any, state: Any) -> ToolPlan:
             param="tool_choice",
         )
     return ToolPlan("auto", tools, parser=get_tool_parser(state.tool_call_parser))
+
+
+def _harmony_forced(mode: str, tools: list[dict[str, Any]], state: Any, name: str | None = None) -> ToolPlan:
+    """A forced call on a harmony model (gpt-oss): its own message format under a structural
+    tag, the call read from the token ids like an "auto" one (one call: <|call|> ends the turn)."""
+    from kvserve.structured.harmony_tools import harmony_call_tag, harmony_special_ids
+
+    tok = state.engine.tokenizer
+    eos = getattr(getattr(state.engine, "engine", None), "eos_token_ids", ())
+    try:
+        tag = harmony_call_tag(tools, harmony_special_ids(tok), sorted(eos), name)
+    except ValueError as e:
+        raise bad_request(str(e), param="tools") from None
+    return ToolPlan(mode, tools, named=name, spec=StructuredOutputsParams(structural_tag=tag), harmony=True)
 
 
 def _calls_schema(tools: list[dict[str, Any]], parallel: bool | None) -> dict[str, Any]:
