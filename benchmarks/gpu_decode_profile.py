@@ -1,7 +1,7 @@
 """Where a batch-1 decode step's time goes (random weights).
 
     python -m benchmarks.gpu_decode_profile [--models Llama-3.1-8B]
-    python -m benchmarks.gpu_decode_profile --models Qwen3-30B-A3B --layers 4 --moe-decode default,fused
+    python -m benchmarks.gpu_decode_profile --models Qwen3-30B-A3B --layers 4 --moe-decode fused,torch
 
 Dense models (Llama-3.2-1B / Llama-3.1-8B shapes): end-to-end ms/token through the engine; the
 captured decode graph replayed back to back (GPU time of one step, no host turn); the per-kernel
@@ -11,7 +11,8 @@ from L2), against the large-GEMV ceiling the decode floor uses.
 
 Mixture-of-experts shapes (the names of `gpu_moe_bench.SHAPES`: Qwen3-30B-A3B, gpt-oss-20b, run as
 Qwen3-MoE models with `--layers` of their layers, bf16 experts), once per `--moe-decode` mode
-(`KVSERVE_MOE_DECODE`, set before each engine is built): the graph replay and end-to-end
+(`KVSERVE_MOE_DECODE`, set before each engine is built; by default `fused`, the engine's default,
+then `torch`, the routing as torch ops and the pairs kernels): the graph replay and end-to-end
 ms/token against the floor of the bytes one step reads (active experts only, as
 `gpu_moe_bench`), then ONE batch-1 decode step run eagerly under torch.profiler: every CUDA
 kernel (name shortened), launches per step, total and mean µs, and its exclusive µs (the part
@@ -355,7 +356,8 @@ def main() -> None:
     ap.add_argument("--models", default="Llama-3.2-1B,Llama-3.1-8B",
                     help="dense (gpu_bench) or MoE (gpu_moe_bench.SHAPES) model names, comma-separated")
     ap.add_argument("--layers", type=int, default=4, help="layers of an MoE model (its own depth is larger)")
-    ap.add_argument("--moe-decode", default="default,fused", help="KVSERVE_MOE_DECODE modes to profile, in turn")
+    ap.add_argument("--moe-decode", default="fused,torch",
+                    help="KVSERVE_MOE_DECODE modes to profile, in turn (fused: the default; torch: routing as torch ops)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     if not torch.cuda.is_available():

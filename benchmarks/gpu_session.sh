@@ -46,8 +46,8 @@ quantlite)  # issue 17, only what the last lease left unmeasured: the tests' fix
 moe)  # issue 20
   t mtests 150 "$TESTS" python -m pytest -q -p no:cacheprovider tests/gpu/test_fused_moe.py tests/gpu/test_gpt_oss_gpu.py tests/gpu/test_gguf_moe_gpu.py
   t moebench 200 "^\||^\[|rror" python -m benchmarks.gpu_moe_bench --out "$OUT"
-  # the packed MXFP4 kernels (opt-in until this run) against the legacy default: kernels and decode
-  t gptoss 240 "^\||^\[|rror|floor|graphs|eager|tokens" env KVSERVE_MXFP4_MOE=packed python -m benchmarks.gpt_oss_gpu_bench --compare-legacy --json "$OUT/gpt_oss.json"
+  # the packed MXFP4 kernels (the default) against the legacy ones: kernels and decode
+  t gptoss 240 "^\||^\[|rror|floor|graphs|eager|tokens" python -m benchmarks.gpt_oss_gpu_bench --compare-legacy --json "$OUT/gpt_oss.json"
   ;;
 spec)  # issues 18 and 19
   t stests 150 "$TESTS" python -m pytest -q -p no:cacheprovider tests/gpu/test_structured_gpu.py tests/gpu/test_spec_decode_gpu.py tests/gpu/test_async_scheduling_gpu.py tests/gpu/test_skinny.py

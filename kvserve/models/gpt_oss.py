@@ -21,7 +21,10 @@ loading), with these differences:
   "mxfp4"`) stay 4-bit: repacked at load to `kernels/mxfp4.py`'s form and multiplied by
   `platform/mxfp4_linear.py` (dequantized per call, only for the experts a step selects). On
   CUDA `prepare_cuda` repacks each layer's experts into `kernels/triton_mxfp4_moe.py`'s aligned
-  layout (still 4-bit) and the MoE runs its fused kernels (GEMV path for decode, grouped above).
+  layout (still 4-bit) and the MoE runs its fused kernels (GEMV path for decode, grouped above;
+  the default, `KVSERVE_MXFP4_MOE=packed`: batch-1 decode 3.456 ms/token at gpt-oss-20b shapes on
+  an NVIDIA H200 against 8.683 with `KVSERVE_MXFP4_MOE=legacy`, the first kernel on the 17-byte
+  blocks, still selectable).
   Unquantized checkpoints' experts take the platform's linear method like any projection.
 
 Tensor parallelism: heads, KV heads and sinks split as for Llama; the router is replicated and

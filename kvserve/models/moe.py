@@ -14,8 +14,9 @@ CPU path: loop over the experts that received tokens (ascending, as HF does), ga
 so the work is the active experts' only. A platform with a fused MoE op runs the experts
 through it instead (`Ops.fused_moe`; CUDA: the Triton kernels of `kernels/triton_moe.py`, no
 host sync, so decode steps are captured in CUDA graphs). The routing goes through the platform
-too (`Ops.route_experts`: the torch ops above; with `KVSERVE_MOE_DECODE=fused` on CUDA one Triton
-kernel, `kernels/triton_moe_decode.py`). Qwen3-MoE layers in
+too (`Ops.route_experts`: the torch ops above; on CUDA by default one Triton kernel,
+`kernels/triton_moe_decode.py`, whose expert kernels also run the decode batches of up to a few
+tokens; `KVSERVE_MOE_DECODE=torch` keeps the torch ops and the pairs kernels). Qwen3-MoE layers in
 `mlp_only_layers`, or off the `decoder_sparse_step` grid, keep a dense MLP.
 
 Tensor parallelism: every rank routes the same way (the router is replicated) and holds a slice

@@ -6,9 +6,10 @@ k in place inside the fused qkv output, applies the per-head q/k norm on the way
 attention backend that allows it, stores k and v in the paged cache (one launch less). For 1..8
 rows (`cuda_linear.SKINNY_MAX_ROWS`) the projection itself joins in: the qkv GEMV / skinny product
 with RoPE in its epilogue (`TritonGemvLinearMethod.apply_qkv_rope`). A sparse MoE layer's experts run as the fused
-Triton MoE (`kernels/triton_moe.py`) over the weights `platform/cuda_moe.py` stacked; with
-`KVSERVE_MOE_DECODE=fused` its routing is one Triton launch and decode batches take the PDL expert
-kernels of `kernels/triton_moe_decode.py`.
+Triton MoE (`kernels/triton_moe.py`) over the weights `platform/cuda_moe.py` stacked; by default
+(`KVSERVE_MOE_DECODE=fused`) its routing is one Triton launch and the decode batches the pairs path
+would take run the PDL expert kernels of `kernels/triton_moe_decode.py`; `KVSERVE_MOE_DECODE=torch`
+keeps the routing as torch ops and the pairs kernels.
 """
 
 from __future__ import annotations

@@ -105,7 +105,7 @@ def run_interpret() -> None:
     check_fused(1, 4, 4, 40, 24, "cpu", torch.float32, "pairs", 1e-5)  # K not a block multiple
     check_fused(9, 8, 2, 64, 48, "cpu", torch.float32, "sorted", 1e-5, cfg)
     check_fused(20, 4, 2, 40, 24, "cpu", torch.float32, "sorted", 1e-5, cfg)
-    # the opt-in decode path (KVSERVE_MOE_DECODE=fused): router, then experts
+    # the default decode path (KVSERVE_MOE_DECODE=fused): router, then experts
     for t, e, k, renorm in ((1, 8, 2, True), (3, 5, 3, False), (2, 128, 8, True), (4, 6, 6, False)):
         check_route(t, e, k, renorm, "cpu", torch.float32, seed=t)
     check_decode(1, 8, 2, 64, 48, "cpu", torch.float32, 1e-5)

@@ -1,8 +1,9 @@
 """The fused MoE kernels (`kvserve/kernels/triton_moe.py`) on the GPU: both paths against the
 fp32 oracle at Qwen3-30B-A3B and gpt-oss-20b expert shapes, the expert sort, CUDA-graph
 capture and replay with new routing, and end to end: greedy tokens of the tiny MoE models in
-fp32 through the CUDA engine (fused experts, CUDA graphs) equal the CPU engine's expert loop.
-The opt-in decode path (`KVSERVE_MOE_DECODE=fused`, `kernels/triton_moe_decode.py`): the
+fp32 through the CUDA engine (fused experts, CUDA graphs) equal the CPU engine's expert loop,
+with `KVSERVE_MOE_DECODE=torch` (routing as torch ops, the pairs kernels).
+The default decode path (`KVSERVE_MOE_DECODE=fused`, `kernels/triton_moe_decode.py`): the
 one-launch router against the torch chain, the decode expert kernels against the oracle and the
 pairs path, in a CUDA graph with new routing, and the engine's greedy tokens with it."""
 
@@ -78,7 +79,9 @@ def test_empty_batch():
 
 
 @pytest.mark.parametrize("kind", ["qwen3_moe", "qwen3_moe_raw", "mixtral"])
-def test_engine_greedy_matches_cpu_expert_loop(kind, tmp_path):
+def test_engine_greedy_matches_cpu_expert_loop(kind, tmp_path, monkeypatch):
+    """The pairs / sorted kernels with the torch routing (`KVSERVE_MOE_DECODE=torch`; the default
+    decode path has its own test below)."""
     from tests.models.test_moe import _save_model
     from tests.gpu.test_engine_gpu import _prompts
 
@@ -92,8 +95,10 @@ def test_engine_greedy_matches_cpu_expert_loop(kind, tmp_path):
         return [o.outputs[0].token_ids for o in outs]
 
     want = run(LLM(str(tmp_path), device="cpu", num_kv_blocks=256, **common))
+    monkeypatch.setenv("KVSERVE_MOE_DECODE", "torch")
     gpu = LLM(str(tmp_path), device="cuda", **common)
     model = gpu.engine.runner.model
+    assert model.layers[0].mlp.ops.moe_decode == "torch"
     sparse = [layer.mlp for layer in model.layers if hasattr(layer.mlp, "experts")]
     assert sparse and all(getattr(m, "stacked_experts", None) is not None for m in sparse)
     assert gpu.engine.runner.graphs is not None
@@ -104,7 +109,7 @@ def test_engine_greedy_matches_cpu_expert_loop(kind, tmp_path):
     assert single == want[:3]
 
 
-# -- the opt-in decode path (KVSERVE_MOE_DECODE=fused) -----------------------------------------
+# -- the default decode path (KVSERVE_MOE_DECODE=fused) ----------------------------------------
 @pytest.mark.parametrize("renorm", [True, False])
 @pytest.mark.parametrize("t,e,k", [(1, 128, 8), (4, 128, 8), (1, 32, 4), (3, 8, 2), (2, 60, 5), (300, 128, 8)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -189,8 +194,10 @@ def test_decode_path_cuda_graph_follows_new_routing(t):
 def test_moe_decode_env_is_checked_when_the_engine_is_built(monkeypatch):
     from kvserve.platform.cuda_ops import CudaTritonOps
 
-    monkeypatch.setenv("KVSERVE_MOE_DECODE", "fused")
+    monkeypatch.delenv("KVSERVE_MOE_DECODE", raising=False)
     assert CudaTritonOps().moe_decode == "fused"
+    monkeypatch.setenv("KVSERVE_MOE_DECODE", "default")  # the old name of torch
+    assert CudaTritonOps().moe_decode == "torch"
     monkeypatch.setenv("KVSERVE_MOE_DECODE", "fast")
     with pytest.raises(ValueError, match="KVSERVE_MOE_DECODE"):
         CudaTritonOps()
@@ -198,8 +205,8 @@ def test_moe_decode_env_is_checked_when_the_engine_is_built(monkeypatch):
 
 @pytest.mark.parametrize("kind", ["qwen3_moe", "qwen3_moe_raw", "mixtral"])
 def test_engine_greedy_with_fused_decode_matches_cpu(kind, tmp_path, monkeypatch):
-    """KVSERVE_MOE_DECODE=fused end to end (fp32, CUDA graphs): the same greedy tokens as the
-    CPU engine's expert loop, batched and one at a time."""
+    """The default, KVSERVE_MOE_DECODE=fused, end to end (fp32, CUDA graphs): the same greedy tokens
+    as the CPU engine's expert loop, batched and one at a time."""
     from tests.gpu.test_engine_gpu import _prompts
     from tests.models.test_moe import _save_model
 
@@ -213,7 +220,7 @@ def test_engine_greedy_with_fused_decode_matches_cpu(kind, tmp_path, monkeypatch
         return [o.outputs[0].token_ids for o in outs]
 
     want = run(LLM(str(tmp_path), device="cpu", num_kv_blocks=256, **common), prompts)
-    monkeypatch.setenv("KVSERVE_MOE_DECODE", "fused")
+    monkeypatch.delenv("KVSERVE_MOE_DECODE", raising=False)  # the default
     gpu = LLM(str(tmp_path), device="cuda", **common)
     assert gpu.engine.runner.model.layers[0].mlp.ops.moe_decode == "fused"
     assert gpu.engine.runner.graphs is not None

@@ -1,5 +1,5 @@
 """The fused MoE Triton kernels on the CPU under TRITON_INTERPRET=1 (tiny fp32 shapes, both the
-decode pairs path and the expert-sorted grouped GEMM, ragged sizes; the opt-in decode path's
+decode pairs path and the expert-sorted grouped GEMM, ragged sizes; the default decode path's
 router and expert kernels, `triton_moe_decode`) against the fp32 oracle and the torch routing, and
 the expert sort's invariants. The GPU runs the same checks at real shapes
 (`tests/gpu/test_fused_moe.py`). A few seconds."""
@@ -24,19 +24,41 @@ def test_cpu_ops_have_no_fused_moe():
 
 
 def test_moe_decode_mode_env(monkeypatch):
-    """KVSERVE_MOE_DECODE: "default" unless set; "fused" opts in; anything else is an error that
-    names the variable."""
+    """KVSERVE_MOE_DECODE: "fused" unless set; "torch" (or its old name "default") selects the
+    torch routing and the pairs kernels; anything else is an error that names the variable."""
     import pytest
 
     from kvserve.platform.cuda_moe import moe_decode_mode
 
     monkeypatch.delenv("KVSERVE_MOE_DECODE", raising=False)
-    assert moe_decode_mode() == "default"
+    assert moe_decode_mode() == "fused"
     monkeypatch.setenv("KVSERVE_MOE_DECODE", "fused")
     assert moe_decode_mode() == "fused"
-    monkeypatch.setenv("KVSERVE_MOE_DECODE", "Fused")
-    with pytest.raises(ValueError, match="KVSERVE_MOE_DECODE"):
-        moe_decode_mode()
+    for old in ("torch", "default"):
+        monkeypatch.setenv("KVSERVE_MOE_DECODE", old)
+        assert moe_decode_mode() == "torch"
+    for bad in ("Fused", "", "pairs"):
+        monkeypatch.setenv("KVSERVE_MOE_DECODE", bad)
+        with pytest.raises(ValueError, match="KVSERVE_MOE_DECODE"):
+            moe_decode_mode()
+
+
+def test_cuda_ops_moe_decode_default_and_torch(monkeypatch):
+    """The CUDA ops take the fused decode path unless KVSERVE_MOE_DECODE says torch; with torch
+    they route with the base ops' torch chain."""
+    import torch
+
+    from kvserve.models.ops import Ops
+    from kvserve.platform.cuda_ops import CudaTritonOps
+
+    monkeypatch.delenv("KVSERVE_MOE_DECODE", raising=False)
+    assert CudaTritonOps().moe_decode == "fused"
+    monkeypatch.setenv("KVSERVE_MOE_DECODE", "default")
+    ops = CudaTritonOps()
+    assert ops.moe_decode == "torch"
+    logits = torch.randn(3, 6, generator=torch.Generator().manual_seed(2))
+    for a, b in zip(ops.route_experts(logits, 2, True, torch.float32), Ops().route_experts(logits, 2, True, torch.float32)):
+        assert torch.equal(a, b)
 
 
 def test_route_experts_is_hf_routing():
@@ -70,7 +92,7 @@ def test_fused_moe_rejects_unknown_path():
 
 
 def test_moe_decode_kernels_compile_for_sm90():
-    """The opt-in decode path's kernels compiled for sm_90 without a GPU (`tests/gpu/moe_sass.py`)
+    """The default decode path's kernels compiled for sm_90 without a GPU (`tests/gpu/moe_sass.py`)
     at Qwen3-30B-A3B and gpt-oss-20b shapes: 16-byte weight loads (as many as the weights a thread
     streams need), no spills, the K loops unrolled."""
     import os

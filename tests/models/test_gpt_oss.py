@@ -350,7 +350,8 @@ def test_gguf_gpt4o_pre_tokenizer_splits_like_o200k():
 
 
 def test_mxfp4_moe_env_settings_are_checked(monkeypatch):
-    """KVSERVE_MXFP4_MOE takes 'legacy' or 'packed'; a bad value is an error naming the variable."""
+    """KVSERVE_MXFP4_MOE takes 'packed' (the default) or 'legacy'; a bad value is an error naming
+    the variable."""
     import importlib
 
     pytest.importorskip("triton")
@@ -366,7 +367,9 @@ def test_mxfp4_moe_env_settings_are_checked(monkeypatch):
             importlib.reload(tm)
         monkeypatch.delenv("KVSERVE_MXFP4_GEMV_MAX_PAIRS")
         assert importlib.reload(tm).MOE_IMPL == "packed"
+        monkeypatch.setenv("KVSERVE_MXFP4_MOE", "legacy")
+        assert importlib.reload(tm).MOE_IMPL == "legacy"
     finally:
         monkeypatch.delenv("KVSERVE_MXFP4_MOE", raising=False)
         monkeypatch.delenv("KVSERVE_MXFP4_GEMV_MAX_PAIRS", raising=False)
-        assert importlib.reload(tm).MOE_IMPL == "legacy"
+        assert importlib.reload(tm).MOE_IMPL == "packed"  # the default
