@@ -42,6 +42,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvserve.kernels.triton_moe import _silu_mul
 from kvserve.models import pdl
 
 
@@ -155,15 +156,6 @@ def _gate_up_kernel(
     dt = out_ptr.dtype.element_ty
     h = _silu_mul(tl.sum(acc_g, 1), tl.sum(acc_u, 1), dt)
     tl.store(out_ptr + pair.to(tl.int64) * stride_o + rows, h.to(dt), mask=row_ok)
-
-
-@triton.jit
-def _silu_mul(g, u, dt: tl.constexpr):
-    """silu(g) * u from fp32 sums, rounded where `Ops.silu_and_mul` rounds (g, u, silu(g))."""
-    g = g.to(dt).to(tl.float32)
-    u = u.to(dt).to(tl.float32)
-    s = (g / (1.0 + tl.exp(-g))).to(dt).to(tl.float32)
-    return s * u
 
 
 @triton.jit
