@@ -18,13 +18,11 @@
 (c) backoff: batch-32 output tok/s with speculation on and nothing ever accepted (a = 0,
     back-off on) against plain; the issue's bound is a drop of at most 5%.
 (k) kernels (runs before the engine starts; `--only kernels,verify` for the GEMV work): per
-    Llama-3.1-8B projection, µs of the one-row Triton GEMV, cuBLAS (`F.linear`) at M = 2, 5, 8
-    rows and the Triton skinny product (`kvserve/kernels/triton_skinny.py`) at M = 2, 5, 8, each
-    inside a CUDA graph over enough weight copies (>= 256 MiB) that no call is served from L2;
-    the fused variants the model runs (gate/up + SiLU·mul, qkv + RoPE + K/V store); and a sweep
-    of the skinny kernel's block configurations (best per shape and M). The verify section then
-    runs with the skinny path on and off (`cuda_linear.SKINNY_MAX_ROWS` = 8 / 1, graphs
-    recaptured), unless `--skinny on` or `--skinny off` picks one.
+    Llama-3.1-8B projection, µs of the one-row Triton GEMV and cuBLAS (`F.linear`) at M = 2, 5,
+    8 rows, each inside a CUDA graph over enough weight copies (>= 256 MiB) that no call is
+    served from L2; and the fused variants the model runs (gate/up + SiLU·mul, qkv + RoPE + K/V
+    store): one row through the GEMV with the epilogue, 5 and 8 rows through cuBLAS then the
+    epilogue kernel.
 
 Everything runs on one engine: plain runs set `engine.spec = None`. The first run of each
 configuration is a warm-up (not timed).
@@ -45,7 +43,6 @@ import torch
 from benchmarks.gpu_bench import events_time, model_folder
 from benchmarks.gpu_gemv import graph_time
 from kvserve import LLM, SamplingParams
-from kvserve.platform import cuda_linear
 from kvserve.runner.cuda_graphs import DecodeGraphs
 from kvserve.spec_decode.config import SpeculativeConfig
 from kvserve.spec_decode.decoder import SpecDecoder
@@ -90,13 +87,9 @@ def fill_static(g: DecodeGraphs, batch: int, width: int, ctx: int, block_size: i
     return rows
 
 
-# Llama-3.1-8B projections (N, K) and the skinny kernel's block configurations swept.
+# Llama-3.1-8B projections (N, K).
 KERNEL_SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
                  "lm_head": (128256, 4096)}
-# (BLOCK_N, BLOCK_K, num_warps, RING: four weight tiles in flight in the loop)
-SKINNY_CONFIGS = [(2, 1024, 4, True), (2, 512, 4, True), (2, 256, 4, True), (4, 512, 4, True), (4, 256, 4, True),
-                  (2, 1024, 8, True), (1, 1024, 4, True), (2, 1024, 4, False), (2, 512, 4, False), (4, 512, 4, False),
-                  (4, 1024, 8, False), (8, 256, 4, False)]
 KERNEL_ROWS = (2, 5, 8)
 
 
@@ -108,11 +101,9 @@ def _copies(n: int, k: int) -> list[torch.Tensor]:
 def section_kernels() -> None:
     import torch.nn.functional as F
 
-    from benchmarks.skinny_dot import DOT_CONFIGS, skinny_dot
-    from kvserve.kernels import triton_skinny
     from kvserve.models import fused_ops, triton_ops
 
-    table, fused, sweep = [], [], []
+    table, fused = [], []
     for name, (n, k) in KERNEL_SHAPES.items():
         ws = _copies(n, k)
         xs = {m: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for m in (1, *KERNEL_ROWS)}
@@ -121,73 +112,31 @@ def section_kernels() -> None:
         for m in KERNEL_ROWS:
             x = xs[m]
             row[f"cublas_{m}"] = graph_time(lambda w: F.linear(x, w), ws)
-            row[f"skinny_{m}"] = graph_time(lambda w: triton_skinny.skinny(x, w), ws)
-            got, ref = triton_skinny.skinny(x, ws[0]).float(), F.linear(x, ws[0]).float()
-            row[f"rel_err_{m}"] = ((got - ref).norm() / ref.norm()).item()
-            best = None
-            for cfg in SKINNY_CONFIGS:
-                try:
-                    t = graph_time(lambda w: triton_skinny.skinny(x, w, config=cfg), ws)
-                except Exception as e:  # a configuration that does not compile (registers, shared memory)
-                    log(f"[kernels] {name} M={m} {cfg}: {type(e).__name__}: {str(e)[:120]}")
-                    continue
-                sweep.append({"proj": name, "M": m, "config": list(cfg), "us": t})
-                if best is None or t < best[1]:
-                    best = (cfg, t)
-            row[f"best_{m}"] = best
-            # the tensor-core alternative (benchmarks/skinny_dot.py), measurement only
-            dot_best = None
-            for cfg in DOT_CONFIGS:
-                try:
-                    err = (skinny_dot(x, ws[0], cfg).float() - ref).norm() / ref.norm()
-                    t = graph_time(lambda w: skinny_dot(x, w, cfg), ws)
-                except Exception as e:
-                    log(f"[kernels] {name} M={m} dot {cfg}: {type(e).__name__}: {str(e)[:120]}")
-                    continue
-                sweep.append({"proj": name, "M": m, "dot_config": list(cfg), "us": t, "rel_err": err.item()})
-                if err < 1e-2 and (dot_best is None or t < dot_best[1]):
-                    dot_best = (cfg, t)
-            row[f"dot_{m}"] = dot_best
         table.append((name, row))
         RESULTS[f"kernels/{name}"] = row
-        log(f"[kernels] {name}: " + ", ".join(f"{key} {v:.1f}" for key, v in row.items()
-                                                if isinstance(v, float) and not key.startswith("rel")))
+        log(f"[kernels] {name}: " + ", ".join(f"{key} {v:.1f}" for key, v in row.items() if isinstance(v, float)))
         if name in ("gate_up", "qkv"):
-            fused.append((name, _fused_times(name, n, k, ws, xs, triton_ops, triton_skinny, fused_ops)))
+            fused.append((name, _fused_times(name, n, k, ws, xs, triton_ops, fused_ops)))
         del ws
         torch.cuda.empty_cache()
-    RESULTS["kernels/sweep"] = sweep
     log(f"\n[kernels] {MODEL} bf16 projections, µs per call inside a CUDA graph, weights rotated past L2")
-    log("| projection | N x K | MB | GEMV 1 row | cuBLAS M=2 | cuBLAS M=5 | cuBLAS M=8 | skinny M=2 | skinny M=5 | "
-        "skinny M=8 | skinny M=5 GB/s | best config M=2 / 5 / 8 (µs) |")
-    log("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    log("| projection | N x K | MB | GEMV 1 row | GEMV GB/s | cuBLAS M=2 | cuBLAS M=5 | cuBLAS M=8 |")
+    log("|---|---|---|---|---|---|---|---|")
     for name, r in table:
-        bests = " / ".join(f"{tuple(r[f'best_{m}'][0])} {r[f'best_{m}'][1]:.1f}" if r[f"best_{m}"] else "-"
-                           for m in KERNEL_ROWS)
-        log(f"| {name} | {r['shape']} | {r['MB']:.0f} | {r['gemv_1']:.1f} | {r['cublas_2']:.1f} | {r['cublas_5']:.1f} | "
-            f"{r['cublas_8']:.1f} | {r['skinny_2']:.1f} | {r['skinny_5']:.1f} | {r['skinny_8']:.1f} | "
-            f"{r['MB'] * 1e3 / r['skinny_5']:.0f} | {bests} |")
-    log("\n| projection | tensor-core skinny (benchmarks/skinny_dot.py) best config and µs at M=2 / 5 / 8 |")
-    log("|---|---|")
-    for name, r in table:
-        log(f"| {name} | " + " / ".join(f"{tuple(r[f'dot_{m}'][0])} {r[f'dot_{m}'][1]:.1f}" if r[f"dot_{m}"] else "-"
-                                        for m in KERNEL_ROWS) + " |")
-    total = {key: sum(r[key] * (1 if name == "lm_head" else 32) for name, r in table)
-             for key in ("gemv_1", "cublas_5", "skinny_5")}
+        log(f"| {name} | {r['shape']} | {r['MB']:.0f} | {r['gemv_1']:.1f} | {r['MB'] * 1e3 / r['gemv_1']:.0f} | "
+            f"{r['cublas_2']:.1f} | {r['cublas_5']:.1f} | {r['cublas_8']:.1f} |")
+    total = {key: sum(r[key] * (1 if name == "lm_head" else 32) for name, r in table) for key in ("gemv_1", "cublas_5")}
     log(f"per step (32 layers + LM head, products only): GEMV 1 row {total['gemv_1'] / 1e3:.3f} ms, "
-        f"cuBLAS 5 rows {total['cublas_5'] / 1e3:.3f} ms ({total['cublas_5'] / total['gemv_1']:.3f}x), skinny 5 rows "
-        f"{total['skinny_5'] / 1e3:.3f} ms ({total['skinny_5'] / total['gemv_1']:.3f}x)")
+        f"cuBLAS 5 rows {total['cublas_5'] / 1e3:.3f} ms ({total['cublas_5'] / total['gemv_1']:.3f}x)")
     RESULTS["kernels/per_step_us"] = total
-    log("\n| fused projection | 1 row (GEMV + epilogue) | M=5 unfused (cuBLAS + kernel) | M=5 skinny + epilogue | "
-        "M=8 unfused | M=8 skinny + epilogue |")
-    log("|---|---|---|---|---|---|")
+    log("\n| fused projection | 1 row (GEMV + epilogue) | M=5 (cuBLAS + kernel) | M=8 (cuBLAS + kernel) |")
+    log("|---|---|---|---|")
     for name, r in fused:
         RESULTS[f"kernels/fused_{name}"] = r
-        log(f"| {name} | {r['one']:.1f} | {r['unfused_5']:.1f} | {r['skinny_5']:.1f} | {r['unfused_8']:.1f} | "
-            f"{r['skinny_8']:.1f} |")
+        log(f"| {name} | {r['one']:.1f} | {r['unfused_5']:.1f} | {r['unfused_8']:.1f} |")
 
 
-def _fused_times(name, n, k, ws, xs, triton_ops, triton_skinny, fused_ops) -> dict[str, float]:
+def _fused_times(name, n, k, ws, xs, triton_ops, fused_ops) -> dict[str, float]:
     """µs of the fused projections the model runs: gate/up + SiLU·mul, qkv + RoPE + K/V store."""
     import torch.nn.functional as F
 
@@ -197,7 +146,6 @@ def _fused_times(name, n, k, ws, xs, triton_ops, triton_skinny, fused_ops) -> di
         for m in (5, 8):
             x = xs[m]
             out[f"unfused_{m}"] = graph_time(lambda w: triton_ops.silu_and_mul(F.linear(x, w)), ws)
-            out[f"skinny_{m}"] = graph_time(lambda w: triton_skinny.skinny_silu_mul(x, w), ws)
         return out
     hq, hkv, d = 32, 8, 128
     cos_sin = fused_ops.build_cos_sin(1.0 / (500000 ** (torch.arange(0, d, 2, device="cuda").float() / d)), 4096)
@@ -214,26 +162,10 @@ def _fused_times(name, n, k, ws, xs, triton_ops, triton_skinny, fused_ops) -> di
             triton_ops.rope_qk_(qkv, pos[:m], cos_sin, hq, hkv, d, kv_cache=cache, slot_mapping=slots[:m])
 
         out[f"unfused_{m}"] = graph_time(unfused, ws)
-        out[f"skinny_{m}"] = graph_time(lambda w: triton_skinny.skinny_rope_(x, w, None, pos[:m], cos_sin, hq, hkv, d,
-                                                                            cache, slots[:m]), ws)
     return out
 
 
-def section_verify(llm: LLM, k: int, ctx: int = 1024, skinny: tuple[str, ...] = ("on", "off")) -> None:
-    default = cuda_linear.SKINNY_MAX_ROWS
-    try:
-        for mode in skinny:
-            cuda_linear.SKINNY_MAX_ROWS = min(8, max(default, k + 1)) if mode == "on" else 1
-            _verify(llm, k, ctx, f"skinny {mode} (SKINNY_MAX_ROWS={cuda_linear.SKINNY_MAX_ROWS})", mode)
-    finally:
-        cuda_linear.SKINNY_MAX_ROWS = default
-    if len(skinny) == 2 and all(f"verify/skinny_{m}/batch1" in RESULTS for m in skinny):
-        on, off = RESULTS["verify/skinny_on/batch1"], RESULTS["verify/skinny_off/batch1"]
-        log(f"[verify] batch 1: ratio {off['ratio']:.3f}x with cuBLAS for the {k + 1}-row products, "
-            f"{on['ratio']:.3f}x with the skinny kernel (target <= 1.15x)")
-
-
-def _verify(llm: LLM, k: int, ctx: int, label: str, mode: str) -> None:
+def section_verify(llm: LLM, k: int, ctx: int = 1024) -> None:
     runner = llm.engine.runner
     need = 16 * -(-(ctx + k + 1) // runner.block_size)
     if llm.engine.cache_config.num_blocks < need:
@@ -251,12 +183,11 @@ def _verify(llm: LLM, k: int, ctx: int, label: str, mode: str) -> None:
         n = fill_static(g, batch, k + 1, ctx, runner.block_size)
         tk = replay_time(g, n)
         rows.append((batch, t1, tk))
-        RESULTS[f"verify/skinny_{mode}/batch{batch}"] = {"one_token_ms": t1 * 1e3, f"verify_{k + 1}_ms": tk * 1e3,
-                                                         "ratio": tk / t1}
+        RESULTS[f"verify/batch{batch}"] = {"one_token_ms": t1 * 1e3, f"verify_{k + 1}_ms": tk * 1e3, "ratio": tk / t1}
     g.release()
     del g
     torch.cuda.empty_cache()
-    log(f"\n[verify] {MODEL} bf16, context {ctx}, CUDA-graph replay of forward + logits, {label}")
+    log(f"\n[verify] {MODEL} bf16, context {ctx}, CUDA-graph replay of forward + logits")
     log(f"| batch | 1-token step ms | verify step ({k + 1} rows/request) ms | ratio | target |")
     log("|---|---|---|---|---|")
     for batch, t1, tk in rows:
@@ -375,7 +306,6 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16",
                     help="model dtype; float32 for the e2e section: in bf16 a random-weight model's near-tied "
                          "logits make the speculative ids part from the plain references at once")
-    ap.add_argument("--skinny", default="on,off", help="verify section: skinny kernel on, off, or both")
     args = ap.parse_args()
     only = set(args.only.split(","))
     t_start = time.perf_counter()
@@ -405,7 +335,7 @@ def main() -> None:
     log(f"engine start-up {time.perf_counter() - t0:.1f}s; graphs of {g.sizes if g else None} rows; "
         f"async scheduling {llm.engine.async_scheduling}")
     sections = [
-        ("verify", lambda: section_verify(llm, args.k, skinny=tuple(args.skinny.split(",")))),
+        ("verify", lambda: section_verify(llm, args.k)),
         ("e2e", lambda: section_e2e(llm, args.k, [float(x) for x in args.rates.split(",")], args.new_tokens)),
         ("backoff", lambda: section_backoff(llm, args.k, args.new_tokens)),
     ]

@@ -3,9 +3,9 @@
 RMSNorm (with the residual add), SiLU·mul and RoPE are one kernel each; RoPE reads a cos/sin
 table of every position built once per model (before any CUDA graph is captured), rotates q and
 k in place inside the fused qkv output, applies the per-head q/k norm on the way and, for an
-attention backend that allows it, stores k and v in the paged cache (one launch less). For 1..8
-rows (`cuda_linear.SKINNY_MAX_ROWS`) the projection itself joins in: the qkv GEMV / skinny product
-with RoPE in its epilogue (`TritonGemvLinearMethod.apply_qkv_rope`). A sparse MoE layer's experts run as the fused
+attention backend that allows it, stores k and v in the paged cache (one launch less). For one
+row the projection itself joins in: the qkv GEMV with RoPE in its epilogue
+(`TritonGemvLinearMethod.apply_qkv_rope`). A sparse MoE layer's experts run as the fused
 Triton MoE (`kernels/triton_moe.py`) over the weights `platform/cuda_moe.py` stacked; by default
 (`KVSERVE_MOE_DECODE=fused`) its routing is one Triton launch and the decode batches the pairs path
 would take run the PDL expert kernels of `kernels/triton_moe_decode.py`; `KVSERVE_MOE_DECODE=torch`
@@ -70,7 +70,7 @@ class CudaTritonOps(Ops):
         kv_written = backend_fuses_kv_write
         cache, slots = (kv_cache, slot_mapping) if kv_written else (None, None)
         qkv = None
-        if q_norm is None:  # few rows: projection + RoPE (+ cache write) in one kernel
+        if q_norm is None:  # one row: projection + RoPE (+ cache write) in one kernel
             qkv = qkv_proj.method.apply_qkv_rope(
                 qkv_proj, x, rope.positions, rope.cos_sin_table, hq, hkv, d, cache, slots
             )

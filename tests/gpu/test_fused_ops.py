@@ -225,10 +225,10 @@ def test_gemv_rope_equals_gemv_then_rope(dtype, heads, kv_heads, head_dim, hidde
         assert torch.equal(cache[0].view(-1, kv_heads, head_dim)[slot], k_ref)
 
 
-def test_qkv_rope_routes_few_rows_only():
+def test_qkv_rope_routes_one_row_only():
     """The Triton GEMV method's GEMV+RoPE hook: one row goes through it (the bits of the
-    projection then rope_qk_; 2..8 rows take the skinny kernel, tests/gpu/test_skinny.py); more
-    rows, and the plain dense method, return None so the caller runs the two steps."""
+    projection then rope_qk_); other row counts, and the plain dense method, return None so the
+    caller runs the two steps."""
     from kvserve.models.linear import DenseLinearMethod, Linear
 
     proj = _triton_linear(256, [4 * 32, 2 * 32, 2 * 32], False)
@@ -241,8 +241,9 @@ def test_qkv_rope_routes_few_rows_only():
     ref = proj(x)
     fused_ops.rope_qk_(ref, pos, cos_sin, 4, 2, 32)
     assert got is not None and torch.equal(got, ref)
-    nine = torch.randn(9, 256, device="cuda", dtype=torch.bfloat16)
-    assert proj.method.apply_qkv_rope(proj, nine, torch.arange(9, device="cuda"), *args[1:]) is None
+    for rows in (2, 3, 9):
+        many = torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16)
+        assert proj.method.apply_qkv_rope(proj, many, torch.arange(rows, device="cuda"), *args[1:]) is None
     with torch.device("cuda"):
         plain = Linear(256, 256, False, DenseLinearMethod(), dtype=torch.bfloat16)
     assert plain.method.apply_qkv_rope(plain, x, *args) is None
