@@ -162,20 +162,19 @@ def section_kernels(sweep: bool = True) -> None:
 
 
 def section_gemv(quick: bool = False) -> None:
-    """The one-row GEMVs, first version (a code at a time) against the word version, every
-    format at the Llama-3.1-8B shapes, a tile sweep of the word version, and each result
-    checked against the first version's."""
+    """The one-row quantized GEMVs next to the bf16 GEMV, every format at the Llama-3.1-8B
+    shapes, a tile sweep (`quick`: none), and each result's difference from x times the
+    dequantized weight (fp32)."""
     from kvserve.kernels import triton_quant as tq
-    words0 = tq.WORDS_GEMV  # the default, restored at the end
     from kvserve.models import triton_ops
     from kvserve.platform.cuda_quant import quantize
     from tests.gpu.quant_checks import formats
 
-    sweep = [(8, 512, 1), (8, 512, 2), (16, 512, 4), (32, 512, 4), (16, 256, 2), (16, 1024, 4), (32, 512, 8)]
+    sweep = [(2, 1024, 4), (4, 1024, 4), (4, 512, 2), (8, 512, 4), (8, 1024, 4), (16, 512, 4), (8, 1024, 8)]
     rows = {}
     x1 = torch.randn(1, 14336, device="cuda", dtype=torch.bfloat16)
-    log("| projection | format | MB | bf16 GEMV us (GB/s) | v1 us (GB/s) | v2 us (GB/s) | best v2 config us (GB/s) | max rel diff v2 vs v1 |")
-    log("|---|---|---|---|---|---|---|---|")
+    log("| projection | format | MB | bf16 GEMV us (GB/s) | qgemv us (GB/s) | best config us (GB/s) | rel diff vs dequantized |")
+    log("|---|---|---|---|---|---|---|")
     for name, (n, k) in SHAPES_8B.items():
         x = x1[:, :k].contiguous()
         bf = _copies(lambda: torch.randn(n, k, device="cuda", dtype=torch.bfloat16), n * k * 2)
@@ -191,15 +190,11 @@ def section_gemv(quick: bool = False) -> None:
             try:
                 qw0 = make()
                 qs = [qw0] + _copies(make, qw0.nbytes)[1:]
-                res = {}
-                tq.WORDS_GEMV = False
-                ref = tq.qgemv(x, qw0).float()
-                res["v1"] = rotate_time(lambda w: tq.qgemv(x, w), qs) * 1e6
-                tq.WORDS_GEMV = True
+                ref = x.float() @ tq.dequantize(qw0, torch.float32).T
                 got = tq.qgemv(x, qw0).float()
-                diff = ((got - ref).abs().max() / ref.abs().max()).item()
-                res["v2"] = rotate_time(lambda w: tq.qgemv(x, w), qs) * 1e6
-                best = (res["v2"], "default")
+                diff = ((got - ref).norm() / ref.norm()).item()
+                res = {"qgemv": rotate_time(lambda w: tq.qgemv(x, w), qs) * 1e6}
+                best = (res["qgemv"], "default")
                 if not quick and name in ("gate_up", "down") and fmt in ("int8", "int4-g128", "Q4_0", "Q8_0"):
                     for cfg in sweep:
                         try:
@@ -212,30 +207,29 @@ def section_gemv(quick: bool = False) -> None:
                             best = (t, cfg)
                 nb = qw0.nbytes
                 gbs = lambda us: f"{us:.1f} ({nb / us / 1e3:,.0f})"
-                log(f"| {name} {n}x{k} | {fmt} | {nb / 1e6:.1f} | {bf_us:.1f} ({n * k * 2 / bf_us / 1e3:,.0f}) | {gbs(res['v1'])} | "
-                    f"{gbs(res['v2'])} | {gbs(best[0])} {best[1]} | {diff:.2e} |")
+                log(f"| {name} {n}x{k} | {fmt} | {nb / 1e6:.1f} | {bf_us:.1f} ({n * k * 2 / bf_us / 1e3:,.0f}) | "
+                    f"{gbs(res['qgemv'])} | {gbs(best[0])} {best[1]} | {diff:.1e} |")
                 rows[f"{name}/{fmt}"] = {"bytes": nb, "bf16_us": bf_us, **res, "best": best, "diff": diff}
                 del qs, qw0
             except Exception:
                 traceback.print_exc()
             torch.cuda.empty_cache()
-    tq.WORDS_GEMV = words0
     RESULTS["gemv"] = rows
 
 
 def section_qmm() -> None:
-    """Several rows: the dequantizing GEMM and dequantize + cuBLAS, first version (a code at a
-    time) against the word version, next to bf16 cuBLAS; a tile sweep of the word GEMM."""
+    """Several rows: the dequantizing GEMM (int8 codes read as int32 words, other formats a code
+    at a time) against dequantize + cuBLAS and bf16 cuBLAS; a tile sweep of the GEMM at 16 rows;
+    the GEMM's difference from dequantize + cuBLAS."""
     from kvserve.kernels import triton_quant as tq
-    qwords0 = tq.WORDS_QMM  # the default, restored at the end
     from kvserve.platform.cuda_quant import quantize
     from tests.gpu.quant_checks import formats
 
     sweep = [(16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 32, 256, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 4),
              (16, 64, 64, 4, 4), (16, 32, 512, 4, 3)]
     rows = {}
-    log("| projection | format | rows | bf16 cuBLAS us | qmm v1 us | qmm v2 us | best v2 tile | deq+cuBLAS v1 us | deq+cuBLAS v2 us | rel diff v2 |")
-    log("|---|---|---|---|---|---|---|---|---|---|")
+    log("| projection | format | rows | bf16 cuBLAS us | qmm us | best qmm tile | dequantize + cuBLAS us | rel diff qmm vs deq |")
+    log("|---|---|---|---|---|---|---|---|")
     for name in ("gate_up", "down", "o"):
         n, k = SHAPES_8B[name]
         ws = _copies(lambda: torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05, n * k * 2)
@@ -252,16 +246,12 @@ def section_qmm() -> None:
                 for m in (2, 16, 64, 256):
                     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
                     r = {"bf16": rotate_time(lambda ww: F.linear(x, ww), ws) * 1e6}
-                    tq.WORDS_QMM = False
-                    ref = tq.qmm(x, qw0).float()
-                    r["qmm_v1"] = rotate_time(lambda q: tq.qmm(x, q), qs) * 1e6
-                    r["deq_v1"] = rotate_time(lambda q: F.linear(x, tq.dequantize(q, x.dtype)), qs) * 1e6
-                    tq.WORDS_QMM = True
+                    ref = F.linear(x, tq.dequantize(qw0, x.dtype)).float()
                     got = tq.qmm(x, qw0).float()
                     diff = ((got - ref).norm() / ref.norm()).item()
-                    r["qmm_v2"] = rotate_time(lambda q: tq.qmm(x, q), qs) * 1e6
-                    r["deq_v2"] = rotate_time(lambda q: F.linear(x, tq.dequantize(q, x.dtype)), qs) * 1e6
-                    best = (r["qmm_v2"], "default")
+                    r["qmm"] = rotate_time(lambda q: tq.qmm(x, q), qs) * 1e6
+                    r["deq"] = rotate_time(lambda q: F.linear(x, tq.dequantize(q, x.dtype)), qs) * 1e6
+                    best = (r["qmm"], "default")
                     if m == 16 and name != "o":
                         for cfg in sweep:
                             try:
@@ -271,15 +261,14 @@ def section_qmm() -> None:
                                 continue
                             if t < best[0]:
                                 best = (t, cfg)
-                    log(f"| {name} | {fmt} | {m} | {r['bf16']:.1f} | {r['qmm_v1']:.1f} | {r['qmm_v2']:.1f} | {best[0]:.1f} {best[1]} | "
-                        f"{r['deq_v1']:.1f} | {r['deq_v2']:.1f} | {diff:.1e} |")
+                    log(f"| {name} | {fmt} | {m} | {r['bf16']:.1f} | {r['qmm']:.1f} | {best[0]:.1f} {best[1]} | "
+                        f"{r['deq']:.1f} | {diff:.1e} |")
                     rows[f"{name}/{fmt}/{m}"] = {**r, "best": best, "diff": diff}
                 del qs, qw0
             except Exception:
                 traceback.print_exc()
             torch.cuda.empty_cache()
         del ws
-    tq.WORDS_QMM = qwords0
     RESULTS["qmm"] = rows
 
 
@@ -453,9 +442,9 @@ def main() -> None:
     sections = [
         ("kernels", lambda: section_kernels()),
         ("kernels1", lambda: section_kernels(sweep=False)),  # one-row GEMVs at their defaults only
-        ("gemv", section_gemv),  # one-row GEMVs: first version vs word version, every format
+        ("gemv", section_gemv),  # one-row quantized GEMVs vs the bf16 GEMV, every format, tile sweep
         ("gemv1", lambda: section_gemv(quick=True)),  # the same for int8, int4 and Q4_0, no tile sweep
-        ("qmm", section_qmm),  # several rows: the GEMM and dequantize + cuBLAS, both versions
+        ("qmm", section_qmm),  # several rows: the GEMM vs dequantize + cuBLAS and bf16 cuBLAS
         ("decode", lambda: section_decode(root, bw, flops, args.schemes.split(","))),
         ("throughput", lambda: section_throughput(root, args.tp_schemes.split(","))),
         ("peer", lambda: section_peer(Path(args.peer_dir), bw, args.peer_modes.split(","))),

@@ -42,13 +42,16 @@ def formats(n: int, k: int, device: str, seed: int = 0, only: str | None = None)
 
 
 def check_products(n: int, k: int, device: str, dtype: torch.dtype, rows: list[int], tol: float) -> dict[str, float]:
-    """qgemv (1 row), qmm (several), dequantize: relative error against the reference."""
+    """qgemv (1 row), qmm (several), dequantize: relative error against the reference. The GEMM
+    reads int8 codes (int8, Q8_0) as int32 words (`_deq_tile_w`), the other formats a code at a
+    time (`_deq_tile`): both tiles are checked here."""
     from kvserve.kernels import triton_quant
 
     errs: dict[str, float] = {}
     g = torch.Generator().manual_seed(7)
     bias = (torch.randn(n, generator=g) * 0.1).to(device=device, dtype=dtype)
     for name, qw in formats(n, k, device).items():
+        assert triton_quant._qmm_codes(qw)[1] == (name in ("int8", "Q8_0")), name
         wref = qw.dequantize(torch.float64)
         d = triton_quant.dequantize(qw, torch.float32)
         assert torch.equal(d.cpu(), qw.dequantize(torch.float32).cpu()) or rel_err(d, wref) < 1e-6, name

@@ -158,6 +158,25 @@ def test_triton_kernels_interpreted():
     run_interpreted("quant_checks", timeout=300)
 
 
+def test_int8_qmm_compiles_for_sm90():
+    """The int8 GEMM's default word tile compiled for sm_90 without a GPU (`tests/gpu/quant_sass.py`):
+    its inline PTX assembles (the interpreter runs none), no I2F conversions, no spills in bf16."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    triton = pytest.importorskip("triton")
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm").exists():
+        pytest.skip("triton without its bundled CUDA tools")
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run([sys.executable, "-m", "tests.gpu.quant_sass"], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0 and "quant sass checks passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
 class _CpuQuantPlatform:
     """The CPU platform with the CUDA quantized method (its PyTorch reference products): the
     engine's loading path for these formats, testable without a GPU."""
