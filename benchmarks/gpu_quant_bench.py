@@ -420,7 +420,7 @@ def section_peer(peer_dir: Path, bw: float, modes: list[str], prompt_len: int = 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="kernels,decode,throughput,peer", help="kernels, kernels1 (one-row GEMVs only), gemv (GEMV versions and formats), decode, throughput, peer")
+    ap.add_argument("--only", default="kernels,decode,throughput,peer", help="kernels, kernels1 (one-row GEMVs only), gemv (quantized GEMVs vs bf16, every format, tile sweep), gemv1 (the same, int8 / int4 / Q4_0, no sweep), qmm (several rows: GEMM vs dequantize + cuBLAS), decode, throughput, peer")
     ap.add_argument("--schemes", default="bf16,int8,int4,fp8")
     ap.add_argument("--tp-schemes", default="bf16,int4,fp8")
     ap.add_argument("--peer-dir", default="peer")
