@@ -151,7 +151,9 @@ def batch1_section(args) -> None:
     # No prefix caching: a second pass would prefill only the uncached rest of each prompt, and
     # the GGML path's prefill rounds differently by row count, so its outputs could differ from
     # the first pass's (for every engine alike); without it every pass repeats the first.
-    kw = dict(max_model_len=4096, num_kv_blocks=512, enable_prefix_caching=False)
+    # Threads passed to every engine: without them an engine picks its count when it is built
+    # (the CPUs not busy then), and the GGML path's outputs depend on the thread count.
+    kw = dict(max_model_len=4096, num_kv_blocks=512, enable_prefix_caching=False, threads=args.threads)
     engines: dict[str, LLM] = {"plain": LLM(args.model, **kw)}
     for k in args.ks:
         engines[f"ngram k={k}"] = LLM(args.model, speculative_config=_spec(k), **kw)
