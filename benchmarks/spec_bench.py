@@ -90,6 +90,9 @@ def main() -> None:
                     help="batch-1: also n-gram engines whose draft length does not adapt (always k when proposing)")
     ap.add_argument("--lookup-min", type=int, default=None,
                     help="batch-1: also n-gram engines with this prompt_lookup_min (more matches, shorter n-grams)")
+    ap.add_argument("--row-cost", type=float, default=0.35,
+                    help="batch-1 'model' column: the cost of one draft row in a verify step, in one-row steps "
+                    "(~0.35 for SmolLM2 on a 2-core AVX2 machine, results-issue19.md)")
     ap.add_argument("--head-ab", action="store_true",
                     help="batch-1: also plain and n-gram (first k) engines whose LM head takes kvq_gemm (row-count-"
                     "dependent kernels, the head before Linear.rowwise)")
@@ -201,17 +204,24 @@ def batch1_section(args) -> None:
         per = ", ".join(f"{it['task']} {len(x)}" for it, x in zip(items, ids["plain"]))
         print(f"  plain output: {out_toks} tokens ({per})")
         print(f"  {'engine':26s} {'tok/s wall':>10s} {'tok/s cpu':>10s} {'x wall':>7s} {'x cpu':>7s} "
-              f"{'accept':>7s} {'mean len':>8s} {'verify':>6s}  ids == plain")
+              f"{'accept':>7s} {'mean len':>8s} {'verify':>6s} {'model':>6s} {'bound':>6s}  ids == plain")
         for n in names:
             t, w, c = acc[n]
             d = [b - a for a, b in zip(c0[n], _spec_counts(engines[n]))]
             rate = f"{d[1] / d[0]:.3f}" if d[0] else "-"
             mlen = f"{(d[1] + d[2]) / d[2]:.2f}" if d[2] else "-"
+            # Load-independent estimates from the counts: plain steps = tokens not emitted by
+            # verify steps; "model" prices each draft row at --row-cost of a one-row step,
+            # "bound" at nothing (what coverage alone allows).
+            plain_steps = t - d[1] - d[2]
+            model = f"{t / (plain_steps + d[2] + args.row_cost * d[0]):.2f}" if d[2] else "-"
+            bound = f"{t / (plain_steps + d[2]):.2f}" if d[2] else "-"
             same = ids[n] == ids["plain"]
             diff = "" if same else " (" + ", ".join(
                 f"{it['task']}@{_first_diff(a, b)}" for a, b, it in zip(ids["plain"], ids[n], items) if a != b) + ")"
             print(f"  {n:26s} {t / w:10.2f} {t / c:10.2f} {base[1] / base[0] * t / w:7.2f} "
-                  f"{base[2] / base[0] * t / c:7.2f} {rate:>7s} {mlen:>8s} {d[2] // max(args.reps, 1):6d}  {same}{diff}",
+                  f"{base[2] / base[0] * t / c:7.2f} {rate:>7s} {mlen:>8s} {d[2] // max(args.reps, 1):6d} "
+                  f"{model:>6s} {bound:>6s}  {same}{diff}",
                   flush=True)
     if not args.no_llama_cpp:
         items = json.loads(args.prompts[0].read_text())

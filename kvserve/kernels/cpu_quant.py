@@ -292,7 +292,8 @@ def gemm_int8(
     """x [..., K] -> [..., N] through 8-bit activations and integer block dots.
 
     rowwise: each output row is the same bits whatever the number of rows (`kvq_gemm_rows`:
-    Q8_0 one weight row at a time at every row count; the other formats' kernels already are)."""
+    Q8_0 one weight row at a time at every row count, Q5_0 its direct kernel up to 48 rows; the
+    other formats' kernels already are)."""
     q = _qid(qtype)
     _check_weight(q, w, K)
     x2 = _flatten(x, K)  # [M, K]
