@@ -5,6 +5,18 @@ on a workload where nothing is accepted (random-token prompts: the n-gram lookup
 matches whose continuations the model rejects), to show the back-off.
 
     PYTHONPATH=. python benchmarks/spec_bench.py [--model smollm2] [--max-tokens 128] [--k 6]
+    PYTHONPATH=. python benchmarks/spec_bench.py --k 3,5,7 --fixed --head-ab --skip-batch --no-llama-cpp \
+        --prompts benchmarks/data/spec_prompts.json benchmarks/data/spec_prompts_long.json \
+        benchmarks/data/spec_prompts_code.json
+
+Batch-1: one plain engine and one n-gram engine per k (`--fixed`: also ones whose draft length
+does not adapt; `--lookup-min 1`: also ones with shorter n-grams; `--head-ab`: plain and n-gram
+engines whose LM head takes `kvq_gemm`, the row-count-dependent kernels, for an A/B of the head
+in the same run); each prompt runs on every engine in turn (the order rotates), `--reps`
+passes. Per prompt set: decode tok/s by wall time and by CPU time of the process
+(`time.process_time`, all threads; decode = from the step that gave the first token to the
+last), the speedups over plain, acceptance rate, mean accepted length, verify steps per pass,
+and whether the greedy ids equal plain's. No prefix caching (see `batch1_section`).
 
 Peer (batch-1 section, when `llama-cpp-python` is installed and the model is a GGUF file, as
 the built-in `smollm2` is): llama.cpp on the same GGUF, plain and with its prompt-lookup
@@ -61,7 +73,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--k", type=int, default=6, help="num_speculative_tokens")
+    ap.add_argument("--k", default="6", help="num_speculative_tokens; a comma list (3,5,7) runs one n-gram engine each")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--batch-tokens", type=int, default=64)
     ap.add_argument("--skip-batch", action="store_true")
@@ -69,48 +81,153 @@ def main() -> None:
     ap.add_argument("--reject-all", action="store_true", help="batch section: drafts that are never accepted")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (1 is steadier on a busy machine)")
     ap.add_argument("--no-llama-cpp", action="store_true", help="skip the llama.cpp peer")
-    ap.add_argument("--prompts", type=Path, default=DATA,
-                    help="batch-1 prompts (JSON list of {task, messages}); data/spec_prompts_long.json: "
-                    "~580-token code files, where a verify step's attention reads a long context")
+    ap.add_argument("--prompts", type=Path, nargs="+", default=[DATA],
+                    help="batch-1 prompt sets (JSON lists of {task, messages}), each reported on its own: "
+                    "data/spec_prompts_long.json: ~580-token code files, where a verify step's attention reads a "
+                    "long context; data/spec_prompts_code.json: short code-editing requests")
+    ap.add_argument("--reps", type=int, default=2, help="batch-1: passes over each prompt set")
+    ap.add_argument("--fixed", action="store_true",
+                    help="batch-1: also n-gram engines whose draft length does not adapt (always k when proposing)")
+    ap.add_argument("--lookup-min", type=int, default=None,
+                    help="batch-1: also n-gram engines with this prompt_lookup_min (more matches, shorter n-grams)")
+    ap.add_argument("--row-cost", type=float, default=0.35,
+                    help="batch-1 'model' column: the cost of one draft row in a verify step, in one-row steps "
+                    "(~0.35 for SmolLM2 on a 2-core AVX2 machine, results-issue19.md)")
+    ap.add_argument("--head-ab", action="store_true",
+                    help="batch-1: also plain and n-gram (first k) engines whose LM head takes kvq_gemm (row-count-"
+                    "dependent kernels, the head before Linear.rowwise)")
     args = ap.parse_args()
+    args.ks = [int(v) for v in str(args.k).split(",")]
+    args.k = args.ks[0]
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    spec = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_min": 2, "prompt_lookup_max": 5}
     print(f"cpu: {_cpu_name()}", flush=True)
     if not args.skip_batch1:
-        batch1_section(args, spec)
+        batch1_section(args)
     if not args.skip_batch:
-        batch_section(args, spec)
+        batch_section(args, _spec(args.k))
 
 
-def batch1_section(args, spec) -> None:
-    plain = LLM(args.model)
-    fast = LLM(args.model, speculative_config=spec)
-    items = json.loads(args.prompts.read_text())
-    prompts = [plain.chat_prompt(it["messages"]) if hasattr(plain, "chat_prompt") else it["messages"][0]["content"] for it in items]
+def _spec(k: int, n_min: int = 2) -> dict:
+    return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": n_min, "prompt_lookup_max": 5}
+
+
+class _Timed:
+    """Wraps an engine's `step` to time a batch-1 request's decode: from the end of the step
+    that gave its first token to the end of its last, wall (perf_counter) and CPU time of the
+    process (process_time: every thread, so spinning OpenMP workers count)."""
+
+    def __init__(self, llm: LLM) -> None:
+        self.llm, self.step = llm, llm.engine.step
+        llm.engine.step = self._step
+        self.first: tuple[float, float] | None = None
+        self.last = (0.0, 0.0)
+
+    def _step(self):
+        outs = self.step()
+        now = (time.perf_counter(), time.process_time())
+        if self.first is None and (any(o.outputs and o.outputs[0].token_ids for o in outs)
+                                   or any(r.num_output_tokens for r in self.llm.engine.scheduler.running)):
+            self.first = now
+        self.last = now
+        return outs
+
+    def run(self, prompt: str, sp: SamplingParams) -> tuple[int, float, float, list[int]]:
+        self.first = None
+        o = self.llm.generate([prompt], sp, use_tqdm=False)[0]
+        ids = list(o.outputs[0].token_ids)
+        return len(ids) - 1, self.last[0] - self.first[0], self.last[1] - self.first[1], ids
+
+
+def _spec_counts(llm: LLM) -> tuple[int, int, int]:
+    st = llm.engine.stats()
+    return st.get("spec_draft_tokens", 0), st.get("spec_accepted_tokens", 0), st.get("spec_verify_steps", 0)
+
+
+def batch1_section(args) -> None:
+    """Batch-1 decode, plain and n-gram (one engine per k), interleaved prompt by prompt (the
+    order rotates), so a busy machine's load falls on every engine alike."""
+    import os
+
+    # No prefix caching: a second pass would prefill only the uncached rest of each prompt, and
+    # the GGML path's prefill rounds differently by row count, so its outputs could differ from
+    # the first pass's (for every engine alike); without it every pass repeats the first.
+    # Threads passed to every engine: without them an engine picks its count when it is built
+    # (the CPUs not busy then), and the GGML path's outputs depend on the thread count.
+    kw = dict(max_model_len=4096, num_kv_blocks=512, enable_prefix_caching=False, threads=args.threads)
+    engines: dict[str, LLM] = {"plain": LLM(args.model, **kw)}
+    for k in args.ks:
+        engines[f"ngram k={k}"] = LLM(args.model, speculative_config=_spec(k), **kw)
+        if args.fixed:
+            e = engines[f"ngram k={k} fixed"] = LLM(args.model, speculative_config=_spec(k), **kw)
+            e.engine.spec.adapt_length = False
+        if args.lookup_min is not None:
+            engines[f"ngram k={k} n>={args.lookup_min}"] = LLM(
+                args.model, speculative_config=_spec(k, args.lookup_min), **kw)
+    if args.head_ab:
+        for name, spec in (("plain kvq_gemm-head", None), (f"ngram k={args.k} kvq_gemm-head", _spec(args.k))):
+            e = engines[name] = LLM(args.model, speculative_config=spec, **kw)
+            e.engine.runner.model.lm_head.rowwise = False
+    timed = {n: _Timed(e) for n, e in engines.items()}
+    plain = engines["plain"]
+    warm = SamplingParams(temperature=0, max_tokens=8)
+    for t in timed.values():
+        t.run(plain.chat_prompt([{"role": "user", "content": "Say hi."}]), warm)
     sp = SamplingParams(temperature=0, max_tokens=args.max_tokens)
-    batch1(plain, prompts[:1], SamplingParams(temperature=0, max_tokens=8))  # warm-up
-    batch1(fast, prompts[:1], SamplingParams(temperature=0, max_tokens=8))
-    rows = {}
-    for name, llm in (("plain", plain), ("ngram", fast), ("plain#2", plain), ("ngram#2", fast)):
-        rows[name] = batch1(llm, prompts, sp)
-        print(f"{name:8s} batch-1 decode {rows[name][0]:7.2f} tok/s", flush=True)
-    same = rows["plain"][1] == rows["ngram"][1]
-    p = max(rows["plain"][0], rows["plain#2"][0])
-    s = max(rows["ngram"][0], rows["ngram#2"][0])
-    st = fast.engine.stats()
-    print(f"batch-1: plain {p:.2f} tok/s, n-gram k={args.k} {s:.2f} tok/s, speedup {s / p:.2f}x "
-          f"(best of 2), greedy outputs identical: {same}")
-    print(f"acceptance rate {st['spec_acceptance_rate']:.3f}, mean accepted length {st['spec_mean_accepted_length']:.2f}, "
-          f"draft time {st['spec_draft_time_s'] * 1e3:.1f} ms")
-    if not same:
-        for a, b, it in zip(rows["plain"][1], rows["ngram"][1], items):
-            if a != b:
-                print(f"  {it['task']}: first difference at output token {_first_diff(a, b)} of {len(a)}")
+    for path in args.prompts:
+        items = json.loads(path.read_text())
+        prompts = [plain.chat_prompt(it["messages"]) for it in items]
+        load0 = os.getloadavg()
+        acc = {n: [0, 0.0, 0.0] for n in engines}
+        ids: dict[str, list[list[int]]] = {n: [] for n in engines}
+        c0 = {n: _spec_counts(e) for n, e in engines.items()}
+        names = list(engines)
+        for rep in range(args.reps):
+            for i, p in enumerate(prompts):
+                r = (rep * len(prompts) + i) % len(names)
+                for n in names[r:] + names[:r]:
+                    toks, wall, cpu, out = timed[n].run(p, sp)
+                    acc[n][0] += toks
+                    acc[n][1] += wall
+                    acc[n][2] += cpu
+                    if rep == 0:
+                        ids[n].append(out)
+                    elif out != ids[n][i]:
+                        print(f"  {n}: {items[i]['task']} differs between passes (nondeterminism)")
+        load1 = os.getloadavg()
+        print(f"\n{path.name}: {len(prompts)} prompts x {args.reps} passes, max_tokens {args.max_tokens}, "
+              f"threads {args.threads or 'default'}, load average {load0[0]:.2f} -> {load1[0]:.2f}")
+        base = acc["plain"]
+        out_toks = sum(len(x) for x in ids["plain"])
+        per = ", ".join(f"{it['task']} {len(x)}" for it, x in zip(items, ids["plain"]))
+        print(f"  plain output: {out_toks} tokens ({per})")
+        print(f"  {'engine':26s} {'tok/s wall':>10s} {'tok/s cpu':>10s} {'x wall':>7s} {'x cpu':>7s} "
+              f"{'accept':>7s} {'mean len':>8s} {'verify':>6s} {'model':>6s} {'bound':>6s}  ids == plain")
+        for n in names:
+            t, w, c = acc[n]
+            d = [b - a for a, b in zip(c0[n], _spec_counts(engines[n]))]
+            rate = f"{d[1] / d[0]:.3f}" if d[0] else "-"
+            mlen = f"{(d[1] + d[2]) / d[2]:.2f}" if d[2] else "-"
+            # Load-independent estimates from the counts: plain steps = tokens not emitted by
+            # verify steps; "model" prices each draft row at --row-cost of a one-row step,
+            # "bound" at nothing (what coverage alone allows).
+            plain_steps = t - d[1] - d[2]
+            model = f"{t / (plain_steps + d[2] + args.row_cost * d[0]):.2f}" if d[2] else "-"
+            bound = f"{t / (plain_steps + d[2]):.2f}" if d[2] else "-"
+            same = ids[n] == ids["plain"]
+            diff = "" if same else " (" + ", ".join(
+                f"{it['task']}@{_first_diff(a, b)}" for a, b, it in zip(ids["plain"], ids[n], items) if a != b) + ")"
+            print(f"  {n:26s} {t / w:10.2f} {t / c:10.2f} {base[1] / base[0] * t / w:7.2f} "
+                  f"{base[2] / base[0] * t / c:7.2f} {rate:>7s} {mlen:>8s} {d[2] // max(args.reps, 1):6d} "
+                  f"{model:>6s} {bound:>6s}  {same}{diff}",
+                  flush=True)
     if not args.no_llama_cpp:
-        llama_cpp_peer(args, plain, prompts, items, rows["plain"][1], p)
+        items = json.loads(args.prompts[0].read_text())
+        prompts = [plain.chat_prompt(it["messages"]) for it in items]
+        tps, outs = batch1(plain, prompts, sp)
+        llama_cpp_peer(args, plain, prompts, items, outs, tps)
 
 
 def _first_diff(a: list[int], b: list[int]) -> int:

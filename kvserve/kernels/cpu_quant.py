@@ -105,6 +105,7 @@ def _declare(lib: ctypes.CDLL) -> None:
         "kvq_quantize_act_range": ([i, p, i64, p, i64, i64, i64, i64], None),
         "kvq_gemm": ([i, p, i64, p, p, p, i64, i64, i64, i64], None),
         "kvq_gemm_range": ([i, p, i64, p, p, p, i64, i64, i64, i64, i64, i64], None),
+        "kvq_gemm_rows": ([i, p, i64, p, p, p, i64, i64, i64, i64], None),
         "kvq_dequantize": ([i, p, i64, p, i64, i64], None),
         "kvq_get_rows": ([i, p, i64, i64, p, i64, i64, p], i),
         "kvq_quantize_weights": ([i, p, p, i64, i64], i),
@@ -286,8 +287,13 @@ def gemm_int8(
     bias: torch.Tensor | None = None,
     *,
     lib: ctypes.CDLL | None | object = _DEFAULT,
+    rowwise: bool = False,
 ) -> torch.Tensor:
-    """x [..., K] -> [..., N] through 8-bit activations and integer block dots."""
+    """x [..., K] -> [..., N] through 8-bit activations and integer block dots.
+
+    rowwise: each output row is the same bits whatever the number of rows (`kvq_gemm_rows`:
+    Q8_0 one weight row at a time at every row count, Q5_0 its direct kernel up to 48 rows; the
+    other formats' kernels already are)."""
     q = _qid(qtype)
     _check_weight(q, w, K)
     x2 = _flatten(x, K)  # [M, K]
@@ -303,8 +309,9 @@ def gemm_int8(
         xq = torch.empty(lib.kvq_act_bytes(q, m, K), dtype=torch.uint8)
         lib.kvq_quantize_act(q, x2.data_ptr(), K, xq.data_ptr(), m, K)
         b = bias.to(torch.float32).contiguous() if bias is not None else None
-        lib.kvq_gemm(q, w.data_ptr(), w.stride(0), xq.data_ptr(), b.data_ptr() if b is not None else None,
-                     out.data_ptr(), n, m, n, K)
+        gemm = lib.kvq_gemm_rows if rowwise else lib.kvq_gemm
+        gemm(q, w.data_ptr(), w.stride(0), xq.data_ptr(), b.data_ptr() if b is not None else None,
+             out.data_ptr(), n, m, n, K)
     return out.reshape(*x.shape[:-1], n)
 
 
@@ -326,13 +333,17 @@ def linear_dequant(
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 
-def linear(qtype: str | int, w: torch.Tensor, K: int, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(
+    qtype: str | int, w: torch.Tensor, K: int, x: torch.Tensor, bias: torch.Tensor | None = None, rowwise: bool = False
+) -> torch.Tensor:
     """x [..., K] float32 @ W[N, K].T (+ bias) -> [..., N] float32 for block-quantized W.
 
     Few rows (decode): int8 activations and integer dots, streaming W once. From
-    DEQUANT_MIN_ROWS rows (prefill) or without the C library: dequantize W and use sgemm."""
+    DEQUANT_MIN_ROWS rows (prefill) or without the C library: dequantize W and use sgemm.
+    rowwise (LM heads): below DEQUANT_MIN_ROWS each row's output is the same bits whatever the
+    row count (`gemm_int8`), so a speculative verify step's rows equal one-row decodes."""
     lib = library()
     rows = x.numel() // max(K, 1)
     if lib is None or rows >= DEQUANT_MIN_ROWS:
         return linear_dequant(qtype, w, K, x, bias, lib=lib)
-    return gemm_int8(qtype, w, K, x, bias, lib=lib)
+    return gemm_int8(qtype, w, K, x, bias, lib=lib, rowwise=rowwise)

@@ -151,6 +151,9 @@ class Linear(nn.Module):
         self.out_features = sum(self.out_sizes)
         self.method = method
         self.label = "linear"  # the parameter's name, for error messages (set by the loader)
+        # Each output row the same bits whatever the number of rows, where the method can choose
+        # (LM heads: a speculative verify step's k + 1 rows must give one-row decodes' logits).
+        self.rowwise = False
         self.bias = nn.Parameter(torch.empty(self.out_features, dtype=dtype), requires_grad=False) if bias else None
         self.weight: torch.Tensor | None = None
         method.create_weights(self, dtype)

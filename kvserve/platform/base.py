@@ -64,7 +64,9 @@ class LayerBuilder:
         return Linear(in_features, out_sizes, bias, self.linear_method)
 
     def lm_head(self, in_features: int, vocab_rows: int) -> Linear:
-        return Linear(in_features, vocab_rows, False, self.head_method or self.linear_method)
+        head = Linear(in_features, vocab_rows, False, self.head_method or self.linear_method)
+        head.rowwise = True  # verify rows give the logits of one-row decodes (`Linear.rowwise`)
+        return head
 
     def dense_linear(self, in_features: int, out_features: int) -> Linear:
         """A projection that must keep a dense weight (one tied to a dense embedding table)."""

@@ -104,7 +104,7 @@ class GGMLLinearMethod(LinearMethod):
             out = torch.addmm(bias, x2, w.T) if bias is not None else x2 @ w.T
         elif len(parts) == 1:
             p = parts[0]
-            out = _part_product(p, x2, layer.in_features, bias)
+            out = _part_product(p, x2, layer.in_features, bias, layer.rowwise)
         else:
             out = torch.empty((x2.shape[0], layer.out_features), dtype=torch.float32)
             for p in parts:
@@ -120,10 +120,10 @@ class GGMLLinearMethod(LinearMethod):
         return f"{self.name}[{'+'.join(kinds)}]"
 
 
-def _part_product(p: _Part, x: torch.Tensor, k: int, bias: torch.Tensor | None) -> torch.Tensor:
+def _part_product(p: _Part, x: torch.Tensor, k: int, bias: torch.Tensor | None, rowwise: bool = False) -> torch.Tensor:
     if p.qtype == 0:
         return F.linear(x, p.data, bias)
-    return cpu_quant.linear(p.qtype, p.data, k, x, bias)
+    return cpu_quant.linear(p.qtype, p.data, k, x, bias, rowwise=rowwise)
 
 
 class GGMLEmbedding(nn.Module):

@@ -55,6 +55,9 @@ class SpecDecoder:
             proposer = NgramProposer(config.num_speculative_tokens, config.prompt_lookup_min, config.prompt_lookup_max)
         self.proposer = proposer
         self._state: dict[str, _Backoff] = {}
+        # The back-off's draft-length adaptation (off: num_speculative_tokens whenever a request
+        # proposes; the cool-down after rejected steps stays). Benchmarks compare the two.
+        self.adapt_length = True
         self.draft_time_s = 0.0  # time spent proposing
         self.num_proposals = 0  # requests given drafts
         self.num_backed_off = 0  # request-steps skipped by the back-off
@@ -106,7 +109,9 @@ class SpecDecoder:
                 continue  # mid-prefill
             st = self._state.get(req.request_id)
             if st is None:
-                st = self._state[req.request_id] = _Backoff(1 if cfg.backoff else cfg.num_speculative_tokens)
+                st = self._state[req.request_id] = _Backoff(
+                    1 if cfg.backoff and self.adapt_length else cfg.num_speculative_tokens
+                )
             if req.num_draft_tokens != st.drafts_seen and cfg.backoff:  # verified since the last call
                 drafted = req.num_draft_tokens - st.drafts_seen
                 accepted = req.num_accepted_tokens - st.accepted_seen
@@ -117,6 +122,8 @@ class SpecDecoder:
                 else:
                     st.failures = 0
                     st.k = min(2 * st.k, cfg.num_speculative_tokens) if accepted == drafted else accepted + 1
+                if not self.adapt_length:
+                    st.k = cfg.num_speculative_tokens
             st.drafts_seen, st.accepted_seen = req.num_draft_tokens, req.num_accepted_tokens
             if st.cooldown > 0:
                 st.cooldown -= 1

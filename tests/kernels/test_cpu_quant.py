@@ -211,6 +211,25 @@ def test_rows_independent_of_split(qtype: str, m: int) -> None:
     assert torch.equal(full, split)
 
 
+@pytest.mark.parametrize("level", ["native", "baseline"])
+@pytest.mark.parametrize("qtype", FORMATS)
+def test_rowwise_rows_equal_one_row_products(qtype: str, level: str) -> None:
+    """`kvq_gemm_rows` (LM heads): each output row is the bits of its one-row product at every
+    row count up to 47 (Q8_0 changes kernels above 4 rows in `kvq_gemm`; with `rowwise` it goes
+    one weight row at a time at every count), on a K that ends in a partial 8-block step (576,
+    SmolLM2's hidden size) and with a bias; and the values are right."""
+    lib = _get_lib(level)
+    k = 512 if qtype.endswith("K") else 576
+    n = 37
+    w = random_weight(qtype, n, k, seed=21)
+    g = torch.Generator().manual_seed(21)
+    x, bias = torch.randn(47, k, generator=g), torch.randn(n, generator=g)
+    one = torch.cat([cq.gemm_int8(qtype, w, k, x[i : i + 1], bias, lib=lib, rowwise=True) for i in range(47)])
+    for m in (2, 3, 4, 5, 6, 8, 9, 17, 47):
+        assert torch.equal(cq.gemm_int8(qtype, w, k, x[:m], bias, lib=lib, rowwise=True), one[:m]), m
+    check_int8(one, x, gguf_dequant(qtype, w), bias, vs_unquantized=False)
+
+
 def test_q8_0_streaming_rows_equal_row_groups() -> None:
     """One activation row over a Q8_0 share of >= 4 MB goes one weight row at a time (one
     stream); the same rows in small ranges go in row groups: the same values."""

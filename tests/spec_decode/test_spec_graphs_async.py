@@ -176,3 +176,41 @@ def test_backoff_grows_drafts_when_all_are_accepted(folder, plain):
         if eng.scheduler.num_draft_tokens > before:
             sizes.append(eng.scheduler.num_draft_tokens - before)
     assert sizes[:4] == [1, 2, 4, 4]
+
+
+def test_fixed_draft_length_keeps_k_and_the_cooldown(folder, plain):
+    """`SpecDecoder.adapt_length = False` (benchmarks' fixed-k comparison): every proposal is k
+    long (bounded by max_tokens at the end), the cool-down after a fully rejected step stays, and
+    greedy output equals plain decoding."""
+    prompts = _prompts(1, seed=7)
+    want = _tokens(plain, prompts, 30)
+    llm = _llm(folder, NGRAM)
+    _oracle(llm, prompts, want, 1.0)
+    eng = llm.engine
+    eng.spec.adapt_length = False
+    k = eng.spec.config.num_speculative_tokens
+    eng.add_request("r", prompts[0], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    sizes, out = [], None
+    while eng.has_unfinished_requests():
+        before = eng.scheduler.num_draft_tokens
+        for o in eng.step():
+            out = o
+        if eng.scheduler.num_draft_tokens > before:
+            sizes.append(eng.scheduler.num_draft_tokens - before)
+    assert sizes[0] == k and all(s == k for s in sizes[:-1]) and 1 <= sizes[-1] <= k
+    assert list(out.outputs[0].token_ids) == want[0]
+
+    llm = _llm(folder, NGRAM)  # nothing accepted: probes at steps 1, 10, 75, k drafts each
+    _oracle(llm, prompts, _tokens(plain, prompts, 100), 0.0)
+    eng = llm.engine
+    eng.spec.adapt_length = False
+    eng.add_request("r", prompts[0], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))
+    drafted_at, step = [], 0
+    while eng.has_unfinished_requests():
+        before = eng.scheduler.num_draft_tokens
+        eng.step()
+        step += 1
+        if eng.scheduler.num_draft_tokens > before:
+            drafted_at.append(step)
+    assert [b - a for a, b in zip(drafted_at, drafted_at[1:])] == [9, 65]
+    assert eng.scheduler.num_draft_tokens == 3 * k

@@ -848,13 +848,22 @@ static void gemm_kdirect(int qtype, const uint8_t *w, int64_t wrb, const uint8_t
 
 /* ---- GEMM drivers ---- */
 
-void kvq_gemm_range(int qtype, const void *w, int64_t w_row_bytes, const void *xq, const float *bias, float *out,
-                    int64_t out_stride, int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+/* rowwise (kvq_gemm_rows): one kernel for every row count up to 48, so an output value is the
+ * same bits whatever M is. Q8_0 goes one weight row at a time (q8rows_row) at every M instead of
+ * the direct kernels' row groups at 1-4 rows (for a vocabulary-sized head also the faster one:
+ * SmolLM2's 49152 x 576 on one Zen 3 core 1.71 / 2.25 / 3.54 / 6.80 ms at 1 / 2 / 4 / 8 rows
+ * against 1.96 / 2.67 / 4.73 / 6.96, benchmarks/head_rows_bench.py); Q5_0 stays on the direct
+ * kernels above 16 rows instead of the tile path. */
+static void gemm_range(int qtype, const void *w, int64_t w_row_bytes, const void *xq, const float *bias, float *out,
+                       int64_t out_stride, int64_t M, int64_t K, int64_t n0, int64_t n1, int rowwise) {
     const kvq_format *f = kvq_format_of(qtype);
-    (void)N;
     if (f == NULL || K % f->block_size != 0) return;
 #if defined(KVQ_AVX2)
-    if (direct_ok(qtype, M)) {
+    if (rowwise && qtype == KVQ_Q8_0 && kdirect_ok(qtype, M)) {
+        gemm_kdirect(qtype, (const uint8_t *)w, w_row_bytes, (const uint8_t *)xq, bias, out, out_stride, M, K, n0, n1);
+        return;
+    }
+    if (direct_ok(qtype, M) || (rowwise && qtype != KVQ_Q8_0 && direct_max_rows(qtype) > 0 && M <= DIRECT_MAX_ACT)) {
         gemm_direct(qtype, (const uint8_t *)w, w_row_bytes, (const uint8_t *)xq, bias, out, out_stride, M, K, n0, n1);
         return;
     }
@@ -891,8 +900,14 @@ void kvq_gemm_range(int qtype, const void *w, int64_t w_row_bytes, const void *x
     }
 }
 
-void kvq_gemm(int qtype, const void *w, int64_t w_row_bytes, const void *xq, const float *bias, float *out,
-              int64_t out_stride, int64_t M, int64_t N, int64_t K) {
+void kvq_gemm_range(int qtype, const void *w, int64_t w_row_bytes, const void *xq, const float *bias, float *out,
+                    int64_t out_stride, int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1) {
+    (void)N;
+    gemm_range(qtype, w, w_row_bytes, xq, bias, out, out_stride, M, K, n0, n1, 0);
+}
+
+static void gemm_parallel(int qtype, const void *w, int64_t w_row_bytes, const void *xq, const float *bias,
+                          float *out, int64_t out_stride, int64_t M, int64_t N, int64_t K, int rowwise) {
     /* Each thread takes one contiguous share of whole tiles: sequential weight streams. */
     const int64_t tiles = (N + KVQ_TILE_ROWS - 1) / KVQ_TILE_ROWS;
 #pragma omp parallel if (N * K >= 65536)
@@ -903,6 +918,16 @@ void kvq_gemm(int qtype, const void *w, int64_t w_row_bytes, const void *xq, con
 #endif
         int64_t n0 = tiles * id / nt * KVQ_TILE_ROWS, n1 = tiles * (id + 1) / nt * KVQ_TILE_ROWS;
         if (n1 > N) n1 = N;
-        if (n0 < n1) kvq_gemm_range(qtype, w, w_row_bytes, xq, bias, out, out_stride, M, N, K, n0, n1);
+        if (n0 < n1) gemm_range(qtype, w, w_row_bytes, xq, bias, out, out_stride, M, K, n0, n1, rowwise);
     }
+}
+
+void kvq_gemm(int qtype, const void *w, int64_t w_row_bytes, const void *xq, const float *bias, float *out,
+              int64_t out_stride, int64_t M, int64_t N, int64_t K) {
+    gemm_parallel(qtype, w, w_row_bytes, xq, bias, out, out_stride, M, N, K, 0);
+}
+
+void kvq_gemm_rows(int qtype, const void *w, int64_t w_row_bytes, const void *xq, const float *bias, float *out,
+                   int64_t out_stride, int64_t M, int64_t N, int64_t K) {
+    gemm_parallel(qtype, w, w_row_bytes, xq, bias, out, out_stride, M, N, K, 1);
 }
