@@ -13,7 +13,12 @@ nibble j // 4 of word j % 4) and the E8M0 scales uint8 [E, rows, K / 32] beside 
   multiplies it with the activations pre-scaled by 2^100, sums each block in the thread that
   holds it and applies the block's scale once; biases and gpt-oss's clamped SwiGLU in the
   epilogue. Down: one program per token and BLOCK_N columns sums w_j (W_e_j h_j + b_e_j) over
-  its k experts in fp32 (routing weight and top-k sum in the epilogue).
+  its k experts in fp32 (routing weight and top-k sum in the epilogue). Opt-in, a split down
+  (the down config's SPLIT s >= 1, e.g. KVSERVE_MXFP4_GEMV_DOWN="32,16,4,1,2"): one program per
+  (pair, K split) and BLOCK_N columns writes W_e_j h_j over its share of K in fp32 to scratch,
+  k * s times the programs at one token, then a small kernel sums each token's partials in a
+  fixed order (deterministic, no atomics) with the biases and routing weights as above and
+  rounds once; equal to the sequential kernel up to the fp32 summation order.
 - **Grouped path** (prefill, larger batches): the pairs sorted by expert and padded per expert
   by `triton_moe.align_by_expert` (one program, no host sync); each BLOCK_M run of one expert's
   pairs times BLOCK_N of its rows, each K-step's word tile decoded into weights in K order (exact)
@@ -303,13 +308,15 @@ def _swiglu(g, u, alpha, limit, dt: tl.constexpr):
 
 @triton.jit
 def _gemv_rows(x_row, codes, scales, n, n_ok, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-               TWO: tl.constexpr, codes2, scales2, DECODE: tl.constexpr, s_step):
+               TWO: tl.constexpr, codes2, scales2, DECODE: tl.constexpr, s_step, g_base, NG: tl.constexpr):
     """sum_k W[n, k] x[k] for BLOCK_N rows of one expert (fp32 [BLOCK_N]; `TWO`: also for the rows
-    at codes2/scales2, the up rows beside the gate rows, sharing the activations): each K-step
-    loads a [BLOCK_N, BLOCK_G, 4] tile of words (one 16-byte vector per row and block), decodes
-    its 8 nibbles against 8 [BLOCK_G, 4] slices of x (DECODE 0: pre-scaled by 2^100), sums each block in
-    the thread that holds it, then applies the block's scale once. DECODE 0: each nibble straight
-    to float32 bits (`_fp4`); 1: two nibbles at once through fp16 (`_fp4_pair`)."""
+    at codes2/scales2, the up rows beside the gate rows, sharing the activations) over the NG
+    32-weight blocks from block g_base on (0 and K / 32: the whole row; blocks past K / 32 are
+    masked): each K-step loads a [BLOCK_N, BLOCK_G, 4] tile of words (one 16-byte vector per row
+    and block), decodes its 8 nibbles against 8 [BLOCK_G, 4] slices of x (DECODE 0: pre-scaled by
+    2^100), sums each block in the thread that holds it, then applies the block's scale once.
+    DECODE 0: each nibble straight to float32 bits (`_fp4`); 1: two nibbles at once through fp16
+    (`_fp4_pair`)."""
     G: tl.constexpr = K // 32
     W: tl.constexpr = K // 8
     w4 = tl.arange(0, 4)
@@ -317,8 +324,8 @@ def _gemv_rows(x_row, codes, scales, n, n_ok, K: tl.constexpr, BLOCK_N: tl.const
     soff = n.to(tl.int64)[:, None] * G
     acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
-    for g0 in range(0, G, BLOCK_G):
-        g = g0 + tl.arange(0, BLOCK_G)
+    for g0 in range(0, NG, BLOCK_G):
+        g = g_base + g0 + tl.arange(0, BLOCK_G)
         g_ok = g < G
         qoff = woff + (g * 4)[None, :, None] + w4[None, None, :]
         qmask = n_ok[:, None, None] & g_ok[None, :, None]
@@ -395,7 +402,7 @@ def _gemv_gate_up_kernel(
     codes = codes_ptr + e * (2 * I) * W
     scales = scales_ptr + e * (2 * I) * G
     gate, up = _gemv_rows(x_row, codes, scales, n, n_ok, K, BLOCK_N, BLOCK_G, True, codes + I * W, scales + I * G,
-                          DECODE, s_step)
+                          DECODE, s_step, 0, G)
     gate += tl.load(bias_ptr + e * (2 * I) + n, mask=n_ok, other=0.0).to(tl.float32)
     up += tl.load(bias_ptr + e * (2 * I) + I + n, mask=n_ok, other=0.0).to(tl.float32)
     dt = out_ptr.dtype.element_ty
@@ -435,7 +442,72 @@ def _gemv_down_kernel(
         codes = codes_ptr + e * N * W
         scales = scales_ptr + e * N * G
         y, _ = _gemv_rows(h_ptr + pair * K, codes, scales, n, n_ok, K, BLOCK_N, BLOCK_G, False, codes, scales, DECODE,
-                          s_step)
+                          s_step, 0, G)
+        y += tl.load(bias_ptr + e * N + n, mask=n_ok, other=0.0).to(tl.float32)
+        out += tl.load(wts_ptr + pair).to(tl.float32) * y
+    tl.store(out_ptr + tok * stride_o + n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit(do_not_specialize=["s_step"])
+def _gemv_down_split_kernel(
+    h_ptr,  # [T * TOP_K, I]
+    codes_ptr,  # [E, H, I / 8] int32
+    scales_ptr,  # [E, H, I / 32] uint8
+    ids_ptr,  # [T * TOP_K]
+    part_ptr,  # [T * TOP_K * SPLIT, H] float32: the partial sums
+    N,  # H
+    s_step,  # 1 (see `_gemv_rows`)
+    K: tl.constexpr,  # I
+    SPLIT: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    DECODE: tl.constexpr,
+):
+    """The down GEMV spread over the pairs and K (KVSERVE_MXFP4_GEMV_DOWN's SPLIT >= 1): one
+    (pair, K split) and BLOCK_N columns, W_down[e] h over the split's blocks into fp32 scratch;
+    `_down_reduce_kernel` sums them. One token gets TOP_K * SPLIT times the sequential kernel's
+    programs, each streaming one expert's share of the rows."""
+    pid = tl.program_id(0)
+    pair = (pid // SPLIT).to(tl.int64)
+    n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = n < N
+    W: tl.constexpr = K // 8
+    G: tl.constexpr = K // 32
+    NG: tl.constexpr = ((G + SPLIT - 1) // SPLIT + BLOCK_G - 1) // BLOCK_G * BLOCK_G  # blocks a split, whole K-steps
+    e = tl.load(ids_ptr + pair).to(tl.int64)
+    codes = codes_ptr + e * N * W
+    scales = scales_ptr + e * N * G
+    y, _ = _gemv_rows(h_ptr + pair * K, codes, scales, n, n_ok, K, BLOCK_N, BLOCK_G, False, codes, scales, DECODE,
+                      s_step, (pid % SPLIT) * NG, NG)
+    tl.store(part_ptr + pid.to(tl.int64) * N + n, y, mask=n_ok)
+
+
+@triton.jit
+def _down_reduce_kernel(
+    part_ptr,  # [T * TOP_K * SPLIT, H] float32 (`_gemv_down_split_kernel`)
+    bias_ptr,  # [E, H]
+    ids_ptr,  # [T * TOP_K]
+    wts_ptr,  # [T * TOP_K] routing weights
+    out_ptr,  # [T, H]
+    N,  # H
+    stride_o,
+    TOP_K: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One token and BLOCK columns: sum_j w_j (sum_s part[j, s] + b_down[e_j]) in fp32, the
+    splits and then the pairs in a fixed order (the bits never depend on scheduling), bias and
+    routing weight as `_gemv_down_kernel` applies them, rounded once."""
+    tok = tl.program_id(0).to(tl.int64)
+    n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    n_ok = n < N
+    out = tl.zeros([BLOCK], dtype=tl.float32)
+    for j in tl.static_range(TOP_K):
+        pair = tok * TOP_K + j
+        e = tl.load(ids_ptr + pair).to(tl.int64)
+        y = tl.load(part_ptr + (pair * SPLIT) * N + n, mask=n_ok, other=0.0)
+        for s in tl.static_range(1, SPLIT):
+            y += tl.load(part_ptr + (pair * SPLIT + s) * N + n, mask=n_ok, other=0.0)
         y += tl.load(bias_ptr + e * N + n, mask=n_ok, other=0.0).to(tl.float32)
         out += tl.load(wts_ptr + pair).to(tl.float32) * y
     tl.store(out_ptr + tok * stride_o + n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
@@ -538,7 +610,7 @@ def use_gemv(tokens: int, num_experts: int, top_k: int) -> bool:
     return tokens == 1 or (n <= GEMV_MAX_PAIRS and 2 * n <= num_experts)
 
 
-def _env_config(name: str, default: tuple[int, ...]) -> tuple[int, ...]:
+def _env_config(name: str, default: tuple[int, ...], lengths: tuple[int, ...] | None = None) -> tuple[int, ...]:
     raw = os.environ.get(name)
     if not raw:
         return default
@@ -546,22 +618,49 @@ def _env_config(name: str, default: tuple[int, ...]) -> tuple[int, ...]:
         cfg = tuple(int(v) for v in raw.split(","))
     except ValueError:
         raise ValueError(f"{name} must be comma-separated integers (got {raw!r})") from None
-    if len(cfg) != len(default):
-        raise ValueError(f"{name} needs {len(default)} values (got {raw!r})")
+    lengths = lengths or (len(default),)
+    if len(cfg) not in lengths:
+        raise ValueError(f"{name} needs {' or '.join(map(str, lengths))} values (got {raw!r})")
     return cfg
 
 
 GemvConfig = tuple[int, int, int, int]  # (BLOCK_N, BLOCK_G, num_warps, DECODE)
+DownConfig = tuple[int, int, int, int, int]  # (BLOCK_N, BLOCK_G, num_warps, DECODE, SPLIT)
+DOWN_REDUCE_BLOCK = 256  # columns a program of `_down_reduce_kernel`
+# Split down configs that `benchmarks/gpt_oss_gpu_bench.py` times beside the default at one token
+# (gpt-oss-20b: 4 pairs x SPLIT x 2880 / BLOCK_N programs, 360 to 1440 against the sequential
+# kernel's 90) and `tests/gpu/mxfp4_sass.py` compiles for sm_90.
+DOWN_SPLIT_CANDIDATES: tuple[DownConfig, ...] = ((32, 16, 4, 1, 1), (16, 16, 4, 1, 1), (32, 16, 4, 1, 2), (32, 8, 4, 1, 4))
 
 
-def gemv_configs() -> tuple[GemvConfig, GemvConfig]:
-    """(BLOCK_N, BLOCK_G, num_warps, DECODE) of the gate/up and the down GEMV kernels
-    (KVSERVE_MXFP4_GEMV_GU / KVSERVE_MXFP4_GEMV_DOWN override, e.g. "16,8,4,1"). From the sweep of
-    `benchmarks/gpt_oss_gpu_bench.py` (NVIDIA H200, 2026-12-07, gpt-oss-20b shapes, one token, the
-    whole MoE layer in µs with the other kernel at its default): down (32, 16, 4, 1) 63.4 against
-    91.1 for the earlier (16, 8, 2, 1) and 67–115 for the rest of the sweep; gate/up 87.0–103.6 over its
-    eight, (32, 8, 4, 1) at 91.1, within the run's spread, so it stays."""
-    return _env_config("KVSERVE_MXFP4_GEMV_GU", (32, 8, 4, 1)), _env_config("KVSERVE_MXFP4_GEMV_DOWN", (32, 16, 4, 1))
+def down_config(cfg: tuple[int, ...], name: str = "down GEMV config") -> DownConfig:
+    """A down GEMV config with its SPLIT (a 4-value one: 0, the sequential kernel), checked.
+    SPLIT 0: `_gemv_down_kernel`, one program per token and BLOCK_N columns over its k experts in
+    turn; SPLIT s >= 1: `_gemv_down_split_kernel` over (pair, K split) x columns, s splits of K,
+    into fp32 scratch, then `_down_reduce_kernel` (one launch more)."""
+    cfg = tuple(cfg)
+    if len(cfg) == 4:
+        cfg += (0,)
+    if len(cfg) != 5:
+        raise ValueError(f"{name} needs (BLOCK_N, BLOCK_G, num_warps, DECODE[, SPLIT]) (got {cfg!r})")
+    if not 0 <= cfg[4] <= 16:
+        raise ValueError(f"{name}: SPLIT must be 0 (the sequential kernel) to 16 (got {cfg[4]})")
+    return cfg
+
+
+def gemv_configs() -> tuple[GemvConfig, DownConfig]:
+    """(BLOCK_N, BLOCK_G, num_warps, DECODE) of the gate/up and (BLOCK_N, BLOCK_G, num_warps,
+    DECODE, SPLIT) of the down GEMV kernels (KVSERVE_MXFP4_GEMV_GU / KVSERVE_MXFP4_GEMV_DOWN
+    override, e.g. "16,8,4,1" and "32,16,4,1,2"; a down config of 4 values has SPLIT 0, the
+    sequential kernel; see `down_config`). From the sweep of `benchmarks/gpt_oss_gpu_bench.py`
+    (NVIDIA H200, 2026-12-07, gpt-oss-20b shapes, one token, the whole MoE layer in µs with the
+    other kernel at its default): down (32, 16, 4, 1) 63.4 against 91.1 for the earlier
+    (16, 8, 2, 1) and 67–115 for the rest of the sweep; gate/up 87.0–103.6 over its eight,
+    (32, 8, 4, 1) at 91.1, within the run's spread, so it stays. SPLIT stays 0 until a GPU has
+    timed the split kernels (the sweep times both side by side)."""
+    gu = _env_config("KVSERVE_MXFP4_GEMV_GU", (32, 8, 4, 1))
+    dn = _env_config("KVSERVE_MXFP4_GEMV_DOWN", (32, 16, 4, 1, 0), lengths=(4, 5))
+    return gu, down_config(dn, "KVSERVE_MXFP4_GEMV_DOWN")
 
 
 def grouped_config(num_pairs: int, num_experts: int) -> dict[str, int]:
@@ -582,12 +681,12 @@ def fused_moe_mxfp4(
     alpha: float,
     limit: float,
     path: str = "auto",  # "auto" | "gemv" | "grouped"
-    gemv_cfg: tuple[GemvConfig, GemvConfig] | None = None,
+    gemv_cfg: tuple[GemvConfig, GemvConfig | DownConfig] | None = None,
     grouped_cfg: dict[str, int] | None = None,
 ) -> torch.Tensor:  # [T, H] in x's dtype
     """gpt-oss's MoE layer on packed MXFP4 experts: sum_j w_j (down_j(swiglu(gate_up_j(x))) +
-    b_down_j) over each token's k experts. Two launches on the GEMV path (decode), three
-    plus the expert sort (`triton_moe.align_by_expert`, one program) on the grouped path; no
+    b_down_j) over each token's k experts. Two launches on the GEMV path (decode; three with a
+    down SPLIT, its fp32 scratch from `torch.empty`, so from the graph pool), three plus the expert sort (`triton_moe.align_by_expert`, one program) on the grouped path; no
     host sync on either, so a decode step captures into a CUDA graph."""
     t, hidden = x.shape
     e, two_i, _ = w.gu_codes.shape
@@ -603,15 +702,28 @@ def fused_moe_mxfp4(
     n = t * top_k
     h = torch.empty((n, inter), dtype=x.dtype, device=x.device)
     if path == "gemv" or (path == "auto" and use_gemv(t, e, top_k)):
-        (gbn, gbg, gwarps, gdec), (dbn, dbg, dwarps, ddec) = gemv_cfg or gemv_configs()
+        gu_cfg, dn_cfg = gemv_cfg or gemv_configs()
+        gbn, gbg, gwarps, gdec = gu_cfg
+        dbn, dbg, dwarps, ddec, split = down_config(dn_cfg, "gemv_cfg[1]")
         _gemv_gate_up_kernel[(n, triton.cdiv(inter, gbn))](
             x, w.gu_codes, w.gu_scales, w.gu_bias, flat_ids, h, inter, x.stride(0), alpha, limit, 1,
             K=hidden, TOP_K=top_k, BLOCK_N=gbn, BLOCK_G=gbg, DECODE=gdec, num_warps=gwarps,
         )
         out = torch.empty((t, hidden), dtype=x.dtype, device=x.device)
-        _gemv_down_kernel[(t, triton.cdiv(hidden, dbn))](
-            h, w.dn_codes, w.dn_scales, w.dn_bias, flat_ids, wts, out, hidden, out.stride(0), 1,
-            K=inter, TOP_K=top_k, BLOCK_N=dbn, BLOCK_G=dbg, DECODE=ddec, num_warps=dwarps,
+        if split == 0:
+            _gemv_down_kernel[(t, triton.cdiv(hidden, dbn))](
+                h, w.dn_codes, w.dn_scales, w.dn_bias, flat_ids, wts, out, hidden, out.stride(0), 1,
+                K=inter, TOP_K=top_k, BLOCK_N=dbn, BLOCK_G=dbg, DECODE=ddec, num_warps=dwarps,
+            )
+            return out
+        part = torch.empty((n * split, hidden), dtype=torch.float32, device=x.device)  # [pairs x splits, H]
+        _gemv_down_split_kernel[(n * split, triton.cdiv(hidden, dbn))](
+            h, w.dn_codes, w.dn_scales, flat_ids, part, hidden, 1,
+            K=inter, SPLIT=split, BLOCK_N=dbn, BLOCK_G=dbg, DECODE=ddec, num_warps=dwarps,
+        )
+        _down_reduce_kernel[(t, triton.cdiv(hidden, DOWN_REDUCE_BLOCK))](
+            part, w.dn_bias, flat_ids, wts, out, hidden, out.stride(0),
+            TOP_K=top_k, SPLIT=split, BLOCK=DOWN_REDUCE_BLOCK, num_warps=4,
         )
         return out
     from kvserve.kernels.triton_moe import align_by_expert

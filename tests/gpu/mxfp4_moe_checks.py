@@ -92,10 +92,8 @@ def check_pack(device: str, rows: int = 5, cols: int = 96, seed: int = 0) -> Non
     assert torch.equal(torch.nan_to_num(got), torch.nan_to_num(want))
 
 
-def check_packed(t: int, device: str, dtype=torch.float32, path: str = "auto", hidden=96, inter=64, experts=6, k=2,
-                 seed=0, raw_codes=False, limit=0.6, gemv_cfg=None) -> float:
-    """`fused_moe_mxfp4` on packed experts against the float64 expert loop. `raw_codes`: random
-    bytes (all 16 codes, ±0 and the subnormal ±0.5 among them) under random scales 2^-9..2^-3."""
+def _packed_case(t: int, device: str, dtype, hidden, inter, experts, k, seed, raw_codes, limit):
+    """Random packed experts and routing, with the float64 (or, at large widths, fp32) reference."""
     g = torch.Generator().manual_seed(seed)
 
     def weights(rows, cols):
@@ -118,12 +116,41 @@ def check_packed(t: int, device: str, dtype=torch.float32, path: str = "auto", h
     else:  # gpt-oss-20b widths: fp32 on the device, each selected expert dequantized once
         ref = reference_dense(dev(x), dev(ids), dev(wts), dev(wgu), dev(bgu), dev(wdn), dev(bdn), act).double().cpu()
     packed = tm.pack_experts(dev(wgu), dev(bgu).to(dtype), dev(wdn), dev(bdn).to(dtype), hidden, inter)
-    got = tm.fused_moe_mxfp4(dev(x).to(dtype), dev(ids), dev(wts).to(dtype), packed, ALPHA, limit, path=path,
-                             gemv_cfg=gemv_cfg)
+    return dev(x).to(dtype), dev(ids), dev(wts).to(dtype), packed, ref
+
+
+def check_packed(t: int, device: str, dtype=torch.float32, path: str = "auto", hidden=96, inter=64, experts=6, k=2,
+                 seed=0, raw_codes=False, limit=0.6, gemv_cfg=None) -> float:
+    """`fused_moe_mxfp4` on packed experts against the float64 expert loop. `raw_codes`: random
+    bytes (all 16 codes, ±0 and the subnormal ±0.5 among them) under random scales 2^-9..2^-3."""
+    x, ids, wts, packed, ref = _packed_case(t, device, dtype, hidden, inter, experts, k, seed, raw_codes, limit)
+    got = tm.fused_moe_mxfp4(x, ids, wts, packed, ALPHA, limit, path=path, gemv_cfg=gemv_cfg)
     assert got.dtype == dtype and tuple(got.shape) == (t, hidden)
     rel = ((got.double().cpu() - ref).norm() / ref.norm()).item()
     assert rel < (1e-5 if dtype == torch.float32 else 2e-2), f"packed {path} T={t} {dtype}: relative error {rel:.3e}"
     return rel
+
+
+def check_split_down(t: int, device: str, gu_cfg, dn_cfg, splits, dtype=torch.float32, hidden=96, inter=64,
+                     experts=6, k=2, seed=0, raw_codes=True, limit=7.0) -> None:
+    """The split down GEMV (SPLIT s >= 1: per (pair, K split) partials, then the fixed-order
+    reduce) against the reference and against the sequential kernel (SPLIT 0) on the same tile:
+    equal up to the fp32 summation order, bit-equal for s = 1 under the interpreter (the same
+    operations in the same order), and the same bits on a second run (no atomics)."""
+    x, ids, wts, packed, ref = _packed_case(t, device, dtype, hidden, inter, experts, k, seed, raw_codes, limit)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    base = tm.fused_moe_mxfp4(x, ids, wts, packed, ALPHA, limit, path="gemv", gemv_cfg=(gu_cfg, tuple(dn_cfg) + (0,)))
+    for s in splits:
+        cfg = (gu_cfg, tuple(dn_cfg) + (s,))
+        got = tm.fused_moe_mxfp4(x, ids, wts, packed, ALPHA, limit, path="gemv", gemv_cfg=cfg)
+        assert got.dtype == dtype and tuple(got.shape) == (t, hidden)
+        rel = ((got.double().cpu() - ref).norm() / ref.norm()).item()
+        assert rel < tol, f"split down {cfg} T={t} {dtype}: relative error {rel:.3e}"
+        diff = ((got.double() - base.double()).norm() / base.double().norm()).item()
+        assert diff < (1e-6 if dtype == torch.float32 else 1e-2), f"split down {cfg}: {diff:.3e} from the sequential kernel"
+        if s == 1 and device == "cpu":
+            assert torch.equal(got, base), f"split down {cfg}: not the sequential kernel's bits"
+        assert torch.equal(tm.fused_moe_mxfp4(x, ids, wts, packed, ALPHA, limit, path="gemv", gemv_cfg=cfg), got)
 
 
 def check_model_layer() -> None:
@@ -170,6 +197,13 @@ def run(device: str) -> None:
         cfg = ((32, 8, 4, decode), (16, 4, 2, decode)) if decode else ((16, 8, 4, decode), (8, 8, 2, decode))
         check_packed(2, device, path="gemv", hidden=320, inter=96, raw_codes=True, seed=5, limit=7.0, gemv_cfg=cfg)
     check_packed(9, device, path="grouped", hidden=320, inter=96, raw_codes=True, seed=6, limit=7.0)
+    # the split down GEMV: H ragged against BLOCK_N (96 = 64 + 32 masked, 320 = 3 x 128 - 64), K
+    # ragged against the K-step and the splits (3 or 5 blocks: the last split's blocks partly or
+    # wholly masked, 4 splits of 3 blocks leave one empty), both decodes, one token and several
+    check_split_down(1, device, (16, 4, 2, 1), (64, 2, 2, 1), (1, 2, 4), inter=96, experts=8, k=4, seed=7)
+    check_split_down(3, device, (16, 8, 4, 0), (128, 2, 4, 0), (1, 3), hidden=320, inter=160, experts=12, seed=8)
+    check_split_down(2, device, (32, 8, 4, 1), (32, 1, 2, 1), (2, 4), hidden=96, inter=96, seed=9)
+    check_packed(4, device, torch.float16, path="gemv", seed=2, gemv_cfg=((32, 8, 4, 1), (32, 4, 4, 1, 2)))
     for path in ("gemv", "grouped"):  # (bf16 only on the GPU: the interpreter mishandles its dot)
         check_packed(4, device, torch.float16, path=path, seed=2)
     # the legacy kernel (KVSERVE_MXFP4_MOE=legacy)
@@ -185,6 +219,13 @@ def run(device: str) -> None:
         for decode in (0, 1):
             check_packed(3, device, torch.float32, path="gemv", hidden=2880, inter=2880, experts=8, k=4, raw_codes=True,
                          limit=7.0, gemv_cfg=((32, 8, 4, decode), (16, 8, 4, decode)))
+        # the split down GEMV at gpt-oss-20b widths (the benchmark sweep's configs among them)
+        check_split_down(1, device, (32, 8, 4, 1), (32, 16, 4, 1), (1, 2, 3), hidden=2880, inter=2880, experts=32, k=4,
+                         seed=11)
+        check_split_down(3, device, (32, 8, 4, 1), (32, 8, 4, 1), (1, 4), hidden=2880, inter=2880, experts=32, k=4,
+                         seed=12)
+        check_split_down(1, device, (32, 8, 4, 1), (16, 16, 4, 1), (1, 2), torch.bfloat16, hidden=2880, inter=2880,
+                         experts=32, k=4, seed=13)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 a GPU and report what their machine code does with the weights: 16-byte vector loads of the codes
 (`ld.global...v4.b32` / `LDG.E.128`), float32 multiplies and FMAs without flush-to-zero (the
 E2M1 decode produces float32 subnormals for the codes ±0.5, which a `.ftz` instruction would turn
-into 0), and the instruction mix of the GEMV inner loop.
+into 0), and the instruction mix of the GEMV inner loop. Also the opt-in split down GEMV at the
+configs the benchmark times (`DOWN_SPLIT_CANDIDATES`: the same checks) and its reduce kernel (no
+spills, no flush-to-zero).
 
     python -m tests.gpu.mxfp4_sass            # prints the summary; exit status 1 if a check fails
     python -m tests.gpu.mxfp4_sass --dump DIR # also writes the PTX and SASS
@@ -55,6 +57,26 @@ def down(bn: int, bg: int, warps: int, decode: int):
          "wts_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "stride_o": "i32", "s_step": "i32"},
         {"K": I, "TOP_K": 4, "BLOCK_N": bn, "BLOCK_G": bg, "DECODE": decode},
         ["h_ptr", "codes_ptr", "scales_ptr", "bias_ptr", "ids_ptr", "wts_ptr", "out_ptr", "N", "stride_o"], warps,
+    )
+
+
+def down_split(bn: int, bg: int, warps: int, decode: int, split: int):
+    return _compile(
+        tm._gemv_down_split_kernel,
+        {"h_ptr": "*bf16", "codes_ptr": "*i32", "scales_ptr": "*u8", "ids_ptr": "*i64", "part_ptr": "*fp32",
+         "N": "i32", "s_step": "i32"},
+        {"K": I, "SPLIT": split, "BLOCK_N": bn, "BLOCK_G": bg, "DECODE": decode},
+        ["h_ptr", "codes_ptr", "scales_ptr", "ids_ptr", "part_ptr", "N"], warps,
+    )
+
+
+def down_reduce(split: int):
+    return _compile(
+        tm._down_reduce_kernel,
+        {"part_ptr": "*fp32", "bias_ptr": "*bf16", "ids_ptr": "*i64", "wts_ptr": "*bf16", "out_ptr": "*bf16",
+         "N": "i32", "stride_o": "i32"},
+        {"TOP_K": 4, "SPLIT": split, "BLOCK": tm.DOWN_REDUCE_BLOCK},
+        ["part_ptr", "bias_ptr", "ids_ptr", "wts_ptr", "out_ptr", "N", "stride_o"], 4,
     )
 
 
@@ -112,7 +134,8 @@ def loops(sass: str) -> list[collections.Counter]:
     return out
 
 
-def summarize(name: str, k, dump: Path | None, strict: bool = True, weights_per_iter: int = 0) -> list[str]:
+def summarize(name: str, k, dump: Path | None, strict: bool = True, weights_per_iter: int = 0,
+              codes: bool = True) -> list[str]:
     ptx = k.asm["ptx"]
     sass, usage = sass_of(k.asm["cubin"])
     if dump:
@@ -140,7 +163,7 @@ def summarize(name: str, k, dump: Path | None, strict: bool = True, weights_per_
             failures.append(f"{name}: a layout conversion through shared memory inside the K loop ({bar})")
     print(f"  int-to-float / float-to-float conversions: "
           f"{ {op: n for op, n in ops.items() if op.startswith(('I2F', 'F2F', 'I2FP', 'F2FP'))} or 'none'}")
-    if strict and v4 == 0 and ldg128 == 0:
+    if strict and codes and v4 == 0 and ldg128 == 0:
         failures.append(f"{name}: no 16-byte vector loads")
     if ftz:
         failures.append(f"{name}: flush-to-zero float ops would zero the decoded ±0.5 codes")
@@ -155,6 +178,7 @@ def main() -> int:
     ap.add_argument("--scan", default="", help="extra GEMV configs to report, e.g. '16,8,4,1;32,8,8,1'")
     args = ap.parse_args()
     gu_cfg, dn_cfg = tm.gemv_configs()
+    dn_cfg = dn_cfg[:4]  # the sequential down kernel's tile (SPLIT aside; the split kernels below)
     failures = []
     cfgs = [("gate_up", gu_cfg), ("down", dn_cfg), ("gate_up", gu_cfg[:3] + (1 - gu_cfg[3],)),
             ("down", dn_cfg[:3] + (1 - dn_cfg[3],))]
@@ -165,6 +189,13 @@ def main() -> int:
         # the defaults must pass; the other decode and the scan are reported
         failures += summarize(f"gemv_{kind}_bn{bn}_bg{bg}_w{w}_dec{dec}", k, args.dump, strict=i < 2,
                               weights_per_iter=per_iter // (w * 32))
+    # the split down GEMV (opt-in: the down config's SPLIT) at the benchmark's configs, and its reduce
+    # (no codes: only spills and flush-to-zero count there)
+    for bn, bg, w, dec, split in tm.DOWN_SPLIT_CANDIDATES:
+        failures += summarize(f"gemv_down_split{split}_bn{bn}_bg{bg}_w{w}_dec{dec}", down_split(bn, bg, w, dec, split),
+                              args.dump, weights_per_iter=bn * bg * 32 // (w * 32))
+    for split in sorted({c[4] for c in tm.DOWN_SPLIT_CANDIDATES}):
+        failures += summarize(f"down_reduce_split{split}", down_reduce(split), args.dump, codes=False)
     for tokens in (16, 256):  # the grouped path's tiles at 16 and 256 tokens (reported; only FTZ fails)
         cfg = tm.grouped_config(tokens * 4, 32)
         for gu in (True, False):
