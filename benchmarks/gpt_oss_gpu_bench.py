@@ -13,7 +13,9 @@ MoE kernels (`kernel_table`, run by default): one gpt-oss-20b MoE layer (32 expe
 the default: aligned layout, GEMV path up to a few tokens, grouped above), each replayed from a
 CUDA graph over 4 layers' weights (so the experts come from HBM, not L2) with fresh routing per
 call; the floor is the distinct selected experts' bytes at the GEMV read bandwidth. Also a sweep of the GEMV kernels' (BLOCK_N, BLOCK_G, warps, DECODE) at 1 token
-(KVSERVE_MXFP4_GEMV_GU / KVSERVE_MXFP4_GEMV_DOWN select one in the engine).
+(KVSERVE_MXFP4_GEMV_GU / KVSERVE_MXFP4_GEMV_DOWN select one in the engine), then the split down
+GEMV's configs (`DOWN_SPLIT_CANDIDATES`, the config's fifth value SPLIT >= 1) beside the default
+sequential down kernel timed again, and which of them wins.
 
 Checks: the Triton attention kernels with sinks against the PyTorch backend
 (`tests/gpu/sink_checks.py`, bf16 and fp32), MXFP4 dequantization on the GPU equal to the CPU's,
@@ -206,20 +208,51 @@ def kernel_table(bw: float) -> dict[str, object]:
     floor1 = k * expert_bytes / bw * 1e6
     sweep = {}
     gu0, dn0 = tm.gemv_configs()
+
+    def layer_us(cfg) -> float:
+        return _graph_us(lambda i: tm.fused_moe_mxfp4(x1[i], ids1[i], w1[i], packed[i % layers], alpha, limit,
+                                                      path="gemv", gemv_cfg=cfg), 8)
+
     tiles = [(bn, bg, w, d) for d in (1, 0) for bn, bg, w in
              ((32, 8, 4), (16, 8, 4), (16, 8, 2), (8, 8, 2), (64, 8, 4), (32, 16, 4), (32, 4, 4), (64, 8, 8))]
-    for which, cfgs in (("gate/up", [(c, dn0) for c in tiles]), ("down", [(gu0, c) for c in tiles if c != dn0])):
+    for which, cfgs in (("gate/up", [(c, dn0) for c in tiles]), ("down", [(gu0, c) for c in tiles if c != dn0[:4]])):
         for cfg in cfgs:
-            bn, bg, warps, dec = cfg[0] if which == "gate/up" else cfg[1]
+            bn, bg, warps, dec = cfg[0] if which == "gate/up" else cfg[1][:4]
             try:
-                us = _graph_us(lambda i: tm.fused_moe_mxfp4(x1[i], ids1[i], w1[i], packed[i % layers], alpha, limit,
-                                                            path="gemv", gemv_cfg=cfg), 8)
+                us = layer_us(cfg)
             except Exception as exc:  # noqa: BLE001 - a config that does not compile
                 log(f"  {which} {bn},{bg},{warps},{dec}: failed {type(exc).__name__}: {str(exc)[:100]}")
                 continue
             sweep[f"{which} {bn},{bg},{warps},{dec}"] = us
             log(f"  {which:<8} BLOCK_N={bn:>2} BLOCK_G={bg:>2} warps={warps} DECODE={dec} (other kernel at its default): "
                 f"{us:7.1f} µs/layer at 1 token ({floor1 / us * 100:.0f}% of {floor1:.1f} µs)")
+    # the split down GEMV (SPLIT >= 1: per (pair, K split) partials + a fixed-order reduce, one launch
+    # more) side by side with the default down config, timed again right before them
+    base_cfg = dn0 if dn0[4] == 0 else dn0[:4] + (0,)
+    base = layer_us((gu0, base_cfg))
+    sweep["down default " + ",".join(map(str, base_cfg))] = base
+    log(f"  down split vs sequential, gate/up at its default; sequential {','.join(map(str, base_cfg))}: "
+        f"{base:7.1f} µs/layer at 1 token ({floor1 / base * 100:.0f}% of the {floor1:.1f} µs floor)")
+    best = (base, base_cfg)
+    for dcfg in tm.DOWN_SPLIT_CANDIDATES:
+        try:
+            us = layer_us((gu0, dcfg))
+        except Exception as exc:  # noqa: BLE001
+            log(f"  down split {dcfg}: failed {type(exc).__name__}: {str(exc)[:100]}")
+            continue
+        sweep["down split " + ",".join(map(str, dcfg))] = us
+        log(f"  down     BLOCK_N={dcfg[0]:>2} BLOCK_G={dcfg[1]:>2} warps={dcfg[2]} DECODE={dcfg[3]} SPLIT={dcfg[4]}: "
+            f"{us:7.1f} µs/layer at 1 token ({floor1 / us * 100:.0f}% of the {floor1:.1f} µs floor; {base / us:.2f}x the "
+            "sequential)")
+        best = min(best, (us, dcfg))
+    if best[1][4]:
+        log(f"  -> split down wins: {','.join(map(str, best[1]))} {best[0]:.1f} against {base:.1f} µs/layer "
+            f"({(1 - best[0] / base) * 100:.1f}% less, {floor1 / best[0] * 100:.0f}% of the floor; "
+            f"KVSERVE_MXFP4_GEMV_DOWN={','.join(map(str, best[1]))})")
+    else:
+        log(f"  -> the sequential down ({','.join(map(str, base_cfg))}, {base:.1f} µs/layer, "
+            f"{floor1 / base * 100:.0f}% of the floor) beats every split config")
+    rows["down_split_winner"] = {"config": list(best[1]), "us": best[0], "sequential_us": base}
     rows["gemv_sweep_1_token"] = sweep
     del raw, packed
     torch.cuda.empty_cache()

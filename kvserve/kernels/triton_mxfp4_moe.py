@@ -6,7 +6,7 @@ on the device (`pack`, bit-exact) into an aligned layout: the E2M1 codes as int3
 nibble j // 4 of word j % 4) and the E8M0 scales uint8 [E, rows, K / 32] beside them.
 
 - **GEMV path** (decode: one token, or up to `GEMV_MAX_PAIRS` pairs mostly on distinct experts):
-  no sorting, two launches. Gate/up: one program per (token, expert) pair and BLOCK_N gate rows
+  no sorting, two launches (three with a split down). Gate/up: one program per (token, expert) pair and BLOCK_N gate rows
   plus their BLOCK_N up rows; each K-step loads a [BLOCK_N, BLOCK_G, 4] word tile (16-byte
   loads, consecutive blocks of a row in consecutive threads), decodes each nibble with integer
   ops straight into float32 bits (`_fp4`: the value times 2^-126, exact, no lookup, no exp2),
@@ -18,7 +18,8 @@ nibble j // 4 of word j % 4) and the E8M0 scales uint8 [E, rows, K / 32] beside 
   (pair, K split) and BLOCK_N columns writes W_e_j h_j over its share of K in fp32 to scratch,
   k * s times the programs at one token, then a small kernel sums each token's partials in a
   fixed order (deterministic, no atomics) with the biases and routing weights as above and
-  rounds once; equal to the sequential kernel up to the fp32 summation order.
+  rounds once; equal to the sequential kernel up to the fp32 summation order. Not yet timed on
+  a GPU, so SPLIT 0 (the sequential kernel) stays the default (`gemv_configs`).
 - **Grouped path** (prefill, larger batches): the pairs sorted by expert and padded per expert
   by `triton_moe.align_by_expert` (one program, no host sync); each BLOCK_M run of one expert's
   pairs times BLOCK_N of its rows, each K-step's word tile decoded into weights in K order (exact)

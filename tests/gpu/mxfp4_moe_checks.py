@@ -136,7 +136,7 @@ def check_split_down(t: int, device: str, gu_cfg, dn_cfg, splits, dtype=torch.fl
     """The split down GEMV (SPLIT s >= 1: per (pair, K split) partials, then the fixed-order
     reduce) against the reference and against the sequential kernel (SPLIT 0) on the same tile:
     equal up to the fp32 summation order, bit-equal for s = 1 under the interpreter (the same
-    operations in the same order), and the same bits on a second run (no atomics)."""
+    operations in the same order), and on the GPU the same bits on a second run (no atomics)."""
     x, ids, wts, packed, ref = _packed_case(t, device, dtype, hidden, inter, experts, k, seed, raw_codes, limit)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     base = tm.fused_moe_mxfp4(x, ids, wts, packed, ALPHA, limit, path="gemv", gemv_cfg=(gu_cfg, tuple(dn_cfg) + (0,)))
@@ -150,7 +150,8 @@ def check_split_down(t: int, device: str, gu_cfg, dn_cfg, splits, dtype=torch.fl
         assert diff < (1e-6 if dtype == torch.float32 else 1e-2), f"split down {cfg}: {diff:.3e} from the sequential kernel"
         if s == 1 and device == "cpu":
             assert torch.equal(got, base), f"split down {cfg}: not the sequential kernel's bits"
-        assert torch.equal(tm.fused_moe_mxfp4(x, ids, wts, packed, ALPHA, limit, path="gemv", gemv_cfg=cfg), got)
+        if device != "cpu":  # (the interpreter runs programs one after another anyway)
+            assert torch.equal(tm.fused_moe_mxfp4(x, ids, wts, packed, ALPHA, limit, path="gemv", gemv_cfg=cfg), got)
 
 
 def check_model_layer() -> None:

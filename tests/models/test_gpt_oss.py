@@ -373,3 +373,31 @@ def test_mxfp4_moe_env_settings_are_checked(monkeypatch):
         monkeypatch.delenv("KVSERVE_MXFP4_MOE", raising=False)
         monkeypatch.delenv("KVSERVE_MXFP4_GEMV_MAX_PAIRS", raising=False)
         assert importlib.reload(tm).MOE_IMPL == "packed"  # the default
+
+
+def test_mxfp4_down_split_setting_is_checked(monkeypatch):
+    """The down GEMV config's SPLIT (KVSERVE_MXFP4_GEMV_DOWN's fifth value, read at each call):
+    0, the sequential kernel, by default and for a 4-value setting; 1..16 the split kernels; a bad
+    setting is an error naming the variable (or `gemv_cfg` when passed in)."""
+    pytest.importorskip("triton")
+    from kvserve.kernels import triton_mxfp4_moe as tm
+
+    monkeypatch.delenv("KVSERVE_MXFP4_GEMV_DOWN", raising=False)
+    assert tm.gemv_configs()[1][4] == 0  # the sequential kernel stays the default
+    monkeypatch.setenv("KVSERVE_MXFP4_GEMV_DOWN", "16,8,2,1")
+    assert tm.gemv_configs()[1] == (16, 8, 2, 1, 0)
+    monkeypatch.setenv("KVSERVE_MXFP4_GEMV_DOWN", "32,16,4,1,2")
+    assert tm.gemv_configs()[1] == (32, 16, 4, 1, 2)
+    for bad in ("32,16,4", "32,16,4,1,2,1", "32,16,4,1,-1", "32,16,4,1,17", "32,16,4,1,x"):
+        monkeypatch.setenv("KVSERVE_MXFP4_GEMV_DOWN", bad)
+        with pytest.raises(ValueError, match="KVSERVE_MXFP4_GEMV_DOWN"):
+            tm.gemv_configs()
+    monkeypatch.delenv("KVSERVE_MXFP4_GEMV_DOWN")
+    for split in (0, 1, 16):
+        assert tm.down_config((32, 16, 4, 1, split))[4] == split
+    gu = [mxfp4.quantize(torch.randn(64, 32)) for _ in range(3)]  # 3 experts: gate/up [64, 32], down [32, 32]
+    dn = [mxfp4.quantize(torch.randn(32, 32)) for _ in range(3)]
+    packed = tm.pack_experts(gu, torch.zeros(3, 64), dn, torch.zeros(3, 32), 32, 32)
+    with pytest.raises(ValueError, match="gemv_cfg"):
+        tm.fused_moe_mxfp4(torch.randn(1, 32), torch.tensor([[0, 2]]), torch.full((1, 2), 0.5), packed, 1.702, 7.0,
+                           path="gemv", gemv_cfg=((32, 8, 4, 1), (32, 16, 4, 1, 99)))
