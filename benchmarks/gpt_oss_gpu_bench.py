@@ -6,6 +6,7 @@ decode ms/token against the floor of the bytes a decode step must read.
     python -m benchmarks.gpt_oss_gpu_bench --throughput 256   # + the 256-request workload
     python -m benchmarks.gpt_oss_gpu_bench --kernels-only     # the MoE kernels alone (legacy vs packed)
     python -m benchmarks.gpt_oss_gpu_bench --compare-legacy   # + decode on the non-default MoE kernels (legacy)
+    python -m benchmarks.gpt_oss_gpu_bench --down-split       # the split down GEMV vs the sequential one (~1 min)
 
 MoE kernels (`kernel_table`, run by default): one gpt-oss-20b MoE layer (32 experts, top 4,
 2880 x 2880, random MXFP4 bytes) at 1 / 4 / 16 / 256 tokens, the legacy kernel
@@ -226,37 +227,82 @@ def kernel_table(bw: float) -> dict[str, object]:
             sweep[f"{which} {bn},{bg},{warps},{dec}"] = us
             log(f"  {which:<8} BLOCK_N={bn:>2} BLOCK_G={bg:>2} warps={warps} DECODE={dec} (other kernel at its default): "
                 f"{us:7.1f} µs/layer at 1 token ({floor1 / us * 100:.0f}% of {floor1:.1f} µs)")
-    # the split down GEMV (SPLIT >= 1: per (pair, K split) partials + a fixed-order reduce, one launch
-    # more) side by side with the default down config, timed again right before them
-    base_cfg = dn0 if dn0[4] == 0 else dn0[:4] + (0,)
-    base = layer_us((gu0, base_cfg))
-    sweep["down default " + ",".join(map(str, base_cfg))] = base
-    log(f"  down split vs sequential, gate/up at its default; sequential {','.join(map(str, base_cfg))}: "
-        f"{base:7.1f} µs/layer at 1 token ({floor1 / base * 100:.0f}% of the {floor1:.1f} µs floor)")
-    best = (base, base_cfg)
-    for dcfg in tm.DOWN_SPLIT_CANDIDATES:
-        try:
-            us = layer_us((gu0, dcfg))
-        except Exception as exc:  # noqa: BLE001
-            log(f"  down split {dcfg}: failed {type(exc).__name__}: {str(exc)[:100]}")
-            continue
-        sweep["down split " + ",".join(map(str, dcfg))] = us
-        log(f"  down     BLOCK_N={dcfg[0]:>2} BLOCK_G={dcfg[1]:>2} warps={dcfg[2]} DECODE={dcfg[3]} SPLIT={dcfg[4]}: "
-            f"{us:7.1f} µs/layer at 1 token ({floor1 / us * 100:.0f}% of the {floor1:.1f} µs floor; {base / us:.2f}x the "
-            "sequential)")
-        best = min(best, (us, dcfg))
-    if best[1][4]:
-        log(f"  -> split down wins: {','.join(map(str, best[1]))} {best[0]:.1f} against {base:.1f} µs/layer "
-            f"({(1 - best[0] / base) * 100:.1f}% less, {floor1 / best[0] * 100:.0f}% of the floor; "
-            f"KVSERVE_MXFP4_GEMV_DOWN={','.join(map(str, best[1]))})")
-    else:
-        log(f"  -> the sequential down ({','.join(map(str, base_cfg))}, {base:.1f} µs/layer, "
-            f"{floor1 / base * 100:.0f}% of the floor) beats every split config")
-    rows["down_split_winner"] = {"config": list(best[1]), "us": best[0], "sequential_us": base}
+    rows["down_split_winner"] = down_split_sweep(layer_us, gu0, dn0, floor1, sweep)
     rows["gemv_sweep_1_token"] = sweep
     del raw, packed
     torch.cuda.empty_cache()
     return rows
+
+
+def down_split_sweep(layer_us, gu0, dn0, floor_us: float, sweep: dict[str, float], tokens: int = 1) -> dict[str, object]:
+    """The split down GEMV (SPLIT >= 1: per (pair, K split) partials + a fixed-order reduce, one
+    launch more) at `tm.DOWN_SPLIT_CANDIDATES` side by side with the sequential default, timed
+    again right before them (`layer_us(gemv_cfg)`: µs per MoE layer); logs and returns the winner."""
+    from kvserve.kernels import triton_mxfp4_moe as tm
+
+    base_cfg = dn0[:4] + (0,)
+    base = layer_us((gu0, base_cfg))
+    sweep[f"down default {','.join(map(str, base_cfg))} T={tokens}"] = base
+    log(f"  down split vs sequential at {tokens} token(s), gate/up at its default; sequential "
+        f"{','.join(map(str, base_cfg))}: {base:7.1f} µs/layer ({floor_us / base * 100:.0f}% of the {floor_us:.1f} µs floor)")
+    best = (base, base_cfg)
+    for dcfg in tm.DOWN_SPLIT_CANDIDATES:
+        try:
+            us = layer_us((gu0, dcfg))
+        except Exception as exc:  # noqa: BLE001 - a config that does not compile
+            log(f"  down split {dcfg}: failed {type(exc).__name__}: {str(exc)[:100]}")
+            continue
+        sweep[f"down split {','.join(map(str, dcfg))} T={tokens}"] = us
+        log(f"  down     BLOCK_N={dcfg[0]:>2} BLOCK_G={dcfg[1]:>2} warps={dcfg[2]} DECODE={dcfg[3]} SPLIT={dcfg[4]}: "
+            f"{us:7.1f} µs/layer ({floor_us / us * 100:.0f}% of the {floor_us:.1f} µs floor; {base / us:.2f}x the "
+            "sequential)")
+        best = min(best, (us, dcfg))
+    name = ",".join(map(str, best[1]))
+    if best[1][4]:
+        log(f"  -> split down wins at {tokens} token(s): {name} {best[0]:.1f} against {base:.1f} µs/layer "
+            f"({(1 - best[0] / base) * 100:.1f}% less, {floor_us / best[0] * 100:.0f}% of the floor; "
+            f"KVSERVE_MXFP4_GEMV_DOWN={name})")
+    else:
+        log(f"  -> the sequential down wins at {tokens} token(s) ({name}, {base:.1f} µs/layer, "
+            f"{floor_us / base * 100:.0f}% of the floor) against every split config")
+    return {"tokens": tokens, "config": list(best[1]), "us": best[0], "sequential_us": base}
+
+
+def down_split_only(bw: float) -> dict[str, object]:
+    """`--down-split`: the split down GEMV's checks at gpt-oss-20b widths, then it against the
+    sequential default at 1 and 4 tokens (whole MoE layer, CUDA graph over 4 layers' weights)."""
+    from kvserve.kernels import mxfp4
+    from kvserve.kernels import triton_mxfp4_moe as tm
+    from tests.gpu import mxfp4_moe_checks as mc
+
+    t0 = time.perf_counter()
+    mc.check_split_down(1, "cuda", (32, 8, 4, 1), (32, 16, 4, 1), (1, 2, 3), hidden=2880, inter=2880, experts=32, k=4,
+                        seed=11)
+    mc.check_split_down(3, "cuda", (32, 8, 4, 1), (32, 8, 4, 1), (1, 4), hidden=2880, inter=2880, experts=32, k=4,
+                        seed=12)
+    mc.check_split_down(1, "cuda", (32, 8, 4, 1), (16, 16, 4, 1), (1, 2), torch.bfloat16, hidden=2880, inter=2880,
+                        experts=32, k=4, seed=13)
+    log(f"check: split down GEMV == reference and == the sequential kernel up to fp32 order   ok "
+        f"({time.perf_counter() - t0:.1f}s)")
+    e, k, h, inter, alpha, limit, layers = 32, 4, 2880, 2880, 1.702, 7.0, 4
+    packed = [tm.pack_experts(gu, bgu, dn, bdn, h, inter) for gu, bgu, dn, bdn in _moe_weights(layers, e, h, inter)]
+    expert_bytes = (2 * inter * mxfp4.row_bytes(h) + h * mxfp4.row_bytes(inter)) + (2 * inter + h) * 2
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    gu0, dn0 = tm.gemv_configs()
+    sweep: dict[str, float] = {}
+    out: dict[str, object] = {"sweep": sweep}
+    for t in (1, 4):
+        xs = [torch.randn(t, h, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(8)]
+        idss = [torch.stack([torch.randperm(e, device="cuda", generator=gen)[:k] for _ in range(t)]) for _ in range(8)]
+        wtss = [torch.softmax(torch.randn(t, k, device="cuda", generator=gen), -1).to(torch.bfloat16) for _ in range(8)]
+        floor_us = statistics.mean(len(torch.unique(ids)) for ids in idss) * expert_bytes / bw * 1e6
+
+        def layer_us(cfg, xs=xs, idss=idss, wtss=wtss) -> float:
+            return _graph_us(lambda i: tm.fused_moe_mxfp4(xs[i], idss[i], wtss[i], packed[i % layers], alpha, limit,
+                                                          path="gemv", gemv_cfg=cfg), 8)
+
+        out[f"winner_{t}"] = down_split_sweep(layer_us, gu0, dn0, floor_us, sweep, tokens=t)
+    return out
 
 
 def moe_layer_check(model) -> None:
@@ -322,6 +368,8 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--kernels-only", action="store_true", help="only the MoE kernel table (legacy vs packed)")
     ap.add_argument("--no-kernels", action="store_true", help="skip the MoE kernel table")
+    ap.add_argument("--down-split", action="store_true",
+                    help="only the split down GEMV: its checks, then against the sequential default at 1 and 4 tokens")
     ap.add_argument("--compare-legacy", action="store_true",
                     help="also decode with CUDA graphs on the non-default MXFP4 MoE kernels (legacy, or packed "
                          "if KVSERVE_MXFP4_MOE=legacy)")
@@ -334,8 +382,8 @@ def main() -> None:
 
     bw = gemv_read_bw()
     results: dict[str, object] = {"device": dev, "layers": args.layers, "gemv_read_GBps": bw / 1e9}
-    if args.kernels_only:
-        results["moe_kernels"] = kernel_table(bw)
+    if args.down_split or args.kernels_only:
+        results["moe_kernels"] = down_split_only(bw) if args.down_split else kernel_table(bw)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
         return
