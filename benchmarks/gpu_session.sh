@@ -41,10 +41,10 @@ quant)  # issue 17 (its tests: the gputests stage)
   t qthroughput 90 "^\[|rror" python -m benchmarks.gpu_quant_bench --only throughput --out "$OUT/t"
   ;;
 moe)  # issue 20 (its tests: the gputests stage)
-  t moeprofile 120 "^\||^\[|rror|ms" python -m benchmarks.gpu_decode_profile --models Qwen3-30B-A3B --layers 4
+  t moeprofile 100 "^\||^\[|rror|ms" python -m benchmarks.gpu_decode_profile --models Qwen3-30B-A3B --layers 4
   t moebench 200 "^\||^\[|rror" python -m benchmarks.gpu_moe_bench --out "$OUT"
   # the packed MXFP4 kernels (the default) against the legacy ones: kernels and decode
-  t gptoss 240 "^\||^\[|rror|floor|graphs|eager|tokens" python -m benchmarks.gpt_oss_gpu_bench --compare-legacy --json "$OUT/gpt_oss.json"
+  t gptoss 280 "^\||^\[|rror|floor|graphs|eager|tokens" python -m benchmarks.gpt_oss_gpu_bench --compare-legacy --json "$OUT/gpt_oss.json"
   ;;
 spec)  # issues 18 and 19
   t stests 150 "$TESTS" python -m pytest -q -p no:cacheprovider tests/gpu/test_structured_gpu.py tests/gpu/test_spec_decode_gpu.py tests/gpu/test_async_scheduling_gpu.py
