@@ -6,7 +6,7 @@ the expert sort's invariants. The GPU runs the same checks at real shapes
 
 from __future__ import annotations
 
-from tests.interpreted import run_interpreted
+from tests.interpreted import run_interpreted, run_sass_check
 
 
 def test_fused_moe_kernels_interpreted():
@@ -95,22 +95,7 @@ def test_moe_decode_kernels_compile_for_sm90():
     """The default decode path's kernels compiled for sm_90 without a GPU (`tests/gpu/moe_sass.py`)
     at Qwen3-30B-A3B and gpt-oss-20b shapes: 16-byte weight loads (as many as the weights a thread
     streams need), no spills, the K loops unrolled."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import pytest
-
-    triton = pytest.importorskip("triton")
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm").exists():
-        pytest.skip("triton without its bundled CUDA tools")
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    env.pop("TRITON_INTERPRET", None)
-    r = subprocess.run([sys.executable, "-m", "tests.gpu.moe_sass"], cwd=root, env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0 and "moe sass checks passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    run_sass_check("moe_sass", "moe sass checks passed")
 
 
 def test_cuda_ops_route_off_cuda_is_the_torch_chain(monkeypatch):

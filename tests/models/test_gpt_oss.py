@@ -7,10 +7,6 @@ dequantized weights; tensor parallelism on CPU processes against one process."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +14,7 @@ import torch
 from kvserve import LLM
 from kvserve.kernels import mxfp4
 from tests.conftest import TINY_VOCAB, _save_tokenizer
-from tests.interpreted import run_interpreted
+from tests.interpreted import run_interpreted, run_sass_check
 from tests.models.test_parity import NEW_TOKENS, assert_batched_and_alone_match_hf, _prompts, hf_greedy
 from tests.models.tp_check import assert_tp2_matches_tp1
 
@@ -189,15 +185,7 @@ def test_mxfp4_moe_kernels_compile_for_sm90():
     """The default MXFP4 MoE GEMV kernels compiled for sm_90 without a GPU (`tests/gpu/mxfp4_sass.py`):
     16-byte vector loads of the codes, no flush-to-zero float ops (the decode makes subnormals), no
     spills."""
-    triton = pytest.importorskip("triton")
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm").exists():
-        pytest.skip("triton without its bundled CUDA tools")
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    env.pop("TRITON_INTERPRET", None)
-    r = subprocess.run([sys.executable, "-m", "tests.gpu.mxfp4_sass"], cwd=root, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0 and "mxfp4 sass checks passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    run_sass_check("mxfp4_sass", "mxfp4 sass checks passed")
 
 
 def test_gpt_oss_trace_cli(tmp_path, capsys):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from kvserve.kernels import cpu_quant
 from kvserve.models.linear import Linear, QuantizedTensor
 from kvserve.platform.cuda_quant import CudaQuantLinearMethod, int4_group, quantize, repack_ggml
-from tests.interpreted import run_interpreted
+from tests.interpreted import run_interpreted, run_sass_check
 from tests.kernels.test_cpu_quant import random_weight
 
 GGUF_TYPES = ["Q8_0", "Q4_0", "Q4_1", "Q4_K"]
@@ -161,20 +161,7 @@ def test_triton_kernels_interpreted():
 def test_int8_qmm_compiles_for_sm90():
     """The int8 GEMM's default word tile compiled for sm_90 without a GPU (`tests/gpu/quant_sass.py`):
     its inline PTX assembles (the interpreter runs none), no I2F conversions, no spills in bf16."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    triton = pytest.importorskip("triton")
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm").exists():
-        pytest.skip("triton without its bundled CUDA tools")
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "PYTHONPATH": str(root)}
-    env.pop("TRITON_INTERPRET", None)
-    r = subprocess.run([sys.executable, "-m", "tests.gpu.quant_sass"], cwd=root, env=env, capture_output=True,
-                       text=True, timeout=600)
-    assert r.returncode == 0 and "quant sass checks passed" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    run_sass_check("quant_sass", "quant sass checks passed")
 
 
 class _CpuQuantPlatform:
