@@ -200,7 +200,15 @@ class GrammarCompiler:
 
 
 def _clean(e: BaseException) -> str:
-    """xgrammar's C++ messages start with '[time] file.cc:line: '; keep what follows."""
+    """xgrammar's C++ messages start with '[time] file.cc:line: '; keep what follows. A pydantic
+    ValidationError (a malformed structural tag) -> its first error's location and message."""
+    errors = getattr(e, "errors", None)
+    if callable(errors):
+        try:
+            first = errors()[0]
+            return f"at {'.'.join(map(str, first['loc'])) or '/'}: {first['msg']}"
+        except (TypeError, LookupError):
+            pass
     msg = str(e).strip()
     if msg.startswith("[") and ": " in msg:
         head, _, rest = msg.partition("] ")

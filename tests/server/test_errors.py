@@ -94,6 +94,7 @@ BAD_CHAT_FIELDS = [
     ({"chat_template": "{{ messages }}"}, "chat_template"),
     ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
     ({"response_format": {"type": "json_schema"}}, "response_format"),
+    ({"response_format": {"type": "structural_tag", "structures": [], "triggers": ["<"]}}, "response_format"),
     ({"tool_choice": "required"}, "tool_choice"),
     ({"continue_final_message": True}, "continue_final_message"),
 ]

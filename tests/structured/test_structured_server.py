@@ -4,6 +4,7 @@ Llama, --tool-call-parser hermes) through the installed `openai` client and raw 
 from __future__ import annotations
 
 import json
+import re
 
 import httpx
 import jsonschema
@@ -94,6 +95,60 @@ def test_response_format_and_vllm_fields(client, http):
             assert ok(text), (extra, text)
             assert streamed == text
             assert r.choices[0].finish_reason == "stop"
+
+
+TAG_SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 1, "maximum": 9}},
+              "required": ["n"], "additionalProperties": False}
+TAG_FORMAT = {"type": "structural_tag", "format": {"type": "sequence", "elements": [
+    {"type": "const_string", "value": "<r>"},
+    {"type": "json_schema", "json_schema": TAG_SCHEMA},
+    {"type": "const_string", "value": "</r>"}]}}
+# vLLM's legacy form: free text until the trigger "e", which must then open the tag e=<1|2>;
+TAG_LEGACY = {"type": "structural_tag", "triggers": ["e"],
+              "structures": [{"begin": "e=", "schema": {"enum": [1, 2]}, "end": ";"}]}
+
+
+def _both_endpoints(client, extra):
+    """[(text, streamed text, finish_reason)] from /v1/completions and /v1/chat/completions."""
+    out = []
+    r = client.completions.create(model=MODEL_NAME, prompt="hi", max_tokens=60, temperature=0, extra_body=extra)
+    streamed = "".join(c.choices[0].text for c in client.completions.create(
+        model=MODEL_NAME, prompt="hi", max_tokens=60, temperature=0, extra_body=extra, stream=True))
+    out.append((r.choices[0].text, streamed, r.choices[0].finish_reason))
+    r = client.chat.completions.create(model=MODEL_NAME, messages=MSGS, max_tokens=60, temperature=0, extra_body=extra)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(
+        model=MODEL_NAME, messages=MSGS, max_tokens=60, temperature=0, extra_body=extra, stream=True) if c.choices)
+    out.append((r.choices[0].message.content, streamed, r.choices[0].finish_reason))
+    return out
+
+
+def test_response_format_structural_tag(client):
+    for text, streamed, finish in _both_endpoints(client, {"response_format": TAG_FORMAT}):
+        assert streamed == text
+        assert finish == "stop", text
+        assert text.startswith("<r>") and text.endswith("</r>"), text
+        jsonschema.validate(json.loads(text[3:-4]), TAG_SCHEMA)
+
+
+def test_response_format_legacy_structural_tag(client):
+    whole = re.compile(r"(?:[^e]|e=\s*[12]\s*;)*")
+    for text, streamed, finish in _both_endpoints(client, {"response_format": TAG_LEGACY}):
+        assert streamed == text
+        # every "e" opens a complete tag; the last may be cut off by max_tokens
+        assert whole.fullmatch(text) or (finish == "length" and re.fullmatch(whole.pattern + r"e(=\s*[12]?\s*)?", text)), text
+
+
+def test_legacy_structural_tag_is_xgrammar_triggered_tags():
+    from types import SimpleNamespace
+
+    from kvserve.entrypoints.server.structured import structured_spec
+
+    spec, param = structured_spec(SimpleNamespace(response_format=TAG_LEGACY))
+    assert param == "response_format"
+    assert spec.structural_tag == {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": ["e"], "tags": [
+        {"type": "tag", "begin": "e=", "content": {"type": "json_schema", "json_schema": {"enum": [1, 2]}}, "end": ";"}]}}
+    spec, _ = structured_spec(SimpleNamespace(response_format=TAG_FORMAT))
+    assert spec.structural_tag == TAG_FORMAT
 
 
 def _reassemble(stream) -> tuple[str | None, list[dict], str | None]:
@@ -197,6 +252,13 @@ def test_openai_pydantic_function_tool(client):
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "foo"}}}}, "response_format"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format"),
     ({"response_format": {"type": "yaml"}}, "response_format"),
+    ({"response_format": {"type": "structural_tag"}}, "response_format"),
+    ({"response_format": {"type": "structural_tag", "format": {"type": "nope"}}}, "response_format"),
+    ({"response_format": {"type": "structural_tag", "format": {"type": "json_schema", "json_schema": {"type": "foo"}}}},
+     "response_format"),
+    ({"response_format": {**TAG_LEGACY, "triggers": ["<b"]}}, "response_format"),
+    ({"response_format": {**TAG_LEGACY, "structures": [{"begin": "e=", "end": ";"}]}}, "response_format"),
+    ({"response_format": TAG_FORMAT, "guided_regex": "a"}, "guided_regex"),
     ({"guided_regex": "[a-"}, "guided_regex"),
     ({"guided_json": "{"}, "guided_json"),
     ({"guided_grammar": "root ::= ("}, "guided_grammar"),
@@ -218,6 +280,24 @@ def test_bad_structured_requests_are_400_naming_the_field(http, body, param):
     assert r.json()["error"]["param"] == param
     r = http.post("/v1/chat/completions", json={"messages": MSGS, "max_tokens": 3})
     assert r.status_code == 200  # the server keeps serving
+
+
+@pytest.mark.parametrize("path, body", [("/v1/chat/completions", {"messages": MSGS}), ("/v1/completions", {"prompt": "hi"})])
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("fmt, words", [
+    ({"type": "structural_tag", "format": {"type": "sequence", "elements": [{"type": "bogus"}]}}, ["bogus"]),
+    ({"type": "structural_tag", "format": "<r>"}, ["response_format.format"]),
+    ({**TAG_LEGACY, "triggers": []}, ["response_format.triggers"]),
+    ({**TAG_LEGACY, "triggers": ["x"]}, ["response_format.structures[0].begin", "triggers"]),
+    ({**TAG_LEGACY, "structures": [{"begin": "e=", "end": ";"}]}, ["response_format.structures[0].schema"]),
+    ({**TAG_LEGACY, "format": TAG_FORMAT["format"]}, ["response_format", "not both"]),
+])
+def test_bad_structural_tag_400_names_response_format(http, path, body, stream, fmt, words):
+    r = http.post(path, json={**body, "max_tokens": 5, "stream": stream, "response_format": fmt})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "response_format" and err["type"] == "invalid_request_error", err
+    assert "response_format" in err["message"] and all(w in err["message"] for w in words), err
 
 
 def test_completions_bad_schema_400(http):

@@ -5,6 +5,9 @@ out of the generated text (whole, or as OpenAI's streamed deltas).
 Request fields (one structured-output source per request):
 - OpenAI `response_format`: {"type": "text" | "json_object" | "json_schema", "json_schema":
   {"name", "schema", "strict"}}; the schema is enforced whether or not `strict` is set.
+  vLLM's {"type": "structural_tag", "format": {...}} (an xgrammar structural tag) and its
+  legacy {"type": "structural_tag", "structures": [{"begin", "schema", "end"}], "triggers":
+  [...]} (free text until a trigger, then a begin/JSON/end tag; converted to "triggered_tags").
 - vLLM `structured_outputs` ({"json" | "regex" | "choice" | "grammar" | "json_object" |
   "structural_tag"}) and the older `guided_json`, `guided_regex`, `guided_choice`,
   `guided_grammar`.
@@ -79,9 +82,50 @@ def _from_response_format(fmt: dict[str, Any]) -> StructuredOutputsParams:
         if not isinstance(schema, dict):
             raise ValueError("response_format.json_schema.schema must be a JSON schema object")
         return StructuredOutputsParams(json=schema)
+    if kind == "structural_tag":
+        return StructuredOutputsParams(structural_tag=_structural_tag(fmt))
     raise ValueError(
-        f"response_format.type must be 'text', 'json_object' or 'json_schema' (got {kind!r})"
+        "response_format.type must be 'text', 'json_object', 'json_schema' or 'structural_tag' "
+        f"(got {kind!r})"
     )
+
+
+def _structural_tag(fmt: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's structural_tag response formats -> xgrammar's JSON form. The legacy form (tags
+    of begin, JSON schema, end, entered when a trigger is written) is xgrammar's
+    "triggered_tags" format."""
+    if "format" in fmt:
+        if "structures" in fmt or "triggers" in fmt:
+            raise ValueError("response_format: set either 'format' or the legacy 'structures' and 'triggers', not both")
+        if not isinstance(fmt["format"], dict):
+            raise ValueError("response_format.format must be an xgrammar structural tag format (a JSON object)")
+        return {"type": "structural_tag", "format": fmt["format"]}
+    if "structures" not in fmt:
+        raise ValueError("response_format of type 'structural_tag' needs 'format' (an xgrammar structural tag "
+                         "format) or the legacy 'structures' and 'triggers'")
+    structures, triggers = fmt["structures"], fmt.get("triggers")
+    if not isinstance(structures, list) or not structures:
+        raise ValueError("response_format.structures must be a non-empty list of {begin, schema, end}")
+    if (not isinstance(triggers, list) or not triggers
+            or any(not isinstance(t, str) or not t for t in triggers)):
+        raise ValueError("response_format.triggers must be a non-empty list of non-empty strings")
+    tags = []
+    for i, item in enumerate(structures):
+        where = f"response_format.structures[{i}]"
+        if not isinstance(item, dict):
+            raise ValueError(f"{where} must be an object with 'begin', 'schema' and 'end'")
+        begin, schema, end = item.get("begin"), item.get("schema"), item.get("end")
+        if not isinstance(begin, str) or not begin:
+            raise ValueError(f"{where}.begin must be a non-empty string")
+        if not isinstance(end, str):
+            raise ValueError(f"{where}.end must be a string")
+        if not isinstance(schema, (dict, bool)):
+            raise ValueError(f"{where}.schema must be a JSON schema object")
+        if not any(begin.startswith(t) for t in triggers):
+            raise ValueError(f"{where}.begin {begin!r} does not start with any of response_format.triggers")
+        tags.append({"type": "tag", "begin": begin, "content": {"type": "json_schema", "json_schema": schema},
+                     "end": end})
+    return {"type": "structural_tag", "format": {"type": "triggered_tags", "triggers": triggers, "tags": tags}}
 
 
 def _rename(msg: str, param: str) -> str:
