@@ -22,22 +22,12 @@ import sys
 from pathlib import Path
 
 import triton
-from triton.backends.compiler import GPUTarget
 
 from kvserve.kernels import triton_moe as tmo
 from kvserve.kernels import triton_moe_decode as tmd
-from tests.gpu.mxfp4_sass import loops, sass_of
+from tests.gpu.mxfp4_sass import compile_sm90, loops, sass_of
 
 SHAPES = {"Qwen3-30B-A3B": (128, 8, 2048, 768), "gpt-oss-20b": (32, 4, 2880, 2880)}  # E, k, hidden, inter
-
-
-def _compile(fn, runtime: dict[str, str], constexprs: dict[str, object], aligned: list[str], num_warps: int):
-    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-    sig = {name: runtime.get(name, "constexpr") for name in fn.arg_names}
-    src = triton.compiler.ASTSource(fn, sig, constexprs, attrs)
-    target = GPUTarget("cuda", 90, 32)
-    options = triton.compiler.make_backend(target).parse_options({"num_warps": num_warps})
-    return triton.compile(src, target=target, options=options.__dict__)
 
 
 _STRIDES = ["stride_x", "stride_h", "stride_we", "stride_wn", "stride_o"]
@@ -48,7 +38,7 @@ def decode_gate_up(e: int, k: int, hidden: int, inter: int, cfg=None):
     rt = {"x_ptr": "*bf16", "w_ptr": "*bf16", "ids_ptr": "*i64", "out_ptr": "*bf16", **{s: "i32" for s in _STRIDES}}
     ce = dict(N=inter, K=hidden, TOP_K=k, BLOCK_N=bn, BLOCK_K=bk, PDL=True)
     aligned = ["x_ptr", "w_ptr", "ids_ptr", "out_ptr", "stride_x", "stride_we", "stride_wn", "stride_o"]
-    return _compile(tmd._gate_up_kernel, rt, ce, aligned, warps), 2 * bn * hidden / (warps * 32)
+    return compile_sm90(tmd._gate_up_kernel, rt, ce, aligned, warps), 2 * bn * hidden / (warps * 32)
 
 
 def decode_down(e: int, k: int, hidden: int, inter: int, cfg=None):
@@ -57,13 +47,13 @@ def decode_down(e: int, k: int, hidden: int, inter: int, cfg=None):
           **{s: "i32" for s in _STRIDES}}
     ce = dict(N=hidden, K=inter, TOP_K=k, K_PAD=triton.next_power_of_2(k), BLOCK_N=bn, BLOCK_K=bk, PRE=pre, PDL=True)
     aligned = ["h_ptr", "w_ptr", "ids_ptr", "wts_ptr", "out_ptr", "stride_h", "stride_we", "stride_wn", "stride_o"]
-    return _compile(tmd._down_kernel, rt, ce, aligned, warps), k * bn * inter / (warps * 32)
+    return compile_sm90(tmd._down_kernel, rt, ce, aligned, warps), k * bn * inter / (warps * 32)
 
 
 def route_kernel(e: int, k: int, hidden: int, inter: int):
     rt = {"logits_ptr": "*bf16", "wts_ptr": "*bf16", "ids_ptr": "*i64", "E": "i32", "stride_l": "i32"}
     ce = dict(TOP_K=k, K_PAD=triton.next_power_of_2(k), E_PAD=triton.next_power_of_2(e), RENORM=True, PDL=True)
-    return _compile(tmd._route_kernel, rt, ce, ["logits_ptr", "wts_ptr", "ids_ptr", "stride_l"], 1), 0
+    return compile_sm90(tmd._route_kernel, rt, ce, ["logits_ptr", "wts_ptr", "ids_ptr", "stride_l"], 1), 0
 
 
 def pairs_gate_up(e: int, k: int, hidden: int, inter: int):
@@ -72,7 +62,7 @@ def pairs_gate_up(e: int, k: int, hidden: int, inter: int):
           **{s: "i32" for s in _STRIDES}}
     ce = dict(TOP_K=k, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=hidden % bk == 0)
     aligned = ["x_ptr", "w_ptr", "ids_ptr", "out_ptr", "N", "K", "stride_x", "stride_we", "stride_wn", "stride_o"]
-    return _compile(tmo._pairs_gate_up_kernel, rt, ce, aligned, warps), 2 * bn * hidden / (warps * 32)
+    return compile_sm90(tmo._pairs_gate_up_kernel, rt, ce, aligned, warps), 2 * bn * hidden / (warps * 32)
 
 
 def pairs_down(e: int, k: int, hidden: int, inter: int):
@@ -82,7 +72,7 @@ def pairs_down(e: int, k: int, hidden: int, inter: int):
     ce = dict(TOP_K=k, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=inter % bk == 0)
     aligned = ["h_ptr", "w_ptr", "ids_ptr", "wts_ptr", "out_ptr", "N", "K", "stride_h", "stride_we", "stride_wn",
                "stride_o"]
-    return _compile(tmo._pairs_down_kernel, rt, ce, aligned, warps), k * bn * inter / (warps * 32)
+    return compile_sm90(tmo._pairs_down_kernel, rt, ce, aligned, warps), k * bn * inter / (warps * 32)
 
 
 def report(name: str, kernel, weights_per_thread: float, dump: Path | None, strict: bool) -> tuple[list[str], dict]:

@@ -30,18 +30,22 @@ from kvserve.kernels import triton_mxfp4_moe as tm
 H = I = 2880
 
 
-def _compile(fn, signature: dict[str, str], constexprs: dict[str, object], aligned: list[str], num_warps: int):
+def compile_sm90(fn, signature: dict[str, str], constexprs: dict[str, object], aligned: list[str], num_warps: int,
+                 num_stages: int | None = None):
+    """`fn` compiled for sm_90 (no GPU needed): `signature` the runtime arguments' types, every
+    other argument a constexpr in `constexprs`; `aligned` arguments are declared divisible by 16
+    (as a launch with such pointers / strides specializes them)."""
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-    sig = {**signature, **{k: "constexpr" for k in constexprs}}
+    sig = {name: signature.get(name, "constexpr") for name in fn.arg_names}
     src = triton.compiler.ASTSource(fn, sig, constexprs, attrs)
     target = GPUTarget("cuda", 90, 32)
-    backend = triton.compiler.make_backend(target)
-    options = backend.parse_options({"num_warps": num_warps})
+    opts = {"num_warps": num_warps} if num_stages is None else {"num_warps": num_warps, "num_stages": num_stages}
+    options = triton.compiler.make_backend(target).parse_options(opts)
     return triton.compile(src, target=target, options=options.__dict__)
 
 
 def gate_up(bn: int, bg: int, warps: int, decode: int):
-    return _compile(
+    return compile_sm90(
         tm._gemv_gate_up_kernel,
         {"x_ptr": "*bf16", "codes_ptr": "*i32", "scales_ptr": "*u8", "bias_ptr": "*bf16", "ids_ptr": "*i64",
          "out_ptr": "*bf16", "I": "i32", "stride_x": "i32", "alpha": "fp32", "limit": "fp32", "s_step": "i32"},
@@ -51,7 +55,7 @@ def gate_up(bn: int, bg: int, warps: int, decode: int):
 
 
 def down(bn: int, bg: int, warps: int, decode: int):
-    return _compile(
+    return compile_sm90(
         tm._gemv_down_kernel,
         {"h_ptr": "*bf16", "codes_ptr": "*i32", "scales_ptr": "*u8", "bias_ptr": "*bf16", "ids_ptr": "*i64",
          "wts_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "stride_o": "i32", "s_step": "i32"},
@@ -61,7 +65,7 @@ def down(bn: int, bg: int, warps: int, decode: int):
 
 
 def down_split(bn: int, bg: int, warps: int, decode: int, split: int):
-    return _compile(
+    return compile_sm90(
         tm._gemv_down_split_kernel,
         {"h_ptr": "*bf16", "codes_ptr": "*i32", "scales_ptr": "*u8", "ids_ptr": "*i64", "part_ptr": "*fp32",
          "N": "i32", "s_step": "i32"},
@@ -71,7 +75,7 @@ def down_split(bn: int, bg: int, warps: int, decode: int, split: int):
 
 
 def down_reduce(split: int):
-    return _compile(
+    return compile_sm90(
         tm._down_reduce_kernel,
         {"part_ptr": "*fp32", "bias_ptr": "*bf16", "ids_ptr": "*i64", "wts_ptr": "*bf16", "out_ptr": "*bf16",
          "N": "i32", "stride_o": "i32"},
@@ -85,7 +89,7 @@ def grouped(gate_up: bool, cfg: dict[str, int]):
     warps = cfg.pop("num_warps")
     if gate_up:
         cfg["BLOCK_N"] = max(16, cfg["BLOCK_N"] // 2)
-    return _compile(
+    return compile_sm90(
         tm._grouped_kernel,
         {"a_ptr": "*bf16", "codes_ptr": "*i32", "scales_ptr": "*u8", "bias_ptr": "*bf16", "out_ptr": "*bf16",
          "sorted_ptr": "*i64", "block_expert_ptr": "*i64", "num_post_ptr": "*i64", "wts_ptr": "*bf16",

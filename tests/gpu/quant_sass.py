@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import sys
 
-import triton
-from triton.backends.compiler import GPUTarget
 
 from kvserve.kernels import triton_quant as tq
-from tests.gpu.mxfp4_sass import sass_of
+from tests.gpu.mxfp4_sass import compile_sm90, sass_of
 
 
 def qmm_int8(act: str, kind: int, group: int):
@@ -29,11 +27,7 @@ def qmm_int8(act: str, kind: int, group: int):
     cons = dict(KIND=kind, HAS_OFF=False, GROUP=group, HAS_BIAS=False, IEEE=act == "fp32", BLOCK_M=16, BLOCK_N=64,
                 BLOCK_K=128, PDL=True, WORDS=True)
     aligned = ["x_ptr", "q_ptr", "s_ptr", "o_ptr", "b_ptr", "out_ptr", "K", "stride_xm", "stride_q", "stride_om"]
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    src = triton.compiler.ASTSource(fn, {**sig, **{k: "constexpr" for k in cons}}, cons, attrs)
-    target = GPUTarget("cuda", 90, 32)
-    options = triton.compiler.make_backend(target).parse_options({"num_warps": 4, "num_stages": 4})
-    return triton.compile(src, target=target, options=options.__dict__)
+    return compile_sm90(fn, sig, cons, aligned, num_warps=4, num_stages=4)
 
 
 def main() -> int:
