@@ -136,6 +136,42 @@ def format_table(rows: list[dict], title: str = "") -> str:
     return "\n".join(lines)
 
 
+def diff_rows(base: list[dict], other: list[dict]) -> list[dict]:
+    """Two `kernel_rows` tables (one step each) -> per kernel name its count, total and
+    exclusive µs in both and the differences (other - base); largest exclusive change first."""
+    a, b = {r["kernel"]: r for r in base}, {r["kernel"]: r for r in other}
+    zero = {"count": 0, "total_us": 0.0, "exclusive_us": 0.0}
+    rows = []
+    for name in {*a, *b}:
+        x, y = a.get(name, zero), b.get(name, zero)
+        rows.append({"kernel": name, "count_base": x["count"], "count_other": y["count"],
+                     "total_base_us": x["total_us"], "total_other_us": y["total_us"],
+                     "excl_base_us": x["exclusive_us"], "excl_other_us": y["exclusive_us"],
+                     "d_excl_us": y["exclusive_us"] - x["exclusive_us"], "d_total_us": y["total_us"] - x["total_us"]})
+    rows.sort(key=lambda r: (-abs(r["d_excl_us"]), r["kernel"]))
+    return rows
+
+
+def format_diff(rows: list[dict], base: str = "base", other: str = "other", title: str = "") -> str:
+    """The rows of `diff_rows` as a fixed-width table with a sum line."""
+    width = max([len(r["kernel"]) for r in rows] + [6])
+    lines = [title] if title else []
+    lines.append(f"{'kernel':{width}s} {'n ' + base:>9s} {'n ' + other:>9s} {'excl ' + base:>11s} "
+                 f"{'excl ' + other:>11s} {'d excl us':>10s} {'d total us':>10s}")
+
+    def num(v: float) -> str:
+        return f"{v:.0f}" if float(v).is_integer() else f"{v:.1f}"
+    for r in rows:
+        lines.append(f"{r['kernel']:{width}s} {num(r['count_base']):>9s} {num(r['count_other']):>9s} "
+                     f"{r['excl_base_us']:11.1f} {r['excl_other_us']:11.1f} {r['d_excl_us']:+10.1f} "
+                     f"{r['d_total_us']:+10.1f}")
+    s = {k: sum(r[k] for r in rows) for k in ("count_base", "count_other", "excl_base_us", "excl_other_us",
+                                               "d_excl_us", "d_total_us")}
+    lines.append(f"{'sum':{width}s} {num(s['count_base']):>9s} {num(s['count_other']):>9s} {s['excl_base_us']:11.1f} "
+                 f"{s['excl_other_us']:11.1f} {s['d_excl_us']:+10.1f} {s['d_total_us']:+10.1f}")
+    return "\n".join(lines)
+
+
 def cuda_kernels(prof) -> list[tuple[float, float, str]]:
     """(start µs, end µs, name) of every CUDA activity (kernels, copies) torch.profiler saw."""
     return [(e.time_range.start, e.time_range.end, e.name) for e in prof.events()

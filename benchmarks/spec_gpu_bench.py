@@ -17,6 +17,13 @@
     measured tokens per verify step (printed next to it), not against a alone.
 (c) backoff: batch-32 output tok/s with speculation on and nothing ever accepted (a = 0,
     back-off on) against plain; the issue's bound is a drop of at most 5%.
+(p) verifyprof (`--only verifyprof`, < 2 minutes on an H100): where a batch-1 verify step's
+    extra time goes. One eager step and one CUDA-graph replay of 1 row and of k + 1 rows
+    (context 1024) under torch.profiler: per kernel name the launches, total and exclusive µs
+    (`gpu_decode_profile.kernel_rows`: exclusive = what a kernel adds to the busy timeline, as
+    PDL kernels overlap), the graph's idle gaps, then the difference tables (k + 1 rows - 1 row,
+    `gpu_decode_profile.diff_rows`). Each variant of `verifyprof_variants` (the engine's default
+    first) is profiled in turn, so opt-out switches compare in one run.
 (k) kernels (runs before the engine starts; `--only kernels,verify` for the GEMV work): per
     Llama-3.1-8B projection, µs of the one-row Triton GEMV and cuBLAS (`F.linear`) at M = 2, 5,
     8 rows, each inside a CUDA graph over enough weight copies (>= 256 MiB) that no call is
@@ -195,6 +202,78 @@ def section_verify(llm: LLM, k: int, ctx: int = 1024) -> None:
         log(f"| {batch} | {t1 * 1e3:.3f} | {tk * 1e3:.3f} | {tk / t1:.3f}x | {tgt} |")
 
 
+def _profile_step(fn) -> tuple[list[dict], dict]:
+    """Kernel rows (`gpu_decode_profile.kernel_rows`) of one call of fn() under torch.profiler
+    (after one unprofiled call), and its timeline: span, busy and idle µs (`tp_bench.split_timeline`)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.gpu_decode_profile import cuda_kernels, kernel_rows, short_name
+    from benchmarks.tp_bench import split_timeline
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    ks = cuda_kernels(prof)
+    line = split_timeline([(a, b, short_name(n)) for a, b, n in ks])
+    span = (max(b for _, b, _ in ks) - min(a for a, _, _ in ks)) if ks else 0.0
+    return kernel_rows(ks), {"kernels": len(ks), "span_us": span, "busy_us": line["busy"], "idle_us": line["idle"],
+                             "idle_gaps": line["idle_gaps"]}
+
+
+def verifyprof_variants() -> list[tuple[str, dict]]:
+    """(label, DecodeGraphs keyword arguments) of the verify-step variants the profile compares
+    (the first is the engine's default)."""
+    return [("default", {})]
+
+
+def section_verifyprof(llm: LLM, k: int, ctx: int = 1024) -> None:
+    """Where a batch-1 verify step's extra time goes: one eager step and one graph replay of 1
+    row and of k + 1 rows (batch 1, context `ctx`) under torch.profiler, per kernel name
+    (count, total and exclusive µs), and the difference tables (k + 1 rows - 1 row)."""
+    from benchmarks.gpu_decode_profile import diff_rows, format_diff, format_table
+
+    runner = llm.engine.runner
+    width = k + 1
+    out: dict[str, object] = {}
+    for label, kw in verifyprof_variants():
+        g = DecodeGraphs(runner, 1, split=False, verify_width=width, max_rows=width, **kw)
+        g.sizes = [1, width]
+        t0 = time.perf_counter()
+        g.capture()
+        log(f"\n[verifyprof] variant {label} {kw}: captured graphs of {g.sizes} rows in {time.perf_counter() - t0:.1f}s")
+        per: dict[int, dict] = {}
+        for rows in (1, width):
+            n = fill_static(g, 1, rows, ctx, runner.block_size)
+            replay_ms = replay_time(g, n) * 1e3
+            with torch.inference_mode():
+                eager, eager_line = _profile_step(lambda: g._step(n))
+            graph, graph_line = _profile_step(lambda: g.replay(n))
+            per[rows] = {"replay_ms": replay_ms, "eager": eager, "eager_line": eager_line, "graph": graph,
+                         "graph_line": graph_line}
+            log(f"[verifyprof] {label}, {rows} row(s): replay {replay_ms:.3f} ms; graph replay profiled: "
+                f"{graph_line['kernels']} kernels, span {graph_line['span_us']:.1f} us, busy {graph_line['busy_us']:.1f}, "
+                f"idle {sum(graph_line['idle_us'].values()):.1f} us in {sum(graph_line['idle_gaps'].values())} gaps "
+                f"{ {key: round(v, 1) for key, v in graph_line['idle_us'].items()} }; eager step: "
+                f"{eager_line['kernels']} kernels, busy {eager_line['busy_us']:.1f} us")
+            log(format_table(graph, f"[verifyprof] {label}: one graph replay, batch 1, {rows} row(s), context {ctx}"))
+        g.release()
+        del g
+        torch.cuda.empty_cache()
+        one, many = per[1], per[width]
+        gd = diff_rows(one["graph"], many["graph"])
+        ed = diff_rows(one["eager"], many["eager"])
+        log(format_diff(gd, "1", str(width), f"\n[verifyprof] {label}: graph replay, {width} rows - 1 row "
+                        f"(replay {one['replay_ms']:.3f} -> {many['replay_ms']:.3f} ms, "
+                        f"{many['replay_ms'] / one['replay_ms']:.3f}x)"))
+        log(format_diff(ed, "1", str(width), f"\n[verifyprof] {label}: eager step, {width} rows - 1 row "
+                        "(kernels launched one by one: exclusive times include launch waits)"))
+        out[label] = {"kwargs": {key: str(v) for key, v in kw.items()}, "rows": {str(r): v for r, v in per.items()},
+                      "graph_diff": gd, "eager_diff": ed}
+    RESULTS["verifyprof"] = out
+
+
 def _prompts(n: int, length: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     return [{"prompt_token_ids": [rng.randrange(1000, 100000) for _ in range(length)]} for _ in range(n)]
@@ -329,13 +408,16 @@ def main() -> None:
     root = Path(tempfile.mkdtemp())
     spec = {"method": "ngram", "num_speculative_tokens": args.k}
     t0 = time.perf_counter()
+    # The verify sections capture their own graphs: without e2e / backoff the engine's are not needed.
+    eager = not only & {"e2e", "backoff"}
     llm = LLM(model_folder(MODEL, root), load_format="dummy", dtype=args.dtype, max_model_len=4096, max_num_seqs=32,
-              enable_prefix_caching=False, gpu_memory_utilization=0.85, speculative_config=spec)
+              enable_prefix_caching=False, gpu_memory_utilization=0.85, speculative_config=spec, enforce_eager=eager)
     g = llm.engine.runner.graphs
     log(f"engine start-up {time.perf_counter() - t0:.1f}s; graphs of {g.sizes if g else None} rows; "
         f"async scheduling {llm.engine.async_scheduling}")
     sections = [
         ("verify", lambda: section_verify(llm, args.k)),
+        ("verifyprof", lambda: section_verifyprof(llm, args.k)),
         ("e2e", lambda: section_e2e(llm, args.k, [float(x) for x in args.rates.split(",")], args.new_tokens)),
         ("backoff", lambda: section_backoff(llm, args.k, args.new_tokens)),
     ]

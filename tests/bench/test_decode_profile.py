@@ -55,6 +55,21 @@ def test_rows_and_table_with_overlapping_kernels():
     assert lines[-1].split() == ["sum", "4", "23.0", "22.0"]  # 17 + 4 + 2 total; 16 + 4 + 2 exclusive
 
 
+def test_diff_rows_and_table():
+    one = gdp.kernel_rows([(0, 5, "_gemv_kernel"), (4, 9, "_rmsnorm_kernel"), (9, 20, "_gemv_kernel")])
+    many = gdp.kernel_rows([(0, 5, "gemm_bf16"), (6, 9, "_rmsnorm_kernel"), (9, 12, "_rope_qk_kernel"),
+                            (12, 20, "gemm_bf16")])
+    rows = gdp.diff_rows(one, many)
+    by = {r["kernel"]: r for r in rows}
+    assert rows[0]["kernel"] == "_gemv_kernel" and by["_gemv_kernel"]["d_excl_us"] == -16
+    assert by["gemm_bf16"]["count_base"] == 0 and by["gemm_bf16"]["count_other"] == 2
+    assert by["gemm_bf16"]["d_excl_us"] == 13 and by["_rope_qk_kernel"]["d_total_us"] == 3
+    assert by["_rmsnorm_kernel"]["d_excl_us"] == -1  # 4 us exclusive (PDL overlap) -> 3
+    lines = gdp.format_diff(rows, "1", "5", "t").splitlines()
+    assert lines[0] == "t" and len(lines) == 2 + 4 + 1
+    assert lines[-1].split() == ["sum", "3", "4", "20.0", "19.0", "-1.0", "-2.0"]
+
+
 def test_exits_cleanly_without_cuda():
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
