@@ -46,6 +46,13 @@ class AttentionMetadata:
     prompt_lens_cpu: list[int] | None = None
     # True when slot_mapping holds -1 entries (padded CUDA-graph batches).
     has_padding: bool = False
+    # Pure-decode steps with speculative verify rows (set by `runner/cuda_graphs.py`): [S] int32,
+    # device. Consecutive rows of one request (its k + 1 verify positions: one block table,
+    # increasing seq_lens) form a group; the group's first row holds its row count n
+    # (1..verify_width), each other row -(its offset from the first). A backend may attend all
+    # rows of a group together (reading each K/V tile once); None = every row on its own.
+    verify_groups: torch.Tensor | None = None
+    verify_width: int = 1  # the most rows of a group (k + 1)
     # Per-step scratch space a backend fills on the first layer and reuses on the others
     # (index tensors, kernel launch plans). Keyed by backend name.
     backend_cache: dict[str, Any] = field(default_factory=dict)

@@ -27,6 +27,13 @@ written before attention reads, so each row sees the drafts before it. With `ver
 (k + 1) the ladder also holds b(k + 1) for each ladder size b (a graph per batch size and
 verify width; shorter drafts after a back-off pad to the next size) and reaches `max_rows`,
 the most rows a step of `max_bs` requests with drafts can have.
+
+Verify rows of one request read the same keys: the graphs of the verify sizes (the ladder's
+b(k + 1) that are not plain decode sizes) pass `AttentionMetadata.verify_groups` (a static
+input, filled per step from which rows belong to one request), so the attention backend reads
+each K/V tile once for all of a request's rows (`attention/triton/verify.py`) and plans its
+splits for the requests, not the rows. Plain decode sizes keep the per-row kernel. Set
+`KVSERVE_VERIFY_ATTN=rows` to keep it for verify sizes too (for comparisons).
 """
 
 from __future__ import annotations
@@ -64,6 +71,34 @@ def ladder(max_bs: int, verify_width: int = 1, max_rows: int | None = None) -> l
     return sizes
 
 
+def verify_attn_grouped() -> bool:
+    """`KVSERVE_VERIFY_ATTN`: "grouped" (default) or "rows" (see the module docstring)."""
+    value = os.environ.get("KVSERVE_VERIFY_ATTN", "grouped")
+    if value not in ("grouped", "rows"):
+        raise ValueError(f"KVSERVE_VERIFY_ATTN must be 'grouped' or 'rows', got {value!r}")
+    return value == "grouped"
+
+
+def verify_groups(req_rows: np.ndarray, width: int) -> np.ndarray:
+    """`AttentionMetadata.verify_groups` of a step whose row i belongs to request `req_rows[i]`:
+    runs of equal consecutive entries (a request's verify rows) form groups of at most `width`
+    rows; a group's first row holds its row count, the others -(their offset from it)."""
+    n = len(req_rows)
+    if n == 0:
+        return np.zeros(0, dtype=np.int32)
+    req_rows = np.asarray(req_rows)
+    idx = np.arange(n)
+    start = np.ones(n, dtype=bool)
+    start[1:] = req_rows[1:] != req_rows[:-1]
+    starts = np.flatnonzero(start)
+    run = np.cumsum(start) - 1  # run id of each row
+    offset = idx - starts[run]  # offset within its run
+    run_len = np.diff(np.append(starts, n))[run]
+    within = offset % width  # offset within its group (runs cut every `width` rows)
+    group_len = np.minimum(width, run_len - (offset - within))
+    return np.where(within == 0, group_len, -within).astype(np.int32)
+
+
 class _EagerGraph:
     """Stand-in for a captured graph that reruns the step eagerly (CPU tests of the padding
     and static-buffer logic, where CUDA graphs do not exist)."""
@@ -90,14 +125,21 @@ class _SplitGraph:
 class DecodeGraphs:
     def __init__(
         self, runner: ModelRunner, max_bs: int, eager: bool = False, split: bool | None = None,
-        verify_width: int = 1, max_rows: int | None = None,
+        verify_width: int = 1, max_rows: int | None = None, group_verify: bool | None = None,
     ) -> None:
         """`max_bs`: the most decoding requests; `verify_width` (k + 1) and `max_rows` (the
-        most rows of a verify step) add the verify steps' sizes (see the module docstring)."""
+        most rows of a verify step) add the verify steps' sizes (see the module docstring).
+        `group_verify`: verify sizes attend a request's rows together (default:
+        `KVSERVE_VERIFY_ATTN`)."""
         self.runner = runner
         if split is None:
             split = os.environ.get("KVSERVE_GRAPH_SPLIT", "1") != "0"
         self.split = split
+        if group_verify is None:
+            group_verify = verify_attn_grouped()
+        self.verify_width = verify_width
+        self.group_verify = group_verify and verify_width > 1
+        self._plain_sizes = set(ladder(max_bs))  # decode sizes: never grouped
         self.sizes = ladder(max_bs, verify_width, max_rows)
         max_bs = self.sizes[-1]  # from here on: rows (the static buffers hold the largest graph)
         self.max_bs = max_bs
@@ -107,15 +149,18 @@ class DecodeGraphs:
         self.width = width
         # Static inputs, all in one device buffer so that one copy fills them:
         # [ids | positions | slots] int64 (3 x max_bs), seq_lens int32 (max_bs, padded to 16 B),
-        # block tables int32 [max_bs, width]. Each host-to-device copy costs the host tens of
-        # microseconds on the lent H100s (more than the bytes), on the critical path of a decode.
+        # verify groups int32 (likewise), block tables int32 [max_bs, width]. Each host-to-device
+        # copy costs the host tens of microseconds on the lent H100s (more than the bytes), on
+        # the critical path of a decode.
         n64, n_sl = 3 * max_bs, -(-max_bs // 4) * 4
         self._o32 = 2 * n64  # in int32 units
-        self._obt = self._o32 + n_sl
+        self._ogr = self._o32 + n_sl
+        self._obt = self._ogr + n_sl
         total32 = self._obt + max_bs * width
         self.static = torch.zeros(total32, dtype=torch.int32, device=dev)
         self.i64 = self.static[: self._o32].view(torch.int64)
         self.seq_lens = self.static[self._o32 : self._o32 + max_bs]
+        self.groups = self.static[self._ogr : self._ogr + max_bs]
         self.block_tables = self.static[self._obt :].view(max_bs, width)
         self.query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
         # Two pinned host mirrors of `static`, used alternately.
@@ -143,8 +188,13 @@ class DecodeGraphs:
         i = bisect.bisect_left(self.sizes, n)
         return self.sizes[i] if i < len(self.sizes) else None
 
+    def grouped(self, bs: int) -> bool:
+        """The graph of `bs` rows attends verify rows by request (see the module docstring)."""
+        return self.group_verify and bs not in self._plain_sizes
+
     def _metadata(self, bs: int) -> AttentionMetadata:
         m = self.max_bs
+        grouped = self.grouped(bs)
         return AttentionMetadata(
             query_start_loc=self.query_start_loc[: bs + 1],
             seq_lens=self.seq_lens[:bs],
@@ -157,6 +207,8 @@ class DecodeGraphs:
             block_size=self.runner.block_size,
             is_pure_decode=True,
             has_padding=True,
+            verify_groups=self.groups[:bs] if grouped else None,
+            verify_width=self.verify_width if grouped else 1,
         )
 
     def _step(self, bs: int) -> torch.Tensor:
@@ -174,6 +226,7 @@ class DecodeGraphs:
         self.i64.zero_()
         self.i64[2 * m :].fill_(-1)
         self.seq_lens.zero_()
+        self.groups.fill_(1)
         if self.eager:
             for bs in self.sizes:
                 self.graphs[bs] = _EagerGraph(lambda bs=bs: self._step(bs))
@@ -275,6 +328,10 @@ class DecodeGraphs:
         sl = host[self._o32 : self._o32 + bs]
         sl[:n] = pos + 1
         sl[n:] = 0  # padding rows: no keys
+        gr = host[self._ogr : self._ogr + bs]
+        gr[n:] = 1
+        # A request's verify rows are consecutive states of one request (verify_step.py).
+        gr[:n] = verify_groups(np.asarray(rows), self.verify_width) if self.grouped(bs) else 1
         # Rows past `n` and columns past `width` keep stale ids: the kernels never read them
         # (a row reads only the blocks under its sequence length).
         bt = host[self._obt :].reshape(m, self.width)

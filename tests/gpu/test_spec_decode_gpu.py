@@ -98,6 +98,20 @@ def test_oracle_full_acceptance_graph_widths(folder, plain):
     assert 10 in seen  # 2 requests x (k + 1) rows
 
 
+@pytest.mark.parametrize("mode", ["grouped", "rows"])
+def test_verify_attention_modes_equal_plain(folder, plain, mode, monkeypatch):
+    """KVSERVE_VERIFY_ATTN: verify rows attended by request (default) or row by row."""
+    monkeypatch.setenv("KVSERVE_VERIFY_ATTN", mode)
+    prompts = _prompts(3, seed=11)
+    want = _tokens(plain, prompts)
+    llm = LLM(folder, speculative_config=NGRAM, **COMMON)
+    assert llm.engine.runner.graphs.group_verify == (mode == "grouped")
+    _oracle(llm, prompts, want, 1.0, backoff=False)
+    seen = _record_replays(llm)
+    assert _tokens(llm, prompts) == want
+    assert 20 in seen  # 3 requests x (k + 1) rows, padded to the verify size 20
+
+
 def test_async_ahead_steps_while_backed_off(folder, plain):
     prompts = _prompts(3, seed=5)
     want = _tokens(plain, prompts, 80)

@@ -1,7 +1,10 @@
 """TritonBackend: the GPU implementation of the attention seam.
 
 Per layer call: one launch writes the new K/V into the cache, then
-- pure-decode batches: the split-K decode kernel (+ its reduce when the context is split);
+- pure-decode batches: the split-K decode kernel (+ its reduce when the context is split); with
+  speculative verify rows grouped by request (`metadata.verify_groups`), the verify kernel
+  (`verify.py`: each K/V tile read once for all of a request's rows), except in layers with a
+  sliding window or sinks;
 - batches with prefill chunks: the varlen prefill kernel; decode rows of a mixed batch go to the
   decode kernel (`route_decodes=True`, the default: it splits long contexts across programs,
   which the prefill kernel cannot) and the prefill kernel skips them. Measured on an H200 with
@@ -27,6 +30,7 @@ from kvserve.attention.base import AttentionBackend, AttentionMetadata
 from kvserve.attention.triton.decode import alloc_partials, choose_num_splits, decode_attention
 from kvserve.attention.triton.kv_write import write_kv_cache_triton
 from kvserve.attention.triton.prefill import prefill_attention
+from kvserve.attention.triton.verify import verify_decode_attention
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -47,9 +51,11 @@ class _StepPlan:
     num_decodes: int  # sequences with query length 1
     num_prefills: int  # sequences with query length > 1
     num_splits: int
-    # Decode scratch keyed by (num_heads, head_dim): shared by all layers of the step, which
-    # run one after another on the stream.
-    partials: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
+    # Verify-row groups (`AttentionMetadata.verify_groups`): splits planned for the groups.
+    grouped_splits: int = 0
+    # Decode scratch keyed by (num_heads, head_dim, splits): shared by all layers of the step,
+    # which run one after another on the stream.
+    partials: dict[tuple[int, int, int], tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(
         default_factory=dict
     )
 
@@ -88,6 +94,14 @@ class TritonBackend(AttentionBackend):
         if num_seqs == 0 or q.shape[0] == 0:
             return out
         plan = self._plan(metadata, q, kv_cache)
+        if (metadata.is_pure_decode and metadata.verify_groups is not None and plan.grouped_splits
+                and sliding_window is None and sinks is None):
+            verify_decode_attention(
+                q, kv_cache, out, metadata.block_tables, metadata.seq_lens, metadata.query_start_loc,
+                metadata.verify_groups, metadata.verify_width, num_seqs, scale, plan.grouped_splits,
+                partials=self._partials(plan, q, num_seqs, plan.grouped_splits),
+            )
+            return out
         use_decode = metadata.is_pure_decode or (self.route_decodes and plan.num_decodes > 0)
         mixed = not metadata.is_pure_decode
         if use_decode:
@@ -95,7 +109,7 @@ class TritonBackend(AttentionBackend):
                 q, kv_cache, out, metadata.block_tables, metadata.seq_lens,
                 metadata.query_start_loc, num_seqs, scale, plan.num_splits,
                 sliding_window=sliding_window, mixed=mixed,
-                partials=self._partials(plan, q, num_seqs), sinks=sinks,
+                partials=self._partials(plan, q, num_seqs, plan.num_splits), sinks=sinks,
             )
         if not metadata.is_pure_decode and (plan.num_prefills > 0 or not use_decode):
             prefill_attention(
@@ -123,18 +137,25 @@ class TritonBackend(AttentionBackend):
             waves=self.decode_waves,
         )
         plan = _StepPlan(num_decodes=num_decodes, num_prefills=num_prefills, num_splits=num_splits)
+        if md.is_pure_decode and md.verify_groups is not None and md.verify_width > 1:
+            # At most one group per verify_width rows while capturing (each request a full
+            # verify step); eagerly the same count, so an eager step matches a replay.
+            plan.grouped_splits = choose_num_splits(
+                -(-md.num_seqs // md.verify_width), kv_cache.shape[3], _num_sms(q.device),
+                None if capturing else md.max_seq_len, waves=self.decode_waves,
+            )
         md.backend_cache[self.name] = plan
         return plan
 
     @staticmethod
     def _partials(
-        plan: _StepPlan, q: torch.Tensor, num_seqs: int
+        plan: _StepPlan, q: torch.Tensor, num_seqs: int, num_splits: int
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        if plan.num_splits == 1:
+        if num_splits == 1:
             return None
-        key = (q.shape[1], q.shape[2])
+        key = (q.shape[1], q.shape[2], num_splits)
         if key not in plan.partials:
-            plan.partials[key] = alloc_partials(num_seqs, key[0], plan.num_splits, key[1], q.device)
+            plan.partials[key] = alloc_partials(num_seqs, key[0], num_splits, key[1], q.device)
         return plan.partials[key]
 
     @staticmethod

@@ -181,7 +181,7 @@ def _decode_kernel(
 
 @triton.jit(
     do_not_specialize=["num_splits"],
-    do_not_specialize_on_alignment=["seq_lens_ptr", "query_start_loc_ptr"],
+    do_not_specialize_on_alignment=["seq_lens_ptr", "query_start_loc_ptr", "groups_ptr"],
 )
 def _decode_reduce_kernel(
     out_ptr,
@@ -196,6 +196,7 @@ def _decode_reduce_kernel(
     num_heads,
     stride_ot,
     stride_oh,
+    groups_ptr,  # GROUPED: `AttentionMetadata.verify_groups` (verify.py); else unused
     SPLITS_PAD: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -203,6 +204,7 @@ def _decode_reduce_kernel(
     MIXED: tl.constexpr,
     PDL: tl.constexpr,
     HAS_SINKS: tl.constexpr = False,
+    GROUPED: tl.constexpr = False,  # splits follow the length of the row's group's last row
 ):
     seq = tl.program_id(0)
     head = tl.program_id(1)
@@ -212,7 +214,11 @@ def _decode_reduce_kernel(
         q_len = tl.load(query_start_loc_ptr + seq + 1) - q_row
     else:
         q_row = seq
-    _, _, live = _live_splits(tl.load(seq_lens_ptr + seq), sliding_window, num_splits, BLOCK_N, SLIDING)
+    split_len = tl.load(seq_lens_ptr + seq)
+    if GROUPED:  # the group's first row holds its row count, the others -(their offset)
+        first = seq + tl.minimum(tl.load(groups_ptr + seq), 0)
+        split_len = tl.load(seq_lens_ptr + first + tl.load(groups_ptr + first) - 1)
+    _, _, live = _live_splits(split_len, sliding_window, num_splits, BLOCK_N, SLIDING)
     pdl.wait(PDL)
     if MIXED:
         if q_len != 1:
@@ -356,6 +362,7 @@ def decode_attention(
             num_heads,
             out.stride(0),
             out.stride(1),
+            seq_lens,  # groups_ptr: unused
             # One padded width for every split count up to 64: a single compiled variant.
             SPLITS_PAD=max(64, triton.next_power_of_2(num_splits)),
             HEAD_DIM=head_dim,
