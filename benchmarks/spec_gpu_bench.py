@@ -6,7 +6,8 @@
 (a) verify: the cost of one verify step of k + 1 rows per request against a one-token decode
     step, at batch 1 and batch 16 (1 vs k + 1 rows, 16 vs 16(k + 1) rows; context 1024), both
     as CUDA-graph replays (forward + logits) of the decode graphs the engine uses. Target:
-    <= 1.15x at batch 1.
+    <= 1.15x at batch 1. Each variant of `verifyprof_variants` in turn (the default first:
+    verify rows attended by request, then `KVSERVE_VERIFY_ATTN=rows`).
 (b) e2e: decode tok/s (first token to last) with a proposer forced to acceptance rate a
     (`kvserve.spec_decode.oracle.OracleProposer`: draft j is the target's own greedy token
     with probability a, else a wrong one; the references come from a plain run on the same
@@ -45,12 +46,13 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from benchmarks.gpu_bench import events_time, model_folder
 from benchmarks.gpu_gemv import graph_time
 from kvserve import LLM, SamplingParams
-from kvserve.runner.cuda_graphs import DecodeGraphs
+from kvserve.runner.cuda_graphs import DecodeGraphs, verify_attn_grouped, verify_groups
 from kvserve.spec_decode.config import SpeculativeConfig
 from kvserve.spec_decode.decoder import SpecDecoder
 from kvserve.spec_decode.oracle import OracleProposer
@@ -89,6 +91,8 @@ def fill_static(g: DecodeGraphs, batch: int, width: int, ctx: int, block_size: i
     g.i64[m : m + rows] = torch.tensor(pos, device=dev)
     g.i64[2 * m : 2 * m + rows] = torch.tensor(slots, device=dev)
     g.seq_lens[:rows] = torch.tensor(lens, dtype=torch.int32, device=dev)
+    groups = verify_groups(np.repeat(np.arange(batch), width), width) if g.grouped(rows) else np.ones(rows)
+    g.groups[:rows] = torch.tensor(groups, dtype=torch.int32, device=dev)
     table = torch.arange(batch * blocks_per_req, dtype=torch.int32, device=dev).view(batch, blocks_per_req)
     g.block_tables[:rows, :blocks_per_req] = table.repeat_interleave(width, dim=0)
     return rows
@@ -177,29 +181,31 @@ def section_verify(llm: LLM, k: int, ctx: int = 1024) -> None:
     need = 16 * -(-(ctx + k + 1) // runner.block_size)
     if llm.engine.cache_config.num_blocks < need:
         raise RuntimeError(f"KV cache too small for the verify section ({llm.engine.cache_config.num_blocks} < {need} blocks)")
-    # The graphs of exactly these row counts (the engine's ladder pads 80 rows to its largest size).
-    g = DecodeGraphs(runner, 16, split=False, verify_width=k + 1, max_rows=16 * (k + 1))
-    t0 = time.perf_counter()
-    g.sizes = [1, k + 1, 16, 16 * (k + 1)]
-    g.capture()
-    log(f"[verify] captured graphs of {g.sizes} rows in {time.perf_counter() - t0:.1f}s")
     rows = []
-    for batch in (1, 16):
-        fill_static(g, batch, 1, ctx, runner.block_size)
-        t1 = replay_time(g, batch)
-        n = fill_static(g, batch, k + 1, ctx, runner.block_size)
-        tk = replay_time(g, n)
-        rows.append((batch, t1, tk))
-        RESULTS[f"verify/batch{batch}"] = {"one_token_ms": t1 * 1e3, f"verify_{k + 1}_ms": tk * 1e3, "ratio": tk / t1}
-    g.release()
-    del g
-    torch.cuda.empty_cache()
-    log(f"\n[verify] {MODEL} bf16, context {ctx}, CUDA-graph replay of forward + logits")
-    log(f"| batch | 1-token step ms | verify step ({k + 1} rows/request) ms | ratio | target |")
-    log("|---|---|---|---|---|")
-    for batch, t1, tk in rows:
+    for i, (label, kw) in enumerate(verifyprof_variants()):
+        # The graphs of exactly these row counts (the engine's ladder pads 80 rows to its largest size).
+        g = DecodeGraphs(runner, 16, split=False, verify_width=k + 1, max_rows=16 * (k + 1), **kw)
+        t0 = time.perf_counter()
+        g.sizes = [1, k + 1, 16, 16 * (k + 1)]
+        g.capture()
+        log(f"[verify] {label}: captured graphs of {g.sizes} rows in {time.perf_counter() - t0:.1f}s")
+        for batch in (1, 16):
+            fill_static(g, batch, 1, ctx, runner.block_size)
+            t1 = replay_time(g, batch)
+            n = fill_static(g, batch, k + 1, ctx, runner.block_size)
+            tk = replay_time(g, n)
+            rows.append((label, batch, t1, tk))
+            key = f"verify/batch{batch}" if i == 0 else f"verify/{label}/batch{batch}"
+            RESULTS[key] = {"variant": label, "one_token_ms": t1 * 1e3, f"verify_{k + 1}_ms": tk * 1e3, "ratio": tk / t1}
+        g.release()
+        del g
+        torch.cuda.empty_cache()
+    log(f"\n[verify] {MODEL} bf16, context {ctx}, CUDA-graph replay of forward + logits (first variant: the default)")
+    log(f"| variant | batch | 1-token step ms | verify step ({k + 1} rows/request) ms | ratio | target |")
+    log("|---|---|---|---|---|---|")
+    for label, batch, t1, tk in rows:
         tgt = "<= 1.15x" if batch == 1 else "-"
-        log(f"| {batch} | {t1 * 1e3:.3f} | {tk * 1e3:.3f} | {tk / t1:.3f}x | {tgt} |")
+        log(f"| {label} | {batch} | {t1 * 1e3:.3f} | {tk * 1e3:.3f} | {tk / t1:.3f}x | {tgt} |")
 
 
 def _profile_step(fn) -> tuple[list[dict], dict]:
@@ -223,9 +229,13 @@ def _profile_step(fn) -> tuple[list[dict], dict]:
 
 
 def verifyprof_variants() -> list[tuple[str, dict]]:
-    """(label, DecodeGraphs keyword arguments) of the verify-step variants the profile compares
-    (the first is the engine's default)."""
-    return [("default", {})]
+    """(label, DecodeGraphs keyword arguments) of the verify-step variants the verify and
+    verifyprof sections compare (the first is the engine's default, from the environment):
+    verify rows attended by request or row by row (`KVSERVE_VERIFY_ATTN`)."""
+    grouped = verify_attn_grouped()
+    mode = "grouped" if grouped else "rows"
+    other = "rows" if grouped else "grouped"
+    return [(f"attn={mode}", {}), (f"attn={other}", {"group_verify": not grouped})]
 
 
 def section_verifyprof(llm: LLM, k: int, ctx: int = 1024) -> None:
