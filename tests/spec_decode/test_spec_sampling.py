@@ -109,3 +109,32 @@ def test_rejection_rule_exact_point_mass_and_draft_probs():
     assert _exact_check(p, int(p.argmax()), None) > 1e-3
     q = torch.softmax(torch.randn(12) * 2, 0)  # a draft model's distribution
     assert _exact_check(p, -1, q) > 1e-3
+
+
+def test_verify_batched_equals_one_request_at_a_time():
+    """`verify` over many requests (greedy, point-mass drafts, draft-model drafts, no drafts)
+    gives each request what verifying it alone gives (each draws from its own generator)."""
+    torch.manual_seed(3)
+    vocab = 40
+    specs = [(3, None, True), (2, None, False), (0, None, False), (4, "q", False), (1, None, True), (3, None, False)]
+    logits, reqs_args, start = [], [], 0
+    for k, q, greedy in specs:
+        rows = torch.randn(k + 1, vocab) * 2
+        logits.append(rows)
+        drafts = rows[:k].argmax(-1).tolist()
+        if k > 1:
+            drafts[1] = int(rows[1].argmin())  # an unlikely draft: rejections happen
+        probs = torch.softmax(torch.randn(k, vocab), -1) if q else None
+        sp = SP(temperature=0.0) if greedy else SP(temperature=0.9, top_k=25, seed=1)
+        reqs_args.append((start, drafts, sp, probs))
+        start += k + 1
+    processed = torch.cat(logits)
+    for trial in range(20):
+        gens = [torch.Generator().manual_seed(100 * trial + i) for i in range(len(specs))]
+        batch = [VerifyRow(s, d, sp, g, q) for (s, d, sp, q), g in zip(reqs_args, gens)]
+        got = verify(processed, batch, None)
+        gens = [torch.Generator().manual_seed(100 * trial + i) for i in range(len(specs))]
+        alone = [verify(processed, [VerifyRow(s, d, sp, g, q)], None)[0]
+                 for (s, d, sp, q), g in zip(reqs_args, gens)]
+        assert got == alone
+        assert all(len(t) >= 1 for t in got)
