@@ -65,11 +65,12 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def replay_time(g: DecodeGraphs, bs: int, reps: int = 30) -> float:
-    """Median seconds of one replay of the graph of `bs` rows (groups of 10, CUDA events)."""
+def replay_time(g: DecodeGraphs, bs: int, reps: int = 30, verify: bool = False) -> float:
+    """Median seconds of one replay of the graph of `bs` rows (groups of 10, CUDA events);
+    `verify`: the graph a verify step replays."""
     for _ in range(2):
-        g.replay(bs)
-    return events_time(lambda: g.replay(bs), reps)
+        g.replay(bs, verify)
+    return events_time(lambda: g.replay(bs, verify), reps)
 
 
 def fill_static(g: DecodeGraphs, batch: int, width: int, ctx: int, block_size: int) -> int:
@@ -91,7 +92,8 @@ def fill_static(g: DecodeGraphs, batch: int, width: int, ctx: int, block_size: i
     g.i64[m : m + rows] = torch.tensor(pos, device=dev)
     g.i64[2 * m : 2 * m + rows] = torch.tensor(slots, device=dev)
     g.seq_lens[:rows] = torch.tensor(lens, dtype=torch.int32, device=dev)
-    groups = verify_groups(np.repeat(np.arange(batch), width), width) if g.grouped(rows) else np.ones(rows)
+    grouped = width > 1 and g.grouped(rows, verify=True)
+    groups = verify_groups(np.repeat(np.arange(batch), width), width) if grouped else np.ones(rows)
     g.groups[:rows] = torch.tensor(groups, dtype=torch.int32, device=dev)
     table = torch.arange(batch * blocks_per_req, dtype=torch.int32, device=dev).view(batch, blocks_per_req)
     g.block_tables[:rows, :blocks_per_req] = table.repeat_interleave(width, dim=0)
@@ -193,7 +195,7 @@ def section_verify(llm: LLM, k: int, ctx: int = 1024) -> None:
             fill_static(g, batch, 1, ctx, runner.block_size)
             t1 = replay_time(g, batch)
             n = fill_static(g, batch, k + 1, ctx, runner.block_size)
-            tk = replay_time(g, n)
+            tk = replay_time(g, n, verify=True)
             rows.append((label, batch, t1, tk))
             key = f"verify/batch{batch}" if i == 0 else f"verify/{label}/batch{batch}"
             RESULTS[key] = {"variant": label, "one_token_ms": t1 * 1e3, f"verify_{k + 1}_ms": tk * 1e3, "ratio": tk / t1}
@@ -256,10 +258,11 @@ def section_verifyprof(llm: LLM, k: int, ctx: int = 1024) -> None:
         per: dict[int, dict] = {}
         for rows in (1, width):
             n = fill_static(g, 1, rows, ctx, runner.block_size)
-            replay_ms = replay_time(g, n) * 1e3
+            verify = rows > 1
+            replay_ms = replay_time(g, n, verify=verify) * 1e3
             with torch.inference_mode():
-                eager, eager_line = _profile_step(lambda: g._step(n))
-            graph, graph_line = _profile_step(lambda: g.replay(n))
+                eager, eager_line = _profile_step(lambda: g._step(n, g.grouped(n, verify)))
+            graph, graph_line = _profile_step(lambda: g.replay(n, verify))
             per[rows] = {"replay_ms": replay_ms, "eager": eager, "eager_line": eager_line, "graph": graph,
                          "graph_line": graph_line}
             log(f"[verifyprof] {label}, {rows} row(s): replay {replay_ms:.3f} ms; graph replay profiled: "

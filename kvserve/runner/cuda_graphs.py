@@ -28,12 +28,15 @@ written before attention reads, so each row sees the drafts before it. With `ver
 verify width; shorter drafts after a back-off pad to the next size) and reaches `max_rows`,
 the most rows a step of `max_bs` requests with drafts can have.
 
-Verify rows of one request read the same keys: the graphs of the verify sizes (the ladder's
-b(k + 1) that are not plain decode sizes) pass `AttentionMetadata.verify_groups` (a static
-input, filled per step from which rows belong to one request), so the attention backend reads
-each K/V tile once for all of a request's rows (`attention/triton/verify.py`) and plans its
-splits for the requests, not the rows. Plain decode sizes keep the per-row kernel. Set
-`KVSERVE_VERIFY_ATTN=rows` to keep it for verify sizes too (for comparisons).
+Verify rows of one request read the same keys: the graphs a verify step replays pass
+`AttentionMetadata.verify_groups` (a static input, filled per step from which rows belong to
+one request), so the attention backend reads each K/V tile once for all of a request's rows
+(`attention/triton/verify.py`) and plans its splits for the requests, not the rows. Those are
+the ladder's verify sizes that are not plain decode sizes, and for the plain decode sizes from
+k + 1 to 32 rows a second, grouped graph (`replay(bs, verify=True)`): plain decode steps keep
+the per-row kernel and its split plan. Larger plain sizes (rarely a verify step's, and with
+one split per row there) stay per row. Set `KVSERVE_VERIFY_ATTN=rows` to keep the per-row
+kernel everywhere (for comparisons).
 """
 
 from __future__ import annotations
@@ -99,6 +102,10 @@ def verify_groups(req_rows: np.ndarray, width: int) -> np.ndarray:
     return np.where(within == 0, group_len, -within).astype(np.int32)
 
 
+# Plain decode sizes up to this many rows get a grouped twin for verify steps (module docstring).
+TWIN_MAX_ROWS = 32
+
+
 class _EagerGraph:
     """Stand-in for a captured graph that reruns the step eagerly (CPU tests of the padding
     and static-buffer logic, where CUDA graphs do not exist)."""
@@ -139,7 +146,8 @@ class DecodeGraphs:
             group_verify = verify_attn_grouped()
         self.verify_width = verify_width
         self.group_verify = group_verify and verify_width > 1
-        self._plain_sizes = set(ladder(max_bs))  # decode sizes: never grouped
+        self._plain_sizes = set(ladder(max_bs))  # plain decode graphs: never grouped
+        self.twin_sizes: list[int] = []  # plain sizes with a grouped twin (set by capture)
         self.sizes = ladder(max_bs, verify_width, max_rows)
         max_bs = self.sizes[-1]  # from here on: rows (the static buffers hold the largest graph)
         self.max_bs = max_bs
@@ -172,29 +180,35 @@ class DecodeGraphs:
         # that copy ran (two steps may be in flight under asynchronous scheduling).
         self._host_events: list[torch.cuda.Event | None] = [None, None]
         self.graphs: dict[int, _SplitGraph | _EagerGraph] = {}
+        self.verify_graphs: dict[int, _SplitGraph | _EagerGraph] = {}  # the grouped twins
         self._stream = torch.cuda.Stream(dev) if dev.type == "cuda" else None
         self.outputs: dict[int, torch.Tensor] = {}
+        self.verify_outputs: dict[int, torch.Tensor] = {}
         self.capture_s = 0.0
 
     def release(self) -> None:
         """Free every captured graph and its outputs."""
-        for g in self.graphs.values():
+        for g in (*self.graphs.values(), *self.verify_graphs.values()):
             for part in getattr(g, "parts", ()):
                 part.reset()
-        self.graphs.clear()
-        self.outputs.clear()
+        for d in (self.graphs, self.outputs, self.verify_graphs, self.verify_outputs):
+            d.clear()
 
     def padded_size(self, n: int) -> int | None:
         i = bisect.bisect_left(self.sizes, n)
         return self.sizes[i] if i < len(self.sizes) else None
 
-    def grouped(self, bs: int) -> bool:
-        """The graph of `bs` rows attends verify rows by request (see the module docstring)."""
-        return self.group_verify and bs not in self._plain_sizes
+    def grouped(self, bs: int, verify: bool = False) -> bool:
+        """The graph of `bs` rows that a verify step (`verify`) or a plain decode step replays
+        attends verify rows by request (see the module docstring)."""
+        if not self.group_verify:
+            return False
+        return bs not in self._plain_sizes or (verify and bs in self.verify_graphs)
 
-    def _metadata(self, bs: int) -> AttentionMetadata:
+    def _metadata(self, bs: int, grouped: bool | None = None) -> AttentionMetadata:
         m = self.max_bs
-        grouped = self.grouped(bs)
+        if grouped is None:
+            grouped = self.grouped(bs)
         return AttentionMetadata(
             query_start_loc=self.query_start_loc[: bs + 1],
             seq_lens=self.seq_lens[:bs],
@@ -211,11 +225,11 @@ class DecodeGraphs:
             verify_width=self.verify_width if grouped else 1,
         )
 
-    def _step(self, bs: int) -> torch.Tensor:
+    def _step(self, bs: int, grouped: bool | None = None) -> torch.Tensor:
         """Forward + logits for the first `bs` static rows: [bs, vocab] fp32."""
         m = self.max_bs
         r = self.runner
-        hidden = r.model(self.i64[:bs], self.i64[m : m + bs], r.kv_caches, self._metadata(bs))
+        hidden = r.model(self.i64[:bs], self.i64[m : m + bs], r.kv_caches, self._metadata(bs, grouped))
         return r.model.compute_logits(hidden)
 
     @torch.inference_mode()
@@ -227,10 +241,16 @@ class DecodeGraphs:
         self.i64[2 * m :].fill_(-1)
         self.seq_lens.zero_()
         self.groups.fill_(1)
+        twins = [bs for bs in self.sizes if self.group_verify and bs in self._plain_sizes
+                 and self.verify_width <= bs <= TWIN_MAX_ROWS]
+        self.twin_sizes = twins
         if self.eager:
             for bs in self.sizes:
                 self.graphs[bs] = _EagerGraph(lambda bs=bs: self._step(bs))
                 self.outputs[bs] = self.graphs[bs].output
+            for bs in twins:
+                self.verify_graphs[bs] = _EagerGraph(lambda bs=bs: self._step(bs, True))
+                self.verify_outputs[bs] = self.verify_graphs[bs].output
             return
         pool = torch.cuda.graph_pool_handle()
         free_before = torch.cuda.mem_get_info()[0]
@@ -247,14 +267,18 @@ class DecodeGraphs:
                 self._step(bs)  # warm-up: compiles kernels, creates cuBLAS workspaces, rope table
                 torch.cuda.synchronize()
                 self.graphs[bs], self.outputs[bs] = self._capture_split(bs, pool)
+            for bs in reversed(twins):
+                self._step(bs, True)
+                torch.cuda.synchronize()
+                self.verify_graphs[bs], self.verify_outputs[bs] = self._capture_split(bs, pool, True)
         finally:
             if was_enabled:
                 gc.enable()
         torch.cuda.synchronize()
         self.capture_s = time.perf_counter() - t0
         logger.info(
-            "captured %d decode CUDA graphs (batch sizes %s) in %.1fs using %.2f GiB",
-            len(self.sizes), self.sizes, time.perf_counter() - t0,
+            "captured %d decode CUDA graphs (batch sizes %s; grouped verify twins %s) in %.1fs using %.2f GiB",
+            len(self.sizes) + len(twins), self.sizes, twins, time.perf_counter() - t0,
             (free_before - torch.cuda.mem_get_info()[0]) / 2**30,
         )
 
@@ -269,7 +293,7 @@ class DecodeGraphs:
             i *= 2
         return points
 
-    def _capture_split(self, bs: int, pool) -> tuple[_SplitGraph, torch.Tensor]:
+    def _capture_split(self, bs: int, pool, grouped: bool | None = None) -> tuple[_SplitGraph, torch.Tensor]:
         """Capture one step as consecutive graphs cut before the layers of `_split_points`
         (forward pre-hooks end one capture and begin the next on the same stream and pool)."""
         graphs = [torch.cuda.CUDAGraph()]
@@ -284,7 +308,7 @@ class DecodeGraphs:
         try:
             with torch.cuda.stream(self._stream):
                 graphs[0].capture_begin(pool=pool)
-                out = self._step(bs)
+                out = self._step(bs, grouped)
                 graphs[-1].capture_end()
         finally:
             for h in hooks:
@@ -294,13 +318,14 @@ class DecodeGraphs:
 
     def load_inputs(
         self, buf: _Buffers, states: list[_ReqState], bs: int, tables: HostTables, block_size: int,
-        ahead: bool = False, starts: list[int] | None = None,
+        ahead: bool = False, starts: list[int] | None = None, verify: bool = False,
     ) -> None:
         """Fill the static inputs for `len(states)` decodes padded to `bs`: written into a pinned
         mirror of the static buffer and sent with one copy (queued). `buf` is unused. `ahead`:
         the input ids are not on the host yet; the caller writes them into `i64[:n]` on the
         device after this copy (they are zeros here). `starts`: each row's position (a verify
-        step: a request's rows at consecutive positions), else each state's computed length."""
+        step: a request's rows at consecutive positions), else each state's computed length.
+        `verify`: a verify step, replayed with `replay(bs, verify=True)`."""
         n = len(states)
         m = self.max_bs
         i = self._host_i
@@ -331,7 +356,7 @@ class DecodeGraphs:
         gr = host[self._ogr : self._ogr + bs]
         gr[n:] = 1
         # A request's verify rows are consecutive states of one request (verify_step.py).
-        gr[:n] = verify_groups(np.asarray(rows), self.verify_width) if self.grouped(bs) else 1
+        gr[:n] = verify_groups(np.asarray(rows), self.verify_width) if self.grouped(bs, verify) else 1
         # Rows past `n` and columns past `width` keep stale ids: the kernels never read them
         # (a row reads only the blocks under its sequence length).
         bt = host[self._obt :].reshape(m, self.width)
@@ -342,6 +367,10 @@ class DecodeGraphs:
             self._host_events[i] = torch.cuda.Event()
             self._host_events[i].record()
 
-    def replay(self, bs: int) -> torch.Tensor:
+    def replay(self, bs: int, verify: bool = False) -> torch.Tensor:
+        """Run the graph of `bs` rows (a verify step's grouped twin where there is one)."""
+        if verify and bs in self.verify_graphs:
+            self.verify_graphs[bs].replay()
+            return self.verify_outputs[bs]
         self.graphs[bs].replay()
         return self.outputs[bs]

@@ -121,8 +121,8 @@ def execute_verify(runner: ModelRunner, so: SchedulerOutput) -> RunnerOutput:
         graph_bs = graphs.padded_size(num_tokens)
     if graph_bs is not None:
         runner.num_graph_steps += 1
-        graphs.load_inputs(buf, states, graph_bs, runner.tables, runner.block_size, starts=starts)
-        logits = graphs.replay(graph_bs)[:num_tokens]  # [T, V]: every row is sampled
+        graphs.load_inputs(buf, states, graph_bs, runner.tables, runner.block_size, starts=starts, verify=True)
+        logits = graphs.replay(graph_bs, verify=True)[:num_tokens]  # [T, V]: every row is sampled
     else:
         ids_t, pos_t, md, sample_idx = runner._eager_inputs(buf, states, nums, starts, num_tokens, sample_rows)
         if not _stack_takes_verify_rows(runner.model, ids_t):

@@ -22,8 +22,8 @@ class CpuDecodeGraphs(DecodeGraphs):
     reads host sequence lengths, which a captured graph's metadata cannot know, so here they
     are read back from the static buffer at each replay."""
 
-    def _metadata(self, bs: int):
-        md = super()._metadata(bs)
+    def _metadata(self, bs: int, grouped: bool | None = None):
+        md = super()._metadata(bs, grouped)
         lens = self.seq_lens[:bs].tolist()
         return dataclasses.replace(md, seq_lens_cpu=lens, max_seq_len=max(lens))
 

@@ -45,9 +45,9 @@ def _record_replays(llm: LLM) -> list[int]:
     seen: list[int] = []
     replay = g.replay
 
-    def rec(bs: int):
+    def rec(bs: int, verify: bool = False):
         seen.append(bs)
-        return replay(bs)
+        return replay(bs, verify)
 
     g.replay = rec
     return seen

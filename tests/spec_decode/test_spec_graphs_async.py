@@ -30,9 +30,9 @@ class RecordingGraphs(CpuDecodeGraphs):
         super().__init__(*a, **kw)
         self.replayed: list[int] = []
 
-    def replay(self, bs: int):
+    def replay(self, bs: int, verify: bool = False):
         self.replayed.append(bs)
-        return super().replay(bs)
+        return super().replay(bs, verify)
 
 
 @pytest.fixture(scope="module")

@@ -46,10 +46,10 @@ class GroupRecordingGraphs(RecordingGraphs):
         super().__init__(*a, **kw)
         self.seen: list[tuple[int, list[int] | None]] = []
 
-    def replay(self, bs: int):
-        md = self._metadata(bs)
+    def replay(self, bs: int, verify: bool = False):
+        md = self._metadata(bs, self.grouped(bs, verify))
         self.seen.append((bs, None if md.verify_groups is None else md.verify_groups.tolist()))
-        return super().replay(bs)
+        return super().replay(bs, verify)
 
 
 @pytest.mark.parametrize("grouped", [True, False], ids=["grouped", "rows"])
@@ -69,7 +69,35 @@ def test_graph_static_groups(tiny_llama, grouped):
     full = [g for bs, g in seen if bs == 10]
     assert full, seen
     for bs, g in seen:
-        if not grouped or bs in (1, 2, 4, 8):
+        if not grouped or bs in (1, 2, 4):  # plain sizes below k + 1 rows: no grouped twin
             assert g is None
     if grouped:
         assert [5, -1, -2, -3, -4, 5, -1, -2, -3, -4] in full
+        assert r.graphs.twin_sizes == [8]
+
+
+def test_plain_sizes_get_grouped_twins(tiny_llama):
+    """k = 3: a batch-1 verify step has 4 rows, a plain decode size. It replays the grouped
+    twin of that graph; plain decode steps of 4 rows keep the per-row graph."""
+    from kvserve.spec_decode.config import SpeculativeConfig
+    from kvserve.spec_decode.decoder import SpecDecoder
+    from kvserve.spec_decode.oracle import OracleProposer
+    from tests.conftest import TINY_VOCAB
+
+    folder = str(tiny_llama[0])
+    k = 3
+    plain = _llm(folder)
+    prompts = _prompts(1, seed=6)
+    want = _tokens(plain, prompts)
+    llm = _llm(folder, {**NGRAM, "num_speculative_tokens": k})
+    r = llm.engine.runner
+    r.graphs = GroupRecordingGraphs(r, 8, eager=True, verify_width=k + 1, max_rows=max_step_rows(8, k),
+                                    group_verify=True)
+    r.graphs.capture()
+    assert r.graphs.twin_sizes == [4, 8] and set(r.graphs.verify_graphs) == {4, 8}
+    refs = {tuple(p["prompt_token_ids"]): w for p, w in zip(prompts, want)}
+    llm.engine.spec = SpecDecoder(SpeculativeConfig(num_speculative_tokens=k, backoff=False),
+                                  OracleProposer(refs, 1.0, TINY_VOCAB, seed=1))
+    assert _tokens(llm, prompts) == want
+    assert (4, [4, -1, -2, -3]) in r.graphs.seen
+    assert not r.graphs.grouped(4) and r.graphs.grouped(4, verify=True) and r.graphs.grouped(12)
