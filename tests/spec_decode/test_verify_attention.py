@@ -1,7 +1,8 @@
 """Verify rows attended by request (`attention/triton/verify.py`), on CPU:
 
 - the kernel under TRITON_INTERPRET=1 against the reference backend (`tests/gpu/verify_attn_checks.py`:
-  verify groups mixed with plain rows, short groups and padding rows, split and direct);
+  verify groups mixed with plain rows, short groups and padding rows, split and direct), and
+  compiled for sm_90 (`tests/gpu/verify_attn_sass.py`);
 - `verify_groups` (which rows form a group) and the decode graphs' static input: verify sizes
   of the ladder carry the groups of the step they replay, plain decode sizes none;
 - `KVSERVE_VERIFY_ATTN` (grouped / rows, anything else a ValueError naming it).
@@ -14,12 +15,17 @@ import pytest
 
 from kvserve.runner.cuda_graphs import verify_attn_grouped, verify_groups
 from kvserve.spec_decode.decoder import max_step_rows
-from tests.interpreted import run_interpreted
+from tests.interpreted import run_interpreted, run_sass_check
 from tests.spec_decode.test_spec_graphs_async import K, NGRAM, RecordingGraphs, _llm, _oracle, _prompts, _tokens
 
 
 def test_kernel_interpreted():
     run_interpreted("verify_attn_checks", "verify attention checks passed")
+
+
+def test_kernel_compiles_for_sm90():
+    """Llama-3.1-8B shapes, bf16, 5 rows: tensor-core MMAs, no spills (`tests/gpu/verify_attn_sass.py`)."""
+    run_sass_check("verify_attn_sass", "verify attention sass checks passed")
 
 
 def test_verify_groups():
