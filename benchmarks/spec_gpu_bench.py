@@ -230,6 +230,37 @@ def _profile_step(fn) -> tuple[list[dict], dict]:
                              "idle_gaps": line["idle_gaps"]}
 
 
+# Kernel name fragments -> the part of a decode step they are (first match wins).
+KERNEL_GROUPS = [
+    ("attention", ("_decode", "_verify_decode", "_prefill")),
+    ("epilogue (rope / kv store, silu*mul)", ("_rope_qk", "_silu_mul", "_kv_write", "write_kv")),
+    ("norm", ("_rmsnorm",)),
+    ("triton gemv (+ fused epilogue)", ("_gemv",)),
+    ("cublas gemm (+ split-k reduce)", ("gemm", "xmma", "cutlass", "nvjet", "splitk", "splitK", "Kernel2", "ampere", "sm90")),
+    ("argmax / sampling", ("argmax", "reduce_kernel", "softmax")),
+]
+
+
+def kernel_group(name: str) -> str:
+    for label, frags in KERNEL_GROUPS:
+        if any(f in name for f in frags):
+            return label
+    return "other (" + name[:40] + ")"
+
+
+def group_rows(rows: list[dict]) -> list[dict]:
+    """`kernel_rows` summed per `kernel_group` (same keys, the group as the kernel name)."""
+    out: dict[str, dict] = {}
+    for r in rows:
+        g = out.setdefault(kernel_group(r["kernel"]), {"kernel": kernel_group(r["kernel"]), "count": 0, "total_us": 0.0,
+                                                       "mean_us": 0.0, "exclusive_us": 0.0})
+        for key in ("count", "total_us", "exclusive_us"):
+            g[key] += r[key]
+    for g in out.values():
+        g["mean_us"] = g["total_us"] / max(g["count"], 1)
+    return sorted(out.values(), key=lambda r: -r["exclusive_us"])
+
+
 def verifyprof_variants() -> list[tuple[str, dict]]:
     """(label, DecodeGraphs keyword arguments) of the verify-step variants the verify and
     verifyprof sections compare (the first is the engine's default, from the environment):
@@ -280,10 +311,14 @@ def section_verifyprof(llm: LLM, k: int, ctx: int = 1024) -> None:
         log(format_diff(gd, "1", str(width), f"\n[verifyprof] {label}: graph replay, {width} rows - 1 row "
                         f"(replay {one['replay_ms']:.3f} -> {many['replay_ms']:.3f} ms, "
                         f"{many['replay_ms'] / one['replay_ms']:.3f}x)"))
+        gg = diff_rows(group_rows(one["graph"]), group_rows(many["graph"]))
+        idle1, idlek = (sum(per[r]["graph_line"]["idle_us"].values()) for r in (1, width))
+        log(format_diff(gg, "1", str(width), f"\n[verifyprof] {label}: graph replay by part of the step, {width} rows "
+                        f"- 1 row (idle between kernels: {idle1:.1f} -> {idlek:.1f} us)"))
         log(format_diff(ed, "1", str(width), f"\n[verifyprof] {label}: eager step, {width} rows - 1 row "
                         "(kernels launched one by one: exclusive times include launch waits)"))
         out[label] = {"kwargs": {key: str(v) for key, v in kw.items()}, "rows": {str(r): v for r, v in per.items()},
-                      "graph_diff": gd, "eager_diff": ed}
+                      "graph_diff": gd, "graph_group_diff": gg, "eager_diff": ed}
     RESULTS["verifyprof"] = out
 
 

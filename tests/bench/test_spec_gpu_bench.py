@@ -48,3 +48,21 @@ def test_variants_default_first(monkeypatch):
     assert sgb.verifyprof_variants() == [("attn=grouped", {}), ("attn=rows", {"group_verify": False})]
     monkeypatch.setenv("KVSERVE_VERIFY_ATTN", "rows")
     assert sgb.verifyprof_variants()[0] == ("attn=rows", {})
+
+
+def test_kernel_groups():
+    rows = [{"kernel": "_gemv_rope_kernel", "count": 32, "total_us": 600.0, "mean_us": 0, "exclusive_us": 590.0},
+            {"kernel": "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize64x32x64", "count": 128, "total_us": 3900.0,
+             "mean_us": 0, "exclusive_us": 3800.0},
+            {"kernel": "_rope_qk_kernel", "count": 32, "total_us": 90.0, "mean_us": 0, "exclusive_us": 60.0},
+            {"kernel": "_silu_mul_kernel", "count": 32, "total_us": 80.0, "mean_us": 0, "exclusive_us": 50.0},
+            {"kernel": "_verify_decode_kernel", "count": 32, "total_us": 150.0, "mean_us": 0, "exclusive_us": 120.0},
+            {"kernel": "_decode_reduce_kernel", "count": 32, "total_us": 70.0, "mean_us": 0, "exclusive_us": 40.0},
+            {"kernel": "vectorized_elementwise_kernel[CopyFunctor]", "count": 1, "total_us": 3.0, "mean_us": 0,
+             "exclusive_us": 3.0}]
+    got = {r["kernel"]: (r["count"], r["exclusive_us"]) for r in sgb.group_rows(rows)}
+    assert got["cublas gemm (+ split-k reduce)"] == (128, 3800.0)
+    assert got["attention"] == (64, 160.0)
+    assert got["epilogue (rope / kv store, silu*mul)"] == (64, 110.0)
+    assert got["triton gemv (+ fused epilogue)"] == (32, 590.0)
+    assert any(k.startswith("other (") for k in got)
