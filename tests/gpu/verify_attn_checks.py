@@ -45,9 +45,11 @@ def _rows_batch(reqs: list[tuple[int, int]], heads: tuple[int, int], head_dim: i
 
 
 def check_case(reqs: list[tuple[int, int]], device: str, dtype=torch.float32, heads=(8, 2), head_dim: int = 16,
-               width: int = 3, pad: int = 0, num_sms: int | None = None, seed: int = 0) -> float:
+               width: int = 3, pad: int = 0, num_sms: int | None = None, seed: int = 0,
+               expect_grouped: bool = True) -> float:
     """Grouped verify attention through `TritonBackend.forward` (as a verify graph's metadata
-    drives it) equals the reference; returns the largest absolute difference."""
+    drives it) equals the reference; returns the largest absolute difference. `expect_grouped`
+    False: the query tile would be too large, so the rows go through the per-row kernel."""
     from kvserve.attention.triton import backend as tb
 
     q, k, v, cache, ref, lens, bt, slots, owner, scale = _rows_batch(reqs, heads, head_dim, dtype, device, seed, pad)
@@ -67,7 +69,7 @@ def check_case(reqs: list[tuple[int, int]], device: str, dtype=torch.float32, he
     try:
         backend = tb.TritonBackend()
         backend.forward(q, k, v, cache, md, scale, out=out)
-        assert md.backend_cache["triton"].grouped_splits > 0  # the grouped kernel ran
+        assert (md.backend_cache["triton"].grouped_splits > 0) == expect_grouped  # which kernel ran
     finally:
         if num_sms is not None:
             tb._num_sms = orig
@@ -96,6 +98,8 @@ def run(device: str, dtype=torch.float32) -> None:
             reqs = REQS if width == 3 else [(c, min(n + 2, width)) for c, n in REQS]
             check_case(reqs, device, dtype, heads=heads, width=width, pad=2, num_sms=num_sms,
                        seed=width + heads[0] + (num_sms or 0))
+    # 5 rows x 16 query heads per KV head: above the verify kernel's 64-row tile, rows one by one
+    check_case([(30, 5), (5, 1)], device, dtype, heads=(32, 2), width=5, pad=1, seed=9, expect_grouped=False)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@ from kvserve.attention.triton.prefill import prefill_attention
 from kvserve.attention.triton.verify import verify_decode_attention
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# The verify kernel's query tile is (k + 1) x the query heads of a KV head; above this many rows
+# (or head_dim above 128) its accumulators would spill (sm_90 compile), so the rows go one by one.
+_VERIFY_MAX_QUERY_ROWS = 64
 
 
 @functools.cache
@@ -137,7 +140,9 @@ class TritonBackend(AttentionBackend):
             waves=self.decode_waves,
         )
         plan = _StepPlan(num_decodes=num_decodes, num_prefills=num_prefills, num_splits=num_splits)
-        if md.is_pure_decode and md.verify_groups is not None and md.verify_width > 1:
+        group = q.shape[1] // kv_cache.shape[3]
+        if (md.is_pure_decode and md.verify_groups is not None and md.verify_width > 1
+                and md.verify_width * group <= _VERIFY_MAX_QUERY_ROWS and q.shape[2] <= 128):
             # At most one group per verify_width rows while capturing (each request a full
             # verify step); eagerly the same count, so an eager step matches a replay.
             plan.grouped_splits = choose_num_splits(
