@@ -19,8 +19,9 @@ Splits take strided key tiles as in `decode.py`; the live count comes from the g
 row's length for every row of the group (the reduce kernel finds the same count through the
 group's first row), so a row with one tile fewer has one fully masked split, which the reduce
 weighs by zero. Results equal the per-row kernel's within rounding (different split counts and
-dot shapes), not bit for bit. `KVSERVE_VERIFY_ATTN=rows` keeps the per-row kernel (see
-`runner/cuda_graphs.py`, which fills the groups).
+dot shapes), not bit for bit. The backend takes this kernel only where the query tile has at
+most 64 rows and head_dim <= 128 (beyond, the sm_90 build spills). `KVSERVE_VERIFY_ATTN=rows`
+keeps the per-row kernel (see `runner/cuda_graphs.py`, which fills the groups).
 """
 
 from __future__ import annotations
