@@ -141,3 +141,30 @@ def test_tp2_spec_equals_tp1_plain(folder, plain):
         llm.engine.shutdown()
     assert got == want
     assert st["spec_accepted_tokens"] > 0
+
+
+def test_batched_rejection_on_cuda_equals_one_request_at_a_time():
+    """`rejection.verify` on CUDA tensors with CUDA generators: the batched draws give each
+    request what verifying it alone gives (greedy, point-mass and draft-model drafts)."""
+    from kvserve.core.sampling_params import SamplingParams as SP
+    from kvserve.spec_decode.rejection import VerifyRow, verify
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    vocab, specs = 1000, [(3, False, True), (2, False, False), (0, False, False), (4, True, False), (3, False, False)]
+    rows, args, start = [], [], 0
+    for k, q, greedy in specs:
+        lg = torch.randn(k + 1, vocab, device="cuda", generator=gen) * 3
+        rows.append(lg)
+        drafts = lg[:k].argmax(-1).tolist()
+        if k > 1:
+            drafts[1] = int(lg[1].argmin())
+        probs = torch.softmax(torch.randn(k, vocab, device="cuda", generator=gen), -1) if q else None
+        args.append((start, drafts, SP(temperature=0.0) if greedy else SP(temperature=0.8, top_p=0.95, seed=1), probs))
+        start += k + 1
+    logits = torch.cat(rows)
+    for trial in range(10):
+        gens = [torch.Generator(device="cuda").manual_seed(10 * trial + i) for i in range(len(specs))]
+        got = verify(logits, [VerifyRow(s, d, sp, g, q) for (s, d, sp, q), g in zip(args, gens)], None)
+        gens = [torch.Generator(device="cuda").manual_seed(10 * trial + i) for i in range(len(specs))]
+        alone = [verify(logits, [VerifyRow(s, d, sp, g, q)], None)[0] for (s, d, sp, q), g in zip(args, gens)]
+        assert got == alone
