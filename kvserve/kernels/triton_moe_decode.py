@@ -106,6 +106,158 @@ def route(logits: torch.Tensor, top_k: int, renorm: bool, dtype: torch.dtype) ->
     return wts, ids
 
 
+# -- RMSNorm + router projection + routing in one launch (KVSERVE_MOE_DECODE=fused-router) -------
+# Rows a `norm_route` call may have (its arrival counters are allocated once, per layer).
+NORM_ROUTE_MAX_ROWS = 16
+
+
+@triton.jit
+def _topk_packed(p, experts, slots, TOP_K: tl.constexpr, E_PAD: tl.constexpr):
+    """(weights [K_PAD] fp32, ids [K_PAD] int32) of the TOP_K largest of `p` [E_PAD] (padding
+    holds -1, real entries >= 0), ties to the lower id: `_route_kernel`'s picks and weights, one
+    max-reduction per pick instead of two (the probability's bits above the reversed id in one
+    int64 key: non-negative floats order as their bits)."""
+    key = (p.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (E_PAD - 1 - experts).to(tl.int64)
+    key = tl.where(p >= 0, key, -1)
+    w = tl.zeros(slots.shape, dtype=tl.float32)
+    ids = tl.zeros(slots.shape, dtype=tl.int32)
+    for j in tl.static_range(TOP_K):
+        best = tl.max(key, 0)
+        i = (E_PAD - 1 - (best & 0xFFFFFFFF)).to(tl.int32)
+        w = tl.where(slots == j, (best >> 32).to(tl.int32).to(tl.float32, bitcast=True), w)
+        ids = tl.where(slots == j, i, ids)
+        key = tl.where(experts == i, -1, key)
+    return w, ids
+
+
+@triton.jit
+def _norm_route_kernel(
+    x_ptr,  # [T, H]: the attention block's output
+    res_ptr,  # [T, H]: the residual stream
+    nw_ptr,  # [H]: the post-attention RMSNorm weight
+    h_ptr,  # [T, H] out: norm(x + res)
+    res_out_ptr,  # [T, H] out: x + res
+    rw_ptr,  # [E, H]: the router
+    logits_ptr,  # [T, E_PAD] scratch (model dtype)
+    count_ptr,  # [T] int32 arrival counters, 0 between calls
+    wts_ptr,  # [T, TOP_K] out, model dtype
+    ids_ptr,  # [T, TOP_K] out, int64
+    E,
+    stride_x,
+    stride_r,
+    stride_h,
+    stride_ro,
+    stride_rw,
+    eps,
+    H: tl.constexpr,
+    H_PAD: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    TOP_K: tl.constexpr,
+    K_PAD: tl.constexpr,
+    E_PAD: tl.constexpr,
+    RENORM: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    t = tl.program_id(0).to(tl.int64)
+    pb = tl.program_id(1)
+    cols = tl.arange(0, H_PAD)
+    col_ok = cols < H
+    experts = pb * BLOCK_E + tl.arange(0, BLOCK_E)
+    e_ok = experts < E
+    # Weights before the wait: no kernel of the step writes them.
+    w = tl.load(rw_ptr + tl.where(e_ok, experts, 0).to(tl.int64)[:, None] * stride_rw + cols[None, :],
+                mask=col_ok[None, :], other=0.0)
+    nw = tl.load(nw_ptr + cols, mask=col_ok, other=0.0)
+    pdl.wait(PDL)
+    # `_rmsnorm_kernel` with the residual, step for step (every program computes it; program 0 stores it).
+    x = tl.load(x_ptr + t * stride_x + cols, mask=col_ok, other=0.0)
+    r = tl.load(res_ptr + t * stride_r + cols, mask=col_ok, other=0.0)
+    dt = h_ptr.dtype.element_ty
+    x = (x.to(tl.float32) + r.to(tl.float32)).to(dt)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, 0) / H
+    normed = (xf * (1.0 / tl.sqrt_rn(var + eps))).to(dt)
+    hn = (nw.to(tl.float32) * normed.to(tl.float32)).to(dt)
+    if pb == 0:
+        tl.store(res_out_ptr + t * stride_ro + cols, x, mask=col_ok)
+        tl.store(h_ptr + t * stride_h + cols, hn, mask=col_ok)
+    # This program's router rows (rounded to the model dtype, as the router GEMV's output is).
+    logit = tl.sum(w.to(tl.float32) * hn.to(tl.float32)[None, :], 1).to(dt)
+    tl.store(logits_ptr + t * E_PAD + experts, logit, mask=e_ok)
+    # The last program of the row to arrive routes it: every thread's store is issued before the
+    # barrier, the release-acquire counter orders them before that program's loads.
+    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr + t, 1, sem="acq_rel", scope="gpu")
+    if arrived == tl.num_programs(1) - 1:
+        every = tl.arange(0, E_PAD)
+        ok = every < E
+        slots = tl.arange(0, K_PAD)
+        z = tl.load(logits_ptr + t * E_PAD + every, mask=ok, other=-float("inf"), cache_modifier=".cg").to(tl.float32)
+        p = tl.exp(z - tl.max(z, 0))
+        p = p / tl.sum(p, 0)
+        p = tl.where(ok, p, -1.0)
+        wk, ids = _topk_packed(p, every, slots, TOP_K, E_PAD)
+        if RENORM:
+            wk = wk / tl.sum(wk, 0)
+        out = t * TOP_K + slots
+        tl.store(wts_ptr + out, wk.to(wts_ptr.dtype.element_ty), mask=slots < TOP_K)
+        tl.store(ids_ptr + out, ids.to(tl.int64), mask=slots < TOP_K)
+        tl.store(count_ptr + t, 0)  # ready for the next call (stream order: the next one waits for this one)
+
+
+def norm_route_config(experts: int, hidden: int) -> tuple[int, int]:
+    """(BLOCK_E, num_warps): 2 router rows per program (the GEMV's tile: Qwen3-30B-A3B's 128
+    experts are 64 programs) and ONE warp, so that every reduction (the norm, the dot products,
+    the last program's softmax and picks) is warp shuffles, without shared memory or barriers
+    (4 warps took 2104 sm_90 instructions against 1 warp's ~800); a warp streams the program's
+    8 KB of router weights as 16 loads of 16 bytes per thread, all requested before the wait."""
+    return 2, 1
+
+
+def norm_route(
+    x: torch.Tensor,  # [T, H]
+    residual: torch.Tensor,  # [T, H]
+    norm_weight: torch.Tensor,  # [H]
+    eps: float,
+    router: torch.Tensor,  # [E, H]
+    top_k: int,
+    renorm: bool,
+    counts: torch.Tensor,  # int32 [>= T], zero: the kernel leaves them zero
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(norm(x + residual), x + residual, weights [T, k] in x's dtype, ids [T, k] int64): the
+    post-attention add-and-RMSNorm (`_rmsnorm_kernel`'s math), the router projection of its
+    output and `route` in ONE launch. Each program recomputes the norm of the row (a few KB from
+    L2) and computes BLOCK_E router rows; the last program of a row to finish (an arrival counter
+    per row) routes it. The same math as the three kernels it replaces, the router's dot products
+    summed in another order (so bf16 logits, and near-tied picks, can differ by rounding)."""
+    t, hidden = x.shape
+    e = router.shape[0]
+    if not 1 <= top_k <= e:
+        raise ValueError(f"top_k must be in [1, {e}] (got {top_k})")
+    if t > counts.numel():
+        raise ValueError(f"norm_route: {t} rows but {counts.numel()} arrival counters")
+    if x.stride(1) != 1 or residual.stride(1) != 1 or router.stride(1) != 1:
+        raise ValueError("norm_route needs x, residual and the router with contiguous last dimensions")
+    h = torch.empty_like(x)
+    res_out = torch.empty_like(x)
+    wts = torch.empty((t, top_k), dtype=x.dtype, device=x.device)
+    ids = torch.empty((t, top_k), dtype=torch.long, device=x.device)
+    if t == 0:
+        return h, res_out, wts, ids
+    e_pad = triton.next_power_of_2(e)
+    logits = torch.empty((t, e_pad), dtype=x.dtype, device=x.device)
+    block_e, warps = norm_route_config(e, hidden)
+    use_pdl = pdl.enabled(x.device)
+    _norm_route_kernel[(t, triton.cdiv(e, block_e))](
+        x, residual, norm_weight, h, res_out, router, logits, counts, wts, ids,
+        e, x.stride(0), residual.stride(0), h.stride(0), res_out.stride(0), router.stride(0), eps,
+        H=hidden, H_PAD=triton.next_power_of_2(hidden), BLOCK_E=block_e, TOP_K=top_k,
+        K_PAD=triton.next_power_of_2(top_k), E_PAD=e_pad, RENORM=renorm, PDL=use_pdl,
+        num_warps=warps, launch_pdl=use_pdl,
+    )
+    return h, res_out, wts, ids
+
+
 # -- experts -----------------------------------------------------------------------------------
 @triton.jit
 def _gate_up_kernel(

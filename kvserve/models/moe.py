@@ -38,8 +38,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
+from kvserve.attention.base import AttentionMetadata
 from kvserve.core.config import ModelConfig
 from kvserve.distributed import parallel_state as ps
+from kvserve.models.layers import StepRope
 from kvserve.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 
 if TYPE_CHECKING:
@@ -93,10 +95,48 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]; a partial sum under TP
         weights, ids = self.route(x)
+        return self.experts_forward(x, weights, ids)
+
+    def experts_forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         fused = self.ops.fused_moe(self, x, weights, ids)
         if fused is not None:
             return fused
         return expert_loop(self.experts, x, weights, ids)
+
+    def forward_with_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, norm: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(this layer's output, x + residual) from the attention block's output `x`, the norm
+        before this MLP included, where the platform does the add-and-norm, router and routing
+        as one op (`Ops.moe_norm_route`); else None. One process only (no partial sums)."""
+        routed = self.ops.moe_norm_route(self, x, residual, norm)
+        if routed is None:
+            return None
+        h, residual, weights, ids = routed
+        return self.experts_forward(h, weights, ids), residual
+
+
+class MoEDecoderLayer(LlamaDecoderLayer):
+    """Llama's decoder layer whose sparse MLP may take the post-attention add-and-norm into its
+    routing op (`SparseMoE.forward_with_norm`); otherwise exactly Llama's layer."""
+
+    def forward(
+        self,
+        rope: StepRope,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        kv_cache: torch.Tensor,
+        md: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(self.mlp, SparseMoE) or ps.get_tp().enabled:
+            return super().forward(rope, x, residual, kv_cache, md)
+        h, residual = ps.all_reduce_rmsnorm(x, residual, self.input_layernorm)
+        h = self.self_attn(rope, h, kv_cache, md)
+        done = self.mlp.forward_with_norm(h, residual, self.post_attention_layernorm)
+        if done is not None:
+            return done
+        h, residual = ps.all_reduce_rmsnorm(h, residual, self.post_attention_layernorm)
+        return self.mlp(h), residual
 
 
 class MoEForCausalLM(LlamaForCausalLM):
@@ -124,7 +164,7 @@ class MoEForCausalLM(LlamaForCausalLM):
         self.expert_inter = inter
         layers = nn.ModuleList()
         for i in range(cfg.num_layers):
-            layer = LlamaDecoderLayer(cfg, b)
+            layer = MoEDecoderLayer(cfg, b)
             if num_experts > 0 and i not in dense and (i + 1) % step == 0:
                 layer.mlp = SparseMoE(cfg, b, num_experts, top_k, inter, renorm)
             layers.append(layer)

@@ -93,12 +93,32 @@ class CudaTritonOps(Ops):
 
         w13, w2 = stacked
         return triton_moe.fused_moe(x.contiguous(), w13, w2, topk_weights, topk_ids,
-                                    fused_decode=self.moe_decode == "fused")
+                                    fused_decode=self.moe_decode != "torch")
+
+    def moe_norm_route(
+        self, moe: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor, norm: torch.nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """`KVSERVE_MOE_DECODE=fused-router`: the add-and-norm, router and routing of a decode
+        batch in one launch (`triton_moe_decode.norm_route`)."""
+        from kvserve.kernels import triton_moe_decode as tmd
+
+        router = moe.gate.weight
+        if (self.moe_decode != "fused-router" or not x.is_cuda or x.dim() != 2 or x.shape[0] > tmd.NORM_ROUTE_MAX_ROWS
+                or not isinstance(router, torch.Tensor) or router.dtype != x.dtype or residual.dtype != x.dtype
+                or norm.weight.dtype != x.dtype or moe.gate.bias is not None):
+            return None
+        counts = getattr(moe, "_route_counts", None)
+        if counts is None or counts.device != x.device:
+            # Allocated on the first (eager) step, before any CUDA graph is captured; the kernel
+            # leaves the counters at zero.
+            counts = moe._route_counts = torch.zeros(tmd.NORM_ROUTE_MAX_ROWS, dtype=torch.int32, device=x.device)
+        return tmd.norm_route(x.contiguous(), residual.contiguous(), norm.weight, norm.eps, router,
+                              moe.top_k, moe.renorm, counts)
 
     def route_experts(
         self, logits: torch.Tensor, top_k: int, renorm: bool, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.moe_decode != "fused" or not logits.is_cuda:
+        if self.moe_decode == "torch" or not logits.is_cuda:
             return super().route_experts(logits, top_k, renorm, dtype)
         from kvserve.kernels import triton_moe_decode
 

@@ -56,6 +56,19 @@ def route_kernel(e: int, k: int, hidden: int, inter: int):
     return compile_sm90(tmd._route_kernel, rt, ce, ["logits_ptr", "wts_ptr", "ids_ptr", "stride_l"], 1), 0
 
 
+def norm_route_kernel(e: int, k: int, hidden: int, inter: int):
+    block_e, warps = tmd.norm_route_config(e, hidden)
+    rt = {"x_ptr": "*bf16", "res_ptr": "*bf16", "nw_ptr": "*bf16", "h_ptr": "*bf16", "res_out_ptr": "*bf16",
+          "rw_ptr": "*bf16", "logits_ptr": "*bf16", "count_ptr": "*i32", "wts_ptr": "*bf16", "ids_ptr": "*i64",
+          "E": "i32", "stride_x": "i32", "stride_r": "i32", "stride_h": "i32", "stride_ro": "i32", "stride_rw": "i32",
+          "eps": "fp32"}
+    ce = dict(H=hidden, H_PAD=triton.next_power_of_2(hidden), BLOCK_E=block_e, TOP_K=k,
+              K_PAD=triton.next_power_of_2(k), E_PAD=triton.next_power_of_2(e), RENORM=True, PDL=True)
+    aligned = ["x_ptr", "res_ptr", "nw_ptr", "h_ptr", "res_out_ptr", "rw_ptr", "logits_ptr", "count_ptr", "wts_ptr",
+               "ids_ptr", "stride_x", "stride_r", "stride_h", "stride_ro", "stride_rw"]
+    return compile_sm90(tmd._norm_route_kernel, rt, ce, aligned, warps), 0
+
+
 def pairs_gate_up(e: int, k: int, hidden: int, inter: int):
     bn, bk, warps = tmo.pairs_config(inter, hidden)
     rt = {"x_ptr": "*bf16", "w_ptr": "*bf16", "ids_ptr": "*i64", "out_ptr": "*bf16", "N": "i32", "K": "i32",
@@ -110,7 +123,8 @@ def main() -> int:
     args = ap.parse_args()
     failures: list[str] = []
     for shape_name, shape in SHAPES.items():
-        for label, build, strict in (("route", route_kernel, False), ("decode_gate_up", decode_gate_up, True),
+        for label, build, strict in (("route", route_kernel, False), ("norm_route", norm_route_kernel, False),
+                                     ("decode_gate_up", decode_gate_up, True),
                                      ("decode_down", decode_down, True), ("pairs_gate_up", pairs_gate_up, False),
                                      ("pairs_down", pairs_down, False)):
             kernel, per_thread = build(*shape)

@@ -32,8 +32,9 @@ def test_moe_decode_mode_env(monkeypatch):
 
     monkeypatch.delenv("KVSERVE_MOE_DECODE", raising=False)
     assert moe_decode_mode() == "fused"
-    monkeypatch.setenv("KVSERVE_MOE_DECODE", "fused")
-    assert moe_decode_mode() == "fused"
+    for mode in ("fused", "fused-router"):
+        monkeypatch.setenv("KVSERVE_MOE_DECODE", mode)
+        assert moe_decode_mode() == mode
     for old in ("torch", "default"):
         monkeypatch.setenv("KVSERVE_MOE_DECODE", old)
         assert moe_decode_mode() == "torch"
@@ -114,3 +115,80 @@ def test_cuda_ops_route_off_cuda_is_the_torch_chain(monkeypatch):
         assert torch.equal(a, b)
     w, ids = ops.route_experts(logits, 2, False, torch.float32)
     assert ops.fused_moe(torch.nn.Module(), torch.zeros(3, 8), w, ids) is None
+
+
+def test_moe_norm_route_off_by_default_and_off_cuda(monkeypatch):
+    """`Ops.moe_norm_route` is None on the CPU ops, on the CUDA ops unless
+    KVSERVE_MOE_DECODE=fused-router, and for CPU tensors in that mode: the layer then runs the
+    norm and the routing as before."""
+    import torch
+
+    from kvserve.models.layers import RMSNorm
+    from kvserve.models.ops import Ops
+    from kvserve.platform.cuda_ops import CudaTritonOps
+
+    moe = torch.nn.Module()
+    moe.gate = torch.nn.Linear(8, 4, bias=False)
+    moe.top_k, moe.renorm = 2, True
+    x = torch.randn(1, 8)
+    norm = RMSNorm(8, 1e-6)
+    assert Ops().moe_norm_route(moe, x, x, norm) is None
+    monkeypatch.delenv("KVSERVE_MOE_DECODE", raising=False)
+    assert CudaTritonOps().moe_norm_route(moe, x, x, norm) is None
+    monkeypatch.setenv("KVSERVE_MOE_DECODE", "fused-router")
+    ops = CudaTritonOps()
+    assert ops.moe_decode == "fused-router"
+    assert ops.moe_norm_route(moe, x, x, norm) is None  # CPU tensors
+
+
+def test_moe_layer_with_fused_norm_route_equals_unfused():
+    """A Qwen3-MoE decoder layer whose ops do the post-attention norm, router and routing in one
+    op (`SparseMoE.forward_with_norm`) gives the unfused layer's output and residual: here the op
+    is the torch chain itself, so the layer's plumbing (which tensors go where) is what is tested."""
+    import torch
+
+    from kvserve.models import moe as moe_mod
+    from kvserve.models.ops import Ops
+
+    class NormRouteOps(Ops):
+        calls = 0
+
+        def moe_norm_route(self, moe, x, residual, norm):
+            NormRouteOps.calls += 1
+            h, res = norm.forward_with_residual(x, residual)
+            w, ids = self.route_experts(moe.gate(h), moe.top_k, moe.renorm, h.dtype)
+            return h, res, w, ids
+
+    torch.manual_seed(0)
+    hidden, inter, e, k = 16, 8, 6, 2
+
+    class B:  # the few LayerBuilder members SparseMoE uses
+        ops = NormRouteOps()
+
+        def linear(self, i, o, bias=False):
+            from kvserve.models.linear import DenseLinearMethod, Linear
+
+            m = DenseLinearMethod()
+            m.ops = self.ops
+            out = Linear(i, o, bias, m)
+            with torch.no_grad():
+                out.weight.normal_(0, i ** -0.5)
+            return out
+
+        dense_linear = linear
+
+    cfg = type("Cfg", (), {"hidden_act": "silu", "hidden_size": hidden})()
+    layer_moe = moe_mod.SparseMoE(cfg, B(), e, k, inter, True)
+    from kvserve.models.layers import RMSNorm
+
+    norm = RMSNorm(hidden, 1e-6)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.1)
+    x, residual = torch.randn(3, hidden), torch.randn(3, hidden)
+    out, res = layer_moe.forward_with_norm(x, residual, norm)
+    assert NormRouteOps.calls == 1
+    h_ref, res_ref = norm.forward_with_residual(x, residual)
+    torch.testing.assert_close(res, res_ref)
+    torch.testing.assert_close(out, layer_moe(h_ref))
+    layer_moe.ops = Ops()
+    assert layer_moe.forward_with_norm(x, residual, norm) is None
