@@ -5,14 +5,18 @@ table of every position built once per model (before any CUDA graph is captured)
 k in place inside the fused qkv output, applies the per-head q/k norm on the way and, for an
 attention backend that allows it, stores k and v in the paged cache (one launch less). For one
 row the projection itself joins in: the qkv GEMV with RoPE in its epilogue
-(`TritonGemvLinearMethod.apply_qkv_rope`). A sparse MoE layer's experts run as the fused
+(`TritonGemvLinearMethod.apply_qkv_rope`; with Qwen3's q/k norm too when `KVSERVE_QK_NORM_GEMV=1`,
+`apply_qkv_norm_rope`). A sparse MoE layer's experts run as the fused
 Triton MoE (`kernels/triton_moe.py`) over the weights `platform/cuda_moe.py` stacked; by default
 (`KVSERVE_MOE_DECODE=fused`) its routing is one Triton launch and the decode batches the pairs path
 would take run the PDL expert kernels of `kernels/triton_moe_decode.py`; `KVSERVE_MOE_DECODE=torch`
-keeps the routing as torch ops and the pairs kernels.
+keeps the routing as torch ops and the pairs kernels; `KVSERVE_MOE_DECODE=fused-router` also does a
+decode batch's post-attention add-and-norm, router projection and routing in one launch.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -22,6 +26,16 @@ from kvserve.models.linear import Linear
 from kvserve.models.ops import Ops
 
 
+def qk_norm_gemv_mode() -> bool:
+    """`KVSERVE_QK_NORM_GEMV`: "1" gives one-row qkv projections with a q/k norm (Qwen3, Qwen3-MoE)
+    the GEMV with the norm, RoPE and the K/V store in its epilogue (`models/triton_qk_norm.py`);
+    "0" (the default) keeps the GEMV then the `rope_qk_` kernel; other values are an error."""
+    value = os.environ.get("KVSERVE_QK_NORM_GEMV", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"KVSERVE_QK_NORM_GEMV must be 0 or 1 (got {value!r})")
+    return value == "1"
+
+
 class CudaTritonOps(Ops):
     name = "cuda-triton"
 
@@ -29,6 +43,7 @@ class CudaTritonOps(Ops):
         from kvserve.platform.cuda_moe import moe_decode_mode
 
         self.moe_decode = moe_decode_mode()  # KVSERVE_MOE_DECODE, checked when the engine is built
+        self.qk_norm_gemv = qk_norm_gemv_mode()  # KVSERVE_QK_NORM_GEMV, likewise
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return fused_ops.rmsnorm(x, weight, eps)
@@ -74,6 +89,10 @@ class CudaTritonOps(Ops):
             qkv = qkv_proj.method.apply_qkv_rope(
                 qkv_proj, x, rope.positions, rope.cos_sin_table, hq, hkv, d, cache, slots
             )
+        elif self.qk_norm_gemv and k_norm is not None:  # the same with the q/k norm (opt-in)
+            fused = getattr(qkv_proj.method, "apply_qkv_norm_rope", None)
+            if fused is not None:
+                qkv = fused(qkv_proj, x, rope.positions, rope.cos_sin_table, hq, hkv, d, q_norm, k_norm, cache, slots)
         if qkv is None:
             qkv = qkv_proj(x)  # [T, (Hq + 2 Hkv) D]; q/k norm + rotation in one kernel, in place
             fused_ops.rope_qk_(
