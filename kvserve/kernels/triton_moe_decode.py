@@ -21,6 +21,28 @@ kernel before them before reading anything. The gate/up kernel lets the down ker
 still streams, and waits only before it reads the gate/up output. Without PDL (`KVSERVE_PDL=0`,
 pre-Hopper) the same code runs in plain stream order.
 
+`KVSERVE_MOE_DECODE=fused-router` (opt-in until a GPU run times it) goes one step further for
+decode batches of up to `NORM_ROUTE_MAX_ROWS` rows without tensor parallelism: the layer's
+post-attention add-and-RMSNorm, its router projection and the routing are ONE launch
+(`norm_route`) instead of three (`_rmsnorm_kernel`, the router GEMV, `route`):
+
+    norm_route: one program per (token, BLOCK_E router rows), ONE warp (every reduction is warp
+              shuffles): the router rows are requested before the PDL wait; each program adds
+              the residual and normalizes the row itself (a few KB from L2; program 0 stores the
+              normalized row and the new residual), computes its BLOCK_E logits (rounded to the
+              model dtype, as the GEMV's output is) and stores them; the LAST program of the row
+              to arrive (an int32 counter per row: CTA barrier, then an acq_rel atomic at GPU
+              scope, whose SASS is MEMBAR.GPU + ATOMG.STRONG.GPU + CCTL.IVALL) reads the row's
+              logits back and routes as `route` does, each pick one max-reduction of an int64 key
+              (probability bits above the reversed id: the same picks, ties to the lower id), then
+              sets the counter back to 0 for the next call
+
+Per Qwen3-30B-A3B sparse layer at batch 1 that is norm_route, gate/up, down: 3 launches for what
+the default does in 5 (norm, router GEMV, route, gate/up, down), each kernel boundary being a
+full PDL wait on the chain. Compiled for sm_90 (Triton 3.9): 214 registers (one warp, 64
+programs: no occupancy question), 24 16-byte loads before the wait, ~1,000 instructions for the
+norm and dot products and ~400 for the last program's routing (`tests/gpu/moe_sass.py`).
+
 Results: the same math as `triton_moe.fused_moe`'s pairs path and `SparseMoE`'s torch routing
 (softmax in fp32, the k largest probabilities, ties to the lower expert id, renormalized in fp32,
 rounded once to the model dtype); sums in a different order, so bf16 outputs can differ by

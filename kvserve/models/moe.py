@@ -16,7 +16,11 @@ through it instead (`Ops.fused_moe`; CUDA: the Triton kernels of `kernels/triton
 host sync, so decode steps are captured in CUDA graphs). The routing goes through the platform
 too (`Ops.route_experts`: the torch ops above; on CUDA by default one Triton kernel,
 `kernels/triton_moe_decode.py`, whose expert kernels also run the decode batches of up to a few
-tokens; `KVSERVE_MOE_DECODE=torch` keeps the torch ops and the pairs kernels). Qwen3-MoE layers in
+tokens; `KVSERVE_MOE_DECODE=torch` keeps the torch ops and the pairs kernels). A platform may also
+take the post-attention add-and-norm into the routing (`Ops.moe_norm_route`; CUDA with
+`KVSERVE_MOE_DECODE=fused-router`: norm, router projection and routing in one launch): the layer
+(`MoEDecoderLayer`) then hands the attention block's output and the residual to
+`SparseMoE.forward_with_norm`. Qwen3-MoE layers in
 `mlp_only_layers`, or off the `decoder_sparse_step` grid, keep a dense MLP.
 
 Tensor parallelism: every rank routes the same way (the router is replicated) and holds a slice
