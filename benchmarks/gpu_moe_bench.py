@@ -273,11 +273,18 @@ def section_sweep_decode() -> None:
     """Tile configs of the decode path's expert kernels (`triton_moe_decode`; gate/up (BLOCK_N,
     BLOCK_K, warps) and down (BLOCK_N, BLOCK_K, warps, PRE) each, the other at its default) at 1
     token: µs per layer, 4 layers' weights replayed back to back. A winner goes into
-    `gate_up_config` / `down_config`."""
+    `gate_up_config` / `down_config`; the engine takes one without a code change through
+    `KVSERVE_MOE_DECODE_TILES=BN,BK,W/BN,BK,W,PRE` (e.g. a `gpu_decode_profile` variant)."""
     from kvserve.kernels import triton_moe_decode as tmd
 
-    gu_grid = [(bn, bk, w) for bn in (2, 4, 8) for bk in (256, 512) for w in (4, 8)]
-    dn_grid = [(bn, bk, w, 4) for bn in (2, 4, 8) for bk in (128, 256, 512) for w in (2, 4)]
+    # Curated from the sm_90 machine code (Triton 3.9, Qwen3-30B-A3B): gate/up (4, 1024, 8) and
+    # (2, 1024, 4) issue all their weight loads before the first FMA at 48 registers where the
+    # default (4, 512, 4) issues 8 of its 16 later (86 registers); down (4, 256, 8, 3) streams the
+    # default's 96 weights per thread at 72 registers with half its L2 reads of h per weight byte.
+    gu_grid = [(4, 512, 4), (8, 512, 8), (2, 512, 2), (4, 1024, 8), (2, 1024, 4), (8, 1024, 8), (2, 2048, 8),
+               (4, 256, 4), (8, 256, 8)]
+    dn_grid = [(2, 256, 4, 4), (4, 256, 8, 4), (2, 256, 8, 4), (4, 128, 4, 4), (8, 128, 8, 4), (2, 128, 4, 4),
+               (4, 256, 4, 4), (2, 512, 4, 4), (4, 512, 8, 4)]
     for name, (e, k, hidden, inter, *_rest) in SHAPES.items():
         copies = 4
         w13 = [torch.randn(e, 2 * inter, hidden, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]

@@ -448,7 +448,7 @@ def fused_moe_decode(
     w2: torch.Tensor,  # [E, H, I]
     topk_weights: torch.Tensor,  # [T, k]
     topk_ids: torch.Tensor,  # [T, k]
-    configs: tuple[tuple[int, int, int], tuple[int, int, int, int]] | None = None,  # (gate/up, down)
+    configs: tuple[tuple[int, int, int] | None, tuple[int, int, int, int] | None] | None = None,  # (gate/up, down)
 ) -> torch.Tensor:  # [T, H]
     """The experts of the decode path: gate/up then down (routing weights and top-k sum inside).
     As `triton_moe.fused_moe(..., path="pairs")`: pairs that share an expert read it once each."""
@@ -465,8 +465,10 @@ def fused_moe_decode(
     n = t * top_k
     h = torch.empty((n, inter), dtype=x.dtype, device=x.device)
     out = torch.empty((t, hidden), dtype=x.dtype, device=x.device)
-    (bn, bk, warps), (dbn, dbk, dwarps, pre) = configs or (gate_up_config(inter, hidden),
-                                                          down_config(hidden, inter, top_k))
+    gu_cfg, down_cfg = configs or (None, None)  # None: the default of that kernel
+    bn, bk, warps = gu_cfg or gate_up_config(inter, hidden)
+    dbn, dbk, dwarps, pre = down_cfg or down_config(hidden, inter, top_k)
+    pre = min(pre, triton.cdiv(inter, dbk))  # at most the tiles there are
     use_pdl = pdl.enabled(x.device)
     _gate_up_kernel[(n, triton.cdiv(inter, bn))](
         x, w13, ids, h, x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),

@@ -48,6 +48,35 @@ def moe_decode_mode() -> str:
     return "torch" if value == "default" else value
 
 
+def moe_decode_tiles() -> tuple[tuple[int, int, int] | None, tuple[int, int, int, int] | None]:
+    """`KVSERVE_MOE_DECODE_TILES`: tile configs of the decode expert kernels instead of
+    `triton_moe_decode.gate_up_config` / `down_config`, as `BN,BK,WARPS/BN,BK,WARPS,PRE` (gate/up,
+    then down; either side may be empty: its default), e.g. `4,1024,8/4,256,8,3`; unset or empty:
+    both defaults. For A/B runs of `benchmarks/gpu_moe_bench.py --only sweep-decode` winners in the
+    engine; read when the CUDA ops are built. A malformed value is an error naming the variable."""
+    value = os.environ.get("KVSERVE_MOE_DECODE_TILES", "").strip()
+    if not value:
+        return None, None
+    parts = value.split("/")
+    if len(parts) != 2:
+        raise ValueError(f"KVSERVE_MOE_DECODE_TILES must be 'BN,BK,WARPS/BN,BK,WARPS,PRE' (got {value!r})")
+
+    def ints(text: str, n: int) -> tuple[int, ...] | None:
+        if not text.strip():
+            return None
+        try:
+            vals = tuple(int(v) for v in text.split(","))
+        except ValueError:
+            vals = ()
+        pow2 = all(v > 0 and v & (v - 1) == 0 for v in vals[:3])
+        if len(vals) != n or not pow2 or vals[2] > 16 or (n == 4 and not 0 <= vals[3] <= 4):
+            raise ValueError(f"KVSERVE_MOE_DECODE_TILES: {text!r} is not {n} integers (BLOCK_N, BLOCK_K and "
+                             f"warps powers of 2, warps <= 16{', PRE 0-4' if n == 4 else ''}) (got {value!r})")
+        return vals
+
+    return ints(parts[0], 3), ints(parts[1], 4)  # type: ignore[return-value]
+
+
 def _plain(layer: object) -> bool:
     from kvserve.platform.cuda_quant import CudaQuantLinearMethod
 

@@ -40,9 +40,10 @@ class CudaTritonOps(Ops):
     name = "cuda-triton"
 
     def __init__(self) -> None:
-        from kvserve.platform.cuda_moe import moe_decode_mode
+        from kvserve.platform.cuda_moe import moe_decode_mode, moe_decode_tiles
 
         self.moe_decode = moe_decode_mode()  # KVSERVE_MOE_DECODE, checked when the engine is built
+        self.moe_decode_tiles = moe_decode_tiles()  # KVSERVE_MOE_DECODE_TILES, likewise
         self.qk_norm_gemv = qk_norm_gemv_mode()  # KVSERVE_QK_NORM_GEMV, likewise
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -112,7 +113,7 @@ class CudaTritonOps(Ops):
 
         w13, w2 = stacked
         return triton_moe.fused_moe(x.contiguous(), w13, w2, topk_weights, topk_ids,
-                                    fused_decode=self.moe_decode != "torch")
+                                    fused_decode=self.moe_decode != "torch", decode_configs=self.moe_decode_tiles)
 
     def moe_norm_route(
         self, moe: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor, norm: torch.nn.Module

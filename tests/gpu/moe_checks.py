@@ -142,6 +142,7 @@ def run_interpret() -> None:
     check_decode(3, 6, 3, 40, 24, "cpu", torch.float32, 1e-5)  # ragged K, k not a power of 2
     check_decode(2, 8, 4, 60, 36, "cpu", torch.float32, 1e-5, configs=((8, 16, 4), (8, 16, 4, 2)))  # ragged N, K
     check_decode(1, 4, 1, 64, 32, "cpu", torch.float32, 1e-5, configs=((4, 64, 4), (2, 32, 4, 0)))  # no preload
+    check_decode(2, 8, 4, 60, 36, "cpu", torch.float32, 1e-5, configs=(None, (4, 16, 8, 4)))  # one default side
     print("interpret checks passed")
 
 

@@ -192,3 +192,22 @@ def test_moe_layer_with_fused_norm_route_equals_unfused():
     torch.testing.assert_close(out, layer_moe(h_ref))
     layer_moe.ops = Ops()
     assert layer_moe.forward_with_norm(x, residual, norm) is None
+
+
+def test_moe_decode_tiles_env(monkeypatch):
+    """KVSERVE_MOE_DECODE_TILES: both defaults unless set; either side may be left empty; a
+    malformed value is an error that names the variable."""
+    import pytest
+
+    from kvserve.platform.cuda_moe import moe_decode_tiles
+
+    monkeypatch.delenv("KVSERVE_MOE_DECODE_TILES", raising=False)
+    assert moe_decode_tiles() == (None, None)
+    monkeypatch.setenv("KVSERVE_MOE_DECODE_TILES", "4,1024,8/4,256,8,3")
+    assert moe_decode_tiles() == ((4, 1024, 8), (4, 256, 8, 3))
+    monkeypatch.setenv("KVSERVE_MOE_DECODE_TILES", "/2,128,4,0")
+    assert moe_decode_tiles() == (None, (2, 128, 4, 0))
+    for bad in ("4,1024,8", "4,1000,8/", "4,512/2,256,4,3", "/2,256,4,5", "a,b,c/", "4,512,32/"):
+        monkeypatch.setenv("KVSERVE_MOE_DECODE_TILES", bad)
+        with pytest.raises(ValueError, match="KVSERVE_MOE_DECODE_TILES"):
+            moe_decode_tiles()
