@@ -6,7 +6,7 @@ measured in the same run.
     python -m benchmarks.gpu_moe_bench --only kernel      # kernel-level table only
     python -m benchmarks.gpu_moe_bench --only decode --moe-decode fused,torch   # engines, both paths
     python -m benchmarks.gpu_moe_bench --layers 48,24 --only decode   # full depth (memory!)
-    python -m benchmarks.gpu_moe_bench --only sweep-decode   # tile configs of the decode path's kernels
+    python -m benchmarks.gpu_moe_bench --only sweep-decode --models Qwen3-30B-A3B   # decode kernels' tiles
 
 Both decode paths side by side: `KVSERVE_MOE_DECODE=fused` (the default: the one-launch router
 and PDL expert kernels of `kvserve/kernels/triton_moe_decode.py`) and `torch` (routing as torch
@@ -148,6 +148,8 @@ def section_kernel(bw: float, peak: float) -> None:
 
     table = []
     for name, (e, k, hidden, inter, *_rest) in SHAPES.items():
+        if name not in models:
+            continue
         copies = 4
         w13 = [torch.randn(e, 2 * inter, hidden, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         w2 = [torch.randn(e, hidden, inter, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
@@ -238,6 +240,8 @@ def section_sweep() -> None:
 
     grid = [(bn, bk, w) for bn in (2, 4, 8) for bk in (256, 512, 1024) for w in (4, 8)]
     for name, (e, k, hidden, inter, *_rest) in SHAPES.items():
+        if name not in models:
+            continue
         copies = 4
         w13 = [torch.randn(e, 2 * inter, hidden, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         w2 = [torch.randn(e, hidden, inter, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
@@ -269,7 +273,7 @@ def section_sweep() -> None:
         torch.cuda.empty_cache()
 
 
-def section_sweep_decode() -> None:
+def section_sweep_decode(models: list[str]) -> None:
     """Tile configs of the decode path's expert kernels (`triton_moe_decode`; gate/up (BLOCK_N,
     BLOCK_K, warps) and down (BLOCK_N, BLOCK_K, warps, PRE) each, the other at its default) at 1
     token: µs per layer, 4 layers' weights replayed back to back. A winner goes into
@@ -286,6 +290,8 @@ def section_sweep_decode() -> None:
     dn_grid = [(2, 256, 4, 4), (4, 256, 8, 4), (2, 256, 8, 4), (4, 128, 4, 4), (8, 128, 8, 4), (2, 128, 4, 4),
                (4, 256, 4, 4), (2, 512, 4, 4), (4, 512, 8, 4)]
     for name, (e, k, hidden, inter, *_rest) in SHAPES.items():
+        if name not in models:
+            continue
         copies = 4
         w13 = [torch.randn(e, 2 * inter, hidden, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         w2 = [torch.randn(e, hidden, inter, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
@@ -441,8 +447,8 @@ def main() -> None:
     layers = dict(zip(SHAPES, (int(n) for n in args.layers.split(","))))
     if "sweep" in only:
         section_sweep()
-    if "sweep-decode" in only:
-        section_sweep_decode()
+    if "sweep-decode" in only:  # the --models shapes only
+        section_sweep_decode(models)
     if "kernel" in only:
         try:
             section_kernel(bw, peak)
