@@ -358,10 +358,19 @@ def _down_kernel(
     ids_ptr,  # [T * TOP_K]
     wts_ptr,  # [T * TOP_K]
     out_ptr,  # [T, N]
+    res_ptr,  # NEXT_NORM: [T, N] the residual stream
+    nw_ptr,  # NEXT_NORM: [N] the next RMSNorm's weight
+    hn_ptr,  # NEXT_NORM: [T, N] out: norm(out + res)
+    res_out_ptr,  # NEXT_NORM: [T, N] out: out + res
+    count_ptr,  # NEXT_NORM: [T] int32 arrival counters, zero between calls
     stride_h,
     stride_we,
     stride_wn,
     stride_o,
+    stride_r,
+    stride_hn,
+    stride_ro,
+    eps,
     N: tl.constexpr,
     K: tl.constexpr,
     TOP_K: tl.constexpr,
@@ -370,6 +379,8 @@ def _down_kernel(
     BLOCK_K: tl.constexpr,
     PRE: tl.constexpr,  # weight tiles (0-4) requested before the wait
     PDL: tl.constexpr,
+    NEXT_NORM: tl.constexpr = False,  # also the next layer's add-and-RMSNorm (the row's last program)
+    N_PAD: tl.constexpr = 1,  # NEXT_NORM: next_power_of_2(N)
 ):
     tok = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -416,6 +427,25 @@ def _down_kernel(
         acc = _down_step(acc, w, h_base, k0, cols, slot_ok, K, BLOCK_K)
     out = tl.sum(wt[:, None] * acc, 0)  # the routing weights and the top-k sum, in fp32
     tl.store(out_ptr + tok * stride_o + rows, out.to(out_ptr.dtype.element_ty), mask=row_ok)
+    if NEXT_NORM:
+        # The row's last program to arrive does `_rmsnorm_kernel` with the residual on the whole
+        # row (the ordering as in `_norm_route_kernel`).
+        tl.debug_barrier()
+        arrived = tl.atomic_add(count_ptr + tok, 1, sem="acq_rel", scope="gpu")
+        if arrived == tl.num_programs(1) - 1:
+            dt = hn_ptr.dtype.element_ty
+            c = tl.arange(0, N_PAD)
+            ok = c < N
+            y = tl.load(out_ptr + tok * stride_o + c, mask=ok, other=0.0, cache_modifier=".cg")
+            r = tl.load(res_ptr + tok * stride_r + c, mask=ok, other=0.0)
+            nw = tl.load(nw_ptr + c, mask=ok, other=0.0)
+            x = (y.to(tl.float32) + r.to(tl.float32)).to(dt)
+            tl.store(res_out_ptr + tok * stride_ro + c, x, mask=ok)
+            xf = x.to(tl.float32)
+            var = tl.sum(xf * xf, 0) / N
+            normed = (xf * (1.0 / tl.sqrt_rn(var + eps))).to(dt)
+            tl.store(hn_ptr + tok * stride_hn + c, (nw.to(tl.float32) * normed.to(tl.float32)).to(dt), mask=ok)
+            tl.store(count_ptr + tok, 0)  # ready for the next call
 
 
 def gate_up_config(inter: int, hidden: int) -> tuple[int, int, int]:
@@ -449,15 +479,20 @@ def fused_moe_decode(
     topk_weights: torch.Tensor,  # [T, k]
     topk_ids: torch.Tensor,  # [T, k]
     configs: tuple[tuple[int, int, int] | None, tuple[int, int, int, int] | None] | None = None,  # (gate/up, down)
-) -> torch.Tensor:  # [T, H]
+    next_norm: tuple[torch.Tensor, torch.Tensor, float, torch.Tensor] | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:  # [T, H]
     """The experts of the decode path: gate/up then down (routing weights and top-k sum inside).
-    As `triton_moe.fused_moe(..., path="pairs")`: pairs that share an expert read it once each."""
+    As `triton_moe.fused_moe(..., path="pairs")`: pairs that share an expert read it once each.
+    `next_norm` = (residual [T, H], RMSNorm weight [H], eps, int32 arrival counters [>= T], zero):
+    the down kernel's last program of each row also does the next layer's add-and-RMSNorm, and
+    the result is (norm(out + residual), out + residual) instead of out (`KVSERVE_MOE_DECODE=fused-chain`)."""
     t, hidden = x.shape
     e, two_i, _ = w13.shape
     inter = two_i // 2
     top_k = topk_ids.shape[1]
     if t == 0:
-        return x.new_empty((0, hidden))
+        empty = x.new_empty((0, hidden))
+        return empty if next_norm is None else (empty, x.new_empty((0, hidden)))
     if x.stride(1) != 1 or w13.stride(2) != 1 or w2.stride(2) != 1:
         raise ValueError("fused_moe_decode needs x, w13 and w2 with contiguous last dimensions")
     ids = topk_ids.reshape(-1).contiguous()
@@ -474,9 +509,18 @@ def fused_moe_decode(
         x, w13, ids, h, x.stride(0), w13.stride(0), w13.stride(1), h.stride(0),
         N=inter, K=hidden, TOP_K=top_k, BLOCK_N=bn, BLOCK_K=bk, PDL=use_pdl, num_warps=warps, launch_pdl=use_pdl,
     )
+    if next_norm is None:
+        res, nw, hn, res_out, counts, eps = out, out, out, out, ids, 0.0
+    else:
+        res, nw, eps, counts = next_norm
+        if t > counts.numel() or res.shape != out.shape or res.stride(1) != 1:
+            raise ValueError("fused_moe_decode: next_norm needs a [T, H] residual and >= T arrival counters")
+        hn, res_out = torch.empty_like(out), torch.empty_like(out)
     _down_kernel[(t, triton.cdiv(hidden, dbn))](
-        h, w2, ids, wts, out, h.stride(0), w2.stride(0), w2.stride(1), out.stride(0),
+        h, w2, ids, wts, out, res, nw, hn, res_out, counts,
+        h.stride(0), w2.stride(0), w2.stride(1), out.stride(0), res.stride(0), hn.stride(0), res_out.stride(0), eps,
         N=hidden, K=inter, TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), BLOCK_N=dbn, BLOCK_K=dbk,
-        PRE=pre, PDL=use_pdl, num_warps=dwarps, launch_pdl=use_pdl,
+        PRE=pre, PDL=use_pdl, NEXT_NORM=next_norm is not None, N_PAD=triton.next_power_of_2(hidden),
+        num_warps=dwarps, launch_pdl=use_pdl,
     )
-    return out
+    return out if next_norm is None else (hn, res_out)

@@ -108,39 +108,59 @@ class SparseMoE(nn.Module):
         return expert_loop(self.experts, x, weights, ids)
 
     def forward_with_norm(
-        self, x: torch.Tensor, residual: torch.Tensor, norm: nn.Module
-    ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(this layer's output, x + residual) from the attention block's output `x`, the norm
-        before this MLP included, where the platform does the add-and-norm, router and routing
-        as one op (`Ops.moe_norm_route`); else None. One process only (no partial sums)."""
+        self, x: torch.Tensor, residual: torch.Tensor, norm: nn.Module, next_norm: nn.Module | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None] | None:
+        """From the attention block's output `x`, the norm before this MLP included, where the
+        platform does the add-and-norm, router and routing as one op (`Ops.moe_norm_route`):
+        (this layer's output, x + residual, None), or, where the platform also takes the next
+        block's add-and-norm `next_norm` into the experts (`Ops.fused_moe_norm`), (None, the
+        residual after this layer, next_norm(that residual)). None where the platform has no
+        such op. One process only (no partial sums)."""
         routed = self.ops.moe_norm_route(self, x, residual, norm)
         if routed is None:
             return None
         h, residual, weights, ids = routed
-        return self.experts_forward(h, weights, ids), residual
+        if next_norm is not None:
+            chained = self.ops.fused_moe_norm(self, h, weights, ids, residual, next_norm)
+            if chained is not None:
+                normed, residual = chained
+                return None, residual, normed
+        return self.experts_forward(h, weights, ids), residual, None
 
 
 class MoEDecoderLayer(LlamaDecoderLayer):
     """Llama's decoder layer whose sparse MLP may take the post-attention add-and-norm into its
-    routing op (`SparseMoE.forward_with_norm`); otherwise exactly Llama's layer."""
+    routing op (`SparseMoE.forward_with_norm`) and the next block's add-and-norm into its expert
+    kernels. Called with `next_norm` (`MoEForCausalLM.forward`, one process) it returns
+    (output or None, residual, next_norm's output or None): with `normed` given, `x` is None and
+    `normed` is this layer's input norm already applied (by the layer before). Without
+    `next_norm` it is exactly Llama's layer: (output, residual)."""
 
     def forward(
         self,
         rope: StepRope,
-        x: torch.Tensor,
+        x: torch.Tensor | None,
         residual: torch.Tensor | None,
         kv_cache: torch.Tensor,
         md: AttentionMetadata,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if not isinstance(self.mlp, SparseMoE) or ps.get_tp().enabled:
-            return super().forward(rope, x, residual, kv_cache, md)
-        h, residual = ps.all_reduce_rmsnorm(x, residual, self.input_layernorm)
+        normed: torch.Tensor | None = None,
+        next_norm: nn.Module | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        chain = next_norm is not None
+        if normed is None and (not isinstance(self.mlp, SparseMoE) or ps.get_tp().enabled):
+            out = super().forward(rope, x, residual, kv_cache, md)
+            return (*out, None) if chain else out
+        if normed is None:
+            h, residual = ps.all_reduce_rmsnorm(x, residual, self.input_layernorm)
+        else:
+            h = normed
         h = self.self_attn(rope, h, kv_cache, md)
-        done = self.mlp.forward_with_norm(h, residual, self.post_attention_layernorm)
-        if done is not None:
-            return done
-        h, residual = ps.all_reduce_rmsnorm(h, residual, self.post_attention_layernorm)
-        return self.mlp(h), residual
+        done = self.mlp.forward_with_norm(h, residual, self.post_attention_layernorm, next_norm) \
+            if isinstance(self.mlp, SparseMoE) else None
+        if done is None:
+            h, residual = ps.all_reduce_rmsnorm(h, residual, self.post_attention_layernorm)
+            done = self.mlp(h), residual, None
+        return done if chain else done[:2]
 
 
 class MoEForCausalLM(LlamaForCausalLM):
@@ -173,6 +193,30 @@ class MoEForCausalLM(LlamaForCausalLM):
                 layer.mlp = SparseMoE(cfg, b, num_experts, top_k, inter, renorm)
             layers.append(layer)
         return layers
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv_caches: list[torch.Tensor],
+        md: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, hidden]
+        """Llama's forward, except that each layer is told the norm after it (the next layer's
+        input norm, or the final norm), which a sparse layer's expert kernels may apply
+        (`MoEDecoderLayer`); under tensor parallelism exactly Llama's."""
+        if self.tp.enabled:
+            return super().forward(input_ids, positions, kv_caches, md)
+        h: torch.Tensor | None = self.embed_tokens(input_ids)
+        rope = self.rotary.for_step(positions, h.dtype)
+        residual = normed = None
+        n = len(self.layers)
+        for i, (layer, cache) in enumerate(zip(self.layers, kv_caches)):
+            after = self.layers[i + 1].input_layernorm if i + 1 < n else self.norm
+            h, residual, normed = layer(rope, h, residual, cache, md, normed=normed, next_norm=after)
+        if normed is not None:
+            return normed
+        h, _ = ps.all_reduce_rmsnorm(h, residual, self.norm)
+        return h
 
     def _decode_stack(self, input_ids: torch.Tensor) -> Any:
         return None  # the one-call CPU stacks implement dense MLPs only

@@ -25,10 +25,11 @@ logger = logging.getLogger(__name__)
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 # KVSERVE_MOE_DECODE's values: "fused" (the default), "fused-router" (opt-in: "fused" with the
-# post-attention norm, the router projection and the routing in one launch) and "torch";
+# post-attention norm, the router projection and the routing in one launch), "fused-chain"
+# ("fused-router", and the down kernel also does the next layer's add-and-norm) and "torch";
 # "default" is "torch"'s old name (it was the default until an H200 run, 2026-12-07, timed
 # "fused" faster) and still selects it.
-MOE_DECODE_MODES = ("fused", "fused-router", "torch", "default")
+MOE_DECODE_MODES = ("fused", "fused-router", "fused-chain", "torch", "default")
 
 
 def moe_decode_mode() -> str:
@@ -36,15 +37,16 @@ def moe_decode_mode() -> str:
     `kernels/triton_moe_decode.py` for every batch, and its PDL expert kernels for the decode
     batches the pairs path would take), "fused-router" ("fused", and for batches of up to
     `triton_moe_decode.NORM_ROUTE_MAX_ROWS` rows without tensor parallelism the post-attention
-    add-and-RMSNorm, the router projection and the routing as one launch, `norm_route`) or
-    "torch" (the routing as torch ops and the `triton_moe` pairs kernels; "default", its name
+    add-and-RMSNorm, the router projection and the routing as one launch, `norm_route`),
+    "fused-chain" ("fused-router", and where the decode expert kernels run, their down kernel
+    also does the next layer's input add-and-RMSNorm, or the final norm) or "torch" (the routing as torch ops and the `triton_moe` pairs kernels; "default", its name
     before "fused" became the default, is accepted and returns "torch"). Read when the CUDA ops
     are built (one engine); any other value is an error naming the variable. Batches past
     `triton_moe.use_pairs` take the sorted path in every mode."""
     value = os.environ.get("KVSERVE_MOE_DECODE", "fused")
     if value not in MOE_DECODE_MODES:
-        raise ValueError(f"KVSERVE_MOE_DECODE must be 'fused' (the default), 'fused-router', 'torch' or 'default' "
-                         f"(an old name of 'torch') (got {value!r})")
+        raise ValueError(f"KVSERVE_MOE_DECODE must be 'fused' (the default), 'fused-router', 'fused-chain', 'torch' "
+                         f"or 'default' (an old name of 'torch') (got {value!r})")
     return "torch" if value == "default" else value
 
 

@@ -123,7 +123,7 @@ class CudaTritonOps(Ops):
         from kvserve.kernels import triton_moe_decode as tmd
 
         router = moe.gate.weight
-        if (self.moe_decode != "fused-router" or not x.is_cuda or x.dim() != 2 or x.shape[0] > tmd.NORM_ROUTE_MAX_ROWS
+        if (self.moe_decode not in ("fused-router", "fused-chain") or not x.is_cuda or x.dim() != 2 or x.shape[0] > tmd.NORM_ROUTE_MAX_ROWS
                 or not isinstance(router, torch.Tensor) or router.dtype != x.dtype or residual.dtype != x.dtype
                 or norm.weight.dtype != x.dtype or moe.gate.bias is not None):
             return None
@@ -134,6 +134,27 @@ class CudaTritonOps(Ops):
             counts = moe._route_counts = torch.zeros(tmd.NORM_ROUTE_MAX_ROWS, dtype=torch.int32, device=x.device)
         return tmd.norm_route(x.contiguous(), residual.contiguous(), norm.weight, norm.eps, router,
                               moe.top_k, moe.renorm, counts)
+
+    def fused_moe_norm(
+        self, moe: torch.nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+        residual: torch.Tensor, norm: torch.nn.Module,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`KVSERVE_MOE_DECODE=fused-chain`: the decode expert kernels with the next add-and-norm in
+        the down kernel's epilogue (`fused_moe_decode(next_norm=...)`) -> (norm(out + residual),
+        out + residual), for the batches the decode kernels take; else None."""
+        from kvserve.kernels import triton_moe, triton_moe_decode as tmd
+
+        stacked = getattr(moe, "stacked_experts", None)
+        if (self.moe_decode != "fused-chain" or stacked is None or not x.is_cuda or x.dtype != stacked[0].dtype
+                or x.shape[0] > tmd.NORM_ROUTE_MAX_ROWS or residual.dtype != x.dtype or norm.weight.dtype != x.dtype
+                or not triton_moe.use_pairs(x.shape[0], stacked[0].shape[0], topk_ids.shape[1])):
+            return None
+        counts = getattr(moe, "_norm_counts", None)
+        if counts is None or counts.device != x.device:  # first (eager) step, as moe_norm_route's
+            counts = moe._norm_counts = torch.zeros(tmd.NORM_ROUTE_MAX_ROWS, dtype=torch.int32, device=x.device)
+        w13, w2 = stacked
+        return tmd.fused_moe_decode(x.contiguous(), w13, w2, topk_weights, topk_ids, configs=self.moe_decode_tiles,
+                                    next_norm=(residual.contiguous(), norm.weight, norm.eps, counts))
 
     def route_experts(
         self, logits: torch.Tensor, top_k: int, renorm: bool, dtype: torch.dtype

@@ -41,13 +41,20 @@ def decode_gate_up(e: int, k: int, hidden: int, inter: int, cfg=None):
     return compile_sm90(tmd._gate_up_kernel, rt, ce, aligned, warps), 2 * bn * hidden / (warps * 32)
 
 
-def decode_down(e: int, k: int, hidden: int, inter: int, cfg=None):
+def decode_down(e: int, k: int, hidden: int, inter: int, cfg=None, next_norm: bool = False):
     bn, bk, warps, pre = cfg or tmd.down_config(hidden, inter, k)
     rt = {"h_ptr": "*bf16", "w_ptr": "*bf16", "ids_ptr": "*i64", "wts_ptr": "*bf16", "out_ptr": "*bf16",
-          **{s: "i32" for s in _STRIDES}}
-    ce = dict(N=hidden, K=inter, TOP_K=k, K_PAD=triton.next_power_of_2(k), BLOCK_N=bn, BLOCK_K=bk, PRE=pre, PDL=True)
-    aligned = ["h_ptr", "w_ptr", "ids_ptr", "wts_ptr", "out_ptr", "stride_h", "stride_we", "stride_wn", "stride_o"]
+          "res_ptr": "*bf16", "nw_ptr": "*bf16", "hn_ptr": "*bf16", "res_out_ptr": "*bf16", "count_ptr": "*i32",
+          "stride_r": "i32", "stride_hn": "i32", "stride_ro": "i32", "eps": "fp32", **{s: "i32" for s in _STRIDES}}
+    ce = dict(N=hidden, K=inter, TOP_K=k, K_PAD=triton.next_power_of_2(k), BLOCK_N=bn, BLOCK_K=bk, PRE=pre, PDL=True,
+              NEXT_NORM=next_norm, N_PAD=triton.next_power_of_2(hidden))
+    aligned = ["h_ptr", "w_ptr", "ids_ptr", "wts_ptr", "out_ptr", "stride_h", "stride_we", "stride_wn", "stride_o",
+               "res_ptr", "nw_ptr", "hn_ptr", "res_out_ptr", "count_ptr", "stride_r", "stride_hn", "stride_ro"]
     return compile_sm90(tmd._down_kernel, rt, ce, aligned, warps), k * bn * inter / (warps * 32)
+
+
+def decode_down_next_norm(e: int, k: int, hidden: int, inter: int):
+    return decode_down(e, k, hidden, inter, next_norm=True)
 
 
 def route_kernel(e: int, k: int, hidden: int, inter: int):
@@ -125,7 +132,8 @@ def main() -> int:
     for shape_name, shape in SHAPES.items():
         for label, build, strict in (("route", route_kernel, False), ("norm_route", norm_route_kernel, False),
                                      ("decode_gate_up", decode_gate_up, True),
-                                     ("decode_down", decode_down, True), ("pairs_gate_up", pairs_gate_up, False),
+                                     ("decode_down", decode_down, True),
+                                     ("decode_down_next_norm", decode_down_next_norm, True), ("pairs_gate_up", pairs_gate_up, False),
                                      ("pairs_down", pairs_down, False)):
             kernel, per_thread = build(*shape)
             f, _ = report(f"{shape_name}_{label}", kernel, per_thread, args.dump, strict)

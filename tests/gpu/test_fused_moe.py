@@ -302,10 +302,21 @@ def test_norm_route_cuda_graph_follows_new_inputs():
     assert int(counts.abs().sum()) == 0
 
 
+@pytest.mark.parametrize("shape", [QWEN3, GPT_OSS], ids=["qwen3-30b-a3b", "gpt-oss-20b"])
+@pytest.mark.parametrize("t", [1, 3])
+def test_decode_next_norm_matches_experts_then_norm(shape, t):
+    """KVSERVE_MOE_DECODE=fused-chain's down kernel (the next add-and-RMSNorm in its epilogue)
+    against the same kernels without it followed by the norm."""
+    e, k, hidden, inter = shape
+    moe_checks.check_decode_next_norm(t, e, k, hidden, inter, "cuda", torch.float32, 1e-5)
+    moe_checks.check_decode_next_norm(t, e, k, hidden, inter, "cuda", torch.bfloat16, 2e-2)
+
+
+@pytest.mark.parametrize("mode", ["fused-router", "fused-chain"])
 @pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
-def test_engine_greedy_with_fused_router_matches_cpu(kind, tmp_path, monkeypatch):
-    """KVSERVE_MOE_DECODE=fused-router with KVSERVE_QK_NORM_GEMV=1 end to end (fp32, CUDA graphs):
-    the same greedy tokens as the CPU engine's expert loop, batched and one at a time."""
+def test_engine_greedy_with_fused_router_matches_cpu(kind, mode, tmp_path, monkeypatch):
+    """KVSERVE_MOE_DECODE=fused-router / fused-chain with KVSERVE_QK_NORM_GEMV=1 end to end (fp32,
+    CUDA graphs): the same greedy tokens as the CPU engine's expert loop, batched and one at a time."""
     from tests.gpu.test_engine_gpu import _prompts
     from tests.models.test_moe import _save_model
 
@@ -319,11 +330,11 @@ def test_engine_greedy_with_fused_router_matches_cpu(kind, tmp_path, monkeypatch
         return [o.outputs[0].token_ids for o in outs]
 
     want = run(LLM(str(tmp_path), device="cpu", num_kv_blocks=256, **common), prompts)
-    monkeypatch.setenv("KVSERVE_MOE_DECODE", "fused-router")
+    monkeypatch.setenv("KVSERVE_MOE_DECODE", mode)
     monkeypatch.setenv("KVSERVE_QK_NORM_GEMV", "1")
     gpu = LLM(str(tmp_path), device="cuda", **common)
     ops = gpu.engine.runner.model.layers[0].mlp.ops
-    assert ops.moe_decode == "fused-router" and ops.qk_norm_gemv
+    assert ops.moe_decode == mode and ops.qk_norm_gemv
     assert gpu.engine.runner.graphs is not None
     assert run(gpu, prompts) == want
     assert [run(gpu, [p])[0] for p in prompts[:3]] == want[:3]

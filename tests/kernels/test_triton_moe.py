@@ -185,11 +185,23 @@ def test_moe_layer_with_fused_norm_route_equals_unfused():
     with torch.no_grad():
         norm.weight.normal_(1, 0.1)
     x, residual = torch.randn(3, hidden), torch.randn(3, hidden)
-    out, res = layer_moe.forward_with_norm(x, residual, norm)
-    assert NormRouteOps.calls == 1
+    out, res, normed = layer_moe.forward_with_norm(x, residual, norm)
+    assert NormRouteOps.calls == 1 and normed is None
     h_ref, res_ref = norm.forward_with_residual(x, residual)
     torch.testing.assert_close(res, res_ref)
     torch.testing.assert_close(out, layer_moe(h_ref))
+    # With the next norm taken into the experts (here: the torch chain again).
+    class ChainOps(NormRouteOps):
+        def fused_moe_norm(self, moe, x, w, ids, residual, norm):
+            return norm.forward_with_residual(moe.experts_forward(x, w, ids), residual)
+
+    next_norm = RMSNorm(hidden, 1e-5)
+    layer_moe.ops = ChainOps()
+    out2, res2, normed2 = layer_moe.forward_with_norm(x, residual, norm, next_norm)
+    assert out2 is None
+    want_normed, want_res = next_norm.forward_with_residual(layer_moe(h_ref), res_ref)
+    torch.testing.assert_close(res2, want_res)
+    torch.testing.assert_close(normed2, want_normed)
     layer_moe.ops = Ops()
     assert layer_moe.forward_with_norm(x, residual, norm) is None
 
@@ -211,3 +223,43 @@ def test_moe_decode_tiles_env(monkeypatch):
         monkeypatch.setenv("KVSERVE_MOE_DECODE_TILES", bad)
         with pytest.raises(ValueError, match="KVSERVE_MOE_DECODE_TILES"):
             moe_decode_tiles()
+
+
+def test_moe_model_with_chained_norms_equals_plain(tmp_path, monkeypatch):
+    """A tiny Qwen3-MoE (one dense layer among sparse ones) whose ops take the post-attention
+    norm into the routing and the next norm into the experts (both as torch chains here): the
+    same hidden states as the model with the plain ops. Covers `MoEForCausalLM.forward`'s chain
+    (a layer handed its input already normalized, the last layer's final norm, a dense layer
+    in between)."""
+    import torch
+
+    from kvserve import LLM, SamplingParams
+    from kvserve.models.ops import Ops
+    from tests.models.test_moe import _save_model
+
+    _save_model("qwen3_moe", tmp_path)
+    llm = LLM(str(tmp_path), dtype="float32", device="cpu", num_kv_blocks=64)
+    model = llm.engine.runner.model
+
+    class ChainOps(Ops):
+        calls = {"route": 0, "experts": 0}
+
+        def moe_norm_route(self, moe, x, residual, norm):
+            ChainOps.calls["route"] += 1
+            h, res = norm.forward_with_residual(x, residual)
+            return (h, res, *self.route_experts(moe.gate(h), moe.top_k, moe.renorm, h.dtype))
+
+        def fused_moe_norm(self, moe, x, w, ids, residual, norm):
+            ChainOps.calls["experts"] += 1
+            return norm.forward_with_residual(moe.experts_forward(x, w, ids), residual)
+
+    sp = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    prompts = [{"prompt_token_ids": [5, 9, 23, 41, 7]}, {"prompt_token_ids": [3, 1, 4, 1, 5, 9, 2, 6]}]
+    want = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+    sparse = [layer.mlp for layer in model.layers if hasattr(layer.mlp, "forward_with_norm")]
+    assert sparse and len(sparse) < len(model.layers)
+    for moe in sparse:
+        moe.ops = ChainOps()
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)]
+    assert got == want
+    assert ChainOps.calls["route"] > 0 and ChainOps.calls["experts"] == ChainOps.calls["route"]
