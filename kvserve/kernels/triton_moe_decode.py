@@ -43,6 +43,25 @@ full PDL wait on the chain. Compiled for sm_90 (Triton 3.9): 214 registers (one 
 programs: no occupancy question), 24 16-byte loads before the wait, ~1,000 instructions for the
 norm and dot products and ~400 for the last program's routing (`tests/gpu/moe_sass.py`).
 
+`KVSERVE_MOE_DECODE=fused-chain` (opt-in) also gives the down kernel the next layer's input
+add-and-RMSNorm (or the model's final norm): `fused_moe_decode(next_norm=...)`; the row's last
+down program to arrive (a second arrival counter, the same ordering) reads the row back, adds
+the residual and normalizes, and returns (norm(out + residual), out + residual) for the next
+layer, which then skips its own norm kernel (`models/moe.py`): 7 launches a layer. The default
+down kernel (NEXT_NORM off) compiles to the same machine code as before (72 registers and 712
+instructions with Triton 3.9); with it, 76 and 944.
+
+`KVSERVE_MOE_DECODE_TILES=BN,BK,W/BN,BK,W,PRE` (read when the CUDA ops are built) replaces
+`gate_up_config` / `down_config` for A/B runs. From the sm_90 SASS (Triton 3.9, Qwen3-30B-A3B, one
+token): gate/up (4, 512, 4) = 1536 programs of 4 warps, 86 registers, 16 weight loads of 16
+bytes per thread of which ptxas issues 8 before the first FMA and 8 after (a second DRAM round
+trip per program; the lent GPUs' Triton 3.6 issued all 16 first, per the issue-20q notes);
+(4, 1024, 8) and (2, 1024, 4) issue all 8 of theirs first at 48 registers. Down (2, 256, 4, 3) =
+1024 programs, 72 registers, all 12 weight loads before the PDL wait, but every program also
+reads its token's 8 x 768 gate/up outputs from L2 (12 KB, half the bytes of its weights: 12.6 MB
+of L2 reads a layer); (4, 256, 8, 3) streams the same 96 weights per thread at 72 registers with
+half those reads. `gpu_moe_bench --only sweep-decode` times these.
+
 Results: the same math as `triton_moe.fused_moe`'s pairs path and `SparseMoE`'s torch routing
 (softmax in fp32, the k largest probabilities, ties to the lower expert id, renormalized in fp32,
 rounded once to the model dtype); sums in a different order, so bf16 outputs can differ by

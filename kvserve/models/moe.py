@@ -20,7 +20,8 @@ tokens; `KVSERVE_MOE_DECODE=torch` keeps the torch ops and the pairs kernels). A
 take the post-attention add-and-norm into the routing (`Ops.moe_norm_route`; CUDA with
 `KVSERVE_MOE_DECODE=fused-router`: norm, router projection and routing in one launch): the layer
 (`MoEDecoderLayer`) then hands the attention block's output and the residual to
-`SparseMoE.forward_with_norm`. Qwen3-MoE layers in
+`SparseMoE.forward_with_norm`; with `fused-chain` the expert kernels also apply the next layer's
+input norm (`Ops.fused_moe_norm`; `MoEForCausalLM.forward` tells each layer the norm after it). Qwen3-MoE layers in
 `mlp_only_layers`, or off the `decoder_sparse_step` grid, keep a dense MLP.
 
 Tensor parallelism: every rank routes the same way (the router is replicated) and holds a slice
