@@ -428,7 +428,8 @@ def main() -> None:
                     help="seconds: an engine section is skipped when the last one would not fit before it")
     ap.add_argument("--moe-decode", default="fused,torch",
                     help="KVSERVE_MOE_DECODE modes of the engine's decode section, in turn (throughput: the first; "
-                         "fused is the default, torch the routing as torch ops and the pairs kernels)")
+                         "fused is the default, torch the routing as torch ops and the pairs kernels; fused-router "
+                         "and fused-chain the opt-in launch fusions)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
 
