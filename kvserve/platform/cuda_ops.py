@@ -132,8 +132,9 @@ class CudaTritonOps(Ops):
             # Allocated on the first (eager) step, before any CUDA graph is captured; the kernel
             # leaves the counters at zero.
             counts = moe._route_counts = torch.zeros(tmd.NORM_ROUTE_MAX_ROWS, dtype=torch.int32, device=x.device)
+        stacked = getattr(moe, "stacked_experts", None)  # its gate/up rows are prefetched into L2
         return tmd.norm_route(x.contiguous(), residual.contiguous(), norm.weight, norm.eps, router,
-                              moe.top_k, moe.renorm, counts)
+                              moe.top_k, moe.renorm, counts, w13=stacked[0] if stacked is not None else None)
 
     def fused_moe_norm(
         self, moe: torch.nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,

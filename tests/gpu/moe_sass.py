@@ -68,11 +68,13 @@ def norm_route_kernel(e: int, k: int, hidden: int, inter: int):
     rt = {"x_ptr": "*bf16", "res_ptr": "*bf16", "nw_ptr": "*bf16", "h_ptr": "*bf16", "res_out_ptr": "*bf16",
           "rw_ptr": "*bf16", "logits_ptr": "*bf16", "count_ptr": "*i32", "wts_ptr": "*bf16", "ids_ptr": "*i64",
           "E": "i32", "stride_x": "i32", "stride_r": "i32", "stride_h": "i32", "stride_ro": "i32", "stride_rw": "i32",
-          "eps": "fp32"}
+          "eps": "fp32", "w13_ptr": "*bf16", "stride_we": "i32", "up_offset": "i32"}
     ce = dict(H=hidden, H_PAD=triton.next_power_of_2(hidden), BLOCK_E=block_e, TOP_K=k,
-              K_PAD=triton.next_power_of_2(k), E_PAD=triton.next_power_of_2(e), RENORM=True, PDL=True)
+              K_PAD=triton.next_power_of_2(k), E_PAD=triton.next_power_of_2(e), RENORM=True, PDL=True,
+              PREFETCH=tmd.PREFETCH_ROWS * hidden * 2)
     aligned = ["x_ptr", "res_ptr", "nw_ptr", "h_ptr", "res_out_ptr", "rw_ptr", "logits_ptr", "count_ptr", "wts_ptr",
-               "ids_ptr", "stride_x", "stride_r", "stride_h", "stride_ro", "stride_rw"]
+               "ids_ptr", "stride_x", "stride_r", "stride_h", "stride_ro", "stride_rw", "w13_ptr", "stride_we",
+               "up_offset"]
     return compile_sm90(tmd._norm_route_kernel, rt, ce, aligned, warps), 0
 
 
