@@ -280,9 +280,11 @@ def test_norm_route_cuda_graph_follows_new_inputs():
     x = torch.randn(1, hidden, device="cuda", dtype=torch.bfloat16)
     res = torch.randn(1, hidden, device="cuda", dtype=torch.bfloat16)
     counts = torch.zeros(tmd.NORM_ROUTE_MAX_ROWS, dtype=torch.int32, device="cuda")
+    if torch.cuda.get_device_capability()[0] >= 9:
+        assert tmd.l2_prefetch_bytes(w13, x) == tmd.PREFETCH_ROWS * hidden * 2
 
     def layer() -> tuple[torch.Tensor, torch.Tensor]:
-        h, s, w, ids = tmd.norm_route(x, res, nw, 1e-6, router, k, True, counts)
+        h, s, w, ids = tmd.norm_route(x, res, nw, 1e-6, router, k, True, counts, w13=w13)  # with the L2 prefetch
         return triton_moe.fused_moe(h, w13, w2, w, ids, fused_decode=True), s
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
