@@ -35,7 +35,9 @@ post-attention add-and-RMSNorm, its router projection and the routing are ONE la
               scope, whose SASS is MEMBAR.GPU + ATOMG.STRONG.GPU + CCTL.IVALL) reads the row's
               logits back and routes as `route` does, each pick one max-reduction of an int64 key
               (probability bits above the reversed id: the same picks, ties to the lower id), then
-              sets the counter back to 0 for the next call
+              sends the picked experts' first `PREFETCH_ROWS` gate and up rows to L2 (one
+              `cp.async.bulk.prefetch.L2` each, sm_90+: DRAM would otherwise idle until the gate/up
+              kernel has waited for this one and loaded the picks) and sets the counter back to 0
 
 Per Qwen3-30B-A3B sparse layer at batch 1 that is norm_route, gate/up, down: 3 launches for what
 the default does in 5 (norm, router GEMV, route, gate/up, down), each kernel boundary being a
