@@ -437,7 +437,8 @@ def main() -> None:
                     if r:
                         first = first or r["greedy_tokens"]
                         same = sum(a == b for a, b in zip(first, r["greedy_tokens"]))
-                        lead = next((i for i, (a, b) in enumerate(zip(first, r["greedy_tokens"])) if a != b), len(first))
+                        lead = next((i for i, (a, b) in enumerate(zip(first, r["greedy_tokens"])) if a != b),
+                                    len(first))
                         log(f"{mode:48s} {r['replay_ms']:9.3f} {r['pct_floor_replay']:7.1f}% {r['e2e_ms']:8.3f} "
                             f"{r['pct_floor_e2e']:7.1f}% {r['graph_kernels_per_step']:8.0f} "
                             f"{f'{same}/{len(first)} (first {lead} in a row)':>30s}")

@@ -39,8 +39,9 @@ def moe_decode_mode() -> str:
     `triton_moe_decode.NORM_ROUTE_MAX_ROWS` rows without tensor parallelism the post-attention
     add-and-RMSNorm, the router projection and the routing as one launch, `norm_route`),
     "fused-chain" ("fused-router", and where the decode expert kernels run, their down kernel
-    also does the next layer's input add-and-RMSNorm, or the final norm) or "torch" (the routing as torch ops and the `triton_moe` pairs kernels; "default", its name
-    before "fused" became the default, is accepted and returns "torch"). Read when the CUDA ops
+    also does the next layer's input add-and-RMSNorm, or the final norm) or "torch" (the routing
+    as torch ops and the `triton_moe` pairs kernels; "default", its name before "fused" became
+    the default, is accepted and returns "torch"). Read when the CUDA ops
     are built (one engine); any other value is an error naming the variable. Batches past
     `triton_moe.use_pairs` take the sorted path in every mode."""
     value = os.environ.get("KVSERVE_MOE_DECODE", "fused")

@@ -142,7 +142,8 @@ def check_decode_next_norm(t: int, e: int, k: int, hidden: int, inter: int, devi
     h_ref = (nw.float() * (sf * torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype).float()).to(dtype)
     counts = torch.zeros(triton_moe_decode.NORM_ROUTE_MAX_ROWS, dtype=torch.int32, device=device)
     for _ in range(2):
-        h, s = triton_moe_decode.fused_moe_decode(x, w13, w2, w, ids, configs=configs, next_norm=(res, nw, 1e-5, counts))
+        h, s = triton_moe_decode.fused_moe_decode(x, w13, w2, w, ids, configs=configs,
+                                                  next_norm=(res, nw, 1e-5, counts))
         assert torch.equal(s, s_ref), "residual sum"
         torch.testing.assert_close(h.float(), h_ref.float(), rtol=tol, atol=tol)
         assert int(counts.abs().sum()) == 0, "arrival counters not reset"

@@ -135,7 +135,8 @@ def main() -> int:
         for label, build, strict in (("route", route_kernel, False), ("norm_route", norm_route_kernel, False),
                                      ("decode_gate_up", decode_gate_up, True),
                                      ("decode_down", decode_down, True),
-                                     ("decode_down_next_norm", decode_down_next_norm, True), ("pairs_gate_up", pairs_gate_up, False),
+                                     ("decode_down_next_norm", decode_down_next_norm, True),
+                                     ("pairs_gate_up", pairs_gate_up, False),
                                      ("pairs_down", pairs_down, False)):
             kernel, per_thread = build(*shape)
             f, _ = report(f"{shape_name}_{label}", kernel, per_thread, args.dump, strict)
