@@ -124,8 +124,9 @@ class CudaTritonOps(Ops):
 
         router = moe.gate.weight
         if (self.moe_decode not in ("fused-router", "fused-chain") or not x.is_cuda or x.dim() != 2
-                or x.shape[0] > tmd.NORM_ROUTE_MAX_ROWS or not isinstance(router, torch.Tensor) or router.dtype != x.dtype or residual.dtype != x.dtype
-                or norm.weight.dtype != x.dtype or moe.gate.bias is not None):
+                or x.shape[0] > tmd.NORM_ROUTE_MAX_ROWS or not isinstance(router, torch.Tensor)
+                or router.dtype != x.dtype or residual.dtype != x.dtype or norm.weight.dtype != x.dtype
+                or moe.gate.bias is not None):
             return None
         counts = getattr(moe, "_route_counts", None)
         if counts is None or counts.device != x.device:
