@@ -36,6 +36,7 @@ import re
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -423,7 +424,10 @@ def main() -> None:
         for name in names:
             if name in SHAPES:
                 for mode in args.moe_decode.split(","):
-                    profile_moe(name, args.layers, mode, Path(tmp), bw, results)
+                    try:  # a variant that fails is reported; the others still run
+                        profile_moe(name, args.layers, mode, Path(tmp), bw, results)
+                    except Exception:
+                        log(f"\n== {name} variant {mode} FAILED:\n{traceback.format_exc()}")
                     gc.collect()  # the engine of this mode goes before the next one is built
                     torch.cuda.empty_cache()
                     Path(args.out, "decode_profile.json").write_text(json.dumps(results, indent=1))
