@@ -2,6 +2,8 @@
 
     python -m benchmarks.gpu_decode_profile [--models Llama-3.1-8B]
     python -m benchmarks.gpu_decode_profile --models Qwen3-30B-A3B --layers 4 --moe-decode fused,torch
+    python -m benchmarks.gpu_decode_profile --models Qwen3-30B-A3B --layers 4 \
+        --moe-decode fused,fused-router+KVSERVE_QK_NORM_GEMV=1      # the opt-in launch fusions vs the default
 
 Dense models (Llama-3.2-1B / Llama-3.1-8B shapes): end-to-end ms/token through the engine; the
 captured decode graph replayed back to back (GPU time of one step, no host turn); the per-kernel
@@ -12,13 +14,14 @@ from L2), against the large-GEMV ceiling the decode floor uses.
 Mixture-of-experts shapes (the names of `gpu_moe_bench.SHAPES`: Qwen3-30B-A3B, gpt-oss-20b, run as
 Qwen3-MoE models with `--layers` of their layers, bf16 experts), once per `--moe-decode` mode
 (`KVSERVE_MOE_DECODE`, set before each engine is built; by default `fused`, the engine's default,
-then `torch`, the routing as torch ops and the pairs kernels): the graph replay and end-to-end
+then `torch`, the routing as torch ops and the pairs kernels; a mode may carry other settings,
+`MODE+KVSERVE_NAME=VALUE`, restored after its engine): the graph replay and end-to-end
 ms/token against the floor of the bytes one step reads (active experts only, as
 `gpu_moe_bench`), then ONE batch-1 decode step run eagerly under torch.profiler: every CUDA
 kernel (name shortened), launches per step, total and mean µs, and its exclusive µs (the part
 no earlier kernel covers: kernels launched with PDL start early and wait, so their own durations
-overlap), with the sums; the same summary for one graph replay. < 2 minutes on an H100 at the
-defaults; without CUDA it prints a message and exits.
+overlap), with the sums; the same summary for one graph replay; then a table of the modes side by
+side. < 2 minutes on an H100 at the defaults; without CUDA it prints a message and exits.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import re
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -178,18 +182,48 @@ def cuda_kernels(prof) -> list[tuple[float, float, str]]:
             if e.device_type == torch.autograd.DeviceType.CUDA]
 
 
-def profile_moe(name: str, layers: int, mode: str, root: Path, bw: float, results: dict) -> None:
-    """One engine at MoE shapes with `KVSERVE_MOE_DECODE=mode`: ms/token (graph replay and end to
-    end) against the floor, then one eager decode step's kernels and one graph replay's."""
-    from torch.profiler import ProfilerActivity, profile
+def parse_variant(variant: str) -> tuple[str, dict[str, str]]:
+    """`MODE[+NAME=VALUE...]` -> (KVSERVE_MOE_DECODE mode, other environment settings):
+    `fused-router+KVSERVE_QK_NORM_GEMV=1` is mode fused-router with KVSERVE_QK_NORM_GEMV=1."""
+    mode, *extra = variant.split("+")
+    env = {}
+    for item in extra:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("KVSERVE_"):
+            raise ValueError(f"--moe-decode: {item!r} in {variant!r} is not KVSERVE_NAME=VALUE")
+        env[key] = value
+    return mode, env
 
-    from benchmarks.gpu_moe_bench import SHAPES, config, decode_bytes
+
+def profile_moe(name: str, layers: int, variant: str, root: Path, bw: float, results: dict) -> None:
+    """One engine at MoE shapes with `KVSERVE_MOE_DECODE=mode` (and the variant's other settings,
+    `parse_variant`): ms/token (graph replay and end to end) against the floor, then one eager
+    decode step's kernels and one graph replay's."""
+    from benchmarks.gpu_moe_bench import SHAPES, config
 
     k = SHAPES[name][1]
     folder = root / f"{name}-{layers}"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.json").write_text(json.dumps(config(name, layers)))
+    mode, env = parse_variant(variant)
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
     os.environ["KVSERVE_MOE_DECODE"] = mode
+    try:
+        _profile_moe(name, layers, variant, folder, bw, results, k)
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _profile_moe(name: str, layers: int, mode: str, folder: Path, bw: float, results: dict, k: int) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.gpu_moe_bench import SHAPES, decode_bytes
+
     t0 = time.perf_counter()
     llm = LLM(str(folder), load_format="dummy", max_model_len=2048, max_num_seqs=8, enable_prefix_caching=False,
               gpu_memory_utilization=0.5)
@@ -200,6 +234,10 @@ def profile_moe(name: str, layers: int, mode: str, root: Path, bw: float, result
     kv = kv_bytes_per_token(eng.model_config) * 192
     floor = (wb + kv) / bw
     e2e = kvserve_decode(llm, new=64, reps=2)  # also the warm-up
+    # A sanity check across variants (the same dummy weights: seeded): one greedy request's tokens.
+    check = llm.generate([{"prompt_token_ids": list(range(100, 164))}],
+                         SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    tokens = list(check[0].outputs[0].token_ids)
     # A request left mid-decode at context ~192: the static graph inputs hold a real step.
     rng = random.Random(5)
     eng.add_request("p", [rng.randrange(10000) for _ in range(128)],
@@ -221,7 +259,7 @@ def profile_moe(name: str, layers: int, mode: str, root: Path, bw: float, result
     graph_rows = kernel_rows(cuda_kernels(prof))
     while eng.has_unfinished_requests():
         eng.step()
-    label = f"{name}, {layers} of {SHAPES[name][4]} layers, KVSERVE_MOE_DECODE={mode}"
+    label = f"{name}, {layers} of {SHAPES[name][4]} layers, variant {mode}"
     log(f"\n== {label} (start-up {startup:.0f}s): weights read {wb / 1e9:.3f} GB/step, floor {floor * 1e3:.3f} ms "
         f"at {bw / 1e9:.0f} GB/s")
     log(f"graph replay {replay * 1e3:.3f} ms/token ({100 * floor / replay:.1f}% of the floor); "
@@ -234,6 +272,7 @@ def profile_moe(name: str, layers: int, mode: str, root: Path, bw: float, result
     for r in graph_rows[:12]:
         log(f"  {r['kernel']:64s} {r['count']:5.0f} {r['exclusive_us']:9.1f} us exclusive")
     results[f"{name}/{mode}"] = {"layers": layers, "startup_s": startup, "floor_ms": floor * 1e3,
+                                 "graph_kernels_per_step": sum(r["count"] for r in graph_rows), "greedy_tokens": tokens,
                                  "replay_ms": replay * 1e3, "e2e_ms": e2e * 1e3, "pct_floor_replay": 100 * floor / replay,
                                  "pct_floor_e2e": 100 * floor / e2e, "eager_kernels": eager_rows,
                                  "graph_kernels": graph_rows}
@@ -393,7 +432,9 @@ def main() -> None:
                     help="dense (gpu_bench) or MoE (gpu_moe_bench.SHAPES) model names, comma-separated")
     ap.add_argument("--layers", type=int, default=4, help="layers of an MoE model (its own depth is larger)")
     ap.add_argument("--moe-decode", default="fused,torch",
-                    help="KVSERVE_MOE_DECODE modes to profile, in turn (fused: the default; torch: routing as torch ops)")
+                    help="KVSERVE_MOE_DECODE modes to profile, in turn (fused: the default; torch: routing as torch "
+                         "ops; fused-router: norm, router and routing in one launch), each optionally with "
+                         "+KVSERVE_NAME=VALUE settings, e.g. fused,fused-router+KVSERVE_QK_NORM_GEMV=1")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -419,11 +460,28 @@ def main() -> None:
         for name in names:
             if name in SHAPES:
                 for mode in args.moe_decode.split(","):
-                    profile_moe(name, args.layers, mode, Path(tmp), bw, results)
+                    try:  # a variant that fails is reported; the others still run
+                        profile_moe(name, args.layers, mode, Path(tmp), bw, results)
+                    except Exception:
+                        log(f"\n== {name} variant {mode} FAILED:\n{traceback.format_exc()}")
                     gc.collect()  # the engine of this mode goes before the next one is built
                     torch.cuda.empty_cache()
                     Path(args.out, "decode_profile.json").write_text(json.dumps(results, indent=1))
                 os.environ.pop("KVSERVE_MOE_DECODE", None)
+                log(f"\n== {name}, {args.layers} layers: variants side by side (same run, same card)")
+                log(f"{'variant':48s} {'replay ms':>9s} {'% floor':>8s} {'e2e ms':>8s} {'% floor':>8s} {'kernels':>8s} "
+                    f"{'greedy tokens = first variant':>30s}")
+                first = None
+                for mode in args.moe_decode.split(","):
+                    r = results.get(f"{name}/{mode}")
+                    if r:
+                        first = first or r["greedy_tokens"]
+                        same = sum(a == b for a, b in zip(first, r["greedy_tokens"]))
+                        lead = next((i for i, (a, b) in enumerate(zip(first, r["greedy_tokens"])) if a != b),
+                                    len(first))
+                        log(f"{mode:48s} {r['replay_ms']:9.3f} {r['pct_floor_replay']:7.1f}% {r['e2e_ms']:8.3f} "
+                            f"{r['pct_floor_e2e']:7.1f}% {r['graph_kernels_per_step']:8.0f} "
+                            f"{f'{same}/{len(first)} (first {lead} in a row)':>30s}")
                 continue
             profile_model(name, Path(tmp), bw, results)
             Path(args.out, "decode_profile.json").write_text(json.dumps(results, indent=1))

@@ -6,7 +6,7 @@ measured in the same run.
     python -m benchmarks.gpu_moe_bench --only kernel      # kernel-level table only
     python -m benchmarks.gpu_moe_bench --only decode --moe-decode fused,torch   # engines, both paths
     python -m benchmarks.gpu_moe_bench --layers 48,24 --only decode   # full depth (memory!)
-    python -m benchmarks.gpu_moe_bench --only sweep-decode   # tile configs of the decode path's kernels
+    python -m benchmarks.gpu_moe_bench --only sweep-decode --models Qwen3-30B-A3B   # decode kernels' tiles
 
 Both decode paths side by side: `KVSERVE_MOE_DECODE=fused` (the default: the one-launch router
 and PDL expert kernels of `kvserve/kernels/triton_moe_decode.py`) and `torch` (routing as torch
@@ -148,6 +148,8 @@ def section_kernel(bw: float, peak: float) -> None:
 
     table = []
     for name, (e, k, hidden, inter, *_rest) in SHAPES.items():
+        if name not in models:
+            continue
         copies = 4
         w13 = [torch.randn(e, 2 * inter, hidden, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         w2 = [torch.randn(e, hidden, inter, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
@@ -238,6 +240,8 @@ def section_sweep() -> None:
 
     grid = [(bn, bk, w) for bn in (2, 4, 8) for bk in (256, 512, 1024) for w in (4, 8)]
     for name, (e, k, hidden, inter, *_rest) in SHAPES.items():
+        if name not in models:
+            continue
         copies = 4
         w13 = [torch.randn(e, 2 * inter, hidden, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         w2 = [torch.randn(e, hidden, inter, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
@@ -269,16 +273,25 @@ def section_sweep() -> None:
         torch.cuda.empty_cache()
 
 
-def section_sweep_decode() -> None:
+def section_sweep_decode(models: list[str]) -> None:
     """Tile configs of the decode path's expert kernels (`triton_moe_decode`; gate/up (BLOCK_N,
     BLOCK_K, warps) and down (BLOCK_N, BLOCK_K, warps, PRE) each, the other at its default) at 1
     token: µs per layer, 4 layers' weights replayed back to back. A winner goes into
-    `gate_up_config` / `down_config`."""
+    `gate_up_config` / `down_config`; the engine takes one without a code change through
+    `KVSERVE_MOE_DECODE_TILES=BN,BK,W/BN,BK,W,PRE` (e.g. a `gpu_decode_profile` variant)."""
     from kvserve.kernels import triton_moe_decode as tmd
 
-    gu_grid = [(bn, bk, w) for bn in (2, 4, 8) for bk in (256, 512) for w in (4, 8)]
-    dn_grid = [(bn, bk, w, 4) for bn in (2, 4, 8) for bk in (128, 256, 512) for w in (2, 4)]
+    # Curated from the sm_90 machine code (Triton 3.9, Qwen3-30B-A3B): gate/up (4, 1024, 8) and
+    # (2, 1024, 4) issue all their weight loads before the first FMA at 48 registers where the
+    # default (4, 512, 4) issues 8 of its 16 later (86 registers); down (4, 256, 8, 3) streams the
+    # default's 96 weights per thread at 72 registers with half its L2 reads of h per weight byte.
+    gu_grid = [(4, 512, 4), (8, 512, 8), (2, 512, 2), (4, 1024, 8), (2, 1024, 4), (8, 1024, 8), (2, 2048, 8),
+               (4, 256, 4), (8, 256, 8)]
+    dn_grid = [(2, 256, 4, 4), (4, 256, 8, 4), (2, 256, 8, 4), (4, 128, 4, 4), (8, 128, 8, 4), (2, 128, 4, 4),
+               (4, 256, 4, 4), (2, 512, 4, 4), (4, 512, 8, 4)]
     for name, (e, k, hidden, inter, *_rest) in SHAPES.items():
+        if name not in models:
+            continue
         copies = 4
         w13 = [torch.randn(e, 2 * inter, hidden, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
         w2 = [torch.randn(e, hidden, inter, device="cuda", dtype=torch.bfloat16) * 0.02 for _ in range(copies)]
@@ -415,7 +428,8 @@ def main() -> None:
                     help="seconds: an engine section is skipped when the last one would not fit before it")
     ap.add_argument("--moe-decode", default="fused,torch",
                     help="KVSERVE_MOE_DECODE modes of the engine's decode section, in turn (throughput: the first; "
-                         "fused is the default, torch the routing as torch ops and the pairs kernels)")
+                         "fused is the default, torch the routing as torch ops and the pairs kernels; fused-router "
+                         "and fused-chain the opt-in launch fusions)")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     args = ap.parse_args()
 
@@ -434,8 +448,8 @@ def main() -> None:
     layers = dict(zip(SHAPES, (int(n) for n in args.layers.split(","))))
     if "sweep" in only:
         section_sweep()
-    if "sweep-decode" in only:
-        section_sweep_decode()
+    if "sweep-decode" in only:  # the --models shapes only
+        section_sweep_decode(models)
     if "kernel" in only:
         try:
             section_kernel(bw, peak)

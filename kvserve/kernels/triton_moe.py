@@ -356,6 +356,7 @@ def fused_moe(
     config: dict[str, int] | None = None,  # sorted path tiles (else `sorted_config`)
     pairs_configs: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None,  # (gate/up, down)
     fused_decode: bool = False,  # "auto" takes "decode" where it would take "pairs"
+    decode_configs: tuple | None = None,  # the decode path's (gate/up, down) tiles, None = defaults
 ) -> torch.Tensor:  # [T, H]
     """`path`: "pairs" and "sorted" as the module docstring says; "decode" the pairs path's
     kernels of `triton_moe_decode` (PDL launches, unrolled K loops, all k experts per down tile).
@@ -375,7 +376,7 @@ def fused_moe(
     if path == "decode" or (path == "auto" and fused_decode and use_pairs(t, e, top_k)):
         from kvserve.kernels.triton_moe_decode import fused_moe_decode
 
-        return fused_moe_decode(x, w13, w2, topk_weights, topk_ids)
+        return fused_moe_decode(x, w13, w2, topk_weights, topk_ids, configs=decode_configs)
     ids = topk_ids.reshape(-1)
     if not ids.is_contiguous():
         ids = ids.contiguous()

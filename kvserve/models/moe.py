@@ -16,7 +16,12 @@ through it instead (`Ops.fused_moe`; CUDA: the Triton kernels of `kernels/triton
 host sync, so decode steps are captured in CUDA graphs). The routing goes through the platform
 too (`Ops.route_experts`: the torch ops above; on CUDA by default one Triton kernel,
 `kernels/triton_moe_decode.py`, whose expert kernels also run the decode batches of up to a few
-tokens; `KVSERVE_MOE_DECODE=torch` keeps the torch ops and the pairs kernels). Qwen3-MoE layers in
+tokens; `KVSERVE_MOE_DECODE=torch` keeps the torch ops and the pairs kernels). A platform may also
+take the post-attention add-and-norm into the routing (`Ops.moe_norm_route`; CUDA with
+`KVSERVE_MOE_DECODE=fused-router`: norm, router projection and routing in one launch): the layer
+(`MoEDecoderLayer`) then hands the attention block's output and the residual to
+`SparseMoE.forward_with_norm`; with `fused-chain` the expert kernels also apply the next layer's
+input norm (`Ops.fused_moe_norm`; `MoEForCausalLM.forward` tells each layer the norm after it). Qwen3-MoE layers in
 `mlp_only_layers`, or off the `decoder_sparse_step` grid, keep a dense MLP.
 
 Tensor parallelism: every rank routes the same way (the router is replicated) and holds a slice
@@ -38,8 +43,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
+from kvserve.attention.base import AttentionMetadata
 from kvserve.core.config import ModelConfig
 from kvserve.distributed import parallel_state as ps
+from kvserve.models.layers import StepRope
 from kvserve.models.llama import LlamaDecoderLayer, LlamaForCausalLM
 
 if TYPE_CHECKING:
@@ -93,10 +100,68 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]; a partial sum under TP
         weights, ids = self.route(x)
+        return self.experts_forward(x, weights, ids)
+
+    def experts_forward(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         fused = self.ops.fused_moe(self, x, weights, ids)
         if fused is not None:
             return fused
         return expert_loop(self.experts, x, weights, ids)
+
+    def forward_with_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, norm: nn.Module, next_norm: nn.Module | None = None
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None] | None:
+        """From the attention block's output `x`, the norm before this MLP included, where the
+        platform does the add-and-norm, router and routing as one op (`Ops.moe_norm_route`):
+        (this layer's output, x + residual, None), or, where the platform also takes the next
+        block's add-and-norm `next_norm` into the experts (`Ops.fused_moe_norm`), (None, the
+        residual after this layer, next_norm(that residual)). None where the platform has no
+        such op. One process only (no partial sums)."""
+        routed = self.ops.moe_norm_route(self, x, residual, norm)
+        if routed is None:
+            return None
+        h, residual, weights, ids = routed
+        if next_norm is not None:
+            chained = self.ops.fused_moe_norm(self, h, weights, ids, residual, next_norm)
+            if chained is not None:
+                normed, residual = chained
+                return None, residual, normed
+        return self.experts_forward(h, weights, ids), residual, None
+
+
+class MoEDecoderLayer(LlamaDecoderLayer):
+    """Llama's decoder layer whose sparse MLP may take the post-attention add-and-norm into its
+    routing op (`SparseMoE.forward_with_norm`) and the next block's add-and-norm into its expert
+    kernels. Called with `next_norm` (`MoEForCausalLM.forward`, one process) it returns
+    (output or None, residual, next_norm's output or None): with `normed` given, `x` is None and
+    `normed` is this layer's input norm already applied (by the layer before). Without
+    `next_norm` it is exactly Llama's layer: (output, residual)."""
+
+    def forward(
+        self,
+        rope: StepRope,
+        x: torch.Tensor | None,
+        residual: torch.Tensor | None,
+        kv_cache: torch.Tensor,
+        md: AttentionMetadata,
+        normed: torch.Tensor | None = None,
+        next_norm: nn.Module | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+        chain = next_norm is not None
+        if normed is None and (not isinstance(self.mlp, SparseMoE) or ps.get_tp().enabled):
+            out = super().forward(rope, x, residual, kv_cache, md)
+            return (*out, None) if chain else out
+        if normed is None:
+            h, residual = ps.all_reduce_rmsnorm(x, residual, self.input_layernorm)
+        else:
+            h = normed
+        h = self.self_attn(rope, h, kv_cache, md)
+        done = self.mlp.forward_with_norm(h, residual, self.post_attention_layernorm, next_norm) \
+            if isinstance(self.mlp, SparseMoE) else None
+        if done is None:
+            h, residual = ps.all_reduce_rmsnorm(h, residual, self.post_attention_layernorm)
+            done = self.mlp(h), residual, None
+        return done if chain else done[:2]
 
 
 class MoEForCausalLM(LlamaForCausalLM):
@@ -124,11 +189,35 @@ class MoEForCausalLM(LlamaForCausalLM):
         self.expert_inter = inter
         layers = nn.ModuleList()
         for i in range(cfg.num_layers):
-            layer = LlamaDecoderLayer(cfg, b)
+            layer = MoEDecoderLayer(cfg, b)
             if num_experts > 0 and i not in dense and (i + 1) % step == 0:
                 layer.mlp = SparseMoE(cfg, b, num_experts, top_k, inter, renorm)
             layers.append(layer)
         return layers
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        kv_caches: list[torch.Tensor],
+        md: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, hidden]
+        """Llama's forward, except that each layer is told the norm after it (the next layer's
+        input norm, or the final norm), which a sparse layer's expert kernels may apply
+        (`MoEDecoderLayer`); under tensor parallelism exactly Llama's."""
+        if self.tp.enabled:
+            return super().forward(input_ids, positions, kv_caches, md)
+        h: torch.Tensor | None = self.embed_tokens(input_ids)
+        rope = self.rotary.for_step(positions, h.dtype)
+        residual = normed = None
+        n = len(self.layers)
+        for i, (layer, cache) in enumerate(zip(self.layers, kv_caches)):
+            after = self.layers[i + 1].input_layernorm if i + 1 < n else self.norm
+            h, residual, normed = layer(rope, h, residual, cache, md, normed=normed, next_norm=after)
+        if normed is not None:
+            return normed
+        h, _ = ps.all_reduce_rmsnorm(h, residual, self.norm)
+        return h
 
     def _decode_stack(self, input_ids: torch.Tensor) -> Any:
         return None  # the one-call CPU stacks implement dense MLPs only

@@ -96,6 +96,22 @@ class Ops:
             weights /= weights.sum(dim=-1, keepdim=True)
         return weights.to(dtype), ids
 
+    def moe_norm_route(
+        self, moe: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor, norm: torch.nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """A sparse layer's post-attention add-and-RMSNorm, router projection and routing as one
+        op where the platform has one for this batch: (norm(x + residual), x + residual, weights
+        [T, k], ids [T, k]); else None (the layer runs the norm, then `route_experts`)."""
+        return None
+
+    def fused_moe_norm(
+        self, moe: torch.nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+        residual: torch.Tensor, norm: torch.nn.Module,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`fused_moe` followed by the next pre-norm block's add-and-RMSNorm as one op where the
+        platform has one for this batch: (norm(out + residual), out + residual); else None."""
+        return None
+
     def fused_moe(
         self, moe: torch.nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
     ) -> torch.Tensor | None:

@@ -2,7 +2,8 @@
 a step that samples one row), which reads the weights faster than cuBLAS at every Llama shape
 measured (see `triton_ops.gemv_config`); cuBLAS (`F.linear`) for every other row count. A fused
 gate/up projection gets the GEMV with SiLU·mul in its epilogue, a fused qkv projection the GEMV
-with RoPE (and the K/V cache write) in its epilogue."""
+with RoPE (and the K/V cache write) in its epilogue, and with `KVSERVE_QK_NORM_GEMV=1` one with
+Qwen3's q/k norm as well (`models/triton_qk_norm.py`)."""
 
 from __future__ import annotations
 
@@ -45,3 +46,20 @@ class TritonGemvLinearMethod(DenseLinearMethod):
 
             return triton_ops.gemv_rope_(x, layer.weight, layer.bias, *args)
         return None
+
+    def apply_qkv_norm_rope(self, layer: Linear, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
+                            hq: int, hkv: int, d: int, q_norm: torch.nn.Module, k_norm: torch.nn.Module,
+                            kv_cache: torch.Tensor | None, slots: torch.Tensor | None) -> torch.Tensor | None:
+        """The qkv GEMV with the per-head q/k norm, RoPE and the K/V store in its epilogue
+        (`triton_qk_norm.gemv_qk_norm_rope_`) for one row without bias; None otherwise."""
+        if not _one_row(layer, x) or layer.bias is not None or d & (d - 1) or q_norm.eps != k_norm.eps:
+            return None
+        from kvserve.models import triton_qk_norm
+
+        counts = getattr(layer, "_qk_counts", None)
+        if counts is None or counts.device != x.device:
+            # Allocated on the first (eager) step, before any CUDA graph is captured; the kernel
+            # leaves the counters at zero.
+            counts = layer._qk_counts = torch.zeros(hq + hkv, dtype=torch.int32, device=x.device)
+        return triton_qk_norm.gemv_qk_norm_rope_(x, layer.weight, positions, cos_sin, hq, hkv, d, q_norm.weight,
+                                                 k_norm.weight, q_norm.eps, counts, kv_cache, slots)

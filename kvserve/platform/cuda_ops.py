@@ -5,14 +5,18 @@ table of every position built once per model (before any CUDA graph is captured)
 k in place inside the fused qkv output, applies the per-head q/k norm on the way and, for an
 attention backend that allows it, stores k and v in the paged cache (one launch less). For one
 row the projection itself joins in: the qkv GEMV with RoPE in its epilogue
-(`TritonGemvLinearMethod.apply_qkv_rope`). A sparse MoE layer's experts run as the fused
+(`TritonGemvLinearMethod.apply_qkv_rope`; with Qwen3's q/k norm too when `KVSERVE_QK_NORM_GEMV=1`,
+`apply_qkv_norm_rope`). A sparse MoE layer's experts run as the fused
 Triton MoE (`kernels/triton_moe.py`) over the weights `platform/cuda_moe.py` stacked; by default
 (`KVSERVE_MOE_DECODE=fused`) its routing is one Triton launch and the decode batches the pairs path
 would take run the PDL expert kernels of `kernels/triton_moe_decode.py`; `KVSERVE_MOE_DECODE=torch`
-keeps the routing as torch ops and the pairs kernels.
+keeps the routing as torch ops and the pairs kernels; `KVSERVE_MOE_DECODE=fused-router` also does a
+decode batch's post-attention add-and-norm, router projection and routing in one launch.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -22,13 +26,25 @@ from kvserve.models.linear import Linear
 from kvserve.models.ops import Ops
 
 
+def qk_norm_gemv_mode() -> bool:
+    """`KVSERVE_QK_NORM_GEMV`: "1" gives one-row qkv projections with a q/k norm (Qwen3, Qwen3-MoE)
+    the GEMV with the norm, RoPE and the K/V store in its epilogue (`models/triton_qk_norm.py`);
+    "0" (the default) keeps the GEMV then the `rope_qk_` kernel; other values are an error."""
+    value = os.environ.get("KVSERVE_QK_NORM_GEMV", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"KVSERVE_QK_NORM_GEMV must be 0 or 1 (got {value!r})")
+    return value == "1"
+
+
 class CudaTritonOps(Ops):
     name = "cuda-triton"
 
     def __init__(self) -> None:
-        from kvserve.platform.cuda_moe import moe_decode_mode
+        from kvserve.platform.cuda_moe import moe_decode_mode, moe_decode_tiles
 
         self.moe_decode = moe_decode_mode()  # KVSERVE_MOE_DECODE, checked when the engine is built
+        self.moe_decode_tiles = moe_decode_tiles()  # KVSERVE_MOE_DECODE_TILES, likewise
+        self.qk_norm_gemv = qk_norm_gemv_mode()  # KVSERVE_QK_NORM_GEMV, likewise
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return fused_ops.rmsnorm(x, weight, eps)
@@ -74,6 +90,10 @@ class CudaTritonOps(Ops):
             qkv = qkv_proj.method.apply_qkv_rope(
                 qkv_proj, x, rope.positions, rope.cos_sin_table, hq, hkv, d, cache, slots
             )
+        elif self.qk_norm_gemv and k_norm is not None:  # the same with the q/k norm (opt-in)
+            fused = getattr(qkv_proj.method, "apply_qkv_norm_rope", None)
+            if fused is not None:
+                qkv = fused(qkv_proj, x, rope.positions, rope.cos_sin_table, hq, hkv, d, q_norm, k_norm, cache, slots)
         if qkv is None:
             qkv = qkv_proj(x)  # [T, (Hq + 2 Hkv) D]; q/k norm + rotation in one kernel, in place
             fused_ops.rope_qk_(
@@ -93,12 +113,55 @@ class CudaTritonOps(Ops):
 
         w13, w2 = stacked
         return triton_moe.fused_moe(x.contiguous(), w13, w2, topk_weights, topk_ids,
-                                    fused_decode=self.moe_decode == "fused")
+                                    fused_decode=self.moe_decode != "torch", decode_configs=self.moe_decode_tiles)
+
+    def moe_norm_route(
+        self, moe: torch.nn.Module, x: torch.Tensor, residual: torch.Tensor, norm: torch.nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """`KVSERVE_MOE_DECODE=fused-router`: the add-and-norm, router and routing of a decode
+        batch in one launch (`triton_moe_decode.norm_route`)."""
+        from kvserve.kernels import triton_moe_decode as tmd
+
+        router = moe.gate.weight
+        if (self.moe_decode not in ("fused-router", "fused-chain") or not x.is_cuda or x.dim() != 2
+                or x.shape[0] > tmd.NORM_ROUTE_MAX_ROWS or not isinstance(router, torch.Tensor)
+                or router.dtype != x.dtype or residual.dtype != x.dtype or norm.weight.dtype != x.dtype
+                or moe.gate.bias is not None):
+            return None
+        counts = getattr(moe, "_route_counts", None)
+        if counts is None or counts.device != x.device:
+            # Allocated on the first (eager) step, before any CUDA graph is captured; the kernel
+            # leaves the counters at zero.
+            counts = moe._route_counts = torch.zeros(tmd.NORM_ROUTE_MAX_ROWS, dtype=torch.int32, device=x.device)
+        stacked = getattr(moe, "stacked_experts", None)  # its gate/up rows are prefetched into L2
+        return tmd.norm_route(x.contiguous(), residual.contiguous(), norm.weight, norm.eps, router,
+                              moe.top_k, moe.renorm, counts, w13=stacked[0] if stacked is not None else None)
+
+    def fused_moe_norm(
+        self, moe: torch.nn.Module, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+        residual: torch.Tensor, norm: torch.nn.Module,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """`KVSERVE_MOE_DECODE=fused-chain`: the decode expert kernels with the next add-and-norm in
+        the down kernel's epilogue (`fused_moe_decode(next_norm=...)`) -> (norm(out + residual),
+        out + residual), for the batches the decode kernels take; else None."""
+        from kvserve.kernels import triton_moe, triton_moe_decode as tmd
+
+        stacked = getattr(moe, "stacked_experts", None)
+        if (self.moe_decode != "fused-chain" or stacked is None or not x.is_cuda or x.dtype != stacked[0].dtype
+                or x.shape[0] > tmd.NORM_ROUTE_MAX_ROWS or residual.dtype != x.dtype or norm.weight.dtype != x.dtype
+                or not triton_moe.use_pairs(x.shape[0], stacked[0].shape[0], topk_ids.shape[1])):
+            return None
+        counts = getattr(moe, "_norm_counts", None)
+        if counts is None or counts.device != x.device:  # first (eager) step, as moe_norm_route's
+            counts = moe._norm_counts = torch.zeros(tmd.NORM_ROUTE_MAX_ROWS, dtype=torch.int32, device=x.device)
+        w13, w2 = stacked
+        return tmd.fused_moe_decode(x.contiguous(), w13, w2, topk_weights, topk_ids, configs=self.moe_decode_tiles,
+                                    next_norm=(residual.contiguous(), norm.weight, norm.eps, counts))
 
     def route_experts(
         self, logits: torch.Tensor, top_k: int, renorm: bool, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.moe_decode != "fused" or not logits.is_cuda:
+        if self.moe_decode == "torch" or not logits.is_cuda:
             return super().route_experts(logits, top_k, renorm, dtype)
         from kvserve.kernels import triton_moe_decode
 

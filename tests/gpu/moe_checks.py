@@ -95,6 +95,60 @@ def check_decode(t: int, e: int, k: int, hidden: int, inter: int, device: str, d
     return rel
 
 
+def check_norm_route(t: int, e: int, k: int, hidden: int, renorm: bool, device: str, dtype: torch.dtype,
+                     seed: int = 0) -> None:
+    """`triton_moe_decode.norm_route` (add-and-RMSNorm, router projection and routing in one launch)
+    against the torch chain: the same experts in the same order, the same norm and residual, the
+    weights up to rounding; the arrival counters are left at zero (a second call agrees)."""
+    from kvserve.kernels import triton_moe_decode
+    from kvserve.models.ops import Ops
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(t, hidden, generator=g).to(device, dtype)
+    res = torch.randn(t, hidden, generator=g).to(device, dtype)
+    nw = (1 + 0.1 * torch.randn(hidden, generator=g)).to(device, dtype)
+    router = (torch.randn(e, hidden, generator=g) / hidden**0.5).to(device, dtype)
+    counts = torch.zeros(triton_moe_decode.NORM_ROUTE_MAX_ROWS, dtype=torch.int32, device=device)
+    s = (x.float() + res.float()).to(dtype)
+    sf = s.float()
+    h_ref = (nw.float() * (sf * torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype).float()).to(dtype)
+    w_ref, ids_ref = Ops().route_experts((h_ref.float() @ router.float().t()).to(dtype), k, renorm, dtype)
+    for _ in range(2):
+        h, s_out, w, ids = triton_moe_decode.norm_route(x, res, nw, 1e-6, router, k, renorm, counts)
+        assert torch.equal(s_out, s), "residual sum"
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(h.float(), h_ref.float(), rtol=tol, atol=tol)
+        assert torch.equal(ids.cpu(), ids_ref.cpu()), f"norm_route t={t} e={e} k={k}: {ids} vs {ids_ref}"
+        torch.testing.assert_close(w.float(), w_ref.float(), rtol=tol, atol=tol)
+        assert int(counts.abs().sum()) == 0, "arrival counters not reset"
+
+
+def check_decode_next_norm(t: int, e: int, k: int, hidden: int, inter: int, device: str, dtype: torch.dtype,
+                           tol: float, configs=None) -> None:
+    """`fused_moe_decode(next_norm=...)` (the next add-and-RMSNorm in the down kernel's epilogue)
+    against the same experts without it followed by the norm: the residual bit for bit, the norm
+    within `tol`; the arrival counters are left at zero (a second call agrees)."""
+    from kvserve.kernels import triton_moe_decode
+
+    g = torch.Generator().manual_seed(t + 11)
+    x = torch.randn(t, hidden, generator=g).to(device, dtype)
+    res = torch.randn(t, hidden, generator=g).to(device, dtype)
+    nw = (1 + 0.1 * torch.randn(hidden, generator=g)).to(device, dtype)
+    w13, w2 = weights(e, hidden, inter, device, dtype)
+    w, ids = route(t, e, k, device, dtype, seed=t + 3)
+    out = triton_moe_decode.fused_moe_decode(x, w13, w2, w, ids, configs=configs)
+    s_ref = (out.float() + res.float()).to(dtype)
+    sf = s_ref.float()
+    h_ref = (nw.float() * (sf * torch.rsqrt(sf.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype).float()).to(dtype)
+    counts = torch.zeros(triton_moe_decode.NORM_ROUTE_MAX_ROWS, dtype=torch.int32, device=device)
+    for _ in range(2):
+        h, s = triton_moe_decode.fused_moe_decode(x, w13, w2, w, ids, configs=configs,
+                                                  next_norm=(res, nw, 1e-5, counts))
+        assert torch.equal(s, s_ref), "residual sum"
+        torch.testing.assert_close(h.float(), h_ref.float(), rtol=tol, atol=tol)
+        assert int(counts.abs().sum()) == 0, "arrival counters not reset"
+
+
 def run_interpret() -> None:
     """Tiny fp32 shapes on the CPU (TRITON_INTERPRET=1): both paths, ragged sizes."""
     for t, e, k, bm in ((5, 8, 2, 16), (3, 4, 3, 16), (40, 6, 2, 16), (70, 5, 3, 16)):
@@ -108,10 +162,15 @@ def run_interpret() -> None:
     # the default decode path (KVSERVE_MOE_DECODE=fused): router, then experts
     for t, e, k, renorm in ((1, 8, 2, True), (3, 5, 3, False), (2, 128, 8, True), (4, 6, 6, False)):
         check_route(t, e, k, renorm, "cpu", torch.float32, seed=t)
+    for t, e, k, hidden, renorm in ((1, 128, 8, 64, True), (3, 6, 2, 40, False), (2, 5, 5, 32, True)):
+        check_norm_route(t, e, k, hidden, renorm, "cpu", torch.float32, seed=t)
     check_decode(1, 8, 2, 64, 48, "cpu", torch.float32, 1e-5)
     check_decode(3, 6, 3, 40, 24, "cpu", torch.float32, 1e-5)  # ragged K, k not a power of 2
     check_decode(2, 8, 4, 60, 36, "cpu", torch.float32, 1e-5, configs=((8, 16, 4), (8, 16, 4, 2)))  # ragged N, K
     check_decode(1, 4, 1, 64, 32, "cpu", torch.float32, 1e-5, configs=((4, 64, 4), (2, 32, 4, 0)))  # no preload
+    check_decode(2, 8, 4, 60, 36, "cpu", torch.float32, 1e-5, configs=(None, (4, 16, 8, 4)))  # one default side
+    check_decode_next_norm(1, 8, 2, 64, 48, "cpu", torch.float32, 1e-5)
+    check_decode_next_norm(3, 6, 3, 40, 24, "cpu", torch.float32, 1e-5, configs=((8, 16, 4), (8, 16, 4, 2)))
     print("interpret checks passed")
 
 

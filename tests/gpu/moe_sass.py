@@ -41,19 +41,41 @@ def decode_gate_up(e: int, k: int, hidden: int, inter: int, cfg=None):
     return compile_sm90(tmd._gate_up_kernel, rt, ce, aligned, warps), 2 * bn * hidden / (warps * 32)
 
 
-def decode_down(e: int, k: int, hidden: int, inter: int, cfg=None):
+def decode_down(e: int, k: int, hidden: int, inter: int, cfg=None, next_norm: bool = False):
     bn, bk, warps, pre = cfg or tmd.down_config(hidden, inter, k)
     rt = {"h_ptr": "*bf16", "w_ptr": "*bf16", "ids_ptr": "*i64", "wts_ptr": "*bf16", "out_ptr": "*bf16",
-          **{s: "i32" for s in _STRIDES}}
-    ce = dict(N=hidden, K=inter, TOP_K=k, K_PAD=triton.next_power_of_2(k), BLOCK_N=bn, BLOCK_K=bk, PRE=pre, PDL=True)
-    aligned = ["h_ptr", "w_ptr", "ids_ptr", "wts_ptr", "out_ptr", "stride_h", "stride_we", "stride_wn", "stride_o"]
+          "res_ptr": "*bf16", "nw_ptr": "*bf16", "hn_ptr": "*bf16", "res_out_ptr": "*bf16", "count_ptr": "*i32",
+          "stride_r": "i32", "stride_hn": "i32", "stride_ro": "i32", "eps": "fp32", **{s: "i32" for s in _STRIDES}}
+    ce = dict(N=hidden, K=inter, TOP_K=k, K_PAD=triton.next_power_of_2(k), BLOCK_N=bn, BLOCK_K=bk, PRE=pre, PDL=True,
+              NEXT_NORM=next_norm, N_PAD=triton.next_power_of_2(hidden))
+    aligned = ["h_ptr", "w_ptr", "ids_ptr", "wts_ptr", "out_ptr", "stride_h", "stride_we", "stride_wn", "stride_o",
+               "res_ptr", "nw_ptr", "hn_ptr", "res_out_ptr", "count_ptr", "stride_r", "stride_hn", "stride_ro"]
     return compile_sm90(tmd._down_kernel, rt, ce, aligned, warps), k * bn * inter / (warps * 32)
+
+
+def decode_down_next_norm(e: int, k: int, hidden: int, inter: int):
+    return decode_down(e, k, hidden, inter, next_norm=True)
 
 
 def route_kernel(e: int, k: int, hidden: int, inter: int):
     rt = {"logits_ptr": "*bf16", "wts_ptr": "*bf16", "ids_ptr": "*i64", "E": "i32", "stride_l": "i32"}
     ce = dict(TOP_K=k, K_PAD=triton.next_power_of_2(k), E_PAD=triton.next_power_of_2(e), RENORM=True, PDL=True)
     return compile_sm90(tmd._route_kernel, rt, ce, ["logits_ptr", "wts_ptr", "ids_ptr", "stride_l"], 1), 0
+
+
+def norm_route_kernel(e: int, k: int, hidden: int, inter: int):
+    block_e, warps = tmd.norm_route_config(e, hidden)
+    rt = {"x_ptr": "*bf16", "res_ptr": "*bf16", "nw_ptr": "*bf16", "h_ptr": "*bf16", "res_out_ptr": "*bf16",
+          "rw_ptr": "*bf16", "logits_ptr": "*bf16", "count_ptr": "*i32", "wts_ptr": "*bf16", "ids_ptr": "*i64",
+          "E": "i32", "stride_x": "i32", "stride_r": "i32", "stride_h": "i32", "stride_ro": "i32", "stride_rw": "i32",
+          "eps": "fp32", "w13_ptr": "*bf16", "stride_we": "i32", "up_offset": "i32"}
+    ce = dict(H=hidden, H_PAD=triton.next_power_of_2(hidden), BLOCK_E=block_e, TOP_K=k,
+              K_PAD=triton.next_power_of_2(k), E_PAD=triton.next_power_of_2(e), RENORM=True, PDL=True,
+              PREFETCH=tmd.PREFETCH_ROWS * hidden * 2)
+    aligned = ["x_ptr", "res_ptr", "nw_ptr", "h_ptr", "res_out_ptr", "rw_ptr", "logits_ptr", "count_ptr", "wts_ptr",
+               "ids_ptr", "stride_x", "stride_r", "stride_h", "stride_ro", "stride_rw", "w13_ptr", "stride_we",
+               "up_offset"]
+    return compile_sm90(tmd._norm_route_kernel, rt, ce, aligned, warps), 0
 
 
 def pairs_gate_up(e: int, k: int, hidden: int, inter: int):
@@ -110,8 +132,11 @@ def main() -> int:
     args = ap.parse_args()
     failures: list[str] = []
     for shape_name, shape in SHAPES.items():
-        for label, build, strict in (("route", route_kernel, False), ("decode_gate_up", decode_gate_up, True),
-                                     ("decode_down", decode_down, True), ("pairs_gate_up", pairs_gate_up, False),
+        for label, build, strict in (("route", route_kernel, False), ("norm_route", norm_route_kernel, False),
+                                     ("decode_gate_up", decode_gate_up, True),
+                                     ("decode_down", decode_down, True),
+                                     ("decode_down_next_norm", decode_down_next_norm, True),
+                                     ("pairs_gate_up", pairs_gate_up, False),
                                      ("pairs_down", pairs_down, False)):
             kernel, per_thread = build(*shape)
             f, _ = report(f"{shape_name}_{label}", kernel, per_thread, args.dump, strict)
