@@ -562,7 +562,7 @@ def _w4_operands(x: torch.Tensor, qw, words: bool | None):
     xkind = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}.get(x.dtype)
     if xkind is None:
         return None
-    xw = x if xkind == 2 else x.view(torch.int64)
+    xw = x if xkind == 2 else x.reshape(-1).view(torch.int64)  # (one row: the reshape is a view)
     return xw, q.view(torch.int32), xkind
 
 
