@@ -9,6 +9,11 @@ kernels: Llama-3.1-8B projection shapes; one row: the bf16 Triton GEMV and the q
     (GB/s of the bytes each reads; weights rotated over > 200 MB so L2 holds none); a few GEMV
     configs per format; several rows: the dequantizing Triton GEMM, dequantize + cuBLAS, FP8
     _scaled_mm, bf16 cuBLAS.
+gemv1: the one-row GEMVs at their defaults (int8, int4, Q4_0) and the 4-bit GEMV a code at a
+    time vs int32 words (KVSERVE_INT4_GEMV=codes / words) per projection as the engine calls it
+    (qkv + RoPE, gate_up + SiLU), % of floor, and the word kernel's tile sweep.
+decode1: batch-1 decode ms/token and % of floor only, one engine per --decode1 variant
+    (default int4:codes,int4:words).
 decode: Llama-3.1-8B shapes, random weights, one engine per format (bf16, int8, int4, fp8):
     batch-1 decode ms/token (128-token prompt, 256 new) against the floor = bytes one step
     reads (quantized weights + KV) / the best large bf16 GEMV's read bandwidth in this run;
@@ -409,6 +414,36 @@ def section_decode(root: Path, bw: float, flops: float, schemes: list[str]) -> N
         torch.cuda.empty_cache()
 
 
+def section_decode1(root: Path, bw: float, variants: list[str]) -> None:
+    """Batch-1 decode only (Llama-3.1-8B shapes, as `section_decode`), per variant: a scheme, with
+    `:words` / `:codes` the one-row 4-bit GEMV's decode (KVSERVE_INT4_GEMV) for that engine."""
+    name = "Llama-3.1-8B"
+    for variant in variants:
+        scheme, _, mode = variant.partition(":")
+        old = os.environ.get("KVSERVE_INT4_GEMV")
+        if mode:
+            os.environ["KVSERVE_INT4_GEMV"] = mode
+        try:
+            llm = LLM(gb.model_folder(name, root), load_format="dummy", max_model_len=4096, max_num_seqs=16,
+                      max_num_batched_tokens=16384, enable_prefix_caching=False, gpu_memory_utilization=0.6,
+                      quantization=None if scheme == "bf16" else scheme)
+            wbytes = read_bytes(llm.engine.runner.model)
+            floor = (wbytes + gb.kv_bytes_per_token(llm.engine.model_config) * (128 + 128)) / bw
+            t = gb.kvserve_decode(llm)
+            RESULTS[f"decode1/{name}/{variant}"] = {"weight_GB": wbytes / 1e9, "floor_ms": floor * 1e3,
+                                                    "decode_ms": t * 1e3, "pct_floor": 100 * floor / t}
+            log(f"[decode1] {name} {variant}: weights read {wbytes / 1e9:.2f} GB; batch-1 {t * 1e3:.3f} ms/tok, floor "
+                f"{floor * 1e3:.3f} ms -> {100 * floor / t:.1f}% of floor")
+            del llm
+        finally:
+            if old is None:
+                os.environ.pop("KVSERVE_INT4_GEMV", None)
+            else:
+                os.environ["KVSERVE_INT4_GEMV"] = old
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def section_throughput(root: Path, schemes: list[str]) -> None:
     name = "Qwen3-0.6B"
     folder = gb.model_folder(name, root)
@@ -501,9 +536,11 @@ def section_peer(peer_dir: Path, bw: float, modes: list[str], prompt_len: int = 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="kernels,decode,throughput,peer", help="kernels, kernels1 (one-row GEMVs only), gemv (quantized GEMVs vs bf16, every format, tile sweep), gemv1 (the same, int8 / int4 / Q4_0, no sweep of the code-at-a-time kernel; the int32-word int4 GEMV vs a code at a time, with its tile sweep), qmm (several rows: GEMM vs dequantize + cuBLAS), decode, throughput, peer")
+    ap.add_argument("--only", default="kernels,decode,throughput,peer", help="kernels, kernels1 (one-row GEMVs only), gemv (quantized GEMVs vs bf16, every format, tile sweep), gemv1 (the same, int8 / int4 / Q4_0, no sweep of the code-at-a-time kernel; the int32-word int4 GEMV vs a code at a time, with its tile sweep), qmm (several rows: GEMM vs dequantize + cuBLAS), decode, decode1 (batch-1 decode only, --decode1 variants), throughput, peer")
     ap.add_argument("--schemes", default="bf16,int8,int4,fp8")
     ap.add_argument("--tp-schemes", default="bf16,int4,fp8")
+    ap.add_argument("--decode1", default="int4:codes,int4:words",
+                    help="decode1 (batch-1 decode only): schemes, ':words' / ':codes' the int4 GEMV's decode")
     ap.add_argument("--peer-dir", default="peer")
     ap.add_argument("--peer-modes", default="int8,int4")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -516,7 +553,7 @@ def main() -> None:
     RESULTS["device"] = props.name
     root = Path(tempfile.mkdtemp())
     bw = flops = None
-    if only & {"decode", "peer"}:
+    if only & {"decode", "decode1", "peer"}:
         bw, flops = gb.ceilings()
         RESULTS["ceiling_GBps"], RESULTS["matmul_TFLOPs"] = bw / 1e9, flops / 1e12
         log(f"[ceilings] best large GEMV {bw / 1e9:.0f} GB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s")
@@ -527,6 +564,7 @@ def main() -> None:
         ("gemv1", lambda: section_gemv(quick=True)),  # the same for int8, int4 and Q4_0, no tile sweep
         ("qmm", section_qmm),  # several rows: the GEMM vs dequantize + cuBLAS and bf16 cuBLAS
         ("decode", lambda: section_decode(root, bw, flops, args.schemes.split(","))),
+        ("decode1", lambda: section_decode1(root, bw, args.decode1.split(","))),
         ("throughput", lambda: section_throughput(root, args.tp_schemes.split(","))),
         ("peer", lambda: section_peer(Path(args.peer_dir), bw, args.peer_modes.split(","))),
     ]

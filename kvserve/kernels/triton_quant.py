@@ -531,10 +531,15 @@ GEMV_CONFIG = {"int4": (4, 1024, 4), "int8": (2, 1024, 4), "fp8": (2, 1024, 4)}
 # BLOCK_K cap, num_warps, PREFETCH). A thread holds rows / (warps * 32 / (BLOCK_K / 32)) rows of
 # one 32-column chunk, so (32, 1024, 4) is 8 rows a thread (3.4 SASS instructions a weight in the
 # K loop, sm_90) and (16, 1024, 4) 4 (3.8). Not yet timed on a GPU: `benchmarks/gpu_quant_bench.py
-# --only gemv1` times the configs of INT4_WORDS_SWEEP against the code-at-a-time kernel.
+# --only gemv1` times the configs of INT4_WORDS_SWEEP against the code-at-a-time kernel. Until
+# then: 8 rows a thread where there are outputs enough to fill the GPU with them (gate/up), else 4
+# rows a thread with the next tile prefetched (more loads in flight from fewer threads).
 INT4_WORDS_CONFIG = (32, 1024, 4, False)
-INT4_WORDS_SWEEP = [(16, 1024, 4, False), (32, 1024, 4, False), (32, 1024, 4, True), (16, 1024, 4, True),
-                    (32, 512, 4, False), (32, 1024, 8, False), (64, 1024, 8, False), (64, 1024, 8, True)]
+INT4_WORDS_CONFIG_NARROW = (16, 1024, 4, True)  # fewer than INT4_WORDS_WIDE weight rows
+INT4_WORDS_WIDE = 16384
+INT4_WORDS_SWEEP = [(16, 1024, 4, False), (16, 1024, 4, True), (32, 1024, 4, False), (32, 1024, 4, True),
+                    (32, 1024, 8, False), (32, 1024, 8, True), (8, 1024, 4, False), (64, 1024, 8, False),
+                    (32, 2048, 8, False)]
 # RoPE variant (qkv): (row pairs a program, BLOCK_K cap, num_warps, PREFETCH).
 INT4_WORDS_ROPE_CONFIG = (8, 1024, 2, False)
 INT4_GEMV_MODES = ("codes", "words")
@@ -592,7 +597,7 @@ def qgemv(x: torch.Tensor, qw, bias: torch.Tensor | None = None, silu: bool = Fa
     w4 = _w4_operands(x, qw, words)
     if w4 is not None:
         xw, codes, xkind = w4
-        rows, cap, warps, prefetch = config or INT4_WORDS_CONFIG
+        rows, cap, warps, prefetch = config or (INT4_WORDS_CONFIG if n >= INT4_WORDS_WIDE else INT4_WORDS_CONFIG_NARROW)
         block_n = rows // 2 if silu else rows
         _qgemv_kernel[(triton.cdiv(out_n, block_n),)](
             xw, codes, qw.scale, qw.offset if qw.offset is not None else qw.scale,

@@ -102,7 +102,8 @@ def main() -> int:
     per_old, _ = report(f"codes_bf16_g128_r{bn}_k{cap}_w{warps}", qgemv(False, "bf16", bn, cap, warps),
                         per_thread(bn, cap, warps), args.dump, strict=False)
     default = tq.INT4_WORDS_CONFIG
-    cfgs = [default] + ([] if args.quick else [c for c in tq.INT4_WORDS_SWEEP if c != default])
+    cfgs = [default, tq.INT4_WORDS_CONFIG_NARROW]
+    cfgs += [] if args.quick else [c for c in tq.INT4_WORDS_SWEEP if c not in cfgs]
     per_new = None
     for i, (r, bk, w, pf) in enumerate(cfgs):
         # the default in every activation dtype / group / offset form; the sweep in bf16, g128
