@@ -141,21 +141,23 @@ def _nib_pair(w, mask, magic, SUB: tl.constexpr):
 
 @triton.jit
 def _ld(p):
-    """tl.load(p) of 16-, 32- or 64-bit values as inline PTX (ld.global.nc): elementwise, so the
-    values come in the layout of the address computation (that of their consumers), where a
-    tl.load gets a coalesced layout of its own and a conversion (shared memory) to the
-    consumers'. 16-bit floats come as fp16 / bf16, other values as integers of their width."""
+    """tl.load(p) of 16-, 32- or 64-bit values as inline PTX (ld.global, as tl.load emits: not the
+    non-coherent path, as x is written by the kernel before, which runs alongside under PDL):
+    elementwise, so the values come in the layout of the address computation (that of their
+    consumers), where a tl.load gets a coalesced layout of its own and a conversion (shared
+    memory) to the consumers'. 16-bit floats come as fp16 / bf16, 32-bit ones as fp32, 64-bit
+    values as int64."""
     if _PTX:
         ty: tl.constexpr = p.dtype.element_ty
         if ty.primitive_bitwidth == 64:
-            v = tl.inline_asm_elementwise("ld.global.nc.b64 $0, [$1];", "=l,l", [p], dtype=tl.int64,
-                                          is_pure=True, pack=1)
+            v = tl.inline_asm_elementwise("ld.global.b64 $0, [$1];", "=l,l", [p], dtype=tl.int64,
+                                          is_pure=False, pack=1)
         elif ty.primitive_bitwidth == 32:
-            v = tl.inline_asm_elementwise("ld.global.nc.b32 $0, [$1];", "=r,l", [p], dtype=tl.int32,
-                                          is_pure=True, pack=1).to(ty, bitcast=True)
+            v = tl.inline_asm_elementwise("ld.global.b32 $0, [$1];", "=r,l", [p], dtype=tl.int32,
+                                          is_pure=False, pack=1).to(ty, bitcast=True)
         else:
-            v = tl.inline_asm_elementwise("ld.global.nc.b16 $0, [$1];", "=h,l", [p], dtype=tl.int16,
-                                          is_pure=True, pack=1).to(ty, bitcast=True)
+            v = tl.inline_asm_elementwise("ld.global.b16 $0, [$1];", "=h,l", [p], dtype=tl.int16,
+                                          is_pure=False, pack=1).to(ty, bitcast=True)
     else:
         v = tl.load(p)
     return v
