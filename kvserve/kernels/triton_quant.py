@@ -15,7 +15,10 @@ Kernels:
   rows and dequantizes in registers: per 32-column chunk it sums q·x, then applies the chunk's
   scale (and offset · Σx) once, so the inner loop is one convert and one FMA per weight.
   Epilogues as the bf16 GEMV's: SiLU·mul for a fused gate/up projection (`SILU`), RoPE and the
-  paged K/V store for a fused qkv projection (`qgemv_rope_`).
+  paged K/V store for a fused qkv projection (`qgemv_rope_`). 4-bit weights can take a second
+  decode, `_dot_rows_w4` (KVSERVE_INT4_GEMV=words, opt-in until timed): the codes read as int32
+  words, two made fp16 per LOP3, the activations loaded in the weight tile's layout and shared
+  by the rows a thread holds (3.4 SASS instructions a weight against 7.7).
 - `qmm` (2 or more rows): a dequantizing GEMM: each weight tile is dequantized in registers
   to the activations' dtype and multiplied on the tensor cores (`tl.dot`). int8 tiles read the
   codes as int32 words and make two codes fp16 per bit operation (`_deq_tile_w`: 5-15% faster
