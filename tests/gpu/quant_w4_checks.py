@@ -1,7 +1,7 @@
 """Checks of the int32-word 4-bit GEMV (`triton_quant._dot_rows_w4`, KVSERVE_INT4_GEMV=words)
 against the fp64 product of the dequantized weight: the plain GEMV (bias or not), the SiLU·mul and
 RoPE + K/V store epilogues, every 4-bit layout (HF int4 in groups of 128 and 32, GGUF Q4_0 / Q4_1 /
-Q4_K), bf16 / fp16 / fp32 activations, and its tile configs. Shared by the GPU tests
+Q4_K, and codes without offsets), bf16 / fp16 / fp32 activations, and its tile configs. Shared by the GPU tests
 (`tests/gpu/test_quant_gpu.py`) and the CPU test that runs them under TRITON_INTERPRET=1 on tiny
 shapes (`tests/platform/test_int4_gemv_words.py`)."""
 
@@ -15,7 +15,18 @@ INT4 = ("int4-g128", "int4-g32", "Q4_0", "Q4_1", "Q4_K")
 
 
 def int4_formats(n: int, k: int, device: str, seed: int = 0) -> dict:
-    return {name: qw for name, qw in formats(n, k, device, seed).items() if name in INT4}
+    """The 4-bit layouts of `quant_checks.formats` (the same weights), without the others."""
+    from kvserve.platform.cuda_quant import QWeight, quantize
+
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.05
+    out = {"int4-g128": quantize(w, "int4", 128) if k % 128 == 0 else quantize(w, "int4", 32),
+           "int4-g32": quantize(w, "int4", 32)}
+    g32 = out["int4-g32"]  # and without offsets (w = s q; no format stores that, the kernels take it)
+    out["int4-no-offset"] = QWeight("int4", g32.q, g32.scale, None, 32, k)
+    out = {name: qw.to(torch.device(device)) for name, qw in out.items()}
+    for name in INT4[2:]:
+        out.update(formats(n, k, device, seed, only=name))
+    return out
 
 
 def check_gemv(n: int, k: int, device: str, dtype: torch.dtype, tol: float, configs=(None,)) -> dict[str, float]:
