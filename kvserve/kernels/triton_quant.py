@@ -229,11 +229,12 @@ def _dot_rows_w4(x_ptr, q_ptr, s_ptr, o_ptr, rows64, K, stride_q, stride_s, one,
     codes into fp16 (1024 + q) per mask-or (`_nib_pair`) and FMAs them in fp32, one chain of 32 per
     row and chunk, against the activations of the matching columns (`_x_quad`: loaded and
     converted once for all the rows a thread holds). Word byte b holds column b (low nibble) and
-    16 + b (high), so shift 0 / 8 gives columns (4j, 4j + 2) / (4j + 1, 4j + 3) of word j and
-    shift 4 / 12 the same + 16. The 1024 is taken off per chunk, in fp32, with the activation sum
-    the offset needs anyway: s sum (1024 + q) x + (m - 1024 s) sum x; fp32 activations (XKIND 2)
-    subtract it exactly in fp16 instead. The words of a row are split out of the 16-byte load in
-    registers; everything stays in the load's layout (no conversion in the loop).
+    16 + b (high), so the low-nibble mask on w / w >> 8 gives columns (4j, 4j + 2) / (4j + 1,
+    4j + 3) of word j, and the high-nibble mask the same + 16 (as 1024 + 16 q, against x / 16).
+    The 1024 is taken off per row and chunk, in fp32, with the activation sums the offset needs
+    anyway: s sum (1024 + q) x + m sum x - 1024 s (sum x_low + sum x_high / 16); fp32 activations
+    (XKIND 2) subtract it exactly in fp16 instead. The words of a row are split out of the 16-byte
+    load in registers; everything stays in the load's layout (no conversion in the loop).
     Waits for the previous kernel (PDL) after requesting the first weight tile; PREFETCH: each
     iteration requests the next tile before it decodes the current one (twice the bytes in
     flight; the last iteration requests the last tile again)."""
@@ -258,9 +259,9 @@ def _dot_rows_w4(x_ptr, q_ptr, s_ptr, o_ptr, rows64, K, stride_q, stride_s, one,
             w_next = tl.load(wp + (nxt * 4)[None, :, None], eviction_policy="evict_first")
         elif k0 > 0:
             w = tl.load(wp + (chunk * 4)[None, :, None], eviction_policy="evict_first")
-        w01, w23 = tl.split(tl.reshape(w, [BLOCK_N, NC, 2, 2]))
-        w0, w2 = tl.split(w01)
-        w1, w3 = tl.split(w23)
+        w_even, w_odd = tl.split(tl.reshape(w, [BLOCK_N, NC, 2, 2]))  # words (0, 2), (1, 3)
+        w0, w2 = tl.split(w_even)
+        w1, w3 = tl.split(w_odd)
         p = tl.zeros([BLOCK_N, NC], dtype=tl.float32)
         xa = tl.zeros([NC], dtype=tl.float32)
         xb = tl.zeros([NC], dtype=tl.float32)
