@@ -245,7 +245,8 @@ def _int4_words_rows(name: str, n: int, k: int, x: torch.Tensor, qs: list, sweep
 
         def call(w, words, cfg=None):
             return tq.qgemv_rope_(x, w, None, pos, cos_sin, hq, hkv, d, cache, slot, words=words, config=cfg)
-        cfgs = [(1, 1024, 4, False), (4, 1024, 2, False), (8, 1024, 2, True), (16, 1024, 4, False), (8, 512, 2, False)]
+        cfgs = [(1, 1024, 4, False), (4, 1024, 2, False), (8, 1024, 2, False), (8, 1024, 2, True), (8, 2048, 4, False),
+                (8, 2048, 4, True), (16, 1024, 4, False)]
     else:
         silu = name == "gate_up"
 

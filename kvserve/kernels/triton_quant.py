@@ -534,20 +534,23 @@ def _launch_pdl(x: torch.Tensor) -> bool:
 # (BLOCK_N, BLOCK_K cap, num_warps) of the one-row kernel per storage kind (benchmarks/gpu_quant_bench.py).
 GEMV_CONFIG = {"int4": (4, 1024, 4), "int8": (2, 1024, 4), "fp8": (2, 1024, 4)}
 # The int32-word 4-bit GEMV (`_dot_rows_w4`, KVSERVE_INT4_GEMV=words): (weight rows a program,
-# BLOCK_K cap, num_warps, PREFETCH). A thread holds rows / (warps * 32 / (BLOCK_K / 32)) rows of
-# one 32-column chunk, so (32, 1024, 4) is 8 rows a thread (3.4 SASS instructions a weight in the
-# K loop, sm_90) and (16, 1024, 4) 4 (3.8). Not yet timed on a GPU: `benchmarks/gpu_quant_bench.py
-# --only gemv1` times the configs of INT4_WORDS_SWEEP against the code-at-a-time kernel. Until
-# then: 8 rows a thread where there are outputs enough to fill the GPU with them (gate/up), else 4
-# rows a thread with the next tile prefetched (more loads in flight from fewer threads).
+# BLOCK_K cap, num_warps, PREFETCH). A thread holds the rows of one 32-column chunk that its
+# program's [rows, BLOCK_K / 32, 4 words] tile gives it (lanes over chunks first, then warps over
+# chunks and rows): (32, 1024, 4) and (16, 2048, 4) are 8 rows a thread (3.4 SASS instructions a
+# weight in the K loop, sm_90), (16, 1024, 4) 4 (3.8). Not yet timed on a GPU:
+# `benchmarks/gpu_quant_bench.py --only gemv1` times INT4_WORDS_SWEEP against the code-at-a-time
+# kernel. Until then: (32, 1024, 4) for wide weights (gate/up); for narrow ones (o, down: 4096
+# rows) (16, 2048, 4): the same work a thread from twice as many programs (BLOCK_K 2048 divides
+# Llama's 4096 and 14336).
 INT4_WORDS_CONFIG = (32, 1024, 4, False)
-INT4_WORDS_CONFIG_NARROW = (16, 1024, 4, True)  # fewer than INT4_WORDS_WIDE weight rows
+INT4_WORDS_CONFIG_NARROW = (16, 2048, 4, False)  # fewer than INT4_WORDS_WIDE weight rows
 INT4_WORDS_WIDE = 16384
 INT4_WORDS_SWEEP = [(16, 1024, 4, False), (16, 1024, 4, True), (32, 1024, 4, False), (32, 1024, 4, True),
-                    (32, 1024, 8, False), (32, 1024, 8, True), (8, 1024, 4, False), (64, 1024, 8, False),
-                    (32, 2048, 8, False)]
-# RoPE variant (qkv): (row pairs a program, BLOCK_K cap, num_warps, PREFETCH).
-INT4_WORDS_ROPE_CONFIG = (8, 1024, 2, False)
+                    (32, 1024, 8, False), (32, 1024, 8, True), (16, 2048, 4, False), (16, 2048, 4, True),
+                    (64, 1024, 8, False), (32, 2048, 8, False)]
+# RoPE variant (qkv): (row pairs a program, BLOCK_K cap, num_warps, PREFETCH); 8 pairs = 16 rows
+# over a [16, 64, 4] tile: 8 rows a thread.
+INT4_WORDS_ROPE_CONFIG = (8, 2048, 4, False)
 INT4_GEMV_MODES = ("codes", "words")
 
 

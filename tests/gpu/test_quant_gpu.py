@@ -167,7 +167,7 @@ def test_int4_words_epilogues():
     quant_w4_checks.check_silu(2048, 4096, "cuda", torch.bfloat16, tol=1.5e-2, configs=_w4_configs()[:4])
     quant_w4_checks.check_silu(8192, 4096, "cuda", torch.bfloat16, tol=1.5e-2)  # the wide default
     quant_w4_checks.check_silu(256, 512, "cuda", torch.float32, tol=1e-5)
-    rope_cfgs = [None, (1, 1024, 4, False), (4, 1024, 2, True), (16, 1024, 4, False)]
+    rope_cfgs = [None, (1, 1024, 4, False), (4, 1024, 2, True), (8, 1024, 2, False), (16, 1024, 4, False)]
     quant_w4_checks.check_rope("cuda", torch.bfloat16, tol=1.5e-2, hq=32, hkv=8, d=128, k=4096, configs=rope_cfgs)
     quant_w4_checks.check_rope("cuda", torch.float32, tol=1e-5, configs=rope_cfgs)
     quant_w4_checks.check_env_switch("cuda")
