@@ -9,6 +9,11 @@ kernels: Llama-3.1-8B projection shapes; one row: the bf16 Triton GEMV and the q
     (GB/s of the bytes each reads; weights rotated over > 200 MB so L2 holds none); a few GEMV
     configs per format; several rows: the dequantizing Triton GEMM, dequantize + cuBLAS, FP8
     _scaled_mm, bf16 cuBLAS.
+gemv1: the one-row GEMVs at their defaults (int8, int4, Q4_0) and the 4-bit GEMV a code at a
+    time vs int32 words (KVSERVE_INT4_GEMV=codes / words) per projection as the engine calls it
+    (qkv + RoPE, gate_up + SiLU), % of floor, and the word kernel's tile sweep.
+decode1: batch-1 decode ms/token and % of floor only, one engine per --decode1 variant
+    (default int4:codes,int4:words).
 decode: Llama-3.1-8B shapes, random weights, one engine per format (bf16, int8, int4, fp8):
     batch-1 decode ms/token (128-token prompt, 256 new) against the floor = bytes one step
     reads (quantized weights + KV) / the best large bf16 GEMV's read bandwidth in this run;
@@ -107,7 +112,7 @@ def section_kernels(sweep: bool = True) -> None:
             best = None
             for cfg in configs:
                 try:
-                    t = rotate_time(lambda w: tq.qgemv(x, w, config=cfg), qs)
+                    t = rotate_time(lambda w: tq.qgemv(x, w, config=cfg, words=False), qs)
                 except Exception as e:  # a config that does not compile
                     log(f"[kernels] {name} {scheme} {cfg}: {type(e).__name__}")
                     continue
@@ -172,6 +177,7 @@ def section_gemv(quick: bool = False) -> None:
 
     sweep = [(2, 1024, 4), (4, 1024, 4), (4, 512, 2), (8, 512, 4), (8, 1024, 4), (16, 512, 4), (8, 1024, 8)]
     rows = {}
+    w4_rows = {}
     x1 = torch.randn(1, 14336, device="cuda", dtype=torch.bfloat16)
     log("| projection | format | MB | bf16 GEMV us (GB/s) | qgemv us (GB/s) | best config us (GB/s) | rel diff vs dequantized |")
     log("|---|---|---|---|---|---|---|")
@@ -191,14 +197,14 @@ def section_gemv(quick: bool = False) -> None:
                 qw0 = make()
                 qs = [qw0] + _copies(make, qw0.nbytes)[1:]
                 ref = x.float() @ tq.dequantize(qw0, torch.float32).T
-                got = tq.qgemv(x, qw0).float()
+                got = tq.qgemv(x, qw0, words=False).float()
                 diff = ((got - ref).norm() / ref.norm()).item()
-                res = {"qgemv": rotate_time(lambda w: tq.qgemv(x, w), qs) * 1e6}
+                res = {"qgemv": rotate_time(lambda w: tq.qgemv(x, w, words=False), qs) * 1e6}
                 best = (res["qgemv"], "default")
                 if not quick and name in ("gate_up", "down") and fmt in ("int8", "int4-g128", "Q4_0", "Q8_0"):
                     for cfg in sweep:
                         try:
-                            t = rotate_time(lambda w: tq.qgemv(x, w, config=cfg), qs) * 1e6
+                            t = rotate_time(lambda w: tq.qgemv(x, w, config=cfg, words=False), qs) * 1e6
                         except Exception as e:
                             log(f"[gemv] {name} {fmt} {cfg}: {type(e).__name__}: {str(e)[:120]}")
                             continue
@@ -210,11 +216,92 @@ def section_gemv(quick: bool = False) -> None:
                 log(f"| {name} {n}x{k} | {fmt} | {nb / 1e6:.1f} | {bf_us:.1f} ({n * k * 2 / bf_us / 1e3:,.0f}) | "
                     f"{gbs(res['qgemv'])} | {gbs(best[0])} {best[1]} | {diff:.1e} |")
                 rows[f"{name}/{fmt}"] = {"bytes": nb, "bf16_us": bf_us, **res, "best": best, "diff": diff}
+                if qw0.kind == "int4" and name != "head":
+                    w4_rows[(name, fmt)] = _int4_words_rows(name, n, k, x, qs, fmt == "int4-g128" or not quick)
                 del qs, qw0
             except Exception:
                 traceback.print_exc()
             torch.cuda.empty_cache()
     RESULTS["gemv"] = rows
+    _int4_words_summary(rows, w4_rows)
+
+
+def _int4_words_rows(name: str, n: int, k: int, x: torch.Tensor, qs: list, sweep: bool) -> dict:
+    """The 4-bit GEMV as the engine calls it for projection `name` (qkv: + RoPE and the K/V store,
+    gate_up: + SiLU·mul, others plain), a code at a time (KVSERVE_INT4_GEMV=codes, the default) and
+    int32 words (=words) at its default tiles and, with `sweep`, at each of INT4_WORDS_SWEEP (qkv:
+    a few RoPE tiles). us per call, each result checked against the code-at-a-time one."""
+    from kvserve.kernels import triton_quant as tq
+
+    if name == "qkv":
+        hq, hkv, d = 32, 8, 128
+        half = d // 2
+        ang = torch.arange(256, device="cuda", dtype=torch.float32)[:, None] / (
+            10000 ** (torch.arange(half, device="cuda", dtype=torch.float32) / half))[None, :]
+        cos_sin = torch.cat([ang.cos(), ang.sin()], dim=1)
+        pos = torch.tensor([100], device="cuda")
+        slot = torch.tensor([37], device="cuda")
+        cache = torch.zeros(2, 8, 16, hkv, d, device="cuda", dtype=x.dtype)
+
+        def call(w, words, cfg=None):
+            return tq.qgemv_rope_(x, w, None, pos, cos_sin, hq, hkv, d, cache, slot, words=words, config=cfg)
+        cfgs = [(1, 1024, 4, False), (4, 1024, 2, False), (8, 1024, 2, False), (8, 1024, 2, True), (8, 2048, 4, False),
+                (8, 2048, 4, True), (16, 1024, 4, False)]
+    else:
+        silu = name == "gate_up"
+
+        def call(w, words, cfg=None):
+            return tq.qgemv(x, w, silu=silu, words=words, config=cfg)
+        cfgs = list(tq.INT4_WORDS_SWEEP)
+    ref = call(qs[0], False).float()
+    res = {"codes": rotate_time(lambda w: call(w, False), qs) * 1e6,
+           "words": rotate_time(lambda w: call(w, True), qs) * 1e6}
+    res["words_diff"] = ((call(qs[0], True).float() - ref).norm() / ref.norm()).item()
+    for cfg in cfgs if sweep else []:
+        try:
+            res[str(cfg)] = rotate_time(lambda w: call(w, True, cfg), qs) * 1e6
+            res[f"{cfg}_diff"] = ((call(qs[0], True, cfg).float() - ref).norm() / ref.norm()).item()
+        except Exception as e:  # a config that does not compile or run
+            log(f"[gemv] {name} words {cfg}: {type(e).__name__}: {str(e)[:160]}")
+    return res
+
+
+def _int4_words_summary(rows: dict, w4_rows: dict) -> None:
+    """One table: the 4-bit GEMV of each Llama-3.1-8B projection (as the engine calls it) a code at a
+    time vs int32 words (default tiles, best sweep tile), with % of the floor = the weight's bytes /
+    the best bf16 GEMV read bandwidth of this run; and a layer's four projections together."""
+    if not w4_rows:
+        return
+    bf_bw = max(SHAPES_8B[key.split("/")[0]][0] * SHAPES_8B[key.split("/")[0]][1] * 2 / r["bf16_us"] / 1e3
+                for key, r in rows.items())  # GB/s
+    log(f"int4 GEMV, a code at a time (KVSERVE_INT4_GEMV=codes) vs int32 words (=words); floor: bytes / {bf_bw:,.0f} GB/s "
+        "(the best bf16 GEMV read of this run)")
+    log("| projection | format | MB | floor us | codes us (% floor) | words default us (% floor) | best words tile us (% floor) | words rel diff |")
+    log("|---|---|---|---|---|---|---|---|")
+    layer: dict[str, list[float]] = {}
+    for (name, fmt), r in w4_rows.items():
+        nb = rows[f"{name}/{fmt}"]["bytes"]
+        floor = nb / bf_bw / 1e3  # us
+        tiles = {k_: v for k_, v in r.items() if k_.startswith("(") and not k_.endswith("_diff")}
+        best = min(tiles.items(), key=lambda kv: kv[1]) if tiles else ("default", r["words"])
+        if best[1] > r["words"]:
+            best = ("default", r["words"])
+        pct = lambda us: f"{us:.1f} ({100 * floor / us:.0f}%)"
+        log(f"| {name} | {fmt} | {nb / 1e6:.1f} | {floor:.1f} | {pct(r['codes'])} | {pct(r['words'])} | "
+            f"{pct(best[1])} {best[0]} | {r['words_diff']:.1e} |")
+        if tiles:
+            log(f"|   {name} {fmt} tiles | " + "; ".join(f"{k_} {v:.1f}" for k_, v in tiles.items()) + " | | | | | | |")
+        if name != "head":
+            acc = layer.setdefault(fmt, [0.0, 0.0, 0.0, 0.0])
+            acc[0] += floor
+            acc[1] += r["codes"]
+            acc[2] += r["words"]
+            acc[3] += best[1]
+    for fmt, (floor, codes, words, best) in layer.items():
+        log(f"| layer (qkv+o+gate_up+down) | {fmt} | | {floor:.1f} | {codes:.1f} ({100 * floor / codes:.0f}%) | "
+            f"{words:.1f} ({100 * floor / words:.0f}%) | {best:.1f} ({100 * floor / best:.0f}%) | |")
+    RESULTS["int4_words"] = {f"{n_}/{f_}": r for (n_, f_), r in w4_rows.items()}
+    RESULTS["int4_words_floor_GBps"] = bf_bw
 
 
 def section_qmm() -> None:
@@ -328,6 +415,36 @@ def section_decode(root: Path, bw: float, flops: float, schemes: list[str]) -> N
         torch.cuda.empty_cache()
 
 
+def section_decode1(root: Path, bw: float, variants: list[str]) -> None:
+    """Batch-1 decode only (Llama-3.1-8B shapes, as `section_decode`), per variant: a scheme, with
+    `:words` / `:codes` the one-row 4-bit GEMV's decode (KVSERVE_INT4_GEMV) for that engine."""
+    name = "Llama-3.1-8B"
+    for variant in variants:
+        scheme, _, mode = variant.partition(":")
+        old = os.environ.get("KVSERVE_INT4_GEMV")
+        if mode:
+            os.environ["KVSERVE_INT4_GEMV"] = mode
+        try:
+            llm = LLM(gb.model_folder(name, root), load_format="dummy", max_model_len=4096, max_num_seqs=16,
+                      max_num_batched_tokens=16384, enable_prefix_caching=False, gpu_memory_utilization=0.6,
+                      quantization=None if scheme == "bf16" else scheme)
+            wbytes = read_bytes(llm.engine.runner.model)
+            floor = (wbytes + gb.kv_bytes_per_token(llm.engine.model_config) * (128 + 128)) / bw
+            t = gb.kvserve_decode(llm)
+            RESULTS[f"decode1/{name}/{variant}"] = {"weight_GB": wbytes / 1e9, "floor_ms": floor * 1e3,
+                                                    "decode_ms": t * 1e3, "pct_floor": 100 * floor / t}
+            log(f"[decode1] {name} {variant}: weights read {wbytes / 1e9:.2f} GB; batch-1 {t * 1e3:.3f} ms/tok, floor "
+                f"{floor * 1e3:.3f} ms -> {100 * floor / t:.1f}% of floor")
+            del llm
+        finally:
+            if old is None:
+                os.environ.pop("KVSERVE_INT4_GEMV", None)
+            else:
+                os.environ["KVSERVE_INT4_GEMV"] = old
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
 def section_throughput(root: Path, schemes: list[str]) -> None:
     name = "Qwen3-0.6B"
     folder = gb.model_folder(name, root)
@@ -420,9 +537,11 @@ def section_peer(peer_dir: Path, bw: float, modes: list[str], prompt_len: int = 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="kernels,decode,throughput,peer", help="kernels, kernels1 (one-row GEMVs only), gemv (quantized GEMVs vs bf16, every format, tile sweep), gemv1 (the same, int8 / int4 / Q4_0, no sweep), qmm (several rows: GEMM vs dequantize + cuBLAS), decode, throughput, peer")
+    ap.add_argument("--only", default="kernels,decode,throughput,peer", help="kernels, kernels1 (one-row GEMVs only), gemv (quantized GEMVs vs bf16, every format, tile sweep), gemv1 (the same, int8 / int4 / Q4_0, no sweep of the code-at-a-time kernel; the int32-word int4 GEMV vs a code at a time, with its tile sweep), qmm (several rows: GEMM vs dequantize + cuBLAS), decode, decode1 (batch-1 decode only, --decode1 variants), throughput, peer")
     ap.add_argument("--schemes", default="bf16,int8,int4,fp8")
     ap.add_argument("--tp-schemes", default="bf16,int4,fp8")
+    ap.add_argument("--decode1", default="int4:codes,int4:words",
+                    help="decode1 (batch-1 decode only): schemes, ':words' / ':codes' the int4 GEMV's decode")
     ap.add_argument("--peer-dir", default="peer")
     ap.add_argument("--peer-modes", default="int8,int4")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -435,7 +554,7 @@ def main() -> None:
     RESULTS["device"] = props.name
     root = Path(tempfile.mkdtemp())
     bw = flops = None
-    if only & {"decode", "peer"}:
+    if only & {"decode", "decode1", "peer"}:
         bw, flops = gb.ceilings()
         RESULTS["ceiling_GBps"], RESULTS["matmul_TFLOPs"] = bw / 1e9, flops / 1e12
         log(f"[ceilings] best large GEMV {bw / 1e9:.0f} GB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s")
@@ -446,6 +565,7 @@ def main() -> None:
         ("gemv1", lambda: section_gemv(quick=True)),  # the same for int8, int4 and Q4_0, no tile sweep
         ("qmm", section_qmm),  # several rows: the GEMM vs dequantize + cuBLAS and bf16 cuBLAS
         ("decode", lambda: section_decode(root, bw, flops, args.schemes.split(","))),
+        ("decode1", lambda: section_decode1(root, bw, args.decode1.split(","))),
         ("throughput", lambda: section_throughput(root, args.tp_schemes.split(","))),
         ("peer", lambda: section_peer(Path(args.peer_dir), bw, args.peer_modes.split(","))),
     ]

@@ -15,7 +15,10 @@ Kernels:
   rows and dequantizes in registers: per 32-column chunk it sums q·x, then applies the chunk's
   scale (and offset · Σx) once, so the inner loop is one convert and one FMA per weight.
   Epilogues as the bf16 GEMV's: SiLU·mul for a fused gate/up projection (`SILU`), RoPE and the
-  paged K/V store for a fused qkv projection (`qgemv_rope_`).
+  paged K/V store for a fused qkv projection (`qgemv_rope_`). 4-bit weights can take a second
+  decode, `_dot_rows_w4` (KVSERVE_INT4_GEMV=words, opt-in until timed): the codes read as int32
+  words, two made fp16 per LOP3, the activations loaded in the weight tile's layout and shared
+  by the rows a thread holds (3.4 SASS instructions a weight against 7.7).
 - `qmm` (2 or more rows): a dequantizing GEMM: each weight tile is dequantized in registers
   to the activations' dtype and multiplied on the tensor cores (`tl.dot`). int8 tiles read the
   codes as int32 words and make two codes fp16 per bit operation (`_deq_tile_w`: 5-15% faster
@@ -97,12 +100,17 @@ def _dot_rows(x_ptr, q_ptr, s_ptr, o_ptr, rows64, K, stride_q, stride_s,
 
 @triton.jit
 def _f16_pair(v, SUB: tl.constexpr):
-    """The two fp16 halves of int32 `v` as fp32 (low half, high half), less SUB (0 or 1152;
+    """The two fp16 halves of int32 `v` as fp32 (low half, high half), less SUB (0, 1024 or 1152;
     subtracted in fp16, exactly, before the conversion). The PTX form lets ptxas convert
     each half in place (HADD2.F32 with a half selector); the interpreter, which runs no PTX,
     takes the portable form."""
     if _PTX:
-        if SUB == 1152:
+        if SUB == 1024:
+            lo, hi = tl.inline_asm_elementwise(
+                "{ .reg .b16 l, h; .reg .b32 c, d; mov.b32 c, 0x64006400; sub.f16x2 d, $2, c; mov.b32 {l, h}, d; "
+                "cvt.f32.f16 $0, l; cvt.f32.f16 $1, h; }",
+                "=r,=r,r", [v], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+        elif SUB == 1152:
             lo, hi = tl.inline_asm_elementwise(
                 "{ .reg .b16 l, h; .reg .b32 c, d; mov.b32 c, 0x64806480; sub.f16x2 d, $2, c; mov.b32 {l, h}, d; "
                 "cvt.f32.f16 $0, l; cvt.f32.f16 $1, h; }",
@@ -125,12 +133,165 @@ def _bytes(w, SH: tl.constexpr, EXACT: tl.constexpr):
 
 
 @triton.jit
+def _nib_pair(w, mask, magic, SUB: tl.constexpr):
+    """Two 4-bit codes of the int32 words `w` as fp32, made fp16 by one mask-or (LOP3):
+    w & mask | 0x64006400 with mask 0x000F000F (bits 0..3 and 16..19: fp16 1024 + q) or 0x00F000F0
+    (bits 4..7 and 20..23: 1024 + 16 q, exact; no shift), each half widened by `_f16_pair`
+    (HADD2.F32); SUB 1024: less 1024, exactly, in fp16. `mask` / `magic` come in registers (as
+    literals ptxas rematerializes them in the loop)."""
+    return _f16_pair((w & mask) | magic, SUB)
+
+
+@triton.jit
+def _ld(p):
+    """tl.load(p) of 16-, 32- or 64-bit values as inline PTX (ld.global, as tl.load emits: not the
+    non-coherent path, as x is written by the kernel before, which runs alongside under PDL):
+    elementwise, so the values come in the layout of the address computation (that of their
+    consumers), where a tl.load gets a coalesced layout of its own and a conversion (shared
+    memory) to the consumers'. 16-bit floats come as fp16 / bf16, 32-bit ones as fp32, 64-bit
+    values as int64."""
+    if _PTX:
+        ty: tl.constexpr = p.dtype.element_ty
+        if ty.primitive_bitwidth == 64:
+            v = tl.inline_asm_elementwise("ld.global.b64 $0, [$1];", "=l,l", [p], dtype=tl.int64,
+                                          is_pure=False, pack=1)
+        elif ty.primitive_bitwidth == 32:
+            v = tl.inline_asm_elementwise("ld.global.b32 $0, [$1];", "=r,l", [p], dtype=tl.int32,
+                                          is_pure=False, pack=1).to(ty, bitcast=True)
+        else:
+            v = tl.inline_asm_elementwise("ld.global.b16 $0, [$1];", "=h,l", [p], dtype=tl.int16,
+                                          is_pure=False, pack=1).to(ty, bitcast=True)
+    else:
+        v = tl.load(p)
+    return v
+
+
+@triton.jit
+def _x_quad(x_ptr, chunk, A: tl.constexpr, J: tl.constexpr, XKIND: tl.constexpr):
+    """The activations of columns 32 chunk + 16 A + 4 J + e (e = 0, 1, 2, 3) of the 32-column chunks
+    `chunk` [NC]: four fp32 [NC], loaded in the layout of their consumers (`_ld`). XKIND 0 / 1: x_ptr
+    is the bf16 / fp16 row viewed as int64 (one 8-byte load holds the four); 2: fp32."""
+    if XKIND == 2:
+        p = x_ptr + chunk * 32 + (16 * A + 4 * J)
+        x0, x1, x2, x3 = _ld(p), _ld(p + 1), _ld(p + 2), _ld(p + 3)
+    else:
+        v = _ld(x_ptr + chunk * 8 + (4 * A + J))
+        lo = v.to(tl.int32)
+        hi = (v >> 32).to(tl.int32)
+        if XKIND == 0:  # bf16 -> fp32: the 16 bits moved up / the low ones cleared
+            x0 = (lo << 16).to(tl.float32, bitcast=True)
+            x1 = (lo & -65536).to(tl.float32, bitcast=True)
+            x2 = (hi << 16).to(tl.float32, bitcast=True)
+            x3 = (hi & -65536).to(tl.float32, bitcast=True)
+        else:
+            x0, x1 = _f16_pair(lo, 0)
+            x2, x3 = _f16_pair(hi, 0)
+    return x0, x1, x2, x3
+
+
+@triton.jit
+def _word_dot(acc, w, x_ptr, chunk, J: tl.constexpr, m_lo, m_hi, magic, SUB: tl.constexpr, XKIND: tl.constexpr,
+              xa, xb):
+    """acc [BLOCK_N, NC] plus word J of each chunk (8 codes: columns 4J..4J+3 in the low nibbles,
+    16+4J..19+4J in the high ones) times its activations: one shift, four LOP3, eight HADD2.F32
+    and eight FMAs a word. The high nibbles are decoded in place as 1024 + 16 q, so their
+    activations come divided by 16 (exact). xa / xb [NC] plus those activations (xb: / 16)."""
+    a0, a1, a2, a3 = _x_quad(x_ptr, chunk, 0, J, XKIND)
+    b0, b1, b2, b3 = _x_quad(x_ptr, chunk, 1, J, XKIND)
+    b0 *= 0.0625
+    b1 *= 0.0625
+    b2 *= 0.0625
+    b3 *= 0.0625
+    w8 = w >> 8
+    lo, hi = _nib_pair(w, m_lo, magic, SUB)  # columns 4J, 4J + 2
+    acc += lo * a0[None, :]
+    acc += hi * a2[None, :]
+    lo, hi = _nib_pair(w8, m_lo, magic, SUB)  # 4J + 1, 4J + 3
+    acc += lo * a1[None, :]
+    acc += hi * a3[None, :]
+    lo, hi = _nib_pair(w, m_hi, magic, SUB)  # 16 + 4J, 18 + 4J (times 16)
+    acc += lo * b0[None, :]
+    acc += hi * b2[None, :]
+    lo, hi = _nib_pair(w8, m_hi, magic, SUB)  # 17 + 4J, 19 + 4J (times 16)
+    acc += lo * b1[None, :]
+    acc += hi * b3[None, :]
+    xa += (a0 + a1) + (a2 + a3)
+    xb += (b0 + b1) + (b2 + b3)
+    return acc, xa, xb
+
+
+@triton.jit
+def _dot_rows_w4(x_ptr, q_ptr, s_ptr, o_ptr, rows64, K, stride_q, stride_s, one,
+                 HAS_OFF: tl.constexpr, GROUP: tl.constexpr, XKIND: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
+    """`_dot_rows` for 4-bit codes read as int32 words (q_ptr int32, stride_q in words): each
+    thread holds whole 32-column chunks (4 words, one 16-byte load) of several rows, turns two
+    codes into fp16 (1024 + q) per mask-or (`_nib_pair`) and FMAs them in fp32, one chain of 32 per
+    row and chunk, against the activations of the matching columns (`_x_quad`: loaded and
+    converted once for all the rows a thread holds). Word byte b holds column b (low nibble) and
+    16 + b (high), so the low-nibble mask on w / w >> 8 gives columns (4j, 4j + 2) / (4j + 1,
+    4j + 3) of word j, and the high-nibble mask the same + 16 (as 1024 + 16 q, against x / 16).
+    The 1024 is taken off per row and chunk, in fp32, with the activation sums the offset needs
+    anyway: s sum (1024 + q) x + m sum x - 1024 s (sum x_low + sum x_high / 16); fp32 activations
+    (XKIND 2) subtract it exactly in fp16 instead. The words of a row are split out of the 16-byte
+    load in registers; everything stays in the load's layout (no conversion in the loop).
+    Waits for the previous kernel (PDL) after requesting the first weight tile; PREFETCH: each
+    iteration requests the next tile before it decodes the current one (twice the bytes in
+    flight; the last iteration requests the last tile again)."""
+    NC: tl.constexpr = BLOCK_K // 32
+    SUB: tl.constexpr = 1024 if XKIND == 2 else 0
+    c = tl.arange(0, NC)
+    j = tl.arange(0, 4)
+    m_lo = one * 0x000F000F  # (in registers: as literals ptxas rematerializes them in the loop)
+    m_hi = one * 0x00F000F0
+    magic = one * 0x64006400
+    wp = q_ptr + rows64[:, None, None] * stride_q + j[None, None, :]
+    sp = s_ptr + rows64[:, None] * stride_s
+    op = o_ptr + rows64[:, None] * stride_s
+    acc = tl.zeros([BLOCK_N, NC], dtype=tl.float32)
+    w = tl.load(wp + (c * 4)[None, :, None], eviction_policy="evict_first")  # [BLOCK_N, NC, 4]: the first tile
+    if PDL:
+        pdl.wait(PDL)
+    for k0 in range(0, K, BLOCK_K):
+        chunk = k0 // 32 + c  # [NC]
+        if PREFETCH:
+            nxt = tl.minimum(k0 + BLOCK_K, K - BLOCK_K) // 32 + c
+            w_next = tl.load(wp + (nxt * 4)[None, :, None], eviction_policy="evict_first")
+        elif k0 > 0:
+            w = tl.load(wp + (chunk * 4)[None, :, None], eviction_policy="evict_first")
+        w_even, w_odd = tl.split(tl.reshape(w, [BLOCK_N, NC, 2, 2]))  # words (0, 2), (1, 3)
+        w0, w2 = tl.split(w_even)
+        w1, w3 = tl.split(w_odd)
+        p = tl.zeros([BLOCK_N, NC], dtype=tl.float32)
+        xa = tl.zeros([NC], dtype=tl.float32)
+        xb = tl.zeros([NC], dtype=tl.float32)
+        p, xa, xb = _word_dot(p, w0, x_ptr, chunk, 0, m_lo, m_hi, magic, SUB, XKIND, xa, xb)
+        p, xa, xb = _word_dot(p, w1, x_ptr, chunk, 1, m_lo, m_hi, magic, SUB, XKIND, xa, xb)
+        p, xa, xb = _word_dot(p, w2, x_ptr, chunk, 2, m_lo, m_hi, magic, SUB, XKIND, xa, xb)
+        p, xa, xb = _word_dot(p, w3, x_ptr, chunk, 3, m_lo, m_hi, magic, SUB, XKIND, xa, xb)
+        g = chunk // (GROUP // 32)
+        s = _ld(sp + g[None, :]).to(tl.float32)  # [BLOCK_N, NC]
+        acc += p * s
+        if HAS_OFF:
+            acc += _ld(op + g[None, :]).to(tl.float32) * (xa + 16.0 * xb)[None, :]
+        if SUB == 0:  # p holds 1024 (sum of the low activations + sum of the high ones / 16) too
+            acc += (-1024.0 * s) * (xa + xb)[None, :]
+        if PREFETCH:
+            w = w_next
+    return tl.sum(acc, 1)
+
+
+@triton.jit(do_not_specialize=["one"])
 def _qgemv_kernel(
     x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, out_ptr,
     N,  # output columns (SILU: the gate rows I; the weight has 2I rows)
     K, stride_q, stride_s,
+    one,  # 1 (W4: see `_x_quad`)
     KIND: tl.constexpr, HAS_OFF: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     SILU: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
+    W4: tl.constexpr = False,  # 4-bit codes as int32 words (`_dot_rows_w4`; x_ptr int64 for 16-bit x)
+    XKIND: tl.constexpr = 0,  # W4: x bf16 (0), fp16 (1), fp32 (2)
+    PREFETCH: tl.constexpr = False,  # W4: see `_dot_rows_w4`
 ):
     r = tl.arange(0, ROWS)  # SILU: BLOCK_N gate rows, then the matching up rows
     if SILU:
@@ -141,9 +302,13 @@ def _qgemv_kernel(
         w_rows = rows
     row_ok = rows < N
     rows64 = tl.where(row_ok, w_rows, 0).to(tl.int64)
-    if PDL:
-        pdl.wait(PDL)
-    acc = _dot_rows(x_ptr, q_ptr, s_ptr, o_ptr, rows64, K, stride_q, stride_s, KIND, HAS_OFF, GROUP, ROWS, BLOCK_K)
+    if W4:  # (waits for the previous kernel after requesting its first weights)
+        acc = _dot_rows_w4(x_ptr, q_ptr, s_ptr, o_ptr, rows64, K, stride_q, stride_s, one, HAS_OFF, GROUP, XKIND,
+                           ROWS, BLOCK_K, PREFETCH, PDL)
+    else:
+        if PDL:
+            pdl.wait(PDL)
+        acc = _dot_rows(x_ptr, q_ptr, s_ptr, o_ptr, rows64, K, stride_q, stride_s, KIND, HAS_OFF, GROUP, ROWS, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rows64, mask=row_ok, other=0.0).to(tl.float32)
     dt = out_ptr.dtype.element_ty
@@ -165,43 +330,52 @@ def _rotate(x1, x2, c, s):
     return tl.fma(x1, c, -(x2 * s)), tl.fma(x2, c, x1 * s)
 
 
-@triton.jit(do_not_specialize_on_alignment=["pos_ptr", "slot_ptr"])
+@triton.jit(do_not_specialize=["one"], do_not_specialize_on_alignment=["pos_ptr", "slot_ptr"])
 def _qgemv_rope_kernel(
     x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, out_ptr, pos_ptr, cos_sin_ptr, cache_ptr, slot_ptr,
-    K, stride_q, stride_s, stride_cs, num_q_heads, num_heads, stride_plane, stride_slot, stride_head,
+    K, stride_q, stride_s, stride_cs, num_q_heads, num_heads, stride_plane, stride_slot, stride_head, one,
     KIND: tl.constexpr, HAS_OFF: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     HALF: tl.constexpr, BLOCK_K: tl.constexpr, WRITE_KV: tl.constexpr, PDL: tl.constexpr,
+    W4: tl.constexpr = False, XKIND: tl.constexpr = 0, PREFETCH: tl.constexpr = False,  # as `_qgemv_kernel`'s
+    PAIRS: tl.constexpr = 1,  # row pairs a program (divides HALF)
 ):
-    """triton_ops._gemv_rope_kernel on quantized weights: one program computes the two rows of
-    a head that RoPE pairs (d and d + HALF), rotates them and stores k and v in the cache."""
-    p = tl.program_id(0)
-    head = p // HALF
-    j = p % HALF
-    pair = tl.arange(0, 2)
-    rows = (head * (2 * HALF) + j + pair * HALF).to(tl.int64)
-    if PDL:
-        pdl.wait(PDL)
+    """triton_ops._gemv_rope_kernel on quantized weights: one program computes PAIRS pairs of rows
+    of a head that RoPE pairs (d and d + HALF, d = PAIRS p' .. PAIRS p' + PAIRS - 1), rotates them
+    and stores k and v in the cache."""
+    P: tl.constexpr = HALF // PAIRS  # programs a head
+    head = tl.program_id(0) // P
+    jv = (tl.program_id(0) % P) * PAIRS + tl.arange(0, PAIRS)  # [PAIRS]
+    t = tl.arange(0, 2 * PAIRS)  # the PAIRS first rows, then their partners
+    rows = (head * (2 * HALF) + (tl.program_id(0) % P) * PAIRS + t % PAIRS + (t // PAIRS) * HALF).to(tl.int64)
+    if W4:  # (waits for the previous kernel after requesting its first weights)
+        acc = _dot_rows_w4(x_ptr, q_ptr, s_ptr, o_ptr, rows, K, stride_q, stride_s, one, HAS_OFF, GROUP, XKIND,
+                           2 * PAIRS, BLOCK_K, PREFETCH, PDL)
+    else:
+        if PDL:
+            pdl.wait(PDL)
+        acc = _dot_rows(x_ptr, q_ptr, s_ptr, o_ptr, rows, K, stride_q, stride_s, KIND, HAS_OFF, GROUP, 2 * PAIRS,
+                        BLOCK_K)
     pos = tl.load(pos_ptr).to(tl.int64)
-    c = tl.load(cos_sin_ptr + pos * stride_cs + j)
-    s = tl.load(cos_sin_ptr + pos * stride_cs + HALF + j)
-    acc = _dot_rows(x_ptr, q_ptr, s_ptr, o_ptr, rows, K, stride_q, stride_s, KIND, HAS_OFF, GROUP, 2, BLOCK_K)
+    c = tl.load(cos_sin_ptr + pos * stride_cs + jv)
+    s = tl.load(cos_sin_ptr + pos * stride_cs + HALF + jv)
     if HAS_BIAS:
         acc += tl.load(b_ptr + rows).to(tl.float32)
     dt = out_ptr.dtype.element_ty
-    o = acc.to(dt)
-    of = o.to(tl.float32)
-    x1 = tl.sum(tl.where(pair == 0, of, 0.0), 0)
-    x2 = tl.sum(tl.where(pair == 1, of, 0.0), 0)
-    r1, r2 = _rotate(x1, x2, c, s)
-    o = tl.where(head < num_heads, tl.where(pair == 0, r1.to(dt), r2.to(dt)), o)
-    tl.store(out_ptr + rows, o)
+    x1, x2 = tl.split(tl.trans(tl.reshape(acc.to(dt), [2, PAIRS])))  # rows d, d + HALF
+    r1, r2 = _rotate(x1.to(tl.float32), x2.to(tl.float32), c, s)
+    o1 = tl.where(head < num_heads, r1.to(dt), x1)
+    o2 = tl.where(head < num_heads, r2.to(dt), x2)
+    base = head.to(tl.int64) * (2 * HALF) + jv
+    tl.store(out_ptr + base, o1)
+    tl.store(out_ptr + base + HALF, o2)
     if WRITE_KV:
         slot = tl.load(slot_ptr)
         if (slot >= 0) & (head >= num_q_heads):
             is_v = head >= num_heads
             kv_head = tl.where(is_v, head - num_heads, head - num_q_heads).to(tl.int64)
             dst = cache_ptr + is_v.to(tl.int64) * stride_plane + slot * stride_slot + kv_head * stride_head
-            tl.store(dst + j + pair * HALF, o.to(cache_ptr.dtype.element_ty))
+            tl.store(dst + jv, o1.to(cache_ptr.dtype.element_ty))
+            tl.store(dst + jv + HALF, o2.to(cache_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -359,6 +533,51 @@ def _launch_pdl(x: torch.Tensor) -> bool:
 
 # (BLOCK_N, BLOCK_K cap, num_warps) of the one-row kernel per storage kind (benchmarks/gpu_quant_bench.py).
 GEMV_CONFIG = {"int4": (4, 1024, 4), "int8": (2, 1024, 4), "fp8": (2, 1024, 4)}
+# The int32-word 4-bit GEMV (`_dot_rows_w4`, KVSERVE_INT4_GEMV=words): (weight rows a program,
+# BLOCK_K cap, num_warps, PREFETCH). A thread holds the rows of one 32-column chunk that its
+# program's [rows, BLOCK_K / 32, 4 words] tile gives it (lanes over chunks first, then warps over
+# chunks and rows): (32, 1024, 4) and (16, 2048, 4) are 8 rows a thread (3.4 SASS instructions a
+# weight in the K loop, sm_90), (16, 1024, 4) 4 (3.8). Not yet timed on a GPU:
+# `benchmarks/gpu_quant_bench.py --only gemv1` times INT4_WORDS_SWEEP against the code-at-a-time
+# kernel. Until then: (32, 1024, 4) for wide weights (gate/up); for narrow ones (o, down: 4096
+# rows) (16, 2048, 4): the same work a thread from twice as many programs (BLOCK_K 2048 divides
+# Llama's 4096 and 14336).
+INT4_WORDS_CONFIG = (32, 1024, 4, False)
+INT4_WORDS_CONFIG_NARROW = (16, 2048, 4, False)  # fewer than INT4_WORDS_WIDE weight rows
+INT4_WORDS_WIDE = 16384
+INT4_WORDS_SWEEP = [(16, 1024, 4, False), (16, 1024, 4, True), (32, 1024, 4, False), (32, 1024, 4, True),
+                    (32, 1024, 8, False), (32, 1024, 8, True), (16, 2048, 4, False), (16, 2048, 4, True),
+                    (64, 1024, 8, False), (32, 2048, 8, False)]
+# RoPE variant (qkv): (row pairs a program, BLOCK_K cap, num_warps, PREFETCH); 8 pairs = 16 rows
+# over a [16, 64, 4] tile: 8 rows a thread.
+INT4_WORDS_ROPE_CONFIG = (8, 2048, 4, False)
+INT4_GEMV_MODES = ("codes", "words")
+
+
+def int4_gemv_mode() -> str:
+    """KVSERVE_INT4_GEMV: "codes" (default: `_dot_rows`, a code at a time) or "words" (the int32-word
+    decode, `_dot_rows_w4`) for the one-row 4-bit GEMVs."""
+    mode = os.environ.get("KVSERVE_INT4_GEMV", "codes")
+    if mode not in INT4_GEMV_MODES:
+        raise ValueError(f"KVSERVE_INT4_GEMV must be one of {', '.join(INT4_GEMV_MODES)}, got {mode!r}")
+    return mode
+
+
+def _w4_operands(x: torch.Tensor, qw, words: bool | None):
+    """(x as the word kernels read it, the codes as int32 words, XKIND) where the int32-word 4-bit
+    GEMV applies to (x, qw), else None: `words` (None: `int4_gemv_mode()`), a 4-bit weight whose
+    code rows are whole aligned words, and x with unit column stride, 8-byte aligned (16-bit x is
+    read 8 bytes at a time)."""
+    if qw.kind != "int4" or not (int4_gemv_mode() == "words" if words is None else words):
+        return None
+    q = qw.q
+    if q.stride(1) != 1 or q.stride(0) % 4 or q.data_ptr() % 16 or x.stride(-1) != 1 or x.data_ptr() % 8:
+        return None
+    xkind = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}.get(x.dtype)
+    if xkind is None:
+        return None
+    xw = x if xkind == 2 else x.reshape(-1).view(torch.int64)  # (one row: the reshape is a view)
+    return xw, q.view(torch.int32), xkind
 
 
 def _qmm_codes(qw) -> tuple[torch.Tensor, bool]:
@@ -374,24 +593,40 @@ def _qmm_codes(qw) -> tuple[torch.Tensor, bool]:
 
 
 def qgemv(x: torch.Tensor, qw, bias: torch.Tensor | None = None, silu: bool = False,
-          config: tuple[int, int, int] | None = None) -> torch.Tensor:
+          config: tuple | None = None, words: bool | None = None) -> torch.Tensor:
     """x [1, K] times the quantized weight `qw` (a `QWeight`) -> [1, N] in x's dtype; with
-    `silu`, silu(gate) * up of a fused gate/up weight -> [1, N / 2]."""
+    `silu`, silu(gate) * up of a fused gate/up weight -> [1, N / 2]. 4-bit weights take the
+    int32-word decode with `words` (None: KVSERVE_INT4_GEMV=words; `config` then (rows, BLOCK_K
+    cap, warps, prefetch), as INT4_WORDS_CONFIG), else the code-at-a-time one (`config`
+    (BLOCK_N, BLOCK_K cap, warps), as GEMV_CONFIG)."""
     n, k = qw.shape
-    block_n, cap, warps = config or GEMV_CONFIG[qw.kind]
+    out_n = n // 2 if silu else n
+    out = torch.empty((1, out_n), dtype=x.dtype, device=x.device)
+    use_pdl = _launch_pdl(x)
+    w4 = _w4_operands(x, qw, words)
+    if w4 is not None:
+        xw, codes, xkind = w4
+        rows, cap, warps, prefetch = config or (INT4_WORDS_CONFIG if n >= INT4_WORDS_WIDE else INT4_WORDS_CONFIG_NARROW)
+        block_n = rows // 2 if silu else rows
+        _qgemv_kernel[(triton.cdiv(out_n, block_n),)](
+            xw, codes, qw.scale, qw.offset if qw.offset is not None else qw.scale,
+            bias if bias is not None else qw.scale, out, out_n, k, codes.stride(0), qw.scale.stride(0), 1,
+            KIND=0, HAS_OFF=qw.offset is not None, GROUP=qw.group, HAS_BIAS=bias is not None, SILU=silu,
+            ROWS=rows, BLOCK_N=block_n, BLOCK_K=_block_k(k, cap, 32), PDL=use_pdl, W4=True, XKIND=xkind,
+            PREFETCH=prefetch, num_warps=warps, launch_pdl=use_pdl,
+        )
+        return out
+    block_n, cap, warps = (config or GEMV_CONFIG[qw.kind])[:3]
     kind = _kind(qw.kind, qw.group, k)
     block_k = _block_k(k, cap, qw.group if kind == 1 else 32)
     if kind == 1:
         block_k = max(block_k, qw.group)
-    out_n = n // 2 if silu else n
     if silu:
         block_n = max(1, block_n // 2)  # as many weight rows per program as the plain GEMV reads
-    out = torch.empty((1, out_n), dtype=x.dtype, device=x.device)
-    use_pdl = _launch_pdl(x)
     rows = 2 * block_n if silu else block_n
     _qgemv_kernel[(triton.cdiv(out_n, block_n),)](
         x, qw.q, qw.scale, qw.offset if qw.offset is not None else qw.scale, bias if bias is not None else qw.scale,
-        out, out_n, k, qw.q.stride(0), qw.scale.stride(0),
+        out, out_n, k, qw.q.stride(0), qw.scale.stride(0), 1,
         KIND=kind, HAS_OFF=qw.offset is not None, GROUP=qw.group if kind != 2 else 32, HAS_BIAS=bias is not None,
         SILU=silu, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, PDL=use_pdl,
         num_warps=warps, launch_pdl=use_pdl,
@@ -399,26 +634,40 @@ def qgemv(x: torch.Tensor, qw, bias: torch.Tensor | None = None, silu: bool = Fa
     return out
 
 
-def qgemv_rope_(x, qw, bias, positions, cos_sin, num_q_heads, num_kv_heads, head_dim, kv_cache=None, slot_mapping=None):
-    """`triton_ops.gemv_rope_` on a quantized qkv weight: projection + RoPE (+ K/V store)."""
+def qgemv_rope_(x, qw, bias, positions, cos_sin, num_q_heads, num_kv_heads, head_dim, kv_cache=None, slot_mapping=None,
+                words: bool | None = None, config: tuple | None = None):
+    """`triton_ops.gemv_rope_` on a quantized qkv weight: projection + RoPE (+ K/V store). 4-bit
+    weights: `words` and `config` (row pairs a program, BLOCK_K cap, warps, prefetch; as
+    INT4_WORDS_ROPE_CONFIG) as in `qgemv`."""
     n, k = qw.shape
     if n != (num_q_heads + 2 * num_kv_heads) * head_dim or head_dim % 2:
         raise ValueError(f"qgemv_rope_: weight of {n} rows is not q, k and v heads of even size {head_dim}")
-    _, cap, warps = GEMV_CONFIG[qw.kind]  # two rows a program: the narrow tiles of the first GEMV
-    kind = _kind(qw.kind, qw.group, k)
-    block_k = _block_k(k, cap, 32)
-    if kind == 1:
-        block_k = max(block_k, qw.group)
     out = torch.empty((1, n), dtype=x.dtype, device=x.device)
     write = kv_cache is not None
     use_pdl = _launch_pdl(x)
-    _qgemv_rope_kernel[(n // 2,)](
-        x, qw.q, qw.scale, qw.offset if qw.offset is not None else qw.scale, bias if bias is not None else qw.scale,
+    half = head_dim // 2
+    w4 = _w4_operands(x, qw, words)
+    if w4 is not None:
+        xw, codes, xkind = w4
+        pairs, cap, warps, prefetch = config or INT4_WORDS_ROPE_CONFIG
+        while half % pairs:
+            pairs //= 2
+        q, scale, kind, block_k = codes, qw.scale, 0, _block_k(k, cap, 32)
+        extra = dict(W4=True, XKIND=xkind, PREFETCH=prefetch, PAIRS=pairs)
+    else:
+        _, cap, warps = GEMV_CONFIG[qw.kind]  # two rows a program: the narrow tiles of the first GEMV
+        kind = _kind(qw.kind, qw.group, k)
+        block_k = _block_k(k, cap, 32)
+        if kind == 1:
+            block_k = max(block_k, qw.group)
+        xw, q, pairs, extra = x, qw.q, 1, {}
+    _qgemv_rope_kernel[(n // (2 * pairs),)](
+        xw, q, qw.scale, qw.offset if qw.offset is not None else qw.scale, bias if bias is not None else qw.scale,
         out, positions, cos_sin, kv_cache if write else qw.scale, slot_mapping if write else positions,
-        k, qw.q.stride(0), qw.scale.stride(0), cos_sin.stride(0), num_q_heads, num_q_heads + num_kv_heads,
-        kv_cache.stride(0) if write else 0, kv_cache.stride(2) if write else 0, kv_cache.stride(3) if write else 0,
+        k, q.stride(0), qw.scale.stride(0), cos_sin.stride(0), num_q_heads, num_q_heads + num_kv_heads,
+        kv_cache.stride(0) if write else 0, kv_cache.stride(2) if write else 0, kv_cache.stride(3) if write else 0, 1,
         KIND=kind, HAS_OFF=qw.offset is not None, GROUP=qw.group if kind != 2 else 32, HAS_BIAS=bias is not None,
-        HALF=head_dim // 2, BLOCK_K=block_k, WRITE_KV=write, PDL=use_pdl, num_warps=warps, launch_pdl=use_pdl,
+        HALF=half, BLOCK_K=block_k, WRITE_KV=write, PDL=use_pdl, num_warps=warps, launch_pdl=use_pdl, **extra,
     )
     return out
 
