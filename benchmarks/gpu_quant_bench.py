@@ -318,8 +318,8 @@ def section_qmm(sweep: bool = True, names: tuple[str, ...] = ("qkv", "o", "gate_
             torch.cuda.empty_cache()
     # Qwen3-0.6B shapes at the 256-request workload's decode sizes
     log("| Qwen3-0.6B projection | rows | bf16 cuBLAS us | int4 deq + cuBLAS | int4 words | int4 raw | "
-        "fp8 act_quant + _scaled_mm | fp8 weight-only qmm |")
-    log("|---|---|---|---|---|---|---|---|")
+        "fp8 act_quant + _scaled_mm | fp8 weight-only qmm | the same, scales after the sums |")
+    log("|---|---|---|---|---|---|---|---|---|")
     for name, (n, k) in QWEN_06B.items():
         try:
             ws = _copies(lambda: torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05, n * k * 2)
@@ -336,7 +336,8 @@ def section_qmm(sweep: bool = True, names: tuple[str, ...] = ("qkv", "o", "gate_
                      "int4_words": us(lambda q: tq.qmm(x, q, mode="words"), q4),
                      "int4_raw": us(lambda q: tq.qmm(x, q, mode="raw"), q4),
                      "fp8_scaled_mm": us(fp8, q8),
-                     "fp8_qmm": us(lambda q: tq.qmm(x, q), q8)}
+                     "fp8_qmm": us(lambda q: tq.qmm(x, q, fp8_scale_after=False), q8),
+                     "fp8_qmm_scale_after": us(lambda q: tq.qmm(x, q, fp8_scale_after=True), q8)}
                 log(f"| {name} {n}x{k} | {m} | " + " | ".join(f"{v:.1f}" for v in r.values()) + " |")
                 rows[f"qwen0.6b/{name}/{m}"] = r
             del ws, q4, q8

@@ -95,6 +95,21 @@ def check_qmm4(n: int, k: int, device: str, dtype: torch.dtype, rows: list[int],
     return errs
 
 
+def check_fp8_scale_after(n: int, k: int, device: str, dtype: torch.dtype, rows: list[int], tol: float) -> None:
+    """The FP8 GEMM with the scales applied to the sums (KVSERVE_FP8_QMM_SCALE_AFTER)."""
+    from kvserve.kernels import triton_quant
+
+    g = torch.Generator().manual_seed(12)
+    qw = formats(n, k, device)["fp8"]
+    wref = qw.dequantize(torch.float64)
+    bias = (torch.randn(n, generator=g) * 0.1).to(device=device, dtype=dtype)
+    for m in rows:
+        x = torch.randn(m, k, generator=g).to(device=device, dtype=dtype)
+        got = triton_quant.qmm(x, qw, bias, fp8_scale_after=True)
+        e = rel_err(got, x.double() @ wref.T + bias.double())
+        assert e < tol, (m, e)
+
+
 def check_silu(n: int, k: int, device: str, dtype: torch.dtype, tol: float) -> None:
     """The SiLU·mul epilogue: gate rows [0, n), up rows [n, 2n)."""
     from kvserve.kernels import triton_quant
@@ -193,6 +208,8 @@ def run_interpret() -> None:
     split = ((16, 32, 128, 4, 2, 2), (16, 16, 64, 4, 2, 4))
     check_qmm4(48, 1024, "cpu", torch.float32, [3], tol=1e-5, configs=split)
     check_qmm4(48, 512, "cpu", torch.float16, [5], tol=2e-3, configs=(None, split[0]))
+    check_fp8_scale_after(8, 256, "cpu", torch.float32, [3], tol=1e-5)
+    check_fp8_scale_after(8, 256, "cpu", torch.float16, [3], tol=2e-3)
     print("interpret checks passed")
 
 

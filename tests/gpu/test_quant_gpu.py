@@ -41,6 +41,12 @@ def test_qmm4_bf16(n, k):
                             configs=((16, 64, 128, 4, 4, 4), (16, 128, 64, 4, 3, 2), (32, 32, 32, 4, 4, 1)))
 
 
+@pytest.mark.skipif(not FP8, reason="FP8 needs compute capability 8.9+")
+def test_fp8_scale_after():
+    quant_checks.check_fp8_scale_after(4096, 4096, "cuda", torch.bfloat16, [2, 16, 64, 256], tol=1.5e-2)
+    quant_checks.check_fp8_scale_after(512, 1024, "cuda", torch.float32, [3, 40], tol=1e-5)
+
+
 def test_qmm4_fp16_fp32():
     quant_checks.check_qmm4(512, 1024, "cuda", torch.float16, [3, 40], tol=2e-3)
     quant_checks.check_qmm4(512, 1024, "cuda", torch.float32, [3, 40], tol=1e-5)
