@@ -279,7 +279,7 @@ def section_qmm(sweep: bool = True, names: tuple[str, ...] = ("qkv", "o", "gate_
                         f"{d['old']:.1e} / {d['words']:.1e} / {d['raw']:.1e} |")
                     rows[f"{name}/{fmt}/{m}"] = {**r, "diff": d}
                     if sweep and fmt == "int4-g128" and m in (16, 256):
-                        for mode in ("words", "raw"):
+                        for mode in ("words", "raw") if m == 16 else ("words",):  # (raw: words from 64-row tiles)
                             res = []
                             for cfg in QMM4_SWEEP_16 if m == 16 else QMM4_SWEEP_256:
                                 try:

@@ -463,12 +463,12 @@ def _qmm4_offsets(out, x_ptr, s_ptr, o_ptr, rm64, m_ok, rn64, g_lo, ng, stride_x
     xdt = x_ptr.dtype.element_ty
     e = ((i // 32)[:, None] == gi[None, :]).to(xdt)  # [512, 16]: column g sums rows 32g..32g+31
     g_hi = g_lo + ng
-    for g0 in range(g_lo, g_hi, GC):
+    for g0 in tl.range(g_lo, g_hi, GC, num_stages=1):  # once per program: not worth shared-memory stages
         g = g0 + gi
         g_ok = g < g_hi
         xs = tl.zeros([BLOCK_M, GC], dtype=tl.float32)
         ok = m_ok[:, None] & ((g0 + i // 32) < g_hi)[None, :]
-        for c0 in range(0, GROUP, 32):
+        for c0 in tl.range(0, GROUP, 32, num_stages=1):
             xp = x_ptr + rm64[:, None] * stride_xm + ((g0 + i // 32) * GROUP + c0 + i % 32)[None, :]
             xk = tl.load(xp, mask=ok, other=0.0)  # [BLOCK_M, 512]
             if xdt == tl.float32:
@@ -656,6 +656,9 @@ def _qmm4(x: torch.Tensor, qw, bias: torch.Tensor | None, config, raw: bool) -> 
         raise ValueError(f"K={k} is not a multiple of 32")
     while split > 1 and k % (split * qw.group):  # whole groups per split
         split //= 2
+    # RAW's group-sum product after the loop is an fp32 [BLOCK_M, 16] x [16, BLOCK_N] FMA dot:
+    # from 64-row tiles it spills (sm_90 build), and many rows are not bound by the codes anyway.
+    raw = raw and bm <= 32
     act = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[x.dtype]
     out = (torch.zeros if split > 1 else torch.empty)((m, n), dtype=x.dtype, device=x.device)
     use_pdl = _launch_pdl(x)
