@@ -20,6 +20,15 @@ Kernels:
   to the activations' dtype and multiplied on the tensor cores (`tl.dot`). int8 tiles read the
   codes as int32 words and make two codes fp16 per bit operation (`_deq_tile_w`: 5-15% faster
   than a code at a time on an H100); 4-bit and fp8 tiles convert a code at a time (`_deq_tile`).
+  Opt-in (KVSERVE_INT4_QMM=words|raw), 4-bit weights take `_qmm4_kernel`: four code bytes
+  become fp16 / bf16 pairs by a `prmt` and an AND each (`_nibbles`); the elementwise asm lets
+  Triton load the codes straight into the tensor-core operand layout (ldmatrix from the
+  cp.async stage), so no dequantized tile goes through shared memory; "words" makes s q + m
+  with two half-precision fmas per pair, "raw" multiplies the exact codes and scales fp32
+  partials per group. SASS (sm_90, 16 rows, bf16): 9.4 instructions a weight in the old 4-bit
+  K loop, 4.3 (words) and 2.8 (raw, plus its group sums after the loop) in the new one.
+  Opt-in (KVSERVE_FP8_QMM_SCALE_AFTER=1), FP8 tiles are converted as they are and the sums
+  scaled per channel after the loop.
 - `dequantize`: the whole matrix in the model dtype, one pass (for dequantize-then-cuBLAS),
   a code at a time.
 - `act_quant_fp8`: per-row dynamic FP8 scaling of activations (for `torch._scaled_mm`).
@@ -549,7 +558,9 @@ def _qmm_codes(qw) -> tuple[torch.Tensor, bool]:
     2-64 rows) that GEMM was 5-15% faster than the code-at-a-time tile. Everything else (4-bit,
     fp8, the GEMVs, the dequantize kernel) reads a code at a time: the word versions of the
     4-bit GEMM (2-10x), the 4-bit dequantize kernel (9x) and every int4 / int8 GEMV measured
-    slower and were removed; an int8 word dequantize kernel was not measured faster."""
+    slower and were removed; an int8 word dequantize kernel was not measured faster. (The
+    opt-in 4-bit GEMM `_qmm4_kernel` is a different design: elementwise byte-to-pair asm that
+    Triton hoists into the operand layout, no permuted tile, no fp32 per weight.)"""
     if qw.kind == "int8" and qw.offset is None:  # (int8 weights have no offsets)
         return qw.q.view(torch.int32), True
     return qw.q, False
