@@ -228,15 +228,18 @@ QMM4_SWEEP_256 = [(64, 64, 128, 4, 4, 1), (64, 128, 128, 4, 3, 1), (128, 64, 128
                   (128, 128, 64, 8, 4, 1), (64, 256, 64, 8, 3, 1)]
 
 
-def section_qmm(sweep: bool = True, names: tuple[str, ...] = ("qkv", "o", "gate_up", "down")) -> None:
+def section_qmm(sweep: bool = True, names: tuple[str, ...] = ("qkv", "o", "gate_up", "down"), table: bool = True,
+                extras: bool = True) -> None:
     """Several rows. Llama-3.1-8B projections, 4-bit (HF int4 in groups of 128, GGUF Q4_0 in
     groups of 32): bf16 cuBLAS, the code-at-a-time GEMM ("old"), the word GEMM in both modes
     (`_qmm4_kernel`: "words", "raw"), dequantize + cuBLAS, at 2 to 256 rows; each GEMM's
-    difference from the fp64 product of the dequantized weight; a tile sweep of the word GEMM
+    difference from the fp32 product of the dequantized weight; a tile sweep of the word GEMM
     at 16 and 256 rows (`sweep`). Then int8 / Q8_0 (the default GEMM, at 16 and 256 rows), and
     Qwen3-0.6B projections at 64 to 1024 rows (the 256-request workload's decode steps): bf16,
-    int4 (old routing = dequantize + cuBLAS above 64 rows; words; raw) and FP8 (act_quant +
-    _scaled_mm; the weight-only FP8 GEMM)."""
+    int4 (old routing = dequantize + cuBLAS above 64 rows; the word GEMM: raw runs as words from
+    64-row tiles) and FP8 (act_quant +
+    _scaled_mm; the weight-only FP8 GEMM) (`extras`). `table` False: only the sweep. Every new
+    tile is a Triton compile (~1-2 s): `--qmm-proj` narrows the projections."""
     from kvserve.kernels import triton_quant as tq
     from kvserve.platform.cuda_quant import quantize
     from tests.gpu.quant_checks import formats
@@ -247,9 +250,10 @@ def section_qmm(sweep: bool = True, names: tuple[str, ...] = ("qkv", "o", "gate_
     def diff(got: torch.Tensor, ref: torch.Tensor) -> float:
         return ((got.float() - ref).norm() / ref.norm()).item()
 
-    log("| projection | format | rows | bf16 cuBLAS us | old qmm us | words us | raw us | dequantize + cuBLAS us | "
-        "bf16 / best 4-bit | rel diff old / words / raw |")
-    log("|---|---|---|---|---|---|---|---|---|---|")
+    if table:
+        log("| projection | format | rows | bf16 cuBLAS us | old qmm us | words us | raw us | dequantize + cuBLAS us | "
+            "bf16 / best 4-bit | rel diff old / words / raw |")
+        log("|---|---|---|---|---|---|---|---|---|---|")
     t0 = time.perf_counter()
     for name in names:
         n, k = SHAPES_8B[name]
@@ -258,26 +262,32 @@ def section_qmm(sweep: bool = True, names: tuple[str, ...] = ("qkv", "o", "gate_
             "int4-g128": lambda: quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05, "int4"),
             "Q4_0": lambda: formats(n, k, "cuda", seed=int(torch.randint(1 << 20, ())), only="Q4_0")["Q4_0"],
         }
+        if not table:
+            del makers["Q4_0"]
         for fmt, make in makers.items():
             try:
                 qw0 = make()
                 qs = [qw0] + _copies(make, qw0.nbytes)[1:]
                 wref = qw0.dequantize(torch.float32)  # fp32 products (no TF32): reference for bf16 outputs
-                for m in QMM_ROWS if fmt == "int4-g128" else (2, 16, 64, 256):
+                for m in (QMM_ROWS if fmt == "int4-g128" else (2, 16, 64, 256)) if table else (16, 256):
                     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                    ref = x.float() @ wref.T
-                    r = {"bf16": us(lambda ww: F.linear(x, ww), ws)}
-                    d = {}
-                    for mode in ("", "words", "raw"):
-                        key = mode or "old"
-                        r[key] = us(lambda q: tq.qmm(x, q, mode=mode), qs)
-                        d[key] = diff(tq.qmm(x, qw0, mode=mode), ref)
-                    r["deq"] = us(lambda q: F.linear(x, tq.dequantize(q, x.dtype)), qs)
-                    best = min(r["old"], r["words"], r["raw"], r["deq"])
-                    log(f"| {name} {n}x{k} | {fmt} | {m} | {r['bf16']:.1f} | {r['old']:.1f} | {r['words']:.1f} | "
-                        f"{r['raw']:.1f} | {r['deq']:.1f} | {r['bf16'] / best:.2f}x | "
-                        f"{d['old']:.1e} / {d['words']:.1e} / {d['raw']:.1e} |")
-                    rows[f"{name}/{fmt}/{m}"] = {**r, "diff": d}
+                    if table:
+                        ref = x.float() @ wref.T
+                        r = {"bf16": us(lambda ww: F.linear(x, ww), ws)}
+                        d = {}
+                        for mode in ("", "words", "raw"):
+                            key = mode or "old"
+                            if m > 64 and not mode:  # (the old routing: dequantize + cuBLAS above 64 rows)
+                                r[key], d[key] = float("nan"), float("nan")
+                                continue
+                            r[key] = us(lambda q: tq.qmm(x, q, mode=mode), qs)
+                            d[key] = diff(tq.qmm(x, qw0, mode=mode), ref)
+                        r["deq"] = us(lambda q: F.linear(x, tq.dequantize(q, x.dtype)), qs)
+                        best = min(v for key, v in r.items() if key != "bf16" and v == v)
+                        log(f"| {name} {n}x{k} | {fmt} | {m} | {r['bf16']:.1f} | {r['old']:.1f} | {r['words']:.1f} | "
+                            f"{r['raw']:.1f} | {r['deq']:.1f} | {r['bf16'] / best:.2f}x | "
+                            f"{d['old']:.1e} / {d['words']:.1e} / {d['raw']:.1e} |")
+                        rows[f"{name}/{fmt}/{m}"] = {**r, "diff": d}
                     if sweep and fmt == "int4-g128" and m in (16, 256):
                         for mode in ("words", "raw") if m == 16 else ("words",):  # (raw: words from 64-row tiles)
                             res = []
@@ -296,6 +306,10 @@ def section_qmm(sweep: bool = True, names: tuple[str, ...] = ("qkv", "o", "gate_
             torch.cuda.empty_cache()
         del ws
         log(f"[qmm] {name} done at {time.perf_counter() - t0:.0f} s")
+    if not extras:
+        log(f"[qmm] all done at {time.perf_counter() - t0:.0f} s")
+        RESULTS["qmm"] = rows
+        return
     # int8 / Q8_0 (the default word GEMM), for reference
     for name in ("gate_up", "o"):
         n, k = SHAPES_8B[name]
@@ -317,9 +331,9 @@ def section_qmm(sweep: bool = True, names: tuple[str, ...] = ("qkv", "o", "gate_
                 traceback.print_exc()
             torch.cuda.empty_cache()
     # Qwen3-0.6B shapes at the 256-request workload's decode sizes
-    log("| Qwen3-0.6B projection | rows | bf16 cuBLAS us | int4 deq + cuBLAS | int4 words | int4 raw | "
+    log("| Qwen3-0.6B projection | rows | bf16 cuBLAS us | int4 deq + cuBLAS | int4 words | "
         "fp8 act_quant + _scaled_mm | fp8 weight-only qmm | the same, scales after the sums |")
-    log("|---|---|---|---|---|---|---|---|---|")
+    log("|---|---|---|---|---|---|---|---|")
     for name, (n, k) in QWEN_06B.items():
         try:
             ws = _copies(lambda: torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05, n * k * 2)
@@ -334,7 +348,6 @@ def section_qmm(sweep: bool = True, names: tuple[str, ...] = ("qkv", "o", "gate_
                 r = {"bf16": us(lambda ww: F.linear(x, ww), ws),
                      "int4_deq": us(lambda q: F.linear(x, tq.dequantize(q, x.dtype)), q4),
                      "int4_words": us(lambda q: tq.qmm(x, q, mode="words"), q4),
-                     "int4_raw": us(lambda q: tq.qmm(x, q, mode="raw"), q4),
                      "fp8_scaled_mm": us(fp8, q8),
                      "fp8_qmm": us(lambda q: tq.qmm(x, q, fp8_scale_after=False), q8),
                      "fp8_qmm_scale_after": us(lambda q: tq.qmm(x, q, fp8_scale_after=True), q8)}
@@ -496,7 +509,7 @@ def section_peer(peer_dir: Path, bw: float, modes: list[str], prompt_len: int = 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="kernels,decode,throughput,peer", help="kernels, kernels1 (one-row GEMVs only), gemv (quantized GEMVs vs bf16, every format, tile sweep), gemv1 (the same, int8 / int4 / Q4_0, no sweep), qmm (several rows: GEMMs vs dequantize + cuBLAS, 4-bit word GEMM tile sweep; Qwen3-0.6B at 64-1024 rows), qmm1 (no sweep), decode, throughput, peer")
+    ap.add_argument("--only", default="kernels,decode,throughput,peer", help="kernels, kernels1 (one-row GEMVs only), gemv (quantized GEMVs vs bf16, every format, tile sweep), gemv1 (the same, int8 / int4 / Q4_0, no sweep), qmm (several rows: GEMMs vs dequantize + cuBLAS, 4-bit word GEMM tile sweep; Qwen3-0.6B at 64-1024 rows), qmm1 (no sweep), qmm4sweep (the 4-bit word GEMM tile sweep only), qmmqwen (Qwen3-0.6B shapes at 64-1024 rows, int8 reference), decode, throughput, peer")
     ap.add_argument("--schemes", default="bf16,int8,int4,fp8")
     ap.add_argument("--qmm-proj", default="qkv,o,gate_up,down", help="Llama-3.1-8B projections of --only qmm / qmm1")
     ap.add_argument("--tp-schemes", default="bf16,int4,fp8")
@@ -523,6 +536,8 @@ def main() -> None:
         ("gemv1", lambda: section_gemv(quick=True)),  # the same for int8, int4 and Q4_0, no tile sweep
         ("qmm", lambda: section_qmm(names=tuple(args.qmm_proj.split(",")))),  # several rows: the GEMMs vs cuBLAS
         ("qmm1", lambda: section_qmm(sweep=False, names=tuple(args.qmm_proj.split(",")))),  # no tile sweep
+        ("qmm4sweep", lambda: section_qmm(names=tuple(args.qmm_proj.split(",")), table=False, extras=False)),
+        ("qmmqwen", lambda: section_qmm(sweep=False, names=(), extras=True)),  # Qwen3-0.6B shapes (+ int8) only
         ("decode", lambda: section_decode(root, bw, flops, args.schemes.split(","))),
         ("throughput", lambda: section_throughput(root, args.tp_schemes.split(","))),
         ("peer", lambda: section_peer(Path(args.peer_dir), bw, args.peer_modes.split(","))),
