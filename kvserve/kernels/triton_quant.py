@@ -380,8 +380,9 @@ def _qmm4_kernel(
     SPLIT_K: tl.constexpr,
 ):
     """The 4-bit GEMM with the codes read four bytes at a time and turned into fp16 / bf16
-    pairs by bit operations (`_nibbles`, no conversions). BLOCK_K <= GROUP: one scale and offset
-    per row and tile, loaded once. Two forms:
+    pairs by bit operations (`_nibbles`, no conversions). A tile takes one scale and offset per
+    row (BLOCK_K <= GROUP) or, not RAW, one per row and group (broadcast over the group's
+    bytes), loaded once. Two forms:
 
     - not RAW: the tile s q + m in the activation dtype (two half-precision fmas per two
       codes) is multiplied on the tensor cores into the fp32 accumulator;
@@ -394,7 +395,7 @@ def _qmm4_kernel(
     The low and high nibbles of a byte are two dots over BLOCK_K / 2 columns each, the
     activations loaded in the matching order (byte j of a 32-column chunk: columns j and
     16 + j), so no tile is permuted. SPLIT_K > 1: program (n, m, p) takes the p-th of SPLIT_K
-    equal K ranges (whole groups) and adds its result into `out` (zeroed) atomically, for
+    equal K ranges (whole groups and tiles) and adds its result into `out` (zeroed) atomically, for
     narrow weights at few rows (more programs streaming the weight)."""
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -417,14 +418,26 @@ def _qmm4_kernel(
         k0 = k_lo + kt
         b = tl.load(q_ptr + rn64[:, None] * stride_q + (kt // 2 + j)[None, :])  # [BLOCK_N, H] bytes
         g = k0 // GROUP
-        s = tl.load(s_ptr + rn64 * stride_s + g)
+        if GROUP >= BLOCK_K:
+            s = tl.load(s_ptr + rn64 * stride_s + g)
         if RAW:
             zero = tl.zeros([BLOCK_N, H], dtype=xdt)
             lo, hi = _nibbles(b, zero, zero, ACT, True)
-        else:
+        elif GROUP >= BLOCK_K:
             sc = tl.broadcast_to(s.to(xdt)[:, None], [BLOCK_N, H])
             if HAS_OFF:
                 off = tl.broadcast_to(tl.load(o_ptr + rn64 * stride_s + g).to(xdt)[:, None], [BLOCK_N, H])
+            else:
+                off = tl.zeros([BLOCK_N, H], dtype=xdt)
+            lo, hi = _nibbles(b, sc, off, ACT, False)
+        else:  # several groups a tile (not RAW): byte j is in the tile's group j // (GROUP / 2)
+            NG: tl.constexpr = BLOCK_K // GROUP
+            sp = rn64[:, None] * stride_s + (g + tl.arange(0, NG))[None, :]
+            sc = tl.reshape(tl.broadcast_to(tl.load(s_ptr + sp).to(xdt)[:, :, None], [BLOCK_N, NG, GROUP // 2]),
+                            [BLOCK_N, H])
+            if HAS_OFF:
+                off = tl.reshape(tl.broadcast_to(tl.load(o_ptr + sp).to(xdt)[:, :, None], [BLOCK_N, NG, GROUP // 2]),
+                                 [BLOCK_N, H])
             else:
                 off = tl.zeros([BLOCK_N, H], dtype=xdt)
             lo, hi = _nibbles(b, sc, off, ACT, False)
@@ -639,11 +652,10 @@ FP8_SCALE_AFTER = os.environ.get("KVSERVE_FP8_QMM_SCALE_AFTER", "0") == "1"
 
 
 def qmm4_config(m: int, n: int, group: int) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K) of `_qmm4_kernel`; BLOCK_K
-    <= group. Few rows read the weight once: wide column tiles amortize the activations' part
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K) of `_qmm4_kernel`. Few rows read the weight once: wide column tiles amortize the activations' part
     of the loop, and narrow weights (< 16384 rows) split K so that every SM has programs
     streaming; many rows are compute tiles (the weight tile is re-read per row tile)."""
-    bk = min(128, group)
+    bk = 128  # ("raw" takes min(128, group))
     if m <= 64:
         bm = 16 if m <= 16 else 32 if m <= 32 else 64
         if n >= 16384:
@@ -660,16 +672,18 @@ def _qmm4(x: torch.Tensor, qw, bias: torch.Tensor | None, config, raw: bool) -> 
     cfg = tuple(config or qmm4_config(m, n, qw.group))
     bm, bn, bk, warps, stages = cfg[:5]
     split = cfg[5] if len(cfg) > 5 else 1
-    bk = min(bk, qw.group)
-    while k % bk or qw.group % bk:
+    raw = raw and bm <= 32  # (see below)
+    if raw:  # one group a tile: the partial is scaled per group
+        bk = min(bk, qw.group)
+    while k % bk or (qw.group % bk if bk <= qw.group else bk % qw.group):
         bk //= 2
     if bk < 32:
         raise ValueError(f"K={k} is not a multiple of 32")
-    while split > 1 and k % (split * qw.group):  # whole groups per split
+    while split > 1 and k % (split * max(qw.group, bk)):  # whole groups and tiles per split
         split //= 2
-    # RAW's group-sum product after the loop is an fp32 [BLOCK_M, 16] x [16, BLOCK_N] FMA dot:
-    # from 64-row tiles it spills (sm_90 build), and many rows are not bound by the codes anyway.
-    raw = raw and bm <= 32
+    # (RAW's group-sum product after the loop is an fp32 [BLOCK_M, 16] x [16, BLOCK_N] FMA dot:
+    # from 64-row tiles it spills (sm_90 build), and many rows are not bound by the codes anyway:
+    # those take "words".)
     act = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[x.dtype]
     out = (torch.zeros if split > 1 else torch.empty)((m, n), dtype=x.dtype, device=x.device)
     use_pdl = _launch_pdl(x)

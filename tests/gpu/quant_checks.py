@@ -76,7 +76,10 @@ def check_qmm4(n: int, k: int, device: str, dtype: torch.dtype, rows: list[int],
     errs: dict[str, float] = {}
     g = torch.Generator().manual_seed(11)
     bias = (torch.randn(n, generator=g) * 0.1).to(device=device, dtype=dtype)
-    for name, qw in formats(n, k, device).items():
+    weights = formats(n, k, device)
+    if k % 64 == 0:  # (the group size of a tensor-parallel shard where 128 does not divide)
+        weights["int4-g64"] = quantize(torch.randn(n, k, generator=g) * 0.05, "int4", 64).to(torch.device(device))
+    for name, qw in weights.items():
         if qw.kind != "int4":
             continue
         wref = qw.dequantize(torch.float64)

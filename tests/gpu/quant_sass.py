@@ -37,6 +37,7 @@ def qmm_int4_old(act: str, m: int, n: int):
 def qmm_int4_words(act: str, raw: bool, m: int, n: int, group: int = 128):
     """`_qmm4_kernel` at `qmm4_config(m, n, group)`."""
     bm, bn, bk, warps, stages, split = tq.qmm4_config(m, n, group)
+    bk = min(bk, group) if raw else bk
     sig = {**_SIG4, "x_ptr": f"*{act}", "b_ptr": f"*{act}", "out_ptr": f"*{act}"}
     cons = dict(ACT={"fp32": 0, "fp16": 1, "bf16": 2}[act], RAW=raw, HAS_OFF=True, GROUP=group, HAS_BIAS=False,
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PDL=True, SPLIT_K=split)
