@@ -251,9 +251,9 @@ def section_qmm(sweep: bool = True, names: tuple[str, ...] = ("qkv", "o", "gate_
         return ((got.float() - ref).norm() / ref.norm()).item()
 
     if table:
-        log("| projection | format | rows | bf16 cuBLAS us | old qmm us | words us | raw us | dequantize + cuBLAS us | "
-            "bf16 / best 4-bit | rel diff old / words / raw |")
-        log("|---|---|---|---|---|---|---|---|---|---|")
+        log("| projection | format | rows | bf16 cuBLAS us | old qmm us | words us | raw us | auto us | "
+            "dequantize + cuBLAS us | bf16 / best 4-bit | rel diff old / words / raw |")
+        log("|---|---|---|---|---|---|---|---|---|---|---|")
     t0 = time.perf_counter()
     for name in names:
         n, k = SHAPES_8B[name]
@@ -275,7 +275,7 @@ def section_qmm(sweep: bool = True, names: tuple[str, ...] = ("qkv", "o", "gate_
                         ref = x.float() @ wref.T
                         r = {"bf16": us(lambda ww: F.linear(x, ww), ws)}
                         d = {}
-                        for mode in ("", "words", "raw"):
+                        for mode in ("", "words", "raw", "auto"):
                             key = mode or "old"
                             if m > 64 and not mode:  # (the old routing: dequantize + cuBLAS above 64 rows)
                                 r[key], d[key] = float("nan"), float("nan")
@@ -285,7 +285,7 @@ def section_qmm(sweep: bool = True, names: tuple[str, ...] = ("qkv", "o", "gate_
                         r["deq"] = us(lambda q: F.linear(x, tq.dequantize(q, x.dtype)), qs)
                         best = min(v for key, v in r.items() if key != "bf16" and v == v)
                         log(f"| {name} {n}x{k} | {fmt} | {m} | {r['bf16']:.1f} | {r['old']:.1f} | {r['words']:.1f} | "
-                            f"{r['raw']:.1f} | {r['deq']:.1f} | {r['bf16'] / best:.2f}x | "
+                            f"{r['raw']:.1f} | {r['auto']:.1f} | {r['deq']:.1f} | {r['bf16'] / best:.2f}x | "
                             f"{d['old']:.1e} / {d['words']:.1e} / {d['raw']:.1e} |")
                         rows[f"{name}/{fmt}/{m}"] = {**r, "diff": d}
                     if sweep and fmt == "int4-g128" and m in (16, 256):

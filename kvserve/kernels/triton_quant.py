@@ -640,9 +640,12 @@ def qmm_config(m: int, n: int) -> tuple[int, int, int, int, int]:
 
 
 # The 4-bit GEMM (`_qmm4_kernel`, codes four bytes at a time): "words" dequantizes each tile
-# in fp16 / bf16 pairs, "raw" multiplies the exact codes and scales the fp32 partials per group;
-# "" (the default for now) is the code-at-a-time tile of `_qmm_kernel`. KVSERVE_INT4_QMM picks.
-INT4_QMM_MODES = ("", "words", "raw")
+# in fp16 / bf16 pairs, "raw" multiplies the exact codes and scales the fp32 partials per group
+# (tiles of up to 32 rows), "auto" is raw where K is not split (its group sums after the loop
+# cost a pass over the activations per program: estimated from the sm_90 SASS, raw is cheaper
+# than words only without split K) and words elsewhere; "" (the default for now) is the
+# code-at-a-time tile of `_qmm_kernel`. KVSERVE_INT4_QMM picks.
+INT4_QMM_MODES = ("", "words", "raw", "auto")
 INT4_QMM = os.environ.get("KVSERVE_INT4_QMM", "")
 # FP8 (per-channel scales) in the GEMM: multiply the e4m3 codes converted as they are (exact in
 # fp16 / bf16) and scale the fp32 sums once per output (`_qmm_kernel` SCALE_AFTER: 5.0 instead
@@ -666,13 +669,13 @@ def qmm4_config(m: int, n: int, group: int) -> tuple[int, int, int, int, int, in
     return 128, 64 if n <= 8192 else 128, bk, 8, 3, 1
 
 
-def _qmm4(x: torch.Tensor, qw, bias: torch.Tensor | None, config, raw: bool) -> torch.Tensor:
+def _qmm4(x: torch.Tensor, qw, bias: torch.Tensor | None, config, mode: str) -> torch.Tensor:
     m, k = x.shape
     n = qw.shape[0]
     cfg = tuple(config or qmm4_config(m, n, qw.group))
     bm, bn, bk, warps, stages = cfg[:5]
     split = cfg[5] if len(cfg) > 5 else 1
-    raw = raw and bm <= 32  # (see below)
+    raw = (mode == "raw" or mode == "auto" and split == 1) and bm <= 32  # (see below)
     if raw:  # one group a tile: the partial is scaled per group
         bk = min(bk, qw.group)
     while k % bk or (qw.group % bk if bk <= qw.group else bk % qw.group):
@@ -701,14 +704,14 @@ def qmm(x: torch.Tensor, qw, bias: torch.Tensor | None = None,
         config: tuple[int, ...] | None = None, mode: str | None = None,
         fp8_scale_after: bool | None = None) -> torch.Tensor:
     """x [M, K] times the quantized weight -> [M, N], dequantizing each tile in registers.
-    `mode` (4-bit weights; default `INT4_QMM`): "words" / "raw" run `_qmm4_kernel` (`config`:
+    `mode` (4-bit weights; default `INT4_QMM`): "words" / "raw" / "auto" run `_qmm4_kernel` (`config`:
     `qmm4_config`'s six values, SPLIT_K optional), "" the code-at-a-time tile (`qmm_config`).
     `fp8_scale_after` (FP8 weights; default `FP8_SCALE_AFTER`): scale the sums, not the codes."""
     mode = INT4_QMM if mode is None else mode
     if qw.kind == "int4" and mode:
         if mode not in INT4_QMM_MODES:
             raise ValueError(f"mode must be one of {INT4_QMM_MODES} (got {mode!r})")
-        return _qmm4(x, qw, bias, config, mode == "raw")
+        return _qmm4(x, qw, bias, config, mode)
     m, k = x.shape
     n = qw.shape[0]
     bm, bn, bk, warps, stages = config or qmm_config(m, n)
