@@ -20,10 +20,11 @@ Kernels:
   to the activations' dtype and multiplied on the tensor cores (`tl.dot`). int8 tiles read the
   codes as int32 words and make two codes fp16 per bit operation (`_deq_tile_w`: 5-15% faster
   than a code at a time on an H100); 4-bit and fp8 tiles convert a code at a time (`_deq_tile`).
-  Opt-in (KVSERVE_INT4_QMM=words|raw), 4-bit weights take `_qmm4_kernel`: four code bytes
+  Opt-in (KVSERVE_INT4_QMM=words|raw|auto), 4-bit weights take `_qmm4_kernel`: four code bytes
   become fp16 / bf16 pairs by a `prmt` and an AND each (`_nibbles`); the elementwise asm lets
   Triton load the codes straight into the tensor-core operand layout (ldmatrix from the
-  cp.async stage), so no dequantized tile goes through shared memory; "words" makes s q + m
+  cp.async stage), so no dequantized tile goes through shared memory (up to 32-row tiles:
+  wgmma reads its weight operand from shared memory); "words" makes s q + m
   with two half-precision fmas per pair, "raw" multiplies the exact codes and scales fp32
   partials per group. SASS (sm_90, 16 rows, bf16): 9.4 instructions a weight in the old 4-bit
   K loop, 4.3 (words) and 2.8 (raw, plus its group sums after the loop) in the new one.
