@@ -231,15 +231,15 @@ QMM4_SWEEP_256 = [(64, 64, 128, 4, 4, 1), (64, 128, 128, 4, 3, 1), (128, 64, 128
 def section_qmm(sweep: bool = True, names: tuple[str, ...] = ("qkv", "o", "gate_up", "down"), table: bool = True,
                 extras: bool = True) -> None:
     """Several rows. Llama-3.1-8B projections, 4-bit (HF int4 in groups of 128, GGUF Q4_0 in
-    groups of 32): bf16 cuBLAS, the code-at-a-time GEMM ("old"), the word GEMM in both modes
-    (`_qmm4_kernel`: "words", "raw"), dequantize + cuBLAS, at 2 to 256 rows; each GEMM's
-    difference from the fp32 product of the dequantized weight; a tile sweep of the word GEMM
-    at 16 and 256 rows (`sweep`). Then int8 / Q8_0 (the default GEMM, at 16 and 256 rows), and
-    Qwen3-0.6B projections at 64 to 1024 rows (the 256-request workload's decode steps): bf16,
-    int4 (old routing = dequantize + cuBLAS above 64 rows; the word GEMM: raw runs as words from
-    64-row tiles) and FP8 (act_quant +
-    _scaled_mm; the weight-only FP8 GEMM) (`extras`). `table` False: only the sweep. Every new
-    tile is a Triton compile (~1-2 s): `--qmm-proj` narrows the projections."""
+    groups of 32): bf16 cuBLAS, the code-at-a-time GEMM ("old"), the word GEMM (`_qmm4_kernel`:
+    "words", "raw", "auto"), dequantize + cuBLAS, at 2 to 256 rows; each GEMM's difference from
+    the fp32 product of the dequantized weight; a tile sweep of the word GEMM at 16 and 256 rows
+    (`sweep`). Then (`extras`) int8 / Q8_0 (the default GEMM, at 16 and 256 rows), and
+    Qwen3-0.6B projections at 64 to 4,096 rows (the 256-request workload's decode steps and a
+    prefill chunk): bf16, int4 (dequantize + cuBLAS, the old routing above 64 rows; the word
+    GEMM, raw runs as words from 64-row tiles) and FP8 (act_quant + _scaled_mm; the
+    weight-only FP8 GEMM, scales per weight or after the sums). `table` False: only the sweep.
+    Every new tile is a Triton compile (~1-2 s): `--qmm-proj` narrows the projections."""
     from kvserve.kernels import triton_quant as tq
     from kvserve.platform.cuda_quant import quantize
     from tests.gpu.quant_checks import formats
@@ -339,7 +339,7 @@ def section_qmm(sweep: bool = True, names: tuple[str, ...] = ("qkv", "o", "gate_
             ws = _copies(lambda: torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05, n * k * 2)
             q4 = [quantize(w, "int4") for w in ws]
             q8 = [quantize(w, "fp8") for w in ws]
-            for m in (64, 128, 256, 512, 1024):
+            for m in (64, 128, 256, 512, 1024, 4096):
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
 
                 def fp8(q):
