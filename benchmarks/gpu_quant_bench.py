@@ -509,7 +509,7 @@ def section_peer(peer_dir: Path, bw: float, modes: list[str], prompt_len: int = 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="kernels,decode,throughput,peer", help="kernels, kernels1 (one-row GEMVs only), gemv (quantized GEMVs vs bf16, every format, tile sweep), gemv1 (the same, int8 / int4 / Q4_0, no sweep), qmm (several rows: GEMMs vs dequantize + cuBLAS, 4-bit word GEMM tile sweep; Qwen3-0.6B at 64-1024 rows), qmm1 (no sweep), qmm4sweep (the 4-bit word GEMM tile sweep only), qmmqwen (Qwen3-0.6B shapes at 64-1024 rows, int8 reference), decode, throughput, peer")
+    ap.add_argument("--only", default="kernels,decode,throughput,peer", help="kernels, kernels1 (one-row GEMVs only), gemv (quantized GEMVs vs bf16, every format, tile sweep), gemv1 (the same, int8 / int4 / Q4_0, no sweep), qmm (several rows: GEMMs vs dequantize + cuBLAS, 4-bit word GEMM tile sweep; Qwen3-0.6B at 64-4096 rows), qmm1 (no sweep), qmm4sweep (the 4-bit word GEMM tile sweep only), qmmqwen (Qwen3-0.6B shapes at 64-4096 rows, int8 reference), decode, throughput, peer")
     ap.add_argument("--schemes", default="bf16,int8,int4,fp8")
     ap.add_argument("--qmm-proj", default="qkv,o,gate_up,down", help="Llama-3.1-8B projections of --only qmm / qmm1")
     ap.add_argument("--tp-schemes", default="bf16,int4,fp8")
