@@ -318,7 +318,7 @@ def _qmm_kernel(
 
 
 @triton.jit
-def _nibbles(b, sc, off, ACT: tl.constexpr, RAW: tl.constexpr):
+def _nibbles(b, sc, off, ACT: tl.constexpr, RAW: tl.constexpr, PURE: tl.constexpr = True):
     """uint8 codes `b` (two 4-bit values a byte) -> (low nibbles, high nibbles), each of b's
     shape, in the activation dtype (ACT 0: fp32, 1: fp16, 2: bf16): s q + m with `sc`, `off`
     (b's shape, that dtype: each code's scale and offset), or with RAW 128 + q (16-bit; fp32:
@@ -346,7 +346,7 @@ def _nibbles(b, sc, off, ACT: tl.constexpr, RAW: tl.constexpr):
             "mov.b32 c, 0x54005400; prmt.b32 t0, m, $4, 0x0504; prmt.b32 t1, m, $4, 0x0706; "
             "and.b32 $0, t0, 0xFF0FFF0F; sub.f16x2 $0, $0, k; and.b32 $1, t1, 0xFF0FFF0F; sub.f16x2 $1, $1, k; "
             "and.b32 $2, t0, 0xFFF0FFF0; fma.rn.f16x2 $2, $2, r, c; and.b32 $3, t1, 0xFFF0FFF0; fma.rn.f16x2 $3, $3, r, c; }",
-            "=r,=r,=r,=r,r,r,r,r,r", [b, sc, off], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+            "=r,=r,=r,=r,r,r,r,r,r", [b, sc, off], dtype=(tl.float16, tl.float16), is_pure=PURE, pack=4)
     elif ACT == 1:
         lo, hi = tl.inline_asm_elementwise(
             "{ .reg .b32 m, t0, t1, k, r, c; mov.b32 m, 0x64646464; mov.b32 k, 0x64006400; mov.b32 r, 0x2C002C00; "
@@ -355,13 +355,13 @@ def _nibbles(b, sc, off, ACT: tl.constexpr, RAW: tl.constexpr):
             "and.b32 $1, t1, 0xFF0FFF0F; sub.f16x2 $1, $1, k; fma.rn.f16x2 $1, $1, $6, $8; "
             "and.b32 $2, t0, 0xFFF0FFF0; fma.rn.f16x2 $2, $2, r, c; fma.rn.f16x2 $2, $2, $5, $7; "
             "and.b32 $3, t1, 0xFFF0FFF0; fma.rn.f16x2 $3, $3, r, c; fma.rn.f16x2 $3, $3, $6, $8; }",
-            "=r,=r,=r,=r,r,r,r,r,r", [b, sc, off], dtype=(tl.float16, tl.float16), is_pure=True, pack=4)
+            "=r,=r,=r,=r,r,r,r,r,r", [b, sc, off], dtype=(tl.float16, tl.float16), is_pure=PURE, pack=4)
     elif RAW:
         lo, hi = tl.inline_asm_elementwise(
             "{ .reg .b32 m, u; mov.b32 m, 0x43434343; shr.u32 u, $4, 4; "
             "prmt.b32 $0, m, $4, 0x0504; and.b32 $0, $0, 0xFF0FFF0F; prmt.b32 $1, m, $4, 0x0706; and.b32 $1, $1, 0xFF0FFF0F; "
             "prmt.b32 $2, m, u, 0x0504; and.b32 $2, $2, 0xFF0FFF0F; prmt.b32 $3, m, u, 0x0706; and.b32 $3, $3, 0xFF0FFF0F; }",
-            "=r,=r,=r,=r,r,r,r,r,r", [b, sc, off], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+            "=r,=r,=r,=r,r,r,r,r,r", [b, sc, off], dtype=(tl.bfloat16, tl.bfloat16), is_pure=PURE, pack=4)
     else:
         lo, hi = tl.inline_asm_elementwise(
             "{ .reg .b32 m, u, r, c; mov.b32 m, 0x43434343; mov.b32 r, 0x3F803F80; mov.b32 c, 0xC300C300; shr.u32 u, $4, 4; "
@@ -369,7 +369,7 @@ def _nibbles(b, sc, off, ACT: tl.constexpr, RAW: tl.constexpr):
             "prmt.b32 $1, m, $4, 0x0706; and.b32 $1, $1, 0xFF0FFF0F; fma.rn.bf16x2 $1, $1, r, c; fma.rn.bf16x2 $1, $1, $6, $8; "
             "prmt.b32 $2, m, u, 0x0504; and.b32 $2, $2, 0xFF0FFF0F; fma.rn.bf16x2 $2, $2, r, c; fma.rn.bf16x2 $2, $2, $5, $7; "
             "prmt.b32 $3, m, u, 0x0706; and.b32 $3, $3, 0xFF0FFF0F; fma.rn.bf16x2 $3, $3, r, c; fma.rn.bf16x2 $3, $3, $6, $8; }",
-            "=r,=r,=r,=r,r,r,r,r,r", [b, sc, off], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+            "=r,=r,=r,=r,r,r,r,r,r", [b, sc, off], dtype=(tl.bfloat16, tl.bfloat16), is_pure=PURE, pack=4)
     return lo, hi
 
 
@@ -379,6 +379,7 @@ def _qmm4_kernel(
     ACT: tl.constexpr, RAW: tl.constexpr, HAS_OFF: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
     SPLIT_K: tl.constexpr,
+    PURE: tl.constexpr = True,  # False: the asm is opaque, so the tile goes through shared memory (see qmm4_config)
 ):
     """The 4-bit GEMM with the codes read four bytes at a time and turned into fp16 / bf16
     pairs by bit operations (`_nibbles`, no conversions). A tile takes one scale and offset per
@@ -423,14 +424,14 @@ def _qmm4_kernel(
             s = tl.load(s_ptr + rn64 * stride_s + g)
         if RAW:
             zero = tl.zeros([BLOCK_N, H], dtype=xdt)
-            lo, hi = _nibbles(b, zero, zero, ACT, True)
+            lo, hi = _nibbles(b, zero, zero, ACT, True, PURE)
         elif GROUP >= BLOCK_K:
             sc = tl.broadcast_to(s.to(xdt)[:, None], [BLOCK_N, H])
             if HAS_OFF:
                 off = tl.broadcast_to(tl.load(o_ptr + rn64 * stride_s + g).to(xdt)[:, None], [BLOCK_N, H])
             else:
                 off = tl.zeros([BLOCK_N, H], dtype=xdt)
-            lo, hi = _nibbles(b, sc, off, ACT, False)
+            lo, hi = _nibbles(b, sc, off, ACT, False, PURE)
         else:  # several groups a tile (not RAW): byte j is in the tile's group j // (GROUP / 2)
             NG: tl.constexpr = BLOCK_K // GROUP
             sp = rn64[:, None] * stride_s + (g + tl.arange(0, NG))[None, :]
@@ -441,7 +442,7 @@ def _qmm4_kernel(
                                  [BLOCK_N, H])
             else:
                 off = tl.zeros([BLOCK_N, H], dtype=xdt)
-            lo, hi = _nibbles(b, sc, off, ACT, False)
+            lo, hi = _nibbles(b, sc, off, ACT, False, PURE)
         xp = x_ptr + rm64[:, None] * stride_xm + (kt + col)[None, :]
         xl = tl.load(xp, mask=m_ok[:, None], other=0.0)  # [BLOCK_M, H]
         xh = tl.load(xp + 16, mask=m_ok[:, None], other=0.0)
@@ -655,19 +656,31 @@ INT4_QMM = os.environ.get("KVSERVE_INT4_QMM", "")
 FP8_SCALE_AFTER = os.environ.get("KVSERVE_FP8_QMM_SCALE_AFTER", "0") == "1"
 
 
-def qmm4_config(m: int, n: int, group: int) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K) of `_qmm4_kernel`. Few rows read the weight once: wide column tiles amortize the activations' part
-    of the loop, and narrow weights (< 16384 rows) split K so that every SM has programs
-    streaming; many rows are compute tiles (the weight tile is re-read per row tile)."""
+def qmm4_config(m: int, n: int, group: int) -> tuple[int, ...]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K) of `_qmm4_kernel`; a config
+    may add a seventh value (default 0): 1 passes the dequantized tile to the tensor cores
+    through shared memory. Few rows read the weight once: wide column tiles amortize the
+    activations' part of the loop, and narrow weights (< 16384 rows) split K so that every SM
+    has programs streaming; many rows are compute tiles (the weight tile is re-read per row
+    tile). Shared memory or not (sm_90 SASS, 16 x 128 x 128 tiles, bf16): the elementwise asm
+    lets Triton load the code bytes straight into the operand layout (no dequantized tile in
+    shared memory), but in a layout (4 k a thread) where the activations' fragments cost ~0.6
+    register moves a weight: 3.76 instructions a weight (raw 2.79); through shared memory
+    3.39 (raw 2.38), with 256 bytes a thread stored and read back per tile, so shared-memory
+    bandwidth may bind instead. The benchmark's sweep measures both. From 64-row tiles (wgmma,
+    whose weight operand is read from shared memory anyway) the opaque form is the shorter
+    (128 x 128 x 128, 8 warps: 4.73 against 5.20 instructions a weight and row tile)."""
     bk = 128  # ("raw" takes min(128, group))
-    if m <= 64:
-        bm = 16 if m <= 16 else 32 if m <= 32 else 64
+    if m <= 32:
+        bm = 16 if m <= 16 else 32
         if n >= 16384:
-            return bm, 128, bk, 4, 4, 1
-        return bm, 64, bk, 4, 4, 4 if n <= 4096 else 2
+            return bm, 128, bk, 4, 4, 1, 0
+        return bm, 64, bk, 4, 4, 4 if n <= 4096 else 2, 0
+    if m <= 64:
+        return 64, 128 if n >= 16384 else 64, bk, 4, 4, 1 if n >= 16384 else 2, 1
     if m <= 128:
-        return 64, 64, bk, 4, 4, 1
-    return 128, 64 if n <= 8192 else 128, bk, 8, 3, 1
+        return 64, 64, bk, 4, 4, 1, 1
+    return 128, 64 if n <= 8192 else 128, bk, 8, 3, 1, 1
 
 
 def _qmm4(x: torch.Tensor, qw, bias: torch.Tensor | None, config, mode: str) -> torch.Tensor:
@@ -676,6 +689,7 @@ def _qmm4(x: torch.Tensor, qw, bias: torch.Tensor | None, config, mode: str) -> 
     cfg = tuple(config or qmm4_config(m, n, qw.group))
     bm, bn, bk, warps, stages = cfg[:5]
     split = cfg[5] if len(cfg) > 5 else 1
+    smem_tile = bool(cfg[6]) if len(cfg) > 6 else False
     raw = (mode == "raw" or mode == "auto" and split == 1) and bm <= 32  # (see below)
     if raw:  # one group a tile: the partial is scaled per group
         bk = min(bk, qw.group)
@@ -695,7 +709,7 @@ def _qmm4(x: torch.Tensor, qw, bias: torch.Tensor | None, config, mode: str) -> 
         x, qw.q, qw.scale, qw.offset if qw.offset is not None else qw.scale, bias if bias is not None else qw.scale,
         out, m, n, k, x.stride(0), qw.q.stride(0), qw.scale.stride(0), out.stride(0),
         ACT=act, RAW=raw, HAS_OFF=qw.offset is not None, GROUP=qw.group, HAS_BIAS=bias is not None,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PDL=use_pdl, SPLIT_K=split,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PDL=use_pdl, SPLIT_K=split, PURE=not smem_tile,
         num_warps=warps, num_stages=stages, launch_pdl=use_pdl,
     )
     return out

@@ -34,13 +34,14 @@ def qmm_int4_old(act: str, m: int, n: int):
     return compile_sm90(tq._qmm_kernel, sig, cons, _ALIGNED, num_warps=warps, num_stages=stages), bn * min(bk, 128) // (warps * 32)
 
 
-def qmm_int4_words(act: str, raw: bool, m: int, n: int, group: int = 128):
-    """`_qmm4_kernel` at `qmm4_config(m, n, group)`."""
-    bm, bn, bk, warps, stages, split = tq.qmm4_config(m, n, group)
+def qmm_int4_words(act: str, raw: bool, m: int, n: int, group: int = 128, smem: bool | None = None):
+    """`_qmm4_kernel` at `qmm4_config(m, n, group)` (`smem`: that config's tile through shared memory or not)."""
+    bm, bn, bk, warps, stages, split, smem_default = tq.qmm4_config(m, n, group)
+    smem = bool(smem_default) if smem is None else smem
     bk = min(bk, group) if raw else bk
     sig = {**_SIG4, "x_ptr": f"*{act}", "b_ptr": f"*{act}", "out_ptr": f"*{act}"}
     cons = dict(ACT={"fp32": 0, "fp16": 1, "bf16": 2}[act], RAW=raw, HAS_OFF=True, GROUP=group, HAS_BIAS=False,
-                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PDL=True, SPLIT_K=split)
+                BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PDL=True, SPLIT_K=split, PURE=not smem)
     return compile_sm90(tq._qmm4_kernel, sig, cons, _ALIGNED, num_warps=warps, num_stages=stages), bn * bk // (warps * 32)
 
 
@@ -91,11 +92,12 @@ def main() -> int:
         loop, _ = k_loop(sass)
         print(f"qmm int4 old bf16 16x{n}: {usage}, K loop {loop} instructions for {per} weights a thread = "
               f"{loop / per:.2f} a weight")
-        for act, raw in (("bf16", False), ("bf16", True), ("fp16", False), ("fp16", True)):
-            k, per = qmm_int4_words(act, raw, 16, n)
+        for act, raw, smem in (("bf16", False, None), ("bf16", True, None), ("fp16", False, None), ("fp16", True, None),
+                               ("bf16", False, True), ("bf16", True, True)):
+            k, per = qmm_int4_words(act, raw, 16, n, smem=smem)
             sass, usage = sass_of(k.asm["cubin"])
             loop, other = k_loop(sass)
-            name = f"qmm4 {'raw' if raw else 'words'} {act} 16x{n}"
+            name = f"qmm4 {'raw' if raw else 'words'} {act} 16x{n}{' (tile through shared memory)' if smem else ''}"
             print(f"{name}: {usage}, K loop {loop} instructions for {per} weights a thread = {loop / per:.2f} a weight"
                   + (f" (+ group-sum loops after it: {other} instructions)" if other else "") + f", I2F {sass.count('I2F')}")
             if act != "fp32" and sass.count("I2F"):

@@ -38,7 +38,8 @@ def test_qmm4_bf16(n, k):
     rows, and with split K."""
     quant_checks.check_qmm4(n, k, "cuda", torch.bfloat16, [2, 5, 16, 64, 200, 512], tol=1.5e-2)
     quant_checks.check_qmm4(n, k, "cuda", torch.bfloat16, [16], tol=1.5e-2,
-                            configs=((16, 64, 128, 4, 4, 4), (16, 128, 64, 4, 3, 2), (32, 32, 32, 4, 4, 1)))
+                            configs=((16, 64, 128, 4, 4, 4), (16, 128, 64, 4, 3, 2), (32, 32, 32, 4, 4, 1),
+                                     (16, 128, 128, 4, 4, 1, 1), (16, 64, 128, 4, 4, 4, 1), (128, 128, 128, 8, 3, 1, 1)))
 
 
 @pytest.mark.skipif(not FP8, reason="FP8 needs compute capability 8.9+")
