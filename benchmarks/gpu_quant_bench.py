@@ -221,7 +221,7 @@ QWEN_06B = {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "do
 QMM_ROWS = (2, 4, 8, 16, 32, 64, 256)
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K) of the 4-bit word GEMM, timed at 16 rows
 # (BLOCK_M 16) and 256 rows (BLOCK_M 64 / 128) on each Llama-3.1-8B projection.
-# A seventh value 1: the dequantized tile through shared memory (`qmm4_config`).
+# A seventh value 1: the dequantized tile through shared memory (`triton_qmm4.qmm4_config`).
 QMM4_SWEEP_16 = [(16, 32, 128, 4, 4, 1), (16, 64, 128, 4, 4, 1), (16, 128, 128, 4, 4, 1), (16, 128, 128, 8, 4, 1),
                  (16, 256, 128, 8, 3, 1), (16, 64, 128, 4, 6, 1), (16, 64, 128, 4, 4, 2), (16, 64, 128, 4, 4, 4),
                  (16, 32, 128, 4, 4, 4), (16, 128, 128, 4, 4, 2), (16, 64, 64, 4, 6, 2), (16, 64, 128, 2, 4, 2),
@@ -242,6 +242,7 @@ def section_qmm(sweep: bool = True, names: tuple[str, ...] = ("qkv", "o", "gate_
     GEMM, raw runs as words from 64-row tiles) and FP8 (act_quant + _scaled_mm; the
     weight-only FP8 GEMM, scales per weight or after the sums). `table` False: only the sweep.
     Every new tile is a Triton compile (~1-2 s): `--qmm-proj` narrows the projections."""
+    from kvserve.kernels import triton_qmm4
     from kvserve.kernels import triton_quant as tq
     from kvserve.platform.cuda_quant import quantize
     from tests.gpu.quant_checks import formats
@@ -300,7 +301,7 @@ def section_qmm(sweep: bool = True, names: tuple[str, ...] = ("qkv", "o", "gate_
                                     log(f"[qmm] {name} {mode} {cfg}: {type(e).__name__}: {str(e)[:100]}")
                             res.sort()
                             rows[f"{name}/{fmt}/{m}/sweep/{mode}"] = res
-                            log(f"[qmm sweep] {name} {mode} m={m} default {tq.qmm4_config(m, n, 128)}: "
+                            log(f"[qmm sweep] {name} {mode} m={m} default {triton_qmm4.qmm4_config(m, n, 128)}: "
                                 + "; ".join(f"{t:.1f} {c}" for t, c in res))
                 del qs, qw0, wref
             except Exception:

@@ -1,4 +1,4 @@
-"""A tiny emulator of the PTX that `kvserve/kernels/triton_quant._nibbles` inlines (mov, and, or,
+"""A tiny emulator of the PTX that `kvserve/kernels/triton_qmm4._nibbles` inlines (mov, and, or,
 shr, prmt, sub.f16x2, fma.rn.f16x2 / bf16x2), so its bit tricks are checked bit-exactly on the
 CPU: the interpreter (TRITON_INTERPRET=1) runs none of the PTX, and the sm_90 build check
 (`tests/gpu/quant_sass.py`) only proves that it assembles."""

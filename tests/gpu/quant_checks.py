@@ -69,7 +69,7 @@ def check_products(n: int, k: int, device: str, dtype: torch.dtype, rows: list[i
 
 def check_qmm4(n: int, k: int, device: str, dtype: torch.dtype, rows: list[int], tol: float,
                configs: tuple = (None,)) -> dict[str, float]:
-    """The 4-bit word GEMM (`_qmm4_kernel`, both modes, the given tile configs: None is
+    """The 4-bit word GEMM (`triton_qmm4`, both modes, the given tile configs: None is
     `qmm4_config`'s) on every 4-bit layout, with and without a bias, against the reference."""
     from kvserve.kernels import triton_quant
 

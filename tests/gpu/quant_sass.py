@@ -3,7 +3,7 @@ int32-word tile `_deq_tile_w`) for sm_90 without a GPU: its inline PTX (`_f16_pa
 interpreter does not run) must assemble, the codes must become floats without integer-to-float
 conversions (no I2F; HADD2.F32 instead) and the bf16 builds must not spill.
 
-The same for the 4-bit word GEMM (`_qmm4_kernel`, KVSERVE_INT4_QMM=words|raw) at its default
+The same for the 4-bit word GEMM (`triton_qmm4._qmm4_kernel`, KVSERVE_INT4_QMM=words|raw|auto) at its default
 tiles for 16 rows (a wide weight; a narrow one with split K), next to the code-at-a-time 4-bit
 tile of `_qmm_kernel`: SASS instructions per weight in the K loop, old and new, are printed.
 
@@ -17,6 +17,7 @@ from __future__ import annotations
 import sys
 
 
+from kvserve.kernels import triton_qmm4 as tq4
 from kvserve.kernels import triton_quant as tq
 from tests.gpu.mxfp4_sass import compile_sm90, loops, sass_of
 
@@ -35,14 +36,14 @@ def qmm_int4_old(act: str, m: int, n: int):
 
 
 def qmm_int4_words(act: str, raw: bool, m: int, n: int, group: int = 128, smem: bool | None = None):
-    """`_qmm4_kernel` at `qmm4_config(m, n, group)` (`smem`: that config's tile through shared memory or not)."""
-    bm, bn, bk, warps, stages, split, smem_default = tq.qmm4_config(m, n, group)
+    """`triton_qmm4._qmm4_kernel` at `qmm4_config(m, n, group)` (`smem`: that config's tile through shared memory or not)."""
+    bm, bn, bk, warps, stages, split, smem_default = tq4.qmm4_config(m, n, group)
     smem = bool(smem_default) if smem is None else smem
     bk = min(bk, group) if raw else bk
     sig = {**_SIG4, "x_ptr": f"*{act}", "b_ptr": f"*{act}", "out_ptr": f"*{act}"}
     cons = dict(ACT={"fp32": 0, "fp16": 1, "bf16": 2}[act], RAW=raw, HAS_OFF=True, GROUP=group, HAS_BIAS=False,
                 BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PDL=True, SPLIT_K=split, PURE=not smem)
-    return compile_sm90(tq._qmm4_kernel, sig, cons, _ALIGNED, num_warps=warps, num_stages=stages), bn * bk // (warps * 32)
+    return compile_sm90(tq4._qmm4_kernel, sig, cons, _ALIGNED, num_warps=warps, num_stages=stages), bn * bk // (warps * 32)
 
 
 def k_loop(sass: str) -> tuple[int, int]:

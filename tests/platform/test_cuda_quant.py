@@ -165,7 +165,7 @@ def test_int4_word_gemm_asm_is_exact():
     interpreter does not run, emulated bit for bit: 128 + q and s q + m (one rounding) exactly."""
     from tests.gpu import ptx_emu
 
-    ptx_emu.check_nibbles(str(Path(__file__).resolve().parents[2] / "kvserve" / "kernels" / "triton_quant.py"))
+    ptx_emu.check_nibbles(str(Path(__file__).resolve().parents[2] / "kvserve" / "kernels" / "triton_qmm4.py"))
 
 
 def test_int8_qmm_compiles_for_sm90():
