@@ -512,7 +512,7 @@ def section_peer(peer_dir: Path, bw: float, modes: list[str], prompt_len: int = 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="kernels,decode,throughput,peer", help="kernels, kernels1 (one-row GEMVs only), gemv (quantized GEMVs vs bf16, every format, tile sweep), gemv1 (the same, int8 / int4 / Q4_0, no sweep), qmm (several rows: GEMMs vs dequantize + cuBLAS, 4-bit word GEMM tile sweep; Qwen3-0.6B at 64-4096 rows), qmm1 (no sweep), qmm4sweep (the 4-bit word GEMM tile sweep only), qmmqwen (Qwen3-0.6B shapes at 64-4096 rows, int8 reference), decode, throughput, peer")
+    ap.add_argument("--only", default="kernels,decode,throughput,peer", help="kernels, kernels1 (one-row GEMVs only), gemv (quantized GEMVs vs bf16, every format, tile sweep), gemv1 (the same, int8 / int4 / Q4_0, no sweep), qmm (several rows: GEMMs vs dequantize + cuBLAS, 4-bit word GEMM tile sweep; Qwen3-0.6B at 64-4096 rows), qmm1 (the Llama table only: no sweep, no int8 / Qwen3-0.6B), qmm4sweep (the 4-bit word GEMM tile sweep only), qmmqwen (Qwen3-0.6B shapes at 64-4096 rows, int8 reference), decode, throughput, peer")
     ap.add_argument("--schemes", default="bf16,int8,int4,fp8")
     ap.add_argument("--qmm-proj", default="qkv,o,gate_up,down", help="Llama-3.1-8B projections of --only qmm / qmm1")
     ap.add_argument("--tp-schemes", default="bf16,int4,fp8")
@@ -538,7 +538,7 @@ def main() -> None:
         ("gemv", section_gemv),  # one-row quantized GEMVs vs the bf16 GEMV, every format, tile sweep
         ("gemv1", lambda: section_gemv(quick=True)),  # the same for int8, int4 and Q4_0, no tile sweep
         ("qmm", lambda: section_qmm(names=tuple(args.qmm_proj.split(",")))),  # several rows: the GEMMs vs cuBLAS
-        ("qmm1", lambda: section_qmm(sweep=False, names=tuple(args.qmm_proj.split(",")))),  # no tile sweep
+        ("qmm1", lambda: section_qmm(sweep=False, names=tuple(args.qmm_proj.split(",")), extras=False)),  # table only
         ("qmm4sweep", lambda: section_qmm(names=tuple(args.qmm_proj.split(",")), table=False, extras=False)),
         ("qmmqwen", lambda: section_qmm(sweep=False, names=(), extras=True)),  # Qwen3-0.6B shapes (+ int8) only
         ("decode", lambda: section_decode(root, bw, flops, args.schemes.split(","))),
