@@ -255,18 +255,18 @@ def qmm4(x: torch.Tensor, qw, bias: torch.Tensor | None = None, config: tuple[in
     bm, bn, bk, warps, stages = cfg[:5]
     split = cfg[5] if len(cfg) > 5 else 1
     smem_tile = bool(cfg[6]) if len(cfg) > 6 else False
-    raw = (mode == "raw" or mode == "auto" and split == 1) and bm <= 32  # (see below)
+    # RAW only in tiles of up to 32 rows: its group-sum product after the loop (an fp32
+    # [BLOCK_M, 16] x [16, BLOCK_N] FMA dot) spills from 64 rows (sm_90 build), and many rows are
+    # not bound by the codes anyway.
+    raw = (mode == "raw" or mode == "auto" and split == 1) and bm <= 32
     if raw:  # one group a tile: the partial is scaled per group
         bk = min(bk, qw.group)
-    while k % bk or (qw.group % bk if bk <= qw.group else bk % qw.group):
+    while bk >= 32 and (k % bk or (qw.group % bk if bk <= qw.group else bk % qw.group)):
         bk //= 2
     if bk < 32:
-        raise ValueError(f"K={k} is not a multiple of 32")
+        raise ValueError(f"K={k} and group {qw.group} take no tile of a multiple of 32 columns")
     while split > 1 and k % (split * max(qw.group, bk)):  # whole groups and tiles per split
         split //= 2
-    # (RAW's group-sum product after the loop is an fp32 [BLOCK_M, 16] x [16, BLOCK_N] FMA dot:
-    # from 64-row tiles it spills (sm_90 build), and many rows are not bound by the codes anyway:
-    # those take "words".)
     act = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[x.dtype]
     out = (torch.zeros if split > 1 else torch.empty)((m, n), dtype=x.dtype, device=x.device)
     use_pdl = pdl.enabled(x.device)
