@@ -304,58 +304,150 @@ def _int4_words_summary(rows: dict, w4_rows: dict) -> None:
     RESULTS["int4_words_floor_GBps"] = bf_bw
 
 
-def section_qmm() -> None:
-    """Several rows: the dequantizing GEMM (int8 codes read as int32 words, other formats a code
-    at a time) against dequantize + cuBLAS and bf16 cuBLAS; a tile sweep of the GEMM at 16 rows;
-    the GEMM's difference from dequantize + cuBLAS."""
+QWEN_06B = {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072)}
+QMM_ROWS = (2, 4, 8, 16, 32, 64, 256)
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, SPLIT_K) of the 4-bit word GEMM, timed at 16 rows
+# (BLOCK_M 16) and 256 rows (BLOCK_M 64 / 128) on each Llama-3.1-8B projection.
+# A seventh value 1: the dequantized tile through shared memory (`triton_qmm4.qmm4_config`).
+QMM4_SWEEP_16 = [(16, 32, 128, 4, 4, 1), (16, 64, 128, 4, 4, 1), (16, 128, 128, 4, 4, 1), (16, 128, 128, 8, 4, 1),
+                 (16, 256, 128, 8, 3, 1), (16, 64, 128, 4, 6, 1), (16, 64, 128, 4, 4, 2), (16, 64, 128, 4, 4, 4),
+                 (16, 32, 128, 4, 4, 4), (16, 128, 128, 4, 4, 2), (16, 64, 64, 4, 6, 2), (16, 64, 128, 2, 4, 2),
+                 (16, 128, 128, 4, 4, 1, 1), (16, 64, 128, 4, 4, 2, 1), (16, 64, 128, 4, 4, 4, 1), (16, 128, 128, 8, 4, 1, 1)]
+QMM4_SWEEP_256 = [(64, 64, 128, 4, 4, 1), (64, 128, 128, 4, 3, 1), (128, 64, 128, 8, 3, 1), (128, 128, 128, 8, 3, 1),
+                  (128, 128, 64, 8, 4, 1), (64, 256, 64, 8, 3, 1), (128, 128, 128, 8, 3, 1, 1)]
+
+
+def section_qmm(sweep: bool = True, names: tuple[str, ...] = ("qkv", "o", "gate_up", "down"), table: bool = True,
+                extras: bool = True) -> None:
+    """Several rows. Llama-3.1-8B projections, 4-bit (HF int4 in groups of 128, GGUF Q4_0 in
+    groups of 32): bf16 cuBLAS, the code-at-a-time GEMM ("old"), the word GEMM (`_qmm4_kernel`:
+    "words", "raw", "auto"), dequantize + cuBLAS, at 2 to 256 rows; each GEMM's difference from
+    the fp32 product of the dequantized weight; a tile sweep of the word GEMM at 16 and 256 rows
+    (`sweep`). Then (`extras`) int8 / Q8_0 (the default GEMM, at 16 and 256 rows), and
+    Qwen3-0.6B projections at 64 to 4,096 rows (the 256-request workload's decode steps and a
+    prefill chunk): bf16, int4 (dequantize + cuBLAS, the old routing above 64 rows; the word
+    GEMM, raw runs as words from 64-row tiles) and FP8 (act_quant + _scaled_mm; the
+    weight-only FP8 GEMM, scales per weight or after the sums). `table` False: only the sweep.
+    Every new tile is a Triton compile (~1-2 s): `--qmm-proj` narrows the projections."""
+    from kvserve.kernels import triton_qmm4
     from kvserve.kernels import triton_quant as tq
     from kvserve.platform.cuda_quant import quantize
     from tests.gpu.quant_checks import formats
 
-    sweep = [(16, 32, 128, 4, 4), (16, 64, 128, 4, 4), (16, 32, 256, 4, 4), (16, 64, 256, 4, 3), (16, 128, 128, 4, 4),
-             (16, 64, 64, 4, 4), (16, 32, 512, 4, 3)]
     rows = {}
-    log("| projection | format | rows | bf16 cuBLAS us | qmm us | best qmm tile | dequantize + cuBLAS us | rel diff qmm vs deq |")
-    log("|---|---|---|---|---|---|---|---|")
-    for name in ("gate_up", "down", "o"):
+    us = lambda fn, items: rotate_time(fn, items) * 1e6  # noqa: E731
+
+    def diff(got: torch.Tensor, ref: torch.Tensor) -> float:
+        return ((got.float() - ref).norm() / ref.norm()).item()
+
+    if table:
+        log("| projection | format | rows | bf16 cuBLAS us | old qmm us | words us | raw us | auto us | "
+            "dequantize + cuBLAS us | bf16 / best 4-bit | rel diff old / words / raw |")
+        log("|---|---|---|---|---|---|---|---|---|---|---|")
+    t0 = time.perf_counter()
+    for name in names:
         n, k = SHAPES_8B[name]
         ws = _copies(lambda: torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05, n * k * 2)
         makers = {
-            "int8": lambda: quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05, "int8"),
             "int4-g128": lambda: quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05, "int4"),
             "Q4_0": lambda: formats(n, k, "cuda", seed=int(torch.randint(1 << 20, ())), only="Q4_0")["Q4_0"],
-            "Q8_0": lambda: formats(n, k, "cuda", seed=int(torch.randint(1 << 20, ())), only="Q8_0")["Q8_0"],
         }
+        if not table:
+            del makers["Q4_0"]
         for fmt, make in makers.items():
             try:
                 qw0 = make()
                 qs = [qw0] + _copies(make, qw0.nbytes)[1:]
-                for m in (2, 16, 64, 256):
+                wref = qw0.dequantize(torch.float32)  # fp32 products (no TF32): reference for bf16 outputs
+                for m in (QMM_ROWS if fmt == "int4-g128" else (2, 16, 64, 256)) if table else (16, 256):
                     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-                    r = {"bf16": rotate_time(lambda ww: F.linear(x, ww), ws) * 1e6}
-                    ref = F.linear(x, tq.dequantize(qw0, x.dtype)).float()
-                    got = tq.qmm(x, qw0).float()
-                    diff = ((got - ref).norm() / ref.norm()).item()
-                    r["qmm"] = rotate_time(lambda q: tq.qmm(x, q), qs) * 1e6
-                    r["deq"] = rotate_time(lambda q: F.linear(x, tq.dequantize(q, x.dtype)), qs) * 1e6
-                    best = (r["qmm"], "default")
-                    if m == 16 and name != "o":
-                        for cfg in sweep:
-                            try:
-                                t = rotate_time(lambda q: tq.qmm(x, q, config=cfg), qs) * 1e6
-                            except Exception as e:
-                                log(f"[qmm] {cfg}: {type(e).__name__}: {str(e)[:100]}")
+                    if table:
+                        ref = x.float() @ wref.T
+                        r = {"bf16": us(lambda ww: F.linear(x, ww), ws)}
+                        d = {}
+                        for mode in ("", "words", "raw", "auto"):
+                            key = mode or "old"
+                            if m > 64 and not mode:  # (the old routing: dequantize + cuBLAS above 64 rows)
+                                r[key], d[key] = float("nan"), float("nan")
                                 continue
-                            if t < best[0]:
-                                best = (t, cfg)
-                    log(f"| {name} | {fmt} | {m} | {r['bf16']:.1f} | {r['qmm']:.1f} | {best[0]:.1f} {best[1]} | "
-                        f"{r['deq']:.1f} | {diff:.1e} |")
-                    rows[f"{name}/{fmt}/{m}"] = {**r, "best": best, "diff": diff}
-                del qs, qw0
+                            r[key] = us(lambda q: tq.qmm(x, q, mode=mode), qs)
+                            d[key] = diff(tq.qmm(x, qw0, mode=mode), ref)
+                        r["deq"] = us(lambda q: F.linear(x, tq.dequantize(q, x.dtype)), qs)
+                        best = min(v for key, v in r.items() if key != "bf16" and v == v)
+                        log(f"| {name} {n}x{k} | {fmt} | {m} | {r['bf16']:.1f} | {r['old']:.1f} | {r['words']:.1f} | "
+                            f"{r['raw']:.1f} | {r['auto']:.1f} | {r['deq']:.1f} | {r['bf16'] / best:.2f}x | "
+                            f"{d['old']:.1e} / {d['words']:.1e} / {d['raw']:.1e} |")
+                        rows[f"{name}/{fmt}/{m}"] = {**r, "diff": d}
+                    if sweep and fmt == "int4-g128" and m in (16, 256):
+                        for mode in ("words", "raw") if m == 16 else ("words",):  # (raw: words from 64-row tiles)
+                            res = []
+                            for cfg in QMM4_SWEEP_16 if m == 16 else QMM4_SWEEP_256:
+                                try:
+                                    res.append((us(lambda q: tq.qmm(x, q, config=cfg, mode=mode), qs), cfg))
+                                except Exception as e:  # a config that does not compile or fit
+                                    log(f"[qmm] {name} {mode} {cfg}: {type(e).__name__}: {str(e)[:100]}")
+                            res.sort()
+                            rows[f"{name}/{fmt}/{m}/sweep/{mode}"] = res
+                            log(f"[qmm sweep] {name} {mode} m={m} default {triton_qmm4.qmm4_config(m, n, 128)}: "
+                                + "; ".join(f"{t:.1f} {c}" for t, c in res))
+                del qs, qw0, wref
             except Exception:
                 traceback.print_exc()
             torch.cuda.empty_cache()
         del ws
+        log(f"[qmm] {name} done at {time.perf_counter() - t0:.0f} s")
+    if not extras:
+        log(f"[qmm] all done at {time.perf_counter() - t0:.0f} s")
+        RESULTS["qmm"] = rows
+        return
+    # int8 / Q8_0 (the default word GEMM), for reference
+    for name in ("gate_up", "o"):
+        n, k = SHAPES_8B[name]
+        for fmt, make in {
+            "int8": lambda: quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05, "int8"),
+            "Q8_0": lambda: formats(n, k, "cuda", seed=int(torch.randint(1 << 20, ())), only="Q8_0")["Q8_0"],
+        }.items():
+            try:
+                qw0 = make()
+                qs = [qw0] + _copies(make, qw0.nbytes)[1:]
+                for m in (16, 256):
+                    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                    r = {"qmm": us(lambda q: tq.qmm(x, q), qs),
+                         "deq": us(lambda q: F.linear(x, tq.dequantize(q, x.dtype)), qs)}
+                    log(f"[qmm] {name} {fmt} m={m}: qmm {r['qmm']:.1f} us, dequantize + cuBLAS {r['deq']:.1f} us")
+                    rows[f"{name}/{fmt}/{m}"] = r
+                del qs, qw0
+            except Exception:
+                traceback.print_exc()
+            torch.cuda.empty_cache()
+    # Qwen3-0.6B shapes at the 256-request workload's decode sizes
+    log("| Qwen3-0.6B projection | rows | bf16 cuBLAS us | int4 deq + cuBLAS | int4 words | "
+        "fp8 act_quant + _scaled_mm | fp8 weight-only qmm | the same, scales after the sums |")
+    log("|---|---|---|---|---|---|---|---|")
+    for name, (n, k) in QWEN_06B.items():
+        try:
+            ws = _copies(lambda: torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05, n * k * 2)
+            q4 = [quantize(w, "int4") for w in ws]
+            q8 = [quantize(w, "fp8") for w in ws]
+            for m in (64, 128, 256, 512, 1024, 4096):
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+
+                def fp8(q):
+                    xq, xs = tq.act_quant_fp8(x)
+                    return torch._scaled_mm(xq, q.q.t(), scale_a=xs, scale_b=q.scale.view(1, -1), out_dtype=x.dtype)
+                r = {"bf16": us(lambda ww: F.linear(x, ww), ws),
+                     "int4_deq": us(lambda q: F.linear(x, tq.dequantize(q, x.dtype)), q4),
+                     "int4_words": us(lambda q: tq.qmm(x, q, mode="words"), q4),
+                     "fp8_scaled_mm": us(fp8, q8),
+                     "fp8_qmm": us(lambda q: tq.qmm(x, q, fp8_scale_after=False), q8),
+                     "fp8_qmm_scale_after": us(lambda q: tq.qmm(x, q, fp8_scale_after=True), q8)}
+                log(f"| {name} {n}x{k} | {m} | " + " | ".join(f"{v:.1f}" for v in r.values()) + " |")
+                rows[f"qwen0.6b/{name}/{m}"] = r
+            del ws, q4, q8
+        except Exception:
+            traceback.print_exc()
+        torch.cuda.empty_cache()
+    log(f"[qmm] all done at {time.perf_counter() - t0:.0f} s")
     RESULTS["qmm"] = rows
 
 
@@ -537,8 +629,9 @@ def section_peer(peer_dir: Path, bw: float, modes: list[str], prompt_len: int = 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="kernels,decode,throughput,peer", help="kernels, kernels1 (one-row GEMVs only), gemv (quantized GEMVs vs bf16, every format, tile sweep), gemv1 (the same, int8 / int4 / Q4_0, no sweep of the code-at-a-time kernel; the int32-word int4 GEMV vs a code at a time, with its tile sweep), qmm (several rows: GEMM vs dequantize + cuBLAS), decode, decode1 (batch-1 decode only, --decode1 variants), throughput, peer")
+    ap.add_argument("--only", default="kernels,decode,throughput,peer", help="kernels, kernels1 (one-row GEMVs only), gemv (quantized GEMVs vs bf16, every format, tile sweep), gemv1 (the same, int8 / int4 / Q4_0, no sweep of the code-at-a-time kernel; the int32-word int4 GEMV vs a code at a time, with its tile sweep), qmm (several rows: GEMMs vs dequantize + cuBLAS, 4-bit word GEMM tile sweep; Qwen3-0.6B at 64-4096 rows), qmm1 (the Llama table only: no sweep, no int8 / Qwen3-0.6B), qmm4sweep (the 4-bit word GEMM tile sweep only), qmmqwen (Qwen3-0.6B shapes at 64-4096 rows, int8 reference), decode, decode1 (batch-1 decode only, --decode1 variants), throughput, peer")
     ap.add_argument("--schemes", default="bf16,int8,int4,fp8")
+    ap.add_argument("--qmm-proj", default="qkv,o,gate_up,down", help="Llama-3.1-8B projections of --only qmm / qmm1")
     ap.add_argument("--tp-schemes", default="bf16,int4,fp8")
     ap.add_argument("--decode1", default="int4:codes,int4:words",
                     help="decode1 (batch-1 decode only): schemes, ':words' / ':codes' the int4 GEMV's decode")
@@ -563,7 +656,10 @@ def main() -> None:
         ("kernels1", lambda: section_kernels(sweep=False)),  # one-row GEMVs at their defaults only
         ("gemv", section_gemv),  # one-row quantized GEMVs vs the bf16 GEMV, every format, tile sweep
         ("gemv1", lambda: section_gemv(quick=True)),  # the same for int8, int4 and Q4_0, no tile sweep
-        ("qmm", section_qmm),  # several rows: the GEMM vs dequantize + cuBLAS and bf16 cuBLAS
+        ("qmm", lambda: section_qmm(names=tuple(args.qmm_proj.split(",")))),  # several rows: the GEMMs vs cuBLAS
+        ("qmm1", lambda: section_qmm(sweep=False, names=tuple(args.qmm_proj.split(",")), extras=False)),  # table only
+        ("qmm4sweep", lambda: section_qmm(names=tuple(args.qmm_proj.split(",")), table=False, extras=False)),
+        ("qmmqwen", lambda: section_qmm(sweep=False, names=(), extras=True)),  # Qwen3-0.6B shapes (+ int8) only
         ("decode", lambda: section_decode(root, bw, flops, args.schemes.split(","))),
         ("decode1", lambda: section_decode1(root, bw, args.decode1.split(","))),
         ("throughput", lambda: section_throughput(root, args.tp_schemes.split(","))),

@@ -23,6 +23,16 @@ Kernels:
   to the activations' dtype and multiplied on the tensor cores (`tl.dot`). int8 tiles read the
   codes as int32 words and make two codes fp16 per bit operation (`_deq_tile_w`: 5-15% faster
   than a code at a time on an H100); 4-bit and fp8 tiles convert a code at a time (`_deq_tile`).
+  Opt-in (KVSERVE_INT4_QMM=words|raw|auto), 4-bit weights take `triton_qmm4`: four code bytes
+  become fp16 / bf16 pairs by a `prmt` and an AND each (`_nibbles`); the elementwise asm lets
+  Triton load the codes straight into the tensor-core operand layout (ldmatrix from the
+  cp.async stage), so no dequantized tile goes through shared memory (up to 32-row tiles:
+  wgmma reads its weight operand from shared memory); "words" makes s q + m
+  with two half-precision fmas per pair, "raw" multiplies the exact codes and scales fp32
+  partials per group. SASS (sm_90, 16 rows, bf16): 9.4 instructions a weight in the old 4-bit
+  K loop, 3.8 (words) and 2.8 (raw, plus its group sums after the loop) in the new one.
+  Opt-in (KVSERVE_FP8_QMM_SCALE_AFTER=1), FP8 tiles are converted as they are and the sums
+  scaled per channel after the loop.
 - `dequantize`: the whole matrix in the model dtype, one pass (for dequantize-then-cuBLAS),
   a code at a time.
 - `act_quant_fp8`: per-row dynamic FP8 scaling of activations (for `torch._scaled_mm`).
@@ -39,6 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvserve.kernels import triton_qmm4
 from kvserve.models import pdl
 
 # Inline PTX where the kernels run on a GPU; the interpreter (TRITON_INTERPRET=1) runs none.
@@ -449,6 +460,7 @@ def _qmm_kernel(
     KIND: tl.constexpr, HAS_OFF: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr,
     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
     WORDS: tl.constexpr,  # int8 codes read as int32 words (`_deq_tile_w`); q_ptr is int32, stride_q in words
+    SCALE_AFTER: tl.constexpr = False,  # FP8 per channel: multiply the codes as they are, scale the sums
 ):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rm = tl.program_id(1) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -460,7 +472,10 @@ def _qmm_kernel(
         pdl.wait(PDL)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        if WORDS:
+        if SCALE_AFTER:  # e4m3 values are exact in fp16 / bf16: one conversion, no multiply per weight
+            kk = k0 + tl.arange(0, BLOCK_K)
+            w = tl.load(q_ptr + rn64[:, None] * stride_q + kk[None, :])
+        elif WORDS:
             w, kk = _deq_tile_w(q_ptr, s_ptr, rn64, k0, stride_q, stride_s, KIND, GROUP, BLOCK_N, BLOCK_K, IEEE)
         else:
             w, kk = _deq_tile(q_ptr, s_ptr, o_ptr, rn64, k0, stride_q, stride_s, KIND, HAS_OFF, GROUP, BLOCK_N, BLOCK_K)
@@ -469,6 +484,8 @@ def _qmm_kernel(
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc, input_precision="ieee")
         else:
             acc = tl.dot(x, tl.trans(w.to(x.dtype)), acc)
+    if SCALE_AFTER:
+        acc *= tl.load(s_ptr + rn64 * stride_s).to(tl.float32)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn64, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     dt = out_ptr.dtype.element_ty
@@ -586,7 +603,9 @@ def _qmm_codes(qw) -> tuple[torch.Tensor, bool]:
     2-64 rows) that GEMM was 5-15% faster than the code-at-a-time tile. Everything else (4-bit,
     fp8, the GEMVs, the dequantize kernel) reads a code at a time: the word versions of the
     4-bit GEMM (2-10x), the 4-bit dequantize kernel (9x) and every int4 / int8 GEMV measured
-    slower and were removed; an int8 word dequantize kernel was not measured faster."""
+    slower and were removed; an int8 word dequantize kernel was not measured faster. (The
+    opt-in 4-bit GEMM `triton_qmm4` is a different design: elementwise byte-to-pair asm that
+    Triton hoists into the operand layout, no permuted tile, no fp32 per weight.)"""
     if qw.kind == "int8" and qw.offset is None:  # (int8 weights have no offsets)
         return qw.q.view(torch.int32), True
     return qw.q, False
@@ -682,9 +701,33 @@ def qmm_config(m: int, n: int) -> tuple[int, int, int, int, int]:
     return 128, 128, 64, 8, 3
 
 
+# The 4-bit GEMM (`triton_qmm4`, codes four bytes at a time): "words" dequantizes each tile
+# in fp16 / bf16 pairs, "raw" multiplies the exact codes and scales the fp32 partials per group
+# (tiles of up to 32 rows), "auto" is raw where K is not split (its group sums after the loop
+# cost a pass over the activations per program: estimated from the sm_90 SASS, raw is cheaper
+# than words only without split K) and words elsewhere; "" (the default for now) is the
+# code-at-a-time tile of `_qmm_kernel`. KVSERVE_INT4_QMM picks.
+INT4_QMM_MODES = ("", "words", "raw", "auto")
+INT4_QMM = os.environ.get("KVSERVE_INT4_QMM", "")
+# FP8 (per-channel scales) in the GEMM: multiply the e4m3 codes converted as they are (exact in
+# fp16 / bf16) and scale the fp32 sums once per output (`_qmm_kernel` SCALE_AFTER: 5.0 instead
+# of 6.1 SASS instructions a weight at 16 rows) rather than dequantizing each weight; opt-in
+# (KVSERVE_FP8_QMM_SCALE_AFTER=1) until measured.
+FP8_SCALE_AFTER = os.environ.get("KVSERVE_FP8_QMM_SCALE_AFTER", "0") == "1"
+
+
 def qmm(x: torch.Tensor, qw, bias: torch.Tensor | None = None,
-        config: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
-    """x [M, K] times the quantized weight -> [M, N], dequantizing each tile in registers."""
+        config: tuple[int, ...] | None = None, mode: str | None = None,
+        fp8_scale_after: bool | None = None) -> torch.Tensor:
+    """x [M, K] times the quantized weight -> [M, N], dequantizing each tile in registers.
+    `mode` (4-bit weights; default `INT4_QMM`): "words" / "raw" / "auto" run `triton_qmm4.qmm4`
+    (`config`: as `triton_qmm4.qmm4_config`'s), "" the code-at-a-time tile (`qmm_config`).
+    `fp8_scale_after` (FP8 weights; default `FP8_SCALE_AFTER`): scale the sums, not the codes."""
+    mode = INT4_QMM if mode is None else mode
+    if qw.kind == "int4" and mode:
+        if mode not in INT4_QMM_MODES:
+            raise ValueError(f"mode must be one of {INT4_QMM_MODES} (got {mode!r})")
+        return triton_qmm4.qmm4(x, qw, bias, config, mode)
     m, k = x.shape
     n = qw.shape[0]
     bm, bn, bk, warps, stages = config or qmm_config(m, n)
@@ -705,6 +748,7 @@ def qmm(x: torch.Tensor, qw, bias: torch.Tensor | None = None,
         out, m, n, k, x.stride(0), codes.stride(0), qw.scale.stride(0), out.stride(0),
         KIND=kind, HAS_OFF=qw.offset is not None, GROUP=qw.group if kind != 2 else 32, HAS_BIAS=bias is not None,
         IEEE=x.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, PDL=use_pdl, WORDS=words,
+        SCALE_AFTER=kind == 2 and qw.kind == "fp8" and (FP8_SCALE_AFTER if fp8_scale_after is None else fp8_scale_after),
         num_warps=warps, num_stages=stages, launch_pdl=use_pdl,
     )
     return out

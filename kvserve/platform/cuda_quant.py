@@ -20,7 +20,8 @@ Products (`CudaQuantLinearMethod.apply`):
 - one row: the quantized GEMV (dequantizes in registers), with SiLU·mul or RoPE + K/V store
   in its epilogue for fused gate/up and qkv projections, as the bf16 GEMV;
 - up to `QMM_MAX_ROWS` rows (64): the dequantizing Triton GEMM (not for 4-bit weights in
-  groups of 32, which measured faster dequantized);
+  groups of 32, which measured faster dequantized); with KVSERVE_INT4_QMM=words|raw|auto, 4-bit
+  weights of any group size take the word GEMM up to `INT4_QMM_MAX_ROWS` (512) rows;
 - more rows: int8 / int4 dequantized to the model dtype in one pass, then cuBLAS; FP8 with
   per-row dynamic activation scales through `torch._scaled_mm` (FP8 tensor cores).
   (`benchmarks/gpu_quant_bench.py` measured the crossover; see benchmarks/RESULTS.md.)
@@ -60,6 +61,11 @@ QMM_MAX_ROWS = int(os.environ.get("KVSERVE_QMM_MAX_ROWS", "64"))
 # dequantize + cuBLAS took 275-280 (int4 in groups of 128: 102-133 vs 215-219, GEMM kept).
 QMM_MIN_INT4_GROUP = 64
 FP8_QMM_MAX_ROWS = int(os.environ.get("KVSERVE_FP8_QMM_MAX_ROWS", "64"))
+# With KVSERVE_INT4_QMM=words|raw|auto (`kernels/triton_qmm4.py`, opt-in until measured) 4-bit
+# weights of every group size take that GEMM up to this many rows: one pass over the 4-bit
+# weight, where dequantize + cuBLAS writes and reads it in 16 bits first (the 256-request
+# workload's decode steps have up to 256 rows).
+INT4_QMM_MAX_ROWS = int(os.environ.get("KVSERVE_INT4_QMM_MAX_ROWS", "512"))
 
 
 @dataclass
@@ -321,6 +327,10 @@ class CudaQuantLinearMethod(TritonGemvLinearMethod):
             x = x.contiguous()
         if m == 1:
             return triton_quant.qgemv(x, qw, bias)
+        if qw.kind == "int4" and triton_quant.INT4_QMM:
+            if m <= INT4_QMM_MAX_ROWS:
+                return triton_quant.qmm(x, qw, bias)
+            return F.linear(x, triton_quant.dequantize(qw, x.dtype), bias)
         if m <= (FP8_QMM_MAX_ROWS if qw.kind == "fp8" else QMM_MAX_ROWS) and not (
             qw.kind == "int4" and qw.group < QMM_MIN_INT4_GROUP
         ):

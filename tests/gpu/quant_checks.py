@@ -67,6 +67,52 @@ def check_products(n: int, k: int, device: str, dtype: torch.dtype, rows: list[i
     return errs
 
 
+def check_qmm4(n: int, k: int, device: str, dtype: torch.dtype, rows: list[int], tol: float,
+               configs: tuple = (None,)) -> dict[str, float]:
+    """The 4-bit word GEMM (`triton_qmm4`, both modes, the given tile configs: None is
+    `qmm4_config`'s) on every 4-bit layout, with and without a bias, against the reference."""
+    from kvserve.kernels import triton_quant
+
+    errs: dict[str, float] = {}
+    g = torch.Generator().manual_seed(11)
+    bias = (torch.randn(n, generator=g) * 0.1).to(device=device, dtype=dtype)
+    weights = formats(n, k, device)
+    if k % 64 == 0:  # (the group size of a tensor-parallel shard where 128 does not divide)
+        weights["int4-g64"] = quantize(torch.randn(n, k, generator=g) * 0.05, "int4", 64).to(torch.device(device))
+    for name, qw in weights.items():
+        if qw.kind != "int4":
+            continue
+        wref = qw.dequantize(torch.float64)
+        for m in rows:
+            x = torch.randn(m, k, generator=g).to(device=device, dtype=dtype)
+            for b in (None, bias):
+                ref = x.double() @ wref.T + (0 if b is None else b.double())
+                for mode in ("words", "raw"):
+                    for cfg in configs:
+                        got = triton_quant.qmm(x, qw, b, config=cfg, mode=mode)
+                        assert got.dtype == dtype and got.shape == (m, n)
+                        e = rel_err(got, ref)
+                        key = f"{name} {mode} m={m} {cfg}{' bias' if b is not None else ''}"
+                        errs[key] = e
+                        assert e < tol, (key, e)
+    return errs
+
+
+def check_fp8_scale_after(n: int, k: int, device: str, dtype: torch.dtype, rows: list[int], tol: float) -> None:
+    """The FP8 GEMM with the scales applied to the sums (KVSERVE_FP8_QMM_SCALE_AFTER)."""
+    from kvserve.kernels import triton_quant
+
+    g = torch.Generator().manual_seed(12)
+    qw = formats(n, k, device)["fp8"]
+    wref = qw.dequantize(torch.float64)
+    bias = (torch.randn(n, generator=g) * 0.1).to(device=device, dtype=dtype)
+    for m in rows:
+        x = torch.randn(m, k, generator=g).to(device=device, dtype=dtype)
+        got = triton_quant.qmm(x, qw, bias, fp8_scale_after=True)
+        e = rel_err(got, x.double() @ wref.T + bias.double())
+        assert e < tol, (m, e)
+
+
 def check_silu(n: int, k: int, device: str, dtype: torch.dtype, tol: float) -> None:
     """The SiLU·mul epilogue: gate rows [0, n), up rows [n, 2n)."""
     from kvserve.kernels import triton_quant
@@ -161,6 +207,12 @@ def run_interpret() -> None:
     check_products(8, 256, "cpu", torch.bfloat16, [1], tol=1.5e-2)
     check_products(8, 256, "cpu", torch.float16, [1, 3], tol=2e-3)
     check_silu(4, 256, "cpu", torch.float16, tol=2e-3)
+    # the 4-bit word GEMM: both modes, split K (whole groups per split), groups of 128 and 32
+    split = ((16, 32, 128, 4, 2, 2), (16, 16, 64, 4, 2, 4))
+    check_qmm4(48, 1024, "cpu", torch.float32, [3], tol=1e-5, configs=split)
+    check_qmm4(48, 512, "cpu", torch.float16, [5], tol=2e-3, configs=(None, split[0]))
+    check_fp8_scale_after(8, 256, "cpu", torch.float32, [3], tol=1e-5)
+    check_fp8_scale_after(8, 256, "cpu", torch.float16, [3], tol=2e-3)
     print("interpret checks passed")
 
 

@@ -32,6 +32,27 @@ def test_products_bf16(n, k):
     quant_checks.check_products(n, k, "cuda", torch.bfloat16, [1, 2, 5, 16, 64], tol=1.5e-2)
 
 
+@pytest.mark.parametrize("n,k", [(4096, 4096), (1024, 14336), (384, 96 * 32)])
+def test_qmm4_bf16(n, k):
+    """The 4-bit word GEMM (KVSERVE_INT4_QMM=words|raw) at its default tiles from 2 to 512
+    rows, and with split K."""
+    quant_checks.check_qmm4(n, k, "cuda", torch.bfloat16, [2, 5, 16, 64, 200, 512], tol=1.5e-2)
+    quant_checks.check_qmm4(n, k, "cuda", torch.bfloat16, [16], tol=1.5e-2,
+                            configs=((16, 64, 128, 4, 4, 4), (16, 128, 64, 4, 3, 2), (32, 32, 32, 4, 4, 1),
+                                     (16, 128, 128, 4, 4, 1, 1), (16, 64, 128, 4, 4, 4, 1), (128, 128, 128, 8, 3, 1, 1)))
+
+
+@pytest.mark.skipif(not FP8, reason="FP8 needs compute capability 8.9+")
+def test_fp8_scale_after():
+    quant_checks.check_fp8_scale_after(4096, 4096, "cuda", torch.bfloat16, [2, 16, 64, 256], tol=1.5e-2)
+    quant_checks.check_fp8_scale_after(512, 1024, "cuda", torch.float32, [3, 40], tol=1e-5)
+
+
+def test_qmm4_fp16_fp32():
+    quant_checks.check_qmm4(512, 1024, "cuda", torch.float16, [3, 40], tol=2e-3)
+    quant_checks.check_qmm4(512, 1024, "cuda", torch.float32, [3, 40], tol=1e-5)
+
+
 def test_products_fp32():
     quant_checks.check_products(512, 1024, "cuda", torch.float32, [1, 3, 40], tol=1e-5)
 
@@ -42,6 +63,17 @@ def test_epilogues():
     quant_checks.check_rope("cuda", torch.bfloat16, tol=1.5e-2, hq=32, hkv=8, d=128, k=4096)
     quant_checks.check_rope("cuda", torch.float32, tol=1e-5)
     quant_checks.check_act_quant("cuda")
+
+
+@pytest.mark.parametrize("mode", ["words", "raw", "auto"])
+@pytest.mark.parametrize("m", [2, 16, 200, 2048])
+def test_method_paths_int4_words(mode, m, monkeypatch):
+    """KVSERVE_INT4_QMM=words|raw|auto: the int4 layer's products up to INT4_QMM_MAX_ROWS rows take
+    the word GEMM (split K at few rows: in a CUDA graph too), more rows dequantize + cuBLAS."""
+    from kvserve.kernels import triton_quant
+
+    monkeypatch.setattr(triton_quant, "INT4_QMM", mode)
+    test_method_paths("int4", m)
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)

@@ -5,6 +5,8 @@ tiny shapes (a subprocess: the interpreter is chosen when a kernel is defined)."
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -156,6 +158,14 @@ def test_option_errors():
 
 def test_triton_kernels_interpreted():
     run_interpreted("quant_checks", timeout=300)
+
+
+def test_int4_word_gemm_asm_is_exact():
+    """The 4-bit word GEMM's inline PTX (`_nibbles`: prmt / and / half-precision fmas), which the
+    interpreter does not run, emulated bit for bit: 128 + q and s q + m (one rounding) exactly."""
+    from tests.gpu import ptx_emu
+
+    ptx_emu.check_nibbles(str(Path(__file__).resolve().parents[2] / "kvserve" / "kernels" / "triton_qmm4.py"))
 
 
 def test_int8_qmm_compiles_for_sm90():
