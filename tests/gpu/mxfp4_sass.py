@@ -44,33 +44,46 @@ def compile_sm90(fn, signature: dict[str, str], constexprs: dict[str, object], a
     return triton.compile(src, target=target, options=options.__dict__)
 
 
-def gate_up(bn: int, bg: int, warps: int, decode: int):
+def gate_up(bn: int, bg: int, warps: int, decode: int, h_f16: bool = False):
+    """DECODE >= 2 reads `act_f16`'s int32 pairs and block scales; h_f16: the epilogue writes the
+    activation for a DECODE >= 2 down GEMV."""
     return compile_sm90(
         tm._gemv_gate_up_kernel,
-        {"x_ptr": "*bf16", "codes_ptr": "*i32", "scales_ptr": "*u8", "bias_ptr": "*bf16", "ids_ptr": "*i64",
-         "out_ptr": "*bf16", "I": "i32", "stride_x": "i32", "alpha": "fp32", "limit": "fp32", "s_step": "i32"},
-        {"K": H, "TOP_K": 4, "BLOCK_N": bn, "BLOCK_G": bg, "DECODE": decode},
-        ["x_ptr", "codes_ptr", "scales_ptr", "bias_ptr", "ids_ptr", "out_ptr", "I", "stride_x"], warps,
+        {"x_ptr": "*i32" if decode >= 2 else "*bf16", "xs_ptr": "*fp32", "codes_ptr": "*i32", "scales_ptr": "*u8",
+         "bias_ptr": "*bf16", "ids_ptr": "*i64", "out_ptr": "*i32" if h_f16 else "*bf16", "outs_ptr": "*fp32",
+         "I": "i32", "stride_x": "i32", "alpha": "fp32", "limit": "fp32", "s_step": "i32"},
+        {"K": H, "TOP_K": 4, "BLOCK_N": bn, "BLOCK_G": bg, "DECODE": decode, "H_F16": h_f16},
+        ["x_ptr", "xs_ptr", "codes_ptr", "scales_ptr", "bias_ptr", "ids_ptr", "out_ptr", "outs_ptr", "I", "stride_x"],
+        warps,
     )
 
 
 def down(bn: int, bg: int, warps: int, decode: int):
     return compile_sm90(
         tm._gemv_down_kernel,
-        {"h_ptr": "*bf16", "codes_ptr": "*i32", "scales_ptr": "*u8", "bias_ptr": "*bf16", "ids_ptr": "*i64",
-         "wts_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "stride_o": "i32", "s_step": "i32"},
+        {"h_ptr": "*i32" if decode >= 2 else "*bf16", "hs_ptr": "*fp32", "codes_ptr": "*i32", "scales_ptr": "*u8",
+         "bias_ptr": "*bf16", "ids_ptr": "*i64", "wts_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "stride_o": "i32",
+         "s_step": "i32"},
         {"K": I, "TOP_K": 4, "BLOCK_N": bn, "BLOCK_G": bg, "DECODE": decode},
-        ["h_ptr", "codes_ptr", "scales_ptr", "bias_ptr", "ids_ptr", "wts_ptr", "out_ptr", "N", "stride_o"], warps,
+        ["h_ptr", "hs_ptr", "codes_ptr", "scales_ptr", "bias_ptr", "ids_ptr", "wts_ptr", "out_ptr", "N", "stride_o"],
+        warps,
     )
 
 
 def down_split(bn: int, bg: int, warps: int, decode: int, split: int):
     return compile_sm90(
         tm._gemv_down_split_kernel,
-        {"h_ptr": "*bf16", "codes_ptr": "*i32", "scales_ptr": "*u8", "ids_ptr": "*i64", "part_ptr": "*fp32",
-         "N": "i32", "s_step": "i32"},
+        {"h_ptr": "*i32" if decode >= 2 else "*bf16", "hs_ptr": "*fp32", "codes_ptr": "*i32", "scales_ptr": "*u8",
+         "ids_ptr": "*i64", "part_ptr": "*fp32", "N": "i32", "s_step": "i32"},
         {"K": I, "SPLIT": split, "BLOCK_N": bn, "BLOCK_G": bg, "DECODE": decode},
-        ["h_ptr", "codes_ptr", "scales_ptr", "ids_ptr", "part_ptr", "N"], warps,
+        ["h_ptr", "hs_ptr", "codes_ptr", "scales_ptr", "ids_ptr", "part_ptr", "N"], warps,
+    )
+
+
+def act_f16():
+    return compile_sm90(
+        tm._act_f16_kernel, {"x_ptr": "*bf16", "xh_ptr": "*i32", "xs_ptr": "*fp32", "stride_x": "i32", "G": "i32"},
+        {"BLOCK_G": 16}, ["x_ptr", "xh_ptr", "xs_ptr", "stride_x"], 4,
     )
 
 
