@@ -4,7 +4,9 @@ a GPU and report what their machine code does with the weights: 16-byte vector l
 E2M1 decode produces float32 subnormals for the codes ±0.5, which a `.ftz` instruction would turn
 into 0), and the instruction mix of the GEMV inner loop. Also the opt-in split down GEMV at the
 configs the benchmark times (`DOWN_SPLIT_CANDIDATES`: the same checks) and its reduce kernel (no
-spills, no flush-to-zero).
+spills, no flush-to-zero); the packed-half-math GEMVs (DECODE 2 / 3, `GEMV_F16_CANDIDATES`: the
+same checks, and the instructions per weight of their K loop against the default's) and their
+activation kernel `_act_f16_kernel`.
 
     python -m tests.gpu.mxfp4_sass            # prints the summary; exit status 1 if a check fails
     python -m tests.gpu.mxfp4_sass --dump DIR # also writes the PTX and SASS
@@ -213,6 +215,23 @@ def main() -> int:
                               args.dump, weights_per_iter=bn * bg * 32 // (w * 32))
     for split in sorted({c[4] for c in tm.DOWN_SPLIT_CANDIDATES}):
         failures += summarize(f"down_reduce_split{split}", down_reduce(split), args.dump, codes=False)
+    # the packed-half-math GEMVs (DECODE 2 / 3) at the benchmark's candidates (strict: 16-byte loads,
+    # no spills, no shared memory in the K loop, no flush-to-zero) and their activation kernel
+    seen = set()
+    for gu, dn in tm.GEMV_F16_CANDIDATES:
+        bn, bg, w, dec = gu
+        if ("gu", gu, dn[3] >= 2) not in seen:
+            seen.add(("gu", gu, dn[3] >= 2))
+            failures += summarize(f"gemv_gate_up_bn{bn}_bg{bg}_w{w}_dec{dec}{'_hf16' if dn[3] >= 2 else ''}",
+                                  gate_up(bn, bg, w, dec, h_f16=dn[3] >= 2), args.dump,
+                                  weights_per_iter=bn * bg * 32 * 2 // (w * 32))
+        bn, bg, w, dec, split = dn
+        if dec >= 2 and ("dn", dn) not in seen:
+            seen.add(("dn", dn))
+            k = down(bn, bg, w, dec) if split == 0 else down_split(bn, bg, w, dec, split)
+            failures += summarize(f"gemv_down{f'_split{split}' if split else ''}_bn{bn}_bg{bg}_w{w}_dec{dec}", k,
+                                  args.dump, weights_per_iter=bn * bg * 32 // (w * 32))
+    failures += summarize("act_f16", act_f16(), args.dump, codes=False)
     for tokens in (16, 256):  # the grouped path's tiles at 16 and 256 tokens (reported; only FTZ fails)
         cfg = tm.grouped_config(tokens * 4, 32)
         for gu in (True, False):
