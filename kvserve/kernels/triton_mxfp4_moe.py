@@ -6,7 +6,7 @@ on the device (`pack`, bit-exact) into an aligned layout: the E2M1 codes as int3
 nibble j // 4 of word j % 4) and the E8M0 scales uint8 [E, rows, K / 32] beside them.
 
 - **GEMV path** (decode: one token, or up to `GEMV_MAX_PAIRS` pairs mostly on distinct experts):
-  no sorting, two launches (three with a split down). Gate/up: one program per (token, expert) pair and BLOCK_N gate rows
+  no sorting, two launches (one more with a split down, one more with a DECODE 2 / 3 gate/up). Gate/up: one program per (token, expert) pair and BLOCK_N gate rows
   plus their BLOCK_N up rows; each K-step loads a [BLOCK_N, BLOCK_G, 4] word tile (16-byte
   loads, consecutive blocks of a row in consecutive threads), decodes each nibble with integer
   ops straight into float32 bits (`_fp4`: the value times 2^-126, exact, no lookup, no exp2),
@@ -20,6 +20,22 @@ nibble j // 4 of word j % 4) and the E8M0 scales uint8 [E, rows, K / 32] beside 
   fixed order (deterministic, no atomics) with the biases and routing weights as above and
   rounds once; equal to the sequential kernel up to the fp32 summation order. Not yet timed on
   a GPU, so SPLIT 0 (the sequential kernel) stays the default (`gemv_configs`).
+  Opt-in, packed half math (a config's DECODE 2; 3 also loads the next K-step's codes and scales
+  before this step's math, the first before the loop, registers double-buffered): the activations
+  as fp16 pairs (`act_f16`, one small launch for x; for h the gate/up epilogue, `H_F16`, when the
+  down's DECODE is 2 or 3): per 32-value block a power-of-two 2^c putting its largest magnitude in
+  [2^14, 2^15), word j of the block's 16 = (x_j 2^c, x_{j+16} 2^c), i.e. the activations of
+  nibbles I and I + 4 of code word w for j = 4 I + w, and 2^-c beside them in fp32. Each code
+  word's nibble pairs decode into fp16x2 as `_fp4_pair` does (the E2M1 values times 2^-14, two
+  shifts and two logic ops per two weights) and one `fma.rn.f16x2` multiplies two weights with
+  their activations (`_hfma_block`, inline PTX: exact products, fp16 sums of 8 products, widened
+  to fp32 once per 16 weights), then the block sum times 2^(s - 113) 2^-c in fp32. sm_90 K loop
+  (`tests/gpu/mxfp4_sass.py`): 3.4 (DECODE 2) / 3.6 (3) instructions a weight against 5.0 for
+  DECODE 1 (LOP3 1.0, shifts as IMAD.SHL 0.7-0.9 and SHF 0.2-0.3, HFMA2 0.5 a weight; no FFMA,
+  no per-weight HADD2.F32), rel. error ≤ 4e-3 against the float64 reference in fp32 (the fp16
+  activations, 2^-12 relative, and sums). `benchmarks/gpt_oss_gpu_bench.py --gemv-f16` times
+  `GEMV_F16_CANDIDATES` against the defaults at 1 and 4 tokens; until a GPU has, DECODE 1 stays
+  the default.
 - **Grouped path** (prefill, larger batches): the pairs sorted by expert and padded per expert
   by `triton_moe.align_by_expert` (one program, no host sync); each BLOCK_M run of one expert's
   pairs times BLOCK_N of its rows, each K-step's word tile decoded into weights in K order (exact)
