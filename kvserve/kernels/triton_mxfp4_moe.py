@@ -69,6 +69,7 @@ import triton.language as tl
 from kvserve.kernels import mxfp4
 from kvserve.kernels.triton_moe import grouped_pid
 from kvserve.kernels.triton_quant import _PTX, _f16_pair
+from kvserve.models import pdl
 
 
 @triton.jit
@@ -400,8 +401,14 @@ def _act_f16_kernel(
     stride_x,
     G,  # K / 32
     BLOCK_G: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    """The activations of the DECODE >= 2 GEMVs: one token and BLOCK_G 32-value blocks."""
+    """The activations of the DECODE >= 2 GEMVs: one token and BLOCK_G 32-value blocks. With PDL
+    it lets the gate/up kernel launch only after its own wait, so the routing that kernel reads
+    before its wait is final by then (as `triton_moe_decode`'s gate/up does for its down)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     tok = tl.program_id(0).to(tl.int64)
     g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
     g_ok = g < G
@@ -414,7 +421,7 @@ def _act_f16_kernel(
     tl.store(xs_ptr + tok * G + g, down, mask=g_ok)
 
 
-def act_f16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def act_f16(x: torch.Tensor, use_pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """[T, K] activations -> the DECODE >= 2 GEMVs' input: (int32 [T, K / 2] fp16 pairs, float32
     [T, K / 32] block scales), see `_f16_blocks`."""
     t, k = x.shape
@@ -423,7 +430,8 @@ def act_f16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     xh = torch.empty((t, k // 2), dtype=torch.int32, device=x.device)
     xs = torch.empty((t, k // 32), dtype=torch.float32, device=x.device)
     if t:
-        _act_f16_kernel[(t, triton.cdiv(k // 32, 16))](x, xh, xs, x.stride(0), k // 32, BLOCK_G=16, num_warps=4)
+        _act_f16_kernel[(t, triton.cdiv(k // 32, 16))](x, xh, xs, x.stride(0), k // 32, BLOCK_G=16, PDL=use_pdl,
+                                                       num_warps=4, launch_pdl=use_pdl)
     return xh, xs
 
 
@@ -438,13 +446,15 @@ def _swiglu(g, u, alpha, limit, dt: tl.constexpr):
 
 @triton.jit
 def _gemv_rows(x_row, xs_row, codes, scales, n, n_ok, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-               TWO: tl.constexpr, codes2, scales2, DECODE: tl.constexpr, s_step, g_base, NG: tl.constexpr):
+               TWO: tl.constexpr, codes2, scales2, DECODE: tl.constexpr, s_step, g_base, NG: tl.constexpr,
+               WAIT: tl.constexpr = False):
     """`_gemv_rows_f32` (DECODE 0 and 1: x_row the activations in the model dtype) or
     `_gemv_rows_f16` (DECODE 2 and 3: x_row the fp16 pairs and xs_row the block scales of
-    `act_f16` / the gate/up kernel's H_F16 epilogue)."""
+    `act_f16` / the gate/up kernel's H_F16 epilogue). WAIT (DECODE >= 2 only): the PDL wait,
+    after the first K-step's codes and scales are requested where DECODE 3 prefetches them."""
     if DECODE >= 2:
         r1, r2 = _gemv_rows_f16(x_row, xs_row, codes, scales, n, n_ok, K, BLOCK_N, BLOCK_G, TWO, codes2, scales2,
-                                DECODE == 3, s_step, g_base, NG)
+                                DECODE == 3, s_step, g_base, NG, WAIT)
     else:
         r1, r2 = _gemv_rows_f32(x_row, codes, scales, n, n_ok, K, BLOCK_N, BLOCK_G, TWO, codes2, scales2, DECODE,
                                 s_step, g_base, NG)
@@ -454,7 +464,7 @@ def _gemv_rows(x_row, xs_row, codes, scales, n, n_ok, K: tl.constexpr, BLOCK_N: 
 @triton.jit
 def _gemv_rows_f16(xh_row, xs_row, codes, scales, n, n_ok, K: tl.constexpr, BLOCK_N: tl.constexpr,
                    BLOCK_G: tl.constexpr, TWO: tl.constexpr, codes2, scales2, PREFETCH: tl.constexpr, s_step, g_base,
-                   NG: tl.constexpr):
+                   NG: tl.constexpr, WAIT: tl.constexpr):
     """`_gemv_rows_f32`'s sums with packed half math (DECODE 2; 3 adds PREFETCH): the same
     [BLOCK_N, BLOCK_G, 4] word tiles, each block's 32 weights decoded in pairs and multiplied with
     the fp16 activation pairs two at a time (`_hfma_block`), then the block's sum times its weight
@@ -482,6 +492,7 @@ def _gemv_rows_f16(xh_row, xs_row, codes, scales, n, n_ok, K: tl.constexpr, BLOC
         else:
             q2_n = q_n
             s2_n = s_n
+    pdl.wait(WAIT)  # (no-op without PDL) the codes above may stream during the kernel before
     for g0 in range(0, NG, BLOCK_G):
         g = g_base + g0 + tl.arange(0, BLOCK_G)
         g_ok = g < G
@@ -607,6 +618,7 @@ def _gemv_gate_up_kernel(
     BLOCK_G: tl.constexpr,
     DECODE: tl.constexpr,
     H_F16: tl.constexpr,  # write the activation as a DECODE >= 2 down GEMV reads it (BLOCK_N % 32 == 0)
+    PDL: tl.constexpr = False,  # DECODE >= 2 only: launched after `_act_f16_kernel`'s wait (see there)
 ):
     """One (token, expert) pair and BLOCK_N gate rows with their BLOCK_N up rows; the biases and
     the clamped SwiGLU in the epilogue."""
@@ -621,7 +633,7 @@ def _gemv_gate_up_kernel(
     codes = codes_ptr + e * (2 * I) * W
     scales = scales_ptr + e * (2 * I) * G
     gate, up = _gemv_rows(x_row, xs_ptr + tok * G, codes, scales, n, n_ok, K, BLOCK_N, BLOCK_G, True, codes + I * W,
-                          scales + I * G, DECODE, s_step, 0, G)
+                          scales + I * G, DECODE, s_step, 0, G, PDL)
     gate += tl.load(bias_ptr + e * (2 * I) + n, mask=n_ok, other=0.0).to(tl.float32)
     up += tl.load(bias_ptr + e * (2 * I) + I + n, mask=n_ok, other=0.0).to(tl.float32)
     dt = bias_ptr.dtype.element_ty
@@ -658,9 +670,11 @@ def _gemv_down_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
     DECODE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """One token and BLOCK_N output columns: sum_j w_j (W_down[e_j] h_j + b_down[e_j]) over its k
-    pairs, in fp32, rounded once."""
+    pairs, in fp32, rounded once. PDL (DECODE >= 2 only): the first pair's first codes are
+    requested before the wait (the routing is final: see `_act_f16_kernel`)."""
     tok = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
@@ -673,7 +687,7 @@ def _gemv_down_kernel(
         codes = codes_ptr + e * N * W
         scales = scales_ptr + e * N * G
         y, _ = _gemv_rows(h_ptr + pair * (K // 2 if DECODE >= 2 else K), hs_ptr + pair * G, codes, scales, n, n_ok, K,
-                          BLOCK_N, BLOCK_G, False, codes, scales, DECODE, s_step, 0, G)
+                          BLOCK_N, BLOCK_G, False, codes, scales, DECODE, s_step, 0, G, PDL and j == 0)
         y += tl.load(bias_ptr + e * N + n, mask=n_ok, other=0.0).to(tl.float32)
         out += tl.load(wts_ptr + pair).to(tl.float32) * y
     tl.store(out_ptr + tok * stride_o + n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
@@ -694,6 +708,7 @@ def _gemv_down_split_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
     DECODE: tl.constexpr,
+    PDL: tl.constexpr = False,  # DECODE >= 2 only, as `_gemv_down_kernel`
 ):
     """The down GEMV spread over the pairs and K (KVSERVE_MXFP4_GEMV_DOWN's SPLIT >= 1): one
     (pair, K split) and BLOCK_N columns, W_down[e] h over the split's blocks into fp32 scratch;
@@ -710,7 +725,7 @@ def _gemv_down_split_kernel(
     codes = codes_ptr + e * N * W
     scales = scales_ptr + e * N * G
     y, _ = _gemv_rows(h_ptr + pair * (K // 2 if DECODE >= 2 else K), hs_ptr + pair * G, codes, scales, n, n_ok, K,
-                      BLOCK_N, BLOCK_G, False, codes, scales, DECODE, s_step, (pid % SPLIT) * NG, NG)
+                      BLOCK_N, BLOCK_G, False, codes, scales, DECODE, s_step, (pid % SPLIT) * NG, NG, PDL)
     tl.store(part_ptr + pid.to(tl.int64) * N + n, y, mask=n_ok)
 
 
@@ -726,10 +741,12 @@ def _down_reduce_kernel(
     TOP_K: tl.constexpr,
     SPLIT: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """One token and BLOCK columns: sum_j w_j (sum_s part[j, s] + b_down[e_j]) in fp32, the
     splits and then the pairs in a fixed order (the bits never depend on scheduling), bias and
     routing weight as `_gemv_down_kernel` applies them, rounded once."""
+    pdl.wait(PDL)
     tok = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     n_ok = n < N
@@ -978,29 +995,37 @@ def fused_moe_mxfp4(
         else:
             h = torch.empty((n, inter), dtype=x.dtype, device=x.device)
             hs = h
+        # PDL (`models/pdl.py`) on the packed-half-math path only (gate/up and down DECODE >= 2;
+        # the defaults launch as before): the activation kernel waits, then lets gate/up launch,
+        # so the routing is final when gate/up and down read it and request their first codes
+        # before their own waits
+        use_pdl = gdec >= 2 and ddec >= 2 and pdl.enabled(x.device)
         if gdec >= 2:
-            xa, xs = act_f16(x)
+            xa, xs = act_f16(x, use_pdl)
         else:
             xa, xs = x, x
         _gemv_gate_up_kernel[(n, triton.cdiv(inter, gbn))](
             xa, xs, w.gu_codes, w.gu_scales, w.gu_bias, flat_ids, h, hs, inter, xa.stride(0), alpha, limit, 1,
-            K=hidden, TOP_K=top_k, BLOCK_N=gbn, BLOCK_G=gbg, DECODE=gdec, H_F16=h_f16, num_warps=gwarps,
+            K=hidden, TOP_K=top_k, BLOCK_N=gbn, BLOCK_G=gbg, DECODE=gdec, H_F16=h_f16, PDL=use_pdl, num_warps=gwarps,
+            launch_pdl=use_pdl,
         )
         out = torch.empty((t, hidden), dtype=x.dtype, device=x.device)
         if split == 0:
             _gemv_down_kernel[(t, triton.cdiv(hidden, dbn))](
                 h, hs, w.dn_codes, w.dn_scales, w.dn_bias, flat_ids, wts, out, hidden, out.stride(0), 1,
-                K=inter, TOP_K=top_k, BLOCK_N=dbn, BLOCK_G=dbg, DECODE=ddec, num_warps=dwarps,
+                K=inter, TOP_K=top_k, BLOCK_N=dbn, BLOCK_G=dbg, DECODE=ddec, PDL=use_pdl, num_warps=dwarps,
+                launch_pdl=use_pdl,
             )
             return out
         part = torch.empty((n * split, hidden), dtype=torch.float32, device=x.device)  # [pairs x splits, H]
         _gemv_down_split_kernel[(n * split, triton.cdiv(hidden, dbn))](
             h, hs, w.dn_codes, w.dn_scales, flat_ids, part, hidden, 1,
-            K=inter, SPLIT=split, BLOCK_N=dbn, BLOCK_G=dbg, DECODE=ddec, num_warps=dwarps,
+            K=inter, SPLIT=split, BLOCK_N=dbn, BLOCK_G=dbg, DECODE=ddec, PDL=use_pdl, num_warps=dwarps,
+            launch_pdl=use_pdl,
         )
         _down_reduce_kernel[(t, triton.cdiv(hidden, DOWN_REDUCE_BLOCK))](
             part, w.dn_bias, flat_ids, wts, out, hidden, out.stride(0),
-            TOP_K=top_k, SPLIT=split, BLOCK=DOWN_REDUCE_BLOCK, num_warps=4,
+            TOP_K=top_k, SPLIT=split, BLOCK=DOWN_REDUCE_BLOCK, PDL=use_pdl, num_warps=4, launch_pdl=use_pdl,
         )
         return out
     from kvserve.kernels.triton_moe import align_by_expert
