@@ -33,7 +33,12 @@ nibble j // 4 of word j % 4) and the E8M0 scales uint8 [E, rows, K / 32] beside 
   (`tests/gpu/mxfp4_sass.py`): 3.4 (DECODE 2) / 3.6 (3) instructions a weight against 5.0 for
   DECODE 1 (LOP3 1.0, shifts as IMAD.SHL 0.7-0.9 and SHF 0.2-0.3, HFMA2 0.5 a weight; no FFMA,
   no per-weight HADD2.F32), rel. error ≤ 4e-3 against the float64 reference in fp32 (the fp16
-  activations, 2^-12 relative, and sums). `benchmarks/gpt_oss_gpu_bench.py --gemv-f16` times
+  activations, 2^-12 relative, and sums). With both configs' DECODE >= 2 the launches are
+  programmatic dependent launches (`models/pdl.py`, `KVSERVE_PDL`): `_act_f16_kernel` waits for
+  the kernel before it and only then lets gate/up launch, so the routing is final when gate/up
+  and down read it and request their first codes before their own waits (DECODE 3: the first
+  K-step's prefetch), the weight stream starting while the kernel before still runs; the
+  defaults launch as before. `benchmarks/gpt_oss_gpu_bench.py --gemv-f16` times
   `GEMV_F16_CANDIDATES` against the defaults at 1 and 4 tokens; until a GPU has, DECODE 1 stays
   the default.
 - **Grouped path** (prefill, larger batches): the pairs sorted by expert and padded per expert
@@ -987,8 +992,8 @@ def fused_moe_mxfp4(
         dbn, dbg, dwarps, ddec, split = down_config(dn_cfg, "gemv_cfg[1]")
         h_f16 = ddec >= 2
         if h_f16 and gbn % 32:
-            raise ValueError(f"a DECODE {ddec} down GEMV reads whole 32-value blocks of the activation: the gate/up "
-                             f"BLOCK_N must be a multiple of 32 (got {gbn})")
+            raise ValueError(f"gemv_cfg: a DECODE {ddec} down GEMV reads whole 32-value blocks of the activation: the "
+                             f"gate/up BLOCK_N must be a multiple of 32 (got {gbn})")
         if h_f16:  # the activation as fp16 pairs and block scales (`_f16_blocks`)
             h = torch.empty((n, inter // 2), dtype=torch.int32, device=x.device)
             hs = torch.empty((n, inter // 32), dtype=torch.float32, device=x.device)
