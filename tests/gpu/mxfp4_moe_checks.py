@@ -138,11 +138,11 @@ def check_packed(t: int, device: str, dtype=torch.float32, path: str = "auto", h
 
 
 def check_f16(t: int, device: str, cfgs, dtype=torch.float32, hidden=320, inter=96, experts=8, k=2, seed=0,
-              limit=7.0) -> None:
+              limit=7.0, swap=True) -> None:
     """The packed-half-math GEMVs (DECODE 2 / 3, `GEMV_F16_CANDIDATES`-like (gate/up, down) configs)
     against the float64 reference (raw codes: every code and the subnormal ±0.5) within `F16_TOL`
-    in fp32, and a config with its DECODE 2 swapped for 3 (the prefetch) or back to the same
-    bits; the activations' fp16 pairs (`act_f16`) against their definition."""
+    in fp32, and (`swap`) a config with its DECODE 2 swapped for 3 (the prefetch) or back to the
+    same bits; the activations' fp16 pairs (`act_f16`) against their definition."""
     x, ids, wts, packed, ref = _packed_case(t, device, dtype, hidden, inter, experts, k, seed, True, limit)
     tol = F16_TOL if dtype == torch.float32 else 2e-2
     xh, xs = tm.act_f16(x)
@@ -156,9 +156,10 @@ def check_f16(t: int, device: str, cfgs, dtype=torch.float32, hidden=320, inter=
         assert got.dtype == dtype and tuple(got.shape) == (t, hidden)
         rel = ((got.double().cpu() - ref).norm() / ref.norm()).item()
         assert rel < tol, f"fp16 GEMV {(gu, dn)} T={t} {dtype}: relative error {rel:.3e}"
-        swap = lambda c: tuple(c[:3]) + ({2: 3, 3: 2}.get(c[3], c[3]),) + tuple(c[4:])  # noqa: E731
-        other = tm.fused_moe_mxfp4(x, ids, wts, packed, ALPHA, limit, path="gemv", gemv_cfg=(swap(gu), swap(dn)))
-        assert torch.equal(other, got), f"fp16 GEMV {(gu, dn)}: the prefetch changed the bits"
+        if swap:
+            flip = lambda c: tuple(c[:3]) + ({2: 3, 3: 2}.get(c[3], c[3]),) + tuple(c[4:])  # noqa: E731
+            other = tm.fused_moe_mxfp4(x, ids, wts, packed, ALPHA, limit, path="gemv", gemv_cfg=(flip(gu), flip(dn)))
+            assert torch.equal(other, got), f"fp16 GEMV {(gu, dn)}: the prefetch changed the bits"
 
 
 def check_split_down(t: int, device: str, gu_cfg, dn_cfg, splits, dtype=torch.float32, hidden=96, inter=64,
