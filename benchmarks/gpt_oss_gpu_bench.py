@@ -327,7 +327,10 @@ def gemv_f16_only(bw: float) -> dict[str, object]:
     expert_bytes = (2 * inter * mxfp4.row_bytes(h) + h * mxfp4.row_bytes(inter)) + (2 * inter + h) * 2
     gen = torch.Generator(device="cuda").manual_seed(0)
     default = tm.gemv_configs()
-    name = lambda cfg: f"KVSERVE_MXFP4_GEMV_GU={','.join(map(str, cfg[0]))} KVSERVE_MXFP4_GEMV_DOWN={','.join(map(str, cfg[1]))}"  # noqa: E731
+
+    def name(cfg) -> str:
+        return f"KVSERVE_MXFP4_GEMV_GU={','.join(map(str, cfg[0]))} KVSERVE_MXFP4_GEMV_DOWN={','.join(map(str, cfg[1]))}"
+
     out: dict[str, object] = {}
     for t in (1, 4):
         xs = [torch.randn(t, h, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(8)]

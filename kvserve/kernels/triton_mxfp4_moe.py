@@ -887,7 +887,8 @@ DOWN_REDUCE_BLOCK = 256  # columns a program of `_down_reduce_kernel`
 DOWN_SPLIT_CANDIDATES: tuple[DownConfig, ...] = ((32, 16, 4, 1, 1), (16, 16, 4, 1, 1), (32, 16, 4, 1, 2), (32, 8, 4, 1, 4))
 
 
-DECODES = (0, 1, 2, 3)  # `_gemv_rows`: fp32 math (0: nibbles one at a time, 1: in pairs), 2: fp16x2 math, 3: 2 + prefetch
+# `_gemv_rows`: fp32 math (0: nibbles one at a time, 1: in pairs), 2: fp16x2 math, 3: 2 + prefetch
+DECODES = (0, 1, 2, 3)
 # Packed-half-math configs (DECODE 2 / 3) that `benchmarks/gpt_oss_gpu_bench.py --gemv-f16` times against
 # the defaults at 1 and 4 tokens, each as (gate/up, down) (the down's DECODE >= 2 makes the gate/up
 # kernel write its activation as fp16 pairs: gate/up BLOCK_N a multiple of 32), and
@@ -942,10 +943,11 @@ def gemv_configs() -> tuple[GemvConfig, DownConfig]:
     (32, 8, 4, 1) at 91.1, within the run's spread, so it stays. SPLIT stays 0 until a GPU has
     timed the split kernels (the sweep times both side by side)."""
     gu = gemv_config(_env_config("KVSERVE_MXFP4_GEMV_GU", (32, 8, 4, 1)), "KVSERVE_MXFP4_GEMV_GU")
-    dn = down_config(_env_config("KVSERVE_MXFP4_GEMV_DOWN", (32, 16, 4, 1, 0), lengths=(4, 5)), "KVSERVE_MXFP4_GEMV_DOWN")
+    dn = _env_config("KVSERVE_MXFP4_GEMV_DOWN", (32, 16, 4, 1, 0), lengths=(4, 5))
+    dn = down_config(dn, "KVSERVE_MXFP4_GEMV_DOWN")
     if dn[3] >= 2 and gu[0] % 32:
-        raise ValueError(f"KVSERVE_MXFP4_GEMV_DOWN with DECODE {dn[3]} needs a gate/up BLOCK_N that is a multiple of 32 "
-                         f"(KVSERVE_MXFP4_GEMV_GU has {gu[0]})")
+        raise ValueError(f"KVSERVE_MXFP4_GEMV_DOWN with DECODE {dn[3]} needs a gate/up BLOCK_N that is a multiple "
+                         f"of 32 (KVSERVE_MXFP4_GEMV_GU has {gu[0]})")
     return gu, dn
 
 
