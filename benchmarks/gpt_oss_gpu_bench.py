@@ -317,11 +317,17 @@ def gemv_f16_only(bw: float) -> dict[str, object]:
     from tests.gpu import mxfp4_moe_checks as mc
 
     t0 = time.perf_counter()
-    mc.check_f16(1, "cuda", tm.GEMV_F16_CANDIDATES, hidden=2880, inter=2880, experts=32, k=4, seed=16, swap=False)
-    mc.check_f16(4, "cuda", tm.GEMV_F16_CANDIDATES[2:4], torch.bfloat16, hidden=2880, inter=2880, experts=32, k=4,
-                 seed=17)  # (and DECODE 3 against 2 there: the same bits)
-    log(f"check: fp16x2 GEMVs (DECODE 2 / 3) == reference within {mc.F16_TOL} (fp32) / 2e-2 (bf16), prefetch "
-        f"bit-identical   ok ({time.perf_counter() - t0:.1f}s)")
+    out: dict[str, object] = {}
+    try:
+        mc.check_f16(1, "cuda", tm.GEMV_F16_CANDIDATES, hidden=2880, inter=2880, experts=32, k=4, seed=16, swap=False)
+        mc.check_f16(4, "cuda", tm.GEMV_F16_CANDIDATES[2:4], torch.bfloat16, hidden=2880, inter=2880, experts=32, k=4,
+                     seed=17)  # (and DECODE 3 against 2 there: the same bits)
+        log(f"check: fp16x2 GEMVs (DECODE 2 / 3) == reference within {mc.F16_TOL} (fp32) / 2e-2 (bf16), prefetch "
+            f"bit-identical   ok ({time.perf_counter() - t0:.1f}s)")
+        out["check"] = "ok"
+    except AssertionError as exc:  # still time them (each row's rel diff below), but say so loudly
+        log(f"CHECK FAILED: fp16x2 GEMVs: {str(exc)[:300]}")
+        out["check"] = f"failed: {str(exc)[:300]}"
     e, k, h, inter, alpha, limit, layers = 32, 4, 2880, 2880, 1.702, 7.0, 4
     packed = [tm.pack_experts(gu, bgu, dn, bdn, h, inter) for gu, bgu, dn, bdn in _moe_weights(layers, e, h, inter)]
     expert_bytes = (2 * inter * mxfp4.row_bytes(h) + h * mxfp4.row_bytes(inter)) + (2 * inter + h) * 2
@@ -331,7 +337,6 @@ def gemv_f16_only(bw: float) -> dict[str, object]:
     def name(cfg) -> str:
         return f"KVSERVE_MXFP4_GEMV_GU={','.join(map(str, cfg[0]))} KVSERVE_MXFP4_GEMV_DOWN={','.join(map(str, cfg[1]))}"
 
-    out: dict[str, object] = {}
     for t in (1, 4):
         xs = [torch.randn(t, h, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(8)]
         idss = [torch.stack([torch.randperm(e, device="cuda", generator=gen)[:k] for _ in range(t)]) for _ in range(8)]
