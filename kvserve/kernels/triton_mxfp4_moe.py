@@ -896,7 +896,9 @@ DECODES = (0, 1, 2, 3)
 GEMV_F16_CANDIDATES: tuple[tuple[GemvConfig, DownConfig], ...] = (
     ((32, 8, 4, 2), (32, 16, 4, 1, 0)),  # gate/up alone
     ((32, 8, 4, 3), (32, 16, 4, 1, 0)),
+    ((16, 8, 4, 3), (32, 16, 4, 1, 0)),  # (twice the gate/up programs)
     ((32, 8, 4, 3), (32, 16, 4, 3, 0)),  # both
+    ((32, 8, 4, 3), (16, 16, 4, 3, 0)),  # (twice the down programs)
     ((64, 8, 4, 3), (32, 16, 4, 3, 0)),
     ((32, 16, 4, 3), (32, 16, 4, 3, 0)),
     ((32, 8, 4, 3), (32, 16, 4, 3, 2)),  # + the split down

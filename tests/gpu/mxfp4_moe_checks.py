@@ -257,7 +257,7 @@ def run(device: str) -> None:
                          limit=7.0, gemv_cfg=((32, 8, 4, decode), (16, 8, 4, decode)))
         # the packed-half-math GEMVs at gpt-oss-20b widths: every benchmark candidate, fp32 and bf16
         check_f16(1, device, tm.GEMV_F16_CANDIDATES, hidden=2880, inter=2880, experts=32, k=4, seed=16, swap=False)
-        check_f16(4, device, tm.GEMV_F16_CANDIDATES[2:4], torch.bfloat16, hidden=2880, inter=2880, experts=32, k=4,
+        check_f16(4, device, tm.GEMV_F16_CANDIDATES[3:5], torch.bfloat16, hidden=2880, inter=2880, experts=32, k=4,
                   seed=17)
         # the split down GEMV at gpt-oss-20b widths (the benchmark sweep's configs among them)
         check_split_down(1, device, (32, 8, 4, 1), (32, 16, 4, 1), (1, 2, 3), hidden=2880, inter=2880, experts=32, k=4,
