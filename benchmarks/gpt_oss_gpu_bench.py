@@ -17,7 +17,10 @@ CUDA graph over 4 layers' weights (so the experts come from HBM, not L2) with fr
 call; the floor is the distinct selected experts' bytes at the GEMV read bandwidth. Also a sweep of the GEMV kernels' (BLOCK_N, BLOCK_G, warps, DECODE) at 1 token
 (KVSERVE_MXFP4_GEMV_GU / KVSERVE_MXFP4_GEMV_DOWN select one in the engine), then the split down
 GEMV's configs (`DOWN_SPLIT_CANDIDATES`, the config's fifth value SPLIT >= 1) beside the default
-sequential down kernel timed again, and which of them wins.
+sequential down kernel timed again, and which of them wins. `--gemv-f16` alone: the packed-half-math
+GEMVs (DECODE 2 / 3, `GEMV_F16_CANDIDATES`: fp16x2 math, the next K-step prefetched, PDL launches)
+checked at gpt-oss-20b widths, then each (gate/up, down) config against the defaults at 1 and 4
+tokens, and the winner with the KVSERVE_MXFP4_GEMV_GU / _DOWN values that select it.
 
 Checks: the Triton attention kernels with sinks against the PyTorch backend
 (`tests/gpu/sink_checks.py`, bf16 and fp32), MXFP4 dequantization on the GPU equal to the CPU's,
