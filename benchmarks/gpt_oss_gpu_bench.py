@@ -7,6 +7,7 @@ decode ms/token against the floor of the bytes a decode step must read.
     python -m benchmarks.gpt_oss_gpu_bench --kernels-only     # the MoE kernels alone (legacy vs packed)
     python -m benchmarks.gpt_oss_gpu_bench --compare-legacy   # + decode on the non-default MoE kernels (legacy)
     python -m benchmarks.gpt_oss_gpu_bench --down-split       # the split down GEMV vs the sequential one (~1 min)
+    python -m benchmarks.gpt_oss_gpu_bench --gemv-f16         # the fp16x2 GEMVs (DECODE 2 / 3) vs the defaults (~2 min)
 
 MoE kernels (`kernel_table`, run by default): one gpt-oss-20b MoE layer (32 experts, top 4,
 2880 x 2880, random MXFP4 bytes) at 1 / 4 / 16 / 256 tokens, the legacy kernel
@@ -16,7 +17,10 @@ CUDA graph over 4 layers' weights (so the experts come from HBM, not L2) with fr
 call; the floor is the distinct selected experts' bytes at the GEMV read bandwidth. Also a sweep of the GEMV kernels' (BLOCK_N, BLOCK_G, warps, DECODE) at 1 token
 (KVSERVE_MXFP4_GEMV_GU / KVSERVE_MXFP4_GEMV_DOWN select one in the engine), then the split down
 GEMV's configs (`DOWN_SPLIT_CANDIDATES`, the config's fifth value SPLIT >= 1) beside the default
-sequential down kernel timed again, and which of them wins.
+sequential down kernel timed again, and which of them wins. `--gemv-f16` alone: the packed-half-math
+GEMVs (DECODE 2 / 3, `GEMV_F16_CANDIDATES`: fp16x2 math, the next K-step prefetched, PDL launches)
+checked at gpt-oss-20b widths, then each (gate/up, down) config against the defaults at 1 and 4
+tokens, and the winner with the KVSERVE_MXFP4_GEMV_GU / _DOWN values that select it.
 
 Checks: the Triton attention kernels with sinks against the PyTorch backend
 (`tests/gpu/sink_checks.py`, bf16 and fp32), MXFP4 dequantization on the GPU equal to the CPU's,
@@ -305,6 +309,76 @@ def down_split_only(bw: float) -> dict[str, object]:
     return out
 
 
+def gemv_f16_only(bw: float) -> dict[str, object]:
+    """`--gemv-f16`: the packed-half-math GEMVs (DECODE 2 / 3, `tm.GEMV_F16_CANDIDATES`) checked at
+    gpt-oss-20b widths, then each (gate/up, down) config against the defaults (`gemv_configs`) at
+    1 and 4 tokens (whole MoE layer, CUDA graph over 4 layers' weights, fresh routing per call),
+    the defaults timed first and again last; logs the winner per token count with the variables
+    that select it."""
+    from kvserve.kernels import mxfp4
+    from kvserve.kernels import triton_mxfp4_moe as tm
+    from tests.gpu import mxfp4_moe_checks as mc
+
+    t0 = time.perf_counter()
+    out: dict[str, object] = {}
+    try:
+        mc.check_f16(1, "cuda", tm.GEMV_F16_CANDIDATES, hidden=2880, inter=2880, experts=32, k=4, seed=16, swap=False)
+        mc.check_f16(4, "cuda", tm.GEMV_F16_CANDIDATES[3:5], torch.bfloat16, hidden=2880, inter=2880, experts=32, k=4,
+                     seed=17)  # (and DECODE 3 against 2 there: the same bits)
+        log(f"check: fp16x2 GEMVs (DECODE 2 / 3) == reference within {mc.F16_TOL} (fp32) / 2e-2 (bf16), prefetch "
+            f"bit-identical   ok ({time.perf_counter() - t0:.1f}s)")
+        out["check"] = "ok"
+    except AssertionError as exc:  # still time them (each row's rel diff below), but say so loudly
+        log(f"CHECK FAILED: fp16x2 GEMVs: {str(exc)[:300]}")
+        out["check"] = f"failed: {str(exc)[:300]}"
+    e, k, h, inter, alpha, limit, layers = 32, 4, 2880, 2880, 1.702, 7.0, 4
+    packed = [tm.pack_experts(gu, bgu, dn, bdn, h, inter) for gu, bgu, dn, bdn in _moe_weights(layers, e, h, inter)]
+    expert_bytes = (2 * inter * mxfp4.row_bytes(h) + h * mxfp4.row_bytes(inter)) + (2 * inter + h) * 2
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    default = tm.gemv_configs()
+
+    def name(cfg) -> str:
+        return f"KVSERVE_MXFP4_GEMV_GU={','.join(map(str, cfg[0]))} KVSERVE_MXFP4_GEMV_DOWN={','.join(map(str, cfg[1]))}"
+
+    for t in (1, 4):
+        xs = [torch.randn(t, h, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(8)]
+        idss = [torch.stack([torch.randperm(e, device="cuda", generator=gen)[:k] for _ in range(t)]) for _ in range(8)]
+        wtss = [torch.softmax(torch.randn(t, k, device="cuda", generator=gen), -1).to(torch.bfloat16) for _ in range(8)]
+        floor_us = statistics.mean(len(torch.unique(ids)) for ids in idss) * expert_bytes / bw * 1e6
+        ref = tm.fused_moe_mxfp4(xs[0], idss[0], wtss[0], packed[0], alpha, limit, path="gemv", gemv_cfg=default).float()
+
+        def layer_us(cfg) -> float:
+            return _graph_us(lambda i: tm.fused_moe_mxfp4(xs[i], idss[i], wtss[i], packed[i % layers], alpha, limit,
+                                                          path="gemv", gemv_cfg=cfg), 8)
+
+        base = layer_us(default)
+        log(f"MoE layer on the GEMV path at {t} token(s), gpt-oss-20b shapes, floor {floor_us:.1f} µs; default "
+            f"{name(default)}: {base:7.1f} µs ({floor_us / base * 100:.0f}% of the floor)")
+        rows = {"default": {"config": [list(c) for c in default], "us": base}, "floor_us": floor_us}
+        best = (base, default)
+        for cfg in tm.GEMV_F16_CANDIDATES:
+            try:
+                us = layer_us(cfg)
+                got = tm.fused_moe_mxfp4(xs[0], idss[0], wtss[0], packed[0], alpha, limit, path="gemv",
+                                         gemv_cfg=cfg).float()
+            except Exception as exc:  # noqa: BLE001 - a config that does not compile
+                log(f"  {name(cfg)}: failed {type(exc).__name__}: {str(exc)[:100]}")
+                continue
+            rel = ((got - ref).norm() / ref.norm()).item()
+            rows[name(cfg)] = {"us": us, "rel_diff_vs_default": rel}
+            log(f"  {name(cfg):<72} {us:7.1f} µs ({floor_us / us * 100:3.0f}% of the floor, {base / us:.2f}x the "
+                f"default; rel diff {rel:.1e})")
+            best = min(best, (us, cfg))
+        again = layer_us(default)
+        rows["default_again_us"] = again
+        log(f"  default again: {again:7.1f} µs")
+        log(f"  -> at {t} token(s): {name(best[1])} {best[0]:.1f} µs ({floor_us / best[0] * 100:.0f}% of the floor, "
+            f"{min(base, again) / best[0]:.2f}x the default)")
+        rows["winner"] = {"config": [list(c) for c in best[1]], "us": best[0]}
+        out[f"tokens_{t}"] = rows
+    return out
+
+
 def moe_layer_check(model) -> None:
     """One MoE layer (the engine's path) against the dense computation on its dequantized weights."""
     moe = model.layers[0].mlp
@@ -370,6 +444,9 @@ def main() -> None:
     ap.add_argument("--no-kernels", action="store_true", help="skip the MoE kernel table")
     ap.add_argument("--down-split", action="store_true",
                     help="only the split down GEMV: its checks, then against the sequential default at 1 and 4 tokens")
+    ap.add_argument("--gemv-f16", action="store_true",
+                    help="only the packed-half-math GEMVs (DECODE 2 / 3): their checks, then each candidate config "
+                         "against the defaults at 1 and 4 tokens")
     ap.add_argument("--compare-legacy", action="store_true",
                     help="also decode with CUDA graphs on the non-default MXFP4 MoE kernels (legacy, or packed "
                          "if KVSERVE_MXFP4_MOE=legacy)")
@@ -382,8 +459,11 @@ def main() -> None:
 
     bw = gemv_read_bw()
     results: dict[str, object] = {"device": dev, "layers": args.layers, "gemv_read_GBps": bw / 1e9}
-    if args.down_split or args.kernels_only:
-        results["moe_kernels"] = down_split_only(bw) if args.down_split else kernel_table(bw)
+    if args.down_split or args.kernels_only or args.gemv_f16:
+        if args.gemv_f16:
+            results["moe_kernels"] = gemv_f16_only(bw)
+        else:
+            results["moe_kernels"] = down_split_only(bw) if args.down_split else kernel_table(bw)
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
         return

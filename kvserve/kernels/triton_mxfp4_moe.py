@@ -6,7 +6,7 @@ on the device (`pack`, bit-exact) into an aligned layout: the E2M1 codes as int3
 nibble j // 4 of word j % 4) and the E8M0 scales uint8 [E, rows, K / 32] beside them.
 
 - **GEMV path** (decode: one token, or up to `GEMV_MAX_PAIRS` pairs mostly on distinct experts):
-  no sorting, two launches (three with a split down). Gate/up: one program per (token, expert) pair and BLOCK_N gate rows
+  no sorting, two launches (one more with a split down, one more with a DECODE 2 / 3 gate/up). Gate/up: one program per (token, expert) pair and BLOCK_N gate rows
   plus their BLOCK_N up rows; each K-step loads a [BLOCK_N, BLOCK_G, 4] word tile (16-byte
   loads, consecutive blocks of a row in consecutive threads), decodes each nibble with integer
   ops straight into float32 bits (`_fp4`: the value times 2^-126, exact, no lookup, no exp2),
@@ -20,6 +20,27 @@ nibble j // 4 of word j % 4) and the E8M0 scales uint8 [E, rows, K / 32] beside 
   fixed order (deterministic, no atomics) with the biases and routing weights as above and
   rounds once; equal to the sequential kernel up to the fp32 summation order. Not yet timed on
   a GPU, so SPLIT 0 (the sequential kernel) stays the default (`gemv_configs`).
+  Opt-in, packed half math (a config's DECODE 2; 3 also loads the next K-step's codes and scales
+  before this step's math, the first before the loop, registers double-buffered): the activations
+  as fp16 pairs (`act_f16`, one small launch for x; for h the gate/up epilogue, `H_F16`, when the
+  down's DECODE is 2 or 3): per 32-value block a power-of-two 2^c putting its largest magnitude in
+  [2^14, 2^15), word j of the block's 16 = (x_j 2^c, x_{j+16} 2^c), i.e. the activations of
+  nibbles I and I + 4 of code word w for j = 4 I + w, and 2^-c beside them in fp32. Each code
+  word's nibble pairs decode into fp16x2 as `_fp4_pair` does (the E2M1 values times 2^-14, two
+  shifts and two logic ops per two weights) and one `fma.rn.f16x2` multiplies two weights with
+  their activations (`_hfma_block`, inline PTX: exact products, fp16 sums of 8 products, widened
+  to fp32 once per 16 weights), then the block sum times 2^(s - 113) 2^-c in fp32. sm_90 K loop
+  (`tests/gpu/mxfp4_sass.py`): 3.4 (DECODE 2) / 3.6 (3) instructions a weight against 5.0 for
+  DECODE 1 (LOP3 1.0, shifts as IMAD.SHL 0.7-0.9 and SHF 0.2-0.3, HFMA2 0.5 a weight; no FFMA,
+  no per-weight HADD2.F32), rel. error ≤ 4e-3 against the float64 reference in fp32 (the fp16
+  activations, 2^-12 relative, and sums). With both configs' DECODE >= 2 the launches are
+  programmatic dependent launches (`models/pdl.py`, `KVSERVE_PDL`): `_act_f16_kernel` waits for
+  the kernel before it and only then lets gate/up launch, so the routing is final when gate/up
+  and down read it and request their first codes before their own waits (DECODE 3: the first
+  K-step's prefetch), the weight stream starting while the kernel before still runs; the
+  defaults launch as before. `benchmarks/gpt_oss_gpu_bench.py --gemv-f16` times
+  `GEMV_F16_CANDIDATES` against the defaults at 1 and 4 tokens; until a GPU has, DECODE 1 stays
+  the default.
 - **Grouped path** (prefill, larger batches): the pairs sorted by expert and padded per expert
   by `triton_moe.align_by_expert` (one program, no host sync); each BLOCK_M run of one expert's
   pairs times BLOCK_N of its rows, each K-step's word tile decoded into weights in K order (exact)
@@ -52,7 +73,8 @@ import triton.language as tl
 
 from kvserve.kernels import mxfp4
 from kvserve.kernels.triton_moe import grouped_pid
-from kvserve.kernels.triton_quant import _f16_pair
+from kvserve.kernels.triton_quant import _PTX, _f16_pair
+from kvserve.models import pdl
 
 
 @triton.jit
@@ -298,6 +320,126 @@ def _fp4_pair(q, I: tl.constexpr):
     return _f16_pair(bits, 0)
 
 
+def _hfma_block_asm() -> str:
+    """PTX for `_hfma_block` (pack 4: $0..$3 the outputs, $4..$7 the block's 4 code words,
+    $8 + 4 I + w the activation pair of nibble I of word w): each nibble pair decoded into an
+    fp16x2 as `_fp4_pair` does, 16 `fma.rn.f16x2` into two fp16x2 accumulators (words 0-1 and
+    2-3: 8 products a half each), the four halves widened to fp32 and summed into $0; $1..$3
+    -0.0 (the identity of the fp32 sum over the words that follows)."""
+    lines = [".reg .b32 rta, rtb, rtt, rtu;", ".reg .b16 rtl, rth;", ".reg .f32 rtf, rtg;"]
+    for w in range(4):
+        acc = "rta" if w < 2 else "rtb"
+        for i in range(4):
+            q, xp = f"${4 + w}", f"${8 + 4 * i + w}"
+            if i == 3:
+                lines += [f"and.b32 rtt, {q}, 0x80008000;", f"shr.u32 rtu, {q}, 3;"]
+            else:
+                lines += [f"shl.b32 rtt, {q}, {12 - 4 * i};", "and.b32 rtt, rtt, 0x80008000;",
+                          f"shl.b32 rtu, {q}, {9 - 4 * i};"]
+            lines += ["and.b32 rtu, rtu, 0x0E000E00;", "or.b32 rtt, rtt, rtu;"]
+            if w % 2 == 0 and i == 0:  # an accumulator's first product
+                lines.append(f"mul.rn.f16x2 {acc}, rtt, {xp};")
+            else:
+                lines.append(f"fma.rn.f16x2 {acc}, rtt, {xp}, {acc};")
+    lines += ["mov.b32 {rtl, rth}, rta;", "cvt.f32.f16 rtf, rtl;", "cvt.f32.f16 rtg, rth;", "add.f32 rtf, rtf, rtg;",
+              "mov.b32 {rtl, rth}, rtb;", "cvt.f32.f16 rtg, rtl;", "add.f32 rtf, rtf, rtg;", "cvt.f32.f16 rtg, rth;",
+              "add.f32 rtf, rtf, rtg;", "mov.b32 $0, rtf;", "mov.b32 $1, 0x80000000;", "mov.b32 $2, 0x80000000;",
+              "mov.b32 $3, 0x80000000;"]
+    return "{ " + " ".join(lines) + " }"
+
+
+_HFMA_BLOCK_ASM = tl.constexpr(_hfma_block_asm())
+_HFMA_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 20))
+
+
+@triton.jit
+def _hfma_block(q, x0, x1, x2, x3):
+    """DECODE >= 2: [BLOCK_N, BLOCK_G, 4] code words (a 32-weight block in the last axis, in one
+    thread) against the activation pairs x_I [BLOCK_G, 4] (`_act_f16`: word w of x_I holds the
+    scaled fp16 activations of nibbles I and I + 4 of code word w) -> fp32 [BLOCK_N, BLOCK_G, 4]
+    whose sum over the last axis is the block's dot product times 2^-14 (the `_fp4_pair` values)
+    times the activations' block scale: packed half math (`fma.rn.f16x2`, two weights an
+    instruction, exact products, fp16 sums of 8 products), widened once per 16 weights. The
+    interpreter, which runs no PTX, takes the same sum in fp32 per word."""
+    if _PTX:
+        return tl.inline_asm_elementwise(_HFMA_BLOCK_ASM, _HFMA_CONSTRAINTS,
+                                         [q, x0, x1, x2, x3], dtype=tl.float32, is_pure=True, pack=4)
+    else:
+        blk = tl.zeros(q.shape, dtype=tl.float32)
+        for i in tl.static_range(4):
+            if i == 0:
+                xp = x0
+            elif i == 1:
+                xp = x1
+            elif i == 2:
+                xp = x2
+            else:
+                xp = x3
+            a, b = _fp4_pair(q, i)
+            xa, xb = _f16_pair(xp, 0)
+            blk += a * xa + b * xb
+        return blk
+
+
+@triton.jit
+def _f16_blocks(lo, hi):
+    """Activations [NB, 16] (lo: values 0..15 of each 32-value block, hi: values 16..31), already
+    rounded to the model dtype -> (int32 [NB, 16] pairs: word j = fp16(lo_j 2^c) | fp16(hi_j 2^c)
+    << 16, float32 [NB] 2^-c), c per block from its largest magnitude m (2^14 <= m 2^c < 2^15 where
+    m is normal; the products with `_fp4_pair`'s values times 2^-14 stay below 12, a word's sums
+    below 200). A bf16 value is exact in fp16 at that scale down to 2^-14 of the block's largest."""
+    m = tl.maximum(tl.max(tl.abs(lo), 1), tl.max(tl.abs(hi), 1))
+    e = ((m.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2 m); -127 for 0 and subnormals
+    c = tl.minimum(14 - e, 100)
+    up = ((c + 127) << 23).to(tl.float32, bitcast=True)
+    down = ((127 - c) << 23).to(tl.float32, bitcast=True)
+    a = (lo * up[:, None]).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    b = (hi * up[:, None]).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16
+    return a | b, down
+
+
+@triton.jit
+def _act_f16_kernel(
+    x_ptr,  # [T, K] activations
+    xh_ptr,  # [T, K / 2] int32: the fp16 pairs (`_f16_blocks`)
+    xs_ptr,  # [T, K / 32] float32: each block's 2^-c
+    stride_x,
+    G,  # K / 32
+    BLOCK_G: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    """The activations of the DECODE >= 2 GEMVs: one token and BLOCK_G 32-value blocks. With PDL
+    it lets the gate/up kernel launch only after its own wait, so the routing that kernel reads
+    before its wait is final by then (as `triton_moe_decode`'s gate/up does for its down)."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+    tok = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    g_ok = g < G
+    j = tl.arange(0, 16)
+    xo = x_ptr + tok * stride_x + (g * 32)[:, None] + j[None, :]
+    lo = tl.load(xo, mask=g_ok[:, None], other=0.0).to(tl.float32)
+    hi = tl.load(xo + 16, mask=g_ok[:, None], other=0.0).to(tl.float32)
+    pairs, down = _f16_blocks(lo, hi)
+    tl.store(xh_ptr + tok * (G * 16) + (g * 16)[:, None] + j[None, :], pairs, mask=g_ok[:, None])
+    tl.store(xs_ptr + tok * G + g, down, mask=g_ok)
+
+
+def act_f16(x: torch.Tensor, use_pdl: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """[T, K] activations -> the DECODE >= 2 GEMVs' input: (int32 [T, K / 2] fp16 pairs, float32
+    [T, K / 32] block scales), see `_f16_blocks`."""
+    t, k = x.shape
+    if k % 32:
+        raise ValueError(f"activations of width {k}: the MXFP4 GEMV needs a multiple of 32")
+    xh = torch.empty((t, k // 2), dtype=torch.int32, device=x.device)
+    xs = torch.empty((t, k // 32), dtype=torch.float32, device=x.device)
+    if t:
+        _act_f16_kernel[(t, triton.cdiv(k // 32, 16))](x, xh, xs, x.stride(0), k // 32, BLOCK_G=16, PDL=use_pdl,
+                                                       num_warps=4, launch_pdl=use_pdl)
+    return xh, xs
+
+
 @triton.jit
 def _swiglu(g, u, alpha, limit, dt: tl.constexpr):
     """gpt-oss's clamped SwiGLU of the fp32 sums; gate and up rounded to the model dtype first
@@ -308,8 +450,96 @@ def _swiglu(g, u, alpha, limit, dt: tl.constexpr):
 
 
 @triton.jit
-def _gemv_rows(x_row, codes, scales, n, n_ok, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
-               TWO: tl.constexpr, codes2, scales2, DECODE: tl.constexpr, s_step, g_base, NG: tl.constexpr):
+def _gemv_rows(x_row, xs_row, codes, scales, n, n_ok, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+               TWO: tl.constexpr, codes2, scales2, DECODE: tl.constexpr, s_step, g_base, NG: tl.constexpr,
+               WAIT: tl.constexpr = False):
+    """`_gemv_rows_f32` (DECODE 0 and 1: x_row the activations in the model dtype) or
+    `_gemv_rows_f16` (DECODE 2 and 3: x_row the fp16 pairs and xs_row the block scales of
+    `act_f16` / the gate/up kernel's H_F16 epilogue). WAIT (DECODE >= 2 only): the PDL wait,
+    after the first K-step's codes and scales are requested where DECODE 3 prefetches them."""
+    if DECODE >= 2:
+        r1, r2 = _gemv_rows_f16(x_row, xs_row, codes, scales, n, n_ok, K, BLOCK_N, BLOCK_G, TWO, codes2, scales2,
+                                DECODE == 3, s_step, g_base, NG, WAIT)
+    else:
+        r1, r2 = _gemv_rows_f32(x_row, codes, scales, n, n_ok, K, BLOCK_N, BLOCK_G, TWO, codes2, scales2, DECODE,
+                                s_step, g_base, NG)
+    return r1, r2
+
+
+@triton.jit
+def _gemv_rows_f16(xh_row, xs_row, codes, scales, n, n_ok, K: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_G: tl.constexpr, TWO: tl.constexpr, codes2, scales2, PREFETCH: tl.constexpr, s_step, g_base,
+                   NG: tl.constexpr, WAIT: tl.constexpr):
+    """`_gemv_rows_f32`'s sums with packed half math (DECODE 2; 3 adds PREFETCH): the same
+    [BLOCK_N, BLOCK_G, 4] word tiles, each block's 32 weights decoded in pairs and multiplied with
+    the fp16 activation pairs two at a time (`_hfma_block`), then the block's sum times its weight
+    scale and its activation scale in fp32. PREFETCH: the next K-step's words and scales are
+    loaded before this one's math (registers double-buffered; the loads stay in flight during it),
+    the first before the loop."""
+    G: tl.constexpr = K // 32
+    W: tl.constexpr = K // 8
+    w4 = tl.arange(0, 4)
+    woff = n.to(tl.int64)[:, None, None] * W
+    soff = n.to(tl.int64)[:, None] * G
+    acc = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
+    acc2 = tl.zeros([BLOCK_N, BLOCK_G], dtype=tl.float32)
+    g_end = g_base + NG
+    if PREFETCH:
+        g = g_base + tl.arange(0, BLOCK_G)
+        g_ok = (g < G) & (g < g_end)
+        qmask = n_ok[:, None, None] & g_ok[None, :, None]
+        qoff = woff + (g * 4)[None, :, None] + w4[None, None, :]
+        q_n = tl.load(codes + qoff, mask=qmask, other=0, eviction_policy="evict_first")
+        s_n = tl.load(scales + soff + (g * s_step)[None, :], mask=n_ok[:, None] & g_ok[None, :], other=0)
+        if TWO:
+            q2_n = tl.load(codes2 + qoff, mask=qmask, other=0, eviction_policy="evict_first")
+            s2_n = tl.load(scales2 + soff + (g * s_step)[None, :], mask=n_ok[:, None] & g_ok[None, :], other=0)
+        else:
+            q2_n = q_n
+            s2_n = s_n
+    pdl.wait(WAIT)  # (no-op without PDL) the codes above may stream during the kernel before
+    for g0 in range(0, NG, BLOCK_G):
+        g = g_base + g0 + tl.arange(0, BLOCK_G)
+        g_ok = g < G
+        smask = n_ok[:, None] & g_ok[None, :]
+        sg = (g * s_step)[None, :]
+        if PREFETCH:
+            q = q_n
+            s1 = s_n
+            q2 = q2_n
+            s2 = s2_n
+            gn = g + BLOCK_G
+            gn_ok = (gn < G) & (gn < g_end)
+            qmask = n_ok[:, None, None] & gn_ok[None, :, None]
+            qoff = woff + (gn * 4)[None, :, None] + w4[None, None, :]
+            q_n = tl.load(codes + qoff, mask=qmask, other=0, eviction_policy="evict_first")
+            s_n = tl.load(scales + soff + (gn * s_step)[None, :], mask=n_ok[:, None] & gn_ok[None, :], other=0)
+            if TWO:
+                q2_n = tl.load(codes2 + qoff, mask=qmask, other=0, eviction_policy="evict_first")
+                s2_n = tl.load(scales2 + soff + (gn * s_step)[None, :], mask=n_ok[:, None] & gn_ok[None, :], other=0)
+        else:
+            qoff = woff + (g * 4)[None, :, None] + w4[None, None, :]
+            qmask = n_ok[:, None, None] & g_ok[None, :, None]
+            q = tl.load(codes + qoff, mask=qmask, other=0, eviction_policy="evict_first")
+            s1 = tl.load(scales + soff + sg, mask=smask, other=0)
+            if TWO:
+                q2 = tl.load(codes2 + qoff, mask=qmask, other=0, eviction_policy="evict_first")
+                s2 = tl.load(scales2 + soff + sg, mask=smask, other=0)
+        xo = xh_row + (g * 16)[:, None] + w4[None, :]
+        x0 = tl.load(xo, mask=g_ok[:, None], other=0)[None, :, :]  # [1, BLOCK_G, 4] pairs of nibbles 0 and 4
+        x1 = tl.load(xo + 4, mask=g_ok[:, None], other=0)[None, :, :]
+        x2 = tl.load(xo + 8, mask=g_ok[:, None], other=0)[None, :, :]
+        x3 = tl.load(xo + 12, mask=g_ok[:, None], other=0)[None, :, :]
+        xs = tl.load(xs_row + g, mask=g_ok, other=0.0)[None, :]
+        acc += tl.sum(_hfma_block(q, x0, x1, x2, x3), 2) * (_scale_f16(s1) * xs)
+        if TWO:
+            acc2 += tl.sum(_hfma_block(q2, x0, x1, x2, x3), 2) * (_scale_f16(s2) * xs)
+    return tl.sum(acc, 1), tl.sum(acc2, 1)
+
+
+@triton.jit
+def _gemv_rows_f32(x_row, codes, scales, n, n_ok, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr,
+                   TWO: tl.constexpr, codes2, scales2, DECODE: tl.constexpr, s_step, g_base, NG: tl.constexpr):
     """sum_k W[n, k] x[k] for BLOCK_N rows of one expert (fp32 [BLOCK_N]; `TWO`: also for the rows
     at codes2/scales2, the up rows beside the gate rows, sharing the activations) over the NG
     32-weight blocks from block g_base on (0 and K / 32: the whole row; blocks past K / 32 are
@@ -374,12 +604,14 @@ def _gemv_rows(x_row, codes, scales, n, n_ok, K: tl.constexpr, BLOCK_N: tl.const
 
 @triton.jit(do_not_specialize=["s_step"])
 def _gemv_gate_up_kernel(
-    x_ptr,  # [T, H]
+    x_ptr,  # [T, H]; DECODE >= 2: int32 [T, H / 2] fp16 pairs (`act_f16`)
+    xs_ptr,  # DECODE >= 2: float32 [T, H / 32] their block scales (else unused)
     codes_ptr,  # [E, 2I, H / 8] int32
     scales_ptr,  # [E, 2I, H / 32] uint8
-    bias_ptr,  # [E, 2I]
+    bias_ptr,  # [E, 2I] (in the model dtype, which H_F16 rounds the activation to)
     ids_ptr,  # [T * TOP_K] expert of each pair
-    out_ptr,  # [T * TOP_K, I]: the activation of each pair
+    out_ptr,  # [T * TOP_K, I]: the activation of each pair; H_F16: int32 [T * TOP_K, I / 2] fp16 pairs
+    outs_ptr,  # H_F16: float32 [T * TOP_K, I / 32] their block scales (else unused)
     I,
     stride_x,
     alpha,
@@ -390,6 +622,8 @@ def _gemv_gate_up_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
     DECODE: tl.constexpr,
+    H_F16: tl.constexpr,  # write the activation as a DECODE >= 2 down GEMV reads it (BLOCK_N % 32 == 0)
+    PDL: tl.constexpr = False,  # DECODE >= 2 only: launched after `_act_f16_kernel`'s wait (see there)
 ):
     """One (token, expert) pair and BLOCK_N gate rows with their BLOCK_N up rows; the biases and
     the clamped SwiGLU in the epilogue."""
@@ -397,23 +631,36 @@ def _gemv_gate_up_kernel(
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < I
     e = tl.load(ids_ptr + pair).to(tl.int64)
-    x_row = x_ptr + (pair // TOP_K).to(tl.int64) * stride_x
+    tok = (pair // TOP_K).to(tl.int64)
+    x_row = x_ptr + tok * stride_x
     W: tl.constexpr = K // 8
     G: tl.constexpr = K // 32
     codes = codes_ptr + e * (2 * I) * W
     scales = scales_ptr + e * (2 * I) * G
-    gate, up = _gemv_rows(x_row, codes, scales, n, n_ok, K, BLOCK_N, BLOCK_G, True, codes + I * W, scales + I * G,
-                          DECODE, s_step, 0, G)
+    gate, up = _gemv_rows(x_row, xs_ptr + tok * G, codes, scales, n, n_ok, K, BLOCK_N, BLOCK_G, True, codes + I * W,
+                          scales + I * G, DECODE, s_step, 0, G, PDL)
     gate += tl.load(bias_ptr + e * (2 * I) + n, mask=n_ok, other=0.0).to(tl.float32)
     up += tl.load(bias_ptr + e * (2 * I) + I + n, mask=n_ok, other=0.0).to(tl.float32)
-    dt = out_ptr.dtype.element_ty
+    dt = bias_ptr.dtype.element_ty
     h = _swiglu(gate, up, alpha, limit, dt)
-    tl.store(out_ptr + pair.to(tl.int64) * I + n, h.to(dt), mask=n_ok)
+    if H_F16:
+        # BLOCK_N / 32 whole blocks of the down GEMV's K (I % 32 == 0): lo / hi = values 0..15 / 16..31
+        NB: tl.constexpr = BLOCK_N // 32
+        lo, hi = tl.split(tl.permute(tl.reshape(h.to(dt).to(tl.float32), [NB, 2, 16]), (0, 2, 1)))
+        pairs, down = _f16_blocks(lo, hi)
+        b = tl.program_id(1) * NB + tl.arange(0, NB)
+        b_ok = b * 32 < I
+        j = tl.arange(0, 16)
+        tl.store(out_ptr + pair.to(tl.int64) * (I // 2) + (b * 16)[:, None] + j[None, :], pairs, mask=b_ok[:, None])
+        tl.store(outs_ptr + pair.to(tl.int64) * (I // 32) + b, down, mask=b_ok)
+    else:
+        tl.store(out_ptr + pair.to(tl.int64) * I + n, h.to(dt), mask=n_ok)
 
 
 @triton.jit(do_not_specialize=["s_step"])
 def _gemv_down_kernel(
-    h_ptr,  # [T * TOP_K, I]
+    h_ptr,  # [T * TOP_K, I]; DECODE >= 2: int32 [T * TOP_K, I / 2] fp16 pairs (the gate/up kernel's H_F16)
+    hs_ptr,  # DECODE >= 2: float32 [T * TOP_K, I / 32] their block scales (else unused)
     codes_ptr,  # [E, H, I / 8] int32
     scales_ptr,  # [E, H, I / 32] uint8
     bias_ptr,  # [E, H]
@@ -428,9 +675,11 @@ def _gemv_down_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
     DECODE: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """One token and BLOCK_N output columns: sum_j w_j (W_down[e_j] h_j + b_down[e_j]) over its k
-    pairs, in fp32, rounded once."""
+    pairs, in fp32, rounded once. PDL (DECODE >= 2 only): the first pair's first codes are
+    requested before the wait (the routing is final: see `_act_f16_kernel`)."""
     tok = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
@@ -442,8 +691,8 @@ def _gemv_down_kernel(
         e = tl.load(ids_ptr + pair).to(tl.int64)
         codes = codes_ptr + e * N * W
         scales = scales_ptr + e * N * G
-        y, _ = _gemv_rows(h_ptr + pair * K, codes, scales, n, n_ok, K, BLOCK_N, BLOCK_G, False, codes, scales, DECODE,
-                          s_step, 0, G)
+        y, _ = _gemv_rows(h_ptr + pair * (K // 2 if DECODE >= 2 else K), hs_ptr + pair * G, codes, scales, n, n_ok, K,
+                          BLOCK_N, BLOCK_G, False, codes, scales, DECODE, s_step, 0, G, PDL and j == 0)
         y += tl.load(bias_ptr + e * N + n, mask=n_ok, other=0.0).to(tl.float32)
         out += tl.load(wts_ptr + pair).to(tl.float32) * y
     tl.store(out_ptr + tok * stride_o + n, out.to(out_ptr.dtype.element_ty), mask=n_ok)
@@ -451,7 +700,8 @@ def _gemv_down_kernel(
 
 @triton.jit(do_not_specialize=["s_step"])
 def _gemv_down_split_kernel(
-    h_ptr,  # [T * TOP_K, I]
+    h_ptr,  # [T * TOP_K, I]; DECODE >= 2: int32 [T * TOP_K, I / 2] fp16 pairs (the gate/up kernel's H_F16)
+    hs_ptr,  # DECODE >= 2: float32 [T * TOP_K, I / 32] their block scales (else unused)
     codes_ptr,  # [E, H, I / 8] int32
     scales_ptr,  # [E, H, I / 32] uint8
     ids_ptr,  # [T * TOP_K]
@@ -463,6 +713,7 @@ def _gemv_down_split_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_G: tl.constexpr,
     DECODE: tl.constexpr,
+    PDL: tl.constexpr = False,  # DECODE >= 2 only, as `_gemv_down_kernel`
 ):
     """The down GEMV spread over the pairs and K (KVSERVE_MXFP4_GEMV_DOWN's SPLIT >= 1): one
     (pair, K split) and BLOCK_N columns, W_down[e] h over the split's blocks into fp32 scratch;
@@ -478,8 +729,8 @@ def _gemv_down_split_kernel(
     e = tl.load(ids_ptr + pair).to(tl.int64)
     codes = codes_ptr + e * N * W
     scales = scales_ptr + e * N * G
-    y, _ = _gemv_rows(h_ptr + pair * K, codes, scales, n, n_ok, K, BLOCK_N, BLOCK_G, False, codes, scales, DECODE,
-                      s_step, (pid % SPLIT) * NG, NG)
+    y, _ = _gemv_rows(h_ptr + pair * (K // 2 if DECODE >= 2 else K), hs_ptr + pair * G, codes, scales, n, n_ok, K,
+                      BLOCK_N, BLOCK_G, False, codes, scales, DECODE, s_step, (pid % SPLIT) * NG, NG, PDL)
     tl.store(part_ptr + pid.to(tl.int64) * N + n, y, mask=n_ok)
 
 
@@ -495,10 +746,12 @@ def _down_reduce_kernel(
     TOP_K: tl.constexpr,
     SPLIT: tl.constexpr,
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr = False,
 ):
     """One token and BLOCK columns: sum_j w_j (sum_s part[j, s] + b_down[e_j]) in fp32, the
     splits and then the pairs in a fixed order (the bits never depend on scheduling), bias and
     routing weight as `_gemv_down_kernel` applies them, rounded once."""
+    pdl.wait(PDL)
     tok = tl.program_id(0).to(tl.int64)
     n = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     n_ok = n < N
@@ -634,6 +887,36 @@ DOWN_REDUCE_BLOCK = 256  # columns a program of `_down_reduce_kernel`
 DOWN_SPLIT_CANDIDATES: tuple[DownConfig, ...] = ((32, 16, 4, 1, 1), (16, 16, 4, 1, 1), (32, 16, 4, 1, 2), (32, 8, 4, 1, 4))
 
 
+# `_gemv_rows`: fp32 math (0: nibbles one at a time, 1: in pairs), 2: fp16x2 math, 3: 2 + prefetch
+DECODES = (0, 1, 2, 3)
+# Packed-half-math configs (DECODE 2 / 3) that `benchmarks/gpt_oss_gpu_bench.py --gemv-f16` times against
+# the defaults at 1 and 4 tokens, each as (gate/up, down) (the down's DECODE >= 2 makes the gate/up
+# kernel write its activation as fp16 pairs: gate/up BLOCK_N a multiple of 32), and
+# `tests/gpu/mxfp4_sass.py` compiles for sm_90.
+GEMV_F16_CANDIDATES: tuple[tuple[GemvConfig, DownConfig], ...] = (
+    ((32, 8, 4, 2), (32, 16, 4, 1, 0)),  # gate/up alone
+    ((32, 8, 4, 3), (32, 16, 4, 1, 0)),
+    ((16, 8, 4, 3), (32, 16, 4, 1, 0)),  # (twice the gate/up programs)
+    ((32, 8, 4, 3), (32, 16, 4, 3, 0)),  # both
+    ((32, 8, 4, 3), (16, 16, 4, 3, 0)),  # (twice the down programs)
+    ((64, 8, 4, 3), (32, 16, 4, 3, 0)),
+    ((32, 16, 4, 3), (32, 16, 4, 3, 0)),
+    ((32, 8, 4, 3), (32, 16, 4, 3, 2)),  # + the split down
+    ((32, 8, 4, 3), (32, 8, 4, 3, 4)),
+    ((64, 8, 8, 3), (16, 16, 4, 3, 2)),
+)
+
+
+def gemv_config(cfg: tuple[int, ...], name: str = "gate/up GEMV config") -> GemvConfig:
+    """A gate/up GEMV config (BLOCK_N, BLOCK_G, num_warps, DECODE), checked."""
+    cfg = tuple(cfg)
+    if len(cfg) != 4:
+        raise ValueError(f"{name} needs (BLOCK_N, BLOCK_G, num_warps, DECODE) (got {cfg!r})")
+    if cfg[3] not in DECODES:
+        raise ValueError(f"{name}: DECODE must be one of {DECODES} (got {cfg[3]})")
+    return cfg
+
+
 def down_config(cfg: tuple[int, ...], name: str = "down GEMV config") -> DownConfig:
     """A down GEMV config with its SPLIT (a 4-value one: 0, the sequential kernel), checked.
     SPLIT 0: `_gemv_down_kernel`, one program per token and BLOCK_N columns over its k experts in
@@ -646,6 +929,8 @@ def down_config(cfg: tuple[int, ...], name: str = "down GEMV config") -> DownCon
         raise ValueError(f"{name} needs (BLOCK_N, BLOCK_G, num_warps, DECODE[, SPLIT]) (got {cfg!r})")
     if not 0 <= cfg[4] <= 16:
         raise ValueError(f"{name}: SPLIT must be 0 (the sequential kernel) to 16 (got {cfg[4]})")
+    if cfg[3] not in DECODES:
+        raise ValueError(f"{name}: DECODE must be one of {DECODES} (got {cfg[3]})")
     return cfg
 
 
@@ -659,9 +944,13 @@ def gemv_configs() -> tuple[GemvConfig, DownConfig]:
     (16, 8, 2, 1) and 67–115 for the rest of the sweep; gate/up 87.0–103.6 over its eight,
     (32, 8, 4, 1) at 91.1, within the run's spread, so it stays. SPLIT stays 0 until a GPU has
     timed the split kernels (the sweep times both side by side)."""
-    gu = _env_config("KVSERVE_MXFP4_GEMV_GU", (32, 8, 4, 1))
+    gu = gemv_config(_env_config("KVSERVE_MXFP4_GEMV_GU", (32, 8, 4, 1)), "KVSERVE_MXFP4_GEMV_GU")
     dn = _env_config("KVSERVE_MXFP4_GEMV_DOWN", (32, 16, 4, 1, 0), lengths=(4, 5))
-    return gu, down_config(dn, "KVSERVE_MXFP4_GEMV_DOWN")
+    dn = down_config(dn, "KVSERVE_MXFP4_GEMV_DOWN")
+    if dn[3] >= 2 and gu[0] % 32:
+        raise ValueError(f"KVSERVE_MXFP4_GEMV_DOWN with DECODE {dn[3]} needs a gate/up BLOCK_N that is a multiple "
+                         f"of 32 (KVSERVE_MXFP4_GEMV_GU has {gu[0]})")
+    return gu, dn
 
 
 def grouped_config(num_pairs: int, num_experts: int) -> dict[str, int]:
@@ -701,34 +990,56 @@ def fused_moe_mxfp4(
     flat_ids = ids.reshape(-1).contiguous()
     wts = weights.reshape(-1).contiguous()
     n = t * top_k
-    h = torch.empty((n, inter), dtype=x.dtype, device=x.device)
     if path == "gemv" or (path == "auto" and use_gemv(t, e, top_k)):
         gu_cfg, dn_cfg = gemv_cfg or gemv_configs()
-        gbn, gbg, gwarps, gdec = gu_cfg
+        gbn, gbg, gwarps, gdec = gemv_config(gu_cfg, "gemv_cfg[0]")
         dbn, dbg, dwarps, ddec, split = down_config(dn_cfg, "gemv_cfg[1]")
+        h_f16 = ddec >= 2
+        if h_f16 and gbn % 32:
+            raise ValueError(f"gemv_cfg: a DECODE {ddec} down GEMV reads whole 32-value blocks of the activation: the "
+                             f"gate/up BLOCK_N must be a multiple of 32 (got {gbn})")
+        if h_f16:  # the activation as fp16 pairs and block scales (`_f16_blocks`)
+            h = torch.empty((n, inter // 2), dtype=torch.int32, device=x.device)
+            hs = torch.empty((n, inter // 32), dtype=torch.float32, device=x.device)
+        else:
+            h = torch.empty((n, inter), dtype=x.dtype, device=x.device)
+            hs = h
+        # PDL (`models/pdl.py`) on the packed-half-math path only (gate/up and down DECODE >= 2;
+        # the defaults launch as before): the activation kernel waits, then lets gate/up launch,
+        # so the routing is final when gate/up and down read it and request their first codes
+        # before their own waits
+        use_pdl = gdec >= 2 and ddec >= 2 and pdl.enabled(x.device)
+        if gdec >= 2:
+            xa, xs = act_f16(x, use_pdl)
+        else:
+            xa, xs = x, x
         _gemv_gate_up_kernel[(n, triton.cdiv(inter, gbn))](
-            x, w.gu_codes, w.gu_scales, w.gu_bias, flat_ids, h, inter, x.stride(0), alpha, limit, 1,
-            K=hidden, TOP_K=top_k, BLOCK_N=gbn, BLOCK_G=gbg, DECODE=gdec, num_warps=gwarps,
+            xa, xs, w.gu_codes, w.gu_scales, w.gu_bias, flat_ids, h, hs, inter, xa.stride(0), alpha, limit, 1,
+            K=hidden, TOP_K=top_k, BLOCK_N=gbn, BLOCK_G=gbg, DECODE=gdec, H_F16=h_f16, PDL=use_pdl, num_warps=gwarps,
+            launch_pdl=use_pdl,
         )
         out = torch.empty((t, hidden), dtype=x.dtype, device=x.device)
         if split == 0:
             _gemv_down_kernel[(t, triton.cdiv(hidden, dbn))](
-                h, w.dn_codes, w.dn_scales, w.dn_bias, flat_ids, wts, out, hidden, out.stride(0), 1,
-                K=inter, TOP_K=top_k, BLOCK_N=dbn, BLOCK_G=dbg, DECODE=ddec, num_warps=dwarps,
+                h, hs, w.dn_codes, w.dn_scales, w.dn_bias, flat_ids, wts, out, hidden, out.stride(0), 1,
+                K=inter, TOP_K=top_k, BLOCK_N=dbn, BLOCK_G=dbg, DECODE=ddec, PDL=use_pdl, num_warps=dwarps,
+                launch_pdl=use_pdl,
             )
             return out
         part = torch.empty((n * split, hidden), dtype=torch.float32, device=x.device)  # [pairs x splits, H]
         _gemv_down_split_kernel[(n * split, triton.cdiv(hidden, dbn))](
-            h, w.dn_codes, w.dn_scales, flat_ids, part, hidden, 1,
-            K=inter, SPLIT=split, BLOCK_N=dbn, BLOCK_G=dbg, DECODE=ddec, num_warps=dwarps,
+            h, hs, w.dn_codes, w.dn_scales, flat_ids, part, hidden, 1,
+            K=inter, SPLIT=split, BLOCK_N=dbn, BLOCK_G=dbg, DECODE=ddec, PDL=use_pdl, num_warps=dwarps,
+            launch_pdl=use_pdl,
         )
         _down_reduce_kernel[(t, triton.cdiv(hidden, DOWN_REDUCE_BLOCK))](
             part, w.dn_bias, flat_ids, wts, out, hidden, out.stride(0),
-            TOP_K=top_k, SPLIT=split, BLOCK=DOWN_REDUCE_BLOCK, num_warps=4,
+            TOP_K=top_k, SPLIT=split, BLOCK=DOWN_REDUCE_BLOCK, PDL=use_pdl, num_warps=4, launch_pdl=use_pdl,
         )
         return out
     from kvserve.kernels.triton_moe import align_by_expert
 
+    h = torch.empty((n, inter), dtype=x.dtype, device=x.device)
     cfg = dict(grouped_cfg or grouped_config(n, e))
     bm = cfg["BLOCK_M"]
     sorted_ids, block_expert, num_post = align_by_expert(ids, e, bm)

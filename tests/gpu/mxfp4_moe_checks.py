@@ -2,7 +2,7 @@
 expert loop on the dequantized weights: several token counts (one pair per expert up to many),
 an inner width that is not a multiple of the K-chunk, unselected experts; the default kernels
 on the aligned layout (`pack`: bit-exact both ways, every code and scale byte), their GEMV and
-grouped paths; the legacy kernel on the 17-byte blocks. Shared by the GPU test
+grouped paths, the packed-half-math GEMVs (DECODE 2 / 3); the legacy kernel on the 17-byte blocks. Shared by the GPU test
 (`tests/gpu/test_gpt_oss_gpu.py`) and the CPU test that runs it under TRITON_INTERPRET=1
 (`tests/models/test_gpt_oss.py`; `python -m tests.gpu.mxfp4_moe_checks`)."""
 
@@ -119,16 +119,47 @@ def _packed_case(t: int, device: str, dtype, hidden, inter, experts, k, seed, ra
     return dev(x).to(dtype), dev(ids), dev(wts).to(dtype), packed, ref
 
 
+# fp32 tolerance of the packed-half-math GEMVs (DECODE 2 / 3): the activations rounded to fp16 under
+# a block scale (2^-12 relative), the products exact, fp16 sums of 8 products
+F16_TOL = 4e-3
+
+
 def check_packed(t: int, device: str, dtype=torch.float32, path: str = "auto", hidden=96, inter=64, experts=6, k=2,
-                 seed=0, raw_codes=False, limit=0.6, gemv_cfg=None) -> float:
+                 seed=0, raw_codes=False, limit=0.6, gemv_cfg=None, tol=None) -> float:
     """`fused_moe_mxfp4` on packed experts against the float64 expert loop. `raw_codes`: random
     bytes (all 16 codes, ±0 and the subnormal ±0.5 among them) under random scales 2^-9..2^-3."""
     x, ids, wts, packed, ref = _packed_case(t, device, dtype, hidden, inter, experts, k, seed, raw_codes, limit)
     got = tm.fused_moe_mxfp4(x, ids, wts, packed, ALPHA, limit, path=path, gemv_cfg=gemv_cfg)
     assert got.dtype == dtype and tuple(got.shape) == (t, hidden)
     rel = ((got.double().cpu() - ref).norm() / ref.norm()).item()
-    assert rel < (1e-5 if dtype == torch.float32 else 2e-2), f"packed {path} T={t} {dtype}: relative error {rel:.3e}"
+    tol = tol or (1e-5 if dtype == torch.float32 else 2e-2)
+    assert rel < tol, f"packed {path} {gemv_cfg} T={t} {dtype}: relative error {rel:.3e}"
     return rel
+
+
+def check_f16(t: int, device: str, cfgs, dtype=torch.float32, hidden=320, inter=96, experts=8, k=2, seed=0,
+              limit=7.0, swap=True) -> None:
+    """The packed-half-math GEMVs (DECODE 2 / 3, `GEMV_F16_CANDIDATES`-like (gate/up, down) configs)
+    against the float64 reference (raw codes: every code and the subnormal ±0.5) within `F16_TOL`
+    in fp32, and (`swap`) a config with its DECODE 2 swapped for 3 (the prefetch) or back to the
+    same bits; the activations' fp16 pairs (`act_f16`) against their definition."""
+    x, ids, wts, packed, ref = _packed_case(t, device, dtype, hidden, inter, experts, k, seed, True, limit)
+    tol = F16_TOL if dtype == torch.float32 else 2e-2
+    xh, xs = tm.act_f16(x)
+    pairs = xh.cpu().view(torch.int16).view(torch.float16).float().view(t, hidden // 32, 16, 2)
+    back = torch.cat([pairs[..., 0], pairs[..., 1]], -1) * xs.cpu()[..., None]  # [T, G, 32] values 0..31
+    m = x.float().cpu().view(t, hidden // 32, 32).abs().amax(-1)
+    assert ((back - x.float().cpu().view(t, hidden // 32, 32)).abs() <= m[..., None] * 2.0 ** -11).all()
+    assert ((pairs.abs().amax((-1, -2)) < 2.0 ** 15) & ((pairs.abs().amax((-1, -2)) >= 2.0 ** 14) | (m == 0))).all()
+    for gu, dn in cfgs:
+        got = tm.fused_moe_mxfp4(x, ids, wts, packed, ALPHA, limit, path="gemv", gemv_cfg=(gu, dn))
+        assert got.dtype == dtype and tuple(got.shape) == (t, hidden)
+        rel = ((got.double().cpu() - ref).norm() / ref.norm()).item()
+        assert rel < tol, f"fp16 GEMV {(gu, dn)} T={t} {dtype}: relative error {rel:.3e}"
+        if swap:
+            flip = lambda c: tuple(c[:3]) + ({2: 3, 3: 2}.get(c[3], c[3]),) + tuple(c[4:])  # noqa: E731
+            other = tm.fused_moe_mxfp4(x, ids, wts, packed, ALPHA, limit, path="gemv", gemv_cfg=(flip(gu), flip(dn)))
+            assert torch.equal(other, got), f"fp16 GEMV {(gu, dn)}: the prefetch changed the bits"
 
 
 def check_split_down(t: int, device: str, gu_cfg, dn_cfg, splits, dtype=torch.float32, hidden=96, inter=64,
@@ -198,6 +229,10 @@ def run(device: str) -> None:
         cfg = ((32, 8, 4, decode), (16, 4, 2, decode)) if decode else ((16, 8, 4, decode), (8, 8, 2, decode))
         check_packed(2, device, path="gemv", hidden=320, inter=96, raw_codes=True, seed=5, limit=7.0, gemv_cfg=cfg)
     check_packed(9, device, path="grouped", hidden=320, inter=96, raw_codes=True, seed=6, limit=7.0)
+    # the packed-half-math GEMVs (DECODE 2 / 3): gate/up alone, both (the gate/up kernel then writes
+    # the activation as fp16 pairs), the split down; K ragged against the K-step (10 / 3 blocks)
+    check_f16(2, device, (((32, 8, 4, 2), (16, 4, 2, 1)), ((32, 4, 2, 3), (16, 2, 2, 2))), seed=14)
+    check_f16(1, device, (((64, 4, 4, 3), (32, 2, 2, 3, 2)),), experts=6, k=4, seed=15)
     # the split down GEMV: H ragged against BLOCK_N (96 = 64 + 32 masked, 320 = 3 x 128 - 64), K
     # ragged against the K-step and the splits (3 or 5 blocks: the last split's blocks partly or
     # wholly masked, 4 splits of 3 blocks leave one empty), both decodes, one token and several
@@ -220,6 +255,10 @@ def run(device: str) -> None:
         for decode in (0, 1):
             check_packed(3, device, torch.float32, path="gemv", hidden=2880, inter=2880, experts=8, k=4, raw_codes=True,
                          limit=7.0, gemv_cfg=((32, 8, 4, decode), (16, 8, 4, decode)))
+        # the packed-half-math GEMVs at gpt-oss-20b widths: every benchmark candidate, fp32 and bf16
+        check_f16(1, device, tm.GEMV_F16_CANDIDATES, hidden=2880, inter=2880, experts=32, k=4, seed=16, swap=False)
+        check_f16(4, device, tm.GEMV_F16_CANDIDATES[3:5], torch.bfloat16, hidden=2880, inter=2880, experts=32, k=4,
+                  seed=17)
         # the split down GEMV at gpt-oss-20b widths (the benchmark sweep's configs among them)
         check_split_down(1, device, (32, 8, 4, 1), (32, 16, 4, 1), (1, 2, 3), hidden=2880, inter=2880, experts=32, k=4,
                          seed=11)

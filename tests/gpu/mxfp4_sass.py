@@ -4,7 +4,9 @@ a GPU and report what their machine code does with the weights: 16-byte vector l
 E2M1 decode produces float32 subnormals for the codes ±0.5, which a `.ftz` instruction would turn
 into 0), and the instruction mix of the GEMV inner loop. Also the opt-in split down GEMV at the
 configs the benchmark times (`DOWN_SPLIT_CANDIDATES`: the same checks) and its reduce kernel (no
-spills, no flush-to-zero).
+spills, no flush-to-zero); the packed-half-math GEMVs (DECODE 2 / 3, `GEMV_F16_CANDIDATES`: the
+same checks, and the instructions per weight of their K loop against the default's) and their
+activation kernel `_act_f16_kernel`.
 
     python -m tests.gpu.mxfp4_sass            # prints the summary; exit status 1 if a check fails
     python -m tests.gpu.mxfp4_sass --dump DIR # also writes the PTX and SASS
@@ -44,33 +46,46 @@ def compile_sm90(fn, signature: dict[str, str], constexprs: dict[str, object], a
     return triton.compile(src, target=target, options=options.__dict__)
 
 
-def gate_up(bn: int, bg: int, warps: int, decode: int):
+def gate_up(bn: int, bg: int, warps: int, decode: int, h_f16: bool = False, pdl: bool = False):
+    """DECODE >= 2 reads `act_f16`'s int32 pairs and block scales; h_f16: the epilogue writes the
+    activation for a DECODE >= 2 down GEMV."""
     return compile_sm90(
         tm._gemv_gate_up_kernel,
-        {"x_ptr": "*bf16", "codes_ptr": "*i32", "scales_ptr": "*u8", "bias_ptr": "*bf16", "ids_ptr": "*i64",
-         "out_ptr": "*bf16", "I": "i32", "stride_x": "i32", "alpha": "fp32", "limit": "fp32", "s_step": "i32"},
-        {"K": H, "TOP_K": 4, "BLOCK_N": bn, "BLOCK_G": bg, "DECODE": decode},
-        ["x_ptr", "codes_ptr", "scales_ptr", "bias_ptr", "ids_ptr", "out_ptr", "I", "stride_x"], warps,
+        {"x_ptr": "*i32" if decode >= 2 else "*bf16", "xs_ptr": "*fp32", "codes_ptr": "*i32", "scales_ptr": "*u8",
+         "bias_ptr": "*bf16", "ids_ptr": "*i64", "out_ptr": "*i32" if h_f16 else "*bf16", "outs_ptr": "*fp32",
+         "I": "i32", "stride_x": "i32", "alpha": "fp32", "limit": "fp32", "s_step": "i32"},
+        {"K": H, "TOP_K": 4, "BLOCK_N": bn, "BLOCK_G": bg, "DECODE": decode, "H_F16": h_f16, "PDL": pdl},
+        ["x_ptr", "xs_ptr", "codes_ptr", "scales_ptr", "bias_ptr", "ids_ptr", "out_ptr", "outs_ptr", "I", "stride_x"],
+        warps,
     )
 
 
-def down(bn: int, bg: int, warps: int, decode: int):
+def down(bn: int, bg: int, warps: int, decode: int, pdl: bool = False):
     return compile_sm90(
         tm._gemv_down_kernel,
-        {"h_ptr": "*bf16", "codes_ptr": "*i32", "scales_ptr": "*u8", "bias_ptr": "*bf16", "ids_ptr": "*i64",
-         "wts_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "stride_o": "i32", "s_step": "i32"},
-        {"K": I, "TOP_K": 4, "BLOCK_N": bn, "BLOCK_G": bg, "DECODE": decode},
-        ["h_ptr", "codes_ptr", "scales_ptr", "bias_ptr", "ids_ptr", "wts_ptr", "out_ptr", "N", "stride_o"], warps,
+        {"h_ptr": "*i32" if decode >= 2 else "*bf16", "hs_ptr": "*fp32", "codes_ptr": "*i32", "scales_ptr": "*u8",
+         "bias_ptr": "*bf16", "ids_ptr": "*i64", "wts_ptr": "*bf16", "out_ptr": "*bf16", "N": "i32", "stride_o": "i32",
+         "s_step": "i32"},
+        {"K": I, "TOP_K": 4, "BLOCK_N": bn, "BLOCK_G": bg, "DECODE": decode, "PDL": pdl},
+        ["h_ptr", "hs_ptr", "codes_ptr", "scales_ptr", "bias_ptr", "ids_ptr", "wts_ptr", "out_ptr", "N", "stride_o"],
+        warps,
     )
 
 
-def down_split(bn: int, bg: int, warps: int, decode: int, split: int):
+def down_split(bn: int, bg: int, warps: int, decode: int, split: int, pdl: bool = False):
     return compile_sm90(
         tm._gemv_down_split_kernel,
-        {"h_ptr": "*bf16", "codes_ptr": "*i32", "scales_ptr": "*u8", "ids_ptr": "*i64", "part_ptr": "*fp32",
-         "N": "i32", "s_step": "i32"},
-        {"K": I, "SPLIT": split, "BLOCK_N": bn, "BLOCK_G": bg, "DECODE": decode},
-        ["h_ptr", "codes_ptr", "scales_ptr", "ids_ptr", "part_ptr", "N"], warps,
+        {"h_ptr": "*i32" if decode >= 2 else "*bf16", "hs_ptr": "*fp32", "codes_ptr": "*i32", "scales_ptr": "*u8",
+         "ids_ptr": "*i64", "part_ptr": "*fp32", "N": "i32", "s_step": "i32"},
+        {"K": I, "SPLIT": split, "BLOCK_N": bn, "BLOCK_G": bg, "DECODE": decode, "PDL": pdl},
+        ["h_ptr", "hs_ptr", "codes_ptr", "scales_ptr", "ids_ptr", "part_ptr", "N"], warps,
+    )
+
+
+def act_f16(pdl: bool = True):
+    return compile_sm90(
+        tm._act_f16_kernel, {"x_ptr": "*bf16", "xh_ptr": "*i32", "xs_ptr": "*fp32", "stride_x": "i32", "G": "i32"},
+        {"BLOCK_G": 16, "PDL": pdl}, ["x_ptr", "xh_ptr", "xs_ptr", "stride_x"], 4,
     )
 
 
@@ -200,6 +215,25 @@ def main() -> int:
                               args.dump, weights_per_iter=bn * bg * 32 // (w * 32))
     for split in sorted({c[4] for c in tm.DOWN_SPLIT_CANDIDATES}):
         failures += summarize(f"down_reduce_split{split}", down_reduce(split), args.dump, codes=False)
+    # the packed-half-math GEMVs (DECODE 2 / 3) at the benchmark's candidates (strict: 16-byte loads,
+    # no spills, no shared memory in the K loop, no flush-to-zero), with PDL where `fused_moe_mxfp4`
+    # launches them so (both DECODE >= 2), and their activation kernel
+    seen = set()
+    for gu, dn in tm.GEMV_F16_CANDIDATES:
+        bn, bg, w, dec = gu
+        pdl = gu[3] >= 2 and dn[3] >= 2
+        if ("gu", gu, dn[3] >= 2) not in seen:
+            seen.add(("gu", gu, dn[3] >= 2))
+            failures += summarize(f"gemv_gate_up_bn{bn}_bg{bg}_w{w}_dec{dec}{'_hf16' if dn[3] >= 2 else ''}",
+                                  gate_up(bn, bg, w, dec, h_f16=dn[3] >= 2, pdl=pdl), args.dump,
+                                  weights_per_iter=bn * bg * 32 * 2 // (w * 32))
+        bn, bg, w, dec, split = dn
+        if dec >= 2 and ("dn", dn) not in seen:
+            seen.add(("dn", dn))
+            k = down(bn, bg, w, dec, pdl) if split == 0 else down_split(bn, bg, w, dec, split, pdl)
+            failures += summarize(f"gemv_down{f'_split{split}' if split else ''}_bn{bn}_bg{bg}_w{w}_dec{dec}", k,
+                                  args.dump, weights_per_iter=bn * bg * 32 // (w * 32))
+    failures += summarize("act_f16", act_f16(), args.dump, codes=False)
     for tokens in (16, 256):  # the grouped path's tiles at 16 and 256 tokens (reported; only FTZ fails)
         cfg = tm.grouped_config(tokens * 4, 32)
         for gu in (True, False):

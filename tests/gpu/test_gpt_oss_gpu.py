@@ -20,17 +20,24 @@ def test_mxfp4_moe_kernel():
 
 
 @pytest.mark.parametrize("t", [1, 3])
-def test_mxfp4_split_down_in_a_cuda_graph(monkeypatch, t):
+@pytest.mark.parametrize("gu_cfg, split", [(None, (32, 16, 4, 1, 2)), ((32, 8, 4, 3), (32, 16, 4, 3, 2)),
+                                           ((32, 8, 4, 3), (32, 16, 4, 3, 0))])
+def test_mxfp4_split_down_in_a_cuda_graph(monkeypatch, t, gu_cfg, split):
     """The split down GEMV (KVSERVE_MXFP4_GEMV_DOWN's SPLIT >= 1) at gpt-oss-20b widths: selected by
     the variable, captured into a CUDA graph (its fp32 scratch from the graph pool) and replayed
     with new activations and routing, the same bits as run eagerly and on a second run (a fixed
-    reduce order, no atomics), and the sequential kernel's result up to the fp32 summation order."""
+    reduce order, no atomics), and the sequential kernel's result up to the fp32 summation order.
+    The same for the packed-half-math GEMVs (DECODE 3 gate/up and down, with and without the
+    split: their activation pairs' scratch from the graph pool, the launches PDL on Hopper)."""
     from kvserve.kernels import triton_mxfp4_moe as tm
     from tests.gpu.mxfp4_moe_checks import ALPHA, _packed_case
 
     x, ids, wts, packed, _ = _packed_case(t, "cuda", torch.bfloat16, 2880, 2880, 32, 4, 20 + t, True, 7.0)
-    split = (32, 16, 4, 1, 2)
     monkeypatch.setenv("KVSERVE_MXFP4_GEMV_DOWN", ",".join(map(str, split)))
+    if gu_cfg:
+        monkeypatch.setenv("KVSERVE_MXFP4_GEMV_GU", ",".join(map(str, gu_cfg)))
+    else:
+        monkeypatch.delenv("KVSERVE_MXFP4_GEMV_GU", raising=False)
     assert tm.gemv_configs()[1] == split
 
     def layer(a, i, w):
@@ -39,7 +46,7 @@ def test_mxfp4_split_down_in_a_cuda_graph(monkeypatch, t):
     want = layer(x, ids, wts)
     assert torch.equal(want, tm.fused_moe_mxfp4(x, ids, wts, packed, ALPHA, 7.0, path="gemv",
                                                 gemv_cfg=(tm.gemv_configs()[0], split)))  # the variable picked it
-    seq = tm.fused_moe_mxfp4(x, ids, wts, packed, ALPHA, 7.0, path="gemv", gemv_cfg=(tm.gemv_configs()[0], split[:4]))
+    seq = tm.fused_moe_mxfp4(x, ids, wts, packed, ALPHA, 7.0, path="gemv", gemv_cfg=((32, 8, 4, 1), (32, 16, 4, 1, 0)))
     assert ((want.float() - seq.float()).norm() / seq.float().norm()).item() < 1e-2  # bf16: one rounding apart
     sx, sids, swts = x.clone(), ids.clone(), wts.clone()
     torch.cuda.synchronize()

@@ -389,3 +389,39 @@ def test_mxfp4_down_split_setting_is_checked(monkeypatch):
     with pytest.raises(ValueError, match="gemv_cfg"):
         tm.fused_moe_mxfp4(torch.randn(1, 32), torch.tensor([[0, 2]]), torch.full((1, 2), 0.5), packed, 1.702, 7.0,
                            path="gemv", gemv_cfg=((32, 8, 4, 1), (32, 16, 4, 1, 99)))
+
+
+def test_mxfp4_gemv_decode_setting_is_checked(monkeypatch):
+    """DECODE (the GEMV configs' fourth value): 0 and 1 fp32 math (1 the default), 2 and 3 packed
+    half math (3 with the prefetch), anything else an error naming the variable; a DECODE 2 / 3
+    down reads whole 32-value blocks of the activation, so the gate/up BLOCK_N must be a multiple
+    of 32 (an error naming both variables, or `gemv_cfg` when passed in)."""
+    pytest.importorskip("triton")
+    from kvserve.kernels import triton_mxfp4_moe as tm
+
+    monkeypatch.delenv("KVSERVE_MXFP4_GEMV_GU", raising=False)
+    monkeypatch.delenv("KVSERVE_MXFP4_GEMV_DOWN", raising=False)
+    assert tm.gemv_configs() == ((32, 8, 4, 1), (32, 16, 4, 1, 0))  # the defaults are unchanged
+    monkeypatch.setenv("KVSERVE_MXFP4_GEMV_GU", "32,8,4,3")
+    monkeypatch.setenv("KVSERVE_MXFP4_GEMV_DOWN", "32,16,4,3,2")
+    assert tm.gemv_configs() == ((32, 8, 4, 3), (32, 16, 4, 3, 2))
+    for name, bad in (("KVSERVE_MXFP4_GEMV_GU", "32,8,4,4"), ("KVSERVE_MXFP4_GEMV_DOWN", "32,16,4,-1"),
+                      ("KVSERVE_MXFP4_GEMV_GU", "16,8,4,3")):  # the last: BLOCK_N 16 against a DECODE 3 down
+        monkeypatch.setenv("KVSERVE_MXFP4_GEMV_GU", "32,8,4,3")
+        monkeypatch.setenv("KVSERVE_MXFP4_GEMV_DOWN", "32,16,4,3,2")
+        monkeypatch.setenv(name, bad)
+        with pytest.raises(ValueError, match=name):
+            tm.gemv_configs()
+    monkeypatch.delenv("KVSERVE_MXFP4_GEMV_GU")
+    monkeypatch.delenv("KVSERVE_MXFP4_GEMV_DOWN")
+    assert all(c[0][3] in (2, 3) and c[1][3] in (1, 2, 3) and (c[1][3] < 2 or c[0][0] % 32 == 0)
+               for c in tm.GEMV_F16_CANDIDATES)
+    gu = [mxfp4.quantize(torch.randn(64, 32)) for _ in range(3)]
+    dn = [mxfp4.quantize(torch.randn(32, 32)) for _ in range(3)]
+    packed = tm.pack_experts(gu, torch.zeros(3, 64), dn, torch.zeros(3, 32), 32, 32)
+    for cfg in (((16, 8, 4, 1), (32, 16, 4, 2)), ((32, 8, 4, 5), (32, 16, 4, 1))):
+        with pytest.raises(ValueError, match="gemv_cfg"):
+            tm.fused_moe_mxfp4(torch.randn(1, 32), torch.tensor([[0, 2]]), torch.full((1, 2), 0.5), packed, 1.702,
+                               7.0, path="gemv", gemv_cfg=cfg)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        tm.act_f16(torch.randn(1, 48))
