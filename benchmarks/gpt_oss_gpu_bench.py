@@ -438,6 +438,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--no-graphs", action="store_true", help="eager only")
+    ap.add_argument("--no-eager", action="store_true", help="CUDA graphs only (skips the eager run and its MoE layer check)")
     ap.add_argument("--throughput", type=int, default=0, help="also run this many requests (0: skip)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--kernels-only", action="store_true", help="only the MoE kernel table (legacy vs packed)")
@@ -481,7 +482,7 @@ def main() -> None:
     default_impl = tm.MOE_IMPL
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(cfg))
-        modes = [("eager", True)] + ([] if args.no_graphs else [("cuda-graphs", False)])
+        modes = ([] if args.no_eager else [("eager", True)]) + ([] if args.no_graphs else [("cuda-graphs", False)])
         other = "packed" if default_impl == "legacy" else "legacy"
         if args.compare_legacy and not args.no_graphs:
             modes += [(f"{other}-graphs", False)]
