@@ -12,7 +12,8 @@ loading), with these differences:
   YaRN's cos/sin multiplier m is folded into the softmax scale as m^2 (both q and k carry one m,
   so the scores are the same; the platform's RoPE kernels and cos/sin tables stay plain).
 - The MLP of every layer is a mixture of experts. Router: logits = x W^T + b; the top-k logits
-  per token, softmaxed among themselves, weight the k experts. Expert e:
+  per token, softmaxed among themselves, weight the k experts (on CUDA through the platform's
+  `route_experts`: one launch, the same weights up to fp32 rounding). Expert e:
       gate, up = x G_e^T + g_e, x U_e^T + u_e         (HF interleaves gate/up columns; split at load)
       h = (clamp(up, -limit, limit) + 1) * gate' * sigmoid(alpha * gate'),  gate' = min(gate, limit)
       y = h D_e^T + d_e
@@ -115,6 +116,7 @@ class GptOssMoE(nn.Module):
         method = DenseLinearMethod()  # the router picks the experts: always dense, every rank alike
         method.ops = b.ops
         self.router = Linear(cfg.hidden_size, self.num_experts, True, method)
+        self.ops = b.ops
         self.experts = nn.ModuleList(
             GptOssExpert(cfg.hidden_size, cfg.intermediate_size // tp, b, alpha, limit, quantized)
             for _ in range(self.num_experts)
@@ -130,8 +132,14 @@ class GptOssMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [T, hidden]; a partial sum under TP
         logits = self.router(x)  # [T, E]
-        top, ids = torch.topk(logits, self.top_k, dim=-1)  # [T, k]
-        weights = torch.softmax(top, dim=-1, dtype=top.dtype)  # among the selected k only
+        if x.is_cuda:
+            # The platform's routing (CUDA: one Triton launch, `triton_moe_decode.route`, instead of
+            # topk + softmax as torch ops): softmax over all experts in fp32, the k largest,
+            # renormalized, which is the softmax among the selected k (exp(l_i) / sum over the k).
+            weights, ids = self.ops.route_experts(logits, self.top_k, True, logits.dtype)
+        else:
+            top, ids = torch.topk(logits, self.top_k, dim=-1)  # [T, k]
+            weights = torch.softmax(top, dim=-1, dtype=top.dtype)  # among the selected k only
         if x.is_cuda:
             from kvserve.kernels import triton_mxfp4_moe as tm
 

@@ -425,3 +425,18 @@ def test_mxfp4_gemv_decode_setting_is_checked(monkeypatch):
                                7.0, path="gemv", gemv_cfg=cfg)
     with pytest.raises(ValueError, match="multiple of 32"):
         tm.act_f16(torch.randn(1, 48))
+
+
+def test_platform_routing_equals_gpt_oss_routing():
+    """On CUDA `GptOssMoE` routes through the platform's `route_experts` (softmax over every expert
+    in fp32, top k, renormalized: one Triton launch there); that is gpt-oss's own routing (top k of
+    the logits, softmax among the k) up to fp32 rounding, with the same experts."""
+    from kvserve.models.ops import Ops
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 32, generator=g) * 4
+    top, ids_ref = torch.topk(logits, 4, dim=-1)
+    w_ref = torch.softmax(top, dim=-1)
+    w, ids = Ops().route_experts(logits, 4, True, torch.float32)
+    assert torch.equal(ids, ids_ref)
+    torch.testing.assert_close(w, w_ref, rtol=1e-6, atol=1e-7)
