@@ -31,9 +31,9 @@
     served from L2; and the fused variants the model runs (gate/up + SiLU·mul, qkv + RoPE + K/V
     store): one row through the GEMV with the epilogue, 5 and 8 rows through cuBLAS then the
     epilogue kernel. Next to them the Triton verify GEMM (`kernels/triton_verify_gemm.py`, the
-    opt-in `KVSERVE_VERIFY_GEMM=triton`) at M = 2, 5, 8, 16 with its default config, a small
-    config sweep at M = 5 (best config per projection printed), and its fused variants at 5 and
-    8 rows. The verify and verifyprof sections add a variant `gemm=triton` (the default
+    opt-in `KVSERVE_VERIFY_GEMM=triton`) at M = 2, 5, 8, 16 with its default config and its
+    fused variants at 5 and 8 rows (`--vgemm-sweep`: also its neighbouring configs at M = 5, the
+    best per projection printed). The verify and verifyprof sections add a variant `gemm=triton` (the default
     attention, the products of 2..16 rows through the verify GEMM).
 
 Everything runs on one engine: plain runs set `engine.spec = None`. The first run of each
@@ -133,7 +133,7 @@ def _copies(n: int, k: int) -> list[torch.Tensor]:
     return [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(count)]
 
 
-def section_kernels() -> None:
+def section_kernels(vgemm_sweep: bool = False) -> None:
     import torch.nn.functional as F
 
     from kvserve.kernels import triton_verify_gemm as vg
@@ -148,14 +148,16 @@ def section_kernels() -> None:
         for m in KERNEL_ROWS:
             x = xs[m]
             row[f"cublas_{m}"] = graph_time(lambda w: F.linear(x, w), ws)
-        row["cublas_16"] = graph_time(lambda w: F.linear(xs[16], w), ws)
+        # Fewer replays for the verify GEMM's columns (each replay reads >= 256 MiB): the section
+        # stays near a minute.
+        row["cublas_16"] = graph_time(lambda w: F.linear(xs[16], w), ws, reps=5)
         for m in VGEMM_ROWS:
             x = xs[m]
-            row[f"vgemm_{m}"] = graph_time(lambda w: vg.verify_gemm(x, w), ws)
-        sweep = {}
-        for cfg in _vgemm_configs(-(-n // 64), k):
+            row[f"vgemm_{m}"] = graph_time(lambda w: vg.verify_gemm(x, w), ws, reps=5)
+        sweep = {str(vg.verify_gemm_config(-(-n // 64), k)): row["vgemm_5"]}
+        for cfg in _vgemm_configs(-(-n // 64), k)[1:] if vgemm_sweep else []:
             try:
-                sweep[str(cfg)] = graph_time(lambda w, cfg=cfg: vg.verify_gemm(xs[5], w, None, cfg), ws)
+                sweep[str(cfg)] = graph_time(lambda w, cfg=cfg: vg.verify_gemm(xs[5], w, None, cfg), ws, reps=5)
             except Exception as e:  # a config that does not compile or fit: reported, not fatal
                 log(f"[kernels] {name} verify GEMM config {cfg}: {type(e).__name__}: {str(e)[:120]}")
         best = min(sweep, key=sweep.get)
@@ -206,7 +208,7 @@ def _fused_times(name, n, k, ws, xs, triton_ops, fused_ops) -> dict[str, float]:
         for m in (5, 8):
             x = xs[m]
             out[f"unfused_{m}"] = graph_time(lambda w: triton_ops.silu_and_mul(F.linear(x, w)), ws)
-            out[f"vgemm_{m}"] = graph_time(lambda w: vg.verify_gemm_silu_mul(x, w), ws)
+            out[f"vgemm_{m}"] = graph_time(lambda w: vg.verify_gemm_silu_mul(x, w), ws, reps=5)
         return out
     hq, hkv, d = 32, 8, 128
     cos_sin = fused_ops.build_cos_sin(1.0 / (500000 ** (torch.arange(0, d, 2, device="cuda").float() / d)), 4096)
@@ -224,7 +226,7 @@ def _fused_times(name, n, k, ws, xs, triton_ops, fused_ops) -> dict[str, float]:
 
         out[f"unfused_{m}"] = graph_time(unfused, ws)
         out[f"vgemm_{m}"] = graph_time(lambda w, x=x, m=m: vg.verify_gemm_rope_(x, w, None, pos[:m], cos_sin, hq, hkv, d,
-                                                                                cache, slots[:m]), ws)
+                                                                                cache, slots[:m]), ws, reps=5)
     return out
 
 
@@ -513,6 +515,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="verify,e2e,backoff")
     ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--vgemm-sweep", action="store_true",
+                    help="kernels: also time the verify GEMM's neighbouring configs at M = 5 (~1 more minute)")
     ap.add_argument("--rates", default="0,0.5,0.7,0.9,1.0")
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--json", default=None, help="write the results here")
@@ -526,7 +530,7 @@ def main() -> None:
     if "kernels" in only:  # before the engine takes the GPU memory
         t = time.perf_counter()
         try:
-            section_kernels()
+            section_kernels(args.vgemm_sweep)
         except Exception:
             import traceback
 
