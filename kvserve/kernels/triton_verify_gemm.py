@@ -156,9 +156,10 @@ def _verify_gemm_kernel(
         last = True
     if last:
         if SPLIT > 1:
-            acc = tl.load(part + acc_offs)
+            # .cg: from L2, where the other programs' partials are (never a stale L1 line).
+            acc = tl.load(part + acc_offs, cache_modifier=".cg")
             for s in tl.static_range(1, SPLIT):
-                acc += tl.load(part + s * (BLOCK_N * BLOCK_M) + acc_offs)
+                acc += tl.load(part + s * (BLOCK_N * BLOCK_M) + acc_offs, cache_modifier=".cg")
             tl.store(count_ptr + tile, 0)  # ready for the next launch
         if HAS_BIAS:
             acc += tl.load(b_ptr + rows64, mask=row_ok, other=0.0).to(tl.float32)[:, None]
