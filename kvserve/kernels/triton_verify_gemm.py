@@ -220,7 +220,9 @@ def _counters(device: torch.device, tiles: int) -> torch.Tensor | None:
     return buf if tiles <= buf.numel() else None
 
 
-def _launch(x, weight, bias, out, epi, n_out, tiles, config, rope=None) -> None:
+def _launch(x, weight, bias, out, epi, n_out, tiles, config, rope=None, pre: int | None = None) -> None:
+    """`pre` overrides the weight tiles loaded before the PDL wait (tests: the preload path
+    without PDL, e.g. under the interpreter)."""
     m, k = x.shape
     n = weight.shape[0]
     if not 1 <= m <= MAX_ROWS:
@@ -249,7 +251,8 @@ def _launch(x, weight, bias, out, epi, n_out, tiles, config, rope=None) -> None:
         m, n, n_out, k, k_split, x.stride(0), weight.stride(0), out.stride(0),
         cos_sin.stride(0) if rope is not None else 0, hq, heads, *strides,
         EPI=epi, HAS_BIAS=bias is not None, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=MAX_ROWS, SPLIT=split,
-        HALF=half, TILES_PER_HEAD=max(1, half // (block_n // 2)), WRITE_KV=write, EVEN_K=even, PRE=1 if use_pdl and k_split >= 2 * block_k else 0,
+        HALF=half, TILES_PER_HEAD=max(1, half // (block_n // 2)), WRITE_KV=write, EVEN_K=even,
+        PRE=(1 if use_pdl else 0) if pre is None else pre,
         STAGES=stages, PDL=use_pdl, num_warps=warps, num_stages=stages, launch_pdl=use_pdl,
     )
 

@@ -20,10 +20,18 @@ LLAMA8B = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096)
            "lm_head": (128256, 4096)}
 
 
+@pytest.mark.parametrize("pre", [None, 0], ids=["pdl-default", "no-preload"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-def test_shared_checks(dtype):
+def test_shared_checks(dtype, pre):
+    import contextlib
+
     from tests.gpu import verify_gemm_checks as c
 
+    with c.preload(pre) if pre is not None else contextlib.nullcontext():
+        _shared(c, dtype)
+
+
+def _shared(c, dtype):
     for m in (2, 5, 16):
         c.check_plain(m, 64, 96, "cuda", dtype, (32, 32, 2, 4, 2), bias=m == 5)
         c.check_plain(m, 200, 160, "cuda", dtype, (64, 32, 3, 4, 2))

@@ -9,6 +9,8 @@ bf16 `tl.dot` is wrong in the interpreter).
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -101,6 +103,23 @@ def interpret_checks() -> None:
             check_rope(m, 2, 1, 64, 64, "cpu", dtype, (32, 32, 1, 4, 2), write=m != 2)
         # The ticket counters are back at 0: a second launch is right too.
         check_plain(5, 64, 96, "cpu", dtype, small, seed=5)
+    with preload(1):  # the first tile loaded before the (here absent) PDL wait, as on sm_90
+        for dtype in (torch.float32, torch.float16):
+            check_plain(5, 64, 160, "cpu", dtype, (32, 32, 3, 4, 2))  # last split: one tile only
+            check_plain(3, 64, 96, "cpu", dtype, (32, 32, 1, 4, 2), bias=True)
+            check_silu_mul(5, 48, 64, "cpu", dtype, small)
+            check_rope(5, 2, 1, 64, 64, "cpu", dtype, (32, 32, 2, 4, 2))
+
+
+@contextlib.contextmanager
+def preload(pre: int):
+    """Every launch of the block uses PRE=pre (GPU runs with PDL use 1; without PDL 0)."""
+    orig = vg._launch
+    vg._launch = lambda *a, **kw: orig(*a, **{**kw, "pre": pre})
+    try:
+        yield
+    finally:
+        vg._launch = orig
 
 
 if __name__ == "__main__":
