@@ -41,3 +41,29 @@ def test_verify_gemm_config_fills_the_gpu():
     assert verify_gemm_config(64, 14336)[2] == 4  # down
     assert verify_gemm_config(96, 4096)[2] == 2  # qkv + RoPE
     assert verify_gemm_config(448, 4096)[2] == 1  # gate/up + SiLU·mul
+
+
+def test_few_rows_routing(monkeypatch):
+    """2..16 contiguous 16-bit rows take the verify GEMM only with KVSERVE_VERIFY_GEMM=triton."""
+    pytest.importorskip("triton")
+    import types
+
+    import torch
+
+    from kvserve.kernels import triton_verify_gemm as vg
+    from kvserve.platform.cuda_linear import _few_rows, _one_row
+
+    layer = types.SimpleNamespace(weight=torch.zeros(64, 32, dtype=torch.bfloat16))
+    x = torch.zeros(17, 32, dtype=torch.bfloat16)
+    monkeypatch.setenv("KVSERVE_VERIFY_GEMM", "triton")
+    vg.requested.cache_clear()
+    try:
+        assert [_few_rows(layer, x[:m]) for m in (1, 2, 5, 16, 17)] == [False, True, True, True, False]
+        assert _one_row(layer, x[:1]) and not _one_row(layer, x[:2])
+        assert not _few_rows(layer, x[:5].float())
+        assert not _few_rows(layer, x[:5, ::2])  # not contiguous along K
+        monkeypatch.setenv("KVSERVE_VERIFY_GEMM", "cublas")
+        vg.requested.cache_clear()
+        assert not _few_rows(layer, x[:5])
+    finally:
+        vg.requested.cache_clear()
