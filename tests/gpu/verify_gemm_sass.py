@@ -58,7 +58,8 @@ def main() -> int:
         body = max(loops(sass), key=lambda c: c.get("HGMMA", 0) + c.get("HMMA", 0), default={})
         in_loop = {op: body.get(op, 0) for op in ("HGMMA", "HMMA", "LDGSTS", "UTMALDG", "LDG", "LDS", "LDSM",
                                                   "BAR", "WARPGROUP", "DEPBAR", "SYNCS")}
-        print(f"{name}: {usage}, dynamic shared {k.metadata.shared} B, HGMMA {gmma}, HMMA {hmma}, async copies {async_loads} "
+        print(f"{name}: {usage}, dynamic shared {k.metadata.shared} B, HGMMA {gmma}, HMMA {hmma}, "
+              f"async copies {async_loads} "
               f"(LDGSTS {sass.count('LDGSTS')}, UTMALDG {sass.count('UTMALDG')}), plain LDG {sass.count('LDG.')}; "
               f"K loop: {in_loop} of {sum(body.values())} instructions")
         if usage.get("LOCAL", 0):
