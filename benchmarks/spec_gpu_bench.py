@@ -30,7 +30,11 @@
     8 rows, each inside a CUDA graph over enough weight copies (>= 256 MiB) that no call is
     served from L2; and the fused variants the model runs (gate/up + SiLU·mul, qkv + RoPE + K/V
     store): one row through the GEMV with the epilogue, 5 and 8 rows through cuBLAS then the
-    epilogue kernel.
+    epilogue kernel. Next to them the Triton verify GEMM (`kernels/triton_verify_gemm.py`, the
+    opt-in `KVSERVE_VERIFY_GEMM=triton`) at M = 2, 5, 8, 16 with its default config and its
+    fused variants at 5 and 8 rows (`--vgemm-sweep`: also its neighbouring configs at M = 5, the
+    best per projection printed). The verify and verifyprof sections add a variant `gemm=triton` (the default
+    attention, the products of 2..16 rows through the verify GEMM).
 
 Everything runs on one engine: plain runs set `engine.spec = None`. The first run of each
 configuration is a warm-up (not timed).
@@ -39,7 +43,9 @@ configuration is a warm-up (not timed).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import random
 import statistics
 import tempfile
@@ -104,6 +110,22 @@ def fill_static(g: DecodeGraphs, batch: int, width: int, ctx: int, block_size: i
 KERNEL_SHAPES = {"qkv": (6144, 4096), "o_proj": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336),
                  "lm_head": (128256, 4096)}
 KERNEL_ROWS = (2, 5, 8)
+VGEMM_ROWS = (2, 5, 8, 16)
+
+
+def _vgemm_configs(tiles: int, k: int) -> list[tuple[int, int, int, int, int]]:
+    """The verify GEMM's default config first, then a few neighbours (split, stages, BLOCK_K)."""
+    from kvserve.kernels.triton_verify_gemm import verify_gemm_config
+
+    d = verify_gemm_config(tiles, k)
+    bn, bk, split, warps, stages = d
+    cands = [d, (bn, bk, split, warps, 6), (bn, bk, split, warps, 3), (bn, 256, split, warps, 3),
+             (bn, bk, split * 2, warps, stages), (bn, bk, max(1, split // 2), warps, stages), (128, bk, split, 8, 3)]
+    out = []
+    for c in cands:
+        if c not in out and k // c[2] >= 2 * c[1]:
+            out.append(c)
+    return out
 
 
 def _copies(n: int, k: int) -> list[torch.Tensor]:
@@ -111,20 +133,46 @@ def _copies(n: int, k: int) -> list[torch.Tensor]:
     return [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) for _ in range(count)]
 
 
-def section_kernels() -> None:
+def _try_time(label: str, fn, ws, reps: int = 5) -> float:
+    """graph_time, or NaN (logged) where the kernel fails: the cuBLAS / GEMV columns still print."""
+    try:
+        return graph_time(fn, ws, reps=reps)
+    except Exception as e:
+        log(f"[kernels] {label}: {type(e).__name__}: {str(e)[:300]}")
+        torch.cuda.synchronize()
+        return float("nan")
+
+
+def section_kernels(vgemm_sweep: bool = False) -> None:
     import torch.nn.functional as F
 
+    from kvserve.kernels import triton_verify_gemm as vg
     from kvserve.models import fused_ops, triton_ops
 
     table, fused = [], []
     for name, (n, k) in KERNEL_SHAPES.items():
         ws = _copies(n, k)
-        xs = {m: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for m in (1, *KERNEL_ROWS)}
+        xs = {m: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for m in (1, *KERNEL_ROWS, *VGEMM_ROWS)}
         row = {"shape": f"{n}x{k}", "MB": n * k * 2 / 1e6,
                "gemv_1": graph_time(lambda w: triton_ops.gemv(xs[1], w), ws)}
         for m in KERNEL_ROWS:
             x = xs[m]
             row[f"cublas_{m}"] = graph_time(lambda w: F.linear(x, w), ws)
+        # Fewer replays for the verify GEMM's columns (each replay reads >= 256 MiB): the section
+        # stays near a minute.
+        row["cublas_16"] = graph_time(lambda w: F.linear(xs[16], w), ws, reps=5)
+        for m in VGEMM_ROWS:
+            x = xs[m]
+            row[f"vgemm_{m}"] = _try_time(f"{name} verify GEMM M={m}", lambda w: vg.verify_gemm(x, w), ws)
+        sweep = {str(vg.verify_gemm_config(-(-n // 64), k)): row["vgemm_5"]}
+        for cfg in _vgemm_configs(-(-n // 64), k)[1:] if vgemm_sweep else []:
+            sweep[str(cfg)] = _try_time(f"{name} verify GEMM config {cfg}",
+                                        lambda w, cfg=cfg: vg.verify_gemm(xs[5], w, None, cfg), ws)
+        timed = {c: t for c, t in sweep.items() if t == t}
+        best = min(timed, key=timed.get) if timed else "none"
+        row["vgemm_5_best"], row["vgemm_5_best_config"] = timed.get(best, float("nan")), best
+        log(f"[kernels] {name} verify GEMM M=5 sweep (BLOCK_N, BLOCK_K, SPLIT, warps, stages) -> µs: "
+            + ", ".join(f"{c} {t:.1f}" for c, t in sweep.items()))
         table.append((name, row))
         RESULTS[f"kernels/{name}"] = row
         log(f"[kernels] {name}: " + ", ".join(f"{key} {v:.1f}" for key, v in row.items() if isinstance(v, float)))
@@ -133,25 +181,35 @@ def section_kernels() -> None:
         del ws
         torch.cuda.empty_cache()
     log(f"\n[kernels] {MODEL} bf16 projections, µs per call inside a CUDA graph, weights rotated past L2")
-    log("| projection | N x K | MB | GEMV 1 row | GEMV GB/s | cuBLAS M=2 | cuBLAS M=5 | cuBLAS M=8 |")
-    log("|---|---|---|---|---|---|---|---|")
+    log("| projection | N x K | MB | GEMV 1 row | GEMV GB/s | cuBLAS M=2 | cuBLAS M=5 | cuBLAS M=8 | cuBLAS M=16 | "
+        "vGEMM M=2 | vGEMM M=5 | vGEMM M=8 | vGEMM M=16 | vGEMM M=5 best (config) |")
+    log("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, r in table:
         log(f"| {name} | {r['shape']} | {r['MB']:.0f} | {r['gemv_1']:.1f} | {r['MB'] * 1e3 / r['gemv_1']:.0f} | "
-            f"{r['cublas_2']:.1f} | {r['cublas_5']:.1f} | {r['cublas_8']:.1f} |")
-    total = {key: sum(r[key] * (1 if name == "lm_head" else 32) for name, r in table) for key in ("gemv_1", "cublas_5")}
+            f"{r['cublas_2']:.1f} | {r['cublas_5']:.1f} | {r['cublas_8']:.1f} | {r['cublas_16']:.1f} | "
+            f"{r['vgemm_2']:.1f} | {r['vgemm_5']:.1f} | {r['vgemm_8']:.1f} | {r['vgemm_16']:.1f} | "
+            f"{r['vgemm_5_best']:.1f} {r['vgemm_5_best_config']} |")
+    keys = ("gemv_1", "cublas_5", "vgemm_5", "vgemm_5_best")
+    total = {key: sum(r[key] * (1 if name == "lm_head" else 32) for name, r in table) for key in keys}
     log(f"per step (32 layers + LM head, products only): GEMV 1 row {total['gemv_1'] / 1e3:.3f} ms, "
-        f"cuBLAS 5 rows {total['cublas_5'] / 1e3:.3f} ms ({total['cublas_5'] / total['gemv_1']:.3f}x)")
+        f"cuBLAS 5 rows {total['cublas_5'] / 1e3:.3f} ms ({total['cublas_5'] / total['gemv_1']:.3f}x), "
+        f"verify GEMM 5 rows {total['vgemm_5'] / 1e3:.3f} ms ({total['vgemm_5'] / total['gemv_1']:.3f}x; "
+        f"best configs {total['vgemm_5_best'] / 1e3:.3f} ms)")
     RESULTS["kernels/per_step_us"] = total
-    log("\n| fused projection | 1 row (GEMV + epilogue) | M=5 (cuBLAS + kernel) | M=8 (cuBLAS + kernel) |")
-    log("|---|---|---|---|")
+    log("\n| fused projection | 1 row (GEMV + epilogue) | M=5 (cuBLAS + kernel) | M=8 (cuBLAS + kernel) | "
+        "M=5 verify GEMM fused | M=8 verify GEMM fused |")
+    log("|---|---|---|---|---|---|")
     for name, r in fused:
         RESULTS[f"kernels/fused_{name}"] = r
-        log(f"| {name} | {r['one']:.1f} | {r['unfused_5']:.1f} | {r['unfused_8']:.1f} |")
+        log(f"| {name} | {r['one']:.1f} | {r['unfused_5']:.1f} | {r['unfused_8']:.1f} | {r['vgemm_5']:.1f} | "
+            f"{r['vgemm_8']:.1f} |")
 
 
 def _fused_times(name, n, k, ws, xs, triton_ops, fused_ops) -> dict[str, float]:
     """µs of the fused projections the model runs: gate/up + SiLU·mul, qkv + RoPE + K/V store."""
     import torch.nn.functional as F
+
+    from kvserve.kernels import triton_verify_gemm as vg
 
     out: dict[str, float] = {}
     if name == "gate_up":
@@ -159,6 +217,8 @@ def _fused_times(name, n, k, ws, xs, triton_ops, fused_ops) -> dict[str, float]:
         for m in (5, 8):
             x = xs[m]
             out[f"unfused_{m}"] = graph_time(lambda w: triton_ops.silu_and_mul(F.linear(x, w)), ws)
+            out[f"vgemm_{m}"] = _try_time(f"gate_up verify GEMM + SiLU·mul M={m}",
+                                          lambda w: vg.verify_gemm_silu_mul(x, w), ws)
         return out
     hq, hkv, d = 32, 8, 128
     cos_sin = fused_ops.build_cos_sin(1.0 / (500000 ** (torch.arange(0, d, 2, device="cuda").float() / d)), 4096)
@@ -175,6 +235,9 @@ def _fused_times(name, n, k, ws, xs, triton_ops, fused_ops) -> dict[str, float]:
             triton_ops.rope_qk_(qkv, pos[:m], cos_sin, hq, hkv, d, kv_cache=cache, slot_mapping=slots[:m])
 
         out[f"unfused_{m}"] = graph_time(unfused, ws)
+        out[f"vgemm_{m}"] = _try_time(f"qkv verify GEMM + RoPE M={m}",
+                                      lambda w, x=x, m=m: vg.verify_gemm_rope_(x, w, None, pos[:m], cos_sin, hq, hkv, d,
+                                                                               cache, slots[:m]), ws)
     return out
 
 
@@ -184,12 +247,22 @@ def section_verify(llm: LLM, k: int, ctx: int = 1024) -> None:
     if llm.engine.cache_config.num_blocks < need:
         raise RuntimeError(f"KV cache too small for the verify section ({llm.engine.cache_config.num_blocks} < {need} blocks)")
     rows = []
-    for i, (label, kw) in enumerate(verifyprof_variants()):
+    for i, (label, kw, gemm) in enumerate(verify_variants()):
         # The graphs of exactly these row counts (the engine's ladder pads 80 rows to its largest size).
         g = DecodeGraphs(runner, 16, split=False, verify_width=k + 1, max_rows=16 * (k + 1), **kw)
         t0 = time.perf_counter()
         g.sizes = [1, k + 1, 16, 16 * (k + 1)]
-        g.capture()
+        try:
+            with verify_gemm_mode(gemm):
+                g.capture()
+        except Exception:  # an opt-in variant that fails is reported; the others' rows still print
+            import traceback
+
+            traceback.print_exc()
+            log(f"[verify] {label}: capture failed")
+            del g
+            torch.cuda.empty_cache()
+            continue
         log(f"[verify] {label}: captured graphs of {g.sizes} rows in {time.perf_counter() - t0:.1f}s")
         for batch in (1, 16):
             fill_static(g, batch, 1, ctx, runner.block_size)
@@ -236,6 +309,7 @@ KERNEL_GROUPS = [
     ("epilogue (rope / kv store, silu*mul)", ("_rope_qk", "_silu_mul", "_kv_write", "write_kv")),
     ("norm", ("_rmsnorm",)),
     ("triton gemv (+ fused epilogue)", ("_gemv",)),
+    ("triton verify gemm (+ fused epilogue)", ("_verify_gemm",)),
     ("cublas gemm (+ split-k reduce)", ("gemm", "xmma", "cutlass", "nvjet", "splitk", "splitK", "Kernel2", "ampere", "sm90")),
     ("argmax / sampling", ("argmax", "reduce_kernel", "softmax")),
 ]
@@ -271,6 +345,39 @@ def verifyprof_variants() -> list[tuple[str, dict]]:
     return [(f"attn={mode}", {}), (f"attn={other}", {"group_verify": not grouped})]
 
 
+def verify_variants() -> list[tuple[str, dict, str | None]]:
+    """`verifyprof_variants` with the products' mode (None: as the environment says), then the
+    default attention with the 2..16-row products through the Triton verify GEMM
+    (`KVSERVE_VERIFY_GEMM=triton`) unless the environment already chose it."""
+    from kvserve.kernels.triton_verify_gemm import requested
+
+    out: list[tuple[str, dict, str | None]] = [(label, kw, None) for label, kw in verifyprof_variants()]
+    if not requested():
+        out.append((f"{out[0][0]} gemm=triton", {}, "triton"))
+    return out
+
+
+@contextlib.contextmanager
+def verify_gemm_mode(mode: str | None):
+    """KVSERVE_VERIFY_GEMM=mode while graphs are captured (the routing is read at trace time)."""
+    from kvserve.kernels.triton_verify_gemm import requested
+
+    if mode is None:
+        yield
+        return
+    old = os.environ.get("KVSERVE_VERIFY_GEMM")
+    os.environ["KVSERVE_VERIFY_GEMM"] = mode
+    requested.cache_clear()
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("KVSERVE_VERIFY_GEMM", None)
+        else:
+            os.environ["KVSERVE_VERIFY_GEMM"] = old
+        requested.cache_clear()
+
+
 def section_verifyprof(llm: LLM, k: int, ctx: int = 1024) -> None:
     """Where a batch-1 verify step's extra time goes: one eager step and one graph replay of 1
     row and of k + 1 rows (batch 1, context `ctx`) under torch.profiler, per kernel name
@@ -280,18 +387,19 @@ def section_verifyprof(llm: LLM, k: int, ctx: int = 1024) -> None:
     runner = llm.engine.runner
     width = k + 1
     out: dict[str, object] = {}
-    for label, kw in verifyprof_variants():
+    for label, kw, gemm in verify_variants():
         g = DecodeGraphs(runner, 1, split=False, verify_width=width, max_rows=width, **kw)
         g.sizes = [1, width]
         t0 = time.perf_counter()
-        g.capture()
+        with verify_gemm_mode(gemm):
+            g.capture()
         log(f"\n[verifyprof] variant {label} {kw}: captured graphs of {g.sizes} rows in {time.perf_counter() - t0:.1f}s")
         per: dict[int, dict] = {}
         for rows in (1, width):
             n = fill_static(g, 1, rows, ctx, runner.block_size)
             verify = rows > 1
             replay_ms = replay_time(g, n, verify=verify) * 1e3
-            with torch.inference_mode():
+            with torch.inference_mode(), verify_gemm_mode(gemm):
                 eager, eager_line = _profile_step(lambda: g._step(n, g.grouped(n, verify)))
             graph, graph_line = _profile_step(lambda: g.replay(n, verify))
             per[rows] = {"replay_ms": replay_ms, "eager": eager, "eager_line": eager_line, "graph": graph,
@@ -427,6 +535,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="verify,e2e,backoff")
     ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--vgemm-sweep", action="store_true",
+                    help="kernels: also time the verify GEMM's neighbouring configs at M = 5 (~1 more minute)")
     ap.add_argument("--rates", default="0,0.5,0.7,0.9,1.0")
     ap.add_argument("--new-tokens", type=int, default=256)
     ap.add_argument("--json", default=None, help="write the results here")
@@ -440,7 +550,7 @@ def main() -> None:
     if "kernels" in only:  # before the engine takes the GPU memory
         t = time.perf_counter()
         try:
-            section_kernels()
+            section_kernels(args.vgemm_sweep)
         except Exception:
             import traceback
 

@@ -406,13 +406,18 @@ def _gemv_silu_mul_kernel(
     if HAS_BIAS:
         acc += tl.load(b_ptr + w_rows, mask=row_ok, other=0.0).to(tl.float32)
     g, u = tl.split(tl.trans(tl.reshape(acc, [2, BLOCK_N])))  # [BLOCK_N] each
-    dt = out_ptr.dtype.element_ty
-    # Rounded where the unfused path rounds: the projection's output, then _silu_mul_kernel.
+    out_rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    tl.store(out_ptr + out_rows, _silu_mul_rounded(g, u, out_ptr.dtype.element_ty), mask=out_rows < I)
+
+
+@triton.jit
+def _silu_mul_rounded(g, u, dt: tl.constexpr):
+    """silu(gate) * up from fp32 projection sums, rounded where the unfused path rounds: the
+    projection's output, then `_silu_mul_kernel` (also the verify GEMM's epilogue)."""
     g = g.to(dt).to(tl.float32)
     u = u.to(dt).to(tl.float32)
     s = (g / (1.0 + tl.exp(-g))).to(dt)
-    out_rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    tl.store(out_ptr + out_rows, (s.to(tl.float32) * u).to(dt), mask=out_rows < I)
+    return (s.to(tl.float32) * u).to(dt)
 
 
 def gemv(

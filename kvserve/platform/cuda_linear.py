@@ -3,7 +3,10 @@ a step that samples one row), which reads the weights faster than cuBLAS at ever
 measured (see `triton_ops.gemv_config`); cuBLAS (`F.linear`) for every other row count. A fused
 gate/up projection gets the GEMV with SiLU·mul in its epilogue, a fused qkv projection the GEMV
 with RoPE (and the K/V cache write) in its epilogue, and with `KVSERVE_QK_NORM_GEMV=1` one with
-Qwen3's q/k norm as well (`models/triton_qk_norm.py`)."""
+Qwen3's q/k norm as well (`models/triton_qk_norm.py`). With `KVSERVE_VERIFY_GEMM=triton`, 2..16 rows
+(a verify step, a small decode batch) take the tensor-core verify GEMM of
+`kernels/triton_verify_gemm.py` with the same fused epilogues and PDL, instead of cuBLAS then the
+epilogue kernels (opt-in until timed: `benchmarks/spec_gpu_bench.py --only kernels,verify`)."""
 
 from __future__ import annotations
 
@@ -22,6 +25,17 @@ def _one_row(layer: Linear, x: torch.Tensor) -> bool:
     )
 
 
+def _few_rows(layer: Linear, x: torch.Tensor) -> bool:
+    """x is 2..16 contiguous rows in the layer's dtype and KVSERVE_VERIFY_GEMM=triton."""
+    w = layer.weight
+    if not (x.dim() == 2 and 2 <= x.shape[0] <= 16 and x.dtype == w.dtype and x.stride(1) == 1
+            and w.dtype in (torch.float16, torch.bfloat16) and w.stride(1) == 1):
+        return False
+    from kvserve.kernels import triton_verify_gemm
+
+    return triton_verify_gemm.requested()
+
+
 class TritonGemvLinearMethod(DenseLinearMethod):
     name = "dense-triton-gemv"
 
@@ -30,6 +44,10 @@ class TritonGemvLinearMethod(DenseLinearMethod):
             from kvserve.models import triton_ops
 
             return triton_ops.gemv(x, layer.weight, layer.bias)
+        if _few_rows(layer, x):
+            from kvserve.kernels import triton_verify_gemm
+
+            return triton_verify_gemm.verify_gemm(x, layer.weight, layer.bias)
         return F.linear(x, layer.weight, layer.bias)
 
     def apply_silu_mul(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
@@ -38,6 +56,10 @@ class TritonGemvLinearMethod(DenseLinearMethod):
             from kvserve.models import triton_ops
 
             return triton_ops.gemv_silu_mul(x, layer.weight, layer.bias)
+        if _few_rows(layer, x):
+            from kvserve.kernels import triton_verify_gemm
+
+            return triton_verify_gemm.verify_gemm_silu_mul(x, layer.weight, layer.bias)
         return self.ops.silu_and_mul(self.apply(layer, x))
 
     def apply_qkv_rope(self, layer: Linear, x: torch.Tensor, *args) -> torch.Tensor | None:
@@ -45,6 +67,11 @@ class TritonGemvLinearMethod(DenseLinearMethod):
             from kvserve.models import triton_ops
 
             return triton_ops.gemv_rope_(x, layer.weight, layer.bias, *args)
+        if _few_rows(layer, x):
+            from kvserve.kernels import triton_verify_gemm
+
+            if triton_verify_gemm.supports_rope(args[4]):  # args: positions, cos_sin, hq, hkv, head_dim, ...
+                return triton_verify_gemm.verify_gemm_rope_(x, layer.weight, layer.bias, *args)
         return None
 
     def apply_qkv_norm_rope(self, layer: Linear, x: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,

@@ -86,7 +86,7 @@ class CudaTritonOps(Ops):
         kv_written = backend_fuses_kv_write
         cache, slots = (kv_cache, slot_mapping) if kv_written else (None, None)
         qkv = None
-        if q_norm is None:  # one row: projection + RoPE (+ cache write) in one kernel
+        if q_norm is None:  # one row (or 2..16 with KVSERVE_VERIFY_GEMM=triton): projection + RoPE (+ cache write) in one kernel
             qkv = qkv_proj.method.apply_qkv_rope(
                 qkv_proj, x, rope.positions, rope.cos_sin_table, hq, hkv, d, cache, slots
             )

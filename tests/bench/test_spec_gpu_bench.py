@@ -66,3 +66,21 @@ def test_kernel_groups():
     assert got["epilogue (rope / kv store, silu*mul)"] == (64, 110.0)
     assert got["triton gemv (+ fused epilogue)"] == (32, 590.0)
     assert any(k.startswith("other (") for k in got)
+
+
+def test_verify_variants_add_the_verify_gemm(monkeypatch):
+    pytest.importorskip("triton")
+    from kvserve.kernels.triton_verify_gemm import requested
+
+    monkeypatch.delenv("KVSERVE_VERIFY_ATTN", raising=False)
+    monkeypatch.delenv("KVSERVE_VERIFY_GEMM", raising=False)
+    requested.cache_clear()
+    v = sgb.verify_variants()
+    assert [x[2] for x in v] == [None, None, "triton"] and v[-1][1] == {}
+    with sgb.verify_gemm_mode("triton"):
+        assert requested()
+    assert not requested()
+    monkeypatch.setenv("KVSERVE_VERIFY_GEMM", "triton")
+    requested.cache_clear()
+    assert [x[2] for x in sgb.verify_variants()] == [None, None]
+    requested.cache_clear()
