@@ -278,6 +278,23 @@ def choose_num_splits(
     return splits
 
 
+def launch_plan(q, kv_cache, out, num_seqs, num_splits, partials, config):
+    """What a decode-attention launch needs from its arguments: (num_heads, head_dim, num_kv_heads,
+    block_size, group, block_n, warps, stages, direct, (part_acc, part_m, part_l), use_pdl); the
+    split partials allocated when not given (one split writes `out` directly: no partials)."""
+    _, num_heads, head_dim = q.shape
+    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
+    block_n, warps, stages = config or _decode_config(head_dim, q.dtype)
+    direct = num_splits == 1
+    if direct:
+        parts = (out, out, out)  # unused by the kernel in this mode
+    else:
+        parts = partials if partials is not None else alloc_partials(num_seqs, num_heads, num_splits, head_dim,
+                                                                     q.device)
+    return (num_heads, head_dim, num_kv_heads, block_size, num_heads // num_kv_heads, block_n, warps, stages, direct,
+            tuple(parts), pdl.enabled(q.device))
+
+
 def decode_attention(
     q: torch.Tensor,  # [T, num_heads, head_dim]
     kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_dim]
@@ -298,18 +315,8 @@ def decode_attention(
     allocated here when not given (callers reuse one set across layers). `sinks` [num_heads]:
     per-head sink logits added to each softmax denominator (gpt-oss); None compiles the
     kernels without them."""
-    _, num_heads, head_dim = q.shape
-    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
-    group = num_heads // num_kv_heads
-    block_n, warps, stages = config or _decode_config(head_dim, q.dtype)
-    direct = num_splits == 1
-    if direct:
-        part_acc = part_m = part_l = out  # unused by the kernel in this mode
-    else:
-        if partials is None:
-            partials = alloc_partials(num_seqs, num_heads, num_splits, head_dim, q.device)
-        part_acc, part_m, part_l = partials
-    use_pdl = pdl.enabled(q.device)
+    (num_heads, head_dim, num_kv_heads, block_size, group, block_n, warps, stages, direct,
+     (part_acc, part_m, part_l), use_pdl) = launch_plan(q, kv_cache, out, num_seqs, num_splits, partials, config)
     _decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q,
         kv_cache,

@@ -32,11 +32,10 @@ import triton.language as tl
 
 from kvserve.attention.triton.decode import (
     _LOG2E,
-    _decode_config,
     _decode_reduce_kernel,
     _live_splits,
     _tile_positions,
-    alloc_partials,
+    launch_plan,
 )
 from kvserve.attention.triton.online_softmax import fold_tile
 from kvserve.models import pdl
@@ -166,18 +165,8 @@ def verify_decode_attention(
 ) -> None:
     """Pure-decode attention of rows grouped by request (no sliding window, no sinks: callers
     take `decode.decode_attention` for those). `partials` as in `decode.decode_attention`."""
-    _, num_heads, head_dim = q.shape
-    num_kv_heads, block_size = kv_cache.shape[3], kv_cache.shape[2]
-    group = num_heads // num_kv_heads
-    block_n, warps, stages = config or _decode_config(head_dim, q.dtype)
-    direct = num_splits == 1
-    if direct:
-        part_acc = part_m = part_l = out  # unused by the kernel in this mode
-    else:
-        if partials is None:
-            partials = alloc_partials(num_seqs, num_heads, num_splits, head_dim, q.device)
-        part_acc, part_m, part_l = partials
-    use_pdl = pdl.enabled(q.device)
+    (num_heads, head_dim, num_kv_heads, block_size, group, block_n, warps, stages, direct,
+     (part_acc, part_m, part_l), use_pdl) = launch_plan(q, kv_cache, out, num_seqs, num_splits, partials, config)
     _verify_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, kv_cache, out, part_acc, part_m, part_l, block_tables, seq_lens, groups,
         scale * _LOG2E, num_splits, num_heads,
