@@ -109,7 +109,7 @@ def add_rmsnorm_fp8(
 
 
 def silu_and_mul_fp8(x: torch.Tensor) -> torch.Tensor:
-    """`silu_and_mul` of [T, 2I] rows carrying its `act_quant_fp8` (I <= SILU_FP8_MAX_COLS)."""
+    """`silu_and_mul` of [T, 2I] rows carrying its `act_quant_fp8`."""
     from kvserve.models import triton_ops
 
     out, q, scale = triton_ops.silu_and_mul_fp8(x)

@@ -68,10 +68,7 @@ class CudaTritonOps(Ops):
         return fused_ops.add_rmsnorm(x, residual, weight, eps)
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
-        from kvserve.models.triton_ops import SILU_FP8_MAX_COLS
-
-        cols = x.shape[-1] // 2
-        if self._fp8_act(x, cols) and cols <= SILU_FP8_MAX_COLS:
+        if self._fp8_act(x, x.shape[-1] // 2):
             return fused_ops.silu_and_mul_fp8(x)
         return fused_ops.silu_and_mul(x)
 

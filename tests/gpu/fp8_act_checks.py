@@ -50,16 +50,20 @@ def check_norms(t: int, h: int, device: str, dtype: torch.dtype) -> None:
     _same(q, wq, "add_rmsnorm fp8")
 
 
-def check_silu(t: int, inter: int, device: str, dtype: torch.dtype) -> None:
+def check_silu(t: int, inter: int, device: str, dtype: torch.dtype, block: int | None = None) -> None:
+    """`block`: the fused kernel's columns at a time (None: its default), to cover several chunks."""
     from kvserve.kernels import triton_quant
-    from kvserve.models import fused_ops
+    from kvserve.models import fused_ops, triton_ops
 
     x = _rows(t, 2 * inter, device, dtype, 4)
     x[2, inter:] = 0.0  # up all zero: a zero output row
     want = fused_ops.silu_and_mul(x)
-    got = fused_ops.silu_and_mul_fp8(x)
+    if block is None:
+        got = fused_ops.silu_and_mul_fp8(x)
+        q, s = fused_ops.fp8_activation(got)
+    else:
+        got, q, s = triton_ops.silu_and_mul_fp8(x, block=block)
     _same(got, want, "silu_and_mul out")
-    q, s = fused_ops.fp8_activation(got)
     wq, ws = triton_quant.act_quant_fp8(want)
     _same(s, ws, "silu_and_mul scale")
     _same(q, wq, "silu_and_mul fp8")
@@ -90,6 +94,7 @@ def run_interpret() -> None:
     for dtype in (torch.float16, torch.bfloat16):
         check_norms(6, 96, "cpu", dtype)  # 96: a masked tail in the 128-wide block
         check_silu(5, 96, "cpu", dtype)
+        check_silu(5, 96, "cpu", dtype, block=32)  # three chunks a row
         check_ops("cpu", dtype)
     print("interpret checks passed")
 
