@@ -12,6 +12,9 @@ Triton MoE (`kernels/triton_moe.py`) over the weights `platform/cuda_moe.py` sta
 would take run the PDL expert kernels of `kernels/triton_moe_decode.py`; `KVSERVE_MOE_DECODE=torch`
 keeps the routing as torch ops and the pairs kernels; `KVSERVE_MOE_DECODE=fused-router` also does a
 decode batch's post-attention add-and-norm, router projection and routing in one launch.
+For FP8 weights with `KVSERVE_FP8_FUSED_ACT=1` the norm and SiLU·mul kernels of batches the FP8
+projections run through `_scaled_mm` also write their output in e4m3 with per-row scales, carried
+on the output tensor (`fused_ops.fp8_activation`) for those projections.
 """
 
 from __future__ import annotations

@@ -23,7 +23,9 @@ Products (`CudaQuantLinearMethod.apply`):
   groups of 32, which measured faster dequantized); with KVSERVE_INT4_QMM=words|raw|auto, 4-bit
   weights of any group size take the word GEMM up to `INT4_QMM_MAX_ROWS` (512) rows;
 - more rows: int8 / int4 dequantized to the model dtype in one pass, then cuBLAS; FP8 with
-  per-row dynamic activation scales through `torch._scaled_mm` (FP8 tensor cores).
+  per-row dynamic activation scales through `torch._scaled_mm` (FP8 tensor cores); with
+  KVSERVE_FP8_FUSED_ACT=1 the norm / SiLU·mul kernel that produced x already wrote them
+  (`fused_ops.fp8_activation`), else `act_quant_fp8` here.
   (`benchmarks/gpu_quant_bench.py` measured the crossover; see benchmarks/RESULTS.md.)
 
 Dense checkpoint shards are quantized as they arrive (on the GPU), so the bf16 model is never
