@@ -163,10 +163,21 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def silu_fp8_block(n_cols: int, cap: int = 2048) -> int:
+    """Columns `_silu_mul_fp8_kernel` takes at a time: the largest power of two <= cap that
+    divides the row (no masked tail: Qwen3-0.6B's 3,072 -> 1,024, Llama-3.1-8B's 14,336 -> 2,048)
+    down to 1,024, else cap (or the whole row, if shorter)."""
+    block = min(triton.next_power_of_2(n_cols), cap)
+    b = block
+    while b > 1024 and n_cols % b:
+        b //= 2
+    return b if n_cols % b == 0 else block
+
+
 def silu_and_mul_fp8(x: torch.Tensor, block: int = 2048) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[T, 2I] -> (silu(gate) * up [T, I], its `act_quant_fp8`: float8_e4m3fn [T, I] and fp32
     scales [T, 1]) in one kernel, the same bits as `silu_and_mul` then `act_quant_fp8`. `block`:
-    columns a program handles at a time (a power of two; tests use small ones)."""
+    the most columns a program handles at a time (a power of two; tests use small ones)."""
     n_rows, width = x.shape
     n_cols = width // 2
     out = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
@@ -174,7 +185,7 @@ def silu_and_mul_fp8(x: torch.Tensor, block: int = 2048) -> tuple[torch.Tensor, 
     scale = torch.empty((n_rows, 1), dtype=torch.float32, device=x.device)
     if n_rows == 0:
         return out, q, scale
-    block = min(triton.next_power_of_2(n_cols), block)
+    block = silu_fp8_block(n_cols, block)
     use_pdl = pdl.enabled(x.device)
     _silu_mul_fp8_kernel[(n_rows,)](
         x, out, q, scale, x.stride(0), out.stride(0), n_cols, BLOCK=block, PDL=use_pdl,

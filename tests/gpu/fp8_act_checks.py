@@ -95,6 +95,7 @@ def run_interpret() -> None:
         check_norms(6, 96, "cpu", dtype)  # 96: a masked tail in the 128-wide block
         check_silu(5, 96, "cpu", dtype)
         check_silu(5, 96, "cpu", dtype, block=32)  # three chunks a row
+        check_silu(5, 96, "cpu", dtype, block=64)  # two, the second half masked
         check_ops("cpu", dtype)
     print("interpret checks passed")
 

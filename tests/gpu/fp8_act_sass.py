@@ -27,7 +27,7 @@ def norm(hidden: int, res: bool):
 
 
 def silu(inter: int):
-    block = min(1 << (inter - 1).bit_length(), 2048)
+    block = to.silu_fp8_block(inter)
     rt = {"x_ptr": "*bf16", "out_ptr": "*bf16", "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "stride_x": "i32",
           "stride_o": "i32", "n_cols": "i32"}
     aligned = ["x_ptr", "out_ptr", "q_ptr", "stride_x", "stride_o", "n_cols"]
