@@ -18,8 +18,18 @@ decode: Llama-3.1-8B shapes, random weights, one engine per format (bf16, int8, 
     batch-1 decode ms/token (128-token prompt, 256 new) against the floor = bytes one step
     reads (quantized weights + KV) / the best large bf16 GEMV's read bandwidth in this run;
     batch-16 decode ms/step; prefill 8 x 2048 tokens in one step.
+prefill: Llama-3.1-8B shapes, random weights, prefill 8 x 2048 tokens in one step only, one engine
+    per --prefill-schemes entry, each against bf16's in this run.
 throughput: the 256-request workload of benchmarks/gpu_bench.py (Qwen3-0.6B shapes), one run
     per format.
+
+A scheme may carry engine switches after '+': `fp8+fused` is fp8 with KVSERVE_FP8_FUSED_ACT=1 (the
+norm and SiLU·mul kernels also write the FP8 activations), so
+
+    python -m benchmarks.gpu_quant_bench --only prefill --prefill-schemes bf16,fp8,fp8+fused
+    python -m benchmarks.gpu_quant_bench --only throughput --tp-schemes bf16,fp8,fp8+fused
+
+time the option on and off beside bf16 in one process.
 peer: gpt-fast (pytorch-labs/gpt-fast: its model.py, quantize.py, tokenizer.py copied into
     --peer-dir; not part of kvserve) Llama-3.1-8B shapes, random weights, batch-1 decode under
     torch.compile(mode="reduce-overhead"), int8 and int4 (group 128, inner_k_tiles 8).
@@ -451,6 +461,31 @@ def section_qmm(sweep: bool = True, names: tuple[str, ...] = ("qkv", "o", "gate_
     RESULTS["qmm"] = rows
 
 
+# Engine switches a scheme may name after '+' (see the module doc).
+VARIANT_ENV = {"fused": {"KVSERVE_FP8_FUSED_ACT": "1"}}
+
+
+def build_llm(folder: str, scheme: str, **kwargs) -> LLM:
+    """An engine for `scheme` ('bf16', 'int8', 'fp8', or one with '+switch': see VARIANT_ENV),
+    the switches' environment set while it is built (the platform reads them then)."""
+    base, *switches = scheme.split("+")
+    env = {}
+    for sw in switches:
+        if sw not in VARIANT_ENV:
+            raise ValueError(f"scheme {scheme!r}: unknown switch {sw!r} (known: {', '.join(VARIANT_ENV)})")
+        env.update(VARIANT_ENV[sw])
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return LLM(folder, load_format="dummy", quantization=None if base == "bf16" else base, **kwargs)
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def read_bytes(model: torch.nn.Module) -> int:
     """Bytes one decode step reads: parameters and quantized buffers, less an untied embedding."""
     total = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -483,9 +518,8 @@ def batch_decode(llm: LLM, batch: int = 16, prompt_len: int = 128, new: int = 12
 def section_decode(root: Path, bw: float, flops: float, schemes: list[str]) -> None:
     name = "Llama-3.1-8B"
     for scheme in schemes:
-        llm = LLM(gb.model_folder(name, root), load_format="dummy", max_model_len=4096, max_num_seqs=16,
-                  max_num_batched_tokens=16384, enable_prefix_caching=False, gpu_memory_utilization=0.6,
-                  quantization=None if scheme == "bf16" else scheme)
+        llm = build_llm(gb.model_folder(name, root), scheme, max_model_len=4096, max_num_seqs=16,
+                        max_num_batched_tokens=16384, enable_prefix_caching=False, gpu_memory_utilization=0.6)
         model = llm.engine.runner.model
         cfg = llm.engine.model_config
         wbytes = read_bytes(model)
@@ -503,6 +537,27 @@ def section_decode(root: Path, bw: float, flops: float, schemes: list[str]) -> N
             f"{floor * 1e3:.3f} ms -> {100 * floor / s:.1f}% of floor; batch-16 {b16 * 1e3:.3f} ms/step; "
             f"prefill 8x2048 {row['prefill']['s'] * 1e3:.1f} ms")
         del llm, model
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def section_prefill(root: Path, flops: float, schemes: list[str]) -> None:
+    """Prefill 8 x 2048 tokens in one step (Llama-3.1-8B shapes) per scheme, and each against the
+    first scheme's (bf16's) time in this run. No decode: one engine start and four steps each."""
+    name = "Llama-3.1-8B"
+    base = None
+    for scheme in schemes:
+        llm = build_llm(gb.model_folder(name, root), scheme, max_model_len=4096, max_num_seqs=16,
+                        max_num_batched_tokens=16384, enable_prefix_caching=False, gpu_memory_utilization=0.6,
+                        enforce_eager=True)  # prefill runs eagerly anyway: no graph capture to wait for
+        gb.RESULTS.clear()
+        gb.section_prefill(llm, flops)
+        row = dict(gb.RESULTS["prefill/Llama-3.1-8B"])
+        base = base or row["s"]
+        row["speedup_vs_first"] = base / row["s"]
+        RESULTS[f"prefill/{name}/{scheme}"] = row
+        log(f"[prefill] {name} {scheme}: 8x2048 {row['s'] * 1e3:.1f} ms = {base / row['s']:.2f}x {schemes[0]}")
+        del llm
         gc.collect()
         torch.cuda.empty_cache()
 
@@ -541,15 +596,17 @@ def section_throughput(root: Path, schemes: list[str]) -> None:
     name = "Qwen3-0.6B"
     folder = gb.model_folder(name, root)
     prompts, outs = gb.workload()
+    base = None
     for scheme in schemes:
         t0 = time.perf_counter()
-        llm = LLM(folder, load_format="dummy", max_model_len=4096, gpu_memory_utilization=0.9,
-                  quantization=None if scheme == "bf16" else scheme)
+        llm = build_llm(folder, scheme, max_model_len=4096, gpu_memory_utilization=0.9)
         startup = time.perf_counter() - t0
         dt, n_out, steps = gb.run_workload(llm, prompts, outs)
-        RESULTS[f"throughput/{name}/{scheme}"] = {"startup_s": startup, "s": dt, "out_tok_s": n_out / dt, "steps": steps}
+        base = base or n_out / dt
+        RESULTS[f"throughput/{name}/{scheme}"] = {"startup_s": startup, "s": dt, "out_tok_s": n_out / dt, "steps": steps,
+                                                  "vs_first": n_out / dt / base}
         log(f"[throughput] {name} {scheme}: startup {startup:.1f}s; {n_out} tokens in {dt:.2f}s = {n_out / dt:.0f} out tok/s "
-            f"({steps} steps)")
+            f"({steps} steps) = {n_out / dt / base:.2f}x {schemes[0]}")
         del llm
         gc.collect()
         torch.cuda.empty_cache()
@@ -629,10 +686,11 @@ def section_peer(peer_dir: Path, bw: float, modes: list[str], prompt_len: int = 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="kernels,decode,throughput,peer", help="kernels, kernels1 (one-row GEMVs only), gemv (quantized GEMVs vs bf16, every format, tile sweep), gemv1 (the same, int8 / int4 / Q4_0, no sweep of the code-at-a-time kernel; the int32-word int4 GEMV vs a code at a time, with its tile sweep), qmm (several rows: GEMMs vs dequantize + cuBLAS, 4-bit word GEMM tile sweep; Qwen3-0.6B at 64-4096 rows), qmm1 (the Llama table only: no sweep, no int8 / Qwen3-0.6B), qmm4sweep (the 4-bit word GEMM tile sweep only), qmmqwen (Qwen3-0.6B shapes at 64-4096 rows, int8 reference), decode, decode1 (batch-1 decode only, --decode1 variants), throughput, peer")
+    ap.add_argument("--only", default="kernels,decode,throughput,peer", help="kernels, kernels1 (one-row GEMVs only), gemv (quantized GEMVs vs bf16, every format, tile sweep), gemv1 (the same, int8 / int4 / Q4_0, no sweep of the code-at-a-time kernel; the int32-word int4 GEMV vs a code at a time, with its tile sweep), qmm (several rows: GEMMs vs dequantize + cuBLAS, 4-bit word GEMM tile sweep; Qwen3-0.6B at 64-4096 rows), qmm1 (the Llama table only: no sweep, no int8 / Qwen3-0.6B), qmm4sweep (the 4-bit word GEMM tile sweep only), qmmqwen (Qwen3-0.6B shapes at 64-4096 rows, int8 reference), decode, decode1 (batch-1 decode only, --decode1 variants), prefill (8 x 2048 only, --prefill-schemes), throughput, peer")
     ap.add_argument("--schemes", default="bf16,int8,int4,fp8")
     ap.add_argument("--qmm-proj", default="qkv,o,gate_up,down", help="Llama-3.1-8B projections of --only qmm / qmm1")
-    ap.add_argument("--tp-schemes", default="bf16,int4,fp8")
+    ap.add_argument("--tp-schemes", default="bf16,int4,fp8", help="throughput: schemes (fp8+fused: KVSERVE_FP8_FUSED_ACT=1)")
+    ap.add_argument("--prefill-schemes", default="bf16,fp8,fp8+fused", help="prefill: schemes, the first the reference")
     ap.add_argument("--decode1", default="int4:codes,int4:words",
                     help="decode1 (batch-1 decode only): schemes, ':words' / ':codes' the int4 GEMV's decode")
     ap.add_argument("--peer-dir", default="peer")
@@ -647,7 +705,7 @@ def main() -> None:
     RESULTS["device"] = props.name
     root = Path(tempfile.mkdtemp())
     bw = flops = None
-    if only & {"decode", "decode1", "peer"}:
+    if only & {"decode", "decode1", "peer", "prefill"}:
         bw, flops = gb.ceilings()
         RESULTS["ceiling_GBps"], RESULTS["matmul_TFLOPs"] = bw / 1e9, flops / 1e12
         log(f"[ceilings] best large GEMV {bw / 1e9:.0f} GB/s, bf16 matmul {flops / 1e12:.0f} TFLOP/s")
@@ -662,6 +720,7 @@ def main() -> None:
         ("qmmqwen", lambda: section_qmm(sweep=False, names=(), extras=True)),  # Qwen3-0.6B shapes (+ int8) only
         ("decode", lambda: section_decode(root, bw, flops, args.schemes.split(","))),
         ("decode1", lambda: section_decode1(root, bw, args.decode1.split(","))),
+        ("prefill", lambda: section_prefill(root, flops, args.prefill_schemes.split(","))),
         ("throughput", lambda: section_throughput(root, args.tp_schemes.split(","))),
         ("peer", lambda: section_peer(Path(args.peer_dir), bw, args.peer_modes.split(","))),
     ]

@@ -63,6 +63,59 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     return triton_ops.silu_and_mul(x)
 
 
+# -- FP8 activations written by the kernel that produces them ----------------------------------
+# A norm or SiLU·mul whose output feeds FP8 projections can also write that output as
+# `act_quant_fp8` would (FP8 rows and per-row scales: `rmsnorm_fp8`, `silu_and_mul_fp8`). The
+# pair travels on the output tensor itself (`fp8_activation`), so every other consumer (a bf16
+# projection, the residual, an MoE block) reads the tensor as before and the model code does not
+# change; the FP8 linear method takes the pair instead of quantizing again (platform/cuda_quant.py).
+_FP8_ATTR = "_kvserve_fp8_act"
+
+
+def fp8_activation(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(float8_e4m3fn [T, K], fp32 scales [T, 1]) written with `x` by the kernel that produced it,
+    or None. Only the tensor object the op returned carries it (a view or copy of it does not)."""
+    return getattr(x, _FP8_ATTR, None)
+
+
+def _with_fp8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    setattr(x, _FP8_ATTR, (q, scale))
+    return x
+
+
+def _fp8_pair(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device),
+            torch.empty((x.shape[0], 1), dtype=torch.float32, device=x.device))
+
+
+def rmsnorm_fp8(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`rmsnorm` of x [T, H] carrying its `act_quant_fp8` (see `fp8_activation`), one kernel."""
+    from kvserve.models import triton_ops
+
+    pair = _fp8_pair(x)
+    out, _ = triton_ops.rmsnorm(x, weight, eps, fp8_out=pair)
+    return _with_fp8(out, *pair)
+
+
+def add_rmsnorm_fp8(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`add_rmsnorm` of [T, H] rows, the normalized rows carrying their `act_quant_fp8`."""
+    from kvserve.models import triton_ops
+
+    pair = _fp8_pair(x)
+    out, res = triton_ops.rmsnorm(x, weight, eps, residual, fp8_out=pair)
+    return _with_fp8(out, *pair), res
+
+
+def silu_and_mul_fp8(x: torch.Tensor) -> torch.Tensor:
+    """`silu_and_mul` of [T, 2I] rows carrying its `act_quant_fp8`."""
+    from kvserve.models import triton_ops
+
+    out, q, scale = triton_ops.silu_and_mul_fp8(x)
+    return _with_fp8(out, q, scale)
+
+
 def rope_qk_(
     qkv: torch.Tensor,  # [T, (Hq + 2 Hkv) * D]
     positions: torch.Tensor,  # [T]

@@ -25,6 +25,8 @@ def _rmsnorm_kernel(
     w_ptr,
     out_ptr,
     res_out_ptr,
+    q_ptr,  # FP8: [T, H] float8_e4m3fn, contiguous
+    scale_ptr,  # FP8: [T] fp32
     stride_x,
     stride_r,
     stride_o,
@@ -32,6 +34,7 @@ def _rmsnorm_kernel(
     n_cols,
     eps,
     HAS_RES: tl.constexpr,
+    FP8: tl.constexpr,
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,
 ):
@@ -49,8 +52,21 @@ def _rmsnorm_kernel(
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, 0) / n_cols
     normed = (xf * (1.0 / tl.sqrt_rn(var + eps))).to(out_ptr.dtype.element_ty)
-    out = w.to(tl.float32) * normed.to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    out = (w.to(tl.float32) * normed.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + row * stride_o + cols, out, mask=mask)
+    if FP8:
+        _fp8_row(out.to(tl.float32), q_ptr + row * n_cols, scale_ptr + row, cols, mask)
+
+
+@triton.jit
+def _fp8_row(y, q_ptr, scale_ptr, cols, mask):
+    """`triton_quant.act_quant_fp8` of one whole row: y [BLOCK] the fp32 values of the row as
+    stored in the model dtype (0 past the row). The same operations as that kernel (the max is
+    exact in any order, then the same division and clamp), so the same bits."""
+    scale = tl.maximum(tl.max(tl.abs(y), 0), 1e-12) / 448.0
+    tl.store(scale_ptr, scale)
+    q = tl.minimum(tl.maximum(y / scale, -448.0), 448.0)
+    tl.store(q_ptr + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 
 def rmsnorm(
@@ -58,8 +74,11 @@ def rmsnorm(
     weight: torch.Tensor,  # [H]
     eps: float,
     residual: torch.Tensor | None = None,  # [T, H]
+    fp8_out: tuple[torch.Tensor, torch.Tensor] | None = None,  # ([T, H] float8_e4m3fn, [T, 1] fp32)
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(norm(x + residual), x + residual) or (norm(x), None): one read of each input."""
+    """(norm(x + residual), x + residual) or (norm(x), None): one read of each input. With
+    `fp8_out` the kernel also writes the normalized rows as `act_quant_fp8` would (FP8 values
+    and per-row scales) into those tensors."""
     n_rows, n_cols = x.shape
     out = torch.empty_like(x)
     res_out = torch.empty_like(x) if residual is not None else None
@@ -67,16 +86,25 @@ def rmsnorm(
         return out, res_out
     block = triton.next_power_of_2(n_cols)
     use_pdl = pdl.enabled(x.device)
+    q, scale = fp8_out if fp8_out is not None else (out, out)
     _rmsnorm_kernel[(n_rows,)](
         x, residual if residual is not None else x, weight, out,
-        res_out if res_out is not None else out,
+        res_out if res_out is not None else out, q, scale,
         x.stride(0), residual.stride(0) if residual is not None else 0,
         out.stride(0), res_out.stride(0) if res_out is not None else 0,
         n_cols, eps,
-        HAS_RES=residual is not None, BLOCK=block, PDL=use_pdl,
+        HAS_RES=residual is not None, FP8=fp8_out is not None, BLOCK=block, PDL=use_pdl,
         num_warps=min(max(block // 256, 1), 16), launch_pdl=use_pdl,
     )
     return out, res_out
+
+
+@triton.jit
+def _silu_mul_row(g, u, dt: tl.constexpr):
+    """silu(g) * u in fp32 from g in fp32 and u in the model dtype, rounded to `dt`: F.silu
+    rounds its output to the input dtype before the product, so do we."""
+    s = (g / (1.0 + tl.exp(-g))).to(dt)
+    return (s.to(tl.float32) * u.to(tl.float32)).to(dt)
 
 
 @triton.jit
@@ -87,10 +115,36 @@ def _silu_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, n_cols, BLOCK: tl.const
     mask = cols < n_cols
     g = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     u = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0)
-    # F.silu rounds its output to the input dtype before the product: so do we.
-    s = (g / (1.0 + tl.exp(-g))).to(out_ptr.dtype.element_ty)
-    out = s.to(tl.float32) * u.to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * stride_o + cols, _silu_mul_row(g, u, out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _silu_mul_fp8_kernel(x_ptr, out_ptr, q_ptr, scale_ptr, stride_x, stride_o, n_cols,
+                         BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """`_silu_mul_kernel` with a whole row a program, which also writes the row as
+    `act_quant_fp8` would (the down projection's FP8 input): the row's amax while it is
+    computed, then its stored values read back (in L2) and quantized, as that kernel's two passes."""
+    pdl.wait(PDL)
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    amax = tl.zeros([BLOCK], dtype=tl.float32)
+    for k0 in range(0, n_cols, BLOCK):
+        c = k0 + cols
+        mask = c < n_cols
+        g = tl.load(x_ptr + row * stride_x + c, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(x_ptr + row * stride_x + n_cols + c, mask=mask, other=0.0)
+        out = _silu_mul_row(g, u, out_ptr.dtype.element_ty)  # 0 past the row (silu(0) * 0)
+        tl.store(out_ptr + row * stride_o + c, out, mask=mask)
+        amax = tl.maximum(amax, tl.abs(out.to(tl.float32)))
+    scale = tl.maximum(tl.max(amax, 0), 1e-12) / 448.0
+    tl.store(scale_ptr + row, scale)
+    tl.debug_barrier()  # the row's stores above are visible to every thread of this program
+    for k0 in range(0, n_cols, BLOCK):
+        c = k0 + cols
+        mask = c < n_cols
+        y = tl.load(out_ptr + row * stride_o + c, mask=mask, other=0.0).to(tl.float32)
+        q = tl.minimum(tl.maximum(y / scale, -448.0), 448.0)
+        tl.store(q_ptr + row * n_cols + c, q.to(q_ptr.dtype.element_ty), mask=mask)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
@@ -107,6 +161,37 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
         num_warps=4 if block >= 1024 else 2, launch_pdl=use_pdl,
     )
     return out
+
+
+def silu_fp8_block(n_cols: int, cap: int = 2048) -> int:
+    """Columns `_silu_mul_fp8_kernel` takes at a time: the largest power of two <= cap that
+    divides the row (no masked tail: Qwen3-0.6B's 3,072 -> 1,024, Llama-3.1-8B's 14,336 -> 2,048)
+    down to 1,024, else cap (or the whole row, if shorter)."""
+    block = min(triton.next_power_of_2(n_cols), cap)
+    b = block
+    while b > 1024 and n_cols % b:
+        b //= 2
+    return b if n_cols % b == 0 else block
+
+
+def silu_and_mul_fp8(x: torch.Tensor, block: int = 2048) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[T, 2I] -> (silu(gate) * up [T, I], its `act_quant_fp8`: float8_e4m3fn [T, I] and fp32
+    scales [T, 1]) in one kernel, the same bits as `silu_and_mul` then `act_quant_fp8`. `block`:
+    the most columns a program handles at a time (a power of two; tests use small ones)."""
+    n_rows, width = x.shape
+    n_cols = width // 2
+    out = torch.empty((n_rows, n_cols), dtype=x.dtype, device=x.device)
+    q = torch.empty((n_rows, n_cols), dtype=torch.float8_e4m3fn, device=x.device)
+    scale = torch.empty((n_rows, 1), dtype=torch.float32, device=x.device)
+    if n_rows == 0:
+        return out, q, scale
+    block = silu_fp8_block(n_cols, block)
+    use_pdl = pdl.enabled(x.device)
+    _silu_mul_fp8_kernel[(n_rows,)](
+        x, out, q, scale, x.stride(0), out.stride(0), n_cols, BLOCK=block, PDL=use_pdl,
+        num_warps=4 if block >= 1024 else 2, launch_pdl=use_pdl,
+    )
+    return out, q, scale
 
 
 @triton.jit

@@ -107,11 +107,13 @@ class CudaPlatform(Platform):
 
             ops = CudaTritonOps()
         if weights.quantize_to is not None and self.triton:
-            from kvserve.platform.cuda_quant import CudaQuantLinearMethod
+            from kvserve.platform.cuda_quant import FP8_QMM_MAX_ROWS, CudaQuantLinearMethod, fp8_fused_act_mode
 
             scheme = None if weights.quantize_to == "gguf" else weights.quantize_to
             qmethod = CudaQuantLinearMethod(scheme, self.device, dtype)
             qmethod.ops = ops
+            if scheme == "fp8" and fp8_fused_act_mode():
+                ops.fp8_act_rows = FP8_QMM_MAX_ROWS  # norms and SiLU·mul also write FP8 rows
             head = None
             if scheme == "int4":  # the LM head sets every logit: 8-bit, as the CPU keeps it
                 head = CudaQuantLinearMethod("int8", self.device, dtype)

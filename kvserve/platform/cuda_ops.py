@@ -12,6 +12,9 @@ Triton MoE (`kernels/triton_moe.py`) over the weights `platform/cuda_moe.py` sta
 would take run the PDL expert kernels of `kernels/triton_moe_decode.py`; `KVSERVE_MOE_DECODE=torch`
 keeps the routing as torch ops and the pairs kernels; `KVSERVE_MOE_DECODE=fused-router` also does a
 decode batch's post-attention add-and-norm, router projection and routing in one launch.
+For FP8 weights with `KVSERVE_FP8_FUSED_ACT=1` the norm and SiLU·mul kernels of batches the FP8
+projections run through `_scaled_mm` also write their output in e4m3 with per-row scales, carried
+on the output tensor (`fused_ops.fp8_activation`) for those projections.
 """
 
 from __future__ import annotations
@@ -45,16 +48,31 @@ class CudaTritonOps(Ops):
         self.moe_decode = moe_decode_mode()  # KVSERVE_MOE_DECODE, checked when the engine is built
         self.moe_decode_tiles = moe_decode_tiles()  # KVSERVE_MOE_DECODE_TILES, likewise
         self.qk_norm_gemv = qk_norm_gemv_mode()  # KVSERVE_QK_NORM_GEMV, likewise
+        # Set by the platform for FP8 weights with KVSERVE_FP8_FUSED_ACT=1: batches of more rows
+        # than this (the rows FP8 projections take through `_scaled_mm`) get norm and SiLU·mul
+        # outputs that also carry their FP8 form (`fused_ops.fp8_activation`).
+        self.fp8_act_rows: int | None = None
+
+    def _fp8_act(self, x: torch.Tensor, cols: int) -> bool:
+        rows = self.fp8_act_rows
+        return (rows is not None and x.dim() == 2 and x.shape[0] > rows and cols % 16 == 0
+                and x.dtype in (torch.bfloat16, torch.float16))
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        if self._fp8_act(x, x.shape[-1]):
+            return fused_ops.rmsnorm_fp8(x, weight, eps)
         return fused_ops.rmsnorm(x, weight, eps)
 
     def add_rms_norm(
         self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._fp8_act(x, x.shape[-1]) and residual.shape == x.shape:
+            return fused_ops.add_rmsnorm_fp8(x, residual, weight, eps)
         return fused_ops.add_rmsnorm(x, residual, weight, eps)
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fp8_act(x, x.shape[-1] // 2):
+            return fused_ops.silu_and_mul_fp8(x)
         return fused_ops.silu_and_mul(x)
 
     def rope_for_step(self, rotary: RotaryEmbedding, positions: torch.Tensor, dtype: torch.dtype) -> StepRope:

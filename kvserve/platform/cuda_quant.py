@@ -23,7 +23,9 @@ Products (`CudaQuantLinearMethod.apply`):
   groups of 32, which measured faster dequantized); with KVSERVE_INT4_QMM=words|raw|auto, 4-bit
   weights of any group size take the word GEMM up to `INT4_QMM_MAX_ROWS` (512) rows;
 - more rows: int8 / int4 dequantized to the model dtype in one pass, then cuBLAS; FP8 with
-  per-row dynamic activation scales through `torch._scaled_mm` (FP8 tensor cores).
+  per-row dynamic activation scales through `torch._scaled_mm` (FP8 tensor cores); with
+  KVSERVE_FP8_FUSED_ACT=1 the norm / SiLU·mul kernel that produced x already wrote them
+  (`fused_ops.fp8_activation`), else `act_quant_fp8` here.
   (`benchmarks/gpu_quant_bench.py` measured the crossover; see benchmarks/RESULTS.md.)
 
 Dense checkpoint shards are quantized as they arrive (on the GPU), so the bf16 model is never
@@ -40,6 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from kvserve.models import fused_ops
 from kvserve.models.layers import WeightLoadError
 from kvserve.models.linear import Linear, QuantizedTensor
 from kvserve.platform.cuda_linear import TritonGemvLinearMethod
@@ -66,6 +69,18 @@ FP8_QMM_MAX_ROWS = int(os.environ.get("KVSERVE_FP8_QMM_MAX_ROWS", "64"))
 # weight, where dequantize + cuBLAS writes and reads it in 16 bits first (the 256-request
 # workload's decode steps have up to 256 rows).
 INT4_QMM_MAX_ROWS = int(os.environ.get("KVSERVE_INT4_QMM_MAX_ROWS", "512"))
+
+
+def fp8_fused_act_mode() -> bool:
+    """`KVSERVE_FP8_FUSED_ACT`: "1" has the RMSNorm (with or without the residual add) and SiLU·mul
+    kernels also write their output in FP8 with per-row scales where FP8 projections read it
+    through `_scaled_mm` (more than FP8_QMM_MAX_ROWS rows), so those projections launch no
+    `act_quant_fp8` of their own (the same bits: `fused_ops.fp8_activation`); "0" (the default,
+    until timed on a GPU) quantizes in each projection; other values are an error."""
+    value = os.environ.get("KVSERVE_FP8_FUSED_ACT", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"KVSERVE_FP8_FUSED_ACT must be 0 or 1 (got {value!r})")
+    return value == "1"
 
 
 @dataclass
@@ -312,10 +327,14 @@ class CudaQuantLinearMethod(TritonGemvLinearMethod):
             return super().apply(layer, x)
         shape = x.shape
         x2 = x.reshape(-1, layer.in_features)
-        out = self._product(qw, x2, layer.bias)
+        act = fused_ops.fp8_activation(x) if qw.kind == "fp8" else None
+        out = self._product(qw, x2, layer.bias, act)
         return out.view(*shape[:-1], out.shape[-1])
 
-    def _product(self, qw: QWeight, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def _product(
+        self, qw: QWeight, x: torch.Tensor, bias: torch.Tensor | None,
+        fp8_act: tuple[torch.Tensor, torch.Tensor] | None = None,  # x's act_quant_fp8, if written with it
+    ) -> torch.Tensor:
         if not _cuda_kernels(x):
             return F.linear(x, qw.dequantize(x.dtype), bias)
         from kvserve.kernels import triton_quant
@@ -336,7 +355,10 @@ class CudaQuantLinearMethod(TritonGemvLinearMethod):
         ):
             return triton_quant.qmm(x, qw, bias)
         if qw.kind == "fp8" and x.dtype in (torch.bfloat16, torch.float16):
-            xq, xs = triton_quant.act_quant_fp8(x)
+            if fp8_act is not None and fp8_act[0].shape == x.shape:
+                xq, xs = fp8_act  # written by the norm / SiLU·mul kernel (KVSERVE_FP8_FUSED_ACT=1)
+            else:
+                xq, xs = triton_quant.act_quant_fp8(x)
             out = torch._scaled_mm(xq, qw.q.t(), scale_a=xs, scale_b=qw.scale.view(1, -1), out_dtype=x.dtype)
             return out if bias is None else out + bias
         return F.linear(x, triton_quant.dequantize(qw, x.dtype), bias)

@@ -7,7 +7,11 @@
 - engine: greedy tokens in fp32 of each format (int8, int4, fp8 from an HF checkpoint; GGUF
   Q8_0 / Q4_0 / Q4_1 / Q4_K and a Q4_K_M-style mix) equal the CPU engine's on the same weights
   dequantized (the reference in fp32 math), CUDA graphs on and off; bf16 logprobs near the
-  dequantized bf16 model's.
+  dequantized bf16 model's;
+- KVSERVE_FP8_FUSED_ACT=1 (norm and SiLU·mul kernels also write the FP8 activations): the
+  kernels equal the unfused path bit for bit at Llama-3.1-8B and Qwen3-0.6B widths, the FP8
+  layer takes the pair instead of quantizing again, and an fp8 engine's greedy tokens are the
+  same with the option on and off.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ pytest.importorskip("triton")
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 from kvserve import LLM, SamplingParams  # noqa: E402
-from tests.gpu import quant_checks  # noqa: E402
+from tests.gpu import fp8_act_checks, quant_checks  # noqa: E402
 
 FP8 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
 SCHEMES = ["int8", "int4"] + (["fp8"] if FP8 else [])
@@ -244,3 +248,72 @@ def test_engine_gguf_int4_words_matches_dequantized(monkeypatch, tmp_path, fmt):
     gpu = LLM(str(path), device="cuda", dtype="float32", quantization="gguf", **COMMON)
     assert gpu.engine.runner.model.layers[0].mlp.gate_up_proj.qweight.kind == "int4"
     assert [o.outputs[0].token_ids for o in _greedy(gpu)] == want
+
+
+# -- FP8 activations written by the norm / SiLU·mul kernels (KVSERVE_FP8_FUSED_ACT=1) ----------
+@pytest.mark.skipif(not FP8, reason="FP8 needs compute capability 8.9+")
+@pytest.mark.parametrize("t,h,inter", [(300, 4096, 14336), (257, 1024, 3072), (65, 2048, 8192)])
+def test_fp8_act_kernels_bf16(t, h, inter):
+    fp8_act_checks.check_norms(t, h, "cuda", torch.bfloat16)
+    fp8_act_checks.check_silu(t, inter, "cuda", torch.bfloat16)
+
+
+@pytest.mark.skipif(not FP8, reason="FP8 needs compute capability 8.9+")
+def test_fp8_act_ops_and_method(monkeypatch):
+    """The ops write the pair only above `fp8_act_rows` rows; the FP8 layer uses it (no
+    act_quant_fp8 launch) and gets the same output bits as quantizing itself."""
+    from kvserve.kernels import triton_quant
+    from kvserve.models import fused_ops
+    from kvserve.models.linear import Linear
+    from kvserve.platform.cuda_quant import FP8_QMM_MAX_ROWS, CudaQuantLinearMethod
+
+    fp8_act_checks.check_ops("cuda", torch.bfloat16)
+    dev = torch.device("cuda")
+    g = torch.Generator(device=dev).manual_seed(0)
+    layer = Linear(1024, 3072, False, CudaQuantLinearMethod("fp8", dev, torch.bfloat16))
+    layer.load_shard(torch.randn(3072, 1024, device=dev, generator=g) * 0.05)
+    layer.method.finish(layer)
+    w = torch.randn(1024, device=dev, generator=g).bfloat16()
+    x = torch.randn(FP8_QMM_MAX_ROWS + 100, 1024, device=dev, generator=g).bfloat16()
+    plain = fused_ops.rmsnorm(x, w, 1e-6)
+    want = layer(plain)
+    calls = []
+    real = triton_quant.act_quant_fp8
+    monkeypatch.setattr(triton_quant, "act_quant_fp8", lambda t: calls.append(t.shape) or real(t))
+    fused = fused_ops.rmsnorm_fp8(x, w, 1e-6)
+    assert torch.equal(layer(fused), want) and not calls
+    layer(plain)
+    assert calls == [plain.shape]  # without the pair the layer quantizes itself
+
+
+@pytest.mark.skipif(not FP8, reason="FP8 needs compute capability 8.9+")
+def test_engine_fp8_fused_act_same_tokens(tiny_model_factory, monkeypatch):
+    """bf16, fp8 weights: greedy tokens with KVSERVE_FP8_FUSED_ACT=1 equal those without (eager
+    and CUDA graphs), with prefills and decode batches past FP8_QMM_MAX_ROWS rows; eager, the
+    fused engine launches fewer act_quant_fp8 (only the o_proj and LM head ones are left)."""
+    import random
+
+    from kvserve.kernels import triton_quant
+
+    folder, _ = tiny_model_factory("llama")
+    rng = random.Random(7)
+    prompts = [{"prompt_token_ids": [rng.randrange(3, 500) for _ in range(rng.randrange(4, 40))]} for _ in range(96)]
+    sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    real = triton_quant.act_quant_fp8
+    calls = []
+    monkeypatch.setattr(triton_quant, "act_quant_fp8", lambda t: calls.append(t.shape) or real(t))
+    runs = {}
+    for fused in ("0", "1"):
+        monkeypatch.setenv("KVSERVE_FP8_FUSED_ACT", fused)
+        for graphs in (False, True):
+            calls.clear()
+            llm = LLM(str(folder), device="cuda", dtype="bfloat16", quantization="fp8", enforce_eager=not graphs,
+                      max_model_len=256, max_num_seqs=128)
+            ops = llm.engine.runner.model.layers[0].input_layernorm.ops
+            assert (ops.fp8_act_rows is not None) == (fused == "1")
+            runs[fused, graphs] = ([o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)],
+                                   len(calls))
+            del llm
+    assert runs["1", False][0] == runs["0", False][0]
+    assert runs["1", True][0] == runs["0", True][0]
+    assert 0 < runs["1", False][1] < runs["0", False][1]
