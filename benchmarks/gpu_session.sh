@@ -64,4 +64,9 @@ lease6b)  # issue 19 verify step (grouped verify attention, the kernel profile) 
   t specvp 150 "^\||^\[|rror" python -m benchmarks.spec_gpu_bench --only verify,verifyprof --json "$OUT/spec_vp.json"
   t i4mqmm $((250 - SECONDS)) "^\||^\[|rror" python -m benchmarks.gpu_quant_bench --only qmm1 --qmm-proj gate_up,o --out "$OUT"
   ;;
+lease6c)  # the GPU tests of this evening's opt-in kernels (before flipping a default), then FP8 with the fused activation quant
+  t l6tests 330 "$TESTS" python -m pytest -q -p no:cacheprovider -x tests/gpu/test_verify_gemm.py tests/gpu/test_verify_attention.py tests/gpu/test_qk_norm_gemv.py tests/gpu/test_quant_gpu.py -k "words or qmm4 or verify or qk_norm or fp8_act or fused_act or fp8_scale_after"
+  t f8prefill 130 "device|\[prefill\]|rror" python -m benchmarks.gpu_quant_bench --only prefill --prefill-schemes bf16,fp8,fp8+fused --out "$OUT"
+  t f8thru $((570 - SECONDS)) "device|\[throughput\]|rror" python -m benchmarks.gpu_quant_bench --only throughput --tp-schemes bf16,fp8,fp8+fused --out "$OUT"
+  ;;
 esac
