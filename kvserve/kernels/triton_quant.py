@@ -304,9 +304,10 @@ def _dot_rows_w8(x_ptr, q_ptr, s_ptr, rows64, K, stride_q, stride_s, one,
     w >> 8 columns (4j + 1, 4j + 3) (`_bytes`' trick, mask and magic in registers); each half is
     widened by `_f16_pair` (HADD2.F32) and FMAd in fp32, one chain of 16 per row and chunk, against
     the activations of the matching columns (`_x_quad`, CW 16: loaded and converted once for all
-    the rows a thread holds). The 1152 is taken off per row and chunk with the chunk's activation
-    sum: s (sum (1152 + q) x - 1152 sum x); fp32 activations (XKIND 2) subtract it exactly in fp16
-    instead. KIND 2 scales once after the loop. PDL / PREFETCH as in `_dot_rows_w4`."""
+    the rows a thread holds). The 1152 is taken off with the activation sums: KIND 1 per row and
+    chunk, s (sum (1152 + q) x - 1152 sum x); KIND 2 once after the loop, where the chains run on
+    across K steps and the row is scaled once; fp32 activations (XKIND 2) subtract it exactly in
+    fp16 instead. PDL / PREFETCH as in `_dot_rows_w4`."""
     NC: tl.constexpr = BLOCK_K // 16
     SUB: tl.constexpr = 1152 if XKIND == 2 else 0
     c = tl.arange(0, NC)
@@ -316,6 +317,7 @@ def _dot_rows_w8(x_ptr, q_ptr, s_ptr, rows64, K, stride_q, stride_s, one,
     wp = q_ptr + rows64[:, None, None] * stride_q + j[None, None, :]
     sp = s_ptr + rows64[:, None] * stride_s
     acc = tl.zeros([BLOCK_N, NC], dtype=tl.float32)
+    xs = tl.zeros([NC], dtype=tl.float32)
     w = tl.load(wp + (c * 4)[None, :, None], eviction_policy="evict_first")  # [BLOCK_N, NC, 4]: the first tile
     if PDL:
         pdl.wait(PDL)
@@ -329,8 +331,11 @@ def _dot_rows_w8(x_ptr, q_ptr, s_ptr, rows64, K, stride_q, stride_s, one,
         w_even, w_odd = tl.split(tl.reshape(w, [BLOCK_N, NC, 2, 2]))  # words (0, 2), (1, 3)
         w0, w2 = tl.split(w_even)
         w1, w3 = tl.split(w_odd)
-        p = tl.zeros([BLOCK_N, NC], dtype=tl.float32)
-        xs = tl.zeros([NC], dtype=tl.float32)
+        if KIND == 1:
+            p = tl.zeros([BLOCK_N, NC], dtype=tl.float32)
+            xs = tl.zeros([NC], dtype=tl.float32)
+        else:  # one scale a row: the chains run on in acc, xs over the whole row
+            p = acc
         p, xs = _word_dot8(p, w0, x_ptr, chunk, 0, mask, magic, SUB, XKIND, xs)
         p, xs = _word_dot8(p, w1, x_ptr, chunk, 1, mask, magic, SUB, XKIND, xs)
         p, xs = _word_dot8(p, w2, x_ptr, chunk, 2, mask, magic, SUB, XKIND, xs)
@@ -341,13 +346,13 @@ def _dot_rows_w8(x_ptr, q_ptr, s_ptr, rows64, K, stride_q, stride_s, one,
             if SUB == 0:
                 acc += (-1152.0 * s) * xs[None, :]
         else:
-            acc += p
-            if SUB == 0:
-                acc += -1152.0 * xs[None, :]
+            acc = p
         if PREFETCH:
             w = w_next
     res = tl.sum(acc, 1)
     if KIND == 2:
+        if SUB == 0:
+            res -= 1152.0 * tl.sum(xs, 0)
         res *= tl.load(s_ptr + rows64 * stride_s).to(tl.float32)
     return res
 

@@ -10,3 +10,7 @@ from tests.interpreted import run_interpreted, run_sass_check
 
 def test_words_gemv_interpreted():
     run_interpreted("quant_w8_checks", done="w8 interpret checks passed", timeout=600)
+
+
+def test_words_gemv_sass():
+    run_sass_check("qgemv8_sass", "qgemv8 sass checks passed")
