@@ -344,9 +344,9 @@ def _dot_rows_w8(x_ptr, q_ptr, s_ptr, rows64, K, stride_q, stride_s, one,
         p, xs = _word_dot8(p, w3, x_ptr, chunk, 3, mask, magic, SUB, XKIND, xs)
         if KIND == 1:
             s = _ld(sp + ((chunk * 16) // GROUP)[None, :]).to(tl.float32)  # [BLOCK_N, NC]
-            acc += p * s
             if SUB == 0:
-                acc += (-1152.0 * s) * xs[None, :]
+                p += (-1152.0 * xs)[None, :]  # (-1152 xs once for the rows a thread holds)
+            acc += p * s
         else:
             acc = p
         if PREFETCH:
