@@ -20,7 +20,7 @@ Kernels:
   words, two made fp16 per LOP3, the activations loaded in the weight tile's layout and shared
   by the rows a thread holds (3.4 SASS instructions a weight against 7.7). int8 weights likewise
   (`_dot_rows_w8`, KVSERVE_INT8_GEMV=words, opt-in until timed): two codes fp16 per LOP3
-  (`_bytes`' trick), 3.2 instructions a weight per channel (3.6 in Q8_0 groups) against 4.9 (5.8).
+  (`_bytes`' trick), 3.2 instructions a weight per channel (3.55 in Q8_0 groups) against 4.9 (5.8).
 - `qmm` (2 or more rows): a dequantizing GEMM: each weight tile is dequantized in registers
   to the activations' dtype and multiplied on the tensor cores (`tl.dot`). int8 tiles read the
   codes as int32 words and make two codes fp16 per bit operation (`_deq_tile_w`: 5-15% faster

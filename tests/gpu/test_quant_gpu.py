@@ -271,7 +271,7 @@ def test_int8_words_gemv_bf16(n, k):
 
 
 def test_int8_words_gemv_fp32_fp16():
-    quant_w8_checks.check_gemv(512, 1024, "cuda", torch.float32, tol=1e-5, configs=_w8_configs())
+    quant_w8_checks.check_gemv(512, 1024, "cuda", torch.float32, tol=1e-5, configs=_w8_configs()[:4])
     quant_w8_checks.check_gemv(512, 1024, "cuda", torch.float16, tol=2e-3)
 
 
