@@ -578,13 +578,15 @@ def section_prefill(root: Path, flops: float, schemes: list[str]) -> None:
 
 def section_decode1(root: Path, bw: float, variants: list[str]) -> None:
     """Batch-1 decode only (Llama-3.1-8B shapes, as `section_decode`), per variant: a scheme, with
-    `:words` / `:codes` the one-row 4-bit GEMV's decode (KVSERVE_INT4_GEMV) for that engine."""
+    `:words` / `:codes` the one-row GEMV's decode for that engine (KVSERVE_INT8_GEMV for int8,
+    KVSERVE_INT4_GEMV otherwise)."""
     name = "Llama-3.1-8B"
     for variant in variants:
         scheme, _, mode = variant.partition(":")
-        old = os.environ.get("KVSERVE_INT4_GEMV")
+        var = "KVSERVE_INT8_GEMV" if scheme == "int8" else "KVSERVE_INT4_GEMV"
+        old = os.environ.get(var)
         if mode:
-            os.environ["KVSERVE_INT4_GEMV"] = mode
+            os.environ[var] = mode
         try:
             llm = LLM(gb.model_folder(name, root), load_format="dummy", max_model_len=4096, max_num_seqs=16,
                       max_num_batched_tokens=16384, enable_prefix_caching=False, gpu_memory_utilization=0.6,
@@ -599,9 +601,9 @@ def section_decode1(root: Path, bw: float, variants: list[str]) -> None:
             del llm
         finally:
             if old is None:
-                os.environ.pop("KVSERVE_INT4_GEMV", None)
+                os.environ.pop(var, None)
             else:
-                os.environ["KVSERVE_INT4_GEMV"] = old
+                os.environ[var] = old
         gc.collect()
         torch.cuda.empty_cache()
 
@@ -706,7 +708,8 @@ def main() -> None:
     ap.add_argument("--tp-schemes", default="bf16,int4,fp8", help="throughput: schemes (fp8+fused: KVSERVE_FP8_FUSED_ACT=1)")
     ap.add_argument("--prefill-schemes", default="bf16,fp8,fp8+fused", help="prefill: schemes, the first the reference")
     ap.add_argument("--decode1", default="int4:codes,int4:words",
-                    help="decode1 (batch-1 decode only): schemes, ':words' / ':codes' the int4 GEMV's decode")
+                    help="decode1 (batch-1 decode only): schemes, ':words' / ':codes' the one-row GEMV's decode "
+                         "(int8: KVSERVE_INT8_GEMV, else KVSERVE_INT4_GEMV), e.g. int8:codes,int8:words")
     ap.add_argument("--peer-dir", default="peer")
     ap.add_argument("--peer-modes", default="int8,int4")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
