@@ -708,13 +708,13 @@ def _x_words(x: torch.Tensor):
 def _w8_operands(x: torch.Tensor, qw, words: bool | None):
     """(x as the word kernels read it, the codes as int32 words, XKIND) where the int32-word int8
     GEMV applies to (x, qw), else None: `words` (None: `int8_gemv_mode()`), an int8 weight without
-    offsets, per channel or in groups of a multiple of 16, whose code rows are whole aligned words,
-    and x as `_x_words` takes it."""
+    offsets, per channel or in groups of a multiple of 16, K a multiple of 32, code rows of whole
+    aligned words, and x as `_x_words` takes it."""
     if qw.kind != "int8" or qw.offset is not None or not (int8_gemv_mode() == "words" if words is None else words):
         return None
     q = qw.q
     n, k = qw.shape
-    if qw.group % 16 or k % 16 or q.stride(1) != 1 or q.stride(0) % 4 or q.data_ptr() % 16:
+    if qw.group % 16 or k % 32 or q.stride(1) != 1 or q.stride(0) % 4 or q.data_ptr() % 16:
         return None
     xw = _x_words(x)
     if xw is None:
@@ -782,9 +782,7 @@ def qgemv(x: torch.Tensor, qw, bias: torch.Tensor | None = None, silu: bool = Fa
         rows, cap, warps, prefetch = config or (INT8_WORDS_CONFIG if n >= INT4_WORDS_WIDE else INT8_WORDS_CONFIG_NARROW)
         block_n = rows // 2 if silu else rows
         kind = _kind(qw.kind, qw.group, k)
-        block_k = _block_k(k, cap, 16)
-        if kind == 1:
-            block_k = max(block_k, qw.group)
+        block_k = _block_k(k, cap, 16)  # (any group a multiple of 16: a scale per 16-column chunk)
         _qgemv_kernel[(triton.cdiv(out_n, block_n),)](
             xw, codes, qw.scale, qw.scale, bias if bias is not None else qw.scale, out, out_n, k, codes.stride(0),
             qw.scale.stride(0), 1, KIND=kind, HAS_OFF=False, GROUP=qw.group if kind == 1 else 16,
@@ -837,8 +835,6 @@ def qgemv_rope_(x, qw, bias, positions, cos_sin, num_q_heads, num_kv_heads, head
             pairs //= 2
         kind = _kind(qw.kind, qw.group, k)
         block_k = _block_k(k, cap, 16)
-        if kind == 1:
-            block_k = max(block_k, qw.group)
         extra = dict(W8=True, XKIND=xkind, PREFETCH=prefetch, PAIRS=pairs)
     else:
         _, cap, warps = GEMV_CONFIG[qw.kind]  # two rows a program: the narrow tiles of the first GEMV
