@@ -9,9 +9,10 @@ kernels: Llama-3.1-8B projection shapes; one row: the bf16 Triton GEMV and the q
     (GB/s of the bytes each reads; weights rotated over > 200 MB so L2 holds none); a few GEMV
     configs per format; several rows: the dequantizing Triton GEMM, dequantize + cuBLAS, FP8
     _scaled_mm, bf16 cuBLAS.
-gemv1: the one-row GEMVs at their defaults (int8, int4, Q4_0) and the 4-bit GEMV a code at a
-    time vs int32 words (KVSERVE_INT4_GEMV=codes / words) per projection as the engine calls it
-    (qkv + RoPE, gate_up + SiLU), % of floor, and the word kernel's tile sweep.
+gemv1: the one-row GEMVs at their defaults (int8, int4, Q4_0) and the 4-bit and int8 GEMVs a code
+    at a time vs int32 words (KVSERVE_INT4_GEMV / KVSERVE_INT8_GEMV=codes / words) per projection
+    as the engine calls it (qkv + RoPE, gate_up + SiLU), % of floor, and the word kernels' tile sweeps.
+gemv8: the same for the int8 formats only (HF int8 per channel, GGUF Q8_0 in groups of 32).
 decode1: batch-1 decode ms/token and % of floor only, one engine per --decode1 variant
     (default int4:codes,int4:words).
 decode: Llama-3.1-8B shapes, random weights, one engine per format (bf16, int8, int4, fp8):
@@ -176,10 +177,11 @@ def section_kernels(sweep: bool = True) -> None:
     RESULTS["kernels/rows"] = many
 
 
-def section_gemv(quick: bool = False) -> None:
+def section_gemv(quick: bool = False, int8_only: bool = False) -> None:
     """The one-row quantized GEMVs next to the bf16 GEMV, every format at the Llama-3.1-8B
     shapes, a tile sweep (`quick`: none), and each result's difference from x times the
-    dequantized weight (fp32)."""
+    dequantized weight (fp32). `int8_only`: the int8 formats (HF int8 per channel, Q8_0), a code
+    at a time vs int32 words (KVSERVE_INT8_GEMV), with the word kernel's tile sweep."""
     from kvserve.kernels import triton_quant as tq
     from kvserve.models import triton_ops
     from kvserve.platform.cuda_quant import quantize
@@ -188,6 +190,7 @@ def section_gemv(quick: bool = False) -> None:
     sweep = [(2, 1024, 4), (4, 1024, 4), (4, 512, 2), (8, 512, 4), (8, 1024, 4), (16, 512, 4), (8, 1024, 8)]
     rows = {}
     w4_rows = {}
+    w8_rows = {}
     x1 = torch.randn(1, 14336, device="cuda", dtype=torch.bfloat16)
     log("| projection | format | MB | bf16 GEMV us (GB/s) | qgemv us (GB/s) | best config us (GB/s) | rel diff vs dequantized |")
     log("|---|---|---|---|---|---|---|")
@@ -200,7 +203,10 @@ def section_gemv(quick: bool = False) -> None:
             "int8": lambda: quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05, "int8"),
             "int4-g128": lambda: quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05, "int4"),
         }
-        for fmt in () if name == "head" else ("Q4_0",) if quick else ("Q4_0", "Q4_1", "Q8_0", "Q4_K"):
+        if int8_only:
+            del makers["int4-g128"]
+        for fmt in () if name == "head" else ("Q8_0",) if int8_only else ("Q4_0",) if quick else \
+                ("Q4_0", "Q4_1", "Q8_0", "Q4_K"):
             makers[fmt] = (lambda f: lambda: formats(n, k, "cuda", seed=int(torch.randint(1 << 20, ())), only=f)[f])(fmt)
         for fmt, make in makers.items():
             try:
@@ -228,19 +234,23 @@ def section_gemv(quick: bool = False) -> None:
                 rows[f"{name}/{fmt}"] = {"bytes": nb, "bf16_us": bf_us, **res, "best": best, "diff": diff}
                 if qw0.kind == "int4" and name != "head":
                     w4_rows[(name, fmt)] = _int4_words_rows(name, n, k, x, qs, fmt == "int4-g128" or not quick)
+                if qw0.kind == "int8" and name != "head":
+                    w8_rows[(name, fmt)] = _int4_words_rows(name, n, k, x, qs, fmt == "int8" or not quick, bits=8)
                 del qs, qw0
             except Exception:
                 traceback.print_exc()
             torch.cuda.empty_cache()
     RESULTS["gemv"] = rows
     _int4_words_summary(rows, w4_rows)
+    _int4_words_summary(rows, w8_rows, bits=8)
 
 
-def _int4_words_rows(name: str, n: int, k: int, x: torch.Tensor, qs: list, sweep: bool) -> dict:
-    """The 4-bit GEMV as the engine calls it for projection `name` (qkv: + RoPE and the K/V store,
-    gate_up: + SiLU·mul, others plain), a code at a time (KVSERVE_INT4_GEMV=codes, the default) and
-    int32 words (=words) at its default tiles and, with `sweep`, at each of INT4_WORDS_SWEEP (qkv:
-    a few RoPE tiles). us per call, each result checked against the code-at-a-time one."""
+def _int4_words_rows(name: str, n: int, k: int, x: torch.Tensor, qs: list, sweep: bool, bits: int = 4) -> dict:
+    """The 4-bit (`bits` 8: int8) GEMV as the engine calls it for projection `name` (qkv: + RoPE and
+    the K/V store, gate_up: + SiLU·mul, others plain), a code at a time (KVSERVE_INT4_GEMV /
+    KVSERVE_INT8_GEMV=codes, the default) and int32 words (=words) at its default tiles and, with
+    `sweep`, at each of INT4_WORDS_SWEEP / INT8_WORDS_SWEEP (qkv: a few RoPE tiles). us per call,
+    each result checked against the code-at-a-time one."""
     from kvserve.kernels import triton_quant as tq
 
     if name == "qkv":
@@ -257,12 +267,15 @@ def _int4_words_rows(name: str, n: int, k: int, x: torch.Tensor, qs: list, sweep
             return tq.qgemv_rope_(x, w, None, pos, cos_sin, hq, hkv, d, cache, slot, words=words, config=cfg)
         cfgs = [(1, 1024, 4, False), (4, 1024, 2, False), (8, 1024, 2, False), (8, 1024, 2, True), (8, 2048, 4, False),
                 (8, 2048, 4, True), (16, 1024, 4, False)]
+        if bits == 8:  # row pairs: 4 over [8, 128, 4] or 8 over [16, 64, 4] is 8 rows a thread
+            cfgs = [(4, 2048, 4, False), (4, 2048, 4, True), (8, 1024, 4, False), (2, 2048, 2, False),
+                    (4, 1024, 2, False), (8, 2048, 8, False)]
     else:
         silu = name == "gate_up"
 
         def call(w, words, cfg=None):
             return tq.qgemv(x, w, silu=silu, words=words, config=cfg)
-        cfgs = list(tq.INT4_WORDS_SWEEP)
+        cfgs = list(tq.INT4_WORDS_SWEEP if bits == 4 else tq.INT8_WORDS_SWEEP)
     ref = call(qs[0], False).float()
     res = {"codes": rotate_time(lambda w: call(w, False), qs) * 1e6,
            "words": rotate_time(lambda w: call(w, True), qs) * 1e6}
@@ -276,15 +289,16 @@ def _int4_words_rows(name: str, n: int, k: int, x: torch.Tensor, qs: list, sweep
     return res
 
 
-def _int4_words_summary(rows: dict, w4_rows: dict) -> None:
-    """One table: the 4-bit GEMV of each Llama-3.1-8B projection (as the engine calls it) a code at a
-    time vs int32 words (default tiles, best sweep tile), with % of the floor = the weight's bytes /
-    the best bf16 GEMV read bandwidth of this run; and a layer's four projections together."""
+def _int4_words_summary(rows: dict, w4_rows: dict, bits: int = 4) -> None:
+    """One table: the 4-bit (`bits` 8: int8) GEMV of each Llama-3.1-8B projection (as the engine calls
+    it) a code at a time vs int32 words (default tiles, best sweep tile), with % of the floor = the
+    weight's bytes / the best bf16 GEMV read bandwidth of this run; and a layer's four projections
+    together."""
     if not w4_rows:
         return
     bf_bw = max(SHAPES_8B[key.split("/")[0]][0] * SHAPES_8B[key.split("/")[0]][1] * 2 / r["bf16_us"] / 1e3
                 for key, r in rows.items())  # GB/s
-    log(f"int4 GEMV, a code at a time (KVSERVE_INT4_GEMV=codes) vs int32 words (=words); floor: bytes / {bf_bw:,.0f} GB/s "
+    log(f"int{bits} GEMV, a code at a time (KVSERVE_INT{bits}_GEMV=codes) vs int32 words (=words); floor: bytes / {bf_bw:,.0f} GB/s "
         "(the best bf16 GEMV read of this run)")
     log("| projection | format | MB | floor us | codes us (% floor) | words default us (% floor) | best words tile us (% floor) | words rel diff |")
     log("|---|---|---|---|---|---|---|---|")
@@ -310,8 +324,8 @@ def _int4_words_summary(rows: dict, w4_rows: dict) -> None:
     for fmt, (floor, codes, words, best) in layer.items():
         log(f"| layer (qkv+o+gate_up+down) | {fmt} | | {floor:.1f} | {codes:.1f} ({100 * floor / codes:.0f}%) | "
             f"{words:.1f} ({100 * floor / words:.0f}%) | {best:.1f} ({100 * floor / best:.0f}%) | |")
-    RESULTS["int4_words"] = {f"{n_}/{f_}": r for (n_, f_), r in w4_rows.items()}
-    RESULTS["int4_words_floor_GBps"] = bf_bw
+    RESULTS[f"int{bits}_words"] = {f"{n_}/{f_}": r for (n_, f_), r in w4_rows.items()}
+    RESULTS[f"int{bits}_words_floor_GBps"] = bf_bw
 
 
 QWEN_06B = {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024), "down": (1024, 3072)}
@@ -564,13 +578,15 @@ def section_prefill(root: Path, flops: float, schemes: list[str]) -> None:
 
 def section_decode1(root: Path, bw: float, variants: list[str]) -> None:
     """Batch-1 decode only (Llama-3.1-8B shapes, as `section_decode`), per variant: a scheme, with
-    `:words` / `:codes` the one-row 4-bit GEMV's decode (KVSERVE_INT4_GEMV) for that engine."""
+    `:words` / `:codes` the one-row GEMV's decode for that engine (KVSERVE_INT8_GEMV for int8,
+    KVSERVE_INT4_GEMV otherwise)."""
     name = "Llama-3.1-8B"
     for variant in variants:
         scheme, _, mode = variant.partition(":")
-        old = os.environ.get("KVSERVE_INT4_GEMV")
+        var = "KVSERVE_INT8_GEMV" if scheme == "int8" else "KVSERVE_INT4_GEMV"
+        old = os.environ.get(var)
         if mode:
-            os.environ["KVSERVE_INT4_GEMV"] = mode
+            os.environ[var] = mode
         try:
             llm = LLM(gb.model_folder(name, root), load_format="dummy", max_model_len=4096, max_num_seqs=16,
                       max_num_batched_tokens=16384, enable_prefix_caching=False, gpu_memory_utilization=0.6,
@@ -585,9 +601,9 @@ def section_decode1(root: Path, bw: float, variants: list[str]) -> None:
             del llm
         finally:
             if old is None:
-                os.environ.pop("KVSERVE_INT4_GEMV", None)
+                os.environ.pop(var, None)
             else:
-                os.environ["KVSERVE_INT4_GEMV"] = old
+                os.environ[var] = old
         gc.collect()
         torch.cuda.empty_cache()
 
@@ -686,13 +702,14 @@ def section_peer(peer_dir: Path, bw: float, modes: list[str], prompt_len: int = 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="kernels,decode,throughput,peer", help="kernels, kernels1 (one-row GEMVs only), gemv (quantized GEMVs vs bf16, every format, tile sweep), gemv1 (the same, int8 / int4 / Q4_0, no sweep of the code-at-a-time kernel; the int32-word int4 GEMV vs a code at a time, with its tile sweep), qmm (several rows: GEMMs vs dequantize + cuBLAS, 4-bit word GEMM tile sweep; Qwen3-0.6B at 64-4096 rows), qmm1 (the Llama table only: no sweep, no int8 / Qwen3-0.6B), qmm4sweep (the 4-bit word GEMM tile sweep only), qmmqwen (Qwen3-0.6B shapes at 64-4096 rows, int8 reference), decode, decode1 (batch-1 decode only, --decode1 variants), prefill (8 x 2048 only, --prefill-schemes), throughput, peer")
+    ap.add_argument("--only", default="kernels,decode,throughput,peer", help="kernels, kernels1 (one-row GEMVs only), gemv (quantized GEMVs vs bf16, every format, tile sweep), gemv1 (the same, int8 / int4 / Q4_0, no sweep of the code-at-a-time kernel; the int32-word int4 and int8 GEMVs vs a code at a time, with their tile sweeps), gemv8 (int8 and Q8_0 only: the int32-word int8 GEMV vs a code at a time, its tile sweep), qmm (several rows: GEMMs vs dequantize + cuBLAS, 4-bit word GEMM tile sweep; Qwen3-0.6B at 64-4096 rows), qmm1 (the Llama table only: no sweep, no int8 / Qwen3-0.6B), qmm4sweep (the 4-bit word GEMM tile sweep only), qmmqwen (Qwen3-0.6B shapes at 64-4096 rows, int8 reference), decode, decode1 (batch-1 decode only, --decode1 variants), prefill (8 x 2048 only, --prefill-schemes), throughput, peer")
     ap.add_argument("--schemes", default="bf16,int8,int4,fp8")
     ap.add_argument("--qmm-proj", default="qkv,o,gate_up,down", help="Llama-3.1-8B projections of --only qmm / qmm1")
     ap.add_argument("--tp-schemes", default="bf16,int4,fp8", help="throughput: schemes (fp8+fused: KVSERVE_FP8_FUSED_ACT=1)")
     ap.add_argument("--prefill-schemes", default="bf16,fp8,fp8+fused", help="prefill: schemes, the first the reference")
     ap.add_argument("--decode1", default="int4:codes,int4:words",
-                    help="decode1 (batch-1 decode only): schemes, ':words' / ':codes' the int4 GEMV's decode")
+                    help="decode1 (batch-1 decode only): schemes, ':words' / ':codes' the one-row GEMV's decode "
+                         "(int8: KVSERVE_INT8_GEMV, else KVSERVE_INT4_GEMV), e.g. int8:codes,int8:words")
     ap.add_argument("--peer-dir", default="peer")
     ap.add_argument("--peer-modes", default="int8,int4")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -714,6 +731,7 @@ def main() -> None:
         ("kernels1", lambda: section_kernels(sweep=False)),  # one-row GEMVs at their defaults only
         ("gemv", section_gemv),  # one-row quantized GEMVs vs the bf16 GEMV, every format, tile sweep
         ("gemv1", lambda: section_gemv(quick=True)),  # the same for int8, int4 and Q4_0, no tile sweep
+        ("gemv8", lambda: section_gemv(quick=True, int8_only=True)),  # int8 / Q8_0: codes vs words, word tile sweep
         ("qmm", lambda: section_qmm(names=tuple(args.qmm_proj.split(",")))),  # several rows: the GEMMs vs cuBLAS
         ("qmm1", lambda: section_qmm(sweep=False, names=tuple(args.qmm_proj.split(",")), extras=False)),  # table only
         ("qmm4sweep", lambda: section_qmm(names=tuple(args.qmm_proj.split(",")), table=False, extras=False)),

@@ -18,7 +18,9 @@ Kernels:
   paged K/V store for a fused qkv projection (`qgemv_rope_`). 4-bit weights can take a second
   decode, `_dot_rows_w4` (KVSERVE_INT4_GEMV=words, opt-in until timed): the codes read as int32
   words, two made fp16 per LOP3, the activations loaded in the weight tile's layout and shared
-  by the rows a thread holds (3.4 SASS instructions a weight against 7.7).
+  by the rows a thread holds (3.4 SASS instructions a weight against 7.7). int8 weights likewise
+  (`_dot_rows_w8`, KVSERVE_INT8_GEMV=words, opt-in until timed): two codes fp16 per LOP3
+  (`_bytes`' trick), 3.2 instructions a weight per channel (3.55 in Q8_0 groups) against 4.9 (5.8).
 - `qmm` (2 or more rows): a dequantizing GEMM: each weight tile is dequantized in registers
   to the activations' dtype and multiplied on the tensor cores (`tl.dot`). int8 tiles read the
   codes as int32 words and make two codes fp16 per bit operation (`_deq_tile_w`: 5-15% faster
@@ -178,15 +180,16 @@ def _ld(p):
 
 
 @triton.jit
-def _x_quad(x_ptr, chunk, A: tl.constexpr, J: tl.constexpr, XKIND: tl.constexpr):
-    """The activations of columns 32 chunk + 16 A + 4 J + e (e = 0, 1, 2, 3) of the 32-column chunks
-    `chunk` [NC]: four fp32 [NC], loaded in the layout of their consumers (`_ld`). XKIND 0 / 1: x_ptr
-    is the bf16 / fp16 row viewed as int64 (one 8-byte load holds the four); 2: fp32."""
+def _x_quad(x_ptr, chunk, A: tl.constexpr, J: tl.constexpr, XKIND: tl.constexpr, CW: tl.constexpr = 32):
+    """The activations of columns CW chunk + 16 A + 4 J + e (e = 0, 1, 2, 3) of the CW-column chunks
+    `chunk` [NC] (32: 4-bit words, 16: 8-bit ones): four fp32 [NC], loaded in the layout of their
+    consumers (`_ld`). XKIND 0 / 1: x_ptr is the bf16 / fp16 row viewed as int64 (one 8-byte load
+    holds the four); 2: fp32."""
     if XKIND == 2:
-        p = x_ptr + chunk * 32 + (16 * A + 4 * J)
+        p = x_ptr + chunk * CW + (16 * A + 4 * J)
         x0, x1, x2, x3 = _ld(p), _ld(p + 1), _ld(p + 2), _ld(p + 3)
     else:
-        v = _ld(x_ptr + chunk * 8 + (4 * A + J))
+        v = _ld(x_ptr + chunk * (CW // 4) + (4 * A + J))
         lo = v.to(tl.int32)
         hi = (v >> 32).to(tl.int32)
         if XKIND == 0:  # bf16 -> fp32: the 16 bits moved up / the low ones cleared
@@ -292,6 +295,86 @@ def _dot_rows_w4(x_ptr, q_ptr, s_ptr, o_ptr, rows64, K, stride_q, stride_s, one,
     return tl.sum(acc, 1)
 
 
+@triton.jit
+def _dot_rows_w8(x_ptr, q_ptr, s_ptr, rows64, K, stride_q, stride_s, one,
+                 KIND: tl.constexpr, GROUP: tl.constexpr, XKIND: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
+    """`_dot_rows` for int8 codes without offsets (KIND 1: groups of GROUP >= 16, 2: per channel)
+    read as int32 words (q_ptr int32, stride_q in words): each thread holds whole 16-column chunks
+    (4 words, one 16-byte load) of several rows. Word j of a chunk holds columns 4j .. 4j + 3;
+    (w & 0x00FF00FF) ^ 0x64806480 makes columns (4j, 4j + 2) fp16 1152 + q in one LOP3, the same on
+    w >> 8 columns (4j + 1, 4j + 3) (`_bytes`' trick, mask and magic in registers); each half is
+    widened by `_f16_pair` (HADD2.F32) and FMAd in fp32, one chain of 16 per row and chunk, against
+    the activations of the matching columns (`_x_quad`, CW 16: loaded and converted once for all
+    the rows a thread holds). The 1152 is taken off with the activation sums: KIND 1 per row and
+    chunk, s (sum (1152 + q) x - 1152 sum x); KIND 2 once after the loop, where the chains run on
+    across K steps and the row is scaled once; fp32 activations (XKIND 2) subtract it exactly in
+    fp16 instead. PDL / PREFETCH as in `_dot_rows_w4`."""
+    NC: tl.constexpr = BLOCK_K // 16
+    SUB: tl.constexpr = 1152 if XKIND == 2 else 0
+    c = tl.arange(0, NC)
+    j = tl.arange(0, 4)
+    mask = one * 0x00FF00FF  # (in registers: as literals ptxas rematerializes them in the loop)
+    magic = one * 0x64806480
+    wp = q_ptr + rows64[:, None, None] * stride_q + j[None, None, :]
+    sp = s_ptr + rows64[:, None] * stride_s
+    acc = tl.zeros([BLOCK_N, NC], dtype=tl.float32)
+    xs = tl.zeros([NC], dtype=tl.float32)
+    w = tl.load(wp + (c * 4)[None, :, None], eviction_policy="evict_first")  # [BLOCK_N, NC, 4]: the first tile
+    if PDL:
+        pdl.wait(PDL)
+    for k0 in range(0, K, BLOCK_K):
+        chunk = k0 // 16 + c  # [NC]
+        if PREFETCH:
+            nxt = tl.minimum(k0 + BLOCK_K, K - BLOCK_K) // 16 + c
+            w_next = tl.load(wp + (nxt * 4)[None, :, None], eviction_policy="evict_first")
+        elif k0 > 0:
+            w = tl.load(wp + (chunk * 4)[None, :, None], eviction_policy="evict_first")
+        w_even, w_odd = tl.split(tl.reshape(w, [BLOCK_N, NC, 2, 2]))  # words (0, 2), (1, 3)
+        w0, w2 = tl.split(w_even)
+        w1, w3 = tl.split(w_odd)
+        if KIND == 1:
+            p = tl.zeros([BLOCK_N, NC], dtype=tl.float32)
+            xs = tl.zeros([NC], dtype=tl.float32)
+        else:  # one scale a row: the chains run on in acc, xs over the whole row
+            p = acc
+        p, xs = _word_dot8(p, w0, x_ptr, chunk, 0, mask, magic, SUB, XKIND, xs)
+        p, xs = _word_dot8(p, w1, x_ptr, chunk, 1, mask, magic, SUB, XKIND, xs)
+        p, xs = _word_dot8(p, w2, x_ptr, chunk, 2, mask, magic, SUB, XKIND, xs)
+        p, xs = _word_dot8(p, w3, x_ptr, chunk, 3, mask, magic, SUB, XKIND, xs)
+        if KIND == 1:
+            s = _ld(sp + ((chunk * 16) // GROUP)[None, :]).to(tl.float32)  # [BLOCK_N, NC]
+            if SUB == 0:
+                p += (-1152.0 * xs)[None, :]  # (-1152 xs once for the rows a thread holds)
+            acc += p * s
+        else:
+            acc = p
+        if PREFETCH:
+            w = w_next
+    res = tl.sum(acc, 1)
+    if KIND == 2:
+        if SUB == 0:
+            res -= 1152.0 * tl.sum(xs, 0)
+        res *= tl.load(s_ptr + rows64 * stride_s).to(tl.float32)
+    return res
+
+
+@triton.jit
+def _word_dot8(acc, w, x_ptr, chunk, J: tl.constexpr, mask, magic, SUB: tl.constexpr, XKIND: tl.constexpr, xs):
+    """acc [BLOCK_N, NC] plus word J of each 16-column chunk (int8 codes of columns 4J .. 4J + 3) times
+    its activations: one shift, two LOP3, four HADD2.F32 and four FMAs a word. xs [NC] plus the
+    four activations."""
+    x0, x1, x2, x3 = _x_quad(x_ptr, chunk, 0, J, XKIND, 16)
+    lo, hi = _f16_pair((w & mask) ^ magic, SUB)  # columns 4J, 4J + 2
+    acc += lo * x0[None, :]
+    acc += hi * x2[None, :]
+    lo, hi = _f16_pair(((w >> 8) & mask) ^ magic, SUB)  # 4J + 1, 4J + 3
+    acc += lo * x1[None, :]
+    acc += hi * x3[None, :]
+    xs += (x0 + x1) + (x2 + x3)
+    return acc, xs
+
+
 @triton.jit(do_not_specialize=["one"])
 def _qgemv_kernel(
     x_ptr, q_ptr, s_ptr, o_ptr, b_ptr, out_ptr,
@@ -302,7 +385,8 @@ def _qgemv_kernel(
     SILU: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
     W4: tl.constexpr = False,  # 4-bit codes as int32 words (`_dot_rows_w4`; x_ptr int64 for 16-bit x)
     XKIND: tl.constexpr = 0,  # W4: x bf16 (0), fp16 (1), fp32 (2)
-    PREFETCH: tl.constexpr = False,  # W4: see `_dot_rows_w4`
+    PREFETCH: tl.constexpr = False,  # W4 / W8: see `_dot_rows_w4`
+    W8: tl.constexpr = False,  # int8 codes (KIND 1 / 2) as int32 words (`_dot_rows_w8`; x_ptr as W4's)
 ):
     r = tl.arange(0, ROWS)  # SILU: BLOCK_N gate rows, then the matching up rows
     if SILU:
@@ -315,6 +399,9 @@ def _qgemv_kernel(
     rows64 = tl.where(row_ok, w_rows, 0).to(tl.int64)
     if W4:  # (waits for the previous kernel after requesting its first weights)
         acc = _dot_rows_w4(x_ptr, q_ptr, s_ptr, o_ptr, rows64, K, stride_q, stride_s, one, HAS_OFF, GROUP, XKIND,
+                           ROWS, BLOCK_K, PREFETCH, PDL)
+    elif W8:
+        acc = _dot_rows_w8(x_ptr, q_ptr, s_ptr, rows64, K, stride_q, stride_s, one, KIND, GROUP, XKIND,
                            ROWS, BLOCK_K, PREFETCH, PDL)
     else:
         if PDL:
@@ -349,6 +436,7 @@ def _qgemv_rope_kernel(
     HALF: tl.constexpr, BLOCK_K: tl.constexpr, WRITE_KV: tl.constexpr, PDL: tl.constexpr,
     W4: tl.constexpr = False, XKIND: tl.constexpr = 0, PREFETCH: tl.constexpr = False,  # as `_qgemv_kernel`'s
     PAIRS: tl.constexpr = 1,  # row pairs a program (divides HALF)
+    W8: tl.constexpr = False,  # as `_qgemv_kernel`'s
 ):
     """triton_ops._gemv_rope_kernel on quantized weights: one program computes PAIRS pairs of rows
     of a head that RoPE pairs (d and d + HALF, d = PAIRS p' .. PAIRS p' + PAIRS - 1), rotates them
@@ -360,6 +448,9 @@ def _qgemv_rope_kernel(
     rows = (head * (2 * HALF) + (tl.program_id(0) % P) * PAIRS + t % PAIRS + (t // PAIRS) * HALF).to(tl.int64)
     if W4:  # (waits for the previous kernel after requesting its first weights)
         acc = _dot_rows_w4(x_ptr, q_ptr, s_ptr, o_ptr, rows, K, stride_q, stride_s, one, HAS_OFF, GROUP, XKIND,
+                           2 * PAIRS, BLOCK_K, PREFETCH, PDL)
+    elif W8:
+        acc = _dot_rows_w8(x_ptr, q_ptr, s_ptr, rows, K, stride_q, stride_s, one, KIND, GROUP, XKIND,
                            2 * PAIRS, BLOCK_K, PREFETCH, PDL)
     else:
         if PDL:
@@ -569,6 +660,20 @@ INT4_WORDS_SWEEP = [(16, 1024, 4, False), (16, 1024, 4, True), (32, 1024, 4, Fal
 # over a [16, 64, 4] tile: 8 rows a thread.
 INT4_WORDS_ROPE_CONFIG = (8, 2048, 4, False)
 INT4_GEMV_MODES = ("codes", "words")
+# The int32-word int8 GEMV (`_dot_rows_w8`, KVSERVE_INT8_GEMV=words): (weight rows a program,
+# BLOCK_K cap, num_warps, PREFETCH) over a [rows, BLOCK_K / 16, 4 words] tile (16-column chunks,
+# 16 bytes a row and chunk). (16, 1024, 4) and (8, 2048, 4) are 8 rows a thread. Not yet timed on a
+# GPU: `benchmarks/gpu_quant_bench.py --only gemv1` times INT8_WORDS_SWEEP against the
+# code-at-a-time kernel. Until then (16, 1024, 4) for wide weights, (8, 2048, 4) for narrow ones
+# (twice the programs; 2048 divides Llama's 4096 and 14336).
+INT8_WORDS_CONFIG = (16, 1024, 4, False)
+INT8_WORDS_CONFIG_NARROW = (8, 2048, 4, False)  # fewer than INT4_WORDS_WIDE weight rows
+INT8_WORDS_SWEEP = [(8, 1024, 4, False), (16, 1024, 4, False), (16, 1024, 4, True), (8, 2048, 4, False),
+                    (8, 2048, 4, True), (32, 512, 4, False), (32, 1024, 8, False), (16, 2048, 8, False),
+                    (32, 1024, 4, False)]
+# RoPE variant (qkv): 4 pairs = 8 rows over a [8, 128, 4] tile: 8 rows a thread.
+INT8_WORDS_ROPE_CONFIG = (4, 2048, 4, False)
+INT8_GEMV_MODES = ("codes", "words")
 
 
 def int4_gemv_mode() -> str:
@@ -580,6 +685,43 @@ def int4_gemv_mode() -> str:
     return mode
 
 
+def int8_gemv_mode() -> str:
+    """KVSERVE_INT8_GEMV: "codes" (default: `_dot_rows`, a code at a time) or "words" (the int32-word
+    decode, `_dot_rows_w8`) for the one-row int8 GEMVs (HF int8 per channel, GGUF Q8_0)."""
+    mode = os.environ.get("KVSERVE_INT8_GEMV", "codes")
+    if mode not in INT8_GEMV_MODES:
+        raise ValueError(f"KVSERVE_INT8_GEMV must be one of {', '.join(INT8_GEMV_MODES)}, got {mode!r}")
+    return mode
+
+
+def _x_words(x: torch.Tensor):
+    """(x as the word GEMVs read it, XKIND), or None: x with unit column stride, 8-byte aligned
+    (16-bit x is read 8 bytes at a time, as int64), bf16 / fp16 / fp32."""
+    if x.stride(-1) != 1 or x.data_ptr() % 8:
+        return None
+    xkind = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}.get(x.dtype)
+    if xkind is None:
+        return None
+    return (x if xkind == 2 else x.reshape(-1).view(torch.int64)), xkind  # (one row: the reshape is a view)
+
+
+def _w8_operands(x: torch.Tensor, qw, words: bool | None):
+    """(x as the word kernels read it, the codes as int32 words, XKIND) where the int32-word int8
+    GEMV applies to (x, qw), else None: `words` (None: `int8_gemv_mode()`), an int8 weight without
+    offsets, per channel or in groups of a multiple of 16, K a multiple of 32, code rows of whole
+    aligned words, and x as `_x_words` takes it."""
+    if qw.kind != "int8" or qw.offset is not None or not (int8_gemv_mode() == "words" if words is None else words):
+        return None
+    q = qw.q
+    n, k = qw.shape
+    if qw.group % 16 or k % 32 or q.stride(1) != 1 or q.stride(0) % 4 or q.data_ptr() % 16:
+        return None
+    xw = _x_words(x)
+    if xw is None:
+        return None
+    return xw[0], q.view(torch.int32), xw[1]
+
+
 def _w4_operands(x: torch.Tensor, qw, words: bool | None):
     """(x as the word kernels read it, the codes as int32 words, XKIND) where the int32-word 4-bit
     GEMV applies to (x, qw), else None: `words` (None: `int4_gemv_mode()`), a 4-bit weight whose
@@ -588,13 +730,12 @@ def _w4_operands(x: torch.Tensor, qw, words: bool | None):
     if qw.kind != "int4" or not (int4_gemv_mode() == "words" if words is None else words):
         return None
     q = qw.q
-    if q.stride(1) != 1 or q.stride(0) % 4 or q.data_ptr() % 16 or x.stride(-1) != 1 or x.data_ptr() % 8:
+    if q.stride(1) != 1 or q.stride(0) % 4 or q.data_ptr() % 16:
         return None
-    xkind = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}.get(x.dtype)
-    if xkind is None:
+    xw = _x_words(x)
+    if xw is None:
         return None
-    xw = x if xkind == 2 else x.reshape(-1).view(torch.int64)  # (one row: the reshape is a view)
-    return xw, q.view(torch.int32), xkind
+    return xw[0], q.view(torch.int32), xw[1]
 
 
 def _qmm_codes(qw) -> tuple[torch.Tensor, bool]:
@@ -614,10 +755,10 @@ def _qmm_codes(qw) -> tuple[torch.Tensor, bool]:
 def qgemv(x: torch.Tensor, qw, bias: torch.Tensor | None = None, silu: bool = False,
           config: tuple | None = None, words: bool | None = None) -> torch.Tensor:
     """x [1, K] times the quantized weight `qw` (a `QWeight`) -> [1, N] in x's dtype; with
-    `silu`, silu(gate) * up of a fused gate/up weight -> [1, N / 2]. 4-bit weights take the
-    int32-word decode with `words` (None: KVSERVE_INT4_GEMV=words; `config` then (rows, BLOCK_K
-    cap, warps, prefetch), as INT4_WORDS_CONFIG), else the code-at-a-time one (`config`
-    (BLOCK_N, BLOCK_K cap, warps), as GEMV_CONFIG)."""
+    `silu`, silu(gate) * up of a fused gate/up weight -> [1, N / 2]. 4-bit and int8 weights take
+    the int32-word decode with `words` (None: KVSERVE_INT4_GEMV=words / KVSERVE_INT8_GEMV=words;
+    `config` then (rows, BLOCK_K cap, warps, prefetch), as INT4_WORDS_CONFIG / INT8_WORDS_CONFIG),
+    else the code-at-a-time one (`config` (BLOCK_N, BLOCK_K cap, warps), as GEMV_CONFIG)."""
     n, k = qw.shape
     out_n = n // 2 if silu else n
     out = torch.empty((1, out_n), dtype=x.dtype, device=x.device)
@@ -633,6 +774,20 @@ def qgemv(x: torch.Tensor, qw, bias: torch.Tensor | None = None, silu: bool = Fa
             KIND=0, HAS_OFF=qw.offset is not None, GROUP=qw.group, HAS_BIAS=bias is not None, SILU=silu,
             ROWS=rows, BLOCK_N=block_n, BLOCK_K=_block_k(k, cap, 32), PDL=use_pdl, W4=True, XKIND=xkind,
             PREFETCH=prefetch, num_warps=warps, launch_pdl=use_pdl,
+        )
+        return out
+    w8 = _w8_operands(x, qw, words)
+    if w8 is not None:
+        xw, codes, xkind = w8
+        rows, cap, warps, prefetch = config or (INT8_WORDS_CONFIG if n >= INT4_WORDS_WIDE else INT8_WORDS_CONFIG_NARROW)
+        block_n = rows // 2 if silu else rows
+        kind = _kind(qw.kind, qw.group, k)
+        block_k = _block_k(k, cap, 16)  # (any group a multiple of 16: a scale per 16-column chunk)
+        _qgemv_kernel[(triton.cdiv(out_n, block_n),)](
+            xw, codes, qw.scale, qw.scale, bias if bias is not None else qw.scale, out, out_n, k, codes.stride(0),
+            qw.scale.stride(0), 1, KIND=kind, HAS_OFF=False, GROUP=qw.group if kind == 1 else 16,
+            HAS_BIAS=bias is not None, SILU=silu, ROWS=rows, BLOCK_N=block_n, BLOCK_K=block_k, PDL=use_pdl, W8=True,
+            XKIND=xkind, PREFETCH=prefetch, num_warps=warps, launch_pdl=use_pdl,
         )
         return out
     block_n, cap, warps = (config or GEMV_CONFIG[qw.kind])[:3]
@@ -656,8 +811,8 @@ def qgemv(x: torch.Tensor, qw, bias: torch.Tensor | None = None, silu: bool = Fa
 def qgemv_rope_(x, qw, bias, positions, cos_sin, num_q_heads, num_kv_heads, head_dim, kv_cache=None, slot_mapping=None,
                 words: bool | None = None, config: tuple | None = None):
     """`triton_ops.gemv_rope_` on a quantized qkv weight: projection + RoPE (+ K/V store). 4-bit
-    weights: `words` and `config` (row pairs a program, BLOCK_K cap, warps, prefetch; as
-    INT4_WORDS_ROPE_CONFIG) as in `qgemv`."""
+    and int8 weights: `words` and `config` (row pairs a program, BLOCK_K cap, warps, prefetch; as
+    INT4_WORDS_ROPE_CONFIG / INT8_WORDS_ROPE_CONFIG) as in `qgemv`."""
     n, k = qw.shape
     if n != (num_q_heads + 2 * num_kv_heads) * head_dim or head_dim % 2:
         raise ValueError(f"qgemv_rope_: weight of {n} rows is not q, k and v heads of even size {head_dim}")
@@ -673,6 +828,14 @@ def qgemv_rope_(x, qw, bias, positions, cos_sin, num_q_heads, num_kv_heads, head
             pairs //= 2
         q, scale, kind, block_k = codes, qw.scale, 0, _block_k(k, cap, 32)
         extra = dict(W4=True, XKIND=xkind, PREFETCH=prefetch, PAIRS=pairs)
+    elif (w8 := _w8_operands(x, qw, words)) is not None:
+        xw, q, xkind = w8
+        pairs, cap, warps, prefetch = config or INT8_WORDS_ROPE_CONFIG
+        while half % pairs:
+            pairs //= 2
+        kind = _kind(qw.kind, qw.group, k)
+        block_k = _block_k(k, cap, 16)
+        extra = dict(W8=True, XKIND=xkind, PREFETCH=prefetch, PAIRS=pairs)
     else:
         _, cap, warps = GEMV_CONFIG[qw.kind]  # two rows a program: the narrow tiles of the first GEMV
         kind = _kind(qw.kind, qw.group, k)

@@ -11,7 +11,9 @@
 - KVSERVE_FP8_FUSED_ACT=1 (norm and SiLU·mul kernels also write the FP8 activations): the
   kernels equal the unfused path bit for bit at Llama-3.1-8B and Qwen3-0.6B widths, the FP8
   layer takes the pair instead of quantizing again, and an fp8 engine's greedy tokens are the
-  same with the option on and off.
+  same with the option on and off;
+- the int32-word GEMVs (KVSERVE_INT4_GEMV / KVSERVE_INT8_GEMV=words): every tile config against
+  the dequantized product, epilogues, CUDA graphs, engine greedy tokens.
 """
 
 from __future__ import annotations
@@ -247,6 +249,79 @@ def test_engine_gguf_int4_words_matches_dequantized(monkeypatch, tmp_path, fmt):
     want = [o.outputs[0].token_ids for o in _greedy(cpu)]
     gpu = LLM(str(path), device="cuda", dtype="float32", quantization="gguf", **COMMON)
     assert gpu.engine.runner.model.layers[0].mlp.gate_up_proj.qweight.kind == "int4"
+    assert [o.outputs[0].token_ids for o in _greedy(gpu)] == want
+
+
+# -- the int32-word int8 GEMV (KVSERVE_INT8_GEMV=words; opt-in until timed) -------------------
+from tests.gpu import quant_w8_checks  # noqa: E402
+
+
+def _w8_configs():
+    from kvserve.kernels import triton_quant
+
+    return [None] + triton_quant.INT8_WORDS_SWEEP
+
+
+@pytest.mark.parametrize("n,k", [(4096, 4096), (1024, 14336), (16384, 4096), (384, 96 * 32)])
+def test_int8_words_gemv_bf16(n, k):
+    """Every sweep tile at one shape, the defaults (wide and narrow) at the others; per channel
+    (int8), groups of 32 (Q8_0) and of 128."""
+    quant_w8_checks.check_gemv(n, k, "cuda", torch.bfloat16, tol=1.5e-2,
+                               configs=_w8_configs() if (n, k) == (4096, 4096) else [None])
+
+
+def test_int8_words_gemv_fp32_fp16():
+    quant_w8_checks.check_gemv(512, 1024, "cuda", torch.float32, tol=1e-5, configs=_w8_configs()[:4])
+    quant_w8_checks.check_gemv(512, 1024, "cuda", torch.float16, tol=2e-3)
+
+
+def test_int8_words_epilogues():
+    quant_w8_checks.check_silu(2048, 4096, "cuda", torch.bfloat16, tol=1.5e-2, configs=_w8_configs()[:4])
+    quant_w8_checks.check_silu(8192, 4096, "cuda", torch.bfloat16, tol=1.5e-2)  # the wide default
+    quant_w8_checks.check_silu(256, 512, "cuda", torch.float32, tol=1e-5)
+    rope_cfgs = [None, (1, 1024, 4, False), (4, 2048, 4, True), (8, 1024, 4, False), (2, 2048, 2, False)]
+    quant_w8_checks.check_rope("cuda", torch.bfloat16, tol=1.5e-2, hq=32, hkv=8, d=128, k=4096, configs=rope_cfgs)
+    quant_w8_checks.check_rope("cuda", torch.float32, tol=1e-5, configs=rope_cfgs)
+    quant_w8_checks.check_env_switch("cuda")
+
+
+def test_int8_words_in_cuda_graph():
+    """Captured with the word decode, replayed on new activations: the same as a direct call."""
+    from kvserve.kernels import triton_quant
+
+    qw = quant_w8_checks.int8_formats(4096, 4096, "cuda")["int8"]
+    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
+    out = triton_quant.qgemv(x, qw, words=True)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = triton_quant.qgemv(x, qw, words=True)
+    x.copy_(torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16))
+    graph.replay()
+    assert torch.equal(out, triton_quant.qgemv(x, qw, words=True))
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_engine_int8_words_matches_reference(monkeypatch, tiny_model_factory, tmp_path, arch):
+    monkeypatch.setenv("KVSERVE_INT8_GEMV", "words")
+    folder, _ = tiny_model_factory(arch)
+    cpu = LLM(str(quant_checks.dequantized_folder(folder, "int8", tmp_path / "deq")), device="cpu", dtype="float32",
+              **COMMON)
+    want = [o.outputs[0].token_ids for o in _greedy(cpu)]
+    for graphs in (True, False):
+        gpu = LLM(str(folder), device="cuda", dtype="float32", quantization="int8", enforce_eager=not graphs, **COMMON)
+        assert [o.outputs[0].token_ids for o in _greedy(gpu)] == want, (arch, graphs)
+        del gpu
+
+
+def test_engine_gguf_q8_0_words_matches_dequantized(monkeypatch, tmp_path):
+    from tests.models.test_ggml_quantized import _write
+
+    monkeypatch.setenv("KVSERVE_INT8_GEMV", "words")
+    path = _write(tmp_path / "m-Q8_0.gguf", "Q8_0")
+    cpu = LLM(str(path), device="cpu", dtype="float32", quantization="none", **COMMON)
+    want = [o.outputs[0].token_ids for o in _greedy(cpu)]
+    gpu = LLM(str(path), device="cuda", dtype="float32", quantization="gguf", **COMMON)
+    assert gpu.engine.runner.model.layers[0].mlp.gate_up_proj.qweight.kind == "int8"
     assert [o.outputs[0].token_ids for o in _greedy(gpu)] == want
 
 
