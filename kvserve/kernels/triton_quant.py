@@ -872,11 +872,16 @@ def qmm_config(m: int, n: int) -> tuple[int, int, int, int, int]:
 # code-at-a-time tile of `_qmm_kernel`. KVSERVE_INT4_QMM picks.
 INT4_QMM_MODES = ("", "words", "raw", "auto")
 INT4_QMM = os.environ.get("KVSERVE_INT4_QMM", "")
+if INT4_QMM not in INT4_QMM_MODES:
+    raise ValueError(f"KVSERVE_INT4_QMM must be empty or one of words, raw, auto (got {INT4_QMM!r})")
 # FP8 (per-channel scales) in the GEMM: multiply the e4m3 codes converted as they are (exact in
 # fp16 / bf16) and scale the fp32 sums once per output (`_qmm_kernel` SCALE_AFTER: 5.0 instead
 # of 6.1 SASS instructions a weight at 16 rows) rather than dequantizing each weight; opt-in
 # (KVSERVE_FP8_QMM_SCALE_AFTER=1) until measured.
-FP8_SCALE_AFTER = os.environ.get("KVSERVE_FP8_QMM_SCALE_AFTER", "0") == "1"
+FP8_SCALE_AFTER = os.environ.get("KVSERVE_FP8_QMM_SCALE_AFTER", "0")
+if FP8_SCALE_AFTER not in ("0", "1"):
+    raise ValueError(f"KVSERVE_FP8_QMM_SCALE_AFTER must be 0 or 1 (got {FP8_SCALE_AFTER!r})")
+FP8_SCALE_AFTER = FP8_SCALE_AFTER == "1"
 
 
 def qmm(x: torch.Tensor, qw, bias: torch.Tensor | None = None,

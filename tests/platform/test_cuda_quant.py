@@ -224,3 +224,17 @@ def test_engine_loading_matches_dequantized_checkpoint(tiny_model_factory, tmp_p
     else:
         assert head.qweight.kind == ("int8" if scheme == "int4" else scheme)
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, sp, use_tqdm=False)] == want
+
+
+def test_qmm_env_switches_are_checked():
+    """A mistyped KVSERVE_INT4_QMM / KVSERVE_FP8_QMM_SCALE_AFTER is refused by name, never silently
+    taken as the default."""
+    import os
+    import subprocess
+    import sys
+
+    for name, value in (("KVSERVE_INT4_QMM", "word"), ("KVSERVE_FP8_QMM_SCALE_AFTER", "yes")):
+        env = dict(os.environ, **{name: value})
+        r = subprocess.run([sys.executable, "-c", "import kvserve.kernels.triton_quant"], env=env,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode != 0 and f"ValueError: {name} must be" in r.stderr, r.stderr[-500:]
