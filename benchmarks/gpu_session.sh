@@ -53,16 +53,16 @@ spec)  # issues 18 and 19
   # e2e in fp32: in bf16 the random model's near-tied logits part the speculative ids from the references
   t spece2e 200 "^\||^\[|rror" python -m benchmarks.spec_gpu_bench --only e2e --dtype float32 --json "$OUT/spec_e2e.json"
   ;;
-lease6a)  # 2026-12-07 evening: the new opt-in kernels of issues 20 (MXFP4 half math, Qwen3-MoE launch fusions) and 17 (int4 word GEMV)
+lease6a)  # 2026-12-07 evening: issue 20's new opt-in kernels (MXFP4 half math, Qwen3-MoE launch fusions)
   t mxf16 150 "\||->|floor|rror|FAIL" python -m benchmarks.gpt_oss_gpu_bench --gemv-f16 --json "$OUT/gemv_f16.json"
-  t mqprof 150 "variants|\||rror|floor" python -m benchmarks.gpu_decode_profile --models Qwen3-30B-A3B --layers 4 --moe-decode fused,fused-chain+KVSERVE_QK_NORM_GEMV=1 --out "$OUT"
-  t i4vgemv 190 "^\||rror|device" python -m benchmarks.gpu_quant_bench --only gemv1 --out "$OUT"
   win=$(grep -o "at 1 token(s): KVSERVE_MXFP4_GEMV_GU=[^ ]* KVSERVE_MXFP4_GEMV_DOWN=[^ ]*" "$OUT/mxf16.log" | tail -1 | sed "s/^at 1 token(s): //")
-  [ -n "$win" ] && t mxengine $((570 - SECONDS)) "\||floor|graphs|rror" env $win python -m benchmarks.gpt_oss_gpu_bench --no-kernels --no-eager
+  [ -n "$win" ] && t mxengine 150 "\||floor|graphs|rror" env $win python -m benchmarks.gpt_oss_gpu_bench --no-kernels --no-eager
+  t mqprof $((575 - SECONDS)) "variants|\||rror|floor" python -m benchmarks.gpu_decode_profile --models Qwen3-30B-A3B --layers 4 --moe-decode fused,fused-chain+KVSERVE_QK_NORM_GEMV=1 --out "$OUT"
   ;;
-lease6b)  # issue 19 verify step (grouped verify attention, the kernel profile) and issue 17 4-bit GEMM
+lease6b)  # issue 17's one-row word GEMVs (int4 and int8: codes vs words, tile sweeps), issue 19's verify step, the 4-bit GEMM
+  t gemv1 240 "^\||rror|device" python -m benchmarks.gpu_quant_bench --only gemv1 --out "$OUT"
   t specvp 150 "^\||^\[|rror" python -m benchmarks.spec_gpu_bench --only verify,verifyprof --json "$OUT/spec_vp.json"
-  t i4mqmm $((250 - SECONDS)) "^\||^\[|rror" python -m benchmarks.gpu_quant_bench --only qmm1 --qmm-proj gate_up,o --out "$OUT"
+  t i4mqmm $((575 - SECONDS)) "^\||^\[|rror" python -m benchmarks.gpu_quant_bench --only qmm1 --qmm-proj gate_up,o --out "$OUT"
   ;;
 lease6c)  # the GPU tests of this evening's opt-in kernels (before flipping a default), then FP8 with the fused activation quant
   t l6tests 330 "$TESTS" python -m pytest -q -p no:cacheprovider -x tests/gpu/test_verify_gemm.py tests/gpu/test_verify_attention.py tests/gpu/test_qk_norm_gemv.py tests/gpu/test_quant_gpu.py -k "words or qmm4 or verify or qk_norm or fp8_act or fused_act or fp8_scale_after"
