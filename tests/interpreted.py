@@ -27,15 +27,15 @@ def run_interpreted(module: str, done: str = "interpret checks passed", timeout:
     assert done in r.stdout
 
 
-def run_sass_check(module: str, done: str, timeout: int = 600) -> None:
-    """`python -m tests.gpu.<module>` compiled for sm_90 (TRITON_INTERPRET unset) must exit 0 and
-    print `done`; skipped where triton ships without its CUDA tools."""
+def run_sass_check(module: str, done: str, timeout: int = 600, args: tuple[str, ...] = ()) -> None:
+    """`python -m tests.gpu.<module> [args]` compiled for sm_90 (TRITON_INTERPRET unset) must exit 0
+    and print `done`; skipped where triton ships without its CUDA tools."""
     triton = pytest.importorskip("triton")
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "nvdisasm").exists():
         pytest.skip("triton without its bundled CUDA tools")
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root)}
     env.pop("TRITON_INTERPRET", None)
-    r = subprocess.run([sys.executable, "-m", f"tests.gpu.{module}"], cwd=root, env=env,
+    r = subprocess.run([sys.executable, "-m", f"tests.gpu.{module}", *args], cwd=root, env=env,
                        capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0 and done in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]

@@ -13,4 +13,4 @@ def test_words_gemv_interpreted():
 
 
 def test_words_gemv_sass():
-    run_sass_check("qgemv_sass", "qgemv sass checks passed")
+    run_sass_check("qgemv_sass", "qgemv sass checks passed", args=("--quick",))  # the default tiles (the GPU tests compile the sweep)

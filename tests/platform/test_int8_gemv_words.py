@@ -13,4 +13,4 @@ def test_words_gemv_interpreted():
 
 
 def test_words_gemv_sass():
-    run_sass_check("qgemv8_sass", "qgemv8 sass checks passed")
+    run_sass_check("qgemv8_sass", "qgemv8 sass checks passed", args=("--quick",))  # the default tiles (the GPU tests compile the sweep)
