@@ -19,7 +19,7 @@ from pathlib import Path
 
 from kvserve.kernels import triton_quant as tq
 from tests.gpu.mxfp4_sass import compile_sm90
-from tests.gpu.qgemv_sass import ACT, per_thread, report
+from tests.gpu.qgemv_sass import ACT, per_thread, report, rope
 
 
 def qgemv(words: bool, act: str, rows: int, block_k: int, warps: int, kind: int = 2, group: int = 32,
@@ -35,20 +35,6 @@ def qgemv(words: bool, act: str, rows: int, block_k: int, warps: int, kind: int 
     if words:
         cons.update(W8=True, XKIND=ACT[act], PREFETCH=prefetch)
     aligned = ["x_ptr", "q_ptr", "s_ptr", "o_ptr", "b_ptr", "out_ptr", "K", "stride_q", "stride_s"]
-    return compile_sm90(fn, sig, cons, aligned, num_warps=warps)
-
-
-def rope(pairs: int, block_k: int, warps: int, prefetch: bool):
-    """`_qgemv_rope_kernel` as `qgemv_rope_` launches it for an int8 per-channel bf16 weight (words, head_dim 128)."""
-    fn = tq._qgemv_rope_kernel
-    sig = {"x_ptr": "*i64", "q_ptr": "*i32", "s_ptr": "*fp32", "o_ptr": "*fp32", "b_ptr": "*bf16",
-           "out_ptr": "*bf16", "pos_ptr": "*i64", "cos_sin_ptr": "*fp32", "cache_ptr": "*bf16", "slot_ptr": "*i64"}
-    sig.update({name: "i32" for name in ("K", "stride_q", "stride_s", "stride_cs", "num_q_heads", "num_heads",
-                                         "stride_plane", "stride_slot", "stride_head", "one")})
-    cons = dict(KIND=2, HAS_OFF=False, GROUP=32, HAS_BIAS=False, HALF=64, BLOCK_K=block_k, WRITE_KV=True, PDL=True,
-                W8=True, XKIND=0, PREFETCH=prefetch, PAIRS=pairs)
-    aligned = ["x_ptr", "q_ptr", "s_ptr", "o_ptr", "b_ptr", "out_ptr", "cos_sin_ptr", "cache_ptr", "K", "stride_q",
-               "stride_s", "stride_cs", "stride_plane", "stride_slot", "stride_head"]
     return compile_sm90(fn, sig, cons, aligned, num_warps=warps)
 
 
@@ -81,7 +67,7 @@ def main() -> int:
     failures += report(f"words8_bf16_silu_r{r}_k{bk}_w{w}", qgemv(True, "bf16", r, bk, w, silu=True, prefetch=pf),
                        per_thread(r, bk, w), args.dump, strict=True)[1]
     pairs, bk, w, pf = tq.INT8_WORDS_ROPE_CONFIG
-    failures += report(f"words8_bf16_rope_p{pairs}_k{bk}_w{w}", rope(pairs, bk, w, pf), per_thread(2 * pairs, bk, w),
+    failures += report(f"words8_bf16_rope_p{pairs}_k{bk}_w{w}", rope(pairs, bk, w, pf, bits=8), per_thread(2 * pairs, bk, w),
                        args.dump, strict=True)[1]
     for kind in (2, 1):
         print(f"int8 GEMV K loop, SASS instructions a weight (bf16, kind {kind}, default tiles): code at a time "

@@ -39,15 +39,19 @@ def qgemv(words: bool, act: str, rows: int, block_k: int, warps: int, group: int
     return compile_sm90(fn, sig, cons, aligned, num_warps=warps)
 
 
-def rope(pairs: int, block_k: int, warps: int, prefetch: bool):
-    """`_qgemv_rope_kernel` as `qgemv_rope_` launches it for a 4-bit bf16 weight (words, head_dim 128)."""
+def rope(pairs: int, block_k: int, warps: int, prefetch: bool, bits: int = 4):
+    """`_qgemv_rope_kernel` as `qgemv_rope_` launches it for a bf16 weight with the word decode (head_dim
+    128): 4-bit in groups of 128 with offsets, or (`bits` 8) int8 per channel."""
     fn = tq._qgemv_rope_kernel
-    sig = {"x_ptr": "*i64", "q_ptr": "*i32", "s_ptr": "*fp16", "o_ptr": "*fp16", "b_ptr": "*bf16",
+    scale = "*fp16" if bits == 4 else "*fp32"
+    sig = {"x_ptr": "*i64", "q_ptr": "*i32", "s_ptr": scale, "o_ptr": scale, "b_ptr": "*bf16",
            "out_ptr": "*bf16", "pos_ptr": "*i64", "cos_sin_ptr": "*fp32", "cache_ptr": "*bf16", "slot_ptr": "*i64"}
     sig.update({name: "i32" for name in ("K", "stride_q", "stride_s", "stride_cs", "num_q_heads", "num_heads",
                                          "stride_plane", "stride_slot", "stride_head", "one")})
-    cons = dict(KIND=0, HAS_OFF=True, GROUP=128, HAS_BIAS=False, HALF=64, BLOCK_K=block_k, WRITE_KV=True, PDL=True,
-                W4=True, XKIND=0, PREFETCH=prefetch, PAIRS=pairs)
+    cons = dict(HAS_BIAS=False, HALF=64, BLOCK_K=block_k, WRITE_KV=True, PDL=True, XKIND=0, PREFETCH=prefetch,
+                PAIRS=pairs)
+    cons.update(dict(KIND=0, HAS_OFF=True, GROUP=128, W4=True) if bits == 4 else
+                dict(KIND=2, HAS_OFF=False, GROUP=32, W8=True))
     aligned = ["x_ptr", "q_ptr", "s_ptr", "o_ptr", "b_ptr", "out_ptr", "cos_sin_ptr", "cache_ptr", "K", "stride_q",
                "stride_s", "stride_cs", "stride_plane", "stride_slot", "stride_head"]
     return compile_sm90(fn, sig, cons, aligned, num_warps=warps)

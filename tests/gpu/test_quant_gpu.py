@@ -18,7 +18,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import functools
 
 import pytest
 import torch
@@ -179,43 +179,56 @@ def test_engine_gguf_matches_dequantized(tmp_path, fmt):
     assert [o.outputs[0].token_ids for o in _greedy(gpu)] == want
 
 
-# -- the int32-word 4-bit GEMV (KVSERVE_INT4_GEMV=words; opt-in until timed) -------------------
+# -- the int32-word GEMVs (KVSERVE_INT4_GEMV / KVSERVE_INT8_GEMV=words; opt-in until timed) -------
 from tests.gpu import quant_w4_checks  # noqa: E402
 
+# the one-row RoPE kernel's word tiles checked beside the default: (PAIRS, BLOCK_K, warps, PREFETCH)
+_WORD_ROPE_CFGS = {4: [None, (1, 1024, 4, False), (4, 1024, 2, True), (8, 1024, 2, False), (16, 1024, 4, False)],
+                   8: [None, (1, 1024, 4, False), (4, 2048, 4, True), (8, 1024, 4, False), (2, 2048, 2, False)]}
 
-def _w4_configs():
+
+def _word_configs(bits: int):
     from kvserve.kernels import triton_quant
 
-    return [None] + triton_quant.INT4_WORDS_SWEEP
+    return [None] + (triton_quant.INT4_WORDS_SWEEP if bits == 4 else triton_quant.INT8_WORDS_SWEEP)
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("n,k", [(4096, 4096), (1024, 14336), (16384, 4096), (384, 96 * 32)])
-def test_int4_words_gemv_bf16(n, k):
-    """Every sweep tile at one shape, the defaults (wide and narrow) at the others."""
-    quant_w4_checks.check_gemv(n, k, "cuda", torch.bfloat16, tol=1.5e-2,
-                               configs=_w4_configs() if (n, k) == (4096, 4096) else [None])
+def test_words_gemv_bf16(bits, n, k):
+    """Every sweep tile at one shape, the defaults (wide and narrow) at the others; every layout the
+    word GEMV takes (4-bit: HF groups of 128 / 32, Q4_0 / Q4_1 / Q4_K, no offsets; 8-bit: per
+    channel, Q8_0, groups of 128)."""
+    quant_w4_checks.check_gemv(n, k, "cuda", torch.bfloat16, tol=1.5e-2, bits=bits,
+                               configs=_word_configs(bits) if (n, k) == (4096, 4096) else [None])
 
 
-def test_int4_words_gemv_fp32_fp16():
-    quant_w4_checks.check_gemv(512, 1024, "cuda", torch.float32, tol=1e-5, configs=_w4_configs())
-    quant_w4_checks.check_gemv(512, 1024, "cuda", torch.float16, tol=2e-3)
+@pytest.mark.parametrize("bits", [4, 8])
+def test_words_gemv_fp32_fp16(bits):
+    quant_w4_checks.check_gemv(512, 1024, "cuda", torch.float32, tol=1e-5, bits=bits,
+                               configs=_word_configs(bits)[: None if bits == 4 else 4])
+    quant_w4_checks.check_gemv(512, 1024, "cuda", torch.float16, tol=2e-3, bits=bits)
 
 
-def test_int4_words_epilogues():
-    quant_w4_checks.check_silu(2048, 4096, "cuda", torch.bfloat16, tol=1.5e-2, configs=_w4_configs()[:4])
-    quant_w4_checks.check_silu(8192, 4096, "cuda", torch.bfloat16, tol=1.5e-2)  # the wide default
-    quant_w4_checks.check_silu(256, 512, "cuda", torch.float32, tol=1e-5)
-    rope_cfgs = [None, (1, 1024, 4, False), (4, 1024, 2, True), (8, 1024, 2, False), (16, 1024, 4, False)]
-    quant_w4_checks.check_rope("cuda", torch.bfloat16, tol=1.5e-2, hq=32, hkv=8, d=128, k=4096, configs=rope_cfgs)
-    quant_w4_checks.check_rope("cuda", torch.float32, tol=1e-5, configs=rope_cfgs)
-    quant_w4_checks.check_env_switch("cuda")
+@pytest.mark.parametrize("bits", [4, 8])
+def test_words_epilogues(bits):
+    check = functools.partial(quant_w4_checks.check_silu, bits=bits)
+    check(2048, 4096, "cuda", torch.bfloat16, tol=1.5e-2, configs=_word_configs(bits)[:4])
+    check(8192, 4096, "cuda", torch.bfloat16, tol=1.5e-2)  # the wide default
+    check(256, 512, "cuda", torch.float32, tol=1e-5)
+    rope_cfgs = _WORD_ROPE_CFGS[bits]
+    quant_w4_checks.check_rope("cuda", torch.bfloat16, tol=1.5e-2, hq=32, hkv=8, d=128, k=4096, configs=rope_cfgs,
+                               bits=bits)
+    quant_w4_checks.check_rope("cuda", torch.float32, tol=1e-5, configs=rope_cfgs, bits=bits)
+    quant_w4_checks.check_env_switch("cuda", bits=bits)
 
 
-def test_int4_words_in_cuda_graph():
+@pytest.mark.parametrize("bits", [4, 8])
+def test_words_in_cuda_graph(bits):
     """Captured with the word decode, replayed on new activations: the same as a direct call."""
     from kvserve.kernels import triton_quant
 
-    qw = quant_w4_checks.int4_formats(4096, 4096, "cuda")["int4-g128"]
+    qw = quant_w4_checks.word_formats(bits, 4096, 4096, "cuda")["int4-g128" if bits == 4 else "int8"]
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
     out = triton_quant.qgemv(x, qw, words=True)
     graph = torch.cuda.CUDAGraph()
@@ -226,102 +239,32 @@ def test_int4_words_in_cuda_graph():
     assert torch.equal(out, triton_quant.qgemv(x, qw, words=True))
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_engine_int4_words_matches_reference(monkeypatch, tiny_model_factory, tmp_path, arch):
-    monkeypatch.setenv("KVSERVE_INT4_GEMV", "words")
+def test_engine_words_matches_reference(monkeypatch, tiny_model_factory, tmp_path, arch, bits):
+    monkeypatch.setenv(f"KVSERVE_INT{bits}_GEMV", "words")
+    scheme = f"int{bits}"
     folder, _ = tiny_model_factory(arch)
-    cpu = LLM(str(quant_checks.dequantized_folder(folder, "int4", tmp_path / "deq")), device="cpu", dtype="float32",
+    cpu = LLM(str(quant_checks.dequantized_folder(folder, scheme, tmp_path / "deq")), device="cpu", dtype="float32",
               **COMMON)
     want = [o.outputs[0].token_ids for o in _greedy(cpu)]
     for graphs in (True, False):
-        gpu = LLM(str(folder), device="cuda", dtype="float32", quantization="int4", enforce_eager=not graphs, **COMMON)
+        gpu = LLM(str(folder), device="cuda", dtype="float32", quantization=scheme, enforce_eager=not graphs, **COMMON)
         assert [o.outputs[0].token_ids for o in _greedy(gpu)] == want, (arch, graphs)
         del gpu
 
 
-@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q4_K"])
-def test_engine_gguf_int4_words_matches_dequantized(monkeypatch, tmp_path, fmt):
+@pytest.mark.parametrize("fmt", ["Q4_0", "Q4_1", "Q4_K", "Q8_0"])
+def test_engine_gguf_words_matches_dequantized(monkeypatch, tmp_path, fmt):
     from tests.models.test_ggml_quantized import _write
 
-    monkeypatch.setenv("KVSERVE_INT4_GEMV", "words")
+    bits = 8 if fmt == "Q8_0" else 4
+    monkeypatch.setenv(f"KVSERVE_INT{bits}_GEMV", "words")
     path = _write(tmp_path / f"m-{fmt}.gguf", fmt)
     cpu = LLM(str(path), device="cpu", dtype="float32", quantization="none", **COMMON)
     want = [o.outputs[0].token_ids for o in _greedy(cpu)]
     gpu = LLM(str(path), device="cuda", dtype="float32", quantization="gguf", **COMMON)
-    assert gpu.engine.runner.model.layers[0].mlp.gate_up_proj.qweight.kind == "int4"
-    assert [o.outputs[0].token_ids for o in _greedy(gpu)] == want
-
-
-# -- the int32-word int8 GEMV (KVSERVE_INT8_GEMV=words; opt-in until timed) -------------------
-from tests.gpu import quant_w8_checks  # noqa: E402
-
-
-def _w8_configs():
-    from kvserve.kernels import triton_quant
-
-    return [None] + triton_quant.INT8_WORDS_SWEEP
-
-
-@pytest.mark.parametrize("n,k", [(4096, 4096), (1024, 14336), (16384, 4096), (384, 96 * 32)])
-def test_int8_words_gemv_bf16(n, k):
-    """Every sweep tile at one shape, the defaults (wide and narrow) at the others; per channel
-    (int8), groups of 32 (Q8_0) and of 128."""
-    quant_w8_checks.check_gemv(n, k, "cuda", torch.bfloat16, tol=1.5e-2,
-                               configs=_w8_configs() if (n, k) == (4096, 4096) else [None])
-
-
-def test_int8_words_gemv_fp32_fp16():
-    quant_w8_checks.check_gemv(512, 1024, "cuda", torch.float32, tol=1e-5, configs=_w8_configs()[:4])
-    quant_w8_checks.check_gemv(512, 1024, "cuda", torch.float16, tol=2e-3)
-
-
-def test_int8_words_epilogues():
-    quant_w8_checks.check_silu(2048, 4096, "cuda", torch.bfloat16, tol=1.5e-2, configs=_w8_configs()[:4])
-    quant_w8_checks.check_silu(8192, 4096, "cuda", torch.bfloat16, tol=1.5e-2)  # the wide default
-    quant_w8_checks.check_silu(256, 512, "cuda", torch.float32, tol=1e-5)
-    rope_cfgs = [None, (1, 1024, 4, False), (4, 2048, 4, True), (8, 1024, 4, False), (2, 2048, 2, False)]
-    quant_w8_checks.check_rope("cuda", torch.bfloat16, tol=1.5e-2, hq=32, hkv=8, d=128, k=4096, configs=rope_cfgs)
-    quant_w8_checks.check_rope("cuda", torch.float32, tol=1e-5, configs=rope_cfgs)
-    quant_w8_checks.check_env_switch("cuda")
-
-
-def test_int8_words_in_cuda_graph():
-    """Captured with the word decode, replayed on new activations: the same as a direct call."""
-    from kvserve.kernels import triton_quant
-
-    qw = quant_w8_checks.int8_formats(4096, 4096, "cuda")["int8"]
-    x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
-    out = triton_quant.qgemv(x, qw, words=True)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = triton_quant.qgemv(x, qw, words=True)
-    x.copy_(torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16))
-    graph.replay()
-    assert torch.equal(out, triton_quant.qgemv(x, qw, words=True))
-
-
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_engine_int8_words_matches_reference(monkeypatch, tiny_model_factory, tmp_path, arch):
-    monkeypatch.setenv("KVSERVE_INT8_GEMV", "words")
-    folder, _ = tiny_model_factory(arch)
-    cpu = LLM(str(quant_checks.dequantized_folder(folder, "int8", tmp_path / "deq")), device="cpu", dtype="float32",
-              **COMMON)
-    want = [o.outputs[0].token_ids for o in _greedy(cpu)]
-    for graphs in (True, False):
-        gpu = LLM(str(folder), device="cuda", dtype="float32", quantization="int8", enforce_eager=not graphs, **COMMON)
-        assert [o.outputs[0].token_ids for o in _greedy(gpu)] == want, (arch, graphs)
-        del gpu
-
-
-def test_engine_gguf_q8_0_words_matches_dequantized(monkeypatch, tmp_path):
-    from tests.models.test_ggml_quantized import _write
-
-    monkeypatch.setenv("KVSERVE_INT8_GEMV", "words")
-    path = _write(tmp_path / "m-Q8_0.gguf", "Q8_0")
-    cpu = LLM(str(path), device="cpu", dtype="float32", quantization="none", **COMMON)
-    want = [o.outputs[0].token_ids for o in _greedy(cpu)]
-    gpu = LLM(str(path), device="cuda", dtype="float32", quantization="gguf", **COMMON)
-    assert gpu.engine.runner.model.layers[0].mlp.gate_up_proj.qweight.kind == "int8"
+    assert gpu.engine.runner.model.layers[0].mlp.gate_up_proj.qweight.kind == f"int{bits}"
     assert [o.outputs[0].token_ids for o in _greedy(gpu)] == want
 
 
