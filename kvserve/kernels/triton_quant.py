@@ -235,6 +235,31 @@ def _word_dot(acc, w, x_ptr, chunk, J: tl.constexpr, m_lo, m_hi, magic, SUB: tl.
 
 
 @triton.jit
+def _word_tile(wp, w, k0, K, c, CW: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr):
+    """The word GEMVs' K step k0 (CW columns a 4-word chunk): (this step's [BLOCK_N, NC, 4] words,
+    the next step's). `w` holds this step's words where they were loaded before (the first tile,
+    requested before the PDL wait, or the prefetch of the step before); PREFETCH requests the next
+    step's now (the last step re-requests its own), else the next is this one."""
+    if PREFETCH:
+        nxt = tl.minimum(k0 + BLOCK_K, K - BLOCK_K) // CW + c
+        w_next = tl.load(wp + (nxt * 4)[None, :, None], eviction_policy="evict_first")
+    else:
+        if k0 > 0:
+            w = tl.load(wp + ((k0 // CW + c) * 4)[None, :, None], eviction_policy="evict_first")
+        w_next = w
+    return w, w_next
+
+
+@triton.jit
+def _word_quads(w, BLOCK_N: tl.constexpr, NC: tl.constexpr):
+    """Words 0, 1, 2, 3 of each chunk of a [BLOCK_N, NC, 4] tile, each [BLOCK_N, NC]."""
+    w_even, w_odd = tl.split(tl.reshape(w, [BLOCK_N, NC, 2, 2]))  # words (0, 2), (1, 3)
+    w0, w2 = tl.split(w_even)
+    w1, w3 = tl.split(w_odd)
+    return w0, w1, w2, w3
+
+
+@triton.jit
 def _dot_rows_w4(x_ptr, q_ptr, s_ptr, o_ptr, rows64, K, stride_q, stride_s, one,
                  HAS_OFF: tl.constexpr, GROUP: tl.constexpr, XKIND: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr):
@@ -268,14 +293,8 @@ def _dot_rows_w4(x_ptr, q_ptr, s_ptr, o_ptr, rows64, K, stride_q, stride_s, one,
         pdl.wait(PDL)
     for k0 in range(0, K, BLOCK_K):
         chunk = k0 // 32 + c  # [NC]
-        if PREFETCH:
-            nxt = tl.minimum(k0 + BLOCK_K, K - BLOCK_K) // 32 + c
-            w_next = tl.load(wp + (nxt * 4)[None, :, None], eviction_policy="evict_first")
-        elif k0 > 0:
-            w = tl.load(wp + (chunk * 4)[None, :, None], eviction_policy="evict_first")
-        w_even, w_odd = tl.split(tl.reshape(w, [BLOCK_N, NC, 2, 2]))  # words (0, 2), (1, 3)
-        w0, w2 = tl.split(w_even)
-        w1, w3 = tl.split(w_odd)
+        w, w_next = _word_tile(wp, w, k0, K, c, 32, BLOCK_K, PREFETCH)
+        w0, w1, w2, w3 = _word_quads(w, BLOCK_N, NC)
         p = tl.zeros([BLOCK_N, NC], dtype=tl.float32)
         xa = tl.zeros([NC], dtype=tl.float32)
         xb = tl.zeros([NC], dtype=tl.float32)
@@ -325,14 +344,8 @@ def _dot_rows_w8(x_ptr, q_ptr, s_ptr, rows64, K, stride_q, stride_s, one,
         pdl.wait(PDL)
     for k0 in range(0, K, BLOCK_K):
         chunk = k0 // 16 + c  # [NC]
-        if PREFETCH:
-            nxt = tl.minimum(k0 + BLOCK_K, K - BLOCK_K) // 16 + c
-            w_next = tl.load(wp + (nxt * 4)[None, :, None], eviction_policy="evict_first")
-        elif k0 > 0:
-            w = tl.load(wp + (chunk * 4)[None, :, None], eviction_policy="evict_first")
-        w_even, w_odd = tl.split(tl.reshape(w, [BLOCK_N, NC, 2, 2]))  # words (0, 2), (1, 3)
-        w0, w2 = tl.split(w_even)
-        w1, w3 = tl.split(w_odd)
+        w, w_next = _word_tile(wp, w, k0, K, c, 16, BLOCK_K, PREFETCH)
+        w0, w1, w2, w3 = _word_quads(w, BLOCK_N, NC)
         if KIND == 1:
             p = tl.zeros([BLOCK_N, NC], dtype=tl.float32)
             xs = tl.zeros([NC], dtype=tl.float32)
@@ -826,7 +839,7 @@ def qgemv_rope_(x, qw, bias, positions, cos_sin, num_q_heads, num_kv_heads, head
         pairs, cap, warps, prefetch = config or INT4_WORDS_ROPE_CONFIG
         while half % pairs:
             pairs //= 2
-        q, scale, kind, block_k = codes, qw.scale, 0, _block_k(k, cap, 32)
+        q, kind, block_k = codes, 0, _block_k(k, cap, 32)
         extra = dict(W4=True, XKIND=xkind, PREFETCH=prefetch, PAIRS=pairs)
     elif (w8 := _w8_operands(x, qw, words)) is not None:
         xw, q, xkind = w8
