@@ -203,10 +203,13 @@ def test_moe_decode_env_is_checked_when_the_engine_is_built(monkeypatch):
         CudaTritonOps()
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen3_moe_raw", "mixtral"])
-def test_engine_greedy_with_fused_decode_matches_cpu(kind, tmp_path, monkeypatch):
-    """The default, KVSERVE_MOE_DECODE=fused, end to end (fp32, CUDA graphs): the same greedy tokens
-    as the CPU engine's expert loop, batched and one at a time."""
+@pytest.mark.parametrize("mode,kind", [("fused", "qwen3_moe"), ("fused", "qwen3_moe_raw"), ("fused", "mixtral"),
+                                       ("fused-router", "qwen3_moe"), ("fused-router", "mixtral"),
+                                       ("fused-chain", "qwen3_moe"), ("fused-chain", "mixtral")])
+def test_engine_greedy_with_fused_decode_matches_cpu(mode, kind, tmp_path, monkeypatch):
+    """The default, KVSERVE_MOE_DECODE=fused, and the opt-in fused-router / fused-chain (with
+    KVSERVE_QK_NORM_GEMV=1) end to end (fp32, CUDA graphs): the same greedy tokens as the CPU
+    engine's expert loop, batched and one at a time."""
     from tests.gpu.test_engine_gpu import _prompts
     from tests.models.test_moe import _save_model
 
@@ -220,9 +223,14 @@ def test_engine_greedy_with_fused_decode_matches_cpu(kind, tmp_path, monkeypatch
         return [o.outputs[0].token_ids for o in outs]
 
     want = run(LLM(str(tmp_path), device="cpu", num_kv_blocks=256, **common), prompts)
-    monkeypatch.delenv("KVSERVE_MOE_DECODE", raising=False)  # the default
+    if mode == "fused":
+        monkeypatch.delenv("KVSERVE_MOE_DECODE", raising=False)  # the default
+    else:
+        monkeypatch.setenv("KVSERVE_MOE_DECODE", mode)
+        monkeypatch.setenv("KVSERVE_QK_NORM_GEMV", "1")
     gpu = LLM(str(tmp_path), device="cuda", **common)
-    assert gpu.engine.runner.model.layers[0].mlp.ops.moe_decode == "fused"
+    ops = gpu.engine.runner.model.layers[0].mlp.ops
+    assert ops.moe_decode == mode and (mode == "fused" or ops.qk_norm_gemv)
     assert gpu.engine.runner.graphs is not None
     assert run(gpu, prompts) == want
     assert [run(gpu, [p])[0] for p in prompts[:3]] == want[:3]
@@ -312,31 +320,3 @@ def test_decode_next_norm_matches_experts_then_norm(shape, t):
     e, k, hidden, inter = shape
     moe_checks.check_decode_next_norm(t, e, k, hidden, inter, "cuda", torch.float32, 1e-5)
     moe_checks.check_decode_next_norm(t, e, k, hidden, inter, "cuda", torch.bfloat16, 2e-2)
-
-
-@pytest.mark.parametrize("mode", ["fused-router", "fused-chain"])
-@pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral"])
-def test_engine_greedy_with_fused_router_matches_cpu(kind, mode, tmp_path, monkeypatch):
-    """KVSERVE_MOE_DECODE=fused-router / fused-chain with KVSERVE_QK_NORM_GEMV=1 end to end (fp32,
-    CUDA graphs): the same greedy tokens as the CPU engine's expert loop, batched and one at a time."""
-    from tests.gpu.test_engine_gpu import _prompts
-    from tests.models.test_moe import _save_model
-
-    _save_model(kind, tmp_path)
-    prompts = _prompts(8, seed=4)
-    sp = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-    common = dict(dtype="float32", max_model_len=256, max_num_seqs=16)
-
-    def run(llm: LLM, ps) -> list[list[int]]:
-        outs = llm.generate([{"prompt_token_ids": p} for p in ps], sp, use_tqdm=False)
-        return [o.outputs[0].token_ids for o in outs]
-
-    want = run(LLM(str(tmp_path), device="cpu", num_kv_blocks=256, **common), prompts)
-    monkeypatch.setenv("KVSERVE_MOE_DECODE", mode)
-    monkeypatch.setenv("KVSERVE_QK_NORM_GEMV", "1")
-    gpu = LLM(str(tmp_path), device="cuda", **common)
-    ops = gpu.engine.runner.model.layers[0].mlp.ops
-    assert ops.moe_decode == mode and ops.qk_norm_gemv
-    assert gpu.engine.runner.graphs is not None
-    assert run(gpu, prompts) == want
-    assert [run(gpu, [p])[0] for p in prompts[:3]] == want[:3]
