@@ -49,6 +49,19 @@ from kvserve.platform.cuda_linear import TritonGemvLinearMethod
 
 logger = logging.getLogger(__name__)
 
+
+def _rows_env(name: str, default: int) -> int:
+    """A row-count switch from the environment: a whole number >= 0, else an error naming it."""
+    value = os.environ.get(name, str(default))
+    try:
+        rows = int(value)
+    except ValueError:
+        rows = -1
+    if rows < 0:
+        raise ValueError(f"{name} must be a whole number >= 0 (got {value!r})")
+    return rows
+
+
 SCHEMES = ("int8", "int4", "fp8")
 INT4_GROUP = 128
 # GGML type ids (kernels/cpu_quant.QTYPES) that repack exactly.
@@ -58,17 +71,17 @@ REPACKABLE = {Q4_0: "int4", Q4_1: "int4", Q8_0: "int8", Q4_K: "int4"}
 # int4) or _scaled_mm (fp8). On an H200 (benchmarks/RESULTS.md) the int8 GEMM beat
 # dequantize + cuBLAS up to 64 rows on every Llama-3.1-8B shape, and lost from 128 rows on two
 # of three. KVSERVE_QMM_MAX_ROWS / KVSERVE_FP8_QMM_MAX_ROWS override them.
-QMM_MAX_ROWS = int(os.environ.get("KVSERVE_QMM_MAX_ROWS", "64"))
+QMM_MAX_ROWS = _rows_env("KVSERVE_QMM_MAX_ROWS", 64)
 # 4-bit weights in groups of 32 (GGUF Q4_0 / Q4_1 / Q4_K) skip the GEMM: on an H100 (2026-12-07,
 # `gpu_quant_bench --only qmm`, Llama-3.1-8B gate_up, 2-64 rows) it took 740-780 us where
 # dequantize + cuBLAS took 275-280 (int4 in groups of 128: 102-133 vs 215-219, GEMM kept).
 QMM_MIN_INT4_GROUP = 64
-FP8_QMM_MAX_ROWS = int(os.environ.get("KVSERVE_FP8_QMM_MAX_ROWS", "64"))
+FP8_QMM_MAX_ROWS = _rows_env("KVSERVE_FP8_QMM_MAX_ROWS", 64)
 # With KVSERVE_INT4_QMM=words|raw|auto (`kernels/triton_qmm4.py`, opt-in until measured) 4-bit
 # weights of every group size take that GEMM up to this many rows: one pass over the 4-bit
 # weight, where dequantize + cuBLAS writes and reads it in 16 bits first (the 256-request
 # workload's decode steps have up to 256 rows).
-INT4_QMM_MAX_ROWS = int(os.environ.get("KVSERVE_INT4_QMM_MAX_ROWS", "512"))
+INT4_QMM_MAX_ROWS = _rows_env("KVSERVE_INT4_QMM_MAX_ROWS", 512)
 
 
 def fp8_fused_act_mode() -> bool:

@@ -227,14 +227,17 @@ def test_engine_loading_matches_dequantized_checkpoint(tiny_model_factory, tmp_p
 
 
 def test_qmm_env_switches_are_checked():
-    """A mistyped KVSERVE_INT4_QMM / KVSERVE_FP8_QMM_SCALE_AFTER is refused by name, never silently
-    taken as the default."""
+    """A mistyped KVSERVE_INT4_QMM / KVSERVE_FP8_QMM_SCALE_AFTER / row-count switch is refused by
+    name, never silently taken as the default (nor a bare int() traceback)."""
     import os
     import subprocess
     import sys
 
-    for name, value in (("KVSERVE_INT4_QMM", "word"), ("KVSERVE_FP8_QMM_SCALE_AFTER", "yes")):
+    for name, value, module in (("KVSERVE_INT4_QMM", "word", "kvserve.kernels.triton_quant"),
+                                ("KVSERVE_FP8_QMM_SCALE_AFTER", "yes", "kvserve.kernels.triton_quant"),
+                                ("KVSERVE_INT4_QMM_MAX_ROWS", "lots", "kvserve.platform.cuda_quant"),
+                                ("KVSERVE_QMM_MAX_ROWS", "-1", "kvserve.platform.cuda_quant")):
         env = dict(os.environ, **{name: value})
-        r = subprocess.run([sys.executable, "-c", "import kvserve.kernels.triton_quant"], env=env,
+        r = subprocess.run([sys.executable, "-c", f"import {module}"], env=env,
                            capture_output=True, text=True, timeout=120)
         assert r.returncode != 0 and f"ValueError: {name} must be" in r.stderr, r.stderr[-500:]
