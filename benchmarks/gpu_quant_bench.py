@@ -233,19 +233,19 @@ def section_gemv(quick: bool = False, int8_only: bool = False) -> None:
                     f"{gbs(res['qgemv'])} | {gbs(best[0])} {best[1]} | {diff:.1e} |")
                 rows[f"{name}/{fmt}"] = {"bytes": nb, "bf16_us": bf_us, **res, "best": best, "diff": diff}
                 if qw0.kind == "int4" and name != "head":
-                    w4_rows[(name, fmt)] = _int4_words_rows(name, n, k, x, qs, fmt == "int4-g128" or not quick)
+                    w4_rows[(name, fmt)] = _words_rows(name, n, k, x, qs, fmt == "int4-g128" or not quick)
                 if qw0.kind == "int8" and name != "head":
-                    w8_rows[(name, fmt)] = _int4_words_rows(name, n, k, x, qs, fmt == "int8" or not quick, bits=8)
+                    w8_rows[(name, fmt)] = _words_rows(name, n, k, x, qs, fmt == "int8" or not quick, bits=8)
                 del qs, qw0
             except Exception:
                 traceback.print_exc()
             torch.cuda.empty_cache()
     RESULTS["gemv"] = rows
-    _int4_words_summary(rows, w4_rows)
-    _int4_words_summary(rows, w8_rows, bits=8)
+    _words_summary(rows, w4_rows)
+    _words_summary(rows, w8_rows, bits=8)
 
 
-def _int4_words_rows(name: str, n: int, k: int, x: torch.Tensor, qs: list, sweep: bool, bits: int = 4) -> dict:
+def _words_rows(name: str, n: int, k: int, x: torch.Tensor, qs: list, sweep: bool, bits: int = 4) -> dict:
     """The 4-bit (`bits` 8: int8) GEMV as the engine calls it for projection `name` (qkv: + RoPE and
     the K/V store, gate_up: + SiLU·mul, others plain), a code at a time (KVSERVE_INT4_GEMV /
     KVSERVE_INT8_GEMV=codes, the default) and int32 words (=words) at its default tiles and, with
@@ -289,7 +289,7 @@ def _int4_words_rows(name: str, n: int, k: int, x: torch.Tensor, qs: list, sweep
     return res
 
 
-def _int4_words_summary(rows: dict, w4_rows: dict, bits: int = 4) -> None:
+def _words_summary(rows: dict, w4_rows: dict, bits: int = 4) -> None:
     """One table: the 4-bit (`bits` 8: int8) GEMV of each Llama-3.1-8B projection (as the engine calls
     it) a code at a time vs int32 words (default tiles, best sweep tile), with % of the floor = the
     weight's bytes / the best bf16 GEMV read bandwidth of this run; and a layer's four projections
