@@ -29,6 +29,8 @@ import torch
 
 PHASES = ("qkv", "attention", "o", "gate/up", "down")
 FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-ffp-contract=off", "-mavx2", "-mfma", "-mf16c", "-DKVQS_PROFILE"]
+if os.environ.get("KVQS_PROFILE_AVX512"):  # the flags the library takes on AVX-512 (+VNNI) machines
+    FLAGS += ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"]
 
 
 def build(src: Path, out: Path) -> ctypes.CDLL:
