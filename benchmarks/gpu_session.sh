@@ -70,7 +70,8 @@ lease6c)  # the GPU tests of this evening's opt-in kernels (before flipping a de
   t f8thru $((570 - SECONDS)) "device|\[throughput\]|rror" python -m benchmarks.gpu_quant_bench --only throughput --tp-schemes bf16,fp8,fp8+fused --out "$OUT"
   ;;
 lease7)  # one call if only one comes (2026-12-07 late): issue 17's engine batch-1 decode, codes vs words, beside gpt-fast int4; issue 20's MXFP4 half math; issue 19's verify step
-  t d1 280 "^\[|rror" python -m benchmarks.gpu_quant_bench --only decode1,peer --decode1 int4:codes,int4:words,int8:codes,int8:words --peer-modes int4 --peer-dir .peer/peer --out "$OUT"
+  t d1 250 "^\[|rror" python -m benchmarks.gpu_quant_bench --only decode1,peer --decode1 int4:codes,int4:words,int8:codes,int8:words --peer-modes int4 --peer-dir .peer/peer --out "$OUT"
+  t wtests 110 "$TESTS" python -m pytest -q -p no:cacheprovider -x tests/gpu/test_quant_gpu.py -k "engine_words_matches_reference or (words_gemv_bf16 and 4096-4096) or words_in_cuda_graph"
   t mxf16 150 "\||->|floor|rror|FAIL" python -m benchmarks.gpt_oss_gpu_bench --gemv-f16 --json "$OUT/gemv_f16.json"
   t specvp $((580 - SECONDS)) "^\||^\[|rror" python -m benchmarks.spec_gpu_bench --only verify,verifyprof --json "$OUT/spec_vp.json"
   ;;
