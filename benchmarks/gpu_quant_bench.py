@@ -389,9 +389,9 @@ def section_qmm(sweep: bool = True, names: tuple[str, ...] = ("qkv", "o", "gate_
                         ref = x.float() @ wref.T
                         r = {"bf16": us(lambda ww: F.linear(x, ww), ws)}
                         d = {}
-                        for mode in ("", "words", "raw", "auto"):
-                            key = mode or "old"
-                            if m > 64 and not mode:  # (the old routing: dequantize + cuBLAS above 64 rows)
+                        for mode in ("codes", "words", "raw", "auto"):
+                            key = "old" if mode == "codes" else mode
+                            if m > 64 and mode == "codes":  # (the old routing: dequantize + cuBLAS above 64 rows)
                                 r[key], d[key] = float("nan"), float("nan")
                                 continue
                             r[key] = us(lambda q: tq.qmm(x, q, mode=mode), qs)

@@ -31,10 +31,11 @@
     served from L2; and the fused variants the model runs (gate/up + SiLU·mul, qkv + RoPE + K/V
     store): one row through the GEMV with the epilogue, 5 and 8 rows through cuBLAS then the
     epilogue kernel. Next to them the Triton verify GEMM (`kernels/triton_verify_gemm.py`, the
-    opt-in `KVSERVE_VERIFY_GEMM=triton`) at M = 2, 5, 8, 16 with its default config and its
-    fused variants at 5 and 8 rows (`--vgemm-sweep`: also its neighbouring configs at M = 5, the
-    best per projection printed). The verify and verifyprof sections add a variant `gemm=triton` (the default
-    attention, the products of 2..16 rows through the verify GEMM).
+    engine's default for 2..16 rows, `KVSERVE_VERIFY_GEMM=triton`) at M = 2, 5, 8, 16 with its
+    default config and its fused variants at 5 and 8 rows (`--vgemm-sweep`: also its neighbouring
+    configs at M = 5, the best per projection printed). The verify and verifyprof sections add a
+    variant with the other product path (`gemm=cublas` by default: the default attention, the
+    products of 2..16 rows through cuBLAS then the epilogue kernels).
 
 Everything runs on one engine: plain runs set `engine.spec = None`. The first run of each
 configuration is a warm-up (not timed).
@@ -347,13 +348,14 @@ def verifyprof_variants() -> list[tuple[str, dict]]:
 
 def verify_variants() -> list[tuple[str, dict, str | None]]:
     """`verifyprof_variants` with the products' mode (None: as the environment says), then the
-    default attention with the 2..16-row products through the Triton verify GEMM
-    (`KVSERVE_VERIFY_GEMM=triton`) unless the environment already chose it."""
+    default attention with the 2..16-row products through the other product path: cuBLAS
+    (`KVSERVE_VERIFY_GEMM=cublas`) where the Triton verify GEMM is in use (the default), else the
+    Triton one."""
     from kvserve.kernels.triton_verify_gemm import requested
 
     out: list[tuple[str, dict, str | None]] = [(label, kw, None) for label, kw in verifyprof_variants()]
-    if not requested():
-        out.append((f"{out[0][0]} gemm=triton", {}, "triton"))
+    other = "cublas" if requested() else "triton"
+    out.append((f"{out[0][0]} gemm={other}", {}, other))
     return out
 
 

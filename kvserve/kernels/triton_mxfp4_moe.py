@@ -38,9 +38,11 @@ nibble j // 4 of word j % 4) and the E8M0 scales uint8 [E, rows, K / 32] beside 
   the kernel before it and only then lets gate/up launch, so the routing is final when gate/up
   and down read it and request their first codes before their own waits (DECODE 3: the first
   K-step's prefetch), the weight stream starting while the kernel before still runs; the
-  defaults launch as before. `benchmarks/gpt_oss_gpu_bench.py --gemv-f16` times
-  `GEMV_F16_CANDIDATES` against the defaults at 1 and 4 tokens; until a GPU has, DECODE 1 stays
-  the default.
+  fp32 configs launch as before. `benchmarks/gpt_oss_gpu_bench.py --gemv-f16` times
+  `GEMV_F16_CANDIDATES` against the defaults at 1 and 4 tokens; since its first GPU run (NVIDIA
+  H100, 2026-12-07: the MoE layer at one token 62.7 -> 35.7 µs) DECODE 3 with the down GEMV split
+  in two is the default for 16-bit activations (`GEMV_DEFAULT_HALF`); fp32 activations keep
+  DECODE 1 (`GEMV_DEFAULT_FP32`).
 - **Grouped path** (prefill, larger batches): the pairs sorted by expert and padded per expert
   by `triton_moe.align_by_expert` (one program, no host sync); each BLOCK_M run of one expert's
   pairs times BLOCK_N of its rows, each K-step's word tile decoded into weights in K order (exact)
@@ -914,7 +916,20 @@ def gemv_config(cfg: tuple[int, ...], name: str = "gate/up GEMV config") -> Gemv
         raise ValueError(f"{name} needs (BLOCK_N, BLOCK_G, num_warps, DECODE) (got {cfg!r})")
     if cfg[3] not in DECODES:
         raise ValueError(f"{name}: DECODE must be one of {DECODES} (got {cfg[3]})")
+    _check_half_tile(cfg, name)
     return cfg
+
+
+def _check_half_tile(cfg: tuple[int, ...], name: str) -> None:
+    """DECODE 2 / 3 hand a 32-value block's four code words to one thread (`_hfma_block`'s inline
+    PTX takes them as one pack of 4), which Triton's layout does only when the [BLOCK_N, BLOCK_G,
+    4] tile gives every thread at least 4 elements: BLOCK_N * BLOCK_G >= 32 * num_warps. With
+    fewer the words of a block land in two threads and the sums are garbage (NaN on an H100 for
+    (16, 2, 2 warps): sizePerThread [1, 1, 2])."""
+    bn, bg, warps, decode = cfg[:4]
+    if decode >= 2 and bn * bg < 32 * warps:
+        raise ValueError(f"{name}: DECODE {decode} needs BLOCK_N * BLOCK_G >= 32 * num_warps (whole blocks per "
+                         f"thread; got {bn} * {bg} < 32 * {warps})")
 
 
 def down_config(cfg: tuple[int, ...], name: str = "down GEMV config") -> DownConfig:
@@ -931,21 +946,30 @@ def down_config(cfg: tuple[int, ...], name: str = "down GEMV config") -> DownCon
         raise ValueError(f"{name}: SPLIT must be 0 (the sequential kernel) to 16 (got {cfg[4]})")
     if cfg[3] not in DECODES:
         raise ValueError(f"{name}: DECODE must be one of {DECODES} (got {cfg[3]})")
+    _check_half_tile(cfg, name)
     return cfg
 
 
-def gemv_configs() -> tuple[GemvConfig, DownConfig]:
+# The GEMV configs without KVSERVE_MXFP4_GEMV_GU / _DOWN, per activation dtype. 16-bit activations
+# (gpt-oss runs in bf16): the packed half math with the prefetch and the down GEMV split in two
+# (`benchmarks/gpt_oss_gpu_bench.py --gemv-f16`, NVIDIA H100, 2026-12-07, gpt-oss-20b shapes,
+# the whole MoE layer: one token 62.7 -> 35.7 µs, 1.75x the earlier default below; four tokens
+# 126.9 -> 104.0 µs, 1.22x; every candidate within 2.7e-3 of the reference). fp32 activations
+# keep the fp32 math (the half math's fp16 sums, ~1e-3 relative, would lose an fp32 model's
+# precision): the configs that were the default for every dtype before (timed on an H200).
+GEMV_DEFAULT_HALF: tuple[GemvConfig, DownConfig] = ((64, 8, 8, 3), (16, 16, 4, 3, 2))
+GEMV_DEFAULT_FP32: tuple[GemvConfig, DownConfig] = ((32, 8, 4, 1), (32, 16, 4, 1, 0))
+
+
+def gemv_configs(dtype: torch.dtype = torch.bfloat16) -> tuple[GemvConfig, DownConfig]:
     """(BLOCK_N, BLOCK_G, num_warps, DECODE) of the gate/up and (BLOCK_N, BLOCK_G, num_warps,
-    DECODE, SPLIT) of the down GEMV kernels (KVSERVE_MXFP4_GEMV_GU / KVSERVE_MXFP4_GEMV_DOWN
-    override, e.g. "16,8,4,1" and "32,16,4,1,2"; a down config of 4 values has SPLIT 0, the
-    sequential kernel; see `down_config`). From the sweep of `benchmarks/gpt_oss_gpu_bench.py`
-    (NVIDIA H200, 2026-12-07, gpt-oss-20b shapes, one token, the whole MoE layer in µs with the
-    other kernel at its default): down (32, 16, 4, 1) 63.4 against 91.1 for the earlier
-    (16, 8, 2, 1) and 67–115 for the rest of the sweep; gate/up 87.0–103.6 over its eight,
-    (32, 8, 4, 1) at 91.1, within the run's spread, so it stays. SPLIT stays 0 until a GPU has
-    timed the split kernels (the sweep times both side by side)."""
-    gu = gemv_config(_env_config("KVSERVE_MXFP4_GEMV_GU", (32, 8, 4, 1)), "KVSERVE_MXFP4_GEMV_GU")
-    dn = _env_config("KVSERVE_MXFP4_GEMV_DOWN", (32, 16, 4, 1, 0), lengths=(4, 5))
+    DECODE, SPLIT) of the down GEMV kernels for activations of `dtype`: `GEMV_DEFAULT_HALF` for
+    bf16 / fp16, `GEMV_DEFAULT_FP32` for fp32; KVSERVE_MXFP4_GEMV_GU / KVSERVE_MXFP4_GEMV_DOWN
+    override either for every dtype (e.g. "16,8,4,1" and "32,16,4,1,2"; a down config of 4 values
+    has SPLIT 0, the sequential kernel; see `down_config`)."""
+    gu_def, dn_def = GEMV_DEFAULT_FP32 if dtype == torch.float32 else GEMV_DEFAULT_HALF
+    gu = gemv_config(_env_config("KVSERVE_MXFP4_GEMV_GU", gu_def), "KVSERVE_MXFP4_GEMV_GU")
+    dn = _env_config("KVSERVE_MXFP4_GEMV_DOWN", dn_def, lengths=(4, 5))
     dn = down_config(dn, "KVSERVE_MXFP4_GEMV_DOWN")
     if dn[3] >= 2 and gu[0] % 32:
         raise ValueError(f"KVSERVE_MXFP4_GEMV_DOWN with DECODE {dn[3]} needs a gate/up BLOCK_N that is a multiple "
@@ -991,7 +1015,7 @@ def fused_moe_mxfp4(
     wts = weights.reshape(-1).contiguous()
     n = t * top_k
     if path == "gemv" or (path == "auto" and use_gemv(t, e, top_k)):
-        gu_cfg, dn_cfg = gemv_cfg or gemv_configs()
+        gu_cfg, dn_cfg = gemv_cfg or gemv_configs(x.dtype)
         gbn, gbg, gwarps, gdec = gemv_config(gu_cfg, "gemv_cfg[0]")
         dbn, dbg, dwarps, ddec, split = down_config(dn_cfg, "gemv_cfg[1]")
         h_f16 = ddec >= 2

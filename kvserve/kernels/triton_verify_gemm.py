@@ -1,5 +1,9 @@
-"""The 2..16-row products of a verify step (and of small decode batches) on tensor cores, opt-in
-with `KVSERVE_VERIFY_GEMM=triton` (default `cublas`: `F.linear` then the epilogue kernels).
+"""The 2..16-row products of a verify step (and of small decode batches) on tensor cores, the
+default since its first GPU run (`KVSERVE_VERIFY_GEMM=triton`; `cublas`: `F.linear` then the
+epilogue kernels). NVIDIA H100, 2026-12-07, Llama-3.1-8B bf16, context 1024, CUDA graphs
+(`benchmarks/spec_gpu_bench.py --only verify`): a 5-row verify step against a one-token step
+1.084x with this kernel, 1.182x through cuBLAS; at batch 16 the one-token step (16 rows) 6.851 ->
+6.334 ms.
 
 Swap-AB: the weight is the `tl.dot`'s M side, a tile of BLOCK_N weight rows x BLOCK_K, times the
 activations transposed, [BLOCK_K, 16] (the rows padded to 16 with zeros), into an fp32
@@ -45,8 +49,9 @@ EPI_PLAIN, EPI_SILU_MUL, EPI_ROPE = 0, 1, 2
 
 @functools.cache
 def requested() -> bool:
-    """KVSERVE_VERIFY_GEMM=triton routes 2..16-row 16-bit products here (default `cublas`)."""
-    value = os.environ.get("KVSERVE_VERIFY_GEMM", "cublas")
+    """KVSERVE_VERIFY_GEMM=triton (the default) routes 2..16-row 16-bit products here; `cublas`
+    sends them to `F.linear`."""
+    value = os.environ.get("KVSERVE_VERIFY_GEMM", "triton")
     if value not in ("cublas", "triton"):
         raise ValueError(f"KVSERVE_VERIFY_GEMM must be 'cublas' or 'triton', got {value!r}")
     return value == "triton"

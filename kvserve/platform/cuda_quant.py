@@ -19,13 +19,14 @@ Products (`CudaQuantLinearMethod.apply`):
 
 - one row: the quantized GEMV (dequantizes in registers), with SiLU·mul or RoPE + K/V store
   in its epilogue for fused gate/up and qkv projections, as the bf16 GEMV;
-- up to `QMM_MAX_ROWS` rows (64): the dequantizing Triton GEMM (not for 4-bit weights in
-  groups of 32, which measured faster dequantized); with KVSERVE_INT4_QMM=words|raw|auto, 4-bit
-  weights of any group size take the word GEMM up to `INT4_QMM_MAX_ROWS` (512) rows;
+- up to `QMM_MAX_ROWS` rows (64): the dequantizing Triton GEMM for int8 and FP8; 4-bit
+  weights of any group size take the word GEMM (`triton_qmm4`, KVSERVE_INT4_QMM=auto, the
+  default; "codes" the code-at-a-time GEMM, which skipped groups of 32) up to
+  `INT4_QMM_MAX_ROWS` (128) rows;
 - more rows: int8 / int4 dequantized to the model dtype in one pass, then cuBLAS; FP8 with
-  per-row dynamic activation scales through `torch._scaled_mm` (FP8 tensor cores); with
-  KVSERVE_FP8_FUSED_ACT=1 the norm / SiLU·mul kernel that produced x already wrote them
-  (`fused_ops.fp8_activation`), else `act_quant_fp8` here.
+  per-row dynamic activation scales through `torch._scaled_mm` (FP8 tensor cores); the norm /
+  SiLU·mul kernel that produced x already wrote them (`fused_ops.fp8_activation`,
+  KVSERVE_FP8_FUSED_ACT=1, the default), else `act_quant_fp8` here.
   (`benchmarks/gpu_quant_bench.py` measured the crossover; see benchmarks/RESULTS.md.)
 
 Dense checkpoint shards are quantized as they arrive (on the GPU), so the bf16 model is never
@@ -77,20 +78,26 @@ QMM_MAX_ROWS = _rows_env("KVSERVE_QMM_MAX_ROWS", 64)
 # dequantize + cuBLAS took 275-280 (int4 in groups of 128: 102-133 vs 215-219, GEMM kept).
 QMM_MIN_INT4_GROUP = 64
 FP8_QMM_MAX_ROWS = _rows_env("KVSERVE_FP8_QMM_MAX_ROWS", 64)
-# With KVSERVE_INT4_QMM=words|raw|auto (`kernels/triton_qmm4.py`, opt-in until measured) 4-bit
-# weights of every group size take that GEMM up to this many rows: one pass over the 4-bit
-# weight, where dequantize + cuBLAS writes and reads it in 16 bits first (the 256-request
-# workload's decode steps have up to 256 rows).
-INT4_QMM_MAX_ROWS = _rows_env("KVSERVE_INT4_QMM_MAX_ROWS", 512)
+# 4-bit weights of every group size take the word GEMM (`kernels/triton_qmm4.py`,
+# KVSERVE_INT4_QMM=auto by default) up to this many rows: one pass over the 4-bit weight, where
+# dequantize + cuBLAS writes and reads it in 16 bits first. NVIDIA H100, 2026-12-07
+# (`gpu_quant_bench --only qmm1`, Llama-3.1-8B gate_up int4 g128): 2-16 rows 48-54 µs against
+# 80-85 for bf16 cuBLAS and 210-214 dequantized; 64 rows 89 vs 215 dequantized; 256 rows 326 vs
+# 228 — the crossover lies between, so 128 (o_proj: 25.0 vs 28.5 at 64, 46 vs 37 at 256).
+INT4_QMM_MAX_ROWS = _rows_env("KVSERVE_INT4_QMM_MAX_ROWS", 128)
 
 
 def fp8_fused_act_mode() -> bool:
-    """`KVSERVE_FP8_FUSED_ACT`: "1" has the RMSNorm (with or without the residual add) and SiLU·mul
-    kernels also write their output in FP8 with per-row scales where FP8 projections read it
-    through `_scaled_mm` (more than FP8_QMM_MAX_ROWS rows), so those projections launch no
-    `act_quant_fp8` of their own (the same bits: `fused_ops.fp8_activation`); "0" (the default,
-    until timed on a GPU) quantizes in each projection; other values are an error."""
-    value = os.environ.get("KVSERVE_FP8_FUSED_ACT", "0")
+    """`KVSERVE_FP8_FUSED_ACT`: "1" (the default) has the RMSNorm (with or without the residual
+    add) and SiLU·mul kernels also write their output in FP8 with per-row scales where FP8
+    projections read it through `_scaled_mm` (more than FP8_QMM_MAX_ROWS rows), so those
+    projections launch no `act_quant_fp8` of their own (the same bits:
+    `fused_ops.fp8_activation`); "0" quantizes in each projection; other values are an error.
+    Timed on an NVIDIA H100 (2026-12-07, `gpu_quant_bench --only prefill,throughput`): Llama-3.1-8B
+    prefill 8 x 2048 264.6 -> 260.2 ms; the 256-request workload (Qwen3-0.6B shapes, noisy run to
+    run) median 16,422 out tok/s over six runs against 14,075 in one run without it and 15,588
+    for bf16 (median of five)."""
+    value = os.environ.get("KVSERVE_FP8_FUSED_ACT", "1")
     if value not in ("0", "1"):
         raise ValueError(f"KVSERVE_FP8_FUSED_ACT must be 0 or 1 (got {value!r})")
     return value == "1"
@@ -359,7 +366,7 @@ class CudaQuantLinearMethod(TritonGemvLinearMethod):
             x = x.contiguous()
         if m == 1:
             return triton_quant.qgemv(x, qw, bias)
-        if qw.kind == "int4" and triton_quant.INT4_QMM:
+        if qw.kind == "int4" and triton_quant.INT4_QMM != "codes":
             if m <= INT4_QMM_MAX_ROWS:
                 return triton_quant.qmm(x, qw, bias)
             return F.linear(x, triton_quant.dequantize(qw, x.dtype), bias)

@@ -76,11 +76,11 @@ def test_verify_variants_add_the_verify_gemm(monkeypatch):
     monkeypatch.delenv("KVSERVE_VERIFY_GEMM", raising=False)
     requested.cache_clear()
     v = sgb.verify_variants()
-    assert [x[2] for x in v] == [None, None, "triton"] and v[-1][1] == {}
-    with sgb.verify_gemm_mode("triton"):
-        assert requested()
-    assert not requested()
-    monkeypatch.setenv("KVSERVE_VERIFY_GEMM", "triton")
+    assert [x[2] for x in v] == [None, None, "cublas"] and v[-1][1] == {}
+    with sgb.verify_gemm_mode("cublas"):
+        assert not requested()
+    assert requested()
+    monkeypatch.setenv("KVSERVE_VERIFY_GEMM", "cublas")
     requested.cache_clear()
-    assert [x[2] for x in sgb.verify_variants()] == [None, None]
+    assert [x[2] for x in sgb.verify_variants()] == [None, None, "triton"]
     requested.cache_clear()

@@ -231,7 +231,7 @@ def run(device: str) -> None:
     check_packed(9, device, path="grouped", hidden=320, inter=96, raw_codes=True, seed=6, limit=7.0)
     # the packed-half-math GEMVs (DECODE 2 / 3): gate/up alone, both (the gate/up kernel then writes
     # the activation as fp16 pairs), the split down; K ragged against the K-step (10 / 3 blocks)
-    check_f16(2, device, (((32, 8, 4, 2), (16, 4, 2, 1)), ((32, 4, 2, 3), (16, 2, 2, 2))), seed=14)
+    check_f16(2, device, (((32, 8, 4, 2), (16, 4, 2, 1)), ((32, 4, 2, 3), (16, 4, 2, 2))), seed=14)
     check_f16(1, device, (((64, 4, 4, 3), (32, 2, 2, 3, 2)),), experts=6, k=4, seed=15)
     # the split down GEMV: H ragged against BLOCK_N (96 = 64 + 32 masked, 320 = 3 x 128 - 64), K
     # ragged against the K-step and the splits (3 or 5 blocks: the last split's blocks partly or

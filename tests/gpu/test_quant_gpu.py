@@ -71,11 +71,12 @@ def test_epilogues():
     quant_checks.check_act_quant("cuda")
 
 
-@pytest.mark.parametrize("mode", ["words", "raw", "auto"])
+@pytest.mark.parametrize("mode", ["words", "raw", "auto", "codes"])
 @pytest.mark.parametrize("m", [2, 16, 200, 2048])
 def test_method_paths_int4_words(mode, m, monkeypatch):
-    """KVSERVE_INT4_QMM=words|raw|auto: the int4 layer's products up to INT4_QMM_MAX_ROWS rows take
-    the word GEMM (split K at few rows: in a CUDA graph too), more rows dequantize + cuBLAS."""
+    """KVSERVE_INT4_QMM=words|raw|auto (auto the default): the int4 layer's products up to
+    INT4_QMM_MAX_ROWS rows take the word GEMM (split K at few rows: in a CUDA graph too), more rows
+    dequantize + cuBLAS; "codes" the code-at-a-time GEMM (not for groups of 32)."""
     from kvserve.kernels import triton_quant
 
     monkeypatch.setattr(triton_quant, "INT4_QMM", mode)

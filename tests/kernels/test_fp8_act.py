@@ -23,6 +23,8 @@ def test_fp8_fused_act_switch(monkeypatch):
     from kvserve.platform.cuda_quant import fp8_fused_act_mode
 
     monkeypatch.delenv("KVSERVE_FP8_FUSED_ACT", raising=False)
+    assert fp8_fused_act_mode() is True  # the default since its GPU run
+    monkeypatch.setenv("KVSERVE_FP8_FUSED_ACT", "0")
     assert fp8_fused_act_mode() is False
     monkeypatch.setenv("KVSERVE_FP8_FUSED_ACT", "1")
     assert fp8_fused_act_mode() is True

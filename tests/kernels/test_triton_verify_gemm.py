@@ -18,7 +18,7 @@ def test_verify_gemm_env(monkeypatch):
     pytest.importorskip("triton")
     from kvserve.kernels import triton_verify_gemm as vg
 
-    for value, want in ((None, False), ("cublas", False), ("triton", True)):
+    for value, want in ((None, True), ("cublas", False), ("triton", True)):
         vg.requested.cache_clear()
         if value is None:
             monkeypatch.delenv("KVSERVE_VERIFY_GEMM", raising=False)
@@ -44,7 +44,8 @@ def test_verify_gemm_config_fills_the_gpu():
 
 
 def test_few_rows_routing(monkeypatch):
-    """2..16 contiguous 16-bit rows take the verify GEMM only with KVSERVE_VERIFY_GEMM=triton."""
+    """2..16 contiguous 16-bit rows take the verify GEMM with KVSERVE_VERIFY_GEMM=triton (the
+    default), never with cublas."""
     pytest.importorskip("triton")
     import types
 

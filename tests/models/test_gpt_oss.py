@@ -371,7 +371,9 @@ def test_mxfp4_down_split_setting_is_checked(monkeypatch):
     from kvserve.kernels import triton_mxfp4_moe as tm
 
     monkeypatch.delenv("KVSERVE_MXFP4_GEMV_DOWN", raising=False)
-    assert tm.gemv_configs()[1][4] == 0  # the sequential kernel stays the default
+    monkeypatch.delenv("KVSERVE_MXFP4_GEMV_GU", raising=False)
+    assert tm.gemv_configs(torch.float32)[1][4] == 0  # fp32: the sequential kernel
+    assert tm.gemv_configs(torch.bfloat16)[1][4] == 2  # 16-bit: split in two (timed on an H100)
     monkeypatch.setenv("KVSERVE_MXFP4_GEMV_DOWN", "16,8,2,1")
     assert tm.gemv_configs()[1] == (16, 8, 2, 1, 0)
     monkeypatch.setenv("KVSERVE_MXFP4_GEMV_DOWN", "32,16,4,1,2")
@@ -401,7 +403,8 @@ def test_mxfp4_gemv_decode_setting_is_checked(monkeypatch):
 
     monkeypatch.delenv("KVSERVE_MXFP4_GEMV_GU", raising=False)
     monkeypatch.delenv("KVSERVE_MXFP4_GEMV_DOWN", raising=False)
-    assert tm.gemv_configs() == ((32, 8, 4, 1), (32, 16, 4, 1, 0))  # the defaults are unchanged
+    assert tm.gemv_configs(torch.float32) == ((32, 8, 4, 1), (32, 16, 4, 1, 0))  # fp32: fp32 math
+    assert tm.gemv_configs() == tm.gemv_configs(torch.float16) == ((64, 8, 8, 3), (16, 16, 4, 3, 2))
     monkeypatch.setenv("KVSERVE_MXFP4_GEMV_GU", "32,8,4,3")
     monkeypatch.setenv("KVSERVE_MXFP4_GEMV_DOWN", "32,16,4,3,2")
     assert tm.gemv_configs() == ((32, 8, 4, 3), (32, 16, 4, 3, 2))
@@ -416,6 +419,14 @@ def test_mxfp4_gemv_decode_setting_is_checked(monkeypatch):
     monkeypatch.delenv("KVSERVE_MXFP4_GEMV_DOWN")
     assert all(c[0][3] in (2, 3) and c[1][3] in (1, 2, 3) and (c[1][3] < 2 or c[0][0] % 32 == 0)
                for c in tm.GEMV_F16_CANDIDATES)
+    for cfg in [c for pair in tm.GEMV_F16_CANDIDATES for c in pair] + list(tm.GEMV_DEFAULT_HALF):
+        (tm.gemv_config if len(cfg) == 4 else tm.down_config)(cfg)  # whole blocks per thread
+    # the half math's tile must give each thread a whole block's 4 code words (NaN on an H100 else)
+    with pytest.raises(ValueError, match="gemv_cfg.*BLOCK_N \\* BLOCK_G"):
+        tm.down_config((16, 2, 2, 2), "gemv_cfg[1]")
+    with pytest.raises(ValueError, match="KVSERVE_MXFP4_GEMV_GU"):
+        tm.gemv_config((16, 4, 4, 3), "KVSERVE_MXFP4_GEMV_GU")
+    assert tm.gemv_config((16, 4, 4, 1)) == (16, 4, 4, 1)  # the fp32 math has no such constraint
     gu = [mxfp4.quantize(torch.randn(64, 32)) for _ in range(3)]
     dn = [mxfp4.quantize(torch.randn(32, 32)) for _ in range(3)]
     packed = tm.pack_experts(gu, torch.zeros(3, 64), dn, torch.zeros(3, 32), 32, 32)
