@@ -4,7 +4,9 @@
 # Full logs go to $OUT (or /tmp/gpu_session), a filtered view to stdout; carry .gpuwheels
 # (xgrammar and its deps as cp312 wheels, SmolLM2's tokenizer) and .peer (gpt-fast's files).
 OUT=${OUT:-/tmp/gpu_session}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+# .gpuwheels/py: pure-Python packages the GPU machine lacks (gguf: tests/kernels/test_cpu_quant.py,
+# which several GPU tests import, needs it; copy it there from this machine's site-packages)
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/.gpuwheels/py
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
 python -m pip install -q --no-deps --no-index .gpuwheels/*.whl >/dev/null 2>&1 || echo "no xgrammar wheels"
 # t NAME LIMIT FILTER CMD...: run CMD under LIMIT seconds into $OUT/NAME.log, print what FILTER keeps
