@@ -34,6 +34,9 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define KVQ_AVX512 1
 #endif
+#if defined(KVQ_AVX512) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define KVQ_VNNI512 1
+#endif
 #endif
 #if !defined(KVQ_SCALAR) && defined(__aarch64__) && defined(__ARM_NEON)
 #include <arm_neon.h>
@@ -548,9 +551,273 @@ static int direct_max_rows(int qtype) {
 
 static int direct_ok(int qtype, int64_t M) { return M <= direct_max_rows(qtype); }
 
+#if defined(KVQ_VNNI512)
+/* ---- AVX-512 VNNI direct kernels for Q4_0 and Q4_1 ----
+ *
+ * The AVX2 step above spends about 20 vector operations per activation row on 8 blocks (8
+ * vpmaddubsw, 4 adds, the vphaddw tree, the widening and the float work), so every extra row of
+ * a verify or batched step cost ~0.4 of a one-row step. With 512-bit registers and vpdpbusd a
+ * zmm holds 4 blocks' 16 nibble bytes (one 128-bit lane per block):
+ *   - low nibbles (values 0-15 of each block) and high nibbles (16-31) are two zmm of codes;
+ *     two vpdpbusd against the activation's matching halves leave 4 exact int32 sums per block
+ *     (no reduction tree: the float accumulator keeps 4 lanes per block, reduced once per row).
+ *   - Q4_0's -8 offset is folded into the integers: the second accumulator input is -8 times the
+ *     activation block's code sum (in the block's first lane), prepared once per call, so Q4_0
+ *     needs no offset FMA. Q4_1's m times the stored block sums is one ymm FMA per 8 blocks
+ *     into a second accumulator.
+ *   - Per 4 blocks and activation row: 2 vpdpbusd, one convert, one multiply d_w * d_x (both
+ *     spread to the block's 4 lanes: d_x by the preparation, d_w once per weight row and step by
+ *     one vpermps shared by every activation row) and one FMA.
+ * The activation is rearranged once per call (zdirect_prep) into steps of 8 blocks: the two
+ * 4-block groups' low and high code halves, d_x per lane, Q4_0's integer offset per lane, Q4_1's
+ * block sums. Weight rows are unpacked once per step and shared by up to ZDIRECT_MR activation
+ * rows (zmm accumulators: 32 registers). Every (weight row, activation row) pair has its own
+ * accumulators and the same operation sequence whatever the grouping, so outputs do not depend
+ * on M, on the row groups or on the thread split. Measured: see gemm_zdirect. */
+#define ZDIRECT_MR 8
+#ifndef ZDIRECT_WBYTES
+#define ZDIRECT_WBYTES 8192
+#endif
+#define ZSTEP 544 /* bytes per prepared step: codes 256, d_x per lane 128, Q4_0 offsets 128, sums 32 */
+
+static inline int64_t zdirect_act_bytes(int64_t nb) { return (nb + DIRECT_G - 1) / DIRECT_G * ZSTEP; }
+
+static void zdirect_prep(int qtype, const uint8_t *row, int64_t K, uint8_t *buf) {
+    const int64_t nb = K / KVQ_QK;
+    const int8_t *q = (const int8_t *)row;
+    const float *d = (const float *)(row + K), *s = d + nb;
+    memset(buf, 0, (size_t)zdirect_act_bytes(nb));
+    for (int64_t b = 0; b < nb; b++) {
+        uint8_t *st = buf + b / DIRECT_G * ZSTEP;
+        const int i = (int)(b % DIRECT_G), g = i / 4, l = i % 4;
+        memcpy(st + 128 * g + 16 * l, q + 32 * b, 16);
+        memcpy(st + 128 * g + 64 + 16 * l, q + 32 * b + 16, 16);
+        float *dxe = (float *)(st + 256) + 16 * g + 4 * l;
+        for (int k = 0; k < 4; k++) dxe[k] = d[b];
+        int32_t sum = 0;
+        for (int k = 0; k < KVQ_QK; k++) sum += q[32 * b + k];
+        if (qtype == KVQ_Q4_0) ((int32_t *)(st + 384))[16 * g + 4 * l] = -8 * sum;
+        ((float *)(st + 512))[i] = s[2 * b] + s[2 * b + 1];
+    }
+}
+
+/* The 16-lane sums of 8 accumulators at once (a row's final reduction, once per weight row and
+ * activation row, cost as much as a 576-value row's dot when done one register at a time): each
+ * slot's lanes are added in the same tree, lane k + lane k+8, then k+4, k+2, k+1, whatever slot
+ * it occupies. Slot i's sum lands in res[zslot(i)]. */
+static inline int zslot(int i) { return i < 4 ? 4 * i : 4 * (i - 4) + 2; }
+
+static inline __attribute__((always_inline)) void zreduce8(const __m512 v[8], float *res) {
+    __m512 t[4], u[2];
+    _Pragma("GCC unroll 4")
+    for (int i = 0; i < 4; i++) /* [v2i lanes k + k+8 | v2i+1 lanes k + k+8], k < 8 */
+        t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xee));
+    _Pragma("GCC unroll 2")
+    for (int i = 0; i < 2; i++) /* 128-bit lane j: slot 4i + j, its lanes k + k+4, k < 4 */
+        u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xdd));
+    /* per 128-bit lane j: [slot j: k + k+2, k < 2 | slot j+4: the same] */
+    const __m512 w = _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], 0x44), _mm512_shuffle_ps(u[0], u[1], 0xee));
+    _mm512_store_ps(res, _mm512_add_ps(w, _mm512_permute_ps(w, 0xb1)));
+}
+
+/* The first n bytes of a 64-byte load (n may be <= 0 or >= 64). */
+static inline __mmask64 zmask(int n) { return n <= 0 ? 0 : n >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << n) - 1; }
+
+/* Q4_0's 16-bit permutes (no _mm512_setr_epi16 in older compilers): a group's code words (block i:
+ * words 9i+1 .. 9i+8 of its span; from word 32 on, of the load at byte 8) and the 8 headers. */
+static const int16_t zq40_codes[32] = {1,  2,  3,  4,  5,  6,  7,  8,  10, 11, 12, 13, 14, 15, 16, 17,
+                                       19, 20, 21, 22, 23, 24, 25, 26, 28, 29, 30, 31, 60, 61, 62, 63};
+static const int16_t zq40_heads[32] = {0, 9, 18, 27, 32, 41, 50, 59};
+
+/* One step of nv (<= 8) blocks at block index 8 * o for NR weight rows x MR activation rows. */
+static inline __attribute__((always_inline)) void zdirect_step(int qtype, int NR, int MR, int nv, const uint8_t *w,
+                                                               int64_t wrb, const uint8_t *const *xa, int64_t o,
+                                                               int64_t pfd, __m512 acc[][4], __m256 accm[][4]) {
+    const int bb = qtype == KVQ_Q4_1 ? 20 : 18, hoff = 4 * bb - 64;
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    _Pragma("GCC unroll 4")
+    for (int r = 0; r < NR; r++) {
+        const uint8_t *p = w + r * wrb + o * DIRECT_G * bb;
+        if (DIRECT_PF)
+            _Pragma("GCC unroll 8")
+            for (int l = 0; l < DIRECT_G * bb; l += 64) _mm_prefetch((const char *)p + pfd + l, _MM_HINT_T0);
+        /* Group g's 4 blocks span q[0, 4 bb) (q = p + 4 g bb): two loads, at 0 and 4 bb - 64 bytes
+         * (both inside the span; masked for a partial step), and one 32- (Q4_1: codes dword-aligned) or
+         * 16-bit (Q4_0) two-source permute give the 4 x 16 code bytes; the first loads of the two
+         * groups hold all 8 headers (d, m), gathered by one more permute. */
+        __m512i lo[2], wl[2], wh[2];
+        _Pragma("GCC unroll 2")
+        for (int g = 0; g < 2; g++) {
+            if (4 * g >= nv) break;
+            const uint8_t *q = p + 4 * g * bb;
+            const int valid = (nv - 4 * g) * bb; /* bytes of this group's blocks present */
+            const __m512i hi_ = nv - 4 * g >= 4 ? _mm512_loadu_si512((const void *)(q + hoff))
+                                                : _mm512_maskz_loadu_epi8(zmask(valid - hoff), q + hoff);
+            lo[g] = valid >= 64 ? _mm512_loadu_si512((const void *)q) : _mm512_maskz_loadu_epi8(zmask(valid), q);
+            const __m512i raw = qtype == KVQ_Q4_1
+                                    ? _mm512_permutex2var_epi32(lo[g], _mm512_setr_epi32(1, 2, 3, 4, 6, 7, 8, 9, 11, 12, 13, 14,
+                                                                                       16 + 12, 16 + 13, 16 + 14, 16 + 15),
+                                                                hi_)
+                                    : _mm512_permutex2var_epi16(
+                                          lo[g],
+                                          _mm512_loadu_si512((const void *)zq40_codes),
+                                          hi_);
+            wl[g] = _mm512_and_si512(raw, m4);
+            wh[g] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+        }
+        if (nv <= 4) lo[1] = _mm512_setzero_si512();
+        __m512 dwe[2];
+        __m256 mw = _mm256_setzero_ps();
+        if (qtype == KVQ_Q4_1) { /* d0 m0 d1 m1 ... d7 m7 */
+            const __m512 hf = _mm512_cvtph_ps(_mm512_castsi512_si256(
+                _mm512_permutex2var_epi32(lo[0], _mm512_setr_epi32(0, 5, 10, 15, 16, 21, 26, 31, 0, 0, 0, 0, 0, 0, 0, 0), lo[1])));
+            dwe[0] = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6), hf);
+            dwe[1] = _mm512_permutexvar_ps(_mm512_setr_epi32(8, 8, 8, 8, 10, 10, 10, 10, 12, 12, 12, 12, 14, 14, 14, 14), hf);
+            mw = _mm512_castps512_ps256(
+                _mm512_permutexvar_ps(_mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 1, 3, 5, 7, 9, 11, 13, 15), hf));
+        } else { /* d0 .. d7 */
+            const __m512 hf = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm512_castsi512_si128(_mm512_permutex2var_epi16(
+                lo[0], _mm512_loadu_si512((const void *)zq40_heads),
+                lo[1]))));
+            dwe[0] = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3), hf);
+            dwe[1] = _mm512_permutexvar_ps(_mm512_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7), hf);
+        }
+        _Pragma("GCC unroll 8")
+        for (int a = 0; a < MR; a++) {
+            const uint8_t *st = xa[a] + o * ZSTEP;
+            _Pragma("GCC unroll 2")
+            for (int g = 0; g < 2; g++) {
+                if (4 * g >= nv) break;
+                __m512i i = qtype == KVQ_Q4_0 ? _mm512_loadu_si512((const void *)(st + 384 + 64 * g))
+                                              : _mm512_setzero_si512();
+                i = _mm512_dpbusd_epi32(i, wl[g], _mm512_loadu_si512((const void *)(st + 128 * g)));
+                i = _mm512_dpbusd_epi32(i, wh[g], _mm512_loadu_si512((const void *)(st + 128 * g + 64)));
+                const __m512 sc = _mm512_mul_ps(dwe[g], _mm512_loadu_ps((const float *)(st + 256) + 16 * g));
+                acc[a][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), sc, acc[a][r]);
+            }
+            if (qtype == KVQ_Q4_1)
+                accm[a][r] = _mm256_fmadd_ps(mw, _mm256_loadu_ps((const float *)(st + 512)), accm[a][r]);
+        }
+    }
+}
+
+/* out[a * out_stride + r] = row r of w . activation row a, for r < NR, a < MR. */
+static inline __attribute__((always_inline)) void zdirect_rows(int qtype, int NR, int MR, const uint8_t *w,
+                                                               int64_t wrb, const uint8_t *const *xa, int64_t nb,
+                                                               float *out, int64_t out_stride, int64_t pfd) {
+    __m512 acc[ZDIRECT_MR][4];
+    __m256 accm[ZDIRECT_MR][4];
+    _Pragma("GCC unroll 8")
+    for (int a = 0; a < MR; a++)
+        _Pragma("GCC unroll 4")
+        for (int r = 0; r < NR; r++) acc[a][r] = _mm512_setzero_ps(), accm[a][r] = _mm256_setzero_ps();
+    const int64_t nfull = nb / DIRECT_G;
+    for (int64_t o = 0; o < nfull; o++) {
+#ifdef DIRECT_MCA
+        __asm volatile("# LLVM-MCA-BEGIN z%c0_nr%c1_mr%c2" ::"i"(qtype), "i"(NR), "i"(MR));
+#endif
+        zdirect_step(qtype, NR, MR, DIRECT_G, w, wrb, xa, o, pfd, acc, accm);
+#ifdef DIRECT_MCA
+        __asm volatile("# LLVM-MCA-END");
+#endif
+    }
+    switch (nb % DIRECT_G) { /* the last, partial step */
+    case 1: zdirect_step(qtype, NR, MR, 1, w, wrb, xa, nfull, pfd, acc, accm); break;
+    case 2: zdirect_step(qtype, NR, MR, 2, w, wrb, xa, nfull, pfd, acc, accm); break;
+    case 3: zdirect_step(qtype, NR, MR, 3, w, wrb, xa, nfull, pfd, acc, accm); break;
+    case 4: zdirect_step(qtype, NR, MR, 4, w, wrb, xa, nfull, pfd, acc, accm); break;
+    case 5: zdirect_step(qtype, NR, MR, 5, w, wrb, xa, nfull, pfd, acc, accm); break;
+    case 6: zdirect_step(qtype, NR, MR, 6, w, wrb, xa, nfull, pfd, acc, accm); break;
+    case 7: zdirect_step(qtype, NR, MR, 7, w, wrb, xa, nfull, pfd, acc, accm); break;
+    default: break;
+    }
+    __m512 v[8];
+    _Pragma("GCC unroll 8")
+    for (int a = 0; a < MR; a++)
+        _Pragma("GCC unroll 4")
+        for (int r = 0; r < NR; r++)
+            v[a * NR + r] = qtype == KVQ_Q4_1 ? _mm512_add_ps(acc[a][r], _mm512_zextps256_ps512(accm[a][r])) : acc[a][r];
+    _Pragma("GCC unroll 8")
+    for (int i = MR * NR; i < 8; i++) v[i] = _mm512_setzero_ps();
+    _Alignas(64) float res[16];
+    zreduce8(v, res);
+    _Pragma("GCC unroll 8")
+    for (int a = 0; a < MR; a++)
+        _Pragma("GCC unroll 4")
+        for (int r = 0; r < NR; r++) out[a * out_stride + r] = res[zslot(a * NR + r)];
+}
+
+#define ZDIRECT_CASE(QT)                                                                                          \
+    case QT:                                                                                                      \
+        if (nr == 4) zdirect_rows(QT, 4, 1, w, wrb, xa, nb, out, os, pfd);                                        \
+        else if (nr == 2) zdirect_rows(QT, 2, 2, w, wrb, xa, nb, out, os, pfd);                                   \
+        else switch (mr) {                                                                                        \
+            case 1: zdirect_rows(QT, 1, 1, w, wrb, xa, nb, out, os, pfd); break;                                  \
+            case 2: zdirect_rows(QT, 1, 2, w, wrb, xa, nb, out, os, pfd); break;                                  \
+            case 3: zdirect_rows(QT, 1, 3, w, wrb, xa, nb, out, os, pfd); break;                                  \
+            case 4: zdirect_rows(QT, 1, 4, w, wrb, xa, nb, out, os, pfd); break;                                  \
+            case 5: zdirect_rows(QT, 1, 5, w, wrb, xa, nb, out, os, pfd); break;                                  \
+            case 6: zdirect_rows(QT, 1, 6, w, wrb, xa, nb, out, os, pfd); break;                                  \
+            case 7: zdirect_rows(QT, 1, 7, w, wrb, xa, nb, out, os, pfd); break;                                  \
+            default: zdirect_rows(QT, 1, 8, w, wrb, xa, nb, out, os, pfd); break;                                 \
+            }                                                                                                     \
+        break;
+
+/* nr weight rows x mr activation rows: (4, 1), (2, 2) or (1, any up to ZDIRECT_MR). */
+static void zdirect_group(int qtype, int nr, int mr, const uint8_t *w, int64_t wrb, const uint8_t *const *xa,
+                          int64_t nb, float *out, int64_t os, int64_t pfd) {
+    switch (qtype) {
+        ZDIRECT_CASE(KVQ_Q4_0)
+        ZDIRECT_CASE(KVQ_Q4_1)
+    default:
+        break;
+    }
+}
+
+/* Rows [n0, n1) of Q4_0 / Q4_1 for M <= DIRECT_MAX_ACT activation rows. */
+static void gemm_zdirect(int qtype, const uint8_t *w, int64_t wrb, const uint8_t *x, const float *bias, float *out,
+                         int64_t out_stride, int64_t M, int64_t K, int64_t n0, int64_t n1) {
+    const int64_t xstride = kvq_act_stride(K), nb = K / KVQ_QK, ab = zdirect_act_bytes(nb);
+    _Alignas(64) uint8_t stack[DIRECT_STACK];
+    uint8_t *buf = M * ab <= DIRECT_STACK ? stack : (uint8_t *)malloc((size_t)(M * ab));
+    if (buf == NULL) return;
+    const uint8_t *xa[DIRECT_MAX_ACT];
+    for (int64_t m = 0; m < M; m++) zdirect_prep(qtype, x + m * xstride, K, buf + m * ab), xa[m] = buf + m * ab;
+    const int mr = (int)M, step = mr == 1 ? 4 : mr == 2 ? 2 : 1;
+    const int64_t gbytes = step * wrb, pfd = (DIRECT_PF + gbytes - 1) / gbytes * gbytes;
+    /* More than ZDIRECT_MR rows: each group of activation rows goes over a block of weight rows
+     * (ZDIRECT_WBYTES, in L1) before the next group, so that the activation rows read per weight
+     * row (544 bytes per 8 blocks each) stay in L1 too. */
+    const int64_t blk = mr <= ZDIRECT_MR ? n1 - n0 : (ZDIRECT_WBYTES + wrb - 1) / wrb;
+    for (int64_t nb0 = n0; nb0 < n1; nb0 += blk) {
+        const int64_t nb1 = n1 - nb0 < blk ? n1 : nb0 + blk;
+        for (int a0 = 0; a0 < mr; a0 += ZDIRECT_MR) {
+            const int ma = mr - a0 < ZDIRECT_MR ? mr - a0 : ZDIRECT_MR;
+            for (int64_t n = nb0; n < nb1;) {
+                const int nr = nb1 - n >= step ? step : 1;
+                zdirect_group(qtype, nr, ma, w + n * wrb, wrb, xa + a0, nb, out + a0 * out_stride + n, out_stride, pfd);
+                n += nr;
+            }
+        }
+    }
+    if (bias != NULL)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t n = n0; n < n1; n++) out[m * out_stride + n] += bias[n];
+    if (buf != stack) free(buf);
+}
+#endif
+
 /* Rows [n0, n1) for M <= DIRECT_MAX_ACT activation rows, front to back in groups of rows. */
 static void gemm_direct(int qtype, const uint8_t *w, int64_t wrb, const uint8_t *x, const float *bias, float *out,
                         int64_t out_stride, int64_t M, int64_t K, int64_t n0, int64_t n1) {
+#if defined(KVQ_VNNI512)
+    if (qtype == KVQ_Q4_0 || qtype == KVQ_Q4_1) {
+        gemm_zdirect(qtype, w, wrb, x, bias, out, out_stride, M, K, n0, n1);
+        return;
+    }
+#endif
     const int64_t xstride = kvq_act_stride(K), nb = K / KVQ_QK, ab = direct_act_bytes(nb);
     _Alignas(64) uint8_t stack[DIRECT_STACK];
     uint8_t *buf = M * ab <= DIRECT_STACK ? stack : (uint8_t *)malloc((size_t)(M * ab));
