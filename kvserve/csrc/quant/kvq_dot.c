@@ -1091,9 +1091,120 @@ static int kdirect_ok(int qtype, int64_t M) {
     return (qtype == KVQ_Q4_K || qtype == KVQ_Q5_K || qtype == KVQ_Q6_K) && M <= KDIRECT_MAX_ACT;
 }
 
+#if defined(KVQ_VNNI512)
+/* Q8_0 (kvq_gemm_rows at every row count, kvq_gemm above DIRECT_MAX_M rows) on AVX-512 VNNI: one
+ * weight row at a time, two blocks per zmm, up to ZDIRECT_MR activation rows sharing it. The
+ * signed x signed product goes through vpdpbusd by storing the activation codes biased by +128
+ * (unsigned; once per call): dpbusd(-128 sum w, x + 128, w) = sum x w exactly, where -128 sum w
+ * (4 codes per int32 lane) is one vpdpbusd of 128s and a negation per weight block pair, shared
+ * by every activation row. Per block pair and activation row: one vpdpbusd, one convert, the pair's
+ * two scales d_w d_x spread over their 8 lanes (one vpermps of the 8 blocks' products) and one
+ * FMA, against 10 operations for q8rows_row's two blocks. Each activation row has its own
+ * accumulator and the same operation sequence whatever MR is. */
+static inline __attribute__((always_inline)) void zq8rows_row(int MR, const uint8_t *row, const uint8_t *const *xu,
+                                                              const kact_t *xa, int64_t nb, float *out, int64_t os,
+                                                              int64_t pfd) {
+    __m512 acc[ZDIRECT_MR];
+    const __m512i c128 = _mm512_set1_epi8((char)0x80);
+    _Pragma("GCC unroll 8")
+    for (int a = 0; a < MR; a++) acc[a] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < nb; g += 8) {
+        const int nv = nb - g < 8 ? (int)(nb - g) : 8;
+        const uint8_t *p = row + g * 34;
+        if (DIRECT_PF)
+            _Pragma("GCC unroll 5")
+            for (int l = 0; l < 8 * 34; l += 64) _mm_prefetch((const char *)p + pfd + l, _MM_HINT_T0);
+        __m128i h = _mm_setzero_si128();
+        h = _mm_insert_epi16(h, kvq_rd16(p), 0);
+        if (nv > 1) h = _mm_insert_epi16(h, kvq_rd16(p + 34), 1);
+        if (nv > 2) h = _mm_insert_epi16(h, kvq_rd16(p + 68), 2);
+        if (nv > 3) h = _mm_insert_epi16(h, kvq_rd16(p + 102), 3);
+        if (nv > 4) h = _mm_insert_epi16(h, kvq_rd16(p + 136), 4);
+        if (nv > 5) h = _mm_insert_epi16(h, kvq_rd16(p + 170), 5);
+        if (nv > 6) h = _mm_insert_epi16(h, kvq_rd16(p + 204), 6);
+        if (nv > 7) h = _mm_insert_epi16(h, kvq_rd16(p + 238), 7);
+        const __m256 dw = _mm256_cvtph_ps(h); /* 0 past the last block */
+        __m512 sc[ZDIRECT_MR];
+        _Pragma("GCC unroll 8")
+        for (int a = 0; a < MR; a++) { /* past the last block: 0 times the row's next floats, never used */
+            sc[a] = _mm512_castps256_ps512(_mm256_mul_ps(dw, _mm256_loadu_ps(xa[a].d + g)));
+        }
+        for (int b = 0; b < nv; b += 2) {
+            const int two = b + 1 < nv;
+            const __m256i lo = _mm256_loadu_si256((const __m256i *)(p + 34 * b + 2));
+            const __m512i w = two ? _mm512_inserti64x4(_mm512_castsi256_si512(lo),
+                                                       _mm256_loadu_si256((const __m256i *)(p + 34 * b + 36)), 1)
+                                  : _mm512_zextsi256_si512(lo);
+            const __m512i nc = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, w));
+            const __m512i pick = _mm512_setr_epi32(b, b, b, b, b, b, b, b, b + 1, b + 1, b + 1, b + 1, b + 1, b + 1,
+                                                   b + 1, b + 1);
+            _Pragma("GCC unroll 8")
+            for (int a = 0; a < MR; a++) {
+                /* a lone last block: the zero upper half of w meets the padded row */
+                const __m512i i = _mm512_dpbusd_epi32(nc, _mm512_loadu_si512((const void *)(xu[a] + 32 * (g + b))), w);
+                const __m512 s = two ? _mm512_permutexvar_ps(pick, sc[a]) : _mm512_maskz_permutexvar_ps(0x00ff, pick, sc[a]);
+                acc[a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), s, acc[a]);
+            }
+        }
+    }
+    _Alignas(64) float res[16];
+    __m512 v[8];
+    _Pragma("GCC unroll 8")
+    for (int a = 0; a < 8; a++) v[a] = a < MR ? acc[a] : _mm512_setzero_ps();
+    zreduce8(v, res);
+    _Pragma("GCC unroll 8")
+    for (int a = 0; a < MR; a++) out[a * os] = res[zslot(a)];
+}
+
+/* Rows [n0, n1) of Q8_0 for M <= KDIRECT_MAX_ACT activation rows, one weight row at a time. */
+static void gemm_zq8rows(const uint8_t *w, int64_t wrb, const uint8_t *x, const float *bias, float *out,
+                         int64_t out_stride, int64_t M, int64_t K, int64_t n0, int64_t n1) {
+    const int64_t xstride = kvq_act_stride(K), nb = K / KVQ_QK, ub = (K + 32 + 63) / 64 * 64;
+    _Alignas(64) uint8_t stack[DIRECT_STACK];
+    uint8_t *buf = M * ub <= DIRECT_STACK ? stack : (uint8_t *)malloc((size_t)(M * ub));
+    if (buf == NULL) return;
+    kact_t xa[KDIRECT_MAX_ACT];
+    const uint8_t *xu[KDIRECT_MAX_ACT];
+    for (int64_t m = 0; m < M; m++) {
+        const uint8_t *r = x + m * xstride;
+        uint8_t *u = buf + m * ub;
+        for (int64_t k = 0; k < K; k++) u[k] = r[k] ^ 0x80;
+        memset(u + K, 0, (size_t)(ub - K)); /* an odd block count's last pair reads 32 bytes past K */
+        xa[m].q = r, xa[m].d = (const float *)(r + K), xa[m].s = xa[m].d + nb, xu[m] = u;
+    }
+    const int64_t pfd = (DIRECT_PF + wrb - 1) / wrb * wrb;
+    for (int64_t n = n0; n < n1; n++) {
+        for (int64_t a0 = 0; a0 < M; a0 += ZDIRECT_MR) {
+            const int ma = M - a0 < ZDIRECT_MR ? (int)(M - a0) : ZDIRECT_MR;
+            const uint8_t *row = w + n * wrb;
+            float *o = out + a0 * out_stride + n;
+            switch (ma) {
+            case 1: zq8rows_row(1, row, xu + a0, xa + a0, nb, o, out_stride, pfd); break;
+            case 2: zq8rows_row(2, row, xu + a0, xa + a0, nb, o, out_stride, pfd); break;
+            case 3: zq8rows_row(3, row, xu + a0, xa + a0, nb, o, out_stride, pfd); break;
+            case 4: zq8rows_row(4, row, xu + a0, xa + a0, nb, o, out_stride, pfd); break;
+            case 5: zq8rows_row(5, row, xu + a0, xa + a0, nb, o, out_stride, pfd); break;
+            case 6: zq8rows_row(6, row, xu + a0, xa + a0, nb, o, out_stride, pfd); break;
+            case 7: zq8rows_row(7, row, xu + a0, xa + a0, nb, o, out_stride, pfd); break;
+            default: zq8rows_row(8, row, xu + a0, xa + a0, nb, o, out_stride, pfd); break;
+            }
+        }
+        if (bias != NULL)
+            for (int64_t m = 0; m < M; m++) out[m * out_stride + n] += bias[n];
+    }
+    if (buf != stack) free(buf);
+}
+#endif
+
 /* Rows [n0, n1) for M <= KDIRECT_MAX_ACT activation rows, one weight row at a time. */
 static void gemm_kdirect(int qtype, const uint8_t *w, int64_t wrb, const uint8_t *x, const float *bias, float *out,
                          int64_t out_stride, int64_t M, int64_t K, int64_t n0, int64_t n1) {
+#if defined(KVQ_VNNI512)
+    if (qtype == KVQ_Q8_0) {
+        gemm_zq8rows(w, wrb, x, bias, out, out_stride, M, K, n0, n1);
+        return;
+    }
+#endif
     /* nsb: super-blocks, or for Q8_0 its 32-value blocks */
     const int64_t xstride = kvq_act_stride(K), nb = K / KVQ_QK, nsb = qtype == KVQ_Q8_0 ? nb : K / KVQ_QK_K;
     kact_t xa[KDIRECT_MAX_ACT];
