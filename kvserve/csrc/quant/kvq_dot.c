@@ -544,7 +544,11 @@ static int direct_max_rows(int qtype) {
     case KVQ_Q4_0:
     case KVQ_Q4_1: return DIRECT_MAX_ACT;
     case KVQ_Q5_0: return 16;
+#if defined(KVQ_VNNI512)
+    case KVQ_Q8_0: return 1; /* from 2 rows gemm_zq8rows (at 2-4 rows 0.53-0.8x this kernel's time) */
+#else
     case KVQ_Q8_0: return DIRECT_MAX_M;
+#endif
     default: return 0;
     }
 }
@@ -653,17 +657,14 @@ static inline __attribute__((always_inline)) void zdirect_step(int qtype, int NR
             if (4 * g >= nv) break;
             const uint8_t *q = p + 4 * g * bb;
             const int valid = (nv - 4 * g) * bb; /* bytes of this group's blocks present */
-            const __m512i hi_ = nv - 4 * g >= 4 ? _mm512_loadu_si512((const void *)(q + hoff))
-                                                : _mm512_maskz_loadu_epi8(zmask(valid - hoff), q + hoff);
+            const __m512i hi = nv - 4 * g >= 4 ? _mm512_loadu_si512((const void *)(q + hoff))
+                                               : _mm512_maskz_loadu_epi8(zmask(valid - hoff), q + hoff);
             lo[g] = valid >= 64 ? _mm512_loadu_si512((const void *)q) : _mm512_maskz_loadu_epi8(zmask(valid), q);
             const __m512i raw = qtype == KVQ_Q4_1
                                     ? _mm512_permutex2var_epi32(lo[g], _mm512_setr_epi32(1, 2, 3, 4, 6, 7, 8, 9, 11, 12, 13, 14,
                                                                                        16 + 12, 16 + 13, 16 + 14, 16 + 15),
-                                                                hi_)
-                                    : _mm512_permutex2var_epi16(
-                                          lo[g],
-                                          _mm512_loadu_si512((const void *)zq40_codes),
-                                          hi_);
+                                                                hi)
+                                    : _mm512_permutex2var_epi16(lo[g], _mm512_loadu_si512((const void *)zq40_codes), hi);
             wl[g] = _mm512_and_si512(raw, m4);
             wh[g] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
         }
@@ -678,9 +679,8 @@ static inline __attribute__((always_inline)) void zdirect_step(int qtype, int NR
             mw = _mm512_castps512_ps256(
                 _mm512_permutexvar_ps(_mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 1, 3, 5, 7, 9, 11, 13, 15), hf));
         } else { /* d0 .. d7 */
-            const __m512 hf = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm512_castsi512_si128(_mm512_permutex2var_epi16(
-                lo[0], _mm512_loadu_si512((const void *)zq40_heads),
-                lo[1]))));
+            const __m512 hf = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm512_castsi512_si128(
+                _mm512_permutex2var_epi16(lo[0], _mm512_loadu_si512((const void *)zq40_heads), lo[1]))));
             dwe[0] = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3), hf);
             dwe[1] = _mm512_permutexvar_ps(_mm512_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7), hf);
         }
@@ -752,7 +752,8 @@ static inline __attribute__((always_inline)) void zdirect_rows(int qtype, int NR
 #define ZDIRECT_CASE(QT)                                                                                          \
     case QT:                                                                                                      \
         if (nr == 4) zdirect_rows(QT, 4, 1, w, wrb, xa, nb, out, os, pfd);                                        \
-        else if (nr == 2) zdirect_rows(QT, 2, 2, w, wrb, xa, nb, out, os, pfd);                                   \
+        else if (nr == 2 && mr == 2) zdirect_rows(QT, 2, 2, w, wrb, xa, nb, out, os, pfd);                        \
+        else if (nr == 2) zdirect_rows(QT, 2, 3, w, wrb, xa, nb, out, os, pfd);                                   \
         else switch (mr) {                                                                                        \
             case 1: zdirect_rows(QT, 1, 1, w, wrb, xa, nb, out, os, pfd); break;                                  \
             case 2: zdirect_rows(QT, 1, 2, w, wrb, xa, nb, out, os, pfd); break;                                  \
@@ -765,7 +766,7 @@ static inline __attribute__((always_inline)) void zdirect_rows(int qtype, int NR
             }                                                                                                     \
         break;
 
-/* nr weight rows x mr activation rows: (4, 1), (2, 2) or (1, any up to ZDIRECT_MR). */
+/* nr weight rows x mr activation rows: (4, 1), (2, 2), (2, 3) or (1, any up to ZDIRECT_MR). */
 static void zdirect_group(int qtype, int nr, int mr, const uint8_t *w, int64_t wrb, const uint8_t *const *xa,
                           int64_t nb, float *out, int64_t os, int64_t pfd) {
     switch (qtype) {
@@ -785,18 +786,18 @@ static void gemm_zdirect(int qtype, const uint8_t *w, int64_t wrb, const uint8_t
     if (buf == NULL) return;
     const uint8_t *xa[DIRECT_MAX_ACT];
     for (int64_t m = 0; m < M; m++) zdirect_prep(qtype, x + m * xstride, K, buf + m * ab), xa[m] = buf + m * ab;
-    const int mr = (int)M, step = mr == 1 ? 4 : mr == 2 ? 2 : 1;
+    const int mr = (int)M, step = mr == 1 ? 4 : mr <= 3 ? 2 : 1;
     const int64_t gbytes = step * wrb, pfd = (DIRECT_PF + gbytes - 1) / gbytes * gbytes;
     /* More than ZDIRECT_MR rows: each group of activation rows goes over a block of weight rows
      * (ZDIRECT_WBYTES, in L1) before the next group, so that the activation rows read per weight
      * row (544 bytes per 8 blocks each) stay in L1 too. */
     const int64_t blk = mr <= ZDIRECT_MR ? n1 - n0 : (ZDIRECT_WBYTES + wrb - 1) / wrb;
-    for (int64_t nb0 = n0; nb0 < n1; nb0 += blk) {
-        const int64_t nb1 = n1 - nb0 < blk ? n1 : nb0 + blk;
+    for (int64_t lo = n0; lo < n1; lo += blk) {
+        const int64_t hi = n1 - lo < blk ? n1 : lo + blk;
         for (int a0 = 0; a0 < mr; a0 += ZDIRECT_MR) {
             const int ma = mr - a0 < ZDIRECT_MR ? mr - a0 : ZDIRECT_MR;
-            for (int64_t n = nb0; n < nb1;) {
-                const int nr = nb1 - n >= step ? step : 1;
+            for (int64_t n = lo; n < hi;) {
+                const int nr = hi - n >= step ? step : 1;
                 zdirect_group(qtype, nr, ma, w + n * wrb, wrb, xa + a0, nb, out + a0 * out_stride + n, out_stride, pfd);
                 n += nr;
             }
