@@ -14,6 +14,9 @@
  * On AVX2 (and the AVX-512 build) few activation rows skip the tile: "direct kernels" dot the
  * block bytes as they are (Q4_0, Q4_1, Q5_0 and Q8_0 four activation rows at a time up to a
  * per-format bound, below; Q4_K, Q5_K, Q6_K up to 48 rows and Q8_0 from 5 to 48, further below).
+ * The AVX-512 VNNI build has its own direct kernels for Q4_0 and Q4_1 (gemm_zdirect, up to 48
+ * rows) and for Q8_0 from 2 rows (gemm_zq8rows): vpdpbusd on 512-bit registers, 8 activation
+ * rows per unpacked weight step, for verify and batched steps' extra rows.
  * Codes are in [0, 64) for every format but Q8_0 (the offsets carry Q4_0's -8 and Q6_K's -32),
  * so u8 x s8 products need the sign trick (|w| times x with w's sign) only for Q8_0.
  * Each output value's arithmetic depends only on its weight row and activation row, never on
@@ -559,25 +562,44 @@ static int direct_ok(int qtype, int64_t M) { return M <= direct_max_rows(qtype);
 /* ---- AVX-512 VNNI direct kernels for Q4_0 and Q4_1 ----
  *
  * The AVX2 step above spends about 20 vector operations per activation row on 8 blocks (8
- * vpmaddubsw, 4 adds, the vphaddw tree, the widening and the float work), so every extra row of
- * a verify or batched step cost ~0.4 of a one-row step. With 512-bit registers and vpdpbusd a
- * zmm holds 4 blocks' 16 nibble bytes (one 128-bit lane per block):
+ * vpmaddubsw, 4 adds, the vphaddw tree, the widening and the float work), so on AVX-512 every
+ * extra row of a verify or batched step cost about 0.4 of a one-row step. Here a zmm holds 4
+ * blocks' 16 nibble bytes (one 128-bit lane per block):
  *   - low nibbles (values 0-15 of each block) and high nibbles (16-31) are two zmm of codes;
  *     two vpdpbusd against the activation's matching halves leave 4 exact int32 sums per block
- *     (no reduction tree: the float accumulator keeps 4 lanes per block, reduced once per row).
- *   - Q4_0's -8 offset is folded into the integers: the second accumulator input is -8 times the
- *     activation block's code sum (in the block's first lane), prepared once per call, so Q4_0
- *     needs no offset FMA. Q4_1's m times the stored block sums is one ymm FMA per 8 blocks
+ *     (no reduction tree: the float accumulator keeps 4 lanes per block, reduced once per row,
+ *     8 accumulators at a time by zreduce8).
+ *   - Q4_0's -8 offset is folded into the integers: the first vpdpbusd accumulates onto -8 times
+ *     the activation block's code sum (in the block's first lane), prepared once per call, so
+ *     Q4_0 needs no offset FMA. Q4_1's m times the stored block sums is one ymm FMA per 8 blocks
  *     into a second accumulator.
  *   - Per 4 blocks and activation row: 2 vpdpbusd, one convert, one multiply d_w * d_x (both
  *     spread to the block's 4 lanes: d_x by the preparation, d_w once per weight row and step by
  *     one vpermps shared by every activation row) and one FMA.
+ *   - A weight row's step of 8 blocks comes in as whole 64-byte loads: permutes pick the code
+ *     bytes and the fp16 headers out of them (no per-block scalar loads or inserts).
  * The activation is rearranged once per call (zdirect_prep) into steps of 8 blocks: the two
  * 4-block groups' low and high code halves, d_x per lane, Q4_0's integer offset per lane, Q4_1's
- * block sums. Weight rows are unpacked once per step and shared by up to ZDIRECT_MR activation
- * rows (zmm accumulators: 32 registers). Every (weight row, activation row) pair has its own
- * accumulators and the same operation sequence whatever the grouping, so outputs do not depend
- * on M, on the row groups or on the thread split. Measured: see gemm_zdirect. */
+ * block sums. Groups: 4 weight rows at M = 1, 2 at M = 2-3 (more independent accumulator
+ * chains), else one weight row unpacked per step and shared by up to ZDIRECT_MR activation rows.
+ * Every (weight row, activation row) pair has its own accumulators and the same operation
+ * sequence whatever the grouping, so outputs do not depend on M, on the row groups or on the
+ * thread split (they differ from the AVX2 build's: other float sums).
+ * Measured on the 2-core AMD EPYC (Zen 5, AVX-512 VNNI) machine, benchmarks/cpu_quant_kernels.py
+ * (cold weights, best of 5, load ~1), µs per product at M = 1 / 2 / 4 / 6 / 8 / 16 / 32 rows,
+ * the AVX2 direct kernels (before) -> these:
+ *   Q4_1 1536 x 576, 1 thread  22.7 / 33.1 / 52.0 / 83.2 / 101 / 213 / 408
+ *                           -> 23.7 / 22.1 / 40.3 / 52.6 / 65.5 / 136 / 278
+ *                   2 threads  14.9 / 19.0 / 29.5 / 44.3 / 56.1 / 108 / 206
+ *                           -> 13.7 / 14.0 / 22.6 / 29.4 / 36.8 / 68.4 / 167
+ *   Q4_1 576 x 1536, 1 thread  17.3 / 29.4 / 40.6 / 66.0 / 81.7 / 167 / 336
+ *                           -> 15.7 / 24.4 / 29.5 / 42.4 / 53.2 / 108 / 230
+ *   Q4_0 1536 x 576, 1 thread  21.1 / 31.6 / 51.4 / 82.6 / 98.9 / 206 / 393
+ *                           -> 20.6 / 20.5 / 46.2 / 63.9 / 83.3 / 157 / 310
+ * so an extra row costs 0.24-0.34 of a one-row product instead of 0.39-0.53; the one-row case
+ * stays at the memory-bound rate. Tried and dropped: 8 blocks per zmm with 2 lanes per block (one float
+ * convert, multiply and FMA per 8 blocks instead of 2): slower at K = 576, whose last step of 2
+ * blocks then costs a full one. */
 #define ZDIRECT_MR 8
 #ifndef ZDIRECT_WBYTES
 #define ZDIRECT_WBYTES 8192
@@ -1101,7 +1123,11 @@ static int kdirect_ok(int qtype, int64_t M) {
  * by every activation row. Per block pair and activation row: one vpdpbusd, one convert, the pair's
  * two scales d_w d_x spread over their 8 lanes (one vpermps of the 8 blocks' products) and one
  * FMA, against 10 operations for q8rows_row's two blocks. Each activation row has its own
- * accumulator and the same operation sequence whatever MR is. */
+ * accumulator and the same operation sequence whatever MR is. Measured on the 2-core Zen 5
+ * EPYC, SmolLM2's head (Q8_0 49152 x 576, benchmarks/cpu_quant_kernels.py, load ~1), ms at 6 /
+ * 8 / 16 / 32 rows, q8rows_row -> this: 1 thread 3.36 / 4.16 / 8.33 / 17.1 -> 1.83 / 2.25 / 4.40
+ * / 8.95, 2 threads 1.67 / 2.06 / 7.63 / 12.7 -> 0.92 / 1.12 / 2.29 / 6.62; as kvq_gemm_rows at
+ * 2 threads (load ~1) 0.72 / 0.87 / 1.30 at 1 / 2 / 4 rows -> 0.72 / 0.83 / 1.09. */
 static inline __attribute__((always_inline)) void zq8rows_row(int MR, const uint8_t *row, const uint8_t *const *xu,
                                                               const kact_t *xa, int64_t nb, float *out, int64_t os,
                                                               int64_t pfd) {
@@ -1228,7 +1254,8 @@ static void gemm_kdirect(int qtype, const uint8_t *w, int64_t wrb, const uint8_t
 /* ---- GEMM drivers ---- */
 
 /* rowwise (kvq_gemm_rows): one kernel for every row count up to 48, so an output value is the
- * same bits whatever M is. Q8_0 goes one weight row at a time (q8rows_row) at every M instead of
+ * same bits whatever M is. Q8_0 goes one weight row at a time (q8rows_row; AVX-512 VNNI
+ * zq8rows_row) at every M instead of
  * the direct kernels' row groups at 1-4 rows (for a vocabulary-sized head also the faster one:
  * SmolLM2's 49152 x 576 on one Zen 3 core 1.71 / 2.25 / 3.54 / 6.80 ms at 1 / 2 / 4 / 8 rows
  * against 1.96 / 2.67 / 4.73 / 6.96, benchmarks/head_rows_bench.py); Q5_0 stays on the direct
