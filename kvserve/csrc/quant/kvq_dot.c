@@ -14,8 +14,8 @@
  * On AVX2 (and the AVX-512 build) few activation rows skip the tile: "direct kernels" dot the
  * block bytes as they are (Q4_0, Q4_1, Q5_0 and Q8_0 four activation rows at a time up to a
  * per-format bound, below; Q4_K, Q5_K, Q6_K up to 48 rows and Q8_0 from 5 to 48, further below).
- * The AVX-512 VNNI build has its own direct kernels for Q4_0 and Q4_1 (gemm_zdirect, up to 48
- * rows) and for Q8_0 from 2 rows (gemm_zq8rows): vpdpbusd on 512-bit registers, 8 activation
+ * The AVX-512 VNNI build has its own direct kernels for Q4_0, Q4_1 and Q5_0 (gemm_zdirect, up
+ * to 48 rows) and for Q8_0 from 2 rows (gemm_zq8rows): vpdpbusd on 512-bit registers, 8 activation
  * rows per unpacked weight step, for verify and batched steps' extra rows.
  * Codes are in [0, 64) for every format but Q8_0 (the offsets carry Q4_0's -8 and Q6_K's -32),
  * so u8 x s8 products need the sign trick (|w| times x with w's sign) only for Q8_0.
@@ -546,7 +546,11 @@ static int direct_max_rows(int qtype) {
     switch (qtype) {
     case KVQ_Q4_0:
     case KVQ_Q4_1: return DIRECT_MAX_ACT;
+#if defined(KVQ_VNNI512)
+    case KVQ_Q5_0: return DIRECT_MAX_ACT; /* gemm_zdirect: 0.5-0.8x the tile path's time at 17-47 rows */
+#else
     case KVQ_Q5_0: return 16;
+#endif
 #if defined(KVQ_VNNI512)
     case KVQ_Q8_0: return 1; /* from 2 rows gemm_zq8rows (at 2-4 rows 0.53-0.8x this kernel's time) */
 #else
@@ -559,7 +563,7 @@ static int direct_max_rows(int qtype) {
 static int direct_ok(int qtype, int64_t M) { return M <= direct_max_rows(qtype); }
 
 #if defined(KVQ_VNNI512)
-/* ---- AVX-512 VNNI direct kernels for Q4_0 and Q4_1 ----
+/* ---- AVX-512 VNNI direct kernels for Q4_0, Q4_1 and Q5_0 ----
  *
  * The AVX2 step above spends about 20 vector operations per activation row on 8 blocks (8
  * vpmaddubsw, 4 adds, the vphaddw tree, the widening and the float work), so on AVX-512 every
@@ -569,10 +573,11 @@ static int direct_ok(int qtype, int64_t M) { return M <= direct_max_rows(qtype);
  *     two vpdpbusd against the activation's matching halves leave 4 exact int32 sums per block
  *     (no reduction tree: the float accumulator keeps 4 lanes per block, reduced once per row,
  *     8 accumulators at a time by zreduce8).
- *   - Q4_0's -8 offset is folded into the integers: the first vpdpbusd accumulates onto -8 times
- *     the activation block's code sum (in the block's first lane), prepared once per call, so
- *     Q4_0 needs no offset FMA. Q4_1's m times the stored block sums is one ymm FMA per 8 blocks
- *     into a second accumulator.
+ *   - Q4_0's -8 offset (Q5_0's -16) is folded into the integers: the first vpdpbusd accumulates
+ *     onto -8 (-16) times the activation block's code sum (in the block's first lane), prepared
+ *     once per call, so neither needs an offset FMA. Q4_1's m times the stored block sums is one
+ *     ymm FMA per 8 blocks into a second accumulator. Q5_0's 5th bits: each block's two 16-bit
+ *     halves of qh are the byte masks of a masked add of 16 to the low / high nibble codes.
  *   - Per 4 blocks and activation row: 2 vpdpbusd, one convert, one multiply d_w * d_x (both
  *     spread to the block's 4 lanes: d_x by the preparation, d_w once per weight row and step by
  *     one vpermps shared by every activation row) and one FMA.
@@ -596,10 +601,13 @@ static int direct_ok(int qtype, int64_t M) { return M <= direct_max_rows(qtype);
  *                           -> 15.7 / 24.4 / 29.5 / 42.4 / 53.2 / 108 / 230
  *   Q4_0 1536 x 576, 1 thread  21.1 / 31.6 / 51.4 / 82.6 / 98.9 / 206 / 393
  *                           -> 20.6 / 20.5 / 46.2 / 63.9 / 83.3 / 157 / 310
- * so an extra row costs 0.24-0.34 of a one-row product instead of 0.39-0.53; the one-row case
- * stays at the memory-bound rate. Tried and dropped: 8 blocks per zmm with 2 lanes per block (one float
- * convert, multiply and FMA per 8 blocks instead of 2): slower at K = 576, whose last step of 2
- * blocks then costs a full one. */
+ *   Q5_0 2048 x 640 (Gemma 3's gate/up, cpu_quant_kernels.py --gemma), 1 thread, M = 1 / 2 / 4 /
+ *   8 / 16 / 32 (above 16 rows the tile path before)  62.2 / 89.2 / 103 / 204 / 426 / 716
+ *                                                  -> 39.2 / 38.1 / 66.3 / 109 / 226 / 649
+ * so a Q4_1 extra row costs 0.24-0.34 of a one-row product instead of 0.39-0.53, and the one-row
+ * case stays at the memory-bound rate. Tried and dropped: 8 blocks per zmm with 2 lanes per block
+ * (one float convert, multiply and FMA per 8 blocks instead of 2): slower at K = 576, whose last
+ * step of 2 blocks then costs a full one. */
 #define ZDIRECT_MR 8
 #ifndef ZDIRECT_WBYTES
 #define ZDIRECT_WBYTES 8192
@@ -622,7 +630,7 @@ static void zdirect_prep(int qtype, const uint8_t *row, int64_t K, uint8_t *buf)
         for (int k = 0; k < 4; k++) dxe[k] = d[b];
         int32_t sum = 0;
         for (int k = 0; k < KVQ_QK; k++) sum += q[32 * b + k];
-        if (qtype == KVQ_Q4_0) ((int32_t *)(st + 384))[16 * g + 4 * l] = -8 * sum;
+        if (qtype != KVQ_Q4_1) ((int32_t *)(st + 384))[16 * g + 4 * l] = (qtype == KVQ_Q5_0 ? -16 : -8) * sum;
         ((float *)(st + 512))[i] = s[2 * b] + s[2 * b + 1];
     }
 }
@@ -656,12 +664,17 @@ static inline __mmask64 zmask(int n) { return n <= 0 ? 0 : n >= 64 ? ~(__mmask64
 static const int16_t zq40_codes[32] = {1,  2,  3,  4,  5,  6,  7,  8,  10, 11, 12, 13, 14, 15, 16, 17,
                                        19, 20, 21, 22, 23, 24, 25, 26, 28, 29, 30, 31, 60, 61, 62, 63};
 static const int16_t zq40_heads[32] = {0, 9, 18, 27, 32, 41, 50, 59};
+/* Q5_0 (block i: words 11i .. 11i+10 of a group's 88-byte span; from word 32 on, of the load at
+ * byte 24): the code words, and [qh's low words | qh's high words | d] of the 4 blocks. */
+static const int16_t zq50_codes[32] = {3,  4,  5,  6,  7,  8,  9,  10, 14, 15, 16, 17, 18, 19, 20, 21,
+                                       25, 26, 27, 28, 29, 30, 31, 52, 56, 57, 58, 59, 60, 61, 62, 63};
+static const int16_t zq50_heads[32] = {1, 12, 23, 54, 2, 13, 24, 55, 0, 11, 22, 53};
 
 /* One step of nv (<= 8) blocks at block index 8 * o for NR weight rows x MR activation rows. */
 static inline __attribute__((always_inline)) void zdirect_step(int qtype, int NR, int MR, int nv, const uint8_t *w,
                                                                int64_t wrb, const uint8_t *const *xa, int64_t o,
                                                                int64_t pfd, __m512 acc[][4], __m256 accm[][4]) {
-    const int bb = qtype == KVQ_Q4_1 ? 20 : 18, hoff = 4 * bb - 64;
+    const int bb = qtype == KVQ_Q4_1 ? 20 : qtype == KVQ_Q5_0 ? 22 : 18, hoff = 4 * bb - 64;
     const __m512i m4 = _mm512_set1_epi8(0x0f);
     _Pragma("GCC unroll 4")
     for (int r = 0; r < NR; r++) {
@@ -673,7 +686,7 @@ static inline __attribute__((always_inline)) void zdirect_step(int qtype, int NR
          * (both inside the span; masked for a partial step), and one 32- (Q4_1: codes dword-aligned) or
          * 16-bit (Q4_0) two-source permute give the 4 x 16 code bytes; the first loads of the two
          * groups hold all 8 headers (d, m), gathered by one more permute. */
-        __m512i lo[2], wl[2], wh[2];
+        __m512i lo[2], wl[2], wh[2], qd[2];
         _Pragma("GCC unroll 2")
         for (int g = 0; g < 2; g++) {
             if (4 * g >= nv) break;
@@ -686,11 +699,20 @@ static inline __attribute__((always_inline)) void zdirect_step(int qtype, int NR
                                     ? _mm512_permutex2var_epi32(lo[g], _mm512_setr_epi32(1, 2, 3, 4, 6, 7, 8, 9, 11, 12, 13, 14,
                                                                                        16 + 12, 16 + 13, 16 + 14, 16 + 15),
                                                                 hi)
-                                    : _mm512_permutex2var_epi16(lo[g], _mm512_loadu_si512((const void *)zq40_codes), hi);
+                                    : _mm512_permutex2var_epi16(
+                                          lo[g], _mm512_loadu_si512((const void *)(qtype == KVQ_Q5_0 ? zq50_codes : zq40_codes)),
+                                          hi);
             wl[g] = _mm512_and_si512(raw, m4);
             wh[g] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+            if (qtype == KVQ_Q5_0) { /* + 16 where the value's bit of qh is set: qh's words are byte masks */
+                qd[g] = _mm512_permutex2var_epi16(lo[g], _mm512_loadu_si512((const void *)zq50_heads), hi);
+                const __m128i qh = _mm512_castsi512_si128(qd[g]);
+                const __m512i b16 = _mm512_set1_epi8(16);
+                wl[g] = _mm512_mask_add_epi8(wl[g], _cvtu64_mask64((uint64_t)_mm_cvtsi128_si64(qh)), wl[g], b16);
+                wh[g] = _mm512_mask_add_epi8(wh[g], _cvtu64_mask64((uint64_t)_mm_extract_epi64(qh, 1)), wh[g], b16);
+            }
         }
-        if (nv <= 4) lo[1] = _mm512_setzero_si512();
+        if (nv <= 4) lo[1] = qd[1] = _mm512_setzero_si512();
         __m512 dwe[2];
         __m256 mw = _mm256_setzero_ps();
         if (qtype == KVQ_Q4_1) { /* d0 m0 d1 m1 ... d7 m7 */
@@ -701,8 +723,11 @@ static inline __attribute__((always_inline)) void zdirect_step(int qtype, int NR
             mw = _mm512_castps512_ps256(
                 _mm512_permutexvar_ps(_mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 1, 3, 5, 7, 9, 11, 13, 15), hf));
         } else { /* d0 .. d7 */
-            const __m512 hf = _mm512_castps256_ps512(_mm256_cvtph_ps(_mm512_castsi512_si128(
-                _mm512_permutex2var_epi16(lo[0], _mm512_loadu_si512((const void *)zq40_heads), lo[1]))));
+            const __m128i h = qtype == KVQ_Q5_0
+                                  ? _mm_unpacklo_epi64(_mm512_extracti32x4_epi32(qd[0], 1), _mm512_extracti32x4_epi32(qd[1], 1))
+                                  : _mm512_castsi512_si128(_mm512_permutex2var_epi16(
+                                        lo[0], _mm512_loadu_si512((const void *)zq40_heads), lo[1]));
+            const __m512 hf = _mm512_castps256_ps512(_mm256_cvtph_ps(h));
             dwe[0] = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3), hf);
             dwe[1] = _mm512_permutexvar_ps(_mm512_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7), hf);
         }
@@ -712,7 +737,7 @@ static inline __attribute__((always_inline)) void zdirect_step(int qtype, int NR
             _Pragma("GCC unroll 2")
             for (int g = 0; g < 2; g++) {
                 if (4 * g >= nv) break;
-                __m512i i = qtype == KVQ_Q4_0 ? _mm512_loadu_si512((const void *)(st + 384 + 64 * g))
+                __m512i i = qtype != KVQ_Q4_1 ? _mm512_loadu_si512((const void *)(st + 384 + 64 * g))
                                               : _mm512_setzero_si512();
                 i = _mm512_dpbusd_epi32(i, wl[g], _mm512_loadu_si512((const void *)(st + 128 * g)));
                 i = _mm512_dpbusd_epi32(i, wh[g], _mm512_loadu_si512((const void *)(st + 128 * g + 64)));
@@ -794,6 +819,7 @@ static void zdirect_group(int qtype, int nr, int mr, const uint8_t *w, int64_t w
     switch (qtype) {
         ZDIRECT_CASE(KVQ_Q4_0)
         ZDIRECT_CASE(KVQ_Q4_1)
+        ZDIRECT_CASE(KVQ_Q5_0)
     default:
         break;
     }
@@ -836,7 +862,7 @@ static void gemm_zdirect(int qtype, const uint8_t *w, int64_t wrb, const uint8_t
 static void gemm_direct(int qtype, const uint8_t *w, int64_t wrb, const uint8_t *x, const float *bias, float *out,
                         int64_t out_stride, int64_t M, int64_t K, int64_t n0, int64_t n1) {
 #if defined(KVQ_VNNI512)
-    if (qtype == KVQ_Q4_0 || qtype == KVQ_Q4_1) {
+    if (qtype == KVQ_Q4_0 || qtype == KVQ_Q4_1 || qtype == KVQ_Q5_0) {
         gemm_zdirect(qtype, w, wrb, x, bias, out, out_stride, M, K, n0, n1);
         return;
     }
