@@ -593,26 +593,31 @@ static int direct_ok(int qtype, int64_t M) { return M <= direct_max_rows(qtype);
  * Measured on the 2-core AMD EPYC (Zen 5, AVX-512 VNNI) machine, benchmarks/cpu_quant_kernels.py
  * (cold weights, best of 5, load ~1), µs per product at M = 1 / 2 / 4 / 6 / 8 / 16 / 32 rows,
  * the AVX2 direct kernels (before) -> these:
- *   Q4_1 1536 x 576, 1 thread  22.7 / 33.1 / 52.0 / 83.2 / 101 / 213 / 408
- *                           -> 23.7 / 22.1 / 40.3 / 52.6 / 65.5 / 136 / 278
- *                   2 threads  14.9 / 19.0 / 29.5 / 44.3 / 56.1 / 108 / 206
- *                           -> 13.7 / 14.0 / 22.6 / 29.4 / 36.8 / 68.4 / 167
- *   Q4_1 576 x 1536, 1 thread  17.3 / 29.4 / 40.6 / 66.0 / 81.7 / 167 / 336
- *                           -> 15.7 / 24.4 / 29.5 / 42.4 / 53.2 / 108 / 230
- *   Q4_0 1536 x 576, 1 thread  21.1 / 31.6 / 51.4 / 82.6 / 98.9 / 206 / 393
- *                           -> 20.6 / 20.5 / 46.2 / 63.9 / 83.3 / 157 / 310
+ *   Q4_1 1536 x 576, 1 thread  25.3 / 32.8 / 52.9 / 83.8 / 101 / 212 / 413
+ *                           -> 25.5 / 22.9 / 35.8 / 43.5 / 53.5 / 108 / 219
+ *                   2 threads  17.1 / 26.5 / 30.5 / 45.7 / 71.2 / 108 / 212
+ *                           -> 15.5 / 18.4 / 21.2 / 31.1 / 36.0 / 56.6 / 117
+ *   Q4_1 576 x 1536, 1 thread  19.0 / 31.9 / 42.6 / 68.0 / 83.1 / 171 / 424
+ *                           -> 18.5 / 26.8 / 24.0 / 32.5 / 41.4 / 90.3 / 176
+ *   Q4_0 1536 x 576, 1 thread  31.5 / 32.1 / 53.7 / 115 / 102 / 206 / 415
+ *                           -> 21.9 / 20.7 / 47.3 / 59.0 / 58.2 / 118 / 238
  *   Q5_0 2048 x 640 (Gemma 3's gate/up, cpu_quant_kernels.py --gemma), 1 thread, M = 1 / 2 / 4 /
- *   8 / 16 / 32 (above 16 rows the tile path before)  62.2 / 89.2 / 103 / 204 / 426 / 716
- *                                                  -> 39.2 / 38.1 / 66.3 / 109 / 226 / 649
- * so a Q4_1 extra row costs 0.24-0.34 of a one-row product instead of 0.39-0.53, and the one-row
- * case stays at the memory-bound rate. Tried and dropped: 8 blocks per zmm with 2 lanes per block
- * (one float convert, multiply and FMA per 8 blocks instead of 2): slower at K = 576, whose last
- * step of 2 blocks then costs a full one. */
+ *   8 / 16 / 32 (above 16 rows the tile path before)  62.6 / 70.7 / 125 / 207 / 420 / 708
+ *                                                  -> 39.9 / 39.5 / 59.4 / 83.8 / 168 / 333
+ * (timings on this shared virtual machine vary by up to ~1.3x between runs; before and after
+ * ran interleaved in one process), so an extra row costs 0.16-0.24 of a one-row product instead
+ * of 0.32-0.48, and the one-row case stays at the memory-bound rate. Tried and dropped: 8 blocks
+ * per zmm with 2 lanes per block (one float convert, multiply and FMA per 8 blocks instead of
+ * 2): no faster at K = 1536 and slower at K = 576, whose last step of 2 blocks then costs a full
+ * one (timed before the prepared steps were padded to whole cache lines). */
 #define ZDIRECT_MR 8
 #ifndef ZDIRECT_WBYTES
-#define ZDIRECT_WBYTES 8192
+#define ZDIRECT_WBYTES 32768
 #endif
-#define ZSTEP 544 /* bytes per prepared step: codes 256, d_x per lane 128, Q4_0 offsets 128, sums 32 */
+/* bytes per prepared step: codes 256, d_x per lane 128, integer offsets 128, Q4_1's sums 32, and
+ * padding to whole cache lines (a 544-byte step left every other step's loads split over two
+ * lines: 1.25x the time at 24 and 32 rows) */
+#define ZSTEP 576
 
 static inline int64_t zdirect_act_bytes(int64_t nb) { return (nb + DIRECT_G - 1) / DIRECT_G * ZSTEP; }
 
@@ -830,15 +835,16 @@ static void gemm_zdirect(int qtype, const uint8_t *w, int64_t wrb, const uint8_t
                          int64_t out_stride, int64_t M, int64_t K, int64_t n0, int64_t n1) {
     const int64_t xstride = kvq_act_stride(K), nb = K / KVQ_QK, ab = zdirect_act_bytes(nb);
     _Alignas(64) uint8_t stack[DIRECT_STACK];
-    uint8_t *buf = M * ab <= DIRECT_STACK ? stack : (uint8_t *)malloc((size_t)(M * ab));
+    uint8_t *buf = M * ab <= DIRECT_STACK ? stack : (uint8_t *)aligned_alloc(64, (size_t)(M * ab));
     if (buf == NULL) return;
     const uint8_t *xa[DIRECT_MAX_ACT];
     for (int64_t m = 0; m < M; m++) zdirect_prep(qtype, x + m * xstride, K, buf + m * ab), xa[m] = buf + m * ab;
     const int mr = (int)M, step = mr == 1 ? 4 : mr <= 3 ? 2 : 1;
     const int64_t gbytes = step * wrb, pfd = (DIRECT_PF + gbytes - 1) / gbytes * gbytes;
     /* More than ZDIRECT_MR rows: each group of activation rows goes over a block of weight rows
-     * (ZDIRECT_WBYTES, in L1) before the next group, so that the activation rows read per weight
-     * row (544 bytes per 8 blocks each) stay in L1 too. */
+     * (ZDIRECT_WBYTES; 8 and 32 KB timed alike, 32 a little faster at K = 1536) before the next
+     * group, so that the group's prepared rows (576 bytes per 8 blocks each) stay in L1 instead
+     * of every group's passing through it per weight row (at 32 rows 0.7x the time). */
     const int64_t blk = mr <= ZDIRECT_MR ? n1 - n0 : (ZDIRECT_WBYTES + wrb - 1) / wrb;
     for (int64_t lo = n0; lo < n1; lo += blk) {
         const int64_t hi = n1 - lo < blk ? n1 : lo + blk;
@@ -1214,7 +1220,7 @@ static void gemm_zq8rows(const uint8_t *w, int64_t wrb, const uint8_t *x, const 
                          int64_t out_stride, int64_t M, int64_t K, int64_t n0, int64_t n1) {
     const int64_t xstride = kvq_act_stride(K), nb = K / KVQ_QK, ub = (K + 32 + 63) / 64 * 64;
     _Alignas(64) uint8_t stack[DIRECT_STACK];
-    uint8_t *buf = M * ub <= DIRECT_STACK ? stack : (uint8_t *)malloc((size_t)(M * ub));
+    uint8_t *buf = M * ub <= DIRECT_STACK ? stack : (uint8_t *)aligned_alloc(64, (size_t)(M * ub));
     if (buf == NULL) return;
     kact_t xa[KDIRECT_MAX_ACT];
     const uint8_t *xu[KDIRECT_MAX_ACT];
