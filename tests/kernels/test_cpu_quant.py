@@ -215,9 +215,9 @@ def test_rows_independent_of_split(qtype: str, m: int) -> None:
 @pytest.mark.parametrize("qtype", FORMATS)
 def test_rowwise_rows_equal_one_row_products(qtype: str, level: str) -> None:
     """`kvq_gemm_rows` (LM heads): each output row is the bits of its one-row product at every
-    row count up to 47 (Q8_0 changes kernels above 4 rows in `kvq_gemm`; with `rowwise` it goes
-    one weight row at a time at every count), on a K that ends in a partial 8-block step (576,
-    SmolLM2's hidden size) and with a bias; and the values are right."""
+    row count up to 47 (Q8_0 changes kernels above 4 rows in `kvq_gemm`, above 1 on AVX-512
+    VNNI; with `rowwise` it goes one weight row at a time at every count), on a K that ends in a
+    partial 8-block step (576, SmolLM2's hidden size) and with a bias; and the values are right."""
     lib = _get_lib(level)
     k = 512 if qtype.endswith("K") else 576
     n = 37

@@ -57,10 +57,11 @@ void kvq_gemm(int qtype, const void *w, int64_t w_row_bytes, const void *xq, con
 void kvq_gemm_range(int qtype, const void *w, int64_t w_row_bytes, const void *xq, const float *bias,
                     float *out, int64_t out_stride, int64_t M, int64_t N, int64_t K, int64_t n0, int64_t n1);
 /* kvq_gemm whose output rows are the same bits whatever M is, up to 48 rows (kvq_gemm's are for
- * every format but Q8_0 and Q5_0, which change kernels above 4 and 16 rows): Q8_0 goes one weight
- * row at a time at every M, Q5_0 keeps its direct kernel. For LM heads (a speculative verify
- * step's k + 1 rows then give the logits of k + 1 one-row decodes); for a vocabulary-sized Q8_0
- * head it is also the faster kernel at 1-8 rows. */
+ * every format but Q8_0 and Q5_0, which change kernels above 4 and 16 rows; in AVX-512 VNNI
+ * builds Q8_0 above 1 row, Q5_0 not): Q8_0 goes one weight row at a time at every M, Q5_0 keeps
+ * its direct kernel. For LM heads (a speculative verify step's k + 1 rows then give the logits
+ * of k + 1 one-row decodes); for a vocabulary-sized Q8_0 head it is also the faster kernel at
+ * 1-8 rows. */
 void kvq_gemm_rows(int qtype, const void *w, int64_t w_row_bytes, const void *xq, const float *bias,
                    float *out, int64_t out_stride, int64_t M, int64_t N, int64_t K);
 

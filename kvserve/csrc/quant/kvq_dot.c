@@ -14,6 +14,9 @@
  * On AVX2 (and the AVX-512 build) few activation rows skip the tile: "direct kernels" dot the
  * block bytes as they are (Q4_0, Q4_1, Q5_0 and Q8_0 four activation rows at a time up to a
  * per-format bound, below; Q4_K, Q5_K, Q6_K up to 48 rows and Q8_0 from 5 to 48, further below).
+ * The AVX-512 VNNI build has its own direct kernels for Q4_0, Q4_1 and Q5_0 (gemm_zdirect, up
+ * to 48 rows) and for Q8_0 from 2 rows (gemm_zq8rows): vpdpbusd on 512-bit registers, 8 activation
+ * rows per unpacked weight step, for verify and batched steps' extra rows.
  * Codes are in [0, 64) for every format but Q8_0 (the offsets carry Q4_0's -8 and Q6_K's -32),
  * so u8 x s8 products need the sign trick (|w| times x with w's sign) only for Q8_0.
  * Each output value's arithmetic depends only on its weight row and activation row, never on
@@ -33,6 +36,9 @@
 #define KVQ_AVX2 1
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #define KVQ_AVX512 1
+#endif
+#if defined(KVQ_AVX512) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
+#define KVQ_VNNI512 1
 #endif
 #endif
 #if !defined(KVQ_SCALAR) && defined(__aarch64__) && defined(__ARM_NEON)
@@ -540,17 +546,333 @@ static int direct_max_rows(int qtype) {
     switch (qtype) {
     case KVQ_Q4_0:
     case KVQ_Q4_1: return DIRECT_MAX_ACT;
+#if defined(KVQ_VNNI512)
+    case KVQ_Q5_0: return DIRECT_MAX_ACT; /* gemm_zdirect: 0.5-0.8x the tile path's time at 17-47 rows */
+#else
     case KVQ_Q5_0: return 16;
+#endif
+#if defined(KVQ_VNNI512)
+    case KVQ_Q8_0: return 1; /* from 2 rows gemm_zq8rows (at 2-4 rows 0.53-0.8x this kernel's time) */
+#else
     case KVQ_Q8_0: return DIRECT_MAX_M;
+#endif
     default: return 0;
     }
 }
 
 static int direct_ok(int qtype, int64_t M) { return M <= direct_max_rows(qtype); }
 
+#if defined(KVQ_VNNI512)
+/* ---- AVX-512 VNNI direct kernels for Q4_0, Q4_1 and Q5_0 ----
+ *
+ * The AVX2 step above spends about 20 vector operations per activation row on 8 blocks (8
+ * vpmaddubsw, 4 adds, the vphaddw tree, the widening and the float work), so on AVX-512 every
+ * extra row of a verify or batched step cost about 0.4 of a one-row step. Here a zmm holds 4
+ * blocks' 16 nibble bytes (one 128-bit lane per block):
+ *   - low nibbles (values 0-15 of each block) and high nibbles (16-31) are two zmm of codes;
+ *     two vpdpbusd against the activation's matching halves leave 4 exact int32 sums per block
+ *     (no reduction tree: the float accumulator keeps 4 lanes per block, reduced once per row,
+ *     8 accumulators at a time by zreduce8).
+ *   - Q4_0's -8 offset (Q5_0's -16) is folded into the integers: the first vpdpbusd accumulates
+ *     onto -8 (-16) times the activation block's code sum (in the block's first lane), prepared
+ *     once per call, so neither needs an offset FMA. Q4_1's m times the stored block sums is one
+ *     ymm FMA per 8 blocks into a second accumulator. Q5_0's 5th bits: each block's two 16-bit
+ *     halves of qh are the byte masks of a masked add of 16 to the low / high nibble codes.
+ *   - Per 4 blocks and activation row: 2 vpdpbusd, one convert, one multiply d_w * d_x (both
+ *     spread to the block's 4 lanes: d_x by the preparation, d_w once per weight row and step by
+ *     one vpermps shared by every activation row) and one FMA.
+ *   - A weight row's step of 8 blocks comes in as whole 64-byte loads: permutes pick the code
+ *     bytes and the fp16 headers out of them (no per-block scalar loads or inserts).
+ * The activation is rearranged once per call (zdirect_prep) into steps of 8 blocks: the two
+ * 4-block groups' low and high code halves, d_x per lane, Q4_0's integer offset per lane, Q4_1's
+ * block sums. Groups: 4 weight rows at M = 1, 2 at M = 2-3 (more independent accumulator
+ * chains), else one weight row unpacked per step and shared by up to ZDIRECT_MR activation rows.
+ * Every (weight row, activation row) pair has its own accumulators and the same operation
+ * sequence whatever the grouping, so outputs do not depend on M, on the row groups or on the
+ * thread split (they differ from the AVX2 build's: other float sums).
+ * Measured on the 2-core AMD EPYC (Zen 5, AVX-512 VNNI) machine, benchmarks/cpu_quant_kernels.py
+ * (cold weights, best of 5, load ~1), µs per product at M = 1 / 2 / 4 / 6 / 8 / 16 / 32 rows,
+ * the AVX2 direct kernels (before) -> these:
+ *   Q4_1 1536 x 576, 1 thread  25.3 / 32.8 / 52.9 / 83.8 / 101 / 212 / 413
+ *                           -> 25.5 / 22.9 / 35.8 / 43.5 / 53.5 / 108 / 219
+ *                   2 threads  17.1 / 26.5 / 30.5 / 45.7 / 71.2 / 108 / 212
+ *                           -> 15.5 / 18.4 / 21.2 / 31.1 / 36.0 / 56.6 / 117
+ *   Q4_1 576 x 1536, 1 thread  19.0 / 31.9 / 42.6 / 68.0 / 83.1 / 171 / 424
+ *                           -> 18.5 / 26.8 / 24.0 / 32.5 / 41.4 / 90.3 / 176
+ *   Q4_0 1536 x 576, 1 thread  31.5 / 32.1 / 53.7 / 115 / 102 / 206 / 415
+ *                           -> 21.9 / 20.7 / 47.3 / 59.0 / 58.2 / 118 / 238
+ *   Q5_0 2048 x 640 (Gemma 3's gate/up, cpu_quant_kernels.py --gemma), 1 thread, M = 1 / 2 / 4 /
+ *   8 / 16 / 32 (above 16 rows the tile path before)  62.6 / 70.7 / 125 / 207 / 420 / 708
+ *                                                  -> 39.9 / 39.5 / 59.4 / 83.8 / 168 / 333
+ * (timings on this shared virtual machine vary by up to ~1.3x between runs; before and after
+ * ran interleaved in one process), so an extra row costs 0.16-0.24 of a one-row product instead
+ * of 0.32-0.48, and the one-row case stays at the memory-bound rate. Tried and dropped: 8 blocks
+ * per zmm with 2 lanes per block (one float convert, multiply and FMA per 8 blocks instead of
+ * 2): no faster at K = 1536 and slower at K = 576, whose last step of 2 blocks then costs a full
+ * one (timed before the prepared steps were padded to whole cache lines). */
+#define ZDIRECT_MR 8
+#ifndef ZDIRECT_WBYTES
+#define ZDIRECT_WBYTES 32768
+#endif
+/* bytes per prepared step: codes 256, d_x per lane 128, integer offsets 128, Q4_1's sums 32, and
+ * padding to whole cache lines (a 544-byte step left every other step's loads split over two
+ * lines: 1.25x the time at 24 and 32 rows) */
+#define ZSTEP 576
+
+static inline int64_t zdirect_act_bytes(int64_t nb) { return (nb + DIRECT_G - 1) / DIRECT_G * ZSTEP; }
+
+static void zdirect_prep(int qtype, const uint8_t *row, int64_t K, uint8_t *buf) {
+    const int64_t nb = K / KVQ_QK;
+    const int8_t *q = (const int8_t *)row;
+    const float *d = (const float *)(row + K), *s = d + nb;
+    memset(buf, 0, (size_t)zdirect_act_bytes(nb));
+    for (int64_t b = 0; b < nb; b++) {
+        uint8_t *st = buf + b / DIRECT_G * ZSTEP;
+        const int i = (int)(b % DIRECT_G), g = i / 4, l = i % 4;
+        memcpy(st + 128 * g + 16 * l, q + 32 * b, 16);
+        memcpy(st + 128 * g + 64 + 16 * l, q + 32 * b + 16, 16);
+        float *dxe = (float *)(st + 256) + 16 * g + 4 * l;
+        for (int k = 0; k < 4; k++) dxe[k] = d[b];
+        int32_t sum = 0;
+        for (int k = 0; k < KVQ_QK; k++) sum += q[32 * b + k];
+        if (qtype != KVQ_Q4_1) ((int32_t *)(st + 384))[16 * g + 4 * l] = (qtype == KVQ_Q5_0 ? -16 : -8) * sum;
+        ((float *)(st + 512))[i] = s[2 * b] + s[2 * b + 1];
+    }
+}
+
+/* The 16-lane sums of 8 accumulators at once (a row's final reduction, once per weight row and
+ * activation row, cost as much as a 576-value row's dot when done one register at a time): each
+ * slot's lanes are added in the same tree, lane k + lane k+8, then k+4, k+2, k+1, whatever slot
+ * it occupies. Slot i's sum lands in res[zslot(i)]. */
+static inline int zslot(int i) { return i < 4 ? 4 * i : 4 * (i - 4) + 2; }
+
+static inline __attribute__((always_inline)) void zreduce8(const __m512 v[8], float *res) {
+    __m512 t[4], u[2];
+    _Pragma("GCC unroll 4")
+    for (int i = 0; i < 4; i++) /* [v2i lanes k + k+8 | v2i+1 lanes k + k+8], k < 8 */
+        t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                             _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xee));
+    _Pragma("GCC unroll 2")
+    for (int i = 0; i < 2; i++) /* 128-bit lane j: slot 4i + j, its lanes k + k+4, k < 4 */
+        u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xdd));
+    /* per 128-bit lane j: [slot j: k + k+2, k < 2 | slot j+4: the same] */
+    const __m512 w = _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], 0x44), _mm512_shuffle_ps(u[0], u[1], 0xee));
+    _mm512_store_ps(res, _mm512_add_ps(w, _mm512_permute_ps(w, 0xb1)));
+}
+
+/* The first n bytes of a 64-byte load (n may be <= 0 or >= 64). */
+static inline __mmask64 zmask(int n) { return n <= 0 ? 0 : n >= 64 ? ~(__mmask64)0 : ((__mmask64)1 << n) - 1; }
+
+/* Q4_0's 16-bit permutes (no _mm512_setr_epi16 in older compilers): a group's code words (block i:
+ * words 9i+1 .. 9i+8 of its span; from word 32 on, of the load at byte 8) and the 8 headers. */
+static const int16_t zq40_codes[32] = {1,  2,  3,  4,  5,  6,  7,  8,  10, 11, 12, 13, 14, 15, 16, 17,
+                                       19, 20, 21, 22, 23, 24, 25, 26, 28, 29, 30, 31, 60, 61, 62, 63};
+static const int16_t zq40_heads[32] = {0, 9, 18, 27, 32, 41, 50, 59};
+/* Q5_0 (block i: words 11i .. 11i+10 of a group's 88-byte span; from word 32 on, of the load at
+ * byte 24): the code words, and [qh's low words | qh's high words | d] of the 4 blocks. */
+static const int16_t zq50_codes[32] = {3,  4,  5,  6,  7,  8,  9,  10, 14, 15, 16, 17, 18, 19, 20, 21,
+                                       25, 26, 27, 28, 29, 30, 31, 52, 56, 57, 58, 59, 60, 61, 62, 63};
+static const int16_t zq50_heads[32] = {1, 12, 23, 54, 2, 13, 24, 55, 0, 11, 22, 53};
+
+/* One step of nv (<= 8) blocks at block index 8 * o for NR weight rows x MR activation rows. */
+static inline __attribute__((always_inline)) void zdirect_step(int qtype, int NR, int MR, int nv, const uint8_t *w,
+                                                               int64_t wrb, const uint8_t *const *xa, int64_t o,
+                                                               int64_t pfd, __m512 acc[][4], __m256 accm[][4]) {
+    const int bb = qtype == KVQ_Q4_1 ? 20 : qtype == KVQ_Q5_0 ? 22 : 18, hoff = 4 * bb - 64;
+    const __m512i m4 = _mm512_set1_epi8(0x0f);
+    _Pragma("GCC unroll 4")
+    for (int r = 0; r < NR; r++) {
+        const uint8_t *p = w + r * wrb + o * DIRECT_G * bb;
+        if (DIRECT_PF)
+            _Pragma("GCC unroll 8")
+            for (int l = 0; l < DIRECT_G * bb; l += 64) _mm_prefetch((const char *)p + pfd + l, _MM_HINT_T0);
+        /* Group g's 4 blocks span q[0, 4 bb) (q = p + 4 g bb): two loads, at 0 and 4 bb - 64 bytes
+         * (both inside the span; masked for a partial step), and one 32- (Q4_1: codes dword-aligned) or
+         * 16-bit (Q4_0) two-source permute give the 4 x 16 code bytes; the first loads of the two
+         * groups hold all 8 headers (d, m), gathered by one more permute. */
+        __m512i lo[2], wl[2], wh[2], qd[2];
+        _Pragma("GCC unroll 2")
+        for (int g = 0; g < 2; g++) {
+            if (4 * g >= nv) break;
+            const uint8_t *q = p + 4 * g * bb;
+            const int valid = (nv - 4 * g) * bb; /* bytes of this group's blocks present */
+            const __m512i hi = nv - 4 * g >= 4 ? _mm512_loadu_si512((const void *)(q + hoff))
+                                               : _mm512_maskz_loadu_epi8(zmask(valid - hoff), q + hoff);
+            lo[g] = valid >= 64 ? _mm512_loadu_si512((const void *)q) : _mm512_maskz_loadu_epi8(zmask(valid), q);
+            const __m512i raw = qtype == KVQ_Q4_1
+                                    ? _mm512_permutex2var_epi32(lo[g], _mm512_setr_epi32(1, 2, 3, 4, 6, 7, 8, 9, 11, 12, 13, 14,
+                                                                                       16 + 12, 16 + 13, 16 + 14, 16 + 15),
+                                                                hi)
+                                    : _mm512_permutex2var_epi16(
+                                          lo[g], _mm512_loadu_si512((const void *)(qtype == KVQ_Q5_0 ? zq50_codes : zq40_codes)),
+                                          hi);
+            wl[g] = _mm512_and_si512(raw, m4);
+            wh[g] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), m4);
+            if (qtype == KVQ_Q5_0) { /* + 16 where the value's bit of qh is set: qh's words are byte masks */
+                qd[g] = _mm512_permutex2var_epi16(lo[g], _mm512_loadu_si512((const void *)zq50_heads), hi);
+                const __m128i qh = _mm512_castsi512_si128(qd[g]);
+                const __m512i b16 = _mm512_set1_epi8(16);
+                wl[g] = _mm512_mask_add_epi8(wl[g], _cvtu64_mask64((uint64_t)_mm_cvtsi128_si64(qh)), wl[g], b16);
+                wh[g] = _mm512_mask_add_epi8(wh[g], _cvtu64_mask64((uint64_t)_mm_extract_epi64(qh, 1)), wh[g], b16);
+            }
+        }
+        if (nv <= 4) lo[1] = qd[1] = _mm512_setzero_si512();
+        __m512 dwe[2];
+        __m256 mw = _mm256_setzero_ps();
+        if (qtype == KVQ_Q4_1) { /* d0 m0 d1 m1 ... d7 m7 */
+            const __m512 hf = _mm512_cvtph_ps(_mm512_castsi512_si256(
+                _mm512_permutex2var_epi32(lo[0], _mm512_setr_epi32(0, 5, 10, 15, 16, 21, 26, 31, 0, 0, 0, 0, 0, 0, 0, 0), lo[1])));
+            dwe[0] = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2, 4, 4, 4, 4, 6, 6, 6, 6), hf);
+            dwe[1] = _mm512_permutexvar_ps(_mm512_setr_epi32(8, 8, 8, 8, 10, 10, 10, 10, 12, 12, 12, 12, 14, 14, 14, 14), hf);
+            mw = _mm512_castps512_ps256(
+                _mm512_permutexvar_ps(_mm512_setr_epi32(1, 3, 5, 7, 9, 11, 13, 15, 1, 3, 5, 7, 9, 11, 13, 15), hf));
+        } else { /* d0 .. d7 */
+            const __m128i h = qtype == KVQ_Q5_0
+                                  ? _mm_unpacklo_epi64(_mm512_extracti32x4_epi32(qd[0], 1), _mm512_extracti32x4_epi32(qd[1], 1))
+                                  : _mm512_castsi512_si128(_mm512_permutex2var_epi16(
+                                        lo[0], _mm512_loadu_si512((const void *)zq40_heads), lo[1]));
+            const __m512 hf = _mm512_castps256_ps512(_mm256_cvtph_ps(h));
+            dwe[0] = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3), hf);
+            dwe[1] = _mm512_permutexvar_ps(_mm512_setr_epi32(4, 4, 4, 4, 5, 5, 5, 5, 6, 6, 6, 6, 7, 7, 7, 7), hf);
+        }
+        _Pragma("GCC unroll 8")
+        for (int a = 0; a < MR; a++) {
+            const uint8_t *st = xa[a] + o * ZSTEP;
+            _Pragma("GCC unroll 2")
+            for (int g = 0; g < 2; g++) {
+                if (4 * g >= nv) break;
+                __m512i i = qtype != KVQ_Q4_1 ? _mm512_loadu_si512((const void *)(st + 384 + 64 * g))
+                                              : _mm512_setzero_si512();
+                i = _mm512_dpbusd_epi32(i, wl[g], _mm512_loadu_si512((const void *)(st + 128 * g)));
+                i = _mm512_dpbusd_epi32(i, wh[g], _mm512_loadu_si512((const void *)(st + 128 * g + 64)));
+                const __m512 sc = _mm512_mul_ps(dwe[g], _mm512_loadu_ps((const float *)(st + 256) + 16 * g));
+                acc[a][r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), sc, acc[a][r]);
+            }
+            if (qtype == KVQ_Q4_1)
+                accm[a][r] = _mm256_fmadd_ps(mw, _mm256_loadu_ps((const float *)(st + 512)), accm[a][r]);
+        }
+    }
+}
+
+/* out[a * out_stride + r] = row r of w . activation row a, for r < NR, a < MR. */
+static inline __attribute__((always_inline)) void zdirect_rows(int qtype, int NR, int MR, const uint8_t *w,
+                                                               int64_t wrb, const uint8_t *const *xa, int64_t nb,
+                                                               float *out, int64_t out_stride, int64_t pfd) {
+    __m512 acc[ZDIRECT_MR][4];
+    __m256 accm[ZDIRECT_MR][4];
+    _Pragma("GCC unroll 8")
+    for (int a = 0; a < MR; a++)
+        _Pragma("GCC unroll 4")
+        for (int r = 0; r < NR; r++) acc[a][r] = _mm512_setzero_ps(), accm[a][r] = _mm256_setzero_ps();
+    const int64_t nfull = nb / DIRECT_G;
+    for (int64_t o = 0; o < nfull; o++) {
+#ifdef DIRECT_MCA
+        __asm volatile("# LLVM-MCA-BEGIN z%c0_nr%c1_mr%c2" ::"i"(qtype), "i"(NR), "i"(MR));
+#endif
+        zdirect_step(qtype, NR, MR, DIRECT_G, w, wrb, xa, o, pfd, acc, accm);
+#ifdef DIRECT_MCA
+        __asm volatile("# LLVM-MCA-END");
+#endif
+    }
+    switch (nb % DIRECT_G) { /* the last, partial step */
+    case 1: zdirect_step(qtype, NR, MR, 1, w, wrb, xa, nfull, pfd, acc, accm); break;
+    case 2: zdirect_step(qtype, NR, MR, 2, w, wrb, xa, nfull, pfd, acc, accm); break;
+    case 3: zdirect_step(qtype, NR, MR, 3, w, wrb, xa, nfull, pfd, acc, accm); break;
+    case 4: zdirect_step(qtype, NR, MR, 4, w, wrb, xa, nfull, pfd, acc, accm); break;
+    case 5: zdirect_step(qtype, NR, MR, 5, w, wrb, xa, nfull, pfd, acc, accm); break;
+    case 6: zdirect_step(qtype, NR, MR, 6, w, wrb, xa, nfull, pfd, acc, accm); break;
+    case 7: zdirect_step(qtype, NR, MR, 7, w, wrb, xa, nfull, pfd, acc, accm); break;
+    default: break;
+    }
+    __m512 v[8];
+    _Pragma("GCC unroll 8")
+    for (int a = 0; a < MR; a++)
+        _Pragma("GCC unroll 4")
+        for (int r = 0; r < NR; r++)
+            v[a * NR + r] = qtype == KVQ_Q4_1 ? _mm512_add_ps(acc[a][r], _mm512_zextps256_ps512(accm[a][r])) : acc[a][r];
+    _Pragma("GCC unroll 8")
+    for (int i = MR * NR; i < 8; i++) v[i] = _mm512_setzero_ps();
+    _Alignas(64) float res[16];
+    zreduce8(v, res);
+    _Pragma("GCC unroll 8")
+    for (int a = 0; a < MR; a++)
+        _Pragma("GCC unroll 4")
+        for (int r = 0; r < NR; r++) out[a * out_stride + r] = res[zslot(a * NR + r)];
+}
+
+#define ZDIRECT_CASE(QT)                                                                                          \
+    case QT:                                                                                                      \
+        if (nr == 4) zdirect_rows(QT, 4, 1, w, wrb, xa, nb, out, os, pfd);                                        \
+        else if (nr == 2 && mr == 2) zdirect_rows(QT, 2, 2, w, wrb, xa, nb, out, os, pfd);                        \
+        else if (nr == 2) zdirect_rows(QT, 2, 3, w, wrb, xa, nb, out, os, pfd);                                   \
+        else switch (mr) {                                                                                        \
+            case 1: zdirect_rows(QT, 1, 1, w, wrb, xa, nb, out, os, pfd); break;                                  \
+            case 2: zdirect_rows(QT, 1, 2, w, wrb, xa, nb, out, os, pfd); break;                                  \
+            case 3: zdirect_rows(QT, 1, 3, w, wrb, xa, nb, out, os, pfd); break;                                  \
+            case 4: zdirect_rows(QT, 1, 4, w, wrb, xa, nb, out, os, pfd); break;                                  \
+            case 5: zdirect_rows(QT, 1, 5, w, wrb, xa, nb, out, os, pfd); break;                                  \
+            case 6: zdirect_rows(QT, 1, 6, w, wrb, xa, nb, out, os, pfd); break;                                  \
+            case 7: zdirect_rows(QT, 1, 7, w, wrb, xa, nb, out, os, pfd); break;                                  \
+            default: zdirect_rows(QT, 1, 8, w, wrb, xa, nb, out, os, pfd); break;                                 \
+            }                                                                                                     \
+        break;
+
+/* nr weight rows x mr activation rows: (4, 1), (2, 2), (2, 3) or (1, any up to ZDIRECT_MR). */
+static void zdirect_group(int qtype, int nr, int mr, const uint8_t *w, int64_t wrb, const uint8_t *const *xa,
+                          int64_t nb, float *out, int64_t os, int64_t pfd) {
+    switch (qtype) {
+        ZDIRECT_CASE(KVQ_Q4_0)
+        ZDIRECT_CASE(KVQ_Q4_1)
+        ZDIRECT_CASE(KVQ_Q5_0)
+    default:
+        break;
+    }
+}
+
+/* Rows [n0, n1) of Q4_0 / Q4_1 for M <= DIRECT_MAX_ACT activation rows. */
+static void gemm_zdirect(int qtype, const uint8_t *w, int64_t wrb, const uint8_t *x, const float *bias, float *out,
+                         int64_t out_stride, int64_t M, int64_t K, int64_t n0, int64_t n1) {
+    const int64_t xstride = kvq_act_stride(K), nb = K / KVQ_QK, ab = zdirect_act_bytes(nb);
+    _Alignas(64) uint8_t stack[DIRECT_STACK];
+    uint8_t *buf = M * ab <= DIRECT_STACK ? stack : (uint8_t *)aligned_alloc(64, (size_t)(M * ab));
+    if (buf == NULL) return;
+    const uint8_t *xa[DIRECT_MAX_ACT];
+    for (int64_t m = 0; m < M; m++) zdirect_prep(qtype, x + m * xstride, K, buf + m * ab), xa[m] = buf + m * ab;
+    const int mr = (int)M, step = mr == 1 ? 4 : mr <= 3 ? 2 : 1;
+    const int64_t gbytes = step * wrb, pfd = (DIRECT_PF + gbytes - 1) / gbytes * gbytes;
+    /* More than ZDIRECT_MR rows: each group of activation rows goes over a block of weight rows
+     * (ZDIRECT_WBYTES; 8 and 32 KB timed alike, 32 a little faster at K = 1536) before the next
+     * group, so that the group's prepared rows (576 bytes per 8 blocks each) stay in L1 instead
+     * of every group's passing through it per weight row (at 32 rows 0.7x the time). */
+    const int64_t blk = mr <= ZDIRECT_MR ? n1 - n0 : (ZDIRECT_WBYTES + wrb - 1) / wrb;
+    for (int64_t lo = n0; lo < n1; lo += blk) {
+        const int64_t hi = n1 - lo < blk ? n1 : lo + blk;
+        for (int a0 = 0; a0 < mr; a0 += ZDIRECT_MR) {
+            const int ma = mr - a0 < ZDIRECT_MR ? mr - a0 : ZDIRECT_MR;
+            for (int64_t n = lo; n < hi;) {
+                const int nr = hi - n >= step ? step : 1;
+                zdirect_group(qtype, nr, ma, w + n * wrb, wrb, xa + a0, nb, out + a0 * out_stride + n, out_stride, pfd);
+                n += nr;
+            }
+        }
+    }
+    if (bias != NULL)
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t n = n0; n < n1; n++) out[m * out_stride + n] += bias[n];
+    if (buf != stack) free(buf);
+}
+#endif
+
 /* Rows [n0, n1) for M <= DIRECT_MAX_ACT activation rows, front to back in groups of rows. */
 static void gemm_direct(int qtype, const uint8_t *w, int64_t wrb, const uint8_t *x, const float *bias, float *out,
                         int64_t out_stride, int64_t M, int64_t K, int64_t n0, int64_t n1) {
+#if defined(KVQ_VNNI512)
+    if (qtype == KVQ_Q4_0 || qtype == KVQ_Q4_1 || qtype == KVQ_Q5_0) {
+        gemm_zdirect(qtype, w, wrb, x, bias, out, out_stride, M, K, n0, n1);
+        return;
+    }
+#endif
     const int64_t xstride = kvq_act_stride(K), nb = K / KVQ_QK, ab = direct_act_bytes(nb);
     _Alignas(64) uint8_t stack[DIRECT_STACK];
     uint8_t *buf = M * ab <= DIRECT_STACK ? stack : (uint8_t *)malloc((size_t)(M * ab));
@@ -824,9 +1146,124 @@ static int kdirect_ok(int qtype, int64_t M) {
     return (qtype == KVQ_Q4_K || qtype == KVQ_Q5_K || qtype == KVQ_Q6_K) && M <= KDIRECT_MAX_ACT;
 }
 
+#if defined(KVQ_VNNI512)
+/* Q8_0 (kvq_gemm_rows at every row count, kvq_gemm above DIRECT_MAX_M rows) on AVX-512 VNNI: one
+ * weight row at a time, two blocks per zmm, up to ZDIRECT_MR activation rows sharing it. The
+ * signed x signed product goes through vpdpbusd by storing the activation codes biased by +128
+ * (unsigned; once per call): dpbusd(-128 sum w, x + 128, w) = sum x w exactly, where -128 sum w
+ * (4 codes per int32 lane) is one vpdpbusd of 128s and a negation per weight block pair, shared
+ * by every activation row. Per block pair and activation row: one vpdpbusd, one convert, the pair's
+ * two scales d_w d_x spread over their 8 lanes (one vpermps of the 8 blocks' products) and one
+ * FMA, against 10 operations for q8rows_row's two blocks. Each activation row has its own
+ * accumulator and the same operation sequence whatever MR is. Measured on the 2-core Zen 5
+ * EPYC, SmolLM2's head (Q8_0 49152 x 576, benchmarks/cpu_quant_kernels.py, load ~1), ms at 6 /
+ * 8 / 16 / 32 rows, q8rows_row -> this: 1 thread 3.36 / 4.16 / 8.33 / 17.1 -> 1.83 / 2.25 / 4.40
+ * / 8.95, 2 threads 1.67 / 2.06 / 7.63 / 12.7 -> 0.92 / 1.12 / 2.29 / 6.62; as kvq_gemm_rows at
+ * 2 threads (load ~1) 0.72 / 0.87 / 1.30 at 1 / 2 / 4 rows -> 0.72 / 0.83 / 1.09. */
+static inline __attribute__((always_inline)) void zq8rows_row(int MR, const uint8_t *row, const uint8_t *const *xu,
+                                                              const kact_t *xa, int64_t nb, float *out, int64_t os,
+                                                              int64_t pfd) {
+    __m512 acc[ZDIRECT_MR];
+    const __m512i c128 = _mm512_set1_epi8((char)0x80);
+    _Pragma("GCC unroll 8")
+    for (int a = 0; a < MR; a++) acc[a] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < nb; g += 8) {
+        const int nv = nb - g < 8 ? (int)(nb - g) : 8;
+        const uint8_t *p = row + g * 34;
+        if (DIRECT_PF)
+            _Pragma("GCC unroll 5")
+            for (int l = 0; l < 8 * 34; l += 64) _mm_prefetch((const char *)p + pfd + l, _MM_HINT_T0);
+        __m128i h = _mm_setzero_si128();
+        h = _mm_insert_epi16(h, kvq_rd16(p), 0);
+        if (nv > 1) h = _mm_insert_epi16(h, kvq_rd16(p + 34), 1);
+        if (nv > 2) h = _mm_insert_epi16(h, kvq_rd16(p + 68), 2);
+        if (nv > 3) h = _mm_insert_epi16(h, kvq_rd16(p + 102), 3);
+        if (nv > 4) h = _mm_insert_epi16(h, kvq_rd16(p + 136), 4);
+        if (nv > 5) h = _mm_insert_epi16(h, kvq_rd16(p + 170), 5);
+        if (nv > 6) h = _mm_insert_epi16(h, kvq_rd16(p + 204), 6);
+        if (nv > 7) h = _mm_insert_epi16(h, kvq_rd16(p + 238), 7);
+        const __m256 dw = _mm256_cvtph_ps(h); /* 0 past the last block */
+        __m512 sc[ZDIRECT_MR];
+        _Pragma("GCC unroll 8")
+        for (int a = 0; a < MR; a++) { /* past the last block: 0 times the row's next floats, never used */
+            sc[a] = _mm512_castps256_ps512(_mm256_mul_ps(dw, _mm256_loadu_ps(xa[a].d + g)));
+        }
+        for (int b = 0; b < nv; b += 2) {
+            const int two = b + 1 < nv;
+            const __m256i lo = _mm256_loadu_si256((const __m256i *)(p + 34 * b + 2));
+            const __m512i w = two ? _mm512_inserti64x4(_mm512_castsi256_si512(lo),
+                                                       _mm256_loadu_si256((const __m256i *)(p + 34 * b + 36)), 1)
+                                  : _mm512_zextsi256_si512(lo);
+            const __m512i nc = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_dpbusd_epi32(_mm512_setzero_si512(), c128, w));
+            const __m512i pick = _mm512_setr_epi32(b, b, b, b, b, b, b, b, b + 1, b + 1, b + 1, b + 1, b + 1, b + 1,
+                                                   b + 1, b + 1);
+            _Pragma("GCC unroll 8")
+            for (int a = 0; a < MR; a++) {
+                /* a lone last block: the zero upper half of w meets the padded row */
+                const __m512i i = _mm512_dpbusd_epi32(nc, _mm512_loadu_si512((const void *)(xu[a] + 32 * (g + b))), w);
+                const __m512 s = two ? _mm512_permutexvar_ps(pick, sc[a]) : _mm512_maskz_permutexvar_ps(0x00ff, pick, sc[a]);
+                acc[a] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), s, acc[a]);
+            }
+        }
+    }
+    _Alignas(64) float res[16];
+    __m512 v[8];
+    _Pragma("GCC unroll 8")
+    for (int a = 0; a < 8; a++) v[a] = a < MR ? acc[a] : _mm512_setzero_ps();
+    zreduce8(v, res);
+    _Pragma("GCC unroll 8")
+    for (int a = 0; a < MR; a++) out[a * os] = res[zslot(a)];
+}
+
+/* Rows [n0, n1) of Q8_0 for M <= KDIRECT_MAX_ACT activation rows, one weight row at a time. */
+static void gemm_zq8rows(const uint8_t *w, int64_t wrb, const uint8_t *x, const float *bias, float *out,
+                         int64_t out_stride, int64_t M, int64_t K, int64_t n0, int64_t n1) {
+    const int64_t xstride = kvq_act_stride(K), nb = K / KVQ_QK, ub = (K + 32 + 63) / 64 * 64;
+    _Alignas(64) uint8_t stack[DIRECT_STACK];
+    uint8_t *buf = M * ub <= DIRECT_STACK ? stack : (uint8_t *)aligned_alloc(64, (size_t)(M * ub));
+    if (buf == NULL) return;
+    kact_t xa[KDIRECT_MAX_ACT];
+    const uint8_t *xu[KDIRECT_MAX_ACT];
+    for (int64_t m = 0; m < M; m++) {
+        const uint8_t *r = x + m * xstride;
+        uint8_t *u = buf + m * ub;
+        for (int64_t k = 0; k < K; k++) u[k] = r[k] ^ 0x80;
+        memset(u + K, 0, (size_t)(ub - K)); /* an odd block count's last pair reads 32 bytes past K */
+        xa[m].q = r, xa[m].d = (const float *)(r + K), xa[m].s = xa[m].d + nb, xu[m] = u;
+    }
+    const int64_t pfd = (DIRECT_PF + wrb - 1) / wrb * wrb;
+    for (int64_t n = n0; n < n1; n++) {
+        for (int64_t a0 = 0; a0 < M; a0 += ZDIRECT_MR) {
+            const int ma = M - a0 < ZDIRECT_MR ? (int)(M - a0) : ZDIRECT_MR;
+            const uint8_t *row = w + n * wrb;
+            float *o = out + a0 * out_stride + n;
+            switch (ma) {
+            case 1: zq8rows_row(1, row, xu + a0, xa + a0, nb, o, out_stride, pfd); break;
+            case 2: zq8rows_row(2, row, xu + a0, xa + a0, nb, o, out_stride, pfd); break;
+            case 3: zq8rows_row(3, row, xu + a0, xa + a0, nb, o, out_stride, pfd); break;
+            case 4: zq8rows_row(4, row, xu + a0, xa + a0, nb, o, out_stride, pfd); break;
+            case 5: zq8rows_row(5, row, xu + a0, xa + a0, nb, o, out_stride, pfd); break;
+            case 6: zq8rows_row(6, row, xu + a0, xa + a0, nb, o, out_stride, pfd); break;
+            case 7: zq8rows_row(7, row, xu + a0, xa + a0, nb, o, out_stride, pfd); break;
+            default: zq8rows_row(8, row, xu + a0, xa + a0, nb, o, out_stride, pfd); break;
+            }
+        }
+        if (bias != NULL)
+            for (int64_t m = 0; m < M; m++) out[m * out_stride + n] += bias[n];
+    }
+    if (buf != stack) free(buf);
+}
+#endif
+
 /* Rows [n0, n1) for M <= KDIRECT_MAX_ACT activation rows, one weight row at a time. */
 static void gemm_kdirect(int qtype, const uint8_t *w, int64_t wrb, const uint8_t *x, const float *bias, float *out,
                          int64_t out_stride, int64_t M, int64_t K, int64_t n0, int64_t n1) {
+#if defined(KVQ_VNNI512)
+    if (qtype == KVQ_Q8_0) {
+        gemm_zq8rows(w, wrb, x, bias, out, out_stride, M, K, n0, n1);
+        return;
+    }
+#endif
     /* nsb: super-blocks, or for Q8_0 its 32-value blocks */
     const int64_t xstride = kvq_act_stride(K), nb = K / KVQ_QK, nsb = qtype == KVQ_Q8_0 ? nb : K / KVQ_QK_K;
     kact_t xa[KDIRECT_MAX_ACT];
@@ -849,7 +1286,8 @@ static void gemm_kdirect(int qtype, const uint8_t *w, int64_t wrb, const uint8_t
 /* ---- GEMM drivers ---- */
 
 /* rowwise (kvq_gemm_rows): one kernel for every row count up to 48, so an output value is the
- * same bits whatever M is. Q8_0 goes one weight row at a time (q8rows_row) at every M instead of
+ * same bits whatever M is. Q8_0 goes one weight row at a time (q8rows_row; AVX-512 VNNI
+ * zq8rows_row) at every M instead of
  * the direct kernels' row groups at 1-4 rows (for a vocabulary-sized head also the faster one:
  * SmolLM2's 49152 x 576 on one Zen 3 core 1.71 / 2.25 / 3.54 / 6.80 ms at 1 / 2 / 4 / 8 rows
  * against 1.96 / 2.67 / 4.73 / 6.96, benchmarks/head_rows_bench.py); Q5_0 stays on the direct
