@@ -1062,6 +1062,20 @@ static inline __attribute__((always_inline)) void kdirect_row(int qtype, int MR,
     for (int a = 0; a < MR; a++) out[a * os] = hsum256(_mm256_add_ps(acc[a], accm[a]));
 }
 
+/* The fp16 scales d of the nv (<= 8) Q8_0 blocks at p (34 bytes each) as floats, 0 past nv. */
+static inline __attribute__((always_inline)) __m256 q8_scales8(const uint8_t *p, int nv) {
+    __m128i h = _mm_setzero_si128();
+    h = _mm_insert_epi16(h, kvq_rd16(p), 0);
+    if (nv > 1) h = _mm_insert_epi16(h, kvq_rd16(p + 34), 1);
+    if (nv > 2) h = _mm_insert_epi16(h, kvq_rd16(p + 68), 2);
+    if (nv > 3) h = _mm_insert_epi16(h, kvq_rd16(p + 102), 3);
+    if (nv > 4) h = _mm_insert_epi16(h, kvq_rd16(p + 136), 4);
+    if (nv > 5) h = _mm_insert_epi16(h, kvq_rd16(p + 170), 5);
+    if (nv > 6) h = _mm_insert_epi16(h, kvq_rd16(p + 204), 6);
+    if (nv > 7) h = _mm_insert_epi16(h, kvq_rd16(p + 238), 7);
+    return _mm256_cvtph_ps(h);
+}
+
 /* Q8_0 for more than DIRECT_MAX_M activation rows: one weight row at a time, 4 activation rows
  * sharing each block's |w| (the sign trick's weight half), and per 8 blocks one multiply of the 8
  * weight scales by the activation row's 8 scales, stored and broadcast back per block (a load,
@@ -1081,16 +1095,7 @@ static inline __attribute__((always_inline)) void q8rows_row(int MR, const uint8
         if (DIRECT_PF)
             _Pragma("GCC unroll 5")
             for (int l = 0; l < 8 * 34; l += 64) _mm_prefetch((const char *)p + pfd + l, _MM_HINT_T0);
-        __m128i h = _mm_setzero_si128();
-        h = _mm_insert_epi16(h, kvq_rd16(p), 0);
-        if (nv > 1) h = _mm_insert_epi16(h, kvq_rd16(p + 34), 1);
-        if (nv > 2) h = _mm_insert_epi16(h, kvq_rd16(p + 68), 2);
-        if (nv > 3) h = _mm_insert_epi16(h, kvq_rd16(p + 102), 3);
-        if (nv > 4) h = _mm_insert_epi16(h, kvq_rd16(p + 136), 4);
-        if (nv > 5) h = _mm_insert_epi16(h, kvq_rd16(p + 170), 5);
-        if (nv > 6) h = _mm_insert_epi16(h, kvq_rd16(p + 204), 6);
-        if (nv > 7) h = _mm_insert_epi16(h, kvq_rd16(p + 238), 7);
-        const __m256 dw = _mm256_cvtph_ps(h);
+        const __m256 dw = q8_scales8(p, nv);
         _Pragma("GCC unroll 4")
         for (int a = 0; a < MR; a++) { /* past the last block: the row's next floats, never used */
             _mm256_store_ps(sc[a], _mm256_mul_ps(dw, _mm256_loadu_ps(xa[a].d + g)));
@@ -1173,16 +1178,7 @@ static inline __attribute__((always_inline)) void zq8rows_row(int MR, const uint
         if (DIRECT_PF)
             _Pragma("GCC unroll 5")
             for (int l = 0; l < 8 * 34; l += 64) _mm_prefetch((const char *)p + pfd + l, _MM_HINT_T0);
-        __m128i h = _mm_setzero_si128();
-        h = _mm_insert_epi16(h, kvq_rd16(p), 0);
-        if (nv > 1) h = _mm_insert_epi16(h, kvq_rd16(p + 34), 1);
-        if (nv > 2) h = _mm_insert_epi16(h, kvq_rd16(p + 68), 2);
-        if (nv > 3) h = _mm_insert_epi16(h, kvq_rd16(p + 102), 3);
-        if (nv > 4) h = _mm_insert_epi16(h, kvq_rd16(p + 136), 4);
-        if (nv > 5) h = _mm_insert_epi16(h, kvq_rd16(p + 170), 5);
-        if (nv > 6) h = _mm_insert_epi16(h, kvq_rd16(p + 204), 6);
-        if (nv > 7) h = _mm_insert_epi16(h, kvq_rd16(p + 238), 7);
-        const __m256 dw = _mm256_cvtph_ps(h); /* 0 past the last block */
+        const __m256 dw = q8_scales8(p, nv); /* 0 past the last block */
         __m512 sc[ZDIRECT_MR];
         _Pragma("GCC unroll 8")
         for (int a = 0; a < MR; a++) { /* past the last block: 0 times the row's next floats, never used */
