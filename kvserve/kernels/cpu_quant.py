@@ -4,7 +4,7 @@ Weights stay in their GGUF block bytes (uint8 tensors [N, row_bytes]; Q8_0, Q4_0
 Q5_K, Q6_K) and are multiplied directly: activations are quantized to 8-bit blocks and integer
 dot products run over the blocks (as llama.cpp does). For prefill-sized inputs `linear` instead
 dequantizes the weight to fp32 and calls torch.matmul, whichever is faster (see
-`DEQUANT_MIN_ROWS`).
+`dequant_min_rows`).
 
 One library is built per instruction-set level (`baseline` plain C; x86 `avx2`, `avx512`;
 aarch64 `neon`, `neon-dotprod`), compiled once into `$KVSERVE_CACHE_DIR` (default
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import subprocess
 from functools import lru_cache
@@ -56,9 +57,26 @@ _LEVEL_FLAGS: dict[str, list[str]] = {
 #   Q4_1 1536x576  M=16 0.57 vs 0.75, M=32 1.08 vs 1.08, M=64 2.11 vs 1.63, M=256 16.4 vs 9.4
 #   Q4_1 576x1536  M=16 0.50 vs 0.73, M=32 0.94 vs 1.00, M=64 1.82 vs 1.60, M=256 11.6 vs 6.5
 #   Q8_0 4096x576  M=16 1.46 vs 2.14, M=32 2.79 vs 4.95, M=64 9.44 vs 6.48, M=256 41.6 vs 26.9
-# so the crossover lies between 32 and 64 rows. (With AVX512-VNNI the int8 path does a
-# block's dot in one instruction instead of two and should win further up; not measured.)
+# so the crossover lies between 32 and 64 rows.
 DEQUANT_MIN_ROWS = 48
+# The AVX-512 VNNI build's Q4_0 / Q4_1 / Q5_0 kernels (gemm_zdirect, 48-row chunks above 48 rows)
+# beat dequant+sgemm at every row count measured, so there these formats never switch. 2-core AMD
+# EPYC Zen 5, torch fp32 sgemm, weights cycled through 48 MB of copies, median µs of int8 (one
+# gemm_int8 per part) vs the path GGMLLinearMethod.apply takes from here (parts dequantized into
+# one matrix, one sgemm; benchmarks/cpu_dequant_threshold.py), 1 thread / 2 threads:
+#   Q4_1 qkv 3 parts 960x576  M=64  743 vs 912 / 675 vs 870     M=256 2638 vs 3179 / 1845 vs 2051
+#                             M=512 4653 vs 6362 / 3249 vs 3311
+#   Q4_1 576x576              M=64  354 vs 578 / 242 vs 480     M=256 1407 vs 1955 / 739 vs 1213
+#   Q4_1 gate/up 2x1536x576   M=64 1867 vs 3411 / 1090 vs 2890  M=256 5269 vs 10960 / 3950 vs 7229
+#   Q4_1 576x1536             M=64  591 vs 1483 / 414 vs 1275   M=256 3171 vs 5564 / 1729 vs 3351
+#   Q5_0 2x2048x640 (Gemma 3) M=64 1477 vs 2789 (2 threads)     M=256 4639 vs 9819
+# (from 128 rows the ratio stays at 0.45-0.75, 0.96-0.98 for qkv on 2 threads at 384-512).
+# End to end, LLM("smollm2") prefill (max_tokens=1, no prefix-cache hits) of 64 / 128 / 200 / 400
+# tokens, best of 4 interleaved, 2 threads 128 / 221 / 335 / 696 ms -> 63 / 107 / 199 / 495 ms, 1
+# thread 255 / 403 / 587 / 1229 -> 127 / 233 / 317 / 747 ms (32 tokens, the same path: 59 / 72 ms).
+# Q4_0 shares gemm_zdirect with Q4_1 (not timed apart). Other formats (Q8_0, K formats: the tile
+# path above 48 rows; not measured here) and other builds keep 48.
+_VNNI_NEVER_DEQUANT = (2, 3, 6)
 
 
 # ---- build and load ----
@@ -333,17 +351,25 @@ def linear_dequant(
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 
+def dequant_min_rows(qtype: str | int) -> float:
+    """Rows from which `linear` dequantizes W and calls sgemm: DEQUANT_MIN_ROWS, or never (inf)
+    for the formats whose AVX-512 VNNI kernels win at every row count, where that build is loaded."""
+    if _qid(qtype) in _VNNI_NEVER_DEQUANT and isa_level() == "avx512" and library() is not None:
+        return math.inf
+    return DEQUANT_MIN_ROWS
+
+
 def linear(
     qtype: str | int, w: torch.Tensor, K: int, x: torch.Tensor, bias: torch.Tensor | None = None, rowwise: bool = False
 ) -> torch.Tensor:
     """x [..., K] float32 @ W[N, K].T (+ bias) -> [..., N] float32 for block-quantized W.
 
     Few rows (decode): int8 activations and integer dots, streaming W once. From
-    DEQUANT_MIN_ROWS rows (prefill) or without the C library: dequantize W and use sgemm.
-    rowwise (LM heads): below DEQUANT_MIN_ROWS each row's output is the same bits whatever the
+    `dequant_min_rows` rows (prefill) or without the C library: dequantize W and use sgemm.
+    rowwise (LM heads): below that each row's output is the same bits whatever the
     row count (`gemm_int8`), so a speculative verify step's rows equal one-row decodes."""
     lib = library()
     rows = x.numel() // max(K, 1)
-    if lib is None or rows >= DEQUANT_MIN_ROWS:
+    if lib is None or rows >= dequant_min_rows(qtype):
         return linear_dequant(qtype, w, K, x, bias, lib=lib)
     return gemm_int8(qtype, w, K, x, bias, lib=lib, rowwise=rowwise)

@@ -91,7 +91,7 @@ class GGMLLinearMethod(LinearMethod):
         if bias is not None and bias.dtype != torch.float32:
             bias = bias.float()
         parts = layer.parts
-        if len(parts) > 1 and x2.shape[0] >= cpu_quant.DEQUANT_MIN_ROWS:
+        if len(parts) > 1 and x2.shape[0] >= _merge_min_rows(parts):
             # Prefill sizes: the parts dequantized into one fp32 matrix, then one sgemm (the
             # parts' separate products were narrower, less efficient matmuls).
             w = torch.empty((layer.out_features, layer.in_features), dtype=torch.float32)
@@ -118,6 +118,12 @@ class GGMLLinearMethod(LinearMethod):
         parts = getattr(layer, "parts", [])
         kinds = [GGML_NAMES.get(p.qtype, "F32") for p in (parts.values() if isinstance(parts, dict) else parts)]
         return f"{self.name}[{'+'.join(kinds)}]"
+
+
+def _merge_min_rows(parts: list[_Part]) -> float:
+    """Rows from which a layer's parts are merged and multiplied by sgemm: the lowest of its
+    quantized parts' `cpu_quant.dequant_min_rows` (Gemma 3's qkv: Q5_0 with a Q8_0 part at 48)."""
+    return min((cpu_quant.dequant_min_rows(p.qtype) for p in parts if p.qtype), default=cpu_quant.DEQUANT_MIN_ROWS)
 
 
 def _part_product(p: _Part, x: torch.Tensor, k: int, bias: torch.Tensor | None, rowwise: bool = False) -> torch.Tensor:

@@ -146,6 +146,22 @@ def test_gemm_int8_few_rows(qtype: str, level: str) -> None:
 
 
 @pytest.mark.parametrize("level", ["native", "baseline"])
+@pytest.mark.parametrize("qtype", FORMATS)
+def test_gemm_int8_prefill_rows(qtype: str, level: str) -> None:
+    """Prefill row counts on the int8 path (the AVX-512 VNNI build keeps Q4_0 / Q4_1 / Q5_0 there
+    at every count, its direct kernels taking even chunks of at most 48 rows: 49 -> 24 + 25, 97 ->
+    32 + 32 + 33, 130 -> 43 + 43 + 44), K ending in a partial 8-block step, with a bias."""
+    lib = _get_lib(level)
+    g = torch.Generator().manual_seed(17)
+    k = 512 if qtype.endswith("K") else 576
+    w = random_weight(qtype, 29, k, seed=17)
+    wf, bias = gguf_dequant(qtype, w), torch.randn(29, generator=g)
+    for m in (49, 97, 130):
+        x = torch.randn(m, k, generator=g)
+        check_int8(cq.gemm_int8(qtype, w, k, x, bias, lib=lib), x, wf, bias, vs_unquantized=False)
+
+
+@pytest.mark.parametrize("level", ["native", "baseline"])
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K", "Q8_0"])
 def test_direct_many_rows_and_shapes(qtype: str, level: str) -> None:
     """The K formats' direct kernels and Q8_0's above 4 rows (AVX2: one weight row at a time,
