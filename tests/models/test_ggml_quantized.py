@@ -93,12 +93,17 @@ def _llm(path: Path, **kw) -> LLM:
 
 
 class _Int8Reference(DenseLinearMethod):
-    """fp32 dense product of the input rounded like the int8 path (below the row count from
-    which `cpu_quant.linear` dequantizes the weight and skips the rounding)."""
+    """fp32 dense product of the input rounded like the int8 path (below `min_rows`, the row
+    count from which `cpu_quant.linear` dequantizes the weight and skips the rounding: see
+    `cpu_quant.dequant_min_rows`, which depends on the format and the loaded build)."""
+
+    def __init__(self, min_rows: float = cpu_quant.DEQUANT_MIN_ROWS) -> None:
+        super().__init__()
+        self.min_rows = min_rows
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, layer.in_features)
-        if x2.shape[0] < cpu_quant.DEQUANT_MIN_ROWS:
+        if x2.shape[0] < self.min_rows:
             x2 = cpu_quant.quantize_act_reference(x2)
         return F.linear(x2, layer.weight, layer.bias).view(*x.shape[:-1], layer.out_features)
 

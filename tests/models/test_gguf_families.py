@@ -27,6 +27,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from kvserve import LLM, SamplingParams
+from kvserve.kernels import cpu_quant
 from kvserve.loader.gguf import GGUFFile, load_gguf_config
 from kvserve.models.linear import DenseLinearMethod, Linear
 from tests.conftest import TINY_VOCAB, _save_tokenizer
@@ -219,11 +220,14 @@ def _int8_reference(path: Path, quantized: LLM) -> LLM:
     rounding its input to 8-bit blocks as the integer kernels do (the router and the F32 head
     stay exact in both)."""
     ref = LLM(str(path), quantization="none", dtype="float32", device="cpu", num_kv_blocks=64)
-    blocks = {n for n, m in quantized.engine.runner.model.named_modules()
+    # each projection's rows from which it dequantizes (and stops rounding its input), as
+    # `ggml_linear` takes it: the lowest of its quantized parts' `cpu_quant.dequant_min_rows`
+    blocks = {n: min(cpu_quant.dequant_min_rows(p.qtype) for p in m.parts if p.qtype)
+              for n, m in quantized.engine.runner.model.named_modules()
               if isinstance(m, Linear) and any(p.qtype for p in getattr(m, "parts", None) or [])}
     for n, m in ref.engine.runner.model.named_modules():
         if n in blocks:
-            m.method = _Int8Reference()
+            m.method = _Int8Reference(blocks[n])
     return ref
 
 
@@ -330,7 +334,6 @@ REF_TOL = 0.02
 
 @pytest.mark.parametrize("kind", ["qwen3_moe", "mixtral", "mixtral_per_expert", "phi3"])
 def test_quantized_gguf_keeps_expert_blocks(kind, tmp_path):
-    from kvserve.kernels import cpu_quant
     from kvserve.platform.ggml_linear import GGMLLinearMethod
 
     _hf_model(kind, tmp_path / "hf")

@@ -125,7 +125,9 @@ def test_bad_prompt_raises_value_error(llm_engine):
                 await engine.add_request("e", [], _greedy())
             with pytest.raises(ValueError, match="max_model_len"):
                 await engine.add_request("l", [5] * 600, _greedy())
-            s1 = await engine.add_request("dup", "Hi", _greedy(2))
+            # long enough to be still running at the second add (2 tokens could finish first
+            # on a fast CPU: the id is free again once its request is done)
+            s1 = await engine.add_request("dup", "Hi", _greedy(200))
             with pytest.raises(ValueError, match="already in use"):
                 await engine.add_request("dup", "Hi", _greedy(2))
             return [o async for o in s1][-1]
