@@ -76,7 +76,7 @@ DEQUANT_MIN_ROWS = 48
 # thread 255 / 403 / 587 / 1229 -> 127 / 233 / 317 / 747 ms (32 tokens, the same path: 59 / 72 ms).
 # Q4_0 shares gemm_zdirect with Q4_1 (not timed apart). Other formats (Q8_0, K formats: the tile
 # path above 48 rows; not measured here) and other builds keep 48.
-_VNNI_NEVER_DEQUANT = (2, 3, 6)
+_VNNI_NEVER_DEQUANT = frozenset(QTYPES[name] for name in ("Q4_0", "Q4_1", "Q5_0"))
 
 
 # ---- build and load ----
@@ -351,12 +351,17 @@ def linear_dequant(
     return out.reshape(*x.shape[:-1], w.shape[0])
 
 
-def dequant_min_rows(qtype: str | int) -> float:
+def dequant_min_rows(qtype: str | int, lib: ctypes.CDLL | None | object = _DEFAULT) -> float:
     """Rows from which `linear` dequantizes W and calls sgemm: DEQUANT_MIN_ROWS, or never (inf)
-    for the formats whose AVX-512 VNNI kernels win at every row count, where that build is loaded."""
-    if _qid(qtype) in _VNNI_NEVER_DEQUANT and isa_level() == "avx512" and library() is not None:
-        return math.inf
-    return DEQUANT_MIN_ROWS
+    for the formats whose AVX-512 VNNI kernels win at every row count, where the library (default
+    the loaded one) is that build. Called on every product: the build's answer is cached."""
+    lib = _lib(lib)
+    return math.inf if lib is not None and _qid(qtype) in _never_dequant(lib) else DEQUANT_MIN_ROWS
+
+
+@lru_cache(maxsize=None)
+def _never_dequant(lib: ctypes.CDLL) -> frozenset[int]:
+    return _VNNI_NEVER_DEQUANT if lib.kvq_isa() == b"avx512vnni" else frozenset()
 
 
 def linear(
@@ -370,6 +375,6 @@ def linear(
     row count (`gemm_int8`), so a speculative verify step's rows equal one-row decodes."""
     lib = library()
     rows = x.numel() // max(K, 1)
-    if lib is None or rows >= dequant_min_rows(qtype):
+    if lib is None or rows >= dequant_min_rows(qtype, lib):
         return linear_dequant(qtype, w, K, x, bias, lib=lib)
     return gemm_int8(qtype, w, K, x, bias, lib=lib, rowwise=rowwise)

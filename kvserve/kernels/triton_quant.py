@@ -16,10 +16,11 @@ Kernels:
   scale (and offset · Σx) once, so the inner loop is one convert and one FMA per weight.
   Epilogues as the bf16 GEMV's: SiLU·mul for a fused gate/up projection (`SILU`), RoPE and the
   paged K/V store for a fused qkv projection (`qgemv_rope_`). 4-bit weights can take a second
-  decode, `_dot_rows_w4` (KVSERVE_INT4_GEMV=words, opt-in until timed): the codes read as int32
+  decode, `_dot_rows_w4` (KVSERVE_INT4_GEMV=words, opt-in: slower in the engine on an H100,
+  2026-12-07, Llama-3.1-8B batch-1 3.553 against 3.224 ms/token): the codes read as int32
   words, two made fp16 per LOP3, the activations loaded in the weight tile's layout and shared
   by the rows a thread holds (3.4 SASS instructions a weight against 7.7). int8 weights likewise
-  (`_dot_rows_w8`, KVSERVE_INT8_GEMV=words, opt-in until timed): two codes fp16 per LOP3
+  (`_dot_rows_w8`, KVSERVE_INT8_GEMV=words, opt-in: 4.100 against 3.467 ms/token there): two codes fp16 per LOP3
   (`_bytes`' trick), 3.2 instructions a weight per channel (3.55 in Q8_0 groups) against 4.9 (5.8).
 - `qmm` (2 or more rows): a dequantizing GEMM: each weight tile is dequantized in registers
   to the activations' dtype and multiplied on the tensor cores (`tl.dot`). int8 tiles read the

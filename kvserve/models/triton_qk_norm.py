@@ -1,5 +1,6 @@
 """The qkv projection of one row with Qwen3's per-head q/k RMSNorm, RoPE and the K/V cache store
-in its epilogue: one launch where `gemv` + `_rope_qk_kernel` take two (opt-in,
+in its epilogue: one launch where `gemv` + `_rope_qk_kernel` take two (opt-in: on an H100,
+2026-12-07, a Qwen3-30B-A3B step took 3.028 ms with it against 2.977 without;
 `KVSERVE_QK_NORM_GEMV=1`, read when the CUDA ops are built, `platform/cuda_ops.qk_norm_gemv_mode`;
 imported only on CUDA).
 

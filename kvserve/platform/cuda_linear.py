@@ -3,10 +3,11 @@ a step that samples one row), which reads the weights faster than cuBLAS at ever
 measured (see `triton_ops.gemv_config`); cuBLAS (`F.linear`) for every other row count. A fused
 gate/up projection gets the GEMV with SiLU·mul in its epilogue, a fused qkv projection the GEMV
 with RoPE (and the K/V cache write) in its epilogue, and with `KVSERVE_QK_NORM_GEMV=1` one with
-Qwen3's q/k norm as well (`models/triton_qk_norm.py`). With `KVSERVE_VERIFY_GEMM=triton`, 2..16 rows
-(a verify step, a small decode batch) take the tensor-core verify GEMM of
-`kernels/triton_verify_gemm.py` with the same fused epilogues and PDL, instead of cuBLAS then the
-epilogue kernels (opt-in until timed: `benchmarks/spec_gpu_bench.py --only kernels,verify`)."""
+Qwen3's q/k norm as well (`models/triton_qk_norm.py`). 2..16 rows (a verify step, a small
+decode batch) take the tensor-core verify GEMM of `kernels/triton_verify_gemm.py` with the same
+fused epilogues and PDL (`KVSERVE_VERIFY_GEMM=triton`, the default since an H100 run timed it
+faster, `benchmarks/spec_gpu_bench.py --only kernels,verify`; `cublas`: cuBLAS then the epilogue
+kernels)."""
 
 from __future__ import annotations
 

@@ -162,6 +162,24 @@ def test_gemm_int8_prefill_rows(qtype: str, level: str) -> None:
 
 
 @pytest.mark.parametrize("level", ["native", "baseline"])
+def test_dequant_min_rows_follows_the_build(level: str, monkeypatch) -> None:
+    """`linear` switches to dequantize + sgemm at DEQUANT_MIN_ROWS rows, except Q4_0 / Q4_1 / Q5_0
+    in the AVX-512 VNNI build (its kernels win at every row count): 64 rows then give
+    `gemm_int8`'s bits, else `linear_dequant`'s. Without the library every count dequantizes."""
+    lib = _get_lib(level)
+    monkeypatch.setattr(cq, "library", lambda: lib)
+    vnni = lib.kvq_isa() == b"avx512vnni"
+    x = torch.randn(64, 576, generator=torch.Generator().manual_seed(3))
+    for qtype in ("Q4_0", "Q4_1", "Q5_0", "Q8_0"):
+        stays = vnni and qtype != "Q8_0"
+        assert cq.dequant_min_rows(qtype) == (float("inf") if stays else cq.DEQUANT_MIN_ROWS)
+        assert cq.dequant_min_rows(qtype, None) == cq.DEQUANT_MIN_ROWS
+        w = random_weight(qtype, 40, 576, seed=3)
+        want = cq.gemm_int8(qtype, w, 576, x, lib=lib) if stays else cq.linear_dequant(qtype, w, 576, x, lib=lib)
+        assert torch.equal(cq.linear(qtype, w, 576, x), want), qtype
+
+
+@pytest.mark.parametrize("level", ["native", "baseline"])
 @pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K", "Q8_0"])
 def test_direct_many_rows_and_shapes(qtype: str, level: str) -> None:
     """The K formats' direct kernels and Q8_0's above 4 rows (AVX2: one weight row at a time,

@@ -234,7 +234,7 @@ def test_prefill_rows_dequantize_to_the_reference(files, name, monkeypatch):
     multiplied without activation rounding: a long prompt's logprobs equal the plain fp32
     reference's (only sgemm's blocking may differ). The threshold is pinned for every format:
     the AVX-512 VNNI build never leaves the int8 path for Q4_0 / Q4_1 / Q5_0."""
-    monkeypatch.setattr(cpu_quant, "dequant_min_rows", lambda qtype: cpu_quant.DEQUANT_MIN_ROWS)
+    monkeypatch.setattr(cpu_quant, "dequant_min_rows", lambda qtype, lib=None: cpu_quant.DEQUANT_MIN_ROWS)
     score = SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=0)
     prompt = [{"prompt_token_ids": [(11 * i + 5) % 250 + 3 for i in range(cpu_quant.DEQUANT_MIN_ROWS + 16)]}]
     got = _llm(files[name]).generate(prompt, score, use_tqdm=False)[0].prompt_logprobs[1:]

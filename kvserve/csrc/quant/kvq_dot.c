@@ -47,8 +47,8 @@
 #endif
 
 const char *kvq_isa(void) {
-#if defined(KVQ_AVX512) && defined(__AVX512VNNI__)
-    return "avx512vnni";
+#if defined(KVQ_VNNI512)
+    return "avx512vnni"; /* the gemm_zdirect / gemm_zq8rows kernels (cpu_quant.dequant_min_rows reads this) */
 #elif defined(KVQ_AVX512)
     return "avx512";
 #elif defined(KVQ_AVX2)
