@@ -71,6 +71,14 @@ lease6c)  # the GPU tests of this evening's opt-in kernels (before flipping a de
   t f8prefill 130 "device|\[prefill\]|rror" python -m benchmarks.gpu_quant_bench --only prefill --prefill-schemes bf16,fp8,fp8+fused --out "$OUT"
   t f8thru $((570 - SECONDS)) "device|\[throughput\]|rror" python -m benchmarks.gpu_quant_bench --only throughput --tp-schemes bf16,fp8,fp8+fused --out "$OUT"
   ;;
+lease8a)  # 2026-12-08: issue 17's 4-bit half-math GEMV (KVSERVE_INT4_GEMV=half, opt-in): kernels, then batch-1 decode
+  t gemvh 300 "^\||^\[|rror|act_pairs" python -m benchmarks.gpu_quant_bench --only gemvh --out "$OUT"
+  mkdir -p "$OUT/d"
+  t hdecode 260 "^\[|rror" python -m benchmarks.gpu_quant_bench --only decode1 --decode1 int4:codes,int4:half --out "$OUT/d"
+  ;;
+lease8b)  # its GPU tests, and the CPU-side checks that compile for sm_90
+  t htests 400 "$TESTS" python -m pytest -q -p no:cacheprovider tests/gpu/test_quant_gpu.py -k "half"
+  ;;
 lease7)  # one call if only one comes (2026-12-07 late): issue 17's engine batch-1 decode, codes vs words, beside gpt-fast int4; issue 20's MXFP4 half math; issue 19's verify step
   t d1 250 "^\[|rror" python -m benchmarks.gpu_quant_bench --only decode1,peer --decode1 int4:codes,int4:words,int8:codes,int8:words --peer-modes int4 --peer-dir .peer/peer --out "$OUT"
   t wtests 110 "$TESTS" python -m pytest -q -p no:cacheprovider -x tests/gpu/test_quant_gpu.py -k "engine_words_matches_reference or (words_gemv_bf16 and 4096-4096) or words_in_cuda_graph"

@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvserve.kernels import triton_qmm4
+from kvserve.kernels import triton_qgemv4h, triton_qmm4
 from kvserve.models import pdl
 
 # Inline PTX where the kernels run on a GPU; the interpreter (TRITON_INTERPRET=1) runs none.
@@ -673,7 +673,7 @@ INT4_WORDS_SWEEP = [(16, 1024, 4, False), (16, 1024, 4, True), (32, 1024, 4, Fal
 # RoPE variant (qkv): (row pairs a program, BLOCK_K cap, num_warps, PREFETCH); 8 pairs = 16 rows
 # over a [16, 64, 4] tile: 8 rows a thread.
 INT4_WORDS_ROPE_CONFIG = (8, 2048, 4, False)
-INT4_GEMV_MODES = ("codes", "words")
+INT4_GEMV_MODES = ("codes", "words", "half")
 # The int32-word int8 GEMV (`_dot_rows_w8`, KVSERVE_INT8_GEMV=words): (weight rows a program,
 # BLOCK_K cap, num_warps, PREFETCH) over a [rows, BLOCK_K / 16, 4 words] tile (16-column chunks,
 # 16 bytes a row and chunk). (16, 1024, 4) and (8, 2048, 4) are 8 rows a thread. Not yet timed on a
@@ -691,8 +691,10 @@ INT8_GEMV_MODES = ("codes", "words")
 
 
 def int4_gemv_mode() -> str:
-    """KVSERVE_INT4_GEMV: "codes" (default: `_dot_rows`, a code at a time) or "words" (the int32-word
-    decode, `_dot_rows_w4`) for the one-row 4-bit GEMVs."""
+    """KVSERVE_INT4_GEMV: "codes" (default: `_dot_rows`, a code at a time), "words" (the int32-word
+    decode, `_dot_rows_w4`) or "half" (packed half math, `triton_qgemv4h`, for 16-bit activations;
+    fp32 activations and the RoPE variant keep the code-at-a-time kernel) for the one-row 4-bit
+    GEMVs."""
     mode = os.environ.get("KVSERVE_INT4_GEMV", "codes")
     if mode not in INT4_GEMV_MODES:
         raise ValueError(f"KVSERVE_INT4_GEMV must be one of {', '.join(INT4_GEMV_MODES)}, got {mode!r}")
@@ -772,7 +774,11 @@ def qgemv(x: torch.Tensor, qw, bias: torch.Tensor | None = None, silu: bool = Fa
     `silu`, silu(gate) * up of a fused gate/up weight -> [1, N / 2]. 4-bit and int8 weights take
     the int32-word decode with `words` (None: KVSERVE_INT4_GEMV=words / KVSERVE_INT8_GEMV=words;
     `config` then (rows, BLOCK_K cap, warps, prefetch), as INT4_WORDS_CONFIG / INT8_WORDS_CONFIG),
-    else the code-at-a-time one (`config` (BLOCK_N, BLOCK_K cap, warps), as GEMV_CONFIG)."""
+    else the code-at-a-time one (`config` (BLOCK_N, BLOCK_K cap, warps), as GEMV_CONFIG). With
+    `words` None and KVSERVE_INT4_GEMV=half, 4-bit weights and 16-bit x take `triton_qgemv4h` (its
+    default tile; `config` is not used)."""
+    if words is None and qw.kind == "int4" and int4_gemv_mode() == "half" and triton_qgemv4h.applies(x, qw):
+        return triton_qgemv4h.qgemv4h(x, qw, bias, silu)
     n, k = qw.shape
     out_n = n // 2 if silu else n
     out = torch.empty((1, out_n), dtype=x.dtype, device=x.device)

@@ -1,5 +1,6 @@
-"""A tiny emulator of the PTX that `kvserve/kernels/triton_qmm4._nibbles` inlines (mov, and, or,
-shr, prmt, sub.f16x2, fma.rn.f16x2 / bf16x2), so its bit tricks are checked bit-exactly on the
+"""A tiny emulator of the PTX that `kvserve/kernels/triton_qmm4._nibbles` and
+`triton_qgemv4h._block_dot` inline (mov, and, or, shr, prmt, sub / mul / fma on f16x2 and
+bf16x2, the f16 -> f32 widening and f32 adds), so their bit tricks are checked bit-exactly on the
 CPU: the interpreter (TRITON_INTERPRET=1) runs none of the PTX, and the sm_90 build check
 (`tests/gpu/quant_sass.py`) only proves that it assembles."""
 
@@ -28,6 +29,14 @@ def _halves(v: int) -> tuple[int, int]:
     return v & 0xFFFF, (v >> 16) & 0xFFFF
 
 
+def _f32(bits: int) -> float:
+    return float(np.array([bits], dtype=np.uint32).view(np.float32)[0])
+
+
+def _f32_bits(x: float) -> int:
+    return int(np.array([x], dtype=np.float32).view(np.uint32)[0])
+
+
 def run(asm: str, inputs: list[int], n_out: int = 4) -> list[int]:
     """Run an inline-asm body whose outputs are $0..$(n_out - 1) and inputs the next operands."""
     regs = {f"${n_out + i}": v & 0xFFFFFFFF for i, v in enumerate(inputs)}
@@ -41,9 +50,18 @@ def run(asm: str, inputs: list[int], n_out: int = 4) -> list[int]:
         if not ins or ins.startswith(".reg"):
             continue
         op, rest = ins.split(None, 1)
+        if op == "mov.b32" and rest.startswith("{"):  # mov.b32 {lo, hi}, src: split into halves
+            halves, src = rest[1:].split("}")
+            lo, hi = [h.strip() for h in halves.split(",")]
+            regs[lo], regs[hi] = _halves(val(src.strip(" ,")))
+            continue
         args = [a.strip() for a in rest.split(",")]
         d = args[0]
-        if op == "mov.b32":
+        if op == "cvt.f32.f16":
+            regs[d] = _f32_bits(h2f(val(args[1]), "f16"))
+        elif op == "add.f32":
+            regs[d] = _f32_bits(float(np.float32(_f32(val(args[1]))) + np.float32(_f32(val(args[2])))))
+        elif op == "mov.b32":
             regs[d] = val(args[1])
         elif op == "and.b32":
             regs[d] = val(args[1]) & val(args[2])
@@ -55,13 +73,15 @@ def run(asm: str, inputs: list[int], n_out: int = 4) -> list[int]:
             a, b, c = val(args[1]), val(args[2]), val(args[3])
             src = [(a >> (8 * i)) & 255 for i in range(4)] + [(b >> (8 * i)) & 255 for i in range(4)]
             regs[d] = sum(src[(c >> (4 * i)) & 7] << (8 * i) for i in range(4))
-        elif op in ("sub.f16x2", "fma.rn.f16x2", "fma.rn.bf16x2"):
+        elif op in ("sub.f16x2", "mul.rn.f16x2", "fma.rn.f16x2", "fma.rn.bf16x2"):
             kind = "bf16" if "bf16" in op else "f16"
             xs = [_halves(val(a)) for a in args[1:]]
             res = []
             for lane in range(2):
                 v = [h2f(x[lane], kind) for x in xs]
-                res.append(f2h(v[0] - v[1] if op.startswith("sub") else v[0] * v[1] + v[2], kind))  # exact in fp64
+                exact = v[0] - v[1] if op.startswith("sub") else v[0] * v[1] if op.startswith("mul") else \
+                    v[0] * v[1] + v[2]
+                res.append(f2h(exact, kind))  # exact in fp64, then rounded once
             regs[d] = res[0] | (res[1] << 16)
         else:
             raise ValueError(f"unemulated PTX op {op}")
@@ -99,3 +119,28 @@ def check_nibbles(path: str, trials: int = 500, seed: int = 0) -> None:
                     sv, mv = h2f(s[e], kind), h2f(m[e], kind)
                     want = (h2f(f2h(sv * ql + mv, kind), kind), h2f(f2h(sv * qh + mv, kind), kind))
                 assert (lo[e], hi[e]) == want, (kind, raw, hex(byts[e]), (lo[e], hi[e]), want)
+
+
+def check_block_dot(trials: int = 300, seed: int = 0) -> None:
+    """`triton_qgemv4h._block_dot`'s PTX on random code words and activation pairs of small
+    integers (every partial sum exact in fp16, so the result must be exact): $0 is the block's
+    sum of q x 2^-10 over the slots `_pair_order` pairs with each nibble, $1..$3 are -0.0."""
+    from kvserve.kernels import triton_qgemv4h as h4
+
+    asm = h4._block_dot_asm()
+    rng = np.random.default_rng(seed)
+    for _ in range(trials):
+        words = [int(w) for w in rng.integers(0, 1 << 32, 4, dtype=np.uint64)]
+        xv = rng.integers(-2, 3, (4, 4, 2))  # [slot i, word w, half]
+        pairs = [f2h(float(xv[i, w, 0]), "f16") | f2h(float(xv[i, w, 1]), "f16") << 16
+                 for i in range(4) for w in range(4)]
+        out = run(asm, words + pairs)
+        want = 0.0
+        for w in range(4):
+            byts = [(words[w] >> (8 * b)) & 255 for b in range(4)]
+            for i in range(4):
+                b0 = 2 * (i % 2)  # bytes 0-1 or 2-3 of the word
+                sh = 4 * (i // 2)  # low or high nibbles
+                want += ((byts[b0] >> sh) & 15) * xv[i, w, 0] + ((byts[b0 + 1] >> sh) & 15) * xv[i, w, 1]
+        assert _f32(out[0]) == want / 1024.0, (_f32(out[0]), want / 1024.0)
+        assert out[1:] == [0x80000000] * 3

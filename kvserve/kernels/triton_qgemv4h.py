@@ -1,0 +1,322 @@
+"""The one-row 4-bit GEMV in packed half math (`triton_quant.qgemv` with KVSERVE_INT4_GEMV=half,
+16-bit activations; the weight layout is `triton_quant`'s "int4": GGML chunk order, scale and
+offset per group of 32 or 128, w = s q + m).
+
+Why: the code-at-a-time GEMV (`triton_quant._dot_rows`) turns every code into fp32 with an
+int-to-float conversion, which runs at a quarter of the FMA rate; on an H100 it read 1.2-1.6 TB/s
+of 4-bit weights where the bf16 GEMV reads 3.6-4.6 (benchmarks/RESULTS.md). Here a thread takes a
+whole 32-weight block (four int32 code words, one 16-byte load) and the inline PTX of
+`_block_dot` does, per word: two `prmt` that put the code bytes under an fp16 exponent byte, four
+ANDs that keep one nibble a half, four `fma.rn.f16x2` that make the exact codes times 2^-10, and
+four `fma.rn.f16x2` against the activation pairs — about two instructions a weight, no conversion
+until the block's four fp16 partial sums are widened to fp32.
+
+The activations go through `act_pairs` first (one small kernel): per 32-value block, scaled by a
+power of two so that its largest magnitude lies in [2^10, 2^11), rounded to fp16 (exact for bf16
+values down to 2^-14 of the block's largest; fp16 values down to 2^-11 of it) and stored in the
+pair order the PTX reads (`_PAIR`), with 2^(10 - c) to undo the scaling and the block's fp32 sum
+for the offsets. Products of codes times 2^-10 (< 2^-6) with those (< 2^11) stay below 30 and a
+half's sum of 8 products below 240: no overflow, about 11 bits kept per partial sum. fp32
+activations keep the code-at-a-time kernel (its exact fp32 math is what the tests compare).
+
+Per (row, block) the fp32 epilogue is block_sum * s * 2^(10 - c) + m * sum(x). A program takes
+ROWS weight rows (SILU: BLOCK_N gate rows and the matching up rows) over [ROWS, BLOCK_G, 4] word
+tiles; with BLOCK_G >= 32 * num_warps a warp's lanes take consecutive blocks of a row (512
+contiguous bytes a load) and each thread holds all ROWS rows of its blocks, so its activation
+pairs are loaded once for all of them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from kvserve.models import pdl
+
+# Inline PTX where the kernels run on a GPU; the interpreter (TRITON_INTERPRET=1) runs none.
+_PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
+
+
+def _pair_order() -> list[int]:
+    """Storage slot 4 i + w of a block's 16 activation pairs holds pair P = (values 2P, 2P + 1)
+    that code word w's slot i multiplies: i = 0 / 1 the low nibbles of bytes 0-1 / 2-3 (columns
+    4w..4w+1 / 4w+2..4w+3), i = 2 / 3 their high nibbles (the same + 16). Loading slot group i as
+    one contiguous [4] vector gives operand i of `_block_dot` for the four words at once."""
+    return [(0 if i < 2 else 8) + 2 * w + (i % 2) for i in range(4) for w in range(4)]
+
+
+_PAIR = _pair_order()
+
+
+def _block_dot_asm() -> str:
+    """PTX for `_block_dot` (pack 4: $0..$3 the outputs, $4..$7 a block's code words, $8 + 4 i + w
+    the activation pair of word w's slot i, see `_pair_order`). Per word: t0 / t1 = bytes 0-1 /
+    2-3 each under the fp16 exponent byte 0x64; AND 0xFF0FFF0F keeps the low nibbles (1024 + q),
+    0xFFF0FFF0 the high ones (1024 + 16 q); one fma each makes q 2^-10 exactly ((1024 + q) 2^-10
+    - 1, (1024 + 16 q) 2^-14 - 2^-4); one fma each multiplies with the activation pair into an
+    fp16x2 accumulator (words 0-1 and 2-3: 8 products a half). The four halves widened to fp32
+    and summed into $0; $1..$3 -0.0 (the identity of the sum over the words that follows)."""
+    lines = [".reg .b32 rm, rt0, rt1, rq, rca, rcb, rda, rdb, rsa, rsb;", ".reg .b16 rl, rh;", ".reg .f32 rf, rg;",
+             "mov.b32 rm, 0x64646464;", "mov.b32 rca, 0x14001400;", "mov.b32 rda, 0xBC00BC00;",
+             "mov.b32 rcb, 0x04000400;", "mov.b32 rdb, 0xAC00AC00;"]
+    for w in range(4):
+        acc = "rsa" if w < 2 else "rsb"
+        lines += [f"prmt.b32 rt0, rm, ${4 + w}, 0x0504;", f"prmt.b32 rt1, rm, ${4 + w}, 0x0706;"]
+        for i, (src, mask, mul, add) in enumerate((("rt0", "0xFF0FFF0F", "rca", "rda"), ("rt1", "0xFF0FFF0F", "rca", "rda"),
+                                                   ("rt0", "0xFFF0FFF0", "rcb", "rdb"), ("rt1", "0xFFF0FFF0", "rcb", "rdb"))):
+            xp = f"${8 + 4 * i + w}"
+            lines += [f"and.b32 rq, {src}, {mask};", f"fma.rn.f16x2 rq, rq, {mul}, {add};"]
+            if w % 2 == 0 and i == 0:  # an accumulator's first product
+                lines.append(f"mul.rn.f16x2 {acc}, rq, {xp};")
+            else:
+                lines.append(f"fma.rn.f16x2 {acc}, rq, {xp}, {acc};")
+    lines += ["mov.b32 {rl, rh}, rsa;", "cvt.f32.f16 rf, rl;", "cvt.f32.f16 rg, rh;", "add.f32 rf, rf, rg;",
+              "mov.b32 {rl, rh}, rsb;", "cvt.f32.f16 rg, rl;", "add.f32 rf, rf, rg;", "cvt.f32.f16 rg, rh;",
+              "add.f32 rf, rf, rg;", "mov.b32 $0, rf;", "mov.b32 $1, 0x80000000;", "mov.b32 $2, 0x80000000;",
+              "mov.b32 $3, 0x80000000;"]
+    return "{ " + " ".join(lines) + " }"
+
+
+_BLOCK_DOT_ASM = tl.constexpr(_block_dot_asm())
+_BLOCK_DOT_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 20))
+
+
+@triton.jit
+def _f16_pair(p):
+    """int32 words of two fp16 values -> (low half, high half) as float32 (interpreter path)."""
+    lo = (p & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = ((p >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _block_dot(q, x0, x1, x2, x3):
+    """[ROWS, BLOCK_G, 4] code words (a 32-weight block in the last axis, in one thread) against
+    the activation pairs x_i [1, BLOCK_G, 4] (slot i of each word, `_pair_order`) -> fp32 of q's
+    shape whose sum over the last axis is the block's sum of q x' 2^-10 (x' the scaled fp16
+    activations): packed half math on the GPU (`_block_dot_asm`). The interpreter, which runs no
+    PTX, takes the same products in fp32 per word."""
+    if _PTX:
+        return tl.inline_asm_elementwise(_BLOCK_DOT_ASM, _BLOCK_DOT_CONSTRAINTS, [q, x0, x1, x2, x3],
+                                         dtype=tl.float32, is_pure=True, pack=4)
+    else:
+        blk = tl.zeros(q.shape, dtype=tl.float32)
+        for i in tl.static_range(4):
+            if i == 0:
+                xp = x0
+            elif i == 1:
+                xp = x1
+            elif i == 2:
+                xp = x2
+            else:
+                xp = x3
+            b = 16 * (i % 2)  # bytes 0-1 or 2-3
+            sh = 4 * (i // 2)  # low or high nibbles
+            c0 = ((q >> (b + sh)) & 15).to(tl.float32)
+            c1 = ((q >> (b + 8 + sh)) & 15).to(tl.float32)
+            xa, xb = _f16_pair(xp)
+            blk += (c0 * xa + c1 * xb) * 0.0009765625  # 2^-10
+        return blk
+
+
+@triton.jit
+def _act_pairs_kernel(
+    x_ptr,  # [T, K] 16-bit activations
+    xh_ptr,  # [T, K / 2] int32: the fp16 pairs in `_pair_order` per 32-value block
+    xs_ptr,  # [T, K / 32] float32: 2^(10 - c) per block
+    xsum_ptr,  # [T, K / 32] float32: each block's sum
+    pair_ptr,  # [16] int32: `_PAIR`
+    stride_x,
+    G,  # K / 32
+    BLOCK_G: tl.constexpr,
+    PDL: tl.constexpr,
+):
+    pdl.wait(PDL)
+    tok = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    g_ok = g < G
+    s = tl.arange(0, 16)
+    col = 2 * tl.load(pair_ptr + s)  # [16]: the first column of the pair stored in slot s
+    xo = x_ptr + tok * stride_x + (g * 32)[:, None] + col[None, :]
+    a = tl.load(xo, mask=g_ok[:, None], other=0.0).to(tl.float32)
+    b = tl.load(xo + 1, mask=g_ok[:, None], other=0.0).to(tl.float32)
+    m = tl.maximum(tl.max(tl.abs(a), 1), tl.max(tl.abs(b), 1))
+    e = ((m.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2 m); -127 for 0 and subnormals
+    c = tl.minimum(10 - e, 100)
+    up = ((c + 127) << 23).to(tl.float32, bitcast=True)
+    lo = (a * up[:, None]).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    hi = (b * up[:, None]).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16
+    tl.store(xh_ptr + tok * (G * 16) + (g * 16)[:, None] + s[None, :], lo | hi, mask=g_ok[:, None])
+    tl.store(xs_ptr + tok * G + g, ((137 - c) << 23).to(tl.float32, bitcast=True), mask=g_ok)  # 2^(10 - c)
+    tl.store(xsum_ptr + tok * G + g, tl.sum(a, 1) + tl.sum(b, 1), mask=g_ok)
+
+
+_PAIR_TENSORS: dict[torch.device, torch.Tensor] = {}
+
+
+def act_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[T, K] 16-bit activations (K a multiple of 32) -> (int32 [T, K / 2] scaled fp16 pairs,
+    float32 [T, K / 32] 2^(10 - c), float32 [T, K / 32] block sums) as `_qgemv4h_kernel` reads
+    them (module docstring)."""
+    t, k = x.shape
+    if k % 32:
+        raise ValueError(f"activations of width {k}: the 4-bit half-math GEMV needs a multiple of 32")
+    pair = _PAIR_TENSORS.get(x.device)
+    if pair is None:
+        pair = _PAIR_TENSORS[x.device] = torch.tensor(_PAIR, dtype=torch.int32, device=x.device)
+    xh = torch.empty((t, k // 2), dtype=torch.int32, device=x.device)
+    xs = torch.empty((t, k // 32), dtype=torch.float32, device=x.device)
+    xsum = torch.empty((t, k // 32), dtype=torch.float32, device=x.device)
+    use_pdl = pdl.enabled(x.device)
+    if t:
+        _act_pairs_kernel[(t, triton.cdiv(k // 32, 16))](x, xh, xs, xsum, pair, x.stride(0), k // 32, BLOCK_G=16,
+                                                         PDL=use_pdl, num_warps=4, launch_pdl=use_pdl)
+    return xh, xs, xsum
+
+
+@triton.jit(do_not_specialize=["one"])
+def _qgemv4h_kernel(
+    xh_ptr, xs_ptr, xsum_ptr,  # `act_pairs` of one row
+    q_ptr,  # [N_w, K / 8] int32 code words (GGML chunk order: 4 words a 32-column block)
+    s_ptr, o_ptr,  # [N_w, K / GROUP] scales, offsets
+    b_ptr, out_ptr,
+    N,  # output columns (SILU: the gate rows I; the weight has 2I rows)
+    K, stride_q, stride_s,
+    one,  # 1, not specialized: see the loop
+    HAS_OFF: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
+):
+    """out = x W^T (+ bias) for ROWS weight rows, or SILU: silu(gate) * up with BLOCK_N gate rows
+    and their up rows (module docstring). The first tile's code words are requested before the
+    PDL wait (weights only); PREFETCH: each iteration requests the next tile before decoding this
+    one (twice the bytes in flight)."""
+    r = tl.arange(0, ROWS)
+    if SILU:
+        rows = tl.program_id(0) * BLOCK_N + r % BLOCK_N
+        w_rows = tl.where(r >= BLOCK_N, rows + N, rows)
+    else:
+        rows = tl.program_id(0) * BLOCK_N + r
+        w_rows = rows
+    row_ok = rows < N
+    rows64 = tl.where(row_ok, w_rows, 0).to(tl.int64)
+    G = K // 32
+    SPG: tl.constexpr = GROUP // 32  # blocks a scale
+    # Everything in the code tile's [ROWS, BLOCK_G, 4] layout and only 3-D index tensors, so the
+    # loop has no layout conversion. With BLOCK_G >= 32 * num_warps (`check_config`'s advice) the
+    # warps split the blocks, a thread holds whole blocks of all ROWS rows, and the [1, BLOCK_G, 4]
+    # activation loads get the code tile's own layout: each thread loads a block's 16 pairs once
+    # (four 16-byte loads) for all its rows. (Narrower tiles are right too, through shared memory.)
+    # `_block_dot` leaves a block's sum in the first of its 4 elements (the others -0.0), so the
+    # offsets' term goes there alone.
+    w3 = tl.arange(0, 4)[None, None, :]
+    gi3 = tl.arange(0, BLOCK_G)[None, :, None]
+    r3 = rows64[:, None, None]
+    qp = q_ptr + r3 * stride_q + w3
+    sp = s_ptr + r3 * stride_s
+    op = o_ptr + r3 * stride_s
+    first = (w3 == 0).to(tl.float32)
+    q_next = tl.load(qp + gi3 * 4, mask=gi3 < G, other=0, eviction_policy="evict_first")
+    pdl.wait(PDL)
+    acc = tl.zeros([ROWS, BLOCK_G, 4], dtype=tl.float32)
+    for g0 in range(0, G, BLOCK_G):
+        g3 = g0 + gi3
+        ok3 = g3 < G
+        if PREFETCH:
+            q = q_next
+            q_next = tl.load(qp + (g3 + BLOCK_G) * 4, mask=g3 + BLOCK_G < G, other=0, eviction_policy="evict_first")
+        else:
+            if g0 > 0:
+                q_next = tl.load(qp + g3 * 4, mask=ok3, other=0, eviction_policy="evict_first")
+            q = q_next
+        xo = xh_ptr + g3 * 16 + w3  # [1, BLOCK_G, 4]
+        x0 = tl.load(xo, mask=ok3, other=0)
+        x1 = tl.load(xo + 4, mask=ok3, other=0)
+        x2 = tl.load(xo + 8, mask=ok3, other=0)
+        x3 = tl.load(xo + 12, mask=ok3, other=0)
+        blk = _block_dot(q, x0, x1, x2, x3)  # [ROWS, BLOCK_G, 4]
+        # (g3 * one: consecutive per-block scales would make Triton vectorize these loads along
+        # the blocks, in another layout, converted through shared memory every step)
+        gs = g3 * one
+        xs = tl.load(xs_ptr + gs, mask=ok3, other=0.0)  # [1, BLOCK_G, 1]
+        sg = g3 // SPG * one
+        s = tl.load(sp + sg, mask=ok3, other=0.0).to(tl.float32)  # [ROWS, BLOCK_G, 1]
+        acc += blk * (s * xs)
+        if HAS_OFF:
+            xsum = tl.load(xsum_ptr + gs, mask=ok3, other=0.0)
+            acc += tl.load(op + sg, mask=ok3, other=0.0).to(tl.float32) * (xsum * first)
+    res = tl.sum(tl.sum(acc, 2), 1)
+    if HAS_BIAS:
+        res += tl.load(b_ptr + rows64, mask=row_ok, other=0.0).to(tl.float32)
+    dt = out_ptr.dtype.element_ty
+    if SILU:
+        gt, up = tl.split(tl.trans(tl.reshape(res, [2, BLOCK_N])))
+        # Rounded where the unfused path rounds: the projection's output, then SiLU, then the product.
+        gt = gt.to(dt).to(tl.float32)
+        up = up.to(dt).to(tl.float32)
+        sl = (gt / (1.0 + tl.exp(-gt))).to(dt)
+        out_rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(out_ptr + out_rows, (sl.to(tl.float32) * up).to(dt), mask=out_rows < N)
+    else:
+        tl.store(out_ptr + rows, res.to(dt), mask=row_ok)
+
+
+# (weight rows a program, BLOCK_G, num_warps, PREFETCH). Not yet timed on a GPU:
+# `benchmarks/gpu_quant_bench.py --only gemv1` times HALF_SWEEP against the code-at-a-time kernel.
+# Until then 4 rows over 128 blocks (4,096 columns) with 4 warps: 3.3 SASS instructions a weight
+# in the K loop (sm_90, bf16, groups of 128: `python -m tests.gpu.qgemv4h_sass`), against 7.7
+# for the code-at-a-time GEMV.
+HALF_CONFIG = (4, 128, 4, False)
+HALF_SWEEP = [(4, 128, 4, False), (4, 128, 4, True), (8, 128, 4, False), (8, 128, 4, True), (2, 128, 4, False),
+              (4, 64, 2, False), (4, 64, 2, True), (8, 64, 2, False), (8, 32, 1, False), (2, 256, 8, False),
+              (4, 256, 8, False), (16, 32, 4, False)]
+
+
+def check_config(cfg: tuple) -> tuple[int, int, int, bool]:
+    """(rows, BLOCK_G, num_warps, PREFETCH), checked: powers of two, and at least 4 tile
+    elements a thread (rows * BLOCK_G >= 32 * num_warps), or a block's four words would be
+    split across threads while the PTX takes them as one pack (see triton_mxfp4_moe._check_half_tile)."""
+    if len(cfg) != 4:
+        raise ValueError(f"4-bit half-math GEMV config needs (rows, BLOCK_G, num_warps, PREFETCH) (got {cfg!r})")
+    rows, bg, warps, prefetch = cfg
+    for name, v in (("rows", rows), ("BLOCK_G", bg), ("num_warps", warps)):
+        if v < 1 or v & (v - 1):
+            raise ValueError(f"4-bit half-math GEMV config: {name} must be a power of two (got {v})")
+    if rows * bg < 32 * warps:
+        raise ValueError(f"4-bit half-math GEMV config: rows * BLOCK_G must be >= 32 * num_warps (whole blocks "
+                         f"per thread; got {rows} * {bg} < 32 * {warps})")
+    return rows, bg, warps, bool(prefetch)
+
+
+def applies(x: torch.Tensor, qw) -> bool:
+    """Whether `qgemv4h` takes (x, qw): a 4-bit weight whose code rows are whole aligned words,
+    16-bit activations, K a multiple of 32."""
+    q = qw.q
+    return (qw.kind == "int4" and x.dtype in (torch.bfloat16, torch.float16) and qw.shape[1] % 32 == 0
+            and q.stride(1) == 1 and q.stride(0) % 4 == 0 and q.data_ptr() % 16 == 0)
+
+
+def qgemv4h(x: torch.Tensor, qw, bias: torch.Tensor | None = None, silu: bool = False,
+            config: tuple | None = None) -> torch.Tensor:
+    """x [1, K] (bf16 / fp16) times the 4-bit weight `qw` -> [1, N] in x's dtype; with `silu`,
+    silu(gate) * up of a fused gate/up weight -> [1, N / 2]. `config` as HALF_CONFIG."""
+    if not applies(x, qw):
+        raise ValueError("the 4-bit half-math GEMV needs a 4-bit weight with aligned code rows and bf16 / fp16 "
+                         "activations with K a multiple of 32")
+    n, k = qw.shape
+    rows, bg, warps, prefetch = check_config(config or HALF_CONFIG)
+    out_n = n // 2 if silu else n
+    block_n = rows // 2 if silu else rows
+    out = torch.empty((1, out_n), dtype=x.dtype, device=x.device)
+    xh, xs, xsum = act_pairs(x.reshape(1, k))
+    codes = qw.q.view(torch.int32)
+    use_pdl = pdl.enabled(x.device)
+    _qgemv4h_kernel[(triton.cdiv(out_n, block_n),)](
+        xh, xs, xsum, codes, qw.scale, qw.offset if qw.offset is not None else qw.scale,
+        bias if bias is not None else qw.scale, out, out_n, k, codes.stride(0), qw.scale.stride(0), 1,
+        HAS_OFF=qw.offset is not None, GROUP=qw.group, HAS_BIAS=bias is not None, SILU=silu, ROWS=rows,
+        BLOCK_N=block_n, BLOCK_G=bg, PREFETCH=prefetch, PDL=use_pdl, num_warps=warps, launch_pdl=use_pdl,
+    )
+    return out

@@ -1,0 +1,127 @@
+"""Checks of the 4-bit half-math GEMV (`kvserve/kernels/triton_qgemv4h.py`, KVSERVE_INT4_GEMV=half)
+against the fp64 product of the dequantized weight: the plain GEMV (bias or not) and the SiLU·mul
+epilogue, every 4-bit layout (HF int4 in groups of 128 and 32, GGUF Q4_0 / Q4_1 / Q4_K, codes
+without offsets), bf16 / fp16 activations (with large and tiny blocks: the per-block scaling),
+its tile configs; the activation pairs bit for bit; the env switch. Shared by the GPU tests
+(`tests/gpu/test_quant_gpu.py`) and the CPU test that runs them under TRITON_INTERPRET=1 on tiny
+shapes (`tests/platform/test_int4_gemv_half.py`)."""
+
+from __future__ import annotations
+
+import torch
+
+from tests.gpu.quant_checks import rel_err
+from tests.gpu.quant_w4_checks import int4_formats
+
+
+def _x(k: int, dtype: torch.dtype, device: str, seed: int) -> torch.Tensor:
+    """Activations whose 32-value blocks span magnitudes (x 1e-3 .. x 300; fp16: .. x 10, so that
+    the products stay in fp16's range): the per-block scale."""
+    g = torch.Generator().manual_seed(seed)
+    mags = torch.logspace(-3, 1.0 if dtype == torch.float16 else 2.5, k // 32)[torch.randperm(k // 32, generator=g)]
+    x = torch.randn(1, k, generator=g) * mags.repeat_interleave(32)
+    return x.to(device=device, dtype=dtype)
+
+
+def check_pairs(device: str) -> None:
+    """`act_pairs`: each slot holds the pair `_pair_order` names, scaled by a power of two into
+    [2^10, 2^11) for the block's largest magnitude, exact for these bf16 values; the block sums."""
+    from kvserve.kernels import triton_qgemv4h as h4
+
+    k = 256
+    x = _x(k, torch.bfloat16, device, 3)
+    xh, xs, xsum = h4.act_pairs(x)
+    xf = x.float().cpu().view(k // 32, 32)
+    pairs = xh.cpu().view(k // 32, 16)
+    lo = (pairs & 0xFFFF).to(torch.int16).view(torch.float16).float()
+    hi = ((pairs >> 16) & 0xFFFF).to(torch.int16).view(torch.float16).float()
+    scale = xs.cpu().view(-1, 1) / 1024.0  # 2^-c
+    for s, p in enumerate(h4._PAIR):
+        assert torch.equal(lo[:, s] * scale[:, 0], xf[:, 2 * p]), s
+        assert torch.equal(hi[:, s] * scale[:, 0], xf[:, 2 * p + 1]), s
+    big = torch.maximum(lo.abs().amax(1), hi.abs().amax(1))
+    assert bool(((big >= 1024) & (big < 2048)).all()), big
+    assert torch.allclose(xsum.cpu().view(-1), xf.double().sum(1).float(), rtol=1e-6, atol=1e-6)
+
+
+def check_gemv(n: int, k: int, device: str, dtype: torch.dtype, tol: float, configs=(None,)) -> dict[str, float]:
+    """qgemv4h (and with each of `configs`) against x times the dequantized weight."""
+    from kvserve.kernels import triton_qgemv4h as h4
+
+    errs = {}
+    g = torch.Generator().manual_seed(21)
+    bias = (torch.randn(n, generator=g) * 0.1).to(device=device, dtype=dtype)
+    for name, qw in int4_formats(n, k, device).items():
+        wref = qw.dequantize(torch.float64)
+        for seed, b in ((5, None), (6, bias)):
+            x = _x(k, dtype, device, seed)
+            assert h4.applies(x, qw), name
+            ref = x.double() @ wref.T + (0 if b is None else b.double())
+            for cfg in configs:
+                got = h4.qgemv4h(x, qw, b, config=cfg)
+                assert got.dtype == dtype and got.shape == (1, n)
+                e = rel_err(got, ref)
+                errs[f"{name}{' bias' if b is not None else ''} {cfg}"] = e
+                assert e < tol, (name, cfg, e)
+    return errs
+
+
+def check_silu(n: int, k: int, device: str, dtype: torch.dtype, tol: float, configs=(None,)) -> None:
+    from kvserve.kernels import triton_qgemv4h as h4
+
+    for name, qw in int4_formats(2 * n, k, device).items():
+        x = _x(k, dtype, device, 7)
+        y = x.double() @ qw.dequantize(torch.float64).T
+        ref = torch.nn.functional.silu(y[:, :n]) * y[:, n:]
+        for cfg in configs:
+            got = h4.qgemv4h(x, qw, None, silu=True, config=cfg)
+            assert got.shape == (1, n)
+            assert rel_err(got, ref) < tol, (name, cfg, rel_err(got, ref))
+
+
+def check_env_switch(device: str) -> None:
+    """KVSERVE_INT4_GEMV=half routes `triton_quant.qgemv` to the half-math GEMV for 16-bit
+    activations only (fp32 keeps the code-at-a-time kernel, bit for bit), and not the RoPE
+    variant; a bad config is refused by name."""
+    import os
+
+    from kvserve.kernels import triton_qgemv4h as h4
+    from kvserve.kernels import triton_quant
+
+    qw = int4_formats(64, 128, device)["int4-g32"]
+    xb = _x(128, torch.bfloat16, device, 8)
+    xf = xb.float()
+    old = os.environ.get("KVSERVE_INT4_GEMV")
+    try:
+        os.environ["KVSERVE_INT4_GEMV"] = "half"
+        assert torch.equal(triton_quant.qgemv(xb, qw), h4.qgemv4h(xb, qw))
+        assert torch.equal(triton_quant.qgemv(xf, qw), triton_quant.qgemv(xf, qw, words=False))
+    finally:
+        if old is None:
+            os.environ.pop("KVSERVE_INT4_GEMV", None)
+        else:
+            os.environ["KVSERVE_INT4_GEMV"] = old
+    for bad in ((16, 32, 4), (16, 2, 4, False), (12, 32, 4, False)):
+        try:
+            h4.qgemv4h(xb, qw, config=bad)
+        except ValueError as e:
+            assert "config" in str(e)
+        else:
+            raise AssertionError(f"config {bad} accepted")
+
+
+def run_interpret() -> None:
+    """Tiny CPU shapes under TRITON_INTERPRET=1: small tiles so that several K steps (a last
+    partial one: K / 32 = 9 blocks with BLOCK_G 4), several programs and masked rows are covered."""
+    small = [(4, 8, 1, False), (8, 4, 1, True), (16, 4, 2, False)]
+    check_pairs("cpu")
+    check_gemv(12, 288, "cpu", torch.bfloat16, tol=1e-2, configs=small)
+    check_gemv(12, 256, "cpu", torch.float16, tol=2e-3, configs=small[:1])
+    check_silu(6, 288, "cpu", torch.bfloat16, tol=1.5e-2, configs=small[:2])  # (the epilogue's bf16 roundings)
+    check_silu(6, 256, "cpu", torch.float16, tol=2e-3, configs=small[:1])
+    check_env_switch("cpu")
+    print("h4 interpret checks passed")
+
+
+if __name__ == "__main__":
+    run_interpret()
