@@ -328,14 +328,15 @@ def _words_summary(rows: dict, w4_rows: dict, bits: int = 4) -> None:
     RESULTS[f"int{bits}_words_floor_GBps"] = bf_bw
 
 
-def section_gemvh(fmts: tuple[str, ...] = ("int4-g128", "Q4_0")) -> None:
-    """The 4-bit half-math GEMV (`triton_qgemv4h`, KVSERVE_INT4_GEMV=half) against the code-at-a-time
-    one (the default), each Llama-3.1-8B projection as the engine calls it (gate_up with SiLU·mul;
-    qkv plain, which the engine runs through the RoPE variant), bf16 activations, weights rotated
-    past the L2: its default tile and every HALF_SWEEP tile, the activation kernel alone, % of the
+def section_gemvh(fmts: tuple[str, ...] = ("int4-g128", "int8", "Q4_0", "Q8_0")) -> None:
+    """The half-math GEMVs (`triton_qgemv_half`, KVSERVE_INT4_GEMV / KVSERVE_INT8_GEMV=half) against
+    the code-at-a-time ones (the default), each Llama-3.1-8B projection as the engine calls it
+    (gate_up with SiLU·mul; qkv plain, which the engine runs through the RoPE variant), bf16
+    activations, weights rotated past the L2: the default tile and (HF int4 / int8) every
+    HALF_SWEEP tile, the activation kernel alone, % of the
     floor = the weight's bytes / the best bf16 GEMV read bandwidth of this run, rel. diff against
     x times the dequantized weight (fp32)."""
-    from kvserve.kernels import triton_qgemv4h as h4
+    from kvserve.kernels import triton_qgemv_half as h4
     from kvserve.kernels import triton_quant as tq
     from kvserve.models import triton_ops
     from kvserve.platform.cuda_quant import quantize
@@ -354,8 +355,9 @@ def section_gemvh(fmts: tuple[str, ...] = ("int4-g128", "Q4_0")) -> None:
         xs = [x1[:, :k].contiguous() for _ in range(4)]
         rows[f"act_pairs/{k}"] = rotate_time(lambda t: h4.act_pairs(t), xs) * 1e6
         for fmt in fmts:
-            if fmt == "int4-g128":
-                make = lambda: quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05, "int4")
+            if fmt in ("int4-g128", "int8"):
+                make = (lambda sc: lambda: quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05,
+                                                    sc))(fmt.split("-")[0])
             else:
                 make = (lambda f: lambda: formats(n, k, "cuda", seed=int(torch.randint(1 << 20, ())), only=f)[f])(fmt)
             try:
@@ -365,12 +367,12 @@ def section_gemvh(fmts: tuple[str, ...] = ("int4-g128", "Q4_0")) -> None:
                 y = x.float() @ tq.dequantize(qw0, torch.float32).T
                 ref = torch.nn.functional.silu(y[:, : n // 2]) * y[:, n // 2:] if silu else y
                 res = {"bytes": qw0.nbytes, "codes": rotate_time(lambda w: tq.qgemv(x, w, silu=silu, words=False), qs) * 1e6}
-                got = h4.qgemv4h(x, qw0, silu=silu).float()
+                got = h4.qgemv_half(x, qw0, silu=silu).float()
                 res["diff_half"] = ((got - ref).norm() / ref.norm()).item()
                 res["diff_codes"] = ((tq.qgemv(x, qw0, silu=silu, words=False).float() - ref).norm() / ref.norm()).item()
-                for cfg in [None] + h4.HALF_SWEEP:
+                for cfg in [None] + (h4.HALF_SWEEP if fmt in ("int4-g128", "int8") else []):
                     try:
-                        res[str(cfg)] = rotate_time(lambda w: h4.qgemv4h(x, w, silu=silu, config=cfg), qs) * 1e6
+                        res[str(cfg)] = rotate_time(lambda w: h4.qgemv_half(x, w, silu=silu, config=cfg), qs) * 1e6
                     except Exception as e:
                         log(f"[gemvh] {name} {fmt} {cfg}: {type(e).__name__}: {str(e)[:160]}")
                 rows[f"{name}/{fmt}"] = res
@@ -378,7 +380,7 @@ def section_gemvh(fmts: tuple[str, ...] = ("int4-g128", "Q4_0")) -> None:
             except Exception:
                 traceback.print_exc()
             torch.cuda.empty_cache()
-    log(f"4-bit one-row GEMV, half math (KVSERVE_INT4_GEMV=half) vs a code at a time (default); floor: bytes / "
+    log(f"4-bit / int8 one-row GEMVs, half math (KVSERVE_INT4_GEMV / KVSERVE_INT8_GEMV=half) vs a code at a time (default); floor: bytes / "
         f"{bf_bw:,.0f} GB/s (the best bf16 GEMV read of this run); us (% of floor)")
     log("| projection | format | MB | floor us | codes | half default | best half tile | rel diff half / codes |")
     log("|---|---|---|---|---|---|---|---|")
@@ -780,7 +782,7 @@ def section_peer(peer_dir: Path, bw: float, modes: list[str], prompt_len: int = 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--only", default="kernels,decode,throughput,peer", help="kernels, kernels1 (one-row GEMVs only), gemv (quantized GEMVs vs bf16, every format, tile sweep), gemv1 (the same, int8 / int4 / Q4_0, no sweep of the code-at-a-time kernel; the int32-word int4 and int8 GEMVs vs a code at a time, with their tile sweeps), gemv8 (int8 and Q8_0 only: the int32-word int8 GEMV vs a code at a time, its tile sweep), gemvh (4-bit: the half-math GEMV vs a code at a time, its tile sweep), qmm (several rows: GEMMs vs dequantize + cuBLAS, 4-bit word GEMM tile sweep; Qwen3-0.6B at 64-4096 rows), qmm1 (the Llama table only: no sweep, no int8 / Qwen3-0.6B), qmm4sweep (the 4-bit word GEMM tile sweep only), qmmqwen (Qwen3-0.6B shapes at 64-4096 rows, int8 reference), decode, decode1 (batch-1 decode only, --decode1 variants), prefill (8 x 2048 only, --prefill-schemes), throughput, peer")
+    ap.add_argument("--only", default="kernels,decode,throughput,peer", help="kernels, kernels1 (one-row GEMVs only), gemv (quantized GEMVs vs bf16, every format, tile sweep), gemv1 (the same, int8 / int4 / Q4_0, no sweep of the code-at-a-time kernel; the int32-word int4 and int8 GEMVs vs a code at a time, with their tile sweeps), gemv8 (int8 and Q8_0 only: the int32-word int8 GEMV vs a code at a time, its tile sweep), gemvh (4-bit / int8: the half-math GEMVs vs a code at a time, tile sweep), qmm (several rows: GEMMs vs dequantize + cuBLAS, 4-bit word GEMM tile sweep; Qwen3-0.6B at 64-4096 rows), qmm1 (the Llama table only: no sweep, no int8 / Qwen3-0.6B), qmm4sweep (the 4-bit word GEMM tile sweep only), qmmqwen (Qwen3-0.6B shapes at 64-4096 rows, int8 reference), decode, decode1 (batch-1 decode only, --decode1 variants), prefill (8 x 2048 only, --prefill-schemes), throughput, peer")
     ap.add_argument("--schemes", default="bf16,int8,int4,fp8")
     ap.add_argument("--qmm-proj", default="qkv,o,gate_up,down", help="Llama-3.1-8B projections of --only qmm / qmm1")
     ap.add_argument("--tp-schemes", default="bf16,int4,fp8", help="throughput: schemes (fp8+fused: KVSERVE_FP8_FUSED_ACT=1)")
@@ -810,7 +812,7 @@ def main() -> None:
         ("gemv", section_gemv),  # one-row quantized GEMVs vs the bf16 GEMV, every format, tile sweep
         ("gemv1", lambda: section_gemv(quick=True)),  # the same for int8, int4 and Q4_0, no tile sweep
         ("gemv8", lambda: section_gemv(quick=True, int8_only=True)),  # int8 / Q8_0: codes vs words, word tile sweep
-        ("gemvh", section_gemvh),  # 4-bit: the half-math GEMV vs a code at a time, its tile sweep
+        ("gemvh", section_gemvh),  # 4-bit / int8: the half-math GEMVs vs a code at a time, their tile sweep
         ("qmm", lambda: section_qmm(names=tuple(args.qmm_proj.split(",")))),  # several rows: the GEMMs vs cuBLAS
         ("qmm1", lambda: section_qmm(sweep=False, names=tuple(args.qmm_proj.split(",")), extras=False)),  # table only
         ("qmm4sweep", lambda: section_qmm(names=tuple(args.qmm_proj.split(",")), table=False, extras=False)),

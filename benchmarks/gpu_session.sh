@@ -71,10 +71,10 @@ lease6c)  # the GPU tests of this evening's opt-in kernels (before flipping a de
   t f8prefill 130 "device|\[prefill\]|rror" python -m benchmarks.gpu_quant_bench --only prefill --prefill-schemes bf16,fp8,fp8+fused --out "$OUT"
   t f8thru $((570 - SECONDS)) "device|\[throughput\]|rror" python -m benchmarks.gpu_quant_bench --only throughput --tp-schemes bf16,fp8,fp8+fused --out "$OUT"
   ;;
-lease8a)  # 2026-12-08: issue 17's 4-bit half-math GEMV (KVSERVE_INT4_GEMV=half, opt-in): kernels, then batch-1 decode
+lease8a)  # 2026-12-08: issue 17's half-math GEMVs (KVSERVE_INT4_GEMV / KVSERVE_INT8_GEMV=half, opt-in): kernels, then batch-1 decode
   t gemvh 300 "^\||^\[|rror|act_pairs" python -m benchmarks.gpu_quant_bench --only gemvh --out "$OUT"
   mkdir -p "$OUT/d"
-  t hdecode 260 "^\[|rror" python -m benchmarks.gpu_quant_bench --only decode1 --decode1 int4:codes,int4:half --out "$OUT/d"
+  t hdecode 260 "^\[|rror" python -m benchmarks.gpu_quant_bench --only decode1 --decode1 int4:codes,int4:half,int8:codes,int8:half --out "$OUT/d"
   ;;
 lease8b)  # its GPU tests, and the CPU-side checks that compile for sm_90
   t htests 400 "$TESTS" python -m pytest -q -p no:cacheprovider tests/gpu/test_quant_gpu.py -k "half"

@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvserve.kernels import triton_qgemv4h, triton_qmm4
+from kvserve.kernels import triton_qgemv_half, triton_qmm4
 from kvserve.models import pdl
 
 # Inline PTX where the kernels run on a GPU; the interpreter (TRITON_INTERPRET=1) runs none.
@@ -687,12 +687,12 @@ INT8_WORDS_SWEEP = [(8, 1024, 4, False), (16, 1024, 4, False), (16, 1024, 4, Tru
                     (32, 1024, 4, False)]
 # RoPE variant (qkv): 4 pairs = 8 rows over a [8, 128, 4] tile: 8 rows a thread.
 INT8_WORDS_ROPE_CONFIG = (4, 2048, 4, False)
-INT8_GEMV_MODES = ("codes", "words")
+INT8_GEMV_MODES = ("codes", "words", "half")
 
 
 def int4_gemv_mode() -> str:
     """KVSERVE_INT4_GEMV: "codes" (default: `_dot_rows`, a code at a time), "words" (the int32-word
-    decode, `_dot_rows_w4`) or "half" (packed half math, `triton_qgemv4h`, for 16-bit activations;
+    decode, `_dot_rows_w4`) or "half" (packed half math, `triton_qgemv_half`, for 16-bit activations;
     fp32 activations and the RoPE variant keep the code-at-a-time kernel) for the one-row 4-bit
     GEMVs."""
     mode = os.environ.get("KVSERVE_INT4_GEMV", "codes")
@@ -702,12 +702,21 @@ def int4_gemv_mode() -> str:
 
 
 def int8_gemv_mode() -> str:
-    """KVSERVE_INT8_GEMV: "codes" (default: `_dot_rows`, a code at a time) or "words" (the int32-word
-    decode, `_dot_rows_w8`) for the one-row int8 GEMVs (HF int8 per channel, GGUF Q8_0)."""
+    """KVSERVE_INT8_GEMV: "codes" (default: `_dot_rows`, a code at a time), "words" (the int32-word
+    decode, `_dot_rows_w8`) or "half" (packed half math, `triton_qgemv_half`, for 16-bit
+    activations; fp32 activations and the RoPE variant keep the code-at-a-time kernel) for the
+    one-row int8 GEMVs (HF int8 per channel, GGUF Q8_0)."""
     mode = os.environ.get("KVSERVE_INT8_GEMV", "codes")
     if mode not in INT8_GEMV_MODES:
         raise ValueError(f"KVSERVE_INT8_GEMV must be one of {', '.join(INT8_GEMV_MODES)}, got {mode!r}")
     return mode
+
+
+def _half_mode(qw) -> bool:
+    """Whether the env switch of qw's kind asks for the half-math one-row GEMV."""
+    if qw.kind == "int4":
+        return int4_gemv_mode() == "half"
+    return qw.kind == "int8" and int8_gemv_mode() == "half"
 
 
 def _x_words(x: torch.Tensor):
@@ -775,10 +784,10 @@ def qgemv(x: torch.Tensor, qw, bias: torch.Tensor | None = None, silu: bool = Fa
     the int32-word decode with `words` (None: KVSERVE_INT4_GEMV=words / KVSERVE_INT8_GEMV=words;
     `config` then (rows, BLOCK_K cap, warps, prefetch), as INT4_WORDS_CONFIG / INT8_WORDS_CONFIG),
     else the code-at-a-time one (`config` (BLOCK_N, BLOCK_K cap, warps), as GEMV_CONFIG). With
-    `words` None and KVSERVE_INT4_GEMV=half, 4-bit weights and 16-bit x take `triton_qgemv4h` (its
-    default tile; `config` is not used)."""
-    if words is None and qw.kind == "int4" and int4_gemv_mode() == "half" and triton_qgemv4h.applies(x, qw):
-        return triton_qgemv4h.qgemv4h(x, qw, bias, silu)
+    `words` None and KVSERVE_INT4_GEMV=half (KVSERVE_INT8_GEMV=half), 4-bit (int8) weights and
+    16-bit x take `triton_qgemv_half` (its default tile; `config` is not used)."""
+    if words is None and _half_mode(qw) and triton_qgemv_half.applies(x, qw):
+        return triton_qgemv_half.qgemv_half(x, qw, bias, silu)
     n, k = qw.shape
     out_n = n // 2 if silu else n
     out = torch.empty((1, out_n), dtype=x.dtype, device=x.device)

@@ -1,5 +1,5 @@
 """A tiny emulator of the PTX that `kvserve/kernels/triton_qmm4._nibbles` and
-`triton_qgemv4h._block_dot` inline (mov, and, or, shr, prmt, sub / mul / fma on f16x2 and
+`triton_qgemv_half._block_dot` inline (mov, and, or, xor, shr, prmt, sub / mul / fma on f16x2 and
 bf16x2, the f16 -> f32 widening and f32 adds), so their bit tricks are checked bit-exactly on the
 CPU: the interpreter (TRITON_INTERPRET=1) runs none of the PTX, and the sm_90 build check
 (`tests/gpu/quant_sass.py`) only proves that it assembles."""
@@ -65,6 +65,8 @@ def run(asm: str, inputs: list[int], n_out: int = 4) -> list[int]:
             regs[d] = val(args[1])
         elif op == "and.b32":
             regs[d] = val(args[1]) & val(args[2])
+        elif op == "xor.b32":
+            regs[d] = val(args[1]) ^ val(args[2])
         elif op == "or.b32":
             regs[d] = val(args[1]) | val(args[2])
         elif op == "shr.u32":
@@ -122,10 +124,10 @@ def check_nibbles(path: str, trials: int = 500, seed: int = 0) -> None:
 
 
 def check_block_dot(trials: int = 300, seed: int = 0) -> None:
-    """`triton_qgemv4h._block_dot`'s PTX on random code words and activation pairs of small
+    """`triton_qgemv_half._block_dot`'s PTX on random code words and activation pairs of small
     integers (every partial sum exact in fp16, so the result must be exact): $0 is the block's
     sum of q x 2^-10 over the slots `_pair_order` pairs with each nibble, $1..$3 are -0.0."""
-    from kvserve.kernels import triton_qgemv4h as h4
+    from kvserve.kernels import triton_qgemv_half as h4
 
     asm = h4._block_dot_asm()
     rng = np.random.default_rng(seed)
@@ -142,5 +144,28 @@ def check_block_dot(trials: int = 300, seed: int = 0) -> None:
                 b0 = 2 * (i % 2)  # bytes 0-1 or 2-3 of the word
                 sh = 4 * (i // 2)  # low or high nibbles
                 want += ((byts[b0] >> sh) & 15) * xv[i, w, 0] + ((byts[b0 + 1] >> sh) & 15) * xv[i, w, 1]
+        assert _f32(out[0]) == want / 1024.0, (_f32(out[0]), want / 1024.0)
+        assert out[1:] == [0x80000000] * 3
+
+
+def check_block_dot8(trials: int = 300, seed: int = 1) -> None:
+    """`triton_qgemv_half._block_dot8`'s PTX: int8 code words against activation pairs of small
+    integers (exact in fp16 again): $0 is the 16 columns' sum of q x 2^-10, word w's bytes 2i,
+    2i + 1 against slot i's pair; $1..$3 -0.0."""
+    from kvserve.kernels import triton_qgemv_half as hm
+
+    asm = hm._block_dot8_asm()
+    rng = np.random.default_rng(seed)
+    for _ in range(trials):
+        words = [int(w) for w in rng.integers(0, 1 << 32, 4, dtype=np.uint64)]
+        xv = rng.integers(-2, 3, (2, 4, 2))  # [slot i, word w, half]
+        pairs = [f2h(float(xv[i, w, 0]), "f16") | f2h(float(xv[i, w, 1]), "f16") << 16
+                 for i in range(2) for w in range(4)]
+        out = run(asm, words + pairs)
+        want = 0.0
+        for w in range(4):
+            q = [((words[w] >> (8 * b)) & 255) - (256 if (words[w] >> (8 * b)) & 128 else 0) for b in range(4)]
+            for i in range(2):
+                want += q[2 * i] * xv[i, w, 0] + q[2 * i + 1] * xv[i, w, 1]
         assert _f32(out[0]) == want / 1024.0, (_f32(out[0]), want / 1024.0)
         assert out[1:] == [0x80000000] * 3

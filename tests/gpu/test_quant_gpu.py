@@ -14,7 +14,7 @@
   same with the option on and off;
 - the int32-word GEMVs (KVSERVE_INT4_GEMV / KVSERVE_INT8_GEMV=words): every tile config against
   the dequantized product, epilogues, CUDA graphs, engine greedy tokens;
-- the 4-bit half-math GEMV (KVSERVE_INT4_GEMV=half): every tile config against the dequantized
+- the half-math GEMVs (KVSERVE_INT4_GEMV / KVSERVE_INT8_GEMV=half): every tile config against the dequantized
   product, bf16 and fp16, SiLU·mul, the switch, CUDA graphs, bf16 engine logprobs.
 """
 
@@ -340,55 +340,57 @@ def test_engine_fp8_fused_act_same_tokens(tiny_model_factory, monkeypatch):
     assert 0 < runs["1", False][1] < runs["0", False][1]
 
 
-# -- the 4-bit half-math GEMV (KVSERVE_INT4_GEMV=half; opt-in until timed) ----------------------
-from tests.gpu import quant_h4_checks  # noqa: E402
+# -- the half-math GEMVs (KVSERVE_INT4_GEMV / KVSERVE_INT8_GEMV=half; opt-in until timed) --------
+from tests.gpu import quant_half_checks  # noqa: E402
 
 
 def _half_configs():
-    from kvserve.kernels import triton_qgemv4h
+    from kvserve.kernels import triton_qgemv_half
 
-    return [None] + triton_qgemv4h.HALF_SWEEP
+    return [None] + triton_qgemv_half.HALF_SWEEP
 
 
 @pytest.mark.parametrize("n,k", [(4096, 4096), (1024, 14336), (16384, 4096), (384, 96 * 32), (100, 4000)])
 def test_half_gemv(n, k):
     """Every sweep tile at one shape, the default at the others (a last partial K step: 14336 and
-    3072 columns, 4000 = 125 blocks); every 4-bit layout; bf16 and fp16; the activation pairs."""
-    quant_h4_checks.check_gemv(n, k, "cuda", torch.bfloat16, tol=1e-2,
+    3072 columns, 4000 = 125 blocks); every 4-bit and int8 layout; bf16 and fp16; the activation
+    pairs."""
+    quant_half_checks.check_gemv(n, k, "cuda", torch.bfloat16, tol=1e-2,
                                configs=_half_configs() if (n, k) == (4096, 4096) else [None])
-    quant_h4_checks.check_gemv(n, k, "cuda", torch.float16, tol=2e-3)
-    quant_h4_checks.check_pairs("cuda")
+    quant_half_checks.check_gemv(n, k, "cuda", torch.float16, tol=2e-3)
+    quant_half_checks.check_pairs("cuda")
 
 
 def test_half_epilogue_switch_and_graph():
-    quant_h4_checks.check_silu(2048, 4096, "cuda", torch.bfloat16, tol=1.5e-2, configs=_half_configs()[:4])
-    quant_h4_checks.check_silu(512, 1024, "cuda", torch.float16, tol=2e-3)
-    quant_h4_checks.check_env_switch("cuda")
-    from kvserve.kernels import triton_qgemv4h
+    quant_half_checks.check_silu(2048, 4096, "cuda", torch.bfloat16, tol=1.5e-2, configs=_half_configs()[:4])
+    quant_half_checks.check_silu(512, 1024, "cuda", torch.float16, tol=2e-3)
+    quant_half_checks.check_env_switch("cuda")
+    from kvserve.kernels import triton_qgemv_half
 
-    qw = quant_h4_checks.int4_formats(4096, 4096, "cuda")["int4-g128"]
+    qw = quant_half_checks.int4_formats(4096, 4096, "cuda")["int4-g128"]
     x = torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16)
-    out = triton_qgemv4h.qgemv4h(x, qw)
+    out = triton_qgemv_half.qgemv_half(x, qw)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        out = triton_qgemv4h.qgemv4h(x, qw)
+        out = triton_qgemv_half.qgemv_half(x, qw)
     x.copy_(torch.randn(1, 4096, device="cuda", dtype=torch.bfloat16))
     graph.replay()
-    assert torch.equal(out, triton_qgemv4h.qgemv4h(x, qw))
+    assert torch.equal(out, triton_qgemv_half.qgemv_half(x, qw))
 
 
+@pytest.mark.parametrize("scheme", ["int4", "int8"])
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_engine_half_logprobs_near_dequantized(monkeypatch, tiny_model_factory, tmp_path, arch):
+def test_engine_half_logprobs_near_dequantized(monkeypatch, tiny_model_factory, tmp_path, arch, scheme):
     """bf16 engine with the half-math GEMV: logprobs near the dequantized bf16 model's, CUDA
     graphs on and off."""
-    monkeypatch.setenv("KVSERVE_INT4_GEMV", "half")
+    monkeypatch.setenv(f"KVSERVE_INT{scheme[-1]}_GEMV", "half")
     folder, _ = tiny_model_factory(arch)
-    ref = LLM(str(quant_checks.dequantized_folder(folder, "int4", tmp_path / "deq")), device="cuda", dtype="bfloat16",
+    ref = LLM(str(quant_checks.dequantized_folder(folder, scheme, tmp_path / "deq")), device="cuda", dtype="bfloat16",
               **COMMON)
     a = _greedy(ref, logprobs=3)
     del ref
     for graphs in (True, False):
-        q = LLM(str(folder), device="cuda", dtype="bfloat16", quantization="int4", enforce_eager=not graphs, **COMMON)
+        q = LLM(str(folder), device="cuda", dtype="bfloat16", quantization=scheme, enforce_eager=not graphs, **COMMON)
         for ra, rb in zip(a, _greedy(q, logprobs=3)):
             first_a, first_b = ra.outputs[0].logprobs[0], rb.outputs[0].logprobs[0]
             common = set(first_a) & set(first_b)

@@ -1,6 +1,7 @@
-"""The one-row 4-bit GEMV in packed half math (`triton_quant.qgemv` with KVSERVE_INT4_GEMV=half,
-16-bit activations; the weight layout is `triton_quant`'s "int4": GGML chunk order, scale and
-offset per group of 32 or 128, w = s q + m).
+"""The one-row 4-bit and int8 GEMVs in packed half math (`triton_quant.qgemv` with
+KVSERVE_INT4_GEMV=half / KVSERVE_INT8_GEMV=half, 16-bit activations; the weight layouts are
+`triton_quant`'s "int4": GGML chunk order, scale and offset per group of 32 or 128, w = s q + m,
+and "int8": w = s q per channel or per group of 32 (Q8_0) / 128).
 
 Why: the code-at-a-time GEMV (`triton_quant._dot_rows`) turns every code into fp32 with an
 int-to-float conversion, which runs at a quarter of the FMA rate; on an H100 it read 1.2-1.6 TB/s
@@ -9,14 +10,17 @@ whole 32-weight block (four int32 code words, one 16-byte load) and the inline P
 `_block_dot` does, per word: two `prmt` that put the code bytes under an fp16 exponent byte, four
 ANDs that keep one nibble a half, four `fma.rn.f16x2` that make the exact codes times 2^-10, and
 four `fma.rn.f16x2` against the activation pairs — about two instructions a weight, no conversion
-until the block's four fp16 partial sums are widened to fp32.
+until the block's four fp16 partial sums are widened to fp32. int8 codes (`_block_dot8`): an XOR
+makes the bytes unsigned, two `prmt` put them under the exponent byte, one fma a pair makes q
+2^-10 exactly, one more multiplies — 1.75 instructions a weight, in units of 16 columns.
 
 The activations go through `act_pairs` first (one small kernel): per 32-value block, scaled by a
 power of two so that its largest magnitude lies in [2^10, 2^11), rounded to fp16 (exact for bf16
 values down to 2^-14 of the block's largest; fp16 values down to 2^-11 of it) and stored in the
 pair order the PTX reads (`_PAIR`), with 2^(10 - c) to undo the scaling and the block's fp32 sum
-for the offsets. Products of codes times 2^-10 (< 2^-6) with those (< 2^11) stay below 30 and a
-half's sum of 8 products below 240: no overflow, about 11 bits kept per partial sum. fp32
+for the offsets. Products of 4-bit codes times 2^-10 (< 2^-6) with those (< 2^11) stay below 30
+and a half's sum of 8 products below 240 (int8: |q| 2^-10 <= 2^-3, products below 2^8, sums below
+2^11): no overflow, about 11 bits kept per partial sum. fp32
 activations keep the code-at-a-time kernel (its exact fp32 math is what the tests compare).
 
 Per (row, block) the fp32 epilogue is block_sum * s * 2^(10 - c) + m * sum(x). A program takes
@@ -80,8 +84,29 @@ def _block_dot_asm() -> str:
     return "{ " + " ".join(lines) + " }"
 
 
+def _block_dot8_asm() -> str:
+    """PTX for `_block_dot8` (pack 4: $0..$3 the outputs, $4..$7 the int8 code words of 16
+    columns, $8 + 4 i + w the activation pair of word w's bytes 2i, 2i + 1). Per word: XOR
+    0x80808080 makes each byte u = q + 128; two `prmt` put bytes 0-1 / 2-3 under the fp16 exponent
+    byte 0x64 (1024 + u); one fma each makes q 2^-10 exactly ((1024 + u) 2^-10 - 1.125); one fma
+    each into one fp16x2 accumulator (8 products a half, each below 2^8). The two halves widened
+    to fp32 and summed into $0; $1..$3 -0.0."""
+    lines = [".reg .b32 rm, ru, rt0, rt1, rc, rd, rs;", ".reg .b16 rl, rh;", ".reg .f32 rf, rg;",
+             "mov.b32 rm, 0x64646464;", "mov.b32 rc, 0x14001400;", "mov.b32 rd, 0xBC80BC80;"]
+    for w in range(4):
+        lines += [f"xor.b32 ru, ${4 + w}, 0x80808080;", "prmt.b32 rt0, ru, rm, 0x4140;", "prmt.b32 rt1, ru, rm, 0x4342;",
+                  "fma.rn.f16x2 rt0, rt0, rc, rd;", "fma.rn.f16x2 rt1, rt1, rc, rd;"]
+        lines.append(f"mul.rn.f16x2 rs, rt0, ${8 + w};" if w == 0 else f"fma.rn.f16x2 rs, rt0, ${8 + w}, rs;")
+        lines.append(f"fma.rn.f16x2 rs, rt1, ${12 + w}, rs;")
+    lines += ["mov.b32 {rl, rh}, rs;", "cvt.f32.f16 rf, rl;", "cvt.f32.f16 rg, rh;", "add.f32 rf, rf, rg;",
+              "mov.b32 $0, rf;", "mov.b32 $1, 0x80000000;", "mov.b32 $2, 0x80000000;", "mov.b32 $3, 0x80000000;"]
+    return "{ " + " ".join(lines) + " }"
+
+
 _BLOCK_DOT_ASM = tl.constexpr(_block_dot_asm())
 _BLOCK_DOT_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 20))
+_BLOCK_DOT8_ASM = tl.constexpr(_block_dot8_asm())
+_BLOCK_DOT8_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 12))
 
 
 @triton.jit
@@ -117,6 +142,29 @@ def _block_dot(q, x0, x1, x2, x3):
             sh = 4 * (i // 2)  # low or high nibbles
             c0 = ((q >> (b + sh)) & 15).to(tl.float32)
             c1 = ((q >> (b + 8 + sh)) & 15).to(tl.float32)
+            xa, xb = _f16_pair(xp)
+            blk += (c0 * xa + c1 * xb) * 0.0009765625  # 2^-10
+        return blk
+
+
+@triton.jit
+def _block_dot8(q, x0, x1):
+    """`_block_dot` for int8 codes: [ROWS, BLOCK_G, 4] code words (16 columns in the last axis)
+    against the activation pairs x_i [1, BLOCK_G, 4] (word w's bytes 2i, 2i + 1) -> fp32 whose sum
+    over the last axis is the 16 columns' sum of q x' 2^-10 (`_block_dot8_asm`; the interpreter
+    takes the same products in fp32)."""
+    if _PTX:
+        return tl.inline_asm_elementwise(_BLOCK_DOT8_ASM, _BLOCK_DOT8_CONSTRAINTS, [q, x0, x1],
+                                         dtype=tl.float32, is_pure=True, pack=4)
+    else:
+        blk = tl.zeros(q.shape, dtype=tl.float32)
+        for i in tl.static_range(2):
+            if i == 0:
+                xp = x0
+            else:
+                xp = x1
+            c0 = ((((q >> (16 * i)) & 255) ^ 128) - 128).to(tl.float32)
+            c1 = ((((q >> (16 * i + 8)) & 255) ^ 128) - 128).to(tl.float32)
             xa, xb = _f16_pair(xp)
             blk += (c0 * xa + c1 * xb) * 0.0009765625  # 2^-10
         return blk
@@ -159,7 +207,7 @@ _PAIR_TENSORS: dict[torch.device, torch.Tensor] = {}
 
 def act_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[T, K] 16-bit activations (K a multiple of 32) -> (int32 [T, K / 2] scaled fp16 pairs,
-    float32 [T, K / 32] 2^(10 - c), float32 [T, K / 32] block sums) as `_qgemv4h_kernel` reads
+    float32 [T, K / 32] 2^(10 - c), float32 [T, K / 32] block sums) as `_qgemv_half_kernel` reads
     them (module docstring)."""
     t, k = x.shape
     if k % 32:
@@ -178,21 +226,23 @@ def act_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 
 @triton.jit(do_not_specialize=["one"])
-def _qgemv4h_kernel(
+def _qgemv_half_kernel(
     xh_ptr, xs_ptr, xsum_ptr,  # `act_pairs` of one row
-    q_ptr,  # [N_w, K / 8] int32 code words (GGML chunk order: 4 words a 32-column block)
-    s_ptr, o_ptr,  # [N_w, K / GROUP] scales, offsets
+    q_ptr,  # int32 code words: 4-bit [N_w, K / 8] (GGML chunk order: 4 words a 32-column block), int8 [N_w, K / 4]
+    s_ptr, o_ptr,  # [N_w, K / GROUP] scales, offsets (int8: none; per channel: [N_w, 1])
     b_ptr, out_ptr,
     N,  # output columns (SILU: the gate rows I; the weight has 2I rows)
     K, stride_q, stride_s,
     one,  # 1, not specialized: see the loop
     HAS_OFF: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
+    BITS: tl.constexpr = 4,  # 8: int8 codes, a unit of 16 columns (`_block_dot8`); GROUP 0: a scale per row
 ):
     """out = x W^T (+ bias) for ROWS weight rows, or SILU: silu(gate) * up with BLOCK_N gate rows
-    and their up rows (module docstring). The first tile's code words are requested before the
-    PDL wait (weights only); PREFETCH: each iteration requests the next tile before decoding this
-    one (twice the bytes in flight)."""
+    and their up rows (module docstring). A unit is four code words: a 32-column block (4-bit) or
+    16 columns (int8, half an activation block: same pair order, `_pair_order`). The first tile's
+    code words are requested before the PDL wait (weights only); PREFETCH: each iteration requests
+    the next tile before decoding this one (twice the bytes in flight)."""
     r = tl.arange(0, ROWS)
     if SILU:
         rows = tl.program_id(0) * BLOCK_N + r % BLOCK_N
@@ -202,8 +252,9 @@ def _qgemv4h_kernel(
         w_rows = rows
     row_ok = rows < N
     rows64 = tl.where(row_ok, w_rows, 0).to(tl.int64)
-    G = K // 32
-    SPG: tl.constexpr = GROUP // 32  # blocks a scale
+    UNIT: tl.constexpr = 32 if BITS == 4 else 16  # columns a unit (4 code words)
+    G = K // UNIT
+    SPG: tl.constexpr = GROUP // UNIT  # units a scale (0: one scale a row)
     # Everything in the code tile's [ROWS, BLOCK_G, 4] layout and only 3-D index tensors, so the
     # loop has no layout conversion. With BLOCK_G >= 32 * num_warps (`check_config`'s advice) the
     # warps split the blocks, a thread holds whole blocks of all ROWS rows, and the [1, BLOCK_G, 4]
@@ -231,17 +282,23 @@ def _qgemv4h_kernel(
             if g0 > 0:
                 q_next = tl.load(qp + g3 * 4, mask=ok3, other=0, eviction_policy="evict_first")
             q = q_next
-        xo = xh_ptr + g3 * 16 + w3  # [1, BLOCK_G, 4]
+        xo = xh_ptr + g3 * (UNIT // 2) + w3  # [1, BLOCK_G, 4]
         x0 = tl.load(xo, mask=ok3, other=0)
         x1 = tl.load(xo + 4, mask=ok3, other=0)
-        x2 = tl.load(xo + 8, mask=ok3, other=0)
-        x3 = tl.load(xo + 12, mask=ok3, other=0)
-        blk = _block_dot(q, x0, x1, x2, x3)  # [ROWS, BLOCK_G, 4]
+        if BITS == 4:
+            x2 = tl.load(xo + 8, mask=ok3, other=0)
+            x3 = tl.load(xo + 12, mask=ok3, other=0)
+            blk = _block_dot(q, x0, x1, x2, x3)  # [ROWS, BLOCK_G, 4]
+        else:
+            blk = _block_dot8(q, x0, x1)
         # (g3 * one: consecutive per-block scales would make Triton vectorize these loads along
         # the blocks, in another layout, converted through shared memory every step)
-        gs = g3 * one
+        gs = g3 // (32 // UNIT) * one  # the activation block
         xs = tl.load(xs_ptr + gs, mask=ok3, other=0.0)  # [1, BLOCK_G, 1]
-        sg = g3 // SPG * one
+        if SPG == 0:
+            sg = g3 * 0
+        else:
+            sg = g3 // SPG * one
         s = tl.load(sp + sg, mask=ok3, other=0.0).to(tl.float32)  # [ROWS, BLOCK_G, 1]
         acc += blk * (s * xs)
         if HAS_OFF:
@@ -266,7 +323,7 @@ def _qgemv4h_kernel(
 # (weight rows a program, BLOCK_G, num_warps, PREFETCH). Not yet timed on a GPU:
 # `benchmarks/gpu_quant_bench.py --only gemv1` times HALF_SWEEP against the code-at-a-time kernel.
 # Until then 4 rows over 128 blocks (4,096 columns) with 4 warps: 3.3 SASS instructions a weight
-# in the K loop (sm_90, bf16, groups of 128: `python -m tests.gpu.qgemv4h_sass`), against 7.7
+# in the K loop (sm_90, bf16, groups of 128: `python -m tests.gpu.qgemv_half_sass`), against 7.7
 # for the code-at-a-time GEMV.
 HALF_CONFIG = (4, 128, 4, False)
 HALF_SWEEP = [(4, 128, 4, False), (4, 128, 4, True), (8, 128, 4, False), (8, 128, 4, True), (2, 128, 4, False),
@@ -276,35 +333,44 @@ HALF_SWEEP = [(4, 128, 4, False), (4, 128, 4, True), (8, 128, 4, False), (8, 128
 
 def check_config(cfg: tuple) -> tuple[int, int, int, bool]:
     """(rows, BLOCK_G, num_warps, PREFETCH), checked: powers of two, and at least 4 tile
-    elements a thread (rows * BLOCK_G >= 32 * num_warps), or a block's four words would be
-    split across threads while the PTX takes them as one pack (see triton_mxfp4_moe._check_half_tile)."""
+    elements a thread (rows * BLOCK_G >= 32 * num_warps), or a unit's four words would be split
+    across threads while the PTX takes them as one pack (see triton_mxfp4_moe._check_half_tile)."""
     if len(cfg) != 4:
-        raise ValueError(f"4-bit half-math GEMV config needs (rows, BLOCK_G, num_warps, PREFETCH) (got {cfg!r})")
+        raise ValueError(f"half-math GEMV config needs (rows, BLOCK_G, num_warps, PREFETCH) (got {cfg!r})")
     rows, bg, warps, prefetch = cfg
     for name, v in (("rows", rows), ("BLOCK_G", bg), ("num_warps", warps)):
         if v < 1 or v & (v - 1):
-            raise ValueError(f"4-bit half-math GEMV config: {name} must be a power of two (got {v})")
+            raise ValueError(f"half-math GEMV config: {name} must be a power of two (got {v})")
     if rows * bg < 32 * warps:
-        raise ValueError(f"4-bit half-math GEMV config: rows * BLOCK_G must be >= 32 * num_warps (whole blocks "
-                         f"per thread; got {rows} * {bg} < 32 * {warps})")
+        raise ValueError(f"half-math GEMV config: rows * BLOCK_G must be >= 32 * num_warps (whole units per "
+                         f"thread; got {rows} * {bg} < 32 * {warps})")
     return rows, bg, warps, bool(prefetch)
 
 
 def applies(x: torch.Tensor, qw) -> bool:
-    """Whether `qgemv4h` takes (x, qw): a 4-bit weight whose code rows are whole aligned words,
-    16-bit activations, K a multiple of 32."""
+    """Whether `qgemv_half` takes (x, qw): 16-bit activations, K a multiple of 32, code rows of
+    whole aligned words, and a 4-bit weight or an int8 one without offsets, per channel or in
+    groups of a multiple of 16."""
     q = qw.q
-    return (qw.kind == "int4" and x.dtype in (torch.bfloat16, torch.float16) and qw.shape[1] % 32 == 0
-            and q.stride(1) == 1 and q.stride(0) % 4 == 0 and q.data_ptr() % 16 == 0)
+    k = qw.shape[1]
+    if x.dtype not in (torch.bfloat16, torch.float16) or k % 32:
+        return False
+    if qw.kind == "int8":
+        if qw.offset is not None or (qw.group != k and qw.group % 16):
+            return False
+    elif qw.kind != "int4":
+        return False
+    return q.stride(1) == 1 and q.stride(0) % 4 == 0 and q.data_ptr() % 16 == 0
 
 
-def qgemv4h(x: torch.Tensor, qw, bias: torch.Tensor | None = None, silu: bool = False,
-            config: tuple | None = None) -> torch.Tensor:
-    """x [1, K] (bf16 / fp16) times the 4-bit weight `qw` -> [1, N] in x's dtype; with `silu`,
-    silu(gate) * up of a fused gate/up weight -> [1, N / 2]. `config` as HALF_CONFIG."""
+def qgemv_half(x: torch.Tensor, qw, bias: torch.Tensor | None = None, silu: bool = False,
+               config: tuple | None = None) -> torch.Tensor:
+    """x [1, K] (bf16 / fp16) times the 4-bit or int8 weight `qw` -> [1, N] in x's dtype; with
+    `silu`, silu(gate) * up of a fused gate/up weight -> [1, N / 2]. `config` as HALF_CONFIG."""
     if not applies(x, qw):
-        raise ValueError("the 4-bit half-math GEMV needs a 4-bit weight with aligned code rows and bf16 / fp16 "
-                         "activations with K a multiple of 32")
+        raise ValueError("the half-math GEMV needs a 4-bit or int8 (no offsets, per channel or groups of a "
+                         "multiple of 16) weight with aligned code rows, and bf16 / fp16 activations with K a "
+                         "multiple of 32")
     n, k = qw.shape
     rows, bg, warps, prefetch = check_config(config or HALF_CONFIG)
     out_n = n // 2 if silu else n
@@ -312,11 +378,13 @@ def qgemv4h(x: torch.Tensor, qw, bias: torch.Tensor | None = None, silu: bool = 
     out = torch.empty((1, out_n), dtype=x.dtype, device=x.device)
     xh, xs, xsum = act_pairs(x.reshape(1, k))
     codes = qw.q.view(torch.int32)
+    bits = 8 if qw.kind == "int8" else 4
+    group = 0 if bits == 8 and qw.group == k else qw.group
     use_pdl = pdl.enabled(x.device)
-    _qgemv4h_kernel[(triton.cdiv(out_n, block_n),)](
+    _qgemv_half_kernel[(triton.cdiv(out_n, block_n),)](
         xh, xs, xsum, codes, qw.scale, qw.offset if qw.offset is not None else qw.scale,
         bias if bias is not None else qw.scale, out, out_n, k, codes.stride(0), qw.scale.stride(0), 1,
-        HAS_OFF=qw.offset is not None, GROUP=qw.group, HAS_BIAS=bias is not None, SILU=silu, ROWS=rows,
-        BLOCK_N=block_n, BLOCK_G=bg, PREFETCH=prefetch, PDL=use_pdl, num_warps=warps, launch_pdl=use_pdl,
+        HAS_OFF=qw.offset is not None, GROUP=group, HAS_BIAS=bias is not None, SILU=silu, ROWS=rows,
+        BLOCK_N=block_n, BLOCK_G=bg, PREFETCH=prefetch, PDL=use_pdl, BITS=bits, num_warps=warps, launch_pdl=use_pdl,
     )
     return out

@@ -1,7 +1,8 @@
-"""Checks of the 4-bit half-math GEMV (`kvserve/kernels/triton_qgemv4h.py`, KVSERVE_INT4_GEMV=half)
-against the fp64 product of the dequantized weight: the plain GEMV (bias or not) and the SiLU·mul
-epilogue, every 4-bit layout (HF int4 in groups of 128 and 32, GGUF Q4_0 / Q4_1 / Q4_K, codes
-without offsets), bf16 / fp16 activations (with large and tiny blocks: the per-block scaling),
+"""Checks of the half-math GEMVs (`kvserve/kernels/triton_qgemv_half.py`, KVSERVE_INT4_GEMV=half /
+KVSERVE_INT8_GEMV=half) against the fp64 product of the dequantized weight: the plain GEMV (bias
+or not) and the SiLU·mul epilogue, every 4-bit layout (HF int4 in groups of 128 and 32, GGUF
+Q4_0 / Q4_1 / Q4_K, codes without offsets) and int8 layout (per channel, Q8_0, groups of 128),
+bf16 / fp16 activations (with large and tiny blocks: the per-block scaling),
 its tile configs; the activation pairs bit for bit; the env switch. Shared by the GPU tests
 (`tests/gpu/test_quant_gpu.py`) and the CPU test that runs them under TRITON_INTERPRET=1 on tiny
 shapes (`tests/platform/test_int4_gemv_half.py`)."""
@@ -12,6 +13,12 @@ import torch
 
 from tests.gpu.quant_checks import rel_err
 from tests.gpu.quant_w4_checks import int4_formats
+from tests.gpu.quant_w8_checks import int8_formats
+
+
+def half_formats(n: int, k: int, device: str) -> dict:
+    """Every layout the half-math GEMV takes: the 4-bit ones, then the int8 ones."""
+    return {**int4_formats(n, k, device), **int8_formats(n, k, device)}
 
 
 def _x(k: int, dtype: torch.dtype, device: str, seed: int) -> torch.Tensor:
@@ -26,17 +33,17 @@ def _x(k: int, dtype: torch.dtype, device: str, seed: int) -> torch.Tensor:
 def check_pairs(device: str) -> None:
     """`act_pairs`: each slot holds the pair `_pair_order` names, scaled by a power of two into
     [2^10, 2^11) for the block's largest magnitude, exact for these bf16 values; the block sums."""
-    from kvserve.kernels import triton_qgemv4h as h4
+    from kvserve.kernels import triton_qgemv_half as hm
 
     k = 256
     x = _x(k, torch.bfloat16, device, 3)
-    xh, xs, xsum = h4.act_pairs(x)
+    xh, xs, xsum = hm.act_pairs(x)
     xf = x.float().cpu().view(k // 32, 32)
     pairs = xh.cpu().view(k // 32, 16)
     lo = (pairs & 0xFFFF).to(torch.int16).view(torch.float16).float()
     hi = ((pairs >> 16) & 0xFFFF).to(torch.int16).view(torch.float16).float()
     scale = xs.cpu().view(-1, 1) / 1024.0  # 2^-c
-    for s, p in enumerate(h4._PAIR):
+    for s, p in enumerate(hm._PAIR):
         assert torch.equal(lo[:, s] * scale[:, 0], xf[:, 2 * p]), s
         assert torch.equal(hi[:, s] * scale[:, 0], xf[:, 2 * p + 1]), s
     big = torch.maximum(lo.abs().amax(1), hi.abs().amax(1))
@@ -45,20 +52,20 @@ def check_pairs(device: str) -> None:
 
 
 def check_gemv(n: int, k: int, device: str, dtype: torch.dtype, tol: float, configs=(None,)) -> dict[str, float]:
-    """qgemv4h (and with each of `configs`) against x times the dequantized weight."""
-    from kvserve.kernels import triton_qgemv4h as h4
+    """qgemv_half (and with each of `configs`) against x times the dequantized weight."""
+    from kvserve.kernels import triton_qgemv_half as hm
 
     errs = {}
     g = torch.Generator().manual_seed(21)
     bias = (torch.randn(n, generator=g) * 0.1).to(device=device, dtype=dtype)
-    for name, qw in int4_formats(n, k, device).items():
+    for name, qw in half_formats(n, k, device).items():
         wref = qw.dequantize(torch.float64)
         for seed, b in ((5, None), (6, bias)):
             x = _x(k, dtype, device, seed)
-            assert h4.applies(x, qw), name
+            assert hm.applies(x, qw), name
             ref = x.double() @ wref.T + (0 if b is None else b.double())
             for cfg in configs:
-                got = h4.qgemv4h(x, qw, b, config=cfg)
+                got = hm.qgemv_half(x, qw, b, config=cfg)
                 assert got.dtype == dtype and got.shape == (1, n)
                 e = rel_err(got, ref)
                 errs[f"{name}{' bias' if b is not None else ''} {cfg}"] = e
@@ -67,43 +74,50 @@ def check_gemv(n: int, k: int, device: str, dtype: torch.dtype, tol: float, conf
 
 
 def check_silu(n: int, k: int, device: str, dtype: torch.dtype, tol: float, configs=(None,)) -> None:
-    from kvserve.kernels import triton_qgemv4h as h4
+    from kvserve.kernels import triton_qgemv_half as hm
 
-    for name, qw in int4_formats(2 * n, k, device).items():
+    for name, qw in half_formats(2 * n, k, device).items():
         x = _x(k, dtype, device, 7)
         y = x.double() @ qw.dequantize(torch.float64).T
         ref = torch.nn.functional.silu(y[:, :n]) * y[:, n:]
         for cfg in configs:
-            got = h4.qgemv4h(x, qw, None, silu=True, config=cfg)
+            got = hm.qgemv_half(x, qw, None, silu=True, config=cfg)
             assert got.shape == (1, n)
             assert rel_err(got, ref) < tol, (name, cfg, rel_err(got, ref))
 
 
 def check_env_switch(device: str) -> None:
-    """KVSERVE_INT4_GEMV=half routes `triton_quant.qgemv` to the half-math GEMV for 16-bit
-    activations only (fp32 keeps the code-at-a-time kernel, bit for bit), and not the RoPE
-    variant; a bad config is refused by name."""
+    """KVSERVE_INT4_GEMV=half (KVSERVE_INT8_GEMV=half) routes `triton_quant.qgemv` to the half-math
+    GEMV for 4-bit (int8) weights and 16-bit activations only (fp32 keeps the code-at-a-time
+    kernel, bit for bit; the other kind's switch does not move it); a bad config is refused by
+    name."""
     import os
 
-    from kvserve.kernels import triton_qgemv4h as h4
+    from kvserve.kernels import triton_qgemv_half as hm
     from kvserve.kernels import triton_quant
 
-    qw = int4_formats(64, 128, device)["int4-g32"]
     xb = _x(128, torch.bfloat16, device, 8)
     xf = xb.float()
-    old = os.environ.get("KVSERVE_INT4_GEMV")
-    try:
-        os.environ["KVSERVE_INT4_GEMV"] = "half"
-        assert torch.equal(triton_quant.qgemv(xb, qw), h4.qgemv4h(xb, qw))
-        assert torch.equal(triton_quant.qgemv(xf, qw), triton_quant.qgemv(xf, qw, words=False))
-    finally:
-        if old is None:
-            os.environ.pop("KVSERVE_INT4_GEMV", None)
-        else:
-            os.environ["KVSERVE_INT4_GEMV"] = old
+    for var, other, qw in (("KVSERVE_INT4_GEMV", "KVSERVE_INT8_GEMV", int4_formats(64, 128, device)["int4-g32"]),
+                           ("KVSERVE_INT8_GEMV", "KVSERVE_INT4_GEMV", int8_formats(64, 128, device)["Q8_0"])):
+        old = {v: os.environ.get(v) for v in (var, other)}
+        try:
+            os.environ[other] = "half"
+            os.environ.pop(var, None)
+            assert torch.equal(triton_quant.qgemv(xb, qw), triton_quant.qgemv(xb, qw, words=False))
+            os.environ[var] = "half"
+            assert torch.equal(triton_quant.qgemv(xb, qw), hm.qgemv_half(xb, qw))
+            assert torch.equal(triton_quant.qgemv(xf, qw), triton_quant.qgemv(xf, qw, words=False))
+        finally:
+            for v, val in old.items():
+                if val is None:
+                    os.environ.pop(v, None)
+                else:
+                    os.environ[v] = val
+    qw = int4_formats(64, 128, device)["int4-g32"]
     for bad in ((16, 32, 4), (16, 2, 4, False), (12, 32, 4, False)):
         try:
-            h4.qgemv4h(xb, qw, config=bad)
+            hm.qgemv_half(xb, qw, config=bad)
         except ValueError as e:
             assert "config" in str(e)
         else:
@@ -120,7 +134,7 @@ def run_interpret() -> None:
     check_silu(6, 288, "cpu", torch.bfloat16, tol=1.5e-2, configs=small[:2])  # (the epilogue's bf16 roundings)
     check_silu(6, 256, "cpu", torch.float16, tol=2e-3, configs=small[:1])
     check_env_switch("cpu")
-    print("h4 interpret checks passed")
+    print("half interpret checks passed")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
-"""Compile the 4-bit half-math GEMV (`kvserve/kernels/triton_qgemv4h._qgemv4h_kernel`) and its
+"""Compile the 4-bit half-math GEMV (`kvserve/kernels/triton_qgemv_half._qgemv_half_kernel`) and its
 activation kernel for sm_90 without a GPU and report the K loop: instructions per weight against the
 code-at-a-time GEMV (`triton_quant._dot_rows`). The K loop must load the codes with 16-byte vectors,
 run no int-to-float conversion, no shared memory, barriers or shuffles, and not spill, at the
 default tile (and the sweep's, without --quick).
 
-    python -m tests.gpu.qgemv4h_sass [--quick] [--dump DIR]
+    python -m tests.gpu.qgemv_half_sass [--quick] [--dump DIR]
 
 Needs Triton's bundled ptxas/nvdisasm (pip `triton` ships them); no CUDA device.
 """
@@ -15,29 +15,29 @@ import argparse
 import sys
 from pathlib import Path
 
-from kvserve.kernels import triton_qgemv4h as h4
+from kvserve.kernels import triton_qgemv_half as hm
 from kvserve.kernels import triton_quant as tq
 from tests.gpu.mxfp4_sass import compile_sm90
 from tests.gpu.qgemv_sass import per_thread, qgemv, report
 
 
 def half(rows: int, bg: int, warps: int, prefetch: bool, act: str = "bf16", group: int = 128, has_off: bool = True,
-         silu: bool = False, scale: str = "fp16"):
-    """`_qgemv4h_kernel` as `qgemv4h` launches it."""
+         silu: bool = False, scale: str = "fp16", bits: int = 4):
+    """`_qgemv_half_kernel` as `qgemv_half` launches it."""
     sig = {"xh_ptr": "*i32", "xs_ptr": "*fp32", "xsum_ptr": "*fp32", "q_ptr": "*i32", "s_ptr": f"*{scale}",
            "o_ptr": f"*{scale}", "b_ptr": f"*{act}", "out_ptr": f"*{act}", "N": "i32", "K": "i32", "stride_q": "i32",
            "stride_s": "i32", "one": "i32"}
     cons = dict(HAS_OFF=has_off, GROUP=group, HAS_BIAS=False, SILU=silu, ROWS=rows,
-                BLOCK_N=rows // 2 if silu else rows, BLOCK_G=bg, PREFETCH=prefetch, PDL=True)
+                BLOCK_N=rows // 2 if silu else rows, BLOCK_G=bg, PREFETCH=prefetch, PDL=True, BITS=bits)
     aligned = ["xh_ptr", "xs_ptr", "xsum_ptr", "q_ptr", "s_ptr", "o_ptr", "b_ptr", "out_ptr", "K", "stride_q",
                "stride_s"]
-    return compile_sm90(h4._qgemv4h_kernel, sig, cons, aligned, num_warps=warps)
+    return compile_sm90(hm._qgemv_half_kernel, sig, cons, aligned, num_warps=warps)
 
 
 def act_pairs():
     sig = {"x_ptr": "*bf16", "xh_ptr": "*i32", "xs_ptr": "*fp32", "xsum_ptr": "*fp32", "pair_ptr": "*i32",
            "stride_x": "i32", "G": "i32"}
-    return compile_sm90(h4._act_pairs_kernel, sig, dict(BLOCK_G=16, PDL=True),
+    return compile_sm90(hm._act_pairs_kernel, sig, dict(BLOCK_G=16, PDL=True),
                         ["x_ptr", "xh_ptr", "xs_ptr", "xsum_ptr", "pair_ptr", "stride_x"], num_warps=4)
 
 
@@ -50,23 +50,24 @@ def main() -> int:
     bn, cap, warps = tq.GEMV_CONFIG["int4"]
     per_old, _ = report(f"codes_bf16_g128_r{bn}_k{cap}_w{warps}", qgemv(False, "bf16", bn, cap, warps),
                         per_thread(bn, cap, warps), args.dump, strict=False)
-    cfgs = [h4.HALF_CONFIG] + ([] if args.quick else [c for c in h4.HALF_SWEEP if c != h4.HALF_CONFIG])
+    cfgs = [hm.HALF_CONFIG] + ([] if args.quick else [c for c in hm.HALF_SWEEP if c != hm.HALF_CONFIG])
     per_new = None
     for i, (r, bg, w, pf) in enumerate(cfgs):
-        forms = (("bf16", 128, True, False, "fp16"), ("fp16", 32, False, False, "fp16"),
-                 ("bf16", 32, True, True, "fp32")) if i == 0 else (("bf16", 128, True, False, "fp16"),)
-        for act, group, off, silu, scale in forms:
-            name = f"half_{act}_g{group}{'' if off else '_nooff'}{'_silu' if silu else ''}_{scale}_r{r}_g{bg}_w{w}" \
+        forms = (("bf16", 128, True, False, "fp16", 4), ("fp16", 32, False, False, "fp16", 4),
+                 ("bf16", 32, True, True, "fp32", 4), ("bf16", 0, False, False, "fp32", 8),
+                 ("bf16", 32, False, True, "fp16", 8)) if i == 0 else (("bf16", 128, True, False, "fp16", 4),)
+        for act, group, off, silu, scale, bits in forms:
+            name = f"half{bits}_{act}_g{group}{'' if off else '_nooff'}{'_silu' if silu else ''}_{scale}_r{r}_g{bg}_w{w}" \
                    f"{'_pf' if pf else ''}"
-            per, f = report(name, half(r, bg, w, pf, act, group, off, silu, scale), per_thread(r, 32 * bg, w),
-                            args.dump, strict=False)
+            per, f = report(name, half(r, bg, w, pf, act, group, off, silu, scale, bits),
+                            per_thread(r, (32 if bits == 4 else 16) * bg, w), args.dump, strict=False)
             # strict=False above: the HADD2.F32 widening of `report`'s strict mode is the word GEMV's;
             # here the checks are these
             body_fail = [m for m in f]
             failures += body_fail
             if i == 0 and act == "bf16" and group == 128:
                 per_new = per
-    sass_fail = check_strict(args.dump)
+    sass_fail = check_strict(args.dump)  # noqa: F841 (dump unused there)
     failures += sass_fail
     k = act_pairs()
     print(f"act_pairs: compiled ({len(k.asm['cubin'])} bytes of cubin)")
@@ -76,19 +77,27 @@ def main() -> int:
         print("FAIL", msg)
     if failures:
         return 1
-    print("qgemv4h sass checks passed")
+    print("qgemv_half sass checks passed")
     return 0
 
 
 def check_strict(dump: Path | None) -> list[str]:
-    """The default tile's K loop: 16-byte code loads, no I2F, no shared memory / barriers /
-    shuffles (the activation pairs in the code tile's layout), no spills."""
+    """The default tile's K loop (4-bit in groups of 128 and 32, int8 per channel and Q8_0):
+    16-byte code loads, no I2F, no shared memory / barriers / shuffles (the activation pairs in
+    the code tile's layout), no spills."""
+    r, bg, w, pf = hm.HALF_CONFIG
+    out = []
+    for bits, group in ((4, 128), (4, 32), (8, 0), (8, 32)):
+        out += [f"{bits}-bit g{group}: {m}" for m in _strict_one(half(r, bg, w, pf, group=group, has_off=bits == 4,
+                                                                      bits=bits, scale="fp16" if group else "fp32"))]
+    return out
+
+
+def _strict_one(k) -> list[str]:
     import re
 
     from tests.gpu.mxfp4_sass import loops, sass_of
 
-    r, bg, w, pf = h4.HALF_CONFIG
-    k = half(r, bg, w, pf)
     sass, usage = sass_of(k.asm["cubin"])
     bodies = loops(sass)
     body = max(bodies, key=lambda b: sum(b.values())) if bodies else {}

@@ -1,0 +1,25 @@
+"""The half-math GEMVs (`kvserve/kernels/triton_qgemv_half.py`, KVSERVE_INT4_GEMV=half /
+KVSERVE_INT8_GEMV=half) without a GPU: their inline PTX emulated bit for bit
+(`tests/gpu/ptx_emu.check_block_dot` / `check_block_dot8`), its results under
+the Triton interpreter (`tests/gpu/quant_half_checks.py`), and its sm_90 machine code
+(`tests/gpu/qgemv_half_sass.py`: 16-byte code loads, no I2F, no shared memory or barriers in the K
+loop, no spills)."""
+
+from __future__ import annotations
+
+from tests.interpreted import run_interpreted, run_sass_check
+
+
+def test_block_dot_asm_is_exact():
+    from tests.gpu import ptx_emu
+
+    ptx_emu.check_block_dot()
+    ptx_emu.check_block_dot8()
+
+
+def test_half_gemv_interpreted():
+    run_interpreted("quant_half_checks", done="half interpret checks passed", timeout=600)
+
+
+def test_half_gemv_sass():
+    run_sass_check("qgemv_half_sass", "qgemv_half sass checks passed", args=("--quick",))
