@@ -72,12 +72,19 @@ lease6c)  # the GPU tests of this evening's opt-in kernels (before flipping a de
   t f8thru $((570 - SECONDS)) "device|\[throughput\]|rror" python -m benchmarks.gpu_quant_bench --only throughput --tp-schemes bf16,fp8,fp8+fused --out "$OUT"
   ;;
 lease8a)  # 2026-12-08: issue 17's half-math GEMVs (KVSERVE_INT4_GEMV / KVSERVE_INT8_GEMV=half, opt-in): kernels, then batch-1 decode
-  t gemvh 300 "^\||^\[|rror|act_pairs" python -m benchmarks.gpu_quant_bench --only gemvh --out "$OUT"
+  t gemvh 250 "^\||^\[|rror|act_pairs" python -m benchmarks.gpu_quant_bench --only gemvh --out "$OUT"
   mkdir -p "$OUT/d"
-  t hdecode 260 "^\[|rror" python -m benchmarks.gpu_quant_bench --only decode1 --decode1 int4:codes,int4:half,int8:codes,int8:half --out "$OUT/d"
+  t hdecode 290 "^\[|rror" python -m benchmarks.gpu_quant_bench --only decode1 --decode1 int4:codes,int4:half,int8:codes,int8:half --out "$OUT/d"
   ;;
-lease8b)  # its GPU tests, and the CPU-side checks that compile for sm_90
+lease8b)  # their GPU tests
   t htests 400 "$TESTS" python -m pytest -q -p no:cacheprovider tests/gpu/test_quant_gpu.py -k "half"
+  ;;
+lease8c)  # Nsight Compute on one launch of each (code at a time, half math; int4 then int8): why a GEMV is or is not at the floor
+  for kind in int4 int8; do
+    t "ncu_$kind" 120 "^  *[A-Z].*[0-9]|==PROF==|rror|_qgemv" ncu --clock-control none -k regex:_qgemv --launch-skip 4 --launch-count 2 \
+      --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
+      python -m benchmarks.gpu_ncu_gemv --kind $kind
+  done
   ;;
 lease7)  # one call if only one comes (2026-12-07 late): issue 17's engine batch-1 decode, codes vs words, beside gpt-fast int4; issue 20's MXFP4 half math; issue 19's verify step
   t d1 250 "^\[|rror" python -m benchmarks.gpu_quant_bench --only decode1,peer --decode1 int4:codes,int4:words,int8:codes,int8:words --peer-modes int4 --peer-dir .peer/peer --out "$OUT"
