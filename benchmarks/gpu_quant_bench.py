@@ -328,6 +328,35 @@ def _words_summary(rows: dict, w4_rows: dict, bits: int = 4) -> None:
     RESULTS[f"int{bits}_words_floor_GBps"] = bf_bw
 
 
+def _rope_call(x: torch.Tensor, w, words):
+    """Llama-3.1-8B's qkv + RoPE + K/V store on weight `w`; `words` None: the half-math variant
+    (the kind's switch set to "half" for the call), False: a code at a time."""
+    from kvserve.kernels import triton_quant as tq
+
+    hq, hkv, d = 32, 8, 128
+    key = ("rope", x.dtype)
+    if key not in _ROPE_ARGS:
+        half = d // 2
+        ang = torch.arange(256, device="cuda", dtype=torch.float32)[:, None] / (
+            10000 ** (torch.arange(half, device="cuda", dtype=torch.float32) / half))[None, :]
+        _ROPE_ARGS[key] = (torch.cat([ang.cos(), ang.sin()], dim=1), torch.tensor([100], device="cuda"),
+                           torch.tensor([37], device="cuda"), torch.zeros(2, 8, 16, hkv, d, device="cuda", dtype=x.dtype))
+    cos_sin, pos, slot, cache = _ROPE_ARGS[key]
+    var = "KVSERVE_INT8_GEMV" if w.kind == "int8" else "KVSERVE_INT4_GEMV"
+    old = os.environ.get(var)
+    os.environ[var] = "half" if words is None else "codes"
+    try:
+        return tq.qgemv_rope_(x, w, None, pos, cos_sin, hq, hkv, d, cache, slot, words=words)
+    finally:
+        if old is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = old
+
+
+_ROPE_ARGS: dict = {}
+
+
 def section_gemvh(fmts: tuple[str, ...] = ("int4-g128", "int8", "Q4_0", "Q8_0")) -> None:
     """The half-math GEMVs (`triton_qgemv_half`, KVSERVE_INT4_GEMV / KVSERVE_INT8_GEMV=half) against
     the code-at-a-time ones (the default), each Llama-3.1-8B projection as the engine calls it
@@ -375,6 +404,9 @@ def section_gemvh(fmts: tuple[str, ...] = ("int4-g128", "int8", "Q4_0", "Q8_0"))
                         res[str(cfg)] = rotate_time(lambda w: h4.qgemv_half(x, w, silu=silu, config=cfg), qs) * 1e6
                     except Exception as e:
                         log(f"[gemvh] {name} {fmt} {cfg}: {type(e).__name__}: {str(e)[:160]}")
+                if name == "qkv":  # as the engine calls it: + RoPE and the K/V store (`qgemv_rope_`)
+                    res["rope_codes"] = rotate_time(lambda w: _rope_call(x, w, False), qs) * 1e6
+                    res["rope_half"] = rotate_time(lambda w: _rope_call(x, w, None), qs) * 1e6
                 rows[f"{name}/{fmt}"] = res
                 del qs, qw0
             except Exception:
@@ -396,6 +428,8 @@ def section_gemvh(fmts: tuple[str, ...] = ("int4-g128", "int8", "Q4_0", "Q8_0"))
         log(f"| {name} | {fmt} | {r['bytes'] / 1e6:.1f} | {floor:.1f} | {pct(r['codes'])} | {pct(r.get('None', float('nan')))} | "
             f"{pct(best[1])} {best[0]} | {r['diff_half']:.1e} / {r['diff_codes']:.1e} |")
         log("|   tiles | " + "; ".join(f"{k_} {v:.1f}" for k_, v in tiles.items()) + " |")
+        if "rope_codes" in r:
+            log(f"| {name} + RoPE + K/V store | {fmt} | | {floor:.1f} | {pct(r['rope_codes'])} | {pct(r['rope_half'])} | | |")
         acc = layer.setdefault(fmt, [0.0, 0.0, 0.0, 0.0])
         for i, v in enumerate((floor, r["codes"], r.get("None", float("nan")), best[1])):
             acc[i] += v

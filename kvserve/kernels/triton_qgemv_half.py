@@ -21,7 +21,8 @@ pair order the PTX reads (`_PAIR`), with 2^(10 - c) to undo the scaling and the 
 for the offsets. Products of 4-bit codes times 2^-10 (< 2^-6) with those (< 2^11) stay below 30
 and a half's sum of 8 products below 240 (int8: |q| 2^-10 <= 2^-3, products below 2^8, sums below
 2^11): no overflow, about 11 bits kept per partial sum. fp32
-activations keep the code-at-a-time kernel (its exact fp32 math is what the tests compare).
+activations keep the code-at-a-time kernel (its exact fp32 math is what the tests compare). The
+qkv + RoPE + K/V store variant (`triton_quant._qgemv_half_rope_kernel`) shares `_half_rows`.
 
 Per (row, block) the fp32 epilogue is block_sum * s * 2^(10 - c) + m * sum(x). A program takes
 ROWS weight rows (SILU: BLOCK_N gate rows and the matching up rows) over [ROWS, BLOCK_G, 4] word
@@ -225,33 +226,15 @@ def act_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return xh, xs, xsum
 
 
-@triton.jit(do_not_specialize=["one"])
-def _qgemv_half_kernel(
-    xh_ptr, xs_ptr, xsum_ptr,  # `act_pairs` of one row
-    q_ptr,  # int32 code words: 4-bit [N_w, K / 8] (GGML chunk order: 4 words a 32-column block), int8 [N_w, K / 4]
-    s_ptr, o_ptr,  # [N_w, K / GROUP] scales, offsets (int8: none; per channel: [N_w, 1])
-    b_ptr, out_ptr,
-    N,  # output columns (SILU: the gate rows I; the weight has 2I rows)
-    K, stride_q, stride_s,
-    one,  # 1, not specialized: see the loop
-    HAS_OFF: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
-    BITS: tl.constexpr = 4,  # 8: int8 codes, a unit of 16 columns (`_block_dot8`); GROUP 0: a scale per row
-):
-    """out = x W^T (+ bias) for ROWS weight rows, or SILU: silu(gate) * up with BLOCK_N gate rows
-    and their up rows (module docstring). A unit is four code words: a 32-column block (4-bit) or
-    16 columns (int8, half an activation block: same pair order, `_pair_order`). The first tile's
-    code words are requested before the PDL wait (weights only); PREFETCH: each iteration requests
-    the next tile before decoding this one (twice the bytes in flight)."""
-    r = tl.arange(0, ROWS)
-    if SILU:
-        rows = tl.program_id(0) * BLOCK_N + r % BLOCK_N
-        w_rows = tl.where(r >= BLOCK_N, rows + N, rows)
-    else:
-        rows = tl.program_id(0) * BLOCK_N + r
-        w_rows = rows
-    row_ok = rows < N
-    rows64 = tl.where(row_ok, w_rows, 0).to(tl.int64)
+@triton.jit
+def _half_rows(xh_ptr, xs_ptr, xsum_ptr, q_ptr, s_ptr, o_ptr, rows64, K, stride_q, stride_s, one,
+               HAS_OFF: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_G: tl.constexpr,
+               PREFETCH: tl.constexpr, PDL: tl.constexpr, BITS: tl.constexpr):
+    """fp32 [ROWS]: the dot products of weight rows `rows64` with the activations (`act_pairs`).
+    A unit is four code words: a 32-column block (4-bit) or 16 columns (int8, half an activation
+    block: same pair order, `_pair_order`). The first tile's code words are requested before the
+    PDL wait (weights only); PREFETCH: each iteration requests the next tile before decoding this
+    one (twice the bytes in flight)."""
     UNIT: tl.constexpr = 32 if BITS == 4 else 16  # columns a unit (4 code words)
     G = K // UNIT
     SPG: tl.constexpr = GROUP // UNIT  # units a scale (0: one scale a row)
@@ -304,7 +287,35 @@ def _qgemv_half_kernel(
         if HAS_OFF:
             xsum = tl.load(xsum_ptr + gs, mask=ok3, other=0.0)
             acc += tl.load(op + sg, mask=ok3, other=0.0).to(tl.float32) * (xsum * first)
-    res = tl.sum(tl.sum(acc, 2), 1)
+    return tl.sum(tl.sum(acc, 2), 1)
+
+
+@triton.jit(do_not_specialize=["one"])
+def _qgemv_half_kernel(
+    xh_ptr, xs_ptr, xsum_ptr,  # `act_pairs` of one row
+    q_ptr,  # int32 code words: 4-bit [N_w, K / 8] (GGML chunk order: 4 words a 32-column block), int8 [N_w, K / 4]
+    s_ptr, o_ptr,  # [N_w, K / GROUP] scales, offsets (int8: none; per channel: [N_w, 1])
+    b_ptr, out_ptr,
+    N,  # output columns (SILU: the gate rows I; the weight has 2I rows)
+    K, stride_q, stride_s,
+    one,  # 1, not specialized: see the loop
+    HAS_OFF: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, PREFETCH: tl.constexpr, PDL: tl.constexpr,
+    BITS: tl.constexpr = 4,  # 8: int8 codes, a unit of 16 columns (`_block_dot8`); GROUP 0: a scale per row
+):
+    """out = x W^T (+ bias) for ROWS weight rows, or SILU: silu(gate) * up with BLOCK_N gate rows
+    and their up rows (`_half_rows`; module docstring)."""
+    r = tl.arange(0, ROWS)
+    if SILU:
+        rows = tl.program_id(0) * BLOCK_N + r % BLOCK_N
+        w_rows = tl.where(r >= BLOCK_N, rows + N, rows)
+    else:
+        rows = tl.program_id(0) * BLOCK_N + r
+        w_rows = rows
+    row_ok = rows < N
+    rows64 = tl.where(row_ok, w_rows, 0).to(tl.int64)
+    res = _half_rows(xh_ptr, xs_ptr, xsum_ptr, q_ptr, s_ptr, o_ptr, rows64, K, stride_q, stride_s, one, HAS_OFF, GROUP,
+                     ROWS, BLOCK_G, PREFETCH, PDL, BITS)
     if HAS_BIAS:
         res += tl.load(b_ptr + rows64, mask=row_ok, other=0.0).to(tl.float32)
     dt = out_ptr.dtype.element_ty
@@ -331,20 +342,27 @@ HALF_SWEEP = [(4, 128, 4, False), (4, 128, 4, True), (8, 128, 4, False), (8, 128
               (4, 256, 8, False), (16, 32, 4, False)]
 
 
-def check_config(cfg: tuple) -> tuple[int, int, int, bool]:
-    """(rows, BLOCK_G, num_warps, PREFETCH), checked: powers of two, and at least 4 tile
-    elements a thread (rows * BLOCK_G >= 32 * num_warps), or a unit's four words would be split
-    across threads while the PTX takes them as one pack (see triton_mxfp4_moe._check_half_tile)."""
+def check_config(cfg: tuple, rope: bool = False) -> tuple[int, int, int, bool]:
+    """(rows, BLOCK_G, num_warps, PREFETCH) (`rope`: row pairs for rows), checked: powers of two,
+    and at least 4 tile elements a thread (rows * BLOCK_G >= 32 * num_warps), or a unit's four
+    words would be split across threads while the PTX takes them as one pack (see
+    triton_mxfp4_moe._check_half_tile)."""
     if len(cfg) != 4:
-        raise ValueError(f"half-math GEMV config needs (rows, BLOCK_G, num_warps, PREFETCH) (got {cfg!r})")
+        raise ValueError(f"half-math GEMV config needs ({'row pairs' if rope else 'rows'}, BLOCK_G, num_warps, "
+                         f"PREFETCH) (got {cfg!r})")
     rows, bg, warps, prefetch = cfg
     for name, v in (("rows", rows), ("BLOCK_G", bg), ("num_warps", warps)):
         if v < 1 or v & (v - 1):
             raise ValueError(f"half-math GEMV config: {name} must be a power of two (got {v})")
-    if rows * bg < 32 * warps:
+    if (2 * rows if rope else rows) * bg < 32 * warps:
         raise ValueError(f"half-math GEMV config: rows * BLOCK_G must be >= 32 * num_warps (whole units per "
                          f"thread; got {rows} * {bg} < 32 * {warps})")
     return rows, bg, warps, bool(prefetch)
+
+
+# The qkv + RoPE variant (`triton_quant._qgemv_half_rope_kernel`): (row pairs a program, BLOCK_G,
+# num_warps, PREFETCH), the GEMV's default tile (4 rows).
+HALF_ROPE_CONFIG = (2, 128, 4, False)
 
 
 def applies(x: torch.Tensor, qw) -> bool:

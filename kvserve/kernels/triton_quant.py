@@ -471,6 +471,16 @@ def _qgemv_rope_kernel(
             pdl.wait(PDL)
         acc = _dot_rows(x_ptr, q_ptr, s_ptr, o_ptr, rows, K, stride_q, stride_s, KIND, HAS_OFF, GROUP, 2 * PAIRS,
                         BLOCK_K)
+    _rope_store(acc, rows, head, jv, b_ptr, out_ptr, pos_ptr, cos_sin_ptr, cache_ptr, slot_ptr, stride_cs, num_q_heads,
+                num_heads, stride_plane, stride_slot, stride_head, HAS_BIAS, HALF, WRITE_KV, PAIRS)
+
+
+@triton.jit
+def _rope_store(acc, rows, head, jv, b_ptr, out_ptr, pos_ptr, cos_sin_ptr, cache_ptr, slot_ptr, stride_cs, num_q_heads,
+                num_heads, stride_plane, stride_slot, stride_head, HAS_BIAS: tl.constexpr, HALF: tl.constexpr,
+                WRITE_KV: tl.constexpr, PAIRS: tl.constexpr):
+    """The RoPE GEMVs' epilogue: fp32 sums `acc` of rows (the PAIRS first rows of a pair, then
+    their partners) + bias, rounded, rotated (q and k heads), stored, and k / v into the cache."""
     pos = tl.load(pos_ptr).to(tl.int64)
     c = tl.load(cos_sin_ptr + pos * stride_cs + jv)
     s = tl.load(cos_sin_ptr + pos * stride_cs + HALF + jv)
@@ -492,6 +502,26 @@ def _qgemv_rope_kernel(
             dst = cache_ptr + is_v.to(tl.int64) * stride_plane + slot * stride_slot + kv_head * stride_head
             tl.store(dst + jv, o1.to(cache_ptr.dtype.element_ty))
             tl.store(dst + jv + HALF, o2.to(cache_ptr.dtype.element_ty))
+
+
+@triton.jit(do_not_specialize=["one"], do_not_specialize_on_alignment=["pos_ptr", "slot_ptr"])
+def _qgemv_half_rope_kernel(
+    xh_ptr, xs_ptr, xsum_ptr, q_ptr, s_ptr, o_ptr, b_ptr, out_ptr, pos_ptr, cos_sin_ptr, cache_ptr, slot_ptr,
+    K, stride_q, stride_s, stride_cs, num_q_heads, num_heads, stride_plane, stride_slot, stride_head, one,
+    HAS_OFF: tl.constexpr, GROUP: tl.constexpr, HAS_BIAS: tl.constexpr, HALF: tl.constexpr, WRITE_KV: tl.constexpr,
+    PDL: tl.constexpr, PAIRS: tl.constexpr, BLOCK_G: tl.constexpr, PREFETCH: tl.constexpr, BITS: tl.constexpr,
+):
+    """`_qgemv_rope_kernel` with the half-math dot products (`triton_qgemv_half._half_rows`; the
+    activations from `act_pairs`)."""
+    P: tl.constexpr = HALF // PAIRS  # programs a head
+    head = tl.program_id(0) // P
+    jv = (tl.program_id(0) % P) * PAIRS + tl.arange(0, PAIRS)  # [PAIRS]
+    t = tl.arange(0, 2 * PAIRS)  # the PAIRS first rows, then their partners
+    rows = (head * (2 * HALF) + (tl.program_id(0) % P) * PAIRS + t % PAIRS + (t // PAIRS) * HALF).to(tl.int64)
+    acc = triton_qgemv_half._half_rows(xh_ptr, xs_ptr, xsum_ptr, q_ptr, s_ptr, o_ptr, rows, K, stride_q, stride_s, one,
+                                       HAS_OFF, GROUP, 2 * PAIRS, BLOCK_G, PREFETCH, PDL, BITS)
+    _rope_store(acc, rows, head, jv, b_ptr, out_ptr, pos_ptr, cos_sin_ptr, cache_ptr, slot_ptr, stride_cs, num_q_heads,
+                num_heads, stride_plane, stride_slot, stride_head, HAS_BIAS, HALF, WRITE_KV, PAIRS)
 
 
 @triton.jit
@@ -692,9 +722,9 @@ INT8_GEMV_MODES = ("codes", "words", "half")
 
 def int4_gemv_mode() -> str:
     """KVSERVE_INT4_GEMV: "codes" (default: `_dot_rows`, a code at a time), "words" (the int32-word
-    decode, `_dot_rows_w4`) or "half" (packed half math, `triton_qgemv_half`, for 16-bit activations;
-    fp32 activations and the RoPE variant keep the code-at-a-time kernel) for the one-row 4-bit
-    GEMVs."""
+    decode, `_dot_rows_w4`) or "half" (packed half math, `triton_qgemv_half`, for 16-bit activations,
+    the RoPE variant included; fp32 activations keep the code-at-a-time kernel) for the one-row
+    4-bit GEMVs."""
     mode = os.environ.get("KVSERVE_INT4_GEMV", "codes")
     if mode not in INT4_GEMV_MODES:
         raise ValueError(f"KVSERVE_INT4_GEMV must be one of {', '.join(INT4_GEMV_MODES)}, got {mode!r}")
@@ -704,8 +734,8 @@ def int4_gemv_mode() -> str:
 def int8_gemv_mode() -> str:
     """KVSERVE_INT8_GEMV: "codes" (default: `_dot_rows`, a code at a time), "words" (the int32-word
     decode, `_dot_rows_w8`) or "half" (packed half math, `triton_qgemv_half`, for 16-bit
-    activations; fp32 activations and the RoPE variant keep the code-at-a-time kernel) for the
-    one-row int8 GEMVs (HF int8 per channel, GGUF Q8_0)."""
+    activations, the RoPE variant included; fp32 activations keep the code-at-a-time kernel) for
+    the one-row int8 GEMVs (HF int8 per channel, GGUF Q8_0)."""
     mode = os.environ.get("KVSERVE_INT8_GEMV", "codes")
     if mode not in INT8_GEMV_MODES:
         raise ValueError(f"KVSERVE_INT8_GEMV must be one of {', '.join(INT8_GEMV_MODES)}, got {mode!r}")
@@ -841,7 +871,9 @@ def qgemv_rope_(x, qw, bias, positions, cos_sin, num_q_heads, num_kv_heads, head
                 words: bool | None = None, config: tuple | None = None):
     """`triton_ops.gemv_rope_` on a quantized qkv weight: projection + RoPE (+ K/V store). 4-bit
     and int8 weights: `words` and `config` (row pairs a program, BLOCK_K cap, warps, prefetch; as
-    INT4_WORDS_ROPE_CONFIG / INT8_WORDS_ROPE_CONFIG) as in `qgemv`."""
+    INT4_WORDS_ROPE_CONFIG / INT8_WORDS_ROPE_CONFIG) as in `qgemv`; with `words` None and the
+    kind's switch at "half", 16-bit x takes the half-math dot products (`config` then (row pairs
+    a program, BLOCK_G, warps, prefetch), as triton_qgemv_half.HALF_ROPE_CONFIG)."""
     n, k = qw.shape
     if n != (num_q_heads + 2 * num_kv_heads) * head_dim or head_dim % 2:
         raise ValueError(f"qgemv_rope_: weight of {n} rows is not q, k and v heads of even size {head_dim}")
@@ -849,6 +881,25 @@ def qgemv_rope_(x, qw, bias, positions, cos_sin, num_q_heads, num_kv_heads, head
     write = kv_cache is not None
     use_pdl = _launch_pdl(x)
     half = head_dim // 2
+    if words is None and _half_mode(qw) and triton_qgemv_half.applies(x, qw):
+        pairs, bg, warps, prefetch = triton_qgemv_half.check_config(config or triton_qgemv_half.HALF_ROPE_CONFIG,
+                                                                   rope=True)
+        while half % pairs:
+            pairs //= 2
+        xh, xs, xsum = triton_qgemv_half.act_pairs(x.reshape(1, k))
+        codes = qw.q.view(torch.int32)
+        bits = 8 if qw.kind == "int8" else 4
+        _qgemv_half_rope_kernel[(n // (2 * pairs),)](
+            xh, xs, xsum, codes, qw.scale, qw.offset if qw.offset is not None else qw.scale,
+            bias if bias is not None else qw.scale, out, positions, cos_sin, kv_cache if write else qw.scale,
+            slot_mapping if write else positions, k, codes.stride(0), qw.scale.stride(0), cos_sin.stride(0),
+            num_q_heads, num_q_heads + num_kv_heads, kv_cache.stride(0) if write else 0,
+            kv_cache.stride(2) if write else 0, kv_cache.stride(3) if write else 0, 1,
+            HAS_OFF=qw.offset is not None, GROUP=0 if bits == 8 and qw.group == k else qw.group,
+            HAS_BIAS=bias is not None, HALF=half, WRITE_KV=write, PDL=use_pdl, PAIRS=pairs, BLOCK_G=bg,
+            PREFETCH=prefetch, BITS=bits, num_warps=warps, launch_pdl=use_pdl,
+        )
+        return out
     w4 = _w4_operands(x, qw, words)
     if w4 is not None:
         xw, codes, xkind = w4

@@ -34,6 +34,22 @@ def half(rows: int, bg: int, warps: int, prefetch: bool, act: str = "bf16", grou
     return compile_sm90(hm._qgemv_half_kernel, sig, cons, aligned, num_warps=warps)
 
 
+def rope(pairs: int, bg: int, warps: int, prefetch: bool, bits: int = 4):
+    """`_qgemv_half_rope_kernel` as `qgemv_rope_` launches it (bf16, head_dim 128; 4-bit in groups
+    of 128 with offsets, or int8 per channel)."""
+    scale = "*fp16" if bits == 4 else "*fp32"
+    sig = {"xh_ptr": "*i32", "xs_ptr": "*fp32", "xsum_ptr": "*fp32", "q_ptr": "*i32", "s_ptr": scale, "o_ptr": scale,
+           "b_ptr": "*bf16", "out_ptr": "*bf16", "pos_ptr": "*i64", "cos_sin_ptr": "*fp32", "cache_ptr": "*bf16",
+           "slot_ptr": "*i64"}
+    sig.update({name: "i32" for name in ("K", "stride_q", "stride_s", "stride_cs", "num_q_heads", "num_heads",
+                                         "stride_plane", "stride_slot", "stride_head", "one")})
+    cons = dict(HAS_OFF=bits == 4, GROUP=128 if bits == 4 else 0, HAS_BIAS=False, HALF=64, WRITE_KV=True, PDL=True,
+                PAIRS=pairs, BLOCK_G=bg, PREFETCH=prefetch, BITS=bits)
+    aligned = ["xh_ptr", "xs_ptr", "xsum_ptr", "q_ptr", "s_ptr", "o_ptr", "b_ptr", "out_ptr", "cos_sin_ptr",
+               "cache_ptr", "K", "stride_q", "stride_s", "stride_cs", "stride_plane", "stride_slot", "stride_head"]
+    return compile_sm90(tq._qgemv_half_rope_kernel, sig, cons, aligned, num_warps=warps)
+
+
 def act_pairs():
     sig = {"x_ptr": "*bf16", "xh_ptr": "*i32", "xs_ptr": "*fp32", "xsum_ptr": "*fp32", "pair_ptr": "*i32",
            "stride_x": "i32", "G": "i32"}
@@ -67,8 +83,12 @@ def main() -> int:
             failures += body_fail
             if i == 0 and act == "bf16" and group == 128:
                 per_new = per
-    sass_fail = check_strict(args.dump)  # noqa: F841 (dump unused there)
-    failures += sass_fail
+    failures += check_strict(args.dump)
+    p, bg, w, pf = hm.HALF_ROPE_CONFIG
+    for bits in (4, 8):
+        failures += [f"rope {bits}-bit: {m}" for m in _strict_one(rope(p, bg, w, pf, bits))]
+        report(f"half{bits}_rope_p{p}_g{bg}_w{w}", rope(p, bg, w, pf, bits),
+               per_thread(2 * p, (32 if bits == 4 else 16) * bg, w), args.dump, strict=False)
     k = act_pairs()
     print(f"act_pairs: compiled ({len(k.asm['cubin'])} bytes of cubin)")
     print(f"int4 GEMV K loop, SASS instructions a weight (bf16, g128, default tiles): code at a time {per_old:.2f}, "

@@ -2,7 +2,7 @@
 KVSERVE_INT8_GEMV=half) against the fp64 product of the dequantized weight: the plain GEMV (bias
 or not) and the SiLU·mul epilogue, every 4-bit layout (HF int4 in groups of 128 and 32, GGUF
 Q4_0 / Q4_1 / Q4_K, codes without offsets) and int8 layout (per channel, Q8_0, groups of 128),
-bf16 / fp16 activations (with large and tiny blocks: the per-block scaling),
+the qkv + RoPE + K/V store variant, bf16 / fp16 activations (with large and tiny blocks: the per-block scaling),
 its tile configs; the activation pairs bit for bit; the env switch. Shared by the GPU tests
 (`tests/gpu/test_quant_gpu.py`) and the CPU test that runs them under TRITON_INTERPRET=1 on tiny
 shapes (`tests/platform/test_int4_gemv_half.py`)."""
@@ -86,6 +86,47 @@ def check_silu(n: int, k: int, device: str, dtype: torch.dtype, tol: float, conf
             assert rel_err(got, ref) < tol, (name, cfg, rel_err(got, ref))
 
 
+def check_rope(device: str, dtype: torch.dtype, tol: float, hq: int = 4, hkv: int = 2, d: int = 64, k: int = 256,
+               configs=(None,)) -> None:
+    """The qkv + RoPE + K/V store variant (`triton_quant.qgemv_rope_` with the kind's switch at
+    "half") against the fp64 product then a fp64 rotation, every 4-bit and int8 layout."""
+    import os
+
+    from kvserve.kernels import triton_quant
+
+    n = (hq + 2 * hkv) * d
+    half = d // 2
+    inv = 1.0 / (10000 ** (torch.arange(half, dtype=torch.float64) / half))
+    ang = torch.arange(64, dtype=torch.float64)[:, None] * inv[None, :]
+    cos_sin = torch.cat([ang.cos(), ang.sin()], dim=1).float().to(device)
+    old = {v: os.environ.get(v) for v in ("KVSERVE_INT4_GEMV", "KVSERVE_INT8_GEMV")}
+    try:
+        os.environ["KVSERVE_INT4_GEMV"] = os.environ["KVSERVE_INT8_GEMV"] = "half"
+        for name, qw in half_formats(n, k, device).items():
+            x = _x(k, dtype, device, 9)
+            pos = torch.tensor([37], device=device)
+            y = (x.double() @ qw.dequantize(torch.float64).T).view(hq + 2 * hkv, d).cpu()
+            c, s = ang[37].cos(), ang[37].sin()
+            rot = y.clone()
+            x1, x2 = y[: hq + hkv, :half], y[: hq + hkv, half:]
+            rot[: hq + hkv, :half] = x1 * c - x2 * s
+            rot[: hq + hkv, half:] = x2 * c + x1 * s
+            for cfg in configs:
+                cache = torch.zeros(2, 4, 16, hkv, d, device=device, dtype=dtype)
+                slot = torch.tensor([21], device=device)
+                got = triton_quant.qgemv_rope_(x, qw, None, pos, cos_sin, hq, hkv, d, cache, slot, config=cfg)
+                assert rel_err(got.view(hq + 2 * hkv, d), rot) < tol, (name, cfg, rel_err(got.view(hq + 2 * hkv, d), rot))
+                kv = cache.view(2, 64, hkv, d)[:, 21].cpu()
+                assert rel_err(kv[0], rot[hq: hq + hkv]) < tol and rel_err(kv[1], rot[hq + hkv:]) < tol, (name, cfg)
+                assert cache.view(2, 64, hkv, d)[:, :21].abs().sum() == 0
+    finally:
+        for v, val in old.items():
+            if val is None:
+                os.environ.pop(v, None)
+            else:
+                os.environ[v] = val
+
+
 def check_env_switch(device: str) -> None:
     """KVSERVE_INT4_GEMV=half (KVSERVE_INT8_GEMV=half) routes `triton_quant.qgemv` to the half-math
     GEMV for 4-bit (int8) weights and 16-bit activations only (fp32 keeps the code-at-a-time
@@ -133,6 +174,7 @@ def run_interpret() -> None:
     check_gemv(12, 256, "cpu", torch.float16, tol=2e-3, configs=small[:1])
     check_silu(6, 288, "cpu", torch.bfloat16, tol=1.5e-2, configs=small[:2])  # (the epilogue's bf16 roundings)
     check_silu(6, 256, "cpu", torch.float16, tol=2e-3, configs=small[:1])
+    check_rope("cpu", torch.bfloat16, tol=1.5e-2, hq=2, hkv=1, d=8, k=288, configs=[(2, 8, 1, False), (4, 4, 1, True)])
     check_env_switch("cpu")
     print("half interpret checks passed")
 

@@ -361,10 +361,13 @@ def test_half_gemv(n, k):
     quant_half_checks.check_pairs("cuda")
 
 
-def test_half_epilogue_switch_and_graph():
+def test_half_epilogues_switch_and_graph():
     quant_half_checks.check_silu(2048, 4096, "cuda", torch.bfloat16, tol=1.5e-2, configs=_half_configs()[:4])
     quant_half_checks.check_silu(512, 1024, "cuda", torch.float16, tol=2e-3)
     quant_half_checks.check_env_switch("cuda")
+    quant_half_checks.check_rope("cuda", torch.bfloat16, tol=1.5e-2, hq=32, hkv=8, d=128, k=4096,
+                                 configs=[None, (1, 128, 4, False), (4, 64, 2, True), (8, 32, 1, False)])
+    quant_half_checks.check_rope("cuda", torch.float16, tol=2e-3)
     from kvserve.kernels import triton_qgemv_half
 
     qw = quant_half_checks.int4_formats(4096, 4096, "cuda")["int4-g128"]
