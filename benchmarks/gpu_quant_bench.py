@@ -692,15 +692,18 @@ def section_prefill(root: Path, flops: float, schemes: list[str]) -> None:
 
 def section_decode1(root: Path, bw: float, variants: list[str]) -> None:
     """Batch-1 decode only (Llama-3.1-8B shapes, as `section_decode`), per variant: a scheme, with
-    `:words` / `:codes` the one-row GEMV's decode for that engine (KVSERVE_INT8_GEMV for int8,
-    KVSERVE_INT4_GEMV otherwise)."""
+    `:words` / `:codes` / `:half` the one-row GEMV's decode for that engine (KVSERVE_INT8_GEMV for
+    int8, KVSERVE_INT4_GEMV otherwise; `:half` sets both, so an int4 model's int8 LM head takes it
+    too)."""
     name = "Llama-3.1-8B"
     for variant in variants:
         scheme, _, mode = variant.partition(":")
-        var = "KVSERVE_INT8_GEMV" if scheme == "int8" else "KVSERVE_INT4_GEMV"
-        old = os.environ.get(var)
-        if mode:
-            os.environ[var] = mode
+        # ":half" sets both switches: an int4 model's LM head is int8
+        names = ("KVSERVE_INT4_GEMV", "KVSERVE_INT8_GEMV") if mode == "half" else \
+            ("KVSERVE_INT8_GEMV" if scheme == "int8" else "KVSERVE_INT4_GEMV",)
+        old = {v: os.environ.get(v) for v in names}
+        for v in names if mode else ():
+            os.environ[v] = mode
         try:
             llm = LLM(gb.model_folder(name, root), load_format="dummy", max_model_len=4096, max_num_seqs=16,
                       max_num_batched_tokens=16384, enable_prefix_caching=False, gpu_memory_utilization=0.6,
@@ -714,10 +717,11 @@ def section_decode1(root: Path, bw: float, variants: list[str]) -> None:
                 f"{floor * 1e3:.3f} ms -> {100 * floor / t:.1f}% of floor")
             del llm
         finally:
-            if old is None:
-                os.environ.pop(var, None)
-            else:
-                os.environ[var] = old
+            for v, val in old.items():
+                if val is None:
+                    os.environ.pop(v, None)
+                else:
+                    os.environ[v] = val
         gc.collect()
         torch.cuda.empty_cache()
 
