@@ -17,12 +17,16 @@ makes the bytes unsigned, two `prmt` put them under the exponent byte, one fma a
 The activations go through `act_pairs` first (one small kernel): per 32-value block, scaled by a
 power of two so that its largest magnitude lies in [2^10, 2^11), rounded to fp16 (exact for bf16
 values down to 2^-14 of the block's largest; fp16 values down to 2^-11 of it) and stored in the
-pair order the PTX reads (`_PAIR`), with 2^(10 - c) to undo the scaling and the block's fp32 sum
-for the offsets. Products of 4-bit codes times 2^-10 (< 2^-6) with those (< 2^11) stay below 30
-and a half's sum of 8 products below 240 (int8: |q| 2^-10 <= 2^-3, products below 2^8, sums below
-2^11): no overflow, about 11 bits kept per partial sum. fp32
-activations keep the code-at-a-time kernel (its exact fp32 math is what the tests compare). The
-qkv + RoPE + K/V store variant (`triton_quant._qgemv_half_rope_kernel`) shares `_half_rows`.
+pair order the PTX reads (`_PAIR`), with 2^(10 - c) to undo the scaling and the block's sum for
+the offsets (of the scaled fp16 values, exact in fp64, then fp32). The RMSNorm kernel writes the
+same three tensors beside its output where a half-math GEMV reads it (`fused_ops.half_pairs`), so
+the qkv and gate/up products launch no `act_pairs` of their own.
+
+Products of 4-bit codes times 2^-10 (< 2^-6) with those (< 2^11) stay below 30 and a half's sum
+of 8 products below 240 (int8: |q| 2^-10 <= 2^-3, products below 2^8, sums below 2^11): no
+overflow, about 11 bits kept per partial sum. fp32 activations keep the code-at-a-time kernel
+(its exact fp32 math is what the tests compare). The qkv + RoPE + K/V store variant
+(`triton_quant._qgemv_half_rope_kernel`) shares `_half_rows`.
 
 Per (row, block) the fp32 epilogue is block_sum * s * 2^(10 - c) + m * sum(x). A program takes
 ROWS weight rows (SILU: BLOCK_N gate rows and the matching up rows) over [ROWS, BLOCK_G, 4] word
@@ -70,8 +74,9 @@ def _block_dot_asm() -> str:
     for w in range(4):
         acc = "rsa" if w < 2 else "rsb"
         lines += [f"prmt.b32 rt0, rm, ${4 + w}, 0x0504;", f"prmt.b32 rt1, rm, ${4 + w}, 0x0706;"]
-        for i, (src, mask, mul, add) in enumerate((("rt0", "0xFF0FFF0F", "rca", "rda"), ("rt1", "0xFF0FFF0F", "rca", "rda"),
-                                                   ("rt0", "0xFFF0FFF0", "rcb", "rdb"), ("rt1", "0xFFF0FFF0", "rcb", "rdb"))):
+        slots = (("rt0", "0xFF0FFF0F", "rca", "rda"), ("rt1", "0xFF0FFF0F", "rca", "rda"),
+                 ("rt0", "0xFFF0FFF0", "rcb", "rdb"), ("rt1", "0xFFF0FFF0", "rcb", "rdb"))
+        for i, (src, mask, mul, add) in enumerate(slots):
             xp = f"${8 + 4 * i + w}"
             lines += [f"and.b32 rq, {src}, {mask};", f"fma.rn.f16x2 rq, rq, {mul}, {add};"]
             if w % 2 == 0 and i == 0:  # an accumulator's first product
@@ -95,8 +100,8 @@ def _block_dot8_asm() -> str:
     lines = [".reg .b32 rm, ru, rt0, rt1, rc, rd, rs;", ".reg .b16 rl, rh;", ".reg .f32 rf, rg;",
              "mov.b32 rm, 0x64646464;", "mov.b32 rc, 0x14001400;", "mov.b32 rd, 0xBC80BC80;"]
     for w in range(4):
-        lines += [f"xor.b32 ru, ${4 + w}, 0x80808080;", "prmt.b32 rt0, ru, rm, 0x4140;", "prmt.b32 rt1, ru, rm, 0x4342;",
-                  "fma.rn.f16x2 rt0, rt0, rc, rd;", "fma.rn.f16x2 rt1, rt1, rc, rd;"]
+        lines += [f"xor.b32 ru, ${4 + w}, 0x80808080;", "prmt.b32 rt0, ru, rm, 0x4140;",
+                  "prmt.b32 rt1, ru, rm, 0x4342;", "fma.rn.f16x2 rt0, rt0, rc, rd;", "fma.rn.f16x2 rt1, rt1, rc, rd;"]
         lines.append(f"mul.rn.f16x2 rs, rt0, ${8 + w};" if w == 0 else f"fma.rn.f16x2 rs, rt0, ${8 + w}, rs;")
         lines.append(f"fma.rn.f16x2 rs, rt1, ${12 + w}, rs;")
     lines += ["mov.b32 {rl, rh}, rs;", "cvt.f32.f16 rf, rl;", "cvt.f32.f16 rg, rh;", "add.f32 rf, rf, rg;",
@@ -200,7 +205,12 @@ def _act_pairs_kernel(
     hi = (b * up[:, None]).to(tl.float16).to(tl.int16, bitcast=True).to(tl.int32) << 16
     tl.store(xh_ptr + tok * (G * 16) + (g * 16)[:, None] + s[None, :], lo | hi, mask=g_ok[:, None])
     tl.store(xs_ptr + tok * G + g, ((137 - c) << 23).to(tl.float32, bitcast=True), mask=g_ok)  # 2^(10 - c)
-    tl.store(xsum_ptr + tok * G + g, tl.sum(a, 1) + tl.sum(b, 1), mask=g_ok)
+    # The block sum from the scaled fp16 halves (multiples of 2^-24 below 2^11): exact in fp64 in any
+    # order, so the norm kernels that write these pairs (`triton_ops._pairs_row`) write the same bits.
+    down = ((127 - c) << 23).to(tl.float32, bitcast=True)
+    sa = tl.sum((a * up[:, None]).to(tl.float16).to(tl.float64), 1)
+    sb = tl.sum((b * up[:, None]).to(tl.float16).to(tl.float64), 1)
+    tl.store(xsum_ptr + tok * G + g, (sa + sb).to(tl.float32) * down, mask=g_ok)
 
 
 _PAIR_TENSORS: dict[torch.device, torch.Tensor] = {}
@@ -381,10 +391,19 @@ def applies(x: torch.Tensor, qw) -> bool:
     return q.stride(1) == 1 and q.stride(0) % 4 == 0 and q.data_ptr() % 16 == 0
 
 
+def pairs_of(x: torch.Tensor, pairs: tuple | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`act_pairs` of the one row x [1, K], or `pairs` where the kernel that produced x wrote them
+    (`fused_ops.half_pairs`)."""
+    if pairs is not None and pairs[0].shape == (1, x.shape[-1] // 2):
+        return pairs
+    return act_pairs(x.reshape(1, -1))
+
+
 def qgemv_half(x: torch.Tensor, qw, bias: torch.Tensor | None = None, silu: bool = False,
-               config: tuple | None = None) -> torch.Tensor:
+               config: tuple | None = None, pairs: tuple | None = None) -> torch.Tensor:
     """x [1, K] (bf16 / fp16) times the 4-bit or int8 weight `qw` -> [1, N] in x's dtype; with
-    `silu`, silu(gate) * up of a fused gate/up weight -> [1, N / 2]. `config` as HALF_CONFIG."""
+    `silu`, silu(gate) * up of a fused gate/up weight -> [1, N / 2]. `config` as HALF_CONFIG;
+    `pairs`: x's `act_pairs`, if its producer wrote them (else computed here)."""
     if not applies(x, qw):
         raise ValueError("the half-math GEMV needs a 4-bit or int8 (no offsets, per channel or groups of a "
                          "multiple of 16) weight with aligned code rows, and bf16 / fp16 activations with K a "
@@ -394,7 +413,7 @@ def qgemv_half(x: torch.Tensor, qw, bias: torch.Tensor | None = None, silu: bool
     out_n = n // 2 if silu else n
     block_n = rows // 2 if silu else rows
     out = torch.empty((1, out_n), dtype=x.dtype, device=x.device)
-    xh, xs, xsum = act_pairs(x.reshape(1, k))
+    xh, xs, xsum = pairs_of(x, pairs)
     codes = qw.q.view(torch.int32)
     bits = 8 if qw.kind == "int8" else 4
     group = 0 if bits == 8 and qw.group == k else qw.group

@@ -808,16 +808,17 @@ def _qmm_codes(qw) -> tuple[torch.Tensor, bool]:
 
 
 def qgemv(x: torch.Tensor, qw, bias: torch.Tensor | None = None, silu: bool = False,
-          config: tuple | None = None, words: bool | None = None) -> torch.Tensor:
+          config: tuple | None = None, words: bool | None = None, pairs: tuple | None = None) -> torch.Tensor:
     """x [1, K] times the quantized weight `qw` (a `QWeight`) -> [1, N] in x's dtype; with
     `silu`, silu(gate) * up of a fused gate/up weight -> [1, N / 2]. 4-bit and int8 weights take
     the int32-word decode with `words` (None: KVSERVE_INT4_GEMV=words / KVSERVE_INT8_GEMV=words;
     `config` then (rows, BLOCK_K cap, warps, prefetch), as INT4_WORDS_CONFIG / INT8_WORDS_CONFIG),
     else the code-at-a-time one (`config` (BLOCK_N, BLOCK_K cap, warps), as GEMV_CONFIG). With
     `words` None and KVSERVE_INT4_GEMV=half (KVSERVE_INT8_GEMV=half), 4-bit (int8) weights and
-    16-bit x take `triton_qgemv_half` (its default tile; `config` is not used)."""
+    16-bit x take `triton_qgemv_half` (its default tile; `config` is not used; `pairs`: x's
+    activation pairs where its producer wrote them, `fused_ops.half_pairs`)."""
     if words is None and _half_mode(qw) and triton_qgemv_half.applies(x, qw):
-        return triton_qgemv_half.qgemv_half(x, qw, bias, silu)
+        return triton_qgemv_half.qgemv_half(x, qw, bias, silu, pairs=pairs)
     n, k = qw.shape
     out_n = n // 2 if silu else n
     out = torch.empty((1, out_n), dtype=x.dtype, device=x.device)
@@ -868,12 +869,13 @@ def qgemv(x: torch.Tensor, qw, bias: torch.Tensor | None = None, silu: bool = Fa
 
 
 def qgemv_rope_(x, qw, bias, positions, cos_sin, num_q_heads, num_kv_heads, head_dim, kv_cache=None, slot_mapping=None,
-                words: bool | None = None, config: tuple | None = None):
+                words: bool | None = None, config: tuple | None = None, pairs: tuple | None = None):
     """`triton_ops.gemv_rope_` on a quantized qkv weight: projection + RoPE (+ K/V store). 4-bit
     and int8 weights: `words` and `config` (row pairs a program, BLOCK_K cap, warps, prefetch; as
     INT4_WORDS_ROPE_CONFIG / INT8_WORDS_ROPE_CONFIG) as in `qgemv`; with `words` None and the
     kind's switch at "half", 16-bit x takes the half-math dot products (`config` then (row pairs
-    a program, BLOCK_G, warps, prefetch), as triton_qgemv_half.HALF_ROPE_CONFIG)."""
+    a program, BLOCK_G, warps, prefetch), as triton_qgemv_half.HALF_ROPE_CONFIG; `pairs` as in
+    `qgemv`)."""
     n, k = qw.shape
     if n != (num_q_heads + 2 * num_kv_heads) * head_dim or head_dim % 2:
         raise ValueError(f"qgemv_rope_: weight of {n} rows is not q, k and v heads of even size {head_dim}")
@@ -882,48 +884,48 @@ def qgemv_rope_(x, qw, bias, positions, cos_sin, num_q_heads, num_kv_heads, head
     use_pdl = _launch_pdl(x)
     half = head_dim // 2
     if words is None and _half_mode(qw) and triton_qgemv_half.applies(x, qw):
-        pairs, bg, warps, prefetch = triton_qgemv_half.check_config(config or triton_qgemv_half.HALF_ROPE_CONFIG,
-                                                                   rope=True)
-        while half % pairs:
-            pairs //= 2
-        xh, xs, xsum = triton_qgemv_half.act_pairs(x.reshape(1, k))
+        xh, xs, xsum = triton_qgemv_half.pairs_of(x, pairs)
+        npairs, bg, warps, prefetch = triton_qgemv_half.check_config(config or triton_qgemv_half.HALF_ROPE_CONFIG,
+                                                                    rope=True)
+        while half % npairs:
+            npairs //= 2
         codes = qw.q.view(torch.int32)
         bits = 8 if qw.kind == "int8" else 4
-        _qgemv_half_rope_kernel[(n // (2 * pairs),)](
+        _qgemv_half_rope_kernel[(n // (2 * npairs),)](
             xh, xs, xsum, codes, qw.scale, qw.offset if qw.offset is not None else qw.scale,
             bias if bias is not None else qw.scale, out, positions, cos_sin, kv_cache if write else qw.scale,
             slot_mapping if write else positions, k, codes.stride(0), qw.scale.stride(0), cos_sin.stride(0),
             num_q_heads, num_q_heads + num_kv_heads, kv_cache.stride(0) if write else 0,
             kv_cache.stride(2) if write else 0, kv_cache.stride(3) if write else 0, 1,
             HAS_OFF=qw.offset is not None, GROUP=0 if bits == 8 and qw.group == k else qw.group,
-            HAS_BIAS=bias is not None, HALF=half, WRITE_KV=write, PDL=use_pdl, PAIRS=pairs, BLOCK_G=bg,
+            HAS_BIAS=bias is not None, HALF=half, WRITE_KV=write, PDL=use_pdl, PAIRS=npairs, BLOCK_G=bg,
             PREFETCH=prefetch, BITS=bits, num_warps=warps, launch_pdl=use_pdl,
         )
         return out
     w4 = _w4_operands(x, qw, words)
     if w4 is not None:
         xw, codes, xkind = w4
-        pairs, cap, warps, prefetch = config or INT4_WORDS_ROPE_CONFIG
-        while half % pairs:
-            pairs //= 2
+        npairs, cap, warps, prefetch = config or INT4_WORDS_ROPE_CONFIG
+        while half % npairs:
+            npairs //= 2
         q, kind, block_k = codes, 0, _block_k(k, cap, 32)
-        extra = dict(W4=True, XKIND=xkind, PREFETCH=prefetch, PAIRS=pairs)
+        extra = dict(W4=True, XKIND=xkind, PREFETCH=prefetch, PAIRS=npairs)
     elif (w8 := _w8_operands(x, qw, words)) is not None:
         xw, q, xkind = w8
-        pairs, cap, warps, prefetch = config or INT8_WORDS_ROPE_CONFIG
-        while half % pairs:
-            pairs //= 2
+        npairs, cap, warps, prefetch = config or INT8_WORDS_ROPE_CONFIG
+        while half % npairs:
+            npairs //= 2
         kind = _kind(qw.kind, qw.group, k)
         block_k = _block_k(k, cap, 16)
-        extra = dict(W8=True, XKIND=xkind, PREFETCH=prefetch, PAIRS=pairs)
+        extra = dict(W8=True, XKIND=xkind, PREFETCH=prefetch, PAIRS=npairs)
     else:
         _, cap, warps = GEMV_CONFIG[qw.kind]  # two rows a program: the narrow tiles of the first GEMV
         kind = _kind(qw.kind, qw.group, k)
         block_k = _block_k(k, cap, 32)
         if kind == 1:
             block_k = max(block_k, qw.group)
-        xw, q, pairs, extra = x, qw.q, 1, {}
-    _qgemv_rope_kernel[(n // (2 * pairs),)](
+        xw, q, npairs, extra = x, qw.q, 1, {}
+    _qgemv_rope_kernel[(n // (2 * npairs),)](
         xw, q, qw.scale, qw.offset if qw.offset is not None else qw.scale, bias if bias is not None else qw.scale,
         out, positions, cos_sin, kv_cache if write else qw.scale, slot_mapping if write else positions,
         k, q.stride(0), qw.scale.stride(0), cos_sin.stride(0), num_q_heads, num_q_heads + num_kv_heads,

@@ -116,6 +116,49 @@ def silu_and_mul_fp8(x: torch.Tensor) -> torch.Tensor:
     return _with_fp8(out, q, scale)
 
 
+# -- activation pairs of the half-math GEMVs written by the norm that produces them -------------
+# Where one-row int4 / int8 products take the half-math GEMV (KVSERVE_INT4_GEMV / KVSERVE_INT8_GEMV
+# =half), the RMSNorm kernel also writes its output as `triton_qgemv_half.act_pairs` would (the
+# same bits), carried on the output tensor as the FP8 pair is, so the qkv and gate/up products
+# launch no activation kernel of their own.
+_PAIRS_ATTR = "_kvserve_half_pairs"
+
+
+def half_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """(int32 [T, K / 2] pairs, fp32 [T, K / 32] 2^(10 - c), fp32 [T, K / 32] block sums) written
+    with `x` by the kernel that produced it, or None (only that tensor object carries them)."""
+    return getattr(x, _PAIRS_ATTR, None)
+
+
+def _new_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    t, k = x.shape
+    return (torch.empty((t, k // 2), dtype=torch.int32, device=x.device),
+            torch.empty((t, k // 32), dtype=torch.float32, device=x.device),
+            torch.empty((t, k // 32), dtype=torch.float32, device=x.device))
+
+
+def rmsnorm_pairs(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`rmsnorm` of x [T, H] (H a multiple of 32) carrying its `act_pairs` (see `half_pairs`)."""
+    from kvserve.models import triton_ops
+
+    pairs = _new_pairs(x)
+    out, _ = triton_ops.rmsnorm(x, weight, eps, pairs_out=pairs)
+    setattr(out, _PAIRS_ATTR, pairs)
+    return out
+
+
+def add_rmsnorm_pairs(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`add_rmsnorm` of [T, H] rows, the normalized rows carrying their `act_pairs`."""
+    from kvserve.models import triton_ops
+
+    pairs = _new_pairs(x)
+    out, res = triton_ops.rmsnorm(x, weight, eps, residual, pairs_out=pairs)
+    setattr(out, _PAIRS_ATTR, pairs)
+    return out, res
+
+
 def rope_qk_(
     qkv: torch.Tensor,  # [T, (Hq + 2 Hkv) * D]
     positions: torch.Tensor,  # [T]

@@ -25,8 +25,9 @@ def _rmsnorm_kernel(
     w_ptr,
     out_ptr,
     res_out_ptr,
-    q_ptr,  # FP8: [T, H] float8_e4m3fn, contiguous
-    scale_ptr,  # FP8: [T] fp32
+    q_ptr,  # FP8: [T, H] float8_e4m3fn, contiguous; PAIRS: [T, H] int16 (the fp16 halves of the pairs)
+    scale_ptr,  # FP8: [T] fp32; PAIRS: [T, H / 32] fp32 2^(10 - c)
+    sum_ptr,  # PAIRS: [T, H / 32] fp32 block sums
     stride_x,
     stride_r,
     stride_o,
@@ -37,6 +38,7 @@ def _rmsnorm_kernel(
     FP8: tl.constexpr,
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,
+    PAIRS: tl.constexpr = False,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -56,6 +58,35 @@ def _rmsnorm_kernel(
     tl.store(out_ptr + row * stride_o + cols, out, mask=mask)
     if FP8:
         _fp8_row(out.to(tl.float32), q_ptr + row * n_cols, scale_ptr + row, cols, mask)
+    if PAIRS:
+        _pairs_row(out.to(tl.float32), q_ptr + row * n_cols, scale_ptr + row * (n_cols // 32),
+                   sum_ptr + row * (n_cols // 32), n_cols, BLOCK)
+
+
+@triton.jit
+def _pairs_row(y, h_ptr, xs_ptr, xsum_ptr, n_cols, BLOCK: tl.constexpr):
+    """`triton_qgemv_half.act_pairs` of one whole row (the same bits): y [BLOCK] the fp32 values
+    of the row as stored in the model dtype (0 past the row, n_cols a multiple of 32). Each fp16
+    half goes to its place in the pair order (`triton_qgemv_half._pair_order`): column j of a block
+    belongs to pair P = j // 2, stored in slot 4 (2 (P // 8) + P % 2) + (P % 8) // 2."""
+    NB: tl.constexpr = BLOCK // 32
+    y2 = tl.reshape(y, [NB, 32])
+    b = tl.arange(0, NB)
+    j = tl.arange(0, 32)
+    m = tl.max(tl.abs(y2), 1)
+    e = ((m.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127  # floor(log2 m); -127 for 0 and subnormals
+    c = tl.minimum(10 - e, 100)
+    up = ((c + 127) << 23).to(tl.float32, bitcast=True)
+    v = (y2 * up[:, None]).to(tl.float16)
+    pr = j // 2
+    slot = 4 * (2 * (pr // 8) + pr % 2) + (pr % 8) // 2
+    ok = b * 32 < n_cols
+    tl.store(h_ptr + (b * 32)[:, None] + (2 * slot + j % 2)[None, :], v.to(tl.int16, bitcast=True), mask=ok[:, None])
+    tl.store(xs_ptr + b, ((137 - c) << 23).to(tl.float32, bitcast=True), mask=ok)
+    # The scaled halves are multiples of 2^-24 below 2^11: their fp64 sum is exact in any order,
+    # so every producer of these pairs writes the same sums.
+    down = ((127 - c) << 23).to(tl.float32, bitcast=True)
+    tl.store(xsum_ptr + b, tl.sum(v.to(tl.float64), 1).to(tl.float32) * down, mask=ok)
 
 
 @triton.jit
@@ -75,10 +106,12 @@ def rmsnorm(
     eps: float,
     residual: torch.Tensor | None = None,  # [T, H]
     fp8_out: tuple[torch.Tensor, torch.Tensor] | None = None,  # ([T, H] float8_e4m3fn, [T, 1] fp32)
+    pairs_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,  # `act_pairs`' three tensors
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(norm(x + residual), x + residual) or (norm(x), None): one read of each input. With
     `fp8_out` the kernel also writes the normalized rows as `act_quant_fp8` would (FP8 values
-    and per-row scales) into those tensors."""
+    and per-row scales) into those tensors; with `pairs_out` (H a multiple of 32) as
+    `triton_qgemv_half.act_pairs` would (the half-math GEMVs' input)."""
     n_rows, n_cols = x.shape
     out = torch.empty_like(x)
     res_out = torch.empty_like(x) if residual is not None else None
@@ -86,15 +119,21 @@ def rmsnorm(
         return out, res_out
     block = triton.next_power_of_2(n_cols)
     use_pdl = pdl.enabled(x.device)
-    q, scale = fp8_out if fp8_out is not None else (out, out)
+    if fp8_out is not None and pairs_out is not None:
+        raise ValueError("rmsnorm: fp8_out and pairs_out are two forms of one output; ask for one")
+    if pairs_out is not None:
+        q, scale, sums = pairs_out[0].view(torch.int16), pairs_out[1], pairs_out[2]
+    else:
+        q, scale = fp8_out if fp8_out is not None else (out, out)
+        sums = scale
     _rmsnorm_kernel[(n_rows,)](
         x, residual if residual is not None else x, weight, out,
-        res_out if res_out is not None else out, q, scale,
+        res_out if res_out is not None else out, q, scale, sums,
         x.stride(0), residual.stride(0) if residual is not None else 0,
         out.stride(0), res_out.stride(0) if res_out is not None else 0,
         n_cols, eps,
         HAS_RES=residual is not None, FP8=fp8_out is not None, BLOCK=block, PDL=use_pdl,
-        num_warps=min(max(block // 256, 1), 16), launch_pdl=use_pdl,
+        PAIRS=pairs_out is not None, num_warps=min(max(block // 256, 1), 16), launch_pdl=use_pdl,
     )
     return out, res_out
 

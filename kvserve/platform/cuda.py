@@ -114,6 +114,11 @@ class CudaPlatform(Platform):
             qmethod.ops = ops
             if scheme == "fp8" and fp8_fused_act_mode():
                 ops.fp8_act_rows = FP8_QMM_MAX_ROWS  # norms and SiLU·mul also write FP8 rows
+            if scheme != "fp8":
+                from kvserve.kernels.triton_quant import int4_gemv_mode, int8_gemv_mode
+
+                # one-row norms also write the half-math GEMVs' activation pairs
+                ops.half_pairs = "half" in (int4_gemv_mode(), int8_gemv_mode())
             head = None
             if scheme == "int4":  # the LM head sets every logit: 8-bit, as the CPU keeps it
                 head = CudaQuantLinearMethod("int8", self.device, dtype)

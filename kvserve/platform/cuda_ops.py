@@ -52,15 +52,24 @@ class CudaTritonOps(Ops):
         # than this (the rows FP8 projections take through `_scaled_mm`) get norm and SiLU·mul
         # outputs that also carry their FP8 form (`fused_ops.fp8_activation`).
         self.fp8_act_rows: int | None = None
+        # Set by the platform where one-row int4 / int8 products take the half-math GEMV: one-row
+        # norm outputs also carry its activation pairs (`fused_ops.half_pairs`).
+        self.half_pairs = False
 
     def _fp8_act(self, x: torch.Tensor, cols: int) -> bool:
         rows = self.fp8_act_rows
         return (rows is not None and x.dim() == 2 and x.shape[0] > rows and cols % 16 == 0
                 and x.dtype in (torch.bfloat16, torch.float16))
 
+    def _half_pairs(self, x: torch.Tensor) -> bool:
+        return (self.half_pairs and x.dim() == 2 and x.shape[0] == 1 and x.shape[1] % 32 == 0
+                and x.dtype in (torch.bfloat16, torch.float16))
+
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         if self._fp8_act(x, x.shape[-1]):
             return fused_ops.rmsnorm_fp8(x, weight, eps)
+        if self._half_pairs(x):
+            return fused_ops.rmsnorm_pairs(x, weight, eps)
         return fused_ops.rmsnorm(x, weight, eps)
 
     def add_rms_norm(
@@ -68,6 +77,8 @@ class CudaTritonOps(Ops):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self._fp8_act(x, x.shape[-1]) and residual.shape == x.shape:
             return fused_ops.add_rmsnorm_fp8(x, residual, weight, eps)
+        if self._half_pairs(x) and residual.shape == x.shape:
+            return fused_ops.add_rmsnorm_pairs(x, residual, weight, eps)
         return fused_ops.add_rmsnorm(x, residual, weight, eps)
 
     def silu_and_mul(self, x: torch.Tensor) -> torch.Tensor:

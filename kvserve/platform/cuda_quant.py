@@ -347,13 +347,13 @@ class CudaQuantLinearMethod(TritonGemvLinearMethod):
             return super().apply(layer, x)
         shape = x.shape
         x2 = x.reshape(-1, layer.in_features)
-        act = fused_ops.fp8_activation(x) if qw.kind == "fp8" else None
+        act = fused_ops.fp8_activation(x) if qw.kind == "fp8" else fused_ops.half_pairs(x)
         out = self._product(qw, x2, layer.bias, act)
         return out.view(*shape[:-1], out.shape[-1])
 
     def _product(
         self, qw: QWeight, x: torch.Tensor, bias: torch.Tensor | None,
-        fp8_act: tuple[torch.Tensor, torch.Tensor] | None = None,  # x's act_quant_fp8, if written with it
+        act: tuple | None = None,  # x's act_quant_fp8 (fp8) / act_pairs (int4, int8), if written with it
     ) -> torch.Tensor:
         if not _cuda_kernels(x):
             return F.linear(x, qw.dequantize(x.dtype), bias)
@@ -365,7 +365,7 @@ class CudaQuantLinearMethod(TritonGemvLinearMethod):
         if not x.is_contiguous():
             x = x.contiguous()
         if m == 1:
-            return triton_quant.qgemv(x, qw, bias)
+            return triton_quant.qgemv(x, qw, bias, pairs=act if qw.kind != "fp8" else None)
         if qw.kind == "int4" and triton_quant.INT4_QMM != "codes":
             if m <= INT4_QMM_MAX_ROWS:
                 return triton_quant.qmm(x, qw, bias)
@@ -375,8 +375,8 @@ class CudaQuantLinearMethod(TritonGemvLinearMethod):
         ):
             return triton_quant.qmm(x, qw, bias)
         if qw.kind == "fp8" and x.dtype in (torch.bfloat16, torch.float16):
-            if fp8_act is not None and fp8_act[0].shape == x.shape:
-                xq, xs = fp8_act  # written by the norm / SiLU·mul kernel (KVSERVE_FP8_FUSED_ACT=1)
+            if act is not None and act[0].shape == x.shape:
+                xq, xs = act  # written by the norm / SiLU·mul kernel (KVSERVE_FP8_FUSED_ACT=1)
             else:
                 xq, xs = triton_quant.act_quant_fp8(x)
             out = torch._scaled_mm(xq, qw.q.t(), scale_a=xs, scale_b=qw.scale.view(1, -1), out_dtype=x.dtype)
@@ -390,7 +390,7 @@ class CudaQuantLinearMethod(TritonGemvLinearMethod):
         if x.dim() == 2 and x.shape[0] == 1 and _cuda_kernels(x):
             from kvserve.kernels import triton_quant
 
-            return triton_quant.qgemv(x.contiguous(), qw, layer.bias, silu=True)
+            return triton_quant.qgemv(x.contiguous(), qw, layer.bias, silu=True, pairs=fused_ops.half_pairs(x))
         return self.ops.silu_and_mul(self.apply(layer, x))
 
     def apply_qkv_rope(self, layer: Linear, x: torch.Tensor, *args) -> torch.Tensor | None:
@@ -400,7 +400,7 @@ class CudaQuantLinearMethod(TritonGemvLinearMethod):
         if x.dim() == 2 and x.shape[0] == 1 and _cuda_kernels(x):
             from kvserve.kernels import triton_quant
 
-            return triton_quant.qgemv_rope_(x.contiguous(), qw, layer.bias, *args)
+            return triton_quant.qgemv_rope_(x.contiguous(), qw, layer.bias, *args, pairs=fused_ops.half_pairs(x))
         return None
 
     def describe(self, layer: Linear) -> str:

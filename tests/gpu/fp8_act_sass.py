@@ -18,8 +18,8 @@ from tests.gpu.mxfp4_sass import compile_sm90, sass_of
 def norm(hidden: int, res: bool):
     block = 1 << (hidden - 1).bit_length()
     rt = {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "res_out_ptr": "*bf16",
-          "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "stride_x": "i32", "stride_r": "i32", "stride_o": "i32",
-          "stride_ro": "i32", "n_cols": "i32", "eps": "fp32"}
+          "q_ptr": "*fp8e4nv", "scale_ptr": "*fp32", "sum_ptr": "*fp32", "stride_x": "i32", "stride_r": "i32",
+          "stride_o": "i32", "stride_ro": "i32", "n_cols": "i32", "eps": "fp32"}
     ce = dict(HAS_RES=res, FP8=True, BLOCK=block, PDL=True)
     aligned = ["x_ptr", "res_ptr", "w_ptr", "out_ptr", "res_out_ptr", "q_ptr", "stride_x", "stride_r", "stride_o",
                "stride_ro", "n_cols"]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from kvserve.kernels import triton_qgemv_half as hm
 from kvserve.kernels import triton_quant as tq
-from tests.gpu.mxfp4_sass import compile_sm90
+from tests.gpu.mxfp4_sass import compile_sm90, sass_of
 from tests.gpu.qgemv_sass import per_thread, qgemv, report
 
 
@@ -50,6 +50,19 @@ def rope(pairs: int, bg: int, warps: int, prefetch: bool, bits: int = 4):
     return compile_sm90(tq._qgemv_half_rope_kernel, sig, cons, aligned, num_warps=warps)
 
 
+def norm_pairs(block: int = 4096, residual: bool = True):
+    """`triton_ops._rmsnorm_kernel` writing the activation pairs (`fused_ops.rmsnorm_pairs`)."""
+    from kvserve.models import triton_ops
+
+    sig = {"x_ptr": "*bf16", "res_ptr": "*bf16", "w_ptr": "*bf16", "out_ptr": "*bf16", "res_out_ptr": "*bf16",
+           "q_ptr": "*i16", "scale_ptr": "*fp32", "sum_ptr": "*fp32", "stride_x": "i32", "stride_r": "i32",
+           "stride_o": "i32", "stride_ro": "i32", "n_cols": "i32", "eps": "fp32"}
+    return compile_sm90(triton_ops._rmsnorm_kernel, sig, dict(HAS_RES=residual, FP8=False, BLOCK=block, PDL=True,
+                                                              PAIRS=True),
+                        ["x_ptr", "res_ptr", "w_ptr", "out_ptr", "res_out_ptr", "q_ptr", "scale_ptr", "sum_ptr"],
+                        num_warps=16)
+
+
 def act_pairs():
     sig = {"x_ptr": "*bf16", "xh_ptr": "*i32", "xs_ptr": "*fp32", "xsum_ptr": "*fp32", "pair_ptr": "*i32",
            "stride_x": "i32", "G": "i32"}
@@ -73,8 +86,8 @@ def main() -> int:
                  ("bf16", 32, True, True, "fp32", 4), ("bf16", 0, False, False, "fp32", 8),
                  ("bf16", 32, False, True, "fp16", 8)) if i == 0 else (("bf16", 128, True, False, "fp16", 4),)
         for act, group, off, silu, scale, bits in forms:
-            name = f"half{bits}_{act}_g{group}{'' if off else '_nooff'}{'_silu' if silu else ''}_{scale}_r{r}_g{bg}_w{w}" \
-                   f"{'_pf' if pf else ''}"
+            name = (f"half{bits}_{act}_g{group}{'' if off else '_nooff'}{'_silu' if silu else ''}_{scale}"
+                    f"_r{r}_g{bg}_w{w}{'_pf' if pf else ''}")
             per, f = report(name, half(r, bg, w, pf, act, group, off, silu, scale, bits),
                             per_thread(r, (32 if bits == 4 else 16) * bg, w), args.dump, strict=False)
             # strict=False above: the HADD2.F32 widening of `report`'s strict mode is the word GEMV's;
@@ -91,6 +104,12 @@ def main() -> int:
                per_thread(2 * p, (32 if bits == 4 else 16) * bg, w), args.dump, strict=False)
     k = act_pairs()
     print(f"act_pairs: compiled ({len(k.asm['cubin'])} bytes of cubin)")
+    for block, res in ((4096, True), (2048, False)):
+        k = norm_pairs(block, res)
+        usage = sass_of(k.asm["cubin"])[1]
+        print(f"rmsnorm with pairs (BLOCK {block}, residual {res}): {usage}")
+        if usage.get("LOCAL", 0):
+            failures.append(f"rmsnorm with pairs (BLOCK {block}): spills ({usage})")
     print(f"int4 GEMV K loop, SASS instructions a weight (bf16, g128, default tiles): code at a time {per_old:.2f}, "
           f"half math {per_new:.2f}")
     for msg in failures:

@@ -51,6 +51,27 @@ def check_pairs(device: str) -> None:
     assert torch.allclose(xsum.cpu().view(-1), xf.double().sum(1).float(), rtol=1e-6, atol=1e-6)
 
 
+def check_norm_pairs(device: str) -> None:
+    """The RMSNorm kernel's activation pairs (`fused_ops.rmsnorm_pairs` / `add_rmsnorm_pairs`)
+    equal `act_pairs` of its output bit for bit (widths a power of two or not: 2880 = 90 blocks
+    in a 4,096-wide program), bf16 and fp16; a GEMV given them equals one that makes its own."""
+    from kvserve.kernels import triton_qgemv_half as hm
+    from kvserve.models import fused_ops
+
+    for k, dtype in ((256, torch.bfloat16), (2880, torch.bfloat16), (288, torch.float16)):
+        x = _x(k, dtype, device, 10)
+        w = (1.0 + 0.1 * torch.randn(k, generator=torch.Generator().manual_seed(1))).to(device=device, dtype=dtype)
+        res = _x(k, dtype, device, 11)
+        for out in (fused_ops.rmsnorm_pairs(x, w, 1e-6), fused_ops.add_rmsnorm_pairs(x, res, w, 1e-6)[0]):
+            got = fused_ops.half_pairs(out)
+            assert got is not None
+            want = hm.act_pairs(out.clone())
+            for a, b in zip(got, want):
+                assert torch.equal(a, b), (k, dtype)
+        qw = int4_formats(8, k, device)["int4-g32"]
+        assert torch.equal(hm.qgemv_half(out, qw, pairs=got), hm.qgemv_half(out.clone(), qw))
+
+
 def check_gemv(n: int, k: int, device: str, dtype: torch.dtype, tol: float, configs=(None,)) -> dict[str, float]:
     """qgemv_half (and with each of `configs`) against x times the dequantized weight."""
     from kvserve.kernels import triton_qgemv_half as hm
@@ -115,7 +136,8 @@ def check_rope(device: str, dtype: torch.dtype, tol: float, hq: int = 4, hkv: in
                 cache = torch.zeros(2, 4, 16, hkv, d, device=device, dtype=dtype)
                 slot = torch.tensor([21], device=device)
                 got = triton_quant.qgemv_rope_(x, qw, None, pos, cos_sin, hq, hkv, d, cache, slot, config=cfg)
-                assert rel_err(got.view(hq + 2 * hkv, d), rot) < tol, (name, cfg, rel_err(got.view(hq + 2 * hkv, d), rot))
+                e = rel_err(got.view(hq + 2 * hkv, d), rot)
+                assert e < tol, (name, cfg, e)
                 kv = cache.view(2, 64, hkv, d)[:, 21].cpu()
                 assert rel_err(kv[0], rot[hq: hq + hkv]) < tol and rel_err(kv[1], rot[hq + hkv:]) < tol, (name, cfg)
                 assert cache.view(2, 64, hkv, d)[:, :21].abs().sum() == 0
@@ -170,6 +192,7 @@ def run_interpret() -> None:
     partial one: K / 32 = 9 blocks with BLOCK_G 4), several programs and masked rows are covered."""
     small = [(4, 8, 1, False), (8, 4, 1, True), (16, 4, 2, False)]
     check_pairs("cpu")
+    check_norm_pairs("cpu")
     check_gemv(12, 288, "cpu", torch.bfloat16, tol=1e-2, configs=small)
     check_gemv(12, 256, "cpu", torch.float16, tol=2e-3, configs=small[:1])
     check_silu(6, 288, "cpu", torch.bfloat16, tol=1.5e-2, configs=small[:2])  # (the epilogue's bf16 roundings)

@@ -15,7 +15,8 @@
 - the int32-word GEMVs (KVSERVE_INT4_GEMV / KVSERVE_INT8_GEMV=words): every tile config against
   the dequantized product, epilogues, CUDA graphs, engine greedy tokens;
 - the half-math GEMVs (KVSERVE_INT4_GEMV / KVSERVE_INT8_GEMV=half): every tile config against the dequantized
-  product, bf16 and fp16, SiLU·mul, the switch, CUDA graphs, bf16 engine logprobs.
+  product, bf16 and fp16, SiLU·mul, RoPE + K/V store, the norm kernels' activation pairs (bit for
+  bit), the switch, CUDA graphs, bf16 engine logprobs.
 """
 
 from __future__ import annotations
@@ -365,6 +366,7 @@ def test_half_epilogues_switch_and_graph():
     quant_half_checks.check_silu(2048, 4096, "cuda", torch.bfloat16, tol=1.5e-2, configs=_half_configs()[:4])
     quant_half_checks.check_silu(512, 1024, "cuda", torch.float16, tol=2e-3)
     quant_half_checks.check_env_switch("cuda")
+    quant_half_checks.check_norm_pairs("cuda")
     quant_half_checks.check_rope("cuda", torch.bfloat16, tol=1.5e-2, hq=32, hkv=8, d=128, k=4096,
                                  configs=[None, (1, 128, 4, False), (4, 64, 2, True), (8, 32, 1, False)])
     quant_half_checks.check_rope("cuda", torch.float16, tol=2e-3)
