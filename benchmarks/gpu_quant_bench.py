@@ -55,6 +55,7 @@ import torch.nn.functional as F
 
 from benchmarks import gpu_bench as gb
 from kvserve import LLM, SamplingParams
+from tests.gpu.quant_checks import env
 
 RESULTS: dict[str, object] = {}
 SHAPES_8B = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336), "head": (128256, 4096)}
@@ -343,15 +344,8 @@ def _rope_call(x: torch.Tensor, w, words):
                            torch.tensor([37], device="cuda"), torch.zeros(2, 8, 16, hkv, d, device="cuda", dtype=x.dtype))
     cos_sin, pos, slot, cache = _ROPE_ARGS[key]
     var = "KVSERVE_INT8_GEMV" if w.kind == "int8" else "KVSERVE_INT4_GEMV"
-    old = os.environ.get(var)
-    os.environ[var] = "half" if words is None else "codes"
-    try:
+    with env(**{var: "half" if words is None else "codes"}):
         return tq.qgemv_rope_(x, w, None, pos, cos_sin, hq, hkv, d, cache, slot, words=words)
-    finally:
-        if old is None:
-            os.environ.pop(var, None)
-        else:
-            os.environ[var] = old
 
 
 _ROPE_ARGS: dict = {}
@@ -597,21 +591,13 @@ def build_llm(folder: str, scheme: str, **kwargs) -> LLM:
     """An engine for `scheme` ('bf16', 'int8', 'fp8', or one with '+switch': see VARIANT_ENV),
     the switches' environment set while it is built (the platform reads them then)."""
     base, *switches = scheme.split("+")
-    env = {}
+    values = {}
     for sw in switches:
         if sw not in VARIANT_ENV:
             raise ValueError(f"scheme {scheme!r}: unknown switch {sw!r} (known: {', '.join(VARIANT_ENV)})")
-        env.update(VARIANT_ENV[sw])
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+        values.update(VARIANT_ENV[sw])
+    with env(**values):
         return LLM(folder, load_format="dummy", quantization=None if base == "bf16" else base, **kwargs)
-    finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def read_bytes(model: torch.nn.Module) -> int:
@@ -701,10 +687,7 @@ def section_decode1(root: Path, bw: float, variants: list[str]) -> None:
         # ":half" sets both switches: an int4 model's LM head is int8
         names = ("KVSERVE_INT4_GEMV", "KVSERVE_INT8_GEMV") if mode == "half" else \
             ("KVSERVE_INT8_GEMV" if scheme == "int8" else "KVSERVE_INT4_GEMV",)
-        old = {v: os.environ.get(v) for v in names}
-        for v in names if mode else ():
-            os.environ[v] = mode
-        try:
+        with env(**({v: mode for v in names} if mode else {})):
             llm = LLM(gb.model_folder(name, root), load_format="dummy", max_model_len=4096, max_num_seqs=16,
                       max_num_batched_tokens=16384, enable_prefix_caching=False, gpu_memory_utilization=0.6,
                       quantization=None if scheme == "bf16" else scheme)
@@ -716,12 +699,6 @@ def section_decode1(root: Path, bw: float, variants: list[str]) -> None:
             log(f"[decode1] {name} {variant}: weights read {wbytes / 1e9:.2f} GB; batch-1 {t * 1e3:.3f} ms/tok, floor "
                 f"{floor * 1e3:.3f} ms -> {100 * floor / t:.1f}% of floor")
             del llm
-        finally:
-            for v, val in old.items():
-                if val is None:
-                    os.environ.pop(v, None)
-                else:
-                    os.environ[v] = val
         gc.collect()
         torch.cuda.empty_cache()
 

@@ -237,6 +237,42 @@ def act_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
 
 
 @triton.jit
+def gemv_rows(N, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, SILU: tl.constexpr):
+    """The rows of a one-row quantized GEMV program (this module's and `triton_quant._qgemv_kernel`):
+    (output rows [ROWS], their mask, the weight rows as int64, row 0 where masked). SILU: BLOCK_N
+    gate rows, then the matching up rows (N on: the weight has 2N rows)."""
+    r = tl.arange(0, ROWS)
+    if SILU:
+        rows = tl.program_id(0) * BLOCK_N + r % BLOCK_N
+        w_rows = tl.where(r >= BLOCK_N, rows + N, rows)
+    else:
+        rows = tl.program_id(0) * BLOCK_N + r
+        w_rows = rows
+    row_ok = rows < N
+    return rows, row_ok, tl.where(row_ok, w_rows, 0).to(tl.int64)
+
+
+@triton.jit
+def gemv_store(acc, rows, row_ok, rows64, b_ptr, out_ptr, N, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """The epilogue of those GEMVs: fp32 sums `acc` (+ bias) stored in the output dtype, or SILU:
+    silu(gate) * up of the BLOCK_N pairs."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + rows64, mask=row_ok, other=0.0).to(tl.float32)
+    dt = out_ptr.dtype.element_ty
+    if SILU:
+        g, u = tl.split(tl.trans(tl.reshape(acc, [2, BLOCK_N])))
+        # Rounded where the unfused path rounds: the projection's output, then SiLU, then the product.
+        g = g.to(dt).to(tl.float32)
+        u = u.to(dt).to(tl.float32)
+        s = (g / (1.0 + tl.exp(-g))).to(dt)
+        out_rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        tl.store(out_ptr + out_rows, (s.to(tl.float32) * u).to(dt), mask=out_rows < N)
+    else:
+        tl.store(out_ptr + rows, acc.to(dt), mask=row_ok)
+
+
+@triton.jit
 def _half_rows(xh_ptr, xs_ptr, xsum_ptr, q_ptr, s_ptr, o_ptr, rows64, K, stride_q, stride_s, one,
                HAS_OFF: tl.constexpr, GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_G: tl.constexpr,
                PREFETCH: tl.constexpr, PDL: tl.constexpr, BITS: tl.constexpr):
@@ -315,30 +351,10 @@ def _qgemv_half_kernel(
 ):
     """out = x W^T (+ bias) for ROWS weight rows, or SILU: silu(gate) * up with BLOCK_N gate rows
     and their up rows (`_half_rows`; module docstring)."""
-    r = tl.arange(0, ROWS)
-    if SILU:
-        rows = tl.program_id(0) * BLOCK_N + r % BLOCK_N
-        w_rows = tl.where(r >= BLOCK_N, rows + N, rows)
-    else:
-        rows = tl.program_id(0) * BLOCK_N + r
-        w_rows = rows
-    row_ok = rows < N
-    rows64 = tl.where(row_ok, w_rows, 0).to(tl.int64)
+    rows, row_ok, rows64 = gemv_rows(N, ROWS, BLOCK_N, SILU)
     res = _half_rows(xh_ptr, xs_ptr, xsum_ptr, q_ptr, s_ptr, o_ptr, rows64, K, stride_q, stride_s, one, HAS_OFF, GROUP,
                      ROWS, BLOCK_G, PREFETCH, PDL, BITS)
-    if HAS_BIAS:
-        res += tl.load(b_ptr + rows64, mask=row_ok, other=0.0).to(tl.float32)
-    dt = out_ptr.dtype.element_ty
-    if SILU:
-        gt, up = tl.split(tl.trans(tl.reshape(res, [2, BLOCK_N])))
-        # Rounded where the unfused path rounds: the projection's output, then SiLU, then the product.
-        gt = gt.to(dt).to(tl.float32)
-        up = up.to(dt).to(tl.float32)
-        sl = (gt / (1.0 + tl.exp(-gt))).to(dt)
-        out_rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        tl.store(out_ptr + out_rows, (sl.to(tl.float32) * up).to(dt), mask=out_rows < N)
-    else:
-        tl.store(out_ptr + rows, res.to(dt), mask=row_ok)
+    gemv_store(res, rows, row_ok, rows64, b_ptr, out_ptr, N, HAS_BIAS, SILU, BLOCK_N)
 
 
 # (weight rows a program, BLOCK_G, num_warps, PREFETCH). Not yet timed on a GPU:

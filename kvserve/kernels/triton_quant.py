@@ -402,15 +402,7 @@ def _qgemv_kernel(
     PREFETCH: tl.constexpr = False,  # W4 / W8: see `_dot_rows_w4`
     W8: tl.constexpr = False,  # int8 codes (KIND 1 / 2) as int32 words (`_dot_rows_w8`; x_ptr as W4's)
 ):
-    r = tl.arange(0, ROWS)  # SILU: BLOCK_N gate rows, then the matching up rows
-    if SILU:
-        rows = tl.program_id(0) * BLOCK_N + r % BLOCK_N
-        w_rows = tl.where(r >= BLOCK_N, rows + N, rows)
-    else:
-        rows = tl.program_id(0) * BLOCK_N + r
-        w_rows = rows
-    row_ok = rows < N
-    rows64 = tl.where(row_ok, w_rows, 0).to(tl.int64)
+    rows, row_ok, rows64 = triton_qgemv_half.gemv_rows(N, ROWS, BLOCK_N, SILU)
     if W4:  # (waits for the previous kernel after requesting its first weights)
         acc = _dot_rows_w4(x_ptr, q_ptr, s_ptr, o_ptr, rows64, K, stride_q, stride_s, one, HAS_OFF, GROUP, XKIND,
                            ROWS, BLOCK_K, PREFETCH, PDL)
@@ -421,19 +413,7 @@ def _qgemv_kernel(
         if PDL:
             pdl.wait(PDL)
         acc = _dot_rows(x_ptr, q_ptr, s_ptr, o_ptr, rows64, K, stride_q, stride_s, KIND, HAS_OFF, GROUP, ROWS, BLOCK_K)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + rows64, mask=row_ok, other=0.0).to(tl.float32)
-    dt = out_ptr.dtype.element_ty
-    if SILU:
-        g, u = tl.split(tl.trans(tl.reshape(acc, [2, BLOCK_N])))
-        # Rounded where the unfused path rounds: the projection's output, then SiLU, then the product.
-        g = g.to(dt).to(tl.float32)
-        u = u.to(dt).to(tl.float32)
-        s = (g / (1.0 + tl.exp(-g))).to(dt)
-        out_rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-        tl.store(out_ptr + out_rows, (s.to(tl.float32) * u).to(dt), mask=out_rows < N)
-    else:
-        tl.store(out_ptr + rows, acc.to(dt), mask=row_ok)
+    triton_qgemv_half.gemv_store(acc, rows, row_ok, rows64, b_ptr, out_ptr, N, HAS_BIAS, SILU, BLOCK_N)
 
 
 @triton.jit

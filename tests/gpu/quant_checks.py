@@ -5,6 +5,8 @@ TRITON_INTERPRET=1 on tiny shapes (`tests/platform/test_cuda_quant.py`)."""
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 import torch
@@ -16,6 +18,56 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     got, ref = got.double().cpu(), ref.double().cpu()
     assert torch.isfinite(got).all()
     return ((got - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+
+
+@contextlib.contextmanager
+def env(**values: str | None):
+    """Set (None: unset) environment variables for the block, then restore them."""
+    old = {k: os.environ.get(k) for k in values}
+    try:
+        for k, v in values.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def rope_case(d: int, device: str, pos: int = 37) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(fp64 angles [64, d / 2], the fp32 cos / sin table on `device`, the position tensor) of the
+    RoPE GEMV checks."""
+    half = d // 2
+    inv = 1.0 / (10000 ** (torch.arange(half, dtype=torch.float64) / half))
+    ang = torch.arange(64, dtype=torch.float64)[:, None] * inv[None, :]
+    return ang, torch.cat([ang.cos(), ang.sin()], dim=1).float().to(device), torch.tensor([pos], device=device)
+
+
+def rope_reference(x: torch.Tensor, qw, ang: torch.Tensor, hq: int, hkv: int, d: int, pos: int = 37) -> torch.Tensor:
+    """x times the dequantized qkv weight in fp64, q and k heads rotated at `pos`: [hq + 2 hkv, d]."""
+    half = d // 2
+    y = (x.double() @ qw.dequantize(torch.float64).T).view(hq + 2 * hkv, d).cpu()
+    c, s = ang[pos].cos(), ang[pos].sin()
+    rot = y.clone()
+    x1, x2 = y[: hq + hkv, :half], y[: hq + hkv, half:]
+    rot[: hq + hkv, :half] = x1 * c - x2 * s
+    rot[: hq + hkv, half:] = x2 * c + x1 * s
+    return rot
+
+
+def assert_rope_result(got: torch.Tensor, cache: torch.Tensor, rot: torch.Tensor, hq: int, hkv: int, d: int,
+                       tol: float, what) -> None:
+    """The RoPE GEMV's output and its K / V store (cache [2, 4, 16, hkv, d], slot 21) against `rot`."""
+    e = rel_err(got.view(hq + 2 * hkv, d), rot)
+    assert e < tol, (what, e)
+    kv = cache.view(2, 64, hkv, d)[:, 21].cpu()
+    assert rel_err(kv[0], rot[hq: hq + hkv]) < tol and rel_err(kv[1], rot[hq + hkv:]) < tol, what
+    assert cache.view(2, 64, hkv, d)[:, :21].abs().sum() == 0, what
 
 
 def formats(n: int, k: int, device: str, seed: int = 0, only: str | None = None) -> dict[str, QWeight]:
@@ -133,27 +185,13 @@ def check_rope(device: str, dtype: torch.dtype, tol: float, hq: int = 4, hkv: in
 
     n = (hq + 2 * hkv) * d
     g = torch.Generator().manual_seed(9)
-    half = d // 2
-    max_pos = 64
-    inv = 1.0 / (10000 ** (torch.arange(half, dtype=torch.float64) / half))
-    ang = torch.arange(max_pos, dtype=torch.float64)[:, None] * inv[None, :]
-    cos_sin = torch.cat([ang.cos(), ang.sin()], dim=1).float().to(device)
+    ang, cos_sin, pos = rope_case(d, device)
     for name, qw in formats(n, k, device).items():
         x = torch.randn(1, k, generator=g).to(device=device, dtype=dtype)
-        pos = torch.tensor([37], device=device)
         cache = torch.zeros(2, 4, 16, hkv, d, device=device, dtype=dtype)
         slot = torch.tensor([21], device=device)
         got = triton_quant.qgemv_rope_(x, qw, None, pos, cos_sin, hq, hkv, d, cache, slot)
-        y = (x.double() @ qw.dequantize(torch.float64).T).view(hq + 2 * hkv, d).cpu()
-        c, s = ang[37].cos(), ang[37].sin()
-        rot = y.clone()
-        x1, x2 = y[: hq + hkv, :half], y[: hq + hkv, half:]
-        rot[: hq + hkv, :half] = x1 * c - x2 * s
-        rot[: hq + hkv, half:] = x2 * c + x1 * s
-        assert rel_err(got.view(hq + 2 * hkv, d), rot) < tol, name
-        kv = cache.view(2, 64, hkv, d)[:, 21].cpu()
-        assert rel_err(kv[0], rot[hq : hq + hkv]) < tol and rel_err(kv[1], rot[hq + hkv :]) < tol, name
-        assert cache.view(2, 64, hkv, d)[:, :21].abs().sum() == 0
+        assert_rope_result(got, cache, rope_reference(x, qw, ang, hq, hkv, d), hq, hkv, d, tol, name)
 
 
 def check_act_quant(device: str) -> None:

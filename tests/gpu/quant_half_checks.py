@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.gpu.quant_checks import rel_err
+from tests.gpu.quant_checks import assert_rope_result, env, rel_err, rope_case, rope_reference
 from tests.gpu.quant_w4_checks import int4_formats
 from tests.gpu.quant_w8_checks import int8_formats
 
@@ -111,42 +111,19 @@ def check_rope(device: str, dtype: torch.dtype, tol: float, hq: int = 4, hkv: in
                configs=(None,)) -> None:
     """The qkv + RoPE + K/V store variant (`triton_quant.qgemv_rope_` with the kind's switch at
     "half") against the fp64 product then a fp64 rotation, every 4-bit and int8 layout."""
-    import os
-
     from kvserve.kernels import triton_quant
 
     n = (hq + 2 * hkv) * d
-    half = d // 2
-    inv = 1.0 / (10000 ** (torch.arange(half, dtype=torch.float64) / half))
-    ang = torch.arange(64, dtype=torch.float64)[:, None] * inv[None, :]
-    cos_sin = torch.cat([ang.cos(), ang.sin()], dim=1).float().to(device)
-    old = {v: os.environ.get(v) for v in ("KVSERVE_INT4_GEMV", "KVSERVE_INT8_GEMV")}
-    try:
-        os.environ["KVSERVE_INT4_GEMV"] = os.environ["KVSERVE_INT8_GEMV"] = "half"
+    ang, cos_sin, pos = rope_case(d, device)
+    with env(KVSERVE_INT4_GEMV="half", KVSERVE_INT8_GEMV="half"):
         for name, qw in half_formats(n, k, device).items():
             x = _x(k, dtype, device, 9)
-            pos = torch.tensor([37], device=device)
-            y = (x.double() @ qw.dequantize(torch.float64).T).view(hq + 2 * hkv, d).cpu()
-            c, s = ang[37].cos(), ang[37].sin()
-            rot = y.clone()
-            x1, x2 = y[: hq + hkv, :half], y[: hq + hkv, half:]
-            rot[: hq + hkv, :half] = x1 * c - x2 * s
-            rot[: hq + hkv, half:] = x2 * c + x1 * s
+            rot = rope_reference(x, qw, ang, hq, hkv, d)
             for cfg in configs:
                 cache = torch.zeros(2, 4, 16, hkv, d, device=device, dtype=dtype)
                 slot = torch.tensor([21], device=device)
                 got = triton_quant.qgemv_rope_(x, qw, None, pos, cos_sin, hq, hkv, d, cache, slot, config=cfg)
-                e = rel_err(got.view(hq + 2 * hkv, d), rot)
-                assert e < tol, (name, cfg, e)
-                kv = cache.view(2, 64, hkv, d)[:, 21].cpu()
-                assert rel_err(kv[0], rot[hq: hq + hkv]) < tol and rel_err(kv[1], rot[hq + hkv:]) < tol, (name, cfg)
-                assert cache.view(2, 64, hkv, d)[:, :21].abs().sum() == 0
-    finally:
-        for v, val in old.items():
-            if val is None:
-                os.environ.pop(v, None)
-            else:
-                os.environ[v] = val
+                assert_rope_result(got, cache, rot, hq, hkv, d, tol, (name, cfg))
 
 
 def check_env_switch(device: str) -> None:
@@ -154,8 +131,6 @@ def check_env_switch(device: str) -> None:
     GEMV for 4-bit (int8) weights and 16-bit activations only (fp32 keeps the code-at-a-time
     kernel, bit for bit; the other kind's switch does not move it); a bad config is refused by
     name."""
-    import os
-
     from kvserve.kernels import triton_qgemv_half as hm
     from kvserve.kernels import triton_quant
 
@@ -163,20 +138,11 @@ def check_env_switch(device: str) -> None:
     xf = xb.float()
     for var, other, qw in (("KVSERVE_INT4_GEMV", "KVSERVE_INT8_GEMV", int4_formats(64, 128, device)["int4-g32"]),
                            ("KVSERVE_INT8_GEMV", "KVSERVE_INT4_GEMV", int8_formats(64, 128, device)["Q8_0"])):
-        old = {v: os.environ.get(v) for v in (var, other)}
-        try:
-            os.environ[other] = "half"
-            os.environ.pop(var, None)
+        with env(**{other: "half", var: None}):
             assert torch.equal(triton_quant.qgemv(xb, qw), triton_quant.qgemv(xb, qw, words=False))
-            os.environ[var] = "half"
+        with env(**{other: "half", var: "half"}):
             assert torch.equal(triton_quant.qgemv(xb, qw), hm.qgemv_half(xb, qw))
             assert torch.equal(triton_quant.qgemv(xf, qw), triton_quant.qgemv(xf, qw, words=False))
-        finally:
-            for v, val in old.items():
-                if val is None:
-                    os.environ.pop(v, None)
-                else:
-                    os.environ[v] = val
     qw = int4_formats(64, 128, device)["int4-g32"]
     for bad in ((16, 32, 4), (16, 2, 4, False), (12, 32, 4, False)):
         try:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.gpu.quant_checks import formats, rel_err
+from tests.gpu.quant_checks import assert_rope_result, formats, rel_err, rope_case, rope_reference
 
 INT4 = ("int4-g128", "int4-g32", "Q4_0", "Q4_1", "Q4_K")
 
@@ -90,27 +90,15 @@ def check_rope(device: str, dtype: torch.dtype, tol: float, hq: int = 4, hkv: in
 
     n = (hq + 2 * hkv) * d
     g = torch.Generator().manual_seed(13)
-    half = d // 2
-    inv = 1.0 / (10000 ** (torch.arange(half, dtype=torch.float64) / half))
-    ang = torch.arange(64, dtype=torch.float64)[:, None] * inv[None, :]
-    cos_sin = torch.cat([ang.cos(), ang.sin()], dim=1).float().to(device)
+    ang, cos_sin, pos = rope_case(d, device)
     for name, qw in word_formats(bits, n, k, device).items():
         x = torch.randn(1, k, generator=g).to(device=device, dtype=dtype)
-        pos = torch.tensor([37], device=device)
-        y = (x.double() @ qw.dequantize(torch.float64).T).view(hq + 2 * hkv, d).cpu()
-        c, s = ang[37].cos(), ang[37].sin()
-        rot = y.clone()
-        x1, x2 = y[: hq + hkv, :half], y[: hq + hkv, half:]
-        rot[: hq + hkv, :half] = x1 * c - x2 * s
-        rot[: hq + hkv, half:] = x2 * c + x1 * s
+        rot = rope_reference(x, qw, ang, hq, hkv, d)
         for cfg in configs:
             cache = torch.zeros(2, 4, 16, hkv, d, device=device, dtype=dtype)
             slot = torch.tensor([21], device=device)
             got = triton_quant.qgemv_rope_(x, qw, None, pos, cos_sin, hq, hkv, d, cache, slot, words=True, config=cfg)
-            assert rel_err(got.view(hq + 2 * hkv, d), rot) < tol, (name, cfg)
-            kv = cache.view(2, 64, hkv, d)[:, 21].cpu()
-            assert rel_err(kv[0], rot[hq: hq + hkv]) < tol and rel_err(kv[1], rot[hq + hkv:]) < tol, (name, cfg)
-            assert cache.view(2, 64, hkv, d)[:, :21].abs().sum() == 0
+            assert_rope_result(got, cache, rot, hq, hkv, d, tol, (name, cfg))
 
 
 def check_env_switch(device: str, bits: int = 4) -> None:
