@@ -21,9 +21,19 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kind", default="int4", choices=["int4", "int8"])
     ap.add_argument("--calls", type=int, default=4)
+    ap.add_argument("--rows", type=int, default=1)
     args = ap.parse_args()
     n, k = 28672, 4096
-    qw = quantize(torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05, args.kind)
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.05
+    qw = quantize(w, args.kind)
+    if args.rows > 1:
+        x = torch.randn(args.rows, k, device="cuda", dtype=torch.bfloat16)
+        for _ in range(args.calls):
+            triton_quant.qmm(x, qw)
+            torch.nn.functional.linear(x, w)
+        torch.cuda.synchronize()
+        print("ncu qmm calls done")
+        return
     x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
     for _ in range(args.calls):
         triton_quant.qgemv(x, qw, silu=True, words=False)

@@ -85,6 +85,10 @@ lease8c)  # Nsight Compute on one launch of each (code at a time, half math; int
       --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats --section MemoryWorkloadAnalysis \
       python -m benchmarks.gpu_ncu_gemv --kind $kind
   done
+  # issue 17's batch-16 target: the 4-bit word GEMM at 16 rows, beside bf16 cuBLAS
+  t ncu_qmm16 120 "^  *[A-Z].*[0-9]|==PROF==|rror|qmm4|gemm|Kernel" ncu --clock-control none -k regex:"_qmm4|gemm|sm90" \
+    --launch-skip 4 --launch-count 2 --section SpeedOfLight --section Occupancy --section WarpStateStats \
+    python -m benchmarks.gpu_ncu_gemv --rows 16
   ;;
 lease7)  # one call if only one comes (2026-12-07 late): issue 17's engine batch-1 decode, codes vs words, beside gpt-fast int4; issue 20's MXFP4 half math; issue 19's verify step
   t d1 250 "^\[|rror" python -m benchmarks.gpu_quant_bench --only decode1,peer --decode1 int4:codes,int4:words,int8:codes,int8:words --peer-modes int4 --peer-dir .peer/peer --out "$OUT"
