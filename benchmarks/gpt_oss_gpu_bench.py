@@ -8,6 +8,7 @@ decode ms/token against the floor of the bytes a decode step must read.
     python -m benchmarks.gpt_oss_gpu_bench --compare-legacy   # + decode on the non-default MoE kernels (legacy)
     python -m benchmarks.gpt_oss_gpu_bench --down-split       # the split down GEMV vs the sequential one (~1 min)
     python -m benchmarks.gpt_oss_gpu_bench --gemv-f16         # the fp16x2 GEMVs (DECODE 2 / 3) vs the defaults (~2 min)
+    python -m benchmarks.gpt_oss_gpu_bench --no-kernels --no-eager --profile   # decode + where a step's time goes
 
 MoE kernels (`kernel_table`, run by default): one gpt-oss-20b MoE layer (32 experts, top 4,
 2880 x 2880, random MXFP4 bytes) at 1 / 4 / 16 / 256 tokens, the legacy kernel
@@ -448,6 +449,9 @@ def main() -> None:
     ap.add_argument("--gemv-f16", action="store_true",
                     help="only the packed-half-math GEMVs (DECODE 2 / 3): their checks, then each candidate config "
                          "against the defaults at 1 and 4 tokens")
+    ap.add_argument("--profile", action="store_true",
+                    help="with CUDA graphs: the kernels of one batch-1 decode step (eager and replayed), as "
+                         "gpu_decode_profile prints them for other models")
     ap.add_argument("--compare-legacy", action="store_true",
                     help="also decode with CUDA graphs on the non-default MXFP4 MoE kernels (legacy, or packed "
                          "if KVSERVE_MXFP4_MOE=legacy)")
@@ -503,6 +507,13 @@ def main() -> None:
             ms, ttft = decode_ms(llm, args.prompt, args.tokens)
             results[name] = {"ms_per_token": ms, "ttft_ms": ttft, "startup_s": start,
                              "pct_of_floor": floor_ms / ms * 100}
+            if args.profile and not eager:
+                from benchmarks.gpu_decode_profile import log_step_profile, step_profile
+
+                replay, eager_rows, graph_rows = step_profile(llm, vocab=cfg["vocab_size"])
+                log(f"{name}: graph replay {replay * 1e3:.3f} ms/token ({floor_ms / (replay * 1e3) * 100:.1f}% of floor)")
+                log_step_profile(replay, eager_rows, graph_rows, args.layers)
+                results[name].update(replay_ms=replay * 1e3, eager_kernels=eager_rows, graph_kernels=graph_rows)
             log(f"{name}: start-up {start:.1f}s")
             llm.engine.shutdown() if hasattr(llm.engine, "shutdown") else None
             del llm, model

@@ -220,8 +220,6 @@ def profile_moe(name: str, layers: int, variant: str, root: Path, bw: float, res
 
 
 def _profile_moe(name: str, layers: int, mode: str, folder: Path, bw: float, results: dict, k: int) -> None:
-    from torch.profiler import ProfilerActivity, profile
-
     from benchmarks.gpu_moe_bench import SHAPES, decode_bytes
 
     t0 = time.perf_counter()
@@ -240,13 +238,33 @@ def _profile_moe(name: str, layers: int, mode: str, folder: Path, bw: float, res
     check = llm.generate([{"prompt_token_ids": list(range(100, 164))}],
                          SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True), use_tqdm=False)
     tokens = list(check[0].outputs[0].token_ids)
-    # A request left mid-decode at context ~192: the static graph inputs hold a real step.
+    replay, eager_rows, graph_rows = step_profile(llm)
+    label = f"{name}, {layers} of {SHAPES[name][4]} layers, variant {mode}"
+    log(f"\n== {label} (start-up {startup:.0f}s): weights read {wb / 1e9:.3f} GB/step, floor {floor * 1e3:.3f} ms "
+        f"at {bw / 1e9:.0f} GB/s")
+    log(f"graph replay {replay * 1e3:.3f} ms/token ({100 * floor / replay:.1f}% of the floor); "
+        f"end to end {e2e * 1e3:.3f} ms/token ({100 * floor / e2e:.1f}%)")
+    log_step_profile(replay, eager_rows, graph_rows, layers)
+    results[f"{name}/{mode}"] = {"layers": layers, "startup_s": startup, "floor_ms": floor * 1e3,
+                                 "graph_kernels_per_step": sum(r["count"] for r in graph_rows), "greedy_tokens": tokens,
+                                 "replay_ms": replay * 1e3, "e2e_ms": e2e * 1e3, "pct_floor_replay": 100 * floor / replay,
+                                 "pct_floor_e2e": 100 * floor / e2e, "eager_kernels": eager_rows,
+                                 "graph_kernels": graph_rows}
+
+
+def step_profile(llm: LLM, vocab: int = 10000) -> tuple[float, list[dict], list[dict]]:
+    """A request left mid-decode at context ~192 (the static graph inputs hold a real step), then:
+    the batch-1 graph replayed back to back (seconds a step), the kernels of one eager step and of
+    one replay (`kernel_rows`). The request is finished before returning."""
+    from torch.profiler import ProfilerActivity, profile
+
+    eng, graphs = llm.engine, llm.engine.runner.graphs
+    assert graphs is not None, "CUDA graphs are off"
     rng = random.Random(5)
-    eng.add_request("p", [rng.randrange(10000) for _ in range(128)],
+    eng.add_request("p", [rng.randrange(vocab) for _ in range(128)],
                     SamplingParams(max_tokens=66, temperature=0.0, ignore_eos=True))
     for _ in range(64):
         eng.step()
-    graphs = runner.graphs
     replay = events_time(lambda: graphs.replay(1), 50)
     with torch.inference_mode():
         graphs._step(1)  # eager warm-up (nothing new to compile: the graphs' warm-up ran it)
@@ -261,11 +279,10 @@ def _profile_moe(name: str, layers: int, mode: str, folder: Path, bw: float, res
     graph_rows = kernel_rows(cuda_kernels(prof))
     while eng.has_unfinished_requests():
         eng.step()
-    label = f"{name}, {layers} of {SHAPES[name][4]} layers, variant {mode}"
-    log(f"\n== {label} (start-up {startup:.0f}s): weights read {wb / 1e9:.3f} GB/step, floor {floor * 1e3:.3f} ms "
-        f"at {bw / 1e9:.0f} GB/s")
-    log(f"graph replay {replay * 1e3:.3f} ms/token ({100 * floor / replay:.1f}% of the floor); "
-        f"end to end {e2e * 1e3:.3f} ms/token ({100 * floor / e2e:.1f}%)")
+    return replay, eager_rows, graph_rows
+
+
+def log_step_profile(replay: float, eager_rows: list[dict], graph_rows: list[dict], layers: int) -> None:
     log(format_table(eager_rows, f"one eager decode step (batch 1), {sum(r['count'] for r in eager_rows):.0f} "
                                  f"kernels, {layers} layers:"))
     g_busy = sum(r["exclusive_us"] for r in graph_rows)
@@ -273,11 +290,6 @@ def _profile_moe(name: str, layers: int, mode: str, folder: Path, bw: float, res
         f"(replay timed {replay * 1e6:.1f} us: {replay * 1e6 - g_busy:.1f} us idle between kernels)")
     for r in graph_rows[:12]:
         log(f"  {r['kernel']:64s} {r['count']:5.0f} {r['exclusive_us']:9.1f} us exclusive")
-    results[f"{name}/{mode}"] = {"layers": layers, "startup_s": startup, "floor_ms": floor * 1e3,
-                                 "graph_kernels_per_step": sum(r["count"] for r in graph_rows), "greedy_tokens": tokens,
-                                 "replay_ms": replay * 1e3, "e2e_ms": e2e * 1e3, "pct_floor_replay": 100 * floor / replay,
-                                 "pct_floor_e2e": 100 * floor / e2e, "eager_kernels": eager_rows,
-                                 "graph_kernels": graph_rows}
 
 
 def host_phases(llm: LLM, new: int = 128) -> dict[str, float]:

@@ -90,6 +90,9 @@ lease8c)  # Nsight Compute on one launch of each (code at a time, half math; int
     --launch-skip 4 --launch-count 2 --section SpeedOfLight --section Occupancy --section WarpStateStats \
     python -m benchmarks.gpu_ncu_gemv --rows 16
   ;;
+gptprof)  # issue 20: gpt-oss-20b engine decode on the MXFP4 half-math default (untimed since the flip), and where a step's time goes
+  t gptprof 330 "^\||^\[|rror|floor|graphs|kernels|exclusive|us busy| us " python -m benchmarks.gpt_oss_gpu_bench --no-kernels --no-eager --profile --json "$OUT/gpt_oss.json"
+  ;;
 lease7)  # one call if only one comes (2026-12-07 late): issue 17's engine batch-1 decode, codes vs words, beside gpt-fast int4; issue 20's MXFP4 half math; issue 19's verify step
   t d1 250 "^\[|rror" python -m benchmarks.gpu_quant_bench --only decode1,peer --decode1 int4:codes,int4:words,int8:codes,int8:words --peer-modes int4 --peer-dir .peer/peer --out "$OUT"
   t wtests 110 "$TESTS" python -m pytest -q -p no:cacheprovider -x tests/gpu/test_quant_gpu.py -k "engine_words_matches_reference or (words_gemv_bf16 and 4096-4096) or words_in_cuda_graph"
