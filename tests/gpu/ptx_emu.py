@@ -169,3 +169,37 @@ def check_block_dot8(trials: int = 300, seed: int = 1) -> None:
                 want += q[2 * i] * xv[i, w, 0] + q[2 * i + 1] * xv[i, w, 1]
         assert _f32(out[0]) == want / 1024.0, (_f32(out[0]), want / 1024.0)
         assert out[1:] == [0x80000000] * 3
+
+
+def block_dot_error(bits: int = 4, trials: int = 200, seed: int = 2) -> float:
+    """The largest error of `_block_dot` (`bits` 8: `_block_dot8`) on random codes and activation
+    pairs scaled as `act_pairs` scales them (a block's largest magnitude in [2^10, 2^11)), relative
+    to the block's sum of |q x| (exact in fp64): the fp16 rounding of the products and partial
+    sums that the GPU's result carries."""
+    from kvserve.kernels import triton_qgemv_half as hm
+
+    asm = hm._block_dot_asm() if bits == 4 else hm._block_dot8_asm()
+    slots = 4 if bits == 4 else 2
+    rng = np.random.default_rng(seed)
+    worst = 0.0
+    for _ in range(trials):
+        words = [int(w) for w in rng.integers(0, 1 << 32, 4, dtype=np.uint64)]
+        xv = rng.standard_normal((slots, 4, 2))
+        xv = xv / np.abs(xv).max() * 2047.0  # the block's largest at the top of [2^10, 2^11)
+        xh = [[[f2h(float(v), "f16") for v in xv[i, w]] for w in range(4)] for i in range(slots)]
+        out = run(asm, words + [xh[i][w][0] | xh[i][w][1] << 16 for i in range(slots) for w in range(4)])
+        exact, mag = 0.0, 0.0
+        for w in range(4):
+            byts = [(words[w] >> (8 * b)) & 255 for b in range(4)]
+            for i in range(slots):
+                if bits == 4:
+                    b0, sh = 2 * (i % 2), 4 * (i // 2)
+                    q = [(byts[b0] >> sh) & 15, (byts[b0 + 1] >> sh) & 15]
+                else:
+                    q = [byts[2 * i + e] - (256 if byts[2 * i + e] & 128 else 0) for e in range(2)]
+                for e in range(2):
+                    v = q[e] * h2f(xh[i][w][e], "f16") / 1024.0
+                    exact += v
+                    mag += abs(v)
+        worst = max(worst, abs(_f32(out[0]) - exact) / max(mag, 1e-30))
+    return worst
