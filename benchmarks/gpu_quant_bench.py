@@ -655,9 +655,11 @@ def section_decode(root: Path, bw: float, flops: float, schemes: list[str]) -> N
         torch.cuda.empty_cache()
 
 
-def section_prefill(root: Path, flops: float, schemes: list[str]) -> None:
+def section_prefill(root: Path, flops: float, schemes: list[str], profile: bool = False) -> None:
     """Prefill 8 x 2048 tokens in one step (Llama-3.1-8B shapes) per scheme, and each against the
-    first scheme's (bf16's) time in this run. No decode: one engine start and four steps each."""
+    first scheme's (bf16's) time in this run. No decode: one engine start and four steps each.
+    `profile`: then one more step under torch.profiler, its CUDA kernels grouped by name (where
+    FP8 prefill's time goes against bf16's)."""
     name = "Llama-3.1-8B"
     base = None
     for scheme in schemes:
@@ -671,9 +673,32 @@ def section_prefill(root: Path, flops: float, schemes: list[str]) -> None:
         row["speedup_vs_first"] = base / row["s"]
         RESULTS[f"prefill/{name}/{scheme}"] = row
         log(f"[prefill] {name} {scheme}: 8x2048 {row['s'] * 1e3:.1f} ms = {base / row['s']:.2f}x {schemes[0]}")
+        if profile:
+            _profile_prefill(llm, f"{name} {scheme}")
         del llm
         gc.collect()
         torch.cuda.empty_cache()
+
+
+def _profile_prefill(llm: LLM, label: str, n: int = 8, length: int = 2048) -> None:
+    """One 8 x 2048-token prefill step under torch.profiler: its CUDA kernels grouped by name."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from benchmarks.gpu_decode_profile import cuda_kernels, format_table, kernel_rows
+
+    eng = llm.engine
+    rng = random.Random(2)
+    sp = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    for i in range(n):
+        eng.add_request(f"prof-{i}", [rng.randrange(10000) for _ in range(length)], sp)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        eng.step()
+        torch.cuda.synchronize()
+    rows = kernel_rows(cuda_kernels(prof))
+    RESULTS[f"prefill_profile/{label}"] = rows[:25]
+    log(format_table(rows[:20], f"[prefill] {label}: one step's kernels ({sum(r['count'] for r in rows):.0f} "
+                                f"launches, {sum(r['exclusive_us'] for r in rows) / 1e3:.1f} ms busy):"))
 
 
 def section_decode1(root: Path, bw: float, variants: list[str]) -> None:
@@ -802,6 +827,8 @@ def main() -> None:
     ap.add_argument("--qmm-proj", default="qkv,o,gate_up,down", help="Llama-3.1-8B projections of --only qmm / qmm1")
     ap.add_argument("--tp-schemes", default="bf16,int4,fp8", help="throughput: schemes (fp8+fused: KVSERVE_FP8_FUSED_ACT=1)")
     ap.add_argument("--prefill-schemes", default="bf16,fp8,fp8+fused", help="prefill: schemes, the first the reference")
+    ap.add_argument("--prefill-profile", action="store_true",
+                    help="prefill: also one step per scheme under torch.profiler, kernels grouped by name")
     ap.add_argument("--decode1", default="int4:codes,int4:words",
                     help="decode1 (batch-1 decode only): schemes, ':words' / ':codes' the one-row GEMV's decode "
                          "(int8: KVSERVE_INT8_GEMV, else KVSERVE_INT4_GEMV), e.g. int8:codes,int8:words")
@@ -834,7 +861,7 @@ def main() -> None:
         ("qmmqwen", lambda: section_qmm(sweep=False, names=(), extras=True)),  # Qwen3-0.6B shapes (+ int8) only
         ("decode", lambda: section_decode(root, bw, flops, args.schemes.split(","))),
         ("decode1", lambda: section_decode1(root, bw, args.decode1.split(","))),
-        ("prefill", lambda: section_prefill(root, flops, args.prefill_schemes.split(","))),
+        ("prefill", lambda: section_prefill(root, flops, args.prefill_schemes.split(","), args.prefill_profile)),
         ("throughput", lambda: section_throughput(root, args.tp_schemes.split(","))),
         ("peer", lambda: section_peer(Path(args.peer_dir), bw, args.peer_modes.split(","))),
     ]

@@ -90,6 +90,9 @@ lease8c)  # Nsight Compute on one launch of each (code at a time, half math; int
     --launch-skip 4 --launch-count 2 --section SpeedOfLight --section Occupancy --section WarpStateStats \
     python -m benchmarks.gpu_ncu_gemv --rows 16
   ;;
+fp8prof)  # issue 17's FP8 prefill target (1.6x bf16, at 1.47x): where a prefill step's time goes, bf16 vs fp8 (fused activations)
+  t fp8prof 300 "^\[|rror|^[a-zA-Z_].* [0-9.]+ +[0-9.]+ +[0-9.]+ +[0-9.]+$|^sum" python -m benchmarks.gpu_quant_bench --only prefill --prefill-schemes bf16,fp8+fused --prefill-profile --out "$OUT"
+  ;;
 gptprof)  # issue 20: gpt-oss-20b engine decode on the MXFP4 half-math default (untimed since the flip), and where a step's time goes
   t gptprof 330 "^\||^\[|rror|floor|graphs|kernels|exclusive|us busy| us " python -m benchmarks.gpt_oss_gpu_bench --no-kernels --no-eager --profile --json "$OUT/gpt_oss.json"
   ;;
