@@ -123,52 +123,47 @@ def check_nibbles(path: str, trials: int = 500, seed: int = 0) -> None:
                 assert (lo[e], hi[e]) == want, (kind, raw, hex(byts[e]), (lo[e], hi[e]), want)
 
 
-def check_block_dot(trials: int = 300, seed: int = 0) -> None:
-    """`triton_qgemv_half._block_dot`'s PTX on random code words and activation pairs of small
-    integers (every partial sum exact in fp16, so the result must be exact): $0 is the block's
-    sum of q x 2^-10 over the slots `_pair_order` pairs with each nibble, $1..$3 are -0.0."""
-    from kvserve.kernels import triton_qgemv_half as h4
-
-    asm = h4._block_dot_asm()
-    rng = np.random.default_rng(seed)
-    for _ in range(trials):
-        words = [int(w) for w in rng.integers(0, 1 << 32, 4, dtype=np.uint64)]
-        xv = rng.integers(-2, 3, (4, 4, 2))  # [slot i, word w, half]
-        pairs = [f2h(float(xv[i, w, 0]), "f16") | f2h(float(xv[i, w, 1]), "f16") << 16
-                 for i in range(4) for w in range(4)]
-        out = run(asm, words + pairs)
-        want = 0.0
-        for w in range(4):
-            byts = [(words[w] >> (8 * b)) & 255 for b in range(4)]
-            for i in range(4):
-                b0 = 2 * (i % 2)  # bytes 0-1 or 2-3 of the word
-                sh = 4 * (i // 2)  # low or high nibbles
-                want += ((byts[b0] >> sh) & 15) * xv[i, w, 0] + ((byts[b0 + 1] >> sh) & 15) * xv[i, w, 1]
-        assert _f32(out[0]) == want / 1024.0, (_f32(out[0]), want / 1024.0)
-        assert out[1:] == [0x80000000] * 3
+def _unit_codes(word: int, bits: int) -> list[list[int]]:
+    """The codes a half-math GEMV's PTX pairs with slot i's activation pair, for one code word:
+    4-bit (`_block_dot`): slots 0 / 1 the low nibbles of bytes 0-1 / 2-3, slots 2 / 3 their high
+    nibbles; int8 (`_block_dot8`): slot i bytes 2i, 2i + 1, signed."""
+    byts = [(word >> (8 * b)) & 255 for b in range(4)]
+    if bits == 4:
+        return [[(byts[2 * (i % 2) + e] >> (4 * (i // 2))) & 15 for e in range(2)] for i in range(4)]
+    return [[byts[2 * i + e] - (256 if byts[2 * i + e] & 128 else 0) for e in range(2)] for i in range(2)]
 
 
-def check_block_dot8(trials: int = 300, seed: int = 1) -> None:
-    """`triton_qgemv_half._block_dot8`'s PTX: int8 code words against activation pairs of small
-    integers (exact in fp16 again): $0 is the 16 columns' sum of q x 2^-10, word w's bytes 2i,
-    2i + 1 against slot i's pair; $1..$3 -0.0."""
+def _block_dot_case(bits: int, rng, xv: np.ndarray) -> tuple[list[int], float, float]:
+    """Random code words against activations xv [slots, 4 words, 2] (rounded to fp16): the PTX's
+    fp32 result ($1..$3 checked to be -0.0), the exact sum of q x 2^-10 and the sum of |q x| 2^-10."""
     from kvserve.kernels import triton_qgemv_half as hm
 
-    asm = hm._block_dot8_asm()
+    asm = hm._block_dot_asm() if bits == 4 else hm._block_dot8_asm()
+    slots = xv.shape[0]
+    words = [int(w) for w in rng.integers(0, 1 << 32, 4, dtype=np.uint64)]
+    xh = [[[f2h(float(v), "f16") for v in xv[i, w]] for w in range(4)] for i in range(slots)]
+    out = run(asm, words + [xh[i][w][0] | xh[i][w][1] << 16 for i in range(slots) for w in range(4)])
+    assert out[1:] == [0x80000000] * 3
+    exact, mag = 0.0, 0.0
+    for w in range(4):
+        codes = _unit_codes(words[w], bits)
+        for i in range(slots):
+            for e in range(2):
+                v = codes[i][e] * h2f(xh[i][w][e], "f16") / 1024.0
+                exact += v
+                mag += abs(v)
+    return _f32(out[0]), exact, mag
+
+
+def check_block_dot(bits: int = 4, trials: int = 300, seed: int = 0) -> None:
+    """`triton_qgemv_half._block_dot`'s PTX (`bits` 8: `_block_dot8`) on random code words and
+    activation pairs of small integers (every partial sum exact in fp16, so the result must be
+    exact): $0 is the unit's sum of q x 2^-10 over the slots `_pair_order` pairs with each code
+    (`_unit_codes`), $1..$3 are -0.0."""
     rng = np.random.default_rng(seed)
     for _ in range(trials):
-        words = [int(w) for w in rng.integers(0, 1 << 32, 4, dtype=np.uint64)]
-        xv = rng.integers(-2, 3, (2, 4, 2))  # [slot i, word w, half]
-        pairs = [f2h(float(xv[i, w, 0]), "f16") | f2h(float(xv[i, w, 1]), "f16") << 16
-                 for i in range(2) for w in range(4)]
-        out = run(asm, words + pairs)
-        want = 0.0
-        for w in range(4):
-            q = [((words[w] >> (8 * b)) & 255) - (256 if (words[w] >> (8 * b)) & 128 else 0) for b in range(4)]
-            for i in range(2):
-                want += q[2 * i] * xv[i, w, 0] + q[2 * i + 1] * xv[i, w, 1]
-        assert _f32(out[0]) == want / 1024.0, (_f32(out[0]), want / 1024.0)
-        assert out[1:] == [0x80000000] * 3
+        got, exact, _ = _block_dot_case(bits, rng, rng.integers(-2, 3, (4 if bits == 4 else 2, 4, 2)))
+        assert got == exact, (bits, got, exact)
 
 
 def block_dot_error(bits: int = 4, trials: int = 200, seed: int = 2) -> float:
@@ -176,30 +171,10 @@ def block_dot_error(bits: int = 4, trials: int = 200, seed: int = 2) -> float:
     pairs scaled as `act_pairs` scales them (a block's largest magnitude in [2^10, 2^11)), relative
     to the block's sum of |q x| (exact in fp64): the fp16 rounding of the products and partial
     sums that the GPU's result carries."""
-    from kvserve.kernels import triton_qgemv_half as hm
-
-    asm = hm._block_dot_asm() if bits == 4 else hm._block_dot8_asm()
-    slots = 4 if bits == 4 else 2
     rng = np.random.default_rng(seed)
     worst = 0.0
     for _ in range(trials):
-        words = [int(w) for w in rng.integers(0, 1 << 32, 4, dtype=np.uint64)]
-        xv = rng.standard_normal((slots, 4, 2))
-        xv = xv / np.abs(xv).max() * 2047.0  # the block's largest at the top of [2^10, 2^11)
-        xh = [[[f2h(float(v), "f16") for v in xv[i, w]] for w in range(4)] for i in range(slots)]
-        out = run(asm, words + [xh[i][w][0] | xh[i][w][1] << 16 for i in range(slots) for w in range(4)])
-        exact, mag = 0.0, 0.0
-        for w in range(4):
-            byts = [(words[w] >> (8 * b)) & 255 for b in range(4)]
-            for i in range(slots):
-                if bits == 4:
-                    b0, sh = 2 * (i % 2), 4 * (i // 2)
-                    q = [(byts[b0] >> sh) & 15, (byts[b0 + 1] >> sh) & 15]
-                else:
-                    q = [byts[2 * i + e] - (256 if byts[2 * i + e] & 128 else 0) for e in range(2)]
-                for e in range(2):
-                    v = q[e] * h2f(xh[i][w][e], "f16") / 1024.0
-                    exact += v
-                    mag += abs(v)
-        worst = max(worst, abs(_f32(out[0]) - exact) / max(mag, 1e-30))
+        xv = rng.standard_normal((4 if bits == 4 else 2, 4, 2))
+        got, exact, mag = _block_dot_case(bits, rng, xv / np.abs(xv).max() * 2047.0)
+        worst = max(worst, abs(got - exact) / max(mag, 1e-30))
     return worst
