@@ -182,7 +182,6 @@ def _act_pairs_kernel(
     xh_ptr,  # [T, K / 2] int32: the fp16 pairs in `_pair_order` per 32-value block
     xs_ptr,  # [T, K / 32] float32: 2^(10 - c) per block
     xsum_ptr,  # [T, K / 32] float32: each block's sum
-    pair_ptr,  # [16] int32: `_PAIR`
     stride_x,
     G,  # K / 32
     BLOCK_G: tl.constexpr,
@@ -193,7 +192,7 @@ def _act_pairs_kernel(
     g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
     g_ok = g < G
     s = tl.arange(0, 16)
-    col = 2 * tl.load(pair_ptr + s)  # [16]: the first column of the pair stored in slot s
+    col = 2 * (8 * (s // 8) + 2 * (s % 4) + (s // 4) % 2)  # the first column of slot s's pair (`_pair_order`)
     xo = x_ptr + tok * stride_x + (g * 32)[:, None] + col[None, :]
     a = tl.load(xo, mask=g_ok[:, None], other=0.0).to(tl.float32)
     b = tl.load(xo + 1, mask=g_ok[:, None], other=0.0).to(tl.float32)
@@ -213,26 +212,20 @@ def _act_pairs_kernel(
     tl.store(xsum_ptr + tok * G + g, (sa + sb).to(tl.float32) * down, mask=g_ok)
 
 
-_PAIR_TENSORS: dict[torch.device, torch.Tensor] = {}
-
-
 def act_pairs(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """[T, K] 16-bit activations (K a multiple of 32) -> (int32 [T, K / 2] scaled fp16 pairs,
     float32 [T, K / 32] 2^(10 - c), float32 [T, K / 32] block sums) as `_qgemv_half_kernel` reads
     them (module docstring)."""
     t, k = x.shape
     if k % 32:
-        raise ValueError(f"activations of width {k}: the 4-bit half-math GEMV needs a multiple of 32")
-    pair = _PAIR_TENSORS.get(x.device)
-    if pair is None:
-        pair = _PAIR_TENSORS[x.device] = torch.tensor(_PAIR, dtype=torch.int32, device=x.device)
+        raise ValueError(f"activations of width {k}: the half-math GEMVs need a multiple of 32")
     xh = torch.empty((t, k // 2), dtype=torch.int32, device=x.device)
     xs = torch.empty((t, k // 32), dtype=torch.float32, device=x.device)
     xsum = torch.empty((t, k // 32), dtype=torch.float32, device=x.device)
     use_pdl = pdl.enabled(x.device)
     if t:
-        _act_pairs_kernel[(t, triton.cdiv(k // 32, 16))](x, xh, xs, xsum, pair, x.stride(0), k // 32, BLOCK_G=16,
-                                                         PDL=use_pdl, num_warps=4, launch_pdl=use_pdl)
+        _act_pairs_kernel[(t, triton.cdiv(k // 32, 16))](x, xh, xs, xsum, x.stride(0), k // 32, BLOCK_G=16, PDL=use_pdl,
+                                                         num_warps=4, launch_pdl=use_pdl)
     return xh, xs, xsum
 
 
@@ -358,10 +351,10 @@ def _qgemv_half_kernel(
 
 
 # (weight rows a program, BLOCK_G, num_warps, PREFETCH). Not yet timed on a GPU:
-# `benchmarks/gpu_quant_bench.py --only gemv1` times HALF_SWEEP against the code-at-a-time kernel.
-# Until then 4 rows over 128 blocks (4,096 columns) with 4 warps: 3.3 SASS instructions a weight
-# in the K loop (sm_90, bf16, groups of 128: `python -m tests.gpu.qgemv_half_sass`), against 7.7
-# for the code-at-a-time GEMV.
+# `benchmarks/gpu_quant_bench.py --only gemvh` times HALF_SWEEP against the code-at-a-time kernel.
+# Until then 4 rows over 128 units (4,096 columns of 4-bit codes) with 4 warps: 3.20 SASS
+# instructions a weight in the K loop (sm_90, bf16, groups of 128: `python -m
+# tests.gpu.qgemv_half_sass`), against 7.72 for the code-at-a-time GEMV.
 HALF_CONFIG = (4, 128, 4, False)
 HALF_SWEEP = [(4, 128, 4, False), (4, 128, 4, True), (8, 128, 4, False), (8, 128, 4, True), (2, 128, 4, False),
               (4, 64, 2, False), (4, 64, 2, True), (8, 64, 2, False), (8, 32, 1, False), (2, 256, 8, False),
@@ -380,9 +373,10 @@ def check_config(cfg: tuple, rope: bool = False) -> tuple[int, int, int, bool]:
     for name, v in (("rows", rows), ("BLOCK_G", bg), ("num_warps", warps)):
         if v < 1 or v & (v - 1):
             raise ValueError(f"half-math GEMV config: {name} must be a power of two (got {v})")
-    if (2 * rows if rope else rows) * bg < 32 * warps:
-        raise ValueError(f"half-math GEMV config: rows * BLOCK_G must be >= 32 * num_warps (whole units per "
-                         f"thread; got {rows} * {bg} < 32 * {warps})")
+    weight_rows = 2 * rows if rope else rows
+    if weight_rows * bg < 32 * warps:
+        raise ValueError(f"half-math GEMV config: weight rows * BLOCK_G must be >= 32 * num_warps (whole units "
+                         f"per thread; got {weight_rows} * {bg} < 32 * {warps})")
     return rows, bg, warps, bool(prefetch)
 
 
@@ -393,8 +387,8 @@ HALF_ROPE_CONFIG = (2, 128, 4, False)
 
 def applies(x: torch.Tensor, qw) -> bool:
     """Whether `qgemv_half` takes (x, qw): 16-bit activations, K a multiple of 32, code rows of
-    whole aligned words, and a 4-bit weight or an int8 one without offsets, per channel or in
-    groups of a multiple of 16."""
+    whole aligned words, and a 4-bit weight in groups of a multiple of 32 or an int8 one without
+    offsets, per channel or in groups of a multiple of 16."""
     q = qw.q
     k = qw.shape[1]
     if x.dtype not in (torch.bfloat16, torch.float16) or k % 32:
@@ -402,7 +396,7 @@ def applies(x: torch.Tensor, qw) -> bool:
     if qw.kind == "int8":
         if qw.offset is not None or (qw.group != k and qw.group % 16):
             return False
-    elif qw.kind != "int4":
+    elif qw.kind != "int4" or qw.group % 32:
         return False
     return q.stride(1) == 1 and q.stride(0) % 4 == 0 and q.data_ptr() % 16 == 0
 

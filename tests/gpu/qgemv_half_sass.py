@@ -64,10 +64,10 @@ def norm_pairs(block: int = 4096, residual: bool = True):
 
 
 def act_pairs():
-    sig = {"x_ptr": "*bf16", "xh_ptr": "*i32", "xs_ptr": "*fp32", "xsum_ptr": "*fp32", "pair_ptr": "*i32",
+    sig = {"x_ptr": "*bf16", "xh_ptr": "*i32", "xs_ptr": "*fp32", "xsum_ptr": "*fp32",
            "stride_x": "i32", "G": "i32"}
     return compile_sm90(hm._act_pairs_kernel, sig, dict(BLOCK_G=16, PDL=True),
-                        ["x_ptr", "xh_ptr", "xs_ptr", "xsum_ptr", "pair_ptr", "stride_x"], num_warps=4)
+                        ["x_ptr", "xh_ptr", "xs_ptr", "xsum_ptr", "stride_x"], num_warps=4)
 
 
 def main() -> int:

@@ -387,19 +387,28 @@ def test_half_epilogues_switch_and_graph():
 @pytest.mark.parametrize("arch", ["llama", "qwen3"])
 def test_engine_half_logprobs_near_dequantized(monkeypatch, tiny_model_factory, tmp_path, arch, scheme):
     """bf16 engine with the half-math GEMV: logprobs near the dequantized bf16 model's, CUDA
-    graphs on and off."""
+    graphs on and off; eagerly, products after a norm take the pairs the norm wrote."""
     monkeypatch.setenv(f"KVSERVE_INT{scheme[-1]}_GEMV", "half")
     folder, _ = tiny_model_factory(arch)
     ref = LLM(str(quant_checks.dequantized_folder(folder, scheme, tmp_path / "deq")), device="cuda", dtype="bfloat16",
               **COMMON)
     a = _greedy(ref, logprobs=3)
     del ref
+    from kvserve.kernels import triton_qgemv_half
+
+    given = []  # eager run: whether each half-math product got its activation pairs from the norm
+    pairs_of = triton_qgemv_half.pairs_of
+    monkeypatch.setattr(triton_qgemv_half, "pairs_of", lambda x, pairs: given.append(pairs is not None) or
+                        pairs_of(x, pairs))
     for graphs in (True, False):
         q = LLM(str(folder), device="cuda", dtype="bfloat16", quantization=scheme, enforce_eager=not graphs, **COMMON)
+        given.clear()
         for ra, rb in zip(a, _greedy(q, logprobs=3)):
             first_a, first_b = ra.outputs[0].logprobs[0], rb.outputs[0].logprobs[0]
             common = set(first_a) & set(first_b)
             assert common
             for t in common:
                 assert abs(first_a[t].logprob - first_b[t].logprob) < 0.15, (arch, graphs)
+        if not graphs:  # qkv and gate/up (and, int8, the head) read the norm's pairs; o and down make theirs
+            assert any(given) and not all(given), given[:12]
         del q
