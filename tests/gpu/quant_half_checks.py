@@ -143,6 +143,12 @@ def check_env_switch(device: str) -> None:
         with env(**{other: "half", var: "half"}):
             assert torch.equal(triton_quant.qgemv(xb, qw), hm.qgemv_half(xb, qw))
             assert torch.equal(triton_quant.qgemv(xf, qw), triton_quant.qgemv(xf, qw, words=False))
+    from kvserve.platform.cuda_quant import quantize
+
+    g16 = quantize(torch.randn(8, 128), "int4", 16).to(torch.device(device))  # a scale per half block: not taken
+    assert not hm.applies(xb, g16)
+    with env(KVSERVE_INT4_GEMV="half"):
+        assert torch.equal(triton_quant.qgemv(xb, g16), triton_quant.qgemv(xb, g16, words=False))
     qw = int4_formats(64, 128, device)["int4-g32"]
     for bad in ((16, 32, 4), (16, 2, 4, False), (12, 32, 4, False)):
         try:
