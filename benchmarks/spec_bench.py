@@ -10,7 +10,9 @@ matches whose continuations the model rejects), to show the back-off.
         benchmarks/data/spec_prompts_code.json
 
 Batch-1: one plain engine and one n-gram engine per k (`--fixed`: also ones whose draft length
-does not adapt; `--lookup-min 1`: also ones with shorter n-grams; `--head-ab`: plain and n-gram
+does not adapt; `--cool-every-miss`: also ones whose back-off cools down after every missed
+first draft, the rule before the hit-rate threshold; `--lookup-min 1`: also ones with shorter
+n-grams; `--head-ab`: plain and n-gram
 engines whose LM head takes `kvq_gemm`, the row-count-dependent kernels, for an A/B of the head
 in the same run); each prompt runs on every engine in turn (the order rotates), `--reps`
 passes. Per prompt set: decode tok/s by wall time and by CPU time of the process
@@ -88,6 +90,9 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2, help="batch-1: passes over each prompt set")
     ap.add_argument("--fixed", action="store_true",
                     help="batch-1: also n-gram engines whose draft length does not adapt (always k when proposing)")
+    ap.add_argument("--cool-every-miss", action="store_true",
+                    help="batch-1: also n-gram engines whose back-off cools down after every missed "
+                         "first draft (the rule before the first-draft hit rate)")
     ap.add_argument("--lookup-min", type=int, default=None,
                     help="batch-1: also n-gram engines with this prompt_lookup_min (more matches, shorter n-grams)")
     ap.add_argument("--row-cost", type=float, default=0.35,
@@ -163,6 +168,9 @@ def batch1_section(args) -> None:
         if args.fixed:
             e = engines[f"ngram k={k} fixed"] = LLM(args.model, speculative_config=_spec(k), **kw)
             e.engine.spec.adapt_length = False
+        if args.cool_every_miss:
+            e = engines[f"ngram k={k} cool every miss"] = LLM(args.model, speculative_config=_spec(k), **kw)
+            e.engine.spec.min_hit_rate = 2.0
         if args.lookup_min is not None:
             engines[f"ngram k={k} n>={args.lookup_min}"] = LLM(
                 args.model, speculative_config=_spec(k, args.lookup_min), **kw)

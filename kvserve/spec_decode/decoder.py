@@ -2,12 +2,17 @@
 for every decoding request that may speculate, and back off where speculation does not pay.
 
 Back-off (per request): a verify step that accepted none of its drafts costs a wider forward
-and bought nothing, so after `f` such steps in a row the request proposes nothing for the next
-8**f steps (at most 256), then tries again; any accepted draft resets it. The draft length
-also adapts: a request starts with one draft token, doubles it (up to k) after a step that
-accepted every draft, drops to accepted + 1 after a partial acceptance and to 1 after none.
-A request whose drafts are always rejected therefore adds about one row in each of
-log8(n) of its n steps; one whose output copies its input reaches k drafts in a few steps.
+and bought nothing. After a step in which the first draft is rejected, the request drafts one
+token next time, and if its first drafts have been accepted less often than `_MIN_HIT_RATE`
+(counting from one hit in two tries) it also proposes nothing for the next 8**f steps (f such
+steps in a row, at most 256), then tries again; any accepted draft resets f. A one-token draft
+pays when its chance of acceptance beats the cost of its verify row (~0.2-0.25 of a one-row
+step at batch 1 on a 2-core CPU, less on a GPU), so a request whose output keeps copying its
+input is never silenced by a miss: between two copied spans it drafts one token a step, which
+is where the next span is found. A request whose drafts always fail backs off after its second
+miss and then adds one row in each of about log8(n) of its n steps. The draft length adapts
+too: a request starts with one draft token, doubles it (up to k) after a step that accepted
+every draft, drops to accepted + 1 after a partial acceptance and to 1 after none.
 
 Per step, the drafts of all requests together are capped so that decode rows + drafts stay
 within `_FREE_ROWS` (at least k drafts): at batch 1 a CPU step reads the weights once for up
@@ -29,6 +34,8 @@ if TYPE_CHECKING:
     from kvserve.core.scheduler import Scheduler
 
 _MAX_COOLDOWN = 256
+# First-draft acceptance below which a miss starts a cool-down (see the module docstring).
+_MIN_HIT_RATE = 0.3
 _FREE_ROWS = 64
 
 
@@ -39,11 +46,13 @@ def max_step_rows(max_num_seqs: int, k: int) -> int:
 
 
 class _Backoff:
-    __slots__ = ("drafts_seen", "accepted_seen", "failures", "cooldown", "k")
+    __slots__ = ("drafts_seen", "accepted_seen", "failures", "cooldown", "k", "hits", "tries")
 
     def __init__(self, k: int) -> None:
         self.drafts_seen = self.accepted_seen = self.failures = self.cooldown = 0
         self.k = k  # draft length for the next proposal
+        # verify steps whose first draft was accepted, of those tried (a prior of one in two)
+        self.hits, self.tries = 1, 2
 
 
 class SpecDecoder:
@@ -58,6 +67,9 @@ class SpecDecoder:
         # The back-off's draft-length adaptation (off: num_speculative_tokens whenever a request
         # proposes; the cool-down after rejected steps stays). Benchmarks compare the two.
         self.adapt_length = True
+        # First-draft hit rate below which a miss starts a cool-down (above 1: every miss does,
+        # the rule before it was measured; benchmarks compare the two).
+        self.min_hit_rate = _MIN_HIT_RATE
         self.draft_time_s = 0.0  # time spent proposing
         self.num_proposals = 0  # requests given drafts
         self.num_backed_off = 0  # request-steps skipped by the back-off
@@ -115,9 +127,12 @@ class SpecDecoder:
             if req.num_draft_tokens != st.drafts_seen and cfg.backoff:  # verified since the last call
                 drafted = req.num_draft_tokens - st.drafts_seen
                 accepted = req.num_accepted_tokens - st.accepted_seen
+                st.tries += 1
+                st.hits += accepted > 0
                 if accepted == 0:
                     st.failures += 1
-                    st.cooldown = min(8**st.failures, _MAX_COOLDOWN)
+                    if st.hits < self.min_hit_rate * st.tries:
+                        st.cooldown = min(8**st.failures, _MAX_COOLDOWN)
                     st.k = 1
                 else:
                     st.failures = 0

@@ -5,7 +5,8 @@
 - asynchronous scheduling (forced on) with speculation: steps go ahead while every request is
   backed off, verify steps run synchronously, output equals plain;
 - the back-off, deterministically: a proposer whose drafts are never accepted is asked for
-  drafts at the probes only (after 8, then 64 backed-off steps), each of one draft token.
+  drafts twice, then at the probes only (after 64, then 256 backed-off steps), each of one draft
+  token; one whose first drafts are accepted half the time is never backed off.
 """
 
 from __future__ import annotations
@@ -138,8 +139,9 @@ def test_async_scheduling_with_accepting_speculation(folder, plain):
 
 
 def test_backoff_stops_proposing_when_nothing_is_accepted(folder, plain):
-    """One request, drafts always wrong: drafts at step 1 (one token), then 8 steps backed
-    off, a probe, 64 steps backed off, a probe; nothing else."""
+    """One request, drafts always wrong: one-token drafts in its first two decode steps (the first miss
+    leaves the hit rate at 1 in 3, the prior included, above 0.3), then 64 steps backed off
+    (the second miss in a row: 1 in 4), a probe, then 256 more; nothing else in 100 steps."""
     prompts = _prompts(1, seed=5)
     want = _tokens(plain, prompts, 100)
     llm = _llm(folder, NGRAM)
@@ -154,11 +156,44 @@ def test_backoff_stops_proposing_when_nothing_is_accepted(folder, plain):
         step += 1
         if eng.scheduler.num_draft_tokens > before:
             drafted_at.append(step)
-    assert eng.scheduler.num_draft_tokens == len(drafted_at) == 3  # one draft token per probe
+    assert eng.scheduler.num_draft_tokens == len(drafted_at) == 3  # one draft token each
     gaps = [b - a for a, b in zip(drafted_at, drafted_at[1:])]
-    assert gaps == [9, 65]  # 8 and 64 backed-off steps between the probes
-    assert eng.spec.num_backed_off >= 8 + 64
+    assert gaps == [1, 65]  # two steps in a row, then 64 backed-off steps before the probe
+    assert eng.spec.num_backed_off >= 64
     assert prop.num_calls == 3
+
+
+class _Alternating(OracleProposer):
+    """First draft right on every other call, wrong on the rest (a request that copies in
+    short spans with misses between them)."""
+
+    def propose(self, requests, max_tokens):
+        self.acceptance = 1.0 if self.num_calls % 2 == 0 else 0.0
+        return super().propose(requests, max_tokens)
+
+
+def test_backoff_keeps_drafting_through_misses_while_first_drafts_pay(folder, plain):
+    """Half the first drafts accepted (above the 0.3 hit rate): a miss never starts a cool-down,
+    every step after the first drafts, and the output stays plain greedy."""
+    prompts = _prompts(1, seed=8)
+    want = _tokens(plain, prompts, 60)
+    llm = _llm(folder, NGRAM)
+    refs = {tuple(p["prompt_token_ids"]): w for p, w in zip(prompts, want)}
+    prop = _Alternating(refs, 1.0, TINY_VOCAB, seed=1)
+    llm.engine.spec = SpecDecoder(SpeculativeConfig(num_speculative_tokens=K), prop)
+    eng = llm.engine
+    eng.add_request("r", prompts[0], SamplingParams(max_tokens=60, temperature=0, ignore_eos=True))
+    steps = drafted = 0
+    out = None
+    while eng.has_unfinished_requests():
+        before = eng.scheduler.num_draft_tokens
+        for o in eng.step():
+            out = o
+        steps += 1
+        drafted += eng.scheduler.num_draft_tokens > before
+    assert eng.spec.num_backed_off == 0
+    assert drafted >= steps - 2  # the prefill step and the last token's step draft nothing
+    assert list(out.outputs[0].token_ids) == want[0]
 
 
 def test_backoff_grows_drafts_when_all_are_accepted(folder, plain):
@@ -200,7 +235,7 @@ def test_fixed_draft_length_keeps_k_and_the_cooldown(folder, plain):
     assert sizes[0] == k and all(s == k for s in sizes[:-1]) and 1 <= sizes[-1] <= k
     assert list(out.outputs[0].token_ids) == want[0]
 
-    llm = _llm(folder, NGRAM)  # nothing accepted: probes at steps 1, 10, 75, k drafts each
+    llm = _llm(folder, NGRAM)  # nothing accepted: drafts at steps 1, 2, 67, k tokens each
     _oracle(llm, prompts, _tokens(plain, prompts, 100), 0.0)
     eng = llm.engine
     eng.spec.adapt_length = False
@@ -212,5 +247,5 @@ def test_fixed_draft_length_keeps_k_and_the_cooldown(folder, plain):
         step += 1
         if eng.scheduler.num_draft_tokens > before:
             drafted_at.append(step)
-    assert [b - a for a, b in zip(drafted_at, drafted_at[1:])] == [9, 65]
+    assert [b - a for a, b in zip(drafted_at, drafted_at[1:])] == [1, 65]
     assert eng.scheduler.num_draft_tokens == 3 * k
