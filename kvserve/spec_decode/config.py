@@ -18,7 +18,10 @@ class SpeculativeConfig:
     prompt_lookup_min / prompt_lookup_max: n-gram sizes tried, longest first (ngram only).
     model: the draft model (draft_model only): any name `LLM(model=...)` accepts.
     backoff: stop proposing to a request whose drafts keep being rejected (see
-        docs/speculative.md); False always proposes (tests, measurements)."""
+        docs/speculative.md); False always proposes (tests, measurements).
+    disable_by_batch_size: propose nothing in a step while at least this many requests are
+        running (vLLM's field: in a wide batch every draft row costs compute, so speculation
+        trades throughput for latency); None never disables."""
 
     method: str = "ngram"
     num_speculative_tokens: int = 4
@@ -26,6 +29,7 @@ class SpeculativeConfig:
     prompt_lookup_max: int = 5
     model: str | None = None
     backoff: bool = True
+    disable_by_batch_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -48,6 +52,9 @@ class SpeculativeConfig:
             raise ValueError("speculative_config.model is only used with method 'draft_model'")
         if not isinstance(self.backoff, bool):
             raise ValueError(f"speculative_config.backoff must be true or false (got {self.backoff!r})")
+        n = self.disable_by_batch_size
+        if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 2):
+            raise ValueError(f"speculative_config.disable_by_batch_size must be an integer >= 2 or null (got {n!r})")
 
     @classmethod
     def parse(cls, value: SpeculativeConfig | dict[str, Any] | str | None) -> SpeculativeConfig | None:

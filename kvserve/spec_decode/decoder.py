@@ -75,10 +75,16 @@ class SpecDecoder:
         self.num_backed_off = 0  # request-steps skipped by the back-off
         self._rotate = 0
 
+    def _disabled(self, scheduler: Scheduler) -> bool:
+        n = self.config.disable_by_batch_size
+        return n is not None and len(scheduler.running) >= n
+
     def idle(self, scheduler: Scheduler) -> bool:
         """The next `propose` would give nobody drafts: every running request is backed off
         (asynchronous scheduling may then plan the next step before this one's tokens are
         back; `skip` stands in for that `propose`)."""
+        if self._disabled(scheduler):
+            return True
         if not self.config.backoff or not scheduler.running:
             return False
         for req in scheduler.running:
@@ -94,6 +100,8 @@ class SpecDecoder:
         for rid in [r for r in self._state if r not in live]:
             del self._state[rid]
             self.proposer.drop(rid)
+        if self._disabled(scheduler):
+            return  # as `propose` in a wide batch: nobody's cool-down counts this step
         for req in scheduler.running:
             st = self._state.get(req.request_id)
             if st is not None and st.cooldown > 0:
@@ -111,7 +119,7 @@ class SpecDecoder:
         max_len = scheduler.config.max_model_len
         reqs: list[Request] = []
         ks: list[int] = []
-        running = scheduler.running
+        running = [] if self._disabled(scheduler) else scheduler.running  # (back-off state kept)
         room = max(cfg.num_speculative_tokens, _FREE_ROWS - len(running))
         if running:  # who gets drafts first rotates, so a capped batch shares them
             self._rotate = (self._rotate + 1) % len(running)

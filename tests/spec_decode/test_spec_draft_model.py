@@ -68,6 +68,8 @@ def test_config_validation():
         ({"method": "ngram", "prompt_lookup_min": 4, "prompt_lookup_max": 2}, "prompt_lookup_min"),
         ({"method": "ngram", "foo": 1}, "foo"),
         ({"method": "draft_model"}, "model"),
+        ({"method": "ngram", "disable_by_batch_size": 1}, "disable_by_batch_size"),
+        ({"method": "ngram", "disable_by_batch_size": "8"}, "disable_by_batch_size"),
         ("{not json", "JSON"),
     ]:
         with pytest.raises(ValueError, match=field):

@@ -6,7 +6,9 @@
   backed off, verify steps run synchronously, output equals plain;
 - the back-off, deterministically: a proposer whose drafts are never accepted is asked for
   drafts twice, then at the probes only (after 64, then 256 backed-off steps), each of one draft
-  token; one whose first drafts are accepted half the time is never backed off.
+  token; one whose first drafts are accepted half the time is never backed off;
+- `disable_by_batch_size`: no drafts while that many requests run, drafts again below it, and
+  asynchronous scheduling goes ahead in the wide steps.
 """
 
 from __future__ import annotations
@@ -249,3 +251,33 @@ def test_fixed_draft_length_keeps_k_and_the_cooldown(folder, plain):
             drafted_at.append(step)
     assert [b - a for a, b in zip(drafted_at, drafted_at[1:])] == [1, 65]
     assert eng.scheduler.num_draft_tokens == 3 * k
+
+
+def test_disable_by_batch_size(folder, plain):
+    """Three requests with disable_by_batch_size 3: the steps with all three running have no
+    drafts (and, with asynchronous scheduling, go ahead); once one has finished the others
+    speculate; output equals plain greedy."""
+    prompts = _prompts(3, seed=9)
+    lens = [12, 40, 40]
+    want = [_tokens(plain, [p], n)[0] for p, n in zip(prompts, lens)]
+    llm = _llm(folder, NGRAM, async_=True)
+    refs = {tuple(p["prompt_token_ids"]): w for p, w in zip(prompts, want)}
+    prop = OracleProposer(refs, 1.0, TINY_VOCAB, seed=1)
+    llm.engine.spec = SpecDecoder(SpeculativeConfig(num_speculative_tokens=K, disable_by_batch_size=3), prop)
+    eng = llm.engine
+    for i, (p, n) in enumerate(zip(prompts, lens)):
+        eng.add_request(str(i), p, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+    wide_drafts = narrow_drafts = 0
+    outs = {}
+    while eng.has_unfinished_requests():
+        wide = len(eng.scheduler.running) == 3
+        before = eng.scheduler.num_draft_tokens
+        for o in eng.step():
+            outs[o.request_id] = list(o.outputs[0].token_ids)
+        if wide:
+            wide_drafts += eng.scheduler.num_draft_tokens - before
+        else:
+            narrow_drafts += eng.scheduler.num_draft_tokens - before
+    assert wide_drafts == 0 and narrow_drafts > 0
+    assert eng.num_ahead_steps > 0
+    assert [outs[str(i)] for i in range(3)] == want
