@@ -4,15 +4,16 @@ for every decoding request that may speculate, and back off where speculation do
 Back-off (per request): a verify step that accepted none of its drafts costs a wider forward
 and bought nothing. After a step in which the first draft is rejected, the request drafts one
 token next time, and if its first drafts have been accepted less often than `_MIN_HIT_RATE`
-(counting from one hit in two tries) it also proposes nothing for the next 8**f steps (f such
-steps in a row, at most 256), then tries again; any accepted draft resets f. A one-token draft
-pays when its chance of acceptance beats the cost of its verify row (~0.2-0.25 of a one-row
-step at batch 1 on a 2-core CPU, less on a GPU), so a request whose output keeps copying its
-input is never silenced by a miss: between two copied spans it drafts one token a step, which
-is where the next span is found. A request whose drafts always fail backs off after its second
-miss and then adds one row in each of about log8(n) of its n steps. The draft length adapts
-too: a request starts with one draft token, doubles it (up to k) after a step that accepted
-every draft, drops to accepted + 1 after a partial acceptance and to 1 after none.
+(counting from one hit in two tries) it also proposes nothing for a while: 8 steps, then 64,
+then 256 for each further such miss, until a draft is accepted again. A one-token draft pays
+when its chance of acceptance beats the cost of its verify row (~0.2-0.25 of a one-row step
+at batch 1 on a 2-core CPU, less on a GPU), so a request whose output keeps copying its input
+is not silenced by a miss: between two copied spans it drafts one token a step, which is where
+the next span is found; and one unlucky start costs it 8 steps, not 64. A request whose drafts
+always fail drafts in its first two decode steps, then in about log8(n) of its n steps. The
+draft length adapts too: a request starts with one draft token, doubles it (up to k) after a
+step that accepted every draft, drops to accepted + 1 after a partial acceptance and to 1
+after none.
 
 Per step, the drafts of all requests together are capped so that decode rows + drafts stay
 within `_FREE_ROWS` (at least k drafts): at batch 1 a CPU step reads the weights once for up
@@ -46,10 +47,11 @@ def max_step_rows(max_num_seqs: int, k: int) -> int:
 
 
 class _Backoff:
-    __slots__ = ("drafts_seen", "accepted_seen", "failures", "cooldown", "k", "hits", "tries")
+    __slots__ = ("drafts_seen", "accepted_seen", "cooldowns", "cooldown", "k", "hits", "tries")
 
     def __init__(self, k: int) -> None:
-        self.drafts_seen = self.accepted_seen = self.failures = self.cooldown = 0
+        self.drafts_seen = self.accepted_seen = self.cooldown = 0
+        self.cooldowns = 0  # cool-downs started since the last accepted draft
         self.k = k  # draft length for the next proposal
         # verify steps whose first draft was accepted, of those tried (a prior of one in two)
         self.hits, self.tries = 1, 2
@@ -138,12 +140,12 @@ class SpecDecoder:
                 st.tries += 1
                 st.hits += accepted > 0
                 if accepted == 0:
-                    st.failures += 1
                     if st.hits < self.min_hit_rate * st.tries:
-                        st.cooldown = min(8**st.failures, _MAX_COOLDOWN)
+                        st.cooldowns += 1
+                        st.cooldown = min(8**st.cooldowns, _MAX_COOLDOWN)
                     st.k = 1
                 else:
-                    st.failures = 0
+                    st.cooldowns = 0
                     st.k = min(2 * st.k, cfg.num_speculative_tokens) if accepted == drafted else accepted + 1
                 if not self.adapt_length:
                     st.k = cfg.num_speculative_tokens

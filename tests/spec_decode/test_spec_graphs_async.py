@@ -5,7 +5,7 @@
 - asynchronous scheduling (forced on) with speculation: steps go ahead while every request is
   backed off, verify steps run synchronously, output equals plain;
 - the back-off, deterministically: a proposer whose drafts are never accepted is asked for
-  drafts twice, then at the probes only (after 64, then 256 backed-off steps), each of one draft
+  drafts twice, then at the probes only (after 8, then 64 backed-off steps), each of one draft
   token; one whose first drafts are accepted half the time is never backed off;
 - `disable_by_batch_size`: no drafts while that many requests run, drafts again below it, and
   asynchronous scheduling goes ahead in the wide steps.
@@ -141,9 +141,10 @@ def test_async_scheduling_with_accepting_speculation(folder, plain):
 
 
 def test_backoff_stops_proposing_when_nothing_is_accepted(folder, plain):
-    """One request, drafts always wrong: one-token drafts in its first two decode steps (the first miss
-    leaves the hit rate at 1 in 3, the prior included, above 0.3), then 64 steps backed off
-    (the second miss in a row: 1 in 4), a probe, then 256 more; nothing else in 100 steps."""
+    """One request, drafts always wrong: one-token drafts in its first two decode steps (the
+    first miss leaves the hit rate at 1 in 3, the prior included, above 0.3), then 8 steps
+    backed off (the second miss: 1 in 4), a probe, 64 steps backed off, a probe; nothing else
+    in 100 steps."""
     prompts = _prompts(1, seed=5)
     want = _tokens(plain, prompts, 100)
     llm = _llm(folder, NGRAM)
@@ -158,11 +159,11 @@ def test_backoff_stops_proposing_when_nothing_is_accepted(folder, plain):
         step += 1
         if eng.scheduler.num_draft_tokens > before:
             drafted_at.append(step)
-    assert eng.scheduler.num_draft_tokens == len(drafted_at) == 3  # one draft token each
+    assert eng.scheduler.num_draft_tokens == len(drafted_at) == 4  # one draft token each
     gaps = [b - a for a, b in zip(drafted_at, drafted_at[1:])]
-    assert gaps == [1, 65]  # two steps in a row, then 64 backed-off steps before the probe
-    assert eng.spec.num_backed_off >= 64
-    assert prop.num_calls == 3
+    assert gaps == [1, 9, 65]  # two steps in a row, then 8 and 64 backed-off steps
+    assert eng.spec.num_backed_off >= 8 + 64
+    assert prop.num_calls == 4
 
 
 class _Alternating(OracleProposer):
@@ -237,7 +238,7 @@ def test_fixed_draft_length_keeps_k_and_the_cooldown(folder, plain):
     assert sizes[0] == k and all(s == k for s in sizes[:-1]) and 1 <= sizes[-1] <= k
     assert list(out.outputs[0].token_ids) == want[0]
 
-    llm = _llm(folder, NGRAM)  # nothing accepted: drafts at steps 1, 2, 67, k tokens each
+    llm = _llm(folder, NGRAM)  # nothing accepted: drafts in 2 steps, then 8 and 64 apart, k each
     _oracle(llm, prompts, _tokens(plain, prompts, 100), 0.0)
     eng = llm.engine
     eng.spec.adapt_length = False
@@ -249,8 +250,8 @@ def test_fixed_draft_length_keeps_k_and_the_cooldown(folder, plain):
         step += 1
         if eng.scheduler.num_draft_tokens > before:
             drafted_at.append(step)
-    assert [b - a for a, b in zip(drafted_at, drafted_at[1:])] == [1, 65]
-    assert eng.scheduler.num_draft_tokens == 3 * k
+    assert [b - a for a, b in zip(drafted_at, drafted_at[1:])] == [1, 9, 65]
+    assert eng.scheduler.num_draft_tokens == 4 * k
 
 
 def test_disable_by_batch_size(folder, plain):
