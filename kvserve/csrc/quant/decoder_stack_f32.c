@@ -93,7 +93,6 @@ enum {
 
 enum {
     KVQS_MAX_ROWS = 64,   /* rows of one step */
-    KVQS_MAX_SPLITS = 8,  /* context splits of one (row, KV head) attention item */
     KVQS_JOINT_ROWS = 8,  /* rows of one sequence whose attention items run as one (verify steps) */
     KVQS_JOINT_FLOATS = 4096, /* their rotated q heads: rows * G * D at most */
 };

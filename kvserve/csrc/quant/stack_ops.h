@@ -42,6 +42,7 @@ KVQS_INLINE void v8_store(float *p, kvqs_v8 v) { _mm256_storeu_ps(p, v); }
 KVQS_INLINE kvqs_v8 v8_set1(float x) { return _mm256_set1_ps(x); }
 KVQS_INLINE kvqs_v8 v8_fma(kvqs_v8 a, kvqs_v8 b, kvqs_v8 c) { return _mm256_fmadd_ps(a, b, c); }
 KVQS_INLINE kvqs_v8 v8_mul(kvqs_v8 a, kvqs_v8 b) { return _mm256_mul_ps(a, b); }
+KVQS_INLINE kvqs_v8 v8_add(kvqs_v8 a, kvqs_v8 b) { return _mm256_add_ps(a, b); }
 KVQS_INLINE float v8_sum(kvqs_v8 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -65,6 +66,7 @@ KVQS_INLINE kvqs_v8 v8_fma(kvqs_v8 a, kvqs_v8 b, kvqs_v8 c) {
     return r;
 }
 KVQS_INLINE kvqs_v8 v8_mul(kvqs_v8 a, kvqs_v8 b) { kvqs_v8 r = {vmulq_f32(a.lo, b.lo), vmulq_f32(a.hi, b.hi)}; return r; }
+KVQS_INLINE kvqs_v8 v8_add(kvqs_v8 a, kvqs_v8 b) { kvqs_v8 r = {vaddq_f32(a.lo, b.lo), vaddq_f32(a.hi, b.hi)}; return r; }
 KVQS_INLINE float v8_sum(kvqs_v8 v) { return vaddvq_f32(vaddq_f32(v.lo, v.hi)); }
 #else
 typedef struct { float x[8]; } kvqs_v8;
@@ -77,6 +79,7 @@ KVQS_INLINE kvqs_v8 v8_fma(kvqs_v8 a, kvqs_v8 b, kvqs_v8 c) {
     return c;
 }
 KVQS_INLINE kvqs_v8 v8_mul(kvqs_v8 a, kvqs_v8 b) { for (int l = 0; l < 8; ++l) a.x[l] *= b.x[l]; return a; }
+KVQS_INLINE kvqs_v8 v8_add(kvqs_v8 a, kvqs_v8 b) { for (int l = 0; l < 8; ++l) a.x[l] += b.x[l]; return a; }
 KVQS_INLINE float v8_sum(kvqs_v8 v) {
     float s = 0.f;
     for (int l = 0; l < 8; ++l) s += v.x[l];
@@ -89,6 +92,7 @@ enum {
     KVQS_MAX_GROUP = 16, /* query heads per KV head */
     KVQS_TILE = 32,      /* keys per online-softmax step */
     KVQS_LANES = 8,      /* accumulator lanes of the dot products (one AVX2 register, two NEON) */
+    KVQS_MAX_SPLITS = 8, /* context splits of one (row, KV head) attention item */
 };
 
 /* exp(x) in plain float arithmetic the vectorizer can turn into SIMD (libm's expf stays scalar
@@ -112,16 +116,27 @@ KVQS_INLINE float kvqs_exp(float x) {
     return p * scale;
 }
 
-/* residual <- x + residual (x NULL: unchanged); out <- rmsnorm(residual) * w, fp32 like F.rms_norm. */
-static void add_rmsnorm(const float *x, float *residual, const float *w, float *out, int64_t n, float eps) {
-    float lanes[KVQS_LANES] = {0};
+/* out[i] <- residual[i] * inv * w[i], i < n; in 8-lane steps (the compiler left the plain loops
+ * scalar: it cannot rule out that the rows overlap). */
+KVQS_INLINE void scale_row(const float *residual, float inv, const float *w, float *out, int64_t n) {
+    const kvqs_v8 iv = v8_set1(inv);
     int64_t i = 0;
-    for (; i + KVQS_LANES <= n; i += KVQS_LANES)
-        for (int l = 0; l < KVQS_LANES; ++l) {
-            const float r = (x ? x[i + l] : 0.f) + residual[i + l];
-            residual[i + l] = r;
-            lanes[l] = KVQS_FMA(r, r, lanes[l]);
-        }
+    for (; i + KVQS_LANES <= n; i += KVQS_LANES) v8_store(out + i, v8_mul(v8_mul(v8_load(residual + i), iv), v8_load(w + i)));
+    for (; i < n; ++i) out[i] = residual[i] * inv * w[i];
+}
+
+/* residual <- x + residual (x NULL: unchanged); out <- rmsnorm(residual) * w, fp32 like F.rms_norm.
+ * Lane l of the sum of squares takes the values i = l mod 8 in order. */
+static void add_rmsnorm(const float *x, float *residual, const float *w, float *out, int64_t n, float eps) {
+    float lanes[KVQS_LANES];
+    kvqs_v8 acc = v8_zero();
+    int64_t i = 0;
+    for (; i + KVQS_LANES <= n; i += KVQS_LANES) {
+        const kvqs_v8 r = x ? v8_add(v8_load(x + i), v8_load(residual + i)) : v8_add(v8_zero(), v8_load(residual + i));
+        v8_store(residual + i, r);
+        acc = v8_fma(r, r, acc);
+    }
+    v8_store(lanes, acc);
     float ss = 0.f;
     for (; i < n; ++i) {
         const float r = (x ? x[i] : 0.f) + residual[i];
@@ -129,21 +144,20 @@ static void add_rmsnorm(const float *x, float *residual, const float *w, float *
         ss += r * r;
     }
     for (int l = 0; l < KVQS_LANES; ++l) ss += lanes[l];
-    const float inv = 1.f / sqrtf(ss / (float)n + eps);
-    for (i = 0; i < n; ++i) out[i] = residual[i] * inv * w[i];
+    scale_row(residual, 1.f / sqrtf(ss / (float)n + eps), w, out, n);
 }
 
 /* out <- rmsnorm(x) * w (add_rmsnorm's arithmetic, x left as it is). */
 static void rmsnorm(const float *x, const float *w, float *out, int64_t n, float eps) {
-    float lanes[KVQS_LANES] = {0};
+    float lanes[KVQS_LANES];
+    kvqs_v8 acc = v8_zero();
     int64_t i = 0;
-    for (; i + KVQS_LANES <= n; i += KVQS_LANES)
-        for (int l = 0; l < KVQS_LANES; ++l) lanes[l] = KVQS_FMA(x[i + l], x[i + l], lanes[l]);
+    for (; i + KVQS_LANES <= n; i += KVQS_LANES) acc = v8_fma(v8_load(x + i), v8_load(x + i), acc);
+    v8_store(lanes, acc);
     float ss = 0.f;
     for (; i < n; ++i) ss += x[i] * x[i];
     for (int l = 0; l < KVQS_LANES; ++l) ss += lanes[l];
-    const float inv = 1.f / sqrtf(ss / (float)n + eps);
-    for (i = 0; i < n; ++i) out[i] = x[i] * inv * w[i];
+    scale_row(x, 1.f / sqrtf(ss / (float)n + eps), w, out, n);
 }
 
 /* HF's rotate-half RoPE of nh heads of D values: out = x rotated; cs = [cos | sin], D/2 each. */
@@ -519,19 +533,21 @@ static void attn_partial_rows(const float *kc, const float *vc, const float *q, 
     }
 }
 
-/* out [D] <- the softmax-weighted values of one query head from its S partials (stride apart). */
+/* out [D] <- the softmax-weighted values of one query head from its S (<= 8) partials (stride
+ * apart). */
 static void attn_merge(const float *part, int64_t stride, int S, int D, float *out) {
-    float mx = -INFINITY, sum = 0.f;
+    float mx = -INFINITY, sum = 0.f, w[KVQS_MAX_SPLITS];
     for (int s = 0; s < S; ++s) mx = part[s * stride + D] > mx ? part[s * stride + D] : mx;
-    for (int d = 0; d < D; ++d) out[d] = 0.f;
     for (int s = 0; s < S; ++s) {
-        const float *p = part + s * stride;
-        const float w = expf(p[D] - mx);
-        sum += w * p[D + 1];
-        for (int d = 0; d < D; ++d) out[d] += w * p[d];
+        w[s] = expf(part[s * stride + D] - mx);
+        sum += w[s] * part[s * stride + D + 1];
     }
-    const float inv = 1.f / sum;
-    for (int d = 0; d < D; ++d) out[d] *= inv;
+    const kvqs_v8 inv = v8_set1(1.f / sum);
+    for (int d = 0; d < D; d += KVQS_LANES) { /* D is a multiple of 8 */
+        kvqs_v8 o = v8_zero();
+        for (int s = 0; s < S; ++s) o = v8_add(o, v8_mul(v8_set1(w[s]), v8_load(part + s * stride + d)));
+        v8_store(out + d, v8_mul(o, inv));
+    }
 }
 
 /* row[i] <- silu(row[i]) * up[i] for i in [lo, hi). */
