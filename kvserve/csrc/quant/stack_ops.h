@@ -242,6 +242,24 @@ KVQS_INLINE void tile_softmax(float *pg, const float *const *vp, int n, const in
 }
 
 #ifdef KVQS_ZMM
+/* kvqs_exp on 16 lanes, the same operations (the clamps keep a NaN as the compares do). */
+KVQS_INLINE __m512 kvqs_exp16(__m512 x) {
+    x = _mm512_max_ps(_mm512_set1_ps(-87.3f), _mm512_min_ps(_mm512_set1_ps(88.3f), x));
+    const __m512 big = _mm512_set1_ps(12582912.f);
+    const __m512 n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)), big), big);
+    const __m512 r = _mm512_sub_ps(_mm512_sub_ps(x, _mm512_mul_ps(n, _mm512_set1_ps(0.693145752f))),
+                                   _mm512_mul_ps(n, _mm512_set1_ps(1.42860677e-6f)));
+    __m512 p = _mm512_set1_ps(1.f / 720);
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.f / 120));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.f / 24));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.f / 6));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(0.5f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.f));
+    const __m512i bits = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
+}
+
 /* tile_softmax for NH (<= 3) query heads at once, partials pg + h * stride and scores
  * sc + h * KVQS_TILE, D a multiple of 16, on 16 lanes: each head's values are tile_softmax's
  * (the same operations in the same order per value lane), but the heads' dependency chains (the
@@ -253,10 +271,18 @@ KVQS_INLINE void tile_softmax_heads(float *pg, int64_t stride, const float *cons
     float alpha[3], sum[3];
     for (int h = 0; h < NH; ++h) {
         float *p = pg + h * stride, *s = sc + h * KVQS_TILE;
-        float mx = p[D];
-        for (int j = 0; j < n; ++j) mx = s[j] > mx ? s[j] : mx;
+        /* the max (of lanes that ignore NaN scores, as the plain loop does), then exp on 16 lanes */
+        __m512 m = _mm512_set1_ps(p[D]);
+        for (int j = 0; j < n; j += 16) {
+            const __mmask16 k = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+            m = _mm512_mask_max_ps(m, k, _mm512_maskz_loadu_ps(k, s + j), m);
+        }
+        const float mx = _mm512_reduce_max_ps(m);
         alpha[h] = p[D] == -INFINITY ? 0.f : kvqs_exp(p[D] - mx);
-        for (int j = 0; j < n; ++j) s[j] = kvqs_exp(s[j] - mx);
+        for (int j = 0; j < n; j += 16) {
+            const __mmask16 k = n - j >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (n - j)) - 1);
+            _mm512_mask_storeu_ps(s + j, k, kvqs_exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, s + j), _mm512_set1_ps(mx))));
+        }
         p[D] = mx;
         sum[h] = 0.f;
     }
