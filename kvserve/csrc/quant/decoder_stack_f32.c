@@ -37,8 +37,10 @@
  * No allocation: the caller passes scratch of kvq_decoder_stack_scratch bytes.
  *
  * Portable C (stack_ops.h): the loops are written for the compiler's vectorizer at the ISA level
- * the library is built for (AVX2, AVX-512, NEON); only the attention's 8-lane accumulators use
- * intrinsics (AVX2 or NEON, plain C at the baseline). Without OpenMP it runs on one thread.
+ * the library is built for (AVX2, AVX-512, NEON); the attention's 8-lane accumulators and the
+ * RMSNorm and merge loops use intrinsics (AVX2 or NEON, plain C at the baseline), and AVX-512
+ * builds run the attention's softmax and value sums on 16 lanes and score joint verify rows two
+ * keys a register (same values as the 8-lane code). Without OpenMP it runs on one thread.
  */
 #include <math.h>
 #include <stddef.h>

@@ -50,7 +50,7 @@ KVQS_INLINE float v8_sum(kvqs_v8 v) {
     return _mm_cvtss_f32(s);
 }
 /* AVX-512 builds run the attention's lane-wise loops on 16 lanes (the same values: each lane's
- * operations are the 8-lane code's) and score two keys per register (kvqs_pair_scores). */
+ * operations are the 8-lane code's) and score two keys per register (pair_scores16). */
 #if defined(__AVX512F__)
 #define KVQS_ZMM 1
 #endif
