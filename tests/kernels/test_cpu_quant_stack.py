@@ -333,7 +333,8 @@ def test_gemma3_layers(lib) -> None:
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("window", [None, 8])
 @pytest.mark.parametrize("prefill,rows", [(13, 4), (40, 4), (77, 11)])
-def test_verify_rows_equal_one_row_steps(lib, threads: int, window, prefill: int, rows: int) -> None:
+@pytest.mark.parametrize("head_dim", [32, 64])
+def test_verify_rows_equal_one_row_steps(lib, threads: int, window, prefill: int, rows: int, head_dim: int) -> None:
     """A speculative verify step: rows of one sequence (one block table, context lengths L, L + 1,
     ...) in one call give the same bits, outputs and cache, as one-row steps of those positions
     in turn. Their attention items run jointly where their splits start together (each K/V tile
@@ -341,8 +342,9 @@ def test_verify_rows_equal_one_row_steps(lib, threads: int, window, prefill: int
     where their halves start; 11 rows exceed the 8 of one joint item; with a window the rows'
     contexts start apart and run alone. Prefill 13: the rows cross a block boundary. (Q4_0 / Q4_1
     weights: their direct kernels give each output the same sums at any row count up to 48; Q8_0
-    takes the tile path above 4 rows.)"""
-    cfg = Config(heads=6, kv_heads=2, head_dim=32, window=window, max_rows=12, num_blocks=16,
+    takes the tile path above 4 rows.) Head size 64 takes the attention's constant-size code
+    (and in AVX-512 builds the paired-key scores of joint items)."""
+    cfg = Config(heads=6, kv_heads=2, head_dim=head_dim, window=window, max_rows=12, num_blocks=16,
                  qkv=((QT.Q4_0, "q"), (QT.Q4_1, "kv")), up=(QT.Q4_0,))
     stack, ref, caches = build(cfg)
     rng = np.random.default_rng(3)

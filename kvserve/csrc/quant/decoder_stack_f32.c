@@ -37,8 +37,10 @@
  * No allocation: the caller passes scratch of kvq_decoder_stack_scratch bytes.
  *
  * Portable C (stack_ops.h): the loops are written for the compiler's vectorizer at the ISA level
- * the library is built for (AVX2, AVX-512, NEON); only the attention's 8-lane accumulators use
- * intrinsics (AVX2 or NEON, plain C at the baseline). Without OpenMP it runs on one thread.
+ * the library is built for (AVX2, AVX-512, NEON); the attention's 8-lane accumulators and the
+ * RMSNorm and merge loops use intrinsics (AVX2 or NEON, plain C at the baseline), and AVX-512
+ * builds run the attention's softmax and value sums on 16 lanes and score joint verify rows two
+ * keys a register (same values as the 8-lane code). Without OpenMP it runs on one thread.
  */
 #include <math.h>
 #include <stddef.h>
@@ -93,7 +95,6 @@ enum {
 
 enum {
     KVQS_MAX_ROWS = 64,   /* rows of one step */
-    KVQS_MAX_SPLITS = 8,  /* context splits of one (row, KV head) attention item */
     KVQS_JOINT_ROWS = 8,  /* rows of one sequence whose attention items run as one (verify steps) */
     KVQS_JOINT_FLOATS = 4096, /* their rotated q heads: rows * G * D at most */
 };
