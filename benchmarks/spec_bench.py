@@ -90,6 +90,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=2, help="batch-1: passes over each prompt set")
     ap.add_argument("--fixed", action="store_true",
                     help="batch-1: also n-gram engines whose draft length does not adapt (always k when proposing)")
+    ap.add_argument("--disable-by-batch-size", type=int, default=None,
+                    help="batch section: speculative_config.disable_by_batch_size for the n-gram engine")
     ap.add_argument("--cool-every-miss", action="store_true",
                     help="batch-1: also n-gram engines whose back-off cools down after every missed "
                          "first draft (the rule before the first-draft hit rate)")
@@ -112,7 +114,10 @@ def main() -> None:
     if not args.skip_batch1:
         batch1_section(args)
     if not args.skip_batch:
-        batch_section(args, _spec(args.k))
+        spec = _spec(args.k)
+        if args.disable_by_batch_size:
+            spec["disable_by_batch_size"] = args.disable_by_batch_size
+        batch_section(args, spec)
 
 
 def _spec(k: int, n_min: int = 2) -> dict:
@@ -170,7 +175,7 @@ def batch1_section(args) -> None:
             e.engine.spec.adapt_length = False
         if args.cool_every_miss:
             e = engines[f"ngram k={k} cool every miss"] = LLM(args.model, speculative_config=_spec(k), **kw)
-            e.engine.spec.min_hit_rate = 2.0
+            e.engine.spec.cool_every_miss = True
         if args.lookup_min is not None:
             engines[f"ngram k={k} n>={args.lookup_min}"] = LLM(
                 args.model, speculative_config=_spec(k, args.lookup_min), **kw)

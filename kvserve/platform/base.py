@@ -133,4 +133,7 @@ class Platform:
         """Process-wide settings for this device (CPU: malloc)."""
 
     default_token_budget = 2048  # tokens one step may compute (chunked prefill)
+    # What one more row of a decode step costs, as a fraction of a one-row step (speculative
+    # decoding's back-off: a draft pays when its chance of acceptance beats its row's share).
+    draft_row_cost = 0.3
 

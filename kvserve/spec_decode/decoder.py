@@ -3,17 +3,19 @@ for every decoding request that may speculate, and back off where speculation do
 
 Back-off (per request): a verify step that accepted none of its drafts costs a wider forward
 and bought nothing. After a step in which the first draft is rejected, the request drafts one
-token next time, and if its first drafts have been accepted less often than `_MIN_HIT_RATE`
-(counting from one hit in two tries) it also proposes nothing for a while: 8 steps, then 64,
-then 256 for each further such miss, until a draft is accepted again. A one-token draft pays
-when its chance of acceptance beats the cost of its verify row (~0.2-0.25 of a one-row step
-at batch 1 on a 2-core CPU, less on a GPU), so a request whose output keeps copying its input
-is not silenced by a miss: between two copied spans it drafts one token a step, which is where
-the next span is found; and one unlucky start costs it 8 steps, not 64. A request whose drafts
-always fail drafts in its first two decode steps, then in about log8(n) of its n steps. The
-draft length adapts too: a request starts with one draft token, doubles it (up to k) after a
-step that accepted every draft, drops to accepted + 1 after a partial acceptance and to 1
-after none.
+token next time, and if its first drafts have been accepted less often than the step's
+threshold (counting from one hit in two tries) it also proposes nothing for a while: 8 steps,
+then 64, then 256 for each further such miss, until a draft is accepted again. A one-token
+draft pays when its chance of acceptance beats what its row costs against what a token costs:
+with a step of B rows costing a + B*b (r = b/a, the platform's `draft_row_cost`), that is
+B*r / (1 + B*r): ~0.23 at batch 1 on a 2-core CPU (r ~0.3), 0.9 at batch 32 there, where rows
+are compute; 0.03 at batch 1 on a GPU, 0.5 at batch 32. So at batch 1 a request whose output
+keeps copying its input is not silenced by a miss (between two copied spans it drafts one
+token a step, which is where the next span is found, and an unlucky start costs it 8 steps),
+while in a wide CPU batch every miss starts a cool-down. A request whose drafts always fail
+then adds one row in each of about log8(n) of its n steps. The draft length adapts too: a
+request starts with one draft token, doubles it (up to k) after a step that accepted every
+draft, drops to accepted + 1 after a partial acceptance and to 1 after none.
 
 Per step, the drafts of all requests together are capped so that decode rows + drafts stay
 within `_FREE_ROWS` (at least k drafts): at batch 1 a CPU step reads the weights once for up
@@ -35,8 +37,6 @@ if TYPE_CHECKING:
     from kvserve.core.scheduler import Scheduler
 
 _MAX_COOLDOWN = 256
-# First-draft acceptance below which a miss starts a cool-down (see the module docstring).
-_MIN_HIT_RATE = 0.3
 _FREE_ROWS = 64
 
 
@@ -58,8 +58,9 @@ class _Backoff:
 
 
 class SpecDecoder:
-    def __init__(self, config: SpeculativeConfig, proposer: Proposer | None = None) -> None:
+    def __init__(self, config: SpeculativeConfig, proposer: Proposer | None = None, row_cost: float = 0.3) -> None:
         self.config = config
+        self.row_cost = row_cost  # the platform's draft_row_cost (see the module docstring)
         if proposer is None:
             if config.method != "ngram":
                 raise ValueError(f"speculative_config.method {config.method!r} needs a proposer built by the engine")
@@ -69,9 +70,8 @@ class SpecDecoder:
         # The back-off's draft-length adaptation (off: num_speculative_tokens whenever a request
         # proposes; the cool-down after rejected steps stays). Benchmarks compare the two.
         self.adapt_length = True
-        # First-draft hit rate below which a miss starts a cool-down (above 1: every miss does,
-        # the rule before it was measured; benchmarks compare the two).
-        self.min_hit_rate = _MIN_HIT_RATE
+        # Benchmarks: True starts a cool-down after every miss (the rule before the threshold).
+        self.cool_every_miss = False
         self.draft_time_s = 0.0  # time spent proposing
         self.num_proposals = 0  # requests given drafts
         self.num_backed_off = 0  # request-steps skipped by the back-off
@@ -122,6 +122,8 @@ class SpecDecoder:
         reqs: list[Request] = []
         ks: list[int] = []
         running = [] if self._disabled(scheduler) else scheduler.running  # (back-off state kept)
+        width = len(running) * self.row_cost
+        threshold = 1.0 if self.cool_every_miss else width / (1.0 + width)
         room = max(cfg.num_speculative_tokens, _FREE_ROWS - len(running))
         if running:  # who gets drafts first rotates, so a capped batch shares them
             self._rotate = (self._rotate + 1) % len(running)
@@ -140,7 +142,7 @@ class SpecDecoder:
                 st.tries += 1
                 st.hits += accepted > 0
                 if accepted == 0:
-                    if st.hits < self.min_hit_rate * st.tries:
+                    if st.hits < threshold * st.tries:
                         st.cooldowns += 1
                         st.cooldown = min(8**st.cooldowns, _MAX_COOLDOWN)
                     st.k = 1

@@ -12,8 +12,9 @@ if TYPE_CHECKING:
 
 
 def build_spec_decoder(engine: LLMEngine, config: SpeculativeConfig) -> SpecDecoder:
+    row_cost = engine.platform.draft_row_cost
     if config.method == "ngram":
-        return SpecDecoder(config)
+        return SpecDecoder(config, row_cost=row_cost)
     from kvserve.spec_decode.draft_model import DraftModelProposer
 
-    return SpecDecoder(config, DraftModelProposer(engine, config))
+    return SpecDecoder(config, DraftModelProposer(engine, config), row_cost=row_cost)

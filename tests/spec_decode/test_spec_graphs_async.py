@@ -5,8 +5,9 @@
 - asynchronous scheduling (forced on) with speculation: steps go ahead while every request is
   backed off, verify steps run synchronously, output equals plain;
 - the back-off, deterministically: a proposer whose drafts are never accepted is asked for
-  drafts twice, then at the probes only (after 8, then 64 backed-off steps), each of one draft
-  token; one whose first drafts are accepted half the time is never backed off;
+  drafts in three steps (batch 1), then at the probes only (after 8, then 64 backed-off steps),
+  each of one draft token; one whose first drafts are accepted half the time is never backed
+  off; in a batch of three every miss starts a cool-down;
 - `disable_by_batch_size`: no drafts while that many requests run, drafts again below it, and
   asynchronous scheduling goes ahead in the wide steps.
 """
@@ -141,10 +142,10 @@ def test_async_scheduling_with_accepting_speculation(folder, plain):
 
 
 def test_backoff_stops_proposing_when_nothing_is_accepted(folder, plain):
-    """One request, drafts always wrong: one-token drafts in its first two decode steps (the
-    first miss leaves the hit rate at 1 in 3, the prior included, above 0.3), then 8 steps
-    backed off (the second miss: 1 in 4), a probe, 64 steps backed off, a probe; nothing else
-    in 100 steps."""
+    """One request, drafts always wrong: one-token drafts in its first three decode steps (at
+    batch 1 the threshold is 0.3 / 1.3 = 0.23 with the CPU's row cost 0.3; the misses leave the
+    hit rate at 1 in 3, then 1 in 4, the prior included), then 8 steps backed off (1 in 5), a
+    probe, 64 steps backed off, a probe; nothing else in 100 steps."""
     prompts = _prompts(1, seed=5)
     want = _tokens(plain, prompts, 100)
     llm = _llm(folder, NGRAM)
@@ -159,11 +160,11 @@ def test_backoff_stops_proposing_when_nothing_is_accepted(folder, plain):
         step += 1
         if eng.scheduler.num_draft_tokens > before:
             drafted_at.append(step)
-    assert eng.scheduler.num_draft_tokens == len(drafted_at) == 4  # one draft token each
+    assert eng.scheduler.num_draft_tokens == len(drafted_at) == 5  # one draft token each
     gaps = [b - a for a, b in zip(drafted_at, drafted_at[1:])]
-    assert gaps == [1, 9, 65]  # two steps in a row, then 8 and 64 backed-off steps
+    assert gaps == [1, 1, 9, 65]  # three steps in a row, then 8 and 64 backed-off steps
     assert eng.spec.num_backed_off >= 8 + 64
-    assert prop.num_calls == 4
+    assert prop.num_calls == 5
 
 
 class _Alternating(OracleProposer):
@@ -176,7 +177,7 @@ class _Alternating(OracleProposer):
 
 
 def test_backoff_keeps_drafting_through_misses_while_first_drafts_pay(folder, plain):
-    """Half the first drafts accepted (above the 0.3 hit rate): a miss never starts a cool-down,
+    """Half the first drafts accepted (above batch 1's threshold): a miss never starts a cool-down,
     every step after the first drafts, and the output stays plain greedy."""
     prompts = _prompts(1, seed=8)
     want = _tokens(plain, prompts, 60)
@@ -238,7 +239,7 @@ def test_fixed_draft_length_keeps_k_and_the_cooldown(folder, plain):
     assert sizes[0] == k and all(s == k for s in sizes[:-1]) and 1 <= sizes[-1] <= k
     assert list(out.outputs[0].token_ids) == want[0]
 
-    llm = _llm(folder, NGRAM)  # nothing accepted: drafts in 2 steps, then 8 and 64 apart, k each
+    llm = _llm(folder, NGRAM)  # nothing accepted: drafts in 3 steps, then 8 and 64 apart, k each
     _oracle(llm, prompts, _tokens(plain, prompts, 100), 0.0)
     eng = llm.engine
     eng.spec.adapt_length = False
@@ -250,8 +251,8 @@ def test_fixed_draft_length_keeps_k_and_the_cooldown(folder, plain):
         step += 1
         if eng.scheduler.num_draft_tokens > before:
             drafted_at.append(step)
-    assert [b - a for a, b in zip(drafted_at, drafted_at[1:])] == [1, 9, 65]
-    assert eng.scheduler.num_draft_tokens == 4 * k
+    assert [b - a for a, b in zip(drafted_at, drafted_at[1:])] == [1, 1, 9, 65]
+    assert eng.scheduler.num_draft_tokens == 5 * k
 
 
 def test_disable_by_batch_size(folder, plain):
@@ -282,3 +283,26 @@ def test_disable_by_batch_size(folder, plain):
     assert wide_drafts == 0 and narrow_drafts > 0
     assert eng.num_ahead_steps > 0
     assert [outs[str(i)] for i in range(3)] == want
+
+
+def test_backoff_in_a_wide_batch_cools_down_after_every_miss(folder, plain):
+    """Three requests, drafts always wrong: at batch 3 the threshold is 0.9 / 1.9 = 0.47, above
+    the 1 in 3 a first miss leaves, so each request's first miss already starts the 8-step
+    cool-down (the rule of a compute-bound batch)."""
+    prompts = _prompts(3, seed=10)
+    want = _tokens(plain, prompts, 20)
+    llm = _llm(folder, NGRAM)
+    prop = _oracle(llm, prompts, want, 0.0)
+    eng = llm.engine
+    for i, p in enumerate(prompts):
+        eng.add_request(str(i), p, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
+    drafted_at, step = [], 0
+    while eng.has_unfinished_requests():
+        before = eng.scheduler.num_draft_tokens
+        eng.step()
+        step += 1
+        if eng.scheduler.num_draft_tokens > before:
+            drafted_at.append((step, eng.scheduler.num_draft_tokens - before))
+    assert [n for _, n in drafted_at] == [3, 3]  # one token each, at the first step and 9 later
+    assert drafted_at[1][0] - drafted_at[0][0] == 9
+    assert prop.num_calls == 2
