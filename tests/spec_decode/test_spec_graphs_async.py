@@ -77,6 +77,19 @@ def _oracle(llm: LLM, prompts, want, acceptance: float, backoff: bool = True) ->
     return prop
 
 
+def _draft_steps(eng) -> list[tuple[int, int]]:
+    """Step the engine until it is done: (step number, draft tokens it verified) for each step
+    that verified drafts."""
+    out, step = [], 0
+    while eng.has_unfinished_requests():
+        before = eng.scheduler.num_draft_tokens
+        eng.step()
+        step += 1
+        if eng.scheduler.num_draft_tokens > before:
+            out.append((step, eng.scheduler.num_draft_tokens - before))
+    return out
+
+
 @pytest.fixture(scope="module")
 def plain(folder):
     return _llm(folder)
@@ -152,14 +165,7 @@ def test_backoff_stops_proposing_when_nothing_is_accepted(folder, plain):
     prop = _oracle(llm, prompts, want, 0.0)
     eng = llm.engine
     eng.add_request("r", prompts[0], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))
-    drafted_at: list[int] = []
-    step = 0
-    while eng.has_unfinished_requests():
-        before = eng.scheduler.num_draft_tokens
-        eng.step()
-        step += 1
-        if eng.scheduler.num_draft_tokens > before:
-            drafted_at.append(step)
+    drafted_at = [step for step, _ in _draft_steps(eng)]
     assert eng.scheduler.num_draft_tokens == len(drafted_at) == 5  # one draft token each
     gaps = [b - a for a, b in zip(drafted_at, drafted_at[1:])]
     assert gaps == [1, 1, 9, 65]  # three steps in a row, then 8 and 64 backed-off steps
@@ -244,13 +250,7 @@ def test_fixed_draft_length_keeps_k_and_the_cooldown(folder, plain):
     eng = llm.engine
     eng.spec.adapt_length = False
     eng.add_request("r", prompts[0], SamplingParams(max_tokens=100, temperature=0, ignore_eos=True))
-    drafted_at, step = [], 0
-    while eng.has_unfinished_requests():
-        before = eng.scheduler.num_draft_tokens
-        eng.step()
-        step += 1
-        if eng.scheduler.num_draft_tokens > before:
-            drafted_at.append(step)
+    drafted_at = [step for step, _ in _draft_steps(eng)]
     assert [b - a for a, b in zip(drafted_at, drafted_at[1:])] == [1, 1, 9, 65]
     assert eng.scheduler.num_draft_tokens == 5 * k
 
@@ -296,13 +296,7 @@ def test_backoff_in_a_wide_batch_cools_down_after_every_miss(folder, plain):
     eng = llm.engine
     for i, p in enumerate(prompts):
         eng.add_request(str(i), p, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True))
-    drafted_at, step = [], 0
-    while eng.has_unfinished_requests():
-        before = eng.scheduler.num_draft_tokens
-        eng.step()
-        step += 1
-        if eng.scheduler.num_draft_tokens > before:
-            drafted_at.append((step, eng.scheduler.num_draft_tokens - before))
+    drafted_at = _draft_steps(eng)
     assert [n for _, n in drafted_at] == [3, 3]  # one token each, at the first step and 9 later
     assert drafted_at[1][0] - drafted_at[0][0] == 9
     assert prop.num_calls == 2

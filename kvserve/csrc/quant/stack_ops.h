@@ -387,6 +387,23 @@ static void attn_partial(const float *kc, const float *vc, const float *q, const
     }
 }
 
+/* Empty partials (sum 0, max -inf, weight 0) for the G heads of each of R rows; returns the end
+ * of the longest row's span (rows end at t1[r], all start at t0). */
+KVQS_INLINE int attn_rows_start(float *const *part, const int *t1, int R, int G, int D, int t0) {
+    const int64_t stride = D + 2;
+    int tmax = t0;
+    for (int r = 0; r < R; ++r) {
+        tmax = t1[r] > tmax ? t1[r] : tmax;
+        for (int g = 0; g < G; ++g) {
+            float *pg = part[r] + g * stride;
+            for (int d = 0; d < D; ++d) pg[d] = 0.f;
+            pg[D] = -INFINITY;
+            pg[D + 1] = 0.f;
+        }
+    }
+    return tmax;
+}
+
 /* attn_partial for R rows of one sequence (a speculative verify step's positions) whose items
  * start at the same position t0: row r's G query heads are q + r * G * D, its range [t0, t1[r]),
  * its own position tnew[r] with key knew + r * D and value vnew[r], its partial part[r]. Each
@@ -401,16 +418,7 @@ KVQS_INLINE void attn_partial_rows_d(const float *kc, const float *vc, const flo
     float sc[KVQS_TILE];
     const float *kp[KVQS_TILE], *vp[KVQS_TILE];
     const int64_t stride = D + 2;
-    int tmax = t0;
-    for (int r = 0; r < R; ++r) {
-        tmax = t1[r] > tmax ? t1[r] : tmax;
-        for (int g = 0; g < G; ++g) {
-            float *pg = part[r] + g * stride;
-            for (int d = 0; d < D; ++d) pg[d] = 0.f;
-            pg[D] = -INFINITY;
-            pg[D + 1] = 0.f;
-        }
-    }
+    const int tmax = attn_rows_start(part, t1, R, G, D, t0);
     int blk = t0 / bs, in_blk = t0 % bs;
     for (int ts = t0; ts < tmax; ts += KVQS_TILE) {
         const int nt = tmax - ts < KVQS_TILE ? tmax - ts : KVQS_TILE;
@@ -475,16 +483,7 @@ KVQS_INLINE void attn_partial_rows_z(const float *kc, const float *vc, const flo
     float sc[3 * KVQS_TILE];
     const float *kp[KVQS_TILE], *vp[KVQS_TILE];
     const int64_t stride = D + 2;
-    int tmax = t0;
-    for (int r = 0; r < R; ++r) {
-        tmax = t1[r] > tmax ? t1[r] : tmax;
-        for (int g = 0; g < G; ++g) {
-            float *pg = part[r] + g * stride;
-            for (int d = 0; d < D; ++d) pg[d] = 0.f;
-            pg[D] = -INFINITY;
-            pg[D + 1] = 0.f;
-        }
-    }
+    const int tmax = attn_rows_start(part, t1, R, G, D, t0);
     int blk = t0 / bs, in_blk = t0 % bs;
     for (int ts = t0; ts < tmax; ts += KVQS_TILE) {
         const int nt = tmax - ts < KVQS_TILE ? tmax - ts : KVQS_TILE, n16 = (nt + 15) / 16 * 16;
