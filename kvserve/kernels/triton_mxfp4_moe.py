@@ -75,7 +75,8 @@ import triton.language as tl
 
 from kvserve.kernels import mxfp4
 from kvserve.kernels.triton_moe import grouped_pid
-from kvserve.kernels.triton_quant import _PTX, _f16_pair
+from kvserve.kernels.triton_qgemv_half import _f16_pair, _nth
+from kvserve.kernels.triton_quant import _PTX
 from kvserve.models import pdl
 
 
@@ -313,7 +314,7 @@ def _fp4_pair(q, I: tl.constexpr):
     """Nibbles I and I + 4 of int32 words q (bits 4I and 4I + 16) -> their E2M1 values times
     2^-14 as two float32: both made fp16 at once (sign to bit 15 / 31, (e1 e0 m) to the exponent's
     low bits and the mantissa's top bit: exact, a subnormal fp16 for e = 0), then each half
-    widened (`triton_quant._f16_pair`: a full-rate HADD2.F32 on the GPU). Two shifts and two
+    widened (`triton_qgemv_half._f16_pair`: a full-rate HADD2.F32 on the GPU). Two shifts and two
     logic ops per two weights, against `_fp4`'s four per weight."""
     if I == 3:  # the signs are in place already
         bits = (q & -2147450880) | ((q >> 3) & 0x0E000E00)  # 0x80008000, 0x0E000E00
@@ -369,16 +370,8 @@ def _hfma_block(q, x0, x1, x2, x3):
     else:
         blk = tl.zeros(q.shape, dtype=tl.float32)
         for i in tl.static_range(4):
-            if i == 0:
-                xp = x0
-            elif i == 1:
-                xp = x1
-            elif i == 2:
-                xp = x2
-            else:
-                xp = x3
             a, b = _fp4_pair(q, i)
-            xa, xb = _f16_pair(xp, 0)
+            xa, xb = _f16_pair(_nth(i, x0, x1, x2, x3), 0)
             blk += a * xa + b * xb
         return blk
 

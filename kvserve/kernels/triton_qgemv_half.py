@@ -109,18 +109,51 @@ def _block_dot8_asm() -> str:
     return "{ " + " ".join(lines) + " }"
 
 
+@triton.jit
+def _nth(i: tl.constexpr, x0, x1, x2, x3):
+    """x_i for a compile-time i (the interpreter paths' loops over the activation pairs of a
+    code word)."""
+    r = x3
+    if i == 0:
+        r = x0
+    elif i == 1:
+        r = x1
+    elif i == 2:
+        r = x2
+    return r
+
+
+@triton.jit
+def _f16_pair(v, SUB: tl.constexpr):
+    """The two fp16 halves of int32 `v` as fp32 (low half, high half), less SUB (0, 1024 or 1152;
+    subtracted in fp16, exactly, before the conversion). The PTX form lets ptxas convert
+    each half in place (HADD2.F32 with a half selector); the interpreter, which runs no PTX,
+    takes the portable form."""
+    if _PTX:
+        if SUB == 1024:
+            lo, hi = tl.inline_asm_elementwise(
+                "{ .reg .b16 l, h; .reg .b32 c, d; mov.b32 c, 0x64006400; sub.f16x2 d, $2, c; mov.b32 {l, h}, d; "
+                "cvt.f32.f16 $0, l; cvt.f32.f16 $1, h; }",
+                "=r,=r,r", [v], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+        elif SUB == 1152:
+            lo, hi = tl.inline_asm_elementwise(
+                "{ .reg .b16 l, h; .reg .b32 c, d; mov.b32 c, 0x64806480; sub.f16x2 d, $2, c; mov.b32 {l, h}, d; "
+                "cvt.f32.f16 $0, l; cvt.f32.f16 $1, h; }",
+                "=r,=r,r", [v], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+        else:
+            lo, hi = tl.inline_asm_elementwise(
+                "{ .reg .b16 l, h; mov.b32 {l, h}, $2; cvt.f32.f16 $0, l; cvt.f32.f16 $1, h; }",
+                "=r,=r,r", [v], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
+    else:
+        lo = (v & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) - SUB
+        hi = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) - SUB
+    return lo, hi
+
+
 _BLOCK_DOT_ASM = tl.constexpr(_block_dot_asm())
 _BLOCK_DOT_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 20))
 _BLOCK_DOT8_ASM = tl.constexpr(_block_dot8_asm())
 _BLOCK_DOT8_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r," + ",".join(["r"] * 12))
-
-
-@triton.jit
-def _f16_pair(p):
-    """int32 words of two fp16 values -> (low half, high half) as float32 (interpreter path)."""
-    lo = (p & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    hi = ((p >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
-    return lo, hi
 
 
 @triton.jit
@@ -136,19 +169,11 @@ def _block_dot(q, x0, x1, x2, x3):
     else:
         blk = tl.zeros(q.shape, dtype=tl.float32)
         for i in tl.static_range(4):
-            if i == 0:
-                xp = x0
-            elif i == 1:
-                xp = x1
-            elif i == 2:
-                xp = x2
-            else:
-                xp = x3
             b = 16 * (i % 2)  # bytes 0-1 or 2-3
             sh = 4 * (i // 2)  # low or high nibbles
             c0 = ((q >> (b + sh)) & 15).to(tl.float32)
             c1 = ((q >> (b + 8 + sh)) & 15).to(tl.float32)
-            xa, xb = _f16_pair(xp)
+            xa, xb = _f16_pair(_nth(i, x0, x1, x2, x3), 0)
             blk += (c0 * xa + c1 * xb) * 0.0009765625  # 2^-10
         return blk
 
@@ -165,13 +190,9 @@ def _block_dot8(q, x0, x1):
     else:
         blk = tl.zeros(q.shape, dtype=tl.float32)
         for i in tl.static_range(2):
-            if i == 0:
-                xp = x0
-            else:
-                xp = x1
             c0 = ((((q >> (16 * i)) & 255) ^ 128) - 128).to(tl.float32)
             c1 = ((((q >> (16 * i + 8)) & 255) ^ 128) - 128).to(tl.float32)
-            xa, xb = _f16_pair(xp)
+            xa, xb = _f16_pair(_nth(i, x0, x1, x0, x1), 0)
             blk += (c0 * xa + c1 * xb) * 0.0009765625  # 2^-10
         return blk
 

@@ -53,6 +53,7 @@ import triton
 import triton.language as tl
 
 from kvserve.kernels import triton_qgemv_half, triton_qmm4
+from kvserve.kernels.triton_qgemv_half import _f16_pair
 from kvserve.models import pdl
 
 # Inline PTX where the kernels run on a GPU; the interpreter (TRITON_INTERPRET=1) runs none.
@@ -110,33 +111,6 @@ def _dot_rows(x_ptr, q_ptr, s_ptr, o_ptr, rows64, K, stride_q, stride_s,
             acc += w.to(tl.float32) * x[None, :]
         res = tl.sum(acc, 1) * tl.load(s_ptr + rows64 * stride_s).to(tl.float32)
     return res
-
-
-@triton.jit
-def _f16_pair(v, SUB: tl.constexpr):
-    """The two fp16 halves of int32 `v` as fp32 (low half, high half), less SUB (0, 1024 or 1152;
-    subtracted in fp16, exactly, before the conversion). The PTX form lets ptxas convert
-    each half in place (HADD2.F32 with a half selector); the interpreter, which runs no PTX,
-    takes the portable form."""
-    if _PTX:
-        if SUB == 1024:
-            lo, hi = tl.inline_asm_elementwise(
-                "{ .reg .b16 l, h; .reg .b32 c, d; mov.b32 c, 0x64006400; sub.f16x2 d, $2, c; mov.b32 {l, h}, d; "
-                "cvt.f32.f16 $0, l; cvt.f32.f16 $1, h; }",
-                "=r,=r,r", [v], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
-        elif SUB == 1152:
-            lo, hi = tl.inline_asm_elementwise(
-                "{ .reg .b16 l, h; .reg .b32 c, d; mov.b32 c, 0x64806480; sub.f16x2 d, $2, c; mov.b32 {l, h}, d; "
-                "cvt.f32.f16 $0, l; cvt.f32.f16 $1, h; }",
-                "=r,=r,r", [v], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
-        else:
-            lo, hi = tl.inline_asm_elementwise(
-                "{ .reg .b16 l, h; mov.b32 {l, h}, $2; cvt.f32.f16 $0, l; cvt.f32.f16 $1, h; }",
-                "=r,=r,r", [v], dtype=(tl.float32, tl.float32), is_pure=True, pack=1)
-    else:
-        lo = (v & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) - SUB
-        hi = (v >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) - SUB
-    return lo, hi
 
 
 @triton.jit

@@ -133,7 +133,9 @@ class Platform:
         """Process-wide settings for this device (CPU: malloc)."""
 
     default_token_budget = 2048  # tokens one step may compute (chunked prefill)
-    # What one more row of a decode step costs, as a fraction of a one-row step (speculative
-    # decoding's back-off: a draft pays when its chance of acceptance beats its row's share).
+    # r = b / a for a decode step of B rows costing a + B*b (speculative decoding's back-off: a
+    # draft pays when its chance of acceptance beats B*r / (1 + B*r)). The CPU's: SmolLM2-135M
+    # Q4_1 on 2 Zen 5 cores, an extra verify row 0.23-0.25 of a one-row step (RESULTS.md, ninth
+    # session); CUDA sets its own.
     draft_row_cost = 0.3
 

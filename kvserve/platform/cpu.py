@@ -32,9 +32,6 @@ logger = logging.getLogger(__name__)
 class CpuPlatform(Platform):
     name = "cpu"
     default_token_budget = 2048
-    # SmolLM2-135M Q4_1 on 2 Zen 5 cores: an extra verify row costs 0.23-0.25 of a one-row step
-    # (benchmarks/RESULTS.md, ninth session), i.e. ~0.3 of the step's fixed part.
-    draft_row_cost = 0.3
 
     def __init__(self, device: torch.device | None = None, info: CpuInfo | None = None) -> None:
         super().__init__(device or torch.device("cpu"))

@@ -29,6 +29,7 @@ import time
 from typing import TYPE_CHECKING
 
 from kvserve.core.request import Request, RequestStatus
+from kvserve.platform.base import Platform
 from kvserve.spec_decode.config import SpeculativeConfig
 from kvserve.spec_decode.ngram import NgramProposer
 from kvserve.spec_decode.proposer import Proposer
@@ -58,7 +59,9 @@ class _Backoff:
 
 
 class SpecDecoder:
-    def __init__(self, config: SpeculativeConfig, proposer: Proposer | None = None, row_cost: float = 0.3) -> None:
+    def __init__(
+        self, config: SpeculativeConfig, proposer: Proposer | None = None, row_cost: float = Platform.draft_row_cost
+    ) -> None:
         self.config = config
         self.row_cost = row_cost  # the platform's draft_row_cost (see the module docstring)
         if proposer is None:

@@ -300,3 +300,22 @@ def test_backoff_in_a_wide_batch_cools_down_after_every_miss(folder, plain):
     assert [n for _, n in drafted_at] == [3, 3]  # one token each, at the first step and 9 later
     assert drafted_at[1][0] - drafted_at[0][0] == 9
     assert prop.num_calls == 2
+
+
+def test_backoff_threshold_takes_the_platforms_row_cost(folder, monkeypatch):
+    """The engine's spec decoder prices a draft row at its platform's `draft_row_cost`: with a
+    tiny cost (a GPU's 0.03) a lone request whose drafts always miss keeps drafting through
+    more misses before its first cool-down than at the CPU's 0.3 (three)."""
+    from kvserve.platform.base import Platform
+
+    monkeypatch.setattr(Platform, "draft_row_cost", 0.03)
+    llm = _llm(folder, NGRAM)
+    assert llm.engine.spec.row_cost == 0.03
+    prompts = _prompts(1, seed=11)
+    refs = {tuple(p["prompt_token_ids"]): w for p, w in zip(prompts, [[0] * 40])}
+    prop = OracleProposer(refs, 0.0, TINY_VOCAB, seed=1)
+    llm.engine.spec.proposer = prop
+    llm.engine.add_request("r", prompts[0], SamplingParams(max_tokens=40, temperature=0, ignore_eos=True))
+    steps = [step for step, _ in _draft_steps(llm.engine)]
+    # threshold 0.03 / 1.03: misses until 1 / (2 + m) < 0.029, i.e. 33 drafts in a row
+    assert steps == list(range(steps[0], steps[0] + len(steps))) and len(steps) >= 30
